@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - create the environment, install, run the live demo (simulator -> daemon -> table)
+#   make test   - create the environment, install, run linters, layer checks and the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DURATION ?= 30
+EXTRAS ?= cpu,train,dev
+
+.PHONY: install demo test lint unit system bench train clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch comes first, pinned, from the local CPU wheel (a plain "torch" would pull a CUDA build)
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/nanoscout demo --duration $(DURATION)
+
+lint: install
+	$(BIN)/ruff check service clients models tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/python -m pytest tests/unit -q
+
+system: install
+	$(BIN)/python -m pytest tests/system -q
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/latency.py --out benchmarks/results/latency.json
+
+train: install
+	$(BIN)/nanoscout models train --out models/weights
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,258 @@
+"""The ``nanoscout`` command line.
+
+This module is the composition root: besides the protocol and transport it may start the
+daemon (:mod:`service.app`) and run its pipeline offline. Every other client module talks to
+the daemon only over ZeroMQ (import-linter checks this, see pyproject.toml).
+
+Subcommands: serve, simulate, replay, tail, measure, demo, models (train / export / eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from service.errors import NanoscoutError
+from service.transport import DEFAULT_FRAME_ENDPOINT, DEFAULT_RESULT_ENDPOINT
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.app import ready_line, serve
+    from service.config import load_config
+
+    overrides: dict[str, Any] = {
+        "input.endpoint": args.input,
+        "input.policy": args.policy,
+        "input.max_frame_bytes": args.max_frame_bytes,
+        "input.queue_size": args.queue_size,
+        "output.endpoint": args.output,
+        "engine.backend": args.backend,
+        "engine.model": args.model,
+        "engine.threads": args.threads,
+        "engine.scale": args.scale,
+        "metrics.port": args.metrics_port,
+        "health.interval_s": args.health_interval,
+    }
+    if args.no_metrics:
+        overrides["metrics.enabled"] = False
+    config = load_config(args.config, overrides)
+
+    def ready(endpoints: Any) -> None:
+        line = ready_line(endpoints)
+        print(line, flush=True)
+        if endpoints.metrics_url:
+            print(f"metrics: {endpoints.metrics_url}", flush=True)
+        if args.ready_file:
+            Path(args.ready_file).write_text(line + "\n", encoding="utf-8")
+
+    serve(config, on_ready=ready)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from clients.acquisition.simulator import SimulatorOptions, run_simulator
+
+    opts = SimulatorOptions(
+        endpoint=args.connect,
+        mode=args.mode,
+        source=args.source,
+        rate_hz=args.rate or None,
+        frames=args.frames,
+        shape=(args.size, args.width or args.size),
+        dtype=args.dtype,
+        pixel_size_nm=args.pixel_size,
+        modality=args.modality,
+        median_diameter_nm=args.diameter,
+        dose_e_per_px=args.dose or None,
+        seed=args.seed,
+        fields=args.fields,
+        dwell=args.dwell,
+        insitu=args.insitu,
+        truth_dir=args.truth_dir,
+        calibrated=not args.uncalibrated,
+    )
+    run_simulator(opts)
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from clients.acquisition.publisher import FramePublisher
+    from clients.acquisition.replay import replay_files, replay_watch
+
+    with FramePublisher(args.connect, mode=args.mode, source=args.source) as pub:
+        if args.watch:
+            stop = threading.Event()
+            try:
+                report = replay_watch(
+                    args.watch, pub, patterns=tuple(args.pattern or ["*"]),
+                    pixel_size_nm=args.pixel_size, modality=args.modality, stop=stop,
+                )
+            except KeyboardInterrupt:
+                stop.set()
+                return 0
+        else:
+            report = replay_files(
+                args.files, pub, rate_hz=args.rate or None, loop=args.loop,
+                pixel_size_nm=args.pixel_size, modality=args.modality,
+            )
+        pub.close(linger_ms=10_000 if args.mode == "push" else 0)
+    print(f"replay: sent {report.sent} frames, skipped {len(report.skipped)} files, "
+          f"{len(report.uncalibrated)} uncalibrated")
+    return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from clients.tail import run_tail
+
+    run_tail(args.connect, duration=args.duration)
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from clients.offline import measure_files
+    from service.app import build_pipeline
+    from service.config import load_config
+
+    config = load_config(args.config, {"engine.backend": args.backend, "engine.model": args.model,
+                                       "engine.scale": args.scale})
+    pipeline = build_pipeline(config)
+    report = measure_files(args.files, pipeline, args.out, masks=args.masks, pixel_size_nm=args.pixel_size)
+    print(f"measured {report.images} images, {report.particles} particles -> {args.out}; "
+          f"skipped {len(report.skipped)}")
+    return 1 if report.images == 0 else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from clients.demo import run_demo
+
+    return run_demo(duration=None if args.forever else args.duration, size=args.size,
+                    rate_hz=args.rate, policy=args.policy, config=args.config)
+
+
+def _models(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = {"train": "models.train", "export": "models.export", "eval": "models.evaluate"}[args.action]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":
+            raise NanoscoutError(
+                "training and export need PyTorch: pip install torch==2.13.0 && pip install -e '.[train]'"
+            ) from exc
+        raise
+    return int(mod.main(args.rest) or 0)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of ``nanoscout``."""
+    p = argparse.ArgumentParser(prog="nanoscout", description="live analysis for electron microscopes")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the inference daemon")
+    s.add_argument("--config", type=Path, help="TOML configuration file")
+    s.add_argument("--input", help=f"frame endpoint to bind (default {DEFAULT_FRAME_ENDPOINT}; port 0 = any)")
+    s.add_argument("--output", help=f"result endpoint to bind (default {DEFAULT_RESULT_ENDPOINT})")
+    s.add_argument("--policy", choices=["live", "lossless"])
+    s.add_argument("--backend", help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu")
+    s.add_argument("--model", type=Path, help="ONNX detector (model card beside it, .json)")
+    s.add_argument("--threads", type=int, help="engine CPU threads")
+    s.add_argument("--scale", type=float, help="resample factor before the detector")
+    s.add_argument("--metrics-port", type=int, help="Prometheus port (0 = any free port)")
+    s.add_argument("--no-metrics", action="store_true")
+    s.add_argument("--max-frame-bytes", type=int)
+    s.add_argument("--queue-size", type=int)
+    s.add_argument("--health-interval", type=float)
+    s.add_argument("--ready-file", type=Path, help="also write the readiness line to this file")
+    s.set_defaults(func=_serve)
+
+    s = sub.add_parser("simulate", help="virtual microscope: stream synthetic frames")
+    s.add_argument("--connect", default=DEFAULT_FRAME_ENDPOINT)
+    s.add_argument("--mode", choices=["push", "pub"], default="pub", help="push for a lossless daemon")
+    s.add_argument("--source", default="sim")
+    s.add_argument("--rate", type=float, default=5.0, help="frames/s (0 = as fast as accepted)")
+    s.add_argument("--frames", type=int, help="stop after N frames (default: run until interrupted)")
+    s.add_argument("--size", type=int, default=1024, help="frame rows, px")
+    s.add_argument("--width", type=int, help="frame columns, px (default = size)")
+    s.add_argument("--dtype", choices=["uint8", "uint16", "float32"], default="uint16")
+    s.add_argument("--pixel-size", type=float, default=0.5, help="nm/px")
+    s.add_argument("--modality", choices=["TEM", "STEM", "SEM"], default="TEM")
+    s.add_argument("--diameter", type=float, default=8.0, help="median particle diameter, nm")
+    s.add_argument("--dose", type=float, default=200.0, help="electrons/px (0 = noiseless)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fields", type=int, default=4, help="fields of view on the virtual stage")
+    s.add_argument("--dwell", type=int, default=5, help="frames per field of view")
+    s.add_argument("--insitu", action="store_true", help="E-TEM: particles grow and coalesce")
+    s.add_argument("--truth-dir", type=Path, help="write ground truth per frame here (.npz)")
+    s.add_argument("--uncalibrated", action="store_true", help="send frames without pixel size")
+    s.set_defaults(func=_simulate)
+
+    s = sub.add_parser("replay", help="publish image files (or a watched folder) to the daemon")
+    s.add_argument("files", nargs="*", type=Path)
+    s.add_argument("--connect", default=DEFAULT_FRAME_ENDPOINT)
+    s.add_argument("--mode", choices=["push", "pub"], default="push")
+    s.add_argument("--source", default="replay")
+    s.add_argument("--rate", type=float, default=0.0, help="frames/s (0 = as fast as accepted)")
+    s.add_argument("--loop", type=int, default=1)
+    s.add_argument("--pixel-size", type=float, help="override the file calibration, nm/px")
+    s.add_argument("--modality", choices=["TEM", "STEM", "SEM"])
+    s.add_argument("--watch", type=Path, help="publish new files written to this folder")
+    s.add_argument("--pattern", action="append", help="glob for --watch (repeatable)")
+    s.set_defaults(func=_replay)
+
+    s = sub.add_parser("tail", help="live table of the daemon's results")
+    s.add_argument("--connect", default=DEFAULT_RESULT_ENDPOINT)
+    s.add_argument("--duration", type=float, help="seconds (default: until interrupted)")
+    s.set_defaults(func=_tail)
+
+    s = sub.add_parser("measure", help="measure particles in image files offline")
+    s.add_argument("files", nargs="+", type=Path)
+    s.add_argument("--out", type=Path, required=True, help="particles.csv or particles.parquet")
+    s.add_argument("--masks", type=Path, help="write 16-bit instance-label PNGs here")
+    s.add_argument("--pixel-size", type=float, help="override the file calibration, nm/px")
+    s.add_argument("--config", type=Path)
+    s.add_argument("--backend")
+    s.add_argument("--model", type=Path)
+    s.add_argument("--scale", type=float)
+    s.set_defaults(func=_measure)
+
+    s = sub.add_parser("demo", help="simulator → daemon → live table, on the CPU")
+    s.add_argument("--duration", type=float, default=30.0, help="seconds")
+    s.add_argument("--forever", action="store_true")
+    s.add_argument("--size", type=int, default=1024)
+    s.add_argument("--rate", type=float, default=5.0)
+    s.add_argument("--policy", choices=["live", "lossless"], default="live")
+    s.add_argument("--config", type=Path, help="daemon configuration (default deploy/demo.toml)")
+    s.set_defaults(func=_demo)
+
+    s = sub.add_parser("models", help="train / export / evaluate models (train and export need torch)")
+    s.add_argument("action", choices=["train", "export", "eval"])
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the action (see --help)")
+    s.set_defaults(func=_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nanoscout`` console script."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except NanoscoutError as exc:
+        print(f"nanoscout {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

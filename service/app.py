@@ -1,0 +1,97 @@
+"""Composition of the daemon from a :class:`~service.config.ServeConfig`: engine + model card →
+detector → pipeline → daemon, and the blocking ``serve`` entry point with signal handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from service.config import ServeConfig
+from service.daemon import Daemon, Endpoints
+from service.detector import Detector
+from service.engines import create_engine
+from service.errors import ModelCardError
+from service.modelcard import ModelCard
+from service.pipeline import Pipeline
+
+log = logging.getLogger("nanoscout")
+
+
+def card_path(model: Path) -> Path:
+    """The model card that belongs to an ONNX file: same name, ``.json``."""
+    return model.with_suffix(".json")
+
+
+def build_pipeline(config: ServeConfig) -> Pipeline:
+    """Load the detection model with the configured backend and assemble the pipeline."""
+    model = config.engine.model_path()
+    card_file = card_path(model)
+    if not card_file.exists():
+        raise ModelCardError(f"model card {card_file} is missing (every model ships with one)")
+    card = ModelCard.load(card_file)
+    engine = create_engine(
+        model,
+        config.engine.backend,
+        threads=config.engine.threads,
+        precision=config.engine.precision,
+    )
+    detector = Detector(engine, card, scale=config.engine.scale)
+    return Pipeline(
+        detector,
+        stats_config=config.stats,
+        rules=config.alerts,
+        min_score=config.engine.min_score,
+        engine_name=engine.name,
+        model_name=f"{card.name}:{card.version}",
+    )
+
+
+def serve(
+    config: ServeConfig,
+    *,
+    on_ready: Callable[[Endpoints], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the daemon until SIGINT/SIGTERM (or ``stop``); lossless mode drains before exiting.
+
+    ``on_ready`` receives the bound endpoints once the daemon accepts frames.
+    """
+    pipeline = build_pipeline(config)
+    daemon = Daemon(config, pipeline)
+    stop = stop or threading.Event()
+
+    def _signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping (policy %s)", signum, config.input.policy)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _signal)
+        signal.signal(signal.SIGTERM, _signal)
+    endpoints = daemon.start()
+    if on_ready is not None:
+        on_ready(endpoints)
+    try:
+        while not stop.wait(0.2):
+            daemon.maybe_raise()
+            if not daemon.running():
+                break
+    finally:
+        daemon.stop()
+        daemon.wait(timeout=120)
+        daemon.metrics.close()
+        pipeline.detector.engine.close()
+    log.info(
+        "stopped: %d frames received, %d processed, dropped %s, rejected %s",
+        daemon.received, daemon.processed, daemon.dropped, daemon.rejected,
+    )
+
+
+def ready_line(endpoints: Endpoints) -> str:
+    """The machine-readable readiness line printed by ``nanoscout serve``."""
+    return "NANOSCOUT-READY " + json.dumps(
+        {"input": endpoints.input, "output": endpoints.output, "metrics": endpoints.metrics_url}
+    )

@@ -1,0 +1,157 @@
+"""Typed configuration of the daemon: one TOML file plus command-line overrides.
+
+This is the only module that reads configuration files; everything else receives a
+:class:`ServeConfig`. Example (every key optional)::
+
+    [input]
+    endpoint = "tcp://127.0.0.1:5555"
+    policy = "live"            # or "lossless"
+    max_frame_bytes = 268435456
+
+    [output]
+    endpoint = "tcp://127.0.0.1:5556"
+
+    [engine]
+    backend = "auto"           # tensorrt | onnxruntime-cuda | onnxruntime-cpu
+    model = "models/weights/detector.onnx"
+
+    [metrics]
+    port = 9108
+
+    [stats]
+    window_frames = 50
+
+    [[alerts]]
+    name = "big-particle"
+    kind = "particle"
+    severity = "warning"
+    where = { ecd_nm = { gt = 50 } }
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.alerts import parse_rules
+from service.errors import ConfigError
+from service.stats import StatsConfig
+from service.transport import DEFAULT_FRAME_ENDPOINT, DEFAULT_RESULT_ENDPOINT, Policy
+
+
+def shipped_model_dir() -> Path:
+    """Folder of the shipped weights (``models/weights``), found without importing ``models``."""
+    spec = importlib.util.find_spec("models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the 'models' package with the shipped weights is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "weights"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputConfig(_Section):
+    """Frame input. ``queue_size`` bounds frames accepted but not yet processed (lossless)."""
+
+    endpoint: str = DEFAULT_FRAME_ENDPOINT
+    policy: Policy = "live"
+    queue_size: int = Field(16, ge=1, le=10_000)
+    hwm: int = Field(50, ge=1)
+    max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1)
+
+
+class OutputConfig(_Section):
+    """Result PUB socket."""
+
+    endpoint: str = DEFAULT_RESULT_ENDPOINT
+    hwm: int = Field(2000, ge=1)
+
+
+class EngineConfig(_Section):
+    """Detection engine: backend name, ONNX model (+ its ``.json`` model card beside it)."""
+
+    backend: str = "auto"
+    model: Path | None = None
+    threads: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "fp16"] = "fp16"
+    scale: float | None = Field(None, gt=0, le=4)
+    min_score: float = Field(0.0, ge=0, le=1)
+
+    def model_path(self) -> Path:
+        """The ONNX file to load (the shipped detector unless configured)."""
+        return self.model if self.model is not None else shipped_model_dir() / "detector.onnx"
+
+
+class MetricsConfig(_Section):
+    """Prometheus HTTP endpoint; ``port = 0`` picks a free port, ``enabled = false`` turns it off."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class HealthConfig(_Section):
+    """``health`` topic period, s."""
+
+    interval_s: float = Field(1.0, gt=0)
+
+
+class ServeConfig(_Section):
+    """Everything ``nanoscout serve`` needs."""
+
+    input: InputConfig = InputConfig()
+    output: OutputConfig = OutputConfig()
+    engine: EngineConfig = EngineConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    health: HealthConfig = HealthConfig()
+    stats: StatsConfig = StatsConfig()
+    alerts: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("alerts")
+    @classmethod
+    def _rules(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        parse_rules(value)  # raises ConfigError naming the bad rule
+        return value
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Read the TOML file (if any), apply ``{"input.policy": "lossless", ...}`` overrides
+    (``None`` values are ignored), validate, and return the config.
+
+    Raises :class:`ConfigError` naming the file, the key and the problem.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, key, value)
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {problems}") from exc

@@ -1,0 +1,83 @@
+"""Prometheus metrics of one daemon, on its own registry (so several daemons can share a process).
+
+Names (all prefixed ``nanoscout_``):
+
+=====================================  =========  ==========================================
+frames_received_total{source}          counter    frames accepted by validation
+frames_processed_total{source}         counter    frames whose results were published
+frames_dropped_total{reason}           counter    superseded (live), engine_failure, frame, shutdown
+messages_rejected_total{reason}        counter    malformed, version, header, length, oversized, ...
+transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
+particles_measured_total{source}       counter
+alerts_total{rule,severity}            counter
+alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
+latency_seconds                        histogram  acquisition → results published
+stage_seconds{stage}                   histogram  receive_wait, preprocess, engine, postprocess, measure, stats, alerts
+queue_depth                            gauge      frames accepted and waiting
+engine_info{backend,model,...}         info
+=====================================  =========  ==========================================
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
+_STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+
+
+class Metrics:
+    """All daemon metrics; ``serve()`` exposes them over HTTP."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.frames_received = Counter(
+            "nanoscout_frames_received", "Frames accepted by validation", ["source"], registry=r
+        )
+        self.frames_processed = Counter(
+            "nanoscout_frames_processed", "Frames whose results were published", ["source"], registry=r
+        )
+        self.frames_dropped = Counter(
+            "nanoscout_frames_dropped", "Accepted frames not processed, by reason", ["reason"], registry=r
+        )
+        self.rejected = Counter(
+            "nanoscout_messages_rejected", "Input messages rejected, by reason", ["reason"], registry=r
+        )
+        self.transport_gaps = Counter(
+            "nanoscout_transport_gaps", "Frames missing from the adapter's seq numbering",
+            ["source"], registry=r,
+        )
+        self.particles = Counter(
+            "nanoscout_particles_measured", "Particles measured", ["source"], registry=r
+        )
+        self.alerts = Counter("nanoscout_alerts", "Alerts published", ["rule", "severity"], registry=r)
+        self.alerts_suppressed = Counter(
+            "nanoscout_alerts_suppressed", "Alert firings rate-limited or de-duplicated",
+            ["rule"], registry=r,
+        )
+        self.latency = Histogram(
+            "nanoscout_latency_seconds", "Acquisition to published results",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.stage = Histogram(
+            "nanoscout_stage_seconds", "Time per pipeline stage", ["stage"],
+            buckets=_STAGE_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("nanoscout_queue_depth", "Frames waiting", registry=r)
+        self.engine_info = Info("nanoscout_engine", "Detection engine in use", registry=r)
+        self._server: WSGIServer | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the ``/metrics`` HTTP server on host:port (0 = any free port); returns the port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        """Stop the HTTP server."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

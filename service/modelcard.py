@@ -1,0 +1,210 @@
+"""The model card: what an ONNX file expects, what it returns and how well it did.
+
+A model is an ONNX file plus a JSON card next to it (``detector.onnx`` + ``detector.json``).
+The daemon reads only the card and the ONNX file, never Python training code. :meth:`ModelCard.load`
+validates the card and (by default) checks the ONNX file's sha256, raising
+:class:`~service.errors.ModelCardError` with the field or file at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import ModelCardError
+
+__all__ = [
+    "HeldOutMetrics",
+    "InputSpec",
+    "ModelCard",
+    "Normalization",
+    "OutputSpec",
+    "Thresholds",
+    "TrainingInfo",
+    "WorkingScale",
+    "sha256_file",
+]
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """The single image input: (1, channels, H, W), H and W multiples of ``stride_multiple``."""
+
+    name: str
+    channels: int = Field(1, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+    layout: Literal["NCHW"] = "NCHW"
+    stride_multiple: int = Field(16, ge=1)
+
+
+class Normalization(_Strict):
+    """Per-frame robust scaling: percentile lo -> 0, hi -> 1, then clipped."""
+
+    method: Literal["percentile"] = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    clip: tuple[float, float] = (-0.5, 1.5)
+    subsample: int = Field(4, ge=1)
+    polarity: str = "as acquired (trained on dark-on-bright and bright-on-dark)"
+
+
+class OutputSpec(_Strict):
+    """One output tensor; ``channels`` names its channels in order."""
+
+    name: str
+    channels: tuple[str, ...]
+    activation: Literal["logits", "probability", "none"] = "logits"
+    resolution: str = "input"
+    meaning: str = ""
+
+
+class WorkingScale(_Strict):
+    """Particle sizes (ECD, px at working scale) the model was trained for."""
+
+    diameter_px_min: float = Field(gt=0)
+    diameter_px_max: float = Field(gt=0)
+    default_resample: float = Field(1.0, gt=0)
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkingScale:
+        if self.diameter_px_min >= self.diameter_px_max:
+            raise ValueError(
+                f"diameter_px_min {self.diameter_px_min} must be < diameter_px_max "
+                f"{self.diameter_px_max}"
+            )
+        return self
+
+
+class Thresholds(_Strict):
+    """Post-processing parameters (service.instances)."""
+
+    foreground: float = Field(0.5, gt=0, lt=1)
+    core: float = Field(0.5, gt=0, lt=1)
+    min_area_px: int = Field(4, ge=0)
+    min_core_px: int = Field(1, ge=1)
+    post_stride: int = Field(2, ge=1, le=4)
+
+
+class TrainingInfo(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: str
+    command: str
+    wall_seconds: float | None = None
+    seeds: str = ""
+
+
+class HeldOutMetrics(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: str
+    command: str
+    n_frames: int = Field(ge=0)
+    iou_threshold: float = 0.5
+    precision: float = Field(ge=0, le=1)
+    recall: float = Field(ge=0, le=1)
+    f1: float = Field(ge=0, le=1)
+    median_abs_ecd_error_pct: float | None = None
+    ecd_mae_nm: float | None = None
+
+
+class ModelCard(_Strict):
+    """A model card as stored in JSON next to its ONNX file."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    task: Literal["detection-segmentation", "classification"]
+    framework: str
+    opset: int = Field(ge=7)
+    onnx_file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input: InputSpec
+    normalization: Normalization
+    outputs: tuple[OutputSpec, ...] = Field(min_length=1)
+    working_scale: WorkingScale | None = None
+    thresholds: Thresholds | None = None
+    classes: tuple[str, ...] | None = None
+    training: TrainingInfo
+    metrics: HeldOutMetrics | None = None
+    timings_ms: dict[str, Any] = Field(default_factory=dict)
+    created: str
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> ModelCard:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}")
+        if self.task == "detection-segmentation":
+            if self.working_scale is None or self.thresholds is None:
+                raise ValueError("a detection-segmentation card needs working_scale and thresholds")
+            if "foreground" not in self.outputs[0].channels:
+                raise ValueError(
+                    f"outputs[0].channels {self.outputs[0].channels} lacks 'foreground'"
+                )
+        if self.task == "classification" and not self.classes:
+            raise ValueError("a classification card needs classes")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify_sha256: bool = True) -> ModelCard:
+        """Return the validated card at ``path``; raises ModelCardError naming the problem.
+
+        With ``verify_sha256`` the ONNX file named by the card (relative to the card) must exist
+        and hash to ``sha256``.
+        """
+        p = Path(path)
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelCardError(f"model card not found: {p}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelCardError(f"model card {p} is not readable JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelCardError(f"model card {p} must hold a JSON object, got {type(raw).__name__}")
+        try:
+            card = cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc']) or '<card>'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ModelCardError(f"model card {p} is invalid: {problems}") from exc
+        if verify_sha256:
+            onnx = card.onnx_path(p)
+            if not onnx.is_file():
+                raise ModelCardError(f"model card {p} names onnx_file {card.onnx_file!r}, "
+                                     f"which does not exist at {onnx}")
+            digest = sha256_file(onnx)
+            if digest != card.sha256:
+                raise ModelCardError(f"sha256 of {onnx} is {digest}, model card {p} says "
+                                     f"{card.sha256}")
+        return card
+
+    def onnx_path(self, card_path: str | Path) -> Path:
+        """Return the ONNX file's path, resolved relative to the card's folder."""
+        return Path(card_path).parent / self.onnx_file
+
+    def dump(self, path: str | Path) -> Path:
+        """Write the card as indented JSON; returns the path."""
+        p = Path(path)
+        p.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        return p
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the lowercase hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

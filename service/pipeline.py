@@ -1,0 +1,175 @@
+"""The per-frame pipeline: pixels → particle instances → measurements → statistics → alerts.
+
+No sockets and no threads here: :class:`Pipeline` is called by the daemon's worker thread and by
+the offline ``nanoscout measure`` command alike, so both give identical numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.alerts import AlertEngine, parse_rules
+from service.detector import Detector
+from service.errors import FrameError
+from service.measure import measure
+from service.protocol import AlertHeader, DetHeader, FrameHeader, StatsHeader
+from service.stats import SizeStatistics, StatsConfig
+
+
+@dataclass
+class Analysis:
+    """One image analysed: instance labels (frame grid), particle table and stage times (ms)."""
+
+    labels: np.ndarray
+    table: np.ndarray
+    units: str
+    stage_ms: dict[str, float]
+
+
+@dataclass
+class FrameResult:
+    """Everything published for one frame."""
+
+    det: DetHeader
+    table: np.ndarray
+    stats: StatsHeader
+    alerts: list[tuple[AlertHeader, np.ndarray]] = field(default_factory=list)
+
+
+def check_pixels(pixels: np.ndarray) -> None:
+    """Raise :class:`FrameError` unless ``pixels`` is a non-empty 2-D array of finite numbers."""
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise FrameError(f"a frame must be a non-empty 2-D array, got shape {pixels.shape}", reason="shape")
+    if pixels.dtype.kind == "f":
+        finite = np.isfinite(pixels)
+        if not finite.all():
+            bad = int(pixels.size - np.count_nonzero(finite))
+            raise FrameError(
+                f"frame has {bad} NaN/inf pixels of {pixels.size}; refusing to analyse it",
+                reason="nonfinite",
+            )
+
+
+class Pipeline:
+    """Detection, measurement, per-source statistics and alert rules for a stream of frames."""
+
+    def __init__(
+        self,
+        detector: Detector,
+        *,
+        stats_config: StatsConfig | None = None,
+        rules: Sequence[dict[str, Any]] = (),
+        min_score: float = 0.0,
+        engine_name: str = "",
+        model_name: str = "",
+    ) -> None:
+        self.detector = detector
+        self.stats_config = stats_config or StatsConfig()
+        self.alert_engine = AlertEngine(parse_rules(list(rules)))
+        self.min_score = min_score
+        self.engine_name = engine_name
+        self.model_name = model_name
+        self._stats: dict[str, SizeStatistics] = {}
+
+    def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None) -> Analysis:
+        """Detect and measure the particles of one image (lengths in nm, or px if uncalibrated)."""
+        check_pixels(pixels)
+        detection = self.detector.detect(pixels)
+        stage_ms = dict(detection.timings_ms)
+        t0 = time.perf_counter()
+        labels = detection.labels
+        table = measure(labels, pixel_size_nm, detection.scores)
+        if self.min_score > 0 and len(table):
+            table = table[table["score"] >= self.min_score]
+        stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
+        return Analysis(labels, table, "nm" if pixel_size_nm else "px", stage_ms)
+
+    def statistics(self, source: str) -> SizeStatistics:
+        """The rolling/cumulative statistics of one source (created on first use)."""
+        stats = self._stats.get(source)
+        if stats is None:
+            stats = self._stats[source] = SizeStatistics(self.stats_config)
+        return stats
+
+    def process(self, header: FrameHeader, pixels: np.ndarray, t_recv_ns: int) -> FrameResult:
+        """Run the whole pipeline on one validated frame and build its result messages."""
+        a = self.analyse(pixels, header.pixel_size_nm)
+        stage_ms = a.stage_ms
+
+        t0 = time.perf_counter()
+        px_um = header.pixel_size_nm / 1000.0 if header.pixel_size_nm else None
+        area_um2 = header.shape[0] * header.shape[1] * px_um**2 if px_um else None
+        stats = self.statistics(header.source)
+        stats.update(a.table, t_ns=header.t_acq_ns, frame_area_um2=area_um2)
+        snap = stats.snapshot()
+        stage_ms["stats"] = (time.perf_counter() - t0) * 1e3
+
+        t0 = time.perf_counter()
+        stage_xy = (header.stage.x_um, header.stage.y_um) if header.stage else None
+        fired = self.alert_engine.evaluate(
+            source=header.source,
+            seq=header.seq,
+            t_ns=header.t_acq_ns,
+            stage=stage_xy,
+            table=a.table,
+            stats=snap,
+            units=a.units,
+        )
+        stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
+
+        common = {"source": header.source, "seq": header.seq}
+        alerts = [
+            (
+                AlertHeader(
+                    **common,
+                    t_acq_ns=header.t_acq_ns,
+                    rule=al.rule,
+                    kind=al.kind,
+                    severity=al.severity,  # type: ignore[arg-type]
+                    value=float(al.value),
+                    threshold=float(al.threshold),
+                    explanation=al.explanation,
+                    units=a.units,  # type: ignore[arg-type]
+                    stage=header.stage,
+                    n=len(al.particles),
+                ),
+                al.particles,
+            )
+            for al in fired
+        ]
+        now = time.time_ns()
+        det = DetHeader(
+            **common,
+            t_acq_ns=header.t_acq_ns,
+            t_recv_ns=t_recv_ns,
+            t_done_ns=now,
+            stage_ms={k: round(v, 3) for k, v in stage_ms.items()},
+            pixel_size_nm=header.pixel_size_nm,
+            units=a.units,  # type: ignore[arg-type]
+            n=len(a.table),
+            engine=self.engine_name,
+            model=self.model_name,
+            shape=header.shape,
+            modality=header.modality,
+            stage=header.stage,
+            meta=header.meta,
+        )
+        stats_header = StatsHeader(
+            **common,
+            t_ns=now,
+            units=snap.get("units", a.units),
+            window=snap.get("window", {}),
+            cumulative=snap.get("cumulative", {}),
+            drift=snap.get("drift", {}) or {},
+        )
+        return FrameResult(det, a.table, stats_header, alerts)
+
+    @property
+    def suppressed_alerts(self) -> dict[str, int]:
+        """Rule name → firings rate-limited or de-duplicated so far."""
+        return dict(self.alert_engine.suppressed)

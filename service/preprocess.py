@@ -1,0 +1,104 @@
+"""Frame preprocessing for the detector: normalisation, resampling and padding (numpy only).
+
+:func:`normalize` is the single definition of the model's input normalisation; training
+(``models/train.py``) imports it, so the network sees at run time exactly what it saw in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.errors import FrameError
+
+#: percentiles mapped to 0 and 1 by :func:`normalize`
+NORM_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: normalised values are clipped to this range (hot pixels, scale bars)
+NORM_CLIP: tuple[float, float] = (-0.5, 1.5)
+#: percentiles are estimated on every n-th row and column (exact enough, 16x cheaper)
+NORM_SUBSAMPLE = 4
+
+
+def check_frame(image: np.ndarray) -> np.ndarray:
+    """Return ``image`` as a 2-D real array, or raise FrameError naming its shape or dtype."""
+    arr = np.asarray(image)
+    if arr.ndim != 2 or arr.size == 0:
+        raise FrameError(f"frame must be a non-empty 2-D array, got shape {arr.shape}",
+                         reason="bad_shape")
+    if arr.dtype.kind not in "uif" and arr.dtype != np.bool_:
+        raise FrameError(f"frame dtype {arr.dtype} is not a real number type", reason="bad_dtype")
+    return arr
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """Return the frame as float32 scaled so percentiles 0.5 / 99.5 map to 0 / 1 (clipped).
+
+    Robust to dtype (uint8/uint16/int/float) and polarity-neutral (dark-on-bright and
+    bright-on-dark are both kept as they are; the network was trained on both). A flat frame
+    maps to all zeros. Raises FrameError when the frame holds NaN or infinity.
+    """
+    arr = check_frame(image)
+    sub = arr[::NORM_SUBSAMPLE, ::NORM_SUBSAMPLE]
+    lo, hi = np.percentile(sub, NORM_PERCENTILES)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise FrameError("frame holds NaN or infinite pixels", reason="not_finite")
+    out = arr.astype(np.float32)  # always a copy: the caller's buffer is never modified
+    if arr.dtype.kind == "f" and not np.isfinite(out).all():
+        raise FrameError("frame holds NaN or infinite pixels", reason="not_finite")
+    span = float(hi) - float(lo)
+    if span <= 0.0:
+        out.fill(0.0)
+        return out
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / span)
+    np.clip(out, NORM_CLIP[0], NORM_CLIP[1], out=out)
+    return out
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return (padded image, (pad_rows, pad_cols)); padding at the bottom/right by reflection.
+
+    Reflection keeps the local statistics the network sees at the edge natural, so particles
+    near the bottom/right border are not distorted by a constant band.
+    """
+    h, w = image.shape
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return image, (0, 0)
+    # reflection needs more pixels than the pad; a tiny frame falls back to edge replication
+    mode = "reflect" if ph < h and pw < w else "edge"
+    return np.pad(image, ((0, ph), (0, pw)), mode=mode), (ph, pw)
+
+
+def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (index0, index1, weight1) for linear resampling of an axis (pixel-centre aligned)."""
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (pos - i0).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return ``image`` resampled to ``shape`` (rows, cols) by bilinear interpolation, float32.
+
+    Pixel centres are aligned (like ``align_corners=False``); used for the detector's
+    resample factor and to bring probability maps back to the frame's grid.
+    """
+    h, w = image.shape
+    if (h, w) == tuple(shape):
+        return image.astype(np.float32, copy=False)
+    r0, r1, wr = _axis_weights(h, shape[0])
+    c0, c1, wc = _axis_weights(w, shape[1])
+    img = image.astype(np.float32, copy=False)
+    rows = img[r0] * (1.0 - wr)[:, None] + img[r1] * wr[:, None]
+    return rows[:, c0] * (1.0 - wc)[None, :] + rows[:, c1] * wc[None, :]
+
+
+def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return a label map resampled to ``shape`` by nearest neighbour (dtype kept)."""
+    h, w = labels.shape
+    if (h, w) == tuple(shape):
+        return labels
+    ri = np.minimum(((np.arange(shape[0]) + 0.5) * (h / shape[0])).astype(np.intp), h - 1)
+    ci = np.minimum(((np.arange(shape[1]) + 0.5) * (w / shape[1])).astype(np.intp), w - 1)
+    return labels[ri[:, None], ci[None, :]]

@@ -1,0 +1,471 @@
+"""Wire protocol v1: pure functions between typed headers and ZeroMQ multipart messages.
+
+A message is ``[topic, header, *buffers]``: the topic (bytes, for SUB prefix filtering), a
+msgpack map validated by a pydantic model, then raw buffers. No sockets here, nothing is ever
+unpickled, and every header carries ``v = [major, minor]``; a receiver rejects an unknown major
+version with :class:`~service.errors.VersionError` (minor versions only add optional fields, so
+unknown fields are ignored).
+
+=================  ===================  =====================================================
+topic              header               buffers
+=================  ===================  =====================================================
+``frame``          :class:`FrameHeader`  frame pixels, C order, dtype and shape from the header
+``det.<source>``   :class:`DetHeader`    particle table (:data:`~service.particles.PARTICLE_DTYPE`)
+``stats.<source>`` :class:`StatsHeader`  —
+``class.<source>`` :class:`ClassHeader`  optional uint8 heatmap
+``alert.<source>`` :class:`AlertHeader`  particle rows that fired
+``health``         :class:`HealthHeader` —
+=================  ===================  =====================================================
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.errors import MalformedMessage, PayloadError, VersionError
+from service.particles import PARTICLE_DTYPE
+
+PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+
+#: pixel dtypes a frame may carry (numpy kind+size, either byte order)
+FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
+
+#: largest msgpack header accepted, bytes
+MAX_HEADER_BYTES = 256 * 1024
+
+#: plausible pixel sizes, nm: from sub-ångström STEM to millimetre-scale SEM overviews
+PIXEL_SIZE_RANGE_NM: tuple[float, float] = (1e-4, 1e6)
+
+_SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+Modality = Literal["TEM", "STEM", "SEM"]
+Buffer = bytes | memoryview
+
+
+class _Header(BaseModel):
+    """Common base: frozen, unknown (newer minor-version) fields ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    topic_kind: ClassVar[str] = ""
+    v: tuple[int, int] = PROTOCOL_VERSION
+
+
+class Stage(BaseModel):
+    """Stage position, µm."""
+
+    model_config = ConfigDict(frozen=True)
+    x_um: float
+    y_um: float
+
+
+MetaValue = str | int | float | bool | None
+
+
+def _check_source(value: str) -> str:
+    if not _SOURCE_RE.match(value):
+        raise ValueError(
+            f"source {value!r} must be 1-64 characters of letters, digits and _.:- "
+            "(it becomes part of the topic)"
+        )
+    return value
+
+
+class FrameHeader(_Header):
+    """One acquired frame, adapter → daemon."""
+
+    topic_kind: ClassVar[str] = "frame"
+    source: str
+    seq: Annotated[int, Field(ge=0)]
+    t_acq_ns: Annotated[int, Field(ge=0)]
+    shape: tuple[int, int]
+    dtype: str
+    pixel_size_nm: float | None = None
+    modality: Modality | None = None
+    stage: Stage | None = None
+    magnification: Annotated[float, Field(gt=0)] | None = None
+    meta: dict[str, MetaValue] = Field(default_factory=dict)
+
+    _src = field_validator("source")(_check_source)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        try:
+            dt = np.dtype(value)
+        except TypeError as exc:
+            raise ValueError(f"dtype {value!r} is not a numpy dtype") from exc
+        if f"{dt.kind}{dt.itemsize}" not in FRAME_DTYPES:
+            raise ValueError(
+                f"dtype {value!r} is not supported; use one of "
+                "uint8/uint16/uint32/int8/int16/int32/float32/float64"
+            )
+        return dt.str
+
+    @field_validator("pixel_size_nm")
+    @classmethod
+    def _pixel_size(cls, value: float | None) -> float | None:
+        lo, hi = PIXEL_SIZE_RANGE_NM
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(
+                f"pixel_size_nm {value!r} is absurd (expected {lo:g}..{hi:g} nm, "
+                "or null for an uncalibrated frame)"
+            )
+        return value
+
+    @field_validator("meta")
+    @classmethod
+    def _meta(cls, value: dict[str, MetaValue]) -> dict[str, MetaValue]:
+        if len(value) > 64:
+            raise ValueError(f"meta has {len(value)} entries; at most 64 are allowed")
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size the header announces, bytes."""
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+class DetHeader(_Header):
+    """Detections of one frame, daemon → subscribers; the buffer is the particle table."""
+
+    topic_kind: ClassVar[str] = "det"
+    source: str
+    seq: int
+    t_acq_ns: int
+    t_recv_ns: int
+    t_done_ns: int
+    stage_ms: dict[str, float]
+    pixel_size_nm: float | None
+    units: Literal["nm", "px"]
+    n: Annotated[int, Field(ge=0)]
+    engine: str
+    model: str = ""
+    shape: tuple[int, int] = (0, 0)
+    modality: Modality | None = None
+    stage: Stage | None = None
+    meta: dict[str, MetaValue] = Field(default_factory=dict)  # the frame's meta, passed through
+
+    @property
+    def latency_ms(self) -> float:
+        """Acquisition-to-result latency, ms (clocks of adapter and daemon host)."""
+        return (self.t_done_ns - self.t_acq_ns) / 1e6
+
+
+class StatsHeader(_Header):
+    """Rolling and cumulative size statistics of one source (see service.stats)."""
+
+    topic_kind: ClassVar[str] = "stats"
+    source: str
+    seq: int
+    t_ns: int
+    units: Literal["nm", "px"]
+    window: dict[str, Any]
+    cumulative: dict[str, Any]
+    drift: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClassHeader(_Header):
+    """Field-of-view classification of one frame."""
+
+    topic_kind: ClassVar[str] = "class"
+    source: str
+    seq: int
+    t_acq_ns: int
+    labels: list[str]
+    probabilities: list[float]
+    novelty: float | None = None
+    engine: str = ""
+    heatmap_shape: tuple[int, int] | None = None
+
+
+class AlertHeader(_Header):
+    """A rule that fired; the buffer holds the particle rows that fired (may be empty)."""
+
+    topic_kind: ClassVar[str] = "alert"
+    source: str
+    seq: int
+    t_acq_ns: int
+    rule: str
+    kind: str
+    severity: Literal["info", "warning", "critical"]
+    value: float
+    threshold: float
+    explanation: str
+    units: Literal["nm", "px"] = "nm"
+    stage: Stage | None = None
+    n: int = 0
+
+
+class HealthHeader(_Header):
+    """Daemon heartbeat, published every ``health.interval_s``."""
+
+    topic_kind: ClassVar[str] = "health"
+    t_ns: int
+    uptime_s: float
+    policy: Literal["live", "lossless"]
+    engines: dict[str, str]
+    frames_received: int
+    frames_processed: int
+    frames_dropped: dict[str, int]
+    rejected: dict[str, int]
+    transport_gaps: int
+    queue_depth: int
+    fps: float
+    latency_ms_p50: float | None
+    latency_ms_p99: float | None
+    last_error: str | None = None
+
+
+HEADERS: dict[str, type[_Header]] = {
+    h.topic_kind: h for h in (FrameHeader, DetHeader, StatsHeader, ClassHeader, AlertHeader, HealthHeader)
+}
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded message: its topic, typed header and decoded payload (if any)."""
+
+    topic: str
+    header: _Header
+    array: np.ndarray | None = None
+    extra: tuple[np.ndarray, ...] = field(default=())
+
+    @property
+    def kind(self) -> str:
+        """Topic kind: ``frame``, ``det``, ``stats``, ``class``, ``alert`` or ``health``."""
+        return self.header.topic_kind
+
+
+# ---------------------------------------------------------------------------------------------
+# header packing
+
+
+def pack_header(header: _Header) -> bytes:
+    """Serialise a header to msgpack bytes."""
+    return msgpack.packb(header.model_dump(mode="json"), use_bin_type=True)
+
+
+def unpack_header(raw: Buffer, model: type[_Header]) -> Any:
+    """Parse msgpack bytes into ``model``; raise a ProtocolError naming what was wrong."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise MalformedMessage(
+            f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}", reason="header_too_large"
+        )
+    try:
+        data = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise MalformedMessage(f"header is not valid msgpack ({exc})", reason="malformed") from exc
+    if not isinstance(data, dict):
+        raise MalformedMessage(
+            f"header must be a msgpack map, got {type(data).__name__}", reason="malformed"
+        )
+    check_version(data.get("v"))
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "header"
+        raise MalformedMessage(
+            f"{model.topic_kind} header field {loc}: {first['msg']}", reason="header"
+        ) from exc
+
+
+def check_version(v: object) -> None:
+    """Accept ``[1, minor]``; raise :class:`VersionError` for anything else."""
+    if (
+        not isinstance(v, list | tuple)
+        or len(v) != 2
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in v)
+    ):
+        raise VersionError(f"header has no valid protocol version v (got {v!r})")
+    if v[0] != PROTOCOL_VERSION[0]:
+        raise VersionError(
+            f"protocol major version {v[0]} is not supported (this side speaks "
+            f"{PROTOCOL_VERSION[0]}.x)"
+        )
+
+
+def _split(parts: Sequence[Buffer], n_min: int, n_max: int, what: str) -> None:
+    if not n_min <= len(parts) <= n_max:
+        want = str(n_min) if n_min == n_max else f"{n_min}-{n_max}"
+        raise MalformedMessage(
+            f"{what} message must have {want} parts, got {len(parts)}", reason="parts"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# frames
+
+
+def frame_header(
+    array: np.ndarray,
+    *,
+    source: str,
+    seq: int,
+    t_acq_ns: int,
+    pixel_size_nm: float | None,
+    modality: Modality | None = None,
+    stage: tuple[float, float] | None = None,
+    magnification: float | None = None,
+    meta: dict[str, MetaValue] | None = None,
+) -> FrameHeader:
+    """Build the header describing ``array`` (a 2-D image); stage in µm."""
+    if array.ndim != 2:
+        raise PayloadError(f"a frame must be 2-D, got shape {array.shape}", reason="shape")
+    return FrameHeader(
+        source=source,
+        seq=seq,
+        t_acq_ns=t_acq_ns,
+        shape=(int(array.shape[0]), int(array.shape[1])),
+        dtype=array.dtype.str,
+        pixel_size_nm=pixel_size_nm,
+        modality=modality,
+        stage=None if stage is None else Stage(x_um=stage[0], y_um=stage[1]),
+        magnification=magnification,
+        meta=meta or {},
+    )
+
+
+def encode_frame(header: FrameHeader, array: np.ndarray) -> list[Buffer]:
+    """Encode a frame as ``[b"frame", header, pixels]``.
+
+    The pixel buffer is a zero-copy view when ``array`` is C-contiguous (one copy otherwise).
+    Raises :class:`PayloadError` when the array disagrees with the header or is empty.
+    """
+    if tuple(array.shape) != tuple(header.shape):
+        raise PayloadError(
+            f"array shape {array.shape} does not match header shape {header.shape}",
+            reason="shape",
+        )
+    if array.dtype.str != header.dtype:
+        raise PayloadError(
+            f"array dtype {array.dtype.str} does not match header dtype {header.dtype}",
+            reason="dtype",
+        )
+    if array.size == 0:
+        raise PayloadError(f"zero-size frame (shape {array.shape})", reason="empty")
+    data = np.ascontiguousarray(array)
+    return [b"frame", pack_header(header), memoryview(data).cast("B")]
+
+
+def decode_frame(
+    parts: Sequence[Buffer], *, max_bytes: int | None = None
+) -> tuple[FrameHeader, np.ndarray]:
+    """Decode ``[b"frame", header, pixels]`` into the header and a read-only array view.
+
+    Checks the part count, the version, the header fields, that the frame is not empty or
+    larger than ``max_bytes``, and that the payload length equals shape × itemsize.
+    """
+    _split(parts, 3, 3, "frame")
+    if bytes(parts[0]) != b"frame":
+        raise MalformedMessage(f"expected topic 'frame', got {bytes(parts[0])[:40]!r}", reason="topic")
+    header: FrameHeader = unpack_header(parts[1], FrameHeader)
+    expected = header.nbytes
+    if expected == 0:
+        raise PayloadError(f"zero-size frame (shape {header.shape})", reason="empty")
+    if max_bytes is not None and expected > max_bytes:
+        raise PayloadError(
+            f"frame of {expected} bytes (shape {header.shape}, {header.dtype}) exceeds the "
+            f"limit of {max_bytes} bytes",
+            reason="oversized",
+        )
+    payload = memoryview(parts[2])
+    if payload.nbytes != expected:
+        raise PayloadError(
+            f"payload is {payload.nbytes} bytes but header announces {expected} "
+            f"(shape {header.shape}, {header.dtype})",
+            reason="length",
+        )
+    array = np.frombuffer(payload, dtype=np.dtype(header.dtype)).reshape(header.shape)
+    return header, array
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+def _topic(kind: str, source: str | None) -> bytes:
+    return (kind if source is None else f"{kind}.{source}").encode()
+
+
+def _table_buffer(table: np.ndarray) -> memoryview:
+    if table.dtype != PARTICLE_DTYPE:
+        raise PayloadError(f"particle table has dtype {table.dtype}, expected PARTICLE_DTYPE", reason="dtype")
+    return memoryview(np.ascontiguousarray(table)).cast("B")
+
+
+def _decode_table(buf: Buffer, n: int) -> np.ndarray:
+    mv = memoryview(buf)
+    if mv.nbytes != n * PARTICLE_DTYPE.itemsize:
+        raise PayloadError(
+            f"particle table is {mv.nbytes} bytes but n={n} needs "
+            f"{n * PARTICLE_DTYPE.itemsize}",
+            reason="length",
+        )
+    return np.frombuffer(mv, dtype=PARTICLE_DTYPE)
+
+
+def encode_message(header: _Header, *arrays: np.ndarray) -> list[Buffer]:
+    """Encode any result header (det/stats/class/alert/health) with its buffers.
+
+    ``det`` and ``alert`` take one particle table; ``class`` takes an optional uint8 heatmap.
+    """
+    kind = header.topic_kind
+    if kind == "frame":
+        raise PayloadError("use encode_frame for frames", reason="topic")
+    source = getattr(header, "source", None)
+    parts: list[Buffer] = [_topic(kind, source), pack_header(header)]
+    if kind in ("det", "alert"):
+        if len(arrays) != 1:
+            raise PayloadError(f"{kind} message needs exactly one particle table", reason="parts")
+        table = arrays[0]
+        n = getattr(header, "n")
+        if len(table) != n:
+            raise PayloadError(f"header n={n} but table has {len(table)} rows", reason="length")
+        parts.append(_table_buffer(table))
+    elif kind == "class":
+        for arr in arrays:
+            parts.append(memoryview(np.ascontiguousarray(arr, dtype=np.uint8)).cast("B"))
+    elif arrays:
+        raise PayloadError(f"{kind} message carries no buffers", reason="parts")
+    return parts
+
+
+def decode_message(parts: Sequence[Buffer]) -> Message:
+    """Decode any message by its topic; raises a ProtocolError naming what is wrong."""
+    if len(parts) < 2:
+        raise MalformedMessage(f"message must have at least 2 parts, got {len(parts)}", reason="parts")
+    topic = bytes(parts[0]).decode("utf-8", errors="replace")
+    kind = topic.split(".", 1)[0]
+    model = HEADERS.get(kind)
+    if model is None:
+        raise MalformedMessage(f"unknown topic {topic[:60]!r}", reason="topic")
+    if kind == "frame":
+        header, array = decode_frame(parts)
+        return Message(topic, header, array)
+    header = unpack_header(parts[1], model)
+    if kind in ("det", "alert"):
+        _split(parts, 3, 3, kind)
+        return Message(topic, header, _decode_table(parts[2], header.n))
+    if kind == "class":
+        _split(parts, 2, 3, kind)
+        if len(parts) == 3:
+            shape = header.heatmap_shape
+            heat = np.frombuffer(memoryview(parts[2]), dtype=np.uint8)
+            if shape is None or heat.size != shape[0] * shape[1]:
+                raise PayloadError(
+                    f"heatmap of {heat.size} bytes does not match heatmap_shape {shape}",
+                    reason="length",
+                )
+            return Message(topic, header, heat.reshape(shape))
+        return Message(topic, header)
+    _split(parts, 2, 2, kind)
+    return Message(topic, header)

@@ -1,0 +1,112 @@
+"""Real processes over loopback: a daemon started with ``nanoscout serve`` on free ports.
+
+Readiness is the daemon's ``NANOSCOUT-READY {json}`` line on stdout; subscribers wait for the
+first ``health`` message. Nothing here sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.system
+
+
+def nanoscout(*args: str, **kw: object) -> subprocess.Popen[str]:
+    """Start ``nanoscout ARGS`` (as ``python -m clients.cli``) with unbuffered output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen(  # type: ignore[call-overload]
+        [sys.executable, "-m", "clients.cli", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        **kw,
+    )
+
+
+@dataclass
+class DaemonProc:
+    """A running daemon process and where it listens."""
+
+    proc: subprocess.Popen[str]
+    input: str
+    output: str
+    metrics: str | None
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+
+    def scrape(self) -> str:
+        """GET /metrics; returns the exposition text."""
+        assert self.metrics is not None
+        with urllib.request.urlopen(self.metrics, timeout=10) as r:
+            return r.read().decode()
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60.0) -> int:
+        """Signal the daemon and wait for it to exit; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 120.0) -> DaemonProc:
+    """Start a daemon on free loopback ports with an optional TOML ``config`` text."""
+    cfg = tmp_path / "daemon.toml"
+    cfg.write_text(config, encoding="utf-8")
+    proc = nanoscout(
+        "serve", "--config", str(cfg), "--input", "tcp://127.0.0.1:0", "--output",
+        "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", "0.2", "--threads", "2",
+        *args, stdout=subprocess.PIPE,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            proc.kill()
+            raise TimeoutError(f"daemon not ready within {timeout} s") from None
+        if line == "":
+            raise RuntimeError(f"daemon exited with {proc.wait()} before it was ready")
+        if line.startswith("NANOSCOUT-READY "):
+            ep = json.loads(line.split(" ", 1)[1])
+            return DaemonProc(proc, ep["input"], ep["output"], ep["metrics"], lines)
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[object]:
+    """``daemon_factory(*serve_args, config="toml")`` → DaemonProc; all are stopped at teardown."""
+    started: list[DaemonProc] = []
+
+    def make(*args: str, config: str = "") -> DaemonProc:
+        d = start_daemon(tmp_path, *args, config=config)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.send_signal(signal.SIGINT)
+            try:
+                d.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                d.proc.kill()
+                d.proc.wait()

@@ -1,0 +1,160 @@
+"""Bad input over the wire: each message is rejected and counted, the daemon keeps serving."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from clients.acquisition.publisher import FramePublisher
+from clients.subscriber import Subscriber
+from service.protocol import encode_frame, frame_header, pack_header
+
+pytestmark = pytest.mark.system
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Value of one sample in Prometheus exposition text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:]+)(\{[^}]*\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = ",".join(sorted((m.group(2) or "{}")[1:-1].split(","))) if m.group(2) else ""
+        if got == want:
+            return float(m.group(3))
+    return 0.0
+
+
+def _frame(arr: np.ndarray, seq: int, **kw) -> list:
+    h = frame_header(arr, source="bad", seq=seq, t_acq_ns=time.time_ns(), pixel_size_nm=kw.pop("px", 0.5), **kw)
+    return encode_frame(h, arr)
+
+
+def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory) -> None:
+    d = daemon_factory("--policy", "lossless", "--max-frame-bytes", str(1 << 20))
+    good = np.full((128, 128), 1000, np.uint16)
+    header = frame_header(good, source="bad", seq=0, t_acq_ns=1, pixel_size_nm=0.5)
+    raw_header = header.model_dump(mode="json")
+
+    def with_header(**changes) -> bytes:
+        return msgpack.packb({**raw_header, **changes})
+
+    bad_messages = {
+        "parts": [[b"garbage bytes"], [b"frame", pack_header(header)]],
+        "malformed": [[b"frame", b"\xc1\xff\x00 not msgpack", good.tobytes()]],
+        "version": [[b"frame", with_header(v=[2, 0]), good.tobytes()]],
+        "length": [[b"frame", pack_header(header), good.tobytes()[:-2]]],
+        "header": [
+            [b"frame", with_header(dtype="c8"), good.tobytes()],  # unsupported dtype
+            [b"frame", with_header(pixel_size_nm=-1.0), good.tobytes()],  # absurd calibration
+            [b"frame", with_header(shape=[0, 128]), b""],  # negative/zero handled below too
+        ],
+        "oversized": [_frame(np.zeros((1024, 1024), np.uint16), 1)],
+        "topic": [[b"frames-of-something", pack_header(header), good.tobytes()]],
+    }
+    nan = np.full((64, 64), 1.0, np.float32)
+    nan[3, 4] = np.nan
+
+    with Subscriber(d.output, topics=("det.", "health")) as sub:
+        sub.wait_ready()
+        ctx = zmq.Context.instance()
+        with FramePublisher(d.input, mode="push", source="bad", ctx=ctx) as pub:
+            for msgs in bad_messages.values():
+                for parts in msgs:
+                    pub.send_raw([bytes(p) for p in parts])
+            pub.send(nan, pixel_size_nm=0.5)  # NaN pixels
+            pub.seq = 100
+            seq_good = pub.send(good, pixel_size_nm=0.5)
+            for msg in sub.messages(timeout=60):
+                if msg.kind == "det" and msg.header.seq == seq_good:
+                    break
+            else:
+                raise AssertionError("the good frame after the bad ones was not processed")
+            health = None
+            for msg in sub.messages(timeout=30):
+                if msg.kind == "health" and msg.header.frames_processed >= 1:
+                    health = msg.header
+                    break
+    assert health is not None
+    rejected = health.rejected
+    assert rejected.get("parts") == 2
+    assert rejected.get("malformed") == 1
+    assert rejected.get("version") == 1
+    assert rejected.get("length") == 1
+    assert rejected.get("oversized") == 1
+    assert rejected.get("topic") == 1
+    assert rejected.get("nonfinite") == 1
+    # shape [0, 128] is a zero-size frame: rejected either as header or as empty
+    assert rejected.get("header", 0) + rejected.get("empty", 0) == 3
+    assert health.frames_processed == 1
+    assert health.last_error
+    # the NaN frame (seq 0) was accepted, then refused: seq 100 follows it, a gap of 99
+    assert health.transport_gaps == 99
+
+    text = d.scrape()
+    assert _metric(text, "nanoscout_messages_rejected_total", reason="parts") == 2
+    assert _metric(text, "nanoscout_messages_rejected_total", reason="oversized") == 1
+    assert _metric(text, "nanoscout_messages_rejected_total", reason="nonfinite") == 1
+    assert _metric(text, "nanoscout_frames_received_total", source="bad") == 2
+    assert _metric(text, "nanoscout_frames_processed_total", source="bad") == 1
+    assert _metric(text, "nanoscout_transport_gaps_total", source="bad") == 99
+    assert _metric(text, "nanoscout_latency_seconds_count") == 1
+    assert d.stop(signal.SIGTERM) == 0
+
+
+def test_vanished_subscriber_does_not_disturb_the_daemon(daemon_factory) -> None:
+    d = daemon_factory("--policy", "lossless")
+    frame = np.full((96, 96), 500, np.uint16)
+    ctx = zmq.Context()
+    with Subscriber(d.output, topics=("det.",), ctx=ctx) as keeper, FramePublisher(d.input, source="v", ctx=ctx) as pub:
+        keeper.wait_ready()
+        gone = Subscriber(d.output, topics=("det.",), ctx=ctx)
+        gone.wait_ready()
+        pub.send(frame, pixel_size_nm=1.0)
+        assert gone.recv(timeout=30) is not None
+        gone.close()  # vanishes without a word
+        for _ in range(5):
+            pub.send(frame, pixel_size_nm=1.0)
+        seqs = []
+        for m in keeper.messages(timeout=60):
+            seqs.append(m.header.seq)
+            if len(seqs) == 6:
+                break
+    ctx.term()
+    assert seqs[:6] == list(range(6))
+    assert d.proc.poll() is None
+
+
+def test_sigterm_in_lossless_mode_finishes_accepted_frames(daemon_factory) -> None:
+    d = daemon_factory("--policy", "lossless", "--queue-size", "8")
+    frame = np.random.default_rng(0).integers(0, 4000, (1024, 1024)).astype(np.uint16)
+    with Subscriber(d.output, topics=("det.", "health")) as sub, FramePublisher(d.input, source="term") as pub:
+        sub.wait_ready()
+        for _ in range(40):
+            pub.send(frame, pixel_size_nm=0.5)
+        # wait until the daemon has accepted some frames (but not all processed), then stop it
+        dets, last = 0, None
+        for msg in sub.messages(timeout=60):
+            dets += msg.kind == "det"
+            if msg.kind == "health" and msg.header.frames_received >= 8:
+                break
+        d.proc.send_signal(signal.SIGTERM)
+        for msg in sub.messages(timeout=120, idle=5):
+            if msg.kind == "det":
+                dets += 1
+            elif msg.kind == "health":
+                last = msg.header
+        pub.close()
+        code = d.proc.wait(60)
+    assert code == 0
+    assert last is not None
+    assert last.frames_dropped == {}
+    assert last.frames_processed == last.frames_received
+    assert last.frames_received < 40, "the stop came too late to test draining"
+    assert dets == last.frames_processed

@@ -1,0 +1,126 @@
+"""Simulator → daemon → subscriber, as separate processes over loopback ZeroMQ."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.subscriber import Subscriber
+from service.protocol import HealthHeader
+from tests.system.conftest import nanoscout
+
+pytestmark = pytest.mark.system
+
+
+def _simulate(endpoint: str, *args: str) -> subprocess.Popen[str]:
+    return nanoscout("simulate", "--connect", endpoint, *args, stdout=subprocess.DEVNULL)
+
+
+def _final_health(sub: Subscriber, until, timeout: float = 60.0) -> HealthHeader:
+    """Read messages until a health message satisfies ``until``; returns it."""
+    for msg in sub.messages(timeout=timeout):
+        if msg.kind == "health" and until(msg.header):
+            return msg.header  # type: ignore[return-value]
+    raise AssertionError(f"no health message satisfied the condition; last: {sub.last_health}")
+
+
+def _match(table: np.ndarray, labels: np.ndarray, true_ecd: dict[int, float]) -> tuple[int, int, int, list[float]]:
+    """Match detections to truth by centroid-inside-instance (one-to-one), away from the border.
+
+    Returns (true positives, detections, true particles, relative ECD errors of matches).
+    """
+    h, w = labels.shape
+    border_ids = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
+    truth_ids = {k for k in np.unique(labels) if k and k not in border_ids}
+    dets = table[~table["border"]]
+    used: set[int] = set()
+    errors = []
+    for row in dets:
+        x, y = int(round(float(row["x"]))), int(round(float(row["y"])))
+        k = int(labels[min(max(y, 0), h - 1), min(max(x, 0), w - 1)])
+        if k in truth_ids and k not in used:
+            used.add(k)
+            errors.append(abs(float(row["ecd_nm"]) - true_ecd[k]) / true_ecd[k])
+    return len(used), len(dets), len(truth_ids), errors
+
+
+def test_detections_match_ground_truth(daemon_factory, tmp_path: Path) -> None:
+    """Held-out simulator frames (seed never used in training): F1 ≥ 0.9, median |ECD error| ≤ 5 %."""
+    d = daemon_factory("--policy", "lossless")
+    truth_dir = tmp_path / "truth"
+    n = 12
+    with Subscriber(d.output, topics=("det.",)) as sub:
+        sub.wait_ready()
+        sim = _simulate(d.input, "--mode", "push", "--frames", str(n), "--size", "512", "--rate", "0",
+                        "--seed", "987654", "--fields", "6", "--dwell", "2", "--truth-dir", str(truth_dir))
+        tables = {}
+        for msg in sub.messages(timeout=180):
+            tables[msg.header.seq] = msg.array.copy()
+            if len(tables) == n:
+                break
+        assert sim.wait(60) == 0
+    assert sorted(tables) == list(range(n))
+    tp = n_det = n_true = 0
+    errors: list[float] = []
+    for seq, table in tables.items():
+        truth = np.load(truth_dir / f"sim-{seq:06d}.npz")
+        ecd = dict(zip(truth["ids"].tolist(), truth["ecd_nm"].tolist(), strict=True))
+        a, b, c, e = _match(table, truth["labels"], ecd)
+        tp, n_det, n_true, errors = tp + a, n_det + b, n_true + c, errors + e
+    precision, recall = tp / n_det, tp / n_true
+    f1 = 2 * precision * recall / (precision + recall)
+    assert n_true > 200
+    assert f1 >= 0.9, f"F1 {f1:.3f} (precision {precision:.3f}, recall {recall:.3f})"
+    assert float(np.median(errors)) <= 0.05, f"median |ECD error| {np.median(errors):.3%}"
+
+
+def test_lossless_delivers_every_frame_in_order(daemon_factory) -> None:
+    d = daemon_factory("--policy", "lossless", "--queue-size", "4")
+    n = 500
+    with Subscriber(d.output, topics=("det.", "health")) as sub:
+        sub.wait_ready()
+        sim = _simulate(d.input, "--mode", "push", "--frames", str(n), "--size", "256", "--rate", "0",
+                        "--fields", "3")
+        seqs = []
+        for msg in sub.messages(timeout=240):
+            if msg.kind == "det":
+                seqs.append(msg.header.seq)
+                if len(seqs) == n:
+                    break
+        assert sim.wait(60) == 0
+        health = _final_health(sub, lambda h: h.frames_processed == n)
+    assert seqs == list(range(n))
+    assert sub.missed == {}
+    assert health.frames_received == n
+    assert health.frames_dropped == {} and health.transport_gaps == 0
+
+
+def test_live_overload_drops_superseded_and_bounds_latency(daemon_factory) -> None:
+    """Frames arrive faster than they can be analysed: the newest wins, each skip is counted."""
+    d = daemon_factory("--policy", "live")
+    n = 80
+    with Subscriber(d.output, topics=("det.", "health")) as sub:
+        sub.wait_ready()
+        sim = _simulate(d.input, "--mode", "pub", "--frames", str(n), "--size", "1024", "--rate", "0",
+                        "--fields", "2", "--dwell", "40")
+        latencies = []
+        for msg in sub.messages(timeout=120, idle=10):
+            if msg.kind == "det":
+                latencies.append(msg.header.latency_ms)
+            if sim.poll() is not None and msg.kind == "health" and msg.header.queue_depth == 0:
+                h = msg.header
+                if h.frames_received == h.frames_processed + h.frames_dropped.get("superseded", 0):
+                    break
+        assert sim.wait(60) == 0
+        health = sub.last_health
+    assert health is not None
+    superseded = health.frames_dropped.get("superseded", 0)
+    assert superseded > 0, f"no frame superseded: {health}"
+    assert health.frames_received == health.frames_processed + superseded
+    # the daemon never works on a backlog: latency stays near one frame's analysis time,
+    # however many frames were offered
+    assert len(latencies) >= 5
+    assert np.percentile(latencies, 90) < 2000, latencies

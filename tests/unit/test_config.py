@@ -1,0 +1,52 @@
+"""Typed configuration: TOML file + overrides, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import ServeConfig, load_config
+from service.errors import ConfigError
+
+
+def test_defaults_are_loopback_and_live() -> None:
+    cfg = load_config()
+    assert cfg == ServeConfig()
+    assert cfg.input.endpoint.startswith("tcp://127.0.0.1:")
+    assert cfg.output.endpoint.startswith("tcp://127.0.0.1:")
+    assert cfg.input.policy == "live"
+    assert cfg.engine.model_path().name == "detector.onnx"
+
+
+def test_file_and_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "d.toml"
+    f.write_text('[input]\npolicy = "lossless"\nqueue_size = 3\n[engine]\nbackend = "cpu"\n')
+    cfg = load_config(f, {"input.queue_size": 9, "metrics.port": None, "output.hwm": 5})
+    assert cfg.input.policy == "lossless"
+    assert cfg.input.queue_size == 9  # override wins
+    assert cfg.metrics.port == 9108  # None overrides are ignored
+    assert cfg.output.hwm == 5
+    assert cfg.engine.backend == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('[input]\npolicy = "sometimes"\n', "input.policy"),
+        ("[input]\nqueue_size = 0\n", "input.queue_size"),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+        ("[input\n", "not valid TOML"),
+        ("[engine]\nscale = -1\n", "engine.scale"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path: Path, text: str, match: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(f)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_config(tmp_path / "nope.toml")

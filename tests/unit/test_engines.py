@@ -1,0 +1,622 @@
+"""The engine factory and the ONNX Runtime CPU backend, on tiny ONNX models built in tmp_path."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from service.engines import (  # noqa: E402
+    BACKENDS,
+    TensorSpec,
+    available_backends,
+    create_engine,
+    resolve_backend,
+)
+from service.errors import ConfigError, EngineFailure, EngineUnavailable  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], np.float32) * 0.25
+BIAS = np.float32(0.1)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9  # readable by older runtimes (TensorRT 10 parsers, ONNX Runtime 1.16+)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def conv_sigmoid_model(path: Path) -> Path:
+    """image float32[N, 1, H, W] -> logits (3x3 conv, pad 1) and prob = sigmoid(logits)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["image", "w", "b"], ["logits"], pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", ["logits"], ["prob"]),
+        ],
+        "conv_sigmoid",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, "H", "W"]),
+            helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, "H", "W"]),
+        ],
+        initializer=[
+            numpy_helper.from_array(KERNEL.reshape(1, 1, 3, 3), "w"),
+            numpy_helper.from_array(np.array([BIAS], np.float32), "b"),
+        ],
+    )
+    return _save(graph, path)
+
+
+def add_model(path: Path) -> Path:
+    """a float32[1, 1, H, W] + b float32[1, 1, H2, W2] -> sum (broadcast rules of ONNX Add)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"])],
+        "add",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 1, "H", "W"]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 1, "H2", "W2"]),
+        ],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, [1, 1, "Hs", "Ws"])],
+    )
+    return _save(graph, path)
+
+
+def reference(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The conv_sigmoid model in numpy: returns (logits, prob)."""
+    padded = np.pad(image.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h, w = image.shape[-2:]
+    logits = np.full(image.shape, float(BIAS))
+    for dy in range(3):
+        for dx in range(3):
+            logits += KERNEL[dy, dx] * padded[..., dy : dy + h, dx : dx + w]
+    return logits, 1.0 / (1.0 + np.exp(-logits))
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return conv_sigmoid_model(tmp_path_factory.mktemp("models") / "conv_sigmoid.onnx")
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(model_path: Path):
+    with create_engine(model_path, "cpu", threads=1) as engine:
+        yield engine
+
+
+def test_cpu_engine_matches_numpy_on_two_shapes(cpu_engine) -> None:
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 40, 56), (2, 1, 17, 9)]:
+        image = rng.normal(size=shape).astype(np.float32)
+        out = cpu_engine.infer({"image": image})
+        logits, prob = reference(image)
+        assert set(out) == {"logits", "prob"}
+        assert out["prob"].shape == shape and out["prob"].dtype == np.float32
+        np.testing.assert_allclose(out["logits"], logits, atol=1e-5)
+        np.testing.assert_allclose(out["prob"], prob, atol=1e-6)
+
+
+def test_cpu_engine_reports_spec_name_and_threads(cpu_engine) -> None:
+    assert cpu_engine.name == "onnxruntime-cpu"
+    assert cpu_engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
+    assert [s.name for s in cpu_engine.outputs] == ["logits", "prob"]
+    assert cpu_engine.providers == ("CPUExecutionProvider",)
+    assert cpu_engine._session.get_session_options().intra_op_num_threads == 1
+    assert cpu_engine.selection_notes == ()
+
+
+def test_non_contiguous_input_gives_the_same_result(cpu_engine) -> None:
+    image = np.random.default_rng(1).random((1, 1, 30, 20), dtype=np.float32)
+    transposed = np.ascontiguousarray(image.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    assert not transposed.flags.c_contiguous
+    out = cpu_engine.infer({"image": transposed})
+    np.testing.assert_allclose(out["prob"], reference(image)[1], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "needles"),
+    [
+        ({"img": np.zeros((1, 1, 8, 8), np.float32)}, ["'img'", "image: float32[?, 1, ?, ?]"]),
+        ({"image": np.zeros((1, 8, 8), np.float32)}, ["'image'", "rank 3", "rank 4"]),
+        ({"image": np.zeros((1, 2, 8, 8), np.float32)}, ["'image'", "axis 1", "expected 1"]),
+        ({"image": np.zeros((1, 1, 8, 8), np.float64)}, ["'image'", "float64", "float32"]),
+        ({"image": np.zeros((1, 1, 8, 8), ">f4")}, ["'image'", ">f4", "float32"]),
+        ({"image": [[[[0.0]]]]}, ["'image'", "list", "numpy array"]),
+        ({}, ["missing input 'image'"]),
+    ],
+    ids=["name", "rank", "fixed-axis", "dtype", "byte-order", "not-array", "missing"],
+)
+def test_bad_inputs_raise_engine_failure_naming_them(cpu_engine, inputs, needles) -> None:
+    with pytest.raises(EngineFailure) as info:
+        cpu_engine.infer(inputs)
+    for needle in needles:
+        assert needle in str(info.value)
+    assert info.value.reason == "bad_input"
+
+
+def test_missing_input_is_caught_before_the_runtime(tmp_path: Path) -> None:
+    with create_engine(add_model(tmp_path / "add.onnx"), "cpu", threads=1) as engine:
+        session = engine._session
+
+        class Trap:
+            def run(self, *args: object) -> None:
+                raise AssertionError("the runtime was called")
+
+        engine._session = Trap()
+        with pytest.raises(EngineFailure, match="missing input 'b'.*a: float32"):
+            engine.infer({"a": np.zeros((1, 1, 4, 4), np.float32)})
+        engine._session = session
+
+
+def test_runtime_error_becomes_engine_failure_naming_inputs(tmp_path: Path) -> None:
+    with create_engine(add_model(tmp_path / "add.onnx"), "cpu", threads=1) as engine:
+        a = np.ones((1, 1, 4, 4), np.float32)
+        np.testing.assert_array_equal(engine.infer({"a": a, "b": a})["sum"], a + a)
+        with pytest.raises(EngineFailure) as info:
+            engine.infer({"a": a, "b": np.ones((1, 1, 5, 5), np.float32)})
+        message = str(info.value)
+        assert "a: float32[1, 1, 4, 4]" in message and "b: float32[1, 1, 5, 5]" in message
+        assert info.value.__cause__ is not None
+
+
+def test_closed_engine_refuses_to_run(model_path: Path) -> None:
+    engine = create_engine(model_path, "cpu", threads=1)
+    engine.close()
+    engine.close()  # idempotent
+    with pytest.raises(EngineFailure, match="closed"):
+        engine.infer({"image": np.zeros((1, 1, 8, 8), np.float32)})
+
+
+def test_auto_falls_back_to_cpu_and_says_why(model_path: Path) -> None:
+    reasons = available_backends()
+    if reasons["tensorrt"] == "available" or reasons["onnxruntime-cuda"] == "available":
+        pytest.skip(f"a GPU backend is available here: {reasons}")
+    with create_engine(model_path, threads=1) as engine:
+        assert engine.name == "onnxruntime-cpu"
+        notes = engine.selection_notes
+        assert len(notes) == 2
+        assert notes[0].startswith("tensorrt skipped: ") and reasons["tensorrt"] in notes[0]
+        assert notes[1].startswith("onnxruntime-cuda skipped: ")
+        assert "CUDAExecutionProvider" in notes[1]
+        image = np.zeros((1, 1, 8, 8), np.float32)
+        np.testing.assert_allclose(engine.infer({"image": image})["prob"], reference(image)[1])
+
+
+def test_available_backends_reports_every_backend(model_path: Path) -> None:
+    reasons = available_backends()
+    assert set(reasons) == set(BACKENDS) - {"auto"}
+    assert reasons["onnxruntime-cpu"] == "available"
+    for reason in reasons.values():
+        assert reason and "\n" not in reason
+
+
+@pytest.mark.parametrize(
+    ("alias", "name"),
+    [
+        ("cpu", "onnxruntime-cpu"),
+        ("CUDA", "onnxruntime-cuda"),
+        ("trt", "tensorrt"),
+        (" auto ", "auto"),
+        ("onnxruntime-cpu", "onnxruntime-cpu"),
+    ],
+)
+def test_aliases_resolve(alias: str, name: str) -> None:
+    assert resolve_backend(alias) == name
+
+
+def test_bad_backend_name_lists_valid_names(model_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_engine(model_path, "openvino")
+    message = str(info.value)
+    assert "'openvino'" in message
+    for name in BACKENDS:
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"precision": "int8"}, "'int8'"),
+        ({"threads": 0}, "threads"),
+        ({"max_shape": (16, 4096)}, "(16, 4096)"),
+    ],
+)
+def test_bad_options_raise_config_error(model_path: Path, kwargs: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_engine(model_path, "cpu", **kwargs)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_missing_model_file_names_the_path(tmp_path: Path, backend: str) -> None:
+    missing = tmp_path / "nope.onnx"
+    with pytest.raises(EngineFailure, match="nope.onnx"):
+        create_engine(missing, backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_corrupt_model_file_names_the_path(tmp_path: Path, backend: str) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07this is not an ONNX protobuf\xff\xfe" * 10)
+    with pytest.raises(EngineFailure) as info:
+        create_engine(corrupt, backend)
+    assert str(corrupt) in str(info.value)
+    assert info.value.__cause__ is not None
+
+
+def test_tensorrt_without_tensorrt_says_what_to_install(model_path: Path) -> None:
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    with pytest.raises(EngineUnavailable) as info:
+        create_engine(model_path, "tensorrt")
+    message = str(info.value)
+    assert message.startswith("TensorRT is not installed: ")
+    assert "pip install 'nanoscout[tensorrt]'" in message and "\n" not in message
+
+
+def test_cuda_without_cuda_provider_says_what_to_install(model_path: Path) -> None:
+    if available_backends()["onnxruntime-cuda"] == "available":
+        pytest.skip("the CUDA provider is available here")
+    with pytest.raises(EngineUnavailable) as info:
+        create_engine(model_path, "cuda")
+    message = str(info.value)
+    assert "no CUDAExecutionProvider" in message and "\n" not in message
+    assert "pip install 'nanoscout[cuda]'" in message and "onnxruntime-gpu" in message
+
+
+def test_importing_engines_does_not_import_runtimes() -> None:
+    code = (
+        "import sys, service.engines, service.engines.onnxrt, service.engines.tensorrt; "
+        "heavy = sorted(m for m in ('onnxruntime', 'tensorrt', 'torch', 'cuda') "
+        "if m in sys.modules); "
+        "assert not heavy, heavy"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+# --- the TensorRT backend's own logic, against a stand-in runtime ------------------------------
+#
+# No GPU here, so these tests swap in fake ``tensorrt`` and ``cuda.bindings.runtime`` modules:
+# "device memory" is host memory and the fake engine runs the ONNX file with ONNX Runtime. They
+# check the backend's plan cache, profile, buffer and error logic; tests/gpu checks the real API.
+
+
+class _FakeTrt(types.ModuleType):
+    """The slice of the TensorRT 10 Python API that service.engines.tensorrt uses."""
+
+    def __init__(self, gpu_builds: list[dict]) -> None:
+        super().__init__("tensorrt")
+        self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+        self.__version__ = "10.9.0"
+        builds = gpu_builds
+        ort = importlib.import_module("onnxruntime")
+
+        class ILogger:
+            class Severity:
+                INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+            def __init__(self) -> None:
+                pass
+
+        class Names:
+            def __init__(self, *names: str) -> None:
+                for n in names:
+                    setattr(self, n, n)
+
+        self.ILogger = ILogger
+        self.BuilderFlag = Names("FP16", "TF32")
+        self.MemoryPoolType = Names("WORKSPACE")
+        self.TensorIOMode = Names("INPUT", "OUTPUT")
+        self.nptype = lambda dtype: dtype
+
+        class Tensor:
+            def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+                self.name, self.shape = name, shape
+
+        class Network:
+            def __init__(self) -> None:
+                self.inputs: list[Tensor] = []
+
+            @property
+            def num_inputs(self) -> int:
+                return len(self.inputs)
+
+            def get_input(self, i: int) -> Tensor:
+                return self.inputs[i]
+
+        class Parser:
+            def __init__(self, network: Network, logger: object) -> None:
+                self.network, self.errors = network, []
+
+            @property
+            def num_errors(self) -> int:
+                return len(self.errors)
+
+            def get_error(self, i: int) -> str:
+                return self.errors[i]
+
+            def parse_from_file(self, path: str) -> bool:
+                try:
+                    model = onnx.load(path)
+                except Exception as exc:
+                    self.errors.append(f"parse error: {exc}")
+                    return False
+                self.network.path = path
+                for vi in model.graph.input:
+                    dims = vi.type.tensor_type.shape.dim
+                    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+                    self.network.inputs.append(Tensor(vi.name, shape))
+                return True
+
+        class Config:
+            def __init__(self) -> None:
+                self.flags: set[str] = set()
+                self.profiles: list[dict] = []
+                self.pools: dict[str, int] = {}
+
+            def set_memory_pool_limit(self, pool: str, size: int) -> None:
+                self.pools[pool] = size
+
+            def set_flag(self, flag: str) -> None:
+                self.flags.add(flag)
+
+            def clear_flag(self, flag: str) -> None:
+                self.flags.discard(flag)
+
+            def add_optimization_profile(self, profile: dict) -> int:
+                self.profiles.append(profile)
+                return 0
+
+        class Profile(dict):
+            def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
+                self[name] = [list(lo), list(opt), list(hi)]
+
+        class Builder:
+            def __init__(self, logger: object) -> None:
+                pass
+
+            def create_network(self, flags: int) -> Network:
+                assert flags == 0
+                return Network()
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> Profile:
+                return Profile()
+
+            def build_serialized_network(self, network: Network, config: Config) -> bytes:
+                build = {
+                    "path": network.path,
+                    "flags": sorted(config.flags),
+                    "profile": config.profiles[0] if config.profiles else {},
+                    "workspace": config.pools.get("WORKSPACE"),
+                }
+                builds.append(build)
+                return b"FAKEPLAN" + json.dumps(build).encode()
+
+        class Context:
+            def __init__(self, engine: Engine) -> None:
+                self.engine, self.shapes, self.addresses = engine, {}, {}
+
+            def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+                self.shapes[name] = tuple(shape)
+                return True
+
+            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+                # the test model's outputs have the shape of its one input
+                return self.shapes.get(name) or next(iter(self.shapes.values()))
+
+            def set_tensor_address(self, name: str, ptr: int) -> None:
+                self.addresses[name] = ptr
+
+            def execute_async_v3(self, stream: int) -> bool:
+                assert isinstance(stream, int)
+                feeds = {}
+                for name, shape in self.shapes.items():
+                    n = int(np.prod(shape)) * 4
+                    raw = (ctypes.c_char * n).from_address(self.addresses[name])
+                    feeds[name] = np.frombuffer(raw, np.float32).reshape(shape).copy()
+                outs = self.engine.session.run(None, feeds)
+                for spec, out in zip(self.engine.session.get_outputs(), outs, strict=True):
+                    ctypes.memmove(self.addresses[spec.name], out.ctypes.data, out.nbytes)
+                return True
+
+        class Engine:
+            def __init__(self, build: dict) -> None:
+                self.build = build
+                self.session = ort.InferenceSession(build["path"], providers=["CPUExecutionProvider"])
+                self.io = [(i, "INPUT") for i in self.session.get_inputs()]
+                self.io += [(o, "OUTPUT") for o in self.session.get_outputs()]
+
+            @property
+            def num_io_tensors(self) -> int:
+                return len(self.io)
+
+            def get_tensor_name(self, i: int) -> str:
+                return self.io[i][0].name
+
+            def _node(self, name: str) -> tuple:
+                return next(x for x in self.io if x[0].name == name)
+
+            def get_tensor_mode(self, name: str) -> str:
+                return self._node(name)[1]
+
+            def get_tensor_dtype(self, name: str) -> type:
+                return np.float32
+
+            def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+                return tuple(d if isinstance(d, int) else -1 for d in self._node(name)[0].shape)
+
+            def get_tensor_profile_shape(self, name: str, index: int) -> list:
+                assert index == 0
+                return self.build["profile"][name]
+
+            def create_execution_context(self) -> Context:
+                return Context(self)
+
+        class Runtime:
+            def __init__(self, logger: object) -> None:
+                pass
+
+            def deserialize_cuda_engine(self, data: bytes) -> Engine | None:
+                data = bytes(data)
+                if not data.startswith(b"FAKEPLAN"):
+                    return None
+                return Engine(json.loads(data[len(b"FAKEPLAN") :]))
+
+        self.Builder, self.OnnxParser, self.Runtime = Builder, Parser, Runtime
+
+
+class _FakeCudart(types.ModuleType):
+    """cuda-python's runtime API over host memory: (err, value) tuples, err 0 = success."""
+
+    def __init__(self, gpu_name: str = "Fake GPU") -> None:
+        super().__init__("cuda.bindings.runtime")
+        self.gpu_name = gpu_name
+        self.blocks: dict[int, np.ndarray] = {}
+        self.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def cudaGetDeviceCount(self) -> tuple[int, int]:
+        return 0, 1
+
+    def cudaGetDeviceProperties(self, device: int) -> tuple[int, object]:
+        props = types.SimpleNamespace(name=self.gpu_name.encode() + b"\x00\x00", major=8, minor=9)
+        return 0, props
+
+    def cudaSetDevice(self, device: int) -> tuple[int]:
+        return (0,)
+
+    def cudaMalloc(self, nbytes: int) -> tuple[int, int]:
+        block = np.zeros(nbytes, np.uint8)
+        self.blocks[block.ctypes.data] = block
+        return 0, block.ctypes.data
+
+    def cudaFree(self, ptr: int) -> tuple[int]:
+        del self.blocks[ptr]
+        return (0,)
+
+    def cudaStreamCreate(self) -> tuple[int, int]:
+        return 0, 1234
+
+    def cudaStreamDestroy(self, stream: int) -> tuple[int]:
+        return (0,)
+
+    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> tuple[int]:
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+    """Installs fake tensorrt and cuda-python modules; yields (list of builds, fake cudart)."""
+    builds: list[dict] = []
+    cudart = _FakeCudart()
+    cuda = types.ModuleType("cuda")
+    cuda.__spec__ = importlib.machinery.ModuleSpec("cuda", None, is_package=True)
+    cuda.__path__ = []
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings", None, is_package=True)
+    bindings.__path__ = []
+    bindings.runtime = cudart
+    cudart.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings.runtime", None)
+    for name, module in [
+        ("tensorrt", _FakeTrt(builds)),
+        ("cuda", cuda),
+        ("cuda.bindings", bindings),
+        ("cuda.bindings.runtime", cudart),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    # the backend keeps one TensorRT logger per process; keep the fake's out of later tests
+    monkeypatch.setattr("service.engines.tensorrt._LOGGER", None)
+    return builds, cudart
+
+
+def test_fake_tensorrt_engine_runs_and_caches(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+    builds, cudart = fake_gpu
+    assert available_backends()["tensorrt"] == "available"
+    with create_engine(model_path, cache_dir=tmp_path, max_shape=(512, 256)) as engine:
+        assert engine.name == "tensorrt" and engine.built and engine.selection_notes == ()
+        assert engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
+        assert builds[-1]["flags"] == ["FP16"]
+        assert builds[-1]["profile"] == {"image": [[1, 1, 32, 32], [1, 1, 512, 256], [1, 1, 512, 256]]}
+        for shape in [(1, 1, 64, 48), (1, 1, 512, 256), (1, 1, 33, 40)]:
+            image = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+            out = engine.infer({"image": image})
+            np.testing.assert_allclose(out["prob"], reference(image)[1], atol=1e-6)
+        # the 512x256 frame grew the input buffer; the smaller one after it reused it
+        assert engine._buffers["image"].nbytes == 512 * 256 * 4
+        for shape in [(1, 1, 513, 256), (1, 1, 31, 64), (2, 1, 64, 64)]:
+            with pytest.raises(EngineFailure, match=r"'image' shape .* outside"):
+                engine.infer({"image": np.zeros(shape, np.float32)})
+        plan = engine.plan_path
+        assert plan.parent == tmp_path and plan.name.startswith("conv_sigmoid.")
+        key = json.loads(plan.with_suffix(".json").read_text())
+        assert key["gpu"] == "Fake GPU" and key["compute_capability"] == "8.9"
+        assert key["tensorrt"] == "10.9.0" and key["precision"] == "fp16"
+    assert not cudart.blocks, "close() left device buffers allocated"
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".plan"]
+
+    with create_engine(model_path, "trt", cache_dir=tmp_path, max_shape=(512, 256)) as again:
+        assert not again.built and again.plan_path == plan and len(builds) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "expect_flags"),
+    [
+        ({"precision": "fp32"}, []),
+        ({"max_shape": (1024, 1024)}, ["FP16"]),
+        ({"gpu": "Other GPU"}, ["FP16"]),
+    ],
+)
+def test_fake_tensorrt_rebuilds_when_the_key_changes(
+    fake_gpu, model_path: Path, tmp_path: Path, change: dict, expect_flags: list
+) -> None:
+    builds, cudart = fake_gpu
+    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as first:
+        assert first.built
+    if "gpu" in change:
+        cudart.gpu_name = change.pop("gpu")
+    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, **change) as second:
+        assert second.built and second.plan_path != first.plan_path
+    assert len(builds) == 2 and builds[1]["flags"] == expect_flags
+
+
+def test_fake_tensorrt_rebuilds_a_corrupt_plan(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+    builds, _ = fake_gpu
+    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as first:
+        plan = first.plan_path
+    plan.write_bytes(b"garbage")
+    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as second:
+        assert second.built and len(builds) == 2
+        image = np.ones((1, 1, 40, 40), np.float32)
+        np.testing.assert_allclose(second.infer({"image": image})["prob"], reference(image)[1])
+    assert plan.read_bytes().startswith(b"FAKEPLAN")
+
+
+def test_fake_tensorrt_parse_failure_falls_back_in_auto(fake_gpu, tmp_path: Path, model_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not onnx")
+    with pytest.raises(EngineFailure, match="TensorRT cannot parse ONNX model .*corrupt.onnx"):
+        create_engine(corrupt, "tensorrt", cache_dir=tmp_path)
+    # auto: TensorRT fails, the CUDA provider is missing, the CPU backend names the file
+    with pytest.raises(EngineFailure, match="ONNX Runtime cannot load model .*corrupt.onnx"):
+        create_engine(corrupt, cache_dir=tmp_path)

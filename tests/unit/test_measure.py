@@ -1,0 +1,212 @@
+"""Per-particle measurement (service.measure) on rasterised shapes with known geometry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial import ConvexHull
+
+from service.errors import FrameError
+from service.measure import measure, synthetic_labels
+from service.particles import PARTICLE_DTYPE, SHAPE_CLASSES
+
+
+def disk(d: float, cx: float, cy: float, size: int) -> np.ndarray:
+    """Pixels whose centre lies within a circle of diameter d (px)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 <= (d / 2) ** 2).astype(np.int32)
+
+
+def ellipse(a: float, b: float, angle_deg: float, size: int) -> np.ndarray:
+    """Pixels inside an ellipse with full axes a >= b, major axis angle_deg CCW as displayed."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    c = (size - 1) / 2 + 0.3
+    th = math.radians(angle_deg)
+    u = (xx - c) * math.cos(th) - (yy - c) * math.sin(th)  # displayed y points up
+    v = (xx - c) * math.sin(th) + (yy - c) * math.cos(th)
+    return ((u / (a / 2)) ** 2 + (v / (b / 2)) ** 2 <= 1).astype(np.int32)
+
+
+def brute_hull(mask: np.ndarray) -> tuple[float, float, float]:
+    """Hull area, Feret max and Feret min of the pixel-corner hull, by Qhull and brute force."""
+    r, c = np.nonzero(mask)
+    pts = np.concatenate(
+        [np.stack([c + dx, r + dy], 1) for dx in (0, 1) for dy in (0, 1)]
+    ).astype(float)
+    hull = ConvexHull(pts)
+    v = pts[hull.vertices]
+    dmax = np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1)).max()
+    widths = []
+    for k in range(len(v)):
+        a, e = v[k], v[(k + 1) % len(v)] - v[k]
+        widths.append(np.abs(e[0] * (v[:, 1] - a[1]) - e[1] * (v[:, 0] - a[0])).max() / np.hypot(*e))
+    return hull.volume, dmax, min(widths)
+
+
+@pytest.mark.parametrize("d", [10, 13, 16, 24, 40, 64])
+def test_disk_ecd_and_feret(d: int) -> None:
+    rng = np.random.default_rng(d)
+    size = d + 12
+    for _ in range(5):
+        cx, cy = size / 2 + rng.uniform(-0.5, 0.5, 2)
+        t = measure(disk(d, cx, cy, size), None)
+        assert len(t) == 1
+        assert t["ecd_nm"][0] == pytest.approx(d, rel=0.02)
+        # corners of the outermost pixels stick out by up to ~0.7 px each side (ImageJ too)
+        assert d <= t["feret_max_nm"][0] <= d + 1.5
+        assert d - 1.01 <= t["feret_min_nm"][0] <= t["feret_max_nm"][0]
+        assert t["x"][0] == pytest.approx(cx, abs=0.15)
+        assert t["y"][0] == pytest.approx(cy, abs=0.15)
+        assert t["aspect_ratio"][0] < 1.1
+        assert 0.86 < t["circularity"][0] <= 1.0
+        assert SHAPE_CLASSES[t["shape_class"][0]] == "sphere"
+        assert not t["border"][0]
+
+
+@pytest.mark.parametrize("angle", [0.0, 17.0, 30.0, 45.0, 71.0, 90.0, 135.0])
+def test_ellipse_aspect_ratio_roundness_orientation(angle: float) -> None:
+    a, b = 48.0, 16.0
+    t = measure(ellipse(a, b, angle, 64), None)
+    assert len(t) == 1
+    assert t["aspect_ratio"][0] == pytest.approx(a / b, rel=0.05)
+    assert t["roundness"][0] == pytest.approx(b / a, rel=0.05)
+    assert t["major_nm"][0] == pytest.approx(a, rel=0.03)
+    assert t["minor_nm"][0] == pytest.approx(b, rel=0.05)
+    # the fitted ellipse has the particle's area
+    assert math.pi * t["major_nm"][0] * t["minor_nm"][0] / 4 == pytest.approx(t["area_nm2"][0])
+    expected = (angle + 90.0) % 180.0 - 90.0
+    if expected == -90.0:
+        expected = 90.0
+    diff = (t["orientation_deg"][0] - expected + 90.0) % 180.0 - 90.0
+    assert abs(diff) < 1.5
+    assert -90.0 < t["orientation_deg"][0] <= 90.0
+    assert SHAPE_CLASSES[t["shape_class"][0]] == "rod"
+
+
+def test_square_solidity_circularity_and_feret() -> None:
+    s = 40
+    lab = np.zeros((60, 60), np.int32)
+    lab[10 : 10 + s, 12 : 12 + s] = 7
+    t = measure(lab, None)
+    assert t["id"].tolist() == [7]
+    assert t["solidity"][0] == pytest.approx(1.0)
+    assert t["circularity"][0] == pytest.approx(math.pi / 4, rel=0.03)
+    assert t["feret_max_nm"][0] == pytest.approx(s * math.sqrt(2))
+    assert t["feret_min_nm"][0] == pytest.approx(s)
+    assert t["aspect_ratio"][0] == pytest.approx(1.0)
+    assert t["bbox"][0].tolist() == [12, 10, 12 + s, 10 + s]
+    assert SHAPE_CLASSES[t["shape_class"][0]] == "faceted"
+
+
+def test_l_shape_is_concave() -> None:
+    lab = np.zeros((50, 50), np.int32)
+    lab[5:45, 5:15] = 1
+    lab[35:45, 5:45] = 1
+    t = measure(lab, None)
+    area, _, _ = brute_hull(lab == 1)
+    assert t["solidity"][0] < 0.9
+    assert t["solidity"][0] == pytest.approx(700 / area)
+    assert SHAPE_CLASSES[t["shape_class"][0]] in ("irregular", "agglomerate")
+
+
+def test_hull_matches_brute_force_on_random_shapes() -> None:
+    rng = np.random.default_rng(3)
+    lab = synthetic_labels((160, 160), 25, 14.0, seed=5)
+    # add blobby and disconnected shapes, a tall one (Qhull path) and single pixels
+    lab[rng.integers(0, 160, 60), rng.integers(0, 160, 60)] = 40
+    lab[2:150, 150:153] = 41
+    lab[100, 100] = 42
+    lab[120, 120] = 43
+    lab[121, 121] = 43
+    t = measure(lab, None)
+    for row in t:
+        m = lab == row["id"]
+        hull_area, dmax, dmin = brute_hull(m)
+        assert row["solidity"] == pytest.approx(m.sum() / hull_area, rel=1e-5)
+        assert row["feret_max_nm"] == pytest.approx(dmax, rel=1e-5)
+        assert row["feret_min_nm"] == pytest.approx(dmin, rel=1e-5)
+
+
+def test_perimeter_single_pixel_and_diagonal_staircase() -> None:
+    lab = np.zeros((30, 30), np.int32)
+    lab[3, 3] = 1  # marching-squares contour is a diamond of side √2/2
+    idx = np.arange(10, 20)
+    lab[idx, idx] = 2  # 8-connected diagonal line
+    t = measure(lab, None)
+    assert t["circularity"][0] == 1.0  # 4π/8 > 1, clipped
+    # the diagonal line's contour: two long sides of 9·√2 plus the end caps of √2 each
+    perimeter = 2 * 9 * math.sqrt(2) + 2 * math.sqrt(2)
+    assert t["circularity"][1] == pytest.approx(4 * math.pi * 10 / perimeter**2, rel=1e-5)
+    assert t["orientation_deg"][1] == pytest.approx(-45.0)
+
+
+def test_pixel_size_scales_lengths_and_areas() -> None:
+    lab = synthetic_labels((128, 128), 12, 15.0, seed=2)
+    t_px = measure(lab, None)
+    t_nm = measure(lab, 2.5)
+    for f in ("ecd_nm", "feret_max_nm", "feret_min_nm", "major_nm", "minor_nm"):
+        np.testing.assert_allclose(t_nm[f], 2.5 * t_px[f], rtol=1e-6)
+    np.testing.assert_allclose(t_nm["area_nm2"], 6.25 * t_px["area_nm2"], rtol=1e-6)
+    for f in ("x", "y", "aspect_ratio", "roundness", "circularity", "solidity", "orientation_deg"):
+        np.testing.assert_array_equal(t_nm[f], t_px[f])
+    np.testing.assert_array_equal(t_nm["bbox"], t_px["bbox"])
+
+
+def test_border_flag_gaps_scores_and_dtype() -> None:
+    lab = np.zeros((40, 50), np.uint16)
+    lab[0:5, 10:15] = 3  # top edge
+    lab[20:25, 45:50] = 9  # right edge
+    lab[35:40, 0:3] = 12  # bottom-left corner
+    lab[15:20, 15:20] = 20  # interior
+    scores = np.linspace(0, 1, 21)
+    t = measure(lab, 1.0, scores)
+    assert t.dtype == PARTICLE_DTYPE
+    assert t["id"].tolist() == [3, 9, 12, 20]
+    assert t["border"].tolist() == [True, True, True, False]
+    np.testing.assert_allclose(t["score"], scores[[3, 9, 12, 20]], rtol=1e-6)
+    assert measure(lab, None)["score"].tolist() == [1.0] * 4
+
+
+def test_large_label_values_and_non_contiguous_input() -> None:
+    lab = np.zeros((40, 40), np.int64)
+    lab[5:10, 5:10] = 1_000_000
+    lab[20:30, 20:25] = 70_000
+    t = measure(lab.T, None)  # a transposed view: not C-contiguous
+    assert t["id"].tolist() == [70_000, 1_000_000]
+    assert t["bbox"][0].tolist() == [20, 20, 30, 25]
+
+
+def test_empty_labels() -> None:
+    t = measure(np.zeros((64, 64), np.int32), 1.0)
+    assert t.dtype == PARTICLE_DTYPE
+    assert len(t) == 0
+
+
+@pytest.mark.parametrize(
+    ("labels", "needle"),
+    [
+        (np.zeros((8, 8), np.float32), "float32"),
+        (np.zeros((8, 8), bool), "bool"),
+        (np.zeros((2, 8, 8), np.int32), "(2, 8, 8)"),
+        (np.zeros(8, np.int32), "(8,)"),
+        (np.full((4, 4), -2, np.int32), "-2"),
+    ],
+)
+def test_bad_labels_raise_frame_error(labels: np.ndarray, needle: str) -> None:
+    with pytest.raises(FrameError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        measure(labels, 1.0)
+
+
+@pytest.mark.parametrize("pixel_size", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_pixel_size_raises(pixel_size: float) -> None:
+    with pytest.raises(FrameError, match="pixel_size_nm"):
+        measure(np.ones((4, 4), np.int32), pixel_size)
+
+
+def test_short_scores_raise() -> None:
+    lab = np.zeros((8, 8), np.int32)
+    lab[2:4, 2:4] = 5
+    with pytest.raises(FrameError, match="scores"):
+        measure(lab, 1.0, np.ones(5))

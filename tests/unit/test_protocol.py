@@ -1,0 +1,202 @@
+"""Wire protocol v1: round trips and every way a message can be wrong."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from service.errors import MalformedMessage, PayloadError, VersionError
+from service.particles import PARTICLE_DTYPE, empty_table
+from service.protocol import (
+    AlertHeader,
+    ClassHeader,
+    DetHeader,
+    FrameHeader,
+    HealthHeader,
+    StatsHeader,
+    decode_frame,
+    decode_message,
+    encode_frame,
+    encode_message,
+    frame_header,
+    pack_header,
+)
+
+
+def _header(arr: np.ndarray, **kw) -> FrameHeader:
+    return frame_header(arr, source="cam-1", seq=7, t_acq_ns=123, pixel_size_nm=kw.pop("px", 0.25), **kw)
+
+
+def _bytes(parts) -> list[bytes]:
+    return [bytes(p) for p in parts]
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.uint16).reshape(3, 4),
+        np.arange(20, dtype=np.float32).reshape(4, 5)[:, ::2],  # non-contiguous
+        np.arange(6, dtype=">u2").reshape(2, 3),  # big-endian
+        np.arange(6, dtype=">f8").reshape(3, 2),
+        np.array([[-5, 7]], dtype=np.int32),
+        np.zeros((1, 1), np.uint8),
+        np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4)),
+    ],
+)
+def test_frame_round_trip_keeps_values_and_dtype(arr: np.ndarray) -> None:
+    h = _header(arr, modality="STEM", stage=(12.5, -3.0), magnification=2e5, meta={"file": "a.dm4"})
+    header, out = decode_frame(_bytes(encode_frame(h, arr)))
+    assert header == h
+    assert out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)
+    assert header.stage is not None and header.stage.x_um == 12.5
+
+
+def test_contiguous_frame_is_sent_without_copy() -> None:
+    arr = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    parts = encode_frame(_header(arr), arr)
+    assert isinstance(parts[2], memoryview)
+    assert np.shares_memory(np.frombuffer(parts[2], dtype=np.uint16), arr)
+
+
+def test_zero_size_frame_is_refused() -> None:
+    arr = np.zeros((0, 5), np.uint16)
+    with pytest.raises(PayloadError, match="zero-size"):
+        encode_frame(_header(arr), arr)
+
+
+def test_payload_length_mismatch_names_both_lengths() -> None:
+    arr = np.zeros((4, 4), np.uint16)
+    parts = _bytes(encode_frame(_header(arr), arr))
+    with pytest.raises(PayloadError, match="30 bytes but header announces 32") as e:
+        decode_frame([parts[0], parts[1], parts[2][:-2]])
+    assert e.value.reason == "length"
+
+
+def test_oversized_frame_is_refused_before_reading_pixels() -> None:
+    arr = np.zeros((64, 64), np.uint16)
+    with pytest.raises(PayloadError, match="exceeds the limit") as e:
+        decode_frame(_bytes(encode_frame(_header(arr), arr)), max_bytes=1000)
+    assert e.value.reason == "oversized"
+
+
+def test_array_and_header_must_agree() -> None:
+    arr = np.zeros((4, 4), np.uint16)
+    with pytest.raises(PayloadError, match="dtype"):
+        encode_frame(_header(arr), arr.astype(np.uint8))
+    with pytest.raises(PayloadError, match="shape"):
+        encode_frame(_header(arr), arr[:2])
+    with pytest.raises(PayloadError, match="2-D"):
+        frame_header(np.zeros((2, 2, 3)), source="x", seq=0, t_acq_ns=0, pixel_size_nm=None)
+
+
+@pytest.mark.parametrize(
+    ("parts", "error", "reason"),
+    [
+        ([b"garbage"], MalformedMessage, "parts"),
+        ([b"frame", b"\xc1", b""], MalformedMessage, "malformed"),
+        ([b"frame", msgpack.packb([1, 2, 3]), b""], MalformedMessage, "malformed"),
+        ([b"frame", msgpack.packb({"source": "a"}), b""], VersionError, "version"),
+        ([b"frame", msgpack.packb({"v": [2, 0]}), b""], VersionError, "version"),
+        ([b"frame", msgpack.packb({"v": [1, 0], "source": "a"}), b""], MalformedMessage, "header"),
+    ],
+)
+def test_malformed_frames_raise_with_reason(parts, error, reason) -> None:
+    with pytest.raises(error) as e:
+        decode_frame(parts)
+    assert e.value.reason == reason
+
+
+def test_minor_version_with_unknown_fields_is_accepted() -> None:
+    arr = np.zeros((2, 2), np.uint8)
+    d = _header(arr).model_dump(mode="json") | {"v": [1, 9], "future_field": 42}
+    header, _ = decode_frame([b"frame", msgpack.packb(d), arr.tobytes()])
+    assert header.v == (1, 9)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("dtype", "c8", "not supported"),
+        ("dtype", "nonsense", "not a numpy dtype"),
+        ("pixel_size_nm", 0.0, "absurd"),
+        ("pixel_size_nm", float("nan"), "absurd"),
+        ("pixel_size_nm", 1e9, "absurd"),
+        ("source", "has space", "source"),
+        ("seq", -1, "seq"),
+    ],
+)
+def test_header_fields_are_validated(field: str, value, match: str) -> None:
+    arr = np.zeros((2, 2), np.uint8)
+    d = _header(arr).model_dump(mode="json") | {field: value}
+    with pytest.raises(MalformedMessage, match=match):
+        decode_frame([b"frame", msgpack.packb(d), arr.tobytes()])
+
+
+def test_uncalibrated_frame_round_trips_as_none() -> None:
+    arr = np.zeros((2, 2), np.uint8)
+    header, _ = decode_frame(_bytes(encode_frame(_header(arr, px=None), arr)))
+    assert header.pixel_size_nm is None
+
+
+def _table(n: int) -> np.ndarray:
+    t = empty_table(n)
+    t["id"] = np.arange(1, n + 1)
+    t["ecd_nm"] = np.linspace(2, 40, n)
+    t["bbox"] = [[1, 2, 3, 4]] * n
+    return t
+
+
+def test_det_message_round_trip_carries_the_particle_table() -> None:
+    t = _table(5)
+    h = DetHeader(source="cam-1", seq=3, t_acq_ns=1, t_recv_ns=2, t_done_ns=3_000_001, stage_ms={"engine": 4.5},
+                  pixel_size_nm=0.5, units="nm", n=5, engine="onnxruntime-cpu")
+    msg = decode_message(_bytes(encode_message(h, t)))
+    assert msg.topic == "det.cam-1" and msg.kind == "det"
+    assert msg.header == h
+    assert msg.array is not None and msg.array.dtype == PARTICLE_DTYPE
+    np.testing.assert_array_equal(msg.array, t)
+    assert h.latency_ms == pytest.approx(3.0)
+
+
+def test_det_table_length_must_match_n() -> None:
+    h = DetHeader(source="a", seq=0, t_acq_ns=0, t_recv_ns=0, t_done_ns=0, stage_ms={}, pixel_size_nm=None,
+                  units="px", n=2, engine="x")
+    parts = _bytes(encode_message(h, _table(2)))
+    with pytest.raises(PayloadError, match="n=2"):
+        decode_message([parts[0], parts[1], parts[2][:-1]])
+    with pytest.raises(PayloadError):
+        encode_message(h, _table(3))
+
+
+def test_other_results_round_trip() -> None:
+    stats = StatsHeader(source="s", seq=1, t_ns=5, units="nm", window={"count": 3, "d50": 7.5}, cumulative={})
+    alert = AlertHeader(source="s", seq=1, t_acq_ns=5, rule="big", kind="particle", severity="warning", value=60.0,
+                        threshold=50.0, explanation="particle 3 has ECD 60 nm > 50 nm", n=1)
+    health = HealthHeader(t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=1, frames_processed=1,
+                          frames_dropped={"superseded": 2}, rejected={}, transport_gaps=0, queue_depth=0, fps=1.0,
+                          latency_ms_p50=None, latency_ms_p99=None)
+    cls = ClassHeader(source="s", seq=1, t_acq_ns=5, labels=["rods"], probabilities=[0.9], heatmap_shape=(2, 3))
+    heat = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    assert decode_message(_bytes(encode_message(stats))).header == stats
+    a = decode_message(_bytes(encode_message(alert, _table(1))))
+    assert a.header == alert and a.array is not None and len(a.array) == 1
+    assert decode_message(_bytes(encode_message(health))).topic == "health"
+    c = decode_message(_bytes(encode_message(cls, heat)))
+    np.testing.assert_array_equal(c.array, heat)
+
+
+def test_unknown_topic_and_frame_through_encode_message_are_refused() -> None:
+    arr = np.zeros((2, 2), np.uint8)
+    with pytest.raises(MalformedMessage, match="unknown topic"):
+        decode_message([b"weird.x", pack_header(_header(arr))])
+    with pytest.raises(PayloadError):
+        encode_message(_header(arr))
+
+
+def test_decode_message_handles_frames() -> None:
+    arr = np.arange(4, dtype=np.uint8).reshape(2, 2)
+    msg = decode_message(_bytes(encode_frame(_header(arr), arr)))
+    assert msg.kind == "frame"
+    np.testing.assert_array_equal(msg.array, arr)
