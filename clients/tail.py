@@ -91,7 +91,7 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     for name, v in sorted(state.sources.items()):
         lat = np.asarray(v.latency_ms)
         win = v.stats.window if v.stats else {}
-        ecd = win.get("ecd", win) if isinstance(win.get("ecd"), dict) else win
+        ecd = win.get("ecd") or {}
         lines.append(
             f"{name:<10} {v.fps(now):>5.1f} {_fmt(np.percentile(lat, 50) if lat.size else None):>8} "
             f"{_fmt(np.percentile(lat, 99) if lat.size else None):>7} "

@@ -120,7 +120,9 @@ class SpecimenConfig:
             raise ValueError(f"dtype {self.dtype!r} must be uint8, uint16 or float32")
         unknown = set(self.shape_mix) - set(KINDS)
         if unknown or sum(self.shape_mix.values()) <= 0:
-            raise ValueError(f"shape_mix {dict(self.shape_mix)!r} needs positive weights of {KINDS}")
+            raise ValueError(
+                f"shape_mix {dict(self.shape_mix)!r} needs positive weights of {KINDS}"
+            )
 
 
 @dataclass
@@ -496,6 +498,7 @@ class Specimen:
         fy, fx = oy_f - iy, ox_f - ix
         sy, sx = iy % py, ix % pxw
         c = self._clean
+        clean: np.ndarray
         if fy == 0.0 and fx == 0.0:
             clean = c[sy: sy + h, sx: sx + w] * self._illum
         else:
@@ -514,6 +517,7 @@ class Specimen:
     def _expose(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         cfg = self.cfg
         dose = cfg.dose_e_per_px
+        counts: np.ndarray
         if dose is None:
             counts = clean * np.float32(_COUNTS_NOISELESS)
             scale = _COUNTS_NOISELESS

@@ -7,7 +7,7 @@ One reproducible command (fixed seeds, CPU, 2 threads)::
 Data are generated on the fly by :mod:`models.synthetic`: a pool of specimens (all three
 modalities, particle diameters ~4-90 px, sphere/ellipse/rod/faceted, isolated to heavily
 agglomerated, dose 15-3000 e/px or noiseless, blur, illumination gradients, support texture,
-Fresnel fringes, uint8/uint16/float32) is refreshed by one new specimen per step, and every
+Fresnel fringes, uint8/uint16/float32) is refreshed by one new specimen every second step (in a data process), and every
 training crop is a fresh acquisition (new noise, random window of the periodic specimen,
 random flip / 90-degree rotation). Training specimens use seeds 1_000_000 + k; the held-out
 evaluation uses seeds below 1_000_000 (``models.evaluate``), so the two never share a specimen.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,8 @@ from service.preprocess import normalize
 
 TRAIN_SEED_BASE = 1_000_000
 CROP = 256
+NECK_WEIGHT = 5.0
+NECK_RADIUS = 4.0
 
 
 def random_config(rng: np.random.Generator, shape: tuple[int, int] = (CROP, CROP)
@@ -70,6 +73,16 @@ def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Core: inner distance (to background or to a touching neighbour) at least CORE_FRACTION of
     the particle's largest inner distance, and at least 1 px.
     """
+    fg, core, _ = targets_and_weights(labels)
+    return fg, core
+
+
+def targets_and_weights(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (foreground, core, neck weight) float32 maps of an instance label map.
+
+    The neck weight is NECK_WEIGHT within NECK_RADIUS px of a contact between two particles and
+    1 elsewhere: a core that bridges a contact merges two particles, so it costs more.
+    """
     fg = labels > 0
     inner = fg.copy()
     # pixels next to a different particle count as outline, so touching cores stay apart
@@ -85,7 +98,16 @@ def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if ids.size:
         lut[ids] = ndi.maximum(dist, labels, ids)
     core = (dist >= np.maximum(CORE_FRACTION * lut[labels], 1.0)) & inner
-    return fg.astype(np.float32), core.astype(np.float32)
+    contact = np.zeros_like(fg)
+    contact[:, 1:] |= dh
+    contact[:, :-1] |= dh
+    contact[1:, :] |= dv
+    contact[:-1, :] |= dv
+    weight = np.ones(labels.shape, np.float32)
+    if contact.any():
+        near = ndi.distance_transform_edt(~contact) <= NECK_RADIUS
+        weight[near] = NECK_WEIGHT
+    return fg.astype(np.float32), core.astype(np.float32), weight
 
 
 class Pool:
@@ -105,7 +127,7 @@ class Pool:
     def refresh(self) -> None:
         self.items[int(self.rng.integers(len(self.items)))] = self._new()
 
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for _ in range(n):
             sp = self.items[int(self.rng.integers(len(self.items)))]
@@ -118,15 +140,15 @@ class Pool:
             shift = (float(round(shift[0])), float(round(shift[1])))
             fr = sp.acquire(self.rng, shift)
             x = normalize(fr.image)
-            fg, core = targets(fr.labels)
+            fg, core, wt = targets_and_weights(fr.labels)
             k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
-            stack = np.stack([x, fg, core])
+            stack = np.stack([x, fg, core, wt])
             stack = np.rot90(stack, k, axes=(1, 2))
             if flip:
                 stack = stack[:, :, ::-1]
             xs.append(stack[:1].copy())
             ys.append(stack[1:].copy())
-        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        return np.stack(xs), np.stack(ys)
 
 
 def _dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -136,22 +158,40 @@ def _dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """BCE + 0.5 soft Dice on each of the two outputs (foreground, core)."""
-    total = logits.new_zeros(())
-    for c in range(2):
-        total = total + F.binary_cross_entropy_with_logits(logits[:, c], y[:, c]) \
-            + 0.5 * _dice(logits[:, c], y[:, c])
-    return total
+    """BCE + 0.5 soft Dice on each output (foreground, core); core BCE weighted at contacts.
+
+    ``y`` holds (foreground, core, neck weight) along dim 1.
+    """
+    fg = F.binary_cross_entropy_with_logits(logits[:, 0], y[:, 0]) + 0.5 * _dice(logits[:, 0],
+                                                                              y[:, 0])
+    w = y[:, 2]
+    core_bce = (F.binary_cross_entropy_with_logits(logits[:, 1], y[:, 1], reduction="none")
+                * w).sum() / w.sum()
+    return fg + core_bce + 0.5 * _dice(logits[:, 1], y[:, 1])
+
+
+def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int,
+              refresh_every: int) -> None:
+    """Data process: fills ``queue`` with (x, y) numpy batches in a fixed, seeded order."""
+    rng = np.random.default_rng(seed)
+    pool = Pool(pool_size, rng)
+    for step in range(steps):
+        if step % refresh_every == 0:
+            pool.refresh()
+        queue.put(pool.batch(batch))
 
 
 def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
           log_every: int = 50) -> tuple[ParticleUNet, dict[str, float]]:
     """Train a ParticleUNet; returns the model (eval mode) and a summary (seconds, last loss)."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    pool = Pool(pool_size, rng)
-    print(f"pool of {pool_size} specimens ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    # one producer process generates the data while this one trains: the order of the batches
+    # is fixed by the seed, so the run stays reproducible
+    queue: mp.Queue = mp.get_context("fork").Queue(maxsize=6)
+    producer = mp.get_context("fork").Process(
+        target=_producer, args=(queue, pool_size, seed, steps, batch, 2), daemon=True)
+    producer.start()
     model = ParticleUNet(width)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
     warm = max(1, steps // 30)
@@ -162,8 +202,8 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
     t_data = t_step = 0.0
     for step in range(steps):
         a = time.perf_counter()
-        pool.refresh()
-        x, y = pool.batch(batch)
+        xn, yn = queue.get(timeout=600)
+        x, y = torch.from_numpy(xn), torch.from_numpy(yn)
         b = time.perf_counter()
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -176,8 +216,9 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % log_every == 0 or step == steps - 1:
             print(f"step {step + 1}/{steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                  f"data {t_data:.0f}s net {t_step:.0f}s elapsed {time.perf_counter() - t0:.0f}s",
+                  f"wait-data {t_data:.0f}s net {t_step:.0f}s elapsed {time.perf_counter() - t0:.0f}s",
                   flush=True)
+    producer.join(timeout=60)
     model.eval()
     return model, {"train_seconds": time.perf_counter() - t0, "final_loss": running,
                    "data_seconds": t_data, "net_seconds": t_step}
@@ -187,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: train, export ONNX, evaluate on held-out frames, write the model card."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("models/weights"))
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--width", type=int, default=12)
     ap.add_argument("--pool", type=int, default=48)
@@ -199,8 +240,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     model, summary = train(args.steps, args.batch, args.width, args.pool, args.seed)
-    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "width": args.width}, args.checkpoint)
     from models.export import export_onnx, write_card
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -212,8 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m models.train --out " + str(args.out),
         "args": {k: str(v) for k, v in vars(args).items()},
         "wall_seconds": round(total, 1),
+        "onnx_max_abs_diff_vs_torch": verify["max_abs_diff"],
         **{k: round(v, 4) for k, v in summary.items()},
     }
+    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "width": args.width, "training": training},
+               args.checkpoint)
     card_path = write_card(onnx_path, training=training, width=args.width,
                            eval_n=args.eval_n, eval_seed=args.eval_seed)
     print(json.dumps(json.loads(card_path.read_text())["metrics"], indent=1), flush=True)

@@ -85,12 +85,6 @@ class _LiveSlots:
             source = min(self._slots, key=lambda s: self._slots[s].t_recv_ns)
             return self._slots.pop(source)
 
-    def drain(self) -> list[_Item]:
-        with self._cond:
-            items = list(self._slots.values())
-            self._slots.clear()
-            return items
-
     def qsize(self) -> int:
         return len(self._slots)
 

@@ -170,7 +170,9 @@ class ModelCard(_Strict):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelCardError(f"model card {p} is not readable JSON: {exc}") from exc
         if not isinstance(raw, dict):
-            raise ModelCardError(f"model card {p} must hold a JSON object, got {type(raw).__name__}")
+            raise ModelCardError(
+                f"model card {p} must hold a JSON object, got {type(raw).__name__}"
+            )
         try:
             card = cls.model_validate(raw)
         except ValidationError as exc:

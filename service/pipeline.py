@@ -119,14 +119,15 @@ class Pipeline:
             table=a.table,
             stats=snap,
             units=a.units,
+            pixel_size_nm=header.pixel_size_nm,
         )
         stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
 
-        common = {"source": header.source, "seq": header.seq}
         alerts = [
             (
                 AlertHeader(
-                    **common,
+                    source=header.source,
+                    seq=header.seq,
                     t_acq_ns=header.t_acq_ns,
                     rule=al.rule,
                     kind=al.kind,
@@ -144,7 +145,8 @@ class Pipeline:
         ]
         now = time.time_ns()
         det = DetHeader(
-            **common,
+            source=header.source,
+            seq=header.seq,
             t_acq_ns=header.t_acq_ns,
             t_recv_ns=t_recv_ns,
             t_done_ns=now,
@@ -160,7 +162,8 @@ class Pipeline:
             meta=header.meta,
         )
         stats_header = StatsHeader(
-            **common,
+            source=header.source,
+            seq=header.seq,
             t_ns=now,
             units=snap.get("units", a.units),
             window=snap.get("window", {}),

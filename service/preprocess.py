@@ -65,8 +65,9 @@ def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple
     if ph == 0 and pw == 0:
         return image, (0, 0)
     # reflection needs more pixels than the pad; a tiny frame falls back to edge replication
-    mode = "reflect" if ph < h and pw < w else "edge"
-    return np.pad(image, ((0, ph), (0, pw)), mode=mode), (ph, pw)
+    if ph < h and pw < w:
+        return np.pad(image, ((0, ph), (0, pw)), mode="reflect"), (ph, pw)
+    return np.pad(image, ((0, ph), (0, pw)), mode="edge"), (ph, pw)
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -312,10 +312,10 @@ def frame_header(
     seq: int,
     t_acq_ns: int,
     pixel_size_nm: float | None,
-    modality: Modality | None = None,
+    modality: str | None = None,
     stage: tuple[float, float] | None = None,
     magnification: float | None = None,
-    meta: dict[str, MetaValue] | None = None,
+    meta: Mapping[str, MetaValue] | None = None,
 ) -> FrameHeader:
     """Build the header describing ``array`` (a 2-D image); stage in µm."""
     if array.ndim != 2:
@@ -327,10 +327,10 @@ def frame_header(
         shape=(int(array.shape[0]), int(array.shape[1])),
         dtype=array.dtype.str,
         pixel_size_nm=pixel_size_nm,
-        modality=modality,
+        modality=modality,  # type: ignore[arg-type]  # validated by pydantic
         stage=None if stage is None else Stage(x_um=stage[0], y_um=stage[1]),
         magnification=magnification,
-        meta=meta or {},
+        meta=dict(meta or {}),
     )
 
 
@@ -353,7 +353,7 @@ def encode_frame(header: FrameHeader, array: np.ndarray) -> list[Buffer]:
     if array.size == 0:
         raise PayloadError(f"zero-size frame (shape {array.shape})", reason="empty")
     data = np.ascontiguousarray(array)
-    return [b"frame", pack_header(header), memoryview(data).cast("B")]
+    return [b"frame", pack_header(header), data.data.cast("B")]
 
 
 def decode_frame(
@@ -399,7 +399,7 @@ def _topic(kind: str, source: str | None) -> bytes:
 def _table_buffer(table: np.ndarray) -> memoryview:
     if table.dtype != PARTICLE_DTYPE:
         raise PayloadError(f"particle table has dtype {table.dtype}, expected PARTICLE_DTYPE", reason="dtype")
-    return memoryview(np.ascontiguousarray(table)).cast("B")
+    return np.ascontiguousarray(table).data.cast("B")
 
 
 def _decode_table(buf: Buffer, n: int) -> np.ndarray:
@@ -427,13 +427,13 @@ def encode_message(header: _Header, *arrays: np.ndarray) -> list[Buffer]:
         if len(arrays) != 1:
             raise PayloadError(f"{kind} message needs exactly one particle table", reason="parts")
         table = arrays[0]
-        n = getattr(header, "n")
+        n = header.n  # type: ignore[attr-defined]
         if len(table) != n:
             raise PayloadError(f"header n={n} but table has {len(table)} rows", reason="length")
         parts.append(_table_buffer(table))
     elif kind == "class":
         for arr in arrays:
-            parts.append(memoryview(np.ascontiguousarray(arr, dtype=np.uint8)).cast("B"))
+            parts.append(np.ascontiguousarray(arr, dtype=np.uint8).data.cast("B"))
     elif arrays:
         raise PayloadError(f"{kind} message carries no buffers", reason="parts")
     return parts

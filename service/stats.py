@@ -102,6 +102,8 @@ class _Frame:
     rnd: np.ndarray
     density_count: float
     area_um2: float | None
+    #: histogram slot counts [under, bins..., over] of ecd, ar, rnd
+    slots: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class _Moments:
@@ -166,16 +168,6 @@ class _FineHistogram:
 def _linear_fine(lo: float, hi: float, bins: int) -> _FineHistogram:
     edges = np.linspace(lo, hi, bins + 1)
     return _FineHistogram(edges, 0.5 * (edges[:-1] + edges[1:]))
-
-
-def _hist(x: np.ndarray, edges: np.ndarray) -> dict[str, Any]:
-    counts, _ = np.histogram(x, edges)
-    return {
-        "edges": [float(e) for e in edges],
-        "counts": [int(c) for c in counts],
-        "under": int(np.count_nonzero(x < edges[0])),
-        "over": int(np.count_nonzero(x > edges[-1])),
-    }
 
 
 class SizeStatistics:
@@ -243,9 +235,14 @@ class SizeStatistics:
         rnd = keep["roundness"].astype(np.float64)
         density_count = float(np.count_nonzero(~border)) + 0.5 * float(np.count_nonzero(border))
 
-        frame = _Frame(int(t_ns), ecd, ar, rnd, density_count, frame_area_um2)
+        slots = (
+            _slot_counts(ecd, self._ecd_edges),
+            _slot_counts(ar, _AR_EDGES),
+            _slot_counts(rnd, _ROUND_EDGES),
+        )
+        frame = _Frame(int(t_ns), ecd, ar, rnd, density_count, frame_area_um2, slots)
         self._window.append(frame)
-        self._last_t_ns = int(t_ns) if self._last_t_ns is None else max(self._last_t_ns, t_ns)
+        self._last_t_ns = int(t_ns if self._last_t_ns is None else max(self._last_t_ns, t_ns))
         while len(self._window) > self.config.window_frames:
             self._window.popleft()
         if self.config.window_seconds is not None:
@@ -265,9 +262,9 @@ class SizeStatistics:
         self._f_ecd.add(ecd)
         self._f_ar.add(ar)
         self._f_rnd.add(rnd)
-        self._h_ecd += _slot_counts(ecd, self._ecd_edges)
-        self._h_ar += _slot_counts(ar, _AR_EDGES)
-        self._h_rnd += _slot_counts(rnd, _ROUND_EDGES)
+        self._h_ecd += slots[0]
+        self._h_ar += slots[1]
+        self._h_rnd += slots[2]
 
         if self._ref_frames < self.config.reference_frames:
             self._ref_frames += 1
@@ -313,10 +310,16 @@ class SizeStatistics:
         ecd = np.concatenate([f.ecd for f in frames]) if frames else np.empty(0)
         ar = np.concatenate([f.ar for f in frames]) if frames else np.empty(0)
         rnd = np.concatenate([f.rnd for f in frames]) if frames else np.empty(0)
-        areas = [f.area_um2 for f in frames]
+        areas = [f.area_um2 for f in frames if f.area_um2 is not None]
         density = None
-        if frames and all(a is not None for a in areas):
-            density = sum(f.density_count for f in frames) / sum(areas)  # type: ignore[arg-type]
+        if frames and len(areas) == len(frames):
+            density = sum(f.density_count for f in frames) / sum(areas)
+        sum_slots: list[np.ndarray] = []
+        for i, edges in enumerate((self._ecd_edges, _AR_EDGES, _ROUND_EDGES)):
+            total = np.zeros(edges.size + 1, np.int64)
+            for f in frames:
+                total += f.slots[i]
+            sum_slots.append(total)
         d10, d50, d90 = _quantiles(ecd, (0.1, 0.5, 0.9))
         return {
             "n_frames": len(frames),
@@ -332,9 +335,9 @@ class SizeStatistics:
             "aspect_ratio": {**_exact(ar), "d50": _quantiles(ar, (0.5,))[0]},
             "roundness": {**_exact(rnd), "d50": _quantiles(rnd, (0.5,))[0]},
             "histograms": {
-                "ecd": _hist(ecd, self._ecd_edges),
-                "aspect_ratio": _hist(ar, _AR_EDGES),
-                "roundness": _hist(rnd, _ROUND_EDGES),
+                "ecd": _slots_to_hist(sum_slots[0], self._ecd_edges),
+                "aspect_ratio": _slots_to_hist(sum_slots[1], _AR_EDGES),
+                "roundness": _slots_to_hist(sum_slots[2], _ROUND_EDGES),
             },
             "number_density_per_um2": density,
         }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
 import zmq
 
-from service.protocol import MetaValue, Modality, encode_frame, frame_header
+from service.protocol import MetaValue, encode_frame, frame_header
 from service.transport import connect, frame_output_socket
 
 
@@ -44,10 +45,10 @@ class FramePublisher:
         image: np.ndarray,
         *,
         pixel_size_nm: float | None,
-        modality: Modality | None = None,
+        modality: str | None = None,
         stage: tuple[float, float] | None = None,
         magnification: float | None = None,
-        meta: dict[str, MetaValue] | None = None,
+        meta: Mapping[str, MetaValue] | None = None,
         t_acq_ns: int | None = None,
     ) -> int:
         """Send one 2-D image (stage in µm, pixel size in nm); returns the ``seq`` it was given."""

@@ -46,6 +46,7 @@ class DaemonProc:
     output: str
     metrics: str | None
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    pump: threading.Thread | None = None
 
     def scrape(self) -> str:
         """GET /metrics; returns the exposition text."""
@@ -73,11 +74,13 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 
 
     def pump() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
+        with proc.stdout:
+            for line in proc.stdout:
+                lines.put(line)
         lines.put("")
 
-    threading.Thread(target=pump, daemon=True).start()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     while True:
         try:
             line = lines.get(timeout=timeout)
@@ -88,7 +91,7 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 
             raise RuntimeError(f"daemon exited with {proc.wait()} before it was ready")
         if line.startswith("NANOSCOUT-READY "):
             ep = json.loads(line.split(" ", 1)[1])
-            return DaemonProc(proc, ep["input"], ep["output"], ep["metrics"], lines)
+            return DaemonProc(proc, ep["input"], ep["output"], ep["metrics"], lines, reader)
 
 
 @pytest.fixture
@@ -110,3 +113,5 @@ def daemon_factory(tmp_path: Path) -> Iterator[object]:
             except subprocess.TimeoutExpired:
                 d.proc.kill()
                 d.proc.wait()
+        if d.pump is not None:
+            d.pump.join(30)

@@ -79,11 +79,13 @@ def test_measure_writes_particles_and_label_images(shared_data: Path, tmp_path: 
                      stdout=subprocess.PIPE)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout
-    rows = list(csv.DictReader(out.open()))
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
     assert rows, "no particle measured"
     for img in images:
         mine = [r for r in rows if Path(r["file"]).name == img.name]
-        labels = np.asarray(Image.open(masks / f"{img.stem}.png"))
+        with Image.open(masks / f"{img.stem}.png") as im:
+            labels = np.asarray(im)
         assert labels.dtype == np.uint16
         assert len(mine) == len(np.unique(labels)) - 1
         ids = {int(r["id"]) for r in mine}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.spatial import ConvexHull
+from skimage.measure import find_contours
 
 from service.errors import FrameError
 from service.measure import measure, synthetic_labels
@@ -32,16 +34,18 @@ def ellipse(a: float, b: float, angle_deg: float, size: int) -> np.ndarray:
 def brute_hull(mask: np.ndarray) -> tuple[float, float, float]:
     """Hull area, Feret max and Feret min of the pixel-corner hull, by Qhull and brute force."""
     r, c = np.nonzero(mask)
-    pts = np.concatenate(
-        [np.stack([c + dx, r + dy], 1) for dx in (0, 1) for dy in (0, 1)]
-    ).astype(float)
+    pts = np.concatenate([np.stack([c + dx, r + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(
+        float
+    )
     hull = ConvexHull(pts)
     v = pts[hull.vertices]
     dmax = np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1)).max()
     widths = []
     for k in range(len(v)):
         a, e = v[k], v[(k + 1) % len(v)] - v[k]
-        widths.append(np.abs(e[0] * (v[:, 1] - a[1]) - e[1] * (v[:, 0] - a[0])).max() / np.hypot(*e))
+        widths.append(
+            np.abs(e[0] * (v[:, 1] - a[1]) - e[1] * (v[:, 0] - a[0])).max() / np.hypot(*e)
+        )
     return hull.volume, dmax, min(widths)
 
 
@@ -120,6 +124,9 @@ def test_hull_matches_brute_force_on_random_shapes() -> None:
     lab[100, 100] = 42
     lab[120, 120] = 43
     lab[121, 121] = 43
+    lab[60:75, 60:80] = 44
+    lab[64:67, 66:70] = 0  # a hole
+    lab[70, 64] = 0
     t = measure(lab, None)
     for row in t:
         m = lab == row["id"]
@@ -127,6 +134,11 @@ def test_hull_matches_brute_force_on_random_shapes() -> None:
         assert row["solidity"] == pytest.approx(m.sum() / hull_area, rel=1e-5)
         assert row["feret_max_nm"] == pytest.approx(dmax, rel=1e-5)
         assert row["feret_min_nm"] == pytest.approx(dmin, rel=1e-5)
+        # perimeter = length of the marching-squares contour at 0.5 (holes included)
+        contours = find_contours(np.pad(m, 1).astype(float), 0.5)
+        perimeter = sum(np.hypot(*np.diff(c, axis=0).T).sum() for c in contours)
+        circularity = min(4 * math.pi * m.sum() / perimeter**2, 1.0)
+        assert row["circularity"] == pytest.approx(circularity, rel=1e-5)
 
 
 def test_perimeter_single_pixel_and_diagonal_staircase() -> None:
@@ -210,3 +222,29 @@ def test_short_scores_raise() -> None:
     lab[2:4, 2:4] = 5
     with pytest.raises(FrameError, match="scores"):
         measure(lab, 1.0, np.ones(5))
+
+
+EMPS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "emps-train" / "segmaps"
+
+
+@pytest.mark.skipif(not EMPS.is_dir(), reason=f"real EMPS instance maps not found at {EMPS}")
+def test_real_emps_instance_maps_agree_with_regionprops_and_brute_force() -> None:
+    from PIL import Image
+    from skimage.measure import regionprops
+
+    for path in sorted(EMPS.glob("*.png"))[:6]:
+        lab = np.asarray(Image.open(path))
+        t = measure(lab, None)
+        props = regionprops(lab)
+        assert t["id"].tolist() == [p.label for p in props], path.name
+        for p, row in zip(props, t, strict=True):
+            assert row["area_nm2"] == p.area
+            assert row["ecd_nm"] == pytest.approx(p.equivalent_diameter_area, rel=1e-5)
+            assert (row["x"], row["y"]) == pytest.approx((p.centroid[1], p.centroid[0]), abs=1e-3)
+            r0, c0, r1, c1 = p.bbox
+            assert row["bbox"].tolist() == [c0, r0, c1, r1]
+        for row in t[:3]:
+            hull_area, dmax, dmin = brute_hull(lab == row["id"])
+            assert row["solidity"] == pytest.approx(row["area_nm2"] / hull_area, rel=1e-5)
+            assert row["feret_max_nm"] == pytest.approx(dmax, rel=1e-5)
+            assert row["feret_min_nm"] == pytest.approx(dmin, rel=1e-5)

@@ -1,0 +1,280 @@
+"""Alert rules (service.alerts): every rule kind, rate limiting, de-duplication, bad config."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.alerts import Alert, AlertEngine, CountRule, ParticleRule, parse_rules
+from service.errors import ConfigError
+from service.particles import SHAPE_CLASSES, empty_table
+
+S = 1_000_000_000  # ns per s
+
+
+def particles(*rows: dict[str, Any]) -> np.ndarray:
+    """A particle table; each row gives a few fields, the rest are plausible defaults."""
+    t = empty_table(len(rows))
+    for i, row in enumerate(rows):
+        t["id"][i] = i + 1
+        t["x"][i], t["y"][i] = 100.0 + 50 * i, 100.0
+        t["ecd_nm"][i] = 10.0
+        t["aspect_ratio"][i] = 1.0
+        t["shape_class"][i] = SHAPE_CLASSES.index("sphere")
+        for k, v in row.items():
+            t[k][i] = SHAPE_CLASSES.index(v) if k == "shape_class" else v
+        x, y = t["x"][i], t["y"][i]
+        t["bbox"][i] = (int(x) - 5, int(y) - 5, int(x) + 6, int(y) + 6)
+    return t
+
+
+def run(
+    engine: AlertEngine,
+    table: np.ndarray,
+    *,
+    t_ns: int = 0,
+    stage: tuple[float, float] | None = (0.0, 0.0),
+    stats: dict[str, Any] | None = None,
+    units: str = "nm",
+    source: str = "cam",
+    pixel_size_nm: float | None = 1.0,
+) -> list[Alert]:
+    return engine.evaluate(
+        source=source,
+        seq=7,
+        t_ns=t_ns,
+        stage=stage,
+        table=table,
+        stats=stats,
+        units=units,
+        pixel_size_nm=pixel_size_nm,
+    )
+
+
+BIG = {"name": "big", "kind": "particle", "where": {"ecd_nm": {"gt": 50}}}
+
+
+def test_particle_rule_fires_with_value_threshold_and_explanation() -> None:
+    engine = AlertEngine(parse_rules([BIG]))
+    assert run(engine, particles({"ecd_nm": 20}, {"ecd_nm": 49.9})) == []
+    (alert,) = run(engine, particles({"ecd_nm": 20}, {"ecd_nm": 63.2}), t_ns=1)
+    assert alert.rule == "big" and alert.kind == "particle" and alert.severity == "warning"
+    assert alert.value == pytest.approx(63.2, rel=1e-6) and alert.threshold == 50.0
+    assert alert.explanation == "particle 2 has ECD 63.2 nm > 50 nm (rule big)"
+    assert alert.particles["id"].tolist() == [2]
+    assert (alert.source, alert.seq, alert.t_ns, alert.stage) == ("cam", 7, 1, (0.0, 0.0))
+
+
+def test_particle_rule_several_conditions_shape_class_and_ordering() -> None:
+    rule = {
+        "name": "rods",
+        "kind": "particle",
+        "severity": "critical",
+        "where": {"aspect_ratio": {"gt": 3, "le": 10}, "shape_class": {"eq": "rod"}},
+    }
+    engine = AlertEngine(parse_rules([rule]))
+    table = particles(
+        {"aspect_ratio": 4.0, "shape_class": "rod"},
+        {"aspect_ratio": 5.0, "shape_class": "faceted"},  # wrong class
+        {"aspect_ratio": 12.0, "shape_class": "rod"},  # fails le 10
+        {"aspect_ratio": 6.0, "shape_class": "rod"},
+    )
+    (alert,) = run(engine, table)
+    assert alert.severity == "critical"
+    assert alert.particles["id"].tolist() == [4, 1]  # most extreme first
+    assert alert.value == 6.0 and alert.threshold == 3.0
+    assert "2 particles match" in alert.explanation
+    assert "particle 4 has aspect ratio 6 > 3 and aspect ratio 6 <= 10 and shape rod" in (
+        alert.explanation
+    )
+
+
+def test_particle_rule_min_count_border_and_cap() -> None:
+    engine = AlertEngine(
+        parse_rules([{"name": "many", "kind": "particle", "where": {}, "min_count": 3}])
+    )
+    assert run(engine, particles({}, {}, {"border": True})) == []  # border excluded: 2 < 3
+    engine = AlertEngine(
+        parse_rules(
+            [
+                {
+                    "name": "many",
+                    "kind": "particle",
+                    "where": {},
+                    "min_count": 3,
+                    "include_border": True,
+                }
+            ]
+        )
+    )
+    (alert,) = run(engine, particles({}, {}, {"border": True}))
+    assert alert.value == 3 and alert.threshold == 3
+    engine = AlertEngine(parse_rules([BIG]))
+    big = particles(*[{"ecd_nm": 60 + i, "x": 30.0 * i} for i in range(30)])
+    (alert,) = run(engine, big)
+    assert len(alert.particles) == 20
+    assert alert.particles["ecd_nm"][0] == 89.0
+
+
+def test_lt_rule_reports_smallest() -> None:
+    engine = AlertEngine(
+        parse_rules([{"name": "tiny", "kind": "particle", "where": {"area_nm2": {"lt": 5}}}])
+    )
+    (alert,) = run(engine, particles({"area_nm2": 4.0}, {"area_nm2": 2.5}, {"area_nm2": 9.0}))
+    assert alert.value == 2.5 and alert.particles["id"].tolist() == [2, 1]
+    assert "area 2.5 nm² < 5 nm²" in alert.explanation
+
+
+def test_deduplication_same_particle_same_stage() -> None:
+    engine = AlertEngine(parse_rules([BIG]))
+    table = particles({"ecd_nm": 60.0, "x": 200.0, "y": 200.0})
+    assert len(run(engine, table, t_ns=0)) == 1
+    # the same particle, slightly moved (drift), 1 s later at the same stage: suppressed
+    moved = particles({"ecd_nm": 60.0, "x": 230.0, "y": 210.0})
+    assert run(engine, moved, t_ns=1 * S) == []
+    assert engine.suppressed["big"] == 1
+    # a new particle far away in the same frame: fires, listing the new one first
+    both = particles({"ecd_nm": 60.0, "x": 230.0, "y": 210.0}, {"ecd_nm": 55.0, "x": 600.0})
+    (alert,) = run(engine, both, t_ns=2 * S)
+    assert alert.particles["id"].tolist() == [2, 1]
+    assert alert.value == 55.0  # the new particle's, which the explanation names
+    assert "(1 new); particle 2 has ECD 55 nm > 50 nm" in alert.explanation
+    # the stage moved: the same frame position is another particle
+    assert len(run(engine, moved, t_ns=3 * S, stage=(5.0, 0.0))) == 1
+    # after the cooldown (5 s) the memory expires and the particle is reported again
+    assert len(run(engine, moved, t_ns=8 * S)) == 1
+    assert engine.suppressed["big"] == 1
+
+
+def test_deduplication_radius_and_pixel_size() -> None:
+    rule = dict(BIG, dedup_radius_nm=20.0)
+    engine = AlertEngine(parse_rules([rule]))
+    run(engine, particles({"ecd_nm": 60.0, "x": 100.0}), pixel_size_nm=2.0)
+    # 15 px = 30 nm away: outside 20 nm (but inside the 60 nm ECD): a new particle
+    assert len(run(engine, particles({"ecd_nm": 60.0, "x": 115.0}), t_ns=1, pixel_size_nm=2.0)) == 1
+    # 8 px = 16 nm from the last one: duplicate
+    assert run(engine, particles({"ecd_nm": 60.0, "x": 123.0}), t_ns=2, pixel_size_nm=2.0) == []
+
+
+def test_deduplication_without_pixel_size_uses_bounding_boxes() -> None:
+    engine = AlertEngine(parse_rules([BIG]))
+    run(engine, particles({"ecd_nm": 60.0, "x": 100.0}), pixel_size_nm=None)
+    assert run(engine, particles({"ecd_nm": 60.0, "x": 104.0}), t_ns=1, pixel_size_nm=None) == []
+    assert (
+        len(run(engine, particles({"ecd_nm": 60.0, "x": 120.0}), t_ns=2, pixel_size_nm=None)) == 1
+    )
+
+
+def test_sources_are_independent() -> None:
+    engine = AlertEngine(parse_rules([BIG]))
+    table = particles({"ecd_nm": 60.0})
+    assert len(run(engine, table, source="a")) == 1
+    assert len(run(engine, table, source="b")) == 1
+    assert run(engine, table, source="a", t_ns=1) == []
+
+
+def test_count_rule_above_below_and_rate_limit() -> None:
+    rules = parse_rules(
+        [
+            {"name": "crowded", "kind": "count", "above": 2, "cooldown_s": 2},
+            {"name": "empty", "kind": "count", "below": 1, "severity": "info"},
+        ]
+    )
+    engine = AlertEngine(rules)
+    assert run(engine, particles({}, {})) == []
+    (alert,) = run(engine, particles({}, {}, {}), t_ns=0)
+    assert (alert.rule, alert.value, alert.threshold) == ("crowded", 3.0, 2.0)
+    assert alert.explanation == "frame has 3 particles > 2 (rule crowded)"
+    assert len(alert.particles) == 0
+    assert run(engine, particles({}, {}, {}), t_ns=1 * S) == []  # inside the 2 s cooldown
+    assert engine.suppressed == {"crowded": 1, "empty": 0}
+    assert len(run(engine, particles({}, {}, {}), t_ns=2 * S)) == 1
+    # a source whose clock restarts (time goes backwards) starts a fresh cooldown
+    assert len(run(engine, particles({}, {}, {}), t_ns=0)) == 1
+    assert engine.suppressed["crowded"] == 1
+    # border particles do not count by default
+    (alert,) = run(engine, particles({"border": True}), t_ns=3 * S)
+    assert alert.rule == "empty" and alert.value == 0.0
+
+
+def _stats(change: float | None, complete: bool = True) -> dict[str, Any]:
+    return {
+        "units": "nm",
+        "drift": {
+            "reference_d50": 10.0,
+            "window_d50": None if change is None else 10.0 * (1 + change / 100),
+            "change_pct": change,
+            "reference_complete": complete,
+        },
+    }
+
+
+def test_d50_drift_rule() -> None:
+    engine = AlertEngine(
+        parse_rules(
+            [
+                {"name": "sinter", "kind": "d50_drift", "pct": 10},
+                {"name": "shrink", "kind": "d50_drift", "pct": 5, "direction": "shrink"},
+            ]
+        )
+    )
+    empty = empty_table()
+    assert run(engine, empty, stats=None) == []
+    assert run(engine, empty, stats=_stats(50.0, complete=False)) == []
+    assert run(engine, empty, stats=_stats(9.0)) == []
+    (alert,) = run(engine, empty, stats=_stats(25.0), t_ns=1)
+    assert alert.rule == "sinter" and alert.value == pytest.approx(25.0) and alert.threshold == 10
+    assert "window D50 12.5 nm is 25.0 % above the reference D50 10 nm" in alert.explanation
+    assert run(engine, empty, stats=_stats(30.0), t_ns=2) == []  # cooldown
+    assert engine.suppressed["sinter"] == 1
+    fired = run(engine, empty, stats=_stats(-20.0), t_ns=10 * S)
+    assert [(a.rule, a.threshold) for a in fired] == [("sinter", -10.0), ("shrink", -5.0)]
+
+
+def test_uncalibrated_frames_skip_nm_rules_and_warn_once(caplog: pytest.LogCaptureFixture) -> None:
+    rules = [BIG, {"name": "elongated", "kind": "particle", "where": {"aspect_ratio": {"gt": 3}}}]
+    engine = AlertEngine(parse_rules(rules))
+    table = particles({"ecd_nm": 80.0, "aspect_ratio": 4.0})
+    with caplog.at_level(logging.WARNING, logger="service.alerts"):
+        fired = run(engine, table, units="px", pixel_size_nm=None)
+        fired += run(engine, table, units="px", pixel_size_nm=None, t_ns=10 * S)
+    assert [a.rule for a in fired] == ["elongated", "elongated"]
+    assert engine.skipped_uncalibrated == {"big": 2, "elongated": 0}
+    assert sum("big" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "needle"),
+    [
+        ({"name": "r", "kind": "particle", "where": {"ecd": {"gt": 1}}}, "'ecd'"),
+        ({"name": "r", "kind": "particle", "where": {"ecd_nm": {"more": 1}}}, "'more'"),
+        ({"name": "r", "kind": "particle", "where": {"ecd_nm": {"gt": "big"}}}, "ecd_nm.gt"),
+        ({"name": "r", "kind": "particle", "where": {"shape_class": {"eq": "cube"}}}, "'cube'"),
+        ({"name": "r", "kind": "particle", "where": {"shape_class": {"gt": "rod"}}}, "'gt'"),
+        ({"name": "r", "kind": "particle", "where": {"bbox": {"gt": 1}}}, "'bbox'"),
+        ({"name": "r", "kind": "particle", "where": {}, "colour": "red"}, "colour"),
+        ({"name": "r", "kind": "teleport"}, "teleport"),
+        ({"name": "r"}, "kind"),
+        ({"name": "r", "kind": "count"}, "above"),
+        ({"name": "r", "kind": "d50_drift", "pct": -1}, "pct"),
+        ({"name": "r", "kind": "count", "above": 1, "severity": "panic"}, "severity"),
+        ({"name": "r", "kind": "count", "above": 1, "cooldown_s": -1}, "cooldown_s"),
+    ],
+)
+def test_bad_rules_raise_config_error_naming_the_problem(rule: dict[str, Any], needle: str) -> None:
+    good = {"name": "ok", "kind": "count", "above": 5}
+    with pytest.raises(ConfigError, match=r"alert rule 1 \('r'\)") as info:
+        parse_rules([good, rule])
+    assert needle in str(info.value)
+
+
+def test_duplicate_names_and_non_table_rules() -> None:
+    with pytest.raises(ConfigError, match="'big' is used twice"):
+        parse_rules([BIG, BIG])
+    with pytest.raises(ConfigError, match="alert rule 0"):
+        parse_rules(["big"])  # type: ignore[list-item]
+    with pytest.raises(ConfigError, match="twice"):
+        AlertEngine([CountRule(name="x", above=1), ParticleRule(name="x", where={})])

@@ -1,0 +1,307 @@
+"""The deployment files in deploy/ parse, and reference only what the code defines.
+
+* the annotated TOML example loads with the daemon's own loader and documents every key;
+* Prometheus config, rules and the Grafana dashboard use only metric names that
+  service/metrics.py registers (recording-rule names must be recorded somewhere);
+* systemd units and container files start the CLI with options its parser accepts;
+* ``promtool`` (Debian package ``prometheus``) checks config, rules and the dashboard's PromQL
+  where it is installed, and is skipped with a reason elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import ServeConfig, load_config
+from service.metrics import Metrics
+from tests.conftest import REPO
+
+yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse the Prometheus files")
+
+DEPLOY = REPO / "deploy"
+# a metric name not preceded by ':' or a word character, so that recording-rule names such as
+# instance:nanoscout_latency_seconds:p99_5m are not mistaken for raw metric names
+_METRIC_RE = re.compile(r"(?<![\w:])nanoscout_[A-Za-z0-9_]+")
+_RECORDED_RE = re.compile(r"(?<![\w])[A-Za-z_][A-Za-z0-9_]*:[A-Za-z0-9_:]+")
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "info": ("_info",),
+}
+
+
+def exposed_names() -> set[str]:
+    """Every sample name a daemon's /metrics can show (from service.metrics.Metrics)."""
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        for suffix in _SUFFIXES[family.type]:
+            names.add(family.name + suffix)
+    return names
+
+
+def undefined_metrics(expr: str, defined: set[str]) -> set[str]:
+    """The ``nanoscout_*`` names in a PromQL expression that the daemon does not expose."""
+    return {name for name in _METRIC_RE.findall(expr) if name not in defined}
+
+
+def load_rules() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "nanoscout-rules.yml").read_text(encoding="utf-8"))
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana-dashboard.json").read_text(encoding="utf-8"))
+
+
+def dashboard_exprs(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query target in the dashboard, rows included."""
+    out = []
+    for panel in dash["panels"]:
+        for sub in [panel, *panel.get("panels", [])]:
+            for target in sub.get("targets", []):
+                out.append((sub["title"], target["expr"]))
+    return out
+
+
+def unit_file(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Parse a systemd unit into section -> [(key, value)] (keys may repeat, as systemd allows)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path.name}: {line!r} outside a section"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: {line!r} is not key=value"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def exec_argv(unit: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """ExecStart of a unit as argv, ${VAR} replaced by the unit's Environment= default."""
+    env: dict[str, str] = {}
+    for key, value in unit["Service"]:
+        if key == "Environment":
+            for item in shlex.split(value):
+                name, _, val = item.partition("=")
+                env[name] = val
+    (cmd,) = [v for k, v in unit["Service"] if k == "ExecStart"]
+    cmd = cmd.replace("%i", "")
+    expanded = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], cmd)
+    return shlex.split(expanded)
+
+
+def cli_accepts(argv: list[str]) -> None:
+    """Fail the test unless the nanoscout CLI parser accepts ``argv`` (a subcommand and options)."""
+    from clients.cli import parser
+
+    try:
+        parser().parse_args(argv)
+    except SystemExit as exc:  # argparse reports bad options by exiting
+        pytest.fail(f"nanoscout rejects {shlex.join(argv)} (exit {exc.code})")
+
+
+# ---------------------------------------------------------------------------------------------
+# daemon configuration
+
+
+def test_example_config_loads_with_rules_of_every_kind() -> None:
+    config = load_config(DEPLOY / "nanoscout.example.toml")
+    kinds = {rule["kind"] for rule in config.alerts}
+    assert kinds == {"particle", "count", "d50_drift"}
+    assert {rule["severity"] for rule in config.alerts} >= {"warning", "critical"}
+
+
+def test_example_config_shows_the_defaults() -> None:
+    """The file says "the value shown is the default": hold it to that (alerts are examples)."""
+    example = load_config(DEPLOY / "nanoscout.example.toml").model_dump(exclude={"alerts"})
+    assert example == ServeConfig().model_dump(exclude={"alerts"})
+
+
+def test_example_config_documents_every_key() -> None:
+    text = (DEPLOY / "nanoscout.example.toml").read_text(encoding="utf-8")
+    missing = []
+    for section, info in ServeConfig.model_fields.items():
+        if section == "alerts":
+            continue
+        assert f"[{section}]" in text, f"section [{section}] missing"
+        model = info.annotation
+        for key in model.model_fields:  # type: ignore[union-attr]
+            # set, or shown commented out as an example
+            if not re.search(rf"^#?\s*{key}\s*=", text, re.MULTILINE):
+                missing.append(f"{section}.{key}")
+    assert not missing, f"keys of service/config.py not documented in the example: {missing}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus
+
+
+def test_metric_name_check_catches_unknown_names() -> None:
+    defined = exposed_names()
+    assert "nanoscout_latency_seconds_bucket" in defined
+    assert "nanoscout_frames_processed_total" in defined
+    assert "nanoscout_engine_info" in defined
+    expr = "rate(nanoscout_frames_procesed_total[1m]) / instance:nanoscout_x:rate1m"
+    assert undefined_metrics(expr, defined) == {"nanoscout_frames_procesed_total"}
+
+
+def test_scrape_config_targets_the_daemon_metrics_port() -> None:
+    cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text(encoding="utf-8"))
+    for rule_file in cfg["rule_files"]:
+        assert (DEPLOY / rule_file).is_file(), rule_file
+    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "nanoscout"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
+    default_port = ServeConfig().metrics.port
+    assert any(t.endswith(f":{default_port}") for t in targets), targets
+
+
+def test_rules_use_only_defined_metrics() -> None:
+    defined = exposed_names()
+    groups = load_rules()["groups"]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    alerts = [r for g in groups for r in g["rules"] if "alert" in r]
+    assert len(alerts) >= 5
+    for group in groups:
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            name = rule.get("record") or rule.get("alert")
+            assert not undefined_metrics(expr, defined), f"{name}: {undefined_metrics(expr, defined)}"
+            unknown_recorded = set(_RECORDED_RE.findall(expr)) - recorded
+            assert not unknown_recorded, f"{name}: recording rules not defined: {unknown_recorded}"
+
+
+def test_alerts_have_severity_and_summary() -> None:
+    for group in load_rules()["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                assert rule["labels"]["severity"] in ("info", "warning", "critical"), rule["alert"]
+                assert rule["annotations"]["summary"], rule["alert"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grafana
+
+
+def test_dashboard_queries_use_only_defined_metrics() -> None:
+    dash = dashboard()
+    defined = exposed_names()
+    exprs = dashboard_exprs(dash)
+    assert len(exprs) >= 10
+    for title, expr in exprs:
+        assert not undefined_metrics(expr, defined), f"panel {title!r}: {expr}"
+        assert "nanoscout_" in expr or expr.startswith("up"), f"panel {title!r} queries {expr}"
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            assert not undefined_metrics(q, defined), f"variable {var['name']}: {q}"
+
+
+def test_dashboard_layout_is_valid() -> None:
+    dash = dashboard()
+    assert dash["uid"] and dash["title"] and isinstance(dash["schemaVersion"], int)
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, f"panel {p['title']!r} exceeds 24 columns"
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    for title, expr in dashboard_exprs(dash):
+        for used in re.findall(r"\$(\w+)", expr):
+            assert used in variables, f"panel {title!r} uses undefined variable ${used}"
+
+
+# ---------------------------------------------------------------------------------------------
+# promtool (only where installed)
+
+_PROMTOOL = shutil.which("promtool") or ""
+needs_promtool = pytest.mark.skipif(
+    not _PROMTOOL, reason="promtool not installed (Debian/Ubuntu: apt install prometheus)"
+)
+
+
+@needs_promtool
+def test_promtool_accepts_config_and_rules() -> None:
+    r = subprocess.run([_PROMTOOL, "check", "config", "prometheus.yml"], cwd=DEPLOY,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([_PROMTOOL, "check", "rules", "nanoscout-rules.yml"], cwd=DEPLOY,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_promtool
+def test_promtool_accepts_dashboard_queries(tmp_path: Path) -> None:
+    """Each dashboard query, as a recording rule, must be valid PromQL."""
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": expr.replace("$instance", ".*")}
+        for i, (_title, expr) in enumerate(dashboard_exprs(dashboard()))
+    ]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    r = subprocess.run([_PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd units and containers
+
+
+@pytest.mark.parametrize("name, subcommand", [("nanoscout.service", "serve"),
+                                               ("nanoscout-simulator.service", "simulate")])
+def test_systemd_unit_runs_a_valid_cli_command(name: str, subcommand: str) -> None:
+    unit = unit_file(DEPLOY / name)
+    assert {"Unit", "Service", "Install"} <= set(unit)
+    argv = exec_argv(unit)
+    assert Path(argv[0]).name == "nanoscout" and argv[1] == subcommand
+    cli_accepts(argv[1:])
+
+
+def test_daemon_unit_outlasts_the_lossless_drain() -> None:
+    """systemd must not SIGKILL a lossless daemon that is still finishing accepted frames."""
+    service = dict(unit_file(DEPLOY / "nanoscout.service")["Service"])
+    stop_s = float(service["TimeoutStopSec"].rstrip("s"))
+    assert stop_s > 120  # service.app.serve waits up to 120 s for the worker
+    assert service.get("KillSignal", "SIGTERM") in ("SIGTERM", "SIGINT")
+
+
+def _containerfile(name: str) -> tuple[str, list[str], list[str]]:
+    text = (DEPLOY / name).read_text(encoding="utf-8")
+    entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    cmd = json.loads(re.search(r"^CMD (.+)$", text, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    return text, entry, cmd
+
+
+@pytest.mark.parametrize("name", ["Containerfile", "Containerfile.gpu"])
+def test_container_starts_a_valid_cli_command(name: str) -> None:
+    _text, entry, cmd = _containerfile(name)
+    assert entry == ["nanoscout"]
+    cli_accepts(cmd)
+
+
+def test_containers_install_exactly_one_onnxruntime_flavour() -> None:
+    cpu, _, _ = _containerfile("Containerfile")
+    gpu, _, _ = _containerfile("Containerfile.gpu")
+    # pip install lines only (comments may name the other flavour to explain why not)
+    cpu_installs = " ".join(ln for ln in cpu.splitlines() if "pip install" in ln)
+    gpu_installs = " ".join(ln for ln in gpu.splitlines()
+                            if "pip install" in ln or ln.strip().startswith('"onnxruntime'))
+    assert "[cpu]" in cpu_installs and "onnxruntime-gpu" not in cpu_installs
+    assert "onnxruntime-gpu" in gpu_installs
+    assert "[cpu" not in gpu_installs and not re.search(r"onnxruntime(?!-gpu)[=<>\[\" ]", gpu_installs)
+    assert "torch" not in cpu_installs + gpu_installs

@@ -1,0 +1,260 @@
+"""The detector: preprocessing, post-processing, the shipped ONNX model on held-out frames."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.evaluate import evaluate, heldout_config, match_instances
+from models.synthetic import Specimen, SpecimenConfig, render
+from service.detector import Detection, Detector
+from service.engines.base import Engine, TensorSpec
+from service.errors import EngineFailure, FrameError, ModelCardError
+from service.instances import instances_from_logits
+from service.modelcard import (
+    InputSpec,
+    ModelCard,
+    Normalization,
+    OutputSpec,
+    Thresholds,
+    TrainingInfo,
+    WorkingScale,
+)
+from service.preprocess import normalize, pad_to_multiple, resize_bilinear, resize_nearest
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
+ONNX = WEIGHTS / "detector.onnx"
+CARD = WEIGHTS / "detector.json"
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.indices(shape)
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _oracle_logits(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Perfect logits for a label map (what an ideal network would output)."""
+    from models.train import targets
+
+    fg, core = targets(labels)
+    return ((fg * 2 - 1) * 6).astype(np.float32), ((core * 2 - 1) * 6).astype(np.float32)
+
+
+class OracleEngine(Engine):
+    """An engine that 'predicts' the truth of a known frame (tests the detector's plumbing)."""
+
+    name = "oracle"
+    inputs = (TensorSpec("image", (1, 1, None, None), "float32"),)
+    outputs = (TensorSpec("logits", (1, 2, None, None), "float32"),)
+
+    def __init__(self, labels: np.ndarray, scale: float = 1.0) -> None:
+        self.labels = labels
+        self.scale = scale
+        self.calls: list[tuple[int, ...]] = []
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["image"]
+        self.calls.append(x.shape)
+        h, w = x.shape[2:]
+        # the detector resamples by scale, then pads at the bottom / right
+        wh, ww = (round(n * self.scale) for n in self.labels.shape)
+        lab = np.zeros((h, w), np.int32)
+        lab[:wh, :ww] = resize_nearest(self.labels, (wh, ww))
+        fg, core = _oracle_logits(lab)
+        return {"logits": np.stack([fg, core])[None]}
+
+
+def _card(**kw: object) -> ModelCard:
+    fields: dict[str, object] = dict(
+        name="test", version="0", task="detection-segmentation", framework="none", opset=17,
+        onnx_file="none.onnx", sha256="0" * 64,
+        input=InputSpec(name="image", stride_multiple=16), normalization=Normalization(),
+        outputs=(OutputSpec(name="logits", channels=("foreground", "core")),),
+        working_scale=WorkingScale(diameter_px_min=4, diameter_px_max=80),
+        thresholds=Thresholds(), training=TrainingInfo(data="none", command="none"),
+        created="2025-01-01T00:00:00+00:00")
+    fields.update(kw)
+    return ModelCard(**fields)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ preprocessing
+
+
+def test_normalize_keeps_polarity_and_handles_dtypes() -> None:
+    fr = render(SpecimenConfig(shape=(128, 128), modality="TEM"), 1)
+    for img in (fr.image, fr.image.astype(np.int32), fr.image.astype(np.float64),
+                (fr.image // 4).astype(np.uint8)):
+        x = normalize(img)
+        assert x.dtype == np.float32 and x.shape == img.shape
+        assert x.min() >= -0.5 and x.max() <= 1.5
+        assert x[fr.labels > 0].mean() < x[fr.labels == 0].mean()  # TEM stays dark-on-bright
+    assert not normalize(np.full((8, 8), 7, np.uint16)).any()
+    with pytest.raises(FrameError, match="NaN"):
+        normalize(np.array([[1.0, np.nan], [0.0, 1.0]]))
+
+
+def test_pad_and_resize() -> None:
+    a = np.arange(30 * 50, dtype=np.float32).reshape(30, 50)
+    p, pads = pad_to_multiple(a, 16)
+    assert p.shape == (32, 64) and pads == (2, 14)
+    np.testing.assert_array_equal(p[:30, :50], a)
+    tiny, _ = pad_to_multiple(np.ones((3, 5), np.float32), 16)
+    assert tiny.shape == (16, 16)
+    up = resize_bilinear(a, (60, 100))
+    assert up.shape == (60, 100) and up.dtype == np.float32
+    assert up.min() >= a.min() and up.max() <= a.max()
+    np.testing.assert_allclose(resize_bilinear(up, (30, 50)), a, atol=30)
+    lab = np.array([[1, 2], [3, 4]], np.int32)
+    np.testing.assert_array_equal(resize_nearest(lab, (4, 4)),
+                                  np.kron(lab, np.ones((2, 2), np.int32)))
+
+
+# ------------------------------------------------------------------ post-processing
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_touching_discs_of_different_size_are_split_at_the_contact(stride: int) -> None:
+    shape = (96, 128)
+    big, small = _disc(shape, 48, 40, 20), _disc(shape, 48, 40 + 20 + 10, 10)
+    truth = np.zeros(shape, np.int32)
+    truth[big] = 1
+    truth[small & ~big] = 2
+    fg, core = _oracle_logits(truth)
+    labels, scores = instances_from_logits(fg, core, post_stride=stride)
+    assert labels.dtype == np.int32 and labels.shape == shape
+    assert labels.max() == 2 and scores.shape == (3,)
+    pairs, n_pred, n_true = match_instances(labels, truth)
+    assert (n_pred, n_true, len(pairs)) == (2, 2, 2)
+    assert pairs["iou"].min() > 0.9
+    # the weighted split puts the boundary at the contact, not half-way between the cores
+    areas = np.bincount(labels.ravel())[1:]
+    np.testing.assert_allclose(np.sort(areas), np.sort([small.sum(), big.sum() - 0]), rtol=0.06)
+
+
+def test_postprocess_drops_specks_and_scores_in_range() -> None:
+    fg = np.full((64, 64), -6.0, np.float32)
+    core = fg.copy()
+    fg[10:30, 10:30] = 6.0
+    core[15:25, 15:25] = 6.0
+    fg[50, 50] = 6.0  # a one-pixel speck, below min_area_px
+    labels, scores = instances_from_logits(fg, core, min_area_px=6)
+    assert labels.max() == 1 and scores.shape == (2,)
+    assert 0.9 < scores[1] <= 1.0 and scores[0] == 0
+    assert (labels[10:30, 10:30] == 1).all() and labels[50, 50] == 0
+    empty, s0 = instances_from_logits(np.full((32, 48), -5, np.float32),
+                                      np.full((32, 48), -5, np.float32))
+    assert empty.max() == 0 and s0.shape == (1,)
+
+
+def test_match_instances() -> None:
+    a = np.zeros((10, 10), np.int32)
+    b = np.zeros((10, 10), np.int32)
+    a[0:4, 0:4], b[0:4, 0:3] = 1, 7  # IoU 12/16
+    a[6:8, 6:8], b[6:9, 6:9] = 2, 9  # IoU 4/9 < 0.5
+    pairs, n_pred, n_true = match_instances(a, b)
+    assert (n_pred, n_true) == (2, 2)
+    assert pairs.tolist() == [(1, 7, pytest.approx(0.75))]
+    assert len(match_instances(a, b, iou=0.4)[0]) == 2
+    with pytest.raises(ValueError, match="shape"):
+        match_instances(a, b[:5])
+
+
+# ------------------------------------------------------------------ detector plumbing
+
+
+def test_detector_with_oracle_engine_returns_labels_on_the_frame_grid() -> None:
+    fr = render(SpecimenConfig(shape=(200, 300)), 2)
+    eng = OracleEngine(fr.labels)
+    det = Detector(eng, _card()).detect(fr.image)
+    assert isinstance(det, Detection)
+    assert eng.calls == [(1, 1, 208, 304)]  # padded to the stride
+    assert det.labels.shape == (200, 300) and det.labels.dtype == np.int32
+    assert det.scores.dtype == np.float32 and det.scores.shape == (det.n + 1,)
+    assert set(np.unique(det.labels).tolist()) == set(range(det.n + 1))
+    assert set(det.timings_ms) == {"preprocess", "engine", "postprocess"}
+    pairs, n_pred, n_true = match_instances(det.labels, fr.labels)
+    assert len(pairs) >= 0.95 * n_true
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_detector_resamples_and_returns_original_resolution(scale: float) -> None:
+    fr = render(SpecimenConfig(shape=(150, 170), median_diameter_nm=12.0), 4)
+    eng = OracleEngine(fr.labels, scale)
+    det = Detector(eng, _card(), scale=scale).detect(fr.image)
+    h, w = round(150 * scale), round(170 * scale)
+    assert eng.calls == [(1, 1, -(-h // 16) * 16, -(-w // 16) * 16)]
+    assert det.labels.shape == (150, 170)
+    pairs, _, n_true = match_instances(det.labels, fr.labels)
+    assert len(pairs) >= 0.8 * n_true
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4, 3)), np.zeros((0, 5)), np.zeros(7),
+                                 np.zeros((3, 0), np.uint8)])
+def test_detector_rejects_bad_frames_naming_the_shape(bad: np.ndarray) -> None:
+    det = Detector(OracleEngine(np.zeros((8, 8), np.int32)), _card())
+    with pytest.raises(FrameError, match=str(bad.shape).replace("(", r"\(").replace(")", r"\)")):
+        det.detect(bad)
+
+
+def test_detector_checks_card_and_engine_output() -> None:
+    eng = OracleEngine(np.zeros((32, 32), np.int32))
+    with pytest.raises(ModelCardError, match="classification"):
+        Detector(eng, _card(task="classification", classes=("a",)))
+    with pytest.raises(ModelCardError, match="not an engine input"):
+        Detector(eng, _card(input=InputSpec(name="pixels")))
+
+    class Broken(OracleEngine):
+        def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"logits": np.zeros((1, 2, 3, 3), np.float32)}
+
+    with pytest.raises(EngineFailure, match="shape"):
+        Detector(Broken(np.zeros((32, 32), np.int32)), _card()).detect(np.ones((32, 32)))
+
+
+# ------------------------------------------------------------------ the shipped model
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Detector:
+    if not ONNX.is_file() or not CARD.is_file():
+        pytest.skip(f"no shipped model at {ONNX} (run python -m models.train)")
+    pytest.importorskip("onnxruntime")
+    from service.engines import create_engine
+
+    return Detector(create_engine(ONNX, "onnxruntime-cpu", threads=2), ModelCard.load(CARD))
+
+
+@pytest.mark.parametrize("modality", ["TEM", "STEM", "SEM"])
+def test_shipped_model_finds_particles(shipped: Detector, modality: str) -> None:
+    cfg = SpecimenConfig(modality=modality, shape=(256, 256), agglomerate_fraction=0.4)  # type: ignore[arg-type]
+    fr = Specimen.generate(cfg, 500 + len(modality)).acquire(np.random.default_rng(1))
+    det = shipped.detect(fr.image)
+    pairs, n_pred, _ = match_instances(det.labels, fr.labels)
+    n_true = int((fr.truth["area_px"] >= 12).sum())
+    recall, precision = len(pairs) / n_true, len(pairs) / max(n_pred, 1)
+    assert recall > 0.85 and precision > 0.85, (recall, precision)
+    assert ((det.scores[1:] > 0) & (det.scores[1:] <= 1)).all()
+
+
+def test_shipped_model_on_odd_shapes_and_dtypes(shipped: Detector) -> None:
+    fr = render(SpecimenConfig(shape=(203, 317), modality="STEM", dtype="float32"), 8)
+    for img in (fr.image, (fr.image * 1000).astype(np.int32), fr.image.astype(np.float64)):
+        det = shipped.detect(img)
+        assert det.labels.shape == (203, 317)
+        assert det.n > 10
+    empty = shipped.detect(np.full((64, 96), 1000, np.uint16))
+    assert empty.n == 0
+
+
+def test_shipped_model_heldout_quality(shipped: Detector) -> None:
+    # one small held-out frame per modality (the full evaluation is models.evaluate)
+    res = evaluate(shipped, n=3, seed=54321)
+    assert heldout_config(0, 54321).shape == (512, 512)
+    assert res["f1"] >= 0.85, res
+    assert res["median_abs_ecd_error_pct"] <= 8.0, res

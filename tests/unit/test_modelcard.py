@@ -1,0 +1,105 @@
+"""Model cards: the shipped card validates; broken cards fail naming the problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.errors import ModelCardError
+from service.modelcard import ModelCard, sha256_file
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
+CARD = WEIGHTS / "detector.json"
+
+
+def _minimal(onnx_name: str = "m.onnx", sha: str = "0" * 64) -> dict[str, object]:
+    return {
+        "name": "t", "version": "1", "task": "detection-segmentation", "framework": "x",
+        "opset": 17, "onnx_file": onnx_name, "sha256": sha,
+        "input": {"name": "image", "stride_multiple": 16},
+        "normalization": {},
+        "outputs": [{"name": "logits", "channels": ["foreground", "core"]}],
+        "working_scale": {"diameter_px_min": 4, "diameter_px_max": 80},
+        "thresholds": {},
+        "training": {"data": "synthetic", "command": "python -m models.train"},
+        "created": "2025-01-01T00:00:00+00:00",
+    }
+
+
+def _write(tmp_path: Path, card: dict[str, object], payload: bytes = b"onnx") -> Path:
+    (tmp_path / "m.onnx").write_bytes(payload)
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps(card))
+    return p
+
+
+def test_shipped_card_is_valid_and_matches_its_onnx() -> None:
+    if not CARD.is_file():
+        pytest.skip(f"no shipped model card at {CARD} (run python -m models.train)")
+    card = ModelCard.load(CARD)
+    assert card.task == "detection-segmentation"
+    assert card.opset >= 17 and card.input.channels == 1 and card.input.dtype == "float32"
+    assert card.outputs[0].channels == ("foreground", "core")
+    assert card.working_scale is not None and card.thresholds is not None
+    assert card.metrics is not None and card.metrics.f1 >= 0.9, card.metrics
+    assert card.metrics.median_abs_ecd_error_pct is not None
+    assert card.metrics.median_abs_ecd_error_pct <= 5.0
+    assert card.training.wall_seconds is not None and card.training.wall_seconds < 25 * 60
+    assert {"512x512", "1024x1024", "2048x2048"} <= set(card.timings_ms)
+    assert card.sha256 == sha256_file(card.onnx_path(CARD))
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    payload = b"not really onnx"
+    import hashlib
+
+    p = _write(tmp_path, _minimal(sha=hashlib.sha256(payload).hexdigest()), payload)
+    card = ModelCard.load(p)
+    assert card.thresholds is not None and card.thresholds.post_stride == 2
+    out = card.dump(tmp_path / "copy.json")
+    assert ModelCard.load(out) == card
+
+
+def test_sha_mismatch_and_missing_onnx(tmp_path: Path) -> None:
+    p = _write(tmp_path, _minimal())
+    with pytest.raises(ModelCardError, match="sha256 of"):
+        ModelCard.load(p)
+    assert ModelCard.load(p, verify_sha256=False).name == "t"
+    (tmp_path / "m.onnx").unlink()
+    with pytest.raises(ModelCardError, match="does not exist"):
+        ModelCard.load(p)
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"task": "painting"}, "task"),
+    ({"opset": 3}, "opset"),
+    ({"sha256": "xyz"}, "sha256"),
+    ({"thresholds": None}, "working_scale and thresholds"),
+    ({"outputs": [{"name": "logits", "channels": ["mask"]}]}, "foreground"),
+    ({"working_scale": {"diameter_px_min": 90, "diameter_px_max": 80}}, "diameter_px_min"),
+    ({"surprise": 1}, "surprise"),
+])
+def test_invalid_cards_name_the_field(tmp_path: Path, change: dict[str, object],
+                                      named: str) -> None:
+    card = _minimal()
+    card.update(change)
+    with pytest.raises(ModelCardError, match=named):
+        ModelCard.load(_write(tmp_path, card), verify_sha256=False)
+
+
+def test_missing_field_and_bad_files(tmp_path: Path) -> None:
+    card = _minimal()
+    del card["input"]
+    with pytest.raises(ModelCardError, match="input"):
+        ModelCard.load(_write(tmp_path, card), verify_sha256=False)
+    with pytest.raises(ModelCardError, match="not found"):
+        ModelCard.load(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ModelCardError, match="not readable JSON"):
+        ModelCard.load(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ModelCardError, match="JSON object"):
+        ModelCard.load(bad)

@@ -1,0 +1,194 @@
+"""Rolling / cumulative size statistics (service.stats)."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pydantic
+import pytest
+
+from service.errors import FrameError
+from service.particles import empty_table
+from service.stats import SizeStatistics, StatsConfig
+
+S = 1_000_000_000  # ns per s
+
+
+def table(
+    ecd: np.ndarray, *, ar: np.ndarray | None = None, border: np.ndarray | None = None
+) -> np.ndarray:
+    t = empty_table(len(ecd))
+    t["ecd_nm"] = ecd
+    t["aspect_ratio"] = 1.0 if ar is None else ar
+    t["roundness"] = 1.0 / t["aspect_ratio"]
+    if border is not None:
+        t["border"] = border
+    return t
+
+
+def lognormal(n: int, seed: int, median: float = 20.0, sigma: float = 0.35) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.lognormal(math.log(median), sigma, n).astype(np.float32)
+
+
+def test_window_exact_and_cumulative_within_bound() -> None:
+    stats = SizeStatistics(StatsConfig(window_frames=5))
+    frames = [lognormal(400, seed) for seed in range(30)]
+    for k, ecd in enumerate(frames):
+        stats.update(table(ecd), t_ns=k * S // 10, frame_area_um2=4.0)
+    snap = stats.snapshot()
+
+    win = np.concatenate(frames[-5:]).astype(np.float64)
+    w = snap["window"]
+    assert w["n_frames"] == 5 and w["count"] == win.size
+    assert w["ecd"]["d50"] == np.median(win)
+    assert w["ecd"]["d10"] == np.quantile(win, 0.1)
+    assert w["ecd"]["d90"] == np.quantile(win, 0.9)
+    assert w["ecd"]["mean"] == pytest.approx(win.mean(), rel=1e-12)
+    assert w["ecd"]["sd"] == pytest.approx(win.std(ddof=1), rel=1e-12)
+
+    allv = np.concatenate(frames).astype(np.float64)
+    c = snap["cumulative"]
+    assert c["n_frames"] == 30 and c["count"] == allv.size
+    assert c["ecd"]["mean"] == pytest.approx(allv.mean(), rel=1e-12)
+    assert c["ecd"]["sd"] == pytest.approx(allv.std(ddof=1), rel=1e-9)
+    bound = c["ecd_quantile_rel_error"]
+    assert 0 < bound < 0.003
+    for q, name in ((0.1, "d10"), (0.5, "d50"), (0.9, "d90")):
+        exact = np.quantile(allv, q)
+        assert abs(c["ecd"][name] / exact - 1) <= bound + 1e-12
+    assert c["ecd"]["d50"] == pytest.approx(np.median(allv), rel=0.01)
+    assert c["ecd"]["min"] == allv.min() and c["ecd"]["max"] == allv.max()
+    ar_all = np.ones_like(allv)
+    assert c["aspect_ratio"]["d50"] == pytest.approx(np.median(ar_all), abs=0.005)
+
+
+def test_snapshot_is_plain_and_msgpack_roundtrips() -> None:
+    stats = SizeStatistics(StatsConfig())
+    stats.update(table(lognormal(50, 1)), t_ns=0, frame_area_um2=1.0)
+    snap = stats.snapshot()
+    assert msgpack.unpackb(msgpack.packb(snap)) == snap
+    h = snap["cumulative"]["histograms"]["ecd"]
+    assert len(h["edges"]) == 41 and len(h["counts"]) == 40
+    assert h["edges"][0] == pytest.approx(0.5) and h["edges"][-1] == pytest.approx(1000.0)
+    assert sum(h["counts"]) + h["under"] + h["over"] == 50
+    assert snap["window"]["histograms"]["ecd"] == h
+    ar = snap["window"]["histograms"]["aspect_ratio"]
+    assert ar["edges"][0] == 1.0 and ar["edges"][-1] == 5.0
+    rnd = snap["window"]["histograms"]["roundness"]
+    assert rnd["edges"][0] == 0.0 and rnd["edges"][-1] == 1.0 and sum(rnd["counts"]) == 50
+
+
+def test_window_rolls_off_old_frames_by_count_and_age() -> None:
+    stats = SizeStatistics(StatsConfig(window_frames=3, window_seconds=2.5))
+    for k in range(5):
+        stats.update(table(np.full(10, float(k + 1))), t_ns=k * S, frame_area_um2=None)
+    w = stats.snapshot()["window"]
+    assert w["n_frames"] == 3 and w["ecd"]["d50"] == 4.0  # frames 3, 4, 5
+    stats.update(table(np.full(10, 100.0)), t_ns=8 * S, frame_area_um2=None)
+    w = stats.snapshot()["window"]
+    assert w["n_frames"] == 1 and w["ecd"]["mean"] == 100.0  # the others are > 2.5 s old
+    assert stats.snapshot()["cumulative"]["n_frames"] == 6
+
+
+def test_border_particles_excluded_unless_configured() -> None:
+    ecd = np.array([10.0, 20.0, 30.0, 400.0], np.float32)
+    border = np.array([False, False, False, True])
+    for include, expected in ((False, 3), (True, 4)):
+        stats = SizeStatistics(StatsConfig(include_border=include))
+        stats.update(table(ecd, border=border), t_ns=0, frame_area_um2=2.0)
+        snap = stats.snapshot()
+        assert snap["window"]["count"] == expected
+        assert snap["cumulative"]["count"] == expected
+        # density counts a border particle as one half either way
+        assert snap["window"]["number_density_per_um2"] == pytest.approx(3.5 / 2.0)
+
+
+def test_number_density_and_units() -> None:
+    stats = SizeStatistics(StatsConfig())
+    stats.update(table(np.full(8, 5.0)), t_ns=0, frame_area_um2=4.0)
+    stats.update(table(np.full(2, 5.0)), t_ns=S, frame_area_um2=1.0)
+    snap = stats.snapshot()
+    assert snap["units"] == "nm"
+    assert snap["window"]["number_density_per_um2"] == pytest.approx(10 / 5.0)
+    assert snap["cumulative"]["number_density_per_um2"] == pytest.approx(10 / 5.0)
+
+    px = SizeStatistics(StatsConfig())
+    px.update(table(np.full(8, 5.0)), t_ns=0, frame_area_um2=None)
+    snap = px.snapshot()
+    assert snap["units"] == "px"
+    assert snap["window"]["number_density_per_um2"] is None
+    assert snap["cumulative"]["number_density_per_um2"] is None
+
+
+def test_switching_units_restarts() -> None:
+    stats = SizeStatistics(StatsConfig())
+    stats.update(table(np.full(8, 5.0)), t_ns=0, frame_area_um2=4.0)
+    stats.update(table(np.full(3, 7.0)), t_ns=S, frame_area_um2=None)
+    snap = stats.snapshot()
+    assert snap["units"] == "px"
+    assert snap["cumulative"]["count"] == 3 and snap["cumulative"]["n_frames"] == 1
+
+
+def test_empty_frames() -> None:
+    stats = SizeStatistics(StatsConfig(reference_frames=2))
+    snap = stats.snapshot()
+    assert snap["window"]["count"] == 0 and snap["window"]["ecd"]["d50"] is None
+    assert snap["drift"]["change_pct"] is None
+    for k in range(3):
+        stats.update(empty_table(), t_ns=k, frame_area_um2=1.0)
+    snap = stats.snapshot()
+    for block in ("window", "cumulative"):
+        b = snap[block]
+        assert b["n_frames"] == 3 and b["count"] == 0
+        assert b["ecd"]["mean"] is None and b["ecd"]["sd"] is None and b["ecd"]["d50"] is None
+        assert b["aspect_ratio"]["d50"] is None
+        assert b["number_density_per_um2"] == 0.0
+    assert snap["drift"]["reference_complete"] is True
+    assert snap["drift"]["reference_d50"] is None and snap["drift"]["change_pct"] is None
+    one = SizeStatistics(StatsConfig())
+    one.update(table(np.array([3.0], np.float32)), t_ns=0, frame_area_um2=1.0)
+    b = one.snapshot()["cumulative"]
+    assert b["ecd"]["mean"] == 3.0 and b["ecd"]["sd"] is None and b["ecd"]["d50"] == 3.0
+
+
+def test_drift_change_pct() -> None:
+    stats = SizeStatistics(StatsConfig(reference_frames=4, window_frames=2))
+    for k in range(4):
+        stats.update(table(np.array([9.0, 10.0, 11.0], np.float32)), t_ns=k, frame_area_um2=1.0)
+        drift = stats.snapshot()["drift"]
+        assert drift["reference_complete"] is (k == 3)
+        assert drift["reference_d50"] == 10.0
+        assert drift["change_pct"] == pytest.approx(0.0)
+    for k in range(4, 6):  # sintering: the particles grow by 25 %
+        stats.update(table(np.array([12.0, 12.5, 13.0], np.float32)), t_ns=k, frame_area_um2=1.0)
+    drift = stats.snapshot()["drift"]
+    assert drift["reference_d50"] == 10.0 and drift["window_d50"] == 12.5
+    assert drift["change_pct"] == pytest.approx(25.0)
+    stats.reset()
+    assert stats.snapshot()["drift"]["reference_frames"] == 0
+
+
+def test_out_of_range_values_are_counted_and_clamped() -> None:
+    stats = SizeStatistics(StatsConfig(ecd_range_nm=(1.0, 100.0)))
+    stats.update(
+        table(np.array([0.2, 0.3, 50.0, 500.0, 800.0], np.float32)), t_ns=0, frame_area_um2=1.0
+    )
+    c = stats.snapshot()["cumulative"]
+    assert c["histograms"]["ecd"]["under"] == 2 and c["histograms"]["ecd"]["over"] == 2
+    assert c["ecd"]["d50"] == pytest.approx(50.0, rel=c["ecd_quantile_rel_error"])
+    assert c["ecd"]["d10"] >= c["ecd"]["min"] == pytest.approx(0.2)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(pydantic.ValidationError, match="ecd_range_nm"):
+        StatsConfig(ecd_range_nm=(10.0, 1.0))
+    with pytest.raises(pydantic.ValidationError):
+        StatsConfig(window_frames=0)
+    stats = SizeStatistics(StatsConfig())
+    with pytest.raises(FrameError, match="ecd_nm"):
+        stats.update(np.zeros(3, dtype=[("x", "f4")]), t_ns=0, frame_area_um2=1.0)
+    with pytest.raises(FrameError, match="-1.0"):
+        stats.update(empty_table(), t_ns=0, frame_area_um2=-1.0)

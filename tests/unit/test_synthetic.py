@@ -1,0 +1,165 @@
+"""The synthetic specimen generator: exact truth, polarity, dtypes, noise, drift, dynamics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.synthetic import (
+    KINDS,
+    TRUTH_DTYPE,
+    InSituSeries,
+    Specimen,
+    SpecimenConfig,
+    render,
+)
+
+SMALL = (192, 192)
+
+
+def _cfg(**kw: object) -> SpecimenConfig:
+    base: dict[str, object] = {"shape": SMALL}
+    base.update(kw)
+    return SpecimenConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("modality", ["TEM", "STEM", "SEM"])
+def test_truth_matches_labels(modality: str) -> None:
+    fr = render(_cfg(modality=modality, agglomerate_fraction=0.6), 3)
+    assert fr.truth.dtype == TRUTH_DTYPE
+    assert fr.labels.dtype == np.int32 and fr.labels.shape == SMALL
+    counts = np.bincount(fr.labels.ravel())
+    ids = fr.truth["id"]
+    assert len(ids) > 20
+    # every labelled particle has exactly one truth row and vice versa
+    assert set(np.unique(fr.labels[fr.labels > 0]).tolist()) == set(ids.tolist())
+    np.testing.assert_array_equal(counts[ids], fr.truth["area_px"])
+    np.testing.assert_allclose(fr.truth["ecd_nm"],
+                               2 * np.sqrt(counts[ids] / np.pi) * fr.pixel_size_nm, rtol=1e-5)
+    rows, cols = np.indices(SMALL)
+    for r in fr.truth[:10]:
+        m = fr.labels == r["id"]
+        assert r["y"] == pytest.approx(rows[m].mean(), abs=1e-3)
+        assert r["x"] == pytest.approx(cols[m].mean(), abs=1e-3)
+        assert r["major_nm"] >= r["minor_nm"] > 0
+        touches = m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()
+        assert bool(r["border"]) == bool(touches)
+    assert set(fr.truth["kind"].tolist()) <= set(range(len(KINDS)))
+
+
+def test_touching_particles_are_separate_instances() -> None:
+    fr = render(_cfg(agglomerate_fraction=1.0, coverage=0.3), 5)
+    lab = fr.labels
+    a, b = lab[:, 1:], lab[:, :-1]
+    touching = (a > 0) & (b > 0) & (a != b)
+    assert touching.sum() > 20, "agglomerated specimen should have touching particles"
+
+
+@pytest.mark.parametrize(("modality", "sign"), [("TEM", -1), ("STEM", 1), ("SEM", 1)])
+def test_polarity(modality: str, sign: int) -> None:
+    fr = render(_cfg(modality=modality, dose_e_per_px=None, dtype="float32"), 11)
+    img = fr.image.astype(np.float64)
+    inside = img[fr.labels > 0].mean()
+    outside = img[fr.labels == 0].mean()
+    assert sign * (inside - outside) > 0.05 * outside
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_dtypes_and_ranges(dtype: str) -> None:
+    fr = render(_cfg(dtype=dtype), 2)
+    assert fr.image.dtype == np.dtype(dtype) and fr.image.shape == SMALL
+    img = fr.image.astype(np.float64)
+    if dtype == "uint8":
+        assert 100 < img.max() <= 255
+    elif dtype == "uint16":
+        # counts in electrons: the bright support sits near the dose (200 e/px)
+        assert 120 < np.median(img) < 280
+    else:
+        assert 0.6 < np.median(img) < 1.4
+
+
+def test_reproducible_by_seed() -> None:
+    a, b, c = render(_cfg(), 7), render(_cfg(), 7), render(_cfg(), 8)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.labels, c.labels)
+
+
+@pytest.mark.parametrize("dose", [5.0, 50.0, 1000.0])
+def test_poisson_noise_follows_dose(dose: float) -> None:
+    cfg = _cfg(coverage=0.0, support_texture=0.0, illumination_gradient=0.0, blur_px=0.0,
+               dose_e_per_px=dose, dtype="uint16", shape=(256, 256))
+    img = render(cfg, 1).image.astype(np.float64)
+    mean, var = img.mean(), img.var()
+    assert mean == pytest.approx(dose, rel=0.03)
+    assert var == pytest.approx(dose, rel=0.08)  # Poisson: variance equals mean
+
+
+def test_noiseless_frames_are_identical() -> None:
+    sp = Specimen.generate(_cfg(dose_e_per_px=None), 4)
+    np.testing.assert_array_equal(sp.acquire(1).image, sp.acquire(2).image)
+
+
+def test_acquire_new_noise_and_drift() -> None:
+    sp = Specimen.generate(_cfg(shape=(1024, 1024)), 9)
+    f0 = sp.acquire(np.random.default_rng(0))
+    f1 = sp.acquire(np.random.default_rng(1))
+    np.testing.assert_array_equal(f0.labels, f1.labels)
+    assert not np.array_equal(f0.image, f1.image)
+    dy, dx = 3, -5
+    f2 = sp.acquire(np.random.default_rng(2), (dy, dx))
+    # content moves by +shift: frame-0 pixel (r, c) shows up at (r + dy, c + dx)
+    np.testing.assert_array_equal(f2.labels[10 + dy:-10 + dy, 10 + dx:-10 + dx],
+                                  f0.labels[10:-10, 10:-10])
+    common = set(f0.truth["id"][~f0.truth["border"]]) & set(f2.truth["id"][~f2.truth["border"]])
+    t0 = {int(r["id"]): r for r in f0.truth}
+    t2 = {int(r["id"]): r for r in f2.truth}
+    for k in list(common)[:20]:
+        assert t2[k]["x"] - t0[k]["x"] == pytest.approx(dx, abs=1e-3)
+        assert t2[k]["y"] - t0[k]["y"] == pytest.approx(dy, abs=1e-3)
+        assert t2[k]["area_px"] == t0[k]["area_px"]
+    # a sub-pixel shift interpolates the image; labels follow the nearest whole pixel
+    f3 = sp.acquire(np.random.default_rng(3), (0.4, 0.0))
+    np.testing.assert_array_equal(f3.labels, f0.labels)
+    # the periodic specimen: any shift is a valid field of view
+    f4 = sp.acquire(np.random.default_rng(4), (12345.0, -9876.0))
+    assert f4.truth.size > 100
+
+
+def test_sizes_follow_the_lognormal() -> None:
+    sp = Specimen.generate(_cfg(shape=(512, 512), median_diameter_nm=8.0, sigma_log=0.3), 21)
+    d = sp.acquire(0).truth["shape_ecd_nm"]
+    assert np.median(d) == pytest.approx(8.0, rel=0.12)
+    assert np.std(np.log(d)) == pytest.approx(0.3, rel=0.25)
+    fr = render(_cfg(min_diameter_nm=6.0, max_diameter_nm=10.0), 3)
+    assert fr.truth["shape_ecd_nm"].min() >= 6.0 - 1e-3
+    assert fr.truth["shape_ecd_nm"].max() <= 10.0 + 1e-3
+
+
+def test_tiny_pixels_and_huge_particles_render() -> None:
+    tiny = render(_cfg(pixel_size_nm=5.0), 1)  # 8 nm particles ~ 1.6 px
+    assert tiny.image.shape == SMALL
+    big = render(_cfg(pixel_size_nm=0.1, median_diameter_nm=8.0), 1)  # 80 px particles
+    assert big.truth["ecd_nm"].max() > 5.0
+
+
+@pytest.mark.parametrize(("field", "value"), [("modality", "XRAY"), ("coverage", 1.5),
+                                               ("pixel_size_nm", 0.0), ("dtype", "int8"),
+                                               ("shape_mix", {"cube": 1.0})])
+def test_bad_config_names_the_value(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        SpecimenConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_in_situ_series_ripens_and_coalesces() -> None:
+    cfg = _cfg(shape=(160, 160), coverage=0.3, agglomerate_fraction=0.5)
+    series = InSituSeries(cfg, 5, growth_nm_per_frame=0.15, diffusion_nm_per_frame=0.5,
+                          n_frames=12)
+    frames = list(series)
+    assert len(frames) == 12
+    first, last = frames[0].truth, frames[-1].truth
+    assert len(last) < len(first)
+    assert np.median(last["shape_ecd_nm"]) > np.median(first["shape_ecd_nm"])
+    for fr in frames:
+        counts = np.bincount(fr.labels.ravel())
+        np.testing.assert_array_equal(counts[fr.truth["id"]], fr.truth["area_px"])
