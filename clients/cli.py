@@ -4,7 +4,7 @@ This module is the composition root: besides the protocol and transport it may s
 daemon (:mod:`service.app`) and run its pipeline offline. Every other client module talks to
 the daemon only over ZeroMQ (import-linter checks this, see pyproject.toml).
 
-Subcommands: serve, simulate, replay, tail, measure, demo, models (train / export / eval).
+Subcommands: serve, simulate, replay, tail, measure, demo, keys, models (train / export / eval).
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import NanoscoutError
-from service.transport import DEFAULT_FRAME_ENDPOINT, DEFAULT_RESULT_ENDPOINT
+from service.transport import (
+    DEFAULT_FRAME_ENDPOINT,
+    DEFAULT_RESULT_ENDPOINT,
+    ClientKeys,
+    create_keys,
+)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -53,6 +58,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curve(args: argparse.Namespace) -> ClientKeys | None:
+    if (args.server_key is None) != (args.client_key is None):
+        raise NanoscoutError("CURVE needs both --server-key and --client-key")
+    return None if args.server_key is None else ClientKeys(args.server_key, args.client_key)
+
+
+def _add_curve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server-key", type=Path, help="the daemon's public CURVE certificate (.key)")
+    p.add_argument("--client-key", type=Path, help="this client's secret CURVE certificate (.key_secret)")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    public, secret = create_keys(args.folder, args.name)
+    print(f"public key: {public} (give it to the other side)\nsecret key: {secret} (keep it here)")
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from clients.acquisition.simulator import SimulatorOptions, run_simulator
 
@@ -74,6 +96,7 @@ def _simulate(args: argparse.Namespace) -> int:
         insitu=args.insitu,
         truth_dir=args.truth_dir,
         calibrated=not args.uncalibrated,
+        curve=_curve(args),
     )
     run_simulator(opts)
     return 0
@@ -83,7 +106,7 @@ def _replay(args: argparse.Namespace) -> int:
     from clients.acquisition.publisher import FramePublisher
     from clients.acquisition.replay import replay_files, replay_watch
 
-    with FramePublisher(args.connect, mode=args.mode, source=args.source) as pub:
+    with FramePublisher(args.connect, mode=args.mode, source=args.source, curve=_curve(args)) as pub:
         if args.watch:
             stop = threading.Event()
             try:
@@ -108,7 +131,7 @@ def _replay(args: argparse.Namespace) -> int:
 def _tail(args: argparse.Namespace) -> int:
     from clients.tail import run_tail
 
-    run_tail(args.connect, duration=args.duration)
+    run_tail(args.connect, duration=args.duration, curve=_curve(args))
     return 0
 
 
@@ -190,6 +213,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--insitu", action="store_true", help="E-TEM: particles grow and coalesce")
     s.add_argument("--truth-dir", type=Path, help="write ground truth per frame here (.npz)")
     s.add_argument("--uncalibrated", action="store_true", help="send frames without pixel size")
+    _add_curve(s)
     s.set_defaults(func=_simulate)
 
     s = sub.add_parser("replay", help="publish image files (or a watched folder) to the daemon")
@@ -203,12 +227,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", choices=["TEM", "STEM", "SEM"])
     s.add_argument("--watch", type=Path, help="publish new files written to this folder")
     s.add_argument("--pattern", action="append", help="glob for --watch (repeatable)")
+    _add_curve(s)
     s.set_defaults(func=_replay)
 
     s = sub.add_parser("tail", help="live table of the daemon's results")
     s.add_argument("--connect", default=DEFAULT_RESULT_ENDPOINT)
     s.add_argument("--duration", type=float, help="seconds (default: until interrupted)")
+    _add_curve(s)
     s.set_defaults(func=_tail)
+
+    s = sub.add_parser("keys", help="create a CURVE key pair for remote use")
+    s.add_argument("folder", type=Path)
+    s.add_argument("--name", default="nanoscout")
+    s.set_defaults(func=_keys)
 
     s = sub.add_parser("measure", help="measure particles in image files offline")
     s.add_argument("files", nargs="+", type=Path)

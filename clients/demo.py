@@ -33,7 +33,7 @@ where = {{ ecd_nm = {{ gt = 20.0 }} }}
 name = "elongated-particle"
 kind = "particle"
 severity = "info"
-where = {{ aspect_ratio = {{ gt = 2.5 }}, ecd_nm = {{ gt = 4.0 }} }}
+where = {{ aspect_ratio = {{ gt = 3.5 }}, ecd_nm = {{ gt = 10.0 }} }}
 
 [[alerts]]
 name = "d50-drift"

@@ -23,7 +23,7 @@ import zmq
 
 from service.errors import ProtocolError
 from service.protocol import HealthHeader, Message, decode_message
-from service.transport import connect, result_subscriber
+from service.transport import ClientKeys, connect, result_subscriber
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class Subscriber:
         *,
         ctx: zmq.Context | None = None,
         hwm: int = 10_000,
+        curve: ClientKeys | None = None,
     ) -> None:
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
@@ -53,6 +54,8 @@ class Subscriber:
         self._want_health = any("health".startswith(t) for t in topics) or "" in topics
         subs = tuple(topics) + (() if self._want_health else ("health",))
         self._sock = result_subscriber(self._ctx, subs, hwm=hwm)
+        if curve is not None:
+            curve.apply(self._sock)
         connect(self._sock, endpoint)
         self.endpoint = endpoint
         self.missed: dict[str, int] = {}

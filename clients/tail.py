@@ -18,6 +18,7 @@ import numpy as np
 
 from clients.subscriber import Subscriber
 from service.protocol import AlertHeader, DetHeader, HealthHeader, StatsHeader
+from service.transport import ClientKeys
 
 
 @dataclass
@@ -114,9 +115,10 @@ def run_tail(
     out: TextIO = sys.stdout,
     refresh_s: float = 1.0,
     subscriber: Subscriber | None = None,
+    curve: ClientKeys | None = None,
 ) -> TailState:
     """Show the live table until ``duration`` s have passed (None = until interrupted)."""
-    sub = subscriber or Subscriber(endpoint)
+    sub = subscriber or Subscriber(endpoint, curve=curve)
     state = TailState()
     tty = out.isatty()
     t_end = None if duration is None else time.monotonic() + duration

@@ -82,7 +82,7 @@ def serve(
     finally:
         daemon.stop()
         daemon.wait(timeout=120)
-        daemon.metrics.close()
+        daemon.close()
         pipeline.detector.engine.close()
     log.info(
         "stopped: %d frames received, %d processed, dropped %s, rejected %s",

@@ -35,12 +35,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.alerts import parse_rules
 from service.errors import ConfigError
 from service.stats import StatsConfig
-from service.transport import DEFAULT_FRAME_ENDPOINT, DEFAULT_RESULT_ENDPOINT, Policy
+from service.transport import DEFAULT_FRAME_ENDPOINT, DEFAULT_RESULT_ENDPOINT, Policy, is_loopback
 
 
 def shipped_model_dir() -> Path:
@@ -101,6 +101,22 @@ class HealthConfig(_Section):
     interval_s: float = Field(1.0, gt=0)
 
 
+class SecurityConfig(_Section):
+    """ZeroMQ CURVE. Off by default, which is only allowed on loopback endpoints: binding any
+    other address needs ``curve = true`` (or, knowingly, ``allow_insecure_remote = true``)."""
+
+    curve: bool = False
+    server_secret_key: Path | None = None  # the daemon's ``.key_secret`` (nanoscout keys)
+    authorized_keys: Path | None = None  # folder of the clients' public ``.key`` files
+    allow_insecure_remote: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecurityConfig:
+        if self.curve and (self.server_secret_key is None or self.authorized_keys is None):
+            raise ValueError("curve = true needs server_secret_key and authorized_keys")
+        return self
+
+
 class ServeConfig(_Section):
     """Everything ``nanoscout serve`` needs."""
 
@@ -110,7 +126,19 @@ class ServeConfig(_Section):
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
     stats: StatsConfig = StatsConfig()
+    security: SecurityConfig = SecurityConfig()
     alerts: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _remote_needs_curve(self) -> ServeConfig:
+        sec = self.security
+        for name, ep in (("input", self.input.endpoint), ("output", self.output.endpoint)):
+            if not (is_loopback(ep) or sec.curve or sec.allow_insecure_remote):
+                raise ValueError(
+                    f"{name}.endpoint {ep} is not on loopback: turn on [security] curve "
+                    "(nanoscout keys) or set allow_insecure_remote = true"
+                )
+        return self
 
     @field_validator("alerts")
     @classmethod

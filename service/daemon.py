@@ -36,7 +36,7 @@ from service.errors import NanoscoutError, ProtocolError
 from service.metrics import Metrics
 from service.pipeline import Pipeline
 from service.protocol import FrameHeader, HealthHeader, decode_frame, encode_message
-from service.transport import bind, frame_input_socket, result_publisher
+from service.transport import CurveServer, bind, frame_input_socket, result_publisher
 
 log = logging.getLogger("nanoscout.daemon")
 
@@ -118,6 +118,7 @@ class Daemon:
         self._done_t: deque[float] = deque(maxlen=1000)
         self._count_lock = threading.Lock()
         self.endpoints: Endpoints | None = None
+        self._curve: CurveServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Endpoints:
@@ -128,6 +129,12 @@ class Daemon:
         # decode_frame, which counts and reports the rejection instead of silently disconnecting
         self._in.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.input.max_frame_bytes + (1 << 20))
         self._pub = result_publisher(self._ctx, hwm=cfg.output.hwm)
+        sec = cfg.security
+        if sec.curve:
+            assert sec.server_secret_key is not None and sec.authorized_keys is not None
+            self._curve = CurveServer(self._ctx, sec.server_secret_key, sec.authorized_keys)
+            self._curve.apply(self._in)
+            self._curve.apply(self._pub)
         in_ep = bind(self._in, cfg.input.endpoint)
         out_ep = bind(self._pub, cfg.output.endpoint)
         metrics_url = None
@@ -168,10 +175,12 @@ class Daemon:
             raise RuntimeError(f"daemon thread failed: {self._fatal!r}") from self._fatal
 
     def close(self) -> None:
-        """Stop, join, and release sockets and the metrics server."""
+        """Stop, join, and release sockets, the metrics server and the CURVE authenticator."""
         self.stop()
         self.wait(timeout=30)
         self.metrics.close()
+        if self._curve is not None:
+            self._curve.stop()
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:

@@ -6,6 +6,9 @@ created with ``linger=0`` so that closing never blocks on a peer that vanished.
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import zmq
@@ -86,3 +89,83 @@ def result_subscriber(
 def mode_for_policy(policy: Policy) -> Literal["push", "pub"]:
     """The adapter socket mode that matches a daemon policy."""
     return "push" if policy == "lossless" else "pub"
+
+
+# ---------------------------------------------------------------------------------------------
+# CURVE: authenticated, encrypted ZeroMQ for use beyond loopback
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ``inproc://``, ``ipc://`` and TCP endpoints on 127.0.0.0/8, ::1 or localhost."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or "*" (all interfaces)
+
+
+def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        public, secret_key = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read CURVE certificate {path}: {exc}") from exc
+    if secret and secret_key is None:
+        raise ConfigError(f"{path} holds no secret key (use the .key_secret file)")
+    return public, secret_key
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """A client's CURVE identity: the daemon's public certificate and the client's own secret one."""
+
+    server_public: Path
+    client_secret: Path
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client (call before connect)."""
+        server_public, _ = _load(self.server_public, secret=False)
+        public, secret = _load(self.client_secret, secret=True)
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+
+class CurveServer:
+    """CURVE on the daemon's sockets; only clients whose public certificates lie in
+    ``authorized`` may connect (checked by a ZAP authenticator thread)."""
+
+    def __init__(self, ctx: zmq.Context, secret_file: Path, authorized: Path) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not authorized.is_dir():
+            raise ConfigError(f"CURVE authorized-keys folder {authorized} does not exist")
+        self._public, self._secret = _load(secret_file, secret=True)
+        self._auth = ThreadAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(authorized))
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server (call before bind)."""
+        sock.curve_secretkey = self._secret
+        sock.curve_publickey = self._public
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        """Stop the authenticator thread."""
+        self._auth.stop()
+
+
+def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """Write a new CURVE key pair ``name.key`` (public) and ``name.key_secret``; returns both paths."""
+    import zmq.auth
+
+    folder.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(folder), name)
+    Path(secret).chmod(0o600)
+    return Path(public), Path(secret)

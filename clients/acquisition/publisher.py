@@ -10,7 +10,7 @@ import numpy as np
 import zmq
 
 from service.protocol import MetaValue, encode_frame, frame_header
-from service.transport import connect, frame_output_socket
+from service.transport import ClientKeys, connect, frame_output_socket
 
 
 class FramePublisher:
@@ -30,10 +30,13 @@ class FramePublisher:
         hwm: int = 100,
         ctx: zmq.Context | None = None,
         first_seq: int = 0,
+        curve: ClientKeys | None = None,
     ) -> None:
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
         self._sock = frame_output_socket(self._ctx, mode, hwm=hwm)
+        if curve is not None:
+            curve.apply(self._sock)
         connect(self._sock, endpoint)
         self.endpoint = endpoint
         self.mode = mode

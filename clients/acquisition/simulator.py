@@ -22,6 +22,7 @@ import numpy as np
 
 from clients.acquisition.publisher import FramePublisher
 from models.synthetic import InSituSeries, Specimen, SpecimenConfig, SyntheticFrame
+from service.transport import ClientKeys
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class SimulatorOptions:
     insitu: bool = False
     truth_dir: Path | None = None
     calibrated: bool = True  # False sends frames without pixel size (tests uncalibrated handling)
+    curve: ClientKeys | None = None  # CURVE identity for a remote daemon
 
 
 def specimen_config(opts: SimulatorOptions) -> SpecimenConfig:
@@ -110,7 +112,7 @@ def run_simulator(
         opts.truth_dir.mkdir(parents=True, exist_ok=True)
     period = 1.0 / opts.rate_hz if opts.rate_hz else 0.0
     sent = 0
-    pub = FramePublisher(opts.endpoint, mode=opts.mode, source=opts.source)
+    pub = FramePublisher(opts.endpoint, mode=opts.mode, source=opts.source, curve=opts.curve)
     log(f"simulator: streaming {opts.modality} {opts.shape[0]}x{opts.shape[1]} {opts.dtype} "
         f"at {opts.pixel_size_nm} nm/px to {opts.endpoint} ({opts.mode})")
     t_next = time.monotonic()

@@ -50,3 +50,10 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, match: str) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.toml"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_remote_endpoint_without_curve_is_refused() -> None:
+    with pytest.raises(ConfigError, match="not on loopback"):
+        load_config(None, {"input.endpoint": "tcp://0.0.0.0:5555"})
+    cfg = load_config(None, {"input.endpoint": "tcp://0.0.0.0:5555", "security.allow_insecure_remote": True})
+    assert cfg.security.allow_insecure_remote

@@ -146,6 +146,17 @@ def test_example_config_documents_every_key() -> None:
     assert not missing, f"keys of service/config.py not documented in the example: {missing}"
 
 
+def test_readme_config_snippets_load(tmp_path: Path) -> None:
+    """Every TOML block in deploy/README.md is a valid daemon configuration."""
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.DOTALL)
+    assert blocks, "deploy/README.md has no TOML example"
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"readme-{i}.toml"
+        path.write_text(block, encoding="utf-8")
+        load_config(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Prometheus
 
