@@ -754,7 +754,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def run_size(size: int, frames: list[np.ndarray], daemons: dict[str, DaemonProc],
              args: argparse.Namespace, errors: list[str]) -> dict[str, Any]:
     """Run the engine baseline and the three streaming phases for one frame size."""
-    res: dict[str, Any] = {"frame_bytes": int(frames[0].nbytes)}
+    # other work on the host skews every number: keep its trace next to the numbers
+    res: dict[str, Any] = {"frame_bytes": int(frames[0].nbytes),
+                           "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
     print(f"[{size}²] engine baseline ...", flush=True)
     try:
         res["engine"] = measure_engine(frames, args, budget_s=args.seconds / 2)
@@ -782,6 +784,7 @@ def run_size(size: int, frames: list[np.ndarray], daemons: dict[str, DaemonProc]
             errors.append(f"{size} {phase}: {exc!r}")
     res["overhead"] = overhead_block(res["engine"], res.get("live_sustainable"),
                                      res.get("lossless"))
+    res["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return res
 
 

@@ -69,6 +69,7 @@ TRUTH_DTYPE = np.dtype(
 _DEFAULT_MIX: dict[str, float] = {"sphere": 0.65, "ellipse": 0.15, "rod": 0.05, "faceted": 0.15}
 _GAUSS_MIN_LAM = 12.0  # above this many electrons the normal approximation of Poisson is used
 _COUNTS_NOISELESS = 1000.0  # electrons per unit intensity when dose is None
+_THIRD_OVERLAP = 0.1  # an agglomerating particle may overlap others than its partner this much
 
 
 @dataclass(frozen=True)
@@ -245,31 +246,53 @@ def _sample_geometry(cfg: SpecimenConfig, rng: np.random.Generator, canvas: tupl
 
 
 def _place(g: _Geometry, rng: np.random.Generator, canvas: tuple[int, int], agg: float) -> None:
-    """Fill g.cy, g.cx: isolated particles avoid the others; agglomerated ones touch one."""
+    """Fill g.cy, g.cx: isolated particles avoid the others; agglomerated ones touch one.
+
+    A particle joining an agglomerate touches one particle exactly (support functions along
+    the joining direction, a gap or overlap of a few per cent) and may not interpenetrate any
+    third particle by more than ``_THIRD_OVERLAP`` of their radii; when no such spot is found
+    in a few tries it is placed on its own.
+    """
     py, pxw = canvas
     n = len(g)
     circ = np.array([max(_shape_axes(int(g.kind[i]), g.r[i], g.aspect[i], int(g.nsides[i])))
                      for i in range(n)])
     for i in range(n):
-        placed = i > 0
-        if placed and rng.random() < agg:
-            # touch a recent particle (chains and clusters form rather than pairs everywhere)
-            j = int(rng.integers(max(0, i - 8), i))
-            th = rng.uniform(0.0, 2.0 * np.pi)
-            ux, uy = math.cos(th), math.sin(th)
-            dist = (_support(g, j, ux, uy) + _support(g, i, -ux, -uy)) * rng.uniform(0.95, 1.03)
-            g.cy[i] = (g.cy[j] + dist * uy) % py
-            g.cx[i] = (g.cx[j] + dist * ux) % pxw
+        if i > 0 and rng.random() < agg:
+            for _ in range(8):
+                # touch a recent particle (chains and clusters form rather than pairs everywhere)
+                j = int(rng.integers(max(0, i - 8), i))
+                th = rng.uniform(0.0, 2.0 * np.pi)
+                ux, uy = math.cos(th), math.sin(th)
+                dist = (_support(g, j, ux, uy) + _support(g, i, -ux, -uy)) \
+                    * rng.uniform(0.95, 1.03)
+                cy, cx = (g.cy[j] + dist * uy) % py, (g.cx[j] + dist * ux) % pxw
+                dy = (g.cy[:i] - cy + py / 2) % py - py / 2
+                dx = (g.cx[:i] - cx + pxw / 2) % pxw - pxw / 2
+                clear = dy * dy + dx * dx >= ((1.0 - _THIRD_OVERLAP) * (g.r[:i] + g.r[i])) ** 2
+                clear[j] = True
+                if clear.all():
+                    g.cy[i], g.cx[i] = cy, cx
+                    break
+            else:
+                _place_alone(g, i, rng, canvas, circ)
             continue
-        for _ in range(25):
-            cy, cx = rng.uniform(0, py), rng.uniform(0, pxw)
-            if i == 0:
-                break
-            dy = (g.cy[:i] - cy + py / 2) % py - py / 2
-            dx = (g.cx[:i] - cx + pxw / 2) % pxw - pxw / 2
-            if np.all(dy * dy + dx * dx > (circ[:i] + circ[i] + 1.0) ** 2):
-                break
-        g.cy[i], g.cx[i] = cy, cx
+        _place_alone(g, i, rng, canvas, circ)
+
+
+def _place_alone(g: _Geometry, i: int, rng: np.random.Generator, canvas: tuple[int, int],
+                 circ: np.ndarray) -> None:
+    """Put particle i at a random spot clear of the others (the last try if none is clear)."""
+    py, pxw = canvas
+    for _ in range(25):
+        cy, cx = rng.uniform(0, py), rng.uniform(0, pxw)
+        if i == 0:
+            break
+        dy = (g.cy[:i] - cy + py / 2) % py - py / 2
+        dx = (g.cx[:i] - cx + pxw / 2) % pxw - pxw / 2
+        if np.all(dy * dy + dx * dx > (circ[:i] + circ[i] + 1.0) ** 2):
+            break
+    g.cy[i], g.cx[i] = cy, cx
 
 
 # --------------------------------------------------------------------------------------------
