@@ -101,7 +101,7 @@ class Detector:
             stride = th.post_stride if self.scale <= 1.0 else 1
         labels, scores = instances_from_logits(
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
-            min_core_px=th.min_core_px, post_stride=stride)
+            min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact)
         t3 = time.perf_counter()
         return Detection(labels, scores, {"preprocess": (t1 - t0) * 1e3,
                                           "engine": (t2 - t1) * 1e3,

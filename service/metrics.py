@@ -12,7 +12,7 @@ particles_measured_total{source}       counter
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
 latency_seconds                        histogram  acquisition → results published
-stage_seconds{stage}                   histogram  receive_wait, preprocess, engine, postprocess, measure, stats, alerts
+stage_seconds{stage}                   histogram  queue_wait, preprocess, engine, postprocess, measure, stats, alerts
 queue_depth                            gauge      frames accepted and waiting
 engine_info{backend,model,...}         info
 =====================================  =========  ==========================================

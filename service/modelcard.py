@@ -92,6 +92,8 @@ class Thresholds(_Strict):
     min_area_px: int = Field(4, ge=0)
     min_core_px: int = Field(1, ge=1)
     post_stride: int = Field(2, ge=1, le=4)
+    #: merge neighbours whose contact exceeds this x the smaller's ECD (None: never merge)
+    merge_contact: float | None = Field(1.6, gt=0)
 
 
 class TrainingInfo(_Strict):

@@ -137,6 +137,19 @@ def test_touching_discs_of_different_size_are_split_at_the_contact(stride: int) 
     np.testing.assert_allclose(np.sort(areas), np.sort([small.sum(), big.sum() - 0]), rtol=0.06)
 
 
+def test_a_sliver_cut_off_by_a_broken_core_is_merged_back() -> None:
+    fg = np.full((64, 64), -6.0, np.float32)
+    core = fg.copy()
+    fg[10:50, 10:50] = 6.0  # one 40 x 40 px particle
+    core[14:46, 14:38] = 6.0  # its core, broken: a big piece and a thin strip at the edge
+    core[14:46, 44:46] = 6.0
+    split, _ = instances_from_logits(fg, core, merge_contact=None)
+    assert split.max() == 2
+    merged, scores = instances_from_logits(fg, core)
+    assert merged.max() == 1 and scores.shape == (2,)
+    assert (merged[10:50, 10:50] == 1).all()
+
+
 def test_postprocess_drops_specks_and_scores_in_range() -> None:
     fg = np.full((64, 64), -6.0, np.float32)
     core = fg.copy()
