@@ -16,3 +16,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real microscope data not found at {SHARED_DATA} (see README, 'Test data')")
     return SHARED_DATA
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll ``predicate()`` until it returns a truthy value (returned) or ``timeout`` s pass.
+
+    For servers that offer no readiness notification (an HTTP endpoint); raises TimeoutError.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)  # allowed: polling an HTTP server that cannot notify us

@@ -1,0 +1,82 @@
+"""A real Prometheus server (Debian's) scrapes a running daemon with deploy/'s scrape settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.acquisition.publisher import FramePublisher
+from clients.subscriber import Subscriber
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.system
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read().decode())
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus is not installed (apt-get install prometheus)")
+def test_prometheus_scrapes_the_daemon(daemon_factory, tmp_path: Path) -> None:
+    d = daemon_factory("--policy", "lossless")
+    target = urllib.parse.urlparse(d.metrics).netloc
+    port = _free_port()
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "rule_files:\n  - " + str(Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml") + "\n"
+        "scrape_configs:\n  - job_name: nanoscout\n    static_configs:\n"
+        f"      - targets: ['{target}']\n"
+    )
+    n = 7
+    frame = np.full((128, 128), 300, np.uint16)
+    with Subscriber(d.output, topics=("det.",)) as sub, FramePublisher(d.input, source="prom") as pub:
+        sub.wait_ready()
+        for _ in range(n):
+            pub.send(frame, pixel_size_nm=0.5)
+        got = [m for _, m in zip(range(n), sub.messages(timeout=60), strict=False)]
+    assert len(got) == n
+    prom = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        query = base + "/api/v1/query?query=" + urllib.parse.quote('nanoscout_frames_processed_total{source="prom"}')
+
+        def scraped() -> list | None:
+            r = _get(query)
+            return r["data"]["result"] if r and r.get("status") == "success" and r["data"]["result"] else None
+
+        result = wait_until(scraped, timeout=60, interval=0.5, what="a scrape of the daemon")
+        assert float(result[0]["value"][1]) == n
+        rules = wait_until(lambda: _get(base + "/api/v1/rules"), timeout=30, what="rules API")
+        names = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
+        assert "NanoscoutDown" in names  # deploy/nanoscout-rules.yml loaded by a real server
+        up = wait_until(lambda: (_get(base + "/api/v1/query?query=up") or {}).get("data", {}).get("result"),
+                        timeout=30, what="up metric")
+        assert up[0]["value"][1] == "1"
+    finally:
+        prom.terminate()
+        prom.wait(30)
