@@ -22,6 +22,7 @@ import multiprocessing as mp
 import time
 from dataclasses import replace
 from pathlib import Path
+from queue import Empty
 
 import numpy as np
 import torch
@@ -181,6 +182,18 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
         queue.put(pool.batch(batch))
 
 
+def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Return the next batch; raises RuntimeError when the data process has died."""
+    while True:
+        try:
+            return queue.get(timeout=5.0)
+        except Empty:
+            if not producer.is_alive():
+                raise RuntimeError(f"data process exited with code {producer.exitcode} "
+                                   "before producing all batches") from None
+
+
 def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
           log_every: int = 50) -> tuple[ParticleUNet, dict[str, float]]:
     """Train a ParticleUNet; returns the model (eval mode) and a summary (seconds, last loss)."""
@@ -202,7 +215,7 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
     t_data = t_step = 0.0
     for step in range(steps):
         a = time.perf_counter()
-        xn, yn = queue.get(timeout=600)
+        xn, yn = _next_batch(queue, producer)
         x, y = torch.from_numpy(xn), torch.from_numpy(yn)
         b = time.perf_counter()
         loss = loss_fn(model(x), y)

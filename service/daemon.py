@@ -291,39 +291,50 @@ class Daemon:
     def _process(self, item: _Item) -> None:
         h = item.header
         try:
-            result = self.pipeline.process(h, item.pixels, item.t_recv_ns)
+            det = self.pipeline.detections(h, item.pixels, item.t_recv_ns)
         except NanoscoutError as exc:
-            reason = exc.reason if exc.reason in ("nonfinite", "shape") else "engine_failure"
-            if reason == "engine_failure":
-                self._drop(reason)
-                self.last_error = f"frame {h.source}#{h.seq}: {exc}"
-                log.error("frame %s#%d dropped: %s", h.source, h.seq, exc)
+            if exc.reason in ("nonfinite", "shape"):
+                self._reject(exc.reason, f"frame {h.source}#{h.seq}: {exc}")
             else:
-                self._reject(reason, f"frame {h.source}#{h.seq}: {exc}")
+                self._engine_failure(h, exc)
             return
         except Exception as exc:  # an engine runtime error must not kill the daemon
-            self._drop("engine_failure")
-            self.last_error = f"frame {h.source}#{h.seq}: {exc!r}"
-            log.exception("frame %s#%d failed in the pipeline", h.source, h.seq)
+            self._engine_failure(h, exc)
             return
-        out = [encode_message(result.det, result.table), encode_message(result.stats)]
-        out += [encode_message(ah, rows) for ah, rows in result.alerts]
-        for msg in out:
-            self._out.put(msg)
-        det = result.det
-        lat_s = (det.t_done_ns - det.t_acq_ns) / 1e9
+        self._out.put(encode_message(det.header, det.table))
         m = self.metrics
+        dh = det.header
+        lat_s = (dh.t_done_ns - dh.t_acq_ns) / 1e9
         m.latency.observe(max(lat_s, 0.0))
-        for stage, ms in det.stage_ms.items():
+        for stage, ms in dh.stage_ms.items():
             m.stage.labels(stage=stage).observe(ms / 1e3)
-        m.stage.labels(stage="queue_wait").observe(max(0.0, (det.t_done_ns - item.t_recv_ns) / 1e9 - sum(det.stage_ms.values()) / 1e3))
-        m.particles.labels(source=h.source).inc(det.n)
-        for ah, _ in result.alerts:
-            m.alerts.labels(rule=ah.rule, severity=ah.severity).inc()
-        m.frames_processed.labels(source=h.source).inc()
+        busy_s = sum(dh.stage_ms.values()) / 1e3
+        m.stage.labels(stage="queue_wait").observe(max(0.0, (dh.t_done_ns - item.t_recv_ns) / 1e9 - busy_s))
+        m.particles.labels(source=h.source).inc(dh.n)
         self._lat_ms.append(lat_s * 1e3)
+
+        try:
+            summary = self.pipeline.summarise(h, det)
+        except Exception as exc:  # statistics or a rule failed: the detections are out already
+            self.last_error = f"frame {h.source}#{h.seq}: summary failed: {exc!r}"
+            log.exception("frame %s#%d: statistics/alerts failed", h.source, h.seq)
+            self._count(self.dropped, "summary_failure")
+            m.frames_dropped.labels(reason="summary_failure").inc()
+        else:
+            self._out.put(encode_message(summary.stats))
+            for ah, rows in summary.alerts:
+                self._out.put(encode_message(ah, rows))
+                m.alerts.labels(rule=ah.rule, severity=ah.severity).inc()
+            for stage, ms in summary.stage_ms.items():
+                m.stage.labels(stage=stage).observe(ms / 1e3)
+        m.frames_processed.labels(source=h.source).inc()
         self._done_t.append(time.monotonic())
         self.processed += 1
+
+    def _engine_failure(self, h: FrameHeader, exc: BaseException) -> None:
+        self._drop("engine_failure")
+        self.last_error = f"frame {h.source}#{h.seq}: {exc!r}"
+        log.error("frame %s#%d dropped: %r", h.source, h.seq, exc, exc_info=not isinstance(exc, NanoscoutError))
 
     def _health(self) -> HealthHeader:
         now = time.monotonic()

@@ -1,5 +1,9 @@
 """The per-frame pipeline: pixels → particle instances → measurements → statistics → alerts.
 
+Two phases per frame: :meth:`Pipeline.detections` (detect + measure → ``det`` message) and
+:meth:`Pipeline.summarise` (rolling statistics + alert rules → ``stats`` and ``alert``
+messages), so the daemon can publish the particle table before the summaries are computed.
+
 No sockets and no threads here: :class:`Pipeline` is called by the daemon's worker thread and by
 the offline ``nanoscout measure`` command alike, so both give identical numbers.
 """
@@ -32,13 +36,20 @@ class Analysis:
 
 
 @dataclass
-class FrameResult:
-    """Everything published for one frame."""
+class Detections:
+    """The ``det`` message of one frame: header and particle table."""
 
-    det: DetHeader
+    header: DetHeader
     table: np.ndarray
+
+
+@dataclass
+class Summary:
+    """The ``stats`` message and the alerts that fired for one frame, with stage times (ms)."""
+
     stats: StatsHeader
     alerts: list[tuple[AlertHeader, np.ndarray]] = field(default_factory=list)
+    stage_ms: dict[str, float] = field(default_factory=dict)
 
 
 def check_pixels(pixels: np.ndarray) -> None:
@@ -96,16 +107,41 @@ class Pipeline:
             stats = self._stats[source] = SizeStatistics(self.stats_config)
         return stats
 
-    def process(self, header: FrameHeader, pixels: np.ndarray, t_recv_ns: int) -> FrameResult:
-        """Run the whole pipeline on one validated frame and build its result messages."""
-        a = self.analyse(pixels, header.pixel_size_nm)
-        stage_ms = a.stage_ms
+    def detections(self, header: FrameHeader, pixels: np.ndarray, t_recv_ns: int) -> Detections:
+        """First phase: detect and measure; returns the ``det`` message, ready to publish.
 
+        Published before :meth:`summarise` runs, so the particle table reaches subscribers
+        without waiting for statistics and alert rules.
+        """
+        a = self.analyse(pixels, header.pixel_size_nm)
+        det = DetHeader(
+            source=header.source,
+            seq=header.seq,
+            t_acq_ns=header.t_acq_ns,
+            t_recv_ns=t_recv_ns,
+            t_done_ns=time.time_ns(),
+            stage_ms={k: round(v, 3) for k, v in a.stage_ms.items()},
+            pixel_size_nm=header.pixel_size_nm,
+            units=a.units,  # type: ignore[arg-type]
+            n=len(a.table),
+            engine=self.engine_name,
+            model=self.model_name,
+            shape=header.shape,
+            modality=header.modality,
+            stage=header.stage,
+            meta=header.meta,
+        )
+        return Detections(det, a.table)
+
+    def summarise(self, header: FrameHeader, det: Detections) -> Summary:
+        """Second phase: update the source's statistics and evaluate the alert rules."""
+        stage_ms: dict[str, float] = {}
+        units = det.header.units
         t0 = time.perf_counter()
         px_um = header.pixel_size_nm / 1000.0 if header.pixel_size_nm else None
         area_um2 = header.shape[0] * header.shape[1] * px_um**2 if px_um else None
         stats = self.statistics(header.source)
-        stats.update(a.table, t_ns=header.t_acq_ns, frame_area_um2=area_um2)
+        stats.update(det.table, t_ns=header.t_acq_ns, frame_area_um2=area_um2)
         snap = stats.snapshot()
         stage_ms["stats"] = (time.perf_counter() - t0) * 1e3
 
@@ -116,13 +152,12 @@ class Pipeline:
             seq=header.seq,
             t_ns=header.t_acq_ns,
             stage=stage_xy,
-            table=a.table,
+            table=det.table,
             stats=snap,
-            units=a.units,
+            units=units,
             pixel_size_nm=header.pixel_size_nm,
         )
         stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
-
         alerts = [
             (
                 AlertHeader(
@@ -135,7 +170,7 @@ class Pipeline:
                     value=float(al.value),
                     threshold=float(al.threshold),
                     explanation=al.explanation,
-                    units=a.units,  # type: ignore[arg-type]
+                    units=units,
                     stage=header.stage,
                     n=len(al.particles),
                 ),
@@ -143,34 +178,16 @@ class Pipeline:
             )
             for al in fired
         ]
-        now = time.time_ns()
-        det = DetHeader(
-            source=header.source,
-            seq=header.seq,
-            t_acq_ns=header.t_acq_ns,
-            t_recv_ns=t_recv_ns,
-            t_done_ns=now,
-            stage_ms={k: round(v, 3) for k, v in stage_ms.items()},
-            pixel_size_nm=header.pixel_size_nm,
-            units=a.units,  # type: ignore[arg-type]
-            n=len(a.table),
-            engine=self.engine_name,
-            model=self.model_name,
-            shape=header.shape,
-            modality=header.modality,
-            stage=header.stage,
-            meta=header.meta,
-        )
         stats_header = StatsHeader(
             source=header.source,
             seq=header.seq,
-            t_ns=now,
-            units=snap.get("units", a.units),
+            t_ns=time.time_ns(),
+            units=snap.get("units", units),
             window=snap.get("window", {}),
             cumulative=snap.get("cumulative", {}),
             drift=snap.get("drift", {}) or {},
         )
-        return FrameResult(det, a.table, stats_header, alerts)
+        return Summary(stats_header, alerts, stage_ms)
 
     @property
     def suppressed_alerts(self) -> dict[str, int]:

@@ -30,9 +30,9 @@ def test_authorised_clients_work_and_strangers_are_refused(daemon_factory, tmp_p
 
     with Subscriber(d.output, topics=("det.", "health"), curve=friend) as sub:
         sub.wait_ready()
-        with Subscriber(d.output, topics=("health",), curve=stranger) as spy:
-            with pytest.raises(TimeoutError):
-                spy.wait_ready(timeout=2.0)
+        with Subscriber(d.output, topics=("health",), curve=stranger) as spy, \
+                pytest.raises(TimeoutError):
+            spy.wait_ready(timeout=2.0)
         # the stranger's socket stays open while the friend's frame goes through, so its frame
         # would have arrived first had the handshake been accepted
         with FramePublisher(d.input, source="intruder", curve=stranger) as bad, \
