@@ -93,6 +93,7 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         fields=args.fields,
         dwell=args.dwell,
+        drift_px_per_frame=(args.drift[1], args.drift[0]),
         insitu=args.insitu,
         truth_dir=args.truth_dir,
         calibrated=not args.uncalibrated,
@@ -210,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fields", type=int, default=4, help="fields of view on the virtual stage")
     s.add_argument("--dwell", type=int, default=5, help="frames per field of view")
+    s.add_argument("--drift", type=float, nargs=2, default=(0.0, 0.0), metavar=("X", "Y"),
+                   help="specimen drift while dwelling, px/frame (x, y)")
     s.add_argument("--insitu", action="store_true", help="E-TEM: particles grow and coalesce")
     s.add_argument("--truth-dir", type=Path, help="write ground truth per frame here (.npz)")
     s.add_argument("--uncalibrated", action="store_true", help="send frames without pixel size")

@@ -2,7 +2,8 @@
 
 The specimen comes from :mod:`models.synthetic`. The virtual stage rasters over ``fields``
 fields of view (each its own specimen area, ``field_um`` apart) and dwells ``dwell`` frames on
-each; every frame is a fresh acquisition (new shot noise and drift). With ``insitu`` the
+each; every frame is a fresh acquisition (new shot noise, and ``drift_px_per_frame`` of
+specimen drift accumulating while the stage dwells). With ``insitu`` the
 particles grow and coalesce over time (E-TEM), on a fixed field of view.
 
 Ground truth can be written per frame (``truth_dir/<source>-<seq>.npz``: ``labels``, the
@@ -44,6 +45,7 @@ class SimulatorOptions:
     fields: int = 4
     dwell: int = 5
     field_um: float = 2.0
+    drift_px_per_frame: tuple[float, float] = (0.0, 0.0)  # specimen drift (rows, cols) while dwelling
     insitu: bool = False
     truth_dir: Path | None = None
     calibrated: bool = True  # False sends frames without pixel size (tests uncalibrated handling)
@@ -82,7 +84,9 @@ def frames(opts: SimulatorOptions) -> Iterator[tuple[SyntheticFrame, tuple[float
         row, col = divmod(field, side)
         if row % 2:  # serpentine raster
             col = side - 1 - col
-        yield spec.acquire(rng), (col * opts.field_um, row * opts.field_um)
+        dwelt = k % opts.dwell
+        shift = (dwelt * opts.drift_px_per_frame[0], dwelt * opts.drift_px_per_frame[1])
+        yield spec.acquire(rng, shift_px=shift), (col * opts.field_um, row * opts.field_um)
         k += 1
 
 
