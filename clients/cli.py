@@ -169,6 +169,7 @@ def _models(args: argparse.Namespace) -> int:
                 "training and export need PyTorch: pip install torch==2.13.0 && pip install -e '.[train]'"
             ) from exc
         raise
+    sys.argv[0] = f"nanoscout models {args.action}"  # argparse's prog in the action's --help
     return int(mod.main(args.rest) or 0)
 
 

@@ -118,7 +118,7 @@ def test_l_shape_is_concave() -> None:
 def test_hull_matches_brute_force_on_random_shapes() -> None:
     rng = np.random.default_rng(3)
     lab = synthetic_labels((160, 160), 25, 14.0, seed=5)
-    # add blobby and disconnected shapes, a tall one (Qhull path) and single pixels
+    # add blobby and disconnected shapes, a tall thin one and single pixels
     lab[rng.integers(0, 160, 60), rng.integers(0, 160, 60)] = 40
     lab[2:150, 150:153] = 41
     lab[100, 100] = 42
@@ -248,3 +248,167 @@ def test_real_emps_instance_maps_agree_with_regionprops_and_brute_force() -> Non
             assert row["solidity"] == pytest.approx(row["area_nm2"] / hull_area, rel=1e-5)
             assert row["feret_max_nm"] == pytest.approx(dmax, rel=1e-5)
             assert row["feret_min_nm"] == pytest.approx(dmin, rel=1e-5)
+
+
+# ------------------------------------------------ run-based geometry against brute force
+
+
+def brute_perimeter(mask: np.ndarray) -> float:
+    """Length (px) of the marching-squares contour at 0.5 of a binary mask, holes included."""
+    contours = find_contours(np.pad(mask, 1).astype(float), 0.5)
+    return float(sum(np.hypot(*np.diff(c, axis=0).T).sum() for c in contours))
+
+
+def brute_ellipse(mask: np.ndarray) -> tuple[float, float, float]:
+    """Major, minor (px) and orientation (deg) by the documented ImageJ formulas, from pixels."""
+    r, c = np.nonzero(mask)
+    x, y = c.astype(float), r.astype(float)
+    vxx = x.var() + 1 / 12
+    vyy = y.var() + 1 / 12
+    vxy = ((x - x.mean()) * (y - y.mean())).mean()
+    half, disc = (vxx + vyy) / 2, math.sqrt((vxx - vyy) ** 2 / 4 + vxy**2)
+    ratio = math.sqrt((half + disc) / (half - disc))
+    base = 4 * mask.sum() / math.pi
+    angle = 0.5 * math.degrees(math.atan2(-2 * vxy, vxx - vyy))
+    return math.sqrt(base * ratio), math.sqrt(base / ratio), angle + 180 if angle <= -90 else angle
+
+
+def random_shapes(seed: int, size: int = 96) -> np.ndarray:
+    """A label map mixing blobs, rotated rectangles (parallel hull edges), triangles, lines,
+    single pixels, holes, disconnected labels and particles cut by the image edge."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(float)
+    lab = np.zeros((size, size), np.int32)
+    for k in range(1, 13):
+        cx, cy = rng.uniform(-4, size + 4, 2)
+        kind = k % 6
+        if kind == 0:  # rotated rectangle
+            th = rng.uniform(0, math.pi)
+            u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
+            v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
+            m = (abs(u) <= rng.uniform(1, 14)) & (abs(v) <= rng.uniform(0.5, 6))
+        elif kind == 1:  # triangle
+            p = rng.uniform(-12, 12, (3, 2)) + (cx, cy)
+            s = [
+                (xx - p[i, 0]) * (p[(i + 1) % 3, 1] - p[i, 1])
+                - (yy - p[i, 1]) * (p[(i + 1) % 3, 0] - p[i, 0])
+                for i in range(3)
+            ]
+            pos = (s[0] >= 0) & (s[1] >= 0) & (s[2] >= 0)
+            m = pos | ((s[0] <= 0) & (s[1] <= 0) & (s[2] <= 0))
+        elif kind == 2:  # blob: union of random disks, maybe with a hole
+            m = np.zeros_like(lab, bool)
+            for _ in range(rng.integers(1, 5)):
+                ox, oy = rng.normal(0, 5, 2)
+                m |= (xx - cx - ox) ** 2 + (yy - cy - oy) ** 2 <= rng.uniform(1, 8) ** 2
+            if rng.random() < 0.5:
+                m &= (xx - cx) ** 2 + (yy - cy) ** 2 > 2.5**2
+        elif kind == 3:  # scattered pixels (one disconnected label)
+            m = np.zeros_like(lab, bool)
+            m[rng.integers(0, size, 8), rng.integers(0, size, 8)] = True
+        elif kind == 4:  # digital line of any slope
+            t = np.linspace(0, 1, 60)
+            ex, ey = rng.uniform(-20, 20, 2)
+            m = np.zeros_like(lab, bool)
+            m[
+                np.clip(np.round(cy + t * ey), 0, size - 1).astype(int),
+                np.clip(np.round(cx + t * ex), 0, size - 1).astype(int),
+            ] = True
+        else:  # ellipse
+            th = rng.uniform(0, math.pi)
+            u = (xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)
+            v = -(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)
+            m = (u / rng.uniform(1, 15)) ** 2 + (v / rng.uniform(1, 6)) ** 2 <= 1
+        lab[m] = k
+    return lab
+
+
+def assert_matches_brute_force(lab: np.ndarray) -> None:
+    t = measure(lab, None)
+    assert t["id"].tolist() == [k for k in np.unique(lab).tolist() if k != 0]
+    for row in t:
+        x0, y0, x1, y1 = row["bbox"].tolist()
+        m = lab[y0:y1, x0:x1] == row["id"]
+        assert m.sum() == (lab == row["id"]).sum()  # the bbox holds every pixel
+        hull_area, dmax, dmin = brute_hull(m)
+        assert row["solidity"] == pytest.approx(min(m.sum() / hull_area, 1.0), rel=1e-6)
+        assert row["feret_max_nm"] == pytest.approx(dmax, rel=1e-6)
+        assert row["feret_min_nm"] == pytest.approx(dmin, rel=1e-6)
+        circularity = min(4 * math.pi * m.sum() / brute_perimeter(m) ** 2, 1.0)
+        assert row["circularity"] == pytest.approx(circularity, rel=1e-6)
+        major, minor, angle = brute_ellipse(m)
+        assert row["major_nm"] == pytest.approx(major, rel=1e-5)
+        assert row["minor_nm"] == pytest.approx(minor, rel=1e-5)
+        assert -90.0 < row["orientation_deg"] <= 90.0
+        if major / minor > 1.001:  # the angle of a round particle is ill-conditioned
+            # an axis angle is defined modulo 180° (±90 differ by rounding noise only)
+            assert (row["orientation_deg"] - angle + 90.0) % 180.0 - 90.0 == pytest.approx(
+                0.0, abs=1e-3
+            )
+        r, c = np.nonzero(m)
+        assert (row["x"], row["y"]) == pytest.approx((c.mean() + x0, r.mean() + y0), abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_shapes_match_brute_force(seed: int) -> None:
+    assert_matches_brute_force(random_shapes(seed))
+
+
+def test_flips_and_transposes_leave_shape_measures_unchanged() -> None:
+    lab = random_shapes(11, size=80)
+    ref = measure(lab, None)
+    for view in (lab.T, lab[::-1], lab[:, ::-1], lab[::-1, ::-1].T):
+        t = measure(np.ascontiguousarray(view), None)
+        assert t["id"].tolist() == ref["id"].tolist()
+        for f in ("area_nm2", "feret_max_nm", "feret_min_nm", "solidity", "circularity"):
+            np.testing.assert_allclose(t[f], ref[f], rtol=1e-6, err_msg=f)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 2), (3, 7)])
+def test_tiny_images(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    for _ in range(5):
+        assert_matches_brute_force(rng.integers(0, 3, shape).astype(np.uint8))
+
+
+def test_hull_pruning_fallback_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.measure as m
+
+    # a bar sticking out from the top of each disk hides the disk's left arc from the hull;
+    # pruning then drops one arc point per round, so a round limit of 1 needs the fallback
+    size = 120
+    yy, xx = np.mgrid[0:size, 0:size]
+    lab = np.zeros((size, size), np.int32)
+    lab[(xx - 70) ** 2 + (yy - 60) ** 2 <= 40**2] = 1
+    lab[18:20, 2:70] = 1
+    lab[100:118, 2:20] = 2
+    calls: list[int] = []
+    finish = m._finish_chains
+
+    def spy(*args: np.ndarray) -> None:
+        calls.append(1)
+        finish(*args)
+
+    monkeypatch.setattr(m, "_MAX_PRUNE_ROUNDS", 1)
+    monkeypatch.setattr(m, "_finish_chains", spy)
+    assert_matches_brute_force(lab)
+    assert calls, "the test shape no longer needs the sequential fallback"
+
+
+def test_feret_search_in_blocks_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.measure as m
+
+    lab = synthetic_labels((200, 200), 60, 11.0, seed=4)
+    ref = measure(lab, None)
+    monkeypatch.setattr(m, "_SEARCH_BLOCK", 7)
+    t = measure(lab, None)
+    np.testing.assert_array_equal(t["feret_max_nm"], ref["feret_max_nm"])
+    np.testing.assert_array_equal(t["feret_min_nm"], ref["feret_min_nm"])
+
+
+@pytest.mark.skipif(not EMPS.is_dir(), reason=f"real EMPS instance maps not found at {EMPS}")
+def test_real_emps_instance_maps_match_brute_force_for_every_particle() -> None:
+    from PIL import Image
+
+    for path in sorted(EMPS.glob("*.png"))[6:14]:
+        assert_matches_brute_force(np.asarray(Image.open(path)))
