@@ -3,7 +3,9 @@
 ``Detector(engine, card).detect(image)`` normalises the frame (``service.preprocess``), resamples
 it by the working-scale factor, pads it to the network stride, runs the engine, brings the
 foreground/core logits back to the frame's own pixel grid and turns them into instances
-(``service.instances``). Labels are always on the original frame's grid.
+(``service.instances``). Labels are always on the original frame's grid. When the frame was
+resampled, the foreground logits are resampled to the whole frame (outlines at full
+resolution) but the core logits only at the block centres the post-processing reads.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 
 from service.engines.base import Engine
 from service.errors import ConfigError, EngineFailure, ModelCardError
-from service.instances import instances_from_logits
+from service.instances import block_centres, instances_from_logits
 from service.modelcard import ModelCard
 from service.preprocess import check_frame, normalize, pad_to_multiple, resize_bilinear
 
@@ -90,15 +92,18 @@ class Detector:
             got = None if logits is None else logits.shape
             raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, expected "
                                 f"(1, C, {x.shape[0]}, {x.shape[1]})")
+        # views, no copies: the post-processing reads the padded output in place
         fg = logits[0, self._fg, :wh, :ww]
         core = logits[0, self._core, :wh, :ww]
         th = self.thresholds
         stride = th.post_stride
         if (wh, ww) != (h, w):
-            fg = resize_bilinear(fg, (h, w))
-            core = resize_bilinear(core, (h, w))
             # after upsampling small particles cover few frame pixels: keep full resolution
             stride = th.post_stride if self.scale <= 1.0 else 1
+            fg = resize_bilinear(fg, (h, w))
+            # the core is only read at the block centres: resample just those
+            core = resize_bilinear(core, (h, w), rows=block_centres(h, stride),
+                                   cols=block_centres(w, stride))
         labels, scores = instances_from_logits(
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
             min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact)

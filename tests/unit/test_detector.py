@@ -13,7 +13,7 @@ from models.synthetic import Specimen, SpecimenConfig, render
 from service.detector import Detection, Detector
 from service.engines.base import Engine, TensorSpec
 from service.errors import EngineFailure, FrameError, ModelCardError
-from service.instances import instances_from_logits
+from service.instances import _grow, _label_runs, _runs, block_centres, instances_from_logits
 from service.modelcard import (
     InputSpec,
     ModelCard,
@@ -23,7 +23,13 @@ from service.modelcard import (
     TrainingInfo,
     WorkingScale,
 )
-from service.preprocess import normalize, pad_to_multiple, resize_bilinear, resize_nearest
+from service.preprocess import (
+    _percentiles,
+    normalize,
+    pad_to_multiple,
+    resize_bilinear,
+    resize_nearest,
+)
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
 ONNX = WEIGHTS / "detector.onnx"
@@ -99,6 +105,26 @@ def test_normalize_keeps_polarity_and_handles_dtypes() -> None:
         normalize(np.array([[1.0, np.nan], [0.0, 1.0]]))
 
 
+def test_histogram_percentiles_equal_numpy() -> None:
+    rng = np.random.default_rng(3)
+    q = (0.5, 99.5)
+    for dtype, lo, hi in ((np.uint8, 0, 255), (np.uint16, 40, 4000), (np.uint16, 0, 65535),
+                          (np.int16, -300, 900), (np.int32, -70000, 70000),
+                          (np.uint32, 10, 60000)):
+        for n in (1, 2, 7, 4096):
+            a = rng.integers(lo, hi, (n, 3), endpoint=True).astype(dtype)
+            # the reference in int64: numpy interpolates narrow integers in their own dtype,
+            # which overflows for int16 samples spanning more than 32767
+            assert _percentiles(a, q) == tuple(np.percentile(a.astype(np.int64), q)), (dtype, n)
+    f = rng.normal(size=(64, 64)).astype(np.float32)
+    assert _percentiles(f, q) == tuple(np.percentile(f, q))
+    wide = np.array([[-(2 ** 30), 0, 2 ** 30]], np.int64)  # beyond the histogram: numpy itself
+    assert _percentiles(wide, q) == tuple(np.percentile(wide, q))
+    # boolean frames (numpy's percentile refuses them) normalise like 0 / 1 images
+    x = normalize(np.eye(8, dtype=bool))
+    assert x.dtype == np.float32 and x.max() == 1.0 and x.min() == 0.0
+
+
 def test_pad_and_resize() -> None:
     a = np.arange(30 * 50, dtype=np.float32).reshape(30, 50)
     p, pads = pad_to_multiple(a, 16)
@@ -110,6 +136,9 @@ def test_pad_and_resize() -> None:
     assert up.shape == (60, 100) and up.dtype == np.float32
     assert up.min() >= a.min() and up.max() <= a.max()
     np.testing.assert_allclose(resize_bilinear(up, (30, 50)), a, atol=30)
+    rows, cols = np.array([0, 7, 59]), np.arange(1, 100, 3)
+    np.testing.assert_array_equal(resize_bilinear(a, (60, 100), rows=rows, cols=cols),
+                                  up[np.ix_(rows, cols)])
     lab = np.array([[1, 2], [3, 4]], np.int32)
     np.testing.assert_array_equal(resize_nearest(lab, (4, 4)),
                                   np.kron(lab, np.ones((2, 2), np.int32)))
@@ -163,6 +192,109 @@ def test_postprocess_drops_specks_and_scores_in_range() -> None:
     empty, s0 = instances_from_logits(np.full((32, 48), -5, np.float32),
                                       np.full((32, 48), -5, np.float32))
     assert empty.max() == 0 and s0.shape == (1,)
+
+
+def _random_logits(rng: np.random.Generator, shape: tuple[int, int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Blobby logit maps: touching particles with broken, merged and missing cores."""
+    from scipy import ndimage as ndi
+
+    fg = ndi.gaussian_filter(rng.normal(size=shape), 2.0)
+    core = ndi.gaussian_filter(rng.normal(size=shape), 1.5)
+    return ((fg + 0.02) * 60).astype(np.float32), ((core - 0.1) * 60).astype(np.float32)
+
+
+def test_run_labelling_matches_scipy_label() -> None:
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    for k in range(60):
+        h, w = rng.integers(1, 50, 2)
+        mask = np.zeros((h + 2, w + 2), bool)
+        mask[1:-1, 1:-1] = rng.random((h, w)) < (0.25 + 0.5 * (k % 3) / 2)
+        pix = np.flatnonzero(mask)
+        if pix.size == 0:
+            continue
+        first, length = _runs(pix)
+        run_lab = _label_runs(pix[first], length, w + 2)
+        ref, n = ndi.label(mask)
+        assert run_lab.max() + 1 == n
+        np.testing.assert_array_equal(np.repeat(run_lab + 1, length), ref.reshape(-1)[pix])
+
+
+def _grow_reference(inst: np.ndarray, todo: np.ndarray, rate: np.ndarray, max_iter: int
+                    ) -> np.ndarray:
+    """The growth rule, step by step over the whole grid (slow, obviously right)."""
+    out = inst.copy()
+    todo = todo.copy()
+    for j in range(1, 2 * max_iter):
+        active = (np.floor(j * rate) > np.floor((j - 1) * rate)) if j <= max_iter \
+            else np.ones(rate.size, bool)
+        active[0] = False
+        src = np.where(active[out], out, 0)
+        best = np.zeros_like(out)
+        best[1:] = np.maximum(best[1:], src[:-1])
+        best[:-1] = np.maximum(best[:-1], src[1:])
+        best[:, 1:] = np.maximum(best[:, 1:], src[:, :-1])
+        best[:, :-1] = np.maximum(best[:, :-1], src[:, 1:])
+        claim = todo & (best > 0)
+        out[claim] = best[claim]
+        todo &= ~claim
+    return out
+
+
+def test_growth_matches_the_step_by_step_rule() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        h, w = rng.integers(3, 30, 2)
+        grid = np.zeros((h + 2, w + 2), np.int32)
+        n_seeds = int(rng.integers(1, 6))
+        todo = np.zeros(grid.shape, bool)
+        todo[1:-1, 1:-1] = rng.random((h, w)) < 0.8
+        for k in range(1, n_seeds + 1):  # one- or two-pixel seeds, some touching
+            r, c = rng.integers(1, h + 1), rng.integers(1, w + 1)
+            grid[r, c:c + int(rng.integers(1, 3))] = k
+        grid[:, -1] = grid[:, 0] = 0
+        todo &= grid == 0
+        rate = np.concatenate([[0.0], rng.choice([1.0, 0.7, 0.35, 0.1], n_seeds)])
+        max_iter = int(rng.choice([3, 64]))
+        expected = _grow_reference(grid, todo, rate, max_iter)
+        got = grid.copy()
+        _grow(got, np.flatnonzero(got), todo.copy(), rate, max_iter)
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_core_given_at_the_block_centres_gives_the_same_instances(stride: int) -> None:
+    rng = np.random.default_rng(stride)
+    for shape in ((64, 64), (61, 90), (7, 5)):
+        fg, core = _random_logits(rng, shape)
+        full = instances_from_logits(fg, core, post_stride=stride)
+        sampled = core[np.ix_(block_centres(shape[0], stride), block_centres(shape[1], stride))]
+        part = instances_from_logits(fg, sampled, post_stride=stride)
+        np.testing.assert_array_equal(full[0], part[0])
+        np.testing.assert_array_equal(full[1], part[1])
+        # a crop of a larger map (rows not contiguous) reads the same pixels
+        big_fg = np.zeros((shape[0], shape[1] + 9), np.float32)
+        big_core = big_fg.copy()
+        big_fg[:, :shape[1]], big_core[:, :shape[1]] = fg, core
+        crop = instances_from_logits(big_fg[:, :shape[1]], big_core[:, :shape[1]],
+                                     post_stride=stride)
+        np.testing.assert_array_equal(full[0], crop[0])
+    with pytest.raises(ValueError, match="block centres"):
+        instances_from_logits(np.zeros((8, 8), np.float32), np.zeros((3, 8), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (2, 3), (5, 5)])
+def test_tiny_frames_are_labelled(shape: tuple[int, int]) -> None:
+    fg = np.full(shape, 5.0, np.float32)  # all foreground, no core
+    for stride in (1, 2, 3):
+        labels, scores = instances_from_logits(fg, fg * 0 - 5, post_stride=stride, min_area_px=1)
+        assert labels.shape == shape and labels.dtype == np.int32
+        assert (labels == 1).all() and scores.shape == (2,) and 0.49 < scores[1] < 0.5
+    assert block_centres(1, 2).tolist() == [0]
+    assert block_centres(7, 2).tolist() == [1, 3, 5, 5]
+    assert block_centres(6, 3).tolist() == [1, 4]
 
 
 def test_match_instances() -> None:
