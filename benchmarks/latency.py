@@ -139,16 +139,22 @@ class Record:
 def latency_block(records: list[Record]) -> dict[str, Any]:
     """Return latency summaries (ms) and per-stage p50 times (ms) of a phase's results."""
     stages: dict[str, list[float]] = {}
-    queue_wait, transport_in, transport_out = [], [], []
+    queue_wait, transport_in, transport_out, overhead = [], [], [], []
     for r in records:
         for k, v in r.stage_ms.items():
             stages.setdefault(k, []).append(v)
         work = sum(r.stage_ms.values())
         # what the daemon spent on this frame outside its timed stages: waiting in the queue /
         # live slot behind the frame being analysed, plus result encoding
-        queue_wait.append(max(0.0, (r.t_done - r.t_recv) / 1e6 - work))
+        wait = max(0.0, (r.t_done - r.t_recv) / 1e6 - work)
+        queue_wait.append(wait)
         transport_in.append((r.t_recv - r.t_acq) / 1e6)
         transport_out.append((r.t_sub - r.t_done) / 1e6)
+        # this frame's own way from acquisition to the subscriber, minus the time it waited
+        # behind other frames, beyond its network inference: the pipeline's overhead
+        infer = r.stage_ms.get("engine")
+        if infer:
+            overhead.append(((r.t_sub - r.t_acq) / 1e6 - wait - infer) / infer)
     return {
         "latency_done_ms": summary([(r.t_done - r.t_acq) / 1e6 for r in records]),
         "latency_subscriber_ms": summary([(r.t_sub - r.t_acq) / 1e6 for r in records]),
@@ -157,6 +163,7 @@ def latency_block(records: list[Record]) -> dict[str, Any]:
         "queue_wait_ms": summary(queue_wait),
         "transport_in_ms": summary(transport_in),
         "transport_out_ms": summary(transport_out),
+        "overhead_per_frame": summary(overhead),
         "particles_per_frame_p50": summary([float(r.n_particles) for r in records])["p50"],
     }
 
@@ -583,9 +590,10 @@ def evaluate_targets(size_result: dict[str, Any] | None) -> dict[str, Any]:
     live_ok = r.get("live_sustainable") or {}
     live_over = r.get("live_overload") or {}
     sub_lat = live_ok.get("latency_subscriber_ms") or {}
-    # strict reading of the target: everything beyond the bare network inference (pre- and
-    # post-processing, measurement, statistics, alerts, transport) counts as overhead
-    overhead = (r.get("overhead") or {}).get("vs_engine_infer")
+    # strict reading of the target: everything on a frame's way to the subscriber beyond its
+    # network inference (pre/post-processing, measurement, transport in and out) counts as
+    # overhead; time spent waiting behind other frames is load, not overhead, and is excluded
+    overhead = (live_ok.get("overhead_per_frame") or {}).get("p50")
     checks = [
         _check("latency_p50_ms", sub_lat.get("p50"), "<=", TARGET_P50_MS,
                "live_sustainable: subscriber receive - t_acq"),
@@ -594,7 +602,7 @@ def evaluate_targets(size_result: dict[str, Any] | None) -> dict[str, Any]:
         _check("live_fps", live_over.get("processed_fps"), ">=", TARGET_LIVE_FPS,
                "live_overload: frames processed per second while offered more than capacity"),
         _check("pipeline_overhead", overhead, "<=", TARGET_OVERHEAD,
-               "(p50 t_done - t_acq in live_sustainable - p50 engine.infer) / p50 engine.infer"),
+               "live_sustainable, p50 over frames of (t_sub - t_acq - queue wait - engine) / engine"),
     ]
     return {"size": TARGET_SIZE, "checks": checks, "all_pass": all(c["pass"] for c in checks)}
 
@@ -664,6 +672,9 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"{size:>5} {phase:<17} {_fmt(p.get('offered_fps')):>8} {_fmt(fps):>8} "
                   f"{_fmt(a['p50']):>8} {_fmt(a['p99']):>8} {_fmt(b['p50']):>8} "
                   f"{_fmt(b['p99']):>8} {_fmt(sup, 3):>10} {_fmt(a['n']):>5}")
+        per = ((r.get("live_sustainable") or {}).get("overhead_per_frame") or {}).get("p50")
+        print(f"{size:>5} {'overhead':<17} {_fmt(None if per is None else 100 * per)} % "
+              "(per frame, beyond engine.infer, queue wait excluded; the target)")
         ov = r.get("overhead") or {}
         for key, what in (("vs_engine_infer", "bare engine.infer"), ("vs_detect", "bare Detector.detect")):
             x = ov.get(key)
