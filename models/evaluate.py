@@ -14,6 +14,29 @@ construction). True particles smaller than ``min_true_area_px`` (sub-resolution 
 slivers cut by the frame edge) are not required: missing them is no error, and a prediction
 matched to one is not counted. ECD errors are over matched particles not touching the frame
 edge, relative to the true ECD of the visible shape.
+
+Real data and a classical baseline (:func:`run_harness`, ``--sets``)
+-------------------------------------------------------------------
+
+::
+
+    python -m models.evaluate --sets synthetic,emps,stem,nffa --out runs/accuracy.json
+
+scores the model *and* the classical baseline (:mod:`models.baseline`, Otsu + distance-transform
+watershed) on the held-out synthetic frames and on the validation part of each real set
+(:mod:`models.realdata`; splits in ``models/splits``); ``--sets all`` = every available set.
+Without ``--sets`` the command does the synthetic-only evaluation above (what
+``models.export`` records in the model card).
+
+Per set and method: precision, recall and F1 at IoU >= 0.5 (mask IoU where instance maps exist,
+box IoU where the truth is boxes only: STEM), the median |ECD error| of matched particles (% of
+the true ECD; also nm where the set is calibrated), the per-image D50 error (median over images
+of |D50_pred - D50_true| / D50_true, D50 = median particle ECD of the image; an image without
+any prediction counts as 100 %), and the RMSE of aspect ratio and roundness of matched
+particles. Predicted and true instance maps are both measured with :func:`service.measure.measure`
+so the conventions agree; for boxes, ECD = sqrt(w * h) (the inscribed ellipse) and aspect ratio
+= long side / short side on both sides, roundness is not defined. True particles smaller than
+``min_true_area_px`` are not required (as above); border particles are included here.
 """
 
 from __future__ import annotations
@@ -21,7 +44,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +54,12 @@ import numpy as np
 
 from models.synthetic import Specimen, SpecimenConfig
 
-__all__ = ["HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "evaluate", "heldout_config", "match_instances",
+__all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "box_iou", "boxes_of_labels",
+           "evaluate", "evaluate_set", "format_table", "heldout_config", "match_boxes",
+           "match_instances", "run_harness", "score_image", "summarize", "synthetic_samples",
            "time_detector"]
+
+ALL_SETS = ("synthetic", "emps", "stem", "nffa")
 
 HELDOUT_SEED_LIMIT = 1_000_000
 MATCH_DTYPE = np.dtype([("pred", "<i4"), ("true", "<i4"), ("iou", "<f4")])
@@ -203,6 +232,298 @@ def time_detector(detector: Any, sizes: tuple[int, ...] = (512, 1024, 2048), rep
     return out
 
 
+# ------------------------------------------------------------------ real-data harness
+
+
+def boxes_of_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (ids, boxes) of the instances of ``labels``: boxes (N, 4) float64 x0, y0, x1, y1.
+
+    Box coordinates are pixel edges in px (a pixel c spans [c, c + 1]), as YOLO boxes are.
+    """
+    from service.measure import measure
+
+    t = measure(labels, None)
+    return t["id"].astype(np.int64), t["bbox"].astype(np.float64)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the (N, M) IoU matrix of boxes ``a`` (N, 4) and ``b`` (M, 4), x0, y0, x1, y1."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def match_boxes(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Return MATCH_DTYPE pairs (pred index, true index, IoU) matched one-to-one at >= ``iou``.
+
+    Greedy by decreasing IoU (two boxes can both overlap one box by more than half).
+    """
+    m = box_iou(pred, true)
+    cand = np.argwhere(m >= iou)
+    order = np.argsort(-m[cand[:, 0], cand[:, 1]], kind="stable")
+    used_p: set[int] = set()
+    used_t: set[int] = set()
+    keep = []
+    for i, j in cand[order]:
+        if i in used_p or j in used_t:
+            continue
+        used_p.add(int(i))
+        used_t.add(int(j))
+        keep.append((int(i), int(j), float(m[i, j])))
+    out = np.zeros(len(keep), MATCH_DTYPE)
+    for k, row in enumerate(keep):
+        out[k] = row
+    return out
+
+
+def score_image(pred_labels: np.ndarray, *, true_labels: np.ndarray | None = None,
+                true_boxes: np.ndarray | None = None, pixel_size_nm: float | None = None,
+                iou: float = 0.5, min_true_area_px: int = 12) -> dict[str, Any]:
+    """Return the raw per-image scores of one prediction against mask or box truth.
+
+    Keys: tp, fp, fn, n_pred, n_true; ecd_err_pct (matched, % of true ECD), ecd_err_nm (only
+    when calibrated), d50_pred_px / d50_true_px (median ECD of all predicted / required true
+    particles, px; None when there are none), ar_pairs and roundness_pairs ([pred, true] per
+    match; roundness empty for box truth).
+    """
+    from service.measure import measure
+
+    if (true_labels is None) == (true_boxes is None):
+        raise ValueError("give exactly one of true_labels and true_boxes")
+    pt = measure(pred_labels, None)
+    if true_labels is not None:
+        tt = measure(true_labels, None)
+        area_t = (tt["ecd_nm"].astype(np.float64) / 2) ** 2 * np.pi
+        req = area_t >= min_true_area_px - 1e-6
+        pairs, _, _ = match_instances(pred_labels, true_labels, iou)
+        prow = {int(k): r for r, k in enumerate(pt["id"])}
+        trow = {int(k): r for r, k in enumerate(tt["id"])}
+        mp = np.array([prow[int(a)] for a in pairs["pred"]], np.int64)
+        mt = np.array([trow[int(b)] for b in pairs["true"]], np.int64)
+        p_ecd, t_ecd = pt["ecd_nm"].astype(np.float64), tt["ecd_nm"].astype(np.float64)
+        p_ar, t_ar = pt["aspect_ratio"].astype(np.float64), tt["aspect_ratio"].astype(np.float64)
+        p_rd, t_rd = pt["roundness"].astype(np.float64), tt["roundness"].astype(np.float64)
+    else:
+        assert true_boxes is not None
+        tb = np.asarray(true_boxes, np.float64).reshape(-1, 4)
+        pb = pt["bbox"].astype(np.float64)
+        tw, th = tb[:, 2] - tb[:, 0], tb[:, 3] - tb[:, 1]
+        pw, ph = pb[:, 2] - pb[:, 0], pb[:, 3] - pb[:, 1]
+        req = np.ones(len(tb), bool)
+        pairs = match_boxes(pb, tb, iou)
+        mp, mt = pairs["pred"].astype(np.int64), pairs["true"].astype(np.int64)
+        p_ecd, t_ecd = np.sqrt(pw * ph), np.sqrt(tw * th)
+        p_ar = np.maximum(pw, ph) / np.maximum(np.minimum(pw, ph), 1e-9)
+        t_ar = np.maximum(tw, th) / np.maximum(np.minimum(tw, th), 1e-9)
+        p_rd = t_rd = None
+    ok = req[mt] if mt.size else np.zeros(0, bool)
+    mp, mt = mp[ok], mt[ok]
+    tp = int(mp.size)
+    n_pred, n_req = int(len(pt)), int(req.sum())
+    # predictions matched to a not-required (tiny) true particle are neither TP nor FP
+    n_matched_small = int((~ok).sum())
+    err_px = p_ecd[mp] - t_ecd[mt]
+    out: dict[str, Any] = {
+        "tp": tp, "fp": n_pred - tp - n_matched_small, "fn": n_req - tp,
+        "n_pred": n_pred, "n_true": n_req,
+        "ecd_err_pct": (100.0 * err_px / t_ecd[mt]).tolist(),
+        "ecd_err_nm": (err_px * pixel_size_nm).tolist() if pixel_size_nm else [],
+        "d50_pred_px": float(np.median(p_ecd)) if n_pred else None,
+        "d50_true_px": float(np.median(t_ecd[req])) if n_req else None,
+        "ar_pairs": np.stack([p_ar[mp], t_ar[mt]], 1).tolist(),
+        "roundness_pairs": (np.stack([p_rd[mp], t_rd[mt]], 1).tolist()
+                            if p_rd is not None and t_rd is not None else []),
+    }
+    return out
+
+
+def _rmse(pairs: list[list[float]]) -> float | None:
+    if not pairs:
+        return None
+    a = np.asarray(pairs, np.float64)
+    return round(float(np.sqrt(np.mean((a[:, 0] - a[:, 1]) ** 2))), 4)
+
+
+def summarize(images: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return set-level metrics from :func:`score_image` results (F1 etc. over all particles).
+
+    precision/recall/f1 in [0, 1]; median_abs_ecd_error_pct in % of true ECD;
+    median_abs_ecd_error_nm in nm (None uncalibrated); d50_error_pct: median over images with
+    true particles of |D50_pred - D50_true| / D50_true in % (100 % for an image with no
+    prediction); aspect_ratio_rmse / roundness_rmse over matched particles (dimensionless).
+    """
+    tp = sum(r["tp"] for r in images)
+    fp = sum(r["fp"] for r in images)
+    fn = sum(r["fn"] for r in images)
+    prec = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
+    rec = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    err = np.abs([x for r in images for x in r["ecd_err_pct"]])
+    err_nm = np.abs([x for r in images for x in r["ecd_err_nm"]])
+    d50 = []
+    for r in images:
+        if r["d50_true_px"] is None:
+            continue
+        d50.append(100.0 if r["d50_pred_px"] is None
+                   else 100.0 * abs(r["d50_pred_px"] - r["d50_true_px"]) / r["d50_true_px"])
+    return {
+        "precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4),
+        "tp": tp, "fp": fp, "fn": fn, "n_matched": int(err.size),
+        "median_abs_ecd_error_pct": round(float(np.median(err)), 2) if err.size else None,
+        "median_abs_ecd_error_nm": round(float(np.median(err_nm)), 3) if err_nm.size else None,
+        "d50_error_pct": round(float(np.median(d50)), 2) if d50 else None,
+        "aspect_ratio_rmse": _rmse([p for r in images for p in r["ar_pairs"]]),
+        "roundness_rmse": _rmse([p for r in images for p in r["roundness_pairs"]]),
+    }
+
+
+def synthetic_samples(n: int = 20, seed: int = 12345) -> Iterator[Any]:
+    """Yield held-out synthetic frames as :class:`models.realdata.Sample` (0.5 nm/px)."""
+    from models.realdata import Sample
+
+    if seed < 0 or seed + n > HELDOUT_SEED_LIMIT:
+        raise ValueError(f"held-out seeds {seed}..{seed + n - 1} overlap the training seeds "
+                         f"(>= {HELDOUT_SEED_LIMIT})")
+    for i in range(n):
+        cfg = heldout_config(i, seed)
+        rng = np.random.default_rng(seed + i)
+        fr = Specimen.generate(cfg, rng).acquire(rng)
+        yield Sample("synthetic", f"seed{seed + i}", fr.image, fr.labels.astype(np.int32), None,
+                     cfg.pixel_size_nm, cfg.modality)
+
+
+def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float = 0.5,
+                 min_true_area_px: int = 12) -> dict[str, Any]:
+    """Run every method (name -> object with ``detect(image)``) on ``samples`` and score it.
+
+    Returns {"n_images", "methods": {name: summarize(...) + "ms_per_image" (median wall time of
+    detect, ms)}, "images": per-image tp/fp/fn/D50 per method}.
+    """
+    raw: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    ms: dict[str, list[float]] = {m: [] for m in methods}
+    images = []
+    for s in samples:
+        row: dict[str, Any] = {"id": s.id, "group": s.group, "shape": list(s.image.shape)}
+        for name, det in methods.items():
+            t0 = time.perf_counter()
+            labels = det.detect(s.image).labels
+            ms[name].append((time.perf_counter() - t0) * 1e3)
+            r = score_image(labels, true_labels=s.labels, true_boxes=s.boxes,
+                            pixel_size_nm=s.pixel_size_nm, iou=iou,
+                            min_true_area_px=min_true_area_px)
+            raw[name].append(r)
+            row[name] = {k: r[k] for k in ("tp", "fp", "fn", "n_pred", "n_true", "d50_pred_px",
+                                          "d50_true_px")}
+            row[name]["ms"] = round(ms[name][-1], 1)
+        images.append(row)
+    out: dict[str, Any] = {"n_images": len(images), "methods": {}}
+    for name in methods:
+        out["methods"][name] = summarize(raw[name])
+        out["methods"][name]["ms_per_image"] = (round(float(np.median(ms[name])), 1)
+                                                if ms[name] else None)
+    out["images"] = images
+    return out
+
+
+_SET_NOTES = {
+    "synthetic": "held-out synthetic frames, exact instance truth, 0.5 nm/px; mask IoU",
+    "emps": ("EMPS validation papers (models/splits/emps.json), uint16 instance maps, "
+             "uncalibrated (px); mask IoU"),
+    "stem": ("STEM held-out materials (models/splits/stem.json), YOLO boxes only; box IoU of "
+             "instance bounding boxes; ECD = sqrt(w h) of boxes; uncalibrated (px)"),
+    "nffa": ("NFFA SEM particles, binary masks: true instances = 8-connected components "
+             "(touching particles are one instance); uncalibrated (px); mask IoU"),
+}
+
+
+def _parse_scale(text: str | None, sets: list[str]) -> dict[str, float | None]:
+    """Return the detector scale per set from "0.5" or "emps=0.25,stem=1" (None = card)."""
+    out: dict[str, float | None] = dict.fromkeys(sets)
+    if not text:
+        return out
+    for part in text.split(","):
+        key, eq, val = part.rpartition("=")
+        try:
+            v = float(val)
+        except ValueError as exc:
+            raise SystemExit(f"bad --scale item {part!r}: expected a number or set=number") from exc
+        if not eq:
+            out = dict.fromkeys(sets, v)
+        elif key in out:
+            out[key] = v
+        else:
+            raise SystemExit(f"--scale names set {key!r}, not among --sets {sets}")
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) and v <= 1 else str(v)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """Return a compact text table (set x method) of a harness result."""
+    cols = ("precision", "recall", "f1", "median_abs_ecd_error_pct", "d50_error_pct",
+            "aspect_ratio_rmse", "roundness_rmse", "ms_per_image")
+    heads = ("P", "R", "F1", "|dECD|%", "dD50%", "AR rmse", "Rnd rmse", "ms/img")
+    lines = [f"{'set':10s}{'method':10s}{'imgs':>5s}{'true':>7s}"
+             + "".join(f"{h:>9s}" for h in heads)]
+    for sname, sres in res["sets"].items():
+        for mname, m in sres["methods"].items():
+            lines.append(f"{sname:10s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
+                         + "".join(f"{_fmt(m[c]):>9s}" for c in cols))
+    return "\n".join(lines)
+
+
+def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, n: int = 20,
+                seed: int = 12345, scale: str | None = None, max_images: int | None = None,
+                threads: int = 2, data_root: Path | None = None) -> dict[str, Any]:
+    """Return the full harness result (model and baseline on each set) as a JSON-able dict."""
+    from models import realdata
+    from models.baseline import BaselineDetector
+    from service.detector import Detector
+    from service.engines import create_engine
+    from service.modelcard import ModelCard
+
+    avail = ["synthetic", *realdata.available_sets(data_root)]
+    if sets is None:
+        sets = avail
+    for s in sets:
+        if s not in ALL_SETS:
+            raise SystemExit(f"unknown set {s!r} (known: {', '.join(ALL_SETS)})")
+        if s not in avail:
+            raise SystemExit(f"set {s!r} is not available under "
+                             f"{data_root or realdata.data_root()}")
+    scales = _parse_scale(scale, sets)
+    card = ModelCard.load(card_path or model.with_suffix(".json"))
+    engine = create_engine(model, "onnxruntime-cpu", threads=threads)
+    baseline = BaselineDetector()
+    res: dict[str, Any] = {
+        "command": " ".join(["python -m models.evaluate", *sys.argv[1:]]),
+        "model": str(model), "model_sha256": card.sha256,
+        "splits": {k: str(realdata.SPLITS_DIR / f"{k}.json") for k in ("emps", "stem")
+                   if k in sets},
+        "iou_threshold": 0.5, "min_true_area_px": 12, "max_images": max_images, "sets": {}}
+    for s in sets:
+        det = Detector(engine, card, scale=scales[s])
+        samples = (synthetic_samples(n, seed) if s == "synthetic"
+                   else realdata.iter_samples(s, data_root, max_images))
+        t0 = time.perf_counter()
+        out = evaluate_set({"model": det, "baseline": baseline}, samples)
+        out["note"] = _SET_NOTES[s]
+        out["detector_scale"] = det.scale
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        if s == "synthetic":
+            out["seeds"] = f"{seed}..{seed + n - 1}"
+        res["sets"][s] = out
+    return res
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: evaluate an ONNX detector on held-out frames and print/write JSON."""
     ap = argparse.ArgumentParser(description="held-out evaluation of the particle detector")
@@ -211,25 +532,49 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--scale", type=float, default=None)
+    ap.add_argument("--scale", default=None,
+                    help="detector resample factor: 0.5, or per set: emps=0.25,stem=1")
     ap.add_argument("--no-timing", action="store_true")
-    ap.add_argument("--out", type=Path, default=Path("runs/eval.json"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output (default runs/eval.json, with --sets runs/accuracy.json)")
+    ap.add_argument("--sets", default=None,
+                    help="comma list of synthetic,emps,stem,nffa or 'all' (available ones): "
+                         "score model and classical baseline on each")
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="with --sets: at most this many images per real set")
+    ap.add_argument("--data-root", type=Path, default=None, help="default ../shared/data")
     args = ap.parse_args(argv)
+    if args.sets is not None:
+        sets = None if args.sets == "all" else [x for x in args.sets.split(",") if x]
+        res = run_harness(args.model, args.card, sets, n=args.n, seed=args.seed,
+                          scale=args.scale, max_images=args.max_images, threads=args.threads,
+                          data_root=args.data_root)
+        out = args.out or Path("runs/accuracy.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(format_table(res))
+        print(f"wrote {out}")
+        return
+    try:
+        legacy_scale = None if args.scale is None else float(args.scale)
+    except ValueError as exc:
+        raise SystemExit(f"--scale {args.scale!r}: per-set scales need --sets") from exc
     from service.detector import Detector
     from service.engines import create_engine
     from service.modelcard import ModelCard
 
     card = ModelCard.load(args.card or args.model.with_suffix(".json"))
     engine = create_engine(args.model, "onnxruntime-cpu", threads=args.threads)
-    det = Detector(engine, card, scale=args.scale)
+    det = Detector(engine, card, scale=legacy_scale)
     t0 = time.perf_counter()
     res = evaluate(det, args.n, args.seed)
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     if not args.no_timing:
         res["timings_ms"] = time_detector(det)
     res["model"] = str(args.model)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    out = args.out or Path("runs/eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
     brief = {k: v for k, v in res.items() if k != "frames"}
     print(json.dumps(brief, indent=1))
     if not math.isfinite(res["f1"]):

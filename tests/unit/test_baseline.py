@@ -1,0 +1,79 @@
+"""Classical baseline and the harness metrics on hand-made cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from models.baseline import segment
+from models.evaluate import box_iou, main, match_boxes, score_image, summarize
+
+
+def _frame(bright: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    centres = [(r, c) for r in range(30, 256, 50) for c in range(30, 256, 50)]
+    img = np.full((256, 256), 60.0 if bright else 200.0)
+    for rc in centres:
+        rr, cc = disk(rc, 10, shape=img.shape)
+        img[rr, cc] = 200.0 if bright else 60.0
+    img += np.random.default_rng(1).normal(0, 8, img.shape)
+    return img, centres
+
+
+@pytest.mark.parametrize("bright", [True, False])
+def test_baseline_finds_separated_disks(bright: bool) -> None:
+    img, centres = _frame(bright)
+    labels = segment(img)
+    assert labels.dtype == np.int32
+    hit = {int(labels[r, c]) for r, c in centres} - {0}
+    assert len(hit) >= 0.9 * len(centres)
+    assert labels.max() <= len(centres) + 2
+
+
+def test_baseline_splits_touching_disks() -> None:
+    img = np.full((100, 140), 200.0)
+    for c in (50, 86):  # radius 20, centres 36 px apart: touching
+        rr, cc = disk((50, c), 20, shape=img.shape)
+        img[rr, cc] = 50.0
+    labels = segment(img)
+    assert labels.max() == 2 and labels[50, 50] != labels[50, 86]
+
+
+def test_perfect_prediction_scores_one() -> None:
+    t = np.zeros((64, 64), np.int32)
+    t[5:15, 5:25] = 1
+    t[30:50, 30:40] = 2
+    r = score_image(t.copy(), true_labels=t, pixel_size_nm=0.5)
+    m = summarize([r])
+    assert m["f1"] == 1.0 and m["d50_error_pct"] == 0.0
+    assert m["median_abs_ecd_error_pct"] == 0.0 and m["aspect_ratio_rmse"] == 0.0
+    assert m["median_abs_ecd_error_nm"] == 0.0
+    none = summarize([score_image(np.zeros_like(t), true_labels=t)])
+    assert none["recall"] == 0.0 and none["d50_error_pct"] == 100.0
+
+
+def test_box_iou_and_matching() -> None:
+    a = np.array([[0.0, 0, 10, 10]])
+    b = np.array([[5.0, 0, 15, 10], [0.0, 0, 10, 10]])
+    assert box_iou(a, b)[0] == pytest.approx([50 / 150, 1.0])
+    pairs = match_boxes(np.array([[0.0, 0, 10, 10], [1.0, 0, 11, 10]]), a)
+    assert len(pairs) == 1 and pairs["pred"][0] == 0  # one-to-one, best IoU wins
+    lab = np.zeros((20, 20), np.int32)
+    lab[0:10, 2:12] = 1  # box (2, 0, 12, 10): shifted 2 px right of the truth (0, 0, 10, 10)
+    r = score_image(lab, true_boxes=a)
+    assert (r["tp"], r["fp"], r["fn"]) == (1, 0, 0)
+    assert box_iou(np.array([[2.0, 0, 12, 10]]), a)[0, 0] == pytest.approx(80 / 120)
+
+
+def test_cli_nffa_one_image(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    main(["--sets", "nffa", "--max-images", "1", "--out", str(out),
+          "--data-root", str(shared_data)])
+    res = json.loads(out.read_text())
+    nffa = res["sets"]["nffa"]
+    assert nffa["n_images"] == 1 and set(nffa["methods"]) == {"model", "baseline"}
+    assert "connected components" in nffa["note"]
+    assert len(res["model_sha256"]) == 64
