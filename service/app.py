@@ -80,9 +80,7 @@ def serve(
             if not daemon.running():
                 break
     finally:
-        daemon.stop()
-        daemon.wait(timeout=120)
-        daemon.close()
+        daemon.close(timeout=120)
         pipeline.detector.engine.close()
     log.info(
         "stopped: %d frames received, %d processed, dropped %s, rejected %s",

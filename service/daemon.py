@@ -174,10 +174,10 @@ class Daemon:
         if self._fatal is not None:
             raise RuntimeError(f"daemon thread failed: {self._fatal!r}") from self._fatal
 
-    def close(self) -> None:
-        """Stop, join, and release sockets, the metrics server and the CURVE authenticator."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop, join (up to ``timeout`` s), release the metrics server and CURVE authenticator."""
         self.stop()
-        self.wait(timeout=30)
+        self.wait(timeout=timeout)
         self.metrics.close()
         if self._curve is not None:
             self._curve.stop()
@@ -318,8 +318,7 @@ class Daemon:
         except Exception as exc:  # statistics or a rule failed: the detections are out already
             self.last_error = f"frame {h.source}#{h.seq}: summary failed: {exc!r}"
             log.exception("frame %s#%d: statistics/alerts failed", h.source, h.seq)
-            self._count(self.dropped, "summary_failure")
-            m.frames_dropped.labels(reason="summary_failure").inc()
+            self._drop("summary_failure")
         else:
             self._out.put(encode_message(summary.stats))
             for ah, rows in summary.alerts:
