@@ -90,6 +90,7 @@ def _simulate(args: argparse.Namespace) -> int:
         modality=args.modality,
         median_diameter_nm=args.diameter,
         dose_e_per_px=args.dose or None,
+        support_grains=args.support_grains,
         seed=args.seed,
         fields=args.fields,
         dwell=args.dwell,
@@ -173,6 +174,16 @@ def _models(args: argparse.Namespace) -> int:
     return int(mod.main(args.rest) or 0)
 
 
+def _scale_arg(text: str) -> float | str:
+    """``--scale``: a resample factor (working px per frame px) or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``nanoscout``."""
     p = argparse.ArgumentParser(prog="nanoscout", description="live analysis for electron microscopes")
@@ -187,7 +198,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu")
     s.add_argument("--model", type=Path, help="ONNX detector (model card beside it, .json)")
     s.add_argument("--threads", type=int, help="engine CPU threads")
-    s.add_argument("--scale", type=float, help="resample factor before the detector")
+    s.add_argument("--scale", type=_scale_arg,
+                   help="working px per frame px, or 'auto' (default: the model card's)")
     s.add_argument("--metrics-port", type=int, help="Prometheus port (0 = any free port)")
     s.add_argument("--no-metrics", action="store_true")
     s.add_argument("--max-frame-bytes", type=int)
@@ -209,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", choices=["TEM", "STEM", "SEM"], default="TEM")
     s.add_argument("--diameter", type=float, default=8.0, help="median particle diameter, nm")
     s.add_argument("--dose", type=float, default=200.0, help="electrons/px (0 = noiseless)")
+    s.add_argument("--support-grains", type=float, default=0.0,
+                   help="supported catalyst: area fraction (0-0.9) of large support grains")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--fields", type=int, default=4, help="fields of view on the virtual stage")
     s.add_argument("--dwell", type=int, default=5, help="frames per field of view")
@@ -253,7 +267,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path)
     s.add_argument("--backend")
     s.add_argument("--model", type=Path)
-    s.add_argument("--scale", type=float)
+    s.add_argument("--scale", type=_scale_arg,
+                   help="working px per frame px, or 'auto' (default: the model card's)")
     s.set_defaults(func=_measure)
 
     s = sub.add_parser("demo", help="simulator → daemon → live table, on the CPU")

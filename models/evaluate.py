@@ -54,12 +54,12 @@ import numpy as np
 
 from models.synthetic import Specimen, SpecimenConfig
 
-__all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "box_iou", "boxes_of_labels",
+__all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "TARGETS", "check_targets", "box_iou", "boxes_of_labels",
            "evaluate", "evaluate_set", "format_table", "heldout_config", "match_boxes",
            "match_instances", "run_harness", "score_image", "summarize", "synthetic_samples",
            "time_detector"]
 
-ALL_SETS = ("synthetic", "emps", "stem", "nffa")
+ALL_SETS = ("synthetic", "emps", "stem", "nffa", "emps-tune")
 
 HELDOUT_SEED_LIMIT = 1_000_000
 MATCH_DTYPE = np.dtype([("pred", "<i4"), ("true", "<i4"), ("iou", "<f4")])
@@ -412,7 +412,8 @@ def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float 
         row: dict[str, Any] = {"id": s.id, "group": s.group, "shape": list(s.image.shape)}
         for name, det in methods.items():
             t0 = time.perf_counter()
-            labels = det.detect(s.image).labels
+            found = det.detect(s.image)
+            labels = found.labels
             ms[name].append((time.perf_counter() - t0) * 1e3)
             r = score_image(labels, true_labels=s.labels, true_boxes=s.boxes,
                             pixel_size_nm=s.pixel_size_nm, iou=iou,
@@ -421,6 +422,8 @@ def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float 
             row[name] = {k: r[k] for k in ("tp", "fp", "fn", "n_pred", "n_true", "d50_pred_px",
                                           "d50_true_px")}
             row[name]["ms"] = round(ms[name][-1], 1)
+            if hasattr(found, "scale"):
+                row[name]["scale"] = round(float(found.scale), 4)
         images.append(row)
     out: dict[str, Any] = {"n_images": len(images), "methods": {}}
     for name in methods:
@@ -431,8 +434,10 @@ def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float 
     return out
 
 
-_SET_NOTES = {
+SET_NOTES = {
     "synthetic": "held-out synthetic frames, exact instance truth, 0.5 nm/px; mask IoU",
+    "emps-tune": ("EMPS tuning subset: training papers with sha256(DOI) unit in [0.25, 0.33), "
+                  "left out of training in tuning experiments only; mask IoU"),
     "emps": ("EMPS validation papers (models/splits/emps.json), uint16 instance maps, "
              "uncalibrated (px); mask IoU"),
     "stem": ("STEM held-out materials (models/splits/stem.json), YOLO boxes only; box IoU of "
@@ -442,17 +447,45 @@ _SET_NOTES = {
 }
 
 
-def _parse_scale(text: str | None, sets: list[str]) -> dict[str, float | None]:
-    """Return the detector scale per set from "0.5" or "emps=0.25,stem=1" (None = card)."""
-    out: dict[str, float | None] = dict.fromkeys(sets)
+#: issue 3's targets for the model on held-out data: set -> metric -> (comparison, value)
+TARGETS: dict[str, dict[str, tuple[str, float]]] = {
+    "synthetic": {"f1": (">=", 0.97), "median_abs_ecd_error_nm": ("<=", 0.5)},
+    "emps": {"f1": (">=", 0.85), "median_abs_ecd_error_pct": ("<=", 5.0),
+             "d50_error_pct": ("<=", 5.0)},
+    "stem": {"f1": (">=", 0.75)},
+}
+
+
+def check_targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return {set: {metric: {target, measured, met}}} for the model's held-out results."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, targets in TARGETS.items():
+        sres = res["sets"].get(name)
+        if sres is None:
+            continue
+        m = sres["methods"]["model"]
+        row = {}
+        for metric, (op, value) in targets.items():
+            got = m.get(metric)
+            met = got is not None and (got >= value if op == ">=" else got <= value)
+            row[metric] = {"target": f"{op} {value}", "measured": got, "met": bool(met)}
+        out[name] = row
+    return out
+
+
+def _parse_scale(text: str | None, sets: list[str]) -> dict[str, float | str | None]:
+    """Return the detector scale per set from "0.5", "auto" or "emps=0.25,stem=auto"
+    (None = the model card's choice)."""
+    out: dict[str, float | str | None] = dict.fromkeys(sets)
     if not text:
         return out
     for part in text.split(","):
         key, eq, val = part.rpartition("=")
         try:
-            v = float(val)
+            v: float | str = "auto" if val == "auto" else float(val)
         except ValueError as exc:
-            raise SystemExit(f"bad --scale item {part!r}: expected a number or set=number") from exc
+            raise SystemExit(f"bad --scale item {part!r}: expected a number, 'auto' or "
+                             "set=number") from exc
         if not eq:
             out = dict.fromkeys(sets, v)
         elif key in out:
@@ -492,7 +525,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
 
     avail = ["synthetic", *realdata.available_sets(data_root)]
     if sets is None:
-        sets = avail
+        sets = list(avail)  # the held-out sets; the tuning subset only when named
+    if "emps" in avail:
+        avail.append("emps-tune")
     for s in sets:
         if s not in ALL_SETS:
             raise SystemExit(f"unknown set {s!r} (known: {', '.join(ALL_SETS)})")
@@ -510,17 +545,18 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                    if k in sets},
         "iou_threshold": 0.5, "min_true_area_px": 12, "max_images": max_images, "sets": {}}
     for s in sets:
-        det = Detector(engine, card, scale=scales[s])
+        det = Detector(engine, card, scale=scales[s])  # type: ignore[arg-type]
         samples = (synthetic_samples(n, seed) if s == "synthetic"
                    else realdata.iter_samples(s, data_root, max_images))
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples)
-        out["note"] = _SET_NOTES[s]
-        out["detector_scale"] = det.scale
+        out["note"] = SET_NOTES[s]
+        out["detector_scale"] = "auto" if det.auto else det.scale
         out["seconds"] = round(time.perf_counter() - t0, 1)
         if s == "synthetic":
             out["seeds"] = f"{seed}..{seed + n - 1}"
         res["sets"][s] = out
+    res["targets"] = check_targets(res)
     return res
 
 
@@ -553,6 +589,10 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
         print(format_table(res))
+        for name, row in res["targets"].items():
+            print(f"target {name}: " + ", ".join(
+                f"{k} {v['measured']} ({v['target']}: {'met' if v['met'] else 'MISSED'})"
+                for k, v in row.items()))
         print(f"wrote {out}")
         return
     try:

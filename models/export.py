@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,30 @@ TRAINING_DATA = (
     "particle ECD with median 5-45 px (sigma_log 0.08-0.45, clipped to 3-100 px); sphere / "
     "ellipse / rod / faceted mixtures; coverage 0-40 %, 0-75 % agglomerated (touching); dose "
     "15-3000 e/px (10 % noiseless); blur 0.3-2 px; illumination gradient 0-50 %; support "
-    "texture; Fresnel fringes; uint8 / uint16 / float32; random flips and 90-degree rotations. "
-    "Specimen seeds 1000000 + k."
+    "texture; Fresnel fringes; uint8 / uint16 / float32; 30 % with burnt-in scale bars, labels "
+    "or SEM data bars (background); random flips and 90-degree rotations. Specimen seeds "
+    "1000000 + k. Phase 2 (fine-tuning) mixes these with crops of real images (60 %): EMPS "
+    "training papers (models/splits/emps.json 'train', minus the tuning papers of "
+    "models.realdata.emps_tuning_ids) with their instance maps, and the STEM training materials "
+    "(models/splits/stem.json 'train') with the ellipse inscribed in each box as a pseudo "
+    "instance; each crop resampled to a random working scale (median ECD 8-48 px), random gamma, "
+    "contrast, inversion, blur and noise. No validation paper or held-out material is read."
 )
+
+#: per-frame working-scale estimation shipped in the card (tuned on the EMPS tuning papers)
+AUTO_SCALE = {"target_diameter_px": 24.0, "keep_min_px": 16.0, "keep_max_px": 40.0,
+              "reliable_diameter_px": 16.0, "coarse_side_px": 256, "min_resample": 0.02,
+              "max_resample": 3.0, "min_score": 0.5}
+#: post-processing thresholds shipped in the card (min_score tuned on the EMPS tuning papers)
+THRESHOLDS = {"foreground": 0.5, "core": 0.5, "min_area_px": 4, "min_core_px": 1,
+              "post_stride": 2, "merge_contact": 1.6, "min_score": 0.7}
 
 
 def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, Any] | None,
                timings: dict[str, Any], width: int) -> Any:
     """Return a ModelCard for ``onnx_path`` (sha256 computed from the file)."""
     from service.modelcard import (
+        AutoScale,
         HeldOutMetrics,
         InputSpec,
         ModelCard,
@@ -109,6 +125,7 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
             ecd_mae_nm=metrics["ecd_mae_nm"],
             median_ecd_bias_pct=metrics.get("median_ecd_bias_pct"),
             per_modality=metrics.get("per_modality", {}),
+            real=metrics.get("real", {}),
         )
     return ModelCard(
         name=MODEL_NAME,
@@ -127,11 +144,12 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
                      f"{CORE_FRACTION} x the particle's maximum inner distance; disjoint for "
                      "touching particles, seeds their split)")),),
         working_scale=WorkingScale(
-            diameter_px_min=4.0, diameter_px_max=80.0, default_resample=1.0,
-            note=("trained on particle ECD ~3-100 px at working scale (median 5-45 px); "
-                  "resample frames whose particles fall outside 4-80 px (Detector scale)")),
-        thresholds=Thresholds(foreground=0.5, core=0.5, min_area_px=4, min_core_px=1,
-                              post_stride=2, merge_contact=1.6),
+            diameter_px_min=4.0, diameter_px_max=80.0, default_resample=1.0, mode="auto",
+            auto=AutoScale(**AUTO_SCALE),
+            note=("trained on particle ECD ~3-100 px at working scale (median 5-48 px); the "
+                  "detector estimates each frame's particle size on a coarse pass and resamples "
+                  "frames whose particles fall outside keep_min_px-keep_max_px")),
+        thresholds=Thresholds(**THRESHOLDS),
         training=TrainingInfo(data=TRAINING_DATA, command=training.get("command", ""),
                               wall_seconds=training.get("wall_seconds"),
                               seeds="training specimens 1000000 + k; torch/numpy seed "
@@ -148,9 +166,28 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
     )
 
 
+def evaluate_real(det: Any) -> dict[str, dict[str, Any]]:
+    """Return the detector's metrics on each available held-out real set (model only)."""
+    from models import realdata
+    from models.evaluate import SET_NOTES, evaluate_set
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in realdata.available_sets():
+        t0 = time.perf_counter()
+        res = evaluate_set({"model": det}, realdata.iter_samples(name))
+        m = res["methods"]["model"]
+        out[name] = {"data": SET_NOTES[name], "n_images": res["n_images"],
+                     "command": f"python -m models.evaluate --sets {name}",
+                     "seconds": round(time.perf_counter() - t0, 1), **m}
+        print(f"held-out {name}: F1 {m['f1']} P {m['precision']} R {m['recall']} "
+              f"|dECD| {m['median_abs_ecd_error_pct']} % dD50 {m['d50_error_pct']} %", flush=True)
+    return out
+
+
 def write_card(onnx_path: Path, *, training: dict[str, Any], width: int, eval_n: int = 20,
-               eval_seed: int = 12345, timing: bool = True) -> Path:
-    """Evaluate the exported model on held-out frames, time it, write ``<onnx>.json``."""
+               eval_seed: int = 12345, timing: bool = True, real: bool = True) -> Path:
+    """Evaluate the exported model on held-out frames (synthetic, and the real validation
+    sets found under ../shared/data when ``real``), time it, write ``<onnx>.json``."""
     from models.evaluate import evaluate, time_detector
     from service.detector import Detector
     from service.engines import create_engine
@@ -162,6 +199,8 @@ def write_card(onnx_path: Path, *, training: dict[str, Any], width: int, eval_n:
     engine = create_engine(onnx_path, "onnxruntime-cpu", threads=2)
     det = Detector(engine, card)
     metrics = evaluate(det, eval_n, eval_seed) if eval_n > 0 else None
+    if metrics is not None and real:
+        metrics["real"] = evaluate_real(det)
     timings = time_detector(det) if timing else {}
     if metrics is not None:
         Path("runs").mkdir(exist_ok=True)

@@ -40,7 +40,7 @@ import numpy as np
 from service.errors import ConfigError, ReaderError
 
 __all__ = ["REAL_SETS", "SPLITS_DIR", "Sample", "available_sets", "data_root", "emps_index",
-           "emps_split", "is_validation_doi", "iter_samples", "load_emps", "load_nffa",
+           "emps_split", "emps_tuning_ids", "is_validation_doi", "iter_samples", "load_emps", "load_nffa",
            "load_split", "load_stem", "nffa_names", "stem_material", "stem_names", "stem_split",
            "write_splits"]
 
@@ -133,6 +133,16 @@ def emps_split(root: Path | None = None, fraction: float = VALIDATION_FRACTION
     return {"set": "emps", "rule": f"validation paper: sha256(doi)[:8] / 2**64 < {fraction}",
             "fraction": fraction, "n_papers": len({d for _, d in rows}),
             "validation_dois": dois, "validation": val, "train": train}
+
+
+def emps_tuning_ids(root: Path | None = None, upper: float = 0.33) -> list[str]:
+    """Return EMPS *training* image ids of the papers with sha256(DOI) unit in [0.25, upper).
+
+    A tuning subset carved out of the training papers: experiments leave it out of training
+    and choose settings on it, so the validation papers are never looked at while tuning.
+    """
+    return sorted(i for i, doi in emps_index(root)
+                  if VALIDATION_FRACTION <= _hash_unit(doi) < upper)
 
 
 def load_emps(image_id: str, root: Path | None = None, doi: str = "") -> Sample:
@@ -261,6 +271,10 @@ def iter_samples(name: str, root: Path | None = None, max_images: int | None = N
         dois = dict(emps_index(root))
         ids: list[str] = list(load_split("emps")["validation"])  # type: ignore[arg-type]
         gen: Iterator[Sample] = (load_emps(i, root, dois.get(i, "")) for i in ids[:max_images])
+    elif name == "emps-tune":
+        dois = dict(emps_index(root))
+        tune = emps_tuning_ids(root)
+        gen = (load_emps(i, root, dois.get(i, "")) for i in tune[:max_images])
     elif name == "stem":
         names: list[str] = list(load_split("stem")["validation"])  # type: ignore[arg-type]
         gen = (load_stem(n, root) for n in names[:max_images])

@@ -91,6 +91,10 @@ class SpecimenConfig:
     blur_px: float = 0.8  # gaussian sigma of the probe / point-spread function, px
     illumination_gradient: float = 0.1  # relative change of beam intensity across the field
     support_texture: float = 0.05  # relative rms contrast of the amorphous support
+    #: supported catalyst: area fraction of the frame covered by large soft-edged support grains
+    #: (carbon, silica, alumina; not particles, never labelled), 0 = flat support film
+    support_grains: float = 0.0
+    support_grain_nm: float = 200.0  # typical size of those grains, nm
     drift_px_per_frame: tuple[float, float] = (0.0, 0.0)  # (rows, cols) per frame (InSituSeries)
     contrast: float = 0.5  # particle contrast, 0..1 (absorbed fraction in TEM)
     fringe: float = 0.0  # Fresnel fringe (defocus halo) strength, 0..1, TEM only
@@ -111,6 +115,9 @@ class SpecimenConfig:
             raise ValueError(
                 f"median_diameter_nm {self.median_diameter_nm!r} / sigma_log {self.sigma_log!r}"
             )
+        if not 0 <= self.support_grains < 1 or not self.support_grain_nm > 0:
+            raise ValueError(f"support_grains {self.support_grains!r} must be in [0, 1) and "
+                             f"support_grain_nm {self.support_grain_nm!r} > 0")
         if not 0 <= self.coverage < 1:
             raise ValueError(f"coverage {self.coverage!r} must be in [0, 1)")
         if not 0 <= self.agglomerate_fraction <= 1:
@@ -398,14 +405,32 @@ def _periodic_noise(rng: np.random.Generator, canvas: tuple[int, int], sigma: fl
     return n / max(float(n.std()), 1e-6)
 
 
+def _support_grains(cfg: SpecimenConfig, rng: np.random.Generator, canvas: tuple[int, int]
+                    ) -> np.ndarray:
+    """Return a soft support-grain thickness map in [0, 1] covering ~``support_grains``."""
+    size_px = max(cfg.support_grain_nm / cfg.pixel_size_nm, 4.0)
+    field_ = _periodic_noise(rng, canvas, size_px / 3.0)
+    level = float(np.quantile(field_, 1.0 - cfg.support_grains))
+    mask = (field_ > level).astype(np.float32)
+    soft = ndi.gaussian_filter(mask, max(size_px / 10.0, 1.0), mode="wrap")
+    return np.clip(soft * 1.5, 0.0, 1.0).astype(np.float32)
+
+
 def _form_image(cfg: SpecimenConfig, r: _Raster, rng: np.random.Generator) -> np.ndarray:
     """Return the noiseless relative intensity on the canvas (float32, background ~ 1 in TEM)."""
     canvas = r.labels.shape
     tex = cfg.support_texture * (0.75 * _periodic_noise(rng, canvas, 1.2)
                                  + 0.66 * _periodic_noise(rng, canvas, 12.0))
     c = float(np.clip(cfg.contrast, 0.0, 1.0))
+    grains = _support_grains(cfg, rng, canvas) if cfg.support_grains > 0 else None
+    if grains is not None:
+        # grains are thick low-Z material: weaker than the particles per nm, but wide; their
+        # own mottled texture makes them look like blurred clusters
+        tex = tex + grains * cfg.support_texture * 2.0 * _periodic_noise(rng, canvas, 3.0)
     if cfg.modality == "TEM":
         dens = 0.55 * r.cover + 0.45 * r.thick
+        if grains is not None:
+            dens = dens + 0.35 * grains
         img = (1.0 + tex) * (1.0 - c * (1.0 - np.exp(-2.0 * dens)))
         if cfg.fringe > 0:
             halo = ndi.gaussian_filter(np.minimum(r.cover, 1.0), 1.5, mode="wrap") \
@@ -414,6 +439,8 @@ def _form_image(cfg: SpecimenConfig, r: _Raster, rng: np.random.Generator) -> np
     elif cfg.modality == "STEM":
         dens = 0.3 * r.cover + 0.7 * r.thick
         img = 0.15 * (1.0 + 3.0 * tex) + c * 1.4 * dens
+        if grains is not None:
+            img = img + 0.45 * grains
     else:  # SEM: tilt contrast from the height map, shading towards the detector
         h = r.height
         gy = 0.5 * (np.roll(h, -1, 0) - np.roll(h, 1, 0))
@@ -422,6 +449,8 @@ def _form_image(cfg: SpecimenConfig, r: _Raster, rng: np.random.Generator) -> np
         th = rng.uniform(0.0, 2.0 * np.pi)
         shade = (math.cos(th) * gx + math.sin(th) * gy) / sec
         material = 0.3 * (1.0 + tex) + c * 0.35 * np.minimum(r.cover, 1.2)
+        if grains is not None:
+            material = material + 0.15 * grains
         img = material * sec**0.8 + 0.12 * c * shade
     img = np.maximum(img, 0.01).astype(np.float32)
     if cfg.blur_px > 0:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from models.crops import RealImage, crop_at_scale, load_real_training, photometric
+from models.overlays import burn_in
 from models.synthetic import KINDS, Specimen, SpecimenConfig
 from models.unet import CORE_FRACTION, ParticleUNet
 from service.preprocess import normalize
@@ -37,6 +39,9 @@ TRAIN_SEED_BASE = 1_000_000
 CROP = 256
 NECK_WEIGHT = 5.0
 NECK_RADIUS = 4.0
+#: phase 2: probability that a synthetic crop gets burnt-in annotations (scale bar, text,
+#: data bar); half of it for real crops, which often carry their own
+OVERLAY_P = 0.3
 
 
 def random_config(rng: np.random.Generator, shape: tuple[int, int] = (CROP, CROP)
@@ -112,38 +117,80 @@ def targets_and_weights(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 
 class Pool:
-    """Specimens to sample crops from; refreshed with one new specimen per training step."""
+    """Training crops: synthetic specimens mixed with crops of the real training images.
 
-    def __init__(self, size: int, rng: np.random.Generator) -> None:
+    A pool of synthetic specimens is refreshed with one new specimen every few steps; each
+    synthetic crop is a fresh acquisition. With probability ``real_fraction`` a crop comes from
+    the real training images instead (:mod:`models.crops`). Targets per crop: (foreground, core,
+    neck weight, valid) with valid = 0 on padding.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator, real: list[RealImage] | None = None,
+                 real_fraction: float = 0.0) -> None:
         self.rng = rng
         self.counter = 0
+        self.real = real or []
+        self.real_world = bool(self.real)
         self.items: list[Specimen] = [self._new() for _ in range(size)]
+        self.real_fraction = real_fraction if self.real else 0.0
+        # sample real images with weight ~ sqrt(particle count): dense images teach more,
+        # but a single image must not dominate
+        n = np.array([max(1, len(np.unique(r.labels)) - 1) for r in self.real], np.float64)
+        self.real_p = np.sqrt(n) / np.sqrt(n).sum() if self.real else None
 
     def _new(self) -> Specimen:
         seed = TRAIN_SEED_BASE + self.counter
         self.counter += 1
         srng = np.random.default_rng(seed)
-        return Specimen.generate(random_config(srng), srng)
+        cfg = random_config(srng)
+        if self.real_world:
+            # phase 2: a quarter of the specimens are supported catalysts (small particles on
+            # large unlabelled support grains); seeded separately, so phase 1 stays as shipped
+            grng = np.random.default_rng([seed, 2])
+            if grng.random() < 0.25:
+                cfg = replace(cfg, support_grains=float(grng.uniform(0.2, 0.7)),
+                              support_grain_nm=float(cfg.median_diameter_nm
+                                                     * grng.uniform(4.0, 15.0)))
+        return Specimen.generate(cfg, srng)
 
     def refresh(self) -> None:
         self.items[int(self.rng.integers(len(self.items)))] = self._new()
 
+    def _synthetic(self) -> np.ndarray:
+        sp = self.items[int(self.rng.integers(len(self.items)))]
+        # re-acquire with a new dose / dtype too: same geometry, different imaging
+        if self.rng.random() < 0.5:
+            dose = float(np.exp(self.rng.uniform(math.log(15), math.log(3000))))
+            sp.cfg = replace(sp.cfg, dose_e_per_px=dose,
+                             dtype=str(self.rng.choice(["uint8", "uint16", "float32"])))
+        shift = (self.rng.uniform(0, sp.canvas[0]), self.rng.uniform(0, sp.canvas[1]))
+        shift = (float(round(shift[0])), float(round(shift[1])))
+        fr = sp.acquire(self.rng, shift)
+        x = normalize(fr.image)
+        if self.real_world and self.rng.random() < 0.1:  # phase 2 only (phase 1 as shipped)
+            x = np.clip(1.0 - x, -0.5, 1.5)
+        fg, core, wt = targets_and_weights(fr.labels)
+        stack = np.stack([x, fg, core, wt, np.ones_like(x)])
+        if self.real_world and self.rng.random() < OVERLAY_P:
+            burn_in(stack[0], stack[1:], self.rng)
+        return stack
+
+    def _real(self) -> np.ndarray:
+        item = self.real[int(self.rng.choice(len(self.real), p=self.real_p))]
+        img, lab, valid = crop_at_scale(item, self.rng, CROP)
+        x = photometric(img, self.rng)
+        fg, core, wt = targets_and_weights(lab)
+        stack = np.stack([x, fg, core, wt, valid])
+        if self.rng.random() < OVERLAY_P / 2:
+            burn_in(stack[0], stack[1:], self.rng)
+        return stack
+
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
         for _ in range(n):
-            sp = self.items[int(self.rng.integers(len(self.items)))]
-            # re-acquire with a new dose / dtype too: same geometry, different imaging
-            if self.rng.random() < 0.5:
-                dose = float(np.exp(self.rng.uniform(math.log(15), math.log(3000))))
-                sp.cfg = replace(sp.cfg, dose_e_per_px=dose,
-                                 dtype=str(self.rng.choice(["uint8", "uint16", "float32"])))
-            shift = (self.rng.uniform(0, sp.canvas[0]), self.rng.uniform(0, sp.canvas[1]))
-            shift = (float(round(shift[0])), float(round(shift[1])))
-            fr = sp.acquire(self.rng, shift)
-            x = normalize(fr.image)
-            fg, core, wt = targets_and_weights(fr.labels)
+            real = self.real_fraction > 0 and self.rng.random() < self.real_fraction
+            stack = self._real() if real else self._synthetic()
             k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
-            stack = np.stack([x, fg, core, wt])
             stack = np.rot90(stack, k, axes=(1, 2))
             if flip:
                 stack = stack[:, :, ::-1]
@@ -152,8 +199,8 @@ class Pool:
         return np.stack(xs), np.stack(ys)
 
 
-def _dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p = torch.sigmoid(logits)
+def _dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits) * valid
     inter = (p * target).sum(dim=(1, 2))
     return 1.0 - ((2.0 * inter + 1.0) / (p.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1.0)).mean()
 
@@ -161,21 +208,26 @@ def _dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """BCE + 0.5 soft Dice on each output (foreground, core); core BCE weighted at contacts.
 
-    ``y`` holds (foreground, core, neck weight) along dim 1.
+    ``y`` holds (foreground, core, neck weight, valid) along dim 1; pixels with valid = 0
+    (padding around a small real crop) do not count.
     """
-    fg = F.binary_cross_entropy_with_logits(logits[:, 0], y[:, 0]) + 0.5 * _dice(logits[:, 0],
-                                                                              y[:, 0])
-    w = y[:, 2]
+    valid = y[:, 3]
+    n_valid = valid.sum().clamp(min=1.0)
+    fg_bce = (F.binary_cross_entropy_with_logits(logits[:, 0], y[:, 0], reduction="none")
+              * valid).sum() / n_valid
+    fg = fg_bce + 0.5 * _dice(logits[:, 0], y[:, 0], valid)
+    w = y[:, 2] * valid
     core_bce = (F.binary_cross_entropy_with_logits(logits[:, 1], y[:, 1], reduction="none")
-                * w).sum() / w.sum()
-    return fg + core_bce + 0.5 * _dice(logits[:, 1], y[:, 1])
+                * w).sum() / w.sum().clamp(min=1.0)
+    return fg + core_bce + 0.5 * _dice(logits[:, 1], y[:, 1], valid)
 
 
 def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int,
-              refresh_every: int) -> None:
+              refresh_every: int, real_fraction: float, real_exclude: tuple[str, ...]) -> None:
     """Data process: fills ``queue`` with (x, y) numpy batches in a fixed, seeded order."""
     rng = np.random.default_rng(seed)
-    pool = Pool(pool_size, rng)
+    real = load_real_training(exclude=set(real_exclude)) if real_fraction > 0 else []
+    pool = Pool(pool_size, rng, real, real_fraction)
     for step in range(steps):
         if step % refresh_every == 0:
             pool.refresh()
@@ -195,18 +247,25 @@ def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
 
 
 def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
-          log_every: int = 50) -> tuple[ParticleUNet, dict[str, float]]:
-    """Train a ParticleUNet; returns the model (eval mode) and a summary (seconds, last loss)."""
+          log_every: int = 50, real_fraction: float = 0.0, real_exclude: tuple[str, ...] = (),
+          model: ParticleUNet | None = None, lr: float = 4e-3
+          ) -> tuple[ParticleUNet, dict[str, float]]:
+    """Train a ParticleUNet; returns the model (eval mode) and a summary (seconds, last loss).
+
+    ``model``: the network to continue from (fine-tuning phase); None starts a new one.
+    """
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     # one producer process generates the data while this one trains: the order of the batches
     # is fixed by the seed, so the run stays reproducible
     queue: mp.Queue = mp.get_context("fork").Queue(maxsize=6)
     producer = mp.get_context("fork").Process(
-        target=_producer, args=(queue, pool_size, seed, steps, batch, 2), daemon=True)
+        target=_producer, args=(queue, pool_size, seed, steps, batch, 2, real_fraction, real_exclude),
+        daemon=True)
     producer.start()
-    model = ParticleUNet(width)
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=1e-4)
+    if model is None:
+        model = ParticleUNet(width)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warm = max(1, steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * s / steps)))
@@ -238,21 +297,65 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: train, export ONNX, evaluate on held-out frames, write the model card."""
+    """Command line: train (two phases), export ONNX, evaluate held-out frames, write the card.
+
+    Phase 1 (``--steps``): synthetic specimens only, from a new network. Phase 2
+    (``--finetune-steps``): crops of the real training images (share ``--real-fraction``)
+    mixed with synthetic ones, at a lower learning rate. ``--init CHECKPOINT`` skips phase 1
+    and fine-tunes that checkpoint (its phase-1 record is kept in the card).
+    """
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("models/weights"))
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=2400, help="phase 1 (synthetic) steps")
+    ap.add_argument("--finetune-steps", type=int, default=3500,
+                    help="phase 2 (real + synthetic) steps; 0 skips phase 2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--width", type=int, default=12)
     ap.add_argument("--pool", type=int, default=48)
     ap.add_argument("--seed", type=int, default=20250101)
     ap.add_argument("--eval-n", type=int, default=20)
     ap.add_argument("--eval-seed", type=int, default=12345)
+    ap.add_argument("--no-real-eval", action="store_true",
+                    help="card without the held-out real-data metrics (for tuning runs)")
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/detector.pt"))
+    ap.add_argument("--real-fraction", type=float, default=0.7,
+                    help="phase 2: share of crops cut from the real training images")
+    ap.add_argument("--no-tuning-holdout", action="store_true",
+                    help="also train on the EMPS tuning papers (default: keep them out)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="skip phase 1: fine-tune this phase-1 checkpoint")
+    ap.add_argument("--lr", type=float, default=4e-3, help="phase 1 peak learning rate")
+    ap.add_argument("--finetune-lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    model, summary = train(args.steps, args.batch, args.width, args.pool, args.seed)
+    phases: dict[str, object] = {}
+    if args.init is None:
+        model, summary = train(args.steps, args.batch, args.width, args.pool, args.seed,
+                               lr=args.lr)
+        phases["synthetic"] = {"steps": args.steps, "lr": args.lr,
+                               **{k: round(v, 4) for k, v in summary.items()}}
+    else:
+        ck = torch.load(args.init, map_location="cpu", weights_only=False)
+        if int(ck["width"]) != args.width:
+            raise SystemExit(f"--init {args.init} has width {ck['width']}, not {args.width}")
+        model = ParticleUNet(args.width)
+        model.load_state_dict(ck["state_dict"])
+        phases["synthetic"] = {"from_checkpoint": str(args.init),
+                               **ck.get("training", {}).get("phases", {}).get(
+                                   "synthetic", ck.get("training", {}))}
+    if args.finetune_steps > 0:
+        from models.realdata import emps_tuning_ids
+
+        exclude = () if args.no_tuning_holdout else tuple(emps_tuning_ids())
+        model.train()
+        model, summary = train(args.finetune_steps, args.batch, args.width, args.pool,
+                               args.seed + 1, real_fraction=args.real_fraction,
+                               real_exclude=exclude, model=model, lr=args.finetune_lr)
+        phases["real"] = {"steps": args.finetune_steps, "lr": args.finetune_lr,
+                          "real_fraction": args.real_fraction,
+                          "excluded_tuning_images": len(exclude),
+                          **{k: round(v, 4) for k, v in summary.items()}}
     from models.export import export_onnx, write_card
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -265,13 +368,14 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "wall_seconds": round(total, 1),
         "onnx_max_abs_diff_vs_torch": verify["max_abs_diff"],
-        **{k: round(v, 4) for k, v in summary.items()},
+        "phases": phases,
     }
     args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "width": args.width, "training": training},
                args.checkpoint)
     card_path = write_card(onnx_path, training=training, width=args.width,
-                           eval_n=args.eval_n, eval_seed=args.eval_seed)
+                           eval_n=args.eval_n, eval_seed=args.eval_seed,
+                           real=not args.no_real_eval)
     print(json.dumps(json.loads(card_path.read_text())["metrics"], indent=1), flush=True)
 
 

@@ -39,7 +39,9 @@ def build_pipeline(config: ServeConfig) -> Pipeline:
         threads=config.engine.threads,
         precision=config.engine.precision,
     )
-    detector = Detector(engine, card, scale=config.engine.scale)
+    detector = Detector(engine, card, scale=config.engine.scale,
+                        auto_every=config.engine.auto_scale_every,
+                        tile_px=config.engine.tile_px, tile_margin_px=config.engine.tile_margin_px)
     return Pipeline(
         detector,
         stats_config=config.stats,

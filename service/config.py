@@ -79,8 +79,21 @@ class EngineConfig(_Section):
     model: Path | None = None
     threads: int | None = Field(None, ge=1)
     precision: Literal["fp32", "fp16"] = "fp16"
-    scale: float | None = Field(None, gt=0, le=4)
+    #: working px per frame px; "auto" estimates it (coarse pass), None = the model card's
+    scale: float | Literal["auto"] | None = Field(None)
+    #: with "auto": re-estimate a stream's scale every n-th frame (and on a new frame shape)
+    auto_scale_every: int = Field(10, ge=1)
+    #: largest side (px at working scale) sent to the engine at once; larger frames are tiled
+    tile_px: int = Field(2048, ge=64)
+    tile_margin_px: int = Field(96, ge=0)
     min_score: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float | int) and not 0.02 <= v <= 8.0:
+            raise ValueError(f"scale {v} must be within [0.02, 8] or 'auto'")
+        return v
 
     def model_path(self) -> Path:
         """The ONNX file to load (the shipped detector unless configured)."""

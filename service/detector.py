@@ -1,17 +1,20 @@
 """The run-time detector: one frame in, particle instance labels out (no torch).
 
-``Detector(engine, card).detect(image)`` normalises the frame (``service.preprocess``), resamples
-it by the working-scale factor, pads it to the network stride, runs the engine, brings the
-foreground/core logits back to the frame's own pixel grid and turns them into instances
-(``service.instances``). Labels are always on the original frame's grid. When the frame was
-resampled, the foreground logits are resampled to the whole frame (outlines at full
-resolution) but the core logits only at the block centres the post-processing reads.
+``Detector(engine, card).detect(image)`` normalises the frame (``service.preprocess``), picks the
+working scale (fixed, or estimated per frame by a coarse pass, see :meth:`Detector.estimate_scale`),
+resamples the frame to it, pads it to the network stride, runs the engine (tile by tile for
+frames larger than ``tile_px``, :mod:`service.tiling`), brings the foreground/core logits back
+to the frame's own pixel grid and turns them into instances (``service.instances``). Labels are
+always on the original frame's grid. When the frame was resampled, the foreground logits are
+resampled to the whole frame (outlines at full resolution) but the core logits only at the
+block centres the post-processing reads.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -19,7 +22,8 @@ from service.engines.base import Engine
 from service.errors import ConfigError, EngineFailure, ModelCardError
 from service.instances import block_centres, instances_from_logits
 from service.modelcard import ModelCard
-from service.preprocess import check_frame, normalize, pad_to_multiple, resize_bilinear
+from service.preprocess import check_frame, normalize, pad_to_multiple, resample, resize_bilinear
+from service.tiling import infer_tiled
 
 __all__ = ["Detection", "Detector"]
 
@@ -31,6 +35,7 @@ class Detection:
     labels: np.ndarray  # int32 (H, W) on the original frame's grid, 0 = background, 1..n
     scores: np.ndarray  # float32 (n + 1,), scores[k] = confidence of particle k, scores[0] = 0
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, engine, postprocess
+    scale: float = 1.0  # working-scale resample factor used (working px per frame px)
 
     @property
     def n(self) -> int:
@@ -38,19 +43,48 @@ class Detection:
         return int(self.scores.size - 1)
 
 
+def _area_weighted_median(ecd: np.ndarray) -> float:
+    """Return the ECD (px) of the particle holding the median particle pixel (0 if none).
+
+    Weighting by area makes the estimate follow the particles that fill the frame, not a swarm
+    of tiny detections on a textured support or on the particles' own surface.
+    """
+    if ecd.size == 0:
+        return 0.0
+    d = np.sort(ecd)
+    c = np.cumsum(d * d)
+    return float(d[np.searchsorted(c, 0.5 * c[-1])])
+
+
 class Detector:
     """Runs a detection-segmentation model (ONNX via an Engine) described by its model card."""
 
-    def __init__(self, engine: Engine, card: ModelCard, *, scale: float | None = None) -> None:
+    def __init__(self, engine: Engine, card: ModelCard, *,
+                 scale: float | Literal["auto"] | None = None, auto_every: int = 1,
+                 tile_px: int = 2048, tile_margin_px: int = 96) -> None:
+        """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
+        card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
+        re-estimate every n-th frame of that key (and whenever the frame shape changes).
+        ``tile_px`` / ``tile_margin_px``: largest side sent to the engine in one call, and
+        the context dropped at each tile seam (px at working scale).
+        """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
             raise ModelCardError(f"model card {card.name!r} has task {card.task!r}, "
                                  "not a detection-segmentation model with thresholds")
         self.engine = engine
         self.card = card
-        self.scale = float(card.working_scale.default_resample if scale is None else scale)
-        if not 0.05 <= self.scale <= 8.0:
-            raise ConfigError(f"detector scale {self.scale} must be within [0.05, 8]")
+        ws = card.working_scale
+        if scale is None:
+            scale = "auto" if ws.mode == "auto" else ws.default_resample
+        self.auto = scale == "auto"
+        self.scale = 1.0 if scale == "auto" else float(scale)
+        if not 0.02 <= self.scale <= 8.0:
+            raise ConfigError(f"detector scale {self.scale} must be within [0.02, 8]")
+        if auto_every < 1:
+            raise ConfigError(f"auto_every {auto_every} must be >= 1")
+        self.auto_every = auto_every
+        self._memo: dict[object, tuple[tuple[int, int], float, int]] = {}
         self.input_name = card.input.name
         out = card.outputs[0]
         self.output_name = out.name
@@ -66,32 +100,121 @@ class Detector:
                                  f"({names})")
         self.stride = card.input.stride_multiple
         self.thresholds = card.thresholds
+        if tile_px % self.stride or tile_px <= 2 * tile_margin_px or tile_margin_px < 0:
+            raise ConfigError(f"tile_px {tile_px} must be a multiple of the network stride "
+                              f"{self.stride} and more than twice tile_margin_px "
+                              f"{tile_margin_px}")
+        self.tile_px = tile_px
+        self.tile_margin_px = tile_margin_px
 
-    def detect(self, image: np.ndarray) -> Detection:
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled."""
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            out = self.engine.infer({self.input_name: tile[None, None]}).get(self.output_name)
+            if out is None or out.ndim != 4 or out.shape[0] != 1 or out.shape[2:] != tile.shape:
+                got = None if out is None else out.shape
+                raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, "
+                                    f"expected (1, C, {tile.shape[0]}, {tile.shape[1]})")
+            return out
+
+        return infer_tiled(run, x, self.tile_px, self.tile_margin_px, self.stride)
+
+    def estimate_scale(self, x: np.ndarray) -> float:
+        """Return the working-scale factor for a normalised frame ``x`` (coarse-to-fine passes).
+
+        Pass at factor s: shrink the frame (longest side ``coarse_side_px`` first), find the
+        particles, take the area-weighted median ECD d of those with score >= ``min_score``
+        (the size of the particle holding the median particle pixel). Once d reaches
+        ``reliable_diameter_px`` (the particles are resolved), or at full size, the frame's
+        median particle is D = d / s px. A D within [``keep_min_px``, ``keep_max_px``] keeps
+        factor 1 (no resampling: cheapest and sharpest); otherwise the factor is
+        ``target_diameter_px`` / D within [``min_resample``, ``max_resample``]. A frame with no
+        particles at any level keeps factor 1.
+        """
+        return self._estimate(x)[0]
+
+    def _pass(self, x: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run the network on ``x`` resampled by ``s``; return (logits, ECD px, scores)."""
+        th = self.thresholds
+        h, w = x.shape
+        wh, ww = max(self.stride, round(h * s)), max(self.stride, round(w * s))
+        xs, _ = pad_to_multiple(resample(x, (wh, ww)) if (wh, ww) != (h, w) else x, self.stride)
+        logits = self._logits(xs)
+        labels, scores = instances_from_logits(
+            logits[0, self._fg, :wh, :ww], logits[0, self._core, :wh, :ww],
+            foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
+            min_core_px=th.min_core_px, post_stride=1, merge_contact=th.merge_contact)
+        area = np.bincount(labels.ravel(), minlength=scores.size)[1:].astype(np.float64)
+        return logits, 2.0 * np.sqrt(area / np.pi), scores[1:]
+
+    def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None]:
+        """Return (factor, logits of the pass at that factor or None) for :meth:`detect`."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        h, w = x.shape
+        s = min(1.0, a.coarse_side_px / max(h, w))
+        while True:
+            logits, ecd, scores = self._pass(x, s)
+            d = _area_weighted_median(ecd[scores >= a.min_score])
+            if d >= a.reliable_diameter_px or (s >= 1.0 and d > 0):
+                factor = self._factor(d / s)
+                return factor, (logits if factor == s else None)
+            if s >= 1.0:
+                return 1.0, logits
+            s = min(1.0, s * (8.0 if d == 0 else float(np.clip(
+                1.5 * a.reliable_diameter_px / d, 2.0, 8.0))))
+
+    def _factor(self, big: float) -> float:
+        """Return the resample factor for a frame whose median particle is ``big`` px."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        if a.keep_min_px <= big <= a.keep_max_px:
+            return 1.0
+        return float(np.clip(a.target_diameter_px / big, a.min_resample, a.max_resample))
+
+    def _scale_for(self, x: np.ndarray, key: object) -> tuple[float, np.ndarray | None]:
+        """Return (factor, reusable logits or None) for frame ``x`` of stream ``key``."""
+        if not self.auto:
+            return self.scale, None
+        if key is None:
+            return self._estimate(x)
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] == x.shape and memo[2] < self.auto_every:
+            self._memo[key] = (memo[0], memo[1], memo[2] + 1)
+            return memo[1], None
+        scale, logits = self._estimate(x)
+        if len(self._memo) > 1024:  # many sources or calibrations: forget the oldest
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = (x.shape, scale, 1)
+        return scale, logits
+
+    def detect(self, image: np.ndarray, key: object = None) -> Detection:
         """Return the particle instances of ``image`` (2-D, any real dtype, finite).
 
-        Raises FrameError for a non-2-D, empty or non-finite frame, EngineFailure when the
-        engine output is not what the model card promises.
+        ``key`` (e.g. source and pixel size) lets an automatic working scale be reused for
+        ``auto_every`` frames of the same stream. Raises FrameError for a non-2-D, empty or
+        non-finite frame, EngineFailure when the engine output is not what the model card
+        promises.
         """
         t0 = time.perf_counter()
         arr = check_frame(image)
         h, w = arr.shape
         x = normalize(arr)
-        if self.scale != 1.0:
-            wh = max(1, round(h * self.scale))
-            ww = max(1, round(w * self.scale))
-            x = resize_bilinear(x, (wh, ww))
+        ts = time.perf_counter()
+        scale, logits = self._scale_for(x, key)
+        ts = time.perf_counter() - ts
+        if scale != 1.0:
+            wh = max(1, round(h * scale))
+            ww = max(1, round(w * scale))
         else:
             wh, ww = h, w
-        x, _ = pad_to_multiple(x, self.stride)
         t1 = time.perf_counter()
-        outputs = self.engine.infer({self.input_name: x[None, None]})
+        if logits is None or logits.shape[2] < wh or logits.shape[3] < ww:
+            if scale != 1.0:
+                x = resample(x, (wh, ww))
+            x, _ = pad_to_multiple(x, self.stride)
+            t1 = time.perf_counter()
+            logits = self._logits(x)
         t2 = time.perf_counter()
-        logits = outputs.get(self.output_name)
-        if logits is None or logits.ndim != 4 or logits.shape[2:] != x.shape:
-            got = None if logits is None else logits.shape
-            raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, expected "
-                                f"(1, C, {x.shape[0]}, {x.shape[1]})")
         # views, no copies: the post-processing reads the padded output in place
         fg = logits[0, self._fg, :wh, :ww]
         core = logits[0, self._core, :wh, :ww]
@@ -99,15 +222,17 @@ class Detector:
         stride = th.post_stride
         if (wh, ww) != (h, w):
             # after upsampling small particles cover few frame pixels: keep full resolution
-            stride = th.post_stride if self.scale <= 1.0 else 1
+            stride = th.post_stride if scale <= 1.0 else 1
             fg = resize_bilinear(fg, (h, w))
             # the core is only read at the block centres: resample just those
             core = resize_bilinear(core, (h, w), rows=block_centres(h, stride),
                                    cols=block_centres(w, stride))
         labels, scores = instances_from_logits(
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
-            min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact)
+            min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
+            min_score=th.min_score)
         t3 = time.perf_counter()
-        return Detection(labels, scores, {"preprocess": (t1 - t0) * 1e3,
+        return Detection(labels, scores, {"preprocess": (t1 - t0 - ts) * 1e3,
+                                          "scale": ts * 1e3,
                                           "engine": (t2 - t1) * 1e3,
-                                          "postprocess": (t3 - t2) * 1e3})
+                                          "postprocess": (t3 - t2) * 1e3}, scale)

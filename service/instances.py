@@ -14,7 +14,9 @@ disjoint cores). :func:`instances_from_logits`:
    takes the particle of its coarse block, so sizes are not quantised by the stride.
 
 Instances smaller than ``min_area_px`` are dropped; labels are 1..n; ``scores[k]`` is the mean
-foreground probability of particle k (halved when it had no core).
+foreground probability of particle k (halved when it had no core); particles scoring below
+``min_score`` are dropped too. On held-out real images the score separates true from false
+detections well (the shipped card drops those below 0.7).
 
 Speed (2.5-3x faster than the first version, same labels and scores bit for bit): the
 full-resolution frame is touched by one threshold pass (p > t as logit > logit(t), no sigmoid),
@@ -337,7 +339,8 @@ def _upsample_masked(coarse: np.ndarray, fg: np.ndarray, s: int) -> np.ndarray:
 def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
                           foreground: float = 0.5, core: float = 0.5, min_area_px: int = 4,
                           min_core_px: int = 1, post_stride: int = 2,
-                          merge_contact: float | None = 1.6) -> tuple[np.ndarray, np.ndarray]:
+                          merge_contact: float | None = 1.6, min_score: float = 0.0
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Return (labels int32 (H, W) with 0 = background and 1..n, scores float32 (n + 1,)).
 
     ``fg_logits``: (H, W) float logits on the frame's grid; ``core_logits`` the same, or only its
@@ -345,7 +348,8 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     at :func:`block_centres`), which saves resampling a whole map. ``foreground`` and ``core``
     are probability thresholds; ``min_area_px`` the smallest kept particle (px at full
     resolution); ``min_core_px`` the smallest core (px at the coarse grid) that seeds a
-    particle. Raises ValueError for maps of other shapes.
+    particle; ``min_score`` the lowest score (confidence, below) a kept particle may have.
+    Raises ValueError for maps of other shapes.
     """
     if fg_logits.ndim != 2:
         raise ValueError(f"foreground logits must be a 2-D map, got shape {fg_logits.shape}")
@@ -477,6 +481,15 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     scores = (tot / np.maximum(cnt, 1)).astype(np.float32)
     scores[1:] *= np.where(had_core[keep], 1.0, 0.5).astype(np.float32)
     scores[0] = 0.0
+    if min_score > 0.0:
+        # drop unconvincing particles (on the coarse pixel list: cheap) and relabel 1..n
+        sure = scores >= min_score
+        sure[0] = True
+        if not sure.all():
+            lut = np.zeros(n + 1, np.int32)
+            lut[sure] = np.arange(int(sure.sum()), dtype=np.int32)
+            inst = lut[inst]
+            scores = scores[sure]
 
     grid.reshape(-1)[pix] = inst  # every foreground pixel: overwrites all growth labels
     return _upsample_masked(grid[1:-1, 1:-1], fg_full, s), scores

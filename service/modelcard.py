@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from service.errors import ModelCardError
 
 __all__ = [
+    "AutoScale",
     "HeldOutMetrics",
     "InputSpec",
     "ModelCard",
@@ -66,12 +67,38 @@ class OutputSpec(_Strict):
     meaning: str = ""
 
 
+class AutoScale(_Strict):
+    """How the detector picks each frame's working scale (``service.detector``).
+
+    A coarse pass runs the network on the frame shrunk to ``coarse_side_px`` (longest side),
+    then on finer versions until the detected particles' median ECD is at least
+    ``reliable_diameter_px``. A frame whose median particle is ``keep_min_px`` to
+    ``keep_max_px`` across is left as it is; others are resampled so that median becomes
+    ``target_diameter_px``, within [``min_resample``, ``max_resample``].
+    """
+
+    target_diameter_px: float = Field(24.0, gt=0)
+    keep_min_px: float = Field(12.0, gt=0)
+    keep_max_px: float = Field(40.0, gt=0)
+    reliable_diameter_px: float = Field(10.0, gt=0)
+    coarse_side_px: int = Field(192, ge=32)
+    min_resample: float = Field(0.02, gt=0)
+    max_resample: float = Field(3.0, gt=0)
+    min_score: float = Field(0.5, ge=0, lt=1)
+
+
 class WorkingScale(_Strict):
-    """Particle sizes (ECD, px at working scale) the model was trained for."""
+    """Particle sizes (ECD, px at working scale) the model was trained for.
+
+    ``mode = "auto"``: the detector estimates a resample factor per frame (``auto``);
+    ``"fixed"``: it resamples every frame by ``default_resample``.
+    """
 
     diameter_px_min: float = Field(gt=0)
     diameter_px_max: float = Field(gt=0)
     default_resample: float = Field(1.0, gt=0)
+    mode: Literal["fixed", "auto"] = "fixed"
+    auto: AutoScale = AutoScale()
     note: str = ""
 
     @model_validator(mode="after")
@@ -94,6 +121,8 @@ class Thresholds(_Strict):
     post_stride: int = Field(2, ge=1, le=4)
     #: merge neighbours whose contact exceeds this x the smaller's ECD (None: never merge)
     merge_contact: float | None = Field(1.6, gt=0)
+    #: drop particles whose score (confidence, 0..1) is below this
+    min_score: float = Field(0.0, ge=0, lt=1)
 
 
 class TrainingInfo(_Strict):
@@ -117,6 +146,8 @@ class HeldOutMetrics(_Strict):
     f1: float = Field(ge=0, le=1)
     median_abs_ecd_error_pct: float | None = None
     ecd_mae_nm: float | None = None
+    #: the same model on held-out real data: set name -> {data, command, metrics...}
+    real: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class ModelCard(_Strict):

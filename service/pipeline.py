@@ -33,6 +33,7 @@ class Analysis:
     table: np.ndarray
     units: str
     stage_ms: dict[str, float]
+    scale: float = 1.0  # working px per frame px used by the detector
 
 
 @dataclass
@@ -87,10 +88,16 @@ class Pipeline:
         self.model_name = model_name
         self._stats: dict[str, SizeStatistics] = {}
 
-    def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None) -> Analysis:
-        """Detect and measure the particles of one image (lengths in nm, or px if uncalibrated)."""
+    def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None,
+                source: str | None = None) -> Analysis:
+        """Detect and measure the particles of one image (lengths in nm, or px if uncalibrated).
+
+        ``source``: the stream the frame belongs to; an automatic working scale is reused
+        across a stream's frames of one pixel size (``Detector.auto_every``).
+        """
         check_pixels(pixels)
-        detection = self.detector.detect(pixels)
+        key = None if source is None else (source, pixel_size_nm)
+        detection = self.detector.detect(pixels, key=key)
         stage_ms = dict(detection.timings_ms)
         t0 = time.perf_counter()
         labels = detection.labels
@@ -98,7 +105,8 @@ class Pipeline:
         if self.min_score > 0 and len(table):
             table = table[table["score"] >= self.min_score]
         stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
-        return Analysis(labels, table, "nm" if pixel_size_nm else "px", stage_ms)
+        return Analysis(labels, table, "nm" if pixel_size_nm else "px", stage_ms,
+                        detection.scale)
 
     def statistics(self, source: str) -> SizeStatistics:
         """The rolling/cumulative statistics of one source (created on first use)."""
@@ -113,7 +121,7 @@ class Pipeline:
         Published before :meth:`summarise` runs, so the particle table reaches subscribers
         without waiting for statistics and alert rules.
         """
-        a = self.analyse(pixels, header.pixel_size_nm)
+        a = self.analyse(pixels, header.pixel_size_nm, header.source)
         det = DetHeader(
             source=header.source,
             seq=header.seq,
@@ -130,6 +138,7 @@ class Pipeline:
             modality=header.modality,
             stage=header.stage,
             meta=header.meta,
+            working_scale=round(a.scale, 5),
         )
         return Detections(det, a.table)
 

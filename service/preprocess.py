@@ -120,9 +120,14 @@ def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple
     return np.pad(image, ((0, ph), (0, pw)), mode="edge"), (ph, pw)
 
 
-def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (index0, index1, weight1) for linear resampling of an axis (pixel-centre aligned)."""
-    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+def _axis_weights(n_in: int, n_out: int, span: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (index0, index1, weight1) for linear resampling of an axis (pixel-centre aligned).
+
+    ``span``: the input extent (in input pixels) the output covers, ``n_in`` when None.
+    """
+    span = float(n_in) if span is None else span
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (span / n_out) - 0.5
     pos = np.clip(pos, 0.0, n_in - 1)
     i0 = np.floor(pos).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_in - 1)
@@ -150,6 +155,36 @@ def resize_bilinear(image: np.ndarray, shape: tuple[int, int], *,
         c0, c1, wc = c0[cols], c1[cols], wc[cols]
     # rows, then columns (gathered with np.take, several times faster than fancy indexing
     # along the last axis); the same arithmetic in the same order as always
+    tmp = img[r0]
+    tmp *= (1.0 - wr)[:, None]
+    tmp += img[r1] * wr[:, None]
+    out = np.take(tmp, c0, axis=1)
+    out *= (1.0 - wc)[None, :]
+    out += np.take(tmp, c1, axis=1) * wc[None, :]
+    return out
+
+
+def resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return ``image`` resampled to ``shape``, anti-aliased when shrinking (float32).
+
+    Shrinking by a factor k >= 2 first averages k x k blocks (an area filter, cheap and free of
+    aliased noise; the last partial block is edge-padded and its true extent kept, so the
+    geometry stays exact), then interpolates bilinearly to ``shape``; enlarging is plain
+    bilinear. The detector resamples frames to its working scale with this, and the training
+    crops are made with it too, so both see the same pixels.
+    """
+    h, w = image.shape
+    k = int(min(h / max(shape[0], 1), w / max(shape[1], 1)))
+    img = image.astype(np.float32, copy=False)
+    if k < 2:
+        return resize_bilinear(img, shape)
+    ph, pw = (-h) % k, (-w) % k
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw)), mode="edge")
+    hh, ww = img.shape
+    img = img.reshape(hh // k, k, ww // k, k).mean(axis=(1, 3), dtype=np.float32)
+    r0, r1, wr = _axis_weights(img.shape[0], shape[0], span=h / k)
+    c0, c1, wc = _axis_weights(img.shape[1], shape[1], span=w / k)
     tmp = img[r0]
     tmp *= (1.0 - wr)[:, None]
     tmp += img[r1] * wr[:, None]

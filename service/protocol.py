@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from service.errors import MalformedMessage, PayloadError, VersionError
 from service.particles import PARTICLE_DTYPE
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -152,6 +152,8 @@ class DetHeader(_Header):
     modality: Modality | None = None
     stage: Stage | None = None
     meta: dict[str, MetaValue] = Field(default_factory=dict)  # the frame's meta, passed through
+    #: working px per frame px the detector resampled the frame by (v1.1; None from v1.0)
+    working_scale: float | None = None
 
     @property
     def latency_ms(self) -> float:

@@ -41,6 +41,7 @@ class SimulatorOptions:
     modality: Literal["TEM", "STEM", "SEM"] = "TEM"
     median_diameter_nm: float = 8.0
     dose_e_per_px: float | None = 200.0
+    support_grains: float = 0.0  # supported catalyst: area fraction of large support grains
     seed: int = 0
     fields: int = 4
     dwell: int = 5
@@ -62,6 +63,8 @@ def specimen_config(opts: SimulatorOptions) -> SpecimenConfig:
         median_diameter_nm=opts.median_diameter_nm,
         dose_e_per_px=opts.dose_e_per_px,
         dtype=opts.dtype,
+        support_grains=opts.support_grains,
+        support_grain_nm=25.0 * opts.median_diameter_nm,
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 from skimage.draw import disk
 
 from models.baseline import segment
-from models.evaluate import box_iou, main, match_boxes, score_image, summarize
+from models.evaluate import box_iou, check_targets, main, match_boxes, score_image, summarize
 
 
 def _frame(bright: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -77,3 +77,28 @@ def test_cli_nffa_one_image(shared_data: Path, tmp_path: Path) -> None:
     assert nffa["n_images"] == 1 and set(nffa["methods"]) == {"model", "baseline"}
     assert "connected components" in nffa["note"]
     assert len(res["model_sha256"]) == 64
+
+
+def test_targets_are_judged_on_the_model_only() -> None:
+    res = {"sets": {
+        "synthetic": {"methods": {"model": {"f1": 0.975, "median_abs_ecd_error_nm": 0.6},
+                                  "baseline": {"f1": 0.99}}},
+        "emps": {"methods": {"model": {"f1": 0.86, "median_abs_ecd_error_pct": 4.0,
+                                       "d50_error_pct": None}}},
+        "nffa": {"methods": {"model": {"f1": 0.1}}}}}
+    t = check_targets(res)
+    assert set(t) == {"synthetic", "emps"}  # no target for NFFA, no STEM result
+    assert t["synthetic"]["f1"] == {"target": ">= 0.97", "measured": 0.975, "met": True}
+    assert t["synthetic"]["median_abs_ecd_error_nm"]["met"] is False
+    assert t["emps"]["median_abs_ecd_error_pct"]["met"] is True
+    assert t["emps"]["d50_error_pct"]["met"] is False  # not measured is not met
+
+
+def test_cli_tuning_subset_is_named_explicitly(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    main(["--sets", "emps-tune", "--max-images", "1", "--out", str(out),
+          "--data-root", str(shared_data)])
+    res = json.loads(out.read_text())
+    assert list(res["sets"]) == ["emps-tune"] and "tuning" in res["sets"]["emps-tune"]["note"]
+    assert res["sets"]["emps-tune"]["detector_scale"] == "auto"
+    assert "emps" not in res["targets"]  # the tuning subset is not the held-out set

@@ -12,7 +12,7 @@ from models.evaluate import evaluate, heldout_config, match_instances
 from models.synthetic import Specimen, SpecimenConfig, render
 from service.detector import Detection, Detector
 from service.engines.base import Engine, TensorSpec
-from service.errors import EngineFailure, FrameError, ModelCardError
+from service.errors import ConfigError, EngineFailure, FrameError, ModelCardError
 from service.instances import _grow, _label_runs, _runs, block_centres, instances_from_logits
 from service.modelcard import (
     InputSpec,
@@ -27,6 +27,7 @@ from service.preprocess import (
     _percentiles,
     normalize,
     pad_to_multiple,
+    resample,
     resize_bilinear,
     resize_nearest,
 )
@@ -322,7 +323,8 @@ def test_detector_with_oracle_engine_returns_labels_on_the_frame_grid() -> None:
     assert det.labels.shape == (200, 300) and det.labels.dtype == np.int32
     assert det.scores.dtype == np.float32 and det.scores.shape == (det.n + 1,)
     assert set(np.unique(det.labels).tolist()) == set(range(det.n + 1))
-    assert set(det.timings_ms) == {"preprocess", "engine", "postprocess"}
+    assert set(det.timings_ms) == {"preprocess", "scale", "engine", "postprocess"}
+    assert det.scale == 1.0
     pairs, n_pred, n_true = match_instances(det.labels, fr.labels)
     assert len(pairs) >= 0.95 * n_true
 
@@ -403,3 +405,96 @@ def test_shipped_model_heldout_quality(shipped: Detector) -> None:
     assert heldout_config(0, 54321).shape == (512, 512)
     assert res["f1"] >= 0.85, res
     assert res["median_abs_ecd_error_pct"] <= 8.0, res
+
+
+# ------------------------------------------------------------------ working scale and tiles
+
+
+def _ecd_median(labels: np.ndarray) -> float:
+    _, area = np.unique(labels[labels > 0], return_counts=True)
+    return float(np.median(2 * np.sqrt(area / np.pi)))
+
+
+def test_auto_scale_follows_the_particle_size(shipped: Detector) -> None:
+    """The same specimen at 1x and 4x magnification: the chosen factors differ by ~4x, and
+    the enlarged frame's particles are found as well as the original's."""
+    cfg = SpecimenConfig(modality="TEM", shape=(512, 512), pixel_size_nm=1.0,
+                         median_diameter_nm=50.0, sigma_log=0.15, coverage=0.2,
+                         agglomerate_fraction=0.0)
+    fr = render(cfg, 21)
+    x = normalize(fr.image)
+    big = resample(x, (2048, 2048))
+    s1, s4 = shipped.estimate_scale(x), shipped.estimate_scale(big)
+    assert 0.7 < 4 * s4 / s1 < 1.4, (s1, s4)
+    auto = shipped.card.working_scale.auto  # type: ignore[union-attr]
+    assert 0.6 * auto.target_diameter_px < _ecd_median(fr.labels) * s1 \
+        < 1.6 * auto.target_diameter_px, s1
+    det = Detector(shipped.engine, shipped.card, scale="auto").detect(big)
+    assert det.scale == pytest.approx(s4, rel=0.05)  # detect() normalises once more
+    small = resize_nearest(det.labels, (512, 512))
+    pairs, _, _ = match_instances(small, fr.labels)
+    assert len(pairs) >= 0.85 * int((fr.truth["area_px"] >= 12).sum())
+    # particles already in the network's comfortable range: the frame is left as it is
+    mid = render(SpecimenConfig(modality="STEM", shape=(512, 512), pixel_size_nm=1.0,
+                                median_diameter_nm=20.0, sigma_log=0.15), 3)
+    assert shipped.estimate_scale(normalize(mid.image)) == 1.0
+    assert auto.keep_min_px <= 20.0 <= auto.keep_max_px
+    # nothing to find: the factor stays 1 and no particle is invented
+    blank = Detector(shipped.engine, shipped.card, scale="auto")
+    assert blank.estimate_scale(np.zeros((300, 200), np.float32)) == 1.0
+    assert blank.detect(np.full((300, 200), 7, np.uint8)).n == 0
+
+
+def test_auto_scale_is_reused_per_key(shipped: Detector, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    det = Detector(shipped.engine, shipped.card, scale="auto", auto_every=3)
+    calls = []
+    orig = det._estimate
+
+    def counting(x: np.ndarray) -> tuple[float, np.ndarray | None]:
+        calls.append(x.shape)
+        return orig(x)
+
+    monkeypatch.setattr(det, "_estimate", counting)
+    fr = render(SpecimenConfig(shape=(128, 160)), 5)
+    for _ in range(5):
+        det.detect(fr.image, key=("cam", 0.5))
+    assert len(calls) == 2  # frames 1 and 4
+    det.detect(fr.image[:96], key=("cam", 0.5))  # new shape: estimated again
+    det.detect(fr.image, key=("other", 0.5))
+    det.detect(fr.image)  # no key: every frame
+    assert len(calls) == 5
+    with pytest.raises(ConfigError):
+        Detector(shipped.engine, shipped.card, scale="auto", auto_every=0)
+
+
+def test_tiled_detection_matches_whole_frame(shipped: Detector) -> None:
+    """Stitched tile logits give the same particles: none cut or counted twice at seams."""
+    cfg = SpecimenConfig(modality="STEM", shape=(640, 640), median_diameter_nm=9.0,
+                         coverage=0.25, agglomerate_fraction=0.4)
+    fr = Specimen.generate(cfg, 77).acquire(np.random.default_rng(2))
+    whole = Detector(shipped.engine, shipped.card, scale=1.0).detect(fr.image)
+    tiled_det = Detector(shipped.engine, shipped.card, scale=1.0, tile_px=256,
+                         tile_margin_px=48)
+    tiled = tiled_det.detect(fr.image)
+    pairs, n_tiled, n_whole = match_instances(tiled.labels, whole.labels, iou=0.8)
+    assert n_whole > 100
+    assert abs(n_tiled - n_whole) <= 0.01 * n_whole + 1
+    assert len(pairs) >= 0.98 * n_whole
+    with pytest.raises(ConfigError, match="tile_px"):
+        Detector(shipped.engine, shipped.card, tile_px=100)
+
+
+def test_min_score_drops_unconvincing_particles() -> None:
+    """Two discs, one with a weak foreground (p ~ 0.6): min_score 0.7 keeps only the sure one."""
+    lab = np.zeros((64, 64), np.int32)
+    lab[_disc(lab.shape, 16, 16, 8)] = 1
+    lab[_disc(lab.shape, 44, 44, 8)] = 2
+    fg, core = _oracle_logits(lab)
+    fg = np.where(lab == 2, np.float32(0.4), fg)  # sigmoid(0.4) = 0.6
+    both, s_both = instances_from_logits(fg, core)
+    sure, s_sure = instances_from_logits(fg, core, min_score=0.7)
+    assert len(s_both) == 3 and len(s_sure) == 2
+    assert s_sure[1] == pytest.approx(s_both[1]) and s_sure[1] > 0.85
+    assert set(np.unique(sure).tolist()) == {0, 1}
+    assert (sure[lab == 1] == 1).all() and (sure[lab == 2] == 0).all()

@@ -163,3 +163,20 @@ def test_in_situ_series_ripens_and_coalesces() -> None:
     for fr in frames:
         counts = np.bincount(fr.labels.ravel())
         np.testing.assert_array_equal(counts[fr.truth["id"]], fr.truth["area_px"])
+
+
+@pytest.mark.parametrize("modality", ["TEM", "STEM", "SEM"])
+def test_support_grains_change_the_image_but_not_the_particles(modality: str) -> None:
+    base = SpecimenConfig(modality=modality, shape=(256, 256), pixel_size_nm=1.0,  # type: ignore[arg-type]
+                          median_diameter_nm=8.0, coverage=0.05, dose_e_per_px=None)
+    flat = render(base, 11)
+    grains = render(SpecimenConfig(**{**base.__dict__, "support_grains": 0.5,
+                                      "support_grain_nm": 80.0}), 11)
+    np.testing.assert_array_equal(flat.labels, grains.labels)  # grains are never particles
+    diff = np.abs(grains.image.astype(np.float64) - flat.image.astype(np.float64))
+    bg = flat.labels == 0
+    # a large part of the background changed (where the grains lie), not all of it
+    changed = (diff[bg] > 0.05 * np.ptp(flat.image)).mean()
+    assert 0.2 < changed < 0.95, changed
+    with pytest.raises(ValueError, match="support_grains"):
+        SpecimenConfig(support_grains=1.5)

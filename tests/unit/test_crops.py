@@ -1,0 +1,93 @@
+"""Training data from real images and burnt-in annotations (models.crops, models.overlays)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models import realdata
+from models.crops import RealImage, crop_at_scale, ellipse_labels, load_real_training, photometric
+from models.overlays import burn_in
+
+
+def test_ellipse_labels_fill_their_boxes() -> None:
+    boxes = np.array([[10.0, 20.0, 50.0, 40.0], [60.0, 60.0, 70.0, 90.0], [45, 25, 55, 35]])
+    lab = ellipse_labels((100, 100), boxes)
+    assert set(np.unique(lab).tolist()) == {0, 1, 2, 3}
+    # the biggest box is drawn first, so the small overlapping one stays whole
+    for k, (x0, y0, x1, y1) in zip((1, 2, 3), boxes, strict=True):
+        ys, xs = np.nonzero(lab == k)
+        if k != 1:
+            assert xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
+    area_big = (lab == 1).sum() + ((lab == 3) & _ellipse_mask((100, 100), boxes[0])).sum()
+    assert area_big == pytest.approx(np.pi * 20 * 10, rel=0.05)
+
+
+def _ellipse_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
+    return ellipse_labels(shape, box[None]) > 0
+
+
+def test_crop_at_scale_brings_particles_to_the_working_size() -> None:
+    rng = np.random.default_rng(0)
+    lab = np.zeros((600, 600), np.int32)
+    yy, xx = np.indices(lab.shape)
+    k = 0
+    for cy in range(60, 600, 150):
+        for cx in range(60, 600, 150):
+            k += 1
+            lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 45 ** 2] = k  # ECD 90 px
+    img = np.where(lab > 0, 0.2, 0.8).astype(np.float32)
+    item = RealImage("emps", "discs", img, lab, 90.0)
+    for _ in range(5):
+        x, y, valid = crop_at_scale(item, rng, 128, diameter_range=(20.0, 20.0))
+        assert x.shape == y.shape == valid.shape == (128, 128)
+        _, area = np.unique(y[y > 0], return_counts=True)
+        whole = area[area > 0.8 * area.max()]
+        assert np.median(2 * np.sqrt(whole / np.pi)) == pytest.approx(20.0, rel=0.1)
+        # the 600 px image at scale 2/9 is 133 px: nearly the whole crop is image
+        assert valid.mean() > 0.9
+        # image and labels stay registered: particle pixels are dark
+        assert x[y > 0].mean() < 0.35 and x[(y == 0) & (valid > 0)].mean() > 0.65
+    small = RealImage("emps", "tiny", img[:100, :100], lab[:100, :100], 90.0)
+    x, y, valid = crop_at_scale(small, rng, 128, diameter_range=(20.0, 20.0))
+    assert 0 < valid.mean() < 0.1 and not (y[valid == 0]).any()
+
+
+def test_photometric_keeps_range_and_shape() -> None:
+    rng = np.random.default_rng(1)
+    x = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    for _ in range(20):
+        y = photometric(x, rng)
+        assert y.shape == x.shape and y.dtype == np.float32
+        assert y.min() >= -0.5 and y.max() <= 1.5
+
+
+def test_burn_in_paints_annotations_and_clears_targets_under_them() -> None:
+    rng = np.random.default_rng(2)
+    painted = 0
+    for _ in range(10):
+        x = np.full((256, 256), 0.5, np.float32)
+        t = np.ones((4, 256, 256), np.float32)
+        mask = burn_in(x, t, rng)
+        assert mask.any()
+        painted += int(mask.sum())
+        assert (t[0][mask] == 0).all() and (t[1][mask] == 0).all()
+        assert (t[2:] == 1).all()  # weights and validity untouched
+        assert (x[mask] != 0.5).all() and (x[~mask] == 0.5).all()
+    assert painted > 10 * 100
+
+
+def test_real_training_never_reads_a_validation_image(shared_data: Path) -> None:
+    tune = set(realdata.emps_tuning_ids(shared_data))
+    items = load_real_training(("emps", "stem"), shared_data, exclude=tune)
+    ids = {(r.set, r.id) for r in items}
+    val = {("emps", i) for i in realdata.load_split("emps")["validation"]}
+    val |= {("stem", i) for i in realdata.load_split("stem")["validation"]}
+    assert ids and not ids & val
+    assert not {i for s, i in ids if s == "emps"} & tune
+    assert tune and not tune & set(realdata.load_split("emps")["validation"])
+    held = set(realdata.load_split("stem")["validation_materials"])
+    assert not {realdata.stem_material(i) for s, i in ids if s == "stem"} & held
+    assert all(r.image.dtype == np.float32 and r.labels.shape == r.image.shape for r in items)
