@@ -26,7 +26,7 @@ OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 MODEL_NAME = "nanoscout-particle-unet"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "2.0.0"
 
 
 def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> dict[str, float]:
