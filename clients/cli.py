@@ -137,6 +137,25 @@ def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    from clients.recorder import record
+
+    prov = record(args.connect, args.out, source=args.source, frames=args.frames,
+                  duration=args.duration, batch_frames=args.batch_frames,
+                  batch_seconds=args.batch_seconds, curve=_curve(args))
+    rows = prov["rows"]
+    print(f"recorded {rows['frames']} frames, {rows['particles']} particles, {rows['alerts']} "
+          f"alerts to {args.out}; missed results: {prov['missed_results'] or 'none'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from clients.report import main as report_main
+
+    return int(report_main([str(args.run), *(["--out", str(args.out)] if args.out else [])])
+               or 0)
+
+
 def _measure(args: argparse.Namespace) -> int:
     from clients.offline import measure_files
     from service.app import build_pipeline
@@ -253,6 +272,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--duration", type=float, help="seconds (default: until interrupted)")
     _add_curve(s)
     s.set_defaults(func=_tail)
+
+    s = sub.add_parser("record", help="write every particle, frame and alert to disk")
+    s.add_argument("--connect", default=DEFAULT_RESULT_ENDPOINT)
+    s.add_argument("--out", type=Path, required=True,
+                   help="RUN.parquet (a folder of crash-safe parts) or RUN.csv")
+    s.add_argument("--source", default="", help="only sources starting with this")
+    s.add_argument("--frames", type=int, help="stop after N frames")
+    s.add_argument("--duration", type=float, help="stop after S seconds")
+    s.add_argument("--batch-frames", type=int, default=20, help="flush every N frames")
+    s.add_argument("--batch-seconds", type=float, default=2.0, help="... or every S seconds")
+    _add_curve(s)
+    s.set_defaults(func=_record)
+
+    s = sub.add_parser("report", help="HTML size-distribution report of a recorded run")
+    s.add_argument("run", type=Path, help="RUN.parquet or RUN.csv from nanoscout record")
+    s.add_argument("--out", type=Path, help="report.html (default: beside the run)")
+    s.set_defaults(func=_report)
 
     s = sub.add_parser("keys", help="create a CURVE key pair for remote use")
     s.add_argument("folder", type=Path)

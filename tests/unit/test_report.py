@@ -1,0 +1,170 @@
+"""``clients.report``: the HTML report of a recorded run, built from real runs on disk."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients.report import build_report, group_stats, main
+from clients.runfile import RunWriter
+from service.particles import empty_table
+from service.protocol import AlertHeader, DetHeader, Stage
+
+MEDIAN_NM, SIGMA = 8.0, 0.3
+FRAMES, PER_FRAME, BORDER_PER_FRAME = 20, 60, 5
+T0_NS = 1_700_000_000_000_000_000
+FRAME_NS = 500_000_000  # 0.5 s between frames
+
+
+def _header(seq: int, n: int, *, source: str = "cam-1", units: str = "nm",
+            pixel_size_nm: float | None = 0.5) -> DetHeader:
+    t = T0_NS + seq * FRAME_NS
+    return DetHeader(source=source, seq=seq, t_acq_ns=t, t_recv_ns=t + 1_000_000,
+                     t_done_ns=t + 20_000_000, stage_ms={"engine": 5.0},
+                     pixel_size_nm=pixel_size_nm, units=units, n=n, engine="onnx-cpu",
+                     model="unet-v2", shape=(512, 768), modality="TEM",
+                     stage=Stage(x_um=1.0, y_um=2.0), working_scale=0.5)
+
+
+def _table(rng: np.random.Generator, n_inner: int, n_border: int) -> np.ndarray:
+    t = empty_table(n_inner + n_border)
+    t["id"] = np.arange(1, len(t) + 1)
+    t["ecd_nm"][:n_inner] = rng.lognormal(np.log(MEDIAN_NM), SIGMA, n_inner)
+    # border particles are huge: any leak into the statistics moves D50 and the fit far away
+    t["ecd_nm"][n_inner:] = 500.0
+    t["border"][n_inner:] = True
+    t["area_nm2"] = np.pi * (t["ecd_nm"] / 2) ** 2
+    t["aspect_ratio"] = 1.0 + rng.exponential(0.2, len(t))
+    t["roundness"] = 1.0 / t["aspect_ratio"]
+    return t
+
+
+def _write_run(out: Path, *, explanation: str = "D50 <b>jumped</b> & stayed") -> np.ndarray:
+    """A 20-frame run flushed in 2 batches with one alert; returns the non-border ECDs."""
+    rng = np.random.default_rng(7)
+    w = RunWriter(out, {"format": "nanoscout-run/1", "note": "<script>x</script>"})
+    inner = []
+    for seq in range(FRAMES):
+        t = _table(rng, PER_FRAME, BORDER_PER_FRAME)
+        inner.append(t["ecd_nm"][~t["border"]])
+        w.add_det(_header(seq, len(t)), t)
+        if seq == FRAMES // 2 - 1:
+            w.flush()
+    w.add_alert(AlertHeader(source="cam-1", seq=12, t_acq_ns=T0_NS + 12 * FRAME_NS,
+                            rule="d50-jump", kind="drift", severity="warning", value=9.5,
+                            threshold=9.0, explanation=explanation))
+    w.close()
+    return np.concatenate(inner).astype(np.float64)
+
+
+def _cell(text: str, cls: str) -> list[tuple[float, float, float]]:
+    pat = rf'class="{cls}">([\d.]+) <span class="ci">\[([\d.]+), ([\d.]+)\]</span>'
+    return [(float(a), float(b), float(c)) for a, b, c in re.findall(pat, text)]
+
+
+@pytest.mark.parametrize("name", ["r.parquet", "r.csv"])
+def test_report_of_a_recorded_run(tmp_path: Path, name: str) -> None:
+    ecd = _write_run(tmp_path / name)
+    out = build_report(tmp_path / name, tmp_path / "rep.html")
+    assert out == tmp_path / "rep.html" and out.is_file()
+    text = out.read_text(encoding="utf-8")
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+
+    # every figure referenced exists beside the report and is a real PNG
+    srcs = re.findall(r'<img src="([^"]+)"', text)
+    assert len(srcs) == 3
+    for src in srcs:
+        assert src.startswith("rep_files/")
+        png = tmp_path / src
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+    # border particles are excluded from N and counted separately
+    assert re.findall(r'class="n">(\d+)<', text) == [str(FRAMES * PER_FRAME)]
+    assert re.findall(r'class="n-border">(\d+)<', text) == [str(FRAMES * BORDER_PER_FRAME)]
+    assert re.findall(r'class="n-frames">(\d+)<', text) == [str(FRAMES)]
+    assert re.findall(r'class="per-frame">([\d.]+)<', text) == [f"{PER_FRAME:.2f}"]  # 4 significant digits
+
+    # the lognormal fit recovers the true median, and matches the MLE on the non-border ECDs
+    medians = [float(m) for m in re.findall(r'class="lognormal-median">([\d.]+)<', text)]
+    sigmas = [float(s) for s in re.findall(r'class="lognormal-sigma">([\d.]+)<', text)]
+    assert len(medians) == 1 and abs(medians[0] - MEDIAN_NM) / MEDIAN_NM < 0.10
+    assert medians[0] == pytest.approx(np.exp(np.log(ecd).mean()), rel=1e-3)
+    assert sigmas[0] == pytest.approx(SIGMA, abs=0.03)
+
+    # D50 lies inside its bootstrap interval, which is narrow and around the sample median
+    ((d50, lo, hi),) = _cell(text, "d50")
+    assert d50 == pytest.approx(float(np.median(ecd)), rel=1e-3)
+    assert lo <= d50 <= hi and lo < hi and (hi - lo) / d50 < 0.1
+    ((d10, _, _),) = _cell(text, "d10")
+    ((d90, _, _),) = _cell(text, "d90")
+    assert d10 < d50 < d90 < 50  # a border particle (500 nm) would show in D90
+
+    # data strings are escaped, provenance included
+    assert "D50 &lt;b&gt;jumped&lt;/b&gt; &amp; stayed" in text
+    assert "<b>jumped" not in text
+    assert "&lt;script&gt;x&lt;/script&gt;" in text
+    assert "unet-v2" in text and "onnx-cpu" in text and "512 × 768" in text
+    assert "0.5000 nm/px" in text and "9.500 s" in text  # 20 frames 0.5 s apart
+
+
+def test_empty_run_says_so(tmp_path: Path) -> None:
+    run = tmp_path / "empty.parquet"
+    RunWriter(run, {"format": "nanoscout-run/1"}).close()
+    text = build_report(run, tmp_path / "e.html").read_text(encoding="utf-8")
+    assert "This run contains no particles" in text
+    assert "<img" not in text and "No alerts were recorded." in text
+
+
+def test_frames_without_particles_say_so(tmp_path: Path) -> None:
+    run = tmp_path / "blank.csv"
+    w = RunWriter(run, {})
+    for seq in range(3):
+        w.add_det(_header(seq, 0), empty_table(0))
+    w.close()
+    text = build_report(run, tmp_path / "b.html").read_text(encoding="utf-8")
+    assert "This run contains no particles" in text and "<img" not in text
+    assert "unet-v2" in text  # frames still described
+
+
+def test_nm_and_px_are_not_pooled(tmp_path: Path) -> None:
+    run = tmp_path / "mixed.parquet"
+    rng = np.random.default_rng(1)
+    w = RunWriter(run, {})
+    for seq in range(4):
+        w.add_det(_header(seq, 30), _table(rng, 30, 0))
+        # the same particles measured on an uncalibrated camera: 2 px per nm
+        t = _table(rng, 20, 0)
+        t["ecd_nm"] *= 2
+        w.add_det(_header(seq, 20, source="cam-2", units="px", pixel_size_nm=None), t)
+    w.close()
+    text = build_report(run, tmp_path / "m.html").read_text(encoding="utf-8")
+    assert re.findall(r'class="units">(\w+)<', text) == ["nm", "px"]
+    assert re.findall(r'class="n">(\d+)<', text) == ["120", "80"]
+    (nm, _, _), (px, _, _) = _cell(text, "d50")
+    assert 6 < nm < 10 and 12 < px < 20
+    assert "uncalibrated (px)" in text
+    assert len(re.findall(r'<img src="m_files/g\d_\w+\.png"', text)) == 6
+
+
+def test_group_stats_border_free_numbers() -> None:
+    d = np.array([1.0, 2.0, 3.0, 4.0, np.nan, -1.0, 0.0])
+    st = group_stats("s", "nm", d)
+    assert st.n == 4 and st.mean == pytest.approx(2.5) and st.d50 == pytest.approx(2.5)
+    assert st.lognormal_median == pytest.approx(24 ** 0.25)
+    assert st.ci["mean"][0] < 2.5 < st.ci["mean"][1]
+    one = group_stats("s", "nm", np.array([5.0]))
+    assert one.n == 1 and np.isnan(one.ci["d50"][0]) and np.isnan(one.sd)
+
+
+def test_cli_default_out_and_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write_run(tmp_path / "run.csv")
+    assert main([str(tmp_path / "run.csv")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "run_report.html")
+    assert (tmp_path / "run_report.html").is_file()
+    assert main([str(tmp_path / "missing.parquet")]) == 2
+    assert "missing" in capsys.readouterr().err
