@@ -108,6 +108,14 @@ class MetricsConfig(_Section):
     port: int = Field(9108, ge=0, le=65535)
 
 
+class PreviewConfig(_Section):
+    """``preview.<source>`` topic: small uint8 pictures of frames for dashboards."""
+
+    enabled: bool = True
+    max_rate_hz: float = Field(2.0, gt=0, le=100)  # per source
+    max_side_px: int = Field(512, ge=16, le=4096)
+
+
 class HealthConfig(_Section):
     """``health`` topic period, s."""
 
@@ -138,6 +146,7 @@ class ServeConfig(_Section):
     engine: EngineConfig = EngineConfig()
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
+    preview: PreviewConfig = PreviewConfig()
     stats: StatsConfig = StatsConfig()
     security: SecurityConfig = SecurityConfig()
     alerts: list[dict[str, Any]] = Field(default_factory=list)

@@ -35,7 +35,14 @@ from service.config import ServeConfig
 from service.errors import NanoscoutError, ProtocolError
 from service.metrics import Metrics
 from service.pipeline import Pipeline
-from service.protocol import FrameHeader, HealthHeader, decode_frame, encode_message
+from service.preview import PreviewLimiter, make_preview
+from service.protocol import (
+    FrameHeader,
+    HealthHeader,
+    PreviewHeader,
+    decode_frame,
+    encode_message,
+)
 from service.transport import CurveServer, bind, frame_input_socket, result_publisher
 
 log = logging.getLogger("nanoscout.daemon")
@@ -104,6 +111,7 @@ class Daemon:
         self._out: queue.Queue[list] = queue.Queue()
         self._lossless: queue.Queue[_Item] = queue.Queue(maxsize=config.input.queue_size)
         self._live = _LiveSlots(self._superseded)
+        self._previews = PreviewLimiter(config.preview.max_rate_hz)
         self._threads: list[threading.Thread] = []
         self._t_start = time.monotonic()
         # counters mirrored for the health message (each written by one thread only)
@@ -302,6 +310,16 @@ class Daemon:
             self._engine_failure(h, exc)
             return
         self._out.put(encode_message(det.header, det.table))
+        pv = self.config.preview
+        if pv.enabled and self._previews.due(h.source):
+            try:
+                img, scale = make_preview(item.pixels, pv.max_side_px)
+                self._out.put(encode_message(PreviewHeader(
+                    source=h.source, seq=h.seq, t_acq_ns=h.t_acq_ns, shape=h.shape,
+                    size=(int(img.shape[0]), int(img.shape[1])), scale=scale,
+                    pixel_size_nm=h.pixel_size_nm), img))
+            except Exception as exc:  # a display nicety must never cost a frame
+                log.warning("frame %s#%d: no preview: %r", h.source, h.seq, exc)
         m = self.metrics
         dh = det.header
         lat_s = (dh.t_done_ns - dh.t_acq_ns) / 1e9

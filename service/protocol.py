@@ -188,6 +188,24 @@ class ClassHeader(_Header):
     heatmap_shape: tuple[int, int] | None = None
 
 
+class PreviewHeader(_Header):
+    """A small uint8 picture of a frame for displays (rate-limited per source, v1.1).
+
+    The buffer is ``size`` (rows, cols) uint8, the frame normalised by its 0.5 / 99.5
+    percentiles and shrunk by ``scale`` (preview px per frame px); particle coordinates of the
+    matching ``det`` message times ``scale`` land on it.
+    """
+
+    topic_kind: ClassVar[str] = "preview"
+    source: str
+    seq: int
+    t_acq_ns: int
+    shape: tuple[int, int]  # the frame's rows, cols
+    size: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]
+    scale: Annotated[float, Field(gt=0)]
+    pixel_size_nm: float | None = None
+
+
 class AlertHeader(_Header):
     """A rule that fired; the buffer holds the particle rows that fired (may be empty)."""
 
@@ -227,7 +245,9 @@ class HealthHeader(_Header):
 
 
 HEADERS: dict[str, type[_Header]] = {
-    h.topic_kind: h for h in (FrameHeader, DetHeader, StatsHeader, ClassHeader, AlertHeader, HealthHeader)
+    h.topic_kind: h
+    for h in (FrameHeader, DetHeader, StatsHeader, ClassHeader, PreviewHeader, AlertHeader,
+              HealthHeader)
 }
 
 
@@ -242,7 +262,8 @@ class Message:
 
     @property
     def kind(self) -> str:
-        """Topic kind: ``frame``, ``det``, ``stats``, ``class``, ``alert`` or ``health``."""
+        """Topic kind: ``frame``, ``det``, ``stats``, ``class``, ``preview``, ``alert`` or
+        ``health``."""
         return self.header.topic_kind
 
 
@@ -436,6 +457,12 @@ def encode_message(header: _Header, *arrays: np.ndarray) -> list[Buffer]:
     elif kind == "class":
         for arr in arrays:
             parts.append(np.ascontiguousarray(arr, dtype=np.uint8).data.cast("B"))
+    elif kind == "preview":
+        size = header.size  # type: ignore[attr-defined]
+        if len(arrays) != 1 or arrays[0].dtype != np.uint8 or arrays[0].shape != tuple(size):
+            raise PayloadError(f"preview message needs one uint8 image of size {size}",
+                               reason="shape")
+        parts.append(np.ascontiguousarray(arrays[0]).data.cast("B"))
     elif arrays:
         raise PayloadError(f"{kind} message carries no buffers", reason="parts")
     return parts
@@ -469,5 +496,13 @@ def decode_message(parts: Sequence[Buffer]) -> Message:
                 )
             return Message(topic, header, heat.reshape(shape))
         return Message(topic, header)
+    if kind == "preview":
+        _split(parts, 3, 3, kind)
+        rows, cols = header.size
+        img = np.frombuffer(memoryview(parts[2]), dtype=np.uint8)
+        if img.size != rows * cols:
+            raise PayloadError(f"preview of {img.size} bytes does not match size {header.size}",
+                               reason="length")
+        return Message(topic, header, img.reshape(rows, cols))
     _split(parts, 2, 2, kind)
     return Message(topic, header)

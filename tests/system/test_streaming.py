@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +146,37 @@ def test_live_overload_drops_superseded_and_bounds_latency(daemon_factory) -> No
     # however many frames were offered
     assert len(latencies) >= 5
     assert np.percentile(latencies, 90) < 2000, latencies
+
+
+def test_previews_are_rate_limited_and_match_the_detections(daemon_factory) -> None:
+    """preview.<source>: ≤ max_rate_hz per source, the first frame always, det coordinates ×
+    scale land on dark (TEM) particles of the picture."""
+    d = daemon_factory("--policy", "lossless",
+                       config="[preview]\nmax_rate_hz = 4.0\nmax_side_px = 256\n")
+    n = 30
+    with Subscriber(d.output, topics=("det.", "preview.")) as sub:
+        sub.wait_ready()
+        t0 = time.monotonic()
+        sim = _simulate(d.input, "--mode", "push", "--frames", str(n), "--size", "512",
+                        "--rate", "0", "--seed", "31")
+        dets, previews = {}, {}
+        for msg in sub.messages(timeout=120):
+            (dets if msg.kind == "det" else previews)[msg.header.seq] = msg
+            if len(dets) == n:
+                break
+        elapsed = time.monotonic() - t0
+        for msg in sub.messages(timeout=1.0):  # a preview trails its det
+            if msg.kind == "preview":
+                previews[msg.header.seq] = msg
+        assert sim.wait(60) == 0
+    assert 0 in previews
+    assert 2 <= len(previews) <= 4.0 * elapsed + 1, (len(previews), elapsed)
+    for seq, p in previews.items():
+        h = p.header
+        assert h.size == (256, 256) and h.scale == pytest.approx(0.5) and h.shape == (512, 512)
+        table = dets[seq].array
+        inner = table[~table["border"]]
+        ys = np.clip((inner["y"] * h.scale).astype(int), 0, 255)
+        xs = np.clip((inner["x"] * h.scale).astype(int), 0, 255)
+        # particles are darker than the picture's median in bright-field TEM
+        assert np.median(p.array[ys, xs]) < np.median(p.array) - 10
