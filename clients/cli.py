@@ -162,7 +162,8 @@ def _measure(args: argparse.Namespace) -> int:
     from service.config import load_config
 
     config = load_config(args.config, {"engine.backend": args.backend, "engine.model": args.model,
-                                       "engine.scale": args.scale})
+                                       "engine.scale": args.scale,
+                                       "engine.tta": args.tta})
     pipeline = build_pipeline(config)
     report = measure_files(args.files, pipeline, args.out, masks=args.masks, pixel_size_nm=args.pixel_size)
     print(f"measured {report.images} images, {report.particles} particles -> {args.out}; "
@@ -305,6 +306,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", type=Path)
     s.add_argument("--scale", type=_scale_arg,
                    help="working px per frame px, or 'auto' (default: the model card's)")
+    s.add_argument("--tta", type=int, choices=[1, 2, 4],
+                   help="average over 1, 2 or 4 mirror images (slower, a little more accurate)")
     s.set_defaults(func=_measure)
 
     s = sub.add_parser("demo", help="simulator → daemon → live table, on the CPU")

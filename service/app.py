@@ -41,7 +41,8 @@ def build_pipeline(config: ServeConfig) -> Pipeline:
     )
     detector = Detector(engine, card, scale=config.engine.scale,
                         auto_every=config.engine.auto_scale_every,
-                        tile_px=config.engine.tile_px, tile_margin_px=config.engine.tile_margin_px)
+                        tile_px=config.engine.tile_px, tile_margin_px=config.engine.tile_margin_px,
+                        tta=config.engine.tta)
     return Pipeline(
         detector,
         stats_config=config.stats,

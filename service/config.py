@@ -86,6 +86,8 @@ class EngineConfig(_Section):
     #: largest side (px at working scale) sent to the engine at once; larger frames are tiled
     tile_px: int = Field(2048, ge=64)
     tile_margin_px: int = Field(96, ge=0)
+    #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
+    tta: Literal[1, 2, 4] = 1
     min_score: float = Field(0.0, ge=0, le=1)
 
     @field_validator("scale")

@@ -27,6 +27,9 @@ from service.tiling import infer_tiled
 
 __all__ = ["Detection", "Detector"]
 
+#: mirror images of test-time augmentation: none, left-right, up-down, both (image axes)
+_TTA_AXES: tuple[tuple[int, ...], ...] = ((), (1,), (0,), (0, 1))
+
 
 @dataclass
 class Detection:
@@ -61,12 +64,14 @@ class Detector:
 
     def __init__(self, engine: Engine, card: ModelCard, *,
                  scale: float | Literal["auto"] | None = None, auto_every: int = 1,
-                 tile_px: int = 2048, tile_margin_px: int = 96) -> None:
+                 tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
         re-estimate every n-th frame of that key (and whenever the frame shape changes).
         ``tile_px`` / ``tile_margin_px``: largest side sent to the engine in one call, and
-        the context dropped at each tile seam (px at working scale).
+        the context dropped at each tile seam (px at working scale). ``tta``: average the
+        logits over 1, 2 or 4 mirror images (test-time augmentation; engine time x ``tta``,
+        for offline measurement rather than live streams).
         """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
@@ -83,6 +88,9 @@ class Detector:
             raise ConfigError(f"detector scale {self.scale} must be within [0.02, 8]")
         if auto_every < 1:
             raise ConfigError(f"auto_every {auto_every} must be >= 1")
+        if tta not in (1, 2, 4):
+            raise ConfigError(f"tta {tta} must be 1, 2 or 4")
+        self.tta = tta
         self.auto_every = auto_every
         self._memo: dict[object, tuple[tuple[int, int], float, int]] = {}
         self._pass_engine_s = 0.0  # engine time of the last estimation pass, s
@@ -108,16 +116,27 @@ class Detector:
         self.tile_px = tile_px
         self.tile_margin_px = tile_margin_px
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled."""
+    def _infer(self, tile: np.ndarray) -> np.ndarray:
+        out = self.engine.infer({self.input_name: tile[None, None]}).get(self.output_name)
+        if out is None or out.ndim != 4 or out.shape[0] != 1 or out.shape[2:] != tile.shape:
+            got = None if out is None else out.shape
+            raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, "
+                                f"expected (1, C, {tile.shape[0]}, {tile.shape[1]})")
+        return out
+
+    def _logits(self, x: np.ndarray, tta: int = 1) -> np.ndarray:
+        """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled;
+        with ``tta`` > 1 the mean over that many mirror images (none, left-right, up-down,
+        both), each mirrored back."""
 
         def run(tile: np.ndarray) -> np.ndarray:
-            out = self.engine.infer({self.input_name: tile[None, None]}).get(self.output_name)
-            if out is None or out.ndim != 4 or out.shape[0] != 1 or out.shape[2:] != tile.shape:
-                got = None if out is None else out.shape
-                raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, "
-                                    f"expected (1, C, {tile.shape[0]}, {tile.shape[1]})")
-            return out
+            acc = self._infer(tile).astype(np.float32, copy=True)
+            for axes in _TTA_AXES[1:tta]:
+                acc += np.flip(self._infer(np.ascontiguousarray(np.flip(tile, axes))),
+                               tuple(a + 2 for a in axes))
+            if tta > 1:
+                acc /= np.float32(tta)
+            return acc
 
         return infer_tiled(run, x, self.tile_px, self.tile_margin_px, self.stride)
 
@@ -214,12 +233,12 @@ class Detector:
         else:
             wh, ww = h, w
         t1 = time.perf_counter()
-        if logits is None or logits.shape[2] < wh or logits.shape[3] < ww:
+        if logits is None or self.tta > 1 or logits.shape[2] < wh or logits.shape[3] < ww:
             if scale != 1.0:
                 x = resample(x, (wh, ww))
             x, _ = pad_to_multiple(x, self.stride)
             t1 = time.perf_counter()
-            logits = self._logits(x)
+            logits = self._logits(x, self.tta)
         t2 = time.perf_counter()
         # views, no copies: the post-processing reads the padded output in place
         fg = logits[0, self._fg, :wh, :ww]

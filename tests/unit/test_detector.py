@@ -498,3 +498,37 @@ def test_min_score_drops_unconvincing_particles() -> None:
     assert s_sure[1] == pytest.approx(s_both[1]) and s_sure[1] > 0.85
     assert set(np.unique(sure).tolist()) == {0, 1}
     assert (sure[lab == 1] == 1).all() and (sure[lab == 2] == 0).all()
+
+
+class _EchoEngine(Engine):
+    """Logits = the input plus a left-to-right ramp: position-dependent, so a mirror image
+    that is not mirrored back shows up."""
+
+    name = "echo"
+    inputs = (TensorSpec("image", (1, 1, None, None), "float32"),)
+    outputs = (TensorSpec("logits", (1, 2, None, None), "float32"),)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        x = inputs["image"][0, 0]
+        ramp = np.linspace(-1, 1, x.shape[1], dtype=np.float32)[None, :]
+        return {"logits": np.stack([x + ramp, x - ramp])[None].astype(np.float32)}
+
+
+def test_tta_averages_mirror_images_mirrored_back() -> None:
+    x = np.random.default_rng(0).random((32, 48)).astype(np.float32)
+    eng = _EchoEngine()
+    one = Detector(eng, _card(), scale=1.0)._logits(x, 1)
+    four = Detector(eng, _card(), scale=1.0, tta=4)._logits(x, 4)
+    assert eng.calls == 5
+    # the image part is equivariant and survives; the ramp averages out with its mirror
+    np.testing.assert_allclose(four[0, 0], x, atol=1e-6)
+    np.testing.assert_allclose(one[0, 0] - x, np.linspace(-1, 1, 48)[None, :].repeat(32, 0),
+                               atol=1e-6)
+    two = Detector(eng, _card(), scale=1.0, tta=2)._logits(x, 2)
+    np.testing.assert_allclose(two[0, 1], x, atol=1e-6)
+    with pytest.raises(ConfigError, match="tta"):
+        Detector(eng, _card(), tta=3)
