@@ -153,6 +153,14 @@ def resize_bilinear(image: np.ndarray, shape: tuple[int, int], *,
         r0, r1, wr = r0[rows], r1[rows], wr[rows]
     if cols is not None:
         c0, c1, wc = c0[cols], c1[cols], wc[cols]
+    return _separable(img, (r0, r1, wr), (c0, c1, wc))
+
+
+def _separable(img: np.ndarray, rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+               cols: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Linear interpolation along rows, then columns, by :func:`_axis_weights` triples."""
+    r0, r1, wr = rows
+    c0, c1, wc = cols
     # rows, then columns (gathered with np.take, several times faster than fancy indexing
     # along the last axis); the same arithmetic in the same order as always
     tmp = img[r0]
@@ -183,15 +191,8 @@ def resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         img = np.pad(img, ((0, ph), (0, pw)), mode="edge")
     hh, ww = img.shape
     img = img.reshape(hh // k, k, ww // k, k).mean(axis=(1, 3), dtype=np.float32)
-    r0, r1, wr = _axis_weights(img.shape[0], shape[0], span=h / k)
-    c0, c1, wc = _axis_weights(img.shape[1], shape[1], span=w / k)
-    tmp = img[r0]
-    tmp *= (1.0 - wr)[:, None]
-    tmp += img[r1] * wr[:, None]
-    out = np.take(tmp, c0, axis=1)
-    out *= (1.0 - wc)[None, :]
-    out += np.take(tmp, c1, axis=1) * wc[None, :]
-    return out
+    return _separable(img, _axis_weights(img.shape[0], shape[0], span=h / k),
+                      _axis_weights(img.shape[1], shape[1], span=w / k))
 
 
 def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
