@@ -129,8 +129,7 @@ class Pool:
                  real_fraction: float = 0.0) -> None:
         self.rng = rng
         self.counter = 0
-        self.real = real or []
-        self.real_world = bool(self.real)
+        self.real = real or []  # empty in phase 1, which stays as first shipped
         self.items: list[Specimen] = [self._new() for _ in range(size)]
         self.real_fraction = real_fraction if self.real else 0.0
         # sample real images with weight ~ sqrt(particle count): dense images teach more,
@@ -143,7 +142,7 @@ class Pool:
         self.counter += 1
         srng = np.random.default_rng(seed)
         cfg = random_config(srng)
-        if self.real_world:
+        if self.real:
             # phase 2: a quarter of the specimens are supported catalysts (small particles on
             # large unlabelled support grains); seeded separately, so phase 1 stays as shipped
             grng = np.random.default_rng([seed, 2])
@@ -167,11 +166,11 @@ class Pool:
         shift = (float(round(shift[0])), float(round(shift[1])))
         fr = sp.acquire(self.rng, shift)
         x = normalize(fr.image)
-        if self.real_world and self.rng.random() < 0.1:  # phase 2 only (phase 1 as shipped)
+        if self.real and self.rng.random() < 0.1:  # phase 2 only
             x = np.clip(1.0 - x, -0.5, 1.5)
         fg, core, wt = targets_and_weights(fr.labels)
         stack = np.stack([x, fg, core, wt, np.ones_like(x)])
-        if self.real_world and self.rng.random() < OVERLAY_P:
+        if self.real and self.rng.random() < OVERLAY_P:
             burn_in(stack[0], stack[1:], self.rng)
         return stack
 

@@ -224,16 +224,18 @@ class Detector:
         ts = time.perf_counter()
         scale, logits = self._scale_for(x, key)
         ts = time.perf_counter() - ts
-        # a reused estimation pass is the frame's inference: count its engine time as such
-        reused_s = self._pass_engine_s if logits is not None else 0.0
-        ts -= reused_s
         if scale != 1.0:
             wh = max(1, round(h * scale))
             ww = max(1, round(w * scale))
         else:
             wh, ww = h, w
+        reuse = (logits is not None and self.tta == 1 and logits.shape[2] >= wh
+                 and logits.shape[3] >= ww)
+        # a reused estimation pass is the frame's inference: count its engine time as such
+        reused_s = self._pass_engine_s if reuse else 0.0
+        ts -= reused_s
         t1 = time.perf_counter()
-        if logits is None or self.tta > 1 or logits.shape[2] < wh or logits.shape[3] < ww:
+        if not reuse or logits is None:
             if scale != 1.0:
                 x = resample(x, (wh, ww))
             x, _ = pad_to_multiple(x, self.stride)
