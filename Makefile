@@ -33,16 +33,19 @@ unit: install
 	$(BIN)/python -m pytest tests/unit -q
 
 system: install
-	$(BIN)/python -m pytest tests/system -q
+	$(BIN)/python -m pytest tests/system tests/browser -q
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/latency.py --out benchmarks/results/latency.json
+	$(BIN)/python benchmarks/classify.py --out benchmarks/results/classify.json
 
 train: install
 	$(BIN)/nanoscout models train --out models/weights
+	$(BIN)/nanoscout models train-classifier --out models/weights
+	$(BIN)/nanoscout models train-lens --out models/weights
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

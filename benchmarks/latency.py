@@ -212,7 +212,7 @@ def serve_command(policy: str, args: argparse.Namespace) -> list[str]:
         sys.executable, "-m", "clients.cli", "serve",
         "--policy", policy,
         "--input", "tcp://127.0.0.1:0", "--output", "tcp://127.0.0.1:0",
-        "--metrics-port", "0", "--health-interval", str(args.health_interval),
+        "--query", "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", str(args.health_interval),
         "--threads", str(args.threads), "--backend", args.backend,
     ]
     if args.config is not None:

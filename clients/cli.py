@@ -4,7 +4,8 @@ This module is the composition root: besides the protocol and transport it may s
 daemon (:mod:`service.app`) and run its pipeline offline. Every other client module talks to
 the daemon only over ZeroMQ (import-linter checks this, see pyproject.toml).
 
-Subcommands: serve, simulate, replay, tail, measure, demo, keys, models (train / export / eval).
+Subcommands: serve, simulate, replay, tail, record, report, measure, demo, keys, lens, models
+(train / export / eval of the detector, train-/eval-classifier, train-/eval-lens).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from service.errors import NanoscoutError
 from service.transport import (
     DEFAULT_FRAME_ENDPOINT,
+    DEFAULT_QUERY_ENDPOINT,
     DEFAULT_RESULT_ENDPOINT,
     ClientKeys,
     create_keys,
@@ -35,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
         "input.max_frame_bytes": args.max_frame_bytes,
         "input.queue_size": args.queue_size,
         "output.endpoint": args.output,
+        "query.endpoint": args.query,
         "engine.backend": args.backend,
         "engine.model": args.model,
         "engine.threads": args.threads,
@@ -149,6 +152,24 @@ def _record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    import json
+
+    from clients.dashboard import run_dashboard
+
+    endpoints = args.connect or [DEFAULT_RESULT_ENDPOINT]
+    # a dashboard of the local daemon's defaults also gets its default query socket
+    query = args.query or (None if args.connect else DEFAULT_QUERY_ENDPOINT)
+
+    def ready(url: str) -> None:
+        print(f"dashboard: {url}", flush=True)
+        print("NANOSCOUT-READY " + json.dumps({"dashboard": url, "results": endpoints,
+                                               "query": query}), flush=True)
+
+    return run_dashboard(endpoints, host=args.host, port=args.port, curve=_curve(args),
+                         query=query, on_ready=ready)
+
+
 def _report(args: argparse.Namespace) -> int:
     from clients.report import main as report_main
 
@@ -178,10 +199,24 @@ def _demo(args: argparse.Namespace) -> int:
                     rate_hz=args.rate, policy=args.policy, config=args.config)
 
 
+#: ``nanoscout models ACTION`` -> the module whose ``main(argv)`` runs it
+_MODEL_ACTIONS = {
+    "train": "models.train", "export": "models.export", "eval": "models.evaluate",
+    "train-classifier": "models.train_classifier", "eval-classifier": "models.evaluate_classifier",
+    "train-lens": "models.train_lens", "eval-lens": "models.evaluate_lens",
+}
+
+
+def _lens(args: argparse.Namespace) -> int:
+    from clients.lens import main as lens_main
+
+    return int(lens_main(args.rest) or 0)
+
+
 def _models(args: argparse.Namespace) -> int:
     import importlib
 
-    module = {"train": "models.train", "export": "models.export", "eval": "models.evaluate"}[args.action]
+    module = _MODEL_ACTIONS[args.action]
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
@@ -214,6 +249,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="TOML configuration file")
     s.add_argument("--input", help=f"frame endpoint to bind (default {DEFAULT_FRAME_ENDPOINT}; port 0 = any)")
     s.add_argument("--output", help=f"result endpoint to bind (default {DEFAULT_RESULT_ENDPOINT})")
+    s.add_argument("--query", help="lens query endpoint to bind (REP; default "
+                   "tcp://127.0.0.1:5557)")
     s.add_argument("--policy", choices=["live", "lossless"])
     s.add_argument("--backend", help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu")
     s.add_argument("--model", type=Path, help="ONNX detector (model card beside it, .json)")
@@ -286,6 +323,17 @@ def parser() -> argparse.ArgumentParser:
     _add_curve(s)
     s.set_defaults(func=_record)
 
+    s = sub.add_parser("dashboard", help="live web page of the daemon's results (browser)")
+    s.add_argument("--connect", "--results", dest="connect", action="append",
+                   help=f"result endpoint (default {DEFAULT_RESULT_ENDPOINT}); repeat to add "
+                        "more publishers, e.g. a separate classifier")
+    s.add_argument("--host", default="127.0.0.1", help="address the web page is served on")
+    s.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
+    s.add_argument("--query", help="the daemon's query endpoint for the AI-lens view (default "
+                                   f"{DEFAULT_QUERY_ENDPOINT} without --connect, else none)")
+    _add_curve(s)
+    s.set_defaults(func=_dashboard)
+
     s = sub.add_parser("report", help="HTML size-distribution report of a recorded run")
     s.add_argument("run", type=Path, help="RUN.parquet or RUN.csv from nanoscout record")
     s.add_argument("--out", type=Path, help="report.html (default: beside the run)")
@@ -319,16 +367,31 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--config", type=Path, help="daemon configuration (default deploy/demo.toml)")
     s.set_defaults(func=_demo)
 
+    s = sub.add_parser("lens", help="AI lens: a frame's autoencoder feature maps as a PNG mosaic")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="IMAGE --layer NAME --out PNG (see --help)")
+    s.set_defaults(func=_lens)
+
     s = sub.add_parser("models", help="train / export / evaluate models (train and export need torch)")
-    s.add_argument("action", choices=["train", "export", "eval"])
+    s.add_argument("action", choices=list(_MODEL_ACTIONS))
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the action (see --help)")
     s.set_defaults(func=_models)
     return p
 
 
+def _lens_first(argv: list[str]) -> list[str]:
+    """``lens`` takes its own options (``--connect`` ...), which argparse's REMAINDER cannot
+    take first: hand argparse only ``lens`` and let :func:`main` pass the rest on."""
+    if "lens" in argv and all(a.startswith("-") for a in argv[: argv.index("lens")]):
+        return argv[: argv.index("lens") + 1]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nanoscout`` console script."""
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(_lens_first(argv))
+    if args.cmd == "lens":  # everything after "lens" is its own, in order
+        args.rest = argv[argv.index("lens") + 1:]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -87,7 +87,8 @@ def run_demo(
             config.write_text(DEMO_CONFIG.format(policy=policy), encoding="utf-8")
         print(f"starting the daemon ({policy}, config {config}) ...", flush=True)
         daemon = _start(exe + ["serve", "--config", str(config), "--input", "tcp://127.0.0.1:0",
-                               "--output", "tcp://127.0.0.1:0", "--metrics-port", "0"])
+                               "--output", "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0",
+                               "--metrics-port", "0"])
         sim = None
         try:
             ep = wait_ready(daemon)

@@ -2,7 +2,9 @@
 
 Writes one row per particle (CSV or Parquet, by the output suffix) with the file, image index,
 calibration and every measurement; optionally one 16-bit instance-label PNG per image (named
-after the input) so the segmentation can be checked or reused in other tools.
+after the input) so the segmentation can be checked or reused in other tools. When the pipeline
+has a field-of-view classifier, ``OUT.classes.csv`` gets one row per image: the top class, its
+probability, the novelty score and every class's probability.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class MeasureReport:
 
     images: int = 0
     particles: int = 0
+    classes: Path | None = None  # the per-image classification CSV, when written
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     uncalibrated: list[Path] = field(default_factory=list)
 
@@ -97,6 +100,7 @@ def measure_files(
         masks.mkdir(parents=True, exist_ok=True)
     report = MeasureReport()
     columns: dict[str, list] = {c: [] for c in COLUMNS}
+    class_rows: list[list[object]] = []
     for path in expand(paths):
         try:
             records = read_images(path)
@@ -122,7 +126,18 @@ def measure_files(
                 write_labels(a.labels, masks / f"{name}.png")
             report.images += 1
             report.particles += len(a.table)
-            log(f"{path}[{rec.index}]: {len(a.table)} particles ({a.units})")
+            what = ""
+            if pipeline.classifier is not None:
+                try:
+                    c = pipeline.classifier.classify(rec.data)
+                except NanoscoutError as exc:  # the measurements stand without it
+                    log(f"{path}[{rec.index}]: not classified: {exc}")
+                    continue
+                class_rows.append([str(path), rec.index, c.labels[0], round(c.probabilities[0], 4),
+                                   None if c.novelty is None else round(c.novelty, 4),
+                                   *(round(v, 4) for v in c.all.values())])
+                what = f"; {c.labels[0]} ({c.probabilities[0]:.2f})"
+            log(f"{path}[{rec.index}]: {len(a.table)} particles ({a.units}){what}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         with out.open("w", newline="", encoding="utf-8") as fh:
@@ -135,4 +150,11 @@ def measure_files(
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table(columns), out)
+    if pipeline.classifier is not None:
+        report.classes = out.with_suffix(".classes.csv")
+        with report.classes.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "index", "top_class", "probability", "novelty",
+                        *(f"p_{c}" for c in pipeline.classifier.classes)])
+            w.writerows(class_rows)
     return report

@@ -1,7 +1,8 @@
 """``nanoscout tail``: a live table of what the daemon publishes, in the terminal.
 
 One row per source: frames/s, latency (acquisition → result) p50/p99, particles per frame,
-D10/D50/D90 of ECD (window), number density, dropped/missed frames; then the newest alerts.
+D10/D50/D90 of ECD (window), number density, dropped/missed frames, and the latest
+field-of-view class with its probability and novelty score; then the newest alerts.
 On a terminal the table redraws in place once per second; into a pipe or file it prints one
 line per source per second.
 """
@@ -17,7 +18,7 @@ from typing import TextIO
 import numpy as np
 
 from clients.subscriber import Subscriber
-from service.protocol import AlertHeader, DetHeader, HealthHeader, StatsHeader
+from service.protocol import AlertHeader, ClassHeader, DetHeader, HealthHeader, StatsHeader
 from service.transport import ClientKeys
 
 
@@ -31,6 +32,7 @@ class SourceView:
     frames: int = 0
     units: str = "nm"
     stats: StatsHeader | None = None
+    klass: ClassHeader | None = None
     last_seq: int = -1
 
     def fps(self, now: float) -> float:
@@ -61,6 +63,8 @@ class TailState:
             v.last_seq = msg_header.seq
         elif isinstance(msg_header, StatsHeader):
             self.sources.setdefault(msg_header.source, SourceView()).stats = msg_header
+        elif isinstance(msg_header, ClassHeader):
+            self.sources.setdefault(msg_header.source, SourceView()).klass = msg_header
         elif isinstance(msg_header, AlertHeader):
             self.alerts.appendleft(msg_header)
             self.n_alerts += 1
@@ -70,6 +74,13 @@ class TailState:
 
 def _fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _field_of_view(c: ClassHeader | None) -> str:
+    if c is None or not c.labels:
+        return "-"
+    novelty = "" if c.novelty is None else f", novelty {c.novelty:.2f}"
+    return f"{c.labels[0]} ({c.probabilities[0]:.2f}{novelty})"
 
 
 def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
@@ -87,7 +98,8 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
         )
     lines.append(
         f"{'source':<10} {'fps':>5} {'lat p50':>8} {'p99':>7} {'part/fr':>8} "
-        f"{'D10':>7} {'D50':>7} {'D90':>7} {'unit':>4} {'dens/µm²':>9} {'missed':>6}"
+        f"{'D10':>7} {'D50':>7} {'D90':>7} {'unit':>4} {'dens/µm²':>9} {'missed':>6}  "
+        "field of view (p, novelty)"
     )
     for name, v in sorted(state.sources.items()):
         lat = np.asarray(v.latency_ms)
@@ -99,7 +111,7 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
             f"{_fmt(float(np.mean(v.counts)) if v.counts else None):>8} "
             f"{_fmt(ecd.get('d10')):>7} {_fmt(ecd.get('d50')):>7} {_fmt(ecd.get('d90')):>7} "
             f"{v.units:>4} {_fmt(win.get('number_density_per_um2'), '.0f'):>9} "
-            f"{sub.missed.get(name, 0):>6}"
+            f"{sub.missed.get(name, 0):>6}  {_field_of_view(v.klass)}"
         )
     lines.append(f"alerts: {state.n_alerts}")
     for a in state.alerts:

@@ -1,7 +1,7 @@
 """Synthetic electron-microscopy specimens with exact ground truth (numpy + scipy only).
 
-A specimen is a set of nanoparticles (spheres, ellipses, rods, faceted polygons; lognormal
-sizes; isolated, touching or agglomerated) lying on a support. Its geometry is rasterised once
+A specimen is a set of nanoparticles (spheres, ellipses, rods, faceted polygons, triangular
+plates; lognormal sizes; isolated, touching or agglomerated) lying on a support. Its geometry is rasterised once
 onto a *periodic* canvas a little larger than the frame, so that a drifting field of view can be
 re-acquired cheaply (:meth:`Specimen.acquire`: a window of the canvas, the beam's illumination
 profile and shot noise) while the instance ground truth stays exact.
@@ -45,8 +45,11 @@ __all__ = [
     "render",
 ]
 
-#: particle kinds; ``truth["kind"]`` is an index into this tuple
-KINDS: tuple[str, ...] = ("sphere", "ellipse", "rod", "faceted")
+#: particle kinds; ``truth["kind"]`` is an index into this tuple. ``faceted`` particles are
+#: regular polygons of 3, 4, 5, 6 or 8 sides (projected cubes, octahedra, ...); ``plate`` ones
+#: are thin equilateral triangles (nanoprisms) with a flat thickness profile. Plates weigh 0 in
+#: the default mix, so default specimens are the same as before plates existed.
+KINDS: tuple[str, ...] = ("sphere", "ellipse", "rod", "faceted", "plate")
 MODALITIES: tuple[str, ...] = ("TEM", "STEM", "SEM")
 
 #: per-particle ground truth of one frame (lengths in nm, positions in px)
@@ -176,7 +179,7 @@ def _shape_axes(kind: int, r: float, aspect: float, nsides: int) -> tuple[float,
     """Return the kind's size parameters (a, b) in px for an equivalent radius ``r``.
 
     sphere: (r, r); ellipse: semi-axes; rod (capsule): (half length, half width);
-    faceted: (circumradius, apothem).
+    faceted and plate: (circumradius, apothem).
     """
     if kind == 1:
         return r * math.sqrt(aspect), r / math.sqrt(aspect)
@@ -184,7 +187,7 @@ def _shape_axes(kind: int, r: float, aspect: float, nsides: int) -> tuple[float,
         # capsule of width w and length L = aspect*w: area = w^2 (aspect - 1 + pi/4)
         w = r * math.sqrt(math.pi / (aspect - 1.0 + math.pi / 4.0))
         return 0.5 * aspect * w, 0.5 * w
-    if kind == 3:
+    if kind in (3, 4):
         n = nsides
         circ = r * math.sqrt(2.0 * math.pi / (n * math.sin(2.0 * math.pi / n)))
         return circ, circ * math.cos(math.pi / n)
@@ -201,7 +204,7 @@ def _support(g: _Geometry, i: int, ux: float, uy: float) -> float:
         return math.hypot(a * pu, b * pv)
     if kind == 2:
         return (a - b) * abs(pu) + b
-    if kind == 3:
+    if kind in (3, 4):
         n = int(g.nsides[i])
         th = 2.0 * math.pi * np.arange(n) / n
         return float(a * np.max(np.cos(th) * pu + np.sin(th) * pv))
@@ -238,6 +241,7 @@ def _sample_geometry(cfg: SpecimenConfig, rng: np.random.Generator, canvas: tupl
     aspect[kind == 1] = rng.uniform(1.2, 2.0, int(np.sum(kind == 1)))
     aspect[kind == 2] = rng.uniform(2.0, 5.0, int(np.sum(kind == 2)))
     nsides = rng.choice(np.array([3, 4, 4, 4, 5, 6, 6, 8]), size=n)
+    nsides[kind == 4] = 3  # plates are triangles (no extra draws: the default stream is kept)
     g = _Geometry(
         kind=kind.astype(np.int64),
         cy=np.zeros(n),
@@ -322,7 +326,7 @@ def _sdf(kind: int, u: np.ndarray, v: np.ndarray, a: float, b: float, nsides: in
     if kind == 2:
         qu = np.maximum(np.abs(u) - (a - b), 0.0)
         return np.sqrt(qu * qu + v * v) - b
-    if kind == 3:
+    if kind in (3, 4):
         th = 2.0 * np.pi * np.arange(nsides) / nsides
         d = np.cos(th[0]) * u + np.sin(th[0]) * v
         for t in th[1:]:
@@ -361,8 +365,11 @@ def _rasterize(g: _Geometry, canvas: tuple[int, int]) -> _Raster:
         c, s = math.cos(g.angle[i]), math.sin(g.angle[i])
         sd = _sdf(kind, dx * c + dy * s, -dx * s + dy * c, a, b, ns)
         alpha = np.clip(0.5 - sd, 0.0, 1.0)
-        uu = np.clip(-sd / b, 0.0, 1.0)
-        h = np.sqrt(uu * (2.0 - uu))  # sphere-like thickness profile, 0 at the rim, 1 inside
+        if kind == 4:  # a thin plate: flat, a third of a sphere's thickness, soft 1 px rim
+            h = np.clip(-sd, 0.0, 1.0) * (1.0 / 3.0)
+        else:
+            uu = np.clip(-sd / b, 0.0, 1.0)
+            h = np.sqrt(uu * (2.0 - uu))  # sphere-like thickness profile, 0 at the rim, 1 inside
         m = float(g.mass[i])
         ri, ci = _index(y0, y1, py), _index(x0, x1, pxw)
         key: tuple[slice, slice] | tuple[np.ndarray, ...]

@@ -61,7 +61,8 @@ def random_config(rng: np.random.Generator, shape: tuple[int, int] = (CROP, CROP
         min_diameter_nm=3.0,
         max_diameter_nm=100.0,
         coverage=coverage,
-        shape_mix=dict(zip(KINDS, mix.tolist(), strict=True)),
+        # the first four kinds: plates (KINDS[4]) are not in the training mix
+        shape_mix=dict(zip(KINDS[:4], mix.tolist(), strict=True)),
         agglomerate_fraction=float(rng.uniform(0.0, 0.75)),
         dose_e_per_px=dose,
         blur_px=float(rng.uniform(0.3, 2.0)),

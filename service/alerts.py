@@ -1,4 +1,4 @@
-"""Alert rules: needle-in-a-haystack particles, particle counts and D50 drift.
+"""Alert rules: needle-in-a-haystack particles, particle counts, D50 drift, classes, novelty.
 
 Rules come from the configuration as a list of dicts, parsed by :func:`parse_rules` into
 frozen pydantic models (a discriminated union on ``kind``)::
@@ -15,6 +15,11 @@ frozen pydantic models (a discriminated union on ``kind``)::
     kind = "particle"
     where = { aspect_ratio = { gt = 3 }, shape_class = { eq = "rod" } }
 
+    [[alerts]]                                  # a rod longer than 50 nm
+    name = "long-rod"
+    kind = "particle"
+    where = { shape_class = { eq = "rod" }, feret_max_nm = { gt = 50 } }
+
     [[alerts]]                                  # particles per frame above and/or below
     name = "crowded"
     kind = "count"
@@ -26,12 +31,32 @@ frozen pydantic models (a discriminated union on ``kind``)::
     pct = 10                                    # |window D50 / reference D50 - 1| > 10 %
     direction = "both"                          # or "grow" / "shrink"
 
+    [[alerts]]                                  # field-of-view classifier (class.<source>)
+    name = "wires"
+    kind = "class"
+    label = "rods_wires"                        # one of the classifier card's classes
+    threshold = 0.9                             # fires when P(label) > threshold
+
+    [[alerts]]                                  # the AI lens: an unusual field of view
+    name = "something-new"
+    kind = "novelty"
+    threshold = 3.0                             # fires when the frame's novelty > threshold
+
+``particle``, ``count`` and ``d50_drift`` rules are evaluated per frame by
+:meth:`AlertEngine.evaluate`; ``class`` and ``novelty`` rules by
+:meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
+class activation map that explains them (``Alert.heatmap``). A class rule's label can only be
+checked against the classifier's classes once the model is loaded:
+:func:`check_class_labels` (called at start-up) raises a :class:`ConfigError` for an unknown
+one.
+
 Several operators on one field, and several fields, must all hold. ``where = {}`` matches every
 particle. The clock is the frame time ``t_ns``, so behaviour is deterministic.
 
 Rate limiting and de-duplication (per rule and per source):
 
-* ``count`` and ``d50_drift`` rules fire at most once per ``cooldown_s``; a firing inside the
+* ``count``, ``d50_drift``, ``class`` and ``novelty`` rules fire at most once per
+  ``cooldown_s``; a firing inside the
   cooldown is suppressed and counted in :attr:`AlertEngine.suppressed`.
 * A ``particle`` rule remembers the particles it reported for ``cooldown_s``. A matching
   particle is a duplicate when it lies within the de-duplication radius of a remembered one
@@ -52,7 +77,8 @@ numeric condition among the new matching particles (largest for gt/ge, smallest 
 that particle is listed first and named in the explanation) and that condition's threshold,
 or the number of matches and ``min_count`` when the rule has only a ``shape_class``
 condition; for a count rule the count and the crossed bound; for a drift rule the change in
-percent and ``pct`` (negative for a shrinking D50).
+percent and ``pct`` (negative for a shrinking D50); for a class rule the label's probability
+and ``threshold``; for a novelty rule the novelty score and ``threshold``.
 """
 
 from __future__ import annotations
@@ -82,10 +108,14 @@ from service.particles import PARTICLE_DTYPE, SHAPE_CLASSES
 __all__ = [
     "Alert",
     "AlertEngine",
+    "AnyRule",
+    "ClassRule",
     "CountRule",
     "D50DriftRule",
+    "NoveltyRule",
     "ParticleRule",
     "Rule",
+    "check_class_labels",
     "parse_rules",
 ]
 
@@ -209,11 +239,40 @@ class D50DriftRule(_RuleBase):
     direction: Literal["both", "grow", "shrink"] = "both"
 
 
-Rule = Annotated[ParticleRule | CountRule | D50DriftRule, Field(discriminator="kind")]
-_RULE_ADAPTER: TypeAdapter[ParticleRule | CountRule | D50DriftRule] = TypeAdapter(Rule)
+class ClassRule(_RuleBase):
+    """Fires when the field-of-view classifier gives ``label`` a probability > ``threshold``."""
+
+    kind: Literal["class"] = "class"
+    label: str = Field(min_length=1)
+    threshold: float = Field(ge=0, lt=1)
 
 
-def parse_rules(data: list[dict[str, Any]]) -> list[ParticleRule | CountRule | D50DriftRule]:
+class NoveltyRule(_RuleBase):
+    """Fires when the frame's novelty score (the AI lens) is > ``threshold``."""
+
+    kind: Literal["novelty"] = "novelty"
+    threshold: float = Field(gt=0)
+
+
+AnyRule = ParticleRule | CountRule | D50DriftRule | ClassRule | NoveltyRule
+Rule = Annotated[AnyRule, Field(discriminator="kind")]
+_RULE_ADAPTER: TypeAdapter[AnyRule] = TypeAdapter(Rule)
+
+
+def check_class_labels(rules: Sequence[AnyRule], classes: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` naming every class rule whose label is not in ``classes``.
+
+    ``classes``: the field-of-view classifier's classes (its model card). Call once the
+    classifier is loaded; rule labels cannot be checked earlier.
+    """
+    known = list(classes)
+    bad = [r for r in rules if isinstance(r, ClassRule) and r.label not in known]
+    if bad:
+        which = "; ".join(f"alert rule {r.name!r}: unknown class label {r.label!r}" for r in bad)
+        raise ConfigError(f"{which}; the classifier knows: {', '.join(known) or '(none)'}")
+
+
+def parse_rules(data: list[dict[str, Any]]) -> list[AnyRule]:
     """Validate alert rules from the configuration; returns frozen rule models.
 
     Raises :class:`ConfigError` naming the rule (index and name) and the bad field or operator.
@@ -238,7 +297,7 @@ def parse_rules(data: list[dict[str, Any]]) -> list[ParticleRule | CountRule | D
 
 def _describe(err: Any) -> str:
     loc = list(err["loc"])
-    if loc and loc[0] in ("particle", "count", "d50_drift"):
+    if loc and loc[0] in ("particle", "count", "d50_drift", "class", "novelty"):
         loc = loc[1:]  # pydantic prefixes the union tag
     return f"{'.'.join(str(p) for p in loc) or 'rule'}: {err['msg']}"
 
@@ -270,6 +329,8 @@ class Alert:
     seq: int = 0
     t_ns: int = 0
     stage: tuple[float, float] | None = None
+    #: uint8 class activation map explaining a class / novelty alert (whole frame), else None
+    heatmap: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -286,7 +347,7 @@ class _Memory:
 class AlertEngine:
     """Evaluates alert rules frame by frame, with per-rule, per-source rate limiting."""
 
-    def __init__(self, rules: Sequence[ParticleRule | CountRule | D50DriftRule]) -> None:
+    def __init__(self, rules: Sequence[AnyRule]) -> None:
         self.rules = tuple(rules)
         _check_unique([r.name for r in self.rules])
         #: rule name -> firings rate-limited or de-duplicated so far
@@ -327,27 +388,94 @@ class AlertEngine:
             if isinstance(rule, ParticleRule):
                 alert = self._particle(rule, ctx)
             elif isinstance(rule, CountRule):
-                alert = self._rate_limited(rule, ctx, _count(rule, ctx))
+                alert = self._rate_limited(rule, ctx.source, ctx.t_ns, _count(rule, ctx))
+            elif isinstance(rule, D50DriftRule):
+                alert = self._rate_limited(rule, ctx.source, ctx.t_ns, _drift(rule, ctx))
             else:
-                alert = self._rate_limited(rule, ctx, _drift(rule, ctx))
+                continue  # class / novelty rules: evaluate_class
             if alert is not None:
                 fired.append(alert)
+        return fired
+
+    def evaluate_class(
+        self,
+        *,
+        source: str,
+        seq: int,
+        t_ns: int,
+        stage: tuple[float, float] | None,
+        labels: Sequence[str],
+        probabilities: Sequence[float],
+        novelty: float | None,
+        heatmap: np.ndarray | None,
+    ) -> list[Alert]:
+        """Evaluate the class and novelty rules on one classified frame; returns those that fired.
+
+        ``labels`` / ``probabilities``: the classifier's classes and their probabilities (0..1),
+        in the same order (any subset; a rule whose label is absent does not fire).
+        ``novelty``: the frame's novelty score, None without the lens (novelty rules skip).
+        ``heatmap``: the uint8 CAM that explains the frame, attached to every alert (or None).
+        Cooldowns as for count rules, on the frame time ``t_ns``.
+        """
+        if len(labels) != len(probabilities):
+            raise FrameError(f"{len(labels)} class labels but {len(probabilities)} probabilities")
+        prob = {str(k): float(p) for k, p in zip(labels, probabilities, strict=True)}
+        fired: list[Alert] = []
+        for rule in self.rules:
+            if isinstance(rule, ClassRule):
+                p = prob.get(rule.label)
+                if p is None or not p > rule.threshold:
+                    continue
+                value = p
+                text = (f"class {rule.label} has probability {p:.3f} > {_num(rule.threshold)} "
+                        f"(rule {rule.name})")
+            elif isinstance(rule, NoveltyRule):
+                if novelty is None or not novelty > rule.threshold:
+                    continue
+                value = float(novelty)
+                top = max(prob, key=prob.__getitem__) if prob else None
+                text = (f"frame novelty {value:.3g} > {_num(rule.threshold)}"
+                        + (f" (top class {top} {prob[top]:.2f})" if top is not None else "")
+                        + f" (rule {rule.name})")
+            else:
+                continue
+            alert = Alert(
+                rule=rule.name,
+                kind=rule.kind,
+                severity=rule.severity,
+                value=value,
+                threshold=float(rule.threshold),
+                explanation=text,
+                particles=np.empty(0, PARTICLE_DTYPE),
+                source=source,
+                seq=seq,
+                t_ns=int(t_ns),
+                stage=stage,
+                heatmap=heatmap,
+            )
+            limited = self._rate_limited(rule, source, int(t_ns), alert)
+            if limited is not None:
+                fired.append(limited)
         return fired
 
     # ------------------------------------------------------------------ rule kinds
 
     def _rate_limited(
-        self, rule: CountRule | D50DriftRule, ctx: _Frame, alert: Alert | None
+        self,
+        rule: CountRule | D50DriftRule | ClassRule | NoveltyRule,
+        source: str,
+        t_ns: int,
+        alert: Alert | None,
     ) -> Alert | None:
         if alert is None:
             return None
-        key = (rule.name, ctx.source)
+        key = (rule.name, source)
         last = self._last_fired.get(key)
         # a clock that went backwards (a restarted source) starts a new cooldown
-        if last is not None and last <= ctx.t_ns < last + round(rule.cooldown_s * 1e9):
+        if last is not None and last <= t_ns < last + round(rule.cooldown_s * 1e9):
             self.suppressed[rule.name] += 1
             return None
-        self._last_fired[key] = ctx.t_ns
+        self._last_fired[key] = t_ns
         return alert
 
     def _particle(self, rule: ParticleRule, ctx: _Frame) -> Alert | None:

@@ -10,10 +10,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from service.alerts import check_class_labels, parse_rules
+from service.classifier import FieldClassifier
 from service.config import ServeConfig
 from service.daemon import Daemon, Endpoints
 from service.detector import Detector
-from service.engines import create_engine
+from service.engines import Engine, create_engine
 from service.errors import ModelCardError
 from service.modelcard import ModelCard
 from service.pipeline import Pipeline
@@ -26,13 +28,40 @@ def card_path(model: Path) -> Path:
     return model.with_suffix(".json")
 
 
-def build_pipeline(config: ServeConfig) -> Pipeline:
-    """Load the detection model with the configured backend and assemble the pipeline."""
-    model = config.engine.model_path()
+def load_card(model: Path) -> ModelCard:
+    """The validated model card of an ONNX file (its sha256 checked)."""
     card_file = card_path(model)
     if not card_file.exists():
         raise ModelCardError(f"model card {card_file} is missing (every model ships with one)")
-    card = ModelCard.load(card_file)
+    return ModelCard.load(card_file)
+
+
+def build_classifier(config: ServeConfig) -> FieldClassifier | None:
+    """Load the field-of-view classifier (and the lens) as ``[classify]`` says, or None."""
+    cc = config.classify
+    if not cc.enabled:
+        return None
+    eng = config.engine
+
+    def load(model: Path) -> tuple[ModelCard, Engine]:
+        card = load_card(model)
+        return card, create_engine(model, eng.backend, threads=eng.threads,
+                                   precision=eng.precision)
+
+    card, engine = load(cc.model_path())
+    lens_card = lens = None
+    if cc.lens_enabled:
+        lens_card, lens = load(cc.lens_path())
+    classifier = FieldClassifier(engine, card, lens=lens, lens_card=lens_card, top_k=cc.top_k,
+                                 cam=cc.cam)
+    check_class_labels(parse_rules(config.alerts), classifier.classes)
+    return classifier
+
+
+def build_pipeline(config: ServeConfig) -> Pipeline:
+    """Load the detection model with the configured backend and assemble the pipeline."""
+    model = config.engine.model_path()
+    card = load_card(model)
     engine = create_engine(
         model,
         config.engine.backend,
@@ -50,6 +79,9 @@ def build_pipeline(config: ServeConfig) -> Pipeline:
         min_score=config.engine.min_score,
         engine_name=engine.name,
         model_name=f"{card.name}:{card.version}",
+        classifier=build_classifier(config),
+        classify_every=config.classify.every,
+        clusters=config.clusters,
     )
 
 
@@ -84,7 +116,7 @@ def serve(
                 break
     finally:
         daemon.close(timeout=120)
-        pipeline.detector.engine.close()
+        pipeline.close()
     log.info(
         "stopped: %d frames received, %d processed, dropped %s, rejected %s",
         daemon.received, daemon.processed, daemon.dropped, daemon.rejected,
@@ -94,5 +126,6 @@ def serve(
 def ready_line(endpoints: Endpoints) -> str:
     """The machine-readable readiness line printed by ``nanoscout serve``."""
     return "NANOSCOUT-READY " + json.dumps(
-        {"input": endpoints.input, "output": endpoints.output, "metrics": endpoints.metrics_url}
+        {"input": endpoints.input, "output": endpoints.output, "metrics": endpoints.metrics_url,
+         "query": endpoints.query}
     )

@@ -21,6 +21,9 @@ This is the only module that reads configuration files; everything else receives
     [stats]
     window_frames = 50
 
+    [clusters]                 # morphology clusters (online k-means), per source
+    k = 3
+
     [[alerts]]
     name = "big-particle"
     kind = "particle"
@@ -38,9 +41,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.alerts import parse_rules
+from service.clusters import ClusterConfig
 from service.errors import ConfigError
 from service.stats import StatsConfig
-from service.transport import DEFAULT_FRAME_ENDPOINT, DEFAULT_RESULT_ENDPOINT, Policy, is_loopback
+from service.transport import (
+    DEFAULT_FRAME_ENDPOINT,
+    DEFAULT_QUERY_ENDPOINT,
+    DEFAULT_RESULT_ENDPOINT,
+    Policy,
+    is_loopback,
+)
 
 
 def shipped_model_dir() -> Path:
@@ -102,6 +112,40 @@ class EngineConfig(_Section):
         return self.model if self.model is not None else shipped_model_dir() / "detector.onnx"
 
 
+class ClassifyConfig(_Section):
+    """Field-of-view classification (``class.<source>`` topic) with CAM and the AI-lens novelty.
+
+    ``every``: classify every n-th frame of each source (1 = every frame). ``model`` / ``lens``:
+    ONNX files with their ``.json`` cards (default: the shipped ``classifier.onnx`` /
+    ``lens.onnx``); ``lens_enabled = false`` skips the novelty score. Backend and threads are
+    the detection engine's (``[engine]``).
+    """
+
+    enabled: bool = True
+    every: int = Field(1, ge=1)
+    model: Path | None = None
+    lens_enabled: bool = True
+    lens: Path | None = None
+    top_k: int = Field(3, ge=1, le=64)
+    cam: bool = True
+
+    def model_path(self) -> Path:
+        """The classifier ONNX file to load."""
+        return self.model if self.model is not None else shipped_model_dir() / "classifier.onnx"
+
+    def lens_path(self) -> Path:
+        """The lens (autoencoder) ONNX file to load."""
+        return self.lens if self.lens is not None else shipped_model_dir() / "lens.onnx"
+
+
+class QueryConfig(_Section):
+    """Query socket (REP): the AI lens's feature maps of a source's newest frame on request
+    (``nanoscout lens --connect``). Served only when the lens is loaded."""
+
+    enabled: bool = True
+    endpoint: str = DEFAULT_QUERY_ENDPOINT
+
+
 class MetricsConfig(_Section):
     """Prometheus HTTP endpoint; ``port = 0`` picks a free port, ``enabled = false`` turns it off."""
 
@@ -149,14 +193,18 @@ class ServeConfig(_Section):
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
     preview: PreviewConfig = PreviewConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    query: QueryConfig = QueryConfig()
     stats: StatsConfig = StatsConfig()
+    clusters: ClusterConfig = ClusterConfig()
     security: SecurityConfig = SecurityConfig()
     alerts: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _remote_needs_curve(self) -> ServeConfig:
         sec = self.security
-        for name, ep in (("input", self.input.endpoint), ("output", self.output.endpoint)):
+        for name, ep in (("input", self.input.endpoint), ("output", self.output.endpoint),
+                         ("query", self.query.endpoint)):
             if not (is_loopback(ep) or sec.curve or sec.allow_insecure_remote):
                 raise ValueError(
                     f"{name}.endpoint {ep} is not on loopback: turn on [security] curve "

@@ -34,7 +34,7 @@ import zmq
 from service.config import ServeConfig
 from service.errors import NanoscoutError, ProtocolError
 from service.metrics import Metrics
-from service.pipeline import Pipeline
+from service.pipeline import AlertMessage, Pipeline
 from service.preview import PreviewLimiter, make_preview
 from service.protocol import (
     FrameHeader,
@@ -43,6 +43,7 @@ from service.protocol import (
     decode_frame,
     encode_message,
 )
+from service.query import LensServer
 from service.transport import CurveServer, bind, frame_input_socket, result_publisher
 
 log = logging.getLogger("nanoscout.daemon")
@@ -65,6 +66,7 @@ class Endpoints:
     input: str
     output: str
     metrics_url: str | None
+    query: str | None = None  # the lens query socket (None: not served)
 
 
 class _LiveSlots:
@@ -127,6 +129,7 @@ class Daemon:
         self._count_lock = threading.Lock()
         self.endpoints: Endpoints | None = None
         self._curve: CurveServer | None = None
+        self._query: LensServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Endpoints:
@@ -156,9 +159,17 @@ class Daemon:
             t = threading.Thread(target=self._guard(target), name=f"nanoscout-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        self.endpoints = Endpoints(in_ep, out_ep, metrics_url)
+        query_ep = self._start_query()
+        self.endpoints = Endpoints(in_ep, out_ep, metrics_url, query_ep)
         log.info("serving: frames on %s (%s), results on %s, metrics %s", in_ep, self._policy, out_ep, metrics_url)
         return self.endpoints
+
+    def _start_query(self) -> str | None:
+        qc, clf = self.config.query, self.pipeline.classifier
+        if not qc.enabled or clf is None or clf.lens is None:
+            return None
+        self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None)
+        return self._query.start(qc.endpoint, self._guard)
 
     def stop(self) -> None:
         """Stop receiving; accepted frames are finished in lossless mode. Returns at once."""
@@ -186,6 +197,8 @@ class Daemon:
         """Stop, join (up to ``timeout`` s), release the metrics server and CURVE authenticator."""
         self.stop()
         self.wait(timeout=timeout)
+        if self._query is not None:
+            self._query.stop()
         self.metrics.close()
         if self._curve is not None:
             self._curve.stop()
@@ -331,6 +344,10 @@ class Daemon:
         m.particles.labels(source=h.source).inc(dh.n)
         self._lat_ms.append(lat_s * 1e3)
 
+        self._classify(item)
+        if self._query is not None:
+            self._query.offer(h, item.pixels)
+
         try:
             summary = self.pipeline.summarise(h, det)
         except Exception as exc:  # statistics or a rule failed: the detections are out already
@@ -339,19 +356,55 @@ class Daemon:
             self._drop("summary_failure")
         else:
             self._out.put(encode_message(summary.stats))
-            for ah, rows in summary.alerts:
-                self._out.put(encode_message(ah, rows))
-                m.alerts.labels(rule=ah.rule, severity=ah.severity).inc()
+            self._publish_alerts(summary.alerts)
             for stage, ms in summary.stage_ms.items():
                 m.stage.labels(stage=stage).observe(ms / 1e3)
         m.frames_processed.labels(source=h.source).inc()
         self._done_t.append(time.monotonic())
         self.processed += 1
 
+    def _classify(self, item: _Item) -> None:
+        """Classify the frame when it is its turn and publish ``class`` (+ its alerts).
+
+        A classifier failure costs only the classification: the detections are out already;
+        it is counted in ``classify_failures_total`` and kept as ``last_error``.
+        """
+        h = item.header
+        try:
+            res = self.pipeline.classify(h, item.pixels)
+        except Exception as exc:
+            self.last_error = f"frame {h.source}#{h.seq}: classification failed: {exc!r}"
+            log.error("frame %s#%d: classification failed: %r", h.source, h.seq, exc,
+                      exc_info=not isinstance(exc, NanoscoutError))
+            self.metrics.classify_failures.inc()
+            return
+        if res is None:
+            return
+        self._out.put(encode_message(res.header, *(() if res.cam is None else (res.cam,))))
+        self._publish_alerts(res.alerts)
+        m, c = self.metrics, res.classification
+        for label, p in c.all.items():
+            m.class_probability.labels(source=h.source, label=label).set(p)
+        if c.novelty is not None:
+            m.novelty.labels(source=h.source).set(c.novelty)
+        for stage, ms in c.timings_ms.items():
+            m.stage.labels(stage=stage).observe(ms / 1e3)
+
+    def _publish_alerts(self, alerts: list[AlertMessage]) -> None:
+        for ah, arrays in alerts:
+            self._out.put(encode_message(ah, *arrays))
+            self.metrics.alerts.labels(rule=ah.rule, severity=ah.severity).inc()
+
     def _engine_failure(self, h: FrameHeader, exc: BaseException) -> None:
         self._drop("engine_failure")
         self.last_error = f"frame {h.source}#{h.seq}: {exc!r}"
         log.error("frame %s#%d dropped: %r", h.source, h.seq, exc, exc_info=not isinstance(exc, NanoscoutError))
+
+    def _engines(self) -> dict[str, str]:
+        engines = {"detector": self.pipeline.engine_name, "model": self.pipeline.model_name}
+        if self.pipeline.classifier is not None:
+            engines["classifier"] = self.pipeline.classifier.name
+        return engines
 
     def _health(self) -> HealthHeader:
         now = time.monotonic()
@@ -365,7 +418,7 @@ class Daemon:
             t_ns=time.time_ns(),
             uptime_s=round(now - self._t_start, 3),
             policy=self._policy,
-            engines={"detector": self.pipeline.engine_name, "model": self.pipeline.model_name},
+            engines=self._engines(),
             frames_received=self.received,
             frames_processed=self.processed,
             frames_dropped=dropped,

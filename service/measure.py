@@ -40,7 +40,7 @@ Conventions (lengths in nm when ``pixel_size_nm`` is given, else in px; areas sq
   clipped to ≤ 1: about 0.9 for digital disks of 10-60 px (as in ImageJ, the 8-direction
   contour overestimates a circle's length by ~5 %) and → π/4 for large squares.
 * **border**: the particle has a pixel in the first/last row or column.
-* **shape_class**: see :func:`classify_shapes` (a simple fixed rule; a learned one will replace it).
+* **shape_class**: see :func:`classify_shapes` (a fixed rule on scale-free descriptors).
 
 Labels may have gaps (absent ids are skipped; a row's ``id`` is the label value) and a label
 need not be connected (its pixels are measured together).
@@ -100,13 +100,21 @@ _MAX_PRUNE_ROUNDS = 32
 # directions of polygons up to 65536 px across.
 _SEARCH_BLOCK = 4096
 
-# shape-class rule thresholds (see classify_shapes)
+# shape-class rule (see classify_shapes); tuned on synthetic truth with `python -m models.shapes`
 MIN_CLASSIFIED_AREA_PX = 20.0
-AGGLOMERATE_SOLIDITY = 0.75
-IRREGULAR_SOLIDITY = 0.88
+#: the pixel-corner hull exceeds a digitised shape by about this many px per px of perimeter
+HULL_EXCESS_PX = 0.2
+#: and each Feret diameter by about one pixel
+FERET_EXCESS_PX = 1.0
+AGGLOMERATE_SOLIDITY = 0.78
+IRREGULAR_SOLIDITY = 0.85
+AGGLOMERATE_MIN_ASPECT_RATIO = 1.3
 ROD_ASPECT_RATIO = 2.0
-SPHERE_MAX_ASPECT_RATIO = 1.3
-SPHERE_MIN_CIRCULARITY = 0.84
+ROD_MIN_CONVEXITY = 0.90
+ROD_MIN_BOX_FILL = 0.80
+PLATE_MAX_ASPECT_RATIO = 1.5
+PLATE_MAX_BOX_FILL = 0.70
+SPHERE_MIN_ELLIPSE_FILL = 0.76
 
 _CLASS = {name: i for i, name in enumerate(SHAPE_CLASSES)}
 
@@ -214,35 +222,79 @@ def measure(
     else:
         table["score"] = _check_scores(scores, lmax)[ids]
     table["border"] = (x0 == 0) | (y0 == 0) | (x1 == w) | (y1 == h)
-    table["shape_class"] = classify_shapes(area, ratio, solidity, circularity)
+    table["shape_class"] = classify_shapes(area, ratio, solidity, feret_max, feret_min)
     return table
 
 
 def classify_shapes(
-    area_px: np.ndarray, aspect_ratio: np.ndarray, solidity: np.ndarray, circularity: np.ndarray
+    area_px: np.ndarray,
+    aspect_ratio: np.ndarray,
+    solidity: np.ndarray,
+    feret_max_px: np.ndarray,
+    feret_min_px: np.ndarray,
 ) -> np.ndarray:
-    """Return the index into SHAPE_CLASSES of each particle by a fixed, documented rule.
+    """Return the index into SHAPE_CLASSES of each particle by a fixed, documented rule (uint8).
+
+    Inputs are per-particle arrays in pixels (area px², Feret px); every descriptor is
+    scale-free. Pixelisation bias is removed first, so that a 10 px disk looks like a 40 px one:
+    the pixel-corner hull (see the module docstring) is larger than the shape by about
+    ``HULL_EXCESS_PX`` (0.2) px times its perimeter (π x mean Feret), each Feret diameter by about
+    ``FERET_EXCESS_PX`` (1) px. With A the area, F and f the corrected Feret max and min:
+
+    * ``convexity``   = A / (hull area - 0.2·π·(Feret max + Feret min)/2), ≤ 1: solidity
+      without the pixel bias (convex shapes ≈ 0.95-1, two touching disks ≈ 0.7-0.8);
+    * ``box_fill``    = A / (F·f): triangle 0.5, square 0.71, hexagon 0.75, disk and every
+      ellipse 0.785, capsule and rectangle 0.89-1 (the triangle is the least for given F, f);
+    * ``ellipse_fill`` = A / F² · aspect ratio: disk and every ellipse 0.785; square 0.5,
+      pentagon 0.66, hexagon 0.65, octagon 0.71 (polygons have corners reaching out).
 
     In order of precedence:
 
-    1. area < 20 px²                                   → ``unclassified`` (too few pixels)
-    2. solidity < 0.75                                 → ``agglomerate`` (deeply concave)
-    3. solidity < 0.88                                 → ``irregular``
-    4. aspect ratio ≥ 2                                → ``rod``
-    5. aspect ratio < 1.3 and circularity ≥ 0.84       → ``sphere``
-    6. otherwise (convex, compact, corners)            → ``faceted``
+    1. area < 20 px²                                          → ``unclassified``
+    2. convexity < 0.78                                       → ``agglomerate`` (deep necks)
+    3. convexity < 0.85 and aspect ratio ≥ 1.3                → ``agglomerate`` (two lobes)
+    4. convexity < 0.85                                       → ``irregular`` (concave, compact)
+    5. aspect ratio ≥ 2, convexity < 0.90 and box_fill < 0.80 → ``agglomerate`` (a chain:
+       two touching disks have convexity 0.88 and box_fill 0.785; a capsule 1 and ≥ 0.89)
+    6. aspect ratio ≥ 2                                       → ``rod``
+    7. aspect ratio < 1.5 and box_fill < 0.70                 → ``plate`` (triangular outline)
+    8. ellipse_fill ≥ 0.76                                    → ``sphere`` (smooth, no corners;
+       an elongated spheroid (aspect ratio < 2) is a ``sphere`` too, its elongation is in
+       ``aspect_ratio``)
+    9. otherwise (convex, with corners)                       → ``faceted``
 
-    ``plate`` is never assigned by this rule (a projected plate is a polygon: ``faceted``).
-    Inputs are per-particle arrays; area in px² (the rule is scale-free otherwise).
+    Measured on exact synthetic truth at 10, 20 and 40 px median ECD (``python -m
+    models.shapes --seed 7``, held out): 95 % of particles get their expected class (75 % on
+    the shipped detector's instances, whose outlines are rounder); octagons and hexagons below
+    ~15 px pass for spheres, and small triangles with rounded pixel corners for faceted.
+    A projected plate is only recognised by its triangular outline (hexagonal plates are
+    ``faceted``; a thin plate's contrast is not used).
     """
-    cls = np.full(area_px.shape, _CLASS["faceted"], dtype=np.uint8)
-    cls[(aspect_ratio < SPHERE_MAX_ASPECT_RATIO) & (circularity >= SPHERE_MIN_CIRCULARITY)] = (
-        _CLASS["sphere"]
+    area = np.asarray(area_px, dtype=np.float64)
+    ar = np.asarray(aspect_ratio, dtype=np.float64)
+    fmax = np.asarray(feret_max_px, dtype=np.float64)
+    fmin = np.asarray(feret_min_px, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hull = area / np.maximum(np.asarray(solidity, dtype=np.float64), 1e-9)
+        hull_c = hull - HULL_EXCESS_PX * math.pi * 0.5 * (fmax + fmin)
+        convexity = np.minimum(area / np.maximum(hull_c, area * 1e-3), 1.0)
+        big = np.maximum(fmax - FERET_EXCESS_PX, 1.0)
+        small = np.maximum(fmin - FERET_EXCESS_PX, 1.0)
+        box_fill = area / (big * small)
+        ellipse_fill = area / (big * big) * ar
+    cls = np.full(area.shape, _CLASS["faceted"], dtype=np.uint8)
+    cls[ellipse_fill >= SPHERE_MIN_ELLIPSE_FILL] = _CLASS["sphere"]
+    cls[(ar < PLATE_MAX_ASPECT_RATIO) & (box_fill < PLATE_MAX_BOX_FILL)] = _CLASS["plate"]
+    long = ar >= ROD_ASPECT_RATIO
+    cls[long] = _CLASS["rod"]
+    cls[long & (convexity < ROD_MIN_CONVEXITY) & (box_fill < ROD_MIN_BOX_FILL)] = (
+        _CLASS["agglomerate"]
     )
-    cls[aspect_ratio >= ROD_ASPECT_RATIO] = _CLASS["rod"]
-    cls[solidity < IRREGULAR_SOLIDITY] = _CLASS["irregular"]
-    cls[solidity < AGGLOMERATE_SOLIDITY] = _CLASS["agglomerate"]
-    cls[area_px < MIN_CLASSIFIED_AREA_PX] = _CLASS["unclassified"]
+    concave = convexity < IRREGULAR_SOLIDITY
+    cls[concave] = _CLASS["irregular"]
+    cls[concave & (ar >= AGGLOMERATE_MIN_ASPECT_RATIO)] = _CLASS["agglomerate"]
+    cls[convexity < AGGLOMERATE_SOLIDITY] = _CLASS["agglomerate"]
+    cls[area < MIN_CLASSIFIED_AREA_PX] = _CLASS["unclassified"]
     return cls
 
 

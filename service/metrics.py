@@ -12,8 +12,12 @@ particles_measured_total{source}       counter
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
 latency_seconds                        histogram  acquisition → results published
-stage_seconds{stage}                   histogram  queue_wait, preprocess, engine, postprocess, measure, stats, alerts
+stage_seconds{stage}                   histogram  queue_wait, preprocess, engine, postprocess, measure, stats, alerts,
+                                                  classify, lens
 queue_depth                            gauge      frames accepted and waiting
+class_probability{source,label}        gauge      the latest classification's probability per class
+novelty{source}                        gauge      the latest AI-lens novelty score (1 = reference)
+classify_failures_total                counter    frames whose classification failed
 engine_info{backend,model,...}         info
 =====================================  =========  ==========================================
 """
@@ -66,6 +70,15 @@ class Metrics:
             buckets=_STAGE_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("nanoscout_queue_depth", "Frames waiting", registry=r)
+        self.class_probability = Gauge(
+            "nanoscout_class_probability", "Latest field-of-view class probability",
+            ["source", "label"], registry=r,
+        )
+        self.novelty = Gauge("nanoscout_novelty", "Latest AI-lens novelty score (1 = reference)",
+                             ["source"], registry=r)
+        self.classify_failures = Counter(
+            "nanoscout_classify_failures", "Frames whose classification failed", registry=r
+        )
         self.engine_info = Info("nanoscout_engine", "Detection engine in use", registry=r)
         self._server: WSGIServer | None = None
 

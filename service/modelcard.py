@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -22,6 +22,7 @@ __all__ = [
     "HeldOutMetrics",
     "InputSpec",
     "ModelCard",
+    "NoveltyReference",
     "Normalization",
     "OutputSpec",
     "Thresholds",
@@ -45,6 +46,9 @@ class InputSpec(_Strict):
     dtype: Literal["float32", "float16"] = "float32"
     layout: Literal["NCHW"] = "NCHW"
     stride_multiple: int = Field(16, ge=1)
+    #: fixed (H, W) the frame is resampled to (area average) before inference; None: the
+    #: model takes any H, W that are multiples of ``stride_multiple`` (detection)
+    size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
 
 
 class Normalization(_Strict):
@@ -150,13 +154,31 @@ class HeldOutMetrics(_Strict):
     real: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class NoveltyReference(_Strict):
+    """How an autoencoder's per-frame error becomes a novelty score (``task="autoencoder"``).
+
+    ``novelty = error / reference_error``: 1.0 is the ``reference_quantile`` of the errors of
+    ``n_frames`` usual frames the model was calibrated on (``data``), so novelty > 1 means more
+    unusual than that fraction of usual frames. ``error_output`` names the ONNX output holding
+    the per-frame error: a distance from usual frames that the model defines (its output's
+    ``meaning`` says which: a pixel reconstruction error, or a distance of feature statistics).
+    """
+
+    error_output: str = "error"
+    reference_error: float = Field(gt=0)
+    reference_quantile: float = Field(0.99, gt=0, lt=1)
+    quantiles: dict[str, float] = Field(default_factory=dict)
+    n_frames: int = Field(ge=1)
+    data: str
+
+
 class ModelCard(_Strict):
     """A model card as stored in JSON next to its ONNX file."""
 
     schema_version: int = SCHEMA_VERSION
     name: str
     version: str
-    task: Literal["detection-segmentation", "classification"]
+    task: Literal["detection-segmentation", "classification", "autoencoder"]
     framework: str
     opset: int = Field(ge=7)
     onnx_file: str
@@ -169,6 +191,9 @@ class ModelCard(_Strict):
     classes: tuple[str, ...] | None = None
     training: TrainingInfo
     metrics: HeldOutMetrics | None = None
+    #: held-out results of classification / autoencoder models: name -> {data, command, ...}
+    evaluation: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    novelty: NoveltyReference | None = None
     timings_ms: dict[str, Any] = Field(default_factory=dict)
     created: str
     notes: str = ""
@@ -186,6 +211,10 @@ class ModelCard(_Strict):
                 )
         if self.task == "classification" and not self.classes:
             raise ValueError("a classification card needs classes")
+        if self.task == "autoencoder" and self.novelty is None:
+            raise ValueError("an autoencoder card needs novelty (its reference error)")
+        if self.task in ("classification", "autoencoder") and self.input.size is None:
+            raise ValueError(f"a {self.task} card needs input.size (the fixed H, W)")
         return self
 
     @classmethod

@@ -1,7 +1,7 @@
 """The particle table: one numpy structured array row per measured particle.
 
 It travels as a raw buffer in ``det.<source>`` messages, so its layout is part of wire
-protocol v1 (little-endian, packed). Lengths are nanometres when the frame is calibrated and
+protocol v1 (little-endian, packed; v1.2 appended ``cluster``, so a row is one byte longer). Lengths are nanometres when the frame is calibrated and
 pixels when it is not; the ``det`` header says which (``units``).
 
 Fields
@@ -21,8 +21,10 @@ roundness     4·area / (π·major²)           (ImageJ convention, ≤ 1)
 circularity   4π·area / perimeter²          (ImageJ convention, ≤ 1 for a disk up to rasterisation)
 solidity      area / convex-hull area
 score         detection confidence 0..1 (mean foreground probability inside the particle)
-shape_class   index into SHAPE_CLASSES
+shape_class   index into SHAPE_CLASSES (service.measure.classify_shapes)
 border        True when the particle touches the frame edge (excluded from size statistics)
+cluster       morphology cluster id of the source's online k-means (service.clusters), 0..k-1;
+              255 = not assigned (clustering off, or still buffering its first particles)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ PARTICLE_DTYPE = np.dtype(
         ("score", "<f4"),
         ("shape_class", "u1"),
         ("border", "?"),
+        ("cluster", "u1"),
     ]
 )
 
@@ -64,6 +67,12 @@ SHAPE_CLASSES: tuple[str, ...] = (
 )
 
 
+#: ``cluster`` value of a particle without a morphology cluster
+NO_CLUSTER = 255
+
+
 def empty_table(n: int = 0) -> np.ndarray:
-    """Return a zero-filled particle table of ``n`` rows."""
-    return np.zeros(n, dtype=PARTICLE_DTYPE)
+    """Return a zero-filled particle table of ``n`` rows (``cluster`` = NO_CLUSTER)."""
+    table = np.zeros(n, dtype=PARTICLE_DTYPE)
+    table["cluster"] = NO_CLUSTER
+    return table

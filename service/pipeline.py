@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from service.alerts import AlertEngine, parse_rules
+from service.alerts import Alert, AlertEngine, parse_rules
+from service.classifier import Classification, FieldClassifier
+from service.clusters import ClusterConfig, OnlineKMeans
 from service.detector import Detector
 from service.errors import FrameError
 from service.measure import measure
-from service.protocol import AlertHeader, DetHeader, FrameHeader, StatsHeader
+from service.protocol import AlertHeader, ClassHeader, DetHeader, FrameHeader, StatsHeader
 from service.stats import SizeStatistics, StatsConfig
 
 
@@ -44,13 +46,49 @@ class Detections:
     table: np.ndarray
 
 
+#: an ``alert`` message ready to encode: its header and buffers (particle rows [, heatmap])
+AlertMessage = tuple[AlertHeader, tuple[np.ndarray, ...]]
+
+
 @dataclass
 class Summary:
     """The ``stats`` message and the alerts that fired for one frame, with stage times (ms)."""
 
     stats: StatsHeader
-    alerts: list[tuple[AlertHeader, np.ndarray]] = field(default_factory=list)
+    alerts: list[AlertMessage] = field(default_factory=list)
     stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ClassResult:
+    """The ``class`` message of one frame (header, CAM or None) and the alerts it fired."""
+
+    header: ClassHeader
+    cam: np.ndarray | None
+    classification: Classification
+    alerts: list[AlertMessage] = field(default_factory=list)
+
+
+def alert_message(al: Alert, header: FrameHeader, units: str) -> AlertMessage:
+    """The ``alert`` message of one fired rule: the particles that fired and, for rules that
+    fire on a classification, the CAM that explains it."""
+    heat = al.heatmap
+    ah = AlertHeader(
+        source=header.source,
+        seq=header.seq,
+        t_acq_ns=header.t_acq_ns,
+        rule=al.rule,
+        kind=al.kind,
+        severity=al.severity,  # type: ignore[arg-type]
+        value=float(al.value),
+        threshold=float(al.threshold),
+        explanation=al.explanation,
+        units=units,  # type: ignore[arg-type]
+        stage=header.stage,
+        n=len(al.particles),
+        heatmap_shape=None if heat is None else (int(heat.shape[0]), int(heat.shape[1])),
+    )
+    return ah, (al.particles,) if heat is None else (al.particles, heat)
 
 
 def check_pixels(pixels: np.ndarray) -> None:
@@ -79,14 +117,25 @@ class Pipeline:
         min_score: float = 0.0,
         engine_name: str = "",
         model_name: str = "",
+        classifier: FieldClassifier | None = None,
+        classify_every: int = 1,
+        clusters: ClusterConfig | None = None,
     ) -> None:
+        """``classifier``: the field-of-view classifier run on every ``classify_every``-th
+        frame of each source by :meth:`classify` (None: no ``class`` messages)."""
         self.detector = detector
+        self.classifier = classifier
+        self.classify_every = classify_every
+        self._class_counts: dict[str, int] = {}
         self.stats_config = stats_config or StatsConfig()
         self.alert_engine = AlertEngine(parse_rules(list(rules)))
         self.min_score = min_score
         self.engine_name = engine_name
         self.model_name = model_name
         self._stats: dict[str, SizeStatistics] = {}
+        #: morphology clusters per source (``cluster`` column, ``stats.clusters``)
+        self.cluster_config = clusters or ClusterConfig()
+        self._clusters: dict[str, OnlineKMeans] = {}
 
     def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None,
                 source: str | None = None) -> Analysis:
@@ -122,6 +171,13 @@ class Pipeline:
         without waiting for statistics and alert rules.
         """
         a = self.analyse(pixels, header.pixel_size_nm, header.source)
+        if self.cluster_config.enabled:
+            t0 = time.perf_counter()
+            km = self._clusters.get(header.source)
+            if km is None:
+                km = self._clusters[header.source] = OnlineKMeans(self.cluster_config)
+            a.table["cluster"] = km.update(a.table, a.units)
+            a.stage_ms["clusters"] = (time.perf_counter() - t0) * 1e3
         det = DetHeader(
             source=header.source,
             seq=header.seq,
@@ -167,26 +223,7 @@ class Pipeline:
             pixel_size_nm=header.pixel_size_nm,
         )
         stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
-        alerts = [
-            (
-                AlertHeader(
-                    source=header.source,
-                    seq=header.seq,
-                    t_acq_ns=header.t_acq_ns,
-                    rule=al.rule,
-                    kind=al.kind,
-                    severity=al.severity,  # type: ignore[arg-type]
-                    value=float(al.value),
-                    threshold=float(al.threshold),
-                    explanation=al.explanation,
-                    units=units,
-                    stage=header.stage,
-                    n=len(al.particles),
-                ),
-                al.particles,
-            )
-            for al in fired
-        ]
+        alerts = [alert_message(al, header, units) for al in fired]
         stats_header = StatsHeader(
             source=header.source,
             seq=header.seq,
@@ -195,8 +232,47 @@ class Pipeline:
             window=snap.get("window", {}),
             cumulative=snap.get("cumulative", {}),
             drift=snap.get("drift", {}) or {},
+            clusters=(self._clusters[header.source].summary()
+                      if header.source in self._clusters else None),
         )
         return Summary(stats_header, alerts, stage_ms)
+
+    def classify(self, header: FrameHeader, pixels: np.ndarray) -> ClassResult | None:
+        """Classify the frame if it is its source's turn (every ``classify_every``-th frame);
+        returns the ``class`` message and the classification alerts, or None."""
+        if self.classifier is None:
+            return None
+        n = self._class_counts.get(header.source, 0)
+        self._class_counts[header.source] = n + 1
+        if n % self.classify_every:
+            return None
+        c = self.classifier.classify(pixels)
+        ch = ClassHeader(
+            source=header.source,
+            seq=header.seq,
+            t_acq_ns=header.t_acq_ns,
+            labels=c.labels,
+            probabilities=c.probabilities,
+            novelty=None if c.novelty is None else round(c.novelty, 5),
+            engine=f"{self.engine_name} {self.classifier.name}",
+            heatmap_shape=None if c.cam is None else (int(c.cam.shape[0]), int(c.cam.shape[1])),
+        )
+        stage_xy = (header.stage.x_um, header.stage.y_um) if header.stage else None
+        fired = self.alert_engine.evaluate_class(
+            source=header.source, seq=header.seq, t_ns=header.t_acq_ns, stage=stage_xy,
+            labels=list(c.all), probabilities=list(c.all.values()), novelty=c.novelty,
+            heatmap=c.cam,
+        )
+        units = "nm" if header.pixel_size_nm else "px"
+        return ClassResult(ch, c.cam, c, [alert_message(al, header, units) for al in fired])
+
+    def close(self) -> None:
+        """Release the engines (detector, classifier, lens)."""
+        self.detector.engine.close()
+        if self.classifier is not None:
+            self.classifier.engine.close()
+            if self.classifier.lens is not None:
+                self.classifier.lens.close()
 
     @property
     def suppressed_alerts(self) -> dict[str, int]:

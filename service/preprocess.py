@@ -203,3 +203,15 @@ def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     ri = np.minimum(((np.arange(shape[0]) + 0.5) * (h / shape[0])).astype(np.intp), h - 1)
     ci = np.minimum(((np.arange(shape[1]) + 0.5) * (w / shape[1])).astype(np.intp), w - 1)
     return labels[ri[:, None], ci[None, :]]
+
+
+def fixed_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Return the (1, 1, H, W) float32 input of a fixed-size model (classifier, AI lens).
+
+    The whole frame is resampled to ``size`` (rows, cols; anti-aliased :func:`resample`, the
+    aspect ratio is not kept: a heatmap at model resolution maps back onto the frame by one
+    scale per axis), then normalised by :func:`normalize`. Training code calls this too.
+    """
+    arr = check_frame(image)
+    small = resample(arr.astype(np.float32, copy=False), (int(size[0]), int(size[1])))
+    return normalize(small)[None, None]

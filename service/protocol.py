@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import msgpack
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from service.errors import MalformedMessage, PayloadError, VersionError
 from service.particles import PARTICLE_DTYPE
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)
+PROTOCOL_VERSION: tuple[int, int] = (1, 2)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -172,6 +172,8 @@ class StatsHeader(_Header):
     window: dict[str, Any]
     cumulative: dict[str, Any]
     drift: dict[str, Any] = Field(default_factory=dict)
+    #: v1.2: morphology clusters of the source (service.clusters.OnlineKMeans.summary), or None
+    clusters: dict[str, Any] | None = None
 
 
 class ClassHeader(_Header):
@@ -207,7 +209,11 @@ class PreviewHeader(_Header):
 
 
 class AlertHeader(_Header):
-    """A rule that fired; the buffer holds the particle rows that fired (may be empty)."""
+    """A rule that fired; the buffer holds the particle rows that fired (may be empty).
+
+    v1.2: when ``heatmap_shape`` is set a second buffer follows, a uint8 heatmap of that shape
+    covering the whole frame (the class activation map that explains a classification alert).
+    """
 
     topic_kind: ClassVar[str] = "alert"
     source: str
@@ -222,6 +228,7 @@ class AlertHeader(_Header):
     units: Literal["nm", "px"] = "nm"
     stage: Stage | None = None
     n: int = 0
+    heatmap_shape: tuple[int, int] | None = None
 
 
 class HealthHeader(_Header):
@@ -244,10 +251,37 @@ class HealthHeader(_Header):
     last_error: str | None = None
 
 
+class LensRequest(_Header):
+    """A request on the daemon's query socket (REQ/REP, v1.2): the AI lens's outputs for the
+    newest frame of ``source`` the daemon analysed. ``outputs``: lens output names (e.g.
+    ``act_enc2``, ``reconstruction``); empty asks only for the list (``LensReply.available``).
+    """
+
+    topic_kind: ClassVar[str] = "lens_request"
+    source: str
+    outputs: list[str] = Field(default_factory=list, max_length=16)
+
+
+class LensReply(_Header):
+    """The answer to a :class:`LensRequest`: one float16 buffer per name in ``outputs``, of the
+    matching ``shapes`` (the lens's own layout, e.g. (1, channels, rows, cols)); ``error`` says
+    why nothing came back (unknown source or output, no lens loaded)."""
+
+    topic_kind: ClassVar[str] = "lens"
+    source: str
+    seq: int = -1
+    t_acq_ns: int = 0
+    outputs: list[str] = Field(default_factory=list)
+    shapes: list[list[int]] = Field(default_factory=list)
+    available: list[str] = Field(default_factory=list)
+    novelty: float | None = None
+    error: str | None = None
+
+
 HEADERS: dict[str, type[_Header]] = {
     h.topic_kind: h
     for h in (FrameHeader, DetHeader, StatsHeader, ClassHeader, PreviewHeader, AlertHeader,
-              HealthHeader)
+              HealthHeader, LensRequest, LensReply)
 }
 
 
@@ -258,7 +292,10 @@ class Message:
     topic: str
     header: _Header
     array: np.ndarray | None = None
-    extra: tuple[np.ndarray, ...] = field(default=())
+    #: an ``alert``'s explaining uint8 heatmap (v1.2), when its header has ``heatmap_shape``
+    heatmap: np.ndarray | None = None
+    #: a ``lens`` reply's arrays, one per name in its header's ``outputs``
+    extra: tuple[np.ndarray, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -439,7 +476,8 @@ def _decode_table(buf: Buffer, n: int) -> np.ndarray:
 def encode_message(header: _Header, *arrays: np.ndarray) -> list[Buffer]:
     """Encode any result header (det/stats/class/alert/health) with its buffers.
 
-    ``det`` and ``alert`` take one particle table; ``class`` takes an optional uint8 heatmap.
+    ``det`` and ``alert`` take one particle table; ``class`` takes an optional uint8 heatmap,
+    and so does ``alert`` after its table when its header names a ``heatmap_shape``.
     """
     kind = header.topic_kind
     if kind == "frame":
@@ -447,16 +485,35 @@ def encode_message(header: _Header, *arrays: np.ndarray) -> list[Buffer]:
     source = getattr(header, "source", None)
     parts: list[Buffer] = [_topic(kind, source), pack_header(header)]
     if kind in ("det", "alert"):
-        if len(arrays) != 1:
-            raise PayloadError(f"{kind} message needs exactly one particle table", reason="parts")
+        heat_shape = getattr(header, "heatmap_shape", None)
+        want = 2 if heat_shape is not None else 1
+        if len(arrays) != want:
+            raise PayloadError(
+                f"{kind} message needs one particle table"
+                + (f" and a heatmap of shape {heat_shape}" if heat_shape is not None else ""),
+                reason="parts",
+            )
         table = arrays[0]
         n = header.n  # type: ignore[attr-defined]
         if len(table) != n:
             raise PayloadError(f"header n={n} but table has {len(table)} rows", reason="length")
         parts.append(_table_buffer(table))
+        if heat_shape is not None:
+            heat = arrays[1]
+            if heat.dtype != np.uint8 or heat.shape != tuple(heat_shape):
+                raise PayloadError(f"{kind} heatmap must be uint8 of shape {heat_shape}, got "
+                                   f"{heat.dtype} {heat.shape}", reason="shape")
+            parts.append(np.ascontiguousarray(heat).data.cast("B"))
     elif kind == "class":
         for arr in arrays:
             parts.append(np.ascontiguousarray(arr, dtype=np.uint8).data.cast("B"))
+    elif kind == "lens":
+        shapes = [tuple(x) for x in header.shapes]  # type: ignore[attr-defined]
+        if len(arrays) != len(shapes) or any(a.shape != sh for a, sh in zip(arrays, shapes,
+                                                                           strict=False)):
+            raise PayloadError(f"lens reply needs one array per shape {shapes}", reason="shape")
+        for arr in arrays:
+            parts.append(np.ascontiguousarray(arr, dtype="<f2").data.cast("B"))
     elif kind == "preview":
         size = header.size  # type: ignore[attr-defined]
         if len(arrays) != 1 or arrays[0].dtype != np.uint8 or arrays[0].shape != tuple(size):
@@ -466,6 +523,14 @@ def encode_message(header: _Header, *arrays: np.ndarray) -> list[Buffer]:
     elif arrays:
         raise PayloadError(f"{kind} message carries no buffers", reason="parts")
     return parts
+
+
+def _decode_heatmap(buf: Buffer, shape: tuple[int, int] | None) -> np.ndarray:
+    heat = np.frombuffer(memoryview(buf), dtype=np.uint8)
+    if shape is None or heat.size != shape[0] * shape[1]:
+        raise PayloadError(f"heatmap of {heat.size} bytes does not match heatmap_shape {shape}",
+                           reason="length")
+    return heat.reshape(shape)
 
 
 def decode_message(parts: Sequence[Buffer]) -> Message:
@@ -481,21 +546,31 @@ def decode_message(parts: Sequence[Buffer]) -> Message:
         header, array = decode_frame(parts)
         return Message(topic, header, array)
     header = unpack_header(parts[1], model)
-    if kind in ("det", "alert"):
+    if kind == "det":
         _split(parts, 3, 3, kind)
         return Message(topic, header, _decode_table(parts[2], header.n))
+    if kind == "alert":
+        want = 3 if header.heatmap_shape is None else 4
+        _split(parts, want, want, kind)
+        table = _decode_table(parts[2], header.n)
+        heat = _decode_heatmap(parts[3], header.heatmap_shape) if want == 4 else None
+        return Message(topic, header, table, heat)
     if kind == "class":
         _split(parts, 2, 3, kind)
         if len(parts) == 3:
-            shape = header.heatmap_shape
-            heat = np.frombuffer(memoryview(parts[2]), dtype=np.uint8)
-            if shape is None or heat.size != shape[0] * shape[1]:
-                raise PayloadError(
-                    f"heatmap of {heat.size} bytes does not match heatmap_shape {shape}",
-                    reason="length",
-                )
-            return Message(topic, header, heat.reshape(shape))
+            return Message(topic, header, _decode_heatmap(parts[2], header.heatmap_shape))
         return Message(topic, header)
+    if kind == "lens":
+        n = len(header.shapes)
+        _split(parts, 2 + n, 2 + n, kind)
+        arrays = []
+        for buf, shape in zip(parts[2:], header.shapes, strict=True):
+            arr = np.frombuffer(memoryview(buf), dtype="<f2")
+            if arr.size != int(np.prod(shape)):
+                raise PayloadError(f"lens output of {arr.size} values does not match shape "
+                                   f"{shape}", reason="length")
+            arrays.append(arr.reshape(shape))
+        return Message(topic, header, None, extra=tuple(arrays))
     if kind == "preview":
         _split(parts, 3, 3, kind)
         rows, cols = header.size

@@ -20,6 +20,7 @@ Policy = Literal["live", "lossless"]
 #: default endpoints (loopback only; remote use needs CURVE, see README)
 DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"
 DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:5556"
+DEFAULT_QUERY_ENDPOINT = "tcp://127.0.0.1:5557"  # REP: AI-lens feature maps on request
 
 
 def bind(sock: zmq.Socket, endpoint: str) -> str:

@@ -133,6 +133,10 @@ class OnnxRuntimeEngine(Engine):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # idle intra-op threads sleep instead of spinning: the daemon runs several sessions
+        # (detector, classifier, lens) one after another on few cores, and a spinning pool
+        # steals the cores the next session needs
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session: Any = ort.InferenceSession(
                 str(self.model_path), sess_options=options, providers=list(providers)

@@ -47,6 +47,7 @@ class DaemonProc:
     metrics: str | None
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
     pump: threading.Thread | None = None
+    query: str | None = None  # the lens query endpoint, when served
 
     def scrape(self) -> str:
         """GET /metrics; returns the exposition text."""
@@ -67,9 +68,18 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 
     cfg.write_text(config, encoding="utf-8")
     proc = nanoscout(
         "serve", "--config", str(cfg), "--input", "tcp://127.0.0.1:0", "--output",
-        "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", "0.2", "--threads", "2",
+        "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", "0.2", "--threads", "2",
         *args, stdout=subprocess.PIPE,
     )
+    ep, lines, reader = wait_ready(proc, "daemon", timeout)
+    return DaemonProc(proc, ep["input"], ep["output"], ep["metrics"], lines, reader,
+                      ep.get("query"))
+
+
+def wait_ready(proc: subprocess.Popen[str], what: str, timeout: float
+               ) -> tuple[dict, queue.Queue[str], threading.Thread]:
+    """Read ``proc``'s stdout (by a pump thread) until its ``NANOSCOUT-READY {json}`` line;
+    returns that json, the queue that keeps receiving later lines ("" at exit) and the pump."""
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
@@ -86,12 +96,11 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 
             line = lines.get(timeout=timeout)
         except queue.Empty:
             proc.kill()
-            raise TimeoutError(f"daemon not ready within {timeout} s") from None
+            raise TimeoutError(f"{what} not ready within {timeout} s") from None
         if line == "":
-            raise RuntimeError(f"daemon exited with {proc.wait()} before it was ready")
+            raise RuntimeError(f"{what} exited with {proc.wait()} before it was ready")
         if line.startswith("NANOSCOUT-READY "):
-            ep = json.loads(line.split(" ", 1)[1])
-            return DaemonProc(proc, ep["input"], ep["output"], ep["metrics"], lines, reader)
+            return json.loads(line.split(" ", 1)[1]), lines, reader
 
 
 @pytest.fixture

@@ -8,8 +8,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.alerts import Alert, AlertEngine, CountRule, ParticleRule, parse_rules
-from service.errors import ConfigError
+from service.alerts import (
+    Alert,
+    AlertEngine,
+    CountRule,
+    ParticleRule,
+    check_class_labels,
+    parse_rules,
+)
+from service.errors import ConfigError, FrameError
 from service.particles import SHAPE_CLASSES, empty_table
 
 S = 1_000_000_000  # ns per s
@@ -278,3 +285,107 @@ def test_duplicate_names_and_non_table_rules() -> None:
         parse_rules(["big"])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="twice"):
         AlertEngine([CountRule(name="x", above=1), ParticleRule(name="x", where={})])
+
+
+# --------------------------------------------------------------------------- shape + size
+
+
+def test_shape_class_with_size_condition_long_rod() -> None:
+    rule = {"name": "long-rod", "kind": "particle",
+            "where": {"shape_class": {"eq": "rod"}, "feret_max_nm": {"gt": 50}}}
+    eng = AlertEngine(parse_rules([rule]))
+    assert run(eng, particles({"shape_class": "rod", "feret_max_nm": 40.0})) == []
+    assert run(eng, particles({"shape_class": "sphere", "feret_max_nm": 60.0})) == []
+    (alert,) = run(eng, particles({"shape_class": "rod", "feret_max_nm": 60.0}))
+    assert alert.value == 60.0 and alert.threshold == 50.0
+    assert "shape rod" in alert.explanation and "Feret max 60 nm > 50 nm" in alert.explanation
+
+
+def test_cluster_column_can_be_tested() -> None:
+    eng = AlertEngine(parse_rules([{"name": "c2", "kind": "particle",
+                                    "where": {"cluster": {"eq": 2}}}]))
+    assert run(eng, particles({"cluster": 1})) == []
+    assert len(run(eng, particles({"cluster": 2}))) == 1
+
+
+# --------------------------------------------------------------------------- class / novelty
+
+CLASSES = ["spheres", "rods_wires", "empty"]
+WIRES = {"name": "wires", "kind": "class", "label": "rods_wires", "threshold": 0.9,
+         "severity": "critical", "cooldown_s": 5}
+NEW = {"name": "new", "kind": "novelty", "threshold": 3.0, "severity": "info"}
+
+
+def classify(engine: AlertEngine, probs: list[float], novelty: float | None = None,
+             t_ns: int = 0, heat: np.ndarray | None = None, source: str = "cam") -> list[Alert]:
+    return engine.evaluate_class(source=source, seq=3, t_ns=t_ns, stage=(1.0, 2.0),
+                                 labels=CLASSES, probabilities=probs, novelty=novelty,
+                                 heatmap=heat)
+
+
+def test_class_rule_fires_above_threshold_with_heatmap_and_explanation() -> None:
+    eng = AlertEngine(parse_rules([WIRES]))
+    heat = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert classify(eng, [0.15, 0.85, 0.0], heat=heat) == []
+    assert classify(eng, [0.1, 0.9, 0.0], heat=heat) == []  # not strictly above
+    (al,) = classify(eng, [0.04, 0.95, 0.01], heat=heat)
+    assert al.kind == "class" and al.severity == "critical" and al.rule == "wires"
+    assert al.value == pytest.approx(0.95) and al.threshold == 0.9
+    assert al.heatmap is heat and len(al.particles) == 0 and al.stage == (1.0, 2.0)
+    assert "rods_wires" in al.explanation and "0.950" in al.explanation
+    assert "0.9" in al.explanation and "wires" in al.explanation
+    # particle-frame evaluation ignores class rules, and class evaluation ignores frame rules
+    assert run(eng, particles({})) == []
+
+
+def test_class_and_novelty_rules_have_cooldowns_per_source() -> None:
+    eng = AlertEngine(parse_rules([WIRES, NEW]))
+    p = [0.0, 0.99, 0.01]
+    assert [a.rule for a in classify(eng, p, novelty=4.0)] == ["wires", "new"]
+    assert classify(eng, p, novelty=4.0, t_ns=2 * S) == []
+    assert eng.suppressed == {"wires": 1, "new": 1}
+    assert len(classify(eng, p, novelty=4.0, t_ns=2 * S, source="other")) == 2
+    assert len(classify(eng, p, novelty=4.0, t_ns=6 * S)) == 2
+
+
+def test_novelty_rule() -> None:
+    eng = AlertEngine(parse_rules([NEW]))
+    assert classify(eng, [0.5, 0.3, 0.2], novelty=None) == []  # no lens: no novelty
+    assert classify(eng, [0.5, 0.3, 0.2], novelty=2.9) == []
+    (al,) = classify(eng, [0.5, 0.3, 0.2], novelty=3.5)
+    assert al.kind == "novelty" and al.value == 3.5 and al.threshold == 3.0
+    assert "novelty 3.5 > 3" in al.explanation and al.heatmap is None
+
+
+def test_class_rule_label_absent_from_the_frame_does_not_fire() -> None:
+    eng = AlertEngine(parse_rules([WIRES]))
+    assert eng.evaluate_class(source="c", seq=1, t_ns=0, stage=None, labels=["spheres"],
+                              probabilities=[1.0], novelty=None, heatmap=None) == []
+    with pytest.raises(FrameError, match="2 class labels but 1"):
+        eng.evaluate_class(source="c", seq=1, t_ns=0, stage=None, labels=["a", "b"],
+                           probabilities=[1.0], novelty=None, heatmap=None)
+
+
+def test_check_class_labels_names_rule_and_known_classes() -> None:
+    rules = parse_rules([WIRES, NEW, BIG])
+    check_class_labels(rules, CLASSES)
+    bad = parse_rules([{**WIRES, "label": "nanowires"}])
+    with pytest.raises(ConfigError) as exc:
+        check_class_labels(bad, CLASSES)
+    msg = str(exc.value)
+    assert "'wires'" in msg and "'nanowires'" in msg and "spheres, rods_wires, empty" in msg
+
+
+@pytest.mark.parametrize(
+    ("rule", "needle"),
+    [
+        ({"name": "r", "kind": "class", "threshold": 0.5}, "label"),
+        ({"name": "r", "kind": "class", "label": "x", "threshold": 1.5}, "threshold"),
+        ({"name": "r", "kind": "novelty"}, "threshold"),
+        ({"name": "r", "kind": "novelty", "threshold": -1}, "threshold"),
+        ({"name": "r", "kind": "class", "label": "x", "threshold": 0.5, "where": {}}, "where"),
+    ],
+)
+def test_bad_class_and_novelty_rules(rule: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        parse_rules([rule])

@@ -352,7 +352,8 @@ def test_detector_rejects_bad_frames_naming_the_shape(bad: np.ndarray) -> None:
 def test_detector_checks_card_and_engine_output() -> None:
     eng = OracleEngine(np.zeros((32, 32), np.int32))
     with pytest.raises(ModelCardError, match="classification"):
-        Detector(eng, _card(task="classification", classes=("a",)))
+        Detector(eng, _card(task="classification", classes=("a",),
+                            input=InputSpec(name="image", size=(64, 64))))
     with pytest.raises(ModelCardError, match="not an engine input"):
         Detector(eng, _card(input=InputSpec(name="pixels")))
 

@@ -412,3 +412,66 @@ def test_real_emps_instance_maps_match_brute_force_for_every_particle() -> None:
 
     for path in sorted(EMPS.glob("*.png"))[6:14]:
         assert_matches_brute_force(np.asarray(Image.open(path)))
+
+
+# --------------------------------------------------------------------------- shape classes
+
+
+def _polygon(n: int, circumradius: float, size: int = 120, rot: float = 0.3) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    c = size / 2
+    th = rot + 2 * np.pi * np.arange(n) / n
+    d = np.max([np.cos(t) * (xx - c) + np.sin(t) * (yy - c) for t in th], axis=0)
+    return (d <= circumradius * math.cos(math.pi / n)).astype(np.int32)
+
+
+def _shape_masks() -> dict[str, tuple[np.ndarray, str]]:
+    yy, xx = np.mgrid[0:120, 0:120].astype(np.float64)
+    round_ = (xx - 60) ** 2 + (yy - 60) ** 2 <= 30**2
+    notch = (xx > 60) & (np.abs(yy - 60) < (xx - 60) * 0.6)
+    return {
+        "disk": (round_.astype(np.int32), "sphere"),
+        "ellipse 1.6": (ellipse(80, 50, 20, 120), "sphere"),  # a spheroid, not a rod
+        "capsule": ((np.maximum(np.abs(xx - 60) - 30, 0) ** 2 + (yy - 60) ** 2 <= 100)
+                    .astype(np.int32), "rod"),
+        "square": (_polygon(4, 35), "faceted"),
+        "hexagon": (_polygon(6, 35), "faceted"),
+        "triangle": (_polygon(3, 40), "plate"),
+        "two touching disks": ((((xx - 40) ** 2 + (yy - 60) ** 2 <= 400)
+                                | ((xx - 80) ** 2 + (yy - 60) ** 2 <= 400)).astype(np.int32),
+                               "agglomerate"),
+        "notched disk": ((round_ & ~notch).astype(np.int32), "irregular"),
+        "speck": (disk(4, 10, 10, 20), "unclassified"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_shape_masks()))
+def test_every_shape_class_is_assigned(name: str) -> None:
+    mask, want = _shape_masks()[name]
+    t = measure(mask, 1.0)
+    assert SHAPE_CLASSES[t["shape_class"][0]] == want
+
+
+@pytest.mark.parametrize("px", [0.37, 1.0, 5.0])
+def test_shape_class_does_not_depend_on_the_pixel_size(px: float) -> None:
+    tables = [measure(m, px) for m, _ in _shape_masks().values()]
+    assert [SHAPE_CLASSES[t["shape_class"][0]] for t in tables] == [
+        w for _, w in _shape_masks().values()]
+
+
+def test_shape_classes_on_synthetic_truth() -> None:
+    """Through measure() on exact truth label maps (one frame per kind, ~20 px particles);
+    ``python -m models.shapes`` gives the full confusion matrix (about 95 % held out)."""
+    from models.shapes import confusion, shape_samples
+
+    k = len(SHAPE_CLASSES)
+    cm = np.zeros((k, k), np.int64)
+    for s in shape_samples(pixel_sizes=(1.0,), seeds=1, shape=(384, 384), seed0=99):
+        t = measure(s.labels, s.pixel_size_nm)
+        t = t[~t["border"] & (t["shape_class"] > 0)]
+        cm += confusion(s.expected[t["id"]], t["shape_class"])
+    recall = np.diag(cm) / np.maximum(cm.sum(axis=1), 1)
+    for name in ("sphere", "rod", "faceted", "plate"):
+        i = SHAPE_CLASSES.index(name)
+        assert cm[i].sum() >= 5 and recall[i] >= 0.8, (name, cm[i])
+    assert np.trace(cm) / cm.sum() >= 0.9

@@ -14,6 +14,8 @@ from service.protocol import (
     DetHeader,
     FrameHeader,
     HealthHeader,
+    LensReply,
+    LensRequest,
     StatsHeader,
     decode_frame,
     decode_message,
@@ -200,3 +202,37 @@ def test_decode_message_handles_frames() -> None:
     msg = decode_message(_bytes(encode_frame(_header(arr), arr)))
     assert msg.kind == "frame"
     np.testing.assert_array_equal(msg.array, arr)
+
+
+def test_alert_with_heatmap_round_trip_and_mismatches() -> None:
+    heat = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    h = AlertHeader(source="s", seq=1, t_acq_ns=2, rule="rods", kind="class",
+                    severity="warning", value=0.95, threshold=0.9, explanation="x",
+                    heatmap_shape=(3, 4))
+    msg = decode_message(encode_message(h, empty_table(0), heat))
+    assert msg.array is not None and len(msg.array) == 0
+    np.testing.assert_array_equal(msg.heatmap, heat)
+    with pytest.raises(PayloadError, match="heatmap of shape"):
+        encode_message(h, empty_table(0))
+    with pytest.raises(PayloadError, match="uint8 of shape"):
+        encode_message(h, empty_table(0), heat.astype(np.float32))
+    parts = encode_message(h, empty_table(0), heat)
+    with pytest.raises(PayloadError, match="does not match heatmap_shape"):
+        decode_message([*parts[:3], b"\x00" * 5])
+    # an alert without heatmap_shape keeps the v1.1 layout: three parts
+    plain = AlertHeader(**{**h.model_dump(), "heatmap_shape": None})
+    assert len(encode_message(plain, empty_table(0))) == 3
+
+
+def test_lens_request_and_reply_round_trip() -> None:
+    req = decode_message(encode_message(LensRequest(source="cam", outputs=["act_enc1"])))
+    assert isinstance(req.header, LensRequest) and req.header.outputs == ["act_enc1"]
+    maps = np.linspace(0, 1, 24, dtype=np.float32).reshape(1, 2, 3, 4)
+    rep = LensReply(source="cam", seq=4, outputs=["act_enc1"], shapes=[[1, 2, 3, 4]])
+    msg = decode_message(encode_message(rep, maps))
+    assert msg.extra[0].dtype == np.float16 and msg.extra[0].shape == (1, 2, 3, 4)
+    np.testing.assert_allclose(msg.extra[0], maps, atol=1e-3)
+    with pytest.raises(PayloadError, match="one array per shape"):
+        encode_message(rep)
+    with pytest.raises(PayloadError, match="does not match shape"):
+        decode_message([*encode_message(rep, maps)[:2], b"\x00\x00"])

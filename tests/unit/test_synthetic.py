@@ -180,3 +180,50 @@ def test_support_grains_change_the_image_but_not_the_particles(modality: str) ->
     assert 0.2 < changed < 0.95, changed
     with pytest.raises(ValueError, match="support_grains"):
         SpecimenConfig(support_grains=1.5)
+
+
+def _sha(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    m = hashlib.sha256()
+    for a in arrays:
+        m.update(np.ascontiguousarray(a).tobytes())
+    return m.hexdigest()
+
+
+#: computed before the ``plate`` kind was added (numpy 2.4 / scipy 1.17): default specimens
+#: must stay bit-identical for the same seed (images, labels and truth)
+_BEFORE_PLATES = {
+    "TEM": "2c78f65e3d6ebe171c8179bd7946290aef2e021a8713b3d5059734277355ea80",
+    "STEM": "c2fcbd460cc1781d7932f8b8ac7128f84e9b3e4ec028555a8fdf28156c71146b",
+    "SEM": "27f77b4afdbe0f3234e605a4a8710de503cb1165711fbe6d80427e1c95a5840c",
+}
+
+
+@pytest.mark.parametrize("modality", ["TEM", "STEM", "SEM"])
+def test_default_frames_are_bit_identical_to_before_plates(modality: str) -> None:
+    fr = render(SpecimenConfig(shape=SMALL, modality=modality), 7)  # type: ignore[arg-type]
+    assert _sha(fr.image, fr.labels, fr.truth) == _BEFORE_PLATES[modality]
+
+
+def test_in_situ_series_is_bit_identical_to_before_plates() -> None:
+    s = InSituSeries(SpecimenConfig(shape=(128, 128)), 3, n_frames=3)
+    got = _sha(*[a for f in s for a in (f.image, f.labels, f.truth)])
+    assert got == "f8fc538729c5402656a6947f5e529705da956f7d69e5e93c6b18bac26f83032c"
+
+
+def test_plates_are_triangles() -> None:
+    from service.measure import measure
+
+    assert KINDS.index("plate") == 4
+    fr = render(_cfg(shape=(256, 256), shape_mix={"plate": 1.0}, agglomerate_fraction=0.0,
+                     median_diameter_nm=15.0), 5)
+    assert len(fr.truth) > 10 and set(fr.truth["kind"].tolist()) == {4}
+    t = measure(fr.labels, fr.pixel_size_nm)
+    big = t[~t["border"] & (t["area_nm2"] / fr.pixel_size_nm**2 > 200)]
+    assert len(big) > 3
+    # an equilateral triangle: isotropic second moments, area / Feret max² = sqrt(3)/4 = 0.433
+    # (pixel corners make Feret max a little longer; a few plates are partly covered)
+    assert np.median(big["aspect_ratio"]) < 1.08
+    fill = big["area_nm2"] / big["feret_max_nm"] ** 2
+    assert np.mean((fill > 0.36) & (fill < 0.47)) >= 0.8, fill

@@ -1,0 +1,475 @@
+"""``nanoscout dashboard`` in real headless Chromium beside a live daemon and simulator.
+
+The page must show frames with particles, statistics, morphology clusters (table, colouring,
+hover), alerts (a particle one with its crop, a novelty one with its CAM), the daemon's own
+field-of-view classification with a working CAM overlay, the AI lens's feature maps asked of
+the daemon's query socket, no console errors, and a red banner once the daemon is gone (the
+lens then says it got no answer). A second publisher adds a hand-made class message of a
+second source (the source selector). Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from clients.dashboard import DashboardServer, DashboardState, LensView
+from clients.query import QueryError
+from service.protocol import (
+    ClassHeader,
+    HealthHeader,
+    LensRequest,
+    StatsHeader,
+    decode_message,
+    encode_message,
+)
+from service.transport import bind, result_publisher
+from tests.conftest import REPO
+from tests.system.conftest import nanoscout, wait_ready
+from tests.unit.test_dashboard import FakeDaemon, payload
+
+pytestmark = [pytest.mark.system, pytest.mark.browser]
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "tests" / "artifacts"
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+#: rules that surely fire on the simulator's 8 nm particles (one per particle, one per count)
+#: and on every classified frame (novelty > 1e-6, explained by the class activation map)
+DAEMON_CONFIG = """
+[preview]
+max_rate_hz = 4
+
+[[alerts]]
+name = "large-particle"
+kind = "particle"
+severity = "warning"
+where = { ecd_nm = { gt = 9 } }
+cooldown_s = 2.0
+
+[[alerts]]
+name = "crowded"
+kind = "count"
+severity = "info"
+above = 1
+cooldown_s = 3.0
+
+[[alerts]]
+name = "unusual-field"
+kind = "novelty"
+severity = "info"
+threshold = 1e-6
+cooldown_s = 3.0
+"""
+
+#: the shipped classifier's classes (what the daemon's class messages must name)
+CLASSES: list[str] = json.loads(
+    (REPO / "models" / "weights" / "classifier.json").read_text(encoding="utf-8"))["classes"]
+
+
+def _sync_playwright() -> Any:
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Python playwright is not installed (pip install -e '.[dev]')")
+    return sync_playwright
+
+
+@pytest.fixture
+def publisher() -> Iterator[tuple[zmq.Socket, str]]:
+    """A PUB socket standing in for a second publisher (a class engine of another source)."""
+    ctx = zmq.Context()
+    sock = result_publisher(ctx, hwm=1000)
+    endpoint = bind(sock, "tcp://127.0.0.1:0")
+    yield sock, endpoint
+    sock.close(linger=0)
+    ctx.term()
+
+
+def start_dashboard(*endpoints: str, query: str | None = None, timeout: float = 60.0
+                    ) -> tuple[subprocess.Popen[str], str]:
+    """``nanoscout dashboard`` on a free port; returns the process and the page URL."""
+    args = [a for ep in endpoints for a in ("--connect", ep)]
+    if query is not None:
+        args += ["--query", query]
+    proc = nanoscout("dashboard", *args, "--port", "0", stdout=subprocess.PIPE)
+    ready, _lines, _pump = wait_ready(proc, "dashboard", timeout)
+    return proc, ready["dashboard"]
+
+
+def _class_message(seq: int, source: str = "sim") -> list:
+    yy, xx = np.mgrid[0:24, 0:32]
+    heat = (255 * np.exp(-((xx - 22) ** 2 + (yy - 8) ** 2) / 40.0)).astype(np.uint8)
+    h = ClassHeader(source=source, seq=seq, t_acq_ns=time.time_ns(),
+                    labels=["sintered-test", "dispersed", "agglomerated"],
+                    probabilities=[0.71, 0.22, 0.07], novelty=0.42, engine="hand-made",
+                    heatmap_shape=(24, 32))
+    return encode_message(h, heat)
+
+
+def _health_message() -> list:
+    return encode_message(HealthHeader(
+        t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={"detector": "test"},
+        frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
+        transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None, latency_ms_p99=None))
+
+
+def _publish_until(page: Any, sock: zmq.Socket, make: Any, js: str, timeout: float) -> None:
+    """Publish ``make()`` every 0.25 s until ``js`` is true in the page (PUB/SUB joins late)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.send_multipart(make())
+        try:
+            page.wait_for_function(js, timeout=250)
+            return
+        except PlaywrightTimeout:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"page never showed: {js}") from None
+
+
+CANVAS_SPREAD = """(id) => {
+  const c = document.getElementById(id);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0, s = 0, s2 = 0;
+  for (let i = 0; i < d.length; i += 4 * 7) { const v = d[i] + d[i+1] + d[i+2]; n++; s += v; s2 += v * v; }
+  const m = s / n; return Math.sqrt(Math.max(0, s2 / n - m * m));
+}"""
+
+TEXT = "(id) => document.getElementById(id).textContent"
+
+#: mean |R - B| of the frame canvas: ~0 for a grey micrograph, high under the CAM's palette
+CANVAS_COLOUR = """() => {
+  const c = document.getElementById('frame');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0, s = 0;
+  for (let i = 0; i < d.length; i += 4 * 5) { s += Math.abs(d[i] - d[i+2]); n++; }
+  return s / n;
+}"""
+
+
+def _is_expected_503(text: str) -> bool:
+    """Chromium logs a 503 answer as a console error; the lens's 503 is what the test wants."""
+    return "status of 503" in text
+
+
+def test_dashboard_in_chromium(daemon_factory, publisher) -> None:
+    sync_playwright = _sync_playwright()
+    pub, pub_endpoint = publisher
+    d = daemon_factory("--policy", "live", config=DAEMON_CONFIG)
+    assert d.query is not None, "the daemon serves no query socket"
+    dash, url = start_dashboard(d.output, pub_endpoint, query=d.query)
+    sim = nanoscout("simulate", "--connect", d.input, "--mode", "pub", "--size", "384",
+                    "--rate", "4", "--seed", "11", "--dwell", "3", stdout=subprocess.DEVNULL)
+    errors: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.on("console", lambda m: errors.append(f"console: {m.text}")
+                    if m.type == "error" and not _is_expected_503(m.text) else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.goto(url)
+            assert page.title() == "nanoscout dashboard"
+
+            # frames: the counter rises and the canvas shows a picture
+            page.wait_for_function("() => document.getElementById('frame-seq').textContent"
+                                   ".startsWith('#')", timeout=120_000)
+            seq0 = int(page.evaluate(TEXT, "frame-seq")[1:])
+            page.wait_for_function(
+                f"() => parseInt(document.getElementById('frame-seq').textContent.slice(1)) > {seq0}",
+                timeout=60_000)
+            page.wait_for_function("() => document.getElementById('frame-empty').hidden",
+                                   timeout=60_000)
+            assert page.evaluate(CANVAS_SPREAD, "frame") > 10  # not blank, not flat
+            page.wait_for_function("() => /particles$/.test(document.getElementById("
+                                   "'frame-caption').textContent)", timeout=60_000)
+
+            # statistics and histogram, updating
+            page.wait_for_function(
+                "() => { const r = document.querySelector('#stats-table tbody tr td:nth-child(3)');"
+                " return r && parseInt(r.textContent) > 0; }", timeout=60_000)
+            n0 = int(page.evaluate(
+                "() => document.querySelector('#stats-table tbody tr td:nth-child(3)').textContent"))
+            page.wait_for_function(
+                "() => parseInt(document.querySelector('#stats-table tbody tr td:nth-child(3)')"
+                f".textContent) > {n0}", timeout=60_000)
+            table = page.inner_text("#stats-table")
+            assert "D50 (nm)" in table and "density (per µm²)" in table
+            assert page.evaluate(CANVAS_SPREAD, "histogram") > 1
+
+            # an alert with its explanation and picture
+            page.wait_for_selector("#alerts li img", timeout=60_000)
+            first = page.inner_text("#alerts li")
+            assert "large-particle" in first or "crowded" in first
+
+            # health
+            page.wait_for_function("() => document.getElementById('health').textContent"
+                                   ".includes('latency p50')", timeout=30_000)
+            assert "onnxruntime" in page.inner_text("#health")
+
+            # the daemon's own classification, with its CAM on the frame
+            page.wait_for_function(
+                "(names) => names.some((n) => document.getElementById('class-body')"
+                ".textContent.includes(n))", arg=CLASSES, timeout=60_000)
+            meta = page.inner_text("#class-body .cls-meta")
+            assert "novelty" in meta and "CAM" in meta and "no CAM" not in meta, meta
+            page.wait_for_function("() => !document.getElementById('show-cam').disabled",
+                                   timeout=30_000)
+            page.uncheck("#show-outlines")
+            page.wait_for_timeout(300)  # a drawn frame (allowed: it compares two pictures)
+            grey = page.evaluate(CANVAS_COLOUR)
+            page.check("#show-cam")
+            page.wait_for_timeout(300)
+            coloured = page.evaluate(CANVAS_COLOUR)
+            assert grey < 3 and coloured > grey + 5, (grey, coloured)  # the overlay is drawn
+            page.uncheck("#show-cam")
+            page.check("#show-outlines")
+
+            # a novelty alert explained by its class activation map
+            page.wait_for_selector("#alerts li:has-text('unusual-field') img", timeout=60_000)
+            novel = page.inner_text("#alerts li:has-text('unusual-field')")
+            assert "heatmap" in novel and "novelty" in novel.lower(), novel
+
+            # morphology clusters: the table under the statistics, colouring, legend
+            page.wait_for_selector("#clusters-table tbody tr", timeout=90_000)
+            rows = page.inner_text("#clusters-table")
+            assert "ECD (nm)" in rows and "shape" in rows, rows
+            page.click("#colour-cluster")
+            page.wait_for_function("() => document.getElementById('legend-text').textContent"
+                                   ".includes('cluster ')", timeout=10_000)
+
+            # the AI lens: asked on demand, feature maps with seq and novelty
+            page.click("#lens-go")
+            page.wait_for_selector("#lens-img:not([hidden])", timeout=30_000)
+            caption = page.inner_text("#lens-caption")
+            assert caption.startswith("sim #") and "act_" in caption and "novelty" in caption, caption
+            layers = page.eval_on_selector_all("#lens-layer option", "os => os.map(o => o.value)")
+            assert "reconstruction" in layers and any(v.startswith("act_") for v in layers), layers
+            page.select_option("#lens-layer", "reconstruction")
+            page.wait_for_function("() => document.getElementById('lens-caption').textContent"
+                                   ".includes('reconstruction')", timeout=30_000)
+            act = "act_enc2" if "act_enc2" in layers else next(v for v in layers if v != "reconstruction")
+            page.select_option("#lens-layer", act)
+            page.wait_for_function(f"() => document.getElementById('lens-caption').textContent"
+                                   f".includes('{act} ·')", timeout=30_000)
+            assert " maps (" in page.inner_text("#lens-caption")
+
+            # a second source from the second publisher: listed, not forced on the operator
+            _publish_until(page, pub, lambda: _class_message(1, source="other"),
+                           "() => document.getElementById('source').options.length === 2",
+                           timeout=15)
+            assert page.input_value("#source") == "sim"  # the first seen stays selected
+            page.select_option("#source", "other")
+            page.wait_for_function("() => !document.getElementById('frame-empty').hidden",
+                                   timeout=5_000)  # no preview from 'other'
+            assert "sintered-test" in page.inner_text("#class-body")
+            assert "novelty 0.42" in page.inner_text("#class-body")
+            page.select_option("#source", "sim")
+            page.wait_for_function("() => document.getElementById('frame-empty').hidden",
+                                   timeout=5_000)
+            page.click("#lens-go")  # the selector change cleared the view of 'sim'
+            page.wait_for_selector("#lens-img:not([hidden])", timeout=30_000)
+
+            # hover over a particle: its measurements and cluster
+            _hover_a_particle(page, url)
+
+            page.wait_for_timeout(300)  # let the last events draw (allowed: a screenshot)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            page.mouse.move(0, 0)
+            page.check("#show-cam")
+            page.click("#colour-class")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-cam.png"), full_page=True)
+            assert not page.is_visible("#banner")
+
+            # the daemon goes away: red banner within a few seconds
+            assert d.stop() == 0
+            page.wait_for_function(
+                "() => { const b = document.getElementById('banner');"
+                " return !b.hidden && b.textContent.includes('Daemon unreachable'); }",
+                timeout=15_000)
+            # ... and the lens says so instead of hanging
+            t0 = time.monotonic()
+            page.click("#lens-go")
+            page.wait_for_function("() => document.getElementById('lens-msg').textContent"
+                                   ".includes('AI lens unavailable')", timeout=10_000)
+            assert time.monotonic() - t0 < 6.0
+            assert "no answer" in page.inner_text("#lens-msg")
+            page.screenshot(path=str(ARTIFACTS / "dashboard-unreachable.png"))
+            # ... and it recovers when messages come back
+            _publish_until(page, pub, _health_message,
+                           "() => document.getElementById('banner').hidden", timeout=15)
+            assert errors == [], errors
+            browser.close()
+    finally:
+        sim.send_signal(signal.SIGINT)
+        sim.wait(30)
+        if dash.poll() is None:
+            dash.send_signal(signal.SIGINT)
+        assert dash.wait(30) == 0
+
+
+def _hover_a_particle(page: Any, url: str) -> None:
+    """Move the mouse onto a particle of the shown frame until the hover box appears."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.locator("#frame").bounding_box()
+    for _ in range(20):
+        snap = json.loads(page.evaluate("(u) => fetch(u).then(r => r.text())",
+                                        url + "api/snapshot"))
+        frame = snap.get("frame:sim") or {}
+        det = frame.get("det") or {}
+        if det.get("x"):
+            rows, cols = frame["size"]
+            i = int(np.argmax(det["a"]))
+            x = box["x"] + det["x"][i] / cols * box["width"]
+            y = box["y"] + det["y"][i] / rows * box["height"]
+            page.mouse.move(x + 1, y)
+            page.mouse.move(x, y)
+            try:
+                page.wait_for_selector("#tooltip:not([hidden])", timeout=500)
+            except PlaywrightTimeout:
+                continue  # a newer frame came in between: try its particles
+            text = page.inner_text("#tooltip")
+            assert "ECD" in text and "roundness" in text and "nm" in text and "cluster" in text
+            return
+    raise AssertionError("no hover box over any particle")
+
+
+def test_event_stream_sends_only_changes_at_a_bounded_rate() -> None:
+    """200 stats/s into the gateway state: a browser gets ~10 batches/s, the newest each time."""
+    state = DashboardState(endpoints=["tcp://127.0.0.1:1"])
+    server = DashboardServer(state, port=0, max_rate_hz=10.0).start()
+    stop = threading.Event()
+
+    def feed() -> None:
+        seq = 0
+        block = {"n_frames": 1, "count": 1, "ecd": {"d50": 1.0}}
+        while not stop.wait(0.005):
+            h = StatsHeader(source="fast", seq=seq, t_ns=seq, units="nm", window=block,
+                            cumulative=block)
+            state.ingest(decode_message([bytes(x) for x in encode_message(h)]))
+            seq += 1
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        host, port = server.url.split("//")[1].rstrip("/").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/events")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+        t_end = time.monotonic() + 2.0
+        text = b""
+        while time.monotonic() < t_end:
+            text += resp.read1(65536)
+        conn.close()
+        events = text.decode().count("event: stats\n")
+        assert 8 <= events <= 25, events  # 2 s at <= 10 batches/s, not 400 messages
+        assert "event: meta\n" in text.decode() and "event: status\n" in text.decode()
+        seqs = [json.loads(line[6:])["seq"] for line in text.decode().splitlines()
+                if line.startswith('data: {"v"')]
+        assert seqs == sorted(seqs) and seqs[-1] - seqs[0] > 100  # newest each time
+
+        for path, status in (("/", 200), ("/static/dashboard.js", 200),
+                             ("/static/dashboard.css", 200), ("/static/../gateway.py", 404),
+                             ("/nothing", 404)):
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", path)
+            r = conn.getresponse()
+            assert r.status == status, path
+            r.read()
+            conn.close()
+    finally:
+        stop.set()
+        feeder.join(5)
+        server.close()
+
+
+# ------------------------------------------------------- the AI-lens HTTP API, no browser
+
+
+def _get(url: str, path: str) -> tuple[int, dict]:
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_lens_endpoint_answers_or_says_why_not() -> None:
+    st = DashboardState(query="tcp://x")
+    ok = DashboardServer(st, port=0, lens=LensView("tcp://x", request=FakeDaemon())).start()
+    down = DashboardServer(st, port=0, lens=LensView("tcp://x", request=FakeDaemon(
+        QueryError("no answer from the daemon's query socket tcp://x within 2.5 s")))).start()
+    none = DashboardServer(DashboardState(), port=0).start()
+    try:
+        status, d = _get(ok.url, "/api/lens?source=sim&layer=act_code")
+        assert status == 200 and d["layer"] == "act_code" and d["shown"] == 16
+        assert _get(ok.url, "/api/lens")[0] == 400
+        status, d = _get(down.url, "/api/lens?source=sim")
+        assert status == 503 and "no answer from the daemon's query socket" in d["error"]
+        status, d = _get(none.url, "/api/lens?source=sim")
+        assert status == 503 and "--query" in d["error"]
+        assert payload(st, "meta")["query"] == "tcp://x"
+    finally:
+        for s in (ok, down, none):
+            s.close()
+
+
+def test_lens_of_a_silent_daemon_times_out(tmp_path: Path) -> None:
+    """Nothing listens: the real REQ client gives up within its timeout, and says so."""
+    view = LensView(f"ipc://{tmp_path}/nobody", timeout=0.3)
+    server = DashboardServer(DashboardState(), port=0, lens=view).start()
+    try:
+        t0 = time.monotonic()
+        status, d = _get(server.url, "/api/lens?source=sim&layer=act_enc1")
+        assert time.monotonic() - t0 < 3.0
+        assert status == 503 and "within 0.3 s" in d["error"]
+    finally:
+        server.close()
+
+
+def test_lens_over_a_real_rep_socket(tmp_path: Path) -> None:
+    """request_lens -> REP socket -> the mosaic: float16 maps survive the wire."""
+    ctx = zmq.Context.instance()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path}/query"
+    rep.bind(endpoint)
+    fake = FakeDaemon()
+
+    def serve() -> None:
+        for _ in range(2):
+            req = decode_message(rep.recv_multipart())
+            assert isinstance(req.header, LensRequest)
+            reply, arrays = fake(endpoint, req.header.source, req.header.outputs, timeout=1.0)
+            rep.send_multipart(encode_message(reply, *arrays.values()))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        d = LensView(endpoint, timeout=2.0).view("sim")
+        assert d["layer"] == "act_enc1" and d["channels"] == 6 and d["map_shape"] == [8, 8]
+    finally:
+        t.join(5)
+        rep.close(linger=0)

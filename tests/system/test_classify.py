@@ -1,0 +1,147 @@
+"""Classification beside detection in a real daemon: ``class`` messages with CAM and novelty,
+classification alerts with their explanation, and a failing classifier that costs nothing else."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.subscriber import Subscriber
+from service.modelcard import ModelCard
+from tests.system.conftest import nanoscout
+
+pytestmark = pytest.mark.system
+
+REPO = Path(__file__).resolve().parents[2]
+CARD = ModelCard.load(REPO / "models" / "weights" / "classifier.json")
+
+
+def _simulate(d, n: int, *args: str) -> subprocess.Popen[str]:
+    return nanoscout("simulate", "--connect", d.input, "--mode", "push", "--frames", str(n),
+                     "--size", "512", "--rate", "0", "--seed", "77", *args,
+                     stdout=subprocess.DEVNULL)
+
+
+def test_every_second_frame_is_classified_with_cam_and_novelty(daemon_factory) -> None:
+    d = daemon_factory("--policy", "lossless", config="[classify]\nevery = 2\ntop_k = 3\n")
+    n = 6
+    with Subscriber(d.output, topics=("det.", "class.")) as sub:
+        sub.wait_ready()
+        sim = _simulate(d, n)
+        dets: list[int] = []
+        classes = []
+        for msg in sub.messages(timeout=180):
+            if msg.kind == "det":
+                dets.append(msg.header.seq)  # type: ignore[attr-defined]
+            else:
+                classes.append(msg)
+            if len(dets) == n and len(classes) == n // 2:
+                break
+        sim.wait(60)
+    assert len(classes) == n // 2
+    first = min(dets)
+    assert [m.header.seq for m in classes] == [first, first + 2, first + 4]
+    for m in classes:
+        h = m.header
+        assert len(h.labels) == 3 and set(h.labels) <= set(CARD.classes or ())
+        assert h.probabilities == sorted(h.probabilities, reverse=True)
+        assert 0 < sum(h.probabilities) <= 1.0 + 1e-5
+        # the simulator's default scene has 5 % small rods (aspect 2-5) among spheres: a
+        # rods_wires field ("contains rods") of particles. The shipped model ranks rods_wires
+        # first on these frames (p ~0.5-0.6) but only second on some other seeds, so the
+        # test asserts a particle-bearing top class with rods_wires in the top two
+        assert h.labels[0] in ("rods_wires", "isolated_particles", "agglomerated_particles"), (
+            h.labels, h.probabilities)
+        assert "rods_wires" in h.labels[:2], (h.labels, h.probabilities)
+        assert h.novelty is not None and np.isfinite(h.novelty) and h.novelty >= 0
+        assert m.array is not None and m.array.dtype == np.uint8
+        assert m.array.shape == tuple(h.heatmap_shape) and m.array.max() == 255
+        assert "onnxruntime" in h.engine and CARD.name in h.engine
+    metrics = d.scrape()
+    assert 'nanoscout_class_probability{label="' in metrics
+    assert "nanoscout_novelty{" in metrics
+    assert 'nanoscout_stage_seconds_count{stage="classify"} 3.0' in metrics
+
+
+def test_a_failing_classifier_costs_only_the_classification(daemon_factory, tmp_path: Path
+                                                            ) -> None:
+    from tests.unit.test_classifier import classifier_model
+
+    onnx_path, card_path = classifier_model(tmp_path, n_classes=2)  # card: 3 classes, model: 2
+    raw = json.loads(card_path.read_text())
+    raw["input"]["size"] = [32, 32]
+    card_path.write_text(json.dumps(raw))
+    d = daemon_factory("--policy", "lossless",
+                       config=f'[classify]\nmodel = "{onnx_path}"\nlens_enabled = false\n')
+    n = 3
+    with Subscriber(d.output, topics=("det.", "class.", "health")) as sub:
+        sub.wait_ready()
+        sim = _simulate(d, n)
+        dets, classes, health = 0, 0, None
+        for msg in sub.messages(timeout=120):
+            if msg.kind == "det":
+                dets += 1
+            elif msg.kind == "class":
+                classes += 1
+            elif msg.header.frames_processed >= n:  # type: ignore[attr-defined]
+                health = msg.header
+                break
+        sim.wait(60)
+    assert dets == n and classes == 0
+    assert health is not None and "classification failed" in (health.last_error or "")
+    assert "has 2 values" in health.last_error
+    assert "nanoscout_classify_failures_total 3.0" in d.scrape()
+
+
+def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory, tmp_path: Path
+                                                         ) -> None:
+    import zmq
+
+    from clients.query import QueryError, request_lens
+
+    d = daemon_factory("--policy", "lossless")
+    assert d.query is not None
+    with Subscriber(d.output, topics=("class.",)) as sub:
+        sub.wait_ready()
+        sim = _simulate(d, 2, "--source", "cam1")
+        got = [m for _, m in zip(range(2), sub.messages(timeout=120), strict=False)]
+        sim.wait(60)
+    assert len(got) == 2
+    reply, _ = request_lens(d.query, "cam1", [])
+    acts = [a for a in reply.available if a.startswith("act_")]
+    assert acts and "reconstruction" in reply.available
+    reply, maps = request_lens(d.query, "cam1", [acts[-1], "reconstruction"])
+    assert reply.seq == got[-1].header.seq and reply.novelty is not None
+    assert maps[acts[-1]].dtype == np.float16 and maps[acts[-1]].ndim == 4
+    assert maps["reconstruction"].shape[-2:] == tuple(
+        ModelCard.load(REPO / "models" / "weights" / "lens.json").input.size or ())
+    # the classification and the lens agree on the frame's novelty (float16 aside)
+    assert reply.novelty == pytest.approx(got[-1].header.novelty, rel=1e-3)
+    with pytest.raises(QueryError, match="no frame of source 'nope'"):
+        request_lens(d.query, "nope", [acts[0]])
+    with pytest.raises(QueryError, match="unknown lens output 'act_nope'"):
+        request_lens(d.query, "cam1", ["act_nope"])
+    # garbage on the query socket gets an answer, and the daemon keeps serving
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(d.query)
+    sock.send_multipart([b"lens_request.x", b"\xc1not msgpack"])
+    assert b"bad request" in sock.recv_multipart()[1]
+    sock.close()
+    assert request_lens(d.query, "cam1", [acts[0]])[0].seq == reply.seq
+    assert d.proc.poll() is None
+    # the command line writes the live frame's maps as a PNG mosaic
+    from PIL import Image
+
+    png = tmp_path / "lens.png"
+    cli = nanoscout("lens", "--connect", d.query, "--source", "cam1", "--layer", acts[0],
+                    "--out", str(png), stdout=subprocess.PIPE)
+    out, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 0 and f"cam1#{reply.seq}" in out
+    with Image.open(png) as im:
+        assert im.mode == "L" and min(im.size) >= 64

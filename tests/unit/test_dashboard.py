@@ -1,0 +1,440 @@
+"""Dashboard gateway state: latest-wins items, det/preview pairing, bounded alerts, gaps,
+staleness, clusters, the AI-lens view, and the payloads the browser draws (no sockets; the
+HTTP API and the real query socket are tested in tests/browser/test_dashboard.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients.dashboard import LensView
+from clients.dashboard.gateway import DashboardState, particles_payload
+from clients.dashboard.images import thumbnail
+from clients.dashboard.lens import TILE_PX
+from clients.lens import GAP, LensError, mosaic_from_maps
+from clients.query import QueryError
+from service.particles import NO_CLUSTER, empty_table
+from service.protocol import (
+    AlertHeader,
+    ClassHeader,
+    DetHeader,
+    HealthHeader,
+    LensReply,
+    Message,
+    PreviewHeader,
+    StatsHeader,
+    decode_message,
+    encode_message,
+)
+
+PX_NM = 0.5
+
+
+class FakeClock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _wire(header: object, *arrays: np.ndarray) -> Message:
+    """Encode and decode, as the gateway receives it."""
+    return decode_message([bytes(p) for p in encode_message(header, *arrays)])  # type: ignore[arg-type]
+
+
+def _table(n: int) -> np.ndarray:
+    t = empty_table(n)
+    for i in range(n):
+        t[i]["id"] = i + 1
+        t[i]["x"], t[i]["y"] = 100.0 + 50 * i, 200.0
+        t[i]["bbox"] = (90 + 50 * i, 190, 111 + 50 * i, 211)
+        t[i]["ecd_nm"] = 10.0 + i
+        t[i]["major_nm"], t[i]["minor_nm"] = 12.0, 8.0
+        t[i]["orientation_deg"] = 30.0
+        t[i]["shape_class"] = 1
+    return t
+
+
+def det(seq: int, n: int = 2, source: str = "sim") -> Message:
+    h = DetHeader(source=source, seq=seq, t_acq_ns=seq * 10**8, t_recv_ns=seq * 10**8 + 1,
+                  t_done_ns=seq * 10**8 + 5 * 10**6, stage_ms={"detect": 3.0},
+                  pixel_size_nm=PX_NM, units="nm", n=n, engine="onnxruntime-cpu",
+                  shape=(1024, 1024))
+    return _wire(h, _table(n))
+
+
+def preview(seq: int, source: str = "sim", scale: float = 0.5) -> Message:
+    img = np.tile(np.arange(512, dtype=np.uint8)[None, :], (512, 1))
+    h = PreviewHeader(source=source, seq=seq, t_acq_ns=seq * 10**8, shape=(1024, 1024),
+                      size=(512, 512), scale=scale, pixel_size_nm=PX_NM)
+    return _wire(h, img)
+
+
+def stats(seq: int, d50: float = 9.0, source: str = "sim") -> Message:
+    block = {"n_frames": 1, "count": 2, "ecd": {"mean": d50, "sd": 1.0, "d10": 8.0, "d50": d50,
+                                                "d90": 11.0, "min": 7.0, "max": 12.0},
+             "histograms": {"ecd": {"edges": [1.0, 10.0, 100.0], "counts": [1, 1],
+                                    "under": 0, "over": 0}},
+             "number_density_per_um2": 120.0}
+    h = StatsHeader(source=source, seq=seq, t_ns=seq * 10**8, units="nm", window=block,
+                    cumulative=block)
+    return _wire(h)
+
+
+def alert(seq: int, n: int = 1, source: str = "sim", kind: str = "particle") -> Message:
+    h = AlertHeader(source=source, seq=seq, t_acq_ns=seq * 10**8, rule="big", kind=kind,
+                    severity="warning", value=12.0, threshold=9.0,
+                    explanation=f"particle of 12 nm at frame {seq}", n=n)
+    return _wire(h, _table(n))
+
+
+def health(transport_gaps: int = 0) -> Message:
+    h = HealthHeader(t_ns=1, uptime_s=3.0, policy="live", engines={"detector": "onnxruntime-cpu"},
+                     frames_received=10, frames_processed=8, frames_dropped={"superseded": 2},
+                     rejected={}, transport_gaps=transport_gaps, queue_depth=0, fps=4.0,
+                     latency_ms_p50=50.0, latency_ms_p99=90.0)
+    return _wire(h)
+
+
+def payload(state: DashboardState, key: str) -> dict:
+    item = state.item(key)
+    assert item is not None, key
+    return json.loads(item.data())
+
+
+def png_size(b64: str) -> tuple[int, int]:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+        assert im.format == "PNG"
+        return im.size
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_latest_wins_and_only_changed_items_are_resent() -> None:
+    st = DashboardState()
+    for seq in range(5):
+        st.ingest(stats(seq, d50=9.0 + seq))
+    st.ingest(health())
+    items, _ = st.updates({})
+    keys = {it.key for it in items}
+    assert {"meta", "sources", "stats:sim", "health"} <= keys
+    assert payload(st, "stats:sim")["window"]["ecd"]["d50"] == 13.0  # only the newest kept
+    sent = {it.key: it.version for it in items}
+    assert st.updates(sent)[0] == []  # nothing changed since
+    st.ingest(stats(5, d50=20.0))
+    changed, _ = st.updates(sent)
+    assert [it.key for it in changed] == ["stats:sim"]
+    # the time series keeps every stats message (bounded)
+    series = payload(st, "stats:sim")["series"]
+    assert series["d50"] == [9.0, 10.0, 11.0, 12.0, 13.0, 20.0]
+    assert series["t"][-1] == 0.0 and series["t"][0] == pytest.approx(-0.5)
+
+
+def test_series_is_bounded() -> None:
+    st = DashboardState(series_len=4)
+    for seq in range(10):
+        st.ingest(stats(seq))
+    assert len(payload(st, "stats:sim")["series"]["t"]) == 4
+
+
+def test_preview_after_its_det_is_paired() -> None:
+    st = DashboardState()
+    st.ingest(det(5, n=3))
+    st.ingest(det(6, n=2))
+    st.ingest(preview(5))
+    f = payload(st, "frame:sim")
+    assert f["seq"] == 5 and f["det"]["seq"] == 5 and f["det"]["n"] == 3
+    assert png_size(f["png"]) == (512, 512)
+    # frame px → preview px (scale 0.5), pixel centres; nm → px with the pixel size
+    assert f["det"]["x"][0] == pytest.approx((100 + 0.5) * 0.5)
+    assert f["det"]["a"][0] == pytest.approx(12.0 / 2 / PX_NM * 0.5)
+    assert f["det"]["b"][0] == pytest.approx(8.0 / 2 / PX_NM * 0.5)
+    assert f["det"]["bbox"][:4] == [45.0, 95.0, 55.5, 105.5]
+    assert f["det"]["angle"][0] == 30.0
+
+
+def test_preview_before_its_det_waits_for_it() -> None:
+    st = DashboardState()
+    st.ingest(det(6))
+    st.ingest(preview(7))
+    assert payload(st, "frame:sim")["det"] is None  # shown at once, particles still to come
+    v = st.item("frame:sim").version  # type: ignore[union-attr]
+    st.ingest(det(8))  # not its det: the frame stays as it is
+    assert st.item("frame:sim").version == v  # type: ignore[union-attr]
+    st2 = DashboardState()
+    st2.ingest(preview(7))
+    st2.ingest(det(7, n=4))
+    f = payload(st2, "frame:sim")
+    assert f["seq"] == 7 and f["det"]["n"] == 4
+
+
+def test_newer_preview_replaces_the_frame() -> None:
+    st = DashboardState()
+    st.ingest(det(1))
+    st.ingest(preview(1))
+    st.ingest(det(2))
+    st.ingest(preview(2))
+    assert payload(st, "frame:sim")["seq"] == 2
+
+
+def test_uncalibrated_axes_stay_in_px() -> None:
+    t = _table(1)
+    h = DetHeader(source="s", seq=0, t_acq_ns=0, t_recv_ns=0, t_done_ns=0, stage_ms={},
+                  pixel_size_nm=None, units="px", n=1, engine="e")
+    p = particles_payload(h, t, 0.25)
+    assert p["a"][0] == pytest.approx(12.0 / 2 * 0.25)
+
+
+def test_non_finite_measurements_become_null() -> None:
+    t = _table(1)
+    t[0]["circularity"] = np.nan
+    t[0]["solidity"] = np.inf
+    st = DashboardState()
+    h = DetHeader(source="sim", seq=0, t_acq_ns=0, t_recv_ns=0, t_done_ns=0, stage_ms={},
+                  pixel_size_nm=PX_NM, units="nm", n=1, engine="e")
+    st.ingest(_wire(h, t))
+    st.ingest(preview(0))
+    f = payload(st, "frame:sim")  # strict JSON: NaN would not parse in a browser
+    assert f["det"]["circularity"] == [None] and f["det"]["solidity"] == [None]
+
+
+def test_alerts_are_bounded_and_sent_once() -> None:
+    st = DashboardState(max_alerts=3)
+    for seq in range(5):
+        st.ingest(alert(seq))
+    _, alerts = st.updates({}, 0)
+    ids = [aid for aid, _ in alerts]
+    assert ids == [3, 4, 5]  # the newest three, oldest first
+    assert [json.loads(it.data())["seq"] for _, it in alerts] == [2, 3, 4]
+    assert [aid for aid, _ in st.updates({}, 4)[1]] == [5]
+    assert st.updates({}, 5)[1] == []
+
+
+def test_alert_thumbnail_is_a_crop_of_its_frames_preview() -> None:
+    st = DashboardState()
+    st.ingest(preview(3))
+    st.ingest(preview(4))
+    st.ingest(alert(3))
+    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    assert a["rule"] == "big" and a["explanation"].startswith("particle of 12 nm")
+    assert a["thumb_note"] == "frame #3"
+    assert max(png_size(a["thumb_png"])) == 128
+    assert a["particles"][0]["ecd"] == pytest.approx(10.0)
+    assert a["particles"][0]["shape_class"] == "sphere"
+    # an alert of a frame without preview falls back to the newest one, and says so
+    st.ingest(alert(9, kind="count", n=0))
+    a = json.loads(st.updates({}, 1)[1][0][1].data())
+    assert a["thumb_note"] == "preview #4 (frame #9 had none)" and a["particles"] == []
+
+
+def test_alert_without_any_preview_has_no_picture() -> None:
+    st = DashboardState()
+    st.ingest(alert(1))
+    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    assert a["thumb_png"] is None
+
+
+def test_alert_with_a_heatmap_shows_it() -> None:
+    heat = np.zeros((16, 16), np.uint8)
+    heat[4:8, 4:8] = 255
+    h = AlertHeader(source="sim", seq=2, t_acq_ns=0, rule="odd", kind="class",
+                    severity="info", value=0.9, threshold=0.5, explanation="novel field")
+    st = DashboardState()
+    st.ingest(Message("alert.sim", h, heat))  # a heatmap in place of particle rows
+    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    assert a["thumb_note"] == "heatmap" and png_size(a["thumb_png"]) == (128, 128)
+
+
+@pytest.mark.skipif("heatmap_shape" not in AlertHeader.model_fields,
+                    reason="AlertHeader has no heatmap_shape in this protocol version")
+def test_alert_with_a_v12_heatmap_after_its_rows() -> None:
+    heat = np.full((8, 8), 200, np.uint8)
+    h = AlertHeader(source="sim", seq=3, t_acq_ns=0, rule="odd", kind="class",
+                    severity="info", value=0.9, threshold=0.5, explanation="novel field",
+                    heatmap_shape=(8, 8))  # type: ignore[call-arg]
+    st = DashboardState()
+    st.ingest(preview(3))
+    st.ingest(_wire(h, empty_table(0), heat))
+    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    assert a["thumb_note"] == "heatmap over preview #3" and a["heatmap_shape"] == [8, 8]
+
+
+def test_thumbnail_crops_around_the_boxes() -> None:
+    img = np.zeros((200, 300), np.uint8)
+    boxes = np.array([[100.0, 50.0, 110.0, 60.0], [0.0, 150.0, 10.0, 160.0]])
+    out = thumbnail(img, boxes, side=64)
+    assert out.shape == (64, 64, 3)  # a square crop (at least min_crop_px) around the first box
+    assert (out[..., 0] > 200).any()  # the outline
+    whole = thumbnail(img, None, side=64)
+    assert whole.shape == (43, 64, 3)
+
+
+def test_det_seq_gaps_are_counted_per_source() -> None:
+    st = DashboardState()
+    for seq in (0, 1, 4, 5, 9):
+        st.ingest(det(seq))
+    for seq in (0, 1, 2):
+        st.ingest(det(seq, source="other"))
+    d = payload(st, "det:sim")
+    assert (d["missed"], d["gap_events"], d["last_gap_seq"], d["frames"]) == (5, 2, 9, 5)
+    assert st.missed("sim") == 5 and st.missed("other") == 0
+    assert payload(st, "sources")["sources"] == ["sim", "other"]  # first seen first
+
+
+def test_staleness_and_recovery() -> None:
+    clock = FakeClock(100.0)
+    st = DashboardState(stale_s=3.0, clock=clock)
+    assert st.status()["unreachable"] is False  # just started: not yet
+    clock.t = 103.5
+    s = st.status()
+    assert s["unreachable"] is True and s["age_s"] is None  # never heard from the daemon
+    st.ingest(health())
+    s = st.status()
+    assert s["connected"] is True and s["unreachable"] is False and s["age_s"] == 0
+    clock.t = 106.0
+    assert st.status()["connected"] is True
+    clock.t = 106.6
+    s = st.status()
+    assert s["connected"] is False and s["unreachable"] is True and s["age_s"] == 3.1
+    st.reject("garbage")  # an undecodable message still proves the daemon is there
+    s = st.status()
+    assert s["connected"] is True and s["rejected"] == 1 and s["last_rejection"] == "garbage"
+
+
+def test_class_message_with_cam() -> None:
+    heat = np.linspace(0, 255, 8 * 12).astype(np.uint8).reshape(8, 12)
+    h = ClassHeader(source="sim", seq=4, t_acq_ns=0, labels=["sintered", "dispersed"],
+                    probabilities=[0.8, 0.2], novelty=0.31, engine="onnxruntime-cpu",
+                    heatmap_shape=(8, 12))
+    st = DashboardState()
+    st.ingest(_wire(h, heat))
+    c = payload(st, "class:sim")
+    assert c["labels"] == ["sintered", "dispersed"] and c["novelty"] == pytest.approx(0.31)
+    assert png_size(c["heatmap_png"]) == (12, 8)
+    with Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"]))) as im:
+        assert im.mode == "RGBA"
+    st.ingest(_wire(ClassHeader(source="sim", seq=5, t_acq_ns=0, labels=["x"],
+                                probabilities=[1.0])))
+    assert payload(st, "class:sim")["heatmap_png"] is None
+
+
+def test_wait_wakes_on_change() -> None:
+    st = DashboardState()
+    v = st.version
+    assert st.wait(v, 0.0) is False
+    st.ingest(health())
+    assert st.wait(v, 0.0) is True
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="max_alerts"):
+        DashboardState(max_alerts=0)
+
+
+def test_payloads_are_strict_json() -> None:
+    st = DashboardState()
+    st.ingest(det(0))
+    st.ingest(preview(0))
+    st.ingest(stats(0))
+    st.ingest(health())
+    items, _ = st.updates({})
+    for it in items:
+        text = it.data()
+        assert "NaN" not in text and "Infinity" not in text
+        json.loads(text)
+    assert math.isfinite(payload(st, "det:sim")["latency_ms"])
+
+
+# --------------------------------------------------------------------------- clusters (v1.2)
+
+
+def test_particles_carry_their_morphology_cluster() -> None:
+    t = _table(3)
+    t["cluster"] = [0, 2, NO_CLUSTER]
+    h = DetHeader(source="sim", seq=0, t_acq_ns=0, t_recv_ns=0, t_done_ns=0, stage_ms={},
+                  pixel_size_nm=PX_NM, units="nm", n=3, engine="e")
+    assert particles_payload(h, t, 0.5)["cluster"] == [0, 2, 255]
+    st = DashboardState()
+    assert payload(st, "meta")["no_cluster"] == NO_CLUSTER
+
+
+def test_stats_keep_the_cluster_summary() -> None:
+    clusters = {"k": 2, "ready": True, "n_seen": 40, "units": "nm", "descriptors": ["log_ecd"],
+                "items": [{"id": 0, "count": 30, "share": 0.75, "ecd_mean": 8.0,
+                           "aspect_ratio_mean": 1.1, "roundness_mean": 0.9,
+                           "dominant_shape": "sphere", "centre": {"log_ecd": 2.08}},
+                          {"id": 1, "count": 10, "share": 0.25, "ecd_mean": float("nan"),
+                           "aspect_ratio_mean": 3.2, "roundness_mean": 0.4,
+                           "dominant_shape": "rod", "centre": {"log_ecd": 2.9}}]}
+    block = {"n_frames": 1, "count": 2, "ecd": {"d50": 9.0}}
+    h = StatsHeader(source="sim", seq=1, t_ns=1, units="nm", window=block, cumulative=block,
+                    clusters=clusters)
+    st = DashboardState()
+    st.ingest(_wire(h))
+    got = payload(st, "stats:sim")["clusters"]
+    assert [c["dominant_shape"] for c in got["items"]] == ["sphere", "rod"]
+    assert got["items"][1]["ecd_mean"] is None  # strict JSON
+
+
+# --------------------------------------------------------------------------- AI lens
+
+
+def _acts(channels: int = 6, side: int = 8) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(1, channels, side, side)).astype(np.float16)
+
+
+class FakeDaemon:
+    """Stands in for ``request_lens``: answers from a dict, records the requests."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.calls: list[list[str]] = []
+        self.arrays = {"act_enc1": _acts(6), "act_code": _acts(20, 4),
+                       "reconstruction": np.full((1, 1, 16, 16), 0.5, np.float16)}
+
+    def __call__(self, endpoint: str, source: str, outputs: list[str], *, timeout: float,
+                 curve: object = None) -> tuple[LensReply, dict[str, np.ndarray]]:
+        assert timeout <= 3.0
+        self.calls.append(list(outputs))
+        if self.error is not None:
+            raise self.error
+        reply = LensReply(source=source, seq=41, t_acq_ns=5, outputs=outputs,
+                          shapes=[list(self.arrays[o].shape) for o in outputs],
+                          available=["error", "reconstruction", "act_enc1", "act_code"],
+                          novelty=0.37)
+        return reply, {o: self.arrays[o] for o in outputs}
+
+
+def test_mosaic_from_maps_tiles_and_scales() -> None:
+    m = mosaic_from_maps(_acts(6), 16, 32)
+    assert m.dtype == np.uint8 and m.shape == (2 * 32 + GAP, 4 * 32 + 3 * GAP)
+    assert m[:32, :32].min() == 0 and m[:32, :32].max() == 255  # each map its own min..max
+    one = mosaic_from_maps(np.full((1, 1, 4, 4), 0.5), 1, 8, lo=0.0, hi=1.0)
+    assert one.shape == (8, 8) and (one == 128).all()
+    with pytest.raises(LensError, match="2 dimensions"):
+        mosaic_from_maps(np.zeros(3), 4, 8)
+
+
+def test_lens_view_picks_the_first_activation_and_remembers_the_layers() -> None:
+    fake = FakeDaemon()
+    view = LensView("tcp://x", timeout=1.0, max_maps=4, request=fake)
+    d = view.view("sim")
+    assert fake.calls == [[], ["act_enc1"]]  # the list of outputs once, then the maps
+    assert (d["layer"], d["seq"], d["novelty"], d["channels"], d["shown"]) == ("act_enc1", 41, 0.37, 6, 4)
+    assert d["layers"] == ["reconstruction", "act_enc1", "act_code"]  # "error" is no picture
+    w, h = png_size(d["png"])
+    assert (h, w) == (TILE_PX, 4 * TILE_PX + 3 * GAP)
+    d = view.view("sim", "reconstruction")
+    assert fake.calls[-1] == ["reconstruction"] and png_size(d["png"]) == (2 * TILE_PX,) * 2
+    view.view("sim")
+    assert fake.calls[-1] == ["act_enc1"]  # the known list is reused
+    with pytest.raises(QueryError, match="unknown lens layer 'error'"):
+        view.view("sim", "error")

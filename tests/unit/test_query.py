@@ -1,0 +1,73 @@
+"""The lens query server (service.query) answers every request, good or bad, over real REQ/REP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from clients.query import QueryError, request_lens
+from service.classifier import FieldClassifier
+from service.errors import NanoscoutError
+from service.protocol import FrameHeader, decode_message
+from service.query import LensServer
+from tests.unit.test_classifier import S, _load, classifier_model, lens_model
+
+
+def _guard(fn):
+    return fn
+
+
+@pytest.fixture()
+def server(tmp_path: Path):
+    engine, card = _load(*classifier_model(tmp_path))
+    lens, lens_card = _load(*lens_model(tmp_path))
+    clf = FieldClassifier(engine, card, lens=lens, lens_card=lens_card)
+    srv = LensServer(zmq.Context.instance(), clf)
+    endpoint = srv.start("tcp://127.0.0.1:0", _guard)
+    yield srv, endpoint
+    srv.stop()
+
+
+def _header(seq: int) -> FrameHeader:
+    return FrameHeader(source="cam", seq=seq, t_acq_ns=123, shape=(64, 64), dtype="uint16",
+                       pixel_size_nm=0.5)
+
+
+def test_lens_maps_of_the_newest_frame(server) -> None:
+    srv, endpoint = server
+    frame = np.random.default_rng(3).integers(0, 4000, (64, 64)).astype(np.uint16)
+    srv.offer(_header(1), np.zeros((64, 64), np.uint16))
+    srv.offer(_header(2), frame)
+    reply, maps = request_lens(endpoint, "cam", ["act_enc1"])
+    assert reply.seq == 2 and reply.available == ["error", "act_enc1"]
+    want = srv.classifier.lens_outputs(frame)["act_enc1"]
+    assert maps["act_enc1"].shape == (1, 1, S // 2, S // 2)
+    np.testing.assert_allclose(maps["act_enc1"], want, atol=2e-3)  # float16 on the wire
+    assert reply.novelty == pytest.approx(srv.classifier.classify(frame).novelty, rel=1e-6)
+    assert srv.answered == 1
+
+
+def test_refusals_are_answers_not_hangs(server) -> None:
+    srv, endpoint = server
+    with pytest.raises(QueryError, match="no frame of source 'cam' analysed yet"):
+        request_lens(endpoint, "cam", ["act_enc1"])
+    srv.offer(_header(5), np.ones((64, 64), np.uint16))
+    with pytest.raises(QueryError, match="unknown lens output 'act_x'.*available"):
+        request_lens(endpoint, "cam", ["act_x"])
+    bad = srv.answer([b"det.cam", b"\x80"])
+    assert "bad request" in decode_message(bad).header.error
+    assert srv.refused == 3
+
+
+def test_no_daemon_gives_a_timeout_error() -> None:
+    with pytest.raises(QueryError, match="no answer .* within 0.3 s"):
+        request_lens("tcp://127.0.0.1:9", "cam", [], timeout=0.3)
+
+
+def test_a_classifier_without_lens_cannot_serve(tmp_path: Path) -> None:
+    engine, card = _load(*classifier_model(tmp_path))
+    with pytest.raises(NanoscoutError, match="needs the lens"):
+        LensServer(zmq.Context.instance(), FieldClassifier(engine, card))
