@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.unet import _cbr  # the detector's conv + BatchNorm + ReLU block
+
 __all__ = ["CAM_STRIDE", "OPSET", "ExportWrapper", "FieldClassifier", "export_onnx"]
 
 #: the CAM's cell size in model-input pixels (S / CAM_STRIDE cells per side)
@@ -33,14 +35,6 @@ CAM_STRIDE = 16
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUTS = ("probabilities", "cam")
-
-
-def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
 
 
 class FieldClassifier(nn.Module):
