@@ -132,9 +132,8 @@ class FieldClassifier:
         novelty = error = None
         if self.lens is not None:
             # both models usually take the same input size: prepare the frame once
-            error = self._lens_error(pixels, x if self.lens_size == self.size else None)
-            assert self.lens_card is not None and self.lens_card.novelty is not None
-            novelty = error / self.lens_card.novelty.reference_error
+            out = self.lens_outputs(pixels, x if self.lens_size == self.size else None)
+            error, novelty = self.novelty_of(out)
             timings["lens"] = (time.perf_counter() - t1) * 1e3
         return Classification(
             labels=[self.classes[i] for i in order],
@@ -146,15 +145,17 @@ class FieldClassifier:
             timings_ms=timings,
         )
 
-    def _lens_error(self, pixels: np.ndarray, x: np.ndarray | None) -> float:
-        out = self.lens_outputs(pixels, x)
-        assert self.lens_card is not None and self.lens_card.novelty is not None
-        name = self.lens_card.novelty.error_output
-        err = np.asarray(out.get(name), dtype=np.float64).reshape(-1)
+    def novelty_of(self, outputs: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(error, novelty) from the lens's outputs of one frame (:meth:`lens_outputs`);
+        raises EngineFailure unless the error output is one finite value >= 0."""
+        if self.lens_card is None or self.lens_card.novelty is None:
+            raise ModelCardError("no lens model is loaded ([classify] lens)")
+        ref = self.lens_card.novelty
+        err = np.asarray(outputs.get(ref.error_output), dtype=np.float64).reshape(-1)
         if err.size != 1 or not np.isfinite(err[0]) or err[0] < 0:
-            raise EngineFailure(f"lens output {name!r} must be one finite error >= 0, got "
-                                f"{err[:4]}")
-        return float(err[0])
+            raise EngineFailure(f"lens output {ref.error_output!r} must be one finite error "
+                                f">= 0, got {err[:4]}")
+        return float(err[0]), float(err[0]) / ref.reference_error
 
     def lens_outputs(self, pixels: np.ndarray, x: np.ndarray | None = None
                      ) -> dict[str, np.ndarray]:

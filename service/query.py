@@ -121,15 +121,12 @@ class LensServer:
             return encode_message(reply)
         try:
             out = self.classifier.lens_outputs(pixels)
+            _, novelty = self.classifier.novelty_of(out)
         except Exception as exc:  # a lens failure is the client's answer, not the daemon's end
             self.refused += 1
             log.warning("lens request for %s#%d failed: %r", header.source, header.seq, exc)
             return encode_message(reply.model_copy(update={"error": f"lens failed: {exc}"}))
         arrays = [np.asarray(out[o], dtype=np.float16) for o in req.outputs]
-        card = self.classifier.lens_card
-        err = out.get(card.novelty.error_output) if card and card.novelty else None
-        novelty = None if err is None or card is None or card.novelty is None else \
-            float(np.asarray(err).reshape(-1)[0]) / card.novelty.reference_error
         self.answered += 1
         return encode_message(reply.model_copy(update={
             "outputs": list(req.outputs), "shapes": [list(a.shape) for a in arrays],
