@@ -41,6 +41,7 @@ test: lint
 bench: install
 	$(BIN)/python benchmarks/latency.py --out benchmarks/results/latency.json
 	$(BIN)/python benchmarks/classify.py --out benchmarks/results/classify.json
+	$(BIN)/python benchmarks/search.py --out benchmarks/results/search.json
 
 train: install
 	$(BIN)/nanoscout models train --out models/weights

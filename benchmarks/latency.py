@@ -225,11 +225,17 @@ def serve_command(policy: str, args: argparse.Namespace) -> list[str]:
 def start_daemon(policy: str, args: argparse.Namespace, log_dir: Path) -> DaemonProc:
     """Start a daemon on free loopback ports; returns once it printed its readiness line."""
     log_path = log_dir / f"daemon-{policy}.log"
+    proc, ep, lines = launch_ready(serve_command(policy, args), log_path, f"{policy} daemon")
+    return DaemonProc(proc, policy, ep["input"], ep["output"], ep["metrics"], log_path, lines)
+
+
+def launch_ready(cmd: list[str], log_path: Path, what: str
+                 ) -> tuple[subprocess.Popen[str], dict[str, Any], queue.Queue[str]]:
+    """Start ``cmd`` (stderr to ``log_path``) and wait for its ``NANOSCOUT-READY {json}`` line;
+    returns the process, that json and the queue that keeps receiving its stdout lines."""
     log_file = log_path.open("w", encoding="utf-8")
-    proc = subprocess.Popen(
-        serve_command(policy, args), cwd=REPO, text=True, stdout=subprocess.PIPE,
-        stderr=log_file, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    proc = subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=log_file,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log_file.close()  # the child holds its own descriptor
     lines: queue.Queue[str] = queue.Queue()
 
@@ -239,7 +245,7 @@ def start_daemon(policy: str, args: argparse.Namespace, log_dir: Path) -> Daemon
             lines.put(line)
         lines.put("")
 
-    threading.Thread(target=pump, name=f"stdout-{policy}", daemon=True).start()
+    threading.Thread(target=pump, name=f"stdout-{what}", daemon=True).start()
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         try:
@@ -247,16 +253,14 @@ def start_daemon(policy: str, args: argparse.Namespace, log_dir: Path) -> Daemon
         except queue.Empty:
             proc.kill()
             raise BenchmarkError(
-                f"{policy} daemon not ready within {READY_TIMEOUT_S:.0f} s; log {log_path}"
+                f"{what} not ready within {READY_TIMEOUT_S:.0f} s; log {log_path}"
             ) from None
         if line == "":
             code = proc.wait()
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise BenchmarkError(f"{policy} daemon exited with {code} before it was ready:\n{tail}")
+            raise BenchmarkError(f"{what} exited with {code} before it was ready:\n{tail}")
         if line.startswith("NANOSCOUT-READY "):
-            ep = json.loads(line.split(" ", 1)[1])
-            return DaemonProc(proc, policy, ep["input"], ep["output"], ep["metrics"], log_path,
-                              lines)
+            return proc, json.loads(line.split(" ", 1)[1]), lines
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ This module is the composition root: besides the protocol and transport it may s
 daemon (:mod:`service.app`) and run its pipeline offline. Every other client module talks to
 the daemon only over ZeroMQ (import-linter checks this, see pyproject.toml).
 
-Subcommands: serve, simulate, replay, tail, record, report, measure, demo, keys, lens, models
+Subcommands: serve, simulate, microscope, search, replay, tail, record, report, measure, demo,
+keys, lens, models
 (train / export / eval of the detector, train-/eval-classifier, train-/eval-lens).
 """
 
@@ -192,6 +193,18 @@ def _measure(args: argparse.Namespace) -> int:
     return 1 if report.images == 0 else 0
 
 
+def _microscope(args: argparse.Namespace) -> int:
+    from clients.microscope.command import run
+
+    return run(args, _curve(args))
+
+
+def _search(args: argparse.Namespace) -> int:
+    from clients.search.command import run
+
+    return run(args, _curve(args))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from clients.demo import run_demo
 
@@ -366,6 +379,21 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", choices=["live", "lossless"], default="live")
     s.add_argument("--config", type=Path, help="daemon configuration (default deploy/demo.toml)")
     s.set_defaults(func=_demo)
+
+    from clients.microscope.command import add_arguments as microscope_arguments
+    from clients.search.command import add_arguments as search_arguments
+
+    s = sub.add_parser("microscope", help="simulated microscope for stage search: virtual "
+                       "specimen, stage and camera behind a control socket")
+    microscope_arguments(s)
+    _add_curve(s)
+    s.set_defaults(func=_microscope)
+
+    s = sub.add_parser("search", help="automated stage search: find rare targets, write a "
+                       "navigator list")
+    search_arguments(s)
+    _add_curve(s)
+    s.set_defaults(func=_search)
 
     s = sub.add_parser("lens", help="AI lens: a frame's autoencoder feature maps as a PNG mosaic")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="IMAGE --layer NAME --out PNG (see --help)")

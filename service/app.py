@@ -71,7 +71,8 @@ def build_pipeline(config: ServeConfig) -> Pipeline:
     detector = Detector(engine, card, scale=config.engine.scale,
                         auto_every=config.engine.auto_scale_every,
                         tile_px=config.engine.tile_px, tile_margin_px=config.engine.tile_margin_px,
-                        tta=config.engine.tta)
+                        tta=config.engine.tta, merge_convex=config.engine.merge_convex,
+                        rotate45=config.engine.rotate45 == "always")
     return Pipeline(
         detector,
         stats_config=config.stats,
@@ -82,6 +83,7 @@ def build_pipeline(config: ServeConfig) -> Pipeline:
         classifier=build_classifier(config),
         classify_every=config.classify.every,
         clusters=config.clusters,
+        rotate45_on_request=config.engine.rotate45 == "on-request",
     )
 
 

@@ -99,6 +99,13 @@ class EngineConfig(_Section):
     #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
     tta: Literal[1, 2, 4] = 1
     min_score: float = Field(0.0, ge=0, le=1)
+    #: merge instance fragments whose union is about as convex as they are (solidity ratio,
+    #: e.g. 0.97): large particles and long wires among much smaller ones; None = the card's
+    merge_convex: float | None = Field(None, gt=0, le=1)
+    #: also infer on frames turned by 45° (long particles along an image axis; ~3x the engine
+    #: time): "always", "never", or "on-request" for frames whose meta has ``rotate45 = true``
+    #: (a stage search asks for it on its high-magnification frames)
+    rotate45: Literal["never", "always", "on-request"] = "never"
 
     @field_validator("scale")
     @classmethod

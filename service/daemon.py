@@ -11,7 +11,10 @@ Three threads, each owning its resources:
 * **worker** runs the :class:`~service.pipeline.Pipeline` on one frame at a time. A frame that
   cannot be analysed (NaN pixels, engine failure) is counted and skipped.
 * **publisher** owns the result PUB socket: it sends the worker's results and a ``health``
-  message every ``health.interval_s``.
+  message every ``health.interval_s``. A frame's results go out in the order ``det``,
+  ``preview``, ``class`` (+ its alerts), particle/count/drift alerts, ``stats``: ``stats`` is
+  the frame's last message, which tells a client waiting for one frame (the stage search) that
+  it has everything (a summary failure sends no ``stats``: clients time out).
 
 A failure of a thread's own loop (a bug, not a bad frame) is never swallowed: it stops the
 daemon and :meth:`Daemon.wait` re-raises it in the owner. SIGINT/SIGTERM stop the receiver;
@@ -355,8 +358,10 @@ class Daemon:
             log.exception("frame %s#%d: statistics/alerts failed", h.source, h.seq)
             self._drop("summary_failure")
         else:
-            self._out.put(encode_message(summary.stats))
+            # alerts before stats: ``stats`` is the last message of a frame, so a client
+            # that waits for a frame's results (the stage search) knows when it has them all
             self._publish_alerts(summary.alerts)
+            self._out.put(encode_message(summary.stats))
             for stage, ms in summary.stage_ms.items():
                 m.stage.labels(stage=stage).observe(ms / 1e3)
         m.frames_processed.labels(source=h.source).inc()

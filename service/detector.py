@@ -13,6 +13,7 @@ block centres the post-processing reads.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,14 +65,20 @@ class Detector:
 
     def __init__(self, engine: Engine, card: ModelCard, *,
                  scale: float | Literal["auto"] | None = None, auto_every: int = 1,
-                 tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1) -> None:
+                 tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1,
+                 merge_convex: float | None = None, rotate45: bool = False) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
         re-estimate every n-th frame of that key (and whenever the frame shape changes).
         ``tile_px`` / ``tile_margin_px``: largest side sent to the engine in one call, and
         the context dropped at each tile seam (px at working scale). ``tta``: average the
         logits over 1, 2 or 4 mirror images (test-time augmentation; engine time x ``tta``,
-        for offline measurement rather than live streams).
+        for offline measurement rather than live streams). ``merge_convex``: overrides the
+        card's solidity ratio for merging fragments of one convex particle (None: keep it).
+        ``rotate45``: also run the engine on the frame turned by 45° and keep the larger of the
+        two logits, turned back (a long straight particle lying along an image axis looks like
+        a burnt-in scale bar to the shipped model; turned, it does not). About 3x the engine
+        time.
         """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
@@ -91,6 +98,7 @@ class Detector:
         if tta not in (1, 2, 4):
             raise ConfigError(f"tta {tta} must be 1, 2 or 4")
         self.tta = tta
+        self.rotate45 = rotate45
         self.auto_every = auto_every
         self._memo: dict[object, tuple[tuple[int, int], float, int]] = {}
         self._pass_engine_s = 0.0  # engine time of the last estimation pass, s
@@ -109,6 +117,8 @@ class Detector:
                                  f"({names})")
         self.stride = card.input.stride_multiple
         self.thresholds = card.thresholds
+        if merge_convex is not None:
+            self.thresholds = card.thresholds.model_copy(update={"merge_convex": merge_convex})
         if tile_px % self.stride or tile_px <= 2 * tile_margin_px or tile_margin_px < 0:
             raise ConfigError(f"tile_px {tile_px} must be a multiple of the network stride "
                               f"{self.stride} and more than twice tile_margin_px "
@@ -124,7 +134,7 @@ class Detector:
                                 f"expected (1, C, {tile.shape[0]}, {tile.shape[1]})")
         return out
 
-    def _logits(self, x: np.ndarray, tta: int = 1) -> np.ndarray:
+    def _logits(self, x: np.ndarray, tta: int = 1, rotate45: bool = False) -> np.ndarray:
         """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled;
         with ``tta`` > 1 the mean over that many mirror images (none, left-right, up-down,
         both), each mirrored back."""
@@ -138,7 +148,34 @@ class Detector:
                 acc /= np.float32(tta)
             return acc
 
-        return infer_tiled(run, x, self.tile_px, self.tile_margin_px, self.stride)
+        out = infer_tiled(run, x, self.tile_px, self.tile_margin_px, self.stride)
+        if rotate45:
+            # the larger logit: a particle either view sees is kept (a mean would lose a wire
+            # along the axes of either view)
+            np.maximum(out, self._turned_logits(x, run), out=out)
+        return out
+
+    def _turned_logits(self, x: np.ndarray, run: Callable[[np.ndarray], np.ndarray]
+                       ) -> np.ndarray:
+        """Logits of ``x`` turned by 45° about its centre, turned back onto ``x``'s grid
+        (bilinear both ways; the corners the turned frame adds are filled with the median)."""
+        from scipy import ndimage as ndi
+
+        h, w = x.shape
+        c, s_ = np.float32(np.sqrt(0.5)), np.float32(np.sqrt(0.5))
+        side = int(np.ceil((h + w) * float(c))) + 2
+        turn = np.array([[c, -s_], [s_, c]], np.float64)  # (row, col) rotation
+        cx = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+        cr = np.array([(side - 1) / 2.0, (side - 1) / 2.0])
+        xr = ndi.affine_transform(x, turn.T, offset=cx - turn.T @ cr, output_shape=(side, side),
+                                  order=1, mode="constant", cval=float(np.median(x[::4, ::4])))
+        xr, _ = pad_to_multiple(xr.astype(np.float32), self.stride)
+        lr = infer_tiled(run, xr, self.tile_px, self.tile_margin_px, self.stride)
+        back = np.empty((1, lr.shape[1], h, w), np.float32)
+        for k in range(lr.shape[1]):
+            back[0, k] = ndi.affine_transform(lr[0, k], turn, offset=cr - turn @ cx,
+                                              output_shape=(h, w), order=1, mode="nearest")
+        return back
 
     def estimate_scale(self, x: np.ndarray) -> float:
         """Return the working-scale factor for a normalised frame ``x`` (coarse-to-fine passes).
@@ -209,13 +246,14 @@ class Detector:
         self._memo[key] = (x.shape, scale, 1)
         return scale, logits
 
-    def detect(self, image: np.ndarray, key: object = None) -> Detection:
+    def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None
+               ) -> Detection:
         """Return the particle instances of ``image`` (2-D, any real dtype, finite).
 
         ``key`` (e.g. source and pixel size) lets an automatic working scale be reused for
         ``auto_every`` frames of the same stream. Raises FrameError for a non-2-D, empty or
         non-finite frame, EngineFailure when the engine output is not what the model card
-        promises.
+        promises. ``rotate45``: this frame's choice of the 45° view (None: the detector's).
         """
         t0 = time.perf_counter()
         arr = check_frame(image)
@@ -229,7 +267,9 @@ class Detector:
             ww = max(1, round(w * scale))
         else:
             wh, ww = h, w
-        reuse = (logits is not None and self.tta == 1 and logits.shape[2] >= wh
+        turn = self.rotate45 if rotate45 is None else rotate45
+        reuse = (logits is not None and self.tta == 1 and not turn
+                 and logits.shape[2] >= wh
                  and logits.shape[3] >= ww)
         # a reused estimation pass is the frame's inference: count its engine time as such
         reused_s = self._pass_engine_s if reuse else 0.0
@@ -240,7 +280,7 @@ class Detector:
                 x = resample(x, (wh, ww))
             x, _ = pad_to_multiple(x, self.stride)
             t1 = time.perf_counter()
-            logits = self._logits(x, self.tta)
+            logits = self._logits(x, self.tta, turn)
         t2 = time.perf_counter()
         # views, no copies: the post-processing reads the padded output in place
         fg = logits[0, self._fg, :wh, :ww]
@@ -257,7 +297,7 @@ class Detector:
         labels, scores = instances_from_logits(
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
             min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
-            min_score=th.min_score)
+            min_score=th.min_score, merge_convex=th.merge_convex)
         t3 = time.perf_counter()
         return Detection(labels, scores, {"preprocess": (t1 - t0 - ts - reused_s) * 1e3,
                                           "scale": ts * 1e3,

@@ -125,6 +125,9 @@ class Thresholds(_Strict):
     post_stride: int = Field(2, ge=1, le=4)
     #: merge neighbours whose contact exceeds this x the smaller's ECD (None: never merge)
     merge_contact: float | None = Field(1.6, gt=0)
+    #: merge neighbours whose union's solidity is at least this x their own (fragments of
+    #: one convex particle whose core broke up, e.g. 0.97; None: never)
+    merge_convex: float | None = Field(None, gt=0, le=1)
     #: drop particles whose score (confidence, 0..1) is below this
     min_score: float = Field(0.0, ge=0, lt=1)
 

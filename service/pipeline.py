@@ -120,10 +120,14 @@ class Pipeline:
         classifier: FieldClassifier | None = None,
         classify_every: int = 1,
         clusters: ClusterConfig | None = None,
+        rotate45_on_request: bool = False,
     ) -> None:
         """``classifier``: the field-of-view classifier run on every ``classify_every``-th
-        frame of each source by :meth:`classify` (None: no ``class`` messages)."""
+        frame of each source by :meth:`classify` (None: no ``class`` messages).
+        ``rotate45_on_request``: frames whose ``meta`` has ``rotate45 = true`` are also
+        analysed turned by 45° (:class:`~service.detector.Detector`, ``rotate45``)."""
         self.detector = detector
+        self.rotate45_on_request = rotate45_on_request
         self.classifier = classifier
         self.classify_every = classify_every
         self._class_counts: dict[str, int] = {}
@@ -138,7 +142,7 @@ class Pipeline:
         self._clusters: dict[str, OnlineKMeans] = {}
 
     def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None,
-                source: str | None = None) -> Analysis:
+                source: str | None = None, rotate45: bool | None = None) -> Analysis:
         """Detect and measure the particles of one image (lengths in nm, or px if uncalibrated).
 
         ``source``: the stream the frame belongs to; an automatic working scale is reused
@@ -146,7 +150,7 @@ class Pipeline:
         """
         check_pixels(pixels)
         key = None if source is None else (source, pixel_size_nm)
-        detection = self.detector.detect(pixels, key=key)
+        detection = self.detector.detect(pixels, key=key, rotate45=rotate45)
         stage_ms = dict(detection.timings_ms)
         t0 = time.perf_counter()
         labels = detection.labels
@@ -170,7 +174,8 @@ class Pipeline:
         Published before :meth:`summarise` runs, so the particle table reaches subscribers
         without waiting for statistics and alert rules.
         """
-        a = self.analyse(pixels, header.pixel_size_nm, header.source)
+        turn = True if self.rotate45_on_request and header.meta.get("rotate45") is True else None
+        a = self.analyse(pixels, header.pixel_size_nm, header.source, rotate45=turn)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
             km = self._clusters.get(header.source)

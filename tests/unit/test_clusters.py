@@ -156,7 +156,12 @@ def test_pipeline_assigns_clusters_and_publishes_summaries() -> None:
                                shape_mix={"sphere": 1.0, "rod": 1.0}), 1)
 
     class FakeDetector:
-        def detect(self, pixels: np.ndarray, key: object = None) -> SimpleNamespace:
+        def __init__(self) -> None:
+            self.turned: list[bool | None] = []
+
+        def detect(self, pixels: np.ndarray, key: object = None,
+                   rotate45: bool | None = None) -> SimpleNamespace:
+            self.turned.append(rotate45)
             return SimpleNamespace(labels=fr.labels, scores=None, timings_ms={}, scale=1.0)
 
     pipe = Pipeline(FakeDetector(), clusters=ClusterConfig(k=2, init_n=30))  # type: ignore[arg-type]
@@ -172,4 +177,13 @@ def test_pipeline_assigns_clusters_and_publishes_summaries() -> None:
     off = Pipeline(FakeDetector(), clusters=ClusterConfig(enabled=False))  # type: ignore[arg-type]
     det = off.detections(header, fr.image, 2)
     assert np.all(det.table["cluster"] == UNASSIGNED)
+
+    # the 45° view is asked for per frame (meta rotate45) only where the daemon allows it
+    hint = header.model_copy(update={"meta": {"rotate45": True}})
+    for on_request, want in ((True, [True, None]), (False, [None, None])):
+        fake = FakeDetector()
+        pipe = Pipeline(fake, rotate45_on_request=on_request)  # type: ignore[arg-type]
+        pipe.detections(hint, fr.image, 2)
+        pipe.detections(header, fr.image, 2)
+        assert fake.turned == want
     assert off.summarise(header, det).stats.clusters is None

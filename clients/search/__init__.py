@@ -1,0 +1,1 @@
+"""Automated stage search: strategies, the search loop, navigator lists."""

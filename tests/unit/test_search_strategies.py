@@ -1,0 +1,428 @@
+"""Search strategies (clients.search.strategies) against a fake session over a fake world.
+
+The fake session "images" a list of targets and decoys (stage positions, µm): a survey frame
+(the survey pixel size) raises a *candidate* rule alert naming every target and decoy inside
+it; a high-magnification frame raises a *target* rule alert naming the targets wholly inside
+it (at least 1.5 µm from its edges). Moves and exposures cost modelled instrument time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import cast
+
+import numpy as np
+import pytest
+
+from clients.search.geometry import Area, FrameGeometry, tile_centres
+from clients.search.session import Costs, FrameResult, SearchSession
+from clients.search.strategies import (
+    Candidate,
+    SearchConfig,
+    TargetBook,
+    adaptive_search,
+    raster_search,
+    run_search,
+    survey_candidates,
+)
+from service.particles import PARTICLE_DTYPE
+from service.protocol import AlertHeader, Message
+
+SOURCE = "sim"
+SHAPE = (64, 64)  # every frame, px
+HIGH_NM, SURVEY_NM = 100.0, 400.0  # fields of view 6.4 µm and 25.6 µm
+TARGET_RULE, CANDIDATE_RULE = "rod", "big_particle"
+WHOLE_MARGIN_UM = 1.5  # a target this far inside a high-mag frame is seen whole
+
+AREA = Area(0.0, 40.0, 0.0, 40.0)
+TARGETS = [(7.3, 8.1), (21.0, 30.5), (33.2, 12.9), (12.6, 34.4)]
+DECOYS = [(30.1, 31.7), (5.5, 22.2), (25.4, 4.0)]
+
+
+def make_cfg(**kw: object) -> SearchConfig:
+    base: dict[str, object] = dict(
+        area=AREA, target_rules=(TARGET_RULE,), candidate_rules=(CANDIDATE_RULE,),
+        pixel_size_nm=HIGH_NM, survey_pixel_size_nm=SURVEY_NM, shape=SHAPE, overlap_um=3.0)
+    base.update(kw)
+    return SearchConfig(**base)  # type: ignore[arg-type]
+
+
+def alert(geom: FrameGeometry, seq: int, rule: str, points: list[tuple[float, float]],
+          *, ecd_nm: float = 120.0, feret_nm: float = 300.0) -> Message:
+    """An alert of ``rule`` whose particle rows lie at the stage ``points`` of frame ``geom``."""
+    table = np.zeros(len(points), PARTICLE_DTYPE)
+    for i, (x, y) in enumerate(points):
+        row, col = geom.to_pixel(x, y)
+        table[i]["x"], table[i]["y"] = col, row
+    table["id"] = np.arange(1, len(points) + 1)
+    table["ecd_nm"] = ecd_nm
+    table["feret_max_nm"] = feret_nm
+    table["score"] = 0.9
+    table["aspect_ratio"] = 3.0
+    header = AlertHeader(source=SOURCE, seq=seq, t_acq_ns=seq, rule=rule, kind="particle",
+                         severity="warning", value=ecd_nm, threshold=100.0,
+                         explanation=f"{rule} fired", n=len(points))
+    return Message(f"alert.{SOURCE}", header, table)
+
+
+@dataclass
+class Shot:
+    x: float
+    y: float
+    pixel_size_nm: float
+    purpose: str
+    instrument_s: float  # the search's instrument time once this frame was taken
+
+
+@dataclass
+class FakeSession:
+    """Duck-typed like SearchSession."""
+
+    targets: list[tuple[float, float]]
+    decoys: list[tuple[float, float]] = field(default_factory=list)
+    survey_nm: float = SURVEY_NM
+    limits: tuple[float, float, float, float] | None = (-50.0, 90.0, -50.0, 90.0)
+    fail: set[int] = field(default_factory=set)  # frame indices (1-based) whose results fail
+    costs: Costs = field(default_factory=Costs)
+    t0: float = field(default_factory=time.monotonic)
+    shots: list[Shot] = field(default_factory=list)
+    seen: list[list[tuple[float, float]]] = field(default_factory=list)  # targets per frame
+    crops: int = 0
+    metas: list[dict[str, str | int | float | bool] | None] = field(default_factory=list)
+    _xy: tuple[float, float] = (0.0, 0.0)
+
+    def frame(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int],
+              purpose: str, meta: dict[str, str | int | float | bool] | None = None
+              ) -> FrameResult:
+        self.metas.append(meta)
+        c = self.costs
+        c.frames += 1
+        c.instrument_s += math.hypot(x_um - self._xy[0], y_um - self._xy[1]) / 100.0 + 0.3 + 0.5
+        self._xy = (x_um, y_um)
+        geom = FrameGeometry((x_um, y_um), pixel_size_nm, shape)
+        fx, fy = geom.fov_um
+        c.dose_e_nm2_area += 10.0 * fx * fy
+        self.shots.append(Shot(x_um, y_um, pixel_size_nm, purpose, c.instrument_s))
+        seq = 100 + c.frames
+        res = FrameResult(purpose, c.frames, geom, SOURCE, seq, time.monotonic() - self.t0,
+                          c.instrument_s)
+        if c.frames in self.fail:
+            res.error = f"no complete results for seq {seq} within 1 s"
+            c.failed_frames += 1
+            self.seen.append([])
+            return res
+        res.n_particles = 10
+        if pixel_size_nm == self.survey_nm:
+            pts = [p for p in self.targets + self.decoys if geom.covers(*p)]
+            if pts:
+                res.alerts.append(alert(geom, seq, CANDIDATE_RULE, pts))
+            self.seen.append([])
+        else:
+            pts = [p for p in self.targets if geom.covers(*p, margin_um=WHOLE_MARGIN_UM)]
+            if pts:
+                res.alerts.append(alert(geom, seq, TARGET_RULE, pts))
+            self.seen.append(pts)
+        return res
+
+    def crop(self, res: FrameResult, row: float, col: float, half_px: int) -> np.ndarray | None:
+        self.crops += 1
+        return np.full((2 * half_px, 2 * half_px), 128, np.uint8)
+
+
+def as_session(fake: FakeSession) -> SearchSession:
+    return cast(SearchSession, fake)
+
+
+def assert_found_once(found: list[tuple[float, float]], truth: list[tuple[float, float]]
+                      ) -> None:
+    assert len(found) == len(truth), (found, truth)
+    for t in truth:
+        near = [f for f in found if math.hypot(f[0] - t[0], f[1] - t[1]) < 0.01]
+        assert len(near) == 1, (t, found)
+
+
+# ------------------------------------------------------------------------------ raster
+
+
+def test_raster_finds_every_target_once_despite_overlaps() -> None:
+    cfg = make_cfg()
+    tiles = tile_centres(AREA, (6.4, 6.4), cfg.overlap_um)
+    # a target in the middle of the overlap of the first two tiles is seen whole in both
+    shared = (0.5 * (tiles[0][0] + tiles[1][0]), tiles[0][1])
+    truth = [*TARGETS, shared]
+    fake = FakeSession(truth, DECOYS)
+    res = raster_search(as_session(fake), cfg)
+    assert res.stopped == "done" and res.strategy == "raster"
+    assert res.frames == len(tiles) == res.confirm_frames
+    assert all(s.purpose == "raster" and s.pixel_size_nm == HIGH_NM for s in fake.shots)
+    assert sum(shared in pts for pts in fake.seen) == 2  # really seen twice
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], truth)
+    assert res.duplicates_merged >= 1
+    assert [t.id for t in res.targets] == list(range(1, len(truth) + 1))
+    assert res.curve == [(t.frame_index, t.id) for t in res.targets]
+    t = res.targets[0]
+    assert t.rule == TARGET_RULE and t.units == "nm" and t.source == SOURCE
+    assert t.ecd_nm == pytest.approx(120.0) and t.feret_max_nm == pytest.approx(300.0)
+    assert t.pixel_size_nm == HIGH_NM
+    assert t.thumbnail is not None and t.thumbnail.dtype == np.uint8
+    assert fake.crops == len(truth)  # no thumbnail for a duplicate
+    assert res.instrument_s == pytest.approx(fake.costs.instrument_s)
+    assert res.mean_dose_e_per_nm2 == pytest.approx(10.0 * len(tiles) * 6.4**2 / 1600.0)
+
+
+# ------------------------------------------------------------------------------ adaptive
+
+
+def test_adaptive_finds_every_target_with_far_fewer_frames() -> None:
+    cfg = make_cfg()
+    fake = FakeSession(list(TARGETS), DECOYS)
+    res = adaptive_search(as_session(fake), cfg)
+    assert res.stopped == "candidates exhausted"
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS)
+    n_raster = len(tile_centres(AREA, (6.4, 6.4), cfg.overlap_um))
+    assert res.frames < n_raster / 5
+    assert res.survey_frames == len(tile_centres(AREA, (25.6, 25.6), cfg.overlap_um))
+    assert res.frames == res.survey_frames + res.confirm_frames
+    assert res.candidates == len(TARGETS) + len(DECOYS)  # survey overlaps merged
+    assert len(res.nominated) == res.candidates
+    # survey first, then confirmations
+    purposes = [s.purpose for s in fake.shots]
+    assert purposes == ["survey"] * res.survey_frames + ["confirm"] * res.confirm_frames
+    confirms = [s for s in fake.shots if s.purpose == "confirm"]
+    assert all(s.pixel_size_nm == HIGH_NM for s in confirms)
+    for d in DECOYS:
+        visits = [s for s in confirms if math.hypot(s.x - d[0], s.y - d[1]) < 0.5]
+        assert len(visits) <= 1, d
+    assert res.confirm_frames <= len(TARGETS) + len(DECOYS)
+    assert res.duplicates_merged == 0
+
+
+def test_adaptive_skips_candidates_a_confirmation_frame_already_covered() -> None:
+    # a decoy 1.1 µm beside a target (two candidates: > min_separation_um) lies 2.1 µm
+    # inside the target's confirmation frame (> confirm_margin_um): it counts as checked
+    targets = [(10.0, 10.0)]
+    decoys = [(11.1, 10.0)]
+    fake = FakeSession(targets, decoys)
+    res = adaptive_search(as_session(fake), make_cfg())
+    assert len(res.targets) == 1 and res.candidates == 2
+    assert res.confirm_frames == 1
+
+
+def test_adaptive_second_look_at_a_target_rule_candidate() -> None:
+    # the target rule already fires in the survey (priority 2+); a confirmation frame that
+    # does not see it whole earns the candidate one more frame from another place
+    class TargetRuleInSurvey(FakeSession):
+        def frame(self, x_um: float, y_um: float, pixel_size_nm: float,
+                  shape: tuple[int, int], purpose: str,
+                  meta: dict[str, str | int | float | bool] | None = None) -> FrameResult:
+            res = super().frame(x_um, y_um, pixel_size_nm, shape, purpose, meta)
+            if purpose == "survey":
+                res.alerts = [alert(res.geometry, res.seq, TARGET_RULE, self.targets)]
+            elif sum(s.purpose == "confirm" for s in self.shots) == 1:
+                res.alerts = []  # the first look misses it
+            return res
+
+    fake = TargetRuleInSurvey([(20.0, 20.0)])
+    res = adaptive_search(as_session(fake), make_cfg(candidate_rules=()))
+    assert res.candidates == 1
+    assert res.confirm_frames == 2
+    assert len(res.targets) == 1
+    second = [s for s in fake.shots if s.purpose == "confirm"][1]
+    assert (second.x, second.y) == pytest.approx((20.0 + 6.4 / 4, 20.0 + 6.4 / 4))
+    assert res.stopped == "candidates exhausted"
+
+
+# ------------------------------------------------------------------------------ budgets
+
+
+@pytest.mark.parametrize("strategy", ["raster", "adaptive"])
+def test_frame_budget_stops_the_search(strategy: str) -> None:
+    fake = FakeSession(list(TARGETS), DECOYS)
+    res = run_search(strategy, as_session(fake), make_cfg(budget_frames=6))  # type: ignore[arg-type]
+    assert res.stopped == "budget: frames"
+    assert res.frames == 6 == len(fake.shots)
+
+
+@pytest.mark.parametrize("strategy", ["raster", "adaptive"])
+def test_instrument_time_budget_stops_the_search(strategy: str) -> None:
+    fake = FakeSession(list(TARGETS), DECOYS)
+    res = run_search(strategy, as_session(fake), make_cfg(budget_s=5.0))  # type: ignore[arg-type]
+    assert res.stopped == "budget: instrument time"
+    # the frame that crossed the budget was the last one
+    assert res.instrument_s == fake.shots[-1].instrument_s >= 5.0
+    assert fake.shots[-2].instrument_s < 5.0
+    assert res.frames == len(fake.shots) < 10
+
+
+def test_dose_budget_stops_the_search() -> None:
+    fake = FakeSession(list(TARGETS), DECOYS)
+    # each high-mag frame adds 10 e/nm² × 40.96 µm² / 1600 µm² = 0.256 e/nm² to the mean
+    res = raster_search(as_session(fake), make_cfg(budget_dose_e_per_nm2=1.0))
+    assert res.stopped == "budget: dose"
+    assert res.frames == 4
+    assert res.mean_dose_e_per_nm2 >= 1.0
+
+
+def test_run_search_refuses_an_unknown_strategy() -> None:
+    with pytest.raises(ValueError, match="'spiral'"):
+        run_search("spiral", as_session(FakeSession([])), make_cfg())  # type: ignore[arg-type]
+
+
+def test_config_needs_a_target_rule() -> None:
+    with pytest.raises(ValueError, match="target rule"):
+        make_cfg(target_rules=())
+    with pytest.raises(ValueError, match="survey_pixel_size_nm"):
+        make_cfg(survey_pixel_size_nm=0.0)
+
+
+# ------------------------------------------------------------------------------ target book
+
+
+def _confirm(fake: FakeSession, centre: tuple[float, float], points: list[tuple[float, float]],
+             feret_nm: float = 300.0) -> FrameResult:
+    res = fake.frame(*centre, HIGH_NM, SHAPE, "confirm")
+    res.alerts = [alert(res.geometry, res.seq, TARGET_RULE, points, feret_nm=feret_nm)]
+    return res
+
+
+def test_target_book_merges_close_confirmations() -> None:
+    fake = FakeSession([])
+    book = TargetBook(make_cfg(min_separation_um=1.0), as_session(fake))
+    assert len(book.offer(_confirm(fake, (10.0, 10.0), [(10.0, 10.0)]))) == 1
+    # 0.6 µm away, seen from another frame: the same target
+    assert book.offer(_confirm(fake, (11.0, 9.0), [(10.6, 10.0)])) == []
+    assert len(book.targets) == 1 and book.duplicates_merged == 1
+    # 2.5 µm away: another target
+    new = book.offer(_confirm(fake, (12.0, 10.0), [(12.5, 10.0)]))
+    assert [t.id for t in new] == [2]
+    assert [(round(t.x_um, 3), round(t.y_um, 3)) for t in book.targets] == [(10.0, 10.0),
+                                                                             (12.5, 10.0)]
+    assert book.curve == [(1, 1), (3, 2)]
+    assert book.near(12.0, 10.0, 0.6) and not book.near(11.3, 10.0, 0.6)
+
+
+def test_target_book_separation_grows_with_the_feret_length() -> None:
+    fake = FakeSession([])
+    book = TargetBook(make_cfg(min_separation_um=1.0), as_session(fake))
+    # a 4 µm long rod: confirmations 1.5 µm apart are one rod
+    book.offer(_confirm(fake, (10.0, 10.0), [(10.0, 10.0)], feret_nm=4000.0))
+    book.offer(_confirm(fake, (10.0, 10.0), [(11.5, 10.0)], feret_nm=4000.0))
+    assert len(book.targets) == 1 and book.duplicates_merged == 1
+    # a 2.2 µm wire seen whole, then only its 1.3 µm end (1.2 µm off centre): they overlap
+    book.offer(_confirm(fake, (30.0, 10.0), [(30.0, 10.0)], feret_nm=2200.0))
+    book.offer(_confirm(fake, (30.0, 10.0), [(31.2, 10.0)], feret_nm=1300.0))
+    assert len(book.targets) == 2 and book.duplicates_merged == 2
+    # two 1.5 µm wires 2 µm apart do not overlap: two targets
+    book.offer(_confirm(fake, (50.0, 10.0), [(50.0, 10.0)], feret_nm=1500.0))
+    book.offer(_confirm(fake, (50.0, 10.0), [(52.0, 10.0)], feret_nm=1500.0))
+    assert len(book.targets) == 4
+
+
+def test_target_book_ignores_other_rules() -> None:
+    fake = FakeSession([])
+    book = TargetBook(make_cfg(), as_session(fake))
+    res = fake.frame(5.0, 5.0, HIGH_NM, SHAPE, "confirm")
+    res.alerts = [alert(res.geometry, res.seq, CANDIDATE_RULE, [(5.0, 5.0)])]
+    assert book.offer(res) == [] and book.targets == []
+
+
+# ------------------------------------------------------------------------------ survey
+
+
+def test_survey_candidates_from_particle_rows() -> None:
+    fake = FakeSession([(3.0, 4.0)], [(-2.0, 1.0)])
+    res = fake.frame(0.0, 0.0, SURVEY_NM, SHAPE, "survey")
+    cands = survey_candidates(res, make_cfg())
+    assert sorted((round(c.x_um, 3), round(c.y_um, 3)) for c in cands) == [(-2.0, 1.0),
+                                                                          (3.0, 4.0)]
+    assert all(c.rule == CANDIDATE_RULE and c.seq == res.seq for c in cands)
+    assert all(1.0 <= c.priority < 2.0 for c in cands)
+    # a target rule's hit ranks above any candidate rule's
+    res.alerts.append(alert(res.geometry, res.seq, TARGET_RULE, [(1.0, 1.0)]))
+    res.alerts.append(alert(res.geometry, res.seq, "unrelated", [(2.0, 2.0)]))
+    cands = survey_candidates(res, make_cfg())
+    best = max(cands, key=lambda c: c.priority)
+    assert best.rule == TARGET_RULE and best.priority >= 2.0
+    assert len(cands) == 3
+
+
+def test_survey_candidate_at_a_heatmap_peak() -> None:
+    fake = FakeSession([])
+    res = fake.frame(10.0, -5.0, SURVEY_NM, SHAPE, "survey")
+    heat = np.zeros((8, 8), np.uint8)
+    heat[2, 5] = 200
+    heat[6, 1] = 90
+    header = AlertHeader(source=SOURCE, seq=res.seq, t_acq_ns=1, rule="novelty",
+                         kind="novelty", severity="info", value=0.9, threshold=0.5,
+                         explanation="unusual frame", heatmap_shape=(8, 8))
+    res.alerts = [Message(f"alert.{SOURCE}", header, np.zeros(0, PARTICLE_DTYPE), heat)]
+    cands = survey_candidates(res, make_cfg(candidate_rules=("novelty",)))
+    assert len(cands) == 1
+    c = cands[0]
+    assert isinstance(c, Candidate) and c.rule == "novelty" and c.seq == res.seq
+    # heatmap cell (2, 5) covers rows 16..23, cols 40..47: its centre is pixel (19.5, 43.5),
+    # (19.5 - 31.5, 43.5 - 31.5) px × 0.4 µm from the frame centre
+    assert (c.x_um, c.y_um) == pytest.approx((10.0 + 12 * 0.4, -5.0 - 12 * 0.4))
+    assert c.priority == pytest.approx(0.5)
+    # the same alert with no particle table at all
+    res.alerts = [Message(f"alert.{SOURCE}", header, None, heat)]
+    assert survey_candidates(res, make_cfg(candidate_rules=("novelty",))) == cands
+    # not a rule of this search: no candidate
+    assert survey_candidates(res, make_cfg()) == []
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+def test_raster_survives_a_failed_frame() -> None:
+    cfg = make_cfg()
+    tiles = tile_centres(AREA, (6.4, 6.4), cfg.overlap_um)
+    fake = FakeSession(list(TARGETS), fail={3})
+    res = raster_search(as_session(fake), cfg)
+    # the failed tile is taken once more
+    assert res.stopped == "done" and res.frames == len(tiles) + 1
+    assert res.failed_frames == 1
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS)
+
+
+def test_adaptive_survives_failed_frames() -> None:
+    # frames 2 and 5 fail: both are survey tiles (2, and 5 = the retake of 2 moved the count);
+    # each is taken once more, so nothing is lost
+    fake = FakeSession(list(TARGETS), DECOYS, fail={2, 5})
+    res = adaptive_search(as_session(fake), make_cfg())
+    assert res.failed_frames == 2
+    assert res.stopped == "candidates exhausted"
+    assert res.survey_frames == 4 + 2
+    assert res.frames == len(fake.shots)
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS)
+
+
+def test_a_failed_confirmation_frame_prunes_no_candidate() -> None:
+    # as in the "already covered" test, but the first confirmation frame fails: the other
+    # candidate is still visited, and its frame sees the target whole
+    fake = FakeSession([(10.0, 10.0)], [(11.1, 10.0)], fail={5})
+    res = adaptive_search(as_session(fake), make_cfg())
+    assert res.survey_frames == 4 and res.candidates == 2
+    # the failed frame is taken again and covers both candidates
+    assert res.confirm_frames == 2 and res.failed_frames == 1
+    assert len(res.targets) == 1
+
+
+def test_adaptive_retries_a_candidate_whose_confirmation_frame_failed() -> None:
+    # a failed frame (result timeout) is taken once more: its candidate is not lost
+    fake = FakeSession(list(TARGETS), DECOYS, fail={5})  # 4 survey frames, then the 1st confirm
+    res = adaptive_search(as_session(fake), make_cfg())
+    assert res.failed_frames == 1
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS)
+
+
+def test_high_magnification_frames_ask_for_the_45_degree_view() -> None:
+    fake = FakeSession(list(TARGETS), DECOYS)
+    res = adaptive_search(as_session(fake), make_cfg())
+    asked = [m is not None and m.get("rotate45") is True for m in fake.metas]
+    assert asked == [s.purpose != "survey" for s in fake.shots] and any(asked) and res.targets
+    fake = FakeSession(list(TARGETS))
+    raster_search(as_session(fake), replace(make_cfg(), rotate45_high_mag=False))
+    assert fake.metas and all(m is None for m in fake.metas)
