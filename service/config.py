@@ -106,6 +106,9 @@ class EngineConfig(_Section):
     #: time): "always", "never", or "on-request" for frames whose meta has ``rotate45 = true``
     #: (a stage search asks for it on its high-magnification frames)
     rotate45: Literal["never", "always", "on-request"] = "never"
+    #: known magnifications: [[pixel size nm, working scale], ...]; a frame within 2 % of a
+    #: preset's pixel size gets its scale (no estimate), others follow ``scale``
+    scale_presets: list[tuple[float, float]] = Field(default_factory=list)
 
     @field_validator("scale")
     @classmethod

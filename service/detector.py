@@ -66,7 +66,8 @@ class Detector:
     def __init__(self, engine: Engine, card: ModelCard, *,
                  scale: float | Literal["auto"] | None = None, auto_every: int = 1,
                  tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1,
-                 merge_convex: float | None = None, rotate45: bool = False) -> None:
+                 merge_convex: float | None = None, rotate45: bool = False,
+                 scale_presets: tuple[tuple[float, float], ...] = ()) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
         re-estimate every n-th frame of that key (and whenever the frame shape changes).
@@ -78,7 +79,8 @@ class Detector:
         ``rotate45``: also run the engine on the frame turned by 45° and keep the larger of the
         two logits, turned back (a long straight particle lying along an image axis looks like
         a burnt-in scale bar to the shipped model; turned, it does not). About 3x the engine
-        time.
+        time. ``scale_presets``: (pixel size nm, working scale) pairs: a frame whose pixel size
+        is within 2 % of a preset's gets that scale, no estimate (known magnifications).
         """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
@@ -99,6 +101,11 @@ class Detector:
             raise ConfigError(f"tta {tta} must be 1, 2 or 4")
         self.tta = tta
         self.rotate45 = rotate45
+        for p, f in scale_presets:
+            if not (p > 0 and 0.02 <= f <= 8.0):
+                raise ConfigError(f"scale preset ({p}, {f}) needs a pixel size > 0 nm and a "
+                                  "scale within [0.02, 8]")
+        self.scale_presets = tuple(scale_presets)
         self.auto_every = auto_every
         self._memo: dict[object, tuple[tuple[int, int], float, int]] = {}
         self._pass_engine_s = 0.0  # engine time of the last estimation pass, s
@@ -230,6 +237,15 @@ class Detector:
             return 1.0
         return float(np.clip(a.target_diameter_px / big, a.min_resample, a.max_resample))
 
+    def _preset(self, pixel_size_nm: float | None) -> float | None:
+        """The preset working scale for this pixel size (within 2 %), or None."""
+        if pixel_size_nm is None or not pixel_size_nm > 0:
+            return None
+        for p, f in self.scale_presets:
+            if abs(pixel_size_nm / p - 1.0) <= 0.02:
+                return f
+        return None
+
     def _scale_for(self, x: np.ndarray, key: object) -> tuple[float, np.ndarray | None]:
         """Return (factor, reusable logits or None) for frame ``x`` of stream ``key``."""
         if not self.auto:
@@ -246,21 +262,23 @@ class Detector:
         self._memo[key] = (x.shape, scale, 1)
         return scale, logits
 
-    def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None
-               ) -> Detection:
+    def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None,
+               pixel_size_nm: float | None = None) -> Detection:
         """Return the particle instances of ``image`` (2-D, any real dtype, finite).
 
         ``key`` (e.g. source and pixel size) lets an automatic working scale be reused for
         ``auto_every`` frames of the same stream. Raises FrameError for a non-2-D, empty or
         non-finite frame, EngineFailure when the engine output is not what the model card
         promises. ``rotate45``: this frame's choice of the 45° view (None: the detector's).
+        ``pixel_size_nm`` selects a scale preset, if one matches.
         """
         t0 = time.perf_counter()
         arr = check_frame(image)
         h, w = arr.shape
         x = normalize(arr)
         ts = time.perf_counter()
-        scale, logits = self._scale_for(x, key)
+        preset = self._preset(pixel_size_nm)
+        scale, logits = (preset, None) if preset is not None else self._scale_for(x, key)
         ts = time.perf_counter() - ts
         if scale != 1.0:
             wh = max(1, round(h * scale))

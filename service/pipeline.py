@@ -150,7 +150,8 @@ class Pipeline:
         """
         check_pixels(pixels)
         key = None if source is None else (source, pixel_size_nm)
-        detection = self.detector.detect(pixels, key=key, rotate45=rotate45)
+        detection = self.detector.detect(pixels, key=key, rotate45=rotate45,
+                                         pixel_size_nm=pixel_size_nm)
         stage_ms = dict(detection.timings_ms)
         t0 = time.perf_counter()
         labels = detection.labels

@@ -584,3 +584,14 @@ def test_the_45_degree_view_finds_a_wire_lying_along_an_image_axis(shipped: Dete
 
     assert longest_at_the_wire(False) < 0.6  # broken up, or only its ends found
     assert longest_at_the_wire(True) > 0.9
+
+
+def test_scale_presets_fix_the_scale_of_known_pixel_sizes(shipped: Detector) -> None:
+    det = Detector(shipped.engine, shipped.card, scale_presets=((80.0, 3.0), (20.0, 1.6)))
+    frame = render(SpecimenConfig(shape=(128, 128), pixel_size_nm=0.5), 3).image
+    assert det.detect(frame, pixel_size_nm=80.5).scale == 3.0  # within 2 %
+    assert det.detect(frame, pixel_size_nm=20.0).scale == 1.6
+    auto = det.detect(frame, pixel_size_nm=50.0).scale  # no preset: the estimate
+    assert auto == shipped.detect(frame).scale
+    with pytest.raises(ConfigError, match="scale preset"):
+        Detector(shipped.engine, shipped.card, scale_presets=((20.0, 20.0),))
