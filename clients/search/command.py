@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", default=DEFAULT_RESULT_ENDPOINT, help="the daemon's results")
     p.add_argument("--strategy", choices=["raster", "adaptive"], default="adaptive")
     p.add_argument("--area", type=Area.parse,
-                   help="x_min,x_max,y_min,y_max in µm (default: the stage limits)")
+                   help="x_min,x_max,y_min,y_max in µm (default: the stage limits); "
+                        "write --area=-50,50,-50,50 when it starts with a minus")
     p.add_argument("--target-rule", action="append", required=True,
                    help="daemon alert rule that confirms a target (repeatable)")
     p.add_argument("--candidate-rule", action="append", default=[],
