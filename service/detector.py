@@ -28,6 +28,9 @@ from service.tiling import infer_tiled
 
 __all__ = ["Detection", "Detector"]
 
+#: the 45° view is ignored this close to the frame's edges (px at working scale)
+_TURN_MARGIN_PX = 32
+
 #: mirror images of test-time augmentation: none, left-right, up-down, both (image axes)
 _TTA_AXES: tuple[tuple[int, ...], ...] = ((), (1,), (0,), (0, 1))
 
@@ -182,6 +185,12 @@ class Detector:
         for k in range(lr.shape[1]):
             back[0, k] = ndi.affine_transform(lr[0, k], turn, offset=cr - turn @ cx,
                                               output_shape=(h, w), order=1, mode="nearest")
+        # near the frame's edges the turned view saw the frame's own border (a straight edge
+        # against the fill) and takes it for a particle: there the plain view alone counts
+        m = min(_TURN_MARGIN_PX, h // 4, w // 4)
+        if m > 0:
+            back[..., :m, :] = back[..., -m:, :] = np.float32(-1e4)
+            back[..., :, :m] = back[..., :, -m:] = np.float32(-1e4)
         return back
 
     def estimate_scale(self, x: np.ndarray) -> float:
