@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,15 +78,12 @@ class ControlServer:
     def __init__(self, endpoint: str, stage: Stage, camera: Camera, publisher: FramePublisher,
                  *, keep_frames: int = 64, ctx: zmq.Context | None = None,
                  max_shape: tuple[int, int] = (4096, 4096),
-                 pixel_size_range_nm: tuple[float, float] = (0.01, 10_000.0),
-                 on_frame: Callable[[int, Any], None] | None = None) -> None:
-        """``on_frame(seq, exposure)`` is called after each published frame (truth writers)."""
+                 pixel_size_range_nm: tuple[float, float] = (0.01, 10_000.0)) -> None:
         self.stage = stage
         self.camera = camera
         self.publisher = publisher
         self.max_shape = max_shape
         self.pixel_size_range_nm = pixel_size_range_nm
-        self.on_frame = on_frame
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
         self._sock = self._ctx.socket(zmq.REP)
@@ -195,8 +191,6 @@ class ControlServer:
         self._frames[seq] = exp.image
         while len(self._frames) > self._keep:
             self._frames.popitem(last=False)
-        if self.on_frame is not None:
-            self.on_frame(seq, exp)
         return ControlReply(
             op="acquire", source=self.publisher.source, seq=seq, stage=stage,
             pixel_size_nm=exp.pixel_size_nm, shape=(int(exp.image.shape[0]),
