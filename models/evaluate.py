@@ -517,8 +517,12 @@ def format_table(res: dict[str, Any]) -> str:
 def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, n: int = 20,
                 seed: int = 12345, scale: str | None = None, max_images: int | None = None,
                 threads: int = 2, data_root: Path | None = None,
-                min_score: float | None = None, tta: int = 1) -> dict[str, Any]:
+                min_score: float | None = None, tta: int = 1,
+                rotate45: bool = False) -> dict[str, Any]:
     """Return the full harness result (model and baseline on each set) as a JSON-able dict.
+
+    ``rotate45``: the detector also infers each image turned by 45° (see
+    :class:`service.detector.Detector`).
 
     ``min_score`` overrides the card's score threshold (to see what the cut does).
     """
@@ -553,9 +557,11 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                    if k in sets},
         "iou_threshold": 0.5, "min_true_area_px": 12, "max_images": max_images,
         "min_score": card.thresholds.min_score if card.thresholds else None, "tta": tta,
+        "rotate45": rotate45,
         "sets": {}}
     for s in sets:
-        det = Detector(engine, card, scale=scales[s], tta=tta)  # type: ignore[arg-type]
+        det = Detector(engine, card, scale=scales[s], tta=tta,  # type: ignore[arg-type]
+                       rotate45=rotate45)
         samples = (synthetic_samples(n, seed) if s == "synthetic"
                    else realdata.iter_samples(s, data_root, max_images))
         t0 = time.perf_counter()
@@ -593,12 +599,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --sets: override the card's particle score threshold")
     ap.add_argument("--tta", type=int, choices=[1, 2, 4], default=1,
                     help="with --sets: test-time augmentation (mirror images averaged)")
+    ap.add_argument("--rotate45", action="store_true",
+                    help="with --sets: also infer each image turned by 45° (larger logit kept)")
     args = ap.parse_args(argv)
     if args.sets is not None:
         sets = None if args.sets == "all" else [x for x in args.sets.split(",") if x]
         res = run_harness(args.model, args.card, sets, n=args.n, seed=args.seed,
                           scale=args.scale, max_images=args.max_images, threads=args.threads,
-                          data_root=args.data_root, min_score=args.min_score, tta=args.tta)
+                          data_root=args.data_root, min_score=args.min_score, tta=args.tta,
+                          rotate45=args.rotate45)
         out = args.out or Path("runs/accuracy.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
