@@ -47,7 +47,11 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, package installe
 from benchmarks.latency import launch_ready  # noqa: E402
 from clients.acquisition.publisher import FramePublisher  # noqa: E402
 from clients.microscope.control import ControlClient, ControlServer  # noqa: E402
-from clients.microscope.simulated import SimulatedMicroscopeOptions, build  # noqa: E402
+from clients.microscope.simulated import (  # noqa: E402
+    SimulatedMicroscopeOptions,
+    build,
+    target_rows,
+)
 from clients.search.geometry import Area  # noqa: E402
 from clients.search.navigator import FoundTarget, write_navigator  # noqa: E402
 from clients.search.session import SearchSession  # noqa: E402
@@ -170,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in args.strategies.split(","):
             print(f"{strategy} ...", flush=True)
             result, spec = run_strategy(strategy, args, spec_cfg, endpoints, work)
-            truth = [{"id": int(r["id"]), "kind": str(r["kind"]), "x_um": float(r["x_um"]),
-                      "y_um": float(r["y_um"]), "length_nm": float(r["length_nm"])}
-                     for r in spec.targets]
+            truth = target_rows(spec)
             s = score(result.targets, truth)
             # the curve of *true* targets found versus frames used, and the first true one
             curve, n_true, first = [], 0, None

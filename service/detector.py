@@ -172,9 +172,9 @@ class Detector:
         from scipy import ndimage as ndi
 
         h, w = x.shape
-        c, s_ = np.float32(np.sqrt(0.5)), np.float32(np.sqrt(0.5))
-        side = int(np.ceil((h + w) * float(c))) + 2
-        turn = np.array([[c, -s_], [s_, c]], np.float64)  # (row, col) rotation
+        r = np.sqrt(0.5)  # cos 45° = sin 45°
+        side = int(np.ceil((h + w) * r)) + 2
+        turn = np.array([[r, -r], [r, r]])  # (row, col) rotation
         cx = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
         cr = np.array([(side - 1) / 2.0, (side - 1) / 2.0])
         xr = ndi.affine_transform(x, turn.T, offset=cx - turn.T @ cr, output_shape=(side, side),

@@ -57,19 +57,14 @@ def display_crop(image: np.ndarray, row: float, col: float, half: int) -> np.nda
     """
     h, w = image.shape
     r0, c0 = int(round(row)) - half, int(round(col)) - half
-    out = np.zeros((2 * half, 2 * half), np.float32)
+    out = np.zeros((2 * half, 2 * half), np.uint8)
     ys, xs = max(r0, 0), max(c0, 0)
     ye, xe = min(r0 + 2 * half, h), min(c0 + 2 * half, w)
-    sub = image[::4, ::4].astype(np.float32)
-    lo, hi = (float(v) for v in np.percentile(sub, (1.0, 99.0)))
     if ye > ys and xe > xs:
-        out[ys - r0: ye - r0, xs - c0: xe - c0] = image[ys:ye, xs:xe]
-        out = (out - lo) / max(hi - lo, 1e-9) * 255.0
-        out[: ys - r0, :] = 0
-        out[ye - r0:, :] = 0
-        out[:, : xs - c0] = 0
-        out[:, xe - c0:] = 0
-    return np.clip(out, 0, 255).astype(np.uint8)
+        lo, hi = (float(v) for v in np.percentile(image[::4, ::4], (1.0, 99.0)))
+        part = (image[ys:ye, xs:xe].astype(np.float32) - lo) / max(hi - lo, 1e-9) * 255.0
+        out[ys - r0: ye - r0, xs - c0: xe - c0] = np.clip(part, 0, 255)
+    return out
 
 
 class ControlServer:

@@ -106,19 +106,22 @@ def specimen_limits(specimen: VirtualSpecimen, margin_um: float = 10.0) -> Stage
                        h / 2 + margin_um)
 
 
+def target_rows(specimen: VirtualSpecimen) -> list[dict[str, object]]:
+    """The specimen's targets as plain dicts (id, kind, x_um, y_um, ecd_nm, length_nm,
+    width_nm), for JSON and for scoring a search."""
+    return [{"id": int(r["id"]), "kind": str(r["kind"]), "x_um": float(r["x_um"]),
+             "y_um": float(r["y_um"]), "ecd_nm": float(r["ecd_nm"]),
+             "length_nm": float(r["length_nm"]), "width_nm": float(r["width_nm"])}
+            for r in specimen.targets]
+
+
 def write_truth(specimen: VirtualSpecimen, path: Path) -> Path:
     """The specimen's ground truth as JSON: configuration, targets and agglomerate centres (µm)."""
-    t = specimen.targets
     data = {
         "config": {k: (list(v) if isinstance(v, tuple) else v)
                    for k, v in asdict(specimen.cfg).items()},
         "n_particles": int(specimen.n_particles),
-        "targets": [
-            {"id": int(r["id"]), "kind": str(r["kind"]), "x_um": float(r["x_um"]),
-             "y_um": float(r["y_um"]), "ecd_nm": float(r["ecd_nm"]),
-             "length_nm": float(r["length_nm"]), "width_nm": float(r["width_nm"])}
-            for r in t
-        ],
+        "targets": target_rows(specimen),
         "agglomerates_um": [[float(x), float(y)] for x, y in specimen.agglomerate_centres],
     }
     path.write_text(json.dumps(data, indent=1, default=_jsonable), encoding="utf-8")

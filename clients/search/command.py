@@ -12,6 +12,7 @@ from clients.search.geometry import Area
 from clients.search.navigator import FoundTarget, write_navigator
 from clients.search.session import FrameResult, SearchSession
 from clients.search.strategies import SearchConfig, run_search
+from service.errors import ConfigError
 from service.transport import DEFAULT_RESULT_ENDPOINT, ClientKeys
 
 
@@ -51,12 +52,9 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     control = ControlClient(args.control, timeout=max(30.0, args.result_timeout))
     session = SearchSession(control, args.connect, result_timeout_s=args.result_timeout,
                             curve=curve)
-    area = args.area
+    area = args.area or session.limits
     if area is None:
-        lim = session.limits
-        if lim is None:
-            raise ValueError("the microscope reports no stage limits: give --area")
-        area = Area(*lim)
+        raise ConfigError("the microscope reports no stage limits: give --area")
     cfg = SearchConfig(
         area=area, target_rules=tuple(args.target_rule),
         candidate_rules=tuple(args.candidate_rule), pixel_size_nm=args.pixel_size,

@@ -73,7 +73,8 @@ class SearchSession:
         if status.source is None:
             raise ValueError("the microscope did not say which source its frames carry")
         self.source = status.source
-        self.limits = status.limits
+        #: the stage's travel limits, or None when the microscope does not say
+        self.limits = None if status.limits is None else Area(*status.limits)
         self.result_timeout_s = result_timeout_s
         topics = tuple(f"{k}.{self.source}" for k in ("det", "class", "alert", "stats"))
         self._sub = Subscriber(results_endpoint, topics, curve=curve)

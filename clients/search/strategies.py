@@ -213,7 +213,7 @@ def _clamp(session: SearchSession, x: float, y: float) -> tuple[float, float]:
     lim = session.limits
     if lim is None:
         return x, y
-    return min(max(x, lim[0]), lim[1]), min(max(y, lim[2]), lim[3])
+    return min(max(x, lim.x_min), lim.x_max), min(max(y, lim.y_min), lim.y_max)
 
 
 Progress = Callable[[FrameResult, list[FoundTarget]], None]
@@ -376,11 +376,11 @@ def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
     """Run the named strategy; a search area beyond the stage limits is refused at once."""
     lim = session.limits
     a = cfg.area
-    if lim is not None and not (lim[0] <= a.x_min and a.x_max <= lim[1]
-                                and lim[2] <= a.y_min and a.y_max <= lim[3]):
+    if lim is not None and not (lim.contains(a.x_min, a.y_min)
+                                and lim.contains(a.x_max, a.y_max)):
         raise ConfigError(f"search area x [{a.x_min:g}, {a.x_max:g}] y [{a.y_min:g}, "
-                          f"{a.y_max:g}] µm exceeds the stage limits x [{lim[0]:g}, "
-                          f"{lim[1]:g}] y [{lim[2]:g}, {lim[3]:g}] µm")
+                          f"{a.y_max:g}] µm exceeds the stage limits x [{lim.x_min:g}, "
+                          f"{lim.x_max:g}] y [{lim.y_min:g}, {lim.y_max:g}] µm")
     if strategy == "raster":
         return raster_search(session, cfg, progress)
     if strategy == "adaptive":

@@ -83,7 +83,7 @@ class FakeSession:
     targets: list[tuple[float, float]]
     decoys: list[tuple[float, float]] = field(default_factory=list)
     survey_nm: float = SURVEY_NM
-    limits: tuple[float, float, float, float] | None = (-50.0, 90.0, -50.0, 90.0)
+    limits: Area | None = Area(-50.0, 90.0, -50.0, 90.0)
     fail: set[int] = field(default_factory=set)  # frame indices (1-based) whose results fail
     costs: Costs = field(default_factory=Costs)
     t0: float = field(default_factory=time.monotonic)
