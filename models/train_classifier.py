@@ -57,33 +57,44 @@ __all__ = ["TRAIN_SEED_BASE", "emps_field_label", "load_folder", "main", "real_t
 
 #: synthetic training fields use seeds TRAIN_SEED_BASE + k (evaluation uses other bases)
 TRAIN_SEED_BASE = 2_000_000
+#: ... and the 1024 x 1024 training fields TRAIN_SEED_BASE_1024 + k
+TRAIN_SEED_BASE_1024 = 2_600_000
+#: ... and the extra needle-kind rods_wires fields TRAIN_SEED_BASE_NEEDLES + k
+TRAIN_SEED_BASE_NEEDLES = 2_800_000
 #: part of the --cache file name: bump it whenever models/fields.py changes what it renders
 #: (v2: rods_wires = "the field contains rods or wires")
 FIELDS_VERSION = "v2"
 SIZE = 256
 MODEL_NAME = "nanoscout-field-classifier"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "3.0.0"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------------------- data
 
 
-def _render_one(job: tuple[int, int, int, tuple[int, int]]) -> tuple[int, np.ndarray]:
-    seed, cls, size, shape = job
-    f = render_field(FIELD_CLASSES[cls], np.random.default_rng(seed), shape=shape)
+def _render_one(job: tuple[int, int, int, tuple[int, int], str]) -> tuple[int, np.ndarray]:
+    seed, cls, size, shape, rods = job
+    f = render_field(FIELD_CLASSES[cls], np.random.default_rng(seed), shape=shape,
+                     rods=cast(Any, rods))
     return cls, fixed_input(f.image, (size, size))[0, 0].astype(np.float16)
 
 
 def synthetic_inputs(n_per_class: int, seed_base: int, size: int = SIZE,
-                     shape: tuple[int, int] = (512, 512), workers: int = 2
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     shape: tuple[int, int] = (512, 512), workers: int = 2,
+                     needles: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Return (inputs float16 (N, S, S), class indices int64 (N,)) of rendered fields.
 
-    Field k has seed ``seed_base + k`` and class ``k % len(FIELD_CLASSES)``.
+    Field k has seed ``seed_base + k`` and class ``k % len(FIELD_CLASSES)``; with ``needles``
+    all ``n_per_class`` fields are ``rods_wires`` of the needle kind (1-3 rods among particles).
     """
     n_cls = len(FIELD_CLASSES)
-    jobs = [(seed_base + k, k % n_cls, size, shape) for k in range(n_per_class * n_cls)]
+    if needles:
+        rods = FIELD_CLASSES.index("rods_wires")
+        jobs = [(seed_base + k, rods, size, shape, "needles") for k in range(n_per_class)]
+    else:
+        jobs = [(seed_base + k, k % n_cls, size, shape, "any")
+                for k in range(n_per_class * n_cls)]
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             out = pool.map(_render_one, jobs, chunksize=8)
@@ -257,7 +268,8 @@ def _one_cycle_lr(lr: float, progress: float, pct_start: float = 0.1) -> float:
 
 
 def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch: int,
-              lr: float, seed: int, width: int, log_every: int = 100,
+              lr: float, seed: int, width: int, pooling: str = "lse", cam_stride: int = 16,
+              log_every: int = 100,
               max_seconds: float | None = None) -> tuple[Any, dict[str, Any]]:
     """Train a FieldClassifier on cached inputs with flips / rotations; returns (net, stats).
 
@@ -272,7 +284,7 @@ def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = FieldClassifier(n_classes, width)
+    net = FieldClassifier(n_classes, width, cast(Any, pooling), cam_stride)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     # classes are balanced by sampling (real crops make them uneven)
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -307,7 +319,7 @@ def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch
             print(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
     net.eval()
-    return net, {"steps": done, "max_steps": steps, "max_train_seconds": max_seconds,
+    return net, {"pooling": pooling, "cam_stride": cam_stride, "steps": done, "max_steps": steps, "max_train_seconds": max_seconds,
                  "batch": batch, "lr": lr, "final_loss":
                  round(float(np.mean(losses[-50:])), 4) if losses else None,
                  "train_seconds": round(time.perf_counter() - t0, 1)}
@@ -318,11 +330,11 @@ def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch
 
 def build_card(onnx_path: Path, *, classes: tuple[str, ...], size: int, training: dict[str, Any],
                evaluation: dict[str, dict[str, Any]], timings: dict[str, Any], width: int,
-               notes: str = "") -> Any:
+               cam_stride: int, notes: str = "") -> Any:
     """Return the ModelCard of a classifier ONNX file (sha256 computed from the file)."""
     import torch
 
-    from models.classifier import CAM_STRIDE, OPSET
+    from models.classifier import OPSET
     from service.modelcard import (
         InputSpec,
         ModelCard,
@@ -333,12 +345,15 @@ def build_card(onnx_path: Path, *, classes: tuple[str, ...], size: int, training
     )
     from service.preprocess import NORM_CLIP, NORM_PERCENTILES, NORM_SUBSAMPLE
 
-    h = size // CAM_STRIDE
+    h = size // cam_stride
+    pool_words = {"lse": "log-mean-exp (between mean and max: a class seen in a few cells, "
+                  "e.g. one rod, scores from those cells)",
+                  "mean": "global averaging"}[str(training.get("pooling", "mean"))]
     return ModelCard(
         name=MODEL_NAME, version=MODEL_VERSION, task="classification",
         framework=f"pytorch {torch.__version__} -> onnx (torch.onnx.export, TorchScript exporter)",
         opset=OPSET, onnx_file=onnx_path.name, sha256=sha256_file(onnx_path),
-        input=InputSpec(name="image", channels=1, dtype="float32", stride_multiple=CAM_STRIDE,
+        input=InputSpec(name="image", channels=1, dtype="float32", stride_multiple=cam_stride,
                         size=(size, size)),
         normalization=Normalization(percentiles=NORM_PERCENTILES, clip=NORM_CLIP,
                                     subsample=NORM_SUBSAMPLE),
@@ -347,7 +362,7 @@ def build_card(onnx_path: Path, *, classes: tuple[str, ...], size: int, training
                        resolution="(1, C)",
                        meaning="softmax over `classes`, in the card's order; sums to 1"),
             OutputSpec(name="cam", channels=("top_class_activation",), activation="none",
-                       resolution=f"(1, {h}, {h}) = input / {CAM_STRIDE}",
+                       resolution=f"(1, {h}, {h}) = input / {cam_stride}",
                        meaning=("uint8 class activation map of the top class: its head weights "
                                 "gathered by argmax inside the graph, weighted sum of the last "
                                 "feature maps, ReLU, divided by the map's maximum, x255 "
@@ -361,9 +376,11 @@ def build_card(onnx_path: Path, *, classes: tuple[str, ...], size: int, training
         timings_ms=timings,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         notes=notes or (
-            f"Small CNN (8 layers of 3x3 conv + BN + ReLU in 4 stride-2 stages, base width "
-            f"{width}, last stage dilated; features at input/{CAM_STRIDE}), global average "
-            "pooling and one linear layer; CAM computed inside the graph. Input: the whole frame "
+            f"Small CNN (8 conv + BN + ReLU layers in 4 stride-2 stages, base width "
+            f"{width}, centred 4x4 stride-2 downsampling, last stage dilated; features at "
+            f"input/{cam_stride}), a linear head at "
+            f"every cell giving one map per class, pooled to the class score by {pool_words}; "
+            "the CAM (the top class's map) is computed inside the graph. Input: the whole frame "
             f"resampled to {size}x{size} and percentile-normalised "
             "(service.preprocess.fixed_input). " + CLASS_MEANINGS),
     )
@@ -383,7 +400,8 @@ def export_and_card(net: Any, out: Path, *, classes: tuple[str, ...], size: int,
     if timing:
         timings = time_engine(OnnxClassifier(onnx_path, classes, size))
     card = build_card(onnx_path, classes=classes, size=size, training=training,
-                      evaluation=evaluation, timings=timings, width=net.width, notes=notes)
+                      evaluation=evaluation, timings=timings, width=net.width,
+                      cam_stride=net.cam_stride, notes=notes)
     return card.dump(out / "classifier.json")
 
 
@@ -400,8 +418,11 @@ CLASS_MEANINGS = (
     "regions, scan streaks, strong gradients; blank = flat illumination and noise only.")
 
 SYNTHETIC_DATA = (
-    "synthetic fields of view from models/fields.py (render_field, 512x512, seeds "
-    f"{TRAIN_SEED_BASE} + k, class k % 8), all nuisances random per field (TEM / HAADF-STEM / "
+    "synthetic fields of view from models/fields.py (render_field, 512x512 with seeds "
+    f"{TRAIN_SEED_BASE} + k and 1024x1024 with seeds {TRAIN_SEED_BASE_1024} + k, class k % 8; "
+    f"extra needle-kind rods_wires fields, 1-3 rods among particles, seeds "
+    f"{TRAIN_SEED_BASE_NEEDLES} + k), "
+    "all nuisances random per field (TEM / HAADF-STEM / "
     "SEM, random inversion, particle ECD 1.6-10 % of the side, coverage, dose 20-3000 e/px, "
     "blur, gradient, support texture, 8-bit quantisation), each reduced to the model input by "
     "service.preprocess.fixed_input; plus crops (whole image + random 60-100 % crops) of real "
@@ -412,24 +433,42 @@ SYNTHETIC_DATA = (
     "(isolated_particles). No validation paper, tuning paper or held-out material is read.")
 
 
+def _cached_fields(cache_dir: Path | None, n_per_class: int, seed_base: int, size: int,
+                   shape: tuple[int, int], workers: int, needles: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Return :func:`synthetic_inputs`, kept in / reused from ``cache_dir`` when given."""
+    n = n_per_class * (1 if needles else len(FIELD_CLASSES))
+    print(f"rendering {n} training fields of {shape[0]}x{shape[1]}"
+          f"{' (needles)' if needles else ''} ...", flush=True)
+    tag = ("" if shape == (512, 512) else f"_{shape[0]}") + ("_needles" if needles else "")
+    cache = cache_dir / f"fields_{FIELDS_VERSION}_{n_per_class}_{size}_{seed_base}{tag}.npz" \
+        if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            print(f"  loaded {cache}", flush=True)
+            return z["x"], z["y"]
+    xs, ys = synthetic_inputs(n_per_class, seed_base, size, shape=shape, workers=workers,
+                              needles=needles)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, x=xs, y=ys)
+    return xs, ys
+
+
 def _synthetic_main(args: argparse.Namespace, t_start: float, argv: list[str]) -> int:
     from models.evaluate_classifier import OnnxClassifier, evaluate_all
 
-    print(f"rendering {args.n_per_class} x {len(FIELD_CLASSES)} training fields ...", flush=True)
     t0 = time.perf_counter()
-    cache = args.cache / (f"fields_{FIELDS_VERSION}_{args.n_per_class}_{args.size}_"
-                          f"{TRAIN_SEED_BASE}.npz") \
-        if args.cache is not None else None
-    if cache is not None and cache.is_file():
-        with np.load(cache) as z:
-            xs, ys = z["x"], z["y"]
-        print(f"  loaded {cache}", flush=True)
-    else:
-        xs, ys = synthetic_inputs(args.n_per_class, TRAIN_SEED_BASE, args.size,
-                                  workers=args.workers)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, x=xs, y=ys)
+    xs, ys = _cached_fields(args.cache, args.n_per_class, TRAIN_SEED_BASE, args.size,
+                            (512, 512), args.workers)
+    if args.n_1024_per_class:
+        x2, y2 = _cached_fields(args.cache, args.n_1024_per_class, TRAIN_SEED_BASE_1024,
+                                args.size, (1024, 1024), args.workers)
+        xs, ys = np.concatenate([xs, x2]), np.concatenate([ys, y2])
+    if args.extra_needles:
+        x3, y3 = _cached_fields(args.cache, args.extra_needles, TRAIN_SEED_BASE_NEEDLES,
+                                args.size, (512, 512), args.workers, needles=True)
+        xs, ys = np.concatenate([xs, x3]), np.concatenate([ys, y3])
     data_s = time.perf_counter() - t0
     print(f"  {len(ys)} fields in {data_s:.0f} s", flush=True)
     real_summary: dict[str, Any] = {"used": False}
@@ -450,15 +489,22 @@ def _synthetic_main(args: argparse.Namespace, t_start: float, argv: list[str]) -
         print(f"  real training images: {json.dumps(real_summary)}", flush=True)
     net, stats = train_net(xs, ys, len(FIELD_CLASSES), steps=args.steps, batch=args.batch,
                            lr=args.lr, seed=args.seed, width=args.width,
+                           pooling=args.pooling, cam_stride=args.cam_stride,
                            max_seconds=None if args.max_minutes is None
                            else 60.0 * args.max_minutes)
     args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    # the trained weights, for fine-tuning or re-export (not shipped: the ONNX file is)
+    torch.save(net.state_dict(), args.out / "classifier.pt")
     training = {
         "data": SYNTHETIC_DATA,
         "command": "python -m models.train_classifier " + " ".join(argv),
         "seeds": f"training fields {TRAIN_SEED_BASE} + k; torch/numpy seed {args.seed}",
         "machine": f"{platform.machine()} CPU, torch threads {args.threads}",
         "width": args.width, "n_synthetic": int(args.n_per_class * len(FIELD_CLASSES)),
+        "n_synthetic_1024": int(args.n_1024_per_class * len(FIELD_CLASSES)),
+        "n_synthetic_extra_needles": int(args.extra_needles),
         "real": real_summary, "data_seconds": round(data_s, 1), **stats,
     }
     # first a card without evaluation (the evaluation loads the exported file through it)
@@ -466,8 +512,9 @@ def _synthetic_main(args: argparse.Namespace, t_start: float, argv: list[str]) -
                                 training={**training, "wall_seconds": None}, evaluation={},
                                 timing=False)
     clf = OnnxClassifier(args.out / "classifier.onnx", FIELD_CLASSES, args.size)
-    results = evaluate_all(clf, n_per_class=args.eval_n, cam_n=args.cam_n, n_1024=5,
-                           real=not args.no_real_eval, workers=args.workers)
+    results = evaluate_all(clf, n_per_class=args.eval_n, cam_n=args.cam_n, n_1024=args.eval_n_1024,
+                           real=not args.no_real_eval, workers=args.workers,
+                           split=args.eval_split)
     training["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     evaluation = {k: v for k, v in results.items() if k != "engine_ms"}
     card_path = export_and_card(net, args.out, classes=FIELD_CLASSES, size=args.size,
@@ -497,7 +544,8 @@ def _folder_main(args: argparse.Namespace, t_start: float, argv: list[str]) -> i
     print(f"{len(classes)} classes {list(classes)}: {len(tr)} training / {len(va)} validation "
           f"images", flush=True)
     net, stats = train_net(np.stack(xs), np.array(ys, np.int64), len(classes), steps=args.steps,
-                           batch=args.batch, lr=args.lr, seed=args.seed, width=args.width)
+                           batch=args.batch, lr=args.lr, seed=args.seed, width=args.width,
+                           pooling=args.pooling, cam_stride=args.cam_stride)
     args.out.mkdir(parents=True, exist_ok=True)
     training = {
         "data": (f"folder {args.data}: one sub-folder per class ({', '.join(classes)}); "
@@ -533,7 +581,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None,
                     help="folder with one sub-folder of images per class (facility mode)")
     ap.add_argument("--size", type=int, default=SIZE, help="model input side S (px)")
-    ap.add_argument("--n-per-class", type=int, default=200, help="synthetic fields per class")
+    ap.add_argument("--n-per-class", type=int, default=700,
+                    help="synthetic 512x512 training fields per class")
+    ap.add_argument("--n-1024-per-class", type=int, default=80,
+                    help="synthetic 1024x1024 training fields per class (seeds "
+                         f"{TRAIN_SEED_BASE_1024} + k)")
+    ap.add_argument("--pooling", choices=("lse", "mean"), default="lse",
+                    help="class-map pooling (models.classifier)")
+    ap.add_argument("--cam-stride", type=int, choices=(8, 16), default=16,
+                    help="feature (and CAM cell) stride in model-input px")
+    ap.add_argument("--extra-needles", type=int, default=700,
+                    help="extra 512x512 rods_wires fields of the needle kind (1-3 rods among "
+                         f"particles; seeds {TRAIN_SEED_BASE_NEEDLES} + k)")
     ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="end training after this wall time (schedule follows the clock; "
@@ -549,8 +608,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-real-eval", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--val-fraction", type=float, default=0.2)
-    ap.add_argument("--eval-n", type=int, default=60, help="held-out synthetic fields per class")
-    ap.add_argument("--cam-n", type=int, default=120, help="held-out rod-among-spheres fields")
+    ap.add_argument("--eval-split", choices=("test", "validation"), default="test",
+                    help="evaluation seeds of models.evaluate_classifier (validation while "
+                         "choosing settings; test for the model that ships)")
+    ap.add_argument("--eval-n", type=int, default=100, help="held-out synthetic fields per class")
+    ap.add_argument("--eval-n-1024", type=int, default=10,
+                    help="held-out 1024x1024 synthetic fields per class")
+    ap.add_argument("--cam-n", type=int, default=200, help="held-out rod-among-spheres fields")
     ap.add_argument("--cache", type=Path, default=None,
                     help="folder to keep the rendered training inputs in (reused when present)")
     ap.add_argument("--results", type=Path, default=None,

@@ -48,7 +48,8 @@ def test_outputs_shapes_and_types(card: ModelCard, session: object) -> None:
     p, cam = session.run(["probabilities", "cam"], {"image": x})  # type: ignore[attr-defined]
     assert p.shape == (1, len(FIELD_CLASSES)) and p.dtype == np.float32
     assert p.sum() == pytest.approx(1.0, abs=1e-5) and (p >= 0).all()
-    assert cam.dtype == np.uint8 and cam.shape == (1, s // 16, s // 16)
+    stride = card.input.stride_multiple  # the CAM cell size (models.classifier)
+    assert cam.dtype == np.uint8 and cam.shape == (1, s // stride, s // stride)
 
 
 @pytest.mark.parametrize("label", ["blank", "charging_saturated", "film_structure",
@@ -99,7 +100,7 @@ def test_folder_mode_trains_and_exports(tmp_path: Path) -> None:
     assert card.evaluation["validation"]["n"] == 3
     sess = ort.InferenceSession(str(out / "classifier.onnx"), providers=["CPUExecutionProvider"])
     p, cam = sess.run(None, {"image": np.zeros((1, 1, 64, 64), np.float32)})
-    assert p.shape == (1, 3) and cam.shape == (1, 4, 4) and cam.dtype == np.uint8
+    assert p.shape == (1, 3) and cam.shape == (1, 4, 4) and cam.dtype == np.uint8  # 64 / 16
 
 
 def test_folder_mode_needs_two_classes(tmp_path: Path) -> None:
@@ -154,3 +155,64 @@ def test_clock_schedule_matches_torch_one_cycle() -> None:
         sched.step()
     assert _one_cycle_lr(lr, 0.1) == pytest.approx(lr)
     assert _one_cycle_lr(lr, 1.0) == pytest.approx(lr / 25 / 1e4)
+
+
+def test_lse_pooling_scores_the_map_the_cam_shows(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from models.classifier import ExportWrapper, FieldClassifier, export_onnx
+
+    torch.manual_seed(0)
+    net = FieldClassifier(3, width=8, pooling="lse").eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        f = net.features(x)
+        maps = torch.einsum("kc,nchw->nkhw", net.head.weight, f)  # the class maps
+        want = torch.log(torch.exp(maps).mean(dim=(2, 3))) + net.head.bias
+        got = net(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        # between the mean (global average pooling) and the maximum of each class map
+        mean = maps.mean(dim=(2, 3)) + net.head.bias
+        peak = maps.amax(dim=(2, 3)) + net.head.bias
+        assert bool((got >= mean - 1e-5).all() and (got <= peak + 1e-5).all())
+        # the CAM is the top class's map: its brightest cell is that map's maximum
+        _, cam = ExportWrapper(net)(x[:1])
+        top = int(torch.argmax(got[0]))
+        m = maps[0, top]
+        assert float(m.max()) > 0
+        assert int(cam[0].flatten()[int(torch.argmax(m))]) == 255
+    check = export_onnx(net, tmp_path / "c.onnx", 64)
+    assert check["max_abs_diff"] < 1e-4
+    mean_net = FieldClassifier(3, width=8, pooling="mean").eval()
+    with torch.no_grad():
+        f = mean_net.features(x)
+        assert torch.allclose(mean_net(x), mean_net.head(f.mean(dim=(2, 3))), atol=1e-6)
+    with pytest.raises(ValueError, match="pooling"):
+        FieldClassifier(3, pooling="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cam_stride"):
+        FieldClassifier(3, cam_stride=12)
+    with torch.no_grad():  # class maps at 1/8 of the input (1/16 by default)
+        assert FieldClassifier(3, width=8, cam_stride=8).eval().features(x).shape[2:] == (8, 8)
+        assert FieldClassifier(3, width=8).eval().features(x).shape[2:] == (4, 4)
+
+
+def test_evaluation_writes_the_test_split_into_a_copy_of_the_card(tmp_path: Path) -> None:
+    import shutil
+
+    from models.evaluate_classifier import SEED_BASES, main
+
+    if not CARD.is_file():
+        pytest.skip(f"no shipped classifier at {CARD}")
+    model = tmp_path / "classifier.onnx"
+    shutil.copy(WEIGHTS / "classifier.onnx", model)
+    shutil.copy(CARD, tmp_path / "classifier.json")
+    out = tmp_path / "results.json"
+    rc = main(["--model", str(model), "--out", str(out), "--n-per-class", "1", "--n-1024", "0",
+               "--cam-n", "2", "--no-real", "--workers", "1", "--write-card"])
+    assert rc == 0
+    card = ModelCard.load(tmp_path / "classifier.json")  # sha256 still matches the ONNX file
+    syn = card.evaluation["synthetic"]
+    assert syn["n"] == len(FIELD_CLASSES) and "--split test" in syn["command"]
+    assert str(SEED_BASES["test"]["synthetic"]) in syn["data"]
+    assert card.evaluation["cam"]["n"] == 2 and "synthetic_1024" not in card.evaluation
+    assert card.timings_ms["1024x1024"]["runs"] == 30
+    assert SEED_BASES["test"]["synthetic"] != SEED_BASES["validation"]["synthetic"]
