@@ -319,8 +319,8 @@ def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch
             print(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
     net.eval()
-    return net, {"pooling": pooling, "cam_stride": cam_stride, "steps": done, "max_steps": steps, "max_train_seconds": max_seconds,
-                 "batch": batch, "lr": lr, "final_loss":
+    return net, {"pooling": pooling, "cam_stride": cam_stride, "steps": done,
+                 "max_steps": steps, "max_train_seconds": max_seconds, "batch": batch, "lr": lr, "final_loss":
                  round(float(np.mean(losses[-50:])), 4) if losses else None,
                  "train_seconds": round(time.perf_counter() - t0, 1)}
 
@@ -456,6 +456,8 @@ def _cached_fields(cache_dir: Path | None, n_per_class: int, seed_base: int, siz
 
 
 def _synthetic_main(args: argparse.Namespace, t_start: float, argv: list[str]) -> int:
+    import torch
+
     from models.evaluate_classifier import OnnxClassifier, evaluate_all
 
     t0 = time.perf_counter()
@@ -493,8 +495,6 @@ def _synthetic_main(args: argparse.Namespace, t_start: float, argv: list[str]) -
                            max_seconds=None if args.max_minutes is None
                            else 60.0 * args.max_minutes)
     args.out.mkdir(parents=True, exist_ok=True)
-    import torch
-
     # the trained weights, for fine-tuning or re-export (not shipped: the ONNX file is)
     torch.save(net.state_dict(), args.out / "classifier.pt")
     training = {
