@@ -319,10 +319,10 @@ def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch
             print(f"step {step + 1}/{steps} loss {np.mean(losses[-log_every:]):.4f} "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
     net.eval()
+    final_loss = round(float(np.mean(losses[-50:])), 4) if losses else None
     return net, {"pooling": pooling, "cam_stride": cam_stride, "steps": done,
-                 "max_steps": steps, "max_train_seconds": max_seconds, "batch": batch, "lr": lr, "final_loss":
-                 round(float(np.mean(losses[-50:])), 4) if losses else None,
-                 "train_seconds": round(time.perf_counter() - t0, 1)}
+                 "max_steps": steps, "max_train_seconds": max_seconds, "batch": batch, "lr": lr,
+                 "final_loss": final_loss, "train_seconds": round(time.perf_counter() - t0, 1)}
 
 
 # ------------------------------------------------------------------------------- card
