@@ -269,8 +269,8 @@ def _one_cycle_lr(lr: float, progress: float, pct_start: float = 0.1) -> float:
 
 def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch: int,
               lr: float, seed: int, width: int, pooling: str = "lse", cam_stride: int = 16,
-              log_every: int = 100,
-              max_seconds: float | None = None) -> tuple[Any, dict[str, Any]]:
+              log_every: int = 100, max_seconds: float | None = None,
+              init: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """Train a FieldClassifier on cached inputs with flips / rotations; returns (net, stats).
 
     With ``max_seconds`` (s) the one-cycle schedule runs on max(step / steps, elapsed /
@@ -285,6 +285,8 @@ def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = FieldClassifier(n_classes, width, cast(Any, pooling), cam_stride)
+    if init is not None:  # continue from saved weights (same architecture)
+        net.load_state_dict(torch.load(init, map_location="cpu"))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     # classes are balanced by sampling (real crops make them uneven)
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
@@ -493,7 +495,7 @@ def _synthetic_main(args: argparse.Namespace, t_start: float, argv: list[str]) -
                            lr=args.lr, seed=args.seed, width=args.width,
                            pooling=args.pooling, cam_stride=args.cam_stride,
                            max_seconds=None if args.max_minutes is None
-                           else 60.0 * args.max_minutes)
+                           else 60.0 * args.max_minutes, init=args.init)
     args.out.mkdir(parents=True, exist_ok=True)
     # the trained weights, for fine-tuning or re-export (not shipped: the ONNX file is)
     torch.save(net.state_dict(), args.out / "classifier.pt")
@@ -588,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{TRAIN_SEED_BASE_1024} + k)")
     ap.add_argument("--pooling", choices=("lse", "mean"), default="lse",
                     help="class-map pooling (models.classifier)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these saved weights (classifier.pt of an earlier run)")
     ap.add_argument("--cam-stride", type=int, choices=(8, 16), default=16,
                     help="feature (and CAM cell) stride in model-input px")
     ap.add_argument("--extra-needles", type=int, default=700,

@@ -216,3 +216,21 @@ def test_evaluation_writes_the_test_split_into_a_copy_of_the_card(tmp_path: Path
     assert card.evaluation["cam"]["n"] == 2 and "synthetic_1024" not in card.evaluation
     assert card.timings_ms["1024x1024"]["runs"] == 30
     assert SEED_BASES["test"]["synthetic"] != SEED_BASES["validation"]["synthetic"]
+
+
+def test_training_can_continue_from_saved_weights(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from models.classifier import FieldClassifier
+    from models.train_classifier import train_net
+
+    torch.manual_seed(1)
+    start = FieldClassifier(3, width=8)
+    torch.save(start.state_dict(), tmp_path / "w.pt")
+    x = np.random.default_rng(0).random((6, 64, 64)).astype(np.float16)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    kw = {"steps": 1, "batch": 3, "lr": 1e-9, "seed": 0, "width": 8, "log_every": 0}
+    cont, _ = train_net(x, y, 3, init=tmp_path / "w.pt", **kw)  # type: ignore[arg-type]
+    fresh, _ = train_net(x, y, 3, **kw)  # type: ignore[arg-type]
+    w0 = start.head.weight.detach()
+    assert torch.allclose(cont.head.weight.detach(), w0, atol=1e-6)
+    assert not torch.allclose(fresh.head.weight.detach(), w0, atol=1e-3)
