@@ -6,21 +6,21 @@ Training/export only (imports torch). Input ``image``: (N, 1, S, S) float32, the
 :class:`FieldClassifier`: eight conv + BatchNorm + ReLU layers; stride-2 stages down to 1/16
 (default) or 1/8 of S made with centred 4x4 stride-2 convs (so that map cell (i, j) is centred
 on the middle of the input block it stands for), the last stage dilated for context, and a
-linear head applied at every cell of the last
-feature maps, which gives each class a map ``m_k(y, x) = sum_c w[k, c] * f[c, y, x]`` (the class
-activation map, CAM, Zhou et al. 2016). The class score pools that map:
+linear head applied at every cell of the last feature maps, which gives each class a map
+``m_k(y, x) = sum_c w[k, c] * f[c, y, x]`` (the class activation map, CAM, Zhou et al. 2016).
+The class score pools that map:
 
 * ``pooling="lse"`` (default): log-mean-exp, ``b_k + log(mean_yx exp(m_k(y, x)))``. Between the
   mean and the maximum: a class that shows everywhere (a film, blur, a blank frame) still scores
   by its mean, while one rod in a field of spheres can carry its class by the few cells that
   see it, so the score and the CAM's peak come from the same place (Pinheiro & Collobert 2015).
-* ``pooling="mean"``: global average pooling (the CAM paper's form, the 1.0 model's).
+* ``pooling="mean"``: global average pooling (the CAM paper's form, used up to version 2).
 
 :class:`ExportWrapper` is what goes into the ONNX file. Outputs:
 
 * ``probabilities``: (1, C) float32 softmax over the classes;
-* ``cam``: (1, h, w) uint8 (h, w = S / cam_stride): the CAM of the top class (its weights gathered by
-  the argmax inside the graph), ReLU, divided by its maximum, x 255, rounded. All zero when the
+* ``cam``: (1, h, w) uint8 (h, w = S / cam_stride): the CAM of the top class (its weights
+  gathered by the argmax inside the graph), ReLU, divided by its maximum, x 255, rounded. All zero when the
   map has no positive value.
 """
 
