@@ -24,7 +24,10 @@ Real data and a classical baseline (:func:`run_harness`, ``--sets``)
 
 scores the model *and* the classical baseline (:mod:`models.baseline`, Otsu + distance-transform
 watershed) on the held-out synthetic frames and on the validation part of each real set
-(:mod:`models.realdata`; splits in ``models/splits``); ``--sets all`` = every available set.
+(:mod:`models.realdata`; splits in ``models/splits``); ``--sets all`` = every available held-out
+set. Two *tuning* sets, for choosing post-processing settings and never reported as held-out
+results, run only when named: ``emps-tune`` (EMPS training papers left out of training) and
+``synthetic-tune`` (:func:`tuning_config`: 60 frames, particles 4-200 px).
 Without ``--sets`` the command does the synthetic-only evaluation above (what
 ``models.export`` records in the model card).
 
@@ -52,16 +55,19 @@ from typing import Any
 
 import numpy as np
 
-from models.synthetic import Specimen, SpecimenConfig
+from models.synthetic import KINDS, Specimen, SpecimenConfig, render
 
 __all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "TARGETS", "check_targets", "box_iou", "boxes_of_labels",
            "evaluate", "evaluate_set", "format_table", "heldout_config", "match_boxes",
            "match_instances", "run_harness", "score_image", "summarize", "synthetic_samples",
-           "time_detector"]
+           "time_detector", "tuning_config", "tuning_samples", "TUNING_SEED_BASE"]
 
-ALL_SETS = ("synthetic", "emps", "stem", "nffa", "emps-tune")
+ALL_SETS = ("synthetic", "emps", "stem", "nffa", "emps-tune", "synthetic-tune")
 
 HELDOUT_SEED_LIMIT = 1_000_000
+#: seeds of the synthetic *tuning* frames (:func:`tuning_config`): below the training seeds and
+#: far from the held-out ones (12345 + i)
+TUNING_SEED_BASE = 500_000
 MATCH_DTYPE = np.dtype([("pred", "<i4"), ("true", "<i4"), ("iou", "<f4")])
 _MODALITIES = ("TEM", "STEM", "SEM")
 
@@ -384,6 +390,43 @@ def summarize(images: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def tuning_config(i: int) -> SpecimenConfig:
+    """Return synthetic tuning frame ``i``: the variety the held-out stream lacks.
+
+    Median particle ECD 4-200 px (log-uniform), 512-1024 px frames, all three modalities,
+    any shape mix, 0-75 % agglomerated, dose 30-3000 e/px, a fifth on support grains. Used to
+    choose post-processing settings (score cut, working scale) alongside the EMPS tuning papers,
+    so that a setting that suits real figure crops does not break tiny or huge particles.
+    """
+    rng = np.random.default_rng([TUNING_SEED_BASE, i])
+    size = int(rng.choice([512, 768, 1024]))
+    med = float(np.exp(rng.uniform(math.log(4.0), math.log(200.0))))
+    mix = rng.dirichlet([3.0, 1.0, 0.5, 1.0])
+    return SpecimenConfig(
+        modality=str(rng.choice(_MODALITIES)),  # type: ignore[arg-type]
+        shape=(size, size), pixel_size_nm=1.0, median_diameter_nm=med,
+        sigma_log=float(rng.uniform(0.08, 0.4)), min_diameter_nm=2.5, max_diameter_nm=500.0,
+        coverage=float(rng.uniform(0.05, 0.4)),
+        shape_mix=dict(zip(KINDS[:4], mix.tolist(), strict=True)),
+        agglomerate_fraction=float(rng.uniform(0.0, 0.75)),
+        dose_e_per_px=float(np.exp(rng.uniform(math.log(30.0), math.log(3000.0)))),
+        blur_px=float(rng.uniform(0.4, 1.5)), illumination_gradient=float(rng.uniform(0.0, 0.3)),
+        support_texture=float(rng.uniform(0.0, 0.12)), contrast=float(rng.uniform(0.2, 0.7)),
+        support_grains=float(rng.uniform(0.2, 0.6)) if rng.random() < 0.2 else 0.0,
+        support_grain_nm=med * float(rng.uniform(4.0, 12.0)), dtype="uint16")
+
+
+def tuning_samples(n: int = 60) -> Iterator[Any]:
+    """Yield the synthetic tuning frames (:func:`tuning_config`) as samples (1 nm/px)."""
+    from models.realdata import Sample
+
+    for i in range(n):
+        cfg = tuning_config(i)
+        fr = render(cfg, TUNING_SEED_BASE + i)
+        yield Sample("synthetic-tune", f"tune{i}", fr.image, fr.labels.astype(np.int32), None,
+                     cfg.pixel_size_nm, cfg.modality)
+
+
 def synthetic_samples(n: int = 20, seed: int = 12345) -> Iterator[Any]:
     """Yield held-out synthetic frames as :class:`models.realdata.Sample` (0.5 nm/px)."""
     from models.realdata import Sample
@@ -437,6 +480,9 @@ def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float 
 
 SET_NOTES = {
     "synthetic": "held-out synthetic frames, exact instance truth, 0.5 nm/px; mask IoU",
+    "synthetic-tune": ("synthetic tuning frames (models.evaluate.tuning_config, seeds 500000 + i): "
+                       "median ECD 4-200 px, all modalities, 1 nm/px; mask IoU; for choosing "
+                       "post-processing settings, not a held-out result"),
     "emps-tune": ("EMPS tuning subset: training papers with sha256(DOI) unit in [0.25, 0.33), "
                   "left out of training in tuning experiments only; mask IoU"),
     "emps": ("EMPS validation papers (models/splits/emps.json), uint16 instance maps, "
@@ -505,11 +551,11 @@ def format_table(res: dict[str, Any]) -> str:
     cols = ("precision", "recall", "f1", "median_abs_ecd_error_pct", "d50_error_pct",
             "aspect_ratio_rmse", "roundness_rmse", "ms_per_image")
     heads = ("P", "R", "F1", "|dECD|%", "dD50%", "AR rmse", "Rnd rmse", "ms/img")
-    lines = [f"{'set':10s}{'method':10s}{'imgs':>5s}{'true':>7s}"
+    lines = [f"{'set':15s}{'method':10s}{'imgs':>5s}{'true':>7s}"
              + "".join(f"{h:>9s}" for h in heads)]
     for sname, sres in res["sets"].items():
         for mname, m in sres["methods"].items():
-            lines.append(f"{sname:10s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
+            lines.append(f"{sname:15s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
                          + "".join(f"{_fmt(m[c]):>9s}" for c in cols))
     return "\n".join(lines)
 
@@ -534,7 +580,8 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
 
     avail = ["synthetic", *realdata.available_sets(data_root)]
     if sets is None:
-        sets = list(avail)  # the held-out sets; the tuning subset only when named
+        sets = list(avail)  # the held-out sets; the tuning sets only when named
+    avail.append("synthetic-tune")
     if "emps" in avail:
         avail.append("emps-tune")
     for s in sets:
@@ -563,6 +610,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         det = Detector(engine, card, scale=scales[s], tta=tta,  # type: ignore[arg-type]
                        rotate45=rotate45)
         samples = (synthetic_samples(n, seed) if s == "synthetic"
+                   else tuning_samples(max_images or 60) if s == "synthetic-tune"
                    else realdata.iter_samples(s, data_root, max_images))
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples)

@@ -72,6 +72,7 @@ def build_pipeline(config: ServeConfig) -> Pipeline:
                         auto_every=config.engine.auto_scale_every,
                         tile_px=config.engine.tile_px, tile_margin_px=config.engine.tile_margin_px,
                         tta=config.engine.tta, merge_convex=config.engine.merge_convex,
+                        min_score=config.engine.score_cut,
                         rotate45=config.engine.rotate45 == "always",
                         scale_presets=tuple(config.engine.scale_presets))
     return Pipeline(

@@ -99,6 +99,10 @@ class EngineConfig(_Section):
     #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
     tta: Literal[1, 2, 4] = 1
     min_score: float = Field(0.0, ge=0, le=1)
+    #: the detector's particle score cut, replacing the model card's (``thresholds.min_score``):
+    #: lower it where recall matters more than precision (a stage search, whose confirmation
+    #: frame supplies the precision); None = the card's
+    score_cut: float | None = Field(None, ge=0, lt=1)
     #: merge instance fragments whose union is about as convex as they are (solidity ratio,
     #: e.g. 0.97): large particles and long wires among much smaller ones; None = the card's
     merge_convex: float | None = Field(None, gt=0, le=1)

@@ -63,13 +63,18 @@ def _area_weighted_median(ecd: np.ndarray) -> float:
     return float(d[np.searchsorted(c, 0.5 * c[-1])])
 
 
+#: an estimation pass at this fraction of full size or more is run at full size instead
+_FULL_PASS = 0.75
+
+
 class Detector:
     """Runs a detection-segmentation model (ONNX via an Engine) described by its model card."""
 
     def __init__(self, engine: Engine, card: ModelCard, *,
                  scale: float | Literal["auto"] | None = None, auto_every: int = 1,
                  tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1,
-                 merge_convex: float | None = None, rotate45: bool = False,
+                 merge_convex: float | None = None, min_score: float | None = None,
+                 rotate45: bool = False,
                  scale_presets: tuple[tuple[float, float], ...] = ()) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
@@ -78,7 +83,8 @@ class Detector:
         the context dropped at each tile seam (px at working scale). ``tta``: average the
         logits over 1, 2 or 4 mirror images (test-time augmentation; engine time x ``tta``,
         for offline measurement rather than live streams). ``merge_convex``: overrides the
-        card's solidity ratio for merging fragments of one convex particle (None: keep it).
+        card's solidity ratio for merging fragments of one convex particle (None: keep it);
+        ``min_score`` overrides the card's particle score cut (None: keep it).
         ``rotate45``: also run the engine on the frame turned by 45° and keep the larger of the
         two logits, turned back (a long straight particle lying along an image axis looks like
         a burnt-in scale bar to the shipped model; turned, it does not). About 3x the engine
@@ -128,7 +134,11 @@ class Detector:
         self.stride = card.input.stride_multiple
         self.thresholds = card.thresholds
         if merge_convex is not None:
-            self.thresholds = card.thresholds.model_copy(update={"merge_convex": merge_convex})
+            self.thresholds = self.thresholds.model_copy(update={"merge_convex": merge_convex})
+        if min_score is not None:
+            if not 0.0 <= min_score < 1.0:
+                raise ConfigError(f"min_score {min_score} must be within [0, 1)")
+            self.thresholds = self.thresholds.model_copy(update={"min_score": min_score})
         if tile_px % self.stride or tile_px <= 2 * tile_margin_px or tile_margin_px < 0:
             raise ConfigError(f"tile_px {tile_px} must be a multiple of the network stride "
                               f"{self.stride} and more than twice tile_margin_px "
@@ -238,6 +248,8 @@ class Detector:
                 return 1.0, logits
             s = min(1.0, s * (8.0 if d == 0 else float(np.clip(
                 1.5 * a.reliable_diameter_px / d, 2.0, 8.0))))
+            if s >= _FULL_PASS:  # nearly full size costs as much: take the pass the frame
+                s = 1.0          # can reuse when it keeps factor 1 (the common case)
 
     def _factor(self, big: float) -> float:
         """Return the resample factor for a frame whose median particle is ``big`` px."""

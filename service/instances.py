@@ -14,11 +14,14 @@ disjoint cores). :func:`instances_from_logits`:
    takes the particle of its coarse block, so sizes are not quantised by the stride.
 
 Instances smaller than ``min_area_px`` are dropped; labels are 1..n; ``scores[k]`` is the mean
-foreground probability of particle k (halved when it had no core); particles scoring below
-``min_score`` are dropped too. On held-out real images the score separates true from false
-detections well (the shipped card drops those below 0.7).
+foreground probability over particle k's *interior* on the coarse grid (pixels above the
+threshold whose four neighbours are in the same particle; halved when it had no core). The
+boundary ring, where the probability falls through the threshold by definition, is left out:
+with it, a small particle (more edge per area) scored lower than a large one the network was
+equally sure of, and no one threshold suited both. Particles scoring below ``min_score`` are
+dropped too (the shipped card's cut was chosen on the EMPS tuning papers).
 
-Speed (2.5-3x faster than the first version, same labels and scores bit for bit): the
+Speed (2.5-3x faster than the first version, same labels bit for bit): the
 full-resolution frame is touched by one threshold pass (p > t as logit > logit(t), no sigmoid),
 one block pooling and the final labelling only, with no float64 or int64 full-resolution
 temporaries. On the coarse grid one scan lists the foreground pixels (flat indices into a grid
@@ -393,6 +396,29 @@ def _upsample_masked(coarse: np.ndarray, fg: np.ndarray, s: int) -> np.ndarray:
     return out
 
 
+def _interior_scores(flat: np.ndarray, pix: np.ndarray, inst: np.ndarray, fgv: np.ndarray,
+                     lf: np.float32, w2: int, n: int) -> np.ndarray:
+    """Return float32 (n + 1,): each instance's mean foreground probability, interior first.
+
+    ``flat``: the zero-bordered coarse label grid (``w2`` wide), flattened, with ``inst`` at
+    the coarse pixels ``pix``; ``fgv`` the foreground logits there, ``lf`` the threshold
+    logit. Interior = above the threshold with all four neighbours in the same particle; a
+    particle without interior (a few coarse pixels across) takes the mean over its pixels
+    above the threshold, and one without those the mean over all its pixels.
+    """
+    prob = 1.0 / (1.0 + np.exp(-np.clip(fgv, -30.0, 30.0)))
+    above = fgv > lf
+    inner = above & (flat[pix - 1] == inst) & (flat[pix + 1] == inst) \
+        & (flat[pix - w2] == inst) & (flat[pix + w2] == inst)
+    out = np.zeros(n + 1)
+    for sel in (None, above, inner):  # later (stricter) sets win where they are not empty
+        ids, p = (inst, prob) if sel is None else (inst[sel], prob[sel])
+        cnt = np.bincount(ids, minlength=n + 1)
+        tot = np.bincount(ids, weights=p, minlength=n + 1)
+        np.divide(tot, cnt, out=out, where=cnt > 0)
+    return out.astype(np.float32)
+
+
 def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
                           foreground: float = 0.5, core: float = 0.5, min_area_px: int = 4,
                           min_core_px: int = 1, post_stride: int = 2,
@@ -530,13 +556,12 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     had_core[n_core + 1:] = False
     inst = (relabel if merged is None else relabel[merged])[inst]
 
-    # scores: mean foreground probability on the coarse grid (particle pixels only; label 0
-    # collects the rest and is dropped)
-    prob = 1.0 / (1.0 + np.exp(-np.clip(fgv, -30.0, 30.0)))
-    tot = np.bincount(inst, weights=prob, minlength=n + 1)
-    cnt = np.zeros(n + 1, np.int64)
-    cnt[1:] = area_c[keep]
-    scores = (tot / np.maximum(cnt, 1)).astype(np.float32)
+    # scores: mean foreground probability over the particle's interior on the coarse grid
+    # (label 0 collects the background and is dropped). The boundary ring, where the
+    # probability falls through the threshold by definition, is left out, so small particles
+    # are not marked down for having more edge per area
+    grid.reshape(-1)[pix] = inst
+    scores = _interior_scores(grid.reshape(-1), pix, inst, fgv, lf, w2, n)
     scores[1:] *= np.where(had_core[keep], 1.0, 0.5).astype(np.float32)
     scores[0] = 0.0
     if min_score > 0.0:

@@ -102,3 +102,18 @@ def test_cli_tuning_subset_is_named_explicitly(shared_data: Path, tmp_path: Path
     assert list(res["sets"]) == ["emps-tune"] and "tuning" in res["sets"]["emps-tune"]["note"]
     assert res["sets"]["emps-tune"]["detector_scale"] == "auto"
     assert "emps" not in res["targets"]  # the tuning subset is not the held-out set
+
+
+def test_synthetic_tuning_frames_span_sizes_and_stay_off_the_heldout_seeds(tmp_path: Path
+                                                                           ) -> None:
+    from models.evaluate import HELDOUT_SEED_LIMIT, TUNING_SEED_BASE, tuning_config
+
+    meds = [tuning_config(i).median_diameter_nm for i in range(60)]
+    assert min(meds) < 6.0 and max(meds) > 150.0  # tiny to huge particles (1 nm/px)
+    assert TUNING_SEED_BASE > 12345 + 20 and TUNING_SEED_BASE + 60 < HELDOUT_SEED_LIMIT
+    out = tmp_path / "t.json"
+    main(["--sets", "synthetic-tune", "--max-images", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    s = res["sets"]["synthetic-tune"]
+    assert s["n_images"] == 1 and "tuning" in s["note"] and "synthetic" not in res["targets"]
+    assert s["methods"]["model"]["f1"] > 0.8  # frame 0: 42 px particles, STEM

@@ -227,3 +227,24 @@ def test_plates_are_triangles() -> None:
     assert np.median(big["aspect_ratio"]) < 1.08
     fill = big["area_nm2"] / big["feret_max_nm"] ** 2
     assert np.mean((fill > 0.36) & (fill < 0.47)) >= 0.8, fill
+
+
+@pytest.mark.parametrize("aligned", [0.0, 1.0])
+def test_axis_aligned_rods_lie_along_an_image_axis(aligned: float) -> None:
+    from service.measure import measure
+
+    fr = render(_cfg(shape=(256, 256), shape_mix={"rod": 1.0}, agglomerate_fraction=0.0,
+                     median_diameter_nm=12.0, axis_aligned=aligned), 4)
+    t = measure(fr.labels, fr.pixel_size_nm)
+    rods = t[~t["border"] & (t["aspect_ratio"] > 2.0)]
+    assert len(rods) > 10
+    off = np.abs(((rods["orientation_deg"] + 45.0) % 90.0) - 45.0)  # degrees from an axis
+    if aligned:
+        assert np.all(off < 6.0), off
+    else:  # uniform angles: most rods are well away from both axes
+        assert np.mean(off > 6.0) > 0.6, off
+
+
+def test_axis_aligned_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="axis_aligned"):
+        SpecimenConfig(axis_aligned=1.5)
