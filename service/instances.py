@@ -560,7 +560,7 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     # (label 0 collects the background and is dropped). The boundary ring, where the
     # probability falls through the threshold by definition, is left out, so small particles
     # are not marked down for having more edge per area
-    grid.reshape(-1)[pix] = inst
+    grid.reshape(-1)[pix] = inst  # every foreground pixel: overwrites all growth labels
     scores = _interior_scores(grid.reshape(-1), pix, inst, fgv, lf, w2, n)
     scores[1:] *= np.where(had_core[keep], 1.0, 0.5).astype(np.float32)
     scores[0] = 0.0
@@ -571,8 +571,6 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
         if not sure.all():
             lut = np.zeros(n + 1, np.int32)
             lut[sure] = np.arange(int(sure.sum()), dtype=np.int32)
-            inst = lut[inst]
+            grid.reshape(-1)[pix] = lut[inst]
             scores = scores[sure]
-
-    grid.reshape(-1)[pix] = inst  # every foreground pixel: overwrites all growth labels
     return _upsample_masked(grid[1:-1, 1:-1], fg_full, s), scores
