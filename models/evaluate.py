@@ -26,8 +26,10 @@ scores the model *and* the classical baseline (:mod:`models.baseline`, Otsu + di
 watershed) on the held-out synthetic frames and on the validation part of each real set
 (:mod:`models.realdata`; splits in ``models/splits``); ``--sets all`` = every available held-out
 set. Two *tuning* sets, for choosing post-processing settings and never reported as held-out
-results, run only when named: ``emps-tune`` (EMPS training papers left out of training) and
-``synthetic-tune`` (:func:`tuning_config`: 60 frames, particles 4-200 px).
+results, run only when named: ``emps-tune`` (EMPS training papers left out of training),
+``stem-tune`` (the STEM tuning material, :func:`models.realdata.stem_tuning_names`, left out of
+training only in tuning experiments) and ``synthetic-tune`` (:func:`tuning_config`: 60 frames,
+particles 4-200 px).
 Without ``--sets`` the command does the synthetic-only evaluation above (what
 ``models.export`` records in the model card).
 
@@ -62,7 +64,7 @@ __all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "TARGET
            "match_instances", "run_harness", "score_image", "summarize", "synthetic_samples",
            "time_detector", "tuning_config", "tuning_samples", "TUNING_SEED_BASE"]
 
-ALL_SETS = ("synthetic", "emps", "stem", "nffa", "emps-tune", "synthetic-tune")
+ALL_SETS = ("synthetic", "emps", "stem", "nffa", "emps-tune", "stem-tune", "synthetic-tune")
 
 HELDOUT_SEED_LIMIT = 1_000_000
 #: seeds of the synthetic *tuning* frames (:func:`tuning_config`): below the training seeds and
@@ -489,6 +491,9 @@ SET_NOTES = {
              "uncalibrated (px); mask IoU"),
     "stem": ("STEM held-out materials (models/splits/stem.json), YOLO boxes only; box IoU of "
              "instance bounding boxes; ECD = sqrt(w h) of boxes; uncalibrated (px)"),
+    "stem-tune": ("STEM tuning material (models.realdata.stem_tuning_names: the first training "
+                  "material in sha256 order), left out of training in tuning experiments only; "
+                  "box IoU as for stem; not a held-out result"),
     "nffa": ("NFFA SEM particles, binary masks: true instances = 8-connected components "
              "(touching particles are one instance); uncalibrated (px); mask IoU"),
 }
@@ -584,6 +589,8 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
     avail.append("synthetic-tune")
     if "emps" in avail:
         avail.append("emps-tune")
+    if "stem" in avail:
+        avail.append("stem-tune")
     for s in sets:
         if s not in ALL_SETS:
             raise SystemExit(f"unknown set {s!r} (known: {', '.join(ALL_SETS)})")

@@ -42,7 +42,7 @@ from service.errors import ConfigError, ReaderError
 __all__ = ["REAL_SETS", "SPLITS_DIR", "Sample", "available_sets", "data_root", "emps_index",
            "emps_split", "emps_tuning_ids", "is_validation_doi", "iter_samples", "load_emps", "load_nffa",
            "load_split", "load_stem", "nffa_names", "stem_material", "stem_names", "stem_split",
-           "write_splits"]
+           "stem_tuning_names", "write_splits"]
 
 REAL_SETS = ("emps", "stem", "nffa")
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -195,6 +195,25 @@ def stem_split(root: Path | None = None, fraction: float = VALIDATION_FRACTION
             "train": [n for n in names if stem_material(n) not in held]}
 
 
+def stem_tuning_names(root: Path | None = None) -> list[str]:
+    """Return the STEM *training* images of the tuning material: the first training material in
+    the split's sha256 order (the one after the held-out materials).
+
+    Like :func:`emps_tuning_ids`: experiments leave it out of training (``models.train
+    --stem-tuning-holdout``) and compare recipes on it, so the held-out material is never looked
+    at while choosing.
+    """
+    split = load_split("stem")
+    held: set[str] = set(split["validation_materials"])  # type: ignore[call-overload]
+    train: list[str] = list(split["train"])  # type: ignore[call-overload]
+    mats = sorted({stem_material(n) for n in train} - held,
+                  key=lambda m: hashlib.sha256(m.encode()).hexdigest())
+    if not mats:
+        raise ConfigError("the STEM split has no training material to tune on")
+    names = set(stem_names(root))
+    return [n for n in train if stem_material(n) == mats[0] and n in names]
+
+
 def load_stem(name: str, root: Path | None = None) -> Sample:
     """Return one STEM image (uint8 grey) with its true boxes (x0, y0, x1, y1) in px."""
     d = _set_dir("stem", root)
@@ -278,6 +297,8 @@ def iter_samples(name: str, root: Path | None = None, max_images: int | None = N
     elif name == "stem":
         names: list[str] = list(load_split("stem")["validation"])  # type: ignore[arg-type]
         gen = (load_stem(n, root) for n in names[:max_images])
+    elif name == "stem-tune":
+        gen = (load_stem(n, root) for n in stem_tuning_names(root)[:max_images])
     elif name == "nffa":
         gen = (load_nffa(n, root) for n in nffa_names(root)[:max_images])
     else:

@@ -129,7 +129,9 @@ class Pool:
     """
 
     def __init__(self, size: int, rng: np.random.Generator, real: list[RealImage] | None = None,
-                 real_fraction: float = 0.0) -> None:
+                 real_fraction: float = 0.0, stem_share: float | None = None) -> None:
+        """``stem_share``: share of the real crops cut from STEM images (None: as the
+        sqrt(particle count) weights fall, about a fifth)."""
         self.rng = rng
         self.counter = 0
         self.real = real or []  # empty in phase 1, which stays as first shipped
@@ -139,6 +141,15 @@ class Pool:
         # but a single image must not dominate
         n = np.array([max(1, len(np.unique(r.labels)) - 1) for r in self.real], np.float64)
         self.real_p = np.sqrt(n) / np.sqrt(n).sum() if self.real else None
+        if self.real_p is not None and stem_share is not None:
+            if not 0.0 <= stem_share <= 1.0:
+                raise ValueError(f"stem_share {stem_share} must be within [0, 1]")
+            stem = np.array([r.set == "stem" for r in self.real])
+            if stem.all() or not stem.any():
+                raise ValueError("stem_share needs both STEM and other real training images")
+            p = self.real_p
+            p[stem] *= stem_share / p[stem].sum()
+            p[~stem] *= (1.0 - stem_share) / p[~stem].sum()
 
     def _new(self) -> Specimen:
         seed = TRAIN_SEED_BASE + self.counter
@@ -231,11 +242,12 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int,
-              refresh_every: int, real_fraction: float, real_exclude: tuple[str, ...]) -> None:
+              refresh_every: int, real_fraction: float, real_exclude: tuple[str, ...],
+              stem_share: float | None) -> None:
     """Data process: fills ``queue`` with (x, y) numpy batches in a fixed, seeded order."""
     rng = np.random.default_rng(seed)
     real = load_real_training(exclude=set(real_exclude)) if real_fraction > 0 else []
-    pool = Pool(pool_size, rng, real, real_fraction)
+    pool = Pool(pool_size, rng, real, real_fraction, stem_share)
     for step in range(steps):
         if step % refresh_every == 0:
             pool.refresh()
@@ -256,7 +268,7 @@ def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
 
 def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
           log_every: int = 50, real_fraction: float = 0.0, real_exclude: tuple[str, ...] = (),
-          model: ParticleUNet | None = None, lr: float = 4e-3
+          model: ParticleUNet | None = None, lr: float = 4e-3, stem_share: float | None = None
           ) -> tuple[ParticleUNet, dict[str, float]]:
     """Train a ParticleUNet; returns the model (eval mode) and a summary (seconds, last loss).
 
@@ -268,7 +280,8 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
     # is fixed by the seed, so the run stays reproducible
     queue: mp.Queue = mp.get_context("fork").Queue(maxsize=6)
     producer = mp.get_context("fork").Process(
-        target=_producer, args=(queue, pool_size, seed, steps, batch, 2, real_fraction, real_exclude),
+        target=_producer, args=(queue, pool_size, seed, steps, batch, 2, real_fraction, real_exclude,
+                                stem_share),
         daemon=True)
     producer.start()
     if model is None:
@@ -329,8 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/detector.pt"))
     ap.add_argument("--real-fraction", type=float, default=0.7,
                     help="phase 2: share of crops cut from the real training images")
+    ap.add_argument("--stem-share", type=float, default=None,
+                    help="phase 2: share of the real crops cut from STEM training images "
+                         "(default: sqrt(particle count) weights, about 0.19)")
     ap.add_argument("--no-tuning-holdout", action="store_true",
                     help="also train on the EMPS tuning papers (default: keep them out)")
+    ap.add_argument("--stem-tuning-holdout", action="store_true",
+                    help="keep the STEM tuning material out of training (tuning experiments)")
     ap.add_argument("--init", type=Path, default=None,
                     help="skip phase 1: fine-tune this phase-1 checkpoint")
     ap.add_argument("--lr", type=float, default=4e-3, help="phase 1 peak learning rate")
@@ -354,15 +372,18 @@ def main(argv: list[str] | None = None) -> None:
                                **ck.get("training", {}).get("phases", {}).get(
                                    "synthetic", ck.get("training", {}))}
     if args.finetune_steps > 0:
-        from models.realdata import emps_tuning_ids
+        from models.realdata import emps_tuning_ids, stem_tuning_names
 
         exclude = () if args.no_tuning_holdout else tuple(emps_tuning_ids())
+        if args.stem_tuning_holdout:
+            exclude += tuple(stem_tuning_names())
         model.train()
         model, summary = train(args.finetune_steps, args.batch, args.width, args.pool,
                                args.seed + 1, real_fraction=args.real_fraction,
-                               real_exclude=exclude, model=model, lr=args.finetune_lr)
+                               real_exclude=exclude, model=model, lr=args.finetune_lr,
+                               stem_share=args.stem_share)
         phases["real"] = {"steps": args.finetune_steps, "lr": args.finetune_lr,
-                          "real_fraction": args.real_fraction,
+                          "real_fraction": args.real_fraction, "stem_share": args.stem_share,
                           "excluded_tuning_images": len(exclude),
                           **{k: round(v, 4) for k, v in summary.items()}}
     from models.export import export_onnx, write_card

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
+from models import realdata
 from models.baseline import segment
 from models.evaluate import box_iou, check_targets, main, match_boxes, score_image, summarize
 
@@ -102,6 +103,19 @@ def test_cli_tuning_subset_is_named_explicitly(shared_data: Path, tmp_path: Path
     assert list(res["sets"]) == ["emps-tune"] and "tuning" in res["sets"]["emps-tune"]["note"]
     assert res["sets"]["emps-tune"]["detector_scale"] == "auto"
     assert "emps" not in res["targets"]  # the tuning subset is not the held-out set
+
+
+def test_cli_stem_tuning_material_is_scored_by_box_iou(shared_data: Path, tmp_path: Path
+                                                      ) -> None:
+    out = tmp_path / "t.json"
+    main(["--sets", "stem-tune", "--max-images", "1", "--out", str(out),
+          "--data-root", str(shared_data)])
+    res = json.loads(out.read_text())
+    s = res["sets"]["stem-tune"]
+    assert "tuning material" in s["note"] and "box IoU" in s["note"]
+    assert s["images"][0]["id"] == realdata.stem_tuning_names(shared_data)[0]
+    assert s["methods"]["model"]["tp"] + s["methods"]["model"]["fn"] > 0
+    assert "stem" not in res["targets"]
 
 
 def test_synthetic_tuning_frames_span_sizes_and_stay_off_the_heldout_seeds(tmp_path: Path

@@ -91,3 +91,35 @@ def test_real_training_never_reads_a_validation_image(shared_data: Path) -> None
     held = set(realdata.load_split("stem")["validation_materials"])
     assert not {realdata.stem_material(i) for s, i in ids if s == "stem"} & held
     assert all(r.image.dtype == np.float32 and r.labels.shape == r.image.shape for r in items)
+
+
+def test_stem_tuning_material_is_one_training_material(shared_data: Path) -> None:
+    tune = realdata.stem_tuning_names(shared_data)
+    split = realdata.load_split("stem")
+    mats = {realdata.stem_material(n) for n in tune}
+    assert tune and len(mats) == 1 and set(tune) <= set(split["train"])  # type: ignore[arg-type]
+    assert not mats & set(split["validation_materials"])  # type: ignore[arg-type]
+    # every image of that material, and the rule picks the same one on every call
+    assert tune == [n for n in split["train"] if realdata.stem_material(n) in mats]  # type: ignore[union-attr]
+    items = load_real_training(("stem",), shared_data, exclude=set(tune))
+    assert items and not {r.id for r in items} & set(tune)
+
+
+def test_pool_draws_the_asked_share_of_stem_crops() -> None:
+    pytest.importorskip("torch")
+    from models.train import Pool
+
+    lab = np.zeros((64, 64), np.int32)
+    lab[10:20, 10:20], lab[30:40, 30:40] = 1, 2
+    img = np.where(lab > 0, 0.2, 0.8).astype(np.float32)
+    real = [RealImage("emps", f"e{i}", img, lab, 11.0) for i in range(9)]
+    real.append(RealImage("stem", "s0", img, lab, 11.0))
+    default = Pool(1, np.random.default_rng(0), real, 1.0)
+    assert default.real_p is not None and default.real_p[-1] == pytest.approx(0.1)
+    pool = Pool(1, np.random.default_rng(0), real, 1.0, stem_share=0.5)
+    assert pool.real_p is not None and pool.real_p.sum() == pytest.approx(1.0)
+    assert pool.real_p[-1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="stem_share"):
+        Pool(1, np.random.default_rng(0), real, 1.0, stem_share=1.5)
+    with pytest.raises(ValueError, match="both STEM and other"):
+        Pool(1, np.random.default_rng(0), real[:9], 1.0, stem_share=0.5)
