@@ -114,7 +114,7 @@ def measure_files(
                 report.uncalibrated.append(path)
                 log(f"{path}: no calibration, lengths in px (use --pixel-size to set one)")
             try:
-                a = pipeline.analyse(rec.data, px)
+                a = pipeline.analyse(rec.data, px, modality=rec.modality)
             except NanoscoutError as exc:
                 report.skipped.append((path, str(exc)))
                 log(f"skipped {path}[{rec.index}]: {exc}")

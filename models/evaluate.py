@@ -562,6 +562,10 @@ def format_table(res: dict[str, Any]) -> str:
         for mname, m in sres["methods"].items():
             lines.append(f"{sname:15s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
                          + "".join(f"{_fmt(m[c]):>9s}" for c in cols))
+    models = {sres["model"] for sres in res["sets"].values() if "model" in sres}
+    if len(models) > 1:
+        lines.append("model: " + ", ".join(f"{k} {v['model']}" for k, v in res["sets"].items()
+                                           if "model" in v))
     return "\n".join(lines)
 
 
@@ -569,8 +573,11 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                 seed: int = 12345, scale: str | None = None, max_images: int | None = None,
                 threads: int = 2, data_root: Path | None = None,
                 min_score: float | None = None, tta: int = 1,
-                rotate45: bool = False) -> dict[str, Any]:
+                rotate45: bool = False, stem_model: Path | None = None) -> dict[str, Any]:
     """Return the full harness result (model and baseline on each set) as a JSON-able dict.
+
+    ``stem_model``: the detector that scores the STEM sets (``stem``, ``stem-tune``), as the
+    daemon routes STEM frames to its STEM detector; None: ``model`` scores every set.
 
     ``rotate45``: the detector also infers each image turned by 45° (see
     :class:`service.detector.Detector`).
@@ -598,11 +605,16 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
             raise SystemExit(f"set {s!r} is not available under "
                              f"{data_root or realdata.data_root()}")
     scales = _parse_scale(scale, sets)
-    card = ModelCard.load(card_path or model.with_suffix(".json"))
-    if min_score is not None and card.thresholds is not None:
-        card = card.model_copy(update={"thresholds": card.thresholds.model_copy(
-            update={"min_score": min_score})})
-    engine = create_engine(model, "onnxruntime-cpu", threads=threads)
+
+    def load(path: Path, card_file: Path | None) -> tuple[Any, Any]:
+        card = ModelCard.load(card_file or path.with_suffix(".json"))
+        if min_score is not None and card.thresholds is not None:
+            card = card.model_copy(update={"thresholds": card.thresholds.model_copy(
+                update={"min_score": min_score})})
+        return card, create_engine(path, "onnxruntime-cpu", threads=threads)
+
+    card, engine = load(model, card_path)
+    stem = load(stem_model, None) if stem_model is not None else (card, engine)
     baseline = BaselineDetector()
     res: dict[str, Any] = {
         "command": " ".join(["python -m models.evaluate", *sys.argv[1:]]),
@@ -611,10 +623,11 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                    if k in sets},
         "iou_threshold": 0.5, "min_true_area_px": 12, "max_images": max_images,
         "min_score": card.thresholds.min_score if card.thresholds else None, "tta": tta,
-        "rotate45": rotate45,
+        "rotate45": rotate45, "stem_model": None if stem_model is None else str(stem_model),
         "sets": {}}
     for s in sets:
-        det = Detector(engine, card, scale=scales[s], tta=tta,  # type: ignore[arg-type]
+        c, e = stem if s in ("stem", "stem-tune") else (card, engine)
+        det = Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
                        rotate45=rotate45)
         samples = (synthetic_samples(n, seed) if s == "synthetic"
                    else tuning_samples(max_images or 60) if s == "synthetic-tune"
@@ -622,6 +635,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples)
         out["note"] = SET_NOTES[s]
+        out["model"] = f"{c.name}:{c.version}"
         out["detector_scale"] = "auto" if det.auto else det.scale
         out["seconds"] = round(time.perf_counter() - t0, 1)
         if s == "synthetic":
@@ -656,13 +670,23 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --sets: test-time augmentation (mirror images averaged)")
     ap.add_argument("--rotate45", action="store_true",
                     help="with --sets: also infer each image turned by 45° (larger logit kept)")
+    ap.add_argument("--stem-model", default="auto",
+                    help="with --sets: detector for the STEM sets (as the daemon uses for STEM "
+                         "frames): a path, 'none' (--model scores them), or 'auto': "
+                         "detector_stem.onnx beside --model if it is there")
     args = ap.parse_args(argv)
     if args.sets is not None:
         sets = None if args.sets == "all" else [x for x in args.sets.split(",") if x]
+        stem_model: Path | None = None
+        if args.stem_model == "auto":
+            sibling = args.model.parent / "detector_stem.onnx"
+            stem_model = sibling if sibling.is_file() and sibling != args.model else None
+        elif args.stem_model != "none":
+            stem_model = Path(args.stem_model)
         res = run_harness(args.model, args.card, sets, n=args.n, seed=args.seed,
                           scale=args.scale, max_images=args.max_images, threads=args.threads,
                           data_root=args.data_root, min_score=args.min_score, tta=args.tta,
-                          rotate45=args.rotate45)
+                          rotate45=args.rotate45, stem_model=stem_model)
         out = args.out or Path("runs/accuracy.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")

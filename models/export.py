@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,31 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 MODEL_NAME = "nanoscout-particle-unet"
 MODEL_VERSION = "3.0.0"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One shipped detector: its file, card name and version, phase-2 data mix and the real
+    validation sets its card reports."""
+
+    file: str
+    name: str
+    version: str
+    real_fraction: float
+    stem_share: float | None  # share of the real crops from STEM images; None: sqrt weights
+    real_sets: tuple[str, ...] | None  # None: every available real set
+    note: str = ""
+
+
+#: ``general``: every frame (the daemon's ``engine.model``); ``stem``: frames whose header says
+#: STEM (``engine.modality_models``), trained on the STEM training materials above all
+VARIANTS: dict[str, Variant] = {
+    "general": Variant("detector.onnx", MODEL_NAME, MODEL_VERSION, 0.7, None, None),
+    "stem": Variant("detector_stem.onnx", MODEL_NAME + "-stem", "1.0.0", 0.8, 0.9, ("stem",),
+                    " STEM variant: 80 % of the phase-2 crops are real, and 90 % of those come "
+                    "from the STEM training materials (Cu, Pt, PtW); meant for HAADF-STEM "
+                    "frames (the daemon routes frames whose header says STEM to it)."),
+}
 
 
 def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> dict[str, float]:
@@ -96,8 +122,9 @@ THRESHOLDS = {"foreground": 0.5, "core": 0.5, "min_area_px": 4, "min_core_px": 1
 
 
 def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, Any] | None,
-               timings: dict[str, Any], width: int) -> Any:
+               timings: dict[str, Any], width: int, variant: str = "general") -> Any:
     """Return a ModelCard for ``onnx_path`` (sha256 computed from the file)."""
+    v = VARIANTS[variant]
     from service.modelcard import (
         AutoScale,
         HeldOutMetrics,
@@ -134,8 +161,8 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
             real=metrics.get("real", {}),
         )
     return ModelCard(
-        name=MODEL_NAME,
-        version=MODEL_VERSION,
+        name=v.name,
+        version=v.version,
         task="detection-segmentation",
         framework=f"pytorch {torch.__version__} -> onnx (torch.onnx.export, TorchScript exporter)",
         opset=OPSET,
@@ -156,7 +183,7 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
                   "detector estimates each frame's particle size on a coarse pass and resamples "
                   "frames whose particles fall outside keep_min_px-keep_max_px")),
         thresholds=Thresholds(**THRESHOLDS),
-        training=TrainingInfo(data=TRAINING_DATA, command=training.get("command", ""),
+        training=TrainingInfo(data=TRAINING_DATA + v.note, command=training.get("command", ""),
                               wall_seconds=training.get("wall_seconds"),
                               seeds="training specimens 1000000 + k; torch/numpy seed "
                               + str(training.get("args", {}).get("seed", "")),
@@ -172,13 +199,16 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
     )
 
 
-def evaluate_real(det: Any) -> dict[str, dict[str, Any]]:
-    """Return the detector's metrics on each available held-out real set (model only)."""
+def evaluate_real(det: Any, sets: tuple[str, ...] | None = None) -> dict[str, dict[str, Any]]:
+    """Return the detector's metrics on each available held-out real set (model only;
+    ``sets``: only these)."""
     from models import realdata
     from models.evaluate import SET_NOTES, evaluate_set
 
     out: dict[str, dict[str, Any]] = {}
     for name in realdata.available_sets():
+        if sets is not None and name not in sets:
+            continue
         t0 = time.perf_counter()
         res = evaluate_set({"model": det}, realdata.iter_samples(name))
         m = res["methods"]["model"]
@@ -191,7 +221,8 @@ def evaluate_real(det: Any) -> dict[str, dict[str, Any]]:
 
 
 def write_card(onnx_path: Path, *, training: dict[str, Any], width: int, eval_n: int = 20,
-               eval_seed: int = 12345, timing: bool = True, real: bool = True) -> Path:
+               eval_seed: int = 12345, timing: bool = True, real: bool = True,
+               variant: str = "general") -> Path:
     """Evaluate the exported model on held-out frames (synthetic, and the real validation
     sets found under ../shared/data when ``real``), time it, write ``<onnx>.json``."""
     from models.evaluate import evaluate, time_detector
@@ -199,19 +230,21 @@ def write_card(onnx_path: Path, *, training: dict[str, Any], width: int, eval_n:
     from service.engines import create_engine
 
     # a provisional card (no metrics) drives the detector used for the evaluation
-    card = build_card(onnx_path, training=training, metrics=None, timings={}, width=width)
+    card = build_card(onnx_path, training=training, metrics=None, timings={}, width=width,
+                      variant=variant)
     card_path = onnx_path.with_suffix(".json")
     card.dump(card_path)
     engine = create_engine(onnx_path, "onnxruntime-cpu", threads=2)
     det = Detector(engine, card)
     metrics = evaluate(det, eval_n, eval_seed) if eval_n > 0 else None
     if metrics is not None and real:
-        metrics["real"] = evaluate_real(det)
+        metrics["real"] = evaluate_real(det, VARIANTS[variant].real_sets)
     timings = time_detector(det) if timing else {}
     if metrics is not None:
         Path("runs").mkdir(exist_ok=True)
         Path("runs/eval_train.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    card = build_card(onnx_path, training=training, metrics=metrics, timings=timings, width=width)
+    card = build_card(onnx_path, training=training, metrics=metrics, timings=timings, width=width,
+                      variant=variant)
     card.dump(card_path)
     return card_path
 
@@ -225,10 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seed", type=int, default=12345)
     ap.add_argument("--card-only", action="store_true",
                     help="keep the ONNX file, re-evaluate it and rewrite its card")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default=None,
+                    help="which shipped detector (default: the checkpoint's, else general)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    onnx_path = args.out / "detector.onnx"
+    variant = args.variant or ck.get("training", {}).get("variant", "general")
+    onnx_path = args.out / VARIANTS[variant].file
     if not args.card_only:
         model = ParticleUNet(int(ck["width"]))
         model.load_state_dict(ck["state_dict"])
@@ -236,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exported {onnx_path}: ORT vs torch max |diff| {verify['max_abs_diff']:.2e}")
     training = ck.get("training", {"command": "python -m models.train --out " + str(args.out)})
     path = write_card(onnx_path, training=training, width=int(ck["width"]),
-                      eval_n=args.eval_n, eval_seed=args.eval_seed)
+                      eval_n=args.eval_n, eval_seed=args.eval_seed, variant=variant)
     print(json.dumps(json.loads(path.read_text())["metrics"], indent=1))
 
 

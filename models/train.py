@@ -340,11 +340,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-real-eval", action="store_true",
                     help="card without the held-out real-data metrics (for tuning runs)")
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/detector.pt"))
-    ap.add_argument("--real-fraction", type=float, default=0.7,
-                    help="phase 2: share of crops cut from the real training images")
+    ap.add_argument("--variant", choices=["general", "stem"], default="general",
+                    help="which shipped detector: general (detector.onnx) or the STEM one "
+                         "(detector_stem.onnx); sets the phase-2 mix (models.export.VARIANTS)")
+    ap.add_argument("--real-fraction", type=float, default=None,
+                    help="phase 2: share of crops cut from the real training images "
+                         "(default: the variant's, 0.7 general)")
     ap.add_argument("--stem-share", type=float, default=None,
                     help="phase 2: share of the real crops cut from STEM training images "
-                         "(default: sqrt(particle count) weights, about 0.19)")
+                         "(default: the variant's; general: sqrt(particle count) weights, "
+                         "about 0.19)")
     ap.add_argument("--no-tuning-holdout", action="store_true",
                     help="also train on the EMPS tuning papers (default: keep them out)")
     ap.add_argument("--stem-tuning-holdout", action="store_true",
@@ -354,6 +359,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=4e-3, help="phase 1 peak learning rate")
     ap.add_argument("--finetune-lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
+    from models.export import VARIANTS
+
+    variant = VARIANTS[args.variant]
+    if args.real_fraction is None:
+        args.real_fraction = variant.real_fraction
+    if args.stem_share is None:
+        args.stem_share = variant.stem_share
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     phases: dict[str, object] = {}
@@ -389,12 +401,14 @@ def main(argv: list[str] | None = None) -> None:
     from models.export import export_onnx, write_card
 
     args.out.mkdir(parents=True, exist_ok=True)
-    onnx_path = args.out / "detector.onnx"
+    onnx_path = args.out / variant.file
     verify = export_onnx(model, onnx_path)
     print(f"exported {onnx_path}: ORT vs torch max |diff| {verify['max_abs_diff']:.2e}", flush=True)
     total = time.perf_counter() - t0
     training = {
-        "command": "python -m models.train --out " + str(args.out),
+        "command": ("python -m models.train --out " + str(args.out)
+                    + ("" if args.variant == "general" else f" --variant {args.variant}")),
+        "variant": args.variant,
         "args": {k: str(v) for k, v in vars(args).items()},
         "wall_seconds": round(total, 1),
         "onnx_max_abs_diff_vs_torch": verify["max_abs_diff"],
@@ -405,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
                args.checkpoint)
     card_path = write_card(onnx_path, training=training, width=args.width,
                            eval_n=args.eval_n, eval_seed=args.eval_seed,
-                           real=not args.no_real_eval)
+                           real=not args.no_real_eval, variant=args.variant)
     print(json.dumps(json.loads(card_path.read_text())["metrics"], indent=1), flush=True)
 
 

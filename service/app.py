@@ -58,34 +58,39 @@ def build_classifier(config: ServeConfig) -> FieldClassifier | None:
     return classifier
 
 
-def build_pipeline(config: ServeConfig) -> Pipeline:
-    """Load the detection model with the configured backend and assemble the pipeline."""
-    model = config.engine.model_path()
+def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str]:
+    """Load one detection model as ``[engine]`` says; returns (detector, engine name,
+    model name:version)."""
+    eng = config.engine
     card = load_card(model)
-    engine = create_engine(
-        model,
-        config.engine.backend,
-        threads=config.engine.threads,
-        precision=config.engine.precision,
-    )
-    detector = Detector(engine, card, scale=config.engine.scale,
-                        auto_every=config.engine.auto_scale_every,
-                        tile_px=config.engine.tile_px, tile_margin_px=config.engine.tile_margin_px,
-                        tta=config.engine.tta, merge_convex=config.engine.merge_convex,
-                        min_score=config.engine.score_cut,
-                        rotate45=config.engine.rotate45 == "always",
-                        scale_presets=tuple(config.engine.scale_presets))
+    engine = create_engine(model, eng.backend, threads=eng.threads, precision=eng.precision)
+    detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
+                        tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
+                        tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
+                        rotate45=eng.rotate45 == "always",
+                        scale_presets=tuple(eng.scale_presets))
+    return detector, engine.name, f"{card.name}:{card.version}"
+
+
+def build_pipeline(config: ServeConfig) -> Pipeline:
+    """Load the detection models with the configured backend and assemble the pipeline."""
+    detector, engine_name, model_name = build_detector(config, config.engine.model_path())
+    by_modality = {}
+    for modality, path in config.engine.modality_model_paths().items():
+        det, _, name = build_detector(config, path)
+        by_modality[modality] = (det, name)
     return Pipeline(
         detector,
         stats_config=config.stats,
         rules=config.alerts,
         min_score=config.engine.min_score,
-        engine_name=engine.name,
-        model_name=f"{card.name}:{card.version}",
+        engine_name=engine_name,
+        model_name=model_name,
         classifier=build_classifier(config),
         classify_every=config.classify.every,
         clusters=config.clusters,
         rotate45_on_request=config.engine.rotate45 == "on-request",
+        modality_detectors=by_modality,
     )
 
 

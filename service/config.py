@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from service.alerts import parse_rules
 from service.clusters import ClusterConfig
 from service.errors import ConfigError
+from service.protocol import Modality
 from service.stats import StatsConfig
 from service.transport import (
     DEFAULT_FRAME_ENDPOINT,
@@ -51,6 +52,9 @@ from service.transport import (
     Policy,
     is_loopback,
 )
+
+#: the shipped detector for STEM frames (``models/weights``), used when present
+SHIPPED_STEM_MODEL = "detector_stem.onnx"
 
 
 def shipped_model_dir() -> Path:
@@ -113,6 +117,11 @@ class EngineConfig(_Section):
     #: known magnifications: [[pixel size nm, working scale], ...]; a frame within 2 % of a
     #: preset's pixel size gets its scale (no estimate), others follow ``scale``
     scale_presets: list[tuple[float, float]] = Field(default_factory=list)
+    #: detectors for the frames of one modality (the frame header's ``modality``), e.g.
+    #: ``{STEM = "models/weights/detector_stem.onnx"}``; frames of other modalities (or none)
+    #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
+    #: shipped one too; {} = one detector for every frame
+    modality_models: dict[Modality, Path] | None = None
 
     @field_validator("scale")
     @classmethod
@@ -124,6 +133,14 @@ class EngineConfig(_Section):
     def model_path(self) -> Path:
         """The ONNX file to load (the shipped detector unless configured)."""
         return self.model if self.model is not None else shipped_model_dir() / "detector.onnx"
+
+    def modality_model_paths(self) -> dict[str, Path]:
+        """Modality -> ONNX file of the detector for that modality's frames (see
+        ``modality_models``)."""
+        if self.modality_models is not None:
+            return {str(k): v for k, v in self.modality_models.items()}
+        stem = shipped_model_dir() / SHIPPED_STEM_MODEL
+        return {"STEM": stem} if self.model is None and stem.is_file() else {}
 
 
 class ClassifyConfig(_Section):

@@ -36,6 +36,7 @@ class Analysis:
     units: str
     stage_ms: dict[str, float]
     scale: float = 1.0  # working px per frame px used by the detector
+    model: str = ""  # name:version of the detection model that analysed it
 
 
 @dataclass
@@ -121,12 +122,16 @@ class Pipeline:
         classify_every: int = 1,
         clusters: ClusterConfig | None = None,
         rotate45_on_request: bool = False,
+        modality_detectors: dict[str, tuple[Detector, str]] | None = None,
     ) -> None:
         """``classifier``: the field-of-view classifier run on every ``classify_every``-th
         frame of each source by :meth:`classify` (None: no ``class`` messages).
         ``rotate45_on_request``: frames whose ``meta`` has ``rotate45 = true`` are also
-        analysed turned by 45° (:class:`~service.detector.Detector`, ``rotate45``)."""
+        analysed turned by 45° (:class:`~service.detector.Detector`, ``rotate45``).
+        ``modality_detectors``: modality -> (detector, model name) for the frames of that
+        modality; ``detector`` analyses the others."""
         self.detector = detector
+        self.modality_detectors = dict(modality_detectors or {})
         self.rotate45_on_request = rotate45_on_request
         self.classifier = classifier
         self.classify_every = classify_every
@@ -141,17 +146,27 @@ class Pipeline:
         self.cluster_config = clusters or ClusterConfig()
         self._clusters: dict[str, OnlineKMeans] = {}
 
+    @property
+    def model_names(self) -> dict[str, str]:
+        """The detection models by the frames they analyse: "default" and each modality's."""
+        return {"default": self.model_name,
+                **{m: name for m, (_, name) in self.modality_detectors.items()}}
+
     def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None,
-                source: str | None = None, rotate45: bool | None = None) -> Analysis:
+                source: str | None = None, rotate45: bool | None = None,
+                modality: str | None = None) -> Analysis:
         """Detect and measure the particles of one image (lengths in nm, or px if uncalibrated).
 
         ``source``: the stream the frame belongs to; an automatic working scale is reused
-        across a stream's frames of one pixel size (``Detector.auto_every``).
+        across a stream's frames of one pixel size (``Detector.auto_every``). ``modality``
+        picks that modality's detector, if one is configured.
         """
         check_pixels(pixels)
         key = None if source is None else (source, pixel_size_nm)
-        detection = self.detector.detect(pixels, key=key, rotate45=rotate45,
-                                         pixel_size_nm=pixel_size_nm)
+        detector, model = self.modality_detectors.get(modality or "",
+                                                      (self.detector, self.model_name))
+        detection = detector.detect(pixels, key=key, rotate45=rotate45,
+                                    pixel_size_nm=pixel_size_nm)
         stage_ms = dict(detection.timings_ms)
         t0 = time.perf_counter()
         labels = detection.labels
@@ -160,7 +175,7 @@ class Pipeline:
             table = table[table["score"] >= self.min_score]
         stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
         return Analysis(labels, table, "nm" if pixel_size_nm else "px", stage_ms,
-                        detection.scale)
+                        detection.scale, model)
 
     def statistics(self, source: str) -> SizeStatistics:
         """The rolling/cumulative statistics of one source (created on first use)."""
@@ -176,7 +191,8 @@ class Pipeline:
         without waiting for statistics and alert rules.
         """
         turn = True if self.rotate45_on_request and header.meta.get("rotate45") is True else None
-        a = self.analyse(pixels, header.pixel_size_nm, header.source, rotate45=turn)
+        a = self.analyse(pixels, header.pixel_size_nm, header.source, rotate45=turn,
+                         modality=header.modality)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
             km = self._clusters.get(header.source)
@@ -195,7 +211,7 @@ class Pipeline:
             units=a.units,  # type: ignore[arg-type]
             n=len(a.table),
             engine=self.engine_name,
-            model=self.model_name,
+            model=a.model,
             shape=header.shape,
             modality=header.modality,
             stage=header.stage,
@@ -275,6 +291,8 @@ class Pipeline:
     def close(self) -> None:
         """Release the engines (detector, classifier, lens)."""
         self.detector.engine.close()
+        for det, _ in self.modality_detectors.values():
+            det.engine.close()
         if self.classifier is not None:
             self.classifier.engine.close()
             if self.classifier.lens is not None:

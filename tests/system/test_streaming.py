@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -182,3 +183,33 @@ def test_previews_are_rate_limited_and_match_the_detections(daemon_factory) -> N
         xs = np.clip((inner["x"] * h.scale).astype(int), 0, 255)
         # particles are darker than the picture's median in bright-field TEM
         assert np.median(p.array[ys, xs]) < np.median(p.array) - 10
+
+
+def test_stem_frames_are_analysed_by_the_stem_detector(daemon_factory) -> None:
+    weights = Path(__file__).resolve().parents[2] / "models" / "weights"
+    if not (weights / "detector_stem.onnx").is_file():
+        pytest.skip(f"no shipped STEM detector in {weights}")
+    names = {}
+    for f in ("detector.json", "detector_stem.json"):
+        card = json.loads((weights / f).read_text())
+        names[f] = f"{card['name']}:{card['version']}"
+    d = daemon_factory("--policy", "lossless", config="[classify]\nenabled = false\n")
+    models: dict[str, set[str]] = {"stem-cam": set(), "tem-cam": set()}
+    with Subscriber(d.output, topics=("det.", "health")) as sub:
+        sub.wait_ready()
+        sims = [_simulate(d.input, "--mode", "push", "--frames", "3", "--size", "256",
+                          "--rate", "0", "--modality", mod, "--source", src)
+                for mod, src in (("STEM", "stem-cam"), ("TEM", "tem-cam"))]
+        seen = 0
+        for msg in sub.messages(timeout=120):
+            if msg.kind == "det":
+                models[msg.header.source].add(msg.header.model)
+                seen += 1
+                if seen == 6:
+                    break
+        assert all(s.wait(60) == 0 for s in sims)
+        health = _final_health(sub, lambda h: h.frames_processed == 6)
+    assert models == {"stem-cam": {names["detector_stem.json"]},
+                      "tem-cam": {names["detector.json"]}}
+    assert health.engines["model"] == names["detector.json"]
+    assert health.engines["model_STEM"] == names["detector_stem.json"]

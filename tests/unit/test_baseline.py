@@ -108,14 +108,23 @@ def test_cli_tuning_subset_is_named_explicitly(shared_data: Path, tmp_path: Path
 def test_cli_stem_tuning_material_is_scored_by_box_iou(shared_data: Path, tmp_path: Path
                                                       ) -> None:
     out = tmp_path / "t.json"
-    main(["--sets", "stem-tune", "--max-images", "1", "--out", str(out),
-          "--data-root", str(shared_data)])
+    main(["--sets", "stem-tune,synthetic", "--n", "1", "--max-images", "1", "--out", str(out),
+          "--data-root", str(shared_data), "--stem-model", "none"])
     res = json.loads(out.read_text())
     s = res["sets"]["stem-tune"]
     assert "tuning material" in s["note"] and "box IoU" in s["note"]
     assert s["images"][0]["id"] == realdata.stem_tuning_names(shared_data)[0]
     assert s["methods"]["model"]["tp"] + s["methods"]["model"]["fn"] > 0
     assert "stem" not in res["targets"]
+    assert s["model"] == res["sets"]["synthetic"]["model"] and res["stem_model"] is None
+    stem = Path("models/weights/detector_stem.onnx")  # beside main()'s default --model
+    if stem.is_file():  # by default the STEM detector scores the STEM sets, as in the daemon
+        main(["--sets", "stem-tune,synthetic", "--n", "1", "--max-images", "1", "--out",
+              str(out), "--data-root", str(shared_data)])
+        res = json.loads(out.read_text())
+        assert res["stem_model"] == str(stem)
+        assert res["sets"]["stem-tune"]["model"].startswith("nanoscout-particle-unet-stem:")
+        assert res["sets"]["synthetic"]["model"].startswith("nanoscout-particle-unet:")
 
 
 def test_synthetic_tuning_frames_span_sizes_and_stay_off_the_heldout_seeds(tmp_path: Path

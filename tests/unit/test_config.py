@@ -57,3 +57,22 @@ def test_remote_endpoint_without_curve_is_refused() -> None:
         load_config(None, {"input.endpoint": "tcp://0.0.0.0:5555"})
     cfg = load_config(None, {"input.endpoint": "tcp://0.0.0.0:5555", "security.allow_insecure_remote": True})
     assert cfg.security.allow_insecure_remote
+
+
+def test_stem_frames_get_the_shipped_stem_detector_unless_configured(tmp_path: Path) -> None:
+    shipped = load_config().engine
+    stem = shipped.model_path().parent / "detector_stem.onnx"
+    if not stem.is_file():
+        pytest.skip(f"no shipped STEM detector at {stem} (python -m models.train --variant stem)")
+    assert shipped.modality_model_paths() == {"STEM": stem}
+    own = tmp_path / "mine.onnx"
+    # a model of one's own replaces the shipped set: no STEM detector slipped in beside it
+    assert load_config(None, {"engine.model": own}).engine.modality_model_paths() == {}
+    f = tmp_path / "m.toml"
+    f.write_text(f'[engine]\nmodel = "{own}"\nmodality_models = {{STEM = "{stem}"}}\n')
+    assert load_config(f).engine.modality_model_paths() == {"STEM": stem}
+    f.write_text("[engine]\nmodality_models = {}\n")
+    assert load_config(f).engine.modality_model_paths() == {}
+    f.write_text('[engine]\nmodality_models = {XRAY = "x.onnx"}\n')
+    with pytest.raises(ConfigError, match="modality_models"):
+        load_config(f)

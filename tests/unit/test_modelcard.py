@@ -11,7 +11,6 @@ from service.errors import ModelCardError
 from service.modelcard import ModelCard, sha256_file
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
-CARD = WEIGHTS / "detector.json"
 
 
 def _minimal(onnx_name: str = "m.onnx", sha: str = "0" * 64) -> dict[str, object]:
@@ -35,10 +34,12 @@ def _write(tmp_path: Path, card: dict[str, object], payload: bytes = b"onnx") ->
     return p
 
 
-def test_shipped_card_is_valid_and_matches_its_onnx() -> None:
-    if not CARD.is_file():
-        pytest.skip(f"no shipped model card at {CARD} (run python -m models.train)")
-    card = ModelCard.load(CARD)
+@pytest.mark.parametrize("name", ["detector.json", "detector_stem.json"])
+def test_shipped_card_is_valid_and_matches_its_onnx(name: str) -> None:
+    path = WEIGHTS / name
+    if not path.is_file():
+        pytest.skip(f"no shipped model card at {path} (run python -m models.train)")
+    card = ModelCard.load(path)
     assert card.task == "detection-segmentation"
     assert card.opset >= 17 and card.input.channels == 1 and card.input.dtype == "float32"
     assert card.outputs[0].channels == ("foreground", "core")
@@ -49,7 +50,10 @@ def test_shipped_card_is_valid_and_matches_its_onnx() -> None:
     # one training command that fits this 2-core machine: both phases within an hour
     assert card.training.wall_seconds is not None and card.training.wall_seconds < 60 * 60
     assert {"512x512", "1024x1024", "2048x2048"} <= set(card.timings_ms)
-    assert card.sha256 == sha256_file(card.onnx_path(CARD))
+    assert card.sha256 == sha256_file(card.onnx_path(path))
+    if name == "detector_stem.json":  # its own command, and held-out numbers on STEM only
+        assert card.training.command.endswith("--variant stem --out models/weights")
+        assert set(card.metrics.real) == {"stem"} and card.name.endswith("-stem")
 
 
 def test_round_trip(tmp_path: Path) -> None:
