@@ -679,7 +679,9 @@ def main(argv: list[str] | None = None) -> None:
         sets = None if args.sets == "all" else [x for x in args.sets.split(",") if x]
         stem_model: Path | None = None
         if args.stem_model == "auto":
-            sibling = args.model.parent / "detector_stem.onnx"
+            from service.config import SHIPPED_STEM_MODEL
+
+            sibling = args.model.parent / SHIPPED_STEM_MODEL
             stem_model = sibling if sibling.is_file() and sibling != args.model else None
         elif args.stem_model != "none":
             stem_model = Path(args.stem_model)

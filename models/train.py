@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from models.crops import RealImage, crop_at_scale, load_real_training, photometric
+from models.export import VARIANTS, export_onnx, write_card
 from models.overlays import burn_in
 from models.synthetic import KINDS, Specimen, SpecimenConfig
 from models.unet import CORE_FRACTION, ParticleUNet
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-real-eval", action="store_true",
                     help="card without the held-out real-data metrics (for tuning runs)")
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/detector.pt"))
-    ap.add_argument("--variant", choices=["general", "stem"], default="general",
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="general",
                     help="which shipped detector: general (detector.onnx) or the STEM one "
                          "(detector_stem.onnx); sets the phase-2 mix (models.export.VARIANTS)")
     ap.add_argument("--real-fraction", type=float, default=None,
@@ -359,8 +360,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=4e-3, help="phase 1 peak learning rate")
     ap.add_argument("--finetune-lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
-    from models.export import VARIANTS
-
     variant = VARIANTS[args.variant]
     if args.real_fraction is None:
         args.real_fraction = variant.real_fraction
@@ -398,16 +397,15 @@ def main(argv: list[str] | None = None) -> None:
                           "real_fraction": args.real_fraction, "stem_share": args.stem_share,
                           "excluded_tuning_images": len(exclude),
                           **{k: round(v, 4) for k, v in summary.items()}}
-    from models.export import export_onnx, write_card
-
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out / variant.file
     verify = export_onnx(model, onnx_path)
     print(f"exported {onnx_path}: ORT vs torch max |diff| {verify['max_abs_diff']:.2e}", flush=True)
     total = time.perf_counter() - t0
     training = {
-        "command": ("python -m models.train --out " + str(args.out)
-                    + ("" if args.variant == "general" else f" --variant {args.variant}")),
+        "command": ("python -m models.train"
+                    + ("" if args.variant == "general" else f" --variant {args.variant}")
+                    + " --out " + str(args.out)),
         "variant": args.variant,
         "args": {k: str(v) for k, v in vars(args).items()},
         "wall_seconds": round(total, 1),
