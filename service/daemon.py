@@ -156,8 +156,7 @@ class Daemon:
             port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
             metrics_url = f"http://{cfg.metrics.host}:{port}/metrics"
         self.metrics.engine_info.info(
-            {"backend": self.pipeline.engine_name, "model": self.pipeline.model_name, "policy": self._policy,
-             **{f"model_{m}": n for m, n in self.pipeline.model_names.items() if m != "default"}}
+            {"backend": self.pipeline.engine_name, **self.pipeline.model_names, "policy": self._policy}
         )
         for name, target in (("receiver", self._receive_loop), ("worker", self._work_loop), ("publisher", self._publish_loop)):
             t = threading.Thread(target=self._guard(target), name=f"nanoscout-{name}", daemon=True)
@@ -407,9 +406,7 @@ class Daemon:
         log.error("frame %s#%d dropped: %r", h.source, h.seq, exc, exc_info=not isinstance(exc, NanoscoutError))
 
     def _engines(self) -> dict[str, str]:
-        engines = {"detector": self.pipeline.engine_name, "model": self.pipeline.model_name}
-        engines.update({f"model_{m}": name for m, name in self.pipeline.model_names.items()
-                        if m != "default"})
+        engines = {"detector": self.pipeline.engine_name, **self.pipeline.model_names}
         if self.pipeline.classifier is not None:
             engines["classifier"] = self.pipeline.classifier.name
         return engines

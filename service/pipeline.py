@@ -148,9 +148,10 @@ class Pipeline:
 
     @property
     def model_names(self) -> dict[str, str]:
-        """The detection models by the frames they analyse: "default" and each modality's."""
-        return {"default": self.model_name,
-                **{m: name for m, (_, name) in self.modality_detectors.items()}}
+        """The detection models as health and ``engine_info`` list them: "model" (the default)
+        and "model_<modality>" for each modality's own."""
+        return {"model": self.model_name,
+                **{f"model_{m}": name for m, (_, name) in self.modality_detectors.items()}}
 
     def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None,
                 source: str | None = None, rotate45: bool | None = None,
