@@ -2,16 +2,16 @@
 
 ::
 
-    python -m benchmarks.accuracy [extra models.evaluate options, e.g. --max-images 10]
+    python -m benchmarks.accuracy [extra nanoscout.training.evaluate options, e.g. --max-images 10]
 
-runs ``models.evaluate --sets all`` and writes ``benchmarks/results/accuracy.json``.
+runs ``nanoscout.training.evaluate --sets all`` and writes ``benchmarks/results/accuracy.json``.
 """
 
 from __future__ import annotations
 
 import sys
 
-from models.evaluate import main as evaluate_main
+from nanoscout.training.evaluate import main as evaluate_main
 
 RESULT = "benchmarks/results/accuracy.json"
 

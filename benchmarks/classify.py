@@ -5,9 +5,9 @@ Usage::
     python benchmarks/classify.py --out benchmarks/results/classify.json
     python benchmarks/classify.py --sizes 1024 --repeats 50 --threads 2 --out /tmp/c.json
 
-The shipped models are loaded exactly as the daemon loads them (``service.app.build_classifier``
+The shipped models are loaded exactly as the daemon loads them (``nanoscout.daemon.app.build_classifier``
 with the default ``[classify]`` configuration and ``--backend`` / ``--threads``). For each frame
-size (square uint16 synthetic TEM frames at 0.5 nm/px from :mod:`models.synthetic`, rendered
+size (square uint16 synthetic TEM frames at 0.5 nm/px from :mod:`nanoscout.sim.synthetic`, rendered
 before any clock starts) it times ``FieldClassifier.classify`` ``--repeats`` times after two
 warm-up calls and reports, per stage, the median, p90 and p99 in ms:
 
@@ -45,7 +45,7 @@ TARGET_CLASSIFY_MS = 50.0
 
 
 def _frames(size: int, n: int) -> list[np.ndarray]:
-    from models.synthetic import Specimen, SpecimenConfig
+    from nanoscout.sim.synthetic import Specimen, SpecimenConfig
 
     spec = Specimen.generate(SpecimenConfig(shape=(size, size), pixel_size_nm=0.5), size)
     return [np.ascontiguousarray(spec.acquire(np.random.default_rng(i)).image) for i in range(n)]
@@ -67,8 +67,8 @@ def _git_commit() -> str:
 
 def run(sizes: list[int], repeats: int, backend: str, threads: int | None) -> dict[str, Any]:
     """Time the classifier and lens for each size; returns the JSON-ready result."""
-    from service.app import build_classifier
-    from service.config import load_config
+    from nanoscout.daemon.app import build_classifier
+    from nanoscout.daemon.config import load_config
 
     config = load_config(None, {"engine.backend": backend, "engine.threads": threads})
     clf = build_classifier(config)

@@ -5,10 +5,10 @@ Usage::
     python benchmarks/latency.py --out benchmarks/results/latency.json
     python benchmarks/latency.py --sizes 1024 --seconds 10 --threads 2 --out /tmp/b.json
 
-For each frame size (uint16, square, synthetic TEM frames from :mod:`models.synthetic`, rendered
+For each frame size (uint16, square, synthetic TEM frames from :mod:`nanoscout.sim.synthetic`, rendered
 before any clock starts) the benchmark measures
 
-* ``engine``: the bare detector in this process (``service.app.build_pipeline`` →
+* ``engine``: the bare detector in this process (``nanoscout.daemon.app.build_pipeline`` →
   ``create_engine`` + ``Detector``, same backend, model and thread count as the daemon): wall
   time of ``Detector.detect`` per frame, and its own stage times;
 * ``lossless``: a lossless daemon fed by a PUSH publisher as fast as it accepts frames, with at
@@ -22,7 +22,7 @@ daemon's ``nanoscout_latency_seconds`` histogram sees) and subscriber receive ti
 (the real end to end, including result encoding and the PUB/SUB hop). All processes run on this
 host, so their clocks agree.
 
-The daemons are separate processes started with ``python -m clients.cli serve`` on free loopback
+The daemons are separate processes started with ``python -m nanoscout serve`` on free loopback
 ports; the benchmark waits for their ``NANOSCOUT-READY`` line and their first ``health`` message
 (no fixed sleeps). Every phase is bounded by ``--seconds`` plus a drain timeout, so the default
 run ends by itself in about five minutes.
@@ -58,10 +58,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, package installed or not
     sys.path.insert(0, str(REPO))
 
-from clients.acquisition.publisher import FramePublisher  # noqa: E402
-from clients.subscriber import Subscriber  # noqa: E402
-from models.synthetic import Specimen, SpecimenConfig  # noqa: E402
-from service.protocol import DetHeader, HealthHeader  # noqa: E402
+from nanoscout.clients.acquisition.publisher import FramePublisher  # noqa: E402
+from nanoscout.clients.subscriber import Subscriber  # noqa: E402
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig  # noqa: E402
+from nanoscout.wire.protocol import DetHeader, HealthHeader  # noqa: E402
 
 #: targets, evaluated on the 1024² results
 TARGET_SIZE = 1024
@@ -209,7 +209,7 @@ class DaemonProc:
 def serve_command(policy: str, args: argparse.Namespace) -> list[str]:
     """Return the ``nanoscout serve`` command line the benchmark runs for ``policy``."""
     cmd = [
-        sys.executable, "-m", "clients.cli", "serve",
+        sys.executable, "-m", "nanoscout", "serve",
         "--policy", policy,
         "--input", "tcp://127.0.0.1:0", "--output", "tcp://127.0.0.1:0",
         "--query", "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", str(args.health_interval),
@@ -320,9 +320,9 @@ def _wait_idle(sub: Subscriber, daemon: DaemonProc, timeout: float) -> HealthHea
 
 
 def build_baseline(args: argparse.Namespace) -> Any:
-    """Build the in-process pipeline (``service.app.build_pipeline``) the daemons also build."""
-    from service.app import build_pipeline
-    from service.config import load_config
+    """Build the in-process pipeline (``nanoscout.daemon.app.build_pipeline``) the daemons also build."""
+    from nanoscout.daemon.app import build_pipeline
+    from nanoscout.daemon.config import load_config
 
     config = load_config(args.config, {
         "engine.threads": args.threads, "engine.backend": args.backend, "engine.model": args.model,
@@ -570,8 +570,8 @@ def machine_info() -> dict[str, Any]:
 
 def model_info(model: Path | None) -> dict[str, Any]:
     """Return the model file, its sha256 and the card's name, version and creation date."""
-    from service.config import shipped_model_dir
-    from service.modelcard import sha256_file
+    from nanoscout.analysis.modelcard import sha256_file
+    from nanoscout.daemon.config import shipped_model_dir
 
     path = model if model is not None else shipped_model_dir() / "detector.onnx"
     info: dict[str, Any] = {"onnx": str(path)}
@@ -744,7 +744,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "frames_per_size": args.frames_per_size, "lossless_window": args.lossless_window,
             "live_factors": args.live_factors, "warmup_frames": WARMUP_FRAMES,
             "frame": {"dtype": "uint16", "modality": MODALITY, "pixel_size_nm": PIXEL_SIZE_NM,
-                      "generator": "models.synthetic.Specimen.acquire"},
+                      "generator": "nanoscout.sim.synthetic.Specimen.acquire"},
             "health_interval_s": args.health_interval,
         },
         "model": model_info(args.model),

@@ -8,8 +8,8 @@ Usage::
 
 What runs: a daemon (``nanoscout serve --config deploy/search.toml``: lossless input, the
 search's alert rules) in its own process; the simulated microscope (virtual specimen, stage,
-camera, control socket — :mod:`clients.microscope`) on a thread of this process; the search
-loop (:mod:`clients.search`) driving it, once with each strategy, over the whole specimen.
+camera, control socket — :mod:`nanoscout.clients.microscope`) on a thread of this process; the search
+loop (:mod:`nanoscout.clients.search`) driving it, once with each strategy, over the whole specimen.
 Everything talks over loopback ZeroMQ as in production. The specimen seed defaults to 6: seeds
 0-5 were looked at while the magnifications, alert rules and detector settings of
 ``deploy/search.toml`` were chosen.
@@ -45,18 +45,18 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, package installe
     sys.path.insert(0, str(REPO))
 
 from benchmarks.latency import launch_ready  # noqa: E402
-from clients.acquisition.publisher import FramePublisher  # noqa: E402
-from clients.microscope.control import ControlClient, ControlServer  # noqa: E402
-from clients.microscope.simulated import (  # noqa: E402
+from nanoscout.clients.acquisition.publisher import FramePublisher  # noqa: E402
+from nanoscout.clients.microscope.control import ControlClient, ControlServer  # noqa: E402
+from nanoscout.clients.microscope.simulated import (  # noqa: E402
     SimulatedMicroscopeOptions,
     build,
     target_rows,
 )
-from clients.search.geometry import Area  # noqa: E402
-from clients.search.navigator import FoundTarget, write_navigator  # noqa: E402
-from clients.search.session import SearchSession  # noqa: E402
-from clients.search.strategies import SearchConfig, SearchResult, run_search  # noqa: E402
-from models.virtual_specimen import VirtualSpecimen, VirtualSpecimenConfig  # noqa: E402
+from nanoscout.clients.search.geometry import Area  # noqa: E402
+from nanoscout.clients.search.navigator import FoundTarget, write_navigator  # noqa: E402
+from nanoscout.clients.search.session import SearchSession  # noqa: E402
+from nanoscout.clients.search.strategies import SearchConfig, SearchResult, run_search  # noqa: E402
+from nanoscout.sim.virtual_specimen import VirtualSpecimen, VirtualSpecimenConfig  # noqa: E402
 
 TARGET_RULES = ("large", "wire")
 CANDIDATE_RULES = ("candidate", "candidate-long")
@@ -105,7 +105,7 @@ def score(found: list[FoundTarget] | list[dict[str, Any]], truth: list[dict[str,
 
 def start_daemon(config: Path, log_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """``nanoscout serve`` on free loopback ports; returns (process, its readiness endpoints)."""
-    cmd = [sys.executable, "-m", "clients.cli", "serve", "--config", str(config),
+    cmd = [sys.executable, "-m", "nanoscout", "serve", "--config", str(config),
            "--input", "tcp://127.0.0.1:0", "--output", "tcp://127.0.0.1:0",
            "--query", "tcp://127.0.0.1:0", "--no-metrics"]
     proc, endpoints, _ = launch_ready(cmd, log_path, "search daemon")

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import zmq
 
-from clients.dashboard import DashboardServer, DashboardState, LensView
-from clients.query import QueryError
-from service.protocol import (
+from nanoscout.clients.dashboard import DashboardServer, DashboardState, LensView
+from nanoscout.clients.query import QueryError
+from nanoscout.wire.protocol import (
     ClassHeader,
     HealthHeader,
     LensRequest,
@@ -34,7 +34,7 @@ from service.protocol import (
     decode_message,
     encode_message,
 )
-from service.transport import bind, result_publisher
+from nanoscout.wire.transport import bind, result_publisher
 from tests.conftest import REPO
 from tests.system.conftest import nanoscout, wait_ready
 from tests.unit.test_dashboard import FakeDaemon, payload

@@ -87,7 +87,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cpu_reference(tiny_model: Path) -> Iterator[Callable[[np.ndarray], dict[str, np.ndarray]]]:
     """Runs the tiny model on ONNX Runtime CPU; returns its outputs by name."""
-    from service.engines import create_engine
+    from nanoscout.engines import create_engine
 
     with create_engine(tiny_model, "cpu", threads=2) as engine:
         yield lambda image: engine.infer({"image": image})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engines import available_backends, create_engine
-from service.errors import EngineFailure
+from nanoscout.engines import available_backends, create_engine
+from nanoscout.wire.errors import EngineFailure
 
 pytestmark = pytest.mark.gpu
 

@@ -26,10 +26,10 @@ pytestmark = pytest.mark.system
 
 
 def nanoscout(*args: str, **kw: object) -> subprocess.Popen[str]:
-    """Start ``nanoscout ARGS`` (as ``python -m clients.cli``) with unbuffered output."""
+    """Start ``nanoscout ARGS`` (as ``python -m nanoscout``) with unbuffered output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen(  # type: ignore[call-overload]
-        [sys.executable, "-m", "clients.cli", *args],
+        [sys.executable, "-m", "nanoscout", *args],
         cwd=REPO,
         env=env,
         text=True,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import zmq
 
-from clients.acquisition.publisher import FramePublisher
-from clients.subscriber import Subscriber
-from service.protocol import encode_frame, frame_header, pack_header
+from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.wire.protocol import encode_frame, frame_header, pack_header
 
 pytestmark = pytest.mark.system
 

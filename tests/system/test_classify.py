@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.subscriber import Subscriber
-from service.modelcard import ModelCard
+from nanoscout.analysis.modelcard import ModelCard
+from nanoscout.clients.subscriber import Subscriber
 from tests.system.conftest import nanoscout
 
 pytestmark = pytest.mark.system
@@ -101,7 +101,7 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory, tmp_pat
                                                          ) -> None:
     import zmq
 
-    from clients.query import QueryError, request_lens
+    from nanoscout.clients.query import QueryError, request_lens
 
     d = daemon_factory("--policy", "lossless")
     assert d.query is not None

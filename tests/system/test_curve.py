@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.acquisition.publisher import FramePublisher
-from clients.subscriber import Subscriber
-from service.transport import ClientKeys, create_keys
+from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.wire.transport import ClientKeys, create_keys
 
 pytestmark = pytest.mark.system
 

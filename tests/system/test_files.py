@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.subscriber import Subscriber
+from nanoscout.clients.subscriber import Subscriber
 from tests.system.conftest import nanoscout
 
 pytestmark = pytest.mark.system

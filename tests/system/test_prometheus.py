@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.acquisition.publisher import FramePublisher
-from clients.subscriber import Subscriber
+from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.subscriber import Subscriber
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.system

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.subscriber import Subscriber
-from models import realdata
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.training import realdata
 from tests.system.conftest import nanoscout
 from tests.system.test_streaming import _match
 

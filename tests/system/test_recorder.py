@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.runfile import read_run
-from clients.subscriber import Subscriber
+from nanoscout.clients.runfile import read_run
+from nanoscout.clients.subscriber import Subscriber
 from tests.conftest import wait_until
 from tests.system.conftest import nanoscout
 

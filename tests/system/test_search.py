@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.search import score
-from clients.search.navigator import read_json, read_nav
+from nanoscout.clients.search.navigator import read_json, read_nav
 from tests.conftest import REPO
 from tests.system.conftest import nanoscout, wait_ready
 

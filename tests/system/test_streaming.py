@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from clients.subscriber import Subscriber
-from service.protocol import HealthHeader
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.wire.protocol import HealthHeader
 from tests.system.conftest import nanoscout
 
 pytestmark = pytest.mark.system

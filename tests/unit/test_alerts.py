@@ -1,4 +1,4 @@
-"""Alert rules (service.alerts): every rule kind, rate limiting, de-duplication, bad config."""
+"""Alert rules (nanoscout.analysis.alerts): every rule kind, rate limiting, de-duplication, bad config."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.alerts import (
+from nanoscout.analysis.alerts import (
     Alert,
     AlertEngine,
     CountRule,
@@ -16,8 +16,8 @@ from service.alerts import (
     check_class_labels,
     parse_rules,
 )
-from service.errors import ConfigError, FrameError
-from service.particles import SHAPE_CLASSES, empty_table
+from nanoscout.wire.errors import ConfigError, FrameError
+from nanoscout.wire.particles import SHAPE_CLASSES, empty_table
 
 S = 1_000_000_000  # ns per s
 
@@ -245,7 +245,7 @@ def test_uncalibrated_frames_skip_nm_rules_and_warn_once(caplog: pytest.LogCaptu
     rules = [BIG, {"name": "elongated", "kind": "particle", "where": {"aspect_ratio": {"gt": 3}}}]
     engine = AlertEngine(parse_rules(rules))
     table = particles({"ecd_nm": 80.0, "aspect_ratio": 4.0})
-    with caplog.at_level(logging.WARNING, logger="service.alerts"):
+    with caplog.at_level(logging.WARNING, logger="nanoscout.analysis.alerts"):
         fired = run(engine, table, units="px", pixel_size_nm=None)
         fired += run(engine, table, units="px", pixel_size_nm=None, t_ns=10 * S)
     assert [a.rule for a in fired] == ["elongated", "elongated"]

@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from models import realdata
-from models.baseline import segment
-from models.evaluate import box_iou, check_targets, main, match_boxes, score_image, summarize
+from nanoscout.training import realdata
+from nanoscout.training.baseline import segment
+from nanoscout.training.evaluate import (
+    box_iou,
+    check_targets,
+    main,
+    match_boxes,
+    score_image,
+    summarize,
+)
 
 
 def _frame(bright: bool) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -129,7 +136,7 @@ def test_cli_stem_tuning_material_is_scored_by_box_iou(shared_data: Path, tmp_pa
 
 def test_synthetic_tuning_frames_span_sizes_and_stay_off_the_heldout_seeds(tmp_path: Path
                                                                            ) -> None:
-    from models.evaluate import HELDOUT_SEED_LIMIT, TUNING_SEED_BASE, tuning_config
+    from nanoscout.training.evaluate import HELDOUT_SEED_LIMIT, TUNING_SEED_BASE, tuning_config
 
     meds = [tuning_config(i).median_diameter_nm for i in range(60)]
     assert min(meds) < 6.0 and max(meds) > 150.0  # tiny to huge particles (1 nm/px)

@@ -1,4 +1,4 @@
-"""The field classifier runtime (service.classifier) on tiny ONNX models built in tmp_path.
+"""The field classifier runtime (nanoscout.analysis.classifier) on tiny ONNX models built in tmp_path.
 
 The models are hand-made so every number can be checked: the "classifier" scores three classes
 from the frame's mean normalised intensity and its CAM is the 4x4-pooled frame; the "lens"
@@ -19,11 +19,11 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from service.classifier import FieldClassifier  # noqa: E402
-from service.engines import create_engine  # noqa: E402
-from service.errors import EngineFailure, ModelCardError  # noqa: E402
-from service.modelcard import ModelCard, sha256_file  # noqa: E402
-from service.preprocess import fixed_input  # noqa: E402
+from nanoscout.analysis.classifier import FieldClassifier  # noqa: E402
+from nanoscout.analysis.modelcard import ModelCard, sha256_file  # noqa: E402
+from nanoscout.analysis.preprocess import fixed_input  # noqa: E402
+from nanoscout.engines import create_engine  # noqa: E402
+from nanoscout.wire.errors import EngineFailure, ModelCardError  # noqa: E402
 
 S = 32
 CLASSES = ("dark", "bright", "other")
@@ -187,7 +187,7 @@ def test_a_model_with_the_wrong_class_count_fails_per_frame(tmp_path: Path) -> N
 
 
 def test_bad_frames_raise_frame_errors(toy: FieldClassifier) -> None:
-    from service.errors import FrameError
+    from nanoscout.wire.errors import FrameError
 
     with pytest.raises(FrameError):
         toy.classify(np.zeros((4, 4, 3)))

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.fields import FIELD_CLASSES, render_field
-from service.modelcard import ModelCard
-from service.preprocess import fixed_input
+from nanoscout.analysis.modelcard import ModelCard
+from nanoscout.analysis.preprocess import fixed_input
+from nanoscout.sim.fields import FIELD_CLASSES, render_field
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
 CARD = WEIGHTS / "classifier.json"
@@ -48,7 +48,7 @@ def test_outputs_shapes_and_types(card: ModelCard, session: object) -> None:
     p, cam = session.run(["probabilities", "cam"], {"image": x})  # type: ignore[attr-defined]
     assert p.shape == (1, len(FIELD_CLASSES)) and p.dtype == np.float32
     assert p.sum() == pytest.approx(1.0, abs=1e-5) and (p >= 0).all()
-    stride = card.input.stride_multiple  # the CAM cell size (models.classifier)
+    stride = card.input.stride_multiple  # the CAM cell size (nanoscout.training.classifier_net)
     assert cam.dtype == np.uint8 and cam.shape == (1, s // stride, s // stride)
 
 
@@ -86,7 +86,7 @@ def _write_folder(root: Path) -> None:
 
 def test_folder_mode_trains_and_exports(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from models.train_classifier import main
+    from nanoscout.training.train_classifier import main
 
     _write_folder(tmp_path / "data")
     out = tmp_path / "model"
@@ -104,8 +104,8 @@ def test_folder_mode_trains_and_exports(tmp_path: Path) -> None:
 
 
 def test_folder_mode_needs_two_classes(tmp_path: Path) -> None:
-    from models.train_classifier import load_folder
-    from service.errors import ConfigError
+    from nanoscout.training.train_classifier import load_folder
+    from nanoscout.wire.errors import ConfigError
 
     (tmp_path / "only").mkdir()
     with pytest.raises(ConfigError, match="needs >= 2 sub-folders"):
@@ -127,7 +127,7 @@ def _label_map(rods: int, spheres: int = 6) -> np.ndarray:
 
 
 def test_emps_label_rule_follows_the_contains_rods_definition() -> None:
-    from models.train_classifier import emps_field_label
+    from nanoscout.training.field_labels import emps_field_label
 
     assert emps_field_label(_label_map(rods=0)) == "isolated_particles"
     assert emps_field_label(_label_map(rods=2)) == "rods_wires"  # a few rods among spheres
@@ -140,7 +140,7 @@ def test_emps_label_rule_follows_the_contains_rods_definition() -> None:
 
 def test_clock_schedule_matches_torch_one_cycle() -> None:
     torch = pytest.importorskip("torch")
-    from models.train_classifier import _one_cycle_lr
+    from nanoscout.training.train_classifier import _one_cycle_lr
 
     steps, lr = 50, 3e-3
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
@@ -159,7 +159,7 @@ def test_clock_schedule_matches_torch_one_cycle() -> None:
 
 def test_lse_pooling_scores_the_map_the_cam_shows(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from models.classifier import ExportWrapper, FieldClassifier, export_onnx
+    from nanoscout.training.classifier_net import ExportWrapper, FieldClassifier, export_onnx
 
     torch.manual_seed(0)
     net = FieldClassifier(3, width=8, pooling="lse").eval()
@@ -198,7 +198,7 @@ def test_lse_pooling_scores_the_map_the_cam_shows(tmp_path: Path) -> None:
 def test_evaluation_writes_the_test_split_into_a_copy_of_the_card(tmp_path: Path) -> None:
     import shutil
 
-    from models.evaluate_classifier import SEED_BASES, main
+    from nanoscout.training.evaluate_classifier import SEED_BASES, main
 
     if not CARD.is_file():
         pytest.skip(f"no shipped classifier at {CARD}")
@@ -220,8 +220,8 @@ def test_evaluation_writes_the_test_split_into_a_copy_of_the_card(tmp_path: Path
 
 def test_training_can_continue_from_saved_weights(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from models.classifier import FieldClassifier
-    from models.train_classifier import train_net
+    from nanoscout.training.classifier_net import FieldClassifier
+    from nanoscout.training.train_classifier import train_net
 
     torch.manual_seed(1)
     start = FieldClassifier(3, width=8)

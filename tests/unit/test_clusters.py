@@ -1,4 +1,4 @@
-"""Morphology clusters (service.clusters): online k-means over measured particle tables."""
+"""Morphology clusters (nanoscout.analysis.clusters): online k-means over measured particle tables."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from scipy.special import comb
 
-from models.synthetic import SpecimenConfig, render
-from service.clusters import UNASSIGNED, ClusterConfig, OnlineKMeans
-from service.config import load_config
-from service.errors import ConfigError
-from service.measure import measure
-from service.particles import PARTICLE_DTYPE, empty_table
+from nanoscout.analysis.clusters import UNASSIGNED, ClusterConfig, OnlineKMeans
+from nanoscout.analysis.measure import measure
+from nanoscout.daemon.config import load_config
+from nanoscout.sim.synthetic import SpecimenConfig, render
+from nanoscout.wire.errors import ConfigError
+from nanoscout.wire.particles import PARTICLE_DTYPE, empty_table
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
@@ -149,8 +149,8 @@ def test_cluster_column_is_last_and_defaults_to_255() -> None:
 def test_pipeline_assigns_clusters_and_publishes_summaries() -> None:
     from types import SimpleNamespace
 
-    from service.pipeline import Pipeline
-    from service.protocol import FrameHeader, decode_message, encode_message
+    from nanoscout.analysis.pipeline import Pipeline
+    from nanoscout.wire.protocol import FrameHeader, decode_message, encode_message
 
     fr = render(SpecimenConfig(shape=(256, 256), pixel_size_nm=1.0, median_diameter_nm=15.0,
                                shape_mix={"sphere": 1.0, "rod": 1.0}), 1)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ServeConfig, load_config
-from service.errors import ConfigError
+from nanoscout.daemon.config import ServeConfig, load_config
+from nanoscout.wire.errors import ConfigError
 
 
 def test_defaults_are_loopback_and_live() -> None:
@@ -63,7 +63,7 @@ def test_stem_frames_get_the_shipped_stem_detector_unless_configured(tmp_path: P
     shipped = load_config().engine
     stem = shipped.model_path().parent / "detector_stem.onnx"
     if not stem.is_file():
-        pytest.skip(f"no shipped STEM detector at {stem} (python -m models.train --variant stem)")
+        pytest.skip(f"no shipped STEM detector at {stem} (python -m nanoscout.training.train --variant stem)")
     assert shipped.modality_model_paths() == {"STEM": stem}
     own = tmp_path / "mine.onnx"
     # a model of one's own replaces the shipped set: no STEM detector slipped in beside it

@@ -1,4 +1,4 @@
-"""Training data from real images and burnt-in annotations (models.crops, models.overlays)."""
+"""Training data from real images and burnt-in annotations (nanoscout.training.crops, nanoscout.sim.overlays)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import realdata
-from models.crops import RealImage, crop_at_scale, ellipse_labels, load_real_training, photometric
-from models.overlays import burn_in
+from nanoscout.sim.overlays import burn_in
+from nanoscout.training import realdata
+from nanoscout.training.crops import (
+    RealImage,
+    crop_at_scale,
+    ellipse_labels,
+    load_real_training,
+    photometric,
+)
 
 
 def test_ellipse_labels_fill_their_boxes() -> None:
@@ -107,7 +113,7 @@ def test_stem_tuning_material_is_one_training_material(shared_data: Path) -> Non
 
 def test_pool_draws_the_asked_share_of_stem_crops() -> None:
     pytest.importorskip("torch")
-    from models.train import Pool
+    from nanoscout.training.train import Pool
 
     lab = np.zeros((64, 64), np.int32)
     lab[10:20, 10:20], lab[30:40, 30:40] = 1, 2

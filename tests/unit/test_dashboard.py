@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.dashboard import LensView
-from clients.dashboard.gateway import DashboardState, particles_payload
-from clients.dashboard.images import thumbnail
-from clients.dashboard.lens import TILE_PX
-from clients.lens import GAP, LensError, mosaic_from_maps
-from clients.query import QueryError
-from service.particles import NO_CLUSTER, empty_table
-from service.protocol import (
+from nanoscout.clients.dashboard import LensView
+from nanoscout.clients.dashboard.gateway import DashboardState, particles_payload
+from nanoscout.clients.dashboard.images import thumbnail
+from nanoscout.clients.dashboard.lens import TILE_PX
+from nanoscout.clients.lens import GAP, LensError, mosaic_from_maps
+from nanoscout.clients.query import QueryError
+from nanoscout.wire.particles import NO_CLUSTER, empty_table
+from nanoscout.wire.protocol import (
     AlertHeader,
     ClassHeader,
     DetHeader,

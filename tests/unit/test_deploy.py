@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from service.config import ServeConfig, load_config
-from service.metrics import Metrics
+from nanoscout.daemon.config import ServeConfig, load_config
+from nanoscout.daemon.metrics import Metrics
 from tests.conftest import REPO
 
 yaml = pytest.importorskip("yaml", reason="pyyaml is needed to parse the Prometheus files")
@@ -41,7 +41,7 @@ _SUFFIXES = {
 
 
 def exposed_names() -> set[str]:
-    """Every sample name a daemon's /metrics can show (from service.metrics.Metrics)."""
+    """Every sample name a daemon's /metrics can show (from nanoscout.daemon.metrics.Metrics)."""
     names: set[str] = set()
     for family in Metrics().registry.collect():
         for suffix in _SUFFIXES[family.type]:
@@ -106,7 +106,7 @@ def exec_argv(unit: dict[str, list[tuple[str, str]]]) -> list[str]:
 
 def cli_accepts(argv: list[str]) -> None:
     """Fail the test unless the nanoscout CLI parser accepts ``argv`` (a subcommand and options)."""
-    from clients.cli import parser
+    from nanoscout.cli.main import parser
 
     try:
         parser().parse_args(argv)
@@ -287,7 +287,7 @@ def test_daemon_unit_outlasts_the_lossless_drain() -> None:
     """systemd must not SIGKILL a lossless daemon that is still finishing accepted frames."""
     service = dict(unit_file(DEPLOY / "nanoscout.service")["Service"])
     stop_s = float(service["TimeoutStopSec"].rstrip("s"))
-    assert stop_s > 120  # service.app.serve waits up to 120 s for the worker
+    assert stop_s > 120  # nanoscout.daemon.app.serve waits up to 120 s for the worker
     assert service.get("KillSignal", "SIGTERM") in ("SIGTERM", "SIGINT")
 
 

@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluate import evaluate, heldout_config, match_instances
-from models.synthetic import Specimen, SpecimenConfig, render
-from service.detector import Detection, Detector
-from service.engines.base import Engine, TensorSpec
-from service.errors import ConfigError, EngineFailure, FrameError, ModelCardError
-from service.instances import _grow, _label_runs, _runs, block_centres, instances_from_logits
-from service.modelcard import (
+from nanoscout.analysis.detector import Detection, Detector
+from nanoscout.analysis.instances import (
+    _grow,
+    _label_runs,
+    _runs,
+    block_centres,
+    instances_from_logits,
+)
+from nanoscout.analysis.modelcard import (
     InputSpec,
     ModelCard,
     Normalization,
@@ -23,7 +25,7 @@ from service.modelcard import (
     TrainingInfo,
     WorkingScale,
 )
-from service.preprocess import (
+from nanoscout.analysis.preprocess import (
     _percentiles,
     normalize,
     pad_to_multiple,
@@ -31,6 +33,10 @@ from service.preprocess import (
     resize_bilinear,
     resize_nearest,
 )
+from nanoscout.engines.base import Engine, TensorSpec
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig, render
+from nanoscout.training.evaluate import evaluate, heldout_config, match_instances
+from nanoscout.wire.errors import ConfigError, EngineFailure, FrameError, ModelCardError
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
 ONNX = WEIGHTS / "detector.onnx"
@@ -47,7 +53,7 @@ def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
 
 def _oracle_logits(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Perfect logits for a label map (what an ideal network would output)."""
-    from models.train import targets
+    from nanoscout.training.train import targets
 
     fg, core = targets(labels)
     return ((fg * 2 - 1) * 6).astype(np.float32), ((core * 2 - 1) * 6).astype(np.float32)
@@ -396,9 +402,9 @@ def test_detector_checks_card_and_engine_output() -> None:
 @pytest.fixture(scope="module")
 def shipped() -> Detector:
     if not ONNX.is_file() or not CARD.is_file():
-        pytest.skip(f"no shipped model at {ONNX} (run python -m models.train)")
+        pytest.skip(f"no shipped model at {ONNX} (run python -m nanoscout.training.train)")
     pytest.importorskip("onnxruntime")
-    from service.engines import create_engine
+    from nanoscout.engines import create_engine
 
     return Detector(create_engine(ONNX, "onnxruntime-cpu", threads=2), ModelCard.load(CARD))
 
@@ -426,7 +432,7 @@ def test_shipped_model_on_odd_shapes_and_dtypes(shipped: Detector) -> None:
 
 
 def test_shipped_model_heldout_quality(shipped: Detector) -> None:
-    # one small held-out frame per modality (the full evaluation is models.evaluate)
+    # one small held-out frame per modality (the full evaluation is nanoscout.training.evaluate)
     res = evaluate(shipped, n=3, seed=54321)
     assert heldout_config(0, 54321).shape == (512, 512)
     assert res["f1"] >= 0.85, res
@@ -565,7 +571,7 @@ def test_the_45_degree_view_finds_wires_lying_along_an_image_axis(shipped: Detec
     # the image rows, at the stage search's settings (20 nm/px preset scale 1.6, score cut 0.7,
     # deploy/search.toml): the plain view breaks one of them up (a straight particle along an
     # axis looks like a burnt-in scale bar), the view turned by 45° finds both whole
-    from models.virtual_specimen import VirtualSpecimen, VirtualSpecimenConfig
+    from nanoscout.sim.virtual_specimen import VirtualSpecimen, VirtualSpecimenConfig
 
     det = Detector(shipped.engine, shipped.card, min_score=0.7, scale_presets=((20.0, 1.6),))
     spec = VirtualSpecimen(VirtualSpecimenConfig(seed=1))

@@ -19,14 +19,14 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from service.engines import (  # noqa: E402
+from nanoscout.engines import (  # noqa: E402
     BACKENDS,
     TensorSpec,
     available_backends,
     create_engine,
     resolve_backend,
 )
-from service.errors import ConfigError, EngineFailure, EngineUnavailable  # noqa: E402
+from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], np.float32) * 0.25
@@ -280,7 +280,7 @@ def test_cuda_without_cuda_provider_says_what_to_install(model_path: Path) -> No
 
 def test_importing_engines_does_not_import_runtimes() -> None:
     code = (
-        "import sys, service.engines, service.engines.onnxrt, service.engines.tensorrt; "
+        "import sys, nanoscout.engines, nanoscout.engines.onnxrt, nanoscout.engines.tensorrt; "
         "heavy = sorted(m for m in ('onnxruntime', 'tensorrt', 'torch', 'cuda') "
         "if m in sys.modules); "
         "assert not heavy, heavy"
@@ -297,7 +297,7 @@ def test_importing_engines_does_not_import_runtimes() -> None:
 
 
 class _FakeTrt(types.ModuleType):
-    """The slice of the TensorRT 10 Python API that service.engines.tensorrt uses."""
+    """The slice of the TensorRT 10 Python API that nanoscout.engines.tensorrt uses."""
 
     def __init__(self, gpu_builds: list[dict]) -> None:
         super().__init__("tensorrt")
@@ -546,7 +546,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     ]:
         monkeypatch.setitem(sys.modules, name, module)
     # the backend keeps one TensorRT logger per process; keep the fake's out of later tests
-    monkeypatch.setattr("service.engines.tensorrt._LOGGER", None)
+    monkeypatch.setattr("nanoscout.engines.tensorrt._LOGGER", None)
     return builds, cudart
 
 

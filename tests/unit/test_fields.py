@@ -8,8 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-import models.fields as fields_mod
-from models.fields import FIELD_CLASSES, Field, _capsule, render_field, render_rod_among_spheres
+import nanoscout.sim.fields as fields_mod
+from nanoscout.sim.fields import (
+    FIELD_CLASSES,
+    Field,
+    _capsule,
+    render_field,
+    render_rod_among_spheres,
+)
 
 SHAPE = (192, 224)
 
@@ -84,7 +90,7 @@ def test_particle_classes_draw_no_rods(monkeypatch: pytest.MonkeyPatch, label: s
         assert f.rod_boxes.shape == (0, 4)
     assert mixes
     for mix in mixes:
-        # None is spheres only; models.synthetic's default mix (5 % rods) must never be used
+        # None is spheres only; nanoscout.sim.synthetic's default mix (5 % rods) must never be used
         assert mix is not None and mix.get("rod", 0.0) == 0.0 and mix.get("plate", 0.0) == 0.0
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.modelcard import ModelCard
-from service.preprocess import fixed_input
+from nanoscout.analysis.modelcard import ModelCard
+from nanoscout.analysis.preprocess import fixed_input
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
 CARD = WEIGHTS / "lens.json"
@@ -19,7 +19,7 @@ _DIVISOR = {"input": 1, "input/2": 2, "input/4": 4, "input/16": 16, "frame": 0}
 @pytest.fixture(scope="module")
 def card() -> ModelCard:
     if not CARD.is_file():
-        pytest.skip(f"no shipped lens card at {CARD} (python -m models.train_lens)")
+        pytest.skip(f"no shipped lens card at {CARD} (python -m nanoscout.training.train_lens)")
     return ModelCard.load(CARD)
 
 
@@ -74,8 +74,8 @@ def test_onnx_outputs_match_the_card(card: ModelCard, session) -> None:  # type:
 
 def test_usual_frames_score_below_blank_saturated_and_film(card, session) -> None:  # type: ignore[no-untyped-def]
     """Medians of a few frames: single frames are ordered only as often as the AUROC says."""
-    fields = pytest.importorskip("models.fields")
-    from models.train_lens import usual_frame
+    fields = pytest.importorskip("nanoscout.sim.fields")
+    from nanoscout.training.lens_data import usual_frame
 
     usual = np.median([_novelty(card, session, usual_frame(9_000_000 + k, use_fields=False)[0])
                        for k in range(6)])
@@ -93,8 +93,9 @@ def test_clients_lens_writes_the_mosaic(card: ModelCard, tmp_path: Path) -> None
     pytest.importorskip("onnxruntime")
     from PIL import Image
 
-    from clients.lens import main, mosaic_shape, render_activations
-    from models.train_lens import usual_frame
+    from nanoscout.batch.lens import main, render_activations
+    from nanoscout.clients.lens import mosaic_shape
+    from nanoscout.training.lens_data import usual_frame
 
     frame = usual_frame(9_000_010, use_fields=False)[0]
     lo, hi = np.percentile(frame, (0.5, 99.5))
@@ -114,7 +115,7 @@ def test_clients_lens_writes_the_mosaic(card: ModelCard, tmp_path: Path) -> None
 def test_training_a_few_steps_exports_a_loadable_card(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from models.train_lens import main
+    from nanoscout.training.train_lens import main
 
     rc = main(["--out", str(tmp_path), "--n-train", "3", "--steps", "2", "--batch", "2",
                "--crop", "64", "--n-calib", "3", "--eval-usual", "0"])
@@ -126,7 +127,13 @@ def test_training_a_few_steps_exports_a_loadable_card(tmp_path: Path) -> None:
 
 def test_knn_head_is_zero_on_a_bank_frame_and_grows_away_from_it() -> None:
     torch = pytest.importorskip("torch")
-    from models.lens import N_FEATURES, LensAE, LensExport, fit_feature_bank, frame_features
+    from nanoscout.training.lens_net import (
+        N_FEATURES,
+        LensAE,
+        LensExport,
+        fit_feature_bank,
+        frame_features,
+    )
 
     torch.manual_seed(0)
     ae = LensAE().eval()
@@ -143,8 +150,8 @@ def test_knn_head_is_zero_on_a_bank_frame_and_grows_away_from_it() -> None:
 
 
 def test_seed_splits_are_disjoint() -> None:
-    from models.evaluate_lens import SPLITS
-    from models.train_lens import CALIB_SEED_BASE, TRAIN_SEED_BASE
+    from nanoscout.training.evaluate_lens import SPLITS
+    from nanoscout.training.train_lens import CALIB_SEED_BASE, TRAIN_SEED_BASE
 
     # usual seeds use base + k (k < 500 000), novel ones base + 1000 * kind + k
     bases = sorted([TRAIN_SEED_BASE, CALIB_SEED_BASE, *(b for pair in SPLITS.values()

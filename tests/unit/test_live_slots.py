@@ -6,8 +6,8 @@ import threading
 
 import numpy as np
 
-from service.daemon import _Item, _LiveSlots
-from service.protocol import frame_header
+from nanoscout.daemon.daemon import _Item, _LiveSlots
+from nanoscout.wire.protocol import frame_header
 
 
 def _item(source: str, seq: int, t: int) -> _Item:

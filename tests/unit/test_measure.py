@@ -1,4 +1,4 @@
-"""Per-particle measurement (service.measure) on rasterised shapes with known geometry."""
+"""Per-particle measurement (nanoscout.analysis.measure) on rasterised shapes with known geometry."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from scipy.spatial import ConvexHull
 from skimage.measure import find_contours
 
-from service.errors import FrameError
-from service.measure import measure, synthetic_labels
-from service.particles import PARTICLE_DTYPE, SHAPE_CLASSES
+from nanoscout.analysis.measure import measure, synthetic_labels
+from nanoscout.wire.errors import FrameError
+from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
 
 
 def disk(d: float, cx: float, cy: float, size: int) -> np.ndarray:
@@ -372,7 +372,7 @@ def test_tiny_images(shape: tuple[int, int]) -> None:
 
 
 def test_hull_pruning_fallback_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.measure as m
+    import nanoscout.analysis.measure as m
 
     # a bar sticking out from the top of each disk hides the disk's left arc from the hull;
     # pruning then drops one arc point per round, so a round limit of 1 needs the fallback
@@ -396,7 +396,7 @@ def test_hull_pruning_fallback_is_exact(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_feret_search_in_blocks_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    import service.measure as m
+    import nanoscout.analysis.measure as m
 
     lab = synthetic_labels((200, 200), 60, 11.0, seed=4)
     ref = measure(lab, None)
@@ -461,8 +461,8 @@ def test_shape_class_does_not_depend_on_the_pixel_size(px: float) -> None:
 
 def test_shape_classes_on_synthetic_truth() -> None:
     """Through measure() on exact truth label maps (one frame per kind, ~20 px particles);
-    ``python -m models.shapes`` gives the full confusion matrix (about 95 % held out)."""
-    from models.shapes import confusion, shape_samples
+    ``python -m nanoscout.training.evaluate_shapes`` gives the full confusion matrix (about 95 % held out)."""
+    from nanoscout.training.evaluate_shapes import confusion, shape_samples
 
     k = len(SHAPE_CLASSES)
     cm = np.zeros((k, k), np.int64)

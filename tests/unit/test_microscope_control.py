@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import zmq
 
-from clients.acquisition.publisher import FramePublisher
-from clients.microscope.control import ControlClient, ControlError, ControlServer
-from clients.microscope.interfaces import Exposure, StageError, StageLimits
-from clients.microscope.messages import (
+from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.microscope.control import ControlClient, ControlError, ControlServer
+from nanoscout.clients.microscope.interfaces import Exposure, StageError, StageLimits
+from nanoscout.clients.microscope.messages import (
     CONTROL_VERSION,
     ControlReply,
     ControlRequest,
@@ -26,9 +26,9 @@ from clients.microscope.messages import (
     encode_reply,
     encode_request,
 )
-from clients.microscope.simulated import SimulatedStage
-from service.errors import MalformedMessage, PayloadError, VersionError
-from service.protocol import decode_frame
+from nanoscout.clients.microscope.simulated import SimulatedStage
+from nanoscout.wire.errors import MalformedMessage, PayloadError, VersionError
+from nanoscout.wire.protocol import decode_frame
 
 # ------------------------------------------------------------------------------ messages
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ModelCardError
-from service.modelcard import ModelCard, sha256_file
+from nanoscout.analysis.modelcard import ModelCard, sha256_file
+from nanoscout.wire.errors import ModelCardError
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"
 
@@ -22,7 +22,7 @@ def _minimal(onnx_name: str = "m.onnx", sha: str = "0" * 64) -> dict[str, object
         "outputs": [{"name": "logits", "channels": ["foreground", "core"]}],
         "working_scale": {"diameter_px_min": 4, "diameter_px_max": 80},
         "thresholds": {},
-        "training": {"data": "synthetic", "command": "python -m models.train"},
+        "training": {"data": "synthetic", "command": "python -m nanoscout.training.train"},
         "created": "2025-01-01T00:00:00+00:00",
     }
 
@@ -38,7 +38,7 @@ def _write(tmp_path: Path, card: dict[str, object], payload: bytes = b"onnx") ->
 def test_shipped_card_is_valid_and_matches_its_onnx(name: str) -> None:
     path = WEIGHTS / name
     if not path.is_file():
-        pytest.skip(f"no shipped model card at {path} (run python -m models.train)")
+        pytest.skip(f"no shipped model card at {path} (run python -m nanoscout.training.train)")
     card = ModelCard.load(path)
     assert card.task == "detection-segmentation"
     assert card.opset >= 17 and card.input.channels == 1 and card.input.dtype == "float32"

@@ -1,4 +1,4 @@
-"""Navigator lists (clients.search.navigator): CSV, JSON, SerialEM .nav and PNG thumbnails."""
+"""Navigator lists (nanoscout.clients.search.navigator): CSV, JSON, SerialEM .nav and PNG thumbnails."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.acquisition.readers import read_image
-from clients.search.navigator import (
+from nanoscout.clients.acquisition.readers import read_image
+from nanoscout.clients.search.navigator import (
     NAV_MAP_ID_BASE,
     FoundTarget,
     nav_note,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.errors import PayloadError, ProtocolError
-from service.preview import PreviewLimiter, make_preview
-from service.protocol import PreviewHeader, decode_message, encode_message
+from nanoscout.analysis.preview import PreviewLimiter, make_preview
+from nanoscout.wire.errors import PayloadError, ProtocolError
+from nanoscout.wire.protocol import PreviewHeader, decode_message, encode_message
 
 
 def test_make_preview_shrinks_and_stretches() -> None:

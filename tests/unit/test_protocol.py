@@ -6,9 +6,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from service.errors import MalformedMessage, PayloadError, VersionError
-from service.particles import PARTICLE_DTYPE, empty_table
-from service.protocol import (
+from nanoscout.wire.errors import MalformedMessage, PayloadError, VersionError
+from nanoscout.wire.particles import PARTICLE_DTYPE, empty_table
+from nanoscout.wire.protocol import (
     AlertHeader,
     ClassHeader,
     DetHeader,

@@ -1,4 +1,4 @@
-"""The lens query server (service.query) answers every request, good or bad, over real REQ/REP."""
+"""The lens query server (nanoscout.daemon.query) answers every request, good or bad, over real REQ/REP."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import zmq
 
-from clients.query import QueryError, request_lens
-from service.classifier import FieldClassifier
-from service.errors import NanoscoutError
-from service.protocol import FrameHeader, decode_message
-from service.query import LensServer
+from nanoscout.analysis.classifier import FieldClassifier
+from nanoscout.clients.query import QueryError, request_lens
+from nanoscout.daemon.query import LensServer
+from nanoscout.wire.errors import NanoscoutError
+from nanoscout.wire.protocol import FrameHeader, decode_message
 from tests.unit.test_classifier import S, _load, classifier_model, lens_model
 
 

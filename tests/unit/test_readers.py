@@ -15,14 +15,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from clients.acquisition.readers import (
+from nanoscout.clients.acquisition.readers import (
     SUPPORTED_SUFFIXES,
     calibration_to_nm,
     read_image,
     read_images,
 )
-from clients.acquisition.replay import replay_files, replay_watch
-from service.errors import ConfigError, ReaderError
+from nanoscout.clients.acquisition.replay import replay_files, replay_watch
+from nanoscout.wire.errors import ConfigError, ReaderError
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 INSTRUMENT = DATA / "instrument-files"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import realdata
+from nanoscout.training import realdata
 
 
 def test_emps_split_deterministic_disjoint_complete(shared_data: Path) -> None:

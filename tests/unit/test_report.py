@@ -1,4 +1,4 @@
-"""``clients.report``: the HTML report of a recorded run, built from real runs on disk."""
+"""``nanoscout.clients.report``: the HTML report of a recorded run, built from real runs on disk."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.report import build_report, group_stats, main
-from clients.runfile import RunWriter
-from service.particles import empty_table
-from service.protocol import AlertHeader, DetHeader, Stage
+from nanoscout.clients.report import build_report, group_stats, main
+from nanoscout.clients.runfile import RunWriter
+from nanoscout.wire.particles import empty_table
+from nanoscout.wire.protocol import AlertHeader, DetHeader, Stage
 
 MEDIAN_NM, SIGMA = 8.0, 0.3
 FRAMES, PER_FRAME, BORDER_PER_FRAME = 20, 60, 5

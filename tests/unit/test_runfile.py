@@ -1,4 +1,4 @@
-"""The recorded-run format (clients.runfile): round trip, crash leftovers, refusals."""
+"""The recorded-run format (nanoscout.clients.runfile): round trip, crash leftovers, refusals."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.runfile import PARTICLE_COLUMNS, RunWriter, read_run
-from service.errors import ConfigError, ReaderError
-from service.particles import empty_table
-from service.protocol import AlertHeader, DetHeader, Stage
+from nanoscout.clients.runfile import PARTICLE_COLUMNS, RunWriter, read_run
+from nanoscout.wire.errors import ConfigError, ReaderError
+from nanoscout.wire.particles import empty_table
+from nanoscout.wire.protocol import AlertHeader, DetHeader, Stage
 
 
 def _det(seq: int, n: int, px: float | None = 0.5) -> tuple[DetHeader, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Frame geometry and area tilings of the stage search (clients.search.geometry)."""
+"""Frame geometry and area tilings of the stage search (nanoscout.clients.search.geometry)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from clients.search.geometry import Area, FrameGeometry, tile_centres
+from nanoscout.clients.search.geometry import Area, FrameGeometry, tile_centres
 
 IDENTITY = ((1.0, 0.0), (0.0, 1.0))
 #: camera rotated by 30° and flipped (det = -1) with respect to the stage

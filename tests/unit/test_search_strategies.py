@@ -1,4 +1,4 @@
-"""Search strategies (clients.search.strategies) against a fake session over a fake world.
+"""Search strategies (nanoscout.clients.search.strategies) against a fake session over a fake world.
 
 The fake session "images" a list of targets and decoys (stage positions, µm): a survey frame
 (the survey pixel size) raises a *candidate* rule alert naming every target and decoy inside
@@ -16,9 +16,9 @@ from typing import cast
 import numpy as np
 import pytest
 
-from clients.search.geometry import Area, FrameGeometry, tile_centres
-from clients.search.session import Costs, FrameResult, SearchSession
-from clients.search.strategies import (
+from nanoscout.clients.search.geometry import Area, FrameGeometry, tile_centres
+from nanoscout.clients.search.session import Costs, FrameResult, SearchSession
+from nanoscout.clients.search.strategies import (
     Candidate,
     SearchConfig,
     TargetBook,
@@ -27,8 +27,8 @@ from clients.search.strategies import (
     run_search,
     survey_candidates,
 )
-from service.particles import PARTICLE_DTYPE
-from service.protocol import AlertHeader, Message
+from nanoscout.wire.particles import PARTICLE_DTYPE
+from nanoscout.wire.protocol import AlertHeader, Message
 
 SOURCE = "sim"
 SHAPE = (64, 64)  # every frame, px

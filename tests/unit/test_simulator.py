@@ -6,7 +6,7 @@ from itertools import islice
 
 import numpy as np
 
-from clients.acquisition.simulator import SimulatorOptions, frames
+from nanoscout.clients.acquisition.simulator import SimulatorOptions, frames
 
 
 def _opts(**kw) -> SimulatorOptions:

@@ -1,4 +1,4 @@
-"""Rolling / cumulative size statistics (service.stats)."""
+"""Rolling / cumulative size statistics (nanoscout.analysis.stats)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pydantic
 import pytest
 
-from service.errors import FrameError
-from service.particles import empty_table
-from service.stats import SizeStatistics, StatsConfig
+from nanoscout.analysis.stats import SizeStatistics, StatsConfig
+from nanoscout.wire.errors import FrameError
+from nanoscout.wire.particles import empty_table
 
 S = 1_000_000_000  # ns per s
 

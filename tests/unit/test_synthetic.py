@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.synthetic import (
+from nanoscout.sim.synthetic import (
     KINDS,
     TRUTH_DTYPE,
     InSituSeries,
@@ -213,7 +213,7 @@ def test_in_situ_series_is_bit_identical_to_before_plates() -> None:
 
 
 def test_plates_are_triangles() -> None:
-    from service.measure import measure
+    from nanoscout.analysis.measure import measure
 
     assert KINDS.index("plate") == 4
     fr = render(_cfg(shape=(256, 256), shape_mix={"plate": 1.0}, agglomerate_fraction=0.0,
@@ -231,7 +231,7 @@ def test_plates_are_triangles() -> None:
 
 @pytest.mark.parametrize("aligned", [0.0, 1.0])
 def test_axis_aligned_rods_lie_along_an_image_axis(aligned: float) -> None:
-    from service.measure import measure
+    from nanoscout.analysis.measure import measure
 
     fr = render(_cfg(shape=(256, 256), shape_mix={"rod": 1.0}, agglomerate_fraction=0.0,
                      median_diameter_nm=12.0, axis_aligned=aligned), 4)

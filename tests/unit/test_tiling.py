@@ -1,4 +1,4 @@
-"""Tiled inference and anti-aliased resampling (service.tiling, service.preprocess.resample)."""
+"""Tiled inference and anti-aliased resampling (nanoscout.analysis.tiling, nanoscout.analysis.preprocess.resample)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from service.preprocess import resample
-from service.tiling import infer_tiled, tile_starts
+from nanoscout.analysis.preprocess import resample
+from nanoscout.analysis.tiling import infer_tiled, tile_starts
 
 
 @pytest.mark.parametrize(("n", "tile", "margin"), [(100, 128, 16), (1000, 256, 32),

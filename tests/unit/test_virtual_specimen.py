@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from models.synthetic import TRUTH_DTYPE
-from models.virtual_specimen import (
+from nanoscout.sim.synthetic import TRUTH_DTYPE
+from nanoscout.sim.virtual_specimen import (
     TARGET_DTYPE,
     VirtualSpecimen,
     VirtualSpecimenConfig,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.acquisition.watch import watch_folder
-from service.errors import ConfigError
+from nanoscout.clients.acquisition.watch import watch_folder
+from nanoscout.wire.errors import ConfigError
 
 TIMEOUT_S = 20.0  # only guards against a hang; nothing waits this long when the code works
 

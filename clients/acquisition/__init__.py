@@ -1,6 +1,0 @@
-"""Acquisition adapters: they turn images (simulated, from files, from a watched folder) into
-``frame`` messages for the daemon."""
-
-from clients.acquisition.publisher import FramePublisher
-
-__all__ = ["FramePublisher"]

@@ -1,0 +1,7 @@
+"""``python -m nanoscout``: the same as the ``nanoscout`` command."""
+
+import sys
+
+from nanoscout.cli import main
+
+sys.exit(main())

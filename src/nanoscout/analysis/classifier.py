@@ -1,0 +1,168 @@
+"""Field-of-view classification with its explanations: class probabilities, the class
+activation map (CAM) of the top class, and the "AI lens" novelty score.
+
+Two fixed-input models, each an ONNX file plus a model card (``nanoscout.analysis.modelcard``):
+
+* the **classifier** (card task ``classification``): outputs ``probabilities`` (1, C), softmax
+  over the card's ``classes``, and ``cam`` (1, h, w) uint8, the CAM of the top class computed
+  inside the graph (ReLU, scaled to its maximum = 255) at feature resolution;
+* the **lens** (optional, card task ``autoencoder``): a convolutional autoencoder whose
+  per-frame novelty error (the card's ``novelty.error_output``; for the shipped lens not the
+  pixel reconstruction error but the k-NN distance of the frame's texture statistics to those
+  of usual training frames, computed in the graph), divided by the card's
+  ``novelty.reference_error`` (a high quantile of the errors of usual frames), is the novelty
+  score: 1.0 = as unusual as the reference quantile of usual frames. Its other outputs
+  (``act_*`` activations, ``reconstruction``) are returned by
+  :meth:`FieldClassifier.lens_outputs` on request.
+
+Both see the frame through :func:`nanoscout.analysis.preprocess.fixed_input`: the whole frame resampled to
+the card's ``input.size`` and percentile-normalised, exactly as in training. The CAM covers the
+whole frame (row r of an h-row heatmap spans frame rows r·H/h to (r+1)·H/h).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nanoscout.analysis.modelcard import ModelCard
+from nanoscout.analysis.preprocess import fixed_input
+from nanoscout.engines.base import Engine
+from nanoscout.wire.errors import EngineFailure, ModelCardError
+
+#: output names the classifier card must declare
+PROBABILITIES = "probabilities"
+CAM = "cam"
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One frame classified.
+
+    ``labels``/``probabilities``: the top-k classes, most probable first. ``all`` holds every
+    class's probability (alert rules may name any class). ``cam``: uint8 (h, w) heatmap of the
+    top class over the whole frame, or None. ``novelty``: the lens's error / its reference
+    error (None without a lens); ``error``: the raw error (as the lens card's output defines).
+    ``timings_ms``: ``classify`` and ``lens`` stage times, ms.
+    """
+
+    labels: list[str]
+    probabilities: list[float]
+    all: dict[str, float]
+    cam: np.ndarray | None
+    novelty: float | None
+    error: float | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _size(card: ModelCard, task: str) -> tuple[int, int]:
+    if card.task != task:
+        raise ModelCardError(f"model card {card.name!r} has task {card.task!r}, not {task!r}")
+    if card.input.size is None:
+        raise ModelCardError(f"model card {card.name!r} lacks input.size")
+    return int(card.input.size[0]), int(card.input.size[1])
+
+
+def _check_engine(engine: Engine, card: ModelCard, outputs: tuple[str, ...]) -> None:
+    ins = [t.name for t in getattr(engine, "inputs", ())]
+    if ins and card.input.name not in ins:
+        raise ModelCardError(f"model card {card.name!r}: input {card.input.name!r} is not an "
+                             f"engine input ({ins})")
+    outs = [t.name for t in getattr(engine, "outputs", ())]
+    missing = [o for o in outputs if outs and o not in outs]
+    if missing:
+        raise ModelCardError(f"model card {card.name!r}: the model has no output {missing[0]!r} "
+                             f"(it has {outs})")
+
+
+class FieldClassifier:
+    """Runs the classifier (and, when given, the lens) on whole frames."""
+
+    def __init__(self, engine: Engine, card: ModelCard, *, lens: Engine | None = None,
+                 lens_card: ModelCard | None = None, top_k: int = 3, cam: bool = True) -> None:
+        """``top_k``: classes listed per frame (≥ 1); ``cam``: return the CAM heatmap."""
+        self.size = _size(card, "classification")
+        self.classes: tuple[str, ...] = tuple(card.classes or ())
+        _check_engine(engine, card, (PROBABILITIES, CAM))
+        if (lens is None) != (lens_card is None):
+            raise ModelCardError("the lens needs both its engine and its model card")
+        self.lens_size: tuple[int, int] | None = None
+        if lens is not None and lens_card is not None:
+            self.lens_size = _size(lens_card, "autoencoder")
+            assert lens_card.novelty is not None  # the card validator guarantees it
+            _check_engine(lens, lens_card, (lens_card.novelty.error_output,))
+        if top_k < 1:
+            raise ModelCardError(f"top_k {top_k} must be >= 1")
+        self.engine, self.card = engine, card
+        self.lens, self.lens_card = lens, lens_card
+        self.top_k = min(top_k, len(self.classes))
+        self.cam = cam
+
+    @property
+    def name(self) -> str:
+        """``name:version`` of the classifier (and lens) models."""
+        text = f"{self.card.name}:{self.card.version}"
+        if self.lens_card is not None:
+            text += f"+{self.lens_card.name}:{self.lens_card.version}"
+        return text
+
+    def classify(self, pixels: np.ndarray) -> Classification:
+        """Classify one frame (2-D, any real dtype); raises FrameError / EngineFailure."""
+        t0 = time.perf_counter()
+        x = fixed_input(pixels, self.size)
+        out = self.engine.infer({self.card.input.name: x})
+        probs = np.asarray(out.get(PROBABILITIES), dtype=np.float64).reshape(-1)
+        if probs.size != len(self.classes) or not np.isfinite(probs).all():
+            raise EngineFailure(f"classifier output {PROBABILITIES!r} has {probs.size} values "
+                                f"(finite: {bool(np.isfinite(probs).all())}), expected "
+                                f"{len(self.classes)} finite probabilities")
+        order = np.argsort(-probs, kind="stable")[: self.top_k]
+        heat = None
+        if self.cam:
+            raw = out.get(CAM)
+            if raw is None or raw.ndim != 3 or raw.shape[0] != 1:
+                got = None if raw is None else raw.shape
+                raise EngineFailure(f"classifier output {CAM!r} has shape {got}, expected "
+                                    "(1, h, w)")
+            heat = np.ascontiguousarray(raw[0], dtype=np.uint8)
+        t1 = time.perf_counter()
+        timings = {"classify": (t1 - t0) * 1e3}
+        novelty = error = None
+        if self.lens is not None:
+            # both models usually take the same input size: prepare the frame once
+            out = self.lens_outputs(pixels, x if self.lens_size == self.size else None)
+            error, novelty = self.novelty_of(out)
+            timings["lens"] = (time.perf_counter() - t1) * 1e3
+        return Classification(
+            labels=[self.classes[i] for i in order],
+            probabilities=[round(float(probs[i]), 6) for i in order],
+            all={c: float(p) for c, p in zip(self.classes, probs, strict=True)},
+            cam=heat,
+            novelty=novelty,
+            error=error,
+            timings_ms=timings,
+        )
+
+    def novelty_of(self, outputs: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(error, novelty) from the lens's outputs of one frame (:meth:`lens_outputs`);
+        raises EngineFailure unless the error output is one finite value >= 0."""
+        if self.lens_card is None or self.lens_card.novelty is None:
+            raise ModelCardError("no lens model is loaded ([classify] lens)")
+        ref = self.lens_card.novelty
+        err = np.asarray(outputs.get(ref.error_output), dtype=np.float64).reshape(-1)
+        if err.size != 1 or not np.isfinite(err[0]) or err[0] < 0:
+            raise EngineFailure(f"lens output {ref.error_output!r} must be one finite error "
+                                f">= 0, got {err[:4]}")
+        return float(err[0]), float(err[0]) / ref.reference_error
+
+    def lens_outputs(self, pixels: np.ndarray, x: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
+        """Every output of the lens for one frame (error, reconstruction, ``act_*`` maps);
+        ``x``: the frame already prepared by ``fixed_input`` at the lens's input size."""
+        if self.lens is None or self.lens_size is None or self.lens_card is None:
+            raise ModelCardError("no lens model is loaded ([classify] lens)")
+        if x is None:
+            x = fixed_input(pixels, self.lens_size)
+        return self.lens.infer({self.lens_card.input.name: x})

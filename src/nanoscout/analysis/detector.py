@@ -1,0 +1,350 @@
+"""The run-time detector: one frame in, particle instance labels out (no torch).
+
+``Detector(engine, card).detect(image)`` normalises the frame (``nanoscout.analysis.preprocess``), picks the
+working scale (fixed, or estimated per frame by a coarse pass, see :meth:`Detector.estimate_scale`),
+resamples the frame to it, pads it to the network stride, runs the engine (tile by tile for
+frames larger than ``tile_px``, :mod:`nanoscout.analysis.tiling`), brings the foreground/core logits back
+to the frame's own pixel grid and turns them into instances (``nanoscout.analysis.instances``). Labels are
+always on the original frame's grid. When the frame was resampled, the foreground logits are
+resampled to the whole frame (outlines at full resolution) but the core logits only at the
+block centres the post-processing reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from nanoscout.analysis.instances import block_centres, instances_from_logits
+from nanoscout.analysis.modelcard import ModelCard
+from nanoscout.analysis.preprocess import (
+    check_frame,
+    normalize,
+    pad_to_multiple,
+    resample,
+    resize_bilinear,
+)
+from nanoscout.analysis.tiling import infer_tiled
+from nanoscout.engines.base import Engine
+from nanoscout.wire.errors import ConfigError, EngineFailure, ModelCardError
+
+__all__ = ["Detection", "Detector"]
+
+#: the 45° view is ignored this close to the frame's edges (px at working scale)
+_TURN_MARGIN_PX = 32
+
+#: mirror images of test-time augmentation: none, left-right, up-down, both (image axes)
+_TTA_AXES: tuple[tuple[int, ...], ...] = ((), (1,), (0,), (0, 1))
+
+
+@dataclass
+class Detection:
+    """Instances found in one frame."""
+
+    labels: np.ndarray  # int32 (H, W) on the original frame's grid, 0 = background, 1..n
+    scores: np.ndarray  # float32 (n + 1,), scores[k] = confidence of particle k, scores[0] = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, engine, postprocess
+    scale: float = 1.0  # working-scale resample factor used (working px per frame px)
+
+    @property
+    def n(self) -> int:
+        """Return the number of particles."""
+        return int(self.scores.size - 1)
+
+
+def _area_weighted_median(ecd: np.ndarray) -> float:
+    """Return the ECD (px) of the particle holding the median particle pixel (0 if none).
+
+    Weighting by area makes the estimate follow the particles that fill the frame, not a swarm
+    of tiny detections on a textured support or on the particles' own surface.
+    """
+    if ecd.size == 0:
+        return 0.0
+    d = np.sort(ecd)
+    c = np.cumsum(d * d)
+    return float(d[np.searchsorted(c, 0.5 * c[-1])])
+
+
+#: an estimation pass at this fraction of full size or more is run at full size instead
+_FULL_PASS = 0.75
+
+
+class Detector:
+    """Runs a detection-segmentation model (ONNX via an Engine) described by its model card."""
+
+    def __init__(self, engine: Engine, card: ModelCard, *,
+                 scale: float | Literal["auto"] | None = None, auto_every: int = 1,
+                 tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1,
+                 merge_convex: float | None = None, min_score: float | None = None,
+                 rotate45: bool = False,
+                 scale_presets: tuple[tuple[float, float], ...] = ()) -> None:
+        """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
+        card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
+        re-estimate every n-th frame of that key (and whenever the frame shape changes).
+        ``tile_px`` / ``tile_margin_px``: largest side sent to the engine in one call, and
+        the context dropped at each tile seam (px at working scale). ``tta``: average the
+        logits over 1, 2 or 4 mirror images (test-time augmentation; engine time x ``tta``,
+        for offline measurement rather than live streams). ``merge_convex``: overrides the
+        card's solidity ratio for merging fragments of one convex particle (None: keep it);
+        ``min_score`` overrides the card's particle score cut (None: keep it).
+        ``rotate45``: also run the engine on the frame turned by 45° and keep the larger of the
+        two logits, turned back (a long straight particle lying along an image axis looks like
+        a burnt-in scale bar to the shipped model; turned, it does not). About 3x the engine
+        time. ``scale_presets``: (pixel size nm, working scale) pairs: a frame whose pixel size
+        is within 2 % of a preset's gets that scale, no estimate (known magnifications).
+        """
+        if card.task != "detection-segmentation" or card.thresholds is None \
+                or card.working_scale is None:
+            raise ModelCardError(f"model card {card.name!r} has task {card.task!r}, "
+                                 "not a detection-segmentation model with thresholds")
+        self.engine = engine
+        self.card = card
+        ws = card.working_scale
+        if scale is None:
+            scale = "auto" if ws.mode == "auto" else ws.default_resample
+        self.auto = scale == "auto"
+        self.scale = 1.0 if scale == "auto" else float(scale)
+        if not 0.02 <= self.scale <= 8.0:
+            raise ConfigError(f"detector scale {self.scale} must be within [0.02, 8]")
+        if auto_every < 1:
+            raise ConfigError(f"auto_every {auto_every} must be >= 1")
+        if tta not in (1, 2, 4):
+            raise ConfigError(f"tta {tta} must be 1, 2 or 4")
+        self.tta = tta
+        self.rotate45 = rotate45
+        for p, f in scale_presets:
+            if not (p > 0 and 0.02 <= f <= 8.0):
+                raise ConfigError(f"scale preset ({p}, {f}) needs a pixel size > 0 nm and a "
+                                  "scale within [0.02, 8]")
+        self.scale_presets = tuple(scale_presets)
+        self.auto_every = auto_every
+        self._memo: dict[object, tuple[tuple[int, int], float, int]] = {}
+        self._pass_engine_s = 0.0  # engine time of the last estimation pass, s
+        self.input_name = card.input.name
+        out = card.outputs[0]
+        self.output_name = out.name
+        try:
+            self._fg = out.channels.index("foreground")
+            self._core = out.channels.index("core")
+        except ValueError as exc:
+            raise ModelCardError(f"outputs[0].channels {out.channels} must name 'foreground' "
+                                 "and 'core'") from exc
+        names = [t.name for t in getattr(engine, "inputs", ())]
+        if names and self.input_name not in names:
+            raise ModelCardError(f"model card input {self.input_name!r} is not an engine input "
+                                 f"({names})")
+        self.stride = card.input.stride_multiple
+        self.thresholds = card.thresholds
+        if merge_convex is not None:
+            self.thresholds = self.thresholds.model_copy(update={"merge_convex": merge_convex})
+        if min_score is not None:
+            if not 0.0 <= min_score < 1.0:
+                raise ConfigError(f"min_score {min_score} must be within [0, 1)")
+            self.thresholds = self.thresholds.model_copy(update={"min_score": min_score})
+        if tile_px % self.stride or tile_px <= 2 * tile_margin_px or tile_margin_px < 0:
+            raise ConfigError(f"tile_px {tile_px} must be a multiple of the network stride "
+                              f"{self.stride} and more than twice tile_margin_px "
+                              f"{tile_margin_px}")
+        self.tile_px = tile_px
+        self.tile_margin_px = tile_margin_px
+
+    def _infer(self, tile: np.ndarray) -> np.ndarray:
+        out = self.engine.infer({self.input_name: tile[None, None]}).get(self.output_name)
+        if out is None or out.ndim != 4 or out.shape[0] != 1 or out.shape[2:] != tile.shape:
+            got = None if out is None else out.shape
+            raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, "
+                                f"expected (1, C, {tile.shape[0]}, {tile.shape[1]})")
+        return out
+
+    def _logits(self, x: np.ndarray, tta: int = 1, rotate45: bool = False) -> np.ndarray:
+        """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled;
+        with ``tta`` > 1 the mean over that many mirror images (none, left-right, up-down,
+        both), each mirrored back."""
+
+        def run(tile: np.ndarray) -> np.ndarray:
+            acc = self._infer(tile).astype(np.float32, copy=True)
+            for axes in _TTA_AXES[1:tta]:
+                acc += np.flip(self._infer(np.ascontiguousarray(np.flip(tile, axes))),
+                               tuple(a + 2 for a in axes))
+            if tta > 1:
+                acc /= np.float32(tta)
+            return acc
+
+        out = infer_tiled(run, x, self.tile_px, self.tile_margin_px, self.stride)
+        if rotate45:
+            # the larger logit: a particle either view sees is kept (a mean would lose a wire
+            # along the axes of either view)
+            np.maximum(out, self._turned_logits(x, run), out=out)
+        return out
+
+    def _turned_logits(self, x: np.ndarray, run: Callable[[np.ndarray], np.ndarray]
+                       ) -> np.ndarray:
+        """Logits of ``x`` turned by 45° about its centre, turned back onto ``x``'s grid
+        (bilinear both ways; the corners the turned frame adds are filled with the median)."""
+        from scipy import ndimage as ndi
+
+        h, w = x.shape
+        r = np.sqrt(0.5)  # cos 45° = sin 45°
+        side = int(np.ceil((h + w) * r)) + 2
+        turn = np.array([[r, -r], [r, r]])  # (row, col) rotation
+        cx = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
+        cr = np.array([(side - 1) / 2.0, (side - 1) / 2.0])
+        xr = ndi.affine_transform(x, turn.T, offset=cx - turn.T @ cr, output_shape=(side, side),
+                                  order=1, mode="constant", cval=float(np.median(x[::4, ::4])))
+        xr, _ = pad_to_multiple(xr.astype(np.float32), self.stride)
+        lr = infer_tiled(run, xr, self.tile_px, self.tile_margin_px, self.stride)
+        back = np.empty((1, lr.shape[1], h, w), np.float32)
+        for k in range(lr.shape[1]):
+            back[0, k] = ndi.affine_transform(lr[0, k], turn, offset=cr - turn @ cx,
+                                              output_shape=(h, w), order=1, mode="nearest")
+        # near the frame's edges the turned view saw the frame's own border (a straight edge
+        # against the fill) and takes it for a particle: there the plain view alone counts
+        m = min(_TURN_MARGIN_PX, h // 4, w // 4)
+        if m > 0:
+            back[..., :m, :] = back[..., -m:, :] = np.float32(-1e4)
+            back[..., :, :m] = back[..., :, -m:] = np.float32(-1e4)
+        return back
+
+    def estimate_scale(self, x: np.ndarray) -> float:
+        """Return the working-scale factor for a normalised frame ``x`` (coarse-to-fine passes).
+
+        Pass at factor s: shrink the frame (longest side ``coarse_side_px`` first), find the
+        particles, take the area-weighted median ECD d of those with score >= ``min_score``
+        (the size of the particle holding the median particle pixel). Once d reaches
+        ``reliable_diameter_px`` (the particles are resolved), or at full size, the frame's
+        median particle is D = d / s px. A D within [``keep_min_px``, ``keep_max_px``] keeps
+        factor 1 (no resampling: cheapest and sharpest); otherwise the factor is
+        ``target_diameter_px`` / D within [``min_resample``, ``max_resample``]. A frame with no
+        particles at any level keeps factor 1.
+        """
+        return self._estimate(x)[0]
+
+    def _pass(self, x: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run the network on ``x`` resampled by ``s``; return (logits, ECD px, scores)."""
+        th = self.thresholds
+        h, w = x.shape
+        wh, ww = max(self.stride, round(h * s)), max(self.stride, round(w * s))
+        xs, _ = pad_to_multiple(resample(x, (wh, ww)) if (wh, ww) != (h, w) else x, self.stride)
+        t0 = time.perf_counter()
+        logits = self._logits(xs)
+        self._pass_engine_s = time.perf_counter() - t0
+        labels, scores = instances_from_logits(
+            logits[0, self._fg, :wh, :ww], logits[0, self._core, :wh, :ww],
+            foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
+            min_core_px=th.min_core_px, post_stride=1, merge_contact=th.merge_contact)
+        area = np.bincount(labels.ravel(), minlength=scores.size)[1:].astype(np.float64)
+        return logits, 2.0 * np.sqrt(area / np.pi), scores[1:]
+
+    def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None]:
+        """Return (factor, logits of the pass at that factor or None) for :meth:`detect`."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        h, w = x.shape
+        s = min(1.0, a.coarse_side_px / max(h, w))
+        while True:
+            logits, ecd, scores = self._pass(x, s)
+            d = _area_weighted_median(ecd[scores >= a.min_score])
+            if d >= a.reliable_diameter_px or (s >= 1.0 and d > 0):
+                factor = self._factor(d / s)
+                return factor, (logits if factor == s else None)
+            if s >= 1.0:
+                return 1.0, logits
+            s = min(1.0, s * (8.0 if d == 0 else float(np.clip(
+                1.5 * a.reliable_diameter_px / d, 2.0, 8.0))))
+            if s >= _FULL_PASS:  # nearly full size costs as much: take the pass the frame
+                s = 1.0          # can reuse when it keeps factor 1 (the common case)
+
+    def _factor(self, big: float) -> float:
+        """Return the resample factor for a frame whose median particle is ``big`` px."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        if a.keep_min_px <= big <= a.keep_max_px:
+            return 1.0
+        return float(np.clip(a.target_diameter_px / big, a.min_resample, a.max_resample))
+
+    def _preset(self, pixel_size_nm: float | None) -> float | None:
+        """The preset working scale for this pixel size (within 2 %), or None."""
+        if pixel_size_nm is None or not pixel_size_nm > 0:
+            return None
+        for p, f in self.scale_presets:
+            if abs(pixel_size_nm / p - 1.0) <= 0.02:
+                return f
+        return None
+
+    def _scale_for(self, x: np.ndarray, key: object) -> tuple[float, np.ndarray | None]:
+        """Return (factor, reusable logits or None) for frame ``x`` of stream ``key``."""
+        if not self.auto:
+            return self.scale, None
+        if key is None:
+            return self._estimate(x)
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] == x.shape and memo[2] < self.auto_every:
+            self._memo[key] = (memo[0], memo[1], memo[2] + 1)
+            return memo[1], None
+        scale, logits = self._estimate(x)
+        if len(self._memo) > 1024:  # many sources or calibrations: forget the oldest
+            self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = (x.shape, scale, 1)
+        return scale, logits
+
+    def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None,
+               pixel_size_nm: float | None = None) -> Detection:
+        """Return the particle instances of ``image`` (2-D, any real dtype, finite).
+
+        ``key`` (e.g. source and pixel size) lets an automatic working scale be reused for
+        ``auto_every`` frames of the same stream. Raises FrameError for a non-2-D, empty or
+        non-finite frame, EngineFailure when the engine output is not what the model card
+        promises. ``rotate45``: this frame's choice of the 45° view (None: the detector's).
+        ``pixel_size_nm`` selects a scale preset, if one matches.
+        """
+        t0 = time.perf_counter()
+        arr = check_frame(image)
+        h, w = arr.shape
+        x = normalize(arr)
+        ts = time.perf_counter()
+        preset = self._preset(pixel_size_nm)
+        scale, logits = (preset, None) if preset is not None else self._scale_for(x, key)
+        ts = time.perf_counter() - ts
+        if scale != 1.0:
+            wh = max(1, round(h * scale))
+            ww = max(1, round(w * scale))
+        else:
+            wh, ww = h, w
+        turn = self.rotate45 if rotate45 is None else rotate45
+        reuse = (logits is not None and self.tta == 1 and not turn
+                 and logits.shape[2] >= wh
+                 and logits.shape[3] >= ww)
+        # a reused estimation pass is the frame's inference: count its engine time as such
+        reused_s = self._pass_engine_s if reuse else 0.0
+        ts -= reused_s
+        t1 = time.perf_counter()
+        if not reuse or logits is None:
+            if scale != 1.0:
+                x = resample(x, (wh, ww))
+            x, _ = pad_to_multiple(x, self.stride)
+            t1 = time.perf_counter()
+            logits = self._logits(x, self.tta, turn)
+        t2 = time.perf_counter()
+        # views, no copies: the post-processing reads the padded output in place
+        fg = logits[0, self._fg, :wh, :ww]
+        core = logits[0, self._core, :wh, :ww]
+        th = self.thresholds
+        stride = th.post_stride
+        if (wh, ww) != (h, w):
+            # after upsampling small particles cover few frame pixels: keep full resolution
+            stride = th.post_stride if scale <= 1.0 else 1
+            fg = resize_bilinear(fg, (h, w))
+            # the core is only read at the block centres: resample just those
+            core = resize_bilinear(core, (h, w), rows=block_centres(h, stride),
+                                   cols=block_centres(w, stride))
+        labels, scores = instances_from_logits(
+            fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
+            min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
+            min_score=th.min_score, merge_convex=th.merge_convex)
+        t3 = time.perf_counter()
+        return Detection(labels, scores, {"preprocess": (t1 - t0 - ts - reused_s) * 1e3,
+                                          "scale": ts * 1e3,
+                                          "engine": (t2 - t1 + reused_s) * 1e3,
+                                          "postprocess": (t3 - t2) * 1e3}, scale)

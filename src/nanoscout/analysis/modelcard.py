@@ -1,0 +1,312 @@
+"""The model card: what an ONNX file expects, what it returns and how well it did.
+
+A model is an ONNX file plus a JSON card next to it (``detector.onnx`` + ``detector.json``).
+The daemon reads only the card and the ONNX file, never Python training code. :meth:`ModelCard.load`
+validates the card and (by default) checks the ONNX file's sha256, raising
+:class:`~nanoscout.wire.errors.ModelCardError` with the field or file at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nanoscout.wire.errors import ModelCardError
+
+__all__ = [
+    "AutoScale",
+    "HeldOutMetrics",
+    "InputSpec",
+    "ModelCard",
+    "NoveltyReference",
+    "Normalization",
+    "OutputSpec",
+    "Thresholds",
+    "TrainingInfo",
+    "WorkingScale",
+    "repository_root",
+    "sha256_file",
+    "shipped_model_dir",
+]
+
+#: the shipped detector for STEM frames (in :func:`shipped_model_dir`), used when present
+SHIPPED_STEM_MODEL = "detector_stem.onnx"
+
+
+def repository_root() -> Path | None:
+    """The source checkout this package runs from (``<repo>/src/nanoscout``), or None when it
+    was installed from a wheel."""
+    repo = Path(__file__).resolve().parents[3]
+    return repo if (repo / "pyproject.toml").is_file() and (repo / "models").is_dir() else None
+
+
+def shipped_model_dir() -> Path:
+    """Folder of the shipped weights and model cards.
+
+    ``$NANOSCOUT_WEIGHTS`` if set; else ``models/weights`` of the source checkout; else the
+    copy a wheel installs under ``<prefix>/share/nanoscout/weights``.
+    """
+    env = os.environ.get("NANOSCOUT_WEIGHTS")
+    if env:
+        return Path(env)
+    repo = repository_root()
+    if repo is not None:
+        return repo / "models" / "weights"
+    installed = Path(sys.prefix) / "share" / "nanoscout" / "weights"
+    if installed.is_dir():
+        return installed
+    raise ModelCardError(
+        "no shipped weights found: not a source checkout and nothing under "
+        f"{installed}; set NANOSCOUT_WEIGHTS to the folder of detector.onnx + detector.json"
+    )
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """The single image input: (1, channels, H, W), H and W multiples of ``stride_multiple``."""
+
+    name: str
+    channels: int = Field(1, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+    layout: Literal["NCHW"] = "NCHW"
+    stride_multiple: int = Field(16, ge=1)
+    #: fixed (H, W) the frame is resampled to (area average) before inference; None: the
+    #: model takes any H, W that are multiples of ``stride_multiple`` (detection)
+    size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
+
+
+class Normalization(_Strict):
+    """Per-frame robust scaling: percentile lo -> 0, hi -> 1, then clipped."""
+
+    method: Literal["percentile"] = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    clip: tuple[float, float] = (-0.5, 1.5)
+    subsample: int = Field(4, ge=1)
+    polarity: str = "as acquired (trained on dark-on-bright and bright-on-dark)"
+
+
+class OutputSpec(_Strict):
+    """One output tensor; ``channels`` names its channels in order."""
+
+    name: str
+    channels: tuple[str, ...]
+    activation: Literal["logits", "probability", "none"] = "logits"
+    resolution: str = "input"
+    meaning: str = ""
+
+
+class AutoScale(_Strict):
+    """How the detector picks each frame's working scale (``nanoscout.analysis.detector``).
+
+    A coarse pass runs the network on the frame shrunk to ``coarse_side_px`` (longest side),
+    then on finer versions until the detected particles' median ECD is at least
+    ``reliable_diameter_px``. A frame whose median particle is ``keep_min_px`` to
+    ``keep_max_px`` across is left as it is; others are resampled so that median becomes
+    ``target_diameter_px``, within [``min_resample``, ``max_resample``].
+    """
+
+    target_diameter_px: float = Field(24.0, gt=0)
+    keep_min_px: float = Field(12.0, gt=0)
+    keep_max_px: float = Field(40.0, gt=0)
+    reliable_diameter_px: float = Field(10.0, gt=0)
+    coarse_side_px: int = Field(192, ge=32)
+    min_resample: float = Field(0.02, gt=0)
+    max_resample: float = Field(3.0, gt=0)
+    min_score: float = Field(0.5, ge=0, lt=1)
+
+
+class WorkingScale(_Strict):
+    """Particle sizes (ECD, px at working scale) the model was trained for.
+
+    ``mode = "auto"``: the detector estimates a resample factor per frame (``auto``);
+    ``"fixed"``: it resamples every frame by ``default_resample``.
+    """
+
+    diameter_px_min: float = Field(gt=0)
+    diameter_px_max: float = Field(gt=0)
+    default_resample: float = Field(1.0, gt=0)
+    mode: Literal["fixed", "auto"] = "fixed"
+    auto: AutoScale = AutoScale()
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkingScale:
+        if self.diameter_px_min >= self.diameter_px_max:
+            raise ValueError(
+                f"diameter_px_min {self.diameter_px_min} must be < diameter_px_max "
+                f"{self.diameter_px_max}"
+            )
+        return self
+
+
+class Thresholds(_Strict):
+    """Post-processing parameters (nanoscout.analysis.instances)."""
+
+    foreground: float = Field(0.5, gt=0, lt=1)
+    core: float = Field(0.5, gt=0, lt=1)
+    min_area_px: int = Field(4, ge=0)
+    min_core_px: int = Field(1, ge=1)
+    post_stride: int = Field(2, ge=1, le=4)
+    #: merge neighbours whose contact exceeds this x the smaller's ECD (None: never merge)
+    merge_contact: float | None = Field(1.6, gt=0)
+    #: merge neighbours whose union's solidity is at least this x their own (fragments of
+    #: one convex particle whose core broke up, e.g. 0.97; None: never)
+    merge_convex: float | None = Field(None, gt=0, le=1)
+    #: drop particles whose score (confidence, 0..1) is below this
+    min_score: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainingInfo(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: str
+    command: str
+    wall_seconds: float | None = None
+    seeds: str = ""
+
+
+class HeldOutMetrics(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    data: str
+    command: str
+    n_frames: int = Field(ge=0)
+    iou_threshold: float = 0.5
+    precision: float = Field(ge=0, le=1)
+    recall: float = Field(ge=0, le=1)
+    f1: float = Field(ge=0, le=1)
+    median_abs_ecd_error_pct: float | None = None
+    ecd_mae_nm: float | None = None
+    #: the same model on held-out real data: set name -> {data, command, metrics...}
+    real: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class NoveltyReference(_Strict):
+    """How an autoencoder's per-frame error becomes a novelty score (``task="autoencoder"``).
+
+    ``novelty = error / reference_error``: 1.0 is the ``reference_quantile`` of the errors of
+    ``n_frames`` usual frames the model was calibrated on (``data``), so novelty > 1 means more
+    unusual than that fraction of usual frames. ``error_output`` names the ONNX output holding
+    the per-frame error: a distance from usual frames that the model defines (its output's
+    ``meaning`` says which: a pixel reconstruction error, or a distance of feature statistics).
+    """
+
+    error_output: str = "error"
+    reference_error: float = Field(gt=0)
+    reference_quantile: float = Field(0.99, gt=0, lt=1)
+    quantiles: dict[str, float] = Field(default_factory=dict)
+    n_frames: int = Field(ge=1)
+    data: str
+
+
+class ModelCard(_Strict):
+    """A model card as stored in JSON next to its ONNX file."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    task: Literal["detection-segmentation", "classification", "autoencoder"]
+    framework: str
+    opset: int = Field(ge=7)
+    onnx_file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input: InputSpec
+    normalization: Normalization
+    outputs: tuple[OutputSpec, ...] = Field(min_length=1)
+    working_scale: WorkingScale | None = None
+    thresholds: Thresholds | None = None
+    classes: tuple[str, ...] | None = None
+    training: TrainingInfo
+    metrics: HeldOutMetrics | None = None
+    #: held-out results of classification / autoencoder models: name -> {data, command, ...}
+    evaluation: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    novelty: NoveltyReference | None = None
+    timings_ms: dict[str, Any] = Field(default_factory=dict)
+    created: str
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> ModelCard:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}")
+        if self.task == "detection-segmentation":
+            if self.working_scale is None or self.thresholds is None:
+                raise ValueError("a detection-segmentation card needs working_scale and thresholds")
+            if "foreground" not in self.outputs[0].channels:
+                raise ValueError(
+                    f"outputs[0].channels {self.outputs[0].channels} lacks 'foreground'"
+                )
+        if self.task == "classification" and not self.classes:
+            raise ValueError("a classification card needs classes")
+        if self.task == "autoencoder" and self.novelty is None:
+            raise ValueError("an autoencoder card needs novelty (its reference error)")
+        if self.task in ("classification", "autoencoder") and self.input.size is None:
+            raise ValueError(f"a {self.task} card needs input.size (the fixed H, W)")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path, *, verify_sha256: bool = True) -> ModelCard:
+        """Return the validated card at ``path``; raises ModelCardError naming the problem.
+
+        With ``verify_sha256`` the ONNX file named by the card (relative to the card) must exist
+        and hash to ``sha256``.
+        """
+        p = Path(path)
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelCardError(f"model card not found: {p}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelCardError(f"model card {p} is not readable JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ModelCardError(
+                f"model card {p} must hold a JSON object, got {type(raw).__name__}"
+            )
+        try:
+            card = cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in e['loc']) or '<card>'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ModelCardError(f"model card {p} is invalid: {problems}") from exc
+        if verify_sha256:
+            onnx = card.onnx_path(p)
+            if not onnx.is_file():
+                raise ModelCardError(f"model card {p} names onnx_file {card.onnx_file!r}, "
+                                     f"which does not exist at {onnx}")
+            digest = sha256_file(onnx)
+            if digest != card.sha256:
+                raise ModelCardError(f"sha256 of {onnx} is {digest}, model card {p} says "
+                                     f"{card.sha256}")
+        return card
+
+    def onnx_path(self, card_path: str | Path) -> Path:
+        """Return the ONNX file's path, resolved relative to the card's folder."""
+        return Path(card_path).parent / self.onnx_file
+
+    def dump(self, path: str | Path) -> Path:
+        """Write the card as indented JSON; returns the path."""
+        p = Path(path)
+        p.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        return p
+
+
+def sha256_file(path: str | Path) -> str:
+    """Return the lowercase hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

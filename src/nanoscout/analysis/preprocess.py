@@ -1,0 +1,217 @@
+"""Frame preprocessing for the detector: normalisation, resampling and padding (numpy only).
+
+:func:`normalize` is the single definition of the model's input normalisation; training
+(``models/train.py``) imports it, so the network sees at run time exactly what it saw in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nanoscout.wire.errors import FrameError
+
+#: percentiles mapped to 0 and 1 by :func:`normalize`
+NORM_PERCENTILES: tuple[float, float] = (0.5, 99.5)
+#: normalised values are clipped to this range (hot pixels, scale bars)
+NORM_CLIP: tuple[float, float] = (-0.5, 1.5)
+#: percentiles are estimated on every n-th row and column (exact enough, 16x cheaper)
+NORM_SUBSAMPLE = 4
+
+
+def check_frame(image: np.ndarray) -> np.ndarray:
+    """Return ``image`` as a 2-D real array, or raise FrameError naming its shape or dtype."""
+    arr = np.asarray(image)
+    if arr.ndim != 2 or arr.size == 0:
+        raise FrameError(f"frame must be a non-empty 2-D array, got shape {arr.shape}",
+                         reason="bad_shape")
+    if arr.dtype.kind not in "uif" and arr.dtype != np.bool_:
+        raise FrameError(f"frame dtype {arr.dtype} is not a real number type", reason="bad_dtype")
+    return arr
+
+
+#: integer frames whose subsample spans at most this many values take the histogram path
+_HIST_MAX_BINS = 1 << 16
+
+
+def _percentiles(sub: np.ndarray, q: tuple[float, float]) -> tuple[float, float]:
+    """Return ``np.percentile(sub, q)`` (linear interpolation), bit for bit.
+
+    Integer (and boolean) samples with a span of at most 2**16 values find their order
+    statistics in a histogram (one counting pass) instead of a partial sort, several times
+    faster; the interpolation repeats numpy's arithmetic so the result is identical. (Numpy
+    itself interpolates int8 / int16 samples in their own dtype, which overflows when they span
+    more than half the type's range; this returns the exact value there, and handles boolean
+    frames, which ``np.percentile`` rejects.) Other samples use ``np.percentile``.
+    """
+    flat = sub.reshape(-1)
+    n = flat.size
+    kind, size = sub.dtype.kind, sub.dtype.itemsize
+    if n and (kind == "b" or (kind == "u" and size <= 2)):
+        lo_v, counts = 0, np.bincount(flat.view(np.uint8) if kind == "b" else flat)
+    elif n and kind in "iu" and size <= 4:
+        wide = flat.astype(np.int64)
+        lo_v = int(wide.min())
+        wide -= lo_v
+        if int(wide.max()) >= _HIST_MAX_BINS:
+            p = np.percentile(sub, q)
+            return float(p[0]), float(p[1])
+        counts = np.bincount(wide)
+    else:
+        p = np.percentile(sub, q)
+        return float(p[0]), float(p[1])
+    cum = np.cumsum(counts)
+    out = []
+    for qq in q:
+        # numpy's "linear" method: virtual index (n - 1) * q, value interpolated between the
+        # order statistics around it (lerp from the nearer end)
+        virtual = (n - 1) * np.true_divide(qq, 100)
+        prev = int(np.floor(virtual))
+        if virtual >= n - 1:
+            prev = nxt = n - 1
+        elif virtual < 0:
+            prev = nxt = 0
+        else:
+            nxt = prev + 1
+        gamma = float(virtual - prev)
+        a, b = np.searchsorted(cum, [prev, nxt], side="right") + lo_v
+        diff = float(b - a)
+        out.append(b - diff * (1.0 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    return out[0], out[1]
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """Return the frame as float32 scaled so percentiles 0.5 / 99.5 map to 0 / 1 (clipped).
+
+    Robust to dtype (uint8/uint16/int/float) and polarity-neutral (dark-on-bright and
+    bright-on-dark are both kept as they are; the network was trained on both). A flat frame
+    maps to all zeros. Raises FrameError when the frame holds NaN or infinity.
+    """
+    arr = check_frame(image)
+    sub = arr[::NORM_SUBSAMPLE, ::NORM_SUBSAMPLE]
+    lo, hi = _percentiles(sub, NORM_PERCENTILES)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise FrameError("frame holds NaN or infinite pixels", reason="not_finite")
+    out = arr.astype(np.float32)  # always a copy: the caller's buffer is never modified
+    if arr.dtype.kind == "f" and not np.isfinite(out).all():
+        raise FrameError("frame holds NaN or infinite pixels", reason="not_finite")
+    span = float(hi) - float(lo)
+    if span <= 0.0:
+        out.fill(0.0)
+        return out
+    out -= np.float32(lo)
+    out *= np.float32(1.0 / span)
+    np.clip(out, NORM_CLIP[0], NORM_CLIP[1], out=out)
+    return out
+
+
+def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Return (padded image, (pad_rows, pad_cols)); padding at the bottom/right by reflection.
+
+    Reflection keeps the local statistics the network sees at the edge natural, so particles
+    near the bottom/right border are not distorted by a constant band.
+    """
+    h, w = image.shape
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return image, (0, 0)
+    # reflection needs more pixels than the pad; a tiny frame falls back to edge replication
+    if ph < h and pw < w:
+        return np.pad(image, ((0, ph), (0, pw)), mode="reflect"), (ph, pw)
+    return np.pad(image, ((0, ph), (0, pw)), mode="edge"), (ph, pw)
+
+
+def _axis_weights(n_in: int, n_out: int, span: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (index0, index1, weight1) for linear resampling of an axis (pixel-centre aligned).
+
+    ``span``: the input extent (in input pixels) the output covers, ``n_in`` when None.
+    """
+    span = float(n_in) if span is None else span
+    pos = (np.arange(n_out, dtype=np.float64) + 0.5) * (span / n_out) - 0.5
+    pos = np.clip(pos, 0.0, n_in - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (pos - i0).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, shape: tuple[int, int], *,
+                    rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
+    """Return ``image`` resampled to ``shape`` (rows, cols) by bilinear interpolation, float32.
+
+    Pixel centres are aligned (like ``align_corners=False``); used for the detector's
+    resample factor and to bring logit maps back to the frame's grid. ``rows`` / ``cols``
+    (integer indices into the output grid) evaluate only those output rows / columns, e.g. the
+    block centres the post-processing samples.
+    """
+    h, w = image.shape
+    img = image.astype(np.float32, copy=False)
+    if (h, w) == tuple(shape) and rows is None and cols is None:
+        return img
+    r0, r1, wr = _axis_weights(h, shape[0])
+    c0, c1, wc = _axis_weights(w, shape[1])
+    if rows is not None:
+        r0, r1, wr = r0[rows], r1[rows], wr[rows]
+    if cols is not None:
+        c0, c1, wc = c0[cols], c1[cols], wc[cols]
+    return _separable(img, (r0, r1, wr), (c0, c1, wc))
+
+
+def _separable(img: np.ndarray, rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+               cols: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """Linear interpolation along rows, then columns, by :func:`_axis_weights` triples."""
+    r0, r1, wr = rows
+    c0, c1, wc = cols
+    # rows, then columns (gathered with np.take, several times faster than fancy indexing
+    # along the last axis); the same arithmetic in the same order as always
+    tmp = img[r0]
+    tmp *= (1.0 - wr)[:, None]
+    tmp += img[r1] * wr[:, None]
+    out = np.take(tmp, c0, axis=1)
+    out *= (1.0 - wc)[None, :]
+    out += np.take(tmp, c1, axis=1) * wc[None, :]
+    return out
+
+
+def resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return ``image`` resampled to ``shape``, anti-aliased when shrinking (float32).
+
+    Shrinking by a factor k >= 2 first averages k x k blocks (an area filter, cheap and free of
+    aliased noise; the last partial block is edge-padded and its true extent kept, so the
+    geometry stays exact), then interpolates bilinearly to ``shape``; enlarging is plain
+    bilinear. The detector resamples frames to its working scale with this, and the training
+    crops are made with it too, so both see the same pixels.
+    """
+    h, w = image.shape
+    k = int(min(h / max(shape[0], 1), w / max(shape[1], 1)))
+    img = image.astype(np.float32, copy=False)
+    if k < 2:
+        return resize_bilinear(img, shape)
+    ph, pw = (-h) % k, (-w) % k
+    if ph or pw:
+        img = np.pad(img, ((0, ph), (0, pw)), mode="edge")
+    hh, ww = img.shape
+    img = img.reshape(hh // k, k, ww // k, k).mean(axis=(1, 3), dtype=np.float32)
+    return _separable(img, _axis_weights(img.shape[0], shape[0], span=h / k),
+                      _axis_weights(img.shape[1], shape[1], span=w / k))
+
+
+def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return a label map resampled to ``shape`` by nearest neighbour (dtype kept)."""
+    h, w = labels.shape
+    if (h, w) == tuple(shape):
+        return labels
+    ri = np.minimum(((np.arange(shape[0]) + 0.5) * (h / shape[0])).astype(np.intp), h - 1)
+    ci = np.minimum(((np.arange(shape[1]) + 0.5) * (w / shape[1])).astype(np.intp), w - 1)
+    return labels[ri[:, None], ci[None, :]]
+
+
+def fixed_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Return the (1, 1, H, W) float32 input of a fixed-size model (classifier, AI lens).
+
+    The whole frame is resampled to ``size`` (rows, cols; anti-aliased :func:`resample`, the
+    aspect ratio is not kept: a heatmap at model resolution maps back onto the frame by one
+    scale per axis), then normalised by :func:`normalize`. Training code calls this too.
+    """
+    arr = check_frame(image)
+    small = resample(arr.astype(np.float32, copy=False), (int(size[0]), int(size[1])))
+    return normalize(small)[None, None]

@@ -1,0 +1,183 @@
+"""``nanoscout lens``: the AI lens offline, one image file in, a PNG of what the lens sees out.
+
+::
+
+    nanoscout lens IMAGE --layer act_enc2 --out maps.png [--card models/weights/lens.json]
+
+runs the shipped autoencoder (``models/weights/lens.onnx``, its card next to it) through the
+engine factory (ONNX Runtime on the CPU) and writes a mosaic (:func:`render_activations`): the first row holds the
+network input (the whole frame resampled to S x S and normalised exactly as the daemon does,
+``nanoscout.analysis.preprocess.fixed_input``), its reconstruction and the per-pixel squared error; the
+rows below hold the first ``max_maps`` channels of the chosen activation, each scaled to its
+own min..max and enlarged (nearest neighbour) to the tile size. It prints the frame's
+novelty error (the card's ``novelty.error_output``: a k-NN distance of texture statistics, not
+the pixel error) and novelty (error / the card's reference error; 1.0 = the 99th percentile of
+usual frames).
+
+Image files are read by :mod:`nanoscout.clients.acquisition.readers` (PNG/TIFF/JPEG and the vendor
+formats DM3/DM4, SER/EMI, MRC, EMD; colour is read as luminance). No torch, no training code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from nanoscout.analysis.modelcard import shipped_model_dir
+from nanoscout.analysis.preprocess import fixed_input
+from nanoscout.clients.acquisition.readers import read_images
+from nanoscout.clients.lens import COLUMNS, TILE, LensError, grid, to_tile, write_live_mosaic
+from nanoscout.engines import Engine, create_engine
+from nanoscout.wire.errors import NanoscoutError
+
+__all__ = ["DEFAULT_CARD", "LensOutput", "main", "render_activations", "run_lens"]
+
+#: the shipped card (``models/weights/lens.json``)
+DEFAULT_CARD = shipped_model_dir() / "lens.json"
+
+
+@dataclass(frozen=True)
+class LensOutput:
+    """One frame through the lens.
+
+    ``image`` / ``reconstruction``: (S, S) float32 normalised intensity; ``error``: the
+    card's novelty error output (for the shipped lens a k-NN distance² per feature of texture
+    statistics, dimensionless); ``novelty``: error / the card's reference error;
+    ``activations``: name -> (c, h, w) float32.
+    """
+
+    image: np.ndarray
+    reconstruction: np.ndarray
+    error: float
+    novelty: float
+    activations: dict[str, np.ndarray]
+
+
+def _read_card(card_path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(Path(card_path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise LensError(f"lens card not found: {card_path}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LensError(f"lens card {card_path} is not readable JSON: {exc}") from exc
+    if not isinstance(card, dict) or card.get("task") != "autoencoder":
+        raise LensError(f"{card_path} is not an autoencoder model card "
+                        f"(task {card.get('task') if isinstance(card, dict) else None!r})")
+    try:
+        size = card["input"]["size"]
+        float(card["novelty"]["reference_error"])
+        str(card["onnx_file"]) + str(card["input"]["name"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LensError(f"lens card {card_path} lacks {exc} (input.size, input.name, "
+                        "onnx_file, novelty.reference_error)") from exc
+    if not (isinstance(size, list) and len(size) == 2):
+        raise LensError(f"lens card {card_path}: input.size {size!r} is not [H, W]")
+    return card
+
+
+_ENGINES: dict[Path, Engine] = {}
+
+
+def _engine(onnx_path: Path) -> Engine:
+    engine = _ENGINES.get(onnx_path)
+    if engine is None:
+        if not onnx_path.is_file():
+            raise LensError(f"lens model {onnx_path} does not exist")
+        engine = _ENGINES[onnx_path] = create_engine(onnx_path, "onnxruntime-cpu", threads=2)
+    return engine
+
+
+def run_lens(card_path: str | Path, image: np.ndarray) -> LensOutput:
+    """Return the lens's view of one raw frame (any real dtype, 2-D); see :class:`LensOutput`."""
+    card_path = Path(card_path)
+    card = _read_card(card_path)
+    engine = _engine(card_path.parent / card["onnx_file"])
+    h, w = (int(v) for v in card["input"]["size"])
+    x = fixed_input(image, (h, w))
+    got = engine.infer({card["input"]["name"]: x})
+    err_name = card["novelty"].get("error_output", "error")
+    error = float(np.asarray(got[err_name]).reshape(-1)[0])
+    acts = {k: np.asarray(v[0], np.float32) for k, v in got.items()
+            if k.startswith("act_") and np.ndim(v) == 4}
+    return LensOutput(image=x[0, 0], reconstruction=np.asarray(got["reconstruction"])[0, 0],
+                      error=error, novelty=error / float(card["novelty"]["reference_error"]),
+                      activations=acts)
+
+
+def render_activations(card_path: str | Path, image: np.ndarray, layer: str,
+                       max_maps: int = 16, *, tile: int = TILE) -> np.ndarray:
+    """Return a uint8 (rows, cols) mosaic of the lens's view of ``image``.
+
+    Row 0: input (0..1 normalised intensity -> 0..255), reconstruction (same scale) and the
+    per-pixel squared error (0 .. its 99.5th percentile -> 0..255). Then the first
+    ``max_maps`` channels of activation ``layer`` (``act_enc1``, ``act_enc2``, ``act_code``),
+    four per row, each scaled to its own range. Shape: :func:`mosaic_shape` of
+    min(max_maps, channels). Raises LensError for an unknown layer.
+    """
+    return _mosaic(run_lens(card_path, image), layer, max_maps, tile)
+
+
+def _mosaic(out: LensOutput, layer: str, max_maps: int, tile: int) -> np.ndarray:
+    if layer not in out.activations:
+        raise LensError(f"layer {layer!r} is not an output of the lens (choose one of "
+                        f"{', '.join(sorted(out.activations))})")
+    maps = out.activations[layer][: max(1, int(max_maps))]
+    err = (out.reconstruction - out.image) ** 2
+    tiles: list[np.ndarray | None] = [
+        to_tile(out.image, tile, 0.0, 1.0), to_tile(out.reconstruction, tile, 0.0, 1.0),
+        to_tile(err, tile, 0.0, max(float(np.percentile(err, 99.5)), 1e-12))]
+    tiles += [None] * (COLUMNS - len(tiles))
+    tiles += [to_tile(m, tile) for m in maps]
+    return grid(tiles, tile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write the lens mosaic of one image file, or (``--connect``) of the newest
+    frame of a live source; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="nanoscout lens",
+                                 description="AI lens: a frame's autoencoder feature maps, its "
+                                             "reconstruction and error map as a PNG mosaic")
+    ap.add_argument("image", type=Path, nargs="?",
+                    help="image file (PNG, TIFF, JPEG, DM3/4, SER, MRC, EMD); omit with --connect")
+    ap.add_argument("--layer", default="act_enc2",
+                    help="activation to show: act_enc1, act_enc2 or act_code (default act_enc2); "
+                         "with --connect also reconstruction")
+    ap.add_argument("--out", type=Path, default=Path("lens.png"), help="PNG to write")
+    ap.add_argument("--max-maps", type=int, default=16, help="channels to show (default 16)")
+    ap.add_argument("--index", type=int, default=0, help="image index in a multi-image file")
+    ap.add_argument("--card", type=Path, default=DEFAULT_CARD, help="lens model card")
+    ap.add_argument("--connect", help="a running daemon's query endpoint (e.g. "
+                    "tcp://127.0.0.1:5557): show its newest frame of --source instead of a file")
+    ap.add_argument("--source", default="sim", help="with --connect: the source (default sim)")
+    ap.add_argument("--timeout", type=float, default=10.0, help="with --connect: seconds to wait")
+    args = ap.parse_args(argv)
+    if args.connect:
+        return write_live_mosaic(args)
+    if args.image is None:
+        ap.error("give an image file, or --connect ENDPOINT for a live frame")
+    try:
+        records = read_images(args.image)
+        if not 0 <= args.index < len(records):
+            raise LensError(f"{args.image} holds {len(records)} image(s); --index {args.index} "
+                            "is out of range")
+        frame = records[args.index].data
+        out = run_lens(args.card, frame)
+        mosaic = _mosaic(out, args.layer, args.max_maps, TILE)
+    except NanoscoutError as exc:
+        print(f"nanoscout lens: {exc}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mosaic).save(args.out)
+    print(f"{args.image}: error {out.error:.6f}, novelty {out.novelty:.2f} "
+          f"(1.0 = 99th percentile of usual frames); wrote {args.out} "
+          f"({mosaic.shape[1]}x{mosaic.shape[0]} px, {args.layer})")
+    return 0
+
+

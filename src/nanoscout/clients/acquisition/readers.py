@@ -1,0 +1,566 @@
+"""Read microscope image files into 2-D arrays with their calibration in nanometres per pixel.
+
+Vendor formats go through rosettasciio (DigitalMicrograph ``.dm3/.dm4``, FEI/TIA ``.emi/.ser``,
+``.mrc``, ``.emd``, TIFF with Zeiss/FEI/DM/ImageJ calibration tags); plain raster formats
+(``.png``, ``.jpg``, ``.bmp``, ``.gif``) go through Pillow and are always uncalibrated.
+
+Every 2-D image in a file becomes one :class:`ImageRecord`: stacks and multi-image files give one
+record per plane, numbered by ``index``. Pixels keep their native dtype, in native byte order,
+C-contiguous, copied out of the file (never a memory map, so the file can be moved or deleted
+while the frame is in flight). Colour images are turned into 8-bit luminance with ITU-R 601-2
+weights (Pillow's ``convert("L")``), the same conversion the project's ground truth was made
+with, so pixel values match annotations made on the grey image.
+
+Calibration: the two image axes' ``scale`` and ``units`` are converted to nm; a scale of 1 with
+no unit, an unknown or reciprocal unit, or an absurd value (<= 0, not finite, outside the
+protocol's ``PIXEL_SIZE_RANGE_NM``, 1e-4 .. 1e6 nm/px) gives ``pixel_size_nm=None`` and a
+``calibration_note`` that says why.
+Nothing here guesses a pixel size: an uncalibrated frame stays uncalibrated.
+
+Anything that cannot be read raises :class:`nanoscout.wire.errors.ReaderError` naming the file and the
+cause. rosettasciio submodules are imported inside the functions because they are heavy.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import logging
+import math
+import re
+import threading
+import traceback
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanoscout.wire.errors import ReaderError
+from nanoscout.wire.protocol import PIXEL_SIZE_RANGE_NM
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "ImageRecord",
+    "calibration_to_nm",
+    "read_image",
+    "read_images",
+]
+
+# suffix (lower case, with the dot) -> source_format reported in ImageRecord
+_FORMATS: dict[str, str] = {
+    ".dm3": "dm3",
+    ".dm4": "dm4",
+    ".emi": "emi",
+    ".ser": "ser",
+    ".mrc": "mrc",
+    ".emd": "emd",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".bmp": "bmp",
+    ".gif": "gif",
+}
+SUPPORTED_SUFFIXES: frozenset[str] = frozenset(_FORMATS)
+"""File suffixes :func:`read_images` accepts, lower case with the leading dot (``".dm4"``)."""
+
+_RSCIIO_MODULES: dict[str, str] = {
+    "dm3": "rsciio.digitalmicrograph",
+    "dm4": "rsciio.digitalmicrograph",
+    "emi": "rsciio.tia",
+    "ser": "rsciio.tia",
+    "mrc": "rsciio.mrc",
+    "emd": "rsciio.emd",
+    "tiff": "rsciio.tiff",
+}
+_CALIBRATION_SOURCE: dict[str, str] = {
+    "dm3": "DM tags",
+    "dm4": "DM tags",
+    "emi": "TIA header",
+    "ser": "TIA header",
+    "mrc": "MRC header",
+    "emd": "EMD dims",
+    "tiff": "TIFF tags",
+}
+
+# the daemon rejects frames outside this range, so a file outside it counts as uncalibrated
+MIN_PIXEL_NM, MAX_PIXEL_NM = PIXEL_SIZE_RANGE_NM
+
+# unit string (lower case) -> nm per unit
+_NM_PER_UNIT: dict[str, float] = {
+    "m": 1e9,
+    "meter": 1e9,
+    "metre": 1e9,
+    "cm": 1e7,
+    "mm": 1e6,
+    "µm": 1e3,  # micro sign U+00B5
+    "μm": 1e3,  # greek mu U+03BC
+    "um": 1e3,
+    "micron": 1e3,
+    "microns": 1e3,
+    "micrometer": 1e3,
+    "micrometre": 1e3,
+    "nm": 1.0,
+    "nanometer": 1.0,
+    "nanometre": 1.0,
+    "å": 0.1,  # "Å" (U+00C5) and the angstrom sign U+212B both lower-case to this
+    "a": 0.1,  # MRC and some DM files write a bare "A" for angstrom on a length axis
+    "ang": 0.1,
+    "angstrom": 0.1,
+    "angstroms": 0.1,
+    "pm": 1e-3,
+}
+_NO_UNIT = frozenset({"", "<undefined>", "undefined", "[]", "none", "px", "pixel", "pixels"})
+_STEM_WORDS = re.compile(r"\b(HAADF|MAADF|LAADF|ADF|DF[124]?|DF-[SI]|BF-S|STEM|DIGISCAN)\b")
+
+MetaValue = str | float | int
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One 2-D image read from a file, with its calibration.
+
+    ``pixel_size_nm`` is the side of one pixel in nm, or None when the file carries no usable
+    calibration (``calibration_note`` says why). ``index`` counts the 2-D images in the file
+    from 0. ``meta`` is a small flat map of str/int/float (instrument, magnification,
+    voltage_kv, title, detector, original scale and unit) that msgpack can encode.
+    """
+
+    data: np.ndarray
+    pixel_size_nm: float | None
+    modality: str | None
+    path: Path
+    index: int
+    source_format: str
+    meta: dict[str, MetaValue] = field(default_factory=dict)
+    calibration_note: str = ""
+
+
+def read_image(path: str | Path) -> ImageRecord:
+    """Return the first 2-D image of ``path`` (see :func:`read_images`)."""
+    return read_images(path)[0]
+
+
+def read_images(path: str | Path) -> list[ImageRecord]:
+    """Return every 2-D image in the file at ``path``, in file order, calibrated in nm per px.
+
+    Raises ReaderError when the file is missing, has an unsupported suffix, is corrupt or
+    truncated, or holds no 2-D real-space image.
+    """
+    p = Path(path)
+    suffix = p.suffix.lower()
+    fmt = _FORMATS.get(suffix)
+    if fmt is None:
+        supported = ", ".join(sorted(SUPPORTED_SUFFIXES))
+        raise ReaderError(f"{p}: unsupported file type {suffix or '(no suffix)'!r} (supported: {supported})")
+    if not p.is_file():
+        raise ReaderError(f"{p}: no such file")
+    try:
+        records = _read_pillow(p, fmt) if fmt not in _RSCIIO_MODULES else _read_rsciio(p, fmt)
+    except ReaderError:
+        raise
+    except Exception as exc:  # any parser failure means the file is bad; keep the cause chained
+        raise ReaderError(f"{p}: cannot read {fmt} file ({type(exc).__name__}: {exc})") from exc
+    return records
+
+
+def calibration_to_nm(scale: Any, units: Any, source: str = "metadata") -> tuple[float | None, str]:
+    """Convert one axis calibration (``scale`` per pixel in ``units``) to nm per pixel.
+
+    Returns ``(pixel_size_nm, note)``; ``pixel_size_nm`` is None when the axis is uncalibrated
+    (scale 1 without unit, no or unknown unit, reciprocal unit) or the value is absurd, and
+    ``note`` says which, naming the value.
+    """
+    unit = _unit_text(units)
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        return None, f"no calibration (scale {scale!r} is not a number)"
+    if unit.lower() in _NO_UNIT:
+        if value == 1.0:
+            return None, "no calibration (scale 1, no unit)"
+        return None, f"no calibration (scale {value:g} without a unit)"
+    if _is_reciprocal(unit):
+        return None, f"no calibration (reciprocal unit {unit!r}: not a real-space image)"
+    factor = _NM_PER_UNIT.get(unit.lower())
+    if factor is None:
+        return None, f"no calibration (unknown length unit {unit!r}, scale {value:g})"
+    nm = value * factor
+    if not math.isfinite(nm) or not MIN_PIXEL_NM <= nm <= MAX_PIXEL_NM:
+        return None, (
+            f"absurd calibration ignored ({value:g} {unit} = {nm:g} nm/px, "
+            f"outside {MIN_PIXEL_NM:g}..{MAX_PIXEL_NM:g} nm/px)"
+        )
+    return nm, f"{value:.6g} {unit} per px from {source}"
+
+
+# ---------------------------------------------------------------------------------------------
+# rosettasciio formats
+
+
+class _LogCapture(logging.Handler):
+    """Collect the records a library logs from the current thread while it reads one file.
+
+    tifffile does not raise on a truncated TIFF whose directory is damaged: it logs an error,
+    drops the tags it could not read (the calibration among them) and returns the pixels. Those
+    log records are the only sign that the calibration we would report is wrong.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.thread = threading.get_ident()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.records.append(record)
+
+    def messages(self, min_level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= min_level]
+
+
+def _read_rsciio(p: Path, fmt: str) -> list[ImageRecord]:
+    module = importlib.import_module(_RSCIIO_MODULES[fmt])
+    capture = _LogCapture()
+    tiff_logger = logging.getLogger("tifffile")
+    tiff_logger.addHandler(capture)
+    try:
+        with warnings.catch_warnings():
+            # rosettasciio's MRC reader and tifffile (on a damaged file) leave an open file to
+            # the garbage collector; the warning would surface later in an unrelated place
+            warnings.simplefilter("ignore", ResourceWarning)
+            try:
+                signals = module.file_reader(str(p))
+            except Exception as exc:
+                # free the reader's locals (the open file) now, while the warning is filtered;
+                # tifffile's handles sit in reference cycles, hence the collection (error path)
+                traceback.clear_frames(exc.__traceback__)
+                gc.collect()
+                raise
+    finally:
+        tiff_logger.removeHandler(capture)
+    errors = capture.messages(logging.ERROR)
+    if errors:
+        raise ReaderError(f"{p}: corrupt or truncated {fmt} file ({'; '.join(errors)[:300]})")
+
+    records: list[ImageRecord] = []
+    skipped: list[str] = []
+    for signal in signals:
+        modality, signal_meta = _describe(fmt, signal)
+        for data, axes_yx in _planes(signal, skipped):
+            x_unit = _unit_text(axes_yx[1].get("units"))
+            if _is_reciprocal(x_unit):
+                # diffraction patterns / FFTs: no particle can be measured on them
+                skipped.append(f"reciprocal-space plane (unit {x_unit!r})")
+                continue
+            pixel, note, cal_meta = _calibration(axes_yx, _CALIBRATION_SOURCE[fmt])
+            meta = {**signal_meta, **cal_meta}
+            records.append(
+                ImageRecord(
+                    data=data,
+                    pixel_size_nm=pixel,
+                    modality=modality,
+                    path=p,
+                    index=len(records),
+                    source_format=fmt,
+                    meta=meta,
+                    calibration_note=note,
+                )
+            )
+    if not records:
+        why = "; ".join(skipped + capture.messages(logging.WARNING)) or "empty file"
+        raise ReaderError(f"{p}: no 2-D image in {fmt} file ({why[:300]})")
+    return records
+
+
+def _planes(
+    signal: Mapping[str, Any], skipped: list[str]
+) -> Iterator[tuple[np.ndarray, list[Mapping[str, Any]]]]:
+    """Yield ``(plane, [y_axis, x_axis])`` for each 2-D image in one rosettasciio signal."""
+    data = np.asarray(signal["data"])
+    axes: list[Mapping[str, Any]] = list(signal.get("axes") or [])
+    if data.dtype.names:
+        data = _luminance_structured(data)
+    if np.iscomplexobj(data):
+        skipped.append(f"complex-valued {data.shape} signal is not an image")
+        return
+    if data.ndim < 2:
+        skipped.append(f"{data.ndim}-D signal {data.shape} is not an image")
+        return
+    if len(axes) != data.ndim:
+        axes = [{} for _ in range(data.ndim)]
+    signal_dims = [i for i, a in enumerate(axes) if not a.get("navigate", False)]
+    if len(signal_dims) == 1 and data.ndim > 1 and signal_dims == [data.ndim - 1]:
+        skipped.append(f"{data.shape} signal with one signal axis is a spectrum (image) set")
+        return
+    if len(signal_dims) > 2:
+        skipped.append(f"{data.ndim}-D signal {data.shape} has more than two signal axes")
+        return
+    # rosettasciio lists axes in array order, and image planes are the two fastest dimensions
+    axes_yx = [axes[-2], axes[-1]]
+    for nav_index in np.ndindex(*data.shape[:-2]):
+        yield _own_native_c(data[nav_index]), axes_yx
+
+
+def _own_native_c(plane: np.ndarray) -> np.ndarray:
+    """Copy a plane out of the file: native byte order, C-contiguous, never a memory map."""
+    dtype = plane.dtype.newbyteorder("=") if not plane.dtype.isnative else plane.dtype
+    if dtype == np.bool_:
+        dtype = np.dtype(np.uint8)
+    return np.array(plane, dtype=dtype, order="C", copy=True)
+
+
+def _luminance_structured(data: np.ndarray) -> np.ndarray:
+    """Turn rosettasciio's RGB(A) record arrays into ITU-R 601-2 luminance of the channel dtype."""
+    names = data.dtype.names or ()
+    if not {"R", "G", "B"} <= set(names):
+        raise ValueError(f"unsupported structured pixel type {data.dtype} (fields {names})")
+    channel = data["R"].dtype
+    luma = (
+        data["R"].astype(np.float64) * 299
+        + data["G"].astype(np.float64) * 587
+        + data["B"].astype(np.float64) * 114
+    ) / 1000
+    if np.issubdtype(channel, np.integer):
+        return np.rint(luma).astype(channel.newbyteorder("="))
+    return luma.astype(np.float32)
+
+
+def _calibration(
+    axes_yx: list[Mapping[str, Any]], source: str
+) -> tuple[float | None, str, dict[str, MetaValue]]:
+    y_axis, x_axis = axes_yx
+    x_nm, x_note = calibration_to_nm(x_axis.get("scale", 1.0), x_axis.get("units"), source)
+    y_nm, y_note = calibration_to_nm(y_axis.get("scale", 1.0), y_axis.get("units"), source)
+    meta: dict[str, MetaValue] = {}
+    unit = _unit_text(x_axis.get("units"))
+    if unit.lower() not in _NO_UNIT:
+        meta["scale_unit"] = unit
+    scale = _clean(x_axis.get("scale"))
+    if isinstance(scale, float | int):
+        meta["scale"] = float(scale)
+    if x_nm is None:
+        return None, x_note, meta
+    if y_nm is None:
+        return x_nm, f"{x_note}; y axis ignored: {y_note}", meta
+    if abs(x_nm - y_nm) > 0.01 * max(x_nm, y_nm):
+        # the wire format has one pixel size; the area-preserving mean keeps areas right
+        meta["pixel_size_x_nm"] = x_nm
+        meta["pixel_size_y_nm"] = y_nm
+        mean = math.sqrt(x_nm * y_nm)
+        return mean, f"{x_note}; non-square pixels {x_nm:g} x {y_nm:g} nm, using {mean:g}", meta
+    return x_nm, x_note, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# modality and small metadata from each vendor's tags
+
+
+def _describe(fmt: str, signal: Mapping[str, Any]) -> tuple[str | None, dict[str, MetaValue]]:
+    """Return ``(modality, meta)`` from a rosettasciio signal's metadata."""
+    md = signal.get("metadata") or {}
+    om = signal.get("original_metadata") or {}
+    meta: dict[str, MetaValue] = {}
+    title = _clean(_get(md, "General.title"))
+    if isinstance(title, str) and title != "__unnamed__":
+        meta["title"] = title
+    modality = _generic_modality(md, meta)
+    vendor: str | None = None
+    if fmt in ("dm3", "dm4"):
+        vendor = _dm_info(om, meta)
+    elif fmt in ("emi", "ser"):
+        vendor = _tia_info(om, meta)
+    elif fmt == "tiff":
+        vendor = _tiff_info(om, meta)
+    modality = vendor or modality
+    if modality is None and isinstance(title, str) and _STEM_WORDS.search(title.upper()):
+        modality = "STEM"  # a STEM detector name in the image title (e.g. "HAADF Image")
+    return modality, {k: v for k, v in meta.items() if v is not None}
+
+
+def _generic_modality(md: Mapping[str, Any], meta: dict[str, MetaValue]) -> str | None:
+    """Read rosettasciio's mapping (``Acquisition_instrument.TEM/SEM``) where a reader fills it."""
+    instrument = _get(md, "Acquisition_instrument")
+    if not isinstance(instrument, Mapping):
+        return None
+    for kind in ("SEM", "TEM"):
+        sub = instrument.get(kind)
+        if isinstance(sub, Mapping):
+            _put(meta, "voltage_kv", sub.get("beam_energy"))
+            _put(meta, "magnification", sub.get("magnification"))
+            _put(meta, "instrument", sub.get("microscope"))
+            if kind == "SEM":
+                return "SEM"
+            return "STEM" if _get(sub, "Detector.Detector_name") == "HAADF" else None
+    return None
+
+
+def _dm_info(om: Mapping[str, Any], meta: dict[str, MetaValue]) -> str | None:
+    tags = _get(om, "ImageList.TagGroup0.ImageTags")
+    if not isinstance(tags, Mapping):
+        return None
+    info = tags.get("Microscope Info")
+    info = info if isinstance(info, Mapping) else {}
+    _put(meta, "instrument", info.get("Name") or _get(tags, "Session Info.Microscope"))
+    _put(meta, "magnification", info.get("Indicated Magnification"))
+    voltage = _clean(info.get("Voltage"))
+    if isinstance(voltage, float | int) and voltage > 0:
+        meta["voltage_kv"] = voltage / 1000.0  # DM stores volts
+    operation = str(info.get("Operation Mode", "")).upper()
+    illumination = str(info.get("Illumination Mode", "")).upper()
+    if operation == "SCANNING" or "STEM" in illumination or "DigiScan" in tags:
+        return "STEM"
+    if operation == "IMAGING" or isinstance(tags.get("Acquisition"), Mapping):
+        return "TEM"  # "Acquisition" is the camera tag group GMS writes for CCD/CMOS images
+    return None
+
+
+def _tia_info(om: Mapping[str, Any], meta: dict[str, MetaValue]) -> str | None:
+    desc = _get(om, "ObjectInfo.ExperimentalDescription")
+    if not isinstance(desc, Mapping):
+        return None
+    _put(meta, "instrument", desc.get("Microscope"))
+    _put(meta, "voltage_kv", desc.get("High tension_kV"))
+    _put(meta, "magnification", desc.get("Magnification_x"))
+    words = str(desc.get("Mode", "")).upper().split()
+    if "STEM" in words:
+        return "STEM"
+    if "TEM" in words or _get(om, "ObjectInfo.AcquireInfo.CameraNamePath") is not None:
+        return "TEM"
+    return None
+
+
+def _tiff_info(om: Mapping[str, Any], meta: dict[str, MetaValue]) -> str | None:
+    zeiss = om.get("CZ_SEM")
+    if isinstance(zeiss, Mapping):
+        _put(meta, "instrument", _zeiss_value(zeiss, "sv_serial_number"))
+        _put(meta, "voltage_kv", _zeiss_value(zeiss, "ap_actualkv"))
+        _put(meta, "detector", _zeiss_value(zeiss, "dp_detector_channel"))
+        _put(meta, "magnification", _parse_magnification(_zeiss_value(zeiss, "ap_mag")))
+        return "SEM"  # CZ_SEM is written only by Zeiss SEM/FIB-SEM software (SmartSEM)
+    fei = om.get("fei_metadata")
+    if isinstance(fei, Mapping):
+        _put(meta, "instrument", _get(fei, "System.SystemType"))
+        hv = _clean(_get(fei, "Beam.HV"))
+        if isinstance(hv, float | int) and hv > 0:
+            meta["voltage_kv"] = hv / 1000.0  # FEI xT stores volts
+        _put(meta, "detector", _get(fei, "Detectors.Name"))
+        beam = str(_get(fei, "Beam.Beam") or "")
+        # xT (SEM/DualBeam) software; an ion-beam image is not an electron micrograph
+        return "SEM" if beam.upper() != "IBEAM" else None
+    return None
+
+
+def _zeiss_value(zeiss: Mapping[str, Any], key: str) -> Any:
+    entry = zeiss.get(key)
+    # CZ_SEM entries are (label, value[, unit]) tuples
+    if isinstance(entry, tuple | list) and len(entry) >= 2:
+        return entry[1]
+    return None
+
+
+def _parse_magnification(text: Any) -> float | None:
+    """``'50.00 K X'`` -> 50000.0, ``105`` -> 105.0; None when it cannot be parsed."""
+    if isinstance(text, int | float):
+        return float(text)
+    match = re.match(r"\s*([0-9.]+)\s*([kKmM]?)", str(text or ""))
+    if not match:
+        return None
+    try:
+        value = float(match.group(1))
+    except ValueError:
+        return None
+    return value * {"": 1.0, "k": 1e3, "m": 1e6}[match.group(2).lower()]
+
+
+def _get(tree: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _put(meta: dict[str, MetaValue], key: str, value: Any) -> None:
+    clean = _clean(value)
+    if clean is None or clean == "" or key in meta:
+        return
+    if key in ("magnification", "voltage_kv") and not (
+        isinstance(clean, float | int) and math.isfinite(clean) and clean > 0
+    ):
+        return
+    meta[key] = clean
+
+
+def _clean(value: Any) -> MetaValue | None:
+    """Turn a metadata value into a small msgpack-able scalar, or None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        text = value.strip().replace("\u2028", " ")
+        return text[:120] if text else None
+    return None
+
+
+def _is_reciprocal(unit: str) -> bool:
+    return unit.startswith("1/") or "^-1" in unit or unit.endswith("-1")
+
+
+def _unit_text(units: Any) -> str:
+    if units is None:
+        return ""
+    if isinstance(units, bytes):
+        units = units.decode("utf-8", "replace")
+    return str(units).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pillow formats
+
+
+def _read_pillow(p: Path, fmt: str) -> list[ImageRecord]:
+    from PIL import Image
+
+    records: list[ImageRecord] = []
+    with Image.open(p) as image:
+        for frame in range(getattr(image, "n_frames", 1)):
+            image.seek(frame)
+            image.load()  # decode now so a truncated file fails here, not later
+            mode = image.mode
+            data = _pillow_array(image)
+            records.append(
+                ImageRecord(
+                    data=data,
+                    pixel_size_nm=None,
+                    modality=None,
+                    path=p,
+                    index=frame,
+                    source_format=fmt,
+                    meta={"mode": mode},
+                    calibration_note=f"no calibration ({fmt} files carry no pixel size)",
+                )
+            )
+    return records
+
+
+def _pillow_array(image: Any) -> np.ndarray:
+    if image.mode in ("L", "I", "F") or image.mode.startswith("I;16"):
+        data = np.asarray(image)
+    else:
+        # colour, palette, 1-bit and alpha modes: 8-bit ITU-R 601-2 luma, as the ground truth
+        data = np.asarray(image.convert("L"))
+    if data.ndim != 2:
+        raise ValueError(f"Pillow mode {image.mode!r} gave a {data.shape} array, not 2-D")
+    return _own_native_c(data)

@@ -1,0 +1,281 @@
+"""File-replay adapter: send real microscope files to the daemon as frames.
+
+``replay_files`` sends a list of files (directories expand to their supported files) at an
+optional fixed rate; ``replay_watch`` sends each new file that appears in a folder. Both read
+with :mod:`nanoscout.clients.acquisition.readers`, send every 2-D image of every file through a
+publisher (``nanoscout.clients.acquisition.publisher.FramePublisher`` or anything with the same ``send``),
+and never stop on a bad file: it is logged, listed in the report and skipped. Frames whose file
+carries no calibration are sent with ``pixel_size_nm=None`` (the daemon then measures in pixels
+and says so) and listed as uncalibrated, unless a pixel size is given to override the file.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from nanoscout.clients.acquisition.readers import (
+    MAX_PIXEL_NM,
+    MIN_PIXEL_NM,
+    SUPPORTED_SUFFIXES,
+    ImageRecord,
+    read_images,
+)
+from nanoscout.clients.acquisition.watch import watch_folder
+from nanoscout.wire.errors import ConfigError, ReaderError
+from nanoscout.wire.protocol import FRAME_DTYPES
+
+__all__ = ["DEFAULT_PATTERNS", "MODALITIES", "ReplayReport", "replay_files", "replay_watch"]
+
+MODALITIES = frozenset({"TEM", "STEM", "SEM"})
+DEFAULT_PATTERNS: tuple[str, ...] = tuple(sorted(f"*{s}" for s in SUPPORTED_SUFFIXES))
+"""Watch patterns matching every file type the readers support."""
+
+
+class Publisher(Protocol):
+    """What the replay needs from ``FramePublisher``: ``send`` returns the sequence number."""
+
+    def send(
+        self,
+        image: np.ndarray,
+        *,
+        pixel_size_nm: float | None,
+        modality: str | None = None,
+        stage: tuple[float, float] | None = None,
+        magnification: float | None = None,
+        meta: dict[str, Any] | None = None,
+        t_acq_ns: int | None = None,
+    ) -> int: ...
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did: frames sent, files skipped with the reason, uncalibrated files."""
+
+    sent: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    uncalibrated: list[Path] = field(default_factory=list)
+
+
+def replay_files(
+    paths: Iterable[Path | str],
+    publisher: Publisher,
+    *,
+    rate_hz: float | None = None,
+    loop: int = 1,
+    pixel_size_nm: float | None = None,
+    modality: str | None = None,
+    log: Callable[[str], None] = print,
+) -> ReplayReport:
+    """Send every image of every file in ``paths``, ``loop`` times; return a ReplayReport.
+
+    Directories expand to their supported files, sorted by name, not recursively; a TIA
+    ``.ser`` file is left out when its ``.emi`` companion is listed (the ``.emi`` reads it).
+    ``rate_hz`` (frames per second) paces frames on a monotonic schedule without cumulative
+    drift; None sends as fast as the publisher takes them. ``pixel_size_nm`` (nm/px) and
+    ``modality`` override what the files say. Unreadable files are logged, reported in
+    ``skipped`` once and not retried on later loops. Raises ConfigError on bad options;
+    errors from the publisher (a closed socket) propagate.
+    """
+    _check_overrides(pixel_size_nm, modality)
+    if rate_hz is not None and not (math.isfinite(rate_hz) and rate_hz > 0):
+        raise ConfigError(f"rate_hz must be a positive frame rate (Hz), got {rate_hz!r}")
+    if loop < 1:
+        raise ConfigError(f"loop must be >= 1, got {loop!r}")
+
+    report = ReplayReport()
+    files = _expand(paths, report, log)
+    pacer = _Pacer(rate_hz)
+    bad: set[Path] = {p for p, _ in report.skipped}
+    for _ in range(loop):
+        for path in files:
+            if path in bad:
+                continue
+            if not _send_file(path, publisher, report, pixel_size_nm, modality, log, pacer):
+                bad.add(path)
+    log(
+        f"replay done: {report.sent} frames sent, {len(report.skipped)} files skipped, "
+        f"{len(report.uncalibrated)} uncalibrated"
+    )
+    return report
+
+
+def replay_watch(
+    folder: Path | str,
+    publisher: Publisher,
+    *,
+    patterns: Sequence[str] = DEFAULT_PATTERNS,
+    pixel_size_nm: float | None = None,
+    modality: str | None = None,
+    stop: threading.Event | None = None,
+    log: Callable[[str], None] = print,
+    existing: bool = False,
+    poll_s: float = 0.25,
+    settle_polls: int = 2,
+) -> ReplayReport:
+    """Send each new complete file that appears in ``folder`` until ``stop`` is set.
+
+    Completeness, ``patterns``, ``existing``, ``poll_s`` (s) and ``settle_polls`` are those of
+    :func:`nanoscout.clients.acquisition.watch.watch_folder`. TIA ``.emi`` files are skipped here: the
+    pixels and calibration are in the ``.ser`` files written next to them, which are sent.
+    Returns the ReplayReport when ``stop`` is set; bad files are logged and skipped.
+    """
+    _check_overrides(pixel_size_nm, modality)
+    report = ReplayReport()
+    pacer = _Pacer(None)
+    log(f"watching {folder} for {', '.join(patterns)}")
+    for path in watch_folder(
+        Path(folder),
+        patterns=patterns,
+        poll_s=poll_s,
+        settle_polls=settle_polls,
+        existing=existing,
+        stop=stop,
+    ):
+        if path.suffix.lower() == ".emi":
+            continue
+        _send_file(path, publisher, report, pixel_size_nm, modality, log, pacer)
+    return report
+
+
+def _check_overrides(pixel_size_nm: float | None, modality: str | None) -> None:
+    if pixel_size_nm is not None and not (
+        math.isfinite(pixel_size_nm) and MIN_PIXEL_NM <= pixel_size_nm <= MAX_PIXEL_NM
+    ):
+        raise ConfigError(
+            f"pixel_size_nm override must be within {MIN_PIXEL_NM:g}.."
+            f"{MAX_PIXEL_NM:g} nm, got {pixel_size_nm!r}"
+        )
+    if modality is not None and modality not in MODALITIES:
+        raise ConfigError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
+
+
+def _expand(paths: Iterable[Path | str], report: ReplayReport, log: Callable[[str], None]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(
+                sorted(
+                    (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES),
+                    key=lambda p: p.name,
+                )
+            )
+        elif path.exists():
+            files.append(path)
+        else:
+            _skip(report, path, "no such file or directory", log)
+    emi_stems = {(p.parent, p.stem.lower()) for p in files if p.suffix.lower() == ".emi"}
+    return [p for p in files if not _read_through_emi(p, emi_stems)]
+
+
+def _read_through_emi(path: Path, emi_stems: set[tuple[Path, str]]) -> bool:
+    """True for ``name_1.ser`` when ``name.emi`` is in the list (reading the .emi sends it)."""
+    if path.suffix.lower() != ".ser":
+        return False
+    stem, _, number = path.stem.rpartition("_")
+    return number.isdigit() and (path.parent, stem.lower()) in emi_stems
+
+
+def _send_file(
+    path: Path,
+    publisher: Publisher,
+    report: ReplayReport,
+    pixel_size_nm: float | None,
+    modality: str | None,
+    log: Callable[[str], None],
+    pacer: _Pacer,
+) -> bool:
+    """Send every image of one file; return False (and report it) when it cannot be read."""
+    try:
+        records = read_images(path)
+        frames = [_wire_array(r.data) for r in records]
+    except ReaderError as exc:
+        _skip(report, path, str(exc), log)
+        return False
+    for record, frame in zip(records, frames, strict=True):
+        pixel = pixel_size_nm if pixel_size_nm is not None else record.pixel_size_nm
+        pacer.wait()
+        publisher.send(
+            frame,
+            pixel_size_nm=pixel,
+            modality=modality or record.modality,
+            magnification=_magnification(record),
+            meta={"file": path.name, "index": record.index},
+        )
+        report.sent += 1
+        if pixel is None and path not in report.uncalibrated:
+            report.uncalibrated.append(path)
+    first = records[0]
+    if pixel_size_nm is not None:
+        calibration = f"{pixel_size_nm:g} nm/px (override; file: {first.calibration_note})"
+    elif first.pixel_size_nm is None:
+        calibration = f"UNCALIBRATED, sizes will be in px: {first.calibration_note}"
+    else:
+        calibration = f"{first.pixel_size_nm:.6g} nm/px ({first.calibration_note})"
+    log(
+        f"sent {path.name}: {len(records)} image(s) {first.data.shape} {first.data.dtype} "
+        f"{modality or first.modality or 'modality unknown'}, {calibration}"
+    )
+    return True
+
+
+def _wire_array(data: np.ndarray) -> np.ndarray:
+    """Return ``data`` in a dtype the frame protocol carries, converting without loss of value.
+
+    float16 becomes float32; 64-bit integers become int32 when every value fits, else float64.
+    """
+    if f"{data.dtype.kind}{data.dtype.itemsize}" in FRAME_DTYPES:
+        return data
+    if data.dtype.kind == "f":
+        return data.astype(np.float32)
+    if data.dtype.kind in "iu":
+        info = np.iinfo(np.int32)
+        if data.size and info.min <= data.min() and data.max() <= info.max:
+            return data.astype(np.int32)
+        return data.astype(np.float64)
+    raise ReaderError(f"pixel dtype {data.dtype} cannot be sent as a frame (no lossless match)")
+
+
+def _magnification(record: ImageRecord) -> float | None:
+    value = record.meta.get("magnification")
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _skip(report: ReplayReport, path: Path, reason: str, log: Callable[[str], None]) -> None:
+    report.skipped.append((path, reason))
+    log(f"skipped {path}: {reason}")
+
+
+class _Pacer:
+    """Wait until frame k's slot, ``t0 + k / rate``, on the monotonic clock.
+
+    Slots are computed from the start, not from the previous frame, so sleep overshoot does not
+    add up over a long replay. When sending falls behind by more than a frame (a slow file, a
+    publisher pushing back), the schedule restarts from now instead of bursting to catch up.
+    """
+
+    def __init__(self, rate_hz: float | None) -> None:
+        self.period_s = 1.0 / rate_hz if rate_hz else 0.0
+        self.start_s: float | None = None
+        self.count = 0
+
+    def wait(self) -> None:
+        if self.period_s == 0.0:
+            return
+        now = time.monotonic()
+        if self.start_s is None:
+            self.start_s = now
+        due = self.start_s + self.count * self.period_s
+        if now - due > self.period_s:
+            self.start_s, self.count, due = now, 0, now
+        if due > now:
+            time.sleep(due - now)
+        self.count += 1

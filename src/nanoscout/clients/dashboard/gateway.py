@@ -1,0 +1,491 @@
+"""Dashboard gateway: subscribe to the daemon and keep only the newest of everything.
+
+:class:`DashboardState` folds decoded messages into *items*, one per thing the page draws,
+each replaced whole by a newer one (latest-wins) and stamped with a rising version:
+
+=================  =========  ==========================================================
+key                event      payload
+=================  =========  ==========================================================
+``sources``        sources    source names in the order first seen
+``frame:<src>``    frame      newest ``preview`` as PNG + the particles of the ``det``
+                              with the same seq (ellipse/bbox in preview px)
+``det:<src>``      det        newest ``det`` summary: seq, n, latency, frames, seq gaps
+``stats:<src>``    stats      newest ``stats`` header + a bounded D50 / count time series
+``class:<src>``    class      newest ``class`` header + its CAM heatmap as RGBA PNG
+``health``         health     newest ``health`` header
+=================  =========  ==========================================================
+
+Alerts are the exception: a bounded list (newest ``max_alerts``), each with an id, so a client
+gets every alert it has not seen yet rather than only the newest. Payloads (PNG encoding,
+JSON) are built lazily once per item version, however many browsers watch.
+
+:class:`Gateway` runs the SUB socket in a thread and feeds the state; a failure of that thread
+is kept and raised by :meth:`Gateway.check` in the owner's thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from nanoscout.clients.dashboard.images import heatmap_rgba, heatmap_thumbnail, png_b64, thumbnail
+from nanoscout.wire.errors import NanoscoutError, ProtocolError
+from nanoscout.wire.particles import NO_CLUSTER, PARTICLE_DTYPE, SHAPE_CLASSES
+from nanoscout.wire.protocol import (
+    AlertHeader,
+    ClassHeader,
+    DetHeader,
+    HealthHeader,
+    Message,
+    PreviewHeader,
+    StatsHeader,
+    decode_message,
+)
+from nanoscout.wire.transport import ClientKeys, connect, result_subscriber
+
+__all__ = ["TOPICS", "DashboardState", "Gateway", "Item"]
+
+#: topic prefixes the gateway subscribes to
+TOPICS: tuple[str, ...] = ("det.", "stats.", "class.", "alert.", "preview.", "health")
+
+#: most particles drawn per frame (the rest are counted in ``truncated``)
+MAX_DRAWN_PARTICLES = 5000
+#: particle rows listed with an alert
+MAX_ALERT_ROWS = 10
+
+
+@dataclass
+class Item:
+    """One latest-wins entry: the SSE event name, a version and a lazily built JSON payload."""
+
+    key: str
+    event: str
+    version: int
+    build: Callable[[], dict[str, Any]]
+    _text: str | None = field(default=None, repr=False)
+
+    def data(self) -> str:
+        """The payload as JSON text (built on first use, then cached)."""
+        if self._text is None:  # two threads may both build it once; the result is the same
+            self._text = json.dumps(_finite(self.build()), separators=(",", ":"),
+                                    allow_nan=False)
+        return self._text
+
+
+@dataclass
+class _Source:
+    """What the state remembers of one source."""
+
+    dets: OrderedDict[int, Message] = field(default_factory=OrderedDict)  # recent, by seq
+    previews: deque[Message] = field(default_factory=lambda: deque(maxlen=8))
+    pending: Message | None = None  # newest preview still waiting for its det
+    last_seq: int | None = None
+    frames: int = 0
+    missed: int = 0
+    gap_events: int = 0
+    last_gap_seq: int | None = None
+    det_times: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    series: deque[tuple[float, float | None, int | None]] = field(
+        default_factory=lambda: deque(maxlen=600))
+    alerts: int = 0
+
+
+class DashboardState:
+    """Latest-wins state of everything the dashboard shows (thread-safe).
+
+    ``stale_s``: no message for longer than this (s) means the daemon is unreachable.
+    ``query``: the daemon's query socket the AI-lens view asks (None: no lens view).
+    ``clock``: monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(self, *, endpoints: Sequence[str] = (), query: str | None = None,
+                 max_alerts: int = 50,
+                 stale_s: float = 3.0, recent_dets: int = 64, series_len: int = 600,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_alerts < 1 or stale_s <= 0 or recent_dets < 1 or series_len < 2:
+            raise ValueError(
+                f"max_alerts ({max_alerts}) and recent_dets ({recent_dets}) must be >= 1, "
+                f"series_len ({series_len}) >= 2 and stale_s ({stale_s}) > 0")
+        self.endpoints = list(endpoints)
+        self.stale_s = stale_s
+        self.clock = clock
+        self.started = clock()
+        self.last_seen = 0.0
+        self.messages = 0
+        self.rejected = 0
+        self.last_rejection: str | None = None
+        self.sources: list[str] = []
+        self._recent_dets = recent_dets
+        self._series_len = series_len
+        self._cond = threading.Condition()
+        self._version = 0
+        self._items: dict[str, Item] = {}
+        self._alerts: deque[tuple[int, Item]] = deque(maxlen=max_alerts)
+        self._alert_id = 0
+        self._src: dict[str, _Source] = {}
+        self._set("meta", "meta", lambda: {
+            "shape_classes": list(SHAPE_CLASSES), "endpoints": self.endpoints,
+            "stale_s": self.stale_s, "query": query, "no_cluster": NO_CLUSTER})
+
+    # ------------------------------------------------------------------ input
+
+    def ingest(self, msg: Message, now: float | None = None) -> None:
+        """Fold one decoded message into the state (``now``: monotonic s of its arrival)."""
+        with self._cond:
+            self.last_seen = self.clock() if now is None else now
+            self.messages += 1
+            h = msg.header
+            if isinstance(h, DetHeader):
+                self._det(msg, h, self.last_seen)
+            elif isinstance(h, PreviewHeader):
+                self._preview(msg, h)
+            elif isinstance(h, StatsHeader):
+                self._stats(h)
+            elif isinstance(h, ClassHeader):
+                self._class(msg, h)
+            elif isinstance(h, AlertHeader):
+                self._alert(msg, h)
+            elif isinstance(h, HealthHeader):
+                self._set("health", "health", lambda: h.model_dump(mode="json"))
+            self._cond.notify_all()
+
+    def reject(self, why: str, now: float | None = None) -> None:
+        """Count a message that could not be decoded (it still proves the daemon is there)."""
+        with self._cond:
+            self.last_seen = self.clock() if now is None else now
+            self.messages += 1
+            self.rejected += 1
+            self.last_rejection = why
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ output
+
+    @property
+    def version(self) -> int:
+        """Rises by one with every item change."""
+        return self._version
+
+    def item(self, key: str) -> Item | None:
+        """The current item under ``key`` (e.g. ``frame:sim``), or None."""
+        with self._cond:
+            return self._items.get(key)
+
+    def updates(self, sent: dict[str, int], after_alert: int = 0
+                ) -> tuple[list[Item], list[tuple[int, Item]]]:
+        """Items whose version differs from ``sent[key]``, and the alerts with id >
+        ``after_alert`` (oldest first; at most the bounded list)."""
+        with self._cond:
+            changed = [it for k, it in self._items.items() if sent.get(k) != it.version]
+            alerts = [(i, it) for i, it in self._alerts if i > after_alert]
+        return changed, alerts
+
+    def wait(self, version: int, timeout: float) -> bool:
+        """Block until the version differs from ``version`` or ``timeout`` s pass; True if it
+        changed."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._version != version, timeout)
+
+    def connected(self, now: float | None = None) -> bool:
+        """True when a message arrived in the last ``stale_s`` s."""
+        now = self.clock() if now is None else now
+        return self.last_seen > 0 and now - self.last_seen <= self.stale_s
+
+    def status(self, now: float | None = None) -> dict[str, Any]:
+        """Connection status: ``connected``, ``unreachable`` (no message for > ``stale_s`` s,
+        counted from start-up when none ever came), ``age_s`` of the last message (None before
+        the first), message and rejection counts."""
+        now = self.clock() if now is None else now
+        with self._cond:
+            connected = self.connected(now)
+            since = max(self.last_seen, self.started)
+            return {
+                "connected": connected,
+                "unreachable": not connected and now - since > self.stale_s,
+                "age_s": None if self.last_seen == 0 else round(now - self.last_seen, 2),
+                "endpoints": self.endpoints,
+                "messages": self.messages,
+                "rejected": self.rejected,
+                "last_rejection": self.last_rejection,
+            }
+
+    def missed(self, source: str) -> int:
+        """Results of ``source`` never seen (sum of det seq gaps)."""
+        with self._cond:
+            s = self._src.get(source)
+            return 0 if s is None else s.missed
+
+    # ------------------------------------------------------------------ internals
+
+    def _set(self, key: str, event: str, build: Callable[[], dict[str, Any]]) -> None:
+        self._version += 1
+        self._items[key] = Item(key, event, self._version, build)
+
+    def _source(self, name: str) -> _Source:
+        s = self._src.get(name)
+        if s is None:
+            s = self._src[name] = _Source(series=deque(maxlen=self._series_len))
+            self.sources.append(name)
+            names = list(self.sources)
+            self._set("sources", "sources", lambda: {"sources": names})
+        return s
+
+    def _det(self, msg: Message, h: DetHeader, now: float) -> None:
+        s = self._source(h.source)
+        if s.last_seq is not None and h.seq > s.last_seq + 1:
+            s.missed += h.seq - s.last_seq - 1
+            s.gap_events += 1
+            s.last_gap_seq = h.seq
+        s.last_seq = h.seq
+        s.frames += 1
+        s.det_times.append(now)
+        s.dets[h.seq] = msg
+        while len(s.dets) > self._recent_dets:
+            s.dets.popitem(last=False)
+        times = list(s.det_times)
+        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        summary = {
+            "source": h.source, "seq": h.seq, "n": h.n, "units": h.units, "engine": h.engine,
+            "model": h.model, "latency_ms": h.latency_ms, "stage_ms": h.stage_ms,
+            "t_acq_ns": h.t_acq_ns, "shape": h.shape, "pixel_size_nm": h.pixel_size_nm,
+            "working_scale": h.working_scale, "frames": s.frames, "missed": s.missed,
+            "gap_events": s.gap_events, "last_gap_seq": s.last_gap_seq, "fps": fps,
+            "stage": None if h.stage is None else h.stage.model_dump()}
+        self._set(f"det:{h.source}", "det", lambda: summary)
+        if s.pending is not None and s.pending.header.seq == h.seq:  # type: ignore[attr-defined]
+            self._set_frame(h.source, s.pending, msg)
+            s.pending = None
+
+    def _preview(self, msg: Message, h: PreviewHeader) -> None:
+        s = self._source(h.source)
+        s.previews.append(msg)
+        det = s.dets.get(h.seq)
+        s.pending = msg if det is None else None
+        self._set_frame(h.source, msg, det)
+
+    def _set_frame(self, source: str, preview: Message, det: Message | None) -> None:
+        self._set(f"frame:{source}", "frame", lambda: _frame_payload(preview, det))
+
+    def _stats(self, h: StatsHeader) -> None:
+        s = self._source(h.source)
+        det = s.dets.get(h.seq)
+        d50 = (h.window.get("ecd") or {}).get("d50")
+        s.series.append((h.t_ns / 1e9, d50, None if det is None else det.header.n))  # type: ignore[attr-defined]
+        series = list(s.series)
+        self._set(f"stats:{h.source}", "stats", lambda: _stats_payload(h, series))
+
+    def _class(self, msg: Message, h: ClassHeader) -> None:
+        self._source(h.source)
+        heat = msg.array
+        self._set(f"class:{h.source}", "class", lambda: _class_payload(h, heat))
+
+    def _alert(self, msg: Message, h: AlertHeader) -> None:
+        s = self._source(h.source)
+        s.alerts += 1
+        preview = next((p for p in reversed(s.previews) if p.header.seq == h.seq),  # type: ignore[attr-defined]
+                       s.previews[-1] if s.previews else None)
+        table, heat = msg.array, getattr(msg, "heatmap", None)  # heatmap: protocol v1.2
+        if table is not None and table.dtype == np.uint8 and table.ndim == 2:
+            table, heat = None, table  # a heatmap in place of the rows
+        self._alert_id += 1
+        aid = self._alert_id
+        self._version += 1
+        self._alerts.append((aid, Item(f"alert:{aid}", "alert", self._version,
+                                       lambda: _alert_payload(aid, h, table, heat, preview))))
+
+
+# ---------------------------------------------------------------------------------------------
+# payloads (plain dicts, built outside the lock on first use)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _col(values: np.ndarray, decimals: int) -> list[float | None]:
+    """A numeric column as a JSON list, rounded, non-finite values as None."""
+    v = np.round(np.asarray(values, dtype=np.float64), decimals)
+    return [x if math.isfinite(x) else None for x in v.tolist()]
+
+
+def particles_payload(h: DetHeader, table: np.ndarray, scale: float) -> dict[str, Any]:
+    """The particles of one frame for drawing on its preview: centre ``x``/``y``, ellipse
+    semi-axes ``a``/``b`` and ``bbox`` in preview px (frame px × ``scale``; lengths in nm
+    converted with ``pixel_size_nm`` first), ``angle`` in degrees counter-clockwise as
+    displayed, and the measurements (``units``) for the hover box."""
+    total = len(table)
+    t = table[:MAX_DRAWN_PARTICLES]
+    per_len = scale
+    if h.units == "nm" and h.pixel_size_nm:
+        per_len = scale / h.pixel_size_nm  # preview px per nm
+    return {
+        "seq": h.seq, "n": total, "truncated": total - len(t), "units": h.units,
+        "engine": h.engine, "latency_ms": h.latency_ms,
+        "id": t["id"].tolist(),
+        # a pixel's centre lies half a pixel inside its edges: centroid (x + 0.5) · scale
+        "x": _col((t["x"] + 0.5) * scale, 2), "y": _col((t["y"] + 0.5) * scale, 2),
+        "a": _col(t["major_nm"] * 0.5 * per_len, 2), "b": _col(t["minor_nm"] * 0.5 * per_len, 2),
+        "angle": _col(t["orientation_deg"], 1),
+        "bbox": _col(t["bbox"].reshape(-1) * scale, 1),
+        "ecd": _col(t["ecd_nm"], 2), "area": _col(t["area_nm2"], 1),
+        "feret_max": _col(t["feret_max_nm"], 2), "feret_min": _col(t["feret_min_nm"], 2),
+        "major": _col(t["major_nm"], 2), "minor": _col(t["minor_nm"], 2),
+        "aspect_ratio": _col(t["aspect_ratio"], 3), "roundness": _col(t["roundness"], 3),
+        "circularity": _col(t["circularity"], 3), "solidity": _col(t["solidity"], 3),
+        "score": _col(t["score"], 3), "shape_class": t["shape_class"].tolist(),
+        "border": t["border"].tolist(),
+        # v1.2: morphology cluster id (NO_CLUSTER = 255: not assigned yet)
+        "cluster": t["cluster"].tolist() if "cluster" in (t.dtype.names or ()) else
+        [NO_CLUSTER] * len(t),
+    }
+
+
+def _frame_payload(preview: Message, det: Message | None) -> dict[str, Any]:
+    h = preview.header
+    assert isinstance(h, PreviewHeader) and preview.array is not None
+    out: dict[str, Any] = {
+        "source": h.source, "seq": h.seq, "t_acq_ns": h.t_acq_ns, "shape": list(h.shape),
+        "size": list(h.size), "scale": h.scale, "pixel_size_nm": h.pixel_size_nm,
+        "png": png_b64(preview.array), "det": None}
+    if det is not None and det.array is not None:
+        assert isinstance(det.header, DetHeader)
+        out["det"] = particles_payload(det.header, det.array, h.scale)
+    return out
+
+
+def _stats_payload(h: StatsHeader, series: list[tuple[float, float | None, int | None]]
+                   ) -> dict[str, Any]:
+    out = h.model_dump(mode="json")
+    t_last = series[-1][0] if series else 0.0
+    out["series"] = {"t": [round(t - t_last, 3) for t, _, _ in series],
+                     "d50": [d for _, d, _ in series], "count": [c for _, _, c in series]}
+    return out
+
+
+def _class_payload(h: ClassHeader, heat: np.ndarray | None) -> dict[str, Any]:
+    out = h.model_dump(mode="json")
+    out["heatmap_png"] = None
+    if heat is not None and heat.ndim == 2 and heat.size:
+        out["heatmap_png"] = png_b64(heatmap_rgba(heat))
+    return out
+
+
+def _alert_payload(aid: int, h: AlertHeader, array: np.ndarray | None,
+                   heat: np.ndarray | None, preview: Message | None) -> dict[str, Any]:
+    out = h.model_dump(mode="json")
+    out["id"] = aid
+    out["particles"] = []
+    out["thumb_png"] = None
+    out["thumb_note"] = ""
+    rows = array if array is not None and array.dtype == PARTICLE_DTYPE else None
+    if rows is not None:
+        out["particles"] = [
+            {"id": int(r["id"]), "x": float(r["x"]), "y": float(r["y"]),
+             "ecd": float(r["ecd_nm"]), "aspect_ratio": float(r["aspect_ratio"]),
+             "shape_class": SHAPE_CLASSES[int(r["shape_class"])]
+             if int(r["shape_class"]) < len(SHAPE_CLASSES) else str(int(r["shape_class"]))}
+            for r in rows[:MAX_ALERT_ROWS]]
+    pv = None if preview is None else preview.array
+    if heat is not None and heat.ndim == 2 and heat.size:
+        # an explaining heatmap (AlertHeader.heatmap_shape) covers the whole frame
+        out["thumb_png"] = png_b64(heatmap_thumbnail(heat, pv))
+        out["thumb_note"] = "heatmap" + ("" if pv is None else f" over preview #{preview.header.seq}")  # type: ignore[union-attr]
+    elif preview is not None:
+        ph = preview.header
+        assert isinstance(ph, PreviewHeader) and preview.array is not None
+        boxes = None
+        if rows is not None and len(rows):
+            boxes = rows["bbox"].astype(np.float64) * ph.scale
+        out["thumb_png"] = png_b64(thumbnail(preview.array, boxes))
+        out["thumb_note"] = (f"frame #{ph.seq}" if ph.seq == h.seq
+                             else f"preview #{ph.seq} (frame #{h.seq} had none)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the receiving thread
+
+
+class Gateway:
+    """A SUB socket on the daemon's result endpoint(s) feeding a :class:`DashboardState`.
+
+    Several endpoints may be given (e.g. the daemon and a separate classifier); ZeroMQ
+    reconnects by itself when one restarts. Call :meth:`start`, then :meth:`check`
+    periodically (it raises the receiving thread's failure), and :meth:`close`.
+    """
+
+    def __init__(self, endpoints: Sequence[str], *, state: DashboardState | None = None,
+                 curve: ClientKeys | None = None, hwm: int = 10_000) -> None:
+        if not endpoints:
+            raise NanoscoutError("the dashboard needs at least one result endpoint")
+        self.endpoints = list(endpoints)
+        self.state = state or DashboardState(endpoints=self.endpoints)
+        self._ctx = zmq.Context()
+        self._sock = result_subscriber(self._ctx, TOPICS, hwm=hwm)
+        try:
+            if curve is not None:
+                curve.apply(self._sock)
+            for ep in self.endpoints:
+                connect(self._sock, ep)
+        except Exception:
+            self._sock.close(linger=0)
+            self._ctx.term()
+            raise
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dashboard-gateway", daemon=True)
+
+    def start(self) -> Gateway:
+        """Start receiving; returns self."""
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        state = self.state
+        try:
+            while not self._stop.is_set():
+                if not self._sock.poll(100):
+                    continue
+                parts = self._sock.recv_multipart(copy=False)
+                try:
+                    msg = decode_message([p.buffer for p in parts])
+                except ProtocolError as exc:
+                    state.reject(str(exc))
+                    continue
+                state.ingest(msg)
+        except BaseException as exc:  # kept for check(); the owner decides
+            self._error = exc
+        finally:
+            self._sock.close(linger=0)
+
+    def check(self) -> None:
+        """Raise NanoscoutError if the receiving thread failed."""
+        if self._error is not None:
+            raise NanoscoutError(f"dashboard gateway stopped receiving: {self._error!r}",
+                                 reason="gateway") from self._error
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the socket."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # stuck in a call; the daemon thread dies with the process
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+        self._ctx.term()

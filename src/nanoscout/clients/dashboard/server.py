@@ -1,0 +1,262 @@
+"""Dashboard HTTP server: the page, its static files, and server-sent events.
+
+Routes (GET only):
+
+``/``                   the page (``static/index.html``)
+``/static/<name>``      ``dashboard.js``, ``dashboard.css`` (a fixed list; nothing else is served)
+``/events``             ``text/event-stream``: each client loop sends only the items that changed
+                        since its last send, at most ``max_rate_hz`` batches per second, plus a
+                        ``status`` event once per second (or at once when the daemon's
+                        reachability flips), which doubles as the keep-alive
+``/api/snapshot``       every current item as one JSON object (debugging, scripts)
+``/api/lens``           ``?source=S&layer=L``: the AI lens's feature maps of ``S``'s newest
+                        frame as a PNG mosaic in JSON (:meth:`LensView.view`), asked of the
+                        daemon's query socket on demand; ``layer`` may be left out (the first
+                        ``act_*``). 503 with ``{"error": why}`` when the daemon does not answer
+                        within the lens timeout (<= 3 s by default), refuses, or the dashboard
+                        has no query endpoint; 400 without ``source``
+
+A slow browser never slows the gateway: it is simply sent fewer, newer versions of each item.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs
+
+from nanoscout.clients.dashboard.gateway import DashboardState, Gateway
+from nanoscout.clients.dashboard.lens import LensView
+from nanoscout.wire.errors import ConfigError, NanoscoutError
+from nanoscout.wire.transport import ClientKeys
+
+__all__ = ["DashboardServer", "run_dashboard"]
+
+log = logging.getLogger("nanoscout.dashboard")
+
+_STATIC: dict[str, str] = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("nanoscout.clients.dashboard") / "static" / name).read_bytes()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self._send(_static("index.html"), _STATIC["index.html"])
+        elif path.startswith("/static/") and path[len("/static/"):] in _STATIC:
+            name = path[len("/static/"):]
+            self._send(_static(name), _STATIC[name])
+        elif path == "/events":
+            self._events()
+        elif path == "/api/snapshot":
+            self._send(self._snapshot().encode(), "application/json")
+        elif path == "/api/lens":
+            self._lens(self.path.partition("?")[2])
+        elif path == "/favicon.ico":
+            self._send(b"", "image/x-icon", HTTPStatus.NO_CONTENT)
+        else:
+            self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
+
+    def _send(self, body: bytes, ctype: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if body and status != HTTPStatus.NO_CONTENT:
+            self.wfile.write(body)
+
+    def _json(self, obj: dict[str, Any], status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(json.dumps(obj, allow_nan=False).encode(), "application/json", status)
+
+    def _lens(self, query: str) -> None:
+        args = {k: v[-1] for k, v in parse_qs(query).items()}
+        lens = self.server.lens
+        source = args.get("source", "")
+        if lens is None:
+            self._json({"error": "no AI lens: this dashboard was started without --query "
+                                 "(the daemon's query endpoint)"}, HTTPStatus.SERVICE_UNAVAILABLE)
+        elif not source:
+            self._json({"error": "which source? (/api/lens?source=NAME&layer=act_enc2)"},
+                       HTTPStatus.BAD_REQUEST)
+        else:
+            try:
+                view = lens.view(source, args.get("layer") or None)
+            except NanoscoutError as exc:
+                log.info("lens view of %s: %s", source, exc)
+                self._json({"error": str(exc), "endpoint": lens.endpoint},
+                           HTTPStatus.SERVICE_UNAVAILABLE)
+            else:
+                self._json(view)
+
+    def _snapshot(self) -> str:
+        state = self.server.state
+        items, alerts = state.updates({}, 0)
+        parts = [f'"{it.key}":{it.data()}' for it in items]
+        parts.append(f'"alerts":[{",".join(it.data() for _, it in alerts)}]')
+        parts.append(f'"status":{json.dumps(state.status())}')
+        return "{" + ",".join(parts) + "}"
+
+    def _events(self) -> None:
+        state = self.server.state
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        period = 1.0 / self.server.max_rate_hz
+        sent: dict[str, int] = {}
+        last_alert = 0
+        last_status = -1e9
+        was_connected: bool | None = None
+        out = self.wfile
+        try:
+            out.write(b"retry: 1000\n\n")
+            while not self.server.stopping.is_set():
+                t0 = time.monotonic()
+                version = state.version
+                items, alerts = state.updates(sent, last_alert)
+                chunks = []
+                for it in items:
+                    chunks.append(f"event: {it.event}\ndata: {it.data()}\n\n")
+                    sent[it.key] = it.version
+                for aid, it in alerts:
+                    chunks.append(f"event: alert\ndata: {it.data()}\n\n")
+                    last_alert = aid
+                connected = state.connected()
+                if connected != was_connected or t0 - last_status >= 1.0:
+                    chunks.append(f"event: status\ndata: {json.dumps(state.status())}\n\n")
+                    last_status, was_connected = t0, connected
+                if chunks:
+                    out.write("".join(chunks).encode())
+                    out.flush()
+                # at most max_rate_hz sends; wake early for news, and in time for the status
+                spent = time.monotonic() - t0
+                if spent < period:
+                    self.server.stopping.wait(period - spent)
+                state.wait(version, max(0.0, min(1.0, last_status + 1.0 - time.monotonic())))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], state: DashboardState, max_rate_hz: float,
+                 lens: LensView | None) -> None:
+        self.state = state
+        self.max_rate_hz = max_rate_hz
+        self.lens = lens
+        self.stopping = threading.Event()
+        super().__init__(addr, _Handler)
+
+
+class DashboardServer:
+    """The HTTP + SSE server over a :class:`DashboardState`; ``port`` 0 picks a free port;
+    ``lens`` answers ``/api/lens`` (None: 503, no query endpoint)."""
+
+    def __init__(self, state: DashboardState, *, host: str = "127.0.0.1", port: int = 8080,
+                 max_rate_hz: float = 10.0, lens: LensView | None = None) -> None:
+        if max_rate_hz <= 0:
+            raise ConfigError(f"max_rate_hz ({max_rate_hz}) must be > 0")
+        try:
+            self._httpd = _HTTPServer((host, port), state, max_rate_hz, lens)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Where the page is, e.g. ``http://127.0.0.1:8080/``."""
+        host, port = self._httpd.server_address[:2]
+        name = host.decode() if isinstance(host, bytes | bytearray) else str(host)
+        return f"http://{'[' + name + ']' if ':' in name else name}:{port}/"
+
+    def start(self) -> DashboardServer:
+        """Serve in a background thread; returns self."""
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="dashboard-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving, end the event streams and close the listening socket."""
+        self._httpd.stopping.set()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join(5)
+        self._httpd.server_close()
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: int = 8080,
+                  curve: ClientKeys | None = None, stale_s: float = 3.0,
+                  max_rate_hz: float = 10.0, query: str | None = None,
+                  lens_timeout: float = 2.5, duration: float | None = None,
+                  on_ready: Callable[[str], None] | None = None,
+                  stop: threading.Event | None = None) -> int:
+    """Subscribe to ``endpoints`` and serve the dashboard until interrupted (SIGINT/SIGTERM
+    from the main thread, ``stop`` set, or ``duration`` s passed); ``on_ready(url)`` is called
+    once the page can be loaded. ``query``: the daemon's query socket for the AI-lens view
+    (asked on demand, ``lens_timeout`` s at most; None: no lens view). Returns 0; raises if
+    the receiving thread fails."""
+    if not _is_loopback_host(host):
+        log.warning("the dashboard has no authentication; %s makes it reachable from other "
+                    "machines", host)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    state = DashboardState(endpoints=endpoints, stale_s=stale_s, query=query)
+    lens = None if query is None else LensView(query, timeout=lens_timeout, curve=curve)
+    gateway = Gateway(endpoints, state=state, curve=curve).start()
+    try:
+        server = DashboardServer(state, host=host, port=port, max_rate_hz=max_rate_hz,
+                                 lens=lens).start()
+    except BaseException:
+        gateway.close()
+        raise
+    t_end = None if duration is None else time.monotonic() + duration
+    try:
+        if on_ready is not None:
+            on_ready(server.url)
+        while not stop.wait(0.2):
+            gateway.check()
+            if t_end is not None and time.monotonic() >= t_end:
+                break
+    finally:
+        server.close()
+        gateway.close()
+    return 0

@@ -1,0 +1,57 @@
+"""Client of the daemon's query socket: the AI lens's feature maps of a live frame.
+
+>>> reply, maps = request_lens("tcp://127.0.0.1:5557", "sim", ["act_enc2"])
+>>> reply.seq, maps["act_enc2"].shape          # (1, channels, rows, cols), float16
+
+One REQ socket per call, with a timeout: a daemon that is gone gives a :class:`QueryError`
+after ``timeout`` s instead of a hang. The daemon's own refusals (unknown source or output, no
+lens loaded) come back as a QueryError carrying its words.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zmq
+
+from nanoscout.wire.errors import NanoscoutError, ProtocolError
+from nanoscout.wire.protocol import LensReply, LensRequest, decode_message, encode_message
+from nanoscout.wire.transport import ClientKeys, connect
+
+
+class QueryError(NanoscoutError):
+    """The daemon did not answer, or answered with an error."""
+
+
+def request_lens(endpoint: str, source: str, outputs: list[str], *, timeout: float = 10.0,
+                 curve: ClientKeys | None = None) -> tuple[LensReply, dict[str, np.ndarray]]:
+    """Ask for the lens ``outputs`` of ``source``'s newest frame; returns (reply, name → array).
+
+    An empty ``outputs`` asks only which outputs exist (``reply.available``).
+    """
+    ctx: zmq.Context = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    ms = max(1, int(timeout * 1000))
+    sock.setsockopt(zmq.RCVTIMEO, ms)
+    sock.setsockopt(zmq.SNDTIMEO, ms)
+    if curve is not None:
+        curve.apply(sock)
+    try:
+        connect(sock, endpoint)
+        sock.send_multipart(encode_message(LensRequest(source=source, outputs=outputs)))
+        parts = sock.recv_multipart(copy=False)
+    except zmq.Again:
+        raise QueryError(f"no answer from the daemon's query socket {endpoint} within "
+                         f"{timeout:g} s (is it running, with the lens enabled?)") from None
+    finally:
+        sock.close(linger=0)
+    try:
+        msg = decode_message(parts)
+    except ProtocolError as exc:
+        raise QueryError(f"malformed answer from {endpoint}: {exc}") from exc
+    reply = msg.header
+    if not isinstance(reply, LensReply):
+        raise QueryError(f"expected a lens reply from {endpoint}, got {msg.kind}")
+    if reply.error:
+        raise QueryError(f"the daemon says: {reply.error} (available: {reply.available})")
+    return reply, dict(zip(reply.outputs, msg.extra, strict=True))

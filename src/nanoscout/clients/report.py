@@ -1,0 +1,515 @@
+"""``nanoscout report RUN``: an HTML size-distribution report of a recorded run.
+
+Reads a run written by :class:`nanoscout.clients.runfile.RunWriter` and writes ``REPORT.html`` plus its
+PNG figures in ``REPORT_files/`` beside it (relative links, no JavaScript, nothing fetched from
+the network), so the pair can be copied or archived as it is.
+
+Particles are grouped by ``(source, units)``: sizes in nm and in px are never pooled. Particles
+touching the frame edge (``border``) are cut by the frame, so they are left out of every size
+and shape statistic (the report says how many). Lengths are in the group's units (nm, or px
+when uncalibrated); times are seconds since the run's first frame.
+
+Sections: summary table with percentile-bootstrap 95 % confidence intervals; ECD histogram with
+a lognormal maximum-likelihood fit; aspect-ratio and roundness histograms; per-frame D50 and
+particle count over time; alerts (newest first); provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import html
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from nanoscout.clients.runfile import Run, read_run
+from nanoscout.wire.errors import NanoscoutError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "GroupStats", "bootstrap_ci",
+           "build_report", "group_stats", "main"]
+
+#: percentile-bootstrap resamples and the fixed seed that makes a report reproducible
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 20240611
+#: at most this many alerts are listed (newest first)
+MAX_ALERT_ROWS = 200
+#: bootstrap resamples are drawn in chunks of at most this many values (memory bound, ~32 MB)
+_BOOT_CHUNK_VALUES = 4_000_000
+_EMPTY_MESSAGE = "This run contains no particles: there are no size statistics to report."
+
+
+@dataclass
+class GroupStats:
+    """Size statistics of one ``(source, units)`` group; lengths in ``units`` (nm or px).
+
+    ``ci`` maps ``mean``, ``sd``, ``d10``, ``d50``, ``d90`` to their percentile-bootstrap
+    95 % interval (NaN when fewer than 2 particles). ``lognormal_median`` = exp(mu) in
+    ``units``, ``lognormal_sigma`` = std(ln d) (dimensionless), both maximum-likelihood.
+    """
+
+    source: str
+    units: str
+    n: int
+    n_border: int
+    n_frames: int
+    mean: float
+    sd: float
+    d10: float
+    d50: float
+    d90: float
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    aspect_ratio: float = math.nan
+    roundness: float = math.nan
+    lognormal_median: float = math.nan
+    lognormal_sigma: float = math.nan
+
+    @property
+    def per_frame(self) -> float:
+        """Non-border particles per frame (NaN without frames)."""
+        return self.n / self.n_frames if self.n_frames else math.nan
+
+
+# --------------------------------------------------------------------------------- statistics
+
+def bootstrap_ci(values: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap 95 % intervals of mean, sd, D10, D50 and D90 of ``values``.
+
+    Returns ``{stat: (low, high)}`` in the unit of ``values``; NaN bounds for fewer than 2
+    values. Resamples are drawn as index matrices (vectorised), in chunks to bound memory.
+    """
+    d = np.asarray(values, dtype=np.float64)
+    n = d.size
+    names = ("mean", "sd", "d10", "d50", "d90")
+    if n < 2:
+        return {k: (math.nan, math.nan) for k in names}
+    rng = np.random.default_rng(seed)
+    boot = np.empty((resamples, len(names)), dtype=np.float64)
+    chunk = max(1, min(resamples, _BOOT_CHUNK_VALUES // n))
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        sample = d[rng.integers(0, n, size=(stop - start, n))]
+        boot[start:stop, 0] = sample.mean(axis=1)
+        boot[start:stop, 1] = sample.std(axis=1, ddof=1)
+        boot[start:stop, 2:] = np.quantile(sample, [0.1, 0.5, 0.9], axis=1).T
+    lo, hi = np.quantile(boot, [0.025, 0.975], axis=0)
+    return {k: (float(lo[i]), float(hi[i])) for i, k in enumerate(names)}
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    return v[np.isfinite(v) & (v > 0)]
+
+
+def _nanmean(values: np.ndarray) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def group_stats(source: str, units: str, ecd: np.ndarray, *, n_border: int = 0,
+                n_frames: int = 0, aspect_ratio: np.ndarray | None = None,
+                roundness: np.ndarray | None = None) -> GroupStats:
+    """Statistics of the non-border ECDs ``ecd`` (in ``units``) of one group.
+
+    Non-finite and non-positive diameters are ignored. D10/D50/D90 are number-weighted
+    quantiles; the lognormal fit is the maximum-likelihood one (mu = mean ln d,
+    sigma = std ln d).
+    """
+    d = _positive(ecd)
+    n = int(d.size)
+    nan = math.nan
+    if n == 0:
+        return GroupStats(source, units, 0, n_border, n_frames, nan, nan, nan, nan, nan,
+                          ci=bootstrap_ci(d))
+    d10, d50, d90 = (float(q) for q in np.quantile(d, [0.1, 0.5, 0.9]))
+    logd = np.log(d)
+    return GroupStats(
+        source, units, n, n_border, n_frames,
+        mean=float(d.mean()), sd=float(d.std(ddof=1)) if n > 1 else nan,
+        d10=d10, d50=d50, d90=d90, ci=bootstrap_ci(d),
+        aspect_ratio=_nanmean(aspect_ratio) if aspect_ratio is not None else nan,
+        roundness=_nanmean(roundness) if roundness is not None else nan,
+        lognormal_median=float(math.exp(logd.mean())), lognormal_sigma=float(logd.std()))
+
+
+# ------------------------------------------------------------------------------------ groups
+
+@dataclass
+class _Group:
+    source: str
+    units: str
+    particles: np.ndarray  # bool mask over the particle table, border particles included
+    frames: np.ndarray  # bool mask over the frame table
+
+
+def _groups(run: Run) -> list[_Group]:
+    p, f = run.particles, run.frames
+    np_, nf = Run.rows(p), Run.rows(f)
+    keys: set[tuple[str, str]] = set()
+    if np_:
+        keys |= set(zip(p["source"].astype(str), p["units"].astype(str)))
+    if nf:
+        keys |= set(zip(f["source"].astype(str), f["units"].astype(str)))
+    out = []
+    for source, units in sorted(keys):
+        pm = ((p["source"] == source) & (p["units"] == units)) if np_ else np.zeros(0, bool)
+        fm = ((f["source"] == source) & (f["units"] == units)) if nf else np.zeros(0, bool)
+        out.append(_Group(source, units, np.asarray(pm, bool), np.asarray(fm, bool)))
+    return out
+
+
+def _t0_ns(run: Run) -> int | None:
+    t = [int(run.frames["t_acq_ns"].min())] if Run.rows(run.frames) else []
+    if Run.rows(run.particles):
+        t.append(int(run.particles["t_acq_ns"].min()))
+    return min(t) if t else None
+
+
+@dataclass
+class _Series:
+    t_s: np.ndarray  # s since the run's first frame
+    d50: np.ndarray  # per-frame median ECD of non-border particles, NaN without any
+    n_all: np.ndarray  # particles detected in the frame (border included)
+    n_inner: np.ndarray  # non-border particles in the frame
+
+
+def _series(run: Run, g: _Group, t0_ns: int) -> _Series:
+    """Per-frame D50 and counts of a group, ordered by acquisition time."""
+    f, p = run.frames, run.particles
+    seq = f["seq"][g.frames] if Run.rows(f) else np.zeros(0, np.int64)
+    t_ns = f["t_acq_ns"][g.frames] if Run.rows(f) else np.zeros(0, np.int64)
+    n_all = f["n"][g.frames].astype(np.float64) if Run.rows(f) else np.zeros(0)
+    if Run.rows(p):
+        inner = g.particles & ~p["border"]
+        pseq, pecd = p["seq"][inner], p["ecd_nm"][inner].astype(np.float64)
+        ok = np.isfinite(pecd) & (pecd > 0)
+        pseq, pecd = pseq[ok], pecd[ok]
+    else:
+        pseq, pecd = np.zeros(0, np.int64), np.zeros(0)
+    order = np.argsort(pseq, kind="stable")
+    pseq, pecd = pseq[order], pecd[order]
+    useq, start = np.unique(pseq, return_index=True)
+    medians = {int(s): float(np.median(v)) for s, v in zip(useq, np.split(pecd, start[1:]))
+               if v.size}
+    counts = dict(zip(useq.tolist(), np.diff(np.append(start, pseq.size)).tolist()))
+    by_time = np.argsort(t_ns, kind="stable")
+    seq, t_ns, n_all = seq[by_time], t_ns[by_time], n_all[by_time]
+    return _Series(
+        t_s=(t_ns - t0_ns).astype(np.float64) / 1e9,
+        d50=np.array([medians.get(int(s), math.nan) for s in seq], dtype=np.float64),
+        n_all=n_all,
+        n_inner=np.array([counts.get(int(s), 0) for s in seq], dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------------- figures
+
+def _figure(width_in: float, height_in: float, ncols: int = 1) -> tuple[Figure, Any]:
+    # The object-oriented API on an Agg canvas: no pyplot, so no global figure registry to
+    # leak and no change to the backend of a process that imports us (e.g. a notebook).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols)
+    return fig, axes
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, format="png")
+
+
+def _ecd_figure(d: np.ndarray, st: GroupStats, path: Path) -> None:
+    """ECD histogram on log-spaced bins with the lognormal fit as expected counts per bin."""
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = _figure(6.4, 3.6)
+    lo, hi = float(d.min()), float(d.max())
+    if hi <= lo * 1.01:
+        lo, hi = lo / 1.1, hi * 1.1
+    nbins = int(np.clip(round(2 * d.size ** (1 / 3)), 10, 60))
+    edges = np.geomspace(lo, hi, nbins + 1)
+    ax.hist(d, bins=edges, color="#8fb3d9", edgecolor="#3b6a99", label=f"N = {d.size}")
+    if d.size > 1 and st.lognormal_sigma > 0:
+        # With a constant bin width in ln d the expected count of a bin is
+        # N · φ((ln d − μ)/σ)/σ · Δln d — a smooth curve on a log axis.
+        dln = math.log(hi / lo) / nbins
+        x = np.geomspace(lo, hi, 200)
+        mu, sigma = math.log(st.lognormal_median), st.lognormal_sigma
+        z = (np.log(x) - mu) / sigma
+        y = d.size * np.exp(-0.5 * z * z) / (sigma * math.sqrt(2 * math.pi)) * dln
+        ax.plot(x, y, color="#c0392b", lw=2,
+                label=f"lognormal: median {_fmt(st.lognormal_median)} {st.units}, "
+                      f"σ {_fmt(st.lognormal_sigma)}")
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")  # 5, 10, 20 rather than 5×10⁰
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel(f"ECD ({st.units})")
+    ax.set_ylabel("particles per bin")
+    ax.set_title(f"{st.source}: ECD distribution (non-border)")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def _shape_figure(ar: np.ndarray, rd: np.ndarray, source: str, path: Path) -> None:
+    fig, (ax1, ax2) = _figure(8.0, 3.2, ncols=2)
+    if ar.size:
+        hi = max(float(np.quantile(ar, 0.995)), 1.05)
+        ax1.hist(ar, bins=40, range=(1.0, hi), color="#a3c9a8", edgecolor="#4d7a53")
+    ax1.set_xlabel("aspect ratio (major / minor)")
+    ax1.set_ylabel("particles")
+    ax1.set_title(f"{source}: aspect ratio (N = {ar.size})")
+    if rd.size:
+        ax2.hist(rd, bins=40, range=(0.0, max(1.0, float(rd.max()))), color="#e5c07b",
+                 edgecolor="#9a7a2e")
+    ax2.set_xlabel("roundness 4·area / (π·major²)")
+    ax2.set_title(f"{source}: roundness (N = {rd.size})")
+    _save(fig, path)
+
+
+def _time_figure(s: _Series, source: str, units: str, path: Path) -> None:
+    fig, (ax1, ax2) = _figure(8.0, 3.2, ncols=2)
+    ok = np.isfinite(s.d50)
+    ax1.plot(s.t_s[ok], s.d50[ok], "o-", ms=3, color="#3b6a99")
+    ax1.set_xlabel("time since first frame (s)")
+    ax1.set_ylabel(f"per-frame D50 ECD ({units})")
+    ax1.set_title(f"{source}: D50 per frame (non-border)")
+    ax2.plot(s.t_s, s.n_all, "-", color="#999999", label="all")
+    ax2.plot(s.t_s, s.n_inner, "o-", ms=3, color="#4d7a53", label="non-border")
+    ax2.set_xlabel("time since first frame (s)")
+    ax2.set_ylabel("particles per frame")
+    ax2.set_title(f"{source}: particles per frame")
+    ax2.legend(fontsize="small")
+    _save(fig, path)
+
+
+# -------------------------------------------------------------------------------------- HTML
+
+def _fmt(x: float, digits: int = 4) -> str:
+    """``x`` with ``digits`` significant digits, no exponent; an em dash for NaN."""
+    if not math.isfinite(x):
+        return "—"
+    if x == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _ci_cell(cls: str, value: float, ci: tuple[float, float]) -> str:
+    return (f'<td class="{cls}">{_fmt(value)} '
+            f'<span class="ci">[{_fmt(ci[0])}, {_fmt(ci[1])}]</span></td>')
+
+
+def _summary_table(stats: list[GroupStats]) -> str:
+    head = ("<tr><th>source</th><th>units</th><th>N particles<br>(non-border)</th>"
+            "<th>border<br>(excluded)</th><th>N frames</th><th>mean ECD</th><th>sd ECD</th>"
+            "<th>D10</th><th>D50</th><th>D90</th><th>mean aspect ratio</th>"
+            "<th>mean roundness</th><th>particles / frame<br>(non-border)</th></tr>")
+    rows = []
+    for st in stats:
+        rows.append(
+            f'<tr><td class="source">{_e(st.source)}</td><td class="units">{_e(st.units)}</td>'
+            f'<td class="n">{st.n}</td><td class="n-border">{st.n_border}</td>'
+            f'<td class="n-frames">{st.n_frames}</td>'
+            + _ci_cell("mean", st.mean, st.ci["mean"]) + _ci_cell("sd", st.sd, st.ci["sd"])
+            + _ci_cell("d10", st.d10, st.ci["d10"]) + _ci_cell("d50", st.d50, st.ci["d50"])
+            + _ci_cell("d90", st.d90, st.ci["d90"])
+            + f'<td class="aspect">{_fmt(st.aspect_ratio)}</td>'
+            f'<td class="roundness">{_fmt(st.roundness)}</td>'
+            f'<td class="per-frame">{_fmt(st.per_frame)}</td></tr>')
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _utc(ns: int) -> str:
+    t = dt.datetime.fromtimestamp(ns / 1e9, tz=dt.UTC)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _alerts_section(run: Run) -> str:
+    a = run.alerts
+    n = Run.rows(a)
+    if n == 0:
+        return "<p>No alerts were recorded.</p>"
+    order = np.argsort(-a["t_acq_ns"], kind="stable")[:MAX_ALERT_ROWS]
+    rows = []
+    for i in order:
+        rows.append(
+            f'<tr class="severity-{_e(a["severity"][i])}"><td>{_e(_utc(int(a["t_acq_ns"][i])))}'
+            f'</td><td>{_e(a["source"][i])}</td><td>{int(a["seq"][i])}</td>'
+            f'<td>{_e(a["rule"][i])}</td><td>{_e(a["severity"][i])}</td>'
+            f'<td class="explanation">{_e(a["explanation"][i])}</td></tr>')
+    note = (f'<p class="note">Showing the newest {MAX_ALERT_ROWS} of {n} alerts.</p>'
+            if n > MAX_ALERT_ROWS else f"<p>{n} alert{'s' if n != 1 else ''}, newest first.</p>")
+    head = ("<tr><th>time (UTC)</th><th>source</th><th>seq</th><th>rule</th>"
+            "<th>severity</th><th>explanation</th></tr>")
+    return f"{note}<table>{head}{''.join(rows)}</table>"
+
+
+def _unique_str(values: np.ndarray) -> str:
+    u = sorted({str(v) for v in values})
+    return ", ".join(_e(v) if v else "(none)" for v in u) if u else "(none)"
+
+
+def _provenance_section(run: Run) -> str:
+    f = run.frames
+    items: list[tuple[str, str]] = []
+    if Run.rows(f):
+        items.append(("models", _unique_str(f["model"])))
+        items.append(("engines", _unique_str(f["engine"])))
+        cal = []
+        for source in sorted({str(s) for s in f["source"]}):
+            px = f["pixel_size_nm"][f["source"] == source].astype(np.float64)
+            sizes = sorted({float(v) for v in px[np.isfinite(px)]})
+            parts = [f"{_fmt(v)} nm/px" for v in sizes[:10]]
+            if len(sizes) > 10:
+                parts.append(f"… and {len(sizes) - 10} more")
+            if np.isnan(px).any():
+                parts.append("uncalibrated (px)")
+            cal.append(f"{_e(source)}: {', '.join(parts)}")
+        items.append(("calibration", "<br>".join(cal)))
+        ws = f["working_scale"].astype(np.float64)
+        ws = ws[np.isfinite(ws)]
+        items.append(("working scale (working px per frame px)",
+                      f"{_fmt(float(ws.min()))} – {_fmt(float(ws.max()))}" if ws.size
+                      else "not recorded"))
+        sizes_hw = sorted({(int(h), int(w)) for h, w in zip(f["height"], f["width"])})
+        items.append(("frame sizes (height × width, px)",
+                      ", ".join(f"{h} × {w}" for h, w in sizes_hw)))
+        t = f["t_acq_ns"]
+        t_lo, t_hi = int(t.min()), int(t.max())
+        items.append(("time span", f"{_e(_utc(t_lo))} – {_e(_utc(t_hi))} "
+                                   f"({_fmt((t_hi - t_lo) / 1e9)} s, {Run.rows(f)} frames)"))
+    else:
+        items.append(("frames", "none recorded"))
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in items)
+    prov = json.dumps(run.provenance, indent=2, sort_keys=True, default=str)
+    return (f"<table>{rows}</table><h3>run provenance</h3>"
+            f'<pre class="provenance">{_e(prov)}</pre>')
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:75em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1em}
+th,td{border:1px solid #ccc;padding:0.25em 0.5em;text-align:left;vertical-align:top}
+th{background:#f2f2f2}.ci{color:#666;font-size:85%}.note{color:#a15c00}
+.severity-critical td{background:#fde2e1}.severity-warning td{background:#fff4d6}
+pre{background:#f7f7f7;padding:0.75em;overflow-x:auto}img{max-width:100%}
+"""
+
+
+def _img(files_dir: Path, name: str, alt: str) -> str:
+    return f'<img src="{_e(files_dir.name)}/{_e(name)}" alt="{_e(alt)}">'
+
+
+# ---------------------------------------------------------------------------------- report
+
+def build_report(run_path: str | Path, out_html: Path) -> Path:
+    """Write the HTML report of the run at ``run_path`` to ``out_html``; returns ``out_html``.
+
+    Figures are PNG files in ``<out stem>_files/`` beside ``out_html``, linked relatively.
+    Raises :class:`nanoscout.wire.errors.ReaderError` when the run cannot be read.
+    """
+    run_path, out_html = Path(run_path), Path(out_html)
+    run = read_run(run_path)
+    files_dir = out_html.with_name(out_html.stem + "_files")
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    p = run.particles
+    t0 = _t0_ns(run)
+    groups = _groups(run)
+    stats: list[GroupStats] = []
+    figures: list[str] = []
+    for i, g in enumerate(groups):
+        inner = g.particles & ~p["border"] if Run.rows(p) else g.particles
+        ecd = p["ecd_nm"][inner] if Run.rows(p) else np.zeros(0)
+        ar = p["aspect_ratio"][inner] if Run.rows(p) else np.zeros(0)
+        rd = p["roundness"][inner] if Run.rows(p) else np.zeros(0)
+        st = group_stats(g.source, g.units, ecd, n_border=int((g.particles & ~inner).sum()),
+                         n_frames=int(g.frames.sum()), aspect_ratio=ar, roundness=rd)
+        stats.append(st)
+        label = f"{_e(g.source)} ({_e(g.units)})"
+        if st.n == 0:
+            figures.append(f"<h3>{label}</h3><p>No non-border particles in this group.</p>")
+            continue
+        files_dir.mkdir(exist_ok=True)
+        d = _positive(ecd)
+        names = (f"g{i}_ecd.png", f"g{i}_shape.png", f"g{i}_time.png")
+        _ecd_figure(d, st, files_dir / names[0])
+        _shape_figure(ar[np.isfinite(ar)].astype(np.float64),
+                      rd[np.isfinite(rd)].astype(np.float64), g.source, files_dir / names[1])
+        assert t0 is not None  # a group with particles has a first frame
+        _time_figure(_series(run, g, t0), g.source, g.units, files_dir / names[2])
+        figures.append(
+            f"<h3>{label}</h3>"
+            f'<p>Lognormal fit (maximum likelihood, μ = mean ln d, σ = std ln d): median '
+            f'exp(μ) = <span class="lognormal-median">{_fmt(st.lognormal_median)}</span> '
+            f'{_e(g.units)}, σ = <span class="lognormal-sigma">{_fmt(st.lognormal_sigma)}'
+            f"</span>.</p>"
+            f"{_img(files_dir, names[0], f'ECD histogram of {g.source}')}"
+            f"<h4>Shape</h4>{_img(files_dir, names[1], f'shape histograms of {g.source}')}"
+            f"<h4>Over time</h4>{_img(files_dir, names[2], f'D50 over time of {g.source}')}")
+    n_particles = Run.rows(p)
+    if n_particles == 0:
+        sizes = f'<p class="empty">{_e(_EMPTY_MESSAGE)}</p>'
+    else:
+        n_border = int(p["border"].sum())
+        sizes = (
+            f"<p>{n_particles} particles recorded; {n_border} touch the frame edge and are "
+            "excluded from every size and shape statistic below (their size is cut by the "
+            "frame). Particles are grouped by source and units: nm and px are never pooled. "
+            "D10/D50/D90 are number-weighted ECD quantiles. Brackets give percentile-bootstrap "
+            f"95 % confidence intervals ({BOOTSTRAP_RESAMPLES} resamples, seed "
+            f"{BOOTSTRAP_SEED}).</p>" + _summary_table(stats)
+            + "<h2>Distributions</h2>" + "".join(figures))
+    title = f"nanoscout report: {run_path.name}"
+    doc = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(title)}</h1><p>Run: <code>{_e(run_path)}</code>. Report written "
+        f"{_e(dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat())}.</p>"
+        f"<h2>Size statistics</h2>{sizes}"
+        f"<h2>Alerts</h2>{_alerts_section(run)}"
+        f"<h2>Provenance</h2>{_provenance_section(run)}"
+        "</body></html>\n")
+    tmp = out_html.with_name(out_html.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(out_html)
+    return out_html
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m nanoscout.clients.report RUN --out REPORT.html``; prints the written path."""
+    ap = argparse.ArgumentParser(prog="nanoscout report",
+                                 description="HTML size-distribution report of a recorded run")
+    ap.add_argument("run", type=Path, help="RUN.parquet folder or RUN.csv")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="report HTML (default: <run stem>_report.html beside the run)")
+    args = ap.parse_args(argv)
+    run: Path = args.run
+    out: Path = args.out or run.with_name(run.stem + "_report.html")
+    try:
+        written = build_report(run, out)
+    except NanoscoutError as exc:
+        print(f"nanoscout report: error: {exc}", file=sys.stderr)
+        return 2
+    print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""``nanoscout search``: drive the microscope through its control socket, read the daemon's
+alerts and classifications, and write what was found as a navigator list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, ControlClient
+from nanoscout.clients.search.geometry import Area
+from nanoscout.clients.search.navigator import FoundTarget, write_navigator
+from nanoscout.clients.search.session import FrameResult, SearchSession
+from nanoscout.clients.search.strategies import SearchConfig, run_search
+from nanoscout.wire.errors import ConfigError
+from nanoscout.wire.transport import DEFAULT_RESULT_ENDPOINT, ClientKeys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``nanoscout search``."""
+    p.add_argument("--control", default=DEFAULT_CONTROL_ENDPOINT,
+                   help="the microscope's control socket")
+    p.add_argument("--connect", default=DEFAULT_RESULT_ENDPOINT, help="the daemon's results")
+    p.add_argument("--strategy", choices=["raster", "adaptive"], default="adaptive")
+    p.add_argument("--area", type=Area.parse,
+                   help="x_min,x_max,y_min,y_max in µm (default: the stage limits); "
+                        "write --area=-50,50,-50,50 when it starts with a minus")
+    p.add_argument("--target-rule", action="append", required=True,
+                   help="daemon alert rule that confirms a target (repeatable)")
+    p.add_argument("--candidate-rule", action="append", default=[],
+                   help="alert rule that only nominates candidates in the survey (repeatable)")
+    p.add_argument("--pixel-size", type=float, default=20.0,
+                   help="high magnification (raster, confirmation), nm/px")
+    p.add_argument("--survey-pixel-size", type=float, default=80.0,
+                   help="survey magnification, nm/px")
+    p.add_argument("--size", type=int, default=512, help="frame side, px")
+    p.add_argument("--overlap", type=float, default=3.0,
+                   help="tile overlap, µm (at least the largest target)")
+    p.add_argument("--budget-frames", type=int)
+    p.add_argument("--budget-s", type=float, help="instrument time (moves + exposures), s")
+    p.add_argument("--budget-dose", type=float, help="mean electron dose over the area, e/nm²")
+    p.add_argument("--min-separation", type=float, default=1.0,
+                   help="confirmations closer than this (µm) are one target")
+    p.add_argument("--result-timeout", type=float, default=30.0,
+                   help="seconds to wait for a frame's results")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for targets.csv/.json/.nav, thumbnails and search.json")
+
+
+def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
+    """Run one search and write its navigator list; exit status 0 when it ran to its end."""
+    control = ControlClient(args.control, timeout=max(30.0, args.result_timeout))
+    session = SearchSession(control, args.connect, result_timeout_s=args.result_timeout,
+                            curve=curve)
+    area = args.area or session.limits
+    if area is None:
+        raise ConfigError("the microscope reports no stage limits: give --area")
+    cfg = SearchConfig(
+        area=area, target_rules=tuple(args.target_rule),
+        candidate_rules=tuple(args.candidate_rule), pixel_size_nm=args.pixel_size,
+        survey_pixel_size_nm=args.survey_pixel_size, shape=(args.size, args.size),
+        overlap_um=args.overlap, budget_frames=args.budget_frames, budget_s=args.budget_s,
+        budget_dose_e_per_nm2=args.budget_dose, min_separation_um=args.min_separation)
+
+    def progress(res: FrameResult, new: list[FoundTarget]) -> None:
+        x, y = res.geometry.center_um
+        what = (res.error or f"{res.n_particles} particles, {len(res.alerts)} alerts")
+        print(f"{res.purpose:7s} #{res.index:4d} ({x:8.2f}, {y:8.2f}) µm: {what}", flush=True)
+        for t in new:
+            print(f"  target {t.id}: {t.label} at ({t.x_um:.2f}, {t.y_um:.2f}) µm, "
+                  f"confidence {t.confidence:.2f}", flush=True)
+
+    try:
+        result = run_search(args.strategy, session, cfg, progress)
+    finally:
+        session.close()
+        control.close()
+    summary = result.summary()
+    meta = {"search": summary, "area_um": [area.x_min, area.x_max, area.y_min, area.y_max],
+            "config": {"target_rules": list(cfg.target_rules),
+                       "candidate_rules": list(cfg.candidate_rules),
+                       "pixel_size_nm": cfg.pixel_size_nm,
+                       "survey_pixel_size_nm": cfg.survey_pixel_size_nm,
+                       "shape": list(cfg.shape), "overlap_um": cfg.overlap_um}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = write_navigator(result.targets, args.out, meta=meta)
+    (args.out / "search.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    print(f"search ({args.strategy}): {len(result.targets)} targets in {result.frames} frames "
+          f"({result.instrument_s:.0f} s instrument time, {result.wall_s:.0f} s wall); "
+          f"stopped: {result.stopped}; navigator: {paths['nav']}", flush=True)
+    return 0

@@ -1,0 +1,125 @@
+"""Where a frame lies on the stage, and tilings of an area into frames. Lengths in µm unless
+the name says nm or px.
+
+A frame is centred on its stage position; (col, row) pixel offsets from the frame centre map to
+stage offsets through ``image_to_stage`` (identity: columns along +x, rows along +y), in units
+of the pixel size — the convention of :mod:`nanoscout.clients.microscope.interfaces`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Area:
+    """A rectangle on the stage, µm."""
+
+    x_min: float
+    x_max: float
+    y_min: float
+    y_max: float
+
+    def __post_init__(self) -> None:
+        if not (self.x_min < self.x_max and self.y_min < self.y_max):
+            raise ValueError(f"empty search area {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> Area:
+        """``"x_min,x_max,y_min,y_max"`` in µm."""
+        try:
+            vals = [float(v) for v in text.split(",")]
+        except ValueError as exc:
+            raise ValueError(f"area {text!r}: expected four numbers x_min,x_max,y_min,y_max "
+                             "(µm)") from exc
+        if len(vals) != 4:
+            raise ValueError(f"area {text!r}: expected four numbers x_min,x_max,y_min,y_max (µm)")
+        return cls(*vals)
+
+    @property
+    def width(self) -> float:
+        return self.x_max - self.x_min
+
+    @property
+    def height(self) -> float:
+        return self.y_max - self.y_min
+
+    def contains(self, x: float, y: float) -> bool:
+        """True when (x, y) lies inside the rectangle (edges included)."""
+        return self.x_min <= x <= self.x_max and self.y_min <= y <= self.y_max
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """One acquired frame on the stage."""
+
+    center_um: tuple[float, float]
+    pixel_size_nm: float
+    shape: tuple[int, int]  # rows, cols
+    image_to_stage: tuple[tuple[float, float], tuple[float, float]] = ((1.0, 0.0), (0.0, 1.0))
+
+    @property
+    def fov_um(self) -> tuple[float, float]:
+        """Field of view (x width, y height), µm."""
+        return self.shape[1] * self.pixel_size_nm / 1e3, self.shape[0] * self.pixel_size_nm / 1e3
+
+    def to_stage(self, row: np.ndarray | float, col: np.ndarray | float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Stage (x, y) µm of pixel positions (row, col)."""
+        h, w = self.shape
+        p = self.pixel_size_nm / 1e3
+        dc = (np.asarray(col, np.float64) - (w - 1) / 2.0) * p
+        dr = (np.asarray(row, np.float64) - (h - 1) / 2.0) * p
+        (a, b), (c, d) = self.image_to_stage
+        return self.center_um[0] + a * dc + b * dr, self.center_um[1] + c * dc + d * dr
+
+    def to_pixel(self, x_um: float, y_um: float) -> tuple[float, float]:
+        """Pixel (row, col) of a stage position (may lie outside the frame)."""
+        h, w = self.shape
+        p = self.pixel_size_nm / 1e3
+        (a, b), (c, d) = self.image_to_stage
+        det = a * d - b * c
+        dx, dy = x_um - self.center_um[0], y_um - self.center_um[1]
+        dc = (d * dx - b * dy) / det
+        dr = (-c * dx + a * dy) / det
+        return dr / p + (h - 1) / 2.0, dc / p + (w - 1) / 2.0
+
+    def covers(self, x_um: float, y_um: float, margin_um: float = 0.0) -> bool:
+        """True when (x, y) lies inside the frame at least ``margin_um`` from its edges."""
+        h, w = self.shape
+        row, col = self.to_pixel(x_um, y_um)
+        m = margin_um * 1e3 / self.pixel_size_nm
+        return bool(m - 0.5 <= row <= h - 0.5 - m and m - 0.5 <= col <= w - 0.5 - m)
+
+
+def tile_centres(area: Area, fov_um: tuple[float, float], overlap_um: float
+                 ) -> list[tuple[float, float]]:
+    """Frame centres that cover ``area`` with frames of ``fov_um`` overlapping by ``overlap_um``.
+
+    A serpentine raster (rows along x, alternate rows reversed) so the stage never jumps back
+    across the area. Tiles are spread evenly: the overlap is at least ``overlap_um``. Every
+    object smaller than the overlap lies wholly inside at least one frame.
+    """
+    fx, fy = fov_um
+    if not (fx > overlap_um and fy > overlap_um and overlap_um >= 0):
+        raise ValueError(f"overlap {overlap_um!r} µm must be >= 0 and smaller than the field "
+                         f"of view {fov_um} µm")
+
+    def axis(lo: float, hi: float, f: float) -> list[float]:
+        span = hi - lo
+        if span <= f:
+            return [0.5 * (lo + hi)]
+        n = math.ceil((span - f) / (f - overlap_um)) + 1
+        step = (span - f) / (n - 1)
+        return [lo + f / 2 + i * step for i in range(n)]
+
+    xs = axis(area.x_min, area.x_max, fx)
+    ys = axis(area.y_min, area.y_max, fy)
+    out: list[tuple[float, float]] = []
+    for j, y in enumerate(ys):
+        row = xs if j % 2 == 0 else xs[::-1]
+        out.extend((x, y) for x in row)
+    return out

@@ -1,0 +1,148 @@
+"""One frame of a search, end to end: move the stage, acquire, and collect the daemon's results.
+
+:class:`SearchSession` holds the two connections of a search — the microscope's control socket
+(REQ) and the daemon's results (SUB) — and turns "image here at this pixel size" into a
+:class:`FrameResult`: the frame's place on the stage, its particle count, the alerts it raised
+(particle rows that fired, or the class activation map of a class/novelty rule) and its
+classification. The daemon publishes a frame's messages in order ``det``, ``preview``,
+``class`` (+ its alerts), particle alerts, ``stats``; ``stats`` ends the frame. A frame whose
+results do not come within ``result_timeout_s`` (an engine failure, a daemon that is gone) is
+returned with its ``error`` set and counted, never waited on forever.
+
+Costs are added up as the search goes: frames, instrument time (modelled or real stage moves
+plus exposures, s) and electron dose (e/nm² summed over the frames' areas, divided by the search
+area: the mean dose the specimen received).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nanoscout.clients.microscope.control import ControlClient
+from nanoscout.clients.search.geometry import Area, FrameGeometry
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.wire.protocol import AlertHeader, ClassHeader, DetHeader, Message
+from nanoscout.wire.transport import ClientKeys
+
+log = logging.getLogger("nanoscout.search")
+
+
+@dataclass
+class FrameResult:
+    """What one search frame showed."""
+
+    purpose: str  # "raster", "survey" or "confirm"
+    index: int  # 1-based: frames the search had used once this one was taken
+    geometry: FrameGeometry
+    source: str
+    seq: int
+    t_s: float  # wall time since the search started, when the results were in
+    instrument_s: float  # instrument time since the search started (moves + exposures)
+    n_particles: int | None = None  # None: no detections came back
+    alerts: list[Message] = field(default_factory=list)
+    classification: ClassHeader | None = None
+    error: str | None = None
+
+
+@dataclass
+class Costs:
+    """What the search has spent so far."""
+
+    frames: int = 0
+    instrument_s: float = 0.0
+    dose_e_nm2_area: float = 0.0  # Σ dose (e/nm²) × frame area (µm²)
+    failed_frames: int = 0
+
+    def mean_dose(self, area: Area) -> float:
+        """Electron dose per nm² averaged over the search area."""
+        return self.dose_e_nm2_area / (area.width * area.height)
+
+
+class SearchSession:
+    """Drives the microscope and reads the daemon's results for one search."""
+
+    def __init__(self, control: ControlClient, results_endpoint: str, *,
+                 result_timeout_s: float = 30.0, ready_timeout_s: float = 30.0,
+                 curve: ClientKeys | None = None) -> None:
+        self.control = control
+        status = control.status()
+        if status.source is None:
+            raise ValueError("the microscope did not say which source its frames carry")
+        self.source = status.source
+        #: the stage's travel limits, or None when the microscope does not say
+        self.limits = None if status.limits is None else Area(*status.limits)
+        self.result_timeout_s = result_timeout_s
+        topics = tuple(f"{k}.{self.source}" for k in ("det", "class", "alert", "stats"))
+        self._sub = Subscriber(results_endpoint, topics, curve=curve)
+        self._sub.wait_ready(ready_timeout_s)  # connected before the first frame goes out
+        self.costs = Costs()
+        self.t0 = time.monotonic()
+
+    def frame(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int],
+              purpose: str, meta: dict[str, str | int | float | bool] | None = None
+              ) -> FrameResult:
+        """Image at (x, y) µm and return the daemon's results for that frame (``meta``: extra
+        frame meta, e.g. the analysis hint ``rotate45``)."""
+        moved = self.control.move(x_um, y_um)
+        acq = self.control.acquire(pixel_size_nm, shape, tag=purpose, meta=meta)
+        assert acq.seq is not None and acq.stage is not None and acq.shape is not None
+        assert acq.pixel_size_nm is not None
+        c = self.costs
+        c.frames += 1
+        c.instrument_s += (moved.move_s or 0.0) + (acq.exposure_s or 0.0)
+        geom = FrameGeometry(acq.stage, acq.pixel_size_nm, acq.shape,
+                             acq.image_to_stage or ((1.0, 0.0), (0.0, 1.0)))
+        if acq.dose_e_per_nm2 is not None:
+            fx, fy = geom.fov_um
+            c.dose_e_nm2_area += acq.dose_e_per_nm2 * fx * fy
+        res = FrameResult(purpose, c.frames, geom, self.source, acq.seq, 0.0, c.instrument_s)
+        self._collect(res)
+        res.t_s = time.monotonic() - self.t0
+        if res.error is not None:
+            c.failed_frames += 1
+            log.warning("frame %s#%d: %s", self.source, acq.seq, res.error)
+        return res
+
+    def _collect(self, res: FrameResult) -> None:
+        deadline = time.monotonic() + self.result_timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                res.error = (f"no complete results for seq {res.seq} within "
+                             f"{self.result_timeout_s:g} s"
+                             + (" (no detections)" if res.n_particles is None else ""))
+                return
+            msg = self._sub.recv(left)
+            if msg is None:
+                continue
+            seq = getattr(msg.header, "seq", None)
+            if seq != res.seq:
+                continue  # a late message of an earlier frame
+            h = msg.header
+            if isinstance(h, DetHeader):
+                res.n_particles = h.n
+                # once detections are out the rest follows within milliseconds; a summary
+                # failure sends no stats, so do not wait the whole timeout for it
+                deadline = min(deadline, time.monotonic() + 5.0)
+            elif isinstance(h, AlertHeader):
+                res.alerts.append(msg)
+            elif isinstance(h, ClassHeader):
+                res.classification = h
+            elif msg.kind == "stats":
+                return
+
+    def crop(self, res: FrameResult, row: float, col: float, half_px: int) -> np.ndarray | None:
+        """A display crop of a recent frame, or None when the microscope has it no more."""
+        try:
+            return self.control.crop(res.seq, row, col, half_px)
+        except Exception as exc:  # a thumbnail is a nicety: never lose a target over it
+            log.warning("no thumbnail for %s#%d: %s", res.source, res.seq, exc)
+            return None
+
+    def close(self) -> None:
+        """Close the result subscription (the control client belongs to the caller)."""
+        self._sub.close()

@@ -1,0 +1,388 @@
+"""Search strategies: a full high-magnification raster, and an adaptive survey → confirm search.
+
+* :func:`raster_search` (the baseline) images the whole area at the high magnification, tiles
+  overlapping by ``overlap_um`` (at least the largest target, so each lies wholly in one tile),
+  and keeps every particle that a *target rule* of the daemon fired on.
+* :func:`adaptive_search` first surveys the area at a low magnification (few, large frames),
+  ranks *candidates* — particles that a candidate or target rule fired on, and the class
+  activation map peaks of class / novelty rules — then visits them best first at the high
+  magnification; only a target rule firing on a high-magnification frame confirms a target.
+  Candidates that a confirmation frame already covered are not visited again. A candidate on
+  which a target rule already fired in the survey, but that its confirmation frame did not
+  confirm, gets one second look from another place in the frame.
+
+Both stop at the budget (frames, instrument seconds or mean electron dose, whichever comes
+first). A frame whose results do not come back is taken once more. High-magnification frames
+ask the daemon for its 45° view too (frame meta ``rotate45``; wires along an image axis). Targets
+are kept in stage coordinates and de-duplicated: two confirmations closer than
+``min_separation_um``, or than their half Feret lengths added, are one target.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from nanoscout.clients.search.geometry import Area, FrameGeometry, tile_centres
+from nanoscout.clients.search.navigator import FoundTarget
+from nanoscout.clients.search.session import FrameResult, SearchSession
+from nanoscout.wire.errors import ConfigError
+from nanoscout.wire.particles import SHAPE_CLASSES
+
+log = logging.getLogger("nanoscout.search")
+
+Strategy = Literal["raster", "adaptive"]
+
+_TARGET_WEIGHT = 2.0  # candidate priority of a target rule's hit in the survey (others: 1)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What to look for, where, and how much the search may spend. Lengths µm unless named."""
+
+    area: Area
+    target_rules: tuple[str, ...]  # daemon alert rules that confirm a target (high mag.)
+    candidate_rules: tuple[str, ...] = ()  # rules that only nominate candidates (survey)
+    pixel_size_nm: float = 20.0  # high magnification: raster and confirmation frames
+    survey_pixel_size_nm: float = 80.0
+    shape: tuple[int, int] = (512, 512)  # rows, cols px, every frame
+    overlap_um: float = 3.0  # tile overlap, >= the largest target
+    budget_frames: int | None = None
+    budget_s: float | None = None  # instrument time (stage moves + exposures)
+    budget_dose_e_per_nm2: float | None = None  # mean dose over the search area
+    min_separation_um: float = 1.0
+    #: a candidate this far inside a confirmation frame counts as checked (>= half the
+    #: largest target, so it was seen whole)
+    confirm_margin_um: float = 2.0
+    thumbnail_px: int = 48  # half size of a thumbnail, at least
+    #: ask the daemon to look at high-magnification frames turned by 45° too (frame meta
+    #: ``rotate45``, honoured with ``[engine] rotate45 = "on-request"``): wires along an image
+    #: axis are otherwise missed
+    rotate45_high_mag: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.target_rules:
+            raise ValueError("a search needs at least one target rule (--target-rule)")
+        for name, v in (("pixel_size_nm", self.pixel_size_nm),
+                        ("survey_pixel_size_nm", self.survey_pixel_size_nm)):
+            if not v > 0:
+                raise ValueError(f"{name} {v!r} must be > 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A place worth a closer look, µm; larger ``priority`` first."""
+
+    x_um: float
+    y_um: float
+    priority: float
+    rule: str
+    seq: int
+
+
+@dataclass
+class SearchResult:
+    """What a search found and spent."""
+
+    strategy: str
+    targets: list[FoundTarget]
+    frames: int
+    instrument_s: float
+    wall_s: float
+    mean_dose_e_per_nm2: float
+    failed_frames: int
+    stopped: str  # why it ended: "done", "candidates exhausted", "budget: frames", ...
+    duplicates_merged: int = 0
+    candidates: int = 0  # nominated in the survey (after merging)
+    confirm_frames: int = 0
+    survey_frames: int = 0
+    #: (frames used, targets found) each time a target was found
+    curve: list[tuple[int, int]] = field(default_factory=list)
+    #: the survey's candidates after merging, best first (adaptive)
+    nominated: list[Candidate] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        """JSON-friendly numbers (no thumbnails)."""
+        first = self.targets[0] if self.targets else None
+        return {
+            "strategy": self.strategy, "targets": len(self.targets), "frames": self.frames,
+            "survey_frames": self.survey_frames, "confirm_frames": self.confirm_frames,
+            "candidates": self.candidates, "instrument_s": round(self.instrument_s, 2),
+            "wall_s": round(self.wall_s, 2),
+            "mean_dose_e_per_nm2": round(self.mean_dose_e_per_nm2, 4),
+            "failed_frames": self.failed_frames, "duplicates_merged": self.duplicates_merged,
+            "stopped": self.stopped,
+            "first_target": None if first is None else {
+                "frames": first.frame_index, "wall_s": round(first.t_s, 2),
+                "instrument_s": round(first.instrument_s, 2)},
+            "curve": self.curve,
+        }
+
+
+class TargetBook:
+    """Confirmed targets in stage coordinates, de-duplicated across overlapping frames."""
+
+    def __init__(self, cfg: SearchConfig, session: SearchSession) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.targets: list[FoundTarget] = []
+        self.duplicates_merged = 0
+        self.curve: list[tuple[int, int]] = []
+
+    def _same(self, dist_um: float, feret_a: float | None, feret_b: float | None) -> bool:
+        """Two confirmations this far apart are one target: closer than ``min_separation_um``
+        or than their half lengths added (they overlap: a wire seen whole in one frame and
+        only in part in the next)."""
+        half = sum(f / 2e3 for f in (feret_a, feret_b) if f is not None and math.isfinite(f))
+        return dist_um <= max(self.cfg.min_separation_um, half)
+
+    def near(self, x_um: float, y_um: float, radius_um: float) -> bool:
+        """True when a target was found within ``radius_um`` of (x, y)."""
+        return any(math.hypot(t.x_um - x_um, t.y_um - y_um) <= radius_um for t in self.targets)
+
+    def offer(self, res: FrameResult) -> list[FoundTarget]:
+        """Add the targets that ``res``'s target-rule alerts name; returns the new ones."""
+        new: list[FoundTarget] = []
+        for msg in res.alerts:
+            h = msg.header
+            if h.rule not in self.cfg.target_rules or msg.array is None:  # type: ignore[attr-defined]
+                continue
+            units = h.units  # type: ignore[attr-defined]
+            for row in msg.array:
+                x, y = res.geometry.to_stage(float(row["y"]), float(row["x"]))
+                feret = float(row["feret_max_nm"]) if units == "nm" else None
+                near = [t for t in self.targets
+                        if self._same(math.hypot(t.x_um - float(x), t.y_um - float(y)), feret,
+                                      t.feret_max_nm)]
+                if near:
+                    self.duplicates_merged += 1
+                    continue
+                half = self.cfg.thumbnail_px
+                if feret is not None:
+                    half = int(min(256, max(half, 0.75 * feret / res.geometry.pixel_size_nm)))
+                target = FoundTarget(
+                    id=len(self.targets) + 1, rule=h.rule,  # type: ignore[attr-defined]
+                    label=_label(h.rule, row),  # type: ignore[attr-defined]
+                    x_um=float(x), y_um=float(y), confidence=float(row["score"]),
+                    value=float(h.value), threshold=float(h.threshold),  # type: ignore[attr-defined]
+                    units=units, ecd_nm=_nm(row, "ecd_nm", units),
+                    feret_max_nm=feret, aspect_ratio=float(row["aspect_ratio"]),
+                    source=res.source, seq=res.seq,
+                    pixel_size_nm=res.geometry.pixel_size_nm, frame_index=res.index,
+                    t_s=res.t_s, instrument_s=res.instrument_s,
+                    thumbnail=self.session.crop(res, float(row["y"]), float(row["x"]), half))
+                self.targets.append(target)
+                new.append(target)
+                self.curve.append((res.index, len(self.targets)))
+        return new
+
+
+def _label(rule: str, row: np.void) -> str:
+    k = int(row["shape_class"])
+    return f"{rule} ({SHAPE_CLASSES[k]})" if 0 <= k < len(SHAPE_CLASSES) else rule
+
+
+def _nm(row: np.void, name: str, units: str) -> float | None:
+    return float(row[name]) if units == "nm" else None
+
+
+class _Budget:
+    def __init__(self, cfg: SearchConfig, session: SearchSession) -> None:
+        self.cfg, self.session = cfg, session
+
+    def exhausted(self) -> str | None:
+        """Why no further frame may be taken, or None."""
+        c, cfg = self.session.costs, self.cfg
+        if cfg.budget_frames is not None and c.frames >= cfg.budget_frames:
+            return "budget: frames"
+        if cfg.budget_s is not None and c.instrument_s >= cfg.budget_s:
+            return "budget: instrument time"
+        if cfg.budget_dose_e_per_nm2 is not None \
+                and c.mean_dose(cfg.area) >= cfg.budget_dose_e_per_nm2:
+            return "budget: dose"
+        return None
+
+
+def _clamp(session: SearchSession, x: float, y: float) -> tuple[float, float]:
+    lim = session.limits
+    if lim is None:
+        return x, y
+    return min(max(x, lim.x_min), lim.x_max), min(max(y, lim.y_min), lim.y_max)
+
+
+Progress = Callable[[FrameResult, list[FoundTarget]], None]
+
+
+def _take(session: SearchSession, budget: _Budget, x: float, y: float, pixel_size_nm: float,
+          shape: tuple[int, int], purpose: str) -> FrameResult:
+    """One frame; a frame whose results did not come (engine failure, timeout) is taken once
+    more, budget permitting, so a transient failure does not lose what it would have shown."""
+    meta: dict[str, str | int | float | bool] | None = None
+    if purpose != "survey" and budget.cfg.rotate45_high_mag:
+        meta = {"rotate45": True}
+    res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
+    if res.error is not None and budget.exhausted() is None:
+        log.warning("taking frame at (%.2f, %.2f) µm again", x, y)
+        res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
+    return res
+
+
+def _fov(cfg: SearchConfig, pixel_size_nm: float) -> tuple[float, float]:
+    return FrameGeometry((0.0, 0.0), pixel_size_nm, cfg.shape).fov_um
+
+
+def raster_search(session: SearchSession, cfg: SearchConfig,
+                  progress: Progress | None = None) -> SearchResult:
+    """Image the whole area at the high magnification; every target rule hit is a target."""
+    book, budget = TargetBook(cfg, session), _Budget(cfg, session)
+
+    def found(res: FrameResult) -> list[FoundTarget]:
+        return book.offer(res)
+
+    stopped = _sweep(session, cfg, budget, cfg.pixel_size_nm, "raster", found, progress)
+    return _result("raster", session, cfg, book, stopped or "done")
+
+
+def _sweep(session: SearchSession, cfg: SearchConfig, budget: _Budget, pixel_size_nm: float,
+           purpose: str, on_frame: Callable[[FrameResult], list[FoundTarget]],
+           progress: Progress | None) -> str:
+    """Tile the area at ``pixel_size_nm``; returns why it stopped early ("" when complete)."""
+    for x, y in tile_centres(cfg.area, _fov(cfg, pixel_size_nm), cfg.overlap_um):
+        why = budget.exhausted()
+        if why:
+            return why
+        res = _take(session, budget, x, y, pixel_size_nm, cfg.shape, purpose)
+        new = on_frame(res)
+        if progress is not None:
+            progress(res, new)
+    return ""
+
+
+def survey_candidates(res: FrameResult, cfg: SearchConfig) -> list[Candidate]:
+    """Candidates named by a survey frame's alerts (particles, or heatmap peaks)."""
+    out: list[Candidate] = []
+    for msg in res.alerts:
+        h = msg.header
+        rule = h.rule  # type: ignore[attr-defined]
+        weight = _TARGET_WEIGHT if rule in cfg.target_rules \
+            else 1.0 if rule in cfg.candidate_rules else 0.0
+        if weight == 0.0:
+            continue
+        if msg.array is not None and len(msg.array):
+            for row in msg.array:
+                x, y = res.geometry.to_stage(float(row["y"]), float(row["x"]))
+                # rule weight first; within a rule, bigger and surer particles first
+                size = float(row["ecd_nm"]) if h.units == "nm" else float(row["area_nm2"])  # type: ignore[attr-defined]
+                out.append(Candidate(float(x), float(y),
+                                     weight + min(size * float(row["score"]) / 1e6, 0.99),
+                                     rule, res.seq))
+        elif msg.heatmap is not None:
+            heat = msg.heatmap
+            r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            h_px, w_px = res.geometry.shape
+            row_px = (r + 0.5) * h_px / heat.shape[0] - 0.5
+            col_px = (c + 0.5) * w_px / heat.shape[1] - 0.5
+            x, y = res.geometry.to_stage(row_px, col_px)
+            out.append(Candidate(float(x), float(y), 0.5 * weight, rule, res.seq))
+    return out
+
+
+def _merge(cands: list[Candidate], sep_um: float) -> list[Candidate]:
+    """Drop candidates closer than ``sep_um`` to a higher-priority one."""
+    kept: list[Candidate] = []
+    for c in sorted(cands, key=lambda c: -c.priority):
+        if all(math.hypot(c.x_um - k.x_um, c.y_um - k.y_um) > sep_um for k in kept):
+            kept.append(c)
+    return kept
+
+
+def adaptive_search(session: SearchSession, cfg: SearchConfig,
+                    progress: Progress | None = None) -> SearchResult:
+    """Survey at low magnification, then confirm the best candidates at high magnification."""
+    book, budget = TargetBook(cfg, session), _Budget(cfg, session)
+    cands: list[Candidate] = []
+
+    def nominate(res: FrameResult) -> list[FoundTarget]:
+        cands.extend(c for c in survey_candidates(res, cfg) if cfg.area.contains(c.x_um, c.y_um))
+        return []
+
+    stopped = _sweep(session, cfg, budget, cfg.survey_pixel_size_nm, "survey", nominate,
+                     progress)
+    ranked = _merge(cands, cfg.min_separation_um)
+    survey = session.costs.frames  # retakes included
+    pending = list(ranked)
+    n_cands = len(pending)
+    visited: list[Candidate] = []
+    while pending and not stopped:
+        why = budget.exhausted()
+        if why:
+            stopped = why
+            break
+        best = pending.pop(0)
+        visited.append(best)
+        x, y = _clamp(session, best.x_um, best.y_um)
+        res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
+        new = book.offer(res)
+        if res.error is None:
+            pending = [c for c in pending
+                       if not res.geometry.covers(c.x_um, c.y_um, cfg.confirm_margin_um)]
+        if progress is not None:
+            progress(res, new)
+    # a second look, from another place in the frame (other context, new noise), at the
+    # candidates a *target* rule already fired on in the survey but no confirmation found
+    fx, fy = _fov(cfg, cfg.pixel_size_nm)
+    for c in visited:
+        if stopped:
+            break
+        if c.priority < _TARGET_WEIGHT or book.near(c.x_um, c.y_um, cfg.confirm_margin_um):
+            continue
+        why = budget.exhausted()
+        if why:
+            stopped = why
+            break
+        x, y = _clamp(session, c.x_um + fx / 4, c.y_um + fy / 4)
+        res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
+        new = book.offer(res)
+        if progress is not None:
+            progress(res, new)
+    if not stopped:
+        stopped = "candidates exhausted"
+    out = _result("adaptive", session, cfg, book, stopped)
+    out.candidates, out.survey_frames = n_cands, survey
+    out.confirm_frames = session.costs.frames - survey
+    out.nominated = ranked
+    return out
+
+
+def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: TargetBook,
+            stopped: str) -> SearchResult:
+    c = session.costs
+    return SearchResult(
+        strategy=strategy, targets=book.targets, frames=c.frames, instrument_s=c.instrument_s,
+        wall_s=time.monotonic() - session.t0, mean_dose_e_per_nm2=c.mean_dose(cfg.area),
+        failed_frames=c.failed_frames, stopped=stopped,
+        duplicates_merged=book.duplicates_merged, curve=book.curve,
+        survey_frames=0, confirm_frames=c.frames if strategy == "raster" else 0)
+
+
+def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
+               progress: Progress | None = None) -> SearchResult:
+    """Run the named strategy; a search area beyond the stage limits is refused at once."""
+    lim = session.limits
+    a = cfg.area
+    if lim is not None and not (lim.contains(a.x_min, a.y_min)
+                                and lim.contains(a.x_max, a.y_max)):
+        raise ConfigError(f"search area x [{a.x_min:g}, {a.x_max:g}] y [{a.y_min:g}, "
+                          f"{a.y_max:g}] µm exceeds the stage limits x [{lim.x_min:g}, "
+                          f"{lim.x_max:g}] y [{lim.y_min:g}, {lim.y_max:g}] µm")
+    if strategy == "raster":
+        return raster_search(session, cfg, progress)
+    if strategy == "adaptive":
+        return adaptive_search(session, cfg, progress)
+    raise ValueError(f"unknown strategy {strategy!r}; known: raster, adaptive")

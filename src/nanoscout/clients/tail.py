@@ -1,0 +1,157 @@
+"""``nanoscout tail``: a live table of what the daemon publishes, in the terminal.
+
+One row per source: frames/s, latency (acquisition → result) p50/p99, particles per frame,
+D10/D50/D90 of ECD (window), number density, dropped/missed frames, and the latest
+field-of-view class with its probability and novelty score; then the newest alerts.
+On a terminal the table redraws in place once per second; into a pipe or file it prints one
+line per source per second.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import numpy as np
+
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.wire.protocol import AlertHeader, ClassHeader, DetHeader, HealthHeader, StatsHeader
+from nanoscout.wire.transport import ClientKeys
+
+
+@dataclass
+class SourceView:
+    """Rolling view of one source's results."""
+
+    t_done: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    counts: deque[int] = field(default_factory=lambda: deque(maxlen=50))
+    frames: int = 0
+    units: str = "nm"
+    stats: StatsHeader | None = None
+    klass: ClassHeader | None = None
+    last_seq: int = -1
+
+    def fps(self, now: float) -> float:
+        recent = [t for t in self.t_done if now - t <= 5.0]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(recent[-1] - recent[0], 1e-9)
+
+
+@dataclass
+class TailState:
+    """Everything the table shows, updated message by message."""
+
+    sources: dict[str, SourceView] = field(default_factory=dict)
+    alerts: deque[AlertHeader] = field(default_factory=lambda: deque(maxlen=5))
+    n_alerts: int = 0
+    health: HealthHeader | None = None
+
+    def update(self, msg_header: object, now: float) -> None:
+        """Fold one message header into the view (``now``: monotonic s)."""
+        if isinstance(msg_header, DetHeader):
+            v = self.sources.setdefault(msg_header.source, SourceView())
+            v.t_done.append(now)
+            v.latency_ms.append(msg_header.latency_ms)
+            v.counts.append(msg_header.n)
+            v.frames += 1
+            v.units = msg_header.units
+            v.last_seq = msg_header.seq
+        elif isinstance(msg_header, StatsHeader):
+            self.sources.setdefault(msg_header.source, SourceView()).stats = msg_header
+        elif isinstance(msg_header, ClassHeader):
+            self.sources.setdefault(msg_header.source, SourceView()).klass = msg_header
+        elif isinstance(msg_header, AlertHeader):
+            self.alerts.appendleft(msg_header)
+            self.n_alerts += 1
+        elif isinstance(msg_header, HealthHeader):
+            self.health = msg_header
+
+
+def _fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _field_of_view(c: ClassHeader | None) -> str:
+    if c is None or not c.labels:
+        return "-"
+    novelty = "" if c.novelty is None else f", novelty {c.novelty:.2f}"
+    return f"{c.labels[0]} ({c.probabilities[0]:.2f}{novelty})"
+
+
+def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
+    """The table as lines of text."""
+    lines = []
+    h = state.health
+    if not sub.connected():
+        lines.append(f"daemon at {sub.endpoint}: UNREACHABLE (no message for > 3 s)")
+    elif h is not None:
+        dropped = ", ".join(f"{k} {v}" for k, v in h.frames_dropped.items()) or "none"
+        rejected = sum(h.rejected.values())
+        lines.append(
+            f"daemon: {h.policy}, engine {h.engines.get('detector', '?')}, up {h.uptime_s:.0f} s, "
+            f"{h.frames_processed}/{h.frames_received} frames, dropped: {dropped}, rejected {rejected}"
+        )
+    lines.append(
+        f"{'source':<10} {'fps':>5} {'lat p50':>8} {'p99':>7} {'part/fr':>8} "
+        f"{'D10':>7} {'D50':>7} {'D90':>7} {'unit':>4} {'dens/µm²':>9} {'missed':>6}  "
+        "field of view (p, novelty)"
+    )
+    for name, v in sorted(state.sources.items()):
+        lat = np.asarray(v.latency_ms)
+        win = v.stats.window if v.stats else {}
+        ecd = win.get("ecd") or {}
+        lines.append(
+            f"{name:<10} {v.fps(now):>5.1f} {_fmt(np.percentile(lat, 50) if lat.size else None):>8} "
+            f"{_fmt(np.percentile(lat, 99) if lat.size else None):>7} "
+            f"{_fmt(float(np.mean(v.counts)) if v.counts else None):>8} "
+            f"{_fmt(ecd.get('d10')):>7} {_fmt(ecd.get('d50')):>7} {_fmt(ecd.get('d90')):>7} "
+            f"{v.units:>4} {_fmt(win.get('number_density_per_um2'), '.0f'):>9} "
+            f"{sub.missed.get(name, 0):>6}  {_field_of_view(v.klass)}"
+        )
+    lines.append(f"alerts: {state.n_alerts}")
+    for a in state.alerts:
+        stage = f" @ ({a.stage.x_um:.1f}, {a.stage.y_um:.1f}) µm" if a.stage else ""
+        lines.append(f"  [{a.severity}] {a.source}#{a.seq}{stage}: {a.explanation}")
+    return lines
+
+
+def run_tail(
+    endpoint: str,
+    *,
+    duration: float | None = None,
+    out: TextIO = sys.stdout,
+    refresh_s: float = 1.0,
+    subscriber: Subscriber | None = None,
+    curve: ClientKeys | None = None,
+) -> TailState:
+    """Show the live table until ``duration`` s have passed (None = until interrupted)."""
+    sub = subscriber or Subscriber(endpoint, curve=curve)
+    state = TailState()
+    tty = out.isatty()
+    t_end = None if duration is None else time.monotonic() + duration
+    next_draw = time.monotonic() + refresh_s
+    try:
+        while t_end is None or time.monotonic() < t_end:
+            msg = sub.recv(timeout=0.1)
+            now = time.monotonic()
+            if msg is not None:
+                state.update(msg.header, now)
+            if now >= next_draw:
+                lines = render(state, sub, now)
+                if tty:
+                    out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+                else:
+                    out.write("\n".join(lines) + "\n\n")
+                out.flush()
+                next_draw = now + refresh_s
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if subscriber is None:
+            sub.close()
+    return state

@@ -1,0 +1,140 @@
+"""Composition of the daemon from a :class:`~nanoscout.daemon.config.ServeConfig`: engine + model card →
+detector → pipeline → daemon, and the blocking ``serve`` entry point with signal handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from nanoscout.analysis.alerts import check_class_labels, parse_rules
+from nanoscout.analysis.classifier import FieldClassifier
+from nanoscout.analysis.detector import Detector
+from nanoscout.analysis.modelcard import ModelCard
+from nanoscout.analysis.pipeline import Pipeline
+from nanoscout.daemon.config import ServeConfig
+from nanoscout.daemon.daemon import Daemon, Endpoints
+from nanoscout.engines import Engine, create_engine
+from nanoscout.wire.errors import ModelCardError
+
+log = logging.getLogger("nanoscout")
+
+
+def card_path(model: Path) -> Path:
+    """The model card that belongs to an ONNX file: same name, ``.json``."""
+    return model.with_suffix(".json")
+
+
+def load_card(model: Path) -> ModelCard:
+    """The validated model card of an ONNX file (its sha256 checked)."""
+    card_file = card_path(model)
+    if not card_file.exists():
+        raise ModelCardError(f"model card {card_file} is missing (every model ships with one)")
+    return ModelCard.load(card_file)
+
+
+def build_classifier(config: ServeConfig) -> FieldClassifier | None:
+    """Load the field-of-view classifier (and the lens) as ``[classify]`` says, or None."""
+    cc = config.classify
+    if not cc.enabled:
+        return None
+    eng = config.engine
+
+    def load(model: Path) -> tuple[ModelCard, Engine]:
+        card = load_card(model)
+        return card, create_engine(model, eng.backend, threads=eng.threads,
+                                   precision=eng.precision)
+
+    card, engine = load(cc.model_path())
+    lens_card = lens = None
+    if cc.lens_enabled:
+        lens_card, lens = load(cc.lens_path())
+    classifier = FieldClassifier(engine, card, lens=lens, lens_card=lens_card, top_k=cc.top_k,
+                                 cam=cc.cam)
+    check_class_labels(parse_rules(config.alerts), classifier.classes)
+    return classifier
+
+
+def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str]:
+    """Load one detection model as ``[engine]`` says; returns (detector, engine name,
+    model name:version)."""
+    eng = config.engine
+    card = load_card(model)
+    engine = create_engine(model, eng.backend, threads=eng.threads, precision=eng.precision)
+    detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
+                        tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
+                        tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
+                        rotate45=eng.rotate45 == "always",
+                        scale_presets=tuple(eng.scale_presets))
+    return detector, engine.name, f"{card.name}:{card.version}"
+
+
+def build_pipeline(config: ServeConfig) -> Pipeline:
+    """Load the detection models with the configured backend and assemble the pipeline."""
+    detector, engine_name, model_name = build_detector(config, config.engine.model_path())
+    by_modality = {}
+    for modality, path in config.engine.modality_model_paths().items():
+        det, _, name = build_detector(config, path)
+        by_modality[modality] = (det, name)
+    return Pipeline(
+        detector,
+        stats_config=config.stats,
+        rules=config.alerts,
+        min_score=config.engine.min_score,
+        engine_name=engine_name,
+        model_name=model_name,
+        classifier=build_classifier(config),
+        classify_every=config.classify.every,
+        clusters=config.clusters,
+        rotate45_on_request=config.engine.rotate45 == "on-request",
+        modality_detectors=by_modality,
+    )
+
+
+def serve(
+    config: ServeConfig,
+    *,
+    on_ready: Callable[[Endpoints], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the daemon until SIGINT/SIGTERM (or ``stop``); lossless mode drains before exiting.
+
+    ``on_ready`` receives the bound endpoints once the daemon accepts frames.
+    """
+    pipeline = build_pipeline(config)
+    daemon = Daemon(config, pipeline)
+    stop = stop or threading.Event()
+
+    def _signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping (policy %s)", signum, config.input.policy)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _signal)
+        signal.signal(signal.SIGTERM, _signal)
+    endpoints = daemon.start()
+    if on_ready is not None:
+        on_ready(endpoints)
+    try:
+        while not stop.wait(0.2):
+            daemon.maybe_raise()
+            if not daemon.running():
+                break
+    finally:
+        daemon.close(timeout=120)
+        pipeline.close()
+    log.info(
+        "stopped: %d frames received, %d processed, dropped %s, rejected %s",
+        daemon.received, daemon.processed, daemon.dropped, daemon.rejected,
+    )
+
+
+def ready_line(endpoints: Endpoints) -> str:
+    """The machine-readable readiness line printed by ``nanoscout serve``."""
+    return "NANOSCOUT-READY " + json.dumps(
+        {"input": endpoints.input, "output": endpoints.output, "metrics": endpoints.metrics_url,
+         "query": endpoints.query}
+    )

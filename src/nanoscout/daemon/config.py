@@ -1,0 +1,277 @@
+"""Typed configuration of the daemon: one TOML file plus command-line overrides.
+
+This is the only module that reads configuration files; everything else receives a
+:class:`ServeConfig`. Example (every key optional)::
+
+    [input]
+    endpoint = "tcp://127.0.0.1:5555"
+    policy = "live"            # or "lossless"
+    max_frame_bytes = 268435456
+
+    [output]
+    endpoint = "tcp://127.0.0.1:5556"
+
+    [engine]
+    backend = "auto"           # tensorrt | onnxruntime-cuda | onnxruntime-cpu
+    model = "models/weights/detector.onnx"
+
+    [metrics]
+    port = 9108
+
+    [stats]
+    window_frames = 50
+
+    [clusters]                 # morphology clusters (online k-means), per source
+    k = 3
+
+    [[alerts]]
+    name = "big-particle"
+    kind = "particle"
+    severity = "warning"
+    where = { ecd_nm = { gt = 50 } }
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from nanoscout.analysis.alerts import parse_rules
+from nanoscout.analysis.clusters import ClusterConfig
+from nanoscout.analysis.modelcard import SHIPPED_STEM_MODEL, shipped_model_dir
+from nanoscout.analysis.stats import StatsConfig
+from nanoscout.wire.errors import ConfigError
+from nanoscout.wire.protocol import Modality
+from nanoscout.wire.transport import (
+    DEFAULT_FRAME_ENDPOINT,
+    DEFAULT_QUERY_ENDPOINT,
+    DEFAULT_RESULT_ENDPOINT,
+    Policy,
+    is_loopback,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InputConfig(_Section):
+    """Frame input. ``queue_size`` bounds frames accepted but not yet processed (lossless)."""
+
+    endpoint: str = DEFAULT_FRAME_ENDPOINT
+    policy: Policy = "live"
+    queue_size: int = Field(16, ge=1, le=10_000)
+    hwm: int = Field(50, ge=1)
+    max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1)
+
+
+class OutputConfig(_Section):
+    """Result PUB socket."""
+
+    endpoint: str = DEFAULT_RESULT_ENDPOINT
+    hwm: int = Field(2000, ge=1)
+
+
+class EngineConfig(_Section):
+    """Detection engine: backend name, ONNX model (+ its ``.json`` model card beside it)."""
+
+    backend: str = "auto"
+    model: Path | None = None
+    threads: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "fp16"] = "fp16"
+    #: working px per frame px; "auto" estimates it (coarse pass), None = the model card's
+    scale: float | Literal["auto"] | None = Field(None)
+    #: with "auto": re-estimate a stream's scale every n-th frame (and on a new frame shape)
+    auto_scale_every: int = Field(10, ge=1)
+    #: largest side (px at working scale) sent to the engine at once; larger frames are tiled
+    tile_px: int = Field(2048, ge=64)
+    tile_margin_px: int = Field(96, ge=0)
+    #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
+    tta: Literal[1, 2, 4] = 1
+    min_score: float = Field(0.0, ge=0, le=1)
+    #: the detector's particle score cut, replacing the model card's (``thresholds.min_score``):
+    #: lower it where recall matters more than precision (a stage search, whose confirmation
+    #: frame supplies the precision); None = the card's
+    score_cut: float | None = Field(None, ge=0, lt=1)
+    #: merge instance fragments whose union is about as convex as they are (solidity ratio,
+    #: e.g. 0.97): large particles and long wires among much smaller ones; None = the card's
+    merge_convex: float | None = Field(None, gt=0, le=1)
+    #: also infer on frames turned by 45° (long particles along an image axis; ~3x the engine
+    #: time): "always", "never", or "on-request" for frames whose meta has ``rotate45 = true``
+    #: (a stage search asks for it on its high-magnification frames)
+    rotate45: Literal["never", "always", "on-request"] = "never"
+    #: known magnifications: [[pixel size nm, working scale], ...]; a frame within 2 % of a
+    #: preset's pixel size gets its scale (no estimate), others follow ``scale``
+    scale_presets: list[tuple[float, float]] = Field(default_factory=list)
+    #: detectors for the frames of one modality (the frame header's ``modality``), e.g.
+    #: ``{STEM = "models/weights/detector_stem.onnx"}``; frames of other modalities (or none)
+    #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
+    #: shipped one too; {} = one detector for every frame
+    modality_models: dict[Modality, Path] | None = None
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float | int) and not 0.02 <= v <= 8.0:
+            raise ValueError(f"scale {v} must be within [0.02, 8] or 'auto'")
+        return v
+
+    def model_path(self) -> Path:
+        """The ONNX file to load (the shipped detector unless configured)."""
+        return self.model if self.model is not None else shipped_model_dir() / "detector.onnx"
+
+    def modality_model_paths(self) -> dict[str, Path]:
+        """Modality -> ONNX file of the detector for that modality's frames (see
+        ``modality_models``)."""
+        if self.modality_models is not None:
+            return {str(k): v for k, v in self.modality_models.items()}
+        stem = shipped_model_dir() / SHIPPED_STEM_MODEL
+        return {"STEM": stem} if self.model is None and stem.is_file() else {}
+
+
+class ClassifyConfig(_Section):
+    """Field-of-view classification (``class.<source>`` topic) with CAM and the AI-lens novelty.
+
+    ``every``: classify every n-th frame of each source (1 = every frame). ``model`` / ``lens``:
+    ONNX files with their ``.json`` cards (default: the shipped ``classifier.onnx`` /
+    ``lens.onnx``); ``lens_enabled = false`` skips the novelty score. Backend and threads are
+    the detection engine's (``[engine]``).
+    """
+
+    enabled: bool = True
+    every: int = Field(1, ge=1)
+    model: Path | None = None
+    lens_enabled: bool = True
+    lens: Path | None = None
+    top_k: int = Field(3, ge=1, le=64)
+    cam: bool = True
+
+    def model_path(self) -> Path:
+        """The classifier ONNX file to load."""
+        return self.model if self.model is not None else shipped_model_dir() / "classifier.onnx"
+
+    def lens_path(self) -> Path:
+        """The lens (autoencoder) ONNX file to load."""
+        return self.lens if self.lens is not None else shipped_model_dir() / "lens.onnx"
+
+
+class QueryConfig(_Section):
+    """Query socket (REP): the AI lens's feature maps of a source's newest frame on request
+    (``nanoscout lens --connect``). Served only when the lens is loaded."""
+
+    enabled: bool = True
+    endpoint: str = DEFAULT_QUERY_ENDPOINT
+
+
+class MetricsConfig(_Section):
+    """Prometheus HTTP endpoint; ``port = 0`` picks a free port, ``enabled = false`` turns it off."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class PreviewConfig(_Section):
+    """``preview.<source>`` topic: small uint8 pictures of frames for dashboards."""
+
+    enabled: bool = True
+    max_rate_hz: float = Field(2.0, gt=0, le=100)  # per source
+    max_side_px: int = Field(512, ge=16, le=4096)
+
+
+class HealthConfig(_Section):
+    """``health`` topic period, s."""
+
+    interval_s: float = Field(1.0, gt=0)
+
+
+class SecurityConfig(_Section):
+    """ZeroMQ CURVE. Off by default, which is only allowed on loopback endpoints: binding any
+    other address needs ``curve = true`` (or, knowingly, ``allow_insecure_remote = true``)."""
+
+    curve: bool = False
+    server_secret_key: Path | None = None  # the daemon's ``.key_secret`` (nanoscout keys)
+    authorized_keys: Path | None = None  # folder of the clients' public ``.key`` files
+    allow_insecure_remote: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> SecurityConfig:
+        if self.curve and (self.server_secret_key is None or self.authorized_keys is None):
+            raise ValueError("curve = true needs server_secret_key and authorized_keys")
+        return self
+
+
+class ServeConfig(_Section):
+    """Everything ``nanoscout serve`` needs."""
+
+    input: InputConfig = InputConfig()
+    output: OutputConfig = OutputConfig()
+    engine: EngineConfig = EngineConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    health: HealthConfig = HealthConfig()
+    preview: PreviewConfig = PreviewConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    query: QueryConfig = QueryConfig()
+    stats: StatsConfig = StatsConfig()
+    clusters: ClusterConfig = ClusterConfig()
+    security: SecurityConfig = SecurityConfig()
+    alerts: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _remote_needs_curve(self) -> ServeConfig:
+        sec = self.security
+        for name, ep in (("input", self.input.endpoint), ("output", self.output.endpoint),
+                         ("query", self.query.endpoint)):
+            if not (is_loopback(ep) or sec.curve or sec.allow_insecure_remote):
+                raise ValueError(
+                    f"{name}.endpoint {ep} is not on loopback: turn on [security] curve "
+                    "(nanoscout keys) or set allow_insecure_remote = true"
+                )
+        return self
+
+    @field_validator("alerts")
+    @classmethod
+    def _rules(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        parse_rules(value)  # raises ConfigError naming the bad rule
+        return value
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
+    """Read the TOML file (if any), apply ``{"input.policy": "lossless", ...}`` overrides
+    (``None`` values are ignored), validate, and return the config.
+
+    Raises :class:`ConfigError` naming the file, the key and the problem.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, key, value)
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}: {problems}") from exc

@@ -1,0 +1,139 @@
+"""The daemon's query socket (ZeroMQ REP): the AI lens's feature maps of a live frame, on request.
+
+A client (``nanoscout lens --connect``, the dashboard) sends a :class:`~nanoscout.wire.protocol.LensRequest`
+naming a source and lens outputs (``act_enc1``, ``act_code``, ``reconstruction``, ...); the
+server runs the lens on the newest frame of that source the worker has analysed and answers with
+a :class:`~nanoscout.wire.protocol.LensReply` and one float16 buffer per output. Every request gets a
+reply — an unknown source or output, a malformed request or a lens failure comes back as
+``error`` — so a REQ client never hangs, and nothing a client sends can stop the daemon.
+
+The server owns its socket and thread. The worker hands it frames with :meth:`LensServer.offer`
+(a reference, no copy; one frame per source is kept). ONNX Runtime sessions may be run from
+several threads, so the lens runs here without stopping the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import zmq
+
+from nanoscout.analysis.classifier import FieldClassifier
+from nanoscout.wire.errors import NanoscoutError, ProtocolError
+from nanoscout.wire.protocol import (
+    FrameHeader,
+    LensReply,
+    LensRequest,
+    decode_message,
+    encode_message,
+)
+from nanoscout.wire.transport import bind
+
+log = logging.getLogger("nanoscout.query")
+
+_POLL_MS = 100
+
+
+class LensServer:
+    """Answers lens requests on a REP socket from its own thread."""
+
+    def __init__(self, ctx: zmq.Context, classifier: FieldClassifier, *,
+                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
+        """``secure``: applied to the socket before binding (CURVE server keys)."""
+        if classifier.lens is None:
+            raise NanoscoutError("the query socket needs the lens ([classify] lens_enabled)")
+        self.classifier = classifier
+        self._sock = ctx.socket(zmq.REP)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # requests are small maps
+        if secure is not None:
+            secure(self._sock)
+        self._latest: dict[str, tuple[FrameHeader, np.ndarray]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.answered = 0
+        self.refused = 0
+
+    @property
+    def available(self) -> list[str]:
+        """The lens outputs a client may ask for."""
+        assert self.classifier.lens is not None
+        return [t.name for t in self.classifier.lens.outputs]
+
+    def offer(self, header: FrameHeader, pixels: np.ndarray) -> None:
+        """Keep ``pixels`` as the newest analysed frame of its source (called by the worker)."""
+        with self._lock:
+            self._latest[header.source] = (header, pixels)
+
+    def start(self, endpoint: str, guard: Callable[[Callable[[], None]], Callable[[], None]]
+              ) -> str:
+        """Bind and start serving; returns the bound endpoint. ``guard`` wraps the loop."""
+        bound = bind(self._sock, endpoint)
+        self._thread = threading.Thread(target=guard(self._loop), name="nanoscout-query",
+                                        daemon=True)
+        self._thread.start()
+        return bound
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (it closes the socket)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        sock = self._sock
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(_POLL_MS):
+                    continue
+                try:
+                    parts = sock.recv_multipart(copy=False)
+                except zmq.ZMQError as exc:  # e.g. an oversized request dropped by libzmq
+                    log.warning("query socket: %s", exc)
+                    continue
+                sock.send_multipart(self.answer(parts), copy=False)
+        finally:
+            sock.close(linger=0)
+
+    def answer(self, parts: list) -> list:
+        """The encoded reply to one request (never raises for anything a client sent)."""
+        try:
+            msg = decode_message(parts)
+            if not isinstance(msg.header, LensRequest):
+                raise ProtocolError(f"expected a lens_request, got {msg.kind}", reason="topic")
+            req: LensRequest = msg.header
+        except ProtocolError as exc:
+            self.refused += 1
+            return encode_message(LensReply(source="", error=f"bad request: {exc}"))
+        with self._lock:
+            latest = self._latest.get(req.source)
+        available = self.available
+        unknown = [o for o in req.outputs if o not in available]
+        if latest is None or unknown:
+            self.refused += 1
+            why = (f"unknown lens output {unknown[0]!r}" if unknown else
+                   f"no frame of source {req.source!r} analysed yet (sources: "
+                   f"{sorted(self._latest)})")
+            return encode_message(LensReply(source=req.source, available=available, error=why))
+        header, pixels = latest
+        reply = LensReply(source=req.source, seq=header.seq, t_acq_ns=header.t_acq_ns,
+                          available=available)
+        if not req.outputs:
+            self.answered += 1
+            return encode_message(reply)
+        try:
+            out = self.classifier.lens_outputs(pixels)
+            _, novelty = self.classifier.novelty_of(out)
+        except Exception as exc:  # a lens failure is the client's answer, not the daemon's end
+            self.refused += 1
+            log.warning("lens request for %s#%d failed: %r", header.source, header.seq, exc)
+            return encode_message(reply.model_copy(update={"error": f"lens failed: {exc}"}))
+        arrays = [np.asarray(out[o], dtype=np.float16) for o in req.outputs]
+        self.answered += 1
+        return encode_message(reply.model_copy(update={
+            "outputs": list(req.outputs), "shapes": [list(a.shape) for a in arrays],
+            "novelty": novelty}), *arrays)

@@ -1,0 +1,540 @@
+"""TensorRT backend: an ONNX file built into a TensorRT engine for this GPU, cached on disk.
+
+Written against the TensorRT 10 Python API (``tensorrt>=10,<11``: TensorRT 11 removed the
+``BuilderFlag.FP16`` weak-typing flag that ``precision="fp16"`` relies on). Device memory,
+copies and the stream come from ``cuda-python`` (``cuda.bindings.runtime``, or the older
+``cuda.cudart``); torch is never imported by the service. Both runtimes are imported lazily,
+inside the functions below, so importing this module costs nothing on a machine without a GPU.
+
+Engine cache
+------------
+A TensorRT plan is only valid for the GPU model and TensorRT version that built it, so plans
+are cached in ``cache_dir`` (default ``~/.cache/nanoscout/trt``) under a key made of the ONNX
+file's SHA-256, the GPU name and compute capability, the TensorRT version, the precision and
+the largest frame shape. A new GPU, TensorRT upgrade, precision or shape limit therefore builds
+a new plan; a plan that fails to deserialise is rebuilt. Plans are written to a temporary file
+and renamed, so a crash or a second process building the same key never leaves half a plan.
+
+Shapes
+------
+Dynamic axes of the model's inputs get one optimisation profile: the last two (height, width)
+range from 32 px to ``max_shape`` (optimum 1024 px, or less when ``max_shape`` is smaller); any
+other dynamic axis (batch) is fixed at 1, because the pipeline runs one frame at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from nanoscout.engines.base import Engine, TensorSpec, check_inputs
+from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'nanoscout[tensorrt]' (needs an NVIDIA GPU with CUDA 12)"
+MIN_SIDE_PX = 32
+OPT_SIDE_PX = 1024
+DEFAULT_WORKSPACE_BYTES = 2 << 30
+#: bump when the plan build recipe changes, so old cached plans are not reused
+_RECIPE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Returns the default plan cache folder, ``$XDG_CACHE_HOME/nanoscout/trt``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nanoscout" / "trt"
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        # find_spec imports parent packages ("cuda" for "cuda.bindings"); a missing or broken
+        # parent means the module is not usable either
+        return False
+
+
+def _import_cudart() -> Any:
+    """Returns the cuda-python runtime module (cudart)."""
+    if _has_module("cuda.bindings"):
+        return importlib.import_module("cuda.bindings.runtime")
+    if _has_module("cuda.cudart"):
+        # cuda-python < 12.6 exposed the runtime API as cuda.cudart
+        return importlib.import_module("cuda.cudart")
+    raise EngineUnavailable(
+        f"cuda-python is not installed (TensorRT needs it for device memory): {INSTALL_HINT}"
+    )
+
+
+def _import_trt() -> Any:
+    if not _has_module("tensorrt"):
+        raise EngineUnavailable(f"TensorRT is not installed: {INSTALL_HINT}")
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # a broken install raises ImportError or OSError (missing .so)
+        raise EngineUnavailable(f"TensorRT failed to import ({exc}): {INSTALL_HINT}") from exc
+    major = int(str(trt.__version__).split(".")[0])
+    if major < 10:
+        raise EngineUnavailable(f"TensorRT {trt.__version__} is too old (need 10.x): {INSTALL_HINT}")
+    return trt
+
+
+def _cuda_check(result: Any, what: str) -> Any:
+    """Unpacks a cuda-python ``(err, *values)`` tuple; raises EngineFailure on a CUDA error."""
+    if not isinstance(result, tuple):
+        result = (result,)
+    err, values = result[0], result[1:]
+    if int(getattr(err, "value", err)) != 0:
+        raise EngineFailure(f"CUDA {what} failed: {getattr(err, 'name', err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """The GPU a plan is built for: name, compute capability and device index."""
+
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+
+
+def _gpu_info(cudart: Any, device: int) -> GpuInfo:
+    count = _cuda_check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    if not count:
+        raise EngineUnavailable("no CUDA GPU found (cudaGetDeviceCount is 0)")
+    if not 0 <= device < count:
+        raise EngineUnavailable(f"CUDA device {device} does not exist ({count} GPU(s) found)")
+    props = _cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    raw = props.name
+    name = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    return GpuInfo(device, name.strip("\x00 "), (int(props.major), int(props.minor)))
+
+
+def unavailable_reason(device: int = 0) -> str | None:
+    """Returns why TensorRT cannot be used here (one line), or None if it can.
+
+    Checks, in order: the tensorrt and cuda-python packages, the TensorRT version, and a CUDA
+    GPU at index ``device``. Imports tensorrt and cuda-python when they are installed.
+    """
+    try:
+        _import_trt()
+        cudart = _import_cudart()
+        _gpu_info(cudart, device)
+    except EngineUnavailable as exc:
+        return str(exc)
+    except EngineFailure as exc:
+        # no driver or no device: cudaGetDeviceCount returns an error instead of 0
+        return f"no usable CUDA GPU ({exc})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def plan_key(
+    onnx_sha256: str,
+    gpu: GpuInfo,
+    trt_version: str,
+    precision: str,
+    max_shape: tuple[int, int],
+) -> dict[str, Any]:
+    """Returns the fields that decide whether a cached plan may be reused (JSON-serialisable)."""
+    return {
+        "recipe": _RECIPE_VERSION,
+        "onnx_sha256": onnx_sha256,
+        "gpu": gpu.name,
+        "compute_capability": f"{gpu.compute_capability[0]}.{gpu.compute_capability[1]}",
+        "tensorrt": trt_version,
+        "precision": precision,
+        "max_shape": list(max_shape),
+    }
+
+
+def plan_file(cache_dir: Path, model_path: Path, key: Mapping[str, Any]) -> Path:
+    """Returns the cache file of a plan: ``<model stem>.<key digest>.plan`` in ``cache_dir``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir / f"{model_path.stem}.{digest}.plan"
+
+
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_LOGGER: Any = None
+
+
+def _trt_logger(trt: Any) -> Any:
+    """Returns the process-wide TensorRT logger, which forwards to Python logging."""
+    global _LOGGER
+    if _LOGGER is None or not isinstance(_LOGGER, trt.ILogger):
+        levels = {
+            trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+            trt.ILogger.Severity.ERROR: logging.ERROR,
+            trt.ILogger.Severity.WARNING: logging.WARNING,
+            trt.ILogger.Severity.INFO: logging.DEBUG,
+            trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+        }
+
+        class _Logger(trt.ILogger):  # type: ignore[misc]
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                log.log(levels.get(severity, logging.WARNING), "TensorRT: %s", msg)
+
+        # TensorRT treats the logger as a singleton that must outlive every builder, runtime
+        # and engine, so it is created once and kept for the life of the process
+        _LOGGER = _Logger()
+    return _LOGGER
+
+
+class _DeviceBuffer:
+    """One device allocation, grown (never shrunk) as tensor shapes grow."""
+
+    def __init__(self) -> None:
+        self.ptr = 0
+        self.nbytes = 0
+
+    def ensure(self, cudart: Any, nbytes: int) -> int:
+        # 256 bytes minimum: a zero-size tensor still needs a valid, aligned address
+        nbytes = max(nbytes, 256)
+        if nbytes > self.nbytes:
+            self.free(cudart)
+            self.ptr = int(_cuda_check(cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
+            self.nbytes = nbytes
+        return self.ptr
+
+    def free(self, cudart: Any) -> None:
+        if self.ptr:
+            _cuda_check(cudart.cudaFree(self.ptr), "cudaFree")
+        self.ptr = 0
+        self.nbytes = 0
+
+
+class TensorRTEngine(Engine):
+    """A TensorRT engine for one ONNX model on one GPU, built once and cached as a plan file.
+
+    After construction ``built`` says whether the plan was built now (True) or loaded from the
+    cache (False), ``plan_path`` where it lives and ``build_s`` how long the build took (s).
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        precision: Literal["fp32", "fp16"] = "fp16",
+        cache_dir: Path | None = None,
+        max_shape: tuple[int, int] = (4096, 4096),
+        device: int = 0,
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    ) -> None:
+        self.model_path = Path(model_path)
+        if precision not in ("fp32", "fp16"):
+            raise ConfigError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        self.precision = precision
+        self.max_shape = (int(max_shape[0]), int(max_shape[1]))
+        if min(self.max_shape) < MIN_SIDE_PX:
+            raise ConfigError(f"max_shape {max_shape} is below the {MIN_SIDE_PX} px minimum")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._device = device
+        self._workspace_bytes = workspace_bytes
+        self._lock = threading.Lock()
+        self._buffers: dict[str, _DeviceBuffer] = {}
+        self._context: Any = None
+        self._engine: Any = None
+        self._stream: Any = None
+        self.built = False
+        self.build_s = 0.0
+
+        if not self.model_path.is_file():
+            raise EngineFailure(f"model file not found: {self.model_path}")
+        trt = self._trt = _import_trt()
+        cudart = self._cudart = _import_cudart()
+        try:
+            self.gpu = _gpu_info(cudart, device)
+        except EngineFailure as exc:
+            raise EngineUnavailable(f"no usable CUDA GPU ({exc})") from exc
+        if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
+            raise EngineUnavailable(
+                f"TensorRT {trt.__version__} has no FP16 builder flag (removed in TensorRT 11): "
+                "use precision='fp32' or pip install 'tensorrt-cu12>=10,<11'"
+            )
+        # the runtime API's current device is per thread; TensorRT builds and runs on it
+        _cuda_check(cudart.cudaSetDevice(device), f"cudaSetDevice({device})")
+
+        try:
+            onnx_sha = _sha256(self.model_path)
+        except OSError as exc:
+            raise EngineFailure(f"cannot read model file {self.model_path}: {exc}") from exc
+        self.key = plan_key(onnx_sha, self.gpu, str(trt.__version__), precision, self.max_shape)
+        self.plan_path = plan_file(self.cache_dir, self.model_path, self.key)
+        self._runtime = trt.Runtime(_trt_logger(trt))
+
+        engine = self._load_cached()
+        if engine is None:
+            plan = self._build()
+            engine = self._runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise EngineFailure(
+                    f"TensorRT could not deserialise the plan it just built for {self.model_path}"
+                )
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        if self._context is None:
+            raise EngineFailure(
+                f"TensorRT could not create an execution context for {self.model_path} (out of GPU memory?)"
+            )
+        self._stream = _cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._read_io(trt, engine)
+        log.info(
+            "%s TensorRT %s engine for %s on %s (%s)",
+            "built" if self.built else "loaded cached",
+            precision,
+            self.model_path.name,
+            self.gpu.name,
+            self.plan_path,
+        )
+
+    # --- plan cache -------------------------------------------------------------------------
+
+    def _load_cached(self) -> Any:
+        if not self.plan_path.is_file():
+            return None
+        try:
+            data = self.plan_path.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read cached TensorRT plan %s (%s); rebuilding", self.plan_path, exc)
+            return None
+        engine = self._runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            log.warning("cached TensorRT plan %s does not deserialise; rebuilding", self.plan_path)
+        return engine
+
+    def _build(self) -> Any:
+        trt = self._trt
+        started = time.perf_counter()
+        logger = _trt_logger(trt)
+        builder = trt.Builder(logger)
+        # explicit batch is the only mode in TensorRT 10, so no creation flags are needed
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        # parse_from_file resolves external weight files relative to the model
+        if not parser.parse_from_file(str(self.model_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineFailure(
+                f"TensorRT cannot parse ONNX model {self.model_path}: {errors or 'unknown error'}"
+            )
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self._workspace_bytes)
+        if self.precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif hasattr(trt.BuilderFlag, "TF32"):
+            # TF32 is on by default on Ampere and newer; "fp32" should mean full fp32
+            config.clear_flag(trt.BuilderFlag.TF32)
+        profile = builder.create_optimization_profile()
+        dynamic = False
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            shape = tuple(int(d) for d in tensor.shape)
+            if all(d >= 0 for d in shape):
+                continue
+            dynamic = True
+            lo, opt, hi = self._profile_shapes(tensor.name, shape)
+            profile.set_shape(tensor.name, lo, opt, hi)
+        if dynamic:
+            config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise EngineFailure(
+                f"TensorRT failed to build an engine for {self.model_path} "
+                f"({self.precision}, max shape {self.max_shape}); see the TensorRT log"
+            )
+        data = bytes(plan)
+        self.build_s = time.perf_counter() - started
+        self.built = True
+        try:
+            _write_atomic(self.plan_path, data)
+            _write_atomic(
+                self.plan_path.with_suffix(".json"),
+                json.dumps({**self.key, "model": str(self.model_path)}, indent=1).encode(),
+            )
+        except OSError as exc:
+            # a read-only cache costs a rebuild next start, not a failed start
+            log.warning("cannot cache TensorRT plan in %s: %s", self.cache_dir, exc)
+        return data
+
+    def _profile_shapes(
+        self, name: str, shape: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        rank = len(shape)
+        lo, opt, hi = list(shape), list(shape), list(shape)
+        for axis, d in enumerate(shape):
+            if d >= 0:
+                continue
+            if rank >= 2 and axis >= rank - 2:
+                top = self.max_shape[axis - (rank - 2)]
+                lo[axis], opt[axis], hi[axis] = MIN_SIDE_PX, min(OPT_SIDE_PX, top), top
+            elif axis == 0:
+                lo[axis] = opt[axis] = hi[axis] = 1
+            else:
+                raise EngineFailure(
+                    f"input {name!r} of {self.model_path} has a dynamic axis {axis} in shape "
+                    f"{shape}; only batch (axis 0, fixed at 1) and the last two (height, "
+                    "width) may be dynamic"
+                )
+        return tuple(lo), tuple(opt), tuple(hi)
+
+    # --- I/O --------------------------------------------------------------------------------
+
+    def _read_io(self, trt: Any, engine: Any) -> None:
+        inputs: list[TensorSpec] = []
+        outputs: list[TensorSpec] = []
+        self._np_dtypes: dict[str, np.dtype] = {}
+        self._ranges: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            shape = tuple(int(d) for d in engine.get_tensor_shape(name))
+            try:
+                dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            except TypeError as exc:
+                raise EngineFailure(
+                    f"tensor {name!r} of {self.model_path} has TensorRT type "
+                    f"{engine.get_tensor_dtype(name)}, which has no numpy equivalent"
+                ) from exc
+            self._np_dtypes[name] = dtype
+            spec = TensorSpec(name, tuple(d if d >= 0 else None for d in shape), dtype.name)
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                inputs.append(spec)
+                if any(d < 0 for d in shape):
+                    lo, _opt, hi = engine.get_tensor_profile_shape(name, 0)
+                    self._ranges[name] = (tuple(int(d) for d in lo), tuple(int(d) for d in hi))
+            else:
+                outputs.append(spec)
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+
+    def _check_profile(self, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self._ranges:
+            return
+        lo, hi = self._ranges[name]
+        if any(not a <= d <= b for d, a, b in zip(shape, lo, hi, strict=True)):
+            raise EngineFailure(
+                f"input {name!r} shape {shape} is outside the engine's range {lo}..{hi} "
+                f"(rebuild with a larger max_shape, now {self.max_shape})",
+                reason="bad_input",
+            )
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model once on the GPU; returns every output by name as host numpy arrays."""
+        arrays = check_inputs(self.inputs, inputs)
+        # one execution context and one set of buffers: calls from several threads take turns
+        with self._lock:
+            context = self._context
+            if context is None:
+                raise EngineFailure(f"tensorrt engine for {self.model_path.name} is closed")
+            cudart = self._cudart
+            _cuda_check(cudart.cudaSetDevice(self._device), "cudaSetDevice")
+            stream = self._stream
+            h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+            d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            for name, array in arrays.items():
+                self._check_profile(name, array.shape)
+                if not context.set_input_shape(name, array.shape):
+                    raise EngineFailure(
+                        f"TensorRT rejected shape {array.shape} for input {name!r}",
+                        reason="bad_input",
+                    )
+                ptr = self._buffer(name).ensure(cudart, array.nbytes)
+                context.set_tensor_address(name, ptr)
+                _cuda_check(
+                    cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, stream),
+                    f"copy of input {name!r} to the GPU",
+                )
+            results: dict[str, np.ndarray] = {}
+            for spec in self.outputs:
+                shape = tuple(int(d) for d in context.get_tensor_shape(spec.name))
+                if any(d < 0 for d in shape):
+                    raise EngineFailure(
+                        f"output {spec.name!r} has a data-dependent shape {shape}, which the "
+                        "tensorrt backend does not support"
+                    )
+                out = np.empty(shape, dtype=self._np_dtypes[spec.name])
+                ptr = self._buffer(spec.name).ensure(cudart, out.nbytes)
+                context.set_tensor_address(spec.name, ptr)
+                results[spec.name] = out
+            if not context.execute_async_v3(int(stream)):
+                raise EngineFailure(
+                    f"TensorRT execution failed for {self.model_path.name} on inputs "
+                    + ", ".join(f"{k}{list(v.shape)}" for k, v in arrays.items())
+                )
+            for name, out in results.items():
+                _cuda_check(
+                    cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name].ptr, out.nbytes, d2h, stream),
+                    f"copy of output {name!r} from the GPU",
+                )
+            # the inputs' host memory must stay untouched until the copies have finished
+            _cuda_check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        return results
+
+    def _buffer(self, name: str) -> _DeviceBuffer:
+        if name not in self._buffers:
+            self._buffers[name] = _DeviceBuffer()
+        return self._buffers[name]
+
+    def close(self) -> None:
+        """Free device buffers, the stream, the context and the engine. Idempotent."""
+        with self._lock:
+            if self._context is None and self._engine is None:
+                return
+            cudart = self._cudart
+            if self._stream is not None:
+                _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+            for buffer in self._buffers.values():
+                buffer.free(cudart)
+            self._buffers.clear()
+            if self._stream is not None:
+                _cuda_check(cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+                self._stream = None
+            # the context must go before the engine it was created from
+            self._context = None
+            self._engine = None
+
+    def __del__(self) -> None:
+        # a safety net for engines that were never closed; at interpreter exit cuda-python may
+        # already be torn down, and the driver frees everything with the process anyway
+        with contextlib.suppress(Exception):
+            self.close()

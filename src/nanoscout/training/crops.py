@@ -1,0 +1,146 @@
+"""Training crops from the real data sets (training parts of their splits only).
+
+* EMPS training papers (``models/splits/emps.json`` ``train``): instance maps as they are.
+* STEM training materials (``models/splits/stem.json`` ``train``): only boxes exist, so each box
+  becomes the ellipse inscribed in it (a pseudo instance; the evaluation on STEM is by box IoU).
+
+Every crop is taken at a random *working scale*: the image is resampled so that its median
+particle ECD becomes ``d ~ logUniform(diameter_range)`` px, the way the detector's automatic
+scale resamples a frame at run time, then cut to ``size`` x ``size`` (smaller images are padded
+and the padding is marked invalid, so the loss ignores it). Photometric augmentation (gamma,
+contrast inversion, blur, Gaussian noise) and flips / 90-degree rotations follow.
+
+Nothing here reads a validation image: :func:`load_real_training` takes its lists from the
+committed split files and refuses an id that is also listed as validation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from nanoscout.analysis.preprocess import normalize, resample, resize_nearest
+from nanoscout.training.realdata import emps_index, load_emps, load_split, load_stem
+from nanoscout.wire.errors import ConfigError
+
+__all__ = ["RealImage", "crop_at_scale", "ellipse_labels", "load_real_training",
+           "photometric"]
+
+
+@dataclass(frozen=True)
+class RealImage:
+    """One training image: normalised float32 grey image and int32 instance labels (px)."""
+
+    set: str
+    id: str
+    image: np.ndarray
+    labels: np.ndarray
+    median_ecd_px: float
+
+
+def ellipse_labels(shape: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
+    """Return an int32 instance map with the ellipse inscribed in each (x0, y0, x1, y1) box.
+
+    Larger boxes are drawn first, so a small particle overlapping a large one stays visible.
+    """
+    h, w = shape
+    lab = np.zeros(shape, np.int32)
+    order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    for k, i in enumerate(order, start=1):
+        x0, y0, x1, y1 = boxes[i]
+        cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+        ax, ay = max((x1 - x0) / 2.0, 0.5), max((y1 - y0) / 2.0, 0.5)
+        r0, r1 = max(0, int(math.floor(y0))), min(h, int(math.ceil(y1)) + 1)
+        c0, c1 = max(0, int(math.floor(x0))), min(w, int(math.ceil(x1)) + 1)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        yy = (np.arange(r0, r1)[:, None] + 0.5 - cy) / ay
+        xx = (np.arange(c0, c1)[None, :] + 0.5 - cx) / ax
+        inside = yy * yy + xx * xx <= 1.0
+        lab[r0:r1, c0:c1][inside] = k
+    return lab
+
+
+def _median_ecd(labels: np.ndarray) -> float:
+    _, areas = np.unique(labels[labels > 0], return_counts=True)
+    return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
+
+
+def load_real_training(sets: tuple[str, ...] = ("emps", "stem"), root: Path | None = None,
+                       exclude: set[str] | None = None) -> list[RealImage]:
+    """Return the training images of ``sets`` (never a validation image; ``exclude``: more ids)."""
+    out: list[RealImage] = []
+    exclude = exclude or set()
+    for name in sets:
+        split = load_split(name)
+        val = set(split["validation"])
+        ids = [i for i in split["train"] if i not in exclude]
+        if val & set(ids):
+            raise ConfigError(f"split {name}: ids listed as both train and validation")
+        if name == "emps":
+            dois = dict(emps_index(root))
+            for i in ids:
+                s = load_emps(i, root, dois.get(i, ""))
+                assert s.labels is not None
+                out.append(RealImage("emps", i, normalize(s.image), s.labels,
+                                     _median_ecd(s.labels)))
+        elif name == "stem":
+            for i in ids:
+                s = load_stem(i, root)
+                assert s.boxes is not None
+                lab = ellipse_labels(s.image.shape, s.boxes)
+                out.append(RealImage("stem", i, normalize(s.image), lab, _median_ecd(lab)))
+        else:
+            raise ConfigError(f"no training data loader for set {name!r}")
+    return [r for r in out if r.median_ecd_px > 0]
+
+
+def crop_at_scale(item: RealImage, rng: np.random.Generator, size: int,
+                  diameter_range: tuple[float, float] = (8.0, 48.0),
+                  max_upsample: float = 3.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (image, labels, valid) crops of ``size`` x ``size`` at a random working scale.
+
+    ``valid`` is 1 on image pixels and 0 on padding.
+    """
+    lo, hi = diameter_range
+    target = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
+    s = min(target / item.median_ecd_px, max_upsample)
+    h, w = item.image.shape
+    hh, ww = max(1, round(h * s)), max(1, round(w * s))
+    # cut the source window first so huge images are not resampled whole
+    ch, cw = min(hh, size), min(ww, size)
+    r0 = int(rng.integers(0, hh - ch + 1))
+    c0 = int(rng.integers(0, ww - cw + 1))
+    sr0, sr1 = int(math.floor(r0 / s)), min(h, int(math.ceil((r0 + ch) / s)) + 1)
+    sc0, sc1 = int(math.floor(c0 / s)), min(w, int(math.ceil((c0 + cw) / s)) + 1)
+    src = item.image[sr0:sr1, sc0:sc1]
+    lab = item.labels[sr0:sr1, sc0:sc1]
+    oh, ow = max(1, round(src.shape[0] * s)), max(1, round(src.shape[1] * s))
+    img = resample(src, (oh, ow))[:ch, :cw]
+    labr = resize_nearest(lab, (oh, ow))[:ch, :cw]
+    out_img = np.full((size, size), float(np.median(img)), np.float32)
+    out_lab = np.zeros((size, size), np.int32)
+    valid = np.zeros((size, size), np.float32)
+    pr = int(rng.integers(0, size - img.shape[0] + 1))
+    pc = int(rng.integers(0, size - img.shape[1] + 1))
+    out_img[pr:pr + img.shape[0], pc:pc + img.shape[1]] = img
+    out_lab[pr:pr + img.shape[0], pc:pc + img.shape[1]] = labr
+    valid[pr:pr + img.shape[0], pc:pc + img.shape[1]] = 1.0
+    return out_img, out_lab, valid
+
+
+def photometric(x: np.ndarray, rng: np.random.Generator, invert_p: float = 0.25) -> np.ndarray:
+    """Return ``x`` (normalised, ~[0, 1]) with random gamma, inversion, blur and noise."""
+    y = np.clip(x, 0.0, 1.0) ** float(np.exp(rng.uniform(-0.35, 0.35)))
+    y = y * float(rng.uniform(0.7, 1.2)) + float(rng.uniform(-0.1, 0.1))
+    if rng.random() < invert_p:
+        y = 1.0 - y
+    if rng.random() < 0.25:
+        y = ndi.gaussian_filter(y, sigma=float(rng.uniform(0.5, 1.5)))
+    if rng.random() < 0.35:
+        y = y + rng.normal(0.0, float(rng.uniform(0.01, 0.1)), y.shape)
+    return np.clip(y, -0.5, 1.5).astype(np.float32)

@@ -1,0 +1,731 @@
+"""Held-out evaluation of the detector on synthetic frames with exact ground truth.
+
+::
+
+    python -m nanoscout.training.evaluate --model models/weights/detector.onnx --n 20 --seed 12345
+
+Frame ``i`` is rendered from seed ``seed + i``; the held-out stream mimics the simulator's
+default (TEM / STEM / SEM in turn, 512x512 and 1024x1024 alternating, 0.5 nm/px, median ECD
+8 nm = 16 px, sigma_log 0.3, coverage 0.1-0.25, 30-50 % agglomerated, 100-500 e/px). Training
+used seeds 1_000_000 + k (``nanoscout.training.train``), so evaluation seeds must stay below 1_000_000.
+
+Matching: a predicted and a true particle match when their IoU >= 0.5 (one-to-one by
+construction). True particles smaller than ``min_true_area_px`` (sub-resolution specks and
+slivers cut by the frame edge) are not required: missing them is no error, and a prediction
+matched to one is not counted. ECD errors are over matched particles not touching the frame
+edge, relative to the true ECD of the visible shape.
+
+Real data and a classical baseline (:func:`run_harness`, ``--sets``)
+-------------------------------------------------------------------
+
+::
+
+    python -m nanoscout.training.evaluate --sets synthetic,emps,stem,nffa --out runs/accuracy.json
+
+scores the model *and* the classical baseline (:mod:`nanoscout.training.baseline`, Otsu + distance-transform
+watershed) on the held-out synthetic frames and on the validation part of each real set
+(:mod:`nanoscout.training.realdata`; splits in ``models/splits``); ``--sets all`` = every available held-out
+set. Two *tuning* sets, for choosing post-processing settings and never reported as held-out
+results, run only when named: ``emps-tune`` (EMPS training papers left out of training),
+``stem-tune`` (the STEM tuning material, :func:`nanoscout.training.realdata.stem_tuning_names`, left out of
+training only in tuning experiments) and ``synthetic-tune`` (:func:`tuning_config`: 60 frames,
+particles 4-200 px).
+Without ``--sets`` the command does the synthetic-only evaluation above (what
+``nanoscout.training.export`` records in the model card).
+
+Per set and method: precision, recall and F1 at IoU >= 0.5 (mask IoU where instance maps exist,
+box IoU where the truth is boxes only: STEM), the median |ECD error| of matched particles (% of
+the true ECD; also nm where the set is calibrated), the per-image D50 error (median over images
+of |D50_pred - D50_true| / D50_true, D50 = median particle ECD of the image; an image without
+any prediction counts as 100 %), and the RMSE of aspect ratio and roundness of matched
+particles. Predicted and true instance maps are both measured with :func:`nanoscout.analysis.measure.measure`
+so the conventions agree; for boxes, ECD = sqrt(w * h) (the inscribed ellipse) and aspect ratio
+= long side / short side on both sides, roundness is not defined. True particles smaller than
+``min_true_area_px`` are not required (as above); border particles are included here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig, render
+
+__all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "TARGETS", "check_targets", "box_iou", "boxes_of_labels",
+           "evaluate", "evaluate_set", "format_table", "heldout_config", "match_boxes",
+           "match_instances", "run_harness", "score_image", "summarize", "synthetic_samples",
+           "time_detector", "tuning_config", "tuning_samples", "TUNING_SEED_BASE"]
+
+ALL_SETS = ("synthetic", "emps", "stem", "nffa", "emps-tune", "stem-tune", "synthetic-tune")
+
+HELDOUT_SEED_LIMIT = 1_000_000
+#: seeds of the synthetic *tuning* frames (:func:`tuning_config`): below the training seeds and
+#: far from the held-out ones (12345 + i)
+TUNING_SEED_BASE = 500_000
+MATCH_DTYPE = np.dtype([("pred", "<i4"), ("true", "<i4"), ("iou", "<f4")])
+_MODALITIES = ("TEM", "STEM", "SEM")
+
+
+def match_instances(pred_labels: np.ndarray, true_labels: np.ndarray, iou: float = 0.5
+                    ) -> tuple[np.ndarray, int, int]:
+    """Return (pairs, n_pred, n_true): instances matched at IoU >= ``iou``.
+
+    ``pairs`` is a MATCH_DTYPE array (pred id, true id, IoU); ``n_pred`` / ``n_true`` count the
+    distinct non-zero labels. For ``iou`` >= 0.5 a particle has at most one partner.
+    """
+    if pred_labels.shape != true_labels.shape:
+        raise ValueError(f"label maps differ in shape: {pred_labels.shape} vs {true_labels.shape}")
+    p = pred_labels.ravel().astype(np.int64)
+    t = true_labels.ravel().astype(np.int64)
+    pid, parea = np.unique(p[p > 0], return_counts=True)
+    tid, tarea = np.unique(t[t > 0], return_counts=True)
+    both = (p > 0) & (t > 0)
+    empty = np.zeros(0, MATCH_DTYPE)
+    if not both.any():
+        return empty, int(pid.size), int(tid.size)
+    base = int(t.max()) + 1
+    keys, inter = np.unique(p[both] * base + t[both], return_counts=True)
+    kp, kt = keys // base, keys % base
+    ap = parea[np.searchsorted(pid, kp)]
+    at = tarea[np.searchsorted(tid, kt)]
+    ious = inter / (ap + at - inter)
+    ok = ious >= iou
+    if iou < 0.5:  # several candidates possible: keep the best per prediction and per truth
+        order = np.argsort(-ious[ok])
+        sel_p, sel_t, keep = set(), set(), []
+        for k in np.nonzero(ok)[0][order]:
+            if kp[k] in sel_p or kt[k] in sel_t:
+                continue
+            sel_p.add(kp[k])
+            sel_t.add(kt[k])
+            keep.append(k)
+        ok = np.zeros_like(ok)
+        ok[keep] = True
+    pairs = np.zeros(int(ok.sum()), MATCH_DTYPE)
+    pairs["pred"], pairs["true"], pairs["iou"] = kp[ok], kt[ok], ious[ok]
+    return pairs, int(pid.size), int(tid.size)
+
+
+def heldout_config(i: int, seed: int) -> SpecimenConfig:
+    """Return the configuration of held-out frame ``i`` (deterministic in i and seed)."""
+    rng = np.random.default_rng([seed, i, 7])
+    size = 512 if i % 2 == 0 else 1024
+    return SpecimenConfig(
+        modality=_MODALITIES[i % 3],  # type: ignore[arg-type]
+        shape=(size, size),
+        pixel_size_nm=0.5,
+        median_diameter_nm=8.0,
+        sigma_log=0.3,
+        coverage=float(rng.uniform(0.1, 0.25)),
+        agglomerate_fraction=float(rng.uniform(0.3, 0.5)),
+        dose_e_per_px=float(rng.uniform(100.0, 500.0)),
+        blur_px=float(rng.uniform(0.6, 1.2)),
+        illumination_gradient=float(rng.uniform(0.0, 0.2)),
+        support_texture=float(rng.uniform(0.03, 0.08)),
+        contrast=float(rng.uniform(0.35, 0.6)),
+        dtype="uint16" if i % 4 < 2 else "uint8",
+    )
+
+
+def _ecd_px(labels: np.ndarray) -> np.ndarray:
+    area = np.bincount(labels.ravel())
+    return 2.0 * np.sqrt(area / np.pi)
+
+
+def evaluate(detector: Any, n: int = 20, seed: int = 12345, iou: float = 0.5,
+             min_true_area_px: int = 12) -> dict[str, Any]:
+    """Return held-out metrics of ``detector`` (has ``detect(image) -> Detection``) on n frames.
+
+    Keys: precision, recall, f1, median_abs_ecd_error_pct, ecd_mae_nm, counts and per-modality
+    breakdown; ECD in nm, errors in percent.
+    """
+    if seed < 0 or seed + n > HELDOUT_SEED_LIMIT:
+        raise ValueError(f"held-out seeds {seed}..{seed + n - 1} overlap the training seeds "
+                         f"(>= {HELDOUT_SEED_LIMIT})")
+    per_mod: dict[str, dict[str, Any]] = {m: {"tp": 0, "fp": 0, "fn": 0, "err": [], "abs_nm": []}
+                                          for m in _MODALITIES}
+    frames = []
+    for i in range(n):
+        cfg = heldout_config(i, seed)
+        rng = np.random.default_rng(seed + i)
+        fr = Specimen.generate(cfg, rng).acquire(rng)
+        det = detector.detect(fr.image)
+        pairs, _, _ = match_instances(det.labels, fr.labels, iou)
+        truth = fr.truth
+        t_small = set(truth["id"][truth["area_px"] < min_true_area_px].tolist())
+        t_req = set(truth["id"].tolist()) - t_small
+        pred_ids = set(np.unique(det.labels[det.labels > 0]).tolist())
+        matched_p = {int(a): int(b) for a, b in zip(pairs["pred"], pairs["true"], strict=True)}
+        tp = sum(1 for b in matched_p.values() if b in t_req)
+        fp = sum(1 for a in pred_ids if a not in matched_p)
+        fn = len(t_req) - tp
+        by_id = {int(r["id"]): r for r in truth}
+        pecd = _ecd_px(det.labels) * cfg.pixel_size_nm
+        m = per_mod[cfg.modality]
+        for a, b in matched_p.items():
+            r = by_id[b]
+            if b in t_small or r["border"]:
+                continue
+            e = float(pecd[a]) - float(r["ecd_nm"])
+            m["err"].append(100.0 * e / float(r["ecd_nm"]))
+            m["abs_nm"].append(abs(e))
+        m["tp"] += tp
+        m["fp"] += fp
+        m["fn"] += fn
+        frames.append({"i": i, "seed": seed + i, "modality": cfg.modality, "shape": cfg.shape,
+                       "dtype": cfg.dtype, "n_true": len(t_req), "tp": tp, "fp": fp, "fn": fn,
+                       "timings_ms": det.timings_ms})
+
+    def summary(tp: int, fp: int, fn: int, err: list[float], abs_nm: list[float]
+                ) -> dict[str, Any]:
+        prec = tp / (tp + fp) if tp + fp else 1.0
+        rec = tp / (tp + fn) if tp + fn else 1.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        e = np.asarray(err)
+        return {"precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4),
+                "tp": tp, "fp": fp, "fn": fn,
+                "median_abs_ecd_error_pct": round(float(np.median(np.abs(e))), 3) if e.size
+                else None,
+                "median_ecd_bias_pct": round(float(np.median(e)), 3) if e.size else None,
+                "ecd_mae_nm": round(float(np.mean(abs_nm)), 4) if abs_nm else None}
+
+    tot = {k: sum(per_mod[m][k] for m in _MODALITIES) for k in ("tp", "fp", "fn")}
+    all_err = [x for m in _MODALITIES for x in per_mod[m]["err"]]
+    all_abs = [x for m in _MODALITIES for x in per_mod[m]["abs_nm"]]
+    out = summary(tot["tp"], tot["fp"], tot["fn"], all_err, all_abs)
+    out["per_modality"] = {m: summary(v["tp"], v["fp"], v["fn"], v["err"], v["abs_nm"])
+                           for m, v in per_mod.items() if v["tp"] + v["fn"] + v["fp"]}
+    out["n_frames"] = n
+    out["seeds"] = f"{seed}..{seed + n - 1}"
+    out["iou_threshold"] = iou
+    out["min_true_area_px"] = min_true_area_px
+    out["frames"] = frames
+    return out
+
+
+def time_detector(detector: Any, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 11,
+                  seed: int = 999_000) -> dict[str, dict[str, float]]:
+    """Return per-stage times (ms) of ``detector.detect`` on held-out TEM frames per size.
+
+    Each entry holds the median over ``repeats`` runs per stage (``preprocess``, ``engine``,
+    ``postprocess``, ``total``), the minimum of ``total`` and the particle count. Besides the
+    default coverage (15 %, ~700 particles at 1024x1024) a sparser 1024x1024 frame with ~300
+    particles is timed (key ``1024x1024_300``).
+    """
+    cases = [(f"{n}x{n}", n, 0.15) for n in sizes]
+    if 1024 in sizes:
+        cases.append(("1024x1024_300", 1024, 0.065))
+    out: dict[str, dict[str, float]] = {}
+    for key, size, coverage in cases:
+        cfg = SpecimenConfig(shape=(size, size), coverage=coverage)
+        fr = Specimen.generate(cfg, seed + size).acquire(np.random.default_rng(seed))
+        detector.detect(fr.image)  # warm-up: allocations, thread pool
+        runs = []
+        for _ in range(repeats if size <= 1024 else max(3, repeats // 2)):
+            t0 = time.perf_counter()
+            det = detector.detect(fr.image)
+            det.timings_ms["total"] = (time.perf_counter() - t0) * 1e3
+            runs.append(det.timings_ms)
+        out[key] = {k: round(float(np.median([r[k] for r in runs])), 2) for k in runs[0]}
+        out[key]["total_min"] = round(min(r["total"] for r in runs), 2)
+        out[key]["n_particles"] = int(det.labels.max())
+    return out
+
+
+# ------------------------------------------------------------------ real-data harness
+
+
+def boxes_of_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (ids, boxes) of the instances of ``labels``: boxes (N, 4) float64 x0, y0, x1, y1.
+
+    Box coordinates are pixel edges in px (a pixel c spans [c, c + 1]), as YOLO boxes are.
+    """
+    from nanoscout.analysis.measure import measure
+
+    t = measure(labels, None)
+    return t["id"].astype(np.int64), t["bbox"].astype(np.float64)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Return the (N, M) IoU matrix of boxes ``a`` (N, 4) and ``b`` (M, 4), x0, y0, x1, y1."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def match_boxes(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Return MATCH_DTYPE pairs (pred index, true index, IoU) matched one-to-one at >= ``iou``.
+
+    Greedy by decreasing IoU (two boxes can both overlap one box by more than half).
+    """
+    m = box_iou(pred, true)
+    cand = np.argwhere(m >= iou)
+    order = np.argsort(-m[cand[:, 0], cand[:, 1]], kind="stable")
+    used_p: set[int] = set()
+    used_t: set[int] = set()
+    keep = []
+    for i, j in cand[order]:
+        if i in used_p or j in used_t:
+            continue
+        used_p.add(int(i))
+        used_t.add(int(j))
+        keep.append((int(i), int(j), float(m[i, j])))
+    out = np.zeros(len(keep), MATCH_DTYPE)
+    for k, row in enumerate(keep):
+        out[k] = row
+    return out
+
+
+def score_image(pred_labels: np.ndarray, *, true_labels: np.ndarray | None = None,
+                true_boxes: np.ndarray | None = None, pixel_size_nm: float | None = None,
+                iou: float = 0.5, min_true_area_px: int = 12) -> dict[str, Any]:
+    """Return the raw per-image scores of one prediction against mask or box truth.
+
+    Keys: tp, fp, fn, n_pred, n_true; ecd_err_pct (matched, % of true ECD), ecd_err_nm (only
+    when calibrated), d50_pred_px / d50_true_px (median ECD of all predicted / required true
+    particles, px; None when there are none), ar_pairs and roundness_pairs ([pred, true] per
+    match; roundness empty for box truth).
+    """
+    from nanoscout.analysis.measure import measure
+
+    if (true_labels is None) == (true_boxes is None):
+        raise ValueError("give exactly one of true_labels and true_boxes")
+    pt = measure(pred_labels, None)
+    p_rd: np.ndarray | None
+    t_rd: np.ndarray | None
+    if true_labels is not None:
+        tt = measure(true_labels, None)
+        area_t = (tt["ecd_nm"].astype(np.float64) / 2) ** 2 * np.pi
+        req = area_t >= min_true_area_px - 1e-6
+        pairs, _, _ = match_instances(pred_labels, true_labels, iou)
+        prow = {int(k): r for r, k in enumerate(pt["id"])}
+        trow = {int(k): r for r, k in enumerate(tt["id"])}
+        mp = np.array([prow[int(a)] for a in pairs["pred"]], np.int64)
+        mt = np.array([trow[int(b)] for b in pairs["true"]], np.int64)
+        p_ecd, t_ecd = pt["ecd_nm"].astype(np.float64), tt["ecd_nm"].astype(np.float64)
+        p_ar, t_ar = pt["aspect_ratio"].astype(np.float64), tt["aspect_ratio"].astype(np.float64)
+        p_rd, t_rd = pt["roundness"].astype(np.float64), tt["roundness"].astype(np.float64)
+    else:
+        assert true_boxes is not None
+        tb = np.asarray(true_boxes, np.float64).reshape(-1, 4)
+        pb = pt["bbox"].astype(np.float64)
+        tw, th = tb[:, 2] - tb[:, 0], tb[:, 3] - tb[:, 1]
+        pw, ph = pb[:, 2] - pb[:, 0], pb[:, 3] - pb[:, 1]
+        req = np.ones(len(tb), bool)
+        pairs = match_boxes(pb, tb, iou)
+        mp, mt = pairs["pred"].astype(np.int64), pairs["true"].astype(np.int64)
+        p_ecd, t_ecd = np.sqrt(pw * ph), np.sqrt(tw * th)
+        p_ar = np.maximum(pw, ph) / np.maximum(np.minimum(pw, ph), 1e-9)
+        t_ar = np.maximum(tw, th) / np.maximum(np.minimum(tw, th), 1e-9)
+        p_rd = t_rd = None
+    ok = req[mt] if mt.size else np.zeros(0, bool)
+    mp, mt = mp[ok], mt[ok]
+    tp = int(mp.size)
+    n_pred, n_req = int(len(pt)), int(req.sum())
+    # predictions matched to a not-required (tiny) true particle are neither TP nor FP
+    n_matched_small = int((~ok).sum())
+    err_px = p_ecd[mp] - t_ecd[mt]
+    out: dict[str, Any] = {
+        "tp": tp, "fp": n_pred - tp - n_matched_small, "fn": n_req - tp,
+        "n_pred": n_pred, "n_true": n_req,
+        "ecd_err_pct": (100.0 * err_px / t_ecd[mt]).tolist(),
+        "ecd_err_nm": (err_px * pixel_size_nm).tolist() if pixel_size_nm else [],
+        "d50_pred_px": float(np.median(p_ecd)) if n_pred else None,
+        "d50_true_px": float(np.median(t_ecd[req])) if n_req else None,
+        "ar_pairs": np.stack([p_ar[mp], t_ar[mt]], 1).tolist(),
+        "roundness_pairs": (np.stack([p_rd[mp], t_rd[mt]], 1).tolist()
+                            if p_rd is not None and t_rd is not None else []),
+    }
+    return out
+
+
+def _rmse(pairs: list[list[float]]) -> float | None:
+    if not pairs:
+        return None
+    a = np.asarray(pairs, np.float64)
+    return round(float(np.sqrt(np.mean((a[:, 0] - a[:, 1]) ** 2))), 4)
+
+
+def summarize(images: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return set-level metrics from :func:`score_image` results (F1 etc. over all particles).
+
+    precision/recall/f1 in [0, 1]; median_abs_ecd_error_pct in % of true ECD;
+    median_abs_ecd_error_nm and ecd_mae_nm (mean) in nm (None uncalibrated); d50_error_pct: median over images with
+    true particles of |D50_pred - D50_true| / D50_true in % (100 % for an image with no
+    prediction); aspect_ratio_rmse / roundness_rmse over matched particles (dimensionless).
+    """
+    tp = sum(r["tp"] for r in images)
+    fp = sum(r["fp"] for r in images)
+    fn = sum(r["fn"] for r in images)
+    prec = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
+    rec = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    err = np.abs([x for r in images for x in r["ecd_err_pct"]])
+    err_nm = np.abs([x for r in images for x in r["ecd_err_nm"]])
+    d50 = []
+    for r in images:
+        if r["d50_true_px"] is None:
+            continue
+        d50.append(100.0 if r["d50_pred_px"] is None
+                   else 100.0 * abs(r["d50_pred_px"] - r["d50_true_px"]) / r["d50_true_px"])
+    return {
+        "precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4),
+        "tp": tp, "fp": fp, "fn": fn, "n_matched": int(err.size),
+        "median_abs_ecd_error_pct": round(float(np.median(err)), 2) if err.size else None,
+        "median_abs_ecd_error_nm": round(float(np.median(err_nm)), 3) if err_nm.size else None,
+        "ecd_mae_nm": round(float(np.mean(err_nm)), 3) if err_nm.size else None,
+        "d50_error_pct": round(float(np.median(d50)), 2) if d50 else None,
+        "aspect_ratio_rmse": _rmse([p for r in images for p in r["ar_pairs"]]),
+        "roundness_rmse": _rmse([p for r in images for p in r["roundness_pairs"]]),
+    }
+
+
+def tuning_config(i: int) -> SpecimenConfig:
+    """Return synthetic tuning frame ``i``: the variety the held-out stream lacks.
+
+    Median particle ECD 4-200 px (log-uniform), 512-1024 px frames, all three modalities,
+    any shape mix, 0-75 % agglomerated, dose 30-3000 e/px, a fifth on support grains. Used to
+    choose post-processing settings (score cut, working scale) alongside the EMPS tuning papers,
+    so that a setting that suits real figure crops does not break tiny or huge particles.
+    """
+    rng = np.random.default_rng([TUNING_SEED_BASE, i])
+    size = int(rng.choice([512, 768, 1024]))
+    med = float(np.exp(rng.uniform(math.log(4.0), math.log(200.0))))
+    mix = rng.dirichlet([3.0, 1.0, 0.5, 1.0])
+    return SpecimenConfig(
+        modality=str(rng.choice(_MODALITIES)),  # type: ignore[arg-type]
+        shape=(size, size), pixel_size_nm=1.0, median_diameter_nm=med,
+        sigma_log=float(rng.uniform(0.08, 0.4)), min_diameter_nm=2.5, max_diameter_nm=500.0,
+        coverage=float(rng.uniform(0.05, 0.4)),
+        shape_mix=dict(zip(KINDS[:4], mix.tolist(), strict=True)),
+        agglomerate_fraction=float(rng.uniform(0.0, 0.75)),
+        dose_e_per_px=float(np.exp(rng.uniform(math.log(30.0), math.log(3000.0)))),
+        blur_px=float(rng.uniform(0.4, 1.5)), illumination_gradient=float(rng.uniform(0.0, 0.3)),
+        support_texture=float(rng.uniform(0.0, 0.12)), contrast=float(rng.uniform(0.2, 0.7)),
+        support_grains=float(rng.uniform(0.2, 0.6)) if rng.random() < 0.2 else 0.0,
+        support_grain_nm=med * float(rng.uniform(4.0, 12.0)), dtype="uint16")
+
+
+def tuning_samples(n: int = 60) -> Iterator[Any]:
+    """Yield the synthetic tuning frames (:func:`tuning_config`) as samples (1 nm/px)."""
+    from nanoscout.training.realdata import Sample
+
+    for i in range(n):
+        cfg = tuning_config(i)
+        fr = render(cfg, TUNING_SEED_BASE + i)
+        yield Sample("synthetic-tune", f"tune{i}", fr.image, fr.labels.astype(np.int32), None,
+                     cfg.pixel_size_nm, cfg.modality)
+
+
+def synthetic_samples(n: int = 20, seed: int = 12345) -> Iterator[Any]:
+    """Yield held-out synthetic frames as :class:`nanoscout.training.realdata.Sample` (0.5 nm/px)."""
+    from nanoscout.training.realdata import Sample
+
+    if seed < 0 or seed + n > HELDOUT_SEED_LIMIT:
+        raise ValueError(f"held-out seeds {seed}..{seed + n - 1} overlap the training seeds "
+                         f"(>= {HELDOUT_SEED_LIMIT})")
+    for i in range(n):
+        cfg = heldout_config(i, seed)
+        rng = np.random.default_rng(seed + i)
+        fr = Specimen.generate(cfg, rng).acquire(rng)
+        yield Sample("synthetic", f"seed{seed + i}", fr.image, fr.labels.astype(np.int32), None,
+                     cfg.pixel_size_nm, cfg.modality)
+
+
+def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float = 0.5,
+                 min_true_area_px: int = 12) -> dict[str, Any]:
+    """Run every method (name -> object with ``detect(image)``) on ``samples`` and score it.
+
+    Returns {"n_images", "methods": {name: summarize(...) + "ms_per_image" (median wall time of
+    detect, ms)}, "images": per-image tp/fp/fn/D50 per method}.
+    """
+    raw: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    ms: dict[str, list[float]] = {m: [] for m in methods}
+    images = []
+    for s in samples:
+        row: dict[str, Any] = {"id": s.id, "group": s.group, "shape": list(s.image.shape)}
+        for name, det in methods.items():
+            t0 = time.perf_counter()
+            found = det.detect(s.image)
+            labels = found.labels
+            ms[name].append((time.perf_counter() - t0) * 1e3)
+            r = score_image(labels, true_labels=s.labels, true_boxes=s.boxes,
+                            pixel_size_nm=s.pixel_size_nm, iou=iou,
+                            min_true_area_px=min_true_area_px)
+            raw[name].append(r)
+            row[name] = {k: r[k] for k in ("tp", "fp", "fn", "n_pred", "n_true", "d50_pred_px",
+                                          "d50_true_px")}
+            row[name]["ms"] = round(ms[name][-1], 1)
+            if hasattr(found, "scale"):
+                row[name]["scale"] = round(float(found.scale), 4)
+        images.append(row)
+    out: dict[str, Any] = {"n_images": len(images), "methods": {}}
+    for name in methods:
+        out["methods"][name] = summarize(raw[name])
+        out["methods"][name]["ms_per_image"] = (round(float(np.median(ms[name])), 1)
+                                                if ms[name] else None)
+    out["images"] = images
+    return out
+
+
+SET_NOTES = {
+    "synthetic": "held-out synthetic frames, exact instance truth, 0.5 nm/px; mask IoU",
+    "synthetic-tune": ("synthetic tuning frames (nanoscout.training.evaluate.tuning_config, seeds 500000 + i): "
+                       "median ECD 4-200 px, all modalities, 1 nm/px; mask IoU; for choosing "
+                       "post-processing settings, not a held-out result"),
+    "emps-tune": ("EMPS tuning subset: training papers with sha256(DOI) unit in [0.25, 0.33), "
+                  "left out of training in tuning experiments only; mask IoU"),
+    "emps": ("EMPS validation papers (models/splits/emps.json), uint16 instance maps, "
+             "uncalibrated (px); mask IoU"),
+    "stem": ("STEM held-out materials (models/splits/stem.json), YOLO boxes only; box IoU of "
+             "instance bounding boxes; ECD = sqrt(w h) of boxes; uncalibrated (px)"),
+    "stem-tune": ("STEM tuning material (nanoscout.training.realdata.stem_tuning_names: the first training "
+                  "material in sha256 order), left out of training in tuning experiments only; "
+                  "box IoU as for stem; not a held-out result"),
+    "nffa": ("NFFA SEM particles, binary masks: true instances = 8-connected components "
+             "(touching particles are one instance); uncalibrated (px); mask IoU"),
+}
+
+
+#: issue 3's targets for the model on held-out data: set -> metric -> (comparison, value)
+TARGETS: dict[str, dict[str, tuple[str, float]]] = {
+    "synthetic": {"f1": (">=", 0.97), "ecd_mae_nm": ("<=", 0.5)},
+    "emps": {"f1": (">=", 0.85), "median_abs_ecd_error_pct": ("<=", 5.0),
+             "d50_error_pct": ("<=", 5.0)},
+    "stem": {"f1": (">=", 0.75)},
+}
+
+
+def check_targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return {set: {metric: {target, measured, met}}} for the model's held-out results."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, targets in TARGETS.items():
+        sres = res["sets"].get(name)
+        if sres is None:
+            continue
+        m = sres["methods"]["model"]
+        row = {}
+        for metric, (op, value) in targets.items():
+            got = m.get(metric)
+            met = got is not None and (got >= value if op == ">=" else got <= value)
+            row[metric] = {"target": f"{op} {value}", "measured": got, "met": bool(met)}
+        out[name] = row
+    return out
+
+
+def _parse_scale(text: str | None, sets: list[str]) -> dict[str, float | str | None]:
+    """Return the detector scale per set from "0.5", "auto" or "emps=0.25,stem=auto"
+    (None = the model card's choice)."""
+    out: dict[str, float | str | None] = dict.fromkeys(sets)
+    if not text:
+        return out
+    for part in text.split(","):
+        key, eq, val = part.rpartition("=")
+        try:
+            v: float | str = "auto" if val == "auto" else float(val)
+        except ValueError as exc:
+            raise SystemExit(f"bad --scale item {part!r}: expected a number, 'auto' or "
+                             "set=number") from exc
+        if not eq:
+            out = dict.fromkeys(sets, v)
+        elif key in out:
+            out[key] = v
+        else:
+            raise SystemExit(f"--scale names set {key!r}, not among --sets {sets}")
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) and v <= 1 else str(v)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """Return a compact text table (set x method) of a harness result."""
+    cols = ("precision", "recall", "f1", "median_abs_ecd_error_pct", "d50_error_pct",
+            "aspect_ratio_rmse", "roundness_rmse", "ms_per_image")
+    heads = ("P", "R", "F1", "|dECD|%", "dD50%", "AR rmse", "Rnd rmse", "ms/img")
+    lines = [f"{'set':15s}{'method':10s}{'imgs':>5s}{'true':>7s}"
+             + "".join(f"{h:>9s}" for h in heads)]
+    for sname, sres in res["sets"].items():
+        for mname, m in sres["methods"].items():
+            lines.append(f"{sname:15s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
+                         + "".join(f"{_fmt(m[c]):>9s}" for c in cols))
+    models = {sres["model"] for sres in res["sets"].values() if "model" in sres}
+    if len(models) > 1:
+        lines.append("model: " + ", ".join(f"{k} {v['model']}" for k, v in res["sets"].items()
+                                           if "model" in v))
+    return "\n".join(lines)
+
+
+def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, n: int = 20,
+                seed: int = 12345, scale: str | None = None, max_images: int | None = None,
+                threads: int = 2, data_root: Path | None = None,
+                min_score: float | None = None, tta: int = 1,
+                rotate45: bool = False, stem_model: Path | None = None) -> dict[str, Any]:
+    """Return the full harness result (model and baseline on each set) as a JSON-able dict.
+
+    ``stem_model``: the detector that scores the STEM sets (``stem``, ``stem-tune``), as the
+    daemon routes STEM frames to its STEM detector; None: ``model`` scores every set.
+
+    ``rotate45``: the detector also infers each image turned by 45° (see
+    :class:`nanoscout.analysis.detector.Detector`).
+
+    ``min_score`` overrides the card's score threshold (to see what the cut does).
+    """
+    from nanoscout.analysis.detector import Detector
+    from nanoscout.analysis.modelcard import ModelCard
+    from nanoscout.engines import create_engine
+    from nanoscout.training import realdata
+    from nanoscout.training.baseline import BaselineDetector
+
+    avail = ["synthetic", *realdata.available_sets(data_root)]
+    if sets is None:
+        sets = list(avail)  # the held-out sets; the tuning sets only when named
+    avail.append("synthetic-tune")
+    if "emps" in avail:
+        avail.append("emps-tune")
+    if "stem" in avail:
+        avail.append("stem-tune")
+    for s in sets:
+        if s not in ALL_SETS:
+            raise SystemExit(f"unknown set {s!r} (known: {', '.join(ALL_SETS)})")
+        if s not in avail:
+            raise SystemExit(f"set {s!r} is not available under "
+                             f"{data_root or realdata.data_root()}")
+    scales = _parse_scale(scale, sets)
+
+    def load(path: Path, card_file: Path | None) -> tuple[Any, Any]:
+        card = ModelCard.load(card_file or path.with_suffix(".json"))
+        if min_score is not None and card.thresholds is not None:
+            card = card.model_copy(update={"thresholds": card.thresholds.model_copy(
+                update={"min_score": min_score})})
+        return card, create_engine(path, "onnxruntime-cpu", threads=threads)
+
+    card, engine = load(model, card_path)
+    stem = load(stem_model, None) if stem_model is not None else (card, engine)
+    baseline = BaselineDetector()
+    res: dict[str, Any] = {
+        "command": " ".join(["python -m nanoscout.training.evaluate", *sys.argv[1:]]),
+        "model": str(model), "model_sha256": card.sha256,
+        "splits": {k: str(realdata.SPLITS_DIR / f"{k}.json") for k in ("emps", "stem")
+                   if k in sets},
+        "iou_threshold": 0.5, "min_true_area_px": 12, "max_images": max_images,
+        "min_score": card.thresholds.min_score if card.thresholds else None, "tta": tta,
+        "rotate45": rotate45, "stem_model": None if stem_model is None else str(stem_model),
+        "sets": {}}
+    for s in sets:
+        c, e = stem if s in ("stem", "stem-tune") else (card, engine)
+        det = Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
+                       rotate45=rotate45)
+        samples = (synthetic_samples(n, seed) if s == "synthetic"
+                   else tuning_samples(max_images or 60) if s == "synthetic-tune"
+                   else realdata.iter_samples(s, data_root, max_images))
+        t0 = time.perf_counter()
+        out = evaluate_set({"model": det, "baseline": baseline}, samples)
+        out["note"] = SET_NOTES[s]
+        out["model"] = f"{c.name}:{c.version}"
+        out["detector_scale"] = "auto" if det.auto else det.scale
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        if s == "synthetic":
+            out["seeds"] = f"{seed}..{seed + n - 1}"
+        res["sets"][s] = out
+    res["targets"] = check_targets(res)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: evaluate an ONNX detector on held-out frames and print/write JSON."""
+    ap = argparse.ArgumentParser(description="held-out evaluation of the particle detector")
+    ap.add_argument("--model", type=Path, default=Path("models/weights/detector.onnx"))
+    ap.add_argument("--card", type=Path, default=None, help="default: model path with .json")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scale", default=None,
+                    help="detector resample factor: 0.5, or per set: emps=0.25,stem=1")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON output (default runs/eval.json, with --sets runs/accuracy.json)")
+    ap.add_argument("--sets", default=None,
+                    help="comma list of synthetic,emps,stem,nffa or 'all' (available ones): "
+                         "score model and classical baseline on each")
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="with --sets: at most this many images per real set")
+    ap.add_argument("--data-root", type=Path, default=None, help="default ../shared/data")
+    ap.add_argument("--min-score", type=float, default=None,
+                    help="with --sets: override the card's particle score threshold")
+    ap.add_argument("--tta", type=int, choices=[1, 2, 4], default=1,
+                    help="with --sets: test-time augmentation (mirror images averaged)")
+    ap.add_argument("--rotate45", action="store_true",
+                    help="with --sets: also infer each image turned by 45° (larger logit kept)")
+    ap.add_argument("--stem-model", default="auto",
+                    help="with --sets: detector for the STEM sets (as the daemon uses for STEM "
+                         "frames): a path, 'none' (--model scores them), or 'auto': "
+                         "detector_stem.onnx beside --model if it is there")
+    args = ap.parse_args(argv)
+    if args.sets is not None:
+        sets = None if args.sets == "all" else [x for x in args.sets.split(",") if x]
+        stem_model: Path | None = None
+        if args.stem_model == "auto":
+            from nanoscout.daemon.config import SHIPPED_STEM_MODEL
+
+            sibling = args.model.parent / SHIPPED_STEM_MODEL
+            stem_model = sibling if sibling.is_file() and sibling != args.model else None
+        elif args.stem_model != "none":
+            stem_model = Path(args.stem_model)
+        res = run_harness(args.model, args.card, sets, n=args.n, seed=args.seed,
+                          scale=args.scale, max_images=args.max_images, threads=args.threads,
+                          data_root=args.data_root, min_score=args.min_score, tta=args.tta,
+                          rotate45=args.rotate45, stem_model=stem_model)
+        out = args.out or Path("runs/accuracy.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(format_table(res))
+        for name, row in res["targets"].items():
+            print(f"target {name}: " + ", ".join(
+                f"{k} {v['measured']} ({v['target']}: {'met' if v['met'] else 'MISSED'})"
+                for k, v in row.items()))
+        print(f"wrote {out}")
+        return
+    try:
+        legacy_scale = None if args.scale is None else float(args.scale)
+    except ValueError as exc:
+        raise SystemExit(f"--scale {args.scale!r}: per-set scales need --sets") from exc
+    from nanoscout.analysis.detector import Detector
+    from nanoscout.analysis.modelcard import ModelCard
+    from nanoscout.engines import create_engine
+
+    card = ModelCard.load(args.card or args.model.with_suffix(".json"))
+    engine = create_engine(args.model, "onnxruntime-cpu", threads=args.threads)
+    det = Detector(engine, card, scale=legacy_scale)
+    t0 = time.perf_counter()
+    res = evaluate(det, args.n, args.seed)
+    res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    if not args.no_timing:
+        res["timings_ms"] = time_detector(det)
+    res["model"] = str(args.model)
+    out = args.out or Path("runs/eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    brief = {k: v for k, v in res.items() if k != "frames"}
+    print(json.dumps(brief, indent=1))
+    if not math.isfinite(res["f1"]):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

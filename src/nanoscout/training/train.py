@@ -1,0 +1,425 @@
+"""Train the particle detector on synthetic specimens, export it to ONNX and write its model card.
+
+One reproducible command (fixed seeds, CPU, 2 threads)::
+
+    python -m nanoscout.training.train --out models/weights
+
+Data are generated on the fly by :mod:`nanoscout.sim.synthetic`: a pool of specimens (all three
+modalities, particle diameters ~4-90 px, sphere/ellipse/rod/faceted, isolated to heavily
+agglomerated, dose 15-3000 e/px or noiseless, blur, illumination gradients, support texture,
+Fresnel fringes, uint8/uint16/float32) is refreshed by one new specimen every second step (in a data process), and every
+training crop is a fresh acquisition (new noise, random window of the periodic specimen,
+random flip / 90-degree rotation). Training specimens use seeds 1_000_000 + k; the held-out
+evaluation uses seeds below 1_000_000 (``nanoscout.training.evaluate``), so the two never share a specimen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import time
+from dataclasses import replace
+from pathlib import Path
+from queue import Empty
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from nanoscout.analysis.preprocess import normalize
+from nanoscout.sim.overlays import burn_in
+from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig
+from nanoscout.training.crops import RealImage, crop_at_scale, load_real_training, photometric
+from nanoscout.training.export import VARIANTS, export_onnx, write_card
+from nanoscout.training.unet import CORE_FRACTION, ParticleUNet
+
+TRAIN_SEED_BASE = 1_000_000
+CROP = 256
+NECK_WEIGHT = 5.0
+NECK_RADIUS = 4.0
+#: phase 2: probability that a synthetic crop gets burnt-in annotations (scale bar, text,
+#: data bar); half of it for real crops, which often carry their own
+OVERLAY_P = 0.3
+#: phase 2: probability that a synthetic specimen is rods / wires lying mostly along an axis
+AXIS_RODS_P = 0.2
+
+
+def random_config(rng: np.random.Generator, shape: tuple[int, int] = (CROP, CROP)
+                  ) -> SpecimenConfig:
+    """Return a random training specimen configuration (pixel size 1 nm: diameters in px)."""
+    modality = str(rng.choice(["TEM", "STEM", "SEM"]))
+    median = float(np.exp(rng.uniform(math.log(5.0), math.log(45.0))))
+    mix = rng.dirichlet([3.0, 1.0, 0.5, 1.0])
+    dose = None if rng.random() < 0.1 else float(np.exp(rng.uniform(math.log(15), math.log(3000))))
+    coverage = 0.0 if rng.random() < 0.04 else float(rng.uniform(0.03, 0.4))
+    return SpecimenConfig(
+        modality=modality,  # type: ignore[arg-type]
+        shape=shape,
+        pixel_size_nm=1.0,
+        median_diameter_nm=median,
+        sigma_log=float(rng.uniform(0.08, 0.45)),
+        min_diameter_nm=3.0,
+        max_diameter_nm=100.0,
+        coverage=coverage,
+        # the first four kinds: plates (KINDS[4]) are not in the training mix
+        shape_mix=dict(zip(KINDS[:4], mix.tolist(), strict=True)),
+        agglomerate_fraction=float(rng.uniform(0.0, 0.75)),
+        dose_e_per_px=dose,
+        blur_px=float(rng.uniform(0.3, 2.0)),
+        illumination_gradient=float(rng.uniform(0.0, 0.5)),
+        support_texture=float(rng.uniform(0.0, 0.15)),
+        contrast=float(rng.uniform(0.12, 0.8)),
+        fringe=float(rng.uniform(0.0, 0.6)) if rng.random() < 0.3 else 0.0,
+        dtype=str(rng.choice(["uint8", "uint16", "float32"])),  # type: ignore[arg-type]
+    )
+
+
+def targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (foreground, core) float32 maps of an instance label map.
+
+    Core: inner distance (to background or to a touching neighbour) at least CORE_FRACTION of
+    the particle's largest inner distance, and at least 1 px.
+    """
+    fg, core, _ = targets_and_weights(labels)
+    return fg, core
+
+
+def targets_and_weights(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (foreground, core, neck weight) float32 maps of an instance label map.
+
+    The neck weight is NECK_WEIGHT within NECK_RADIUS px of a contact between two particles and
+    1 elsewhere: a core that bridges a contact merges two particles, so it costs more.
+    """
+    fg = labels > 0
+    inner = fg.copy()
+    # pixels next to a different particle count as outline, so touching cores stay apart
+    dh = (labels[:, 1:] != labels[:, :-1]) & fg[:, 1:] & fg[:, :-1]
+    dv = (labels[1:, :] != labels[:-1, :]) & fg[1:, :] & fg[:-1, :]
+    inner[:, 1:] &= ~dh
+    inner[:, :-1] &= ~dh
+    inner[1:, :] &= ~dv
+    inner[:-1, :] &= ~dv
+    dist = ndi.distance_transform_edt(inner)
+    ids = np.unique(labels[fg])
+    lut = np.zeros(int(labels.max()) + 1, np.float64)
+    if ids.size:
+        lut[ids] = ndi.maximum(dist, labels, ids)
+    core = (dist >= np.maximum(CORE_FRACTION * lut[labels], 1.0)) & inner
+    contact = np.zeros_like(fg)
+    contact[:, 1:] |= dh
+    contact[:, :-1] |= dh
+    contact[1:, :] |= dv
+    contact[:-1, :] |= dv
+    weight = np.ones(labels.shape, np.float32)
+    if contact.any():
+        near = ndi.distance_transform_edt(~contact) <= NECK_RADIUS
+        weight[near] = NECK_WEIGHT
+    return fg.astype(np.float32), core.astype(np.float32), weight
+
+
+class Pool:
+    """Training crops: synthetic specimens mixed with crops of the real training images.
+
+    A pool of synthetic specimens is refreshed with one new specimen every few steps; each
+    synthetic crop is a fresh acquisition. With probability ``real_fraction`` a crop comes from
+    the real training images instead (:mod:`nanoscout.training.crops`). Targets per crop: (foreground, core,
+    neck weight, valid) with valid = 0 on padding.
+    """
+
+    def __init__(self, size: int, rng: np.random.Generator, real: list[RealImage] | None = None,
+                 real_fraction: float = 0.0, stem_share: float | None = None) -> None:
+        """``stem_share``: share of the real crops cut from STEM images (None: as the
+        sqrt(particle count) weights fall, about a fifth)."""
+        self.rng = rng
+        self.counter = 0
+        self.real = real or []  # empty in phase 1, which stays as first shipped
+        self.items: list[Specimen] = [self._new() for _ in range(size)]
+        self.real_fraction = real_fraction if self.real else 0.0
+        # sample real images with weight ~ sqrt(particle count): dense images teach more,
+        # but a single image must not dominate
+        n = np.array([max(1, len(np.unique(r.labels)) - 1) for r in self.real], np.float64)
+        self.real_p = np.sqrt(n) / np.sqrt(n).sum() if self.real else None
+        if self.real_p is not None and stem_share is not None:
+            if not 0.0 <= stem_share <= 1.0:
+                raise ValueError(f"stem_share {stem_share} must be within [0, 1]")
+            stem = np.array([r.set == "stem" for r in self.real])
+            if stem.all() or not stem.any():
+                raise ValueError("stem_share needs both STEM and other real training images")
+            p = self.real_p
+            p[stem] *= stem_share / p[stem].sum()
+            p[~stem] *= (1.0 - stem_share) / p[~stem].sum()
+
+    def _new(self) -> Specimen:
+        seed = TRAIN_SEED_BASE + self.counter
+        self.counter += 1
+        srng = np.random.default_rng(seed)
+        cfg = random_config(srng)
+        if self.real:
+            # phase 2: a quarter of the specimens are supported catalysts (small particles on
+            # large unlabelled support grains); seeded separately, so phase 1 stays as shipped
+            grng = np.random.default_rng([seed, 2])
+            if grng.random() < 0.25:
+                cfg = replace(cfg, support_grains=float(grng.uniform(0.2, 0.7)),
+                              support_grain_nm=float(cfg.median_diameter_nm
+                                                     * grng.uniform(4.0, 15.0)))
+            # a fifth are rod / wire specimens whose rods mostly lie along an image axis, so
+            # that a straight particle is not mistaken for a burnt-in scale bar
+            rrng = np.random.default_rng([seed, 3])
+            if rrng.random() < AXIS_RODS_P:
+                cfg = replace(cfg, shape_mix={"rod": 0.6, "ellipse": 0.15, "sphere": 0.25},
+                              axis_aligned=float(rrng.uniform(0.5, 1.0)))
+        return Specimen.generate(cfg, srng)
+
+    def refresh(self) -> None:
+        self.items[int(self.rng.integers(len(self.items)))] = self._new()
+
+    def _synthetic(self) -> np.ndarray:
+        sp = self.items[int(self.rng.integers(len(self.items)))]
+        # re-acquire with a new dose / dtype too: same geometry, different imaging
+        if self.rng.random() < 0.5:
+            dose = float(np.exp(self.rng.uniform(math.log(15), math.log(3000))))
+            sp.cfg = replace(sp.cfg, dose_e_per_px=dose,
+                             dtype=self.rng.choice(["uint8", "uint16", "float32"]).item())
+        shift = (self.rng.uniform(0, sp.canvas[0]), self.rng.uniform(0, sp.canvas[1]))
+        shift = (float(round(shift[0])), float(round(shift[1])))
+        fr = sp.acquire(self.rng, shift)
+        x = normalize(fr.image)
+        if self.real and self.rng.random() < 0.1:  # phase 2 only
+            x = np.clip(1.0 - x, -0.5, 1.5)
+        fg, core, wt = targets_and_weights(fr.labels)
+        stack = np.stack([x, fg, core, wt, np.ones_like(x)])
+        if self.real and self.rng.random() < OVERLAY_P:
+            burn_in(stack[0], stack[1:], self.rng)
+        return stack
+
+    def _real(self) -> np.ndarray:
+        item = self.real[int(self.rng.choice(len(self.real), p=self.real_p))]
+        img, lab, valid = crop_at_scale(item, self.rng, CROP)
+        x = photometric(img, self.rng)
+        fg, core, wt = targets_and_weights(lab)
+        stack = np.stack([x, fg, core, wt, valid])
+        if self.rng.random() < OVERLAY_P / 2:
+            burn_in(stack[0], stack[1:], self.rng)
+        return stack
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for _ in range(n):
+            real = self.real_fraction > 0 and self.rng.random() < self.real_fraction
+            stack = self._real() if real else self._synthetic()
+            k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
+            stack = np.rot90(stack, k, axes=(1, 2))
+            if flip:
+                stack = stack[:, :, ::-1]
+            xs.append(stack[:1].copy())
+            ys.append(stack[1:].copy())
+        return np.stack(xs), np.stack(ys)
+
+
+def _dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits) * valid
+    inter = (p * target).sum(dim=(1, 2))
+    return 1.0 - ((2.0 * inter + 1.0) / (p.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1.0)).mean()
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """BCE + 0.5 soft Dice on each output (foreground, core); core BCE weighted at contacts.
+
+    ``y`` holds (foreground, core, neck weight, valid) along dim 1; pixels with valid = 0
+    (padding around a small real crop) do not count.
+    """
+    valid = y[:, 3]
+    n_valid = valid.sum().clamp(min=1.0)
+    fg_bce = (F.binary_cross_entropy_with_logits(logits[:, 0], y[:, 0], reduction="none")
+              * valid).sum() / n_valid
+    fg = fg_bce + 0.5 * _dice(logits[:, 0], y[:, 0], valid)
+    w = y[:, 2] * valid
+    core_bce = (F.binary_cross_entropy_with_logits(logits[:, 1], y[:, 1], reduction="none")
+                * w).sum() / w.sum().clamp(min=1.0)
+    return fg + core_bce + 0.5 * _dice(logits[:, 1], y[:, 1], valid)
+
+
+def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int,
+              refresh_every: int, real_fraction: float, real_exclude: tuple[str, ...],
+              stem_share: float | None) -> None:
+    """Data process: fills ``queue`` with (x, y) numpy batches in a fixed, seeded order."""
+    rng = np.random.default_rng(seed)
+    real = load_real_training(exclude=set(real_exclude)) if real_fraction > 0 else []
+    pool = Pool(pool_size, rng, real, real_fraction, stem_share)
+    for step in range(steps):
+        if step % refresh_every == 0:
+            pool.refresh()
+        queue.put(pool.batch(batch))
+
+
+def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Return the next batch; raises RuntimeError when the data process has died."""
+    while True:
+        try:
+            return queue.get(timeout=5.0)
+        except Empty:
+            if not producer.is_alive():
+                raise RuntimeError(f"data process exited with code {producer.exitcode} "
+                                   "before producing all batches") from None
+
+
+def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
+          log_every: int = 50, real_fraction: float = 0.0, real_exclude: tuple[str, ...] = (),
+          model: ParticleUNet | None = None, lr: float = 4e-3, stem_share: float | None = None
+          ) -> tuple[ParticleUNet, dict[str, float]]:
+    """Train a ParticleUNet; returns the model (eval mode) and a summary (seconds, last loss).
+
+    ``model``: the network to continue from (fine-tuning phase); None starts a new one.
+    """
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    # one producer process generates the data while this one trains: the order of the batches
+    # is fixed by the seed, so the run stays reproducible
+    queue: mp.Queue = mp.get_context("fork").Queue(maxsize=6)
+    producer = mp.get_context("fork").Process(
+        target=_producer, args=(queue, pool_size, seed, steps, batch, 2, real_fraction, real_exclude,
+                                stem_share),
+        daemon=True)
+    producer.start()
+    if model is None:
+        model = ParticleUNet(width)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warm = max(1, steps // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * s / steps)))
+    model.train()
+    running = 0.0
+    t_data = t_step = 0.0
+    for step in range(steps):
+        a = time.perf_counter()
+        xn, yn = _next_batch(queue, producer)
+        x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+        b = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        c = time.perf_counter()
+        t_data += b - a
+        t_step += c - b
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            print(f"step {step + 1}/{steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                  f"wait-data {t_data:.0f}s net {t_step:.0f}s elapsed {time.perf_counter() - t0:.0f}s",
+                  flush=True)
+    producer.join(timeout=60)
+    model.eval()
+    return model, {"train_seconds": time.perf_counter() - t0, "final_loss": running,
+                   "data_seconds": t_data, "net_seconds": t_step}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: train (two phases), export ONNX, evaluate held-out frames, write the card.
+
+    Phase 1 (``--steps``): synthetic specimens only, from a new network. Phase 2
+    (``--finetune-steps``): crops of the real training images (share ``--real-fraction``)
+    mixed with synthetic ones, at a lower learning rate. ``--init CHECKPOINT`` skips phase 1
+    and fine-tunes that checkpoint (its phase-1 record is kept in the card).
+    """
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("models/weights"))
+    ap.add_argument("--steps", type=int, default=2400, help="phase 1 (synthetic) steps")
+    ap.add_argument("--finetune-steps", type=int, default=3500,
+                    help="phase 2 (real + synthetic) steps; 0 skips phase 2")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--width", type=int, default=16,
+                    help="base channel width (16: same ONNX Runtime time as 12 on this CPU)")
+    ap.add_argument("--pool", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=20250101)
+    ap.add_argument("--eval-n", type=int, default=20)
+    ap.add_argument("--eval-seed", type=int, default=12345)
+    ap.add_argument("--no-real-eval", action="store_true",
+                    help="card without the held-out real-data metrics (for tuning runs)")
+    ap.add_argument("--checkpoint", type=Path, default=Path("runs/detector.pt"))
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="general",
+                    help="which shipped detector: general (detector.onnx) or the STEM one "
+                         "(detector_stem.onnx); sets the phase-2 mix (nanoscout.training.export.VARIANTS)")
+    ap.add_argument("--real-fraction", type=float, default=None,
+                    help="phase 2: share of crops cut from the real training images "
+                         "(default: the variant's, 0.7 general)")
+    ap.add_argument("--stem-share", type=float, default=None,
+                    help="phase 2: share of the real crops cut from STEM training images "
+                         "(default: the variant's; general: sqrt(particle count) weights, "
+                         "about 0.19)")
+    ap.add_argument("--no-tuning-holdout", action="store_true",
+                    help="also train on the EMPS tuning papers (default: keep them out)")
+    ap.add_argument("--stem-tuning-holdout", action="store_true",
+                    help="keep the STEM tuning material out of training (tuning experiments)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="skip phase 1: fine-tune this phase-1 checkpoint")
+    ap.add_argument("--lr", type=float, default=4e-3, help="phase 1 peak learning rate")
+    ap.add_argument("--finetune-lr", type=float, default=2e-3)
+    args = ap.parse_args(argv)
+    variant = VARIANTS[args.variant]
+    if args.real_fraction is None:
+        args.real_fraction = variant.real_fraction
+    if args.stem_share is None:
+        args.stem_share = variant.stem_share
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    phases: dict[str, object] = {}
+    if args.init is None:
+        model, summary = train(args.steps, args.batch, args.width, args.pool, args.seed,
+                               lr=args.lr)
+        phases["synthetic"] = {"steps": args.steps, "lr": args.lr,
+                               **{k: round(v, 4) for k, v in summary.items()}}
+    else:
+        ck = torch.load(args.init, map_location="cpu", weights_only=False)
+        if int(ck["width"]) != args.width:
+            raise SystemExit(f"--init {args.init} has width {ck['width']}, not {args.width}")
+        model = ParticleUNet(args.width)
+        model.load_state_dict(ck["state_dict"])
+        phases["synthetic"] = {"from_checkpoint": str(args.init),
+                               **ck.get("training", {}).get("phases", {}).get(
+                                   "synthetic", ck.get("training", {}))}
+    if args.finetune_steps > 0:
+        from nanoscout.training.realdata import emps_tuning_ids, stem_tuning_names
+
+        exclude = () if args.no_tuning_holdout else tuple(emps_tuning_ids())
+        if args.stem_tuning_holdout:
+            exclude += tuple(stem_tuning_names())
+        model.train()
+        model, summary = train(args.finetune_steps, args.batch, args.width, args.pool,
+                               args.seed + 1, real_fraction=args.real_fraction,
+                               real_exclude=exclude, model=model, lr=args.finetune_lr,
+                               stem_share=args.stem_share)
+        phases["real"] = {"steps": args.finetune_steps, "lr": args.finetune_lr,
+                          "real_fraction": args.real_fraction, "stem_share": args.stem_share,
+                          "excluded_tuning_images": len(exclude),
+                          **{k: round(v, 4) for k, v in summary.items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.out / variant.file
+    verify = export_onnx(model, onnx_path)
+    print(f"exported {onnx_path}: ORT vs torch max |diff| {verify['max_abs_diff']:.2e}", flush=True)
+    total = time.perf_counter() - t0
+    training = {
+        "command": ("python -m nanoscout.training.train"
+                    + ("" if args.variant == "general" else f" --variant {args.variant}")
+                    + " --out " + str(args.out)),
+        "variant": args.variant,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "wall_seconds": round(total, 1),
+        "onnx_max_abs_diff_vs_torch": verify["max_abs_diff"],
+        "phases": phases,
+    }
+    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "width": args.width, "training": training},
+               args.checkpoint)
+    card_path = write_card(onnx_path, training=training, width=args.width,
+                           eval_n=args.eval_n, eval_seed=args.eval_seed,
+                           real=not args.no_real_eval, variant=args.variant)
+    print(json.dumps(json.loads(card_path.read_text())["metrics"], indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The particle table: one numpy structured array row per measured particle.
+
+It travels as a raw buffer in ``det.<source>`` messages, so its layout is part of wire
+protocol v1 (little-endian, packed; v1.2 appended ``cluster``, so a row is one byte longer). Lengths are nanometres when the frame is calibrated and
+pixels when it is not; the ``det`` header says which (``units``).
+
+Fields
+------
+id            particle id, unique within the frame (1..n; equals the instance-label value)
+x, y          centroid, px, frame coordinates (x = column, y = row)
+bbox          x0, y0, x1, y1 in px, x1/y1 exclusive
+area_nm2      projected area (nm², or px² when uncalibrated)
+ecd_nm        equivalent circular diameter 2·sqrt(area/π)
+feret_max_nm  largest caliper diameter
+feret_min_nm  smallest caliper diameter
+major_nm      major axis of the ellipse with the same second moments
+minor_nm      minor axis of that ellipse
+orientation_deg  major-axis angle, degrees counter-clockwise from the +x axis, (-90, 90]
+aspect_ratio  major / minor (≥ 1)
+roundness     4·area / (π·major²)           (ImageJ convention, ≤ 1)
+circularity   4π·area / perimeter²          (ImageJ convention, ≤ 1 for a disk up to rasterisation)
+solidity      area / convex-hull area
+score         detection confidence 0..1 (mean foreground probability inside the particle)
+shape_class   index into SHAPE_CLASSES (nanoscout.analysis.measure.classify_shapes)
+border        True when the particle touches the frame edge (excluded from size statistics)
+cluster       morphology cluster id of the source's online k-means (nanoscout.analysis.clusters), 0..k-1;
+              255 = not assigned (clustering off, or still buffering its first particles)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PARTICLE_DTYPE = np.dtype(
+    [
+        ("id", "<u4"),
+        ("x", "<f4"),
+        ("y", "<f4"),
+        ("bbox", "<i4", (4,)),
+        ("area_nm2", "<f4"),
+        ("ecd_nm", "<f4"),
+        ("feret_max_nm", "<f4"),
+        ("feret_min_nm", "<f4"),
+        ("major_nm", "<f4"),
+        ("minor_nm", "<f4"),
+        ("orientation_deg", "<f4"),
+        ("aspect_ratio", "<f4"),
+        ("roundness", "<f4"),
+        ("circularity", "<f4"),
+        ("solidity", "<f4"),
+        ("score", "<f4"),
+        ("shape_class", "u1"),
+        ("border", "?"),
+        ("cluster", "u1"),
+    ]
+)
+
+#: per-particle shape classes; index stored in ``shape_class``. 0 means not classified.
+SHAPE_CLASSES: tuple[str, ...] = (
+    "unclassified",
+    "sphere",
+    "rod",
+    "faceted",
+    "plate",
+    "irregular",
+    "agglomerate",
+)
+
+
+#: ``cluster`` value of a particle without a morphology cluster
+NO_CLUSTER = 255
+
+
+def empty_table(n: int = 0) -> np.ndarray:
+    """Return a zero-filled particle table of ``n`` rows (``cluster`` = NO_CLUSTER)."""
+    table = np.zeros(n, dtype=PARTICLE_DTYPE)
+    table["cluster"] = NO_CLUSTER
+    return table

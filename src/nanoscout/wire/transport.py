@@ -1,0 +1,172 @@
+"""ZeroMQ socket plumbing shared by the daemon and the clients: creation, binding, endpoints.
+
+Encoding lives in :mod:`nanoscout.wire.protocol`; this module only moves bytes. Every socket is
+created with ``linger=0`` so that closing never blocks on a peer that vanished.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import zmq
+
+from nanoscout.wire.errors import ConfigError
+
+Policy = Literal["live", "lossless"]
+
+#: default endpoints (loopback only; remote use needs CURVE, see README)
+DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:5555"
+DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:5556"
+DEFAULT_QUERY_ENDPOINT = "tcp://127.0.0.1:5557"  # REP: AI-lens feature maps on request
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind ``sock``; port ``0`` or ``*`` picks a free port. Returns the endpoint actually bound."""
+    if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] == "0":
+        endpoint = endpoint.rsplit(":", 1)[0] + ":*"
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot bind {endpoint!r}: {exc}") from exc
+    last = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return last.decode() if isinstance(last, bytes) else str(last)
+
+
+def connect(sock: zmq.Socket, endpoint: str) -> None:
+    """Connect ``sock`` to ``endpoint`` (ZeroMQ reconnects by itself if the peer restarts)."""
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise ConfigError(f"cannot connect to {endpoint!r}: {exc}") from exc
+
+
+def frame_input_socket(ctx: zmq.Context, policy: Policy, *, hwm: int) -> zmq.Socket:
+    """The daemon's frame input: PULL for ``lossless`` (back-pressure), SUB for ``live`` (fan-in)."""
+    if policy == "lossless":
+        sock = ctx.socket(zmq.PULL)
+    else:
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, b"frame")
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
+def frame_output_socket(ctx: zmq.Context, mode: Literal["push", "pub"], *, hwm: int) -> zmq.Socket:
+    """An adapter's frame output: PUSH (matches a ``lossless`` daemon) or PUB (``live``)."""
+    if mode not in ("push", "pub"):
+        raise ConfigError(f"frame output mode {mode!r} must be 'push' or 'pub'")
+    sock = ctx.socket(zmq.PUSH if mode == "push" else zmq.PUB)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
+def result_publisher(ctx: zmq.Context, *, hwm: int) -> zmq.Socket:
+    """The daemon's result PUB socket. A slow subscriber loses messages, never blocks the daemon."""
+    sock = ctx.socket(zmq.PUB)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    return sock
+
+
+def result_subscriber(
+    ctx: zmq.Context, topics: tuple[str, ...], *, hwm: int = 10_000, reconnect_ms: int = 200
+) -> zmq.Socket:
+    """A SUB socket subscribed to each topic prefix (``""`` = everything)."""
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, reconnect_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    for topic in topics or ("",):
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    return sock
+
+
+def mode_for_policy(policy: Policy) -> Literal["push", "pub"]:
+    """The adapter socket mode that matches a daemon policy."""
+    return "push" if policy == "lossless" else "pub"
+
+
+# ---------------------------------------------------------------------------------------------
+# CURVE: authenticated, encrypted ZeroMQ for use beyond loopback
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ``inproc://``, ``ipc://`` and TCP endpoints on 127.0.0.0/8, ::1 or localhost."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or "*" (all interfaces)
+
+
+def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        public, secret_key = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read CURVE certificate {path}: {exc}") from exc
+    if secret and secret_key is None:
+        raise ConfigError(f"{path} holds no secret key (use the .key_secret file)")
+    return public, secret_key
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """A client's CURVE identity: the daemon's public certificate and the client's own secret one."""
+
+    server_public: Path
+    client_secret: Path
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client (call before connect)."""
+        server_public, _ = _load(self.server_public, secret=False)
+        public, secret = _load(self.client_secret, secret=True)
+        sock.curve_serverkey = server_public
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
+
+
+class CurveServer:
+    """CURVE on the daemon's sockets; only clients whose public certificates lie in
+    ``authorized`` may connect (checked by a ZAP authenticator thread)."""
+
+    def __init__(self, ctx: zmq.Context, secret_file: Path, authorized: Path) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not authorized.is_dir():
+            raise ConfigError(f"CURVE authorized-keys folder {authorized} does not exist")
+        self._public, self._secret = _load(secret_file, secret=True)
+        self._auth = ThreadAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(authorized))
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server (call before bind)."""
+        sock.curve_secretkey = self._secret
+        sock.curve_publickey = self._public
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        """Stop the authenticator thread."""
+        self._auth.stop()
+
+
+def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """Write a new CURVE key pair ``name.key`` (public) and ``name.key_secret``; returns both paths."""
+    import zmq.auth
+
+    folder.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(folder), name)
+    Path(secret).chmod(0o600)
+    return Path(public), Path(secret)
