@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.clients.acquisition.readers import SUPPORTED_SUFFIXES, read_images
 from nanoscout.wire.errors import NanoscoutError, ReaderError
@@ -90,9 +91,13 @@ def measure_files(
     *,
     masks: Path | None = None,
     pixel_size_nm: float | None = None,
+    source: str = "measure",
     log: Callable[[str], None] = print,
 ) -> MeasureReport:
-    """Measure every image of ``paths`` and write the particle table to ``out`` (.csv/.parquet)."""
+    """Measure every image of ``paths`` and write the particle table to ``out`` (.csv/.parquet).
+
+    The images form one stream, ``source``, for the statistics; each is analysed alone (its
+    own working scale: build the pipeline with ``build_pipeline(config, offline=True)``)."""
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise NanoscoutError(f"output {out} must end in .csv or .parquet")
@@ -114,30 +119,32 @@ def measure_files(
                 report.uncalibrated.append(path)
                 log(f"{path}: no calibration, lengths in px (use --pixel-size to set one)")
             try:
-                a = pipeline.analyse(rec.data, px, modality=rec.modality)
+                frame = Frame.from_image(rec.data, pixel_size_nm=px, source=source,
+                                         seq=report.images, modality=rec.modality,
+                                         meta={"file": path.name[-1024:], "index": rec.index})
+                result = pipeline.process(frame)
             except NanoscoutError as exc:
                 report.skipped.append((path, str(exc)))
                 log(f"skipped {path}[{rec.index}]: {exc}")
                 continue
-            for k, v in _rows(path, rec.index, a.units, px, a.table).items():
+            units = frame.units
+            for k, v in _rows(path, rec.index, units, px, result.table).items():
                 columns[k].extend(v)
             if masks is not None:
                 name = path.stem if len(records) == 1 else f"{path.stem}_{rec.index}"
-                write_labels(a.labels, masks / f"{name}.png")
+                write_labels(result.labels, masks / f"{name}.png")
             report.images += 1
-            report.particles += len(a.table)
+            report.particles += len(result.table)
             what = ""
-            if pipeline.classifier is not None:
-                try:
-                    c = pipeline.classifier.classify(rec.data)
-                except NanoscoutError as exc:  # the measurements stand without it
-                    log(f"{path}[{rec.index}]: not classified: {exc}")
-                    continue
+            for stage, error in result.failures:  # the measurements stand without these
+                log(f"{path}[{rec.index}]: {stage} failed: {error}")
+            c = result.classification
+            if c is not None:
                 class_rows.append([str(path), rec.index, c.labels[0], round(c.probabilities[0], 4),
                                    None if c.novelty is None else round(c.novelty, 4),
                                    *(round(v, 4) for v in c.all.values())])
                 what = f"; {c.labels[0]} ({c.probabilities[0]:.2f})"
-            log(f"{path}[{rec.index}]: {len(a.table)} particles ({a.units}){what}")
+            log(f"{path}[{rec.index}]: {len(result.table)} particles ({units}){what}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
         with out.open("w", newline="", encoding="utf-8") as fh:

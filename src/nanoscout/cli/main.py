@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -86,6 +87,7 @@ def _simulate(args: argparse.Namespace) -> int:
     opts = SimulatorOptions(
         endpoint=args.connect,
         mode=args.mode,
+        results=args.results,
         source=args.source,
         rate_hz=args.rate or None,
         frames=args.frames,
@@ -105,15 +107,17 @@ def _simulate(args: argparse.Namespace) -> int:
         calibrated=not args.uncalibrated,
         curve=_curve(args),
     )
-    run_simulator(opts)
-    return 0
+    report = run_simulator(opts)
+    return 0 if report.complete else 1
 
 
 def _replay(args: argparse.Namespace) -> int:
     from nanoscout.clients.acquisition.publisher import FramePublisher
     from nanoscout.clients.acquisition.replay import replay_files, replay_watch
 
-    with FramePublisher(args.connect, mode=args.mode, source=args.source, curve=_curve(args)) as pub:
+    pub = FramePublisher(args.connect, mode=args.mode, source=args.source, curve=_curve(args),
+                         results=args.results, log_line=print)
+    try:
         if args.watch:
             stop = threading.Event()
             try:
@@ -129,10 +133,11 @@ def _replay(args: argparse.Namespace) -> int:
                 args.files, pub, rate_hz=args.rate or None, loop=args.loop,
                 pixel_size_nm=args.pixel_size, modality=args.modality,
             )
-        pub.close(linger_ms=10_000 if args.mode == "push" else 0)
-    print(f"replay: sent {report.sent} frames, skipped {len(report.skipped)} files, "
+    finally:
+        sent = pub.close()
+    print(f"replay: {sent.describe()}; skipped {len(report.skipped)} files, "
           f"{len(report.uncalibrated)} uncalibrated")
-    return 0
+    return 0 if sent.complete else 1
 
 
 def _tail(args: argparse.Namespace) -> int:
@@ -168,8 +173,17 @@ def _dashboard(args: argparse.Namespace) -> int:
         print("NANOSCOUT-READY " + json.dumps({"dashboard": url, "results": endpoints,
                                                "query": query}), flush=True)
 
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise NanoscoutError(f"cannot read the token file {args.token_file}: {exc}") from exc
+    token = token or os.environ.get("NANOSCOUT_DASHBOARD_TOKEN") or None
     return run_dashboard(endpoints, host=args.host, port=args.port, curve=_curve(args),
-                         query=query, on_ready=ready)
+                         query=query, on_ready=ready, allow_hosts=args.allow_host or (),
+                         token=token, allow_insecure_remote=args.allow_insecure_remote,
+                         max_clients=args.max_clients)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -187,7 +201,7 @@ def _measure(args: argparse.Namespace) -> int:
     config = load_config(args.config, {"engine.backend": args.backend, "engine.model": args.model,
                                        "engine.scale": args.scale,
                                        "engine.tta": args.tta})
-    pipeline = build_pipeline(config)
+    pipeline = build_pipeline(config, offline=True)
     report = measure_files(args.files, pipeline, args.out, masks=args.masks, pixel_size_nm=args.pixel_size)
     print(f"measured {report.images} images, {report.particles} particles -> {args.out}; "
           f"skipped {len(report.skipped)}")
@@ -297,7 +311,11 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("simulate", help="virtual microscope: stream synthetic frames")
     s.add_argument("--connect", default=DEFAULT_FRAME_ENDPOINT)
-    s.add_argument("--mode", choices=["push", "pub"], default="pub", help="push for a lossless daemon")
+    s.add_argument("--mode", choices=["auto", "push", "pub"], default="auto",
+                   help="push (lossless daemon), pub (live daemon) or auto: whichever the daemon "
+                        "takes (default auto)")
+    s.add_argument("--results", help="the daemon's result endpoint: a lossless run confirms "
+                   f"every frame (default {DEFAULT_RESULT_ENDPOINT} with the default --connect)")
     s.add_argument("--source", default="sim")
     s.add_argument("--rate", type=float, default=5.0, help="frames/s (0 = as fast as accepted)")
     s.add_argument("--frames", type=int, help="stop after N frames (default: run until interrupted)")
@@ -324,7 +342,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("replay", help="publish image files (or a watched folder) to the daemon")
     s.add_argument("files", nargs="*", type=Path)
     s.add_argument("--connect", default=DEFAULT_FRAME_ENDPOINT)
-    s.add_argument("--mode", choices=["push", "pub"], default="push")
+    s.add_argument("--mode", choices=["auto", "push", "pub"], default="auto",
+                   help="push (lossless daemon), pub (live daemon) or auto: whichever the daemon "
+                        "takes (default auto)")
+    s.add_argument("--results", help="the daemon's result endpoint: a lossless run confirms "
+                   f"every frame (default {DEFAULT_RESULT_ENDPOINT} with the default --connect)")
     s.add_argument("--source", default="replay")
     s.add_argument("--rate", type=float, default=0.0, help="frames/s (0 = as fast as accepted)")
     s.add_argument("--loop", type=int, default=1)
@@ -361,6 +383,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8080, help="HTTP port (0 = any free port)")
     s.add_argument("--query", help="the daemon's query endpoint for the AI-lens view (default "
                                    f"{DEFAULT_QUERY_ENDPOINT} without --connect, else none)")
+    s.add_argument("--allow-host", action="append",
+                   help="another host name the page may be asked for (repeatable; loopback "
+                        "names and --host always are)")
+    s.add_argument("--token-file", type=Path,
+                   help="file holding the access token (>= 16 characters; or set "
+                        "NANOSCOUT_DASHBOARD_TOKEN); open the page once with ?token=TOKEN")
+    s.add_argument("--allow-insecure-remote", action="store_true",
+                   help="serve a non-loopback --host without a token (knowingly)")
+    s.add_argument("--max-clients", type=int, default=256,
+                   help="requests served at once; more get 503 (default 256)")
     _add_curve(s)
     s.set_defaults(func=_dashboard)
 

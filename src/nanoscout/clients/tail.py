@@ -13,7 +13,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -103,7 +103,7 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     )
     for name, v in sorted(state.sources.items()):
         lat = np.asarray(v.latency_ms)
-        win = v.stats.window if v.stats else {}
+        win: Any = v.stats.window if v.stats else {}
         ecd = win.get("ecd") or {}
         lines.append(
             f"{name:<10} {v.fps(now):>5.1f} {_fmt(np.percentile(lat, 50) if lat.size else None):>8} "

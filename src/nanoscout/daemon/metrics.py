@@ -5,9 +5,13 @@ Names (all prefixed ``nanoscout_``):
 =====================================  =========  ==========================================
 frames_received_total{source}          counter    frames accepted by validation
 frames_processed_total{source}         counter    frames whose results were published
-frames_dropped_total{reason}           counter    superseded (live), engine_failure, frame, shutdown
-messages_rejected_total{reason}        counter    malformed, version, header, length, oversized, ...
+frames_dropped_total{reason}           counter    accepted frames not answered: superseded (live),
+                                                  engine_failure, summary_failure, shutdown,
+                                                  evicted, internal
+messages_rejected_total{reason}        counter    malformed, version, header, length, oversized,
+                                                  nonfinite, pixel_range, internal, ...
 transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
+sources_evicted_total                  counter    sources forgotten beyond ``input.max_sources``
 particles_measured_total{source}       counter
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
@@ -20,22 +24,36 @@ novelty{source}                        gauge      the latest AI-lens novelty sco
 classify_failures_total                counter    frames whose classification failed
 engine_info{backend,model,...}         info
 =====================================  =========  ==========================================
+
+Every labelled counter whose label values are known at start (reasons, alert rules) exists at
+zero from the start, and a source's counters exist at zero from its first frame, so that
+Prometheus' ``increase()`` sees the first step. A source evicted from the daemon's state loses
+its series (:meth:`Metrics.forget_source`), so /metrics stays bounded however many sources
+come and go.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
 
 
 class Metrics:
-    """All daemon metrics; ``serve()`` exposes them over HTTP."""
+    """All daemon metrics; ``serve()`` exposes them over HTTP.
 
-    def __init__(self) -> None:
+    ``rules``: (name, severity) of every configured alert rule; ``labels``: the classifier's
+    classes (their per-source gauges are removed with the source).
+    """
+
+    def __init__(self, rules: Iterable[tuple[str, str]] = (), labels: Iterable[str] = ()) -> None:
         r = self.registry = CollectorRegistry()
         self.frames_received = Counter(
             "nanoscout_frames_received", "Frames accepted by validation", ["source"], registry=r
@@ -52,6 +70,9 @@ class Metrics:
         self.transport_gaps = Counter(
             "nanoscout_transport_gaps", "Frames missing from the adapter's seq numbering",
             ["source"], registry=r,
+        )
+        self.sources_evicted = Counter(
+            "nanoscout_sources_evicted", "Sources forgotten beyond input.max_sources", registry=r
         )
         self.particles = Counter(
             "nanoscout_particles_measured", "Particles measured", ["source"], registry=r
@@ -81,6 +102,31 @@ class Metrics:
         )
         self.engine_info = Info("nanoscout_engine", "Detection engine in use", registry=r)
         self._server: WSGIServer | None = None
+        self._labels = tuple(labels)
+        # every series whose labels are known now exists at zero from the start
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(reason=reason.value)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason=reason.value)
+        for rule, severity in rules:
+            self.alerts.labels(rule=rule, severity=severity)
+            self.alerts_suppressed.labels(rule=rule)
+
+    def add_source(self, source: str) -> None:
+        """Create the per-source counters of a new source at zero."""
+        for counter in (self.frames_received, self.frames_processed, self.transport_gaps,
+                        self.particles):
+            counter.labels(source=source)
+
+    def forget_source(self, source: str) -> None:
+        """Remove every series of ``source`` (it was evicted from the daemon's state)."""
+        for metric in (self.frames_received, self.frames_processed, self.transport_gaps,
+                       self.particles, self.novelty):
+            with contextlib.suppress(KeyError):
+                metric.remove(source)
+        for label in self._labels:
+            with contextlib.suppress(KeyError):
+                self.class_probability.remove(source, label)
 
     def serve(self, host: str, port: int) -> int:
         """Start the ``/metrics`` HTTP server on host:port (0 = any free port); returns the port."""
