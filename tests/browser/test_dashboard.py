@@ -102,7 +102,7 @@ def publisher() -> Iterator[tuple[zmq.Socket, str]]:
 def start_dashboard(*endpoints: str, query: str | None = None, timeout: float = 60.0
                     ) -> tuple[subprocess.Popen[str], str]:
     """``nanoscout dashboard`` on a free port; returns the process and the page URL."""
-    args = [a for ep in endpoints for a in ("--connect", ep)]
+    args = [a for ep in endpoints for a in ("--results", ep)]
     if query is not None:
         args += ["--query", query]
     proc = nanoscout("dashboard", *args, "--port", "0", stdout=subprocess.PIPE)
@@ -174,7 +174,7 @@ def test_dashboard_in_chromium(daemon_factory, publisher) -> None:
     d = daemon_factory("--policy", "live", config=DAEMON_CONFIG)
     assert d.query is not None, "the daemon serves no query socket"
     dash, url = start_dashboard(d.output, pub_endpoint, query=d.query)
-    sim = nanoscout("simulate", "--connect", d.input, "--mode", "pub", "--size", "384",
+    sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "pub", "--size", "384",
                     "--rate", "4", "--seed", "11", "--dwell", "3", stdout=subprocess.DEVNULL)
     errors: list[str] = []
     try:

@@ -48,7 +48,7 @@ def test_replayed_instrument_files_keep_their_calibration(daemon_factory, shared
     d = daemon_factory("--policy", "lossless")
     with Subscriber(d.output, topics=("det.",)) as sub:
         sub.wait_ready()
-        replay = nanoscout("replay", *map(str, files), str(corrupt), "--connect", d.input, "--mode", "push",
+        replay = nanoscout("replay", *map(str, files), str(corrupt), "--frames-endpoint", d.input, "--mode", "push",
                            stdout=subprocess.PIPE)
         seen = {}
         for msg in sub.messages(timeout=120):

@@ -30,7 +30,7 @@ cooldown_s = 0.0
 
 
 def _start_recorder(output: str, out: Path, *args: str) -> subprocess.Popen[str]:
-    rec = nanoscout("record", "--connect", output, "--out", str(out), *args,
+    rec = nanoscout("record", "--results", output, "--out", str(out), *args,
                     stdout=subprocess.PIPE)
     meta = out / "run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
     wait_until(lambda: meta.exists() and "subscribed_utc" in meta.read_text(), timeout=60,
@@ -46,7 +46,7 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tm
     with Subscriber(d.output, topics=("det.", "alert.")) as sub:
         sub.wait_ready()
         rec = _start_recorder(d.output, out, "--frames", str(n), "--batch-frames", "5")
-        sim = nanoscout("simulate", "--connect", d.input, "--mode", "push", "--frames", str(n),
+        sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--frames", str(n),
                         "--size", "384", "--rate", "0", "--seed", "4242",
                         stdout=subprocess.DEVNULL)
         seen: dict[int, int] = {}
@@ -91,7 +91,7 @@ def test_kill_9_leaves_a_readable_run(daemon_factory, tmp_path: Path, name: str)
     d = daemon_factory("--policy", "lossless")
     out = tmp_path / name
     rec = _start_recorder(d.output, out, "--batch-frames", "2", "--batch-seconds", "0.3")
-    sim = nanoscout("simulate", "--connect", d.input, "--mode", "push", "--size", "256",
+    sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--size", "256",
                     "--rate", "20", "--seed", "7", stdout=subprocess.DEVNULL)
     try:
         meta = out / "run.json" if out.suffix == ".parquet" else out.with_suffix(".json")

@@ -106,12 +106,14 @@ def exec_argv(unit: dict[str, list[tuple[str, str]]]) -> list[str]:
 
 def cli_accepts(argv: list[str]) -> None:
     """Fail the test unless the nanoscout CLI parser accepts ``argv`` (a subcommand and options)."""
-    from nanoscout.cli.main import parser
+    import typer
+
+    from nanoscout.cli.main import check_args
 
     try:
-        parser().parse_args(argv)
-    except SystemExit as exc:  # argparse reports bad options by exiting
-        pytest.fail(f"nanoscout rejects {shlex.join(argv)} (exit {exc.code})")
+        check_args(argv)
+    except typer.TyperException as exc:  # a bad parameter or an unknown option
+        pytest.fail(f"nanoscout rejects {shlex.join(argv)}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------

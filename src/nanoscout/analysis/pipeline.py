@@ -41,10 +41,12 @@ class Analysis:
 
 @dataclass
 class Detections:
-    """The ``det`` message of one frame: header and particle table."""
+    """The ``det`` message of one frame: header and particle table (and the instance labels,
+    frame grid, for offline outputs; never sent)."""
 
     header: DetHeader
     table: np.ndarray
+    labels: np.ndarray | None = None
 
 
 #: an ``alert`` message ready to encode: its header and buffers (particle rows [, heatmap])
@@ -219,7 +221,7 @@ class Pipeline:
             meta=header.meta,
             working_scale=round(a.scale, 5),
         )
-        return Detections(det, a.table)
+        return Detections(det, a.table, a.labels)
 
     def summarise(self, header: FrameHeader, det: Detections) -> Summary:
         """Second phase: update the source's statistics and evaluate the alert rules."""

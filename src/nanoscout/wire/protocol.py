@@ -303,6 +303,24 @@ class Message:
         ``health``."""
         return self.header.topic_kind
 
+    # SDK conveniences (the conversion lives in nanoscout.wire.tables)
+    def to_arrow(self) -> Any:
+        """The particle rows of a det/alert message as a pyarrow Table (unit-honest columns)."""
+        from nanoscout.wire.tables import message_to_arrow
+
+        return message_to_arrow(self)
+
+    def to_pandas(self) -> Any:
+        """The particle rows of a det/alert message as a pandas DataFrame."""
+        from nanoscout.wire.tables import message_to_pandas
+
+        return message_to_pandas(self)
+
+    def _repr_html_(self) -> str:
+        from nanoscout.wire.tables import message_html
+
+        return message_html(self)
+
 
 # ---------------------------------------------------------------------------------------------
 # header packing
