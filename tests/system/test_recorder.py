@@ -32,7 +32,7 @@ cooldown_s = 0.0
 def _start_recorder(output: str, out: Path, *args: str) -> subprocess.Popen[str]:
     rec = nanoscout("record", "--results", output, "--out", str(out), *args,
                     stdout=subprocess.PIPE)
-    meta = out / "run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
+    meta = out / "_run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
     wait_until(lambda: meta.exists() and "subscribed_utc" in meta.read_text(), timeout=60,
                what="recorder subscribed")
     return rec
@@ -72,8 +72,8 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tm
     assert (run.particles["units"] == "nm").all()
     assert np.allclose(run.particles["pixel_size_nm"], 0.5)
     assert np.isfinite(run.particles["stage_x_um"]).all()
-    assert len(list((out / "particles").glob("part-*.parquet"))) >= 3  # batches of 5 frames
-    prov = json.loads((out / "run.json").read_text())
+    assert len(list(out.glob("part-*.parquet"))) >= 3  # batches of 5 frames
+    prov = json.loads((out / "_run.json").read_text())
     assert prov["rows"]["particles"] == run.rows(run.particles)
     assert prov["missed_results"] == {} and prov["daemon_policy"] == "lossless"
     assert "recorded 12 frames" in stdout
@@ -94,7 +94,7 @@ def test_kill_9_leaves_a_readable_run(daemon_factory, tmp_path: Path, name: str)
     sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--size", "256",
                     "--rate", "20", "--seed", "7", stdout=subprocess.DEVNULL)
     try:
-        meta = out / "run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
+        meta = out / "_run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
         # wait until a few batches are on disk, then kill the recorder without warning
         wait_until(lambda: read_run(out).rows(read_run(out).frames) >= 6, timeout=90,
                    what="six recorded frames")
