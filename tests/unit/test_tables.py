@@ -9,7 +9,14 @@ import pyarrow as pa
 import pytest
 
 from nanoscout.wire.particles import empty_table
-from nanoscout.wire.protocol import AlertHeader, DetHeader, Message, StatsHeader, decode_message, encode_message
+from nanoscout.wire.protocol import (
+    AlertHeader,
+    DetHeader,
+    Message,
+    StatsHeader,
+    decode_message,
+    encode_message,
+)
 from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, particle_columns, to_arrow
 
 
