@@ -93,6 +93,11 @@ class _Source:
     missed: int = 0
     gap_events: int = 0
     last_gap_seq: int | None = None
+    # results lost on the way here, from gaps in the det headers' per-topic sequence
+    # (``topic_seq``); None while the daemon sends none (frame-seq gaps are then ambiguous:
+    # a live daemon skips frames on purpose)
+    lost: int | None = None
+    last_topic_seq: int | None = None
     det_times: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     series: deque[tuple[float, float | None, int | None]] = field(
         default_factory=lambda: deque(maxlen=600))
@@ -245,6 +250,12 @@ class DashboardState:
             s.gap_events += 1
             s.last_gap_seq = h.seq
         s.last_seq = h.seq
+        topic_seq = getattr(h, "topic_seq", None)
+        if isinstance(topic_seq, int):
+            if s.last_topic_seq is not None and topic_seq > s.last_topic_seq + 1:
+                s.lost = (s.lost or 0) + topic_seq - s.last_topic_seq - 1
+            s.lost = s.lost or 0
+            s.last_topic_seq = topic_seq
         s.frames += 1
         s.det_times.append(now)
         s.dets[h.seq] = msg
@@ -257,7 +268,8 @@ class DashboardState:
             "model": h.model, "latency_ms": h.latency_ms, "stage_ms": h.stage_ms,
             "t_acq_ns": h.t_acq_ns, "shape": h.shape, "pixel_size_nm": h.pixel_size_nm,
             "working_scale": h.working_scale, "frames": s.frames, "missed": s.missed,
-            "gap_events": s.gap_events, "last_gap_seq": s.last_gap_seq, "fps": fps,
+            "gap_events": s.gap_events, "last_gap_seq": s.last_gap_seq, "lost": s.lost,
+            "fps": fps,
             "stage": None if h.stage is None else h.stage.model_dump()}
         self._set(f"det:{h.source}", "det", lambda: summary)
         if s.pending is not None and s.pending.header.seq == h.seq:  # type: ignore[attr-defined]
