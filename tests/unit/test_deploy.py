@@ -318,3 +318,35 @@ def test_containers_install_exactly_one_onnxruntime_flavour() -> None:
     assert "onnxruntime-gpu" in gpu_installs
     assert "[cpu" not in gpu_installs and not re.search(r"onnxruntime(?!-gpu)[=<>\[\" ]", gpu_installs)
     assert "torch" not in cpu_installs + gpu_installs
+
+
+def test_dashboard_shows_sizes_and_the_classifier() -> None:
+    exprs = " ".join(e for _, e in dashboard_exprs(dashboard()))
+    for metric in ("nanoscout_ecd_d10", "nanoscout_ecd_d50", "nanoscout_ecd_d90",
+                   "nanoscout_window_particles", "nanoscout_particles_last_frame",
+                   "nanoscout_class_probability", "nanoscout_novelty",
+                   "nanoscout_classify_failures_total", "nanoscout_alert_threshold"):
+        assert metric in exprs, f"no Grafana panel shows {metric}"
+
+
+def test_alert_thresholds_come_from_the_deployment() -> None:
+    """No fixed latency / backlog / skip threshold in the rules: each daemon exports its own
+    (config [metrics] alert_*), recorded per instance with the config defaults as fallback."""
+    rules = {r.get("alert") or r.get("record"): r["expr"]
+             for g in load_rules()["groups"] for r in g["rules"]}
+    cfg = ServeConfig().metrics
+    for name, value in cfg.thresholds().items():
+        rec = rules[f"instance:nanoscout_alert_threshold:{name}"]
+        assert f'nanoscout_alert_threshold{{name="{name}"}}' in rec
+        assert re.search(rf"\+ {value:g}\)", rec), f"{name}: fallback is not the default {value}"
+    assert "instance:nanoscout_alert_threshold:latency_p99_seconds" in rules["NanoscoutLatencyHigh"]
+    assert "0.3" not in rules["NanoscoutLatencyHigh"]
+    assert "instance:nanoscout_alert_threshold:queue_depth" in rules["NanoscoutLosslessBacklog"]
+    m = Metrics()
+    m.set_thresholds(cfg.thresholds())
+    m.observe_stats("cam", "nm", {"count": 40, "ecd": {"d10": 5.0, "d50": 8.0, "d90": None}})
+    assert m.registry.get_sample_value("nanoscout_alert_threshold",
+                                       {"name": "latency_p99_seconds"}) == 0.3
+    assert m.registry.get_sample_value("nanoscout_ecd_d50", {"source": "cam", "units": "nm"}) == 8.0
+    assert m.registry.get_sample_value("nanoscout_ecd_d90", {"source": "cam", "units": "nm"}) is None
+    assert m.registry.get_sample_value("nanoscout_window_particles", {"source": "cam"}) == 40

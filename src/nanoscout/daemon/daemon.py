@@ -345,6 +345,7 @@ class Daemon:
         busy_s = sum(dh.stage_ms.values()) / 1e3
         m.stage.labels(stage="queue_wait").observe(max(0.0, (dh.t_done_ns - item.t_recv_ns) / 1e9 - busy_s))
         m.particles.labels(source=h.source).inc(dh.n)
+        m.particles_last_frame.labels(source=h.source).set(dh.n)
         self._lat_ms.append(lat_s * 1e3)
 
         self._classify(item)
@@ -362,6 +363,7 @@ class Daemon:
             # that waits for a frame's results (the stage search) knows when it has them all
             self._publish_alerts(summary.alerts)
             self._out.put(encode_message(summary.stats))
+            m.observe_stats(h.source, summary.stats.units, summary.stats.window)
             for stage, ms in summary.stage_ms.items():
                 m.stage.labels(stage=stage).observe(ms / 1e3)
         m.frames_processed.labels(source=h.source).inc()
