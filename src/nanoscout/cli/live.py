@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -69,7 +70,8 @@ def serve(
     health_interval: Annotated[float | None, typer.Option(
         help="seconds between health messages", show_default=_CFG + "1.0")] = None,
     ready_file: Annotated[Path | None, typer.Option(
-        help="also write the NANOSCOUT-READY line to this file")] = None,
+        help="also write the NANOSCOUT-READY line (bound endpoints) to this file; "
+             "`nanoscout health` reads it", envvar="NANOSCOUT_READY_FILE")] = None,
     input_: Annotated[str | None, typer.Option("--input", hidden=True)] = None,
     output: Annotated[str | None, typer.Option("--output", hidden=True)] = None,
 ) -> None:
@@ -202,7 +204,8 @@ def tail(
 @app.command(rich_help_panel="Live")
 def record(
     out: Annotated[Path, typer.Option(help="RUN.parquet (a folder pandas reads as the particle "
-                                           "table) or RUN.csv")],
+                                           "table) or RUN.csv; {utc} in the name becomes the "
+                                           "start time (services: one run per start)")],
     results: Annotated[str, typer.Option("--results", help=_RESULTS_EP)] = DEFAULT_RESULT_ENDPOINT,
     source: Annotated[str, typer.Option(help="only sources starting with this",
                                         show_default="all")] = "",
@@ -219,6 +222,9 @@ def record(
     from nanoscout.clients.provenance import load_cards
     from nanoscout.clients.recorder import record as run_record
 
+    if "{utc}" in str(out):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        out = Path(str(out).replace("{utc}", stamp))
     prov = run_record(connect or results, out, source=source, frames=frames, duration=duration,
                       batch_frames=batch_frames, batch_seconds=batch_seconds,
                       curve=curve_keys(server_key, client_key),
@@ -257,6 +263,32 @@ def dashboard(
                          query=q, on_ready=ready)
     if code:
         raise typer.Exit(code)
+
+
+@app.command(rich_help_panel="Live")
+def health(
+    ready_file: Annotated[Path | None, typer.Option(
+        help="the daemon's --ready-file", envvar="NANOSCOUT_READY_FILE",
+        show_default="$NANOSCOUT_READY_FILE")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="the daemon's TOML configuration (its [metrics] host and port), when there is "
+             "no ready file", show_default="the built-in defaults")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for an answer")] = 4.0,
+) -> None:
+    """Exit 0 if the local daemon answers (for container HEALTHCHECKs and monitors), else 1."""
+    from nanoscout.clients.healthcheck import check_endpoints, check_ready_file, metrics_url
+
+    if ready_file is not None:
+        ok, what = check_ready_file(ready_file, timeout)
+    else:
+        from nanoscout.daemon.config import load_config
+
+        cfg = load_config(config, {})
+        url = metrics_url(cfg.metrics.host, cfg.metrics.port) if cfg.metrics.enabled else None
+        ok, what = check_endpoints(url, None if url else cfg.output.endpoint, timeout)
+    print(("healthy: " if ok else "UNHEALTHY: ") + what)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command(rich_help_panel="Live")
