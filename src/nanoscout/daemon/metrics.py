@@ -32,9 +32,8 @@ engine_info{backend,model,...}         info
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
-
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 

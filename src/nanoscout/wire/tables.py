@@ -96,9 +96,9 @@ def particle_columns(table: np.ndarray, units: str = "nm",
                 out[_unit_name(stem, power, "px")] = v / px**power
                 out[_unit_name(stem, power, "nm")] = v
         elif f == "shape_class":
-            k = table[f].astype(np.int64)
-            out[f] = np.array([SHAPE_CLASSES[i] if i < len(SHAPE_CLASSES) else str(i) for i in k],
-                              dtype=object)
+            codes = table[f].astype(np.int64).tolist()
+            out[f] = np.array([SHAPE_CLASSES[i] if i < len(SHAPE_CLASSES) else str(i)
+                               for i in codes], dtype=object)
         else:
             out[f] = table[f]
     return out
