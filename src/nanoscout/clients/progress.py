@@ -1,5 +1,7 @@
 """Progress bars for long jobs (measure, report, model evaluation, training), drawn by ``rich``.
 
+>>> for step in track(range(steps), "training"):   # a loop, counted
+...     ...
 >>> with progress("measuring", total=len(files)) as bar:
 ...     for f in files:
 ...         bar.log(f"{f}: 12 particles")   # printed above the bar
@@ -13,11 +15,13 @@ greppable.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-__all__ = ["Bar", "progress"]
+__all__ = ["Bar", "progress", "track"]
+
+T = TypeVar("T")
 
 
 class Bar:
@@ -81,3 +85,15 @@ def progress(description: str, total: float | None = None, *, enabled: bool | No
     with Progress(*columns, console=console, transient=False) as p:
         task = p.add_task(description, total=total, detail="")
         yield Bar(p, task, out)
+
+
+def track(iterable: Iterable[T], description: str, total: float | None = None, *,
+          enabled: bool | None = None) -> Iterator[T]:
+    """Yield from ``iterable`` while a :func:`progress` bar counts the items (``total``:
+    ``len(iterable)`` when it has one, else a spinner and a count)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    with progress(description, total=total, enabled=enabled) as bar:
+        for item in iterable:
+            yield item
+            bar.advance()

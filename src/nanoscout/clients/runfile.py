@@ -379,7 +379,7 @@ class Run:
                 out[name] = ns.astype("datetime64[ns]")
                 out[f"{name}_ns"] = ns
             elif name in _STRING:
-                out[name] = np.asarray(col.to_pylist(), dtype=object)
+                out[name] = col.to_numpy(zero_copy_only=False).astype(object, copy=False)
             else:
                 out[name] = col.to_numpy(zero_copy_only=False)
         return out
