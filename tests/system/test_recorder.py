@@ -45,7 +45,8 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tm
     n = 12
     with Subscriber(d.output, topics=("det.", "alert.")) as sub:
         sub.wait_ready()
-        rec = _start_recorder(d.output, out, "--frames", str(n), "--batch-frames", "5")
+        rec = _start_recorder(d.output, out, "--frames", str(n), "--batch-frames", "5",
+                              "--rois", str(tmp_path / "rois"))
         sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--frames", str(n),
                         "--size", "384", "--rate", "0", "--seed", "4242",
                         stdout=subprocess.DEVNULL)
@@ -77,6 +78,24 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tm
     assert prov["rows"]["particles"] == run.rows(run.particles)
     assert prov["missed_results"] == {} and prov["daemon_policy"] == "lossless"
     assert "recorded 12 frames" in stdout
+    # provenance: software, options, and the model with its hash and card's sizing error
+    assert prov["format"] == "nanoscout-run/2" and prov["software"]["nanoscout"]
+    assert prov["config"]["batch_frames"] == 5
+    (det_model,) = [m for m in prov["model_provenance"] if "unet" in m["model"]]
+    assert len(det_model["sha256"]) == 64 and det_model["sizing_error"]
+    # pandas reads the run root; statistics with clusters after every frame; ImageJ ROI sets
+    import pandas as pd
+    import roifile
+
+    df = pd.read_parquet(out)
+    assert len(df) == run.rows(run.particles) and str(df["t_acq"].dtype) == "datetime64[ns, UTC]"
+    stats = pd.read_parquet(out / "_stats")
+    assert len(stats) >= n - 1 and (stats["window_ecd_d50"] > 0).all()
+    assert stats["clusters"].str.contains('"k"').any()
+    rois = sorted((tmp_path / "rois").glob("*.rois.zip"))
+    assert len(rois) == n
+    first = int(run.frames["n"][np.argmin(run.frames["seq"])])
+    assert len(roifile.roiread(rois[0])) == first
 
     report = tmp_path / "run_report.html"
     proc = nanoscout("report", str(out), "--out", str(report), stdout=subprocess.PIPE)

@@ -164,3 +164,21 @@ def test_refusals(tmp_path: Path) -> None:
     (bad / "_frames" / "part-000001.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ReaderError, match="part-000001"):
         read_run(bad)
+
+
+def test_notebook_display_and_provenance_helpers(tmp_path: Path) -> None:
+    from nanoscout.clients.provenance import load_cards, model_entries, software
+    from tests.conftest import REPO
+
+    _write(tmp_path / "r.parquet")
+    html = read_run(tmp_path / "r.parquet")._repr_html_()
+    assert "14 particles" in html and "4 frames" in html and "<table>" in html
+    cards = load_cards(REPO / "models" / "weights")
+    assert {"nanoscout-particle-unet:3.0.0", "nanoscout-ai-lens:2.0.0"} <= set(cards)
+    entries = model_entries(["nanoscout-field-classifier:3.1.0+nanoscout-ai-lens:2.0.0",
+                             "unknown:1"], cards)
+    assert [e["model"] for e in entries] == ["nanoscout-field-classifier:3.1.0",
+                                            "nanoscout-ai-lens:2.0.0", "unknown:1"]
+    assert len(entries[0]["sha256"]) == 64 and entries[2]["card"] is None
+    sw = software()
+    assert sw["nanoscout"] and "numpy" in sw["libraries"] and "pyarrow" in sw["libraries"]
