@@ -182,3 +182,19 @@ def test_notebook_display_and_provenance_helpers(tmp_path: Path) -> None:
     assert len(entries[0]["sha256"]) == 64 and entries[2]["card"] is None
     sw = software()
     assert sw["nanoscout"] and "numpy" in sw["libraries"] and "pyarrow" in sw["libraries"]
+
+
+def test_delete_run_deletes_only_runs(tmp_path: Path) -> None:
+    from nanoscout.clients.runfile import delete_run
+
+    for name in ("r.parquet", "r.csv"):
+        _write(tmp_path / name)
+        assert delete_run(tmp_path / name) and not (tmp_path / name).exists()
+        assert not delete_run(tmp_path / name)
+    assert not list(tmp_path.iterdir())
+    other = tmp_path / "photos.parquet"
+    other.mkdir()
+    (other / "keep.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="not a nanoscout run"):
+        delete_run(other)
+    assert (other / "keep.jpg").exists()

@@ -37,6 +37,9 @@ def measure(
     tta: Annotated[Literal["1", "2", "4"] | None, typer.Option(
         help="average over 1, 2 or 4 mirror images (slower, a little more accurate)",
         show_default="1")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace a run already at --out (only a nanoscout run is deleted)")
+    ] = False,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="draw a progress bar",
         show_default="on a terminal")] = None,
@@ -47,9 +50,12 @@ def measure(
     from nanoscout.batch.offline import measure_files
     from nanoscout.clients.progress import progress as progress_bar
     from nanoscout.clients.provenance import load_cards
+    from nanoscout.clients.runfile import delete_run
     from nanoscout.daemon.app import build_pipeline
     from nanoscout.daemon.config import load_config
 
+    if overwrite:
+        delete_run(out)
     cfg = load_config(config, {"engine.backend": backend, "engine.model": model,
                                "engine.scale": scale_value(scale),
                                "engine.tta": int(tta) if tta else None})

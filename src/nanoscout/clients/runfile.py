@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 __all__ = ["ALERT_COLUMNS", "FORMAT", "FRAME_COLUMNS", "PARTICLE_COLUMNS", "STATS_COLUMNS",
-           "TABLES", "Run", "RunWriter", "read_run"]
+           "TABLES", "Run", "RunWriter", "delete_run", "read_run"]
 
 #: the run format written here (``run.json`` / ``_run.json`` ``format``)
 FORMAT = "nanoscout-run/2"
@@ -232,7 +232,8 @@ class RunWriter:
         self.counts = dict.fromkeys(TABLES, 0)
         if self.fmt == "parquet":
             if out.exists() and any(out.iterdir()):
-                raise ConfigError(f"{out} exists and is not empty: choose a new run name")
+                raise ConfigError(f"{out} exists and is not empty: choose a new run name "
+                                  "(measure: --overwrite replaces it)")
             out.mkdir(parents=True, exist_ok=True)
             for t in TABLES:
                 if t != "particles":
@@ -241,7 +242,8 @@ class RunWriter:
         else:
             for p in self._csv_paths().values():
                 if p.exists():
-                    raise ConfigError(f"{p} exists: choose a new run name")
+                    raise ConfigError(f"{p} exists: choose a new run name (measure: "
+                                      "--overwrite replaces it)")
             out.parent.mkdir(parents=True, exist_ok=True)
             self._meta_path = out.with_suffix(".json")
             for t, p in self._csv_paths().items():
@@ -342,6 +344,32 @@ class RunWriter:
     def close(self) -> None:
         """Flush what is queued."""
         self.flush()
+
+
+def delete_run(path: str | Path) -> bool:
+    """Delete the run at ``path`` (to write it again); returns whether there was one.
+
+    Refuses (ConfigError) a ``.parquet`` folder that holds no run provenance (``_run.json`` or
+    ``run.json``): nothing that is not a nanoscout run is ever deleted.
+    """
+    import shutil
+
+    p = Path(path)
+    if p.suffix == ".parquet":
+        if not p.exists():
+            return False
+        if not p.is_dir() or not ((p / "_run.json").exists() or (p / "run.json").exists()):
+            raise ConfigError(f"{p} is not a nanoscout run: not deleting it")
+        shutil.rmtree(p)
+        return True
+    if p.suffix == ".csv":
+        files = [p, p.with_suffix(".frames.csv"), p.with_suffix(".alerts.csv"),
+                 p.with_suffix(".stats.csv"), p.with_suffix(".json")]
+        found = [f for f in files if f.exists()]
+        for f in found:
+            f.unlink()
+        return bool(found)
+    raise ConfigError(f"{p}: not a run (RUN.parquet or RUN.csv)")
 
 
 # ---------------------------------------------------------------------------------------- read
