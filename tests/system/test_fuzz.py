@@ -173,8 +173,8 @@ def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path)
             health()
             if pub.poll(200) and pub.recv()[:1] == b"\x01":
                 subscribers += 1
-        wait_until(lambda: (health() or True) and (out / "run.json").exists()
-                   and "subscribed_utc" in (out / "run.json").read_text(), timeout=60,
+        wait_until(lambda: (health() or True) and (out / "_run.json").exists()
+                   and "subscribed_utc" in (out / "_run.json").read_text(), timeout=60,
                    what="recorder subscribed")
         bad = malformed_results(N_RESULTS, seed=5)
         for parts in bad:
@@ -190,9 +190,9 @@ def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path)
         assert rec.poll() is None and dash.poll() is None, "a subscriber died"
         rec.send_signal(signal.SIGINT)
         assert rec.wait(60) == 0
-        prov = json.loads((out / "run.json").read_text())
-        # the recorder subscribes to det, alert and health: ZeroMQ filters out the rest
-        to_recorder = sum(p[0].startswith((b"det.", b"alert.", b"health")) for p in bad)
+        prov = json.loads((out / "_run.json").read_text())
+        # the recorder subscribes to det, alert, stats and health: ZeroMQ filters the rest
+        to_recorder = sum(p[0].startswith((b"det.", b"alert.", b"stats.", b"health")) for p in bad)
         assert prov["rejected_messages"] == to_recorder > 6000
         with urllib.request.urlopen(url + "api/snapshot", timeout=10) as r:
             snap = json.loads(r.read())

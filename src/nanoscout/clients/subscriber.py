@@ -38,8 +38,8 @@ def track_gap(tracker: SequenceTracker, msg: Message[Any]) -> Gap | None:
     seq = getattr(msg.header, "topic_seq", None)
     if seq is not None:
         return tracker.observe(msg.topic, seq)
-    if isinstance(msg.header, DetHeader):
-        return tracker.observe(msg.topic, msg.header.seq)
+    if isinstance(msg.header, DetHeader):  # its own key: never mixed with topic_seq numbers
+        return tracker.observe(f"{msg.topic}#frame", msg.header.seq)
     return None
 
 

@@ -111,6 +111,7 @@ def serve(
     """
     pipeline = build_pipeline(config)
     daemon = Daemon(config, pipeline)
+    daemon.metrics.set_thresholds(config.metrics.thresholds())
     stop = stop or threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:

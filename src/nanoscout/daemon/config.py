@@ -197,12 +197,26 @@ class MetricsConfig(_Section):
     """Prometheus HTTP endpoint; ``port = 0`` picks a free port, ``enabled = false`` turns it off.
 
     Like every listening socket it stays on loopback unless ``allow_remote = true`` (metrics
-    have no authentication: serve them to a remote Prometheus knowingly, behind a firewall)."""
+    have no authentication: serve them to a remote Prometheus knowingly, behind a firewall).
+
+    The ``alert_*`` values are this deployment's thresholds for the Prometheus alert rules
+    (deploy/nanoscout-rules.yml): the daemon exports them as ``nanoscout_alert_threshold``
+    and the rules compare against them, so one rule file serves a CPU box and a GPU node.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
     allow_remote: bool = False
+    alert_latency_p99_s: float = Field(0.3, gt=0)  # NanoscoutLatencyHigh, s
+    alert_queue_depth: int = Field(8, ge=1)  # NanoscoutLosslessBacklog, frames waiting
+    alert_superseded_ratio: float = Field(0.5, gt=0, le=1)  # NanoscoutLiveSkippingMostFrames
+
+    def thresholds(self) -> dict[str, float]:
+        """The alert thresholds by their ``nanoscout_alert_threshold{name}`` label."""
+        return {"latency_p99_seconds": self.alert_latency_p99_s,
+                "queue_depth": float(self.alert_queue_depth),
+                "superseded_ratio": self.alert_superseded_ratio}
 
 
 class HealthConfig(_Section):

@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zmq
@@ -49,7 +49,7 @@ from nanoscout.daemon.query import LensServer
 from nanoscout.daemon.queues import FrameQueue, LiveSlots
 from nanoscout.wire.codec import Message, decode_frame, encode, encode_message
 from nanoscout.wire.errors import EngineError, FrameError, ProtocolError, Reason
-from nanoscout.wire.headers import HealthHeader
+from nanoscout.wire.headers import AckHeader, HealthHeader, StatsHeader
 from nanoscout.wire.sequence import SequenceTracker
 from nanoscout.wire.transport import CurveServer, bind, frame_input_socket, result_publisher
 
@@ -113,7 +113,9 @@ class Daemon:
         self.dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.last_error: str | None = None
-        self._seqs = SequenceTracker(max_keys=inp.max_sources)  # receiver: frame seq per source
+        # receiver: frame numbers per source (and adapter session), for gaps and duplicates
+        self._seqs = SequenceTracker(max_keys=4 * inp.max_sources, window=4096)
+        self._started_ns = time.time_ns()
         self._health_seq = 0
         self._lat_ms: deque[float] = deque(maxlen=500)
         self._done_t: deque[float] = deque(maxlen=1000)
@@ -228,9 +230,6 @@ class Daemon:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
         self.metrics.frames_dropped.labels(reason=reason.value).inc(n)
 
-    def _dropped_frame(self, frame: Frame, reason: Reason) -> None:
-        self._drop(reason)
-
     def _queue_depth(self) -> int:
         return self._lossless.qsize() if self._policy == "lossless" else self._live.qsize()
 
@@ -287,25 +286,35 @@ class Daemon:
 
     def _accept(self, frame: Frame, *, stopping: bool, leftover: bool) -> None:
         h = frame.header
+        # an adapter session's frames may come again after a restart of this daemon: a number
+        # taken already is a duplicate, a smaller one late; without a session a smaller
+        # number means the adapter restarted
+        key = h.source if h.session is None else f"{h.source}/{h.session}"
+        gap = None
         with self._count_lock:
-            new_source = h.source not in self._seqs
-            gap = self._seqs.observe(h.source, h.seq)  # a smaller seq: the adapter restarted
-            self.received += 1
-        if new_source:
-            self.metrics.add_source(h.source)
+            duplicate = h.session is not None and self._seqs.seen(key, h.seq)
+            if not duplicate:
+                gap = self._seqs.observe(key, h.seq, resumable=h.session is not None)
+                self.received += 1
+        if duplicate:
+            self._reject(Reason.DUPLICATE, f"frame {h.source}#{h.seq} of session {h.session} "
+                         "was taken already (a resend)")
+            self._ack(frame, "duplicate")
+            return
+        self.metrics.add_source(h.source)
         if gap is not None:
             self.metrics.transport_gaps.labels(source=h.source).inc(gap.missed)
             log.warning("source %s: %d frame(s) lost in transport before seq %d", h.source,
                         gap.missed, h.seq)
         self.metrics.frames_received.labels(source=h.source).inc()
         if leftover or (stopping and self._policy == "live"):
-            self._drop(Reason.SHUTDOWN)
+            self._dropped_frame(frame, Reason.SHUTDOWN)
         elif self._policy == "live":
             self._live.put(frame)
         else:
             while not self._lossless.put(frame, timeout=_POLL_MS / 1000):
                 if self._fatal is not None:
-                    self._drop(Reason.SHUTDOWN)
+                    self._dropped_frame(frame, Reason.SHUTDOWN)
                     return
         self.metrics.queue_depth.set(self._queue_depth())
 
@@ -326,26 +335,41 @@ class Daemon:
                     continue
                 self.metrics.queue_depth.set(self._queue_depth())
                 if self._stop_recv.is_set() and self._policy == "live":
-                    self._drop(Reason.SHUTDOWN)
+                    self._dropped_frame(frame, Reason.SHUTDOWN)
                     continue
                 self._work(frame)
         finally:
             self._worker_done.set()
+
+    def _ack(self, frame: Frame, status: Literal["answered", "dropped", "duplicate"],
+             reason: Reason | None = None) -> None:
+        """Tell the frame's adapter what became of it (lossless, frames of a session)."""
+        h = frame.header
+        if h.session is None or self._policy != "lossless":
+            return
+        self._out.put(Message(f"ack.{h.source}", AckHeader(
+            source=h.source, session=h.session, seq=h.seq, status=status,
+            reason=None if reason is None else reason.value)))
+
+    def _dropped_frame(self, frame: Frame, reason: Reason) -> None:
+        self._drop(reason)
+        self._ack(frame, "dropped", reason)
 
     def _work(self, frame: Frame) -> None:
         h = frame.header
         try:
             result = self.pipeline.process(frame, emit=self._out.put)
         except EngineError as exc:
-            self._drop(Reason.ENGINE_FAILURE)
+            self._dropped_frame(frame, Reason.ENGINE_FAILURE)
             self.last_error = f"frame {h.source}#{h.seq}: {exc!r}"
             log.error("frame %s#%d dropped: %s", h.source, h.seq, exc)
             return
         except Exception as exc:  # last resort: a bug met on one frame never ends the daemon
-            self._drop(Reason.INTERNAL)
+            self._dropped_frame(frame, Reason.INTERNAL)
             self.last_error = f"frame {h.source}#{h.seq}: internal error {exc!r}"
             self._warn("internal error analysing a frame", self.last_error, exc_info=True)
             return
+        self._ack(frame, "answered")
         try:
             self._account(frame, result)
         except Exception as exc:  # metrics are not worth a frame either
@@ -367,6 +391,10 @@ class Daemon:
         m.stage.labels(stage="queue_wait").observe(
             max(0.0, (dh.t_done_ns - frame.t_recv_ns) / 1e9 - busy_s))
         m.particles.labels(source=h.source).inc(dh.n)
+        m.particles_last_frame.labels(source=h.source).set(dh.n)
+        stats = result.messages[-1].header
+        if isinstance(stats, StatsHeader):
+            m.observe_stats(h.source, stats.units, stats.window)
         for ah in result.alerts:
             m.alerts.labels(rule=ah.rule, severity=ah.severity).inc()
         c = result.classification
@@ -404,8 +432,12 @@ class Daemon:
             dropped, rejected = dict(self.dropped), dict(self.rejected)
             recent = [t for t in self._done_t if now - t <= 5.0]
             lat = np.asarray(self._lat_ms, dtype=np.float64)
-            gaps, by_source = self._seqs.total, dict(self._seqs.missed)
+            gaps, by_key = self._seqs.total, dict(self._seqs.missed)
             received, processed = self.received, self.processed
+        by_source: dict[str, int] = {}
+        for key, n in by_key.items():  # keys are "source" or "source/session"
+            source = key.split("/", 1)[0]
+            by_source[source] = by_source.get(source, 0) + n
         span = min(5.0, now - self._t_start)
         fps = len(recent) / span if span > 0 else 0.0
         seq, self._health_seq = self._health_seq, self._health_seq + 1
@@ -428,6 +460,7 @@ class Daemon:
             sources=self.pipeline.sources,
             sources_evicted=self.pipeline.evicted_total,
             topic_seq=seq,
+            started_ns=self._started_ns,
         )
 
     def _publish_loop(self) -> None:

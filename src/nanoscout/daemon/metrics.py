@@ -22,6 +22,14 @@ queue_depth                            gauge      frames accepted and waiting
 class_probability{source,label}        gauge      the latest classification's probability per class
 novelty{source}                        gauge      the latest AI-lens novelty score (1 = reference)
 classify_failures_total                counter    frames whose classification failed
+ecd_d10/ecd_d50/ecd_d90{source,units}  gauge      window D10/D50/D90 of ECD (nm, or px for
+                                                  uncalibrated frames: ``units`` says which)
+window_particles{source}               gauge      non-border particles in the statistics window
+particles_last_frame{source}           gauge      particles detected in the source's newest frame
+number_density_per_um2{source}         gauge      window particles per µm² (calibrated only)
+alert_threshold{name}                  gauge      this deployment's Prometheus alert thresholds
+                                                  (``[metrics]`` of the daemon config; the rules
+                                                  in deploy/nanoscout-rules.yml compare to them)
 engine_info{backend,model,...}         info
 =====================================  =========  ==========================================
 
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -100,6 +109,21 @@ class Metrics:
         self.classify_failures = Counter(
             "nanoscout_classify_failures", "Frames whose classification failed", registry=r
         )
+        self.ecd = {q: Gauge(f"nanoscout_ecd_{q}", f"Window {q.upper()} of the equivalent circular "
+                             "diameter (nm, or px when units=px)", ["source", "units"], registry=r)
+                    for q in ("d10", "d50", "d90")}
+        self.window_particles = Gauge(
+            "nanoscout_window_particles", "Non-border particles in the statistics window",
+            ["source"], registry=r)
+        self.particles_last_frame = Gauge(
+            "nanoscout_particles_last_frame", "Particles detected in the newest frame",
+            ["source"], registry=r)
+        self.number_density = Gauge(
+            "nanoscout_number_density_per_um2", "Window particles per square micrometre",
+            ["source"], registry=r)
+        self.alert_threshold = Gauge(
+            "nanoscout_alert_threshold", "Alert thresholds of this deployment (daemon config "
+            "[metrics]), compared by the Prometheus rules", ["name"], registry=r)
         self.engine_info = Info("nanoscout_engine", "Detection engine in use", registry=r)
         self._server: WSGIServer | None = None
         self._labels = tuple(labels)
@@ -127,6 +151,33 @@ class Metrics:
         for label in self._labels:
             with contextlib.suppress(KeyError):
                 self.class_probability.remove(source, label)
+        for gauge in (self.window_particles, self.particles_last_frame, self.number_density):
+            with contextlib.suppress(KeyError):
+                gauge.remove(source)
+        for gauge in self.ecd.values():
+            for units in ("nm", "px"):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(source, units)
+
+    def observe_stats(self, source: str, units: str, window: Any) -> None:
+        """Set the size gauges of ``source`` from a ``stats`` message's ``window`` block
+        (ECD in ``units``); quantiles of an empty window are left as they were."""
+        ecd = window.get("ecd") or {}
+        for q, gauge in self.ecd.items():
+            value = ecd.get(q)
+            if value is not None:
+                gauge.labels(source=source, units=units).set(float(value))
+        count = window.get("count")
+        if count is not None:
+            self.window_particles.labels(source=source).set(int(count))
+        density = window.get("number_density_per_um2")
+        if density is not None:
+            self.number_density.labels(source=source).set(float(density))
+
+    def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        """Publish this deployment's alert thresholds (name -> value, in the name's unit)."""
+        for name, value in thresholds.items():
+            self.alert_threshold.labels(name=name).set(float(value))
 
     def serve(self, host: str, port: int) -> int:
         """Start the ``/metrics`` HTTP server on host:port (0 = any free port); returns the port."""

@@ -16,6 +16,7 @@ topic              header                      buffers
 ``class.<source>`` :class:`ClassHeader`        optional uint8 heatmap
 ``preview.<src>``  :class:`PreviewHeader`      uint8 picture
 ``alert.<source>`` :class:`AlertHeader`        particle rows that fired [, uint8 heatmap]
+``ack.<source>``   :class:`AckHeader`          — (lossless: what became of a session's frame)
 ``health``         :class:`HealthHeader`       —
 ``lens_request``   :class:`LensRequest`        — (query socket)
 ``lens``           :class:`LensReply`          one float16 array per output (query socket)
@@ -65,6 +66,24 @@ class Message(Generic[H]):
     def kind(self) -> Kind:
         """The message kind (``det``, ``stats``, ... a :class:`~nanoscout.wire.headers.Kind`)."""
         return self.header.topic_kind
+
+    # SDK conveniences (the conversion lives in nanoscout.wire.tables)
+    def to_arrow(self) -> Any:
+        """The particle rows of a det/alert message as a pyarrow Table (unit-honest columns)."""
+        from nanoscout.wire.tables import message_to_arrow
+
+        return message_to_arrow(self)
+
+    def to_pandas(self) -> Any:
+        """The particle rows of a det/alert message as a pandas DataFrame."""
+        from nanoscout.wire.tables import message_to_pandas
+
+        return message_to_pandas(self)
+
+    def _repr_html_(self) -> str:
+        from nanoscout.wire.tables import message_html
+
+        return message_html(self)
 
     def narrow(self, header_type: type[T]) -> Message[T]:
         """This message, typed by its header class; raises TypeError if it is another kind."""

@@ -44,6 +44,7 @@ class Reason(StrEnum):
     DTYPE = "dtype"  #: unsupported pixel type
     NONFINITE = "nonfinite"  #: NaN or infinite pixels
     PIXEL_RANGE = "pixel_range"  #: finite pixels too large to analyse (|value| > 1e30)
+    DUPLICATE = "duplicate"  #: a frame of an adapter session taken already (a resend)
     INTERNAL = "internal"  #: a bug met while handling the message (logged at a limited rate)
     # an accepted frame that was not answered (``frames_dropped_total``)
     SUPERSEDED = "superseded"  #: live policy: a newer frame of the source replaced it
@@ -72,7 +73,7 @@ class Reason(StrEnum):
 REJECTION_REASONS: tuple[Reason, ...] = (
     Reason.MALFORMED, Reason.VERSION, Reason.HEADER, Reason.HEADER_TOO_LARGE, Reason.PARTS,
     Reason.TOPIC, Reason.LENGTH, Reason.OVERSIZED, Reason.EMPTY, Reason.SHAPE, Reason.DTYPE,
-    Reason.NONFINITE, Reason.PIXEL_RANGE, Reason.INTERNAL,
+    Reason.NONFINITE, Reason.PIXEL_RANGE, Reason.DUPLICATE, Reason.INTERNAL,
 )
 #: reasons an accepted frame can be dropped for (every one a ``frames_dropped_total`` label at 0)
 DROP_REASONS: tuple[Reason, ...] = (

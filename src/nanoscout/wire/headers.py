@@ -16,8 +16,10 @@ History (minor versions only add optional fields; receivers ignore fields they d
 * 1.1 ``preview`` topic, ``det.working_scale``
 * 1.2 particle ``cluster`` column, ``stats.clusters``, heatmaps on ``alert``, lens query
 * 1.3 ``topic_seq`` and the shared frame reference (``stage``, ``stage_ms``, ``t_acq_ns``) on
-  every result header; ``health.transport_gaps_by_source``, ``health.sources`` and
-  ``health.sources_evicted``
+  every result header; ``health.transport_gaps_by_source``, ``health.sources``,
+  ``health.sources_evicted`` and ``health.started_ns``; ``frame.session`` (an adapter run's
+  id: its frames may be resent, and a number seen twice is a duplicate); the ``ack.<source>``
+  topic (lossless: what became of each frame of a session)
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from nanoscout.wire.errors import PayloadError, Reason
 
 __all__ = [
     "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION",
-    "AlertHeader", "ClassHeader", "DetHeader", "Distribution", "Drift", "FrameHeader",
+    "AckHeader", "AlertHeader", "ClassHeader", "DetHeader", "Distribution", "Drift", "FrameHeader",
     "FrameRef", "Header", "HealthHeader", "Histogram", "Kind", "LensReply", "LensRequest",
     "MetaValue", "Modality", "PreviewHeader", "StatsBlock", "StatsHeader", "Stage", "Units",
     "frame_header",
@@ -72,6 +74,7 @@ MAX_STAGE_UM = 1e6
 
 _INT64_MAX = 2**63 - 1
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 Modality = Literal["TEM", "STEM", "SEM"]
 Units = Literal["nm", "px"]
@@ -89,6 +92,7 @@ class Kind(StrEnum):
     HEALTH = "health"
     LENS_REQUEST = "lens_request"
     LENS = "lens"
+    ACK = "ack"
 
 
 def _source(value: str) -> str:
@@ -158,6 +162,17 @@ class FrameHeader(Header):
     stage: Stage | None = None
     magnification: Annotated[Finite, Field(gt=0, le=1e9)] | None = None
     meta: dict[str, MetaValue] = Field(default_factory=dict)
+    #: v1.3: the adapter run that numbered this frame (1-32 of A-Z a-z 0-9 _ -); frames of one
+    #: session may be resent after a daemon restart, so the daemon drops a number it already
+    #: took (``rejected{reason="duplicate"}``) and counts no gap for a late one
+    session: str | None = None
+
+    @field_validator("session")
+    @classmethod
+    def _session(cls, value: str | None) -> str | None:
+        if value is not None and _SESSION_RE.fullmatch(value) is None:
+            raise ValueError(f"session {value!r:.40} must be 1-32 of A-Z a-z 0-9 _ -")
+        return value
 
     @field_validator("dtype")
     @classmethod
@@ -386,6 +401,19 @@ class AlertHeader(FrameRef):
     heatmap_shape: tuple[int, int] | None = None
 
 
+class AckHeader(Header):
+    """What became of one frame of an adapter session (lossless policy, protocol v1.3): its
+    results were published (``answered``), it was dropped (``dropped``, with the reason), or it
+    came again and was taken before (``duplicate``). Adapters confirm their frames with it."""
+
+    topic_kind: ClassVar[Kind] = Kind.ACK
+    source: Source
+    session: str
+    seq: Count64
+    status: Literal["answered", "dropped", "duplicate"]
+    reason: str | None = None
+
+
 class HealthHeader(Header):
     """Daemon heartbeat, published every ``health.interval_s``."""
 
@@ -409,6 +437,8 @@ class HealthHeader(Header):
     sources: int = 0
     sources_evicted: int = 0
     topic_seq: Count64 | None = None
+    #: when this daemon started, ns since the epoch (a restart shows as a new value)
+    started_ns: int | None = None
 
 
 class LensRequest(Header):
@@ -443,7 +473,7 @@ class LensReply(Header):
 HEADERS: dict[Kind, type[Header]] = {
     h.topic_kind: h
     for h in (FrameHeader, DetHeader, StatsHeader, ClassHeader, PreviewHeader, AlertHeader,
-              HealthHeader, LensRequest, LensReply)
+              AckHeader, HealthHeader, LensRequest, LensReply)
 }
 
 
@@ -458,6 +488,7 @@ def frame_header(
     stage: tuple[float, float] | Stage | None = None,
     magnification: float | None = None,
     meta: Mapping[str, Any] | None = None,
+    session: str | None = None,
 ) -> FrameHeader:
     """Build the header describing ``array`` (a 2-D image); stage in µm, ``modality`` one of
     TEM, STEM, SEM (validated)."""
@@ -478,4 +509,5 @@ def frame_header(
         stage=stage,
         magnification=magnification,
         meta=dict(meta or {}),
+        session=session,
     )

@@ -13,6 +13,7 @@ from nanoscout.wire.codec import (
     check_version,
     decode_frame,
     decode_message,
+    encode,
     encode_frame,
     encode_message,
     pack_header,
@@ -24,6 +25,7 @@ from nanoscout.wire.headers import (
     MAX_SIDE_PX,
     PIXEL_SIZE_RANGE_NM,
     PROTOCOL_VERSION,
+    AckHeader,
     AlertHeader,
     ClassHeader,
     DetHeader,
@@ -50,10 +52,10 @@ from nanoscout.wire.particles import PARTICLE_DTYPE
 
 __all__ = [
     "FRAME_DTYPES", "HEADERS", "MAX_HEADER_BYTES", "MAX_SIDE_PX", "PARTICLE_DTYPE",
-    "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "AlertHeader", "Buffer", "ClassHeader",
+    "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "AckHeader", "AlertHeader", "Buffer", "ClassHeader",
     "DetHeader", "Distribution", "Drift", "FrameHeader", "FrameRef", "Header", "HealthHeader",
     "Histogram", "Kind", "LensReply", "LensRequest", "Message", "MetaValue", "Modality",
     "PreviewHeader", "Stage", "StatsBlock", "StatsHeader", "Units", "check_version",
-    "decode_frame", "decode_message", "encode_frame", "encode_message", "frame_header",
+    "decode_frame", "decode_message", "encode", "encode_frame", "encode_message", "frame_header",
     "pack_header", "unpack_header",
 ]

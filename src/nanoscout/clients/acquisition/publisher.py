@@ -10,17 +10,26 @@ It makes sure frames are not lost unnoticed:
 * **No slow-joiner loss (live).** Frames are published through an XPUB socket, and the first
   is sent only once the daemon's subscription has arrived.
 * **End-to-end confirmation (lossless).** With the daemon's result endpoint (``results``; the
-  default one when the frame endpoint is the default), the publisher subscribes to its own
-  ``det.<source>`` messages and counts each frame the daemon answered. :meth:`close` waits for
+  default one when the frame endpoint is the default), the publisher subscribes to its
+  ``ack.<source>`` messages, which say for every frame of its session whether the daemon
+  answered it (or had taken it before) or dropped it, and why. :meth:`close` waits for
   the outstanding ones (as long as confirmations keep coming, ``confirm_timeout_s`` without
   one at most) and reports those never answered (:class:`SendReport`), which the commands turn
   into a non-zero exit naming them.
+* **Resent after a daemon restart (lossless).** Every frame carries this publisher's
+  ``session``; unanswered frames are kept (at most ``resend_max_bytes``; the arrays are
+  referenced, not copied: do not modify an array after sending it) and, when the daemon's
+  health shows it restarted (a new ``started_ns``), sent again with their numbers. The daemon
+  drops a number of a session it took already, so nothing is analysed twice; what the killed
+  daemon held is answered by the new one.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,7 +40,14 @@ from zmq.utils.monitor import recv_monitor_message
 
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.errors import ConfigError, NanoscoutError, Reason
-from nanoscout.wire.protocol import DetHeader, MetaValue, encode_frame, frame_header
+from nanoscout.wire.protocol import (
+    AckHeader,
+    Buffer,
+    HealthHeader,
+    MetaValue,
+    encode_frame,
+    frame_header,
+)
 from nanoscout.wire.transport import (
     DEFAULT_FRAME_ENDPOINT,
     DEFAULT_RESULT_ENDPOINT,
@@ -60,17 +76,27 @@ class SendReport:
     sent: int = 0
     confirmed: int | None = None
     unconfirmed: list[int] = field(default_factory=list)
+    #: frames the daemon took and dropped: seq -> reason (engine_failure, shutdown, ...)
+    dropped: dict[int, str] = field(default_factory=dict)
+    #: frames sent again after a daemon restart
+    resent: int = 0
 
     @property
     def complete(self) -> bool:
-        """True unless frames were sent for confirmation and some were never answered."""
-        return not self.unconfirmed
+        """True unless frames sent for confirmation were dropped or never answered."""
+        return not self.unconfirmed and not self.dropped
 
     def describe(self) -> str:
         """One line for the operator."""
         if self.confirmed is None:
             return f"sent {self.sent} frames"
         text = f"sent {self.sent} frames, {self.confirmed} confirmed by the daemon"
+        if self.resent:
+            text += f" ({self.resent} sent again after a daemon restart)"
+        if self.dropped:
+            reasons = sorted(set(self.dropped.values()))
+            text += (f"; {len(self.dropped)} DROPPED by the daemon ({', '.join(reasons)}; seq "
+                     f"{seq_ranges(list(self.dropped))})")
         if self.unconfirmed:
             text += (f"; {len(self.unconfirmed)} NOT confirmed (seq "
                      f"{seq_ranges(self.unconfirmed)})")
@@ -152,6 +178,7 @@ class FramePublisher:
         results: str | None = None,
         connect_timeout_s: float = 10.0,
         confirm_timeout_s: float = 30.0,
+        resend_max_bytes: int = 2 << 30,
         log_line: Callable[[str], None] | None = None,
     ) -> None:
         if mode not in ("push", "pub", "auto"):
@@ -168,6 +195,13 @@ class FramePublisher:
         self._sock: zmq.Socket | None = None
         self._confirm: Subscriber | None = None
         self._outstanding: dict[int, None] = {}
+        #: unanswered frames kept for a resend: seq -> encoded parts (and their bytes)
+        self._unanswered: OrderedDict[int, list[Buffer]] = OrderedDict()
+        self._unanswered_bytes = 0
+        self.resend_max_bytes = resend_max_bytes
+        self._daemon_started: int | None = None
+        #: this publisher's run: its frames may be resent, and the daemon drops duplicates
+        self.session = secrets.token_hex(6)
         self.report = SendReport()
         try:
             self.mode = self._open(mode, connect_timeout_s)
@@ -230,7 +264,7 @@ class FramePublisher:
                 return
             results = DEFAULT_RESULT_ENDPOINT
         assert results is not None
-        sub = Subscriber(results, topics=(f"det.{self.source}", "health"), ctx=self._ctx,
+        sub = Subscriber(results, topics=(f"ack.{self.source}", "health"), ctx=self._ctx,
                          curve=self._curve)
         try:
             health = sub.wait_ready(timeout_s)
@@ -248,6 +282,7 @@ class FramePublisher:
                                f"{health.policy!r}, but {self.endpoint} took PUSH frames: "
                                "are --connect and --results the same daemon's?")
         self._confirm = sub
+        self._daemon_started = health.started_ns
         self.report.confirmed = 0
 
     # ------------------------------------------------------------------ sending
@@ -275,14 +310,45 @@ class FramePublisher:
             stage=stage,
             magnification=magnification,
             meta=meta,
+            session=self.session,
         )
-        self._sock.send_multipart(encode_frame(header, image), copy=False)
+        parts = encode_frame(header, image)
+        self._sock.send_multipart(parts, copy=False)
         self.seq += 1
         self.report.sent += 1
         if self._confirm is not None:
             self._outstanding[seq] = None
+            self._keep(seq, parts, image.nbytes)
             self._collect(0.0)
         return seq
+
+    def _keep(self, seq: int, parts: list[Buffer], nbytes: int) -> None:
+        """Keep an unanswered frame for a resend, within ``resend_max_bytes``."""
+        self._unanswered[seq] = parts
+        self._unanswered_bytes += nbytes
+        while self._unanswered_bytes > self.resend_max_bytes and len(self._unanswered) > 1:
+            _, old = self._unanswered.popitem(last=False)  # can no longer be resent
+            self._unanswered_bytes -= memoryview(old[2]).nbytes
+
+    def _answered(self, seq: int) -> None:
+        parts = self._unanswered.pop(seq, None)
+        if parts is not None:
+            self._unanswered_bytes -= memoryview(parts[2]).nbytes
+
+    def _restarted(self, health: HealthHeader) -> None:
+        """The daemon's health: after a restart, send every unanswered frame again."""
+        started = health.started_ns
+        if started is None or started == self._daemon_started:
+            return
+        known = self._daemon_started is not None
+        self._daemon_started = started
+        if not known or not self._unanswered or self._sock is None:
+            return
+        self._say(f"the daemon restarted: sending {len(self._unanswered)} unanswered frame(s) "
+                  f"again (seq {seq_ranges(list(self._unanswered))})")
+        for parts in self._unanswered.values():
+            self._sock.send_multipart(parts, copy=False)
+            self.report.resent += 1
 
     def send_raw(self, parts: list[bytes]) -> None:
         """Send arbitrary multipart bytes (for fault-injection tests and tools)."""
@@ -294,7 +360,6 @@ class FramePublisher:
         first); returns how many were new."""
         sub = self._confirm
         assert sub is not None
-        topic = f"det.{self.source}"
         new = 0
         wait: float | None = timeout_s
         while True:
@@ -302,9 +367,20 @@ class FramePublisher:
             if msg is None:
                 return new
             wait = 0.0
-            answered = msg.topic == topic and isinstance(msg.header, DetHeader)
-            if answered and self._outstanding.pop(msg.header.seq, 0) is None:
-                new += 1
+            if isinstance(msg.header, HealthHeader):
+                self._restarted(msg.header)
+                continue
+            ack = msg.header
+            if not (isinstance(ack, AckHeader) and ack.source == self.source
+                    and ack.session == self.session):
+                continue
+            if self._outstanding.pop(ack.seq, 0) is not None:
+                continue  # not outstanding (any more)
+            self._answered(ack.seq)
+            new += 1
+            if ack.status == "dropped":
+                self.report.dropped[ack.seq] = ack.reason or "unknown"
+            else:
                 assert self.report.confirmed is not None
                 self.report.confirmed += 1
 
@@ -320,9 +396,11 @@ class FramePublisher:
         Without confirmation, queued frames get ``confirm_timeout_s`` to be delivered.
         """
         if self._confirm is not None:
-            if confirm:
-                while self._outstanding and self._collect(self.confirm_timeout_s):
-                    pass
+            if confirm:  # wait as long as answers keep coming
+                quiet_until = time.monotonic() + self.confirm_timeout_s
+                while self._outstanding and time.monotonic() < quiet_until:
+                    if self._collect(min(1.0, quiet_until - time.monotonic())):
+                        quiet_until = time.monotonic() + self.confirm_timeout_s
             self.report.unconfirmed = list(self._outstanding)
             self._confirm.close()
             self._confirm = None

@@ -33,6 +33,7 @@ class SimulatorOptions:
     endpoint: str
     mode: Mode = "auto"  # push (lossless daemon), pub (live), auto (whichever it takes)
     results: str | None = None  # the daemon's result endpoint: confirm each frame (lossless)
+    confirm_timeout_s: float = 30.0  # at the end: wait this long without an answer, at most
     source: str = "sim"
     rate_hz: float | None = 5.0  # None = as fast as the daemon accepts
     frames: int | None = None  # None = until stopped
@@ -122,7 +123,8 @@ def run_simulator(
     period = 1.0 / opts.rate_hz if opts.rate_hz else 0.0
     sent = 0
     pub = FramePublisher(opts.endpoint, mode=opts.mode, source=opts.source, curve=opts.curve,
-                         results=opts.results, log_line=log)
+                         results=opts.results, confirm_timeout_s=opts.confirm_timeout_s,
+                         log_line=log)
     log(f"simulator: streaming {opts.modality} {opts.shape[0]}x{opts.shape[1]} {opts.dtype} "
         f"at {opts.pixel_size_nm} nm/px to {opts.endpoint} ({pub.mode})")
     report = pub.report

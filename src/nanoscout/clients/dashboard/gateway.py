@@ -89,7 +89,11 @@ class _Source:
     previews: deque[Message] = field(default_factory=lambda: deque(maxlen=8))
     pending: Message | None = None  # newest preview still waiting for its det
     frames: int = 0
+    #: frames without a det (gaps in det frame numbers: live, superseded frames among them)
     missed: int = 0
+    last_seq: int | None = None
+    #: messages lost on the way here (gaps in topic_seq); None until a topic_seq is seen
+    lost: int | None = None
     gap_events: int = 0
     last_gap_seq: int | None = None
     det_times: deque[float] = field(default_factory=lambda: deque(maxlen=50))
@@ -145,11 +149,14 @@ class DashboardState:
             self.messages += 1
             h = msg.header
             gap = track_gap(self._gaps, msg)
-            if gap is not None and "." in msg.topic:
-                s = self._source(msg.topic.split(".", 1)[1])
-                s.missed += gap.missed
-                s.gap_events += 1
-                s.last_gap_seq = getattr(h, "seq", None)
+            if "." in msg.topic and (gap is not None or getattr(h, "topic_seq", None) is not None):
+                s = self._source(msg.topic.split(".", 1)[1].split("#", 1)[0])
+                if getattr(h, "topic_seq", None) is not None:
+                    # messages the daemon sent that never came
+                    s.lost = (s.lost or 0) + (0 if gap is None else gap.missed)
+                if gap is not None:
+                    s.gap_events += 1
+                    s.last_gap_seq = getattr(h, "seq", None)
             if isinstance(h, DetHeader):
                 self._det(msg, h, self.last_seen)
             elif isinstance(h, PreviewHeader):
@@ -225,8 +232,9 @@ class DashboardState:
             }
 
     def missed(self, source: str) -> int:
-        """Messages of ``source`` never seen (gaps in their ``topic_seq``; before protocol 1.3
-        gaps in ``det`` frame numbers)."""
+        """Frames of ``source`` without a ``det`` here (gaps in det frame numbers; in live
+        mode superseded frames among them). Messages lost on the way: ``lost`` of its det
+        payload (gaps in ``topic_seq``)."""
         with self._cond:
             s = self._src.get(source)
             return 0 if s is None else s.missed
@@ -248,6 +256,9 @@ class DashboardState:
 
     def _det(self, msg: Message, h: DetHeader, now: float) -> None:
         s = self._source(h.source)
+        if s.last_seq is not None and h.seq > s.last_seq + 1:
+            s.missed += h.seq - s.last_seq - 1
+        s.last_seq = h.seq
         s.frames += 1
         s.det_times.append(now)
         s.dets[h.seq] = msg
@@ -260,6 +271,7 @@ class DashboardState:
             "model": h.model, "latency_ms": h.latency_ms, "stage_ms": h.stage_ms,
             "t_acq_ns": h.t_acq_ns, "shape": h.shape, "pixel_size_nm": h.pixel_size_nm,
             "working_scale": h.working_scale, "frames": s.frames, "missed": s.missed,
+            "lost": s.lost,
             "gap_events": s.gap_events, "last_gap_seq": s.last_gap_seq, "fps": fps,
             "stage": None if h.stage is None else h.stage.model_dump()}
         self._set(f"det:{h.source}", "det", lambda: summary)
