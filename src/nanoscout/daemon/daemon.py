@@ -357,6 +357,8 @@ class Daemon:
 
     def _work(self, frame: Frame) -> None:
         h = frame.header
+        if self._query is not None:  # the lens may be asked about a frame once its results go
+            self._query.offer(frame)
         try:
             result = self.pipeline.process(frame, emit=self._out.put)
         except EngineError as exc:
@@ -411,8 +413,6 @@ class Daemon:
                 m.classify_failures.inc()
             else:
                 self._drop(Reason.SUMMARY_FAILURE)
-        if self._query is not None:
-            self._query.offer(frame)
         m.frames_processed.labels(source=h.source).inc()
         with self._count_lock:
             self._lat_ms.append(lat_s * 1e3)
