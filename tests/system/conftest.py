@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -103,8 +104,14 @@ def wait_ready(proc: subprocess.Popen[str], what: str, timeout: float
             return json.loads(line.split(" ", 1)[1]), lines, reader
 
 
+class DaemonFactory(Protocol):
+    """``daemon_factory(*serve_args, config="toml")`` → a started :class:`DaemonProc`."""
+
+    def __call__(self, *args: str, config: str = "") -> DaemonProc: ...
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[object]:
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     """``daemon_factory(*serve_args, config="toml")`` → DaemonProc; all are stopped at teardown."""
     started: list[DaemonProc] = []
 

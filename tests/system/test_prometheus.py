@@ -16,6 +16,7 @@ import pytest
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.subscriber import Subscriber
 from tests.conftest import wait_until
+from tests.system.conftest import DaemonFactory
 
 pytestmark = pytest.mark.system
 
@@ -47,7 +48,7 @@ def _disks(k: int) -> np.ndarray:
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus is not installed (apt-get install prometheus)")
-def test_prometheus_scrapes_the_daemon(daemon_factory, tmp_path: Path) -> None:
+def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     """Counters, the size gauges (D50 per source) and this deployment's alert thresholds
     (daemon config -> nanoscout_alert_threshold -> the rules' recorded thresholds)."""
     d = daemon_factory("--policy", "lossless", config="[metrics]\nalert_latency_p99_s = 1.5\n")
@@ -116,7 +117,7 @@ above = 1000
 """
 
 
-def test_every_labelled_counter_exists_at_zero_from_the_start(daemon_factory) -> None:
+def test_every_labelled_counter_exists_at_zero_from_the_start(daemon_factory: DaemonFactory) -> None:
     """Before any frame: every rule's alert counter, every drop and rejection reason at 0, so
     Prometheus' increase() sees the first alert after a start (see the promtool test below)."""
     d = daemon_factory("--policy", "live", config=CRITICAL_RULE)
