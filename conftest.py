@@ -7,7 +7,6 @@ streaming source ``sim``, started once per session for the doctests that name ``
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ NEEDS_DAEMON = ("nanoscout.clients.subscriber", "nanoscout.clients.aio", "nanosc
 @pytest.fixture(scope="session")
 def example_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A daemon with frames flowing: its result and query endpoints."""
-    from tests.system.conftest import nanoscout, start_daemon
+    from tests.system.conftest import nanoscout, start_daemon, stop_process
 
     d = start_daemon(tmp_path_factory.mktemp("doctest-daemon"), "--policy", "lossless")
     sim = nanoscout("simulate", "--frames-endpoint", d.input, "--results", d.output,
@@ -28,16 +27,14 @@ def example_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
                     stderr=subprocess.DEVNULL)
     try:
         assert d.query is not None
+        from nanoscout.clients.subscriber import Subscriber
+
+        with Subscriber(d.output, topics=("det.sim",)) as sub:  # frames are flowing
+            assert sub.recv(timeout=120) is not None, "no frame analysed for the doctests"
         yield {"RESULTS": d.output, "QUERY": d.query}
     finally:
         for p in (sim, d.proc):
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(60)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p, 60)
 
 
 @pytest.fixture(autouse=True)

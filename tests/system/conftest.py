@@ -38,6 +38,21 @@ def nanoscout(*args: str, **kw: object) -> subprocess.Popen[str]:
     )
 
 
+def stop_process(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """SIGINT ``proc`` and wait; kill it if it does not end within ``timeout`` s; close its
+    pipes."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 @dataclass
 class DaemonProc:
     """A running daemon process and where it listens."""

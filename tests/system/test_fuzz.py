@@ -24,7 +24,7 @@ from nanoscout.sim.synthetic import SpecimenConfig, render
 from nanoscout.wire.headers import HealthHeader
 from nanoscout.wire.protocol import encode_message
 from tests.conftest import wait_until
-from tests.system.conftest import DaemonFactory, nanoscout, wait_ready
+from tests.system.conftest import DaemonFactory, nanoscout, stop_process, wait_ready
 from tests.system.malformed import GENERATORS, malformed, malformed_results, valid_oddities
 
 pytestmark = pytest.mark.system
@@ -200,14 +200,6 @@ def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path:
         assert snap["status"]["rejected"] == N_RESULTS and snap["status"]["connected"]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
+            stop_process(p)
         pub.close(linger=0)
         ctx.term()
