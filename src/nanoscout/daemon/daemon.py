@@ -220,14 +220,14 @@ class Daemon:
     # ------------------------------------------------------------------ counting
     def _reject(self, reason: Reason, message: str, *, exc_info: bool = False) -> None:
         with self._count_lock:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            self.rejected[reason.value] = self.rejected.get(reason.value, 0) + 1
         self.metrics.rejected.labels(reason=reason.value).inc()
         self.last_error = message
         self._warn(f"rejected message ({reason})", message, exc_info=exc_info)
 
     def _drop(self, reason: Reason, n: int = 1) -> None:
         with self._count_lock:
-            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            self.dropped[reason.value] = self.dropped.get(reason.value, 0) + n
         self.metrics.frames_dropped.labels(reason=reason.value).inc(n)
 
     def _queue_depth(self) -> int:
