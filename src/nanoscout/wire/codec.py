@@ -20,6 +20,8 @@ topic              header                      buffers
 ``health``         :class:`HealthHeader`       —
 ``lens_request``   :class:`LensRequest`        — (query socket)
 ``lens``           :class:`LensReply`          one float16 array per output (query socket)
+``control_request`` :class:`ControlRequest`   — (query socket, v1.4)
+``control``        :class:`ControlReply`       — (query socket, v1.4)
 =================  ==========================  =================================================
 """
 

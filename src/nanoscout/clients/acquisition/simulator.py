@@ -22,7 +22,8 @@ from typing import Literal
 import numpy as np
 
 from nanoscout.clients.acquisition.publisher import FramePublisher, Mode, SendReport
-from nanoscout.sim.synthetic import InSituSeries, Specimen, SpecimenConfig, SyntheticFrame
+from nanoscout.sim.insitu import InSituSeries
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig, SyntheticFrame
 from nanoscout.wire.transport import ClientKeys
 
 
