@@ -401,6 +401,8 @@ class SourceTracker:
         reg = self._reg
         reg.ensure(self._next_id - 1)
         events, lost_merged = self._events(ids, spec, ecd, started)
+        for e in events:  # specimen -> this frame's coordinates
+            e["x"], e["y"] = round(e["x"] + float(d[0]), 3), round(e["y"] + float(d[1]), 3)
         reg.observe(ids.astype(np.int64), f.n_frames, t_s, spec, ecd, ~border)
         ended = self._expire(f.n_frames) + lost_merged
         self._prev_ids = ids

@@ -97,6 +97,7 @@ class InSituSeries:
         self.coalesce = coalesce
         self.n_frames = n_frames
         self.directed_px = directed_nm_per_frame / px
+        self.directed_fraction = directed_fraction
         self.appear_per_frame = appear_per_frame
         self.appear_r_px = 0.5 * (appear_diameter_nm if appear_diameter_nm is not None
                                   else max(2.0 * cfg.min_diameter_nm,
