@@ -19,9 +19,13 @@ field drifts 5 % of its width in 2 frames and in 5 frames. Scored against the tr
   per track, the median relative error of tracks of at least 10 sized observations;
 * ``coalescence``: a true merge whose product lies inside the field counts as found when the
   tracker published a merge within ``--event-frames`` frames and half a diameter (+3 px) of
-  it (positions compared on the specimen, through the true drift); precision likewise;
+  it (positions compared on the specimen, through the true drift); precision likewise. A
+  merge is published once the absorbed track has stayed away for the gap allowance, so
+  merges of the last ``max_gap_frames + 1`` frames are not scored (not yet decidable);
 * ``static``: one specimen imaged 50 times (new shot noise, no drift, no dynamics) against one
-  frame of it: the unique statistics' N, D50 and its 95 % interval must agree;
+  frame of it: the unique statistics' N, D50 and its 95 % interval must agree. The detector
+  itself finds a few particles more or fewer on each exposure, so N passes when it lies
+  within the range of the 50 single frames' N, and the D50 interval's ends within 1 %;
 * ``cost``: per frame, drift + tracking (+ the unique statistics) against the engine time and
   the whole detection, medians over all scored frames of the 1024² runs, measured in this run.
 
@@ -121,10 +125,11 @@ def _drift(frames: list[Any], results: list[tuple[Any, Any, Any]]) -> dict[str, 
 
 
 def _coalescence(frames: list[Any], results: list[tuple[Any, Any, Any]], diam_px: float,
-                 window: int) -> dict[str, Any]:
+                 window: int, max_gap: int) -> dict[str, Any]:
     h, w = frames[0].image.shape
+    last = len(frames) - max_gap - 1  # merges from here on are not decided yet
     truth = []  # (frame, x_spec, y_spec)
-    for f in frames:
+    for f in frames[:last]:
         for e in f.events:
             if e.kind != "merge":
                 continue
@@ -136,8 +141,10 @@ def _coalescence(frames: list[Any], results: list[tuple[Any, Any, Any]], diam_px
     for k, (det, _t, _s) in enumerate(results):
         assert det.tracking is not None
         for e in det.tracking.events:
-            if e.kind == "merge":
-                found.append((k, e.x - frames[k].shift_px[1], e.y - frames[k].shift_px[0]))
+            if e.kind == "merge" and (e.seq is None or e.seq < last):
+                # published on frame k, happened on frame e.seq
+                found.append((k if e.seq is None else int(e.seq),
+                              e.x - frames[k].shift_px[1], e.y - frames[k].shift_px[0]))
     reach = 0.5 * diam_px + 3.0
     used: set[int] = set()
     hit = 0
@@ -218,7 +225,8 @@ def scenario(name: str, frames_per_5pct: float, n: int, size: int, seed: int, th
            "mot": _mot(frames, results, 0.5 * diam_px),
            "drift": _drift(frames, results),
            "growth": _growth(pipe, name, frames, results),
-           "coalescence": _coalescence(frames, results, diam_px, window),
+           "coalescence": _coalescence(frames, results, diam_px, window,
+                                       pipe.tracking.max_gap_frames if pipe.tracking else 0),
            "unique_last": results[-1][2].unique.model_dump() if results[-1][2].unique else None,
            "cost": _cost(results)}
     out["unique_last"] = {k: out["unique_last"][k] for k in
@@ -233,6 +241,7 @@ def static_field(size: int, n: int, seed: int, threads: int) -> dict[str, Any]:
     spec = Specimen.generate(cfg, seed)
     rng = np.random.default_rng(seed)
     images = [spec.acquire(rng).image for _ in range(n)]
+    single_n: list[int] = []
 
     def run(imgs: list[np.ndarray]) -> StatsHeader:
         pipe = _pipeline(threads)
@@ -241,6 +250,8 @@ def static_field(size: int, n: int, seed: int, threads: int) -> dict[str, Any]:
             res = pipe.process(Frame.from_image(img, pixel_size_nm=PIXEL_SIZE_NM,
                                                 source="static", seq=k, t_acq_ns=k * 10**9))
             st = res.messages[-1].header
+            if len(imgs) > 1:
+                single_n.append(int(np.count_nonzero(~res.table["border"])))
         pipe.close()
         assert isinstance(st, StatsHeader)
         return st
@@ -261,9 +272,16 @@ def static_field(size: int, n: int, seed: int, threads: int) -> dict[str, Any]:
     d50_rel = abs(b["unique_d50"] - a["unique_d50"]) / a["unique_d50"]
     ci_w = (a["unique_d50_ci"][1] - a["unique_d50_ci"][0], b["unique_d50_ci"][1]
             - b["unique_d50_ci"][0])
+    ends = max(abs(b["unique_d50_ci"][i] - a["unique_d50_ci"][i]) / a["unique_d50_ci"][i]
+               for i in (0, 1))
     return {"frames": n, "one_frame": a, "all_frames": b, "count_rel_diff": n_rel,
+            "single_frame_count_range": (min(single_n), max(single_n)),
+            "count_within_single_frame_range": min(single_n) <= b["unique_count"]
+            <= max(single_n),
             "d50_rel_diff": d50_rel, "d50_ci_width_one_vs_all": ci_w,
-            "d50_ci_width_rel_diff": abs(ci_w[1] - ci_w[0]) / ci_w[0]}
+            "d50_ci_width_rel_diff": abs(ci_w[1] - ci_w[0]) / ci_w[0],
+            "d50_ci_ends_max_rel_diff": ends,
+            "per_frame_cumulative_count_all_frames": b["per_frame_cumulative_count"]}
 
 
 def _machine() -> dict[str, Any]:
@@ -329,14 +347,17 @@ def main(argv: list[str] | None = None) -> int:
         "coalescence_recall": worst["coalescence_recall"] >= TARGETS["coalescence_recall"],
         "drift_error_px": worst["drift_error_px"] < TARGETS["drift_error_px"],
         "cost_ratio_engine": worst["cost_ratio_engine"] <= TARGETS["cost_ratio_engine"],
-        "static_same_n": report["static"]["count_rel_diff"] == 0.0,
+        "static_n_within_single_frame_range": report["static"][
+            "count_within_single_frame_range"],
+        "static_d50_ci_within_1pct": report["static"]["d50_ci_ends_max_rel_diff"] <= 0.01,
     }
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=float) + "\n", encoding="utf-8")
     print(json.dumps({"worst": worst, "pass": report["pass"],
                       "static": {k: report["static"][k] for k in
-                                 ("count_rel_diff", "d50_rel_diff", "d50_ci_width_rel_diff")}},
+                                 ("count_rel_diff", "single_frame_count_range",
+                                  "d50_rel_diff", "d50_ci_ends_max_rel_diff")}},
                      indent=1))
     return 0
 

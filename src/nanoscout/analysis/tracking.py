@@ -20,15 +20,18 @@ after measurement, and writes every particle's ``track_id`` into the table. Per 
 4. **coalescence and fragmentation** are read off the links: a track lost on this frame next
    to a particle whose volume (ECD³) grew by the lost one's (within
    ``merge_volume_tolerance``) merged into it (``merge``: parents [continuing, lost], child
-   the continuing track, which keeps its id; the lost one leaves the linker's memory); a new
-   track next to a particle that lost its volume split from it (``split``: parent, children
-   [parent, new]). Appearances and disappearances are tracks that start or end otherwise.
+   the continuing track, which keeps its id). The merge is published only once the lost
+   track has stayed away for the gap allowance: two touching particles that the detector
+   sees as one blob on a frame or two keep both identities (the linker's memory takes the
+   lost one back), which is what keeps identities stable on a real video. A new track next to
+   a particle that lost its volume split from it (``split``: parent, children [parent,
+   new]). Appearances and disappearances are tracks that start or end otherwise.
 
 Statistics that count each particle once (:meth:`SourceTracker.unique`): one value per track,
 the median ECD of its last ``history`` observations off the frame edge, for tracks seen on at
-least ``min_track_frames`` frames, or on every frame of a field imaged fewer times (so a
-single frame counts every particle, and one flickering false detection on a long series counts
-nothing); per field and over all fields, with 95 % intervals over tracks. A static field
+least ``min_track_frames`` frames, or on every frame of a field imaged fewer times, and on at
+least ``min_presence`` of the frames of their life (so a single frame counts every particle,
+and a flickering false or faint detection on a long series counts nothing); per field and over all fields, with 95 % intervals over tracks. A static field
 imaged 50 times gives the same N and intervals as one frame of it. Growth rates dECD/dt come
 from a least-squares line through each track's sized observations (with its standard error).
 
@@ -76,9 +79,16 @@ class TrackingConfig(BaseModel):
     max_step_px: float | None = Field(None, gt=0)
     #: frames a particle may be missed and keep its identity (gap closing)
     max_gap_frames: int = Field(2, ge=0, le=20)
+    #: a new track that starts where a track of the field ended at most this many frames
+    #: ago (within a third of its diameter, ECD within 25 %) takes that identity back: a
+    #: particle missed for longer than the gap allowance is still one particle (0 = never)
+    reidentify_frames: int = Field(50, ge=0)
     #: a track counts in the unique statistics once seen on this many frames (or on every
-    #: frame of a field imaged fewer times)
+    #: frame of a field imaged fewer times) ...
     min_track_frames: int = Field(3, ge=1)
+    #: ... and on at least this fraction of the frames of its life (first to last seen): a
+    #: faint particle that the detector finds on one frame in five is not a particle to count
+    min_presence: float = Field(0.7, ge=0, le=1)
     #: register frames against each other (drift correction)
     registration: bool = True
     #: fewer of the previous frame's particles found again than this fraction starts a new
@@ -155,11 +165,13 @@ class _Registry:
         self.n_obs = grow(g(self, "n_obs", None), (cap,), np.int64, 0)
         self.n_sized = grow(g(self, "n_sized", None), (cap,), np.int64, 0)
         self.last_frame = grow(g(self, "last_frame", None), (cap,), np.int64, -1)
+        self.first_frame = grow(g(self, "first_frame", None), (cap,), np.int64, -1)
         self.ended = grow(g(self, "ended", None), (cap,), np.bool_, False)
         self.ring = grow(g(self, "ring", None), (cap, self.h), np.float32, np.nan)
         self.sums = grow(g(self, "sums", None), (cap, 5), np.float64, 0.0)  # t, e, tt, te, ee
         self.last_xy = grow(g(self, "last_xy", None), (cap, 2), np.float64, np.nan)
         self.last_ecd = grow(g(self, "last_ecd", None), (cap,), np.float64, np.nan)
+        self.last_border = grow(g(self, "last_border", None), (cap,), np.bool_, False)
 
     def ensure(self, max_id: int) -> None:
         need = max_id - self.base + 1
@@ -171,9 +183,11 @@ class _Registry:
                 sized: np.ndarray) -> None:
         k = ids - self.base
         self.n_obs[k] += 1
+        self.first_frame[k] = np.where(self.first_frame[k] < 0, frame, self.first_frame[k])
         self.last_frame[k] = frame
         self.last_xy[k] = xy
         self.last_ecd[k] = ecd
+        self.last_border[k] = ~sized
         ks, e = k[sized], ecd[sized].astype(np.float64)
         self.ring[ks, self.n_sized[ks] % self.h] = e
         self.n_sized[ks] += 1
@@ -253,6 +267,7 @@ class SourceTracker:
         reg = self._reg
         reg.n_obs[:] = 0
         reg.n_sized[:] = 0
+        reg.first_frame[:] = -1
         reg.ring[:] = np.nan
         reg.sums[:] = 0.0
         self.total_tracks = int(np.count_nonzero(~reg.ended[: reg.size]))
@@ -284,7 +299,10 @@ class SourceTracker:
         self._drift = np.zeros(2)
         self._drift_ref = np.zeros(2)
         self._prev_ids: np.ndarray | None = None
-        self._prev_points: list[Any] = []
+        #: lost track id -> the merge it looks like, published when the track expires
+        self._pending: dict[int, dict[str, Any]] = {}
+        #: track id -> the track it merged into (published)
+        self._merged: dict[int, int] = {}
         self._new_field_reason: str | None = reason
 
     def _fold(self, f: _Field) -> None:
@@ -323,7 +341,9 @@ class SourceTracker:
         reg = self._reg
         need = min(self.config.min_track_frames, max(f.n_frames, 1))
         n = reg.size
-        ok = (reg.n_obs[:n] >= need) & (reg.n_sized[:n] > 0)
+        life = reg.last_frame[:n] - reg.first_frame[:n] + 1
+        ok = (reg.n_obs[:n] >= need) & (reg.n_sized[:n] > 0) \
+            & (reg.n_obs[:n] >= self.config.min_presence * life)
         return np.nonzero(ok)[0]
 
     def _check_field(self, frame_shape: tuple[int, int], pixel_size_nm: float | None,
@@ -395,16 +415,21 @@ class SourceTracker:
 
         t0 = time.perf_counter()
         spec = xy - d
-        ids, started = self._link(spec, diameter)
+        ids, started, back = self._link(spec, ecd, diameter, seq)
         table["track_id"] = ids
         t_s = 0.0 if f.dynamics.t0_ns is None else (t_ns - f.dynamics.t0_ns) / 1e9
         reg = self._reg
         reg.ensure(self._next_id - 1)
-        events, lost_merged = self._events(ids, spec, ecd, started)
+        for lid in [k for k in self._pending if k in set(ids.tolist())]:
+            del self._pending[lid]  # it came back: hidden, not merged
+        events = back + self._events(ids, spec, ecd, border, started, seq)
+        reg.observe(ids.astype(np.int64), f.n_frames, t_s, spec, ecd, ~border)
+        ended, merged = self._expire(f.n_frames)
+        for e in merged:
+            self._merged[int(e["parents"][1])] = int(e["children"][0])
+        events = merged + events
         for e in events:  # specimen -> this frame's coordinates
             e["x"], e["y"] = round(e["x"] + float(d[0]), 3), round(e["y"] + float(d[1]), 3)
-        reg.observe(ids.astype(np.int64), f.n_frames, t_s, spec, ecd, ~border)
-        ended = self._expire(f.n_frames) + lost_merged
         self._prev_ids = ids
         f.n_frames += 1
         self._frames += 1
@@ -433,58 +458,99 @@ class SourceTracker:
                     "events_truncated": max(0, len(events) - _MAX_EVENTS)}
         return TrackUpdate(drift, tracking, {"drift": drift_ms, "track": track_ms}, merges)
 
-    def _link(self, spec: np.ndarray, diameter: float | None) -> tuple[np.ndarray, int]:
+    def _link(self, spec: np.ndarray, ecd: np.ndarray, diameter: float | None, seq: int
+              ) -> tuple[np.ndarray, int, list[dict[str, Any]]]:
         """trackpy links this frame's specimen positions; returns (track ids, tracks new on
-        this frame)."""
+        this frame, split events of merged tracks taken back)."""
         cfg = self.config
         lk = self._linker
         reach = cfg.max_step_px or max(3.0, 0.75 * (diameter or 4.0))
         lk.search_range = float(reach)
-        self._prev_points = lk.hash.points if self._linker_ready else []
         if len(spec) == 0:  # an empty frame links nothing (the tracks' gaps grow)
-            return np.zeros(0, np.uint32), 0
+            return np.zeros(0, np.uint32), 0, []
         if not self._linker_ready:
             lk.init_level(spec, self._field.n_frames)
             self._linker_ready = True
         else:
             lk.next_level(spec, self._field.n_frames)
-        ids = np.empty(len(spec), np.uint32)
-        new = 0
+        ids = np.zeros(len(spec), np.uint32)
+        fresh: list[tuple[int, Any]] = []
         for i, p in enumerate(lk.hash.points):
-            tr = p.track
-            nid = getattr(tr, "nid", None)
+            nid = getattr(p.track, "nid", None)
             if nid is None:
-                nid = tr.nid = self._next_id
+                fresh.append((i, p.track))
+            else:
+                ids[i] = nid
+        back = self._reidentify(fresh, spec, ecd, ids, seq) if cfg.reidentify_frames else []
+        new = 0
+        for i, tr in fresh:
+            if getattr(tr, "nid", None) is None:
+                tr.nid = self._next_id
                 self._next_id += 1
                 self.total_tracks += 1
                 new += 1
-            ids[i] = nid
-        return ids, new
+            ids[i] = tr.nid
+        return ids, new, back
 
-    def _events(self, ids: np.ndarray, spec: np.ndarray, ecd: np.ndarray, started: int
-                ) -> tuple[list[dict[str, Any]], int]:
-        """Coalescences and fragmentations on this frame (see the module docstring); returns
-        the events and how many lost tracks merged (they end now)."""
+    def _reidentify(self, fresh: list[tuple[int, Any]], spec: np.ndarray, ecd: np.ndarray,
+                    ids: np.ndarray, seq: int) -> list[dict[str, Any]]:
+        """Give new tracks the identity of a track of the field that ended nearby not long
+        ago (same place, same size); returns a split event for each one that had merged."""
+        reg = self._reg
+        n = reg.size
+        if not fresh or n == 0:
+            return []
+        frame = self._field.n_frames
+        gone = np.nonzero(reg.ended[:n] & (reg.last_frame[:n] >= frame
+                                           - self.config.reidentify_frames))[0]
+        if gone.size == 0:
+            return []
+        tree = cKDTree(reg.last_xy[gone])
+        taken: set[int] = set()
+        events: list[dict[str, Any]] = []
+        for i, tr in fresh:
+            r = max(2.0, ecd[i] / 3.0)
+            for j in sorted(tree.query_ball_point(spec[i], r),
+                            key=lambda j: math.dist(spec[i], reg.last_xy[gone[j]])):
+                k = int(gone[j])
+                if k in taken or abs(reg.last_ecd[k] / max(ecd[i], 1e-9) - 1.0) > 0.25:
+                    continue
+                taken.add(k)
+                reg.ended[k] = False
+                tr.nid = k + reg.base
+                into = self._merged.pop(tr.nid, None)
+                if into is not None and into in set(ids.tolist()):
+                    events.append({"kind": "split", "seq": int(seq), "parents": [into],
+                                   "children": [into, tr.nid], "x": float(spec[i, 0]),
+                                   "y": float(spec[i, 1]), "ecd": float(ecd[i])})
+                break
+        return events
+
+    def _events(self, ids: np.ndarray, spec: np.ndarray, ecd: np.ndarray, border: np.ndarray,
+                started: int, seq: int) -> list[dict[str, Any]]:
+        """Fragmentations on this frame, and the merges it suggests (kept pending until the
+        lost track expires; see the module docstring). Particles cut by the frame edge take
+        no part: their sizes change as they leave or enter the field."""
         reg = self._reg
         frame = self._field.n_frames
         prev_ids = self._prev_ids
         if prev_ids is None or frame == 0 or len(ids) == 0:
-            return [], 0
+            return []
         tol = self.config.merge_volume_tolerance
         cur = set(ids.tolist())
         lost = np.array([i for i in prev_ids.tolist() if i not in cur], np.int64)
         kprev = ids.astype(np.int64) - reg.base
         # this frame's particles that continue a track seen on the previous frame
-        was = (reg.last_frame[kprev] == frame - 1) & (kprev < reg.size)
+        was = (reg.last_frame[kprev] == frame - 1) & (kprev < reg.size) & ~border \
+            & ~reg.last_border[kprev]
         vol_now = ecd**3
         vol_before = np.where(was, reg.last_ecd[kprev] ** 3, np.nan)
         events: list[dict[str, Any]] = []
         tree = cKDTree(spec)
-        merged = 0
         taken: set[int] = set()
         for lid in lost.tolist():
             k = lid - reg.base
-            if k < 0 or k >= reg.size or reg.ended[k]:
+            if k < 0 or k >= reg.size or reg.ended[k] or reg.last_border[k]:
                 continue
             p, r = reg.last_xy[k], 0.5 * reg.last_ecd[k]
             vl = reg.last_ecd[k] ** 3
@@ -503,14 +569,12 @@ class SourceTracker:
             if best is None:
                 continue
             taken.add(best)
-            reg.ended[k] = True
-            self._forget_in_memory(lid)
-            merged += 1
-            events.append({"kind": "merge", "parents": [int(ids[best]), lid],
-                           "children": [int(ids[best])], "x": float(spec[best, 0]),
-                           "y": float(spec[best, 1]), "ecd": float(ecd[best])})
+            self._pending[lid] = {"kind": "merge", "seq": int(seq),
+                                  "parents": [int(ids[best]), lid], "children": [int(ids[best])],
+                                  "x": float(spec[best, 0]), "y": float(spec[best, 1]),
+                                  "ecd": float(ecd[best])}
         if started:
-            newk = ~was & (reg.n_obs[np.clip(kprev, 0, None)] == 0)
+            newk = ~was & (reg.n_obs[np.clip(kprev, 0, None)] == 0) & ~border
             for s in np.nonzero(newk)[0].tolist():
                 vs = vol_now[s]
                 near = tree.query_ball_point(spec[s], 0.5 * ecd[s] + float(ecd.max()) * 0.6)
@@ -527,30 +591,27 @@ class SourceTracker:
                 if best is None:
                     continue
                 taken.add(best)
-                events.append({"kind": "split", "parents": [int(ids[best])],
+                events.append({"kind": "split", "seq": int(seq), "parents": [int(ids[best])],
                                "children": [int(ids[best]), int(ids[s])],
                                "x": float(spec[best, 0]), "y": float(spec[best, 1]),
                                "ecd": float(reg.last_ecd[kprev[best]])})
-        return events, merged
+        return events
 
-    def _forget_in_memory(self, nid: int) -> None:
-        """Take a merged track's last point out of the linker's memory (no gap closing)."""
-        lk = self._linker
-        for p in self._prev_points:
-            if getattr(p.track, "nid", None) == nid:
-                lk.mem_set.discard(p)
-                for s in getattr(lk, "mem_history", []):
-                    s.discard(p)
-                return
-
-    def _expire(self, frame: int) -> int:
-        """End the tracks missed for longer than the gap allowance; returns how many."""
+    def _expire(self, frame: int) -> tuple[int, list[dict[str, Any]]]:
+        """End the tracks missed for longer than the gap allowance; returns how many, and
+        the merges of those that were lost next to a particle that grew by them (their
+        positions moved by the drift since, to stay in specimen coordinates)."""
         reg = self._reg
         n = reg.size
         old = (~reg.ended[:n]) & (reg.last_frame[:n] >= 0) & \
             (reg.last_frame[:n] < frame - self.config.max_gap_frames)
         reg.ended[:n] |= old
-        return int(old.sum())
+        merges = []
+        for k in np.nonzero(old)[0].tolist():
+            e = self._pending.pop(int(k) + reg.base, None)
+            if e is not None:
+                merges.append(e)
+        return int(old.sum()), merges
 
     # ------------------------------------------------------------------ statistics
 

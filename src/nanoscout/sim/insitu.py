@@ -24,7 +24,9 @@ long as it exists, so the stream scores a tracker (MOTA / IDF1). Per frame, radi
 * drift: the field of view moves by ``cfg.drift_px_per_frame`` (rows, cols) per frame plus a
   random walk of ``drift_jitter_px`` rms per axis; the frame's ``shift_px`` is the content's
   total shift since frame 0 (exact, sub-pixel: the image is interpolated bilinearly, the
-  labels follow the nearest whole pixel).
+  labels follow the nearest whole pixel). With ``n_frames`` the specimen is drawn wide enough
+  that the field never drifts round the periodic canvas (a particle that left the field never
+  comes back in at the other side); an endless series wraps after a canvas width.
 
 The support film is fixed on the specimen (it drifts with it, as a real carbon film does), and
 only the shot noise is new in every frame. ``frame_interval_s`` sets the frames' times
@@ -104,7 +106,13 @@ class InSituSeries:
                                            0.5 * cfg.median_diameter_nm)) / px
         self.drift_jitter_px = drift_jitter_px
         self.frame_interval_s = frame_interval_s
-        self.geometry, self.canvas = Specimen._draw(cfg, self.rng)
+        # the specimen is wide enough that the drifting field never comes round the periodic
+        # canvas within n_frames (a particle that left must not come back in at the far side)
+        travel = (0, 0) if n_frames is None else tuple(
+            math.ceil(abs(v) * n_frames + 4.0 * drift_jitter_px * math.sqrt(n_frames))
+            for v in cfg.drift_px_per_frame)
+        wide = replace(cfg, shape=(cfg.shape[0] + travel[0], cfg.shape[1] + travel[1]))
+        self.geometry, self.canvas = Specimen._draw(wide, self.rng)
         n = len(self.geometry)
         self.ids = np.arange(1, n + 1, dtype=np.int64)
         self._next_id = n + 1

@@ -292,12 +292,17 @@ class FrameDrift(BaseModel):
 
 
 class TrackEvent(BaseModel):
-    """A coalescence (``merge``: two parents, one child) or a fragmentation (``split``: one
-    parent, two children) found on this frame; ``x``/``y`` where (px, frame coordinates),
-    ``ecd`` the child's (merge) or the parent's (split) ECD in the det's units."""
+    """A coalescence (``merge``: parents [continuing, absorbed], child the continuing track,
+    which keeps its id) or a fragmentation (``split``: parent, children [parent, new]);
+    ``x``/``y`` where (px, coordinates of the frame that carries the event), ``ecd`` the
+    child's (merge) or the parent's (split) ECD in the det's units. ``seq``: the frame it
+    happened on: a merge is published once the absorbed track has stayed away for the gap
+    allowance (``max_gap_frames`` frames later), so that a particle only hidden for a frame or
+    two is never called merged."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
     kind: Literal["merge", "split"]
+    seq: Count64 | None = None
     parents: list[Annotated[StrictInt, Field(ge=1)]] = Field(max_length=8)
     children: list[Annotated[StrictInt, Field(ge=1)]] = Field(max_length=8)
     x: Finite = 0.0
