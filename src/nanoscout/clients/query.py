@@ -30,7 +30,6 @@ from nanoscout.wire.protocol import (
 )
 from nanoscout.wire.transport import ClientKeys, connect
 
-
 #: what a control request may ask (:class:`~nanoscout.wire.protocol.ControlRequest`)
 CONTROL_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference")
 

@@ -62,9 +62,10 @@ from nanoscout.wire.particles import PARTICLE_DTYPE
 __all__ = [
     "FRAME_DTYPES", "HEADERS", "MAX_HEADER_BYTES", "MAX_SIDE_PX", "PARTICLE_DTYPE",
     "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "AckHeader", "AlertHeader", "Buffer", "ClassHeader",
-    "DetHeader", "Distribution", "Drift", "FrameHeader", "FrameRef", "Header", "HealthHeader",
-    "Histogram", "Kind", "LensReply", "LensRequest", "Message", "MetaValue", "Modality",
-    "PreviewHeader", "Stage", "StatsBlock", "StatsHeader", "Units", "check_version",
-    "decode_frame", "decode_message", "encode", "encode_frame", "encode_message", "frame_header",
-    "pack_header", "unpack_header",
+    "ControlReply", "ControlRequest", "DetHeader", "Distribution", "Drift", "FieldStats",
+    "FrameDrift", "FrameHeader", "FrameRef", "Header", "HealthHeader", "Histogram", "InSitu",
+    "Kind", "LensReply", "LensRequest", "LswFit", "Message", "MetaValue", "Modality",
+    "PreviewHeader", "Stage", "StatsBlock", "StatsHeader", "TrackEvent", "Tracking",
+    "UniqueStats", "Units", "check_version", "decode_frame", "decode_message", "encode",
+    "encode_frame", "encode_message", "frame_header", "pack_header", "unpack_header",
 ]
