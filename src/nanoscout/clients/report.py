@@ -413,7 +413,8 @@ def _summary_table(stats: list[GroupStats]) -> str:
             + _ci_cell("d90", st.d90, st.ci["d90"])
             + f'<td class="aspect">{_fmt(st.aspect_ratio)}</td>'
             f'<td class="roundness">{_fmt(st.roundness)}</td>'
-            f'<td class="per-frame">{_fmt(st.per_frame)}</td></tr>')
+            f'<td class="per-frame">{_fmt(st.per_frame) if st.basis == "detection" else "—"}'
+            "</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 

@@ -64,14 +64,18 @@ def track_values(run: Run, source: str, units: str) -> tuple[np.ndarray, int] | 
 
 
 def _stats_insitu(run: Run, source: str, units: str) -> list[tuple[float, dict[str, Any]]]:
-    """(t ns, insitu block) of the source's stats rows, in time order."""
-    st = run.stats
-    out = []
-    if not Run.rows(st):
+    """(acquisition time of its frame, ns; insitu block) of the source's stats rows, in time
+    order (the stats row's own ``t`` is when the daemon made it)."""
+    st, f = run.stats, run.frames
+    out: list[tuple[float, dict[str, Any]]] = []
+    if not Run.rows(st) or not Run.rows(f):
         return out
-    for s, u, t, text in zip(st["source"].astype(str), st["units"].astype(str), st["t_ns"],
+    t_acq = {(str(s), int(q)): int(t) for s, q, t in zip(f["source"], f["seq"], f["t_acq_ns"],
+                                                         strict=True)}
+    for s, u, q, text in zip(st["source"].astype(str), st["units"].astype(str), st["seq"],
                              st["insitu"], strict=True):
-        if s == source and u == units and text:
+        t = t_acq.get((s, int(q)))
+        if s == source and u == units and text and t is not None:
             out.append((float(t), json.loads(str(text))))
     out.sort(key=lambda x: x[0])
     return out
