@@ -451,7 +451,7 @@ def trails_payload(det: Message, recent: Sequence[Message], scale: float
     tid, x, y = tid[srt], x[srt], y[srt]
     lo = np.searchsorted(tid, t["track_id"].astype(np.int64), side="left")
     hi = np.searchsorted(tid, t["track_id"].astype(np.int64), side="right")
-    out = []
+    out: list[list[float]] = []
     for i in range(len(t)):
         if t["track_id"][i] == 0 or hi[i] - lo[i] < 2:
             out.append([])
