@@ -201,6 +201,8 @@ class Pipeline:
             raise ValueError("set_drift_reference needs tracking ([tracking] enabled)")
         with self._requests_lock:
             self._requests.setdefault(source, set()).add(action)
+            while len(self._requests) > 4 * self.max_sources:  # names never seen: bounded
+                del self._requests[next(iter(self._requests))]
 
     def _apply_requests(self, source: str, state: _SourceState) -> None:
         with self._requests_lock:

@@ -324,7 +324,8 @@ class SourceTracker:
             store = self._folded[units]  # type: ignore[index]
             have = self._folded_n[units]  # type: ignore[index]
             if have + vals.size <= _MAX_FOLDED:
-                store.append(vals)
+                # one array, so that each frame's statistics concatenate two, not one per field
+                self._folded[units] = [np.concatenate([*store, vals])]  # type: ignore[index]
             else:  # reservoir: each value kept with probability _MAX_FOLDED / n seen
                 merged = np.concatenate(store) if store else np.empty(0, np.float32)
                 room = _MAX_FOLDED - merged.size
