@@ -261,3 +261,13 @@ def test_event_rules_fire_on_coalescence_growth_and_a_count_drop() -> None:
     assert run(10, [], {"growth_rate_d50": 0.2, "growth_tracks": 50}, 2) == ["g"]
     assert run(10, [], {"growth_rate_d50": 0.2, "growth_tracks": 2}, 3) == []  # too few tracks
     assert run(5, [], None, 4) == ["d"]  # 5 < 70 % of the median 10
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 3), (512, 2), (9, 4000)])
+def test_slivers_of_frames_are_tracked_without_registration(shape: tuple[int, int]) -> None:
+    tr = SourceTracker(TrackingConfig())
+    img = np.random.default_rng(0).random(shape).astype(np.float32)
+    for k in range(3):
+        table = measure(np.zeros(shape, np.int32), PX)
+        u = tr.update(table, image=img, t_ns=k, seq=k, pixel_size_nm=PX, stage=None)
+        assert u.drift["method"] == "none" and u.tracking["active"] == 0

@@ -32,6 +32,8 @@ __all__ = ["DriftEstimator", "DriftStep", "bin_factor"]
 _COARSE_SIDE = 256
 #: fewer matched particles than this: the shift is the phase correlation's alone
 _MIN_MATCHES = 5
+#: frames whose coarse grid has a side shorter than this (px) are not registered
+_MIN_SIDE = 8
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class DriftEstimator:
         shape = (int(image.shape[0]), int(image.shape[1]))
         b = bin_factor(shape)
         small = _binned(image, b)
+        if min(small.shape) < _MIN_SIDE:  # a sliver of a frame: nothing to register on
+            self.reset()
+            return DriftStep(0.0, 0.0, "none", None)
         if self._window is None or self._window.shape != small.shape:
             self._window = np.outer(np.hanning(small.shape[0]),
                                     np.hanning(small.shape[1])).astype(np.float32)
