@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,12 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory: DaemonF
         got = [m for _, m in zip(range(2), sub.messages(timeout=120), strict=False)]
         sim.wait(60)
     assert len(got) == 2
+    # the worker hands the query server a frame once the frame's last message is out: ask
+    # until it has the newest one (bounded; a readiness check, not a sleep)
+    deadline = time.monotonic() + 30
     reply, _ = request_lens(d.query, "cam1", [])
+    while reply.seq != got[-1].header.seq and time.monotonic() < deadline:
+        reply, _ = request_lens(d.query, "cam1", [])
     acts = [a for a in reply.available if a.startswith("act_")]
     assert acts and "reconstruction" in reply.available
     reply, maps = request_lens(d.query, "cam1", [acts[-1], "reconstruction"])

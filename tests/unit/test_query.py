@@ -10,7 +10,7 @@ import zmq
 
 from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.frame import Frame
-from nanoscout.clients.query import QueryError, request_lens
+from nanoscout.clients.query import QueryError, request_control, request_lens
 from nanoscout.daemon.query import LensServer
 from nanoscout.wire.errors import NanoscoutError
 from nanoscout.wire.protocol import FrameHeader, decode_message
@@ -68,7 +68,36 @@ def test_no_daemon_gives_a_timeout_error() -> None:
         request_lens("tcp://127.0.0.1:9", "cam", [], timeout=0.3)
 
 
-def test_a_classifier_without_lens_cannot_serve(tmp_path: Path) -> None:
+def test_a_classifier_without_lens_or_control_cannot_serve(tmp_path: Path) -> None:
     engine, card = _load(*classifier_model(tmp_path))
     with pytest.raises(NanoscoutError, match="needs the lens"):
         LensServer(zmq.Context.instance(), FieldClassifier(engine, card))
+
+
+def test_control_requests_reach_the_handler_and_refusals_come_back() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def control(source: str, action: str) -> None:
+        if source == "off":
+            raise ValueError("set_drift_reference needs tracking ([tracking] enabled)")
+        seen.append((source, action))
+
+    srv = LensServer(zmq.Context.instance(), None, control=control)
+    endpoint = srv.start("tcp://127.0.0.1:0", _guard)
+    try:
+        reply = request_control(endpoint, "cam", "reset_statistics")
+        assert reply.ok and reply.action == "reset_statistics"
+        request_control(endpoint, "cam", "set_drift_reference")
+        assert seen == [("cam", "reset_statistics"), ("cam", "set_drift_reference")]
+        with pytest.raises(QueryError, match="needs tracking"):
+            request_control(endpoint, "off", "set_drift_reference")
+        with pytest.raises(ValueError, match="unknown control action 'explode'"):
+            request_control(endpoint, "cam", "explode")
+        bad = decode_message(srv.answer([b"control_request.cam", b"\x80"]))
+        assert bad.kind == "control" and "bad request" in bad.header.error
+        # without a lens, lens requests are refused in words
+        with pytest.raises(QueryError, match="no lens is loaded"):
+            request_lens(endpoint, "cam", [])
+        assert srv.answered == 2 and srv.refused == 3
+    finally:
+        srv.stop()

@@ -134,8 +134,18 @@ def simulate(
     fields: Annotated[int, typer.Option(help="fields of view on the virtual stage")] = 4,
     dwell: Annotated[int, typer.Option(help="frames per field of view")] = 5,
     drift: Annotated[tuple[float, float], typer.Option(
-        help="specimen drift while dwelling, px/frame (x y)")] = (0.0, 0.0),
-    insitu: Annotated[bool, typer.Option(help="E-TEM: particles grow and coalesce")] = False,
+        help="specimen drift while dwelling (--insitu: all along), px/frame (x y)")
+    ] = (0.0, 0.0),
+    insitu: Annotated[bool, typer.Option(
+        help="E-TEM: one field watched while its particles drift, move, grow, coalesce and "
+             "appear (identities in --truth-dir)")] = False,
+    growth: Annotated[Literal["ripening", "uniform", "none"], typer.Option(
+        help="--insitu growth law: Ostwald ripening, the same growth for all, or none")
+    ] = "ripening",
+    growth_rate: Annotated[float, typer.Option(
+        help="--insitu growth of the radius, nm per frame")] = 0.02,
+    appear: Annotated[float, typer.Option(
+        help="--insitu nucleation: mean new particles in 1 of the frames (Poisson)")] = 0.0,
     truth_dir: Annotated[Path | None, typer.Option(help="write ground truth per frame here (.npz)")] = None,
     uncalibrated: Annotated[bool, typer.Option(help="send frames without a pixel size")] = False,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
@@ -150,7 +160,8 @@ def simulate(
         frames=frames, shape=(size, width or size), dtype=dtype, pixel_size_nm=pixel_size,
         modality=modality, median_diameter_nm=diameter, dose_e_per_px=dose or None,
         support_grains=support_grains, seed=seed, fields=fields, dwell=dwell,
-        drift_px_per_frame=(drift[1], drift[0]), insitu=insitu, truth_dir=truth_dir,
+        drift_px_per_frame=(drift[1], drift[0]), insitu=insitu, growth=growth,
+        growth_nm_per_frame=growth_rate, appear_per_frame=appear, truth_dir=truth_dir,
         calibrated=not uncalibrated, curve=curve_keys(server_key, client_key)))
     if not report.complete:
         raise typer.Exit(1)

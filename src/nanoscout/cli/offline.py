@@ -40,6 +40,12 @@ def measure(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="replace a run already at --out (only a nanoscout run is deleted)")
     ] = False,
+    track: Annotated[bool, typer.Option(
+        "--track", help="the files are one ordered image sequence (or stacks / series, each "
+                        "plane a frame): correct drift, track particles (track_id, tracks "
+                        "table, growth, coalescence, unique statistics)")] = False,
+    frame_interval: Annotated[float, typer.Option(
+        help="seconds between frames of a --track sequence (rates are per s)")] = 1.0,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="draw a progress bar",
         show_default="on a terminal")] = None,
@@ -59,7 +65,7 @@ def measure(
     cfg = load_config(config, {"engine.backend": backend, "engine.model": model,
                                "engine.scale": scale_value(scale),
                                "engine.tta": int(tta) if tta else None})
-    pipeline = build_pipeline(cfg, offline=True)
+    pipeline = build_pipeline(cfg, offline=True, track=track)
     EngineLine.print()
     cards = load_cards(shipped_model_dir())
     if model is not None:
@@ -68,7 +74,8 @@ def measure(
         with progress_bar("measuring", enabled=progress) as bar:
             report = measure_files(files, pipeline, out, outputs=outputs or masks,
                                    pixel_size_nm=pixel_size, bar=bar,
-                                   config=cfg.model_dump(mode="json"), model_cards=cards)
+                                   config=cfg.model_dump(mode="json"), model_cards=cards,
+                                   track=track, frame_interval_s=frame_interval)
     finally:
         pipeline.close()
     print(f"measured {report.images} images, {report.particles} particles, {report.alerts} "

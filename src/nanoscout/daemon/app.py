@@ -72,11 +72,13 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     return detector, engine.name, f"{card.name}:{card.version}"
 
 
-def build_pipeline(config: ServeConfig, *, offline: bool = False) -> Pipeline:
+def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = False
+                   ) -> Pipeline:
     """Load the detection models with the configured backend and assemble the pipeline.
 
-    ``offline``: for independent image files (``nanoscout measure``): no previews, and every
-    image gets its own working scale."""
+    ``offline``: for image files (``nanoscout measure``): no previews, and every image gets its
+    own working scale; independent images are not tracked unless ``track`` (an ordered
+    sequence: ``measure --track``)."""
     detector, engine_name, model_name = build_detector(config, config.engine.model_path())
     by_modality = {}
     for modality, path in config.engine.modality_model_paths().items():
@@ -96,6 +98,7 @@ def build_pipeline(config: ServeConfig, *, offline: bool = False) -> Pipeline:
         stream_scale=not offline,
         rotate45_on_request=config.engine.rotate45 == "on-request",
         modality_detectors=by_modality,
+        tracking=config.tracking if (track or not offline) else None,
     )
 
 

@@ -24,6 +24,11 @@ This is the only module that reads configuration files; everything else receives
     [clusters]                 # morphology clusters (online k-means), per source
     k = 3
 
+    [tracking]                 # drift correction, particle identities, in-situ statistics
+    enabled = true
+    max_gap_frames = 2         # a particle missed on up to 2 frames keeps its identity
+    min_track_frames = 3       # a track counts in the unique statistics from 3 frames
+
     [[alerts]]
     name = "big-particle"
     kind = "particle"
@@ -44,6 +49,7 @@ from nanoscout.analysis.clusters import ClusterConfig
 from nanoscout.analysis.modelcard import SHIPPED_STEM_MODEL, shipped_model_dir
 from nanoscout.analysis.preview import PreviewConfig
 from nanoscout.analysis.stats import StatsConfig
+from nanoscout.analysis.tracking import TrackingConfig
 from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.protocol import Modality
 from nanoscout.wire.transport import (
@@ -187,7 +193,8 @@ class ClassifyConfig(_Section):
 
 class QueryConfig(_Section):
     """Query socket (REP): the AI lens's feature maps of a source's newest frame on request
-    (``nanoscout lens --connect``). Served only when the lens is loaded."""
+    (``nanoscout lens --connect``, when the lens is loaded) and control requests (reset a
+    source's statistics, set its drift reference: the dashboard's buttons)."""
 
     enabled: bool = True
     endpoint: str = DEFAULT_QUERY_ENDPOINT
@@ -254,6 +261,7 @@ class ServeConfig(_Section):
     query: QueryConfig = QueryConfig()
     stats: StatsConfig = StatsConfig()
     clusters: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
     security: SecurityConfig = SecurityConfig()
     alerts: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -69,7 +69,7 @@ class Endpoints:
     input: str
     output: str
     metrics_url: str | None
-    query: str | None = None  # the lens query socket (None: not served)
+    query: str | None = None  # the query socket: lens and control requests (None: not served)
 
 
 class _RateLimitedLog:
@@ -164,9 +164,10 @@ class Daemon:
 
     def _start_query(self) -> str | None:
         qc, clf = self.config.query, self.pipeline.classifier
-        if not qc.enabled or clf is None or clf.lens is None:
+        if not qc.enabled:
             return None
-        self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None)
+        self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None,
+                                 control=self.pipeline.request)
         return self._query.start(qc.endpoint, self._guard)
 
     def stop(self) -> None:
