@@ -6,7 +6,8 @@ the daemon only over ZeroMQ (import-linter checks this, see pyproject.toml).
 
 Subcommands: serve, simulate, microscope, search, replay, tail, record, report, measure, demo,
 keys, lens, models
-(train / export / eval of the detector, train-/eval-classifier, train-/eval-lens).
+(train / export / eval of the detector, train-/eval-classifier, train-/eval-lens; export-triton
+writes a Triton model repository of the shipped models).
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ def _measure(args: argparse.Namespace) -> int:
     from nanoscout.daemon.app import build_pipeline
     from nanoscout.daemon.config import load_config
 
+    if args.ray is not None:
+        from nanoscout.cli.measure_ray import run_on_ray
+
+        return run_on_ray(args)
     config = load_config(args.config, {"engine.backend": args.backend, "engine.model": args.model,
                                        "engine.scale": args.scale,
                                        "engine.tta": args.tta})
@@ -230,6 +235,8 @@ def _model_action(action: str) -> Any:
         from nanoscout.training.train_lens import main
     elif action == "eval-lens":
         from nanoscout.training.evaluate_lens import main
+    elif action == "export-triton":  # no torch: the shipped ONNX files as they are
+        from nanoscout.cli.export_triton import main
     else:
         raise NanoscoutError(f"unknown models action {action!r}")
     return main
@@ -237,7 +244,7 @@ def _model_action(action: str) -> Any:
 
 #: ``nanoscout models ACTION`` choices
 _MODEL_ACTIONS = ("train", "export", "eval", "train-classifier", "eval-classifier", "train-lens",
-                  "eval-lens")
+                  "eval-lens", "export-triton")
 
 
 def _lens(args: argparse.Namespace) -> int:
@@ -386,6 +393,9 @@ def parser() -> argparse.ArgumentParser:
                    help="working px per frame px, or 'auto' (default: the model card's)")
     s.add_argument("--tta", type=int, choices=[1, 2, 4],
                    help="average over 1, 2 or 4 mirror images (slower, a little more accurate)")
+    from nanoscout.cli.measure_ray import add_ray_arguments
+
+    add_ray_arguments(s)
     s.set_defaults(func=_measure)
 
     s = sub.add_parser("demo", help="simulator → daemon → live table, on the CPU")

@@ -37,6 +37,7 @@ import zmq
 from nanoscout.analysis.pipeline import AlertMessage, Pipeline
 from nanoscout.analysis.preview import PreviewLimiter, make_preview
 from nanoscout.daemon.config import ServeConfig
+from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.metrics import Metrics
 from nanoscout.daemon.query import LensServer
 from nanoscout.wire.errors import NanoscoutError, ProtocolError
@@ -409,6 +410,7 @@ class Daemon:
         engines = {"detector": self.pipeline.engine_name, **self.pipeline.model_names}
         if self.pipeline.classifier is not None:
             engines["classifier"] = self.pipeline.classifier.name
+        engines.update(engine_states(self.pipeline))  # remote engines: up, failing, fallback
         return engines
 
     def _health(self) -> HealthHeader:
