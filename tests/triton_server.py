@@ -76,7 +76,7 @@ def find_dist(venv: Path = TRITON_VENV) -> TritonDist | str:
         return f"no Triton server: pytriton has no Python stub for Python {dist.python_version}"
     try:
         check = subprocess.run([str(dist.server / "bin" / "tritonserver"), "--help"],
-                               capture_output=True, text=True, timeout=60, env=_env(dist))
+                               capture_output=True, text=True, timeout=60, env=server_env(dist))
     except (OSError, subprocess.SubprocessError) as exc:
         return f"no Triton server: the wheel's tritonserver does not start here ({exc})"
     if "--model-repository" not in check.stdout + check.stderr:
@@ -85,7 +85,7 @@ def find_dist(venv: Path = TRITON_VENV) -> TritonDist | str:
     return dist
 
 
-def _env(dist: TritonDist) -> dict[str, str]:
+def server_env(dist: TritonDist) -> dict[str, str]:
     env = dict(os.environ)
     libs = [str(dist.python_libdir), str(dist.libs)]
     if env.get("LD_LIBRARY_PATH"):
@@ -146,7 +146,7 @@ def start_triton(dist: TritonDist, repository: Path, workdir: Path, *,
            "--grpc-port", str(port), "--allow-http", "false", "--allow-metrics", "false",
            "--allow-gpu-metrics", "false", "--log-verbose", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(dist), cwd=workdir)
+                            env=server_env(dist), cwd=workdir)
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:

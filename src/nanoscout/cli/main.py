@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         "output.endpoint": args.output,
         "query.endpoint": args.query,
         "engine.backend": args.backend,
+        "engine.triton.url": args.triton_url,
         "engine.model": args.model,
         "engine.threads": args.threads,
         "engine.scale": args.scale,
@@ -190,6 +191,7 @@ def _measure(args: argparse.Namespace) -> int:
 
         return run_on_ray(args)
     config = load_config(args.config, {"engine.backend": args.backend, "engine.model": args.model,
+                                       "engine.triton.url": args.triton_url,
                                        "engine.scale": args.scale,
                                        "engine.tta": args.tta})
     pipeline = build_pipeline(config)
@@ -289,7 +291,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--query", help="lens query endpoint to bind (REP; default "
                    "tcp://127.0.0.1:5557)")
     s.add_argument("--policy", choices=["live", "lossless"])
-    s.add_argument("--backend", help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu")
+    s.add_argument("--backend",
+                   help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu | triton")
+    s.add_argument("--triton-url", help="with --backend triton: the Triton server's gRPC "
+                   "endpoint, host:port (default [engine.triton] url, 127.0.0.1:8001)")
     s.add_argument("--model", type=Path, help="ONNX detector (model card beside it, .json)")
     s.add_argument("--threads", type=int, help="engine CPU threads")
     s.add_argument("--scale", type=_scale_arg,
@@ -387,7 +392,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--masks", type=Path, help="write 16-bit instance-label PNGs here")
     s.add_argument("--pixel-size", type=float, help="override the file calibration, nm/px")
     s.add_argument("--config", type=Path)
-    s.add_argument("--backend")
+    s.add_argument("--backend", help="as for serve (triton: the models run on a Triton server)")
+    s.add_argument("--triton-url", help="with --backend triton: the server's gRPC host:port")
     s.add_argument("--model", type=Path)
     s.add_argument("--scale", type=_scale_arg,
                    help="working px per frame px, or 'auto' (default: the model card's)")

@@ -38,6 +38,7 @@ def run_on_ray(args: argparse.Namespace) -> int:
     if args.masks is not None:
         raise NanoscoutError("--masks is not supported with --ray")
     config = load_config(args.config, {"engine.backend": args.backend, "engine.model": args.model,
+                                       "engine.triton.url": args.triton_url,
                                        "engine.scale": args.scale, "engine.tta": args.tta})
     files = expand(args.files)
     report = measure_on_ray(files, config, args.out, address=args.ray or None,

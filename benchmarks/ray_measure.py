@@ -1,0 +1,190 @@
+"""``nanoscout measure --ray`` against the single-process ``nanoscout measure`` on 200 frames.
+
+Usage::
+
+    python benchmarks/ray_measure.py --out benchmarks/results/ray_measure.json
+    python benchmarks/ray_measure.py --frames 40 --size 512 --out /tmp/ray.json
+
+Frames: ``--frames`` synthetic TEM exposures (uint16, ``--size``² px, 0.5 nm/px, ImageJ TIFF with
+its calibration) of two specimens in two folders, written before any clock starts.
+
+Measured, in one run on this machine:
+
+* ``command``: wall time of the real commands as a user runs them, each a fresh process:
+  ``python -m nanoscout measure FILES --out single.parquet`` (one process; ONNX Runtime on
+  every core) and ``python -m nanoscout measure FILES --ray --out parts/`` (a local Ray started
+  by the command with one pipeline actor per core, one ONNX Runtime thread each). Start-up
+  (models, Ray) included; ``speedup`` = single / ray. The target is >= 1.6.
+* ``steady``: the same two paths in this process, with start-up excluded:
+  ``measure_files`` after the pipeline is built, and ``measure_on_ray`` from the moment its
+  actors are up (``on_started``) to the end, on a Ray this process started (``num_cpus`` =
+  cores).
+* ``identical``: the particle tables of the two commands compared column by column (after
+  sorting by file, image, particle id; types cast to the single-process table's).
+
+The load average at start and end is recorded: other work on the machine slows both paths,
+but not necessarily alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.latency import machine_info  # noqa: E402
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig  # noqa: E402
+
+
+def write_frames(root: Path, n: int, size: int) -> list[Path]:
+    """``n`` calibrated TIFF frames in ``root/specimen-a`` and ``root/specimen-b``."""
+    import tifffile
+
+    paths = []
+    for folder, seed, count in (("specimen-a", 1, n // 2), ("specimen-b", 2, n - n // 2)):
+        (root / folder).mkdir(parents=True)
+        cfg = replace(SpecimenConfig(), shape=(size, size), dtype="uint16", pixel_size_nm=0.5)
+        specimen = Specimen.generate(cfg, seed)
+        rng = np.random.default_rng(seed)
+        for k in range(count):
+            img = specimen.acquire(rng, shift_px=(2.0 * k, -1.5 * k)).image
+            path = root / folder / f"frame_{k:04d}.tif"
+            tifffile.imwrite(path, img, imagej=True, resolution=(2000.0, 2000.0),
+                             metadata={"unit": "micron"})
+            paths.append(path)
+    return paths
+
+
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Run ``cmd``; returns (wall s, stdout). Raises on a non-zero exit."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:5]}... exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return wall, proc.stdout
+
+
+def compare(single: Path, parts: Path) -> dict[str, Any]:
+    """Row counts and whether every column of the two particle tables is identical."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    key = [("file", "ascending"), ("index", "ascending"), ("id", "ascending")]
+    want = pq.read_table(single).sort_by(key)
+    got = ds.dataset(parts / "particles", partitioning="hive").to_table()
+    got = pa.table({c: got.column(c).cast(want.schema.field(c).type)
+                    for c in want.column_names}).sort_by(key)
+    differ = [c for c in want.column_names
+              if got.column(c).to_pylist() != want.column(c).to_pylist()] \
+        if got.num_rows == want.num_rows else ["(row count)"]
+    return {"rows_single": want.num_rows, "rows_ray": got.num_rows,
+            "identical": not differ, "columns_differing": differ}
+
+
+def steady(files: list[Path], work: Path) -> dict[str, Any]:
+    """Both paths in this process, start-up excluded (see the module docstring)."""
+    import ray
+
+    from nanoscout.batch.offline import measure_files
+    from nanoscout.batch.ray_measure import measure_on_ray
+    from nanoscout.daemon.app import build_pipeline
+    from nanoscout.daemon.config import load_config
+
+    config = load_config(None, {})
+    pipeline = build_pipeline(config)
+    t0 = time.perf_counter()
+    measure_files(files, pipeline, work / "steady-single.parquet", log=lambda _: None)
+    single_s = time.perf_counter() - t0
+    pipeline.close()
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    started: list[float] = []
+    try:
+        t1 = time.perf_counter()
+        report = measure_on_ray(files, config, work / "steady-parts",
+                                on_started=lambda _: started.append(time.perf_counter()))
+        end = time.perf_counter()
+    finally:
+        ray.shutdown()
+    ray_s = end - started[0]
+    return {"single_s": round(single_s, 2), "ray_s": round(ray_s, 2),
+            "ray_actor_start_s": round(started[0] - t1, 2), "workers": report.workers,
+            "single_frames_per_s": round(len(files) / single_s, 3),
+            "ray_frames_per_s": round(len(files) / ray_s, 3),
+            "speedup": round(single_s / ray_s, 3)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ray-measure-"))
+    files = write_frames(work / "frames", args.frames, args.size)
+    load_start = os.getloadavg()
+    py = [sys.executable, "-m", "nanoscout", "measure", *map(str, files)]
+    single_s, single_out = timed([*py, "--out", str(work / "single.parquet")])
+    ray_s, ray_out = timed([*py, "--ray", "--out", str(work / "parts")])
+    result: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "machine": machine_info(),
+        "frames": {"n": len(files), "size_px": args.size, "dtype": "uint16",
+                   "pixel_size_nm": 0.5, "folders": 2, "format": "ImageJ TIFF"},
+        "loadavg_at_start": [round(x, 2) for x in load_start],
+        "command_runs": {
+            "single": {"cmd": "python -m nanoscout measure FILES --out single.parquet",
+                       "wall_s": round(single_s, 2),
+                       "frames_per_s": round(len(files) / single_s, 3),
+                       "stdout": single_out.strip().splitlines()[-1:]},
+            "ray": {"cmd": "python -m nanoscout measure FILES --ray --out parts/",
+                    "wall_s": round(ray_s, 2), "frames_per_s": round(len(files) / ray_s, 3),
+                    "stdout": ray_out.strip().splitlines()[-1:]},
+            "speedup": round(single_s / ray_s, 3),
+        },
+        "identical": compare(work / "single.parquet", work / "parts"),
+    }
+    if not args.no_steady:
+        result["steady"] = steady(files, work)
+    result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["target"] = {"speedup_at_least": 1.6,
+                        "command_pass": result["command_runs"]["speedup"] >= 1.6,
+                        "identical": result["identical"]["identical"]}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--no-steady", action="store_true", help="only the two commands")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    c = report["command_runs"]
+    print(f"single {c['single']['wall_s']} s, ray {c['ray']['wall_s']} s: speedup "
+          f"{c['speedup']}; identical {report['identical']['identical']}")
+    if "steady" in report:
+        s = report["steady"]
+        print(f"steady state: single {s['single_s']} s, ray {s['ray_s']} s: speedup "
+              f"{s['speedup']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
