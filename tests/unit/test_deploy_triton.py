@@ -42,7 +42,7 @@ def test_compose_daemons_run_valid_commands_on_their_configs() -> None:
     services = _compose()["services"]
     daemons = {k: v for k, v in services.items() if k != "triton"}
     ports = set()
-    for name, svc in daemons.items():
+    for svc in daemons.values():
         cli_accepts(svc["command"])
         config_path = svc["command"][svc["command"].index("--config") + 1]
         local = TRITON / Path(config_path).name
