@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,17 +131,18 @@ class TritonServer:
 
 
 def start_triton(dist: TritonDist, repository: Path, workdir: Path, *,
-                 timeout: float = 180.0) -> TritonServer:
-    """Start ``tritonserver`` on ``repository``; returns once gRPC is up and the models have
-    loaded (Triton starts its endpoints after loading). Raises RuntimeError with the log's
-    tail when it exits first, TimeoutError when it is not ready in ``timeout`` s."""
+                 port: int | None = None, timeout: float = 180.0) -> TritonServer:
+    """Start ``tritonserver`` on ``repository`` (gRPC on ``port``, default a free one);
+    returns once gRPC is up and the models have loaded (Triton starts its endpoints after
+    loading). Raises RuntimeError with the log's tail when it exits first, TimeoutError when
+    it is not ready in ``timeout`` s."""
     backends = workdir / "backends"
     if not backends.exists():
         shutil.copytree(dist.server / "backends", backends)
         shutil.copy(dist.server / "python_backend_stubs" / dist.python_version /
                     "triton_python_backend_stub", backends / "python")
-    port = free_port()
-    log_path = workdir / f"tritonserver-{port}.log"
+    port = free_port() if port is None else port
+    log_path = workdir / f"tritonserver-{port}-{time.monotonic_ns()}.log"
     cmd = [str(dist.server / "bin" / "tritonserver"), "--model-repository", str(repository),
            "--backend-directory", str(backends), "--grpc-address", "127.0.0.1",
            "--grpc-port", str(port), "--allow-http", "false", "--allow-metrics", "false",

@@ -31,7 +31,7 @@ from nanoscout.daemon.app import build_pipeline
 from nanoscout.daemon.config import load_config
 from nanoscout.wire.protocol import DetHeader, HealthHeader
 from tests.system.conftest import DaemonProc, nanoscout
-from tests.triton_server import TritonServer, find_dist, start_triton
+from tests.triton_server import TritonDist, TritonServer, find_dist, start_triton
 
 pytestmark = pytest.mark.system
 
@@ -67,12 +67,17 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-def _start(repository: Path, workdir: Path) -> TritonServer:
+def srv_dist() -> TritonDist:
+    """The wheel's server, or a skip that says why it cannot run here."""
     dist = find_dist()
     if isinstance(dist, str):
         pytest.skip(dist)
+    return dist
+
+
+def _start(repository: Path, workdir: Path) -> TritonServer:
     workdir.mkdir(parents=True, exist_ok=True)
-    return start_triton(dist, repository, workdir)
+    return start_triton(srv_dist(), repository, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +151,28 @@ def _results(d: DaemonProc, frames, source: str) -> dict[int, np.ndarray]:
                 if len(tables) == len(frames):
                     break
     return tables
+
+
+def _first_served(d: DaemonProc, frame, source: str, attempts: int = 20) -> np.ndarray:
+    """Send ``frame`` once at a time until ``d`` publishes its ``det`` (each failed attempt
+    is a counted drop, seen in health); returns that particle table. The client reconnects
+    to a restarted server within its 2 s reconnection backoff."""
+    rec, modality = frame
+    with Subscriber(d.output, topics=("det.", "health")) as sub, \
+            FramePublisher(d.input, mode="push", source=source) as pub:
+        dropped = sub.wait_ready(30).frames_dropped.get("engine_failure", 0)
+        for _ in range(attempts):
+            seq = pub.send(rec.data, pixel_size_nm=rec.pixel_size_nm, modality=modality)
+            for msg in sub.messages(timeout=60):
+                if isinstance(msg.header, DetHeader) and msg.header.source == source:
+                    assert msg.header.seq == seq and msg.array is not None
+                    return msg.array
+                if isinstance(msg.header, HealthHeader):
+                    n = msg.header.frames_dropped.get("engine_failure", 0)
+                    if n > dropped:
+                        dropped = n
+                        break  # this attempt was dropped: the next one
+    raise AssertionError(f"{d.output}: no frame served in {attempts} attempts")
 
 
 def _health(d: DaemonProc, until, timeout: float = 60.0) -> HealthHeader:
@@ -233,6 +260,16 @@ def test_server_down_drops_counted_or_falls_back(repository: Path, frames, tmp_p
         assert h.frames_dropped.get("engine_failure", 0) == 0
         assert h.engines["detector_state"].startswith("FALLBACK to the local onnxruntime-cpu"), \
             h.engines
+
+        # the server comes back on its port: the plain daemon is served again (its shared
+        # memory regions registered anew with the new server process)
+        srv = start_triton(srv_dist(), repository, tmp_path / "server",
+                           port=int(srv.url.rsplit(":", 1)[1]))
+        table = _first_served(plain, one[0], "u")
+        assert table.tobytes() == want.tobytes()
+        h = _health(plain, lambda h: h.frames_processed == 2)
+        assert ": ok," in h.engines["detector_state"], h.engines
+        assert "(system-shm)" in h.engines["detector_state"]
     finally:
         _stop(*(d for d in (plain, fallback) if d is not None))
         srv.kill()

@@ -78,6 +78,21 @@ _region_ids = itertools.count()
 
 SharedMemory = Literal["auto", "system", "off"]
 
+#: tritonclient's own channel options (unbounded messages, its keepalive defaults) plus a short
+#: reconnection backoff: gRPC's default (1 s growing to 120 s) would keep failing requests for
+#: minutes after a server restart; this retries the connection at most every 2 s
+_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
 
 @dataclass(frozen=True)
 class TritonOptions:
@@ -228,7 +243,8 @@ class TritonEngine(Engine):
         self.failing_since: float | None = None  # time.time() of the first failure in a row
         self.last_failure: str | None = None
         try:
-            self._client = grpc.InferenceServerClient(options.target)
+            self._client = grpc.InferenceServerClient(options.target,
+                                                      channel_args=_CHANNEL_ARGS)
         except Exception as exc:
             raise EngineUnavailable(f"cannot create a Triton gRPC client for {options.url}: "
                                     f"{_message(exc)}") from exc
@@ -240,6 +256,7 @@ class TritonEngine(Engine):
         #: output bytes per output name, learnt per input-shape signature
         self._out_sizes: dict[tuple[tuple[int, ...], ...], dict[str, int]] = {}
         self.transport = "grpc"
+        self._reregister = False
         if options.shared_memory == "system" or (options.shared_memory == "auto"
                                                  and is_local_url(options.url)):
             self._try_shared_memory()
@@ -349,15 +366,34 @@ class TritonEngine(Engine):
                 raise EngineFailure(f"{self._where()}: engine is closed")
             self.requests += 1
             try:
+                if self._reregister:
+                    self._register_again()
                 out = self._infer(feeds)
             except EngineFailure as exc:
                 self.failures += 1
                 if self.failing_since is None:
                     self.failing_since = time.time()
                 self.last_failure = str(exc)
+                # a restarted server has forgotten our shared memory regions: register them
+                # again before the next request
+                self._reregister = self.transport == "system-shm"
                 raise
             self.failing_since = None
             return out
+
+    def _register_again(self) -> None:
+        # at least one region's worth (a failed attempt left them released); _infer grows them
+        sizes = (max(self._in.nbytes, 1), max(self._out.nbytes, 1))
+        try:
+            self._in.release()
+            self._out.release()
+            self._in.ensure(sizes[0])
+            self._out.ensure(sizes[1])
+        except Exception as exc:
+            raise EngineFailure(f"{self._where()}: cannot register shared memory again: "
+                                f"{_message(exc)}") from exc
+        self._reregister = False
+        log.info("%s: shared memory registered again", self._where())
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         grpc, opts = self._grpc, self.options
