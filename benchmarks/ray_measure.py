@@ -10,7 +10,8 @@ its calibration) of two specimens in two folders, written before any clock start
 
 Measured, in one run on this machine:
 
-* ``command``: wall time of the real commands as a user runs them, each a fresh process:
+* ``command_runs``: wall time of the real commands as a user runs them, each a fresh process,
+  ``--repeats`` times each in ABBA order (single, Ray, Ray, single):
   ``python -m nanoscout measure FILES --out single.parquet`` (one process; ONNX Runtime on
   every core) and ``python -m nanoscout measure FILES --ray --out parts/`` (a local Ray started
   by the command with one pipeline actor per core, one ONNX Runtime thread each). Start-up
@@ -18,7 +19,10 @@ Measured, in one run on this machine:
 * ``steady``: the same two paths in this process, with start-up excluded:
   ``measure_files`` after the pipeline is built, and ``measure_on_ray`` from the moment its
   actors are up (``on_started``) to the end, on a Ray this process started (``num_cpus`` =
-  cores).
+  cores). ``single_one_thread_s`` is ``measure_files`` with one ONNX Runtime thread (what each
+  actor runs); ``ceiling_speedup`` = single / (one-thread / cores) is the most that spreading
+  whole files over the cores can gain over a single process that already runs ONNX Runtime on
+  every core.
 * ``identical``: the particle tables of the two commands compared column by column (after
   sorting by file, image, particle id; types cast to the single-process table's).
 
@@ -112,6 +116,13 @@ def steady(files: list[Path], work: Path) -> dict[str, Any]:
     measure_files(files, pipeline, work / "steady-single.parquet", log=lambda _: None)
     single_s = time.perf_counter() - t0
     pipeline.close()
+    # the same with one ONNX Runtime thread: what one Ray actor does per frame, so
+    # cores x this / single is the most any split of files over the cores can gain here
+    pipeline = build_pipeline(load_config(None, {"engine.threads": 1}))
+    t0 = time.perf_counter()
+    measure_files(files, pipeline, work / "steady-single-1t.parquet", log=lambda _: None)
+    one_thread_s = time.perf_counter() - t0
+    pipeline.close()
 
     cores = os.cpu_count() or 1
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False,
@@ -125,7 +136,9 @@ def steady(files: list[Path], work: Path) -> dict[str, Any]:
     finally:
         ray.shutdown()
     ray_s = end - started[0]
-    return {"single_s": round(single_s, 2), "ray_s": round(ray_s, 2),
+    return {"single_s": round(single_s, 2), "single_one_thread_s": round(one_thread_s, 2),
+            "ceiling_speedup": round(single_s / (one_thread_s / cores), 3),
+            "ray_s": round(ray_s, 2),
             "ray_actor_start_s": round(started[0] - t1, 2), "workers": report.workers,
             "single_frames_per_s": round(len(files) / single_s, 3),
             "ray_frames_per_s": round(len(files) / ray_s, 3),
@@ -137,8 +150,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = write_frames(work / "frames", args.frames, args.size)
     load_start = os.getloadavg()
     py = [sys.executable, "-m", "nanoscout", "measure", *map(str, files)]
-    single_s, single_out = timed([*py, "--out", str(work / "single.parquet")])
-    ray_s, ray_out = timed([*py, "--ray", "--out", str(work / "parts")])
+    # ABBA (single, ray, ray, single, ...): load that drifts over the run hits both alike
+    order = ["single", "ray", "ray", "single"] * (args.repeats // 2) + \
+        ["single", "ray"] * (args.repeats % 2)
+    runs: dict[str, list[float]] = {"single": [], "ray": []}
+    last: dict[str, str] = {}
+    for k, which in enumerate(order):
+        if which == "single":
+            wall, out = timed([*py, "--out", str(work / f"single-{k}.parquet")])
+        else:
+            wall, out = timed([*py, "--ray", "--out", str(work / f"parts-{k}")])
+        runs[which].append(round(wall, 2))
+        last[which] = out.strip().splitlines()[-1]
+    single_s, ray_s = sum(runs["single"]), sum(runs["ray"])
+    first_single = next(k for k, w in enumerate(order) if w == "single")
+    first_ray = next(k for k, w in enumerate(order) if w == "ray")
     result: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "machine": machine_info(),
@@ -146,16 +172,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "pixel_size_nm": 0.5, "folders": 2, "format": "ImageJ TIFF"},
         "loadavg_at_start": [round(x, 2) for x in load_start],
         "command_runs": {
+            "order": order,
             "single": {"cmd": "python -m nanoscout measure FILES --out single.parquet",
-                       "wall_s": round(single_s, 2),
-                       "frames_per_s": round(len(files) / single_s, 3),
-                       "stdout": single_out.strip().splitlines()[-1:]},
+                       "wall_s": runs["single"],
+                       "frames_per_s": round(len(files) * len(runs["single"]) / single_s, 3),
+                       "stdout": last["single"]},
             "ray": {"cmd": "python -m nanoscout measure FILES --ray --out parts/",
-                    "wall_s": round(ray_s, 2), "frames_per_s": round(len(files) / ray_s, 3),
-                    "stdout": ray_out.strip().splitlines()[-1:]},
+                    "wall_s": runs["ray"],
+                    "frames_per_s": round(len(files) * len(runs["ray"]) / ray_s, 3),
+                    "stdout": last["ray"]},
+            # total single time / total Ray time over the runs (same number of each)
             "speedup": round(single_s / ray_s, 3),
         },
-        "identical": compare(work / "single.parquet", work / "parts"),
+        "identical": compare(work / f"single-{first_single}.parquet",
+                             work / f"parts-{first_ray}"),
     }
     if not args.no_steady:
         result["steady"] = steady(files, work)
@@ -170,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each command, in ABBA order (default 2)")
     p.add_argument("--no-steady", action="store_true", help="only the two commands")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
