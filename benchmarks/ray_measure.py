@@ -26,8 +26,9 @@ Measured, in one run on this machine:
 * ``identical``: the particle tables of the two commands compared column by column (after
   sorting by file, image, particle id; types cast to the single-process table's).
 
-The load average at start and end is recorded: other work on the machine slows both paths,
-but not necessarily alike.
+The load average and ``available_cores`` (CPU seconds per wall second that one busy process
+per core gets, 2.0 on an idle 2-core machine) at start and end are recorded: other work on the
+machine slows both paths, and takes away exactly the parallelism that Ray is meant to use.
 """
 
 from __future__ import annotations
@@ -70,6 +71,30 @@ def write_frames(root: Path, n: int, size: int) -> list[Path]:
                              metadata={"unit": "micron"})
             paths.append(path)
     return paths
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def available_cores(seconds: float = 3.0) -> float:
+    """How many cores this benchmark gets now: CPU seconds that one busy process per core
+    receives per wall second (2.0 on an idle 2-core machine; less while others compute)."""
+    import multiprocessing as mp
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    procs = [mp.Process(target=_spin, args=(seconds,)) for _ in range(os.cpu_count() or 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return round(cpu / (time.perf_counter() - t0), 2)
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -149,6 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ray-measure-"))
     files = write_frames(work / "frames", args.frames, args.size)
     load_start = os.getloadavg()
+    cores_start = available_cores()
     py = [sys.executable, "-m", "nanoscout", "measure", *map(str, files)]
     # ABBA (single, ray, ray, single, ...): load that drifts over the run hits both alike
     order = ["single", "ray", "ray", "single"] * (args.repeats // 2) + \
@@ -171,6 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "frames": {"n": len(files), "size_px": args.size, "dtype": "uint16",
                    "pixel_size_nm": 0.5, "folders": 2, "format": "ImageJ TIFF"},
         "loadavg_at_start": [round(x, 2) for x in load_start],
+        "available_cores_at_start": cores_start,
         "command_runs": {
             "order": order,
             "single": {"cmd": "python -m nanoscout measure FILES --out single.parquet",
@@ -190,6 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_steady:
         result["steady"] = steady(files, work)
     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["available_cores_at_end"] = available_cores()
     result["target"] = {"speedup_at_least": 1.6,
                         "command_pass": result["command_runs"]["speedup"] >= 1.6,
                         "identical": result["identical"]["identical"]}
@@ -209,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     c = report["command_runs"]
+    print(f"available cores {report['available_cores_at_start']} -> "
+          f"{report['available_cores_at_end']}")
     print(f"single {c['single']['wall_s']} s, ray {c['ray']['wall_s']} s: speedup "
           f"{c['speedup']}; identical {report['identical']['identical']}")
     if "steady" in report:
