@@ -287,3 +287,22 @@ def test_daemon_without_a_server_says_so(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert f"Triton model 'detector' at {url} is not ready after 1 s" in err
+
+
+def test_onnxruntime_repository_parses_and_needs_only_its_backend(tmp_path: Path) -> None:
+    """The production variant (platform onnxruntime_onnx) cannot run on the wheel's server,
+    which has no ONNX Runtime backend; but Triton parses every config.pbtxt of it, and the
+    missing backend is the only error it reports."""
+    dist = srv_dist()
+    repo = tmp_path / "repo"
+    subprocess.run([sys.executable, "-m", "nanoscout", "models", "export-triton", "--out",
+                    str(repo)], capture_output=True, text=True, timeout=300, check=True)
+    with pytest.raises(RuntimeError, match="failed to load all models"):
+        start_triton(dist, repo, tmp_path)
+    log = next(tmp_path.glob("tritonserver-*.log")).read_text(encoding="utf-8")
+    # "CudaDriverHelper has not been initialized": no GPU here, logged as an error at start
+    errors = [ln for ln in log.splitlines() if ln.startswith("E") and "CudaDriver" not in ln]
+    missing = "unable to find backend library for backend 'onnxruntime'"
+    failed = {ln.split("failed to load '")[1].split("'")[0] for ln in errors if missing in ln}
+    assert failed == {"detector", "detector_stem", "classifier", "lens"}
+    assert all(missing in ln for ln in errors), errors
