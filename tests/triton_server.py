@@ -16,6 +16,7 @@ free port, HTTP and metrics off; readiness is its "Started GRPCInferenceService"
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -114,20 +115,30 @@ class TritonServer:
     lines: queue.Queue[str] = field(default_factory=queue.Queue)
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGINT (Triton unloads models and exits), SIGKILL after ``timeout``; exit code."""
+        """SIGINT (Triton unloads models, ends its Python stubs and exits), SIGKILL to the
+        whole process group after ``timeout``; returns the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                return self.proc.wait(timeout)
+                code = self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                code = None
+            if code is not None:
+                self._kill_group()  # a stub that outlived the server
+                return code
+        self._kill_group()
         return self.proc.wait()
 
     def kill(self) -> None:
-        """SIGKILL: the server is gone at once, as in a crash."""
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL to the server and its Python stubs: gone at once, as in a crash."""
+        self._kill_group()
         self.proc.wait()
+
+    def _kill_group(self) -> None:
+        # the server runs in its own session (start_triton), so its group holds exactly it and
+        # the stub processes it started; a SIGKILLed server would otherwise orphan them
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def start_triton(dist: TritonDist, repository: Path, workdir: Path, *,
@@ -148,7 +159,7 @@ def start_triton(dist: TritonDist, repository: Path, workdir: Path, *,
            "--grpc-port", str(port), "--allow-http", "false", "--allow-metrics", "false",
            "--allow-gpu-metrics", "false", "--log-verbose", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=server_env(dist), cwd=workdir)
+                            env=server_env(dist), cwd=workdir, start_new_session=True)
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:

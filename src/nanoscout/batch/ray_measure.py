@@ -199,7 +199,9 @@ def measure_on_ray(
     started_here = not ray.is_initialized()
     if started_here:
         try:
-            ray.init(address=address, num_cpus=num_cpus if address is None else None,
+            # "local" always starts a new Ray here: None would join whatever cluster
+            # `ray start` last left on this machine (/tmp/ray/ray_current_cluster)
+            ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = f"the Ray cluster at {address}" if address else "a local Ray"
