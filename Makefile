@@ -37,7 +37,7 @@ demo: install
 	$(BIN)/nanoscout demo --duration $(DURATION)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

@@ -24,7 +24,9 @@ Measured, in one run on this machine:
   whole files over the cores can gain over a single process that already runs ONNX Runtime on
   every core.
 * ``identical``: the particle tables of the two commands compared column by column (after
-  sorting by file, image, particle id; types cast to the single-process table's).
+  sorting by file, image, particle id; types cast to the run's), every column but
+  ``cluster`` (an online k-means over the single process's ordered stream; the parallel path
+  leaves it unassigned).
 
 The load average and ``available_cores`` (CPU seconds per wall second that one busy process
 per core gets, 2.0 on an idle 2-core machine) at start and end are recorded: other work on the
@@ -109,21 +111,33 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def compare(single: Path, parts: Path) -> dict[str, Any]:
-    """Row counts and whether every column of the two particle tables is identical."""
+    """Row counts and whether every particle column (but ``cluster``, an online k-means over
+    the single process's stream that the parallel path leaves unassigned) is identical."""
     import pyarrow as pa
     import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
 
+    from nanoscout.clients.runfile import read_run
+    from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS
+
+    columns = ["file", "index", "units", *(c for c in PARTICLE_TABLE_COLUMNS if c != "cluster")]
     key = [("file", "ascending"), ("index", "ascending"), ("id", "ascending")]
-    want = pq.read_table(single).sort_by(key)
+    want = read_run(single).to_arrow("particles").select(columns).sort_by(key)
     got = ds.dataset(parts / "particles", partitioning="hive").to_table()
     got = pa.table({c: got.column(c).cast(want.schema.field(c).type)
-                    for c in want.column_names}).sort_by(key)
-    differ = [c for c in want.column_names
-              if got.column(c).to_pylist() != want.column(c).to_pylist()] \
-        if got.num_rows == want.num_rows else ["(row count)"]
+                    for c in columns}).sort_by(key)
+    differ = []
+    if got.num_rows != want.num_rows:
+        differ = ["(row count)"]
+    else:
+        for c in columns:
+            a, b = got.column(c), want.column(c)
+            same = (np.array_equal(a.to_numpy(), b.to_numpy(), equal_nan=True)
+                    if pa.types.is_floating(a.type) else a.to_pylist() == b.to_pylist())
+            if not same:
+                differ.append(c)
     return {"rows_single": want.num_rows, "rows_ray": got.num_rows,
-            "identical": not differ, "columns_differing": differ}
+            "identical": not differ, "columns_compared": len(columns),
+            "columns_differing": differ}
 
 
 def steady(files: list[Path], work: Path) -> dict[str, Any]:
@@ -136,14 +150,14 @@ def steady(files: list[Path], work: Path) -> dict[str, Any]:
     from nanoscout.daemon.config import load_config
 
     config = load_config(None, {})
-    pipeline = build_pipeline(config)
+    pipeline = build_pipeline(config, offline=True)
     t0 = time.perf_counter()
     measure_files(files, pipeline, work / "steady-single.parquet", log=lambda _: None)
     single_s = time.perf_counter() - t0
     pipeline.close()
     # the same with one ONNX Runtime thread: what one Ray actor does per frame, so
     # cores x this / single is the most any split of files over the cores can gain here
-    pipeline = build_pipeline(load_config(None, {"engine.threads": 1}))
+    pipeline = build_pipeline(load_config(None, {"engine.threads": 1}), offline=True)
     t0 = time.perf_counter()
     measure_files(files, pipeline, work / "steady-single-1t.parquet", log=lambda _: None)
     one_thread_s = time.perf_counter() - t0
@@ -175,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     files = write_frames(work / "frames", args.frames, args.size)
     load_start = os.getloadavg()
     cores_start = available_cores()
-    py = [sys.executable, "-m", "nanoscout", "measure", *map(str, files)]
+    py = [sys.executable, "-m", "nanoscout", "measure", *map(str, files), "--no-progress"]
     # ABBA (single, ray, ray, single, ...): load that drifts over the run hits both alike
     order = ["single", "ray", "ray", "single"] * (args.repeats // 2) + \
         ["single", "ray"] * (args.repeats % 2)

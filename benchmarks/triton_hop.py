@@ -18,7 +18,7 @@ Measured, interleaved round by round so that other load on the machine hits ever
   compute infer, compute output, per request) are read before and after each variant, and
   ``hop_ms`` = client wall time − the server's time for the request: what the network call
   itself adds (serialisation, gRPC, copies, the client library);
-* ``frame``: ``Pipeline.analyse`` of a synthetic 1024² TEM frame (uint16, 0.5 nm/px) with each
+* ``frame``: ``Pipeline.process`` (offline pipeline, no classifier) of a synthetic 1024² TEM frame (uint16, 0.5 nm/px) with each
   engine: the whole per-frame cost, including the detector's working-scale passes (several
   engine calls per frame).
 
@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.latency import machine_info  # noqa: E402
+from nanoscout.analysis.frame import Frame  # noqa: E402
 from nanoscout.analysis.modelcard import shipped_model_dir  # noqa: E402
 from nanoscout.daemon.app import build_pipeline  # noqa: E402
 from nanoscout.daemon.config import load_config  # noqa: E402
@@ -72,6 +73,17 @@ def _server_ns(client: Any, model: str) -> dict[str, int]:
     for key in ("queue", "compute_input", "compute_infer", "compute_output"):
         out[key] = int(inf[key].get("ns", 0))
     return out
+
+
+def _settled(client: Any, count: int, timeout_s: float = 5.0) -> dict[str, int]:
+    """The statistics once they count ``count`` requests (Triton records a request's
+    statistics just after answering it, so an immediate read can miss the last one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = _server_ns(client, "detector")
+        if stats["count"] >= count or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.005)  # allowed: polling the server's statistics, which cannot notify
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 dt = (time.perf_counter() - t0) * 1e3 / args.per_round
                 wall[name].append(dt)
                 if before is not None:
-                    after = _server_ns(client, "detector")
+                    after = _settled(client, before["count"] + args.per_round)
                     n = after["count"] - before["count"]
                     ns = sum(after[k] - before[k] for k in after if k != "count")
                     server_ms[name].append(ns / 1e6 / max(n, 1))
@@ -126,18 +138,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         frame = Specimen.generate(cfg, 0).acquire(np.random.default_rng(1)).image
         only_detector = {"classify.enabled": False, "engine.modality_models": {}}
         pipelines = {"local": build_pipeline(load_config(None, {
-            "engine.backend": "cpu", "engine.threads": 1, **only_detector}))}
+            "engine.backend": "cpu", "engine.threads": 1, **only_detector}), offline=True)}
         for name, shm in (("triton_grpc", "off"), ("triton_shm", "system")):
             pipelines[name] = build_pipeline(load_config(None, {
                 "engine.backend": "triton", "engine.triton.url": server.url,
-                "engine.triton.shared_memory": shm, **only_detector}))
-        tables = {n: p.analyse(frame, 0.5).table for n, p in pipelines.items()}
+                "engine.triton.shared_memory": shm, **only_detector}), offline=True)
+        image = Frame.from_image(frame, pixel_size_nm=0.5)
+        tables = {n: p.process(image).table for n, p in pipelines.items()}
         frame_ms: dict[str, list[float]] = {n: [] for n in pipelines}
         engine_ms: dict[str, list[float]] = {n: [] for n in pipelines}
         for _ in range(args.rounds):
             for name, p in pipelines.items():
                 t0 = time.perf_counter()
-                a = p.analyse(frame, 0.5)
+                a = p.process(image)
                 frame_ms[name].append((time.perf_counter() - t0) * 1e3)
                 engine_ms[name].append(a.stage_ms["engine"] + a.stage_ms.get("scale", 0.0))
         frame_block: dict[str, Any] = {}

@@ -1,10 +1,12 @@
 """``nanoscout dashboard`` in real headless Chromium beside a live daemon and simulator.
 
-The page must show frames with particles, statistics, morphology clusters (table, colouring,
+The page must show frames with particles (a scale bar, zoom, pan and display contrast),
+statistics (a D50 trend whose axis does not magnify noise), morphology clusters (table, colouring,
 hover), alerts (a particle one with its crop, a novelty one with its CAM), the daemon's own
 field-of-view classification with a working CAM overlay, the AI lens's feature maps asked of
-the daemon's query socket, no console errors, and a red banner once the daemon is gone (the
-lens then says it got no answer). A second publisher adds a hand-made class message of a
+the daemon's query socket, no console errors, a red banner once the daemon is gone (the
+lens then says it got no answer), and an amber one only for real loss (not for frames a live
+daemon supersedes). A second publisher adds a hand-made class message of a
 second source (the source selector). Screenshots go to tests/artifacts/.
 """
 
@@ -102,7 +104,7 @@ def publisher() -> Iterator[tuple[zmq.Socket, str]]:
 def start_dashboard(*endpoints: str, query: str | None = None, timeout: float = 60.0
                     ) -> tuple[subprocess.Popen[str], str]:
     """``nanoscout dashboard`` on a free port; returns the process and the page URL."""
-    args = [a for ep in endpoints for a in ("--connect", ep)]
+    args = [a for ep in endpoints for a in ("--results", ep)]
     if query is not None:
         args += ["--query", query]
     proc = nanoscout("dashboard", *args, "--port", "0", stdout=subprocess.PIPE)
@@ -120,11 +122,13 @@ def _class_message(seq: int, source: str = "sim") -> list:
     return encode_message(h, heat)
 
 
-def _health_message() -> list:
+def _health_message(dropped: dict[str, int] | None = None, transport_gaps: int = 0) -> list:
     return encode_message(HealthHeader(
         t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={"detector": "test"},
-        frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
-        transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None, latency_ms_p99=None))
+        frames_received=0, frames_processed=0, frames_dropped=dropped or {}, rejected={},
+        transport_gaps=transport_gaps, queue_depth=0, fps=0.0, latency_ms_p50=None,
+        latency_ms_p99=None,
+        transport_gaps_by_source={"sim": transport_gaps} if transport_gaps else {}))
 
 
 def _publish_until(page: Any, sock: zmq.Socket, make: Any, js: str, timeout: float) -> None:
@@ -174,7 +178,7 @@ def test_dashboard_in_chromium(daemon_factory, publisher) -> None:
     d = daemon_factory("--policy", "live", config=DAEMON_CONFIG)
     assert d.query is not None, "the daemon serves no query socket"
     dash, url = start_dashboard(d.output, pub_endpoint, query=d.query)
-    sim = nanoscout("simulate", "--connect", d.input, "--mode", "pub", "--size", "384",
+    sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "pub", "--size", "384",
                     "--rate", "4", "--seed", "11", "--dwell", "3", stdout=subprocess.DEVNULL)
     errors: list[str] = []
     try:
@@ -289,6 +293,9 @@ def test_dashboard_in_chromium(daemon_factory, publisher) -> None:
             # hover over a particle: its measurements and cluster
             _hover_a_particle(page, url)
 
+            # the operator's view of the frame: scale bar, zoom, pan, contrast; D50 axis span
+            _check_view_controls(page)
+
             page.wait_for_timeout(300)  # let the last events draw (allowed: a screenshot)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
@@ -316,6 +323,17 @@ def test_dashboard_in_chromium(daemon_factory, publisher) -> None:
             # ... and it recovers when messages come back
             _publish_until(page, pub, _health_message,
                            "() => document.getElementById('banner').hidden", timeout=15)
+            # superseded frames in live mode are policy: no loss banner, only a note in health
+            _publish_until(page, pub, lambda: _health_message({"superseded": 40}),
+                           "() => document.getElementById('health').textContent"
+                           ".includes('superseded 40')", timeout=15)
+            assert "live policy" in page.inner_text("#health")
+            assert not page.is_visible("#gaps")
+            # real loss (frames lost between the adapter and the daemon) raises it
+            _publish_until(page, pub, lambda: _health_message({"superseded": 40}, 3),
+                           "() => !document.getElementById('gaps').hidden", timeout=15)
+            assert "transport gaps (sim): 3" in page.inner_text("#gaps")
+            assert "superseded" not in page.inner_text("#gaps")
             assert errors == [], errors
             browser.close()
     finally:
@@ -324,6 +342,58 @@ def test_dashboard_in_chromium(daemon_factory, publisher) -> None:
         if dash.poll() is None:
             dash.send_signal(signal.SIGINT)
         assert dash.wait(30) == 0
+
+
+VIEW = "() => document.getElementById('frame').dataset.view.split(',').map(Number)"
+BAR = """() => { const b = document.getElementById('scalebar');
+  return [Number(b.dataset.length), parseFloat(b.querySelector('i').style.width),
+          b.querySelector('span').textContent, !b.hidden]; }"""
+
+
+def _check_view_controls(page: Any) -> None:
+    """Scale bar in nm that follows the zoom, zoom by button and wheel, pan by drag, reset by
+    double-click, display contrast, and a D50 axis that does not magnify noise."""
+    page.mouse.move(0, 0)
+    length, width, label, shown = page.evaluate(BAR)
+    assert shown and label.endswith(" nm") and 40 <= width <= 260, (length, width, label)
+    nm_per_css = length / width
+    page.click("#zoom-in")
+    page.click("#zoom-in")
+    # both clicks handled (x1.5 each): the view's zoom is 2.25
+    page.wait_for_function("() => Number(document.getElementById('frame').dataset.view"
+                           ".split(',')[0]) > 2.2")
+    z, x0, y0 = page.evaluate(VIEW)
+    assert z == pytest.approx(2.25, rel=1e-3)
+    length, width, label, _ = page.evaluate(BAR)
+    assert length / width == pytest.approx(nm_per_css / 2.25, rel=0.02), label  # follows zoom
+    box = page.locator("#frame").bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx, cy)
+    page.mouse.down()
+    page.mouse.move(cx - 80, cy - 60, steps=4)
+    page.mouse.up()
+    z2, x1, y1 = page.evaluate(VIEW)
+    assert z2 == z and x1 > x0 and y1 > y0  # dragged left/up: the view moved right/down
+    page.mouse.wheel(0, -120)
+    page.wait_for_function(f"() => Number(document.getElementById('frame').dataset.view"
+                           f".split(',')[0]) > {z}")
+    page.dblclick("#frame")
+    page.wait_for_function("() => document.getElementById('zoom-level').textContent === '1.0×'")
+    # display contrast: a wider grey spread, then back
+    page.uncheck("#show-outlines")
+    page.wait_for_timeout(300)  # allowed: compares two drawn pictures
+    plain = page.evaluate(CANVAS_SPREAD, "frame")
+    page.evaluate("() => { const c = document.getElementById('contrast'); c.value = '300';"
+                  " c.dispatchEvent(new Event('input')); }")
+    page.wait_for_timeout(300)  # allowed: compares two drawn pictures
+    strong = page.evaluate(CANVAS_SPREAD, "frame")
+    assert strong > 1.3 * plain, (plain, strong)
+    page.click("#contrast-reset")
+    page.check("#show-outlines")
+    # the D50 trend axis spans at least 20 % of the level (no magnified noise)
+    lo, hi = page.evaluate("() => document.getElementById('series').dataset.d50Axis"
+                           ".split(',').map(Number)")
+    assert hi - lo >= 0.2 * (hi + lo) / 2 * 0.99, (lo, hi)
 
 
 def _hover_a_particle(page: Any, url: str) -> None:

@@ -67,7 +67,7 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 
     cfg = tmp_path / "daemon.toml"
     cfg.write_text(config, encoding="utf-8")
     proc = nanoscout(
-        "serve", "--config", str(cfg), "--input", "tcp://127.0.0.1:0", "--output",
+        "serve", "--config", str(cfg), "--frames-endpoint", "tcp://127.0.0.1:0", "--results",
         "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", "0.2", "--threads", "2",
         *args, stdout=subprocess.PIPE,
     )

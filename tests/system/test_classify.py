@@ -21,7 +21,7 @@ CARD = ModelCard.load(REPO / "models" / "weights" / "classifier.json")
 
 
 def _simulate(d, n: int, *args: str) -> subprocess.Popen[str]:
-    return nanoscout("simulate", "--connect", d.input, "--mode", "push", "--frames", str(n),
+    return nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--frames", str(n),
                      "--size", "512", "--rate", "0", "--seed", "77", *args,
                      stdout=subprocess.DEVNULL)
 
@@ -139,7 +139,7 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory, tmp_pat
     from PIL import Image
 
     png = tmp_path / "lens.png"
-    cli = nanoscout("lens", "--connect", d.query, "--source", "cam1", "--layer", acts[0],
+    cli = nanoscout("lens", "--query", d.query, "--source", "cam1", "--layer", acts[0],
                     "--out", str(png), stdout=subprocess.PIPE)
     out, _ = cli.communicate(timeout=60)
     assert cli.returncode == 0 and f"cam1#{reply.seq}" in out

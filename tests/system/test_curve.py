@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.acquisition.publisher import FramePublisher, PublishError
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.transport import ClientKeys, create_keys
 
@@ -33,11 +33,10 @@ def test_authorised_clients_work_and_strangers_are_refused(daemon_factory, tmp_p
         with Subscriber(d.output, topics=("health",), curve=stranger) as spy, \
                 pytest.raises(TimeoutError):
             spy.wait_ready(timeout=2.0)
-        # the stranger's socket stays open while the friend's frame goes through, so its frame
-        # would have arrived first had the handshake been accepted
-        with FramePublisher(d.input, source="intruder", curve=stranger) as bad, \
-                FramePublisher(d.input, source="friend", curve=friend) as good:
-            bad.send(frame, pixel_size_nm=1.0)
+        # a stranger's adapter is refused at the handshake, and says so
+        with pytest.raises(PublishError, match="refused this client's CURVE key"):
+            FramePublisher(d.input, source="intruder", curve=stranger, connect_timeout_s=5)
+        with FramePublisher(d.input, source="friend", curve=friend) as good:
             good.send(frame, pixel_size_nm=1.0)
             dets = []
             for msg in sub.messages(timeout=60):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import csv
+import json
 import subprocess
 from pathlib import Path
 
@@ -48,7 +48,7 @@ def test_replayed_instrument_files_keep_their_calibration(daemon_factory, shared
     d = daemon_factory("--policy", "lossless")
     with Subscriber(d.output, topics=("det.",)) as sub:
         sub.wait_ready()
-        replay = nanoscout("replay", *map(str, files), str(corrupt), "--connect", d.input, "--mode", "push",
+        replay = nanoscout("replay", *map(str, files), str(corrupt), "--frames-endpoint", d.input, "--mode", "push",
                            stdout=subprocess.PIPE)
         seen = {}
         for msg in sub.messages(timeout=120):
@@ -68,34 +68,73 @@ def test_replayed_instrument_files_keep_their_calibration(daemon_factory, shared
             assert h.pixel_size_nm == pytest.approx(expected, rel=1e-3), name
 
 
-def test_measure_writes_particles_and_label_images(shared_data: Path, tmp_path: Path) -> None:
-    images = [
-        shared_data / "instrument-files" / "dm" / "JEOL_HAADF_nanoparticles.dm4",
-        sorted((shared_data / "stem-dev" / "images").iterdir())[0],
-    ]
-    out = tmp_path / "particles.csv"
-    masks = tmp_path / "masks"
-    proc = nanoscout("measure", *map(str, images), "--out", str(out), "--masks", str(masks),
-                     stdout=subprocess.PIPE)
+def test_measure_writes_a_run_and_files_fiji_and_napari_open(shared_data: Path,
+                                                              tmp_path: Path) -> None:
+    """Every instrument file once (TIA .emi + .ser as one), unique names for test-1.dm3 and
+    test-1.dm4, a run pandas/report read, label TIFFs tifffile reads with the nm calibration,
+    ROI sets roifile reads, overlays, and napari layers with the scale in nm."""
+    import pandas as pd
+    import roifile
+    import tifffile
+
+    from nanoscout.clients.napari_reader import get_reader
+
+    folders = sorted(p for p in (shared_data / "instrument-files").iterdir() if p.is_dir())
+    jpg = sorted((shared_data / "stem-dev" / "images").iterdir())[0]
+    out = tmp_path / "run.parquet"
+    files = tmp_path / "outputs"
+    proc = nanoscout("measure", *map(str, folders), str(jpg), "--out", str(out),
+                     "--outputs", str(files), stdout=subprocess.PIPE)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, stdout
-    with out.open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert rows, "no particle measured"
-    for img in images:
-        mine = [r for r in rows if Path(r["file"]).name == img.name]
-        with Image.open(masks / f"{img.stem}.png") as im:
-            labels = np.asarray(im)
-        assert labels.dtype == np.uint16
-        assert len(mine) == len(np.unique(labels)) - 1
-        ids = {int(r["id"]) for r in mine}
-        assert ids == set(np.unique(labels).tolist()) - {0}
-    dm4 = [r for r in rows if r["file"].endswith(".dm4")]
-    assert dm4 and all(r["units"] == "nm" and float(r["pixel_size_nm"]) == pytest.approx(1.249, rel=1e-3) for r in dm4)
-    jpg = [r for r in rows if r["file"].endswith(images[1].suffix)]
-    assert all(r["units"] == "px" for r in jpg)
-    for r in rows:
-        assert float(r["ecd_nm"]) > 0 and float(r["feret_max_nm"]) >= float(r["feret_min_nm"]) > 0
+
+    df = pd.read_parquet(out)  # the run folder is the particle table
+    frames = pd.read_parquet(out / "_frames")
+    names = sorted(Path(f).name for f in frames["file"])
+    assert names == sorted([*EXPECTED_NM, jpg.name])  # each acquisition measured once
+    assert (frames["file"].map(lambda f: Path(f).name) == "128x128-TEM_search.emi").sum() == 1
+    for name, expected in EXPECTED_NM.items():
+        row = frames[frames["file"].map(lambda f, n=name: Path(f).name == n)].iloc[0]
+        if expected is None:
+            assert row["units"] == "px" and np.isnan(row["pixel_size_nm"]), name
+        else:
+            assert row["pixel_size_nm"] == pytest.approx(expected, rel=1e-3), name
+    # unit-honest: px columns always, nm columns NaN where uncalibrated
+    assert len(df) > 10 and (df["ecd_px"] > 0).all()
+    assert df.loc[df["units"] == "px", "ecd_nm"].isna().all()
+    nm = df[df["units"] == "nm"]
+    np.testing.assert_allclose(nm["ecd_nm"], nm["ecd_px"] * nm["pixel_size_nm"], rtol=1e-5)
+    assert str(df["t_acq"].dtype) == "datetime64[ns, UTC]"
+    assert len(pd.read_parquet(out / "_stats")) == len(frames)
+
+    # one set of outputs per image, names keep the suffix: test-1.dm3 and test-1.dm4 differ
+    for stem in ("test-1.dm3", "test-1.dm4", "128x128-TEM_search.emi", jpg.name):
+        for ext in (".labels.tif", ".rois.zip", ".overlay.png"):
+            assert (files / f"{stem}{ext}").is_file(), stem + ext
+    dm4 = files / "JEOL_HAADF_nanoparticles.dm4.labels.tif"
+    with tifffile.TiffFile(dm4) as tf:
+        assert tf.is_imagej and tf.series[0].axes == "CYX"
+        assert tf.imagej_metadata["unit"] == "nm"
+        num, den = tf.pages[0].tags["XResolution"].value
+        assert den / num == pytest.approx(1.249, rel=1e-3)  # nm per px
+        labels = tf.asarray()[1]
+    mine = df[df["file"].str.endswith("JEOL_HAADF_nanoparticles.dm4")]
+    assert set(np.unique(labels)) - {0} == set(mine["id"].tolist()) and len(mine) > 0
+    rois = roifile.roiread(files / "JEOL_HAADF_nanoparticles.dm4.rois.zip")
+    assert sorted(int(r.name) for r in rois) == sorted(mine["id"].tolist())
+    with Image.open(files / "JEOL_HAADF_nanoparticles.dm4.overlay.png") as im:
+        assert im.mode == "RGB" and im.size == (labels.shape[1], labels.shape[0])
+    layers = get_reader(str(dm4))(str(dm4))  # type: ignore[misc]
+    assert [t for _, _, t in layers] == ["image", "labels"]
+    assert layers[1][1]["scale"] == pytest.approx((1.249, 1.249), rel=1e-3)
+    np.testing.assert_array_equal(layers[1][0], labels)
+
+    report = tmp_path / "report.html"
+    proc = nanoscout("report", str(out), "--out", str(report), stdout=subprocess.PIPE)
+    rep_out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, rep_out
+    html = report.read_text()
+    assert "nanoscout-particle-unet" in html and "Kolmogorov-Smirnov" in html
 
 
 def test_corrupt_file_in_measure_is_skipped_with_a_reason(shared_data: Path, tmp_path: Path) -> None:
@@ -111,3 +150,5 @@ def test_corrupt_file_in_measure_is_skipped_with_a_reason(shared_data: Path, tmp
 
     table = pq.read_table(out)
     assert set(table.column("file").to_pylist()) == {str(good)}
+    prov = json.loads((out / "_run.json").read_text())
+    assert [Path(p).name for p, _why in prov["skipped"]] == ["broken.tif"]

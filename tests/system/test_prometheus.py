@@ -37,8 +37,20 @@ def _get(url: str) -> dict | None:
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus is not installed (apt-get install prometheus)")
+def _disks(k: int) -> np.ndarray:
+    """A 256 x 256 frame with 12 bright disks of radius 8 px (ECD 8 nm at 0.5 nm/px)."""
+    yy, xx = np.mgrid[:256, :256]
+    img = np.random.default_rng(k).poisson(100, (256, 256)).astype(np.uint16)
+    for j in range(12):
+        cy, cx = 30 + 65 * (j // 4), 30 + 65 * (j % 4)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 64] += 400
+    return img
+
+
 def test_prometheus_scrapes_the_daemon(daemon_factory, tmp_path: Path) -> None:
-    d = daemon_factory("--policy", "lossless")
+    """Counters, the size gauges (D50 per source) and this deployment's alert thresholds
+    (daemon config -> nanoscout_alert_threshold -> the rules' recorded thresholds)."""
+    d = daemon_factory("--policy", "lossless", config="[metrics]\nalert_latency_p99_s = 1.5\n")
     target = urllib.parse.urlparse(d.metrics).netloc
     port = _free_port()
     cfg = tmp_path / "prometheus.yml"
@@ -49,11 +61,10 @@ def test_prometheus_scrapes_the_daemon(daemon_factory, tmp_path: Path) -> None:
         f"      - targets: ['{target}']\n"
     )
     n = 7
-    frame = np.full((128, 128), 300, np.uint16)
     with Subscriber(d.output, topics=("det.",)) as sub, FramePublisher(d.input, source="prom") as pub:
         sub.wait_ready()
-        for _ in range(n):
-            pub.send(frame, pixel_size_nm=0.5)
+        for k in range(n):
+            pub.send(_disks(k), pixel_size_nm=0.5)
         got = [m for _, m in zip(range(n), sub.messages(timeout=60), strict=False)]
     assert len(got) == n
     prom = subprocess.Popen(
@@ -77,6 +88,20 @@ def test_prometheus_scrapes_the_daemon(daemon_factory, tmp_path: Path) -> None:
         up = wait_until(lambda: (_get(base + "/api/v1/query?query=up") or {}).get("data", {}).get("result"),
                         timeout=30, what="up metric")
         assert up[0]["value"][1] == "1"
+
+        def value(q: str) -> float | None:
+            r = _get(base + "/api/v1/query?query=" + urllib.parse.quote(q))
+            res = r["data"]["result"] if r and r.get("status") == "success" else []
+            return float(res[0]["value"][1]) if res else None
+
+        d50 = wait_until(lambda: value('nanoscout_ecd_d50{source="prom", units="nm"}'),
+                         timeout=30, what="the D50 gauge")
+        assert 6.5 < d50 < 9.5  # disks of 8 nm
+        assert value('nanoscout_particles_last_frame{source="prom"}') >= 10
+        assert value('nanoscout_window_particles{source="prom"}') >= 10 * n
+        assert wait_until(lambda: value("instance:nanoscout_alert_threshold:latency_p99_seconds"),
+                          timeout=30, what="the recorded threshold") == 1.5
+        assert value("instance:nanoscout_alert_threshold:queue_depth") == 8
     finally:
         prom.terminate()
         prom.wait(30)

@@ -40,7 +40,7 @@ def test_real_micrographs_are_found_at_their_own_scale(daemon_factory, shared_da
     d = daemon_factory("--policy", "lossless")
     with Subscriber(d.output, topics=("det.",)) as sub:
         sub.wait_ready()
-        replay = nanoscout("replay", *map(str, files), "--connect", d.input, "--mode", "push",
+        replay = nanoscout("replay", *map(str, files), "--frames-endpoint", d.input, "--mode", "push",
                            stdout=subprocess.PIPE)
         seen = {}
         for msg in sub.messages(timeout=180):

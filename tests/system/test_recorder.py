@@ -30,9 +30,9 @@ cooldown_s = 0.0
 
 
 def _start_recorder(output: str, out: Path, *args: str) -> subprocess.Popen[str]:
-    rec = nanoscout("record", "--connect", output, "--out", str(out), *args,
+    rec = nanoscout("record", "--results", output, "--out", str(out), *args,
                     stdout=subprocess.PIPE)
-    meta = out / "run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
+    meta = out / "_run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
     wait_until(lambda: meta.exists() and "subscribed_utc" in meta.read_text(), timeout=60,
                what="recorder subscribed")
     return rec
@@ -45,8 +45,9 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tm
     n = 12
     with Subscriber(d.output, topics=("det.", "alert.")) as sub:
         sub.wait_ready()
-        rec = _start_recorder(d.output, out, "--frames", str(n), "--batch-frames", "5")
-        sim = nanoscout("simulate", "--connect", d.input, "--mode", "push", "--frames", str(n),
+        rec = _start_recorder(d.output, out, "--frames", str(n), "--batch-frames", "5",
+                              "--rois", str(tmp_path / "rois"))
+        sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--frames", str(n),
                         "--size", "384", "--rate", "0", "--seed", "4242",
                         stdout=subprocess.DEVNULL)
         seen: dict[int, int] = {}
@@ -72,11 +73,29 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tm
     assert (run.particles["units"] == "nm").all()
     assert np.allclose(run.particles["pixel_size_nm"], 0.5)
     assert np.isfinite(run.particles["stage_x_um"]).all()
-    assert len(list((out / "particles").glob("part-*.parquet"))) >= 3  # batches of 5 frames
-    prov = json.loads((out / "run.json").read_text())
+    assert len(list(out.glob("part-*.parquet"))) >= 3  # batches of 5 frames
+    prov = json.loads((out / "_run.json").read_text())
     assert prov["rows"]["particles"] == run.rows(run.particles)
     assert prov["missed_results"] == {} and prov["daemon_policy"] == "lossless"
     assert "recorded 12 frames" in stdout
+    # provenance: software, options, and the model with its hash and card's sizing error
+    assert prov["format"] == "nanoscout-run/2" and prov["software"]["nanoscout"]
+    assert prov["config"]["batch_frames"] == 5
+    (det_model,) = [m for m in prov["model_provenance"] if "unet" in m["model"]]
+    assert len(det_model["sha256"]) == 64 and det_model["sizing_error"]
+    # pandas reads the run root; statistics with clusters after every frame; ImageJ ROI sets
+    import pandas as pd
+    import roifile
+
+    df = pd.read_parquet(out)
+    assert len(df) == run.rows(run.particles) and str(df["t_acq"].dtype) == "datetime64[ns, UTC]"
+    stats = pd.read_parquet(out / "_stats")
+    assert len(stats) >= n - 1 and (stats["window_ecd_d50"] > 0).all()
+    assert stats["clusters"].str.contains('"k"').any()
+    rois = sorted((tmp_path / "rois").glob("*.rois.zip"))
+    assert len(rois) == n
+    first = int(run.frames["n"][np.argmin(run.frames["seq"])])
+    assert len(roifile.roiread(rois[0])) == first
 
     report = tmp_path / "run_report.html"
     proc = nanoscout("report", str(out), "--out", str(report), stdout=subprocess.PIPE)
@@ -91,10 +110,10 @@ def test_kill_9_leaves_a_readable_run(daemon_factory, tmp_path: Path, name: str)
     d = daemon_factory("--policy", "lossless")
     out = tmp_path / name
     rec = _start_recorder(d.output, out, "--batch-frames", "2", "--batch-seconds", "0.3")
-    sim = nanoscout("simulate", "--connect", d.input, "--mode", "push", "--size", "256",
+    sim = nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--size", "256",
                     "--rate", "20", "--seed", "7", stdout=subprocess.DEVNULL)
     try:
-        meta = out / "run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
+        meta = out / "_run.json" if out.suffix == ".parquet" else out.with_suffix(".json")
         # wait until a few batches are on disk, then kill the recorder without warning
         wait_until(lambda: read_run(out).rows(read_run(out).frames) >= 6, timeout=90,
                    what="six recorded frames")

@@ -28,7 +28,7 @@ def microscope(daemon_factory: object, tmp_path: Path):  # type: ignore[no-untyp
     config = (REPO / "deploy/search.toml").read_text(encoding="utf-8")
     daemon = daemon_factory(config=config)  # type: ignore[operator]
     truth = tmp_path / "truth.json"
-    proc = nanoscout("microscope", "--connect", daemon.input, "--control", "tcp://127.0.0.1:0",
+    proc = nanoscout("microscope", "--frames-endpoint", daemon.input, "--control", "tcp://127.0.0.1:0",
                      "--truth", str(truth), *SPECIMEN, stdout=subprocess.PIPE)
     try:
         ep, _, pump = wait_ready(proc, "microscope", 60)
@@ -39,7 +39,7 @@ def microscope(daemon_factory: object, tmp_path: Path):  # type: ignore[no-untyp
 
 
 def _search(daemon: object, control: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = ["search", "--control", control, "--connect", daemon.output,  # type: ignore[attr-defined]
+    cmd = ["search", "--control", control, "--results", daemon.output,  # type: ignore[attr-defined]
            "--area=-20,20,-20,20", "--out", str(out), *RULES, *extra]
     proc = nanoscout(*cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout, stderr = proc.communicate(timeout=300)
@@ -81,7 +81,7 @@ def test_adaptive_search_finds_the_targets_with_fewer_frames_than_the_raster(
 def test_search_refuses_an_area_beyond_the_stage_and_a_budget_stops_it(
         microscope: tuple, tmp_path: Path) -> None:
     daemon, control, _ = microscope
-    cmd = ["search", "--control", control, "--connect", daemon.output, "--area=-500,500,-20,20",
+    cmd = ["search", "--control", control, "--results", daemon.output, "--area=-500,500,-20,20",
            "--out", str(tmp_path / "far"), *RULES]
     proc = nanoscout(*cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=120)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.system
 
 
 def _simulate(endpoint: str, *args: str) -> subprocess.Popen[str]:
-    return nanoscout("simulate", "--connect", endpoint, *args, stdout=subprocess.DEVNULL)
+    return nanoscout("simulate", "--frames-endpoint", endpoint, *args, stdout=subprocess.DEVNULL)
 
 
 def _final_health(sub: Subscriber, until, timeout: float = 60.0) -> HealthHeader:

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nanoscout.analysis.frame import Frame
+from nanoscout.analysis.pipeline import FrameResult, Pipeline
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.acquisition.readers import ImageRecord, read_images
 from nanoscout.clients.subscriber import Subscriber
@@ -39,8 +41,8 @@ tritonclient = pytest.importorskip("tritonclient.grpc",
                                    reason="tritonclient is not installed (pip install "
                                           "'nanoscout[triton]')")
 
-#: the daemon configuration that makes its results comparable frame by frame with
-#: Pipeline.analyse: the working scale estimated on every frame, no morphology clusters
+#: the daemon configuration that makes its results comparable frame by frame with an offline
+#: pipeline: the working scale estimated on every frame, no morphology clusters
 _COMPARABLE = """
 [engine]
 auto_scale_every = 1
@@ -53,6 +55,17 @@ def _triton_config(url: str, **triton: object) -> str:
     lines = [f'url = "{url}"', *(f"{k} = {v!r}".replace("'", '"') for k, v in triton.items())]
     return _COMPARABLE.replace("[engine]\n", '[engine]\nbackend = "triton"\n') + \
         "[engine.triton]\n" + "\n".join(lines) + "\n"
+
+
+def _local(**overrides: object) -> Pipeline:
+    """The in-process reference: ONNX Runtime on the CPU, one thread (as the server's stub)."""
+    return build_pipeline(load_config(None, {"engine.backend": "cpu", "engine.threads": 1,
+                                             **overrides}), offline=True)
+
+
+def _analyse(pipeline: Pipeline, rec: ImageRecord, modality: str | None) -> FrameResult:
+    return pipeline.process(Frame.from_image(rec.data, pixel_size_nm=rec.pixel_size_nm,
+                                             modality=modality))
 
 
 @pytest.fixture(scope="module")
@@ -104,23 +117,23 @@ def frames(shared_data: Path) -> list[tuple[ImageRecord, str | None]]:
 @pytest.mark.parametrize("shared_memory", ["off", "auto"])
 def test_particles_identical_to_the_local_engine(server: TritonServer, frames, shared_memory: str
                                                  ) -> None:
-    local = build_pipeline(load_config(None, {"engine.backend": "cpu", "engine.threads": 1}))
+    local = _local()
     remote = build_pipeline(load_config(None, {
         "engine.backend": "triton", "engine.triton.url": server.url,
-        "engine.triton.shared_memory": shared_memory}))
+        "engine.triton.shared_memory": shared_memory}), offline=True)
     try:
         transport = remote.detector.engine.transport  # type: ignore[attr-defined]
         assert transport == ("grpc" if shared_memory == "off" else "system-shm")
         assert remote.engine_name == "triton"
         assert remote.classifier is not None and local.classifier is not None
         for rec, modality in frames:
-            a = local.analyse(rec.data, rec.pixel_size_nm, modality=modality)
-            b = remote.analyse(rec.data, rec.pixel_size_nm, modality=modality)
+            a, b = _analyse(local, rec, modality), _analyse(remote, rec, modality)
             assert a.model == b.model
             assert len(a.table) == len(b.table) > 0, rec.path
             assert a.table.tobytes() == b.table.tobytes(), rec.path  # every field, bit for bit
             assert np.array_equal(a.labels, b.labels)
-            ca, cb = local.classifier.classify(rec.data), remote.classifier.classify(rec.data)
+            ca, cb = a.classification, b.classification
+            assert ca is not None and cb is not None
             assert ca.all == cb.all and ca.novelty == cb.novelty
         states = remote.detector.engine.state()  # type: ignore[attr-defined]
         assert ": ok," in states and "0 failed" in states
@@ -206,12 +219,12 @@ def test_two_daemons_share_one_server(server: TritonServer, frames, tmp_path: Pa
     a = _start_daemon(tmp_path, "a", config)
     b = _start_daemon(tmp_path, "b", config)
     try:
-        local = build_pipeline(load_config(None, {"engine.backend": "cpu", "engine.threads": 1}))
+        local = _local(**{"clusters.enabled": False})
         sent = [f for f in frames if f[1] is None][:4]
         got_a = _results(a, sent, "scope-a")
         got_b = _results(b, sent, "scope-b")
         for seq, (rec, modality) in enumerate(sent):
-            want = local.analyse(rec.data, rec.pixel_size_nm, modality=modality).table
+            want = _analyse(local, rec, modality).table
             assert got_a[seq].tobytes() == got_b[seq].tobytes() == want.tobytes(), rec.path
         # every detector request of both daemons went to this server (estimation passes too)
         assert served() - before >= 2 * len(sent)
@@ -251,8 +264,8 @@ def test_server_down_drops_counted_or_falls_back(repository: Path, frames, tmp_p
         assert "FAILING since" in h.engines["detector_state"], h.engines
         assert h.last_error is not None and srv.url in h.last_error
 
-        local = build_pipeline(load_config(None, {"engine.backend": "cpu", "engine.threads": 1}))
-        want = local.analyse(one[0][0].data, one[0][0].pixel_size_nm).table
+        local = _local(**{"clusters.enabled": False})
+        want = _analyse(local, *one[0]).table
         local.close()
         got = _results(fallback, one * 2, "t")
         assert all(t.tobytes() == want.tobytes() for t in got.values())

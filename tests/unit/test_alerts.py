@@ -17,6 +17,7 @@ from nanoscout.analysis.alerts import (
     parse_rules,
 )
 from nanoscout.wire.errors import ConfigError, FrameError
+from nanoscout.wire.headers import Stage
 from nanoscout.wire.particles import SHAPE_CLASSES, empty_table
 
 S = 1_000_000_000  # ns per s
@@ -51,9 +52,8 @@ def run(
 ) -> list[Alert]:
     return engine.evaluate(
         source=source,
-        seq=7,
         t_ns=t_ns,
-        stage=stage,
+        stage=None if stage is None else Stage(x_um=stage[0], y_um=stage[1]),
         table=table,
         stats=stats,
         units=units,
@@ -72,7 +72,6 @@ def test_particle_rule_fires_with_value_threshold_and_explanation() -> None:
     assert alert.value == pytest.approx(63.2, rel=1e-6) and alert.threshold == 50.0
     assert alert.explanation == "particle 2 has ECD 63.2 nm > 50 nm (rule big)"
     assert alert.particles["id"].tolist() == [2]
-    assert (alert.source, alert.seq, alert.t_ns, alert.stage) == ("cam", 7, 1, (0.0, 0.0))
 
 
 def test_particle_rule_several_conditions_shape_class_and_ordering() -> None:
@@ -318,8 +317,7 @@ NEW = {"name": "new", "kind": "novelty", "threshold": 3.0, "severity": "info"}
 
 def classify(engine: AlertEngine, probs: list[float], novelty: float | None = None,
              t_ns: int = 0, heat: np.ndarray | None = None, source: str = "cam") -> list[Alert]:
-    return engine.evaluate_class(source=source, seq=3, t_ns=t_ns, stage=(1.0, 2.0),
-                                 labels=CLASSES, probabilities=probs, novelty=novelty,
+    return engine.evaluate_class(source=source, t_ns=t_ns, labels=CLASSES, probabilities=probs, novelty=novelty,
                                  heatmap=heat)
 
 
@@ -331,7 +329,7 @@ def test_class_rule_fires_above_threshold_with_heatmap_and_explanation() -> None
     (al,) = classify(eng, [0.04, 0.95, 0.01], heat=heat)
     assert al.kind == "class" and al.severity == "critical" and al.rule == "wires"
     assert al.value == pytest.approx(0.95) and al.threshold == 0.9
-    assert al.heatmap is heat and len(al.particles) == 0 and al.stage == (1.0, 2.0)
+    assert al.heatmap is heat and len(al.particles) == 0
     assert "rods_wires" in al.explanation and "0.950" in al.explanation
     assert "0.9" in al.explanation and "wires" in al.explanation
     # particle-frame evaluation ignores class rules, and class evaluation ignores frame rules
@@ -359,10 +357,10 @@ def test_novelty_rule() -> None:
 
 def test_class_rule_label_absent_from_the_frame_does_not_fire() -> None:
     eng = AlertEngine(parse_rules([WIRES]))
-    assert eng.evaluate_class(source="c", seq=1, t_ns=0, stage=None, labels=["spheres"],
+    assert eng.evaluate_class(source="c", t_ns=0, labels=["spheres"],
                               probabilities=[1.0], novelty=None, heatmap=None) == []
     with pytest.raises(FrameError, match="2 class labels but 1"):
-        eng.evaluate_class(source="c", seq=1, t_ns=0, stage=None, labels=["a", "b"],
+        eng.evaluate_class(source="c", t_ns=0, labels=["a", "b"],
                            probabilities=[1.0], novelty=None, heatmap=None)
 
 

@@ -149,8 +149,9 @@ def test_cluster_column_is_last_and_defaults_to_255() -> None:
 def test_pipeline_assigns_clusters_and_publishes_summaries() -> None:
     from types import SimpleNamespace
 
+    from nanoscout.analysis.frame import Frame
     from nanoscout.analysis.pipeline import Pipeline
-    from nanoscout.wire.protocol import FrameHeader, decode_message, encode_message
+    from nanoscout.wire.protocol import FrameHeader, StatsHeader, decode_message, encode_message
 
     fr = render(SpecimenConfig(shape=(256, 256), pixel_size_nm=1.0, median_diameter_nm=15.0,
                                shape_mix={"sphere": 1.0, "rod": 1.0}), 1)
@@ -160,31 +161,33 @@ def test_pipeline_assigns_clusters_and_publishes_summaries() -> None:
             self.turned: list[bool | None] = []
 
         def detect(self, pixels: np.ndarray, key: object = None,
-                   rotate45: bool | None = None,
-                   pixel_size_nm: float | None = None) -> SimpleNamespace:
+                   rotate45: bool | None = None, pixel_size_nm: float | None = None,
+                   normalized: np.ndarray | None = None) -> SimpleNamespace:
             self.turned.append(rotate45)
             return SimpleNamespace(labels=fr.labels, scores=None, timings_ms={}, scale=1.0)
 
     pipe = Pipeline(FakeDetector(), clusters=ClusterConfig(k=2, init_n=30))  # type: ignore[arg-type]
-    header = FrameHeader(source="cam", seq=0, t_acq_ns=1, shape=(256, 256), dtype="uint16",
+    header = FrameHeader(source="cam", seq=0, t_acq_ns=1, shape=(256, 256), dtype="<u2",
                          pixel_size_nm=1.0)
-    det = pipe.detections(header, fr.image, 2)
-    assert "clusters" in det.header.stage_ms
-    assert np.all(det.table["cluster"][~det.table["border"]] < 2)
-    summary = pipe.summarise(header, det)
-    assert summary.stats.clusters is not None and summary.stats.clusters["ready"]
-    msg = decode_message(encode_message(summary.stats))
-    assert msg.header.clusters == summary.stats.clusters  # type: ignore[attr-defined]
+    image = fr.image.astype(np.uint16)
+    result = pipe.process(Frame(header, image, 2))
+    assert "clusters" in result.det.stage_ms
+    assert np.all(result.table["cluster"][~result.table["border"]] < 2)
+    stats = result.messages[-1].header
+    assert isinstance(stats, StatsHeader)
+    assert stats.clusters is not None and stats.clusters["ready"]
+    msg = decode_message(encode_message(stats))
+    assert msg.header.clusters == stats.clusters
     off = Pipeline(FakeDetector(), clusters=ClusterConfig(enabled=False))  # type: ignore[arg-type]
-    det = off.detections(header, fr.image, 2)
-    assert np.all(det.table["cluster"] == UNASSIGNED)
+    result = off.process(Frame(header, image, 2))
+    assert np.all(result.table["cluster"] == UNASSIGNED)
+    assert result.messages[-1].header.clusters is None
 
     # the 45° view is asked for per frame (meta rotate45) only where the daemon allows it
     hint = header.model_copy(update={"meta": {"rotate45": True}})
     for on_request, want in ((True, [True, None]), (False, [None, None])):
         fake = FakeDetector()
         pipe = Pipeline(fake, rotate45_on_request=on_request)  # type: ignore[arg-type]
-        pipe.detections(hint, fr.image, 2)
-        pipe.detections(header, fr.image, 2)
+        pipe.process(Frame(hint, image, 2))
+        pipe.process(Frame(header, image, 2))
         assert fake.turned == want
-    assert off.summarise(header, det).stats.clusters is None

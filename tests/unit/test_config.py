@@ -59,6 +59,36 @@ def test_remote_endpoint_without_curve_is_refused() -> None:
     assert cfg.security.allow_insecure_remote
 
 
+@pytest.mark.parametrize("endpoint", ["tipc://{5560,0,0}", "ws://0.0.0.0:5555",
+                                      "tcp://eth0:5555", "tcp://*:5555", "pgm://eth0;239.1.1.1:5555",
+                                      "tcp://127.0.0.1;10.0.0.5:5555"])
+def test_every_transport_that_reaches_other_hosts_is_remote(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match="not on loopback"):
+        load_config(None, {"output.endpoint": endpoint})
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:0", "tcp://[::1]:5", "tcp://localhost:5",
+                                      "ipc:///tmp/x", "inproc://x",
+                                      "tcp://10.0.0.5;127.0.0.1:5555"])
+def test_loopback_and_local_transports_need_nothing(endpoint: str) -> None:
+    assert load_config(None, {"output.endpoint": endpoint}).output.endpoint == endpoint
+
+
+def test_metrics_off_loopback_need_allow_remote() -> None:
+    with pytest.raises(ConfigError, match="metrics.host '0.0.0.0' is not on loopback"):
+        load_config(None, {"metrics.host": "0.0.0.0"})
+    assert load_config(None, {"metrics.host": "0.0.0.0", "metrics.allow_remote": True})
+    assert load_config(None, {"metrics.host": "0.0.0.0", "metrics.enabled": False})
+
+
+def test_input_bounds_and_the_merged_score_cut() -> None:
+    cfg = load_config(None, {"input.max_frame_bytes": 1 << 20, "input.buffer_bytes": 8 << 20})
+    assert cfg.input.receive_hwm() == 8  # the byte budget, not the message count, binds
+    assert load_config(None, {"input.max_frame_bytes": 1 << 30}).input.receive_hwm() == 1
+    with pytest.raises(ConfigError, match="merged into engine.score_cut"):
+        load_config(None, {"engine.min_score": 0.5})
+
+
 def test_stem_frames_get_the_shipped_stem_detector_unless_configured(tmp_path: Path) -> None:
     shipped = load_config().engine
     stem = shipped.model_path().parent / "detector_stem.onnx"

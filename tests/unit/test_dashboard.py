@@ -289,6 +289,20 @@ def test_det_seq_gaps_are_counted_per_source() -> None:
     assert payload(st, "sources")["sources"] == ["sim", "other"]  # first seen first
 
 
+def test_results_lost_come_from_topic_seq_when_the_daemon_sends_it() -> None:
+    """Frame-seq gaps of a live daemon are superseded frames (policy); only gaps in the
+    per-topic result sequence (``topic_seq``) are results lost on the way to the dashboard."""
+    st = DashboardState()
+    st.ingest(det(0))
+    assert payload(st, "det:sim")["lost"] is None  # no topic_seq: loss cannot be told apart
+
+    for seq, topic_seq in ((3, 10), (7, 11), (8, 14)):  # frames 1-2, 4-6 superseded; 2 results lost
+        h = det(seq).header.model_copy(update={"topic_seq": topic_seq})
+        st.ingest(Message(f"det.{h.source}", h, det(seq).array))
+    d = payload(st, "det:sim")
+    assert d["lost"] == 2 and d["missed"] == 5
+
+
 def test_staleness_and_recovery() -> None:
     clock = FakeClock(100.0)
     st = DashboardState(stale_s=3.0, clock=clock)

@@ -107,12 +107,14 @@ def exec_argv(unit: dict[str, list[tuple[str, str]]]) -> list[str]:
 
 def cli_accepts(argv: list[str]) -> None:
     """Fail the test unless the nanoscout CLI parser accepts ``argv`` (a subcommand and options)."""
-    from nanoscout.cli.main import parser
+    import typer
+
+    from nanoscout.cli.main import check_args
 
     try:
-        parser().parse_args(argv)
-    except SystemExit as exc:  # argparse reports bad options by exiting
-        pytest.fail(f"nanoscout rejects {shlex.join(argv)} (exit {exc.code})")
+        check_args(argv)
+    except typer.TyperException as exc:  # a bad parameter or an unknown option
+        pytest.fail(f"nanoscout rejects {shlex.join(argv)}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +282,9 @@ def test_promtool_accepts_dashboard_queries(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name, subcommand", [("nanoscout.service", "serve"),
-                                               ("nanoscout-simulator.service", "simulate")])
+                                               ("nanoscout-simulator.service", "simulate"),
+                                               ("nanoscout-dashboard.service", "dashboard"),
+                                               ("nanoscout-recorder.service", "record")])
 def test_systemd_unit_runs_a_valid_cli_command(name: str, subcommand: str) -> None:
     unit = unit_file(DEPLOY / name)
     assert {"Unit", "Service", "Install"} <= set(unit)
@@ -314,11 +318,89 @@ def test_container_starts_a_valid_cli_command(name: str) -> None:
 def test_containers_install_exactly_one_onnxruntime_flavour() -> None:
     cpu, _, _ = _containerfile("Containerfile")
     gpu, _, _ = _containerfile("Containerfile.gpu")
-    # pip install lines only (comments may name the other flavour to explain why not)
-    cpu_installs = " ".join(ln for ln in cpu.splitlines() if "pip install" in ln)
+    lock = (DEPLOY / "requirements-cpu.lock").read_text(encoding="utf-8")
+    # the CPU image installs the lock, which holds the plain CPU wheel and nothing of torch
+    assert "requirements-cpu.lock" in cpu
+    assert re.search(r"^onnxruntime==", lock, re.MULTILINE)
+    assert not re.search(r"^(onnxruntime-gpu|torch)==", lock, re.MULTILINE)
     gpu_installs = " ".join(ln for ln in gpu.splitlines()
                             if "pip install" in ln or ln.strip().startswith('"onnxruntime'))
-    assert "[cpu]" in cpu_installs and "onnxruntime-gpu" not in cpu_installs
     assert "onnxruntime-gpu" in gpu_installs
     assert "[cpu" not in gpu_installs and not re.search(r"onnxruntime(?!-gpu)[=<>\[\" ]", gpu_installs)
-    assert "torch" not in cpu_installs + gpu_installs
+    assert "grep -v '^onnxruntime=='" in gpu  # the lock's CPU wheel is kept out of its constraints
+    assert "torch" not in gpu_installs
+
+
+def _requirement_names(specs: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def test_cpu_image_builds_offline_from_the_pinned_lock() -> None:
+    """Every package of the CPU image is pinned (==) with sha256 hashes, every dependency of
+    pyproject.toml (and the cpu extra) is in the lock, and the image installs with no index."""
+    import tomllib
+
+    text, _, _ = _containerfile("Containerfile")
+    installs = [ln for ln in text.splitlines() if "pip install" in ln]
+    assert installs and all("--no-index" in ln for ln in installs), installs
+    assert any("--require-hashes" in ln for ln in installs)
+    assert "apt-get" not in text  # no network for system packages either
+    lock = (DEPLOY / "requirements-cpu.lock").read_text(encoding="utf-8")
+    pins: dict[str, str] = {}
+    for block in re.split(r"\n(?=\S)", lock):
+        head = block.splitlines()[0]
+        if head.startswith("#") or not head.strip():
+            continue
+        m = re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", head)
+        assert m, f"not pinned: {head!r}"
+        assert "--hash=sha256:" in block, f"no hash for {head!r}"
+        pins[m.group(1).lower()] = m.group(2)
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = _requirement_names(meta["dependencies"] + meta["optional-dependencies"]["cpu"])
+    assert wanted <= set(pins), f"not in the lock: {sorted(wanted - set(pins))}"
+    for script in ("wheelhouse.sh", "lock.sh"):
+        body = (DEPLOY / script).read_text(encoding="utf-8")
+        assert "requirements-cpu.lock" in body
+    assert "--require-hashes" in (DEPLOY / "wheelhouse.sh").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", ["Containerfile", "Containerfile.gpu"])
+def test_container_health_check_follows_the_daemon_not_a_fixed_port(name: str) -> None:
+    text, _, _ = _containerfile(name)
+    (check,) = re.findall(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.MULTILINE)
+    argv = json.loads(check)
+    assert argv[:2] == ["nanoscout", "health"] and "9108" not in check
+    cli_accepts(argv[1:])
+    assert "NANOSCOUT_READY_FILE=" in text  # serve writes it, health reads it
+
+
+def test_dashboard_shows_sizes_and_the_classifier() -> None:
+    exprs = " ".join(e for _, e in dashboard_exprs(dashboard()))
+    for metric in ("nanoscout_ecd_d10", "nanoscout_ecd_d50", "nanoscout_ecd_d90",
+                   "nanoscout_window_particles", "nanoscout_particles_last_frame",
+                   "nanoscout_class_probability", "nanoscout_novelty",
+                   "nanoscout_classify_failures_total", "nanoscout_alert_threshold"):
+        assert metric in exprs, f"no Grafana panel shows {metric}"
+
+
+def test_alert_thresholds_come_from_the_deployment() -> None:
+    """No fixed latency / backlog / skip threshold in the rules: each daemon exports its own
+    (config [metrics] alert_*), recorded per instance with the config defaults as fallback."""
+    rules = {r.get("alert") or r.get("record"): r["expr"]
+             for g in load_rules()["groups"] for r in g["rules"]}
+    cfg = ServeConfig().metrics
+    for name, value in cfg.thresholds().items():
+        rec = rules[f"instance:nanoscout_alert_threshold:{name}"]
+        assert f'nanoscout_alert_threshold{{name="{name}"}}' in rec
+        assert re.search(rf"\+ {value:g}\)", rec), f"{name}: fallback is not the default {value}"
+    assert "instance:nanoscout_alert_threshold:latency_p99_seconds" in rules["NanoscoutLatencyHigh"]
+    assert "0.3" not in rules["NanoscoutLatencyHigh"]
+    assert "instance:nanoscout_alert_threshold:queue_depth" in rules["NanoscoutLosslessBacklog"]
+    m = Metrics()
+    m.set_thresholds(cfg.thresholds())
+    m.observe_stats("cam", "nm", {"count": 40, "ecd": {"d10": 5.0, "d50": 8.0, "d90": None}})
+    assert m.registry.get_sample_value("nanoscout_alert_threshold",
+                                       {"name": "latency_p99_seconds"}) == 0.3
+    assert m.registry.get_sample_value("nanoscout_ecd_d50", {"source": "cam", "units": "nm"}) == 8.0
+    assert m.registry.get_sample_value("nanoscout_ecd_d90", {"source": "cam", "units": "nm"}) is None
+    assert m.registry.get_sample_value("nanoscout_window_particles", {"source": "cam"}) == 40

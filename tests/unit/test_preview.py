@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nanoscout.analysis.preprocess import normalize
 from nanoscout.analysis.preview import PreviewLimiter, make_preview
 from nanoscout.wire.errors import PayloadError, ProtocolError
 from nanoscout.wire.protocol import PreviewHeader, decode_message, encode_message
@@ -12,11 +13,11 @@ from nanoscout.wire.protocol import PreviewHeader, decode_message, encode_messag
 
 def test_make_preview_shrinks_and_stretches() -> None:
     frame = np.tile(np.arange(2048, dtype=np.uint16), (1024, 1))
-    img, scale = make_preview(frame, 512)
+    img, scale = make_preview(normalize(frame), 512)
     assert img.dtype == np.uint8 and img.shape == (256, 512) and scale == 0.25
     assert img[:, :3].max() <= 2 and img[:, -3:].min() >= 253  # percentiles mapped to 0..255
     assert (np.diff(img[0].astype(int)) >= 0).all()
-    small, s1 = make_preview(np.ones((40, 30), np.float32), 512)
+    small, s1 = make_preview(normalize(np.ones((40, 30), np.float32)), 512)
     assert small.shape == (40, 30) and s1 == 1.0 and (small == 0).all()  # flat frame: black
 
 

@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from nanoscout.analysis.classifier import FieldClassifier
+from nanoscout.analysis.frame import Frame
 from nanoscout.clients.query import QueryError, request_lens
 from nanoscout.daemon.query import LensServer
 from nanoscout.wire.errors import NanoscoutError
@@ -39,8 +40,8 @@ def _header(seq: int) -> FrameHeader:
 def test_lens_maps_of_the_newest_frame(server) -> None:
     srv, endpoint = server
     frame = np.random.default_rng(3).integers(0, 4000, (64, 64)).astype(np.uint16)
-    srv.offer(_header(1), np.zeros((64, 64), np.uint16))
-    srv.offer(_header(2), frame)
+    srv.offer(Frame(_header(1), np.zeros((64, 64), np.uint16)))
+    srv.offer(Frame(_header(2), frame))
     reply, maps = request_lens(endpoint, "cam", ["act_enc1"])
     assert reply.seq == 2 and reply.available == ["error", "act_enc1"]
     want = srv.classifier.lens_outputs(frame)["act_enc1"]
@@ -54,7 +55,7 @@ def test_refusals_are_answers_not_hangs(server) -> None:
     srv, endpoint = server
     with pytest.raises(QueryError, match="no frame of source 'cam' analysed yet"):
         request_lens(endpoint, "cam", ["act_enc1"])
-    srv.offer(_header(5), np.ones((64, 64), np.uint16))
+    srv.offer(Frame(_header(5), np.ones((64, 64), np.uint16)))
     with pytest.raises(QueryError, match="unknown lens output 'act_x'.*available"):
         request_lens(endpoint, "cam", ["act_x"])
     bad = srv.answer([b"det.cam", b"\x80"])

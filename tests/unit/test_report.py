@@ -168,3 +168,53 @@ def test_cli_default_out_and_error(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (tmp_path / "run_report.html").is_file()
     assert main([str(tmp_path / "missing.parquet")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_methods_fit_quality_and_vector_figures(tmp_path: Path) -> None:
+    from xml.etree import ElementTree
+
+    from nanoscout.clients.provenance import load_cards, model_entries
+    from nanoscout.clients.report import FIGURE_DPI, fit_quality
+    from tests.conftest import REPO
+
+    cards = load_cards(REPO / "models" / "weights")
+    rng = np.random.default_rng(7)
+    w = RunWriter(tmp_path / "r.parquet", {
+        "software": {"nanoscout": "9.9.9", "python": "3.11.7"},
+        "model_provenance": model_entries(["nanoscout-particle-unet:3.0.0"], cards)})
+    for seq in range(FRAMES):
+        w.add_det(_header(seq, PER_FRAME + BORDER_PER_FRAME),
+                  _table(rng, PER_FRAME, BORDER_PER_FRAME))
+    w.close()
+    out = build_report(tmp_path / "r.parquet", tmp_path / "rep.html")
+    text = out.read_text(encoding="utf-8")
+    methods = re.search(r'<p class="methods">(.*?)</p>', text, re.DOTALL).group(1)  # type: ignore[union-attr]
+    assert "nanoscout 9.9.9" in methods and "nanoscout-particle-unet version 3.0.0" in methods
+    card = cards["nanoscout-particle-unet:3.0.0"]
+    assert card["sha256"][:12] in methods
+    assert "3.6 % on held-out synthetic frames" in methods  # the card's sizing error
+    assert "3.1 % on the EMPS validation images" in methods and "D50 error 4.0 %" in methods
+    assert f"{FRAMES * BORDER_PER_FRAME} particles touching the frame edge" in methods
+    # goodness of fit, shown with both tests' statistics and p-values
+    ks_p = float(re.search(r'class="ks-pvalue">([\d.]+)<', text).group(1))  # type: ignore[union-attr]
+    ad_p = float(re.search(r'class="ad-pvalue">([\d.]+)<', text).group(1))  # type: ignore[union-attr]
+    assert 0 < ks_p <= 1 and 0 < ad_p <= 1 and "Goodness of fit on 1200 diameters" in text
+    # lognormal samples pass at the 5 % level (a true model fails 5 % of the time by design:
+    # 10 samples, at least 8 pass), a bimodal mixture is rejected, tiny samples are not tested
+    passed = 0
+    for seed in range(10):
+        q = fit_quality(np.random.default_rng(seed).lognormal(np.log(8), 0.3, 1200))
+        passed += q is not None and min(q.ks_pvalue, q.ad_pvalue) > 0.05
+    assert passed >= 8, passed
+    bimodal = np.concatenate([rng.lognormal(np.log(5), 0.1, 600), rng.lognormal(np.log(20), 0.1, 600)])
+    fq = fit_quality(bimodal)
+    assert fq is not None and fq.ks_pvalue < 0.01 and fq.ad_pvalue < 0.01 and fq.n == 1200
+    assert fit_quality(np.array([1.0, 2.0, 3.0])) is None
+    # figures: 300 dpi PNG shown, SVG and PDF linked beside each
+    files = tmp_path / "rep_files"
+    for stem in ("g0_ecd", "g0_shape", "g0_time"):
+        with Image.open(files / f"{stem}.png") as im:
+            assert round(im.info["dpi"][0]) == FIGURE_DPI and im.size[0] >= 1900
+        assert ElementTree.parse(files / f"{stem}.svg").getroot().tag.endswith("svg")
+        assert (files / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+        assert f'href="rep_files/{stem}.svg"' in text and f'href="rep_files/{stem}.pdf"' in text

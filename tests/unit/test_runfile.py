@@ -1,58 +1,116 @@
-"""The recorded-run format (nanoscout.clients.runfile): round trip, crash leftovers, refusals."""
+"""The recorded-run format (nanoscout.clients.runfile): round trip, one-line pandas/pyarrow
+reading, real timestamps, unit-honest lengths, crash leftovers, the first format, refusals."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nanoscout.clients.runfile import PARTICLE_COLUMNS, RunWriter, read_run
 from nanoscout.wire.errors import ConfigError, ReaderError
 from nanoscout.wire.particles import empty_table
-from nanoscout.wire.protocol import AlertHeader, DetHeader, Stage
+from nanoscout.wire.protocol import AlertHeader, DetHeader, Stage, StatsHeader
+
+T0 = 1_700_000_000_000_000_000  # ns since the epoch: 2023-11-14T22:13:20Z
 
 
 def _det(seq: int, n: int, px: float | None = 0.5) -> tuple[DetHeader, np.ndarray]:
     t = empty_table(n)
     t["id"] = np.arange(1, n + 1)
     t["ecd_nm"] = np.linspace(5, 10, n)
+    t["area_nm2"] = np.pi * (t["ecd_nm"] / 2) ** 2
     t["bbox"] = np.array([[1, 2, 3, 4]] * n).reshape(n, 4)
     t["shape_class"] = 1
     t["border"][:1] = True
-    h = DetHeader(source="cam", seq=seq, t_acq_ns=1_000 + seq, t_recv_ns=2_000 + seq,
-                  t_done_ns=3_000_000 + seq, stage_ms={}, pixel_size_nm=px,
+    h = DetHeader(source="cam", seq=seq, t_acq_ns=T0 + seq, t_recv_ns=T0 + 2_000 + seq,
+                  t_done_ns=T0 + 3_000_000 + seq, stage_ms={}, pixel_size_nm=px,
                   units="nm" if px else "px", n=n, engine="onnxruntime-cpu", model="m:2",
-                  shape=(64, 64), stage=Stage(x_um=1.5, y_um=-2.0), working_scale=0.5)
+                  shape=(64, 64), stage=Stage(x_um=1.5, y_um=-2.0), working_scale=0.5,
+                  meta={"file": f"img-{seq}.dm4", "index": 0, "voltage_kv": 200.0})
     return h, t
 
 
 def _alert(seq: int) -> AlertHeader:
-    return AlertHeader(source="cam", seq=seq, t_acq_ns=5, rule="r", kind="particle",
+    return AlertHeader(source="cam", seq=seq, t_acq_ns=T0 + 5, rule="r", kind="particle",
                        severity="warning", value=12.0, threshold=9.0, explanation="a, \"b\"\nc")
+
+
+def _stats(seq: int) -> StatsHeader:
+    return StatsHeader(source="cam", seq=seq, t_ns=T0 + 10, units="nm",
+                       window={"n_frames": 2, "count": 7, "ecd": {"d10": 5.0, "d50": 7.5,
+                                                                   "d90": 9.5, "mean": 7.4}},
+                       cumulative={"count": 9, "ecd": {"d50": 7.0}},
+                       clusters={"k": 2, "clusters": [{"id": 0, "share": 0.5}]})
+
+
+def _write(out: Path) -> RunWriter:
+    w = RunWriter(out, {"who": "test"})
+    for seq in range(3):
+        w.add_det(*_det(seq, 4))
+    w.add_alert(_alert(1))
+    w.add_stats(_stats(2))
+    w.flush()
+    w.add_det(*_det(3, 2, px=None))
+    w.close()
+    return w
 
 
 @pytest.mark.parametrize("name", ["r.parquet", "r.csv"])
 def test_round_trip(tmp_path: Path, name: str) -> None:
-    w = RunWriter(tmp_path / name, {"who": "test"})
-    for seq in range(3):
-        w.add_det(*_det(seq, 4))
-    w.add_alert(_alert(1))
-    w.flush()
-    w.add_det(*_det(3, 0, px=None))
-    w.close()
+    w = _write(tmp_path / name)
     run = read_run(tmp_path / name)
-    assert run.rows(run.frames) == 4 and run.rows(run.particles) == 12
-    assert list(run.particles) == list(PARTICLE_COLUMNS)
+    assert run.rows(run.frames) == 4 and run.rows(run.particles) == 14
+    assert run.to_arrow().column_names == list(PARTICLE_COLUMNS)
     assert run.particles["shape_class"][0] == "sphere"
-    assert run.particles["border"].sum() == 3
+    assert run.particles["border"].sum() == 4
     assert run.particles["bbox_x1"][0] == 3 and run.particles["stage_y_um"][0] == -2.0
     np.testing.assert_allclose(run.particles["ecd_nm"][:4], np.linspace(5, 10, 4), rtol=1e-6)
+    np.testing.assert_allclose(run.particles["ecd_px"][:4], np.linspace(5, 10, 4) / 0.5, rtol=1e-6)
     assert np.isnan(run.frames["pixel_size_nm"][3]) and run.frames["units"][3] == "px"
     assert run.frames["working_scale"][0] == 0.5 and run.frames["model"][0] == "m:2"
     assert run.alerts["explanation"][0] == "a, \"b\"\nc"
-    assert run.provenance == {"who": "test"}
-    assert w.counts == {"particles": 12, "frames": 4, "alerts": 1}
+    assert {k: v for k, v in run.provenance.items() if k != "format"} == {"who": "test"}
+    assert run.provenance["format"] == "nanoscout-run/2"
+    assert w.counts == {"particles": 14, "frames": 4, "alerts": 1, "stats": 1}
+    # frame metadata is kept: the file name and the frame's whole meta map
+    assert run.frames["file"].tolist()[:2] == ["img-0.dm4", "img-1.dm4"]
+    assert json.loads(run.frames["meta"][0])["voltage_kv"] == 200.0
+    assert run.particles["file"][0] == "img-0.dm4"
+    # statistics and clusters after each frame
+    assert run.stats["window_ecd_d50"][0] == 7.5 and run.stats["cumulative_count"][0] == 9
+    assert json.loads(run.stats["clusters"][0])["k"] == 2
+
+
+@pytest.mark.parametrize("name", ["r.parquet", "r.csv"])
+def test_times_are_timestamps_and_lengths_say_their_unit(tmp_path: Path, name: str) -> None:
+    _write(tmp_path / name)
+    df = read_run(tmp_path / name).to_pandas()
+    assert str(df["t_acq"].dtype) == "datetime64[ns, UTC]"
+    assert df["t_acq"].iloc[0] == pd.Timestamp("2023-11-14T22:13:20", tz="UTC")
+    frames = read_run(tmp_path / name).to_pandas("frames")
+    assert (frames["t_done"] - frames["t_acq"]).iloc[0] == pd.Timedelta(3, "ms")
+    # the uncalibrated frame: pixels under _px names, NaN under _nm names (never pixels)
+    px = df[df["units"] == "px"]
+    assert len(px) == 2 and px["ecd_nm"].isna().all() and px["area_nm2"].isna().all()
+    np.testing.assert_allclose(px["ecd_px"], [5.0, 10.0], rtol=1e-6)
+
+
+def test_pandas_and_pyarrow_read_the_run_root_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "r.parquet"
+    _write(out)
+    df = pd.read_parquet(out)  # the run folder itself is the particle table
+    assert len(df) == 14 and {"ecd_nm", "ecd_px", "t_acq", "file"} <= set(df.columns)
+    assert pq.read_table(out).num_rows == 14
+    assert len(pd.read_parquet(out / "_frames")) == 4
+    assert len(pd.read_parquet(out / "_alerts")) == 1
+    assert len(pd.read_parquet(out / "_stats")) == 1
+    assert json.loads((out / "_run.json").read_text())["who"] == "test"
 
 
 def test_csv_crash_leftovers_are_dropped(tmp_path: Path) -> None:
@@ -62,12 +120,34 @@ def test_csv_crash_leftovers_are_dropped(tmp_path: Path) -> None:
     w.flush()
     # a crash mid-batch: the next batch's particle rows are on disk (one cut mid-line) but its
     # frame row is not
+    line = out.read_text().splitlines()[1].replace('"cam",0,', '"cam",1,', 1)
     with open(out, "a") as fh:
-        fh.write("cam,1,1001,nm,0.5,1.5,-2.0,1,0,0,1,2,3,4,1,5.0,1,1,1,1,0,1,1,1,1,1,sphere,False\n")
-        fh.write("cam,1,1001,nm,0.5")
+        fh.write(line + "\n")
+        fh.write(line[:25])
     run = read_run(out)
     assert run.rows(run.frames) == 1 and run.rows(run.particles) == 3
     assert set(run.particles["seq"].tolist()) == {0}
+
+
+def test_runs_of_the_first_format_still_read(tmp_path: Path) -> None:
+    """nanoscout-run/1: particles/ frames/ alerts/ run.json, ns integers, px under *_nm."""
+    out = tmp_path / "old.parquet"
+    for t in ("particles", "frames", "alerts"):
+        (out / t).mkdir(parents=True)
+    pq.write_table(pa.table({"source": ["a", "b"], "seq": [0, 0], "t_acq_ns": [T0, T0],
+                             "units": ["nm", "px"], "pixel_size_nm": [0.5, float("nan")],
+                             "ecd_nm": [4.0, 9.0], "area_nm2": [12.0, 60.0],
+                             "border": [False, False]}), out / "particles" / "part-000001.parquet")
+    pq.write_table(pa.table({"source": ["a", "b"], "seq": [0, 0], "t_acq_ns": [T0, T0],
+                             "units": ["nm", "px"], "model": ["m", "m"]}),
+                   out / "frames" / "part-000001.parquet")
+    (out / "run.json").write_text('{"format": "nanoscout-run/1"}')
+    run = read_run(out)
+    df = run.to_pandas()
+    assert str(df["t_acq"].dtype) == "datetime64[ns, UTC]"
+    assert df["ecd_px"].tolist() == [8.0, 9.0]
+    assert df["ecd_nm"].iloc[0] == 4.0 and np.isnan(df["ecd_nm"].iloc[1])
+    assert run.provenance["format"] == "nanoscout-run/1"
 
 
 def test_refusals(tmp_path: Path) -> None:
@@ -81,6 +161,40 @@ def test_refusals(tmp_path: Path) -> None:
         read_run(tmp_path / "x.csv")
     bad = tmp_path / "b.parquet"
     RunWriter(bad, {}).close()
-    (bad / "frames" / "part-000001.parquet").write_bytes(b"PAR1 not really")
+    (bad / "_frames" / "part-000001.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ReaderError, match="part-000001"):
         read_run(bad)
+
+
+def test_notebook_display_and_provenance_helpers(tmp_path: Path) -> None:
+    from nanoscout.clients.provenance import load_cards, model_entries, software
+    from tests.conftest import REPO
+
+    _write(tmp_path / "r.parquet")
+    html = read_run(tmp_path / "r.parquet")._repr_html_()
+    assert "14 particles" in html and "4 frames" in html and "<table>" in html
+    cards = load_cards(REPO / "models" / "weights")
+    assert {"nanoscout-particle-unet:3.0.0", "nanoscout-ai-lens:2.0.0"} <= set(cards)
+    entries = model_entries(["nanoscout-field-classifier:3.1.0+nanoscout-ai-lens:2.0.0",
+                             "unknown:1"], cards)
+    assert [e["model"] for e in entries] == ["nanoscout-field-classifier:3.1.0",
+                                            "nanoscout-ai-lens:2.0.0", "unknown:1"]
+    assert len(entries[0]["sha256"]) == 64 and entries[2]["card"] is None
+    sw = software()
+    assert sw["nanoscout"] and "numpy" in sw["libraries"] and "pyarrow" in sw["libraries"]
+
+
+def test_delete_run_deletes_only_runs(tmp_path: Path) -> None:
+    from nanoscout.clients.runfile import delete_run
+
+    for name in ("r.parquet", "r.csv"):
+        _write(tmp_path / name)
+        assert delete_run(tmp_path / name) and not (tmp_path / name).exists()
+        assert not delete_run(tmp_path / name)
+    assert not list(tmp_path.iterdir())
+    other = tmp_path / "photos.parquet"
+    other.mkdir()
+    (other / "keep.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="not a nanoscout run"):
+        delete_run(other)
+    assert (other / "keep.jpg").exists()

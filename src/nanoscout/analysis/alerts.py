@@ -1,57 +1,11 @@
-"""Alert rules: needle-in-a-haystack particles, particle counts, D50 drift, classes, novelty.
-
-Rules come from the configuration as a list of dicts, parsed by :func:`parse_rules` into
-frozen pydantic models (a discriminated union on ``kind``)::
-
-    [[alerts]]                                  # a particle that meets every condition
-    name = "big-particle"
-    kind = "particle"
-    severity = "warning"                        # info | warning | critical
-    where = { ecd_nm = { gt = 50 } }            # gt/ge/lt/le/eq on numeric particle fields
-    # min_count = 1, include_border = false, cooldown_s = 5, dedup_radius_nm = (its ECD)
-
-    [[alerts]]
-    name = "rods"
-    kind = "particle"
-    where = { aspect_ratio = { gt = 3 }, shape_class = { eq = "rod" } }
-
-    [[alerts]]                                  # a rod longer than 50 nm
-    name = "long-rod"
-    kind = "particle"
-    where = { shape_class = { eq = "rod" }, feret_max_nm = { gt = 50 } }
-
-    [[alerts]]                                  # particles per frame above and/or below
-    name = "crowded"
-    kind = "count"
-    above = 200                                 # fires when count > above (or count < below)
-
-    [[alerts]]                                  # in-situ sintering / growth
-    name = "sintering"
-    kind = "d50_drift"
-    pct = 10                                    # |window D50 / reference D50 - 1| > 10 %
-    direction = "both"                          # or "grow" / "shrink"
-
-    [[alerts]]                                  # field-of-view classifier (class.<source>)
-    name = "wires"
-    kind = "class"
-    label = "rods_wires"                        # one of the classifier card's classes
-    threshold = 0.9                             # fires when P(label) > threshold
-
-    [[alerts]]                                  # the AI lens: an unusual field of view
-    name = "something-new"
-    kind = "novelty"
-    threshold = 3.0                             # fires when the frame's novelty > threshold
+"""Alert evaluation: which configured rules (:mod:`nanoscout.analysis.rules`) fire on a frame,
+with per-rule, per-source rate limiting and de-duplication.
 
 ``particle``, ``count`` and ``d50_drift`` rules are evaluated per frame by
 :meth:`AlertEngine.evaluate`; ``class`` and ``novelty`` rules by
 :meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
-class activation map that explains them (``Alert.heatmap``). A class rule's label can only be
-checked against the classifier's classes once the model is loaded:
-:func:`check_class_labels` (called at start-up) raises a :class:`ConfigError` for an unknown
-one.
-
-Several operators on one field, and several fields, must all hold. ``where = {}`` matches every
-particle. The clock is the frame time ``t_ns``, so behaviour is deterministic.
+class activation map that explains them (``Alert.heatmap``). The clock is the frame time
+``t_ns``, so behaviour is deterministic.
 
 Rate limiting and de-duplication (per rule and per source):
 
@@ -84,230 +38,36 @@ and ``threshold``; for a novelty rule the novelty score and ``threshold``.
 from __future__ import annotations
 
 import logging
-import math
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
+
+from nanoscout.analysis.explain import explain_particles, number
+from nanoscout.analysis.rules import (
+    OPERATORS,
+    AnyRule,
+    ClassRule,
+    CountRule,
+    D50DriftRule,
+    NoveltyRule,
+    ParticleRule,
+    check_class_labels,
+    check_unique_names,
+    parse_rules,
 )
+from nanoscout.wire.errors import FrameError
+from nanoscout.wire.headers import Stage, Units
+from nanoscout.wire.particles import PARTICLE_DTYPE
 
-from nanoscout.wire.errors import ConfigError, FrameError
-from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
-
-__all__ = [
-    "Alert",
-    "AlertEngine",
-    "AnyRule",
-    "ClassRule",
-    "CountRule",
-    "D50DriftRule",
-    "NoveltyRule",
-    "ParticleRule",
-    "Rule",
-    "check_class_labels",
-    "parse_rules",
-]
+__all__ = ["MAX_ALERT_PARTICLES", "Alert", "AlertEngine", "check_class_labels", "parse_rules"]
 
 log = logging.getLogger(__name__)
 
 MAX_ALERT_PARTICLES = 20
 # reported particles remembered per rule and source (oldest forgotten first)
 _MAX_REMEMBERED = 4096
-
-_OPS: dict[str, Callable[[Any, Any], Any]] = {
-    "gt": operator.gt,
-    "ge": operator.ge,
-    "lt": operator.lt,
-    "le": operator.le,
-    "eq": operator.eq,
-}
-_OP_TEXT = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "eq": "="}
-#: fields a particle rule may test numerically (bbox is a vector, border has include_border)
-NUMERIC_FIELDS: tuple[str, ...] = tuple(
-    name for name in PARTICLE_DTYPE.names or () if name not in ("bbox", "border", "shape_class")
-)
-_LABELS = {
-    "ecd_nm": "ECD",
-    "area_nm2": "area",
-    "feret_max_nm": "Feret max",
-    "feret_min_nm": "Feret min",
-    "major_nm": "major axis",
-    "minor_nm": "minor axis",
-    "orientation_deg": "orientation",
-    "aspect_ratio": "aspect ratio",
-    "x": "x",
-    "y": "y",
-}
-
-
-class _RuleBase(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(min_length=1)
-    severity: Literal["info", "warning", "critical"] = "warning"
-    #: rate limit per rule and source, s (see the module docstring)
-    cooldown_s: float = Field(5.0, ge=0)
-
-
-class ParticleRule(_RuleBase):
-    """Fires when at least ``min_count`` particles meet every condition of ``where``."""
-
-    kind: Literal["particle"] = "particle"
-    where: dict[str, dict[str, Any]]
-    min_count: int = Field(1, ge=1)
-    include_border: bool = False
-    dedup_radius_nm: float | None = Field(None, gt=0)
-    stage_tolerance_um: float = Field(0.05, ge=0)
-
-    _conditions: tuple[tuple[str, str, float], ...] = PrivateAttr(default=())
-
-    @field_validator("where")
-    @classmethod
-    def _check_where(cls, where: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for fname, ops in where.items():
-            if fname != "shape_class" and fname not in NUMERIC_FIELDS:
-                raise ValueError(
-                    f"unknown particle field {fname!r}; known: shape_class, "
-                    + ", ".join(NUMERIC_FIELDS)
-                )
-            if not isinstance(ops, dict) or not ops:
-                raise ValueError(f"{fname}: expected a map such as {{gt = 50}}, got {ops!r}")
-            for op, value in ops.items():
-                if op not in _OPS:
-                    raise ValueError(f"{fname}: unknown operator {op!r}; known: {', '.join(_OPS)}")
-                if fname == "shape_class":
-                    if op != "eq":
-                        raise ValueError(f"shape_class: only 'eq' is allowed, got {op!r}")
-                    if value not in SHAPE_CLASSES:
-                        raise ValueError(
-                            f"shape_class: unknown class {value!r}; known: "
-                            + ", ".join(SHAPE_CLASSES)
-                        )
-                elif (
-                    isinstance(value, bool)
-                    or not isinstance(value, int | float)
-                    or not math.isfinite(value)
-                ):
-                    raise ValueError(f"{fname}.{op}: expected a finite number, got {value!r}")
-        return where
-
-    def model_post_init(self, context: Any, /) -> None:
-        conds = []
-        for fname, ops in self.where.items():
-            for op, value in ops.items():
-                v = SHAPE_CLASSES.index(value) if fname == "shape_class" else float(value)
-                conds.append((fname, op, v))
-        self._conditions = tuple(conds)
-
-    @property
-    def uses_nm(self) -> bool:
-        """True when a condition needs calibrated lengths (a ``*_nm`` / ``*_nm2`` field)."""
-        return any(f.endswith(("_nm", "_nm2")) for f in self.where)
-
-
-class CountRule(_RuleBase):
-    """Fires when the number of particles in a frame is > ``above`` or < ``below``."""
-
-    kind: Literal["count"] = "count"
-    above: float | None = None
-    below: float | None = None
-    include_border: bool = False
-
-    @model_validator(mode="after")
-    def _check_bounds(self) -> CountRule:
-        if self.above is None and self.below is None:
-            raise ValueError("a count rule needs 'above' and/or 'below'")
-        return self
-
-
-class D50DriftRule(_RuleBase):
-    """Fires when the window D50 differs from the reference D50 by more than ``pct`` percent."""
-
-    kind: Literal["d50_drift"] = "d50_drift"
-    pct: float = Field(gt=0)
-    direction: Literal["both", "grow", "shrink"] = "both"
-
-
-class ClassRule(_RuleBase):
-    """Fires when the field-of-view classifier gives ``label`` a probability > ``threshold``."""
-
-    kind: Literal["class"] = "class"
-    label: str = Field(min_length=1)
-    threshold: float = Field(ge=0, lt=1)
-
-
-class NoveltyRule(_RuleBase):
-    """Fires when the frame's novelty score (the AI lens) is > ``threshold``."""
-
-    kind: Literal["novelty"] = "novelty"
-    threshold: float = Field(gt=0)
-
-
-AnyRule = ParticleRule | CountRule | D50DriftRule | ClassRule | NoveltyRule
-Rule = Annotated[AnyRule, Field(discriminator="kind")]
-_RULE_ADAPTER: TypeAdapter[AnyRule] = TypeAdapter(Rule)
-
-
-def check_class_labels(rules: Sequence[AnyRule], classes: Sequence[str]) -> None:
-    """Raise :class:`ConfigError` naming every class rule whose label is not in ``classes``.
-
-    ``classes``: the field-of-view classifier's classes (its model card). Call once the
-    classifier is loaded; rule labels cannot be checked earlier.
-    """
-    known = list(classes)
-    bad = [r for r in rules if isinstance(r, ClassRule) and r.label not in known]
-    if bad:
-        which = "; ".join(f"alert rule {r.name!r}: unknown class label {r.label!r}" for r in bad)
-        raise ConfigError(f"{which}; the classifier knows: {', '.join(known) or '(none)'}")
-
-
-def parse_rules(data: list[dict[str, Any]]) -> list[AnyRule]:
-    """Validate alert rules from the configuration; returns frozen rule models.
-
-    Raises :class:`ConfigError` naming the rule (index and name) and the bad field or operator.
-    """
-    if not isinstance(data, list):
-        raise ConfigError(f"alert rules must be a list of tables, got {type(data).__name__}")
-    rules = []
-    for i, item in enumerate(data):
-        label = f"alert rule {i}"
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            label += f" ({item['name']!r})"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{label}: expected a table, got {type(item).__name__}")
-        try:
-            rules.append(_RULE_ADAPTER.validate_python(item))
-        except ValidationError as exc:
-            problems = "; ".join(_describe(err) for err in exc.errors())
-            raise ConfigError(f"{label}: {problems}") from exc
-    _check_unique([r.name for r in rules])
-    return rules
-
-
-def _describe(err: Any) -> str:
-    loc = list(err["loc"])
-    if loc and loc[0] in ("particle", "count", "d50_drift", "class", "novelty"):
-        loc = loc[1:]  # pydantic prefixes the union tag
-    return f"{'.'.join(str(p) for p in loc) or 'rule'}: {err['msg']}"
-
-
-def _check_unique(names: list[str]) -> None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ConfigError(f"alert rule name {name!r} is used twice; names must be unique")
-        seen.add(name)
 
 
 @dataclass(frozen=True)
@@ -325,10 +85,6 @@ class Alert:
     explanation: str
     #: PARTICLE_DTYPE rows that fired (at most 20; new ones first); empty for frame-level rules
     particles: np.ndarray = field(compare=False, repr=False)
-    source: str = ""
-    seq: int = 0
-    t_ns: int = 0
-    stage: tuple[float, float] | None = None
     #: uint8 class activation map explaining a class / novelty alert (whole frame), else None
     heatmap: np.ndarray | None = field(default=None, compare=False, repr=False)
 
@@ -349,7 +105,7 @@ class AlertEngine:
 
     def __init__(self, rules: Sequence[AnyRule]) -> None:
         self.rules = tuple(rules)
-        _check_unique([r.name for r in self.rules])
+        check_unique_names([r.name for r in self.rules])
         #: rule name -> firings rate-limited or de-duplicated so far
         self.suppressed: dict[str, int] = {r.name: 0 for r in self.rules}
         #: rule name -> frames on which an nm rule was not evaluated (uncalibrated frame)
@@ -358,21 +114,28 @@ class AlertEngine:
         self._memory: dict[tuple[str, str], _Memory] = {}
         self._warned: set[tuple[str, str]] = set()
 
+    def forget(self, source: str) -> None:
+        """Drop everything remembered of ``source`` (cooldowns, reported particles)."""
+        for store in (self._last_fired, self._memory):
+            for key in [k for k in store if k[1] == source]:
+                del store[key]
+        self._warned = {k for k in self._warned if k[1] != source}
+
     def evaluate(
         self,
         *,
         source: str,
-        seq: int,
         t_ns: int,
-        stage: tuple[float, float] | None,
+        stage: Stage | None,
         table: np.ndarray,
         stats: dict[str, Any] | None,
-        units: str,
+        units: Units,
         pixel_size_nm: float | None = None,
     ) -> list[Alert]:
         """Evaluate every rule on one frame; returns the alerts that fired, in rule order.
 
-        ``t_ns``: frame time (ns), the clock for cooldowns. ``stage``: (x, y) in µm or None.
+        ``t_ns``: frame time (ns), the clock for cooldowns. ``stage``: the frame's stage
+        position (µm), or None.
         ``table``: the frame's PARTICLE_DTYPE table, lengths in ``units`` ("nm" or "px").
         ``stats``: the source's :meth:`SizeStatistics.snapshot` (needed by d50_drift rules).
         ``pixel_size_nm``: nm per pixel of a calibrated frame, for de-duplication distances.
@@ -381,7 +144,7 @@ class AlertEngine:
             raise FrameError(f"alerts need a PARTICLE_DTYPE table, got dtype {table.dtype}")
         if units not in ("nm", "px"):
             raise FrameError(f"units must be 'nm' or 'px', got {units!r}")
-        ctx = _Frame(source, seq, int(t_ns), stage, table, stats, units, pixel_size_nm)
+        ctx = _Context(source, int(t_ns), stage, table, stats, units, pixel_size_nm)
         fired: list[Alert] = []
         for rule in self.rules:
             alert: Alert | None
@@ -401,9 +164,7 @@ class AlertEngine:
         self,
         *,
         source: str,
-        seq: int,
         t_ns: int,
-        stage: tuple[float, float] | None,
         labels: Sequence[str],
         probabilities: Sequence[float],
         novelty: float | None,
@@ -427,14 +188,14 @@ class AlertEngine:
                 if p is None or not p > rule.threshold:
                     continue
                 value = p
-                text = (f"class {rule.label} has probability {p:.3f} > {_num(rule.threshold)} "
+                text = (f"class {rule.label} has probability {p:.3f} > {number(rule.threshold)} "
                         f"(rule {rule.name})")
             elif isinstance(rule, NoveltyRule):
                 if novelty is None or not novelty > rule.threshold:
                     continue
                 value = float(novelty)
                 top = max(prob, key=prob.__getitem__) if prob else None
-                text = (f"frame novelty {value:.3g} > {_num(rule.threshold)}"
+                text = (f"frame novelty {value:.3g} > {number(rule.threshold)}"
                         + (f" (top class {top} {prob[top]:.2f})" if top is not None else "")
                         + f" (rule {rule.name})")
             else:
@@ -447,10 +208,6 @@ class AlertEngine:
                 threshold=float(rule.threshold),
                 explanation=text,
                 particles=np.empty(0, PARTICLE_DTYPE),
-                source=source,
-                seq=seq,
-                t_ns=int(t_ns),
-                stage=stage,
                 heatmap=heatmap,
             )
             limited = self._rate_limited(rule, source, int(t_ns), alert)
@@ -478,7 +235,7 @@ class AlertEngine:
         self._last_fired[key] = t_ns
         return alert
 
-    def _particle(self, rule: ParticleRule, ctx: _Frame) -> Alert | None:
+    def _particle(self, rule: ParticleRule, ctx: _Context) -> Alert | None:
         table = ctx.table
         if ctx.units == "px" and rule.uses_nm:
             self.skipped_uncalibrated[rule.name] += 1
@@ -494,8 +251,8 @@ class AlertEngine:
         mask = np.ones(len(table), dtype=bool)
         if not rule.include_border:
             mask &= ~table["border"]
-        for fname, op, value in rule._conditions:
-            mask &= _OPS[op](table[fname], value)
+        for fname, op, value in rule.conditions:
+            mask &= OPERATORS[op](table[fname], value)
         hits = table[mask]
         if len(hits) < rule.min_count:
             return None
@@ -510,14 +267,15 @@ class AlertEngine:
         else:
             radius = hits["ecd_nm"].astype(np.float64) / scale
         bbox = hits["bbox"].astype(np.float64)
-        stage = np.array(ctx.stage if ctx.stage is not None else (np.nan, np.nan), np.float64)
+        stage = np.array((np.nan, np.nan) if ctx.stage is None
+                         else (ctx.stage.x_um, ctx.stage.y_um), np.float64)
         new = ~_duplicates(mem, rule.stage_tolerance_um, stage, xy, radius, bbox)
         if not new.any():
             self.suppressed[rule.name] += 1
             return None
         self._remember(rule, ctx.source, ctx.t_ns, stage, xy, radius, bbox)
 
-        primary = next(((f, op, v) for f, op, v in rule._conditions if f != "shape_class"), None)
+        primary = next(((f, op, v) for f, op, v in rule.conditions if f != "shape_class"), None)
         if primary is None:
             order = np.argsort(~new, kind="stable")
             value, threshold = float(len(hits)), float(rule.min_count)
@@ -534,17 +292,13 @@ class AlertEngine:
             severity=rule.severity,
             value=value,
             threshold=threshold,
-            explanation=_explain_particles(rule, hits, order, int(new.sum()), ctx.units),
+            explanation=explain_particles(rule, hits, order, int(new.sum()), ctx.units),
             particles=rows.copy(),
-            source=ctx.source,
-            seq=ctx.seq,
-            t_ns=ctx.t_ns,
-            stage=ctx.stage,
         )
 
     # ------------------------------------------------------------------ de-duplication memory
 
-    def _recall(self, rule: ParticleRule, ctx: _Frame) -> _Memory:
+    def _recall(self, rule: ParticleRule, ctx: _Context) -> _Memory:
         """The rule's remembered particles for this source, without expired ones."""
         key = (rule.name, ctx.source)
         mem = self._memory.get(key)
@@ -577,18 +331,19 @@ class AlertEngine:
 
 
 @dataclass(frozen=True)
-class _Frame:
+class _Context:
+    """What the rules see of one frame."""
+
     source: str
-    seq: int
     t_ns: int
-    stage: tuple[float, float] | None
+    stage: Stage | None
     table: np.ndarray
     stats: dict[str, Any] | None
-    units: str
+    units: Units
     pixel_size_nm: float | None
 
 
-def _scale(ctx: _Frame) -> float | None:
+def _scale(ctx: _Context) -> float | None:
     """Table length units per pixel: 1 when uncalibrated, the pixel size (nm) if known."""
     if ctx.units == "px":
         return 1.0
@@ -636,7 +391,7 @@ def _inside(p: np.ndarray, bb: np.ndarray) -> np.ndarray:
     )
 
 
-def _count(rule: CountRule, ctx: _Frame) -> Alert | None:
+def _count(rule: CountRule, ctx: _Context) -> Alert | None:
     table = ctx.table
     n = len(table) if rule.include_border else int(np.count_nonzero(~table["border"]))
     if rule.above is not None and n > rule.above:
@@ -651,16 +406,12 @@ def _count(rule: CountRule, ctx: _Frame) -> Alert | None:
         severity=rule.severity,
         value=float(n),
         threshold=float(threshold),
-        explanation=f"frame has {n} particles {rel} {_num(threshold)} (rule {rule.name})",
+        explanation=f"frame has {n} particles {rel} {number(threshold)} (rule {rule.name})",
         particles=np.empty(0, PARTICLE_DTYPE),
-        source=ctx.source,
-        seq=ctx.seq,
-        t_ns=ctx.t_ns,
-        stage=ctx.stage,
     )
 
 
-def _drift(rule: D50DriftRule, ctx: _Frame) -> Alert | None:
+def _drift(rule: D50DriftRule, ctx: _Context) -> Alert | None:
     drift = (ctx.stats or {}).get("drift") or {}
     change = drift.get("change_pct")
     if not drift.get("reference_complete") or change is None:
@@ -671,9 +422,9 @@ def _drift(rule: D50DriftRule, ctx: _Frame) -> Alert | None:
         return None
     units = (ctx.stats or {}).get("units", ctx.units)
     text = (
-        f"window D50 {_num(drift['window_d50'])} {units} is {abs(change):.1f} % "
-        f"{'above' if grow else 'below'} the reference D50 {_num(drift['reference_d50'])} {units} "
-        f"(limit {_num(rule.pct)} %, rule {rule.name})"
+        f"window D50 {number(drift['window_d50'])} {units} is {abs(change):.1f} % "
+        f"{'above' if grow else 'below'} the reference D50 {number(drift['reference_d50'])} {units} "
+        f"(limit {number(rule.pct)} %, rule {rule.name})"
     )
     return Alert(
         rule=rule.name,
@@ -683,50 +434,4 @@ def _drift(rule: D50DriftRule, ctx: _Frame) -> Alert | None:
         threshold=float(rule.pct if grow else -rule.pct),
         explanation=text,
         particles=np.empty(0, PARTICLE_DTYPE),
-        source=ctx.source,
-        seq=ctx.seq,
-        t_ns=ctx.t_ns,
-        stage=ctx.stage,
     )
-
-
-def _num(v: float) -> str:
-    """A short human number: 63.2, 50, 0.00123, 1234."""
-    v = float(v)
-    if not math.isfinite(v):
-        return str(v)
-    if v == int(v) and abs(v) < 1e6:
-        return str(int(v))
-    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
-
-
-def _unit(fname: str, units: str) -> str:
-    if fname.endswith("_nm2"):
-        return f" {units}²"
-    if fname.endswith("_nm"):
-        return f" {units}"
-    if fname.endswith("_deg"):
-        return "°"
-    return ""
-
-
-def _explain_particles(
-    rule: ParticleRule, hits: np.ndarray, order: np.ndarray, n_new: int, units: str
-) -> str:
-    row = hits[order[0]]
-    parts = []
-    for fname, op, value in rule._conditions:
-        if fname == "shape_class":
-            parts.append(f"shape {SHAPE_CLASSES[int(row['shape_class'])]}")
-            continue
-        u = _unit(fname, units)
-        label = _LABELS.get(fname, fname.replace("_", " "))
-        parts.append(f"{label} {_num(row[fname])}{u} {_OP_TEXT[op]} {_num(value)}{u}")
-    what = (
-        f"particle {int(row['id'])} has " + " and ".join(parts)
-        if parts
-        else (f"particle {int(row['id'])} matches")
-    )
-    if len(hits) == 1:
-        return f"{what} (rule {rule.name})"
-    return f"{len(hits)} particles match ({n_new} new); {what} (rule {rule.name})"

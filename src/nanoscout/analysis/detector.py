@@ -290,19 +290,21 @@ class Detector:
         return scale, logits
 
     def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None,
-               pixel_size_nm: float | None = None) -> Detection:
+               pixel_size_nm: float | None = None, normalized: np.ndarray | None = None
+               ) -> Detection:
         """Return the particle instances of ``image`` (2-D, any real dtype, finite).
 
         ``key`` (e.g. source and pixel size) lets an automatic working scale be reused for
         ``auto_every`` frames of the same stream. Raises FrameError for a non-2-D, empty or
         non-finite frame, EngineFailure when the engine output is not what the model card
         promises. ``rotate45``: this frame's choice of the 45° view (None: the detector's).
-        ``pixel_size_nm`` selects a scale preset, if one matches.
+        ``pixel_size_nm`` selects a scale preset, if one matches. ``normalized``: ``image``
+        already through :func:`~nanoscout.analysis.preprocess.normalize` (not modified here).
         """
         t0 = time.perf_counter()
         arr = check_frame(image)
         h, w = arr.shape
-        x = normalize(arr)
+        x = normalize(arr) if normalized is None else normalized
         ts = time.perf_counter()
         preset = self._preset(pixel_size_nm)
         scale, logits = (preset, None) if preset is not None else self._scale_for(x, key)

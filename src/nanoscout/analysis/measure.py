@@ -83,7 +83,7 @@ import time
 
 import numpy as np
 
-from nanoscout.wire.errors import FrameError
+from nanoscout.wire.errors import FrameError, Reason
 from nanoscout.wire.particles import SHAPE_CLASSES, empty_table
 
 __all__ = ["benchmark", "classify_shapes", "measure", "synthetic_labels"]
@@ -144,7 +144,7 @@ def measure(
     lmax = int(run_lab.max())
     if lmax > np.iinfo(np.uint32).max:
         raise FrameError(
-            f"labels must fit the uint32 particle id, found label {lmax}", reason="labels"
+            f"labels must fit the uint32 particle id, found label {lmax}", reason=Reason.BAD_INPUT
         )
     row, a = np.divmod(start, w)
     b = end - row * w  # one past the run's last column
@@ -304,14 +304,14 @@ def classify_shapes(
 def _check_labels(labels: object) -> np.ndarray:
     if not isinstance(labels, np.ndarray):
         raise FrameError(
-            f"labels must be a numpy array, got {type(labels).__name__}", reason="labels"
+            f"labels must be a numpy array, got {type(labels).__name__}", reason=Reason.BAD_INPUT
         )
     if labels.ndim != 2:
         raise FrameError(
-            f"labels must be a 2-D (H, W) array, got shape {labels.shape}", reason="labels"
+            f"labels must be a 2-D (H, W) array, got shape {labels.shape}", reason=Reason.BAD_INPUT
         )
     if labels.dtype.kind not in "iu":
-        raise FrameError(f"labels must have an integer dtype, got {labels.dtype}", reason="labels")
+        raise FrameError(f"labels must have an integer dtype, got {labels.dtype}", reason=Reason.BAD_INPUT)
     if labels.dtype.byteorder == ">" or not labels.flags.c_contiguous:
         labels = np.ascontiguousarray(labels, dtype=labels.dtype.newbyteorder("="))
     return labels
@@ -324,7 +324,7 @@ def _check_pixel_size(pixel_size_nm: float | None) -> float:
     if not math.isfinite(s) or s <= 0.0:
         raise FrameError(
             f"pixel_size_nm must be a finite number > 0 or None, got {pixel_size_nm!r}",
-            reason="calibration",
+            reason=Reason.CALIBRATION,
         )
     return s
 
@@ -335,7 +335,7 @@ def _check_scores(scores: object, max_label: int) -> np.ndarray:
         raise FrameError(
             f"scores must be a 1-D numeric array indexed by label (length > {max_label}), "
             f"got shape {arr.shape} dtype {arr.dtype}",
-            reason="scores",
+            reason=Reason.BAD_INPUT,
         )
     return arr
 
@@ -361,7 +361,7 @@ def _foreground_runs(flat: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray, 
     lab = flat[start]
     lmin = lab.min()
     if lmin < 0:
-        raise FrameError(f"labels must be >= 0, found label {int(lmin)}", reason="labels")
+        raise FrameError(f"labels must be >= 0, found label {int(lmin)}", reason=Reason.BAD_INPUT)
     end = np.empty_like(start)
     end[:-1] = start[1:]
     end[-1] = n

@@ -1,17 +1,26 @@
-"""The per-frame pipeline: pixels → particle instances → measurements → statistics → alerts.
+"""The per-frame pipeline: one :class:`~nanoscout.analysis.frame.Frame` in, its result messages
+out, in publishing order.
 
-Two phases per frame: :meth:`Pipeline.detections` (detect + measure → ``det`` message) and
-:meth:`Pipeline.summarise` (rolling statistics + alert rules → ``stats`` and ``alert``
-messages), so the daemon can publish the particle table before the summaries are computed.
+:meth:`Pipeline.process` runs, for one frame: detection and measurement (→ ``det``), the
+morphology clusters, a rate-limited ``preview``, the field-of-view classification with its
+class / novelty alerts (→ ``class``, ``alert``), the source's rolling statistics and the
+particle / count / drift rules (→ ``alert``, then ``stats``, always the frame's last message).
+Each message is handed to ``emit`` as soon as it is ready, so ``det`` reaches subscribers
+before the summaries are computed; the returned :class:`FrameResult` lists them all with what a
+caller counts (particles, stage times, failures that cost only part of the frame).
 
-No sockets and no threads here: :class:`Pipeline` is called by the daemon's worker thread and by
-the offline ``nanoscout measure`` command alike, so both give identical numbers.
+No sockets and no threads here: the daemon's worker thread and the offline ``nanoscout measure``
+command call the same method, so both give identical numbers. Per-source state (statistics per
+length unit, clusters, classification turn, message counters) is bounded: beyond
+``max_sources`` the least recently seen source is forgotten (:attr:`FrameResult.evicted`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,93 +30,79 @@ from nanoscout.analysis.alerts import Alert, AlertEngine, parse_rules
 from nanoscout.analysis.classifier import Classification, FieldClassifier
 from nanoscout.analysis.clusters import ClusterConfig, OnlineKMeans
 from nanoscout.analysis.detector import Detector
+from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.measure import measure
+from nanoscout.analysis.preview import PreviewConfig, PreviewLimiter, make_preview
 from nanoscout.analysis.stats import SizeStatistics, StatsConfig
-from nanoscout.wire.errors import FrameError
-from nanoscout.wire.protocol import AlertHeader, ClassHeader, DetHeader, FrameHeader, StatsHeader
+from nanoscout.wire.codec import Message
+from nanoscout.wire.headers import (
+    AlertHeader,
+    ClassHeader,
+    DetHeader,
+    Kind,
+    PreviewHeader,
+    StatsHeader,
+    Units,
+)
+
+__all__ = ["DEFAULT_MAX_SOURCES", "FrameResult", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+#: per-source state kept for at most this many sources by default
+DEFAULT_MAX_SOURCES = 64
+
+Emit = Callable[[Message[Any]], None]
 
 
 @dataclass
-class Analysis:
-    """One image analysed: instance labels (frame grid), particle table and stage times (ms)."""
+class FrameResult:
+    """What one frame produced.
 
+    ``messages``: every message, in publishing order (``det`` first, ``stats`` last unless
+    the summary failed). ``labels``: the instance map on the frame's grid (0 = background);
+    ``table``: the particle table (lengths in ``units``). ``failures``: (stage, error) of parts
+    that failed after the detections were out (``classify``, ``summary``); ``evicted``:
+    sources forgotten to make room for this one.
+    """
+
+    frame: Frame
+    messages: list[Message[Any]]
     labels: np.ndarray
     table: np.ndarray
-    units: str
     stage_ms: dict[str, float]
-    scale: float = 1.0  # working px per frame px used by the detector
-    model: str = ""  # name:version of the detection model that analysed it
+    model: str
+    scale: float
+    classification: Classification | None = None
+    alerts: list[AlertHeader] = field(default_factory=list)
+    failures: list[tuple[str, Exception]] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+
+    @property
+    def det(self) -> DetHeader:
+        """The frame's ``det`` header."""
+        header = self.messages[0].header
+        assert isinstance(header, DetHeader)
+        return header
 
 
 @dataclass
-class Detections:
-    """The ``det`` message of one frame: header and particle table."""
+class _SourceState:
+    """What the pipeline remembers of one source."""
 
-    header: DetHeader
-    table: np.ndarray
+    stats: dict[Units, SizeStatistics] = field(default_factory=dict)
+    clusters: dict[Units, OnlineKMeans] = field(default_factory=dict)
+    frames: int = 0
+    topic_seq: dict[Kind, int] = field(default_factory=dict)
 
-
-#: an ``alert`` message ready to encode: its header and buffers (particle rows [, heatmap])
-AlertMessage = tuple[AlertHeader, tuple[np.ndarray, ...]]
-
-
-@dataclass
-class Summary:
-    """The ``stats`` message and the alerts that fired for one frame, with stage times (ms)."""
-
-    stats: StatsHeader
-    alerts: list[AlertMessage] = field(default_factory=list)
-    stage_ms: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class ClassResult:
-    """The ``class`` message of one frame (header, CAM or None) and the alerts it fired."""
-
-    header: ClassHeader
-    cam: np.ndarray | None
-    classification: Classification
-    alerts: list[AlertMessage] = field(default_factory=list)
-
-
-def alert_message(al: Alert, header: FrameHeader, units: str) -> AlertMessage:
-    """The ``alert`` message of one fired rule: the particles that fired and, for rules that
-    fire on a classification, the CAM that explains it."""
-    heat = al.heatmap
-    ah = AlertHeader(
-        source=header.source,
-        seq=header.seq,
-        t_acq_ns=header.t_acq_ns,
-        rule=al.rule,
-        kind=al.kind,
-        severity=al.severity,  # type: ignore[arg-type]
-        value=float(al.value),
-        threshold=float(al.threshold),
-        explanation=al.explanation,
-        units=units,  # type: ignore[arg-type]
-        stage=header.stage,
-        n=len(al.particles),
-        heatmap_shape=None if heat is None else (int(heat.shape[0]), int(heat.shape[1])),
-    )
-    return ah, (al.particles,) if heat is None else (al.particles, heat)
-
-
-def check_pixels(pixels: np.ndarray) -> None:
-    """Raise :class:`FrameError` unless ``pixels`` is a non-empty 2-D array of finite numbers."""
-    if pixels.ndim != 2 or pixels.size == 0:
-        raise FrameError(f"a frame must be a non-empty 2-D array, got shape {pixels.shape}", reason="shape")
-    if pixels.dtype.kind == "f":
-        finite = np.isfinite(pixels)
-        if not finite.all():
-            bad = int(pixels.size - np.count_nonzero(finite))
-            raise FrameError(
-                f"frame has {bad} NaN/inf pixels of {pixels.size}; refusing to analyse it",
-                reason="nonfinite",
-            )
+    def next_seq(self, kind: Kind) -> int:
+        n = self.topic_seq.get(kind, 0)
+        self.topic_seq[kind] = n + 1
+        return n
 
 
 class Pipeline:
-    """Detection, measurement, per-source statistics and alert rules for a stream of frames."""
+    """Detection, measurement, classification, per-source statistics and alert rules."""
 
     def __init__(
         self,
@@ -115,36 +110,45 @@ class Pipeline:
         *,
         stats_config: StatsConfig | None = None,
         rules: Sequence[dict[str, Any]] = (),
-        min_score: float = 0.0,
         engine_name: str = "",
         model_name: str = "",
         classifier: FieldClassifier | None = None,
         classify_every: int = 1,
         clusters: ClusterConfig | None = None,
+        preview: PreviewConfig | None = None,
         rotate45_on_request: bool = False,
         modality_detectors: dict[str, tuple[Detector, str]] | None = None,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        stream_scale: bool = True,
     ) -> None:
         """``classifier``: the field-of-view classifier run on every ``classify_every``-th
-        frame of each source by :meth:`classify` (None: no ``class`` messages).
-        ``rotate45_on_request``: frames whose ``meta`` has ``rotate45 = true`` are also
-        analysed turned by 45° (:class:`~nanoscout.analysis.detector.Detector`, ``rotate45``).
+        frame of each source (None: no ``class`` messages). ``preview``: the ``preview``
+        topic's settings (None or disabled: no previews). ``rotate45_on_request``: frames whose
+        ``meta`` has ``rotate45 = true`` are also analysed turned by 45°
+        (:class:`~nanoscout.analysis.detector.Detector`, ``rotate45``).
         ``modality_detectors``: modality -> (detector, model name) for the frames of that
-        modality; ``detector`` analyses the others."""
+        modality; ``detector`` analyses the others. ``stream_scale``: an automatic working
+        scale is reused across a source's frames of one pixel size (a live stream); False
+        estimates it for every frame (independent images, ``nanoscout measure``)."""
+        if max_sources < 1:
+            raise ValueError(f"max_sources ({max_sources}) must be >= 1")
         self.detector = detector
         self.modality_detectors = dict(modality_detectors or {})
         self.rotate45_on_request = rotate45_on_request
         self.classifier = classifier
         self.classify_every = classify_every
-        self._class_counts: dict[str, int] = {}
         self.stats_config = stats_config or StatsConfig()
         self.alert_engine = AlertEngine(parse_rules(list(rules)))
-        self.min_score = min_score
         self.engine_name = engine_name
         self.model_name = model_name
-        self._stats: dict[str, SizeStatistics] = {}
-        #: morphology clusters per source (``cluster`` column, ``stats.clusters``)
         self.cluster_config = clusters or ClusterConfig()
-        self._clusters: dict[str, OnlineKMeans] = {}
+        self.preview = preview if preview is not None and preview.enabled else None
+        self._previews = PreviewLimiter(self.preview.max_rate_hz if self.preview else 1.0)
+        self.max_sources = max_sources
+        self.stream_scale = stream_scale
+        self._sources: OrderedDict[str, _SourceState] = OrderedDict()
+        #: sources forgotten so far to stay within ``max_sources``
+        self.evicted_total = 0
 
     @property
     def model_names(self) -> dict[str, str]:
@@ -153,141 +157,175 @@ class Pipeline:
         return {"model": self.model_name,
                 **{f"model_{m}": name for m, (_, name) in self.modality_detectors.items()}}
 
-    def analyse(self, pixels: np.ndarray, pixel_size_nm: float | None,
-                source: str | None = None, rotate45: bool | None = None,
-                modality: str | None = None) -> Analysis:
-        """Detect and measure the particles of one image (lengths in nm, or px if uncalibrated).
+    @property
+    def sources(self) -> int:
+        """Sources whose state is kept now."""
+        return len(self._sources)
 
-        ``source``: the stream the frame belongs to; an automatic working scale is reused
-        across a stream's frames of one pixel size (``Detector.auto_every``). ``modality``
-        picks that modality's detector, if one is configured.
+    @property
+    def suppressed_alerts(self) -> dict[str, int]:
+        """Rule name → firings rate-limited or de-duplicated so far."""
+        return dict(self.alert_engine.suppressed)
+
+    def statistics(self, source: str, units: Units = "nm") -> SizeStatistics | None:
+        """The rolling / cumulative statistics of ``source`` in ``units``, if it has any."""
+        state = self._sources.get(source)
+        return None if state is None else state.stats.get(units)
+
+    def forget(self, source: str) -> None:
+        """Drop everything remembered of ``source`` (its next frame starts afresh)."""
+        self._sources.pop(source, None)
+        self.alert_engine.forget(source)
+        self._previews.forget(source)
+
+    def _state(self, source: str) -> tuple[_SourceState, list[str]]:
+        state = self._sources.get(source)
+        evicted: list[str] = []
+        if state is None:
+            while len(self._sources) >= self.max_sources:
+                old = next(iter(self._sources))
+                self.forget(old)
+                evicted.append(old)
+                self.evicted_total += 1
+            state = self._sources[source] = _SourceState()
+        self._sources.move_to_end(source)
+        return state, evicted
+
+    # ------------------------------------------------------------------ one frame
+
+    def process(self, frame: Frame, emit: Emit | None = None) -> FrameResult:
+        """Analyse one frame; each message goes to ``emit`` as soon as it is ready.
+
+        Raises what detection raises (:class:`~nanoscout.wire.errors.EngineError`,
+        :class:`~nanoscout.wire.errors.FrameError`): then nothing was emitted. Failures of the
+        classification or the summary after ``det`` are caught and listed in
+        :attr:`FrameResult.failures` (the summary's: no ``stats`` message).
         """
-        check_pixels(pixels)
-        key = None if source is None else (source, pixel_size_nm)
-        detector, model = self.modality_detectors.get(modality or "",
-                                                      (self.detector, self.model_name))
-        detection = detector.detect(pixels, key=key, rotate45=rotate45,
-                                    pixel_size_nm=pixel_size_nm)
-        stage_ms = dict(detection.timings_ms)
-        t0 = time.perf_counter()
-        labels = detection.labels
-        table = measure(labels, pixel_size_nm, detection.scores)
-        if self.min_score > 0 and len(table):
-            table = table[table["score"] >= self.min_score]
-        stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
-        return Analysis(labels, table, "nm" if pixel_size_nm else "px", stage_ms,
-                        detection.scale, model)
+        out: list[Message[Any]] = []
 
-    def statistics(self, source: str) -> SizeStatistics:
-        """The rolling/cumulative statistics of one source (created on first use)."""
-        stats = self._stats.get(source)
-        if stats is None:
-            stats = self._stats[source] = SizeStatistics(self.stats_config)
-        return stats
+        def send(msg: Message[Any]) -> None:
+            out.append(msg)
+            if emit is not None:
+                emit(msg)
 
-    def detections(self, header: FrameHeader, pixels: np.ndarray, t_recv_ns: int) -> Detections:
-        """First phase: detect and measure; returns the ``det`` message, ready to publish.
-
-        Published before :meth:`summarise` runs, so the particle table reaches subscribers
-        without waiting for statistics and alert rules.
-        """
-        turn = True if self.rotate45_on_request and header.meta.get("rotate45") is True else None
-        a = self.analyse(pixels, header.pixel_size_nm, header.source, rotate45=turn,
-                         modality=header.modality)
+        h = frame.header
+        state, evicted = self._state(h.source)
+        ref = frame.ref()
+        units = frame.units
+        labels, table, stage_ms, model, scale = self._detect(frame)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
-            km = self._clusters.get(header.source)
+            km = state.clusters.get(units)
             if km is None:
-                km = self._clusters[header.source] = OnlineKMeans(self.cluster_config)
-            a.table["cluster"] = km.update(a.table, a.units)
-            a.stage_ms["clusters"] = (time.perf_counter() - t0) * 1e3
+                km = state.clusters[units] = OnlineKMeans(self.cluster_config)
+            table["cluster"] = km.update(table, units)
+            stage_ms["clusters"] = (time.perf_counter() - t0) * 1e3
         det = DetHeader(
-            source=header.source,
-            seq=header.seq,
-            t_acq_ns=header.t_acq_ns,
-            t_recv_ns=t_recv_ns,
-            t_done_ns=time.time_ns(),
-            stage_ms={k: round(v, 3) for k, v in a.stage_ms.items()},
-            pixel_size_nm=header.pixel_size_nm,
-            units=a.units,  # type: ignore[arg-type]
-            n=len(a.table),
-            engine=self.engine_name,
-            model=a.model,
-            shape=header.shape,
-            modality=header.modality,
-            stage=header.stage,
-            meta=header.meta,
-            working_scale=round(a.scale, 5),
-        )
-        return Detections(det, a.table)
+            **ref, stage_ms={k: round(v, 3) for k, v in stage_ms.items()},
+            topic_seq=state.next_seq(Kind.DET), t_recv_ns=frame.t_recv_ns,
+            t_done_ns=time.time_ns(), pixel_size_nm=h.pixel_size_nm, units=units, n=len(table),
+            engine=self.engine_name, model=model, shape=h.shape, modality=h.modality,
+            meta=h.meta, working_scale=round(scale, 5))
+        send(Message(det.topic().decode(), det, table))
+        result = FrameResult(frame, out, labels, table, stage_ms, model, scale, evicted=evicted)
 
-    def summarise(self, header: FrameHeader, det: Detections) -> Summary:
-        """Second phase: update the source's statistics and evaluate the alert rules."""
-        stage_ms: dict[str, float] = {}
-        units = det.header.units
+        if self.preview is not None and self._previews.due(h.source):
+            try:
+                img, pscale = make_preview(frame.normalized, self.preview.max_side_px)
+                pv = PreviewHeader(**ref, topic_seq=state.next_seq(Kind.PREVIEW), shape=h.shape,
+                                   size=(int(img.shape[0]), int(img.shape[1])), scale=pscale,
+                                   pixel_size_nm=h.pixel_size_nm)
+                send(Message(pv.topic().decode(), pv, img))
+            except Exception as exc:  # a display nicety must never cost a frame
+                log.warning("frame %s#%d: no preview: %r", h.source, h.seq, exc)
+
+        state.frames += 1
+        if self.classifier is not None and (state.frames - 1) % self.classify_every == 0:
+            try:
+                self._classify(frame, state, ref, result, send)
+            except Exception as exc:  # costs only the classification: det is out already
+                result.failures.append(("classify", exc))
+
+        try:
+            self._summarise(frame, state, ref, result, send)
+        except Exception as exc:  # statistics or a rule failed: the detections are out already
+            result.failures.append(("summary", exc))
+        return result
+
+    def _detect(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, dict[str, float], str,
+                                             float]:
+        h = frame.header
+        turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
+        detector, model = self.modality_detectors.get(h.modality or "",
+                                                      (self.detector, self.model_name))
+        key = (h.source, h.pixel_size_nm) if self.stream_scale else None
+        detection = detector.detect(frame.pixels, key=key,
+                                    rotate45=turn, pixel_size_nm=h.pixel_size_nm,
+                                    normalized=frame.normalized)
+        stage_ms = dict(detection.timings_ms)
         t0 = time.perf_counter()
-        px_um = header.pixel_size_nm / 1000.0 if header.pixel_size_nm else None
-        area_um2 = header.shape[0] * header.shape[1] * px_um**2 if px_um else None
-        stats = self.statistics(header.source)
-        stats.update(det.table, t_ns=header.t_acq_ns, frame_area_um2=area_um2)
-        snap = stats.snapshot()
-        stage_ms["stats"] = (time.perf_counter() - t0) * 1e3
+        table = measure(detection.labels, h.pixel_size_nm, detection.scores)
+        stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
+        return detection.labels, table, stage_ms, model, detection.scale
 
-        t0 = time.perf_counter()
-        stage_xy = (header.stage.x_um, header.stage.y_um) if header.stage else None
-        fired = self.alert_engine.evaluate(
-            source=header.source,
-            seq=header.seq,
-            t_ns=header.t_acq_ns,
-            stage=stage_xy,
-            table=det.table,
-            stats=snap,
-            units=units,
-            pixel_size_nm=header.pixel_size_nm,
-        )
-        stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
-        alerts = [alert_message(al, header, units) for al in fired]
-        stats_header = StatsHeader(
-            source=header.source,
-            seq=header.seq,
-            t_ns=time.time_ns(),
-            units=snap.get("units", units),
-            window=snap.get("window", {}),
-            cumulative=snap.get("cumulative", {}),
-            drift=snap.get("drift", {}) or {},
-            clusters=(self._clusters[header.source].summary()
-                      if header.source in self._clusters else None),
-        )
-        return Summary(stats_header, alerts, stage_ms)
-
-    def classify(self, header: FrameHeader, pixels: np.ndarray) -> ClassResult | None:
-        """Classify the frame if it is its source's turn (every ``classify_every``-th frame);
-        returns the ``class`` message and the classification alerts, or None."""
-        if self.classifier is None:
-            return None
-        n = self._class_counts.get(header.source, 0)
-        self._class_counts[header.source] = n + 1
-        if n % self.classify_every:
-            return None
-        c = self.classifier.classify(pixels)
+    def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
+                  result: FrameResult, send: Callable[[Message[Any]], None]) -> None:
+        assert self.classifier is not None
+        c = self.classifier.classify(frame.float32)
+        result.classification = c
+        result.stage_ms.update(c.timings_ms)
+        heat_shape = None if c.cam is None else (int(c.cam.shape[0]), int(c.cam.shape[1]))
         ch = ClassHeader(
-            source=header.source,
-            seq=header.seq,
-            t_acq_ns=header.t_acq_ns,
-            labels=c.labels,
+            **ref, stage_ms={k: round(v, 3) for k, v in c.timings_ms.items()},
+            topic_seq=state.next_seq(Kind.CLASS), labels=c.labels,
             probabilities=c.probabilities,
             novelty=None if c.novelty is None else round(c.novelty, 5),
-            engine=f"{self.engine_name} {self.classifier.name}",
-            heatmap_shape=None if c.cam is None else (int(c.cam.shape[0]), int(c.cam.shape[1])),
-        )
-        stage_xy = (header.stage.x_um, header.stage.y_um) if header.stage else None
+            engine=f"{self.engine_name} {self.classifier.name}", heatmap_shape=heat_shape)
+        send(Message(ch.topic().decode(), ch, c.cam))
         fired = self.alert_engine.evaluate_class(
-            source=header.source, seq=header.seq, t_ns=header.t_acq_ns, stage=stage_xy,
-            labels=list(c.all), probabilities=list(c.all.values()), novelty=c.novelty,
-            heatmap=c.cam,
-        )
-        units = "nm" if header.pixel_size_nm else "px"
-        return ClassResult(ch, c.cam, c, [alert_message(al, header, units) for al in fired])
+            source=frame.source, t_ns=frame.header.t_acq_ns, labels=list(c.all),
+            probabilities=list(c.all.values()), novelty=c.novelty, heatmap=c.cam)
+        for al in fired:
+            send(self._alert(al, frame, state, ref, result))
+
+    def _summarise(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
+                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:
+        units = frame.units
+        t0 = time.perf_counter()
+        stats = state.stats.get(units)
+        if stats is None:
+            stats = state.stats[units] = SizeStatistics(self.stats_config)
+        stats.update(result.table, t_ns=frame.header.t_acq_ns, frame_area_um2=frame.area_um2)
+        snap = stats.snapshot()
+        result.stage_ms["stats"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        fired = self.alert_engine.evaluate(
+            source=frame.source, t_ns=frame.header.t_acq_ns, stage=frame.header.stage,
+            table=result.table, stats=snap, units=units, pixel_size_nm=frame.pixel_size_nm)
+        result.stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
+        alerts = [self._alert(al, frame, state, ref, result) for al in fired]
+        km = state.clusters.get(units)
+        sh = StatsHeader(
+            **ref, stage_ms={k: round(v, 3) for k, v in result.stage_ms.items()},
+            topic_seq=state.next_seq(Kind.STATS), t_ns=time.time_ns(), units=units,
+            window=snap["window"], cumulative=snap["cumulative"], drift=snap["drift"],
+            clusters=None if km is None else km.summary())
+        for msg in alerts:
+            send(msg)
+        send(Message(sh.topic().decode(), sh))
+
+    def _alert(self, al: Alert, frame: Frame, state: _SourceState, ref: dict[str, Any],
+               result: FrameResult) -> Message[AlertHeader]:
+        """The ``alert`` message of one fired rule: the particles that fired and, for rules
+        that fire on a classification, the CAM that explains it."""
+        heat = al.heatmap
+        ah = AlertHeader(
+            **ref, topic_seq=state.next_seq(Kind.ALERT), rule=al.rule, kind=al.kind,
+            severity=al.severity, value=float(al.value), threshold=float(al.threshold),
+            explanation=al.explanation, units=frame.units, n=len(al.particles),
+            heatmap_shape=None if heat is None else (int(heat.shape[0]), int(heat.shape[1])))
+        result.alerts.append(ah)
+        return Message(ah.topic().decode(), ah, al.particles, heat)
 
     def close(self) -> None:
         """Release the engines (detector, classifier, lens)."""
@@ -298,8 +336,3 @@ class Pipeline:
             self.classifier.engine.close()
             if self.classifier.lens is not None:
                 self.classifier.lens.close()
-
-    @property
-    def suppressed_alerts(self) -> dict[str, int]:
-        """Rule name → firings rate-limited or de-duplicated so far."""
-        return dict(self.alert_engine.suppressed)

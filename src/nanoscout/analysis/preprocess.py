@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanoscout.wire.errors import FrameError
+from nanoscout.wire.errors import FrameError, Reason
 
 #: percentiles mapped to 0 and 1 by :func:`normalize`
 NORM_PERCENTILES: tuple[float, float] = (0.5, 99.5)
@@ -23,9 +23,9 @@ def check_frame(image: np.ndarray) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != 2 or arr.size == 0:
         raise FrameError(f"frame must be a non-empty 2-D array, got shape {arr.shape}",
-                         reason="bad_shape")
+                         reason=Reason.SHAPE)
     if arr.dtype.kind not in "uif" and arr.dtype != np.bool_:
-        raise FrameError(f"frame dtype {arr.dtype} is not a real number type", reason="bad_dtype")
+        raise FrameError(f"frame dtype {arr.dtype} is not a real number type", reason=Reason.DTYPE)
     return arr
 
 
@@ -90,10 +90,10 @@ def normalize(image: np.ndarray) -> np.ndarray:
     sub = arr[::NORM_SUBSAMPLE, ::NORM_SUBSAMPLE]
     lo, hi = _percentiles(sub, NORM_PERCENTILES)
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise FrameError("frame holds NaN or infinite pixels", reason="not_finite")
+        raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)
     out = arr.astype(np.float32)  # always a copy: the caller's buffer is never modified
     if arr.dtype.kind == "f" and not np.isfinite(out).all():
-        raise FrameError("frame holds NaN or infinite pixels", reason="not_finite")
+        raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)
     span = float(hi) - float(lo)
     if span <= 0.0:
         out.fill(0.0)

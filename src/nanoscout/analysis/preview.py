@@ -5,17 +5,27 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from nanoscout.analysis.preprocess import normalize, resample
+from nanoscout.analysis.preprocess import resample
 
-__all__ = ["PreviewLimiter", "make_preview"]
+__all__ = ["PreviewConfig", "PreviewLimiter", "make_preview"]
 
 
-def make_preview(pixels: np.ndarray, max_side_px: int) -> tuple[np.ndarray, float]:
-    """Return (uint8 image, scale): the frame normalised by its 0.5 / 99.5 percentiles and
-    shrunk (area-averaged) so its longer side is at most ``max_side_px``; ``scale`` = preview px
-    per frame px (1.0 when the frame is small enough already)."""
-    x = normalize(pixels)
+class PreviewConfig(BaseModel):
+    """``preview.<source>`` topic: small uint8 pictures of frames for dashboards."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    enabled: bool = True
+    max_rate_hz: float = Field(2.0, gt=0, le=100)  # per source
+    max_side_px: int = Field(512, ge=16, le=4096)
+
+
+def make_preview(normalized: np.ndarray, max_side_px: int) -> tuple[np.ndarray, float]:
+    """Return (uint8 image, scale): the normalised frame (``Frame.normalized``: 0.5 / 99.5
+    percentiles at 0 / 1) shrunk (area-averaged) so its longer side is at most
+    ``max_side_px``; ``scale`` = preview px per frame px (1.0 when small enough already)."""
+    x = normalized
     h, w = x.shape
     scale = min(1.0, max_side_px / max(h, w))
     if scale < 1.0:
@@ -39,3 +49,7 @@ class PreviewLimiter:
             return False
         self._last[source] = now
         return True
+
+    def forget(self, source: str) -> None:
+        """Forget ``source`` (its next frame gets a preview)."""
+        self._last.pop(source, None)

@@ -139,29 +139,30 @@ def _mosaic(out: LensOutput, layer: str, max_maps: int, tile: int) -> np.ndarray
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: write the lens mosaic of one image file, or (``--connect``) of the newest
+    """Command line: write the lens mosaic of one image file, or (``--query``) of the newest
     frame of a live source; returns the exit status."""
     ap = argparse.ArgumentParser(prog="nanoscout lens",
                                  description="AI lens: a frame's autoencoder feature maps, its "
                                              "reconstruction and error map as a PNG mosaic")
     ap.add_argument("image", type=Path, nargs="?",
-                    help="image file (PNG, TIFF, JPEG, DM3/4, SER, MRC, EMD); omit with --connect")
+                    help="image file (PNG, TIFF, JPEG, DM3/4, SER, MRC, EMD); omit with --query")
     ap.add_argument("--layer", default="act_enc2",
                     help="activation to show: act_enc1, act_enc2 or act_code (default act_enc2); "
-                         "with --connect also reconstruction")
+                         "with --query also reconstruction")
     ap.add_argument("--out", type=Path, default=Path("lens.png"), help="PNG to write")
     ap.add_argument("--max-maps", type=int, default=16, help="channels to show (default 16)")
     ap.add_argument("--index", type=int, default=0, help="image index in a multi-image file")
     ap.add_argument("--card", type=Path, default=DEFAULT_CARD, help="lens model card")
-    ap.add_argument("--connect", help="a running daemon's query endpoint (e.g. "
+    ap.add_argument("--query", dest="connect", help="a running daemon's query endpoint (e.g. "
                     "tcp://127.0.0.1:5557): show its newest frame of --source instead of a file")
-    ap.add_argument("--source", default="sim", help="with --connect: the source (default sim)")
-    ap.add_argument("--timeout", type=float, default=10.0, help="with --connect: seconds to wait")
+    ap.add_argument("--connect", dest="connect", help=argparse.SUPPRESS)  # the old spelling
+    ap.add_argument("--source", default="sim", help="with --query: the source (default sim)")
+    ap.add_argument("--timeout", type=float, default=10.0, help="with --query: seconds to wait")
     args = ap.parse_args(argv)
     if args.connect:
         return write_live_mosaic(args)
     if args.image is None:
-        ap.error("give an image file, or --connect ENDPOINT for a live frame")
+        ap.error("give an image file, or --query ENDPOINT for a live frame")
     try:
         records = read_images(args.image)
         if not 0 <= args.index < len(records):

@@ -1,36 +1,60 @@
 """``nanoscout measure``: the daemon's pipeline run offline on image files.
 
-Writes one row per particle (CSV or Parquet, by the output suffix) with the file, image index,
-calibration and every measurement; optionally one 16-bit instance-label PNG per image (named
-after the input) so the segmentation can be checked or reused in other tools. When the pipeline
-has a field-of-view classifier, ``OUT.classes.csv`` gets one row per image: the top class, its
-probability, the novelty score and every class's probability.
+Writes a run in the format of ``nanoscout record`` (:mod:`nanoscout.clients.runfile`), so
+``nanoscout report`` and any Parquet/CSV reader take it as they take a recording:
+
+* ``OUT.parquet`` (a folder ``pd.read_parquet`` opens as the particle table) or ``OUT.csv``
+  (+ ``.frames.csv``, ``.alerts.csv``, ``.stats.csv``, ``.json``): one particle row per
+  particle with its file and image index, unit-honest lengths (``ecd_px`` always, ``ecd_nm``
+  NaN for uncalibrated images), one frame row per image, the rolling statistics after each
+  image (with the morphology clusters) and every alert the configured rules fire;
+* provenance (``_run.json`` / ``OUT.json``): software versions, the whole analysis
+  configuration, the models with their hashes and the sizing error their cards report.
+
+Calibrated and uncalibrated images are two sources (``measure`` and ``measure-px``), so sizes
+in nm and px are never pooled in statistics; each image is analysed alone (its own working
+scale: build the pipeline with ``build_pipeline(config, offline=True)``). Each image's acquisition time is its file's
+modification time. A TIA acquisition (``.emi`` + ``_N.ser``) is measured once.
+
+With ``outputs=DIR``, per image (names keep the file's suffix: ``test-1.dm3.*``,
+``test-1.dm4.*``): ``NAME.labels.tif`` (ImageJ hyperstack: image + instance labels, nm
+resolution; napari opens it with nanoscout's reader plugin), ``NAME.rois.zip`` (ImageJ ROI set)
+and ``NAME.overlay.png`` (outlines + scale bar); see :mod:`nanoscout.clients.outputs`.
+When the pipeline has a field-of-view classifier, ``OUT.classes.csv`` gets one row per image.
 """
 
 from __future__ import annotations
 
 import csv
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
+from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import Pipeline
-from nanoscout.clients.acquisition.readers import SUPPORTED_SUFFIXES, read_images
-from nanoscout.wire.errors import NanoscoutError, ReaderError
-from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
-
-_BBOX = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
-
-#: output columns: provenance first, then every particle field (bbox split into four)
-COLUMNS: tuple[str, ...] = (
-    "file",
-    "index",
-    "units",
-    "pixel_size_nm",
-    *(c for name in PARTICLE_DTYPE.names or () for c in (_BBOX if name == "bbox" else (name,))),
+from nanoscout.clients.acquisition.readers import (
+    SUPPORTED_SUFFIXES,
+    drop_tia_companions,
+    read_images,
 )
+from nanoscout.clients.outputs import (
+    UniqueNames,
+    write_label_tiff,
+    write_overlay_png,
+    write_rois,
+)
+from nanoscout.clients.progress import Bar
+from nanoscout.clients.provenance import model_entries, software
+from nanoscout.clients.runfile import RunWriter
+from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
+from nanoscout.wire.protocol import StatsHeader
+
+__all__ = ["MeasureReport", "expand", "measure_files"]
+
+#: source names of calibrated (nm) and uncalibrated (px) images
+SOURCE_NM, SOURCE_PX = "measure", "measure-px"
 
 
 @dataclass
@@ -39,48 +63,30 @@ class MeasureReport:
 
     images: int = 0
     particles: int = 0
+    alerts: int = 0
     classes: Path | None = None  # the per-image classification CSV, when written
+    outputs: list[Path] = field(default_factory=list)  # label TIFFs, ROI sets, overlays
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     uncalibrated: list[Path] = field(default_factory=list)
 
 
 def expand(paths: Iterable[Path]) -> list[Path]:
-    """Files as given, folders expanded to their supported image files (sorted)."""
+    """Files as given, folders expanded to their supported image files (sorted); a TIA
+    ``name_N.ser`` is dropped when its ``name.emi`` is listed (one acquisition, one entry)."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
             out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in SUPPORTED_SUFFIXES))
         else:
             out.append(p)
-    return out
+    return drop_tia_companions(out)
 
 
-def _rows(path: Path, index: int, units: str, pixel_size_nm: float | None, table: np.ndarray) -> dict[str, list]:
-    cols: dict[str, list] = {c: [] for c in COLUMNS}
-    n = len(table)
-    cols["file"] = [str(path)] * n
-    cols["index"] = [index] * n
-    cols["units"] = [units] * n
-    cols["pixel_size_nm"] = [pixel_size_nm] * n
-    for name in PARTICLE_DTYPE.names or ():
-        if name == "bbox":
-            for k, c in enumerate(_BBOX):
-                cols[c] = table["bbox"][:, k].tolist()
-        elif name == "shape_class":
-            cols[name] = [SHAPE_CLASSES[i] for i in table[name]]
-        else:
-            cols[name] = table[name].tolist()
-    return cols
-
-
-def write_labels(labels: np.ndarray, path: Path) -> None:
-    """Save an instance map as a 16-bit PNG (0 = background); refuses more than 65535 particles."""
-    from PIL import Image
-
-    top = int(labels.max(initial=0))
-    if top > 65535:
-        raise NanoscoutError(f"{top} particles do not fit a 16-bit label image ({path})")
-    Image.fromarray(labels.astype(np.uint16)).save(path)
+def _meta(path: Path, index: int, meta: dict[str, Any]) -> dict[str, Any]:
+    small = {k: v for k, v in meta.items()
+             if isinstance(v, str | int | float) and not isinstance(v, bool)
+             and (not isinstance(v, str) or len(v) <= 200)}
+    return {**small, "file": str(path), "index": index}
 
 
 def measure_files(
@@ -88,68 +94,112 @@ def measure_files(
     pipeline: Pipeline,
     out: Path,
     *,
-    masks: Path | None = None,
+    outputs: Path | None = None,
     pixel_size_nm: float | None = None,
     log: Callable[[str], None] = print,
+    bar: Bar | None = None,
+    config: dict[str, Any] | None = None,
+    model_cards: dict[str, dict[str, Any]] | None = None,
 ) -> MeasureReport:
-    """Measure every image of ``paths`` and write the particle table to ``out`` (.csv/.parquet)."""
+    """Measure every image of ``paths`` and write a run to ``out`` (``.parquet``/``.csv``).
+
+    ``outputs``: folder for the per-image label TIFFs, ROI sets and overlays (None: none).
+    ``pixel_size_nm`` (nm/px) overrides every file's calibration. ``bar``: a progress bar
+    advanced once per file. ``config`` and ``model_cards`` go into the provenance.
+    """
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
-        raise NanoscoutError(f"output {out} must end in .csv or .parquet")
-    if masks is not None:
-        masks.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"output {out} must end in .csv or .parquet")
+    files = expand(paths)
+    if bar is not None:
+        bar.total(len(files))
+        log = bar.log
+    prov: dict[str, Any] = {"command": "nanoscout measure", "files": [str(p) for p in files],
+                            "software": software(), "config": config or {},
+                            "pixel_size_override_nm": pixel_size_nm,
+                            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    writer = RunWriter(out, prov)
     report = MeasureReport()
-    columns: dict[str, list] = {c: [] for c in COLUMNS}
+    names = UniqueNames()
+    models: set[str] = set()
     class_rows: list[list[object]] = []
-    for path in expand(paths):
+    seq = {SOURCE_NM: 0, SOURCE_PX: 0}
+    for path in files:
         try:
             records = read_images(path)
         except ReaderError as exc:
             report.skipped.append((path, str(exc)))
             log(f"skipped {path}: {exc}")
+            if bar is not None:
+                bar.advance()
             continue
+        try:
+            t_acq_ns = path.stat().st_mtime_ns
+        except OSError:
+            t_acq_ns = time.time_ns()
         for rec in records:
             px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
             if px is None:
                 report.uncalibrated.append(path)
                 log(f"{path}: no calibration, lengths in px (use --pixel-size to set one)")
+            source = SOURCE_NM if px else SOURCE_PX
             try:
-                a = pipeline.analyse(rec.data, px, modality=rec.modality)
+                frame = Frame.from_image(
+                    rec.data, pixel_size_nm=px, source=source, seq=seq[source],
+                    t_acq_ns=t_acq_ns, meta=_meta(path, rec.index, rec.meta),
+                    modality=rec.modality if rec.modality in ("TEM", "STEM", "SEM") else None)
+                result = pipeline.process(frame)
             except NanoscoutError as exc:
                 report.skipped.append((path, str(exc)))
                 log(f"skipped {path}[{rec.index}]: {exc}")
                 continue
-            for k, v in _rows(path, rec.index, a.units, px, a.table).items():
-                columns[k].extend(v)
-            if masks is not None:
-                name = path.stem if len(records) == 1 else f"{path.stem}_{rec.index}"
-                write_labels(a.labels, masks / f"{name}.png")
+            seq[source] += 1
+            det, table, labels = result.det, result.table, result.labels
+            writer.add_det(det, table)
+            stats = result.messages[-1].header
+            if isinstance(stats, StatsHeader):
+                writer.add_stats(stats)
+            for ah in result.alerts:
+                writer.add_alert(ah)
+            report.alerts += len(result.alerts)
+            models.add(det.model)
+            name = names(path, rec.index, len(records))
+            if outputs is not None:
+                info = {"file": str(path), "index": rec.index, "modality": rec.modality}
+                report.outputs += [
+                    write_label_tiff(labels, outputs / f"{name}.labels.tif", image=rec.data,
+                                     pixel_size_nm=px, properties=info),
+                    write_rois(labels, table, outputs / f"{name}.rois.zip"),
+                    write_overlay_png(rec.data, labels, outputs / f"{name}.overlay.png",
+                                      pixel_size_nm=px,
+                                      border_ids=table["id"][table["border"]].tolist()),
+                ]
             report.images += 1
-            report.particles += len(a.table)
+            report.particles += len(table)
             what = ""
-            if pipeline.classifier is not None:
-                try:
-                    c = pipeline.classifier.classify(rec.data)
-                except NanoscoutError as exc:  # the measurements stand without it
-                    log(f"{path}[{rec.index}]: not classified: {exc}")
-                    continue
-                class_rows.append([str(path), rec.index, c.labels[0], round(c.probabilities[0], 4),
+            for stage, error in result.failures:  # the measurements stand without these
+                log(f"{path}[{rec.index}]: {stage} failed: {error}")
+            c = result.classification
+            if c is not None:
+                class_rows.append([str(path), rec.index, c.labels[0],
+                                   round(c.probabilities[0], 4),
                                    None if c.novelty is None else round(c.novelty, 4),
                                    *(round(v, 4) for v in c.all.values())])
                 what = f"; {c.labels[0]} ({c.probabilities[0]:.2f})"
-            log(f"{path}[{rec.index}]: {len(a.table)} particles ({a.units}){what}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".csv":
-        with out.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            names = list(columns)
-            w.writerow(names)
-            w.writerows(zip(*(columns[n] for n in names), strict=True))
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table(columns), out)
+                assert pipeline.classifier is not None
+                models.add(pipeline.classifier.name)
+            log(f"{path}[{rec.index}]: {len(table)} particles ({det.units}){what}")
+        writer.flush()
+        if bar is not None:
+            bar.advance(note=path.name)
+    writer.close()
+    prov.update({"stopped_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "rows": dict(writer.counts), "models": sorted(models),
+                 "engines": [pipeline.engine_name],
+                 "model_provenance": model_entries(sorted(models), model_cards or {}),
+                 "skipped": [[str(p), why] for p, why in report.skipped],
+                 "uncalibrated": sorted({str(p) for p in report.uncalibrated})})
+    writer.write_provenance(prov)
     if pipeline.classifier is not None:
         report.classes = out.with_suffix(".classes.csv")
         with report.classes.open("w", newline="", encoding="utf-8") as fh:

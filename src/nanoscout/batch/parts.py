@@ -14,12 +14,17 @@ part that the retry overwrites, so files are neither lost nor counted twice, and
 run skips every file that is done (:func:`done_files`).
 
 Columns of ``particles``: ``file``, ``index`` (image within the file), ``units``,
-``pixel_size_nm`` and every field of the particle table (``bbox`` split into
-``bbox_x0..bbox_y1``, ``shape_class`` as its name). ``images``: ``file``, ``index``, ``units``,
-``pixel_size_nm``, ``particles``, ``top_class``, ``probability``, ``novelty`` and ``error``
-(why the image or file could not be measured; ``index`` -1 for a file that could not be read).
+``pixel_size_nm`` and the particle table as unit-honest columns
+(:func:`nanoscout.wire.tables.particle_columns`: ``*_px`` always pixels, ``*_nm`` nanometres or
+NaN when uncalibrated, ``bbox_x0..bbox_y1``, ``shape_class`` as its name): the names of the
+particle table of a ``nanoscout measure`` / ``record`` run. ``cluster`` is 255 (not assigned):
+the morphology clusters are an online k-means over one stream in order, which a parallel
+re-analysis does not have. ``images``: ``file``, ``index``, ``units``, ``pixel_size_nm``,
+``particles``, ``top_class``, ``probability``, ``novelty`` and ``error`` (why the image or file
+could not be measured; ``index`` -1 for a file that could not be read).
 
-This module is self-contained: it shares no code with ``nanoscout measure``'s CSV/Parquet writer.
+The writer is self-contained: it shares the column conversion with the run format, not its
+writer (a run is one stream appended in order; these are independent parts, one per file).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
+from nanoscout.wire.particles import empty_table
+from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, particle_columns
 
 __all__ = [
     "IMAGE_COLUMNS",
@@ -47,12 +53,8 @@ __all__ = [
     "write_file_result",
 ]
 
-_BBOX = ("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
-
-PARTICLE_COLUMNS: tuple[str, ...] = (
-    "file", "index", "units", "pixel_size_nm",
-    *(c for name in PARTICLE_DTYPE.names or () for c in (_BBOX if name == "bbox" else (name,))),
-)
+PARTICLE_COLUMNS: tuple[str, ...] = ("file", "index", "units", "pixel_size_nm",
+                                     *PARTICLE_TABLE_COLUMNS)
 IMAGE_COLUMNS: tuple[str, ...] = (
     "file", "index", "units", "pixel_size_nm", "particles", "top_class", "probability",
     "novelty", "error",
@@ -117,42 +119,31 @@ def clean_temporary(out: Path) -> int:
     return n
 
 
-def _particle_columns(file: str, rows: Sequence[ImageRow]) -> dict[str, list]:
-    cols: dict[str, list] = {c: [] for c in PARTICLE_COLUMNS}
-    for im in rows:
-        t = im.table
-        if t is None or not len(t):
-            continue
-        n = len(t)
-        cols["file"] += [file] * n
-        cols["index"] += [im.index] * n
-        cols["units"] += [im.units] * n
-        cols["pixel_size_nm"] += [im.pixel_size_nm] * n
-        for name in PARTICLE_DTYPE.names or ():
-            if name == "bbox":
-                for k, c in enumerate(_BBOX):
-                    cols[c] += t["bbox"][:, k].tolist()
-            elif name == "shape_class":
-                cols[name] += [SHAPE_CLASSES[i] for i in t[name]]
-            else:
-                cols[name] += t[name].tolist()
-    return cols
-
-
-def _schema() -> object:
+def _columns(file: str, index: int, units: str, pixel_size_nm: float | None,
+             table: np.ndarray) -> object:
     import pyarrow as pa
 
-    types = {"file": pa.string(), "index": pa.int64(), "units": pa.string(),
-             "pixel_size_nm": pa.float64(), "shape_class": pa.string()}
-    fields = []
-    for c in PARTICLE_COLUMNS:
-        if c in types:
-            fields.append(pa.field(c, types[c]))
-        elif c in _BBOX:
-            fields.append(pa.field(c, pa.from_numpy_dtype(PARTICLE_DTYPE["bbox"].base)))
-        else:
-            fields.append(pa.field(c, pa.from_numpy_dtype(PARTICLE_DTYPE[c])))
-    return pa.schema(fields)
+    n = len(table)
+    cols: dict[str, object] = {
+        "file": pa.array([file] * n, pa.string()),
+        "index": pa.array(np.full(n, index, np.int64)),
+        "units": pa.array([units] * n, pa.string()),
+        "pixel_size_nm": pa.array([pixel_size_nm] * n, pa.float64()),
+    }
+    for name, values in particle_columns(table, units, pixel_size_nm).items():
+        cols[name] = pa.array(values, pa.string() if values.dtype == object else None)
+    return pa.table(cols)
+
+
+def _particle_table(file: str, rows: Sequence[ImageRow]) -> object:
+    """The particles of every measured image of one file as one pyarrow Table."""
+    import pyarrow as pa
+
+    parts = [_columns(file, im.index, im.units, im.pixel_size_nm, im.table)
+             for im in rows if im.table is not None]
+    if not parts:  # the columns (and types) of an empty table
+        return _columns(file, 0, "nm", 1.0, empty_table(0))
+    return pa.concat_tables(parts)
 
 
 def _image_table(result: FileResult) -> object:
@@ -189,10 +180,7 @@ def _write_atomic(table: object, path: Path) -> None:
 def write_file_result(out: Path, result: FileResult) -> tuple[Path, Path]:
     """Write one file's two parts (particles, then images: the file is done after the
     second rename); returns their paths. Writing the same file again replaces its parts."""
-    import pyarrow as pa
-
     particles_part, images_part = part_paths(out, result.file)
-    cols = _particle_columns(result.file, result.images)
-    _write_atomic(pa.table(cols, schema=_schema()), particles_part)
+    _write_atomic(_particle_table(result.file, result.images), particles_part)
     _write_atomic(_image_table(result), images_part)
     return particles_part, images_part

@@ -1,4 +1,4 @@
-"""``nanoscout measure FILES... --ray [ADDRESS]``: the daemon's pipeline over an archive, on Ray.
+"""``nanoscout measure FILES... --ray``: the daemon's pipeline over an archive, on Ray.
 
 One Ray actor per worker slot (a CPU, or a GPU with ``gpus_per_worker``) builds the pipeline
 once (:func:`nanoscout.daemon.app.build_pipeline`, the same configuration as ``nanoscout
@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from nanoscout.analysis.classifier import Classification
+from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.batch.parts import (
     FileResult,
@@ -42,10 +45,12 @@ from nanoscout.batch.parts import (
     write_file_result,
 )
 from nanoscout.clients.acquisition.readers import ImageRecord, read_images
+from nanoscout.clients.progress import Bar
+from nanoscout.clients.progress import progress as progress_bar
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 
-__all__ = ["RayReport", "analyse_image", "measure_file", "measure_on_ray"]
+__all__ = ["RayReport", "analyse_image", "measure_file", "measure_on_ray", "worker_config"]
 
 log = logging.getLogger("nanoscout.batch")
 
@@ -53,18 +58,23 @@ RAY_MISSING = "Ray is not installed: pip install 'nanoscout[ray]'"
 
 
 def analyse_image(pipeline: Pipeline, rec: ImageRecord, pixel_size_nm: float | None
-                  ) -> tuple[Any, str]:
-    """The one call into the pipeline: (particle table, units "nm" or "px") of one image.
+                  ) -> tuple[np.ndarray, str, Classification | None]:
+    """The one call into the pipeline: (particle table, units "nm" or "px", classification or
+    None) of one image, as ``nanoscout measure`` analyses it (an offline frame; the modality
+    from the file when it names one the frame header knows).
 
-    Kept alone so that a change of the pipeline's entry point changes one line here.
+    Kept alone so that a change of the pipeline's entry point changes one place here.
     """
-    a = pipeline.analyse(rec.data, pixel_size_nm, modality=rec.modality)
-    return a.table, a.units
+    modality = rec.modality if rec.modality in ("TEM", "STEM", "SEM") else None
+    frame = Frame.from_image(rec.data, pixel_size_nm=pixel_size_nm, source="ray",
+                             modality=modality)
+    result = pipeline.process(frame)
+    return result.table, result.det.units, result.classification
 
 
 def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = None,
                  file: str | None = None) -> FileResult:
-    """Every image of one file measured (and classified, when the pipeline has a classifier).
+    """Every image of one file measured (and classified, when the pipeline classifies).
 
     ``pixel_size_nm`` overrides the file's calibration; ``file`` is the name written in the
     output (default ``str(path)``). An unreadable file or image is recorded with its error,
@@ -80,21 +90,25 @@ def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = N
         px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
         units = "nm" if px else "px"
         try:
-            table, units = analyse_image(pipeline, rec, px)
+            table, units, c = analyse_image(pipeline, rec, px)
         except NanoscoutError as exc:
             result.images.append(ImageRow(rec.index, units, px, None, error=str(exc)))
             continue
         row = ImageRow(rec.index, units, px, table)
-        if pipeline.classifier is not None:
-            try:
-                c = pipeline.classifier.classify(rec.data)
-            except NanoscoutError as exc:  # the measurements stand without it
-                row.error = f"not classified: {exc}"
-            else:
-                row.top_class, row.probability = c.labels[0], float(c.probabilities[0])
-                row.novelty = None if c.novelty is None else float(c.novelty)
+        if c is not None:
+            row.top_class, row.probability = c.labels[0], float(c.probabilities[0])
+            row.novelty = None if c.novelty is None else float(c.novelty)
         result.images.append(row)
     return result
+
+
+def worker_config(config: ServeConfig, cpus_per_worker: int) -> ServeConfig:
+    """What each actor runs: ``config`` with ``cpus_per_worker`` engine threads and no
+    morphology clusters (an online k-means over one ordered stream: files measured in parallel
+    have no order, so its ``cluster`` column is left unassigned, 255)."""
+    eng = config.engine.model_copy(update={"threads": cpus_per_worker})
+    clusters = config.clusters.model_copy(update={"enabled": False})
+    return config.model_copy(update={"engine": eng, "clusters": clusters})
 
 
 class _Worker:
@@ -103,7 +117,7 @@ class _Worker:
     def __init__(self, config: ServeConfig, out: str, pixel_size_nm: float | None) -> None:
         from nanoscout.daemon.app import build_pipeline
 
-        self.pipeline = build_pipeline(config)
+        self.pipeline = build_pipeline(config, offline=True)
         self.out = Path(out)
         self.pixel_size_nm = pixel_size_nm
 
@@ -144,15 +158,6 @@ def _import_ray() -> Any:
     return ray
 
 
-def _progress(total: int, initial: int) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, unit="file", desc="measure", file=sys.stderr,
-                dynamic_ncols=True, disable=None)
-
-
 def measure_on_ray(
     paths: Sequence[Path],
     config: ServeConfig,
@@ -167,6 +172,7 @@ def measure_on_ray(
     max_task_retries: int = 2,
     on_started: Callable[[RayReport], None] | None = None,
     on_file: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = False,
 ) -> RayReport:
     """Measure ``paths`` (files, in order) on Ray into ``out`` (see :mod:`nanoscout.batch.parts`).
 
@@ -174,7 +180,8 @@ def measure_on_ray(
     one this process already started). ``workers``: actors (default: the cluster's CPUs //
     ``cpus_per_worker``, or its GPUs // ``gpus_per_worker``); each runs ONNX Runtime with
     ``cpus_per_worker`` threads. ``on_started`` gets the report once the actors are up (their
-    pids in ``worker_pids``); ``on_file`` gets each finished file's summary.
+    pids in ``worker_pids``); ``on_file`` gets each finished file's summary. ``progress``: a
+    progress bar on stderr (None: when stderr is a terminal).
     """
     ray = _import_ray()
     if cpus_per_worker < 1 or gpus_per_worker < 0 or max_task_retries < 0:
@@ -212,17 +219,18 @@ def measure_on_ray(
             workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
                        else int(resources.get("CPU", 1) // cpus_per_worker))
         workers = max(1, min(workers, len(todo)))
-        eng = config.engine.model_copy(update={"threads": cpus_per_worker})
-        worker_config = config.model_copy(update={"engine": eng})
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                            max_restarts=-1, max_task_retries=max_task_retries)(_Worker)
-        actors = [actor.remote(worker_config, str(out.absolute()), pixel_size_nm)
+        actors = [actor.remote(worker_config(config, cpus_per_worker), str(out.absolute()),
+                               pixel_size_nm)
                   for _ in range(workers)]
         report.workers = workers
         report.worker_pids = ray.get([a.pid.remote() for a in actors])
         if on_started is not None:
             on_started(report)
-        _run(ray, actors, todo, report, on_file, _progress(len(files), len(done)))
+        with progress_bar("measuring on Ray", total=len(files), enabled=progress) as bar:
+            bar.advance(len(done))
+            _run(ray, actors, todo, report, on_file, bar)
     finally:
         if started_here:
             ray.shutdown()
@@ -231,7 +239,7 @@ def measure_on_ray(
 
 
 def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,
-         on_file: Callable[[dict[str, Any]], None] | None, bar: Any) -> None:
+         on_file: Callable[[dict[str, Any]], None] | None, bar: Bar) -> None:
     """Hand out files, one in flight per actor, until all are done or failed."""
     pending = list(reversed(todo))
     running: dict[Any, tuple[Any, str]] = {}
@@ -243,27 +251,22 @@ def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,
 
     for a in actors:
         submit(a)
-    try:
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            ref = ready[0]
-            a, path = running.pop(ref)
-            try:
-                summary = ray.get(ref)
-            except ray.exceptions.RayError as exc:  # the actor died more often than retried
-                report.failed.append((path, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-                log.error("%s failed on Ray (left for the next run): %s", path, exc)
-            else:
-                report.measured.append(path)
-                report.images += summary["images"]
-                report.particles += summary["particles"]
-                if summary["error"]:
-                    report.unreadable.append((path, summary["error"]))
-                if on_file is not None:
-                    on_file(summary)
-            if bar is not None:
-                bar.update(1)
-            submit(a)
-    finally:
-        if bar is not None:
-            bar.close()
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1)
+        ref = ready[0]
+        a, path = running.pop(ref)
+        try:
+            summary = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # the actor died more often than retried
+            report.failed.append((path, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+            log.error("%s failed on Ray (left for the next run): %s", path, exc)
+        else:
+            report.measured.append(path)
+            report.images += summary["images"]
+            report.particles += summary["particles"]
+            if summary["error"]:
+                report.unreadable.append((path, summary["error"]))
+            if on_file is not None:
+                on_file(summary)
+        bar.advance(note=Path(path).name)
+        submit(a)

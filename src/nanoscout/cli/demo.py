@@ -86,15 +86,15 @@ def run_demo(
             config = Path(tmp) / "demo.toml"
             config.write_text(DEMO_CONFIG.format(policy=policy), encoding="utf-8")
         print(f"starting the daemon ({policy}, config {config}) ...", flush=True)
-        daemon = _start(exe + ["serve", "--config", str(config), "--input", "tcp://127.0.0.1:0",
-                               "--output", "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0",
+        daemon = _start(exe + ["serve", "--config", str(config), "--frames-endpoint", "tcp://127.0.0.1:0",
+                               "--results", "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0",
                                "--metrics-port", "0"])
         sim = None
         try:
             ep = wait_ready(daemon)
             print(f"daemon ready: frames {ep['input']}, results {ep['output']}, metrics {ep['metrics']}",
                   flush=True)
-            sim = _start(exe + ["simulate", "--connect", ep["input"],
+            sim = _start(exe + ["simulate", "--frames-endpoint", ep["input"],
                                 "--mode", "push" if policy == "lossless" else "pub",
                                 "--size", str(size), "--rate", str(rate_hz)])
             state = run_tail(ep["output"], duration=duration)

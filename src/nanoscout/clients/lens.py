@@ -1,5 +1,5 @@
 """The AI lens's pictures: feature maps as a PNG mosaic, and the maps of a live frame asked of
-the daemon's query socket (``nanoscout lens --connect``, the dashboard's lens view).
+the daemon's query socket (``nanoscout lens --query``, the dashboard's lens view).
 
 The offline lens (one image file through the lens model) is :mod:`nanoscout.batch.lens`.
 """
@@ -84,7 +84,7 @@ def grid(tiles: list[np.ndarray | None], tile: int, columns: int = COLUMNS) -> n
 
 
 def write_live_mosaic(args: argparse.Namespace) -> int:
-    """``--connect``: the lens maps of a live frame, asked of the daemon's query socket."""
+    """``--query``: the lens maps of a live frame, asked of the daemon's query socket."""
     try:
         reply, maps = request_lens(args.connect, args.source, [args.layer],
                                    timeout=args.timeout)

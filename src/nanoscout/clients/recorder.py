@@ -1,11 +1,13 @@
 """``nanoscout record``: write every particle, frame and alert the daemon publishes to disk.
 
-Subscribes to ``det.`` and ``alert.`` (one source prefix or all), queues rows and flushes them
+Subscribes to ``det.``, ``alert.`` and ``stats.`` (one source prefix or all), queues rows and flushes them
 as one crash-safe batch (:mod:`nanoscout.clients.runfile`) every ``batch_frames`` frames or
 ``batch_seconds`` s, whichever comes first, and on stop (SIGINT / SIGTERM, ``frames`` or
 ``duration`` reached). After ``kill -9`` the run is readable and lacks at most the rows queued
 since the last flush. Results the subscriber missed (sequence gaps, e.g. when the recorder
-could not keep up) are counted in the provenance, never silently.
+could not keep up) are counted in the provenance, never silently. The provenance also names
+the software, the recorder's options and every model seen in the results with its card's hash
+and sizing error (:mod:`nanoscout.clients.provenance`; cards from ``model_cards``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nanoscout.clients.outputs import write_ellipse_rois
+from nanoscout.clients.provenance import model_entries, software
 from nanoscout.clients.runfile import RunWriter
 from nanoscout.clients.subscriber import Subscriber
-from nanoscout.wire.protocol import AlertHeader, DetHeader
+from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
 from nanoscout.wire.transport import ClientKeys
 
 __all__ = ["record"]
@@ -36,20 +41,29 @@ def _now() -> str:
 def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = None,
            duration: float | None = None, batch_frames: int = 20, batch_seconds: float = 2.0,
            curve: ClientKeys | None = None, stop: threading.Event | None = None,
-           ready_timeout: float = 30.0) -> dict[str, Any]:
+           ready_timeout: float = 30.0,
+           model_cards: Mapping[str, Mapping[str, Any]] | None = None,
+           rois: Path | None = None) -> dict[str, Any]:
     """Record results from the daemon at ``endpoint`` into ``out``; returns the provenance.
 
     ``source``: record only sources starting with this ('' = all). ``frames``: stop after this
     many ``det`` messages; ``duration``: after this many seconds; ``stop``: an event that ends
-    the recording (signals set it when called from the main thread).
+    the recording (signals set it when called from the main thread). ``model_cards``: card
+    summaries by ``name:version`` (:func:`nanoscout.clients.provenance.load_cards`) for the
+    provenance of the models the daemon names. ``rois``: a folder for one ImageJ ROI set per
+    frame (``SOURCE-SEQ.rois.zip``, the fitted ellipses in frame px; Fiji's ROI Manager).
     """
     if batch_frames < 1 or batch_seconds <= 0:
         raise ValueError("batch_frames must be >= 1 and batch_seconds > 0")
     stop = stop or threading.Event()
     prov: dict[str, Any] = {
-        "format": "nanoscout-run/1", "endpoint": endpoint, "source_prefix": source,
+        "endpoint": endpoint, "source_prefix": source,
         "command": " ".join(sys.argv), "started_utc": _now(),
-        "batch_frames": batch_frames, "batch_seconds": batch_seconds}
+        "batch_frames": batch_frames, "batch_seconds": batch_seconds,
+        "software": software(),
+        "config": {"endpoint": endpoint, "source": source, "frames": frames,
+                   "duration_s": duration, "batch_frames": batch_frames,
+                   "batch_seconds": batch_seconds, "curve": curve is not None}}
     writer = RunWriter(out, prov)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -59,7 +73,8 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
     engines: set[str] = set()
     t_start = time.monotonic()
     last_flush = t_start
-    with Subscriber(endpoint, topics=(f"det.{source}", f"alert.{source}"), curve=curve) as sub:
+    topics = (f"det.{source}", f"alert.{source}", f"stats.{source}")
+    with Subscriber(endpoint, topics=topics, curve=curve) as sub:
         sub.wait_ready(ready_timeout)
         prov["daemon_policy"] = sub.last_health.policy if sub.last_health else None
         prov["subscribed_utc"] = _now()  # from here on nothing the daemon publishes is missed
@@ -74,12 +89,19 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
                 header = msg.header
                 assert isinstance(header, DetHeader)
                 writer.add_det(header, msg.array)
+                if rois is not None:
+                    name = f"{header.source}-{header.seq:06d}.rois.zip"
+                    write_ellipse_rois(msg.array, rois / name, units=header.units,
+                                       pixel_size_nm=header.pixel_size_nm)
                 models.add(header.model)
                 engines.add(header.engine)
                 n_det += 1
             elif msg is not None and msg.kind == "alert":
                 assert isinstance(msg.header, AlertHeader)
                 writer.add_alert(msg.header)
+            elif msg is not None and msg.kind == "stats":
+                assert isinstance(msg.header, StatsHeader)
+                writer.add_stats(msg.header)
             if writer.pending_frames >= batch_frames or (
                     writer.pending and time.monotonic() - last_flush >= batch_seconds):
                 writer.flush()
@@ -87,7 +109,8 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
         writer.flush()
         prov.update({"stopped_utc": _now(), "rows": dict(writer.counts),
                      "missed_results": dict(sub.missed), "rejected_messages": sub.rejected,
-                     "models": sorted(models), "engines": sorted(engines)})
+                     "models": sorted(models), "engines": sorted(engines),
+                     "model_provenance": model_entries(sorted(models), model_cards or {})})
         writer.write_provenance(prov)
     log.info("recorded %d frames, %d particles, %d alerts to %s (missed %s)",
              writer.counts["frames"], writer.counts["particles"], writer.counts["alerts"], out,

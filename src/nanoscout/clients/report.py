@@ -1,17 +1,23 @@
 """``nanoscout report RUN``: an HTML size-distribution report of a recorded run.
 
-Reads a run written by :class:`nanoscout.clients.runfile.RunWriter` and writes ``REPORT.html`` plus its
-PNG figures in ``REPORT_files/`` beside it (relative links, no JavaScript, nothing fetched from
-the network), so the pair can be copied or archived as it is.
+Reads a run written by :class:`nanoscout.clients.runfile.RunWriter` (``nanoscout record`` or
+``nanoscout measure``) and writes ``REPORT.html`` plus its figures in ``REPORT_files/`` beside
+it — PNG at 300 dpi shown in the page, SVG and PDF (vector, for a paper or a lab notebook)
+linked beside each — with relative links, no JavaScript and nothing fetched from the network,
+so the pair can be copied or archived as it is.
 
 Particles are grouped by ``(source, units)``: sizes in nm and in px are never pooled. Particles
 touching the frame edge (``border``) are cut by the frame, so they are left out of every size
 and shape statistic (the report says how many). Lengths are in the group's units (nm, or px
 when uncalibrated); times are seconds since the run's first frame.
 
-Sections: summary table with percentile-bootstrap 95 % confidence intervals; ECD histogram with
-a lognormal maximum-likelihood fit; aspect-ratio and roundness histograms; per-frame D50 and
-particle count over time; alerts (newest first); provenance.
+Sections: a methods paragraph (software, detector name, version, hash and the sizing error its
+model card reports, calibration, exclusions, statistics; ready to paste into a lab notebook);
+summary table with percentile-bootstrap 95 % confidence intervals; ECD histogram with a
+lognormal maximum-likelihood fit and its goodness of fit (Kolmogorov-Smirnov and
+Anderson-Darling tests of ln d against the fitted normal, parameters estimated from the data,
+Monte-Carlo p-values by :func:`scipy.stats.goodness_of_fit`); aspect-ratio and roundness
+histograms; per-frame D50 and particle count over time; alerts (newest first); provenance.
 """
 
 from __future__ import annotations
@@ -29,14 +35,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nanoscout.clients.progress import Bar
 from nanoscout.clients.runfile import Run, read_run
 from nanoscout.wire.errors import NanoscoutError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "GroupStats", "bootstrap_ci",
-           "build_report", "group_stats", "main"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "FIGURE_DPI", "FIT_TEST_SAMPLES",
+           "FitQuality", "GroupStats", "bootstrap_ci", "build_report", "fit_quality",
+           "group_stats", "main", "methods_paragraph"]
 
 #: percentile-bootstrap resamples and the fixed seed that makes a report reproducible
 BOOTSTRAP_RESAMPLES = 1000
@@ -46,6 +54,49 @@ MAX_ALERT_ROWS = 200
 #: bootstrap resamples are drawn in chunks of at most this many values (memory bound, ~32 MB)
 _BOOT_CHUNK_VALUES = 4_000_000
 _EMPTY_MESSAGE = "This run contains no particles: there are no size statistics to report."
+#: resolution of the PNG figures (dots per inch); SVG and PDF are vector
+FIGURE_DPI = 300
+#: goodness-of-fit tests: Monte-Carlo samples, and at most this many diameters (a seeded
+#: subsample beyond it: with 10^5 particles any test rejects any model, and time grows as n)
+FIT_TEST_MC_SAMPLES = 999
+FIT_TEST_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class FitQuality:
+    """Goodness of the lognormal fit: KS and AD statistics of ln d against the fitted normal
+    and their Monte-Carlo p-values (parameters estimated from the data), on ``n`` values."""
+
+    n: int
+    ks_statistic: float
+    ks_pvalue: float
+    ad_statistic: float
+    ad_pvalue: float
+
+
+def fit_quality(d: np.ndarray, *, seed: int = BOOTSTRAP_SEED) -> FitQuality | None:
+    """Kolmogorov-Smirnov and Anderson-Darling tests of the lognormal fit of diameters ``d``
+    (positive, any unit); None for fewer than 8 values.
+
+    Both test ln d against a normal whose mean and sd are estimated from the same data
+    (:func:`scipy.stats.goodness_of_fit`, which accounts for the estimation: Lilliefors-type
+    p-values by Monte Carlo, ``FIT_TEST_MC_SAMPLES`` samples). At most ``FIT_TEST_SAMPLES``
+    values are tested (a seeded subsample), so p-values mean the same for any run size.
+    """
+    from scipy import stats
+
+    x = np.log(_positive(d))
+    if x.size < 8 or float(np.std(x)) == 0.0:
+        return None
+    rng = np.random.default_rng(seed)
+    if x.size > FIT_TEST_SAMPLES:
+        x = rng.choice(x, FIT_TEST_SAMPLES, replace=False)
+    ks = stats.goodness_of_fit(stats.norm, x, statistic="ks", n_mc_samples=FIT_TEST_MC_SAMPLES,
+                               rng=np.random.default_rng(seed))
+    ad = stats.goodness_of_fit(stats.norm, x, statistic="ad", n_mc_samples=FIT_TEST_MC_SAMPLES,
+                               rng=np.random.default_rng(seed + 1))
+    return FitQuality(int(x.size), float(ks.statistic), float(ks.pvalue), float(ad.statistic),
+                      float(ad.pvalue))
 
 
 @dataclass
@@ -184,6 +235,11 @@ class _Series:
     n_inner: np.ndarray  # non-border particles in the frame
 
 
+def _ecd_column(units: str) -> str:
+    """The particle column holding ECD in ``units`` (unit-honest run columns)."""
+    return "ecd_nm" if units == "nm" else "ecd_px"
+
+
 def _series(run: Run, g: _Group, t0_ns: int) -> _Series:
     """Per-frame D50 and counts of a group, ordered by acquisition time."""
     f, p = run.frames, run.particles
@@ -192,7 +248,7 @@ def _series(run: Run, g: _Group, t0_ns: int) -> _Series:
     n_all = f["n"][g.frames].astype(np.float64) if Run.rows(f) else np.zeros(0)
     if Run.rows(p):
         inner = g.particles & ~p["border"]
-        pseq, pecd = p["seq"][inner], p["ecd_nm"][inner].astype(np.float64)
+        pseq, pecd = p["seq"][inner], p[_ecd_column(g.units)][inner].astype(np.float64)
         ok = np.isfinite(pecd) & (pecd > 0)
         pseq, pecd = pseq[ok], pecd[ok]
     else:
@@ -220,17 +276,27 @@ def _figure(width_in: float, height_in: float, ncols: int = 1) -> tuple[Figure, 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width_in, height_in), dpi=100, layout="constrained")
+    fig = Figure(figsize=(width_in, height_in), dpi=FIGURE_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols)
     return fig, axes
 
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, format="png")
+#: matplotlib metadata of the vector files: no creation date, so a report is reproducible
+_VECTOR_META = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
-def _ecd_figure(d: np.ndarray, st: GroupStats, path: Path) -> None:
+def _save(fig: Figure, path: Path, formats: Sequence[str] = ("png",)) -> None:
+    """Save ``fig`` as ``path`` (PNG, ``FIGURE_DPI``) and beside it in the other ``formats``."""
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        if fmt == "png":
+            fig.savefig(target, format="png", dpi=FIGURE_DPI)
+        else:
+            fig.savefig(target, format=fmt, metadata=_VECTOR_META.get(fmt))
+
+
+def _ecd_figure(d: np.ndarray, st: GroupStats, path: Path, formats: Sequence[str]) -> None:
     """ECD histogram on log-spaced bins with the lognormal fit as expected counts per bin."""
     from matplotlib.ticker import FuncFormatter
 
@@ -260,10 +326,11 @@ def _ecd_figure(d: np.ndarray, st: GroupStats, path: Path) -> None:
     ax.set_ylabel("particles per bin")
     ax.set_title(f"{st.source}: ECD distribution (non-border)")
     ax.legend(fontsize="small")
-    _save(fig, path)
+    _save(fig, path, formats)
 
 
-def _shape_figure(ar: np.ndarray, rd: np.ndarray, source: str, path: Path) -> None:
+def _shape_figure(ar: np.ndarray, rd: np.ndarray, source: str, path: Path,
+                  formats: Sequence[str]) -> None:
     fig, (ax1, ax2) = _figure(8.0, 3.2, ncols=2)
     if ar.size:
         hi = max(float(np.quantile(ar, 0.995)), 1.05)
@@ -276,10 +343,10 @@ def _shape_figure(ar: np.ndarray, rd: np.ndarray, source: str, path: Path) -> No
                  edgecolor="#9a7a2e")
     ax2.set_xlabel("roundness 4·area / (π·major²)")
     ax2.set_title(f"{source}: roundness (N = {rd.size})")
-    _save(fig, path)
+    _save(fig, path, formats)
 
 
-def _time_figure(s: _Series, source: str, units: str, path: Path) -> None:
+def _time_figure(s: _Series, source: str, units: str, path: Path, formats: Sequence[str]) -> None:
     fig, (ax1, ax2) = _figure(8.0, 3.2, ncols=2)
     ok = np.isfinite(s.d50)
     ax1.plot(s.t_s[ok], s.d50[ok], "o-", ms=3, color="#3b6a99")
@@ -292,7 +359,7 @@ def _time_figure(s: _Series, source: str, units: str, path: Path) -> None:
     ax2.set_ylabel("particles per frame")
     ax2.set_title(f"{source}: particles per frame")
     ax2.legend(fontsize="small")
-    _save(fig, path)
+    _save(fig, path, formats)
 
 
 # -------------------------------------------------------------------------------------- HTML
@@ -409,60 +476,177 @@ table{border-collapse:collapse;margin:0.5em 0 1em}
 th,td{border:1px solid #ccc;padding:0.25em 0.5em;text-align:left;vertical-align:top}
 th{background:#f2f2f2}.ci{color:#666;font-size:85%}.note{color:#a15c00}
 .severity-critical td{background:#fde2e1}.severity-warning td{background:#fff4d6}
-pre{background:#f7f7f7;padding:0.75em;overflow-x:auto}img{max-width:100%}
+pre{background:#f7f7f7;padding:0.75em;overflow-x:auto}img{max-width:100%;width:48em}
+.methods{background:#f7f9fc;border-left:4px solid #3b6a99;padding:0.5em 1em}
+.figure-links{font-size:85%;color:#555;margin-top:0}
 """
 
 
-def _img(files_dir: Path, name: str, alt: str) -> str:
-    return f'<img src="{_e(files_dir.name)}/{_e(name)}" alt="{_e(alt)}">'
+def _img(files_dir: Path, name: str, alt: str, formats: Sequence[str]) -> str:
+    """The PNG of a figure, with links to its vector versions."""
+    stem = name.rsplit(".", 1)[0]
+    links = " · ".join(f'<a href="{_e(files_dir.name)}/{_e(stem)}.{f}">{f.upper()}</a>'
+                       for f in formats if f != "png")
+    img = (f'<img src="{_e(files_dir.name)}/{_e(name)}" alt="{_e(alt)}">' if "png" in formats
+           else "")
+    return img + (f'<p class="figure-links">Vector: {links}</p>' if links else "")
+
+
+# ----------------------------------------------------------------------------------- methods
+
+def _models_of(run: Run) -> list[dict[str, Any]]:
+    """Model provenance entries of the run (cards where known), else the names it recorded."""
+    entries = run.provenance.get("model_provenance")
+    if isinstance(entries, list) and entries:
+        return [e for e in entries if isinstance(e, dict)]
+    names = sorted({str(m) for m in run.frames["model"] if m}) if Run.rows(run.frames) else []
+    return [{"model": n, "card": None} for n in names]
+
+
+def _sizing_sentence(entry: dict[str, Any]) -> str:
+    s = entry.get("sizing_error") or {}
+    parts = []
+    if "synthetic_median_abs_ecd_error_pct" in s:
+        parts.append(f"a median absolute ECD error of {_fmt(s['synthetic_median_abs_ecd_error_pct'], 2)} % "
+                     "on held-out synthetic frames")
+    if "emps_median_abs_ecd_error_pct" in s:
+        d50 = s.get("emps_d50_error_pct")
+        parts.append(f"{_fmt(s['emps_median_abs_ecd_error_pct'], 2)} % on the EMPS validation "
+                     "images (real TEM/SEM)" + (f", D50 error {_fmt(d50, 2)} %" if d50 is not None
+                                                 else ""))
+    if "stem_median_abs_ecd_error_pct" in s:
+        parts.append(f"{_fmt(s['stem_median_abs_ecd_error_pct'], 2)} % on held-out HAADF-STEM "
+                     "images")
+    return "; ".join(parts)
+
+
+def methods_paragraph(run: Run, stats: Sequence[GroupStats]) -> str:
+    """A methods paragraph (plain text) for a lab notebook or a paper: software, detector with
+    version, hash and the sizing error its model card reports, calibration, exclusions and the
+    statistics used."""
+    prov = run.provenance
+    sw = prov.get("software") or {}
+    version = sw.get("nanoscout") or "(version not recorded)"
+    made = ("measured offline from image files (nanoscout measure)"
+            if prov.get("command") == "nanoscout measure"
+            else "recorded live from the analysis daemon (nanoscout record)")
+    detectors = [e for e in _models_of(run) if "classifier" not in str(e.get("model"))
+                 and "lens" not in str(e.get("model"))]
+    model_text = []
+    for e in detectors:
+        text = f"{e.get('name') or e.get('model')}"
+        if e.get("version"):
+            text += f" version {e['version']}"
+        if e.get("sha256"):
+            text += f" (ONNX sha256 {str(e['sha256'])[:12]}…)"
+        sizing = _sizing_sentence(e)
+        if sizing:
+            text += f", whose model card reports {sizing}"
+        elif e.get("card") is None:
+            text += " (no model card was available to the recorder: its sizing error is unknown)"
+        model_text.append(text)
+    engines = sorted({str(x) for x in run.frames["engine"]}) if Run.rows(run.frames) else []
+    n_border = int(run.particles["border"].sum()) if Run.rows(run.particles) else 0
+    units = sorted({st.units for st in stats})
+    calib = ("Lengths were calibrated with the pixel size each frame carried (nm)"
+             if units == ["nm"] else
+             "Frames without a pixel size were measured in pixels and are reported apart "
+             "(units px); calibrated frames in nm" if "px" in units else
+             "No particle lengths were measured")
+    parts = [
+        f"Particle sizes were {made} with nanoscout {version}"
+        + (f" (Python {sw['python']})" if sw.get("python") else "") + ".",
+        ("Particles were segmented by the detector " + "; and ".join(model_text)
+         + (f", run with {', '.join(engines)}" if engines else "") + ".")
+        if model_text else "The detection model was not recorded.",
+        "Each particle's size is its equivalent circular diameter, ECD = 2·√(A/π), of the "
+        f"projected area A. {calib}.",
+        f"{n_border} particles touching the frame edge were excluded from every size and shape "
+        "statistic.",
+        "D10, D50 and D90 are number-weighted ECD quantiles with percentile-bootstrap 95 % "
+        f"confidence intervals ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}).",
+        "A lognormal distribution was fitted by maximum likelihood (μ = mean ln d, "
+        "σ = sd ln d); its goodness of fit was tested with the Kolmogorov-Smirnov and "
+        "Anderson-Darling statistics of ln d against the fitted normal, with Monte-Carlo "
+        f"p-values ({FIT_TEST_MC_SAMPLES} samples, parameters re-estimated per sample; at most "
+        f"{FIT_TEST_SAMPLES} diameters, a seeded subsample beyond that) computed with SciPy.",
+    ]
+    return " ".join(parts)
+
+
+def _fit_text(fq: FitQuality | None) -> str:
+    if fq is None:
+        return "<p>Too few particles to test the fit.</p>"
+    verdict = ("consistent with a lognormal distribution at the 5 % level"
+               if min(fq.ks_pvalue, fq.ad_pvalue) >= 0.05 else
+               "the lognormal fit is rejected at the 5 % level by at least one test")
+    return (f'<p class="fit-quality">Goodness of fit on {fq.n} diameters: Kolmogorov-Smirnov '
+            f'D = <span class="ks-statistic">{_fmt(fq.ks_statistic)}</span>, p = '
+            f'<span class="ks-pvalue">{_fmt(fq.ks_pvalue, 3)}</span>; Anderson-Darling '
+            f'A² = <span class="ad-statistic">{_fmt(fq.ad_statistic)}</span>, p = '
+            f'<span class="ad-pvalue">{_fmt(fq.ad_pvalue, 3)}</span> — {verdict}.</p>')
 
 
 # ---------------------------------------------------------------------------------- report
 
-def build_report(run_path: str | Path, out_html: Path) -> Path:
+def build_report(run_path: str | Path, out_html: Path, *,
+                 formats: Sequence[str] = ("png", "svg", "pdf"), bar: Bar | None = None) -> Path:
     """Write the HTML report of the run at ``run_path`` to ``out_html``; returns ``out_html``.
 
-    Figures are PNG files in ``<out stem>_files/`` beside ``out_html``, linked relatively.
-    Raises :class:`nanoscout.wire.errors.ReaderError` when the run cannot be read.
+    Figures go to ``<out stem>_files/`` beside ``out_html``, linked relatively, in each of
+    ``formats`` (``png`` at ``FIGURE_DPI``, shown in the page; ``svg``, ``pdf``: vector,
+    linked). ``bar``: a progress bar advanced once per step. Raises
+    :class:`nanoscout.wire.errors.ReaderError` when the run cannot be read.
     """
     run_path, out_html = Path(run_path), Path(out_html)
+    formats = tuple(dict.fromkeys(formats))
     run = read_run(run_path)
     files_dir = out_html.with_name(out_html.stem + "_files")
     out_html.parent.mkdir(parents=True, exist_ok=True)
     p = run.particles
     t0 = _t0_ns(run)
     groups = _groups(run)
+    if bar is not None:
+        bar.total(2 * len(groups) + 1)
     stats: list[GroupStats] = []
     figures: list[str] = []
     for i, g in enumerate(groups):
         inner = g.particles & ~p["border"] if Run.rows(p) else g.particles
-        ecd = p["ecd_nm"][inner] if Run.rows(p) else np.zeros(0)
+        ecd = p[_ecd_column(g.units)][inner] if Run.rows(p) else np.zeros(0)
         ar = p["aspect_ratio"][inner] if Run.rows(p) else np.zeros(0)
         rd = p["roundness"][inner] if Run.rows(p) else np.zeros(0)
         st = group_stats(g.source, g.units, ecd, n_border=int((g.particles & ~inner).sum()),
                          n_frames=int(g.frames.sum()), aspect_ratio=ar, roundness=rd)
         stats.append(st)
         label = f"{_e(g.source)} ({_e(g.units)})"
+        if bar is not None:
+            bar.advance(note=f"{g.source}: statistics")
         if st.n == 0:
             figures.append(f"<h3>{label}</h3><p>No non-border particles in this group.</p>")
+            if bar is not None:
+                bar.advance()
             continue
         files_dir.mkdir(exist_ok=True)
         d = _positive(ecd)
+        fq = fit_quality(d)
         names = (f"g{i}_ecd.png", f"g{i}_shape.png", f"g{i}_time.png")
-        _ecd_figure(d, st, files_dir / names[0])
+        _ecd_figure(d, st, files_dir / names[0], formats)
         _shape_figure(ar[np.isfinite(ar)].astype(np.float64),
-                      rd[np.isfinite(rd)].astype(np.float64), g.source, files_dir / names[1])
+                      rd[np.isfinite(rd)].astype(np.float64), g.source, files_dir / names[1],
+                      formats)
         assert t0 is not None  # a group with particles has a first frame
-        _time_figure(_series(run, g, t0), g.source, g.units, files_dir / names[2])
+        _time_figure(_series(run, g, t0), g.source, g.units, files_dir / names[2], formats)
+        if bar is not None:
+            bar.advance(note=f"{g.source}: figures")
         figures.append(
             f"<h3>{label}</h3>"
             f'<p>Lognormal fit (maximum likelihood, μ = mean ln d, σ = std ln d): median '
             f'exp(μ) = <span class="lognormal-median">{_fmt(st.lognormal_median)}</span> '
             f'{_e(g.units)}, σ = <span class="lognormal-sigma">{_fmt(st.lognormal_sigma)}'
-            f"</span>.</p>"
-            f"{_img(files_dir, names[0], f'ECD histogram of {g.source}')}"
-            f"<h4>Shape</h4>{_img(files_dir, names[1], f'shape histograms of {g.source}')}"
-            f"<h4>Over time</h4>{_img(files_dir, names[2], f'D50 over time of {g.source}')}")
+            f"</span>.</p>{_fit_text(fq)}"
+            f"{_img(files_dir, names[0], f'ECD histogram of {g.source}', formats)}"
+            f"<h4>Shape</h4>{_img(files_dir, names[1], f'shape histograms of {g.source}', formats)}"
+            f"<h4>Over time</h4>{_img(files_dir, names[2], f'D50 over time of {g.source}', formats)}")
     n_particles = Run.rows(p)
     if n_particles == 0:
         sizes = f'<p class="empty">{_e(_EMPTY_MESSAGE)}</p>'
@@ -476,12 +660,14 @@ def build_report(run_path: str | Path, out_html: Path) -> Path:
             f"95 % confidence intervals ({BOOTSTRAP_RESAMPLES} resamples, seed "
             f"{BOOTSTRAP_SEED}).</p>" + _summary_table(stats)
             + "<h2>Distributions</h2>" + "".join(figures))
+    methods = f'<p class="methods">{_e(methods_paragraph(run, stats))}</p>'
     title = f"nanoscout report: {run_path.name}"
     doc = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{_e(title)}</h1><p>Run: <code>{_e(run_path)}</code>. Report written "
         f"{_e(dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat())}.</p>"
+        f"<h2>Methods</h2>{methods}"
         f"<h2>Size statistics</h2>{sizes}"
         f"<h2>Alerts</h2>{_alerts_section(run)}"
         f"<h2>Provenance</h2>{_provenance_section(run)}"
@@ -489,6 +675,8 @@ def build_report(run_path: str | Path, out_html: Path) -> Path:
     tmp = out_html.with_name(out_html.name + ".tmp")
     tmp.write_text(doc, encoding="utf-8")
     tmp.replace(out_html)
+    if bar is not None:
+        bar.advance(note="written")
     return out_html
 
 
@@ -499,11 +687,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("run", type=Path, help="RUN.parquet folder or RUN.csv")
     ap.add_argument("--out", type=Path, default=None,
                     help="report HTML (default: <run stem>_report.html beside the run)")
+    ap.add_argument("--figures", default="png,svg,pdf",
+                    help="figure formats, comma-separated (default png,svg,pdf)")
     args = ap.parse_args(argv)
     run: Path = args.run
     out: Path = args.out or run.with_name(run.stem + "_report.html")
     try:
-        written = build_report(run, out)
+        written = build_report(run, out, formats=[f for f in args.figures.split(",") if f])
     except NanoscoutError as exc:
         print(f"nanoscout report: error: {exc}", file=sys.stderr)
         return 2

@@ -1,113 +1,188 @@
-"""A recorded run on disk: particles, frames and alerts, written in crash-safe batches.
+"""A recorded run on disk: particles, frames, alerts and statistics, in crash-safe batches.
 
-Two layouts, chosen by the output name:
+Written by ``nanoscout record`` (the live daemon's results) and ``nanoscout measure`` (files
+analysed offline): the same format, so ``nanoscout report`` reads both. Two layouts, chosen by
+the output name:
 
-* ``RUN.parquet`` — a folder holding ``particles/``, ``frames/`` and ``alerts/`` (one Parquet
-  part file per flushed batch, ``part-000001.parquet`` ...) and ``run.json`` (provenance). Each
-  part is written to a temporary name, fsynced and renamed into place, so after a crash (even
-  ``kill -9``) every part present is complete: the run loses at most the batch being written.
-  Any Parquet reader reads a table as a dataset folder, e.g.
-  ``pyarrow.dataset.dataset("RUN.parquet/particles")``.
-* ``RUN.csv`` — ``RUN.csv`` (particles), ``RUN.frames.csv``, ``RUN.alerts.csv`` and
-  ``RUN.json``; rows are appended, flushed and fsynced per batch. A crash can leave a partial
-  last line, which :func:`read_run` drops.
+* ``RUN.parquet`` — a folder that **any Parquet reader opens in one line as the particle
+  table**: ``pd.read_parquet("RUN.parquet")``, ``pyarrow.parquet.read_table("RUN.parquet")``,
+  ``polars.read_parquet("RUN.parquet/*.parquet")``. The particle parts are the folder's own
+  ``part-000001.parquet`` ...; the other tables sit in sub-folders whose names start with ``_``
+  (which Parquet dataset readers skip): ``_frames/``, ``_alerts/``, ``_stats/``, and the
+  provenance is ``_run.json``. Read another table with ``pd.read_parquet("RUN.parquet/_frames")``.
+  Each part is written under a temporary ``.``-name, fsynced and renamed into place, so after a
+  crash (even ``kill -9``) every part present is complete: the run loses at most the batch
+  being written.
+* ``RUN.csv`` — ``RUN.csv`` (particles), ``RUN.frames.csv``, ``RUN.alerts.csv``,
+  ``RUN.stats.csv`` and ``RUN.json``; rows are appended, flushed and fsynced per batch. A crash
+  can leave a partial last line, which :func:`read_run` drops. Times are ISO 8601 (UTC).
 
-A batch writes its particle and alert rows first and its frame rows last; :func:`read_run`
+A batch writes its particle, alert and stats rows first and its frame rows last; :func:`read_run`
 keeps only particle rows whose frame row exists, so a run cut anywhere is consistent.
 
-Columns (lengths in nm, or px where ``units`` says so; times in ns since the epoch; stage in µm,
-NaN when the frame had no stage position; ``pixel_size_nm`` NaN when uncalibrated):
+Columns. Times are ``timestamp[ns, UTC]`` (pandas ``datetime64[ns, UTC]``); stage in µm, NaN
+without a stage position; ``pixel_size_nm`` NaN when uncalibrated. Lengths are unit-honest:
+``*_px`` columns always hold pixels, ``*_nm`` columns nanometres and are NaN for uncalibrated
+frames (never pixels under an ``_nm`` name).
 
-* particles: ``source, seq, t_acq_ns, units, pixel_size_nm, stage_x_um, stage_y_um`` and the
-  particle table of ``nanoscout.wire.particles`` (``bbox`` split into ``bbox_x0 .. bbox_y1``,
-  ``shape_class`` as its name);
-* frames: ``source, seq, t_acq_ns, t_recv_ns, t_done_ns, latency_ms, n, units,
-  pixel_size_nm, stage_x_um, stage_y_um, height, width, modality, engine, model,
-  working_scale``;
-* alerts: ``source, seq, t_acq_ns, rule, kind, severity, value, threshold, explanation, units,
-  stage_x_um, stage_y_um, n``.
+* particles: ``source, seq, t_acq, file, index, units, pixel_size_nm, stage_x_um, stage_y_um``
+  then the particle table's columns (:data:`nanoscout.wire.tables.PARTICLE_TABLE_COLUMNS`:
+  ``id, x, y, bbox_x0..bbox_y1, area_px2, area_nm2, ecd_px, ecd_nm, ...``);
+* frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
+  stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale, file, index,
+  meta`` (``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it);
+* alerts: ``source, seq, t_acq, rule, kind, severity, value, threshold, explanation, units,
+  stage_x_um, stage_y_um, n``;
+* stats: ``source, seq, t, units`` and for ``window`` and ``cumulative``: ``_n_frames,
+  _count, _ecd_mean, _ecd_sd, _ecd_d10, _ecd_d50, _ecd_d90, _density_per_um2`` (ECD in
+  ``units``), then ``drift`` and ``clusters`` (JSON).
+
+:func:`read_run` reads both layouts (and the first format, ``nanoscout-run/1``) with pyarrow;
+:class:`Run` hands the tables out as pyarrow Tables, pandas DataFrames or numpy columns.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nanoscout.wire.errors import ConfigError, ReaderError
-from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
-from nanoscout.wire.protocol import AlertHeader, DetHeader
+from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
+from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, html_table, particle_columns
 
-__all__ = ["FRAME_COLUMNS", "PARTICLE_COLUMNS", "ALERT_COLUMNS", "Run", "RunWriter", "read_run"]
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
-_PARTICLE_FIELDS = [f for f in PARTICLE_DTYPE.names or () if f != "bbox"]
-PARTICLE_COLUMNS: tuple[str, ...] = ("source", "seq", "t_acq_ns", "units", "pixel_size_nm", "stage_x_um",
-                    "stage_y_um", "id", "x", "y", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
-                    *[f for f in _PARTICLE_FIELDS if f not in ("id", "x", "y")])
+__all__ = ["ALERT_COLUMNS", "FORMAT", "FRAME_COLUMNS", "PARTICLE_COLUMNS", "STATS_COLUMNS",
+           "TABLES", "Run", "RunWriter", "delete_run", "read_run"]
+
+#: the run format written here (``run.json`` / ``_run.json`` ``format``)
+FORMAT = "nanoscout-run/2"
+
+PARTICLE_COLUMNS: tuple[str, ...] = (
+    "source", "seq", "t_acq", "file", "index", "units", "pixel_size_nm", "stage_x_um",
+    "stage_y_um", *PARTICLE_TABLE_COLUMNS)
 FRAME_COLUMNS: tuple[str, ...] = (
-    "source", "seq", "t_acq_ns", "t_recv_ns", "t_done_ns", "latency_ms", "n", "units",
+    "source", "seq", "t_acq", "t_recv", "t_done", "latency_ms", "n", "units",
     "pixel_size_nm", "stage_x_um", "stage_y_um", "height", "width", "modality", "engine",
-    "model", "working_scale")
+    "model", "working_scale", "file", "index", "meta")
 ALERT_COLUMNS: tuple[str, ...] = (
-    "source", "seq", "t_acq_ns", "rule", "kind", "severity", "value", "threshold",
+    "source", "seq", "t_acq", "rule", "kind", "severity", "value", "threshold",
     "explanation", "units", "stage_x_um", "stage_y_um", "n")
-_TABLES = {"particles": PARTICLE_COLUMNS, "frames": FRAME_COLUMNS, "alerts": ALERT_COLUMNS}
-_STR_COLUMNS = {"source", "units", "shape_class", "modality", "engine", "model", "rule", "kind",
-                "severity", "explanation"}
-_INT_COLUMNS = {"seq", "t_acq_ns", "t_recv_ns", "t_done_ns", "n", "id", "height", "width",
-                "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
+_STATS_BLOCK = ("n_frames", "count", "ecd_mean", "ecd_sd", "ecd_d10", "ecd_d50", "ecd_d90",
+                "density_per_um2")
+STATS_COLUMNS: tuple[str, ...] = (
+    "source", "seq", "t", "units", *(f"{w}_{c}" for w in ("window", "cumulative")
+                                     for c in _STATS_BLOCK), "drift", "clusters")
+TABLES: dict[str, tuple[str, ...]] = {"particles": PARTICLE_COLUMNS, "frames": FRAME_COLUMNS,
+                                      "alerts": ALERT_COLUMNS, "stats": STATS_COLUMNS}
+#: write order of a batch: frames last (a frame row commits its particle rows)
+_WRITE_ORDER = ("particles", "alerts", "stats", "frames")
+_STRING = {"source", "file", "units", "shape_class", "modality", "engine", "model", "meta",
+           "rule", "kind", "severity", "explanation", "drift", "clusters"}
+_TIME = {"t_acq", "t_recv", "t_done", "t"}
+_INT64 = {"seq", "index", "n", "height", "width", "window_n_frames", "window_count",
+          "cumulative_n_frames", "cumulative_count"}
+_INT32 = {"bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
+_UINT = {"id": "uint32", "cluster": "uint8"}
+_BOOL = {"border"}
+
+
+def _type(column: str) -> pa.DataType:
+    import pyarrow as pa
+
+    if column in _STRING:
+        return pa.string()
+    if column in _TIME:
+        return pa.timestamp("ns", tz="UTC")
+    if column in _INT64:
+        return pa.int64()
+    if column in _INT32:
+        return pa.int32()
+    if column in _UINT:
+        return pa.uint32() if _UINT[column] == "uint32" else pa.uint8()
+    if column in _BOOL:
+        return pa.bool_()
+    return pa.float64()
+
+
+def schema(table: str) -> pa.Schema:
+    """The Arrow schema of one run table (``particles``, ``frames``, ``alerts``, ``stats``)."""
+    import pyarrow as pa
+
+    return pa.schema([(c, _type(c)) for c in TABLES[table]])
 
 
 def _stage(stage: Any) -> tuple[float, float]:
-    return (float("nan"), float("nan")) if stage is None else (stage.x_um, stage.y_um)
+    return (math.nan, math.nan) if stage is None else (stage.x_um, stage.y_um)
 
 
 def _nan(v: float | None) -> float:
-    return float("nan") if v is None else float(v)
+    return math.nan if v is None else float(v)
 
 
-def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+def _file_index(meta: dict[str, Any]) -> tuple[str, int]:
+    index = meta.get("index", -1)
+    return str(meta.get("file", "")), int(index) if isinstance(index, int | float) else -1
+
+
+def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (frame row, particle columns) for one ``det`` message."""
     sx, sy = _stage(header.stage)
-    frame = {"source": header.source, "seq": header.seq, "t_acq_ns": header.t_acq_ns,
-             "t_recv_ns": header.t_recv_ns, "t_done_ns": header.t_done_ns,
+    file, index = _file_index(header.meta)
+    frame = {"source": header.source, "seq": header.seq, "t_acq": header.t_acq_ns,
+             "t_recv": header.t_recv_ns, "t_done": header.t_done_ns,
              "latency_ms": round(header.latency_ms, 3), "n": header.n, "units": header.units,
              "pixel_size_nm": _nan(header.pixel_size_nm), "stage_x_um": sx, "stage_y_um": sy,
              "height": header.shape[0], "width": header.shape[1],
              "modality": header.modality or "", "engine": header.engine, "model": header.model,
-             "working_scale": _nan(header.working_scale)}
+             "working_scale": _nan(header.working_scale), "file": file, "index": index,
+             "meta": json.dumps(header.meta, sort_keys=True)}
     n = len(table)
-    cols: dict[str, list[Any]] = {
-        "source": [header.source] * n, "seq": [header.seq] * n,
-        "t_acq_ns": [header.t_acq_ns] * n, "units": [header.units] * n,
-        "pixel_size_nm": [_nan(header.pixel_size_nm)] * n, "stage_x_um": [sx] * n,
-        "stage_y_um": [sy] * n}
-    for f in _PARTICLE_FIELDS:
-        if f == "shape_class":
-            cols[f] = [SHAPE_CLASSES[int(k)] if int(k) < len(SHAPE_CLASSES) else str(int(k))
-                       for k in table[f]]
-        else:
-            cols[f] = table[f].tolist()
-    for i, name in enumerate(("bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")):
-        cols[name] = table["bbox"][:, i].tolist()
-    return frame, {c: cols[c] for c in PARTICLE_COLUMNS}
+    cols: dict[str, Any] = {
+        "source": [header.source] * n, "seq": np.full(n, header.seq, np.int64),
+        "t_acq": np.full(n, header.t_acq_ns, np.int64), "file": [file] * n,
+        "index": np.full(n, index, np.int64), "units": [header.units] * n,
+        "pixel_size_nm": np.full(n, _nan(header.pixel_size_nm)),
+        "stage_x_um": np.full(n, sx), "stage_y_um": np.full(n, sy)}
+    cols.update(particle_columns(table, header.units, header.pixel_size_nm))
+    return frame, cols
 
 
 def alert_row(header: AlertHeader) -> dict[str, Any]:
     """Return the alerts-table row of one ``alert`` message."""
     sx, sy = _stage(header.stage)
-    return {"source": header.source, "seq": header.seq, "t_acq_ns": header.t_acq_ns,
+    return {"source": header.source, "seq": header.seq, "t_acq": header.t_acq_ns,
             "rule": header.rule, "kind": header.kind, "severity": header.severity,
             "value": header.value, "threshold": header.threshold,
             "explanation": header.explanation, "units": header.units, "stage_x_um": sx,
             "stage_y_um": sy, "n": header.n}
+
+
+def _block(block: Any, prefix: str) -> dict[str, Any]:
+    """Flat columns of a statistics block (a StatsBlock, or its dict form)."""
+    ecd = block.get("ecd") or {}
+    return {f"{prefix}_n_frames": int(block.get("n_frames") or 0),
+            f"{prefix}_count": int(block.get("count") or 0),
+            **{f"{prefix}_ecd_{k}": _nan(ecd.get(k)) for k in ("mean", "sd", "d10", "d50", "d90")},
+            f"{prefix}_density_per_um2": _nan(block.get("number_density_per_um2"))}
+
+
+def stats_row(header: StatsHeader) -> dict[str, Any]:
+    """Return the stats-table row of one ``stats`` message (histograms left out)."""
+    return {"source": header.source, "seq": header.seq, "t": header.t_ns, "units": header.units,
+            **_block(header.window, "window"), **_block(header.cumulative, "cumulative"),
+            "drift": json.dumps(header.drift.model_dump(mode="json"), sort_keys=True),
+            "clusters": "" if header.clusters is None else json.dumps(header.clusters,
+                                                                       default=str)}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -116,6 +191,28 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _arrow_table(name: str, cols: dict[str, list[Any]]) -> pa.Table:
+    """Build a typed table from buffered columns (each a list of scalars or of arrays)."""
+    import pyarrow as pa
+
+    arrays = []
+    for c in TABLES[name]:
+        chunks = cols[c]
+        if chunks and isinstance(chunks[0], np.ndarray):
+            values: Any = np.concatenate(chunks)
+        elif chunks and isinstance(chunks[0], list):
+            values = [v for chunk in chunks for v in chunk]
+        else:
+            values = chunks
+        if c in _TIME:
+            arrays.append(pa.array(np.asarray(values, np.int64), pa.int64()).cast(_type(c)))
+        elif isinstance(values, np.ndarray) and values.dtype == object:
+            arrays.append(pa.array(values.tolist(), _type(c)))
+        else:
+            arrays.append(pa.array(values, _type(c)))
+    return pa.Table.from_arrays(arrays, schema=schema(name))
 
 
 class RunWriter:
@@ -130,97 +227,118 @@ class RunWriter:
         else:
             raise ConfigError(f"--out {out}: name it RUN.parquet or RUN.csv")
         self.out = out
-        self._rows: dict[str, dict[str, list[Any]]] = {
-            t: {c: [] for c in cols} for t, cols in _TABLES.items()}
+        self._rows: dict[str, dict[str, list[Any]]] = self._empty()
+        self._pending = dict.fromkeys(TABLES, 0)
         self._parts = 0
-        self.counts = dict.fromkeys(_TABLES, 0)
+        self.counts = dict.fromkeys(TABLES, 0)
         if self.fmt == "parquet":
             if out.exists() and any(out.iterdir()):
-                raise ConfigError(f"{out} exists and is not empty: choose a new run name")
-            for t in _TABLES:
-                (out / t).mkdir(parents=True, exist_ok=True)
-            self._meta_path = out / "run.json"
+                raise ConfigError(f"{out} exists and is not empty: choose a new run name "
+                                  "(measure: --overwrite replaces it)")
+            out.mkdir(parents=True, exist_ok=True)
+            for t in TABLES:
+                if t != "particles":
+                    (out / f"_{t}").mkdir(exist_ok=True)
+            self._meta_path = out / "_run.json"
         else:
             for p in self._csv_paths().values():
                 if p.exists():
-                    raise ConfigError(f"{p} exists: choose a new run name")
+                    raise ConfigError(f"{p} exists: choose a new run name (measure: "
+                                      "--overwrite replaces it)")
+            out.parent.mkdir(parents=True, exist_ok=True)
             self._meta_path = out.with_suffix(".json")
             for t, p in self._csv_paths().items():
-                with open(p, "w", newline="") as fh:
-                    csv.writer(fh).writerow(_TABLES[t])
-        self.write_provenance(provenance)
+                p.write_text(",".join(TABLES[t]) + "\n", encoding="utf-8")
+        self.write_provenance({"format": FORMAT, **provenance})
+
+    @staticmethod
+    def _empty() -> dict[str, dict[str, list[Any]]]:
+        return {t: {c: [] for c in cols} for t, cols in TABLES.items()}
 
     def _csv_paths(self) -> dict[str, Path]:
         return {"particles": self.out, "frames": self.out.with_suffix(".frames.csv"),
-                "alerts": self.out.with_suffix(".alerts.csv")}
+                "alerts": self.out.with_suffix(".alerts.csv"),
+                "stats": self.out.with_suffix(".stats.csv")}
+
+    @property
+    def provenance_path(self) -> Path:
+        """Where the provenance JSON is (``RUN.parquet/_run.json`` or ``RUN.json``)."""
+        return self._meta_path
 
     def write_provenance(self, provenance: dict[str, Any]) -> None:
         """(Re)write the run's provenance JSON atomically."""
-        tmp = self._meta_path.with_name(self._meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(provenance, indent=1, default=str) + "\n")
+        provenance = {"format": FORMAT, **provenance}
+        tmp = self._meta_path.with_name("." + self._meta_path.name + ".tmp")
+        tmp.write_text(json.dumps(provenance, indent=1, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, self._meta_path)
+
+    def _add(self, table: str, row: dict[str, Any], n: int = 1) -> None:
+        cols = self._rows[table]
+        for c, v in row.items():
+            cols[c].append(v)
+        self._pending[table] += n
 
     def add_det(self, header: DetHeader, table: np.ndarray) -> None:
         """Queue one frame's detections."""
         frame, cols = det_rows(header, table)
-        for c, v in frame.items():
-            self._rows["frames"][c].append(v)
-        for c, vals in cols.items():
-            self._rows["particles"][c].extend(vals)
+        self._add("particles", cols, len(table))
+        self._add("frames", frame)
 
     def add_alert(self, header: AlertHeader) -> None:
         """Queue one alert."""
-        for c, v in alert_row(header).items():
-            self._rows["alerts"][c].append(v)
+        self._add("alerts", alert_row(header))
+
+    def add_stats(self, header: StatsHeader) -> None:
+        """Queue one statistics snapshot."""
+        self._add("stats", stats_row(header))
 
     @property
     def pending_frames(self) -> int:
         """Frames waiting for the next flush."""
-        return len(self._rows["frames"]["seq"])
+        return self._pending["frames"]
 
     @property
     def pending(self) -> int:
         """Rows waiting for the next flush (all tables)."""
-        return sum(len(cols[next(iter(cols))]) for cols in self._rows.values())
+        return sum(self._pending.values())
 
     def flush(self) -> None:
         """Write every queued row as one complete batch per table; durable on return."""
         if self.pending == 0:
             return
         self._parts += 1
-        # frames last: a frame row commits its particle rows (read_run drops particle rows
-        # whose frame row a crash kept from being written)
-        for t in ("particles", "alerts", "frames"):
-            cols = self._rows[t]
-            n = len(cols[next(iter(cols))])
+        for t in _WRITE_ORDER:
+            n = self._pending[t]
             if n == 0:
                 continue
+            table = _arrow_table(t, self._rows[t])
             if self.fmt == "parquet":
-                self._write_part(t, cols)
+                self._write_part(t, table)
             else:
-                self._append_csv(t, cols, n)
+                self._append_csv(t, table)
             self.counts[t] += n
-            self._rows[t] = {c: [] for c in _TABLES[t]}
+            self._rows[t] = {c: [] for c in TABLES[t]}
+            self._pending[t] = 0
 
-    def _write_part(self, table: str, cols: dict[str, list[Any]]) -> None:
-        import pyarrow as pa
+    def _write_part(self, table: str, data: pa.Table) -> None:
         import pyarrow.parquet as pq
 
-        folder = self.out / table
+        folder = self.out if table == "particles" else self.out / f"_{table}"
         final = folder / f"part-{self._parts:06d}.parquet"
         tmp = folder / f".part-{self._parts:06d}.parquet.tmp"
-        pq.write_table(pa.table(cols), tmp)
+        pq.write_table(data, tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(folder)
 
-    def _append_csv(self, table: str, cols: dict[str, list[Any]], n: int) -> None:
-        with open(self._csv_paths()[table], "a", newline="") as fh:
-            w = csv.writer(fh)
-            names = _TABLES[table]
-            for i in range(n):
-                w.writerow([cols[c][i] for c in names])
+    def _append_csv(self, table: str, data: pa.Table) -> None:
+        import pyarrow.csv as pacsv
+
+        buf = io.BytesIO()
+        pacsv.write_csv(data, buf, pacsv.WriteOptions(include_header=False))
+        with open(self._csv_paths()[table], "ab") as fh:
+            fh.write(buf.getvalue())
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -229,96 +347,263 @@ class RunWriter:
         self.flush()
 
 
-@dataclass
-class Run:
-    """A recorded run read back: one dict of numpy columns per table, and the provenance."""
+def delete_run(path: str | Path) -> bool:
+    """Delete the run at ``path`` (to write it again); returns whether there was one.
 
-    particles: dict[str, np.ndarray]
-    frames: dict[str, np.ndarray]
-    alerts: dict[str, np.ndarray]
-    provenance: dict[str, Any]
+    Refuses (ConfigError) a ``.parquet`` folder that holds no run provenance (``_run.json`` or
+    ``run.json``): nothing that is not a nanoscout run is ever deleted.
+    """
+    import shutil
+
+    p = Path(path)
+    if p.suffix == ".parquet":
+        if not p.exists():
+            return False
+        if not p.is_dir() or not ((p / "_run.json").exists() or (p / "run.json").exists()):
+            raise ConfigError(f"{p} is not a nanoscout run: not deleting it")
+        shutil.rmtree(p)
+        return True
+    if p.suffix == ".csv":
+        files = [p, p.with_suffix(".frames.csv"), p.with_suffix(".alerts.csv"),
+                 p.with_suffix(".stats.csv"), p.with_suffix(".json")]
+        found = [f for f in files if f.exists()]
+        for f in found:
+            f.unlink()
+        return bool(found)
+    raise ConfigError(f"{p}: not a run (RUN.parquet or RUN.csv)")
+
+
+# ---------------------------------------------------------------------------------------- read
+
+class Run:
+    """A recorded run read back: its tables (pyarrow) and provenance.
+
+    ``run.to_pandas()`` / ``run.to_arrow()`` give the particle table (``table="frames"``,
+    ``"alerts"``, ``"stats"`` the others); ``run.particles["ecd_nm"]`` ... numpy columns (times
+    as ``datetime64[ns]``, and ``t_acq_ns`` ... as int64 ns since the epoch beside them).
+    """
+
+    def __init__(self, tables: dict[str, pa.Table], provenance: dict[str, Any]) -> None:
+        self.tables = tables
+        self.provenance = provenance
+
+    def to_arrow(self, table: str = "particles") -> pa.Table:
+        """One table as a pyarrow Table."""
+        if table not in self.tables:
+            raise KeyError(f"no table {table!r} in a run (tables: {', '.join(self.tables)})")
+        return self.tables[table]
+
+    def to_pandas(self, table: str = "particles") -> pd.DataFrame:
+        """One table as a pandas DataFrame (times as ``datetime64[ns, UTC]``)."""
+        return self.to_arrow(table).to_pandas()
+
+    def columns(self, table: str) -> dict[str, np.ndarray]:
+        """One table as numpy columns (strings as object arrays)."""
+        t = self.to_arrow(table)
+        out: dict[str, np.ndarray] = {}
+        for name in t.column_names:
+            col = t.column(name)
+            if name in _TIME:
+                ns = col.cast("int64").to_numpy(zero_copy_only=False)
+                out[name] = ns.astype("datetime64[ns]")
+                out[f"{name}_ns"] = ns
+            elif name in _STRING:
+                out[name] = col.to_numpy(zero_copy_only=False).astype(object, copy=False)
+            else:
+                out[name] = col.to_numpy(zero_copy_only=False)
+        return out
+
+    @cached_property
+    def particles(self) -> dict[str, np.ndarray]:
+        """Particle table as numpy columns."""
+        return self.columns("particles")
+
+    @cached_property
+    def frames(self) -> dict[str, np.ndarray]:
+        """Frame table as numpy columns."""
+        return self.columns("frames")
+
+    @cached_property
+    def alerts(self) -> dict[str, np.ndarray]:
+        """Alert table as numpy columns."""
+        return self.columns("alerts")
+
+    @cached_property
+    def stats(self) -> dict[str, np.ndarray]:
+        """Statistics table as numpy columns."""
+        return self.columns("stats")
 
     @staticmethod
     def rows(table: dict[str, np.ndarray]) -> int:
-        """Number of rows of a table."""
+        """Number of rows of a table of numpy columns."""
         return len(next(iter(table.values()))) if table else 0
 
+    def _repr_html_(self) -> str:
+        counts = ", ".join(f"{t.num_rows} {name}" for name, t in self.tables.items())
+        parts = self.tables["particles"].slice(0, 10)
+        return (f"<div><b>nanoscout run</b> ({counts})"
+                + html_table({c: parts.column(c).to_pylist() for c in parts.column_names},
+                             caption="particles") + "</div>")
 
-def _columns(names: tuple[str, ...], data: dict[str, list[Any]]) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for c in names:
-        vals = data.get(c, [])
-        if c in _STR_COLUMNS:
-            out[c] = np.asarray(vals, dtype=object)
-        elif c == "border":
-            out[c] = np.asarray([v in (True, "True", "true", 1, "1") for v in vals], bool)
-        elif c in _INT_COLUMNS:
-            out[c] = np.asarray(vals, dtype=np.int64)
+
+def _empty_table(name: str) -> pa.Table:
+    return schema(name).empty_table()
+
+
+def _conform(name: str, t: pa.Table) -> pa.Table:
+    """Cast a table read from disk to the run schema (missing columns null, extra dropped)."""
+    import pyarrow as pa
+
+    arrays = []
+    for field in schema(name):
+        if field.name in t.column_names:
+            col = t.column(field.name)
+            if col.type != field.type:
+                try:
+                    col = col.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise ReaderError(f"run table {name}: column {field.name} of type "
+                                      f"{col.type} is not {field.type}") from exc
+            arrays.append(col)
         else:
-            out[c] = np.asarray([math.nan if v in ("", None) else float(v) for v in vals],
-                                dtype=np.float64)
-    return out
+            arrays.append(pa.nulls(t.num_rows, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema(name))
 
 
-def _read_csv(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    data: dict[str, list[Any]] = {c: [] for c in names}
-    if not path.exists():
-        raise ReaderError(f"run table {path} is missing")
-    with open(path, newline="") as fh:
-        text = fh.read()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]  # a crash mid-write: the partial last line is dropped
-    try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-    except csv.Error as exc:
-        raise ReaderError(f"{path}: not a readable CSV run table: {exc}") from exc
-    if not rows or tuple(rows[0]) != names:
-        raise ReaderError(f"{path}: header is not the nanoscout run format")
-    for r in rows[1:]:
-        if len(r) != len(names):
-            continue
-        for c, v in zip(names, r, strict=True):
-            data[c].append(v)
-    return _columns(names, data)
-
-
-def _read_parquet(folder: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def _read_parts(folder: Path, name: str) -> pa.Table:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not folder.is_dir():
         raise ReaderError(f"run table {folder} is missing")
-    data: dict[str, list[Any]] = {c: [] for c in names}
-    for part in sorted(folder.glob("part-*.parquet")):
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        return _empty_table(name)
+    tables = []
+    for part in parts:
         try:
-            t = pq.read_table(part)
-        except Exception as exc:  # a foreign or damaged file: say which
+            tables.append(pq.read_table(part))
+        except (OSError, pa.ArrowException) as exc:  # a foreign or damaged file: say which
             raise ReaderError(f"cannot read {part}: {exc}") from exc
-        d = t.to_pydict()
-        for c in names:
-            data[c].extend(d.get(c, [None] * t.num_rows))
-    return _columns(names, data)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def _read_csv(path: Path, name: str) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if not path.exists():
+        if name == "stats":  # the first format had no stats table
+            return _empty_table(name)
+        raise ReaderError(f"run table {path} is missing")
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[:data.rfind(b"\n") + 1]  # a crash mid-write: the partial last line is dropped
+    header = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    names = header.split(",") if header else []
+    if set(names) != set(TABLES[name]) and not _v1_header(name, names):
+        raise ReaderError(f"{path}: header is not the nanoscout run format")
+    types = {c: _type(c) for c in names if c in TABLES[name]}
+    for c in names:
+        if c in _V1_TIME:
+            types[c] = pa.int64()
+    try:
+        t = pacsv.read_csv(
+            io.BytesIO(data),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True,
+                                              invalid_row_handler=lambda _row: "skip"),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False,
+                                                 quoted_strings_can_be_null=False,
+                                                 true_values=["True", "true", "1"],
+                                                 false_values=["False", "false", "0"]))
+    except pa.ArrowInvalid as exc:
+        raise ReaderError(f"{path}: not a readable CSV run table: {exc}") from exc
+    return t
+
+
+# ------------------------------------------------------------------ the first format (v1)
+
+_V1_TIME = {"t_acq_ns": "t_acq", "t_recv_ns": "t_recv", "t_done_ns": "t_done"}
+_V1_LENGTH = (("area_nm2", "area", 2), ("ecd_nm", "ecd", 1), ("feret_max_nm", "feret_max", 1),
+              ("feret_min_nm", "feret_min", 1), ("major_nm", "major", 1),
+              ("minor_nm", "minor", 1))
+
+
+def _v1_header(name: str, names: list[str]) -> bool:
+    return name != "stats" and any(n in _V1_TIME for n in names)
+
+
+def _upgrade_v1(name: str, t: pa.Table) -> pa.Table:
+    """A ``nanoscout-run/1`` table in the current columns: ns integers become timestamps, and
+    lengths that were pixels under ``*_nm`` names (uncalibrated frames) move to ``*_px``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for old, new in _V1_TIME.items():
+        if old in t.column_names:
+            col = t.column(old).cast(pa.int64()).cast(pa.timestamp("ns", tz="UTC"))
+            t = t.append_column(new, col).drop_columns([old])
+    if name == "particles" and "ecd_px" not in t.column_names and "ecd_nm" in t.column_names:
+        is_px = pc.equal(t.column("units"), "px")
+        px = t.column("pixel_size_nm").cast(pa.float64())
+        for wire, stem, power in _V1_LENGTH:
+            if wire not in t.column_names:
+                continue
+            v = t.column(wire).cast(pa.float64())
+            as_px = pc.if_else(is_px, v, pc.divide(v, pc.power(px, power)))
+            as_nm = pc.if_else(is_px, pa.scalar(math.nan), v)
+            unit = "2" if power > 1 else ""
+            t = t.drop_columns([wire]).append_column(f"{stem}_px{unit}", as_px) \
+                 .append_column(f"{stem}_nm{unit}", as_nm)
+    return t
+
+
+def _committed(particles: pa.Table, frames: pa.Table) -> pa.Table:
+    """Particle rows whose frame row exists (a crash can write a batch's particles only)."""
+    import pyarrow.compute as pc
+
+    if particles.num_rows == 0:
+        return particles
+
+    def key(t: pa.Table) -> Any:
+        return pc.binary_join_element_wise(t.column("source"),
+                                           pc.cast(t.column("seq"), "string"), "\x00")
+
+    keep = pc.is_in(key(particles), value_set=key(frames))
+    return particles if pc.all(keep).as_py() else particles.filter(keep)
 
 
 def read_run(path: str | Path) -> Run:
-    """Read a run written by :class:`RunWriter` (``RUN.parquet`` folder or ``RUN.csv``)."""
+    """Read a run written by :class:`RunWriter` (``RUN.parquet`` folder or ``RUN.csv``).
+
+    Raises ReaderError naming the file when a table is missing or unreadable.
+    """
     p = Path(path)
+    raw: dict[str, pa.Table] = {}
     if p.suffix == ".parquet":
-        tables = {t: _read_parquet(p / t, cols) for t, cols in _TABLES.items()}
-        meta = p / "run.json"
+        if not p.is_dir():
+            raise ReaderError(f"{p}: not a run folder")
+        if (p / "particles").is_dir():  # nanoscout-run/1
+            for t in ("particles", "frames", "alerts"):
+                raw[t] = _read_parts(p / t, t)
+            meta = p / "run.json"
+        else:
+            for t in TABLES:
+                folder = p if t == "particles" else p / f"_{t}"
+                raw[t] = _read_parts(folder, t)
+            meta = p / "_run.json"
     elif p.suffix == ".csv":
         paths = {"particles": p, "frames": p.with_suffix(".frames.csv"),
-                 "alerts": p.with_suffix(".alerts.csv")}
-        tables = {t: _read_csv(paths[t], _TABLES[t]) for t in _TABLES}
+                 "alerts": p.with_suffix(".alerts.csv"), "stats": p.with_suffix(".stats.csv")}
+        raw = {t: _read_csv(paths[t], t) for t in TABLES}
         meta = p.with_suffix(".json")
     else:
         raise ReaderError(f"{p}: not a run (RUN.parquet or RUN.csv)")
-    provenance = json.loads(meta.read_text()) if meta.exists() else {}
-    parts, frames = tables["particles"], tables["frames"]
-    if Run.rows(parts):
-        done = set(zip(frames["source"].tolist(), frames["seq"].tolist(), strict=True))
-        keep = np.fromiter(((s, q) in done for s, q in zip(
-            parts["source"].tolist(), parts["seq"].tolist(), strict=True)), bool,
-            count=Run.rows(parts))
-        if not keep.all():  # a crash between a batch's particle rows and its frame rows
-            tables["particles"] = {c: v[keep] for c, v in parts.items()}
-    return Run(tables["particles"], tables["frames"], tables["alerts"], provenance)
+    tables = {t: _conform(t, _upgrade_v1(t, raw[t]) if t in raw else _empty_table(t))
+              for t in TABLES}
+    tables["particles"] = _committed(tables["particles"], tables["frames"])
+    try:
+        provenance = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise ReaderError(f"{meta}: unreadable provenance: {exc}") from exc
+    return Run(tables, provenance)

@@ -7,32 +7,40 @@
 
 Every ``det``/``stats``/``class``/``alert`` message is a :class:`nanoscout.wire.protocol.Message`: its
 ``header`` is the typed pydantic header and ``array`` the particle table (a numpy structured
-array). ZeroMQ reconnects by itself when the daemon restarts. Sequence gaps in ``det`` messages
-(frames the daemon skipped in live mode, or results lost because this subscriber was too slow)
-are counted per source in :attr:`Subscriber.missed` and noted on :attr:`Subscriber.last_gap`.
-Malformed messages are counted in :attr:`Subscriber.rejected` and skipped, never raised.
+array). ZeroMQ reconnects by itself when the daemon restarts. Every result header carries a
+per-topic message counter (``topic_seq``, protocol 1.3), so any lost message shows, whatever
+the topics subscribed: gaps are counted per topic in :attr:`Subscriber.gaps`, per source in
+:attr:`Subscriber.missed`, and noted on :attr:`Subscriber.last_gap`. (Frames the daemon skips
+in live mode are not lost messages: their ``det`` is never sent. From a daemon older than 1.3,
+gaps in ``det`` frame numbers are counted instead.) Malformed messages are counted in
+:attr:`Subscriber.rejected` and skipped, never raised.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import zmq
 
 from nanoscout.wire.errors import ProtocolError
-from nanoscout.wire.protocol import HealthHeader, Message, decode_message
+from nanoscout.wire.protocol import DetHeader, HealthHeader, Message, decode_message
+from nanoscout.wire.sequence import Gap, SequenceTracker
 from nanoscout.wire.transport import ClientKeys, connect, result_subscriber
 
+__all__ = ["Gap", "Subscriber", "track_gap"]
 
-@dataclass(frozen=True)
-class Gap:
-    """``missed`` det results of ``source`` were not seen before ``seq``."""
 
-    source: str
-    seq: int
-    missed: int
+def track_gap(tracker: SequenceTracker, msg: Message[Any]) -> Gap | None:
+    """Record ``msg`` in ``tracker`` (keyed by topic): its ``topic_seq``, or for a ``det`` of
+    a daemon older than protocol 1.3 its frame ``seq``. Returns the gap before it, if any."""
+    seq = getattr(msg.header, "topic_seq", None)
+    if seq is not None:
+        return tracker.observe(msg.topic, seq)
+    if isinstance(msg.header, DetHeader):  # its own key: never mixed with topic_seq numbers
+        return tracker.observe(f"{msg.topic}#frame", msg.header.seq)
+    return None
 
 
 class Subscriber:
@@ -40,7 +48,7 @@ class Subscriber:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         topics: tuple[str, ...] = ("det.", "stats.", "class.", "alert.", "health"),
         *,
         ctx: zmq.Context | None = None,
@@ -56,14 +64,23 @@ class Subscriber:
         self._sock = result_subscriber(self._ctx, subs, hwm=hwm)
         if curve is not None:
             curve.apply(self._sock)
-        connect(self._sock, endpoint)
-        self.endpoint = endpoint
+        endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        try:
+            for ep in endpoints:
+                connect(self._sock, ep)
+        except Exception:
+            self.close()
+            raise
+        self.endpoint = ", ".join(endpoints)
+        #: messages missed per topic (``det.sim``, ``alert.sim``, ...)
+        self.gaps = SequenceTracker(max_keys=4096)
+        #: messages missed per source, all its topics together
         self.missed: dict[str, int] = {}
         self.rejected = 0
+        self.last_rejection: str | None = None
         self.last_gap: Gap | None = None
         self.last_health: HealthHeader | None = None
         self.last_seen = 0.0  # monotonic time of the last message of any kind
-        self._last_seq: dict[str, int] = {}
 
     def wait_ready(self, timeout: float = 10.0) -> HealthHeader:
         """Block until the daemon's first ``health`` message arrives (proof of a live connection).
@@ -73,15 +90,15 @@ class Subscriber:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = self._recv(max(0.0, deadline - time.monotonic()))
-            if msg is not None and msg.kind == "health":
-                return msg.header  # type: ignore[return-value]
+            if msg is not None and isinstance(msg.header, HealthHeader):
+                return msg.header
         raise TimeoutError(f"no health message from the daemon at {self.endpoint} within {timeout} s")
 
     def connected(self, stale_s: float = 3.0) -> bool:
         """True when any message (health comes every second) arrived in the last ``stale_s`` s."""
         return self.last_seen > 0 and time.monotonic() - self.last_seen < stale_s
 
-    def _recv(self, timeout: float | None) -> Message | None:
+    def _recv(self, timeout: float | None) -> Message[Any] | None:
         ms = None if timeout is None else int(timeout * 1000)
         if not self._sock.poll(ms):
             return None
@@ -89,25 +106,20 @@ class Subscriber:
         self.last_seen = time.monotonic()
         try:
             msg = decode_message([p.buffer for p in parts])
-        except ProtocolError:
+        except ProtocolError as exc:
             self.rejected += 1
+            self.last_rejection = str(exc)
             return None
-        if msg.kind == "health":
-            self.last_health = msg.header  # type: ignore[assignment]
-        elif msg.kind == "det":
-            self._track(msg)
-        return msg
-
-    def _track(self, msg: Message) -> None:
-        source, seq = msg.header.source, msg.header.seq  # type: ignore[attr-defined]
-        last = self._last_seq.get(source)
-        if last is not None and seq > last + 1:
-            gap = Gap(source, seq, seq - last - 1)
+        if isinstance(msg.header, HealthHeader):
+            self.last_health = msg.header
+        gap = track_gap(self.gaps, msg)
+        if gap is not None:
+            source = msg.topic.split(".", 1)[1] if "." in msg.topic else msg.topic
             self.missed[source] = self.missed.get(source, 0) + gap.missed
             self.last_gap = gap
-        self._last_seq[source] = seq
+        return msg
 
-    def recv(self, timeout: float | None = None) -> Message | None:
+    def recv(self, timeout: float | None = None) -> Message[Any] | None:
         """The next message of the subscribed topics, or None after ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -121,7 +133,8 @@ class Subscriber:
                 continue
             return msg
 
-    def messages(self, timeout: float | None = None, idle: float | None = None) -> Iterator[Message]:
+    def messages(self, timeout: float | None = None, idle: float | None = None
+                 ) -> Iterator[Message[Any]]:
         """Yield messages until ``timeout`` s in total or ``idle`` s without one have passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while deadline is None or time.monotonic() < deadline:
@@ -136,8 +149,9 @@ class Subscriber:
 
     def close(self) -> None:
         """Close the socket (and the context if this subscriber created it)."""
-        self._sock.close(linger=0)
-        if self._own_ctx:
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+        if self._own_ctx and not self._ctx.closed:
             self._ctx.term()
 
     def __enter__(self) -> Subscriber:

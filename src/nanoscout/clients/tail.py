@@ -3,8 +3,10 @@
 One row per source: frames/s, latency (acquisition → result) p50/p99, particles per frame,
 D10/D50/D90 of ECD (window), number density, dropped/missed frames, and the latest
 field-of-view class with its probability and novelty score; then the newest alerts.
-On a terminal the table redraws in place once per second; into a pipe or file it prints one
-line per source per second.
+On a terminal the table is drawn by ``rich`` (:func:`view`) as wide as the terminal, redrawn
+in place once per second (columns shrink or fold on a narrow one, the field-of-view and alert
+texts use whatever width is left); into a pipe or file it prints plain lines (:func:`render`),
+one per source per second.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -103,7 +105,7 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     )
     for name, v in sorted(state.sources.items()):
         lat = np.asarray(v.latency_ms)
-        win = v.stats.window if v.stats else {}
+        win: Any = v.stats.window if v.stats else {}
         ecd = win.get("ecd") or {}
         lines.append(
             f"{name:<10} {v.fps(now):>5.1f} {_fmt(np.percentile(lat, 50) if lat.size else None):>8} "
@@ -120,6 +122,42 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     return lines
 
 
+def view(state: TailState, sub: Subscriber, now: float) -> Any:
+    """The table as a rich renderable (status line, one row per source, newest alerts) that
+    fills the console's width."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    status = render(state, sub, now)[0] if (state.health or not sub.connected()) else ""
+    style = "bold red" if not sub.connected() else "dim"
+    t = Table(expand=True, box=None, pad_edge=False, header_style="bold")
+    for name, justify in (("source", "left"), ("fps", "right"), ("lat p50 ms", "right"),
+                          ("p99", "right"), ("part/fr", "right"), ("D10", "right"),
+                          ("D50", "right"), ("D90", "right"), ("unit", "right"),
+                          ("dens/µm²", "right"), ("missed", "right")):
+        t.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    t.add_column("field of view (p, novelty)", ratio=1, overflow="fold")
+    for name, v in sorted(state.sources.items()):
+        lat = np.asarray(v.latency_ms)
+        win: Any = v.stats.window if v.stats else {}
+        ecd = win.get("ecd") or {}
+        t.add_row(
+            name, f"{v.fps(now):.1f}", _fmt(np.percentile(lat, 50) if lat.size else None),
+            _fmt(np.percentile(lat, 99) if lat.size else None),
+            _fmt(float(np.mean(v.counts)) if v.counts else None), _fmt(ecd.get("d10")),
+            _fmt(ecd.get("d50")), _fmt(ecd.get("d90")), v.units,
+            _fmt(win.get("number_density_per_um2"), ".0f"), str(sub.missed.get(name, 0)),
+            _field_of_view(v.klass))
+    alerts = [Text(f"alerts: {state.n_alerts}", style="bold")]
+    for a in state.alerts:
+        stage = f" @ ({a.stage.x_um:.1f}, {a.stage.y_um:.1f}) µm" if a.stage else ""
+        colour = {"critical": "red", "warning": "yellow"}.get(a.severity, "")
+        alerts.append(Text(f"  [{a.severity}] {a.source}#{a.seq}{stage}: {a.explanation}",
+                           style=colour, overflow="fold"))
+    return Group(Text(status, style=style), t, *alerts)
+
+
 def run_tail(
     endpoint: str,
     *,
@@ -132,7 +170,14 @@ def run_tail(
     """Show the live table until ``duration`` s have passed (None = until interrupted)."""
     sub = subscriber or Subscriber(endpoint, curve=curve)
     state = TailState()
-    tty = out.isatty()
+    live = None
+    if out.isatty():
+        from rich.console import Console
+        from rich.live import Live
+
+        live = Live(console=Console(file=out), auto_refresh=False, screen=False,
+                    redirect_stdout=False, redirect_stderr=False)
+        live.start()
     t_end = None if duration is None else time.monotonic() + duration
     next_draw = time.monotonic() + refresh_s
     try:
@@ -142,16 +187,17 @@ def run_tail(
             if msg is not None:
                 state.update(msg.header, now)
             if now >= next_draw:
-                lines = render(state, sub, now)
-                if tty:
-                    out.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+                if live is not None:
+                    live.update(view(state, sub, now), refresh=True)
                 else:
-                    out.write("\n".join(lines) + "\n\n")
-                out.flush()
+                    out.write("\n".join(render(state, sub, now)) + "\n\n")
+                    out.flush()
                 next_draw = now + refresh_s
     except KeyboardInterrupt:
         pass
     finally:
+        if live is not None:
+            live.stop()
         if subscriber is None:
             sub.close()
     return state

@@ -72,8 +72,11 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     return detector, engine.name, f"{card.name}:{card.version}"
 
 
-def build_pipeline(config: ServeConfig) -> Pipeline:
-    """Load the detection models with the configured backend and assemble the pipeline."""
+def build_pipeline(config: ServeConfig, *, offline: bool = False) -> Pipeline:
+    """Load the detection models with the configured backend and assemble the pipeline.
+
+    ``offline``: for independent image files (``nanoscout measure``): no previews, and every
+    image gets its own working scale."""
     detector, engine_name, model_name = build_detector(config, config.engine.model_path())
     by_modality = {}
     for modality, path in config.engine.modality_model_paths().items():
@@ -83,12 +86,14 @@ def build_pipeline(config: ServeConfig) -> Pipeline:
         detector,
         stats_config=config.stats,
         rules=config.alerts,
-        min_score=config.engine.min_score,
         engine_name=engine_name,
         model_name=model_name,
         classifier=build_classifier(config),
         classify_every=config.classify.every,
         clusters=config.clusters,
+        preview=None if offline else config.preview,
+        max_sources=config.input.max_sources,
+        stream_scale=not offline,
         rotate45_on_request=config.engine.rotate45 == "on-request",
         modality_detectors=by_modality,
     )
@@ -106,6 +111,7 @@ def serve(
     """
     pipeline = build_pipeline(config)
     daemon = Daemon(config, pipeline)
+    daemon.metrics.set_thresholds(config.metrics.thresholds())
     stop = stop or threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from nanoscout.analysis.alerts import parse_rules
 from nanoscout.analysis.clusters import ClusterConfig
 from nanoscout.analysis.modelcard import SHIPPED_STEM_MODEL, shipped_model_dir
+from nanoscout.analysis.preview import PreviewConfig
 from nanoscout.analysis.stats import StatsConfig
 from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.protocol import Modality
@@ -55,6 +56,7 @@ from nanoscout.wire.transport import (
     DEFAULT_RESULT_ENDPOINT,
     Policy,
     is_loopback,
+    is_loopback_host,
 )
 
 
@@ -63,13 +65,31 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
-    """Frame input. ``queue_size`` bounds frames accepted but not yet processed (lossless)."""
+    """Frame input, bounded in frames, bytes and sources.
+
+    ``queue_size`` / ``queue_bytes``: frames accepted but not yet analysed (lossless; the
+    receiver stops reading when either is reached, and the adapter's ``send`` blocks).
+    ``buffer_bytes``: what ZeroMQ may hold before the daemon reads it (its high-water mark is
+    ``buffer_bytes // max_frame_bytes`` frames, at least 1, at most ``hwm``). ``max_sources``:
+    sources whose state (statistics, clusters, sequence numbers, metric labels) is kept; the
+    least recently seen one is forgotten beyond it (``sources_evicted_total``).
+    ``drain_s``: on SIGINT/SIGTERM, how long the daemon keeps reading frames that are still
+    arriving before it stops (lossless: they are analysed; live: counted as ``shutdown``).
+    """
 
     endpoint: str = DEFAULT_FRAME_ENDPOINT
     policy: Policy = "live"
     queue_size: int = Field(16, ge=1, le=10_000)
+    queue_bytes: int = Field(1 << 30, ge=1)
     hwm: int = Field(50, ge=1)
+    buffer_bytes: int = Field(1 << 30, ge=1)
     max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_sources: int = Field(64, ge=1, le=100_000)
+    drain_s: float = Field(30.0, ge=0)
+
+    def receive_hwm(self) -> int:
+        """ZeroMQ receive high-water mark (frames) that keeps ``buffer_bytes`` the bound."""
+        return max(1, min(self.hwm, self.buffer_bytes // self.max_frame_bytes))
 
 
 class OutputConfig(_Section):
@@ -143,10 +163,9 @@ class EngineConfig(_Section):
     tile_margin_px: int = Field(96, ge=0)
     #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
     tta: Literal[1, 2, 4] = 1
-    min_score: float = Field(0.0, ge=0, le=1)
     #: the detector's particle score cut, replacing the model card's (``thresholds.min_score``):
     #: lower it where recall matters more than precision (a stage search, whose confirmation
-    #: frame supplies the precision); None = the card's
+    #: frame supplies the precision), raise it for precision; None = the card's
     score_cut: float | None = Field(None, ge=0, lt=1)
     #: merge instance fragments whose union is about as convex as they are (solidity ratio,
     #: e.g. 0.97): large particles and long wires among much smaller ones; None = the card's
@@ -163,6 +182,14 @@ class EngineConfig(_Section):
     #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
     #: shipped one too; {} = one detector for every frame
     modality_models: dict[Modality, Path] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merged_min_score(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_score" in data:
+            raise ValueError("engine.min_score was merged into engine.score_cut (one particle "
+                             "score cut, replacing the model card's): use score_cut")
+        return data
 
     @field_validator("scale")
     @classmethod
@@ -219,19 +246,29 @@ class QueryConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    """Prometheus HTTP endpoint; ``port = 0`` picks a free port, ``enabled = false`` turns it off."""
+    """Prometheus HTTP endpoint; ``port = 0`` picks a free port, ``enabled = false`` turns it off.
+
+    Like every listening socket it stays on loopback unless ``allow_remote = true`` (metrics
+    have no authentication: serve them to a remote Prometheus knowingly, behind a firewall).
+
+    The ``alert_*`` values are this deployment's thresholds for the Prometheus alert rules
+    (deploy/nanoscout-rules.yml): the daemon exports them as ``nanoscout_alert_threshold``
+    and the rules compare against them, so one rule file serves a CPU box and a GPU node.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
+    allow_remote: bool = False
+    alert_latency_p99_s: float = Field(0.3, gt=0)  # NanoscoutLatencyHigh, s
+    alert_queue_depth: int = Field(8, ge=1)  # NanoscoutLosslessBacklog, frames waiting
+    alert_superseded_ratio: float = Field(0.5, gt=0, le=1)  # NanoscoutLiveSkippingMostFrames
 
-
-class PreviewConfig(_Section):
-    """``preview.<source>`` topic: small uint8 pictures of frames for dashboards."""
-
-    enabled: bool = True
-    max_rate_hz: float = Field(2.0, gt=0, le=100)  # per source
-    max_side_px: int = Field(512, ge=16, le=4096)
+    def thresholds(self) -> dict[str, float]:
+        """The alert thresholds by their ``nanoscout_alert_threshold{name}`` label."""
+        return {"latency_p99_seconds": self.alert_latency_p99_s,
+                "queue_depth": float(self.alert_queue_depth),
+                "superseded_ratio": self.alert_superseded_ratio}
 
 
 class HealthConfig(_Section):
@@ -282,6 +319,13 @@ class ServeConfig(_Section):
                     f"{name}.endpoint {ep} is not on loopback: turn on [security] curve "
                     "(nanoscout keys) or set allow_insecure_remote = true"
                 )
+        m = self.metrics
+        if m.enabled and not (is_loopback_host(m.host) or m.allow_remote
+                              or sec.allow_insecure_remote):
+            raise ValueError(
+                f"metrics.host {m.host!r} is not on loopback: the metrics have no "
+                "authentication; set [metrics] allow_remote = true to serve them knowingly"
+            )
         return self
 
     @field_validator("alerts")

@@ -2,23 +2,29 @@
 
 Three threads, each owning its resources:
 
-* **receiver** owns the frame input socket. It decodes and validates every message (a bad one is
-  counted in ``messages_rejected_total{reason}`` and logged, never fatal), checks ``seq`` for
-  transport gaps and hands frames to the queue. ``lossless``: a bounded queue; when it is full
-  the receiver stops reading, ZeroMQ's high-water mark fills and the adapter's ``send`` blocks
-  (back-pressure, nothing dropped). ``live``: one slot per source holding the newest frame; a
-  frame that replaces an unprocessed one is counted as ``dropped{reason="superseded"}``.
-* **worker** runs the :class:`~nanoscout.analysis.pipeline.Pipeline` on one frame at a time. A frame that
-  cannot be analysed (NaN pixels, engine failure) is counted and skipped.
-* **publisher** owns the result PUB socket: it sends the worker's results and a ``health``
-  message every ``health.interval_s``. A frame's results go out in the order ``det``,
-  ``preview``, ``class`` (+ its alerts), particle/count/drift alerts, ``stats``: ``stats`` is
-  the frame's last message, which tells a client waiting for one frame (the stage search) that
-  it has everything (a summary failure sends no ``stats``: clients time out).
+* **receiver** owns the frame input socket. It decodes every message and checks its pixels
+  once (:class:`~nanoscout.analysis.frame.Frame`): a bad one is counted in
+  ``messages_rejected_total{reason}`` and logged at a limited rate, never fatal — whatever it
+  is, even a bug met while handling it (``reason="internal"``). It checks ``seq`` for transport
+  gaps per source and hands frames to the queue. ``lossless``: a queue bounded in frames and
+  bytes; when it is full the receiver stops reading, ZeroMQ's high-water mark fills and the
+  adapter's ``send`` blocks (back-pressure, nothing dropped). ``live``: one slot per source
+  holding the newest frame; a frame that replaces an unanalysed one is counted as
+  ``dropped{reason="superseded"}``.
+* **worker** runs :meth:`Pipeline.process <nanoscout.analysis.pipeline.Pipeline.process>` on one
+  frame at a time; its messages go to the publisher as they are made. A frame that cannot be
+  analysed is counted (``engine_failure``, or ``internal`` for a bug) and skipped.
+* **publisher** owns the result PUB socket: it encodes and sends the worker's messages in the
+  order the pipeline made them (``det``, ``preview``, ``class`` + its alerts, particle /
+  count / drift alerts, ``stats`` last) and a ``health`` message every ``health.interval_s``.
 
-A failure of a thread's own loop (a bug, not a bad frame) is never swallowed: it stops the
-daemon and :meth:`Daemon.wait` re-raises it in the owner. SIGINT/SIGTERM stop the receiver;
-in ``lossless`` mode every frame already accepted is still processed and published.
+Every frame taken off the wire is answered or counted: ``frames_received = frames_processed +
+frames_dropped + queue_depth`` at any time, and rejected messages are counted apart.
+On SIGINT/SIGTERM the receiver keeps reading what is still arriving for up to
+``input.drain_s`` (until the input has been quiet for a moment): ``lossless`` analyses and
+answers those frames, ``live`` counts them as ``dropped{reason="shutdown"}``. A failure of a
+thread's own loop (a socket error, not a message) is never swallowed: it stops the daemon and
+:meth:`Daemon.wait` re-raises it in the owner.
 """
 
 from __future__ import annotations
@@ -30,37 +36,31 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import zmq
 
-from nanoscout.analysis.pipeline import AlertMessage, Pipeline
-from nanoscout.analysis.preview import PreviewLimiter, make_preview
+from nanoscout.analysis.frame import Frame
+from nanoscout.analysis.pipeline import FrameResult, Pipeline
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.metrics import Metrics
 from nanoscout.daemon.query import LensServer
-from nanoscout.wire.errors import NanoscoutError, ProtocolError
-from nanoscout.wire.protocol import (
-    FrameHeader,
-    HealthHeader,
-    PreviewHeader,
-    decode_frame,
-    encode_message,
-)
+from nanoscout.daemon.queues import FrameQueue, LiveSlots
+from nanoscout.wire.codec import Message, decode_frame, encode, encode_message
+from nanoscout.wire.errors import EngineError, FrameError, ProtocolError, Reason
+from nanoscout.wire.headers import AckHeader, HealthHeader, StatsHeader
+from nanoscout.wire.sequence import SequenceTracker
 from nanoscout.wire.transport import CurveServer, bind, frame_input_socket, result_publisher
 
 log = logging.getLogger("nanoscout.daemon")
 
 _POLL_MS = 100
-
-
-@dataclass
-class _Item:
-    header: FrameHeader
-    pixels: np.ndarray
-    t_recv_ns: int
-    keepalive: object  # the zmq frames backing ``pixels`` (zero-copy)
+#: while draining at shutdown, the input counts as finished after this long without a frame, s
+_DRAIN_QUIET_S = 0.3
+#: frames read (and counted) after the drain, at most, before the input socket closes
+_LEFTOVER_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -73,33 +73,17 @@ class Endpoints:
     query: str | None = None  # the lens query socket (None: not served)
 
 
-class _LiveSlots:
-    """Newest-frame-wins slots, one per source; ``get`` returns the oldest waiting frame."""
+class _RateLimitedLog:
+    """Logs the first few occurrences of each reason, then every 100th (a flood of garbage
+    must not flood the log)."""
 
-    def __init__(self, on_superseded: Callable[[_Item], None]) -> None:
-        self._slots: dict[str, _Item] = {}
-        self._cond = threading.Condition()
-        self._on_superseded = on_superseded
+    def __init__(self) -> None:
+        self._n: dict[str, int] = {}
 
-    def put(self, item: _Item) -> None:
-        with self._cond:
-            old = self._slots.get(item.header.source)
-            self._slots[item.header.source] = item
-            self._cond.notify()
-        if old is not None:
-            self._on_superseded(old)
-
-    def get(self, timeout: float) -> _Item | None:
-        with self._cond:
-            if not self._slots and not self._cond.wait(timeout):
-                return None
-            if not self._slots:
-                return None
-            source = min(self._slots, key=lambda s: self._slots[s].t_recv_ns)
-            return self._slots.pop(source)
-
-    def qsize(self) -> int:
-        return len(self._slots)
+    def __call__(self, reason: str, message: str, *, exc_info: bool = False) -> None:
+        n = self._n[reason] = self._n.get(reason, 0) + 1
+        if n <= 5 or n % 100 == 0:
+            log.warning("%s (#%d): %s", reason, n, message, exc_info=exc_info)
 
 
 class Daemon:
@@ -108,26 +92,32 @@ class Daemon:
     def __init__(self, config: ServeConfig, pipeline: Pipeline, *, ctx: zmq.Context | None = None) -> None:
         self.config = config
         self.pipeline = pipeline
-        self.metrics = Metrics()
+        self.metrics = Metrics(
+            rules=[(r.name, r.severity) for r in pipeline.alert_engine.rules],
+            labels=pipeline.classifier.classes if pipeline.classifier is not None else ())
         self._ctx = ctx or zmq.Context.instance()
         self._policy = config.input.policy
         self._stop_recv = threading.Event()
+        self._receiver_done = threading.Event()
         self._worker_done = threading.Event()
         self._fatal: BaseException | None = None
-        self._out: queue.Queue[list] = queue.Queue()
-        self._lossless: queue.Queue[_Item] = queue.Queue(maxsize=config.input.queue_size)
-        self._live = _LiveSlots(self._superseded)
-        self._previews = PreviewLimiter(config.preview.max_rate_hz)
+        self._out: queue.Queue[Message[Any]] = queue.Queue()
+        inp = config.input
+        self._lossless = FrameQueue(inp.queue_size, inp.queue_bytes)
+        self._live = LiveSlots(self._dropped_frame, inp.max_sources)
         self._threads: list[threading.Thread] = []
         self._t_start = time.monotonic()
-        # counters mirrored for the health message (each written by one thread only)
+        self._warn = _RateLimitedLog()
+        # counters mirrored for the health message (each written under _count_lock)
         self.received = 0
         self.processed = 0
         self.dropped: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
-        self.gaps = 0
         self.last_error: str | None = None
-        self._last_seq: dict[str, int] = {}
+        # receiver: frame numbers per source (and adapter session), for gaps and duplicates
+        self._seqs = SequenceTracker(max_keys=4 * inp.max_sources, window=4096)
+        self._started_ns = time.time_ns()
+        self._health_seq = 0
         self._lat_ms: deque[float] = deque(maxlen=500)
         self._done_t: deque[float] = deque(maxlen=1000)
         self._count_lock = threading.Lock()
@@ -135,11 +125,16 @@ class Daemon:
         self._curve: CurveServer | None = None
         self._query: LensServer | None = None
 
+    @property
+    def gaps(self) -> int:
+        """Frames missing from the adapters' seq numbering, in total."""
+        return self._seqs.total
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Endpoints:
         """Bind sockets, start the metrics server and the threads; returns the bound endpoints."""
         cfg = self.config
-        self._in = frame_input_socket(self._ctx, self._policy, hwm=cfg.input.hwm)
+        self._in = frame_input_socket(self._ctx, self._policy, hwm=cfg.input.receive_hwm())
         # a transport-level cap far above the configured limit: the real check is in
         # decode_frame, which counts and reports the rejection instead of silently disconnecting
         self._in.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.input.max_frame_bytes + (1 << 20))
@@ -176,7 +171,8 @@ class Daemon:
         return self._query.start(qc.endpoint, self._guard)
 
     def stop(self) -> None:
-        """Stop receiving; accepted frames are finished in lossless mode. Returns at once."""
+        """Stop receiving (after the drain); accepted frames are finished in lossless mode.
+        Returns at once."""
         self._stop_recv.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -198,9 +194,10 @@ class Daemon:
             raise RuntimeError(f"daemon thread failed: {self._fatal!r}") from self._fatal
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop, join (up to ``timeout`` s), release the metrics server and CURVE authenticator."""
+        """Stop, join (up to ``timeout`` s beyond the drain), release the metrics server and
+        the CURVE authenticator."""
         self.stop()
-        self.wait(timeout=timeout)
+        self.wait(timeout=timeout + self.config.input.drain_s)
         if self._query is not None:
             self._query.stop()
         self.metrics.close()
@@ -216,196 +213,214 @@ class Daemon:
                 self._fatal = exc
                 self.last_error = f"fatal: {exc!r}"
                 self._stop_recv.set()
+                self._receiver_done.set()
                 self._worker_done.set()
 
         return run
 
     # ------------------------------------------------------------------ counting
-    def _count(self, table: dict[str, int], reason: str) -> None:
+    def _reject(self, reason: Reason, message: str, *, exc_info: bool = False) -> None:
         with self._count_lock:
-            table[reason] = table.get(reason, 0) + 1
-
-    def _reject(self, reason: str, message: str) -> None:
-        self._count(self.rejected, reason)
-        self.metrics.rejected.labels(reason=reason).inc()
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.metrics.rejected.labels(reason=reason.value).inc()
         self.last_error = message
-        n = self.rejected[reason]
-        if n <= 5 or n % 100 == 0:  # keep the log readable under a flood of garbage
-            log.warning("rejected message (%s, #%d): %s", reason, n, message)
+        self._warn(f"rejected message ({reason})", message, exc_info=exc_info)
 
-    def _drop(self, reason: str, n: int = 1) -> None:
+    def _drop(self, reason: Reason, n: int = 1) -> None:
         with self._count_lock:
             self.dropped[reason] = self.dropped.get(reason, 0) + n
-        self.metrics.frames_dropped.labels(reason=reason).inc(n)
-
-    def _superseded(self, item: _Item) -> None:
-        self._drop("superseded")
+        self.metrics.frames_dropped.labels(reason=reason.value).inc(n)
 
     def _queue_depth(self) -> int:
         return self._lossless.qsize() if self._policy == "lossless" else self._live.qsize()
 
-    # ------------------------------------------------------------------ threads
+    # ------------------------------------------------------------------ receiver
     def _receive_loop(self) -> None:
         sock = self._in
-        max_bytes = self.config.input.max_frame_bytes
+        drain_s = self.config.input.drain_s
+        stop_t: float | None = None
+        last_t = time.monotonic()
         try:
-            while not self._stop_recv.is_set():
-                if not sock.poll(_POLL_MS):
+            while True:
+                if self._stop_recv.is_set() and stop_t is None:
+                    stop_t = time.monotonic()
+                    log.info("stopping: reading frames still arriving (up to %.0f s)", drain_s)
+                if not sock.poll(_POLL_MS if stop_t is None else 50):
+                    now = time.monotonic()
+                    if stop_t is not None and (now - last_t >= _DRAIN_QUIET_S
+                                               or now - stop_t >= drain_s):
+                        break
                     continue
                 frames = sock.recv_multipart(copy=False)
-                t_recv = time.time_ns()
-                try:
-                    header, pixels = decode_frame([f.buffer for f in frames], max_bytes=max_bytes)
-                except ProtocolError as exc:
-                    self._reject(exc.reason, str(exc))
-                    continue
-                self._check_seq(header)
-                self.received += 1
-                self.metrics.frames_received.labels(source=header.source).inc()
-                item = _Item(header, pixels, t_recv, frames)
-                if self._policy == "live":
-                    self._live.put(item)
-                else:
-                    while not self._put_lossless(item):
-                        pass
-                self.metrics.queue_depth.set(self._queue_depth())
+                self._take(frames, stopping=stop_t is not None)
+                last_t = time.monotonic()  # after a put that waited for room, too
+                if stop_t is not None and last_t - stop_t >= drain_s:
+                    break
+            # what is still readable at once is counted, never silently discarded
+            for _ in range(_LEFTOVER_MAX):
+                if not sock.poll(0):
+                    break
+                self._take(sock.recv_multipart(copy=False), stopping=True, leftover=True)
         finally:
             sock.close(linger=0)
+            self._receiver_done.set()
 
-    def _put_lossless(self, item: _Item) -> bool:
+    def _take(self, frames: list[zmq.Frame], *, stopping: bool, leftover: bool = False) -> None:
+        """Validate one message and queue its frame; anything wrong is counted, never raised."""
+        t_recv = time.time_ns()
         try:
-            self._lossless.put(item, timeout=_POLL_MS / 1000)
-            return True
-        except queue.Full:
-            return False
+            header, pixels = decode_frame([f.buffer for f in frames],
+                                          max_bytes=self.config.input.max_frame_bytes)
+            frame = Frame(header, pixels, t_recv)
+        except (ProtocolError, FrameError) as exc:
+            self._reject(exc.reason, str(exc))
+            return
+        except Exception as exc:  # last resort: a bug in one message never ends the daemon
+            self._reject(Reason.INTERNAL, f"internal error while reading a frame: {exc!r}",
+                         exc_info=True)
+            return
+        try:
+            self._accept(frame, stopping=stopping, leftover=leftover)
+        except Exception as exc:
+            self._reject(Reason.INTERNAL, f"internal error while queueing {frame.source}#"
+                         f"{frame.header.seq}: {exc!r}", exc_info=True)
 
-    def _check_seq(self, header: FrameHeader) -> None:
-        last = self._last_seq.get(header.source)
-        if last is not None and header.seq > last + 1:
-            missing = header.seq - last - 1
-            self.gaps += missing
-            self.metrics.transport_gaps.labels(source=header.source).inc(missing)
-            log.warning("source %s: %d frame(s) lost in transport before seq %d", header.source, missing, header.seq)
-        self._last_seq[header.source] = header.seq  # a smaller seq means the adapter restarted
+    def _accept(self, frame: Frame, *, stopping: bool, leftover: bool) -> None:
+        h = frame.header
+        # an adapter session's frames may come again after a restart of this daemon: a number
+        # taken already is a duplicate, a smaller one late; without a session a smaller
+        # number means the adapter restarted
+        key = h.source if h.session is None else f"{h.source}/{h.session}"
+        gap = None
+        with self._count_lock:
+            duplicate = h.session is not None and self._seqs.seen(key, h.seq)
+            if not duplicate:
+                gap = self._seqs.observe(key, h.seq, resumable=h.session is not None)
+                self.received += 1
+        if duplicate:
+            self._reject(Reason.DUPLICATE, f"frame {h.source}#{h.seq} of session {h.session} "
+                         "was taken already (a resend)")
+            self._ack(frame, "duplicate")
+            return
+        self.metrics.add_source(h.source)
+        if gap is not None:
+            self.metrics.transport_gaps.labels(source=h.source).inc(gap.missed)
+            log.warning("source %s: %d frame(s) lost in transport before seq %d", h.source,
+                        gap.missed, h.seq)
+        self.metrics.frames_received.labels(source=h.source).inc()
+        if leftover or (stopping and self._policy == "live"):
+            self._dropped_frame(frame, Reason.SHUTDOWN)
+        elif self._policy == "live":
+            self._live.put(frame)
+        else:
+            while not self._lossless.put(frame, timeout=_POLL_MS / 1000):
+                if self._fatal is not None:
+                    self._dropped_frame(frame, Reason.SHUTDOWN)
+                    return
+        self.metrics.queue_depth.set(self._queue_depth())
 
-    def _next_item(self) -> _Item | None:
+    # ------------------------------------------------------------------ worker
+    def _next_frame(self) -> Frame | None:
         timeout = _POLL_MS / 1000
         if self._policy == "live":
             return self._live.get(timeout)
-        try:
-            return self._lossless.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        return self._lossless.get(timeout)
 
     def _work_loop(self) -> None:
         try:
             while True:
-                item = self._next_item()
-                if item is None:
-                    if self._stop_recv.is_set() and self._queue_depth() == 0:
+                frame = self._next_frame()
+                if frame is None:
+                    if self._receiver_done.is_set() and self._queue_depth() == 0:
                         break
                     continue
                 self.metrics.queue_depth.set(self._queue_depth())
                 if self._stop_recv.is_set() and self._policy == "live":
-                    self._drop("shutdown")
+                    self._dropped_frame(frame, Reason.SHUTDOWN)
                     continue
-                self._process(item)
+                self._work(frame)
         finally:
             self._worker_done.set()
 
-    def _process(self, item: _Item) -> None:
-        h = item.header
+    def _ack(self, frame: Frame, status: Literal["answered", "dropped", "duplicate"],
+             reason: Reason | None = None) -> None:
+        """Tell the frame's adapter what became of it (lossless, frames of a session)."""
+        h = frame.header
+        if h.session is None or self._policy != "lossless":
+            return
+        self._out.put(Message(f"ack.{h.source}", AckHeader(
+            source=h.source, session=h.session, seq=h.seq, status=status,
+            reason=None if reason is None else reason.value)))
+
+    def _dropped_frame(self, frame: Frame, reason: Reason) -> None:
+        self._drop(reason)
+        self._ack(frame, "dropped", reason)
+
+    def _work(self, frame: Frame) -> None:
+        h = frame.header
         try:
-            det = self.pipeline.detections(h, item.pixels, item.t_recv_ns)
-        except NanoscoutError as exc:
-            if exc.reason in ("nonfinite", "shape"):
-                self._reject(exc.reason, f"frame {h.source}#{h.seq}: {exc}")
-            else:
-                self._engine_failure(h, exc)
+            result = self.pipeline.process(frame, emit=self._out.put)
+        except EngineError as exc:
+            self._dropped_frame(frame, Reason.ENGINE_FAILURE)
+            self.last_error = f"frame {h.source}#{h.seq}: {exc!r}"
+            log.error("frame %s#%d dropped: %s", h.source, h.seq, exc)
             return
-        except Exception as exc:  # an engine runtime error must not kill the daemon
-            self._engine_failure(h, exc)
+        except Exception as exc:  # last resort: a bug met on one frame never ends the daemon
+            self._dropped_frame(frame, Reason.INTERNAL)
+            self.last_error = f"frame {h.source}#{h.seq}: internal error {exc!r}"
+            self._warn("internal error analysing a frame", self.last_error, exc_info=True)
             return
-        self._out.put(encode_message(det.header, det.table))
-        pv = self.config.preview
-        if pv.enabled and self._previews.due(h.source):
-            try:
-                img, scale = make_preview(item.pixels, pv.max_side_px)
-                self._out.put(encode_message(PreviewHeader(
-                    source=h.source, seq=h.seq, t_acq_ns=h.t_acq_ns, shape=h.shape,
-                    size=(int(img.shape[0]), int(img.shape[1])), scale=scale,
-                    pixel_size_nm=h.pixel_size_nm), img))
-            except Exception as exc:  # a display nicety must never cost a frame
-                log.warning("frame %s#%d: no preview: %r", h.source, h.seq, exc)
-        m = self.metrics
-        dh = det.header
+        self._ack(frame, "answered")
+        try:
+            self._account(frame, result)
+        except Exception as exc:  # metrics are not worth a frame either
+            self._warn("internal error counting a frame", repr(exc), exc_info=True)
+
+    def _account(self, frame: Frame, result: FrameResult) -> None:
+        """Metrics and health figures of one analysed frame."""
+        m, h, dh = self.metrics, frame.header, result.det
+        for source in result.evicted:
+            m.forget_source(source)
+            m.sources_evicted.inc()
+            if self._query is not None:
+                self._query.forget(source)
         lat_s = (dh.t_done_ns - dh.t_acq_ns) / 1e9
         m.latency.observe(max(lat_s, 0.0))
-        for stage, ms in dh.stage_ms.items():
+        for stage, ms in result.stage_ms.items():
             m.stage.labels(stage=stage).observe(ms / 1e3)
         busy_s = sum(dh.stage_ms.values()) / 1e3
-        m.stage.labels(stage="queue_wait").observe(max(0.0, (dh.t_done_ns - item.t_recv_ns) / 1e9 - busy_s))
+        m.stage.labels(stage="queue_wait").observe(
+            max(0.0, (dh.t_done_ns - frame.t_recv_ns) / 1e9 - busy_s))
         m.particles.labels(source=h.source).inc(dh.n)
-        self._lat_ms.append(lat_s * 1e3)
-
-        self._classify(item)
+        m.particles_last_frame.labels(source=h.source).set(dh.n)
+        stats = result.messages[-1].header
+        if isinstance(stats, StatsHeader):
+            m.observe_stats(h.source, stats.units, stats.window)
+        for ah in result.alerts:
+            m.alerts.labels(rule=ah.rule, severity=ah.severity).inc()
+        c = result.classification
+        if c is not None:
+            for label, p in c.all.items():
+                m.class_probability.labels(source=h.source, label=label).set(p)
+            if c.novelty is not None:
+                m.novelty.labels(source=h.source).set(c.novelty)
+        for stage, exc in result.failures:
+            what = "classification" if stage == "classify" else "statistics/alerts"
+            self.last_error = f"frame {h.source}#{h.seq}: {what} failed: {exc!r}"
+            self._warn(f"{stage} failed", self.last_error, exc_info=not isinstance(exc, EngineError))
+            if stage == "classify":
+                m.classify_failures.inc()
+            else:
+                self._drop(Reason.SUMMARY_FAILURE)
         if self._query is not None:
-            self._query.offer(h, item.pixels)
-
-        try:
-            summary = self.pipeline.summarise(h, det)
-        except Exception as exc:  # statistics or a rule failed: the detections are out already
-            self.last_error = f"frame {h.source}#{h.seq}: summary failed: {exc!r}"
-            log.exception("frame %s#%d: statistics/alerts failed", h.source, h.seq)
-            self._drop("summary_failure")
-        else:
-            # alerts before stats: ``stats`` is the last message of a frame, so a client
-            # that waits for a frame's results (the stage search) knows when it has them all
-            self._publish_alerts(summary.alerts)
-            self._out.put(encode_message(summary.stats))
-            for stage, ms in summary.stage_ms.items():
-                m.stage.labels(stage=stage).observe(ms / 1e3)
+            self._query.offer(frame)
         m.frames_processed.labels(source=h.source).inc()
-        self._done_t.append(time.monotonic())
-        self.processed += 1
+        with self._count_lock:
+            self._lat_ms.append(lat_s * 1e3)
+            self._done_t.append(time.monotonic())
+            self.processed += 1
 
-    def _classify(self, item: _Item) -> None:
-        """Classify the frame when it is its turn and publish ``class`` (+ its alerts).
-
-        A classifier failure costs only the classification: the detections are out already;
-        it is counted in ``classify_failures_total`` and kept as ``last_error``.
-        """
-        h = item.header
-        try:
-            res = self.pipeline.classify(h, item.pixels)
-        except Exception as exc:
-            self.last_error = f"frame {h.source}#{h.seq}: classification failed: {exc!r}"
-            log.error("frame %s#%d: classification failed: %r", h.source, h.seq, exc,
-                      exc_info=not isinstance(exc, NanoscoutError))
-            self.metrics.classify_failures.inc()
-            return
-        if res is None:
-            return
-        self._out.put(encode_message(res.header, *(() if res.cam is None else (res.cam,))))
-        self._publish_alerts(res.alerts)
-        m, c = self.metrics, res.classification
-        for label, p in c.all.items():
-            m.class_probability.labels(source=h.source, label=label).set(p)
-        if c.novelty is not None:
-            m.novelty.labels(source=h.source).set(c.novelty)
-        for stage, ms in c.timings_ms.items():
-            m.stage.labels(stage=stage).observe(ms / 1e3)
-
-    def _publish_alerts(self, alerts: list[AlertMessage]) -> None:
-        for ah, arrays in alerts:
-            self._out.put(encode_message(ah, *arrays))
-            self.metrics.alerts.labels(rule=ah.rule, severity=ah.severity).inc()
-
-    def _engine_failure(self, h: FrameHeader, exc: BaseException) -> None:
-        self._drop("engine_failure")
-        self.last_error = f"frame {h.source}#{h.seq}: {exc!r}"
-        log.error("frame %s#%d dropped: %r", h.source, h.seq, exc, exc_info=not isinstance(exc, NanoscoutError))
-
+    # ------------------------------------------------------------------ publisher
     def _engines(self) -> dict[str, str]:
         engines = {"detector": self.pipeline.engine_name, **self.pipeline.model_names}
         if self.pipeline.classifier is not None:
@@ -415,27 +430,39 @@ class Daemon:
 
     def _health(self) -> HealthHeader:
         now = time.monotonic()
-        recent = [t for t in self._done_t if now - t <= 5.0]
-        span = min(5.0, now - self._t_start)
-        fps = len(recent) / span if span > 0 else 0.0
-        lat = np.asarray(self._lat_ms, dtype=np.float64)
         with self._count_lock:
             dropped, rejected = dict(self.dropped), dict(self.rejected)
+            recent = [t for t in self._done_t if now - t <= 5.0]
+            lat = np.asarray(self._lat_ms, dtype=np.float64)
+            gaps, by_key = self._seqs.total, dict(self._seqs.missed)
+            received, processed = self.received, self.processed
+        by_source: dict[str, int] = {}
+        for key, n in by_key.items():  # keys are "source" or "source/session"
+            source = key.split("/", 1)[0]
+            by_source[source] = by_source.get(source, 0) + n
+        span = min(5.0, now - self._t_start)
+        fps = len(recent) / span if span > 0 else 0.0
+        seq, self._health_seq = self._health_seq, self._health_seq + 1
         return HealthHeader(
             t_ns=time.time_ns(),
             uptime_s=round(now - self._t_start, 3),
             policy=self._policy,
             engines=self._engines(),
-            frames_received=self.received,
-            frames_processed=self.processed,
+            frames_received=received,
+            frames_processed=processed,
             frames_dropped=dropped,
             rejected=rejected,
-            transport_gaps=self.gaps,
+            transport_gaps=gaps,
             queue_depth=self._queue_depth(),
             fps=round(fps, 3),
             latency_ms_p50=float(np.percentile(lat, 50)) if lat.size else None,
             latency_ms_p99=float(np.percentile(lat, 99)) if lat.size else None,
             last_error=self.last_error,
+            transport_gaps_by_source=by_source,
+            sources=self.pipeline.sources,
+            sources_evicted=self.pipeline.evicted_total,
+            topic_seq=seq,
+            started_ns=self._started_ns,
         )
 
     def _publish_loop(self) -> None:
@@ -460,7 +487,13 @@ class Daemon:
                     if self._worker_done.is_set() and self._out.empty():
                         break
                     continue
-                sock.send_multipart(msg, copy=False)
+                try:
+                    parts = encode(msg)
+                except Exception as exc:  # a bug in one message: count it, keep publishing
+                    self._reject(Reason.INTERNAL, f"cannot encode {msg.topic}: {exc!r}",
+                                 exc_info=True)
+                    continue
+                sock.send_multipart(parts, copy=False)
             sock.send_multipart(encode_message(self._health()), copy=False)
         finally:
             sock.close(linger=1000)

@@ -5,9 +5,13 @@ Names (all prefixed ``nanoscout_``):
 =====================================  =========  ==========================================
 frames_received_total{source}          counter    frames accepted by validation
 frames_processed_total{source}         counter    frames whose results were published
-frames_dropped_total{reason}           counter    superseded (live), engine_failure, frame, shutdown
-messages_rejected_total{reason}        counter    malformed, version, header, length, oversized, ...
+frames_dropped_total{reason}           counter    accepted frames not answered: superseded (live),
+                                                  engine_failure, summary_failure, shutdown,
+                                                  evicted, internal
+messages_rejected_total{reason}        counter    malformed, version, header, length, oversized,
+                                                  nonfinite, pixel_range, internal, ...
 transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
+sources_evicted_total                  counter    sources forgotten beyond ``input.max_sources``
 particles_measured_total{source}       counter
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
@@ -18,24 +22,47 @@ queue_depth                            gauge      frames accepted and waiting
 class_probability{source,label}        gauge      the latest classification's probability per class
 novelty{source}                        gauge      the latest AI-lens novelty score (1 = reference)
 classify_failures_total                counter    frames whose classification failed
+ecd_d10/ecd_d50/ecd_d90{source,units}  gauge      window D10/D50/D90 of ECD (nm, or px for
+                                                  uncalibrated frames: ``units`` says which)
+window_particles{source}               gauge      non-border particles in the statistics window
+particles_last_frame{source}           gauge      particles detected in the source's newest frame
+number_density_per_um2{source}         gauge      window particles per µm² (calibrated only)
+alert_threshold{name}                  gauge      this deployment's Prometheus alert thresholds
+                                                  (``[metrics]`` of the daemon config; the rules
+                                                  in deploy/nanoscout-rules.yml compare to them)
 engine_info{backend,model,...}         info
 =====================================  =========  ==========================================
+
+Every labelled counter whose label values are known at start (reasons, alert rules) exists at
+zero from the start, and a source's counters exist at zero from its first frame, so that
+Prometheus' ``increase()`` sees the first step. A source evicted from the daemon's state loses
+its series (:meth:`Metrics.forget_source`), so /metrics stays bounded however many sources
+come and go.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
 
 
 class Metrics:
-    """All daemon metrics; ``serve()`` exposes them over HTTP."""
+    """All daemon metrics; ``serve()`` exposes them over HTTP.
 
-    def __init__(self) -> None:
+    ``rules``: (name, severity) of every configured alert rule; ``labels``: the classifier's
+    classes (their per-source gauges are removed with the source).
+    """
+
+    def __init__(self, rules: Iterable[tuple[str, str]] = (), labels: Iterable[str] = ()) -> None:
         r = self.registry = CollectorRegistry()
         self.frames_received = Counter(
             "nanoscout_frames_received", "Frames accepted by validation", ["source"], registry=r
@@ -52,6 +79,9 @@ class Metrics:
         self.transport_gaps = Counter(
             "nanoscout_transport_gaps", "Frames missing from the adapter's seq numbering",
             ["source"], registry=r,
+        )
+        self.sources_evicted = Counter(
+            "nanoscout_sources_evicted", "Sources forgotten beyond input.max_sources", registry=r
         )
         self.particles = Counter(
             "nanoscout_particles_measured", "Particles measured", ["source"], registry=r
@@ -79,8 +109,75 @@ class Metrics:
         self.classify_failures = Counter(
             "nanoscout_classify_failures", "Frames whose classification failed", registry=r
         )
+        self.ecd = {q: Gauge(f"nanoscout_ecd_{q}", f"Window {q.upper()} of the equivalent circular "
+                             "diameter (nm, or px when units=px)", ["source", "units"], registry=r)
+                    for q in ("d10", "d50", "d90")}
+        self.window_particles = Gauge(
+            "nanoscout_window_particles", "Non-border particles in the statistics window",
+            ["source"], registry=r)
+        self.particles_last_frame = Gauge(
+            "nanoscout_particles_last_frame", "Particles detected in the newest frame",
+            ["source"], registry=r)
+        self.number_density = Gauge(
+            "nanoscout_number_density_per_um2", "Window particles per square micrometre",
+            ["source"], registry=r)
+        self.alert_threshold = Gauge(
+            "nanoscout_alert_threshold", "Alert thresholds of this deployment (daemon config "
+            "[metrics]), compared by the Prometheus rules", ["name"], registry=r)
         self.engine_info = Info("nanoscout_engine", "Detection engine in use", registry=r)
         self._server: WSGIServer | None = None
+        self._labels = tuple(labels)
+        # every series whose labels are known now exists at zero from the start
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(reason=reason.value)
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason=reason.value)
+        for rule, severity in rules:
+            self.alerts.labels(rule=rule, severity=severity)
+            self.alerts_suppressed.labels(rule=rule)
+
+    def add_source(self, source: str) -> None:
+        """Create the per-source counters of a new source at zero."""
+        for counter in (self.frames_received, self.frames_processed, self.transport_gaps,
+                        self.particles):
+            counter.labels(source=source)
+
+    def forget_source(self, source: str) -> None:
+        """Remove every series of ``source`` (it was evicted from the daemon's state)."""
+        for metric in (self.frames_received, self.frames_processed, self.transport_gaps,
+                       self.particles, self.novelty):
+            with contextlib.suppress(KeyError):
+                metric.remove(source)
+        for label in self._labels:
+            with contextlib.suppress(KeyError):
+                self.class_probability.remove(source, label)
+        for gauge in (self.window_particles, self.particles_last_frame, self.number_density):
+            with contextlib.suppress(KeyError):
+                gauge.remove(source)
+        for gauge in self.ecd.values():
+            for units in ("nm", "px"):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(source, units)
+
+    def observe_stats(self, source: str, units: str, window: Any) -> None:
+        """Set the size gauges of ``source`` from a ``stats`` message's ``window`` block
+        (ECD in ``units``); quantiles of an empty window are left as they were."""
+        ecd = window.get("ecd") or {}
+        for q, gauge in self.ecd.items():
+            value = ecd.get(q)
+            if value is not None:
+                gauge.labels(source=source, units=units).set(float(value))
+        count = window.get("count")
+        if count is not None:
+            self.window_particles.labels(source=source).set(int(count))
+        density = window.get("number_density_per_um2")
+        if density is not None:
+            self.number_density.labels(source=source).set(float(density))
+
+    def set_thresholds(self, thresholds: dict[str, float]) -> None:
+        """Publish this deployment's alert thresholds (name -> value, in the name's unit)."""
+        for name, value in thresholds.items():
+            self.alert_threshold.labels(name=name).set(float(value))
 
     def serve(self, host: str, port: int) -> int:
         """Start the ``/metrics`` HTTP server on host:port (0 = any free port); returns the port."""

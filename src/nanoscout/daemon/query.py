@@ -22,9 +22,9 @@ import numpy as np
 import zmq
 
 from nanoscout.analysis.classifier import FieldClassifier
-from nanoscout.wire.errors import NanoscoutError, ProtocolError
+from nanoscout.analysis.frame import Frame
+from nanoscout.wire.errors import NanoscoutError, ProtocolError, Reason
 from nanoscout.wire.protocol import (
-    FrameHeader,
     LensReply,
     LensRequest,
     decode_message,
@@ -51,7 +51,7 @@ class LensServer:
         self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # requests are small maps
         if secure is not None:
             secure(self._sock)
-        self._latest: dict[str, tuple[FrameHeader, np.ndarray]] = {}
+        self._latest: dict[str, Frame] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,10 +64,15 @@ class LensServer:
         assert self.classifier.lens is not None
         return [t.name for t in self.classifier.lens.outputs]
 
-    def offer(self, header: FrameHeader, pixels: np.ndarray) -> None:
-        """Keep ``pixels`` as the newest analysed frame of its source (called by the worker)."""
+    def offer(self, frame: Frame) -> None:
+        """Keep ``frame`` as the newest analysed frame of its source (called by the worker)."""
         with self._lock:
-            self._latest[header.source] = (header, pixels)
+            self._latest[frame.source] = frame
+
+    def forget(self, source: str) -> None:
+        """Forget the newest frame of ``source`` (the daemon evicted the source)."""
+        with self._lock:
+            self._latest.pop(source, None)
 
     def start(self, endpoint: str, guard: Callable[[Callable[[], None]], Callable[[], None]]
               ) -> str:
@@ -104,7 +109,7 @@ class LensServer:
         try:
             msg = decode_message(parts)
             if not isinstance(msg.header, LensRequest):
-                raise ProtocolError(f"expected a lens_request, got {msg.kind}", reason="topic")
+                raise ProtocolError(f"expected a lens_request, got {msg.kind}", reason=Reason.TOPIC)
             req: LensRequest = msg.header
         except ProtocolError as exc:
             self.refused += 1
@@ -119,14 +124,14 @@ class LensServer:
                    f"no frame of source {req.source!r} analysed yet (sources: "
                    f"{sorted(self._latest)})")
             return encode_message(LensReply(source=req.source, available=available, error=why))
-        header, pixels = latest
+        header = latest.header
         reply = LensReply(source=req.source, seq=header.seq, t_acq_ns=header.t_acq_ns,
                           available=available)
         if not req.outputs:
             self.answered += 1
             return encode_message(reply)
         try:
-            out = self.classifier.lens_outputs(pixels)
+            out = self.classifier.lens_outputs(latest.float32)
             _, novelty = self.classifier.novelty_of(out)
         except Exception as exc:  # a lens failure is the client's answer, not the daemon's end
             self.refused += 1

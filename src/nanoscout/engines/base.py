@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nanoscout.wire.errors import EngineFailure
+from nanoscout.wire.errors import EngineFailure, Reason
 
 
 @dataclass(frozen=True)
@@ -76,39 +76,39 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
     known = {s.name for s in specs}
     unknown = sorted(set(inputs) - known)
     if unknown:
-        raise EngineFailure(f"unknown input {unknown[0]!r}: the model takes {expected}", reason="bad_input")
+        raise EngineFailure(f"unknown input {unknown[0]!r}: the model takes {expected}", reason=Reason.BAD_INPUT)
     checked: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in inputs:
             raise EngineFailure(
-                f"missing input {spec.name!r}: the model takes {expected}", reason="bad_input"
+                f"missing input {spec.name!r}: the model takes {expected}", reason=Reason.BAD_INPUT
             )
         value = inputs[spec.name]
         if not isinstance(value, np.ndarray):
             raise EngineFailure(
                 f"input {spec.name!r} is a {type(value).__name__}, not a numpy array "
                 f"(expected {spec.describe()})",
-                reason="bad_input",
+                reason=Reason.BAD_INPUT,
             )
         if value.ndim != len(spec.shape):
             raise EngineFailure(
                 f"input {spec.name!r} has rank {value.ndim} (shape {value.shape}), "
                 f"expected rank {len(spec.shape)}: {spec.describe()}",
-                reason="bad_input",
+                reason=Reason.BAD_INPUT,
             )
         for axis, (got, want) in enumerate(zip(value.shape, spec.shape, strict=True)):
             if want is not None and got != want:
                 raise EngineFailure(
                     f"input {spec.name!r} has size {got} on axis {axis} (shape {value.shape}), "
                     f"expected {want}: {spec.describe()}",
-                    reason="bad_input",
+                    reason=Reason.BAD_INPUT,
                 )
         want_dtype = _numpy_dtype(spec.dtype)
         if want_dtype is not None and value.dtype != want_dtype:
             raise EngineFailure(
                 f"input {spec.name!r} has dtype {value.dtype.str} ({value.dtype}), "
                 f"expected {spec.describe()}",
-                reason="bad_input",
+                reason=Reason.BAD_INPUT,
             )
         checked[spec.name] = np.ascontiguousarray(value)
     return checked

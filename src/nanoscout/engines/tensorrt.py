@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from nanoscout.engines.base import Engine, TensorSpec, check_inputs
-from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable
+from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable, Reason
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ class TensorRTEngine(Engine):
             raise EngineFailure(
                 f"input {name!r} shape {shape} is outside the engine's range {lo}..{hi} "
                 f"(rebuild with a larger max_shape, now {self.max_shape})",
-                reason="bad_input",
+                reason=Reason.BAD_INPUT,
             )
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -476,7 +476,7 @@ class TensorRTEngine(Engine):
                 if not context.set_input_shape(name, array.shape):
                     raise EngineFailure(
                         f"TensorRT rejected shape {array.shape} for input {name!r}",
-                        reason="bad_input",
+                        reason=Reason.BAD_INPUT,
                     )
                 ptr = self._buffer(name).ensure(cudart, array.nbytes)
                 context.set_tensor_address(name, ptr)

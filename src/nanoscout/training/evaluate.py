@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from nanoscout.clients.progress import track
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig, render
 
 __all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "TARGETS", "check_targets", "box_iou", "boxes_of_labels",
@@ -456,7 +457,7 @@ def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float 
     raw: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     ms: dict[str, list[float]] = {m: [] for m in methods}
     images = []
-    for s in samples:
+    for s in track(samples, "evaluating"):
         row: dict[str, Any] = {"id": s.id, "group": s.group, "shape": list(s.image.shape)}
         for name, det in methods.items():
             t0 = time.perf_counter()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from nanoscout.analysis.preprocess import normalize
+from nanoscout.clients.progress import track
 from nanoscout.sim.overlays import burn_in
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig
 from nanoscout.training.crops import RealImage, crop_at_scale, load_real_training, photometric
@@ -249,7 +250,7 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
     rng = np.random.default_rng(seed)
     real = load_real_training(exclude=set(real_exclude)) if real_fraction > 0 else []
     pool = Pool(pool_size, rng, real, real_fraction, stem_share)
-    for step in range(steps):
+    for step in track(range(steps), "training"):
         if step % refresh_every == 0:
             pool.refresh()
         queue.put(pool.batch(batch))
@@ -294,7 +295,7 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
     model.train()
     running = 0.0
     t_data = t_step = 0.0
-    for step in range(steps):
+    for step in track(range(steps), "training"):
         a = time.perf_counter()
         xn, yn = _next_batch(queue, producer)
         x, y = torch.from_numpy(xn), torch.from_numpy(yn)

@@ -48,6 +48,7 @@ from typing import Any, cast
 import numpy as np
 
 from nanoscout.analysis.preprocess import fixed_input
+from nanoscout.clients.progress import track
 from nanoscout.sim.fields import FIELD_CLASSES, render_field
 from nanoscout.training.field_labels import emps_field_label
 from nanoscout.wire.errors import ConfigError
@@ -263,7 +264,7 @@ def train_net(x: np.ndarray, y: np.ndarray, n_classes: int, *, steps: int, batch
     t0 = time.perf_counter()
     losses: list[float] = []
     done = 0
-    for step in range(steps):
+    for step in track(range(steps), "training the classifier"):
         progress = step / max(steps, 1)
         if max_seconds is not None:
             progress = max(progress, (time.perf_counter() - t0) / max_seconds)

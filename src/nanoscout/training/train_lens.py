@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from nanoscout.analysis.preprocess import fixed_input
+from nanoscout.clients.progress import track
 from nanoscout.engines import Engine, create_engine
 from nanoscout.training.lens_data import (
     USUAL_DATA,
@@ -104,7 +105,7 @@ def train(x: np.ndarray, *, steps: int, batch: int = 16, crop: int = 128, lr: fl
     t0 = time.perf_counter()
     losses: list[float] = []
     model.train()
-    for step in range(steps):
+    for step in track(range(steps), "training the lens"):
         idx = rng.integers(n, size=batch)
         ys = rng.integers(0, h - crop + 1, size=batch) // 16 * 16
         xs = rng.integers(0, w - crop + 1, size=batch) // 16 * 16

@@ -1,4 +1,4 @@
-"""The one exception hierarchy of nanoscout.
+"""The one exception hierarchy of nanoscout, and the reasons a message or frame is turned away.
 
 ::
 
@@ -8,71 +8,130 @@
     │   ├── VersionError       unknown major protocol version
     │   ├── MalformedMessage   garbage bytes, wrong number of parts, header that fails validation
     │   └── PayloadError       header/payload mismatch, unsupported dtype, zero-size/oversized frame
-    ├── FrameError             a valid message whose pixels cannot be analysed (NaN/inf, absurd calibration)
+    ├── FrameError             a valid message whose pixels cannot be analysed (NaN/inf, absurd values)
     ├── EngineError
     │   ├── EngineUnavailable  the runtime (extra) is not installed or no device is present
     │   └── EngineFailure      the runtime failed while loading or running a model
     ├── ModelCardError         missing or inconsistent model card
     └── ReaderError            an image file that cannot be read (corrupt, unknown format)
 
-Every rejection carries a short machine-readable ``reason`` used as the Prometheus label
-(``nanoscout_rejected_total{reason=...}``), and a message that names the offending value.
-Errors raised by dependencies are converted at the boundary with ``raise ... from exc``.
+Every error carries a :class:`Reason`, used as the Prometheus label
+(``nanoscout_messages_rejected_total{reason=...}``, ``nanoscout_frames_dropped_total{reason=...}``),
+and a message that names the offending value. Callers sort failures by exception type, never by
+comparing reason words. Errors raised by dependencies are converted at the boundary with
+``raise ... from exc``.
 """
 
 from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why a message was rejected or an accepted frame was not answered (metric label values)."""
+
+    # a message refused before it became a frame (``messages_rejected_total``)
+    MALFORMED = "malformed"  #: not msgpack, not a map, or an unknown kind of garbage
+    VERSION = "version"  #: missing or unsupported protocol version
+    HEADER = "header"  #: a header field failed validation
+    HEADER_TOO_LARGE = "header_too_large"
+    PARTS = "parts"  #: wrong number of multipart parts
+    TOPIC = "topic"  #: unknown or unexpected topic
+    LENGTH = "length"  #: payload length does not match the header
+    OVERSIZED = "oversized"  #: frame larger than ``input.max_frame_bytes``
+    EMPTY = "empty"  #: zero-size frame
+    SHAPE = "shape"  #: impossible shape
+    DTYPE = "dtype"  #: unsupported pixel type
+    NONFINITE = "nonfinite"  #: NaN or infinite pixels
+    PIXEL_RANGE = "pixel_range"  #: finite pixels too large to analyse (|value| > 1e30)
+    DUPLICATE = "duplicate"  #: a frame of an adapter session taken already (a resend)
+    INTERNAL = "internal"  #: a bug met while handling the message (logged at a limited rate)
+    # an accepted frame that was not answered (``frames_dropped_total``)
+    SUPERSEDED = "superseded"  #: live policy: a newer frame of the source replaced it
+    ENGINE_FAILURE = "engine_failure"
+    SUMMARY_FAILURE = "summary_failure"  #: detections published, statistics/alerts failed
+    SHUTDOWN = "shutdown"  #: the daemon stopped before analysing it (live policy)
+    EVICTED = "evicted"  #: its source was evicted (``input.max_sources``) while it waited
+    # other errors (not counted on the wire)
+    ERROR = "error"
+    CONFIG = "config"
+    PROTOCOL = "protocol"
+    PAYLOAD = "payload"
+    FRAME = "frame"
+    ENGINE = "engine"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    BAD_INPUT = "bad_input"  #: an engine input that does not match the model's spec
+    MODEL_CARD = "model_card"
+    READER = "reader"
+    CALIBRATION = "calibration"
+    STAGE = "stage"  #: a stage command that cannot be carried out
+    CAMERA = "camera"  #: an acquisition that cannot be made
+    CONTROL = "control"  #: the microscope's control socket did not answer or refused
+
+
+#: reasons a message can be rejected with (every one is a ``messages_rejected_total`` label at 0)
+REJECTION_REASONS: tuple[Reason, ...] = (
+    Reason.MALFORMED, Reason.VERSION, Reason.HEADER, Reason.HEADER_TOO_LARGE, Reason.PARTS,
+    Reason.TOPIC, Reason.LENGTH, Reason.OVERSIZED, Reason.EMPTY, Reason.SHAPE, Reason.DTYPE,
+    Reason.NONFINITE, Reason.PIXEL_RANGE, Reason.DUPLICATE, Reason.INTERNAL,
+)
+#: reasons an accepted frame can be dropped for (every one a ``frames_dropped_total`` label at 0)
+DROP_REASONS: tuple[Reason, ...] = (
+    Reason.SUPERSEDED, Reason.ENGINE_FAILURE, Reason.SUMMARY_FAILURE, Reason.SHUTDOWN,
+    Reason.EVICTED, Reason.INTERNAL,
+)
 
 
 class NanoscoutError(Exception):
     """Base class of every error nanoscout raises on purpose."""
 
-    reason: str = "error"
+    reason: Reason = Reason.ERROR
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: Reason | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
 
 
 class ConfigError(NanoscoutError):
-    reason = "config"
+    reason = Reason.CONFIG
 
 
 class ProtocolError(NanoscoutError):
-    reason = "protocol"
+    reason = Reason.PROTOCOL
 
 
 class VersionError(ProtocolError):
-    reason = "version"
+    reason = Reason.VERSION
 
 
 class MalformedMessage(ProtocolError):
-    reason = "malformed"
+    reason = Reason.MALFORMED
 
 
 class PayloadError(ProtocolError):
-    reason = "payload"
+    reason = Reason.PAYLOAD
 
 
 class FrameError(NanoscoutError):
-    reason = "frame"
+    reason = Reason.FRAME
 
 
 class EngineError(NanoscoutError):
-    reason = "engine"
+    reason = Reason.ENGINE
 
 
 class EngineUnavailable(EngineError):
-    reason = "engine_unavailable"
+    reason = Reason.ENGINE_UNAVAILABLE
 
 
 class EngineFailure(EngineError):
-    reason = "engine_failure"
+    reason = Reason.ENGINE_FAILURE
 
 
 class ModelCardError(NanoscoutError):
-    reason = "model_card"
+    reason = Reason.MODEL_CARD
 
 
 class ReaderError(NanoscoutError):
-    reason = "reader"
+    reason = Reason.READER

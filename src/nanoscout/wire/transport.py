@@ -96,17 +96,30 @@ def mode_for_policy(policy: Policy) -> Literal["push", "pub"]:
 # CURVE: authenticated, encrypted ZeroMQ for use beyond loopback
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ``inproc://``, ``ipc://`` and TCP endpoints on 127.0.0.0/8, ::1 or localhost."""
-    if not endpoint.startswith("tcp://"):
-        return True
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``; False for anything else (``0.0.0.0``,
+    ``*``, interface names, other addresses)."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # an interface name or "*" (all interfaces)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ``inproc://`` and ``ipc://`` endpoints and TCP endpoints on loopback
+    (:func:`is_loopback_host`); False for every other transport (``tipc://``, ``ws://``,
+    ``pgm://`` ...), which can reach other hosts."""
+    if endpoint.startswith(("inproc://", "ipc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    if ";" in host:  # "tcp://source-interface;host:port": the address after the semicolon
+        host = host.rsplit(";", 1)[1]
+    return is_loopback_host(host)
 
 
 def _load(path: Path, *, secret: bool) -> tuple[bytes, bytes | None]:

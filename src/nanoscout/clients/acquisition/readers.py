@@ -31,7 +31,7 @@ import re
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "ImageRecord",
     "calibration_to_nm",
+    "drop_tia_companions",
     "read_image",
     "read_images",
 ]
@@ -166,6 +167,20 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     except Exception as exc:  # any parser failure means the file is bad; keep the cause chained
         raise ReaderError(f"{p}: cannot read {fmt} file ({type(exc).__name__}: {exc})") from exc
     return records
+
+
+def drop_tia_companions(files: Sequence[Path]) -> list[Path]:
+    """``files`` without each TIA ``name_N.ser`` whose ``name.emi`` is also listed: reading the
+    ``.emi`` reads its ``.ser`` (pixels and calibration), so one acquisition is one entry."""
+    emi = {(p.parent, p.stem.lower()) for p in files if p.suffix.lower() == ".emi"}
+
+    def companion(p: Path) -> bool:
+        if p.suffix.lower() != ".ser":
+            return False
+        stem, _, number = p.stem.rpartition("_")
+        return number.isdigit() and (p.parent, stem.lower()) in emi
+
+    return [p for p in files if not companion(p)]
 
 
 def calibration_to_nm(scale: Any, units: Any, source: str = "metadata") -> tuple[float | None, str]:

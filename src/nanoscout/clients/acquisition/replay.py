@@ -26,6 +26,7 @@ from nanoscout.clients.acquisition.readers import (
     MIN_PIXEL_NM,
     SUPPORTED_SUFFIXES,
     ImageRecord,
+    drop_tia_companions,
     read_images,
 )
 from nanoscout.clients.acquisition.watch import watch_folder
@@ -172,16 +173,7 @@ def _expand(paths: Iterable[Path | str], report: ReplayReport, log: Callable[[st
             files.append(path)
         else:
             _skip(report, path, "no such file or directory", log)
-    emi_stems = {(p.parent, p.stem.lower()) for p in files if p.suffix.lower() == ".emi"}
-    return [p for p in files if not _read_through_emi(p, emi_stems)]
-
-
-def _read_through_emi(path: Path, emi_stems: set[tuple[Path, str]]) -> bool:
-    """True for ``name_1.ser`` when ``name.emi`` is in the list (reading the .emi sends it)."""
-    if path.suffix.lower() != ".ser":
-        return False
-    stem, _, number = path.stem.rpartition("_")
-    return number.isdigit() and (path.parent, stem.lower()) in emi_stems
+    return drop_tia_companions(files)
 
 
 def _send_file(

@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.acquisition.publisher import FramePublisher, Mode, SendReport
 from nanoscout.sim.synthetic import InSituSeries, Specimen, SpecimenConfig, SyntheticFrame
 from nanoscout.wire.transport import ClientKeys
 
@@ -31,7 +31,9 @@ class SimulatorOptions:
     """What the virtual microscope streams. Sizes in px, pixel size and diameters in nm."""
 
     endpoint: str
-    mode: Literal["push", "pub"] = "pub"
+    mode: Mode = "auto"  # push (lossless daemon), pub (live), auto (whichever it takes)
+    results: str | None = None  # the daemon's result endpoint: confirm each frame (lossless)
+    confirm_timeout_s: float = 30.0  # at the end: wait this long without an answer, at most
     source: str = "sim"
     rate_hz: float | None = 5.0  # None = as fast as the daemon accepts
     frames: int | None = None  # None = until stopped
@@ -108,20 +110,24 @@ def run_simulator(
     *,
     stop: threading.Event | None = None,
     log: Callable[[str], None] = print,
-) -> int:
+) -> SendReport:
     """Stream frames to the daemon until ``opts.frames`` are sent or ``stop`` is set.
 
-    Returns the number of frames sent. In ``push`` mode ``send`` blocks while the daemon is
-    behind (lossless back-pressure); the publisher lingers at the end until all are delivered.
+    Returns what was sent and (lossless, with a result endpoint) confirmed. In ``push`` mode
+    ``send`` blocks while the daemon is behind (lossless back-pressure); at the end the
+    publisher waits for the daemon's answers (:class:`FramePublisher`).
     """
     stop = stop or threading.Event()
     if opts.truth_dir is not None:
         opts.truth_dir.mkdir(parents=True, exist_ok=True)
     period = 1.0 / opts.rate_hz if opts.rate_hz else 0.0
     sent = 0
-    pub = FramePublisher(opts.endpoint, mode=opts.mode, source=opts.source, curve=opts.curve)
+    pub = FramePublisher(opts.endpoint, mode=opts.mode, source=opts.source, curve=opts.curve,
+                         results=opts.results, confirm_timeout_s=opts.confirm_timeout_s,
+                         log_line=log)
     log(f"simulator: streaming {opts.modality} {opts.shape[0]}x{opts.shape[1]} {opts.dtype} "
-        f"at {opts.pixel_size_nm} nm/px to {opts.endpoint} ({opts.mode})")
+        f"at {opts.pixel_size_nm} nm/px to {opts.endpoint} ({pub.mode})")
+    report = pub.report
     t_next = time.monotonic()
     try:
         for frame, stage in frames(opts):
@@ -146,6 +152,6 @@ def run_simulator(
             if opts.frames is not None and sent >= opts.frames:
                 break
     finally:
-        pub.close(linger_ms=10_000 if opts.mode == "push" else 0)
-    log(f"simulator: sent {sent} frames")
-    return sent
+        report = pub.close()
+    log(f"simulator: {report.describe()}")
+    return report

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import zmq
 
 from nanoscout.clients.dashboard.images import heatmap_rgba, heatmap_thumbnail, png_b64, thumbnail
-from nanoscout.wire.errors import NanoscoutError, ProtocolError
+from nanoscout.clients.subscriber import Subscriber, track_gap
+from nanoscout.wire.errors import NanoscoutError, Reason
 from nanoscout.wire.particles import NO_CLUSTER, PARTICLE_DTYPE, SHAPE_CLASSES
 from nanoscout.wire.protocol import (
     AlertHeader,
@@ -48,9 +48,9 @@ from nanoscout.wire.protocol import (
     Message,
     PreviewHeader,
     StatsHeader,
-    decode_message,
 )
-from nanoscout.wire.transport import ClientKeys, connect, result_subscriber
+from nanoscout.wire.sequence import SequenceTracker
+from nanoscout.wire.transport import ClientKeys
 
 __all__ = ["TOPICS", "DashboardState", "Gateway", "Item"]
 
@@ -88,9 +88,12 @@ class _Source:
     dets: OrderedDict[int, Message] = field(default_factory=OrderedDict)  # recent, by seq
     previews: deque[Message] = field(default_factory=lambda: deque(maxlen=8))
     pending: Message | None = None  # newest preview still waiting for its det
-    last_seq: int | None = None
     frames: int = 0
+    #: frames without a det (gaps in det frame numbers: live, superseded frames among them)
     missed: int = 0
+    last_seq: int | None = None
+    #: messages lost on the way here (gaps in topic_seq); None until a topic_seq is seen
+    lost: int | None = None
     gap_events: int = 0
     last_gap_seq: int | None = None
     det_times: deque[float] = field(default_factory=lambda: deque(maxlen=50))
@@ -132,6 +135,7 @@ class DashboardState:
         self._alerts: deque[tuple[int, Item]] = deque(maxlen=max_alerts)
         self._alert_id = 0
         self._src: dict[str, _Source] = {}
+        self._gaps = SequenceTracker(max_keys=4096)  # messages missed, per topic
         self._set("meta", "meta", lambda: {
             "shape_classes": list(SHAPE_CLASSES), "endpoints": self.endpoints,
             "stale_s": self.stale_s, "query": query, "no_cluster": NO_CLUSTER})
@@ -144,6 +148,15 @@ class DashboardState:
             self.last_seen = self.clock() if now is None else now
             self.messages += 1
             h = msg.header
+            gap = track_gap(self._gaps, msg)
+            if "." in msg.topic and (gap is not None or getattr(h, "topic_seq", None) is not None):
+                s = self._source(msg.topic.split(".", 1)[1].split("#", 1)[0])
+                if getattr(h, "topic_seq", None) is not None:
+                    # messages the daemon sent that never came
+                    s.lost = (s.lost or 0) + (0 if gap is None else gap.missed)
+                if gap is not None:
+                    s.gap_events += 1
+                    s.last_gap_seq = getattr(h, "seq", None)
             if isinstance(h, DetHeader):
                 self._det(msg, h, self.last_seen)
             elif isinstance(h, PreviewHeader):
@@ -158,12 +171,13 @@ class DashboardState:
                 self._set("health", "health", lambda: h.model_dump(mode="json"))
             self._cond.notify_all()
 
-    def reject(self, why: str, now: float | None = None) -> None:
-        """Count a message that could not be decoded (it still proves the daemon is there)."""
+    def reject(self, why: str, now: float | None = None, n: int = 1) -> None:
+        """Count ``n`` messages that could not be decoded (they still prove the daemon is
+        there); ``why``: the last one's reason."""
         with self._cond:
             self.last_seen = self.clock() if now is None else now
-            self.messages += 1
-            self.rejected += 1
+            self.messages += n
+            self.rejected += n
             self.last_rejection = why
             self._cond.notify_all()
 
@@ -218,7 +232,9 @@ class DashboardState:
             }
 
     def missed(self, source: str) -> int:
-        """Results of ``source`` never seen (sum of det seq gaps)."""
+        """Frames of ``source`` without a ``det`` here (gaps in det frame numbers; in live
+        mode superseded frames among them). Messages lost on the way: ``lost`` of its det
+        payload (gaps in ``topic_seq``)."""
         with self._cond:
             s = self._src.get(source)
             return 0 if s is None else s.missed
@@ -242,8 +258,6 @@ class DashboardState:
         s = self._source(h.source)
         if s.last_seq is not None and h.seq > s.last_seq + 1:
             s.missed += h.seq - s.last_seq - 1
-            s.gap_events += 1
-            s.last_gap_seq = h.seq
         s.last_seq = h.seq
         s.frames += 1
         s.det_times.append(now)
@@ -257,6 +271,7 @@ class DashboardState:
             "model": h.model, "latency_ms": h.latency_ms, "stage_ms": h.stage_ms,
             "t_acq_ns": h.t_acq_ns, "shape": h.shape, "pixel_size_nm": h.pixel_size_nm,
             "working_scale": h.working_scale, "frames": s.frames, "missed": s.missed,
+            "lost": s.lost,
             "gap_events": s.gap_events, "last_gap_seq": s.last_gap_seq, "fps": fps,
             "stage": None if h.stage is None else h.stage.model_dump()}
         self._set(f"det:{h.source}", "det", lambda: summary)
@@ -435,17 +450,7 @@ class Gateway:
             raise NanoscoutError("the dashboard needs at least one result endpoint")
         self.endpoints = list(endpoints)
         self.state = state or DashboardState(endpoints=self.endpoints)
-        self._ctx = zmq.Context()
-        self._sock = result_subscriber(self._ctx, TOPICS, hwm=hwm)
-        try:
-            if curve is not None:
-                curve.apply(self._sock)
-            for ep in self.endpoints:
-                connect(self._sock, ep)
-        except Exception:
-            self._sock.close(linger=0)
-            self._ctx.term()
-            raise
+        self._sub = Subscriber(self.endpoints, TOPICS, hwm=hwm, curve=curve)
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="dashboard-gateway", daemon=True)
@@ -456,28 +461,25 @@ class Gateway:
         return self
 
     def _run(self) -> None:
-        state = self.state
+        state, sub = self.state, self._sub
+        rejected = 0
         try:
             while not self._stop.is_set():
-                if not self._sock.poll(100):
-                    continue
-                parts = self._sock.recv_multipart(copy=False)
-                try:
-                    msg = decode_message([p.buffer for p in parts])
-                except ProtocolError as exc:
-                    state.reject(str(exc))
-                    continue
-                state.ingest(msg)
+                msg = sub.recv(0.1)
+                if sub.rejected != rejected:  # messages came but could not be decoded
+                    state.reject(sub.last_rejection or "malformed message",
+                                 n=sub.rejected - rejected)
+                    rejected = sub.rejected
+                if msg is not None:
+                    state.ingest(msg)
         except BaseException as exc:  # kept for check(); the owner decides
             self._error = exc
-        finally:
-            self._sock.close(linger=0)
 
     def check(self) -> None:
         """Raise NanoscoutError if the receiving thread failed."""
         if self._error is not None:
             raise NanoscoutError(f"dashboard gateway stopped receiving: {self._error!r}",
-                                 reason="gateway") from self._error
+                                 reason=Reason.ERROR) from self._error
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread and close the socket."""
@@ -486,6 +488,4 @@ class Gateway:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 return  # stuck in a call; the daemon thread dies with the process
-        if not self._sock.closed:
-            self._sock.close(linger=0)
-        self._ctx.term()
+        self._sub.close()

@@ -17,18 +17,27 @@ Routes (GET only):
                         has no query endpoint; 400 without ``source``
 
 A slow browser never slows the gateway: it is simply sent fewer, newer versions of each item.
+
+Hardened like every listening socket of nanoscout: a real listen backlog, a timeout on every
+request's socket (an idle half-sent request does not hold a thread), at most ``max_clients``
+requests at once (more get 503 at once), a ``Host`` header check against the allowed host
+names (DNS rebinding), and an optional access token (``Authorization: Bearer TOKEN``, or
+``?token=TOKEN`` once, which sets a cookie for the page and its event stream). Serving a
+non-loopback address requires a token (or, knowingly, ``allow_insecure_remote``).
 """
 
 from __future__ import annotations
 
-import ipaddress
+import hmac
 import json
 import logging
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
+from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
@@ -37,9 +46,9 @@ from urllib.parse import parse_qs
 from nanoscout.clients.dashboard.gateway import DashboardState, Gateway
 from nanoscout.clients.dashboard.lens import LensView
 from nanoscout.wire.errors import ConfigError, NanoscoutError
-from nanoscout.wire.transport import ClientKeys
+from nanoscout.wire.transport import ClientKeys, is_loopback_host
 
-__all__ = ["DashboardServer", "run_dashboard"]
+__all__ = ["TOKEN_COOKIE", "DashboardServer", "allowed_names", "run_dashboard"]
 
 log = logging.getLogger("nanoscout.dashboard")
 
@@ -54,14 +63,53 @@ def _static(name: str) -> bytes:
     return (resources.files("nanoscout.clients.dashboard") / "static" / name).read_bytes()
 
 
+#: the cookie that carries the access token after ``?token=`` (page and event stream)
+TOKEN_COOKIE = "nanoscout_token"
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     protocol_version = "HTTP/1.1"
+    _set_cookie: str | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        # reading the request and writing an answer: never wait longer than this, s
+        self.connection.settimeout(self.server.request_timeout_s)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
+    def _allowed(self) -> bool:
+        """Host header and access token checks; answers the refusal itself."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host not in self.server.allowed_hosts:
+            self._send(f"host {host[:80]!r} is not served here (allowed: "
+                       f"{', '.join(sorted(self.server.names))})\n".encode(),
+                       "text/plain; charset=utf-8", HTTPStatus.MISDIRECTED_REQUEST)
+            return False
+        token = self.server.token
+        if token is None:
+            return True
+        query = parse_qs(self.path.partition("?")[2])
+        given = (query.get("token") or [""])[-1]
+        auth = self.headers.get("Authorization") or ""
+        if auth.startswith("Bearer "):
+            given = given or auth[len("Bearer "):].strip()
+        cookie = SimpleCookie(self.headers.get("Cookie") or "")
+        if not given and TOKEN_COOKIE in cookie:
+            given = cookie[TOKEN_COOKIE].value
+        if given and hmac.compare_digest(given.encode(), token.encode()):
+            self._set_cookie = f"{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+            return True
+        self._send(b"a valid access token is needed (?token=... or Authorization: Bearer)\n",
+                   "text/plain; charset=utf-8", HTTPStatus.UNAUTHORIZED)
+        return False
+
     def do_GET(self) -> None:
+        self._set_cookie = None
+        if not self._allowed():
+            return
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html"):
             self._send(_static("index.html"), _STATIC["index.html"])
@@ -81,6 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, body: bytes, ctype: str, status: HTTPStatus = HTTPStatus.OK) -> None:
         self.send_response(status)
+        if self._set_cookie:
+            self.send_header("Set-Cookie", self._set_cookie)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
@@ -158,33 +208,102 @@ class _Handler(BaseHTTPRequestHandler):
                 if spent < period:
                     self.server.stopping.wait(period - spent)
                 state.wait(version, max(0.0, min(1.0, last_status + 1.0 - time.monotonic())))
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the browser went away
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the browser went away, or stopped reading
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+         b"Content-Length: 37\r\nRetry-After: 2\r\nConnection: close\r\n\r\n"
+         b"too many dashboard clients; try later\n")
 
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 512  # the listen backlog: a crowd connecting at once is not refused
 
     def __init__(self, addr: tuple[str, int], state: DashboardState, max_rate_hz: float,
-                 lens: LensView | None) -> None:
+                 lens: LensView | None, *, max_clients: int, request_timeout_s: float,
+                 names: set[str], token: str | None) -> None:
         self.state = state
         self.max_rate_hz = max_rate_hz
         self.lens = lens
         self.stopping = threading.Event()
+        self.request_timeout_s = request_timeout_s
+        self.token = token
+        self._slots = threading.BoundedSemaphore(max_clients)
         super().__init__(addr, _Handler)
+        port = self.server_address[1]
+        self.names = names
+        self.allowed_hosts = {n for name in names for n in (name, f"{name}:{port}")}
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One thread per request, at most ``max_clients`` at once; beyond: 503 at once."""
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def allowed_names(host: str, extra: Iterable[str] = ()) -> set[str]:
+    """Host names the page may be asked for under (lower case, IPv6 in brackets): loopback
+    names, the served address, the machine's name when serving all interfaces, ``extra``."""
+    names = {"127.0.0.1", "localhost", "[::1]"}
+    bare = host.strip("[]").lower()
+    names.add(f"[{bare}]" if ":" in bare else bare)
+    if bare in ("0.0.0.0", "::", ""):
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    names |= {e.strip().lower() for e in extra if e.strip()}
+    return names
 
 
 class DashboardServer:
     """The HTTP + SSE server over a :class:`DashboardState`; ``port`` 0 picks a free port;
-    ``lens`` answers ``/api/lens`` (None: 503, no query endpoint)."""
+    ``lens`` answers ``/api/lens`` (None: 503, no query endpoint).
+
+    ``max_clients``: requests served at once (each event stream holds one);
+    ``request_timeout_s``: socket timeout of a request, s; ``allow_hosts``: more host names the
+    page may be asked for (see :func:`allowed_names`); ``token``: the access token, or None.
+    A non-loopback ``host`` needs a token unless ``allow_insecure_remote``.
+    """
 
     def __init__(self, state: DashboardState, *, host: str = "127.0.0.1", port: int = 8080,
-                 max_rate_hz: float = 10.0, lens: LensView | None = None) -> None:
+                 max_rate_hz: float = 10.0, lens: LensView | None = None,
+                 max_clients: int = 256, request_timeout_s: float = 10.0,
+                 allow_hosts: Iterable[str] = (), token: str | None = None,
+                 allow_insecure_remote: bool = False) -> None:
         if max_rate_hz <= 0:
             raise ConfigError(f"max_rate_hz ({max_rate_hz}) must be > 0")
+        if max_clients < 1 or request_timeout_s <= 0:
+            raise ConfigError(f"max_clients ({max_clients}) must be >= 1 and "
+                              f"request_timeout_s ({request_timeout_s}) > 0")
+        if token is not None and len(token) < 16:
+            raise ConfigError("the dashboard access token must have at least 16 characters")
+        if not (is_loopback_host(host) or token is not None or allow_insecure_remote):
+            raise ConfigError(
+                f"the dashboard on {host} would be reachable from other machines without "
+                "authentication: give an access token (--token-file) or, knowingly, "
+                "--allow-insecure-remote")
         try:
-            self._httpd = _HTTPServer((host, port), state, max_rate_hz, lens)
+            self._httpd = _HTTPServer((host, port), state, max_rate_hz, lens,
+                                      max_clients=max_clients,
+                                      request_timeout_s=request_timeout_s,
+                                      names=allowed_names(host, allow_hosts), token=token)
         except OSError as exc:
             raise ConfigError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
         self._thread: threading.Thread | None = None
@@ -212,27 +331,21 @@ class DashboardServer:
         self._httpd.server_close()
 
 
-def _is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: int = 8080,
                   curve: ClientKeys | None = None, stale_s: float = 3.0,
                   max_rate_hz: float = 10.0, query: str | None = None,
                   lens_timeout: float = 2.5, duration: float | None = None,
                   on_ready: Callable[[str], None] | None = None,
-                  stop: threading.Event | None = None) -> int:
+                  stop: threading.Event | None = None, allow_hosts: Iterable[str] = (),
+                  token: str | None = None, allow_insecure_remote: bool = False,
+                  max_clients: int = 256) -> int:
     """Subscribe to ``endpoints`` and serve the dashboard until interrupted (SIGINT/SIGTERM
     from the main thread, ``stop`` set, or ``duration`` s passed); ``on_ready(url)`` is called
     once the page can be loaded. ``query``: the daemon's query socket for the AI-lens view
     (asked on demand, ``lens_timeout`` s at most; None: no lens view). Returns 0; raises if
-    the receiving thread fails."""
-    if not _is_loopback_host(host):
+    the receiving thread fails. ``allow_hosts``, ``token``, ``allow_insecure_remote``,
+    ``max_clients``: see :class:`DashboardServer`."""
+    if not is_loopback_host(host) and token is None and allow_insecure_remote:
         log.warning("the dashboard has no authentication; %s makes it reachable from other "
                     "machines", host)
     stop = stop or threading.Event()
@@ -244,7 +357,9 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
     gateway = Gateway(endpoints, state=state, curve=curve).start()
     try:
         server = DashboardServer(state, host=host, port=port, max_rate_hz=max_rate_hz,
-                                 lens=lens).start()
+                                 lens=lens, allow_hosts=allow_hosts, token=token,
+                                 allow_insecure_remote=allow_insecure_remote,
+                                 max_clients=max_clients).start()
     except BaseException:
         gateway.close()
         raise

@@ -17,8 +17,9 @@ from nanoscout.wire.transport import DEFAULT_FRAME_ENDPOINT, ClientKeys
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``nanoscout microscope``."""
     p.add_argument("--connect", default=DEFAULT_FRAME_ENDPOINT, help="the daemon's frame input")
-    p.add_argument("--mode", choices=["push", "pub"], default="push",
-                   help="push for a lossless daemon (a search wants every frame analysed)")
+    p.add_argument("--mode", choices=["auto", "push", "pub"], default="auto",
+                   help="push (lossless daemon), pub (live daemon) or auto: whichever the daemon "
+                        "takes (default auto)")
     p.add_argument("--source", default="stage")
     p.add_argument("--control", default=DEFAULT_CONTROL_ENDPOINT,
                    help=f"control endpoint to bind (REP; default {DEFAULT_CONTROL_ENDPOINT}; "

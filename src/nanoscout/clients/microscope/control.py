@@ -34,7 +34,7 @@ from nanoscout.clients.microscope.messages import (
     encode_reply,
     encode_request,
 )
-from nanoscout.wire.errors import NanoscoutError, ProtocolError
+from nanoscout.wire.errors import NanoscoutError, ProtocolError, Reason
 from nanoscout.wire.transport import bind, connect
 
 log = logging.getLogger("nanoscout.microscope")
@@ -47,7 +47,7 @@ DEFAULT_CONTROL_ENDPOINT = "tcp://127.0.0.1:5558"  # REP: stage moves and acquis
 class ControlError(NanoscoutError):
     """The microscope did not answer, or refused a command (its reason is the message)."""
 
-    reason = "control"
+    reason = Reason.CONTROL
 
 
 def display_crop(image: np.ndarray, row: float, col: float, half: int) -> np.ndarray:

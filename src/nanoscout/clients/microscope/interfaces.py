@@ -29,19 +29,19 @@ from typing import Protocol
 
 import numpy as np
 
-from nanoscout.wire.errors import NanoscoutError
+from nanoscout.wire.errors import NanoscoutError, Reason
 
 
 class StageError(NanoscoutError):
     """A stage command that cannot be carried out (outside the limits, a driver failure)."""
 
-    reason = "stage"
+    reason = Reason.STAGE
 
 
 class CameraError(NanoscoutError):
     """An acquisition that cannot be made (pixel size or frame size out of range, a failure)."""
 
-    reason = "camera"
+    reason = Reason.CAMERA
 
 
 @dataclass(frozen=True)

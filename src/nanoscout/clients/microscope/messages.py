@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nanoscout.wire.errors import MalformedMessage, PayloadError, VersionError
+from nanoscout.wire.errors import MalformedMessage, PayloadError, Reason, VersionError
 
 CONTROL_VERSION: tuple[int, int] = (1, 0)
 MAX_CONTROL_BYTES = 64 * 1024  # requests are small maps
@@ -104,7 +104,7 @@ def _pack(model: BaseModel) -> bytes:
 def _unpack(raw: bytes | memoryview, model: type[_Model]) -> Any:
     if len(raw) > MAX_CONTROL_BYTES:
         raise MalformedMessage(f"control message of {len(raw)} bytes exceeds "
-                               f"{MAX_CONTROL_BYTES}", reason="header_too_large")
+                               f"{MAX_CONTROL_BYTES}", reason=Reason.HEADER_TOO_LARGE)
     try:
         data = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types

@@ -27,7 +27,15 @@
     lastEvent: performance.now(),
     gapKey: "",
     gapChangedAt: 0,
+    // the frame view: zoom factor (1 = whole frame) and the top-left corner shown, in preview
+    // px; display contrast and brightness in per cent (the analysis never sees them)
+    view: { z: 1, x0: 0, y0: 0 },
+    contrast: 100,
+    brightness: 100,
+    drag: null,
   };
+  const MAX_ZOOM = 16;
+  const ZOOM_STEP = 1.5;
 
   function per(src) {
     if (!S.per[src]) {
@@ -201,6 +209,7 @@
     S.selected = e.target.value;
     S.hover = -1;
     S.lens = null; // the lens view belongs to the source it was asked for
+    S.view = { z: 1, x0: 0, y0: 0 };
     mark("all");
   });
   function setColour(mode) {
@@ -222,6 +231,85 @@
     mark("frame");
   });
   window.addEventListener("resize", () => mark("frame", "stats"));
+
+  // zoom and pan: buttons, the mouse wheel (about the pointer), drag, double-click = whole frame
+  function frameSize() {
+    const p = sel();
+    return p && p.shown ? p.shown.frame.size : null; // [rows, cols] of the preview
+  }
+  function clampView() {
+    const size = frameSize();
+    const v = S.view;
+    v.z = Math.min(MAX_ZOOM, Math.max(1, v.z));
+    if (!size) return;
+    const [rows, cols] = size;
+    v.x0 = Math.min(Math.max(0, v.x0), cols - cols / v.z);
+    v.y0 = Math.min(Math.max(0, v.y0), rows - rows / v.z);
+  }
+  function zoomAt(factor, fx = 0.5, fy = 0.5) {
+    // keep the preview point under (fx, fy) -- fractions of the canvas -- where it is
+    const size = frameSize();
+    const v = S.view;
+    if (!size) return;
+    const [rows, cols] = size;
+    const px = v.x0 + (fx * cols) / v.z;
+    const py = v.y0 + (fy * rows) / v.z;
+    v.z = Math.min(MAX_ZOOM, Math.max(1, v.z * factor));
+    v.x0 = px - (fx * cols) / v.z;
+    v.y0 = py - (fy * rows) / v.z;
+    clampView();
+    mark("frame");
+  }
+  function resetView() {
+    S.view = { z: 1, x0: 0, y0: 0 };
+    mark("frame");
+  }
+  $("zoom-in").addEventListener("click", () => zoomAt(ZOOM_STEP));
+  $("zoom-out").addEventListener("click", () => zoomAt(1 / ZOOM_STEP));
+  $("zoom-fit").addEventListener("click", resetView);
+  $("frame").addEventListener("dblclick", resetView);
+  $("frame").addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const r = $("frame").getBoundingClientRect();
+    zoomAt(e.deltaY < 0 ? ZOOM_STEP : 1 / ZOOM_STEP, (e.clientX - r.left) / r.width, (e.clientY - r.top) / r.height);
+  }, { passive: false });
+  $("frame").addEventListener("pointerdown", (e) => {
+    if (e.button !== 0 || S.view.z <= 1) return;
+    S.drag = { x: e.clientX, y: e.clientY, x0: S.view.x0, y0: S.view.y0 };
+    $("frame").setPointerCapture(e.pointerId);
+    $("frame").classList.add("panning");
+  });
+  $("frame").addEventListener("pointermove", (e) => {
+    if (!S.drag) return;
+    const size = frameSize();
+    if (!size) return;
+    const r = $("frame").getBoundingClientRect();
+    S.view.x0 = S.drag.x0 - ((e.clientX - S.drag.x) / r.width) * (size[1] / S.view.z);
+    S.view.y0 = S.drag.y0 - ((e.clientY - S.drag.y) / r.height) * (size[0] / S.view.z);
+    clampView();
+    mark("frame");
+  });
+  const endDrag = () => {
+    S.drag = null;
+    $("frame").classList.remove("panning");
+  };
+  $("frame").addEventListener("pointerup", endDrag);
+  $("frame").addEventListener("pointercancel", endDrag);
+  $("contrast").addEventListener("input", (e) => {
+    S.contrast = Number(e.target.value);
+    mark("frame");
+  });
+  $("brightness").addEventListener("input", (e) => {
+    S.brightness = Number(e.target.value);
+    mark("frame");
+  });
+  $("contrast-reset").addEventListener("click", () => {
+    S.contrast = 100;
+    S.brightness = 100;
+    $("contrast").value = "100";
+    $("brightness").value = "100";
+    mark("frame");
+  });
 
   // ------------------------------------------------------------------ top bar, banners
 
@@ -246,23 +334,45 @@
     renderGaps();
   }
 
-  function renderGaps() {
-    const p = sel();
+  // The daemon's transport gaps by source (protocol 1.3); null from a daemon that sends only
+  // the total.
+  function sourceGaps(h) {
+    const v = h && h.transport_gaps_by_source;
+    return v && typeof v === "object" && !Array.isArray(v) ? v : null;
+  }
+
+  // What counts as loss (amber banner): results that never reached this dashboard, frames lost
+  // between the adapter and the daemon, and frames the daemon dropped for a fault. Frames a
+  // live daemon skips because a newer one came ("superseded") are its policy, not loss.
+  function lossParts(p, h) {
     const d = p && p.det;
-    const h = S.health;
     const parts = [];
     let key = "";
-    if (d && d.missed > 0) {
+    if (d && isNum(d.lost)) {
+      // the daemon numbers its results per topic (topic_seq): a gap is a result lost here
+      if (d.lost > 0) {
+        parts.push(`${esc(d.source)}: ${d.lost} result${d.lost === 1 ? "" : "s"} lost on the way to this dashboard`);
+        key += `l${d.lost}`;
+      }
+    } else if (d && d.missed > 0 && h && h.policy === "lossless") {
+      // no topic_seq: a frame-seq gap is loss only where every frame is answered
       parts.push(`${esc(d.source)}: ${d.missed} frame${d.missed === 1 ? "" : "s"} without results ` +
         `(${d.gap_events} seq gap${d.gap_events === 1 ? "" : "s"}, last before #${d.last_gap_seq})`);
       key += `m${d.missed}`;
     }
     if (h) {
-      if (h.transport_gaps > 0) parts.push(`transport gaps: ${h.transport_gaps}`);
-      const dropped = Object.entries(h.frames_dropped || {}).filter(([, v]) => v > 0);
+      const bySource = sourceGaps(h);
+      const tg = bySource && S.selected ? (bySource[S.selected] || 0) : h.transport_gaps;
+      if (tg > 0) parts.push(`transport gaps${bySource ? ` (${esc(S.selected)})` : ""}: ${tg}`);
+      const dropped = Object.entries(h.frames_dropped || {}).filter(([k, v]) => v > 0 && k !== "superseded");
       if (dropped.length) parts.push("frames dropped: " + dropped.map(([k, v]) => `${esc(k)} ${v}`).join(", "));
-      key += `t${h.transport_gaps}d${dropped.map(([k, v]) => k + v).join()}`;
+      key += `t${tg}d${dropped.map(([k, v]) => k + v).join()}`;
     }
+    return { parts, key };
+  }
+
+  function renderGaps() {
+    const { parts, key } = lossParts(sel(), S.health);
     const el = $("gaps");
     if (!parts.length) {
       el.hidden = true;
@@ -275,7 +385,7 @@
     }
     const recent = now - S.gapChangedAt < 10000;
     el.classList.toggle("recent", recent);
-    el.innerHTML = `⚠ Gaps in the stream${recent ? " (growing)" : ""} — ${parts.join(" · ")}`;
+    el.innerHTML = `⚠ Results lost${recent ? " (growing)" : ""} — ${parts.join(" · ")}`;
     el.hidden = false;
   }
 
@@ -340,6 +450,7 @@
     camBox.disabled = !(p && p.clsShown);
     if (!shown) {
       $("frame-caption").textContent = "";
+      $("scalebar").hidden = true;
       renderLegend(null, null);
       return;
     }
@@ -347,16 +458,28 @@
     const [rows, cols] = f.size;
     const cssW = $("frame-wrap").clientWidth;
     const dpr = fitCanvas(cv, cssW, (cssW * rows) / cols);
-    const k = cv.width / cols; // device px per preview px
+    clampView();
+    const v = S.view;
+    const k = (cv.width / cols) * v.z; // device px per preview px, zoomed
     const ctx = cv.getContext("2d");
     ctx.setTransform(1, 0, 0, 1, 0, 0);
-    ctx.imageSmoothingEnabled = true;
-    ctx.drawImage(shown.img, 0, 0, cv.width, cv.height);
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, cv.width, cv.height);
+    ctx.setTransform(k, 0, 0, k, -v.x0 * k, -v.y0 * k);
+    ctx.imageSmoothingEnabled = v.z < 4; // zoomed far in: show the pixels as pixels
+    ctx.filter = S.contrast !== 100 || S.brightness !== 100
+      ? `brightness(${S.brightness}%) contrast(${S.contrast}%)` : "none";
+    ctx.drawImage(shown.img, 0, 0, cols, rows);
+    ctx.filter = "none";
     if (S.cam && p.clsShown) {
       ctx.globalAlpha = 0.6;
-      ctx.drawImage(p.clsShown.img, 0, 0, cv.width, cv.height);
+      ctx.drawImage(p.clsShown.img, 0, 0, cols, rows);
       ctx.globalAlpha = 1;
     }
+    ctx.setTransform(1, 0, 0, 1, 0, 0);
+    cv.dataset.view = `${v.z.toFixed(3)},${v.x0.toFixed(1)},${v.y0.toFixed(1)}`;
+    $("zoom-level").textContent = `${v.z.toFixed(1)}×`;
+    renderScaleBar(f, cssW, cols);
     const det = f.det;
     const px = f.pixel_size_nm ? `${fmtSig(f.pixel_size_nm)} nm/px` : "uncalibrated";
     $("frame-caption").textContent =
@@ -369,7 +492,7 @@
     }
     const range = ecdRange(p, det);
     if (S.outlines) {
-      ctx.setTransform(k, 0, 0, k, 0, 0);
+      ctx.setTransform(k, 0, 0, k, -v.x0 * k, -v.y0 * k);
       const lw = (1.5 * dpr) / k;
       for (let i = 0; i < det.x.length; i++) {
         const colour = S.colourBy === "class"
@@ -393,6 +516,32 @@
       ctx.setTransform(1, 0, 0, 1, 0, 0);
     }
     renderLegend(det, range);
+  }
+
+  // the largest 1, 2 or 5 x 10^k not above x
+  function niceLength(x) {
+    const e = Math.pow(10, Math.floor(Math.log10(x)));
+    for (const m of [5, 2, 1]) if (m * e <= x) return m * e;
+    return e;
+  }
+
+  // a scale bar of about 100 CSS px, in nm (µm from 1000 nm), or frame px when uncalibrated
+  function renderScaleBar(f, cssW, cols) {
+    const el = $("scalebar");
+    const perPreviewPx = f.pixel_size_nm ? f.pixel_size_nm / f.scale : 1 / f.scale;
+    const perCssPx = (perPreviewPx * cols) / (cssW * S.view.z);
+    if (!isNum(perCssPx) || perCssPx <= 0) {
+      el.hidden = true;
+      return;
+    }
+    const len = niceLength(100 * perCssPx);
+    const unit = f.pixel_size_nm ? "nm" : "px";
+    const label = unit === "nm" && len >= 1000 ? `${fmtSig(len / 1000)} µm` : `${fmtSig(len)} ${unit}`;
+    el.querySelector("i").style.width = `${(len / perCssPx).toFixed(1)}px`;
+    el.querySelector("span").textContent = label;
+    el.dataset.length = String(len);
+    el.dataset.unit = unit;
+    el.hidden = false;
   }
 
   function outline(ctx, det, i, grow = 0) {
@@ -483,8 +632,8 @@
     const cv = $("frame");
     const r = cv.getBoundingClientRect();
     const [rows, cols] = shown.frame.size;
-    const x = ((e.clientX - r.left) / r.width) * cols;
-    const y = ((e.clientY - r.top) / r.height) * rows;
+    const x = S.view.x0 + ((e.clientX - r.left) / r.width) * (cols / S.view.z);
+    const y = S.view.y0 + ((e.clientY - r.top) / r.height) * (rows / S.view.z);
     const i = particleAt(det, x, y);
     if (i !== S.hover) {
       S.hover = i;
@@ -712,11 +861,20 @@
     const X = (t) => m.l + ((t - t0) / (0 - t0 || 1)) * (w - m.l - m.r);
     const d50 = s.d50.filter(isNum);
     const cnt = s.count.filter(isNum);
-    const dLo = d50.length ? Math.min(...d50) : 0;
-    const dHi = d50.length ? Math.max(...d50) : 1;
-    const pad = (dHi - dLo) * 0.15 || Math.max(dHi * 0.1, 0.5);
+    let dLo = d50.length ? Math.min(...d50) : 0;
+    let dHi = d50.length ? Math.max(...d50) : 1;
+    // a sensible least span: 20 % of the level (and 1 nm / 2 px), so a D50 that wanders by
+    // a few hundredths of a nm is drawn flat instead of as a dramatic oscillation
+    const mid = (dLo + dHi) / 2;
+    const minSpan = Math.max(0.2 * Math.abs(mid), st.units === "px" ? 2 : 1);
+    if (dHi - dLo < minSpan) {
+      dLo = mid - minSpan / 2;
+      dHi = mid + minSpan / 2;
+    }
+    const pad = (dHi - dLo) * 0.1;
     const dmin = Math.max(0, dLo - pad);
     const dmax = dHi + pad;
+    cv.dataset.d50Axis = `${dmin},${dmax}`;
     const cmax = (cnt.length ? Math.max(...cnt) : 1) * 1.15 || 1;
     const Yd = (v) => h - m.b - ((v - dmin) / (dmax - dmin)) * (h - m.t - m.b);
     const Yc = (v) => h - m.b - (v / cmax) * (h - m.t - m.b);
@@ -931,8 +1089,11 @@
     add("frames", `${h.frames_processed} processed / ${h.frames_received} received`);
     const dropped = Object.entries(h.frames_dropped || {});
     const nDropped = dropped.reduce((s, [, v]) => s + v, 0);
-    add("dropped", nDropped ? dropped.filter(([, v]) => v).map(([k, v]) => `${esc(k)} ${v}`).join(", ") : "none",
-      nDropped ? "warn" : "");
+    // superseded frames are the live policy (the newest frame wins), not a fault
+    const faults = dropped.filter(([k, v]) => v && k !== "superseded").length;
+    add("dropped", nDropped ? dropped.filter(([, v]) => v).map(([k, v]) =>
+      `${esc(k)} ${v}${k === "superseded" ? " (live policy: newest frame wins)" : ""}`).join(", ") : "none",
+      faults ? "warn" : "");
     const rejected = Object.entries(h.rejected || {});
     const nRejected = rejected.reduce((s, [, v]) => s + v, 0);
     add("rejected", nRejected ? rejected.filter(([, v]) => v).map(([k, v]) => `${esc(k)} ${v}`).join(", ") : "none",

@@ -1,0 +1,295 @@
+"""Alert rules as configured: needle-in-a-haystack particles, particle counts, D50 drift,
+classes, novelty (the models and their parsing; :mod:`nanoscout.analysis.alerts` evaluates them).
+
+Rules come from the configuration as a list of dicts, parsed by :func:`parse_rules` into
+frozen pydantic models (a discriminated union on ``kind``)::
+
+    [[alerts]]                                  # a particle that meets every condition
+    name = "big-particle"
+    kind = "particle"
+    severity = "warning"                        # info | warning | critical
+    where = { ecd_nm = { gt = 50 } }            # gt/ge/lt/le/eq on numeric particle fields
+    # min_count = 1, include_border = false, cooldown_s = 5, dedup_radius_nm = (its ECD)
+
+    [[alerts]]
+    name = "rods"
+    kind = "particle"
+    where = { aspect_ratio = { gt = 3 }, shape_class = { eq = "rod" } }
+
+    [[alerts]]                                  # a rod longer than 50 nm
+    name = "long-rod"
+    kind = "particle"
+    where = { shape_class = { eq = "rod" }, feret_max_nm = { gt = 50 } }
+
+    [[alerts]]                                  # particles per frame above and/or below
+    name = "crowded"
+    kind = "count"
+    above = 200                                 # fires when count > above (or count < below)
+
+    [[alerts]]                                  # in-situ sintering / growth
+    name = "sintering"
+    kind = "d50_drift"
+    pct = 10                                    # |window D50 / reference D50 - 1| > 10 %
+    direction = "both"                          # or "grow" / "shrink"
+
+    [[alerts]]                                  # field-of-view classifier (class.<source>)
+    name = "wires"
+    kind = "class"
+    label = "rods_wires"                        # one of the classifier card's classes
+    threshold = 0.9                             # fires when P(label) > threshold
+
+    [[alerts]]                                  # the AI lens: an unusual field of view
+    name = "something-new"
+    kind = "novelty"
+    threshold = 3.0                             # fires when the frame's novelty > threshold
+
+``particle``, ``count`` and ``d50_drift`` rules are evaluated per frame by
+:meth:`AlertEngine.evaluate`; ``class`` and ``novelty`` rules by
+:meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
+class activation map that explains them (``Alert.heatmap``). A class rule's label can only be
+checked against the classifier's classes once the model is loaded:
+:func:`check_class_labels` (called at start-up) raises a :class:`ConfigError` for an unknown
+one.
+
+Several operators on one field, and several fields, must all hold. ``where = {}`` matches every
+particle. The clock is the frame time ``t_ns``, so behaviour is deterministic.
+
+Rate limiting and de-duplication (per rule and per source):
+
+* ``count``, ``d50_drift``, ``class`` and ``novelty`` rules fire at most once per
+  ``cooldown_s``; a firing inside the
+  cooldown is suppressed and counted in :attr:`AlertEngine.suppressed`.
+* A ``particle`` rule remembers the particles it reported for ``cooldown_s``. A matching
+  particle is a duplicate when it lies within the de-duplication radius of a remembered one
+  seen at the same stage position (both None, or equal within ``stage_tolerance_um``). The
+  radius is ``dedup_radius_nm`` when set and the frame is calibrated, else the larger of the two
+  particles' ECDs. A frame whose matching particles are all duplicates is a suppressed firing
+  (counted); otherwise the rule fires, listing the new particles first, and remembers them all.
+  So a particle sitting in a live view is reported once per cooldown, while a new particle (or
+  the stage moving on) is reported at once. Distances need the pixel size: pass
+  ``pixel_size_nm`` to :meth:`AlertEngine.evaluate`; without it a calibrated frame falls back
+  to "centroid inside the other particle's bounding box".
+* Uncalibrated frames (``units == "px"``): a rule with conditions on ``*_nm``/``*_nm2`` fields
+  does not fire; this is logged once per rule and source and counted in
+  :attr:`AlertEngine.skipped_uncalibrated`.
+
+``Alert.value`` / ``Alert.threshold``: for a particle rule, the most extreme value of the first
+numeric condition among the new matching particles (largest for gt/ge, smallest for lt/le;
+that particle is listed first and named in the explanation) and that condition's threshold,
+or the number of matches and ``min_count`` when the rule has only a ``shape_class``
+condition; for a count rule the count and the crossed bound; for a drift rule the change in
+percent and ``pct`` (negative for a shrinking D50); for a class rule the label's probability
+and ``threshold``; for a novelty rule the novelty score and ``threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from nanoscout.wire.errors import ConfigError
+from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
+
+__all__ = [
+    "NUMERIC_FIELDS",
+    "OPERATORS",
+    "AnyRule",
+    "ClassRule",
+    "CountRule",
+    "D50DriftRule",
+    "NoveltyRule",
+    "ParticleRule",
+    "Rule",
+    "check_class_labels",
+    "check_unique_names",
+    "parse_rules",
+]
+
+OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "lt": operator.lt,
+    "le": operator.le,
+    "eq": operator.eq,
+}
+#: fields a particle rule may test numerically (bbox is a vector, border has include_border)
+NUMERIC_FIELDS: tuple[str, ...] = tuple(
+    name for name in PARTICLE_DTYPE.names or () if name not in ("bbox", "border", "shape_class")
+)
+
+class _RuleBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    severity: Literal["info", "warning", "critical"] = "warning"
+    #: rate limit per rule and source, s (see the module docstring)
+    cooldown_s: float = Field(5.0, ge=0)
+
+
+class ParticleRule(_RuleBase):
+    """Fires when at least ``min_count`` particles meet every condition of ``where``."""
+
+    kind: Literal["particle"] = "particle"
+    where: dict[str, dict[str, Any]]
+    min_count: int = Field(1, ge=1)
+    include_border: bool = False
+    dedup_radius_nm: float | None = Field(None, gt=0)
+    stage_tolerance_um: float = Field(0.05, ge=0)
+
+    _conditions: tuple[tuple[str, str, float], ...] = PrivateAttr(default=())
+
+    @property
+    def conditions(self) -> tuple[tuple[str, str, float], ...]:
+        """(field, operator, value) of every condition of ``where``, in order."""
+        return self._conditions
+
+    @field_validator("where")
+    @classmethod
+    def _check_where(cls, where: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for fname, ops in where.items():
+            if fname != "shape_class" and fname not in NUMERIC_FIELDS:
+                raise ValueError(
+                    f"unknown particle field {fname!r}; known: shape_class, "
+                    + ", ".join(NUMERIC_FIELDS)
+                )
+            if not isinstance(ops, dict) or not ops:
+                raise ValueError(f"{fname}: expected a map such as {{gt = 50}}, got {ops!r}")
+            for op, value in ops.items():
+                if op not in OPERATORS:
+                    raise ValueError(f"{fname}: unknown operator {op!r}; known: {', '.join(OPERATORS)}")
+                if fname == "shape_class":
+                    if op != "eq":
+                        raise ValueError(f"shape_class: only 'eq' is allowed, got {op!r}")
+                    if value not in SHAPE_CLASSES:
+                        raise ValueError(
+                            f"shape_class: unknown class {value!r}; known: "
+                            + ", ".join(SHAPE_CLASSES)
+                        )
+                elif (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not math.isfinite(value)
+                ):
+                    raise ValueError(f"{fname}.{op}: expected a finite number, got {value!r}")
+        return where
+
+    def model_post_init(self, context: Any, /) -> None:
+        conds = []
+        for fname, ops in self.where.items():
+            for op, value in ops.items():
+                v = SHAPE_CLASSES.index(value) if fname == "shape_class" else float(value)
+                conds.append((fname, op, v))
+        self._conditions = tuple(conds)
+
+    @property
+    def uses_nm(self) -> bool:
+        """True when a condition needs calibrated lengths (a ``*_nm`` / ``*_nm2`` field)."""
+        return any(f.endswith(("_nm", "_nm2")) for f in self.where)
+
+
+class CountRule(_RuleBase):
+    """Fires when the number of particles in a frame is > ``above`` or < ``below``."""
+
+    kind: Literal["count"] = "count"
+    above: float | None = None
+    below: float | None = None
+    include_border: bool = False
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> CountRule:
+        if self.above is None and self.below is None:
+            raise ValueError("a count rule needs 'above' and/or 'below'")
+        return self
+
+
+class D50DriftRule(_RuleBase):
+    """Fires when the window D50 differs from the reference D50 by more than ``pct`` percent."""
+
+    kind: Literal["d50_drift"] = "d50_drift"
+    pct: float = Field(gt=0)
+    direction: Literal["both", "grow", "shrink"] = "both"
+
+
+class ClassRule(_RuleBase):
+    """Fires when the field-of-view classifier gives ``label`` a probability > ``threshold``."""
+
+    kind: Literal["class"] = "class"
+    label: str = Field(min_length=1)
+    threshold: float = Field(ge=0, lt=1)
+
+
+class NoveltyRule(_RuleBase):
+    """Fires when the frame's novelty score (the AI lens) is > ``threshold``."""
+
+    kind: Literal["novelty"] = "novelty"
+    threshold: float = Field(gt=0)
+
+
+AnyRule = ParticleRule | CountRule | D50DriftRule | ClassRule | NoveltyRule
+Rule = Annotated[AnyRule, Field(discriminator="kind")]
+_RULE_ADAPTER: TypeAdapter[AnyRule] = TypeAdapter(Rule)
+
+
+def check_class_labels(rules: Sequence[AnyRule], classes: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` naming every class rule whose label is not in ``classes``.
+
+    ``classes``: the field-of-view classifier's classes (its model card). Call once the
+    classifier is loaded; rule labels cannot be checked earlier.
+    """
+    known = list(classes)
+    bad = [r for r in rules if isinstance(r, ClassRule) and r.label not in known]
+    if bad:
+        which = "; ".join(f"alert rule {r.name!r}: unknown class label {r.label!r}" for r in bad)
+        raise ConfigError(f"{which}; the classifier knows: {', '.join(known) or '(none)'}")
+
+
+def parse_rules(data: list[dict[str, Any]]) -> list[AnyRule]:
+    """Validate alert rules from the configuration; returns frozen rule models.
+
+    Raises :class:`ConfigError` naming the rule (index and name) and the bad field or operator.
+    """
+    if not isinstance(data, list):
+        raise ConfigError(f"alert rules must be a list of tables, got {type(data).__name__}")
+    rules = []
+    for i, item in enumerate(data):
+        label = f"alert rule {i}"
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            label += f" ({item['name']!r})"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{label}: expected a table, got {type(item).__name__}")
+        try:
+            rules.append(_RULE_ADAPTER.validate_python(item))
+        except ValidationError as exc:
+            problems = "; ".join(_describe(err) for err in exc.errors())
+            raise ConfigError(f"{label}: {problems}") from exc
+    check_unique_names([r.name for r in rules])
+    return rules
+
+
+def _describe(err: Any) -> str:
+    loc = list(err["loc"])
+    if loc and loc[0] in ("particle", "count", "d50_drift", "class", "novelty"):
+        loc = loc[1:]  # pydantic prefixes the union tag
+    return f"{'.'.join(str(p) for p in loc) or 'rule'}: {err['msg']}"
+
+
+def check_unique_names(names: list[str]) -> None:
+    """Raise :class:`ConfigError` when a rule name is used twice."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"alert rule name {name!r} is used twice; names must be unique")
+        seen.add(name)

@@ -1,0 +1,78 @@
+"""Start-up logging of the command line: one concise engine line instead of one log line per
+model and backend considered.
+
+Engine selection logs, per model, each backend it skipped (and why), the one it chose and how
+it loaded the model: 16 lines for the four shipped models. Without ``-v`` those INFO records
+are held back by :class:`EngineSummary` and :meth:`EngineSummary.line` sums them up as::
+
+    engine: onnxruntime-cpu (2 threads) for detector, detector_stem, classifier, lens; not available: tensorrt, onnxruntime-cuda (-v says why)
+
+Warnings and errors always pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+__all__ = ["EngineSummary", "setup_logging"]
+
+_USING = re.compile(r"using (\S+) for (\S+)")
+_SKIPPED = re.compile(r"auto engine selection: (\S+) skipped")
+_THREADS = re.compile(r"\((\d+) intra-op threads")
+
+
+class EngineSummary(logging.Filter):
+    """Holds back the engines' INFO records and remembers what they said."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backends: dict[str, str] = {}  # model file stem -> backend
+        self.skipped: list[str] = []
+        self.threads: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("nanoscout.engines") or record.levelno > logging.INFO:
+            return True
+        msg = record.getMessage()
+        if m := _USING.search(msg):
+            self.backends[Path(m.group(2)).stem] = m.group(1)
+        elif (m := _SKIPPED.search(msg)) and m.group(1) not in self.skipped:
+            self.skipped.append(m.group(1))
+        if m := _THREADS.search(msg):
+            self.threads = m.group(1)
+        return False
+
+    def line(self) -> str | None:
+        """The one-line summary, or None when no engine was chosen yet."""
+        if not self.backends:
+            return None
+        by_backend: dict[str, list[str]] = {}
+        for model, backend in self.backends.items():
+            by_backend.setdefault(backend, []).append(model)
+        threads = f" ({self.threads} threads)" if self.threads else ""
+        used = "; ".join(f"{b}{threads if 'cpu' in b else ''} for {', '.join(m)}"
+                         for b, m in by_backend.items())
+        skipped = [s for s in self.skipped if s not in by_backend]
+        tail = f"; not available: {', '.join(skipped)} (-v says why)" if skipped else ""
+        return f"engine: {used}{tail}"
+
+
+def setup_logging(verbose: bool) -> EngineSummary:
+    """Log INFO (DEBUG with ``verbose``) to stderr; without ``verbose`` the engines' start-up
+    records go to the returned :class:`EngineSummary` instead."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    summary = EngineSummary()
+    if not verbose:
+        handler.addFilter(summary)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_nanoscout", False):
+            root.removeHandler(h)
+    handler._nanoscout = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return summary

@@ -1,0 +1,64 @@
+"""``nanoscout health``: is the local daemon alive? For container HEALTHCHECKs and monitors.
+
+The daemon's address comes from where the daemon itself wrote it, never from a hard-coded
+port: its ``--ready-file`` (``NANOSCOUT_READY_FILE`` in the container; the ``NANOSCOUT-READY``
+JSON line with the bound endpoints, port 0 included) or, without one, its TOML configuration.
+Alive means: ``/metrics`` answers, or (metrics off) a ``health`` message arrives on the result
+socket.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+__all__ = ["check_endpoints", "check_ready_file", "metrics_url"]
+
+
+def metrics_url(host: str, port: int) -> str:
+    """The URL to probe a metrics server bound to ``host:port`` from this host."""
+    if host in ("0.0.0.0", "", "*"):
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "[::1]"
+    return f"http://{host}:{port}/metrics"
+
+
+def check_endpoints(metrics: str | None, results: str | None, timeout: float = 4.0
+                    ) -> tuple[bool, str]:
+    """(alive, what was seen): GET ``metrics`` (a URL), else wait for a health message on
+    ``results`` (a ZeroMQ endpoint)."""
+    if metrics:
+        try:
+            with urllib.request.urlopen(metrics, timeout=timeout) as r:
+                ok = r.status == 200 and b"nanoscout_" in r.read()
+            return ok, f"{metrics}: {'ok' if ok else 'answers, but not with nanoscout metrics'}"
+        except (urllib.error.URLError, OSError) as exc:
+            return False, f"{metrics}: {exc}"
+    if results:
+        from nanoscout.clients.subscriber import Subscriber
+
+        with Subscriber(results, topics=("health",)) as sub:
+            try:
+                h = sub.wait_ready(timeout)
+            except TimeoutError as exc:
+                return False, str(exc)
+        return True, f"{results}: health ok ({h.frames_processed} frames processed)"
+    return False, "neither a metrics URL nor a result endpoint to check"
+
+
+def check_ready_file(path: Path, timeout: float = 4.0) -> tuple[bool, str]:
+    """Check the daemon whose ``--ready-file`` is ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        return False, f"no ready file {path} ({exc.strerror}): the daemon is not (yet) serving"
+    if not text.startswith("NANOSCOUT-READY "):
+        return False, f"{path} is not a NANOSCOUT-READY line"
+    try:
+        ep = json.loads(text.split(" ", 1)[1])
+    except ValueError as exc:
+        return False, f"{path}: bad JSON ({exc})"
+    return check_endpoints(ep.get("metrics"), ep.get("output"), timeout)

@@ -1,0 +1,513 @@
+"""Wire protocol v1 headers: typed, frozen pydantic models of every message kind.
+
+Each header class names its :class:`Kind` (the topic's first word) and declares the raw buffers
+that follow it on the wire (:mod:`nanoscout.wire.codec` encodes and decodes from that table).
+A header cannot describe an impossible frame: every integer is bounded (sides 1..65536 px,
+sequence numbers and times within int64), the source name is matched in full, pixel types come
+from an allow-list and every float is finite.
+
+Every result of one frame shares :class:`FrameRef` (source, seq, acquisition time, stage
+position, per-stage times) and carries ``topic_seq``: a per-topic, per-source message counter
+(protocol v1.3) with which any subscriber sees any lost message, whatever it subscribes to.
+
+History (minor versions only add optional fields; receivers ignore fields they do not know):
+
+* 1.0 ``frame``, ``det``, ``stats``, ``class``, ``alert``, ``health``
+* 1.1 ``preview`` topic, ``det.working_scale``
+* 1.2 particle ``cluster`` column, ``stats.clusters``, heatmaps on ``alert``, lens query
+* 1.3 ``topic_seq`` and the shared frame reference (``stage``, ``stage_ms``, ``t_acq_ns``) on
+  every result header; ``health.transport_gaps_by_source``, ``health.sources``,
+  ``health.sources_evicted`` and ``health.started_ns``; ``frame.session`` (an adapter run's
+  id: its frames may be resent, and a number seen twice is a duplicate); the ``ack.<source>``
+  topic (lossless: what became of each frame of a session)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+)
+
+from nanoscout.wire.buffers import (
+    BufferSpec,
+    Float16Maps,
+    Heatmap,
+    Picture,
+    Pixels,
+    Table,
+)
+from nanoscout.wire.errors import PayloadError, Reason
+
+__all__ = [
+    "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION",
+    "AckHeader", "AlertHeader", "ClassHeader", "DetHeader", "Distribution", "Drift", "FrameHeader",
+    "FrameRef", "Header", "HealthHeader", "Histogram", "Kind", "LensReply", "LensRequest",
+    "MetaValue", "Modality", "PreviewHeader", "StatsBlock", "StatsHeader", "Stage", "Units",
+    "frame_header",
+]
+
+PROTOCOL_VERSION: tuple[int, int] = (1, 3)
+
+#: pixel dtypes a frame may carry (numpy kind+size, either byte order)
+FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
+
+#: longest side of a frame, px
+MAX_SIDE_PX = 65536
+
+#: plausible pixel sizes, nm: from sub-ångström STEM to millimetre-scale SEM overviews
+PIXEL_SIZE_RANGE_NM: tuple[float, float] = (1e-4, 1e6)
+
+#: largest stage coordinate, µm (a metre: far beyond any holder)
+MAX_STAGE_UM = 1e6
+
+_INT64_MAX = 2**63 - 1
+_SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+Modality = Literal["TEM", "STEM", "SEM"]
+Units = Literal["nm", "px"]
+
+
+class Kind(StrEnum):
+    """Message kinds: the first word of the topic (``det.<source>`` is a ``det``)."""
+
+    FRAME = "frame"
+    DET = "det"
+    STATS = "stats"
+    CLASS = "class"
+    PREVIEW = "preview"
+    ALERT = "alert"
+    HEALTH = "health"
+    LENS_REQUEST = "lens_request"
+    LENS = "lens"
+    ACK = "ack"
+
+
+def _source(value: str) -> str:
+    if _SOURCE_RE.fullmatch(value) is None:
+        raise ValueError(
+            f"source {value!r} must be 1-64 characters of letters, digits and _.:- "
+            "(it becomes part of the topic)"
+        )
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return value
+
+
+#: a source name (a topic suffix)
+Source = Annotated[str, AfterValidator(_source)]
+#: a sequence number or a time in ns: 0 .. 2**63 - 1 (fits every int64 column)
+Count64 = Annotated[StrictInt, Field(ge=0, le=_INT64_MAX)]
+Finite = Annotated[float, AfterValidator(_finite)]
+Side = Annotated[StrictInt, Field(ge=1, le=MAX_SIDE_PX)]
+#: values of a frame's free ``meta`` map (at most 64 entries, keys of 1-64 characters): strings
+#: of at most 1024 characters, int64 integers, finite floats, booleans or null
+MetaValue = str | bool | int | float | None
+_META_MAX = 64
+
+
+class Header(BaseModel):
+    """Common base: frozen; unknown (newer minor-version) fields are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    #: the message kind (the topic's first word)
+    topic_kind: ClassVar[Kind]
+    #: the raw buffers that follow the header on the wire, in order
+    buffers: ClassVar[tuple[BufferSpec, ...]] = ()
+    v: tuple[int, int] = PROTOCOL_VERSION
+
+    def topic(self) -> bytes:
+        """The ZeroMQ topic: the kind, and ``.<source>`` for per-source messages."""
+        source = getattr(self, "source", None)
+        kind = self.topic_kind
+        return (kind.value if source is None else f"{kind.value}.{source}").encode()
+
+
+class Stage(BaseModel):
+    """Stage position, µm."""
+
+    model_config = ConfigDict(frozen=True)
+    x_um: Annotated[Finite, Field(ge=-MAX_STAGE_UM, le=MAX_STAGE_UM)]
+    y_um: Annotated[Finite, Field(ge=-MAX_STAGE_UM, le=MAX_STAGE_UM)]
+
+
+class FrameHeader(Header):
+    """One acquired frame, adapter → daemon."""
+
+    topic_kind: ClassVar[Kind] = Kind.FRAME
+    buffers: ClassVar[tuple[BufferSpec, ...]] = (Pixels(),)
+    source: Source
+    seq: Count64
+    t_acq_ns: Count64
+    shape: tuple[Side, Side]
+    dtype: str
+    pixel_size_nm: float | None = None
+    modality: Modality | None = None
+    stage: Stage | None = None
+    magnification: Annotated[Finite, Field(gt=0, le=1e9)] | None = None
+    meta: dict[str, MetaValue] = Field(default_factory=dict)
+    #: v1.3: the adapter run that numbered this frame (1-32 of A-Z a-z 0-9 _ -); frames of one
+    #: session may be resent after a daemon restart, so the daemon drops a number it already
+    #: took (``rejected{reason="duplicate"}``) and counts no gap for a late one
+    session: str | None = None
+
+    @field_validator("session")
+    @classmethod
+    def _session(cls, value: str | None) -> str | None:
+        if value is not None and _SESSION_RE.fullmatch(value) is None:
+            raise ValueError(f"session {value!r:.40} must be 1-32 of A-Z a-z 0-9 _ -")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        try:
+            dt = np.dtype(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"dtype {value!r} is not a numpy dtype") from exc
+        if f"{dt.kind}{dt.itemsize}" not in FRAME_DTYPES:
+            raise ValueError(
+                f"dtype {value!r} is not supported; use one of "
+                "uint8/uint16/uint32/int8/int16/int32/float32/float64"
+            )
+        return dt.str
+
+    def topic(self) -> bytes:
+        """Frames all share the topic ``frame`` (the daemon's SUB input subscribes to it)."""
+        return b"frame"
+
+    @field_validator("pixel_size_nm")
+    @classmethod
+    def _pixel_size(cls, value: float | None) -> float | None:
+        lo, hi = PIXEL_SIZE_RANGE_NM
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"pixel_size_nm {value!r} is absurd (expected {lo:g}..{hi:g} nm, "
+                             "or null for an uncalibrated frame)")
+        return value
+
+    @field_validator("meta", mode="before")
+    @classmethod
+    def _meta(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            raise ValueError(f"meta must be a map, got {type(value).__name__}")
+        if len(value) > _META_MAX:
+            raise ValueError(f"meta has {len(value)} entries; at most {_META_MAX} are allowed")
+        for key, v in value.items():
+            if not isinstance(key, str) or not 1 <= len(key) <= 64:
+                raise ValueError(f"meta key {key!r:.40} must be a string of 1-64 characters")
+            if v is None or isinstance(v, bool):
+                continue
+            if isinstance(v, int):
+                if not -(2**63) <= v <= _INT64_MAX:
+                    raise ValueError(f"meta[{key!r}] = {v} does not fit an int64")
+            elif isinstance(v, float):
+                if not math.isfinite(v):
+                    raise ValueError(f"meta[{key!r}] = {v} is not a finite number")
+            elif isinstance(v, str):
+                if len(v) > 1024:
+                    raise ValueError(f"meta[{key!r}] has {len(v)} characters; at most 1024")
+            else:
+                raise ValueError(f"meta[{key!r}] is a {type(v).__name__}; only strings, "
+                                 "numbers, booleans and null are allowed")
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size the header announces, bytes (exact Python integers, no overflow)."""
+        return self.shape[0] * self.shape[1] * np.dtype(self.dtype).itemsize
+
+    @property
+    def units(self) -> Units:
+        """Length unit of this frame's results: nm when calibrated, px otherwise."""
+        return "nm" if self.pixel_size_nm is not None else "px"
+
+
+class FrameRef(Header):
+    """What every result of one frame carries: which frame (source, seq, acquisition time,
+    stage position in µm), the per-stage times so far (ms) and the message's ``topic_seq``."""
+
+    source: Source
+    seq: Count64
+    t_acq_ns: Count64 = 0
+    stage: Stage | None = None
+    stage_ms: dict[str, float] = Field(default_factory=dict)
+    #: per topic and source: 0, 1, 2, ... as the daemon publishes them (v1.3; None before)
+    topic_seq: Count64 | None = None
+
+
+class DetHeader(FrameRef):
+    """Detections of one frame, daemon → subscribers; the buffer is the particle table."""
+
+    topic_kind: ClassVar[Kind] = Kind.DET
+    buffers: ClassVar[tuple[BufferSpec, ...]] = (Table("n"),)
+    t_recv_ns: Count64
+    t_done_ns: Count64
+    pixel_size_nm: float | None
+    units: Units
+    n: Annotated[StrictInt, Field(ge=0)]
+    engine: str
+    model: str = ""
+    shape: tuple[int, int] = (0, 0)
+    modality: Modality | None = None
+    meta: dict[str, Any] = Field(default_factory=dict)  # the frame's meta, passed through
+    #: working px per frame px the detector resampled the frame by (v1.1; None from v1.0)
+    working_scale: float | None = None
+
+    @property
+    def latency_ms(self) -> float:
+        """Acquisition-to-result latency, ms (clocks of adapter and daemon host)."""
+        return (self.t_done_ns - self.t_acq_ns) / 1e6
+
+
+class _Block(BaseModel):
+    """A statistics block: typed attributes, also readable as ``block["name"]``."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The field ``name``, or ``default``."""
+        return getattr(self, name, default)
+
+
+class Distribution(_Block):
+    """Number-weighted summary of one particle property (lengths in the stats' units)."""
+
+    mean: float | None = None
+    sd: float | None = None
+    d10: float | None = None
+    d50: float | None = None
+    d90: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+class Histogram(_Block):
+    """Counts per bin (``edges`` has one more entry), and the values below / above them."""
+
+    edges: list[float] = Field(default_factory=list)
+    counts: list[int] = Field(default_factory=list)
+    under: int = 0
+    over: int = 0
+
+
+class StatsBlock(_Block):
+    """The ``window`` or ``cumulative`` block of a ``stats`` message (see analysis.stats)."""
+
+    n_frames: int = 0
+    count: int = 0
+    ecd: Distribution = Distribution()
+    aspect_ratio: Distribution = Distribution()
+    roundness: Distribution = Distribution()
+    histograms: dict[str, Histogram] = Field(default_factory=dict)
+    #: particles per µm²; None when uncalibrated
+    number_density_per_um2: float | None = None
+    #: cumulative block: the bound on its quantiles' relative error
+    ecd_quantile_rel_error: float | None = None
+
+
+class Drift(_Block):
+    """D50 now against the source's first frames (in-situ growth / sintering), %."""
+
+    reference_d50: float | None = None
+    window_d50: float | None = None
+    change_pct: float | None = None
+    reference_frames: int = 0
+    reference_complete: bool = False
+
+
+class StatsHeader(FrameRef):
+    """Rolling and cumulative size statistics of one source after one frame (analysis.stats).
+
+    It is the frame's last message: a client waiting for one frame's results knows it has
+    them all; its ``stage_ms`` holds every stage of the frame."""
+
+    topic_kind: ClassVar[Kind] = Kind.STATS
+    t_ns: int
+    units: Units
+    window: StatsBlock
+    cumulative: StatsBlock
+    drift: Drift = Drift()
+    #: v1.2: morphology clusters of the source (analysis.clusters.OnlineKMeans.summary), or None
+    clusters: dict[str, Any] | None = None
+
+
+class ClassHeader(FrameRef):
+    """Field-of-view classification of one frame; an optional uint8 CAM heatmap follows."""
+
+    topic_kind: ClassVar[Kind] = Kind.CLASS
+    buffers: ClassVar[tuple[BufferSpec, ...]] = (Heatmap("heatmap_shape", slot="array"),)
+    labels: list[str]
+    probabilities: list[float]
+    novelty: float | None = None
+    engine: str = ""
+    heatmap_shape: tuple[int, int] | None = None
+
+
+class PreviewHeader(FrameRef):
+    """A small uint8 picture of a frame for displays (rate-limited per source, v1.1).
+
+    The buffer is ``size`` (rows, cols) uint8, the frame normalised by its 0.5 / 99.5
+    percentiles and shrunk by ``scale`` (preview px per frame px); particle coordinates of the
+    matching ``det`` message times ``scale`` land on it.
+    """
+
+    topic_kind: ClassVar[Kind] = Kind.PREVIEW
+    buffers: ClassVar[tuple[BufferSpec, ...]] = (Picture("size"),)
+    shape: tuple[int, int]  # the frame's rows, cols
+    size: tuple[Side, Side]
+    scale: Annotated[float, Field(gt=0)]
+    pixel_size_nm: float | None = None
+
+
+class AlertHeader(FrameRef):
+    """A rule that fired; the buffer holds the particle rows that fired (may be empty).
+
+    v1.2: when ``heatmap_shape`` is set a second buffer follows, a uint8 heatmap of that shape
+    covering the whole frame (the class activation map that explains a classification alert).
+    """
+
+    topic_kind: ClassVar[Kind] = Kind.ALERT
+    buffers: ClassVar[tuple[BufferSpec, ...]] = (Table("n"), Heatmap("heatmap_shape"))
+    rule: str
+    kind: str  # the rule's kind: particle, count, d50_drift, class, novelty
+    severity: Literal["info", "warning", "critical"]
+    value: float
+    threshold: float
+    explanation: str
+    units: Units = "nm"
+    n: Annotated[StrictInt, Field(ge=0)] = 0
+    heatmap_shape: tuple[int, int] | None = None
+
+
+class AckHeader(Header):
+    """What became of one frame of an adapter session (lossless policy, protocol v1.3): its
+    results were published (``answered``), it was dropped (``dropped``, with the reason), or it
+    came again and was taken before (``duplicate``). Adapters confirm their frames with it."""
+
+    topic_kind: ClassVar[Kind] = Kind.ACK
+    source: Source
+    session: str
+    seq: Count64
+    status: Literal["answered", "dropped", "duplicate"]
+    reason: str | None = None
+
+
+class HealthHeader(Header):
+    """Daemon heartbeat, published every ``health.interval_s``."""
+
+    topic_kind: ClassVar[Kind] = Kind.HEALTH
+    t_ns: int
+    uptime_s: float
+    policy: Literal["live", "lossless"]
+    engines: dict[str, str]
+    frames_received: int
+    frames_processed: int
+    frames_dropped: dict[str, int]
+    rejected: dict[str, int]
+    transport_gaps: int
+    queue_depth: int
+    fps: float
+    latency_ms_p50: float | None
+    latency_ms_p99: float | None
+    last_error: str | None = None
+    #: v1.3: transport gaps per source, sources now tracked, sources evicted so far
+    transport_gaps_by_source: dict[str, int] = Field(default_factory=dict)
+    sources: int = 0
+    sources_evicted: int = 0
+    topic_seq: Count64 | None = None
+    #: when this daemon started, ns since the epoch (a restart shows as a new value)
+    started_ns: int | None = None
+
+
+class LensRequest(Header):
+    """A request on the daemon's query socket (REQ/REP, v1.2): the AI lens's outputs for the
+    newest frame of ``source`` the daemon analysed. ``outputs``: lens output names (e.g.
+    ``act_enc2``, ``reconstruction``); empty asks only for the list (``LensReply.available``).
+    """
+
+    topic_kind: ClassVar[Kind] = Kind.LENS_REQUEST
+    source: Source
+    outputs: list[str] = Field(default_factory=list, max_length=16)
+
+
+class LensReply(Header):
+    """The answer to a :class:`LensRequest`: one float16 buffer per name in ``outputs``, of the
+    matching ``shapes`` (the lens's own layout, e.g. (1, channels, rows, cols)); ``error`` says
+    why nothing came back (unknown source or output, no lens loaded)."""
+
+    topic_kind: ClassVar[Kind] = Kind.LENS
+    buffers: ClassVar[tuple[BufferSpec, ...]] = (Float16Maps("shapes"),)
+    source: str
+    seq: int = -1
+    t_acq_ns: int = 0
+    outputs: list[str] = Field(default_factory=list)
+    shapes: list[list[Annotated[int, Field(ge=0, le=MAX_SIDE_PX)]]] = Field(default_factory=list)
+    available: list[str] = Field(default_factory=list)
+    novelty: float | None = None
+    error: str | None = None
+
+
+#: header class of each message kind
+HEADERS: dict[Kind, type[Header]] = {
+    h.topic_kind: h
+    for h in (FrameHeader, DetHeader, StatsHeader, ClassHeader, PreviewHeader, AlertHeader,
+              AckHeader, HealthHeader, LensRequest, LensReply)
+}
+
+
+def frame_header(
+    array: np.ndarray,
+    *,
+    source: str,
+    seq: int,
+    t_acq_ns: int,
+    pixel_size_nm: float | None,
+    modality: str | None = None,
+    stage: tuple[float, float] | Stage | None = None,
+    magnification: float | None = None,
+    meta: Mapping[str, Any] | None = None,
+    session: str | None = None,
+) -> FrameHeader:
+    """Build the header describing ``array`` (a 2-D image); stage in µm, ``modality`` one of
+    TEM, STEM, SEM (validated)."""
+    if array.ndim != 2:
+        raise PayloadError(f"a frame must be 2-D, got shape {array.shape}", reason=Reason.SHAPE)
+    if array.size == 0:
+        raise PayloadError(f"zero-size frame (shape {array.shape})", reason=Reason.EMPTY)
+    if stage is not None and not isinstance(stage, Stage):
+        stage = Stage(x_um=stage[0], y_um=stage[1])
+    return FrameHeader(
+        source=source,
+        seq=seq,
+        t_acq_ns=t_acq_ns,
+        shape=(int(array.shape[0]), int(array.shape[1])),
+        dtype=array.dtype.str,
+        pixel_size_nm=pixel_size_nm,
+        modality=modality,
+        stage=stage,
+        magnification=magnification,
+        meta=dict(meta or {}),
+        session=session,
+    )

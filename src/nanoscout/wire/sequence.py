@@ -1,0 +1,90 @@
+"""One sequence-gap tracker for every numbered stream: the daemon's frames per source, and a
+subscriber's messages per topic (``topic_seq``).
+
+A number that jumps forward by more than one means messages were lost in between; a number
+that goes back means the sender restarted (counting starts again, nothing is missing) — unless
+the stream is *resumable* (an adapter session that resends frames after a daemon restart): then
+a number at or below the newest is a late or resent one, and one already seen is a duplicate
+(:meth:`SequenceTracker.seen`, over the last ``window`` numbers of the key).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+__all__ = ["Gap", "SequenceTracker"]
+
+
+@dataclass(frozen=True)
+class Gap:
+    """``missed`` numbers of ``key`` were not seen before ``seq``."""
+
+    key: str
+    seq: int
+    missed: int
+
+
+@dataclass
+class _Recent:
+    """The last numbers seen of one key (for duplicates)."""
+
+    order: deque[int] = field(default_factory=deque)
+    members: set[int] = field(default_factory=set)
+
+
+class SequenceTracker:
+    """Per-key increasing sequence numbers; counts what is missing.
+
+    ``max_keys`` bounds the keys remembered (least recently seen forgotten first; their missed
+    counts stay in :attr:`total`); ``window``: numbers remembered per key to recognise
+    duplicates (0: none). Not thread-safe: one owner thread.
+    """
+
+    def __init__(self, max_keys: int | None = None, window: int = 0) -> None:
+        self.max_keys = max_keys
+        self.window = window
+        self._recent: dict[str, _Recent] = {}
+        self._last: OrderedDict[str, int] = OrderedDict()
+        #: numbers missed per key (keys that were forgotten are dropped from here)
+        self.missed: dict[str, int] = {}
+        #: numbers missed in total
+        self.total = 0
+        self.last_gap: Gap | None = None
+
+    def seen(self, key: str, seq: int) -> bool:
+        """True when ``seq`` of ``key`` is among the last ``window`` numbers recorded."""
+        recent = self._recent.get(key)
+        return recent is not None and seq in recent.members
+
+    def observe(self, key: str, seq: int, *, resumable: bool = False) -> Gap | None:
+        """Record ``seq`` of ``key``; returns the gap before it, if any. ``resumable``: a
+        number at or below the newest is late (or resent), not a restart of the sender."""
+        last = self._last.get(key)
+        gap = None
+        if last is not None and seq > last + 1:
+            gap = Gap(key, seq, seq - last - 1)
+            self.missed[key] = self.missed.get(key, 0) + gap.missed
+            self.total += gap.missed
+            self.last_gap = gap
+        if last is None or seq > last or not resumable:
+            self._last[key] = seq
+        self._last.move_to_end(key)
+        if self.window:
+            recent = self._recent.setdefault(key, _Recent())
+            recent.order.append(seq)
+            recent.members.add(seq)
+            if len(recent.order) > self.window:
+                recent.members.discard(recent.order.popleft())
+        if self.max_keys is not None and len(self._last) > self.max_keys:
+            self.forget(next(iter(self._last)))
+        return gap
+
+    def forget(self, key: str) -> None:
+        """Forget ``key`` (its next number starts a new sequence)."""
+        self._last.pop(key, None)
+        self.missed.pop(key, None)
+        self._recent.pop(key, None)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._last

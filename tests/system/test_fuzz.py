@@ -1,0 +1,212 @@
+"""Thousands of malformed messages against a real daemon, on both policies: it survives, counts
+every one (health equals /metrics), and still answers real frames correctly afterwards."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import zmq
+
+from nanoscout.analysis.frame import Frame
+from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.daemon.app import build_pipeline
+from nanoscout.daemon.config import load_config
+from nanoscout.sim.synthetic import SpecimenConfig, render
+from nanoscout.wire.headers import HealthHeader
+from nanoscout.wire.protocol import encode_message
+from tests.conftest import wait_until
+from tests.system.conftest import nanoscout, wait_ready
+from tests.system.malformed import GENERATORS, malformed, malformed_results, valid_oddities
+
+pytestmark = pytest.mark.system
+
+N_MALFORMED = {"lossless": 10_000, "live": 11_500}  # live: >= 10 000 reach the daemon
+#: malformed result messages thrown at the recorder and the dashboard
+N_RESULTS = 10_000
+#: the fuzz daemons: small frames only (2 MiB), and room for every message in the buffers
+CONFIG = """
+[input]
+max_frame_bytes = 2097152
+hwm = 20000
+buffer_bytes = 68719476736
+[classify]
+enabled = false
+"""
+
+
+def _rejected_in_metrics(text: str) -> int:
+    total = 0
+    for line in text.splitlines():
+        m = re.match(r'^nanoscout_messages_rejected_total\{reason="([a-z_]+)"\} (\S+)$', line)
+        if m:
+            total += int(float(m.group(2)))
+    return total
+
+
+def _health(sub: Subscriber, done: object, timeout: float) -> HealthHeader:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        msg = sub.recv(timeout=1.0)
+        if msg is not None and isinstance(msg.header, HealthHeader):
+            last = msg.header
+            if done(last):  # type: ignore[operator]
+                return last
+    raise AssertionError(f"the daemon did not get there within {timeout} s: {last}")
+
+
+@pytest.mark.parametrize("policy", ["lossless", "live"])
+def test_ten_thousand_malformed_messages_are_all_counted_and_nothing_dies(
+        daemon_factory, policy: str) -> None:
+    d = daemon_factory("--policy", policy, config=CONFIG)
+    messages = malformed(N_MALFORMED[policy], seed=1 if policy == "live" else 0)
+    assert len({kind for kind, _ in messages}) == len(GENERATORS)
+    # a live daemon subscribes to the "frame" topic: ZeroMQ never hands it anything else
+    expected = sum(policy == "lossless" or (len(p) > 0 and p[0].startswith(b"frame"))
+                   for _, p in messages)
+    assert expected >= 10_000
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.PUSH if policy == "lossless" else zmq.XPUB)
+    raw.setsockopt(zmq.SNDHWM, 0)  # queue everything: nothing may be lost on the way
+    raw.setsockopt(zmq.LINGER, 0)
+    try:
+        raw.connect(d.input)
+        if policy == "live":  # the daemon's subscription has arrived: nothing is lost to it
+            assert raw.poll(30_000) and raw.recv()[:1] == b"\x01"
+        _flood_then_check(d, ctx, raw, messages, expected, policy)
+    finally:
+        raw.close(linger=0)
+        ctx.term()
+
+
+def _flood_then_check(d, ctx: zmq.Context, raw: zmq.Socket, messages: list, expected: int,
+                      policy: str) -> None:
+    with Subscriber(d.output, topics=("det.", "health"), ctx=ctx) as sub:
+        sub.wait_ready(30)
+        t0 = time.monotonic()
+        for _, parts in messages:
+            raw.send_multipart(parts)
+        health = _health(sub, lambda h: sum(h.rejected.values()) >= expected, timeout=300)
+        elapsed = time.monotonic() - t0
+        assert d.proc.poll() is None, "the daemon died"
+        assert sum(health.rejected.values()) == expected, health.rejected
+        assert health.frames_received == 0 and health.frames_dropped == {}
+        assert set(health.rejected) <= {"parts", "topic", "malformed", "version", "header",
+                                        "header_too_large", "length", "oversized", "empty",
+                                        "nonfinite", "pixel_range"}, health.rejected
+        assert health.rejected.get("internal", 0) == 0
+        assert _rejected_in_metrics(d.scrape()) == expected  # health equals /metrics
+        # and real frames are still answered, and with the particles an in-process pipeline
+        # finds in them
+        with FramePublisher(d.input, source="after", ctx=ctx, results=d.output if
+                            policy == "lossless" else None) as pub:
+            oddities = valid_oddities()
+            good = render(SpecimenConfig(shape=(256, 256), pixel_size_nm=1.0,
+                                         median_diameter_nm=14.0), 3).image
+            seqs = [pub.send(arr, pixel_size_nm=px) for arr, px in oddities]
+            last = pub.send(good, pixel_size_nm=0.8)  # its own calibration: its own scale
+            dets = {}
+            for msg in sub.messages(timeout=120):
+                if msg.kind == "det" and msg.header.source == "after":
+                    dets[msg.header.seq] = msg
+                    if msg.header.seq == last:
+                        break
+            report = pub.close()
+        assert last in dets, "the good frame after the flood was not answered"
+        if policy == "lossless":  # every oddity answered, and confirmed to the adapter
+            assert sorted(dets) == [*seqs, last] and report.unconfirmed == []
+        det = dets[last]
+        want = _in_process(good)
+        assert det.header.units == "nm" and det.header.n == len(want) > 10
+        np.testing.assert_allclose(np.sort(det.array["ecd_nm"]), np.sort(want["ecd_nm"]),
+                                   rtol=1e-5)
+    print(f"{policy}: {expected} malformed messages counted in {elapsed:.1f} s")
+
+
+def _in_process(image: np.ndarray) -> np.ndarray:
+    """The particle table the daemon's pipeline gives ``image`` in this process."""
+    pipeline = build_pipeline(load_config(None, {"classify.enabled": False}), offline=True)
+    try:
+        return pipeline.process(Frame.from_image(image, pixel_size_nm=0.8)).table
+    finally:
+        pipeline.close()
+
+
+def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path) -> None:
+    """A broken (or hostile) publisher on the result side: the recorder and the dashboard,
+    real processes, count every message they cannot decode and go on recording / serving."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.setsockopt(zmq.LINGER, 0)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        endpoint = f"tcp://127.0.0.1:{port}"
+        seq = iter(range(10**6))
+
+        def health() -> None:
+            pub.send_multipart(encode_message(HealthHeader(
+                t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={},
+                frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
+                transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None,
+                latency_ms_p99=None, topic_seq=next(seq))))
+
+        out = tmp_path / "run.parquet"
+        rec = nanoscout("record", "--connect", endpoint, "--out", str(out), "--duration", "600",
+                        stdout=subprocess.PIPE)
+        procs.append(rec)
+        dash = nanoscout("dashboard", "--connect", endpoint, "--port", "0",
+                         stdout=subprocess.PIPE)
+        procs.append(dash)
+        url = wait_ready(dash, "dashboard", 60)[0]["dashboard"]
+        subscribers = 0
+        while subscribers < 2:  # both subscriptions arrived (XPUB sees them)
+            health()
+            if pub.poll(200) and pub.recv()[:1] == b"\x01":
+                subscribers += 1
+        wait_until(lambda: (health() or True) and (out / "_run.json").exists()
+                   and "subscribed_utc" in (out / "_run.json").read_text(), timeout=60,
+                   what="recorder subscribed")
+        bad = malformed_results(N_RESULTS, seed=5)
+        for parts in bad:
+            pub.send_multipart(parts)
+        health()
+
+        def dashboard_counted() -> bool:
+            with urllib.request.urlopen(url + "api/snapshot", timeout=10) as r:
+                snap = json.loads(r.read())
+            return bool(snap["status"]["rejected"] >= N_RESULTS)
+
+        wait_until(dashboard_counted, timeout=120, what="the dashboard counted every message")
+        assert rec.poll() is None and dash.poll() is None, "a subscriber died"
+        rec.send_signal(signal.SIGINT)
+        assert rec.wait(60) == 0
+        prov = json.loads((out / "_run.json").read_text())
+        # the recorder subscribes to det, alert, stats and health: ZeroMQ filters the rest
+        to_recorder = sum(p[0].startswith((b"det.", b"alert.", b"stats.", b"health")) for p in bad)
+        assert prov["rejected_messages"] == to_recorder > 6000
+        with urllib.request.urlopen(url + "api/snapshot", timeout=10) as r:
+            snap = json.loads(r.read())
+        assert snap["status"]["rejected"] == N_RESULTS and snap["status"]["connected"]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+        pub.close(linger=0)
+        ctx.term()

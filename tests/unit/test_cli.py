@@ -1,0 +1,138 @@
+"""The ``nanoscout`` command line (typer + rich): --version, defaults and units in every help,
+one meaning per flag name, the old spellings as hidden aliases, pass-through to training
+``main(argv)``, the one-line engine summary, and a tail as wide as the terminal."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+import pytest
+import typer
+
+from nanoscout import __version__
+from nanoscout.cli.logs import EngineSummary
+from nanoscout.cli.main import app, check_args, main
+
+COMMANDS = ["serve", "simulate", "replay", "tail", "record", "dashboard", "keys", "demo",
+            "measure", "report", "microscope", "search"]
+
+
+def _params(name: str) -> list:
+    group = typer.main.get_command(app)
+    cmd = group.get_command(typer.Context(group), name)  # type: ignore[attr-defined]
+    return [p for p in cmd.params if not getattr(p, "hidden", False)]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"nanoscout {__version__}"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_option_has_help_and_a_shown_default(name: str) -> None:
+    for p in _params(name):
+        if p.param_type_name == "argument" or p.name in ("help",):
+            continue
+        assert p.help, f"{name} --{p.name} has no help"
+        required = getattr(p, "required", False)
+        is_flag = getattr(p, "is_flag", False) and not getattr(p, "secondary_opts", [])
+        if not (required or is_flag):
+            assert p.show_default not in (False, None), f"{name} --{p.name} hides its default"
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_names_units(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([name, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "[default:" in text or name == "keys"
+    for p in _params(name):
+        h = (p.help or "").lower()
+        # every number a user types says its unit (or is a count / a port / a seed)
+        if p.type_descriptor.annotation is float:
+            assert re.search(r"nm|µm|px|hz|\bs\b|seconds|e/|fraction|/s|frames|electrons|"
+                             r"ratio|per px|times|threshold", h), f"{name} --{p.name}: {h}"
+
+
+def test_one_meaning_per_flag_name() -> None:
+    meaning = {"frames_endpoint": "frame", "results": "result", "query": "query"}
+    for name in COMMANDS:
+        for p in _params(name):
+            if p.name in meaning:
+                assert meaning[p.name] in (p.help or "").lower(), (name, p.name, p.help)
+    # --connect is no longer shown anywhere, but still accepted where it meant something
+    for name in COMMANDS:
+        assert all("--connect" not in p.opts for p in _params(name))
+    check_args(["simulate", "--connect", "tcp://127.0.0.1:1", "--frames", "1"])
+    check_args(["record", "--connect", "tcp://127.0.0.1:1", "--out", "r.parquet"])
+    check_args(["dashboard", "--connect", "tcp://a:1", "--connect", "tcp://b:2"])
+    check_args(["serve", "--input", "tcp://127.0.0.1:0", "--output", "tcp://127.0.0.1:0"])
+    check_args(["measure", "a.tif", "--out", "r.csv", "--masks", "m/"])
+    check_args(["-v", "models", "train", "--anything", "goes", "through"])
+    with pytest.raises(typer.TyperException):
+        check_args(["simulate", "--no-such-flag"])
+    with pytest.raises(typer.TyperException):
+        check_args(["simulate", "--mode", "carrier-pigeon"])
+
+
+def test_models_pass_argv_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nanoscout.training.evaluate_lens as target
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(target, "main", lambda argv: seen.append(argv) or 3)
+    assert main(["models", "eval-lens", "--n", "5", "--help-me", "x"]) == 3
+    assert seen == [["--n", "5", "--help-me", "x"]]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "missing.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "nanoscout report: error:" in err and "missing.parquet" in err
+    assert "Traceback" not in err
+
+
+def test_engine_selection_is_one_line() -> None:
+    s = EngineSummary()
+    log = logging.getLogger("nanoscout.engines")
+    recs = [
+        "loaded /w/detector.onnx with onnxruntime-cpu (2 intra-op threads, providers CPU)",
+        "auto engine selection: tensorrt skipped: TensorRT is not installed",
+        "auto engine selection: onnxruntime-cuda skipped: no CUDAExecutionProvider",
+        "auto engine selection: using onnxruntime-cpu for /w/detector.onnx",
+        "auto engine selection: tensorrt skipped: TensorRT is not installed",
+        "auto engine selection: using onnxruntime-cpu for /w/lens.onnx",
+    ]
+    kept = [s.filter(log.makeRecord(log.name, logging.INFO, "", 0, m, (), None)) for m in recs]
+    assert not any(kept)  # all held back
+    assert s.filter(log.makeRecord(log.name, logging.WARNING, "", 0, "auto: x failed", (), None))
+    assert s.line() == ("engine: onnxruntime-cpu (2 threads) for detector, lens; not available: "
+                        "tensorrt, onnxruntime-cuda (-v says why)")
+
+
+@pytest.mark.parametrize("width", [90, 160])
+def test_tail_uses_the_terminal_width(width: int) -> None:
+    from rich.console import Console
+
+    from nanoscout.clients.tail import TailState, view
+    from nanoscout.wire.protocol import AlertHeader, DetHeader
+
+    class Sub:
+        endpoint, missed = "tcp://x:1", {}
+
+        def connected(self) -> bool:
+            return True
+
+    st = TailState()
+    st.update(DetHeader(source="cam", seq=1, t_acq_ns=1, t_recv_ns=2, t_done_ns=3_000_000,
+                        stage_ms={}, pixel_size_nm=0.5, units="nm", n=4, engine="e"), 1.0)
+    st.update(AlertHeader(source="cam", seq=1, t_acq_ns=1, rule="r", kind="particle",
+                          severity="warning", value=1, threshold=0,
+                          explanation="long explanation " * 20), 1.0)
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(view(st, Sub(), 1.0))  # type: ignore[arg-type]
+    lines = console.export_text().splitlines()
+    assert max(len(ln) for ln in lines) <= width
+    header = next(ln for ln in lines if ln.startswith("source"))
+    assert len(header) == width  # the table spans the terminal
+    assert sum("long explanation" in ln for ln in lines) >= 2  # folded, not cut

@@ -1,0 +1,125 @@
+"""Files Fiji/ImageJ, napari and image viewers open: label TIFFs (tifffile), ROI sets
+(roifile), overlays with a scale bar (Pillow), the napari reader plugin and unique names."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import roifile
+import tifffile
+import yaml
+from PIL import Image
+
+from nanoscout.clients.napari_reader import get_reader
+from nanoscout.clients.outputs import (
+    UniqueNames,
+    nice_length,
+    write_ellipse_rois,
+    write_label_tiff,
+    write_overlay_png,
+    write_rois,
+)
+from nanoscout.wire.errors import NanoscoutError
+from nanoscout.wire.particles import empty_table
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 5, (120, 160)).astype(np.float32)
+    labels = np.zeros(image.shape, np.int32)
+    yy, xx = np.mgrid[:120, :160]
+    labels[(yy - 30) ** 2 + (xx - 40) ** 2 < 100] = 1  # a disk of radius 10 px
+    labels[70:90, 100:140] = 2  # a 40 x 20 px rectangle
+    image[labels > 0] += 50
+    t = empty_table(2)
+    t["id"] = [1, 2]
+    t["bbox"] = [[30, 20, 51, 41], [100, 70, 140, 90]]
+    t["x"], t["y"] = [40, 119.5], [30, 79.5]
+    t["major_nm"], t["minor_nm"], t["orientation_deg"] = [10, 20], [10, 10], [0, 0]
+    t["border"] = [False, True]
+    return image, labels, t
+
+
+def test_label_tiff_is_an_imagej_hyperstack_calibrated_in_nm(tmp_path: Path) -> None:
+    image, labels, _ = _scene()
+    path = write_label_tiff(labels, tmp_path / "a.labels.tif", image=image, pixel_size_nm=0.4,
+                            properties={"file": "a.dm4"})
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_imagej and tf.series[0].axes == "CYX" and tf.series[0].dtype == np.uint16
+        ij = tf.imagej_metadata
+        assert ij["unit"] == "nm" and ij["channels"] == 2 and ij["Labels"] == ["image", "labels"]
+        num, den = tf.pages[0].tags["XResolution"].value
+        assert den / num == pytest.approx(0.4)  # ImageJ: pixels per unit -> 0.4 nm per px
+        data = tf.asarray()
+    np.testing.assert_array_equal(data[1], labels)
+    assert data[0][labels > 0].mean() > data[0][labels == 0].mean()  # the image channel
+    # uncalibrated: ImageJ's "pixel" unit, no resolution in nm
+    path = write_label_tiff(labels, tmp_path / "b.labels.tif")
+    with tifffile.TiffFile(path) as tf:
+        assert tf.imagej_metadata["unit"] == "pixel" and "XResolution" not in tf.pages[0].tags \
+            or tf.pages[0].tags["XResolution"].value == (1, 1)
+    with pytest.raises(NanoscoutError, match="70000 particles"):
+        write_label_tiff(np.full((2, 2), 70000), tmp_path / "c.labels.tif")
+
+
+def test_roi_set_outlines_each_particle(tmp_path: Path) -> None:
+    _, labels, t = _scene()
+    rois = roifile.roiread(write_rois(labels, t, tmp_path / "a.rois.zip"))
+    assert [r.name for r in rois] == ["0001", "0002"]
+    rect = rois[1].coordinates()
+    assert rect.min(axis=0) == pytest.approx([100, 70]) and rect.max(axis=0) == pytest.approx([140, 90])
+    disk = rois[0].coordinates()
+    r = np.hypot(disk[:, 0] - 40.5, disk[:, 1] - 30.5)
+    assert 8.5 < r.mean() < 10.5  # the outline of the radius-10 disk
+    ell = roifile.roiread(write_ellipse_rois(t, tmp_path / "e.rois.zip", units="nm",
+                                             pixel_size_nm=0.5))
+    e = ell[1].coordinates()  # 20 nm x 10 nm at 0.5 nm/px = 40 x 20 px
+    assert np.ptp(e[:, 0]) == pytest.approx(40, abs=0.5) and np.ptp(e[:, 1]) == pytest.approx(20, abs=0.5)
+    empty = write_rois(labels, empty_table(0), tmp_path / "none.rois.zip")
+    assert roifile.roiread(empty) == []
+
+
+def test_overlay_has_outlines_and_a_scale_bar(tmp_path: Path) -> None:
+    image, labels, t = _scene()
+    path = write_overlay_png(image, labels, tmp_path / "o.png", pixel_size_nm=0.5,
+                             border_ids=[2])
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert (rgb == (255, 215, 0)).all(axis=2).sum() > 20  # yellow outlines
+    assert (rgb == (80, 160, 255)).all(axis=2).sum() > 20  # the border particle in blue
+    white_rows = (rgb[-20:] == 255).all(axis=2).sum(axis=1)
+    assert white_rows.max() == round(nice_length(160 * 0.5 / 5) / 0.5) + 1  # the bar, px
+    assert nice_length(16) == 10 and nice_length(4.9) == 2 and nice_length(0.3) == 0.2
+
+
+def test_unique_names_keep_the_suffix() -> None:
+    names = UniqueNames()
+    got = [names(Path("dm/test-1.dm3")), names(Path("dm/test-1.dm4")),
+           names(Path("other/test-1.dm3")), names(Path("a.emd"), 1, 3), names(Path("A.emd"), 1, 3)]
+    assert got == ["test-1.dm3", "test-1.dm4", "test-1.dm3-2", "a.emd_1", "A.emd_1-2"]
+
+
+def test_napari_reader_plugin(tmp_path: Path) -> None:
+    image, labels, _ = _scene()
+    path = str(write_label_tiff(labels, tmp_path / "x.dm4.labels.tif", image=image,
+                                pixel_size_nm=0.25))
+    assert get_reader(str(tmp_path / "x.png")) is None
+    reader = get_reader(path)
+    assert reader is not None
+    (img, ikw, itype), (lab, lkw, ltype) = reader(path)
+    assert (itype, ltype) == ("image", "labels")
+    assert ikw["scale"] == lkw["scale"] == (0.25, 0.25) and lkw["name"] == "x.dm4 labels"
+    np.testing.assert_array_equal(lab, labels)
+    # napari finds it: the entry point names the manifest, which names the reader
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["entry-points"]["napari.manifest"] == {
+        "nanoscout": "nanoscout.clients:napari.yaml"}
+    manifest = yaml.safe_load((ROOT / "src/nanoscout/clients/napari.yaml").read_text())
+    (cmd,) = manifest["contributions"]["commands"]
+    assert cmd["python_name"] == "nanoscout.clients.napari_reader:get_reader"
+    assert manifest["contributions"]["readers"][0]["filename_patterns"] == ["*.labels.tif"]
