@@ -62,7 +62,8 @@ def measure(
     cpus_per_worker: Annotated[int, typer.Option(
         help="with --ray: CPUs (ONNX Runtime threads) per actor", rich_help_panel="Ray")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(
-        help="with --ray: GPUs per actor (e.g. 1 with --backend cuda)",
+        help="with --ray: GPUs per actor, whole or a fraction (1 with --backend cuda; 0.5: two "
+             "actors share a GPU)",
         rich_help_panel="Ray")] = 0.0,
 ) -> None:
     """Measure particles in image files offline, with the daemon's pipeline."""
