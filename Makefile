@@ -48,7 +48,7 @@ system: install
 	$(BIN)/python -m pytest tests/system tests/browser -q
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --cov --cov-report=term --cov-report=xml:coverage.xml
 
 bench: install
 	$(BIN)/python benchmarks/latency.py --out benchmarks/results/latency.json

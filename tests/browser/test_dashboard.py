@@ -38,7 +38,7 @@ from nanoscout.wire.protocol import (
 )
 from nanoscout.wire.transport import bind, result_publisher
 from tests.conftest import REPO
-from tests.system.conftest import nanoscout, wait_ready
+from tests.system.conftest import DaemonFactory, nanoscout, wait_ready
 from tests.unit.test_dashboard import FakeDaemon, payload
 
 pytestmark = [pytest.mark.system, pytest.mark.browser]
@@ -172,7 +172,7 @@ def _is_expected_503(text: str) -> bool:
     return "status of 503" in text
 
 
-def test_dashboard_in_chromium(daemon_factory, publisher) -> None:
+def test_dashboard_in_chromium(daemon_factory: DaemonFactory, publisher) -> None:
     sync_playwright = _sync_playwright()
     pub, pub_endpoint = publisher
     d = daemon_factory("--policy", "live", config=DAEMON_CONFIG)

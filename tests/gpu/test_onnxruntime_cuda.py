@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -23,7 +26,7 @@ def _needs_cuda_provider() -> None:
 ATOL = {"logits": 5e-3, "prob": 2e-3}
 
 
-def test_cuda_matches_cpu(tiny_model, cpu_reference, images) -> None:
+def test_cuda_matches_cpu(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray]) -> None:
     with create_engine(tiny_model, "cuda", threads=2) as engine:
         assert engine.name == "onnxruntime-cuda"
         assert engine.providers[0] == "CUDAExecutionProvider"
@@ -34,7 +37,7 @@ def test_cuda_matches_cpu(tiny_model, cpu_reference, images) -> None:
                 np.testing.assert_allclose(got[name], want[name], rtol=0, atol=ATOL[name])
 
 
-def test_cuda_checks_inputs(tiny_model) -> None:
+def test_cuda_checks_inputs(tiny_model: Path) -> None:
     with (
         create_engine(tiny_model, "onnxruntime-cuda") as engine,
         pytest.raises(EngineFailure, match="'image' has rank 3"),
@@ -42,7 +45,7 @@ def test_cuda_checks_inputs(tiny_model) -> None:
         engine.infer({"image": np.zeros((1, 64, 64), np.float32)})
 
 
-def test_auto_uses_a_gpu_backend(tiny_model, tmp_path) -> None:
+def test_auto_uses_a_gpu_backend(tiny_model: Path, tmp_path: Path) -> None:
     with create_engine(tiny_model, cache_dir=tmp_path) as engine:
         assert engine.name in ("tensorrt", "onnxruntime-cuda")
         if engine.name == "onnxruntime-cuda":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def _assert_close(got: dict, want: dict, atol: dict) -> None:
         np.testing.assert_allclose(got[name], expected, rtol=0, atol=atol[name], err_msg=name)
 
 
-def test_fp16_matches_cpu_on_many_shapes(tiny_model, cpu_reference, images, tmp_path) -> None:
+def test_fp16_matches_cpu_on_many_shapes(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray], tmp_path: Path) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, precision="fp16") as engine:
         assert engine.name == "tensorrt" and engine.built and engine.plan_path.is_file()
         assert engine.plan_path.parent == tmp_path
@@ -42,13 +43,13 @@ def test_fp16_matches_cpu_on_many_shapes(tiny_model, cpu_reference, images, tmp_
             _assert_close(engine.infer({"image": image}), cpu_reference(image), FP16_ATOL)
 
 
-def test_fp32_matches_cpu_closely(tiny_model, cpu_reference, images, tmp_path) -> None:
+def test_fp32_matches_cpu_closely(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray], tmp_path: Path) -> None:
     with create_engine(tiny_model, "trt", cache_dir=tmp_path, precision="fp32") as engine:
         for image in images[:3]:
             _assert_close(engine.infer({"image": image}), cpu_reference(image), FP32_ATOL)
 
 
-def test_second_create_reuses_the_cached_plan(tiny_model, tmp_path) -> None:
+def test_second_create_reuses_the_cached_plan(tiny_model: Path, tmp_path: Path) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as first:
         assert first.built
         plan, stamp = first.plan_path, first.plan_path.stat().st_mtime_ns
@@ -64,7 +65,7 @@ def test_second_create_reuses_the_cached_plan(tiny_model, tmp_path) -> None:
     ("changed", "kwargs"),
     [("precision", {"precision": "fp32"}), ("max_shape", {"max_shape": (512, 512)})],
 )
-def test_changing_the_key_rebuilds(tiny_model, tmp_path, changed: str, kwargs: dict) -> None:
+def test_changing_the_key_rebuilds(tiny_model: Path, tmp_path: Path, changed: str, kwargs: dict) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as base:
         assert base.built
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, **kwargs) as other:
@@ -73,7 +74,7 @@ def test_changing_the_key_rebuilds(tiny_model, tmp_path, changed: str, kwargs: d
         assert base.plan_path.is_file() and other.plan_path.is_file()
 
 
-def test_a_corrupt_cached_plan_is_rebuilt(tiny_model, cpu_reference, tmp_path) -> None:
+def test_a_corrupt_cached_plan_is_rebuilt(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], tmp_path: Path) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as first:
         plan = first.plan_path
     plan.write_bytes(b"not a TensorRT plan" * 100)
@@ -84,7 +85,7 @@ def test_a_corrupt_cached_plan_is_rebuilt(tiny_model, cpu_reference, tmp_path) -
     assert plan.read_bytes()[:19] != b"not a TensorRT plan"
 
 
-def test_shapes_outside_the_profile_are_refused(tiny_model, tmp_path) -> None:
+def test_shapes_outside_the_profile_are_refused(tiny_model: Path, tmp_path: Path) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, max_shape=(256, 128)) as engine:
         engine.infer({"image": np.zeros((1, 1, 256, 128), np.float32)})
         for shape in [(1, 1, 257, 128), (1, 1, 16, 64), (2, 1, 64, 64)]:
@@ -92,7 +93,7 @@ def test_shapes_outside_the_profile_are_refused(tiny_model, tmp_path) -> None:
                 engine.infer({"image": np.zeros(shape, np.float32)})
 
 
-def test_buffers_grow_and_are_reused(tiny_model, tmp_path) -> None:
+def test_buffers_grow_and_are_reused(tiny_model: Path, tmp_path: Path) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as engine:
         engine.infer({"image": np.zeros((1, 1, 512, 512), np.float32)})
         ptr, size = engine._buffers["image"].ptr, engine._buffers["image"].nbytes
@@ -102,7 +103,7 @@ def test_buffers_grow_and_are_reused(tiny_model, tmp_path) -> None:
         assert engine._buffers["image"].nbytes == 1024 * 1024 * 4
 
 
-def test_bad_inputs_and_closed_engine(tiny_model, tmp_path) -> None:
+def test_bad_inputs_and_closed_engine(tiny_model: Path, tmp_path: Path) -> None:
     engine = create_engine(tiny_model, "tensorrt", cache_dir=tmp_path)
     with pytest.raises(EngineFailure, match="'image' has dtype"):
         engine.infer({"image": np.zeros((1, 1, 64, 64), np.float64)})
@@ -114,7 +115,7 @@ def test_bad_inputs_and_closed_engine(tiny_model, tmp_path) -> None:
         engine.infer({"image": np.zeros((1, 1, 64, 64), np.float32)})
 
 
-def test_threads_take_turns(tiny_model, cpu_reference, tmp_path) -> None:
+def test_threads_take_turns(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     frames = [rng.normal(size=(1, 1, 96 + 8 * i, 128)).astype(np.float32) for i in range(8)]
     errors: list[BaseException] = []
@@ -135,7 +136,7 @@ def test_threads_take_turns(tiny_model, cpu_reference, tmp_path) -> None:
     assert not errors, errors[0]
 
 
-def test_auto_prefers_tensorrt(tiny_model, tmp_path: Path) -> None:
+def test_auto_prefers_tensorrt(tiny_model: Path, tmp_path: Path) -> None:
     with create_engine(tiny_model, cache_dir=tmp_path) as engine:
         assert engine.name == "tensorrt"
         assert engine.selection_notes == ()

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -35,6 +36,21 @@ def nanoscout(*args: str, **kw: object) -> subprocess.Popen[str]:
         text=True,
         **kw,
     )
+
+
+def stop_process(proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    """SIGINT ``proc`` and wait; kill it if it does not end within ``timeout`` s; close its
+    pipes."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 @dataclass
@@ -103,8 +119,14 @@ def wait_ready(proc: subprocess.Popen[str], what: str, timeout: float
             return json.loads(line.split(" ", 1)[1]), lines, reader
 
 
+class DaemonFactory(Protocol):
+    """``daemon_factory(*serve_args, config="toml")`` → a started :class:`DaemonProc`."""
+
+    def __call__(self, *args: str, config: str = "") -> DaemonProc: ...
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[object]:
+def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
     """``daemon_factory(*serve_args, config="toml")`` → DaemonProc; all are stopped at teardown."""
     started: list[DaemonProc] = []
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nanoscout.clients.subscriber import Subscriber
-from tests.system.conftest import nanoscout, start_daemon
+from tests.system.conftest import DaemonFactory, nanoscout, start_daemon
 
 pytestmark = pytest.mark.system
 
@@ -27,7 +27,7 @@ def _run(*args: str, timeout: float = 300) -> tuple[int, str, float]:
 
 
 @pytest.mark.timeout(900)
-def test_every_frame_of_a_lossless_push_run_is_confirmed(daemon_factory) -> None:
+def test_every_frame_of_a_lossless_push_run_is_confirmed(daemon_factory: DaemonFactory) -> None:
     """The run that used to lose its last 39 frames: 150 frames of 512² as fast as possible."""
     d = daemon_factory("--policy", "lossless", config="[classify]\nenabled = false\n")
     code, out, _ = _run("simulate", "--frames-endpoint", d.input, "--results", d.output,
@@ -39,7 +39,7 @@ def test_every_frame_of_a_lossless_push_run_is_confirmed(daemon_factory) -> None
     assert health.frames_processed == 150 and health.frames_dropped.get("superseded", 0) == 0
 
 
-def test_the_default_adapter_mode_fits_either_daemon(daemon_factory, tmp_path: Path) -> None:
+def test_the_default_adapter_mode_fits_either_daemon(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     image = tmp_path / "frame.tif"
     import numpy as np
     import tifffile
@@ -59,7 +59,7 @@ def test_the_default_adapter_mode_fits_either_daemon(daemon_factory, tmp_path: P
 
 @pytest.mark.parametrize(("policy", "mode", "hint"), [("live", "push", "--mode pub"),
                                                       ("lossless", "pub", "--mode push")])
-def test_a_mismatched_mode_fails_within_seconds(daemon_factory, policy: str, mode: str,
+def test_a_mismatched_mode_fails_within_seconds(daemon_factory: DaemonFactory, policy: str, mode: str,
                                                 hint: str) -> None:
     d = daemon_factory("--policy", policy)
     code, out, took = _run("simulate", "--frames-endpoint", d.input, "--mode", mode,

@@ -14,6 +14,7 @@ import zmq
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.protocol import encode_frame, frame_header, pack_header
+from tests.system.conftest import DaemonFactory
 
 pytestmark = pytest.mark.system
 
@@ -36,7 +37,7 @@ def _frame(arr: np.ndarray, seq: int, **kw) -> list:
     return encode_frame(h, arr)
 
 
-def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory) -> None:
+def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory("--policy", "lossless", "--max-frame-bytes", str(1 << 20))
     good = np.full((128, 128), 1000, np.uint16)
     header = frame_header(good, source="bad", seq=0, t_acq_ns=1, pixel_size_nm=0.5)
@@ -108,7 +109,7 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory) -> Non
     assert d.stop(signal.SIGTERM) == 0
 
 
-def test_vanished_subscriber_does_not_disturb_the_daemon(daemon_factory) -> None:
+def test_vanished_subscriber_does_not_disturb_the_daemon(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory("--policy", "lossless")
     frame = np.full((96, 96), 500, np.uint16)
     ctx = zmq.Context()
@@ -131,7 +132,7 @@ def test_vanished_subscriber_does_not_disturb_the_daemon(daemon_factory) -> None
     assert d.proc.poll() is None
 
 
-def test_sigterm_in_lossless_mode_answers_every_frame_in_flight(daemon_factory) -> None:
+def test_sigterm_in_lossless_mode_answers_every_frame_in_flight(daemon_factory: DaemonFactory) -> None:
     # a drain long enough for a slow machine: every frame in flight is read and answered
     d = daemon_factory("--policy", "lossless", "--queue-size", "8",
                        config="[input]\ndrain_s = 300\n")

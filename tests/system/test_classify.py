@@ -12,7 +12,7 @@ import pytest
 
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.clients.subscriber import Subscriber
-from tests.system.conftest import nanoscout
+from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -26,7 +26,7 @@ def _simulate(d, n: int, *args: str) -> subprocess.Popen[str]:
                      stdout=subprocess.DEVNULL)
 
 
-def test_every_second_frame_is_classified_with_cam_and_novelty(daemon_factory) -> None:
+def test_every_second_frame_is_classified_with_cam_and_novelty(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory("--policy", "lossless", config="[classify]\nevery = 2\ntop_k = 3\n")
     n = 6
     with Subscriber(d.output, topics=("det.", "class.")) as sub:
@@ -67,7 +67,7 @@ def test_every_second_frame_is_classified_with_cam_and_novelty(daemon_factory) -
     assert 'nanoscout_stage_seconds_count{stage="classify"} 3.0' in metrics
 
 
-def test_a_failing_classifier_costs_only_the_classification(daemon_factory, tmp_path: Path
+def test_a_failing_classifier_costs_only_the_classification(daemon_factory: DaemonFactory, tmp_path: Path
                                                             ) -> None:
     from tests.unit.test_classifier import classifier_model
 
@@ -97,7 +97,7 @@ def test_a_failing_classifier_costs_only_the_classification(daemon_factory, tmp_
     assert "nanoscout_classify_failures_total 3.0" in d.scrape()
 
 
-def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory, tmp_path: Path
+def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory: DaemonFactory, tmp_path: Path
                                                          ) -> None:
     import zmq
 

@@ -10,11 +10,12 @@ import pytest
 from nanoscout.clients.acquisition.publisher import FramePublisher, PublishError
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.transport import ClientKeys, create_keys
+from tests.system.conftest import DaemonFactory
 
 pytestmark = pytest.mark.system
 
 
-def test_authorised_clients_work_and_strangers_are_refused(daemon_factory, tmp_path: Path) -> None:
+def test_authorised_clients_work_and_strangers_are_refused(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     server_pub, server_secret = create_keys(tmp_path / "server", "daemon")
     authorised = tmp_path / "authorised"
     create_keys(authorised, "operator")

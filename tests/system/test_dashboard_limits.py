@@ -4,7 +4,6 @@ request timeouts, a bounded number of clients, a Host check and an optional acce
 from __future__ import annotations
 
 import http.client
-import signal
 import socket
 import subprocess
 import threading
@@ -16,7 +15,7 @@ import pytest
 
 from nanoscout.clients.dashboard import DashboardServer, DashboardState
 from nanoscout.wire.errors import ConfigError
-from tests.system.conftest import nanoscout, wait_ready
+from tests.system.conftest import nanoscout, stop_process, wait_ready
 
 pytestmark = pytest.mark.system
 
@@ -33,14 +32,7 @@ def page() -> Iterator[tuple[str, int]]:
         assert url.hostname is not None and url.port is not None
         yield url.hostname, url.port
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(proc)
 
 
 def _first_event_s(host: str, port: int, t0: float, out: list[float | None], i: int) -> None:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from nanoscout.clients.subscriber import Subscriber
-from tests.system.conftest import nanoscout
+from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -41,7 +41,7 @@ def _instrument_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
-def test_replayed_instrument_files_keep_their_calibration(daemon_factory, shared_data: Path, tmp_path: Path) -> None:
+def test_replayed_instrument_files_keep_their_calibration(daemon_factory: DaemonFactory, shared_data: Path, tmp_path: Path) -> None:
     files = _instrument_files(shared_data)
     corrupt = tmp_path / "corrupt.dm3"
     corrupt.write_bytes(files[0].read_bytes()[:300])  # truncated mid-header

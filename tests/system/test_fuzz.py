@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from nanoscout.sim.synthetic import SpecimenConfig, render
 from nanoscout.wire.headers import HealthHeader
 from nanoscout.wire.protocol import encode_message
 from tests.conftest import wait_until
-from tests.system.conftest import nanoscout, wait_ready
+from tests.system.conftest import DaemonFactory, nanoscout, stop_process, wait_ready
 from tests.system.malformed import GENERATORS, malformed, malformed_results, valid_oddities
 
 pytestmark = pytest.mark.system
@@ -65,7 +66,7 @@ def _health(sub: Subscriber, done: object, timeout: float) -> HealthHeader:
 
 @pytest.mark.parametrize("policy", ["lossless", "live"])
 def test_ten_thousand_malformed_messages_are_all_counted_and_nothing_dies(
-        daemon_factory, policy: str) -> None:
+        daemon_factory: DaemonFactory, policy: str) -> None:
     d = daemon_factory("--policy", policy, config=CONFIG)
     messages = malformed(N_MALFORMED[policy], seed=1 if policy == "live" else 0)
     assert len({kind for kind, _ in messages}) == len(GENERATORS)
@@ -140,7 +141,7 @@ def _in_process(image: np.ndarray) -> np.ndarray:
         pipeline.close()
 
 
-def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path) -> None:
+def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path: Path) -> None:
     """A broken (or hostile) publisher on the result side: the recorder and the dashboard,
     real processes, count every message they cannot decode and go on recording / serving."""
     ctx = zmq.Context()
@@ -199,14 +200,6 @@ def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path)
         assert snap["status"]["rejected"] == N_RESULTS and snap["status"]["connected"]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            if p.stdout is not None:
-                p.stdout.close()
+            stop_process(p)
         pub.close(linger=0)
         ctx.term()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.conftest import nanoscout
+from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -20,7 +20,7 @@ def _health(*args: str) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def test_health_follows_the_ready_file_and_the_config(daemon_factory, tmp_path: Path) -> None:
+def test_health_follows_the_ready_file_and_the_config(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     d = daemon_factory("--ready-file", str(ready))
     code, out = _health("--ready-file", str(ready))
@@ -37,7 +37,7 @@ def test_health_follows_the_ready_file_and_the_config(daemon_factory, tmp_path: 
     assert code == 1 and "no ready file" in out
 
 
-def test_health_without_metrics_asks_the_result_socket(daemon_factory, tmp_path: Path) -> None:
+def test_health_without_metrics_asks_the_result_socket(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     daemon_factory("--no-metrics", "--ready-file", str(ready))
     code, out = _health("--ready-file", str(ready))

@@ -16,6 +16,7 @@ import pytest
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.subscriber import Subscriber
 from tests.conftest import wait_until
+from tests.system.conftest import DaemonFactory
 
 pytestmark = pytest.mark.system
 
@@ -36,7 +37,6 @@ def _get(url: str) -> dict | None:
         return None
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus is not installed (apt-get install prometheus)")
 def _disks(k: int) -> np.ndarray:
     """A 256 x 256 frame with 12 bright disks of radius 8 px (ECD 8 nm at 0.5 nm/px)."""
     yy, xx = np.mgrid[:256, :256]
@@ -47,7 +47,8 @@ def _disks(k: int) -> np.ndarray:
     return img
 
 
-def test_prometheus_scrapes_the_daemon(daemon_factory, tmp_path: Path) -> None:
+@pytest.mark.skipif(PROMETHEUS is None, reason="Prometheus is not installed (apt-get install prometheus)")
+def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     """Counters, the size gauges (D50 per source) and this deployment's alert thresholds
     (daemon config -> nanoscout_alert_threshold -> the rules' recorded thresholds)."""
     d = daemon_factory("--policy", "lossless", config="[metrics]\nalert_latency_p99_s = 1.5\n")
@@ -105,3 +106,65 @@ def test_prometheus_scrapes_the_daemon(daemon_factory, tmp_path: Path) -> None:
     finally:
         prom.terminate()
         prom.wait(30)
+
+
+CRITICAL_RULE = """
+[[alerts]]
+name = "wires"
+kind = "count"
+severity = "critical"
+above = 1000
+"""
+
+
+def test_every_labelled_counter_exists_at_zero_from_the_start(daemon_factory: DaemonFactory) -> None:
+    """Before any frame: every rule's alert counter, every drop and rejection reason at 0, so
+    Prometheus' increase() sees the first alert after a start (see the promtool test below)."""
+    d = daemon_factory("--policy", "live", config=CRITICAL_RULE)
+    text = d.scrape()
+    assert 'nanoscout_alerts_total{rule="wires",severity="critical"} 0.0' in text
+    assert 'nanoscout_alerts_suppressed_total{rule="wires"} 0.0' in text
+    for reason in ("superseded", "engine_failure", "shutdown", "internal"):
+        assert f'nanoscout_frames_dropped_total{{reason="{reason}"}} 0.0' in text
+    for reason in ("malformed", "header", "oversized", "nonfinite", "duplicate", "internal"):
+        assert f'nanoscout_messages_rejected_total{{reason="{reason}"}} 0.0' in text
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
+def test_the_first_critical_alert_after_a_start_pages(tmp_path: Path) -> None:
+    """deploy/'s NanoscoutCriticalFinding fires on a counter that starts at 0 (as the daemon's
+    do now) and steps to 1; a counter created only at its first step (as before) never does."""
+    rules = Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml"
+    test = tmp_path / "first_alert_test.yml"
+    series = 'nanoscout_alerts_total{instance="d:9108",job="nanoscout",rule="wires",severity="critical"}'
+    test.write_text(f"""rule_files:
+  - {rules}
+evaluation_interval: 15s
+tests:
+  - interval: 15s
+    input_series:
+      - series: '{series}'
+        values: '0 0 0 1 1 1 1 1'
+    alert_rule_test:
+      - eval_time: 1m
+        alertname: NanoscoutCriticalFinding
+        exp_alerts:
+          - exp_labels: {{instance: "d:9108", rule: wires, severity: critical}}
+            exp_annotations:
+              summary: "nanoscout d:9108: rule wires fired"
+              description: "1 critical finding(s) in the last minute; details on the alert.<source> topic."
+  - interval: 15s
+    input_series:
+      - series: '{series}'
+        values: '_ _ _ 1 1 1 1 1'
+    alert_rule_test:
+      - eval_time: 1m
+        alertname: NanoscoutCriticalFinding
+        exp_alerts: []
+""", encoding="utf-8")
+    out = subprocess.run([PROMTOOL, "test", "rules", str(test)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

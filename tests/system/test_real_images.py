@@ -15,7 +15,7 @@ import pytest
 
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.training import realdata
-from tests.system.conftest import nanoscout
+from tests.system.conftest import DaemonFactory, nanoscout
 from tests.system.test_streaming import _match
 
 pytestmark = pytest.mark.system
@@ -34,7 +34,7 @@ def _pick(shared_data: Path, n: int = 8) -> list[realdata.Sample]:
     return out
 
 
-def test_real_micrographs_are_found_at_their_own_scale(daemon_factory, shared_data: Path) -> None:
+def test_real_micrographs_are_found_at_their_own_scale(daemon_factory: DaemonFactory, shared_data: Path) -> None:
     samples = _pick(shared_data)
     files = [shared_data / "emps-train" / "images" / f"{s.id}.png" for s in samples]
     d = daemon_factory("--policy", "lossless")

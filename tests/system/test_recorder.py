@@ -14,7 +14,7 @@ import pytest
 from nanoscout.clients.runfile import read_run
 from nanoscout.clients.subscriber import Subscriber
 from tests.conftest import wait_until
-from tests.system.conftest import nanoscout
+from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -38,7 +38,7 @@ def _start_recorder(output: str, out: Path, *args: str) -> subprocess.Popen[str]
     return rec
 
 
-def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tmp_path: Path
+def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory: DaemonFactory, tmp_path: Path
                                                                ) -> None:
     d = daemon_factory("--policy", "lossless", config=ALERTS)
     out = tmp_path / "run.parquet"
@@ -106,7 +106,7 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory, tm
 
 
 @pytest.mark.parametrize("name", ["run.parquet", "run.csv"])
-def test_kill_9_leaves_a_readable_run(daemon_factory, tmp_path: Path, name: str) -> None:
+def test_kill_9_leaves_a_readable_run(daemon_factory: DaemonFactory, tmp_path: Path, name: str) -> None:
     d = daemon_factory("--policy", "lossless")
     out = tmp_path / name
     rec = _start_recorder(d.output, out, "--batch-frames", "2", "--batch-seconds", "0.3")

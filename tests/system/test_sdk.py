@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from nanoscout.clients.aio import AsyncSubscriber
+from tests.system.conftest import DaemonFactory
 
 pytestmark = pytest.mark.system
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "publish_from_acquisition.py"
 
 
-def test_example_script_publishes_and_async_subscriber_receives(daemon_factory) -> None:
+def test_example_script_publishes_and_async_subscriber_receives(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory("--policy", "lossless")
     n = 3
 
@@ -45,7 +46,7 @@ def test_example_script_publishes_and_async_subscriber_receives(daemon_factory) 
     assert (df["ecd_px"] * 0.5).round(3).equals(df["ecd_nm"].round(3))
 
 
-def test_async_subscriber_times_out_cleanly(daemon_factory) -> None:
+def test_async_subscriber_times_out_cleanly(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory()
 
     async def idle() -> list:

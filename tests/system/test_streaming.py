@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.protocol import HealthHeader
-from tests.system.conftest import nanoscout
+from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -63,7 +63,7 @@ def _match(table: np.ndarray, labels: np.ndarray, true_ecd: dict[int, float]) ->
     return len(used), len(dets), len(truth_ids), errors
 
 
-def test_detections_match_ground_truth(daemon_factory, tmp_path: Path) -> None:
+def test_detections_match_ground_truth(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     """Held-out simulator frames (seed never used in training): F1 ≥ 0.9, median |ECD error| ≤ 7 %.
 
     The shipped detector was fine-tuned on real EMPS outlines, which are drawn around the whole
@@ -100,7 +100,7 @@ def test_detections_match_ground_truth(daemon_factory, tmp_path: Path) -> None:
     assert float(np.median(errors)) <= 0.07, f"median |ECD error| {np.median(errors):.3%}"
 
 
-def test_lossless_delivers_every_frame_in_order(daemon_factory) -> None:
+def test_lossless_delivers_every_frame_in_order(daemon_factory: DaemonFactory) -> None:
     # delivery, not analysis, is under test: 500 frames without the classifier keep it short
     d = daemon_factory("--policy", "lossless", "--queue-size", "4",
                        config="[classify]\nenabled = false\n")
@@ -123,7 +123,7 @@ def test_lossless_delivers_every_frame_in_order(daemon_factory) -> None:
     assert health.frames_dropped == {} and health.transport_gaps == 0
 
 
-def test_live_overload_drops_superseded_and_bounds_latency(daemon_factory) -> None:
+def test_live_overload_drops_superseded_and_bounds_latency(daemon_factory: DaemonFactory) -> None:
     """Frames arrive faster than they can be analysed: the newest wins, each skip is counted."""
     d = daemon_factory("--policy", "live")
     n = 80
@@ -151,7 +151,7 @@ def test_live_overload_drops_superseded_and_bounds_latency(daemon_factory) -> No
     assert np.percentile(latencies, 90) < 2000, latencies
 
 
-def test_previews_are_rate_limited_and_match_the_detections(daemon_factory) -> None:
+def test_previews_are_rate_limited_and_match_the_detections(daemon_factory: DaemonFactory) -> None:
     """preview.<source>: ≤ max_rate_hz per source, the first frame always, det coordinates ×
     scale land on dark (TEM) particles of the picture."""
     d = daemon_factory("--policy", "lossless",
@@ -185,7 +185,7 @@ def test_previews_are_rate_limited_and_match_the_detections(daemon_factory) -> N
         assert np.median(p.array[ys, xs]) < np.median(p.array) - 10
 
 
-def test_stem_frames_are_analysed_by_the_stem_detector(daemon_factory) -> None:
+def test_stem_frames_are_analysed_by_the_stem_detector(daemon_factory: DaemonFactory) -> None:
     weights = Path(__file__).resolve().parents[2] / "models" / "weights"
     if not (weights / "detector_stem.onnx").is_file():
         pytest.skip(f"no shipped STEM detector in {weights}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import typer
@@ -85,7 +86,7 @@ def test_models_pass_argv_through(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == [["--n", "5", "--help-me", "x"]]
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "missing.parquet")]) == 2
     err = capsys.readouterr().err
     assert "nanoscout report: error:" in err and "missing.parquet" in err

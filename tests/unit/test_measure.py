@@ -10,7 +10,8 @@ import pytest
 from scipy.spatial import ConvexHull
 from skimage.measure import find_contours
 
-from nanoscout.analysis.measure import measure, synthetic_labels
+from nanoscout.analysis.measure import measure
+from nanoscout.sim.labels import disk_labels
 from nanoscout.wire.errors import FrameError
 from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
 
@@ -117,7 +118,7 @@ def test_l_shape_is_concave() -> None:
 
 def test_hull_matches_brute_force_on_random_shapes() -> None:
     rng = np.random.default_rng(3)
-    lab = synthetic_labels((160, 160), 25, 14.0, seed=5)
+    lab = disk_labels((160, 160), 25, 14.0, seed=5)
     # add blobby and disconnected shapes, a tall thin one and single pixels
     lab[rng.integers(0, 160, 60), rng.integers(0, 160, 60)] = 40
     lab[2:150, 150:153] = 41
@@ -155,7 +156,7 @@ def test_perimeter_single_pixel_and_diagonal_staircase() -> None:
 
 
 def test_pixel_size_scales_lengths_and_areas() -> None:
-    lab = synthetic_labels((128, 128), 12, 15.0, seed=2)
+    lab = disk_labels((128, 128), 12, 15.0, seed=2)
     t_px = measure(lab, None)
     t_nm = measure(lab, 2.5)
     for f in ("ecd_nm", "feret_max_nm", "feret_min_nm", "major_nm", "minor_nm"):
@@ -398,7 +399,7 @@ def test_hull_pruning_fallback_is_exact(monkeypatch: pytest.MonkeyPatch) -> None
 def test_feret_search_in_blocks_gives_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     import nanoscout.analysis.measure as m
 
-    lab = synthetic_labels((200, 200), 60, 11.0, seed=4)
+    lab = disk_labels((200, 200), 60, 11.0, seed=4)
     ref = measure(lab, None)
     monkeypatch.setattr(m, "_SEARCH_BLOCK", 7)
     t = measure(lab, None)

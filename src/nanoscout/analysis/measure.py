@@ -6,8 +6,8 @@ horizontal runs of equal labels; everything after that is vectorised over all ru
 particles at once (no per-particle Python loop), so the cost is one image pass plus a term
 proportional to the number of particle rows. On the shared 2-core dev machine a 1024x1024
 detector label map with ~700 particles of ~16 px takes 3.6-5 ms (median; the earlier
-per-particle hull code took 21-25 ms in the same runs). ``python -m nanoscout.analysis.measure`` runs
-:func:`benchmark` for 300 and 700 disks.
+per-particle hull code took 21-25 ms in the same runs). ``python benchmarks/measure.py`` times
+it on 300 and 700 disks.
 
 Conventions (lengths in nm when ``pixel_size_nm`` is given, else in px; areas squared):
 
@@ -79,14 +79,13 @@ Method (all of it exact: no sampled directions, no approximation beyond float64 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 
 from nanoscout.wire.errors import FrameError, Reason
 from nanoscout.wire.particles import SHAPE_CLASSES, empty_table
 
-__all__ = ["benchmark", "classify_shapes", "measure", "synthetic_labels"]
+__all__ = ["classify_shapes", "measure"]
 
 _CORNER_WEIGHT = (2.0 - math.sqrt(2.0)) / 2.0
 
@@ -626,65 +625,3 @@ def _polygon_measures(
 
 
 # --------------------------------------------------------------------------- benchmark
-
-
-def synthetic_labels(
-    shape: tuple[int, int] = (1024, 1024),
-    n_particles: int = 300,
-    diameter_px: float = 16.0,
-    seed: int = 0,
-) -> np.ndarray:
-    """Return an int32 label map of up to ``n_particles`` non-overlapping disks (for benchmarks)."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros(shape, dtype=np.int32)
-    rad = diameter_px / 2.0
-    half = int(math.ceil(rad)) + 1
-    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
-    k = 0
-    for _ in range(n_particles * 20):
-        if k == n_particles:
-            break
-        cy = rng.uniform(half, shape[0] - half - 1)
-        cx = rng.uniform(half, shape[1] - half - 1)
-        iy, ix = int(cy), int(cx)
-        disk = (xx + ix - cx) ** 2 + (yy + iy - cy) ** 2 <= rad * rad
-        window = out[iy - half : iy + half + 1, ix - half : ix + half + 1]
-        if np.any(window[disk]):
-            continue
-        k += 1
-        window[disk] = k
-    return out
-
-
-def benchmark(
-    shape: tuple[int, int] = (1024, 1024),
-    n_particles: int = 300,
-    diameter_px: float = 16.0,
-    repeats: int = 30,
-) -> dict[str, float]:
-    """Time :func:`measure` on a synthetic map of disks.
-
-    Returns the particle count and min/median/max wall time plus the median CPU time of this
-    thread, in ms (on a shared machine the CPU time shows the cost without scheduler waits).
-    """
-    labels = synthetic_labels(shape, n_particles, diameter_px)
-    measure(labels, 1.0)  # warm caches and lazy imports
-    wall, cpu = [], []
-    for _ in range(repeats):
-        c0 = time.thread_time()
-        t0 = time.perf_counter()
-        measure(labels, 1.0)
-        wall.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.thread_time() - c0) * 1e3)
-    return {
-        "particles": float(labels.max()),
-        "min_ms": float(np.min(wall)),
-        "median_ms": float(np.median(wall)),
-        "max_ms": float(np.max(wall)),
-        "cpu_median_ms": float(np.median(cpu)),
-    }
-
-
-if __name__ == "__main__":  # python -m nanoscout.analysis.measure
-    print(benchmark())
-    print(benchmark(n_particles=700))

@@ -54,32 +54,8 @@ one.
 Several operators on one field, and several fields, must all hold. ``where = {}`` matches every
 particle. The clock is the frame time ``t_ns``, so behaviour is deterministic.
 
-Rate limiting and de-duplication (per rule and per source):
-
-* ``count``, ``d50_drift``, ``class`` and ``novelty`` rules fire at most once per
-  ``cooldown_s``; a firing inside the
-  cooldown is suppressed and counted in :attr:`AlertEngine.suppressed`.
-* A ``particle`` rule remembers the particles it reported for ``cooldown_s``. A matching
-  particle is a duplicate when it lies within the de-duplication radius of a remembered one
-  seen at the same stage position (both None, or equal within ``stage_tolerance_um``). The
-  radius is ``dedup_radius_nm`` when set and the frame is calibrated, else the larger of the two
-  particles' ECDs. A frame whose matching particles are all duplicates is a suppressed firing
-  (counted); otherwise the rule fires, listing the new particles first, and remembers them all.
-  So a particle sitting in a live view is reported once per cooldown, while a new particle (or
-  the stage moving on) is reported at once. Distances need the pixel size: pass
-  ``pixel_size_nm`` to :meth:`AlertEngine.evaluate`; without it a calibrated frame falls back
-  to "centroid inside the other particle's bounding box".
-* Uncalibrated frames (``units == "px"``): a rule with conditions on ``*_nm``/``*_nm2`` fields
-  does not fire; this is logged once per rule and source and counted in
-  :attr:`AlertEngine.skipped_uncalibrated`.
-
-``Alert.value`` / ``Alert.threshold``: for a particle rule, the most extreme value of the first
-numeric condition among the new matching particles (largest for gt/ge, smallest for lt/le;
-that particle is listed first and named in the explanation) and that condition's threshold,
-or the number of matches and ``min_count`` when the rule has only a ``shape_class``
-condition; for a count rule the count and the crossed bound; for a drift rule the change in
-percent and ``pct`` (negative for a shrinking D50); for a class rule the label's probability
-and ``threshold``; for a novelty rule the novelty score and ``threshold``.
+Rate limiting, de-duplication, uncalibrated frames and what ``Alert.value`` /
+``Alert.threshold`` hold: :mod:`nanoscout.analysis.alerts`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -82,6 +82,18 @@ ClientKey = Annotated[Path | None, typer.Option(
     "--client-key", help="this client's secret CURVE certificate (.key_secret)",
     rich_help_panel="Security")]
 Connect = Annotated[str | None, typer.Option("--connect", hidden=True)]
+#: adapters (simulate, replay, microscope): PUSH / PUB / whichever the daemon takes
+AdapterMode = Annotated[Literal["auto", "push", "pub"], typer.Option(
+    help="push (lossless daemon), pub (live daemon) or auto: whichever the daemon takes; "
+         "a mode the daemon refuses is an error within seconds")]
+#: adapters: the daemon's result endpoint, for confirmation
+AdapterResults = Annotated[str | None, typer.Option(
+    "--results", help="the daemon's result endpoint: a lossless run confirms every frame "
+    "and exits non-zero naming those never answered",
+    show_default="tcp://127.0.0.1:5556 with the default --frames-endpoint")]
+ConfirmTimeout = Annotated[float, typer.Option(
+    help="at the end, wait for the daemon's answers while they keep coming, at most this "
+         "long without one, s")]
 
 
 def curve_keys(server_key: Path | None, client_key: Path | None) -> ClientKeys | None:

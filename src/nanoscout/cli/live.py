@@ -14,7 +14,10 @@ from typing import Annotated, Literal
 import typer
 
 from nanoscout.cli.app import (
+    AdapterMode,
+    AdapterResults,
     ClientKey,
+    ConfirmTimeout,
     Connect,
     EngineLine,
     ServerKey,
@@ -115,16 +118,9 @@ def serve(
 @app.command(rich_help_panel="Live")
 def simulate(
     frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
-    mode: Annotated[Literal["auto", "push", "pub"], typer.Option(
-        help="push (lossless daemon), pub (live daemon) or auto: whichever the daemon takes; "
-             "a mode the daemon refuses is an error within seconds")] = "auto",
-    results: Annotated[str | None, typer.Option(
-        "--results", help="the daemon's result endpoint: a lossless run confirms every frame "
-        "and exits non-zero naming those never answered",
-        show_default=f"{DEFAULT_RESULT_ENDPOINT} with the default --frames-endpoint")] = None,
-    confirm_timeout: Annotated[float, typer.Option(
-        help="at the end, wait for the daemon's answers while they keep coming, at most this "
-             "long without one, s")] = 30.0,
+    mode: AdapterMode = "auto",
+    results: AdapterResults = None,
+    confirm_timeout: ConfirmTimeout = 30.0,
     source: Annotated[str, typer.Option(help="source name in every frame header")] = "sim",
     rate: Annotated[float, typer.Option(help="frames per second, Hz (0 = as fast as accepted)")] = 5.0,
     frames: Annotated[int | None, typer.Option(help="stop after N frames",
@@ -170,16 +166,9 @@ def replay(
     files: Annotated[list[Path] | None, typer.Argument(
         help="image files or folders (TIFF, DM3/4, EMI/SER, MRC, EMD, PNG, JPEG)")] = None,
     frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
-    mode: Annotated[Literal["auto", "push", "pub"], typer.Option(
-        help="push (lossless daemon), pub (live daemon) or auto: whichever the daemon takes; "
-             "a mode the daemon refuses is an error within seconds")] = "auto",
-    results: Annotated[str | None, typer.Option(
-        "--results", help="the daemon's result endpoint: a lossless run confirms every frame "
-        "and exits non-zero naming those never answered",
-        show_default=f"{DEFAULT_RESULT_ENDPOINT} with the default --frames-endpoint")] = None,
-    confirm_timeout: Annotated[float, typer.Option(
-        help="at the end, wait for the daemon's answers while they keep coming, at most this "
-             "long without one, s")] = 30.0,
+    mode: AdapterMode = "auto",
+    results: AdapterResults = None,
+    confirm_timeout: ConfirmTimeout = 30.0,
     source: Annotated[str, typer.Option(help="source name in every frame header")] = "replay",
     rate: Annotated[float, typer.Option(help="frames per second, Hz (0 = as fast as accepted)")] = 0.0,
     loop: Annotated[int, typer.Option(help="send the files this many times")] = 1,

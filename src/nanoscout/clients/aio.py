@@ -1,10 +1,17 @@
 """An asyncio subscriber: the daemon's results in ``async for``, for notebooks and async apps.
 
->>> async def main():
-...     async with AsyncSubscriber("tcp://127.0.0.1:5556", topics=("det.",)) as sub:
+>>> import asyncio
+>>> async def main() -> None:
+...     async with AsyncSubscriber(RESULTS, topics=("det.",)) as sub:  # e.g. tcp://127.0.0.1:5556
 ...         await sub.wait_ready()
 ...         async for msg in sub.messages(timeout=60):
-...             print(msg.header.seq, msg.to_pandas()["ecd_nm"].median())
+...             print(msg.header.source, msg.to_pandas()["ecd_nm"].median() > 0)
+...             break
+>>> asyncio.run(main())
+sim True
+
+(``RESULTS``: the daemon's result endpoint; the example runs against a real daemon in the
+doctests, ``tests/conftest.py``.)
 
 It wraps :class:`nanoscout.clients.subscriber.Subscriber` (same topics, CURVE keys, gap and
 rejection counts: :attr:`AsyncSubscriber.sync`) and runs its blocking receive on one private

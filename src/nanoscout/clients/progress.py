@@ -1,11 +1,13 @@
 """Progress bars for long jobs (measure, report, model evaluation, training), drawn by ``rich``.
 
->>> for step in track(range(steps), "training"):   # a loop, counted
-...     ...
->>> with progress("measuring", total=len(files)) as bar:
-...     for f in files:
-...         bar.log(f"{f}: 12 particles")   # printed above the bar
+>>> for step in track(range(3), "training"):       # a loop, counted
+...     pass
+>>> with progress("measuring", total=2) as bar:
+...     for f in ("a.tif", "b.tif"):
+...         bar.log(f"{f}: 12 particles")             # printed above the bar
 ...         bar.advance()
+a.tif: 12 particles
+b.tif: 12 particles
 
 The bar goes to stderr and only when stderr is a terminal (or ``enabled=True``); in a pipe, a
 log file or a test it draws nothing and :meth:`Bar.log` prints plain lines, so output stays

@@ -1,7 +1,8 @@
 """Client of the daemon's query socket: the AI lens's feature maps of a live frame.
 
->>> reply, maps = request_lens("tcp://127.0.0.1:5557", "sim", ["act_enc2"])
->>> reply.seq, maps["act_enc2"].shape          # (1, channels, rows, cols), float16
+>>> reply, maps = request_lens(QUERY, "sim", ["act_enc2"])  # QUERY: e.g. tcp://127.0.0.1:5557
+>>> reply.source, maps["act_enc2"].ndim, maps["act_enc2"].dtype  # (1, channels, rows, cols)
+('sim', 4, dtype('float16'))
 
 One REQ socket per call, with a timeout: a daemon that is gone gives a :class:`QueryError`
 after ``timeout`` s instead of a hang. The daemon's own refusals (unknown source or output, no

@@ -1,9 +1,14 @@
 """Subscriber SDK: typed results from a running daemon.
 
->>> with Subscriber("tcp://127.0.0.1:5556", topics=("det.", "alert.")) as sub:
-...     for msg in sub.messages(timeout=10):
+>>> with Subscriber(RESULTS, topics=("det.", "alert.")) as sub:  # e.g. tcp://127.0.0.1:5556
+...     for msg in sub.messages(timeout=60):
 ...         if msg.kind == "det":
-...             print(msg.header.seq, msg.array["ecd_nm"].mean())
+...             print(msg.header.source, msg.header.units, msg.array["ecd_nm"].mean() > 0)
+...             break
+sim nm True
+
+(``RESULTS``: the daemon's result endpoint; the example runs against a real daemon in the
+doctests, ``tests/conftest.py``.)
 
 Every ``det``/``stats``/``class``/``alert`` message is a :class:`nanoscout.wire.protocol.Message`: its
 ``header`` is the typed pydantic header and ``array`` the particle table (a numpy structured

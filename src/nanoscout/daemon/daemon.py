@@ -221,14 +221,14 @@ class Daemon:
     # ------------------------------------------------------------------ counting
     def _reject(self, reason: Reason, message: str, *, exc_info: bool = False) -> None:
         with self._count_lock:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            self.rejected[reason.value] = self.rejected.get(reason.value, 0) + 1
         self.metrics.rejected.labels(reason=reason.value).inc()
         self.last_error = message
         self._warn(f"rejected message ({reason})", message, exc_info=exc_info)
 
     def _drop(self, reason: Reason, n: int = 1) -> None:
         with self._count_lock:
-            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            self.dropped[reason.value] = self.dropped.get(reason.value, 0) + n
         self.metrics.frames_dropped.labels(reason=reason.value).inc(n)
 
     def _queue_depth(self) -> int:
@@ -358,6 +358,8 @@ class Daemon:
 
     def _work(self, frame: Frame) -> None:
         h = frame.header
+        if self._query is not None:  # the lens may be asked about a frame once its results go
+            self._query.offer(frame)
         try:
             result = self.pipeline.process(frame, emit=self._out.put)
         except EngineError as exc:
@@ -412,8 +414,6 @@ class Daemon:
                 m.classify_failures.inc()
             else:
                 self._drop(Reason.SUMMARY_FAILURE)
-        if self._query is not None:
-            self._query.offer(frame)
         m.frames_processed.labels(source=h.source).inc()
         with self._count_lock:
             self._lat_ms.append(lat_s * 1e3)

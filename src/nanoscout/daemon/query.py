@@ -65,7 +65,8 @@ class LensServer:
         return [t.name for t in self.classifier.lens.outputs]
 
     def offer(self, frame: Frame) -> None:
-        """Keep ``frame`` as the newest analysed frame of its source (called by the worker)."""
+        """Keep ``frame`` as the newest frame of its source (called by the worker as it starts
+        analysing it, so a client that has its results finds it here)."""
         with self._lock:
             self._latest[frame.source] = frame
 

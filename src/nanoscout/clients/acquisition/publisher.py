@@ -405,8 +405,10 @@ class FramePublisher:
             self._confirm.close()
             self._confirm = None
         if self._sock is not None and not self._sock.closed:
-            linger = 0 if (self.report.confirmed is not None or self.mode == "pub"
-                           or not confirm) else int(self.confirm_timeout_s * 1000)
+            # what is still queued gets time to leave: confirmed frames have left already;
+            # unconfirmed pushes and live frames (no answers to wait for) get the timeout
+            linger = (0 if not confirm or self.report.confirmed is not None
+                      else int(self.confirm_timeout_s * 1000))
             self._sock.close(linger=linger)
         if self._own_ctx and not self._ctx.closed:
             self._ctx.term()
