@@ -18,9 +18,9 @@ Measured, interleaved round by round so that other load on the machine hits ever
   compute infer, compute output, per request) are read before and after each variant, and
   ``hop_ms`` = client wall time − the server's time for the request: what the network call
   itself adds (serialisation, gRPC, copies, the client library);
-* ``frame``: ``Pipeline.process`` (offline pipeline, no classifier) of a synthetic 1024² TEM frame (uint16, 0.5 nm/px) with each
-  engine: the whole per-frame cost, including the detector's working-scale passes (several
-  engine calls per frame).
+* ``frame``: ``Pipeline.process`` (offline pipeline, no classifier) of a synthetic 1024² TEM
+  frame (uint16, 0.5 nm/px) with each engine: the whole per-frame cost, including the
+  detector's working-scale passes (several engine calls per frame).
 
 The server-side time of the Python stub (its own shared-memory IPC with the server process) is
 part of the server's ``compute_infer``; a production server's ``onnxruntime`` backend has no stub.

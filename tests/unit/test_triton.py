@@ -23,7 +23,7 @@ from nanoscout.engines.base import Engine
 from nanoscout.engines.fallback import FallbackEngine
 from nanoscout.engines.triton import TritonOptions, file_sha256, is_local_url
 from nanoscout.engines.triton_repository import model_config, write_repository
-from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable
+from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable, Reason
 from tests.triton_server import free_port
 
 WEIGHTS = shipped_model_dir()
@@ -203,7 +203,7 @@ def test_fallback_serves_while_the_primary_fails_then_retries() -> None:
 
 
 def test_fallback_never_hides_bad_input() -> None:
-    primary = _Double("triton", 1.0, EngineFailure("wrong rank", reason="bad_input"))
+    primary = _Double("triton", 1.0, EngineFailure("wrong rank", reason=Reason.BAD_INPUT))
     engine = FallbackEngine(primary, _Double("onnxruntime-cpu", 2.0))
     with pytest.raises(EngineFailure, match="wrong rank"):
         engine.infer(X)

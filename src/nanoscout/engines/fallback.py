@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from nanoscout.engines.base import Engine
-from nanoscout.wire.errors import ConfigError, EngineFailure
+from nanoscout.wire.errors import ConfigError, EngineFailure, Reason
 
 __all__ = ["FallbackEngine"]
 
@@ -70,7 +70,7 @@ class FallbackEngine(Engine):
             try:
                 out = self.primary.infer(inputs)
             except EngineFailure as exc:
-                if exc.reason == "bad_input":  # the fallback would refuse it just the same
+                if exc.reason == Reason.BAD_INPUT:  # the fallback would refuse it just the same
                     raise
                 self._failed(exc)
             else:

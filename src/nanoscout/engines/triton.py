@@ -39,7 +39,6 @@ server's configuration carries none.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import logging
 import os
@@ -151,9 +150,9 @@ def file_sha256(path: Path) -> str:
 def _import_client() -> tuple[Any, Any, Any]:
     """Returns (tritonclient.grpc, tritonclient.utils, tritonclient.utils.shared_memory)."""
     try:
-        grpc = importlib.import_module("tritonclient.grpc")
-        utils = importlib.import_module("tritonclient.utils")
-        shm = importlib.import_module("tritonclient.utils.shared_memory")
+        import tritonclient.grpc as grpc
+        import tritonclient.utils as utils
+        import tritonclient.utils.shared_memory as shm
     except ImportError as exc:
         raise EngineUnavailable(TRITON_MISSING) from exc
     return grpc, utils, shm
