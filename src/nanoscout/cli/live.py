@@ -56,8 +56,12 @@ def serve(
         help="live: newest frame wins (SUB input); lossless: every frame, back-pressure "
              "(PULL input)", show_default=_CFG + "live")] = None,
     backend: Annotated[str | None, typer.Option(
-        help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu",
+        help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu | triton (the models on a "
+             "Triton Inference Server, [engine.triton])",
         show_default=_CFG + "auto")] = None,
+    triton_url: Annotated[str | None, typer.Option(
+        "--triton-url", help="with --backend triton: the Triton server's gRPC endpoint, "
+                             "host:port", show_default=_CFG + "127.0.0.1:8001")] = None,
     model: Annotated[Path | None, typer.Option(
         help="ONNX detector (its model card .json beside it)",
         show_default=_CFG + "the shipped models/weights/detector.onnx")] = None,
@@ -89,8 +93,9 @@ def serve(
         "input.endpoint": frames_endpoint or input_, "input.policy": policy,
         "input.max_frame_bytes": max_frame_bytes, "input.queue_size": queue_size,
         "output.endpoint": results or output, "query.endpoint": query,
-        "engine.backend": backend, "engine.model": model, "engine.threads": threads,
-        "engine.scale": scale_value(scale), "metrics.port": metrics_port,
+        "engine.backend": backend, "engine.triton.url": triton_url, "engine.model": model,
+        "engine.threads": threads, "engine.scale": scale_value(scale),
+        "metrics.port": metrics_port,
         "health.interval_s": health_interval,
     }
     if no_metrics:

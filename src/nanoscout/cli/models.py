@@ -57,6 +57,11 @@ def _calibrate_lens() -> Main:
     return main
 
 
+def _export_triton() -> Main:
+    from nanoscout.cli.export_triton import main
+    return main
+
+
 #: action -> (loader of its main(argv), one-line help)
 ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "train": (_train, "retrain the particle detector (torch; ~50 min on 2 cores)"),
@@ -68,6 +73,8 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "eval-lens": (_evaluate_lens, "novelty of held-out usual and novel frames"),
     "calibrate-lens": (_calibrate_lens, "rebuild the AI lens's novelty reference on your own "
                                         "frames (FRAMES... --out DIR; no torch)"),
+    "export-triton": (_export_triton, "a Triton Inference Server model repository of the "
+                                      "shipped models (--out REPO; no torch)"),
 }
 _PASS_THROUGH = {**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": True,
                  "help_option_names": []}

@@ -17,7 +17,8 @@ from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
-from nanoscout.engines import Engine, create_engine
+from nanoscout.daemon.engine_setup import make_engine
+from nanoscout.engines import Engine
 from nanoscout.wire.errors import ModelCardError
 
 log = logging.getLogger("nanoscout")
@@ -45,8 +46,7 @@ def build_classifier(config: ServeConfig) -> FieldClassifier | None:
 
     def load(model: Path) -> tuple[ModelCard, Engine]:
         card = load_card(model)
-        return card, create_engine(model, eng.backend, threads=eng.threads,
-                                   precision=eng.precision)
+        return card, make_engine(eng, model)
 
     card, engine = load(cc.model_path())
     lens_card = lens = None
@@ -63,7 +63,7 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     model name:version)."""
     eng = config.engine
     card = load_card(model)
-    engine = create_engine(model, eng.backend, threads=eng.threads, precision=eng.precision)
+    engine = make_engine(eng, model)
     detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
                         tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
                         tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,

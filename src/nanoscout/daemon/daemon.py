@@ -44,6 +44,7 @@ import zmq
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import FrameResult, Pipeline
 from nanoscout.daemon.config import ServeConfig
+from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.metrics import Metrics
 from nanoscout.daemon.query import LensServer
 from nanoscout.daemon.queues import FrameQueue, LiveSlots
@@ -425,6 +426,7 @@ class Daemon:
         engines = {"detector": self.pipeline.engine_name, **self.pipeline.model_names}
         if self.pipeline.classifier is not None:
             engines["classifier"] = self.pipeline.classifier.name
+        engines.update(engine_states(self.pipeline))  # remote engines: up, failing, fallback
         return engines
 
     def _health(self) -> HealthHeader:

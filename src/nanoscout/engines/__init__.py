@@ -7,7 +7,12 @@ backend                   runtime                                               
 ``onnxruntime-cuda``      ONNX Runtime with CUDAExecutionProvider (onnxruntime-gpu)   ``cuda``
 ``onnxruntime-cpu``       ONNX Runtime on the CPU (the embedded default)              ``cpu``
 ``auto``                  the first of the three above that works here
+``triton``                a Triton Inference Server over gRPC (``tritonclient``)
 ========================  ==========================================================  =========
+
+``triton`` is never chosen by ``auto``: it needs a server and a model name
+(:class:`~nanoscout.engines.triton.TritonOptions`), and may be wrapped with a local engine for
+the time the server is gone (:class:`~nanoscout.engines.fallback.FallbackEngine`).
 
 ``onnxruntime`` and ``onnxruntime-gpu`` install the same Python package and must never be
 installed together; the CPU backend runs on either wheel. Runtimes are imported lazily, so
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from nanoscout.engines.base import Engine, TensorSpec, check_inputs
 from nanoscout.wire.errors import ConfigError, EngineError, EngineFailure
@@ -34,9 +39,12 @@ __all__ = [
     "resolve_backend",
 ]
 
+if TYPE_CHECKING:
+    from nanoscout.engines.triton import TritonOptions
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "triton")
 ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt"}
 
 
@@ -62,12 +70,13 @@ def available_backends() -> dict[str, str]:
     when the wheel has the CUDA provider; a missing CUDA library shows only when an engine is
     created (``create_engine`` then raises EngineUnavailable).
     """
-    from nanoscout.engines import onnxrt, tensorrt
+    from nanoscout.engines import onnxrt, tensorrt, triton
 
     reasons = {
         "tensorrt": tensorrt.unavailable_reason(),
         "onnxruntime-cuda": onnxrt.cuda_unavailable_reason(),
         "onnxruntime-cpu": onnxrt.cpu_unavailable_reason(),
+        "triton": triton.unavailable_reason(),
     }
     return {name: reason or "available" for name, reason in reasons.items()}
 
@@ -80,6 +89,7 @@ def create_engine(
     precision: Literal["fp32", "fp16"] = "fp16",
     cache_dir: Path | None = None,
     max_shape: tuple[int, int] = (4096, 4096),
+    triton: TritonOptions | None = None,
 ) -> Engine:
     """Load an ONNX model with the named backend; returns a ready :class:`Engine`.
 
@@ -87,6 +97,9 @@ def create_engine(
     ``cache_dir`` and ``max_shape`` (largest frame, px, height × width) apply to TensorRT only.
     ``auto`` tries TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU, and records why it
     passed over each in ``engine.selection_notes``; it fails only if the CPU backend fails.
+    ``triton`` (server, model name, timeouts) is required by, and only used by, the ``triton``
+    backend, which serves ``model_path`` from the server (the local file stays the reference
+    its model card and digest belong to).
 
     Raises ConfigError for a bad backend name or option, EngineUnavailable when the runtime or
     GPU is missing (the message says what to install), EngineFailure when the model file is
@@ -103,6 +116,13 @@ def create_engine(
     if not path.is_file():
         raise EngineFailure(f"model file not found: {path}")
 
+    if name == "triton":
+        if triton is None:
+            raise ConfigError("backend 'triton' needs the server and model name "
+                              "([engine.triton] url and models)")
+        from nanoscout.engines.triton import TritonEngine
+
+        return TritonEngine(triton)
     if name != "auto":
         return _create(name, path, threads, precision, cache_dir, max_shape)
 
