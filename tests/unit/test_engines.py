@@ -304,7 +304,7 @@ class _FakeTrt(types.ModuleType):
         self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
         self.__version__ = "10.9.0"
         builds = gpu_builds
-        ort = importlib.import_module("onnxruntime")
+        import onnxruntime as ort
 
         class ILogger:
             class Severity:

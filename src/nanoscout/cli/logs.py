@@ -34,6 +34,7 @@ class EngineSummary(logging.Filter):
         self.threads: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Remember what an engine INFO record says; return False to hold it back."""
         if not record.name.startswith("nanoscout.engines") or record.levelno > logging.INFO:
             return True
         msg = record.getMessage()

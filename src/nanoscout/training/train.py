@@ -175,6 +175,7 @@ class Pool:
         return Specimen.generate(cfg, srng)
 
     def refresh(self) -> None:
+        """Replace one specimen of the pool, picked at random, with a new one."""
         self.items[int(self.rng.integers(len(self.items)))] = self._new()
 
     def _synthetic(self) -> np.ndarray:
@@ -207,6 +208,7 @@ class Pool:
         return stack
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``n`` augmented crops: images (n, 1, H, W) and targets (n, 4, H, W)."""
         xs, ys = [], []
         for _ in range(n):
             real = self.real_fraction > 0 and self.rng.random() < self.real_fraction
