@@ -26,7 +26,11 @@ def _needs_cuda_provider() -> None:
 ATOL = {"logits": 5e-3, "prob": 2e-3}
 
 
-def test_cuda_matches_cpu(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray]) -> None:
+def test_cuda_matches_cpu(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: list[np.ndarray],
+) -> None:
     with create_engine(tiny_model, "cuda", threads=2) as engine:
         assert engine.name == "onnxruntime-cuda"
         assert engine.providers[0] == "CUDAExecutionProvider"

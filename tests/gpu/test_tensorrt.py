@@ -35,7 +35,12 @@ def _assert_close(got: dict, want: dict, atol: dict) -> None:
         np.testing.assert_allclose(got[name], expected, rtol=0, atol=atol[name], err_msg=name)
 
 
-def test_fp16_matches_cpu_on_many_shapes(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray], tmp_path: Path) -> None:
+def test_fp16_matches_cpu_on_many_shapes(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: list[np.ndarray],
+    tmp_path: Path,
+) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, precision="fp16") as engine:
         assert engine.name == "tensorrt" and engine.built and engine.plan_path.is_file()
         assert engine.plan_path.parent == tmp_path
@@ -43,7 +48,12 @@ def test_fp16_matches_cpu_on_many_shapes(tiny_model: Path, cpu_reference: Callab
             _assert_close(engine.infer({"image": image}), cpu_reference(image), FP16_ATOL)
 
 
-def test_fp32_matches_cpu_closely(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray], tmp_path: Path) -> None:
+def test_fp32_matches_cpu_closely(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: list[np.ndarray],
+    tmp_path: Path,
+) -> None:
     with create_engine(tiny_model, "trt", cache_dir=tmp_path, precision="fp32") as engine:
         for image in images[:3]:
             _assert_close(engine.infer({"image": image}), cpu_reference(image), FP32_ATOL)
@@ -74,7 +84,11 @@ def test_changing_the_key_rebuilds(tiny_model: Path, tmp_path: Path, changed: st
         assert base.plan_path.is_file() and other.plan_path.is_file()
 
 
-def test_a_corrupt_cached_plan_is_rebuilt(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], tmp_path: Path) -> None:
+def test_a_corrupt_cached_plan_is_rebuilt(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as first:
         plan = first.plan_path
     plan.write_bytes(b"not a TensorRT plan" * 100)
@@ -115,7 +129,11 @@ def test_bad_inputs_and_closed_engine(tiny_model: Path, tmp_path: Path) -> None:
         engine.infer({"image": np.zeros((1, 1, 64, 64), np.float32)})
 
 
-def test_threads_take_turns(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], tmp_path: Path) -> None:
+def test_threads_take_turns(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
     rng = np.random.default_rng(3)
     frames = [rng.normal(size=(1, 1, 96 + 8 * i, 128)).astype(np.float32) for i in range(8)]
     errors: list[BaseException] = []

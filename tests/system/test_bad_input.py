@@ -33,7 +33,8 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 def _frame(arr: np.ndarray, seq: int, **kw) -> list:
-    h = frame_header(arr, source="bad", seq=seq, t_acq_ns=time.time_ns(), pixel_size_nm=kw.pop("px", 0.5), **kw)
+    h = frame_header(arr, source="bad", seq=seq, t_acq_ns=time.time_ns(),
+                     pixel_size_nm=kw.pop("px", 0.5), **kw)
     return encode_frame(h, arr)
 
 
@@ -113,7 +114,10 @@ def test_vanished_subscriber_does_not_disturb_the_daemon(daemon_factory: DaemonF
     d = daemon_factory("--policy", "lossless")
     frame = np.full((96, 96), 500, np.uint16)
     ctx = zmq.Context()
-    with Subscriber(d.output, topics=("det.",), ctx=ctx) as keeper, FramePublisher(d.input, source="v", ctx=ctx) as pub:
+    with (
+        Subscriber(d.output, topics=("det.",), ctx=ctx) as keeper,
+        FramePublisher(d.input, source="v", ctx=ctx) as pub,
+    ):
         keeper.wait_ready()
         gone = Subscriber(d.output, topics=("det.",), ctx=ctx)
         gone.wait_ready()

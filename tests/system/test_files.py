@@ -41,15 +41,19 @@ def _instrument_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
-def test_replayed_instrument_files_keep_their_calibration(daemon_factory: DaemonFactory, shared_data: Path, tmp_path: Path) -> None:
+def test_replayed_instrument_files_keep_their_calibration(
+    daemon_factory: DaemonFactory,
+    shared_data: Path,
+    tmp_path: Path,
+) -> None:
     files = _instrument_files(shared_data)
     corrupt = tmp_path / "corrupt.dm3"
     corrupt.write_bytes(files[0].read_bytes()[:300])  # truncated mid-header
     d = daemon_factory("--policy", "lossless")
     with Subscriber(d.output, topics=("det.",)) as sub:
         sub.wait_ready()
-        replay = nanoscout("replay", *map(str, files), str(corrupt), "--frames-endpoint", d.input, "--mode", "push",
-                           stdout=subprocess.PIPE)
+        replay = nanoscout("replay", *map(str, files), str(corrupt), "--frames-endpoint", d.input,
+                           "--mode", "push", stdout=subprocess.PIPE)
         seen = {}
         for msg in sub.messages(timeout=120):
             seen[msg.header.meta["file"]] = msg.header

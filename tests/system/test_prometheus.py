@@ -57,7 +57,8 @@ def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: 
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "rule_files:\n  - " + str(Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml") + "\n"
+        "rule_files:\n  - "
+        + str(Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml") + "\n"
         "scrape_configs:\n  - job_name: nanoscout\n    static_configs:\n"
         f"      - targets: ['{target}']\n"
     )
@@ -75,7 +76,8 @@ def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: 
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        query = base + "/api/v1/query?query=" + urllib.parse.quote('nanoscout_frames_processed_total{source="prom"}')
+        query = base + "/api/v1/query?query=" + urllib.parse.quote(
+            'nanoscout_frames_processed_total{source="prom"}')
 
         def scraped() -> list | None:
             r = _get(query)

@@ -34,7 +34,10 @@ def _pick(shared_data: Path, n: int = 8) -> list[realdata.Sample]:
     return out
 
 
-def test_real_micrographs_are_found_at_their_own_scale(daemon_factory: DaemonFactory, shared_data: Path) -> None:
+def test_real_micrographs_are_found_at_their_own_scale(
+    daemon_factory: DaemonFactory,
+    shared_data: Path,
+) -> None:
     samples = _pick(shared_data)
     files = [shared_data / "emps-train" / "images" / f"{s.id}.png" for s in samples]
     d = daemon_factory("--policy", "lossless")

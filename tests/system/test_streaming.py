@@ -40,7 +40,11 @@ def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _match(table: np.ndarray, labels: np.ndarray, true_ecd: dict[int, float]) -> tuple[int, int, int, list[float]]:
+def _match(
+    table: np.ndarray,
+    labels: np.ndarray,
+    true_ecd: dict[int, float],
+) -> tuple[int, int, int, list[float]]:
     """Match detections to truth one-to-one: the detection's centroid lies in the true particle
     and their bounding boxes overlap with IoU ≥ 0.5. Particles touching the border are left out.
 

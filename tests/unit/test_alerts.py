@@ -317,8 +317,8 @@ NEW = {"name": "new", "kind": "novelty", "threshold": 3.0, "severity": "info"}
 
 def classify(engine: AlertEngine, probs: list[float], novelty: float | None = None,
              t_ns: int = 0, heat: np.ndarray | None = None, source: str = "cam") -> list[Alert]:
-    return engine.evaluate_class(source=source, t_ns=t_ns, labels=CLASSES, probabilities=probs, novelty=novelty,
-                                 heatmap=heat)
+    return engine.evaluate_class(source=source, t_ns=t_ns, labels=CLASSES, probabilities=probs,
+                                 novelty=novelty, heatmap=heat)
 
 
 def test_class_rule_fires_above_threshold_with_heatmap_and_explanation() -> None:

@@ -152,8 +152,9 @@ def _table(n: int) -> np.ndarray:
 
 def test_det_message_round_trip_carries_the_particle_table() -> None:
     t = _table(5)
-    h = DetHeader(source="cam-1", seq=3, t_acq_ns=1, t_recv_ns=2, t_done_ns=3_000_001, stage_ms={"engine": 4.5},
-                  pixel_size_nm=0.5, units="nm", n=5, engine="onnxruntime-cpu")
+    h = DetHeader(source="cam-1", seq=3, t_acq_ns=1, t_recv_ns=2, t_done_ns=3_000_001,
+                  stage_ms={"engine": 4.5}, pixel_size_nm=0.5, units="nm", n=5,
+                  engine="onnxruntime-cpu")
     msg = decode_message(_bytes(encode_message(h, t)))
     assert msg.topic == "det.cam-1" and msg.kind == "det"
     assert msg.header == h
@@ -173,13 +174,17 @@ def test_det_table_length_must_match_n() -> None:
 
 
 def test_other_results_round_trip() -> None:
-    stats = StatsHeader(source="s", seq=1, t_ns=5, units="nm", window={"count": 3, "d50": 7.5}, cumulative={})
-    alert = AlertHeader(source="s", seq=1, t_acq_ns=5, rule="big", kind="particle", severity="warning", value=60.0,
-                        threshold=50.0, explanation="particle 3 has ECD 60 nm > 50 nm", n=1)
-    health = HealthHeader(t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=1, frames_processed=1,
-                          frames_dropped={"superseded": 2}, rejected={}, transport_gaps=0, queue_depth=0, fps=1.0,
-                          latency_ms_p50=None, latency_ms_p99=None)
-    cls = ClassHeader(source="s", seq=1, t_acq_ns=5, labels=["rods"], probabilities=[0.9], heatmap_shape=(2, 3))
+    stats = StatsHeader(source="s", seq=1, t_ns=5, units="nm", window={"count": 3, "d50": 7.5},
+                        cumulative={})
+    alert = AlertHeader(source="s", seq=1, t_acq_ns=5, rule="big", kind="particle",
+                        severity="warning", value=60.0, threshold=50.0,
+                        explanation="particle 3 has ECD 60 nm > 50 nm", n=1)
+    health = HealthHeader(t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=1,
+                          frames_processed=1, frames_dropped={"superseded": 2}, rejected={},
+                          transport_gaps=0, queue_depth=0, fps=1.0, latency_ms_p50=None,
+                          latency_ms_p99=None)
+    cls = ClassHeader(source="s", seq=1, t_acq_ns=5, labels=["rods"], probabilities=[0.9],
+                      heatmap_shape=(2, 3))
     heat = np.arange(6, dtype=np.uint8).reshape(2, 3)
     assert decode_message(_bytes(encode_message(stats))).header == stats
     a = decode_message(_bytes(encode_message(alert, _table(1))))

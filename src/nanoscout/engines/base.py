@@ -76,7 +76,8 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
     known = {s.name for s in specs}
     unknown = sorted(set(inputs) - known)
     if unknown:
-        raise EngineFailure(f"unknown input {unknown[0]!r}: the model takes {expected}", reason=Reason.BAD_INPUT)
+        raise EngineFailure(f"unknown input {unknown[0]!r}: the model takes {expected}",
+                            reason=Reason.BAD_INPUT)
     checked: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in inputs:

@@ -11,7 +11,8 @@ unknown fields are ignored).
 topic              header                      buffers
 =================  ==========================  =================================================
 ``frame``          :class:`FrameHeader`        frame pixels, C order, dtype and shape from the header
-``det.<source>``   :class:`DetHeader`          particle table (:data:`~nanoscout.wire.particles.PARTICLE_DTYPE`)
+``det.<source>``   :class:`DetHeader`          particle table
+                                               (:data:`~nanoscout.wire.particles.PARTICLE_DTYPE`)
 ``stats.<source>`` :class:`StatsHeader`        —
 ``class.<source>`` :class:`ClassHeader`        optional uint8 heatmap
 ``preview.<src>``  :class:`PreviewHeader`      uint8 picture

@@ -1,8 +1,9 @@
 """The particle table: one numpy structured array row per measured particle.
 
 It travels as a raw buffer in ``det.<source>`` messages, so its layout is part of wire
-protocol v1 (little-endian, packed; v1.2 appended ``cluster``, so a row is one byte longer). Lengths are nanometres when the frame is calibrated and
-pixels when it is not; the ``det`` header says which (``units``).
+protocol v1 (little-endian, packed; v1.2 appended ``cluster``, so a row is one byte longer). Lengths
+are nanometres when the frame is calibrated and pixels when it is not; the ``det`` header says which
+(``units``).
 
 Fields
 ------
