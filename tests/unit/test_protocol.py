@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import msgpack
 import numpy as np
 import pytest
 
-from nanoscout.wire.errors import MalformedMessage, PayloadError, VersionError
+from nanoscout.wire.errors import MalformedMessage, PayloadError, ProtocolError, VersionError
 from nanoscout.wire.particles import PARTICLE_DTYPE, empty_table
 from nanoscout.wire.protocol import (
     AlertHeader,
+    Buffer,
     ClassHeader,
     DetHeader,
     FrameHeader,
@@ -26,11 +30,11 @@ from nanoscout.wire.protocol import (
 )
 
 
-def _header(arr: np.ndarray, **kw) -> FrameHeader:
+def _header(arr: np.ndarray, **kw: Any) -> FrameHeader:
     return frame_header(arr, source="cam-1", seq=7, t_acq_ns=123, pixel_size_nm=kw.pop("px", 0.25), **kw)
 
 
-def _bytes(parts) -> list[bytes]:
+def _bytes(parts: Iterable[Buffer]) -> list[bytes]:
     return [bytes(p) for p in parts]
 
 
@@ -104,7 +108,9 @@ def test_array_and_header_must_agree() -> None:
         ([b"frame", msgpack.packb({"v": [1, 0], "source": "a"}), b""], MalformedMessage, "header"),
     ],
 )
-def test_malformed_frames_raise_with_reason(parts, error, reason) -> None:
+def test_malformed_frames_raise_with_reason(
+    parts: list[bytes], error: type[ProtocolError], reason: str
+) -> None:
     with pytest.raises(error) as e:
         decode_frame(parts)
     assert e.value.reason == reason
@@ -129,7 +135,7 @@ def test_minor_version_with_unknown_fields_is_accepted() -> None:
         ("seq", -1, "seq"),
     ],
 )
-def test_header_fields_are_validated(field: str, value, match: str) -> None:
+def test_header_fields_are_validated(field: str, value: object, match: str) -> None:
     arr = np.zeros((2, 2), np.uint8)
     d = _header(arr).model_dump(mode="json") | {field: value}
     with pytest.raises(MalformedMessage, match=match):

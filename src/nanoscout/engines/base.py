@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Engine(abc.ABC):
     def close(self) -> None:  # noqa: B027 (optional hook: not every backend holds resources)
         """Release runtime resources (sessions, device buffers). Idempotent."""
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
