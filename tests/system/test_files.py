@@ -118,13 +118,15 @@ def test_measure_writes_a_run_and_files_fiji_and_napari_open(shared_data: Path,
     dm4 = files / "JEOL_HAADF_nanoparticles.dm4.labels.tif"
     with tifffile.TiffFile(dm4) as tf:
         assert tf.is_imagej and tf.series[0].axes == "CYX"
-        assert tf.imagej_metadata["unit"] == "nm"
-        num, den = tf.pages[0].tags["XResolution"].value
+        ij = tf.imagej_metadata
+        assert ij is not None and ij["unit"] == "nm"
+        num, den = tf.pages.first.tags["XResolution"].value
         assert den / num == pytest.approx(1.249, rel=1e-3)  # nm per px
         labels = tf.asarray()[1]
     mine = df[df["file"].str.endswith("JEOL_HAADF_nanoparticles.dm4")]
     assert set(np.unique(labels)) - {0} == set(mine["id"].tolist()) and len(mine) > 0
     rois = roifile.roiread(files / "JEOL_HAADF_nanoparticles.dm4.rois.zip")
+    assert isinstance(rois, list)  # a ROI set (.zip) reads as a list
     assert sorted(int(r.name) for r in rois) == sorted(mine["id"].tolist())
     with Image.open(files / "JEOL_HAADF_nanoparticles.dm4.overlay.png") as im:
         assert im.mode == "RGB" and im.size == (labels.shape[1], labels.shape[0])

@@ -47,6 +47,7 @@ def test_real_micrographs_are_found_at_their_own_scale(
                            stdout=subprocess.PIPE)
         seen = {}
         for msg in sub.messages(timeout=180):
+            assert msg.array is not None
             seen[Path(str(msg.header.meta["file"])).stem] = (msg.header, msg.array.copy())
             if len(seen) == len(files):
                 break
