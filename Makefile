@@ -36,8 +36,9 @@ triton-env: $(TRITON_VENV)/.installed
 demo: install
 	$(BIN)/nanoscout demo --duration $(DURATION)
 
+# mypy reads its files from pyproject.toml: the package, tests, benchmarks, examples, conftest.py
 lint: install
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples conftest.py
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

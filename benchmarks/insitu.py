@@ -232,10 +232,11 @@ def scenario(name: str, frames_per_5pct: float, n: int, size: int, seed: int, th
            "growth": _growth(pipe, name, frames, results),
            "coalescence": _coalescence(frames, results, diam_px, window,
                                        pipe.tracking.max_gap_frames if pipe.tracking else 0),
-           "unique_last": results[-1][2].unique.model_dump() if results[-1][2].unique else None,
            "cost": _cost(results)}
-    out["unique_last"] = {k: out["unique_last"][k] for k in
-                          ("count", "tracks_total", "fields", "ecd", "ecd_d50_ci")}
+    unique = results[-1][2].unique
+    last: dict[str, Any] | None = None if unique is None else unique.model_dump()
+    out["unique_last"] = None if last is None else {
+        k: last[k] for k in ("count", "tracks_total", "fields", "ecd", "ecd_d50_ci")}
     pipe.close()
     return out, results
 
@@ -299,7 +300,7 @@ def real_frames(n_frames: int, threads: int) -> dict[str, Any] | None:
     if not files:
         return None
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     pipe = _pipeline(threads)
     for path in files:
         img = np.asarray(Image.open(path).convert("L")).astype(np.float32)

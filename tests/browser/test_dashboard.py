@@ -172,7 +172,9 @@ def _is_expected_503(text: str) -> bool:
     return "status of 503" in text
 
 
-def test_dashboard_in_chromium(daemon_factory: DaemonFactory, publisher) -> None:
+def test_dashboard_in_chromium(
+    daemon_factory: DaemonFactory, publisher: tuple[zmq.Socket, str]
+) -> None:
     sync_playwright = _sync_playwright()
     pub, pub_endpoint = publisher
     d = daemon_factory("--policy", "live", config=DAEMON_CONFIG)
@@ -522,7 +524,7 @@ def test_lens_of_a_silent_daemon_times_out(tmp_path: Path) -> None:
 
 def test_lens_over_a_real_rep_socket(tmp_path: Path) -> None:
     """request_lens -> REP socket -> the mosaic: float16 maps survive the wire."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.LINGER, 0)
     endpoint = f"ipc://{tmp_path}/query"

@@ -13,7 +13,7 @@ import pytest
 
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.clients.subscriber import Subscriber
-from tests.system.conftest import DaemonFactory, nanoscout
+from tests.system.conftest import DaemonFactory, DaemonProc, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 CARD = ModelCard.load(REPO / "models" / "weights" / "classifier.json")
 
 
-def _simulate(d, n: int, *args: str) -> subprocess.Popen[str]:
+def _simulate(d: DaemonProc, n: int, *args: str) -> subprocess.Popen[str]:
     return nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--frames", str(n),
                      "--size", "512", "--rate", "0", "--seed", "77", *args,
                      stdout=subprocess.DEVNULL)
@@ -132,7 +132,7 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory: DaemonF
     with pytest.raises(QueryError, match="unknown lens output 'act_nope'"):
         request_lens(d.query, "cam1", ["act_nope"])
     # garbage on the query socket gets an answer, and the daemon keeps serving
-    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
     sock.connect(d.query)

@@ -14,12 +14,13 @@ import pytest
 from nanoscout.clients.query import request_control
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.protocol import DetHeader, StatsHeader
-from tests.system.conftest import nanoscout
+from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
 
 
-def test_insitu_stream_is_tracked_and_controlled(daemon_factory, tmp_path: Path) -> None:
+def test_insitu_stream_is_tracked_and_controlled(daemon_factory: DaemonFactory,
+                                                 tmp_path: Path) -> None:
     import motmetrics as mm
 
     d = daemon_factory("--policy", "lossless", config="[classify]\nenabled = false\n")
@@ -36,6 +37,7 @@ def test_insitu_stream_is_tracked_and_controlled(daemon_factory, tmp_path: Path)
                         "--truth-dir", str(truth_dir), stdout=subprocess.DEVNULL)
         for msg in sub.messages(timeout=240):
             if msg.kind == "det":
+                assert msg.array is not None
                 dets[msg.header.seq] = (msg.header, msg.array.copy())
             elif msg.kind == "stats":
                 stats[msg.header.seq] = msg.header

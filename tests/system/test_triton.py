@@ -18,7 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +101,11 @@ def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     srv.stop()
 
 
+Frames = list[tuple[ImageRecord, str | None]]
+
+
 @pytest.fixture(scope="module")
-def frames(shared_data: Path) -> list[tuple[ImageRecord, str | None]]:
+def frames(shared_data: Path) -> Frames:
     """Real frames: EMPS TEM/SEM crops, BF-TEM frames, a DM4 HAADF file, and STEM images
     sent as STEM (so the STEM detector runs on the server too)."""
     paths = sorted((shared_data / "emps-train" / "images").iterdir())[:6]
@@ -115,7 +118,7 @@ def frames(shared_data: Path) -> list[tuple[ImageRecord, str | None]]:
 
 
 @pytest.mark.parametrize("shared_memory", ["off", "auto"])
-def test_particles_identical_to_the_local_engine(server: TritonServer, frames, shared_memory: str
+def test_particles_identical_to_the_local_engine(server: TritonServer, frames: Frames, shared_memory: str
                                                  ) -> None:
     local = _local()
     remote = build_pipeline(load_config(None, {
@@ -150,7 +153,7 @@ def _start_daemon(tmp_path: Path, name: str, config: str, *args: str) -> DaemonP
     return start_daemon(folder, "--policy", "lossless", *args, config=config)
 
 
-def _results(d: DaemonProc, frames, source: str) -> dict[int, np.ndarray]:
+def _results(d: DaemonProc, frames: Frames, source: str) -> dict[int, np.ndarray]:
     """Send ``frames`` to ``d``; returns seq -> particle table of each ``det``."""
     tables: dict[int, np.ndarray] = {}
     with Subscriber(d.output, topics=("det.",)) as sub:
@@ -159,14 +162,15 @@ def _results(d: DaemonProc, frames, source: str) -> dict[int, np.ndarray]:
             for rec, modality in frames:
                 pub.send(rec.data, pixel_size_nm=rec.pixel_size_nm, modality=modality)
             for msg in sub.messages(timeout=180):
-                assert isinstance(msg.header, DetHeader)
+                assert isinstance(msg.header, DetHeader) and msg.array is not None
                 tables[msg.header.seq] = msg.array
                 if len(tables) == len(frames):
                     break
     return tables
 
 
-def _first_served(d: DaemonProc, frame, source: str, attempts: int = 20) -> np.ndarray:
+def _first_served(d: DaemonProc, frame: tuple[ImageRecord, str | None], source: str,
+                  attempts: int = 20) -> np.ndarray:
     """Send ``frame`` once at a time until ``d`` publishes its ``det`` (each failed attempt
     is a counted drop, seen in health); returns that particle table. The client reconnects
     to a restarted server within its 2 s reconnection backoff."""
@@ -188,7 +192,7 @@ def _first_served(d: DaemonProc, frame, source: str, attempts: int = 20) -> np.n
     raise AssertionError(f"{d.output}: no frame served in {attempts} attempts")
 
 
-def _health(d: DaemonProc, until, timeout: float = 60.0) -> HealthHeader:
+def _health(d: DaemonProc, until: Callable[[HealthHeader], bool], timeout: float = 60.0) -> HealthHeader:
     """The first health message of ``d`` for which ``until(health)`` holds."""
     deadline = time.monotonic() + timeout
     with Subscriber(d.output, topics=("health",)) as sub:
@@ -206,7 +210,7 @@ def _stop(*daemons: DaemonProc) -> None:
             d.pump.join(30)
 
 
-def test_two_daemons_share_one_server(server: TritonServer, frames, tmp_path: Path) -> None:
+def test_two_daemons_share_one_server(server: TritonServer, frames: Frames, tmp_path: Path) -> None:
     client = tritonclient.InferenceServerClient(server.url)
 
     def served() -> int:
@@ -240,7 +244,7 @@ def test_two_daemons_share_one_server(server: TritonServer, frames, tmp_path: Pa
         client.close()
 
 
-def test_server_down_drops_counted_or_falls_back(repository: Path, frames, tmp_path: Path
+def test_server_down_drops_counted_or_falls_back(repository: Path, frames: Frames, tmp_path: Path
                                                  ) -> None:
     srv = _start(repository, tmp_path / "server")
     plain = fallback = None

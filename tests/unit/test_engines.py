@@ -9,7 +9,9 @@ import json
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import GraphProto, TensorProto, helper, numpy_helper  # noqa: E402
 
 from nanoscout.engines import (  # noqa: E402
     BACKENDS,
@@ -26,6 +28,8 @@ from nanoscout.engines import (  # noqa: E402
     create_engine,
     resolve_backend,
 )
+from nanoscout.engines.onnxrt import OnnxRuntimeEngine  # noqa: E402
+from nanoscout.engines.tensorrt import TensorRTEngine  # noqa: E402
 from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +37,7 @@ KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], np.float
 BIAS = np.float32(0.1)
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
+def _save(graph: GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9  # readable by older runtimes (TensorRT 10 parsers, ONNX Runtime 1.16+)
     onnx.checker.check_model(model)
@@ -93,12 +97,12 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cpu_engine(model_path: Path):
-    with create_engine(model_path, "cpu", threads=1) as engine:
+def cpu_engine(model_path: Path) -> Iterator[OnnxRuntimeEngine]:
+    with cast(OnnxRuntimeEngine, create_engine(model_path, "cpu", threads=1)) as engine:
         yield engine
 
 
-def test_cpu_engine_matches_numpy_on_two_shapes(cpu_engine) -> None:
+def test_cpu_engine_matches_numpy_on_two_shapes(cpu_engine: OnnxRuntimeEngine) -> None:
     rng = np.random.default_rng(0)
     for shape in [(1, 1, 40, 56), (2, 1, 17, 9)]:
         image = rng.normal(size=shape).astype(np.float32)
@@ -110,7 +114,7 @@ def test_cpu_engine_matches_numpy_on_two_shapes(cpu_engine) -> None:
         np.testing.assert_allclose(out["prob"], prob, atol=1e-6)
 
 
-def test_cpu_engine_reports_spec_name_and_threads(cpu_engine) -> None:
+def test_cpu_engine_reports_spec_name_and_threads(cpu_engine: OnnxRuntimeEngine) -> None:
     assert cpu_engine.name == "onnxruntime-cpu"
     assert cpu_engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
     assert [s.name for s in cpu_engine.outputs] == ["logits", "prob"]
@@ -119,7 +123,7 @@ def test_cpu_engine_reports_spec_name_and_threads(cpu_engine) -> None:
     assert cpu_engine.selection_notes == ()
 
 
-def test_non_contiguous_input_gives_the_same_result(cpu_engine) -> None:
+def test_non_contiguous_input_gives_the_same_result(cpu_engine: OnnxRuntimeEngine) -> None:
     image = np.random.default_rng(1).random((1, 1, 30, 20), dtype=np.float32)
     transposed = np.ascontiguousarray(image.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     assert not transposed.flags.c_contiguous
@@ -140,7 +144,9 @@ def test_non_contiguous_input_gives_the_same_result(cpu_engine) -> None:
     ],
     ids=["name", "rank", "fixed-axis", "dtype", "byte-order", "not-array", "missing"],
 )
-def test_bad_inputs_raise_engine_failure_naming_them(cpu_engine, inputs, needles) -> None:
+def test_bad_inputs_raise_engine_failure_naming_them(
+    cpu_engine: OnnxRuntimeEngine, inputs: dict[str, Any], needles: list[str]
+) -> None:
     with pytest.raises(EngineFailure) as info:
         cpu_engine.infer(inputs)
     for needle in needles:
@@ -149,7 +155,8 @@ def test_bad_inputs_raise_engine_failure_naming_them(cpu_engine, inputs, needles
 
 
 def test_missing_input_is_caught_before_the_runtime(tmp_path: Path) -> None:
-    with create_engine(add_model(tmp_path / "add.onnx"), "cpu", threads=1) as engine:
+    add = add_model(tmp_path / "add.onnx")
+    with cast(OnnxRuntimeEngine, create_engine(add, "cpu", threads=1)) as engine:
         session = engine._session
 
         class Trap:
@@ -304,7 +311,7 @@ class _FakeTrt(types.ModuleType):
         self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
         self.__version__ = "10.9.0"
         builds = gpu_builds
-        ort = importlib.import_module("onnxruntime")
+        import onnxruntime as ort
 
         class ILogger:
             class Severity:
@@ -329,6 +336,8 @@ class _FakeTrt(types.ModuleType):
                 self.name, self.shape = name, shape
 
         class Network:
+            path: str  # the parsed file (set by the parser)
+
             def __init__(self) -> None:
                 self.inputs: list[Tensor] = []
 
@@ -341,7 +350,8 @@ class _FakeTrt(types.ModuleType):
 
         class Parser:
             def __init__(self, network: Network, logger: object) -> None:
-                self.network, self.errors = network, []
+                self.network = network
+                self.errors: list[str] = []
 
             @property
             def num_errors(self) -> int:
@@ -412,7 +422,9 @@ class _FakeTrt(types.ModuleType):
 
         class Context:
             def __init__(self, engine: Engine) -> None:
-                self.engine, self.shapes, self.addresses = engine, {}, {}
+                self.engine = engine
+                self.shapes: dict[str, tuple[int, ...]] = {}
+                self.addresses: dict[str, int] = {}
 
             def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
                 self.shapes[name] = tuple(shape)
@@ -431,7 +443,7 @@ class _FakeTrt(types.ModuleType):
                 for name, shape in self.shapes.items():
                     n = int(np.prod(shape)) * 4
                     raw = (ctypes.c_char * n).from_address(self.addresses[name])
-                    feeds[name] = np.frombuffer(raw, np.float32).reshape(shape).copy()
+                    feeds[name] = np.frombuffer(memoryview(raw), np.float32).reshape(shape).copy()
                 outs = self.engine.session.run(None, feeds)
                 for spec, out in zip(self.engine.session.get_outputs(), outs, strict=True):
                     ctypes.memmove(self.addresses[spec.name], out.ctypes.data, out.nbytes)
@@ -525,10 +537,14 @@ class _FakeCudart(types.ModuleType):
         return (0,)
 
 
+#: what the ``fake_gpu`` fixture yields: the TensorRT builds made so far and the fake cudart
+FakeGpu = tuple[list[dict[str, Any]], _FakeCudart]
+
+
 @pytest.fixture
-def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeGpu:
     """Installs fake tensorrt and cuda-python modules; yields (list of builds, fake cudart)."""
-    builds: list[dict] = []
+    builds: list[dict[str, Any]] = []
     cudart = _FakeCudart()
     cuda = types.ModuleType("cuda")
     cuda.__spec__ = importlib.machinery.ModuleSpec("cuda", None, is_package=True)
@@ -536,7 +552,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     bindings = types.ModuleType("cuda.bindings")
     bindings.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings", None, is_package=True)
     bindings.__path__ = []
-    bindings.runtime = cudart
+    vars(bindings)["runtime"] = cudart  # the submodule as an attribute of its package
     cudart.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings.runtime", None)
     for name, module in [
         ("tensorrt", _FakeTrt(builds)),
@@ -550,10 +566,15 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     return builds, cudart
 
 
-def test_fake_tensorrt_engine_runs_and_caches(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+def test_fake_tensorrt_engine_runs_and_caches(
+    fake_gpu: FakeGpu,
+    model_path: Path,
+    tmp_path: Path,
+) -> None:
     builds, cudart = fake_gpu
     assert available_backends()["tensorrt"] == "available"
-    with create_engine(model_path, cache_dir=tmp_path, max_shape=(512, 256)) as engine:
+    with cast(TensorRTEngine,
+              create_engine(model_path, cache_dir=tmp_path, max_shape=(512, 256))) as engine:
         assert engine.name == "tensorrt" and engine.built and engine.selection_notes == ()
         assert engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
         assert builds[-1]["flags"] == ["FP16"]
@@ -575,7 +596,8 @@ def test_fake_tensorrt_engine_runs_and_caches(fake_gpu, model_path: Path, tmp_pa
     assert not cudart.blocks, "close() left device buffers allocated"
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".plan"]
 
-    with create_engine(model_path, "trt", cache_dir=tmp_path, max_shape=(512, 256)) as again:
+    with cast(TensorRTEngine,
+              create_engine(model_path, "trt", cache_dir=tmp_path, max_shape=(512, 256))) as again:
         assert not again.built and again.plan_path == plan and len(builds) == 1
 
 
@@ -588,31 +610,41 @@ def test_fake_tensorrt_engine_runs_and_caches(fake_gpu, model_path: Path, tmp_pa
     ],
 )
 def test_fake_tensorrt_rebuilds_when_the_key_changes(
-    fake_gpu, model_path: Path, tmp_path: Path, change: dict, expect_flags: list
+    fake_gpu: FakeGpu, model_path: Path, tmp_path: Path, change: dict[str, Any],
+    expect_flags: list[str]
 ) -> None:
     builds, cudart = fake_gpu
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as first:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path)) as first:
         assert first.built
     if "gpu" in change:
         cudart.gpu_name = change.pop("gpu")
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, **change) as second:
+    with cast(TensorRTEngine,
+              create_engine(model_path, "tensorrt", cache_dir=tmp_path, **change)) as second:
         assert second.built and second.plan_path != first.plan_path
     assert len(builds) == 2 and builds[1]["flags"] == expect_flags
 
 
-def test_fake_tensorrt_rebuilds_a_corrupt_plan(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+def test_fake_tensorrt_rebuilds_a_corrupt_plan(
+    fake_gpu: FakeGpu,
+    model_path: Path,
+    tmp_path: Path,
+) -> None:
     builds, _ = fake_gpu
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as first:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path)) as first:
         plan = first.plan_path
     plan.write_bytes(b"garbage")
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as second:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path)) as second:
         assert second.built and len(builds) == 2
         image = np.ones((1, 1, 40, 40), np.float32)
         np.testing.assert_allclose(second.infer({"image": image})["prob"], reference(image)[1])
     assert plan.read_bytes().startswith(b"FAKEPLAN")
 
 
-def test_fake_tensorrt_parse_failure_falls_back_in_auto(fake_gpu, tmp_path: Path, model_path: Path) -> None:
+def test_fake_tensorrt_parse_failure_falls_back_in_auto(
+    fake_gpu: FakeGpu,
+    tmp_path: Path,
+    model_path: Path,
+) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not onnx")
     with pytest.raises(EngineFailure, match="TensorRT cannot parse ONNX model .*corrupt.onnx"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,12 @@ from nanoscout.wire.protocol import FrameHeader, decode_message
 from tests.unit.test_classifier import S, _load, classifier_model, lens_model
 
 
-def _guard(fn):
+def _guard(fn: Callable[[], None]) -> Callable[[], None]:
     return fn
 
 
 @pytest.fixture()
-def server(tmp_path: Path):
+def server(tmp_path: Path) -> Iterator[tuple[LensServer, str]]:
     engine, card = _load(*classifier_model(tmp_path))
     lens, lens_card = _load(*lens_model(tmp_path))
     clf = FieldClassifier(engine, card, lens=lens, lens_card=lens_card)
@@ -37,13 +38,14 @@ def _header(seq: int) -> FrameHeader:
                        pixel_size_nm=0.5)
 
 
-def test_lens_maps_of_the_newest_frame(server) -> None:
+def test_lens_maps_of_the_newest_frame(server: tuple[LensServer, str]) -> None:
     srv, endpoint = server
     frame = np.random.default_rng(3).integers(0, 4000, (64, 64)).astype(np.uint16)
     srv.offer(Frame(_header(1), np.zeros((64, 64), np.uint16)))
     srv.offer(Frame(_header(2), frame))
     reply, maps = request_lens(endpoint, "cam", ["act_enc1"])
     assert reply.seq == 2 and reply.available == ["error", "act_enc1"]
+    assert srv.classifier is not None
     want = srv.classifier.lens_outputs(frame)["act_enc1"]
     assert maps["act_enc1"].shape == (1, 1, S // 2, S // 2)
     np.testing.assert_allclose(maps["act_enc1"], want, atol=2e-3)  # float16 on the wire
@@ -51,7 +53,7 @@ def test_lens_maps_of_the_newest_frame(server) -> None:
     assert srv.answered == 1
 
 
-def test_refusals_are_answers_not_hangs(server) -> None:
+def test_refusals_are_answers_not_hangs(server: tuple[LensServer, str]) -> None:
     srv, endpoint = server
     with pytest.raises(QueryError, match="no frame of source 'cam' analysed yet"):
         request_lens(endpoint, "cam", ["act_enc1"])

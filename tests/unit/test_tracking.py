@@ -17,7 +17,7 @@ from nanoscout.analysis.insitu import lsw_fit, mean_ci, median_ci, poisson_ci
 from nanoscout.analysis.measure import measure
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.analysis.preprocess import normalize
-from nanoscout.analysis.tracking import SourceTracker, TrackingConfig
+from nanoscout.analysis.tracking import SourceTracker, TrackingConfig, TrackUpdate
 from nanoscout.sim.insitu import InSituSeries
 from nanoscout.sim.synthetic import Specimen, SpecimenConfig
 from nanoscout.wire.headers import DetHeader, Stage, StatsHeader
@@ -50,7 +50,7 @@ def _series(**kw: object) -> list:
 
 
 def _track(frames: list, config: TrackingConfig | None = None
-           ) -> tuple[SourceTracker, list[np.ndarray], list[dict]]:
+           ) -> tuple[SourceTracker, list[np.ndarray], list[TrackUpdate]]:
     tr = SourceTracker(config or TrackingConfig())
     tables, updates = [], []
     for k, f in enumerate(frames):
@@ -209,6 +209,7 @@ def test_pipeline_publishes_track_ids_drift_and_unique_statistics_and_takes_requ
     # the wire carries it all: encode, decode, same header and track ids
     msg = decode_message(encode(results[3].messages[0]))
     assert isinstance(msg.header, DetHeader) and msg.header.drift == det.drift
+    assert msg.array is not None
     np.testing.assert_array_equal(msg.array["track_id"], results[3].table["track_id"])
     st = results[3].messages[-1].header
     assert isinstance(st, StatsHeader) and st.unique is not None and st.insitu is not None

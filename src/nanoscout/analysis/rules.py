@@ -187,6 +187,7 @@ class ParticleRule(_RuleBase):
         return where
 
     def model_post_init(self, context: Any, /) -> None:
+        """Compile ``where`` into (field, op, value) conditions, shape classes as indices."""
         conds = []
         for fname, ops in self.where.items():
             for op, value in ops.items():

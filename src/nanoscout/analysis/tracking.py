@@ -31,9 +31,10 @@ Statistics that count each particle once (:meth:`SourceTracker.unique`): one val
 the median ECD of its last ``history`` observations off the frame edge, for tracks seen on at
 least ``min_track_frames`` frames, or on every frame of a field imaged fewer times, and on at
 least ``min_presence`` of the frames of their life (so a single frame counts every particle,
-and a flickering false or faint detection on a long series counts nothing); per field and over all fields, with 95 % intervals over tracks. A static field
-imaged 50 times gives the same N and intervals as one frame of it. Growth rates dECD/dt come
-from a least-squares line through each track's sized observations (with its standard error).
+and a flickering false or faint detection on a long series counts nothing); per field and over
+all fields, with 95 % intervals over tracks. A static field imaged 50 times gives the same N
+and intervals as one frame of it. Growth rates dECD/dt come from a least-squares line through
+each track's sized observations (with its standard error).
 
 Lengths are kept in px (positions, ECD) with the field's pixel size beside them, so an
 uncalibrated frame resets nothing: statistics in nm use the fields that have a pixel size.

@@ -13,8 +13,8 @@ Writes a run in the format of ``nanoscout record`` (:mod:`nanoscout.clients.runf
 
 Calibrated and uncalibrated images are two sources (``measure`` and ``measure-px``), so sizes
 in nm and px are never pooled in statistics; each image is analysed alone (its own working
-scale: build the pipeline with ``build_pipeline(config, offline=True)``). Each image's acquisition time is its file's
-modification time. A TIA acquisition (``.emi`` + ``_N.ser``) is measured once.
+scale: build the pipeline with ``build_pipeline(config, offline=True)``). Each image's acquisition
+time is its file's modification time. A TIA acquisition (``.emi`` + ``_N.ser``) is measured once.
 
 With ``outputs=DIR``, per image (names keep the file's suffix: ``test-1.dm3.*``,
 ``test-1.dm4.*``): ``NAME.labels.tif`` (ImageJ hyperstack: image + instance labels, nm

@@ -117,7 +117,8 @@ def serve(
 
 @app.command(rich_help_panel="Live")
 def simulate(
-    frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
+    frames_endpoint: Annotated[str, typer.Option(
+        "--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
     mode: AdapterMode = "auto",
     results: AdapterResults = None,
     confirm_timeout: ConfirmTimeout = 30.0,
@@ -176,7 +177,8 @@ def simulate(
 def replay(
     files: Annotated[list[Path] | None, typer.Argument(
         help="image files or folders (TIFF, DM3/4, EMI/SER, MRC, EMD, PNG, JPEG)")] = None,
-    frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
+    frames_endpoint: Annotated[str, typer.Option(
+        "--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
     mode: AdapterMode = "auto",
     results: AdapterResults = None,
     confirm_timeout: ConfirmTimeout = 30.0,
@@ -377,13 +379,15 @@ def demo(
 
 @app.command(rich_help_panel="Stage search")
 def microscope(
-    frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
+    frames_endpoint: Annotated[str, typer.Option(
+        "--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
     mode: Annotated[Literal["auto", "push", "pub"], typer.Option(
         help="push (lossless daemon: a search wants every frame), pub (live daemon) or auto: "
              "whichever the daemon takes")] = "auto",
     source: Annotated[str, typer.Option(help="source name in every frame header")] = "stage",
     control: Annotated[str, typer.Option(help="control endpoint to bind (REP; port 0 = any)")] = "tcp://127.0.0.1:5558",
-    specimen_um: Annotated[tuple[float, float], typer.Option(help="virtual specimen size W H, µm")] = (200.0, 200.0),
+    specimen_um: Annotated[tuple[float, float], typer.Option(
+        help="virtual specimen size W H, µm")] = (200.0, 200.0),
     seed: Annotated[int, typer.Option(help="draws the specimen")] = 0,
     large: Annotated[int, typer.Option(help="rare large particles (targets)")] = 12,
     wires: Annotated[int, typer.Option(help="rare long wires (targets)")] = 12,
@@ -437,14 +441,16 @@ def search(
         show_default="the stage limits")] = None,
     candidate_rule: Annotated[list[str] | None, typer.Option(
         help="alert rule that only nominates candidates in the survey (repeatable)")] = None,
-    pixel_size: Annotated[float, typer.Option(help="high magnification (raster, confirmation), nm/px")] = 20.0,
+    pixel_size: Annotated[float, typer.Option(
+        help="high magnification (raster, confirmation), nm/px")] = 20.0,
     survey_pixel_size: Annotated[float, typer.Option(help="survey magnification, nm/px")] = 80.0,
     size: Annotated[int, typer.Option(help="frame side, px")] = 512,
     overlap: Annotated[float, typer.Option(help="tile overlap, µm (at least the largest target)")] = 3.0,
     budget_frames: Annotated[int | None, typer.Option(help="stop after N frames")] = None,
     budget_s: Annotated[float | None, typer.Option(help="stop after S s of instrument time")] = None,
     budget_dose: Annotated[float | None, typer.Option(help="stop at this mean dose, e/nm²")] = None,
-    min_separation: Annotated[float, typer.Option(help="confirmations closer than this are one target, µm")] = 1.0,
+    min_separation: Annotated[float, typer.Option(
+        help="confirmations closer than this are one target, µm")] = 1.0,
     result_timeout: Annotated[float, typer.Option(help="wait for a frame's results, s")] = 30.0,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
 ) -> None:

@@ -9,12 +9,14 @@ the output name:
   ``polars.read_parquet("RUN.parquet/*.parquet")``. The particle parts are the folder's own
   ``part-000001.parquet`` ...; the other tables sit in sub-folders whose names start with ``_``
   (which Parquet dataset readers skip): ``_frames/``, ``_alerts/``, ``_stats/``, ``_tracks/``
-  (written when the run is closed), and the provenance is ``_run.json``. Read another table with ``pd.read_parquet("RUN.parquet/_frames")``.
+  (written when the run is closed), and the provenance is ``_run.json``. Read another table
+  with ``pd.read_parquet("RUN.parquet/_frames")``.
   Each part is written under a temporary ``.``-name, fsynced and renamed into place, so after a
   crash (even ``kill -9``) every part present is complete: the run loses at most the batch
   being written.
 * ``RUN.csv`` — ``RUN.csv`` (particles), ``RUN.frames.csv``, ``RUN.alerts.csv``,
-  ``RUN.stats.csv``, ``RUN.tracks.csv`` (at close) and ``RUN.json``; rows are appended, flushed and fsynced per batch. A crash
+  ``RUN.stats.csv``, ``RUN.tracks.csv`` (at close) and ``RUN.json``; rows are appended,
+  flushed and fsynced per batch. A crash
   can leave a partial last line, which :func:`read_run` drops. Times are ISO 8601 (UTC).
 
 A batch writes its particle, alert and stats rows first and its frame rows last; :func:`read_run`

@@ -154,13 +154,18 @@ class Daemon:
         self.metrics.engine_info.info(
             {"backend": self.pipeline.engine_name, **self.pipeline.model_names, "policy": self._policy}
         )
-        for name, target in (("receiver", self._receive_loop), ("worker", self._work_loop), ("publisher", self._publish_loop)):
+        for name, target in (
+            ("receiver", self._receive_loop),
+            ("worker", self._work_loop),
+            ("publisher", self._publish_loop),
+        ):
             t = threading.Thread(target=self._guard(target), name=f"nanoscout-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         query_ep = self._start_query()
         self.endpoints = Endpoints(in_ep, out_ep, metrics_url, query_ep)
-        log.info("serving: frames on %s (%s), results on %s, metrics %s", in_ep, self._policy, out_ep, metrics_url)
+        log.info("serving: frames on %s (%s), results on %s, metrics %s",
+                 in_ep, self._policy, out_ep, metrics_url)
         return self.endpoints
 
     def _start_query(self) -> str | None:
@@ -483,7 +488,8 @@ class Daemon:
                             suppressed_seen[rule] = n
                     next_health = now + interval
                 try:
-                    msg = self._out.get(timeout=max(0.0, min(_POLL_MS / 1000, next_health - time.monotonic())))
+                    msg = self._out.get(
+                        timeout=max(0.0, min(_POLL_MS / 1000, next_health - time.monotonic())))
                 except queue.Empty:
                     if self._worker_done.is_set() and self._out.empty():
                         break

@@ -1,10 +1,10 @@
 """Synthetic electron-microscopy specimens with exact ground truth (numpy + scipy only).
 
 A specimen is a set of nanoparticles (spheres, ellipses, rods, faceted polygons, triangular
-plates; lognormal sizes; isolated, touching or agglomerated) lying on a support. Its geometry is rasterised once
-onto a *periodic* canvas a little larger than the frame, so that a drifting field of view can be
-re-acquired cheaply (:meth:`Specimen.acquire`: a window of the canvas, the beam's illumination
-profile and shot noise) while the instance ground truth stays exact.
+plates; lognormal sizes; isolated, touching or agglomerated) lying on a support. Its geometry is
+rasterised once onto a *periodic* canvas a little larger than the frame, so that a drifting field of
+view can be re-acquired cheaply (:meth:`Specimen.acquire`: a window of the canvas, the beam's
+illumination profile and shot noise) while the instance ground truth stays exact.
 
 Image formation (relative intensity, then electron counts):
 
