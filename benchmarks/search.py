@@ -107,7 +107,7 @@ def score(found: Sequence[FoundTarget | dict[str, Any]], truth: list[dict[str, A
 def start_daemon(config: Path, log_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """``nanoscout serve`` on free loopback ports; returns (process, its readiness endpoints)."""
     cmd = [sys.executable, "-m", "nanoscout", "serve", "--config", str(config),
-           "--input", "tcp://127.0.0.1:0", "--output", "tcp://127.0.0.1:0",
+           "--frames-endpoint", "tcp://127.0.0.1:0", "--results", "tcp://127.0.0.1:0",
            "--query", "tcp://127.0.0.1:0", "--no-metrics"]
     proc, endpoints, _ = launch_ready(cmd, log_path, "search daemon")
     return proc, endpoints
