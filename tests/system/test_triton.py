@@ -153,8 +153,17 @@ def _start_daemon(tmp_path: Path, name: str, config: str, *args: str) -> DaemonP
     return start_daemon(folder, "--policy", "lossless", *args, config=config)
 
 
+def _untracked(table: np.ndarray) -> np.ndarray:
+    """``table`` with ``track_id`` zeroed: the daemon tracks particles across a source's frames
+    (the in-process pipeline does not), every other field must match bit for bit."""
+    out = table.copy()
+    out["track_id"] = 0
+    return out
+
+
 def _results(d: DaemonProc, frames: Frames, source: str) -> dict[int, np.ndarray]:
-    """Send ``frames`` to ``d``; returns seq -> particle table of each ``det``."""
+    """Send ``frames`` to ``d``; returns seq -> particle table of each ``det``, ``track_id``
+    zeroed (:func:`_untracked`)."""
     tables: dict[int, np.ndarray] = {}
     with Subscriber(d.output, topics=("det.",)) as sub:
         sub.wait_ready(30)
@@ -163,7 +172,7 @@ def _results(d: DaemonProc, frames: Frames, source: str) -> dict[int, np.ndarray
                 pub.send(rec.data, pixel_size_nm=rec.pixel_size_nm, modality=modality)
             for msg in sub.messages(timeout=180):
                 assert isinstance(msg.header, DetHeader) and msg.array is not None
-                tables[msg.header.seq] = msg.array
+                tables[msg.header.seq] = _untracked(msg.array)
                 if len(tables) == len(frames):
                     break
     return tables
@@ -183,7 +192,7 @@ def _first_served(d: DaemonProc, frame: tuple[ImageRecord, str | None], source: 
             for msg in sub.messages(timeout=60):
                 if isinstance(msg.header, DetHeader) and msg.header.source == source:
                     assert msg.header.seq == seq and msg.array is not None
-                    return msg.array
+                    return _untracked(msg.array)
                 if isinstance(msg.header, HealthHeader):
                     n = msg.header.frames_dropped.get("engine_failure", 0)
                     if n > dropped:
