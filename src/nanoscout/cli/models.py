@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -101,3 +103,52 @@ def _make(action: str, load: Callable[[], Main], doc: str) -> None:
 
 for _action, (_load, _doc) in ACTIONS.items():
     _make(_action, _load, _doc)
+
+
+@models_app.command("adapt")
+def adapt(
+    images: Annotated[list[Path], typer.Argument(help="annotated frames (TIFF, PNG, JPEG)")],
+    labels: Annotated[list[Path], typer.Option(
+        "--labels", help="one label file per image, same order: .png/.tif masks, .txt YOLO "
+                         "boxes, .csv points x,y[,diameter], .zip/.roi ImageJ ROI sets")],
+    out: Annotated[Path, typer.Option(help="folder for detector.onnx + detector.json")],
+    base: Annotated[Path | None, typer.Option(help="ONNX detector to adapt (card beside it)",
+                                              show_default="the shipped detector")] = None,
+    minutes: Annotated[float, typer.Option(help="wall-time budget of the whole run, min")] = 4.0,
+    guard: Annotated[str, typer.Option(
+        help="guard against forgetting: mix (synthetic crops of the original training "
+             "generator), freeze (encoder frozen) or none")] = "mix",
+    threads: Annotated[int, typer.Option(
+        help="torch and ONNX Runtime threads (2 threads on a busy 2-core machine run slower)")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed of the fine-tuning")] = 0,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="draw a progress bar",
+        show_default="on a terminal")] = None,
+) -> None:
+    """Fine-tune the detector on a few annotated frames of a new specimen (torch, CPU)."""
+    try:
+        from nanoscout.training.adapt import adapt as run_adapt
+    except ModuleNotFoundError as exc:
+        if exc.name == "torch":
+            raise NanoscoutError("adapt needs PyTorch: pip install torch==2.13.0 && "
+                                 "pip install -e '.[train]'") from exc
+        raise
+    from nanoscout.clients.progress import progress as bar_for
+
+    command = "nanoscout models adapt " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    with bar_for("adapting", total=100, enabled=progress) as bar:
+        done = [0.0]
+
+        def tick(frac: float, note: str) -> None:
+            step = max(0.0, 100.0 * frac - done[0])
+            done[0] += step
+            bar.advance(step, note)
+
+        res = run_adapt(list(images), list(labels), out, base=base, minutes=minutes,
+                        guard=guard, seed=seed, threads=threads, progress=tick, command=command)
+        b, a = res.before, res.after
+        bar.log(f"wrote {res.onnx} and {res.card} in {res.seconds:.0f} s ({res.steps} steps, "
+                f"guard {res.guard}, scale {res.scale}, score cut {res.min_score})")
+        bar.log(f"held-out F1 {b['f1']:.3f} -> {a['f1']:.3f} (P {b['precision']:.3f} -> "
+                f"{a['precision']:.3f}, R {b['recall']:.3f} -> {a['recall']:.3f}); "
+                f"{res.protocol}")

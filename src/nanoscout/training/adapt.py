@@ -1,0 +1,473 @@
+"""Adapt the detector to a new specimen from a few annotated frames, on the CPU, in minutes.
+
+``nanoscout models adapt IMAGES... --labels LABELS... --out DIR`` (:func:`adapt`):
+
+1. The base detector (the shipped ``detector.onnx`` or ``--base``) is rebuilt as a trainable
+   :class:`~nanoscout.training.unet.ParticleUNet` from its ONNX weights
+   (:mod:`nanoscout.training.onnx_weights`) and checked against ONNX Runtime (max |diff| <=
+   1e-3) before anything is trained.
+2. The annotations are read (:mod:`nanoscout.training.annotations`); boxes and bare points take
+   the base model's own outlines where one fits.
+3. Hold-out folds: with one image, the image is split in two halves along its long side and the
+   second half is held out; with 2-3 images, leave one image out; with more, 3 folds by image
+   (round robin). A fold model is fine-tuned on the rest for its share of the time, then the
+   base model (as shipped) and the fold model are scored on the held-out part at IoU >= 0.5
+   (box IoU for YOLO boxes, mask IoU otherwise; :func:`nanoscout.training.evaluate.score_image`).
+   The working scale (the card's automatic per-frame scale aiming at 24 px particles, or at
+   16 or 32 px; see :func:`_candidates` for why never a fixed one) and the score cut are chosen
+   on those held-out parts (highest pooled F1).
+4. The first fold's model is fine-tuned further on everything until the time is up, exported
+   (``DIR/detector.onnx``, checked against torch) with its model card (``DIR/detector.json``):
+   the base card with the chosen scale and score cut, and ``training.adaptation`` /
+   ``evaluation.adaptation_holdout`` holding the base model and its sha256, the annotated files and
+   their sha256, the time taken and the held-out before/after scores.
+
+Training crops (256 px) are cut at a random working scale (median annotated ECD 6-48 px), with
+random gamma, contrast, blur, noise and a little inversion, flips and 90-degree rotations
+(:func:`nanoscout.training.crops.crop_at_scale`, :func:`~nanoscout.training.crops.photometric`).
+BatchNorms stay in eval mode (their folded statistics), and the loss is the training loss
+(:func:`nanoscout.training.train.loss_fn`). Guard against forgetting (``guard``): ``mix``
+replaces a quarter of the crops by synthetic specimens of the original training generator
+(:class:`nanoscout.training.train.Pool`, phase-1 mix), ``freeze`` trains the decoder and head
+only, ``none`` neither. The default is the one ``benchmarks/adapt.py`` measured better on the
+tuning sets (never on the scored images).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from nanoscout.analysis.detector import Detector
+from nanoscout.analysis.modelcard import ModelCard, sha256_file, shipped_model_dir
+from nanoscout.analysis.preprocess import normalize
+from nanoscout.engines import create_engine
+from nanoscout.training.annotations import Annotation, read_annotation, read_image
+from nanoscout.training.crops import RealImage, crop_at_scale, photometric
+from nanoscout.training.evaluate import score_image, summarize
+from nanoscout.training.export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from nanoscout.training.onnx_weights import unet_from_onnx
+from nanoscout.training.train import Pool, loss_fn, targets_and_weights
+from nanoscout.training.unet import ParticleUNet
+from nanoscout.wire.errors import ConfigError
+
+__all__ = ["DEFAULT_GUARD", "GUARDS", "AdaptResult", "Part", "adapt"]
+
+Guard = Literal["mix", "freeze", "none"]
+GUARDS: tuple[str, ...] = ("mix", "freeze", "none")
+#: chosen by benchmarks/adapt.py on the tuning sets (see the model card / benchmark JSON)
+DEFAULT_GUARD: Guard = "mix"
+CROP = 256
+BATCH = 4
+LR = 1e-3
+SYNTHETIC_FRACTION = 0.25
+TRAIN_DIAMETERS_PX = (6.0, 48.0)
+#: crops of small particles may be enlarged this much (the shipped training allows 3)
+MAX_UPSAMPLE = 5.0
+SCALE_TARGETS_PX = (16.0, 24.0, 32.0)
+SCORE_CUTS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+#: the coarse pass of the automatic working scale on the adapted card, px (the shipped cards'
+#: 256 found the STEM tuning material's 19-40 px particles on 2048 px frames too coarse:
+#: F1 0.39 there; 512: 0.52; 768 and 1024 blew up on some frames; benchmarks/adapt.py notes)
+COARSE_SIDE_PX = 512
+#: share of the training time spent on the hold-out folds
+FOLD_SHARE = 0.55
+#: seconds kept back at the end for the export and the card
+RESERVE_S = 12.0
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class Part:
+    """An annotated image (or part of one): raw image, instance labels, boxes (box truth)."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    boxes: np.ndarray | None
+
+
+@dataclass
+class AdaptResult:
+    """What :func:`adapt` did: output paths, choices, scores and times (s)."""
+
+    onnx: Path
+    card: Path
+    seconds: float
+    guard: str
+    scale: float | str
+    min_score: float
+    before: dict[str, Any]
+    after: dict[str, Any]
+    protocol: str
+    steps: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _median_ecd(labels: np.ndarray) -> float:
+    _, areas = np.unique(labels[labels > 0], return_counts=True)
+    return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
+
+
+def _split_half(p: Part) -> tuple[Part, Part]:
+    """Return (first, second) halves of ``p`` along its long side (boxes kept by centre)."""
+    h, w = p.image.shape
+    horiz = w >= h
+    cut = (w if horiz else h) // 2
+
+    def take(lo: int, hi: int, suffix: str) -> Part:
+        sl = (slice(None), slice(lo, hi)) if horiz else (slice(lo, hi), slice(None))
+        boxes = None
+        if p.boxes is not None:
+            b = p.boxes.copy()
+            ax = (0, 2) if horiz else (1, 3)
+            c = (b[:, ax[0]] + b[:, ax[1]]) / 2
+            b = b[(c >= lo) & (c < hi)]
+            b[:, ax[0]] = np.clip(b[:, ax[0]] - lo, 0, hi - lo)
+            b[:, ax[1]] = np.clip(b[:, ax[1]] - lo, 0, hi - lo)
+            boxes = b
+        return Part(p.name + suffix, p.image[sl], p.labels[sl], boxes)
+
+    return take(0, cut, "[first half]"), take(cut, w if horiz else h, "[second half]")
+
+
+def _folds(parts: list[Part]) -> tuple[list[tuple[list[Part], list[Part]]], str]:
+    """Return [(train parts, held-out parts)] and the protocol in words."""
+    if len(parts) == 1:
+        a, b = _split_half(parts[0])
+        return [([a], [b])], ("one image: trained on its first half, scored on its second half "
+                              "(split along the long side)")
+    k = min(len(parts), 3)
+    groups = [parts[i::k] for i in range(k)]
+    folds = [([p for j, g in enumerate(groups) if j != i for p in g], groups[i])
+             for i in range(k)]
+    what = ("leave-one-image-out" if k == len(parts)
+            else f"{k}-fold by image (round robin), as leave-one-out over {len(parts)} images "
+                 "would not fit the time")
+    return folds, what + "; fold models trained for a share of the time"
+
+
+class _Sampler:
+    """Augmented training crops from annotated parts, optionally mixed with synthetic ones."""
+
+    def __init__(self, parts: list[Part], rng: np.random.Generator, synthetic: float) -> None:
+        d_all = [d for d in (_median_ecd(p.labels) for p in parts) if d > 0]
+        fallback = float(np.median(d_all)) if d_all else 12.0
+        self.items = [RealImage("adapt", p.name, normalize(p.image), p.labels,
+                                _median_ecd(p.labels) or fallback) for p in parts]
+        n = np.array([max(1, len(np.unique(i.labels)) - 1) for i in self.items], np.float64)
+        self.p = np.sqrt(n) / np.sqrt(n).sum()
+        self.rng = rng
+        self.synthetic = synthetic
+        self.pool = Pool(3, rng) if synthetic > 0 else None
+        self.calls = 0
+
+    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        self.calls += 1
+        if self.pool is not None and self.calls % 10 == 0:
+            self.pool.refresh()
+        for _ in range(n):
+            if self.pool is not None and self.rng.random() < self.synthetic:
+                stack = self.pool._synthetic()
+            else:
+                item = self.items[int(self.rng.choice(len(self.items), p=self.p))]
+                img, lab, valid = crop_at_scale(item, self.rng, CROP, TRAIN_DIAMETERS_PX,
+                                                 MAX_UPSAMPLE)
+                x = photometric(img, self.rng, invert_p=0.1)
+                fg, core, wt = targets_and_weights(lab)
+                stack = np.stack([x, fg, core, wt, valid])
+            k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
+            stack = np.rot90(stack, k, axes=(1, 2))
+            if flip:
+                stack = stack[:, :, ::-1]
+            xs.append(stack[:1].copy())
+            ys.append(stack[1:].copy())
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def _set_trainable(model: ParticleUNet, guard: str) -> list[nn.Parameter]:
+    encoder = (model.stem, model.enc2, model.enc3, model.enc4)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if guard == "freeze":
+        for m in encoder:
+            for p in m.parameters():
+                p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _finetune(model: ParticleUNet, parts: list[Part], seconds: float, guard: str, seed: int,
+              lr: float, tick: Callable[[float], None] | None = None) -> tuple[int, float]:
+    """Fine-tune ``model`` in place for ``seconds`` of wall time; returns (steps, last loss)."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    sampler = _Sampler(parts, rng, SYNTHETIC_FRACTION if guard == "mix" else 0.0)
+    params = _set_trainable(model, guard)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()  # keep the folded statistics: batches of 4 crops would not estimate them
+    t0 = time.perf_counter()
+    steps, loss_v = 0, math.nan
+    while True:
+        frac = (time.perf_counter() - t0) / max(seconds, 1e-6)
+        if frac >= 1.0:
+            break
+        for g in opt.param_groups:  # warm up over 5 % of the time, then cosine to zero
+            g["lr"] = lr * min(1.0, (frac + 0.01) / 0.05) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        x, y = sampler.batch(BATCH)
+        loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        loss_v = float(loss.item())
+        if tick is not None:
+            tick(min(1.0, (time.perf_counter() - t0) / max(seconds, 1e-6)))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return steps, loss_v
+
+
+def _export(model: ParticleUNet, path: Path) -> dict[str, float]:
+    """:func:`nanoscout.training.export.export_onnx`, without torch's deprecation notices
+    about the TorchScript exporter (the one the shipped models were exported with)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return export_onnx(model, path)
+
+
+def _keep_above(labels: np.ndarray, scores: np.ndarray, cut: float) -> np.ndarray:
+    if cut <= 0:
+        return labels
+    lut = (scores >= cut).astype(np.int32) * np.arange(scores.size, dtype=np.int32)
+    lut[0] = 0
+    return lut[labels]
+
+
+def _score(labels: np.ndarray, part: Part) -> dict[str, Any]:
+    if part.boxes is not None:
+        return score_image(labels, true_boxes=part.boxes)
+    return score_image(labels, true_labels=part.labels)
+
+
+def _card_for(base: ModelCard, onnx: Path, scale: str | None = None,
+              min_score: float | None = None) -> ModelCard:
+    """Return ``base`` pointing at ``onnx`` (its sha256), with the given working-scale
+    candidate and score cut."""
+    upd: dict[str, Any] = {"onnx_file": onnx.name, "sha256": sha256_file(onnx)}
+    ws, th = base.working_scale, base.thresholds
+    assert ws is not None and th is not None
+    if scale is not None:
+        upd["working_scale"] = _auto_for(ws, scale)
+    if min_score is not None:
+        upd["thresholds"] = th.model_copy(update={"min_score": float(min_score)})
+    return base.model_copy(update=upd)
+
+
+def _candidates() -> list[str]:
+    """Working-scale candidates: the base card's automatic scale, and automatic scales aiming
+    at other working diameters (px). A fixed scale is not offered: it won on the held-out half
+    of the one image it was chosen on and failed on the tuning material's other
+    magnifications (benchmarks/adapt.py, STEM Pt)."""
+    return ["auto"] + [f"auto-{t:g}" for t in SCALE_TARGETS_PX if t != 24.0]
+
+
+def _auto_for(ws: Any, label: str) -> Any:
+    """Return the working-scale section of candidate ``label`` (from the card's ``ws``)."""
+    a = ws.auto.model_copy(update={"coarse_side_px": COARSE_SIDE_PX})
+    if label == "auto":
+        return ws.model_copy(update={"mode": "auto", "auto": a})
+    t = float(label.split("-", 1)[1])
+    f = t / a.target_diameter_px
+    auto = a.model_copy(update={"target_diameter_px": t, "keep_min_px": a.keep_min_px * f,
+                                "keep_max_px": a.keep_max_px * f,
+                                "reliable_diameter_px": a.reliable_diameter_px * f})
+    return ws.model_copy(update={"mode": "auto", "auto": auto})
+
+
+def _grid_scores(model: ParticleUNet, base: ModelCard, held: list[Part], tmp: Path,
+                 threads: int) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    """Score ``model`` on ``held`` for every (scale candidate, score cut): raw per-image
+    scores."""
+    onnx = tmp / "fold.onnx"
+    _export(model, onnx)
+    engine = create_engine(onnx, "onnxruntime-cpu", threads=threads)
+    out: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    try:
+        for label in _candidates():
+            det = Detector(engine, _card_for(base, onnx, label), min_score=0.0)
+            for part in held:
+                found = det.detect(part.image)
+                for cut in SCORE_CUTS:
+                    out.setdefault((label, cut), []).append(
+                        _score(_keep_above(found.labels, found.scores, cut), part))
+    finally:
+        engine.close()
+    return out
+
+
+def _verify_base(model: ParticleUNet, base_onnx: Path, image: np.ndarray, threads: int) -> float:
+    """Return max |torch - ONNX Runtime| of the rebuilt base on a crop of ``image``; raises
+    RuntimeError above 1e-3."""
+    x = normalize(image)[:256, :256]
+    h, w = (max(16, (s // 16) * 16) for s in x.shape)
+    xs = np.zeros((1, 1, h, w), np.float32)
+    xs[0, 0, :x.shape[0], :x.shape[1]] = x[:h, :w]
+    engine = create_engine(base_onnx, "onnxruntime-cpu", threads=threads)
+    try:
+        ref = engine.infer({INPUT_NAME: xs})[OUTPUT_NAME]
+    finally:
+        engine.close()
+    with torch.no_grad():
+        got = model(torch.from_numpy(xs)).numpy()
+    diff = float(np.max(np.abs(got - ref)))
+    if diff > 1e-3:
+        raise RuntimeError(f"the torch rebuild of {base_onnx} differs from ONNX Runtime by "
+                           f"{diff:.3g} (> 1e-3)")
+    return diff
+
+
+def _entry(path: Path) -> dict[str, str]:
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
+def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | None = None,
+          minutes: float = 4.0, guard: str = DEFAULT_GUARD, seed: int = 0, threads: int = 1,
+          progress: Progress | None = None, command: str = "") -> AdaptResult:
+    """Fine-tune the base detector on annotated ``images`` (``labels`` paired in order) and
+    write ``out/detector.onnx`` + ``out/detector.json``; returns what was done.
+
+    ``minutes``: wall-time budget of the whole run (reading to card); ``guard``: "mix",
+    "freeze" or "none" (module docstring); ``threads``: torch and ONNX Runtime threads.
+    Raises ConfigError for unpaired or empty inputs, ReaderError for unreadable or malformed
+    files (naming file and line), ModelCardError for a bad base model.
+    """
+    t0 = time.perf_counter()
+    deadline = t0 + minutes * 60.0
+    if len(images) != len(labels):
+        raise ConfigError(f"{len(images)} images but {len(labels)} label files: give one label "
+                          "file per image, in the same order")
+    if not images:
+        raise ConfigError("no images to adapt on")
+    if guard not in GUARDS:
+        raise ConfigError(f"guard {guard!r} is not one of {', '.join(GUARDS)}")
+    if not minutes > 0:
+        raise ConfigError(f"minutes {minutes} must be > 0")
+    say = progress or (lambda frac, note: None)
+    torch.set_num_threads(threads)
+    base_onnx = Path(base) if base is not None else shipped_model_dir() / "detector.onnx"
+    base_card = ModelCard.load(base_onnx.with_suffix(".json"))
+    base_engine = create_engine(base_onnx, "onnxruntime-cpu", threads=threads)
+    base_det = Detector(base_engine, base_card)
+    say(0.0, "reading annotations")
+    parts: list[Part] = []
+    anns: list[Annotation] = []
+    for img_path, lab_path in zip(images, labels, strict=True):
+        img = read_image(img_path)
+        ann = read_annotation(lab_path, img.shape, img,  # type: ignore[arg-type]
+                              predict=lambda a: base_det.detect(a).labels)
+        anns.append(ann)
+        parts.append(Part(Path(img_path).name, img, ann.labels, ann.boxes))
+    if not any(a.n for a in anns):
+        raise ConfigError("the label files hold no particles")
+    model = unet_from_onnx(base_onnx)
+    diff = _verify_base(model, base_onnx, parts[0].image, threads)
+    folds, protocol = _folds(parts)
+    # before: the base model as shipped on the held-out parts
+    before_raw = [_score(base_det.detect(p.image).labels, p) for _, held in folds for p in held]
+    before = summarize(before_raw)
+    base_engine.close()
+    train_s = max(5.0, deadline - time.perf_counter() - RESERVE_S)
+    # the selection costs roughly a detection per candidate and held-out image: keep time for it
+    fold_s = FOLD_SHARE * train_s / len(folds)
+    grid: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    first: ParticleUNet | None = None
+    steps = 0
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        for f, (train_parts, held) in enumerate(folds):
+            m = copy.deepcopy(model)
+            base_frac = FOLD_SHARE * f / len(folds)
+            note = f"fold {f + 1}/{len(folds)}"
+            n, _ = _finetune(m, train_parts, fold_s, guard, seed + f, LR,
+                             lambda x, b=base_frac, t=note: say(b + FOLD_SHARE * x / len(folds), t))
+            steps += n
+            say(FOLD_SHARE * (f + 1) / len(folds), f"scoring fold {f + 1}")
+            for key, rows in _grid_scores(m, base_card, held, tmp, threads).items():
+                grid.setdefault(key, []).extend(rows)
+            if first is None:
+                first = m
+    d_all = float(np.median([_median_ecd(p.labels) for p in parts
+                             if _median_ecd(p.labels) > 0] or [0.0]))
+    best_key, best = max(((k, summarize(v)) for k, v in grid.items()),
+                         key=lambda kv: (kv[1]["f1"], kv[0][0] == "auto", kv[0][1]))
+    scale = best_key[0]
+    cut = float(best_key[1])
+    assert first is not None
+    final_s = max(1.0, deadline - time.perf_counter() - RESERVE_S)
+    n, last_loss = _finetune(first, parts, final_s, guard, seed + 100, LR / 2,
+                             lambda x: say(FOLD_SHARE + (1 - FOLD_SHARE) * x, "all annotations"))
+    steps += n
+    say(1.0, "exporting")
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = out / "detector.onnx"
+    verify = _export(first, onnx_path)
+    seconds = round(time.perf_counter() - t0, 1)
+    adaptation = {
+        "base_model": {"name": base_card.name, "version": base_card.version,
+                       **_entry(base_onnx)},
+        "annotated_files": [{"image": _entry(Path(i)), "labels": _entry(Path(lab)),
+                             "format": a.kind, "n_particles": a.n,
+                             "outlines_from_base_model": a.from_model}
+                            for i, lab, a in zip(images, labels, anns, strict=True)],
+        "seconds": seconds, "minutes_budget": minutes, "guard": guard, "steps": steps,
+        "last_loss": round(last_loss, 4), "threads": threads, "seed": seed,
+        "base_rebuild_max_abs_diff": diff, "onnx_max_abs_diff_vs_torch": verify["max_abs_diff"],
+        "median_annotated_ecd_px": round(d_all, 2),
+        "working_scale": scale, "min_score": cut,
+    }
+    holdout = {
+        "data": ("the annotated frames themselves, held out by fold: " + protocol
+                 + "; the working scale and score cut were chosen on the same held-out parts, "
+                   "so 'after' is optimistic by that choice"),
+        "command": command, "iou_threshold": 0.5,
+        "truth": "box IoU (YOLO boxes)" if any(a.boxes is not None for a in anns) else "mask IoU",
+        "before": before, "after": best, "choice": {"scale": scale, "min_score": cut,
+                   "f1_by_candidate": {f"{k[0]}@{k[1]}": summarize(v)["f1"]
+                                       for k, v in sorted(grid.items())}},
+    }
+    card = _card_for(base_card, onnx_path, scale, cut)
+    training = card.training.model_copy(update={
+        "data": (f"fine-tuned from {base_card.name} {base_card.version} on {len(images)} "
+                 f"annotated frame(s) (training.adaptation), guard against forgetting: {guard}. "
+                 "Base model training: " + base_card.training.data),
+        "command": command, "wall_seconds": seconds, "adaptation": adaptation})
+    card = card.model_copy(update={
+        "name": base_card.name + "-adapted", "version": base_card.version + "+adapted",
+        "training": training, "metrics": None,
+        "evaluation": {"adaptation_holdout": holdout},
+        "timings_ms": {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+        "notes": (base_card.notes + " Adapted with nanoscout models adapt; the base model's "
+                  "held-out metrics do not apply to it and are not copied."),
+    })
+    card_path = card.dump(onnx_path.with_suffix(".json"))
+    ModelCard.load(card_path)  # validates the card and its sha256
+    return AdaptResult(onnx_path, card_path, seconds, guard, scale, cut, before, best, protocol,
+                       steps, {"adaptation": adaptation})
