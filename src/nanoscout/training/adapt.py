@@ -343,6 +343,11 @@ def _verify_base(model: ParticleUNet, base_onnx: Path, image: np.ndarray, thread
     return diff
 
 
+def _fold_tick(say: Progress, start: float, share: float, note: str) -> Callable[[float], None]:
+    """Return a callback that reports a fold's progress ``x`` (0..1) as start + share * x."""
+    return lambda x: say(start + share * x, note)
+
+
 def _entry(path: Path) -> dict[str, str]:
     return {"path": str(path), "sha256": sha256_file(path)}
 
@@ -404,9 +409,9 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
         for f, (train_parts, held) in enumerate(folds):
             m = copy.deepcopy(model)
             base_frac = FOLD_SHARE * f / len(folds)
-            note = f"fold {f + 1}/{len(folds)}"
             n, _ = _finetune(m, train_parts, fold_s, guard, seed + f, LR,
-                             lambda x, b=base_frac, t=note: say(b + FOLD_SHARE * x / len(folds), t))
+                             _fold_tick(say, base_frac, FOLD_SHARE / len(folds),
+                                        f"fold {f + 1}/{len(folds)}"))
             steps += n
             say(FOLD_SHARE * (f + 1) / len(folds), f"scoring fold {f + 1}")
             for key, rows in _grid_scores(m, base_card, held, tmp, threads).items():

@@ -83,6 +83,7 @@ def unet_from_onnx(path: Path) -> ParticleUNet:
             bias = init.get(node.input[2]) if len(node.input) > 2 else None
             bn = bn_after.get(id(conv))
             if bn is not None:
+                assert bn.running_mean is not None and bn.running_var is not None
                 bn.weight.fill_(1.0)
                 bn.bias.copy_(torch.from_numpy(np.array(bias, np.float32)) if bias is not None
                               else torch.zeros_like(bn.bias))
