@@ -322,25 +322,35 @@ def _grid_scores(model: ParticleUNet, base: ModelCard, held: list[Part], tmp: Pa
     return out
 
 
-def _verify_base(model: ParticleUNet, base_onnx: Path, image: np.ndarray, threads: int) -> float:
-    """Return max |torch - ONNX Runtime| of the rebuilt base on a crop of ``image``; raises
-    RuntimeError above 1e-3."""
+def _verify_base(model: ParticleUNet, base_onnx: Path, image: np.ndarray, threads: int,
+                 tmp: Path) -> dict[str, float]:
+    """Check the rebuilt base on a crop of ``image`` against the base ONNX model: torch, and
+    the rebuild exported again to ONNX (both in ONNX Runtime). Returns both max |diff|;
+    raises RuntimeError above 1e-3."""
     x = normalize(image)[:256, :256]
     h, w = (max(16, (s // 16) * 16) for s in x.shape)
     xs = np.zeros((1, 1, h, w), np.float32)
-    xs[0, 0, :x.shape[0], :x.shape[1]] = x[:h, :w]
+    crop = x[:h, :w]
+    xs[0, 0, :crop.shape[0], :crop.shape[1]] = crop
+    rebuilt = tmp / "base_rebuilt.onnx"
+    _export(model, rebuilt)
+    out: dict[str, float] = {}
     engine = create_engine(base_onnx, "onnxruntime-cpu", threads=threads)
+    again = create_engine(rebuilt, "onnxruntime-cpu", threads=threads)
     try:
         ref = engine.infer({INPUT_NAME: xs})[OUTPUT_NAME]
+        out["reexported_onnx"] = float(np.max(np.abs(again.infer({INPUT_NAME: xs})[OUTPUT_NAME]
+                                                     - ref)))
     finally:
         engine.close()
+        again.close()
     with torch.no_grad():
-        got = model(torch.from_numpy(xs)).numpy()
-    diff = float(np.max(np.abs(got - ref)))
-    if diff > 1e-3:
-        raise RuntimeError(f"the torch rebuild of {base_onnx} differs from ONNX Runtime by "
-                           f"{diff:.3g} (> 1e-3)")
-    return diff
+        out["torch"] = float(np.max(np.abs(model(torch.from_numpy(xs)).numpy() - ref)))
+    for what, diff in out.items():
+        if diff > 1e-3:
+            raise RuntimeError(f"the rebuild of {base_onnx} ({what}) differs from the base "
+                               f"model by {diff:.3g} (> 1e-3)")
+    return out
 
 
 def _fold_tick(say: Progress, start: float, share: float, note: str) -> Callable[[float], None]:
@@ -392,7 +402,8 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     if not any(a.n for a in anns):
         raise ConfigError("the label files hold no particles")
     model = unet_from_onnx(base_onnx)
-    diff = _verify_base(model, base_onnx, parts[0].image, threads)
+    with tempfile.TemporaryDirectory() as tmpd:
+        diff = _verify_base(model, base_onnx, parts[0].image, threads, Path(tmpd))
     folds, protocol = _folds(parts)
     # before: the base model as shipped on the held-out parts
     before_raw = [_score(base_det.detect(p.image).labels, p) for _, held in folds for p in held]
