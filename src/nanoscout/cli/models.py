@@ -116,8 +116,8 @@ def adapt(
                                               show_default="the shipped detector")] = None,
     minutes: Annotated[float, typer.Option(help="wall-time budget of the whole run, min")] = 4.0,
     guard: Annotated[str, typer.Option(
-        help="guard against forgetting: mix (synthetic crops of the original training "
-             "generator), freeze (encoder frozen) or none")] = "mix",
+        help="guard against forgetting: freeze (encoder frozen), mix (a quarter synthetic "
+             "crops of the original training generator) or none")] = "freeze",
     threads: Annotated[int, typer.Option(
         help="torch and ONNX Runtime threads (2 threads on a busy 2-core machine run slower)")] = 1,
     seed: Annotated[int, typer.Option(help="random seed of the fine-tuning")] = 0,
