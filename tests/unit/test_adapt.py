@@ -37,13 +37,13 @@ def test_onnx_rebuild_matches_onnx_runtime() -> None:
         assert float(np.max(np.abs(got - ref))) < 1e-4, name
 
 
-def _synthetic_pair(tmp_path: Path) -> tuple[Path, Path]:
+def _synthetic_pair(tmp_path: Path, seed: int = 3) -> tuple[Path, Path]:
     from nanoscout.sim.synthetic import SpecimenConfig, render
 
     cfg = SpecimenConfig(shape=(128, 160), pixel_size_nm=1.0, median_diameter_nm=14.0,
                          coverage=0.2)
-    fr = render(cfg, 3)
-    img, lab = tmp_path / "frame.tif", tmp_path / "frame.labels.tif"
+    fr = render(cfg, seed)
+    img, lab = tmp_path / f"frame{seed}.tif", tmp_path / f"frame{seed}.labels.tif"
     tifffile.imwrite(img, fr.image)
     tifffile.imwrite(lab, fr.labels.astype(np.uint16))
     return img, lab
@@ -72,6 +72,20 @@ def test_adapt_command_writes_a_model_the_detector_loads(tmp_path: Path) -> None
     det = Detector(create_engine(out / "detector.onnx", "onnxruntime-cpu", threads=1), card)
     assert det.detect(tifffile.imread(img)).labels.shape == (128, 160)
     json.loads((out / "detector.json").read_text())  # plain JSON for the daemon
+
+
+def test_two_images_leave_one_out_with_labels_listed_after_the_option(tmp_path: Path) -> None:
+    (i1, l1), (i2, l2) = _synthetic_pair(tmp_path, 4), _synthetic_pair(tmp_path, 5)
+    out = tmp_path / "two"
+    assert main(["models", "adapt", str(i1), str(i2), "--labels", str(l1), str(l2), "--out",
+                 str(out), "--minutes", "0.2", "--no-progress"]) == 0
+    card = ModelCard.load(out / "detector.json")
+    files = card.training.model_extra["adaptation"]["annotated_files"]  # type: ignore[index]
+    assert [(f["image"]["path"], f["labels"]["path"]) for f in files] == \
+        [(str(i1), str(l1)), (str(i2), str(l2))]
+    assert card.evaluation["adaptation_holdout"]["data"].startswith(
+        "the annotated frames themselves, held out by fold: leave-one-image-out")
+    assert card.evaluation["adaptation_holdout"]["before"]["n_matched"] > 0
 
 
 def test_adapt_refuses_unpaired_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

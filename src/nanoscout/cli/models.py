@@ -109,8 +109,9 @@ for _action, (_load, _doc) in ACTIONS.items():
 def adapt(
     images: Annotated[list[Path], typer.Argument(help="annotated frames (TIFF, PNG, JPEG)")],
     labels: Annotated[list[Path], typer.Option(
-        "--labels", help="one label file per image, same order: .png/.tif masks, .txt YOLO "
-                         "boxes, .csv points x,y[,diameter], .zip/.roi ImageJ ROI sets")],
+        "--labels", help="one label file per image, same order, after the images (--labels "
+                         "L1 L2 ... or --labels repeated): .png/.tif masks, .txt YOLO boxes, "
+                         ".csv points x,y[,diameter], .zip/.roi ImageJ ROI sets")],
     out: Annotated[Path, typer.Option(help="folder for detector.onnx + detector.json")],
     base: Annotated[Path | None, typer.Option(help="ONNX detector to adapt (card beside it)",
                                               show_default="the shipped detector")] = None,
@@ -134,6 +135,13 @@ def adapt(
                                  "pip install -e '.[train]'") from exc
         raise
     from nanoscout.clients.progress import progress as bar_for
+
+    # click gives an option one value: `IMAGES... --labels L1 L2` arrives as images
+    # [I1, I2, L2] and labels [L1]; the labels are the last half of everything given
+    given = [*images, *labels]
+    if len(labels) < len(images) and len(given) % 2 == 0:
+        n = len(given) // 2
+        images, labels = images[:n], [*labels, *images[n:]]
 
     command = "nanoscout models adapt " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
     with bar_for("adapting", total=100, enabled=progress) as bar:
