@@ -476,7 +476,11 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
                  f"annotated frame(s) (training.adaptation), guard against forgetting: {guard}. "
                  "Base model training: " + base_card.training.data),
         "command": command, "wall_seconds": seconds, "adaptation": adaptation})
+    drop: dict[str, Any] = {}
+    if "score_calibration" in type(card).model_fields:  # the base's score -> probability map
+        drop["score_calibration"] = None  # was fitted to the base model's scores, not these
     card = card.model_copy(update={
+        **drop,
         "name": base_card.name + "-adapted", "version": base_card.version + "+adapted",
         "training": training, "metrics": None,
         "evaluation": {"adaptation_holdout": holdout},
