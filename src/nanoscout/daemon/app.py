@@ -113,7 +113,8 @@ def serve(
     ``on_ready`` receives the bound endpoints once the daemon accepts frames.
     """
     pipeline = build_pipeline(config)
-    daemon = Daemon(config, pipeline)
+    # the hot swap loads new detection models exactly as the daemon loaded its own
+    daemon = Daemon(config, pipeline, build=lambda model: build_detector(config, model))
     daemon.metrics.set_thresholds(config.metrics.thresholds())
     stop = stop or threading.Event()
 

@@ -33,11 +33,17 @@ This is the only module that reads configuration files; everything else receives
     max_gap_frames = 2         # a particle missed on up to 2 frames keeps its identity
     min_track_frames = 3       # a track counts in the unique statistics from 3 frames
 
+    [review]                   # raw frames kept for review, saved as calibrated TIFF
+    frames = 8                 # the newest 8 frames of each source ...
+    max_bytes = 268435456      # ... within 256 MiB for all sources together
+    directory = "review"       # where saved frames go (control "save_frame", alert rules)
+
     [[alerts]]
     name = "big-particle"
     kind = "particle"
     severity = "warning"
     where = { ecd_nm = { gt = 50 } }
+    save_frames = { before = 2, after = 2 }   # write the raw frames around each firing
 """
 
 from __future__ import annotations
@@ -252,6 +258,24 @@ class QueryConfig(_Section):
     endpoint: str = DEFAULT_QUERY_ENDPOINT
 
 
+class ReviewConfig(_Section):
+    """``[review]``: the newest raw frames of each source, kept in memory for review and
+    written as calibrated TIFF on request (:mod:`nanoscout.daemon.review`).
+
+    ``frames``: frames kept per source (0: none, saving is refused); ``max_bytes``: the pixels
+    kept for all sources together, bytes (the oldest frames go first). ``directory``: where
+    saved frames are written (created when needed); ``max_disk_bytes``: the most that saved
+    frames may fill there, bytes (a save beyond it is refused and counted, nothing is
+    deleted); ``queue``: frames waiting to be written, at most (more are refused, counted)."""
+
+    enabled: bool = True
+    frames: int = Field(8, ge=0, le=1024)
+    max_bytes: int = Field(256 * 2**20, ge=0)
+    directory: Path = Path("review")
+    max_disk_bytes: int = Field(4 * 2**30, ge=0)
+    queue: int = Field(64, ge=1, le=4096)
+
+
 class MetricsConfig(_Section):
     """Prometheus HTTP endpoint; ``port = 0`` picks a free port, ``enabled = false`` turns it off.
 
@@ -315,6 +339,7 @@ class ServeConfig(_Section):
     clusters: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     security: SecurityConfig = SecurityConfig()
+    review: ReviewConfig = ReviewConfig()
     alerts: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="after")
