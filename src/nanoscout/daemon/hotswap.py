@@ -161,6 +161,7 @@ class ModelSwapper:
                 if digest != sha256:
                     raise SwapError(f"sha256 of {onnx} is {digest}, the request expected "
                                     f"{sha256}: not swapping")
+                step = "card"
                 try:
                     card = ModelCard.load(card_file)
                 except Exception as exc:

@@ -33,7 +33,7 @@ alert_threshold{name}                  gauge      this deployment's Prometheus a
 engine_info{backend,model,...}         info
 model_swaps_total{action}              counter    hot swaps / reverts of the detection model done
 model_swap_failures_total{action,step} counter    swaps / reverts refused or rolled back, by the
-                                                  step that failed (resolve, sha256, load,
+                                                  step that failed (resolve, sha256, card,
                                                   probe, switch, history)
 model_generation                       gauge      0 for the model started with, +1 per swap
 frames_saved_total                     counter    raw frames written for review (TIFF)
