@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from nanoscout.cli import live, models, offline  # noqa: F401  (they register the commands)
+from nanoscout.cli import live, models, offline, swap  # noqa: F401  (they register the commands)
 from nanoscout.cli.app import app
 from nanoscout.wire.errors import NanoscoutError
 
