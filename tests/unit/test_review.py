@@ -162,3 +162,24 @@ def test_an_alert_saves_the_frames_before_and_after_it(tmp_path: Path) -> None:
         assert header.seq == 3 and saved["rule"] == "big-particle" and saved["seq"] == 5
     finally:
         review.close()
+
+
+def test_a_saved_frame_comes_with_the_detectors_instances(tmp_path: Path) -> None:
+    one = 16 * 16 * 2
+    review, _ = _review(tmp_path, frames=4, max_bytes=4 * one)
+    try:
+        frame = _frame("cam", 0)
+        review.offer(frame)
+        labels = np.zeros((16, 16), np.int32)
+        labels[2:5, 2:5], labels[8:12, 9:14] = 1, 2
+        review.keep_labels(frame, labels)
+        assert review.ring.nbytes == 2 * one  # the uint16 map counts in the bytes
+        review.keep_labels(_frame("cam", 1), labels)  # a frame not kept: nothing attached
+        (path,) = review.save_latest("cam")
+        det = path.with_suffix(".detections.tif")
+        np.testing.assert_array_equal(tifffile.imread(det), labels)
+        for seq in range(1, 4):  # the bytes bound pushes the oldest frame and its map out
+            review.offer(_frame("cam", seq))
+        assert review.ring.nbytes == 3 * one and review.ring.latest("cam", 9)[0].header.seq == 1
+    finally:
+        review.close()

@@ -22,6 +22,8 @@ lens loaded) come back as a QueryError carrying its words.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +43,8 @@ from nanoscout.wire.protocol import (
 )
 from nanoscout.wire.transport import ClientKeys, connect
 
-__all__ = ["CONTROL_ACTIONS", "QueryError", "request_control", "request_lens", "revert_model",
-           "save_frame", "swap_model"]
+__all__ = ["CONTROL_ACTIONS", "QueryError", "local_sha256", "request_control", "request_lens",
+           "revert_model", "save_frame", "swap_model"]
 
 #: what a control request may ask (:class:`~nanoscout.wire.protocol.ControlRequest`)
 CONTROL_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference")
@@ -109,6 +111,26 @@ def _control(endpoint: str, request: ControlRequest, *, timeout: float,
     return reply
 
 
+def local_sha256(model: str | Path) -> str:
+    """The sha256 of the ONNX file of ``model`` (an ``.onnx`` file, or its ``.json`` card, whose
+    ``onnx_file`` names it) on this machine; QueryError when it is not here."""
+    p = Path(model)
+    if p.suffix.lower() == ".json":
+        try:
+            p = p.parent / str(json.loads(p.read_text(encoding="utf-8"))["onnx_file"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise QueryError(f"cannot read the ONNX file's name from the card {model}: "
+                             f"{exc}") from exc
+    if not p.is_file():
+        raise QueryError(f"{p} is not a file here: give the sha256 of the model on the "
+                         "daemon's host")
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_frame(endpoint: str, source: str, frames: int = 1, *, timeout: float = 30.0,
                curve: ClientKeys | None = None) -> ControlReply:
     """Ask the daemon to write the newest ``frames`` raw frames of ``source`` it keeps for
@@ -126,14 +148,7 @@ def swap_model(endpoint: str, model: str | Path, sha256: str | None = None, *,
     then exist here). Returns once the daemon serves the new model (the reply names it);
     QueryError with the daemon's words when it refused and kept its model."""
     if sha256 is None:
-        from nanoscout.analysis.modelcard import ModelCard, sha256_file
-
-        p = Path(model)
-        onnx = ModelCard.load(p, verify_sha256=False).onnx_path(p) if p.suffix == ".json" else p
-        if not onnx.is_file():
-            raise QueryError(f"{onnx} is not a file here: give the sha256 of the model on the "
-                             "daemon's host")
-        sha256 = sha256_file(onnx)
+        sha256 = local_sha256(model)
     return _control(endpoint, ControlRequest(action="swap_model", model=str(model),
                                              sha256=sha256),
                     timeout=timeout, curve=curve)

@@ -452,6 +452,10 @@ class Daemon:
             self.last_error = f"frame {h.source}#{h.seq}: internal error {exc!r}"
             self._warn("internal error analysing a frame", self.last_error, exc_info=True)
             return
+        try:
+            self.review.keep_labels(frame, result.labels)
+        except Exception as exc:  # not worth a frame
+            self._warn("internal error keeping a label map for review", repr(exc), exc_info=True)
         self._ack(frame, "answered")
         try:
             self._account(frame, result)

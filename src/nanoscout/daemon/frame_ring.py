@@ -6,13 +6,18 @@ and never more than ``max_bytes`` of pixels over all sources: a frame that would
 pushes out the oldest frames kept (of any source) first. A frame larger than ``max_bytes`` by
 itself is not kept. Sources are bounded too (``max_sources``; the least recently fed goes).
 Frames are held by reference (the daemon's frames are read-only once received), so keeping
-one costs no copy. Every method may be called from any thread.
+one costs no copy. Once analysed, a frame's instance label map may be attached to it
+(:meth:`FrameRing.attach`, stored as uint16, counted in the bytes): a saved frame then comes
+with the detector's own instances, the start of an operator's annotation. Every method may be
+called from any thread.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+
+import numpy as np
 
 from nanoscout.analysis.frame import Frame
 
@@ -35,6 +40,7 @@ class FrameRing:
         #: every frame kept, oldest first, for the byte bound
         self._order: deque[Frame] = deque()
         self._bytes = 0
+        self._labels: dict[int, np.ndarray] = {}  # id(frame) -> its label map
         self._lock = threading.Lock()
         #: frames that were not kept because one alone exceeds ``max_bytes``
         self.too_large = 0
@@ -67,10 +73,31 @@ class FrameRing:
             ring.append(frame)
             self._order.append(frame)
             self._bytes += size
-            while self._bytes > self.max_bytes:
-                old = self._order[0]
-                self._rings[old.source].remove(old)  # the oldest kept frame of its source
-                self._discard(old)
+            self._fit()
+
+    def _fit(self) -> None:
+        """Drop the oldest frames kept (of any source) until the bytes fit."""
+        while self._bytes > self.max_bytes and self._order:
+            old = self._order[0]
+            self._rings[old.source].remove(old)  # the oldest kept frame of its source
+            self._discard(old)
+
+    def attach(self, frame: Frame, labels: np.ndarray) -> None:
+        """Keep ``labels`` (the instance map on ``frame``'s grid, 0 background) with
+        ``frame``, if the frame is still kept; maps of more than 65535 instances are not."""
+        with self._lock:
+            if not any(f is frame for f in self._order) or id(frame) in self._labels:
+                return
+            if labels.shape != frame.pixels.shape or int(labels.max(initial=0)) > 65535:
+                return
+            kept = self._labels[id(frame)] = labels.astype(np.uint16)
+            self._bytes += kept.nbytes
+            self._fit()
+
+    def labels(self, frame: Frame) -> np.ndarray | None:
+        """The label map attached to ``frame`` (uint16), or None."""
+        with self._lock:
+            return self._labels.get(id(frame))
 
     def latest(self, source: str, n: int = 1) -> list[Frame]:
         """The newest ``n`` frames of ``source`` kept, oldest first (fewer when fewer are
@@ -110,3 +137,6 @@ class FrameRing:
                 del self._order[i]
                 break
         self._bytes -= frame.pixels.nbytes
+        labels = self._labels.pop(id(frame), None)
+        if labels is not None:
+            self._bytes -= labels.nbytes

@@ -26,7 +26,8 @@ from nanoscout.analysis.frame import Frame
 from nanoscout.wire.errors import NanoscoutError
 from nanoscout.wire.headers import FrameHeader
 
-__all__ = ["FRAME_PROPERTY", "frame_file_name", "read_frame_tiff", "write_frame_tiff"]
+__all__ = ["FRAME_PROPERTY", "frame_file_name", "read_frame_tiff", "write_frame_tiff",
+           "write_label_map"]
 
 #: the ImageJ property that holds the frame header (JSON)
 FRAME_PROPERTY = "nanoscout_frame"
@@ -64,6 +65,20 @@ def write_frame_tiff(frame: Frame, path: Path, *, saved: dict[str, Any] | None =
     tmp = path.with_name(f".{path.name}.part")
     try:
         tifffile.imwrite(tmp, data, imagej=True, resolution=resolution, metadata=metadata)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_label_map(labels: np.ndarray, path: Path) -> Path:
+    """Write an instance label map (0 background, 1..n particles) as a plain uint16 TIFF, the
+    mask format ``nanoscout models adapt`` reads; temporary name first, then renamed."""
+    import tifffile
+
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        tifffile.imwrite(tmp, np.asarray(labels, dtype=np.uint16))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

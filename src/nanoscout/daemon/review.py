@@ -12,6 +12,11 @@ directory``:
   frames before it and the one that fired are taken from the ring, the ``after`` frames as
   they come (each source's next frames), then all are written (``<source>-<seq>-<rule>.tif``).
 
+When the worker attached the detector's instance map to a frame (:meth:`FrameReview.keep_labels`,
+after analysing it), it is written beside the frame as ``<name>.detections.tif`` (uint16, 0
+background, 1..n the detector's particles): the dashboard starts an operator's annotation
+from it.
+
 Disk use is bounded: the ``.tif`` files already in the directory count, and a save that would
 take it beyond ``max_disk_bytes`` is refused (nothing is deleted: they may be annotated). Every
 file written is counted (``saved``), every failure by reason (``failed``: ``no_frame``,
@@ -28,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.rules import SaveFrames
 from nanoscout.daemon.config import ReviewConfig
 from nanoscout.daemon.frame_ring import FrameRing
-from nanoscout.daemon.frame_tiff import frame_file_name, write_frame_tiff
+from nanoscout.daemon.frame_tiff import frame_file_name, write_frame_tiff, write_label_map
 
 __all__ = ["FrameReview", "SaveRefused"]
 
@@ -132,6 +139,11 @@ class FrameReview:
                         ready.append(p.job)
         for job in ready:
             self._submit(job)
+
+    def keep_labels(self, frame: Frame, labels: np.ndarray) -> None:
+        """Attach the detector's instance map of ``frame`` (the worker, once analysed)."""
+        if self.ring.frames:
+            self.ring.attach(frame, labels)
 
     def forget(self, source: str) -> None:
         """The daemon evicted ``source``: drop its frames."""
@@ -235,6 +247,13 @@ class FrameReview:
                 self._failed("write_error")
                 continue
             self._disk_used = self._used() + path.stat().st_size
+            labels = self.ring.labels(frame)
+            if labels is not None:
+                try:
+                    det = write_label_map(labels, path.with_suffix(".detections.tif"))
+                    self._disk_used += det.stat().st_size
+                except OSError as exc:
+                    log.warning("review: no detections beside %s: %s", path, exc)
             job.paths.append(path)
             with self._lock:
                 self.saved += 1
@@ -250,7 +269,7 @@ class FrameReview:
         name = frame_file_name(frame.source, frame.header.seq, suffix)
         path = self.directory / name
         k = 2
-        while path.exists():
+        while path.exists() or path.with_suffix(".detections.tif").exists():
             path = self.directory / name.replace(".tif", f"-{k}.tif")
             k += 1
         return path
