@@ -74,7 +74,7 @@ def test_a_frame_tiff_is_calibrated_and_carries_its_header(tmp_path: Path, dtype
     frame = _frame("cam-1", 42, side=24, dtype=dtype)
     path = write_frame_tiff(frame, tmp_path / "f.tif", saved={"why": "test"})
     with tifffile.TiffFile(path) as tf:
-        page = tf.pages[0]
+        page = tf.pages.first
         ij = tf.imagej_metadata
         assert ij is not None and ij["unit"] == "nm"
         xres = page.tags["XResolution"].value
