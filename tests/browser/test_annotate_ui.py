@@ -12,7 +12,13 @@ import pytest
 
 from nanoscout.analysis.modelcard import shipped_model_dir
 from nanoscout.clients.acquisition.publisher import FramePublisher
-from tests.browser.test_dashboard import ARTIFACTS, CHROMIUM, LAUNCH_ARGS, _sync_playwright, start_dashboard
+from tests.browser.test_dashboard import (
+    ARTIFACTS,
+    CHROMIUM,
+    LAUNCH_ARGS,
+    _sync_playwright,
+    start_dashboard,
+)
 from tests.system.conftest import DaemonFactory, stop_process
 from tests.system.test_dashboard_annotate import SIDE, disks
 

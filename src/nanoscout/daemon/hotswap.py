@@ -74,8 +74,11 @@ class LoadedModel:
         return self.sha256[:12]
 
     def close(self) -> None:
-        """Release the engine."""
-        self.detector.engine.close()
+        """Release the engine (a failure to is logged: it must not hide why a swap failed)."""
+        try:
+            self.detector.engine.close()
+        except Exception as exc:
+            log.warning("closing the engine of %s: %r", self.path, exc)
 
 
 def resolve_model(model: str | Path) -> tuple[Path, Path]:
