@@ -194,3 +194,26 @@ def test_control_messages_of_protocol_1_5() -> None:
 def _particle_dtype() -> np.dtype:
     from nanoscout.wire.protocol import PARTICLE_DTYPE
     return PARTICLE_DTYPE
+
+
+def test_a_swapped_in_model_analyses_every_modality_until_reverted(tmp_path: Path) -> None:
+    det, engine, name = build_detector(CONFIG, SHIPPED)
+    stem_path = shipped_model_dir() / "detector_stem.onnx"
+    stem, _, stem_name = build_detector(CONFIG, stem_path)
+    pipeline = Pipeline(det, engine_name=engine, model_name=name,
+                        modality_detectors={"STEM": (stem, stem_name)})
+    started = LoadedModel(det, engine, name, SHIPPED, SHA, {"STEM": (stem, stem_name)})
+    swapper = ModelSwapper(pipeline, lambda p: build_detector(CONFIG, p), started)
+    frame = Frame.from_image(synthetic_probe().pixels, pixel_size_nm=1.0, modality="STEM")
+    assert pipeline.process(frame).det.model_sha256 == sha256_file(stem_path)[:12]
+    worker = _Worker(swapper)
+    try:
+        swapper.swap(_copy(tmp_path), SHA)
+        after = pipeline.process(frame).det
+        assert after.model == "nanoscout-particle-unet-copy:3.0.0" and after.model_sha256 == SHA[:12]
+        swapper.revert()
+        assert pipeline.process(frame).det.model == stem_name
+    finally:
+        worker.close()
+        swapper.close()
+        pipeline.close()

@@ -203,14 +203,19 @@ class Pipeline:
         state = self._sources.get(source)
         return None if state is None else state.stats.get(units)
 
-    def replace_detector(self, detector: Detector, *, model_name: str, engine_name: str) -> None:
-        """Make ``detector`` (model ``name:version``, on engine ``engine_name``) the default
-        detector from the next frame on; the generation goes up by one. Call it only from the
-        thread that calls :meth:`process`, between two frames (the daemon's worker does): a
-        frame is analysed by one model, whole. The caller closes the old detector's engine."""
+    def replace_detector(self, detector: Detector, *, model_name: str, engine_name: str,
+                         modality_detectors: dict[str, tuple[Detector, str]] | None = None
+                         ) -> None:
+        """Make ``detector`` (model ``name:version``, on engine ``engine_name``) the detector
+        of the frames from the next one on, and ``modality_detectors`` those of their
+        modalities (None or {}: ``detector`` analyses every frame); the generation goes up by
+        one. Call it only from the thread that calls :meth:`process`, between two frames (the
+        daemon's worker does): a frame is analysed by one model, whole. The caller closes the
+        engines no longer used."""
         self.detector = detector
         self.model_name = model_name
         self.engine_name = engine_name
+        self.modality_detectors = dict(modality_detectors or {})
         self.model_generation += 1
 
     def request(self, source: str, action: str) -> None:

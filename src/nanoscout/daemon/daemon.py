@@ -148,7 +148,8 @@ class Daemon:
                                   on_failed=lambda r: m.frame_save_failures.labels(reason=r).inc())
         started = LoadedModel(pipeline.detector, pipeline.engine_name, pipeline.model_name,
                               config.engine.model_path(),
-                              model_sha256(pipeline.detector, 64) or "")
+                              model_sha256(pipeline.detector, 64) or "",
+                              dict(pipeline.modality_detectors))
         self.swapper = ModelSwapper(
             pipeline, build, started, probe=self.review.ring.newest,
             on_swap=lambda a: m.model_swaps.labels(action=a).inc(),
@@ -237,6 +238,7 @@ class Daemon:
         if self._query is not None:
             self._query.stop()
         self.review.close()
+        self.swapper.close()
         self.metrics.close()
         if self._curve is not None:
             self._curve.stop()
@@ -276,6 +278,9 @@ class Daemon:
                 self.swapper.revert()
             except ValueError as exc:
                 return self._control_reply(req, t0, error=str(exc))
+        if req.action in ("swap_model", "revert_model"):
+            self.metrics.engine_info.info({"backend": self.pipeline.engine_name,
+                                           **self.pipeline.model_names, "policy": self._policy})
         elif req.action == "save_frame":
             files = [str(p) for p in self.review.save_latest(source, req.frames)]
         else:

@@ -21,7 +21,10 @@ on the worker's:
    no frame is lost and none is analysed half by one model and half by the other. The reply
    is sent once the worker switched.
 
-Anything failing on the way raises :class:`SwapError` with what failed; the model in use is
+A swapped-in model analyses every frame, whatever its modality: the detectors of single
+modalities the daemon started with (the shipped STEM detector for STEM frames when ``[engine]
+model`` is not set) step aside, and come back with a revert to the start. Anything failing on
+the way raises :class:`SwapError` with what failed; the model in use is
 not touched (a loaded engine is closed again): that is the rollback. ``revert_model`` goes
 back to the model before the last swap (a stack of at most ``history`` models is kept loaded,
 so a revert needs no load). Swaps and failures are counted for health and Prometheus.
@@ -33,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,13 +63,15 @@ class SwapError(NanoscoutError, ValueError):
 @dataclass(frozen=True)
 class LoadedModel:
     """A detection model loaded and ready: its detector, engine, card name:version, the ONNX
-    file and its sha256 (64 hex)."""
+    file and its sha256 (64 hex); ``modality_detectors``: the detectors of single modalities
+    that go with it (those the daemon started with; a swapped-in model has none)."""
 
     detector: Detector
     engine_name: str
     name: str
     path: Path
     sha256: str
+    modality_detectors: dict[str, tuple[Detector, str]] = field(default_factory=dict)
 
     @property
     def short_sha256(self) -> str:
@@ -74,11 +79,12 @@ class LoadedModel:
         return self.sha256[:12]
 
     def close(self) -> None:
-        """Release the engine (a failure to is logged: it must not hide why a swap failed)."""
-        try:
-            self.detector.engine.close()
-        except Exception as exc:
-            log.warning("closing the engine of %s: %r", self.path, exc)
+        """Release the engines (a failure to is logged: it must not hide why a swap failed)."""
+        for det in (self.detector, *(d for d, _ in self.modality_detectors.values())):
+            try:
+                det.engine.close()
+            except Exception as exc:
+                log.warning("closing the engine of %s: %r", self.path, exc)
 
 
 def resolve_model(model: str | Path) -> tuple[Path, Path]:
@@ -259,6 +265,15 @@ class ModelSwapper:
                  self.current.name, self.current.path, self.current.short_sha256,
                  self.pipeline.model_generation, self.last_swap_ms)
 
+    def close(self) -> None:
+        """Release the engines of the models kept for revert (not the one serving: the
+        pipeline closes it)."""
+        with self._lock:
+            for model in self._previous:
+                if model.detector is not self.current.detector:
+                    model.close()
+            self._previous.clear()
+
     # ------------------------------------------------------------------ worker thread
     def install_pending(self) -> bool:
         """Switch the pipeline to the model handed over, if any (the worker, between two
@@ -271,6 +286,7 @@ class ModelSwapper:
             model, done = self._pending
             self._pending = None
             self.pipeline.replace_detector(model.detector, model_name=model.name,
-                                           engine_name=model.engine_name)
+                                           engine_name=model.engine_name,
+                                           modality_detectors=model.modality_detectors)
             done.set()
         return True
