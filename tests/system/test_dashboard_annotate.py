@@ -70,6 +70,11 @@ def test_a_click_proposes_the_particles_outline() -> None:
     assert abs(ys.mean() - c) < 1.5 and abs(xs.mean() - c) < 1.5
     flat = np.full((64, 64), 7.0, np.float32)  # nothing stands out: a small disk
     assert 50 < propose_outline(flat, 30, 30, fallback_radius=6).sum() < 150
+    big = np.full((400, 400), 100.0, np.float32)  # a particle larger than the first window
+    yy, xx = np.mgrid[0:400, 0:400]
+    big[(yy - 200) ** 2 + (xx - 210) ** 2 <= 60 ** 2] = 900.0
+    area = int(propose_outline(big, 200, 200).sum())
+    assert abs(area - np.pi * 3600) < 0.05 * np.pi * 3600
 
 
 class Page:

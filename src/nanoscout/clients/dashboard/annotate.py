@@ -73,32 +73,54 @@ def propose_outline(image: np.ndarray, x: float, y: float, *, window: int = _WIN
                     fallback_radius: float = 6.0) -> np.ndarray:
     """A boolean mask of the particle at column ``x``, row ``y`` of ``image``: Otsu's threshold
     of a ``window`` px square around the click, the polarity that makes the click's side the
-    particle, the connected region holding the click, holes filled. When that region is empty
-    or covers most of the window (nothing stands out), a disk of ``fallback_radius`` px."""
+    particle, the connected region holding the click, holes filled. A window that is flat, or
+    whose region touches its edge or fills most of it (a particle larger than the window), is
+    tried again twice as large (up to 8 times ``window``). When the region is then empty or
+    covers most of its window (nothing stands out), a disk of ``fallback_radius`` px."""
+    img = np.asarray(image, dtype=np.float32)
+    side = window
+    while True:
+        region, box, grow = _region(img, x, y, side)
+        if not grow or side >= 8 * window or side >= max(img.shape):
+            break
+        side *= 2
+    if region is None or region.sum() > 0.6 * region.size:
+        rows, cols = img.shape
+        yy, xx = np.ogrid[0:rows, 0:cols]
+        return (yy - y) ** 2 + (xx - x) ** 2 <= fallback_radius ** 2
+    r0, r1, c0, c1 = box
+    mask = np.zeros(img.shape, dtype=bool)
+    mask[r0:r1, c0:c1] = region
+    return mask
+
+
+def _region(img: np.ndarray, x: float, y: float, side: int
+            ) -> tuple[np.ndarray | None, tuple[int, int, int, int], bool]:
+    """(the thresholded region holding the click in a ``side`` px window, or None; the
+    window (r0, r1, c0, c1); whether a larger window should be tried: the window is flat, or
+    the region touches an edge of the window that is not the image's or fills most of it)."""
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
-    img = np.asarray(image, dtype=np.float32)
     rows, cols = img.shape
     r, c = int(round(y)), int(round(x))
-    half = window // 2
+    half = side // 2
     r0, r1, c0, c1 = max(0, r - half), min(rows, r + half), max(0, c - half), min(cols, c + half)
+    box = (r0, r1, c0, c1)
     patch = img[r0:r1, c0:c1]
-    mask = np.zeros(img.shape, dtype=bool)
-    region = np.zeros(patch.shape, dtype=bool)
-    if patch.size > 4 and float(patch.max()) > float(patch.min()):
-        smooth = ndimage.gaussian_filter(patch, 1.0)
-        t = threshold_otsu(smooth)
-        fg = smooth > t if smooth[r - r0, c - c0] > t else smooth <= t
-        lab, _ = ndimage.label(fg)
-        k = lab[r - r0, c - c0]
-        if k:
-            region = ndimage.binary_fill_holes(lab == k)
-    if not region.any() or region.sum() > 0.6 * region.size:
-        yy, xx = np.ogrid[0:rows, 0:cols]
-        return (yy - y) ** 2 + (xx - x) ** 2 <= fallback_radius ** 2
-    mask[r0:r1, c0:c1] = region
-    return mask
+    if patch.size <= 4 or float(patch.max()) <= float(patch.min()):
+        return None, box, True
+    smooth = ndimage.gaussian_filter(patch, 1.0)
+    t = threshold_otsu(smooth)
+    fg = smooth > t if smooth[r - r0, c - c0] > t else smooth <= t
+    lab, _ = ndimage.label(fg)
+    k = lab[r - r0, c - c0]
+    if not k:
+        return None, box, False
+    region = ndimage.binary_fill_holes(lab == k)
+    edge = ((r0 > 0 and region[0].any()) or (r1 < rows and region[-1].any())
+            or (c0 > 0 and region[:, 0].any()) or (c1 < cols and region[:, -1].any()))
+    return region, box, bool(edge or region.sum() > 0.6 * region.size)
 
 
 def _display(image: np.ndarray) -> np.ndarray:
