@@ -264,28 +264,25 @@ class Daemon:
         loads and probes here and lets the worker switch). A ValueError (SwapError,
         SaveRefused, an unknown action) becomes the reply's error."""
         t0 = time.perf_counter()
-        files: list[str] = []
         source = req.source or ""
-        if req.action == "swap_model":
-            assert req.model is not None and req.sha256 is not None  # the request checked it
-            try:
-                self.swapper.swap(req.model, req.sha256)
-            except ValueError as exc:
-                self.last_error = f"swap_model {req.model}: {exc}"
-                return self._control_reply(req, t0, error=str(exc))
-        elif req.action == "revert_model":
-            try:
-                self.swapper.revert()
-            except ValueError as exc:
-                return self._control_reply(req, t0, error=str(exc))
-        if req.action in ("swap_model", "revert_model"):
-            self.metrics.engine_info.info({"backend": self.pipeline.engine_name,
-                                           **self.pipeline.model_names, "policy": self._policy})
-        elif req.action == "save_frame":
+        if req.action == "save_frame":
             files = [str(p) for p in self.review.save_latest(source, req.frames)]
-        else:
+            return self._control_reply(req, t0, files=files)
+        if req.action not in ("swap_model", "revert_model"):
             self.pipeline.request(source, req.action)
-        return self._control_reply(req, t0, files=files)
+            return self._control_reply(req, t0)
+        try:
+            if req.action == "swap_model":
+                assert req.model is not None and req.sha256 is not None  # the request checked
+                self.swapper.swap(req.model, req.sha256)
+            else:
+                self.swapper.revert()
+        except ValueError as exc:
+            self.last_error = f"{req.action} {req.model or ''}: {exc}"
+            return self._control_reply(req, t0, error=str(exc))
+        self.metrics.engine_info.info({"backend": self.pipeline.engine_name,
+                                       **self.pipeline.model_names, "policy": self._policy})
+        return self._control_reply(req, t0)
 
     def _control_reply(self, req: ControlRequest, t0: float, *, error: str | None = None,
                        files: list[str] | None = None) -> ControlReply:
