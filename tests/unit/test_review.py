@@ -12,6 +12,7 @@ import tifffile
 
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.rules import SaveFrames
+from nanoscout.clients.acquisition.readers import read_image
 from nanoscout.daemon.config import ReviewConfig
 from nanoscout.daemon.frame_ring import FrameRing
 from nanoscout.daemon.frame_tiff import frame_file_name, read_frame_tiff, write_frame_tiff
@@ -76,15 +77,24 @@ def test_a_frame_tiff_is_calibrated_and_carries_its_header(tmp_path: Path, dtype
     with tifffile.TiffFile(path) as tf:
         page = tf.pages.first
         ij = tf.imagej_metadata
-        assert ij is not None and ij["unit"] == "nm"
+        assert ij is not None and ij["unit"] == "micron"
         xres = page.tags["XResolution"].value
-        assert xres[0] / xres[1] == pytest.approx(1 / 0.5)  # pixels per nm
+        assert xres[0] / xres[1] == pytest.approx(1000 / 0.5, rel=1e-6)  # pixels per µm
         data = tf.asarray()
     np.testing.assert_allclose(data, frame.pixels)  # float32 for types ImageJ lacks
     pixels, header, saved = read_frame_tiff(path)
     assert header == frame.header and header.meta == {"detector": "BF", "n": 42}
     assert saved == {"why": "test"}
     assert json.loads(ij["Properties"]["nanoscout_frame"])["seq"] == 42
+
+
+@pytest.mark.parametrize("pixel_size_nm", [0.37, 0.0123, 85.0, 2500.0])
+def test_the_project_reader_reads_a_frame_tiff_calibrated(tmp_path: Path,
+                                                         pixel_size_nm: float) -> None:
+    frame = _frame("cam", 3, side=20, pixel_size_nm=pixel_size_nm)
+    record = read_image(write_frame_tiff(frame, tmp_path / "f.tif"))
+    assert record.pixel_size_nm == pytest.approx(pixel_size_nm, rel=1e-6)
+    np.testing.assert_array_equal(record.data, frame.pixels)
 
 
 def test_an_uncalibrated_frame_is_written_in_pixels(tmp_path: Path) -> None:

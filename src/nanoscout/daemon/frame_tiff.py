@@ -1,9 +1,10 @@
 """Raw frames written for review: calibrated ImageJ TIFF with the frame header as metadata.
 
 :func:`write_frame_tiff` writes one :class:`~nanoscout.analysis.frame.Frame` with tifffile as
-an ImageJ TIFF that Fiji, napari and ``nanoscout measure`` / ``models adapt`` read calibrated:
-``unit = nm`` and the resolution in pixels per nm (1 / ``pixel_size_nm``; uncalibrated frames:
-``unit = pixel``, no resolution). The frame's whole header (source, seq, acquisition time,
+an ImageJ TIFF that Fiji, napari and ``nanoscout measure`` / ``models adapt`` (rosettasciio)
+read calibrated: ``unit = micron`` (ImageJ's name for µm, the one unit rosettasciio reads from
+an ImageJ TIFF) and the resolution in pixels per µm (1000 / ``pixel_size_nm``; uncalibrated
+frames: ``unit = pixel``, no resolution). The frame's whole header (source, seq, acquisition time,
 pixel size, modality, stage, meta) is stored as JSON in the ImageJ ``Properties`` under
 ``nanoscout_frame`` (read it back with :func:`read_frame_tiff`), and why the frame was saved
 under ``nanoscout_saved``. ImageJ TIFF holds uint8, uint16 and float32 pixels; other pixel
@@ -58,9 +59,9 @@ def write_frame_tiff(frame: Frame, path: Path, *, saved: dict[str, Any] | None =
     px = h.pixel_size_nm
     props = {FRAME_PROPERTY: h.model_dump_json(),
              SAVED_PROPERTY: json.dumps(saved or {}, default=str)}
-    metadata: dict[str, Any] = {"axes": "YX", "unit": "nm" if px else "pixel",
+    metadata: dict[str, Any] = {"axes": "YX", "unit": "micron" if px else "pixel",
                                 "Properties": props}
-    resolution = (1.0 / px, 1.0 / px) if px else None
+    resolution = (1000.0 / px, 1000.0 / px) if px else None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     try:
