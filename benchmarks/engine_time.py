@@ -19,6 +19,7 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baseline-rev", default=BASELINE_REV)
     ap.add_argument("--models", default="models/weights/detector.onnx,"
                                         "models/weights/detector_stem.onnx",
-                    help="comma list of ONNX files (card beside each)")
+                    help="comma list of ONNX files (card beside each), e.g. a deep candidate "
+                         "exported by nanoscout models export")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         for p in (Path(x) for x in args.models.split(",") if x):
             models[str(p)] = p
         t0 = time.perf_counter()
-        res = {"command": "python -m benchmarks.engine_time " + " ".join(argv or []),
+        given = sys.argv[1:] if argv is None else argv
+        res = {"command": " ".join(["python -m benchmarks.engine_time", *given]),
                "machine": f"{platform.machine()} CPU, ONNX Runtime 2 intra-op threads",
                "input": "1024 x 1024", "models": measure(models, args.repeats),
                "seconds": 0.0}

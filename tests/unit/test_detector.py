@@ -599,7 +599,14 @@ def test_min_score_overrides_the_cards_cut(shipped: Detector) -> None:
     low = Detector(shipped.engine, shipped.card, scale=1.0, min_score=0.0).detect(frame)
     card = Detector(shipped.engine, shipped.card, scale=1.0).detect(frame)
     assert low.n > card.n  # the card's cut drops some unconvincing particles
-    assert (card.scores[1:] >= shipped.card.thresholds.min_score).all()  # type: ignore[union-attr]
+    # the cut is on the raw score; the shipped card reports calibrated probabilities
+    raw_card = shipped.card.model_copy(update={"score_calibration": None})
+    raw = Detector(shipped.engine, raw_card, scale=1.0).detect(frame)
+    assert np.array_equal(raw.labels, card.labels)
+    assert (raw.scores[1:] >= shipped.card.thresholds.min_score).all()  # type: ignore[union-attr]
+    cal = shipped.card.score_calibration
+    assert cal is not None
+    assert np.allclose(card.scores[1:], np.interp(raw.scores[1:], cal.scores, cal.probabilities))
     with pytest.raises(ConfigError, match="min_score"):
         Detector(shipped.engine, shipped.card, min_score=1.5)
 
