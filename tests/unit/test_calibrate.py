@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -31,9 +34,26 @@ def test_knots_span_the_unit_interval_and_reproduce_a_calibrated_score() -> None
 
 
 def test_calibration_refuses_held_out_sets() -> None:
-    from pathlib import Path
 
     from nanoscout.training.calibrate import fit_calibration
 
     with pytest.raises(SystemExit, match="tuning sets only"):
         fit_calibration(Path("x.onnx"), ["emps"])
+
+
+def test_calibrate_writes_a_monotone_map_into_a_copy_of_the_shipped_card(tmp_path: Path) -> None:
+    """The command on one synthetic tuning frame: knots in [0, 1], data named, cut untouched."""
+    from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
+    from nanoscout.training.calibrate import main
+
+    for name in ("detector.onnx", "detector.json"):
+        shutil.copy(shipped_model_dir() / name, tmp_path / name)
+    before = ModelCard.load(tmp_path / "detector.json")
+    main(["--model", str(tmp_path / "detector.onnx"), "--sets", "synthetic-tune",
+          "--max-images", "1", "--threads", "1"])
+    after = ModelCard.load(tmp_path / "detector.json")
+    cal = after.score_calibration
+    assert cal is not None and "synthetic-tune" in cal.data
+    assert cal.scores[0] == 0.0 and cal.scores[-1] == 1.0
+    assert all(b >= a for a, b in zip(cal.probabilities, cal.probabilities[1:], strict=False))
+    assert after.thresholds == before.thresholds and after.sha256 == before.sha256

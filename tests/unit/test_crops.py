@@ -102,6 +102,14 @@ def test_real_training_never_reads_a_validation_image(shared_data: Path) -> None
     assert all(r.image.dtype == np.float32 and r.labels.shape == r.image.shape for r in items)
 
 
+def test_bf_tem_training_frames_leave_the_held_out_frames_out(shared_data: Path) -> None:
+    items = load_real_training(("msa",), shared_data)
+    split = realdata.load_split("msa")
+    assert sorted(r.id for r in items) == sorted(split["train"])
+    assert not {r.id for r in items} & set(split["validation"])
+    assert all(r.set == "msa" and r.labels.max() > 0 and r.median_ecd_px > 0 for r in items)
+
+
 def test_stem_tuning_material_is_one_training_material(shared_data: Path) -> None:
     tune = realdata.stem_tuning_names(shared_data)
     split = realdata.load_split("stem")
