@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/haadf_multislice.json"))
     ap.add_argument("--step-nm", type=float, default=0.1)
     args = ap.parse_args(argv)
-    res = run(args.step_nm)
+    given = sys.argv[1:] if argv is None else argv
+    res = {"command": " ".join(["python -m benchmarks.haadf_multislice", *given]),
+           "machine": f"{platform.machine()} CPU", **run(args.step_nm)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps(res, indent=1))
