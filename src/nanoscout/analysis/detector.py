@@ -46,7 +46,9 @@ class Detection:
     """Instances found in one frame."""
 
     labels: np.ndarray  # int32 (H, W) on the original frame's grid, 0 = background, 1..n
-    scores: np.ndarray  # float32 (n + 1,), scores[k] = confidence of particle k, scores[0] = 0
+    #: float32 (n + 1,), scores[k] = confidence of particle k, scores[0] = 0: the probability
+    #: that it is a real particle where the card has a ``score_calibration``, else the raw score
+    scores: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, engine, postprocess
     scale: float = 1.0  # working-scale resample factor used (working px per frame px)
 
@@ -151,6 +153,10 @@ class Detector:
                               f"{tile_margin_px}")
         self.tile_px = tile_px
         self.tile_margin_px = tile_margin_px
+        cal = card.score_calibration
+        self._calibration = (None if cal is None else
+                             (np.asarray(cal.scores, np.float32),
+                              np.asarray(cal.probabilities, np.float32)))
 
     def _infer(self, tile: np.ndarray) -> np.ndarray:
         out = self.engine.infer({self.input_name: tile[None, None]}).get(self.output_name)
@@ -345,6 +351,10 @@ class Detector:
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
             min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
             min_score=th.min_score, merge_convex=th.merge_convex)
+        if self._calibration is not None and scores.size > 1:
+            # the cut above is on the raw score; what is reported is the probability
+            scores = scores.copy()
+            scores[1:] = np.interp(scores[1:], *self._calibration)
         t3 = time.perf_counter()
         return Detection(labels, scores, {"preprocess": (t1 - t0 - ts - reused_s) * 1e3,
                                           "scale": ts * 1e3,

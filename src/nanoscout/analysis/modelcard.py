@@ -27,6 +27,7 @@ __all__ = [
     "NoveltyReference",
     "Normalization",
     "OutputSpec",
+    "ScoreCalibration",
     "Thresholds",
     "TrainingInfo",
     "WorkingScale",
@@ -167,6 +168,30 @@ class Thresholds(_Strict):
     min_score: float = Field(0.0, ge=0, lt=1)
 
 
+class ScoreCalibration(_Strict):
+    """Maps a particle's raw score (``nanoscout.analysis.instances``: mean foreground probability over
+    its interior) to the probability that it is a real particle, by linear interpolation
+    between knots (``scores`` increasing, ``probabilities`` non-decreasing, both in [0, 1]),
+    fitted on tuning data named in ``data`` (isotonic regression, ``nanoscout.training.calibrate``)."""
+
+    scores: tuple[float, ...] = Field(min_length=2)
+    probabilities: tuple[float, ...] = Field(min_length=2)
+    data: str = ""
+
+    @model_validator(mode="after")
+    def _monotone(self) -> ScoreCalibration:
+        s, p = self.scores, self.probabilities
+        if len(s) != len(p):
+            raise ValueError(f"score_calibration has {len(s)} scores but {len(p)} probabilities")
+        if any(b <= a for a, b in zip(s, s[1:], strict=False)):
+            raise ValueError(f"score_calibration scores {s} must increase")
+        if any(b < a for a, b in zip(p, p[1:], strict=False)):
+            raise ValueError(f"score_calibration probabilities {p} must not decrease")
+        if min(s + p) < 0 or max(s + p) > 1:
+            raise ValueError("score_calibration scores and probabilities must lie in [0, 1]")
+        return self
+
+
 class TrainingInfo(_Strict):
     """How the model was trained: the data, the command and its wall time (s)."""
 
@@ -230,6 +255,8 @@ class ModelCard(_Strict):
     outputs: tuple[OutputSpec, ...] = Field(min_length=1)
     working_scale: WorkingScale | None = None
     thresholds: Thresholds | None = None
+    #: raw particle score -> probability of a real particle (None: scores are reported raw)
+    score_calibration: ScoreCalibration | None = None
     classes: tuple[str, ...] | None = None
     training: TrainingInfo
     metrics: HeldOutMetrics | None = None

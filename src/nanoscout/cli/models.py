@@ -52,6 +52,11 @@ def _evaluate_lens() -> Main:
     return main
 
 
+def _calibrate() -> Main:
+    from nanoscout.training.calibrate import main
+    return main
+
+
 def _calibrate_lens() -> Main:
     from nanoscout.training.calibrate_lens import main
     return main
@@ -71,6 +76,8 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "eval-classifier": (_evaluate_classifier, "held-out accuracy, CAM test, engine time"),
     "train-lens": (_train_lens, "train the AI-lens autoencoder (torch)"),
     "eval-lens": (_evaluate_lens, "novelty of held-out usual and novel frames"),
+    "calibrate": (_calibrate, "fit a detector's score calibration on named tuning sets into its "
+                              "card (--model M --sets emps-tune,synthetic-tune; no torch)"),
     "calibrate-lens": (_calibrate_lens, "rebuild the AI lens's novelty reference on your own "
                                         "frames (FRAMES... --out DIR; no torch)"),
     "export-triton": (_export_triton, "a Triton Inference Server model repository of the "

@@ -177,7 +177,9 @@ class EngineConfig(_Section):
     tta: Literal[1, 2, 4] = 1
     #: the detector's particle score cut, replacing the model card's (``thresholds.min_score``):
     #: lower it where recall matters more than precision (a stage search, whose confirmation
-    #: frame supplies the precision), raise it for precision; None = the card's
+    #: frame supplies the precision), raise it for precision; None = the card's. The cut is on
+    #: the network's raw score even where the card has a ``score_calibration`` (whose
+    #: probabilities are what the particle tables then report as ``score``)
     score_cut: float | None = Field(None, ge=0, lt=1)
     #: merge instance fragments whose union is about as convex as they are (solidity ratio,
     #: e.g. 0.97): large particles and long wires among much smaller ones; None = the card's
