@@ -57,6 +57,16 @@ def _calibrate_lens() -> Main:
     return main
 
 
+def _quantize() -> Main:
+    from nanoscout.training.quantize import main
+    return main
+
+
+def _build_engines() -> Main:
+    from nanoscout.training.build_engines import main
+    return main
+
+
 #: action -> (loader of its main(argv), one-line help)
 ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "train": (_train, "retrain the particle detector (torch; ~50 min on 2 cores)"),
@@ -68,6 +78,10 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "eval-lens": (_evaluate_lens, "novelty of held-out usual and novel frames"),
     "calibrate-lens": (_calibrate_lens, "rebuild the AI lens's novelty reference on your own "
                                         "frames (FRAMES... --out DIR; no torch)"),
+    "quantize": (_quantize, "INT8 siblings of the shipped models with their accuracy parity "
+                            "against FP32 (ONNX Runtime; no torch)"),
+    "build-engines": (_build_engines, "build (and INT8-calibrate) the TensorRT engines of the "
+                                      "shipped models on this GPU"),
 }
 _PASS_THROUGH = {**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": True,
                  "help_option_names": []}

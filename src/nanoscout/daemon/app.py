@@ -17,7 +17,8 @@ from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
-from nanoscout.engines import Engine, create_engine
+from nanoscout.daemon.precision import engine_name, load_engine
+from nanoscout.engines import Engine
 from nanoscout.wire.errors import ModelCardError
 
 log = logging.getLogger("nanoscout")
@@ -45,8 +46,12 @@ def build_classifier(config: ServeConfig) -> FieldClassifier | None:
 
     def load(model: Path) -> tuple[ModelCard, Engine]:
         card = load_card(model)
-        return card, create_engine(model, eng.backend, threads=eng.threads,
-                                   precision=eng.precision)
+        size = card.input.size or (256, 256)
+        return card, load_engine(model, backend=eng.backend, precision=eng.precision,
+                                 threads=eng.threads,
+                                 device=eng.device if cc.device is None else cc.device,
+                                 max_shape=(int(size[0]), int(size[1])),
+                                 cache_dir=eng.cache_dir)
 
     card, engine = load(cc.model_path())
     lens_card = lens = None
@@ -63,13 +68,21 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     model name:version)."""
     eng = config.engine
     card = load_card(model)
-    engine = create_engine(model, eng.backend, threads=eng.threads, precision=eng.precision)
+    # every engine call of the detector is at most one batch of tiles of tile_px
+    batch = eng.tile_batch or 4
+    engine = load_engine(model, backend=eng.backend, precision=eng.precision,
+                         threads=eng.threads, device=eng.device,
+                         max_shape=(eng.tile_px, eng.tile_px), max_batch=batch,
+                         cache_dir=eng.cache_dir)
+    if eng.tile_batch is None and engine.name == "onnxruntime-cpu":
+        batch = 1  # no gain from batching on the CPU, only memory
     detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
                         tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
                         tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
                         rotate45=eng.rotate45 == "always",
-                        scale_presets=tuple(eng.scale_presets))
-    return detector, engine.name, f"{card.name}:{card.version}"
+                        scale_presets=tuple(eng.scale_presets), tile_batch=batch,
+                        scale_tolerance=eng.scale_tolerance)
+    return detector, engine_name(engine), f"{card.name}:{card.version}"
 
 
 def build_pipeline(config: ServeConfig, *, offline: bool = False) -> Pipeline:
