@@ -449,8 +449,16 @@ class _FakeTrt(types.ModuleType):
                 return True
 
             def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-                # the test model's outputs have the shape of its one input
-                return self.shapes.get(name) or next(iter(self.shapes.values()))
+                if name in self.shapes:
+                    return self.shapes[name]
+                # an output: its shape for these input shapes, as ONNX Runtime computes it
+                key = tuple(sorted(self.shapes.items()))
+                if key not in self.engine.out_shapes:
+                    feeds = {k: np.zeros(v, np.float32) for k, v in self.shapes.items()}
+                    outs = self.engine.session.run(None, feeds)
+                    names = [o.name for o in self.engine.session.get_outputs()]
+                    self.engine.out_shapes[key] = {n: o.shape for n, o in zip(names, outs, strict=True)}
+                return tuple(self.engine.out_shapes[key][name])
 
             def set_tensor_address(self, name: str, ptr: int) -> None:
                 self.addresses[name] = ptr
@@ -464,6 +472,7 @@ class _FakeTrt(types.ModuleType):
                     feeds[name] = np.frombuffer(raw, np.float32).reshape(shape).copy()
                 outs = self.engine.session.run(None, feeds)
                 for spec, out in zip(self.engine.session.get_outputs(), outs, strict=True):
+                    out = np.ascontiguousarray(out)
                     ctypes.memmove(self.addresses[spec.name], out.ctypes.data, out.nbytes)
                 return True
 
@@ -471,6 +480,7 @@ class _FakeTrt(types.ModuleType):
             def __init__(self, build: dict) -> None:
                 self.build = build
                 self.session = ort.InferenceSession(build["path"], providers=["CPUExecutionProvider"])
+                self.out_shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
                 self.io = [(i, "INPUT") for i in self.session.get_inputs()]
                 self.io += [(o, "OUTPUT") for o in self.session.get_outputs()]
 
@@ -488,7 +498,9 @@ class _FakeTrt(types.ModuleType):
                 return self._node(name)[1]
 
             def get_tensor_dtype(self, name: str) -> type:
-                return np.float32
+                kind = self._node(name)[0].type  # e.g. "tensor(float)", "tensor(uint8)"
+                return {"tensor(float)": np.float32, "tensor(uint8)": np.uint8,
+                        "tensor(int64)": np.int64}[kind]
 
             def get_tensor_shape(self, name: str) -> tuple[int, ...]:
                 return tuple(d if isinstance(d, int) else -1 for d in self._node(name)[0].shape)

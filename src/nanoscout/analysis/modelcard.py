@@ -69,6 +69,8 @@ def shipped_model_dir() -> Path:
     )
 
 SCHEMA_VERSION = 1
+#: an INT8 sibling is used by default only when at least this much faster than FP32
+MIN_SPEEDUP = 1.1
 
 
 class _Strict(BaseModel):
@@ -219,8 +221,10 @@ class Quantization(_Strict):
     ``source_sha256``: the FP32 ONNX file it was made from (a sibling whose source no longer
     matches is stale and never chosen automatically). ``parity``: per held-out set, the metric
     of the FP32 and the quantized model (``{"metric", "fp32", "int8", "loss"}``);
-    ``passed``: every loss is at most ``max_loss``, so the daemon's ``precision = "auto"`` may
-    use it (``nanoscout models quantize``).
+    ``passed``: every loss is at most ``max_loss``. ``engine_ms``: the median time of one
+    engine call, FP32 and INT8, measured when it was made (``{"fp32", "int8", "input"}``) and
+    ``speedup`` = FP32 / INT8 time. The daemon's ``precision = "auto"`` uses the sibling when it
+    passed and pays (``speedup`` at least :data:`MIN_SPEEDUP`; ``nanoscout models quantize``).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -234,6 +238,13 @@ class Quantization(_Strict):
     max_loss: float = Field(0.01, ge=0)
     parity: dict[str, dict[str, Any]] = Field(default_factory=dict)
     passed: bool = False
+    engine_ms: dict[str, Any] = Field(default_factory=dict)
+    speedup: float | None = None
+
+    @property
+    def default(self) -> bool:
+        """Whether ``precision = "auto"`` may use the sibling: accurate enough and faster."""
+        return self.passed and self.speedup is not None and self.speedup >= MIN_SPEEDUP
 
 
 class ModelCard(_Strict):

@@ -4,7 +4,8 @@ allow, and the engine that runs it.
 ``precision = "auto"`` (the default) uses a model's INT8 sibling (``detector.int8.onnx``,
 written with its parity by ``nanoscout models quantize``) on the CPU only when the sibling's
 card says it passed its accuracy parity against FP32 (no held-out set lost more than 0.01 of
-its metric) *and* it was made from the FP32 file that is there now; otherwise FP32. On a GPU,
+its metric), that it pays (its engine call measured at least 1.1x faster), *and* it was made
+from the FP32 file that is there now; otherwise FP32. On a GPU,
 "auto" is FP16 under TensorRT (INT8 TensorRT engines are built on request, ``precision =
 "int8"``, until their parity is measured on a GPU) and FP32 under ONNX Runtime CUDA.
 ``"int8"`` asks for INT8 whatever the parity says, but never from a stale sibling.
@@ -52,10 +53,11 @@ def int8_sibling(model: Path, precision: str) -> Path | None:
             raise ConfigError(f"precision int8: {what}")
         log.warning("%s; using FP32", what)
         return None
-    if precision == "auto" and not q.passed:
+    if precision == "auto" and not q.default:
         losses = {k: v.get("loss") for k, v in q.parity.items()}
-        log.info("INT8 sibling of %s did not pass its parity (losses %s, max %s): FP32",
-                 model.name, losses, q.max_loss)
+        log.info("INT8 sibling of %s is not the default (parity %s, losses %s, max %s; "
+                 "speedup %s): FP32", model.name, "passed" if q.passed else "failed", losses,
+                 q.max_loss, q.speedup)
         return None
     return sibling
 

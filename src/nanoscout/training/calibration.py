@@ -80,12 +80,14 @@ def _modalities(card: ModelCard) -> tuple[str, ...]:
     return ("STEM",) if "stem" in text else ("TEM", "STEM", "SEM")
 
 
-def calibration_inputs(card: ModelCard, n: int = 32) -> Iterator[dict[str, np.ndarray]]:
+def calibration_inputs(card: ModelCard, n: int = 32, start: int = 0
+                       ) -> Iterator[dict[str, np.ndarray]]:
     """Yield ``n`` calibration inputs of the model ``card`` describes: ``{input name: (1, 1,
-    H, W) float32}``, the same every time (see the module docs)."""
-    if n < 1:
-        raise ValueError(f"n {n} calibration frames must be >= 1")
-    for k in range(n):
+    H, W) float32}``, the same every time (see the module docs). ``start``: skip that many
+    (inputs of the same kind that the calibration did not see, for checks)."""
+    if n < 1 or start < 0:
+        raise ValueError(f"n {n} calibration frames must be >= 1 (start {start} >= 0)")
+    for k in range(start, start + n):
         if card.task == "detection-segmentation":
             x = _detector_frame(k, _modalities(card))
         else:

@@ -3,12 +3,16 @@ parity against FP32 measured on held-out data.
 
 ::
 
-    nanoscout models quantize                              # every shipped model, parity on all sets
+    nanoscout models quantize                              # the detectors, parity on all sets
+    nanoscout models quantize --models classifier,lens     # measure the small models too
     nanoscout models quantize --models detector --max-images 20
     python -m nanoscout.training.quantize --weights models/weights --out benchmarks/results/int8_parity.json
 
-For each model ``X.onnx`` (detector, STEM detector, classifier, lens) it writes ``X.int8.onnx``
-and its card ``X.int8.json`` beside it; the FP32 files are not touched. Re-run it whenever the
+For each model ``X.onnx`` (by default the detector and the STEM detector; the classifier and
+the lens on request, ``--models``) it writes ``X.int8.onnx`` and its card ``X.int8.json``
+beside it; the FP32 files are not touched. It also times one engine call of each (FP32 and
+INT8): a sibling is used by default only where it is accurate enough *and* pays (at least
+1.1x faster; :attr:`~nanoscout.analysis.modelcard.Quantization.default`). Re-run it whenever the
 weights change: a sibling whose ``quantization.source_sha256`` no longer matches its FP32 file
 is stale and the daemon's ``precision = "auto"`` ignores it.
 
@@ -58,11 +62,16 @@ from nanoscout.analysis.modelcard import (
 )
 from nanoscout.training.calibration import calibration_inputs, describe_calibration
 
-__all__ = ["MAX_LOSS", "MODELS", "detector_parity", "main", "parity", "quantize_model",
-           "quantize_onnx"]
+__all__ = ["DEFAULT_MODELS", "MAX_LOSS", "MODELS", "detector_parity", "engine_speed", "main",
+           "parity", "quantize_model", "quantize_onnx"]
 
 #: the shipped models, by the stem of their ONNX file
 MODELS = ("detector", "detector_stem", "classifier", "lens")
+#: the models quantized by default: where INT8 pays. The lens ran slower in INT8 on the 2-core
+#: CPU of 2026-12 (14.4 -> 19.5 ms per call, interleaved medians: only its convolutions are
+#: quantized, and the quantize/dequantize steps around them cost more than they save; its
+#: novelty statistics stay float); quantize it with --models lens to measure again
+DEFAULT_MODELS = ("detector", "detector_stem", "classifier")
 #: the largest loss of a metric (F1, accuracy, AUROC) an INT8 sibling may have and pass
 MAX_LOSS = 0.01
 #: operators quantized in the fixed-input models (their other arithmetic stays float)
@@ -211,6 +220,37 @@ def parity(fp32_card: Path, int8_card: Path, *, sets: list[str], n_synthetic: in
     return out
 
 
+def engine_speed(fp32: Path, int8: Path, card: ModelCard, threads: int, runs: int | None = None
+                 ) -> dict[str, Any]:
+    """Median time of one engine call (ms), FP32 and INT8, on one input the model really gets:
+    a 1024² frame for a detector, the fixed input of the others. The two engines take turns
+    (``runs`` calls each: 9 for a detector, 40 for the small models), so a load that comes and
+    goes on a shared machine weighs on both alike."""
+    from nanoscout.engines import create_engine
+
+    x = next(calibration_inputs(card, 1, start=1000))
+    if card.task == "detection-segmentation":
+        x = {k: np.ascontiguousarray(np.tile(v, (1, 1, 3, 3))[:, :, :1024, :1024])
+             for k, v in x.items()}
+    n = runs or (9 if card.task == "detection-segmentation" else 40)
+    engines = {name: create_engine(path, "onnxruntime-cpu", threads=threads, precision="fp32")
+               for name, path in (("fp32", fp32), ("int8", int8))}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    try:
+        for e in engines.values():
+            e.infer(x)  # the first call allocates
+        for _ in range(n):
+            for name, e in engines.items():
+                t0 = time.perf_counter()
+                e.infer(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        for e in engines.values():
+            e.close()
+    return {"input": list(next(iter(x.values())).shape), "threads": threads, "runs": n,
+            **{name: round(float(np.median(t)), 2) for name, t in times.items()}}
+
+
 # ------------------------------------------------------------------------------ one model
 
 def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "percentile",
@@ -232,13 +272,17 @@ def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "perce
                      calibration=describe_calibration(card, n_calibration),
                      command=command or f"nanoscout models quantize --models {model.stem}",
                      max_loss=max_loss, passed=False)
+    speed = engine_speed(model, dst, card, threads)
+    q = q.model_copy(update={"engine_ms": speed,
+                             "speedup": round(speed["fp32"] / speed["int8"], 3)})
     sibling = card.model_copy(update={"onnx_file": dst.name, "sha256": sha256_file(dst),
                                       "quantization": q, "timings_ms": {}})
     dst_card = sibling.dump(dst.with_suffix(".json"))
     summary: dict[str, Any] = {"model": str(model), "int8": str(dst),
                                "int8_bytes": dst.stat().st_size,
                                "fp32_bytes": model.stat().st_size,
-                               "quantize_s": round(quant_s, 1), "method": how}
+                               "quantize_s": round(quant_s, 1), "method": how,
+                               "engine_ms": speed, "speedup": q.speedup}
     if check:
         t0 = time.perf_counter()
         par = parity(card_path, dst_card, sets=sets or ["synthetic", "emps", "stem", "nffa"],
@@ -248,7 +292,8 @@ def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "perce
                                    for r in par.values())
         q = q.model_copy(update={"parity": par, "passed": passed})
         sibling.model_copy(update={"quantization": q}).dump(dst_card)
-        summary.update(parity=par, passed=passed, parity_s=round(time.perf_counter() - t0, 1))
+        summary.update(parity=par, passed=passed, parity_s=round(time.perf_counter() - t0, 1),
+                       default=q.default)
     return summary
 
 
@@ -259,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "their accuracy parity against FP32")
     ap.add_argument("--weights", type=Path, default=None,
                     help="folder of the FP32 models (default: the shipped models/weights)")
-    ap.add_argument("--models", default=",".join(MODELS),
-                    help=f"comma list of model stems (default: {','.join(MODELS)})")
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                    help=f"comma list of model stems, of {','.join(MODELS)} (default: "
+                         f"{','.join(DEFAULT_MODELS)}, where INT8 pays)")
     ap.add_argument("--calibration-frames", type=int, default=32,
                     help="calibration inputs per model (nanoscout.training.calibration)")
     ap.add_argument("--method", default="percentile", choices=["percentile", "minmax", "entropy"],
@@ -298,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         for s, r in res.get("parity", {}).items():
             print(f"[{name}] {s:>16}: {r['metric']} fp32 {r['fp32']} int8 {r['int8']} "
                   f"loss {r['loss']}", flush=True)
+        print(f"[{name}] engine {res['engine_ms']['fp32']} ms fp32, "
+              f"{res['engine_ms']['int8']} ms int8: x{res['speedup']}", flush=True)
         if "passed" in res:
             print(f"[{name}] parity {'PASSED' if res['passed'] else 'FAILED'} "
-                  f"(max loss {args.max_loss})", flush=True)
+                  f"(max loss {args.max_loss}); used by precision auto: {res['default']}",
+                  flush=True)
             if not res["passed"]:
                 failed.append(name)
     if args.out is not None:
