@@ -61,8 +61,8 @@ def test_a_4096_frame_goes_through_the_pipeline_in_batched_tiles() -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # two 2160 px tiles per axis (11 % more pixels than the frame), two per engine call
-    assert engine.calls == [(2, 1, 2160, 2160)] * 2
+    # two 2144 px tiles per axis (9.6 % more pixels than the frame), two per engine call
+    assert engine.calls == [(2, 1, 2144, 2144)] * 2
     # every disc found once, whole, wherever the seams cut it
     assert len(result.table) == n_true and result.labels.shape == (SIDE, SIDE)
     assert int(result.labels.max()) == n_true
@@ -76,7 +76,7 @@ def test_a_4096_frame_goes_through_the_pipeline_in_batched_tiles() -> None:
 
 def test_tile_batch_bounds_each_call() -> None:
     img, _ = _discs(8, 10)
-    for batch, calls in ((1, [(1, 1, 2160, 2160)] * 4), (4, [(4, 1, 2160, 2160)])):
+    for batch, calls in ((1, [(1, 1, 2144, 2144)] * 4), (4, [(4, 1, 2144, 2144)])):
         engine = PixelEngine()
         Detector(engine, _card(), scale=1.0, tile_px=2304, tile_batch=batch).detect(img)
         assert engine.calls == calls
