@@ -152,7 +152,7 @@ def seed_style(frame: np.ndarray, truth: np.ndarray, unet: Any, featnet: Any) ->
     t0 = time.perf_counter()
     x = frame.astype(np.float32)
     lo, hi = np.percentile(x, (0.5, 99.5))
-    x = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    x = np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
     with torch.inference_mode():
         t = torch.from_numpy(x)[None, None].repeat(1, 3, 1, 1)
         prob = torch.sigmoid(unet(t))[0, 0].numpy()
