@@ -5,9 +5,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DURATION ?= 30
-EXTRAS ?= cpu,train,dev
+EXTRAS ?= cpu,train,dev,triton,ray
+# the Triton server of the nvidia-pytriton wheel (tests/triton_server.py): its own venv, as the
+# wheel pins numpy<2; onnxruntime runs the models inside the server's Python stub
+TRITON_VENV ?= .venv-triton
+PYTRITON ?= nvidia-pytriton==0.7.0
 
-.PHONY: install demo test lint unit system bench train clean
+.PHONY: install triton-env demo test lint unit system bench train clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +25,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q '$(PYTRITON)' 'onnxruntime>=1.17'
+	touch $@
+
+triton-env: $(TRITON_VENV)/.installed
+
 demo: install
 	$(BIN)/nanoscout demo --duration $(DURATION)
 
+# mypy reads its files from pyproject.toml: the package, tests, benchmarks, examples, conftest.py
 lint: install
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples conftest.py
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
@@ -49,4 +62,4 @@ train: install
 	$(BIN)/nanoscout models train-lens --out models/weights
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .mypy_cache .ruff_cache

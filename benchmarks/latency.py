@@ -211,7 +211,7 @@ def serve_command(policy: str, args: argparse.Namespace) -> list[str]:
     cmd = [
         sys.executable, "-m", "nanoscout", "serve",
         "--policy", policy,
-        "--input", "tcp://127.0.0.1:0", "--output", "tcp://127.0.0.1:0",
+        "--frames-endpoint", "tcp://127.0.0.1:0", "--results", "tcp://127.0.0.1:0",
         "--query", "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", str(args.health_interval),
         "--threads", str(args.threads), "--backend", args.backend,
     ]

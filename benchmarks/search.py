@@ -36,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ TARGET_RULES = ("large", "wire")
 CANDIDATE_RULES = ("candidate", "candidate-long")
 
 
-def score(found: list[FoundTarget] | list[dict[str, Any]], truth: list[dict[str, Any]],
+def score(found: Sequence[FoundTarget | dict[str, Any]], truth: list[dict[str, Any]],
           min_radius_um: float = 1.0) -> dict[str, Any]:
     """Match found targets (in discovery order) to true ones; see the module docstring.
 
@@ -106,7 +107,7 @@ def score(found: list[FoundTarget] | list[dict[str, Any]], truth: list[dict[str,
 def start_daemon(config: Path, log_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
     """``nanoscout serve`` on free loopback ports; returns (process, its readiness endpoints)."""
     cmd = [sys.executable, "-m", "nanoscout", "serve", "--config", str(config),
-           "--input", "tcp://127.0.0.1:0", "--output", "tcp://127.0.0.1:0",
+           "--frames-endpoint", "tcp://127.0.0.1:0", "--results", "tcp://127.0.0.1:0",
            "--query", "tcp://127.0.0.1:0", "--no-metrics"]
     proc, endpoints, _ = launch_ready(cmd, log_path, "search daemon")
     return proc, endpoints
@@ -138,7 +139,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, spec_cfg: VirtualSpeci
             session.close()
             control.close()
             server.close()
-        pub.close(linger_ms=1000)
+        pub.close()  # what is still queued gets confirm_timeout_s to leave
     write_navigator(result.targets, out_dir / strategy, meta=result.summary())
     return result, spec
 

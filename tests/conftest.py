@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -18,7 +22,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def wait_until(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition"):
+def wait_until(
+    predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.1,
+    what: str = "condition",
+) -> T:
     """Poll ``predicate()`` until it returns a truthy value (returned) or ``timeout`` s pass.
 
     For servers that offer no readiness notification (an HTTP endpoint); raises TimeoutError.

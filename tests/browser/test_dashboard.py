@@ -172,7 +172,9 @@ def _is_expected_503(text: str) -> bool:
     return "status of 503" in text
 
 
-def test_dashboard_in_chromium(daemon_factory: DaemonFactory, publisher) -> None:
+def test_dashboard_in_chromium(
+    daemon_factory: DaemonFactory, publisher: tuple[zmq.Socket, str]
+) -> None:
     sync_playwright = _sync_playwright()
     pub, pub_endpoint = publisher
     d = daemon_factory("--policy", "live", config=DAEMON_CONFIG)
@@ -522,7 +524,7 @@ def test_lens_of_a_silent_daemon_times_out(tmp_path: Path) -> None:
 
 def test_lens_over_a_real_rep_socket(tmp_path: Path) -> None:
     """request_lens -> REP socket -> the mosaic: float16 maps survive the wire."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     rep = ctx.socket(zmq.REP)
     rep.setsockopt(zmq.LINGER, 0)
     endpoint = f"ipc://{tmp_path}/query"
@@ -544,3 +546,56 @@ def test_lens_over_a_real_rep_socket(tmp_path: Path) -> None:
     finally:
         t.join(5)
         rep.close(linger=0)
+
+
+def _post(url: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("POST", path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_control_buttons_reach_the_daemons_query_socket_and_track_history_answers(
+        tmp_path: Path) -> None:
+    """POST /api/control -> request_control -> a real REP query server (the daemon's) ->
+    the pipeline's request handler; a page of another site cannot send it."""
+    import functools
+
+    from nanoscout.clients.query import request_control
+    from nanoscout.daemon.query import LensServer
+    from tests.unit.test_dashboard import _tracked_det
+
+    seen: list[tuple[str, str]] = []
+    srv = LensServer(zmq.Context.instance(), None,
+                     control=lambda s, a: seen.append((s, a)))
+    endpoint = srv.start(f"ipc://{tmp_path}/query", lambda fn: fn)
+    state = DashboardState(query=endpoint)
+    for k in range(3):
+        state.ingest(_tracked_det(k, 2.0 * k, [4, 5]))
+    server = DashboardServer(state, port=0, control=functools.partial(
+        request_control, endpoint, timeout=2.0)).start()
+    none = DashboardServer(DashboardState(), port=0).start()
+    try:
+        ok = {"X-Nanoscout": "1"}
+        status, d = _post(server.url, "/api/control?source=sim&action=reset_statistics", ok)
+        assert status == 200 and d["ok"]
+        status, _ = _post(server.url, "/api/control?source=sim&action=set_drift_reference", ok)
+        assert status == 200 and seen == [("sim", "reset_statistics"),
+                                          ("sim", "set_drift_reference")]
+        # no page header: a form on another site; a bad action; no query endpoint
+        assert _post(server.url, "/api/control?source=sim&action=reset_statistics")[0] == 403
+        assert _post(server.url, "/api/control?source=sim&action=explode", ok)[0] == 400
+        status, d = _post(none.url, "/api/control?source=sim&action=reset_statistics", ok)
+        assert status == 503 and "--query" in d["error"]
+        assert len(seen) == 2
+        status, h = _get(server.url, "/api/track?source=sim&id=5")
+        assert status == 200 and h["seq"] == [0, 1, 2] and h["track_id"] == 5
+        assert _get(server.url, "/api/track?source=sim")[0] == 400
+    finally:
+        server.close()
+        none.close()
+        srv.stop()

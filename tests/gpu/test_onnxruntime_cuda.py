@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 
 from nanoscout.engines import available_backends, create_engine
+from nanoscout.engines.onnxrt import OnnxRuntimeEngine
 from nanoscout.wire.errors import EngineFailure
 
 pytestmark = pytest.mark.gpu
@@ -26,8 +28,12 @@ def _needs_cuda_provider() -> None:
 ATOL = {"logits": 5e-3, "prob": 2e-3}
 
 
-def test_cuda_matches_cpu(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray]) -> None:
-    with create_engine(tiny_model, "cuda", threads=2) as engine:
+def test_cuda_matches_cpu(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: list[np.ndarray],
+) -> None:
+    with cast(OnnxRuntimeEngine, create_engine(tiny_model, "cuda", threads=2)) as engine:
         assert engine.name == "onnxruntime-cuda"
         assert engine.providers[0] == "CUDAExecutionProvider"
         for image in images:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 
 from nanoscout.engines import available_backends, create_engine
+from nanoscout.engines.tensorrt import TensorRTEngine
 from nanoscout.wire.errors import EngineFailure
 
 pytestmark = pytest.mark.gpu
@@ -35,25 +37,36 @@ def _assert_close(got: dict, want: dict, atol: dict) -> None:
         np.testing.assert_allclose(got[name], expected, rtol=0, atol=atol[name], err_msg=name)
 
 
-def test_fp16_matches_cpu_on_many_shapes(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray], tmp_path: Path) -> None:
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, precision="fp16") as engine:
+def test_fp16_matches_cpu_on_many_shapes(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: list[np.ndarray],
+    tmp_path: Path,
+) -> None:
+    with cast(TensorRTEngine,
+              create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, precision="fp16")) as engine:
         assert engine.name == "tensorrt" and engine.built and engine.plan_path.is_file()
         assert engine.plan_path.parent == tmp_path
         for image in images:
             _assert_close(engine.infer({"image": image}), cpu_reference(image), FP16_ATOL)
 
 
-def test_fp32_matches_cpu_closely(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], images: list[np.ndarray], tmp_path: Path) -> None:
+def test_fp32_matches_cpu_closely(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    images: list[np.ndarray],
+    tmp_path: Path,
+) -> None:
     with create_engine(tiny_model, "trt", cache_dir=tmp_path, precision="fp32") as engine:
         for image in images[:3]:
             _assert_close(engine.infer({"image": image}), cpu_reference(image), FP32_ATOL)
 
 
 def test_second_create_reuses_the_cached_plan(tiny_model: Path, tmp_path: Path) -> None:
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as first:
+    with cast(TensorRTEngine, create_engine(tiny_model, "tensorrt", cache_dir=tmp_path)) as first:
         assert first.built
         plan, stamp = first.plan_path, first.plan_path.stat().st_mtime_ns
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as second:
+    with cast(TensorRTEngine, create_engine(tiny_model, "tensorrt", cache_dir=tmp_path)) as second:
         assert not second.built, "the plan was rebuilt although the cache held it"
         assert second.plan_path == plan and plan.stat().st_mtime_ns == stamp
         image = np.ones((1, 1, 40, 40), np.float32)
@@ -66,19 +79,24 @@ def test_second_create_reuses_the_cached_plan(tiny_model: Path, tmp_path: Path) 
     [("precision", {"precision": "fp32"}), ("max_shape", {"max_shape": (512, 512)})],
 )
 def test_changing_the_key_rebuilds(tiny_model: Path, tmp_path: Path, changed: str, kwargs: dict) -> None:
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as base:
+    with cast(TensorRTEngine, create_engine(tiny_model, "tensorrt", cache_dir=tmp_path)) as base:
         assert base.built
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, **kwargs) as other:
+    with cast(TensorRTEngine,
+              create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, **kwargs)) as other:
         assert other.built, f"changing {changed} reused the old plan"
         assert other.plan_path != base.plan_path
         assert base.plan_path.is_file() and other.plan_path.is_file()
 
 
-def test_a_corrupt_cached_plan_is_rebuilt(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], tmp_path: Path) -> None:
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as first:
+def test_a_corrupt_cached_plan_is_rebuilt(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    with cast(TensorRTEngine, create_engine(tiny_model, "tensorrt", cache_dir=tmp_path)) as first:
         plan = first.plan_path
     plan.write_bytes(b"not a TensorRT plan" * 100)
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as again:
+    with cast(TensorRTEngine, create_engine(tiny_model, "tensorrt", cache_dir=tmp_path)) as again:
         assert again.built
         image = np.zeros((1, 1, 64, 64), np.float32)
         _assert_close(again.infer({"image": image}), cpu_reference(image), FP16_ATOL)
@@ -94,7 +112,7 @@ def test_shapes_outside_the_profile_are_refused(tiny_model: Path, tmp_path: Path
 
 
 def test_buffers_grow_and_are_reused(tiny_model: Path, tmp_path: Path) -> None:
-    with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path) as engine:
+    with cast(TensorRTEngine, create_engine(tiny_model, "tensorrt", cache_dir=tmp_path)) as engine:
         engine.infer({"image": np.zeros((1, 1, 512, 512), np.float32)})
         ptr, size = engine._buffers["image"].ptr, engine._buffers["image"].nbytes
         engine.infer({"image": np.zeros((1, 1, 64, 64), np.float32)})
@@ -115,7 +133,11 @@ def test_bad_inputs_and_closed_engine(tiny_model: Path, tmp_path: Path) -> None:
         engine.infer({"image": np.zeros((1, 1, 64, 64), np.float32)})
 
 
-def test_threads_take_turns(tiny_model: Path, cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]], tmp_path: Path) -> None:
+def test_threads_take_turns(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
     rng = np.random.default_rng(3)
     frames = [rng.normal(size=(1, 1, 96 + 8 * i, 128)).astype(np.float32) for i in range(8)]
     errors: list[BaseException] = []

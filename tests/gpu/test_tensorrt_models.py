@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.engines import CalibrationSet, available_backends, create_engine
+from nanoscout.engines.tensorrt import TensorRTEngine
 
 pytestmark = pytest.mark.gpu
 
@@ -44,7 +45,7 @@ def _inputs(card: ModelCard, n: int) -> Iterator[dict[str, np.ndarray]]:
     yield from calibration_inputs(card, n, start=1000)
 
 
-def _engine(name: str, cache: Path, precision: str, **kw: Any) -> Any:
+def _engine(name: str, cache: Path, precision: str, **kw: Any) -> TensorRTEngine:
     from nanoscout.training.calibration import calibration_inputs, describe_calibration
 
     card = _card(name)
@@ -52,9 +53,9 @@ def _engine(name: str, cache: Path, precision: str, **kw: Any) -> Any:
     if precision == "int8":
         calib = CalibrationSet(describe_calibration(card, 16), lambda: calibration_inputs(card, 16))
     shape = card.input.size or (2304, 2304)
-    return create_engine(WEIGHTS / f"{name}.onnx", "tensorrt", precision=precision,
-                         cache_dir=cache, calibration=calib,
-                         max_shape=(int(shape[0]), int(shape[1])), **kw)
+    return cast(TensorRTEngine, create_engine(
+        WEIGHTS / f"{name}.onnx", "tensorrt", precision=precision, cache_dir=cache,
+        calibration=calib, max_shape=(int(shape[0]), int(shape[1])), **kw))
 
 
 def _agreement(card: ModelCard, got: dict[str, np.ndarray], want: dict[str, np.ndarray]
@@ -98,8 +99,9 @@ def test_int8_calibrates_once_and_later_builds_read_the_cache(cache: Path,
         calib = first.calibration_path
         assert calib is not None and calib.parent == tmp_path and calib.stat().st_size > 0
     # another shape limit: a new plan from the cache, without calibration inputs
-    with create_engine(WEIGHTS / "detector.onnx", "tensorrt", precision="int8",
-                       cache_dir=tmp_path, max_shape=(1024, 1024)) as second:
+    with cast(TensorRTEngine, create_engine(WEIGHTS / "detector.onnx", "tensorrt",
+                                            precision="int8", cache_dir=tmp_path,
+                                            max_shape=(1024, 1024))) as second:
         assert second.built and second.calibrated_batches == 0
 
 

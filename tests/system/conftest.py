@@ -84,7 +84,8 @@ def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 
     cfg.write_text(config, encoding="utf-8")
     proc = nanoscout(
         "serve", "--config", str(cfg), "--frames-endpoint", "tcp://127.0.0.1:0", "--results",
-        "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0", "--metrics-port", "0", "--health-interval", "0.2", "--threads", "2",
+        "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0", "--metrics-port", "0",
+        "--health-interval", "0.2", "--threads", "2",
         *args, stdout=subprocess.PIPE,
     )
     ep, lines, reader = wait_ready(proc, "daemon", timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import time
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -13,7 +14,7 @@ import zmq
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.subscriber import Subscriber
-from nanoscout.wire.protocol import encode_frame, frame_header, pack_header
+from nanoscout.wire.protocol import Buffer, encode_frame, frame_header, pack_header
 from tests.system.conftest import DaemonFactory
 
 pytestmark = pytest.mark.system
@@ -32,8 +33,9 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def _frame(arr: np.ndarray, seq: int, **kw) -> list:
-    h = frame_header(arr, source="bad", seq=seq, t_acq_ns=time.time_ns(), pixel_size_nm=kw.pop("px", 0.5), **kw)
+def _frame(arr: np.ndarray, seq: int, **kw: Any) -> list[Buffer]:
+    h = frame_header(arr, source="bad", seq=seq, t_acq_ns=time.time_ns(),
+                     pixel_size_nm=kw.pop("px", 0.5), **kw)
     return encode_frame(h, arr)
 
 
@@ -43,10 +45,10 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
     header = frame_header(good, source="bad", seq=0, t_acq_ns=1, pixel_size_nm=0.5)
     raw_header = header.model_dump(mode="json")
 
-    def with_header(**changes) -> bytes:
+    def with_header(**changes: object) -> bytes:
         return msgpack.packb({**raw_header, **changes})
 
-    bad_messages = {
+    bad_messages: dict[str, list[list[Buffer]]] = {
         "parts": [[b"garbage bytes"], [b"frame", pack_header(header)]],
         "malformed": [[b"frame", b"\xc1\xff\x00 not msgpack", good.tobytes()]],
         "version": [[b"frame", with_header(v=[2, 0]), good.tobytes()]],
@@ -64,7 +66,7 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
 
     with Subscriber(d.output, topics=("det.", "health")) as sub:
         sub.wait_ready()
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context = zmq.Context.instance()
         with FramePublisher(d.input, mode="push", source="bad", ctx=ctx) as pub:
             for msgs in bad_messages.values():
                 for parts in msgs:
@@ -113,7 +115,10 @@ def test_vanished_subscriber_does_not_disturb_the_daemon(daemon_factory: DaemonF
     d = daemon_factory("--policy", "lossless")
     frame = np.full((96, 96), 500, np.uint16)
     ctx = zmq.Context()
-    with Subscriber(d.output, topics=("det.",), ctx=ctx) as keeper, FramePublisher(d.input, source="v", ctx=ctx) as pub:
+    with (
+        Subscriber(d.output, topics=("det.",), ctx=ctx) as keeper,
+        FramePublisher(d.input, source="v", ctx=ctx) as pub,
+    ):
         keeper.wait_ready()
         gone = Subscriber(d.output, topics=("det.",), ctx=ctx)
         gone.wait_ready()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.clients.subscriber import Subscriber
-from tests.system.conftest import DaemonFactory, nanoscout
+from tests.system.conftest import DaemonFactory, DaemonProc, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 CARD = ModelCard.load(REPO / "models" / "weights" / "classifier.json")
 
 
-def _simulate(d, n: int, *args: str) -> subprocess.Popen[str]:
+def _simulate(d: DaemonProc, n: int, *args: str) -> subprocess.Popen[str]:
     return nanoscout("simulate", "--frames-endpoint", d.input, "--mode", "push", "--frames", str(n),
                      "--size", "512", "--rate", "0", "--seed", "77", *args,
                      stdout=subprocess.DEVNULL)
@@ -111,7 +112,12 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory: DaemonF
         got = [m for _, m in zip(range(2), sub.messages(timeout=120), strict=False)]
         sim.wait(60)
     assert len(got) == 2
+    # the worker hands the query server a frame once the frame's last message is out: ask
+    # until it has the newest one (bounded; a readiness check, not a sleep)
+    deadline = time.monotonic() + 30
     reply, _ = request_lens(d.query, "cam1", [])
+    while reply.seq != got[-1].header.seq and time.monotonic() < deadline:
+        reply, _ = request_lens(d.query, "cam1", [])
     acts = [a for a in reply.available if a.startswith("act_")]
     assert acts and "reconstruction" in reply.available
     reply, maps = request_lens(d.query, "cam1", [acts[-1], "reconstruction"])
@@ -126,7 +132,7 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory: DaemonF
     with pytest.raises(QueryError, match="unknown lens output 'act_nope'"):
         request_lens(d.query, "cam1", ["act_nope"])
     # garbage on the query socket gets an answer, and the daemon keeps serving
-    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock: zmq.Socket = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
     sock.connect(d.query)

@@ -15,7 +15,10 @@ from tests.system.conftest import DaemonFactory
 pytestmark = pytest.mark.system
 
 
-def test_authorised_clients_work_and_strangers_are_refused(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+def test_authorised_clients_work_and_strangers_are_refused(
+    daemon_factory: DaemonFactory,
+    tmp_path: Path,
+) -> None:
     server_pub, server_secret = create_keys(tmp_path / "server", "daemon")
     authorised = tmp_path / "authorised"
     create_keys(authorised, "operator")

@@ -41,15 +41,19 @@ def _instrument_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
-def test_replayed_instrument_files_keep_their_calibration(daemon_factory: DaemonFactory, shared_data: Path, tmp_path: Path) -> None:
+def test_replayed_instrument_files_keep_their_calibration(
+    daemon_factory: DaemonFactory,
+    shared_data: Path,
+    tmp_path: Path,
+) -> None:
     files = _instrument_files(shared_data)
     corrupt = tmp_path / "corrupt.dm3"
     corrupt.write_bytes(files[0].read_bytes()[:300])  # truncated mid-header
     d = daemon_factory("--policy", "lossless")
     with Subscriber(d.output, topics=("det.",)) as sub:
         sub.wait_ready()
-        replay = nanoscout("replay", *map(str, files), str(corrupt), "--frames-endpoint", d.input, "--mode", "push",
-                           stdout=subprocess.PIPE)
+        replay = nanoscout("replay", *map(str, files), str(corrupt), "--frames-endpoint", d.input,
+                           "--mode", "push", stdout=subprocess.PIPE)
         seen = {}
         for msg in sub.messages(timeout=120):
             seen[msg.header.meta["file"]] = msg.header
@@ -114,13 +118,15 @@ def test_measure_writes_a_run_and_files_fiji_and_napari_open(shared_data: Path,
     dm4 = files / "JEOL_HAADF_nanoparticles.dm4.labels.tif"
     with tifffile.TiffFile(dm4) as tf:
         assert tf.is_imagej and tf.series[0].axes == "CYX"
-        assert tf.imagej_metadata["unit"] == "nm"
-        num, den = tf.pages[0].tags["XResolution"].value
+        ij = tf.imagej_metadata
+        assert ij is not None and ij["unit"] == "nm"
+        num, den = tf.pages.first.tags["XResolution"].value
         assert den / num == pytest.approx(1.249, rel=1e-3)  # nm per px
         labels = tf.asarray()[1]
     mine = df[df["file"].str.endswith("JEOL_HAADF_nanoparticles.dm4")]
     assert set(np.unique(labels)) - {0} == set(mine["id"].tolist()) and len(mine) > 0
     rois = roifile.roiread(files / "JEOL_HAADF_nanoparticles.dm4.rois.zip")
+    assert isinstance(rois, list)  # a ROI set (.zip) reads as a list
     assert sorted(int(r.name) for r in rois) == sorted(mine["id"].tolist())
     with Image.open(files / "JEOL_HAADF_nanoparticles.dm4.overlay.png") as im:
         assert im.mode == "RGB" and im.size == (labels.shape[1], labels.shape[0])

@@ -24,8 +24,8 @@ from nanoscout.sim.synthetic import SpecimenConfig, render
 from nanoscout.wire.headers import HealthHeader
 from nanoscout.wire.protocol import encode_message
 from tests.conftest import wait_until
-from tests.system.conftest import DaemonFactory, nanoscout, stop_process, wait_ready
-from tests.system.malformed import GENERATORS, malformed, malformed_results, valid_oddities
+from tests.system.conftest import DaemonFactory, DaemonProc, nanoscout, stop_process, wait_ready
+from tests.system.malformed import GENERATORS, Parts, malformed, malformed_results, valid_oddities
 
 pytestmark = pytest.mark.system
 
@@ -88,8 +88,8 @@ def test_ten_thousand_malformed_messages_are_all_counted_and_nothing_dies(
         ctx.term()
 
 
-def _flood_then_check(d, ctx: zmq.Context, raw: zmq.Socket, messages: list, expected: int,
-                      policy: str) -> None:
+def _flood_then_check(d: DaemonProc, ctx: zmq.Context, raw: zmq.Socket,
+                      messages: list[tuple[str, Parts]], expected: int, policy: str) -> None:
     with Subscriber(d.output, topics=("det.", "health"), ctx=ctx) as sub:
         sub.wait_ready(30)
         t0 = time.monotonic()
@@ -125,6 +125,7 @@ def _flood_then_check(d, ctx: zmq.Context, raw: zmq.Socket, messages: list, expe
         if policy == "lossless":  # every oddity answered, and confirmed to the adapter
             assert sorted(dets) == [*seqs, last] and report.unconfirmed == []
         det = dets[last]
+        assert det.array is not None
         want = _in_process(good)
         assert det.header.units == "nm" and det.header.n == len(want) > 10
         np.testing.assert_allclose(np.sort(det.array["ecd_nm"]), np.sort(want["ecd_nm"]),
@@ -174,9 +175,13 @@ def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path:
             health()
             if pub.poll(200) and pub.recv()[:1] == b"\x01":
                 subscribers += 1
-        wait_until(lambda: (health() or True) and (out / "_run.json").exists()
-                   and "subscribed_utc" in (out / "_run.json").read_text(), timeout=60,
-                   what="recorder subscribed")
+
+        def recorder_subscribed() -> bool:
+            health()
+            run = out / "_run.json"
+            return run.exists() and "subscribed_utc" in run.read_text()
+
+        wait_until(recorder_subscribed, timeout=60, what="recorder subscribed")
         bad = malformed_results(N_RESULTS, seed=5)
         for parts in bad:
             pub.send_multipart(parts)

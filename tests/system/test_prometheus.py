@@ -52,12 +52,14 @@ def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: 
     """Counters, the size gauges (D50 per source) and this deployment's alert thresholds
     (daemon config -> nanoscout_alert_threshold -> the rules' recorded thresholds)."""
     d = daemon_factory("--policy", "lossless", config="[metrics]\nalert_latency_p99_s = 1.5\n")
+    assert PROMETHEUS is not None and d.metrics is not None
     target = urllib.parse.urlparse(d.metrics).netloc
     port = _free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "rule_files:\n  - " + str(Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml") + "\n"
+        "rule_files:\n  - "
+        + str(Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml") + "\n"
         "scrape_configs:\n  - job_name: nanoscout\n    static_configs:\n"
         f"      - targets: ['{target}']\n"
     )
@@ -75,7 +77,8 @@ def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: 
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        query = base + "/api/v1/query?query=" + urllib.parse.quote('nanoscout_frames_processed_total{source="prom"}')
+        query = base + "/api/v1/query?query=" + urllib.parse.quote(
+            'nanoscout_frames_processed_total{source="prom"}')
 
         def scraped() -> list | None:
             r = _get(query)
@@ -98,8 +101,10 @@ def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: 
         d50 = wait_until(lambda: value('nanoscout_ecd_d50{source="prom", units="nm"}'),
                          timeout=30, what="the D50 gauge")
         assert 6.5 < d50 < 9.5  # disks of 8 nm
-        assert value('nanoscout_particles_last_frame{source="prom"}') >= 10
-        assert value('nanoscout_window_particles{source="prom"}') >= 10 * n
+        last_frame = value('nanoscout_particles_last_frame{source="prom"}')
+        assert last_frame is not None and last_frame >= 10
+        window = value('nanoscout_window_particles{source="prom"}')
+        assert window is not None and window >= 10 * n
         assert wait_until(lambda: value("instance:nanoscout_alert_threshold:latency_p99_seconds"),
                           timeout=30, what="the recorded threshold") == 1.5
         assert value("instance:nanoscout_alert_threshold:queue_depth") == 8
@@ -137,6 +142,7 @@ PROMTOOL = shutil.which("promtool")
 def test_the_first_critical_alert_after_a_start_pages(tmp_path: Path) -> None:
     """deploy/'s NanoscoutCriticalFinding fires on a counter that starts at 0 (as the daemon's
     do now) and steps to 1; a counter created only at its first step (as before) never does."""
+    assert PROMTOOL is not None
     rules = Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml"
     test = tmp_path / "first_alert_test.yml"
     series = 'nanoscout_alerts_total{instance="d:9108",job="nanoscout",rule="wires",severity="critical"}'

@@ -34,7 +34,10 @@ def _pick(shared_data: Path, n: int = 8) -> list[realdata.Sample]:
     return out
 
 
-def test_real_micrographs_are_found_at_their_own_scale(daemon_factory: DaemonFactory, shared_data: Path) -> None:
+def test_real_micrographs_are_found_at_their_own_scale(
+    daemon_factory: DaemonFactory,
+    shared_data: Path,
+) -> None:
     samples = _pick(shared_data)
     files = [shared_data / "emps-train" / "images" / f"{s.id}.png" for s in samples]
     d = daemon_factory("--policy", "lossless")
@@ -44,6 +47,7 @@ def test_real_micrographs_are_found_at_their_own_scale(daemon_factory: DaemonFac
                            stdout=subprocess.PIPE)
         seen = {}
         for msg in sub.messages(timeout=180):
+            assert msg.array is not None
             seen[Path(str(msg.header.meta["file"])).stem] = (msg.header, msg.array.copy())
             if len(seen) == len(files):
                 break

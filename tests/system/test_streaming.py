@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from nanoscout.clients.subscriber import Subscriber
-from nanoscout.wire.protocol import HealthHeader
+from nanoscout.wire.protocol import HealthHeader, Message
 from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
@@ -22,7 +24,8 @@ def _simulate(endpoint: str, *args: str) -> subprocess.Popen[str]:
     return nanoscout("simulate", "--frames-endpoint", endpoint, *args, stdout=subprocess.DEVNULL)
 
 
-def _final_health(sub: Subscriber, until, timeout: float = 60.0) -> HealthHeader:
+def _final_health(sub: Subscriber, until: Callable[[HealthHeader], bool], timeout: float = 60.0
+                  ) -> HealthHeader:
     """Read messages until a health message satisfies ``until``; returns it."""
     for msg in sub.messages(timeout=timeout):
         if msg.kind == "health" and until(msg.header):
@@ -40,7 +43,11 @@ def _box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> floa
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _match(table: np.ndarray, labels: np.ndarray, true_ecd: dict[int, float]) -> tuple[int, int, int, list[float]]:
+def _match(
+    table: np.ndarray,
+    labels: np.ndarray,
+    true_ecd: dict[int, float],
+) -> tuple[int, int, int, list[float]]:
     """Match detections to truth one-to-one: the detection's centroid lies in the true particle
     and their bounding boxes overlap with IoU ≥ 0.5. Particles touching the border are left out.
 
@@ -79,6 +86,7 @@ def test_detections_match_ground_truth(daemon_factory: DaemonFactory, tmp_path: 
                         "--seed", "987654", "--fields", "6", "--dwell", "2", "--truth-dir", str(truth_dir))
         tables = {}
         for msg in sub.messages(timeout=180):
+            assert msg.array is not None
             tables[msg.header.seq] = msg.array.copy()
             if len(tables) == n:
                 break
@@ -162,7 +170,8 @@ def test_previews_are_rate_limited_and_match_the_detections(daemon_factory: Daem
         t0 = time.monotonic()
         sim = _simulate(d.input, "--mode", "push", "--frames", str(n), "--size", "512",
                         "--rate", "0", "--seed", "31")
-        dets, previews = {}, {}
+        dets: dict[int, Message[Any]] = {}
+        previews: dict[int, Message[Any]] = {}
         for msg in sub.messages(timeout=120):
             (dets if msg.kind == "det" else previews)[msg.header.seq] = msg
             if len(dets) == n:
@@ -178,6 +187,7 @@ def test_previews_are_rate_limited_and_match_the_detections(daemon_factory: Daem
         h = p.header
         assert h.size == (256, 256) and h.scale == pytest.approx(0.5) and h.shape == (512, 512)
         table = dets[seq].array
+        assert table is not None and p.array is not None
         inner = table[~table["border"]]
         ys = np.clip((inner["y"] * h.scale).astype(int), 0, 255)
         xs = np.clip((inner["x"] * h.scale).astype(int), 0, 255)

@@ -17,7 +17,7 @@ from nanoscout.analysis.alerts import (
     parse_rules,
 )
 from nanoscout.wire.errors import ConfigError, FrameError
-from nanoscout.wire.headers import Stage
+from nanoscout.wire.headers import Stage, Units
 from nanoscout.wire.particles import SHAPE_CLASSES, empty_table
 
 S = 1_000_000_000  # ns per s
@@ -46,7 +46,7 @@ def run(
     t_ns: int = 0,
     stage: tuple[float, float] | None = (0.0, 0.0),
     stats: dict[str, Any] | None = None,
-    units: str = "nm",
+    units: Units = "nm",
     source: str = "cam",
     pixel_size_nm: float | None = 1.0,
 ) -> list[Alert]:
@@ -317,8 +317,8 @@ NEW = {"name": "new", "kind": "novelty", "threshold": 3.0, "severity": "info"}
 
 def classify(engine: AlertEngine, probs: list[float], novelty: float | None = None,
              t_ns: int = 0, heat: np.ndarray | None = None, source: str = "cam") -> list[Alert]:
-    return engine.evaluate_class(source=source, t_ns=t_ns, labels=CLASSES, probabilities=probs, novelty=novelty,
-                                 heatmap=heat)
+    return engine.evaluate_class(source=source, t_ns=t_ns, labels=CLASSES, probabilities=probs,
+                                 novelty=novelty, heatmap=heat)
 
 
 def test_class_rule_fires_above_threshold_with_heatmap_and_explanation() -> None:

@@ -34,6 +34,7 @@ def test_calibrate_on_real_frames_and_the_daemon_loads_it(shared_data: Path, tmp
     assert s["above_1_new"] <= 0.05  # 0.99 quantile of the same frames
     card = ModelCard.load(out / "lens.json")  # validates, and the copied ONNX hash matches
     shipped = ModelCard.load(shipped_model_dir() / "lens.json")
+    assert card.novelty is not None and shipped.novelty is not None
     assert card.novelty.reference_error == pytest.approx(s["reference_error_new"])
     assert card.sha256 == shipped.sha256 and card.novelty.n_frames == 40
     assert "recalibrated on 40 user frames" in card.notes
@@ -47,6 +48,7 @@ def test_calibrate_on_real_frames_and_the_daemon_loads_it(shared_data: Path, tmp
     cfg = load_config(None, {"classify.lens": out / "lens.onnx"})
     clf = build_classifier(cfg)
     assert clf is not None and clf.lens_card is not None
+    assert clf.lens_card.novelty is not None and clf.lens is not None
     assert clf.lens_card.novelty.reference_error == card.novelty.reference_error
     clf.engine.close()
     clf.lens.close()

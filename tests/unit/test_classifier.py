@@ -17,12 +17,12 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import GraphProto, TensorProto, helper, numpy_helper  # noqa: E402
 
 from nanoscout.analysis.classifier import FieldClassifier  # noqa: E402
 from nanoscout.analysis.modelcard import ModelCard, sha256_file  # noqa: E402
 from nanoscout.analysis.preprocess import fixed_input  # noqa: E402
-from nanoscout.engines import create_engine  # noqa: E402
+from nanoscout.engines import Engine, create_engine  # noqa: E402
 from nanoscout.wire.errors import EngineFailure, ModelCardError  # noqa: E402
 
 S = 32
@@ -32,7 +32,7 @@ B = np.array([2.0, -2.0, 0.0], np.float32)
 REFERENCE_ERROR = 0.25
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
+def _save(graph: GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     onnx.checker.check_model(model)
@@ -112,7 +112,7 @@ def lens_model(tmp: Path) -> tuple[Path, Path]:
     return path, _card(path, task="autoencoder", outputs=outputs, novelty=novelty)
 
 
-def _load(onnx_path: Path, card: Path):
+def _load(onnx_path: Path, card: Path) -> tuple[Engine, ModelCard]:
     return create_engine(onnx_path, "cpu", threads=1), ModelCard.load(card)
 
 
@@ -145,6 +145,7 @@ def test_probabilities_cam_and_novelty_match_the_models(toy: FieldClassifier) ->
     # the CAM covers the whole frame: its bright part is the left three quarters of the columns
     assert c.cam is not None and c.cam.dtype == np.uint8 and c.cam.shape == (S // 4, S // 4)
     assert c.cam[:, :5].min() > 200 and c.cam[:, 7].max() < 30
+    assert c.error is not None
     assert c.error == pytest.approx(float((x**2).mean()), rel=1e-5)
     assert c.novelty == pytest.approx(c.error / REFERENCE_ERROR)
     assert set(c.timings_ms) == {"classify", "lens"}

@@ -81,7 +81,12 @@ def test_models_pass_argv_through(monkeypatch: pytest.MonkeyPatch) -> None:
     import nanoscout.training.evaluate_lens as target
 
     seen: list[list[str]] = []
-    monkeypatch.setattr(target, "main", lambda argv: seen.append(argv) or 3)
+
+    def fake_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 3
+
+    monkeypatch.setattr(target, "main", fake_main)
     assert main(["models", "eval-lens", "--n", "5", "--help-me", "x"]) == 3
     assert seen == [["--n", "5", "--help-me", "x"]]
 
@@ -119,7 +124,8 @@ def test_tail_uses_the_terminal_width(width: int) -> None:
     from nanoscout.wire.protocol import AlertHeader, DetHeader
 
     class Sub:
-        endpoint, missed = "tcp://x:1", {}
+        endpoint = "tcp://x:1"
+        missed: dict[str, int] = {}
 
         def connected(self) -> bool:
             return True

@@ -141,8 +141,10 @@ def test_config_section() -> None:
         load_config(overrides={"clusters.forget": 1.0})
 
 
-def test_cluster_column_is_last_and_defaults_to_255() -> None:
-    assert PARTICLE_DTYPE.names is not None and PARTICLE_DTYPE.names[-1] == "cluster"
+def test_cluster_column_follows_the_v11_columns_and_defaults_to_255() -> None:
+    # v1.2 appended cluster, v1.4 track_id after it (older columns keep their offsets)
+    assert PARTICLE_DTYPE.names is not None and PARTICLE_DTYPE.names[-2:] == ("cluster",
+                                                                               "track_id")
     assert np.all(empty_table(3)["cluster"] == UNASSIGNED)
 
 

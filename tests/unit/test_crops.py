@@ -1,4 +1,7 @@
-"""Training data from real images and burnt-in annotations (nanoscout.training.crops, nanoscout.sim.overlays)."""
+"""Training data from real images and burnt-in annotations.
+
+Covers nanoscout.training.crops and nanoscout.sim.overlays.
+"""
 
 from __future__ import annotations
 

@@ -452,3 +452,55 @@ def test_lens_view_picks_the_first_activation_and_remembers_the_layers() -> None
     assert fake.calls[-1] == ["act_enc1"]  # the known list is reused
     with pytest.raises(QueryError, match="unknown lens layer 'error'"):
         view.view("sim", "error")
+
+
+def _tracked_det(seq: int, drift_x: float, ids: list[int], field: int = 0) -> Message:
+    from nanoscout.wire.headers import FrameDrift, Tracking
+
+    t = _table(len(ids))
+    t["track_id"] = ids
+    t["x"] += drift_x  # the content drifts right by drift_x px per frame
+    h = DetHeader(source="sim", seq=seq, t_acq_ns=seq * 10**9, t_recv_ns=seq * 10**9 + 1,
+                  t_done_ns=seq * 10**9 + 5, pixel_size_nm=PX_NM, units="nm", n=len(ids),
+                  engine="e", shape=(1024, 1024),
+                  drift=FrameDrift(field=field, x_px=drift_x, y_px=0.0, method="particles"),
+                  tracking=Tracking(active=len(ids), total=len(ids)))
+    return _wire(h, t)
+
+
+def test_trails_follow_each_track_on_the_specimen_and_history_is_per_track() -> None:
+    state = DashboardState()
+    for k in range(4):
+        state.ingest(_tracked_det(k, 5.0 * k, [7, 9]))
+    state.ingest(preview(3, scale=0.5))
+    det = payload(state, "frame:sim")["det"]
+    assert det["track_id"] == [7, 9] and det["drift"]["x_px"] == 15.0
+    # a static particle on a drifting specimen: its trail is one point repeated, in this
+    # frame's coordinates (the drift taken out)
+    trail = det["trails"][0]
+    assert len(trail) == 8
+    assert trail[0::2] == pytest.approx([det["x"][0]] * 4, abs=0.05)
+    assert trail[1::2] == pytest.approx([det["y"][0]] * 4, abs=0.05)
+    h = state.track_history("sim", 9)
+    assert h["seq"] == [0, 1, 2, 3] and h["t_s"] == [-3.0, -2.0, -1.0, 0.0]
+    assert h["ecd"] == [11.0] * 4 and h["units"] == "nm"
+    assert state.track_history("sim", 1234)["seq"] == []
+    assert state.track_history("nobody", 9)["seq"] == []
+    # another field of view: no trail from the old one
+    state.ingest(_tracked_det(4, 0.0, [7, 9], field=1))
+    state.ingest(preview(4, scale=0.5))
+    assert payload(state, "frame:sim")["det"]["trails"] == [[], []]
+
+
+def test_stats_carry_the_unique_and_insitu_blocks() -> None:
+    from nanoscout.wire.headers import InSitu, UniqueStats
+
+    block = json.loads(json.dumps(stats(1).header.window.model_dump()))
+    h = StatsHeader(source="sim", seq=1, t_ns=1, units="nm", window=block, cumulative=block,
+                    unique=UniqueStats(count=5, fields=1, ecd_d50_ci=(8.0, 10.0)),
+                    insitu=InSitu(d50=9.0, coalescences=2))
+    state = DashboardState()
+    state.ingest(_wire(h))
+    p = payload(state, "stats:sim")
+    assert p["unique"]["count"] == 5 and p["unique"]["ecd_d50_ci"] == [8.0, 10.0]
+    assert p["insitu"]["coalescences"] == 2

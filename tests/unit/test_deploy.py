@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from nanoscout.daemon.config import ServeConfig, load_config
 from nanoscout.daemon.metrics import Metrics
@@ -141,9 +142,14 @@ def test_example_config_documents_every_key() -> None:
             continue
         assert f"[{section}]" in text, f"section [{section}] missing"
         model = info.annotation
-        for key in model.model_fields:  # type: ignore[union-attr]
+        for key, field in model.model_fields.items():  # type: ignore[union-attr]
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):  # a nested [a.b] table
+                assert f"[{section}.{key}]" in text, f"section [{section}.{key}] missing"
+                missing += [f"{section}.{key}.{k}" for k in sub.model_fields
+                            if not re.search(rf"^#?\s*{k}\s*=", text, re.MULTILINE)]
             # set, or shown commented out as an example
-            if not re.search(rf"^#?\s*{key}\s*=", text, re.MULTILINE):
+            elif not re.search(rf"^#?\s*{key}\s*=", text, re.MULTILINE):
                 missing.append(f"{section}.{key}")
     assert not missing, f"keys of service/config.py not documented in the example: {missing}"
 

@@ -9,7 +9,9 @@ import json
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import GraphProto, TensorProto, helper, numpy_helper  # noqa: E402
 
 from nanoscout.engines import (  # noqa: E402
     BACKENDS,
@@ -27,6 +29,8 @@ from nanoscout.engines import (  # noqa: E402
     create_engine,
     resolve_backend,
 )
+from nanoscout.engines.onnxrt import OnnxRuntimeEngine  # noqa: E402
+from nanoscout.engines.tensorrt import TensorRTEngine  # noqa: E402
 from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +38,7 @@ KERNEL = np.array([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], np.float
 BIAS = np.float32(0.1)
 
 
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
+def _save(graph: GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9  # readable by older runtimes (TensorRT 10 parsers, ONNX Runtime 1.16+)
     onnx.checker.check_model(model)
@@ -94,12 +98,12 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cpu_engine(model_path: Path):
-    with create_engine(model_path, "cpu", threads=1) as engine:
+def cpu_engine(model_path: Path) -> Iterator[OnnxRuntimeEngine]:
+    with cast(OnnxRuntimeEngine, create_engine(model_path, "cpu", threads=1)) as engine:
         yield engine
 
 
-def test_cpu_engine_matches_numpy_on_two_shapes(cpu_engine) -> None:
+def test_cpu_engine_matches_numpy_on_two_shapes(cpu_engine: OnnxRuntimeEngine) -> None:
     rng = np.random.default_rng(0)
     for shape in [(1, 1, 40, 56), (2, 1, 17, 9)]:
         image = rng.normal(size=shape).astype(np.float32)
@@ -111,7 +115,7 @@ def test_cpu_engine_matches_numpy_on_two_shapes(cpu_engine) -> None:
         np.testing.assert_allclose(out["prob"], prob, atol=1e-6)
 
 
-def test_cpu_engine_reports_spec_name_and_threads(cpu_engine) -> None:
+def test_cpu_engine_reports_spec_name_and_threads(cpu_engine: OnnxRuntimeEngine) -> None:
     assert cpu_engine.name == "onnxruntime-cpu"
     assert cpu_engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
     assert [s.name for s in cpu_engine.outputs] == ["logits", "prob"]
@@ -120,7 +124,7 @@ def test_cpu_engine_reports_spec_name_and_threads(cpu_engine) -> None:
     assert cpu_engine.selection_notes == ()
 
 
-def test_non_contiguous_input_gives_the_same_result(cpu_engine) -> None:
+def test_non_contiguous_input_gives_the_same_result(cpu_engine: OnnxRuntimeEngine) -> None:
     image = np.random.default_rng(1).random((1, 1, 30, 20), dtype=np.float32)
     transposed = np.ascontiguousarray(image.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     assert not transposed.flags.c_contiguous
@@ -141,7 +145,9 @@ def test_non_contiguous_input_gives_the_same_result(cpu_engine) -> None:
     ],
     ids=["name", "rank", "fixed-axis", "dtype", "byte-order", "not-array", "missing"],
 )
-def test_bad_inputs_raise_engine_failure_naming_them(cpu_engine, inputs, needles) -> None:
+def test_bad_inputs_raise_engine_failure_naming_them(
+    cpu_engine: OnnxRuntimeEngine, inputs: dict[str, Any], needles: list[str]
+) -> None:
     with pytest.raises(EngineFailure) as info:
         cpu_engine.infer(inputs)
     for needle in needles:
@@ -150,7 +156,8 @@ def test_bad_inputs_raise_engine_failure_naming_them(cpu_engine, inputs, needles
 
 
 def test_missing_input_is_caught_before_the_runtime(tmp_path: Path) -> None:
-    with create_engine(add_model(tmp_path / "add.onnx"), "cpu", threads=1) as engine:
+    add = add_model(tmp_path / "add.onnx")
+    with cast(OnnxRuntimeEngine, create_engine(add, "cpu", threads=1)) as engine:
         session = engine._session
 
         class Trap:
@@ -307,7 +314,7 @@ class _FakeTrt(types.ModuleType):
         self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
         self.__version__ = "10.9.0"
         builds = gpu_builds
-        ort = importlib.import_module("onnxruntime")
+        import onnxruntime as ort
 
         class ILogger:
             class Severity:
@@ -337,6 +344,8 @@ class _FakeTrt(types.ModuleType):
                 self.name, self.shape = name, shape
 
         class Network:
+            path: str  # the parsed file (set by the parser)
+
             def __init__(self) -> None:
                 self.inputs: list[Tensor] = []
 
@@ -349,7 +358,8 @@ class _FakeTrt(types.ModuleType):
 
         class Parser:
             def __init__(self, network: Network, logger: object) -> None:
-                self.network, self.errors = network, []
+                self.network = network
+                self.errors: list[str] = []
 
             @property
             def num_errors(self) -> int:
@@ -376,7 +386,7 @@ class _FakeTrt(types.ModuleType):
                 self.flags: set[str] = set()
                 self.profiles: list[dict] = []
                 self.pools: dict[str, int] = {}
-                self.int8_calibrator: object = None
+                self.int8_calibrator: Any = None
                 self.calibration_profile: dict | None = None
 
             def set_calibration_profile(self, profile: dict) -> None:
@@ -442,7 +452,9 @@ class _FakeTrt(types.ModuleType):
 
         class Context:
             def __init__(self, engine: Engine) -> None:
-                self.engine, self.shapes, self.addresses = engine, {}, {}
+                self.engine = engine
+                self.shapes: dict[str, tuple[int, ...]] = {}
+                self.addresses: dict[str, int] = {}
 
             def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
                 self.shapes[name] = tuple(shape)
@@ -469,7 +481,7 @@ class _FakeTrt(types.ModuleType):
                 for name, shape in self.shapes.items():
                     n = int(np.prod(shape)) * 4
                     raw = (ctypes.c_char * n).from_address(self.addresses[name])
-                    feeds[name] = np.frombuffer(raw, np.float32).reshape(shape).copy()
+                    feeds[name] = np.frombuffer(memoryview(raw), np.float32).reshape(shape).copy()
                 outs = self.engine.session.run(None, feeds)
                 for spec, out in zip(self.engine.session.get_outputs(), outs, strict=True):
                     out = np.ascontiguousarray(out)
@@ -574,10 +586,14 @@ class _FakeCudart(types.ModuleType):
         return (0,)
 
 
+#: what the ``fake_gpu`` fixture yields: the TensorRT builds made so far and the fake cudart
+FakeGpu = tuple[list[dict[str, Any]], _FakeCudart]
+
+
 @pytest.fixture
-def fake_gpu(monkeypatch: pytest.MonkeyPatch):
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeGpu:
     """Installs fake tensorrt and cuda-python modules; yields (list of builds, fake cudart)."""
-    builds: list[dict] = []
+    builds: list[dict[str, Any]] = []
     cudart = _FakeCudart()
     cuda = types.ModuleType("cuda")
     cuda.__spec__ = importlib.machinery.ModuleSpec("cuda", None, is_package=True)
@@ -585,7 +601,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     bindings = types.ModuleType("cuda.bindings")
     bindings.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings", None, is_package=True)
     bindings.__path__ = []
-    bindings.runtime = cudart
+    vars(bindings)["runtime"] = cudart  # the submodule as an attribute of its package
     cudart.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings.runtime", None)
     for name, module in [
         ("tensorrt", _FakeTrt(builds)),
@@ -599,10 +615,15 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
     return builds, cudart
 
 
-def test_fake_tensorrt_engine_runs_and_caches(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+def test_fake_tensorrt_engine_runs_and_caches(
+    fake_gpu: FakeGpu,
+    model_path: Path,
+    tmp_path: Path,
+) -> None:
     builds, cudart = fake_gpu
     assert available_backends()["tensorrt"] == "available"
-    with create_engine(model_path, cache_dir=tmp_path, max_shape=(512, 256)) as engine:
+    with cast(TensorRTEngine,
+              create_engine(model_path, cache_dir=tmp_path, max_shape=(512, 256))) as engine:
         assert engine.name == "tensorrt" and engine.built and engine.selection_notes == ()
         assert engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
         assert builds[-1]["flags"] == ["FP16"]
@@ -624,7 +645,8 @@ def test_fake_tensorrt_engine_runs_and_caches(fake_gpu, model_path: Path, tmp_pa
     assert not cudart.blocks, "close() left device buffers allocated"
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".plan"]
 
-    with create_engine(model_path, "trt", cache_dir=tmp_path, max_shape=(512, 256)) as again:
+    with cast(TensorRTEngine,
+              create_engine(model_path, "trt", cache_dir=tmp_path, max_shape=(512, 256))) as again:
         assert not again.built and again.plan_path == plan and len(builds) == 1
 
 
@@ -637,31 +659,41 @@ def test_fake_tensorrt_engine_runs_and_caches(fake_gpu, model_path: Path, tmp_pa
     ],
 )
 def test_fake_tensorrt_rebuilds_when_the_key_changes(
-    fake_gpu, model_path: Path, tmp_path: Path, change: dict, expect_flags: list
+    fake_gpu: FakeGpu, model_path: Path, tmp_path: Path, change: dict[str, Any],
+    expect_flags: list[str]
 ) -> None:
     builds, cudart = fake_gpu
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as first:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path)) as first:
         assert first.built
     if "gpu" in change:
         cudart.gpu_name = change.pop("gpu")
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, **change) as second:
+    with cast(TensorRTEngine,
+              create_engine(model_path, "tensorrt", cache_dir=tmp_path, **change)) as second:
         assert second.built and second.plan_path != first.plan_path
     assert len(builds) == 2 and builds[1]["flags"] == expect_flags
 
 
-def test_fake_tensorrt_rebuilds_a_corrupt_plan(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+def test_fake_tensorrt_rebuilds_a_corrupt_plan(
+    fake_gpu: FakeGpu,
+    model_path: Path,
+    tmp_path: Path,
+) -> None:
     builds, _ = fake_gpu
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as first:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path)) as first:
         plan = first.plan_path
     plan.write_bytes(b"garbage")
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path) as second:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path)) as second:
         assert second.built and len(builds) == 2
         image = np.ones((1, 1, 40, 40), np.float32)
         np.testing.assert_allclose(second.infer({"image": image})["prob"], reference(image)[1])
     assert plan.read_bytes().startswith(b"FAKEPLAN")
 
 
-def test_fake_tensorrt_parse_failure_falls_back_in_auto(fake_gpu, tmp_path: Path, model_path: Path) -> None:
+def test_fake_tensorrt_parse_failure_falls_back_in_auto(
+    fake_gpu: FakeGpu,
+    tmp_path: Path,
+    model_path: Path,
+) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not onnx")
     with pytest.raises(EngineFailure, match="TensorRT cannot parse ONNX model .*corrupt.onnx"):
@@ -677,13 +709,13 @@ def test_fake_tensorrt_parse_failure_falls_back_in_auto(fake_gpu, tmp_path: Path
 def test_cpu_int8_uses_the_quantized_sibling_and_says_so(model_path: Path, tmp_path: Path) -> None:
     sibling = tmp_path / "conv_sigmoid.int8.onnx"
     sibling.write_bytes(model_path.read_bytes())  # the factory only loads it
-    with create_engine(model_path, "cpu", threads=1, precision="int8",
-                       int8_model=sibling) as engine:
+    with cast(OnnxRuntimeEngine, create_engine(model_path, "cpu", threads=1, precision="int8",
+                                               int8_model=sibling)) as engine:
         assert (engine.name, engine.precision, engine.model_path) == (
             "onnxruntime-cpu", "int8", sibling)
     with create_engine(model_path, "cpu", threads=1, int8_model=sibling) as auto:
         assert auto.precision == "int8"  # "auto" takes a sibling the caller vouches for
-    with create_engine(model_path, "cpu", threads=1) as plain:
+    with cast(OnnxRuntimeEngine, create_engine(model_path, "cpu", threads=1)) as plain:
         assert (plain.precision, plain.model_path) == ("fp32", model_path)
     with pytest.raises(EngineUnavailable, match="nanoscout models quantize"):
         create_engine(model_path, "cpu", precision="int8")
@@ -695,7 +727,7 @@ def _calibration(n: int, shape: tuple[int, ...] = (1, 1, 64, 48), name: str = "t
                  ) -> tuple[CalibrationSet, list[int]]:
     calls: list[int] = []
 
-    def inputs():
+    def inputs() -> Iterator[dict[str, np.ndarray]]:
         calls.append(n)
         rng = np.random.default_rng(0)
         for _ in range(n):
@@ -705,11 +737,11 @@ def _calibration(n: int, shape: tuple[int, ...] = (1, 1, 64, 48), name: str = "t
 
 
 def test_fake_tensorrt_int8_calibrates_once_and_keeps_the_cache_beside_the_plans(
-        fake_gpu, model_path: Path, tmp_path: Path) -> None:
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path) -> None:
     builds, cudart = fake_gpu
     calib, calls = _calibration(5)
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8",
-                       calibration=calib) as engine:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", calibration=calib)) as engine:
         assert engine.precision == "int8" and engine.built and engine.calibrated_batches == 5
         assert builds[-1]["flags"] == ["FP16", "INT8"] and builds[-1]["calibrated"] == 5
         # calibration runs at the calibration inputs' shape, inference at any shape
@@ -723,26 +755,26 @@ def test_fake_tensorrt_int8_calibrates_once_and_keeps_the_cache_beside_the_plans
         np.testing.assert_allclose(engine.infer({"image": image})["prob"], reference(image)[1], atol=1e-6)
     assert not cudart.blocks, "the calibrator left device buffers allocated"
     # another shape limit: a new plan, calibrated from the cache, without any input
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8",
-                       max_shape=(512, 512)) as second:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", max_shape=(512, 512))) as second:
         assert second.built and second.calibrated_batches == 0 and builds[-1]["calibrated"] == 0
     # the same key again: the cached plan, no build
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8",
-                       calibration=calib) as third:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", calibration=calib)) as third:
         # the set was opened twice, both in the first build: its first input's shape for the
         # calibration profile, then the calibration; never since
         assert not third.built and len(builds) == 2 and calls == [5, 5]
     # another calibration set: calibrated again
     other, _ = _calibration(3, name="other set")
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8",
-                       calibration=other) as fourth:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", calibration=other)) as fourth:
         assert fourth.built and fourth.calibrated_batches == 3
         assert fourth.calibration_path is not None
         assert fourth.calibration_path.read_bytes() == b"FAKECALIB 3"
 
 
-def test_fake_tensorrt_int8_without_calibration_says_what_to_run(fake_gpu, model_path: Path,
-                                                                 tmp_path: Path) -> None:
+def test_fake_tensorrt_int8_without_calibration_says_what_to_run(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path) -> None:
     with pytest.raises(EngineUnavailable, match="nanoscout models build-engines --precision int8"):
         create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8")
     # auto backend: TensorRT cannot, the CPU runs the FP32 model (no INT8 sibling given)
@@ -750,16 +782,18 @@ def test_fake_tensorrt_int8_without_calibration_says_what_to_run(fake_gpu, model
         create_engine(model_path, cache_dir=tmp_path, precision="int8")
 
 
-def test_fake_tensorrt_auto_precision_is_fp16(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+def test_fake_tensorrt_auto_precision_is_fp16(fake_gpu: FakeGpu, model_path: Path,
+                                              tmp_path: Path) -> None:
     builds, _ = fake_gpu
     with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="auto") as engine:
         assert engine.precision == "fp16" and builds[-1]["flags"] == ["FP16"]
 
 
-def test_fake_tensorrt_batches_tiles_up_to_max_batch(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+def test_fake_tensorrt_batches_tiles_up_to_max_batch(fake_gpu: FakeGpu, model_path: Path,
+                                                     tmp_path: Path) -> None:
     builds, _ = fake_gpu
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, max_shape=(256, 256),
-                       max_batch=4) as engine:
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            max_shape=(256, 256), max_batch=4)) as engine:
         assert builds[-1]["profile"] == {"image": [[1, 1, 32, 32], [4, 1, 256, 256], [4, 1, 256, 256]]}
         tiles = np.random.default_rng(4).normal(size=(3, 1, 96, 128)).astype(np.float32)
         np.testing.assert_allclose(engine.infer({"image": tiles})["prob"], reference(tiles)[1], atol=1e-6)
@@ -768,10 +802,12 @@ def test_fake_tensorrt_batches_tiles_up_to_max_batch(fake_gpu, model_path: Path,
         assert json.loads(engine.plan_path.with_suffix(".json").read_text())["max_batch"] == 4
 
 
-def test_fake_tensorrt_runs_on_the_configured_gpu(fake_gpu, model_path: Path, tmp_path: Path) -> None:
+def test_fake_tensorrt_runs_on_the_configured_gpu(fake_gpu: FakeGpu, model_path: Path,
+                                                  tmp_path: Path) -> None:
     _, cudart = fake_gpu
     cudart.count = 2
-    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, device=1) as engine:
+    with cast(TensorRTEngine,
+              create_engine(model_path, "tensorrt", cache_dir=tmp_path, device=1)) as engine:
         assert engine.gpu.index == 1 and engine.device == 1
         engine.infer({"image": np.zeros((1, 1, 32, 32), np.float32)})
     assert cudart.devices_set and set(cudart.devices_set) == {1}
@@ -785,7 +821,8 @@ def test_cuda_provider_gets_the_configured_device(model_path: Path, monkeypatch:
     seen: list[tuple] = []
 
     class Recording:
-        def __init__(self, path: Path, *, providers: tuple, threads: int | None, precision: str = "fp32") -> None:
+        def __init__(self, path: Path, *, providers: tuple, threads: int | None,
+                     precision: str = "fp32") -> None:
             seen.append(providers)
             self.name, self.precision = "onnxruntime-cuda", precision
 

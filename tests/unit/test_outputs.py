@@ -52,8 +52,9 @@ def test_label_tiff_is_an_imagej_hyperstack_calibrated_in_nm(tmp_path: Path) -> 
     with tifffile.TiffFile(path) as tf:
         assert tf.is_imagej and tf.series[0].axes == "CYX" and tf.series[0].dtype == np.uint16
         ij = tf.imagej_metadata
+        assert ij is not None
         assert ij["unit"] == "nm" and ij["channels"] == 2 and ij["Labels"] == ["image", "labels"]
-        num, den = tf.pages[0].tags["XResolution"].value
+        num, den = tf.pages.first.tags["XResolution"].value
         assert den / num == pytest.approx(0.4)  # ImageJ: pixels per unit -> 0.4 nm per px
         data = tf.asarray()
     np.testing.assert_array_equal(data[1], labels)
@@ -61,8 +62,10 @@ def test_label_tiff_is_an_imagej_hyperstack_calibrated_in_nm(tmp_path: Path) -> 
     # uncalibrated: ImageJ's "pixel" unit, no resolution in nm
     path = write_label_tiff(labels, tmp_path / "b.labels.tif")
     with tifffile.TiffFile(path) as tf:
-        assert tf.imagej_metadata["unit"] == "pixel" and "XResolution" not in tf.pages[0].tags \
-            or tf.pages[0].tags["XResolution"].value == (1, 1)
+        ij, tags = tf.imagej_metadata, tf.pages.first.tags
+        assert ij is not None
+        assert ij["unit"] == "pixel" and "XResolution" not in tags \
+            or tags["XResolution"].value == (1, 1)
     with pytest.raises(NanoscoutError, match="70000 particles"):
         write_label_tiff(np.full((2, 2), 70000), tmp_path / "c.labels.tif")
 
@@ -70,15 +73,17 @@ def test_label_tiff_is_an_imagej_hyperstack_calibrated_in_nm(tmp_path: Path) -> 
 def test_roi_set_outlines_each_particle(tmp_path: Path) -> None:
     _, labels, t = _scene()
     rois = roifile.roiread(write_rois(labels, t, tmp_path / "a.rois.zip"))
+    assert isinstance(rois, list)  # a ROI set (.zip) reads as a list
     assert [r.name for r in rois] == ["0001", "0002"]
-    rect = rois[1].coordinates()
+    rect = np.asarray(rois[1].coordinates())
     assert rect.min(axis=0) == pytest.approx([100, 70]) and rect.max(axis=0) == pytest.approx([140, 90])
-    disk = rois[0].coordinates()
+    disk = np.asarray(rois[0].coordinates())
     r = np.hypot(disk[:, 0] - 40.5, disk[:, 1] - 30.5)
     assert 8.5 < r.mean() < 10.5  # the outline of the radius-10 disk
     ell = roifile.roiread(write_ellipse_rois(t, tmp_path / "e.rois.zip", units="nm",
                                              pixel_size_nm=0.5))
-    e = ell[1].coordinates()  # 20 nm x 10 nm at 0.5 nm/px = 40 x 20 px
+    assert isinstance(ell, list)
+    e = np.asarray(ell[1].coordinates())  # 20 nm x 10 nm at 0.5 nm/px = 40 x 20 px
     assert np.ptp(e[:, 0]) == pytest.approx(40, abs=0.5) and np.ptp(e[:, 1]) == pytest.approx(20, abs=0.5)
     empty = write_rois(labels, empty_table(0), tmp_path / "none.rois.zip")
     assert roifile.roiread(empty) == []

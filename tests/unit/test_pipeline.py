@@ -4,6 +4,7 @@ bounded and never reset by an uncalibrated frame."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def test_offline_pipelines_estimate_every_image_alone() -> None:
 def test_a_failing_summary_costs_only_the_summary() -> None:
     pipe, _ = _pipeline()
 
-    def broken(*a: object, **k: object) -> list[object]:
+    def broken(*a: object, **k: object) -> NoReturn:
         raise RuntimeError("a rule broke")
 
     pipe.alert_engine.evaluate = broken  # type: ignore[method-assign]

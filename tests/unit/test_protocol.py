@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import msgpack
 import numpy as np
 import pytest
 
-from nanoscout.wire.errors import MalformedMessage, PayloadError, VersionError
+from nanoscout.wire.errors import MalformedMessage, PayloadError, ProtocolError, VersionError
 from nanoscout.wire.particles import PARTICLE_DTYPE, empty_table
 from nanoscout.wire.protocol import (
     AlertHeader,
+    Buffer,
     ClassHeader,
     DetHeader,
     FrameHeader,
@@ -26,11 +30,11 @@ from nanoscout.wire.protocol import (
 )
 
 
-def _header(arr: np.ndarray, **kw) -> FrameHeader:
+def _header(arr: np.ndarray, **kw: Any) -> FrameHeader:
     return frame_header(arr, source="cam-1", seq=7, t_acq_ns=123, pixel_size_nm=kw.pop("px", 0.25), **kw)
 
 
-def _bytes(parts) -> list[bytes]:
+def _bytes(parts: Iterable[Buffer]) -> list[bytes]:
     return [bytes(p) for p in parts]
 
 
@@ -104,7 +108,9 @@ def test_array_and_header_must_agree() -> None:
         ([b"frame", msgpack.packb({"v": [1, 0], "source": "a"}), b""], MalformedMessage, "header"),
     ],
 )
-def test_malformed_frames_raise_with_reason(parts, error, reason) -> None:
+def test_malformed_frames_raise_with_reason(
+    parts: list[bytes], error: type[ProtocolError], reason: str
+) -> None:
     with pytest.raises(error) as e:
         decode_frame(parts)
     assert e.value.reason == reason
@@ -129,7 +135,7 @@ def test_minor_version_with_unknown_fields_is_accepted() -> None:
         ("seq", -1, "seq"),
     ],
 )
-def test_header_fields_are_validated(field: str, value, match: str) -> None:
+def test_header_fields_are_validated(field: str, value: object, match: str) -> None:
     arr = np.zeros((2, 2), np.uint8)
     d = _header(arr).model_dump(mode="json") | {field: value}
     with pytest.raises(MalformedMessage, match=match):
@@ -152,8 +158,9 @@ def _table(n: int) -> np.ndarray:
 
 def test_det_message_round_trip_carries_the_particle_table() -> None:
     t = _table(5)
-    h = DetHeader(source="cam-1", seq=3, t_acq_ns=1, t_recv_ns=2, t_done_ns=3_000_001, stage_ms={"engine": 4.5},
-                  pixel_size_nm=0.5, units="nm", n=5, engine="onnxruntime-cpu")
+    h = DetHeader(source="cam-1", seq=3, t_acq_ns=1, t_recv_ns=2, t_done_ns=3_000_001,
+                  stage_ms={"engine": 4.5}, pixel_size_nm=0.5, units="nm", n=5,
+                  engine="onnxruntime-cpu")
     msg = decode_message(_bytes(encode_message(h, t)))
     assert msg.topic == "det.cam-1" and msg.kind == "det"
     assert msg.header == h
@@ -173,13 +180,17 @@ def test_det_table_length_must_match_n() -> None:
 
 
 def test_other_results_round_trip() -> None:
-    stats = StatsHeader(source="s", seq=1, t_ns=5, units="nm", window={"count": 3, "d50": 7.5}, cumulative={})
-    alert = AlertHeader(source="s", seq=1, t_acq_ns=5, rule="big", kind="particle", severity="warning", value=60.0,
-                        threshold=50.0, explanation="particle 3 has ECD 60 nm > 50 nm", n=1)
-    health = HealthHeader(t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=1, frames_processed=1,
-                          frames_dropped={"superseded": 2}, rejected={}, transport_gaps=0, queue_depth=0, fps=1.0,
-                          latency_ms_p50=None, latency_ms_p99=None)
-    cls = ClassHeader(source="s", seq=1, t_acq_ns=5, labels=["rods"], probabilities=[0.9], heatmap_shape=(2, 3))
+    stats = StatsHeader(source="s", seq=1, t_ns=5, units="nm", window={"count": 3, "d50": 7.5},
+                        cumulative={})
+    alert = AlertHeader(source="s", seq=1, t_acq_ns=5, rule="big", kind="particle",
+                        severity="warning", value=60.0, threshold=50.0,
+                        explanation="particle 3 has ECD 60 nm > 50 nm", n=1)
+    health = HealthHeader(t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=1,
+                          frames_processed=1, frames_dropped={"superseded": 2}, rejected={},
+                          transport_gaps=0, queue_depth=0, fps=1.0, latency_ms_p50=None,
+                          latency_ms_p99=None)
+    cls = ClassHeader(source="s", seq=1, t_acq_ns=5, labels=["rods"], probabilities=[0.9],
+                      heatmap_shape=(2, 3))
     heat = np.arange(6, dtype=np.uint8).reshape(2, 3)
     assert decode_message(_bytes(encode_message(stats))).header == stats
     a = decode_message(_bytes(encode_message(alert, _table(1))))

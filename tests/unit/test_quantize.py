@@ -27,7 +27,12 @@ from nanoscout.engines import create_engine
 from nanoscout.training.calibration import CALIBRATION_SEED_BASE, calibration_inputs
 from nanoscout.training.quantize import parity, quantize_model, quantize_onnx
 from nanoscout.wire.errors import ConfigError
-from tests.unit.test_engines import conv_sigmoid_model, fake_gpu, reference  # noqa: F401 (fixture)
+from tests.unit.test_engines import (  # noqa: F401 (fake_gpu: a fixture)
+    FakeGpu,
+    conv_sigmoid_model,
+    fake_gpu,
+    reference,
+)
 
 WEIGHTS = shipped_model_dir()
 
@@ -159,7 +164,7 @@ def test_quantize_command_writes_a_summary(tmp_path: Path) -> None:
 
 
 def test_build_engines_calibrates_the_shipped_detector_on_a_stand_in_gpu(
-        fake_gpu, tmp_path: Path) -> None:
+        fake_gpu: FakeGpu, tmp_path: Path) -> None:  # noqa: F811 (the imported fixture)
     """``nanoscout models build-engines --precision int8`` against the stand-in TensorRT of
     test_engines (host memory, ONNX Runtime underneath): the calibrator gets the detector's
     calibration inputs, the plan is built for tiles of tile_px in batches, and --check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +11,19 @@ import zmq
 
 from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.frame import Frame
-from nanoscout.clients.query import QueryError, request_lens
+from nanoscout.clients.query import QueryError, request_control, request_lens
 from nanoscout.daemon.query import LensServer
 from nanoscout.wire.errors import NanoscoutError
 from nanoscout.wire.protocol import FrameHeader, decode_message
 from tests.unit.test_classifier import S, _load, classifier_model, lens_model
 
 
-def _guard(fn):
+def _guard(fn: Callable[[], None]) -> Callable[[], None]:
     return fn
 
 
 @pytest.fixture()
-def server(tmp_path: Path):
+def server(tmp_path: Path) -> Iterator[tuple[LensServer, str]]:
     engine, card = _load(*classifier_model(tmp_path))
     lens, lens_card = _load(*lens_model(tmp_path))
     clf = FieldClassifier(engine, card, lens=lens, lens_card=lens_card)
@@ -37,13 +38,14 @@ def _header(seq: int) -> FrameHeader:
                        pixel_size_nm=0.5)
 
 
-def test_lens_maps_of_the_newest_frame(server) -> None:
+def test_lens_maps_of_the_newest_frame(server: tuple[LensServer, str]) -> None:
     srv, endpoint = server
     frame = np.random.default_rng(3).integers(0, 4000, (64, 64)).astype(np.uint16)
     srv.offer(Frame(_header(1), np.zeros((64, 64), np.uint16)))
     srv.offer(Frame(_header(2), frame))
     reply, maps = request_lens(endpoint, "cam", ["act_enc1"])
     assert reply.seq == 2 and reply.available == ["error", "act_enc1"]
+    assert srv.classifier is not None
     want = srv.classifier.lens_outputs(frame)["act_enc1"]
     assert maps["act_enc1"].shape == (1, 1, S // 2, S // 2)
     np.testing.assert_allclose(maps["act_enc1"], want, atol=2e-3)  # float16 on the wire
@@ -51,7 +53,7 @@ def test_lens_maps_of_the_newest_frame(server) -> None:
     assert srv.answered == 1
 
 
-def test_refusals_are_answers_not_hangs(server) -> None:
+def test_refusals_are_answers_not_hangs(server: tuple[LensServer, str]) -> None:
     srv, endpoint = server
     with pytest.raises(QueryError, match="no frame of source 'cam' analysed yet"):
         request_lens(endpoint, "cam", ["act_enc1"])
@@ -68,7 +70,36 @@ def test_no_daemon_gives_a_timeout_error() -> None:
         request_lens("tcp://127.0.0.1:9", "cam", [], timeout=0.3)
 
 
-def test_a_classifier_without_lens_cannot_serve(tmp_path: Path) -> None:
+def test_a_classifier_without_lens_or_control_cannot_serve(tmp_path: Path) -> None:
     engine, card = _load(*classifier_model(tmp_path))
     with pytest.raises(NanoscoutError, match="needs the lens"):
         LensServer(zmq.Context.instance(), FieldClassifier(engine, card))
+
+
+def test_control_requests_reach_the_handler_and_refusals_come_back() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def control(source: str, action: str) -> None:
+        if source == "off":
+            raise ValueError("set_drift_reference needs tracking ([tracking] enabled)")
+        seen.append((source, action))
+
+    srv = LensServer(zmq.Context.instance(), None, control=control)
+    endpoint = srv.start("tcp://127.0.0.1:0", _guard)
+    try:
+        reply = request_control(endpoint, "cam", "reset_statistics")
+        assert reply.ok and reply.action == "reset_statistics"
+        request_control(endpoint, "cam", "set_drift_reference")
+        assert seen == [("cam", "reset_statistics"), ("cam", "set_drift_reference")]
+        with pytest.raises(QueryError, match="needs tracking"):
+            request_control(endpoint, "off", "set_drift_reference")
+        with pytest.raises(ValueError, match="unknown control action 'explode'"):
+            request_control(endpoint, "cam", "explode")
+        bad = decode_message(srv.answer([b"control_request.cam", b"\x80"]))
+        assert bad.kind == "control" and "bad request" in bad.header.error
+        # without a lens, lens requests are refused in words
+        with pytest.raises(QueryError, match="no lens is loaded"):
+            request_lens(endpoint, "cam", [])
+        assert srv.answered == 2 and srv.refused == 3
+    finally:
+        srv.stop()

@@ -77,7 +77,7 @@ def test_round_trip(tmp_path: Path, name: str) -> None:
     assert run.alerts["explanation"][0] == "a, \"b\"\nc"
     assert {k: v for k, v in run.provenance.items() if k != "format"} == {"who": "test"}
     assert run.provenance["format"] == "nanoscout-run/2"
-    assert w.counts == {"particles": 14, "frames": 4, "alerts": 1, "stats": 1}
+    assert w.counts == {"particles": 14, "frames": 4, "alerts": 1, "stats": 1, "tracks": 0}
     # frame metadata is kept: the file name and the frame's whole meta map
     assert run.frames["file"].tolist()[:2] == ["img-0.dm4", "img-1.dm4"]
     assert json.loads(run.frames["meta"][0])["voltage_kv"] == 200.0

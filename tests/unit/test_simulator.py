@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from itertools import islice
+from typing import Any
 
 import numpy as np
 
 from nanoscout.clients.acquisition.simulator import SimulatorOptions, frames
 
 
-def _opts(**kw) -> SimulatorOptions:
+def _opts(**kw: Any) -> SimulatorOptions:
     return SimulatorOptions(endpoint="inproc://unused", shape=(64, 64), fields=4, dwell=2, **kw)
 
 

@@ -8,7 +8,6 @@ import pytest
 from nanoscout.sim.synthetic import (
     KINDS,
     TRUTH_DTYPE,
-    InSituSeries,
     Specimen,
     SpecimenConfig,
     render,
@@ -151,20 +150,6 @@ def test_bad_config_names_the_value(field: str, value: object) -> None:
         SpecimenConfig(**{field: value})  # type: ignore[arg-type]
 
 
-def test_in_situ_series_ripens_and_coalesces() -> None:
-    cfg = _cfg(shape=(160, 160), coverage=0.3, agglomerate_fraction=0.5)
-    series = InSituSeries(cfg, 5, growth_nm_per_frame=0.15, diffusion_nm_per_frame=0.5,
-                          n_frames=12)
-    frames = list(series)
-    assert len(frames) == 12
-    first, last = frames[0].truth, frames[-1].truth
-    assert len(last) < len(first)
-    assert np.median(last["shape_ecd_nm"]) > np.median(first["shape_ecd_nm"])
-    for fr in frames:
-        counts = np.bincount(fr.labels.ravel())
-        np.testing.assert_array_equal(counts[fr.truth["id"]], fr.truth["area_px"])
-
-
 @pytest.mark.parametrize("modality", ["TEM", "STEM", "SEM"])
 def test_support_grains_change_the_image_but_not_the_particles(modality: str) -> None:
     base = SpecimenConfig(modality=modality, shape=(256, 256), pixel_size_nm=1.0,  # type: ignore[arg-type]
@@ -204,12 +189,6 @@ _BEFORE_PLATES = {
 def test_default_frames_are_bit_identical_to_before_plates(modality: str) -> None:
     fr = render(SpecimenConfig(shape=SMALL, modality=modality), 7)  # type: ignore[arg-type]
     assert _sha(fr.image, fr.labels, fr.truth) == _BEFORE_PLATES[modality]
-
-
-def test_in_situ_series_is_bit_identical_to_before_plates() -> None:
-    s = InSituSeries(SpecimenConfig(shape=(128, 128)), 3, n_frames=3)
-    got = _sha(*[a for f in s for a in (f.image, f.labels, f.truth)])
-    assert got == "f8fc538729c5402656a6947f5e529705da956f7d69e5e93c6b18bac26f83032c"
 
 
 def test_plates_are_triangles() -> None:

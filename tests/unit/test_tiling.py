@@ -1,4 +1,7 @@
-"""Tiled inference and anti-aliased resampling (nanoscout.analysis.tiling, nanoscout.analysis.preprocess.resample)."""
+"""Tiled inference and anti-aliased resampling.
+
+Covers nanoscout.analysis.tiling and nanoscout.analysis.preprocess.resample.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Alert evaluation: which configured rules (:mod:`nanoscout.analysis.rules`) fire on a frame,
 with per-rule, per-source rate limiting and de-duplication.
 
-``particle``, ``count`` and ``d50_drift`` rules are evaluated per frame by
+``particle``, ``count``, ``d50_drift`` and the in-situ ``coalescence``, ``growth_rate`` and
+``count_drop`` rules are evaluated per frame by
 :meth:`AlertEngine.evaluate`; ``class`` and ``novelty`` rules by
 :meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
 class activation map that explains them (``Alert.heatmap``). The clock is the frame time
@@ -9,7 +10,7 @@ class activation map that explains them (``Alert.heatmap``). The clock is the fr
 
 Rate limiting and de-duplication (per rule and per source):
 
-* ``count``, ``d50_drift``, ``class`` and ``novelty`` rules fire at most once per
+* ``count``, ``d50_drift``, the in-situ, ``class`` and ``novelty`` rules fire at most once per
   ``cooldown_s``; a firing inside the
   cooldown is suppressed and counted in :attr:`AlertEngine.suppressed`.
 * A ``particle`` rule remembers the particles it reported for ``cooldown_s``. A matching
@@ -32,13 +33,17 @@ that particle is listed first and named in the explanation) and that condition's
 or the number of matches and ``min_count`` when the rule has only a ``shape_class``
 condition; for a count rule the count and the crossed bound; for a drift rule the change in
 percent and ``pct`` (negative for a shrinking D50); for a class rule the label's probability
-and ``threshold``; for a novelty rule the novelty score and ``threshold``.
+and ``threshold``; for a novelty rule the novelty score and ``threshold``; for a coalescence
+rule the merge events on the frame and ``min_count``; for a growth-rate rule the tracks'
+median dECD/dt and the crossed bound; for a count-drop rule the count's change in percent
+(negative) and ``-pct``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,8 +54,11 @@ from nanoscout.analysis.rules import (
     OPERATORS,
     AnyRule,
     ClassRule,
+    CoalescenceRule,
+    CountDropRule,
     CountRule,
     D50DriftRule,
+    GrowthRateRule,
     NoveltyRule,
     ParticleRule,
     check_class_labels,
@@ -113,10 +121,12 @@ class AlertEngine:
         self._last_fired: dict[tuple[str, str], int] = {}
         self._memory: dict[tuple[str, str], _Memory] = {}
         self._warned: set[tuple[str, str]] = set()
+        #: count_drop rules: the previous frames' counts per (rule, source)
+        self._counts: dict[tuple[str, str], deque[int]] = {}
 
     def forget(self, source: str) -> None:
         """Drop everything remembered of ``source`` (cooldowns, reported particles)."""
-        for store in (self._last_fired, self._memory):
+        for store in (self._last_fired, self._memory, self._counts):
             for key in [k for k in store if k[1] == source]:
                 del store[key]
         self._warned = {k for k in self._warned if k[1] != source}
@@ -131,6 +141,8 @@ class AlertEngine:
         stats: dict[str, Any] | None,
         units: Units,
         pixel_size_nm: float | None = None,
+        events: Sequence[Mapping[str, Any]] = (),
+        insitu: Mapping[str, Any] | None = None,
     ) -> list[Alert]:
         """Evaluate every rule on one frame; returns the alerts that fired, in rule order.
 
@@ -139,6 +151,9 @@ class AlertEngine:
         ``table``: the frame's PARTICLE_DTYPE table, lengths in ``units`` ("nm" or "px").
         ``stats``: the source's :meth:`SizeStatistics.snapshot` (needed by d50_drift rules).
         ``pixel_size_nm``: nm per pixel of a calibrated frame, for de-duplication distances.
+        ``events``: the tracker's merge / split events on this frame (``det.tracking.events``)
+        and ``insitu``: the source's ``stats.insitu`` block (coalescence and growth-rate rules;
+        without them those rules do not fire).
         """
         if table.dtype != PARTICLE_DTYPE:
             raise FrameError(f"alerts need a PARTICLE_DTYPE table, got dtype {table.dtype}")
@@ -154,6 +169,14 @@ class AlertEngine:
                 alert = self._rate_limited(rule, ctx.source, ctx.t_ns, _count(rule, ctx))
             elif isinstance(rule, D50DriftRule):
                 alert = self._rate_limited(rule, ctx.source, ctx.t_ns, _drift(rule, ctx))
+            elif isinstance(rule, CoalescenceRule):
+                alert = self._rate_limited(rule, ctx.source, ctx.t_ns,
+                                           _coalescence(rule, events))
+            elif isinstance(rule, GrowthRateRule):
+                alert = self._rate_limited(rule, ctx.source, ctx.t_ns,
+                                           _growth(rule, insitu, units))
+            elif isinstance(rule, CountDropRule):
+                alert = self._rate_limited(rule, ctx.source, ctx.t_ns, self._count_drop(rule, ctx))
             else:
                 continue  # class / novelty rules: evaluate_class
             if alert is not None:
@@ -217,9 +240,29 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ rule kinds
 
+    def _count_drop(self, rule: CountDropRule, ctx: _Context) -> Alert | None:
+        n = int(np.count_nonzero(~ctx.table["border"]))
+        key = (rule.name, ctx.source)
+        seen = self._counts.get(key)
+        if seen is None:
+            seen = self._counts[key] = deque(maxlen=rule.window_frames)
+        before = float(np.median(seen)) if len(seen) == rule.window_frames else None
+        seen.append(n)
+        if before is None or before <= 0 or n >= (1.0 - rule.pct / 100.0) * before:
+            return None
+        change = 100.0 * (n - before) / before
+        return Alert(
+            rule=rule.name, kind=rule.kind, severity=rule.severity, value=change,
+            threshold=-float(rule.pct),
+            explanation=(f"frame has {n} particles, {abs(change):.0f} % fewer than the median "
+                         f"{number(before)} of the previous {rule.window_frames} frames "
+                         f"(limit {number(rule.pct)} %, rule {rule.name})"),
+            particles=np.empty(0, PARTICLE_DTYPE))
+
     def _rate_limited(
         self,
-        rule: CountRule | D50DriftRule | ClassRule | NoveltyRule,
+        rule: CountRule | D50DriftRule | CoalescenceRule | GrowthRateRule | CountDropRule
+        | ClassRule | NoveltyRule,
         source: str,
         t_ns: int,
         alert: Alert | None,
@@ -435,3 +478,40 @@ def _drift(rule: D50DriftRule, ctx: _Context) -> Alert | None:
         explanation=text,
         particles=np.empty(0, PARTICLE_DTYPE),
     )
+
+
+def _coalescence(rule: CoalescenceRule, events: Sequence[Mapping[str, Any]]) -> Alert | None:
+    merges = [e for e in events if e.get("kind") == "merge"]
+    if len(merges) < rule.min_count:
+        return None
+    where = ", ".join(f"{'+'.join(str(p) for p in e.get('parents', []))} at "
+                      f"({float(e.get('x', 0)):.0f}, {float(e.get('y', 0)):.0f}) px"
+                      for e in merges[:3])
+    more = f" and {len(merges) - 3} more" if len(merges) > 3 else ""
+    return Alert(
+        rule=rule.name, kind=rule.kind, severity=rule.severity, value=float(len(merges)),
+        threshold=float(rule.min_count),
+        explanation=(f"{len(merges)} coalescence(s) on this frame: tracks {where}{more} "
+                     f"(rule {rule.name})"),
+        particles=np.empty(0, PARTICLE_DTYPE))
+
+
+def _growth(rule: GrowthRateRule, insitu: Mapping[str, Any] | None, units: Units
+            ) -> Alert | None:
+    if not insitu or insitu.get("growth_rate_d50") is None:
+        return None
+    if int(insitu.get("growth_tracks") or 0) < rule.min_tracks:
+        return None
+    g = float(insitu["growth_rate_d50"])
+    if rule.above is not None and g > rule.above:
+        bound, rel = rule.above, ">"
+    elif rule.below is not None and g < rule.below:
+        bound, rel = rule.below, "<"
+    else:
+        return None
+    return Alert(
+        rule=rule.name, kind=rule.kind, severity=rule.severity, value=g, threshold=float(bound),
+        explanation=(f"median growth rate dECD/dt {g:.3g} {units}/s of "
+                     f"{insitu['growth_tracks']} tracks {rel} {number(bound)} {units}/s "
+                     f"(rule {rule.name})"),
+        particles=np.empty(0, PARTICLE_DTYPE))

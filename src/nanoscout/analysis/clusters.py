@@ -3,10 +3,10 @@
 Each particle is described by five scale-free or log-scaled numbers (:data:`DESCRIPTORS`):
 ``log_ecd`` (natural log of the ECD in the table's units), ``log_aspect_ratio`` (a ratio: its
 log is symmetric, and a rod population spread over aspect ratios 2-5 no longer reaches into
-the spheres' cluster), ``roundness``, ``solidity`` and ``circularity``. Distances are taken in *standardised* units: every descriptor
-is divided by its running standard deviation (Welford, over all particles fed so far), while
-the centres are kept in descriptor units, so they stay meaningful as the scale estimate
-settles.
+the spheres' cluster), ``roundness``, ``solidity`` and ``circularity``. Distances are taken in
+*standardised* units: every descriptor is divided by its running standard deviation (Welford, over
+all particles fed so far), while the centres are kept in descriptor units, so they stay meaningful
+as the scale estimate settles.
 
 Life of a source's model (:class:`OnlineKMeans`):
 

@@ -50,6 +50,12 @@ def _unit(fname: str, units: str) -> str:
 def explain_particles(
     rule: ParticleRule, hits: np.ndarray, order: np.ndarray, n_new: int, units: str
 ) -> str:
+    """Return the sentence an alert of ``rule`` carries: the first hit's values, how many matched.
+
+    ``hits`` are the matching rows, ``order`` indexes them (the first is the one described),
+    ``n_new`` counts the new ones; ``units`` is the length unit of the ``*_nm`` fields ("nm",
+    or "px" when uncalibrated).
+    """
     row = hits[order[0]]
     parts = []
     for fname, op, value in rule.conditions:

@@ -272,12 +272,12 @@ def _merge_wide_contacts(lab: np.ndarray, grid: np.ndarray, pix: np.ndarray, pix
     """Return a label lookup table that merges neighbours whose contact is long for their size.
 
     ``pix`` are the flat indices (into the zero-bordered label ``grid``) of the pixels that may
-    touch another instance, ``pix_lab`` their labels, ``area`` the instance areas (coarse px). Touching particles meet at a
-    narrow neck; a sliver cut off a particle whose core broke up shares a contact longer than
-    the sliver is wide. Two instances merge when the number of 4-neighbour pixel pairs across
-    their contact (about its length) exceeds ``ratio`` x the ECD of the smaller one. Measured on
-    held-out-like frames (seeds 500000+): 1.6 repairs ~40 % of such splits and merges < 1 % of
-    touching pairs. Returns None when nothing merges.
+    touch another instance, ``pix_lab`` their labels, ``area`` the instance areas (coarse px).
+    Touching particles meet at a narrow neck; a sliver cut off a particle whose core broke up shares
+    a contact longer than the sliver is wide. Two instances merge when the number of 4-neighbour
+    pixel pairs across their contact (about its length) exceeds ``ratio`` x the ECD of the smaller
+    one. Measured on held-out-like frames (seeds 500000+): 1.6 repairs ~40 % of such splits and
+    merges < 1 % of touching pairs. Returns None when nothing merges.
 
     ``convex`` (a ratio, e.g. 0.97; None = off) also merges fragments of one large convex
     particle whose core broke into several (a wire cut across, a big opaque particle cut into
@@ -433,7 +433,8 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     are probability thresholds; ``min_area_px`` the smallest kept particle (px at full
     resolution); ``min_core_px`` the smallest core (px at the coarse grid) that seeds a
     particle; ``min_score`` the lowest score (confidence, below) a kept particle may have;
-    ``merge_contact`` / ``merge_convex``: see :func:`_merge_wide_contacts`. Raises ValueError for maps of other shapes.
+    ``merge_contact`` / ``merge_convex``: see :func:`_merge_wide_contacts`. Raises ValueError for
+    maps of other shapes.
     """
     if fg_logits.ndim != 2:
         raise ValueError(f"foreground logits must be a 2-D map, got shape {fg_logits.shape}")

@@ -99,7 +99,8 @@ _MAX_PRUNE_ROUNDS = 32
 # directions of polygons up to 65536 px across.
 _SEARCH_BLOCK = 4096
 
-# shape-class rule (see classify_shapes); tuned on synthetic truth with `python -m nanoscout.training.evaluate_shapes`
+# shape-class rule (see classify_shapes); tuned on synthetic truth with
+# `python -m nanoscout.training.evaluate_shapes`
 MIN_CLASSIFIED_AREA_PX = 20.0
 #: the pixel-corner hull exceeds a digitised shape by about this many px per px of perimeter
 HULL_EXCESS_PX = 0.2
@@ -262,12 +263,12 @@ def classify_shapes(
        ``aspect_ratio``)
     9. otherwise (convex, with corners)                       → ``faceted``
 
-    Measured on exact synthetic truth at 10, 20 and 40 px median ECD (``python -m
-    nanoscout.training.evaluate_shapes --seed 7``, held out): 95 % of particles get their expected class (75 % on
-    the shipped detector's instances, whose outlines are rounder); octagons and hexagons below
-    ~15 px pass for spheres, and small triangles with rounded pixel corners for faceted.
-    A projected plate is only recognised by its triangular outline (hexagonal plates are
-    ``faceted``; a thin plate's contrast is not used).
+    Measured on exact synthetic truth at 10, 20 and 40 px median ECD
+    (``python -m nanoscout.training.evaluate_shapes --seed 7``, held out): 95 % of particles get
+    their expected class (75 % on the shipped detector's instances, whose outlines are rounder);
+    octagons and hexagons below ~15 px pass for spheres, and small triangles with rounded pixel
+    corners for faceted. A projected plate is only recognised by its triangular outline (hexagonal
+    plates are ``faceted``; a thin plate's contrast is not used).
     """
     area = np.asarray(area_px, dtype=np.float64)
     ar = np.asarray(aspect_ratio, dtype=np.float64)
@@ -382,14 +383,14 @@ def _perimeter_terms(
     """Each run's share of its particle's marching-squares perimeter (px), less a constant.
 
     The particle's perimeter is the sum over its runs plus (2 - 4·k)·(number of runs), with
-    k = (2 - √2)/2 per boundary vertex (see the module docstring). For a run from column a to b (exclusive) in row
-    r, m0..m3 say whether pixels (r-1, a-1), (r-1, a), (r+1, a-1), (r+1, a) belong to the run's
-    particle and m4..m7 the same for columns b-1 and b. The vertex above the run start has the
-    2x2 configuration (m0, m1 / 0, 1): it adds 1 + m0 - m1 boundary-vertex counts; the vertex
-    below it (0, 1 / m2, m3) is counted here only when m2 == m3 (else by the run below), adding
-    1; the run end mirrors this. The cracks between row r and the rows above and below have
-    length sum(a·(m0 + m1 + m2 + m3 - 2) + b·(2 - m4 - m5 - m6 - m7)) over the runs: the
-    symmetric difference of two rows starts or ends only at vertices with an odd configuration.
+    k = (2 - √2)/2 per boundary vertex (see the module docstring). For a run from column a to b
+    (exclusive) in row r, m0..m3 say whether pixels (r-1, a-1), (r-1, a), (r+1, a-1), (r+1, a)
+    belong to the run's particle and m4..m7 the same for columns b-1 and b. The vertex above the run
+    start has the 2x2 configuration (m0, m1 / 0, 1): it adds 1 + m0 - m1 boundary-vertex counts; the
+    vertex below it (0, 1 / m2, m3) is counted here only when m2 == m3 (else by the run below),
+    adding 1; the run end mirrors this. The cracks between row r and the rows above and below have
+    length sum(a·(m0 + m1 + m2 + m3 - 2) + b·(2 - m4 - m5 - m6 - m7)) over the runs: the symmetric
+    difference of two rows starts or ends only at vertices with an odd configuration.
     """
     idx = np.empty((8, start.size), dtype=np.int64)
     idx[0:4] = start

@@ -172,6 +172,8 @@ class Thresholds(_Strict):
 
 
 class TrainingInfo(_Strict):
+    """How the model was trained: the data, the command and its wall time (s)."""
+
     model_config = ConfigDict(extra="allow", frozen=True)
 
     data: str
@@ -181,6 +183,8 @@ class TrainingInfo(_Strict):
 
 
 class HeldOutMetrics(_Strict):
+    """Detection quality on held-out data: precision, recall, F1 (0..1) and ECD errors."""
+
     model_config = ConfigDict(extra="allow", frozen=True)
 
     data: str

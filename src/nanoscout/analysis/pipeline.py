@@ -2,7 +2,8 @@
 out, in publishing order.
 
 :meth:`Pipeline.process` runs, for one frame: detection and measurement (→ ``det``), the
-morphology clusters, a rate-limited ``preview``, the field-of-view classification with its
+morphology clusters, the source's drift and particle tracks (``track_id`` on every row,
+:mod:`nanoscout.analysis.tracking`), a rate-limited ``preview``, the field-of-view classification with its
 class / novelty alerts (→ ``class``, ``alert``), the source's rolling statistics and the
 particle / count / drift rules (→ ``alert``, then ``stats``, always the frame's last message).
 Each message is handed to ``emit`` as soon as it is ready, so ``det`` reaches subscribers
@@ -11,13 +12,16 @@ caller counts (particles, stage times, failures that cost only part of the frame
 
 No sockets and no threads here: the daemon's worker thread and the offline ``nanoscout measure``
 command call the same method, so both give identical numbers. Per-source state (statistics per
-length unit, clusters, classification turn, message counters) is bounded: beyond
+length unit, clusters, tracks, classification turn, message counters) is bounded: beyond
 ``max_sources`` the least recently seen source is forgotten (:attr:`FrameResult.evicted`).
+:meth:`Pipeline.request` (any thread) asks for a source's statistics to be reset or its drift
+reference set; the request is applied before that source's next frame.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -34,18 +38,21 @@ from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.measure import measure
 from nanoscout.analysis.preview import PreviewConfig, PreviewLimiter, make_preview
 from nanoscout.analysis.stats import SizeStatistics, StatsConfig
+from nanoscout.analysis.tracking import SourceTracker, TrackingConfig, TrackUpdate
 from nanoscout.wire.codec import Message
 from nanoscout.wire.headers import (
     AlertHeader,
     ClassHeader,
     DetHeader,
+    FrameDrift,
     Kind,
     PreviewHeader,
     StatsHeader,
+    Tracking,
     Units,
 )
 
-__all__ = ["DEFAULT_MAX_SOURCES", "FrameResult", "Pipeline"]
+__all__ = ["ACTIONS", "DEFAULT_MAX_SOURCES", "FrameResult", "Pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SOURCES = 64
 
 Emit = Callable[[Message[Any]], None]
+#: what :meth:`Pipeline.request` can be asked
+ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference")
 
 
 @dataclass
@@ -77,6 +86,8 @@ class FrameResult:
     alerts: list[AlertHeader] = field(default_factory=list)
     failures: list[tuple[str, Exception]] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
+    #: the tracker's findings on this frame (None: tracking off)
+    tracks: TrackUpdate | None = None
 
     @property
     def det(self) -> DetHeader:
@@ -92,6 +103,7 @@ class _SourceState:
 
     stats: dict[Units, SizeStatistics] = field(default_factory=dict)
     clusters: dict[Units, OnlineKMeans] = field(default_factory=dict)
+    tracker: SourceTracker | None = None
     frames: int = 0
     topic_seq: dict[Kind, int] = field(default_factory=dict)
 
@@ -120,6 +132,7 @@ class Pipeline:
         modality_detectors: dict[str, tuple[Detector, str]] | None = None,
         max_sources: int = DEFAULT_MAX_SOURCES,
         stream_scale: bool = True,
+        tracking: TrackingConfig | None = None,
     ) -> None:
         """``classifier``: the field-of-view classifier run on every ``classify_every``-th
         frame of each source (None: no ``class`` messages). ``preview``: the ``preview``
@@ -129,7 +142,9 @@ class Pipeline:
         ``modality_detectors``: modality -> (detector, model name) for the frames of that
         modality; ``detector`` analyses the others. ``stream_scale``: an automatic working
         scale is reused across a source's frames of one pixel size (a live stream); False
-        estimates it for every frame (independent images, ``nanoscout measure``)."""
+        estimates it for every frame (independent images, ``nanoscout measure``).
+        ``tracking``: drift correction and particle tracking per source (None or disabled:
+        no ``track_id``, no ``drift`` / ``tracking`` / ``unique`` / ``insitu`` blocks)."""
         if max_sources < 1:
             raise ValueError(f"max_sources ({max_sources}) must be >= 1")
         self.detector = detector
@@ -146,6 +161,9 @@ class Pipeline:
         self._previews = PreviewLimiter(self.preview.max_rate_hz if self.preview else 1.0)
         self.max_sources = max_sources
         self.stream_scale = stream_scale
+        self.tracking = tracking if tracking is not None and tracking.enabled else None
+        self._requests: dict[str, set[str]] = {}
+        self._requests_lock = threading.Lock()
         self._sources: OrderedDict[str, _SourceState] = OrderedDict()
         #: sources forgotten so far to stay within ``max_sources``
         self.evicted_total = 0
@@ -171,6 +189,31 @@ class Pipeline:
         """The rolling / cumulative statistics of ``source`` in ``units``, if it has any."""
         state = self._sources.get(source)
         return None if state is None else state.stats.get(units)
+
+    def request(self, source: str, action: str) -> None:
+        """Ask (from any thread) for ``action`` on ``source`` before its next frame:
+        ``reset_statistics`` (per-frame and unique statistics, fields, in-situ series; tracks
+        and drift go on) or ``set_drift_reference`` (the next frame is the drift's zero).
+        Raises ValueError naming an unknown action, or a drift reference without tracking."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+        if action == "set_drift_reference" and self.tracking is None:
+            raise ValueError("set_drift_reference needs tracking ([tracking] enabled)")
+        with self._requests_lock:
+            self._requests.setdefault(source, set()).add(action)
+            while len(self._requests) > 4 * self.max_sources:  # names never seen: bounded
+                del self._requests[next(iter(self._requests))]
+
+    def _apply_requests(self, source: str, state: _SourceState) -> None:
+        with self._requests_lock:
+            actions = self._requests.pop(source, set())
+        if "reset_statistics" in actions:
+            for st in state.stats.values():
+                st.reset()
+            if state.tracker is not None:
+                state.tracker.reset_statistics()
+        if "set_drift_reference" in actions and state.tracker is not None:
+            state.tracker.set_drift_reference()
 
     def forget(self, source: str) -> None:
         """Drop everything remembered of ``source`` (its next frame starts afresh)."""
@@ -210,6 +253,8 @@ class Pipeline:
 
         h = frame.header
         state, evicted = self._state(h.source)
+        if self._requests:
+            self._apply_requests(h.source, state)
         ref = frame.ref()
         units = frame.units
         labels, table, stage_ms, model, scale = self._detect(frame)
@@ -220,14 +265,25 @@ class Pipeline:
                 km = state.clusters[units] = OnlineKMeans(self.cluster_config)
             table["cluster"] = km.update(table, units)
             stage_ms["clusters"] = (time.perf_counter() - t0) * 1e3
+        tracks = None
+        if self.tracking is not None:
+            if state.tracker is None:
+                state.tracker = SourceTracker(self.tracking)
+            tracks = state.tracker.update(table, image=frame.normalized, t_ns=h.t_acq_ns,
+                                          seq=h.seq, pixel_size_nm=h.pixel_size_nm,
+                                          stage=h.stage)
+            stage_ms.update(tracks.timings_ms)
         det = DetHeader(
             **ref, stage_ms={k: round(v, 3) for k, v in stage_ms.items()},
             topic_seq=state.next_seq(Kind.DET), t_recv_ns=frame.t_recv_ns,
             t_done_ns=time.time_ns(), pixel_size_nm=h.pixel_size_nm, units=units, n=len(table),
             engine=self.engine_name, model=model, shape=h.shape, modality=h.modality,
-            meta=h.meta, working_scale=round(scale, 5))
+            meta=h.meta, working_scale=round(scale, 5),
+            drift=None if tracks is None else FrameDrift(**tracks.drift),
+            tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
-        result = FrameResult(frame, out, labels, table, stage_ms, model, scale, evicted=evicted)
+        result = FrameResult(frame, out, labels, table, stage_ms, model, scale, evicted=evicted,
+                             tracks=tracks)
 
         if self.preview is not None and self._previews.due(h.source):
             try:
@@ -299,9 +355,17 @@ class Pipeline:
         snap = stats.snapshot()
         result.stage_ms["stats"] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
+        unique = insitu = None
+        if state.tracker is not None and result.tracks is not None:
+            t1 = time.perf_counter()
+            unique = state.tracker.unique(units)
+            insitu = state.tracker.insitu(units, frame.header.t_acq_ns)
+            result.stage_ms["unique"] = (time.perf_counter() - t1) * 1e3
         fired = self.alert_engine.evaluate(
             source=frame.source, t_ns=frame.header.t_acq_ns, stage=frame.header.stage,
-            table=result.table, stats=snap, units=units, pixel_size_nm=frame.pixel_size_nm)
+            table=result.table, stats=snap, units=units, pixel_size_nm=frame.pixel_size_nm,
+            events=() if result.tracks is None else result.tracks.tracking["events"],
+            insitu=insitu)
         result.stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
         alerts = [self._alert(al, frame, state, ref, result) for al in fired]
         km = state.clusters.get(units)
@@ -309,7 +373,7 @@ class Pipeline:
             **ref, stage_ms={k: round(v, 3) for k, v in result.stage_ms.items()},
             topic_seq=state.next_seq(Kind.STATS), t_ns=time.time_ns(), units=units,
             window=snap["window"], cumulative=snap["cumulative"], drift=snap["drift"],
-            clusters=None if km is None else km.summary())
+            clusters=None if km is None else km.summary(), unique=unique, insitu=insitu)
         for msg in alerts:
             send(msg)
         send(Message(sh.topic().decode(), sh))

@@ -32,6 +32,24 @@ frozen pydantic models (a discriminated union on ``kind``)::
     pct = 10                                    # |window D50 / reference D50 - 1| > 10 %
     direction = "both"                          # or "grow" / "shrink"
 
+    [[alerts]]                                  # in-situ: particles coalesced (tracking on)
+    name = "coalescence"
+    kind = "coalescence"
+    min_count = 1                               # merge events on one frame
+
+    [[alerts]]                                  # in-situ: growth faster than a threshold
+    name = "fast-growth"
+    kind = "growth_rate"
+    above = 0.5                                 # median dECD/dt of the tracks, nm/s (px/s
+                                                # uncalibrated); or below = -0.5 (shrinking)
+    # min_tracks = 5
+
+    [[alerts]]                                  # in-situ: particles vanished (dissolved,
+    name = "count-drop"                         # evaporated, left the field)
+    kind = "count_drop"
+    pct = 20                                    # count < 80 % of the median of the previous
+    window_frames = 10                          # 10 frames
+
     [[alerts]]                                  # field-of-view classifier (class.<source>)
     name = "wires"
     kind = "class"
@@ -43,7 +61,8 @@ frozen pydantic models (a discriminated union on ``kind``)::
     kind = "novelty"
     threshold = 3.0                             # fires when the frame's novelty > threshold
 
-``particle``, ``count`` and ``d50_drift`` rules are evaluated per frame by
+``particle``, ``count``, ``d50_drift``, ``coalescence``, ``growth_rate`` and ``count_drop``
+rules are evaluated per frame by
 :meth:`AlertEngine.evaluate`; ``class`` and ``novelty`` rules by
 :meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
 class activation map that explains them (``Alert.heatmap``). A class rule's label can only be
@@ -56,6 +75,8 @@ particle. The clock is the frame time ``t_ns``, so behaviour is deterministic.
 
 Rate limiting, de-duplication, uncalibrated frames and what ``Alert.value`` /
 ``Alert.threshold`` hold: :mod:`nanoscout.analysis.alerts`.
+The three in-situ rules (``coalescence``, ``growth_rate``, ``count_drop``) need tracking
+(``[tracking]``); without it they never fire.
 """
 
 from __future__ import annotations
@@ -84,8 +105,11 @@ __all__ = [
     "OPERATORS",
     "AnyRule",
     "ClassRule",
+    "CoalescenceRule",
+    "CountDropRule",
     "CountRule",
     "D50DriftRule",
+    "GrowthRateRule",
     "NoveltyRule",
     "ParticleRule",
     "Rule",
@@ -163,6 +187,7 @@ class ParticleRule(_RuleBase):
         return where
 
     def model_post_init(self, context: Any, /) -> None:
+        """Compile ``where`` into (field, op, value) conditions, shape classes as indices."""
         conds = []
         for fname, ops in self.where.items():
             for op, value in ops.items():
@@ -199,6 +224,38 @@ class D50DriftRule(_RuleBase):
     direction: Literal["both", "grow", "shrink"] = "both"
 
 
+class CoalescenceRule(_RuleBase):
+    """Fires when the tracker finds at least ``min_count`` coalescences on one frame."""
+
+    kind: Literal["coalescence"] = "coalescence"
+    min_count: int = Field(1, ge=1)
+
+
+class GrowthRateRule(_RuleBase):
+    """Fires when the median growth rate dECD/dt of the field's tracks (with at least
+    ``min_tracks`` of them) is > ``above`` or < ``below`` (nm/s; px/s uncalibrated)."""
+
+    kind: Literal["growth_rate"] = "growth_rate"
+    above: float | None = None
+    below: float | None = None
+    min_tracks: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> GrowthRateRule:
+        if self.above is None and self.below is None:
+            raise ValueError("a growth_rate rule needs 'above' and/or 'below'")
+        return self
+
+
+class CountDropRule(_RuleBase):
+    """Fires when a frame has fewer than (100 - ``pct``) % of the median particle count of
+    the source's previous ``window_frames`` frames (border particles left out)."""
+
+    kind: Literal["count_drop"] = "count_drop"
+    pct: float = Field(gt=0, lt=100)
+    window_frames: int = Field(10, ge=1, le=10_000)
+
+
 class ClassRule(_RuleBase):
     """Fires when the field-of-view classifier gives ``label`` a probability > ``threshold``."""
 
@@ -214,7 +271,8 @@ class NoveltyRule(_RuleBase):
     threshold: float = Field(gt=0)
 
 
-AnyRule = ParticleRule | CountRule | D50DriftRule | ClassRule | NoveltyRule
+AnyRule = (ParticleRule | CountRule | D50DriftRule | CoalescenceRule | GrowthRateRule
+           | CountDropRule | ClassRule | NoveltyRule)
 Rule = Annotated[AnyRule, Field(discriminator="kind")]
 _RULE_ADAPTER: TypeAdapter[AnyRule] = TypeAdapter(Rule)
 
@@ -257,7 +315,8 @@ def parse_rules(data: list[dict[str, Any]]) -> list[AnyRule]:
 
 def _describe(err: Any) -> str:
     loc = list(err["loc"])
-    if loc and loc[0] in ("particle", "count", "d50_drift", "class", "novelty"):
+    if loc and loc[0] in ("particle", "count", "d50_drift", "coalescence", "growth_rate",
+                          "count_drop", "class", "novelty"):
         loc = loc[1:]  # pydantic prefixes the union tag
     return f"{'.'.join(str(p) for p in loc) or 'rule'}: {err['msg']}"
 

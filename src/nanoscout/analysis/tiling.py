@@ -9,9 +9,10 @@ tile seam is neither cut nor counted twice: stitching happens before post-proces
 The tiles are as few as the largest tile allows and no larger than they need to be
 (:func:`tile_length`): a 4096 px side with tiles of at most 2304 px and 96 px margins takes two
 tiles of 2144 px (2 x 2 tiles: 9.6 % more pixels than the frame), where fixed 2048 px tiles
-would have taken three per axis (2.25x the pixels). All tiles of a frame have the same shape, so up to ``batch``
-of them go through the engine in one call (``(b, 1, h, w)``); ``batch`` bounds the memory of
-one call (about ``batch x tile²`` px of activations) and with it the daemon's peak memory.
+would have taken three per axis (2.25x the pixels). All tiles of a frame have the same shape,
+so up to ``batch`` of them go through the engine in one call (``(b, 1, h, w)``); ``batch``
+bounds the memory of one call (about ``batch x tile²`` px of activations) and with it the
+daemon's peak memory.
 """
 
 from __future__ import annotations

@@ -5,14 +5,13 @@
     nanoscout lens IMAGE --layer act_enc2 --out maps.png [--card models/weights/lens.json]
 
 runs the shipped autoencoder (``models/weights/lens.onnx``, its card next to it) through the
-engine factory (ONNX Runtime on the CPU) and writes a mosaic (:func:`render_activations`): the first row holds the
-network input (the whole frame resampled to S x S and normalised exactly as the daemon does,
-``nanoscout.analysis.preprocess.fixed_input``), its reconstruction and the per-pixel squared error; the
-rows below hold the first ``max_maps`` channels of the chosen activation, each scaled to its
-own min..max and enlarged (nearest neighbour) to the tile size. It prints the frame's
-novelty error (the card's ``novelty.error_output``: a k-NN distance of texture statistics, not
-the pixel error) and novelty (error / the card's reference error; 1.0 = the 99th percentile of
-usual frames).
+engine factory (ONNX Runtime on the CPU) and writes a mosaic (:func:`render_activations`): the first
+row holds the network input (the whole frame resampled to S x S and normalised exactly as the daemon
+does, ``nanoscout.analysis.preprocess.fixed_input``), its reconstruction and the per-pixel squared
+error; the rows below hold the first ``max_maps`` channels of the chosen activation, each scaled to
+its own min..max and enlarged (nearest neighbour) to the tile size. It prints the frame's novelty
+error (the card's ``novelty.error_output``: a k-NN distance of texture statistics, not the pixel
+error) and novelty (error / the card's reference error; 1.0 = the 99th percentile of usual frames).
 
 Image files are read by :mod:`nanoscout.clients.acquisition.readers` (PNG/TIFF/JPEG and the vendor
 formats DM3/DM4, SER/EMI, MRC, EMD; colour is read as luminance). No torch, no training code.

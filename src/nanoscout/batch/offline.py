@@ -13,14 +13,21 @@ Writes a run in the format of ``nanoscout record`` (:mod:`nanoscout.clients.runf
 
 Calibrated and uncalibrated images are two sources (``measure`` and ``measure-px``), so sizes
 in nm and px are never pooled in statistics; each image is analysed alone (its own working
-scale: build the pipeline with ``build_pipeline(config, offline=True)``). Each image's acquisition time is its file's
-modification time. A TIA acquisition (``.emi`` + ``_N.ser``) is measured once.
+scale: build the pipeline with ``build_pipeline(config, offline=True)``). Each image's acquisition
+time is its file's modification time. A TIA acquisition (``.emi`` + ``_N.ser``) is measured once.
 
 With ``outputs=DIR``, per image (names keep the file's suffix: ``test-1.dm3.*``,
 ``test-1.dm4.*``): ``NAME.labels.tif`` (ImageJ hyperstack: image + instance labels, nm
 resolution; napari opens it with nanoscout's reader plugin), ``NAME.rois.zip`` (ImageJ ROI set)
 and ``NAME.overlay.png`` (outlines + scale bar); see :mod:`nanoscout.clients.outputs`.
 When the pipeline has a field-of-view classifier, ``OUT.classes.csv`` gets one row per image.
+
+With ``track=True`` (``measure --track``) the files are one ordered image sequence (or
+multi-frame files: a TIFF stack, a DM4/EMD series, each plane a frame, in order): the pipeline
+must have been built with tracking (``build_pipeline(config, offline=True, track=True)``), the
+frames get times ``frame_interval_s`` apart from the first file's modification time, and the
+run carries every particle's ``track_id``, each frame's drift and events, the unique and
+in-situ statistics and, at close, the tracks table (the report's in-situ section reads them).
 """
 
 from __future__ import annotations
@@ -100,13 +107,22 @@ def measure_files(
     bar: Bar | None = None,
     config: dict[str, Any] | None = None,
     model_cards: dict[str, dict[str, Any]] | None = None,
+    track: bool = False,
+    frame_interval_s: float = 1.0,
 ) -> MeasureReport:
     """Measure every image of ``paths`` and write a run to ``out`` (``.parquet``/``.csv``).
 
     ``outputs``: folder for the per-image label TIFFs, ROI sets and overlays (None: none).
     ``pixel_size_nm`` (nm/px) overrides every file's calibration. ``bar``: a progress bar
-    advanced once per file. ``config`` and ``model_cards`` go into the provenance.
+    advanced once per file. ``config`` and ``model_cards`` go into the provenance. ``track``:
+    the images are one ordered sequence, ``frame_interval_s`` apart (s); the pipeline tracks
+    (raises ConfigError when it was built without tracking).
     """
+    if track and pipeline.tracking is None:
+        raise ConfigError("measure --track needs a pipeline with tracking "
+                          "(build_pipeline(config, offline=True, track=True))")
+    if not frame_interval_s > 0:
+        raise ConfigError(f"frame interval {frame_interval_s!r} s must be > 0")
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         raise ConfigError(f"output {out} must end in .csv or .parquet")
@@ -116,7 +132,8 @@ def measure_files(
         log = bar.log
     prov: dict[str, Any] = {"command": "nanoscout measure", "files": [str(p) for p in files],
                             "software": software(), "config": config or {},
-                            "pixel_size_override_nm": pixel_size_nm,
+                            "pixel_size_override_nm": pixel_size_nm, "track": track,
+                            "frame_interval_s": frame_interval_s if track else None,
                             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     writer = RunWriter(out, prov)
     report = MeasureReport()
@@ -124,6 +141,7 @@ def measure_files(
     models: set[str] = set()
     class_rows: list[list[object]] = []
     seq = {SOURCE_NM: 0, SOURCE_PX: 0}
+    t0_ns: int | None = None
     for path in files:
         try:
             records = read_images(path)
@@ -137,12 +155,15 @@ def measure_files(
             t_acq_ns = path.stat().st_mtime_ns
         except OSError:
             t_acq_ns = time.time_ns()
+        t0_ns = t_acq_ns if t0_ns is None else t0_ns
         for rec in records:
             px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
             if px is None:
                 report.uncalibrated.append(path)
                 log(f"{path}: no calibration, lengths in px (use --pixel-size to set one)")
             source = SOURCE_NM if px else SOURCE_PX
+            if track:  # a sequence: frame k at t0 + k intervals
+                t_acq_ns = t0_ns + round(seq[source] * frame_interval_s * 1e9)
             try:
                 frame = Frame.from_image(
                     rec.data, pixel_size_nm=px, source=source, seq=seq[source],

@@ -56,8 +56,12 @@ def serve(
         help="live: newest frame wins (SUB input); lossless: every frame, back-pressure "
              "(PULL input)", show_default=_CFG + "live")] = None,
     backend: Annotated[str | None, typer.Option(
-        help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu",
+        help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu | triton (the models on a "
+             "Triton Inference Server, [engine.triton])",
         show_default=_CFG + "auto")] = None,
+    triton_url: Annotated[str | None, typer.Option(
+        "--triton-url", help="with --backend triton: the Triton server's gRPC endpoint, "
+                             "host:port", show_default=_CFG + "127.0.0.1:8001")] = None,
     model: Annotated[Path | None, typer.Option(
         help="ONNX detector (its model card .json beside it)",
         show_default=_CFG + "the shipped models/weights/detector.onnx")] = None,
@@ -94,8 +98,8 @@ def serve(
         "input.endpoint": frames_endpoint or input_, "input.policy": policy,
         "input.max_frame_bytes": max_frame_bytes, "input.queue_size": queue_size,
         "output.endpoint": results or output, "query.endpoint": query,
-        "engine.backend": backend, "engine.model": model, "engine.threads": threads,
-        "engine.precision": precision, "engine.device": device,
+        "engine.backend": backend, "engine.triton.url": triton_url, "engine.model": model,
+        "engine.threads": threads, "engine.precision": precision, "engine.device": device,
         "engine.scale": scale_value(scale), "metrics.port": metrics_port,
         "health.interval_s": health_interval,
     }
@@ -118,7 +122,8 @@ def serve(
 
 @app.command(rich_help_panel="Live")
 def simulate(
-    frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
+    frames_endpoint: Annotated[str, typer.Option(
+        "--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
     mode: AdapterMode = "auto",
     results: AdapterResults = None,
     confirm_timeout: ConfirmTimeout = 30.0,
@@ -140,8 +145,18 @@ def simulate(
     fields: Annotated[int, typer.Option(help="fields of view on the virtual stage")] = 4,
     dwell: Annotated[int, typer.Option(help="frames per field of view")] = 5,
     drift: Annotated[tuple[float, float], typer.Option(
-        help="specimen drift while dwelling, px/frame (x y)")] = (0.0, 0.0),
-    insitu: Annotated[bool, typer.Option(help="E-TEM: particles grow and coalesce")] = False,
+        help="specimen drift while dwelling (--insitu: all along), px/frame (x y)")
+    ] = (0.0, 0.0),
+    insitu: Annotated[bool, typer.Option(
+        help="E-TEM: one field watched while its particles drift, move, grow, coalesce and "
+             "appear (identities in --truth-dir)")] = False,
+    growth: Annotated[Literal["ripening", "uniform", "none"], typer.Option(
+        help="--insitu growth law: Ostwald ripening, the same growth for all, or none")
+    ] = "ripening",
+    growth_rate: Annotated[float, typer.Option(
+        help="--insitu growth of the radius, nm per frame")] = 0.02,
+    appear: Annotated[float, typer.Option(
+        help="--insitu nucleation: mean new particles in 1 of the frames (Poisson)")] = 0.0,
     truth_dir: Annotated[Path | None, typer.Option(help="write ground truth per frame here (.npz)")] = None,
     uncalibrated: Annotated[bool, typer.Option(help="send frames without a pixel size")] = False,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
@@ -156,7 +171,8 @@ def simulate(
         frames=frames, shape=(size, width or size), dtype=dtype, pixel_size_nm=pixel_size,
         modality=modality, median_diameter_nm=diameter, dose_e_per_px=dose or None,
         support_grains=support_grains, seed=seed, fields=fields, dwell=dwell,
-        drift_px_per_frame=(drift[1], drift[0]), insitu=insitu, truth_dir=truth_dir,
+        drift_px_per_frame=(drift[1], drift[0]), insitu=insitu, growth=growth,
+        growth_nm_per_frame=growth_rate, appear_per_frame=appear, truth_dir=truth_dir,
         calibrated=not uncalibrated, curve=curve_keys(server_key, client_key)))
     if not report.complete:
         raise typer.Exit(1)
@@ -166,7 +182,8 @@ def simulate(
 def replay(
     files: Annotated[list[Path] | None, typer.Argument(
         help="image files or folders (TIFF, DM3/4, EMI/SER, MRC, EMD, PNG, JPEG)")] = None,
-    frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
+    frames_endpoint: Annotated[str, typer.Option(
+        "--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
     mode: AdapterMode = "auto",
     results: AdapterResults = None,
     confirm_timeout: ConfirmTimeout = 30.0,
@@ -367,13 +384,15 @@ def demo(
 
 @app.command(rich_help_panel="Stage search")
 def microscope(
-    frames_endpoint: Annotated[str, typer.Option("--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
+    frames_endpoint: Annotated[str, typer.Option(
+        "--frames-endpoint", help=_FRAMES_EP)] = DEFAULT_FRAME_ENDPOINT,
     mode: Annotated[Literal["auto", "push", "pub"], typer.Option(
         help="push (lossless daemon: a search wants every frame), pub (live daemon) or auto: "
              "whichever the daemon takes")] = "auto",
     source: Annotated[str, typer.Option(help="source name in every frame header")] = "stage",
     control: Annotated[str, typer.Option(help="control endpoint to bind (REP; port 0 = any)")] = "tcp://127.0.0.1:5558",
-    specimen_um: Annotated[tuple[float, float], typer.Option(help="virtual specimen size W H, µm")] = (200.0, 200.0),
+    specimen_um: Annotated[tuple[float, float], typer.Option(
+        help="virtual specimen size W H, µm")] = (200.0, 200.0),
     seed: Annotated[int, typer.Option(help="draws the specimen")] = 0,
     large: Annotated[int, typer.Option(help="rare large particles (targets)")] = 12,
     wires: Annotated[int, typer.Option(help="rare long wires (targets)")] = 12,
@@ -427,14 +446,16 @@ def search(
         show_default="the stage limits")] = None,
     candidate_rule: Annotated[list[str] | None, typer.Option(
         help="alert rule that only nominates candidates in the survey (repeatable)")] = None,
-    pixel_size: Annotated[float, typer.Option(help="high magnification (raster, confirmation), nm/px")] = 20.0,
+    pixel_size: Annotated[float, typer.Option(
+        help="high magnification (raster, confirmation), nm/px")] = 20.0,
     survey_pixel_size: Annotated[float, typer.Option(help="survey magnification, nm/px")] = 80.0,
     size: Annotated[int, typer.Option(help="frame side, px")] = 512,
     overlap: Annotated[float, typer.Option(help="tile overlap, µm (at least the largest target)")] = 3.0,
     budget_frames: Annotated[int | None, typer.Option(help="stop after N frames")] = None,
     budget_s: Annotated[float | None, typer.Option(help="stop after S s of instrument time")] = None,
     budget_dose: Annotated[float | None, typer.Option(help="stop at this mean dose, e/nm²")] = None,
-    min_separation: Annotated[float, typer.Option(help="confirmations closer than this are one target, µm")] = 1.0,
+    min_separation: Annotated[float, typer.Option(
+        help="confirmations closer than this are one target, µm")] = 1.0,
     result_timeout: Annotated[float, typer.Option(help="wait for a frame's results, s")] = 30.0,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
 ) -> None:

@@ -3,9 +3,11 @@ model and backend considered.
 
 Engine selection logs, per model, each backend it skipped (and why), the one it chose and how
 it loaded the model: 16 lines for the four shipped models. Without ``-v`` those INFO records
-are held back by :class:`EngineSummary` and :meth:`EngineSummary.line` sums them up as::
+are held back by :class:`EngineSummary` and :meth:`EngineSummary.line` sums them up in one line
+(wrapped here)::
 
-    engine: onnxruntime-cpu (2 threads) for detector, detector_stem, classifier, lens; not available: tensorrt, onnxruntime-cuda (-v says why)
+    engine: onnxruntime-cpu (2 threads) for detector, detector_stem, classifier, lens;
+        not available: tensorrt, onnxruntime-cuda (-v says why)
 
 Warnings and errors always pass.
 """
@@ -34,6 +36,7 @@ class EngineSummary(logging.Filter):
         self.threads: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Remember what an engine INFO record says; return False to hold it back."""
         if not record.name.startswith("nanoscout.engines") or record.levelno > logging.INFO:
             return True
         msg = record.getMessage()

@@ -67,6 +67,11 @@ def _build_engines() -> Main:
     return main
 
 
+def _export_triton() -> Main:
+    from nanoscout.cli.export_triton import main
+    return main
+
+
 #: action -> (loader of its main(argv), one-line help)
 ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "train": (_train, "retrain the particle detector (torch; ~50 min on 2 cores)"),
@@ -82,6 +87,8 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
                             "against FP32 (ONNX Runtime; no torch)"),
     "build-engines": (_build_engines, "build (and INT8-calibrate) the TensorRT engines of the "
                                       "shipped models on this GPU"),
+    "export-triton": (_export_triton, "a Triton Inference Server model repository of the "
+                                      "shipped models (--out REPO; no torch)"),
 }
 _PASS_THROUGH = {**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": True,
                  "help_option_names": []}

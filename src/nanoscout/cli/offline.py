@@ -29,7 +29,11 @@ def measure(
     config: Annotated[Path | None, typer.Option(help="daemon TOML configuration (engine, "
                                                      "alert rules, statistics)")] = None,
     backend: Annotated[str | None, typer.Option(
-        help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu", show_default="auto")] = None,
+        help="auto | tensorrt | onnxruntime-cuda | onnxruntime-cpu | triton",
+        show_default="auto")] = None,
+    triton_url: Annotated[str | None, typer.Option(
+        "--triton-url", help="with --backend triton: the Triton server's gRPC host:port",
+        show_default="127.0.0.1:8001")] = None,
     model: Annotated[Path | None, typer.Option(help="ONNX detector (model card beside it)",
                                                show_default="the shipped detector")] = None,
     scale: Annotated[str | None, typer.Option(help="working px per frame px, or 'auto'",
@@ -40,10 +44,33 @@ def measure(
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="replace a run already at --out (only a nanoscout run is deleted)")
     ] = False,
+    track: Annotated[bool, typer.Option(
+        "--track", help="the files are one ordered image sequence (or stacks / series, each "
+                        "plane a frame): correct drift, track particles (track_id, tracks "
+                        "table, growth, coalescence, unique statistics)")] = False,
+    frame_interval: Annotated[float, typer.Option(
+        help="seconds between frames of a --track sequence (rates are per s)")] = 1.0,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="draw a progress bar",
         show_default="on a terminal")] = None,
     masks: Annotated[Path | None, typer.Option("--masks", hidden=True)] = None,
+    ray: Annotated[bool, typer.Option(
+        "--ray", rich_help_panel="Ray",
+        help="run on Ray: one pipeline actor per CPU (or GPU) slot; --out is then a folder of "
+             "Parquet parts partitioned by input folder, and files done are skipped when the "
+             "command runs again. Without --ray-address a local Ray starts here")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="with --ray: a Ray cluster to join (auto, host:6379, ray://host:10001)",
+        rich_help_panel="Ray", show_default="a local Ray on this machine")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="with --ray: pipeline actors", rich_help_panel="Ray",
+        show_default="one per CPU, or per GPU slot")] = None,
+    cpus_per_worker: Annotated[int, typer.Option(
+        help="with --ray: CPUs (ONNX Runtime threads) per actor", rich_help_panel="Ray")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(
+        help="with --ray: GPUs per actor, whole or a fraction (1 with --backend cuda; 0.5: two "
+             "actors share a GPU)",
+        rich_help_panel="Ray")] = 0.0,
 ) -> None:
     """Measure particles in image files offline, with the daemon's pipeline."""
     from nanoscout.analysis.modelcard import shipped_model_dir
@@ -54,12 +81,27 @@ def measure(
     from nanoscout.daemon.app import build_pipeline
     from nanoscout.daemon.config import load_config
 
+    overrides = {"engine.backend": backend, "engine.triton.url": triton_url,
+                 "engine.model": model, "engine.scale": scale_value(scale),
+                 "engine.tta": int(tta) if tta else None}
+    if ray_address is not None and not ray:
+        raise NanoscoutError("--ray-address needs --ray")
+    if ray:
+        from nanoscout.cli.measure_ray import run_on_ray
+
+        if outputs or masks:
+            raise NanoscoutError("--outputs is not supported with --ray")
+        code = run_on_ray(files, out, load_config(config, overrides), address=ray_address,
+                          workers=workers, cpus_per_worker=cpus_per_worker,
+                          gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size,
+                          progress=progress)
+        if code:
+            raise typer.Exit(code)
+        return
     if overwrite:
         delete_run(out)
-    cfg = load_config(config, {"engine.backend": backend, "engine.model": model,
-                               "engine.scale": scale_value(scale),
-                               "engine.tta": int(tta) if tta else None})
-    pipeline = build_pipeline(cfg, offline=True)
+    cfg = load_config(config, overrides)
+    pipeline = build_pipeline(cfg, offline=True, track=track)
     EngineLine.print()
     cards = load_cards(shipped_model_dir())
     if model is not None:
@@ -68,7 +110,8 @@ def measure(
         with progress_bar("measuring", enabled=progress) as bar:
             report = measure_files(files, pipeline, out, outputs=outputs or masks,
                                    pixel_size_nm=pixel_size, bar=bar,
-                                   config=cfg.model_dump(mode="json"), model_cards=cards)
+                                   config=cfg.model_dump(mode="json"), model_cards=cards,
+                                   track=track, frame_interval_s=frame_interval)
     finally:
         pipeline.close()
     print(f"measured {report.images} images, {report.particles} particles, {report.alerts} "

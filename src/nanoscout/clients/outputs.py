@@ -52,6 +52,7 @@ class UniqueNames:
         self._taken: set[str] = set()
 
     def __call__(self, path: Path, index: int = 0, images_in_file: int = 1) -> str:
+        """Return a stem not handed out before for image ``index`` of ``path``."""
         base = path.name if images_in_file == 1 else f"{path.name}_{index}"
         name, k = base, 1
         while name.lower() in self._taken:

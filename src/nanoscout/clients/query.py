@@ -1,8 +1,11 @@
-"""Client of the daemon's query socket: the AI lens's feature maps of a live frame.
+"""Client of the daemon's query socket: the AI lens's feature maps of a live frame, and control
+requests (reset a source's statistics, set its drift reference now).
 
 >>> reply, maps = request_lens(QUERY, "sim", ["act_enc2"])  # QUERY: e.g. tcp://127.0.0.1:5557
 >>> reply.source, maps["act_enc2"].ndim, maps["act_enc2"].dtype  # (1, channels, rows, cols)
 ('sim', 4, dtype('float16'))
+>>> request_control(QUERY, "sim", "reset_statistics").ok  # the source's statistics start again
+True
 
 One REQ socket per call, with a timeout: a daemon that is gone gives a :class:`QueryError`
 after ``timeout`` s instead of a hang. The daemon's own refusals (unknown source or output, no
@@ -11,24 +14,36 @@ lens loaded) come back as a QueryError carrying its words.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import zmq
 
 from nanoscout.wire.errors import NanoscoutError, ProtocolError
-from nanoscout.wire.protocol import LensReply, LensRequest, decode_message, encode_message
+from nanoscout.wire.protocol import (
+    ControlReply,
+    ControlRequest,
+    Header,
+    LensReply,
+    LensRequest,
+    Message,
+    decode_message,
+    encode_message,
+)
 from nanoscout.wire.transport import ClientKeys, connect
+
+#: what a control request may ask (:class:`~nanoscout.wire.protocol.ControlRequest`)
+CONTROL_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference")
 
 
 class QueryError(NanoscoutError):
     """The daemon did not answer, or answered with an error."""
 
 
-def request_lens(endpoint: str, source: str, outputs: list[str], *, timeout: float = 10.0,
-                 curve: ClientKeys | None = None) -> tuple[LensReply, dict[str, np.ndarray]]:
-    """Ask for the lens ``outputs`` of ``source``'s newest frame; returns (reply, name → array).
-
-    An empty ``outputs`` asks only which outputs exist (``reply.available``).
-    """
+def _ask(endpoint: str, request: Header, *, timeout: float, curve: ClientKeys | None
+         ) -> Message[Any]:
+    """Send one request on a fresh REQ socket and decode the answer (QueryError on a timeout
+    or a malformed answer)."""
     ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
@@ -39,17 +54,46 @@ def request_lens(endpoint: str, source: str, outputs: list[str], *, timeout: flo
         curve.apply(sock)
     try:
         connect(sock, endpoint)
-        sock.send_multipart(encode_message(LensRequest(source=source, outputs=outputs)))
+        sock.send_multipart(encode_message(request))
         parts = sock.recv_multipart(copy=False)
     except zmq.Again:
         raise QueryError(f"no answer from the daemon's query socket {endpoint} within "
-                         f"{timeout:g} s (is it running, with the lens enabled?)") from None
+                         f"{timeout:g} s (is it running, with its query socket enabled?)"
+                         ) from None
     finally:
         sock.close(linger=0)
     try:
-        msg = decode_message(parts)
+        return decode_message(parts)
     except ProtocolError as exc:
         raise QueryError(f"malformed answer from {endpoint}: {exc}") from exc
+
+
+def request_control(endpoint: str, source: str, action: str, *, timeout: float = 10.0,
+                    curve: ClientKeys | None = None) -> ControlReply:
+    """Ask the daemon to ``reset_statistics`` or ``set_drift_reference`` of ``source`` (applied
+    before its next frame); returns the reply, raises QueryError when refused and ValueError
+    naming an unknown action."""
+    if action not in CONTROL_ACTIONS:
+        raise ValueError(f"unknown control action {action!r}; known: "
+                         f"{', '.join(CONTROL_ACTIONS)}")
+    msg = _ask(endpoint, ControlRequest(source=source, action=action),  # type: ignore[arg-type]
+               timeout=timeout, curve=curve)
+    reply = msg.header
+    if not isinstance(reply, ControlReply):
+        raise QueryError(f"expected a control reply from {endpoint}, got {msg.kind}")
+    if not reply.ok:
+        raise QueryError(f"the daemon says: {reply.error}")
+    return reply
+
+
+def request_lens(endpoint: str, source: str, outputs: list[str], *, timeout: float = 10.0,
+                 curve: ClientKeys | None = None) -> tuple[LensReply, dict[str, np.ndarray]]:
+    """Ask for the lens ``outputs`` of ``source``'s newest frame; returns (reply, name → array).
+
+    An empty ``outputs`` asks only which outputs exist (``reply.available``).
+    """
+    msg = _ask(endpoint, LensRequest(source=source, outputs=outputs), timeout=timeout,
+               curve=curve)
     reply = msg.header
     if not isinstance(reply, LensReply):
         raise QueryError(f"expected a lens reply from {endpoint}, got {msg.kind}")

@@ -18,6 +18,16 @@ lognormal maximum-likelihood fit and its goodness of fit (Kolmogorov-Smirnov and
 Anderson-Darling tests of ln d against the fitted normal, parameters estimated from the data,
 Monte-Carlo p-values by :func:`scipy.stats.goodness_of_fit`); aspect-ratio and roundness
 histograms; per-frame D50 and particle count over time; alerts (newest first); provenance.
+
+Each particle is counted once when the run tracked them (particles with a ``track_id``: a live
+recording with tracking, ``nanoscout measure --track``): a group's statistics, intervals,
+histogram and fit are then over its tracked particles, one ECD each (the median of its
+detections off the frame edge; :mod:`nanoscout.clients.report_insitu`), because the
+detections of one particle on many frames are not independent; the same statistics over every
+detection of every frame stay beside them in the table, named "per detection". Such groups
+get an in-situ section: the size distribution over time, growth curves and rates,
+coalescences, D50(t) and density(t) with intervals, the LSW ripening fit. Untracked runs
+treat every detection as a particle (independent images).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nanoscout.clients.progress import Bar
+from nanoscout.clients.report_insitu import insitu_section, track_values
 from nanoscout.clients.runfile import Run, read_run
 from nanoscout.wire.errors import NanoscoutError
 
@@ -123,6 +134,8 @@ class GroupStats:
     roundness: float = math.nan
     lognormal_median: float = math.nan
     lognormal_sigma: float = math.nan
+    #: what one value is: ``particle`` (a tracked particle, counted once) or ``detection``
+    basis: str = "detection"
 
     @property
     def per_frame(self) -> float:
@@ -384,7 +397,7 @@ def _ci_cell(cls: str, value: float, ci: tuple[float, float]) -> str:
 
 
 def _summary_table(stats: list[GroupStats]) -> str:
-    head = ("<tr><th>source</th><th>units</th><th>N particles<br>(non-border)</th>"
+    head = ("<tr><th>source</th><th>units</th><th>counted</th><th>N<br>(non-border)</th>"
             "<th>border<br>(excluded)</th><th>N frames</th><th>mean ECD</th><th>sd ECD</th>"
             "<th>D10</th><th>D50</th><th>D90</th><th>mean aspect ratio</th>"
             "<th>mean roundness</th><th>particles / frame<br>(non-border)</th></tr>")
@@ -392,6 +405,7 @@ def _summary_table(stats: list[GroupStats]) -> str:
     for st in stats:
         rows.append(
             f'<tr><td class="source">{_e(st.source)}</td><td class="units">{_e(st.units)}</td>'
+            f'<td class="basis">{"per particle (tracks)" if st.basis == "particle" else "per detection"}</td>'
             f'<td class="n">{st.n}</td><td class="n-border">{st.n_border}</td>'
             f'<td class="n-frames">{st.n_frames}</td>'
             + _ci_cell("mean", st.mean, st.ci["mean"]) + _ci_cell("sd", st.sd, st.ci["sd"])
@@ -399,7 +413,8 @@ def _summary_table(stats: list[GroupStats]) -> str:
             + _ci_cell("d90", st.d90, st.ci["d90"])
             + f'<td class="aspect">{_fmt(st.aspect_ratio)}</td>'
             f'<td class="roundness">{_fmt(st.roundness)}</td>'
-            f'<td class="per-frame">{_fmt(st.per_frame)}</td></tr>')
+            f'<td class="per-frame">{_fmt(st.per_frame) if st.basis == "detection" else "—"}'
+            "</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -617,7 +632,15 @@ def build_report(run_path: str | Path, out_html: Path, *,
         rd = p["roundness"][inner] if Run.rows(p) else np.zeros(0)
         st = group_stats(g.source, g.units, ecd, n_border=int((g.particles & ~inner).sum()),
                          n_frames=int(g.frames.sum()), aspect_ratio=ar, roundness=rd)
-        stats.append(st)
+        tracked = track_values(run, g.source, g.units)
+        if tracked is not None:  # each particle once: statistics over tracks
+            per_detection = st
+            st = group_stats(g.source, g.units, tracked[0], n_frames=int(g.frames.sum()))
+            st.basis = "particle"
+            stats.append(st)
+            stats.append(per_detection)
+        else:
+            stats.append(st)
         label = f"{_e(g.source)} ({_e(g.units)})"
         if bar is not None:
             bar.advance(note=f"{g.source}: statistics")
@@ -627,7 +650,7 @@ def build_report(run_path: str | Path, out_html: Path, *,
                 bar.advance()
             continue
         files_dir.mkdir(exist_ok=True)
-        d = _positive(ecd)
+        d = _positive(ecd if tracked is None else tracked[0])
         fq = fit_quality(d)
         names = (f"g{i}_ecd.png", f"g{i}_shape.png", f"g{i}_time.png")
         _ecd_figure(d, st, files_dir / names[0], formats)
@@ -646,7 +669,9 @@ def build_report(run_path: str | Path, out_html: Path, *,
             f"</span>.</p>{_fit_text(fq)}"
             f"{_img(files_dir, names[0], f'ECD histogram of {g.source}', formats)}"
             f"<h4>Shape</h4>{_img(files_dir, names[1], f'shape histograms of {g.source}', formats)}"
-            f"<h4>Over time</h4>{_img(files_dir, names[2], f'D50 over time of {g.source}', formats)}")
+            f"<h4>Over time</h4>{_img(files_dir, names[2], f'D50 over time of {g.source}', formats)}"
+            + insitu_section(run, g.source, g.units, t0, files_dir, f"g{i}", formats, fmt=_fmt,
+                             img=_img, figure=_figure, save=_save, seed=BOOTSTRAP_SEED))
     n_particles = Run.rows(p)
     if n_particles == 0:
         sizes = f'<p class="empty">{_e(_EMPTY_MESSAGE)}</p>'
@@ -658,7 +683,11 @@ def build_report(run_path: str | Path, out_html: Path, *,
             "frame). Particles are grouped by source and units: nm and px are never pooled. "
             "D10/D50/D90 are number-weighted ECD quantiles. Brackets give percentile-bootstrap "
             f"95 % confidence intervals ({BOOTSTRAP_RESAMPLES} resamples, seed "
-            f"{BOOTSTRAP_SEED}).</p>" + _summary_table(stats)
+            f"{BOOTSTRAP_SEED}). Where the particles were tracked, a row \"per particle\" counts "
+            "each once (its median ECD) and its intervals are over those independent particles; "
+            "the row \"per detection\" counts every detection of every frame (per-frame "
+            "statistics: a particle seen on 50 frames is in it 50 times, so its intervals are "
+            "too narrow for the specimen).</p>" + _summary_table(stats)
             + "<h2>Distributions</h2>" + "".join(figures))
     methods = f'<p class="methods">{_e(methods_paragraph(run, stats))}</p>'
     title = f"nanoscout report: {run_path.name}"

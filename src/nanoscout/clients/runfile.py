@@ -8,13 +8,15 @@ the output name:
   table**: ``pd.read_parquet("RUN.parquet")``, ``pyarrow.parquet.read_table("RUN.parquet")``,
   ``polars.read_parquet("RUN.parquet/*.parquet")``. The particle parts are the folder's own
   ``part-000001.parquet`` ...; the other tables sit in sub-folders whose names start with ``_``
-  (which Parquet dataset readers skip): ``_frames/``, ``_alerts/``, ``_stats/``, and the
-  provenance is ``_run.json``. Read another table with ``pd.read_parquet("RUN.parquet/_frames")``.
+  (which Parquet dataset readers skip): ``_frames/``, ``_alerts/``, ``_stats/``, ``_tracks/``
+  (written when the run is closed), and the provenance is ``_run.json``. Read another table
+  with ``pd.read_parquet("RUN.parquet/_frames")``.
   Each part is written under a temporary ``.``-name, fsynced and renamed into place, so after a
   crash (even ``kill -9``) every part present is complete: the run loses at most the batch
   being written.
 * ``RUN.csv`` — ``RUN.csv`` (particles), ``RUN.frames.csv``, ``RUN.alerts.csv``,
-  ``RUN.stats.csv`` and ``RUN.json``; rows are appended, flushed and fsynced per batch. A crash
+  ``RUN.stats.csv``, ``RUN.tracks.csv`` (at close) and ``RUN.json``; rows are appended,
+  flushed and fsynced per batch. A crash
   can leave a partial last line, which :func:`read_run` drops. Times are ISO 8601 (UTC).
 
 A batch writes its particle, alert and stats rows first and its frame rows last; :func:`read_run`
@@ -28,14 +30,23 @@ frames (never pixels under an ``_nm`` name).
 * particles: ``source, seq, t_acq, file, index, units, pixel_size_nm, stage_x_um, stage_y_um``
   then the particle table's columns (:data:`nanoscout.wire.tables.PARTICLE_TABLE_COLUMNS`:
   ``id, x, y, bbox_x0..bbox_y1, area_px2, area_nm2, ecd_px, ecd_nm, ...``);
+  (``track_id``: the particle's identity across frames, 0 untracked);
 * frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
   stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale, file, index,
-  meta`` (``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it);
+  meta`` (``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it),
+  then the tracker's ``field, drift_x_px, drift_y_px, drift_x_nm, drift_y_nm, tracks_active``
+  and ``events`` (the merge / split events as JSON); NaN / empty without tracking;
 * alerts: ``source, seq, t_acq, rule, kind, severity, value, threshold, explanation, units,
   stage_x_um, stage_y_um, n``;
 * stats: ``source, seq, t, units`` and for ``window`` and ``cumulative``: ``_n_frames,
   _count, _ecd_mean, _ecd_sd, _ecd_d10, _ecd_d50, _ecd_d90, _density_per_um2`` (ECD in
-  ``units``), then ``drift`` and ``clusters`` (JSON).
+  ``units``), then ``drift`` and ``clusters`` (JSON), then the statistics that count each
+  tracked particle once: ``unique_count, unique_ecd_d50, unique_ecd_d50_lo, unique_ecd_d50_hi``
+  and ``unique`` / ``insitu`` (the v1.4 blocks as JSON);
+* tracks: one row per tracked particle (:data:`nanoscout.wire.tracks.TRACK_COLUMNS`: its
+  field, frames, positions, ECD, growth rate with its standard error, fate), computed from the
+  particle and frame rows when the run is closed (:func:`nanoscout.wire.tracks.track_table`);
+  a run cut before that gets it computed when read.
 
 :func:`read_run` reads both layouts (and the first format, ``nanoscout-run/1``) with pyarrow;
 :class:`Run` hands the tables out as pyarrow Tables, pandas DataFrames or numpy columns.
@@ -56,13 +67,14 @@ import numpy as np
 from nanoscout.wire.errors import ConfigError, ReaderError
 from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
 from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, html_table, particle_columns
+from nanoscout.wire.tracks import TRACK_COLUMNS, track_table
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
 __all__ = ["ALERT_COLUMNS", "FORMAT", "FRAME_COLUMNS", "PARTICLE_COLUMNS", "STATS_COLUMNS",
-           "TABLES", "Run", "RunWriter", "delete_run", "read_run"]
+           "TABLES", "TRACK_COLUMNS", "Run", "RunWriter", "delete_run", "read_run"]
 
 #: the run format written here (``run.json`` / ``_run.json`` ``format``)
 FORMAT = "nanoscout-run/2"
@@ -73,7 +85,8 @@ PARTICLE_COLUMNS: tuple[str, ...] = (
 FRAME_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "t_recv", "t_done", "latency_ms", "n", "units",
     "pixel_size_nm", "stage_x_um", "stage_y_um", "height", "width", "modality", "engine",
-    "model", "working_scale", "file", "index", "meta")
+    "model", "working_scale", "file", "index", "meta", "field", "drift_x_px", "drift_y_px",
+    "drift_x_nm", "drift_y_nm", "tracks_active", "events")
 ALERT_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "rule", "kind", "severity", "value", "threshold",
     "explanation", "units", "stage_x_um", "stage_y_um", "n")
@@ -81,16 +94,23 @@ _STATS_BLOCK = ("n_frames", "count", "ecd_mean", "ecd_sd", "ecd_d10", "ecd_d50",
                 "density_per_um2")
 STATS_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t", "units", *(f"{w}_{c}" for w in ("window", "cumulative")
-                                     for c in _STATS_BLOCK), "drift", "clusters")
+                                     for c in _STATS_BLOCK), "drift", "clusters",
+    "unique_count", "unique_ecd_d50", "unique_ecd_d50_lo", "unique_ecd_d50_hi", "unique",
+    "insitu")
+#: the tables written batch by batch
 TABLES: dict[str, tuple[str, ...]] = {"particles": PARTICLE_COLUMNS, "frames": FRAME_COLUMNS,
                                       "alerts": ALERT_COLUMNS, "stats": STATS_COLUMNS}
+#: every table of a run: the batch tables and the tracks table (written at close)
+_ALL: dict[str, tuple[str, ...]] = {**TABLES, "tracks": TRACK_COLUMNS}
 #: write order of a batch: frames last (a frame row commits its particle rows)
 _WRITE_ORDER = ("particles", "alerts", "stats", "frames")
 _STRING = {"source", "file", "units", "shape_class", "modality", "engine", "model", "meta",
-           "rule", "kind", "severity", "explanation", "drift", "clusters"}
+           "rule", "kind", "severity", "explanation", "drift", "clusters", "events", "unique",
+           "insitu", "fate", "parents"}
 _TIME = {"t_acq", "t_recv", "t_done", "t"}
 _INT64 = {"seq", "index", "n", "height", "width", "window_n_frames", "window_count",
-          "cumulative_n_frames", "cumulative_count"}
+          "cumulative_n_frames", "cumulative_count", "track_id", "n_frames", "n_sized",
+          "first_seq", "last_seq", "t_first_ns", "t_last_ns", "merged_into"}
 _INT32 = {"bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
 _UINT = {"id": "uint32", "cluster": "uint8"}
 _BOOL = {"border"}
@@ -115,10 +135,14 @@ def _type(column: str) -> pa.DataType:
 
 
 def schema(table: str) -> pa.Schema:
-    """The Arrow schema of one run table (``particles``, ``frames``, ``alerts``, ``stats``)."""
+    """The Arrow schema of one run table (``particles``, ``frames``, ``alerts``, ``stats``,
+    ``tracks``)."""
     import pyarrow as pa
 
-    return pa.schema([(c, _type(c)) for c in TABLES[table]])
+    if table == "tracks":
+        return pa.schema([(c, pa.int64() if c == "field" else _type(c))
+                          for c in TRACK_COLUMNS])
+    return pa.schema([(c, _type(c)) for c in _ALL[table]])
 
 
 def _stage(stage: Any) -> tuple[float, float]:
@@ -145,7 +169,7 @@ def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict
              "height": header.shape[0], "width": header.shape[1],
              "modality": header.modality or "", "engine": header.engine, "model": header.model,
              "working_scale": _nan(header.working_scale), "file": file, "index": index,
-             "meta": json.dumps(header.meta, sort_keys=True)}
+             "meta": json.dumps(header.meta, sort_keys=True), **_tracking_row(header)}
     n = len(table)
     cols: dict[str, Any] = {
         "source": [header.source] * n, "seq": np.full(n, header.seq, np.int64),
@@ -155,6 +179,19 @@ def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict
         "stage_x_um": np.full(n, sx), "stage_y_um": np.full(n, sy)}
     cols.update(particle_columns(table, header.units, header.pixel_size_nm))
     return frame, cols
+
+
+def _tracking_row(header: DetHeader) -> dict[str, Any]:
+    """The frame row's tracker columns (NaN / empty without tracking)."""
+    d, t = header.drift, header.tracking
+    return {"field": math.nan if d is None else float(d.field),
+            "drift_x_px": math.nan if d is None else d.x_px,
+            "drift_y_px": math.nan if d is None else d.y_px,
+            "drift_x_nm": math.nan if d is None else _nan(d.x_nm),
+            "drift_y_nm": math.nan if d is None else _nan(d.y_nm),
+            "tracks_active": math.nan if t is None else float(t.active),
+            "events": "" if t is None or not t.events else json.dumps(
+                [e.model_dump(mode="json") for e in t.events])}
 
 
 def alert_row(header: AlertHeader) -> dict[str, Any]:
@@ -178,11 +215,20 @@ def _block(block: Any, prefix: str) -> dict[str, Any]:
 
 def stats_row(header: StatsHeader) -> dict[str, Any]:
     """Return the stats-table row of one ``stats`` message (histograms left out)."""
+    u = header.unique
+    ci = None if u is None else u.ecd_d50_ci
     return {"source": header.source, "seq": header.seq, "t": header.t_ns, "units": header.units,
             **_block(header.window, "window"), **_block(header.cumulative, "cumulative"),
             "drift": json.dumps(header.drift.model_dump(mode="json"), sort_keys=True),
             "clusters": "" if header.clusters is None else json.dumps(header.clusters,
-                                                                       default=str)}
+                                                                       default=str),
+            "unique_count": math.nan if u is None else float(u.count),
+            "unique_ecd_d50": math.nan if u is None else _nan(u.ecd.d50),
+            "unique_ecd_d50_lo": math.nan if ci is None else ci[0],
+            "unique_ecd_d50_hi": math.nan if ci is None else ci[1],
+            "unique": "" if u is None else json.dumps(u.model_dump(mode="json")),
+            "insitu": "" if header.insitu is None else json.dumps(
+                header.insitu.model_dump(mode="json"))}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -241,7 +287,7 @@ class RunWriter:
                     (out / f"_{t}").mkdir(exist_ok=True)
             self._meta_path = out / "_run.json"
         else:
-            for p in self._csv_paths().values():
+            for p in (*self._csv_paths().values(), out.with_suffix(".tracks.csv")):
                 if p.exists():
                     raise ConfigError(f"{p} exists: choose a new run name (measure: "
                                       "--overwrite replaces it)")
@@ -343,8 +389,28 @@ class RunWriter:
             os.fsync(fh.fileno())
 
     def close(self) -> None:
-        """Flush what is queued."""
+        """Flush what is queued, then write the tracks table (one row per tracked particle,
+        from everything written: :func:`nanoscout.wire.tracks.track_table`)."""
+        import pyarrow as pa
+
         self.flush()
+        run = read_run(self.out)
+        cols = track_table(run.particles, run.frames)
+        data = pa.Table.from_pydict(cols, schema=schema("tracks"))
+        if self.fmt == "parquet":
+            (self.out / "_tracks").mkdir(exist_ok=True)
+            self._parts += 1
+            self._write_part("tracks", data)
+        else:
+            import pyarrow.csv as pacsv
+
+            path = self.out.with_suffix(".tracks.csv")
+            tmp = path.with_name("." + path.name + ".tmp")
+            buf = io.BytesIO()
+            pacsv.write_csv(data, buf, pacsv.WriteOptions(include_header=False))
+            tmp.write_bytes((",".join(TRACK_COLUMNS) + "\n").encode() + buf.getvalue())
+            os.replace(tmp, path)
+        self.counts["tracks"] = data.num_rows
 
 
 def delete_run(path: str | Path) -> bool:
@@ -365,7 +431,8 @@ def delete_run(path: str | Path) -> bool:
         return True
     if p.suffix == ".csv":
         files = [p, p.with_suffix(".frames.csv"), p.with_suffix(".alerts.csv"),
-                 p.with_suffix(".stats.csv"), p.with_suffix(".json")]
+                 p.with_suffix(".stats.csv"), p.with_suffix(".tracks.csv"),
+                 p.with_suffix(".json")]
         found = [f for f in files if f.exists()]
         for f in found:
             f.unlink()
@@ -432,6 +499,11 @@ class Run:
     def stats(self) -> dict[str, np.ndarray]:
         """Statistics table as numpy columns."""
         return self.columns("stats")
+
+    @cached_property
+    def tracks(self) -> dict[str, np.ndarray]:
+        """Tracks table (one row per tracked particle) as numpy columns."""
+        return self.columns("tracks")
 
     @staticmethod
     def rows(table: dict[str, np.ndarray]) -> int:
@@ -501,9 +573,10 @@ def _read_csv(path: Path, name: str) -> pa.Table:
         data = data[:data.rfind(b"\n") + 1]  # a crash mid-write: the partial last line is dropped
     header = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
     names = header.split(",") if header else []
-    if set(names) != set(TABLES[name]) and not _v1_header(name, names):
+    if set(names) != set(_ALL[name]) and not _v1_header(name, names) \
+            and not set(names) <= set(_ALL[name]):  # a run written before v1.4's columns
         raise ReaderError(f"{path}: header is not the nanoscout run format")
-    types = {c: _type(c) for c in names if c in TABLES[name]}
+    types = {c: schema(name).field(c).type for c in names if c in _ALL[name]}
     for c in names:
         if c in _V1_TIME:
             types[c] = pa.int64()
@@ -602,6 +675,16 @@ def read_run(path: str | Path) -> Run:
     tables = {t: _conform(t, _upgrade_v1(t, raw[t]) if t in raw else _empty_table(t))
               for t in TABLES}
     tables["particles"] = _committed(tables["particles"], tables["frames"])
+    tracks = p / "_tracks" if p.suffix == ".parquet" else p.with_suffix(".tracks.csv")
+    if tracks.exists():
+        tables["tracks"] = _conform("tracks", _read_parts(tracks, "tracks")
+                                    if tracks.is_dir() else _read_csv(tracks, "tracks"))
+    else:  # not closed (a crash) or written before v1.4: computed from the rows
+        import pyarrow as pa
+
+        run = Run(tables, {})
+        tables["tracks"] = pa.Table.from_pydict(track_table(run.particles, run.frames),
+                                                schema=schema("tracks"))
     try:
         provenance = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
     except (OSError, ValueError) as exc:

@@ -38,6 +38,7 @@ class SourceView:
     last_seq: int = -1
 
     def fps(self, now: float) -> float:
+        """Frames per second over the last 5 s before ``now`` (s, ``time.monotonic``)."""
         recent = [t for t in self.t_done if now - t <= 5.0]
         if len(recent) < 2:
             return 0.0

@@ -17,7 +17,8 @@ from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
-from nanoscout.daemon.precision import engine_name, load_engine
+from nanoscout.daemon.engine_setup import make_engine
+from nanoscout.daemon.precision import engine_name
 from nanoscout.engines import Engine
 from nanoscout.wire.errors import ModelCardError
 
@@ -47,11 +48,8 @@ def build_classifier(config: ServeConfig) -> FieldClassifier | None:
     def load(model: Path) -> tuple[ModelCard, Engine]:
         card = load_card(model)
         size = card.input.size or (256, 256)
-        return card, load_engine(model, backend=eng.backend, precision=eng.precision,
-                                 threads=eng.threads,
-                                 device=eng.device if cc.device is None else cc.device,
-                                 max_shape=(int(size[0]), int(size[1])),
-                                 cache_dir=eng.cache_dir)
+        return card, make_engine(eng, model, device=cc.device,
+                                 max_shape=(int(size[0]), int(size[1])))
 
     card, engine = load(cc.model_path())
     lens_card = lens = None
@@ -70,12 +68,9 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     card = load_card(model)
     # every engine call of the detector is at most one batch of tiles of tile_px
     batch = eng.tile_batch or 4
-    engine = load_engine(model, backend=eng.backend, precision=eng.precision,
-                         threads=eng.threads, device=eng.device,
-                         max_shape=(eng.tile_px, eng.tile_px), max_batch=batch,
-                         cache_dir=eng.cache_dir)
-    if eng.tile_batch is None and engine.name == "onnxruntime-cpu":
-        batch = 1  # no gain from batching on the CPU, only memory
+    engine = make_engine(eng, model, max_shape=(eng.tile_px, eng.tile_px), max_batch=batch)
+    if eng.tile_batch is None and engine.name not in ("tensorrt", "onnxruntime-cuda"):
+        batch = 1  # batches pay on a local GPU; on the CPU they cost memory (Triton batches itself)
     detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
                         tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
                         tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
@@ -85,11 +80,13 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     return detector, engine_name(engine), f"{card.name}:{card.version}"
 
 
-def build_pipeline(config: ServeConfig, *, offline: bool = False) -> Pipeline:
+def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = False
+                   ) -> Pipeline:
     """Load the detection models with the configured backend and assemble the pipeline.
 
-    ``offline``: for independent image files (``nanoscout measure``): no previews, and every
-    image gets its own working scale."""
+    ``offline``: for image files (``nanoscout measure``): no previews, and every image gets its
+    own working scale; independent images are not tracked unless ``track`` (an ordered
+    sequence: ``measure --track``)."""
     detector, engine_name, model_name = build_detector(config, config.engine.model_path())
     by_modality = {}
     for modality, path in config.engine.modality_model_paths().items():
@@ -109,6 +106,7 @@ def build_pipeline(config: ServeConfig, *, offline: bool = False) -> Pipeline:
         stream_scale=not offline,
         rotate45_on_request=config.engine.rotate45 == "on-request",
         modality_detectors=by_modality,
+        tracking=config.tracking if (track or not offline) else None,
     )
 
 

@@ -12,8 +12,12 @@ This is the only module that reads configuration files; everything else receives
     endpoint = "tcp://127.0.0.1:5556"
 
     [engine]
-    backend = "auto"           # tensorrt | onnxruntime-cuda | onnxruntime-cpu
+    backend = "auto"           # tensorrt | onnxruntime-cuda | onnxruntime-cpu | triton
     model = "models/weights/detector.onnx"
+
+    [engine.triton]            # only with backend = "triton"
+    url = "127.0.0.1:8001"
+    fallback = "onnxruntime-cpu"
 
     [metrics]
     port = 9108
@@ -23,6 +27,11 @@ This is the only module that reads configuration files; everything else receives
 
     [clusters]                 # morphology clusters (online k-means), per source
     k = 3
+
+    [tracking]                 # drift correction, particle identities, in-situ statistics
+    enabled = true
+    max_gap_frames = 2         # a particle missed on up to 2 frames keeps its identity
+    min_track_frames = 3       # a track counts in the unique statistics from 3 frames
 
     [[alerts]]
     name = "big-particle"
@@ -44,6 +53,7 @@ from nanoscout.analysis.clusters import ClusterConfig
 from nanoscout.analysis.modelcard import SHIPPED_STEM_MODEL, shipped_model_dir
 from nanoscout.analysis.preview import PreviewConfig
 from nanoscout.analysis.stats import StatsConfig
+from nanoscout.analysis.tracking import TrackingConfig
 from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.protocol import Modality
 from nanoscout.wire.transport import (
@@ -95,10 +105,58 @@ class OutputConfig(_Section):
     hwm: int = Field(2000, ge=1)
 
 
+class TritonConfig(_Section):
+    """``[engine.triton]``: the Triton Inference Server that runs the models when
+    ``backend = "triton"`` (``nanoscout models export-triton`` writes its repository).
+
+    The local ONNX files (``engine.model``, ``classify.model`` ...) stay the reference: their
+    model cards give thresholds and channel names, and their SHA-256 must match the served
+    model's (``check_sha256``). ``models`` maps a local file's stem to the model's name on the
+    server (default: the stem itself, as export-triton names them: detector, detector_stem,
+    classifier, lens). ``timeout_s``: the longest one request may take, s;
+    ``connect_timeout_s``: how long start-up waits for the server and models, s.
+    ``shared_memory``: "auto" = system shared memory when ``url`` is on loopback.
+    ``fallback``: a local backend (e.g. "onnxruntime-cpu") that serves while the server is
+    down or slow, retried after ``retry_s``; None = no fallback: such frames are dropped and
+    counted as ``engine_failure``.
+    """
+
+    url: str = "127.0.0.1:8001"
+    models: dict[str, str] = Field(default_factory=dict)
+    version: str = ""
+    timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, ge=0)
+    shared_memory: Literal["auto", "system", "off"] = "auto"
+    fallback: str | None = None
+    retry_s: float = Field(5.0, ge=0)
+    check_sha256: bool = True
+
+    @field_validator("fallback")
+    @classmethod
+    def _local_backend(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from nanoscout.engines import resolve_backend
+
+        try:
+            name = resolve_backend(v)
+        except ConfigError as exc:  # pydantic reports ValueErrors with the key's location
+            raise ValueError(str(exc)) from exc
+        if name == "triton":
+            raise ValueError("fallback must be a local backend, not 'triton'")
+        return name
+
+    def model_name(self, onnx: Path) -> str:
+        """The server's name for the model whose local file is ``onnx``."""
+        return self.models.get(onnx.stem, onnx.stem)
+
+
 class EngineConfig(_Section):
     """Detection engine: backend name, ONNX model (+ its ``.json`` model card beside it)."""
 
     backend: str = "auto"
+    #: the Triton server, for ``backend = "triton"``
+    triton: TritonConfig = TritonConfig()
     model: Path | None = None
     threads: int | None = Field(None, ge=1)
     #: "auto": the fastest precision measured to keep accuracy (CPU: a model's INT8 sibling
@@ -202,7 +260,8 @@ class ClassifyConfig(_Section):
 
 class QueryConfig(_Section):
     """Query socket (REP): the AI lens's feature maps of a source's newest frame on request
-    (``nanoscout lens --connect``). Served only when the lens is loaded."""
+    (``nanoscout lens --connect``, when the lens is loaded) and control requests (reset a
+    source's statistics, set its drift reference: the dashboard's buttons)."""
 
     enabled: bool = True
     endpoint: str = DEFAULT_QUERY_ENDPOINT
@@ -269,6 +328,7 @@ class ServeConfig(_Section):
     query: QueryConfig = QueryConfig()
     stats: StatsConfig = StatsConfig()
     clusters: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
     security: SecurityConfig = SecurityConfig()
     alerts: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -44,6 +44,7 @@ import zmq
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import FrameResult, Pipeline
 from nanoscout.daemon.config import ServeConfig
+from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.metrics import Metrics
 from nanoscout.daemon.query import LensServer
 from nanoscout.daemon.queues import FrameQueue, LiveSlots
@@ -69,7 +70,7 @@ class Endpoints:
     input: str
     output: str
     metrics_url: str | None
-    query: str | None = None  # the lens query socket (None: not served)
+    query: str | None = None  # the query socket: lens and control requests (None: not served)
 
 
 class _RateLimitedLog:
@@ -153,20 +154,26 @@ class Daemon:
         self.metrics.engine_info.info(
             {"backend": self.pipeline.engine_name, **self.pipeline.model_names, "policy": self._policy}
         )
-        for name, target in (("receiver", self._receive_loop), ("worker", self._work_loop), ("publisher", self._publish_loop)):
+        for name, target in (
+            ("receiver", self._receive_loop),
+            ("worker", self._work_loop),
+            ("publisher", self._publish_loop),
+        ):
             t = threading.Thread(target=self._guard(target), name=f"nanoscout-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         query_ep = self._start_query()
         self.endpoints = Endpoints(in_ep, out_ep, metrics_url, query_ep)
-        log.info("serving: frames on %s (%s), results on %s, metrics %s", in_ep, self._policy, out_ep, metrics_url)
+        log.info("serving: frames on %s (%s), results on %s, metrics %s",
+                 in_ep, self._policy, out_ep, metrics_url)
         return self.endpoints
 
     def _start_query(self) -> str | None:
         qc, clf = self.config.query, self.pipeline.classifier
-        if not qc.enabled or clf is None or clf.lens is None:
+        if not qc.enabled:
             return None
-        self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None)
+        self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None,
+                                 control=self.pipeline.request)
         return self._query.start(qc.endpoint, self._guard)
 
     def stop(self) -> None:
@@ -220,14 +227,14 @@ class Daemon:
     # ------------------------------------------------------------------ counting
     def _reject(self, reason: Reason, message: str, *, exc_info: bool = False) -> None:
         with self._count_lock:
-            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+            self.rejected[reason.value] = self.rejected.get(reason.value, 0) + 1
         self.metrics.rejected.labels(reason=reason.value).inc()
         self.last_error = message
         self._warn(f"rejected message ({reason})", message, exc_info=exc_info)
 
     def _drop(self, reason: Reason, n: int = 1) -> None:
         with self._count_lock:
-            self.dropped[reason] = self.dropped.get(reason, 0) + n
+            self.dropped[reason.value] = self.dropped.get(reason.value, 0) + n
         self.metrics.frames_dropped.labels(reason=reason.value).inc(n)
 
     def _queue_depth(self) -> int:
@@ -424,6 +431,7 @@ class Daemon:
         engines = {"detector": self.pipeline.engine_name, **self.pipeline.model_names}
         if self.pipeline.classifier is not None:
             engines["classifier"] = self.pipeline.classifier.name
+        engines.update(engine_states(self.pipeline))  # remote engines: up, failing, fallback
         return engines
 
     def _health(self) -> HealthHeader:
@@ -480,7 +488,8 @@ class Daemon:
                             suppressed_seen[rule] = n
                     next_health = now + interval
                 try:
-                    msg = self._out.get(timeout=max(0.0, min(_POLL_MS / 1000, next_health - time.monotonic())))
+                    msg = self._out.get(
+                        timeout=max(0.0, min(_POLL_MS / 1000, next_health - time.monotonic())))
                 except queue.Empty:
                     if self._worker_done.is_set() and self._out.empty():
                         break

@@ -16,8 +16,8 @@ particles_measured_total{source}       counter
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
 latency_seconds                        histogram  acquisition → results published
-stage_seconds{stage}                   histogram  queue_wait, preprocess, engine, postprocess, measure, stats, alerts,
-                                                  classify, lens
+stage_seconds{stage}                   histogram  queue_wait, preprocess, engine, postprocess,
+                                                  measure, stats, alerts, classify, lens
 queue_depth                            gauge      frames accepted and waiting
 class_probability{source,label}        gauge      the latest classification's probability per class
 novelty{source}                        gauge      the latest AI-lens novelty score (1 = reference)

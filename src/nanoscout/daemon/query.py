@@ -1,4 +1,5 @@
-"""The daemon's query socket (ZeroMQ REP): the AI lens's feature maps of a live frame, on request.
+"""The daemon's query socket (ZeroMQ REP): the AI lens's feature maps of a live frame, and
+control requests (v1.4), on request.
 
 A client (``nanoscout lens --connect``, the dashboard) sends a :class:`~nanoscout.wire.protocol.LensRequest`
 naming a source and lens outputs (``act_enc1``, ``act_code``, ``reconstruction``, ...); the
@@ -6,6 +7,13 @@ server runs the lens on the newest frame of that source the worker has analysed 
 a :class:`~nanoscout.wire.protocol.LensReply` and one float16 buffer per output. Every request gets a
 reply — an unknown source or output, a malformed request or a lens failure comes back as
 ``error`` — so a REQ client never hangs, and nothing a client sends can stop the daemon.
+
+A :class:`~nanoscout.wire.protocol.ControlRequest` (the dashboard's "reset statistics" and
+"set drift reference now") is handed to the pipeline (:meth:`Pipeline.request
+<nanoscout.analysis.pipeline.Pipeline.request>`), which applies it before the source's next
+frame; the :class:`~nanoscout.wire.protocol.ControlReply` says it was taken, or why not. The
+socket is served with or without the lens (lens requests then answer that none is loaded),
+under the same access rules as the other sockets (loopback, or CURVE).
 
 The server owns its socket and thread. The worker hands it frames with :meth:`LensServer.offer`
 (a reference, no copy; one frame per source is kept). ONNX Runtime sessions may be run from
@@ -25,6 +33,8 @@ from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.frame import Frame
 from nanoscout.wire.errors import NanoscoutError, ProtocolError, Reason
 from nanoscout.wire.protocol import (
+    ControlReply,
+    ControlRequest,
     LensReply,
     LensRequest,
     decode_message,
@@ -38,14 +48,19 @@ _POLL_MS = 100
 
 
 class LensServer:
-    """Answers lens requests on a REP socket from its own thread."""
+    """Answers lens and control requests on a REP socket from its own thread."""
 
-    def __init__(self, ctx: zmq.Context, classifier: FieldClassifier, *,
-                 secure: Callable[[zmq.Socket], None] | None = None) -> None:
-        """``secure``: applied to the socket before binding (CURVE server keys)."""
-        if classifier.lens is None:
-            raise NanoscoutError("the query socket needs the lens ([classify] lens_enabled)")
+    def __init__(self, ctx: zmq.Context, classifier: FieldClassifier | None, *,
+                 secure: Callable[[zmq.Socket], None] | None = None,
+                 control: Callable[[str, str], None] | None = None) -> None:
+        """``classifier``: the one whose lens answers lens requests (None or without a lens:
+        they are refused); ``control``: takes (source, action) of a control request (None:
+        refused). ``secure``: applied to the socket before binding (CURVE server keys)."""
+        if (classifier is None or classifier.lens is None) and control is None:
+            raise NanoscoutError("the query socket needs the lens ([classify] lens_enabled) "
+                                 "or a control handler")
         self.classifier = classifier
+        self.control = control
         self._sock = ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # requests are small maps
@@ -60,8 +75,9 @@ class LensServer:
 
     @property
     def available(self) -> list[str]:
-        """The lens outputs a client may ask for."""
-        assert self.classifier.lens is not None
+        """The lens outputs a client may ask for (none without a lens)."""
+        if self.classifier is None or self.classifier.lens is None:
+            return []
         return [t.name for t in self.classifier.lens.outputs]
 
     def offer(self, frame: Frame) -> None:
@@ -109,12 +125,22 @@ class LensServer:
         """The encoded reply to one request (never raises for anything a client sent)."""
         try:
             msg = decode_message(parts)
+            if isinstance(msg.header, ControlRequest):
+                return self._control(msg.header)
             if not isinstance(msg.header, LensRequest):
-                raise ProtocolError(f"expected a lens_request, got {msg.kind}", reason=Reason.TOPIC)
+                raise ProtocolError(f"expected a lens_request or control_request, got "
+                                    f"{msg.kind}", reason=Reason.TOPIC)
             req: LensRequest = msg.header
         except ProtocolError as exc:
             self.refused += 1
+            if parts and bytes(memoryview(parts[0])[:15]) == b"control_request":
+                return encode_message(ControlReply(source="", action="",
+                                                   error=f"bad request: {exc}"))
             return encode_message(LensReply(source="", error=f"bad request: {exc}"))
+        if self.classifier is None or self.classifier.lens is None:
+            self.refused += 1
+            return encode_message(LensReply(source=req.source, error="no lens is loaded "
+                                            "([classify] lens_enabled)"))
         with self._lock:
             latest = self._latest.get(req.source)
         available = self.available
@@ -131,9 +157,10 @@ class LensServer:
         if not req.outputs:
             self.answered += 1
             return encode_message(reply)
+        clf = self.classifier
         try:
-            out = self.classifier.lens_outputs(latest.float32)
-            _, novelty = self.classifier.novelty_of(out)
+            out = clf.lens_outputs(latest.float32)
+            _, novelty = clf.novelty_of(out)
         except Exception as exc:  # a lens failure is the client's answer, not the daemon's end
             self.refused += 1
             log.warning("lens request for %s#%d failed: %r", header.source, header.seq, exc)
@@ -143,3 +170,19 @@ class LensServer:
         return encode_message(reply.model_copy(update={
             "outputs": list(req.outputs), "shapes": [list(a.shape) for a in arrays],
             "novelty": novelty}), *arrays)
+
+    def _control(self, req: ControlRequest) -> list:
+        """Hand a control request to the pipeline; the reply says whether it was taken."""
+        if self.control is None:
+            self.refused += 1
+            return encode_message(ControlReply(source=req.source, action=req.action,
+                                               error="this daemon takes no control requests"))
+        try:
+            self.control(req.source, req.action)
+        except ValueError as exc:  # e.g. a drift reference while tracking is off
+            self.refused += 1
+            return encode_message(ControlReply(source=req.source, action=req.action,
+                                               error=str(exc)))
+        self.answered += 1
+        log.info("control request: %s for source %s", req.action, req.source)
+        return encode_message(ControlReply(source=req.source, action=req.action, ok=True))

@@ -53,6 +53,7 @@ class FrameQueue:
             return frame
 
     def qsize(self) -> int:
+        """Return the number of frames waiting."""
         return len(self._items)
 
 
@@ -67,6 +68,7 @@ class LiveSlots:
         self.max_sources = max_sources
 
     def put(self, frame: Frame) -> None:
+        """Put ``frame`` in its source's slot, reporting the frame it replaces or evicts."""
         dropped: list[tuple[Frame, Reason]] = []
         with self._cond:
             old = self._slots.pop(frame.source, None)
@@ -81,6 +83,7 @@ class LiveSlots:
             self._on_drop(f, reason)
 
     def get(self, timeout: float) -> Frame | None:
+        """The oldest waiting frame (by receive time), or None after ``timeout`` s."""
         with self._cond:
             if not self._slots and not self._cond.wait(timeout):
                 return None
@@ -90,4 +93,5 @@ class LiveSlots:
             return self._slots.pop(source)
 
     def qsize(self) -> int:
+        """Return the number of sources with a frame waiting."""
         return len(self._slots)

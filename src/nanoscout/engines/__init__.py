@@ -7,7 +7,12 @@ backend                   runtime                                               
 ``onnxruntime-cuda``      ONNX Runtime with CUDAExecutionProvider (onnxruntime-gpu)   ``cuda``
 ``onnxruntime-cpu``       ONNX Runtime on the CPU (the embedded default)              ``cpu``
 ``auto``                  the first of the three above that works here
+``triton``                a Triton Inference Server over gRPC (``tritonclient``)
 ========================  ==========================================================  =========
+
+``triton`` is never chosen by ``auto``: it needs a server and a model name
+(:class:`~nanoscout.engines.triton.TritonOptions`), and may be wrapped with a local engine for
+the time the server is gone (:class:`~nanoscout.engines.fallback.FallbackEngine`).
 
 ``onnxruntime`` and ``onnxruntime-gpu`` install the same Python package and must never be
 installed together; the CPU backend runs on either wheel. Runtimes are imported lazily, so
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanoscout.engines.base import CalibrationSet, Engine, TensorSpec, check_inputs
 from nanoscout.wire.errors import ConfigError, EngineError, EngineFailure, EngineUnavailable
@@ -36,9 +42,12 @@ __all__ = [
     "resolve_backend",
 ]
 
+if TYPE_CHECKING:
+    from nanoscout.engines.triton import TritonOptions
+
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "triton")
 ALIASES = {"cpu": "onnxruntime-cpu", "cuda": "onnxruntime-cuda", "trt": "tensorrt"}
 
 
@@ -64,12 +73,13 @@ def available_backends() -> dict[str, str]:
     when the wheel has the CUDA provider; a missing CUDA library shows only when an engine is
     created (``create_engine`` then raises EngineUnavailable).
     """
-    from nanoscout.engines import onnxrt, tensorrt
+    from nanoscout.engines import onnxrt, tensorrt, triton
 
     reasons = {
         "tensorrt": tensorrt.unavailable_reason(),
         "onnxruntime-cuda": onnxrt.cuda_unavailable_reason(),
         "onnxruntime-cpu": onnxrt.cpu_unavailable_reason(),
+        "triton": triton.unavailable_reason(),
     }
     return {name: reason or "available" for name, reason in reasons.items()}
 
@@ -89,6 +99,7 @@ def create_engine(
     max_batch: int = 1,
     int8_model: Path | None = None,
     calibration: CalibrationSet | None = None,
+    triton: TritonOptions | None = None,
 ) -> Engine:
     """Load an ONNX model with the named backend; returns a ready :class:`Engine`.
 
@@ -97,6 +108,9 @@ def create_engine(
     height × width), ``max_batch`` (largest batch) and ``calibration`` apply to TensorRT only.
     ``auto`` tries TensorRT, then ONNX Runtime CUDA, then ONNX Runtime CPU, and records why it
     passed over each in ``engine.selection_notes``; it fails only if the CPU backend fails.
+    ``triton`` (server, model name, timeouts) is required by, and only used by, the ``triton``
+    backend, which serves ``model_path`` from the server (the local file stays the reference
+    its model card and digest belong to).
 
     ``precision`` per backend (``engine.precision`` says what was chosen):
 
@@ -136,6 +150,13 @@ def create_engine(
     opts = _Options(threads, precision, cache_dir, max_shape, device, max_batch, int8_model,
                     calibration)
 
+    if name == "triton":
+        if triton is None:
+            raise ConfigError("backend 'triton' needs the server and model name "
+                              "([engine.triton] url and models)")
+        from nanoscout.engines.triton import TritonEngine
+
+        return TritonEngine(triton)
     if name != "auto":
         return _create(name, path, opts)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class Engine(abc.ABC):
     def close(self) -> None:  # noqa: B027 (optional hook: not every backend holds resources)
         """Release runtime resources (sessions, device buffers). Idempotent."""
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -91,7 +92,8 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
     known = {s.name for s in specs}
     unknown = sorted(set(inputs) - known)
     if unknown:
-        raise EngineFailure(f"unknown input {unknown[0]!r}: the model takes {expected}", reason=Reason.BAD_INPUT)
+        raise EngineFailure(f"unknown input {unknown[0]!r}: the model takes {expected}",
+                            reason=Reason.BAD_INPUT)
     checked: dict[str, np.ndarray] = {}
     for spec in specs:
         if spec.name not in inputs:

@@ -102,9 +102,10 @@ class OnnxRuntimeEngine(Engine):
     ``providers`` lists ONNX Runtime execution providers in order of preference (names, or
     ``(name, options)`` pairs); the engine is ``"onnxruntime-cuda"`` when the CUDA provider is
     among them, else ``"onnxruntime-cpu"``. ``precision`` only labels the engine: an INT8 model
-    is a quantized ONNX file (``nanoscout models quantize``), loaded like any other. ``threads`` sets the intra-op thread count (default:
-    every CPU core); inter-op parallelism is off and nodes run sequentially, which suits one
-    frame at a time through a small convolutional network.
+    is a quantized ONNX file (``nanoscout models quantize``), loaded like any other.
+    ``threads`` sets the intra-op thread count (default: every CPU core); inter-op parallelism
+    is off and nodes run sequentially, which suits one frame at a time through a small
+    convolutional network.
     """
 
     def __init__(

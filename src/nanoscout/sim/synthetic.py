@@ -1,10 +1,10 @@
 """Synthetic electron-microscopy specimens with exact ground truth (numpy + scipy only).
 
 A specimen is a set of nanoparticles (spheres, ellipses, rods, faceted polygons, triangular
-plates; lognormal sizes; isolated, touching or agglomerated) lying on a support. Its geometry is rasterised once
-onto a *periodic* canvas a little larger than the frame, so that a drifting field of view can be
-re-acquired cheaply (:meth:`Specimen.acquire`: a window of the canvas, the beam's illumination
-profile and shot noise) while the instance ground truth stays exact.
+plates; lognormal sizes; isolated, touching or agglomerated) lying on a support. Its geometry is
+rasterised once onto a *periodic* canvas a little larger than the frame, so that a drifting field of
+view can be re-acquired cheaply (:meth:`Specimen.acquire`: a window of the canvas, the beam's
+illumination profile and shot noise) while the instance ground truth stays exact.
 
 Image formation (relative intensity, then electron counts):
 
@@ -18,7 +18,8 @@ Ground truth (:class:`SyntheticFrame`): ``labels`` holds one id per particle and
 belongs to at most one particle (later, upper particles win where projections overlap);
 ``truth`` has one row per particle visible in the frame, measured from ``labels`` (so
 ``ecd_nm`` is the ECD of the visible projected shape). Particle ids are stable across the frames
-of one :class:`Specimen`, which makes the stream usable as tracking ground truth.
+of one :class:`Specimen`; :class:`nanoscout.sim.insitu.InSituSeries` evolves a specimen over
+time with persistent ids (tracking ground truth).
 
 Coordinates: pixel ``(row, col)`` has its centre at ``y = row, x = col``; shifts and drift are
 ``(rows, cols)`` like ``shape``.
@@ -27,9 +28,9 @@ Coordinates: pixel ``(row, col)`` has its centre at ``y = row, x = col``; shifts
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -38,7 +39,6 @@ __all__ = [
     "KINDS",
     "MODALITIES",
     "TRUTH_DTYPE",
-    "InSituSeries",
     "Specimen",
     "SpecimenConfig",
     "SyntheticFrame",
@@ -151,6 +151,9 @@ class SyntheticFrame:
     pixel_size_nm: float
     modality: str
     shift_px: tuple[float, float] = (0.0, 0.0)  # (rows, cols) content shift of this frame
+    index: int = 0  # frame number in its series (nanoscout.sim.insitu.InSituSeries)
+    t_s: float = 0.0  # time of the frame in its series, s
+    events: tuple[Any, ...] = ()  # what happened to the particles before it (InSituEvent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,89 +656,6 @@ def render(cfg: SpecimenConfig, seed: int | np.random.Generator) -> SyntheticFra
     """Return one frame of a new specimen drawn from ``cfg`` with ``seed`` (reproducible)."""
     rng = _rng(seed)
     return Specimen.generate(cfg, rng).acquire(rng)
-
-
-# --------------------------------------------------------------------------------------------
-# in-situ dynamics
-
-
-class InSituSeries:
-    """E-TEM in-situ series: particles ripen (Ostwald), diffuse, sinter and coalesce.
-
-    Phenomenological dynamics per frame, radii in px: particles larger than the mean grow and
-    smaller ones shrink (``dr = g * (0.5 + 2 * (1 - r_mean / r))``, g the growth rate); those
-    smaller than ``min_diameter_nm`` dissolve; every particle random-walks with a step that
-    scales as 1/r; with ``coalesce`` two particles overlapping by more than 25 % of the smaller
-    radius merge into one (volume conserved, elongated neck that relaxes over later frames).
-    The field of view drifts by ``cfg.drift_px_per_frame``. Iterating yields frames forever
-    unless ``n_frames`` is given.
-    """
-
-    def __init__(self, cfg: SpecimenConfig, seed: int | np.random.Generator,
-                 growth_nm_per_frame: float = 0.02, coalesce: bool = True,
-                 diffusion_nm_per_frame: float = 0.1, n_frames: int | None = None) -> None:
-        self.cfg = cfg
-        self.rng = _rng(seed)
-        self.growth_px = growth_nm_per_frame / cfg.pixel_size_nm
-        self.diffusion_px = diffusion_nm_per_frame / cfg.pixel_size_nm
-        self.coalesce = coalesce
-        self.n_frames = n_frames
-        self.geometry, self.canvas = Specimen._draw(cfg, self.rng)
-        self.frame_index = 0
-
-    def step(self) -> None:
-        """Advance the particle population by one frame."""
-        g, rng = self.geometry, self.rng
-        py, pxw = self.canvas
-        if len(g) == 0:
-            return
-        rmean = float(np.mean(g.r))
-        g.r = g.r + self.growth_px * (0.5 + 2.0 * (1.0 - rmean / g.r))
-        rmin = 0.5 * self.cfg.min_diameter_nm / self.cfg.pixel_size_nm
-        g = g.take(np.nonzero(g.r >= max(rmin, 0.5))[0])
-        step = self.diffusion_px * np.sqrt(rmean / g.r)
-        g.cy = (g.cy + step * rng.standard_normal(len(g))) % py
-        g.cx = (g.cx + step * rng.standard_normal(len(g))) % pxw
-        g.aspect = np.where(g.kind == 1, 1.0 + (g.aspect - 1.0) * 0.97, g.aspect)
-        if self.coalesce:
-            g = self._coalesce(g)
-        # keep particles smaller than the canvas margin
-        g.r = np.minimum(g.r, 0.2 * (min(self.canvas) - max(self.cfg.shape)))
-        self.geometry = g
-
-    def _coalesce(self, g: _Geometry) -> _Geometry:
-        py, pxw = self.canvas
-        alive = np.ones(len(g), bool)
-        dy = (g.cy[:, None] - g.cy[None, :] + py / 2) % py - py / 2
-        dx = (g.cx[:, None] - g.cx[None, :] + pxw / 2) % pxw - pxw / 2
-        d = np.hypot(dy, dx)
-        overlap = g.r[:, None] + g.r[None, :] - d
-        thr = 0.25 * np.minimum(g.r[:, None], g.r[None, :])
-        ii, jj = np.nonzero(np.triu(overlap > thr, 1))
-        for i, j in zip(ii.tolist(), jj.tolist(), strict=True):
-            if not (alive[i] and alive[j]):
-                continue
-            vi, vj = g.r[i] ** 3, g.r[j] ** 3
-            t = vj / (vi + vj)
-            g.cy[i] = (g.cy[i] - t * dy[i, j]) % py
-            g.cx[i] = (g.cx[i] - t * dx[i, j]) % pxw
-            g.r[i] = (vi + vj) ** (1.0 / 3.0)
-            if g.kind[i] in (0, 1):  # sintering neck: an ellipse along the joining line
-                g.kind[i] = 1
-                g.aspect[i] = 1.0 + 0.5 * min(g.r[j], g.r[i]) / g.r[i]
-                g.angle[i] = math.atan2(dy[i, j], dx[i, j])
-            alive[j] = False
-        return g.take(np.nonzero(alive)[0])
-
-    def __iter__(self) -> Iterator[SyntheticFrame]:
-        while self.n_frames is None or self.frame_index < self.n_frames:
-            if self.frame_index > 0:
-                self.step()
-            spec = Specimen(self.cfg, self.geometry, self.rng, self.canvas)
-            t = self.frame_index
-            drift = (t * self.cfg.drift_px_per_frame[0], t * self.cfg.drift_px_per_frame[1])
-            self.frame_index += 1
-            yield spec.acquire(self.rng, drift)
 
 
 def with_changes(cfg: SpecimenConfig, **changes: object) -> SpecimenConfig:

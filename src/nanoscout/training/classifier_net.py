@@ -111,6 +111,7 @@ class ExportWrapper(nn.Module):
         self.net = net
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (probabilities (N, C) float32, class activation map (N, h, w) uint8)."""
         f = self.net.features(image)
         logits = self.net.logits(f)
         prob = torch.softmax(logits, dim=1)

@@ -60,9 +60,9 @@ import numpy as np
 from nanoscout.clients.progress import track
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig, render
 
-__all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "TARGETS", "check_targets", "box_iou", "boxes_of_labels",
-           "evaluate", "evaluate_set", "format_table", "heldout_config", "match_boxes",
-           "match_instances", "run_harness", "score_image", "summarize", "synthetic_samples",
+__all__ = ["ALL_SETS", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "TARGETS", "check_targets",
+           "box_iou", "boxes_of_labels", "evaluate", "evaluate_set", "format_table", "heldout_config",
+           "match_boxes", "match_instances", "run_harness", "score_image", "summarize", "synthetic_samples",
            "time_detector", "tuning_config", "tuning_samples", "TUNING_SEED_BASE"]
 
 ALL_SETS = ("synthetic", "emps", "stem", "nffa", "emps-tune", "stem-tune", "synthetic-tune")
@@ -365,9 +365,9 @@ def summarize(images: list[dict[str, Any]]) -> dict[str, Any]:
     """Return set-level metrics from :func:`score_image` results (F1 etc. over all particles).
 
     precision/recall/f1 in [0, 1]; median_abs_ecd_error_pct in % of true ECD;
-    median_abs_ecd_error_nm and ecd_mae_nm (mean) in nm (None uncalibrated); d50_error_pct: median over images with
-    true particles of |D50_pred - D50_true| / D50_true in % (100 % for an image with no
-    prediction); aspect_ratio_rmse / roundness_rmse over matched particles (dimensionless).
+    median_abs_ecd_error_nm and ecd_mae_nm (mean) in nm (None uncalibrated); d50_error_pct: median
+    over images with true particles of |D50_pred - D50_true| / D50_true in % (100 % for an image
+    with no prediction); aspect_ratio_rmse / roundness_rmse over matched particles (dimensionless).
     """
     tp = sum(r["tp"] for r in images)
     fp = sum(r["fp"] for r in images)
@@ -485,7 +485,8 @@ def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float 
 
 SET_NOTES = {
     "synthetic": "held-out synthetic frames, exact instance truth, 0.5 nm/px; mask IoU",
-    "synthetic-tune": ("synthetic tuning frames (nanoscout.training.evaluate.tuning_config, seeds 500000 + i): "
+    "synthetic-tune": ("synthetic tuning frames (nanoscout.training.evaluate.tuning_config, "
+                       "seeds 500000 + i): "
                        "median ECD 4-200 px, all modalities, 1 nm/px; mask IoU; for choosing "
                        "post-processing settings, not a held-out result"),
     "emps-tune": ("EMPS tuning subset: training papers with sha256(DOI) unit in [0.25, 0.33), "

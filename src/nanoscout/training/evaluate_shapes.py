@@ -2,8 +2,8 @@
 
 ::
 
-    python -m nanoscout.training.evaluate_shapes                      # exact truth label maps, 3 pixel sizes
-    python -m nanoscout.training.evaluate_shapes --detector           # also on the shipped detector's instances
+    python -m nanoscout.training.evaluate_shapes             # exact truth label maps, 3 pixel sizes
+    python -m nanoscout.training.evaluate_shapes --detector  # also on the shipped detector's instances
 
 Synthetic specimens of one kind each (plus agglomerated spheres) are rendered at several pixel
 sizes; each truth label map goes through the real :func:`nanoscout.analysis.measure.measure` path and the

@@ -286,6 +286,7 @@ class LensExport(nn.Module):
         self.bank_sq: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Return (error, mse, reconstruction, act_enc1, act_enc2, act_code) for ``x``."""
         a1, a2, code = self.ae.encode(x)
         rec = self.ae.dec(code)
         mse = torch.mean((rec - x) ** 2, dim=(1, 2, 3))

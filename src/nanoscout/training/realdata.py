@@ -34,16 +34,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from nanoscout.wire.errors import ConfigError, ReaderError
 
-__all__ = ["REAL_SETS", "SPLITS_DIR", "Sample", "available_sets", "data_root", "emps_index",
-           "emps_split", "emps_tuning_ids", "is_validation_doi", "iter_samples", "load_emps", "load_nffa",
-           "load_split", "load_stem", "nffa_names", "stem_material", "stem_names", "stem_split",
-           "stem_tuning_names", "write_splits"]
+__all__ = ["REAL_SETS", "SPLITS_DIR", "EmpsSplit", "Sample", "StemSplit", "available_sets",
+           "data_root", "emps_index", "emps_split", "emps_tuning_ids", "is_validation_doi",
+           "iter_samples", "load_emps", "load_nffa", "load_split", "load_stem", "nffa_names",
+           "stem_material", "stem_names", "stem_split", "stem_tuning_names", "write_splits"]
 
 REAL_SETS = ("emps", "stem", "nffa")
 #: ``models/splits`` of the source checkout (training runs from a checkout)
@@ -125,8 +125,20 @@ def is_validation_doi(doi: str, fraction: float = VALIDATION_FRACTION) -> bool:
     return _hash_unit(doi) < fraction
 
 
+class EmpsSplit(TypedDict):
+    """The EMPS split as :func:`emps_split` returns it and ``models/splits/emps.json`` holds it."""
+
+    set: str
+    rule: str
+    fraction: float
+    n_papers: int
+    validation_dois: list[str]
+    validation: list[str]
+    train: list[str]
+
+
 def emps_split(root: Path | None = None, fraction: float = VALIDATION_FRACTION
-               ) -> dict[str, object]:
+               ) -> EmpsSplit:
     """Return the EMPS split: train/validation image ids and validation DOIs (sorted lists)."""
     rows = emps_index(root)
     val = sorted(i for i, doi in rows if is_validation_doi(doi, fraction))
@@ -181,8 +193,20 @@ def stem_material(name: str) -> str:
     return mat
 
 
+class StemSplit(TypedDict):
+    """The STEM split as :func:`stem_split` returns it and ``models/splits/stem.json`` holds it."""
+
+    set: str
+    rule: str
+    fraction: float
+    materials: list[str]
+    validation_materials: list[str]
+    validation: list[str]
+    train: list[str]
+
+
 def stem_split(root: Path | None = None, fraction: float = VALIDATION_FRACTION
-               ) -> dict[str, object]:
+               ) -> StemSplit:
     """Return the STEM split: held-out materials and train/validation image names."""
     names = stem_names(root)
     mats = sorted({stem_material(n) for n in names})

@@ -7,10 +7,11 @@ One reproducible command (fixed seeds, CPU, 2 threads)::
 Data are generated on the fly by :mod:`nanoscout.sim.synthetic`: a pool of specimens (all three
 modalities, particle diameters ~4-90 px, sphere/ellipse/rod/faceted, isolated to heavily
 agglomerated, dose 15-3000 e/px or noiseless, blur, illumination gradients, support texture,
-Fresnel fringes, uint8/uint16/float32) is refreshed by one new specimen every second step (in a data process), and every
-training crop is a fresh acquisition (new noise, random window of the periodic specimen,
-random flip / 90-degree rotation). Training specimens use seeds 1_000_000 + k; the held-out
-evaluation uses seeds below 1_000_000 (``nanoscout.training.evaluate``), so the two never share a specimen.
+Fresnel fringes, uint8/uint16/float32) is refreshed by one new specimen every second step (in a data
+process), and every training crop is a fresh acquisition (new noise, random window of the periodic
+specimen, random flip / 90-degree rotation). Training specimens use seeds 1_000_000 + k; the
+held-out evaluation uses seeds below 1_000_000 (``nanoscout.training.evaluate``), so the two never
+share a specimen.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ class Pool:
         return Specimen.generate(cfg, srng)
 
     def refresh(self) -> None:
+        """Replace one specimen of the pool, picked at random, with a new one."""
         self.items[int(self.rng.integers(len(self.items)))] = self._new()
 
     def _synthetic(self) -> np.ndarray:
@@ -207,6 +209,7 @@ class Pool:
         return stack
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``n`` augmented crops: images (n, 1, H, W) and targets (n, 4, H, W)."""
         xs, ys = [], []
         for _ in range(n):
             real = self.real_fraction > 0 and self.rng.random() < self.real_fraction

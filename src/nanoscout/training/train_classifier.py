@@ -8,8 +8,9 @@ Two modes (fixed seeds, CPU, 2 torch threads)::
 *Synthetic* (default): the classes of :data:`nanoscout.sim.fields.FIELD_CLASSES`. Training fields are
 rendered by :func:`nanoscout.sim.fields.render_field` with seeds ``TRAIN_SEED_BASE + k`` (class
 ``k % 8``), in two worker processes, and cached in memory as the model input (float16), made by
-``nanoscout.analysis.preprocess.fixed_input`` exactly as the daemon makes it. Crops of the real training
-data are added where a class can be derived honestly (:func:`nanoscout.training.field_labels.emps_field_label`):
+``nanoscout.analysis.preprocess.fixed_input`` exactly as the daemon makes it. Crops of the real
+training data are added where a class can be derived honestly
+(:func:`nanoscout.training.field_labels.emps_field_label`):
 
 * EMPS training papers (``models/splits/emps.json`` ``train``, minus the tuning papers of
   ``nanoscout.training.realdata.emps_tuning_ids``), under the "field contains rods" definition of

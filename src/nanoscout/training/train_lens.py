@@ -6,21 +6,22 @@ One reproducible command (fixed seeds, CPU, one torch thread)::
 
 Steps: (1) render the usual training frames (:func:`usual_frame`, seeds
 ``TRAIN_SEED_BASE + k``) and turn each into the network input exactly as the daemon does,
-``nanoscout.analysis.preprocess.fixed_input(frame, (S, S))``; (2) train :class:`nanoscout.training.lens_net.LensAE` on
-random crops of those inputs (the network is fully convolutional, so crops train the same
-weights 4x cheaper than whole inputs; flips and 90-degree rotations); (3) compute the
-training frames' texture statistics (:func:`nanoscout.training.lens_net.frame_features`), keep them standardised
-as the k-NN bank (:func:`nanoscout.training.lens_net.fit_feature_bank`) and export ``lens.onnx``
+``nanoscout.analysis.preprocess.fixed_input(frame, (S, S))``; (2) train
+:class:`nanoscout.training.lens_net.LensAE` on random crops of those inputs (the network is fully
+convolutional, so crops train the same weights 4x cheaper than whole inputs; flips and 90-degree
+rotations); (3) compute the training frames' texture statistics
+(:func:`nanoscout.training.lens_net.frame_features`), keep them standardised as the k-NN bank
+(:func:`nanoscout.training.lens_net.fit_feature_bank`) and export ``lens.onnx``
 (:class:`nanoscout.training.lens_net.LensExport`), checking ONNX Runtime against torch;
 (4) calibrate the novelty reference with ONNX Runtime on separate usual frames (seeds
-``CALIB_SEED_BASE + k``): reference error = their 99th percentile; (5) evaluate on held-out
-usual and novel frames (:mod:`nanoscout.training.evaluate_lens`), time the engine and write ``lens.json``.
+``CALIB_SEED_BASE + k``): reference error = their 99th percentile; (5) evaluate on held-out usual
+and novel frames (:mod:`nanoscout.training.evaluate_lens`), time the engine and write ``lens.json``.
 
 "Usual" means what a facility images every day: fields of isolated and touching spheres,
 ellipses and faceted particles (no rods or wires), BF-TEM dark on bright, HAADF-STEM bright on
 dark and SEM, particle sizes, densities, doses, blur, supports (flat film or support grains)
-and stored dtypes in wide ranges. Isolated and agglomerated particle fields of ``nanoscout.sim.fields`` are mixed in (30 % of
-the frames; :mod:`nanoscout.training.lens_data`).
+and stored dtypes in wide ranges. Isolated and agglomerated particle fields of
+``nanoscout.sim.fields`` are mixed in (30 % of the frames; :mod:`nanoscout.training.lens_data`).
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ class ParticleUNet(nn.Module):
         self.head = nn.Conv2d(c1, len(OUTPUT_CHANNELS), 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Return the 2 logit maps (N, 2, H, W) at the input's resolution."""
         s1 = self.stem(image)
         s2 = self.enc2(s1)
         s3 = self.enc3(s2)

@@ -70,12 +70,15 @@ class Pixels:
     slot: Slot = "array"
 
     def count(self, header: Any) -> int:
+        """Return how many buffers of this kind ``header`` announces."""
         return 1
 
     def describe(self, header: Any) -> str:
+        """Return what ``header`` announces, in words."""
         return f"the pixels ({header.dtype}, shape {tuple(header.shape)})"
 
     def encode(self, header: Any, array: np.ndarray, index: int) -> memoryview:
+        """Check ``array`` against ``header`` and return its bytes."""
         if array.size == 0:
             raise PayloadError(f"zero-size frame (shape {array.shape})", reason=Reason.EMPTY)
         if tuple(array.shape) != tuple(header.shape):
@@ -87,6 +90,7 @@ class Pixels:
         return np.ascontiguousarray(array).data.cast("B")
 
     def decode(self, header: Any, buf: Buffer, index: int) -> np.ndarray:
+        """Return ``buf`` as the read-only array ``header`` describes."""
         return _view(buf, np.dtype(header.dtype), tuple(header.shape), "payload",
                      f"shape {tuple(header.shape)} of {header.dtype}")
 
@@ -100,12 +104,15 @@ class Table:
     slot: Slot = "array"
 
     def count(self, header: Any) -> int:
+        """Return how many buffers of this kind ``header`` announces."""
         return 1
 
     def describe(self, header: Any) -> str:
+        """Return what ``header`` announces, in words."""
         return f"one particle table ({self.rows}={getattr(header, self.rows)})"
 
     def encode(self, header: Any, array: np.ndarray, index: int) -> memoryview:
+        """Check ``array`` against ``header`` and return its bytes."""
         if array.dtype != PARTICLE_DTYPE:
             raise PayloadError(f"particle table has dtype {array.dtype}, expected "
                                "PARTICLE_DTYPE", reason=Reason.DTYPE)
@@ -116,6 +123,7 @@ class Table:
         return np.ascontiguousarray(array).data.cast("B")
 
     def decode(self, header: Any, buf: Buffer, index: int) -> np.ndarray:
+        """Return ``buf`` as the read-only array ``header`` describes."""
         n = getattr(header, self.rows)
         return _view(buf, PARTICLE_DTYPE, (n,), "particle table", f"{self.rows}={n}")
 
@@ -128,16 +136,20 @@ class Heatmap:
     slot: Slot = "heatmap"
 
     def count(self, header: Any) -> int:
+        """Return how many buffers of this kind ``header`` announces."""
         return 0 if getattr(header, self.shape) is None else 1
 
     def describe(self, header: Any) -> str:
+        """Return what ``header`` announces, in words."""
         shape = getattr(header, self.shape)
         return "no heatmap" if shape is None else f"a heatmap of shape {tuple(shape)}"
 
     def encode(self, header: Any, array: np.ndarray, index: int) -> memoryview:
+        """Check ``array`` against ``header`` and return its bytes."""
         return _bytes_of(array, np.dtype(np.uint8), tuple(getattr(header, self.shape)), "heatmap")
 
     def decode(self, header: Any, buf: Buffer, index: int) -> np.ndarray:
+        """Return ``buf`` as the read-only array ``header`` describes."""
         shape = tuple(getattr(header, self.shape))
         return _view(buf, np.dtype(np.uint8), shape, "heatmap", f"{self.shape} {shape}")
 
@@ -150,16 +162,20 @@ class Picture:
     slot: Slot = "array"
 
     def count(self, header: Any) -> int:
+        """Return how many buffers of this kind ``header`` announces."""
         return 1
 
     def describe(self, header: Any) -> str:
+        """Return what ``header`` announces, in words."""
         return f"one uint8 image of size {tuple(getattr(header, self.size))}"
 
     def encode(self, header: Any, array: np.ndarray, index: int) -> memoryview:
+        """Check ``array`` against ``header`` and return its bytes."""
         return _bytes_of(array, np.dtype(np.uint8), tuple(getattr(header, self.size)),
                          "uint8 image")
 
     def decode(self, header: Any, buf: Buffer, index: int) -> np.ndarray:
+        """Return ``buf`` as the read-only array ``header`` describes."""
         size = tuple(getattr(header, self.size))
         return _view(buf, np.dtype(np.uint8), size, "image", f"{self.size} {size}")
 
@@ -172,12 +188,15 @@ class Float16Maps:
     slot: Slot = "extra"
 
     def count(self, header: Any) -> int:
+        """Return how many buffers of this kind ``header`` announces."""
         return len(getattr(header, self.shapes))
 
     def describe(self, header: Any) -> str:
+        """Return what ``header`` announces, in words."""
         return f"one array per shape {getattr(header, self.shapes)}"
 
     def encode(self, header: Any, array: np.ndarray, index: int) -> memoryview:
+        """Check ``array`` against ``header`` and return its bytes."""
         shape = tuple(getattr(header, self.shapes)[index])
         if tuple(array.shape) != shape:
             raise PayloadError(f"map {index} has shape {tuple(array.shape)}, the header says "
@@ -185,5 +204,6 @@ class Float16Maps:
         return np.ascontiguousarray(array, dtype="<f2").data.cast("B")
 
     def decode(self, header: Any, buf: Buffer, index: int) -> np.ndarray:
+        """Return ``buf`` as the read-only array ``header`` describes."""
         shape = tuple(getattr(header, self.shapes)[index])
         return _view(buf, np.dtype("<f2"), shape, f"lens output {index}", f"shape {shape}")

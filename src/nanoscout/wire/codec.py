@@ -7,20 +7,24 @@ carries ``v = [major, minor]``; a receiver rejects an unknown major version with
 :class:`~nanoscout.wire.errors.VersionError` (minor versions only add optional fields, so
 unknown fields are ignored).
 
-=================  ==========================  =================================================
-topic              header                      buffers
-=================  ==========================  =================================================
-``frame``          :class:`FrameHeader`        frame pixels, C order, dtype and shape from the header
-``det.<source>``   :class:`DetHeader`          particle table (:data:`~nanoscout.wire.particles.PARTICLE_DTYPE`)
-``stats.<source>`` :class:`StatsHeader`        —
-``class.<source>`` :class:`ClassHeader`        optional uint8 heatmap
-``preview.<src>``  :class:`PreviewHeader`      uint8 picture
-``alert.<source>`` :class:`AlertHeader`        particle rows that fired [, uint8 heatmap]
-``ack.<source>``   :class:`AckHeader`          — (lossless: what became of a session's frame)
-``health``         :class:`HealthHeader`       —
-``lens_request``   :class:`LensRequest`        — (query socket)
-``lens``           :class:`LensReply`          one float16 array per output (query socket)
-=================  ==========================  =================================================
+===================  =======================  ============================================
+topic                header                   buffers
+===================  =======================  ============================================
+``frame``            :class:`FrameHeader`     frame pixels, C order, dtype and shape from
+                                              the header
+``det.<source>``     :class:`DetHeader`       particle table
+                                              (:data:`~nanoscout.wire.particles.PARTICLE_DTYPE`)
+``stats.<source>``   :class:`StatsHeader`     —
+``class.<source>``   :class:`ClassHeader`     optional uint8 heatmap
+``preview.<src>``    :class:`PreviewHeader`   uint8 picture
+``alert.<source>``   :class:`AlertHeader`     particle rows that fired [, uint8 heatmap]
+``ack.<source>``     :class:`AckHeader`       — (lossless: what became of a session's frame)
+``health``           :class:`HealthHeader`    —
+``lens_request``     :class:`LensRequest`     — (query socket)
+``lens``             :class:`LensReply`       one float16 array per output (query socket)
+``control_request``  :class:`ControlRequest`  — (query socket, v1.4)
+``control``          :class:`ControlReply`    — (query socket, v1.4)
+===================  =======================  ============================================
 """
 
 from __future__ import annotations

@@ -94,44 +94,66 @@ class NanoscoutError(Exception):
 
 
 class ConfigError(NanoscoutError):
+    """A bad configuration file, option or alert rule."""
+
     reason = Reason.CONFIG
 
 
 class ProtocolError(NanoscoutError):
+    """A message that cannot be accepted (counted as a rejection)."""
+
     reason = Reason.PROTOCOL
 
 
 class VersionError(ProtocolError):
+    """A missing or unknown major protocol version."""
+
     reason = Reason.VERSION
 
 
 class MalformedMessage(ProtocolError):
+    """Garbage bytes, a wrong number of parts, or a header that fails validation."""
+
     reason = Reason.MALFORMED
 
 
 class PayloadError(ProtocolError):
+    """A header/payload mismatch, an unsupported dtype, or a zero-size or oversized frame."""
+
     reason = Reason.PAYLOAD
 
 
 class FrameError(NanoscoutError):
+    """A valid message whose pixels cannot be analysed (NaN/inf, absurd values)."""
+
     reason = Reason.FRAME
 
 
 class EngineError(NanoscoutError):
+    """An inference engine could not be used."""
+
     reason = Reason.ENGINE
 
 
 class EngineUnavailable(EngineError):
+    """The runtime (extra) is not installed or no device is present."""
+
     reason = Reason.ENGINE_UNAVAILABLE
 
 
 class EngineFailure(EngineError):
+    """The runtime failed while loading or running a model."""
+
     reason = Reason.ENGINE_FAILURE
 
 
 class ModelCardError(NanoscoutError):
+    """A missing or inconsistent model card."""
+
     reason = Reason.MODEL_CARD
 
 
 class ReaderError(NanoscoutError):
+    """An image file that cannot be read (corrupt, unknown format)."""
+
     reason = Reason.READER

@@ -20,6 +20,15 @@ History (minor versions only add optional fields; receivers ignore fields they d
   ``health.sources_evicted`` and ``health.started_ns``; ``frame.session`` (an adapter run's
   id: its frames may be resent, and a number seen twice is a duplicate); the ``ack.<source>``
   topic (lossless: what became of each frame of a session)
+* 1.4 in-situ dynamics: the particle table's ``track_id`` column (four bytes more per row: a
+  v1.3 receiver cannot read a v1.4 table, as with ``cluster`` in 1.2); ``det.drift`` (the
+  frame's registration: shift against the previous frame and against the field's reference,
+  px and nm, the field of view it belongs to) and ``det.tracking`` (tracks started / ended,
+  coalescence and fragmentation events); ``stats.unique`` (statistics that count each tracked
+  particle once, per field and in total, with 95 % intervals over tracks) and ``stats.insitu``
+  (D50 and number density of this frame with intervals, coalescence count and rate, growth
+  rates, the LSW ripening fit); the ``control_request`` / ``control`` pair on the query socket
+  (reset a source's statistics, set its drift reference now)
 """
 
 from __future__ import annotations
@@ -52,13 +61,14 @@ from nanoscout.wire.errors import PayloadError, Reason
 
 __all__ = [
     "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION",
-    "AckHeader", "AlertHeader", "ClassHeader", "DetHeader", "Distribution", "Drift", "FrameHeader",
-    "FrameRef", "Header", "HealthHeader", "Histogram", "Kind", "LensReply", "LensRequest",
-    "MetaValue", "Modality", "PreviewHeader", "StatsBlock", "StatsHeader", "Stage", "Units",
-    "frame_header",
+    "AckHeader", "AlertHeader", "ClassHeader", "ControlReply", "ControlRequest", "DetHeader",
+    "Distribution", "Drift", "FieldStats", "FrameDrift", "FrameHeader", "FrameRef", "Header",
+    "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply", "LensRequest", "LswFit",
+    "MetaValue", "Modality", "PreviewHeader", "StatsBlock", "StatsHeader", "Stage", "TrackEvent",
+    "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 3)
+PROTOCOL_VERSION: tuple[int, int] = (1, 4)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -93,6 +103,8 @@ class Kind(StrEnum):
     LENS_REQUEST = "lens_request"
     LENS = "lens"
     ACK = "ack"
+    CONTROL_REQUEST = "control_request"
+    CONTROL = "control"
 
 
 def _source(value: str) -> str:
@@ -251,6 +263,68 @@ class FrameRef(Header):
     topic_seq: Count64 | None = None
 
 
+class FrameDrift(BaseModel):
+    """Where this frame lies on the specimen (v1.4, :mod:`nanoscout.analysis.drift`).
+
+    Shifts are the content's motion in the image, x = columns, y = rows (a particle at frame
+    position p lies at p - (x_px, y_px) in the field's reference frame). ``dx_px``/``dy_px``:
+    against the previous frame of the field; ``x_px``/``y_px``: against the field's drift
+    reference (its first frame, or the frame of a "set drift reference now"); ``*_nm`` the same
+    in nm (None when uncalibrated). ``field``: the field of view (0, 1, ... per source; a stage
+    move or a lost registration starts a new one, ``new_field`` with its ``reason``).
+    ``matched``: fraction of the previous frame's particles found again after the shift (None
+    without particles); ``method``: ``particles`` (phase correlation refined on the particle
+    positions), ``phase`` (the image alone), ``none`` (first frame of a field).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    field: Annotated[StrictInt, Field(ge=0)] = 0
+    new_field: bool = False
+    reason: str | None = None
+    dx_px: Finite = 0.0
+    dy_px: Finite = 0.0
+    x_px: Finite = 0.0
+    y_px: Finite = 0.0
+    x_nm: Finite | None = None
+    y_nm: Finite | None = None
+    matched: Finite | None = None
+    method: Literal["particles", "phase", "none"] = "none"
+
+
+class TrackEvent(BaseModel):
+    """A coalescence (``merge``: parents [continuing, absorbed], child the continuing track,
+    which keeps its id) or a fragmentation (``split``: parent, children [parent, new]);
+    ``x``/``y`` where (px, coordinates of the frame that carries the event), ``ecd`` the
+    child's (merge) or the parent's (split) ECD in the det's units. ``seq``: the frame it
+    happened on: a merge is published once the absorbed track has stayed away for the gap
+    allowance (``max_gap_frames`` frames later), so that a particle only hidden for a frame or
+    two is never called merged."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    kind: Literal["merge", "split"]
+    seq: Count64 | None = None
+    parents: list[Annotated[StrictInt, Field(ge=1)]] = Field(max_length=8)
+    children: list[Annotated[StrictInt, Field(ge=1)]] = Field(max_length=8)
+    x: Finite = 0.0
+    y: Finite = 0.0
+    ecd: Finite | None = None
+
+
+class Tracking(BaseModel):
+    """What the tracker did on this frame (v1.4, :mod:`nanoscout.analysis.tracking`): tracks
+    alive after it, started and ended on it (``ended`` counts tracks given up after their gap
+    allowance, merged or split), tracks of the source so far, and the merge / split events."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    active: Annotated[StrictInt, Field(ge=0)] = 0
+    started: Annotated[StrictInt, Field(ge=0)] = 0
+    ended: Annotated[StrictInt, Field(ge=0)] = 0
+    total: Annotated[StrictInt, Field(ge=0)] = 0
+    events: list[TrackEvent] = Field(default_factory=list, max_length=256)
+    #: events found beyond the 256 listed
+    events_truncated: Annotated[StrictInt, Field(ge=0)] = 0
+
+
 class DetHeader(FrameRef):
     """Detections of one frame, daemon → subscribers; the buffer is the particle table."""
 
@@ -268,6 +342,10 @@ class DetHeader(FrameRef):
     meta: dict[str, Any] = Field(default_factory=dict)  # the frame's meta, passed through
     #: working px per frame px the detector resampled the frame by (v1.1; None from v1.0)
     working_scale: float | None = None
+    #: v1.4: the frame's registration and field of view (None: tracking off)
+    drift: FrameDrift | None = None
+    #: v1.4: tracks started / ended and merge / split events on this frame (None: tracking off)
+    tracking: Tracking | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -337,6 +415,80 @@ class Drift(_Block):
     reference_complete: bool = False
 
 
+class FieldStats(_Block):
+    """One field of view's particles, each counted once (its tracks): ``count`` tracks whose
+    size is known, their ECD D50 with its 95 % interval, the stage position (µm) when the
+    frames carried one, and the frames imaged there."""
+
+    field: int = 0
+    n_frames: int = 0
+    count: int = 0
+    d50: float | None = None
+    d50_ci: tuple[float, float] | None = None
+    stage: Stage | None = None
+
+
+class UniqueStats(_Block):
+    """Statistics that count each physical particle once (v1.4): one value per track, its
+    median ECD over its observations (border observations left out), for tracks seen on at
+    least ``min_track_frames`` frames (or on every frame of a shorter field). ``count`` such
+    tracks in ``fields`` fields of view over ``n_frames`` frames; ``ecd`` their distribution;
+    ``ecd_d50_ci`` / ``ecd_mean_ci``: 95 % intervals over tracks (order statistics for the
+    median, Student t for the mean); ``number_density_per_um2``: tracks per imaged area
+    (None uncalibrated); ``by_field``: the newest fields (at most 64)."""
+
+    n_frames: int = 0
+    count: int = 0
+    tracks_total: int = 0
+    fields: int = 0
+    min_track_frames: int = 1
+    ecd: Distribution = Distribution()
+    ecd_d50_ci: tuple[float, float] | None = None
+    ecd_mean_ci: tuple[float, float] | None = None
+    number_density_per_um2: float | None = None
+    by_field: list[FieldStats] = Field(default_factory=list)
+
+
+class LswFit(_Block):
+    """LSW ripening fit of the source's field: mean radius cubed against time,
+    ``<r>^3 = r0_cubed + k t``; ``k`` and its standard error in (length unit)^3 / s, ``r2``
+    the fit's coefficient of determination over ``n`` frames spanning ``span_s`` seconds."""
+
+    k: float | None = None
+    k_se: float | None = None
+    r0_cubed: float | None = None
+    r2: float | None = None
+    n: int = 0
+    span_s: float = 0.0
+
+
+class InSitu(_Block):
+    """In-situ dynamics after this frame (v1.4, :mod:`nanoscout.analysis.insitu`).
+
+    ``t_s``: seconds since the field's first frame. ``d50`` / ``d50_ci``: this frame's ECD D50
+    and its 95 % order-statistic interval; ``density_per_um2`` / ``density_ci``: this frame's
+    number density with its Poisson 95 % interval; ``mean_radius``: mean ECD / 2;
+    ``coalescences``: merge events in the field so far, ``coalescence_rate_per_s`` their rate
+    over its time (and per µm² when calibrated); ``growth_rate_d50`` / ``growth_rate_ci``: the
+    median dECD/dt of the field's tracks with enough observations (length unit per s) and its
+    95 % interval over tracks; ``lsw``: the ripening fit."""
+
+    field: int = 0
+    t_s: float = 0.0
+    d50: float | None = None
+    d50_ci: tuple[float, float] | None = None
+    density_per_um2: float | None = None
+    density_ci: tuple[float, float] | None = None
+    mean_radius: float | None = None
+    coalescences: int = 0
+    coalescence_rate_per_s: float | None = None
+    coalescence_rate_per_um2_s: float | None = None
+    growth_rate_d50: float | None = None
+    growth_rate_ci: tuple[float, float] | None = None
+    growth_tracks: int = 0
+    lsw: LswFit | None = None
+
+
 class StatsHeader(FrameRef):
     """Rolling and cumulative size statistics of one source after one frame (analysis.stats).
 
@@ -351,6 +503,11 @@ class StatsHeader(FrameRef):
     drift: Drift = Drift()
     #: v1.2: morphology clusters of the source (analysis.clusters.OnlineKMeans.summary), or None
     clusters: dict[str, Any] | None = None
+    #: v1.4: each tracked particle counted once (``window`` and ``cumulative`` count every
+    #: detection of every frame: per-frame statistics); None when tracking is off
+    unique: UniqueStats | None = None
+    #: v1.4: in-situ dynamics (growth, coalescence, ripening); None when tracking is off
+    insitu: InSitu | None = None
 
 
 class ClassHeader(FrameRef):
@@ -469,11 +626,32 @@ class LensReply(Header):
     error: str | None = None
 
 
+class ControlRequest(Header):
+    """A request on the daemon's query socket (v1.4): ``reset_statistics`` forgets the
+    source's statistics, tracks and in-situ series (tracking goes on, new tracks from then);
+    ``set_drift_reference`` makes the source's next frame the zero of its drift. Both apply
+    before the next frame of ``source`` is analysed."""
+
+    topic_kind: ClassVar[Kind] = Kind.CONTROL_REQUEST
+    source: Source
+    action: Literal["reset_statistics", "set_drift_reference"]
+
+
+class ControlReply(Header):
+    """The answer to a :class:`ControlRequest`: ``ok``, or ``error`` saying why not."""
+
+    topic_kind: ClassVar[Kind] = Kind.CONTROL
+    source: str
+    action: str
+    ok: bool = False
+    error: str | None = None
+
+
 #: header class of each message kind
 HEADERS: dict[Kind, type[Header]] = {
     h.topic_kind: h
     for h in (FrameHeader, DetHeader, StatsHeader, ClassHeader, PreviewHeader, AlertHeader,
-              AckHeader, HealthHeader, LensRequest, LensReply)
+              AckHeader, HealthHeader, LensRequest, LensReply, ControlRequest, ControlReply)
 }
 
 

@@ -1,8 +1,9 @@
 """The particle table: one numpy structured array row per measured particle.
 
 It travels as a raw buffer in ``det.<source>`` messages, so its layout is part of wire
-protocol v1 (little-endian, packed; v1.2 appended ``cluster``, so a row is one byte longer). Lengths are nanometres when the frame is calibrated and
-pixels when it is not; the ``det`` header says which (``units``).
+protocol v1 (little-endian, packed; v1.2 appended ``cluster``, so a row is one byte longer; v1.4
+appended ``track_id``, four bytes more: 83 bytes a row). Lengths are nanometres when the frame is
+calibrated and pixels when it is not; the ``det`` header says which (``units``).
 
 Fields
 ------
@@ -25,6 +26,10 @@ shape_class   index into SHAPE_CLASSES (nanoscout.analysis.measure.classify_shap
 border        True when the particle touches the frame edge (excluded from size statistics)
 cluster       morphology cluster id of the source's online k-means (nanoscout.analysis.clusters), 0..k-1;
               255 = not assigned (clustering off, or still buffering its first particles)
+track_id      the physical particle this detection belongs to across the frames of its source
+              (nanoscout.analysis.tracking), 1, 2, ... unique per source; 0 = not tracked
+              (tracking off). A coalescence or a fragmentation ends the tracks it joins or
+              splits and starts new ones (the det header's ``tracking.events`` names them)
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ PARTICLE_DTYPE = np.dtype(
         ("shape_class", "u1"),
         ("border", "?"),
         ("cluster", "u1"),
+        ("track_id", "<u4"),
     ]
 )
 
@@ -69,6 +75,8 @@ SHAPE_CLASSES: tuple[str, ...] = (
 
 #: ``cluster`` value of a particle without a morphology cluster
 NO_CLUSTER = 255
+#: ``track_id`` of a particle that is not tracked
+NO_TRACK = 0
 
 
 def empty_table(n: int = 0) -> np.ndarray:

@@ -60,6 +60,8 @@ __all__ = ["FramePublisher", "Mode", "PublishError", "SendReport", "seq_ranges"]
 log = logging.getLogger("nanoscout.publisher")
 
 Mode = Literal["push", "pub", "auto"]
+#: at close, how long queued live frames may take to leave, ms
+_PUB_LINGER_MS = 2000
 
 
 class PublishError(NanoscoutError):
@@ -406,9 +408,14 @@ class FramePublisher:
             self._confirm = None
         if self._sock is not None and not self._sock.closed:
             # what is still queued gets time to leave: confirmed frames have left already;
-            # unconfirmed pushes and live frames (no answers to wait for) get the timeout
-            linger = (0 if not confirm or self.report.confirmed is not None
-                      else int(self.confirm_timeout_s * 1000))
+            # unconfirmed pushes get the timeout; live frames (newest wins anyway) a moment,
+            # so a stopped daemon does not hold the adapter's exit
+            if not confirm or self.report.confirmed is not None:
+                linger = 0
+            elif self.mode == "pub":
+                linger = _PUB_LINGER_MS
+            else:
+                linger = int(self.confirm_timeout_s * 1000)
             self._sock.close(linger=linger)
         if self._own_ctx and not self._ctx.closed:
             self._ctx.term()

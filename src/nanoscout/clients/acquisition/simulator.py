@@ -3,15 +3,22 @@
 The specimen comes from :mod:`nanoscout.sim.synthetic`. The virtual stage rasters over ``fields``
 fields of view (each its own specimen area, ``field_um`` apart) and dwells ``dwell`` frames on
 each; every frame is a fresh acquisition (new shot noise, and ``drift_px_per_frame`` of
-specimen drift accumulating while the stage dwells). With ``insitu`` the
-particles grow and coalesce over time (E-TEM), on a fixed field of view.
+specimen drift accumulating while the stage dwells). With ``insitu`` one field of view is
+watched while its particles change (E-TEM, :class:`nanoscout.sim.insitu.InSituSeries`): they
+drift with the specimen (``drift_px_per_frame``), move (Brownian steps, and a share of them
+steadily), grow (``growth``: Ostwald ripening, uniform growth, or none), coalesce, and new
+ones appear (``appear_per_frame``); identities persist across frames.
 
 Ground truth can be written per frame (``truth_dir/<source>-<seq>.npz``: ``labels``, the
-instance map, and ``ecd_nm``, ``ids`` of the particles) for end-to-end accuracy checks.
+instance map; ``ids``, ``ecd_nm``, ``x``, ``y`` (px) of the particles; ``shift_px`` (rows,
+cols: the content's drift since the first frame); ``events`` (in-situ: JSON list of merges,
+appearances and dissolutions before this frame, with the ids involved)) for end-to-end
+accuracy and tracking checks.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +29,8 @@ from typing import Literal
 import numpy as np
 
 from nanoscout.clients.acquisition.publisher import FramePublisher, Mode, SendReport
-from nanoscout.sim.synthetic import InSituSeries, Specimen, SpecimenConfig, SyntheticFrame
+from nanoscout.sim.insitu import InSituSeries
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig, SyntheticFrame
 from nanoscout.wire.transport import ClientKeys
 
 
@@ -50,6 +58,9 @@ class SimulatorOptions:
     field_um: float = 2.0
     drift_px_per_frame: tuple[float, float] = (0.0, 0.0)  # specimen drift (rows, cols) while dwelling
     insitu: bool = False
+    growth: Literal["ripening", "uniform", "none"] = "ripening"  # in-situ growth law
+    growth_nm_per_frame: float = 0.02  # in-situ growth rate of the radius, nm per frame
+    appear_per_frame: float = 0.0  # in-situ nucleation: new particles per frame
     truth_dir: Path | None = None
     calibrated: bool = True  # False sends frames without pixel size (tests uncalibrated handling)
     curve: ClientKeys | None = None  # CURVE identity for a remote daemon
@@ -75,7 +86,14 @@ def frames(opts: SimulatorOptions) -> Iterator[tuple[SyntheticFrame, tuple[float
     cfg = specimen_config(opts)
     rng = np.random.default_rng(opts.seed)
     if opts.insitu:
-        for frame in InSituSeries(cfg, opts.seed):
+        interval = 1.0 / opts.rate_hz if opts.rate_hz else 1.0
+        series = InSituSeries(replace(cfg, drift_px_per_frame=opts.drift_px_per_frame),
+                              opts.seed, n_frames=opts.frames, growth=opts.growth,
+                              growth_nm_per_frame=opts.growth_nm_per_frame,
+                              appear_per_frame=opts.appear_per_frame,
+                              directed_fraction=0.1, directed_nm_per_frame=0.1,
+                              frame_interval_s=interval)
+        for frame in series:
             yield frame, (0.0, 0.0)
         return
     cache: dict[int, Specimen] = {}
@@ -97,11 +115,17 @@ def frames(opts: SimulatorOptions) -> Iterator[tuple[SyntheticFrame, tuple[float
 
 def _write_truth(truth_dir: Path, source: str, seq: int, frame: SyntheticFrame) -> None:
     truth = frame.truth
+    events = [{"kind": e.kind, "parents": list(e.parents), "children": list(e.children),
+               "x": e.x, "y": e.y} for e in frame.events]
     np.savez_compressed(
         truth_dir / f"{source}-{seq:06d}.npz",
         labels=frame.labels,
         ids=np.asarray(truth["id"]),
         ecd_nm=np.asarray(truth["ecd_nm"]),
+        x=np.asarray(truth["x"]),
+        y=np.asarray(truth["y"]),
+        shift_px=np.asarray(frame.shift_px),
+        events=np.asarray(json.dumps(events)),
     )
 
 

@@ -8,12 +8,17 @@ key                event      payload
 =================  =========  ==========================================================
 ``sources``        sources    source names in the order first seen
 ``frame:<src>``    frame      newest ``preview`` as PNG + the particles of the ``det``
-                              with the same seq (ellipse/bbox in preview px)
+                              with the same seq (ellipse/bbox in preview px; ``track_id``
+                              and each track's trail over the recent frames, drift-corrected
+                              onto this frame)
 ``det:<src>``      det        newest ``det`` summary: seq, n, latency, frames, seq gaps
 ``stats:<src>``    stats      newest ``stats`` header + a bounded D50 / count time series
 ``class:<src>``    class      newest ``class`` header + its CAM heatmap as RGBA PNG
 ``health``         health     newest ``health`` header
 =================  =========  ==========================================================
+
+A particle's history (its ECD, position and shape over the recent frames) is asked on demand
+(:meth:`DashboardState.track_history`, the page's hover box), not pushed.
 
 Alerts are the exception: a bounded list (newest ``max_alerts``), each with an id, so a client
 gets every alert it has not seen yet rather than only the newest. Payloads (PNG encoding,
@@ -61,6 +66,8 @@ TOPICS: tuple[str, ...] = ("det.", "stats.", "class.", "alert.", "preview.", "he
 MAX_DRAWN_PARTICLES = 5000
 #: particle rows listed with an alert
 MAX_ALERT_ROWS = 10
+#: positions per particle trail drawn on the frame (the newest frames of its track)
+TRAIL_FRAMES = 12
 
 
 @dataclass
@@ -231,6 +238,38 @@ class DashboardState:
                 "last_rejection": self.last_rejection,
             }
 
+    def track_history(self, source: str, track_id: int) -> dict[str, Any]:
+        """The recent history of one tracked particle of ``source`` (the ``det`` messages kept
+        here, newest ``recent_dets`` frames): per frame ``seq``, ``t_s`` (s before the newest
+        frame), ``ecd`` (``units``), ``x``/``y`` (frame px), ``shape_class`` and ``border``."""
+        with self._cond:
+            s = self._src.get(source)
+            dets = [] if s is None else list(s.dets.values())
+        out: dict[str, Any] = {"source": source, "track_id": int(track_id), "units": None,
+                               "seq": [], "t_s": [], "ecd": [], "x": [], "y": [],
+                               "shape_class": [], "border": []}
+        if not dets:
+            return out
+        t_last = dets[-1].header.t_acq_ns  # type: ignore[attr-defined]
+        for m in dets:
+            h, t = m.header, m.array
+            if t is None or t.dtype != PARTICLE_DTYPE:
+                continue
+            rows = t[t["track_id"] == track_id]
+            if not len(rows):
+                continue
+            r = rows[0]
+            out["units"] = h.units  # type: ignore[attr-defined]
+            out["seq"].append(int(h.seq))  # type: ignore[attr-defined]
+            out["t_s"].append(round((h.t_acq_ns - t_last) / 1e9, 3))  # type: ignore[attr-defined]
+            out["ecd"].append(round(float(r["ecd_nm"]), 3))
+            out["x"].append(round(float(r["x"]), 2))
+            out["y"].append(round(float(r["y"]), 2))
+            k = int(r["shape_class"])
+            out["shape_class"].append(SHAPE_CLASSES[k] if k < len(SHAPE_CLASSES) else str(k))
+            out["border"].append(bool(r["border"]))
+        return out
+
     def missed(self, source: str) -> int:
         """Frames of ``source`` without a ``det`` here (gaps in det frame numbers; in live
         mode superseded frames among them). Messages lost on the way: ``lost`` of its det
@@ -287,7 +326,11 @@ class DashboardState:
         self._set_frame(h.source, msg, det)
 
     def _set_frame(self, source: str, preview: Message, det: Message | None) -> None:
-        self._set(f"frame:{source}", "frame", lambda: _frame_payload(preview, det))
+        recent: list[Message] = []
+        if det is not None:  # the frames before it, for the particles' trails
+            dets = self._src[source].dets
+            recent = [m for q, m in dets.items() if q <= det.header.seq][-TRAIL_FRAMES:]  # type: ignore[attr-defined]
+        self._set(f"frame:{source}", "frame", lambda: _frame_payload(preview, det, recent))
 
     def _stats(self, h: StatsHeader) -> None:
         s = self._source(h.source)
@@ -367,10 +410,59 @@ def particles_payload(h: DetHeader, table: np.ndarray, scale: float) -> dict[str
         # v1.2: morphology cluster id (NO_CLUSTER = 255: not assigned yet)
         "cluster": t["cluster"].tolist() if "cluster" in (t.dtype.names or ()) else
         [NO_CLUSTER] * len(t),
+        # v1.4: the particle's identity across frames (0: not tracked) and the frame's drift
+        "track_id": t["track_id"].tolist(),
+        "drift": None if h.drift is None else h.drift.model_dump(mode="json"),
+        "tracking": None if h.tracking is None else {
+            "active": h.tracking.active, "total": h.tracking.total,
+            "merges": sum(1 for e in h.tracking.events if e.kind == "merge")},
     }
 
 
-def _frame_payload(preview: Message, det: Message | None) -> dict[str, Any]:
+def trails_payload(det: Message, recent: Sequence[Message], scale: float
+                   ) -> list[list[float]]:
+    """Per drawn particle of ``det``: its track's positions over ``recent`` (oldest first,
+    this frame last) as a flat list x0, y0, x1, y1, ... in preview px of this frame: past
+    positions moved by the drift since (the path on the specimen, as it lies in this frame).
+    Frames of another field of view, and untracked particles, give no trail."""
+    h, table = det.header, det.array
+    assert isinstance(h, DetHeader) and table is not None
+    t = table[:MAX_DRAWN_PARTICLES]
+    if h.drift is None or not len(t):
+        return [[] for _ in range(len(t))]
+    now = np.array([h.drift.x_px, h.drift.y_px])
+    ids, xs, ys, order = [], [], [], []
+    for k, m in enumerate(recent):
+        mh = m.header
+        if not isinstance(mh, DetHeader) or mh.drift is None or m.array is None:
+            continue
+        if mh.drift.field != h.drift.field or mh.seq > h.seq:
+            continue
+        a = m.array
+        shift = now - np.array([mh.drift.x_px, mh.drift.y_px])
+        ids.append(a["track_id"].astype(np.int64))
+        xs.append((a["x"] + shift[0] + 0.5) * scale)
+        ys.append((a["y"] + shift[1] + 0.5) * scale)
+        order.append(np.full(len(a), k))
+    if not ids:
+        return [[] for _ in range(len(t))]
+    tid, x, y, o = (np.concatenate(v) for v in (ids, xs, ys, order))
+    srt = np.lexsort((o, tid))
+    tid, x, y = tid[srt], x[srt], y[srt]
+    lo = np.searchsorted(tid, t["track_id"].astype(np.int64), side="left")
+    hi = np.searchsorted(tid, t["track_id"].astype(np.int64), side="right")
+    out: list[list[float]] = []
+    for i in range(len(t)):
+        if t["track_id"][i] == 0 or hi[i] - lo[i] < 2:
+            out.append([])
+            continue
+        pts = np.stack([x[lo[i]:hi[i]], y[lo[i]:hi[i]]], 1).reshape(-1)
+        out.append([round(float(v), 1) for v in pts])
+    return out
+
+
+def _frame_payload(preview: Message, det: Message | None, recent: Sequence[Message] = ()
+                   ) -> dict[str, Any]:
     h = preview.header
     assert isinstance(h, PreviewHeader) and preview.array is not None
     out: dict[str, Any] = {
@@ -380,6 +472,7 @@ def _frame_payload(preview: Message, det: Message | None) -> dict[str, Any]:
     if det is not None and det.array is not None:
         assert isinstance(det.header, DetHeader)
         out["det"] = particles_payload(det.header, det.array, h.scale)
+        out["det"]["trails"] = trails_payload(det, recent, h.scale)
     return out
 
 

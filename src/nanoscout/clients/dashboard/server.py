@@ -1,6 +1,6 @@
 """Dashboard HTTP server: the page, its static files, and server-sent events.
 
-Routes (GET only):
+Routes (GET, and one POST):
 
 ``/``                   the page (``static/index.html``)
 ``/static/<name>``      ``dashboard.js``, ``dashboard.css`` (a fixed list; nothing else is served)
@@ -15,6 +15,13 @@ Routes (GET only):
                         ``act_*``). 503 with ``{"error": why}`` when the daemon does not answer
                         within the lens timeout (<= 3 s by default), refuses, or the dashboard
                         has no query endpoint; 400 without ``source``
+``/api/track``          ``?source=S&id=N``: the recent history of tracked particle ``N`` (its
+                        ECD, position and shape per frame; the hover box's sparkline)
+``/api/control``        POST ``?source=S&action=reset_statistics|set_drift_reference``: the
+                        page's two buttons, sent to the daemon's query socket (a
+                        :class:`~nanoscout.wire.protocol.ControlRequest`); only with the page's
+                        ``X-Nanoscout: 1`` header (no cross-site request forgery); 503 when
+                        the daemon does not answer or refuses, or without a query endpoint
 
 A slow browser never slows the gateway: it is simply sent fewer, newer versions of each item.
 
@@ -28,6 +35,7 @@ non-loopback address requires a token (or, knowingly, ``allow_insecure_remote``)
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -45,6 +53,7 @@ from urllib.parse import parse_qs
 
 from nanoscout.clients.dashboard.gateway import DashboardState, Gateway
 from nanoscout.clients.dashboard.lens import LensView
+from nanoscout.clients.query import request_control
 from nanoscout.wire.errors import ConfigError, NanoscoutError
 from nanoscout.wire.transport import ClientKeys, is_loopback_host
 
@@ -122,10 +131,61 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(self._snapshot().encode(), "application/json")
         elif path == "/api/lens":
             self._lens(self.path.partition("?")[2])
+        elif path == "/api/track":
+            self._track(self.path.partition("?")[2])
         elif path == "/favicon.ico":
             self._send(b"", "image/x-icon", HTTPStatus.NO_CONTENT)
         else:
             self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
+
+    def do_POST(self) -> None:
+        """``/api/control?source=S&action=A``: a control request to the daemon (reset the
+        source's statistics, set its drift reference now). Only with the page's own header
+        ``X-Nanoscout: 1`` (a form on another site cannot send it: no cross-site request
+        forgery), under the page's host and token rules."""
+        self._set_cookie = None
+        length = int(self.headers.get("Content-Length") or 0)
+        if 0 < length <= 4096:
+            self.rfile.read(length)  # the body is not used; read it to keep the connection
+        if not self._allowed():
+            return
+        path, _, query = self.path.partition("?")
+        if path != "/api/control":
+            self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
+            return
+        if self.headers.get("X-Nanoscout") != "1":
+            self._json({"error": "control requests come from the dashboard page only"},
+                       HTTPStatus.FORBIDDEN)
+            return
+        args = {k: v[-1] for k, v in parse_qs(query).items()}
+        control = self.server.control
+        if control is None:
+            self._json({"error": "no daemon query socket: start the dashboard with --query "
+                                 "(the daemon's query endpoint)"},
+                       HTTPStatus.SERVICE_UNAVAILABLE)
+            return
+        source, action = args.get("source", ""), args.get("action", "")
+        if not source or action not in ("reset_statistics", "set_drift_reference"):
+            self._json({"error": "need source=NAME and action=reset_statistics or "
+                                 "set_drift_reference"}, HTTPStatus.BAD_REQUEST)
+            return
+        try:
+            control(source, action)
+        except NanoscoutError as exc:
+            self._json({"error": str(exc)}, HTTPStatus.SERVICE_UNAVAILABLE)
+            return
+        log.info("control request from the page: %s for %s", action, source)
+        self._json({"ok": True, "source": source, "action": action})
+
+    def _track(self, query: str) -> None:
+        args = {k: v[-1] for k, v in parse_qs(query).items()}
+        try:
+            track_id = int(args.get("id", ""))
+        except ValueError:
+            self._json({"error": "which track? (/api/track?source=NAME&id=N)"},
+                       HTTPStatus.BAD_REQUEST)
+            return
+        self._json(self.server.state.track_history(args.get("source", ""), track_id))
 
     def _send(self, body: bytes, ctype: str, status: HTTPStatus = HTTPStatus.OK) -> None:
         self.send_response(status)
@@ -224,10 +284,12 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], state: DashboardState, max_rate_hz: float,
                  lens: LensView | None, *, max_clients: int, request_timeout_s: float,
-                 names: set[str], token: str | None) -> None:
+                 names: set[str], token: str | None,
+                 control: Callable[[str, str], Any] | None = None) -> None:
         self.state = state
         self.max_rate_hz = max_rate_hz
         self.lens = lens
+        self.control = control
         self.stopping = threading.Event()
         self.request_timeout_s = request_timeout_s
         self.token = token
@@ -279,14 +341,16 @@ class DashboardServer:
     ``max_clients``: requests served at once (each event stream holds one);
     ``request_timeout_s``: socket timeout of a request, s; ``allow_hosts``: more host names the
     page may be asked for (see :func:`allowed_names`); ``token``: the access token, or None.
-    A non-loopback ``host`` needs a token unless ``allow_insecure_remote``.
+    A non-loopback ``host`` needs a token unless ``allow_insecure_remote``. ``control``:
+    sends (source, action) to the daemon's query socket for ``/api/control`` (None: 503).
     """
 
     def __init__(self, state: DashboardState, *, host: str = "127.0.0.1", port: int = 8080,
                  max_rate_hz: float = 10.0, lens: LensView | None = None,
                  max_clients: int = 256, request_timeout_s: float = 10.0,
                  allow_hosts: Iterable[str] = (), token: str | None = None,
-                 allow_insecure_remote: bool = False) -> None:
+                 allow_insecure_remote: bool = False,
+                 control: Callable[[str, str], Any] | None = None) -> None:
         if max_rate_hz <= 0:
             raise ConfigError(f"max_rate_hz ({max_rate_hz}) must be > 0")
         if max_clients < 1 or request_timeout_s <= 0:
@@ -303,7 +367,8 @@ class DashboardServer:
             self._httpd = _HTTPServer((host, port), state, max_rate_hz, lens,
                                       max_clients=max_clients,
                                       request_timeout_s=request_timeout_s,
-                                      names=allowed_names(host, allow_hosts), token=token)
+                                      names=allowed_names(host, allow_hosts), token=token,
+                                      control=control)
         except OSError as exc:
             raise ConfigError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
         self._thread: threading.Thread | None = None
@@ -354,12 +419,14 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
             signal.signal(sig, lambda *_: stop.set())
     state = DashboardState(endpoints=endpoints, stale_s=stale_s, query=query)
     lens = None if query is None else LensView(query, timeout=lens_timeout, curve=curve)
+    control = None if query is None else functools.partial(
+        request_control, query, timeout=lens_timeout, curve=curve)
     gateway = Gateway(endpoints, state=state, curve=curve).start()
     try:
         server = DashboardServer(state, host=host, port=port, max_rate_hz=max_rate_hz,
                                  lens=lens, allow_hosts=allow_hosts, token=token,
                                  allow_insecure_remote=allow_insecure_remote,
-                                 max_clients=max_clients).start()
+                                 max_clients=max_clients, control=control).start()
     except BaseException:
         gateway.close()
         raise

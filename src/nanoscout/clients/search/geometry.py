@@ -41,10 +41,12 @@ class Area:
 
     @property
     def width(self) -> float:
+        """Width along x (µm)."""
         return self.x_max - self.x_min
 
     @property
     def height(self) -> float:
+        """Height along y (µm)."""
         return self.y_max - self.y_min
 
     def contains(self, x: float, y: float) -> bool:

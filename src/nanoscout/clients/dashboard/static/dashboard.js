@@ -19,6 +19,9 @@
     alertTotal: 0,
     colourBy: "ecd",
     outlines: true,
+    trails: true,
+    history: null, // the hovered particle's /api/track answer
+    historyKey: "",
     cam: false,
     lens: null, // the last /api/lens answer (or {error}) for the selected source
     lensWaiting: false,
@@ -226,6 +229,29 @@
     S.outlines = e.target.checked;
     mark("frame");
   });
+  $("show-trails").addEventListener("change", (e) => {
+    S.trails = e.target.checked;
+    mark("frame");
+  });
+  async function control(action) {
+    const msg = $("control-msg");
+    if (!S.selected) return;
+    msg.hidden = false;
+    msg.textContent = "asking the daemon…";
+    try {
+      const r = await fetch(`/api/control?source=${encodeURIComponent(S.selected)}&action=${action}`,
+        { method: "POST", headers: { "X-Nanoscout": "1" } });
+      const d = await r.json();
+      msg.textContent = d.ok
+        ? (action === "reset_statistics" ? `statistics of ${S.selected} reset: counting from the next frame`
+          : `drift of ${S.selected} is zero from the next frame`)
+        : `not done: ${d.error}`;
+    } catch (err) {
+      msg.textContent = `not done: ${err}`;
+    }
+  }
+  $("reset-stats").addEventListener("click", () => control("reset_statistics"));
+  $("drift-ref").addEventListener("click", () => control("set_drift_reference"));
   $("show-cam").addEventListener("change", (e) => {
     S.cam = e.target.checked;
     mark("frame");
@@ -491,6 +517,20 @@
       return;
     }
     const range = ecdRange(p, det);
+    if (S.trails && det.trails) {
+      ctx.setTransform(k, 0, 0, k, -v.x0 * k, -v.y0 * k);
+      ctx.lineWidth = (1.2 * dpr) / k;
+      ctx.strokeStyle = "rgba(255, 220, 80, 0.85)";
+      for (let i = 0; i < det.trails.length; i++) {
+        const t = det.trails[i];
+        if (!t || t.length < 4) continue;
+        ctx.beginPath();
+        ctx.moveTo(t[0], t[1]);
+        for (let j = 2; j < t.length; j += 2) ctx.lineTo(t[j], t[j + 1]);
+        ctx.stroke();
+      }
+      ctx.setTransform(1, 0, 0, 1, 0, 0);
+    }
     if (S.outlines) {
       ctx.setTransform(k, 0, 0, k, -v.x0 * k, -v.y0 * k);
       const lw = (1.5 * dpr) / k;
@@ -646,7 +686,14 @@
     const u = det.units;
     const row = (k, v) => `<tr><td>${k}</td><td>${v}</td></tr>`;
     const scale = shown.frame.scale;
+    const tid = det.track_id ? det.track_id[i] : 0;
+    if (tid) askHistory(shown.frame.source, tid, shown.frame.seq);
+    const h = S.history;
+    const mine = h && h.track_id === tid && h.source === shown.frame.source;
     tip.innerHTML =
+      (tid ? `<div class="tt-title">track ${tid}` +
+        (mine && h.seq.length ? ` · seen on ${h.seq.length} recent frames` : "") + "</div>" : "") +
+      (mine && h.ecd.length > 1 ? `<canvas id="tt-history" width="220" height="60"></canvas>` : "") +
       `<div class="tt-title">particle ${det.id[i]} · ${esc(className(det.shape_class[i]))}` +
       `${det.border[i] ? " · border" : ""}</div><table>` +
       row("ECD", `${fmtSig(det.ecd[i])} ${u}`) +
@@ -664,6 +711,7 @@
       row("centre", `${fmt(det.x[i] / scale - 0.5, 0)}, ${fmt(det.y[i] / scale - 0.5, 0)} px`) +
       "</table>";
     tip.hidden = false;
+    if (mine && h.ecd.length > 1) drawHistory($("tt-history"), h);
     const wrap = $("frame-wrap").getBoundingClientRect();
     let left = e.clientX - wrap.left + 16;
     let top = e.clientY - wrap.top + 16;
@@ -671,6 +719,47 @@
     if (top + tip.offsetHeight > wrap.height) top = e.clientY - wrap.top - tip.offsetHeight - 12;
     tip.style.left = `${Math.max(0, left)}px`;
     tip.style.top = `${Math.max(0, top)}px`;
+  }
+  // the hovered particle's history: asked of the gateway once per particle and frame
+  async function askHistory(source, tid, seq) {
+    const key = `${source}/${tid}/${seq}`;
+    if (S.historyKey === key) return;
+    S.historyKey = key;
+    try {
+      const r = await fetch(`/api/track?source=${encodeURIComponent(source)}&id=${tid}`);
+      const d = await r.json();
+      if (S.historyKey !== key) return;
+      S.history = d;
+      if (S.mouse) showTooltip(S.mouse);
+    } catch (err) {
+      console.warn("nanoscout: no track history", err);
+    }
+  }
+
+  // ECD over time of one track (dots off the frame edge, rings on it)
+  function drawHistory(cv, h) {
+    if (!cv) return;
+    const ctx = cv.getContext("2d");
+    const W = cv.width, H = cv.height, m = 14;
+    const ts = h.t_s, es = h.ecd;
+    const t0 = Math.min(...ts), t1 = Math.max(...ts);
+    let e0 = Math.min(...es), e1 = Math.max(...es);
+    if (e1 - e0 < 1e-9) { e0 -= 0.5; e1 += 0.5; }
+    const X = (t) => m + ((t - t0) / Math.max(t1 - t0, 1e-9)) * (W - 2 * m);
+    const Y = (e) => H - m - ((e - e0) / (e1 - e0)) * (H - 2 * m);
+    ctx.clearRect(0, 0, W, H);
+    ctx.fillStyle = "#9aa4b2";
+    ctx.font = "9px sans-serif";
+    ctx.fillText(`ECD ${fmtSig(e0)}–${fmtSig(e1)} ${h.units || ""} over ${fmt(t1 - t0, 1)} s`, m, 10);
+    ctx.strokeStyle = "#ffdc50";
+    ctx.beginPath();
+    ts.forEach((t, j) => (j ? ctx.lineTo(X(t), Y(es[j])) : ctx.moveTo(X(t), Y(es[j]))));
+    ctx.stroke();
+    ts.forEach((t, j) => {
+      ctx.beginPath();
+      ctx.arc(X(t), Y(es[j]), 2, 0, 2 * Math.PI);
+      if (h.border[j]) ctx.stroke(); else ctx.fill();
+    });
   }
   $("frame").addEventListener("mousemove", (e) => {
     S.mouse = { clientX: e.clientX, clientY: e.clientY };
@@ -698,29 +787,60 @@
     }
     const u = st.units;
     $("stats-units").textContent = `(${u}, ${st.window.n_frames} frame window)`;
-    const both = (f) => [f(st.window), f(st.cumulative)];
+    const q = st.unique; // each tracked particle once (v1.4; null without tracking)
+    const ci = (v) => (v ? ` [${fmtSig(v[0])}, ${fmtSig(v[1])}]` : "");
+    const three = (f, g) => [f(st.window), f(st.cumulative), q ? g(q) : "–"];
     const rows = [
-      ["N (particles)", both((b) => String(b.count))],
-      ["frames", both((b) => String(b.n_frames))],
-      [`mean ± sd (${u})`, both((b) => `${fmtSig(b.ecd.mean)} ± ${fmtSig(b.ecd.sd)}`)],
-      [`D10 (${u})`, both((b) => fmtSig(b.ecd.d10))],
-      [`D50 (${u})`, both((b) => fmtSig(b.ecd.d50))],
-      [`D90 (${u})`, both((b) => fmtSig(b.ecd.d90))],
-      [`min – max (${u})`, both((b) => `${fmtSig(b.ecd.min)} – ${fmtSig(b.ecd.max)}`)],
-      ["density (per µm²)", both((b) => fmtSig(b.number_density_per_um2))],
-      ["aspect ratio (mean)", both((b) => fmt(b.aspect_ratio && b.aspect_ratio.mean, 2))],
-      ["roundness (mean)", both((b) => fmt(b.roundness && b.roundness.mean, 2))],
+      ["N (particles)", three((b) => String(b.count), (b) => String(b.count))],
+      ["frames", three((b) => String(b.n_frames), (b) => `${b.n_frames} · ${b.fields} field${b.fields === 1 ? "" : "s"}`)],
+      [`mean ± sd (${u})`, three((b) => `${fmtSig(b.ecd.mean)} ± ${fmtSig(b.ecd.sd)}`,
+        (b) => `${fmtSig(b.ecd.mean)} ± ${fmtSig(b.ecd.sd)}`)],
+      [`D10 (${u})`, three((b) => fmtSig(b.ecd.d10), (b) => fmtSig(b.ecd.d10))],
+      [`D50 (${u})`, three((b) => fmtSig(b.ecd.d50), (b) => fmtSig(b.ecd.d50) + ci(b.ecd_d50_ci))],
+      [`D90 (${u})`, three((b) => fmtSig(b.ecd.d90), (b) => fmtSig(b.ecd.d90))],
+      [`min – max (${u})`, three((b) => `${fmtSig(b.ecd.min)} – ${fmtSig(b.ecd.max)}`,
+        (b) => `${fmtSig(b.ecd.min)} – ${fmtSig(b.ecd.max)}`)],
+      ["density (per µm²)", three((b) => fmtSig(b.number_density_per_um2), (b) => fmtSig(b.number_density_per_um2))],
+      ["aspect ratio (mean)", three((b) => fmt(b.aspect_ratio && b.aspect_ratio.mean, 2), () => "")],
+      ["roundness (mean)", three((b) => fmt(b.roundness && b.roundness.mean, 2), () => "")],
     ];
     const dr = st.drift || {};
     if (isNum(dr.change_pct)) {
       const sign = dr.change_pct > 0 ? "+" : "";
-      rows.push([`D50 drift vs reference`, [`${sign}${dr.change_pct.toFixed(1)} %`, `ref ${fmtSig(dr.reference_d50)}`]]);
+      rows.push([`D50 drift vs reference`, [`${sign}${dr.change_pct.toFixed(1)} %`, `ref ${fmtSig(dr.reference_d50)}`, ""]]);
     }
     body.innerHTML = rows
-      .map(([k, [w, c]]) => `<tr><td>${esc(k)}</td><td>${esc(w)}</td><td>${esc(c)}</td></tr>`)
+      .map(([k, [w, c, o]]) => `<tr><td>${esc(k)}</td><td>${esc(w)}</td><td>${esc(c)}</td><td>${esc(o)}</td></tr>`)
       .join("");
+    renderInsitu(st, p);
     drawHistogram(st);
     drawSeries(st);
+  }
+
+  // in-situ numbers of the newest stats message and the frame's drift
+  function renderInsitu(st, p) {
+    const table = $("insitu-table");
+    const x = st.insitu;
+    table.hidden = !x;
+    if (!x) return;
+    const u = st.units;
+    const ci = (v) => (v ? ` [${fmtSig(v[0])}, ${fmtSig(v[1])}]` : "");
+    const det = p && p.shown && p.shown.frame.det;
+    const d = det && det.drift;
+    const rows = [
+      [`D50 of this frame (${u})`, fmtSig(x.d50) + ci(x.d50_ci)],
+      ["density (per µm²)", fmtSig(x.density_per_um2) + ci(x.density_ci)],
+      [`growth dECD/dt (${u}/s)`, x.growth_tracks ? `${fmtSig(x.growth_rate_d50)}${ci(x.growth_rate_ci)} · ${x.growth_tracks} tracks` : "–"],
+      ["coalescences", `${x.coalescences}` + (isNum(x.coalescence_rate_per_s) ? ` · ${fmtSig(x.coalescence_rate_per_s)} per s` : "")],
+      [`LSW <r>³ rate (${u}³/s)`, x.lsw && isNum(x.lsw.k) ? `${fmtSig(x.lsw.k)} ± ${fmtSig(x.lsw.k_se)} · R² ${fmt(x.lsw.r2, 3)}` : "–"],
+    ];
+    if (d) {
+      const nm = isNum(d.x_nm) ? ` (${fmtSig(d.x_nm)}, ${fmtSig(d.y_nm)} nm)` : "";
+      rows.push(["drift since reference", `${fmt(d.x_px, 1)}, ${fmt(d.y_px, 1)} px${nm}`]);
+      rows.push(["field of view", `${d.field}` + (d.new_field && d.reason ? ` · new: ${d.reason}` : "")]);
+    }
+    table.tBodies[0].innerHTML = rows
+      .map(([k, v]) => `<tr><td>${esc(k)}</td><td>${esc(v)}</td></tr>`).join("");
   }
 
   function chartContext(cv) {

@@ -1,0 +1,196 @@
+"""``measure --ray`` on a local Ray cluster (``ray.init(num_cpus=2)``): a few hundred real and
+synthetic frames give the same particle table as the single-process ``measure``; a worker
+killed mid-run neither loses nor duplicates a file; a second run skips the files done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nanoscout.batch.offline import expand, measure_files
+from nanoscout.batch.parts import part_paths
+from nanoscout.batch.ray_measure import measure_on_ray
+from nanoscout.clients.runfile import read_run
+from nanoscout.daemon.app import build_pipeline
+from nanoscout.daemon.config import load_config
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig
+from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS
+from tests.system.conftest import nanoscout
+
+pytestmark = pytest.mark.system
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'nanoscout[ray]')")
+pa = pytest.importorskip("pyarrow")
+import pyarrow.dataset as ds  # noqa: E402
+
+_KEY = [("file", "ascending"), ("index", "ascending"), ("id", "ascending")]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """A local Ray with 2 CPU slots for the module (measure_on_ray uses it as it is)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _synthetic(folder: Path, n: int, seed: int) -> list[Path]:
+    """``n`` calibrated 256² TEM frames (ImageJ TIFF, 0.5 nm/px) of one specimen."""
+    import tifffile
+
+    folder.mkdir(parents=True)
+    cfg = replace(SpecimenConfig(), shape=(256, 256), dtype="uint16", pixel_size_nm=0.5)
+    specimen = Specimen.generate(cfg, seed)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(n):
+        img = specimen.acquire(rng, shift_px=(3.0 * k, -2.0 * k)).image
+        path = folder / f"frame_{k:03d}.tif"
+        tifffile.imwrite(path, img, imagej=True, resolution=(2000.0, 2000.0),
+                         metadata={"unit": "micron"})
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def archive(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """About 270 frames: real EMPS crops, BF-TEM frames and instrument files (read where they
+    are in ../shared/data), and synthetic frames in two folders."""
+    root = tmp_path_factory.mktemp("archive")
+    files = sorted((shared_data / "emps-train" / "images").iterdir())[:120]
+    files += sorted((shared_data / "msa-tem-train" / "images").iterdir())
+    files += expand([shared_data / "instrument-files" / "dm",
+                     shared_data / "instrument-files" / "tiff"])
+    files += _synthetic(root / "run-a", 70, 1) + _synthetic(root / "run-b", 50, 2)
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(archive: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The particle table of the single-process ``measure`` (nanoscout.batch.offline) of the
+    archive, as a run holds it."""
+    out = tmp_path_factory.mktemp("single") / "run.parquet"
+    pipeline = build_pipeline(load_config(None, {}), offline=True)
+    report = measure_files(archive, pipeline, out, log=lambda _: None)
+    pipeline.close()
+    assert report.images > 250
+    return read_run(out).to_arrow("particles")
+
+
+#: compared with the run: every particle column but ``cluster`` (an online k-means over the
+#: single process's stream, left unassigned by the parallel path)
+_COLUMNS = ["file", "index", "units", *(c for c in PARTICLE_TABLE_COLUMNS if c != "cluster")]
+
+
+def _particles(out: Path) -> Any:
+    return ds.dataset(out / "particles", partitioning="hive").to_table()
+
+
+def _assert_same(out: Path, reference: Any) -> None:
+    got = _particles(out)
+    assert set(got.column("cluster").to_pylist()) <= {255}
+    got = pa.table({c: got.column(c).cast(reference.schema.field(c).type)
+                    for c in _COLUMNS}).sort_by(_KEY)
+    want = reference.select(_COLUMNS).sort_by(_KEY)
+    assert got.num_rows == want.num_rows > 1000
+    for c in _COLUMNS:
+        a, b = got.column(c), want.column(c)
+        if pa.types.is_floating(a.type):  # NaN: a length in nm of an uncalibrated image
+            assert np.array_equal(a.to_numpy(), b.to_numpy(), equal_nan=True), c
+        else:
+            assert a.to_pylist() == b.to_pylist(), c
+
+
+def _images(out: Path) -> Any:
+    return ds.dataset(out / "images", partitioning="hive").to_table()
+
+
+def test_measure_command_with_local_ray(archive: list[Path], tmp_path: Path) -> None:
+    # first in the module: no Ray runs in this process yet, the command starts its own
+    files = [str(p) for p in archive[-6:]]
+    out = tmp_path / "out"
+    proc = nanoscout("measure", *files, "--ray", "--workers", "1", "--out", str(out),
+                     "--no-progress", stdout=subprocess.PIPE)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    assert "measured 6 files" in stdout and "on 1 Ray workers" in stdout
+    assert _images(out).num_rows == 6
+
+
+def test_same_particles_as_single_process_partitioned_by_folder(
+        cluster: None, archive: list[Path], reference: Any, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    report = measure_on_ray(archive, load_config(None, {}), out)
+    assert report.workers == 2 and not report.failed
+    assert sorted(report.measured) == sorted(map(str, archive))
+    _assert_same(out, reference)
+    images = _images(out)
+    folders = set(images.column("folder").to_pylist())
+    assert {str(p.parent) for p in archive} == folders
+    assert images.num_rows == report.images
+    # the unreadable and uncalibrated are recorded, not lost: one row per file at least
+    assert set(images.column("file").to_pylist()) == set(map(str, archive))
+    assert images.filter(pa.compute.is_valid(images.column("top_class"))).num_rows > 250
+
+
+def test_killed_worker_loses_and_duplicates_nothing(cluster: None, archive: list[Path],
+                                                    reference: Any, tmp_path: Path) -> None:
+    files = archive[::4]  # every 4th: real and synthetic
+    out = tmp_path / "out"
+    killed: list[int] = []
+    pids: list[int] = []
+    by: dict[str, int] = {}
+
+    def on_started(report: Any) -> None:
+        pids.extend(report.worker_pids)
+
+    def on_file(summary: dict[str, Any]) -> None:
+        by[summary["file"]] = summary["pid"]
+        if len(by) == 5 and not killed:  # the other worker is inside a file now
+            victim = next(p for p in pids if p != summary["pid"])
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+    report = measure_on_ray(files, load_config(None, {}), out, on_started=on_started,
+                            on_file=on_file)
+    assert killed and not report.failed
+    assert sorted(report.measured) == sorted(map(str, files))  # each file once
+    assert set(by.values()) - set(pids), "no file was measured by the restarted worker"
+    images = _images(out)
+    names = images.column("file").to_pylist()
+    assert len(set(names)) == len(files)
+    assert len(list((out / "images").rglob("*.parquet"))) == len(files)
+    assert not list(out.rglob(".tmp-*"))
+    want = reference.filter(pa.compute.is_in(reference.column("file"),
+                                             pa.array([str(f) for f in files])))
+    _assert_same(out, want)
+
+
+def test_second_run_skips_files_done(cluster: None, archive: list[Path], reference: Any,
+                                     tmp_path: Path) -> None:
+    files = archive[1::6]
+    out = tmp_path / "out"
+    first = measure_on_ray(files[:20], load_config(None, {}), out)
+    assert len(first.measured) == 20
+    # what a crash leaves: a temporary part, and a particles part whose images part is missing
+    particles_part, images_part = part_paths(out, files[25])
+    particles_part.parent.mkdir(parents=True, exist_ok=True)
+    particles_part.write_bytes(b"half a part")
+    (particles_part.parent / ".tmp-123-x.parquet").write_bytes(b"")
+    second = measure_on_ray(files, load_config(None, {}), out)
+    assert sorted(second.skipped_done) == sorted(map(str, files[:20]))
+    assert sorted(second.measured) == sorted(map(str, files[20:]))
+    assert images_part.is_file() and not list(out.rglob(".tmp-*"))
+    want = reference.filter(pa.compute.is_in(reference.column("file"),
+                                             pa.array([str(f) for f in files])))
+    _assert_same(out, want)
+    third = measure_on_ray(files, load_config(None, {}), out)
+    assert third.measured == [] and len(third.skipped_done) == len(files)
