@@ -244,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             ns = argparse.Namespace(health_interval=0.25, threads=args.threads, backend="cpu",
                                     config=None, model=None, seconds=args.seconds,
                                     drain_timeout=60.0, precision=precision)
+            log_dir = Path(tmp) / precision
+            log_dir.mkdir()
             try:
-                d = start_daemon("live", ns, Path(tmp) / precision)
+                d = start_daemon("live", ns, log_dir)
                 rate = args.rate or 2.0
                 if args.rate is None:  # a short probe for a sustainable rate
                     probe = measure_live(d, frames, f"probe-{precision}", 1.0,
