@@ -187,3 +187,26 @@ def test_build_engines_calibrates_the_shipped_detector_on_a_stand_in_gpu(
     assert set(det["check_vs_onnxruntime_cpu_fp32"]["max_abs_diff"].values()) == {0.0}
     assert det["check_vs_onnxruntime_cpu_fp32"]["foreground_disagreement"] == 0.0
     assert clf["max_shape"] == [256, 256] and clf["max_batch"] == 1
+
+
+def test_the_daemon_batches_tiles_only_on_a_local_gpu(fake_gpu: FakeGpu,  # noqa: F811
+                                                      tmp_path: Path) -> None:
+    """``tile_batch`` unset: 4 tiles per engine call under TensorRT (the plan's profile is
+    built for that batch), 1 on the CPU; an explicit value is kept."""
+    from nanoscout.daemon.app import build_detector
+    from nanoscout.daemon.config import load_config
+
+    builds, _ = fake_gpu
+    model = WEIGHTS / "detector.onnx"
+
+    def detector(**overrides: object) -> tuple[int, str]:
+        cfg = load_config(None, {"engine.threads": 1, "engine.precision": "fp16",
+                                 "engine.cache_dir": tmp_path, **overrides})
+        det, name, _ = build_detector(cfg, model)
+        det.engine.close()
+        return det.tile_batch, name
+
+    assert detector(**{"engine.backend": "tensorrt"}) == (4, "tensorrt/fp16")
+    assert builds[-1]["profile"]["image"][2] == [4, 1, 2304, 2304]
+    assert detector(**{"engine.backend": "cpu"}) == (1, "onnxruntime-cpu")
+    assert detector(**{"engine.backend": "cpu", "engine.tile_batch": 3})[0] == 3
