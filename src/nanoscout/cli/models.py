@@ -62,6 +62,16 @@ def _calibrate_lens() -> Main:
     return main
 
 
+def _quantize() -> Main:
+    from nanoscout.training.quantize import main
+    return main
+
+
+def _build_engines() -> Main:
+    from nanoscout.training.build_engines import main
+    return main
+
+
 def _export_triton() -> Main:
     from nanoscout.cli.export_triton import main
     return main
@@ -80,6 +90,10 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
                               "card (--model M --sets emps-tune,synthetic-tune; no torch)"),
     "calibrate-lens": (_calibrate_lens, "rebuild the AI lens's novelty reference on your own "
                                         "frames (FRAMES... --out DIR; no torch)"),
+    "quantize": (_quantize, "INT8 siblings of the shipped models with their accuracy parity "
+                            "against FP32 (ONNX Runtime; no torch)"),
+    "build-engines": (_build_engines, "build (and INT8-calibrate) the TensorRT engines of the "
+                                      "shipped models on this GPU"),
     "export-triton": (_export_triton, "a Triton Inference Server model repository of the "
                                       "shipped models (--out REPO; no torch)"),
 }

@@ -165,14 +165,27 @@ class EngineConfig(_Section):
     triton: TritonConfig = TritonConfig()
     model: Path | None = None
     threads: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "fp16"] = "fp16"
+    #: "auto": the fastest precision measured to keep accuracy (CPU: a model's INT8 sibling
+    #: when its parity passed, else FP32; TensorRT: FP16; ONNX Runtime CUDA: FP32), or
+    #: "fp32", "fp16" (TensorRT), "int8" (nanoscout.daemon.precision)
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    #: GPU index of the CUDA provider and TensorRT (several GPUs: deploy/README.md)
+    device: int = Field(0, ge=0)
+    #: TensorRT plans and INT8 calibration caches (None: ~/.cache/nanoscout/trt)
+    cache_dir: Path | None = None
     #: working px per frame px; "auto" estimates it (coarse pass), None = the model card's
     scale: float | Literal["auto"] | None = Field(None)
-    #: with "auto": re-estimate a stream's scale every n-th frame (and on a new frame shape)
-    auto_scale_every: int = Field(10, ge=1)
+    #: with "auto": re-estimate a stream's scale at least every n-th frame (and on a new frame
+    #: shape, and when its content changes: ``scale_tolerance``)
+    auto_scale_every: int = Field(50, ge=1)
+    #: with "auto": re-estimate when a frame's content signature (spectrum shape) moved more
+    #: than this from the frame last estimated (nanoscout.analysis.autoscale); None: never
+    scale_tolerance: float | None = Field(0.15, gt=0)
     #: largest side (px at working scale) sent to the engine at once; larger frames are tiled
-    tile_px: int = Field(2048, ge=64)
+    tile_px: int = Field(2304, ge=64)
     tile_margin_px: int = Field(96, ge=0)
+    #: tiles per engine call (bounds its memory); None: 1 on the CPU, 4 on a GPU
+    tile_batch: int | None = Field(None, ge=1, le=64)
     #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
     tta: Literal[1, 2, 4] = 1
     #: the detector's particle score cut, replacing the model card's (``thresholds.min_score``):
@@ -241,6 +254,8 @@ class ClassifyConfig(_Section):
     lens: Path | None = None
     top_k: int = Field(3, ge=1, le=64)
     cam: bool = True
+    #: GPU index of the classifier and lens (None: ``[engine] device``)
+    device: int | None = Field(None, ge=0)
 
     def model_path(self) -> Path:
         """The classifier ONNX file to load."""

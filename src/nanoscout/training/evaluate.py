@@ -755,7 +755,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --sets: detector for the STEM sets (as the daemon uses for STEM "
                          "frames): a path, 'none' (--model scores them), or 'auto': "
                          "detector_stem.onnx beside --model if it is there")
+    ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                    help="int8: score the INT8 siblings of --model and the STEM model "
+                         "(X.int8.onnx, written by `nanoscout models quantize`)")
     args = ap.parse_args(argv)
+    from nanoscout.analysis.modelcard import quantized_sibling
+
+    if args.precision == "int8":
+        args.model = quantized_sibling(args.model)
     if args.sets is not None:
         sets = None if args.sets == "all" else [x for x in args.sets.split(",") if x]
         stem_model: Path | None = None
@@ -763,6 +770,8 @@ def main(argv: list[str] | None = None) -> None:
             from nanoscout.daemon.config import SHIPPED_STEM_MODEL
 
             sibling = args.model.parent / SHIPPED_STEM_MODEL
+            if args.precision == "int8":
+                sibling = quantized_sibling(sibling)
             stem_model = sibling if sibling.is_file() and sibling != args.model else None
         elif args.stem_model != "none":
             stem_model = Path(args.stem_model)
