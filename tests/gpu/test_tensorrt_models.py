@@ -40,13 +40,13 @@ def _card(name: str) -> ModelCard:
 
 def _inputs(card: ModelCard, n: int) -> Iterator[dict[str, np.ndarray]]:
     """Calibration-like inputs that are not the calibration's own (seeds after them)."""
-    from nanoscout.training.calibration import calibration_inputs
+    from nanoscout.training.int8_calibration import calibration_inputs
 
     yield from calibration_inputs(card, n, start=1000)
 
 
 def _engine(name: str, cache: Path, precision: str, **kw: Any) -> TensorRTEngine:
-    from nanoscout.training.calibration import calibration_inputs, describe_calibration
+    from nanoscout.training.int8_calibration import calibration_inputs, describe_calibration
 
     card = _card(name)
     calib = None

@@ -24,7 +24,7 @@ from nanoscout.daemon.app import build_detector
 from nanoscout.daemon.config import load_config
 from nanoscout.daemon.precision import engine_name, int8_sibling, load_engine
 from nanoscout.engines import create_engine
-from nanoscout.training.calibration import CALIBRATION_SEED_BASE, calibration_inputs
+from nanoscout.training.int8_calibration import CALIBRATION_SEED_BASE, calibration_inputs
 from nanoscout.training.quantize import parity, quantize_model, quantize_onnx
 from nanoscout.wire.errors import ConfigError
 from tests.unit.test_engines import (  # noqa: F401 (fake_gpu: a fixture)

@@ -53,7 +53,7 @@ def _evaluate_lens() -> Main:
 
 
 def _calibrate() -> Main:
-    from nanoscout.training.calibrate import main
+    from nanoscout.training.score_calibration import main
     return main
 
 

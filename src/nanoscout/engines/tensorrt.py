@@ -22,7 +22,7 @@ Precisions
 are faster), and ``int8``: implicit quantization with an entropy calibrator
 (``IInt8EntropyCalibrator2``, FP16 allowed where a layer has no INT8 kernel). The calibrator
 runs the network on a :class:`~nanoscout.engines.base.CalibrationSet` (nanoscout's are the
-synthetic inputs of :mod:`nanoscout.training.calibration`, fed by
+synthetic inputs of :mod:`nanoscout.training.int8_calibration`, fed by
 ``nanoscout models build-engines --precision int8``) and TensorRT writes what it learnt to a
 **calibration cache** beside the plans: ``<model stem>.<digest>.calib`` (+ ``.calib.json``
 naming the set), keyed by the ONNX file and the TensorRT version. A later build, for another

@@ -13,7 +13,7 @@ Each model is built exactly as the daemon builds it (``nanoscout.daemon.precisio
 batches of up to ``--tile-batch`` tiles, the classifier and the lens at their fixed input size.
 Plans land in the engine cache (``--cache-dir``, default ``~/.cache/nanoscout/trt``), where
 the daemon finds them. With ``--precision int8`` the entropy calibrator runs on the synthetic
-calibration inputs of :mod:`nanoscout.training.calibration` (the same ONNX Runtime's INT8
+calibration inputs of :mod:`nanoscout.training.int8_calibration` (the same ONNX Runtime's INT8
 siblings were calibrated on) and TensorRT writes its calibration cache beside the plans; the
 daemon then builds INT8 plans for other shapes from that cache without calibration data.
 
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
-from nanoscout.training.calibration import calibration_inputs, describe_calibration
+from nanoscout.training.int8_calibration import calibration_inputs, describe_calibration
 from nanoscout.training.quantize import MAX_LOSS, MODELS, detector_parity
 
 __all__ = ["build_model", "main"]

@@ -18,7 +18,7 @@ is stale and the daemon's ``precision = "auto"`` ignores it.
 
 Quantization: ONNX Runtime static quantization in QDQ format (``quantize_static``):
 per-channel signed 8-bit weights, unsigned 8-bit activations, activation ranges from the
-calibration inputs of :mod:`nanoscout.training.calibration` (synthetic, rendered from seeds,
+calibration inputs of :mod:`nanoscout.training.int8_calibration` (synthetic, rendered from seeds,
 never the held-out data) by the 99.999th percentile of their histogram. The detectors quantize
 every operator ONNX Runtime can (convolutions, skips, resizes); the classifier and the lens
 only their convolutions, so the lens's novelty statistics (powers, logs,
@@ -60,7 +60,7 @@ from nanoscout.analysis.modelcard import (
     sha256_file,
     shipped_model_dir,
 )
-from nanoscout.training.calibration import calibration_inputs, describe_calibration
+from nanoscout.training.int8_calibration import calibration_inputs, describe_calibration
 
 __all__ = ["DEFAULT_MODELS", "MAX_LOSS", "MODELS", "detector_parity", "engine_speed", "main",
            "parity", "quantize_model", "quantize_onnx"]
@@ -122,7 +122,7 @@ def _detector_samples(card: ModelCard, sets: list[str], n_synthetic: int,
                       ) -> dict[str, Iterator[Any]]:
     """Held-out samples per set for a detector (STEM sets for a STEM detector)."""
     from nanoscout.training import realdata
-    from nanoscout.training.calibration import _modalities
+    from nanoscout.training.int8_calibration import _modalities
     from nanoscout.training.evaluate import synthetic_samples
 
     stem_only = _modalities(card) == ("STEM",)
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma list of model stems, of {','.join(MODELS)} (default: "
                          f"{','.join(DEFAULT_MODELS)}, where INT8 pays)")
     ap.add_argument("--calibration-frames", type=int, default=32,
-                    help="calibration inputs per model (nanoscout.training.calibration)")
+                    help="calibration inputs per model (nanoscout.training.int8_calibration)")
     ap.add_argument("--method", default="percentile", choices=["percentile", "minmax", "entropy"],
                     help="activation range calibration")
     ap.add_argument("--no-parity", action="store_true", help="skip the parity measurement "

@@ -1,4 +1,4 @@
-"""Score calibration fitting (nanoscout.training.calibrate): isotonic regression and its knots."""
+"""Score calibration fitting (nanoscout.training.score_calibration): isotonic regression and its knots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoscout.training.calibrate import isotonic, knots
+from nanoscout.training.score_calibration import isotonic, knots
 
 
 def test_isotonic_pools_violators() -> None:
@@ -35,7 +35,7 @@ def test_knots_span_the_unit_interval_and_reproduce_a_calibrated_score() -> None
 
 def test_calibration_refuses_held_out_sets() -> None:
 
-    from nanoscout.training.calibrate import fit_calibration
+    from nanoscout.training.score_calibration import fit_calibration
 
     with pytest.raises(SystemExit, match="tuning sets only"):
         fit_calibration(Path("x.onnx"), ["emps"])
@@ -44,7 +44,7 @@ def test_calibration_refuses_held_out_sets() -> None:
 def test_calibrate_writes_a_monotone_map_into_a_copy_of_the_shipped_card(tmp_path: Path) -> None:
     """The command on one synthetic tuning frame: knots in [0, 1], data named, cut untouched."""
     from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
-    from nanoscout.training.calibrate import main
+    from nanoscout.training.score_calibration import main
 
     for name in ("detector.onnx", "detector.json"):
         shutil.copy(shipped_model_dir() / name, tmp_path / name)

@@ -102,6 +102,6 @@ def describe_calibration(card: ModelCard, n: int) -> str:
     if card.task == "detection-segmentation":
         return (f"{n} synthetic {'/'.join(_modalities(card))} frames of "
                 f"{DETECTOR_SIDE_PX}x{DETECTOR_SIDE_PX} px at working scale (median ECD 6-40 px), "
-                f"nanoscout.training.calibration, {seeds}")
+                f"nanoscout.training.int8_calibration, {seeds}")
     return (f"{n} synthetic fields of every class (nanoscout.sim.fields.render_field, 512² and "
-            f"1024²) through fixed_input, nanoscout.training.calibration, {seeds}")
+            f"1024²) through fixed_input, nanoscout.training.int8_calibration, {seeds}")
