@@ -176,7 +176,8 @@ class ScoreCalibration(_Strict):
     """Maps a particle's raw score (``nanoscout.analysis.instances``: mean foreground probability over
     its interior) to the probability that it is a real particle, by linear interpolation
     between knots (``scores`` increasing, ``probabilities`` non-decreasing, both in [0, 1]),
-    fitted on tuning data named in ``data`` (isotonic regression, ``nanoscout.training.score_calibration``)."""
+    fitted on tuning data named in ``data`` (isotonic regression,
+    ``nanoscout.training.score_calibration``)."""
 
     scores: tuple[float, ...] = Field(min_length=2)
     probabilities: tuple[float, ...] = Field(min_length=2)

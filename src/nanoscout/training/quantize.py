@@ -122,8 +122,8 @@ def _detector_samples(card: ModelCard, sets: list[str], n_synthetic: int,
                       ) -> dict[str, Iterator[Any]]:
     """Held-out samples per set for a detector (STEM sets for a STEM detector)."""
     from nanoscout.training import realdata
-    from nanoscout.training.int8_calibration import _modalities
     from nanoscout.training.evaluate import synthetic_samples
+    from nanoscout.training.int8_calibration import _modalities
 
     stem_only = _modalities(card) == ("STEM",)
     avail = realdata.available_sets(data_root)
