@@ -56,8 +56,13 @@ bench: install
 	$(BIN)/python benchmarks/classify.py --out benchmarks/results/classify.json
 	$(BIN)/python benchmarks/search.py --out benchmarks/results/search.json
 
+# every shipped model: the general detector and its score calibration (fitted on the tuning
+# sets only), the STEM detector (uncalibrated: its one tuning material, Pt, is in its training
+# data), the classifier and the lens
 train: install
 	$(BIN)/nanoscout models train --out models/weights
+	$(BIN)/nanoscout models calibrate --model models/weights/detector.onnx --sets emps-tune,synthetic-tune
+	$(BIN)/nanoscout models train --variant stem --out models/weights
 	$(BIN)/nanoscout models train-classifier --out models/weights
 	$(BIN)/nanoscout models train-lens --out models/weights
 

@@ -219,6 +219,8 @@ def serve_command(policy: str, args: argparse.Namespace) -> list[str]:
         cmd += ["--config", str(args.config)]
     if args.model is not None:
         cmd += ["--model", str(args.model)]
+    if getattr(args, "precision", None):
+        cmd += ["--precision", args.precision]
     return cmd
 
 
@@ -326,34 +328,39 @@ def build_baseline(args: argparse.Namespace) -> Any:
 
     config = load_config(args.config, {
         "engine.threads": args.threads, "engine.backend": args.backend, "engine.model": args.model,
+        "engine.precision": getattr(args, "precision", None),
     })
     return build_pipeline(config)
 
 
 def measure_engine(pipeline: Any, frames: list[np.ndarray], args: argparse.Namespace,
                    budget_s: float) -> dict[str, Any]:
-    """Time ``Detector.detect`` in this process; returns wall and per-stage summaries (ms)."""
+    """Time ``Detector.detect`` in this process; returns wall and per-stage summaries (ms).
+
+    ``detect_ms``: every frame on its own (no stream key: the working scale is estimated on
+    every frame, as for offline images); ``detect_stream_ms``: the same frames as one stream
+    (``key``: the scale estimated once and reused while the content stays the same)."""
     detector = pipeline.detector
     detector.detect(frames[0])  # first run allocates and optimises for this shape
-    wall: list[float] = []
-    stages: dict[str, list[float]] = {}
-    t_end = time.monotonic() + budget_s
-    k = 0
-    while k < args.engine_min_runs or (time.monotonic() < t_end and k < args.engine_max_runs):
-        img = frames[k % len(frames)]
-        t0 = time.perf_counter()
-        detection = detector.detect(img)
-        wall.append((time.perf_counter() - t0) * 1e3)
-        for name, ms in getattr(detection, "timings_ms", {}).items():
-            stages.setdefault(name, []).append(float(ms))
-        k += 1
-    return {
-        "backend": pipeline.engine_name,
-        "model": pipeline.model_name,
-        "threads": args.threads,
-        "detect_ms": summary(wall),
-        "stage_ms_p50": {k: summary(v)["p50"] for k, v in sorted(stages.items())},
-    }
+    out: dict[str, Any] = {"backend": pipeline.engine_name, "model": pipeline.model_name,
+                           "threads": args.threads}
+    for label, key in (("", None), ("_stream", ("bench", len(frames), frames[0].shape))):
+        wall: list[float] = []
+        stages: dict[str, list[float]] = {}
+        t_end = time.monotonic() + budget_s / 2
+        k = 0
+        while k < args.engine_min_runs or (time.monotonic() < t_end
+                                           and k < args.engine_max_runs):
+            img = frames[k % len(frames)]
+            t0 = time.perf_counter()
+            detection = detector.detect(img, key=key)
+            wall.append((time.perf_counter() - t0) * 1e3)
+            for name, ms in getattr(detection, "timings_ms", {}).items():
+                stages.setdefault(name, []).append(float(ms))
+            k += 1
+        out[f"detect{label}_ms"] = summary(wall)
+        out[f"stage{label}_ms_p50"] = {k: summary(v)["p50"] for k, v in sorted(stages.items())}
+    return out
 
 
 def measure_lossless(daemon: DaemonProc, frames: list[np.ndarray], source: str,
@@ -611,6 +618,94 @@ def evaluate_targets(size_result: dict[str, Any] | None) -> dict[str, Any]:
     return {"size": TARGET_SIZE, "checks": checks, "all_pass": all(c["pass"] for c in checks)}
 
 
+#: issue 21: detection time may grow at most this much for 4x the pixels (2048²/1024², 4096²/2048²)
+TARGET_SCALING = 4.4
+
+
+def measure_scaling(pipeline: Any, frames: dict[int, list[np.ndarray]], rounds: int
+                    ) -> dict[str, Any]:
+    """Time ``Detector.detect`` on every size in turn, ``rounds`` times (sizes interleaved, so
+    a change in the host's load touches every size alike); returns per size the wall times
+    (ms, offline: the scale estimated on every frame; stream: estimated once per size) and per
+    pair of successive sizes the median of the ratios measured in the same round.
+
+    Each timed frame follows an untimed one of the same size: a daemon's stream has one frame
+    size, and the first frame after a change of size pays for re-planning the engine's and
+    the allocator's memory (+21 % at 4096² in one run), which a stream never does."""
+    detector = pipeline.detector
+    sizes = sorted(frames)
+    walls: dict[str, dict[int, list[float]]] = {"detect": {}, "detect_stream": {}}
+    for size in sizes:  # the first run of a shape allocates and optimises for it
+        detector.detect(frames[size][0])
+        detector.detect(frames[size][0], key=("scaling", size))
+    for r in range(rounds):
+        for size in sizes:
+            img = frames[size][r % len(frames[size])]
+            for label, key in (("detect", None), ("detect_stream", ("scaling", size))):
+                detector.detect(frames[size][(r + 1) % len(frames[size])], key=key)  # untimed
+                t0 = time.perf_counter()
+                detector.detect(img, key=key)
+                walls[label].setdefault(size, []).append((time.perf_counter() - t0) * 1e3)
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "ms": {label: {str(s): summary(v) for s, v in by_size.items()}
+               for label, by_size in walls.items()},
+        "ratios": {},
+    }
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        row: dict[str, Any] = {"pixel_ratio": round((b / a) ** 2, 3)}
+        for label, by_size in walls.items():
+            paired = [tb / ta for ta, tb in zip(by_size[a], by_size[b], strict=True)]
+            row[f"{label}_ratio"] = round(float(np.median(paired)), 3)
+            row[f"{label}_ratio_range"] = [round(min(paired), 3), round(max(paired), 3)]
+        out["ratios"][f"{b}/{a}"] = row
+    return out
+
+
+def scaling_block(results: dict[str, Any], interleaved: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """Detection time ratios between successive sizes of this run against the pixel ratio,
+    with pass/fail for 4x pixels: from the interleaved phase (:func:`measure_scaling`) when it
+    ran, else from the p50s of the per-size ``engine`` phases (measured minutes apart, so a
+    change in the host's load between sizes shows in them; kept as ``sequential``)."""
+    sizes = sorted(int(s) for s in results)
+    out: dict[str, Any] = {"target": f"<= {TARGET_SCALING:g} for 4x the pixels", "ratios": {}}
+    if interleaved is not None:
+        out["measured_in"] = "interleaved sizes, median of the same-round ratios"
+        out["interleaved"] = interleaved
+        for pair, measured in interleaved["ratios"].items():
+            b, a = (int(x) for x in pair.split("/"))
+            res = {"pixel_ratio": measured["pixel_ratio"],
+                   "detect_ratio": measured["detect_ratio"],
+                   "detect_stream_ratio": measured["detect_stream_ratio"]}
+            if b == 2 * a:
+                res["pass"] = measured["detect_ratio"] <= TARGET_SCALING
+            out["ratios"][pair] = res
+        out["sequential"] = scaling_block(results)["ratios"]
+        return out
+    out["measured_in"] = "p50 of each size's engine phase"
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        eng_a, eng_b = results[str(a)].get("engine") or {}, results[str(b)].get("engine") or {}
+        row: dict[str, Any] = {"pixel_ratio": round((b / a) ** 2, 3)}
+        for key in ("detect_ms", "detect_stream_ms"):
+            pa, pb = (eng_a.get(key) or {}).get("p50"), (eng_b.get(key) or {}).get("p50")
+            row[key.removesuffix("_ms") + "_ratio"] = round(pb / pa, 3) if pa and pb else None
+        if b == 2 * a:
+            r = row["detect_ratio"]
+            row["pass"] = r is not None and r <= TARGET_SCALING
+        out["ratios"][f"{b}/{a}"] = row
+    return out
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """Peak resident memory of a process so far, MB (Linux ``VmHWM``), or None."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def overhead_block(engine: dict[str, Any], live_ok: dict[str, Any] | None,
                    lossless: dict[str, Any] | None) -> dict[str, Any]:
     """Return pipeline overhead ratios relative to the bare detector (dimensionless)."""
@@ -689,6 +784,11 @@ def print_table(report: dict[str, Any]) -> None:
     for c in t["checks"]:
         print(f"target {t['size']}² {c['name']:<18} {c['target']:>8}  measured "
               f"{_fmt(c['measured'], 3):>9}  {'PASS' if c['pass'] else 'FAIL'}")
+    for pair, row in (report.get("scaling") or {}).get("ratios", {}).items():
+        verdict = "" if "pass" not in row else ("  PASS" if row["pass"] else "  FAIL")
+        print(f"scaling {pair}: detection x{_fmt(row['detect_ratio'], 2)} (stream "
+              f"x{_fmt(row['detect_stream_ratio'], 2)}) for x{row['pixel_ratio']} pixels"
+              f"{verdict}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,13 +800,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
-    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048],
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096],
                    help="square frame sizes, px")
     p.add_argument("--seconds", type=float, default=15.0,
                    help="duration of each streaming phase, s (3 phases per size)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="engine intra-op threads, daemon and in-process baseline alike")
     p.add_argument("--backend", default="auto", help="engine backend (as nanoscout serve)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "fp16", "int8"],
+                   help="engine precision (as nanoscout serve; default: the daemon's, auto)")
     p.add_argument("--model", type=Path, help="ONNX detector (default: the shipped one)")
     p.add_argument("--config", type=Path, help="daemon TOML config (also used for the baseline)")
     p.add_argument("--frames-per-size", type=int, default=4,
@@ -719,6 +821,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="extra time after a phase for in-flight results, s")
     p.add_argument("--engine-min-runs", type=int, default=3)
+    p.add_argument("--scaling-rounds", type=int, default=7,
+                   help="rounds of the interleaved scaling phase (every size once per round, "
+                        "before the daemons start; 0 = none)")
     p.add_argument("--engine-max-runs", type=int, default=30)
     p.add_argument("--health-interval", type=float, default=0.25, help="daemon health period, s")
     p.add_argument("--seed", type=int, default=12345)
@@ -740,6 +845,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "sizes": args.sizes, "seconds": args.seconds, "threads": args.threads,
             "backend": args.backend, "model": str(args.model) if args.model else "shipped",
+            "precision": args.precision or "auto (the daemon's default)",
             "daemon_config": str(args.config) if args.config else None,
             "frames_per_size": args.frames_per_size, "lossless_window": args.lossless_window,
             "live_factors": args.live_factors, "warmup_frames": WARMUP_FRAMES,
@@ -757,9 +863,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log_dir = Path(tmp)
         daemons: dict[str, DaemonProc] = {}
         baseline = None
+        interleaved: dict[str, Any] | None = None
         try:
             # the baseline is loaded right beside the daemons, so all three hold the same model
             baseline = build_baseline(args)
+            if args.scaling_rounds > 0 and len(args.sizes) > 1:
+                print(f"scaling: sizes interleaved, {args.scaling_rounds} rounds ...", flush=True)
+                interleaved = measure_scaling(baseline, frames, args.scaling_rounds)
             for policy in ("lossless", "live"):
                 daemons[policy] = start_daemon(policy, args, log_dir)
                 print(f"{policy} daemon ready: {daemons[policy].input} -> "
@@ -782,6 +892,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if model_info(args.model).get("sha256") != report["model"].get("sha256"):
         report["errors"].append("the model file changed during the run: results mix two models")
     report["targets"] = evaluate_targets(report["results"].get(str(TARGET_SIZE)))
+    report["scaling"] = scaling_block(report["results"], interleaved)
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["duration_s"] = round(time.monotonic() - t_run, 1)
     _write(args.out, report)
@@ -821,6 +932,8 @@ def run_size(size: int, frames: list[np.ndarray], daemons: dict[str, DaemonProc]
             errors.append(f"{size} {phase}: {exc!r}")
     res["overhead"] = overhead_block(res["engine"], res.get("live_sustainable"),
                                      res.get("lossless"))
+    # the daemons' peak memory after this size (cumulative: sizes run smallest first)
+    res["daemon_peak_rss_mb"] = {d.policy: peak_rss_mb(d.proc.pid) for d in daemons.values()}
     res["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return res
 

@@ -30,6 +30,8 @@ from nanoscout.clients.dashboard import DashboardServer, DashboardState, LensVie
 from nanoscout.clients.query import QueryError
 from nanoscout.wire.protocol import (
     ClassHeader,
+    ControlReply,
+    ControlRequest,
     HealthHeader,
     LensRequest,
     StatsHeader,
@@ -570,8 +572,12 @@ def test_control_buttons_reach_the_daemons_query_socket_and_track_history_answer
     from tests.unit.test_dashboard import _tracked_det
 
     seen: list[tuple[str, str]] = []
-    srv = LensServer(zmq.Context.instance(), None,
-                     control=lambda s, a: seen.append((s, a)))
+
+    def control(req: ControlRequest) -> ControlReply:
+        seen.append((req.source or "", req.action))
+        return ControlReply(source=req.source or "", action=req.action, ok=True)
+
+    srv = LensServer(zmq.Context.instance(), None, control=control)
     endpoint = srv.start(f"ipc://{tmp_path}/query", lambda fn: fn)
     state = DashboardState(query=endpoint)
     for k in range(3):

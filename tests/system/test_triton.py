@@ -58,9 +58,11 @@ def _triton_config(url: str, **triton: object) -> str:
 
 
 def _local(**overrides: object) -> Pipeline:
-    """The in-process reference: ONNX Runtime on the CPU, one thread (as the server's stub)."""
+    """The in-process reference: ONNX Runtime on the CPU, one thread, FP32 (as the server's
+    stub: the server runs the FP32 files, not their INT8 siblings)."""
     return build_pipeline(load_config(None, {"engine.backend": "cpu", "engine.threads": 1,
-                                             **overrides}), offline=True)
+                                             "engine.precision": "fp32", **overrides}),
+                          offline=True)
 
 
 def _analyse(pipeline: Pipeline, rec: ImageRecord, modality: str | None) -> FrameResult:

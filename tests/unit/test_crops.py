@@ -102,6 +102,14 @@ def test_real_training_never_reads_a_validation_image(shared_data: Path) -> None
     assert all(r.image.dtype == np.float32 and r.labels.shape == r.image.shape for r in items)
 
 
+def test_bf_tem_training_frames_leave_the_held_out_frames_out(shared_data: Path) -> None:
+    items = load_real_training(("msa",), shared_data)
+    split = realdata.load_split("msa")
+    assert sorted(r.id for r in items) == sorted(split["train"])
+    assert not {r.id for r in items} & set(split["validation"])
+    assert all(r.set == "msa" and r.labels.max() > 0 and r.median_ecd_px > 0 for r in items)
+
+
 def test_stem_tuning_material_is_one_training_material(shared_data: Path) -> None:
     tune = realdata.stem_tuning_names(shared_data)
     split = realdata.load_split("stem")
@@ -132,3 +140,36 @@ def test_pool_draws_the_asked_share_of_stem_crops() -> None:
         Pool(1, np.random.default_rng(0), real, 1.0, stem_share=1.5)
     with pytest.raises(ValueError, match="both STEM and other"):
         Pool(1, np.random.default_rng(0), real[:9], 1.0, stem_share=0.5)
+
+
+def test_pool_mixes_sem_and_haadf_crops_and_returns_boxes(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.boxloss import ring_mask
+    from nanoscout.training.train import HaadfCache, Pool
+
+    # a cache shard in nanoscout.training.haadf.write_cache's format (rendering real specimens
+    # takes seconds each; test_haadf covers that): bright discs on a dim support
+    yy, xx = np.mgrid[:256, :256]
+    sig = np.full((2, 256, 256), 0.1, np.float32)
+    labs = np.zeros((2, 256, 256), np.uint16)
+    for k, (r, c) in enumerate([(60, 60), (128, 200), (200, 90)], start=1):
+        disc = (yy - r) ** 2 + (xx - c) ** 2 <= 12**2
+        sig[:, disc], labs[:, disc] = 1.0, k
+    np.savez_compressed(tmp_path / "haadf_3000000.npz", signal=sig.astype(np.float16),
+                        labels=labs, seeds=np.array([3_000_000, 3_000_001]))
+    cache = HaadfCache(tmp_path)
+    assert len(cache) == 2 and len(HaadfCache(tmp_path, 1)) == 1
+    boxes = np.array([[10.0, 10.0, 30.0, 26.0], [40.0, 40.0, 60.0, 60.0]])
+    lab = ellipse_labels((64, 64), boxes)
+    img = np.where(lab > 0, 0.8, 0.2).astype(np.float32)
+    stem = RealImage("stem", "s", img, lab, 18.0, ring_mask((64, 64), boxes))
+    pool = Pool(1, np.random.default_rng(0), [stem], real_fraction=1.0)
+    x, y, b = pool.batch(2)
+    assert x.shape == (2, 1, 256, 256) and y.shape == (2, 4, 256, 256)
+    assert b.shape[1] == 5 and len(b) >= 2 and set(b[:, 0].tolist()) <= {0, 1}
+    # the ring between box and inner ellipse is not valid; the crop's boxes are not empty
+    assert (y[:, 3] == 0).any() and (b[:, 3] > b[:, 1]).all() and (b[:, 4] > b[:, 2]).all()
+    synth = Pool(1, np.random.default_rng(1), None, 0.0, haadf=cache, haadf_share=0.5,
+                 sem_share=1.0)
+    x, y, b = synth.batch(4)
+    assert len(b) == 0 and np.isfinite(x).all() and y[:, 0].any()

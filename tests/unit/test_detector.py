@@ -599,7 +599,14 @@ def test_min_score_overrides_the_cards_cut(shipped: Detector) -> None:
     low = Detector(shipped.engine, shipped.card, scale=1.0, min_score=0.0).detect(frame)
     card = Detector(shipped.engine, shipped.card, scale=1.0).detect(frame)
     assert low.n > card.n  # the card's cut drops some unconvincing particles
-    assert (card.scores[1:] >= shipped.card.thresholds.min_score).all()  # type: ignore[union-attr]
+    # the cut is on the raw score; the shipped card reports calibrated probabilities
+    raw_card = shipped.card.model_copy(update={"score_calibration": None})
+    raw = Detector(shipped.engine, raw_card, scale=1.0).detect(frame)
+    assert np.array_equal(raw.labels, card.labels)
+    assert (raw.scores[1:] >= shipped.card.thresholds.min_score).all()  # type: ignore[union-attr]
+    cal = shipped.card.score_calibration
+    assert cal is not None
+    assert np.allclose(card.scores[1:], np.interp(raw.scores[1:], cal.scores, cal.probabilities))
     with pytest.raises(ConfigError, match="min_score"):
         Detector(shipped.engine, shipped.card, min_score=1.5)
 
@@ -637,3 +644,23 @@ def test_score_does_not_mark_small_particles_down() -> None:
     # the whole-particle mean (the score before) put the small disc well below the big one
     p = 1.0 / (1.0 + np.exp(-fg))
     assert p[labels == labels[20, 20]].mean() < p[labels == labels[56, 56]].mean() - 0.05
+
+
+def test_score_calibration_maps_reported_scores() -> None:
+    from nanoscout.analysis.modelcard import ScoreCalibration
+
+    lab = np.zeros((64, 64), np.int32)
+    yy, xx = np.indices(lab.shape)
+    lab[(yy - 20) ** 2 + (xx - 20) ** 2 <= 64] = 1
+    lab[(yy - 44) ** 2 + (xx - 44) ** 2 <= 64] = 2
+    img = np.where(lab > 0, 200, 50).astype(np.uint8)
+    raw = Detector(OracleEngine(lab), _card(), scale=1.0).detect(img)
+    cal = ScoreCalibration(scores=(0.0, 0.5, 1.0), probabilities=(0.0, 0.1, 0.6))
+    got = Detector(OracleEngine(lab), _card(score_calibration=cal), scale=1.0).detect(img)
+    assert got.n == raw.n == 2
+    assert np.array_equal(got.labels, raw.labels)
+    assert np.allclose(got.scores[1:], np.interp(raw.scores[1:], cal.scores, cal.probabilities))
+    with pytest.raises(ValueError, match="must increase"):
+        ScoreCalibration(scores=(0.0, 0.0, 1.0), probabilities=(0.0, 0.1, 0.6))
+    with pytest.raises(ValueError, match="must not decrease"):
+        ScoreCalibration(scores=(0.0, 0.5, 1.0), probabilities=(0.0, 0.7, 0.6))

@@ -23,6 +23,7 @@ from onnx import GraphProto, TensorProto, helper, numpy_helper  # noqa: E402
 
 from nanoscout.engines import (  # noqa: E402
     BACKENDS,
+    CalibrationSet,
     TensorSpec,
     available_backends,
     create_engine,
@@ -237,7 +238,9 @@ def test_bad_backend_name_lists_valid_names(model_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"precision": "int8"}, "'int8'"),
+        ({"precision": "fp8"}, "'fp8'"),
+        ({"device": -1}, "device -1"),
+        ({"max_batch": 0}, "max_batch 0"),
         ({"threads": 0}, "threads"),
         ({"max_shape": (16, 4096)}, "(16, 4096)"),
     ],
@@ -325,8 +328,13 @@ class _FakeTrt(types.ModuleType):
                 for n in names:
                     setattr(self, n, n)
 
+        class IInt8EntropyCalibrator2:
+            def __init__(self) -> None:
+                pass
+
         self.ILogger = ILogger
-        self.BuilderFlag = Names("FP16", "TF32")
+        self.IInt8EntropyCalibrator2 = IInt8EntropyCalibrator2
+        self.BuilderFlag = Names("FP16", "TF32", "INT8")
         self.MemoryPoolType = Names("WORKSPACE")
         self.TensorIOMode = Names("INPUT", "OUTPUT")
         self.nptype = lambda dtype: dtype
@@ -378,6 +386,11 @@ class _FakeTrt(types.ModuleType):
                 self.flags: set[str] = set()
                 self.profiles: list[dict] = []
                 self.pools: dict[str, int] = {}
+                self.int8_calibrator: Any = None
+                self.calibration_profile: dict | None = None
+
+            def set_calibration_profile(self, profile: dict) -> None:
+                self.calibration_profile = profile
 
             def set_memory_pool_limit(self, pool: str, size: int) -> None:
                 self.pools[pool] = size
@@ -416,7 +429,24 @@ class _FakeTrt(types.ModuleType):
                     "flags": sorted(config.flags),
                     "profile": config.profiles[0] if config.profiles else {},
                     "workspace": config.pools.get("WORKSPACE"),
+                    "calibrated": None,
                 }
+                calib = config.int8_calibrator
+                if "INT8" in config.flags:
+                    # TensorRT's calibration: the cache if the calibrator has one, else batches
+                    # at the calibration profile's shape until get_batch says none are left
+                    assert calib is not None and calib.get_batch_size() == 1
+                    build["calibration_profile"] = config.calibration_profile
+                    if calib.read_calibration_cache() is None:
+                        names = [t.name for t in network.inputs]
+                        n = 0
+                        while (ptrs := calib.get_batch(names)) is not None:
+                            assert len(ptrs) == len(names) and all(isinstance(p, int) for p in ptrs)
+                            n += 1
+                        calib.write_calibration_cache(b"FAKECALIB %d" % n)
+                        build["calibrated"] = n
+                    else:
+                        build["calibrated"] = 0
                 builds.append(build)
                 return b"FAKEPLAN" + json.dumps(build).encode()
 
@@ -431,8 +461,16 @@ class _FakeTrt(types.ModuleType):
                 return True
 
             def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-                # the test model's outputs have the shape of its one input
-                return self.shapes.get(name) or next(iter(self.shapes.values()))
+                if name in self.shapes:
+                    return self.shapes[name]
+                # an output: its shape for these input shapes, as ONNX Runtime computes it
+                key = tuple(sorted(self.shapes.items()))
+                if key not in self.engine.out_shapes:
+                    feeds = {k: np.zeros(v, np.float32) for k, v in self.shapes.items()}
+                    outs = self.engine.session.run(None, feeds)
+                    names = [o.name for o in self.engine.session.get_outputs()]
+                    self.engine.out_shapes[key] = {n: o.shape for n, o in zip(names, outs, strict=True)}
+                return tuple(self.engine.out_shapes[key][name])
 
             def set_tensor_address(self, name: str, ptr: int) -> None:
                 self.addresses[name] = ptr
@@ -446,6 +484,7 @@ class _FakeTrt(types.ModuleType):
                     feeds[name] = np.frombuffer(memoryview(raw), np.float32).reshape(shape).copy()
                 outs = self.engine.session.run(None, feeds)
                 for spec, out in zip(self.engine.session.get_outputs(), outs, strict=True):
+                    out = np.ascontiguousarray(out)
                     ctypes.memmove(self.addresses[spec.name], out.ctypes.data, out.nbytes)
                 return True
 
@@ -453,6 +492,7 @@ class _FakeTrt(types.ModuleType):
             def __init__(self, build: dict) -> None:
                 self.build = build
                 self.session = ort.InferenceSession(build["path"], providers=["CPUExecutionProvider"])
+                self.out_shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}
                 self.io = [(i, "INPUT") for i in self.session.get_inputs()]
                 self.io += [(o, "OUTPUT") for o in self.session.get_outputs()]
 
@@ -470,7 +510,9 @@ class _FakeTrt(types.ModuleType):
                 return self._node(name)[1]
 
             def get_tensor_dtype(self, name: str) -> type:
-                return np.float32
+                kind = self._node(name)[0].type  # e.g. "tensor(float)", "tensor(uint8)"
+                return {"tensor(float)": np.float32, "tensor(uint8)": np.uint8,
+                        "tensor(int64)": np.int64}[kind]
 
             def get_tensor_shape(self, name: str) -> tuple[int, ...]:
                 return tuple(d if isinstance(d, int) else -1 for d in self._node(name)[0].shape)
@@ -498,20 +540,23 @@ class _FakeTrt(types.ModuleType):
 class _FakeCudart(types.ModuleType):
     """cuda-python's runtime API over host memory: (err, value) tuples, err 0 = success."""
 
-    def __init__(self, gpu_name: str = "Fake GPU") -> None:
+    def __init__(self, gpu_name: str = "Fake GPU", count: int = 1) -> None:
         super().__init__("cuda.bindings.runtime")
         self.gpu_name = gpu_name
+        self.count = count
+        self.devices_set: list[int] = []
         self.blocks: dict[int, np.ndarray] = {}
         self.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
 
     def cudaGetDeviceCount(self) -> tuple[int, int]:
-        return 0, 1
+        return 0, self.count
 
     def cudaGetDeviceProperties(self, device: int) -> tuple[int, object]:
         props = types.SimpleNamespace(name=self.gpu_name.encode() + b"\x00\x00", major=8, minor=9)
         return 0, props
 
     def cudaSetDevice(self, device: int) -> tuple[int]:
+        self.devices_set.append(device)
         return (0,)
 
     def cudaMalloc(self, nbytes: int) -> tuple[int, int]:
@@ -533,6 +578,10 @@ class _FakeCudart(types.ModuleType):
         return (0,)
 
     def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> tuple[int]:
+        ctypes.memmove(dst, src, n)
+        return (0,)
+
+    def cudaMemcpy(self, dst: int, src: int, n: int, kind: int) -> tuple[int]:
         ctypes.memmove(dst, src, n)
         return (0,)
 
@@ -652,3 +701,133 @@ def test_fake_tensorrt_parse_failure_falls_back_in_auto(
     # auto: TensorRT fails, the CUDA provider is missing, the CPU backend names the file
     with pytest.raises(EngineFailure, match="ONNX Runtime cannot load model .*corrupt.onnx"):
         create_engine(corrupt, cache_dir=tmp_path)
+
+
+# --- precisions, INT8, batches and devices ----------------------------------------------------
+
+
+def test_cpu_int8_uses_the_quantized_sibling_and_says_so(model_path: Path, tmp_path: Path) -> None:
+    sibling = tmp_path / "conv_sigmoid.int8.onnx"
+    sibling.write_bytes(model_path.read_bytes())  # the factory only loads it
+    with cast(OnnxRuntimeEngine, create_engine(model_path, "cpu", threads=1, precision="int8",
+                                               int8_model=sibling)) as engine:
+        assert (engine.name, engine.precision, engine.model_path) == (
+            "onnxruntime-cpu", "int8", sibling)
+    with create_engine(model_path, "cpu", threads=1, int8_model=sibling) as auto:
+        assert auto.precision == "int8"  # "auto" takes a sibling the caller vouches for
+    with cast(OnnxRuntimeEngine, create_engine(model_path, "cpu", threads=1)) as plain:
+        assert (plain.precision, plain.model_path) == ("fp32", model_path)
+    with pytest.raises(EngineUnavailable, match="nanoscout models quantize"):
+        create_engine(model_path, "cpu", precision="int8")
+    with pytest.raises(EngineFailure, match="missing.int8.onnx"):
+        create_engine(model_path, "cpu", precision="int8", int8_model=tmp_path / "missing.int8.onnx")
+
+
+def _calibration(n: int, shape: tuple[int, ...] = (1, 1, 64, 48), name: str = "test set"
+                 ) -> tuple[CalibrationSet, list[int]]:
+    calls: list[int] = []
+
+    def inputs() -> Iterator[dict[str, np.ndarray]]:
+        calls.append(n)
+        rng = np.random.default_rng(0)
+        for _ in range(n):
+            yield {"image": rng.normal(size=shape).astype(np.float32)}
+
+    return CalibrationSet(name, inputs), calls
+
+
+def test_fake_tensorrt_int8_calibrates_once_and_keeps_the_cache_beside_the_plans(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path) -> None:
+    builds, cudart = fake_gpu
+    calib, calls = _calibration(5)
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", calibration=calib)) as engine:
+        assert engine.precision == "int8" and engine.built and engine.calibrated_batches == 5
+        assert builds[-1]["flags"] == ["FP16", "INT8"] and builds[-1]["calibrated"] == 5
+        # calibration runs at the calibration inputs' shape, inference at any shape
+        assert builds[-1]["calibration_profile"] == {"image": [[1, 1, 64, 48]] * 3}
+        cache = engine.calibration_path
+        assert cache is not None and cache.parent == tmp_path and cache.suffix == ".calib"
+        assert cache.read_bytes() == b"FAKECALIB 5"
+        assert json.loads(cache.with_suffix(".calib.json").read_text()) == {"calibration": "test set"}
+        assert json.loads(engine.plan_path.with_suffix(".json").read_text())["calibration"] == "test set"
+        image = np.random.default_rng(2).normal(size=(1, 1, 40, 56)).astype(np.float32)
+        np.testing.assert_allclose(engine.infer({"image": image})["prob"], reference(image)[1], atol=1e-6)
+    assert not cudart.blocks, "the calibrator left device buffers allocated"
+    # another shape limit: a new plan, calibrated from the cache, without any input
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", max_shape=(512, 512))) as second:
+        assert second.built and second.calibrated_batches == 0 and builds[-1]["calibrated"] == 0
+    # the same key again: the cached plan, no build
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", calibration=calib)) as third:
+        # the set was opened twice, both in the first build: its first input's shape for the
+        # calibration profile, then the calibration; never since
+        assert not third.built and len(builds) == 2 and calls == [5, 5]
+    # another calibration set: calibrated again
+    other, _ = _calibration(3, name="other set")
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            precision="int8", calibration=other)) as fourth:
+        assert fourth.built and fourth.calibrated_batches == 3
+        assert fourth.calibration_path is not None
+        assert fourth.calibration_path.read_bytes() == b"FAKECALIB 3"
+
+
+def test_fake_tensorrt_int8_without_calibration_says_what_to_run(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path) -> None:
+    with pytest.raises(EngineUnavailable, match="nanoscout models build-engines --precision int8"):
+        create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8")
+    # auto backend: TensorRT cannot, the CPU runs the FP32 model (no INT8 sibling given)
+    with pytest.raises(EngineUnavailable, match="nanoscout models quantize"):
+        create_engine(model_path, cache_dir=tmp_path, precision="int8")
+
+
+def test_fake_tensorrt_auto_precision_is_fp16(fake_gpu: FakeGpu, model_path: Path,
+                                              tmp_path: Path) -> None:
+    builds, _ = fake_gpu
+    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="auto") as engine:
+        assert engine.precision == "fp16" and builds[-1]["flags"] == ["FP16"]
+
+
+def test_fake_tensorrt_batches_tiles_up_to_max_batch(fake_gpu: FakeGpu, model_path: Path,
+                                                     tmp_path: Path) -> None:
+    builds, _ = fake_gpu
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
+                                            max_shape=(256, 256), max_batch=4)) as engine:
+        assert builds[-1]["profile"] == {"image": [[1, 1, 32, 32], [4, 1, 256, 256], [4, 1, 256, 256]]}
+        tiles = np.random.default_rng(4).normal(size=(3, 1, 96, 128)).astype(np.float32)
+        np.testing.assert_allclose(engine.infer({"image": tiles})["prob"], reference(tiles)[1], atol=1e-6)
+        with pytest.raises(EngineFailure, match="outside"):
+            engine.infer({"image": np.zeros((5, 1, 64, 64), np.float32)})
+        assert json.loads(engine.plan_path.with_suffix(".json").read_text())["max_batch"] == 4
+
+
+def test_fake_tensorrt_runs_on_the_configured_gpu(fake_gpu: FakeGpu, model_path: Path,
+                                                  tmp_path: Path) -> None:
+    _, cudart = fake_gpu
+    cudart.count = 2
+    with cast(TensorRTEngine,
+              create_engine(model_path, "tensorrt", cache_dir=tmp_path, device=1)) as engine:
+        assert engine.gpu.index == 1 and engine.device == 1
+        engine.infer({"image": np.zeros((1, 1, 32, 32), np.float32)})
+    assert cudart.devices_set and set(cudart.devices_set) == {1}
+    with pytest.raises(EngineUnavailable, match="CUDA device 2 does not exist"):
+        create_engine(model_path, "tensorrt", cache_dir=tmp_path, device=2)
+
+
+def test_cuda_provider_gets_the_configured_device(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoscout.engines import onnxrt
+
+    seen: list[tuple] = []
+
+    class Recording:
+        def __init__(self, path: Path, *, providers: tuple, threads: int | None,
+                     precision: str = "fp32") -> None:
+            seen.append(providers)
+            self.name, self.precision = "onnxruntime-cuda", precision
+
+    monkeypatch.setattr(onnxrt, "OnnxRuntimeEngine", Recording)
+    create_engine(model_path, "cuda", device=3)
+    assert seen == [(("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider")]
+    with pytest.raises(EngineUnavailable, match="tensorrt"):
+        create_engine(model_path, "cuda", precision="int8")

@@ -14,7 +14,7 @@ from nanoscout.analysis.frame import Frame
 from nanoscout.clients.query import QueryError, request_control, request_lens
 from nanoscout.daemon.query import LensServer
 from nanoscout.wire.errors import NanoscoutError
-from nanoscout.wire.protocol import FrameHeader, decode_message
+from nanoscout.wire.protocol import ControlReply, ControlRequest, FrameHeader, decode_message
 from tests.unit.test_classifier import S, _load, classifier_model, lens_model
 
 
@@ -79,10 +79,12 @@ def test_a_classifier_without_lens_or_control_cannot_serve(tmp_path: Path) -> No
 def test_control_requests_reach_the_handler_and_refusals_come_back() -> None:
     seen: list[tuple[str, str]] = []
 
-    def control(source: str, action: str) -> None:
-        if source == "off":
+    def control(req: ControlRequest) -> ControlReply:
+        if req.source == "off":
             raise ValueError("set_drift_reference needs tracking ([tracking] enabled)")
-        seen.append((source, action))
+        assert req.source is not None
+        seen.append((req.source, req.action))
+        return ControlReply(source=req.source, action=req.action, ok=True)
 
     srv = LensServer(zmq.Context.instance(), None, control=control)
     endpoint = srv.start("tcp://127.0.0.1:0", _guard)

@@ -51,3 +51,14 @@ def test_loaders_shapes_dtypes_counts(shared_data: Path) -> None:
     assert n.image.shape == (768, 1024) and n.labels is not None
     assert n.labels.max() == 52  # particles = the 0-phase of the mask, 8-connected
     assert 0.0 < (n.labels > 0).mean() < 0.5
+
+
+def test_msa_split_holds_out_frames_and_loads_masks(shared_data: Path) -> None:
+    split = realdata.msa_split(shared_data)
+    held, train = set(split["validation"]), set(split["train"])
+    assert len(held) == realdata.MSA_HELDOUT and not held & train
+    assert held | train == set(realdata.msa_names(shared_data))
+    assert split == {**realdata.load_split("msa"), "rule": split["rule"]}
+    s = realdata.load_msa(sorted(held)[0], shared_data)
+    assert s.image.dtype == np.uint8 and s.labels is not None and s.labels.max() >= 5
+    assert [x.id for x in realdata.iter_samples("msa", shared_data)] == sorted(held)

@@ -166,6 +166,24 @@ def test_fallback_at_start_serves_locally_and_says_why() -> None:
         local.close()
 
 
+@pytest.mark.parametrize(("precision", "expected"), [("auto", "fp32"), ("int8", "int8")])
+def test_fallback_runs_the_servers_fp32_file_unless_told_otherwise(precision: str,
+                                                                   expected: str) -> None:
+    """The server runs the FP32 files: under precision auto the local fallback does too (the
+    same particles whichever engine serves); an explicit precision is honoured."""
+    cfg = load_config(None, {"engine.backend": "triton", "engine.threads": 1,
+                             "engine.precision": precision,
+                             "engine.triton.url": f"127.0.0.1:{free_port()}",
+                             "engine.triton.fallback": "cpu",
+                             "engine.triton.connect_timeout_s": 0.2})
+    engine = make_engine(cfg.engine, WEIGHTS / "detector.onnx")
+    try:
+        assert isinstance(engine, FallbackEngine)
+        assert (engine.fallback.name, engine.fallback.precision) == ("onnxruntime-cpu", expected)
+    finally:
+        engine.close()
+
+
 class _Double(Engine):
     """A test double of an engine: returns ``value`` or raises ``error`` (httpx MockTransport
     style; the real remote engine is tested against a real server in tests/system)."""

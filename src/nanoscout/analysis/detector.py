@@ -1,9 +1,11 @@
 """The run-time detector: one frame in, particle instance labels out (no torch).
 
 ``Detector(engine, card).detect(image)`` normalises the frame (``nanoscout.analysis.preprocess``), picks the
-working scale (fixed, or estimated per frame by a coarse pass, see :meth:`Detector.estimate_scale`),
-resamples the frame to it, pads it to the network stride, runs the engine (tile by tile for
-frames larger than ``tile_px``, :mod:`nanoscout.analysis.tiling`), brings the foreground/core logits back
+working scale (fixed, or estimated by coarse-to-fine passes on a thumbnail and a bounded window,
+see :meth:`Detector.estimate_scale`; a stream reuses it until its content changes,
+:mod:`nanoscout.analysis.autoscale`), resamples the frame to it, pads it to the network stride,
+runs the engine (tile by tile, tiles batched, for frames larger than ``tile_px``,
+:mod:`nanoscout.analysis.tiling`), brings the foreground/core logits back
 to the frame's own pixel grid and turns them into instances (``nanoscout.analysis.instances``). Labels are
 always on the original frame's grid. When the frame was resampled, the foreground logits are
 resampled to the whole frame (outlines at full resolution) but the core logits only at the
@@ -19,6 +21,12 @@ from typing import Literal
 
 import numpy as np
 
+from nanoscout.analysis.autoscale import (
+    DEFAULT_TOLERANCE,
+    DEFAULT_WINDOW_PX,
+    ScaleMemo,
+    pass_window,
+)
 from nanoscout.analysis.instances import block_centres, instances_from_logits
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.preprocess import (
@@ -46,7 +54,9 @@ class Detection:
     """Instances found in one frame."""
 
     labels: np.ndarray  # int32 (H, W) on the original frame's grid, 0 = background, 1..n
-    scores: np.ndarray  # float32 (n + 1,), scores[k] = confidence of particle k, scores[0] = 0
+    #: float32 (n + 1,), scores[k] = confidence of particle k, scores[0] = 0: the probability
+    #: that it is a real particle where the card has a ``score_calibration``, else the raw score
+    scores: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, engine, postprocess
     scale: float = 1.0  # working-scale resample factor used (working px per frame px)
 
@@ -81,12 +91,19 @@ class Detector:
                  tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1,
                  merge_convex: float | None = None, min_score: float | None = None,
                  rotate45: bool = False,
-                 scale_presets: tuple[tuple[float, float], ...] = ()) -> None:
+                 scale_presets: tuple[tuple[float, float], ...] = (), tile_batch: int = 1,
+                 estimate_window_px: int = DEFAULT_WINDOW_PX,
+                 scale_tolerance: float | None = DEFAULT_TOLERANCE) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
-        re-estimate every n-th frame of that key (and whenever the frame shape changes).
+        re-estimate at least every n-th frame of that key, and whenever the frame shape or
+        the content changes (a signature distance above ``scale_tolerance``; None: shape
+        and age only; :class:`~nanoscout.analysis.autoscale.ScaleMemo`).
+        ``estimate_window_px``: a finer estimation pass looks at a centred window of at most
+        this many working px per side (:func:`~nanoscout.analysis.autoscale.pass_window`).
         ``tile_px`` / ``tile_margin_px``: largest side sent to the engine in one call, and
-        the context dropped at each tile seam (px at working scale). ``tta``: average the
+        the context dropped at each tile seam (px at working scale); ``tile_batch``: tiles
+        sent in one engine call (bounds its memory). ``tta``: average the
         logits over 1, 2 or 4 mirror images (test-time augmentation; engine time x ``tta``,
         for offline measurement rather than live streams). ``merge_convex``: overrides the
         card's solidity ratio for merging fragments of one convex particle (None: keep it);
@@ -112,6 +129,11 @@ class Detector:
             raise ConfigError(f"detector scale {self.scale} must be within [0.02, 8]")
         if auto_every < 1:
             raise ConfigError(f"auto_every {auto_every} must be >= 1")
+        if tile_batch < 1 or estimate_window_px < 32:
+            raise ConfigError(f"tile_batch {tile_batch} must be >= 1 and estimate_window_px "
+                              f"{estimate_window_px} >= 32")
+        if scale_tolerance is not None and not scale_tolerance > 0:
+            raise ConfigError(f"scale_tolerance {scale_tolerance} must be > 0 or None")
         if tta not in (1, 2, 4):
             raise ConfigError(f"tta {tta} must be 1, 2 or 4")
         self.tta = tta
@@ -122,7 +144,9 @@ class Detector:
                                   "scale within [0.02, 8]")
         self.scale_presets = tuple(scale_presets)
         self.auto_every = auto_every
-        self._memo: dict[object, tuple[tuple[int, int], float, int]] = {}
+        self._memo = ScaleMemo(auto_every, scale_tolerance)
+        self.tile_batch = tile_batch
+        self.estimate_window_px = estimate_window_px
         self._pass_engine_s = 0.0  # engine time of the last estimation pass, s
         self.input_name = card.input.name
         out = card.outputs[0]
@@ -151,13 +175,19 @@ class Detector:
                               f"{tile_margin_px}")
         self.tile_px = tile_px
         self.tile_margin_px = tile_margin_px
+        cal = card.score_calibration
+        self._calibration = (None if cal is None else
+                             (np.asarray(cal.scores, np.float32),
+                              np.asarray(cal.probabilities, np.float32)))
 
-    def _infer(self, tile: np.ndarray) -> np.ndarray:
-        out = self.engine.infer({self.input_name: tile[None, None]}).get(self.output_name)
-        if out is None or out.ndim != 4 or out.shape[0] != 1 or out.shape[2:] != tile.shape:
+    def _infer(self, tiles: np.ndarray) -> np.ndarray:
+        """Return the (b, C, h, w) logits of a (b, h, w) stack of tiles (one engine call)."""
+        b, h, w = tiles.shape
+        out = self.engine.infer({self.input_name: tiles[:, None]}).get(self.output_name)
+        if out is None or out.ndim != 4 or out.shape[0] != b or out.shape[2:] != (h, w):
             got = None if out is None else out.shape
             raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, "
-                                f"expected (1, C, {tile.shape[0]}, {tile.shape[1]})")
+                                f"expected ({b}, C, {h}, {w})")
         return out
 
     def _logits(self, x: np.ndarray, tta: int = 1, rotate45: bool = False) -> np.ndarray:
@@ -165,16 +195,18 @@ class Detector:
         with ``tta`` > 1 the mean over that many mirror images (none, left-right, up-down,
         both), each mirrored back."""
 
-        def run(tile: np.ndarray) -> np.ndarray:
-            acc = self._infer(tile).astype(np.float32, copy=True)
+        def run(tiles: np.ndarray) -> np.ndarray:
+            # the sum of mirror images accumulates in a copy, never in the engine's output
+            acc = self._infer(tiles).astype(np.float32, copy=tta > 1)
             for axes in _TTA_AXES[1:tta]:
-                acc += np.flip(self._infer(np.ascontiguousarray(np.flip(tile, axes))),
-                               tuple(a + 2 for a in axes))
+                acc += np.flip(self._infer(np.ascontiguousarray(
+                    np.flip(tiles, tuple(a + 1 for a in axes)))), tuple(a + 2 for a in axes))
             if tta > 1:
                 acc /= np.float32(tta)
             return acc
 
-        out = infer_tiled(run, x, self.tile_px, self.tile_margin_px, self.stride)
+        out = infer_tiled(run, x, self.tile_px, self.tile_margin_px, self.stride,
+                          self.tile_batch)
         if rotate45:
             # the larger logit: a particle either view sees is kept (a mean would lose a wire
             # along the axes of either view)
@@ -196,7 +228,8 @@ class Detector:
         xr = ndi.affine_transform(x, turn.T, offset=cx - turn.T @ cr, output_shape=(side, side),
                                   order=1, mode="constant", cval=float(np.median(x[::4, ::4])))
         xr, _ = pad_to_multiple(xr.astype(np.float32), self.stride)
-        lr = infer_tiled(run, xr, self.tile_px, self.tile_margin_px, self.stride)
+        lr = infer_tiled(run, xr, self.tile_px, self.tile_margin_px, self.stride,
+                         self.tile_batch)
         back = np.empty((1, lr.shape[1], h, w), np.float32)
         for k in range(lr.shape[1]):
             back[0, k] = ndi.affine_transform(lr[0, k], turn, offset=cr - turn @ cx,
@@ -212,7 +245,9 @@ class Detector:
     def estimate_scale(self, x: np.ndarray) -> float:
         """Return the working-scale factor for a normalised frame ``x`` (coarse-to-fine passes).
 
-        Pass at factor s: shrink the frame (longest side ``coarse_side_px`` first), find the
+        Pass at factor s: shrink the frame (longest side ``coarse_side_px`` first; a finer pass
+        sees only a centred window of at most ``estimate_window_px`` working px per side, so
+        no pass costs more than one such engine call), find the
         particles, take the area-weighted median ECD d of those with score >= ``min_score``
         (the size of the particle holding the median particle pixel). Once d reaches
         ``reliable_diameter_px`` (the particles are resolved), or at full size, the frame's
@@ -245,13 +280,16 @@ class Detector:
         h, w = x.shape
         s = min(1.0, a.coarse_side_px / max(h, w))
         while True:
-            logits, ecd, scores = self._pass(x, s)
+            rows, cols = pass_window((h, w), s, self.estimate_window_px)
+            whole = rows.stop - rows.start == h and cols.stop - cols.start == w
+            logits, ecd, scores = self._pass(x if whole else x[rows, cols], s)
             d = _area_weighted_median(ecd[scores >= a.min_score])
+            # only a pass over the whole frame can double as the frame's inference
             if d >= a.reliable_diameter_px or (s >= 1.0 and d > 0):
                 factor = self._factor(d / s)
-                return factor, (logits if factor == s else None)
+                return factor, (logits if factor == s and whole else None)
             if s >= 1.0:
-                return 1.0, logits
+                return 1.0, (logits if whole else None)
             s = min(1.0, s * (8.0 if d == 0 else float(np.clip(
                 1.5 * a.reliable_diameter_px / d, 2.0, 8.0))))
             if s >= _FULL_PASS:  # nearly full size costs as much: take the pass the frame
@@ -279,14 +317,12 @@ class Detector:
             return self.scale, None
         if key is None:
             return self._estimate(x)
-        memo = self._memo.get(key)
-        if memo is not None and memo[0] == x.shape and memo[2] < self.auto_every:
-            self._memo[key] = (memo[0], memo[1], memo[2] + 1)
-            return memo[1], None
+        sig = self._memo.signature(x)
+        scale = self._memo.lookup(key, x.shape, sig)
+        if scale is not None:
+            return scale, None
         scale, logits = self._estimate(x)
-        if len(self._memo) > 1024:  # many sources or calibrations: forget the oldest
-            self._memo.pop(next(iter(self._memo)))
-        self._memo[key] = (x.shape, scale, 1)
+        self._memo.store(key, x.shape, sig, scale)
         return scale, logits
 
     def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None,
@@ -345,6 +381,10 @@ class Detector:
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
             min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
             min_score=th.min_score, merge_convex=th.merge_convex)
+        if self._calibration is not None and scores.size > 1:
+            # the cut above is on the raw score; what is reported is the probability
+            scores = scores.copy()
+            scores[1:] = np.interp(scores[1:], *self._calibration)
         t3 = time.perf_counter()
         return Detection(labels, scores, {"preprocess": (t1 - t0 - ts - reused_s) * 1e3,
                                           "scale": ts * 1e3,

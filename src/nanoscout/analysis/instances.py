@@ -234,7 +234,7 @@ def _grow(grid: np.ndarray, seeds: np.ndarray, todo: np.ndarray, rate: np.ndarra
     new = seeds.astype(np.int64)
     new = new[avail[(offs[:, None] + new[None, :])].any(axis=0)]
     wait = np.zeros(0, np.int64)  # front entries whose seed skipped a step
-    stamp = np.empty(flat.size, np.intp)  # only read where just written
+    stamp = np.empty(flat.size, np.int32)  # only read where just written (int32: half the memory)
     for j in range(2 * max_iter - 1):
         # the front of step j + 1: the pixels labelled at step j (the seeds at 0), and those
         # still waiting for their seed's next step
@@ -257,7 +257,7 @@ def _grow(grid: np.ndarray, seeds: np.ndarray, todo: np.ndarray, rate: np.ndarra
         # several claims on one pixel: the largest label wins
         np.maximum.at(flat, nb, (cand >> 32).astype(np.int32))
         # one entry per claimed pixel
-        order = np.arange(nb.size)
+        order = np.arange(nb.size, dtype=np.int32)
         stamp[nb] = order
         new = nb[stamp[nb] == order]
         avail[new] = False

@@ -27,9 +27,12 @@ __all__ = [
     "NoveltyReference",
     "Normalization",
     "OutputSpec",
+    "ScoreCalibration",
+    "Quantization",
     "Thresholds",
     "TrainingInfo",
     "WorkingScale",
+    "quantized_sibling",
     "repository_root",
     "sha256_file",
     "shipped_model_dir",
@@ -67,6 +70,8 @@ def shipped_model_dir() -> Path:
     )
 
 SCHEMA_VERSION = 1
+#: an INT8 sibling is used by default only when at least this much faster than FP32
+MIN_SPEEDUP = 1.1
 
 
 class _Strict(BaseModel):
@@ -167,6 +172,31 @@ class Thresholds(_Strict):
     min_score: float = Field(0.0, ge=0, lt=1)
 
 
+class ScoreCalibration(_Strict):
+    """Maps a particle's raw score (``nanoscout.analysis.instances``: mean foreground probability over
+    its interior) to the probability that it is a real particle, by linear interpolation
+    between knots (``scores`` increasing, ``probabilities`` non-decreasing, both in [0, 1]),
+    fitted on tuning data named in ``data`` (isotonic regression,
+    ``nanoscout.training.score_calibration``)."""
+
+    scores: tuple[float, ...] = Field(min_length=2)
+    probabilities: tuple[float, ...] = Field(min_length=2)
+    data: str = ""
+
+    @model_validator(mode="after")
+    def _monotone(self) -> ScoreCalibration:
+        s, p = self.scores, self.probabilities
+        if len(s) != len(p):
+            raise ValueError(f"score_calibration has {len(s)} scores but {len(p)} probabilities")
+        if any(b <= a for a, b in zip(s, s[1:], strict=False)):
+            raise ValueError(f"score_calibration scores {s} must increase")
+        if any(b < a for a, b in zip(p, p[1:], strict=False)):
+            raise ValueError(f"score_calibration probabilities {p} must not decrease")
+        if min(s + p) < 0 or max(s + p) > 1:
+            raise ValueError("score_calibration scores and probabilities must lie in [0, 1]")
+        return self
+
+
 class TrainingInfo(_Strict):
     """How the model was trained: the data, the command and its wall time (s)."""
 
@@ -214,6 +244,39 @@ class NoveltyReference(_Strict):
     data: str
 
 
+class Quantization(_Strict):
+    """How a quantized sibling of a model (``detector.int8.onnx`` + ``detector.int8.json``, its
+    card otherwise a copy of the FP32 one) was made, and what it costs in accuracy.
+
+    ``source_sha256``: the FP32 ONNX file it was made from (a sibling whose source no longer
+    matches is stale and never chosen automatically). ``parity``: per held-out set, the metric
+    of the FP32 and the quantized model (``{"metric", "fp32", "int8", "loss"}``);
+    ``passed``: every loss is at most ``max_loss``. ``engine_ms``: the median time of one
+    engine call, FP32 and INT8, measured when it was made (``{"fp32", "int8", "input"}``) and
+    ``speedup`` = FP32 / INT8 time. The daemon's ``precision = "auto"`` uses the sibling when it
+    passed and pays (``speedup`` at least :data:`MIN_SPEEDUP`; ``nanoscout models quantize``).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    precision: Literal["int8"] = "int8"
+    source_onnx: str
+    source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    method: str
+    calibration: str
+    command: str
+    max_loss: float = Field(0.01, ge=0)
+    parity: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    passed: bool = False
+    engine_ms: dict[str, Any] = Field(default_factory=dict)
+    speedup: float | None = None
+
+    @property
+    def default(self) -> bool:
+        """Whether ``precision = "auto"`` may use the sibling: accurate enough and faster."""
+        return self.passed and self.speedup is not None and self.speedup >= MIN_SPEEDUP
+
+
 class ModelCard(_Strict):
     """A model card as stored in JSON next to its ONNX file."""
 
@@ -230,12 +293,16 @@ class ModelCard(_Strict):
     outputs: tuple[OutputSpec, ...] = Field(min_length=1)
     working_scale: WorkingScale | None = None
     thresholds: Thresholds | None = None
+    #: raw particle score -> probability of a real particle (None: scores are reported raw)
+    score_calibration: ScoreCalibration | None = None
     classes: tuple[str, ...] | None = None
     training: TrainingInfo
     metrics: HeldOutMetrics | None = None
     #: held-out results of classification / autoencoder models: name -> {data, command, ...}
     evaluation: dict[str, dict[str, Any]] = Field(default_factory=dict)
     novelty: NoveltyReference | None = None
+    #: set on a quantized sibling's card only (``nanoscout models quantize``)
+    quantization: Quantization | None = None
     timings_ms: dict[str, Any] = Field(default_factory=dict)
     created: str
     notes: str = ""
@@ -314,3 +381,10 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def quantized_sibling(model: str | Path, precision: str = "int8") -> Path:
+    """The quantized sibling of an ONNX file: ``detector.onnx`` -> ``detector.int8.onnx``
+    (its card: ``detector.int8.json``; ``nanoscout models quantize`` writes both)."""
+    p = Path(model)
+    return p.with_name(f"{p.stem}.{precision}{p.suffix or '.onnx'}")

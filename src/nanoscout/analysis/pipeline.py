@@ -16,6 +16,9 @@ length unit, clusters, tracks, classification turn, message counters) is bounded
 ``max_sources`` the least recently seen source is forgotten (:attr:`FrameResult.evicted`).
 :meth:`Pipeline.request` (any thread) asks for a source's statistics to be reset or its drift
 reference set; the request is applied before that source's next frame.
+:meth:`Pipeline.replace_detector` switches the default detection model between two frames (the
+daemon's hot swap, :mod:`nanoscout.daemon.hotswap`); every ``det`` names the model that made it
+(``model``, ``model_sha256``, ``model_generation``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from nanoscout.wire.headers import (
     Units,
 )
 
-__all__ = ["ACTIONS", "DEFAULT_MAX_SOURCES", "FrameResult", "Pipeline"]
+__all__ = ["ACTIONS", "DEFAULT_MAX_SOURCES", "FrameResult", "Pipeline", "model_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,14 @@ DEFAULT_MAX_SOURCES = 64
 Emit = Callable[[Message[Any]], None]
 #: what :meth:`Pipeline.request` can be asked
 ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference")
+
+
+def model_sha256(detector: Detector, digits: int = 12) -> str | None:
+    """The first ``digits`` hex digits of the sha256 of ``detector``'s ONNX file (from its
+    model card; None for a detector without a card)."""
+    card = getattr(detector, "card", None)
+    sha = getattr(card, "sha256", None)
+    return sha[:digits] if isinstance(sha, str) else None
 
 
 @dataclass
@@ -162,6 +173,8 @@ class Pipeline:
         self.max_sources = max_sources
         self.stream_scale = stream_scale
         self.tracking = tracking if tracking is not None and tracking.enabled else None
+        #: 0 for the detector the pipeline was built with, +1 per :meth:`replace_detector`
+        self.model_generation = 0
         self._requests: dict[str, set[str]] = {}
         self._requests_lock = threading.Lock()
         self._sources: OrderedDict[str, _SourceState] = OrderedDict()
@@ -189,6 +202,21 @@ class Pipeline:
         """The rolling / cumulative statistics of ``source`` in ``units``, if it has any."""
         state = self._sources.get(source)
         return None if state is None else state.stats.get(units)
+
+    def replace_detector(self, detector: Detector, *, model_name: str, engine_name: str,
+                         modality_detectors: dict[str, tuple[Detector, str]] | None = None
+                         ) -> None:
+        """Make ``detector`` (model ``name:version``, on engine ``engine_name``) the detector
+        of the frames from the next one on, and ``modality_detectors`` those of their
+        modalities (None or {}: ``detector`` analyses every frame); the generation goes up by
+        one. Call it only from the thread that calls :meth:`process`, between two frames (the
+        daemon's worker does): a frame is analysed by one model, whole. The caller closes the
+        engines no longer used."""
+        self.detector = detector
+        self.model_name = model_name
+        self.engine_name = engine_name
+        self.modality_detectors = dict(modality_detectors or {})
+        self.model_generation += 1
 
     def request(self, source: str, action: str) -> None:
         """Ask (from any thread) for ``action`` on ``source`` before its next frame:
@@ -257,7 +285,7 @@ class Pipeline:
             self._apply_requests(h.source, state)
         ref = frame.ref()
         units = frame.units
-        labels, table, stage_ms, model, scale = self._detect(frame)
+        labels, table, stage_ms, model, scale, sha256 = self._detect(frame)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
             km = state.clusters.get(units)
@@ -278,7 +306,8 @@ class Pipeline:
             topic_seq=state.next_seq(Kind.DET), t_recv_ns=frame.t_recv_ns,
             t_done_ns=time.time_ns(), pixel_size_nm=h.pixel_size_nm, units=units, n=len(table),
             engine=self.engine_name, model=model, shape=h.shape, modality=h.modality,
-            meta=h.meta, working_scale=round(scale, 5),
+            meta=h.meta, working_scale=round(scale, 5), model_sha256=sha256,
+            model_generation=self.model_generation,
             drift=None if tracks is None else FrameDrift(**tracks.drift),
             tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
@@ -309,7 +338,7 @@ class Pipeline:
         return result
 
     def _detect(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, dict[str, float], str,
-                                             float]:
+                                             float, str | None]:
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
         detector, model = self.modality_detectors.get(h.modality or "",
@@ -322,7 +351,8 @@ class Pipeline:
         t0 = time.perf_counter()
         table = measure(detection.labels, h.pixel_size_nm, detection.scores)
         stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
-        return detection.labels, table, stage_ms, model, detection.scale
+        return (detection.labels, table, stage_ms, model, detection.scale,
+                model_sha256(detector))
 
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:

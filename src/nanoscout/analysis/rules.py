@@ -113,6 +113,7 @@ __all__ = [
     "NoveltyRule",
     "ParticleRule",
     "Rule",
+    "SaveFrames",
     "check_class_labels",
     "check_unique_names",
     "parse_rules",
@@ -130,6 +131,17 @@ NUMERIC_FIELDS: tuple[str, ...] = tuple(
     name for name in PARTICLE_DTYPE.names or () if name not in ("bbox", "border", "shape_class")
 )
 
+class SaveFrames(BaseModel):
+    """``save_frames = { before = 2, after = 2 }`` on a rule: when it fires, the daemon writes
+    the raw frames of the source around it for review: ``before`` frames before the one that
+    fired, that frame, and the ``after`` frames that follow (``[review]`` in the daemon's
+    configuration; ``before`` beyond the frames kept there gives what is kept)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    before: int = Field(0, ge=0, le=256)
+    after: int = Field(0, ge=0, le=256)
+
+
 class _RuleBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -137,6 +149,8 @@ class _RuleBase(BaseModel):
     severity: Literal["info", "warning", "critical"] = "warning"
     #: rate limit per rule and source, s (see the module docstring)
     cooldown_s: float = Field(5.0, ge=0)
+    #: write the raw frames around each firing for review (the daemon; None: nothing saved)
+    save_frames: SaveFrames | None = None
 
 
 class ParticleRule(_RuleBase):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["EngineSummary", "setup_logging"]
 
-_USING = re.compile(r"using (\S+) for (\S+)")
+_USING = re.compile(r"using (\S+)(?: \((\w+)\))? for (\S+)")
 _SKIPPED = re.compile(r"auto engine selection: (\S+) skipped")
 _THREADS = re.compile(r"\((\d+) intra-op threads")
 
@@ -41,7 +41,10 @@ class EngineSummary(logging.Filter):
             return True
         msg = record.getMessage()
         if m := _USING.search(msg):
-            self.backends[Path(m.group(2)).stem] = m.group(1)
+            # an INT8 sibling (detector.int8.onnx) is the detector; fp32 goes unsaid
+            precision = "" if m.group(2) in (None, "fp32") else f" {m.group(2)}"
+            model = Path(m.group(3)).stem.removesuffix(".int8")
+            self.backends[model] = m.group(1) + precision
         elif (m := _SKIPPED.search(msg)) and m.group(1) not in self.skipped:
             self.skipped.append(m.group(1))
         if m := _THREADS.search(msg):

@@ -6,7 +6,7 @@ other client module talks to the daemon only over ZeroMQ (import-linter checks t
 pyproject.toml).
 
 Commands: serve, simulate, replay, tail, record, dashboard, keys, demo (live); measure, report,
-lens (offline); microscope, search (stage search); models train / export / eval /
+lens (offline); microscope, search (stage search); models train / export / eval / calibrate /
 train-classifier / eval-classifier / train-lens / eval-lens / calibrate-lens. Flag names mean
 the same in every command (:mod:`nanoscout.cli.app`).
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from nanoscout.cli import live, models, offline  # noqa: F401  (they register the commands)
+from nanoscout.cli import live, models, offline, swap  # noqa: F401  (they register the commands)
 from nanoscout.cli.app import app
 from nanoscout.wire.errors import NanoscoutError
 

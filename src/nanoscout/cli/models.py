@@ -54,8 +54,23 @@ def _evaluate_lens() -> Main:
     return main
 
 
+def _calibrate() -> Main:
+    from nanoscout.training.score_calibration import main
+    return main
+
+
 def _calibrate_lens() -> Main:
     from nanoscout.training.calibrate_lens import main
+    return main
+
+
+def _quantize() -> Main:
+    from nanoscout.training.quantize import main
+    return main
+
+
+def _build_engines() -> Main:
+    from nanoscout.training.build_engines import main
     return main
 
 
@@ -73,8 +88,14 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "eval-classifier": (_evaluate_classifier, "held-out accuracy, CAM test, engine time"),
     "train-lens": (_train_lens, "train the AI-lens autoencoder (torch)"),
     "eval-lens": (_evaluate_lens, "novelty of held-out usual and novel frames"),
+    "calibrate": (_calibrate, "fit a detector's score calibration on named tuning sets into its "
+                              "card (--model M --sets emps-tune,synthetic-tune; no torch)"),
     "calibrate-lens": (_calibrate_lens, "rebuild the AI lens's novelty reference on your own "
                                         "frames (FRAMES... --out DIR; no torch)"),
+    "quantize": (_quantize, "INT8 siblings of the shipped models with their accuracy parity "
+                            "against FP32 (ONNX Runtime; no torch)"),
+    "build-engines": (_build_engines, "build (and INT8-calibrate) the TensorRT engines of the "
+                                      "shipped models on this GPU"),
     "export-triton": (_export_triton, "a Triton Inference Server model repository of the "
                                       "shipped models (--out REPO; no torch)"),
 }

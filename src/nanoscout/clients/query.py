@@ -1,11 +1,19 @@
 """Client of the daemon's query socket: the AI lens's feature maps of a live frame, and control
-requests (reset a source's statistics, set its drift reference now).
+requests (reset a source's statistics, set its drift reference now; v1.5: save the newest raw
+frames of a source as TIFF, hot-swap the detection model, revert it).
 
 >>> reply, maps = request_lens(QUERY, "sim", ["act_enc2"])  # QUERY: e.g. tcp://127.0.0.1:5557
 >>> reply.source, maps["act_enc2"].ndim, maps["act_enc2"].dtype  # (1, channels, rows, cols)
 ('sim', 4, dtype('float16'))
 >>> request_control(QUERY, "sim", "reset_statistics").ok  # the source's statistics start again
 True
+
+>>> save_frame(QUERY, "sim").files  # doctest: +SKIP
+['review/sim-000000042.tif']
+>>> swap_model(QUERY, "adapted/detector.onnx").model_generation  # doctest: +SKIP
+1
+>>> revert_model(QUERY).model_generation  # back to the model before  # doctest: +SKIP
+2
 
 One REQ socket per call, with a timeout: a daemon that is gone gives a :class:`QueryError`
 after ``timeout`` s instead of a hang. The daemon's own refusals (unknown source or output, no
@@ -14,6 +22,9 @@ lens loaded) come back as a QueryError carrying its words.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +42,9 @@ from nanoscout.wire.protocol import (
     encode_message,
 )
 from nanoscout.wire.transport import ClientKeys, connect
+
+__all__ = ["CONTROL_ACTIONS", "QueryError", "local_sha256", "request_control", "request_lens",
+           "revert_model", "save_frame", "swap_model"]
 
 #: what a control request may ask (:class:`~nanoscout.wire.protocol.ControlRequest`)
 CONTROL_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference")
@@ -84,6 +98,68 @@ def request_control(endpoint: str, source: str, action: str, *, timeout: float =
     if not reply.ok:
         raise QueryError(f"the daemon says: {reply.error}")
     return reply
+
+
+def _control(endpoint: str, request: ControlRequest, *, timeout: float,
+             curve: ClientKeys | None) -> ControlReply:
+    msg = _ask(endpoint, request, timeout=timeout, curve=curve)
+    reply = msg.header
+    if not isinstance(reply, ControlReply):
+        raise QueryError(f"expected a control reply from {endpoint}, got {msg.kind}")
+    if not reply.ok:
+        raise QueryError(f"the daemon says: {reply.error}")
+    return reply
+
+
+def local_sha256(model: str | Path) -> str:
+    """The sha256 of the ONNX file of ``model`` (an ``.onnx`` file, or its ``.json`` card, whose
+    ``onnx_file`` names it) on this machine; QueryError when it is not here."""
+    p = Path(model)
+    if p.suffix.lower() == ".json":
+        try:
+            p = p.parent / str(json.loads(p.read_text(encoding="utf-8"))["onnx_file"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise QueryError(f"cannot read the ONNX file's name from the card {model}: "
+                             f"{exc}") from exc
+    if not p.is_file():
+        raise QueryError(f"{p} is not a file here: give the sha256 of the model on the "
+                         "daemon's host")
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_frame(endpoint: str, source: str, frames: int = 1, *, timeout: float = 30.0,
+               curve: ClientKeys | None = None) -> ControlReply:
+    """Ask the daemon to write the newest ``frames`` raw frames of ``source`` it keeps for
+    review as calibrated TIFF; the reply's ``files`` are their paths on the daemon's host.
+    QueryError when refused (no frame kept, disk budget of ``[review]``)."""
+    return _control(endpoint, ControlRequest(source=source, action="save_frame", frames=frames),
+                    timeout=timeout, curve=curve)
+
+
+def swap_model(endpoint: str, model: str | Path, sha256: str | None = None, *,
+               timeout: float = 120.0, curve: ClientKeys | None = None) -> ControlReply:
+    """Ask the daemon to hot-swap its detection model to ``model`` (an ONNX file with its card
+    beside it, or the card, as the daemon's host sees the path); ``sha256``: the ONNX file's
+    expected sha256 (None: the sha256 of the file at that path on this machine, which must
+    then exist here). Returns once the daemon serves the new model (the reply names it);
+    QueryError with the daemon's words when it refused and kept its model."""
+    if sha256 is None:
+        sha256 = local_sha256(model)
+    return _control(endpoint, ControlRequest(action="swap_model", model=str(model),
+                                             sha256=sha256),
+                    timeout=timeout, curve=curve)
+
+
+def revert_model(endpoint: str, *, timeout: float = 60.0, curve: ClientKeys | None = None
+                 ) -> ControlReply:
+    """Ask the daemon to go back to the detection model before its last swap; QueryError when
+    there is none."""
+    return _control(endpoint, ControlRequest(action="revert_model"), timeout=timeout,
+                    curve=curve)
 
 
 def request_lens(endpoint: str, source: str, outputs: list[str], *, timeout: float = 10.0,

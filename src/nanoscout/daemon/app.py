@@ -18,6 +18,7 @@ from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
 from nanoscout.daemon.engine_setup import make_engine
+from nanoscout.daemon.precision import engine_name
 from nanoscout.engines import Engine
 from nanoscout.wire.errors import ModelCardError
 
@@ -46,7 +47,9 @@ def build_classifier(config: ServeConfig) -> FieldClassifier | None:
 
     def load(model: Path) -> tuple[ModelCard, Engine]:
         card = load_card(model)
-        return card, make_engine(eng, model)
+        size = card.input.size or (256, 256)
+        return card, make_engine(eng, model, device=cc.device,
+                                 max_shape=(int(size[0]), int(size[1])))
 
     card, engine = load(cc.model_path())
     lens_card = lens = None
@@ -63,13 +66,18 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     model name:version)."""
     eng = config.engine
     card = load_card(model)
-    engine = make_engine(eng, model)
+    # every engine call of the detector is at most one batch of tiles of tile_px
+    batch = eng.tile_batch or 4
+    engine = make_engine(eng, model, max_shape=(eng.tile_px, eng.tile_px), max_batch=batch)
+    if eng.tile_batch is None and engine.name not in ("tensorrt", "onnxruntime-cuda"):
+        batch = 1  # batches pay on a local GPU; on the CPU they cost memory (Triton batches itself)
     detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
                         tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
                         tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
                         rotate45=eng.rotate45 == "always",
-                        scale_presets=tuple(eng.scale_presets))
-    return detector, engine.name, f"{card.name}:{card.version}"
+                        scale_presets=tuple(eng.scale_presets), tile_batch=batch,
+                        scale_tolerance=eng.scale_tolerance)
+    return detector, engine_name(engine), f"{card.name}:{card.version}"
 
 
 def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = False
@@ -113,7 +121,8 @@ def serve(
     ``on_ready`` receives the bound endpoints once the daemon accepts frames.
     """
     pipeline = build_pipeline(config)
-    daemon = Daemon(config, pipeline)
+    # the hot swap loads new detection models exactly as the daemon loaded its own
+    daemon = Daemon(config, pipeline, build=lambda model: build_detector(config, model))
     daemon.metrics.set_thresholds(config.metrics.thresholds())
     stop = stop or threading.Event()
 

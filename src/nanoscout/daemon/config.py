@@ -33,11 +33,17 @@ This is the only module that reads configuration files; everything else receives
     max_gap_frames = 2         # a particle missed on up to 2 frames keeps its identity
     min_track_frames = 3       # a track counts in the unique statistics from 3 frames
 
+    [review]                   # raw frames kept for review, saved as calibrated TIFF
+    frames = 8                 # the newest 8 frames of each source ...
+    max_bytes = 268435456      # ... within 256 MiB for all sources together
+    directory = "review"       # where saved frames go (control "save_frame", alert rules)
+
     [[alerts]]
     name = "big-particle"
     kind = "particle"
     severity = "warning"
     where = { ecd_nm = { gt = 50 } }
+    save_frames = { before = 2, after = 2 }   # write the raw frames around each firing
 """
 
 from __future__ import annotations
@@ -159,19 +165,34 @@ class EngineConfig(_Section):
     triton: TritonConfig = TritonConfig()
     model: Path | None = None
     threads: int | None = Field(None, ge=1)
-    precision: Literal["fp32", "fp16"] = "fp16"
+    #: "auto": the fastest precision measured to keep accuracy (CPU: a model's INT8 sibling
+    #: when its parity passed, else FP32; TensorRT: FP16; ONNX Runtime CUDA: FP32), or
+    #: "fp32", "fp16" (TensorRT), "int8" (nanoscout.daemon.precision)
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    #: GPU index of the CUDA provider and TensorRT (several GPUs: deploy/README.md)
+    device: int = Field(0, ge=0)
+    #: TensorRT plans and INT8 calibration caches (None: ~/.cache/nanoscout/trt)
+    cache_dir: Path | None = None
     #: working px per frame px; "auto" estimates it (coarse pass), None = the model card's
     scale: float | Literal["auto"] | None = Field(None)
-    #: with "auto": re-estimate a stream's scale every n-th frame (and on a new frame shape)
-    auto_scale_every: int = Field(10, ge=1)
+    #: with "auto": re-estimate a stream's scale at least every n-th frame (and on a new frame
+    #: shape, and when its content changes: ``scale_tolerance``)
+    auto_scale_every: int = Field(50, ge=1)
+    #: with "auto": re-estimate when a frame's content signature (spectrum shape) moved more
+    #: than this from the frame last estimated (nanoscout.analysis.autoscale); None: never
+    scale_tolerance: float | None = Field(0.15, gt=0)
     #: largest side (px at working scale) sent to the engine at once; larger frames are tiled
-    tile_px: int = Field(2048, ge=64)
+    tile_px: int = Field(2304, ge=64)
     tile_margin_px: int = Field(96, ge=0)
+    #: tiles per engine call (bounds its memory); None: 1 on the CPU, 4 on a GPU
+    tile_batch: int | None = Field(None, ge=1, le=64)
     #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
     tta: Literal[1, 2, 4] = 1
     #: the detector's particle score cut, replacing the model card's (``thresholds.min_score``):
     #: lower it where recall matters more than precision (a stage search, whose confirmation
-    #: frame supplies the precision), raise it for precision; None = the card's
+    #: frame supplies the precision), raise it for precision; None = the card's. The cut is on
+    #: the network's raw score even where the card has a ``score_calibration`` (whose
+    #: probabilities are what the particle tables then report as ``score``)
     score_cut: float | None = Field(None, ge=0, lt=1)
     #: merge instance fragments whose union is about as convex as they are (solidity ratio,
     #: e.g. 0.97): large particles and long wires among much smaller ones; None = the card's
@@ -233,6 +254,8 @@ class ClassifyConfig(_Section):
     lens: Path | None = None
     top_k: int = Field(3, ge=1, le=64)
     cam: bool = True
+    #: GPU index of the classifier and lens (None: ``[engine] device``)
+    device: int | None = Field(None, ge=0)
 
     def model_path(self) -> Path:
         """The classifier ONNX file to load."""
@@ -250,6 +273,24 @@ class QueryConfig(_Section):
 
     enabled: bool = True
     endpoint: str = DEFAULT_QUERY_ENDPOINT
+
+
+class ReviewConfig(_Section):
+    """``[review]``: the newest raw frames of each source, kept in memory for review and
+    written as calibrated TIFF on request (:mod:`nanoscout.daemon.review`).
+
+    ``frames``: frames kept per source (0: none, saving is refused); ``max_bytes``: the pixels
+    kept for all sources together, bytes (the oldest frames go first). ``directory``: where
+    saved frames are written (created when needed); ``max_disk_bytes``: the most that saved
+    frames may fill there, bytes (a save beyond it is refused and counted, nothing is
+    deleted); ``queue``: frames waiting to be written, at most (more are refused, counted)."""
+
+    enabled: bool = True
+    frames: int = Field(8, ge=0, le=1024)
+    max_bytes: int = Field(256 * 2**20, ge=0)
+    directory: Path = Path("review")
+    max_disk_bytes: int = Field(4 * 2**30, ge=0)
+    queue: int = Field(64, ge=1, le=4096)
 
 
 class MetricsConfig(_Section):
@@ -315,6 +356,7 @@ class ServeConfig(_Section):
     clusters: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     security: SecurityConfig = SecurityConfig()
+    review: ReviewConfig = ReviewConfig()
     alerts: list[dict[str, Any]] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -18,6 +18,13 @@ Three threads, each owning its resources:
   order the pipeline made them (``det``, ``preview``, ``class`` + its alerts, particle /
   count / drift alerts, ``stats`` last) and a ``health`` message every ``health.interval_s``.
 
+The worker also keeps the newest raw frames of each source for review (``[review]``,
+:mod:`nanoscout.daemon.review`: written as TIFF on a ``save_frame`` control request or when a
+rule with ``save_frames`` fires, on the review thread) and, between two frames, installs a
+detection model that a ``swap_model`` / ``revert_model`` control request loaded and probed on
+the query thread (:mod:`nanoscout.daemon.hotswap`): no frame is lost to a swap and each
+``det`` names its model (``model``, ``model_sha256``, ``model_generation``).
+
 Every frame taken off the wire is answered or counted: ``frames_received = frames_processed +
 frames_dropped + queue_depth`` at any time, and rejected messages are counted apart.
 On SIGINT/SIGTERM the receiver keeps reading what is still arriving for up to
@@ -42,15 +49,23 @@ import numpy as np
 import zmq
 
 from nanoscout.analysis.frame import Frame
-from nanoscout.analysis.pipeline import FrameResult, Pipeline
+from nanoscout.analysis.pipeline import FrameResult, Pipeline, model_sha256
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.engine_setup import engine_states
+from nanoscout.daemon.hotswap import Build, LoadedModel, ModelSwapper
 from nanoscout.daemon.metrics import Metrics
 from nanoscout.daemon.query import LensServer
 from nanoscout.daemon.queues import FrameQueue, LiveSlots
+from nanoscout.daemon.review import FrameReview
 from nanoscout.wire.codec import Message, decode_frame, encode, encode_message
 from nanoscout.wire.errors import EngineError, FrameError, ProtocolError, Reason
-from nanoscout.wire.headers import AckHeader, HealthHeader, StatsHeader
+from nanoscout.wire.headers import (
+    AckHeader,
+    ControlReply,
+    ControlRequest,
+    HealthHeader,
+    StatsHeader,
+)
 from nanoscout.wire.sequence import SequenceTracker
 from nanoscout.wire.transport import CurveServer, bind, frame_input_socket, result_publisher
 
@@ -89,7 +104,10 @@ class _RateLimitedLog:
 class Daemon:
     """One inference daemon. ``start()`` binds and launches the threads; ``wait()`` joins them."""
 
-    def __init__(self, config: ServeConfig, pipeline: Pipeline, *, ctx: zmq.Context | None = None) -> None:
+    def __init__(self, config: ServeConfig, pipeline: Pipeline, *, ctx: zmq.Context | None = None,
+                 build: Build | None = None) -> None:
+        """``build``: loads a detection model from an ONNX file as at start (the hot swap's
+        loader; None: ``swap_model`` requests are refused)."""
         self.config = config
         self.pipeline = pipeline
         self.metrics = Metrics(
@@ -124,6 +142,18 @@ class Daemon:
         self.endpoints: Endpoints | None = None
         self._curve: CurveServer | None = None
         self._query: LensServer | None = None
+        m = self.metrics
+        self.review = FrameReview(config.review, max_sources=inp.max_sources,
+                                  on_saved=m.frames_saved.inc,
+                                  on_failed=lambda r: m.frame_save_failures.labels(reason=r).inc())
+        started = LoadedModel(pipeline.detector, pipeline.engine_name, pipeline.model_name,
+                              config.engine.model_path(),
+                              model_sha256(pipeline.detector, 64) or "",
+                              dict(pipeline.modality_detectors))
+        self.swapper = ModelSwapper(
+            pipeline, build, started, probe=self.review.ring.newest,
+            on_swap=lambda a: m.model_swaps.labels(action=a).inc(),
+            on_failure=lambda a, step: m.model_swap_failures.labels(action=a, step=step).inc())
 
     @property
     def gaps(self) -> int:
@@ -154,6 +184,7 @@ class Daemon:
         self.metrics.engine_info.info(
             {"backend": self.pipeline.engine_name, **self.pipeline.model_names, "policy": self._policy}
         )
+        self.review.start(self._guard)
         for name, target in (
             ("receiver", self._receive_loop),
             ("worker", self._work_loop),
@@ -173,7 +204,7 @@ class Daemon:
         if not qc.enabled:
             return None
         self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None,
-                                 control=self.pipeline.request)
+                                 control=self.control)
         return self._query.start(qc.endpoint, self._guard)
 
     def stop(self) -> None:
@@ -206,6 +237,8 @@ class Daemon:
         self.wait(timeout=timeout + self.config.input.drain_s)
         if self._query is not None:
             self._query.stop()
+        self.review.close()
+        self.swapper.close()
         self.metrics.close()
         if self._curve is not None:
             self._curve.stop()
@@ -223,6 +256,43 @@ class Daemon:
                 self._worker_done.set()
 
         return run
+
+    # ------------------------------------------------------------------ control requests
+    def control(self, req: ControlRequest) -> ControlReply:
+        """Answer one control request (the query socket's thread): statistics requests go to
+        the pipeline, ``save_frame`` to the review writer, model swaps to the swapper (which
+        loads and probes here and lets the worker switch). A ValueError (SwapError,
+        SaveRefused, an unknown action) becomes the reply's error."""
+        t0 = time.perf_counter()
+        source = req.source or ""
+        if req.action == "save_frame":
+            files = [str(p) for p in self.review.save_latest(source, req.frames)]
+            return self._control_reply(req, t0, files=files)
+        if req.action not in ("swap_model", "revert_model"):
+            self.pipeline.request(source, req.action)
+            return self._control_reply(req, t0)
+        try:
+            if req.action == "swap_model":
+                assert req.model is not None and req.sha256 is not None  # the request checked
+                self.swapper.swap(req.model, req.sha256)
+            else:
+                self.swapper.revert()
+        except ValueError as exc:
+            self.last_error = f"{req.action} {req.model or ''}: {exc}"
+            return self._control_reply(req, t0, error=str(exc))
+        self.metrics.engine_info.info({"backend": self.pipeline.engine_name,
+                                       **self.pipeline.model_names, "policy": self._policy})
+        return self._control_reply(req, t0)
+
+    def _control_reply(self, req: ControlRequest, t0: float, *, error: str | None = None,
+                       files: list[str] | None = None) -> ControlReply:
+        cur = self.swapper.current
+        self.metrics.model_generation.set(self.pipeline.model_generation)
+        return ControlReply(source=req.source or "", action=req.action, ok=error is None,
+                            error=error, model=cur.name, model_sha256=cur.short_sha256,
+                            model_generation=self.pipeline.model_generation,
+                            files=files or [],
+                            elapsed_ms=round((time.perf_counter() - t0) * 1e3, 3))
 
     # ------------------------------------------------------------------ counting
     def _reject(self, reason: Reason, message: str, *, exc_info: bool = False) -> None:
@@ -335,6 +405,7 @@ class Daemon:
     def _work_loop(self) -> None:
         try:
             while True:
+                self.swapper.install_pending()  # a swapped model starts between two frames
                 frame = self._next_frame()
                 if frame is None:
                     if self._receiver_done.is_set() and self._queue_depth() == 0:
@@ -344,6 +415,7 @@ class Daemon:
                 if self._stop_recv.is_set() and self._policy == "live":
                     self._dropped_frame(frame, Reason.SHUTDOWN)
                     continue
+                self.swapper.install_pending()
                 self._work(frame)
         finally:
             self._worker_done.set()
@@ -367,6 +439,10 @@ class Daemon:
         if self._query is not None:  # the lens may be asked about a frame once its results go
             self._query.offer(frame)
         try:
+            self.review.offer(frame)
+        except Exception as exc:  # keeping a frame for review is not worth the frame
+            self._warn("internal error keeping a frame for review", repr(exc), exc_info=True)
+        try:
             result = self.pipeline.process(frame, emit=self._out.put)
         except EngineError as exc:
             self._dropped_frame(frame, Reason.ENGINE_FAILURE)
@@ -378,11 +454,31 @@ class Daemon:
             self.last_error = f"frame {h.source}#{h.seq}: internal error {exc!r}"
             self._warn("internal error analysing a frame", self.last_error, exc_info=True)
             return
+        try:
+            self.review.keep_labels(frame, result.labels)
+        except Exception as exc:  # not worth a frame
+            self._warn("internal error keeping a label map for review", repr(exc), exc_info=True)
         self._ack(frame, "answered")
         try:
             self._account(frame, result)
         except Exception as exc:  # metrics are not worth a frame either
             self._warn("internal error counting a frame", repr(exc), exc_info=True)
+        if result.alerts:
+            try:
+                self._save_around(frame, result)
+            except Exception as exc:  # nor is saving frames for review
+                self._warn("internal error saving frames around an alert", repr(exc),
+                           exc_info=True)
+
+    def _save_around(self, frame: Frame, result: FrameResult) -> None:
+        """Rules with ``save_frames`` that fired on ``frame``: the review writer saves the
+        frames around it."""
+        rules = {r.name: r for r in self.pipeline.alert_engine.rules}
+        for ah in result.alerts:
+            rule = rules.get(ah.rule)
+            save = getattr(rule, "save_frames", None)
+            if save is not None:
+                self.review.on_alert(frame, ah.rule, save)
 
     def _account(self, frame: Frame, result: FrameResult) -> None:
         """Metrics and health figures of one analysed frame."""
@@ -392,6 +488,7 @@ class Daemon:
             m.sources_evicted.inc()
             if self._query is not None:
                 self._query.forget(source)
+            self.review.forget(source)
         lat_s = (dh.t_done_ns - dh.t_acq_ns) / 1e9
         m.latency.observe(max(lat_s, 0.0))
         for stage, ms in result.stage_ms.items():
@@ -469,6 +566,13 @@ class Daemon:
             sources_evicted=self.pipeline.evicted_total,
             topic_seq=seq,
             started_ns=self._started_ns,
+            model=self.pipeline.model_name,
+            model_sha256=model_sha256(self.pipeline.detector),
+            model_generation=self.pipeline.model_generation,
+            model_swaps=self.swapper.swaps,
+            model_swap_failures=self.swapper.failures,
+            frames_saved=self.review.saved,
+            frame_save_failures=sum(self.review.failed.values()),
         )
 
     def _publish_loop(self) -> None:

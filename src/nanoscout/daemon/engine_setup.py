@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nanoscout.daemon.config import EngineConfig
+from nanoscout.daemon.precision import load_engine
 from nanoscout.engines import Engine, create_engine, resolve_backend
 from nanoscout.engines.fallback import FallbackEngine
 from nanoscout.engines.triton import TritonEngine, TritonOptions, file_sha256
@@ -29,17 +30,31 @@ __all__ = ["engine_states", "make_engine"]
 log = logging.getLogger("nanoscout")
 
 
-def make_engine(eng: EngineConfig, model: Path) -> Engine:
+def make_engine(eng: EngineConfig, model: Path, *, device: int | None = None,
+                max_shape: tuple[int, int] = (4096, 4096), max_batch: int = 1) -> Engine:
     """The engine for the ONNX file ``model`` as ``[engine]`` says.
+
+    Local engines run in ``engine.precision`` (an INT8 sibling only as
+    :mod:`nanoscout.daemon.precision` allows) on GPU ``device`` (default ``engine.device``);
+    ``max_shape`` (largest input, px, height × width) and ``max_batch`` size TensorRT's
+    optimisation profile.
 
     ``backend = "triton"``: the model of that name on ``[engine.triton] url`` (its digest checked
     against ``model``'s), wrapped in a :class:`FallbackEngine` over a local ``fallback`` engine
-    when one is configured. A server that is not ready at start raises
+    when one is configured (in FP32 under ``precision = "auto"``: the model the server runs).
+    A server that is not ready at start raises
     :class:`~nanoscout.wire.errors.EngineUnavailable` without a fallback; with one, the daemon
     starts on the local engine and tries the server again every ``retry_s``.
     """
+    gpu = eng.device if device is None else device
+
+    def local(backend: str, precision: str = eng.precision) -> Engine:
+        return load_engine(model, backend=backend, precision=precision, threads=eng.threads,
+                           device=gpu, max_shape=max_shape, max_batch=max_batch,
+                           cache_dir=eng.cache_dir)
+
     if resolve_backend(eng.backend) != "triton":
-        return create_engine(model, eng.backend, threads=eng.threads, precision=eng.precision)
+        return local(eng.backend)
     tc = eng.triton
     options = TritonOptions(
         url=tc.url, model=tc.model_name(model), version=tc.version, timeout_s=tc.timeout_s,
@@ -48,14 +63,16 @@ def make_engine(eng: EngineConfig, model: Path) -> Engine:
     )
     if tc.fallback is None:
         return create_engine(model, "triton", triton=options)
-    local = create_engine(model, tc.fallback, threads=eng.threads, precision=eng.precision)
+    # the server runs the FP32 file, so "auto" gives the fallback that same model (identical
+    # particles whichever engine serves); an explicit precision is honoured
+    standby = local(tc.fallback, "fp32" if eng.precision == "auto" else eng.precision)
     try:
         remote: Engine = create_engine(model, "triton", triton=options)
     except EngineError as exc:
         log.warning("Triton is not ready (%s): starting on the local %s engine, retrying the "
-                    "server every %g s", exc, local.name, tc.retry_s)
-        remote = _Reconnecting(options, local, str(exc))
-    return FallbackEngine(remote, local, retry_s=tc.retry_s)
+                    "server every %g s", exc, standby.name, tc.retry_s)
+        remote = _Reconnecting(options, standby, str(exc))
+    return FallbackEngine(remote, standby, retry_s=tc.retry_s)
 
 
 class _Reconnecting(Engine):

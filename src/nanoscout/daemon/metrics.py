@@ -31,6 +31,13 @@ alert_threshold{name}                  gauge      this deployment's Prometheus a
                                                   (``[metrics]`` of the daemon config; the rules
                                                   in deploy/nanoscout-rules.yml compare to them)
 engine_info{backend,model,...}         info
+model_swaps_total{action}              counter    hot swaps / reverts of the detection model done
+model_swap_failures_total{action,step} counter    swaps / reverts refused or rolled back, by the
+                                                  step that failed (resolve, sha256, card,
+                                                  probe, switch, history)
+model_generation                       gauge      0 for the model started with, +1 per swap
+frames_saved_total                     counter    raw frames written for review (TIFF)
+frame_save_failures_total{reason}      counter    no_frame, disk_budget, queue_full, write_error
 =====================================  =========  ==========================================
 
 Every labelled counter whose label values are known at start (reasons, alert rules) exists at
@@ -125,6 +132,19 @@ class Metrics:
             "nanoscout_alert_threshold", "Alert thresholds of this deployment (daemon config "
             "[metrics]), compared by the Prometheus rules", ["name"], registry=r)
         self.engine_info = Info("nanoscout_engine", "Detection engine in use", registry=r)
+        self.model_swaps = Counter("nanoscout_model_swaps", "Hot swaps and reverts of the "
+                                   "detection model", ["action"], registry=r)
+        self.model_swap_failures = Counter(
+            "nanoscout_model_swap_failures", "Hot swaps / reverts refused or rolled back, by "
+            "the step that failed", ["action", "step"], registry=r)
+        self.model_generation = Gauge("nanoscout_model_generation", "Detection model "
+                                      "generation (0 at start, +1 per swap or revert)",
+                                      registry=r)
+        self.frames_saved = Counter("nanoscout_frames_saved", "Raw frames written for review",
+                                    registry=r)
+        self.frame_save_failures = Counter(
+            "nanoscout_frame_save_failures", "Raw frames not written for review, by reason",
+            ["reason"], registry=r)
         self._server: WSGIServer | None = None
         self._labels = tuple(labels)
         # every series whose labels are known now exists at zero from the start
@@ -132,6 +152,10 @@ class Metrics:
             self.frames_dropped.labels(reason=reason.value)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason=reason.value)
+        for action in ("swap", "revert"):
+            self.model_swaps.labels(action=action)
+        for why in ("no_frame", "disk_budget", "queue_full", "write_error"):
+            self.frame_save_failures.labels(reason=why)
         for rule, severity in rules:
             self.alerts.labels(rule=rule, severity=severity)
             self.alerts_suppressed.labels(rule=rule)

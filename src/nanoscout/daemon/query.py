@@ -9,9 +9,12 @@ reply — an unknown source or output, a malformed request or a lens failure com
 ``error`` — so a REQ client never hangs, and nothing a client sends can stop the daemon.
 
 A :class:`~nanoscout.wire.protocol.ControlRequest` (the dashboard's "reset statistics" and
-"set drift reference now") is handed to the pipeline (:meth:`Pipeline.request
-<nanoscout.analysis.pipeline.Pipeline.request>`), which applies it before the source's next
-frame; the :class:`~nanoscout.wire.protocol.ControlReply` says it was taken, or why not. The
+"set drift reference now", v1.5 "save frame", "swap model", "revert model") is handed to the
+daemon's control handler (:meth:`Daemon.control <nanoscout.daemon.daemon.Daemon.control>`):
+statistics requests go to the pipeline, which applies them before the source's next frame; a
+model swap is loaded, checked and probed here, on this thread, never on the worker's, which
+only switches between two frames; the :class:`~nanoscout.wire.protocol.ControlReply` says it
+was done, or why not (a swap's reply waits for the switch: up to a model load and a probe). The
 socket is served with or without the lens (lens requests then answer that none is loaded),
 under the same access rules as the other sockets (loopback, or CURVE).
 
@@ -52,10 +55,11 @@ class LensServer:
 
     def __init__(self, ctx: zmq.Context, classifier: FieldClassifier | None, *,
                  secure: Callable[[zmq.Socket], None] | None = None,
-                 control: Callable[[str, str], None] | None = None) -> None:
+                 control: Callable[[ControlRequest], ControlReply] | None = None) -> None:
         """``classifier``: the one whose lens answers lens requests (None or without a lens:
-        they are refused); ``control``: takes (source, action) of a control request (None:
-        refused). ``secure``: applied to the socket before binding (CURVE server keys)."""
+        they are refused); ``control``: answers a control request (None: refused; a
+        ValueError it raises is the reply's error). ``secure``: applied to the socket before
+        binding (CURVE server keys)."""
         if (classifier is None or classifier.lens is None) and control is None:
             raise NanoscoutError("the query socket needs the lens ([classify] lens_enabled) "
                                  "or a control handler")
@@ -172,17 +176,23 @@ class LensServer:
             "novelty": novelty}), *arrays)
 
     def _control(self, req: ControlRequest) -> list:
-        """Hand a control request to the pipeline; the reply says whether it was taken."""
+        """Hand a control request to the control handler; the reply says whether it was done."""
+        source = req.source or ""
         if self.control is None:
             self.refused += 1
-            return encode_message(ControlReply(source=req.source, action=req.action,
+            return encode_message(ControlReply(source=source, action=req.action,
                                                error="this daemon takes no control requests"))
         try:
-            self.control(req.source, req.action)
+            reply = self.control(req)
         except ValueError as exc:  # e.g. a drift reference while tracking is off
+            reply = ControlReply(source=source, action=req.action, error=str(exc))
+        except Exception as exc:  # a bug answering one request never ends the daemon
+            log.warning("control request %s failed", req.action, exc_info=True)
+            reply = ControlReply(source=source, action=req.action,
+                                 error=f"internal error: {exc!r}")
+        if reply.ok:
+            self.answered += 1
+            log.info("control request: %s%s", req.action, f" for source {source}" if source else "")
+        else:
             self.refused += 1
-            return encode_message(ControlReply(source=req.source, action=req.action,
-                                               error=str(exc)))
-        self.answered += 1
-        log.info("control request: %s for source %s", req.action, req.source)
-        return encode_message(ControlReply(source=req.source, action=req.action, ok=True))
+        return encode_message(reply)

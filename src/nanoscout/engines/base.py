@@ -7,7 +7,7 @@ ever see this interface, so a test can swap in any object with the same method.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Self
 
@@ -34,6 +34,19 @@ class TensorSpec:
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Inputs an INT8 TensorRT build calibrates its activation ranges on.
+
+    ``name`` identifies the set (what it is and how many inputs: a changed name recalibrates);
+    ``inputs`` is called once per calibration and yields ``{input name: array}`` dicts, each one
+    batch of the shape the engine is calibrated at.
+    """
+
+    name: str
+    inputs: Callable[[], Iterable[Mapping[str, np.ndarray]]]
+
+
 class Engine(abc.ABC):
     """A loaded model that maps named numpy arrays to named numpy arrays."""
 
@@ -43,6 +56,8 @@ class Engine(abc.ABC):
     outputs: tuple[TensorSpec, ...]
     #: why the factory skipped other backends before choosing this one (``backend="auto"``)
     selection_notes: tuple[str, ...] = ()
+    #: the arithmetic the engine runs: "fp32", "fp16" (TensorRT) or "int8"
+    precision: str = "fp32"
 
     @abc.abstractmethod
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -101,9 +101,11 @@ class OnnxRuntimeEngine(Engine):
 
     ``providers`` lists ONNX Runtime execution providers in order of preference (names, or
     ``(name, options)`` pairs); the engine is ``"onnxruntime-cuda"`` when the CUDA provider is
-    among them, else ``"onnxruntime-cpu"``. ``threads`` sets the intra-op thread count (default:
-    every CPU core); inter-op parallelism is off and nodes run sequentially, which suits one
-    frame at a time through a small convolutional network.
+    among them, else ``"onnxruntime-cpu"``. ``precision`` only labels the engine: an INT8 model
+    is a quantized ONNX file (``nanoscout models quantize``), loaded like any other.
+    ``threads`` sets the intra-op thread count (default: every CPU core); inter-op parallelism
+    is off and nodes run sequentially, which suits one frame at a time through a small
+    convolutional network.
     """
 
     def __init__(
@@ -112,8 +114,11 @@ class OnnxRuntimeEngine(Engine):
         *,
         providers: Sequence[Provider] = (CPU_PROVIDER,),
         threads: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.model_path = Path(model_path)
+        #: what the ONNX file computes in: "int8" for a quantized (QDQ) sibling
+        self.precision = precision
         names = [_provider_name(p) for p in providers]
         self.name = "onnxruntime-cuda" if CUDA_PROVIDER in names else "onnxruntime-cpu"
         if threads is not None and threads < 1:
@@ -158,8 +163,9 @@ class OnnxRuntimeEngine(Engine):
         self.outputs = tuple(_spec(n) for n in self._session.get_outputs())
         self._output_names = [s.name for s in self.outputs]
         log.info(
-            "loaded %s with %s (%d intra-op threads, providers %s)",
+            "loaded %s (%s) with %s (%d intra-op threads, providers %s)",
             self.model_path,
+            self.precision,
             self.name,
             self.threads,
             ", ".join(self.providers),

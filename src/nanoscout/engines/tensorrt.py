@@ -10,16 +10,34 @@ Engine cache
 ------------
 A TensorRT plan is only valid for the GPU model and TensorRT version that built it, so plans
 are cached in ``cache_dir`` (default ``~/.cache/nanoscout/trt``) under a key made of the ONNX
-file's SHA-256, the GPU name and compute capability, the TensorRT version, the precision and
-the largest frame shape. A new GPU, TensorRT upgrade, precision or shape limit therefore builds
-a new plan; a plan that fails to deserialise is rebuilt. Plans are written to a temporary file
-and renamed, so a crash or a second process building the same key never leaves half a plan.
+file's SHA-256, the GPU name and compute capability, the TensorRT version, the precision, the
+largest input shape and batch, and (INT8) the calibration set. A new GPU, TensorRT upgrade,
+precision, shape limit or calibration therefore builds a new plan; a plan that fails to
+deserialise is rebuilt. Plans are written to a temporary file and renamed, so a crash or a
+second process building the same key never leaves half a plan.
+
+Precisions
+----------
+``fp32`` (TF32 off), ``fp16`` (the FP16 builder flag: TensorRT picks FP16 kernels where they
+are faster), and ``int8``: implicit quantization with an entropy calibrator
+(``IInt8EntropyCalibrator2``, FP16 allowed where a layer has no INT8 kernel). The calibrator
+runs the network on a :class:`~nanoscout.engines.base.CalibrationSet` (nanoscout's are the
+synthetic inputs of :mod:`nanoscout.training.int8_calibration`, fed by
+``nanoscout models build-engines --precision int8``) and TensorRT writes what it learnt to a
+**calibration cache** beside the plans: ``<model stem>.<digest>.calib`` (+ ``.calib.json``
+naming the set), keyed by the ONNX file and the TensorRT version. A later build, for another
+GPU, shape limit or batch, reads the cache and needs no calibration data, so the daemon can
+build INT8 plans without ever rendering a frame. (TensorRT 10 deprecates implicit quantization
+in favour of Q/DQ models; the QDQ siblings ``nanoscout models quantize`` writes for ONNX
+Runtime are such models, should the calibrator go.)
 
 Shapes
 ------
 Dynamic axes of the model's inputs get one optimisation profile: the last two (height, width)
-range from 32 px to ``max_shape`` (optimum 1024 px, or less when ``max_shape`` is smaller); any
-other dynamic axis (batch) is fixed at 1, because the pipeline runs one frame at a time.
+range from 32 px to ``max_shape`` (optimum 1024 px, or less when ``max_shape`` is smaller); a
+dynamic batch axis ranges from 1 to ``max_batch`` (optimum ``max_batch``: the detector sends
+the tiles of large frames in batches of that many). INT8 calibration runs at the calibration
+inputs' own shape (a second, fixed profile).
 """
 
 from __future__ import annotations
@@ -41,7 +59,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nanoscout.engines.base import Engine, TensorSpec, check_inputs
+from nanoscout.engines.base import CalibrationSet, Engine, TensorSpec, check_inputs
 from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable, Reason
 
 log = logging.getLogger(__name__)
@@ -51,7 +69,8 @@ MIN_SIDE_PX = 32
 OPT_SIDE_PX = 1024
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 #: bump when the plan build recipe changes, so old cached plans are not reused
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def default_cache_dir() -> Path:
@@ -159,8 +178,11 @@ def plan_key(
     trt_version: str,
     precision: str,
     max_shape: tuple[int, int],
+    max_batch: int = 1,
+    calibration: str | None = None,
 ) -> dict[str, Any]:
-    """Returns the fields that decide whether a cached plan may be reused (JSON-serialisable)."""
+    """Returns the fields that decide whether a cached plan may be reused (JSON-serialisable).
+    ``calibration``: the INT8 calibration set's name (None for other precisions)."""
     return {
         "recipe": _RECIPE_VERSION,
         "onnx_sha256": onnx_sha256,
@@ -169,7 +191,18 @@ def plan_key(
         "tensorrt": trt_version,
         "precision": precision,
         "max_shape": list(max_shape),
+        "max_batch": max_batch,
+        "calibration": calibration,
     }
+
+
+def calibration_file(cache_dir: Path, model_path: Path, onnx_sha256: str, trt_version: str
+                     ) -> Path:
+    """Returns the INT8 calibration cache of a model for a TensorRT major.minor version:
+    ``<model stem>.<digest>.calib`` in ``cache_dir`` (beside the plans; GPU-independent)."""
+    major_minor = ".".join(str(trt_version).split(".")[:2])
+    digest = hashlib.sha256(f"{onnx_sha256} {major_minor}".encode()).hexdigest()[:24]
+    return cache_dir / f"{model_path.stem}.{digest}.calib"
 
 
 def plan_file(cache_dir: Path, model_path: Path, key: Mapping[str, Any]) -> Path:
@@ -243,6 +276,77 @@ class _DeviceBuffer:
         self.nbytes = 0
 
 
+def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: CalibrationSet | None
+                        ) -> Any:
+    """An ``IInt8EntropyCalibrator2`` over ``calibration``'s inputs (one batch each) that reads
+    and writes the calibration cache ``cache`` (+ ``.json`` naming the set)."""
+
+    class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.batches = 0
+            self._buffers: dict[str, _DeviceBuffer] = {}
+            self._inputs: Any = None
+            self._batch_size = 1
+
+        def get_batch_size(self) -> int:
+            return self._batch_size
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            if calibration is None:
+                return None
+            if self._inputs is None:
+                self._inputs = iter(calibration.inputs())
+            batch = next(self._inputs, None)
+            if batch is None:
+                return None
+            ptrs = []
+            for name in names:
+                if name not in batch:
+                    raise EngineFailure(f"calibration set {calibration.name!r} has no input "
+                                        f"{name!r} (it has {sorted(batch)})")
+                arr = np.ascontiguousarray(batch[name], dtype=np.float32)
+                ptr = self._buffers.setdefault(name, _DeviceBuffer()).ensure(cudart, arr.nbytes)
+                _cuda_check(cudart.cudaMemcpy(ptr, arr.ctypes.data, arr.nbytes,
+                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice),
+                            f"copy of calibration input {name!r} to the GPU")
+                ptrs.append(ptr)
+            self.batches += 1
+            return ptrs
+
+        def read_calibration_cache(self) -> bytes | None:
+            try:
+                return cache.read_bytes()
+            except OSError:
+                return None
+
+        def write_calibration_cache(self, data: Any) -> None:
+            try:
+                _write_atomic(cache, bytes(data))
+                name = calibration.name if calibration is not None else None
+                _write_atomic(cache.with_suffix(".calib.json"),
+                              json.dumps({"calibration": name}, indent=1).encode())
+            except OSError as exc:
+                log.warning("cannot write the INT8 calibration cache %s: %s", cache, exc)
+
+        def free(self) -> None:
+            for buffer in self._buffers.values():
+                buffer.free(cudart)
+            self._buffers.clear()
+
+    return _Calibrator()
+
+
+def _cached_calibration_name(cache: Path) -> str | None:
+    """The calibration set a cache was made from (its ``.calib.json``), or None."""
+    try:
+        meta = json.loads(cache.with_suffix(".calib.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = meta.get("calibration") if isinstance(meta, dict) else None
+    return str(name) if name else None
+
+
 class TensorRTEngine(Engine):
     """A TensorRT engine for one ONNX model on one GPU, built once and cached as a plan file.
 
@@ -256,19 +360,31 @@ class TensorRTEngine(Engine):
         self,
         model_path: str | Path,
         *,
-        precision: Literal["fp32", "fp16"] = "fp16",
+        precision: Literal["fp32", "fp16", "int8"] = "fp16",
         cache_dir: Path | None = None,
         max_shape: tuple[int, int] = (4096, 4096),
         device: int = 0,
         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        max_batch: int = 1,
+        calibration: CalibrationSet | None = None,
     ) -> None:
         self.model_path = Path(model_path)
-        if precision not in ("fp32", "fp16"):
-            raise ConfigError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{precision!r}")
         self.precision = precision
         self.max_shape = (int(max_shape[0]), int(max_shape[1]))
         if min(self.max_shape) < MIN_SIDE_PX:
             raise ConfigError(f"max_shape {max_shape} is below the {MIN_SIDE_PX} px minimum")
+        if max_batch < 1 or device < 0:
+            raise ConfigError(f"max_batch {max_batch} must be >= 1 and device {device} >= 0")
+        self.max_batch = int(max_batch)
+        self.device = int(device)
+        self._calibration = calibration
+        #: the INT8 calibration cache (None for other precisions) and the batches calibrated
+        #: on in this build (0: the cache was read)
+        self.calibration_path: Path | None = None
+        self.calibrated_batches = 0
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._device = device
         self._workspace_bytes = workspace_bytes
@@ -288,7 +404,7 @@ class TensorRTEngine(Engine):
             self.gpu = _gpu_info(cudart, device)
         except EngineFailure as exc:
             raise EngineUnavailable(f"no usable CUDA GPU ({exc})") from exc
-        if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
+        if precision in ("fp16", "int8") and not hasattr(trt.BuilderFlag, "FP16"):
             raise EngineUnavailable(
                 f"TensorRT {trt.__version__} has no FP16 builder flag (removed in TensorRT 11): "
                 "use precision='fp32' or pip install 'tensorrt-cu12>=10,<11'"
@@ -300,7 +416,28 @@ class TensorRTEngine(Engine):
             onnx_sha = _sha256(self.model_path)
         except OSError as exc:
             raise EngineFailure(f"cannot read model file {self.model_path}: {exc}") from exc
-        self.key = plan_key(onnx_sha, self.gpu, str(trt.__version__), precision, self.max_shape)
+        calib_name = None
+        if precision == "int8":
+            if not hasattr(trt.BuilderFlag, "INT8") or not hasattr(trt, "IInt8EntropyCalibrator2"):
+                raise EngineUnavailable(f"TensorRT {trt.__version__} has no INT8 calibrator: use "
+                                        "a QDQ model or precision 'fp16'")
+            self.calibration_path = calibration_file(self.cache_dir, self.model_path, onnx_sha,
+                                                     str(trt.__version__))
+            cached = _cached_calibration_name(self.calibration_path) \
+                if self.calibration_path.is_file() else None
+            if calibration is not None and cached not in (None, calibration.name):
+                log.info("calibration cache %s is of set %r, not %r: calibrating again",
+                         self.calibration_path, cached, calibration.name)
+                self.calibration_path.unlink(missing_ok=True)
+                cached = None
+            if calibration is None and not self.calibration_path.is_file():
+                raise EngineUnavailable(
+                    f"an INT8 TensorRT engine for {self.model_path.name} needs a calibration: "
+                    "run `nanoscout models build-engines --precision int8` once (it writes the "
+                    f"calibration cache {self.calibration_path})")
+            calib_name = calibration.name if calibration is not None else (cached or "cached")
+        self.key = plan_key(onnx_sha, self.gpu, str(trt.__version__), precision, self.max_shape,
+                            self.max_batch, calib_name)
         self.plan_path = plan_file(self.cache_dir, self.model_path, self.key)
         self._runtime = trt.Runtime(_trt_logger(trt))
 
@@ -360,9 +497,17 @@ class TensorRTEngine(Engine):
             )
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self._workspace_bytes)
-        if self.precision == "fp16":
+        calibrator = None
+        if self.precision in ("fp16", "int8"):
+            # INT8: FP16 kernels for the layers without an INT8 one
             config.set_flag(trt.BuilderFlag.FP16)
-        elif hasattr(trt.BuilderFlag, "TF32"):
+        if self.precision == "int8":
+            assert self.calibration_path is not None
+            config.set_flag(trt.BuilderFlag.INT8)
+            calibrator = _entropy_calibrator(trt, self._cudart, self.calibration_path,
+                                             self._calibration)
+            config.int8_calibrator = calibrator
+        elif self.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
             # TF32 is on by default on Ampere and newer; "fp32" should mean full fp32
             config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
@@ -377,7 +522,14 @@ class TensorRTEngine(Engine):
             profile.set_shape(tensor.name, lo, opt, hi)
         if dynamic:
             config.add_optimization_profile(profile)
-        plan = builder.build_serialized_network(network, config)
+            if calibrator is not None:
+                config.set_calibration_profile(self._calibration_profile(builder, network))
+        try:
+            plan = builder.build_serialized_network(network, config)
+        finally:
+            if calibrator is not None:
+                self.calibrated_batches = calibrator.batches
+                calibrator.free()
         if plan is None:
             raise EngineFailure(
                 f"TensorRT failed to build an engine for {self.model_path} "
@@ -397,6 +549,26 @@ class TensorRTEngine(Engine):
             log.warning("cannot cache TensorRT plan in %s: %s", self.cache_dir, exc)
         return data
 
+    def _calibration_profile(self, builder: Any, network: Any) -> Any:
+        """A fixed profile at the calibration inputs' shapes (TensorRT calibrates at the
+        profile's optimum); from the first calibration input, or the optimum of the main
+        profile when the cache is read and no input is at hand."""
+        first: Mapping[str, np.ndarray] = {}
+        if self._calibration is not None:
+            first = next(iter(self._calibration.inputs()), {})
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            shape = tuple(int(d) for d in tensor.shape)
+            if all(d >= 0 for d in shape):
+                continue
+            if tensor.name in first:
+                fixed = tuple(int(d) for d in first[tensor.name].shape)
+            else:
+                fixed = self._profile_shapes(tensor.name, shape)[1]
+            profile.set_shape(tensor.name, fixed, fixed, fixed)
+        return profile
+
     def _profile_shapes(
         self, name: str, shape: tuple[int, ...]
     ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -409,11 +581,11 @@ class TensorRTEngine(Engine):
                 top = self.max_shape[axis - (rank - 2)]
                 lo[axis], opt[axis], hi[axis] = MIN_SIDE_PX, min(OPT_SIDE_PX, top), top
             elif axis == 0:
-                lo[axis] = opt[axis] = hi[axis] = 1
+                lo[axis], opt[axis], hi[axis] = 1, self.max_batch, self.max_batch
             else:
                 raise EngineFailure(
                     f"input {name!r} of {self.model_path} has a dynamic axis {axis} in shape "
-                    f"{shape}; only batch (axis 0, fixed at 1) and the last two (height, "
+                    f"{shape}; only batch (axis 0, up to max_batch) and the last two (height, "
                     "width) may be dynamic"
                 )
         return tuple(lo), tuple(opt), tuple(hi)

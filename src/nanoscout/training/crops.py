@@ -2,7 +2,9 @@
 
 * EMPS training papers (``models/splits/emps.json`` ``train``): instance maps as they are.
 * STEM training materials (``models/splits/stem.json`` ``train``): only boxes exist, so each box
-  becomes the ellipse inscribed in it (a pseudo instance; the evaluation on STEM is by box IoU).
+  becomes the ellipse inscribed in it (a pseudo instance; the evaluation on STEM is by box IoU);
+  :class:`RealImage` keeps the boxes too, for box-supervised losses (``nanoscout.training.boxloss``).
+* BF-TEM training frames (``models/splits/msa.json`` ``train``): mask blobs as instances.
 
 Every crop is taken at a random *working scale*: the image is resampled so that its median
 particle ECD becomes ``d ~ logUniform(diameter_range)`` px, the way the detector's automatic
@@ -24,7 +26,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from nanoscout.analysis.preprocess import normalize, resample, resize_nearest
-from nanoscout.training.realdata import emps_index, load_emps, load_split, load_stem
+from nanoscout.training.realdata import emps_index, load_emps, load_msa, load_split, load_stem
 from nanoscout.wire.errors import ConfigError
 
 __all__ = ["RealImage", "crop_at_scale", "ellipse_labels", "load_real_training",
@@ -40,6 +42,9 @@ class RealImage:
     image: np.ndarray
     labels: np.ndarray
     median_ecd_px: float
+    #: pixels whose label the truth does not tell (box supervision: between a box and its
+    #: inner ellipse, :func:`nanoscout.training.boxloss.ring_mask`); None: every pixel is known
+    ignore: np.ndarray | None = None
 
 
 def ellipse_labels(shape: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
@@ -71,8 +76,14 @@ def _median_ecd(labels: np.ndarray) -> float:
 
 
 def load_real_training(sets: tuple[str, ...] = ("emps", "stem"), root: Path | None = None,
-                       exclude: set[str] | None = None) -> list[RealImage]:
-    """Return the training images of ``sets`` (never a validation image; ``exclude``: more ids)."""
+                       exclude: set[str] | None = None, box_ring: float | None = None
+                       ) -> list[RealImage]:
+    """Return the training images of ``sets`` (never a validation image; ``exclude``: more ids).
+
+    ``box_ring``: for box-only truth (STEM), mark the pixels between each box and its inner
+    ellipse (half-axes x ``box_ring``) as unknown (``RealImage.ignore``); None: the inscribed
+    ellipses are taken as the masks everywhere (detector 3.0).
+    """
     out: list[RealImage] = []
     exclude = exclude or set()
     for name in sets:
@@ -93,7 +104,18 @@ def load_real_training(sets: tuple[str, ...] = ("emps", "stem"), root: Path | No
                 s = load_stem(i, root)
                 assert s.boxes is not None
                 lab = ellipse_labels(s.image.shape, s.boxes)
-                out.append(RealImage("stem", i, normalize(s.image), lab, _median_ecd(lab)))
+                ign = None
+                if box_ring is not None:
+                    from nanoscout.training.boxloss import ring_mask
+
+                    ign = ring_mask(s.image.shape, s.boxes, box_ring)
+                out.append(RealImage("stem", i, normalize(s.image), lab, _median_ecd(lab), ign))
+        elif name == "msa":
+            for i in ids:
+                s = load_msa(i, root)
+                assert s.labels is not None
+                out.append(RealImage("msa", i, normalize(s.image), s.labels,
+                                     _median_ecd(s.labels)))
         else:
             raise ConfigError(f"no training data loader for set {name!r}")
     return [r for r in out if r.median_ecd_px > 0]
@@ -104,7 +126,7 @@ def crop_at_scale(item: RealImage, rng: np.random.Generator, size: int,
                   max_upsample: float = 3.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (image, labels, valid) crops of ``size`` x ``size`` at a random working scale.
 
-    ``valid`` is 1 on image pixels and 0 on padding.
+    ``valid`` is 1 on image pixels and 0 on padding (and on ``item.ignore`` pixels).
     """
     lo, hi = diameter_range
     target = float(np.exp(rng.uniform(math.log(lo), math.log(hi))))
@@ -130,6 +152,9 @@ def crop_at_scale(item: RealImage, rng: np.random.Generator, size: int,
     out_img[pr:pr + img.shape[0], pc:pc + img.shape[1]] = img
     out_lab[pr:pr + img.shape[0], pc:pc + img.shape[1]] = labr
     valid[pr:pr + img.shape[0], pc:pc + img.shape[1]] = 1.0
+    if item.ignore is not None:
+        ign = resize_nearest(item.ignore[sr0:sr1, sc0:sc1].astype(np.uint8), (oh, ow))[:ch, :cw]
+        valid[pr:pr + img.shape[0], pc:pc + img.shape[1]] *= 1.0 - ign
     return out_img, out_lab, valid
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nanoscout.engines import create_engine
-from nanoscout.training.unet import CORE_FRACTION, OUTPUT_CHANNELS, STRIDE, ParticleUNet
+from nanoscout.training.unet import CORE_FRACTION, OUTPUT_CHANNELS, STRIDE
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -43,6 +43,19 @@ class Variant:
     stem_share: float | None  # share of the real crops from STEM images; None: sqrt weights
     real_sets: tuple[str, ...] | None  # None: every available real set
     note: str = ""
+    # the recipe beyond detector 3.0's (``nanoscout.training.train``; defaults: 3.0's)
+    arch: str = "unet"  # nanoscout.training.unet_deep.build_network
+    train_sets: tuple[str, ...] = ("emps", "stem")  # real training sets
+    box_ring: float | None = None  # STEM boxes: nanoscout.training.boxloss (None: inscribed ellipses)
+    haadf_share: float = 0.0  # share of the synthetic crops from the HAADF cache
+    haadf_frames: int | None = None  # cached HAADF specimens used (seeds 3000000 + k)
+    sem_share: float = 0.0  # share of the other synthetic crops from nanoscout.sim.sem_render
+    haadf_min_ecd: float = 0.0  # HAADF particles below this ECD (px) left unlabelled
+    haadf_overlays: bool = False  # burnt-in annotations on HAADF crops too
+    finetune_steps: int = 3500  # phase 2 steps
+    min_score: float = 0.9  # the card's particle score cut (chosen on tuning sets)
+    auto_scale: tuple[tuple[str, float], ...] = ()  # overrides of AUTO_SCALE
+    stem_tuning_holdout: bool = False  # keep the STEM tuning material (Pt) out of training
 
 
 #: ``general``: every frame (the daemon's ``engine.model``); ``stem``: frames whose header says
@@ -177,11 +190,11 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
                      "touching particles, seeds their split)")),),
         working_scale=WorkingScale(
             diameter_px_min=4.0, diameter_px_max=80.0, default_resample=1.0, mode="auto",
-            auto=AutoScale(**AUTO_SCALE),
+            auto=AutoScale(**{**AUTO_SCALE, **dict(v.auto_scale)}),
             note=("trained on particle ECD ~3-100 px at working scale (median 5-48 px); the "
                   "detector estimates each frame's particle size on a coarse pass and resamples "
                   "frames whose particles fall outside keep_min_px-keep_max_px")),
-        thresholds=Thresholds(**THRESHOLDS),
+        thresholds=Thresholds(**{**THRESHOLDS, "min_score": v.min_score}),
         training=TrainingInfo(data=TRAINING_DATA + v.note, command=training.get("command", ""),
                               wall_seconds=training.get("wall_seconds"),
                               seeds="training specimens 1000000 + k; torch/numpy seed "
@@ -192,7 +205,9 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
         metrics=held,
         timings_ms=timings,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        notes=("Compact U-Net (stride-2 stem, 4 levels, additive skips, base width "
+        notes=(("Deeper U-Net (nanoscout.training.unet_deep: more blocks and channels at 1/8 and 1/16"
+                if training.get("args", {}).get("arch") == "deep" else "Compact U-Net")
+               + " (stride-2 stem, 4 levels, additive skips, base width "
                f"{width}); logits upsampled bilinearly to input resolution inside the graph. "
                "Input polarity is not flagged: the model was trained on both."),
     )
@@ -265,7 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     variant = args.variant or ck.get("training", {}).get("variant", "general")
     onnx_path = args.out / VARIANTS[variant].file
     if not args.card_only:
-        model = ParticleUNet(int(ck["width"]))
+        from nanoscout.training.unet_deep import build_network
+
+        model = build_network(ck.get("arch", "unet"), int(ck["width"]))
         model.load_state_dict(ck["state_dict"])
         verify = export_onnx(model, onnx_path)
         print(f"exported {onnx_path}: ORT vs torch max |diff| {verify['max_abs_diff']:.2e}")

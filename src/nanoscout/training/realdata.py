@@ -1,6 +1,6 @@
 """Loaders and deterministic held-out splits of the real microscope data in ``../shared/data``.
 
-Three sets, each with its own kind of ground truth (see ``../shared/data/README.md``):
+Four sets, each with its own kind of ground truth (see ``../shared/data/README.md``):
 
 * ``emps``: EMPS crops (RGB PNG, read as 8-bit grey) with ``segmaps/<id>.png`` uint16 instance
   maps. Split **by source paper**: a DOI is a validation paper when the first 8 bytes of
@@ -12,6 +12,11 @@ Three sets, each with its own kind of ground truth (see ``../shared/data/README.
   digit or underscore, with a trailing ``C`` (carbon support, "PtC" = Pt/C) dropped, so
   Pt2, PtC1 and Pt_carbon1 are all "Pt", Cu_silica1 is "Cu" and PtW3 is "PtW". The materials are
   ordered by sha256 of their name and the first ``ceil(fraction * n_materials)`` are held out.
+* ``msa``: BF-TEM frames (512 px RGBA PNG, grey in the colour channels) of supported particles
+  sintering in situ, with RGBA binary masks (channel 0 > 127 = particle); instances are the
+  8-connected components (touching particles can share one blob, as annotated). Split **by
+  frame**: the first ``MSA_HELDOUT`` frames in sha256(file name) order are the held-out BF-TEM
+  test set, the others training frames (the frames are crops of different fields of view).
 * ``nffa``: SEM images with a binary (0/1) mask. In these masks the *particles are 0* and the
   support 1 (checked by eye; in all six the 1-phase covers 63-99.8 % of the image); the loader
   takes the minority value as particle, which gives exactly that. Instances are the
@@ -40,16 +45,20 @@ import numpy as np
 
 from nanoscout.wire.errors import ConfigError, ReaderError
 
-__all__ = ["REAL_SETS", "SPLITS_DIR", "EmpsSplit", "Sample", "StemSplit", "available_sets",
+__all__ = ["REAL_SETS", "SPLITS_DIR", "EmpsSplit", "MsaSplit", "Sample", "StemSplit", "available_sets",
            "data_root", "emps_index", "emps_split", "emps_tuning_ids", "is_validation_doi",
-           "iter_samples", "load_emps", "load_nffa", "load_split", "load_stem", "nffa_names",
-           "stem_material", "stem_names", "stem_split", "stem_tuning_names", "write_splits"]
+           "iter_samples", "load_emps", "load_msa", "load_nffa", "load_split", "load_stem",
+           "msa_names", "msa_split", "nffa_names", "stem_material", "stem_names", "stem_split",
+           "stem_tuning_names", "write_splits"]
 
-REAL_SETS = ("emps", "stem", "nffa")
+REAL_SETS = ("emps", "stem", "nffa", "msa")
 #: ``models/splits`` of the source checkout (training runs from a checkout)
 SPLITS_DIR = Path(__file__).resolve().parents[3] / "models" / "splits"
 VALIDATION_FRACTION = 0.25
-_SET_DIRS = {"emps": "emps-train", "stem": "stem-dev", "nffa": "nffa-particles"}
+_SET_DIRS = {"emps": "emps-train", "stem": "stem-dev", "nffa": "nffa-particles",
+             "msa": "msa-tem-train"}
+#: frames of the BF-TEM (msa) set held out as its test set
+MSA_HELDOUT = 5
 
 
 @dataclass(frozen=True)
@@ -283,14 +292,59 @@ def load_nffa(name: str, root: Path | None = None) -> Sample:
     return Sample("nffa", name, img, labels.astype(np.int32), None, None, "nffa")
 
 
+# ------------------------------------------------------------------ MSA BF-TEM
+
+
+def msa_names(root: Path | None = None) -> list[str]:
+    """Return the sorted BF-TEM frame names ("image_<k>") that have a label file."""
+    d = _set_dir("msa", root)
+    return sorted(p.stem for p in (d / "images").glob("image_*.png")
+                  if (d / "labels" / p.name.replace("image_", "label_")).is_file())
+
+
+class MsaSplit(TypedDict):
+    """The BF-TEM split as :func:`msa_split` returns it and ``models/splits/msa.json`` holds it."""
+
+    set: str
+    rule: str
+    validation: list[str]
+    train: list[str]
+
+
+def msa_split(root: Path | None = None, n_heldout: int = MSA_HELDOUT) -> MsaSplit:
+    """Return the BF-TEM split: the first ``n_heldout`` frames in sha256(name) order are the
+    held-out test frames, the rest train."""
+    names = msa_names(root)
+    order = sorted(names, key=lambda n: hashlib.sha256(n.encode()).hexdigest())
+    held = sorted(order[:n_heldout])
+    return {"set": "msa", "rule": f"held out: the first {n_heldout} frames in sha256(name) order",
+            "validation": held, "train": [n for n in names if n not in held]}
+
+
+def load_msa(name: str, root: Path | None = None) -> Sample:
+    """Return one BF-TEM frame (uint8 grey) with int32 instances (8-connected mask blobs)."""
+    from PIL import Image
+    from scipy import ndimage
+
+    d = _set_dir("msa", root)
+    img = _read_grey(d / "images" / f"{name}.png")
+    with Image.open(d / "labels" / f"{name.replace('image_', 'label_')}.png") as im:
+        mask = np.asarray(im)[..., 0] > 127
+    if mask.shape != img.shape:
+        raise ReaderError(f"msa {name}: mask {mask.shape} != image {img.shape}")
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    return Sample("msa", name, img, labels.astype(np.int32), None, None, "msa")
+
+
 # ------------------------------------------------------------------ splits
 
 
 def write_splits(root: Path | None = None, out_dir: Path = SPLITS_DIR) -> list[Path]:
-    """Write ``emps.json`` and ``stem.json`` split files; returns their paths."""
+    """Write ``emps.json``, ``stem.json`` and ``msa.json`` split files; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, split in (("emps", emps_split(root)), ("stem", stem_split(root))):
+    for name, split in (("emps", emps_split(root)), ("stem", stem_split(root)),
+                        ("msa", msa_split(root))):
         p = out_dir / f"{name}.json"
         p.write_text(json.dumps(split, indent=1) + "\n")
         paths.append(p)
@@ -298,7 +352,7 @@ def write_splits(root: Path | None = None, out_dir: Path = SPLITS_DIR) -> list[P
 
 
 def load_split(name: str, splits_dir: Path = SPLITS_DIR) -> dict[str, Any]:
-    """Return the committed split of ``name`` ("emps" or "stem")."""
+    """Return the committed split of ``name`` ("emps", "stem" or "msa")."""
     p = splits_dir / f"{name}.json"
     if not p.is_file():
         raise ConfigError(f"split file {p} is missing (python -m nanoscout.training.realdata --write-splits)")
@@ -327,6 +381,9 @@ def iter_samples(name: str, root: Path | None = None, max_images: int | None = N
         gen = (load_stem(n, root) for n in stem_tuning_names(root)[:max_images])
     elif name == "nffa":
         gen = (load_nffa(n, root) for n in nffa_names(root)[:max_images])
+    elif name == "msa":
+        held: list[str] = list(load_split("msa")["validation"])
+        gen = (load_msa(n, root) for n in held[:max_images])
     else:
         raise ConfigError(f"unknown real data set {name!r} (known: {', '.join(REAL_SETS)})")
     yield from gen

@@ -21,7 +21,7 @@ import json
 import math
 import multiprocessing as mp
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import Empty
 
@@ -33,10 +33,15 @@ from scipy import ndimage as ndi
 from nanoscout.analysis.preprocess import normalize
 from nanoscout.clients.progress import track
 from nanoscout.sim.overlays import burn_in
+from nanoscout.sim.sem_render import random_config as sem_random_config
+from nanoscout.sim.sem_render import render as sem_render
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig
+from nanoscout.training.boxloss import boxes_from_labels, projection_loss
 from nanoscout.training.crops import RealImage, crop_at_scale, load_real_training, photometric
 from nanoscout.training.export import VARIANTS, export_onnx, write_card
-from nanoscout.training.unet import CORE_FRACTION, ParticleUNet
+from nanoscout.training.haadf import acquire as haadf_acquire
+from nanoscout.training.unet import CORE_FRACTION
+from nanoscout.training.unet_deep import ARCHS, build_network
 
 TRAIN_SEED_BASE = 1_000_000
 CROP = 256
@@ -47,6 +52,43 @@ NECK_RADIUS = 4.0
 OVERLAY_P = 0.3
 #: phase 2: probability that a synthetic specimen is rods / wires lying mostly along an axis
 AXIS_RODS_P = 0.2
+#: seeds of the pre-rendered HAADF training specimens (nanoscout.training.haadf), and their default number
+HAADF_SEED_BASE = 3_000_000
+HAADF_FRAMES = 2400
+#: box-supervised crops: at most this many boxes per crop enter the projection loss
+MAX_BOXES = 24
+#: weight of the projection loss (``nanoscout.training.boxloss``) against the per-pixel losses
+BOX_WEIGHT = 1.0
+
+
+class HaadfCache:
+    """Pre-rendered HAADF-STEM specimens (``python -m nanoscout.training.haadf --cache DIR``): noiseless
+    signals and exact labels, loaded from every ``haadf_*.npz`` shard in a folder."""
+
+    def __init__(self, folder: Path, limit: int | None = None) -> None:
+        sigs, labs = [], []
+        for path in sorted(Path(folder).glob("haadf_*.npz"), key=lambda p: p.stem):
+            if path.name.endswith(".tmp.npz"):
+                continue
+            with np.load(path) as z:
+                sigs.append(z["signal"])
+                labs.append(z["labels"])
+        if not sigs:
+            raise FileNotFoundError(f"no haadf_*.npz shards in {folder}")
+        self.signal = np.concatenate(sigs)[:limit]
+        self.labels = np.concatenate(labs)[:limit]
+
+    def __len__(self) -> int:
+        return len(self.signal)
+
+    def crop(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return (signal float32, labels int32) of a random ``size`` crop of a random frame."""
+        k = int(rng.integers(len(self.signal)))
+        h, w = self.signal.shape[1:]
+        r0 = int(rng.integers(0, h - size + 1))
+        c0 = int(rng.integers(0, w - size + 1))
+        return (self.signal[k, r0:r0 + size, c0:c0 + size].astype(np.float32),
+                self.labels[k, r0:r0 + size, c0:c0 + size].astype(np.int32))
 
 
 def random_config(rng: np.random.Generator, shape: tuple[int, int] = (CROP, CROP)
@@ -132,10 +174,21 @@ class Pool:
     """
 
     def __init__(self, size: int, rng: np.random.Generator, real: list[RealImage] | None = None,
-                 real_fraction: float = 0.0, stem_share: float | None = None) -> None:
+                 real_fraction: float = 0.0, stem_share: float | None = None,
+                 haadf: HaadfCache | None = None, haadf_share: float = 0.0,
+                 sem_share: float = 0.0) -> None:
         """``stem_share``: share of the real crops cut from STEM images (None: as the
-        sqrt(particle count) weights fall, about a fifth)."""
+        sqrt(particle count) weights fall, about a fifth). ``haadf``: pre-rendered HAADF-STEM
+        specimens (:mod:`nanoscout.training.haadf`); ``haadf_share`` of the synthetic crops come from them,
+        ``sem_share`` from SEM specimens rendered on the fly (:mod:`nanoscout.sim.sem_render`)."""
         self.rng = rng
+        self.sem_share = sem_share
+        #: HAADF crops: particles smaller than this (px) are left unlabelled, and burnt-in
+        #: annotations are painted as on the other synthetic crops (set by DataOptions)
+        self.haadf_min_area = 0.0
+        self.haadf_overlays = False
+        self.haadf = haadf
+        self.haadf_share = haadf_share if haadf is not None else 0.0
         self.counter = 0
         self.real = real or []  # empty in phase 1, which stays as first shipped
         self.items: list[Specimen] = [self._new() for _ in range(size)]
@@ -203,24 +256,70 @@ class Pool:
         img, lab, valid = crop_at_scale(item, self.rng, CROP)
         x = photometric(img, self.rng)
         fg, core, wt = targets_and_weights(lab)
-        stack = np.stack([x, fg, core, wt, valid])
+        # box-only truth: the label map's instances give the boxes (projection loss)
+        boxlab = lab.astype(np.float32) if item.ignore is not None else np.zeros_like(x)
+        stack = np.stack([x, fg, core, wt, valid, boxlab])
         if self.rng.random() < OVERLAY_P / 2:
-            burn_in(stack[0], stack[1:], self.rng)
+            burn_in(stack[0], stack[1:5], self.rng)
         return stack
 
-    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Return ``n`` augmented crops: images (n, 1, H, W) and targets (n, 4, H, W)."""
-        xs, ys = [], []
-        for _ in range(n):
+    def _haadf(self) -> np.ndarray:
+        assert self.haadf is not None
+        sig, lab = self.haadf.crop(self.rng, CROP)
+        img, lab = haadf_acquire(sig, lab, self.rng)
+        if self.haadf_min_area > 0:
+            # specks below the smallest size annotators mark stay in the image, unlabelled
+            area = np.bincount(lab.ravel())
+            small = np.flatnonzero(area < self.haadf_min_area)
+            small = small[small > 0]
+            if small.size:
+                lab = np.where(np.isin(lab, small), 0, lab)
+        x = normalize(img)
+        fg, core, wt = targets_and_weights(lab)
+        stack = np.stack([x, fg, core, wt, np.ones_like(x), np.zeros_like(x)])
+        if self.haadf_overlays and self.rng.random() < OVERLAY_P:
+            burn_in(stack[0], stack[1:5], self.rng)
+        return stack
+
+    def _sem(self) -> np.ndarray:
+        seed = int(self.rng.integers(2**62))
+        img, lab = sem_render(sem_random_config(np.random.default_rng(seed), (CROP, CROP)),
+                              seed)
+        x = normalize(img)
+        fg, core, wt = targets_and_weights(lab)
+        stack = np.stack([x, fg, core, wt, np.ones_like(x), np.zeros_like(x)])
+        if self.rng.random() < OVERLAY_P:
+            burn_in(stack[0], stack[1:5], self.rng)
+        return stack
+
+    def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (x, y, boxes): inputs (n, 1, S, S), targets (n, 4, S, S) and the boxes of
+        box-supervised crops as (K, 5) int64 rows (crop index, r0, c0, r1, c1)."""
+        xs, ys, boxes = [], [], []
+        for i in range(n):
             real = self.real_fraction > 0 and self.rng.random() < self.real_fraction
-            stack = self._real() if real else self._synthetic()
+            if real:
+                stack = self._real()
+            elif self.haadf_share > 0 and self.rng.random() < self.haadf_share:
+                stack = self._haadf()
+            elif self.sem_share > 0 and self.rng.random() < self.sem_share:
+                stack = self._sem()
+            else:
+                stack = self._synthetic()
+                stack = np.concatenate([stack, np.zeros_like(stack[:1])])
             k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
             stack = np.rot90(stack, k, axes=(1, 2))
             if flip:
                 stack = stack[:, :, ::-1]
             xs.append(stack[:1].copy())
-            ys.append(stack[1:].copy())
-        return np.stack(xs), np.stack(ys)
+            ys.append(stack[1:5].copy())
+            if stack[5].any():
+                b = boxes_from_labels(stack[5].astype(np.int32))
+                if len(b) > MAX_BOXES:
+                    b = b[self.rng.choice(len(b), MAX_BOXES, replace=False)]
+                boxes.append(np.concatenate([np.full((len(b), 1), i, np.int64), b], 1))
+        bx = np.concatenate(boxes) if boxes else np.zeros((0, 5), np.int64)
+        return np.stack(xs), np.stack(ys), bx
 
 
 def _dice(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -248,19 +347,39 @@ def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int,
               refresh_every: int, real_fraction: float, real_exclude: tuple[str, ...],
-              stem_share: float | None) -> None:
-    """Data process: fills ``queue`` with (x, y) numpy batches in a fixed, seeded order."""
+              stem_share: float | None, data: DataOptions) -> None:
+    """Data process: fills ``queue`` with (x, y, boxes) numpy batches in a fixed, seeded order."""
     rng = np.random.default_rng(seed)
-    real = load_real_training(exclude=set(real_exclude)) if real_fraction > 0 else []
-    pool = Pool(pool_size, rng, real, real_fraction, stem_share)
+    real = (load_real_training(data.real_sets, exclude=set(real_exclude), box_ring=data.box_ring)
+            if real_fraction > 0 else [])
+    cache = HaadfCache(data.haadf_cache, data.haadf_frames) \
+        if data.haadf_cache is not None and data.haadf_share > 0 else None
+    pool = Pool(pool_size, rng, real, real_fraction, stem_share, cache, data.haadf_share,
+                data.sem_share)
+    pool.haadf_min_area = math.pi * (data.haadf_min_ecd / 2.0) ** 2
+    pool.haadf_overlays = data.haadf_overlays
     for step in track(range(steps), "training"):
         if step % refresh_every == 0:
             pool.refresh()
         queue.put(pool.batch(batch))
 
 
+@dataclass(frozen=True)
+class DataOptions:
+    """Phase-2 data beyond detector 3.0's: which real sets, box supervision, HAADF crops."""
+
+    real_sets: tuple[str, ...] = ("emps", "stem")
+    box_ring: float | None = None  # STEM boxes: inner-ellipse share trusted (None: ellipses)
+    haadf_cache: Path | None = None
+    haadf_share: float = 0.0  # share of the synthetic crops from the HAADF cache
+    haadf_frames: int | None = None  # use only the first this many cached frames
+    sem_share: float = 0.0  # share of the remaining synthetic crops from nanoscout.sim.sem_render
+    haadf_min_ecd: float = 0.0  # HAADF particles below this ECD (px) are left unlabelled
+    haadf_overlays: bool = False  # burnt-in annotations on HAADF crops too
+
+
 def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
-                ) -> tuple[np.ndarray, np.ndarray]:
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return the next batch; raises RuntimeError when the data process has died."""
     while True:
         try:
@@ -273,9 +392,10 @@ def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
 
 def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
           log_every: int = 50, real_fraction: float = 0.0, real_exclude: tuple[str, ...] = (),
-          model: ParticleUNet | None = None, lr: float = 4e-3, stem_share: float | None = None
-          ) -> tuple[ParticleUNet, dict[str, float]]:
-    """Train a ParticleUNet; returns the model (eval mode) and a summary (seconds, last loss).
+          model: torch.nn.Module | None = None, lr: float = 4e-3, stem_share: float | None = None,
+          arch: str = "unet", data: DataOptions | None = None
+          ) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Train a detector network; returns the model (eval mode) and a summary (seconds, last loss).
 
     ``model``: the network to continue from (fine-tuning phase); None starts a new one.
     """
@@ -286,11 +406,11 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
     queue: mp.Queue = mp.get_context("fork").Queue(maxsize=6)
     producer = mp.get_context("fork").Process(
         target=_producer, args=(queue, pool_size, seed, steps, batch, 2, real_fraction, real_exclude,
-                                stem_share),
+                                stem_share, data or DataOptions()),
         daemon=True)
     producer.start()
     if model is None:
-        model = ParticleUNet(width)
+        model = build_network(arch, width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warm = max(1, steps // 30)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -300,10 +420,13 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
     t_data = t_step = 0.0
     for step in track(range(steps), "training"):
         a = time.perf_counter()
-        xn, yn = _next_batch(queue, producer)
+        xn, yn, bn = _next_batch(queue, producer)
         x, y = torch.from_numpy(xn), torch.from_numpy(yn)
         b = time.perf_counter()
-        loss = loss_fn(model(x), y)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        if bn.size:
+            loss = loss + BOX_WEIGHT * projection_loss(logits[:, 0], torch.from_numpy(bn))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -333,11 +456,15 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("models/weights"))
     ap.add_argument("--steps", type=int, default=2400, help="phase 1 (synthetic) steps")
-    ap.add_argument("--finetune-steps", type=int, default=3500,
-                    help="phase 2 (real + synthetic) steps; 0 skips phase 2")
+    ap.add_argument("--finetune-steps", type=int, default=None,
+                    help="phase 2 (real + synthetic) steps; 0 skips phase 2; default: the "
+                         "variant's")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--width", type=int, default=16,
                     help="base channel width (16: same ONNX Runtime time as 12 on this CPU)")
+    ap.add_argument("--arch", choices=ARCHS, default=None,
+                    help="network: unet (detector 3.0's) or deep (nanoscout.training.unet_deep); default: "
+                         "the variant's")
     ap.add_argument("--pool", type=int, default=48)
     ap.add_argument("--seed", type=int, default=20250101)
     ap.add_argument("--eval-n", type=int, default=20)
@@ -357,8 +484,36 @@ def main(argv: list[str] | None = None) -> None:
                          "about 0.19)")
     ap.add_argument("--no-tuning-holdout", action="store_true",
                     help="also train on the EMPS tuning papers (default: keep them out)")
-    ap.add_argument("--stem-tuning-holdout", action="store_true",
-                    help="keep the STEM tuning material out of training (tuning experiments)")
+    ap.add_argument("--stem-tuning-holdout", action="store_true", default=None,
+                    help="keep the STEM tuning material out of training (default: the "
+                         "variant's)")
+    ap.add_argument("--real-sets", default=None,
+                    help="phase 2: real training sets (comma list of emps, stem, msa); "
+                         "default: the variant's")
+    ap.add_argument("--box-ring", type=float, default=None,
+                    help="phase 2: box supervision for STEM boxes (nanoscout.training.boxloss): trust the "
+                         "inner ellipse of this share of the half-axes, leave the ring to the "
+                         "box, add the projection loss; 0: inscribed ellipses as masks; "
+                         "default: the variant's")
+    ap.add_argument("--haadf-cache", type=Path, default=Path("runs/cache/haadf"),
+                    help="phase 2: folder of pre-rendered HAADF specimens (nanoscout.training.haadf)")
+    ap.add_argument("--haadf-share", type=float, default=None,
+                    help="phase 2: share of the synthetic crops taken from --haadf-cache "
+                         "(default: the variant's)")
+    ap.add_argument("--haadf-frames", type=int, default=None,
+                    help="phase 2: use only the first N cached HAADF frames (reproducibility)")
+    ap.add_argument("--sem-share", type=float, default=None,
+                    help="phase 2: share of the other synthetic crops rendered as SEM "
+                         "agglomerates of faceted particles (nanoscout.sim.sem_render); default: "
+                         "the variant's")
+    ap.add_argument("--haadf-min-ecd", type=float, default=None,
+                    help="phase 2: HAADF particles smaller than this ECD (px) stay unlabelled "
+                         "(default: the variant's)")
+    ap.add_argument("--haadf-overlays", action="store_true", default=None,
+                    help="phase 2: burnt-in annotations on HAADF crops too (default: the "
+                         "variant's)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (2: the shipped runs; 1 when runs share the CPU)")
     ap.add_argument("--init", type=Path, default=None,
                     help="skip phase 1: fine-tune this phase-1 checkpoint")
     ap.add_argument("--lr", type=float, default=4e-3, help="phase 1 peak learning rate")
@@ -369,19 +524,28 @@ def main(argv: list[str] | None = None) -> None:
         args.real_fraction = variant.real_fraction
     if args.stem_share is None:
         args.stem_share = variant.stem_share
-    torch.set_num_threads(2)
+    for name in ("arch", "box_ring", "haadf_share", "haadf_frames", "sem_share",
+                 "finetune_steps", "stem_tuning_holdout", "haadf_min_ecd", "haadf_overlays"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(variant, name))
+    if args.real_sets is None:
+        args.real_sets = ",".join(variant.train_sets)
+    if args.box_ring == 0:
+        args.box_ring = None
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     phases: dict[str, object] = {}
     if args.init is None:
         model, summary = train(args.steps, args.batch, args.width, args.pool, args.seed,
-                               lr=args.lr)
+                               lr=args.lr, arch=args.arch)
         phases["synthetic"] = {"steps": args.steps, "lr": args.lr,
                                **{k: round(v, 4) for k, v in summary.items()}}
     else:
         ck = torch.load(args.init, map_location="cpu", weights_only=False)
-        if int(ck["width"]) != args.width:
-            raise SystemExit(f"--init {args.init} has width {ck['width']}, not {args.width}")
-        model = ParticleUNet(args.width)
+        if int(ck["width"]) != args.width or ck.get("arch", "unet") != args.arch:
+            raise SystemExit(f"--init {args.init} is {ck.get('arch', 'unet')} width "
+                             f"{ck['width']}, not {args.arch} width {args.width}")
+        model = build_network(args.arch, args.width)
         model.load_state_dict(ck["state_dict"])
         phases["synthetic"] = {"from_checkpoint": str(args.init),
                                **ck.get("training", {}).get("phases", {}).get(
@@ -389,6 +553,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.finetune_steps > 0:
         from nanoscout.training.realdata import emps_tuning_ids, stem_tuning_names
 
+        data = DataOptions(tuple(x for x in args.real_sets.split(",") if x), args.box_ring,
+                           args.haadf_cache, args.haadf_share, args.haadf_frames,
+                           args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays))
+        if data.haadf_cache is not None and data.haadf_share > 0:
+            # one command: render the HAADF specimens first where the cache lacks them
+            # (shards already there are kept; seeds HAADF_SEED_BASE + k)
+            from nanoscout.training.haadf import write_cache
+
+            write_cache(data.haadf_cache, HAADF_SEED_BASE, data.haadf_frames or HAADF_FRAMES)
         exclude = () if args.no_tuning_holdout else tuple(emps_tuning_ids())
         if args.stem_tuning_holdout:
             exclude += tuple(stem_tuning_names())
@@ -396,9 +569,13 @@ def main(argv: list[str] | None = None) -> None:
         model, summary = train(args.finetune_steps, args.batch, args.width, args.pool,
                                args.seed + 1, real_fraction=args.real_fraction,
                                real_exclude=exclude, model=model, lr=args.finetune_lr,
-                               stem_share=args.stem_share)
+                               stem_share=args.stem_share, data=data)
         phases["real"] = {"steps": args.finetune_steps, "lr": args.finetune_lr,
                           "real_fraction": args.real_fraction, "stem_share": args.stem_share,
+                          "real_sets": list(data.real_sets), "box_ring": data.box_ring,
+                          "haadf_share": data.haadf_share, "haadf_frames": data.haadf_frames,
+                          "sem_share": data.sem_share, "haadf_min_ecd": data.haadf_min_ecd,
+                          "haadf_overlays": data.haadf_overlays,
                           "excluded_tuning_images": len(exclude),
                           **{k: round(v, 4) for k, v in summary.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -417,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
         "phases": phases,
     }
     args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "width": args.width, "training": training},
+    torch.save({"state_dict": model.state_dict(), "width": args.width, "arch": args.arch,
+                "training": training},
                args.checkpoint)
     card_path = write_card(onnx_path, training=training, width=args.width,
                            eval_n=args.eval_n, eval_seed=args.eval_seed,

@@ -29,6 +29,19 @@ History (minor versions only add optional fields; receivers ignore fields they d
   (D50 and number density of this frame with intervals, coalescence count and rate, growth
   rates, the LSW ripening fit); the ``control_request`` / ``control`` pair on the query socket
   (reset a source's statistics, set its drift reference now)
+* 1.5 operator-in-the-loop adaptation: ``det.model_sha256`` (the first 12 hex digits of the
+  sha256 of the ONNX file that analysed the frame) and ``det.model_generation`` (0 for the
+  model the daemon started with, +1 for every hot swap or revert), so that every ``det`` names
+  the model that made it; ``health.model`` / ``health.model_sha256`` / ``health.model_generation``
+  (the detection model in use), ``health.model_swaps`` / ``health.model_swap_failures``,
+  ``health.frames_saved`` / ``health.frame_save_failures`` (raw frames written for review);
+  control requests ``save_frame`` (write the newest raw frame(s) of a source as calibrated
+  TIFF), ``swap_model`` (``model`` = an ONNX file with its card beside it, or the card;
+  ``sha256`` = the ONNX file's expected sha256) and ``revert_model`` (back to the model before
+  the last swap), with ``source`` optional for the model actions; ``control`` replies carry
+  ``model`` / ``model_sha256`` / ``model_generation`` (the model serving after the request),
+  ``files`` (frames written) and ``elapsed_ms``. A v1.4 daemon answers the new actions with
+  an ``error``; v1.4 readers ignore the new fields.
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ from pydantic import (
     Field,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 from nanoscout.wire.buffers import (
@@ -64,11 +78,11 @@ __all__ = [
     "AckHeader", "AlertHeader", "ClassHeader", "ControlReply", "ControlRequest", "DetHeader",
     "Distribution", "Drift", "FieldStats", "FrameDrift", "FrameHeader", "FrameRef", "Header",
     "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply", "LensRequest", "LswFit",
-    "MetaValue", "Modality", "PreviewHeader", "StatsBlock", "StatsHeader", "Stage", "TrackEvent",
-    "Tracking", "UniqueStats", "Units", "frame_header",
+    "MODEL_ACTIONS", "MetaValue", "Modality", "PreviewHeader", "SOURCE_ACTIONS", "StatsBlock",
+    "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 4)
+PROTOCOL_VERSION: tuple[int, int] = (1, 5)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -346,6 +360,11 @@ class DetHeader(FrameRef):
     drift: FrameDrift | None = None
     #: v1.4: tracks started / ended and merge / split events on this frame (None: tracking off)
     tracking: Tracking | None = None
+    #: v1.5: first 12 hex digits of the sha256 of the ONNX file that analysed this frame
+    #: (None: an older daemon); with ``model`` (card name:version) it names the model
+    model_sha256: str | None = None
+    #: v1.5: 0 for the model the daemon started with, +1 for each hot swap or revert since
+    model_generation: Annotated[StrictInt, Field(ge=0)] | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -596,6 +615,17 @@ class HealthHeader(Header):
     topic_seq: Count64 | None = None
     #: when this daemon started, ns since the epoch (a restart shows as a new value)
     started_ns: int | None = None
+    #: v1.5: the detection model in use (card name:version), the first 12 hex digits of its
+    #: ONNX file's sha256 and its generation (0 at start, +1 per swap or revert)
+    model: str | None = None
+    model_sha256: str | None = None
+    model_generation: int | None = None
+    #: v1.5: hot swaps and reverts done / refused or rolled back since start
+    model_swaps: int = 0
+    model_swap_failures: int = 0
+    #: v1.5: raw frames written for review (TIFF) / saves that failed
+    frames_saved: int = 0
+    frame_save_failures: int = 0
 
 
 class LensRequest(Header):
@@ -626,25 +656,69 @@ class LensReply(Header):
     error: str | None = None
 
 
+#: control actions on one source (they need ``source``)
+SOURCE_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference", "save_frame")
+#: control actions on the daemon's detection model (``source`` is ignored)
+MODEL_ACTIONS: tuple[str, ...] = ("swap_model", "revert_model")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
 class ControlRequest(Header):
-    """A request on the daemon's query socket (v1.4): ``reset_statistics`` forgets the
-    source's statistics, tracks and in-situ series (tracking goes on, new tracks from then);
-    ``set_drift_reference`` makes the source's next frame the zero of its drift. Both apply
-    before the next frame of ``source`` is analysed."""
+    """A request on the daemon's query socket (v1.4; v1.5 the last three actions).
+
+    ``reset_statistics`` forgets the source's statistics, tracks and in-situ series (tracking
+    goes on, new tracks from then); ``set_drift_reference`` makes the source's next frame the
+    zero of its drift. Both apply before the next frame of ``source`` is analysed.
+    ``save_frame`` writes the newest ``frames`` raw frames of ``source`` kept for review as
+    calibrated TIFF. ``swap_model`` loads ``model`` (an ONNX file with its model card beside it,
+    or the card), checks it against ``sha256`` (the ONNX file's, 64 lowercase hex digits) and
+    a probe frame, and switches the daemon's detector to it between two frames;
+    ``revert_model`` goes back to the model before the last swap."""
 
     topic_kind: ClassVar[Kind] = Kind.CONTROL_REQUEST
-    source: Source
-    action: Literal["reset_statistics", "set_drift_reference"]
+    source: Source | None = None
+    action: Literal["reset_statistics", "set_drift_reference", "save_frame", "swap_model",
+                    "revert_model"]
+    #: swap_model: path of the ONNX file or its card, as the daemon's host sees it
+    model: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    #: swap_model: the expected sha256 of the ONNX file (lowercase hex)
+    sha256: str | None = None
+    #: save_frame: how many of the newest raw frames of the source to write
+    frames: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is not None and _SHA256_RE.fullmatch(value) is None:
+            raise ValueError(f"sha256 {value!r:.80} must be 64 lowercase hex digits")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> ControlRequest:
+        if self.action in SOURCE_ACTIONS and self.source is None:
+            raise ValueError(f"{self.action} needs a source")
+        if self.action == "swap_model" and (self.model is None or self.sha256 is None):
+            raise ValueError("swap_model needs model (the ONNX file or its card) and sha256")
+        return self
 
 
 class ControlReply(Header):
-    """The answer to a :class:`ControlRequest`: ``ok``, or ``error`` saying why not."""
+    """The answer to a :class:`ControlRequest`: ``ok``, or ``error`` saying why not.
+
+    v1.5: ``model`` / ``model_sha256`` / ``model_generation``: the detection model serving
+    after the request (after a refused swap: the one still serving); ``files``: the frames a
+    ``save_frame`` wrote; ``elapsed_ms``: how long the request took."""
 
     topic_kind: ClassVar[Kind] = Kind.CONTROL
     source: str
     action: str
     ok: bool = False
     error: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    model_generation: int | None = None
+    files: list[str] = Field(default_factory=list)
+    elapsed_ms: float | None = None
 
 
 #: header class of each message kind

@@ -23,6 +23,25 @@ Routes (GET, and one POST):
                         ``X-Nanoscout: 1`` header (no cross-site request forgery); 503 when
                         the daemon does not answer or refuses, or without a query endpoint
 
+Model, review and annotation (v1.5 daemons; POST under the same ``X-Nanoscout: 1``, host and
+token rules; 503 without a query endpoint, 400 with ``{"error": why}`` when refused;
+:class:`~nanoscout.clients.dashboard.annotate.AnnotationDesk`):
+
+``/api/model/revert``        POST: the daemon goes back to the model before its last swap
+``/api/frame/save``          POST ``?source=S[&frames=N]``: the daemon writes S's newest raw
+                             frame(s) as calibrated TIFF (``files`` in the answer)
+``/api/annotate/freeze``     POST ``?source=S``: save S's newest frame and open it for
+                             annotation from the detector's instances (picture + outlines)
+``/api/annotate/add``        POST ``?id=I&x=X&y=Y``: add the particle at frame px (X, Y), its
+                             outline proposed by a local threshold around the click
+``/api/annotate/remove``     POST ``?id=I&x=X&y=Y``: remove the particle under the click
+``/api/annotate/draw``       POST ``?id=I``, body ``{"points": [[x, y], ...]}``: add a drawn
+                             outline
+``/api/annotations``         GET: the open annotations (their frame and mask files)
+``/api/adapt``               POST ``[?ids=I,J]``: run ``nanoscout models adapt`` on the
+                             annotations in the background; GET: its state and progress
+``/api/adapt/swap``          POST: hot-swap the daemon to the adapted model
+
 A slow browser never slows the gateway: it is simply sent fewer, newer versions of each item.
 
 Hardened like every listening socket of nanoscout: a real listen backlog, a timeout on every
@@ -51,6 +70,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
+from nanoscout.clients.dashboard.annotate import AnnotationDesk, AnnotationError
 from nanoscout.clients.dashboard.gateway import DashboardState, Gateway
 from nanoscout.clients.dashboard.lens import LensView
 from nanoscout.clients.query import request_control
@@ -133,6 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._lens(self.path.partition("?")[2])
         elif path == "/api/track":
             self._track(self.path.partition("?")[2])
+        elif path in ("/api/annotations", "/api/adapt"):
+            self._desk(path, {}, b"")
         elif path == "/favicon.ico":
             self._send(b"", "image/x-icon", HTTPStatus.NO_CONTENT)
         else:
@@ -144,13 +166,20 @@ class _Handler(BaseHTTPRequestHandler):
         ``X-Nanoscout: 1`` (a form on another site cannot send it: no cross-site request
         forgery), under the page's host and token rules."""
         self._set_cookie = None
-        length = int(self.headers.get("Content-Length") or 0)
-        if 0 < length <= 4096:
-            self.rfile.read(length)  # the body is not used; read it to keep the connection
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= _MAX_BODY:
+            self.close_connection = True
+            self._json({"error": f"a request body is 0..{_MAX_BODY} bytes"},
+                       HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            return
+        body = self.rfile.read(length) if length else b""
         if not self._allowed():
             return
         path, _, query = self.path.partition("?")
-        if path != "/api/control":
+        if path != "/api/control" and path not in _DESK_POST:
             self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
             return
         if self.headers.get("X-Nanoscout") != "1":
@@ -158,6 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
                        HTTPStatus.FORBIDDEN)
             return
         args = {k: v[-1] for k, v in parse_qs(query).items()}
+        if path != "/api/control":
+            self._desk(path, args, body)
+            return
         control = self.server.control
         if control is None:
             self._json({"error": "no daemon query socket: start the dashboard with --query "
@@ -176,6 +208,48 @@ class _Handler(BaseHTTPRequestHandler):
             return
         log.info("control request from the page: %s for %s", action, source)
         self._json({"ok": True, "source": source, "action": action})
+
+    def _desk(self, path: str, args: dict[str, str], body: bytes) -> None:
+        """The model, review and annotation routes (see the module docstring)."""
+        desk = self.server.desk
+        if desk is None:
+            self._json({"error": "no daemon query socket: start the dashboard with --query "
+                                 "(the daemon's query endpoint)"},
+                       HTTPStatus.SERVICE_UNAVAILABLE)
+            return
+        try:
+            out: Any
+            if path == "/api/annotations":
+                out = {"annotations": desk.annotations()}
+            elif path == "/api/adapt" and self.command == "GET":
+                out = desk.adapt_status()
+            elif path == "/api/adapt":
+                ids = [i for i in args.get("ids", "").split(",") if i]
+                out = desk.adapt(ids)
+            elif path == "/api/adapt/swap":
+                out = desk.swap_adapted()
+            elif path == "/api/model/revert":
+                out = desk.revert()
+            elif path == "/api/frame/save":
+                out = desk.save(_arg(args, "source"), int(args.get("frames") or 1))
+            elif path == "/api/annotate/freeze":
+                out = desk.freeze(_arg(args, "source"))
+            elif path == "/api/annotate/draw":
+                points = json.loads(body or b"{}").get("points")
+                if not isinstance(points, list):
+                    raise AnnotationError('the body must be {"points": [[x, y], ...]}')
+                out = desk.draw(_arg(args, "id"), points)
+            else:
+                x, y = float(_arg(args, "x")), float(_arg(args, "y"))
+                edit = desk.add if path == "/api/annotate/add" else desk.remove
+                out = edit(_arg(args, "id"), x, y)
+        except (AnnotationError, ValueError, AttributeError) as exc:
+            log.info("%s: %s", path, exc)
+            self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
+            return
+        if self.command == "POST":
+            log.info("dashboard request: %s %s", path, {k: v[:40] for k, v in args.items()})
+        self._json(out)
 
     def _track(self, query: str) -> None:
         args = {k: v[-1] for k, v in parse_qs(query).items()}
@@ -272,6 +346,21 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the browser went away, or stopped reading
 
 
+#: largest POST body (a drawn outline), bytes
+_MAX_BODY = 256 * 1024
+#: POST routes of the annotation desk
+_DESK_POST = frozenset({"/api/model/revert", "/api/frame/save", "/api/annotate/freeze",
+                        "/api/annotate/add", "/api/annotate/remove", "/api/annotate/draw",
+                        "/api/adapt", "/api/adapt/swap"})
+
+
+def _arg(args: dict[str, str], name: str) -> str:
+    value = args.get(name, "")
+    if not value:
+        raise AnnotationError(f"the request needs {name}=...")
+    return value
+
+
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
          b"Content-Length: 37\r\nRetry-After: 2\r\nConnection: close\r\n\r\n"
          b"too many dashboard clients; try later\n")
@@ -285,8 +374,10 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], state: DashboardState, max_rate_hz: float,
                  lens: LensView | None, *, max_clients: int, request_timeout_s: float,
                  names: set[str], token: str | None,
-                 control: Callable[[str, str], Any] | None = None) -> None:
+                 control: Callable[[str, str], Any] | None = None,
+                 desk: AnnotationDesk | None = None) -> None:
         self.state = state
+        self.desk = desk
         self.max_rate_hz = max_rate_hz
         self.lens = lens
         self.control = control
@@ -342,7 +433,8 @@ class DashboardServer:
     ``request_timeout_s``: socket timeout of a request, s; ``allow_hosts``: more host names the
     page may be asked for (see :func:`allowed_names`); ``token``: the access token, or None.
     A non-loopback ``host`` needs a token unless ``allow_insecure_remote``. ``control``:
-    sends (source, action) to the daemon's query socket for ``/api/control`` (None: 503).
+    sends (source, action) to the daemon's query socket for ``/api/control`` (None: 503);
+    ``desk``: answers the model, review and annotation routes (None: 503).
     """
 
     def __init__(self, state: DashboardState, *, host: str = "127.0.0.1", port: int = 8080,
@@ -350,7 +442,8 @@ class DashboardServer:
                  max_clients: int = 256, request_timeout_s: float = 10.0,
                  allow_hosts: Iterable[str] = (), token: str | None = None,
                  allow_insecure_remote: bool = False,
-                 control: Callable[[str, str], Any] | None = None) -> None:
+                 control: Callable[[str, str], Any] | None = None,
+                 desk: AnnotationDesk | None = None) -> None:
         if max_rate_hz <= 0:
             raise ConfigError(f"max_rate_hz ({max_rate_hz}) must be > 0")
         if max_clients < 1 or request_timeout_s <= 0:
@@ -368,7 +461,7 @@ class DashboardServer:
                                       max_clients=max_clients,
                                       request_timeout_s=request_timeout_s,
                                       names=allowed_names(host, allow_hosts), token=token,
-                                      control=control)
+                                      control=control, desk=desk)
         except OSError as exc:
             raise ConfigError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
         self._thread: threading.Thread | None = None
@@ -421,12 +514,14 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
     lens = None if query is None else LensView(query, timeout=lens_timeout, curve=curve)
     control = None if query is None else functools.partial(
         request_control, query, timeout=lens_timeout, curve=curve)
+    desk = None if query is None else AnnotationDesk(query, curve=curve,
+                                                     timeout=max(10.0, lens_timeout))
     gateway = Gateway(endpoints, state=state, curve=curve).start()
     try:
         server = DashboardServer(state, host=host, port=port, max_rate_hz=max_rate_hz,
                                  lens=lens, allow_hosts=allow_hosts, token=token,
                                  allow_insecure_remote=allow_insecure_remote,
-                                 max_clients=max_clients, control=control).start()
+                                 max_clients=max_clients, control=control, desk=desk).start()
     except BaseException:
         gateway.close()
         raise
@@ -441,4 +536,6 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
     finally:
         server.close()
         gateway.close()
+        if desk is not None:
+            desk.close()
     return 0

@@ -1224,6 +1224,12 @@
     add("uptime", fmtDuration(h.uptime_s));
     if (h.last_error) add("last error", esc(h.last_error), "bad");
     dl.innerHTML = items.join("");
+    if (h.model) {
+      $("model-line").textContent = `model: ${h.model} · sha256 ${h.model_sha256 || "?"} · generation ` +
+        `${h.model_generation ?? 0} · swaps ${h.model_swaps || 0}` +
+        (h.model_swap_failures ? ` (${h.model_swap_failures} refused)` : "") +
+        ` · frames saved ${h.frames_saved || 0}`;
+    }
   }
 
   // ------------------------------------------------------------------ alerts
@@ -1261,6 +1267,110 @@
     $("alert-count").textContent = S.alertTotal > list.children.length
       ? `${S.alertTotal} (newest ${list.children.length} shown)` : String(S.alertTotal);
   }
+
+  // ------------------------------------------------------------------ model, review, annotation
+  const A = { id: null, mode: "add", img: null, overlay: null, poly: [], shape: null, polling: null };
+
+  async function desk(path, body) {
+    const msg = $("review-msg");
+    msg.hidden = false;
+    msg.textContent = "asking…";
+    try {
+      const r = await fetch(path, {
+        method: "POST", headers: { "X-Nanoscout": "1", "Content-Type": "application/json" },
+        body: body ? JSON.stringify(body) : undefined,
+      });
+      const d = await r.json();
+      if (!r.ok) { msg.textContent = `not done: ${d.error}`; return null; }
+      msg.textContent = "";
+      return d;
+    } catch (err) {
+      msg.textContent = `not done: ${err}`;
+      return null;
+    }
+  }
+  function say(text) { const m = $("review-msg"); m.hidden = false; m.textContent = text; }
+
+  function drawAnnotation() {
+    const cv = $("ann-canvas");
+    if (!A.img || !A.shape) return;
+    const [rows, cols] = A.shape;
+    cv.width = cols; cv.height = rows;
+    const ctx = cv.getContext("2d");
+    ctx.drawImage(A.img, 0, 0);
+    if (A.overlay) ctx.drawImage(A.overlay, 0, 0);
+    if (A.poly.length) {
+      ctx.strokeStyle = "#4fc3f7"; ctx.lineWidth = Math.max(1, cols / 300);
+      ctx.beginPath();
+      A.poly.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      ctx.stroke();
+    }
+  }
+  function showAnnotation(d) {
+    A.id = d.id; A.shape = d.shape;
+    if (d.image) loadImage(d.image, (img) => { A.img = img; drawAnnotation(); });
+    loadImage(d.overlay, (img) => { A.overlay = img; drawAnnotation(); });
+    $("ann-wrap").hidden = false;
+    say(`${d.source}#${d.seq}: ${d.n} particles, ${d.edits} edits · saved as ${d.labels_file}`);
+  }
+  function framePoint(e) {
+    const cv = $("ann-canvas");
+    const r = cv.getBoundingClientRect();
+    return [(e.clientX - r.left) * cv.width / r.width, (e.clientY - r.top) * cv.height / r.height];
+  }
+  function setMode(mode) {
+    A.mode = mode; A.poly = [];
+    for (const m of ["add", "remove", "draw"]) $(`ann-${m}`).classList.toggle("on", m === mode);
+    drawAnnotation();
+  }
+  for (const m of ["add", "remove", "draw"]) $(`ann-${m}`).addEventListener("click", () => setMode(m));
+  $("ann-freeze").addEventListener("click", async () => {
+    if (!S.selected) return;
+    const d = await desk(`/api/annotate/freeze?source=${encodeURIComponent(S.selected)}`);
+    if (d) showAnnotation(d);
+  });
+  $("ann-canvas").addEventListener("click", async (e) => {
+    if (!A.id) return;
+    const [x, y] = framePoint(e);
+    if (A.mode === "draw") { A.poly.push([x, y]); drawAnnotation(); return; }
+    const d = await desk(`/api/annotate/${A.mode}?id=${encodeURIComponent(A.id)}&x=${x.toFixed(1)}&y=${y.toFixed(1)}`);
+    if (d) showAnnotation(d);
+  });
+  $("ann-canvas").addEventListener("dblclick", async () => {
+    if (!A.id || A.mode !== "draw" || A.poly.length < 3) return;
+    const points = A.poly; A.poly = [];
+    const d = await desk(`/api/annotate/draw?id=${encodeURIComponent(A.id)}`, { points });
+    if (d) showAnnotation(d);
+  });
+  $("save-frame").addEventListener("click", async () => {
+    if (!S.selected) return;
+    const d = await desk(`/api/frame/save?source=${encodeURIComponent(S.selected)}`);
+    if (d) say(`saved: ${d.files.join(", ")}`);
+  });
+  $("model-revert").addEventListener("click", async () => {
+    const d = await desk("/api/model/revert");
+    if (d) say(`reverted: ${d.model} (generation ${d.model_generation}) serves now`);
+  });
+  async function pollAdapt() {
+    try {
+      const r = await fetch("/api/adapt");
+      const d = await r.json();
+      const pct = d.progress == null ? "" : ` ${Math.round(d.progress * 100)} %`;
+      say(`adaptation ${d.state}${pct} · ${fmt(d.elapsed_s, 0)} s` + (d.log && d.log.length ? ` · ${d.log[d.log.length - 1]}` : ""));
+      $("ann-swap").hidden = d.state !== "done";
+      if (d.state === "running") A.polling = setTimeout(pollAdapt, 1000);
+    } catch (err) {
+      say(`adaptation: ${err}`);
+    }
+  }
+  $("ann-adapt").addEventListener("click", async () => {
+    const d = await desk("/api/adapt");
+    if (d) { clearTimeout(A.polling); pollAdapt(); }
+  });
+  $("ann-swap").addEventListener("click", async () => {
+    const d = await desk("/api/adapt/swap");
+    if (d) { say(`swapped: ${d.model} (generation ${d.model_generation}) serves now`); $("ann-swap").hidden = true; }
+  });
 
   mark("all");
 })();

@@ -1,0 +1,190 @@
+"""When, and at what cost, the detector's automatic working scale is estimated.
+
+The detector (:class:`~nanoscout.analysis.detector.Detector`, ``scale="auto"``) finds a frame's
+typical particle size with coarse-to-fine passes of its own network and resamples the frame so
+that the particles have the size it was trained on. What a pass looks at and how its particle
+sizes become a factor is the detector's business; this module decides the rest:
+
+* **what each pass costs** (:func:`pass_window`): the first pass sees the whole frame as a
+  thumbnail (longest side ``coarse_side_px``); a finer pass sees only a centred window of the
+  frame whose side at that pass's scale is at most ``window_px``, so that no pass costs more
+  than a ``window_px``² engine call, whatever the frame's size (a 4096² frame costs what a
+  1024² one does). Only when the window is the whole frame at factor 1 can the pass double as
+  the frame's inference.
+* **when a stream re-estimates** (:class:`ScaleMemo`): a live stream (one key: source and
+  pixel size) keeps its factor while its content stays the same. Each frame gets a cheap
+  :class:`Signature` (about 1 ms at any frame size): the shape of the power spectrum of a
+  256² thumbnail of the whole frame and of a 256² full-resolution window at its centre, in
+  half-octave bands. The spectrum does not change when the stage drifts (a shift changes only
+  phases) but moves when the particles' size in pixels changes (a new magnification, another
+  area of the specimen, growth in situ). The factor is estimated again when the signature
+  moved more than ``tolerance`` from the one of the frame last estimated, when the frame
+  shape changes, and at the latest every ``max_age`` frames.
+
+Measured on synthetic TEM / STEM / SEM streams (1024² and 2048², 256² windows): drifting
+frames of one specimen stayed within 0.13 of their first frame's signature (mean absolute
+difference of log band powers, drift up to 21 px), while the same kind of specimen with
+particles 20 % smaller or 25 % larger moved it by 0.21-0.88; ``DEFAULT_TOLERANCE`` (0.15)
+lies between.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+__all__ = ["DEFAULT_TOLERANCE", "DEFAULT_WINDOW_PX", "ScaleMemo", "Signature", "pass_window",
+           "signature"]
+
+#: a pass at a finer scale looks at a window of at most this many working px per side
+DEFAULT_WINDOW_PX = 384
+#: signature distance beyond which a stream's content counts as changed (see module docs)
+DEFAULT_TOLERANCE = 0.15
+#: side of the two views a signature is computed on, px
+SIGNATURE_SIDE_PX = 256
+#: keys (source, pixel size) remembered at most; the oldest is forgotten beyond
+MAX_KEYS = 1024
+
+
+def pass_window(shape: tuple[int, int], s: float, window_px: int = DEFAULT_WINDOW_PX
+                ) -> tuple[slice, slice]:
+    """Return the (rows, cols) window of a frame of ``shape`` that a pass at factor ``s``
+    (working px per frame px) looks at: the whole frame when it is at most ``window_px``
+    working px per side, else a centred window ``window_px / s`` frame px per side.
+    """
+    if not s > 0 or window_px < 1:
+        raise ValueError(f"pass factor {s} must be > 0 and window_px {window_px} >= 1")
+    side = max(1, int(window_px / s))
+    out = []
+    for n in shape:
+        if n <= side:
+            out.append(slice(0, n))
+        else:
+            a = (n - side) // 2
+            out.append(slice(a, a + side))
+    return out[0], out[1]
+
+
+@cache
+def _bands(n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Half-octave band index of each rfft2 bin of an n x n window (-1: unused), the window
+    function, and the number of bands (2 to n/2 cycles per window)."""
+    fy = np.fft.fftfreq(n)[:, None]
+    fx = np.fft.rfftfreq(n)[None, :]
+    r = np.sqrt(fy * fy + fx * fx) * n
+    edges = 2.0 ** np.arange(1.0, np.log2(n / 2.0) + 0.01, 0.5)
+    idx = np.digitize(r, edges) - 1
+    idx[(r < edges[0]) | (r >= edges[-1])] = -1
+    hann = np.hanning(n).astype(np.float32)
+    return idx.ravel(), np.outer(hann, hann), len(edges) - 1
+
+
+def _profile(view: np.ndarray, n: int) -> np.ndarray:
+    """Log of the share of the spectral power of ``view`` (at most n x n, float) in each band."""
+    if view.shape != (n, n):  # a small frame: mirror it up to the window
+        view = np.pad(view, ((0, n - view.shape[0]), (0, n - view.shape[1])), mode="symmetric")
+    idx, win, nb = _bands(n)
+    v = (view - np.float32(view.mean())) * win
+    p = np.abs(np.fft.rfft2(v)).ravel() ** 2
+    m = idx >= 0
+    band = np.bincount(idx[m], p[m], nb) / np.maximum(np.bincount(idx[m], minlength=nb), 1)
+    total = float(band.sum())
+    if not total > 0:  # a flat frame
+        return np.full(nb, -30.0)
+    return np.log(band / total + 1e-12)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A cheap summary of a frame's content at the scales the estimate cares about (see the
+    module docs). ``bands``: log band powers of the whole-frame thumbnail, then of the centre
+    window."""
+
+    bands: np.ndarray
+
+    def distance(self, other: Signature) -> float:
+        """Mean absolute difference of the log band powers (0 = the same spectrum shape)."""
+        if self.bands.shape != other.bands.shape:
+            return float("inf")
+        return float(np.abs(self.bands - other.bands).mean())
+
+
+def signature(x: np.ndarray, side: int = SIGNATURE_SIDE_PX) -> Signature:
+    """Return the :class:`Signature` of a normalised frame ``x`` (2-D float)."""
+    h, w = x.shape
+    k = max(1, -(-max(h, w) // side))
+    # a strided thumbnail: aliased, but the same way in every frame of a stream
+    thumb = x[::k, ::k][:side, :side]
+    r0, c0 = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    centre = x[r0:r0 + side, c0:c0 + side]
+    return Signature(np.concatenate([_profile(thumb, side), _profile(centre, side)]))
+
+
+@dataclass
+class _Entry:
+    shape: tuple[int, ...]
+    scale: float
+    signature: Signature | None
+    age: int  # frames served since the estimate, that frame included
+
+
+class ScaleMemo:
+    """Per-stream memory of the automatic working scale (see the module docs).
+
+    ``max_age``: re-estimate at least every this many frames of a key (1 = every frame);
+    ``tolerance``: the signature distance that counts as a change of content (None: no
+    signatures, only shape and age decide, as before issue 21).
+    """
+
+    def __init__(self, max_age: int, tolerance: float | None = DEFAULT_TOLERANCE,
+                 max_keys: int = MAX_KEYS) -> None:
+        if max_age < 1:
+            raise ValueError(f"max_age {max_age} must be >= 1")
+        if tolerance is not None and not tolerance > 0:
+            raise ValueError(f"tolerance {tolerance} must be > 0 or None")
+        self.max_age = max_age
+        self.tolerance = tolerance
+        self.max_keys = max_keys
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        #: why each estimate was made so far: "new", "shape", "content", "age"
+        self.reasons: dict[str, int] = {"new": 0, "shape": 0, "content": 0, "age": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def signature(self, x: np.ndarray) -> Signature | None:
+        """The frame's signature, or None when signatures are off."""
+        return None if self.tolerance is None else signature(x)
+
+    def lookup(self, key: Hashable, shape: tuple[int, ...], sig: Signature | None
+               ) -> float | None:
+        """The remembered factor of ``key`` if it still holds for this frame (and count the
+        frame), else None: the caller estimates and calls :meth:`store`."""
+        e = self._entries.get(key)
+        if e is None:
+            reason = "new"
+        elif e.shape != shape:
+            reason = "shape"
+        elif e.age >= self.max_age:
+            reason = "age"
+        elif (sig is not None and e.signature is not None and self.tolerance is not None
+              and e.signature.distance(sig) > self.tolerance):
+            reason = "content"
+        else:
+            e.age += 1
+            self._entries.move_to_end(key)
+            return e.scale
+        self.reasons[reason] += 1
+        return None
+
+    def store(self, key: Hashable, shape: tuple[int, ...], sig: Signature | None,
+              scale: float) -> None:
+        """Remember the factor just estimated for ``key`` on a frame of ``shape``."""
+        self._entries[key] = _Entry(tuple(shape), float(scale), sig, 1)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_keys:  # many sources or calibrations
+            self._entries.popitem(last=False)

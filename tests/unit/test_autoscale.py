@@ -1,0 +1,157 @@
+"""When and at what cost the automatic working scale is estimated (nanoscout.analysis.autoscale,
+Detector.estimate_scale with its bounded passes and a stream's reuse)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanoscout.analysis.autoscale import (
+    DEFAULT_TOLERANCE,
+    ScaleMemo,
+    pass_window,
+    signature,
+)
+from nanoscout.analysis.detector import Detector
+from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
+from nanoscout.analysis.preprocess import normalize
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig
+
+ONNX = shipped_model_dir() / "detector.onnx"
+
+
+def test_pass_window_is_the_frame_or_a_bounded_centred_window() -> None:
+    assert pass_window((1024, 1024), 0.25, 384) == (slice(0, 1024), slice(0, 1024))
+    rows, cols = pass_window((2048, 1000), 1.0, 384)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (832, 1216, 308, 692)
+    # a coarser pass sees more of the frame for the same engine cost
+    rows, _ = pass_window((4096, 4096), 0.25, 384)
+    assert rows.stop - rows.start == 1536
+    with pytest.raises(ValueError, match="factor"):
+        pass_window((64, 64), 0.0)
+
+
+def _frames(modality: str, diameter_nm: float, n: int, seed: int = 3) -> list[np.ndarray]:
+    cfg = SpecimenConfig(modality=modality, shape=(1024, 1024),  # type: ignore[arg-type]
+                         median_diameter_nm=diameter_nm)
+    specimen = Specimen.generate(cfg, seed)
+    rng = np.random.default_rng(1)
+    return [normalize(specimen.acquire(rng, shift_px=(3.0 * k, -2.0 * k)).image)
+            for k in range(n)]
+
+
+@pytest.mark.parametrize("modality", ["TEM", "SEM"])
+def test_signature_ignores_drift_but_sees_another_particle_size(modality: str) -> None:
+    drifting = _frames(modality, 8.0, 6)
+    first = signature(drifting[0])
+    assert max(first.distance(signature(x)) for x in drifting[1:]) < DEFAULT_TOLERANCE
+    for factor in (0.7, 1.5):
+        other = _frames(modality, 8.0 * factor, 1)[0]
+        assert first.distance(signature(other)) > DEFAULT_TOLERANCE, factor
+    # tiny and flat frames have a signature too (mirrored up to the window; all -30)
+    assert signature(np.zeros((40, 70), np.float32)).bands.max() == -30.0
+    assert np.isfinite(signature(drifting[0][:40, :70]).bands).all()
+
+
+def test_memo_reuses_until_shape_content_or_age_says_otherwise() -> None:
+    memo = ScaleMemo(max_age=3)
+    a, b = _frames("STEM", 8.0, 1)[0], _frames("STEM", 16.0, 1)[0]
+    sa, sb = memo.signature(a), memo.signature(b)
+    assert memo.lookup("cam", a.shape, sa) is None  # new
+    memo.store("cam", a.shape, sa, 0.5)
+    assert memo.lookup("cam", a.shape, sa) == 0.5
+    assert memo.lookup("cam", (512, 512), sa) is None  # shape
+    assert memo.lookup("cam", a.shape, sb) is None  # content
+    assert memo.lookup("cam", a.shape, sa) == 0.5
+    assert memo.lookup("cam", a.shape, sa) is None  # age: the 4th frame since the estimate
+    assert memo.reasons == {"new": 1, "shape": 1, "content": 1, "age": 1}
+    blind = ScaleMemo(max_age=10, tolerance=None)
+    assert blind.signature(a) is None
+    blind.store("cam", a.shape, None, 2.0)
+    assert blind.lookup("cam", a.shape, None) == 2.0
+    few = ScaleMemo(max_age=5, max_keys=2)
+    for key in ("a", "b", "c"):
+        few.store(key, (8, 8), None, 1.0)
+    assert len(few) == 2 and few.lookup("a", (8, 8), None) is None
+    with pytest.raises(ValueError, match="max_age"):
+        ScaleMemo(max_age=0)
+
+
+# ------------------------------------------------------------------ the shipped detector
+
+
+class Recording:
+    """An engine that records the input shape of every call to the one it wraps."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+        self.inputs = engine.inputs  # type: ignore[attr-defined]
+        self.calls: list[tuple[int, ...]] = []
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls.extend(tuple(v.shape) for v in inputs.values())
+        return self.engine.infer(inputs)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def engine() -> object:
+    if not ONNX.is_file():
+        pytest.skip(f"no shipped detector at {ONNX}")
+    pytest.importorskip("onnxruntime")
+    from nanoscout.engines import create_engine
+
+    return create_engine(ONNX, "onnxruntime-cpu", threads=2)
+
+
+def _card() -> ModelCard:
+    return ModelCard.load(Path(ONNX).with_suffix(".json"))
+
+
+def test_estimate_passes_cost_at_most_a_window_whatever_the_frame_size(engine: object) -> None:
+    """A 2048² frame of 16 px particles: a thumbnail pass and a window pass, each at most
+    384² px; the factor agrees with the old whole-frame passes."""
+    cfg = SpecimenConfig(modality="TEM", shape=(2048, 2048), median_diameter_nm=8.0)
+    x = normalize(Specimen.generate(cfg, 5).acquire(np.random.default_rng(0)).image)
+    rec = Recording(engine)
+    det = Detector(rec, _card(), scale="auto")  # type: ignore[arg-type]
+    bounded = det.estimate_scale(x)
+    assert rec.calls and all(h * w <= 384 * 384 for _, _, h, w in rec.calls), rec.calls
+    whole = Detector(engine, _card(), scale="auto",  # type: ignore[arg-type]
+                     estimate_window_px=4096).estimate_scale(x)
+    assert bounded == pytest.approx(whole, rel=0.1)
+
+
+@pytest.mark.parametrize(("modality", "diameter_nm"), [("STEM", 6.0), ("SEM", 30.0),
+                                                       ("TEM", 3.0)])
+def test_bounded_estimate_agrees_with_the_whole_frame_one(engine: object, modality: str,
+                                                          diameter_nm: float) -> None:
+    cfg = SpecimenConfig(modality=modality, shape=(1536, 1536),  # type: ignore[arg-type]
+                         median_diameter_nm=diameter_nm, pixel_size_nm=0.5)
+    x = normalize(Specimen.generate(cfg, 11).acquire(np.random.default_rng(2)).image)
+    bounded = Detector(engine, _card(), scale="auto").estimate_scale(x)  # type: ignore[arg-type]
+    whole = Detector(engine, _card(), scale="auto",  # type: ignore[arg-type]
+                     estimate_window_px=4096).estimate_scale(x)
+    assert bounded == pytest.approx(whole, rel=0.15), (bounded, whole)
+
+
+def test_a_stream_estimates_once_until_its_content_changes(engine: object) -> None:
+    rec = Recording(engine)
+    det = Detector(rec, _card(), scale="auto", auto_every=50)  # type: ignore[arg-type]
+    cfg = SpecimenConfig(modality="STEM", shape=(768, 768), median_diameter_nm=8.0)
+    specimen = Specimen.generate(cfg, 9)
+    rng = np.random.default_rng(4)
+    key = ("cam", 0.5)
+    for k in range(4):  # drifting frames of one specimen
+        det.detect(specimen.acquire(rng, shift_px=(2.0 * k, 1.0 * k)).image, key=key)
+    assert det._memo.reasons == {"new": 1, "shape": 0, "content": 0, "age": 0}
+    bigger = Specimen.generate(replace(cfg, median_diameter_nm=24.0), 9).acquire(rng).image
+    scale = det.detect(bigger, key=key).scale
+    assert det._memo.reasons["content"] == 1 and scale < 1.0
+    # reused: the frame's only engine call is its own inference
+    rec.calls.clear()
+    det.detect(bigger, key=key)
+    assert len(rec.calls) == 1

@@ -1,0 +1,195 @@
+"""Raw frames kept for review: the ring's bounds, the TIFF files (read back with tifffile),
+safe file names, the writer's disk budget and the alert saves around a firing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from nanoscout.analysis.frame import Frame
+from nanoscout.analysis.rules import SaveFrames
+from nanoscout.clients.acquisition.readers import read_image
+from nanoscout.daemon.config import ReviewConfig
+from nanoscout.daemon.frame_ring import FrameRing
+from nanoscout.daemon.frame_tiff import frame_file_name, read_frame_tiff, write_frame_tiff
+from nanoscout.daemon.review import FrameReview, SaveRefused
+
+
+def _frame(source: str, seq: int, side: int = 16, dtype: str = "uint16",
+           pixel_size_nm: float | None = 0.5) -> Frame:
+    img = (np.arange(side * side).reshape(side, side) % 251 + seq).astype(dtype)
+    return Frame.from_image(img, pixel_size_nm=pixel_size_nm, source=source, seq=seq,
+                            modality="TEM", stage=None, meta={"detector": "BF", "n": seq},
+                            t_acq_ns=1_000 + seq)
+
+
+def test_the_ring_keeps_the_newest_frames_per_source() -> None:
+    ring = FrameRing(frames=3, max_bytes=1 << 30)
+    for seq in range(10):
+        ring.add(_frame("a", seq))
+        ring.add(_frame("b", 100 + seq))
+    assert [f.header.seq for f in ring.latest("a", 10)] == [7, 8, 9]
+    assert [f.header.seq for f in ring.latest("b", 2)] == [108, 109]
+    assert ring.latest("nobody") == []
+    assert len(ring) == 6 and ring.nbytes == 6 * 16 * 16 * 2
+    newest = ring.newest()
+    assert newest is not None and newest.header.seq == 109
+    ring.forget("a")
+    assert ring.latest("a") == [] and len(ring) == 3 and ring.nbytes == 3 * 512
+
+
+def test_the_ring_stays_within_its_bytes_over_all_sources() -> None:
+    one = 16 * 16 * 2
+    ring = FrameRing(frames=8, max_bytes=5 * one)
+    for seq in range(4):
+        ring.add(_frame("a", seq))
+    for seq in range(4):
+        ring.add(_frame("b", seq))
+    assert ring.nbytes == 5 * one and len(ring) == 5
+    # the oldest frames went first, whichever source they came from
+    assert [f.header.seq for f in ring.latest("a", 8)] == [3]
+    assert [f.header.seq for f in ring.latest("b", 8)] == [0, 1, 2, 3]
+    big = _frame("c", 0, side=64)
+    ring.add(big)  # larger than the whole budget: not kept, counted
+    assert ring.too_large == 1 and ring.latest("c") == [] and ring.nbytes == 5 * one
+
+
+def test_the_ring_bounds_its_sources_and_can_be_off() -> None:
+    ring = FrameRing(frames=2, max_bytes=1 << 30, max_sources=2)
+    for name in ("a", "b", "c"):
+        ring.add(_frame(name, 0))
+    assert ring.sources() == ["b", "c"]
+    off = FrameRing(frames=0, max_bytes=1 << 30)
+    off.add(_frame("a", 0))
+    assert len(off) == 0
+    with pytest.raises(ValueError, match="max_sources"):
+        FrameRing(frames=-1, max_bytes=0)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint8", "float64", "int32"])
+def test_a_frame_tiff_is_calibrated_and_carries_its_header(tmp_path: Path, dtype: str) -> None:
+    frame = _frame("cam-1", 42, side=24, dtype=dtype)
+    path = write_frame_tiff(frame, tmp_path / "f.tif", saved={"why": "test"})
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages.first
+        ij = tf.imagej_metadata
+        assert ij is not None and ij["unit"] == "micron"
+        xres = page.tags["XResolution"].value
+        assert xres[0] / xres[1] == pytest.approx(1000 / 0.5, rel=1e-6)  # pixels per µm
+        data = tf.asarray()
+    np.testing.assert_allclose(data, frame.pixels)  # float32 for types ImageJ lacks
+    pixels, header, saved = read_frame_tiff(path)
+    assert header == frame.header and header.meta == {"detector": "BF", "n": 42}
+    assert saved == {"why": "test"}
+    assert json.loads(ij["Properties"]["nanoscout_frame"])["seq"] == 42
+
+
+@pytest.mark.parametrize("pixel_size_nm", [0.37, 0.0123, 85.0, 2500.0])
+def test_the_project_reader_reads_a_frame_tiff_calibrated(tmp_path: Path,
+                                                         pixel_size_nm: float) -> None:
+    frame = _frame("cam", 3, side=20, pixel_size_nm=pixel_size_nm)
+    record = read_image(write_frame_tiff(frame, tmp_path / "f.tif"))
+    assert record.pixel_size_nm == pytest.approx(pixel_size_nm, rel=1e-6)
+    np.testing.assert_array_equal(record.data, frame.pixels)
+
+
+def test_an_uncalibrated_frame_is_written_in_pixels(tmp_path: Path) -> None:
+    frame = _frame("cam", 1, pixel_size_nm=None)
+    path = write_frame_tiff(frame, tmp_path / "u.tif")
+    with tifffile.TiffFile(path) as tf:
+        assert tf.imagej_metadata is not None and tf.imagej_metadata["unit"] == "pixel"
+    assert read_frame_tiff(path)[1].pixel_size_nm is None
+
+
+def test_file_names_cannot_leave_the_directory() -> None:
+    assert frame_file_name("cam-1", 7) == "cam-1-000000007.tif"
+    assert frame_file_name("../../etc/passwd", 1) == "etc_passwd-000000001.tif"
+    assert frame_file_name("a:b.c", 2, suffix="big/../rule") == "a_b_c-000000002-big_rule.tif"
+    assert frame_file_name("..", 3) == "source-000000003.tif"
+    for name in (frame_file_name("../x", 1, "../y"), frame_file_name("/abs", 1)):
+        assert "/" not in name and ".." not in name
+
+
+def _review(tmp_path: Path, **kw: int) -> tuple[FrameReview, list[str]]:
+    failures: list[str] = []
+    cfg = ReviewConfig(directory=tmp_path / "review", **kw)  # type: ignore[arg-type]
+    review = FrameReview(cfg, on_failed=failures.append)
+    review.start()
+    return review, failures
+
+
+def test_saving_the_newest_frames_writes_them_and_counts(tmp_path: Path) -> None:
+    review, failures = _review(tmp_path, frames=4)
+    try:
+        for seq in range(6):
+            review.offer(_frame("cam..1", seq))
+        paths = review.save_latest("cam..1", 2)
+        assert [p.name for p in paths] == ["cam_1-000000004.tif", "cam_1-000000005.tif"]
+        assert all(p.parent == tmp_path / "review" for p in paths)
+        assert read_frame_tiff(paths[1])[1].seq == 5
+        again = review.save_latest("cam..1")  # the same frame again: a new name
+        assert again[0].name == "cam_1-000000005-2.tif"
+        with pytest.raises(SaveRefused, match="no frame of source 'other'"):
+            review.save_latest("other")
+        assert review.saved == 3 and failures == ["no_frame"]
+    finally:
+        review.close()
+
+
+def test_the_disk_budget_refuses_saves_and_deletes_nothing(tmp_path: Path) -> None:
+    review, failures = _review(tmp_path, frames=4, max_disk_bytes=30_000)
+    try:
+        review.offer(_frame("cam", 0, side=64))  # 8 KiB of pixels + overhead
+        first = review.save_latest("cam")
+        review.offer(_frame("cam", 1, side=64))
+        with pytest.raises(SaveRefused, match="max_disk_bytes"):
+            review.save_latest("cam")
+        assert first[0].is_file() and failures == ["disk_budget"] and review.saved == 1
+    finally:
+        review.close()
+
+
+def test_an_alert_saves_the_frames_before_and_after_it(tmp_path: Path) -> None:
+    review, _ = _review(tmp_path, frames=8)
+    try:
+        for seq in range(5):
+            review.offer(_frame("cam", seq))
+        fired = _frame("cam", 5)
+        review.offer(fired)
+        review.on_alert(fired, "big-particle", SaveFrames(before=2, after=2))
+        review.offer(_frame("other", 0))  # another source's frames do not count
+        review.offer(_frame("cam", 6))
+        assert review.saved == 0  # still waiting for its second frame after
+        review.offer(_frame("cam", 7))
+        review.close()  # the writer finishes its queue
+        names = sorted(p.name for p in (tmp_path / "review").iterdir())
+        assert names == [f"cam-00000000{s}-big-particle.tif" for s in range(3, 8)]
+        _, header, saved = read_frame_tiff(tmp_path / "review" / names[0])
+        assert header.seq == 3 and saved["rule"] == "big-particle" and saved["seq"] == 5
+    finally:
+        review.close()
+
+
+def test_a_saved_frame_comes_with_the_detectors_instances(tmp_path: Path) -> None:
+    one = 16 * 16 * 2
+    review, _ = _review(tmp_path, frames=4, max_bytes=4 * one)
+    try:
+        frame = _frame("cam", 0)
+        review.offer(frame)
+        labels = np.zeros((16, 16), np.int32)
+        labels[2:5, 2:5], labels[8:12, 9:14] = 1, 2
+        review.keep_labels(frame, labels)
+        assert review.ring.nbytes == 2 * one  # the uint16 map counts in the bytes
+        review.keep_labels(_frame("cam", 1), labels)  # a frame not kept: nothing attached
+        (path,) = review.save_latest("cam")
+        det = path.with_suffix(".detections.tif")
+        np.testing.assert_array_equal(tifffile.imread(det), labels)
+        for seq in range(1, 4):  # the bytes bound pushes the oldest frame and its map out
+            review.offer(_frame("cam", seq))
+        assert review.ring.nbytes == 3 * one and review.ring.latest("cam", 9)[0].header.seq == 1
+    finally:
+        review.close()
