@@ -90,18 +90,13 @@ def request_control(endpoint: str, source: str, action: str, *, timeout: float =
     if action not in CONTROL_ACTIONS:
         raise ValueError(f"unknown control action {action!r}; known: "
                          f"{', '.join(CONTROL_ACTIONS)}")
-    msg = _ask(endpoint, ControlRequest(source=source, action=action),  # type: ignore[arg-type]
-               timeout=timeout, curve=curve)
-    reply = msg.header
-    if not isinstance(reply, ControlReply):
-        raise QueryError(f"expected a control reply from {endpoint}, got {msg.kind}")
-    if not reply.ok:
-        raise QueryError(f"the daemon says: {reply.error}")
-    return reply
+    return _control(endpoint, ControlRequest(source=source, action=action),  # type: ignore[arg-type]
+                    timeout=timeout, curve=curve)
 
 
 def _control(endpoint: str, request: ControlRequest, *, timeout: float,
              curve: ClientKeys | None) -> ControlReply:
+    """Send ``request``; its reply, or QueryError when the daemon refuses or answers otherwise."""
     msg = _ask(endpoint, request, timeout=timeout, curve=curve)
     reply = msg.header
     if not isinstance(reply, ControlReply):

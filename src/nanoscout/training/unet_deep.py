@@ -16,8 +16,6 @@ engine time at 1024 x 1024 on 2 CPU threads (measured with ONNX Runtime; the bud
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nanoscout.training.unet import OUTPUT_CHANNELS, ParticleUNet, _cbr, _Up
@@ -28,11 +26,13 @@ __all__ = ["ARCHS", "ParticleUNetDeep", "build_network"]
 ARCHS = ("unet", "deep")
 
 
-class ParticleUNetDeep(nn.Module):
-    """Stride-2 stem, 4 encoder levels with more blocks and channels at 1/8 and 1/16."""
+class ParticleUNetDeep(ParticleUNet):
+    """Stride-2 stem, 4 encoder levels with more blocks and channels at 1/8 and 1/16; the same
+    module names and :meth:`ParticleUNet.forward` (logits (N, 2, H, W) for images (N, 1, H, W),
+    H and W multiples of 32)."""
 
     def __init__(self, width: int = 16) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # its own levels, not ParticleUNet's
         c1, c2, c3, c4 = width, 2 * width, 4 * width, 8 * width
         self.width = width
         self.stem = nn.Sequential(_cbr(1, c1, stride=2), _cbr(c1, c1))  # 1/2
@@ -46,17 +46,6 @@ class ParticleUNetDeep(nn.Module):
         self.up2 = _Up(c3, c2, c2)
         self.up1 = _Up(c2, c1, c1)
         self.head = nn.Conv2d(c1, len(OUTPUT_CHANNELS), 1)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Return logits (N, 2, H, W) for images (N, 1, H, W), H and W multiples of 32."""
-        s1 = self.stem(image)
-        s2 = self.enc2(s1)
-        s3 = self.enc3(s2)
-        x = self.enc4(s3)
-        x = self.up3(x, s3)
-        x = self.up2(x, s2)
-        x = self.up1(x, s1)
-        return F.interpolate(self.head(x), scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 def build_network(arch: str, width: int) -> nn.Module:
