@@ -122,15 +122,14 @@ class AutoScale(_Strict):
 
     ``consistency`` (a ratio > 1; None: the passes above, as before issue 17) chooses the scale
     by self-consistency instead: passes at factors s, 2s, 4s, ... (s from ``coarse_side_px``,
-    up to ``max_resample``); the first pass whose area-weighted median ECD d (detections of at
-    least ``min_pass_ecd_px`` and ``min_score``) lies within ``consistent_px``, that counts at least ``consistent_min_count`` of
-    them, and whose
-    particle size in frame px (d / s) agrees within that ratio with the next finer pass's sets
-    the frame's particle size. Real particles keep their size in frame px when the scale
-    doubles; support grain, noise and texture responses keep their size in working px (so
-    theirs halves) and a whole support lump is found only at a few coarse passes. When no pass
-    agrees with its neighbour, the passes above decide. ``min_pass_ecd_px`` also applies to
-    them.
+    up to ``max_resample``); the first pass whose area-weighted median ECD d (of its detections
+    of at least ``min_pass_ecd_px`` and ``min_score``) lies within ``consistent_px``, that
+    counts at least ``consistent_min_count`` of them, and whose particle size in frame px
+    (d / s) agrees within that ratio with the next finer pass's sets the frame's particle size.
+    Real particles keep their size in frame px when the scale doubles; support grain, noise and
+    texture responses keep their size in working px (so theirs halves), and a whole support
+    lump is seen only by a few coarse passes, as a few particles. When no pass agrees with its
+    neighbour, the passes above decide. ``min_pass_ecd_px`` applies to them too.
     """
 
     target_diameter_px: float = Field(24.0, gt=0)
