@@ -17,6 +17,7 @@ from nanoscout.analysis.instances import (
     instances_from_logits,
 )
 from nanoscout.analysis.modelcard import (
+    AutoScale,
     InputSpec,
     ModelCard,
     Normalization,
@@ -475,6 +476,74 @@ def test_auto_scale_follows_the_particle_size(shipped: Detector) -> None:
     blank = Detector(shipped.engine, shipped.card, scale="auto")
     assert blank.estimate_scale(np.zeros((300, 200), np.float32)) == 1.0
     assert blank.detect(np.full((300, 200), 7, np.uint8)).n == 0
+
+
+#: the self-consistent estimate as the shipped cards set it (issue 17)
+_CONSISTENT = {"consistency": 1.2, "consistent_px": (8.0, 64.0), "min_pass_ecd_px": 4.0,
+               "consistent_min_count": 10}
+
+
+def _with_auto(card: ModelCard, **update: object) -> ModelCard:
+    ws = card.working_scale
+    assert ws is not None
+    return card.model_copy(update={"working_scale": ws.model_copy(
+        update={"auto": AutoScale.model_validate({**ws.auto.model_dump(), **update})})})
+
+
+@pytest.mark.parametrize(("modality", "diameter_px", "magnification"),
+                         [("TEM", 6.0, 1), ("STEM", 12.0, 2), ("SEM", 30.0, 1),
+                          ("TEM", 50.0, 4), ("STEM", 90.0, 1)])
+def test_consistent_scale_brings_particles_to_the_trained_size(
+        shipped: Detector, modality: str, diameter_px: float, magnification: int) -> None:
+    """Frames of known particle size at several magnifications: the self-consistent estimate
+    resamples the particles into the network's range (or leaves them there)."""
+    card = _with_auto(shipped.card, **_CONSISTENT)
+    cfg = SpecimenConfig(modality=modality, shape=(512, 512), pixel_size_nm=1.0,  # type: ignore[arg-type]
+                         median_diameter_nm=diameter_px, sigma_log=0.15, coverage=0.2)
+    fr = render(cfg, 31)
+    x = normalize(fr.image)
+    if magnification > 1:
+        x = resample(x, (512 * magnification, 512 * magnification))
+    true_px = _ecd_median(fr.labels) * magnification
+    s = Detector(shipped.engine, card, scale="auto").estimate_scale(x)
+    auto = card.working_scale.auto  # type: ignore[union-attr]
+    if s == 1.0:
+        assert auto.keep_min_px / 1.3 <= true_px <= auto.keep_max_px * 1.3, (s, true_px)
+    else:
+        assert 0.6 * auto.target_diameter_px < true_px * s < 1.6 * auto.target_diameter_px, \
+            (s, true_px)
+
+
+@pytest.mark.parametrize("name", ["PtC1", "Pt_carbon1"])
+def test_consistent_scale_is_not_captured_by_a_support_lump(shared_data: Path, name: str
+                                                            ) -> None:
+    """Real HAADF-STEM frames of Pt on carbon (the STEM tuning material, 2048² px, particles
+    19-39 px): the coarse-to-fine passes took the support lumps for the particles (factor
+    ~0.1, the particles shrunk to 2-4 px); the self-consistent estimate keeps them resolved."""
+    stem_onnx = ONNX.with_name("detector_stem.onnx")
+    if not stem_onnx.is_file():
+        pytest.skip(f"no shipped STEM model at {stem_onnx}")
+    pytest.importorskip("onnxruntime")
+    from nanoscout.engines import create_engine
+    from nanoscout.training.realdata import load_stem
+
+    s = load_stem(name, shared_data)
+    assert s.boxes is not None
+    true_px = float(np.median(np.sqrt((s.boxes[:, 2] - s.boxes[:, 0])
+                                      * (s.boxes[:, 3] - s.boxes[:, 1]))))
+    card = _with_auto(ModelCard.load(stem_onnx.with_suffix(".json")), **_CONSISTENT)
+    det = Detector(create_engine(stem_onnx, "onnxruntime-cpu", threads=2), card, scale="auto")
+    f = det.estimate_scale(normalize(s.image))
+    assert 10.0 <= true_px * f <= 48.0, (f, true_px)
+
+
+def test_auto_scale_card_fields_default_to_the_old_estimate() -> None:
+    a = AutoScale()
+    assert a.consistency is None and a.min_pass_ecd_px == 0.0  # the coarse-to-fine passes
+    with pytest.raises(ValueError, match="consistent_px"):
+        AutoScale(consistency=1.2, consistent_px=(40.0, 8.0))
+    with pytest.raises(ValueError, match="consistency"):
+        AutoScale(consistency=1.0)
 
 
 def test_auto_scale_is_reused_per_key(shipped: Detector, monkeypatch: pytest.MonkeyPatch

@@ -274,16 +274,29 @@ class Detector:
         area = np.bincount(labels.ravel(), minlength=scores.size)[1:].astype(np.float64)
         return logits, 2.0 * np.sqrt(area / np.pi), scores[1:]
 
+    def _window_pass(self, x: np.ndarray, s: float) -> tuple[np.ndarray, bool, float, int]:
+        """Run the pass at factor ``s`` on its window (:func:`pass_window`); return (logits,
+        whether the window is the whole frame, area-weighted median ECD px at the pass of the
+        confident detections of at least ``min_pass_ecd_px``, their number)."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        h, w = x.shape
+        rows, cols = pass_window((h, w), s, self.estimate_window_px)
+        whole = rows.stop - rows.start == h and cols.stop - cols.start == w
+        logits, ecd, scores = self._pass(x if whole else x[rows, cols], s)
+        keep = ecd[(scores >= a.min_score) & (ecd >= a.min_pass_ecd_px)]
+        return logits, whole, _area_weighted_median(keep), int(keep.size)
+
     def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None]:
         """Return (factor, logits of the pass at that factor or None) for :meth:`detect`."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
+        if a.consistency is not None:
+            found = self._estimate_consistent(x, a.consistency)
+            if found is not None:
+                return found
         h, w = x.shape
         s = min(1.0, a.coarse_side_px / max(h, w))
         while True:
-            rows, cols = pass_window((h, w), s, self.estimate_window_px)
-            whole = rows.stop - rows.start == h and cols.stop - cols.start == w
-            logits, ecd, scores = self._pass(x if whole else x[rows, cols], s)
-            d = _area_weighted_median(ecd[scores >= a.min_score])
+            logits, whole, d, _ = self._window_pass(x, s)
             # only a pass over the whole frame can double as the frame's inference
             if d >= a.reliable_diameter_px or (s >= 1.0 and d > 0):
                 factor = self._factor(d / s)
@@ -294,6 +307,25 @@ class Detector:
                 1.5 * a.reliable_diameter_px / d, 2.0, 8.0))))
             if s >= _FULL_PASS:  # nearly full size costs as much: take the pass the frame
                 s = 1.0          # can reuse when it keeps factor 1 (the common case)
+
+    def _estimate_consistent(self, x: np.ndarray, ratio: float
+                             ) -> tuple[float, np.ndarray | None] | None:
+        """The self-consistent scale (see :class:`~nanoscout.analysis.modelcard.AutoScale`):
+        (factor, reusable logits or None), or None when no two neighbouring passes agree."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        lo, hi = a.consistent_px
+        s = min(1.0, a.coarse_side_px / max(x.shape))
+        prev: tuple[float, np.ndarray, bool, float] | None = None  # s, logits, whole, d
+        while s <= a.max_resample * (1.0 + 1e-6):
+            logits, whole, d, n = self._window_pass(x, s)
+            if prev is not None and d > 0:
+                ps, plog, pwhole, pd = prev
+                if abs(np.log((d / s) / (pd / ps))) <= np.log(ratio):
+                    factor = self._factor(pd / ps)
+                    return factor, (plog if factor == ps and pwhole else None)
+            prev = (s, logits, whole, d) if lo <= d <= hi and n >= a.consistent_min_count else None
+            s *= 2.0
+        return None
 
     def _factor(self, big: float) -> float:
         """Return the resample factor for a frame whose median particle is ``big`` px."""

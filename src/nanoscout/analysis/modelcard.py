@@ -119,6 +119,17 @@ class AutoScale(_Strict):
     ``reliable_diameter_px``. A frame whose median particle is ``keep_min_px`` to
     ``keep_max_px`` across is left as it is; others are resampled so that median becomes
     ``target_diameter_px``, within [``min_resample``, ``max_resample``].
+
+    ``consistency`` (a ratio > 1; None: the passes above, as before issue 17) chooses the scale
+    by self-consistency instead: passes at factors s, 2s, 4s, ... (s from ``coarse_side_px``,
+    up to ``max_resample``); the first pass whose area-weighted median ECD d (of its detections
+    of at least ``min_pass_ecd_px`` and ``min_score``) lies within ``consistent_px``, that
+    counts at least ``consistent_min_count`` of them, and whose particle size in frame px
+    (d / s) agrees within that ratio with the next finer pass's sets the frame's particle size.
+    Real particles keep their size in frame px when the scale doubles; support grain, noise and
+    texture responses keep their size in working px (so theirs halves), and a whole support
+    lump is seen only by a few coarse passes, as a few particles. When no pass agrees with its
+    neighbour, the passes above decide. ``min_pass_ecd_px`` applies to them too.
     """
 
     target_diameter_px: float = Field(24.0, gt=0)
@@ -129,6 +140,17 @@ class AutoScale(_Strict):
     min_resample: float = Field(0.02, gt=0)
     max_resample: float = Field(3.0, gt=0)
     min_score: float = Field(0.5, ge=0, lt=1)
+    consistency: float | None = Field(None, gt=1)
+    consistent_px: tuple[float, float] = (8.0, 64.0)
+    consistent_min_count: int = Field(1, ge=1)
+    min_pass_ecd_px: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> AutoScale:
+        lo, hi = self.consistent_px
+        if not 0 < lo < hi:
+            raise ValueError(f"consistent_px {self.consistent_px} must be 0 < low < high")
+        return self
 
 
 class WorkingScale(_Strict):
