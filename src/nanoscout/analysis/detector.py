@@ -289,14 +289,25 @@ class Detector:
     def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None]:
         """Return (factor, logits of the pass at that factor or None) for :meth:`detect`."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
+        passes: dict[float, tuple[tuple[np.ndarray, bool, float, int], float]] = {}
+
+        def window_pass(s: float) -> tuple[np.ndarray, bool, float, int]:
+            # the consistency search and the fallback below share their passes (the coarse
+            # one at least): each factor runs once per frame; a pass taken again keeps its
+            # own engine time for a reused inference
+            if s not in passes:
+                passes[s] = (self._window_pass(x, s), self._pass_engine_s)
+            found, self._pass_engine_s = passes[s]
+            return found
+
         if a.consistency is not None:
-            found = self._estimate_consistent(x, a.consistency)
+            found = self._estimate_consistent(x, a.consistency, window_pass)
             if found is not None:
                 return found
         h, w = x.shape
         s = min(1.0, a.coarse_side_px / max(h, w))
         while True:
-            logits, whole, d, _ = self._window_pass(x, s)
+            logits, whole, d, _ = window_pass(s)
             # only a pass over the whole frame can double as the frame's inference
             if d >= a.reliable_diameter_px or (s >= 1.0 and d > 0):
                 factor = self._factor(d / s)
@@ -308,16 +319,19 @@ class Detector:
             if s >= _FULL_PASS:  # nearly full size costs as much: take the pass the frame
                 s = 1.0          # can reuse when it keeps factor 1 (the common case)
 
-    def _estimate_consistent(self, x: np.ndarray, ratio: float
-                             ) -> tuple[float, np.ndarray | None] | None:
+    def _estimate_consistent(
+        self, x: np.ndarray, ratio: float,
+        window_pass: Callable[[float], tuple[np.ndarray, bool, float, int]],
+    ) -> tuple[float, np.ndarray | None] | None:
         """The self-consistent scale (see :class:`~nanoscout.analysis.modelcard.AutoScale`):
-        (factor, reusable logits or None), or None when no two neighbouring passes agree."""
+        (factor, reusable logits or None), or None when no two neighbouring passes agree.
+        ``window_pass(s)``: :meth:`_window_pass` of ``x`` at factor ``s``."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
         lo, hi = a.consistent_px
         s = min(1.0, a.coarse_side_px / max(x.shape))
         prev: tuple[float, np.ndarray, bool, float] | None = None  # s, logits, whole, d
         while s <= a.max_resample * (1.0 + 1e-6):
-            logits, whole, d, n = self._window_pass(x, s)
+            logits, whole, d, n = window_pass(s)
             if prev is not None and d > 0:
                 ps, plog, pwhole, pd = prev
                 if abs(np.log((d / s) / (pd / ps))) <= np.log(ratio):
