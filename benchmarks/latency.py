@@ -60,7 +60,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, package installe
 
 from nanoscout.clients.acquisition.publisher import FramePublisher  # noqa: E402
 from nanoscout.clients.subscriber import Subscriber  # noqa: E402
-from nanoscout.sim.synthetic import Specimen, SpecimenConfig  # noqa: E402
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig, SyntheticFrame  # noqa: E402
 from nanoscout.wire.protocol import DetHeader, HealthHeader  # noqa: E402
 
 #: targets, evaluated on the 1024² results
@@ -84,18 +84,24 @@ class BenchmarkError(RuntimeError):
 # frames and statistics
 
 
-def render_frames(size: int, n: int, seed: int) -> list[np.ndarray]:
-    """Return ``n`` distinct uint16 TEM exposures (size × size px, 0.5 nm/px) of one specimen."""
+def render_exposures(size: int, n: int, seed: int) -> list[SyntheticFrame]:
+    """Return ``n`` distinct uint16 TEM exposures (size × size px, 0.5 nm/px) of one specimen,
+    each with its exact truth."""
     cfg = replace(SpecimenConfig(), shape=(size, size), dtype="uint16", modality=MODALITY,
                   pixel_size_nm=PIXEL_SIZE_NM)
     specimen = Specimen.generate(cfg, seed)
     rng = np.random.default_rng(seed)
-    frames = []
+    exposures = []
     for k in range(n):
         # a few px of drift per frame, as on a real stage, so no two frames are identical
         shift = (float(rng.uniform(-3, 3)) * k, float(rng.uniform(-3, 3)) * k)
-        frames.append(np.ascontiguousarray(specimen.acquire(rng, shift_px=shift).image))
-    return frames
+        exposures.append(specimen.acquire(rng, shift_px=shift))
+    return exposures
+
+
+def render_frames(size: int, n: int, seed: int) -> list[np.ndarray]:
+    """The images of :func:`render_exposures`, C-contiguous."""
+    return [np.ascontiguousarray(e.image) for e in render_exposures(size, n, seed)]
 
 
 def summary(values: list[float]) -> dict[str, Any]:

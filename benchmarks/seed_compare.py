@@ -49,11 +49,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.latency import (  # noqa: E402
-    MODALITY,
-    PIXEL_SIZE_NM,
     _write,
     machine_info,
     measure_live,
+    render_exposures,
     start_daemon,
     summary,
 )
@@ -181,20 +180,7 @@ def seed_style(frame: np.ndarray, truth: np.ndarray, unet: Any, featnet: Any) ->
 def render(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(uint16 frame, true labels) pairs of one drifting TEM specimen, 1024², 0.5 nm/px (the
     latency benchmark's frames)."""
-    from dataclasses import replace
-
-    from nanoscout.sim.synthetic import Specimen, SpecimenConfig
-
-    cfg = replace(SpecimenConfig(), shape=(SIZE, SIZE), dtype="uint16", modality=MODALITY,
-                  pixel_size_nm=PIXEL_SIZE_NM)
-    specimen = Specimen.generate(cfg, seed)
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        shift = (float(rng.uniform(-3, 3)) * k, float(rng.uniform(-3, 3)) * k)
-        fr = specimen.acquire(rng, shift_px=shift)
-        out.append((np.ascontiguousarray(fr.image), fr.labels))
-    return out
+    return [(np.ascontiguousarray(e.image), e.labels) for e in render_exposures(SIZE, n, seed)]
 
 
 def int8_parity() -> dict[str, Any]:
