@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from nanoscout.clients.acquisition.readers import read_image as read_frame_file
 from nanoscout.training.crops import ellipse_labels
 from nanoscout.wire.errors import ReaderError
 
@@ -68,29 +69,14 @@ class Annotation:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Return the image at ``path`` as a 2-D float32 array (colour read as grey).
-
-    TIFF through ``tifffile`` (first page), anything else through Pillow. Raises ReaderError.
-    """
-    path = Path(path)
+    """Return the first 2-D image of ``path`` as float32, read as ``measure`` and ``serve``
+    read it (:func:`nanoscout.clients.acquisition.readers.read_image`: TIFF, DM3/4, EMI/SER,
+    MRC, EMD, PNG, JPEG; colour as 8-bit luma). Raises ReaderError."""
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(path, key=0))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L") if im.mode not in ("I", "I;16", "F", "L")
-                                 else im)
-    except (OSError, ValueError) as exc:
+        record = read_frame_file(path)
+    except ReaderError as exc:
         raise ReaderError(f"cannot read image {path}: {exc}") from exc
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        arr = arr[..., :3].mean(axis=-1)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ReaderError(f"image {path} has shape {arr.shape}, expected a 2-D image")
-    return arr.astype(np.float32)
+    return np.asarray(record.data, dtype=np.float32)
 
 
 def read_annotation(path: Path, shape: tuple[int, int], image: np.ndarray | None = None,
