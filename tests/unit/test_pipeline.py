@@ -12,6 +12,7 @@ import pytest
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.analysis.preview import PreviewConfig
+from nanoscout.analysis.stats import StatsConfig
 from nanoscout.wire.errors import FrameError, Reason
 from nanoscout.wire.headers import (
     AlertHeader,
@@ -171,8 +172,14 @@ def test_confidence_rules_follow_the_calibrated_scores_of_real_detections() -> N
              {"name": "none-so-sure", "kind": "particle", "where": {},
               "min_confidence": float(conf[-1]) + 1e-3},
              {"name": "real", "kind": "count", "above": 0, "count": "expected"}]
-    pipe = Pipeline(Detector(engine, card, scale=1.0, min_score=0.0), rules=rules)
+    weighted = StatsConfig(weights="confidence")
+    pipe = Pipeline(Detector(engine, card, scale=1.0, min_score=0.0), rules=rules,
+                    stats_config=weighted)
     result = pipe.process(frame)
+    stats = decode_message([bytes(p) for p in encode(result.messages[-1])]).header
+    assert isinstance(stats, StatsHeader) and stats.weights == "confidence"
+    assert stats.window.expected_count == pytest.approx(float(inside["score"].sum()), rel=1e-5)
+    assert stats.window.count == len(inside)
     alerts = {m.header.rule: m for m in result.messages if isinstance(m.header, AlertHeader)}
     assert set(alerts) == {"sure", "real"}
     sure = decode_message([bytes(p) for p in encode(alerts["sure"])])
@@ -183,6 +190,11 @@ def test_confidence_rules_follow_the_calibrated_scores_of_real_detections() -> N
     assert alerts["real"].header.value == pytest.approx(float(inside["score"].sum()), rel=1e-5)
 
     raw_card = card.model_copy(update={"score_calibration": None})
-    raw = Pipeline(Detector(engine, raw_card, scale=1.0, min_score=0.0), rules=rules)
-    assert not [m for m in raw.process(frame).messages if isinstance(m.header, AlertHeader)]
+    raw = Pipeline(Detector(engine, raw_card, scale=1.0, min_score=0.0), rules=rules,
+                   stats_config=weighted)
+    messages = raw.process(frame).messages
+    assert not [m for m in messages if isinstance(m.header, AlertHeader)]
+    # raw scores weigh every particle 1, and the stats message says so
+    assert isinstance(messages[-1].header, StatsHeader) and messages[-1].header.weights == "none"
+    assert messages[-1].header.window.expected_count == len(inside)
     assert raw.alert_engine.skipped_raw_scores == {"sure": 1, "none-so-sure": 1, "real": 1}

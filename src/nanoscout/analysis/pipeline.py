@@ -385,7 +385,8 @@ class Pipeline:
         stats = state.stats.get(units)
         if stats is None:
             stats = state.stats[units] = SizeStatistics(self.stats_config)
-        stats.update(result.table, t_ns=frame.header.t_acq_ns, frame_area_um2=frame.area_um2)
+        stats.update(result.table, t_ns=frame.header.t_acq_ns, frame_area_um2=frame.area_um2,
+                     confidence=result.calibrated)
         snap = stats.snapshot()
         result.stage_ms["stats"] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
@@ -407,7 +408,8 @@ class Pipeline:
             **ref, stage_ms={k: round(v, 3) for k, v in result.stage_ms.items()},
             topic_seq=state.next_seq(Kind.STATS), t_ns=time.time_ns(), units=units,
             window=snap["window"], cumulative=snap["cumulative"], drift=snap["drift"],
-            clusters=None if km is None else km.summary(), unique=unique, insitu=insitu)
+            clusters=None if km is None else km.summary(), unique=unique, insitu=insitu,
+            weights=snap["weights"])
         for msg in alerts:
             send(msg)
         send(Message(sh.topic().decode(), sh))

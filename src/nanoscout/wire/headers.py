@@ -398,7 +398,8 @@ class _Block(BaseModel):
 
 
 class Distribution(_Block):
-    """Number-weighted summary of one particle property (lengths in the stats' units)."""
+    """Summary of one particle property (lengths in the stats' units), number-weighted or,
+    with ``stats.weights = "confidence"``, confidence-weighted (v1.6)."""
 
     mean: float | None = None
     sd: float | None = None
