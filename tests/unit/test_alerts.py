@@ -387,3 +387,68 @@ def test_check_class_labels_names_rule_and_known_classes() -> None:
 def test_bad_class_and_novelty_rules(rule: dict[str, Any], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         parse_rules([rule])
+
+
+# ------------------------------------------------------------------ confidence
+
+
+def test_min_confidence_keeps_unconvincing_particles_out() -> None:
+    rule = {"name": "big", "kind": "particle", "where": {"ecd_nm": {"gt": 50}},
+            "min_confidence": 0.8, "cooldown_s": 0}
+    engine = AlertEngine(parse_rules([rule]))
+    table = particles({"ecd_nm": 70, "score": 0.6}, {"ecd_nm": 60, "score": 0.9})
+    (alert,) = engine.evaluate(source="cam", t_ns=0, stage=None, table=table, stats=None,
+                               units="nm", pixel_size_nm=1.0, calibrated=True)
+    # the larger particle is too uncertain: the one described is the probable one
+    assert alert.particles["id"].tolist() == [2]
+    assert alert.confidence == pytest.approx(0.9)
+    assert alert.explanation == "particle 2 (confidence 0.90) has ECD 60 nm > 50 nm (rule big)"
+    unsure = particles({"ecd_nm": 70, "score": 0.6})
+    assert engine.evaluate(source="cam", t_ns=1, stage=None, table=unsure, stats=None,
+                           units="nm", pixel_size_nm=1.0, calibrated=True) == []
+
+
+def test_rules_that_read_confidences_skip_raw_scores(caplog: pytest.LogCaptureFixture) -> None:
+    rules = parse_rules([
+        {"name": "sure", "kind": "particle", "where": {}, "min_confidence": 0.5},
+        {"name": "expected", "kind": "count", "above": 0.5, "count": "expected"},
+        {"name": "plain", "kind": "count", "above": 0.5},
+    ])
+    engine = AlertEngine(rules)
+    table = particles({"score": 0.99})
+    with caplog.at_level(logging.WARNING):
+        fired = run(engine, table) + run(engine, table, t_ns=10 * S)
+    assert [a.rule for a in fired] == ["plain", "plain"]  # raw scores are no probabilities
+    assert engine.skipped_raw_scores == {"sure": 2, "expected": 2, "plain": 0}
+    assert caplog.text.count("reads particle confidences") == 2  # once per rule and source
+
+
+def test_count_rules_can_count_expected_particles() -> None:
+    rules = parse_rules([
+        {"name": "real-crowd", "kind": "count", "above": 2.5, "count": "expected"},
+        {"name": "vanishing", "kind": "count_drop", "pct": 40, "window_frames": 2,
+         "count": "expected", "cooldown_s": 0},
+    ])
+    engine = AlertEngine(rules)
+
+    def frame(t: int, *scores: float) -> list[Alert]:
+        return engine.evaluate(source="cam", t_ns=t * S, stage=None,
+                               table=particles(*({"score": s} for s in scores)), stats=None,
+                               units="nm", pixel_size_nm=1.0, calibrated=True)
+
+    # four detections, but only 2.2 real particles expected: no crowd
+    assert frame(0, 0.9, 0.9, 0.2, 0.2) == []
+    assert frame(1, 0.9, 0.9, 0.2, 0.2) == []
+    (crowd,) = frame(2, 0.9, 0.9, 0.9, 0.2)
+    assert crowd.rule == "real-crowd" and crowd.value == pytest.approx(2.9)
+    assert crowd.confidence == pytest.approx(2.9 / 4, abs=1e-4)
+    assert crowd.explanation == "frame has 2.9 expected particles > 2.5 (rule real-crowd)"
+    # as many detections as before, but fewer probable ones: 1.0 < 60 % of the median 2.2-2.9
+    (drop,) = frame(3, 0.3, 0.3, 0.2, 0.2)
+    assert drop.rule == "vanishing" and drop.value < -40
+    (plain,) = parse_rules([{"name": "c", "kind": "count", "above": 1}])
+    assert isinstance(plain, CountRule) and plain.count == "particles"
+    with pytest.raises(ConfigError, match="count"):
+        parse_rules([{"name": "c", "kind": "count", "above": 1, "count": "probable"}])
+    with pytest.raises(ConfigError, match="min_confidence"):
+        parse_rules([{"name": "p", "kind": "particle", "where": {}, "min_confidence": 1.5}])

@@ -87,6 +87,11 @@ def test_input_bounds_and_the_merged_score_cut() -> None:
     assert load_config(None, {"input.max_frame_bytes": 1 << 30}).input.receive_hwm() == 1
     with pytest.raises(ConfigError, match="merged into engine.score_cut"):
         load_config(None, {"engine.min_score": 0.5})
+    with pytest.raises(ConfigError, match="two particle cuts"):
+        load_config(None, {"engine.score_cut": 0.5, "engine.min_confidence": 0.8})
+    with pytest.raises(ConfigError, match="min_confidence"):
+        load_config(None, {"engine.min_confidence": 1.0})  # a probability below 1
+    assert load_config(None, {"engine.min_confidence": 0.8}).engine.min_confidence == 0.8
 
 
 def test_stem_frames_get_the_shipped_stem_detector_unless_configured(tmp_path: Path) -> None:
@@ -106,3 +111,27 @@ def test_stem_frames_get_the_shipped_stem_detector_unless_configured(tmp_path: P
     f.write_text('[engine]\nmodality_models = {XRAY = "x.onnx"}\n')
     with pytest.raises(ConfigError, match="modality_models"):
         load_config(f)
+
+
+def test_min_confidence_reaches_the_detectors(caplog: pytest.LogCaptureFixture) -> None:
+    """The calibrated general detector cuts at the probability; the shipped STEM detector,
+    uncalibrated, keeps its card's raw cut when it came by default (logged) and is an error
+    when named."""
+    pytest.importorskip("onnxruntime")
+    from nanoscout.daemon.app import build_detector
+
+    cfg = load_config(None, {"engine.min_confidence": 0.8})
+    stem = cfg.engine.modality_model_paths().get("STEM")
+    if stem is None:
+        pytest.skip("no shipped STEM detector")
+    det, _, _ = build_detector(cfg, cfg.engine.model_path())
+    assert det.min_confidence == 0.8 and det.calibrated
+    with caplog.at_level("WARNING", logger="nanoscout"):
+        sdet, _, _ = build_detector(cfg, stem)
+    assert sdet.min_confidence is None and not sdet.calibrated
+    assert sdet.thresholds == sdet.card.thresholds
+    assert "no score_calibration" in caplog.text
+    named = load_config(None, {"engine.min_confidence": 0.8,
+                               "engine.modality_models": {"STEM": str(stem)}})
+    with pytest.raises(ConfigError, match="has no score_calibration"):
+        build_detector(named, stem)

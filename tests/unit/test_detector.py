@@ -733,3 +733,65 @@ def test_score_calibration_maps_reported_scores() -> None:
         ScoreCalibration(scores=(0.0, 0.0, 1.0), probabilities=(0.0, 0.1, 0.6))
     with pytest.raises(ValueError, match="must not decrease"):
         ScoreCalibration(scores=(0.0, 0.5, 1.0), probabilities=(0.0, 0.7, 0.6))
+
+
+def test_raw_cut_inverts_the_calibration() -> None:
+    from nanoscout.analysis.modelcard import ScoreCalibration
+
+    cal = ScoreCalibration(scores=(0.0, 0.4, 0.6, 0.8, 1.0),
+                           probabilities=(0.0, 0.2, 0.2, 0.9, 0.95))
+    assert cal.raw_cut(0.1) == pytest.approx(0.2)  # halfway up the first segment
+    assert cal.raw_cut(0.2) == pytest.approx(0.4)  # a flat step: its left knot
+    assert cal.raw_cut(0.55) == pytest.approx(0.7)
+    for p in (0.05, 0.2, 0.3, 0.55, 0.9, 0.93):
+        assert cal.probability(cal.raw_cut(p)) == pytest.approx(p)
+        assert cal.probability(cal.raw_cut(p) - 1e-6) < p
+    with pytest.raises(ValueError, match=r"above the calibration's highest probability 0\.95"):
+        cal.raw_cut(0.97)
+    with pytest.raises(ValueError, match="within"):
+        cal.raw_cut(1.0)
+
+
+def _kept_by_confidence(shipped: Detector, frame: np.ndarray) -> None:
+    """Cutting at min_confidence p keeps exactly the particles whose calibrated score >= p
+    (of those found with no cut at all), whatever p."""
+    everything = Detector(shipped.engine, shipped.card, scale=1.0, min_score=0.0).detect(frame)
+    conf = everything.scores[1:]
+    assert everything.calibrated and everything.n > 10
+    for p in (0.3, 0.6, 0.9):
+        found = Detector(shipped.engine, shipped.card, scale=1.0, min_confidence=p).detect(frame)
+        assert (found.scores[1:] >= p - 1e-4).all()
+        # the same particles, relabelled: float32 rounding may move one sitting on p
+        near = int((np.abs(conf - p) < 1e-4).sum())
+        assert abs(found.n - int((conf >= p).sum())) <= near, (p, found.n)
+        kept = np.flatnonzero(conf >= p + 1e-4) + 1
+        assert np.isin(kept, np.unique(everything.labels[found.labels > 0])).all()
+
+
+def test_min_confidence_keeps_the_particles_that_probable(shipped: Detector) -> None:
+    frame = render(SpecimenConfig(shape=(384, 384), pixel_size_nm=0.5), 3).image
+    _kept_by_confidence(shipped, frame)
+
+
+def test_min_confidence_on_a_real_frame(shipped: Detector, shared_data: Path) -> None:
+    """A real SEM image of the NFFA set (many low-confidence detections on its texture)."""
+    from nanoscout.clients.acquisition.readers import read_image
+
+    images = sorted((shared_data / "nffa-particles" / "images").iterdir())
+    if not images:
+        pytest.skip("no NFFA images in the shared data")
+    img = read_image(images[0]).data
+    _kept_by_confidence(shipped, np.asarray(img)[:512, :512])
+
+
+def test_min_confidence_needs_a_calibrated_card(shipped: Detector) -> None:
+    with pytest.raises(ConfigError, match="two particle cuts"):
+        Detector(shipped.engine, shipped.card, min_score=0.5, min_confidence=0.5)
+    raw_card = shipped.card.model_copy(update={"score_calibration": None})
+    with pytest.raises(ConfigError, match="has no score_calibration"):
+        Detector(shipped.engine, raw_card, min_confidence=0.5)
+    cal = shipped.card.score_calibration
+    assert cal is not None
+    det = Detector(shipped.engine, shipped.card, min_confidence=0.8)
+    assert det.thresholds.min_score == pytest.approx(cal.raw_cut(0.8))
+    assert cal.probability(det.thresholds.min_score) == pytest.approx(0.8)

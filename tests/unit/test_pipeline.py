@@ -12,6 +12,7 @@ import pytest
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.analysis.preview import PreviewConfig
+from nanoscout.analysis.stats import StatsConfig
 from nanoscout.wire.errors import FrameError, Reason
 from nanoscout.wire.headers import (
     AlertHeader,
@@ -138,3 +139,62 @@ def test_frames_are_checked_once_at_construction() -> None:
     assert frame.normalized is frame.normalized  # prepared once
     assert frame.float32.dtype == np.float32 and frame.units == "nm"
     assert frame.area_um2 == pytest.approx(64 * 64 * 0.5**2 / 1e6)
+
+
+def test_confidence_rules_follow_the_calibrated_scores_of_real_detections() -> None:
+    """The shipped detector (calibrated) on a synthetic frame, with no score cut so that some
+    detections are unconvincing: a particle rule with min_confidence fires on exactly the
+    particles at least that probable, carries the confidence over the wire, and does not
+    fire when the same detections come with raw scores."""
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime")
+    from nanoscout.analysis.detector import Detector
+    from nanoscout.analysis.modelcard import ModelCard
+    from nanoscout.engines import create_engine
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+
+    onnx = Path(__file__).resolve().parents[2] / "models" / "weights" / "detector.onnx"
+    if not onnx.is_file():
+        pytest.skip(f"no shipped detector at {onnx}")
+    card = ModelCard.load(onnx.with_suffix(".json"))
+    engine = create_engine(onnx, "onnxruntime-cpu", threads=1)
+    image = render(SpecimenConfig(shape=(384, 384), pixel_size_nm=0.5), 3).image
+    frame = Frame.from_image(image, pixel_size_nm=0.5, source="cam", seq=0, t_acq_ns=1)
+
+    probe = Pipeline(Detector(engine, card, scale=1.0, min_score=0.0)).process(frame)
+    inside = probe.table[~probe.table["border"]]
+    conf = np.sort(inside["score"])
+    assert probe.calibrated and conf[0] < 0.9 and 0.97 < conf[-1] < 0.999
+    cut = 0.95  # some particles are at least this probable, some are not
+    rules = [{"name": "sure", "kind": "particle", "where": {}, "min_confidence": cut,
+              "cooldown_s": 0},
+             {"name": "none-so-sure", "kind": "particle", "where": {},
+              "min_confidence": float(conf[-1]) + 1e-3},
+             {"name": "real", "kind": "count", "above": 0, "count": "expected"}]
+    weighted = StatsConfig(weights="confidence")
+    pipe = Pipeline(Detector(engine, card, scale=1.0, min_score=0.0), rules=rules,
+                    stats_config=weighted)
+    result = pipe.process(frame)
+    stats = decode_message([bytes(p) for p in encode(result.messages[-1])]).header
+    assert isinstance(stats, StatsHeader) and stats.weights == "confidence"
+    assert stats.window.expected_count == pytest.approx(float(inside["score"].sum()), rel=1e-5)
+    assert stats.window.count == len(inside)
+    alerts = {m.header.rule: m for m in result.messages if isinstance(m.header, AlertHeader)}
+    assert set(alerts) == {"sure", "real"}
+    sure = decode_message([bytes(p) for p in encode(alerts["sure"])])
+    assert isinstance(sure.header, AlertHeader) and sure.header.confidence is not None
+    assert sure.header.confidence >= cut
+    assert (sure.array["score"] >= np.float32(cut)).all()  # type: ignore[index]
+    assert len(sure.array) == min(20, int((inside["score"] >= np.float32(cut)).sum()))  # type: ignore[arg-type]
+    assert alerts["real"].header.value == pytest.approx(float(inside["score"].sum()), rel=1e-5)
+
+    raw_card = card.model_copy(update={"score_calibration": None})
+    raw = Pipeline(Detector(engine, raw_card, scale=1.0, min_score=0.0), rules=rules,
+                   stats_config=weighted)
+    messages = raw.process(frame).messages
+    assert not [m for m in messages if isinstance(m.header, AlertHeader)]
+    # raw scores weigh every particle 1, and the stats message says so
+    assert isinstance(messages[-1].header, StatsHeader) and messages[-1].header.weights == "none"
+    assert messages[-1].header.window.expected_count == len(inside)
+    assert raw.alert_engine.skipped_raw_scores == {"sure": 1, "none-so-sure": 1, "real": 1}

@@ -192,3 +192,79 @@ def test_bad_inputs() -> None:
         stats.update(np.zeros(3, dtype=[("x", "f4")]), t_ns=0, frame_area_um2=1.0)
     with pytest.raises(FrameError, match="-1.0"):
         stats.update(empty_table(), t_ns=0, frame_area_um2=-1.0)
+
+
+# ------------------------------------------------------------------ confidence weights
+
+
+def scored(ecd: np.ndarray, score: np.ndarray) -> np.ndarray:
+    t = table(ecd)
+    t["score"] = score
+    return t
+
+
+def test_confidence_weights_count_each_particle_by_its_probability() -> None:
+    rng = np.random.default_rng(4)
+    ecd = [lognormal(300, seed) for seed in range(3)]
+    conf = [rng.uniform(0.05, 1.0, 300).astype(np.float32) for _ in range(3)]
+    stats = SizeStatistics(StatsConfig(weights="confidence"))
+    for k in range(3):
+        stats.update(scored(ecd[k], conf[k]), t_ns=k, frame_area_um2=2.0, confidence=True)
+    snap = stats.snapshot()
+    x = np.concatenate(ecd).astype(np.float64)
+    w = np.concatenate(conf).astype(np.float64)
+    assert snap["weights"] == "confidence"
+    for block in ("window", "cumulative"):
+        b = snap[block]
+        assert b["count"] == x.size  # detections; expected_count: their probabilities
+        assert b["expected_count"] == pytest.approx(w.sum(), rel=1e-9)
+        mean = (w * x).sum() / w.sum()
+        assert b["ecd"]["mean"] == pytest.approx(mean, rel=1e-9)
+        assert b["ecd"]["sd"] == pytest.approx(
+            math.sqrt((w * (x - mean) ** 2).sum() / (w.sum() - 1)), rel=1e-9)
+        assert b["number_density_per_um2"] == pytest.approx(w.sum() / 6.0, rel=1e-9)
+        h = b["histograms"]["ecd"]
+        assert sum(h["counts"]) + h["under"] + h["over"] == x.size
+        assert sum(h["weighted_counts"]) == pytest.approx(w.sum(), rel=1e-4)
+    # the weighted D50: where the cumulative weight reaches half the total
+    order = np.argsort(x)
+    half = x[order][np.searchsorted(np.cumsum(w[order]), 0.5 * w.sum())]
+    for block in ("window", "cumulative"):
+        assert snap[block]["ecd"]["d50"] == pytest.approx(half, rel=0.01)
+    assert snap["drift"]["reference_d50"] == pytest.approx(half, rel=0.01)
+
+
+def test_confidence_weights_tilt_the_d50_towards_probable_particles() -> None:
+    """Small particles the detector doubts, large ones it is sure of: the weighted D50 is
+    the large ones', the number-weighted one lies between."""
+    small, large = np.full(60, 5.0, np.float32), np.full(40, 20.0, np.float32)
+    t = scored(np.concatenate([small, large]),
+               np.concatenate([np.full(60, 0.1), np.full(40, 0.95)]).astype(np.float32))
+    st = SizeStatistics(StatsConfig(weights="confidence"))
+    st.update(t, t_ns=0, frame_area_um2=None, confidence=True)
+    assert st.snapshot()["window"]["ecd"]["d50"] == pytest.approx(20.0)
+    plain = SizeStatistics(StatsConfig())
+    plain.update(t, t_ns=0, frame_area_um2=None, confidence=True)
+    assert plain.snapshot()["window"]["ecd"]["d50"] == pytest.approx(5.0)
+
+
+def test_raw_scores_and_unit_confidences_weigh_like_no_weights() -> None:
+    ecd = lognormal(500, 1)
+    unweighted = SizeStatistics(StatsConfig())
+    unweighted.update(scored(ecd, np.full(ecd.size, 0.3, np.float32)), t_ns=0,
+                      frame_area_um2=1.0)
+    ref = unweighted.snapshot()
+    assert ref["weights"] == "none" and ref["window"]["expected_count"] == 500.0
+    raw = SizeStatistics(StatsConfig(weights="confidence"))  # an uncalibrated detector
+    raw.update(scored(ecd, np.full(ecd.size, 0.3, np.float32)), t_ns=0, frame_area_um2=1.0,
+               confidence=False)
+    assert raw.snapshot() == ref
+    sure = SizeStatistics(StatsConfig(weights="confidence"))
+    sure.update(scored(ecd, np.ones(ecd.size, np.float32)), t_ns=0, frame_area_um2=1.0,
+                confidence=True)
+    got = sure.snapshot()
+    assert got["weights"] == "confidence"
+    for k in ("d10", "d50", "d90", "mean", "sd"):  # numpy's definitions when every weight is 1
+        assert got["window"]["ecd"][k] == pytest.approx(ref["window"]["ecd"][k], rel=1e-9)
+    with pytest.raises(pydantic.ValidationError):
+        StatsConfig(weights="score")  # type: ignore[arg-type]

@@ -63,6 +63,7 @@ from nanoscout.analysis.rules import (
     ParticleRule,
     check_class_labels,
     check_unique_names,
+    needs_confidence,
     parse_rules,
 )
 from nanoscout.wire.errors import FrameError
@@ -95,6 +96,10 @@ class Alert:
     particles: np.ndarray = field(compare=False, repr=False)
     #: uint8 class activation map explaining a class / novelty alert (whole frame), else None
     heatmap: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: particle rule on a frame calibrated in confidence: the probability (0..1) that the
+    #: particle described (the first row) is real; count rule with ``count = "expected"``:
+    #: the mean confidence of the particles counted (``value`` is their sum). None otherwise
+    confidence: float | None = None
 
 
 @dataclass
@@ -118,11 +123,15 @@ class AlertEngine:
         self.suppressed: dict[str, int] = {r.name: 0 for r in self.rules}
         #: rule name -> frames on which an nm rule was not evaluated (uncalibrated frame)
         self.skipped_uncalibrated: dict[str, int] = {r.name: 0 for r in self.rules}
+        #: rule name -> frames on which a rule that reads confidences was not evaluated (the
+        #: frame's scores are raw: its detector has no score calibration)
+        self.skipped_raw_scores: dict[str, int] = {r.name: 0 for r in self.rules}
         self._last_fired: dict[tuple[str, str], int] = {}
         self._memory: dict[tuple[str, str], _Memory] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._warned_raw: set[tuple[str, str]] = set()
         #: count_drop rules: the previous frames' counts per (rule, source)
-        self._counts: dict[tuple[str, str], deque[int]] = {}
+        self._counts: dict[tuple[str, str], deque[float]] = {}
 
     def forget(self, source: str) -> None:
         """Drop everything remembered of ``source`` (cooldowns, reported particles)."""
@@ -130,6 +139,7 @@ class AlertEngine:
             for key in [k for k in store if k[1] == source]:
                 del store[key]
         self._warned = {k for k in self._warned if k[1] != source}
+        self._warned_raw = {k for k in self._warned_raw if k[1] != source}
 
     def evaluate(
         self,
@@ -143,6 +153,7 @@ class AlertEngine:
         pixel_size_nm: float | None = None,
         events: Sequence[Mapping[str, Any]] = (),
         insitu: Mapping[str, Any] | None = None,
+        calibrated: bool = False,
     ) -> list[Alert]:
         """Evaluate every rule on one frame; returns the alerts that fired, in rule order.
 
@@ -153,16 +164,22 @@ class AlertEngine:
         ``pixel_size_nm``: nm per pixel of a calibrated frame, for de-duplication distances.
         ``events``: the tracker's merge / split events on this frame (``det.tracking.events``)
         and ``insitu``: the source's ``stats.insitu`` block (coalescence and growth-rate rules;
-        without them those rules do not fire).
+        without them those rules do not fire). ``calibrated``: the table's ``score`` column
+        holds probabilities (the detector's card has a score calibration); without it the
+        rules that read confidences do not fire (:attr:`skipped_raw_scores`).
         """
         if table.dtype != PARTICLE_DTYPE:
             raise FrameError(f"alerts need a PARTICLE_DTYPE table, got dtype {table.dtype}")
         if units not in ("nm", "px"):
             raise FrameError(f"units must be 'nm' or 'px', got {units!r}")
-        ctx = _Context(source, int(t_ns), stage, table, stats, units, pixel_size_nm)
+        ctx = _Context(source, int(t_ns), stage, table, stats, units, pixel_size_nm,
+                       calibrated)
         fired: list[Alert] = []
         for rule in self.rules:
             alert: Alert | None
+            if not calibrated and needs_confidence(rule):
+                self._skip_raw(rule, ctx.source)
+                continue
             if isinstance(rule, ParticleRule):
                 alert = self._particle(rule, ctx)
             elif isinstance(rule, CountRule):
@@ -240,12 +257,24 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ rule kinds
 
+    def _skip_raw(self, rule: AnyRule, source: str) -> None:
+        """Count (and log once per source) a rule that needs confidences on raw scores."""
+        self.skipped_raw_scores[rule.name] += 1
+        if (rule.name, source) not in self._warned_raw:
+            self._warned_raw.add((rule.name, source))
+            log.warning("alert rule %r reads particle confidences but the scores of source %r "
+                        "are raw (its detector has no score calibration): it does not fire "
+                        "on them", rule.name, source)
+
     def _count_drop(self, rule: CountDropRule, ctx: _Context) -> Alert | None:
-        n = int(np.count_nonzero(~ctx.table["border"]))
+        inside = ctx.table[~ctx.table["border"]]
+        n: float = (float(inside["score"].astype(np.float64).sum())
+                    if rule.count == "expected" else len(inside))
         key = (rule.name, ctx.source)
         seen = self._counts.get(key)
         if seen is None:
             seen = self._counts[key] = deque(maxlen=rule.window_frames)
+        what = "expected particles" if rule.count == "expected" else "particles"
         before = float(np.median(seen)) if len(seen) == rule.window_frames else None
         seen.append(n)
         if before is None or before <= 0 or n >= (1.0 - rule.pct / 100.0) * before:
@@ -254,7 +283,7 @@ class AlertEngine:
         return Alert(
             rule=rule.name, kind=rule.kind, severity=rule.severity, value=change,
             threshold=-float(rule.pct),
-            explanation=(f"frame has {n} particles, {abs(change):.0f} % fewer than the median "
+            explanation=(f"frame has {number(n)} {what}, {abs(change):.0f} % fewer than the median "
                          f"{number(before)} of the previous {rule.window_frames} frames "
                          f"(limit {number(rule.pct)} %, rule {rule.name})"),
             particles=np.empty(0, PARTICLE_DTYPE))
@@ -296,6 +325,8 @@ class AlertEngine:
             mask &= ~table["border"]
         for fname, op, value in rule.conditions:
             mask &= OPERATORS[op](table[fname], value)
+        if rule.min_confidence is not None:
+            mask &= table["score"] >= np.float32(rule.min_confidence)
         hits = table[mask]
         if len(hits) < rule.min_count:
             return None
@@ -329,14 +360,17 @@ class AlertEngine:
             order = np.lexsort((-vals if op in ("gt", "ge") else vals, ~new))
             value, threshold = float(vals[order[0]]), float(thr)
         rows = hits[order[:MAX_ALERT_PARTICLES]]
+        confidence = float(rows["score"][0]) if ctx.calibrated else None
         return Alert(
             rule=rule.name,
             kind=rule.kind,
             severity=rule.severity,
             value=value,
             threshold=threshold,
-            explanation=explain_particles(rule, hits, order, int(new.sum()), ctx.units),
+            explanation=explain_particles(rule, hits, order, int(new.sum()), ctx.units,
+                                          confidence),
             particles=rows.copy(),
+            confidence=confidence,
         )
 
     # ------------------------------------------------------------------ de-duplication memory
@@ -384,6 +418,8 @@ class _Context:
     stats: dict[str, Any] | None
     units: Units
     pixel_size_nm: float | None
+    #: the table's ``score`` column holds probabilities
+    calibrated: bool = False
 
 
 def _scale(ctx: _Context) -> float | None:
@@ -435,8 +471,9 @@ def _inside(p: np.ndarray, bb: np.ndarray) -> np.ndarray:
 
 
 def _count(rule: CountRule, ctx: _Context) -> Alert | None:
-    table = ctx.table
-    n = len(table) if rule.include_border else int(np.count_nonzero(~table["border"]))
+    table = ctx.table if rule.include_border else ctx.table[~ctx.table["border"]]
+    expected = rule.count == "expected"
+    n: float = float(table["score"].astype(np.float64).sum()) if expected else len(table)
     if rule.above is not None and n > rule.above:
         threshold, rel = rule.above, ">"
     elif rule.below is not None and n < rule.below:
@@ -449,8 +486,10 @@ def _count(rule: CountRule, ctx: _Context) -> Alert | None:
         severity=rule.severity,
         value=float(n),
         threshold=float(threshold),
-        explanation=f"frame has {n} particles {rel} {number(threshold)} (rule {rule.name})",
+        explanation=(f"frame has {number(n)} {'expected particles' if expected else 'particles'}"
+                     f" {rel} {number(threshold)} (rule {rule.name})"),
         particles=np.empty(0, PARTICLE_DTYPE),
+        confidence=round(n / len(table), 4) if expected and len(table) else None,
     )
 
 

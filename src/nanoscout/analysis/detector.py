@@ -59,6 +59,8 @@ class Detection:
     scores: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, engine, postprocess
     scale: float = 1.0  # working-scale resample factor used (working px per frame px)
+    #: True when ``scores`` are calibrated probabilities (the card has a score_calibration)
+    calibrated: bool = False
 
     @property
     def n(self) -> int:
@@ -90,7 +92,7 @@ class Detector:
                  scale: float | Literal["auto"] | None = None, auto_every: int = 1,
                  tile_px: int = 2048, tile_margin_px: int = 96, tta: int = 1,
                  merge_convex: float | None = None, min_score: float | None = None,
-                 rotate45: bool = False,
+                 min_confidence: float | None = None, rotate45: bool = False,
                  scale_presets: tuple[tuple[float, float], ...] = (), tile_batch: int = 1,
                  estimate_window_px: int = DEFAULT_WINDOW_PX,
                  scale_tolerance: float | None = DEFAULT_TOLERANCE) -> None:
@@ -107,7 +109,13 @@ class Detector:
         logits over 1, 2 or 4 mirror images (test-time augmentation; engine time x ``tta``,
         for offline measurement rather than live streams). ``merge_convex``: overrides the
         card's solidity ratio for merging fragments of one convex particle (None: keep it);
-        ``min_score`` overrides the card's particle score cut (None: keep it).
+        ``min_score`` overrides the card's particle score cut (None: keep it), on the raw
+        score. ``min_confidence`` (in (0, 1), exclusive with ``min_score``) keeps the
+        particles that are real with at least this probability: it needs a card with a
+        ``score_calibration`` (ConfigError otherwise: raw scores are not probabilities) and
+        becomes the raw cut :meth:`~nanoscout.analysis.modelcard.ScoreCalibration.raw_cut`
+        (the inverse of the card's monotone calibration at ``min_confidence``), so that
+        every particle reported has a calibrated score >= ``min_confidence``.
         ``rotate45``: also run the engine on the frame turned by 45° and keep the larger of the
         two logits, turned back (a long straight particle lying along an image axis looks like
         a burnt-in scale bar to the shipped model; turned, it does not). About 3x the engine
@@ -165,6 +173,22 @@ class Detector:
         self.thresholds = card.thresholds
         if merge_convex is not None:
             self.thresholds = self.thresholds.model_copy(update={"merge_convex": merge_convex})
+        cal = card.score_calibration
+        #: the confidence cut asked for (None: the cut is on the raw score)
+        self.min_confidence = min_confidence
+        if min_confidence is not None:
+            if min_score is not None:
+                raise ConfigError(f"min_score {min_score} and min_confidence {min_confidence} "
+                                  "are two particle cuts: give one")
+            if cal is None:
+                raise ConfigError(
+                    f"min_confidence {min_confidence}: model card {card.name!r} has no "
+                    "score_calibration, so its scores are not probabilities (calibrate it: "
+                    "nanoscout models calibrate; or cut on the raw score: min_score)")
+            try:
+                min_score = cal.raw_cut(min_confidence)
+            except ValueError as exc:
+                raise ConfigError(f"min_confidence of model card {card.name!r}: {exc}") from exc
         if min_score is not None:
             if not 0.0 <= min_score < 1.0:
                 raise ConfigError(f"min_score {min_score} must be within [0, 1)")
@@ -175,7 +199,8 @@ class Detector:
                               f"{tile_margin_px}")
         self.tile_px = tile_px
         self.tile_margin_px = tile_margin_px
-        cal = card.score_calibration
+        #: True when the reported scores are probabilities (the card has a score_calibration)
+        self.calibrated = cal is not None
         self._calibration = (None if cal is None else
                              (np.asarray(cal.scores, np.float32),
                               np.asarray(cal.probabilities, np.float32)))
@@ -435,4 +460,5 @@ class Detector:
         return Detection(labels, scores, {"preprocess": (t1 - t0 - ts - reused_s) * 1e3,
                                           "scale": ts * 1e3,
                                           "engine": (t2 - t1 + reused_s) * 1e3,
-                                          "postprocess": (t3 - t2) * 1e3}, scale)
+                                          "postprocess": (t3 - t2) * 1e3}, scale,
+                         self._calibration is not None)

@@ -48,13 +48,15 @@ def _unit(fname: str, units: str) -> str:
 
 
 def explain_particles(
-    rule: ParticleRule, hits: np.ndarray, order: np.ndarray, n_new: int, units: str
+    rule: ParticleRule, hits: np.ndarray, order: np.ndarray, n_new: int, units: str,
+    confidence: float | None = None,
 ) -> str:
     """Return the sentence an alert of ``rule`` carries: the first hit's values, how many matched.
 
     ``hits`` are the matching rows, ``order`` indexes them (the first is the one described),
     ``n_new`` counts the new ones; ``units`` is the length unit of the ``*_nm`` fields ("nm",
-    or "px" when uncalibrated).
+    or "px" when uncalibrated); ``confidence``: the probability that the described particle
+    is real (a calibrated detector's score), None when the scores are raw.
     """
     row = hits[order[0]]
     parts = []
@@ -65,11 +67,10 @@ def explain_particles(
         u = _unit(fname, units)
         label = _LABELS.get(fname, fname.replace("_", " "))
         parts.append(f"{label} {number(row[fname])}{u} {_OP_TEXT[op]} {number(value)}{u}")
-    what = (
-        f"particle {int(row['id'])} has " + " and ".join(parts)
-        if parts
-        else (f"particle {int(row['id'])} matches")
-    )
+    name = f"particle {int(row['id'])}"
+    if confidence is not None:
+        name += f" (confidence {confidence:.2f})"
+    what = f"{name} has " + " and ".join(parts) if parts else f"{name} matches"
     if len(hits) == 1:
         return f"{what} (rule {rule.name})"
     return f"{len(hits)} particles match ({n_new} new); {what} (rule {rule.name})"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nanoscout.wire.errors import ModelCardError
@@ -217,6 +218,34 @@ class ScoreCalibration(_Strict):
         if min(s + p) < 0 or max(s + p) > 1:
             raise ValueError("score_calibration scores and probabilities must lie in [0, 1]")
         return self
+
+    def probability(self, raw: float) -> float:
+        """The calibrated probability (0..1) of a particle whose raw score is ``raw``."""
+        return float(np.interp(raw, self.scores, self.probabilities))
+
+    def raw_cut(self, confidence: float) -> float:
+        """The lowest raw score whose calibrated probability is at least ``confidence``.
+
+        The calibration is continuous and non-decreasing (linear between its knots), so the
+        raw scores it maps to ``confidence`` or more form the interval [cut, 1]: a raw score
+        cut at ``cut`` keeps exactly the particles that are real with probability
+        ``>= confidence`` (within float rounding). Found on the first knot segment that
+        reaches ``confidence``, by inverting its line; a flat segment gives its left knot.
+        Raises ValueError for a ``confidence`` outside (0, 1) or above the highest probability
+        of the calibration (no particle could reach it).
+        """
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence {confidence} must be within (0, 1)")
+        s, p = self.scores, self.probabilities
+        if confidence > p[-1]:
+            raise ValueError(f"confidence {confidence} is above the calibration's highest "
+                             f"probability {p[-1]} (no particle could reach it)")
+        if confidence <= p[0]:
+            return float(s[0])
+        i = next(k for k in range(1, len(p)) if p[k] >= confidence)
+        # p[i - 1] < confidence <= p[i]: a rising segment, inverted linearly
+        f = (confidence - p[i - 1]) / (p[i] - p[i - 1])
+        return float(s[i - 1] + f * (s[i] - s[i - 1]))
 
 
 class TrainingInfo(_Strict):

@@ -99,6 +99,8 @@ class FrameResult:
     evicted: list[str] = field(default_factory=list)
     #: the tracker's findings on this frame (None: tracking off)
     tracks: TrackUpdate | None = None
+    #: the table's ``score`` column holds probabilities (the detector's card is calibrated)
+    calibrated: bool = False
 
     @property
     def det(self) -> DetHeader:
@@ -285,7 +287,7 @@ class Pipeline:
             self._apply_requests(h.source, state)
         ref = frame.ref()
         units = frame.units
-        labels, table, stage_ms, model, scale, sha256 = self._detect(frame)
+        labels, table, stage_ms, model, scale, sha256, calibrated = self._detect(frame)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
             km = state.clusters.get(units)
@@ -312,7 +314,7 @@ class Pipeline:
             tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
         result = FrameResult(frame, out, labels, table, stage_ms, model, scale, evicted=evicted,
-                             tracks=tracks)
+                             tracks=tracks, calibrated=calibrated)
 
         if self.preview is not None and self._previews.due(h.source):
             try:
@@ -338,7 +340,7 @@ class Pipeline:
         return result
 
     def _detect(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, dict[str, float], str,
-                                             float, str | None]:
+                                             float, str | None, bool]:
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
         detector, model = self.modality_detectors.get(h.modality or "",
@@ -352,7 +354,9 @@ class Pipeline:
         table = measure(detection.labels, h.pixel_size_nm, detection.scores)
         stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
         return (detection.labels, table, stage_ms, model, detection.scale,
-                model_sha256(detector))
+                model_sha256(detector),
+                # a stand-in detector without the flag reports raw scores
+                bool(getattr(detection, "calibrated", False)))
 
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:
@@ -381,7 +385,8 @@ class Pipeline:
         stats = state.stats.get(units)
         if stats is None:
             stats = state.stats[units] = SizeStatistics(self.stats_config)
-        stats.update(result.table, t_ns=frame.header.t_acq_ns, frame_area_um2=frame.area_um2)
+        stats.update(result.table, t_ns=frame.header.t_acq_ns, frame_area_um2=frame.area_um2,
+                     confidence=result.calibrated)
         snap = stats.snapshot()
         result.stage_ms["stats"] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
@@ -395,7 +400,7 @@ class Pipeline:
             source=frame.source, t_ns=frame.header.t_acq_ns, stage=frame.header.stage,
             table=result.table, stats=snap, units=units, pixel_size_nm=frame.pixel_size_nm,
             events=() if result.tracks is None else result.tracks.tracking["events"],
-            insitu=insitu)
+            insitu=insitu, calibrated=result.calibrated)
         result.stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
         alerts = [self._alert(al, frame, state, ref, result) for al in fired]
         km = state.clusters.get(units)
@@ -403,7 +408,8 @@ class Pipeline:
             **ref, stage_ms={k: round(v, 3) for k, v in result.stage_ms.items()},
             topic_seq=state.next_seq(Kind.STATS), t_ns=time.time_ns(), units=units,
             window=snap["window"], cumulative=snap["cumulative"], drift=snap["drift"],
-            clusters=None if km is None else km.summary(), unique=unique, insitu=insitu)
+            clusters=None if km is None else km.summary(), unique=unique, insitu=insitu,
+            weights=snap["weights"])
         for msg in alerts:
             send(msg)
         send(Message(sh.topic().decode(), sh))
@@ -417,7 +423,8 @@ class Pipeline:
             **ref, topic_seq=state.next_seq(Kind.ALERT), rule=al.rule, kind=al.kind,
             severity=al.severity, value=float(al.value), threshold=float(al.threshold),
             explanation=al.explanation, units=frame.units, n=len(al.particles),
-            heatmap_shape=None if heat is None else (int(heat.shape[0]), int(heat.shape[1])))
+            heatmap_shape=None if heat is None else (int(heat.shape[0]), int(heat.shape[1])),
+            confidence=al.confidence)
         result.alerts.append(ah)
         return Message(ah.topic().decode(), ah, al.particles, heat)
 

@@ -10,6 +10,8 @@ frozen pydantic models (a discriminated union on ``kind``)::
     severity = "warning"                        # info | warning | critical
     where = { ecd_nm = { gt = 50 } }            # gt/ge/lt/le/eq on numeric particle fields
     # min_count = 1, include_border = false, cooldown_s = 5, dedup_radius_nm = (its ECD)
+    min_confidence = 0.8                        # optional: only particles real with
+                                                # probability >= 0.8 (calibrated detector)
 
     [[alerts]]
     name = "rods"
@@ -25,6 +27,8 @@ frozen pydantic models (a discriminated union on ``kind``)::
     name = "crowded"
     kind = "count"
     above = 200                                 # fires when count > above (or count < below)
+    # count = "expected"                        # or: the expected number of real particles,
+                                                # the sum of their confidences (calibrated)
 
     [[alerts]]                                  # in-situ sintering / growth
     name = "sintering"
@@ -49,6 +53,7 @@ frozen pydantic models (a discriminated union on ``kind``)::
     kind = "count_drop"
     pct = 20                                    # count < 80 % of the median of the previous
     window_frames = 10                          # 10 frames
+    # count = "expected"                        # as for count rules
 
     [[alerts]]                                  # field-of-view classifier (class.<source>)
     name = "wires"
@@ -77,6 +82,13 @@ Rate limiting, de-duplication, uncalibrated frames and what ``Alert.value`` /
 ``Alert.threshold`` hold: :mod:`nanoscout.analysis.alerts`.
 The three in-situ rules (``coalescence``, ``growth_rate``, ``count_drop``) need tracking
 (``[tracking]``); without it they never fire.
+
+Confidence: a particle's ``score`` is the probability that it is real when the detector's
+model card has a ``score_calibration`` (the shipped general detector; the frame is then
+*calibrated in confidence*), else a raw score that is no probability (the shipped STEM
+detector). ``min_confidence`` on a particle rule and ``count = "expected"`` on a count or
+count-drop rule use that probability, so on frames whose scores are raw they do not fire
+(logged once per rule and source, counted in ``AlertEngine.skipped_raw_scores``).
 """
 
 from __future__ import annotations
@@ -106,6 +118,7 @@ __all__ = [
     "AnyRule",
     "ClassRule",
     "CoalescenceRule",
+    "CountBasis",
     "CountDropRule",
     "CountRule",
     "D50DriftRule",
@@ -116,6 +129,7 @@ __all__ = [
     "SaveFrames",
     "check_class_labels",
     "check_unique_names",
+    "needs_confidence",
     "parse_rules",
 ]
 
@@ -162,6 +176,9 @@ class ParticleRule(_RuleBase):
     include_border: bool = False
     dedup_radius_nm: float | None = Field(None, gt=0)
     stage_tolerance_um: float = Field(0.05, ge=0)
+    #: a particle counts only when it is real with at least this probability (its calibrated
+    #: ``score``); None: every particle that meets ``where``
+    min_confidence: float | None = Field(None, gt=0, le=1)
 
     _conditions: tuple[tuple[str, str, float], ...] = PrivateAttr(default=())
 
@@ -215,13 +232,20 @@ class ParticleRule(_RuleBase):
         return any(f.endswith(("_nm", "_nm2")) for f in self.where)
 
 
+#: what a count-type rule counts: "particles" (each detection 1) or "expected" (the
+#: expected number of real particles: the sum of their confidences, a calibrated detector's)
+CountBasis = Literal["particles", "expected"]
+
+
 class CountRule(_RuleBase):
-    """Fires when the number of particles in a frame is > ``above`` or < ``below``."""
+    """Fires when the number of particles in a frame is > ``above`` or < ``below``
+    (``count = "expected"``: the sum of their confidences)."""
 
     kind: Literal["count"] = "count"
     above: float | None = None
     below: float | None = None
     include_border: bool = False
+    count: CountBasis = "particles"
 
     @model_validator(mode="after")
     def _check_bounds(self) -> CountRule:
@@ -263,11 +287,13 @@ class GrowthRateRule(_RuleBase):
 
 class CountDropRule(_RuleBase):
     """Fires when a frame has fewer than (100 - ``pct``) % of the median particle count of
-    the source's previous ``window_frames`` frames (border particles left out)."""
+    the source's previous ``window_frames`` frames (border particles left out; ``count =
+    "expected"``: the sums of their confidences)."""
 
     kind: Literal["count_drop"] = "count_drop"
     pct: float = Field(gt=0, lt=100)
     window_frames: int = Field(10, ge=1, le=10_000)
+    count: CountBasis = "particles"
 
 
 class ClassRule(_RuleBase):
@@ -283,6 +309,14 @@ class NoveltyRule(_RuleBase):
 
     kind: Literal["novelty"] = "novelty"
     threshold: float = Field(gt=0)
+
+
+def needs_confidence(rule: AnyRule) -> bool:
+    """True when ``rule`` reads particles' confidences (``min_confidence`` or ``count =
+    "expected"``): it cannot be evaluated on raw scores."""
+    if isinstance(rule, ParticleRule):
+        return rule.min_confidence is not None
+    return isinstance(rule, CountRule | CountDropRule) and rule.count == "expected"
 
 
 AnyRule = (ParticleRule | CountRule | D50DriftRule | CoalescenceRule | GrowthRateRule

@@ -37,6 +37,21 @@ calibrated when ``frame_area_um2`` is given; the snapshot's ``units`` says which
 the first frame). If a source switches between calibrated and uncalibrated frames the
 statistics restart (mixing nm and px would be meaningless) and a warning is logged.
 
+Confidence weights (``weights = "confidence"``): a frame whose particle scores are calibrated
+probabilities (``update(..., confidence=True)``: its detector's card has a score calibration)
+enters with each particle weighted by its probability of being real: ``expected_count`` is the
+sum of the weights (the expected number of real particles), means and standard deviations are
+weighted (frequency weights: sd = sqrt(sum w (x - mean)² / (sum w - 1)), None while sum w <= 1),
+the exact window quantiles interpolate linearly between the sorted values placed at their
+exclusive cumulative weight over (sum w - the last weight) (numpy's default when every weight
+is 1), the cumulative quantiles are the centre of the fine bin where the cumulative weight
+reaches q of the total (same error bound as above), the histograms gain ``weighted_counts``
+(``counts`` stay the number of particles) and the number density counts expected particles.
+Frames with raw scores (a detector without a calibration, e.g. the shipped STEM one) weigh
+every particle 1; the snapshot's ``weights`` says how the newest frame was weighted. With
+``weights = "none"``, or until a weighted frame arrives, everything is number-weighted as
+described above and ``expected_count`` equals ``count``.
+
 Particles flagged ``border`` are left out of the size statistics unless ``include_border``.
 The number density counts every particle, a border particle as one half (about half of the
 particles cut by the frame edge have their centre inside the frame, so this is unbiased for
@@ -49,7 +64,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -84,6 +99,9 @@ class StatsConfig(BaseModel):
     reference_frames: int = Field(20, ge=1)
     #: fine log bins over ecd_range_nm for the cumulative quantiles (sets the error bound)
     quantile_bins: int = Field(2000, ge=10, le=1_000_000)
+    #: "confidence": each particle of a frame with calibrated scores counts with its
+    #: probability of being real (see the module docstring); "none": each counts once
+    weights: Literal["confidence", "none"] = "none"
 
     @field_validator("ecd_range_nm")
     @classmethod
@@ -104,31 +122,45 @@ class _Frame:
     area_um2: float | None
     #: histogram slot counts [under, bins..., over] of ecd, ar, rnd
     slots: tuple[np.ndarray, np.ndarray, np.ndarray]
+    #: the particles' weights (their confidences), None: each 1
+    w: np.ndarray | None = None
+    #: histogram slot sums of the weights, as ``slots`` (None: unweighted)
+    wslots: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def weights(self) -> np.ndarray:
+        """The particles' weights (ones when unweighted)."""
+        return np.ones(self.ecd.size) if self.w is None else self.w
 
 
 class _Moments:
-    """Exact running count, mean and sum of squared deviations (Chan et al. merge)."""
+    """Exact running count, (weighted) mean and sum of squared deviations (Chan et al. merge;
+    ``n`` is the sum of the weights, ``k`` the number of values)."""
 
     def __init__(self) -> None:
-        self.n = 0
+        self.n = 0.0
+        self.k = 0
         self.mean = 0.0
         self.m2 = 0.0
         self.min = math.inf
         self.max = -math.inf
 
-    def add(self, x: np.ndarray) -> None:
-        k = x.size
-        if k == 0:
+    def add(self, x: np.ndarray, w: np.ndarray | None = None) -> None:
+        if x.size == 0:
             return
-        mean_b = float(x.mean())
-        m2_b = float(((x - mean_b) ** 2).sum())
+        self.k += x.size
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        k = float(x.size) if w is None else float(w.sum())
+        if k <= 0.0:
+            return
+        mean_b = float(x.mean()) if w is None else float((w * x).sum() / k)
+        d2 = (x - mean_b) ** 2
+        m2_b = float(d2.sum() if w is None else (w * d2).sum())
         n = self.n + k
         delta = mean_b - self.mean
         self.mean += delta * k / n
         self.m2 += m2_b + delta * delta * self.n * k / n
         self.n = n
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
 
     def sd(self) -> float | None:
         return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else None
@@ -142,9 +174,28 @@ class _FineHistogram:
         self.centres = centres
         # slot 0 = under, 1..nbins = bins, nbins+1 = over
         self.counts = np.zeros(edges.size + 1, dtype=np.int64)
+        #: the sums of the weights per slot
+        self.wcounts = np.zeros(edges.size + 1, dtype=np.float64)
 
-    def add(self, x: np.ndarray) -> None:
-        self.counts += _slot_counts(x, self.edges)
+    def add(self, x: np.ndarray, w: np.ndarray | None = None) -> None:
+        counts = _slot_counts(x, self.edges)
+        self.counts += counts
+        self.wcounts += counts if w is None else _slot_counts(x, self.edges, w)
+
+    def weighted_quantiles(self, qs: tuple[float, ...], lo: float, hi: float
+                           ) -> list[float | None]:
+        """Quantiles of the weighted values: the centre of the slot where the cumulative
+        weight reaches q of the total, clamped to [lo, hi]."""
+        total = float(self.wcounts.sum())
+        if not total > 0.0:
+            return [None for _ in qs]
+        cum = np.cumsum(self.wcounts)
+        centres = np.concatenate([[lo], self.centres, [hi]])
+        out: list[float | None] = []
+        for q in qs:
+            i = min(int(np.searchsorted(cum, q * total, side="left")), cum.size - 1)
+            out.append(float(min(max(centres[i], lo), hi)))
+        return out
 
     def quantiles(self, qs: tuple[float, ...], lo: float, hi: float) -> list[float | None]:
         """Quantiles (numpy 'linear' definition) estimated from bin centres, clamped to [lo, hi]."""
@@ -203,13 +254,24 @@ class SizeStatistics:
         self._h_rnd = np.zeros(_ROUND_EDGES.size + 1, dtype=np.int64)
         self._ref_frames = 0
         self._ref_values: list[np.ndarray] = []
+        self._ref_weights: list[np.ndarray | None] = []
         self._ref_d50: float | None = None
+        #: a frame weighted by confidence has been added (the cumulative block is weighted)
+        self._weighted = False
+        #: how the newest frame was weighted
+        self._last_weights: Literal["confidence", "none"] = "none"
+        self._h_ecd_w = np.zeros(self._ecd_edges.size + 1, dtype=np.float64)
+        self._h_ar_w = np.zeros(_AR_EDGES.size + 1, dtype=np.float64)
+        self._h_rnd_w = np.zeros(_ROUND_EDGES.size + 1, dtype=np.float64)
 
-    def update(self, table: np.ndarray, *, t_ns: int, frame_area_um2: float | None) -> None:
+    def update(self, table: np.ndarray, *, t_ns: int, frame_area_um2: float | None,
+               confidence: bool = False) -> None:
         """Add one frame's particle table (ECD in nm, or px when ``frame_area_um2`` is None).
 
         ``t_ns``: the frame's acquisition time (ns), used for the time window.
         ``frame_area_um2``: imaged area (µm²) of a calibrated frame, or None if uncalibrated.
+        ``confidence``: the table's ``score`` column holds probabilities (a calibrated
+        detector's): with ``weights = "confidence"`` they weigh the particles.
         """
         names = table.dtype.names or ()
         missing = [f for f in _NEEDED_FIELDS if f not in names]
@@ -228,19 +290,37 @@ class SizeStatistics:
         self.units = units
         self._units_set = True
 
+        weighted = confidence and self.config.weights == "confidence"
+        if weighted and "score" not in names:
+            raise FrameError(f"confidence weights need a score column; got dtype {table.dtype}")
+        self._last_weights = "confidence" if weighted else "none"
+        self._weighted |= weighted
         border = table["border"].astype(bool)
         keep = table if self.config.include_border else table[~border]
         ecd = keep["ecd_nm"].astype(np.float64)
         ar = keep["aspect_ratio"].astype(np.float64)
         rnd = keep["roundness"].astype(np.float64)
-        density_count = float(np.count_nonzero(~border)) + 0.5 * float(np.count_nonzero(border))
+        w = None
+        if weighted:
+            score = np.clip(np.nan_to_num(table["score"].astype(np.float64)), 0.0, 1.0)
+            w = score if self.config.include_border else score[~border]
+            density_count = float(score[~border].sum()) + 0.5 * float(score[border].sum())
+        else:
+            density_count = (float(np.count_nonzero(~border))
+                             + 0.5 * float(np.count_nonzero(border)))
 
         slots = (
             _slot_counts(ecd, self._ecd_edges),
             _slot_counts(ar, _AR_EDGES),
             _slot_counts(rnd, _ROUND_EDGES),
         )
-        frame = _Frame(int(t_ns), ecd, ar, rnd, density_count, frame_area_um2, slots)
+        wslots = None if w is None else (
+            _slot_counts(ecd, self._ecd_edges, w),
+            _slot_counts(ar, _AR_EDGES, w),
+            _slot_counts(rnd, _ROUND_EDGES, w),
+        )
+        frame = _Frame(int(t_ns), ecd, ar, rnd, density_count, frame_area_um2, slots, w,
+                       wslots)
         self._window.append(frame)
         self._last_t_ns = int(t_ns if self._last_t_ns is None else max(self._last_t_ns, t_ns))
         while len(self._window) > self.config.window_frames:
@@ -256,22 +336,28 @@ class SizeStatistics:
             self._density_area = None
         elif self._density_area is not None:
             self._density_area += frame_area_um2
-        self._m_ecd.add(ecd)
-        self._m_ar.add(ar)
-        self._m_rnd.add(rnd)
-        self._f_ecd.add(ecd)
-        self._f_ar.add(ar)
-        self._f_rnd.add(rnd)
+        self._m_ecd.add(ecd, w)
+        self._m_ar.add(ar, w)
+        self._m_rnd.add(rnd, w)
+        self._f_ecd.add(ecd, w)
+        self._f_ar.add(ar, w)
+        self._f_rnd.add(rnd, w)
         self._h_ecd += slots[0]
         self._h_ar += slots[1]
         self._h_rnd += slots[2]
+        ws = slots if wslots is None else wslots
+        self._h_ecd_w += ws[0]
+        self._h_ar_w += ws[1]
+        self._h_rnd_w += ws[2]
 
         if self._ref_frames < self.config.reference_frames:
             self._ref_frames += 1
             self._ref_values.append(ecd)
+            self._ref_weights.append(w)
             if self._ref_frames == self.config.reference_frames:
                 self._ref_d50 = self._reference_d50()
                 self._ref_values = []
+                self._ref_weights = []
 
     def snapshot(self) -> dict[str, Any]:
         """Return the statistics as a plain dict (str keys; floats, ints, bools, lists, None).
@@ -288,6 +374,7 @@ class SizeStatistics:
         return {
             "units": self.units,
             "t_ns": self._last_t_ns,
+            "weights": self._last_weights,
             "window": window,
             "cumulative": self._cumulative_block(),
             "drift": {
@@ -303,10 +390,18 @@ class SizeStatistics:
 
     def _reference_d50(self) -> float | None:
         values = np.concatenate(self._ref_values) if self._ref_values else np.empty(0)
-        return float(np.median(values)) if values.size else None
+        if not values.size:
+            return None
+        if all(w is None for w in self._ref_weights):
+            return float(np.median(values))
+        w = np.concatenate([np.ones(v.size) if w is None else w
+                            for v, w in zip(self._ref_values, self._ref_weights, strict=True)])
+        return _weighted_quantiles(values, w, (0.5,))[0]
 
     def _window_block(self) -> dict[str, Any]:
         frames = list(self._window)
+        if any(f.w is not None for f in frames):
+            return self._weighted_window_block(frames)
         ecd = np.concatenate([f.ecd for f in frames]) if frames else np.empty(0)
         ar = np.concatenate([f.ar for f in frames]) if frames else np.empty(0)
         rnd = np.concatenate([f.rnd for f in frames]) if frames else np.empty(0)
@@ -324,6 +419,7 @@ class SizeStatistics:
         return {
             "n_frames": len(frames),
             "count": int(ecd.size),
+            "expected_count": float(ecd.size),
             "ecd": {
                 **_exact(ecd),
                 "d10": d10,
@@ -342,51 +438,134 @@ class SizeStatistics:
             "number_density_per_um2": density,
         }
 
+    def _weighted_window_block(self, frames: list[_Frame]) -> dict[str, Any]:
+        """The window block when a frame in it is weighted by confidence."""
+        ecd = np.concatenate([f.ecd for f in frames])
+        ar = np.concatenate([f.ar for f in frames])
+        rnd = np.concatenate([f.rnd for f in frames])
+        w = np.concatenate([f.weights() for f in frames])
+        areas = [f.area_um2 for f in frames if f.area_um2 is not None]
+        density = None
+        if len(areas) == len(frames):
+            density = sum(f.density_count for f in frames) / sum(areas)
+        hists: dict[str, Any] = {}
+        for i, (name, edges) in enumerate((("ecd", self._ecd_edges), ("aspect_ratio", _AR_EDGES),
+                                           ("roundness", _ROUND_EDGES))):
+            total = np.zeros(edges.size + 1, np.int64)
+            wtotal = np.zeros(edges.size + 1, np.float64)
+            for f in frames:
+                total += f.slots[i]
+                wtotal += f.slots[i] if f.wslots is None else f.wslots[i]
+            hists[name] = _slots_to_hist(total, edges, wtotal)
+        d10, d50, d90 = _weighted_quantiles(ecd, w, (0.1, 0.5, 0.9))
+        return {
+            "n_frames": len(frames),
+            "count": int(ecd.size),
+            "expected_count": float(w.sum()),
+            "ecd": {
+                **_weighted_exact(ecd, w),
+                "d10": d10,
+                "d50": d50,
+                "d90": d90,
+                "min": float(ecd.min()) if ecd.size else None,
+                "max": float(ecd.max()) if ecd.size else None,
+            },
+            "aspect_ratio": {**_weighted_exact(ar, w),
+                             "d50": _weighted_quantiles(ar, w, (0.5,))[0]},
+            "roundness": {**_weighted_exact(rnd, w),
+                          "d50": _weighted_quantiles(rnd, w, (0.5,))[0]},
+            "histograms": hists,
+            "number_density_per_um2": density,
+        }
+
     def _cumulative_block(self) -> dict[str, Any]:
         m = self._m_ecd
-        d10, d50, d90 = self._f_ecd.quantiles((0.1, 0.5, 0.9), m.min, m.max)
-        (ar50,) = self._f_ar.quantiles((0.5,), self._m_ar.min, self._m_ar.max)
-        (rnd50,) = self._f_rnd.quantiles((0.5,), self._m_rnd.min, self._m_rnd.max)
+        if self._weighted:
+            d10, d50, d90 = self._f_ecd.weighted_quantiles((0.1, 0.5, 0.9), m.min, m.max)
+            (ar50,) = self._f_ar.weighted_quantiles((0.5,), self._m_ar.min, self._m_ar.max)
+            (rnd50,) = self._f_rnd.weighted_quantiles((0.5,), self._m_rnd.min, self._m_rnd.max)
+        else:
+            d10, d50, d90 = self._f_ecd.quantiles((0.1, 0.5, 0.9), m.min, m.max)
+            (ar50,) = self._f_ar.quantiles((0.5,), self._m_ar.min, self._m_ar.max)
+            (rnd50,) = self._f_rnd.quantiles((0.5,), self._m_rnd.min, self._m_rnd.max)
         density = None
         if self._density_area:
             density = self._density_count / self._density_area
+        wh = self._weighted
         return {
             "n_frames": self._n_frames,
-            "count": m.n,
+            "count": m.k,
+            "expected_count": m.n,
             "ecd": {
                 **_moments(m),
                 "d10": d10,
                 "d50": d50,
                 "d90": d90,
-                "min": m.min if m.n else None,
-                "max": m.max if m.n else None,
+                "min": m.min if m.k else None,
+                "max": m.max if m.k else None,
             },
             "aspect_ratio": {**_moments(self._m_ar), "d50": ar50},
             "roundness": {**_moments(self._m_rnd), "d50": rnd50},
             "histograms": {
-                "ecd": _slots_to_hist(self._h_ecd, self._ecd_edges),
-                "aspect_ratio": _slots_to_hist(self._h_ar, _AR_EDGES),
-                "roundness": _slots_to_hist(self._h_rnd, _ROUND_EDGES),
+                "ecd": _slots_to_hist(self._h_ecd, self._ecd_edges,
+                                      self._h_ecd_w if wh else None),
+                "aspect_ratio": _slots_to_hist(self._h_ar, _AR_EDGES,
+                                               self._h_ar_w if wh else None),
+                "roundness": _slots_to_hist(self._h_rnd, _ROUND_EDGES,
+                                            self._h_rnd_w if wh else None),
             },
             "number_density_per_um2": density,
             "ecd_quantile_rel_error": self.quantile_rel_error,
         }
 
 
-def _slot_counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Counts in slots [under, bin 0 .. bin n-1, over] with np.histogram's bin rules."""
+def _slot_counts(x: np.ndarray, edges: np.ndarray, w: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Counts (sums of ``w``) in slots [under, bin 0 .. bin n-1, over] with np.histogram's
+    bin rules."""
     slot = np.searchsorted(edges, x, side="right")
     slot[x == edges[-1]] = edges.size - 1
-    return np.bincount(slot, minlength=edges.size + 1)
+    return np.bincount(slot, weights=w, minlength=edges.size + 1)
 
 
-def _slots_to_hist(slots: np.ndarray, edges: np.ndarray) -> dict[str, Any]:
+def _slots_to_hist(slots: np.ndarray, edges: np.ndarray, wslots: np.ndarray | None = None
+                   ) -> dict[str, Any]:
     return {
         "edges": [float(e) for e in edges],
         "counts": [int(c) for c in slots[1:-1]],
         "under": int(slots[0]),
         "over": int(slots[-1]),
+        "weighted_counts": (None if wslots is None
+                            else [round(float(c), 4) for c in wslots[1:-1]]),
     }
+
+
+def _weighted_exact(x: np.ndarray, w: np.ndarray) -> dict[str, float | None]:
+    """Weighted mean and frequency-weighted sd (None while the weights sum to <= 1)."""
+    n = float(w.sum())
+    if not n > 0.0:
+        return {"mean": None, "sd": None}
+    mean = float((w * x).sum() / n)
+    sd = math.sqrt(float((w * (x - mean) ** 2).sum()) / (n - 1.0)) if n > 1.0 else None
+    return {"mean": mean, "sd": sd}
+
+
+def _weighted_quantiles(x: np.ndarray, w: np.ndarray, qs: tuple[float, ...]
+                        ) -> list[float | None]:
+    """Weighted quantiles: the sorted values with positive weight placed at their exclusive
+    cumulative weight over (total - the last weight), linearly interpolated (numpy's default
+    definition when every weight is 1); None without weight."""
+    pos = w > 0.0
+    x, w = x[pos], w[pos]
+    if not x.size:
+        return [None for _ in qs]
+    order = np.argsort(x, kind="stable")
+    x, w = x[order], w[order]
+    span = float(w.sum() - w[-1])
+    if not span > 0.0:
+        return [float(x[-1]) for _ in qs]
+    at = (np.cumsum(w) - w) / span
+    return [float(v) for v in np.interp(qs, at, x)]
 
 
 def _exact(x: np.ndarray) -> dict[str, float | None]:

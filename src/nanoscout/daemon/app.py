@@ -66,6 +66,17 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     model name:version)."""
     eng = config.engine
     card = load_card(model)
+    confidence = eng.min_confidence
+    if (confidence is not None and card.score_calibration is None
+            and eng.modality_models is None
+            and model == eng.modality_model_paths().get("STEM")):
+        # the shipped STEM detector, added for STEM frames without being asked for, has no
+        # calibration: it keeps its card's raw cut (an explicitly named model gets the error)
+        log.warning("min_confidence %s: the STEM detector %s has no score_calibration; its "
+                    "frames keep the card's raw score cut %s (set [engine] modality_models "
+                    "= {} to analyse every frame with %s)", confidence, model,
+                    card.thresholds.min_score if card.thresholds else None, eng.model_path())
+        confidence = None
     # every engine call of the detector is at most one batch of tiles of tile_px
     batch = eng.tile_batch or 4
     engine = make_engine(eng, model, max_shape=(eng.tile_px, eng.tile_px), max_batch=batch)
@@ -74,6 +85,7 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
                         tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
                         tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
+                        min_confidence=confidence,
                         rotate45=eng.rotate45 == "always",
                         scale_presets=tuple(eng.scale_presets), tile_batch=batch,
                         scale_tolerance=eng.scale_tolerance)

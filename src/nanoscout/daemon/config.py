@@ -194,6 +194,15 @@ class EngineConfig(_Section):
     #: the network's raw score even where the card has a ``score_calibration`` (whose
     #: probabilities are what the particle tables then report as ``score``)
     score_cut: float | None = Field(None, ge=0, lt=1)
+    #: keep the particles that are real with at least this probability, instead of a raw
+    #: ``score_cut`` (give one of the two): mapped through the inverse of the model card's
+    #: ``score_calibration`` to the raw cut the detector applies
+    #: (:meth:`~nanoscout.analysis.modelcard.ScoreCalibration.raw_cut`), so every particle
+    #: reported has a ``score`` (its calibrated probability) of at least this. A model named
+    #: here (``model``, ``modality_models``) without a calibration is a start-up error; the
+    #: shipped STEM detector that ``modality_models = None`` adds for STEM frames has none and
+    #: keeps its card's raw cut (logged at start-up). None: the raw cut
+    min_confidence: float | None = Field(None, gt=0, lt=1)
     #: merge instance fragments whose union is about as convex as they are (solidity ratio,
     #: e.g. 0.97): large particles and long wires among much smaller ones; None = the card's
     merge_convex: float | None = Field(None, gt=0, le=1)
@@ -216,6 +225,11 @@ class EngineConfig(_Section):
         if isinstance(data, dict) and "min_score" in data:
             raise ValueError("engine.min_score was merged into engine.score_cut (one particle "
                              "score cut, replacing the model card's): use score_cut")
+        if isinstance(data, dict) and data.get("score_cut") is not None \
+                and data.get("min_confidence") is not None:
+            raise ValueError(f"engine.score_cut {data['score_cut']} (raw score) and "
+                             f"engine.min_confidence {data['min_confidence']} (probability) are "
+                             "two particle cuts: give one")
         return data
 
     @field_validator("scale")

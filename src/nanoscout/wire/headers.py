@@ -42,6 +42,15 @@ History (minor versions only add optional fields; receivers ignore fields they d
   ``model`` / ``model_sha256`` / ``model_generation`` (the model serving after the request),
   ``files`` (frames written) and ``elapsed_ms``. A v1.4 daemon answers the new actions with
   an ``error``; v1.4 readers ignore the new fields.
+* 1.6 particle confidence: ``alert.confidence`` (the probability that the particle an alert
+  describes is real, from a calibrated detector; for a count rule that counts expected
+  particles, their mean confidence); ``stats.weights`` (``"confidence"``: this frame's
+  particles entered the size statistics weighted by their confidence; ``"none"``: each
+  counted once, as before 1.6, and always for a detector without a score calibration),
+  ``expected_count`` in the ``window`` / ``cumulative`` blocks (the sum of the weights) and
+  ``weighted_counts`` beside each histogram's ``counts`` (which stay the number of
+  particles). A v1.5 reader ignores them; with ``weights = "confidence"`` the blocks'
+  means and quantiles are confidence-weighted.
 """
 
 from __future__ import annotations
@@ -82,7 +91,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 5)
+PROTOCOL_VERSION: tuple[int, int] = (1, 6)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -389,7 +398,8 @@ class _Block(BaseModel):
 
 
 class Distribution(_Block):
-    """Number-weighted summary of one particle property (lengths in the stats' units)."""
+    """Summary of one particle property (lengths in the stats' units), number-weighted or,
+    with ``stats.weights = "confidence"``, confidence-weighted (v1.6)."""
 
     mean: float | None = None
     sd: float | None = None
@@ -407,6 +417,8 @@ class Histogram(_Block):
     counts: list[int] = Field(default_factory=list)
     under: int = 0
     over: int = 0
+    #: v1.6: the sum of the particles' weights per bin (``stats.weights``), None unweighted
+    weighted_counts: list[float] | None = None
 
 
 class StatsBlock(_Block):
@@ -422,6 +434,9 @@ class StatsBlock(_Block):
     number_density_per_um2: float | None = None
     #: cumulative block: the bound on its quantiles' relative error
     ecd_quantile_rel_error: float | None = None
+    #: v1.6: the sum of the particles' weights (``stats.weights = "confidence"``: the expected
+    #: number of real particles; ``"none"``: ``count``); None from a v1.5 daemon
+    expected_count: float | None = None
 
 
 class Drift(_Block):
@@ -527,6 +542,10 @@ class StatsHeader(FrameRef):
     unique: UniqueStats | None = None
     #: v1.4: in-situ dynamics (growth, coalescence, ripening); None when tracking is off
     insitu: InSitu | None = None
+    #: v1.6: how this frame's particles were weighted in ``window`` / ``cumulative``:
+    #: "confidence" (their calibrated probability) or "none" (each 1: the statistics are
+    #: not weighted, or the frame's detector has no score calibration)
+    weights: Literal["confidence", "none"] = "none"
 
 
 class ClassHeader(FrameRef):
@@ -575,6 +594,9 @@ class AlertHeader(FrameRef):
     units: Units = "nm"
     n: Annotated[StrictInt, Field(ge=0)] = 0
     heatmap_shape: tuple[int, int] | None = None
+    #: v1.6: the probability that the particle described is real (a calibrated detector's
+    #: score) or, for a count rule counting expected particles, their mean; None otherwise
+    confidence: float | None = Field(None, ge=0, le=1)
 
 
 class AckHeader(Header):
