@@ -79,7 +79,7 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
                         tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
                         rotate45=eng.rotate45 == "always",
                         scale_presets=tuple(eng.scale_presets), tile_batch=batch,
-                        scale_tolerance=eng.scale_tolerance)
+                        scale_tolerance=eng.scale_tolerance, multiscale=eng.multiscale)
     return detector, engine_name(engine), f"{card.name}:{card.version}"
 
 

@@ -195,6 +195,10 @@ class EngineConfig(_Section):
     #: call) for an INT8 engine on the CPU, whose activations take a quarter of the bytes
     tile_px: int | None = Field(None, ge=64)
     tile_margin_px: int = Field(96, ge=0)
+    #: analyse frames at the model card's extra working scales too (``working_scale.multiscale``,
+    #: the STEM detector's 0.71x and 1.41x its chosen scale: 3.5x its engine time), instances
+    #: merged by score; None: as the card says, false: the chosen scale only (faster live)
+    multiscale: bool | None = None
     #: tiles per engine call (bounds its memory); None: 1 on the CPU, 4 on a GPU
     tile_batch: int | None = Field(None, ge=1, le=64)
     #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
