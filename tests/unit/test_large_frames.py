@@ -80,3 +80,22 @@ def test_tile_batch_bounds_each_call() -> None:
         engine = PixelEngine()
         Detector(engine, _card(), scale=1.0, tile_px=2304, tile_batch=batch).detect(img)
         assert engine.calls == calls
+
+
+def test_the_default_tile_follows_the_engine_precision() -> None:
+    """An INT8 engine on the CPU takes a 4096² frame in one call (8-bit activations); FP32 and
+    GPU engines keep 2304 px tiles; a configured tile_px always wins."""
+    from nanoscout.daemon.app import build_detector
+    from nanoscout.daemon.config import TILE_PX, TILE_PX_INT8, EngineConfig, ServeConfig
+
+    eng = EngineConfig()
+    assert eng.tile_for("onnxruntime-cpu", "int8") == TILE_PX_INT8 >= SIDE + 2 * 96
+    assert eng.tile_for("onnxruntime-cpu", "fp32") == TILE_PX
+    assert eng.tile_for("tensorrt", "int8") == TILE_PX
+    assert EngineConfig(tile_px=1024).tile_for("onnxruntime-cpu", "int8") == 1024
+    for precision, name, tile in (("auto", "onnxruntime-cpu/int8", TILE_PX_INT8),
+                                  ("fp32", "onnxruntime-cpu", TILE_PX)):
+        config = ServeConfig.model_validate(
+            {"engine": {"backend": "cpu", "threads": 1, "precision": precision}})
+        det, engine_name, _ = build_detector(config, config.engine.model_path())
+        assert (engine_name, det.tile_px) == (name, tile)

@@ -29,6 +29,7 @@ from nanoscout.analysis.autoscale import (
 )
 from nanoscout.analysis.instances import block_centres, instances_from_logits
 from nanoscout.analysis.modelcard import ModelCard
+from nanoscout.analysis.multiscale import merge_by_score
 from nanoscout.analysis.preprocess import (
     check_frame,
     normalize,
@@ -95,7 +96,8 @@ class Detector:
                  min_confidence: float | None = None, rotate45: bool = False,
                  scale_presets: tuple[tuple[float, float], ...] = (), tile_batch: int = 1,
                  estimate_window_px: int = DEFAULT_WINDOW_PX,
-                 scale_tolerance: float | None = DEFAULT_TOLERANCE) -> None:
+                 scale_tolerance: float | None = DEFAULT_TOLERANCE,
+                 multiscale: bool | None = None) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
         re-estimate at least every n-th frame of that key, and whenever the frame shape or
@@ -121,6 +123,9 @@ class Detector:
         a burnt-in scale bar to the shipped model; turned, it does not). About 3x the engine
         time. ``scale_presets``: (pixel size nm, working scale) pairs: a frame whose pixel size
         is within 2 % of a preset's gets that scale, no estimate (known magnifications).
+        ``multiscale``: also analyse each frame at the card's ``working_scale.multiscale``
+        multiples of its working scale and merge the instances by score
+        (:mod:`~nanoscout.analysis.multiscale`); None: as the card says, False: never.
         """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
@@ -199,8 +204,15 @@ class Detector:
                               f"{tile_margin_px}")
         self.tile_px = tile_px
         self.tile_margin_px = tile_margin_px
+<<<<<<< HEAD
         #: True when the reported scores are probabilities (the card has a score_calibration)
         self.calibrated = cal is not None
+=======
+        self.multiscale = ws.multiscale if multiscale is not False else ()
+        self._resample_range = (ws.auto.min_resample, ws.auto.max_resample)
+        self.multiscale_overlap = ws.multiscale_overlap
+        cal = card.score_calibration
+>>>>>>> speed-4k
         self._calibration = (None if cal is None else
                              (np.asarray(cal.scores, np.float32),
                               np.asarray(cal.probabilities, np.float32)))
@@ -416,18 +428,57 @@ class Detector:
         preset = self._preset(pixel_size_nm)
         scale, logits = (preset, None) if preset is not None else self._scale_for(x, key)
         ts = time.perf_counter() - ts
+        turn = self.rotate45 if rotate45 is None else rotate45
+        labels, scores, engine_s, post_s, reused_s = self._instances(x, h, w, scale, logits, turn)
+        t1 = time.perf_counter()
+        if self.multiscale:
+            maps = [(labels, scores)]
+            for factor in self._multiscale_factors(h, w, scale):
+                more = self._instances(x, h, w, factor, None, turn)
+                maps.append(more[:2])
+                engine_s += more[2]
+                post_s += more[3]
+            if len(maps) > 1:
+                labels, scores = merge_by_score(maps, self.multiscale_overlap)
+        if self._calibration is not None and scores.size > 1:
+            # the cut is on the raw score; what is reported is the probability
+            scores = scores.copy()
+            scores[1:] = np.interp(scores[1:], *self._calibration)
+        post_s += time.perf_counter() - t1
+        ts -= reused_s
+        total = time.perf_counter() - t0
+        return Detection(labels, scores, {"preprocess": (total - ts - engine_s - post_s) * 1e3,
+                                          "scale": ts * 1e3,
+                                          "engine": engine_s * 1e3,
+                                          "postprocess": post_s * 1e3}, scale)
+
+    def _multiscale_factors(self, h: int, w: int, scale: float) -> list[float]:
+        """The extra working scales of a frame (``multiscale`` multiples of ``scale``, within
+        the card's resample range; none whose frame would be under 64 px)."""
+        lo, hi = self._resample_range
+        out = []
+        for r in self.multiscale:
+            f = min(max(scale * r, lo), hi)
+            if f != scale and max(h, w) * f >= 64 and f not in out:
+                out.append(f)
+        return out
+
+    def _instances(self, x: np.ndarray, h: int, w: int, scale: float,
+                   logits: np.ndarray | None, turn: bool
+                   ) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+        """Return (labels, raw scores, engine s, post-processing s, reused estimation-pass
+        engine s) of the normalized frame ``x`` (``h`` x ``w``) at working scale ``scale``;
+        ``logits``: an estimation pass's logits at that scale to reuse, if any."""
         if scale != 1.0:
             wh = max(1, round(h * scale))
             ww = max(1, round(w * scale))
         else:
             wh, ww = h, w
-        turn = self.rotate45 if rotate45 is None else rotate45
         reuse = (logits is not None and self.tta == 1 and not turn
                  and logits.shape[2] >= wh
                  and logits.shape[3] >= ww)
         # a reused estimation pass is the frame's inference: count its engine time as such
         reused_s = self._pass_engine_s if reuse else 0.0
-        ts -= reused_s
         t1 = time.perf_counter()
         if not reuse or logits is None:
             if scale != 1.0:
@@ -452,6 +503,7 @@ class Detector:
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
             min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
             min_score=th.min_score, merge_convex=th.merge_convex)
+<<<<<<< HEAD
         if self._calibration is not None and scores.size > 1:
             # the cut above is on the raw score; what is reported is the probability
             scores = scores.copy()
@@ -462,3 +514,6 @@ class Detector:
                                           "engine": (t2 - t1 + reused_s) * 1e3,
                                           "postprocess": (t3 - t2) * 1e3}, scale,
                          self._calibration is not None)
+=======
+        return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
+>>>>>>> speed-4k

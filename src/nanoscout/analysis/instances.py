@@ -38,6 +38,8 @@ import math
 
 import numpy as np
 
+from nanoscout.analysis.preprocess import band_rows
+
 __all__ = ["block_centres", "instances_from_logits", "logit"]
 
 #: growth steps during which seeds advance at their own speed; afterwards all advance each step
@@ -377,7 +379,6 @@ def _convex_unions(pix: np.ndarray, pix_lab: np.ndarray, w2: int, lo: np.ndarray
 def _upsample_masked(coarse: np.ndarray, fg: np.ndarray, s: int) -> np.ndarray:
     """Return int32 (H, W): each pixel of ``fg`` takes its s x s block's coarse label, others 0."""
     h, w = fg.shape
-    hc = coarse.shape[0]
     if s == 1:
         return np.multiply(coarse, fg, dtype=np.int32)
     if s == 2:
@@ -387,12 +388,17 @@ def _upsample_masked(coarse: np.ndarray, fg: np.ndarray, s: int) -> np.ndarray:
     else:
         cols = np.repeat(coarse, s, axis=1)[:, :w]
     out = np.empty((h, w), np.int32)
-    hf = h // s
-    # full blocks: a row of labels broadcast over the s rows of the block (long inner loop)
-    np.multiply(cols[:hf, None, :], fg[:hf * s].reshape(hf, s, w),
-                out=out[:hf * s].reshape(hf, s, w))
-    if hf < hc:
-        np.multiply(cols[hf], fg[hf * s:], out=out[hf * s:])
+    # in bands of whole blocks (~256 KiB of labels): the broadcast rows and the mask multiply
+    # stay in cache, where two whole-frame passes stream a 4k frame's 64 MiB twice
+    step = max(1, band_rows(w, 4) // s) * s
+    for r0 in range(0, h, step):
+        o = out[r0:r0 + step]
+        full = o.shape[0] // s
+        src = cols[r0 // s:r0 // s + full]
+        np.copyto(o[:full * s].reshape(full, s, w), src[:, None, :])
+        if full * s < o.shape[0]:  # the last, partial block
+            o[full * s:] = cols[r0 // s + full]
+        o *= fg[r0:r0 + o.shape[0]]
     return out
 
 

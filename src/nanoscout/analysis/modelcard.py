@@ -166,10 +166,19 @@ class WorkingScale(_Strict):
     default_resample: float = Field(1.0, gt=0)
     mode: Literal["fixed", "auto"] = "fixed"
     auto: AutoScale = AutoScale()
+    #: multiples of the chosen working scale at which each frame is analysed too, instances of
+    #: all scales merged by score (``nanoscout.analysis.multiscale``); () = the chosen scale only.
+    #: Engine time grows by the sum of their squares (0.71 and 1.41: x3.5)
+    multiscale: tuple[float, ...] = ()
+    #: the largest fraction of an instance's pixels that more confident instances (of any
+    #: scale) may already hold for it to be kept
+    multiscale_overlap: float = Field(0.2, ge=0, lt=1)
     note: str = ""
 
     @model_validator(mode="after")
     def _ordered(self) -> WorkingScale:
+        if any(not 0.1 <= r <= 10.0 for r in self.multiscale):
+            raise ValueError(f"multiscale factors {self.multiscale} must be within [0.1, 10]")
         if self.diameter_px_min >= self.diameter_px_max:
             raise ValueError(
                 f"diameter_px_min {self.diameter_px_min} must be < diameter_px_max "

@@ -91,17 +91,29 @@ def normalize(image: np.ndarray) -> np.ndarray:
     lo, hi = _percentiles(sub, NORM_PERCENTILES)
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)
-    out = arr.astype(np.float32)  # always a copy: the caller's buffer is never modified
-    if arr.dtype.kind == "f" and not np.isfinite(out).all():
-        raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)
+    out = np.empty(arr.shape, np.float32)  # always new: the caller's buffer is never modified
     span = float(hi) - float(lo)
-    if span <= 0.0:
-        out.fill(0.0)
-        return out
-    out -= np.float32(lo)
-    out *= np.float32(1.0 / span)
-    np.clip(out, NORM_CLIP[0], NORM_CLIP[1], out=out)
+    lo32, gain = np.float32(lo), np.float32(1.0 / span if span > 0.0 else 0.0)
+    # row bands of ~256 KiB: each pass over a band runs in cache, where whole-frame passes
+    # would stream a 4096² frame (64 MiB) through memory three times
+    for r0 in range(0, arr.shape[0], band_rows(arr.shape[1], 4)):
+        o = out[r0:r0 + band_rows(arr.shape[1], 4)]
+        np.subtract(arr[r0:r0 + o.shape[0]], lo32, out=o, dtype=np.float32)
+        if arr.dtype.kind == "f" and not np.isfinite(o).all():
+            raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)
+        if span <= 0.0:
+            o.fill(0.0)  # a flat frame
+            continue
+        o *= gain
+        np.clip(o, NORM_CLIP[0], NORM_CLIP[1], out=o)
     return out
+
+
+def band_rows(width: int, itemsize: int, band_bytes: int = 1 << 18) -> int:
+    """Rows of a ``width`` px wide array of ``itemsize`` bytes per px that fill about
+    ``band_bytes`` (at least 1): the band that element-wise passes over a frame work in, so
+    they stay in cache whatever the frame's size."""
+    return max(1, band_bytes // max(1, width * itemsize))
 
 
 def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -189,10 +201,28 @@ def resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     ph, pw = (-h) % k, (-w) % k
     if ph or pw:
         img = np.pad(img, ((0, ph), (0, pw)), mode="edge")
-    hh, ww = img.shape
-    img = img.reshape(hh // k, k, ww // k, k).mean(axis=(1, 3), dtype=np.float32)
+    img = block_mean(img, k)
     return _separable(img, _axis_weights(img.shape[0], shape[0], span=h / k),
                       _axis_weights(img.shape[1], shape[1], span=w / k))
+
+
+def block_mean(img: np.ndarray, k: int) -> np.ndarray:
+    """Return the float32 means of the k x k blocks of ``img`` (float32, sides multiples of k).
+
+    Summed row by row and column by column in float32 (one contiguous pass per row of a block,
+    then per column), several times faster than ``mean`` over two strided axes; equal to it
+    within float32 rounding."""
+    hh, ww = img.shape
+    rows = img.reshape(hh // k, k, ww)
+    acc = rows[:, 0].copy()
+    for i in range(1, k):
+        acc += rows[:, i]
+    cols = acc.reshape(hh // k, ww // k, k)
+    out = cols[:, :, 0].copy()
+    for j in range(1, k):
+        out += cols[:, :, j]
+    out *= np.float32(1.0 / (k * k))
+    return out
 
 
 def resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
-from nanoscout.daemon.config import ServeConfig
+from nanoscout.daemon.config import TILE_PX, ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
 from nanoscout.daemon.engine_setup import make_engine
 from nanoscout.daemon.precision import engine_name
@@ -77,18 +77,21 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
                     "= {} to analyse every frame with %s)", confidence, model,
                     card.thresholds.min_score if card.thresholds else None, eng.model_path())
         confidence = None
-    # every engine call of the detector is at most one batch of tiles of tile_px
+    # every engine call of the detector is at most one batch of tiles of tile_px (a TensorRT
+    # plan is built for that shape: the default tile of a GPU engine)
     batch = eng.tile_batch or 4
-    engine = make_engine(eng, model, max_shape=(eng.tile_px, eng.tile_px), max_batch=batch)
+    plan_tile = eng.tile_px or TILE_PX
+    engine = make_engine(eng, model, max_shape=(plan_tile, plan_tile), max_batch=batch)
     if eng.tile_batch is None and engine.name not in ("tensorrt", "onnxruntime-cuda"):
         batch = 1  # batches pay on a local GPU; on the CPU they cost memory (Triton batches itself)
+    tile = eng.tile_for(engine.name, getattr(engine, "precision", "fp32"))
     detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
-                        tile_px=eng.tile_px, tile_margin_px=eng.tile_margin_px,
+                        tile_px=tile, tile_margin_px=eng.tile_margin_px,
                         tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
                         min_confidence=confidence,
                         rotate45=eng.rotate45 == "always",
                         scale_presets=tuple(eng.scale_presets), tile_batch=batch,
-                        scale_tolerance=eng.scale_tolerance)
+                        scale_tolerance=eng.scale_tolerance, multiscale=eng.multiscale)
     return detector, engine_name(engine), f"{card.name}:{card.version}"
 
 

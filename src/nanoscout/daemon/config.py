@@ -71,6 +71,15 @@ from nanoscout.wire.transport import (
     is_loopback_host,
 )
 
+#: the detector's default largest tile side (px at working scale): one engine call's activations
+#: stay bounded (a 4096² frame: 2 x 2 tiles of 2144 px)
+TILE_PX = 2304
+#: the default for an INT8 engine on the CPU: its activations are 8-bit, a quarter of the bytes,
+#: so a 4096² frame goes through in one call (no seams, no 9.6 % overlap: engine time grows with
+#: the pixel count) for about the memory of FP32 tiles (peak RSS detecting a 4096² frame,
+#: 2026-12-05: INT8 one call 1.42 GB, INT8 2 x 2 tiles 1.21 GB, FP32 2 x 2 tiles 1.31 GB)
+TILE_PX_INT8 = 4608
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -181,9 +190,15 @@ class EngineConfig(_Section):
     #: with "auto": re-estimate when a frame's content signature (spectrum shape) moved more
     #: than this from the frame last estimated (nanoscout.analysis.autoscale); None: never
     scale_tolerance: float | None = Field(0.15, gt=0)
-    #: largest side (px at working scale) sent to the engine at once; larger frames are tiled
-    tile_px: int = Field(2304, ge=64)
+    #: largest side (px at working scale) sent to the engine at once; larger frames are tiled.
+    #: None: :data:`TILE_PX` (2304 px), or :data:`TILE_PX_INT8` (4608 px: a 4096² frame in one
+    #: call) for an INT8 engine on the CPU, whose activations take a quarter of the bytes
+    tile_px: int | None = Field(None, ge=64)
     tile_margin_px: int = Field(96, ge=0)
+    #: analyse frames at the model card's extra working scales too (``working_scale.multiscale``,
+    #: the STEM detector's 0.71x and 1.41x its chosen scale: 3.5x its engine time), instances
+    #: merged by score; None: as the card says, false: the chosen scale only (faster live)
+    multiscale: bool | None = None
     #: tiles per engine call (bounds its memory); None: 1 on the CPU, 4 on a GPU
     tile_batch: int | None = Field(None, ge=1, le=64)
     #: test-time augmentation: mean logits over 1, 2 or 4 mirror images (engine time x tta)
@@ -242,6 +257,14 @@ class EngineConfig(_Section):
     def model_path(self) -> Path:
         """The ONNX file to load (the shipped detector unless configured)."""
         return self.model if self.model is not None else shipped_model_dir() / "detector.onnx"
+
+    def tile_for(self, engine_name: str, precision: str) -> int:
+        """The largest tile side (px) for an engine ``engine_name`` running in ``precision``:
+        ``tile_px``, or its default (:data:`TILE_PX`; :data:`TILE_PX_INT8` for INT8 on the
+        CPU)."""
+        if self.tile_px is not None:
+            return self.tile_px
+        return TILE_PX_INT8 if (engine_name, precision) == ("onnxruntime-cpu", "int8") else TILE_PX
 
     def modality_model_paths(self) -> dict[str, Path]:
         """Modality -> ONNX file of the detector for that modality's frames (see
