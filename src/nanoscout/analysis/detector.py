@@ -204,15 +204,11 @@ class Detector:
                               f"{tile_margin_px}")
         self.tile_px = tile_px
         self.tile_margin_px = tile_margin_px
-<<<<<<< HEAD
         #: True when the reported scores are probabilities (the card has a score_calibration)
         self.calibrated = cal is not None
-=======
         self.multiscale = ws.multiscale if multiscale is not False else ()
         self._resample_range = (ws.auto.min_resample, ws.auto.max_resample)
         self.multiscale_overlap = ws.multiscale_overlap
-        cal = card.score_calibration
->>>>>>> speed-4k
         self._calibration = (None if cal is None else
                              (np.asarray(cal.scores, np.float32),
                               np.asarray(cal.probabilities, np.float32)))
@@ -450,7 +446,8 @@ class Detector:
         return Detection(labels, scores, {"preprocess": (total - ts - engine_s - post_s) * 1e3,
                                           "scale": ts * 1e3,
                                           "engine": engine_s * 1e3,
-                                          "postprocess": post_s * 1e3}, scale)
+                                          "postprocess": post_s * 1e3}, scale,
+                         self._calibration is not None)
 
     def _multiscale_factors(self, h: int, w: int, scale: float) -> list[float]:
         """The extra working scales of a frame (``multiscale`` multiples of ``scale``, within
@@ -503,17 +500,4 @@ class Detector:
             fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
             min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
             min_score=th.min_score, merge_convex=th.merge_convex)
-<<<<<<< HEAD
-        if self._calibration is not None and scores.size > 1:
-            # the cut above is on the raw score; what is reported is the probability
-            scores = scores.copy()
-            scores[1:] = np.interp(scores[1:], *self._calibration)
-        t3 = time.perf_counter()
-        return Detection(labels, scores, {"preprocess": (t1 - t0 - ts - reused_s) * 1e3,
-                                          "scale": ts * 1e3,
-                                          "engine": (t2 - t1 + reused_s) * 1e3,
-                                          "postprocess": (t3 - t2) * 1e3}, scale,
-                         self._calibration is not None)
-=======
         return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
->>>>>>> speed-4k
