@@ -76,8 +76,10 @@ from nanoscout.wire.transport import (
 TILE_PX = 2304
 #: the default for an INT8 engine on the CPU: its activations are 8-bit, a quarter of the bytes,
 #: so a 4096² frame goes through in one call (no seams, no 9.6 % overlap: engine time grows with
-#: the pixel count) for about the memory of FP32 tiles (peak RSS detecting a 4096² frame,
-#: 2026-12-05: INT8 one call 1.42 GB, INT8 2 x 2 tiles 1.21 GB, FP32 2 x 2 tiles 1.31 GB)
+#: the pixel count). It costs memory: detecting a 4096² frame peaked at 1.42 GB RSS in one call
+#: against 1.21 GB in 2 x 2 INT8 tiles (FP32 tiles: 1.31 GB), a lossless daemon fed 4096²
+#: frames at 2.40 GB against 1.80 GB (2026-12-05, benchmarks/latency.py); set tile_px = 2304
+#: where memory is tighter than time
 TILE_PX_INT8 = 4608
 
 
