@@ -399,54 +399,24 @@ class SizeStatistics:
         return _weighted_quantiles(values, w, (0.5,))[0]
 
     def _window_block(self) -> dict[str, Any]:
+        """The window block: exact statistics of the frames in the window, weighted by
+        confidence when a frame in it is."""
         frames = list(self._window)
-        if any(f.w is not None for f in frames):
-            return self._weighted_window_block(frames)
+        weighted = any(f.w is not None for f in frames)
         ecd = np.concatenate([f.ecd for f in frames]) if frames else np.empty(0)
         ar = np.concatenate([f.ar for f in frames]) if frames else np.empty(0)
         rnd = np.concatenate([f.rnd for f in frames]) if frames else np.empty(0)
+        w = np.concatenate([f.weights() for f in frames]) if weighted else None
+
+        def exact(x: np.ndarray) -> dict[str, float | None]:
+            return _exact(x) if w is None else _weighted_exact(x, w)
+
+        def quantiles(x: np.ndarray, qs: tuple[float, ...]) -> list[float | None]:
+            return _quantiles(x, qs) if w is None else _weighted_quantiles(x, w, qs)
+
         areas = [f.area_um2 for f in frames if f.area_um2 is not None]
         density = None
         if frames and len(areas) == len(frames):
-            density = sum(f.density_count for f in frames) / sum(areas)
-        sum_slots: list[np.ndarray] = []
-        for i, edges in enumerate((self._ecd_edges, _AR_EDGES, _ROUND_EDGES)):
-            total = np.zeros(edges.size + 1, np.int64)
-            for f in frames:
-                total += f.slots[i]
-            sum_slots.append(total)
-        d10, d50, d90 = _quantiles(ecd, (0.1, 0.5, 0.9))
-        return {
-            "n_frames": len(frames),
-            "count": int(ecd.size),
-            "expected_count": float(ecd.size),
-            "ecd": {
-                **_exact(ecd),
-                "d10": d10,
-                "d50": d50,
-                "d90": d90,
-                "min": float(ecd.min()) if ecd.size else None,
-                "max": float(ecd.max()) if ecd.size else None,
-            },
-            "aspect_ratio": {**_exact(ar), "d50": _quantiles(ar, (0.5,))[0]},
-            "roundness": {**_exact(rnd), "d50": _quantiles(rnd, (0.5,))[0]},
-            "histograms": {
-                "ecd": _slots_to_hist(sum_slots[0], self._ecd_edges),
-                "aspect_ratio": _slots_to_hist(sum_slots[1], _AR_EDGES),
-                "roundness": _slots_to_hist(sum_slots[2], _ROUND_EDGES),
-            },
-            "number_density_per_um2": density,
-        }
-
-    def _weighted_window_block(self, frames: list[_Frame]) -> dict[str, Any]:
-        """The window block when a frame in it is weighted by confidence."""
-        ecd = np.concatenate([f.ecd for f in frames])
-        ar = np.concatenate([f.ar for f in frames])
-        rnd = np.concatenate([f.rnd for f in frames])
-        w = np.concatenate([f.weights() for f in frames])
-        areas = [f.area_um2 for f in frames if f.area_um2 is not None]
-        density = None
-        if len(areas) == len(frames):
             density = sum(f.density_count for f in frames) / sum(areas)
         hists: dict[str, Any] = {}
         for i, (name, edges) in enumerate((("ecd", self._ecd_edges), ("aspect_ratio", _AR_EDGES),
@@ -456,24 +426,22 @@ class SizeStatistics:
             for f in frames:
                 total += f.slots[i]
                 wtotal += f.slots[i] if f.wslots is None else f.wslots[i]
-            hists[name] = _slots_to_hist(total, edges, wtotal)
-        d10, d50, d90 = _weighted_quantiles(ecd, w, (0.1, 0.5, 0.9))
+            hists[name] = _slots_to_hist(total, edges, wtotal if weighted else None)
+        d10, d50, d90 = quantiles(ecd, (0.1, 0.5, 0.9))
         return {
             "n_frames": len(frames),
             "count": int(ecd.size),
-            "expected_count": float(w.sum()),
+            "expected_count": float(ecd.size) if w is None else float(w.sum()),
             "ecd": {
-                **_weighted_exact(ecd, w),
+                **exact(ecd),
                 "d10": d10,
                 "d50": d50,
                 "d90": d90,
                 "min": float(ecd.min()) if ecd.size else None,
                 "max": float(ecd.max()) if ecd.size else None,
             },
-            "aspect_ratio": {**_weighted_exact(ar, w),
-                             "d50": _weighted_quantiles(ar, w, (0.5,))[0]},
-            "roundness": {**_weighted_exact(rnd, w),
-                          "d50": _weighted_quantiles(rnd, w, (0.5,))[0]},
+            "aspect_ratio": {**exact(ar), "d50": quantiles(ar, (0.5,))[0]},
+            "roundness": {**exact(rnd), "d50": quantiles(rnd, (0.5,))[0]},
             "histograms": hists,
             "number_density_per_um2": density,
         }
