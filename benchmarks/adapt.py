@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 
 RESULT = Path("benchmarks/results/adapt.json")
+#: the base model of the STEM cases: the detector the daemon analyses STEM frames with
+STEM_BASE = "detector_stem.onnx"
 GUARDS = ("mix", "freeze")
 
 
@@ -84,7 +86,7 @@ def _cases(tune_papers: int) -> list[dict[str, Any]]:
         tune = [rd.load_stem(n) for n in rd.stem_tuning_names()]
         for g in GUARDS:
             out.append({"key": f"tune/stem-{tune[0].group}/{g}", "kind": "tune", "guard": g,
-                        "set": "stem-tune", "samples": tune})
+                        "set": "stem-tune", "samples": tune, "base": STEM_BASE})
     if "emps" in sets:
         dois = dict(rd.emps_index())
         by: dict[str, list[str]] = defaultdict(list)
@@ -101,7 +103,7 @@ def _cases(tune_papers: int) -> list[dict[str, Any]]:
         for mat in sorted({s.group for s in held}):
             ss = [s for s in held if s.group == mat]
             out.append({"key": f"stem/{mat}", "kind": "scored", "set": "stem", "samples": ss,
-                        "target_f1": 0.75})
+                        "target_f1": 0.75, "base": STEM_BASE})
     if "nffa" in sets:
         out.append({"key": "nffa", "kind": "scored", "set": "nffa",
                     "samples": list(rd.iter_samples("nffa")), "target_f1": 0.75})
@@ -126,8 +128,14 @@ def _synthetic_f1(onnx: Path, n: int) -> float:
 
 def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
              synthetic_n: int) -> dict[str, Any]:
-    """Adapt on the case's first sample (a subprocess), score base and adapted on the rest."""
+    """Adapt on the case's first sample (a subprocess), score base and adapted on the rest.
+    A case naming its own ``base`` (the STEM cases: the detector the daemon gives STEM frames)
+    adapts that model and is scored against it."""
+    from nanoscout.analysis.modelcard import shipped_model_dir
     from nanoscout.training.evaluate import evaluate_set
+
+    if case.get("base"):
+        base_onnx = shipped_model_dir() / case["base"]
 
     first, rest = case["samples"][0], case["samples"][1:]
     with tempfile.TemporaryDirectory() as tmpd:
@@ -136,7 +144,7 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
         out = tmp / "adapted"
         cmd = [sys.executable, "-m", "nanoscout", "models", "adapt", str(img), "--labels",
                str(lab), "--out", str(out), "--minutes", str(minutes), "--guard", guard,
-               "--threads", "1", "--no-progress"]
+               "--threads", "1", "--no-progress", "--base", str(base_onnx)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
@@ -147,7 +155,7 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
                            rest)
         b, a = res["methods"]["base"], res["methods"]["adapted"]
         row: dict[str, Any] = {
-            "adapt_on": first.id, "image_shape": list(first.image.shape),
+            "base": base_onnx.name, "adapt_on": first.id, "image_shape": list(first.image.shape),
             "scored": [s.id for s in rest], "n_scored": len(rest), "guard": guard,
             "minutes_budget": minutes, "adapt_wall_s": round(wall, 1),
             "before": {k: b[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")},
