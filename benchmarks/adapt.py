@@ -21,7 +21,11 @@ subprocess, timed wall clock, 1 torch / ONNX Runtime thread):
 Labels given to the command: the STEM YOLO files as they are, the EMPS uint16 instance maps as
 they are, NFFA as a TIFF instance map of the loader's particles (its PNG masks mark particles 0).
 Scoring: :func:`nanoscout.training.evaluate.evaluate_set` (IoU >= 0.5; box IoU for STEM),
-shipped detector (its card) vs the adapted one (its card). Nothing is tuned on a scored image.
+shipped detector (its card) vs the adapted one (its card). The base model, adapted and scored
+as "before", is the one the daemon gives such frames: the general detector, and for the STEM
+cases (tuning and scored) the STEM detector (``--base``; ``results/adapt_stem_base.json``; the
+STEM cases of ``results/adapt.json`` were run from the general detector, before this choice).
+Nothing is tuned on a scored image.
 
 The run is incremental: every finished case is written at once, and a rerun skips the cases
 already in the result file (``--fresh`` starts over).
