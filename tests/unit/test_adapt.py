@@ -127,3 +127,23 @@ def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: 
         scores = evaluate_set(methods, [realdata.load_stem("Pt4", shared_data)])["methods"]
     assert scores["base"]["f1"] < 0.3, scores  # the shipped model misses most of them
     assert scores["adapted"]["f1"] > scores["base"]["f1"] + 0.3, scores
+
+
+def test_frames_saved_from_a_stem_stream_adapt_the_stem_detector(tmp_path: Path) -> None:
+    """Without --base, frames the daemon saved from a STEM stream adapt the detector that
+    analysed them (the shipped STEM detector); any other image, or a mix, the general one."""
+    from nanoscout.analysis.frame import Frame
+    from nanoscout.daemon.frame_tiff import write_frame_tiff
+    from nanoscout.training.adapt import default_base
+
+    img = np.random.default_rng(0).integers(0, 4000, (64, 80)).astype(np.uint16)
+    saved: dict[str, Path] = {}
+    for modality in ("STEM", "TEM"):
+        frame = Frame.from_image(img, pixel_size_nm=0.5, source="scope", modality=modality)
+        saved[modality] = write_frame_tiff(frame, tmp_path / f"{modality}.tif")
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, img)
+    weights = shipped_model_dir()
+    assert default_base([saved["STEM"], saved["STEM"]]) == weights / "detector_stem.onnx"
+    for images in ([saved["TEM"]], [saved["STEM"], saved["TEM"]], [plain], [saved["STEM"], plain]):
+        assert default_base(images) == weights / "detector.onnx"

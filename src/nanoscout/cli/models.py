@@ -135,7 +135,9 @@ def adapt(
                          ".csv points x,y[,diameter], .zip/.roi ImageJ ROI sets")],
     out: Annotated[Path, typer.Option(help="folder for detector.onnx + detector.json")],
     base: Annotated[Path | None, typer.Option(help="ONNX detector to adapt (card beside it)",
-                                              show_default="the shipped detector")] = None,
+                                              show_default="the shipped detector; its STEM "
+                                              "detector for frames the daemon saved from STEM "
+                                              "streams")] = None,
     minutes: Annotated[float, typer.Option(help="wall-time budget of the whole run, min")] = 4.0,
     guard: Annotated[str, typer.Option(
         help="guard against forgetting: freeze (encoder frozen), mix (a quarter synthetic "

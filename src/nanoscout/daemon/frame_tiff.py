@@ -86,6 +86,19 @@ def write_label_map(labels: np.ndarray, path: Path) -> Path:
     return path
 
 
+def read_frame_header(path: Path) -> FrameHeader | None:
+    """The frame header of a TIFF written by :func:`write_frame_tiff` (pixels not read), or
+    None for any other file, readable or not."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            props = (tf.imagej_metadata or {}).get("Properties") or {}
+        return FrameHeader.model_validate_json(props[FRAME_PROPERTY])
+    except Exception:  # not a TIFF, not ours, or a damaged header: no header
+        return None
+
+
 def read_frame_tiff(path: Path) -> tuple[np.ndarray, FrameHeader, dict[str, Any]]:
     """(pixels, frame header, why it was saved) of a TIFF written by :func:`write_frame_tiff`;
     NanoscoutError naming the file when it holds no nanoscout frame header."""

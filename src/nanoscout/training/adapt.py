@@ -50,8 +50,14 @@ import torch
 from torch import nn
 
 from nanoscout.analysis.detector import Detector
-from nanoscout.analysis.modelcard import ModelCard, sha256_file, shipped_model_dir
+from nanoscout.analysis.modelcard import (
+    SHIPPED_STEM_MODEL,
+    ModelCard,
+    sha256_file,
+    shipped_model_dir,
+)
 from nanoscout.analysis.preprocess import normalize
+from nanoscout.daemon.frame_tiff import read_frame_header
 from nanoscout.engines import create_engine
 from nanoscout.training.annotations import Annotation, read_annotation, read_image
 from nanoscout.training.crops import RealImage, crop_at_scale, photometric
@@ -364,6 +370,19 @@ def _entry(path: Path) -> dict[str, str]:
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
+def default_base(images: list[Path]) -> Path:
+    """The shipped detector to adapt when none is named: the STEM detector when every image is
+    a frame the daemon saved from a STEM stream (its TIFF header's modality; the detector the
+    daemon analysed them with), else the general detector."""
+    stem = shipped_model_dir() / SHIPPED_STEM_MODEL
+    headers = [read_frame_header(p) if p.suffix.lower() in (".tif", ".tiff") else None
+               for p in images]
+    if images and stem.is_file() and all(h is not None and h.modality == "STEM"
+                                         for h in headers):
+        return stem
+    return shipped_model_dir() / "detector.onnx"
+
+
 def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | None = None,
           minutes: float = 4.0, guard: str = DEFAULT_GUARD, seed: int = 0, threads: int = 1,
           progress: Progress | None = None, command: str = "") -> AdaptResult:
@@ -388,7 +407,7 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
         raise ConfigError(f"minutes {minutes} must be > 0")
     say = progress or (lambda frac, note: None)
     torch.set_num_threads(threads)
-    base_onnx = Path(base) if base is not None else shipped_model_dir() / "detector.onnx"
+    base_onnx = Path(base) if base is not None else default_base(images)
     base_card = ModelCard.load(base_onnx.with_suffix(".json"))
     base_engine = create_engine(base_onnx, "onnxruntime-cpu", threads=threads)
     base_det = Detector(base_engine, base_card)
