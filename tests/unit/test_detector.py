@@ -746,6 +746,10 @@ def test_raw_cut_inverts_the_calibration() -> None:
     for p in (0.05, 0.2, 0.3, 0.55, 0.9, 0.93):
         assert cal.probability(cal.raw_cut(p)) == pytest.approx(p)
         assert cal.probability(cal.raw_cut(p) - 1e-6) < p
+    # a calibration whose first knot is above 0: every raw score reaches its first probability
+    high = ScoreCalibration(scores=(0.3, 0.9), probabilities=(0.4, 0.9))
+    assert high.raw_cut(0.4) == 0.0 and high.probability(0.0) == pytest.approx(0.4)
+    assert high.raw_cut(0.65) == pytest.approx(0.6)
     with pytest.raises(ValueError, match=r"above the calibration's highest probability 0\.95"):
         cal.raw_cut(0.97)
     with pytest.raises(ValueError, match="within"):

@@ -250,7 +250,7 @@ class ScoreCalibration(_Strict):
             raise ValueError(f"confidence {confidence} is above the calibration's highest "
                              f"probability {p[-1]} (no particle could reach it)")
         if confidence <= p[0]:
-            return float(s[0])
+            return 0.0  # below its first knot the calibration holds p[0]: every score reaches it
         i = next(k for k in range(1, len(p)) if p[k] >= confidence)
         # p[i - 1] < confidence <= p[i]: a rising segment, inverted linearly
         f = (confidence - p[i - 1]) / (p[i] - p[i - 1])
