@@ -426,7 +426,6 @@ class Detector:
         ts = time.perf_counter() - ts
         turn = self.rotate45 if rotate45 is None else rotate45
         labels, scores, engine_s, post_s, reused_s = self._instances(x, h, w, scale, logits, turn)
-        t1 = time.perf_counter()
         if self.multiscale:
             maps = [(labels, scores)]
             for factor in self._multiscale_factors(h, w, scale):
@@ -435,7 +434,10 @@ class Detector:
                 engine_s += more[2]
                 post_s += more[3]
             if len(maps) > 1:
+                t1 = time.perf_counter()
                 labels, scores = merge_by_score(maps, self.multiscale_overlap)
+                post_s += time.perf_counter() - t1
+        t1 = time.perf_counter()
         if self._calibration is not None and scores.size > 1:
             # the cut is on the raw score; what is reported is the probability
             scores = scores.copy()
