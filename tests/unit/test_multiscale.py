@@ -3,6 +3,7 @@ STEM detector that uses it on a real HAADF-STEM tuning image."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,12 @@ def test_the_stem_detector_finds_more_particles_at_three_scales(shared_data: Pat
     sample = next(s for s in realdata.iter_samples("stem-tune", shared_data) if s.id == "Pt2")
 
     def counts(multiscale: bool) -> tuple[dict[str, int], float]:
+        t0 = time.perf_counter()
         d = Detector(engine, card, multiscale=multiscale).detect(sample.image)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        # every stage counted once: the stage times are positive and add up to the call
+        assert min(d.timings_ms.values()) >= 0.0
+        assert sum(d.timings_ms.values()) == pytest.approx(wall_ms, rel=0.1)
         r = score_image(d.labels, true_labels=sample.labels, true_boxes=sample.boxes)
         assert d.n == int(d.labels.max()) == len(d.scores) - 1
         return r, d.timings_ms["engine"]
