@@ -158,3 +158,21 @@ def test_corrupt_file_in_measure_is_skipped_with_a_reason(shared_data: Path, tmp
     assert set(table.column("file").to_pylist()) == {str(good)}
     prov = json.loads((out / "_run.json").read_text())
     assert [Path(p).name for p, _why in prov["skipped"]] == ["broken.tif"]
+
+
+def test_modality_option_sends_images_without_metadata_to_the_stem_detector(
+        shared_data: Path, tmp_path: Path) -> None:
+    """A HAADF-STEM JPEG says nothing of its kind: the general detector analyses it, unless
+    `--modality STEM` says what it is (then the STEM detector does)."""
+    import pandas as pd
+
+    jpg = sorted((shared_data / "stem-dev" / "images").iterdir())[0]
+    models: dict[int, set[str]] = {}
+    for flag in ([], ["--modality", "STEM"]):
+        out = tmp_path / f"run{len(flag)}.parquet"
+        proc = nanoscout("measure", str(jpg), "--out", str(out), *flag, stdout=subprocess.PIPE)
+        stdout, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout
+        models[len(flag)] = set(pd.read_parquet(out / "_frames")["model"])
+    assert models == {0: {"nanoscout-particle-unet:3.0.0"},
+                      2: {"nanoscout-particle-unet-stem:1.0.0"}}

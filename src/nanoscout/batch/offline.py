@@ -44,6 +44,7 @@ from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.clients.acquisition.readers import (
     SUPPORTED_SUFFIXES,
     drop_tia_companions,
+    frame_modality,
     read_images,
 )
 from nanoscout.clients.outputs import (
@@ -103,6 +104,7 @@ def measure_files(
     *,
     outputs: Path | None = None,
     pixel_size_nm: float | None = None,
+    modality: str | None = None,
     log: Callable[[str], None] = print,
     bar: Bar | None = None,
     config: dict[str, Any] | None = None,
@@ -113,7 +115,8 @@ def measure_files(
     """Measure every image of ``paths`` and write a run to ``out`` (``.parquet``/``.csv``).
 
     ``outputs``: folder for the per-image label TIFFs, ROI sets and overlays (None: none).
-    ``pixel_size_nm`` (nm/px) overrides every file's calibration. ``bar``: a progress bar
+    ``pixel_size_nm`` (nm/px) overrides every file's calibration, ``modality`` ("TEM", "STEM",
+    "SEM") every file's kind of image (which detector analyses it). ``bar``: a progress bar
     advanced once per file. ``config`` and ``model_cards`` go into the provenance. ``track``:
     the images are one ordered sequence, ``frame_interval_s`` apart (s); the pipeline tracks
     (raises ConfigError when it was built without tracking).
@@ -168,7 +171,7 @@ def measure_files(
                 frame = Frame.from_image(
                     rec.data, pixel_size_nm=px, source=source, seq=seq[source],
                     t_acq_ns=t_acq_ns, meta=_meta(path, rec.index, rec.meta),
-                    modality=rec.modality if rec.modality in ("TEM", "STEM", "SEM") else None)
+                    modality=frame_modality(rec, modality))
                 result = pipeline.process(frame)
             except NanoscoutError as exc:
                 report.skipped.append((path, str(exc)))

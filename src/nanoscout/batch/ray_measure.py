@@ -44,7 +44,7 @@ from nanoscout.batch.parts import (
     done_files,
     write_file_result,
 )
-from nanoscout.clients.acquisition.readers import ImageRecord, read_images
+from nanoscout.clients.acquisition.readers import ImageRecord, frame_modality, read_images
 from nanoscout.clients.progress import Bar
 from nanoscout.clients.progress import progress as progress_bar
 from nanoscout.daemon.config import ServeConfig
@@ -57,26 +57,27 @@ log = logging.getLogger("nanoscout.batch")
 RAY_MISSING = "Ray is not installed: pip install 'nanoscout[ray]'"
 
 
-def analyse_image(pipeline: Pipeline, rec: ImageRecord, pixel_size_nm: float | None
+def analyse_image(pipeline: Pipeline, rec: ImageRecord, pixel_size_nm: float | None,
+                  modality: str | None = None
                   ) -> tuple[np.ndarray, str, Classification | None]:
     """The one call into the pipeline: (particle table, units "nm" or "px", classification or
     None) of one image, as ``nanoscout measure`` analyses it (an offline frame; the modality
-    from the file when it names one the frame header knows).
+    from ``modality``, else from the file when it names one the frame header knows).
 
     Kept alone so that a change of the pipeline's entry point changes one place here.
     """
-    modality = rec.modality if rec.modality in ("TEM", "STEM", "SEM") else None
     frame = Frame.from_image(rec.data, pixel_size_nm=pixel_size_nm, source="ray",
-                             modality=modality)
+                             modality=frame_modality(rec, modality))
     result = pipeline.process(frame)
     return result.table, result.det.units, result.classification
 
 
 def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = None,
-                 file: str | None = None) -> FileResult:
+                 file: str | None = None, modality: str | None = None) -> FileResult:
     """Every image of one file measured (and classified, when the pipeline classifies).
 
-    ``pixel_size_nm`` overrides the file's calibration; ``file`` is the name written in the
+    ``pixel_size_nm`` overrides the file's calibration, ``modality`` its kind of image;
+    ``file`` is the name written in the
     output (default ``str(path)``). An unreadable file or image is recorded with its error,
     never raised: one bad file must not stop an archive.
     """
@@ -90,7 +91,7 @@ def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = N
         px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
         units = "nm" if px else "px"
         try:
-            table, units, c = analyse_image(pipeline, rec, px)
+            table, units, c = analyse_image(pipeline, rec, px, modality)
         except NanoscoutError as exc:
             result.images.append(ImageRow(rec.index, units, px, None, error=str(exc)))
             continue
@@ -114,12 +115,14 @@ def worker_config(config: ServeConfig, cpus_per_worker: int) -> ServeConfig:
 class _Worker:
     """A Ray actor: one pipeline, one file per call (see the module docstring)."""
 
-    def __init__(self, config: ServeConfig, out: str, pixel_size_nm: float | None) -> None:
+    def __init__(self, config: ServeConfig, out: str, pixel_size_nm: float | None,
+                 modality: str | None = None) -> None:
         from nanoscout.daemon.app import build_pipeline
 
         self.pipeline = build_pipeline(config, offline=True)
         self.out = Path(out)
         self.pixel_size_nm = pixel_size_nm
+        self.modality = modality
 
     def pid(self) -> int:
         """The actor's process id (tests kill it)."""
@@ -128,7 +131,8 @@ class _Worker:
     def measure(self, path: str) -> dict[str, Any]:
         """Measure one file and write its parts; returns a short summary."""
         t0 = time.perf_counter()
-        result = measure_file(self.pipeline, Path(path), self.pixel_size_nm, file=path)
+        result = measure_file(self.pipeline, Path(path), self.pixel_size_nm, file=path,
+                              modality=self.modality)
         write_file_result(self.out, result)
         return {"file": path, "images": len(result.images), "particles": result.particles,
                 "error": result.error, "pid": os.getpid(),
@@ -169,6 +173,7 @@ def measure_on_ray(
     cpus_per_worker: int = 1,
     gpus_per_worker: float = 0.0,
     pixel_size_nm: float | None = None,
+    modality: str | None = None,
     max_task_retries: int = 2,
     on_started: Callable[[RayReport], None] | None = None,
     on_file: Callable[[dict[str, Any]], None] | None = None,
@@ -222,7 +227,7 @@ def measure_on_ray(
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                            max_restarts=-1, max_task_retries=max_task_retries)(_Worker)
         actors = [actor.remote(worker_config(config, cpus_per_worker), str(out.absolute()),
-                               pixel_size_nm)
+                               pixel_size_nm, modality)
                   for _ in range(workers)]
         report.workers = workers
         report.worker_pids = ray.get([a.pid.remote() for a in actors])

@@ -17,7 +17,8 @@ __all__ = ["run_on_ray"]
 
 def run_on_ray(files: Sequence[Path], out: Path, config: ServeConfig, *, address: str | None,
                workers: int | None, cpus_per_worker: int, gpus_per_worker: float,
-               pixel_size_nm: float | None, progress: bool | None) -> int:
+               pixel_size_nm: float | None, progress: bool | None,
+               modality: str | None = None) -> int:
     """Run ``measure --ray``; returns the exit code: 0 when every file was measured (or was
     done already), 1 otherwise. ``address`` None starts a local Ray."""
     from nanoscout.batch.offline import expand
@@ -28,7 +29,7 @@ def run_on_ray(files: Sequence[Path], out: Path, config: ServeConfig, *, address
     report = measure_on_ray(expand(files), config, out, address=address,
                             workers=workers, cpus_per_worker=cpus_per_worker,
                             gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size_nm,
-                            progress=progress)
+                            modality=modality, progress=progress)
     print(f"measured {len(report.measured)} files ({report.images} images, {report.particles} "
           f"particles) on {report.workers} Ray workers in {report.seconds:.1f} s -> {out}; "
           f"skipped {len(report.skipped_done)} done, {len(report.unreadable)} unreadable, "

@@ -26,6 +26,10 @@ def measure(
              "set) and NAME.overlay.png (outlines + scale bar) per image")] = None,
     pixel_size: Annotated[float | None, typer.Option(
         help="override every file's calibration, nm/px", show_default="from each file")] = None,
+    modality: Annotated[Literal["TEM", "STEM", "SEM"] | None, typer.Option(
+        help="what kind of images these are (STEM: the STEM detector analyses them); set it "
+             "for files that do not say (PNG, JPEG, plain TIFF)",
+        show_default="from each file's metadata, else the general detector")] = None,
     config: Annotated[Path | None, typer.Option(help="daemon TOML configuration (engine, "
                                                      "alert rules, statistics)")] = None,
     backend: Annotated[str | None, typer.Option(
@@ -94,7 +98,7 @@ def measure(
         code = run_on_ray(files, out, load_config(config, overrides), address=ray_address,
                           workers=workers, cpus_per_worker=cpus_per_worker,
                           gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size,
-                          progress=progress)
+                          progress=progress, modality=modality)
         if code:
             raise typer.Exit(code)
         return
@@ -109,7 +113,7 @@ def measure(
     try:
         with progress_bar("measuring", enabled=progress) as bar:
             report = measure_files(files, pipeline, out, outputs=outputs or masks,
-                                   pixel_size_nm=pixel_size, bar=bar,
+                                   pixel_size_nm=pixel_size, modality=modality, bar=bar,
                                    config=cfg.model_dump(mode="json"), model_cards=cards,
                                    track=track, frame_interval_s=frame_interval)
     finally:

@@ -34,21 +34,25 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from nanoscout.wire.errors import ReaderError
-from nanoscout.wire.protocol import PIXEL_SIZE_RANGE_NM
+from nanoscout.wire.protocol import PIXEL_SIZE_RANGE_NM, Modality
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "ImageRecord",
     "calibration_to_nm",
     "drop_tia_companions",
+    "frame_modality",
     "read_image",
     "read_images",
 ]
+
+#: the kinds of image a frame header can name
+MODALITIES: tuple[str, ...] = get_args(Modality)
 
 # suffix (lower case, with the dot) -> source_format reported in ImageRecord
 _FORMATS: dict[str, str] = {
@@ -139,6 +143,14 @@ class ImageRecord:
     source_format: str
     meta: dict[str, MetaValue] = field(default_factory=dict)
     calibration_note: str = ""
+
+
+def frame_modality(rec: ImageRecord, modality: str | None = None) -> str | None:
+    """The modality an image is analysed as: ``modality`` when given (the user's
+    ``--modality``), else the file's when it names one the frame header knows, else None."""
+    if modality is not None:
+        return modality
+    return rec.modality if rec.modality in MODALITIES else None
 
 
 def read_image(path: str | Path) -> ImageRecord:
