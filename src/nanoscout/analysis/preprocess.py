@@ -96,8 +96,9 @@ def normalize(image: np.ndarray) -> np.ndarray:
     lo32, gain = np.float32(lo), np.float32(1.0 / span if span > 0.0 else 0.0)
     # row bands of ~256 KiB: each pass over a band runs in cache, where whole-frame passes
     # would stream a 4096² frame (64 MiB) through memory three times
-    for r0 in range(0, arr.shape[0], band_rows(arr.shape[1], 4)):
-        o = out[r0:r0 + band_rows(arr.shape[1], 4)]
+    band = band_rows(arr.shape[1], 4)
+    for r0 in range(0, arr.shape[0], band):
+        o = out[r0:r0 + band]
         np.subtract(arr[r0:r0 + o.shape[0]], lo32, out=o, dtype=np.float32)
         if arr.dtype.kind == "f" and not np.isfinite(o).all():
             raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)

@@ -29,6 +29,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from nanoscout.sim.rotation import random_rotation
+
 __all__ = ["SHAPES", "SemConfig", "random_config", "render", "solid_planes"]
 
 SHAPES = ("sphere", "ellipsoid", "cube", "octahedron", "bipyramid", "platelet", "rod",
@@ -56,15 +58,6 @@ class SemConfig:
     dose: float = 60.0  # counts for a yield of 1
     line_noise: float = 0.02
     dtype: Literal["uint8", "uint16"] = "uint8"
-
-
-def _rot(rng: np.random.Generator) -> np.ndarray:
-    q = rng.normal(size=4)
-    q /= np.linalg.norm(q)
-    a, b, c, d = q
-    return np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-                     [2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)],
-                     [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d]])
 
 
 def solid_planes(kind: str, size: float, rng: np.random.Generator) -> np.ndarray:
@@ -139,7 +132,7 @@ def _surface(kind: str, size: float, rng: np.random.Generator, lie_flat: bool
             rot = np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0],
                             [0, 0, 1.0]])
     else:
-        rot = _rot(rng)
+        rot = random_rotation(rng)
     n = planes[:, :3] @ rot.T
     d = planes[:, 3]
     ext = float(np.abs(d).max()) * 2.0

@@ -46,6 +46,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from nanoscout.sim.rotation import random_rotation
+
 __all__ = ["ELEMENTS", "SUPPORTS", "HaadfConfig", "acquire", "cluster_geometry", "hull_mask",
            "probe_intensity", "random_config", "render", "render_specimen", "splat", "write_cache"]
 
@@ -161,17 +163,6 @@ def cluster_geometry(shape: str, size: int, variant: int) -> np.ndarray:
     return pos - pos.mean(0)
 
 
-def _rotation(rng: np.random.Generator) -> np.ndarray:
-    """Return a uniformly random 3-D rotation matrix."""
-    q = rng.normal(size=4)
-    q /= np.linalg.norm(q)
-    a, b, c, d = q
-    return np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-                     [2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)],
-                     [2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d]],
-                    np.float32)
-
-
 def _particle(rng: np.random.Generator, cfg: HaadfConfig, diameter_nm: float
               ) -> tuple[np.ndarray, np.ndarray]:
     """Return (positions (N, 3) nm, Z (N,)) of one randomly oriented particle."""
@@ -181,7 +172,7 @@ def _particle(rng: np.random.Generator, cfg: HaadfConfig, diameter_nm: float
     shape = _SHAPES[int(rng.choice(len(_SHAPES), p=mix / mix.sum()))]
     size = max(2, round(diameter_nm / a))
     pos = cluster_geometry(shape, size, int(rng.integers(8))) * a
-    pos = pos @ _rotation(rng).T
+    pos = pos @ random_rotation(rng).astype(np.float32).T
     zs = np.full(len(pos), z, np.int32)
     if cfg.alloy != "none" and len(cfg.elements) > 1:
         other = [e for e in cfg.elements if e != el]

@@ -59,7 +59,7 @@ import math
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import numpy as np
 from pydantic import (
@@ -110,6 +110,8 @@ _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 Modality = Literal["TEM", "STEM", "SEM"]
+#: the kinds of image a frame header can name
+MODALITIES: tuple[str, ...] = get_args(Modality)
 Units = Literal["nm", "px"]
 
 

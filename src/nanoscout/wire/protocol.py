@@ -23,6 +23,7 @@ from nanoscout.wire.headers import (
     FRAME_DTYPES,
     HEADERS,
     MAX_SIDE_PX,
+    MODALITIES,
     PIXEL_SIZE_RANGE_NM,
     PROTOCOL_VERSION,
     AckHeader,
@@ -60,7 +61,7 @@ from nanoscout.wire.headers import (
 from nanoscout.wire.particles import PARTICLE_DTYPE
 
 __all__ = [
-    "FRAME_DTYPES", "HEADERS", "MAX_HEADER_BYTES", "MAX_SIDE_PX", "PARTICLE_DTYPE",
+    "FRAME_DTYPES", "HEADERS", "MAX_HEADER_BYTES", "MAX_SIDE_PX", "MODALITIES", "PARTICLE_DTYPE",
     "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "AckHeader", "AlertHeader", "Buffer", "ClassHeader",
     "ControlReply", "ControlRequest", "DetHeader", "Distribution", "Drift", "FieldStats",
     "FrameDrift", "FrameHeader", "FrameRef", "Header", "HealthHeader", "Histogram", "InSitu",

@@ -34,12 +34,12 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 
 from nanoscout.wire.errors import ReaderError
-from nanoscout.wire.protocol import PIXEL_SIZE_RANGE_NM, Modality
+from nanoscout.wire.protocol import MODALITIES, PIXEL_SIZE_RANGE_NM
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -50,9 +50,6 @@ __all__ = [
     "read_image",
     "read_images",
 ]
-
-#: the kinds of image a frame header can name
-MODALITIES: tuple[str, ...] = get_args(Modality)
 
 # suffix (lower case, with the dot) -> source_format reported in ImageRecord
 _FORMATS: dict[str, str] = {
