@@ -20,9 +20,12 @@ Quantization: ONNX Runtime static quantization in QDQ format (``quantize_static`
 per-channel signed 8-bit weights, unsigned 8-bit activations, activation ranges from the
 calibration inputs of :mod:`nanoscout.training.int8_calibration` (synthetic, rendered from seeds,
 never the held-out data) by the 99.999th percentile of their histogram. The detectors quantize
-every operator ONNX Runtime can (convolutions, skips, resizes); the classifier and the lens
-only their convolutions, so the lens's novelty statistics (powers, logs,
-means computed in the graph) stay in float.
+every operator ONNX Runtime can (convolutions, skips, up-samplings) but the nodes that compute
+their outputs (the logits stay float), after their 2x nearest up-samplings are rewritten as
+concatenations (:mod:`nanoscout.training.upsample_rewrite`: the same numbers, without ONNX
+Runtime's slow channels-last ``Resize``); the classifier and the lens only their
+convolutions, so the lens's novelty statistics (powers, logs, means computed in the graph) stay
+in float.
 
 Parity (:func:`parity`): the FP32 and the INT8 model on the same held-out data, through the
 same :class:`~nanoscout.analysis.detector.Detector` / classifier / lens code the daemon runs:
@@ -60,6 +63,7 @@ from nanoscout.analysis.modelcard import (
     sha256_file,
     shipped_model_dir,
 )
+from nanoscout.training import upsample_rewrite
 from nanoscout.training.int8_calibration import calibration_inputs, describe_calibration
 
 __all__ = ["DEFAULT_MODELS", "MAX_LOSS", "MODELS", "detector_parity", "engine_speed", "main",
@@ -82,6 +86,7 @@ def quantize_onnx(src: Path, dst: Path, inputs: Iterable[dict[str, np.ndarray]],
                   ops: list[str] | None = None, method: str = "percentile") -> str:
     """Write the QDQ INT8 model of ``src`` to ``dst``, calibrated on ``inputs``; returns a
     one-line description of the method. ``ops``: operator types to quantize (None: all)."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -104,13 +109,29 @@ def quantize_onnx(src: Path, dst: Path, inputs: Iterable[dict[str, np.ndarray]],
     extra = {"CalibPercentile": 99.999} if method == "percentile" else {}
     with tempfile.TemporaryDirectory(prefix="nanoscout-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
+        source, rewritten, exclude = Path(src), 0, []
+        if ops is None:  # the detectors: every operator in INT8
+            model = onnx.load(str(src))
+            rewritten = upsample_rewrite.rewrite(model)
+            # the nodes that compute the outputs stay float: an 8-bit copy of the logits
+            # would only round them (and cost a quantize + dequantize of the whole frame)
+            outputs = {o.name for o in model.graph.output}
+            exclude = [n.name for n in model.graph.node if set(n.output) & outputs]
+            source = Path(tmp) / "rewritten.onnx"
+            onnx.save(model, str(source))
         # symbolic shape inference cannot resolve the detectors' dynamic height and width
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                        op_types_to_quantize=ops, extra_options=extra)
+                        op_types_to_quantize=ops, nodes_to_exclude=exclude,
+                        extra_options=extra)
     which = "every quantizable operator" if ops is None else "operators " + ", ".join(ops)
+    if exclude:
+        which += " but the output nodes (float logits)"
+    if rewritten:
+        which += (f"; {rewritten} nearest 2x Resize rewritten as concatenations "
+                  "(nanoscout.training.upsample_rewrite)")
     return (f"onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, "
             f"{method} calibration{' (99.999th percentile)' if extra else ''}, {which}")
 
@@ -275,8 +296,13 @@ def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "perce
     speed = engine_speed(model, dst, card, threads)
     q = q.model_copy(update={"engine_ms": speed,
                              "speedup": round(speed["fp32"] / speed["int8"], 3)})
-    sibling = card.model_copy(update={"onnx_file": dst.name, "sha256": sha256_file(dst),
-                                      "quantization": q, "timings_ms": {}})
+    update: dict[str, Any] = {"onnx_file": dst.name, "sha256": sha256_file(dst),
+                              "quantization": q, "timings_ms": {}}
+    if card.metrics is not None:  # the held-out numbers are the FP32 model's: say so
+        update["metrics"] = card.metrics.model_copy(update={
+            "model_measured": f"{model.name} (FP32); this INT8 sibling's loss against it: "
+                              "quantization.parity"})
+    sibling = card.model_copy(update=update)
     dst_card = sibling.dump(dst.with_suffix(".json"))
     summary: dict[str, Any] = {"model": str(model), "int8": str(dst),
                                "int8_bytes": dst.stat().st_size,

@@ -1,0 +1,108 @@
+"""The INT8 siblings' up-sampling rewrite (nanoscout.training.upsample_rewrite): the same
+numbers as the ``Resize`` it replaces, on a small graph and on the shipped detector, and the
+shipped INT8 detector is built with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir  # noqa: E402
+from nanoscout.training import upsample_rewrite  # noqa: E402
+from nanoscout.training.int8_calibration import calibration_inputs  # noqa: E402
+from nanoscout.training.quantize import quantize_onnx  # noqa: E402
+
+WEIGHTS = shipped_model_dir()
+
+
+def _session(model: object) -> object:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts,  # type: ignore[attr-defined]
+                                providers=["CPUExecutionProvider"])
+
+
+def _resize_model(mode: str, ctm: str, nearest: str, scales: list[float]) -> object:
+    """x (1, 3, H, W) -> Resize -> y; H and W dynamic."""
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode=mode,
+                            coordinate_transformation_mode=ctm, nearest_mode=nearest)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "h2", "w2"])],
+        [numpy_helper.from_array(np.array(scales, np.float32), "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_a_nearest_2x_resize_becomes_copies_with_the_same_output() -> None:
+    model = _resize_model("nearest", "asymmetric", "floor", [1, 1, 2, 2])
+    before = _session(model)
+    assert upsample_rewrite.rewrite(model) == 1
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]  # type: ignore[attr-defined]
+    assert "Resize" not in ops and ops.count("Concat") == 2
+    after = _session(model)
+    rng = np.random.default_rng(0)
+    for shape in [(1, 3, 5, 7), (1, 3, 64, 48)]:  # odd sizes and another shape, same graph
+        x = rng.normal(size=shape).astype(np.float32)
+        y0 = before.run(None, {"x": x})[0]  # type: ignore[attr-defined]
+        y1 = after.run(None, {"x": x})[0]  # type: ignore[attr-defined]
+        assert y1.shape == (1, 3, 2 * shape[2], 2 * shape[3])
+        assert np.array_equal(y0, y1)
+        assert np.array_equal(y1[:, :, 1::2, 1::2], x)
+
+
+@pytest.mark.parametrize("mode,ctm,nearest,scales", [
+    ("linear", "half_pixel", "floor", [1, 1, 2, 2]),         # the detectors' logits
+    ("nearest", "half_pixel", "round_prefer_floor", [1, 1, 2, 2]),  # shifted by half a pixel
+    ("nearest", "asymmetric", "floor", [1, 1, 3, 3]),
+    ("nearest", "asymmetric", "floor", [1, 2, 2, 2]),
+])
+def test_other_resizes_are_left_alone(mode: str, ctm: str, nearest: str,
+                                      scales: list[float]) -> None:
+    model = _resize_model(mode, ctm, nearest, scales)
+    assert upsample_rewrite.rewrite(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Resize"]  # type: ignore[attr-defined]
+
+
+def test_the_shipped_detector_computes_the_same_logits_after_the_rewrite() -> None:
+    path = WEIGHTS / "detector.onnx"
+    if not path.is_file():
+        pytest.skip(f"no shipped {path}")
+    model = onnx.load(str(path))
+    before = _session(model)
+    assert upsample_rewrite.rewrite(model) == 3  # the decoder's three up-samplings
+    x = next(calibration_inputs(ModelCard.load(WEIGHTS / "detector.json"), 1, start=1000))
+    x = {k: np.ascontiguousarray(v[:, :, :192, :320]) for k, v in x.items()}
+    assert np.array_equal(before.run(None, x)[0], _session(model).run(None, x)[0])
+
+
+def test_the_int8_detector_keeps_float_logits_and_no_nearest_resize(tmp_path: Path) -> None:
+    """What ``nanoscout models quantize`` writes: the up-samplings as QLinear copies after
+    ONNX Runtime's optimisation, the logits computed in float (no quantize of the output), and
+    the output close to FP32's."""
+    path = WEIGHTS / "detector.onnx"
+    if not path.is_file():
+        pytest.skip(f"no shipped {path}")
+    card = ModelCard.load(WEIGHTS / "detector.json")
+    dst = tmp_path / "detector.int8.onnx"
+    how = quantize_onnx(path, dst, calibration_inputs(card, 4))
+    assert "3 nearest 2x Resize rewritten" in how and "float logits" in how
+    q = onnx.load(str(dst))
+    out = q.graph.output[0].name
+    producer = next(n for n in q.graph.node if out in n.output)
+    assert producer.op_type == "Resize"  # float bilinear, not a DequantizeLinear
+    assert sum(n.op_type == "Resize" for n in q.graph.node) == 1
+    x = next(calibration_inputs(card, 1, start=1000))
+    ref = _session(onnx.load(str(path))).run(None, x)[0]
+    got = _session(q).run(None, x)[0]
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.mean((got > 0) == (ref > 0)) > 0.99
