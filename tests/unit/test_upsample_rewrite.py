@@ -86,8 +86,8 @@ def test_the_shipped_detector_computes_the_same_logits_after_the_rewrite() -> No
 
 
 def test_the_int8_detector_keeps_float_logits_and_no_nearest_resize(tmp_path: Path) -> None:
-    """What ``nanoscout models quantize`` writes: the up-samplings as QLinear copies after
-    ONNX Runtime's optimisation, the logits computed in float (no quantize of the output), and
+    """What ``nanoscout models quantize`` writes: the up-samplings as copies, the first
+    convolution and the logits computed in float (no quantize of the input or the output), and
     the output close to FP32's."""
     path = WEIGHTS / "detector.onnx"
     if not path.is_file():
@@ -95,12 +95,15 @@ def test_the_int8_detector_keeps_float_logits_and_no_nearest_resize(tmp_path: Pa
     card = ModelCard.load(WEIGHTS / "detector.json")
     dst = tmp_path / "detector.int8.onnx"
     how = quantize_onnx(path, dst, calibration_inputs(card, 4))
-    assert "3 nearest 2x Resize rewritten" in how and "float logits" in how
+    assert "3 nearest 2x Resize rewritten" in how and "output nodes (float)" in how
     q = onnx.load(str(dst))
     out = q.graph.output[0].name
     producer = next(n for n in q.graph.node if out in n.output)
     assert producer.op_type == "Resize"  # float bilinear, not a DequantizeLinear
     assert sum(n.op_type == "Resize" for n in q.graph.node) == 1
+    # the first convolution reads the float image itself (no QuantizeLinear of the input)
+    first = next(n for n in q.graph.node if q.graph.input[0].name in n.input)
+    assert first.op_type == "Conv"
     x = next(calibration_inputs(card, 1, start=1000))
     ref = _session(onnx.load(str(path))).run(None, x)[0]
     got = _session(q).run(None, x)[0]
