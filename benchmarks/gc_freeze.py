@@ -1,21 +1,20 @@
-"""What Python's cyclic garbage collector costs the daemon's frames, with and without
-``gc.freeze()`` after start-up (what ``nanoscout serve`` does), measured in one process.
+"""What Python's cyclic garbage collector costs the daemon's frames: as Python sets it up,
+with ``gc.freeze()`` after start-up only, and as ``nanoscout serve`` runs it
+(:func:`nanoscout.daemon.collector.settle`: frozen, and full collections rare), in one process.
 
 ::
 
     python -m benchmarks.gc_freeze --out benchmarks/results/gc_freeze.json
+    python -m benchmarks.gc_freeze --size 4096 --block 8 --rounds 2 \
+        --out benchmarks/results/gc_freeze_4096.json
 
 The daemon's pipeline (default configuration, 1 engine thread) is built in this process and
-analyses a stream of 1024² TEM frames (the latency benchmark's specimen, a few px of drift per
-frame, ~700 particles each), frame after frame as the daemon's worker does. Blocks of
-``--block`` frames alternate between the two settings (``gc.freeze()`` / ``gc.unfreeze()``
-between blocks), ``--rounds`` times each, so both see the same machine. Per frame it records the
-whole ``Pipeline.process`` time and the time spent inside the collector (``gc.callbacks``), per
-generation. The first block of each setting is a warm-up and is not counted.
-
-Without freezing, every full (generation 2) collection walks every object start-up made
-(modules, the models' Python side, pydantic schemas: ~240,000 objects), and the many small
-objects of tracking (trackpy's points) trigger one every few dozen frames.
+analyses a stream of ``--size``² TEM frames (the latency benchmark's specimen, a few px of drift
+per frame; ~700 particles at 1024², ~10,000 at 4096²), frame after frame as the daemon's worker
+does. Blocks of ``--block`` frames take the settings in turn, ``--rounds`` times each, so all
+see the same machine. Per frame it records the whole ``Pipeline.process`` time, its tracking
+stage, and the time spent inside the collector (``gc.callbacks``), per generation. The first
+block of each setting is a warm-up and is not counted.
 """
 
 from __future__ import annotations
@@ -35,16 +34,18 @@ if str(REPO) not in sys.path:
 
 from benchmarks.latency import _write, machine_info, render_exposures, summary  # noqa: E402
 
-SETTINGS = ("no_freeze", "freeze")
+SETTINGS = ("python_default", "freeze_only", "daemon")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from nanoscout.analysis.frame import Frame
+    from nanoscout.daemon import collector
     from nanoscout.daemon.app import build_pipeline
     from nanoscout.daemon.config import ServeConfig
 
     pipe = build_pipeline(ServeConfig.model_validate({"engine": {"threads": args.threads}}))
-    images = [np.ascontiguousarray(e.image) for e in render_exposures(1024, args.frames, 7)]
+    images = [np.ascontiguousarray(e.image) for e in render_exposures(args.size, args.frames, 7)]
+    python_default = gc.get_threshold()
     in_gc = {"t0": 0.0, "s": [0.0, 0.0, 0.0], "n": [0, 0, 0]}
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
@@ -57,35 +58,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     gc.callbacks.append(on_gc)
     seen: dict[str, dict[str, list[float]]] = {
-        s: {"process_ms": [], "gc_ms": [], "gc2_ms": []} for s in SETTINGS}
+        s: {"process_ms": [], "track_ms": [], "gc_ms": [], "gc2_ms": []} for s in SETTINGS}
     collections = {s: [0, 0, 0] for s in SETTINGS}
     k = 0
     try:
         for rnd in range(args.rounds + 1):
             for setting in SETTINGS:
-                gc.unfreeze()
+                collector.reset(python_default)
                 gc.collect()
-                if setting == "freeze":
+                if setting == "freeze_only":
                     gc.freeze()
+                elif setting == "daemon":
+                    collector.settle()
                 for _ in range(args.block):
                     frame = Frame.from_image(images[k % len(images)], pixel_size_nm=0.5,
                                              source="bench", modality="TEM")
                     k += 1
                     before_s, before_n = list(in_gc["s"]), list(in_gc["n"])
                     t0 = time.perf_counter()
-                    pipe.process(frame)
+                    result = pipe.process(frame)
                     dt = (time.perf_counter() - t0) * 1e3
                     if rnd == 0:
                         continue  # warm-up block
                     d = [(a - b) * 1e3 for a, b in zip(in_gc["s"], before_s)]
                     seen[setting]["process_ms"].append(dt)
+                    seen[setting]["track_ms"].append(result.stage_ms.get("track", 0.0))
                     seen[setting]["gc_ms"].append(sum(d))
                     seen[setting]["gc2_ms"].append(d[2])
                     for g in range(3):
                         collections[setting][g] += in_gc["n"][g] - before_n[g]
     finally:
         gc.callbacks.remove(on_gc)
-        gc.unfreeze()
+        collector.reset(python_default)
         pipe.close()
     out: dict[str, Any] = {}
     for s in SETTINGS:
@@ -93,37 +97,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out[s] = {
             "frames": n,
             "process_ms": summary(seen[s]["process_ms"]),
+            "track_ms": summary(seen[s]["track_ms"]),
             "gc_ms_per_frame_mean": round(float(np.mean(seen[s]["gc_ms"])), 3),
             "gc_generation2_ms": summary([v for v in seen[s]["gc2_ms"] if v > 0]),
             "collections_per_100_frames": [round(100 * c / max(n, 1), 2)
                                            for c in collections[s]],
         }
-    a, b = out["no_freeze"]["process_ms"], out["freeze"]["process_ms"]
-    out["ratio_freeze_over_no_freeze"] = {
-        q: round(b[q] / a[q], 3) for q in ("p50", "p99", "max", "mean")}
+    a = out["python_default"]
+    for s in SETTINGS[1:]:
+        out[f"ratio_{s}_over_python_default"] = {
+            **{q: round(out[s]["process_ms"][q] / a["process_ms"][q], 3)
+               for q in ("p50", "p99", "max", "mean")},
+            "track_p50": round(out[s]["track_ms"]["p50"] / a["track_ms"]["p50"], 3)}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=1024, help="frame side, px (default 1024)")
     ap.add_argument("--block", type=int, default=60, help="frames per block (default 60)")
     ap.add_argument("--rounds", type=int, default=3, help="counted blocks per setting")
     ap.add_argument("--frames", type=int, default=8, help="distinct exposures in the stream")
     ap.add_argument("--threads", type=int, default=1, help="engine threads (default 1)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gc_freeze.json"))
     args = ap.parse_args(argv)
-    report = {"benchmark": "gc.freeze() after start-up: Pipeline.process per 1024² frame",
+    report = {"benchmark": f"the garbage collector's cost: Pipeline.process per {args.size}² frame",
               "command": "python -m benchmarks.gc_freeze " + " ".join(argv or sys.argv[1:]),
               "machine": machine_info(), "config": vars(args) | {"out": str(args.out)}}
     report.update(run(args))
     _write(args.out, report)
     for s in SETTINGS:
         r = report[s]
-        print(f"{s:10s} p50 {r['process_ms']['p50']:7.1f} ms  p99 {r['process_ms']['p99']:7.1f} ms"
-              f"  max {r['process_ms']['max']:7.1f} ms  gc {r['gc_ms_per_frame_mean']:.2f} ms/frame"
-              f"  full collections {r['gc_generation2_ms']['n']}"
-              f" (p50 {r['gc_generation2_ms']['p50']} ms)")
-    print("freeze / no freeze:", report["ratio_freeze_over_no_freeze"])
+        print(f"{s:15s} p50 {r['process_ms']['p50']:7.1f} ms  p99 {r['process_ms']['p99']:7.1f}"
+              f" ms  max {r['process_ms']['max']:7.1f} ms  track p50 {r['track_ms']['p50']:6.1f}"
+              f" ms  gc {r['gc_ms_per_frame_mean']:.2f} ms/frame  full collections "
+              f"{r['gc_generation2_ms']['n']} (p50 {r['gc_generation2_ms']['p50']} ms)")
+    for s in SETTINGS[1:]:
+        print(f"{s} / python_default:", report[f"ratio_{s}_over_python_default"])
     return 0
 
 

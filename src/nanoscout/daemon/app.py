@@ -3,7 +3,6 @@ detector → pipeline → daemon, and the blocking ``serve`` entry point with si
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import signal
@@ -16,6 +15,7 @@ from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
+from nanoscout.daemon import collector
 from nanoscout.daemon.config import TILE_PX, ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
 from nanoscout.daemon.engine_setup import make_engine
@@ -149,12 +149,7 @@ def serve(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _signal)
         signal.signal(signal.SIGTERM, _signal)
-    # what start-up built (modules, models, configuration: a quarter of a million objects)
-    # lives as long as the daemon: moved out of the collector's reach, a full collection no
-    # longer walks it, and the frames stop paying ~0.1 s pauses every few dozen frames
-    # (benchmarks/results/gc_freeze.json)
-    gc.collect()
-    gc.freeze()
+    collector.settle()  # start-up's objects frozen, full collections rare: see the module
     endpoints = daemon.start()
     if on_ready is not None:
         on_ready(endpoints)

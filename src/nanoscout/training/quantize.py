@@ -21,11 +21,11 @@ per-channel signed 8-bit weights, unsigned 8-bit activations, activation ranges 
 calibration inputs of :mod:`nanoscout.training.int8_calibration` (synthetic, rendered from seeds,
 never the held-out data) by the 99.999th percentile of their histogram. The detectors quantize
 every operator ONNX Runtime can (convolutions, skips, up-samplings) but the convolution that
-reads the image and the nodes that compute their outputs (the logits stay float), after their 2x nearest up-samplings are rewritten as
-concatenations (:mod:`nanoscout.training.upsample_rewrite`: the same numbers, without ONNX
-Runtime's slow channels-last ``Resize``); the classifier and the lens only their
-convolutions, so the lens's novelty statistics (powers, logs, means computed in the graph) stay
-in float.
+reads the image and the nodes that compute their outputs (the logits stay float), after their
+2x nearest up-samplings are rewritten as concatenations
+(:mod:`nanoscout.training.upsample_rewrite`: the same numbers, without ONNX Runtime's slow
+channels-last ``Resize``); the classifier and the lens only their convolutions, so the lens's
+novelty statistics (powers, logs, means computed in the graph) stay in float.
 
 Parity (:func:`parity`): the FP32 and the INT8 model on the same held-out data, through the
 same :class:`~nanoscout.analysis.detector.Detector` / classifier / lens code the daemon runs:
