@@ -149,7 +149,10 @@ def serve(
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _signal)
         signal.signal(signal.SIGTERM, _signal)
-    collector.settle()  # start-up's objects frozen, full collections rare: see the module
+        # the daemon's own process: start-up's objects frozen, full collections rare (see the
+        # module); a daemon run in a thread of another program leaves that program's
+        # collector as it is
+        collector.settle()
     endpoints = daemon.start()
     if on_ready is not None:
         on_ready(endpoints)
