@@ -46,15 +46,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe = build_pipeline(ServeConfig.model_validate({"engine": {"threads": args.threads}}))
     images = [np.ascontiguousarray(e.image) for e in render_exposures(args.size, args.frames, 7)]
     python_default = gc.get_threshold()
-    in_gc = {"t0": 0.0, "s": [0.0, 0.0, 0.0], "n": [0, 0, 0]}
+    # time spent in the collector (s) and collections, per generation
+    gc_t0 = [0.0]
+    gc_s = [0.0, 0.0, 0.0]
+    gc_n = [0, 0, 0]
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            in_gc["t0"] = time.perf_counter()
+            gc_t0[0] = time.perf_counter()
         else:
             g = info["generation"]
-            in_gc["s"][g] += time.perf_counter() - in_gc["t0"]
-            in_gc["n"][g] += 1
+            gc_s[g] += time.perf_counter() - gc_t0[0]
+            gc_n[g] += 1
 
     gc.callbacks.append(on_gc)
     seen: dict[str, dict[str, list[float]]] = {
@@ -74,19 +77,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     frame = Frame.from_image(images[k % len(images)], pixel_size_nm=0.5,
                                              source="bench", modality="TEM")
                     k += 1
-                    before_s, before_n = list(in_gc["s"]), list(in_gc["n"])
+                    before_s, before_n = list(gc_s), list(gc_n)
                     t0 = time.perf_counter()
                     result = pipe.process(frame)
                     dt = (time.perf_counter() - t0) * 1e3
                     if rnd == 0:
                         continue  # warm-up block
-                    d = [(a - b) * 1e3 for a, b in zip(in_gc["s"], before_s)]
+                    d = [(a - b) * 1e3 for a, b in zip(gc_s, before_s, strict=True)]
                     seen[setting]["process_ms"].append(dt)
                     seen[setting]["track_ms"].append(result.stage_ms.get("track", 0.0))
                     seen[setting]["gc_ms"].append(sum(d))
                     seen[setting]["gc2_ms"].append(d[2])
                     for g in range(3):
-                        collections[setting][g] += in_gc["n"][g] - before_n[g]
+                        collections[setting][g] += gc_n[g] - before_n[g]
     finally:
         gc.callbacks.remove(on_gc)
         collector.reset(python_default)
@@ -121,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="engine threads (default 1)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gc_freeze.json"))
     args = ap.parse_args(argv)
-    report = {"benchmark": f"the garbage collector's cost: Pipeline.process per {args.size}² frame",
-              "command": "python -m benchmarks.gc_freeze " + " ".join(argv or sys.argv[1:]),
-              "machine": machine_info(), "config": vars(args) | {"out": str(args.out)}}
+    report: dict[str, Any] = {
+        "benchmark": f"the garbage collector's cost: Pipeline.process per {args.size}² frame",
+        "command": "python -m benchmarks.gc_freeze " + " ".join(argv or sys.argv[1:]),
+        "machine": machine_info(), "config": vars(args) | {"out": str(args.out)}}
     report.update(run(args))
     _write(args.out, report)
     for s in SETTINGS:

@@ -5,6 +5,7 @@ shipped INT8 detector is built with it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,14 +23,14 @@ from nanoscout.training.quantize import quantize_onnx  # noqa: E402
 WEIGHTS = shipped_model_dir()
 
 
-def _session(model: object) -> object:
+def _session(model: Any) -> Any:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts,  # type: ignore[attr-defined]
+    return ort.InferenceSession(model.SerializeToString(), opts,
                                 providers=["CPUExecutionProvider"])
 
 
-def _resize_model(mode: str, ctm: str, nearest: str, scales: list[float]) -> object:
+def _resize_model(mode: str, ctm: str, nearest: str, scales: list[float]) -> Any:
     """x (1, 3, H, W) -> Resize -> y; H and W dynamic."""
     node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="up", mode=mode,
                             coordinate_transformation_mode=ctm, nearest_mode=nearest)
@@ -47,14 +48,14 @@ def test_a_nearest_2x_resize_becomes_copies_with_the_same_output() -> None:
     before = _session(model)
     assert upsample_rewrite.rewrite(model) == 1
     onnx.checker.check_model(model)
-    ops = [n.op_type for n in model.graph.node]  # type: ignore[attr-defined]
+    ops = [n.op_type for n in model.graph.node]
     assert "Resize" not in ops and ops.count("Concat") == 2
     after = _session(model)
     rng = np.random.default_rng(0)
     for shape in [(1, 3, 5, 7), (1, 3, 64, 48)]:  # odd sizes and another shape, same graph
         x = rng.normal(size=shape).astype(np.float32)
-        y0 = before.run(None, {"x": x})[0]  # type: ignore[attr-defined]
-        y1 = after.run(None, {"x": x})[0]  # type: ignore[attr-defined]
+        y0 = before.run(None, {"x": x})[0]
+        y1 = after.run(None, {"x": x})[0]
         assert y1.shape == (1, 3, 2 * shape[2], 2 * shape[3])
         assert np.array_equal(y0, y1)
         assert np.array_equal(y1[:, :, 1::2, 1::2], x)
@@ -70,7 +71,7 @@ def test_other_resizes_are_left_alone(mode: str, ctm: str, nearest: str,
                                       scales: list[float]) -> None:
     model = _resize_model(mode, ctm, nearest, scales)
     assert upsample_rewrite.rewrite(model) == 0
-    assert [n.op_type for n in model.graph.node] == ["Resize"]  # type: ignore[attr-defined]
+    assert [n.op_type for n in model.graph.node] == ["Resize"]
 
 
 def test_the_shipped_detector_computes_the_same_logits_after_the_rewrite() -> None:
