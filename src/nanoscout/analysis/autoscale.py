@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+import scipy.fft
 
 __all__ = ["DEFAULT_TOLERANCE", "DEFAULT_WINDOW_PX", "ScaleMemo", "Signature", "pass_window",
            "signature"]
@@ -70,28 +71,31 @@ def pass_window(shape: tuple[int, int], s: float, window_px: int = DEFAULT_WINDO
 
 
 @cache
-def _bands(n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Half-octave band index of each rfft2 bin of an n x n window (-1: unused), the window
-    function, and the number of bands (2 to n/2 cycles per window)."""
+def _bands(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The rfft2 bins of an n x n window that fall in a half-octave band (2 to n/2 cycles per
+    window): their flat indices and band numbers, the number of bins per band, the window
+    function, and the number of bands."""
     fy = np.fft.fftfreq(n)[:, None]
     fx = np.fft.rfftfreq(n)[None, :]
     r = np.sqrt(fy * fy + fx * fx) * n
     edges = 2.0 ** np.arange(1.0, np.log2(n / 2.0) + 0.01, 0.5)
-    idx = np.digitize(r, edges) - 1
-    idx[(r < edges[0]) | (r >= edges[-1])] = -1
+    idx = (np.digitize(r, edges) - 1).ravel()
+    used = np.flatnonzero((r.ravel() >= edges[0]) & (r.ravel() < edges[-1]))
+    nb = len(edges) - 1
     hann = np.hanning(n).astype(np.float32)
-    return idx.ravel(), np.outer(hann, hann), len(edges) - 1
+    count = np.maximum(np.bincount(idx[used], minlength=nb), 1).astype(np.float64)
+    return used, idx[used], count, np.outer(hann, hann), nb
 
 
 def _profile(view: np.ndarray, n: int) -> np.ndarray:
     """Log of the share of the spectral power of ``view`` (at most n x n, float) in each band."""
     if view.shape != (n, n):  # a small frame: mirror it up to the window
         view = np.pad(view, ((0, n - view.shape[0]), (0, n - view.shape[1])), mode="symmetric")
-    idx, win, nb = _bands(n)
+    used, band_of, count, win, nb = _bands(n)
     v = (view - np.float32(view.mean())) * win
-    p = np.abs(np.fft.rfft2(v)).ravel() ** 2
-    m = idx >= 0
-    band = np.bincount(idx[m], p[m], nb) / np.maximum(np.bincount(idx[m], minlength=nb), 1)
+    f = scipy.fft.rfft2(v).ravel()[used]  # single precision: a float32 view stays float32
+    p = f.real.astype(np.float64) ** 2 + f.imag.astype(np.float64) ** 2
+    band = np.bincount(band_of, p, nb) / count
     total = float(band.sum())
     if not total > 0:  # a flat frame
         return np.full(nb, -30.0)

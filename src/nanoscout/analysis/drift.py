@@ -2,10 +2,13 @@
 
 :class:`DriftEstimator` registers each frame against the previous one in two steps:
 
-1. **phase correlation** (scikit-image :func:`~skimage.registration.phase_cross_correlation`)
-   of the detector's normalised frame, sampled on a grid so that its longer side is at most 256 px
-   (a few milliseconds at 1024²; the previous frame's spectrum is kept), to the nearest binned
-   pixel, up to half the field;
+1. **phase correlation** of the detector's normalised frame, sampled on a grid so that its
+   longer side is at most 256 px (the previous frame's spectrum is kept), to the nearest binned
+   pixel, up to half the field: the peak of the inverse transform of the normalised
+   cross-power spectrum, as scikit-image's :func:`~skimage.registration.phase_cross_correlation`
+   finds it, computed on real-input FFTs (half the spectrum; ~0.4 ms at 1024² instead of ~1.2 ms
+   with the full complex spectra, the error estimates it also computes, and its ``abs``
+   of the correlation);
 2. **refinement on the particles**: the previous frame's particle centroids, moved by that
    shift, are matched to this frame's (nearest neighbour within a radius, twice with a
    tightening radius), and the shift becomes the median of the matched displacements. With a
@@ -72,6 +75,19 @@ def _binned(image: np.ndarray, b: int) -> np.ndarray:
     return out
 
 
+def _phase_shift(ref: np.ndarray, moving: np.ndarray, shape: tuple[int, int]
+                 ) -> tuple[int, int]:
+    """The whole-pixel (rows, cols) shift that registers the image of rfft2 spectrum ``moving``
+    onto that of ``ref`` (both real images of ``shape``), within half the field either way."""
+    cross = ref * np.conj(moving)
+    # phase only (scikit-image's floor on the magnitude: 100 float eps)
+    cross /= np.maximum(np.abs(cross), 100 * np.finfo(cross.real.dtype).eps)
+    corr = scipy.fft.irfft2(cross, s=shape)
+    peak = np.unravel_index(int(np.argmax(corr)), shape)
+    sy, sx = (int(p) - n if p > n // 2 else int(p) for p, n in zip(peak, shape, strict=True))
+    return sy, sx
+
+
 class DriftEstimator:
     """Registers each frame of one field of view against the previous one."""
 
@@ -95,8 +111,6 @@ class DriftEstimator:
         particle centroids ``points`` ((n, 2): x, y px) against the previous call's; returns
         the content's shift (px). ``diameter_px``: typical particle diameter (for the match
         radius)."""
-        from skimage.registration import phase_cross_correlation
-
         shape = (int(image.shape[0]), int(image.shape[1]))
         b = bin_factor(shape)
         small = _binned(image, b)
@@ -106,7 +120,7 @@ class DriftEstimator:
         if self._window is None or self._window.shape != small.shape:
             self._window = np.outer(np.hanning(small.shape[0]),
                                     np.hanning(small.shape[1])).astype(np.float32)
-        spectrum = scipy.fft.fft2((small - small.mean()) * self._window, workers=-1)
+        spectrum = scipy.fft.rfft2((small - small.mean()) * self._window)
         prev_spec, prev_points = self._spectrum, self._points
         same = self._shape == shape
         self._spectrum, self._shape = spectrum, shape
@@ -114,11 +128,9 @@ class DriftEstimator:
         if prev_spec is None or not same:
             return DriftStep(0.0, 0.0, "none", None)
         # whole binned pixels are enough: the particles refine it
-        shift, _err, _phase = phase_cross_correlation(prev_spec, spectrum, space="fourier",
-                                                      upsample_factor=1,
-                                                      normalization="phase")
+        sy, sx = _phase_shift(prev_spec, spectrum, small.shape)
         # the shift registers this frame onto the previous one: the content moved by -shift
-        dy, dx = -float(shift[0]) * b, -float(shift[1]) * b
+        dy, dx = -float(sy) * b, -float(sx) * b
         assert prev_points is not None
         cur = self._points
         if len(prev_points) == 0 or len(cur) == 0:
