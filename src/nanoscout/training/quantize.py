@@ -191,8 +191,9 @@ def _detector_parity(fp32: Path, int8: Path, card: ModelCard, sets: list[str], *
                      threads: int) -> dict[str, dict[str, Any]]:
     from nanoscout.engines import create_engine
 
-    engines = {name: create_engine(path, "onnxruntime-cpu", threads=threads, precision="fp32")
-               for name, path in (("fp32", fp32), ("int8", int8))}
+    engines = {"fp32": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="fp32"),
+               "int8": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="int8",
+                                     int8_model=int8)}
     try:
         return detector_parity(card, engines, sets, n_synthetic=n_synthetic,
                                max_images=max_images, data_root=data_root)
@@ -259,8 +260,9 @@ def engine_speed(fp32: Path, int8: Path, card: ModelCard, threads: int, runs: in
         x = {k: np.ascontiguousarray(np.tile(v, (1, 1, 3, 3))[:, :, :1024, :1024])
              for k, v in x.items()}
     n = runs or (9 if card.task == "detection-segmentation" else 40)
-    engines = {name: create_engine(path, "onnxruntime-cpu", threads=threads, precision="fp32")
-               for name, path in (("fp32", fp32), ("int8", int8))}
+    engines = {"fp32": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="fp32"),
+               "int8": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="int8",
+                                     int8_model=int8)}
     times: dict[str, list[float]] = {name: [] for name in engines}
     try:
         for e in engines.values():
