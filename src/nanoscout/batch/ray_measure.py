@@ -236,6 +236,11 @@ def measure_on_ray(
         with progress_bar("measuring on Ray", total=len(files), enabled=progress) as bar:
             bar.advance(len(done))
             _run(ray, actors, todo, report, on_file, bar)
+        # every task has returned: a temporary part left now is a killed worker's, whose file
+        # was measured again by the retry (or is listed as failed)
+        removed = clean_temporary(out)
+        if removed:
+            log.info("removed %d temporary part(s) of killed workers in %s", removed, out)
     finally:
         if started_here:
             ray.shutdown()
