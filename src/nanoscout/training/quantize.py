@@ -186,14 +186,20 @@ def detector_parity(card: ModelCard, engines: dict[str, Any], sets: list[str], *
     return out
 
 
+def _engine_pair(fp32: Path, int8: Path, threads: int) -> dict[str, Any]:
+    """The FP32 model and its INT8 sibling on ONNX Runtime CPU, the sibling loaded as the daemon
+    loads it (``precision="int8"``)."""
+    from nanoscout.engines import create_engine
+
+    return {"fp32": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="fp32"),
+            "int8": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="int8",
+                                  int8_model=int8)}
+
+
 def _detector_parity(fp32: Path, int8: Path, card: ModelCard, sets: list[str], *,
                      n_synthetic: int, max_images: int | None, data_root: Path | None,
                      threads: int) -> dict[str, dict[str, Any]]:
-    from nanoscout.engines import create_engine
-
-    engines = {"fp32": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="fp32"),
-               "int8": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="int8",
-                                     int8_model=int8)}
+    engines = _engine_pair(fp32, int8, threads)
     try:
         return detector_parity(card, engines, sets, n_synthetic=n_synthetic,
                                max_images=max_images, data_root=data_root)
@@ -253,16 +259,12 @@ def engine_speed(fp32: Path, int8: Path, card: ModelCard, threads: int, runs: in
     a 1024² frame for a detector, the fixed input of the others. The two engines take turns
     (``runs`` calls each: 9 for a detector, 40 for the small models), so a load that comes and
     goes on a shared machine weighs on both alike."""
-    from nanoscout.engines import create_engine
-
     x = next(calibration_inputs(card, 1, start=1000))
     if card.task == "detection-segmentation":
         x = {k: np.ascontiguousarray(np.tile(v, (1, 1, 3, 3))[:, :, :1024, :1024])
              for k, v in x.items()}
     n = runs or (9 if card.task == "detection-segmentation" else 40)
-    engines = {"fp32": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="fp32"),
-               "int8": create_engine(fp32, "onnxruntime-cpu", threads=threads, precision="int8",
-                                     int8_model=int8)}
+    engines = _engine_pair(fp32, int8, threads)
     times: dict[str, list[float]] = {name: [] for name in engines}
     try:
         for e in engines.values():
