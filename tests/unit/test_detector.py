@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -584,6 +585,45 @@ def test_tiled_detection_matches_whole_frame(shipped: Detector) -> None:
     assert len(pairs) >= 0.98 * n_whole
     with pytest.raises(ConfigError, match="tile_px"):
         Detector(shipped.engine, shipped.card, tile_px=100)
+
+
+@pytest.fixture(scope="module")
+def half_engine(shipped: Detector, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The shipped FP32 detector without its last step, the logits' 2x bilinear up-sampling
+    (what the CPU's INT8 siblings ship): the detector finishes it on the host."""
+    onnx = pytest.importorskip("onnx")
+    from nanoscout.engines import create_engine
+    from nanoscout.training.upsample_rewrite import strip_output_upsample
+
+    model = onnx.load(str(ONNX))
+    assert strip_output_upsample(model) == 1
+    path = tmp_path_factory.mktemp("half") / "detector_half.onnx"
+    onnx.save(model, str(path))
+    return create_engine(path, "onnxruntime-cpu", threads=2)
+
+
+@pytest.mark.parametrize("kw", [{"scale": 1.0}, {"scale": 0.6}, {"scale": 1.5},
+                                {"scale": 1.0, "tile_px": 256, "tile_margin_px": 48},
+                                {"scale": 1.0, "tta": 2}, {"scale": "auto"},
+                                {"scale": 1.0, "rotate45": True}])
+def test_a_model_with_half_resolution_logits_finds_the_same_particles(
+        shipped: Detector, half_engine: Engine, kw: dict[str, Any]) -> None:
+    """Every path of the detector (the live default, resampling, tiles, mirror images, the
+    scale estimate, the 45° view) gives the particles of the model that up-samples itself."""
+    cfg = SpecimenConfig(modality="TEM", shape=(448, 512), coverage=0.25,
+                         agglomerate_fraction=0.4)
+    fr = Specimen.generate(cfg, 11).acquire(np.random.default_rng(4))
+    full = Detector(shipped.engine, shipped.card, **kw).detect(fr.image)
+    half = Detector(half_engine, shipped.card, **kw).detect(fr.image)
+    assert half.labels.shape == full.labels.shape == (448, 512)
+    assert half.scale == full.scale
+    pairs, n_half, n_full = match_instances(half.labels, full.labels, iou=0.8)
+    assert n_full > 40
+    assert abs(n_half - n_full) <= 0.02 * n_full + 1
+    assert len(pairs) >= 0.97 * n_full
+    # at the frame's own scale the foreground is the same but for float rounding
+    if kw.get("scale") == 1.0 and len(kw) == 1:
+        assert np.mean((half.labels > 0) != (full.labels > 0)) < 1e-3
 
 
 def test_min_score_drops_unconvincing_particles() -> None:

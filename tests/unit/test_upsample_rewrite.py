@@ -16,6 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir  # noqa: E402
+from nanoscout.analysis.preprocess import resize_bilinear  # noqa: E402
 from nanoscout.training import upsample_rewrite  # noqa: E402
 from nanoscout.training.int8_calibration import calibration_inputs  # noqa: E402
 from nanoscout.training.quantize import quantize_onnx  # noqa: E402
@@ -86,10 +87,10 @@ def test_the_shipped_detector_computes_the_same_logits_after_the_rewrite() -> No
     assert np.array_equal(before.run(None, x)[0], _session(model).run(None, x)[0])
 
 
-def test_the_int8_detector_keeps_float_logits_and_no_nearest_resize(tmp_path: Path) -> None:
+def test_the_int8_detector_has_no_resize_and_outputs_stride_2_logits(tmp_path: Path) -> None:
     """What ``nanoscout models quantize`` writes: the up-samplings as copies, the first
-    convolution and the logits computed in float (no quantize of the input or the output), and
-    the output close to FP32's."""
+    convolution in float (no quantize of the input), the logits' bilinear up-sampling left to
+    the host, and the output, up-sampled, close to FP32's."""
     path = WEIGHTS / "detector.onnx"
     if not path.is_file():
         pytest.skip(f"no shipped {path}")
@@ -97,16 +98,48 @@ def test_the_int8_detector_keeps_float_logits_and_no_nearest_resize(tmp_path: Pa
     dst = tmp_path / "detector.int8.onnx"
     how = quantize_onnx(path, dst, calibration_inputs(card, 4))
     assert "3 nearest 2x Resize rewritten" in how and "output nodes (float)" in how
+    assert "left to the host" in how
     q = onnx.load(str(dst))
-    out = q.graph.output[0].name
-    producer = next(n for n in q.graph.node if out in n.output)
-    assert producer.op_type == "Resize"  # float bilinear, not a DequantizeLinear
-    assert sum(n.op_type == "Resize" for n in q.graph.node) == 1
+    assert q.graph.output[0].name == card.outputs[0].name
+    assert not any(n.op_type == "Resize" for n in q.graph.node)
     # the first convolution reads the float image itself (no QuantizeLinear of the input)
     first = next(n for n in q.graph.node if q.graph.input[0].name in n.input)
     assert first.op_type == "Conv"
     x = next(calibration_inputs(card, 1, start=1000))
     ref = _session(onnx.load(str(path))).run(None, x)[0]
     got = _session(q).run(None, x)[0]
-    assert got.dtype == np.float32 and got.shape == ref.shape
-    assert np.mean((got > 0) == (ref > 0)) > 0.99
+    h, w = ref.shape[2:]
+    assert got.dtype == np.float32 and got.shape == (*ref.shape[:2], h // 2, w // 2)
+    up = np.stack([resize_bilinear(c, (h, w)) for c in got[0]])[None]
+    assert np.mean((up > 0) == (ref > 0)) > 0.99
+
+
+def test_the_logits_bilinear_upsampling_is_stripped_and_the_host_computes_it() -> None:
+    model = _resize_model("linear", "half_pixel", "floor", [1, 1, 2, 2])
+    # a graph that computes something before the up-sampling
+    model.graph.node.insert(0, helper.make_node("Relu", ["x"], ["r"], name="relu"))
+    model.graph.node[1].input[0] = "r"
+    full = _session(model)
+    assert upsample_rewrite.strip_output_upsample(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Relu"]
+    assert [o.name for o in model.graph.output] == ["y"]
+    assert not model.graph.initializer  # the scales went with their Resize
+    half = _session(model)
+    x = np.random.default_rng(1).normal(size=(1, 3, 6, 10)).astype(np.float32)
+    y_half = half.run(None, {"x": x})[0]
+    assert np.array_equal(y_half, np.maximum(x, 0))
+    y_full = full.run(None, {"x": x})[0]
+    host = np.stack([resize_bilinear(c, (12, 20)) for c in y_half[0]])
+    np.testing.assert_allclose(host, y_full[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,ctm,scales", [
+    ("nearest", "asymmetric", [1, 1, 2, 2]),
+    ("linear", "align_corners", [1, 1, 2, 2]),
+    ("linear", "half_pixel", [1, 1, 4, 4]),
+])
+def test_other_output_resizes_stay(mode: str, ctm: str, scales: list[float]) -> None:
+    model = _resize_model(mode, ctm, "floor", scales)
+    assert upsample_rewrite.strip_output_upsample(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Resize"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,7 +27,11 @@ from nanoscout.analysis.autoscale import (
     ScaleMemo,
     pass_window,
 )
-from nanoscout.analysis.instances import block_centres, instances_from_logits
+from nanoscout.analysis.instances import (
+    block_centres,
+    instances_from_half_logits,
+    instances_from_logits,
+)
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.multiscale import merge_by_score
 from nanoscout.analysis.preprocess import (
@@ -214,19 +218,31 @@ class Detector:
                               np.asarray(cal.probabilities, np.float32)))
 
     def _infer(self, tiles: np.ndarray) -> np.ndarray:
-        """Return the (b, C, h, w) logits of a (b, h, w) stack of tiles (one engine call)."""
+        """Return the (b, C, h, w) logits of a (b, h, w) stack of tiles (one engine call), or
+        (b, C, h / 2, w / 2) from a model that leaves its last 2x up-sampling to the host
+        (:mod:`~nanoscout.analysis.half_logits`; the CPU's INT8 siblings)."""
         b, h, w = tiles.shape
         out = self.engine.infer({self.input_name: tiles[:, None]}).get(self.output_name)
-        if out is None or out.ndim != 4 or out.shape[0] != b or out.shape[2:] != (h, w):
+        grids = [(h, w)] + ([(h // 2, w // 2)] if h % 2 == 0 and w % 2 == 0 else [])
+        if out is None or out.ndim != 4 or out.shape[0] != b or out.shape[2:] not in grids:
             got = None if out is None else out.shape
             raise EngineFailure(f"engine output {self.output_name!r} has shape {got}, "
                                 f"expected ({b}, C, {h}, {w})")
         return out
 
+    @staticmethod
+    def _full(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Return (1, C, H, W) logits on the ``shape`` grid: half-resolution ones up-sampled
+        2x the way the models' own last step does it (bilinear, pixel centres aligned)."""
+        if logits.shape[2:] == shape:
+            return logits
+        return np.stack([resize_bilinear(c, shape) for c in logits[0]])[None]
+
     def _logits(self, x: np.ndarray, tta: int = 1, rotate45: bool = False) -> np.ndarray:
-        """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled;
-        with ``tta`` > 1 the mean over that many mirror images (none, left-right, up-down,
-        both), each mirrored back."""
+        """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled, or
+        (1, C, H / 2, W / 2) from a model that leaves its last up-sampling to the host (not with
+        ``rotate45``); with ``tta`` > 1 the mean over that many mirror images (none,
+        left-right, up-down, both), each mirrored back."""
 
         def run(tiles: np.ndarray) -> np.ndarray:
             # the sum of mirror images accumulates in a copy, never in the engine's output
@@ -243,6 +259,7 @@ class Detector:
         if rotate45:
             # the larger logit: a particle either view sees is kept (a mean would lose a wire
             # along the axes of either view)
+            out = self._full(out, x.shape)
             np.maximum(out, self._turned_logits(x, run), out=out)
         return out
 
@@ -261,8 +278,8 @@ class Detector:
         xr = ndi.affine_transform(x, turn.T, offset=cx - turn.T @ cr, output_shape=(side, side),
                                   order=1, mode="constant", cval=float(np.median(x[::4, ::4])))
         xr, _ = pad_to_multiple(xr.astype(np.float32), self.stride)
-        lr = infer_tiled(run, xr, self.tile_px, self.tile_margin_px, self.stride,
-                         self.tile_batch)
+        lr = self._full(infer_tiled(run, xr, self.tile_px, self.tile_margin_px, self.stride,
+                                    self.tile_batch), xr.shape)
         back = np.empty((1, lr.shape[1], h, w), np.float32)
         for k in range(lr.shape[1]):
             back[0, k] = ndi.affine_transform(lr[0, k], turn, offset=cr - turn @ cx,
@@ -298,7 +315,7 @@ class Detector:
         wh, ww = max(self.stride, round(h * s)), max(self.stride, round(w * s))
         xs, _ = pad_to_multiple(resample(x, (wh, ww)) if (wh, ww) != (h, w) else x, self.stride)
         t0 = time.perf_counter()
-        logits = self._logits(xs)
+        logits = self._full(self._logits(xs), xs.shape)
         self._pass_engine_s = time.perf_counter() - t0
         labels, scores = instances_from_logits(
             logits[0, self._fg, :wh, :ww], logits[0, self._core, :wh, :ww],
@@ -486,20 +503,31 @@ class Detector:
             t1 = time.perf_counter()
             logits = self._logits(x, self.tta, turn)
         t2 = time.perf_counter()
-        # views, no copies: the post-processing reads the padded output in place
-        fg = logits[0, self._fg, :wh, :ww]
-        core = logits[0, self._core, :wh, :ww]
         th = self.thresholds
+        rules: dict[str, Any] = dict(
+            foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
+            min_core_px=th.min_core_px, merge_contact=th.merge_contact, min_score=th.min_score,
+            merge_convex=th.merge_convex)
+        r = x.shape[0] // logits.shape[2] if not reuse else 1
+        fg, core = logits[0, self._fg], logits[0, self._core]
+        if r == 2 and (wh, ww) == (h, w) and th.post_stride == 2 and h % 2 == 0 and w % 2 == 0:
+            # the live default: thresholds and centre samples straight from half resolution
+            labels, scores = instances_from_half_logits(fg, core, (h, w), **rules)
+            return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
         stride = th.post_stride
-        if (wh, ww) != (h, w):
+        if r != 1 or (wh, ww) != (h, w):
             # after upsampling small particles cover few frame pixels: keep full resolution
             stride = th.post_stride if scale <= 1.0 else 1
-            fg = resize_bilinear(fg, (h, w))
+            # one interpolation from the engine's grid to the frame's: the working grid is the
+            # top-left wh x ww of the padded map, at 1 / r of its px
+            span = (wh / r, ww / r)
+            fg, core = fg[:-(-wh // r), :-(-ww // r)], core[:-(-wh // r), :-(-ww // r)]
+            fg = resize_bilinear(fg, (h, w), span=span)
             # the core is only read at the block centres: resample just those
             core = resize_bilinear(core, (h, w), rows=block_centres(h, stride),
-                                   cols=block_centres(w, stride))
-        labels, scores = instances_from_logits(
-            fg, core, foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
-            min_core_px=th.min_core_px, post_stride=stride, merge_contact=th.merge_contact,
-            min_score=th.min_score, merge_convex=th.merge_convex)
+                                   cols=block_centres(w, stride), span=span)
+        else:
+            # views, no copies: the post-processing reads the padded output in place
+            fg, core = fg[:wh, :ww], core[:wh, :ww]
+        labels, scores = instances_from_logits(fg, core, post_stride=stride, **rules)
         return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s

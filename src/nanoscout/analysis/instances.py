@@ -38,9 +38,10 @@ import math
 
 import numpy as np
 
+from nanoscout.analysis.half_logits import centre_samples, threshold_2x
 from nanoscout.analysis.preprocess import band_rows
 
-__all__ = ["block_centres", "instances_from_logits", "logit"]
+__all__ = ["block_centres", "instances_from_half_logits", "instances_from_logits", "logit"]
 
 #: growth steps during which seeds advance at their own speed; afterwards all advance each step
 _MAX_ITER = 64
@@ -454,7 +455,60 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     if fg_logits.size == 0:
         return np.zeros((h, w), np.int32), np.zeros(1, np.float32)
     # p > t  <=>  logit > logit(t): no sigmoid over the frame
-    fg_full = np.greater(fg_logits, lf)
+    return _instances(np.greater(fg_logits, lf), (fg_logits, s),
+                      (core_logits, s if core_logits.shape == (h, w) else 1), s, lf, lc,
+                      min_area_px=min_area_px, min_core_px=min_core_px,
+                      merge_contact=merge_contact, min_score=min_score,
+                      merge_convex=merge_convex)
+
+
+def instances_from_half_logits(fg_half: np.ndarray, core_half: np.ndarray,
+                               shape: tuple[int, int], *, foreground: float = 0.5,
+                               core: float = 0.5, min_area_px: int = 4, min_core_px: int = 1,
+                               merge_contact: float | None = 1.6, min_score: float = 0.0,
+                               merge_convex: float | None = None
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`instances_from_logits` at ``post_stride`` 2 of logits at half resolution.
+
+    ``fg_half`` / ``core_half``: (h, w) logits whose 2x bilinear up-sampling (half-pixel
+    centres, the detectors' own last step) covers the frame grid from its top-left corner;
+    ``shape``: the frame grid (H, W), both even, H <= 2h, W <= 2w (the rest is padding). The
+    labels are those of :func:`instances_from_logits` on the up-sampled maps (up to float
+    rounding within ~1e-6 of a threshold), without making them:
+    :mod:`~nanoscout.analysis.half_logits`. Raises ValueError for other shapes.
+    """
+    if fg_half.ndim != 2 or core_half.shape != fg_half.shape:
+        raise ValueError(f"half-resolution logits must be two 2-D maps of one shape, got "
+                         f"{fg_half.shape} and {core_half.shape}")
+    h, w = shape
+    hc, wc = h // 2, w // 2
+    if h % 2 or w % 2 or hc > fg_half.shape[0] or wc > fg_half.shape[1]:
+        raise ValueError(f"frame grid {shape} must be even and within twice the logits' "
+                         f"{fg_half.shape}")
+    lf, lc = np.float32(logit(foreground)), np.float32(logit(core))
+    if h == 0 or w == 0:
+        return np.zeros((h, w), np.int32), np.zeros(1, np.float32)
+    fg_full, fg_centres = threshold_2x(fg_half, float(lf))
+    # block (i, j) of the stride-2 grid is sampled at (2i + 1, 2j + 1): the centre samples
+    return _instances(fg_full[:h, :w], (fg_centres[:hc, :wc], 1),
+                      (centre_samples(core_half)[:hc, :wc], 1), 2, lf, lc,
+                      min_area_px=min_area_px, min_core_px=min_core_px,
+                      merge_contact=merge_contact, min_score=min_score,
+                      merge_convex=merge_convex)
+
+
+def _instances(fg_full: np.ndarray, fg_src: tuple[np.ndarray, int],
+               core_src: tuple[np.ndarray, int], s: int, lf: np.float32, lc: np.float32, *,
+               min_area_px: int, min_core_px: int, merge_contact: float | None,
+               min_score: float, merge_convex: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The instances of the foreground ``fg_full`` (bool, frame grid) on the stride-``s`` grid.
+
+    ``fg_src`` / ``core_src``: (map, its stride) the foreground / core logits at the block
+    centres are read from: a frame-grid map with stride ``s``, or the block-centre samples
+    themselves with stride 1. ``lf`` / ``lc``: the threshold logits.
+    """
+    h, w = fg_full.shape
+    hc, wc = -(-h // s), -(-w // s)
     w2 = wc + 2
 
     # the coarse grid, with a one-pixel zero border: a block is foreground when any of its
@@ -470,12 +524,11 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     # ... and their block centres at full resolution; the core is sampled there, which keeps
     # the narrow gap between the cores of small touching particles open
     prow = np.repeat(f_start // w2, f_len)  # a pixel's row is its run's row
-    fgv, idx = _at_centres(fg_logits, pix, prow, s, w2)
-    if core_logits.shape != fg_logits.shape:  # already sampled at the block centres
-        cv, _ = _at_centres(core_logits, pix, prow, 1, w2)
-    else:
-        cv, _ = _at_centres(core_logits, pix, prow, s, w2,
-                            idx if core_logits.strides == fg_logits.strides else None)
+    (fg_map, fg_s), (core_map, core_s) = fg_src, core_src
+    fgv, idx = _at_centres(fg_map, pix, prow, fg_s, w2)
+    same = core_s == fg_s and core_map.shape == fg_map.shape \
+        and core_map.strides == fg_map.strides
+    cv, _ = _at_centres(core_map, pix, prow, core_s, w2, idx if same else None)
     is_core = cv > lc
     core_pos = np.flatnonzero(is_core)
     cpix = pix[core_pos]

@@ -148,20 +148,22 @@ def _axis_weights(n_in: int, n_out: int, span: float | None = None
 
 
 def resize_bilinear(image: np.ndarray, shape: tuple[int, int], *,
-                    rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> np.ndarray:
+                    rows: np.ndarray | None = None, cols: np.ndarray | None = None,
+                    span: tuple[float, float] | None = None) -> np.ndarray:
     """Return ``image`` resampled to ``shape`` (rows, cols) by bilinear interpolation, float32.
 
     Pixel centres are aligned (like ``align_corners=False``); used for the detector's
     resample factor and to bring logit maps back to the frame's grid. ``rows`` / ``cols``
     (integer indices into the output grid) evaluate only those output rows / columns, e.g. the
-    block centres the post-processing samples.
+    block centres the post-processing samples. ``span``: the extent of ``image`` (rows, cols,
+    in its px from its top-left corner) that the output covers; None: all of it.
     """
     h, w = image.shape
     img = image.astype(np.float32, copy=False)
-    if (h, w) == tuple(shape) and rows is None and cols is None:
+    if (h, w) == tuple(shape) and rows is None and cols is None and span in (None, (h, w)):
         return img
-    r0, r1, wr = _axis_weights(h, shape[0])
-    c0, c1, wc = _axis_weights(w, shape[1])
+    r0, r1, wr = _axis_weights(h, shape[0], None if span is None else span[0])
+    c0, c1, wc = _axis_weights(w, shape[1], None if span is None else span[1])
     if rows is not None:
         r0, r1, wr = r0[rows], r1[rows], wr[rows]
     if cols is not None:

@@ -88,11 +88,13 @@ def _keep(starts: list[int], length: int, n: int) -> list[tuple[int, int]]:
 
 def infer_tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: int, margin: int,
                 stride: int, batch: int = 1) -> np.ndarray:
-    """Return the (1, C, H, W) logits of ``x`` (H, W), computed by ``run`` tile by tile.
+    """Return the (1, C, H / r, W / r) logits of ``x`` (H, W), computed by ``run`` tile by tile.
 
-    ``run`` maps a (b, h, w) float32 stack of tiles to their (b, C, h, w) logits; it is called
-    with at most ``batch`` tiles (>= 1) at a time. ``x``'s sides must be multiples of
-    ``stride``. A single engine call of one tile when ``x`` fits in one tile.
+    ``run`` maps a (b, h, w) float32 stack of tiles to their (b, C, h / r, w / r) logits, r = 1
+    or 2 (a model whose last 2x up-sampling is left to the host:
+    :mod:`~nanoscout.analysis.half_logits`); it is called with at most ``batch`` tiles (>= 1)
+    at a time. ``x``'s sides must be multiples of ``stride``. A single engine call of one tile
+    when ``x`` fits in one tile.
     """
     if batch < 1:
         raise ValueError(f"batch {batch} must be >= 1")
@@ -108,14 +110,29 @@ def infer_tiled(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: in
     keep_r, keep_c = _keep(rows, th, h), _keep(cols, tw, w)
     jobs = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
     out: np.ndarray | None = None
+    r = 1
     for k in range(0, len(jobs), batch):
         part = jobs[k:k + batch]
         stack = np.stack([x[rows[i]:rows[i] + th, cols[j]:cols[j] + tw] for i, j in part])
         y = run(stack)
         if out is None:
-            out = np.empty((1, y.shape[1], h, w), np.float32)
+            r = _output_stride(y.shape[2:], (th, tw), rows + cols
+                               + [v for span in keep_r + keep_c for v in span])
+            out = np.empty((1, y.shape[1], h // r, w // r), np.float32)
         for b, (i, j) in enumerate(part):
             (r0, r1), (c0, c1) = keep_r[i], keep_c[j]
-            out[0, :, r0:r1, c0:c1] = y[b, :, r0 - rows[i]:r1 - rows[i], c0 - cols[j]:c1 - cols[j]]
+            out[0, :, r0 // r:r1 // r, c0 // r:c1 // r] = \
+                y[b, :, (r0 - rows[i]) // r:(r1 - rows[i]) // r,
+                  (c0 - cols[j]) // r:(c1 - cols[j]) // r]
     assert out is not None
     return out
+
+
+def _output_stride(out: tuple[int, ...], tile: tuple[int, int], cuts: list[int]) -> int:
+    """Return r (1 or 2) for tiles of ``tile`` px whose logits are ``out`` px; every tile
+    start and seam (``cuts``, px) must fall on the output grid."""
+    for r in (1, 2):
+        if tuple(out) == (tile[0] // r, tile[1] // r) and not any(c % r for c in (*tile, *cuts)):
+            return r
+    raise ValueError(f"tiles of {tile} px gave logits of {tuple(out)} px: neither the tile's "
+                     "grid nor half of it on even seams")

@@ -24,7 +24,9 @@ every operator ONNX Runtime can (convolutions, skips, up-samplings) but the conv
 reads the image and the nodes that compute their outputs (the logits stay float), after their
 2x nearest up-samplings are rewritten as concatenations
 (:mod:`nanoscout.training.upsample_rewrite`: the same numbers, without ONNX Runtime's slow
-channels-last ``Resize``); the classifier and the lens only their convolutions, so the lens's
+channels-last ``Resize``), and their last step, the logits' bilinear 2x up-sampling, is left
+to the host (the sibling outputs stride-2 logits; :mod:`nanoscout.analysis.half_logits`); the
+classifier and the lens only their convolutions, so the lens's
 novelty statistics (powers, logs, means computed in the graph) stay in float.
 
 Parity (:func:`parity`): the FP32 and the INT8 model on the same held-out data, through the
@@ -131,12 +133,23 @@ def quantize_onnx(src: Path, dst: Path, inputs: Iterable[dict[str, np.ndarray]],
                         weight_type=QuantType.QInt8, calibrate_method=methods[method],
                         op_types_to_quantize=ops, nodes_to_exclude=exclude,
                         extra_options=extra)
+    stripped = 0
+    if ops is None:
+        # the final bilinear up-sampling of the logits (float, after the last dequantization)
+        # moves to the host, which needs only its threshold and its block-centre samples
+        model = onnx.load(str(dst))
+        stripped = upsample_rewrite.strip_output_upsample(model)
+        if stripped:
+            onnx.save(model, str(dst))
     which = "every quantizable operator" if ops is None else "operators " + ", ".join(ops)
     if exclude:
         which += " but the first convolution and the output nodes (float)"
     if rewritten:
         which += (f"; {rewritten} nearest 2x Resize rewritten as concatenations "
                   "(nanoscout.training.upsample_rewrite)")
+    if stripped:
+        which += ("; the logits' final bilinear 2x Resize left to the host "
+                  "(nanoscout.analysis.half_logits: stride-2 output)")
     return (f"onnxruntime quantize_static, QDQ, per-channel int8 weights, uint8 activations, "
             f"{method} calibration{' (99.999th percentile)' if extra else ''}, {which}")
 

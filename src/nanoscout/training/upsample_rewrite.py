@@ -13,8 +13,17 @@ is slow in that layout: the three up-samplings took ~10 ms of a ~50 ms INT8 engi
 The transposes cancel against the ones ONNX Runtime puts around its channels-last
 convolutions, and the concatenations become ``QLinearConcat`` byte copies. The output is
 identical to the ``Resize`` (FP32: bit for bit; INT8: the inserted tensors take their input's
-range, so no rounding changes). Only :mod:`nanoscout.training.quantize` uses it; the shipped
-FP32 files (which TensorRT and Triton build from) keep their ``Resize``.
+range, so no rounding changes).
+
+:func:`strip_output_upsample` removes the last step, the 2x *bilinear* up-sampling of the
+logits, from the quantized graph: the model then outputs its stride-2 logits (same name), and
+the detector computes what it needs at full resolution on the host
+(:mod:`nanoscout.analysis.half_logits`: the threshold and the block-centre samples, ~1 ms
+where ONNX Runtime's ``Resize`` of both 1024² maps took ~2.9 ms). The quantized arithmetic is
+unchanged: the ``Resize`` was float, after the last dequantization.
+
+Only :mod:`nanoscout.training.quantize` uses this module; the shipped FP32 files (which
+TensorRT and Triton build from) keep both kinds of ``Resize``.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["rewrite"]
+__all__ = ["rewrite", "strip_output_upsample"]
 
 
 def _is_nearest_2x(node: Any, constants: dict[str, np.ndarray]) -> bool:
@@ -45,15 +54,78 @@ def _is_nearest_2x(node: Any, constants: dict[str, np.ndarray]) -> bool:
     return scales is not None and [float(s) for s in scales] == [1.0, 1.0, 2.0, 2.0]
 
 
+def _constants(graph: Any) -> dict[str, np.ndarray]:
+    """The values of ``graph``'s ``Constant`` nodes and initializers, by name."""
+    from onnx import numpy_helper
+
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+                 for n in graph.node if n.op_type == "Constant" and n.attribute}
+    constants.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
+    return constants
+
+
+def _is_bilinear_2x(node: Any, constants: dict[str, np.ndarray]) -> bool:
+    """Whether ``node`` is a Resize that up-samples H and W 2x bilinearly, pixel centres
+    aligned and edges clamped (what :mod:`nanoscout.analysis.half_logits` computes)."""
+    from onnx import helper
+
+    if node.op_type != "Resize" or len(node.input) < 3:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("mode") != b"linear" or attrs.get("exclude_outside", 0) != 0 \
+            or attrs.get("antialias", 0) != 0:
+        return False
+    if attrs.get("coordinate_transformation_mode", b"half_pixel") != b"half_pixel":
+        return False
+    scales = constants.get(node.input[2])
+    return scales is not None and [float(s) for s in scales] == [1.0, 1.0, 2.0, 2.0]
+
+
+def strip_output_upsample(model: Any) -> int:
+    """Remove, in place, the 2x bilinear ``Resize`` that computes a graph output of the ONNX
+    ``model``; its input becomes that output, under the output's name (shape: half the
+    height and width). Returns how many were removed (0 when the model has none)."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    constants = _constants(graph)
+    outputs = {o.name: o for o in graph.output}
+    done = 0
+    for node in list(graph.node):
+        if not (node.output[0] in outputs and _is_bilinear_2x(node, constants)):
+            continue
+        name, src = node.output[0], node.input[0]
+        if any(src in n.input for n in graph.node if n is not node) or src in outputs:
+            continue  # the half-resolution map is read elsewhere too: leave the graph alone
+        for n in graph.node:
+            n.output[:] = [name if o == src else o for o in n.output]
+        graph.node.remove(node)
+        old = outputs[name]
+        dims = old.type.tensor_type.shape.dim
+        shape = [d.dim_value or d.dim_param or None for d in dims][:2] + [None, None] \
+            if len(dims) == 4 else None
+        graph.output.remove(old)
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        done += 1
+    if done:
+        used = {i for n in graph.node for i in n.input}
+        keep = [n for n in graph.node if n.op_type != "Constant"
+                or any(o in used for o in n.output)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        unused = [i for i in graph.initializer if i.name not in used]
+        for i in unused:
+            graph.initializer.remove(i)
+    return done
+
+
 def rewrite(model: Any) -> int:
     """Rewrite, in place, every 2x nearest ``Resize`` of the ONNX ``model`` (a ``ModelProto``)
     as transposes, concatenations and a reshape; returns how many were rewritten."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
-                 for n in graph.node if n.op_type == "Constant" and n.attribute}
-    constants.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
+    constants = _constants(graph)
     nodes, done = [], 0
     for node in graph.node:
         if not _is_nearest_2x(node, constants):
