@@ -335,7 +335,6 @@ def real_frames(n_frames: int, threads: int) -> dict[str, Any] | None:
 
 def _machine() -> dict[str, Any]:
     import onnxruntime
-    import trackpy
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
@@ -344,7 +343,7 @@ def _machine() -> dict[str, Any]:
         commit = ""
     return {"cpu_count": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
             "platform": platform.platform(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "trackpy": trackpy.__version__,
+            "onnxruntime": onnxruntime.__version__,
             "git_commit": commit, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 

@@ -6,8 +6,9 @@ Two costs showed in the frames' latency (``benchmarks/gc_freeze.py``):
   quarter of a million objects) lives as long as the daemon, yet every full collection walked
   it again: ~0.1 s every few dozen 1024² frames. :func:`settle` moves it to the permanent
   generation (``gc.freeze``) once start-up is done.
-* tracking keeps two frames of trackpy's linking state (about 24 objects per particle: ~240,000
-  at 4096² with 10,000 particles), and the allocations of each frame made a full collection
+* tracking kept two frames of trackpy's linking state (about 24 objects per particle: ~240,000
+  at 4096² with 10,000 particles; the linker is vectorised now, but any such per-particle
+  Python state would do the same), and the allocations of each frame made a full collection
   walk it once per frame: 110 ms of a 4096² frame's 190 ms of tracking. That state is freed by
   reference counting (it forms almost no cycles), so :func:`settle` lets a full collection
   wait for ``FULL_EVERY`` young-generation passes (Python's default: 10). The young
