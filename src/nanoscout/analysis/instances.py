@@ -35,6 +35,7 @@ unassigned pixel at every step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -454,9 +455,15 @@ def instances_from_logits(fg_logits: np.ndarray, core_logits: np.ndarray, *,
     lf, lc = np.float32(logit(foreground)), np.float32(logit(core))
     if fg_logits.size == 0:
         return np.zeros((h, w), np.int32), np.zeros(1, np.float32)
+    core_s = s if core_logits.shape == (h, w) else 1  # else sampled at the centres already
+
+    def sample(pix: np.ndarray, prow: np.ndarray, w2: int) -> tuple[np.ndarray, np.ndarray]:
+        fgv, idx = _at_centres(fg_logits, pix, prow, s, w2)
+        same = core_s == s and core_logits.strides == fg_logits.strides
+        return fgv, _at_centres(core_logits, pix, prow, core_s, w2, idx if same else None)[0]
+
     # p > t  <=>  logit > logit(t): no sigmoid over the frame
-    return _instances(np.greater(fg_logits, lf), (fg_logits, s),
-                      (core_logits, s if core_logits.shape == (h, w) else 1), s, lf, lc,
+    return _instances(np.greater(fg_logits, lf), sample, s, lf, lc,
                       min_area_px=min_area_px, min_core_px=min_core_px,
                       merge_contact=merge_contact, min_score=min_score,
                       merge_convex=merge_convex)
@@ -490,22 +497,30 @@ def instances_from_half_logits(fg_half: np.ndarray, core_half: np.ndarray,
         return np.zeros((h, w), np.int32), np.zeros(1, np.float32)
     fg_full, fg_centres = threshold_2x(fg_half, float(lf))
     # block (i, j) of the stride-2 grid is sampled at (2i + 1, 2j + 1): the centre samples
-    return _instances(fg_full[:h, :w], (fg_centres[:hc, :wc], 1),
-                      (centre_samples(core_half)[:hc, :wc], 1), 2, lf, lc,
+    # (whole maps: at 1024² cheaper than gathering four neighbours per foreground block)
+    fg_at, core_at = fg_centres[:hc, :wc], centre_samples(core_half)[:hc, :wc]
+
+    def sample(pix: np.ndarray, prow: np.ndarray, w2: int) -> tuple[np.ndarray, np.ndarray]:
+        fgv, idx = _at_centres(fg_at, pix, prow, 1, w2)
+        return fgv, _at_centres(core_at, pix, prow, 1, w2, idx)[0]
+
+    return _instances(fg_full[:h, :w], sample, 2, lf, lc,
                       min_area_px=min_area_px, min_core_px=min_core_px,
                       merge_contact=merge_contact, min_score=min_score,
                       merge_convex=merge_convex)
 
 
-def _instances(fg_full: np.ndarray, fg_src: tuple[np.ndarray, int],
-               core_src: tuple[np.ndarray, int], s: int, lf: np.float32, lc: np.float32, *,
-               min_area_px: int, min_core_px: int, merge_contact: float | None,
-               min_score: float, merge_convex: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """The instances of the foreground ``fg_full`` (bool, frame grid) on the stride-``s`` grid.
+#: ``sample(pix, prow, w2)``: the foreground and the core logits at the block centres of the
+#: coarse pixels ``pix`` (flat indices into the zero-bordered coarse grid, ``w2`` wide; ``prow``
+#: their rows there)
+_Sampler = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
-    ``fg_src`` / ``core_src``: (map, its stride) the foreground / core logits at the block
-    centres are read from: a frame-grid map with stride ``s``, or the block-centre samples
-    themselves with stride 1. ``lf`` / ``lc``: the threshold logits.
+
+def _instances(fg_full: np.ndarray, sample: _Sampler, s: int, lf: np.float32, lc: np.float32,
+               *, min_area_px: int, min_core_px: int, merge_contact: float | None,
+               min_score: float, merge_convex: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The instances of the foreground ``fg_full`` (bool, frame grid) on the stride-``s`` grid;
+    ``sample`` reads the logits at the block centres; ``lf`` / ``lc``: the threshold logits.
     """
     h, w = fg_full.shape
     hc, wc = -(-h // s), -(-w // s)
@@ -524,11 +539,7 @@ def _instances(fg_full: np.ndarray, fg_src: tuple[np.ndarray, int],
     # ... and their block centres at full resolution; the core is sampled there, which keeps
     # the narrow gap between the cores of small touching particles open
     prow = np.repeat(f_start // w2, f_len)  # a pixel's row is its run's row
-    (fg_map, fg_s), (core_map, core_s) = fg_src, core_src
-    fgv, idx = _at_centres(fg_map, pix, prow, fg_s, w2)
-    same = core_s == fg_s and core_map.shape == fg_map.shape \
-        and core_map.strides == fg_map.strides
-    cv, _ = _at_centres(core_map, pix, prow, core_s, w2, idx if same else None)
+    fgv, cv = sample(pix, prow, w2)
     is_core = cv > lc
     core_pos = np.flatnonzero(is_core)
     cpix = pix[core_pos]
