@@ -96,19 +96,15 @@ def test_a_pile_up_trackpy_refuses_is_linked() -> None:
 
 def test_memory_keeps_a_missed_track_for_that_many_frames() -> None:
     for memory in (0, 1, 2):
-        lk = FrameLinker(memory)
-        first = lk.link(np.array([[10.0, 10.0], [50.0, 50.0]]), 4.0)
-        gap = 0
-        while True:  # the second particle is missed on `gap` frames, then comes back
-            lk2 = FrameLinker(memory)
-            lk2.link(np.array([[10.0, 10.0], [50.0, 50.0]]), 4.0)
+        kept = []
+        for gap in range(memory + 3):  # the second particle is missed on `gap` frames
+            lk = FrameLinker(memory)
+            first = lk.link(np.array([[10.0, 10.0], [50.0, 50.0]]), 4.0)
             for _ in range(gap):
-                lk2.link(np.array([[10.0, 10.0]]), 4.0)
-            back = lk2.link(np.array([[10.0, 10.0], [51.0, 50.0]]), 4.0)
-            if back[1] != first[1]:
-                break
-            gap += 1
-        assert gap == memory + 1, (memory, gap)
+                lk.link(np.array([[10.0, 10.0]]), 4.0)
+            back = lk.link(np.array([[10.0, 10.0], [51.0, 50.0]]), 4.0)
+            kept.append(bool(back[1] == first[1]))
+        assert kept == [True] * (memory + 1) + [False] * 2, (memory, kept)
 
 
 def test_empty_frames_and_bad_input() -> None:
