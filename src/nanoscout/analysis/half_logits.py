@@ -2,11 +2,12 @@
 
 The detectors end in a 2x bilinear up-sampling of their stride-2 logits (ONNX ``Resize``,
 ``linear``, ``half_pixel``, clamped at the edges). The CPU's INT8 sibling leaves it out
-(:func:`nanoscout.training.upsample_rewrite.strip_output_upsample`): the post-processing needs full resolution for one
-thing only, *which pixels are foreground* (logit > threshold), and its block-centre samples
-(stride 2) of both maps. Both follow from the half-resolution map directly, at a fraction of
-the cost of resampling two whole maps (ONNX Runtime: ~2.9 ms for the two 1024² maps of a
-1024² frame, one core; here ~1.3 ms for the threshold and the samples).
+(:func:`nanoscout.training.upsample_rewrite.strip_output_upsample`): the post-processing needs
+full resolution for one thing only, *which pixels are foreground* (logit > threshold), and
+its block-centre samples (stride 2) of both maps. Both follow from the half-resolution map
+directly, at a fraction of the cost of resampling two whole maps (ONNX Runtime: ~2.9 ms for
+the two 1024² maps of a 1024² frame, one core; here ~1.3 ms for the threshold and the
+samples).
 
 Full-resolution pixel (2i + a, 2j + b) of the up-sampling reads half-resolution rows i - 1, i
 (a = 0) or i, i + 1 (a = 1) with weights 1/4, 3/4 or 3/4, 1/4, the same along columns, indices
