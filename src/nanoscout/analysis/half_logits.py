@@ -25,17 +25,19 @@ import numpy as np
 
 __all__ = ["centre_samples", "threshold_2x"]
 
-# a uint16 holds a row's even column in its first byte: the low byte on a little-endian machine
-if sys.byteorder == "little":
-    def _LOW(even: np.ndarray, odd: np.ndarray) -> np.ndarray: return even
-    def _HIGH(even: np.ndarray, odd: np.ndarray) -> np.ndarray: return odd
-else:  # pragma: no cover - no big-endian machine runs the tests
-    def _LOW(even: np.ndarray, odd: np.ndarray) -> np.ndarray: return odd
-    def _HIGH(even: np.ndarray, odd: np.ndarray) -> np.ndarray: return even
+#: a uint16 holds a row's even column in its first byte: the high byte on a big-endian machine
+_EVEN_HIGH = sys.byteorder == "big"
 
 #: rows of the half-resolution map processed at a time (a band of a 4k frame's 2048-px-wide
 #: map is ~1 MiB of float32: the passes over it stay in cache)
 _BAND_BYTES = 1 << 20
+
+
+def _as_map(half: np.ndarray) -> np.ndarray:
+    """``half`` as float32, or ValueError naming its shape when it is not a non-empty 2-D map."""
+    if half.ndim != 2 or half.size == 0:
+        raise ValueError(f"logits must be a non-empty 2-D map, got shape {half.shape}")
+    return half.astype(np.float32, copy=False)
 
 
 def _row_phases(m: np.ndarray, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,10 +74,8 @@ def threshold_2x(half: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nda
     Centre samples: the up-sampling at full-resolution pixels (2i + 1, 2j + 1), the block
     centres of the post-processing's stride-2 grid (see :func:`centre_samples`).
     """
-    if half.ndim != 2 or half.size == 0:
-        raise ValueError(f"logits must be a non-empty 2-D map, got shape {half.shape}")
-    h, w = half.shape
-    m = half.astype(np.float32, copy=False)
+    m = _as_map(half)
+    h, w = m.shape
     t16 = np.float32(16.0 * threshold)
     # two neighbouring booleans of a full-resolution row are one uint16, so each phase's row
     # is written contiguously
@@ -86,6 +86,7 @@ def threshold_2x(half: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nda
     q1 = np.empty_like(q0)
     b0 = np.empty(q0.shape, bool)
     b1 = np.empty(q0.shape, bool)
+    low, high = (b1, b0) if _EVEN_HIGH else (b0, b1)
     for r0 in range(0, h, band):
         r1 = min(h, r0 + band)
         n = r1 - r0
@@ -94,8 +95,8 @@ def threshold_2x(half: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nda
             np.greater(q0[:n], t16, out=b0[:n])
             np.greater(q1[:n], t16, out=b1[:n])
             row = fg[r0:r1, a]
-            np.left_shift(_HIGH(b0, b1)[:n].view(np.uint8), 8, out=row, dtype=np.uint16)
-            row |= _LOW(b0, b1)[:n].view(np.uint8)
+            np.left_shift(high[:n].view(np.uint8), 8, out=row, dtype=np.uint16)
+            row |= low[:n].view(np.uint8)
             if a == 1:
                 np.multiply(q1[:n], np.float32(1 / 16), out=centres[r0:r1])
     return fg.view(bool).reshape(2 * h, 2 * w), centres
@@ -105,9 +106,7 @@ def centre_samples(half: np.ndarray) -> np.ndarray:
     """Return float32 (h, w): the 2x bilinear up-sampling of ``half`` (h, w) at full-resolution
     pixels (2i + 1, 2j + 1) only, i.e. (9 m[i, j] + 3 m[i + 1, j] + 3 m[i, j + 1] +
     m[i + 1, j + 1]) / 16, indices clamped."""
-    if half.ndim != 2 or half.size == 0:
-        raise ValueError(f"logits must be a non-empty 2-D map, got shape {half.shape}")
-    m = half.astype(np.float32, copy=False)
+    m = _as_map(half)
     rows = m * np.float32(3)  # odd rows: 3/4 of row i, 1/4 of row i + 1
     rows[:-1] += m[1:]
     rows[-1:] += m[-1:]

@@ -35,23 +35,29 @@ import numpy as np
 __all__ = ["rewrite", "strip_output_upsample"]
 
 
-def _is_nearest_2x(node: Any, constants: dict[str, np.ndarray]) -> bool:
-    """Whether ``node`` is a Resize that repeats every pixel twice along H and W (NCHW)."""
+def _resize_2x_attrs(node: Any, constants: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """The attributes of ``node`` if it is a Resize with constant scales 1, 1, 2, 2 (NCHW: 2x
+    along H and W), else None."""
     from onnx import helper
 
     if node.op_type != "Resize" or len(node.input) < 3:
-        return False
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("mode", b"nearest") != b"nearest":
+        return None
+    scales = constants.get(node.input[2])
+    if scales is None or [float(s) for s in scales] != [1.0, 1.0, 2.0, 2.0]:
+        return None
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _is_nearest_2x(node: Any, constants: dict[str, np.ndarray]) -> bool:
+    """Whether ``node`` is a Resize that repeats every pixel twice along H and W (NCHW)."""
+    attrs = _resize_2x_attrs(node, constants)
+    if attrs is None or attrs.get("mode", b"nearest") != b"nearest":
         return False
     # with integer scales, asymmetric coordinates and floor rounding, output pixel i reads
     # input pixel i // 2: a plain repetition (other modes shift by half a pixel)
     if attrs.get("coordinate_transformation_mode", b"half_pixel") != b"asymmetric":
         return False
-    if attrs.get("nearest_mode", b"round_prefer_floor") != b"floor":
-        return False
-    scales = constants.get(node.input[2])
-    return scales is not None and [float(s) for s in scales] == [1.0, 1.0, 2.0, 2.0]
+    return attrs.get("nearest_mode", b"round_prefer_floor") == b"floor"
 
 
 def _constants(graph: Any) -> dict[str, np.ndarray]:
@@ -67,18 +73,21 @@ def _constants(graph: Any) -> dict[str, np.ndarray]:
 def _is_bilinear_2x(node: Any, constants: dict[str, np.ndarray]) -> bool:
     """Whether ``node`` is a Resize that up-samples H and W 2x bilinearly, pixel centres
     aligned and edges clamped (what :mod:`nanoscout.analysis.half_logits` computes)."""
-    from onnx import helper
+    attrs = _resize_2x_attrs(node, constants)
+    return (attrs is not None and attrs.get("mode") == b"linear"
+            and attrs.get("exclude_outside", 0) == 0 and attrs.get("antialias", 0) == 0
+            and attrs.get("coordinate_transformation_mode", b"half_pixel") == b"half_pixel")
 
-    if node.op_type != "Resize" or len(node.input) < 3:
-        return False
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("mode") != b"linear" or attrs.get("exclude_outside", 0) != 0 \
-            or attrs.get("antialias", 0) != 0:
-        return False
-    if attrs.get("coordinate_transformation_mode", b"half_pixel") != b"half_pixel":
-        return False
-    scales = constants.get(node.input[2])
-    return scales is not None and [float(s) for s in scales] == [1.0, 1.0, 2.0, 2.0]
+
+def _keep_used(graph: Any, nodes: list[Any]) -> None:
+    """Make ``nodes`` the graph's nodes, less the ``Constant`` nodes and the initializers that
+    nothing reads any more."""
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(n for n in nodes if n.op_type != "Constant"
+                      or any(o in used for o in n.output))
+    for i in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(i)
 
 
 def strip_output_upsample(model: Any) -> int:
@@ -108,14 +117,7 @@ def strip_output_upsample(model: Any) -> int:
         graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
         done += 1
     if done:
-        used = {i for n in graph.node for i in n.input}
-        keep = [n for n in graph.node if n.op_type != "Constant"
-                or any(o in used for o in n.output)]
-        del graph.node[:]
-        graph.node.extend(keep)
-        unused = [i for i in graph.initializer if i.name not in used]
-        for i in unused:
-            graph.initializer.remove(i)
+        _keep_used(graph, list(graph.node))
     return done
 
 
@@ -157,8 +159,5 @@ def rewrite(model: Any) -> int:
             numpy_helper.from_array(np.array([2], np.int64), p + "/axis2"),
         ])
         done += 1
-    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-    nodes = [n for n in nodes if n.op_type != "Constant" or any(o in used for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _keep_used(graph, nodes)
     return done
