@@ -67,7 +67,7 @@ from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig, render
 
 __all__ = ["ALL_SETS", "EMPS_SPECKS_IMAGE", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES",
            "TARGETS", "TUNING_SEED_BASE", "box_iou", "boxes_of_labels", "calibration_error",
-           "check_targets", "evaluate", "evaluate_set", "format_table", "heldout_config",
+           "OracleScale", "check_targets", "evaluate", "evaluate_set", "format_table", "heldout_config",
            "match_boxes", "match_instances", "run_harness", "score_image", "summarize",
            "synthetic_samples", "time_detector", "tuning_config", "tuning_samples"]
 
@@ -500,6 +500,42 @@ def synthetic_samples(n: int = 20, seed: int = 12345) -> Iterator[Any]:
                      cfg.pixel_size_nm, cfg.modality)
 
 
+class OracleScale:
+    """A diagnostic method: the detector at each image's *true* working scale, the card's
+    ``target_diameter_px`` over the image's true area-weighted median ECD (px; boxes:
+    sqrt(w h)), within the card's resample range, and factor 1 within its keep range, as the
+    automatic scale would choose had it found the true particles. Scoring it beside the
+    automatic scale separates the working-scale estimate's errors from the network's. It reads
+    the truth, so it is never a result of the model."""
+
+    def __init__(self, engine: Any, card: Any, **kwargs: Any) -> None:
+        self.engine, self.card, self.kwargs = engine, card, kwargs
+        self.auto = False
+        self.scale = "oracle"
+
+    def factor(self, sample: Any) -> float:
+        """Return the oracle factor of ``sample`` (1 where it has no true particle)."""
+        from nanoscout.analysis.detector import _area_weighted_median
+
+        if sample.labels is not None:
+            ecd = _ecd_px(sample.labels)[1:]
+        else:
+            b = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
+            ecd = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+        d = _area_weighted_median(ecd[ecd > 0])
+        a = self.card.working_scale.auto
+        if not d > 0 or a.keep_min_px <= d <= a.keep_max_px:
+            return 1.0
+        return float(np.clip(a.target_diameter_px / d, a.min_resample, a.max_resample))
+
+    def detect_sample(self, sample: Any) -> Any:
+        """Detect on ``sample.image`` at the sample's oracle factor."""
+        from nanoscout.analysis.detector import Detector
+
+        det = Detector(self.engine, self.card, scale=self.factor(sample), **self.kwargs)
+        return det.detect(sample.image)
+
+
 def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float = 0.5,
                  min_true_area_px: int = 12, leave_out: Collection[str] = ()) -> dict[str, Any]:
     """Run every method (name -> object with ``detect(image)``) on ``samples`` and score it.
@@ -515,7 +551,8 @@ def evaluate_set(methods: dict[str, Any], samples: Iterable[Any], *, iou: float 
         row: dict[str, Any] = {"id": s.id, "group": s.group, "shape": list(s.image.shape)}
         for name, det in methods.items():
             t0 = time.perf_counter()
-            found = det.detect(s.image)
+            found = (det.detect_sample(s) if hasattr(det, "detect_sample")
+                     else det.detect(s.image))
             labels = found.labels
             ms[name].append((time.perf_counter() - t0) * 1e3)
             r = score_image(labels, true_labels=s.labels, true_boxes=s.boxes,
@@ -601,18 +638,18 @@ def check_targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _parse_scale(text: str | None, sets: list[str]) -> dict[str, float | str | None]:
-    """Return the detector scale per set from "0.5", "auto" or "emps=0.25,stem=auto"
-    (None = the model card's choice)."""
+    """Return the detector scale per set from "0.5", "auto", "oracle" or
+    "emps=0.25,stem=oracle" (None = the model card's choice; "oracle": :class:`OracleScale`)."""
     out: dict[str, float | str | None] = dict.fromkeys(sets)
     if not text:
         return out
     for part in text.split(","):
         key, eq, val = part.rpartition("=")
         try:
-            v: float | str = "auto" if val == "auto" else float(val)
+            v: float | str = val if val in ("auto", "oracle") else float(val)
         except ValueError as exc:
-            raise SystemExit(f"bad --scale item {part!r}: expected a number, 'auto' or "
-                             "set=number") from exc
+            raise SystemExit(f"bad --scale item {part!r}: expected a number, 'auto', "
+                             "'oracle' or set=number") from exc
         if not eq:
             out = dict.fromkeys(sets, v)
         elif key in out:
@@ -707,8 +744,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         "sets": {}}
     for s in sets:
         c, e = stem if s in ("stem", "stem-tune") else (card, engine)
-        det = Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
-                       rotate45=rotate45)
+        det: Any = (OracleScale(e, c, tta=tta, rotate45=rotate45) if scales[s] == "oracle"
+                    else Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
+                                  rotate45=rotate45))
         samples = (synthetic_samples(n, seed) if s == "synthetic"
                    else tuning_samples(max_images or 60) if s == "synthetic-tune"
                    else realdata.iter_samples(s, data_root, max_images))
@@ -718,6 +756,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         out["note"] = SET_NOTES[s]
         out["model"] = f"{c.name}:{c.version}"
         out["detector_scale"] = "auto" if det.auto else det.scale
+        if scales[s] == "oracle":
+            out["note"] += ("; DIAGNOSTIC: the detector ran at each image's true working scale "
+                            "(OracleScale), which reads the truth")
         out["seconds"] = round(time.perf_counter() - t0, 1)
         if s == "synthetic":
             out["seeds"] = f"{seed}..{seed + n - 1}"
@@ -735,7 +776,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--scale", default=None,
-                    help="detector resample factor: 0.5, or per set: emps=0.25,stem=1")
+                    help="detector resample factor: 0.5, or per set: emps=0.25,stem=1; "
+                         "'oracle' (with --sets): each image's true working scale, a "
+                         "diagnostic of the automatic scale (OracleScale)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON output (default runs/eval.json, with --sets runs/accuracy.json)")

@@ -393,11 +393,13 @@ def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
 def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
           log_every: int = 50, real_fraction: float = 0.0, real_exclude: tuple[str, ...] = (),
           model: torch.nn.Module | None = None, lr: float = 4e-3, stem_share: float | None = None,
-          arch: str = "unet", data: DataOptions | None = None
+          arch: str = "unet", data: DataOptions | None = None, frozen_norm: bool = False
           ) -> tuple[torch.nn.Module, dict[str, float]]:
     """Train a detector network; returns the model (eval mode) and a summary (seconds, last loss).
 
     ``model``: the network to continue from (fine-tuning phase); None starts a new one.
+    ``frozen_norm``: keep the BatchNorms in eval mode (their statistics fixed), as a network
+    rebuilt from an exported ONNX file needs (its BatchNorms are folded into identities).
     """
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -416,6 +418,10 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * s / steps)))
     model.train()
+    if frozen_norm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
     running = 0.0
     t_data = t_step = 0.0
     for step in track(range(steps), "training"):
@@ -515,7 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (2: the shipped runs; 1 when runs share the CPU)")
     ap.add_argument("--init", type=Path, default=None,
-                    help="skip phase 1: fine-tune this phase-1 checkpoint")
+                    help="skip phase 1: fine-tune this phase-1 checkpoint (.pt), or continue "
+                         "from an exported detector (.onnx, detector 3.0's network; its "
+                         "BatchNorms stay frozen)")
     ap.add_argument("--lr", type=float, default=4e-3, help="phase 1 peak learning rate")
     ap.add_argument("--finetune-lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
@@ -540,6 +548,15 @@ def main(argv: list[str] | None = None) -> None:
                                lr=args.lr, arch=args.arch)
         phases["synthetic"] = {"steps": args.steps, "lr": args.lr,
                                **{k: round(v, 4) for k, v in summary.items()}}
+    elif args.init.suffix == ".onnx":
+        from nanoscout.analysis.modelcard import sha256_file
+        from nanoscout.training.onnx_weights import unet_from_onnx
+
+        model = unet_from_onnx(args.init)
+        if args.arch != "unet" or model.width != args.width:
+            raise SystemExit(f"--init {args.init} is unet width {model.width}, not "
+                             f"{args.arch} width {args.width}")
+        phases["synthetic"] = {"from_onnx": str(args.init), "sha256": sha256_file(args.init)}
     else:
         ck = torch.load(args.init, map_location="cpu", weights_only=False)
         if int(ck["width"]) != args.width or ck.get("arch", "unet") != args.arch:
@@ -569,7 +586,8 @@ def main(argv: list[str] | None = None) -> None:
         model, summary = train(args.finetune_steps, args.batch, args.width, args.pool,
                                args.seed + 1, real_fraction=args.real_fraction,
                                real_exclude=exclude, model=model, lr=args.finetune_lr,
-                               stem_share=args.stem_share, data=data)
+                               stem_share=args.stem_share, data=data,
+                               frozen_norm=args.init is not None and args.init.suffix == ".onnx")
         phases["real"] = {"steps": args.finetune_steps, "lr": args.finetune_lr,
                           "real_fraction": args.real_fraction, "stem_share": args.stem_share,
                           "real_sets": list(data.real_sets), "box_ring": data.box_ring,

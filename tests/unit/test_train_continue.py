@@ -1,0 +1,36 @@
+"""``nanoscout models train --init detector.onnx``: training continues from a shipped detector's
+exported weights, with its folded BatchNorms frozen (batch statistics would replace the folded
+identities and change the network before the first step)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from nanoscout.analysis.modelcard import shipped_model_dir
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_continued_training_starts_from_the_shipped_network(frozen: bool) -> None:
+    import torch
+
+    from nanoscout.training.onnx_weights import unet_from_onnx
+    from nanoscout.training.train import train
+
+    path = shipped_model_dir() / "detector.onnx"
+    x = torch.from_numpy(np.random.default_rng(2).random((1, 1, 128, 128), dtype=np.float32))
+    with torch.no_grad():
+        ref = unet_from_onnx(path)(x).numpy()
+    # one step at a vanishing learning rate: only the BatchNorm mode can change the network
+    model, summary = train(1, 2, 16, 2, 7, log_every=1, model=unet_from_onnx(path), lr=1e-12,
+                           frozen_norm=frozen)
+    with torch.no_grad():
+        got = model(x).numpy()
+    diff = float(np.max(np.abs(got - ref)))
+    if frozen:
+        assert diff < 1e-4
+    else:  # batch statistics overwrote the folded running statistics
+        assert diff > 1e-2
+    assert np.isfinite(summary["final_loss"])
