@@ -34,3 +34,17 @@ def test_continued_training_starts_from_the_shipped_network(frozen: bool) -> Non
     else:  # batch statistics overwrote the folded running statistics
         assert diff > 1e-2
     assert np.isfinite(summary["final_loss"])
+
+
+@pytest.mark.parametrize("variant", ["general", "stem"])
+def test_a_retrained_card_keeps_the_shipped_post_processing(variant: str) -> None:
+    """``make train`` writes cards whose working scale and thresholds are the shipped ones
+    (the consistency search, the STEM detector's three scales and its cut included)."""
+    from nanoscout.analysis.modelcard import ModelCard
+    from nanoscout.training.export import VARIANTS, build_card
+
+    path = shipped_model_dir() / VARIANTS[variant].file
+    shipped = ModelCard.load(path.with_suffix(".json"))
+    card = build_card(path, training={}, metrics=None, timings={}, width=16, variant=variant)
+    assert card.working_scale == shipped.working_scale
+    assert card.thresholds == shipped.thresholds

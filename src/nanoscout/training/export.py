@@ -54,6 +54,7 @@ class Variant:
     haadf_overlays: bool = False  # burnt-in annotations on HAADF crops too
     finetune_steps: int = 3500  # phase 2 steps
     min_score: float = 0.9  # the card's particle score cut (chosen on tuning sets)
+    multiscale: tuple[float, ...] = ()  # extra working scales merged (WorkingScale.multiscale)
     auto_scale: tuple[tuple[str, float], ...] = ()  # overrides of AUTO_SCALE
     stem_tuning_holdout: bool = False  # keep the STEM tuning material (Pt) out of training
 
@@ -65,7 +66,9 @@ VARIANTS: dict[str, Variant] = {
     "stem": Variant("detector_stem.onnx", MODEL_NAME + "-stem", "1.0.0", 0.8, 0.9, ("stem",),
                     " STEM variant: 80 % of the phase-2 crops are real, and 90 % of those come "
                     "from the STEM training materials (Cu, Pt, PtW); meant for HAADF-STEM "
-                    "frames (the daemon routes frames whose header says STEM to it)."),
+                    "frames (the daemon routes frames whose header says STEM to it).",
+                    # three working scales and their cut, chosen on the STEM tuning material
+                    min_score=0.85, multiscale=(0.7071, 1.4142)),
 }
 
 
@@ -122,10 +125,13 @@ TRAINING_DATA = (
     "is read."
 )
 
-#: per-frame working-scale estimation shipped in the card (tuned on the EMPS tuning papers)
+#: per-frame working-scale estimation shipped in the card (tuned on the EMPS tuning papers;
+#: the self-consistency search, ``consistency`` and the three after it, chosen on the tuning
+#: sets in issue 17: nanoscout.analysis.modelcard.AutoScale)
 AUTO_SCALE = {"target_diameter_px": 24.0, "keep_min_px": 16.0, "keep_max_px": 40.0,
               "reliable_diameter_px": 16.0, "coarse_side_px": 256, "min_resample": 0.02,
-              "max_resample": 3.0, "min_score": 0.5}
+              "max_resample": 3.0, "min_score": 0.5, "consistency": 1.2,
+              "consistent_px": (8.0, 64.0), "consistent_min_count": 10, "min_pass_ecd_px": 4.0}
 #: post-processing thresholds shipped in the card. min_score (on the interior score of
 #: nanoscout.analysis.instances) is the highest F1 on the EMPS tuning papers among the cuts that keep
 #: F1 >= 0.97 on the held-out synthetic frames and >= 0.61 on the synthetic tuning frames
@@ -190,7 +196,7 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
                      "touching particles, seeds their split)")),),
         working_scale=WorkingScale(
             diameter_px_min=4.0, diameter_px_max=80.0, default_resample=1.0, mode="auto",
-            auto=AutoScale(**{**AUTO_SCALE, **dict(v.auto_scale)}),
+            auto=AutoScale(**{**AUTO_SCALE, **dict(v.auto_scale)}), multiscale=v.multiscale,
             note=("trained on particle ECD ~3-100 px at working scale (median 5-48 px); the "
                   "detector estimates each frame's particle size on a coarse pass and resamples "
                   "frames whose particles fall outside keep_min_px-keep_max_px")),

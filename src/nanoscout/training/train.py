@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -602,9 +603,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"exported {onnx_path}: ORT vs torch max |diff| {verify['max_abs_diff']:.2e}", flush=True)
     total = time.perf_counter() - t0
     training = {
-        "command": ("python -m nanoscout.training.train"
-                    + ("" if args.variant == "general" else f" --variant {args.variant}")
-                    + " --out " + str(args.out)),
+        "command": " ".join(["python -m nanoscout.training.train",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "variant": args.variant,
         "args": {k: str(v) for k, v in vars(args).items()},
         "wall_seconds": round(total, 1),
