@@ -50,7 +50,7 @@ import numpy as np
 RESULT = Path("benchmarks/results/adapt.json")
 #: the base model of the STEM cases: the detector the daemon analyses STEM frames with
 STEM_BASE = "detector_stem.onnx"
-GUARDS = ("mix", "freeze")
+GUARDS = ("mix", "freeze", "head")
 
 
 def _detector(onnx: Path) -> Any:
@@ -80,7 +80,7 @@ def _label_file(sample: Any, tmp: Path) -> tuple[Path, Path]:
     return root / "nffa-particles" / "images" / f"{sample.id}.jpg", lab
 
 
-def _cases(tune_papers: int) -> list[dict[str, Any]]:
+def _cases(tune_papers: int, guards: tuple[str, ...] = GUARDS) -> list[dict[str, Any]]:
     """Return the cases in run order: {key, kind, set, first (sample), rest (samples)}."""
     from nanoscout.training import realdata as rd
 
@@ -88,7 +88,7 @@ def _cases(tune_papers: int) -> list[dict[str, Any]]:
     sets = rd.available_sets()
     if "stem" in sets:
         tune = [rd.load_stem(n) for n in rd.stem_tuning_names()]
-        for g in GUARDS:
+        for g in guards:
             out.append({"key": f"tune/stem-{tune[0].group}/{g}", "kind": "tune", "guard": g,
                         "set": "stem-tune", "samples": tune, "base": STEM_BASE})
     if "emps" in sets:
@@ -99,7 +99,7 @@ def _cases(tune_papers: int) -> list[dict[str, Any]]:
         papers = [d for d in sorted(by) if len(by[d]) >= 2][:tune_papers]
         for d in papers:
             ss = [rd.load_emps(i, None, d) for i in by[d]]
-            for g in GUARDS:
+            for g in guards:
                 out.append({"key": f"tune/emps/{d}/{g}", "kind": "tune", "guard": g,
                             "set": "emps-tune", "samples": ss})
     if "stem" in sets:
@@ -181,7 +181,8 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
         return row
 
 
-def _choose_guard(results: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+def _choose_guard(results: dict[str, Any], guards: tuple[str, ...] = GUARDS
+                  ) -> tuple[str | None, dict[str, Any]]:
     per: dict[str, list[float]] = defaultdict(list)
     syn: dict[str, list[float]] = defaultdict(list)
     for key, r in results.items():
@@ -189,12 +190,12 @@ def _choose_guard(results: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
             per[r["guard"]].append(r["after"]["f1"])
             if "synthetic_f1" in r:
                 syn[r["guard"]].append(r["synthetic_f1"]["adapted"])
-    if not per or len({len(v) for v in per.values()}) != 1 or set(per) != set(GUARDS):
+    if not per or len({len(v) for v in per.values()}) != 1 or set(per) != set(guards):
         return None, {}
     summary = {g: {"mean_adapted_f1_tuning": round(float(np.mean(v)), 4),
                    "mean_adapted_synthetic_f1": round(float(np.mean(syn[g])), 4) if syn[g] else None,
                    "n_cases": len(v)} for g, v in per.items()}
-    best = max(GUARDS, key=lambda g: (summary[g]["mean_adapted_f1_tuning"],
+    best = max(guards, key=lambda g: (summary[g]["mean_adapted_f1_tuning"],
                                       summary[g]["mean_adapted_synthetic_f1"] or 0.0))
     return best, summary
 
@@ -237,8 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--synthetic-n", type=int, default=4,
                     help="held-out synthetic frames for the forgetting check (tuning cases)")
     ap.add_argument("--only", default=None, help="run only case keys starting with this")
+    ap.add_argument("--guards", default=",".join(GUARDS),
+                    help="guards compared on the tuning cases (comma list)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing result file")
     args = ap.parse_args(argv)
+    guards = tuple(g for g in args.guards.split(",") if g)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from nanoscout.analysis.modelcard import sha256_file, shipped_model_dir
     from nanoscout.training import realdata as rd
@@ -260,14 +264,14 @@ def main(argv: list[str] | None = None) -> None:
 
     def write() -> None:
         doc["cases"] = results
-        guard, gsum = _choose_guard(results)
+        guard, gsum = _choose_guard(results, guards)
         doc["guard_choice"] = {"winner": guard, "by_guard": gsum,
                                "rule": "higher mean adapted F1 on the tuning cases' other images"}
         doc["summary"] = _summary(results)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
-    for case in _cases(args.tune_papers):
+    for case in _cases(args.tune_papers, guards):
         key = case["key"]
         if key in results and "error" not in results[key]:
             continue
@@ -276,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         if case["kind"] == "tune":
             guard, minutes = case["guard"], args.tune_minutes
         else:
-            chosen, _ = _choose_guard(results)
+            chosen, _ = _choose_guard(results, guards)
             guard = chosen or "mix"
             minutes = args.emps_minutes if case["set"] == "emps" else args.minutes
         t0 = time.perf_counter()

@@ -147,3 +147,20 @@ def test_frames_saved_from_a_stem_stream_adapt_the_stem_detector(tmp_path: Path)
     assert default_base([saved["STEM"], saved["STEM"]]) == weights / "detector_stem.onnx"
     for images in ([saved["TEM"]], [saved["STEM"], saved["TEM"]], [plain], [saved["STEM"], plain]):
         assert default_base(images) == weights / "detector.onnx"
+
+
+@pytest.mark.parametrize(("guard", "trained"), [
+    ("none", {"stem", "enc2", "enc3", "enc4", "up3", "up2", "up1", "head"}),
+    ("mix", {"stem", "enc2", "enc3", "enc4", "up3", "up2", "up1", "head"}),
+    ("freeze", {"up3", "up2", "up1", "head"}),
+    ("head", {"up1", "head"}),
+])
+def test_each_guard_trains_its_share_of_the_network(guard: str, trained: set[str]) -> None:
+    from nanoscout.training.adapt import _set_trainable
+    from nanoscout.training.unet import ParticleUNet
+
+    model = ParticleUNet(8)
+    params = _set_trainable(model, guard)
+    named = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert named == trained
+    assert len(params) == sum(p.requires_grad for p in model.parameters())

@@ -140,8 +140,9 @@ def adapt(
                                               "streams")] = None,
     minutes: Annotated[float, typer.Option(help="wall-time budget of the whole run, min")] = 4.0,
     guard: Annotated[str, typer.Option(
-        help="guard against forgetting: freeze (encoder frozen), mix (a quarter synthetic "
-             "crops of the original training generator) or none")] = "freeze",
+        help="guard against forgetting: freeze (encoder frozen), head (only the last decoder "
+             "level and the output layer train), mix (a quarter synthetic crops of the original "
+             "training generator) or none")] = "freeze",
     threads: Annotated[int, typer.Option(
         help="torch and ONNX Runtime threads (2 threads on a busy 2-core machine run slower)")] = 1,
     seed: Annotated[int, typer.Option(help="random seed of the fine-tuning")] = 0,
