@@ -393,10 +393,7 @@ class Detector:
 
     def _factor(self, big: float) -> float:
         """Return the resample factor for a frame whose median particle is ``big`` px."""
-        a = self.card.working_scale.auto  # type: ignore[union-attr]
-        if a.keep_min_px <= big <= a.keep_max_px:
-            return 1.0
-        return float(np.clip(a.target_diameter_px / big, a.min_resample, a.max_resample))
+        return self.card.working_scale.auto.factor(big)  # type: ignore[union-attr]
 
     def _preset(self, pixel_size_nm: float | None) -> float | None:
         """The preset working scale for this pixel size (within 2 %), or None."""

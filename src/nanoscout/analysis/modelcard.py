@@ -153,6 +153,15 @@ class AutoScale(_Strict):
             raise ValueError(f"consistent_px {self.consistent_px} must be 0 < low < high")
         return self
 
+    def factor(self, diameter_px: float) -> float:
+        """Return the resample factor for a frame whose median particle is ``diameter_px``
+        across (frame px): 1 within the keep range, else the factor that makes it
+        ``target_diameter_px``, within [``min_resample``, ``max_resample``]."""
+        if self.keep_min_px <= diameter_px <= self.keep_max_px:
+            return 1.0
+        return float(np.clip(self.target_diameter_px / diameter_px, self.min_resample,
+                             self.max_resample))
+
 
 class WorkingScale(_Strict):
     """Particle sizes (ECD, px at working scale) the model was trained for.

@@ -212,12 +212,12 @@ class _Sampler:
 
 def _set_trainable(model: ParticleUNet, guard: str) -> list[nn.Parameter]:
     encoder = (model.stem, model.enc2, model.enc3, model.enc4)
+    frozen = {"freeze": encoder, "head": (*encoder, model.up3, model.up2)}.get(guard, ())
     for p in model.parameters():
         p.requires_grad_(True)
-    if guard in ("freeze", "head"):
-        for m in (*encoder, model.up3, model.up2) if guard == "head" else encoder:
-            for p in m.parameters():
-                p.requires_grad_(False)
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 

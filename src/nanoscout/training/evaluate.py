@@ -523,10 +523,7 @@ class OracleScale:
             b = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
             ecd = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
         d = _area_weighted_median(ecd[ecd > 0])
-        a = self.card.working_scale.auto
-        if not d > 0 or a.keep_min_px <= d <= a.keep_max_px:
-            return 1.0
-        return float(np.clip(a.target_diameter_px / d, a.min_resample, a.max_resample))
+        return self.card.working_scale.auto.factor(d) if d > 0 else 1.0
 
     def detect_sample(self, sample: Any) -> Any:
         """Detect on ``sample.image`` at the sample's oracle factor."""

@@ -544,12 +544,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     phases: dict[str, object] = {}
+    from_onnx = args.init is not None and args.init.suffix == ".onnx"
     if args.init is None:
         model, summary = train(args.steps, args.batch, args.width, args.pool, args.seed,
                                lr=args.lr, arch=args.arch)
         phases["synthetic"] = {"steps": args.steps, "lr": args.lr,
                                **{k: round(v, 4) for k, v in summary.items()}}
-    elif args.init.suffix == ".onnx":
+    elif from_onnx:
         from nanoscout.analysis.modelcard import sha256_file
         from nanoscout.training.onnx_weights import unet_from_onnx
 
@@ -588,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
                                args.seed + 1, real_fraction=args.real_fraction,
                                real_exclude=exclude, model=model, lr=args.finetune_lr,
                                stem_share=args.stem_share, data=data,
-                               frozen_norm=args.init is not None and args.init.suffix == ".onnx")
+                               frozen_norm=from_onnx)
         phases["real"] = {"steps": args.finetune_steps, "lr": args.finetune_lr,
                           "real_fraction": args.real_fraction, "stem_share": args.stem_share,
                           "real_sets": list(data.real_sets), "box_ring": data.box_ring,
