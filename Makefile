@@ -65,6 +65,7 @@ train: install
 	$(BIN)/nanoscout models train --variant stem --out models/weights
 	$(BIN)/nanoscout models train-classifier --out models/weights
 	$(BIN)/nanoscout models train-lens --out models/weights
+	$(BIN)/nanoscout models train-modality --out models/weights
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -160,19 +160,26 @@ def test_corrupt_file_in_measure_is_skipped_with_a_reason(shared_data: Path, tmp
     assert [Path(p).name for p, _why in prov["skipped"]] == ["broken.tif"]
 
 
-def test_modality_option_sends_images_without_metadata_to_the_stem_detector(
+def test_images_without_metadata_get_the_detector_of_what_they_look_like(
         shared_data: Path, tmp_path: Path) -> None:
-    """A HAADF-STEM JPEG says nothing of its kind: the general detector analyses it, unless
-    `--modality STEM` says what it is (then the STEM detector does)."""
+    """A HAADF-STEM JPEG (the STEM tuning material) says nothing of its kind: the modality
+    model sends it to the STEM detector, and an EMPS TEM figure crop to the general one;
+    `--modality` overrides the estimate."""
     import pandas as pd
 
-    jpg = sorted((shared_data / "stem-dev" / "images").iterdir())[0]
-    models: dict[int, set[str]] = {}
-    for flag in ([], ["--modality", "STEM"]):
-        out = tmp_path / f"run{len(flag)}.parquet"
-        proc = nanoscout("measure", str(jpg), "--out", str(out), *flag, stdout=subprocess.PIPE)
+    from nanoscout.training.realdata import emps_tuning_ids
+
+    jpg = shared_data / "stem-dev" / "images" / "Pt2.jpg"
+    png = shared_data / "emps-train" / "images" / f"{emps_tuning_ids(shared_data)[0]}.png"
+    models: dict[str, set[str]] = {}
+    for key, files, flag in (("haadf", [jpg], []), ("haadf-as-TEM", [jpg], ["--modality", "TEM"]),
+                             ("emps", [png], []), ("emps-as-STEM", [png], ["--modality", "STEM"])):
+        out = tmp_path / f"{key}.parquet"
+        proc = nanoscout("measure", *map(str, files), "--out", str(out), *flag,
+                         stdout=subprocess.PIPE)
         stdout, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, stdout
-        models[len(flag)] = set(pd.read_parquet(out / "_frames")["model"])
-    assert models == {0: {"nanoscout-particle-unet:3.0.0"},
-                      2: {"nanoscout-particle-unet-stem:1.0.0"}}
+        models[key] = set(pd.read_parquet(out / "_frames")["model"])
+    general, stem = "nanoscout-particle-unet:3.0.0", "nanoscout-particle-unet-stem:1.0.0"
+    assert models == {"haadf": {stem}, "haadf-as-TEM": {general}, "emps": {general},
+                      "emps-as-STEM": {stem}}

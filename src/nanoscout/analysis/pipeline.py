@@ -39,6 +39,7 @@ from nanoscout.analysis.clusters import ClusterConfig, OnlineKMeans
 from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.measure import measure
+from nanoscout.analysis.modality import ModalityEstimator
 from nanoscout.analysis.preview import PreviewConfig, PreviewLimiter, make_preview
 from nanoscout.analysis.stats import SizeStatistics, StatsConfig
 from nanoscout.analysis.tracking import SourceTracker, TrackingConfig, TrackUpdate
@@ -143,6 +144,7 @@ class Pipeline:
         preview: PreviewConfig | None = None,
         rotate45_on_request: bool = False,
         modality_detectors: dict[str, tuple[Detector, str]] | None = None,
+        modality_estimator: ModalityEstimator | None = None,
         max_sources: int = DEFAULT_MAX_SOURCES,
         stream_scale: bool = True,
         tracking: TrackingConfig | None = None,
@@ -153,7 +155,9 @@ class Pipeline:
         ``meta`` has ``rotate45 = true`` are also analysed turned by 45°
         (:class:`~nanoscout.analysis.detector.Detector`, ``rotate45``).
         ``modality_detectors``: modality -> (detector, model name) for the frames of that
-        modality; ``detector`` analyses the others. ``stream_scale``: an automatic working
+        modality; ``detector`` analyses the others. ``modality_estimator``: gives frames
+        without a modality one from their pixels (None: they go to ``detector``).
+        ``stream_scale``: an automatic working
         scale is reused across a source's frames of one pixel size (a live stream); False
         estimates it for every frame (independent images, ``nanoscout measure``).
         ``tracking``: drift correction and particle tracking per source (None or disabled:
@@ -162,6 +166,7 @@ class Pipeline:
             raise ValueError(f"max_sources ({max_sources}) must be >= 1")
         self.detector = detector
         self.modality_detectors = dict(modality_detectors or {})
+        self.modality_estimator = modality_estimator
         self.rotate45_on_request = rotate45_on_request
         self.classifier = classifier
         self.classify_every = classify_every
@@ -343,7 +348,10 @@ class Pipeline:
                                              float, str | None, bool]:
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
-        detector, model = self.modality_detectors.get(h.modality or "",
+        modality: str | None = h.modality
+        if modality is None and self.modality_estimator is not None and self.modality_detectors:
+            modality = self.modality_estimator.estimate(frame.pixels)
+        detector, model = self.modality_detectors.get(modality or "",
                                                       (self.detector, self.model_name))
         key = (h.source, h.pixel_size_nm) if self.stream_scale else None
         detection = detector.detect(frame.pixels, key=key,
@@ -429,8 +437,10 @@ class Pipeline:
         return Message(ah.topic().decode(), ah, al.particles, heat)
 
     def close(self) -> None:
-        """Release the engines (detector, classifier, lens)."""
+        """Release the engines (detector, classifier, lens, modality model)."""
         self.detector.engine.close()
+        if self.modality_estimator is not None:
+            self.modality_estimator.close()
         for det, _ in self.modality_detectors.values():
             det.engine.close()
         if self.classifier is not None:

@@ -49,6 +49,11 @@ def _train_lens() -> Main:
     return main
 
 
+def _train_modality() -> Main:
+    from nanoscout.training.train_modality import main
+    return main
+
+
 def _evaluate_lens() -> Main:
     from nanoscout.training.evaluate_lens import main
     return main
@@ -88,6 +93,8 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
     "eval-classifier": (_evaluate_classifier, "held-out accuracy, CAM test, engine time"),
     "train-lens": (_train_lens, "train the AI-lens autoencoder (torch)"),
     "eval-lens": (_evaluate_lens, "novelty of held-out usual and novel frames"),
+    "train-modality": (_train_modality, "train the modality model that sends HAADF-STEM images "
+                                        "without metadata to the STEM detector (torch)"),
     "calibrate": (_calibrate, "fit a detector's score calibration on named tuning sets into its "
                               "card (--model M --sets emps-tune,synthetic-tune; no torch)"),
     "calibrate-lens": (_calibrate_lens, "rebuild the AI lens's novelty reference on your own "
@@ -180,7 +187,8 @@ def adapt(
                         guard=guard, seed=seed, threads=threads, progress=tick, command=command)
         b, a = res.before, res.after
         bar.log(f"wrote {res.onnx} and {res.card} in {res.seconds:.0f} s ({res.steps} steps, "
-                f"guard {res.guard}, scale {res.scale}, score cut {res.min_score})")
+                f"guard {res.guard}, network {res.network}, scale {res.scale}, "
+                f"score cut {res.min_score})")
         bar.log(f"held-out F1 {b['f1']:.3f} -> {a['f1']:.3f} (P {b['precision']:.3f} -> "
                 f"{a['precision']:.3f}, R {b['recall']:.3f} -> {a['recall']:.3f}); "
                 f"{res.protocol}")

@@ -27,9 +27,11 @@ def measure(
     pixel_size: Annotated[float | None, typer.Option(
         help="override every file's calibration, nm/px", show_default="from each file")] = None,
     modality: Annotated[Literal["TEM", "STEM", "SEM"] | None, typer.Option(
-        help="what kind of images these are (STEM: the STEM detector analyses them); set it "
-             "for files that do not say (PNG, JPEG, plain TIFF)",
-        show_default="from each file's metadata, else the general detector")] = None,
+        help="what kind of images these are (STEM: the STEM detector analyses them); it "
+             "overrides the files' metadata and the estimate for files that do not say (PNG, "
+             "JPEG, plain TIFF)",
+        show_default="from each file's metadata, else estimated from the image by the "
+                     "modality model (HAADF-STEM: the STEM detector)")] = None,
     config: Annotated[Path | None, typer.Option(help="daemon TOML configuration (engine, "
                                                      "alert rules, statistics)")] = None,
     backend: Annotated[str | None, typer.Option(

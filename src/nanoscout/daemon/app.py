@@ -13,6 +13,7 @@ from pathlib import Path
 from nanoscout.analysis.alerts import check_class_labels, parse_rules
 from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.detector import Detector
+from nanoscout.analysis.modality import ModalityEstimator
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.daemon import collector
@@ -122,6 +123,8 @@ def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = 
         stream_scale=not offline,
         rotate45_on_request=config.engine.rotate45 == "on-request",
         modality_detectors=by_modality,
+        modality_estimator=(ModalityEstimator.shipped()
+                            if by_modality and config.engine.estimate_modality else None),
         tracking=config.tracking if (track or not offline) else None,
     )
 

@@ -235,6 +235,12 @@ class EngineConfig(_Section):
     #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
     #: shipped one too; {} = one detector for every frame
     modality_models: dict[Modality, Path] | None = None
+    #: frames that carry no modality (PNG, JPEG, plain TIFF; a stream whose adapter does not
+    #: say) are given one by the shipped modality model (``modality.onnx``, on the CPU, about
+    #: as much time as the field classifier): "STEM" when it finds them HAADF-STEM, so that the
+    #: STEM detector analyses them (``nanoscout.analysis.modality``). Only where a modality has
+    #: its own detector (``modality_models``)
+    estimate_modality: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -500,6 +500,25 @@ def synthetic_samples(n: int = 20, seed: int = 12345) -> Iterator[Any]:
                      cfg.pixel_size_nm, cfg.modality)
 
 
+class Routed:
+    """The detectors as ``nanoscout measure`` gives them files that do not name a modality:
+    the modality model (:class:`~nanoscout.analysis.modality.ModalityEstimator`) sends an image
+    to ``stem`` when it finds it HAADF-STEM, else to ``general``. ``routed`` counts the images
+    sent to ``stem``."""
+
+    def __init__(self, general: Any, stem: Any, estimator: Any) -> None:
+        self.general, self.stem, self.estimator = general, stem, estimator
+        self.auto, self.scale = general.auto, general.scale
+        self.routed = 0
+
+    def detect(self, image: np.ndarray) -> Any:
+        """Return the detection of the detector the modality model chooses for ``image``."""
+        if self.estimator.estimate(image) == "STEM":
+            self.routed += 1
+            return self.stem.detect(image)
+        return self.general.detect(image)
+
+
 class OracleScale:
     """A diagnostic method: the detector at each image's *true* working scale, the card's
     ``target_diameter_px`` over the image's true area-weighted median ECD (px; boxes:
@@ -687,11 +706,15 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                 seed: int = 12345, scale: str | None = None, max_images: int | None = None,
                 threads: int = 2, data_root: Path | None = None,
                 min_score: float | None = None, tta: int = 1,
-                rotate45: bool = False, stem_model: Path | None = None) -> dict[str, Any]:
+                rotate45: bool = False, stem_model: Path | None = None,
+                route: Path | None = None) -> dict[str, Any]:
     """Return the full harness result (model and baseline on each set) as a JSON-able dict.
 
     ``stem_model``: the detector that scores the STEM sets (``stem``, ``stem-tune``), as the
     daemon routes STEM frames to its STEM detector; None: ``model`` scores every set.
+    ``route``: a modality model (ONNX); with it, and ``stem_model``, every image of the real
+    sets goes where the modality model sends it (:class:`Routed`), as ``nanoscout measure``
+    treats files without metadata; the synthetic frames (which carry their modality) do not.
 
     ``rotate45``: the detector also infers each image turned by 45° (see
     :class:`nanoscout.analysis.detector.Detector`).
@@ -738,12 +761,22 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         "iou_threshold": 0.5, "min_true_area_px": 12, "max_images": max_images,
         "min_score": card.thresholds.min_score if card.thresholds else None, "tta": tta,
         "rotate45": rotate45, "stem_model": None if stem_model is None else str(stem_model),
-        "sets": {}}
+        "route": None if route is None else str(route), "sets": {}}
+    if route is not None and (stem_model is None or "oracle" in scales.values()):
+        raise SystemExit("--route needs a STEM detector (--stem-model) and no oracle scale")
+    estimator = None
+    if route is not None:
+        from nanoscout.analysis.modality import ModalityEstimator
+
+        estimator = ModalityEstimator.from_onnx(route, threads=threads)
     for s in sets:
-        c, e = stem if s in ("stem", "stem-tune") else (card, engine)
+        c, e = stem if s in ("stem", "stem-tune") and estimator is None else (card, engine)
         det: Any = (OracleScale(e, c, tta=tta, rotate45=rotate45) if scales[s] == "oracle"
                     else Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
                                   rotate45=rotate45))
+        if estimator is not None and s not in ("synthetic", "synthetic-tune"):
+            det = Routed(det, Detector(stem[1], stem[0], scale=scales[s],  # type: ignore[arg-type]
+                                       tta=tta, rotate45=rotate45), estimator)
         samples = (synthetic_samples(n, seed) if s == "synthetic"
                    else tuning_samples(max_images or 60) if s == "synthetic-tune"
                    else realdata.iter_samples(s, data_root, max_images))
@@ -752,6 +785,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                            leave_out=(EMPS_SPECKS_IMAGE,) if s == "emps" else ())
         out["note"] = SET_NOTES[s]
         out["model"] = f"{c.name}:{c.version}"
+        if isinstance(det, Routed):
+            out["model"] += f" (routed: {det.routed} images to {stem[0].name}:{stem[0].version})"
+            out["routed_to_stem"] = det.routed
         out["detector_scale"] = "auto" if det.auto else det.scale
         if scales[s] == "oracle":
             out["note"] += ("; DIAGNOSTIC: the detector ran at each image's true working scale "
@@ -795,6 +831,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --sets: detector for the STEM sets (as the daemon uses for STEM "
                          "frames): a path, 'none' (--model scores them), or 'auto': "
                          "detector_stem.onnx beside --model if it is there")
+    ap.add_argument("--route", type=Path, default=None,
+                    help="with --sets: a modality model (models/weights/modality.onnx): each "
+                         "real image goes to the STEM detector or the general one as the model "
+                         "says, as `nanoscout measure` treats files without metadata")
     ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                     help="int8: score the INT8 siblings of --model and the STEM model "
                          "(X.int8.onnx, written by `nanoscout models quantize`)")
@@ -818,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_harness(args.model, args.card, sets, n=args.n, seed=args.seed,
                           scale=args.scale, max_images=args.max_images, threads=args.threads,
                           data_root=args.data_root, min_score=args.min_score, tta=args.tta,
-                          rotate45=args.rotate45, stem_model=stem_model)
+                          rotate45=args.rotate45, stem_model=stem_model, route=args.route)
         out = args.out or Path("runs/accuracy.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
