@@ -4,6 +4,7 @@ else to the general one, and a frame's own modality always wins."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,3 +111,34 @@ def test_training_writes_a_model_the_estimator_loads(tmp_path: Path) -> None:
     assert ev["routing_held_out"]["emps"]["n_other"] == 1
     assert set(ev["routing_tuning"]["stem"]["p_haadf"]) == {"h4"}
     est.close()
+
+
+def test_a_live_stream_is_estimated_every_tenth_frame(shared_data: Path) -> None:
+    """Live frames without a modality: one estimate per source every MODALITY_EVERY frames (the
+    detector does not change from frame to frame); offline images: one each."""
+    from nanoscout.analysis.pipeline import MODALITY_EVERY
+
+    haadf = _grey(shared_data / "stem-dev" / "images" / "Pt4.jpg")[:256, :256]
+    calls: dict[bool, list[str | None]] = {}
+    for offline in (False, True):
+        pipe = build_pipeline(ServeConfig.model_validate({"classify": {"enabled": False}}),
+                              offline=offline)
+        est = pipe.modality_estimator
+        assert est is not None
+        seen: list[str | None] = []
+
+        def counting(frame: np.ndarray, real: Any = est.estimate,
+                     seen: list[str | None] = seen) -> str | None:
+            seen.append(real(frame))
+            return seen[-1]
+
+        est.estimate = counting  # type: ignore[method-assign]
+        try:
+            for k in range(MODALITY_EVERY + 2):
+                pipe.process(Frame.from_image(haadf, pixel_size_nm=0.2, source="s", seq=k))
+        finally:
+            pipe.close()
+        calls[offline] = seen
+    assert MODALITY_EVERY == 10
+    assert calls[False] == ["STEM", "STEM"]
+    assert len(calls[True]) == MODALITY_EVERY + 2

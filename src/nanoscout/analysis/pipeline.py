@@ -111,6 +111,10 @@ class FrameResult:
         return header
 
 
+#: frames of a live source between two estimates of its modality (frames without one)
+MODALITY_EVERY = 10
+
+
 @dataclass
 class _SourceState:
     """What the pipeline remembers of one source."""
@@ -120,6 +124,9 @@ class _SourceState:
     tracker: SourceTracker | None = None
     frames: int = 0
     topic_seq: dict[Kind, int] = field(default_factory=dict)
+    #: a live stream's estimated modality (frames without one) and the frame it was made on
+    modality_guess: str | None = None
+    modality_frame: int | None = None
 
     def next_seq(self, kind: Kind) -> int:
         n = self.topic_seq.get(kind, 0)
@@ -292,7 +299,7 @@ class Pipeline:
             self._apply_requests(h.source, state)
         ref = frame.ref()
         units = frame.units
-        labels, table, stage_ms, model, scale, sha256, calibrated = self._detect(frame)
+        labels, table, stage_ms, model, scale, sha256, calibrated = self._detect(frame, state)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
             km = state.clusters.get(units)
@@ -344,13 +351,26 @@ class Pipeline:
             result.failures.append(("summary", exc))
         return result
 
-    def _detect(self, frame: Frame) -> tuple[np.ndarray, np.ndarray, dict[str, float], str,
-                                             float, str | None, bool]:
+    def _modality(self, frame: Frame, state: _SourceState) -> str | None:
+        """The frame's modality; for a frame without one, the modality model's estimate (a
+        live stream's is made again every :data:`MODALITY_EVERY` frames of the source, so its
+        detector does not change from frame to frame; independent images each get one)."""
+        h = frame.header
+        if h.modality is not None or self.modality_estimator is None \
+                or not self.modality_detectors:
+            return h.modality
+        if not self.stream_scale or state.modality_frame is None \
+                or state.frames - state.modality_frame >= MODALITY_EVERY:
+            state.modality_guess = self.modality_estimator.estimate(frame.pixels)
+            state.modality_frame = state.frames
+        return state.modality_guess
+
+    def _detect(self, frame: Frame, state: _SourceState
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, float], str, float, str | None,
+                           bool]:
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
-        modality: str | None = h.modality
-        if modality is None and self.modality_estimator is not None and self.modality_detectors:
-            modality = self.modality_estimator.estimate(frame.pixels)
+        modality = self._modality(frame, state)
         detector, model = self.modality_detectors.get(modality or "",
                                                       (self.detector, self.model_name))
         key = (h.source, h.pixel_size_nm) if self.stream_scale else None

@@ -238,8 +238,9 @@ class EngineConfig(_Section):
     #: frames that carry no modality (PNG, JPEG, plain TIFF; a stream whose adapter does not
     #: say) are given one by the shipped modality model (``modality.onnx``, on the CPU, about
     #: as much time as the field classifier): "STEM" when it finds them HAADF-STEM, so that the
-    #: STEM detector analyses them (``nanoscout.analysis.modality``). Only where a modality has
-    #: its own detector (``modality_models``)
+    #: STEM detector analyses them (``nanoscout.analysis.modality``); a live stream's every 10th
+    #: frame (per source), each image of ``measure``. Only where a modality has its own
+    #: detector (``modality_models``)
     estimate_modality: bool = True
 
     @model_validator(mode="before")
