@@ -96,9 +96,11 @@ def _keep(img: np.ndarray) -> np.ndarray:
     return resample(a, (round(a.shape[0] / f), round(a.shape[1] / f)))
 
 
-def collect(root: Path | None = None, n_physics: int = 160, n_sem: int = 120,
-            n_synthetic: int = 80, seed: int = 7) -> list[Item]:
-    """Return every frame of the training, tuning and held-out roles (module docstring)."""
+def collect(root: Path | None = None, n_physics: int = 400, n_sem: int = 120,
+            n_synthetic: int = 80, n_check: int = 60, seed: int = 7) -> list[Item]:
+    """Return every frame of the training, tuning and held-out roles (module docstring), and
+    ``n_check`` fresh physics renders (role "check", named by support kind) that say how the
+    routing holds on kinds of HAADF-STEM specimens the real sets lack."""
     items: list[Item] = []
     sets = rd.available_sets(root)
     if "stem" in sets:
@@ -129,6 +131,12 @@ def collect(root: Path | None = None, n_physics: int = 160, n_sem: int = 120,
         img, _ = haadf.render(cfg, seed * 100_000 + k)
         items.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0,
                           f"physics:{k}:{cfg.mode}", "train"))
+    for k in range(n_check):
+        side = int(rng.choice([384, 512]))
+        cfg = haadf.random_config(rng, (side, side))
+        img, _ = haadf.render(cfg, seed * 100_000 + 90_000 + k)
+        items.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0,
+                          f"physics-{cfg.support_kind}:{k}", "check"))
     from nanoscout.sim import sem_render
 
     for k in range(n_sem):
@@ -243,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     routing = ModelCard.load(path).evaluation
     print(json.dumps({r: {s: {k: v for k, v in d.items() if k != "p_haadf"}
                           for s, d in routing[r].items() if isinstance(d, dict)}
-                      for r in ("routing_tuning", "routing_held_out")}, indent=1))
+                      for r in ("routing_tuning", "routing_held_out", "routing_rendered_check")},
+                     indent=1))
     print(f"wrote {path.with_suffix('.onnx')} and {path} in {time.perf_counter() - t0:.0f} s")
 
 
@@ -254,7 +263,8 @@ def write_model(net: FieldClassifier, items: list[Item], out: Path, command: str
     out.mkdir(parents=True, exist_ok=True)
     onnx = out / MODEL_FILE
     check = export_onnx(net, onnx, INPUT_SIDE)
-    counts = {r: sum(1 for it in items if it.role == r) for r in ("train", "tune", "held")}
+    counts = {r: sum(1 for it in items if it.role == r) for r in ("train", "tune", "held",
+                                                                  "check")}
     wall = round(seconds, 1)
     # the card first (the estimator loads the model through it), then with the evaluation
     _card(onnx, net, {}, wall, check["max_abs_diff"], counts, command).dump(
@@ -330,6 +340,10 @@ def _card(onnx: Path, net: FieldClassifier, routing: dict[str, Any], wall: float
                                          "papers, msa held-out frames (BF-TEM), NFFA (SEM); "
                                          "none used for training or tuning", "rule": rule,
                                  "command": command, **routing.get("held", {})},
+            "routing_rendered_check": {"data": "fresh physics HAADF / BF-STEM renders (seeds not "
+                                               "trained on), by support kind: 'none' = "
+                                               "particles on vacuum", "rule": rule,
+                                       "command": command, **routing.get("check", {})},
         },
         created=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
         notes="Decides which detector analyses frames that do not name their modality.",
