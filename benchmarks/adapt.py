@@ -131,10 +131,10 @@ def _synthetic_f1(onnx: Path, n: int) -> float:
 
 
 def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
-             synthetic_n: int) -> dict[str, Any]:
+             synthetic_n: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Adapt on the case's first sample (a subprocess), score base and adapted on the rest.
     A case naming its own ``base`` (the STEM cases: the detector the daemon gives STEM frames)
-    adapts that model and is scored against it."""
+    adapts that model and is scored against it. ``extra``: more options of the command."""
     from nanoscout.analysis.modelcard import shipped_model_dir
     from nanoscout.training.evaluate import evaluate_set
 
@@ -148,7 +148,7 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
         out = tmp / "adapted"
         cmd = [sys.executable, "-m", "nanoscout", "models", "adapt", str(img), "--labels",
                str(lab), "--out", str(out), "--minutes", str(minutes), "--guard", guard,
-               "--threads", "1", "--no-progress", "--base", str(base_onnx)]
+               "--threads", "1", "--no-progress", "--base", str(base_onnx), *extra]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - t0
@@ -166,8 +166,9 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
             "after": {k: a[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")},
             "gain_f1": round(a["f1"] - b["f1"], 4),
             "per_image": res["images"],
-            "adaptation": {k: card["training"]["adaptation"][k] for k in
-                           ("steps", "working_scale", "min_score", "seconds", "median_annotated_ecd_px")},
+            "adaptation": {k: card["training"]["adaptation"].get(k) for k in
+                           ("network", "steps", "working_scale", "min_score", "seconds",
+                            "median_annotated_ecd_px")},
             "adaptation_holdout": {k: card["evaluation"]["adaptation_holdout"][k]["f1"]
                                    for k in ("before", "after")},
         }
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guards", default=",".join(GUARDS),
                     help="guards compared on the tuning cases (comma list)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing result file")
+    ap.add_argument("--fine-tuned-only", action="store_true",
+                    help="adapt with --fine-tuned-only (the base network does not compete)")
     args = ap.parse_args(argv)
     guards = tuple(g for g in args.guards.split(",") if g)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             guard = chosen or "mix"
             minutes = args.emps_minutes if case["set"] == "emps" else args.minutes
         t0 = time.perf_counter()
-        row = run_case(case, guard, minutes, base_onnx, args.synthetic_n)
+        row = run_case(case, guard, minutes, base_onnx, args.synthetic_n,
+                       ("--fine-tuned-only",) if args.fine_tuned_only else ())
         row["case_wall_s"] = round(time.perf_counter() - t0, 1)
         results[key] = row
         write()

@@ -17,6 +17,8 @@ from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.modelcard import ModelCard, sha256_file, shipped_model_dir
 from nanoscout.cli.main import main
 from nanoscout.engines import create_engine
+from nanoscout.training.adapt import _choose
+from nanoscout.training.adapt import adapt as adapt_run
 from nanoscout.wire.errors import ConfigError
 
 
@@ -99,6 +101,47 @@ def test_adapt_refuses_unpaired_inputs(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["models", "adapt", str(img), "--labels", str(bad), "--out",
                  str(tmp_path / "o"), "--minutes", "0.1"]) == 2
     assert "bad.txt:1: expected 5 fields" in capsys.readouterr().err
+
+
+def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
+        tmp_path: Path) -> None:
+    """An operator who annotated only the right half of a frame: the fold model learns from the
+    (empty) left half that there is nothing to find and loses on the right half, so the output
+    is the base network itself, with a scale and cut chosen on the annotations."""
+    img, lab = _synthetic_pair(tmp_path, seed=5)
+    labels = tifffile.imread(lab)
+    labels[np.isin(labels, np.unique(labels[:, :80]))] = 0  # no particle touches the left half
+    assert len(np.unique(labels)) > 5
+    tifffile.imwrite(lab, labels)
+    res = adapt_run([img], [lab], tmp_path / "out", minutes=0.4, threads=1)
+    grid = ModelCard.load(res.card).evaluation["adaptation_holdout"]["choice"]["f1_by_candidate"]
+    best = {net: max(v for k, v in grid.items() if k.startswith(net + ":"))
+            for net in ("base", "fine-tuned")}
+    assert best["base"] > best["fine-tuned"], grid
+    assert res.network == "base" and res.after["f1"] == best["base"]
+    assert sha256_file(res.onnx) == sha256_file(shipped_model_dir() / "detector.onnx")
+    card = ModelCard.load(res.card)
+    assert card.training.model_extra["adaptation"]["network"] == "base"  # type: ignore[index]
+    assert "base network" in card.training.data
+    assert main(["models", "adapt", str(img), "--labels", str(lab), "--out", str(tmp_path / "ft"),
+                 "--minutes", "0.2", "--no-progress", "--fine-tuned-only"]) == 0
+    ft = ModelCard.load(tmp_path / "ft" / "detector.json")
+    assert ft.training.model_extra["adaptation"]["network"] == "fine-tuned"  # type: ignore[index]
+    assert not any(k.startswith("base:") for k in
+                   ft.evaluation["adaptation_holdout"]["choice"]["f1_by_candidate"])
+
+
+def test_choice_prefers_the_base_network_and_its_card_on_a_tie() -> None:
+    row = {"tp": 8, "fp": 2, "fn": 2, "ecd_err_pct": [1.0], "ecd_err_nm": [], "ar_pairs": [],
+           "roundness_pairs": [], "d50_pred_px": 10.0, "d50_true_px": 10.0}
+    worse = {**row, "tp": 6, "fn": 4}
+    grid = {("fine-tuned", "auto", 0.5): [row], ("base", "auto-16", 0.3): [row],
+            ("base", "card", 0.9): [worse], ("base", "card", 0.95): [worse]}
+    assert _choose(grid, 0.9)[0] == ("base", "auto-16", 0.3)
+    grid[("base", "card", 0.9)] = [row]  # the base card as it is wins every tie
+    assert _choose(grid, 0.9)[0] == ("base", "card", 0.9)
+    grid[("fine-tuned", "auto", 0.7)] = [{**row, "fp": 0}]
+    assert _choose(grid, 0.9)[0] == ("fine-tuned", "auto", 0.7)
 
 
 def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: Path) -> None:

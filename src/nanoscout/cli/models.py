@@ -153,6 +153,11 @@ def adapt(
     threads: Annotated[int, typer.Option(
         help="torch and ONNX Runtime threads (2 threads on a busy 2-core machine run slower)")] = 1,
     seed: Annotated[int, typer.Option(help="random seed of the fine-tuning")] = 0,
+    base_competes: Annotated[bool, typer.Option(
+        "--base-competes/--fine-tuned-only",
+        help="the base network competes with the fine-tuned one on the held-out part of the "
+             "annotations, and is kept (with a scale and cut chosen there) when it scores at "
+             "least as well")] = True,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="draw a progress bar",
         show_default="on a terminal")] = None,
@@ -184,7 +189,8 @@ def adapt(
             bar.advance(step, note)
 
         res = run_adapt(list(images), list(labels), out, base=base, minutes=minutes,
-                        guard=guard, seed=seed, threads=threads, progress=tick, command=command)
+                        guard=guard, seed=seed, threads=threads, progress=tick, command=command,
+                        base_competes=base_competes)
         b, a = res.before, res.after
         bar.log(f"wrote {res.onnx} and {res.card} in {res.seconds:.0f} s ({res.steps} steps, "
                 f"guard {res.guard}, network {res.network}, scale {res.scale}, "
