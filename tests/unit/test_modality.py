@@ -113,6 +113,16 @@ def test_training_writes_a_model_the_estimator_loads(tmp_path: Path) -> None:
     est.close()
 
 
+def test_the_rendered_check_is_its_own_stream() -> None:
+    """The check renders do not depend on how many training frames were drawn before them."""
+    from nanoscout.training.train_modality import check_items
+
+    a, b = check_items(2), check_items(2)
+    assert [i.role for i in a] == ["check", "check"]
+    assert all(i.name.startswith("physics-") for i in a)
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b, strict=True))
+
+
 def test_a_live_stream_is_estimated_every_tenth_frame(shared_data: Path) -> None:
     """Live frames without a modality: one estimate per source every MODALITY_EVERY frames (the
     detector does not change from frame to frame); offline images: one each."""

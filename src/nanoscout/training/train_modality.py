@@ -58,7 +58,8 @@ from nanoscout.analysis.preprocess import fixed_input, resample
 from nanoscout.training import realdata as rd
 from nanoscout.training.classifier_net import FieldClassifier, export_onnx
 
-__all__ = ["STEM_DEV_BRIGHT_FIELD", "Item", "collect", "main", "train", "write_model"]
+__all__ = ["STEM_DEV_BRIGHT_FIELD", "Item", "check_items", "collect", "main", "train",
+           "write_model"]
 
 MODEL_NAME = "nanoscout-modality"
 MODEL_VERSION = "1.0.0"
@@ -96,7 +97,7 @@ def _keep(img: np.ndarray) -> np.ndarray:
     return resample(a, (round(a.shape[0] / f), round(a.shape[1] / f)))
 
 
-def collect(root: Path | None = None, n_physics: int = 400, n_sem: int = 120,
+def collect(root: Path | None = None, n_physics: int = 160, n_sem: int = 120,
             n_synthetic: int = 80, n_check: int = 60, seed: int = 7) -> list[Item]:
     """Return every frame of the training, tuning and held-out roles (module docstring), and
     ``n_check`` fresh physics renders (role "check", named by support kind) that say how the
@@ -131,12 +132,6 @@ def collect(root: Path | None = None, n_physics: int = 400, n_sem: int = 120,
         img, _ = haadf.render(cfg, seed * 100_000 + k)
         items.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0,
                           f"physics:{k}:{cfg.mode}", "train"))
-    for k in range(n_check):
-        side = int(rng.choice([384, 512]))
-        cfg = haadf.random_config(rng, (side, side))
-        img, _ = haadf.render(cfg, seed * 100_000 + 90_000 + k)
-        items.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0,
-                          f"physics-{cfg.support_kind}:{k}", "check"))
     from nanoscout.sim import sem_render
 
     for k in range(n_sem):
@@ -154,7 +149,24 @@ def collect(root: Path | None = None, n_physics: int = 400, n_sem: int = 120,
                               coverage=float(rng.uniform(0.03, 0.4)))
         items.append(Item(_keep(render(spec, seed * 100_000 + 80_000 + k).image), 0,
                           f"synthetic:{k}:{mod}", "train"))
-    return items
+    return items + check_items(n_check, seed)
+
+
+def check_items(n: int = 60, seed: int = 7) -> list[Item]:
+    """Return ``n`` fresh physics renders (role "check", their own random stream and seeds,
+    named "physics-<support kind>"): how the routing holds on kinds of HAADF-STEM specimens
+    the real sets lack (particles on a film or on vacuum)."""
+    from nanoscout.training import haadf
+
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for k in range(n):
+        side = int(rng.choice([384, 512]))
+        cfg = haadf.random_config(rng, (side, side))
+        img, _ = haadf.render(cfg, seed * 100_000 + 90_000 + k)
+        out.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0,
+                        f"physics-{cfg.support_kind}:{k}", "check"))
+    return out
 
 
 def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
