@@ -200,7 +200,7 @@ def test_stem_frames_are_analysed_by_the_stem_detector(daemon_factory: DaemonFac
     if not (weights / "detector_stem.onnx").is_file():
         pytest.skip(f"no shipped STEM detector in {weights}")
     names = {}
-    for f in ("detector.json", "detector_stem.json"):
+    for f in ("detector.json", "detector_stem.json", "modality.json"):
         card = json.loads((weights / f).read_text())
         names[f] = f"{card['name']}:{card['version']}"
     d = daemon_factory("--policy", "lossless", config="[classify]\nenabled = false\n")
@@ -223,3 +223,4 @@ def test_stem_frames_are_analysed_by_the_stem_detector(daemon_factory: DaemonFac
                       "tem-cam": {names["detector.json"]}}
     assert health.engines["model"] == names["detector.json"]
     assert health.engines["model_STEM"] == names["detector_stem.json"]
+    assert health.engines["modality"] == names["modality.json"]  # for frames that do not say

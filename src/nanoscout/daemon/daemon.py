@@ -528,6 +528,8 @@ class Daemon:
         engines = {"detector": self.pipeline.engine_name, **self.pipeline.model_names}
         if self.pipeline.classifier is not None:
             engines["classifier"] = self.pipeline.classifier.name
+        if self.pipeline.modality_estimator is not None:  # frames without a modality
+            engines["modality"] = self.pipeline.modality_estimator.name
         engines.update(engine_states(self.pipeline))  # remote engines: up, failing, fallback
         return engines
 
