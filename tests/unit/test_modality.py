@@ -124,8 +124,9 @@ def test_the_rendered_check_is_its_own_stream() -> None:
 
 
 def test_a_live_stream_is_estimated_every_tenth_frame(shared_data: Path) -> None:
-    """Live frames without a modality: one estimate per source every MODALITY_EVERY frames (the
-    detector does not change from frame to frame); offline images: one each."""
+    """Live frames without a modality: one estimate per source every MODALITY_EVERY frames and
+    at a change of magnification (the detector does not change from frame to frame of one
+    view); offline images: one each."""
     from nanoscout.analysis.pipeline import MODALITY_EVERY
 
     haadf = _grey(shared_data / "stem-dev" / "images" / "Pt4.jpg")[:256, :256]
@@ -146,9 +147,11 @@ def test_a_live_stream_is_estimated_every_tenth_frame(shared_data: Path) -> None
         try:
             for k in range(MODALITY_EVERY + 2):
                 pipe.process(Frame.from_image(haadf, pixel_size_nm=0.2, source="s", seq=k))
+            # another magnification of the same source: estimated at once
+            pipe.process(Frame.from_image(haadf, pixel_size_nm=0.4, source="s", seq=99))
         finally:
             pipe.close()
         calls[offline] = seen
     assert MODALITY_EVERY == 10
-    assert calls[False] == ["STEM", "STEM"]
-    assert len(calls[True]) == MODALITY_EVERY + 2
+    assert calls[False] == ["STEM", "STEM", "STEM"]
+    assert len(calls[True]) == MODALITY_EVERY + 3

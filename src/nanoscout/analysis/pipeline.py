@@ -124,9 +124,11 @@ class _SourceState:
     tracker: SourceTracker | None = None
     frames: int = 0
     topic_seq: dict[Kind, int] = field(default_factory=dict)
-    #: a live stream's estimated modality (frames without one) and the frame it was made on
+    #: a live stream's estimated modality (frames without one), the frame it was made on, and
+    #: that frame's (pixel size, shape): a new magnification or frame size is estimated anew
     modality_guess: str | None = None
     modality_frame: int | None = None
+    modality_view: tuple[float | None, tuple[int, ...]] | None = None
 
     def next_seq(self, kind: Kind) -> int:
         n = self.topic_seq.get(kind, 0)
@@ -353,16 +355,18 @@ class Pipeline:
 
     def _modality(self, frame: Frame, state: _SourceState) -> str | None:
         """The frame's modality; for a frame without one, the modality model's estimate (a
-        live stream's is made again every :data:`MODALITY_EVERY` frames of the source, so its
-        detector does not change from frame to frame; independent images each get one)."""
+        live stream's is made again every :data:`MODALITY_EVERY` frames of the source and when
+        its pixel size or frame shape changes, so its detector does not change from frame to
+        frame of one view; independent images each get one)."""
         h = frame.header
         if h.modality is not None or self.modality_estimator is None \
                 or not self.modality_detectors:
             return h.modality
-        if not self.stream_scale or state.modality_frame is None \
+        view = (h.pixel_size_nm, tuple(frame.pixels.shape))
+        if not self.stream_scale or state.modality_frame is None or state.modality_view != view \
                 or state.frames - state.modality_frame >= MODALITY_EVERY:
             state.modality_guess = self.modality_estimator.estimate(frame.pixels)
-            state.modality_frame = state.frames
+            state.modality_frame, state.modality_view = state.frames, view
         return state.modality_guess
 
     def _detect(self, frame: Frame, state: _SourceState

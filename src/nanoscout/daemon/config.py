@@ -239,8 +239,8 @@ class EngineConfig(_Section):
     #: say) are given one by the shipped modality model (``modality.onnx``, on the CPU, about
     #: as much time as the field classifier): "STEM" when it finds them HAADF-STEM, so that the
     #: STEM detector analyses them (``nanoscout.analysis.modality``); a live stream's every 10th
-    #: frame (per source), each image of ``measure``. Only where a modality has its own
-    #: detector (``modality_models``)
+    #: frame (per source) and at each new pixel size or frame shape, each image of ``measure``.
+    #: Only where a modality has its own detector (``modality_models``)
     estimate_modality: bool = True
 
     @model_validator(mode="before")
