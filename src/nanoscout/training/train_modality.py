@@ -124,14 +124,7 @@ def collect(root: Path | None = None, n_physics: int = 160, n_sem: int = 120,
         for n in rd.nffa_names(root):
             items.append(Item(_keep(rd.load_nffa(n, root).image), 0, f"nffa:{n}", "held"))
     rng = np.random.default_rng(seed)
-    from nanoscout.training import haadf
-
-    for k in range(n_physics):
-        side = int(rng.choice([256, 384, 512]))
-        cfg = haadf.random_config(rng, (side, side))
-        img, _ = haadf.render(cfg, seed * 100_000 + k)
-        items.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0,
-                          f"physics:{k}:{cfg.mode}", "train"))
+    items += _physics(rng, n_physics, (256, 384, 512), seed * 100_000, "train")
     from nanoscout.sim import sem_render
 
     for k in range(n_sem):
@@ -156,16 +149,24 @@ def check_items(n: int = 60, seed: int = 7) -> list[Item]:
     """Return ``n`` fresh physics renders (role "check", their own random stream and seeds,
     named "physics-<support kind>"): how the routing holds on kinds of HAADF-STEM specimens
     the real sets lack (particles on a film or on vacuum)."""
+    return _physics(np.random.default_rng(seed + 1), n, (384, 512), seed * 100_000 + 90_000,
+                    "check")
+
+
+def _physics(rng: np.random.Generator, n: int, sides: tuple[int, ...], first_seed: int,
+             role: str) -> list[Item]:
+    """``n`` physics HAADF / BF-STEM renders of random configurations and square sides (px),
+    labelled by their mode; named "physics:<k>:<mode>" for training, else by support kind."""
     from nanoscout.training import haadf
 
-    rng = np.random.default_rng(seed + 1)
     out = []
     for k in range(n):
-        side = int(rng.choice([384, 512]))
+        side = int(rng.choice(sides))
         cfg = haadf.random_config(rng, (side, side))
-        img, _ = haadf.render(cfg, seed * 100_000 + 90_000 + k)
-        out.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0,
-                        f"physics-{cfg.support_kind}:{k}", "check"))
+        img, _ = haadf.render(cfg, first_seed + k)
+        name = (f"physics:{k}:{cfg.mode}" if role == "train"
+                else f"physics-{cfg.support_kind}:{k}")
+        out.append(Item(_keep(img), HAADF if cfg.mode == "haadf" else 0, name, role))
     return out
 
 
