@@ -25,7 +25,7 @@ from nanoscout.analysis.preprocess import fixed_input
 from nanoscout.engines.base import Engine
 from nanoscout.wire.errors import ModelCardError
 
-__all__ = ["CLASSES", "INPUT_SIDE", "MODEL_FILE", "ROUTE_MIN_P", "ModalityEstimator"]
+__all__ = ["CLASSES", "INPUT_SIDE", "MODEL_FILE", "ROUTE_MIN_P", "ModalityEstimator", "modality_of"]
 
 #: the model's classes, in its output order
 CLASSES: tuple[str, ...] = ("other", "haadf")
@@ -35,6 +35,12 @@ INPUT_SIDE = 384
 MODEL_FILE = "modality.onnx"
 #: p(haadf) from which a frame without a modality is analysed as "STEM"
 ROUTE_MIN_P = 0.9
+
+
+def modality_of(p_haadf: float) -> str | None:
+    """Return the modality a frame of probability ``p_haadf`` (0..1) of being HAADF-STEM is
+    analysed as: "STEM" from :data:`ROUTE_MIN_P` on, else None (the general detector)."""
+    return "STEM" if p_haadf >= ROUTE_MIN_P else None
 
 
 class ModalityEstimator:
@@ -75,7 +81,7 @@ class ModalityEstimator:
     def estimate(self, frame: np.ndarray) -> str | None:
         """Return "STEM" when the frame looks like HAADF-STEM (p >= :data:`ROUTE_MIN_P`),
         else None (the general detector's frames)."""
-        return "STEM" if self.p_haadf(frame) >= ROUTE_MIN_P else None
+        return modality_of(self.p_haadf(frame))
 
     def close(self) -> None:
         """Release the engine."""

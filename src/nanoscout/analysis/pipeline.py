@@ -166,9 +166,9 @@ class Pipeline:
         ``modality_detectors``: modality -> (detector, model name) for the frames of that
         modality; ``detector`` analyses the others. ``modality_estimator``: gives frames
         without a modality one from their pixels (None: they go to ``detector``).
-        ``stream_scale``: an automatic working
-        scale is reused across a source's frames of one pixel size (a live stream); False
-        estimates it for every frame (independent images, ``nanoscout measure``).
+        ``stream_scale``: an automatic working scale is reused across a source's frames of one
+        pixel size (a live stream); False estimates it for every frame (independent images,
+        ``nanoscout measure``).
         ``tracking``: drift correction and particle tracking per source (None or disabled:
         no ``track_id``, no ``drift`` / ``tracking`` / ``unique`` / ``insitu`` blocks)."""
         if max_sources < 1:

@@ -52,7 +52,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from nanoscout.analysis.modality import CLASSES, INPUT_SIDE, MODEL_FILE, ROUTE_MIN_P
+from nanoscout.analysis.modality import (
+    CLASSES,
+    INPUT_SIDE,
+    MODEL_FILE,
+    ROUTE_MIN_P,
+    modality_of,
+)
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.preprocess import fixed_input, resample
 from nanoscout.training import realdata as rd
@@ -238,7 +244,7 @@ def evaluate(onnx: Path, items: list[Item]) -> dict[str, Any]:
                                                          "p_haadf": {}})
             cls = "haadf" if it.label == HAADF else "other"
             s[f"n_{cls}"] += 1
-            s[f"{cls}_routed"] += int(p >= ROUTE_MIN_P)
+            s[f"{cls}_routed"] += int(modality_of(p) == "STEM")
             s["p_haadf"][it.name.split(":", 1)[1]] = round(p, 4)
     finally:
         est.close()
