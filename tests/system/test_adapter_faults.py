@@ -115,3 +115,33 @@ def test_a_daemon_killed_mid_run_loses_nothing_once_it_is_back(tmp_path: Path) -
     assert after.frames_processed == after.frames_received
     resent = re.search(r"\((\d+) sent again after a daemon restart\)", out)
     assert resent is not None, out
+
+
+def _ignore_sigint() -> None:
+    """As a non-interactive shell starts the children of a background job."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_ends_an_adapter_that_started_with_sigint_ignored(
+        daemon_factory: DaemonFactory, sig: int) -> None:
+    d = daemon_factory("--policy", "lossless")
+    sim = nanoscout("simulate", "--frames-endpoint", d.input, "--results", d.output, "--mode",
+                    "push", "--rate", "20", "--size", "256", stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
+    try:
+        with Subscriber(d.output, topics=("health",)) as sub:
+            health = sub.wait_ready(60)
+            while health.frames_processed < 3:
+                health = sub.wait_ready(60)
+        sim.send_signal(sig)
+        out, _ = sim.communicate(timeout=60)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait()
+    assert sim.returncode == 130, out
+    # the publisher closed in order: what it sent is reported, confirmed by the daemon
+    report = re.search(r"simulator: sent (\d+) frames, (\d+) confirmed by the daemon", out)
+    assert report is not None, out
+    assert int(report[1]) >= 3 and report[1] == report[2], out

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import typer
 
 from nanoscout import __version__
 from nanoscout.cli.logs import EngineSummary
-from nanoscout.cli.main import app, check_args, main
+from nanoscout.cli.main import app, check_args, main, stop_signals
 
 COMMANDS = ["serve", "simulate", "replay", "tail", "record", "dashboard", "keys", "demo",
             "measure", "report", "microscope", "search"]
@@ -143,3 +146,19 @@ def test_tail_uses_the_terminal_width(width: int) -> None:
     header = next(ln for ln in lines if ln.startswith("source"))
     assert len(header) == width  # the table spans the terminal
     assert sum("long explanation" in ln for ln in lines) >= 2  # folded, not cut
+
+
+def test_stop_signals_interrupt_and_put_the_old_handlers_back() -> None:
+    before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt), stop_signals():
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the handler interrupts this at once
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before_int)
+        signal.signal(signal.SIGTERM, before_term)

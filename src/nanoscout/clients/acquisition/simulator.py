@@ -175,7 +175,7 @@ def run_simulator(
             sent += 1
             if opts.frames is not None and sent >= opts.frames:
                 break
-    finally:
+    finally:  # stopped by Ctrl-C or SIGTERM too: what was sent is still reported
         report = pub.close()
-    log(f"simulator: {report.describe()}")
+        log(f"simulator: {report.describe()}")
     return report
