@@ -133,6 +133,11 @@ def test_every_labelled_counter_exists_at_zero_from_the_start(daemon_factory: Da
         assert f'nanoscout_frames_dropped_total{{reason="{reason}"}} 0.0' in text
     for reason in ("malformed", "header", "oversized", "nonfinite", "duplicate", "internal"):
         assert f'nanoscout_messages_rejected_total{{reason="{reason}"}} 0.0' in text
+    for action, step in (("swap", "sha256"), ("swap", "probe"), ("revert", "history")):
+        assert (f'nanoscout_model_swap_failures_total{{action="{action}",step="{step}"}} 0.0'
+                in text)
+    for reason in ("disk_budget", "write_error"):
+        assert f'nanoscout_frame_save_failures_total{{reason="{reason}"}} 0.0' in text
 
 
 PROMTOOL = shutil.which("promtool")
@@ -170,6 +175,57 @@ tests:
       - eval_time: 1m
         alertname: NanoscoutCriticalFinding
         exp_alerts: []
+""", encoding="utf-8")
+    out = subprocess.run([PROMTOOL, "test", "rules", str(test)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
+def test_a_refused_swap_and_a_model_change_raise_their_alerts(tmp_path: Path) -> None:
+    """deploy/'s NanoscoutModelSwapFailed fires on the first refused swap after a start (its
+    counter exists at 0), and NanoscoutModelChanged on a step of the model generation."""
+    assert PROMTOOL is not None
+    rules = Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml"
+    test = tmp_path / "swap_test.yml"
+    failures = ('nanoscout_model_swap_failures_total{instance="d:9108",job="nanoscout",'
+                'action="swap",step="sha256"}')
+    generation = 'nanoscout_model_generation{instance="d:9108",job="nanoscout"}'
+    refused = ("1 swap(s) refused in 10 minutes; the model in use is unchanged "
+               "(health.last_error and the daemon log say why).")
+    changed = ("1 model change(s) in 10 minutes (hot swap or revert); size statistics across "
+               "the change come from different models.")
+    test.write_text(f"""rule_files:
+  - {rules}
+evaluation_interval: 15s
+tests:
+  - interval: 1m
+    input_series:
+      - series: '{failures}'
+        values: '0 0 0 1 1 1 1 1'
+      - series: '{generation}'
+        values: '0 0 0 0 0 1 1 1'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: NanoscoutModelSwapFailed
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: NanoscoutModelSwapFailed
+        exp_alerts:
+          - exp_labels: {{instance: "d:9108", action: swap, step: sha256, severity: warning}}
+            exp_annotations:
+              summary: "nanoscout d:9108: a model swap failed at step sha256"
+              description: "{refused}"
+      - eval_time: 4m
+        alertname: NanoscoutModelChanged
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: NanoscoutModelChanged
+        exp_alerts:
+          - exp_labels: {{instance: "d:9108", job: nanoscout, severity: info}}
+            exp_annotations:
+              summary: "nanoscout d:9108 now analyses with another detection model"
+              description: "{changed}"
 """, encoding="utf-8")
     out = subprocess.run([PROMTOOL, "test", "rules", str(test)], capture_output=True, text=True,
                          timeout=60)

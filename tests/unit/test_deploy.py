@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from pydantic import BaseModel
 
 from nanoscout.daemon.config import ServeConfig, load_config
+from nanoscout.daemon.hotswap import FAILURE_STEPS
 from nanoscout.daemon.metrics import Metrics
 from tests.conftest import REPO
 
@@ -381,6 +383,24 @@ def test_dashboard_shows_sizes_and_the_classifier() -> None:
                    "nanoscout_class_probability", "nanoscout_novelty",
                    "nanoscout_classify_failures_total", "nanoscout_alert_threshold"):
         assert metric in exprs, f"no Grafana panel shows {metric}"
+
+
+def test_dashboard_and_rules_follow_the_model_and_the_review_frames() -> None:
+    """Hot swaps (issue 18) show in Grafana and page on failure; so do refused frame saves."""
+    exprs = " ".join(e for _, e in dashboard_exprs(dashboard()))
+    for metric in ("nanoscout_model_generation", "nanoscout_model_swaps_total",
+                   "nanoscout_model_swap_failures_total", "nanoscout_frames_saved_total",
+                   "nanoscout_frame_save_failures_total"):
+        assert metric in exprs, f"no Grafana panel shows {metric}"
+    alerts = {r["alert"]: r for g in load_rules()["groups"] for r in g["rules"] if "alert" in r}
+    assert "nanoscout_model_swap_failures_total" in alerts["NanoscoutModelSwapFailed"]["expr"]
+    assert "nanoscout_model_generation" in alerts["NanoscoutModelChanged"]["expr"]
+    assert "nanoscout_frame_save_failures_total" in alerts["NanoscoutFrameSavesFailing"]["expr"]
+    text = generate_latest(Metrics().registry).decode()
+    for action, steps in FAILURE_STEPS.items():  # increase() sees a first failure after start
+        for step in steps:
+            assert (f'nanoscout_model_swap_failures_total{{action="{action}",step="{step}"}} 0.0'
+                    in text)
 
 
 def test_alert_thresholds_come_from_the_deployment() -> None:

@@ -47,9 +47,17 @@ from nanoscout.analysis.modelcard import ModelCard, sha256_file
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.wire.errors import NanoscoutError
 
-__all__ = ["LoadedModel", "ModelSwapper", "SwapError", "resolve_model", "synthetic_probe"]
+__all__ = ["FAILURE_STEPS", "LoadedModel", "ModelSwapper", "SwapError", "resolve_model",
+           "synthetic_probe"]
 
 log = logging.getLogger("nanoscout.hotswap")
+
+#: the steps at which a swap or a revert can fail, by action: the ``step`` label of the
+#: daemon's nanoscout_model_swap_failures_total (every pair exists at zero from the start)
+FAILURE_STEPS: dict[str, tuple[str, ...]] = {
+    "swap": ("resolve", "sha256", "card", "load", "probe", "switch"),
+    "revert": ("history", "switch"),
+}
 
 #: builds (detector, engine name, "name:version") from an ONNX file, as at start
 Build = Callable[[Path], tuple[Detector, str, str]]
@@ -252,6 +260,7 @@ class ModelSwapper:
         # the worker switched just as the wait ended
 
     def _failed(self, action: str, step: str) -> None:
+        assert step in FAILURE_STEPS[action], (action, step)  # a series that exists at zero
         self.failures += 1
         if self._on_failure is not None:
             self._on_failure(action, step)

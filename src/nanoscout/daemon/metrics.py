@@ -33,9 +33,11 @@ alert_threshold{name}                  gauge      this deployment's Prometheus a
 engine_info{backend,model,...}         info
 model_swaps_total{action}              counter    hot swaps / reverts of the detection model done
 model_swap_failures_total{action,step} counter    swaps / reverts refused or rolled back, by the
-                                                  step that failed (resolve, sha256, card,
-                                                  probe, switch, history)
-model_generation                       gauge      0 for the model started with, +1 per swap
+                                                  step that failed (``hotswap.FAILURE_STEPS``:
+                                                  resolve, sha256, card, load, probe, switch;
+                                                  history, switch)
+model_generation                       gauge      0 for the model started with, +1 per swap or
+                                                  revert
 frames_saved_total                     counter    raw frames written for review (TIFF)
 frame_save_failures_total{reason}      counter    no_frame, disk_budget, queue_full, write_error
 =====================================  =========  ==========================================
@@ -56,6 +58,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from nanoscout.daemon.hotswap import FAILURE_STEPS
 from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
@@ -152,8 +155,10 @@ class Metrics:
             self.frames_dropped.labels(reason=reason.value)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason=reason.value)
-        for action in ("swap", "revert"):
+        for action, steps in FAILURE_STEPS.items():
             self.model_swaps.labels(action=action)
+            for step in steps:
+                self.model_swap_failures.labels(action=action, step=step)
         for why in ("no_frame", "disk_budget", "queue_full", "write_error"):
             self.frame_save_failures.labels(reason=why)
         for rule, severity in rules:
