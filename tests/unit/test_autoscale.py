@@ -6,20 +6,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 
+from nanoscout.analysis import detector as detector_module
 from nanoscout.analysis.autoscale import (
     DEFAULT_TOLERANCE,
     ScaleMemo,
+    content_centre,
     pass_window,
     signature,
 )
 from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.analysis.preprocess import normalize
-from nanoscout.sim.synthetic import Specimen, SpecimenConfig
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig, render
 
 ONNX = shipped_model_dir() / "detector.onnx"
 
@@ -33,6 +36,24 @@ def test_pass_window_is_the_frame_or_a_bounded_centred_window() -> None:
     assert rows.stop - rows.start == 1536
     with pytest.raises(ValueError, match="factor"):
         pass_window((64, 64), 0.0)
+
+
+def test_a_window_around_a_centre_stays_inside_the_frame() -> None:
+    rows, cols = pass_window((2048, 2048), 1.0, 384, centre=(300.0, 1800.0))
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (108, 492, 1608, 1992)
+    rows, cols = pass_window((2048, 2048), 1.0, 384, centre=(10.0, 2040.0))  # at a corner
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (0, 384, 1664, 2048)
+    # no centre: the frame's middle, as before
+    assert pass_window((2048, 2048), 1.0, 384, None) == pass_window((2048, 2048), 1.0, 384)
+
+
+def test_content_centre_finds_the_foreground_in_frame_px() -> None:
+    p = np.zeros((64, 64), np.float32)
+    p[40:52, 8:20] = 1.0  # at factor 0.25 over a window starting at frame (100, 200)
+    r, c = content_centre(p, 0.25, (100, 200))  # type: ignore[misc]
+    assert 100 + 40 / 0.25 <= r <= 100 + 52 / 0.25 and 200 + 8 / 0.25 <= c <= 200 + 20 / 0.25
+    assert content_centre(np.zeros((64, 64), np.float32), 0.25) is None  # nothing found
+    assert content_centre(np.full((64, 64), 0.01, np.float32), 0.25) is not None  # 41 px in all
 
 
 def _frames(modality: str, diameter_nm: float, n: int, seed: int = 3) -> list[np.ndarray]:
@@ -155,3 +176,25 @@ def test_a_stream_estimates_once_until_its_content_changes(engine: object) -> No
     rec.calls.clear()
     det.detect(bigger, key=key)
     assert len(rec.calls) == 1
+
+
+@pytest.mark.parametrize(("modality", "diameter_nm"), [("STEM", 12.0), ("TEM", 8.0)])
+def test_particles_off_centre_around_an_empty_middle_set_the_scale(
+        engine: object, modality: str, diameter_nm: float) -> None:
+    """A 2048² frame whose specimen fills only its top-left 512² corner (the rest plain
+    background, as vacuum between aggregates): the finer passes look where the particles
+    are, and the factor brings their median (diameter_nm px) to the card's 24 px. Centred on
+    the empty middle they found nothing, and the frame stayed at factor 1 (checked here)."""
+    cfg = SpecimenConfig(modality=modality, shape=(512, 512),  # type: ignore[arg-type]
+                         pixel_size_nm=1.0, median_diameter_nm=diameter_nm, sigma_log=0.15,
+                         coverage=0.25)
+    corner = render(cfg, 7).image.astype(np.float32)
+    rng = np.random.default_rng(1)
+    frame = rng.normal(float(np.median(corner)), 0.15 * float(corner.std()),
+                       (2048, 2048)).astype(np.float32)
+    frame[:512, :512] = corner
+    x = normalize(frame)
+    det = Detector(engine, _card(), scale="auto")  # type: ignore[arg-type]
+    assert det.estimate_scale(x) == pytest.approx(24.0 / diameter_nm, rel=0.2)
+    with mock.patch.object(detector_module, "content_centre", lambda *a, **k: None):
+        assert det.estimate_scale(x) == 1.0  # the middle window: no particle to see

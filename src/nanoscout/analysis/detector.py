@@ -25,6 +25,7 @@ from nanoscout.analysis.autoscale import (
     DEFAULT_TOLERANCE,
     DEFAULT_WINDOW_PX,
     ScaleMemo,
+    content_centre,
     pass_window,
 )
 from nanoscout.analysis.instances import (
@@ -107,8 +108,10 @@ class Detector:
         re-estimate at least every n-th frame of that key, and whenever the frame shape or
         the content changes (a signature distance above ``scale_tolerance``; None: shape
         and age only; :class:`~nanoscout.analysis.autoscale.ScaleMemo`).
-        ``estimate_window_px``: a finer estimation pass looks at a centred window of at most
-        this many working px per side (:func:`~nanoscout.analysis.autoscale.pass_window`).
+        ``estimate_window_px``: a finer estimation pass looks at a window of at most this
+        many working px per side, where the first pass found the most foreground
+        (:func:`~nanoscout.analysis.autoscale.pass_window`,
+        :func:`~nanoscout.analysis.autoscale.content_centre`).
         ``tile_px`` / ``tile_margin_px``: largest side sent to the engine in one call, and
         the context dropped at each tile seam (px at working scale); ``tile_batch``: tiles
         sent in one engine call (bounds its memory). ``tta``: average the
@@ -296,8 +299,9 @@ class Detector:
         """Return the working-scale factor for a normalised frame ``x`` (coarse-to-fine passes).
 
         Pass at factor s: shrink the frame (longest side ``coarse_side_px`` first; a finer pass
-        sees only a centred window of at most ``estimate_window_px`` working px per side, so
-        no pass costs more than one such engine call), find the
+        sees only a window of at most ``estimate_window_px`` working px per side, centred where
+        the first pass found the most foreground, so no pass costs more than one such engine
+        call and an empty middle of the frame does not blind it), find the
         particles, take the area-weighted median ECD d of those with score >= ``min_score``
         (the size of the particle holding the median particle pixel). Once d reaches
         ``reliable_diameter_px`` (the particles are resolved), or at full size, the frame's
@@ -324,38 +328,57 @@ class Detector:
         area = np.bincount(labels.ravel(), minlength=scores.size)[1:].astype(np.float64)
         return logits, 2.0 * np.sqrt(area / np.pi), scores[1:]
 
-    def _window_pass(self, x: np.ndarray, s: float) -> tuple[np.ndarray, bool, float, int]:
-        """Run the pass at factor ``s`` on its window (:func:`pass_window`); return (logits,
-        whether the window is the whole frame, area-weighted median ECD px at the pass of the
-        confident detections of at least ``min_pass_ecd_px``, their number)."""
+    def _window_pass(self, x: np.ndarray, s: float, centre: tuple[float, float] | None = None
+                     ) -> tuple[np.ndarray, bool, float, int]:
+        """Run the pass at factor ``s`` on its window (:func:`pass_window` around ``centre``,
+        frame px; None: the frame's centre); return (logits, whether the window is the whole
+        frame, area-weighted median ECD px at the pass of the confident detections of at least
+        ``min_pass_ecd_px``, their number)."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
         h, w = x.shape
-        rows, cols = pass_window((h, w), s, self.estimate_window_px)
+        rows, cols = pass_window((h, w), s, self.estimate_window_px, centre)
         whole = rows.stop - rows.start == h and cols.stop - cols.start == w
         logits, ecd, scores = self._pass(x if whole else x[rows, cols], s)
         keep = ecd[(scores >= a.min_score) & (ecd >= a.min_pass_ecd_px)]
         return logits, whole, _area_weighted_median(keep), int(keep.size)
 
+    def _densest(self, logits: np.ndarray, s: float, window: tuple[slice, slice]
+                 ) -> tuple[float, float] | None:
+        """Where the pass at factor ``s`` over frame ``window`` found the most foreground
+        ((row, col) frame px, or None: :func:`content_centre`)."""
+        rows, cols = window
+        wh, ww = (max(self.stride, round((sl.stop - sl.start) * s)) for sl in (rows, cols))
+        fg = logits[0, self._fg, :wh, :ww].astype(np.float32)
+        # the logistic function as tanh: no overflow for logits of any size
+        return content_centre(0.5 + 0.5 * np.tanh(0.5 * fg), s, (rows.start, cols.start))
+
     def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None]:
         """Return (factor, logits of the pass at that factor or None) for :meth:`detect`."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
         passes: dict[float, tuple[tuple[np.ndarray, bool, float, int], float]] = {}
+        h, w = x.shape
+        s0 = min(1.0, a.coarse_side_px / max(h, w))  # the first pass of both searches below
+        centre: tuple[float, float] | None = None  # where the finer passes look
 
         def window_pass(s: float) -> tuple[np.ndarray, bool, float, int]:
             # the consistency search and the fallback below share their passes (the coarse
             # one at least): each factor runs once per frame; a pass taken again keeps its
             # own engine time for a reused inference
+            nonlocal centre
             if s not in passes:
-                passes[s] = (self._window_pass(x, s), self._pass_engine_s)
+                passes[s] = (self._window_pass(x, s, centre), self._pass_engine_s)
+                if s == s0:  # the finer passes look where the first found the most
+                    centre = self._densest(passes[s][0][0], s, pass_window(
+                        (h, w), s, self.estimate_window_px))
             found, self._pass_engine_s = passes[s]
             return found
 
+        window_pass(s0)
         if a.consistency is not None:
             found = self._estimate_consistent(x, a.consistency, window_pass)
             if found is not None:
                 return found
-        h, w = x.shape
-        s = min(1.0, a.coarse_side_px / max(h, w))
+        s = s0
         while True:
             logits, whole, d, _ = window_pass(s)
             # only a pass over the whole frame can double as the frame's inference
