@@ -111,6 +111,45 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
     assert d.stop(signal.SIGTERM) == 0
 
 
+def test_no_query_message_ends_the_daemon_and_refusals_are_counted(
+        daemon_factory: DaemonFactory) -> None:
+    """One class message with an impossible heatmap shape on the query socket ended the whole
+    daemon; a request over 64 KiB hung its REQ client; a swap to a file that is no model told
+    whether it existed. Now each is answered in words and counted, and frames keep flowing."""
+    d = daemon_factory("--policy", "lossless")
+    assert d.query is not None
+    bad_heat = {"v": [1, 6], "source": "x", "seq": 0, "t_acq_ns": 0, "labels": [],
+                "probabilities": [], "heatmap_shape": [-2, -3]}
+    swap = {"v": [1, 6], "action": "swap_model", "model": "/etc/shadow", "sha256": "0" * 64}
+    ctx: zmq.Context = zmq.Context.instance()
+    errors = []
+    for parts in ([b"class.x", msgpack.packb(bad_heat), b"\x00" * 6],
+                  [b"lens_request.x", b"\x80" * 70_000],
+                  [b"control_request", msgpack.packb(swap)]):
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.setsockopt(zmq.RCVTIMEO, 20_000)
+        req.connect(d.query)
+        try:
+            req.send_multipart(parts)
+            errors.append(msgpack.unpackb(req.recv_multipart()[1])["error"])
+        finally:
+            req.close()
+    assert "heatmap_shape" in errors[0] and "exceeds 65536" in errors[1], errors
+    assert "is not a model" in errors[2], errors
+    good = np.full((128, 128), 1000, np.uint16)
+    with Subscriber(d.output, topics=("det.",)) as sub, \
+            FramePublisher(d.input, mode="push", source="after", ctx=ctx) as pub:
+        sub.wait_ready()
+        seq = pub.send(good, pixel_size_nm=0.5)
+        assert any(m.header.seq == seq for m in sub.messages(timeout=60)), "no det after"
+    text = d.scrape()
+    assert _metric(text, "nanoscout_query_requests_total", outcome="refused") == 3
+    assert _metric(text, "nanoscout_model_swap_failures_total", action="swap",
+                   step="resolve") == 1
+    assert d.proc.poll() is None and d.stop(signal.SIGTERM) == 0
+
+
 def test_vanished_subscriber_does_not_disturb_the_daemon(daemon_factory: DaemonFactory) -> None:
     d = daemon_factory("--policy", "lossless")
     frame = np.full((96, 96), 500, np.uint16)

@@ -5,6 +5,7 @@ model and revert, all under the page's access rules (Host check, token, ``X-Nano
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import sys
@@ -21,6 +22,8 @@ from nanoscout.analysis.modelcard import shipped_model_dir
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.dashboard import DashboardServer, DashboardState
 from nanoscout.clients.dashboard.annotate import AnnotationDesk, propose_outline
+from nanoscout.clients.dashboard.lens import LensView
+from nanoscout.clients.query import request_control
 from nanoscout.clients.subscriber import Subscriber
 from tests.system.conftest import DaemonFactory
 
@@ -188,3 +191,34 @@ def test_freeze_correct_adapt_swap_and_revert_from_the_page(page: tuple[Page, st
     assert back["model_generation"] == 2
     status, listed = p.call("GET", "/api/annotations")
     assert status == 200 and listed["annotations"][0]["n"] == n0 + 1
+
+
+def test_bodies_and_names_no_handler_expects_get_a_400_not_a_dropped_connection(
+        page: tuple[Page, str]) -> None:
+    """Each of these once raised past the handler: the client got no answer at all and the
+    dashboard printed a traceback. The page's control and lens routes are served as the
+    ``dashboard`` command serves them (over the daemon's query socket)."""
+    p, query = page
+    _, frozen = p.call("POST", "/api/annotate/freeze?source=cam")
+    draw = f"/api/annotate/draw?id={frozen['id']}"
+    server = DashboardServer(DashboardState(), port=0, token=TOKEN, lens=LensView(query),
+                             control=functools.partial(request_control, query)).start()
+    try:
+        full = Page(server.url)
+        for method, path, body, target in (
+                ("POST", "/api/control?source=" + "a" * 5000 + "&action=reset_statistics", b"",
+                 full),
+                ("GET", "/api/lens?source=%00", b"", full),
+                ("POST", draw, b"[" * 100_000 + b"]" * 100_000, p),
+                ("POST", draw, b'{"points": [[{}, 1], [2, 3], [4, 5]]}', p),
+                ("POST", draw, b'{"points": [[0, 0], [' + b"9" * 400 + b", 0], [0, 5]]}", p)):
+            conn = http.client.HTTPConnection(target.host, target.port, timeout=30)
+            conn.request(method, path, body=body, headers={
+                "Host": f"{target.host}:{target.port}", "Authorization": f"Bearer {TOKEN}",
+                "X-Nanoscout": "1"})
+            resp = conn.getresponse()
+            answer = json.loads(resp.read())
+            conn.close()
+            assert resp.status == 400 and answer["error"], (path[:60], resp.status, answer)
+    finally:
+        server.close()

@@ -160,6 +160,34 @@ def test_corrupt_file_in_measure_is_skipped_with_a_reason(shared_data: Path, tmp
     assert [Path(p).name for p, _why in prov["skipped"]] == ["broken.tif"]
 
 
+def test_a_small_file_declaring_a_huge_image_is_skipped_unread(tmp_path: Path) -> None:
+    """A 1.6 MB tiled TIFF of 40000 x 40000 px (1.6 GB decoded) took 22 GB of memory and
+    ended the run: now it is skipped on its declared size, in seconds, under a memory cap,
+    and the next file is measured."""
+    import resource
+
+    import tifffile
+
+    bomb = tmp_path / "bomb.tif"
+    tile = np.zeros((1024, 1024), np.uint8)
+    tifffile.imwrite(bomb, (tile for _ in range(40 * 40)), shape=(40000, 40000), dtype=np.uint8,
+                     tile=(1024, 1024), compression="zlib")
+    assert bomb.stat().st_size < 4 << 20
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((128, 128), 60, np.uint8)).save(good)
+
+    def cap() -> None:  # far below what decoding the bomb would take
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    out = tmp_path / "run.csv"
+    proc = nanoscout("measure", str(bomb), str(good), "--out", str(out), "--no-progress",
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=cap)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    assert "Traceback" not in stdout
+    assert "40000 x 40000 px is larger than" in stdout and "measured 1 images" in stdout
+
+
 def test_images_without_metadata_get_the_detector_of_what_they_look_like(
         shared_data: Path, tmp_path: Path) -> None:
     """A HAADF-STEM JPEG (the STEM tuning material) says nothing of its kind: the modality

@@ -95,6 +95,33 @@ def test_resolve_finds_the_file_and_its_card(tmp_path: Path) -> None:
         resolve_model(tmp_path / "b" / "elsewhere.json")
 
 
+def test_resolve_asks_nothing_of_other_files_and_keeps_to_the_model_folders(tmp_path: Path
+                                                                              ) -> None:
+    """The control socket cannot probe for files that are no model, nor hash them: a name
+    without .onnx / .json is refused before the file system is asked (the same answer for a
+    file that exists and one that does not), and with ``model_dirs`` a model elsewhere,
+    through a symbolic link too, is refused."""
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    (tmp_path / "secret.json").write_text("{}")
+    answers = set()
+    for name in (secret, tmp_path / "absent", tmp_path / ".." / ".." / "etc" / "shadow"):
+        with pytest.raises(SwapError, match="is not a model") as err:
+            resolve_model(name)
+        answers.add(str(err.value).split("'")[-1])
+    assert len(answers) == 1
+    inside = _copy(tmp_path / "models")
+    outside = _copy(tmp_path / "elsewhere", "b")
+    roots = [tmp_path / "models"]
+    assert resolve_model(inside, roots)[0] == inside
+    with pytest.raises(SwapError, match=r"not in a model folder .*model_dirs"):
+        resolve_model(outside, roots)
+    link = tmp_path / "models" / "link.onnx"
+    link.symlink_to(outside)
+    with pytest.raises(SwapError, match="not in a model folder"):
+        resolve_model(link, roots)
+
+
 def test_a_swap_switches_between_frames_and_revert_goes_back(tmp_path: Path) -> None:
     swaps: list[str] = []
     swapper, pipeline = _swapper(on_swap=swaps.append)

@@ -235,6 +235,18 @@ def test_alert_with_heatmap_round_trip_and_mismatches() -> None:
     assert len(encode_message(plain, empty_table(0))) == 3
 
 
+def test_a_heatmap_shape_that_cannot_be_is_a_protocol_error() -> None:
+    """Negative or zero sides once passed the header and broke numpy's reshape (a ValueError
+    that ended the daemon's query thread): the header refuses them, and a reader never sees
+    anything but a ProtocolError."""
+    base = {"v": [1, 6], "source": "x", "seq": 0, "t_acq_ns": 0, "labels": [],
+            "probabilities": []}
+    for shape, extra in (([-2, -3], [b"\x00" * 6]), ([0, -1], [b""]), ([2, 3], [b"\x00" * 5])):
+        parts = [b"class.x", msgpack.packb({**base, "heatmap_shape": shape}), *extra]
+        with pytest.raises(ProtocolError):
+            decode_message(parts)
+
+
 def test_lens_request_and_reply_round_trip() -> None:
     req = decode_message(encode_message(LensRequest(source="cam", outputs=["act_enc1"])))
     assert isinstance(req.header, LensRequest) and req.header.outputs == ["act_enc1"]

@@ -105,3 +105,40 @@ def test_control_requests_reach_the_handler_and_refusals_come_back() -> None:
         assert srv.answered == 2 and srv.refused == 3
     finally:
         srv.stop()
+
+
+def test_no_request_can_end_the_server_and_each_is_counted() -> None:
+    """A class or alert message with an impossible heatmap shape (it once ended the daemon's
+    query thread, and so the daemon), a request over 64 KiB (it was dropped unanswered, and
+    the REQ client hung) and a handler that fails: each gets an error reply and a count."""
+    import msgpack
+
+    outcomes: list[str] = []
+
+    def control(req: ControlRequest) -> ControlReply:
+        raise RuntimeError("a bug in the handler")
+
+    srv = LensServer(zmq.Context.instance(), None, control=control, count=outcomes.append)
+    endpoint = srv.start("tcp://127.0.0.1:0", _guard)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(endpoint)
+    try:
+        bad_heat = {"v": [1, 6], "source": "x", "seq": 0, "t_acq_ns": 0, "labels": [],
+                    "probabilities": [], "heatmap_shape": [-2, -3]}
+        for parts in ([b"class.x", msgpack.packb(bad_heat), b"\x00" * 6],
+                      [b"alert.x", msgpack.packb({**bad_heat, "heatmap_shape": [0, -1]})],
+                      [b"control_request.cam", b"\x80" * 70_000]):
+            sock.send_multipart(parts)
+            reply = decode_message(sock.recv_multipart())
+            assert "bad request" in reply.header.error, reply.header
+        assert "70019 bytes exceeds 65536" in reply.header.error
+        with pytest.raises(QueryError, match="internal error.*a bug in the handler"):
+            request_control(endpoint, "cam", "reset_statistics")
+        assert outcomes == ["refused"] * 4 and srv.refused == 4
+        assert srv._thread is not None and srv._thread.is_alive()
+    finally:
+        sock.close()
+        srv.stop()

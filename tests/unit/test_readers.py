@@ -368,3 +368,25 @@ def test_replay_watch_sends_new_files_and_skips_bad_ones(tmp_path: Path) -> None
     assert pub.calls[0]["meta"] == {"file": "a.mrc", "index": 0}
     assert pub.calls[0]["pixel_size_nm"] == pytest.approx(5.67913, rel=1e-3)
     assert [p.name for p, _ in report.skipped] == ["b.dm4"]
+
+
+def test_an_image_too_large_is_refused_before_it_is_decoded(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A small compressed file can declare a huge image (a 1.6 MB TIFF of 40000 x 40000 px
+    took 22 GB of memory): TIFF and Pillow formats are refused on their declared size."""
+    from nanoscout.clients.acquisition import readers
+
+    big = tmp_path / "big.tif"
+    tifffile.imwrite(big, np.zeros((300, 200), np.uint8), compression="zlib")
+    png = tmp_path / "big.png"
+    Image.fromarray(np.zeros((300, 200), np.uint8)).save(png)
+    decoded: list[str] = []
+    monkeypatch.setattr(readers, "MAX_IMAGE_PIXELS", 300 * 200 - 1)
+    monkeypatch.setattr(readers, "_read_rsciio", lambda p, fmt: decoded.append(fmt))
+    for path in (big, png):
+        with pytest.raises(ReaderError, match=r"300 x 200 px is larger than the 59999 px"):
+            read_images(path)
+    assert decoded == []  # the TIFF reader was never called
+    monkeypatch.setattr(readers, "MAX_IMAGE_PIXELS", 300 * 200)
+    assert read_images(png)[0].data.shape == (300, 200)

@@ -177,6 +177,11 @@ def measure_files(
                 report.skipped.append((path, str(exc)))
                 log(f"skipped {path}[{rec.index}]: {exc}")
                 continue
+            except MemoryError as exc:  # one image too large for this machine: the run goes on
+                why = f"not enough memory to analyse a {rec.data.shape} image ({exc})"
+                report.skipped.append((path, why))
+                log(f"skipped {path}[{rec.index}]: {why}")
+                continue
             seq[source] += 1
             det, table, labels = result.det, result.table, result.labels
             writer.add_det(det, table)

@@ -315,10 +315,14 @@ class ClassifyConfig(_Section):
 class QueryConfig(_Section):
     """Query socket (REP): the AI lens's feature maps of a source's newest frame on request
     (``nanoscout lens --connect``, when the lens is loaded) and control requests (reset a
-    source's statistics, set its drift reference: the dashboard's buttons)."""
+    source's statistics, set its drift reference: the dashboard's buttons; save frames; swap
+    and revert the detection model). ``model_dirs``: the folders a hot-swapped model must lie
+    in (symbolic links resolved; empty: any folder the daemon can read). A deployment whose
+    query socket other users can reach names its model and adaptation folders here."""
 
     enabled: bool = True
     endpoint: str = DEFAULT_QUERY_ENDPOINT
+    model_dirs: list[Path] = Field(default_factory=list)
 
 
 class ReviewConfig(_Section):

@@ -153,7 +153,8 @@ class Daemon:
         self.swapper = ModelSwapper(
             pipeline, build, started, probe=self.review.ring.newest,
             on_swap=lambda a: m.model_swaps.labels(action=a).inc(),
-            on_failure=lambda a, step: m.model_swap_failures.labels(action=a, step=step).inc())
+            on_failure=lambda a, step: m.model_swap_failures.labels(action=a, step=step).inc(),
+            model_dirs=config.query.model_dirs)
 
     @property
     def gaps(self) -> int:
@@ -203,8 +204,10 @@ class Daemon:
         qc, clf = self.config.query, self.pipeline.classifier
         if not qc.enabled:
             return None
+        requests = self.metrics.query_requests
         self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None,
-                                 control=self.control)
+                                 control=self.control,
+                                 count=lambda outcome: requests.labels(outcome=outcome).inc())
         return self._query.start(qc.endpoint, self._guard)
 
     def stop(self) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from nanoscout.analysis.modelcard import ModelCard, sha256_file
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.wire.errors import NanoscoutError
 
-__all__ = ["FAILURE_STEPS", "LoadedModel", "ModelSwapper", "SwapError", "resolve_model",
+__all__ = ["FAILURE_STEPS", "MAX_MODEL_BYTES", "LoadedModel", "ModelSwapper", "SwapError", "resolve_model",
            "synthetic_probe"]
 
 log = logging.getLogger("nanoscout.hotswap")
@@ -95,10 +95,27 @@ class LoadedModel:
                 log.warning("closing the engine of %s: %r", self.path, exc)
 
 
-def resolve_model(model: str | Path) -> tuple[Path, Path]:
+#: an ONNX file is a protobuf, which cannot exceed 2 GiB: a larger file is not hashed
+MAX_MODEL_BYTES = 2**31
+
+
+def resolve_model(model: str | Path, roots: Sequence[Path] = ()) -> tuple[Path, Path]:
     """(ONNX file, card) of ``model``: an ``.onnx`` file with ``.json`` beside it, or the
-    ``.json`` card of one. SwapError naming the missing or mismatched file."""
+    ``.json`` card of one. SwapError naming the missing or mismatched file.
+
+    A name with another suffix is refused before the file system is asked anything, so the
+    control socket cannot be used to probe for other files. ``roots``: the folders a model
+    must lie in, symbolic links resolved (empty: any folder).
+    """
     p = Path(model).expanduser()
+    if p.suffix.lower() not in (".onnx", ".json"):
+        raise SwapError(f"{str(model)[:200]!r} is not a model: give NAME.onnx (with its card "
+                        "NAME.json beside it) or the card NAME.json")
+    if roots:
+        real = p.resolve()
+        if not any(real.is_relative_to(r.expanduser().resolve()) for r in roots):
+            raise SwapError(f"{p} is not in a model folder of this daemon ([query] model_dirs: "
+                            f"{', '.join(str(r) for r in roots)})")
     if p.suffix.lower() == ".json":
         card_file = p
         if not card_file.is_file():
@@ -118,6 +135,8 @@ def resolve_model(model: str | Path) -> tuple[Path, Path]:
     if not card_file.is_file():
         raise SwapError(f"model card {card_file} is missing (every model comes with its card "
                         f"beside it: {onnx.stem}.json)")
+    if onnx.stat().st_size > MAX_MODEL_BYTES:
+        raise SwapError(f"model file {onnx} is larger than an ONNX file can be (2 GiB)")
     return onnx, card_file
 
 
@@ -141,16 +160,19 @@ class ModelSwapper:
     def __init__(self, pipeline: Pipeline, build: Build | None, current: LoadedModel, *,
                  probe: Callable[[], Frame | None] | None = None, history: int = 4,
                  on_swap: Callable[[str], None] | None = None,
-                 on_failure: Callable[[str, str], None] | None = None) -> None:
+                 on_failure: Callable[[str, str], None] | None = None,
+                 model_dirs: Sequence[Path] = ()) -> None:
         """``build``: loads a model as at start (None: swaps are refused); ``current``: the
         model the pipeline runs now; ``probe``: the newest raw frame, if any; ``history``:
         models kept loaded for ``revert_model``. ``on_swap(action)`` / ``on_failure(action,
-        step)``: counters."""
+        step)``: counters. ``model_dirs``: the folders swapped-in models must lie in (empty:
+        any; :func:`resolve_model`)."""
         self.pipeline = pipeline
         self.build = build
         self.current = current
         self.probe = probe
         self.history = max(1, history)
+        self.model_dirs = tuple(model_dirs)
         self._previous: list[LoadedModel] = []
         self._on_swap = on_swap
         self._on_failure = on_failure
@@ -172,7 +194,7 @@ class ModelSwapper:
             try:
                 if self.build is None:
                     raise SwapError("this daemon cannot load models (no model loader)")
-                onnx, card_file = resolve_model(model)
+                onnx, card_file = resolve_model(model, self.model_dirs)
                 step = "sha256"
                 digest = sha256_file(onnx)
                 if digest != sha256:

@@ -39,6 +39,10 @@ model_swap_failures_total{action,step} counter    swaps / reverts refused or rol
 model_generation                       gauge      0 for the model started with, +1 per swap or
                                                   revert
 frames_saved_total                     counter    raw frames written for review (TIFF)
+query_requests_total{outcome}          counter    requests on the query / control socket:
+                                                  answered, or refused (malformed, too large,
+                                                  unknown source or output, a refused control
+                                                  request; each also got an error reply)
 frame_save_failures_total{reason}      counter    no_frame, disk_budget, queue_full, write_error
 =====================================  =========  ==========================================
 
@@ -148,6 +152,9 @@ class Metrics:
         self.frame_save_failures = Counter(
             "nanoscout_frame_save_failures", "Raw frames not written for review, by reason",
             ["reason"], registry=r)
+        self.query_requests = Counter(
+            "nanoscout_query_requests", "Requests on the query / control socket, by outcome "
+            "(answered or refused)", ["outcome"], registry=r)
         self._server: WSGIServer | None = None
         self._labels = tuple(labels)
         # every series whose labels are known now exists at zero from the start
@@ -159,6 +166,8 @@ class Metrics:
             self.model_swaps.labels(action=action)
             for step in steps:
                 self.model_swap_failures.labels(action=action, step=step)
+        for outcome in ("answered", "refused"):
+            self.query_requests.labels(outcome=outcome)
         for why in ("no_frame", "disk_budget", "queue_full", "write_error"):
             self.frame_save_failures.labels(reason=why)
         for rule, severity in rules:

@@ -48,6 +48,11 @@ from nanoscout.wire.transport import bind
 log = logging.getLogger("nanoscout.query")
 
 _POLL_MS = 100
+#: a request larger than this (all parts together) is answered with an error, not read
+MAX_REQUEST_BYTES = 1 << 16
+#: what libzmq accepts at all per part: above it the sender is disconnected and nothing can
+#: be answered (requests are small maps; this only bounds what a hostile peer costs)
+_TRANSPORT_MAX_BYTES = 1 << 20
 
 
 class LensServer:
@@ -55,11 +60,13 @@ class LensServer:
 
     def __init__(self, ctx: zmq.Context, classifier: FieldClassifier | None, *,
                  secure: Callable[[zmq.Socket], None] | None = None,
-                 control: Callable[[ControlRequest], ControlReply] | None = None) -> None:
+                 control: Callable[[ControlRequest], ControlReply] | None = None,
+                 count: Callable[[str], None] | None = None) -> None:
         """``classifier``: the one whose lens answers lens requests (None or without a lens:
         they are refused); ``control``: answers a control request (None: refused; a
         ValueError it raises is the reply's error). ``secure``: applied to the socket before
-        binding (CURVE server keys)."""
+        binding (CURVE server keys). ``count``: called with "answered" or "refused" once per
+        request (the daemon's Prometheus counter)."""
         if (classifier is None or classifier.lens is None) and control is None:
             raise NanoscoutError("the query socket needs the lens ([classify] lens_enabled) "
                                  "or a control handler")
@@ -67,7 +74,7 @@ class LensServer:
         self.control = control
         self._sock = ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)  # requests are small maps
+        self._sock.setsockopt(zmq.MAXMSGSIZE, _TRANSPORT_MAX_BYTES)
         if secure is not None:
             secure(self._sock)
         self._latest: dict[str, Frame] = {}
@@ -76,6 +83,7 @@ class LensServer:
         self._thread: threading.Thread | None = None
         self.answered = 0
         self.refused = 0
+        self._count = count
 
     @property
     def available(self) -> list[str]:
@@ -121,13 +129,32 @@ class LensServer:
                 except zmq.ZMQError as exc:  # e.g. an oversized request dropped by libzmq
                     log.warning("query socket: %s", exc)
                     continue
-                sock.send_multipart(self.answer(parts), copy=False)
+                try:
+                    reply = self.answer(parts)
+                except Exception as exc:  # a bug answering one request never ends the daemon
+                    self._note(False)
+                    log.warning("query request failed", exc_info=True)
+                    reply = encode_message(LensReply(source="", error=f"internal error: {exc!r}"))
+                sock.send_multipart(reply, copy=False)
         finally:
             sock.close(linger=0)
+
+    def _note(self, ok: bool) -> None:
+        """Count one request as answered (``ok``) or refused."""
+        if ok:
+            self.answered += 1
+        else:
+            self.refused += 1
+        if self._count is not None:
+            self._count("answered" if ok else "refused")
 
     def answer(self, parts: list) -> list:
         """The encoded reply to one request (never raises for anything a client sent)."""
         try:
+            size = sum(memoryview(p).nbytes for p in parts)
+            if size > MAX_REQUEST_BYTES:
+                raise ProtocolError(f"request of {size} bytes exceeds {MAX_REQUEST_BYTES}",
+                                    reason=Reason.OVERSIZED)
             msg = decode_message(parts)
             if isinstance(msg.header, ControlRequest):
                 return self._control(msg.header)
@@ -136,13 +163,13 @@ class LensServer:
                                     f"{msg.kind}", reason=Reason.TOPIC)
             req: LensRequest = msg.header
         except ProtocolError as exc:
-            self.refused += 1
+            self._note(False)
             if parts and bytes(memoryview(parts[0])[:15]) == b"control_request":
                 return encode_message(ControlReply(source="", action="",
                                                    error=f"bad request: {exc}"))
             return encode_message(LensReply(source="", error=f"bad request: {exc}"))
         if self.classifier is None or self.classifier.lens is None:
-            self.refused += 1
+            self._note(False)
             return encode_message(LensReply(source=req.source, error="no lens is loaded "
                                             "([classify] lens_enabled)"))
         with self._lock:
@@ -150,7 +177,7 @@ class LensServer:
         available = self.available
         unknown = [o for o in req.outputs if o not in available]
         if latest is None or unknown:
-            self.refused += 1
+            self._note(False)
             why = (f"unknown lens output {unknown[0]!r}" if unknown else
                    f"no frame of source {req.source!r} analysed yet (sources: "
                    f"{sorted(self._latest)})")
@@ -159,18 +186,18 @@ class LensServer:
         reply = LensReply(source=req.source, seq=header.seq, t_acq_ns=header.t_acq_ns,
                           available=available)
         if not req.outputs:
-            self.answered += 1
+            self._note(True)
             return encode_message(reply)
         clf = self.classifier
         try:
             out = clf.lens_outputs(latest.float32)
             _, novelty = clf.novelty_of(out)
         except Exception as exc:  # a lens failure is the client's answer, not the daemon's end
-            self.refused += 1
+            self._note(False)
             log.warning("lens request for %s#%d failed: %r", header.source, header.seq, exc)
             return encode_message(reply.model_copy(update={"error": f"lens failed: {exc}"}))
         arrays = [np.asarray(out[o], dtype=np.float16) for o in req.outputs]
-        self.answered += 1
+        self._note(True)
         return encode_message(reply.model_copy(update={
             "outputs": list(req.outputs), "shapes": [list(a.shape) for a in arrays],
             "novelty": novelty}), *arrays)
@@ -179,7 +206,7 @@ class LensServer:
         """Hand a control request to the control handler; the reply says whether it was done."""
         source = req.source or ""
         if self.control is None:
-            self.refused += 1
+            self._note(False)
             return encode_message(ControlReply(source=source, action=req.action,
                                                error="this daemon takes no control requests"))
         try:
@@ -191,8 +218,8 @@ class LensServer:
             reply = ControlReply(source=source, action=req.action,
                                  error=f"internal error: {exc!r}")
         if reply.ok:
-            self.answered += 1
+            self._note(True)
             log.info("control request: %s%s", req.action, f" for source {source}" if source else "")
         else:
-            self.refused += 1
+            self._note(False)
         return encode_message(reply)

@@ -55,6 +55,8 @@ def _bytes_of(array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], what: 
 
 def _view(buf: Buffer, dtype: np.dtype, shape: tuple[int, ...], what: str, field: str
           ) -> np.ndarray:
+    if any(n < 0 for n in shape):  # the header models bound their shapes; this is the last line
+        raise PayloadError(f"{what} has a negative side in {field}", reason=Reason.SHAPE)
     mv = memoryview(buf)
     want = math.prod(shape) * dtype.itemsize
     if mv.nbytes != want:

@@ -38,7 +38,13 @@ import numpy as np
 from pydantic import ValidationError
 
 from nanoscout.wire.buffers import Buffer
-from nanoscout.wire.errors import MalformedMessage, PayloadError, Reason, VersionError
+from nanoscout.wire.errors import (
+    MalformedMessage,
+    PayloadError,
+    ProtocolError,
+    Reason,
+    VersionError,
+)
 from nanoscout.wire.headers import HEADERS, PROTOCOL_VERSION, FrameHeader, Header, Kind
 
 __all__ = ["MAX_HEADER_BYTES", "Message", "check_version", "decode_frame", "decode_message",
@@ -205,7 +211,13 @@ def decode_message(parts: Sequence[Buffer], *, max_frame_bytes: int | None = Non
     _parts(kind, parts, 2 + len(specs))
     slots: dict[str, Any] = {"array": None, "heatmap": None, "extra": []}
     for (spec, i), buf in zip(specs, parts[2:], strict=True):
-        arr = spec.decode(header, buf, i)
+        try:
+            arr = spec.decode(header, buf, i)
+        except ProtocolError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:  # never anything else to a reader
+            raise PayloadError(f"{spec.describe(header)} cannot be read: {exc}",
+                               reason=Reason.SHAPE) from exc
         if spec.slot == "extra":
             slots["extra"].append(arr)
         else:

@@ -559,7 +559,7 @@ class ClassHeader(FrameRef):
     probabilities: list[float]
     novelty: float | None = None
     engine: str = ""
-    heatmap_shape: tuple[int, int] | None = None
+    heatmap_shape: tuple[Side, Side] | None = None
 
 
 class PreviewHeader(FrameRef):
@@ -595,7 +595,7 @@ class AlertHeader(FrameRef):
     explanation: str
     units: Units = "nm"
     n: Annotated[StrictInt, Field(ge=0)] = 0
-    heatmap_shape: tuple[int, int] | None = None
+    heatmap_shape: tuple[Side, Side] | None = None
     #: v1.6: the probability that the particle described is real (a calibrated detector's
     #: score) or, for a count rule counting expected particles, their mean; None otherwise
     confidence: float | None = Field(None, ge=0, le=1)

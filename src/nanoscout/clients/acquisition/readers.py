@@ -89,6 +89,12 @@ _CALIBRATION_SOURCE: dict[str, str] = {
     "tiff": "TIFF tags",
 }
 
+#: the most pixels one image may have (16384 x 16384): more is refused before it is decoded
+#: where the format says its size first (TIFF, Pillow formats), and after reading otherwise,
+#: so that a small compressed file declaring a huge image cannot take the machine's memory
+#: (the analysis needs ~40 bytes per pixel at working scale 1)
+MAX_IMAGE_PIXELS = 1 << 28
+
 # the daemon rejects frames outside this range, so a file outside it counts as uncalibrated
 MIN_PIXEL_NM, MAX_PIXEL_NM = PIXEL_SIZE_RANGE_NM
 
@@ -170,12 +176,39 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     if not p.is_file():
         raise ReaderError(f"{p}: no such file")
     try:
+        if fmt == "tiff":
+            _check_tiff_size(p)
         records = _read_pillow(p, fmt) if fmt not in _RSCIIO_MODULES else _read_rsciio(p, fmt)
     except ReaderError:
         raise
     except Exception as exc:  # any parser failure means the file is bad; keep the cause chained
         raise ReaderError(f"{p}: cannot read {fmt} file ({type(exc).__name__}: {exc})") from exc
+    for rec in records:
+        _check_pixels(p, rec.data.shape)
     return records
+
+
+def _check_pixels(p: Path, shape: Sequence[int]) -> None:
+    """ReaderError when an image of ``shape`` has more than :data:`MAX_IMAGE_PIXELS` pixels."""
+    if math.prod(int(n) for n in shape) > MAX_IMAGE_PIXELS:
+        raise ReaderError(f"{p}: an image of {' x '.join(str(int(n)) for n in shape)} px is "
+                          f"larger than the {MAX_IMAGE_PIXELS} px nanoscout reads "
+                          f"(16384 x 16384): split it into tiles")
+
+
+def _check_tiff_size(p: Path) -> None:
+    """Refuse a TIFF whose pages declare too many pixels, before any is decoded (its tags
+    say; a damaged directory is left to the reader to report)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tf:
+            shapes = [page.shape for page in tf.pages]
+    except Exception:  # the reader says what is wrong with the file
+        return
+    for shape in shapes:
+        # a page's samples (RGB) are read as one grey plane
+        _check_pixels(p, shape[:2] if len(shape) == 3 and shape[-1] in (3, 4) else shape)
 
 
 def drop_tia_companions(files: Sequence[Path]) -> list[Path]:
@@ -561,6 +594,7 @@ def _read_pillow(p: Path, fmt: str) -> list[ImageRecord]:
     with Image.open(p) as image:
         for frame in range(getattr(image, "n_frames", 1)):
             image.seek(frame)
+            _check_pixels(p, image.size[::-1])
             image.load()  # decode now so a truncated file fails here, not later
             mode = image.mode
             data = _pillow_array(image)

@@ -136,6 +136,29 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:
+        self._safely(self._get)
+
+    def do_POST(self) -> None:
+        """``/api/control?source=S&action=A``: a control request to the daemon (reset the
+        source's statistics, set its drift reference now), and the desk's routes. Only with
+        the page's own header ``X-Nanoscout: 1`` (a form on another site cannot send it: no
+        cross-site request forgery), under the page's host and token rules."""
+        self._safely(self._post)
+
+    def _safely(self, handle: Callable[[], None]) -> None:
+        """Run one request's handler; a failure it did not answer itself becomes a 500 with
+        a JSON error (and a log line with the traceback), never a dropped connection."""
+        try:
+            handle()
+        except OSError:  # the client went away: nobody to answer
+            raise
+        except Exception as exc:
+            log.warning("%s %s failed", self.command, self.path[:200], exc_info=True)
+            self.close_connection = True
+            self._json({"error": f"internal error: {type(exc).__name__}"},
+                       HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _get(self) -> None:
         self._set_cookie = None
         if not self._allowed():
             return
@@ -160,11 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(b"not found\n", "text/plain", HTTPStatus.NOT_FOUND)
 
-    def do_POST(self) -> None:
-        """``/api/control?source=S&action=A``: a control request to the daemon (reset the
-        source's statistics, set its drift reference now). Only with the page's own header
-        ``X-Nanoscout: 1`` (a form on another site cannot send it: no cross-site request
-        forgery), under the page's host and token rules."""
+    def _post(self) -> None:
         self._set_cookie = None
         try:
             length = int(self.headers.get("Content-Length") or 0)
@@ -206,6 +225,9 @@ class _Handler(BaseHTTPRequestHandler):
         except NanoscoutError as exc:
             self._json({"error": str(exc)}, HTTPStatus.SERVICE_UNAVAILABLE)
             return
+        except ValueError as exc:  # e.g. a source name the protocol does not allow
+            self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
+            return
         log.info("control request from the page: %s for %s", action, source)
         self._json({"ok": True, "source": source, "action": action})
 
@@ -243,7 +265,8 @@ class _Handler(BaseHTTPRequestHandler):
                 x, y = float(_arg(args, "x")), float(_arg(args, "y"))
                 edit = desk.add if path == "/api/annotate/add" else desk.remove
                 out = edit(_arg(args, "id"), x, y)
-        except (AnnotationError, ValueError, AttributeError) as exc:
+        except (AnnotationError, ValueError, AttributeError, TypeError, OverflowError,
+                RecursionError) as exc:  # whatever a body can hold: a 400 naming it
             log.info("%s: %s", path, exc)
             self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
             return
@@ -292,6 +315,8 @@ class _Handler(BaseHTTPRequestHandler):
                 log.info("lens view of %s: %s", source, exc)
                 self._json({"error": str(exc), "endpoint": lens.endpoint},
                            HTTPStatus.SERVICE_UNAVAILABLE)
+            except ValueError as exc:  # e.g. a source name the protocol does not allow
+                self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
             else:
                 self._json(view)
 
