@@ -177,3 +177,25 @@ def test_read_image_grey_from_rgb_and_tiff(tmp_path: Path) -> None:
     with pytest.raises(ReaderError, match="cannot read image"):
         (tmp_path / "junk.png").write_bytes(b"junk")
         read_image(tmp_path / "junk.png")
+
+
+def test_colour_masks_are_one_particle_per_colour_and_pictures_are_refused(
+        tmp_path: Path) -> None:
+    """An RGB mask kept only its red channel: two touching particles coloured (200, 0, 0) and
+    (200, 90, 0) became one, and a photograph given by mistake "trained" to F1 0."""
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[5:15, 5:15] = (200, 0, 0)
+    rgb[5:15, 15:25] = (200, 90, 0)  # touches the first
+    rgb[25:35, 40:50] = (0, 0, 255)
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    labels = read_annotation(tmp_path / "colour.png", (40, 60)).labels
+    assert len(np.unique(labels)) == 4 and labels[0, 0] == 0
+    assert labels[10, 10] != labels[10, 20]
+    grey = np.zeros((40, 60), np.uint8)
+    grey[5:15, 5:15], grey[25:35, 40:50] = 3, 7
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "grey_rgb.png")
+    assert set(np.unique(read_annotation(tmp_path / "grey_rgb.png", (40, 60)).labels)) == {0, 3, 7}
+    photo = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    with pytest.raises(ReaderError, match="a picture, not a mask"):
+        read_annotation(tmp_path / "photo.png", (200, 200))

@@ -130,8 +130,8 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
                 arr = np.asarray(im)
     except (OSError, ValueError) as exc:
         raise ReaderError(f"cannot read mask {path}: {exc}") from exc
-    if arr.ndim == 3:
-        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = _colour_instances(path, arr[..., :3])
     if arr.ndim != 2:
         raise ReaderError(f"mask {path} has shape {arr.shape}, expected a 2-D label image")
     if arr.shape != tuple(shape):
@@ -149,6 +149,31 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if values.max() > np.iinfo(np.int32).max:
         raise ReaderError(f"mask {path}: label {values.max()} does not fit int32")
     return arr.astype(np.int32)
+
+
+#: a colour mask with more distinct colours than this is a picture, not a mask
+MAX_COLOUR_INSTANCES = 10_000
+
+
+def _colour_instances(path: Path, rgb: np.ndarray) -> np.ndarray:
+    """A colour mask as labels: grey stored as RGB keeps its values; otherwise each colour
+    is one particle (colour-coded instance maps, as annotation tools export them) and black
+    is background. ReaderError for a colour picture (too many colours to be a mask)."""
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        return rgb[..., 0]
+    flat = rgb.reshape(-1, 3).astype(np.int64)
+    key = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2] if rgb.dtype.itemsize == 1 \
+        else np.unique(flat, axis=0, return_inverse=True)[1].ravel() + 1
+    colours, inverse = np.unique(key, return_inverse=True)
+    if colours.size - 1 > MAX_COLOUR_INSTANCES:
+        raise ReaderError(f"mask {path} has {colours.size} colours: a picture, not a mask "
+                          "(give one label per particle, or one colour per particle on black)")
+    background = (rgb == 0).all(axis=-1).reshape(-1)
+    ids = inverse.reshape(-1).astype(np.int64) + 1
+    ids[background] = 0
+    _, labels = np.unique(ids, return_inverse=True)  # 0 stays 0 when there is background
+    out = labels.reshape(rgb.shape[:2]).astype(np.int32)
+    return out if background.any() else out + 1
 
 
 # ------------------------------------------------------------------ YOLO boxes
