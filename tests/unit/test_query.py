@@ -120,7 +120,7 @@ def test_no_request_can_end_the_server_and_each_is_counted() -> None:
 
     srv = LensServer(zmq.Context.instance(), None, control=control, count=outcomes.append)
     endpoint = srv.start("tcp://127.0.0.1:0", _guard)
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
