@@ -120,6 +120,10 @@ def test_resolve_asks_nothing_of_other_files_and_keeps_to_the_model_folders(tmp_
     link.symlink_to(outside)
     with pytest.raises(SwapError, match="not in a model folder"):
         resolve_model(link, roots)
+    (tmp_path / "models" / "b.onnx").symlink_to(outside)  # its card inside, the model not
+    shutil.copyfile(outside.with_suffix(".json"), tmp_path / "models" / "b.json")
+    with pytest.raises(SwapError, match="not in a model folder"):
+        resolve_model(tmp_path / "models" / "b.json", roots)
 
 
 def test_a_swap_switches_between_frames_and_revert_goes_back(tmp_path: Path) -> None:

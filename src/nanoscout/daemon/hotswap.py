@@ -111,11 +111,7 @@ def resolve_model(model: str | Path, roots: Sequence[Path] = ()) -> tuple[Path, 
     if p.suffix.lower() not in (".onnx", ".json"):
         raise SwapError(f"{str(model)[:200]!r} is not a model: give NAME.onnx (with its card "
                         "NAME.json beside it) or the card NAME.json")
-    if roots:
-        real = p.resolve()
-        if not any(real.is_relative_to(r.expanduser().resolve()) for r in roots):
-            raise SwapError(f"{p} is not in a model folder of this daemon ([query] model_dirs: "
-                            f"{', '.join(str(r) for r in roots)})")
+    _check_inside(p, roots)
     if p.suffix.lower() == ".json":
         card_file = p
         if not card_file.is_file():
@@ -135,9 +131,19 @@ def resolve_model(model: str | Path, roots: Sequence[Path] = ()) -> tuple[Path, 
     if not card_file.is_file():
         raise SwapError(f"model card {card_file} is missing (every model comes with its card "
                         f"beside it: {onnx.stem}.json)")
+    _check_inside(onnx, roots)  # a card's model file may be a link to elsewhere
     if onnx.stat().st_size > MAX_MODEL_BYTES:
         raise SwapError(f"model file {onnx} is larger than an ONNX file can be (2 GiB)")
     return onnx, card_file
+
+
+def _check_inside(path: Path, roots: Sequence[Path]) -> None:
+    """SwapError unless ``path`` (symbolic links resolved) lies in one of ``roots`` (none:
+    anywhere)."""
+    if roots and not any(path.resolve().is_relative_to(r.expanduser().resolve())
+                         for r in roots):
+        raise SwapError(f"{path} is not in a model folder of this daemon ([query] model_dirs: "
+                        f"{', '.join(str(r) for r in roots)})")
 
 
 def synthetic_probe(side: int = 256) -> Frame:
