@@ -6,7 +6,9 @@ naming a source and lens outputs (``act_enc1``, ``act_code``, ``reconstruction``
 server runs the lens on the newest frame of that source the worker has analysed and answers with
 a :class:`~nanoscout.wire.protocol.LensReply` and one float16 buffer per output. Every request gets a
 reply — an unknown source or output, a malformed request or a lens failure comes back as
-``error`` — so a REQ client never hangs, and nothing a client sends can stop the daemon.
+``error`` — so a REQ client never hangs, and nothing a client sends can stop the daemon. (A
+request over 64 KiB is answered with an error unread; one with a part over 1 MiB is dropped by
+the transport, which disconnects its sender.) Each request is counted, answered or refused.
 
 A :class:`~nanoscout.wire.protocol.ControlRequest` (the dashboard's "reset statistics" and
 "set drift reference now", v1.5 "save frame", "swap model", "revert model") is handed to the
