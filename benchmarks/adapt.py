@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from nanoscout.analysis.modelcard import sha256_file, shipped_model_dir
     from nanoscout.training import realdata as rd
+    from nanoscout.training.adapt import DEFAULT_GUARD
 
     if not rd.available_sets():
         raise SystemExit(f"no real data under {rd.data_root()}: nothing to benchmark")
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
             guard, minutes = case["guard"], args.tune_minutes
         else:
             chosen, _ = _choose_guard(results, guards)
-            guard = chosen or "mix"
+            # no tuning case run (--only): the one guard named, else the command's default
+            guard = chosen or (guards[0] if len(guards) == 1 else DEFAULT_GUARD)
             minutes = args.emps_minutes if case["set"] == "emps" else args.minutes
         t0 = time.perf_counter()
         row = run_case(case, guard, minutes, base_onnx, args.synthetic_n,
