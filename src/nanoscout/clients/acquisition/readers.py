@@ -165,7 +165,7 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     """Return every 2-D image in the file at ``path``, in file order, calibrated in nm per px.
 
     Raises ReaderError when the file is missing, has an unsupported suffix, is corrupt or
-    truncated, or holds no 2-D real-space image.
+    truncated, holds no 2-D real-space image, or holds one over :data:`MAX_IMAGE_PIXELS`.
     """
     p = Path(path)
     suffix = p.suffix.lower()
