@@ -139,7 +139,7 @@ def test_a_stop_signal_ends_an_adapter_that_started_with_sigint_ignored(
     finally:
         if sim.poll() is None:
             sim.kill()
-            sim.wait()
+            sim.communicate()  # closes the pipe
     assert sim.returncode == 130, out
     # the publisher closed in order: what it sent is reported, confirmed by the daemon
     report = re.search(r"simulator: sent (\d+) frames, (\d+) confirmed by the daemon", out)

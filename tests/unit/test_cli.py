@@ -17,7 +17,8 @@ import typer
 
 from nanoscout import __version__
 from nanoscout.cli.logs import EngineSummary
-from nanoscout.cli.main import app, check_args, main, stop_signals
+from nanoscout.cli.main import app, check_args, main
+from nanoscout.cli.signals import stop_event, stop_signals
 
 COMMANDS = ["serve", "simulate", "replay", "tail", "record", "dashboard", "keys", "demo",
             "measure", "report", "microscope", "search"]
@@ -162,3 +163,15 @@ def test_stop_signals_interrupt_and_put_the_old_handlers_back() -> None:
     finally:
         signal.signal(signal.SIGINT, before_int)
         signal.signal(signal.SIGTERM, before_term)
+
+
+def test_stop_event_is_set_by_the_first_signal_and_the_second_interrupts() -> None:
+    before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with stop_event() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)  # set, nothing raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler interrupts this at once
+    assert signal.getsignal(signal.SIGINT) == before_int
+    assert signal.getsignal(signal.SIGTERM) == before_term

@@ -25,6 +25,7 @@ from nanoscout.cli.app import (
     curve_keys,
     scale_value,
 )
+from nanoscout.cli.signals import stop_event
 from nanoscout.wire.errors import NanoscoutError
 from nanoscout.wire.transport import (
     DEFAULT_FRAME_ENDPOINT,
@@ -164,7 +165,7 @@ def simulate(
     """Virtual microscope: stream synthetic frames to the daemon."""
     from nanoscout.clients.acquisition.simulator import SimulatorOptions, run_simulator
 
-    report = run_simulator(SimulatorOptions(
+    opts = SimulatorOptions(
         endpoint=connect or frames_endpoint, mode=mode, results=results,
         confirm_timeout_s=confirm_timeout, source=source,
         rate_hz=rate or None,
@@ -173,7 +174,11 @@ def simulate(
         support_grains=support_grains, seed=seed, fields=fields, dwell=dwell,
         drift_px_per_frame=(drift[1], drift[0]), insitu=insitu, growth=growth,
         growth_nm_per_frame=growth_rate, appear_per_frame=appear, truth_dir=truth_dir,
-        calibrated=not uncalibrated, curve=curve_keys(server_key, client_key)))
+        calibrated=not uncalibrated, curve=curve_keys(server_key, client_key))
+    with stop_event() as stop:  # a signal ends the stream between two frames
+        report = run_simulator(opts, stop=stop)
+    if stop.is_set():
+        raise typer.Exit(130)  # stopped by SIGINT / SIGTERM, as Ctrl-C exits
     if not report.complete:
         raise typer.Exit(1)
 

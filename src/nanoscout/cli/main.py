@@ -13,21 +13,17 @@ the same in every command (:mod:`nanoscout.cli.app`).
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
 from typing import Any
 
 import typer
 
 from nanoscout.cli import live, models, offline, swap  # noqa: F401  (they register the commands)
 from nanoscout.cli.app import app
+from nanoscout.cli.signals import stop_signals
 from nanoscout.wire.errors import NanoscoutError
 
-__all__ = ["app", "check_args", "main", "stop_signals"]
+__all__ = ["app", "check_args", "main"]
 
 
 def check_args(argv: list[str]) -> None:
@@ -52,40 +48,6 @@ def check_args(argv: list[str]) -> None:
         ctx = typer.Context(sub, info_name=args[i], parent=ctx)
         cmd, args = sub, args[i + 1:]
     cmd.make_context(ctx.info_name, args, parent=ctx.parent)
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextmanager
-def stop_signals() -> Iterator[None]:
-    """While the block runs, SIGINT and SIGTERM stop a command as Ctrl-C does.
-
-    Both raise KeyboardInterrupt in the main thread, so the command's cleanup runs (a
-    publisher sends what it holds and reports). Two cases need this:
-    - a parent that left SIGINT ignored: every child of a background job in a
-      non-interactive shell starts so, and ``kill -INT`` would never stop it;
-    - SIGTERM, which would end the process without cleanup.
-
-    Commands with handlers of their own (serve, dashboard, record, microscope) install them
-    over these. The previous handlers come back at the end. In a thread other than the
-    main one (which cannot set handlers) nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    if before[signal.SIGINT] == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if before[signal.SIGTERM] == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
