@@ -14,10 +14,18 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 __all__ = ["stop_event", "stop_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _restore(before: dict[signal.Signals, Any]) -> None:
+    """Put back the handlers of ``before`` (signal -> handler, as ``getsignal`` gave them)."""
+    for sig, handler in before.items():
+        if handler is not None:  # None: set outside Python, cannot be put back
+            signal.signal(sig, handler)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -49,9 +57,7 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in before.items():
-            if handler is not None:  # None: set outside Python, cannot be put back
-                signal.signal(sig, handler)
+        _restore(before)
 
 
 @contextmanager
@@ -80,6 +86,4 @@ def stop_event() -> Iterator[threading.Event]:
     try:
         yield event
     finally:
-        for sig, old in before.items():
-            if old is not None:
-                signal.signal(sig, old)
+        _restore(before)

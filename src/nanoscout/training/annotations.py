@@ -161,19 +161,20 @@ def _colour_instances(path: Path, rgb: np.ndarray) -> np.ndarray:
     is background. ReaderError for a colour picture (too many colours to be a mask)."""
     if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
         return rgb[..., 0]
-    flat = rgb.reshape(-1, 3).astype(np.int64)
-    key = (flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2] if rgb.dtype.itemsize == 1 \
-        else np.unique(flat, axis=0, return_inverse=True)[1].ravel() + 1
-    colours, inverse = np.unique(key, return_inverse=True)
-    if colours.size - 1 > MAX_COLOUR_INSTANCES:
-        raise ReaderError(f"mask {path} has {colours.size} colours: a picture, not a mask "
+    if np.any(rgb < 0):
+        raise ReaderError(f"mask {path} holds negative colour values (min {rgb.min()})")
+    if rgb.dtype.kind in "ui" and rgb.dtype.itemsize <= 2:  # one int64 key per colour: fast
+        flat = rgb.reshape(-1, 3).astype(np.int64)
+        colours, inverse = np.unique((flat[:, 0] << 32) | (flat[:, 1] << 16) | flat[:, 2],
+                                     return_inverse=True)
+    else:
+        colours, inverse = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+    if len(colours) - 1 > MAX_COLOUR_INSTANCES:
+        raise ReaderError(f"mask {path} has {len(colours)} colours: a picture, not a mask "
                           "(give one label per particle, or one colour per particle on black)")
-    background = (rgb == 0).all(axis=-1).reshape(-1)
-    ids = inverse.reshape(-1).astype(np.int64) + 1
-    ids[background] = 0
-    _, labels = np.unique(ids, return_inverse=True)  # 0 stays 0 when there is background
-    out = labels.reshape(rgb.shape[:2]).astype(np.int32)
-    return out if background.any() else out + 1
+    labels = inverse.reshape(rgb.shape[:2]).astype(np.int32)
+    # colours are sorted and not negative, so black, where there is any, is colour 0
+    return labels if not np.any(colours[0]) else labels + 1
 
 
 # ------------------------------------------------------------------ YOLO boxes
