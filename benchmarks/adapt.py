@@ -54,12 +54,10 @@ GUARDS = ("mix", "freeze", "head")
 
 
 def _detector(onnx: Path) -> Any:
-    from nanoscout.analysis.detector import Detector
-    from nanoscout.analysis.modelcard import ModelCard
+    from nanoscout.analysis.detector import load_detector
     from nanoscout.engines import create_engine
 
-    card = ModelCard.load(onnx.with_suffix(".json"))
-    return Detector(create_engine(onnx, "onnxruntime-cpu", threads=1), card)
+    return load_detector(onnx, lambda p: create_engine(p, "onnxruntime-cpu", threads=1))
 
 
 def _label_file(sample: Any, tmp: Path) -> tuple[Path, Path]:
@@ -130,6 +128,24 @@ def _synthetic_f1(onnx: Path, n: int) -> float:
     return float(res["methods"]["m"]["f1"])
 
 
+def adapt_on(sample: Any, base_onnx: Path, tmp: Path, guard: str, minutes: float,
+             extra: tuple[str, ...] = ()) -> tuple[Path, float, dict[str, Any] | None]:
+    """Run ``nanoscout models adapt`` on ``sample`` (a subprocess, 1 thread, output in
+    ``tmp``); returns (output folder, wall time s, None) or, when it failed, the error row
+    as the third item."""
+    img, lab = _label_file(sample, tmp)
+    out = tmp / "adapted"
+    cmd = [sys.executable, "-m", "nanoscout", "models", "adapt", str(img), "--labels",
+           str(lab), "--out", str(out), "--minutes", str(minutes), "--guard", guard,
+           "--threads", "1", "--no-progress", "--base", str(base_onnx), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return out, wall, {"error": proc.stderr[-2000:], "command": " ".join(cmd[1:])}
+    return out, wall, None
+
+
 def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
              synthetic_n: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Adapt on the case's first sample (a subprocess), score base and adapted on the rest.
@@ -143,17 +159,9 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
 
     first, rest = case["samples"][0], case["samples"][1:]
     with tempfile.TemporaryDirectory() as tmpd:
-        tmp = Path(tmpd)
-        img, lab = _label_file(first, tmp)
-        out = tmp / "adapted"
-        cmd = [sys.executable, "-m", "nanoscout", "models", "adapt", str(img), "--labels",
-               str(lab), "--out", str(out), "--minutes", str(minutes), "--guard", guard,
-               "--threads", "1", "--no-progress", "--base", str(base_onnx), *extra]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            return {"error": proc.stderr[-2000:], "command": " ".join(cmd[1:])}
+        out, wall, error = adapt_on(first, base_onnx, Path(tmpd), guard, minutes, extra)
+        if error is not None:
+            return error
         card = json.loads((out / "detector.json").read_text())
         res = evaluate_set({"base": _detector(base_onnx), "adapted": _detector(out / "detector.onnx")},
                            rest)

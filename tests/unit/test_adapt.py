@@ -13,10 +13,10 @@ import tifffile
 
 pytest.importorskip("torch")
 
-from nanoscout.analysis.detector import Detector
+from nanoscout.analysis.detector import Detector, load_detector
 from nanoscout.analysis.modelcard import ModelCard, sha256_file, shipped_model_dir
 from nanoscout.cli.main import main
-from nanoscout.engines import create_engine
+from nanoscout.engines import Engine, create_engine
 from nanoscout.training.adapt import _choose
 from nanoscout.training.adapt import adapt as adapt_run
 from nanoscout.wire.errors import ConfigError
@@ -37,6 +37,10 @@ def test_onnx_rebuild_matches_onnx_runtime() -> None:
         with torch.no_grad():
             got = model(torch.from_numpy(x)).numpy()
         assert float(np.max(np.abs(got - ref))) < 1e-4, name
+
+
+def _engine(path: Path) -> Engine:
+    return create_engine(path, "onnxruntime-cpu", threads=1)
 
 
 def _synthetic_pair(tmp_path: Path, seed: int = 3) -> tuple[Path, Path]:
@@ -71,7 +75,7 @@ def test_adapt_command_writes_a_model_the_detector_loads(tmp_path: Path) -> None
     assert "second half" in hold["data"]
     assert 0 <= hold["before"]["f1"] <= 1 and 0 <= hold["after"]["f1"] <= 1
     assert card.thresholds is not None and card.thresholds.min_score == ad["min_score"]
-    det = Detector(create_engine(out / "detector.onnx", "onnxruntime-cpu", threads=1), card)
+    det = load_detector(out / "detector.onnx", _engine)
     assert det.detect(tifffile.imread(img)).labels.shape == (128, 160)
     json.loads((out / "detector.json").read_text())  # plain JSON for the daemon
 
@@ -119,6 +123,7 @@ def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
             for net in ("base", "fine-tuned")}
     assert best["base"] > best["fine-tuned"], grid
     assert res.network == "base" and res.after["f1"] == best["base"]
+    assert res.base_network is None and not (tmp_path / "out" / "base_network.onnx").exists()
     assert sha256_file(res.onnx) == sha256_file(shipped_model_dir() / "detector.onnx")
     card = ModelCard.load(res.card)
     assert card.training.model_extra["adaptation"]["network"] == "base"  # type: ignore[index]
@@ -129,6 +134,30 @@ def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
     assert ft.training.model_extra["adaptation"]["network"] == "fine-tuned"  # type: ignore[index]
     assert not any(k.startswith("base:") for k in
                    ft.evaluation["adaptation_holdout"]["choice"]["f1_by_candidate"])
+    # the fine-tuned network's working scale is measured by the base network, copied beside it
+    assert card.base_network is None and ft.base_network is not None
+    assert not ft.base_network.merge  # the merge is the base network's: not with --fine-tuned-only
+    est_onnx, est_card = ft.load_base_network(tmp_path / "ft" / "detector.json")  # type: ignore[misc]
+    assert est_onnx == tmp_path / "ft" / "base_network.onnx"
+    assert sha256_file(est_onnx) == sha256_file(shipped_model_dir() / "detector.onnx")
+    engine = _engine(tmp_path / "ft" / "detector.onnx")
+    with pytest.raises(ConfigError, match="works with its base network base_network.onnx"):
+        Detector(engine, ft)
+    engine.close()
+    det = load_detector(tmp_path / "ft" / "detector.onnx", _engine)
+    assert det.base_detector is not None and det.base_detector.card.sha256 == est_card.sha256
+    from nanoscout.analysis.preprocess import normalize
+
+    x = normalize(tifffile.imread(img))
+    size = det.base_detector.particle_size(x)
+    assert size is not None and size > 4
+    assert ft.working_scale is not None
+    assert det.estimate_scale(x) == ft.working_scale.auto.factor(size)
+    det.close()
+    from nanoscout.training.evaluate import run_harness  # the accuracy harness loads it too
+
+    harness = run_harness(tmp_path / "ft" / "detector.onnx", None, ["synthetic"], n=1, threads=1)
+    assert harness["sets"]["synthetic"]["detector_scale"] == "auto"
 
 
 def test_choice_prefers_the_base_network_and_its_card_on_a_tie() -> None:
@@ -142,15 +171,28 @@ def test_choice_prefers_the_base_network_and_its_card_on_a_tie() -> None:
     assert _choose(grid, 0.9)[0] == ("base", "card", 0.9)
     grid[("fine-tuned", "auto", 0.7)] = [{**row, "fp": 0}]
     assert _choose(grid, 0.9)[0] == ("fine-tuned", "auto", 0.7)
+    # on a tie among fine-tuned candidates: with the base network's particles merged in, then
+    # measured by the base network
+    best = {**row, "fp": 0}
+    grid[("fine-tuned+base", "auto", 0.7)] = [best]
+    grid[("fine-tuned-alone", "auto", 0.7)] = [best]
+    assert _choose(grid, 0.9)[0] == ("fine-tuned+base", "auto", 0.7)
+    del grid[("fine-tuned+base", "auto", 0.7)]
+    assert _choose(grid, 0.9)[0] == ("fine-tuned", "auto", 0.7)
+    grid[("fine-tuned-alone", "auto", 0.7)] = [{**best, "tp": 9, "fn": 1}]
+    assert _choose(grid, 0.9)[0] == ("fine-tuned-alone", "auto", 0.7)  # higher F1 wins
 
 
 def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: Path) -> None:
-    """Adapt on Pt2 (the STEM tuning material, where the shipped model is weak) for 0.7 min;
-    score the material's other image at the same magnification (Pt4, 640 px; box IoU >= 0.5).
+    """Adapt the general detector on Pt2 (the STEM tuning material, where it finds almost
+    nothing) for 0.7 min; score the material's other image at the same magnification (Pt4,
+    640 px; box IoU >= 0.5). The general detector finds none of them, so it cannot measure
+    them for the working scale either: the fine-tuned network measures them itself (or the
+    adapted model fails as the base does).
 
-    The material's 2048 px images are at 2-7x other magnifications, where the automatic
-    working scale of the adapted model misjudges some frames (benchmarks/adapt.py): this test
-    holds the live use, adapting at the magnification one keeps working at.
+    The material's 2048 px images are at 2-7x other magnifications (benchmarks/adapt.py,
+    benchmarks/adapt_base_network.py): this test holds the live use, adapting at the
+    magnification one keeps working at.
     """
     import tempfile
 
@@ -164,12 +206,11 @@ def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: 
         res = adapt([d / "images" / "Pt2.jpg"], [d / "labels" / "Pt2.txt"], Path(tmp) / "pt",
                     minutes=0.7, threads=1)
         base = shipped_model_dir() / "detector.onnx"
-        methods = {n: Detector(create_engine(p, "onnxruntime-cpu", threads=1),
-                               ModelCard.load(p.with_suffix(".json")))
-                   for n, p in (("base", base), ("adapted", res.onnx))}
+        methods = {n: load_detector(p, _engine) for n, p in (("base", base), ("adapted", res.onnx))}
         scores = evaluate_set(methods, [realdata.load_stem("Pt4", shared_data)])["methods"]
     assert scores["base"]["f1"] < 0.3, scores  # the shipped model misses most of them
     assert scores["adapted"]["f1"] > scores["base"]["f1"] + 0.3, scores
+    assert res.network == "fine-tuned-alone" and res.base_network is None
 
 
 def test_frames_saved_from_a_stem_stream_adapt_the_stem_detector(tmp_path: Path) -> None:

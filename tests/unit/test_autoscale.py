@@ -198,3 +198,30 @@ def test_particles_off_centre_around_an_empty_middle_set_the_scale(
     assert det.estimate_scale(x) == pytest.approx(24.0 / diameter_nm, rel=0.2)
     with mock.patch.object(detector_module, "content_centre", lambda *a, **k: None):
         assert det.estimate_scale(x) == 1.0  # the middle window: no particle to see
+
+
+def test_another_network_can_measure_the_particle_size(engine: object) -> None:
+    """``base_detector``: its passes measure the frame's median particle (frame px)
+    and this card's ``auto`` turns it into the factor (an adapted model's base network,
+    ``base_network``); without one, the factor is the card's factor of the
+    detector's own measurement."""
+    cfg = SpecimenConfig(modality="TEM", shape=(1024, 1024), median_diameter_nm=60.0,
+                         pixel_size_nm=1.0, sigma_log=0.15)
+    x = normalize(Specimen.generate(cfg, 4).acquire(np.random.default_rng(3)).image)
+    card = _card()
+    own = Detector(engine, card, scale="auto")  # type: ignore[arg-type]
+    size = own.particle_size(x)
+    assert size is not None and size == pytest.approx(60.0, rel=0.3)
+    assert own.estimate_scale(x) == card.working_scale.auto.factor(size)  # type: ignore[union-attr]
+    # a card aiming at 48 px particles, measured by the source: twice the factor
+    auto = card.working_scale.auto.model_copy(  # type: ignore[union-attr]
+        update={"target_diameter_px": 48.0, "keep_min_px": 24.0, "keep_max_px": 30.0})
+    big = card.model_copy(update={"working_scale": card.working_scale.model_copy(  # type: ignore[union-attr]
+        update={"auto": auto})})
+    rec = Recording(engine)
+    det = Detector(rec, big, scale="auto", base_detector=own)  # type: ignore[arg-type]
+    assert det.estimate_scale(x) == pytest.approx(2.0 * own.estimate_scale(x))
+    assert not rec.calls  # the estimate ran on the source's engine only
+    # a frame without particles keeps factor 1 either way
+    flat = np.full((512, 512), 0.5, np.float32)
+    assert own.particle_size(flat) is None and det.estimate_scale(flat) == 1.0

@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from nanoscout.analysis.frame import Frame
-from nanoscout.analysis.modelcard import sha256_file, shipped_model_dir
+from nanoscout.analysis.modelcard import ModelCard, sha256_file, shipped_model_dir
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.daemon.app import build_detector
 from nanoscout.daemon.config import ServeConfig
@@ -248,3 +248,57 @@ def test_a_swapped_in_model_analyses_every_modality_until_reverted(tmp_path: Pat
         worker.close()
         swapper.close()
         pipeline.close()
+
+
+def _adapted(directory: Path) -> Path:
+    """A model whose card names a base network (as ``models adapt`` writes): the shipped
+    network, its working scale measured by the shipped STEM network copied beside it."""
+    stem = shipped_model_dir() / "detector_stem.onnx"
+    est = directory / "base_network.onnx"
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stem, est)
+    est_card = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    est_card["onnx_file"] = est.name
+    est.with_suffix(".json").write_text(json.dumps(est_card), encoding="utf-8")
+    onnx = _copy(directory, "adapted")
+    card = json.loads(onnx.with_suffix(".json").read_text(encoding="utf-8"))
+    card["base_network"] = {"onnx_file": est.name, "sha256": est_card["sha256"]}
+    onnx.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
+    return onnx
+
+
+def test_a_model_with_a_base_network_swaps_in_with_it(tmp_path: Path) -> None:
+    """The swapped-in detector measures particle sizes with the base network its card names;
+    a base network that is not what the card pins, or that lies outside the model folders, is
+    refused at the card step with the old model serving."""
+    failures: list[tuple[str, str]] = []
+    swapper, pipeline = _swapper(on_failure=lambda a, s: failures.append((a, s)))
+    worker = _Worker(swapper)
+    try:
+        onnx = _adapted(tmp_path / "ok")
+        loaded = swapper.swap(onnx, SHA)
+        source = pipeline.detector.base_detector
+        assert pipeline.detector is loaded.detector and source is not None
+        assert source.card.name == ModelCard.load(
+            shipped_model_dir() / "detector_stem.json").name
+        assert pipeline.process(synthetic_probe()).det.model_generation == 1
+        bad = _adapted(tmp_path / "bad")
+        with open(bad.parent / "base_network.onnx", "ab") as f:
+            f.write(b"\0")
+        with pytest.raises(SwapError, match="model card .*sha256 of .*base_network.onnx"):
+            swapper.swap(bad, SHA)
+        assert failures == [("swap", "card")] and pipeline.detector is loaded.detector
+    finally:
+        worker.close()
+    roots = [tmp_path / "models"]
+    inside = _adapted(tmp_path / "models")
+    (tmp_path / "models" / "base_network.onnx").unlink()
+    (tmp_path / "models" / "base_network.onnx").symlink_to(
+        tmp_path / "ok" / "base_network.onnx")
+    swapper, pipeline = _swapper(model_dirs=roots)
+    worker = _Worker(swapper)
+    try:
+        with pytest.raises(SwapError, match="base_network.onnx is not in a model folder"):
+            swapper.swap(inside, SHA)
+    finally:
+        worker.close()

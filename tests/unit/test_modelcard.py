@@ -108,3 +108,41 @@ def test_missing_field_and_bad_files(tmp_path: Path) -> None:
     bad.write_text("[1, 2]")
     with pytest.raises(ModelCardError, match="JSON object"):
         ModelCard.load(bad)
+
+
+def test_a_base_network_is_a_pinned_detection_model_beside_the_card(tmp_path: Path) -> None:
+    """``base_network`` (an adapted model's): a bare file name in the card's folder, its own
+    card beside it, pinned by sha256; no chains."""
+    import hashlib
+
+    def write(name: str, payload: bytes, base: dict[str, str] | None = None) -> Path:
+        card = _minimal(f"{name}.onnx", hashlib.sha256(payload).hexdigest())
+        if base is not None:
+            card["base_network"] = base
+        (tmp_path / f"{name}.onnx").write_bytes(payload)
+        (tmp_path / f"{name}.json").write_text(json.dumps(card))
+        return tmp_path / f"{name}.json"
+
+    base_sha = hashlib.sha256(b"base").hexdigest()
+    write("base", b"base")
+    main = ModelCard.load(write("m", b"adapted", {"onnx_file": "base.onnx", "sha256": base_sha}))
+    onnx, est = main.load_base_network(tmp_path / "m.json")  # type: ignore[misc]
+    assert onnx == tmp_path / "base.onnx" and est.sha256 == base_sha
+    assert ModelCard.load(tmp_path / "base.json").load_base_network(tmp_path / "base.json") is None
+    pinned_elsewhere = ModelCard.load(write("p", b"p", {"onnx_file": "base.onnx",
+                                                         "sha256": "1" * 64}))
+    with pytest.raises(ModelCardError, match="pins 1111"):
+        pinned_elsewhere.load_base_network(tmp_path / "p.json")
+    (tmp_path / "base.onnx").write_bytes(b"changed")  # no longer what its card says
+    with pytest.raises(ModelCardError, match="sha256 of"):
+        main.load_base_network(tmp_path / "m.json")
+    write("base", b"base", {"onnx_file": "m.onnx", "sha256": main.sha256})  # a chain
+    with pytest.raises(ModelCardError, match="without a base network of its own"):
+        main.load_base_network(tmp_path / "m.json")
+    for bad in ("../base.onnx", "sub/base.onnx", "base.json"):
+        with pytest.raises(ModelCardError, match="base_network.onnx_file"):
+            write("q", b"q", {"onnx_file": bad, "sha256": base_sha})
+            ModelCard.load(tmp_path / "q.json")
+    (tmp_path / "base.onnx").unlink()
+    with pytest.raises(ModelCardError, match="does not exist"):
+        main.load_base_network(tmp_path / "m.json")

@@ -12,7 +12,7 @@ import pytest
 from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.analysis.multiscale import merge_by_score
-from nanoscout.engines import create_engine
+from nanoscout.engines import Engine, create_engine
 from nanoscout.training import realdata
 from nanoscout.training.evaluate import score_image
 
@@ -92,3 +92,51 @@ def test_the_stem_detector_finds_more_particles_at_three_scales(shared_data: Pat
     assert three["tp"] >= one["tp"] + 10
     assert three["fp"] - one["fp"] <= (three["tp"] - one["tp"]) // 2
     assert three_ms > 1.5 * one_ms  # the extra scales were really run
+
+
+def test_a_card_that_merges_its_base_network_keeps_both_networks_particles(tmp_path: Path
+                                                                            ) -> None:
+    """``base_network.merge`` (an adapted model, ``models adapt``): the base network detects
+    on the frame too and its particles join by raw score; each particle is kept once, every
+    stage's time is counted, and a calibrated base detector is refused (its scores are no raw
+    scores)."""
+    import json
+    import shutil
+
+    from nanoscout.analysis.detector import load_detector
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+    from nanoscout.wire.errors import ConfigError
+
+    weights = shipped_model_dir()
+    shutil.copyfile(weights / "detector_stem.onnx", tmp_path / "base.onnx")
+    base_card = json.loads((weights / "detector_stem.json").read_text())
+    (tmp_path / "base.json").write_text(json.dumps({**base_card, "onnx_file": "base.onnx"}))
+    shutil.copyfile(weights / "detector.onnx", tmp_path / "m.onnx")
+    card = json.loads((weights / "detector.json").read_text())
+    card.update(onnx_file="m.onnx", score_calibration=None,
+                base_network={"onnx_file": "base.onnx", "sha256": base_card["sha256"],
+                              "merge": True})
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    image = render(SpecimenConfig(modality="STEM", shape=(384, 384), pixel_size_nm=1.0,
+                                  median_diameter_nm=12.0, coverage=0.2), 5).image
+
+    def engine(p: Path) -> Engine:
+        return create_engine(p, "onnxruntime-cpu", threads=1)
+
+    merged = load_detector(tmp_path / "m.onnx", engine)
+    assert merged.merge_base and merged.base_detector is not None
+    alone = Detector(merged.engine, ModelCard.load(tmp_path / "m.json").model_copy(
+        update={"base_network": None}))
+    t0 = time.perf_counter()
+    both = merged.detect(image)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    own, base = alone.detect(image), merged.base_detector.detect(image)
+    assert own.n > 10 and base.n > 10
+    assert max(own.n, base.n) <= both.n <= own.n + base.n
+    assert both.n == int(both.labels.max()) == len(both.scores) - 1
+    assert sum(both.timings_ms.values()) == pytest.approx(wall_ms, rel=0.1)
+    assert both.timings_ms["engine"] > 1.5 * own.timings_ms["engine"]  # both networks ran
+    calibrated = Detector(merged.base_detector.engine, ModelCard.load(weights / "detector.json"))
+    with pytest.raises(ConfigError, match="merged by raw score"):
+        Detector(merged.engine, merged.card, base_detector=calibrated)
+    merged.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -46,7 +47,7 @@ from nanoscout.analysis.tiling import infer_tiled
 from nanoscout.engines.base import Engine
 from nanoscout.wire.errors import ConfigError, EngineFailure, ModelCardError
 
-__all__ = ["Detection", "Detector"]
+__all__ = ["Detection", "Detector", "base_detector_for", "load_detector"]
 
 #: the 45° view is ignored this close to the frame's edges (px at working scale)
 _TURN_MARGIN_PX = 32
@@ -102,7 +103,7 @@ class Detector:
                  scale_presets: tuple[tuple[float, float], ...] = (), tile_batch: int = 1,
                  estimate_window_px: int = DEFAULT_WINDOW_PX,
                  scale_tolerance: float | None = DEFAULT_TOLERANCE,
-                 multiscale: bool | None = None) -> None:
+                 multiscale: bool | None = None, base_detector: Detector | None = None) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
         re-estimate at least every n-th frame of that key, and whenever the frame shape or
@@ -133,6 +134,13 @@ class Detector:
         ``multiscale``: also analyse each frame at the card's ``working_scale.multiscale``
         multiples of its working scale and merge the instances by score
         (:mod:`~nanoscout.analysis.multiscale`); None: as the card says, False: never.
+        ``base_detector``: the detector of the card's ``base_network`` (an adapted model's base
+        network, :class:`~nanoscout.analysis.modelcard.BaseNetwork`; build both with
+        :func:`load_detector`), on raw scores (no calibration): it measures the particle size
+        for the automatic scale (this card's ``auto`` turns its measurement into the factor)
+        and, when the card says ``merge``, detects on every frame too, its particles merged
+        with this network's by score. A card that names a base network needs it unless the
+        scale is fixed and nothing is merged (ConfigError).
         """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
@@ -144,6 +152,21 @@ class Detector:
         if scale is None:
             scale = "auto" if ws.mode == "auto" else ws.default_resample
         self.auto = scale == "auto"
+        base = card.base_network
+        #: whether the base network's particles join this network's (card base_network.merge)
+        self.merge_base = base is not None and base.merge
+        if base is not None and base_detector is None and (self.auto or self.merge_base):
+            raise ConfigError(
+                f"model card {card.name!r} works with its base network {base.onnx_file}: load "
+                "the detector with nanoscout.analysis.detector.load_detector (or give "
+                "base_detector)")
+        if self.merge_base and base_detector is not None \
+                and base_detector.card.score_calibration is not None:
+            raise ConfigError("the base detector's particles are merged by raw score: build it "
+                              "from a card without score_calibration")
+        #: the base network's detector: it measures particle sizes for the automatic scale,
+        #: and detects too where the card merges (None: this network does it all)
+        self.base_detector = base_detector
         self.scale = 1.0 if scale == "auto" else float(scale)
         if not 0.02 <= self.scale <= 8.0:
             raise ConfigError(f"detector scale {self.scale} must be within [0.02, 8]")
@@ -295,6 +318,14 @@ class Detector:
             back[..., :, :m] = back[..., :, -m:] = np.float32(-1e4)
         return back
 
+    def close(self) -> None:
+        """Release the engine, and the base network's."""
+        try:
+            self.engine.close()
+        finally:
+            if self.base_detector is not None:
+                self.base_detector.close()
+
     def estimate_scale(self, x: np.ndarray) -> float:
         """Return the working-scale factor for a normalised frame ``x`` (coarse-to-fine passes).
 
@@ -352,8 +383,25 @@ class Detector:
         # the logistic function as tanh: no overflow for logits of any size
         return content_centre(0.5 + 0.5 * np.tanh(0.5 * fg), s, (rows.start, cols.start))
 
+    def particle_size(self, x: np.ndarray) -> float | None:
+        """Return the median particle diameter (frame px, area-weighted) that the estimation
+        passes of :meth:`estimate_scale` measure on a normalised frame ``x``, or None where
+        they find no particle."""
+        return self._search(x)[0]
+
     def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None]:
         """Return (factor, logits of the pass at that factor or None) for :meth:`detect`."""
+        if self.base_detector is not None:  # another network measures, this card decides
+            big = self.base_detector.particle_size(x)
+            return (1.0 if big is None else self._factor(big)), None
+        big, s, logits, whole = self._search(x)
+        factor = 1.0 if big is None else self._factor(big)
+        # only a pass over the whole frame at the chosen factor can double as its inference
+        return factor, (logits if factor == s and whole else None)
+
+    def _search(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray, bool]:
+        """Return (median particle diameter in frame px or None, and the factor, logits and
+        wholeness of the pass that measured it) by the passes of :meth:`estimate_scale`."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
         passes: dict[float, tuple[tuple[np.ndarray, bool, float, int], float]] = {}
         h, w = x.shape
@@ -375,29 +423,28 @@ class Detector:
 
         window_pass(s0)
         if a.consistency is not None:
-            found = self._estimate_consistent(x, a.consistency, window_pass)
+            found = self._search_consistent(x, a.consistency, window_pass)
             if found is not None:
                 return found
         s = s0
         while True:
             logits, whole, d, _ = window_pass(s)
-            # only a pass over the whole frame can double as the frame's inference
             if d >= a.reliable_diameter_px or (s >= 1.0 and d > 0):
-                factor = self._factor(d / s)
-                return factor, (logits if factor == s and whole else None)
+                return d / s, s, logits, whole
             if s >= 1.0:
-                return 1.0, (logits if whole else None)
+                return None, s, logits, whole
             s = min(1.0, s * (8.0 if d == 0 else float(np.clip(
                 1.5 * a.reliable_diameter_px / d, 2.0, 8.0))))
             if s >= _FULL_PASS:  # nearly full size costs as much: take the pass the frame
                 s = 1.0          # can reuse when it keeps factor 1 (the common case)
 
-    def _estimate_consistent(
+    def _search_consistent(
         self, x: np.ndarray, ratio: float,
         window_pass: Callable[[float], tuple[np.ndarray, bool, float, int]],
-    ) -> tuple[float, np.ndarray | None] | None:
-        """The self-consistent scale (see :class:`~nanoscout.analysis.modelcard.AutoScale`):
-        (factor, reusable logits or None), or None when no two neighbouring passes agree.
+    ) -> tuple[float, float, np.ndarray, bool] | None:
+        """The self-consistent particle size (see :class:`~nanoscout.analysis.modelcard.AutoScale`):
+        (diameter in frame px, and the factor, logits and wholeness of the pass that measured
+        it), or None when no two neighbouring passes agree.
         ``window_pass(s)``: :meth:`_window_pass` of ``x`` at factor ``s``."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
         lo, hi = a.consistent_px
@@ -408,8 +455,7 @@ class Detector:
             if prev is not None and d > 0:
                 ps, plog, pwhole, pd = prev
                 if abs(np.log((d / s) / (pd / ps))) <= np.log(ratio):
-                    factor = self._factor(pd / ps)
-                    return factor, (plog if factor == ps and pwhole else None)
+                    return pd / ps, ps, plog, pwhole
             prev = (s, logits, whole, d) if lo <= d <= hi and n >= a.consistent_min_count else None
             s *= 2.0
         return None
@@ -474,6 +520,17 @@ class Detector:
                 t1 = time.perf_counter()
                 labels, scores = merge_by_score(maps, self.multiscale_overlap)
                 post_s += time.perf_counter() - t1
+        if self.merge_base:  # the base network's particles join, by raw score
+            assert self.base_detector is not None
+            other = self.base_detector.detect(image, key=key, rotate45=turn,
+                                              pixel_size_nm=pixel_size_nm, normalized=x)
+            t1 = time.perf_counter()
+            labels, scores = merge_by_score([(labels, scores), (other.labels, other.scores)],
+                                            self.multiscale_overlap)
+            ms = other.timings_ms
+            ts += ms["scale"] / 1e3
+            engine_s += ms["engine"] / 1e3
+            post_s += time.perf_counter() - t1 + ms["postprocess"] / 1e3
         t1 = time.perf_counter()
         if self._calibration is not None and scores.size > 1:
             # the cut is on the raw score; what is reported is the probability
@@ -551,3 +608,51 @@ class Detector:
             fg, core = fg[:wh, :ww], core[:wh, :ww]
         labels, scores = instances_from_logits(fg, core, post_stride=stride, **rules)
         return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
+
+
+def base_detector_for(card: ModelCard, card_file: Path, engine_for: Callable[[Path], Engine],
+                      **options: Any) -> Detector | None:
+    """Return the detector of ``card``'s base network (``base_network``,
+    :meth:`~nanoscout.analysis.modelcard.ModelCard.load_base_network`; ``card_file``: where
+    the card lies), its engine made by ``engine_for(path)``, on raw scores (its card's
+    calibration left out: merged particles compete by raw score); None when the card names
+    none. ``options``: :class:`Detector` options of the base (tile sizes). Raises
+    ModelCardError for a missing or invalid base network."""
+    found = card.load_base_network(card_file)
+    if found is None:
+        return None
+    onnx, base = found
+    engine = engine_for(onnx)
+    try:
+        return Detector(engine, base.model_copy(update={"score_calibration": None}),
+                        scale="auto", **options)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def load_detector(onnx: Path, engine_for: Callable[[Path], Engine], **options: Any) -> Detector:
+    """Return the detector of the ONNX file ``onnx`` (its card beside it, ``.json``, sha256
+    checked), its engine made by ``engine_for(path)``; a card that names a base network gets
+    its detector (:func:`base_detector_for`, engine made the same way). ``options``: the other
+    :class:`Detector` options (the base shares ``tile_px``, ``tile_margin_px``, ``tile_batch``,
+    ``estimate_window_px`` and ``tta``). Raises ModelCardError for a missing or invalid card or
+    base network."""
+    card_file = Path(onnx).with_suffix(".json")
+    card = ModelCard.load(card_file)
+    shared = {k: v for k, v in options.items()
+              if k in ("tile_px", "tile_margin_px", "tile_batch", "estimate_window_px", "tta")}
+    base = base_detector_for(card, card_file, engine_for, **shared)
+    try:
+        engine = engine_for(Path(onnx))
+    except BaseException:
+        if base is not None:
+            base.close()
+        raise
+    try:
+        return Detector(engine, card, base_detector=base, **options)
+    except BaseException:
+        engine.close()
+        if base is not None:
+            base.close()
+        raise

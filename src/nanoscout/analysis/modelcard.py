@@ -22,6 +22,7 @@ from nanoscout.wire.errors import ModelCardError
 
 __all__ = [
     "AutoScale",
+    "BaseNetwork",
     "HeldOutMetrics",
     "InputSpec",
     "ModelCard",
@@ -161,6 +162,31 @@ class AutoScale(_Strict):
             return 1.0
         return float(np.clip(self.target_diameter_px / diameter_px, self.min_resample,
                              self.max_resample))
+
+
+class BaseNetwork(_Strict):
+    """An adapted model's base network (``nanoscout models adapt``), beside its card: it
+    measures each frame's particle size for the automatic working scale and, with ``merge``,
+    its particles join the adapted network's.
+
+    Fine-tuned on a few annotated frames, a network still outlines particles like the ones it
+    was shown, but its coarse estimation passes (particles a few px across, other
+    magnifications) are no longer what the base network learnt from thousands of frames: it
+    took support and noise for particles on tuning cases
+    (``benchmarks/adapt_base_network.py``).
+    So the base network, with its own card, gives the median particle diameter in frame px,
+    and this card's ``auto`` turns that into the factor (its own target diameter).
+    ``merge``: the base network also detects on each frame (with its own card's scale and score
+    cut) and the two networks' particles compete by raw score, each particle kept once by its
+    most confident outline (``nanoscout.analysis.multiscale``, this card's
+    ``multiscale_overlap``): the base keeps what it found where the fine-tuned network forgot
+    it. Twice the engine time. ``onnx_file``: a file name in the card's folder, its card beside
+    it (same stem, ``.json``), pinned by ``sha256``.
+    """
+
+    onnx_file: str = Field(pattern=r"^[^/\\]+\.onnx$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    merge: bool = False
 
 
 class WorkingScale(_Strict):
@@ -364,6 +390,8 @@ class ModelCard(_Strict):
     thresholds: Thresholds | None = None
     #: raw particle score -> probability of a real particle (None: scores are reported raw)
     score_calibration: ScoreCalibration | None = None
+    #: an adapted model's base network, beside it (None: the model stands alone)
+    base_network: BaseNetwork | None = None
     classes: tuple[str, ...] | None = None
     training: TrainingInfo
     metrics: HeldOutMetrics | None = None
@@ -387,6 +415,8 @@ class ModelCard(_Strict):
                 raise ValueError(
                     f"outputs[0].channels {self.outputs[0].channels} lacks 'foreground'"
                 )
+        if self.base_network is not None and self.task != "detection-segmentation":
+            raise ValueError("only a detection-segmentation card can name a base_network")
         if self.task == "classification" and not self.classes:
             raise ValueError("a classification card needs classes")
         if self.task == "autoencoder" and self.novelty is None:
@@ -435,6 +465,27 @@ class ModelCard(_Strict):
     def onnx_path(self, card_path: str | Path) -> Path:
         """Return the ONNX file's path, resolved relative to the card's folder."""
         return Path(card_path).parent / self.onnx_file
+
+    def load_base_network(self, card_path: str | Path) -> tuple[Path, ModelCard] | None:
+        """Return (ONNX path, validated card) of this model's base network
+        (:class:`BaseNetwork`), or None when it names none. Raises ModelCardError when the
+        base network's files are missing, its card is invalid or its sha256 is not the pinned
+        one, or it names a base network of its own."""
+        base = self.base_network
+        if base is None:
+            return None
+        onnx = Path(card_path).parent / base.onnx_file
+        card = ModelCard.load(onnx.with_suffix(".json"))
+        if card.onnx_path(onnx.with_suffix(".json")) != onnx:
+            raise ModelCardError(f"base network card {onnx.with_suffix('.json')} names "
+                                 f"onnx_file {card.onnx_file!r}, not {onnx.name!r}")
+        if card.sha256 != base.sha256:
+            raise ModelCardError(f"base network {onnx} has sha256 {card.sha256}, model card "
+                                 f"{card_path} pins {base.sha256}")
+        if card.task != "detection-segmentation" or card.base_network is not None:
+            raise ModelCardError(f"base network {onnx} must be a detection model without a "
+                                 "base network of its own")
+        return onnx, card
 
     def dump(self, path: str | Path) -> Path:
         """Write the card as indented JSON; returns the path."""

@@ -462,11 +462,11 @@ class Pipeline:
 
     def close(self) -> None:
         """Release the engines (detector, classifier, lens, modality model)."""
-        self.detector.engine.close()
+        self.detector.close()
         if self.modality_estimator is not None:
             self.modality_estimator.close()
         for det, _ in self.modality_detectors.values():
-            det.engine.close()
+            det.close()
         if self.classifier is not None:
             self.classifier.engine.close()
             if self.classifier.lens is not None:

@@ -164,6 +164,7 @@ def adapt(
 ) -> None:
     """Fine-tune the detector on a few annotated frames of a new specimen (torch, CPU)."""
     try:
+        from nanoscout.training.adapt import MERGED
         from nanoscout.training.adapt import adapt as run_adapt
     except ModuleNotFoundError as exc:
         if exc.name == "torch":
@@ -192,8 +193,11 @@ def adapt(
                         guard=guard, seed=seed, threads=threads, progress=tick, command=command,
                         base_competes=base_competes)
         b, a = res.before, res.after
-        bar.log(f"wrote {res.onnx} and {res.card} in {res.seconds:.0f} s ({res.steps} steps, "
-                f"guard {res.guard}, network {res.network}, scale {res.scale}, "
+        also = ("" if res.base_network is None else
+                f" (with its base network {res.base_network}"
+                + (", whose particles join its own)" if res.network == MERGED else ")"))
+        bar.log(f"wrote {res.onnx} and {res.card}{also} in {res.seconds:.0f} s ({res.steps} "
+                f"steps, guard {res.guard}, network {res.network}, scale {res.scale}, "
                 f"score cut {res.min_score})")
         bar.log(f"held-out F1 {b['f1']:.3f} -> {a['f1']:.3f} (P {b['precision']:.3f} -> "
                 f"{a['precision']:.3f}, R {b['recall']:.3f} -> {a['recall']:.3f}); "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanoscout.analysis.alerts import check_class_labels, parse_rules
 from nanoscout.analysis.classifier import FieldClassifier
-from nanoscout.analysis.detector import Detector
+from nanoscout.analysis.detector import Detector, base_detector_for
 from nanoscout.analysis.modality import ModalityEstimator
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
@@ -21,7 +21,7 @@ from nanoscout.daemon.config import TILE_PX, ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
 from nanoscout.daemon.engine_setup import make_engine
 from nanoscout.daemon.precision import engine_name
-from nanoscout.engines import Engine
+from nanoscout.engines import Engine, resolve_backend
 from nanoscout.wire.errors import ModelCardError
 
 log = logging.getLogger("nanoscout")
@@ -87,14 +87,39 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     if eng.tile_batch is None and engine.name not in ("tensorrt", "onnxruntime-cuda"):
         batch = 1  # batches pay on a local GPU; on the CPU they cost memory (Triton batches itself)
     tile = eng.tile_for(engine.name, getattr(engine, "precision", "fp32"))
-    detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
-                        tile_px=tile, tile_margin_px=eng.tile_margin_px,
-                        tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
-                        min_confidence=confidence,
-                        rotate45=eng.rotate45 == "always",
-                        scale_presets=tuple(eng.scale_presets), tile_batch=batch,
-                        scale_tolerance=eng.scale_tolerance, multiscale=eng.multiscale)
+    base = None
+    try:
+        base = _base_detector(config, card, model, tile, batch)
+        detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
+                            tile_px=tile, tile_margin_px=eng.tile_margin_px,
+                            tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
+                            min_confidence=confidence,
+                            rotate45=eng.rotate45 == "always",
+                            scale_presets=tuple(eng.scale_presets), tile_batch=batch,
+                            scale_tolerance=eng.scale_tolerance, multiscale=eng.multiscale,
+                            base_detector=base)
+    except BaseException:
+        engine.close()
+        if base is not None:
+            base.close()
+        raise
     return detector, engine_name(engine), f"{card.name}:{card.version}"
+
+
+def _base_detector(config: ServeConfig, card: ModelCard, model: Path, tile_px: int,
+                   batch: int) -> Detector | None:
+    """The detector of ``model``'s base network when its card names one (an adapted model's,
+    :class:`~nanoscout.analysis.modelcard.BaseNetwork`: it measures particle sizes for the
+    working scale, and may detect too), on an engine as ``[engine]`` says (a local one where
+    the backend is Triton, whose server does not hold it); None when the card names none."""
+    eng = config.engine
+    if resolve_backend(eng.backend) == "triton":
+        eng = eng.model_copy(update={"backend": eng.triton.fallback or "onnxruntime-cpu"})
+    plan_tile = eng.tile_px or TILE_PX
+    return base_detector_for(
+        card, card_path(model),
+        lambda onnx: make_engine(eng, onnx, max_shape=(plan_tile, plan_tile), max_batch=batch),
+        tile_px=tile_px, tile_margin_px=eng.tile_margin_px, tile_batch=batch, tta=eng.tta)
 
 
 def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = False

@@ -90,7 +90,7 @@ class LoadedModel:
         """Release the engines (a failure to is logged: it must not hide why a swap failed)."""
         for det in (self.detector, *(d for d, _ in self.modality_detectors.values())):
             try:
-                det.engine.close()
+                det.close()
             except Exception as exc:
                 log.warning("closing the engine of %s: %r", self.path, exc)
 
@@ -214,6 +214,12 @@ class ModelSwapper:
                 if card.task != "detection-segmentation":
                     raise SwapError(f"model card {card_file} is a {card.task!r} model, not a "
                                     "detection-segmentation one")
+                try:  # an adapted model's base network, beside it
+                    base = card.load_base_network(card_file)
+                except Exception as exc:
+                    raise SwapError(f"model card {card_file}: {exc}") from exc
+                if base is not None:
+                    _check_inside(base[0], self.model_dirs)
                 step = "load"
                 try:
                     detector, engine_name, name = self.build(onnx)

@@ -20,10 +20,21 @@
    frame can teach the wrong thing (the held-out half says so), and an operator should then
    get the base network, with the scale and cut that fit the specimen, rather than a worse one.
    Ties go to the base network (:func:`_choose`).
+   A fine-tuned network's working scale is measured by the base network (the card's
+   ``base_network``, :class:`~nanoscout.analysis.modelcard.BaseNetwork`), in this choice as
+   in the card written: fine-tuned on one frame, a network's own coarse passes took support
+   and noise for particles on the tuning cases at other magnifications. Where the base network
+   finds fewer than half of the annotated particles its measurement is no guide, and only
+   there each fine-tuned candidate is also scored measuring itself (:data:`SELF_MEASURED`). Each
+   fine-tuned candidate measured by the base network also competes with the base network's
+   particles merged into its own by score (:data:`MERGED`, card ``base_network.merge``; twice
+   the engine time; it wins ties): the base keeps what the fine-tuned network forgot
+   (``benchmarks/adapt_base_network.py``).
 4. If a fine-tuned candidate won, the first fold's model is fine-tuned further on everything
    until the time is up, exported
-   (``DIR/detector.onnx``, checked against torch) with its model card (``DIR/detector.json``):
-   the base card with the chosen scale and score cut, and ``training.adaptation`` /
+   (``DIR/detector.onnx``, checked against torch) with its model card (``DIR/detector.json``)
+   and the base network beside it (``DIR/base_network.onnx`` + its card): the base card with
+   the chosen scale and score cut, and ``training.adaptation`` /
    ``evaluation.adaptation_holdout`` holding the base model and its sha256, the annotated files and
    their sha256, the time taken and the held-out before/after scores. If the base network won,
    ``DIR/detector.onnx`` is a copy of the base model's file, and the card names the choice
@@ -60,10 +71,12 @@ from torch import nn
 from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.modelcard import (
     SHIPPED_STEM_MODEL,
+    BaseNetwork,
     ModelCard,
     sha256_file,
     shipped_model_dir,
 )
+from nanoscout.analysis.multiscale import merge_by_score
 from nanoscout.analysis.preprocess import normalize
 from nanoscout.daemon.frame_tiff import read_frame_header
 from nanoscout.engines import create_engine
@@ -99,7 +112,10 @@ SCALE_TARGETS_PX = (16.0, 24.0, 32.0)
 SCORE_CUTS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 #: the coarse pass of the automatic working scale on the adapted card, px (the shipped cards'
 #: 256 found the STEM tuning material's 19-40 px particles on 2048 px frames too coarse:
-#: F1 0.39 there; 512: 0.52; 768 and 1024 blew up on some frames; benchmarks/adapt.py notes)
+#: F1 0.39 there; 512: 0.52; 768 and 1024 blew up on some frames; benchmarks/adapt.py notes;
+#: measured when a fine-tuned network still measured particle sizes itself). Since the base
+#: network measures them for a fine-tuned one, with its own card's passes, this applies to the
+#: base network's "auto" candidates only
 COARSE_SIDE_PX = 512
 #: share of the training time spent on the hold-out folds
 FOLD_SHARE = 0.55
@@ -117,6 +133,18 @@ Progress = Callable[[float, str], None]
 #: gone). Kept as the default: a selection that includes the model one already has never
 #: hands back one that lost on the held-out annotations. ``--fine-tuned-only`` turns it off.
 FINE_TUNED, BASE = "fine-tuned", "base"
+#: the fine-tuned network with the base network's particles merged in by score (card
+#: ``base_network.merge``): the base keeps what the fine-tuned network forgot, at twice the
+#: engine time (benchmarks/adapt_base_network.py, tuning cases)
+MERGED = "fine-tuned+base"
+#: the fine-tuned network measuring particle sizes for its working scale itself, a candidate
+#: only where the base network finds fewer than half of the annotated particles on the
+#: held-out parts (the general detector on HAADF-STEM Pt): its measurement is then no guide.
+#: Elsewhere the held-out parts, at the annotated frames' magnification, cannot tell: there a
+#: network fine-tuned on them measures well, and at other magnifications it failed
+#: (benchmarks/adapt_base_network.py: chosen on the held-out half in 4 of 9 tuning cases,
+#: never better on the other images)
+SELF_MEASURED = "fine-tuned-alone"
 #: a candidate: (network, working-scale label, score cut)
 Key = tuple[str, str, float]
 
@@ -145,8 +173,12 @@ class AdaptResult:
     after: dict[str, Any]
     protocol: str
     steps: int
-    #: FINE_TUNED, or BASE where the base network won on the held-out parts
+    #: FINE_TUNED, SELF_MEASURED (measuring its own scale), MERGED (with the base network's
+    #: particles), or BASE where the base network won on the held-out parts
     network: str = FINE_TUNED
+    #: the base network, written beside the model (:data:`BASE_FILE`), that measures particle
+    #: sizes for its working scale and may detect too; None: the model stands alone
+    base_network: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -336,10 +368,16 @@ def _auto_for(ws: Any, label: str) -> Any:
 
 
 def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
-                 network: str) -> dict[Key, list[dict[str, Any]]]:
+                 network: str, source: Detector | None, merge: bool = False,
+                 measure_self: bool = False) -> dict[Key, list[dict[str, Any]]]:
     """Score the detector ``onnx`` on ``held`` for every (scale candidate, score cut): raw
     per-image scores under keys (``network``, scale label, cut). The base network is also
-    scored with the base card's own working scale ("card") and cut."""
+    scored with the base card's own working scale ("card") and cut. ``source``: the base
+    network's detector (raw scores, its own card's scale and cut), which measures the particle
+    size for the automatic scale (None: ``onnx`` itself). A fine-tuned ``onnx`` is scored
+    measured by ``source`` (keys under ``network``), with ``measure_self`` also by itself
+    (:data:`SELF_MEASURED`), and with ``merge`` also with the base network's particles merged
+    into its own (:data:`MERGED`)."""
     engine = create_engine(onnx, "onnxruntime-cpu", threads=threads)
     raw = base.model_copy(update={"score_calibration": None})  # cut on the raw score
     labels = _candidates() if network == FINE_TUNED else ["card", *_candidates()]
@@ -347,15 +385,30 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
     assert th is not None
     cuts = SCORE_CUTS if network == FINE_TUNED else tuple(sorted({*SCORE_CUTS, th.min_score}))
     out: dict[Key, list[dict[str, Any]]] = {}
+    # (candidate network, the detector that measures particle sizes for its scale)
+    ways: list[tuple[str, Detector | None]] = [(network, source)]
+    if measure_self and network == FINE_TUNED and source is not None:
+        ways.append((SELF_MEASURED, None))
+    merged = merge and network == FINE_TUNED and source is not None
+    others = [source.detect(p.image) for p in held] if merged else []  # type: ignore[union-attr]
+    overlap = base.working_scale.multiscale_overlap  # type: ignore[union-attr]
     try:
         for label in labels:
-            card = _card_for(raw, onnx, None if label == "card" else label)
-            det = Detector(engine, card, min_score=0.0)
-            for part in held:
-                found = det.detect(part.image)
-                for cut in cuts:
-                    out.setdefault((network, label, cut), []).append(
-                        _score(_keep_above(found.labels, found.scores, cut), part))
+            # who measures is given here, and nothing merges unasked
+            card = _card_for(raw, onnx, None if label == "card" else label).model_copy(
+                update={"base_network": None})
+            for name, measurer in ways:
+                det = Detector(engine, card, min_score=0.0, base_detector=measurer)
+                for i, part in enumerate(held):
+                    found = det.detect(part.image)
+                    for cut in cuts:
+                        mine = _keep_above(found.labels, found.scores, cut)
+                        out.setdefault((name, label, cut), []).append(_score(mine, part))
+                        if merged and name == FINE_TUNED:
+                            both, _ = merge_by_score(
+                                [(mine, found.scores), (others[i].labels, others[i].scores)],
+                                overlap)
+                            out.setdefault((MERGED, label, cut), []).append(_score(both, part))
     finally:
         engine.close()
     return out
@@ -364,11 +417,15 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
 def _choose(grid: dict[Key, list[dict[str, Any]]], card_cut: float
             ) -> tuple[Key, dict[str, Any]]:
     """Return the candidate with the highest pooled held-out F1 and its summary. Ties go to
-    the base network (the fine-tuned one must earn its place), then to the base card as it is
-    (its scale and its cut ``card_cut``), then to the automatic scale the card ships with,
-    then to the higher cut."""
+    the base network (the fine-tuned one must earn its place), then to the fine-tuned one
+    with the base network's particles merged in (a tie says the base found nothing more on
+    the held-out parts, not that it will find nothing on other frames, where the fine-tuned
+    network forgets: benchmarks/adapt_base_network.py), then to one measured by the base
+    network, then to the base card as it is (its scale and its cut ``card_cut``), then to the
+    automatic scale the card ships with, then to the higher cut."""
     return max(((k, summarize(v)) for k, v in grid.items()),
-               key=lambda kv: (kv[1]["f1"], kv[0][0] == BASE,
+               key=lambda kv: (kv[1]["f1"], kv[0][0] == BASE, kv[0][0] == MERGED,
+                               kv[0][0] != SELF_MEASURED,
                                kv[0][1] == "card" and kv[0][2] == card_cut,
                                kv[0][1] in ("card", "auto"), kv[0][2]))
 
@@ -402,6 +459,21 @@ def _verify_base(model: ParticleUNet, base_onnx: Path, image: np.ndarray, thread
             raise RuntimeError(f"the rebuild of {base_onnx} ({what}) differs from the base "
                                f"model by {diff:.3g} (> 1e-3)")
     return out
+
+
+#: the file name of an adapted model's base network (its card beside it, ``.json``)
+BASE_FILE = "base_network.onnx"
+
+
+def _write_base(base_onnx: Path, base_card: ModelCard, out: Path) -> BaseNetwork:
+    """Copy the base network ``base_onnx`` (and its card ``base_card``, naming the copy) into
+    ``out`` as :data:`BASE_FILE`; returns what the adapted card pins (no merge)."""
+    onnx = out / BASE_FILE
+    card = base_card.model_copy(update={"onnx_file": onnx.name})
+    shutil.copyfile(base_onnx, onnx)
+    card.dump(onnx.with_suffix(".json"))
+    ModelCard.load(onnx.with_suffix(".json"))  # its sha256 checked against the copy
+    return BaseNetwork(onnx_file=onnx.name, sha256=card.sha256)
 
 
 def _fold_tick(say: Progress, start: float, share: float, note: str) -> Callable[[float], None]:
@@ -441,7 +513,6 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     files (naming file and line), ModelCardError for a bad base model.
     """
     t0 = time.perf_counter()
-    deadline = t0 + minutes * 60.0
     if len(images) != len(labels):
         raise ConfigError(f"{len(images)} images but {len(labels)} label files: give one label "
                           "file per image, in the same order")
@@ -455,8 +526,31 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     torch.set_num_threads(threads)
     base_onnx = Path(base) if base is not None else default_base(images)
     base_card = ModelCard.load(base_onnx.with_suffix(".json"))
+    # the base network of a fine-tuned one: it measures particle sizes for the working scale
+    # (and may detect too); the base itself, or the base network its card names
+    root = base_card.load_base_network(base_onnx.with_suffix(".json"))
+    root_onnx, root_card = root if root is not None else (base_onnx, base_card)
+    source = Detector(create_engine(root_onnx, "onnxruntime-cpu", threads=threads),
+                      root_card.model_copy(update={"score_calibration": None}))
+    try:
+        return _adapt(images, labels, out, base_onnx, base_card, (root_onnx, root_card), source,
+                      root is not None, t0=t0, minutes=minutes, guard=guard, seed=seed,
+                      threads=threads, say=say, command=command, base_competes=base_competes)
+    finally:
+        source.close()
+
+
+def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
+           base_card: ModelCard, root: tuple[Path, ModelCard], source: Detector,
+           base_has_source: bool, *, t0: float, minutes: float, guard: str, seed: int,
+           threads: int, say: Progress, command: str, base_competes: bool) -> AdaptResult:
+    """:func:`adapt` once its arguments are checked and the base network's detector
+    ``source`` (of ``root``: its ONNX file and card) is loaded (``base_has_source``: the base
+    card names it, so the base network needs it too)."""
+    deadline = t0 + minutes * 60.0
+    base_source = source if base_has_source else None
     base_engine = create_engine(base_onnx, "onnxruntime-cpu", threads=threads)
-    base_det = Detector(base_engine, base_card)
+    base_det = Detector(base_engine, base_card, base_detector=base_source)
     say(0.0, "reading annotations")
     parts: list[Part] = []
     anns: list[Annotation] = []
@@ -476,9 +570,13 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     before_raw = [_score(base_det.detect(p.image).labels, p) for _, held in folds for p in held]
     before = summarize(before_raw)
     base_engine.close()
+    # a base that finds fewer than half of the annotated particles cannot be trusted to
+    # measure their size for the working scale: then (only) the fine-tuned network may
+    # measure them itself
+    blind = before["recall"] < 0.5
     # the base network competes with the fine-tuned one on the same held-out parts
     grid = (_grid_scores(base_onnx, base_card, [p for _, held in folds for p in held], threads,
-                         BASE) if base_competes else {})
+                         BASE, base_source) if base_competes else {})
     train_s = max(5.0, deadline - time.perf_counter() - RESERVE_S)
     # the selection costs roughly a detection per candidate and held-out image: keep time for it
     fold_s = FOLD_SHARE * train_s / len(folds)
@@ -495,8 +593,8 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
             steps += n
             say(FOLD_SHARE * (f + 1) / len(folds), f"scoring fold {f + 1}")
             _export(m, fold_onnx)
-            for key, rows in _grid_scores(fold_onnx, base_card, held, threads,
-                                          FINE_TUNED).items():
+            for key, rows in _grid_scores(fold_onnx, base_card, held, threads, FINE_TUNED,
+                                          source, base_competes, blind).items():
                 grid.setdefault(key, []).extend(rows)
             if first is None:
                 first = m
@@ -508,7 +606,7 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / "detector.onnx"
     last_loss = math.nan
-    if network == FINE_TUNED:
+    if network != BASE:
         final_s = max(1.0, deadline - time.perf_counter() - RESERVE_S)
         n, last_loss = _finetune(first, parts, final_s, guard, seed + 100, LR / 2,
                                  lambda x: say(FOLD_SHARE + (1 - FOLD_SHARE) * x,
@@ -549,13 +647,33 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
                                        for k, v in sorted(grid.items())}},
     }
     card = _card_for(base_card, onnx_path, None if scale == "card" else scale, cut)
+    base_file: Path | None = out / BASE_FILE
+    if network in (FINE_TUNED, MERGED) or (network == BASE and base_has_source):
+        # the base network measures particle sizes for the working scale, as when chosen,
+        # and its particles join where the merge won (or where the base card merged them)
+        inherited = network == BASE and base_card.base_network is not None \
+            and base_card.base_network.merge
+        pinned = _write_base(*root, out).model_copy(
+            update={"merge": network == MERGED or inherited})
+        card = card.model_copy(update={"base_network": pinned})
+    else:  # none: a base network left by an earlier run into the same folder goes
+        card = card.model_copy(update={"base_network": None})
+        for old in (BASE_FILE, Path(BASE_FILE).with_suffix(".json").name):
+            (out / old).unlink(missing_ok=True)
+        base_file = None
     training = card.training.model_copy(update={
         "data": (f"fine-tuned from {base_card.name} {base_card.version} on {len(images)} "
                  f"annotated frame(s) (training.adaptation), guard against forgetting: {guard}"
-                 + ("" if network == FINE_TUNED else
-                    "; the fine-tuned network scored lower on the held-out parts than the "
-                    "base network, so this is the base network with a working scale and score "
-                    "cut chosen on the annotations")
+                 + ({FINE_TUNED: "",
+                     SELF_MEASURED: ("; the fine-tuned network measures particle sizes for "
+                                     "its working scale itself (the base network's "
+                                     "measurement scored lower on the held-out parts)"),
+                     MERGED: ("; the base network's particles are merged with the fine-tuned "
+                              "network's by score (base_network.merge), which scored higher "
+                              "on the held-out parts than either alone")}.get(
+                     network, "; the fine-tuned network scored lower on the held-out parts "
+                              "than the base network, so this is the base network with a "
+                              "working scale and score cut chosen on the annotations"))
                  + ". "
                  "Base model training: " + base_card.training.data),
         "command": command, "wall_seconds": seconds, "adaptation": adaptation})
@@ -575,4 +693,4 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     card_path = card.dump(onnx_path.with_suffix(".json"))
     ModelCard.load(card_path)  # validates the card and its sha256
     return AdaptResult(onnx_path, card_path, seconds, guard, scale, cut, before, best, protocol,
-                       steps, network, {"adaptation": adaptation})
+                       steps, network, base_file, {"adaptation": adaptation})

@@ -721,7 +721,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
 
     ``min_score`` overrides the card's score threshold (to see what the cut does).
     """
-    from nanoscout.analysis.detector import Detector
+    from nanoscout.analysis.detector import Detector, base_detector_for
     from nanoscout.analysis.modelcard import ModelCard
     from nanoscout.engines import create_engine
     from nanoscout.training import realdata
@@ -743,15 +743,19 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                              f"{data_root or realdata.data_root()}")
     scales = _parse_scale(scale, sets)
 
-    def load(path: Path, card_file: Path | None) -> tuple[Any, Any]:
-        card = ModelCard.load(card_file or path.with_suffix(".json"))
+    def load(path: Path, card_file: Path | None) -> tuple[Any, Any, Any]:
+        """(card, engine, its base network's detector or None: ModelCard.load_base_network)"""
+        card_file = card_file or path.with_suffix(".json")
+        card = ModelCard.load(card_file)
         if min_score is not None and card.thresholds is not None:
             card = card.model_copy(update={"thresholds": card.thresholds.model_copy(
                 update={"min_score": min_score})})
-        return card, create_engine(path, "onnxruntime-cpu", threads=threads)
+        base = base_detector_for(card, card_file,
+                                 lambda p: create_engine(p, "onnxruntime-cpu", threads=threads))
+        return card, create_engine(path, "onnxruntime-cpu", threads=threads), base
 
-    card, engine = load(model, card_path)
-    stem = load(stem_model, None) if stem_model is not None else (card, engine)
+    card, engine, base = load(model, card_path)
+    stem = load(stem_model, None) if stem_model is not None else (card, engine, base)
     baseline = BaselineDetector()
     res: dict[str, Any] = {
         "command": " ".join(["python -m nanoscout.training.evaluate", *sys.argv[1:]]),
@@ -770,13 +774,15 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
 
         estimator = ModalityEstimator.from_onnx(route, threads=threads)
     for s in sets:
-        c, e = stem if s in ("stem", "stem-tune") and estimator is None else (card, engine)
+        c, e, b = (stem if s in ("stem", "stem-tune") and estimator is None
+                   else (card, engine, base))
         det: Any = (OracleScale(e, c, tta=tta, rotate45=rotate45) if scales[s] == "oracle"
                     else Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
-                                  rotate45=rotate45))
+                                  rotate45=rotate45, base_detector=b))
         if estimator is not None and s not in ("synthetic", "synthetic-tune"):
             det = Routed(det, Detector(stem[1], stem[0], scale=scales[s],  # type: ignore[arg-type]
-                                       tta=tta, rotate45=rotate45), estimator)
+                                       tta=tta, rotate45=rotate45, base_detector=stem[2]),
+                         estimator)
         samples = (synthetic_samples(n, seed) if s == "synthetic"
                    else tuning_samples(max_images or 60) if s == "synthetic-tune"
                    else realdata.iter_samples(s, data_root, max_images))

@@ -85,9 +85,9 @@ def fit_calibration(model: Path, sets: list[str], stem_model: Path | None = None
                     max_images: int | None = None, threads: int = 2) -> dict[str, Any]:
     """Return {"scores", "probabilities", "data", "n", "ece_raw_in_sample",
     "ece_calibrated_in_sample"} for ``model`` from the tuning ``sets``."""
-    from nanoscout.analysis.detector import Detector
+    from nanoscout.analysis.detector import Detector, base_detector_for
     from nanoscout.analysis.modelcard import ModelCard
-    from nanoscout.engines import create_engine
+    from nanoscout.engines import Engine, create_engine
     from nanoscout.training import realdata
     from nanoscout.training.evaluate import calibration_error, score_image, tuning_samples
 
@@ -100,7 +100,12 @@ def fit_calibration(model: Path, sets: list[str], stem_model: Path | None = None
         path = stem_model if (s == "stem-tune" and stem_model is not None) else model
         card = ModelCard.load(path.with_suffix(".json"))
         card = card.model_copy(update={"score_calibration": None})
-        det = Detector(create_engine(path, "onnxruntime-cpu", threads=threads), card, min_score=0.0)
+
+        def engine(p: Path) -> Engine:
+            return create_engine(p, "onnxruntime-cpu", threads=threads)
+
+        det = Detector(engine(path), card, min_score=0.0,
+                       base_detector=base_detector_for(card, path.with_suffix(".json"), engine))
         samples = (tuning_samples(max_images or 60) if s == "synthetic-tune"
                    else realdata.iter_samples(s, None, max_images))
         for smp in samples:
