@@ -5,9 +5,12 @@ mis-attributed.
 
 Starts a real daemon (``nanoscout serve``, lossless policy, the shipped detector) and, from this
 process, streams synthetic frames from a FramePublisher (confirmed end to end) while it asks
-for ``--swaps`` hot swaps over the query socket, cycling through three models: the shipped
-detector, a renamed copy of it (same weights and sha256, another file and card name) and the
-shipped STEM detector (other weights, other sha256); then one revert. Every ``det`` names the
+for ``--swaps`` hot swaps over the query socket, cycling through four models: the shipped
+detector, a renamed copy of it (same weights and sha256, another file and card name), the
+shipped STEM detector (other weights, other sha256) and an adapted model as ``models adapt``
+writes one (a copy of the shipped detector's weights whose card names the STEM detector as its
+base network, beside it, with its particles merged in: two engines per model); then one
+revert. Every ``det`` names the
 model that analysed its frame (``model``, ``model_sha256``, ``model_generation``, protocol 1.5).
 
 Writes JSON: frames sent / answered / lost / answered twice / mis-attributed (a ``det`` whose
@@ -73,6 +76,28 @@ def _renamed_copy(directory: Path) -> Path:
     return onnx
 
 
+def _adapted_copy(directory: Path) -> Path:
+    """An adapted model's folder: ``adapted.onnx`` (the shipped detector's weights, no score
+    calibration) with ``base_network.onnx`` (the shipped STEM detector) pinned in its card,
+    merged."""
+    folder = directory / "adapted"
+    folder.mkdir()
+    stem = shipped_model_dir() / "detector_stem.onnx"
+    shutil.copyfile(stem, folder / "base_network.onnx")
+    base = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    base.update(onnx_file="base_network.onnx")
+    (folder / "base_network.json").write_text(json.dumps(base), encoding="utf-8")
+    src = shipped_model_dir() / "detector.onnx"
+    onnx = folder / "adapted.onnx"
+    shutil.copyfile(src, onnx)
+    card = json.loads(src.with_suffix(".json").read_text(encoding="utf-8"))
+    card.update(onnx_file=onnx.name, name=card["name"] + "-adapted", score_calibration=None,
+                base_network={"onnx_file": "base_network.onnx", "sha256": base["sha256"],
+                              "merge": True})
+    onnx.with_suffix(".json").write_text(json.dumps(card), encoding="utf-8")
+    return onnx
+
+
 def _frame(seq: int, side: int) -> np.ndarray:
     rng = np.random.default_rng(seq)
     img = rng.normal(300.0, 25.0, (side, side))
@@ -94,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="nanoscout-hotswap-"))
     shipped = shipped_model_dir() / "detector.onnx"
-    cycle = [_renamed_copy(workdir), shipped_model_dir() / "detector_stem.onnx", shipped]
+    cycle = [_renamed_copy(workdir), shipped_model_dir() / "detector_stem.onnx",
+             _adapted_copy(workdir), shipped]
     proc, ep = _start_daemon(workdir, shipped, args.threads)
     stop = threading.Event()
     sent_after: list[int] = []
