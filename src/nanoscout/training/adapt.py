@@ -24,8 +24,8 @@
    ``base_network``, :class:`~nanoscout.analysis.modelcard.BaseNetwork`), in this choice as
    in the card written: fine-tuned on one frame, a network's own coarse passes took support
    and noise for particles on the tuning cases at other magnifications. Where the base network
-   finds fewer than half of the annotated particles its measurement is no guide, and only
-   there each fine-tuned candidate is also scored measuring itself (:data:`SELF_MEASURED`). Each
+   finds fewer than half of the annotated particles its measurement is no guide, and there
+   each fine-tuned candidate measures itself instead (:data:`SELF_MEASURED`). Each
    fine-tuned candidate measured by the base network also competes with the base network's
    particles merged into its own by score (:data:`MERGED`, card ``base_network.merge``; twice
    the engine time; it wins ties): the base keeps what the fine-tuned network forgot
@@ -137,9 +137,10 @@ FINE_TUNED, BASE = "fine-tuned", "base"
 #: ``base_network.merge``): the base keeps what the fine-tuned network forgot, at twice the
 #: engine time (benchmarks/adapt_base_network.py, tuning cases)
 MERGED = "fine-tuned+base"
-#: the fine-tuned network measuring particle sizes for its working scale itself, a candidate
-#: only where the base network finds fewer than half of the annotated particles on the
-#: held-out parts (the general detector on HAADF-STEM Pt): its measurement is then no guide.
+#: the fine-tuned network measuring particle sizes for its working scale itself, the
+#: fine-tuned candidates' form where the base network finds fewer than half of the annotated
+#: particles on the held-out parts (the general detector on HAADF-STEM Pt): the base's
+#: measurement is then no guide, even where it happens to fit the held-out half.
 #: Elsewhere the held-out parts, at the annotated frames' magnification, cannot tell: there a
 #: network fine-tuned on them measures well, and at other magnifications it failed
 #: (benchmarks/adapt_base_network.py: chosen on the held-out half in 4 of 9 tuning cases,
@@ -375,9 +376,9 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
     scored with the base card's own working scale ("card") and cut. ``source``: the base
     network's detector (raw scores, its own card's scale and cut), which measures the particle
     size for the automatic scale (None: ``onnx`` itself). A fine-tuned ``onnx`` is scored
-    measured by ``source`` (keys under ``network``), with ``measure_self`` also by itself
-    (:data:`SELF_MEASURED`), and with ``merge`` also with the base network's particles merged
-    into its own (:data:`MERGED`)."""
+    measured by ``source`` (keys under ``network``), or with ``measure_self`` by itself
+    instead (:data:`SELF_MEASURED`); measured by ``source`` and with ``merge``, also with the
+    base network's particles merged into its own (:data:`MERGED`)."""
     engine = create_engine(onnx, "onnxruntime-cpu", threads=threads)
     raw = base.model_copy(update={"score_calibration": None})  # cut on the raw score
     labels = _candidates() if network == FINE_TUNED else ["card", *_candidates()]
@@ -385,11 +386,13 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
     assert th is not None
     cuts = SCORE_CUTS if network == FINE_TUNED else tuple(sorted({*SCORE_CUTS, th.min_score}))
     out: dict[Key, list[dict[str, Any]]] = {}
-    # (candidate network, the detector that measures particle sizes for its scale)
+    # (candidate network, the detector that measures particle sizes for its scale): a
+    # fine-tuned network is measured by the base network, or by itself where the base cannot
+    # be trusted to measure (``measure_self``), never both
     ways: list[tuple[str, Detector | None]] = [(network, source)]
     if measure_self and network == FINE_TUNED and source is not None:
-        ways.append((SELF_MEASURED, None))
-    merged = merge and network == FINE_TUNED and source is not None
+        ways = [(SELF_MEASURED, None)]
+    merged = merge and not measure_self and network == FINE_TUNED and source is not None
     others = [source.detect(p.image) for p in held] if merged else []  # type: ignore[union-attr]
     overlap = base.working_scale.multiscale_overlap  # type: ignore[union-attr]
     try:
