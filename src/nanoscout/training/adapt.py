@@ -113,9 +113,9 @@ SCORE_CUTS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 #: the coarse pass of the automatic working scale on the adapted card, px (the shipped cards'
 #: 256 found the STEM tuning material's 19-40 px particles on 2048 px frames too coarse:
 #: F1 0.39 there; 512: 0.52; 768 and 1024 blew up on some frames; benchmarks/adapt.py notes;
-#: measured when a fine-tuned network still measured particle sizes itself). Since the base
+#: measured when a fine-tuned network still measured particle sizes itself). Where the base
 #: network measures them for a fine-tuned one, with its own card's passes, this applies to the
-#: base network's "auto" candidates only
+#: base network's "auto" candidates and the self-measuring fine-tuned ones only
 COARSE_SIDE_PX = 512
 #: share of the training time spent on the hold-out folds
 FOLD_SHARE = 0.55
@@ -386,13 +386,13 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
     assert th is not None
     cuts = SCORE_CUTS if network == FINE_TUNED else tuple(sorted({*SCORE_CUTS, th.min_score}))
     out: dict[Key, list[dict[str, Any]]] = {}
-    # (candidate network, the detector that measures particle sizes for its scale): a
+    # the candidates' name and the detector that measures particle sizes for their scale: a
     # fine-tuned network is measured by the base network, or by itself where the base cannot
     # be trusted to measure (``measure_self``), never both
-    ways: list[tuple[str, Detector | None]] = [(network, source)]
+    name, measurer = network, source
     if measure_self and network == FINE_TUNED and source is not None:
-        ways = [(SELF_MEASURED, None)]
-    merged = merge and not measure_self and network == FINE_TUNED and source is not None
+        name, measurer = SELF_MEASURED, None
+    merged = name == FINE_TUNED and merge and source is not None
     others = [source.detect(p.image) for p in held] if merged else []  # type: ignore[union-attr]
     overlap = base.working_scale.multiscale_overlap  # type: ignore[union-attr]
     try:
@@ -400,18 +400,17 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
             # who measures is given here, and nothing merges unasked
             card = _card_for(raw, onnx, None if label == "card" else label).model_copy(
                 update={"base_network": None})
-            for name, measurer in ways:
-                det = Detector(engine, card, min_score=0.0, base_detector=measurer)
-                for i, part in enumerate(held):
-                    found = det.detect(part.image)
-                    for cut in cuts:
-                        mine = _keep_above(found.labels, found.scores, cut)
-                        out.setdefault((name, label, cut), []).append(_score(mine, part))
-                        if merged and name == FINE_TUNED:
-                            both, _ = merge_by_score(
-                                [(mine, found.scores), (others[i].labels, others[i].scores)],
-                                overlap)
-                            out.setdefault((MERGED, label, cut), []).append(_score(both, part))
+            det = Detector(engine, card, min_score=0.0, base_detector=measurer)
+            for i, part in enumerate(held):
+                found = det.detect(part.image)
+                for cut in cuts:
+                    mine = _keep_above(found.labels, found.scores, cut)
+                    out.setdefault((name, label, cut), []).append(_score(mine, part))
+                    if merged:
+                        both, _ = merge_by_score(
+                            [(mine, found.scores), (others[i].labels, others[i].scores)],
+                            overlap)
+                        out.setdefault((MERGED, label, cut), []).append(_score(both, part))
     finally:
         engine.close()
     return out
@@ -537,21 +536,21 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
                       root_card.model_copy(update={"score_calibration": None}))
     try:
         return _adapt(images, labels, out, base_onnx, base_card, (root_onnx, root_card), source,
-                      root is not None, t0=t0, minutes=minutes, guard=guard, seed=seed,
-                      threads=threads, say=say, command=command, base_competes=base_competes)
+                      t0=t0, minutes=minutes, guard=guard, seed=seed, threads=threads, say=say,
+                      command=command, base_competes=base_competes)
     finally:
         source.close()
 
 
 def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
-           base_card: ModelCard, root: tuple[Path, ModelCard], source: Detector,
-           base_has_source: bool, *, t0: float, minutes: float, guard: str, seed: int,
-           threads: int, say: Progress, command: str, base_competes: bool) -> AdaptResult:
+           base_card: ModelCard, root: tuple[Path, ModelCard], source: Detector, *,
+           t0: float, minutes: float, guard: str, seed: int, threads: int, say: Progress,
+           command: str, base_competes: bool) -> AdaptResult:
     """:func:`adapt` once its arguments are checked and the base network's detector
-    ``source`` (of ``root``: its ONNX file and card) is loaded (``base_has_source``: the base
-    card names it, so the base network needs it too)."""
+    ``source`` (of ``root``: its ONNX file and card) is loaded."""
     deadline = t0 + minutes * 60.0
-    base_source = source if base_has_source else None
+    # a base card that names a base network of its own needs it too
+    base_source = source if base_card.base_network is not None else None
     base_engine = create_engine(base_onnx, "onnxruntime-cpu", threads=threads)
     base_det = Detector(base_engine, base_card, base_detector=base_source)
     say(0.0, "reading annotations")
@@ -574,8 +573,8 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     before = summarize(before_raw)
     base_engine.close()
     # a base that finds fewer than half of the annotated particles cannot be trusted to
-    # measure their size for the working scale: then (only) the fine-tuned network may
-    # measure them itself
+    # measure their size for the working scale: then the fine-tuned network measures them
+    # itself
     blind = before["recall"] < 0.5
     # the base network competes with the fine-tuned one on the same held-out parts
     grid = (_grid_scores(base_onnx, base_card, [p for _, held in folds for p in held], threads,
@@ -651,7 +650,7 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     }
     card = _card_for(base_card, onnx_path, None if scale == "card" else scale, cut)
     base_file: Path | None = out / BASE_FILE
-    if network in (FINE_TUNED, MERGED) or (network == BASE and base_has_source):
+    if network in (FINE_TUNED, MERGED) or (network == BASE and base_source is not None):
         # the base network measures particle sizes for the working scale, as when chosen,
         # and its particles join where the merge won (or where the base card merged them)
         inherited = network == BASE and base_card.base_network is not None \
@@ -669,8 +668,8 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
                  f"annotated frame(s) (training.adaptation), guard against forgetting: {guard}"
                  + ({FINE_TUNED: "",
                      SELF_MEASURED: ("; the fine-tuned network measures particle sizes for "
-                                     "its working scale itself (the base network's "
-                                     "measurement scored lower on the held-out parts)"),
+                                     "its working scale itself (the base network found fewer "
+                                     "than half of the annotated particles)"),
                      MERGED: ("; the base network's particles are merged with the fine-tuned "
                               "network's by score (base_network.merge), which scored higher "
                               "on the held-out parts than either alone")}.get(
