@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from nanoscout.sim.overlays import burn_in
 from nanoscout.training import realdata
@@ -18,6 +19,7 @@ from nanoscout.training.crops import (
     ellipse_labels,
     load_real_training,
     photometric,
+    thick_support,
 )
 
 
@@ -71,6 +73,32 @@ def test_photometric_keeps_range_and_shape() -> None:
         y = photometric(x, rng)
         assert y.shape == x.shape and y.dtype == np.float32
         assert y.min() >= -0.5 and y.max() <= 1.5
+
+
+def test_a_thick_support_leaves_the_particles_faint_on_a_lumpy_background() -> None:
+    rng = np.random.default_rng(4)
+    lab = np.zeros((128, 128), np.int32)
+    yy, xx = np.indices(lab.shape)
+    for k, (cy, cx) in enumerate(((30, 30), (30, 95), (95, 30), (95, 95)), start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 8 ** 2] = k
+    bright = np.where(lab > 0, 1.0, 0.0).astype(np.float32)  # HAADF: bright particles
+    for x in (bright, 1.0 - bright):  # and bright field: dark particles
+        dark = x[lab > 0].mean() < x[lab == 0].mean()
+        contrast, lumps = [], []
+        for _ in range(20):
+            y = thick_support(x, lab, rng)
+            assert y.shape == x.shape and y.dtype == np.float32
+            # normalised as the detector normalises a frame
+            assert np.percentile(y, 0.5) == pytest.approx(0.0, abs=0.05)
+            assert np.percentile(y, 99.5) == pytest.approx(1.0, abs=0.05)
+            # the support: the background is no longer flat
+            lumps.append(float(y[lab == 0].std()))
+            # each particle still stands out from the support right around it, by less
+            ring = (ndi.binary_dilation(lab > 0, iterations=4) & (lab == 0))
+            step = float(y[lab > 0].mean() - y[ring].mean())
+            assert (step < 0) == dark
+            contrast.append(abs(step))
+        assert min(lumps) > 0.02 and max(contrast) < 0.95 and np.median(contrast) < 0.6
 
 
 def test_burn_in_paints_annotations_and_clears_targets_under_them() -> None:

@@ -132,7 +132,9 @@ def test_a_card_that_merges_its_base_network_keeps_both_networks_particles(tmp_p
     wall_ms = (time.perf_counter() - t0) * 1e3
     own, base = alone.detect(image), merged.base_detector.detect(image)
     assert own.n > 10 and base.n > 10
-    assert max(own.n, base.n) <= both.n <= own.n + base.n
+    # the merge adds to either network's particles; where an outline of one overlaps two of
+    # the other, the more confident side is kept, so the count may fall below the larger one
+    assert min(own.n, base.n) < both.n <= own.n + base.n
     assert both.n == int(both.labels.max()) == len(both.scores) - 1
     assert sum(both.timings_ms.values()) == pytest.approx(wall_ms, rel=0.1)
     assert both.timings_ms["engine"] > 1.5 * own.timings_ms["engine"]  # both networks ran
@@ -140,3 +142,4 @@ def test_a_card_that_merges_its_base_network_keeps_both_networks_particles(tmp_p
     with pytest.raises(ConfigError, match="merged by raw score"):
         Detector(merged.engine, merged.card, base_detector=calibrated)
     merged.close()
+

@@ -10,7 +10,10 @@ Every crop is taken at a random *working scale*: the image is resampled so that 
 particle ECD becomes ``d ~ logUniform(diameter_range)`` px, the way the detector's automatic
 scale resamples a frame at run time, then cut to ``size`` x ``size`` (smaller images are padded
 and the padding is marked invalid, so the loss ignores it). Photometric augmentation (gamma,
-contrast inversion, blur, Gaussian noise) and flips / 90-degree rotations follow.
+contrast inversion, blur, Gaussian noise) and flips / 90-degree rotations follow. A thick,
+uneven support can be laid under a crop first (:func:`thick_support`): in HAADF-STEM the
+support's signal adds to the particles', so a thick support leaves them faint against a bright,
+lumpy background.
 
 Nothing here reads a validation image: :func:`load_real_training` takes its lists from the
 committed split files and refuses an id that is also listed as validation.
@@ -30,7 +33,7 @@ from nanoscout.training.realdata import emps_index, load_emps, load_msa, load_sp
 from nanoscout.wire.errors import ConfigError
 
 __all__ = ["RealImage", "crop_at_scale", "ellipse_labels", "load_real_training",
-           "photometric"]
+           "photometric", "thick_support"]
 
 
 @dataclass(frozen=True)
@@ -169,3 +172,40 @@ def photometric(x: np.ndarray, rng: np.random.Generator, invert_p: float = 0.25)
     if rng.random() < 0.35:
         y = y + rng.normal(0.0, float(rng.uniform(0.01, 0.1)), y.shape)
     return np.clip(y, -0.5, 1.5).astype(np.float32)
+
+
+def thick_support(x: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                  amplitude: tuple[float, float] = (0.5, 3.0)) -> np.ndarray:
+    """Return ``x`` (normalised, ~[0, 1]) on a thick, uneven support, normalised again.
+
+    HAADF-STEM intensity adds up along the beam: a particle on a thick support (silica or
+    alumina spheres, stacked carbon) sits on the support's projected thickness; in a
+    bright-field image (particles darker than the rest of ``labels``' crop) the support darkens
+    the frame instead, so the thickness is subtracted there. The support
+    is drawn as overlapping spheres (projected thickness ``sqrt(1 - r^2)``, radii 1/8 to 2/3
+    of the crop's side) or a smooth random field, scaled to ``amplitude`` times the crop's
+    own range; the sum is normalised by its percentiles as the detector normalises a frame,
+    which leaves the particles' contrast smaller by about ``1 / (1 + amplitude)``. Labels
+    stay as they are.
+    """
+    h, w = x.shape
+    side = float(min(h, w))
+    if rng.random() < 0.6:
+        field = np.zeros((h, w), np.float32)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        for _ in range(int(rng.integers(2, 9))):
+            r = float(rng.uniform(side / 8.0, side * 2.0 / 3.0))
+            cy, cx = rng.uniform(-r / 2.0, h + r / 2.0), rng.uniform(-r / 2.0, w + r / 2.0)
+            d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (r * r)
+            field += np.sqrt(np.clip(1.0 - d2, 0.0, None)) * float(rng.uniform(0.5, 1.0))
+    else:
+        field = ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32),
+                                    sigma=float(rng.uniform(side / 16.0, side / 4.0)))
+    lo, hi = float(field.min()), float(field.max())
+    if hi - lo < 1e-6:
+        return x.astype(np.float32)
+    span = float(np.percentile(x, 99.5) - np.percentile(x, 0.5)) or 1.0
+    fg = labels > 0
+    sign = -1.0 if fg.any() and not fg.all() and x[fg].mean() < x[~fg].mean() else 1.0
+    y = x + sign * (field - lo) / (hi - lo) * span * float(rng.uniform(*amplitude))
+    return normalize(y)

@@ -57,18 +57,26 @@ class Variant:
     multiscale: tuple[float, ...] = ()  # extra working scales merged (WorkingScale.multiscale)
     auto_scale: tuple[tuple[str, float], ...] = ()  # overrides of AUTO_SCALE
     stem_tuning_holdout: bool = False  # keep the STEM tuning material (Pt) out of training
+    support_p: float = 0.0  # real crops laid on a thick support (nanoscout.training.crops)
 
 
 #: ``general``: every frame (the daemon's ``engine.model``); ``stem``: frames whose header says
 #: STEM (``engine.modality_models``), trained on the STEM training materials above all
 VARIANTS: dict[str, Variant] = {
     "general": Variant("detector.onnx", MODEL_NAME, MODEL_VERSION, 0.7, None, None),
-    "stem": Variant("detector_stem.onnx", MODEL_NAME + "-stem", "1.0.0", 0.8, 0.9, ("stem",),
+    "stem": Variant("detector_stem.onnx", MODEL_NAME + "-stem", "1.1.0", 0.8, 0.9, ("stem",),
                     " STEM variant: 80 % of the phase-2 crops are real, and 90 % of those come "
-                    "from the STEM training materials (Cu, Pt, PtW); meant for HAADF-STEM "
-                    "frames (the daemon routes frames whose header says STEM to it).",
+                    "from the STEM training materials other than the tuning material Pt (Cu, "
+                    "PtW); half of the real crops are first laid on a thick, uneven support "
+                    "(silica-sphere-like or smooth, 0.5-3x the crop's range, added in HAADF and "
+                    "subtracted in bright field, then normalised again), which leaves their "
+                    "particles faint on a lumpy background (nanoscout.training.crops."
+                    "thick_support). Meant for HAADF-STEM frames (the daemon routes frames "
+                    "whose header says STEM to it).",
                     # three working scales and their cut, chosen on the STEM tuning material
-                    min_score=0.85, multiscale=(0.7071, 1.4142)),
+                    # (Pt), which version 1.1 never trained on
+                    min_score=0.9, multiscale=(0.7071, 1.4142), stem_tuning_holdout=True,
+                    support_p=0.5),
 }
 
 

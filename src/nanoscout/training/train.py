@@ -38,7 +38,13 @@ from nanoscout.sim.sem_render import random_config as sem_random_config
 from nanoscout.sim.sem_render import render as sem_render
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig
 from nanoscout.training.boxloss import boxes_from_labels, projection_loss
-from nanoscout.training.crops import RealImage, crop_at_scale, load_real_training, photometric
+from nanoscout.training.crops import (
+    RealImage,
+    crop_at_scale,
+    load_real_training,
+    photometric,
+    thick_support,
+)
 from nanoscout.training.export import VARIANTS, export_onnx, write_card
 from nanoscout.training.haadf import acquire as haadf_acquire
 from nanoscout.training.unet import CORE_FRACTION
@@ -188,6 +194,8 @@ class Pool:
         #: annotations are painted as on the other synthetic crops (set by DataOptions)
         self.haadf_min_area = 0.0
         self.haadf_overlays = False
+        #: share of the real crops laid on a thick, uneven support first (set by DataOptions)
+        self.support_p = 0.0
         self.haadf = haadf
         self.haadf_share = haadf_share if haadf is not None else 0.0
         self.counter = 0
@@ -255,6 +263,8 @@ class Pool:
     def _real(self) -> np.ndarray:
         item = self.real[int(self.rng.choice(len(self.real), p=self.real_p))]
         img, lab, valid = crop_at_scale(item, self.rng, CROP)
+        if self.support_p > 0 and self.rng.random() < self.support_p:
+            img = thick_support(img, lab, self.rng)
         x = photometric(img, self.rng)
         fg, core, wt = targets_and_weights(lab)
         # box-only truth: the label map's instances give the boxes (projection loss)
@@ -358,6 +368,7 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
     pool = Pool(pool_size, rng, real, real_fraction, stem_share, cache, data.haadf_share,
                 data.sem_share)
     pool.haadf_min_area = math.pi * (data.haadf_min_ecd / 2.0) ** 2
+    pool.support_p = data.support_p
     pool.haadf_overlays = data.haadf_overlays
     for step in track(range(steps), "training"):
         if step % refresh_every == 0:
@@ -377,6 +388,7 @@ class DataOptions:
     sem_share: float = 0.0  # share of the remaining synthetic crops from nanoscout.sim.sem_render
     haadf_min_ecd: float = 0.0  # HAADF particles below this ECD (px) are left unlabelled
     haadf_overlays: bool = False  # burnt-in annotations on HAADF crops too
+    support_p: float = 0.0  # share of the real crops laid on a thick support (crops.thick_support)
 
 
 def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
@@ -519,6 +531,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--haadf-overlays", action="store_true", default=None,
                     help="phase 2: burnt-in annotations on HAADF crops too (default: the "
                          "variant's)")
+    ap.add_argument("--support-p", type=float, default=None,
+                    help="phase 2: share of the real crops laid on a thick, uneven support "
+                         "first, which leaves their particles faint (nanoscout.training.crops."
+                         "thick_support); default: the variant's")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (2: the shipped runs; 1 when runs share the CPU)")
     ap.add_argument("--init", type=Path, default=None,
@@ -534,7 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stem_share is None:
         args.stem_share = variant.stem_share
     for name in ("arch", "box_ring", "haadf_share", "haadf_frames", "sem_share",
-                 "finetune_steps", "stem_tuning_holdout", "haadf_min_ecd", "haadf_overlays"):
+                 "finetune_steps", "stem_tuning_holdout", "haadf_min_ecd", "haadf_overlays",
+                 "support_p"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(variant, name))
     if args.real_sets is None:
@@ -574,7 +591,8 @@ def main(argv: list[str] | None = None) -> None:
 
         data = DataOptions(tuple(x for x in args.real_sets.split(",") if x), args.box_ring,
                            args.haadf_cache, args.haadf_share, args.haadf_frames,
-                           args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays))
+                           args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays),
+                           args.support_p)
         if data.haadf_cache is not None and data.haadf_share > 0:
             # one command: render the HAADF specimens first where the cache lacks them
             # (shards already there are kept; seeds HAADF_SEED_BASE + k)
@@ -595,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
                           "real_sets": list(data.real_sets), "box_ring": data.box_ring,
                           "haadf_share": data.haadf_share, "haadf_frames": data.haadf_frames,
                           "sem_share": data.sem_share, "haadf_min_ecd": data.haadf_min_ecd,
-                          "haadf_overlays": data.haadf_overlays,
+                          "haadf_overlays": data.haadf_overlays, "support_p": data.support_p,
                           "excluded_tuning_images": len(exclude),
                           **{k: round(v, 4) for k, v in summary.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
