@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.clients.subscriber import Subscriber
 from tests.system.conftest import DaemonFactory, nanoscout
 
@@ -208,6 +209,8 @@ def test_images_without_metadata_get_the_detector_of_what_they_look_like(
         stdout, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, stdout
         models[key] = set(pd.read_parquet(out / "_frames")["model"])
-    general, stem = "nanoscout-particle-unet:3.0.0", "nanoscout-particle-unet-stem:1.0.0"
+    general, stem = (f"{c.name}:{c.version}" for c in (
+        ModelCard.load(shipped_model_dir() / f"{n}.json") for n in ("detector", "detector_stem")))
+    assert general.startswith("nanoscout-particle-unet:") and "-stem:" in stem
     assert models == {"haadf": {stem}, "haadf-as-TEM": {general}, "emps": {general},
                       "emps-as-STEM": {stem}}
