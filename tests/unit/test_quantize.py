@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +144,55 @@ def test_the_default_precision_follows_the_shipped_measurement() -> None:
     det, name, _ = build_detector(cfg, cfg.engine.model_path())
     assert det.engine.precision == ("int8" if q.default else "fp32")
     assert name == ("onnxruntime-cpu/int8" if q.default else "onnxruntime-cpu")
+    # a sibling whose parity was measured with the FP32 model measuring the scale runs so
+    measurer = det.base_detector
+    if q.default and q.fp32_scale:
+        assert measurer is not None and measurer.engine.precision == "fp32"
+        assert not det.merge_base and measurer.card.score_calibration is None
+    else:
+        assert measurer is None
+    det.close()
     fp32 = load_config(None, {"engine.backend": "cpu", "engine.precision": "fp32"})
     det32, name32, _ = build_detector(fp32, fp32.engine.model_path())
     assert det32.engine.precision == "fp32" and name32 == "onnxruntime-cpu"
+
+
+def test_the_fp32_model_measures_the_scale_for_its_int8_sibling(shared_data: Path) -> None:
+    """``quantization.fp32_scale``: the INT8 sibling analyses the frame at the factor the FP32
+    model's estimation passes choose (an EMPS validation crop of five ~80 px particles, where
+    8-bit passes agreed on a texture at 1.5x and 3x: factor 3.0, 434 false particles) and no
+    estimation pass runs on the INT8 engine."""
+    from nanoscout.analysis.detector import Detector, scale_measurer
+    from nanoscout.training.realdata import emps_index, load_emps
+
+    sibling = quantized_sibling(WEIGHTS / "detector.onnx")
+    if not sibling.is_file():
+        pytest.skip(f"no shipped INT8 sibling {sibling} (nanoscout models quantize)")
+    card = ModelCard.load(WEIGHTS / "detector.json")
+    sample = load_emps("3692286ecf", shared_data, dict(emps_index(shared_data))["3692286ecf"])
+    fp32 = create_engine(WEIGHTS / "detector.onnx", "onnxruntime-cpu", threads=1,
+                         precision="fp32")
+    int8 = create_engine(WEIGHTS / "detector.onnx", "onnxruntime-cpu", threads=1,
+                         precision="int8", int8_model=sibling)
+    reference = Detector(fp32, card).detect(sample.image)
+    measured = Detector(int8, card, base_detector=scale_measurer(fp32, card))
+    calls: list[tuple[int, ...]] = []
+    infer = int8.infer
+
+    def counting(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(next(iter(inputs.values())).shape)
+        return infer(inputs)
+
+    int8.infer = counting  # type: ignore[method-assign]
+    found = measured.detect(sample.image)
+    assert found.scale == reference.scale < 1.0  # the particles are large: shrunk
+    # the INT8 engine ran only the analysis at that factor, no estimation pass
+    h, w = sample.image.shape
+    assert len(calls) == 1 and calls[0][2:] == tuple(-(-round(n * found.scale) // 16) * 16
+                                                    for n in (h, w)), calls
+    assert abs(found.n - reference.n) <= 2
+    fp32.close()
+    int8.close()
 
 
 def test_quantize_command_writes_a_summary(tmp_path: Path) -> None:

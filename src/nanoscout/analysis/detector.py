@@ -47,7 +47,7 @@ from nanoscout.analysis.tiling import infer_tiled
 from nanoscout.engines.base import Engine
 from nanoscout.wire.errors import ConfigError, EngineFailure, ModelCardError
 
-__all__ = ["Detection", "Detector", "base_detector_for", "load_detector"]
+__all__ = ["Detection", "Detector", "base_detector_for", "load_detector", "scale_measurer"]
 
 #: the 45° view is ignored this close to the frame's edges (px at working scale)
 _TURN_MARGIN_PX = 32
@@ -608,6 +608,16 @@ class Detector:
             fg, core = fg[:wh, :ww], core[:wh, :ww]
         labels, scores = instances_from_logits(fg, core, post_stride=stride, **rules)
         return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
+
+
+def scale_measurer(engine: Engine, card: ModelCard, **options: Any) -> Detector:
+    """Return the detector that measures the working scale for an INT8 sibling whose card's
+    ``quantization.fp32_scale`` asks for it: the FP32 model's ``engine`` and ``card``, on raw
+    scores, given to the sibling's :class:`Detector` as ``base_detector`` (it measures, the
+    sibling's card decides the factor; no particles are merged). ``options``: its
+    :class:`Detector` options (tile sizes, ``estimate_window_px``)."""
+    return Detector(engine, card.model_copy(update={"score_calibration": None}), scale="auto",
+                    **options)
 
 
 def base_detector_for(card: ModelCard, card_file: Path, engine_for: Callable[[Path], Engine],

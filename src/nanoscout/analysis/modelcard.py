@@ -350,6 +350,10 @@ class Quantization(_Strict):
     engine call, FP32 and INT8, measured when it was made (``{"fp32", "int8", "input"}``) and
     ``speedup`` = FP32 / INT8 time. The daemon's ``precision = "auto"`` uses the sibling when it
     passed and pays (``speedup`` at least :data:`MIN_SPEEDUP`; ``nanoscout models quantize``).
+    ``fp32_scale``: the FP32 model measures each frame's working scale (its estimation
+    passes) and the sibling analyses the frame at it, the parity measured so: the 8-bit passes
+    can agree on a texture where the FP32 ones do not (one EMPS image: factor 3.0 against
+    0.30).
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
@@ -365,6 +369,7 @@ class Quantization(_Strict):
     passed: bool = False
     engine_ms: dict[str, Any] = Field(default_factory=dict)
     speedup: float | None = None
+    fp32_scale: bool = False
 
     @property
     def default(self) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanoscout.analysis.alerts import check_class_labels, parse_rules
 from nanoscout.analysis.classifier import FieldClassifier
-from nanoscout.analysis.detector import Detector, base_detector_for
+from nanoscout.analysis.detector import Detector, base_detector_for, scale_measurer
 from nanoscout.analysis.modality import ModalityEstimator
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.pipeline import Pipeline
@@ -20,7 +20,7 @@ from nanoscout.daemon import collector
 from nanoscout.daemon.config import TILE_PX, ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
 from nanoscout.daemon.engine_setup import make_engine
-from nanoscout.daemon.precision import engine_name
+from nanoscout.daemon.precision import engine_name, int8_measures_fp32
 from nanoscout.engines import Engine, resolve_backend
 from nanoscout.wire.errors import ModelCardError
 
@@ -90,6 +90,18 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
     base = None
     try:
         base = _base_detector(config, card, model, tile, batch)
+        if base is None and getattr(engine, "precision", "fp32") == "int8" \
+                and int8_measures_fp32(model):
+            # the sibling analyses, the FP32 model measures the working scale (its parity
+            # was measured so: quantization.fp32_scale)
+            fp32 = make_engine(eng.model_copy(update={"precision": "fp32"}), model,
+                               max_shape=(plan_tile, plan_tile), max_batch=batch)
+            try:
+                base = scale_measurer(fp32, card, tile_px=tile,
+                                      tile_margin_px=eng.tile_margin_px, tile_batch=batch)
+            except BaseException:
+                fp32.close()
+                raise
         detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
                             tile_px=tile, tile_margin_px=eng.tile_margin_px,
                             tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,

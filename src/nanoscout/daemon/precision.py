@@ -20,7 +20,7 @@ from nanoscout.analysis.modelcard import ModelCard, quantized_sibling, sha256_fi
 from nanoscout.engines import Engine, create_engine
 from nanoscout.wire.errors import ConfigError, ModelCardError
 
-__all__ = ["engine_name", "int8_sibling", "load_engine"]
+__all__ = ["engine_name", "int8_measures_fp32", "int8_sibling", "load_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +76,14 @@ def engine_name(engine: Engine) -> str:
     ``tensorrt/fp16`` (the precision shown unless it is FP32)."""
     precision = getattr(engine, "precision", "fp32")
     return engine.name if precision == "fp32" else f"{engine.name}/{precision}"
+
+
+def int8_measures_fp32(model: Path) -> bool:
+    """Whether ``model``'s INT8 sibling has the FP32 model measure the working scale
+    (its card's ``quantization.fp32_scale``); False without a readable sibling card."""
+    try:
+        q = ModelCard.load(quantized_sibling(model).with_suffix(".json"),
+                           verify_sha256=False).quantization
+    except (ModelCardError, OSError):
+        return False
+    return q is not None and q.fp32_scale

@@ -78,10 +78,14 @@ MODELS = ("detector", "detector_stem", "classifier", "lens")
 #: quantized, and the quantize/dequantize steps around them cost more than they save; its
 #: novelty statistics stay float); quantize it with --models lens to measure again
 DEFAULT_MODELS = ("detector", "detector_stem", "classifier")
-#: activation-range calibration per model where it is not the 99.999th percentile: chosen on
-#: the tuning material (STEM detector 1.1 on Pt, 2026-12-05: F1 loss 0.006 with entropy,
-#: 0.010 with the percentile)
-METHODS = {"detector_stem": "entropy"}
+#: activation-range calibration per model where it is not the 99.999th percentile, and the
+#: detectors whose working scale the FP32 model measures (Quantization.fp32_scale), chosen on
+#: the tuning sets (2026-12-05, F1 loss against FP32): the STEM detector 1.1 on Pt, entropy
+#: 0.006, percentile 0.010 (each measuring its own scale; with the FP32 scale 0.023 / 0.021);
+#: the detector on the EMPS tuning papers, entropy with the FP32 scale 0.0018, percentile
+#: 0.0033 (0.0038 with the FP32 scale), entropy 0.0058
+METHODS = {"detector_stem": "entropy", "detector": "entropy"}
+FP32_SCALE = frozenset({"detector"})
 #: the largest loss of a metric (F1, accuracy, AUROC) an INT8 sibling may have and pass
 MAX_LOSS = 0.01
 #: operators quantized in the fixed-input models (their other arithmetic stays float)
@@ -183,15 +187,21 @@ def _detector_samples(card: ModelCard, sets: list[str], n_synthetic: int,
 
 def detector_parity(card: ModelCard, engines: dict[str, Any], sets: list[str], *,
                     n_synthetic: int = 20, max_images: int | None = None,
-                    data_root: Path | None = None) -> dict[str, dict[str, Any]]:
+                    data_root: Path | None = None, measured_by: Any = None
+                    ) -> dict[str, dict[str, Any]]:
     """F1 of each engine (name -> :class:`~nanoscout.engines.Engine` of the model ``card``
     describes; the first is the reference) on each held-out set the model is for, through the
     daemon's :class:`~nanoscout.analysis.detector.Detector`: ``{set: {metric, n_images, <name>:
-    f1, ..., ms_per_image}}``."""
-    from nanoscout.analysis.detector import Detector
+    f1, ..., ms_per_image}}``. ``measured_by``: the engine (the first's) whose passes measure
+    the working scale for the others (:func:`~nanoscout.analysis.detector.scale_measurer`), as
+    the daemon runs a sibling with ``quantization.fp32_scale``; None: each measures its own."""
+    from nanoscout.analysis.detector import Detector, scale_measurer
     from nanoscout.training.evaluate import evaluate_set
 
-    dets = {name: Detector(engine, card) for name, engine in engines.items()}
+    first = next(iter(engines.values()))
+    dets = {name: Detector(engine, card, base_detector=None if measured_by is None
+                           or engine is first else scale_measurer(measured_by, card))
+            for name, engine in engines.items()}
     out: dict[str, dict[str, Any]] = {}
     for s, samples in _detector_samples(card, sets, n_synthetic, max_images,
                                         data_root).items():
@@ -215,11 +225,12 @@ def _engine_pair(fp32: Path, int8: Path, threads: int) -> dict[str, Any]:
 
 def _detector_parity(fp32: Path, int8: Path, card: ModelCard, sets: list[str], *,
                      n_synthetic: int, max_images: int | None, data_root: Path | None,
-                     threads: int) -> dict[str, dict[str, Any]]:
+                     threads: int, fp32_scale: bool = False) -> dict[str, dict[str, Any]]:
     engines = _engine_pair(fp32, int8, threads)
     try:
         return detector_parity(card, engines, sets, n_synthetic=n_synthetic,
-                               max_images=max_images, data_root=data_root)
+                               max_images=max_images, data_root=data_root,
+                               measured_by=engines["fp32"] if fp32_scale else None)
     finally:
         for engine in engines.values():
             engine.close()
@@ -255,11 +266,13 @@ def parity(fp32_card: Path, int8_card: Path, *, sets: list[str], n_synthetic: in
            ) -> dict[str, dict[str, Any]]:
     """Return per held-out set ``{metric, fp32, int8, loss, ...}`` of an INT8 sibling against
     its FP32 model (see the module docs; ``loss`` = FP32 - INT8, positive when INT8 is worse)."""
-    card = ModelCard.load(fp32_card)
-    fp32, int8 = card.onnx_path(fp32_card), ModelCard.load(int8_card).onnx_path(int8_card)
+    card, sibling = ModelCard.load(fp32_card), ModelCard.load(int8_card)
+    fp32, int8 = card.onnx_path(fp32_card), sibling.onnx_path(int8_card)
     if card.task == "detection-segmentation":
         out = _detector_parity(fp32, int8, card, sets, n_synthetic=n_synthetic,
-                               max_images=max_images, data_root=data_root, threads=threads)
+                               max_images=max_images, data_root=data_root, threads=threads,
+                               fp32_scale=sibling.quantization is not None
+                               and sibling.quantization.fp32_scale)
     elif card.task == "classification":
         out = _classifier_parity(fp32, int8, card, n_per_class, threads)
     else:
@@ -303,10 +316,12 @@ def engine_speed(fp32: Path, int8: Path, card: ModelCard, threads: int, runs: in
 def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "percentile",
                    check: bool = True, sets: list[str] | None = None, n_synthetic: int = 20,
                    max_images: int | None = None, data_root: Path | None = None,
-                   threads: int = 2, max_loss: float = MAX_LOSS, command: str = ""
-                   ) -> dict[str, Any]:
+                   threads: int = 2, max_loss: float = MAX_LOSS, command: str = "",
+                   fp32_scale: bool = False) -> dict[str, Any]:
     """Quantize one FP32 model (``X.onnx`` with its card ``X.json``) into ``X.int8.onnx`` +
-    ``X.int8.json``; with ``check`` measure the parity and record it. Returns a summary."""
+    ``X.int8.json``; with ``check`` measure the parity and record it. ``fp32_scale`` (a
+    detector): the FP32 model measures the working scale for the sibling (recorded in its
+    card, and so measured in the parity). Returns a summary."""
     card_path = model.with_suffix(".json")
     card = ModelCard.load(card_path)
     dst = quantized_sibling(model)
@@ -318,7 +333,8 @@ def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "perce
     q = Quantization(source_onnx=model.name, source_sha256=sha256_file(model), method=how,
                      calibration=describe_calibration(card, n_calibration),
                      command=command or f"nanoscout models quantize --models {model.stem}",
-                     max_loss=max_loss, passed=False)
+                     max_loss=max_loss, passed=False,
+                     fp32_scale=fp32_scale and card.task == "detection-segmentation")
     speed = engine_speed(model, dst, card, threads)
     q = q.model_copy(update={"engine_ms": speed,
                              "speedup": round(speed["fp32"] / speed["int8"], 3)})
@@ -334,6 +350,7 @@ def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "perce
                                "int8_bytes": dst.stat().st_size,
                                "fp32_bytes": model.stat().st_size,
                                "quantize_s": round(quant_s, 1), "method": how,
+                               "fp32_scale": q.fp32_scale,
                                "engine_ms": speed, "speedup": q.speedup}
     if check:
         t0 = time.perf_counter()
@@ -362,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-frames", type=int, default=32,
                     help="calibration inputs per model (nanoscout.training.int8_calibration)")
     ap.add_argument("--method", default=None, choices=["percentile", "minmax", "entropy"],
-                    help="activation range calibration (default: entropy for the STEM "
-                         "detector, percentile for the others)")
+                    help="activation range calibration (default: entropy for the "
+                         "detectors, percentile for the others)")
     ap.add_argument("--no-parity", action="store_true", help="skip the parity measurement "
                     "(the sibling is then never chosen by precision = auto)")
     ap.add_argument("--sets", default="synthetic,emps,stem,nffa",
@@ -389,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] quantizing ...", flush=True)
         res = quantize_model(weights / f"{name}.onnx", n_calibration=args.calibration_frames,
                              method=args.method or METHODS.get(name, "percentile"),
-                             check=not args.no_parity,
+                             fp32_scale=name in FP32_SCALE, check=not args.no_parity,
                              sets=[s for s in args.sets.split(",") if s],
                              n_synthetic=args.n_synthetic, max_images=args.max_images,
                              data_root=args.data_root, threads=args.threads,
