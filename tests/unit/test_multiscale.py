@@ -142,4 +142,3 @@ def test_a_card_that_merges_its_base_network_keeps_both_networks_particles(tmp_p
     with pytest.raises(ConfigError, match="merged by raw score"):
         Detector(merged.engine, merged.card, base_detector=calibrated)
     merged.close()
-

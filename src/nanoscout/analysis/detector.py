@@ -611,11 +611,13 @@ class Detector:
 
 
 def scale_measurer(engine: Engine, card: ModelCard, **options: Any) -> Detector:
-    """Return the detector that measures the working scale for an INT8 sibling whose card's
-    ``quantization.fp32_scale`` asks for it: the FP32 model's ``engine`` and ``card``, on raw
-    scores, given to the sibling's :class:`Detector` as ``base_detector`` (it measures, the
-    sibling's card decides the factor; no particles are merged). ``options``: its
-    :class:`Detector` options (tile sizes, ``estimate_window_px``)."""
+    """Return a detector of ``engine`` and ``card`` on raw scores with an automatic scale, to
+    be another :class:`Detector`'s ``base_detector``: it measures the working scale and that
+    detector's card decides the factor (and merges its particles only where its card's
+    ``base_network.merge`` says so). Used for an adapted model's base network
+    (:func:`base_detector_for`) and for the FP32 model of an INT8 sibling whose card's
+    ``quantization.fp32_scale`` asks for it. ``options``: its :class:`Detector` options (tile
+    sizes, ``estimate_window_px``)."""
     return Detector(engine, card.model_copy(update={"score_calibration": None}), scale="auto",
                     **options)
 
@@ -634,8 +636,7 @@ def base_detector_for(card: ModelCard, card_file: Path, engine_for: Callable[[Pa
     onnx, base = found
     engine = engine_for(onnx)
     try:
-        return Detector(engine, base.model_copy(update={"score_calibration": None}),
-                        scale="auto", **options)
+        return scale_measurer(engine, base, **options)
     except BaseException:
         engine.close()
         raise

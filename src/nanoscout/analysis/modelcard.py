@@ -471,6 +471,12 @@ class ModelCard(_Strict):
         """Return the ONNX file's path, resolved relative to the card's folder."""
         return Path(card_path).parent / self.onnx_file
 
+    @property
+    def fp32_scale(self) -> bool:
+        """Whether this card is a quantized sibling's whose FP32 model measures the working
+        scale (:attr:`Quantization.fp32_scale`)."""
+        return self.quantization is not None and self.quantization.fp32_scale
+
     def load_base_network(self, card_path: str | Path) -> tuple[Path, ModelCard] | None:
         """Return (ONNX path, validated card) of this model's base network
         (:class:`BaseNetwork`), or None when it names none. Raises ModelCardError when the

@@ -82,8 +82,7 @@ def int8_measures_fp32(model: Path) -> bool:
     """Whether ``model``'s INT8 sibling has the FP32 model measure the working scale
     (its card's ``quantization.fp32_scale``); False without a readable sibling card."""
     try:
-        q = ModelCard.load(quantized_sibling(model).with_suffix(".json"),
-                           verify_sha256=False).quantization
+        return ModelCard.load(quantized_sibling(model).with_suffix(".json"),
+                              verify_sha256=False).fp32_scale
     except (ModelCardError, OSError):
         return False
-    return q is not None and q.fp32_scale

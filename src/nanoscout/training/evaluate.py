@@ -752,10 +752,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                 update={"min_score": min_score})})
         base = base_detector_for(card, card_file,
                                  lambda p: create_engine(p, "onnxruntime-cpu", threads=threads))
-        q = card.quantization
-        if base is None and q is not None and q.fp32_scale:
+        if base is None and card.quantization is not None and card.fp32_scale:
             # an INT8 sibling whose FP32 model measures the working scale, as the daemon runs it
-            source = card_file.with_name(q.source_onnx)
+            source = card_file.with_name(card.quantization.source_onnx)
             base = scale_measurer(create_engine(source, "onnxruntime-cpu", threads=threads),
                                   ModelCard.load(source.with_suffix(".json")))
         return card, create_engine(path, "onnxruntime-cpu", threads=threads), base

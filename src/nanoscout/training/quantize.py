@@ -271,8 +271,7 @@ def parity(fp32_card: Path, int8_card: Path, *, sets: list[str], n_synthetic: in
     if card.task == "detection-segmentation":
         out = _detector_parity(fp32, int8, card, sets, n_synthetic=n_synthetic,
                                max_images=max_images, data_root=data_root, threads=threads,
-                               fp32_scale=sibling.quantization is not None
-                               and sibling.quantization.fp32_scale)
+                               fp32_scale=sibling.fp32_scale)
     elif card.task == "classification":
         out = _classifier_parity(fp32, int8, card, n_per_class, threads)
     else:
