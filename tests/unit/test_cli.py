@@ -120,6 +120,19 @@ def test_engine_selection_is_one_line() -> None:
                         "tensorrt, onnxruntime-cuda (-v says why)")
 
 
+def test_engine_line_names_an_int8_detector_whose_fp32_model_measures_its_scale() -> None:
+    """The daemon loads an INT8 detector's FP32 model beside it to measure the working scale
+    (quantization.fp32_scale): the detector still runs in INT8, and the line says so (it
+    said FP32, the last engine loaded for the name)."""
+    s = EngineSummary()
+    log = logging.getLogger("nanoscout.engines")
+    for m in ("auto engine selection: using onnxruntime-cpu (int8) for /w/detector.int8.onnx",
+              "auto engine selection: using onnxruntime-cpu (fp32) for /w/detector.onnx",
+              "auto engine selection: using onnxruntime-cpu (fp32) for /w/lens.onnx"):
+        assert not s.filter(log.makeRecord(log.name, logging.INFO, "", 0, m, (), None))
+    assert s.line() == ("engine: onnxruntime-cpu int8 for detector; onnxruntime-cpu for lens")
+
+
 @pytest.mark.parametrize("width", [90, 160])
 def test_tail_uses_the_terminal_width(width: int) -> None:
     from rich.console import Console

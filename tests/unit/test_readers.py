@@ -149,6 +149,29 @@ def test_rgb_tiff_becomes_luminance(tmp_path: Path) -> None:
     assert np.abs(rec.data.astype(int) - expected).max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_planar_rgb_tiff_becomes_luminance(tmp_path: Path, dtype: type) -> None:
+    """Colour samples in separate planes (PlanarConfiguration 2), two pages: rosettasciio
+    cannot read them ("The last dimension size of the array must be 3 or 4"); each page
+    becomes the same luminance as an interleaved RGB file, uncalibrated, saying why."""
+    rng = np.random.default_rng(3)
+    pages: np.ndarray = (rng.random((2, 3, 6, 7)) * np.iinfo(dtype).max).astype(dtype)
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tw:
+        for page in pages:
+            tw.write(page, photometric="rgb", planarconfig="separate")
+    records = read_images(tmp_path / "p.tif")
+    assert [r.index for r in records] == [0, 1]
+    for page, rec in zip(pages, records, strict=True):
+        expected = np.rint(page[0] * 0.299 + page[1] * 0.587 + page[2] * 0.114)
+        assert rec.data.shape == (6, 7) and rec.data.dtype == dtype
+        assert np.abs(rec.data.astype(np.int64) - expected).max() <= 1
+        assert rec.pixel_size_nm is None and "separate colour planes" in rec.calibration_note
+    # the same pixels interleaved take rosettasciio's path and give the same grey image
+    tifffile.imwrite(tmp_path / "c.tif", np.moveaxis(pages[0], 0, -1), photometric="rgb")
+    assert np.abs(read_image(tmp_path / "c.tif").data.astype(np.int64)
+                  - records[0].data.astype(np.int64)).max() <= 1
+
+
 def test_stack_gives_one_record_per_plane(tmp_path: Path) -> None:
     stack = np.arange(3 * 8 * 9, dtype=np.uint16).reshape(3, 8, 9)
     tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")

@@ -44,6 +44,10 @@ class EngineSummary(logging.Filter):
             # an INT8 sibling (detector.int8.onnx) is the detector; fp32 goes unsaid
             precision = "" if m.group(2) in (None, "fp32") else f" {m.group(2)}"
             model = Path(m.group(3)).stem.removesuffix(".int8")
+            # an INT8 detector's FP32 model, loaded beside it to measure the working scale
+            # (quantization.fp32_scale), does not make the detector an FP32 one
+            if not precision and self.backends.get(model, "").endswith(" int8"):
+                return False
             self.backends[model] = m.group(1) + precision
         elif (m := _SKIPPED.search(msg)) and m.group(1) not in self.skipped:
             self.skipped.append(m.group(1))

@@ -9,7 +9,9 @@ record per plane, numbered by ``index``. Pixels keep their native dtype, in nati
 C-contiguous, copied out of the file (never a memory map, so the file can be moved or deleted
 while the frame is in flight). Colour images are turned into 8-bit luminance with ITU-R 601-2
 weights (Pillow's ``convert("L")``), the same conversion the project's ground truth was made
-with, so pixel values match annotations made on the grey image.
+with, so pixel values match annotations made on the grey image. A TIFF whose colour samples lie
+in separate planes (which rosettasciio cannot read) is read by tifffile, to luminance of its
+channel dtype, and stays uncalibrated (its ``calibration_note`` says so).
 
 Calibration: the two image axes' ``scale`` and ``units`` are converted to nm; a scale of 1 with
 no unit, an unknown or reciprocal unit, or an absurd value (<= 0, not finite, outside the
@@ -178,7 +180,11 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     try:
         if fmt == "tiff":
             _check_tiff_size(p)
-        records = _read_pillow(p, fmt) if fmt not in _RSCIIO_MODULES else _read_rsciio(p, fmt)
+        if fmt == "tiff" and _planar_rgb_tiff(p):
+            records = _read_planar_rgb_tiff(p)
+        else:
+            records = (_read_pillow(p, fmt) if fmt not in _RSCIIO_MODULES
+                       else _read_rsciio(p, fmt))
     except ReaderError:
         raise
     except Exception as exc:  # any parser failure means the file is bad; keep the cause chained
@@ -209,6 +215,57 @@ def _check_tiff_size(p: Path) -> None:
     for shape in shapes:
         # a page's samples (RGB) are read as one grey plane
         _check_pixels(p, shape[:2] if len(shape) == 3 and shape[-1] in (3, 4) else shape)
+
+
+def _planar_rgb_tiff(p: Path) -> bool:
+    """Whether a page of the TIFF at ``p`` stores its colour samples in separate planes
+    (PlanarConfiguration 2), which rosettasciio's TIFF reader cannot turn into an image."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tf:
+            return any(_tiff_layout(page) == (tifffile.PHOTOMETRIC.RGB,
+                                              tifffile.PLANARCONFIG.SEPARATE)
+                       for page in tf.pages)
+    except Exception:  # the reader says what is wrong with the file
+        return False
+
+
+def _tiff_layout(page: Any) -> tuple[int, int]:
+    """(Photometric, PlanarConfiguration) of a TIFF page, or of a frame's key page (a
+    TiffFrame shares its tags)."""
+    key = getattr(page, "keyframe", None) or page
+    return int(key.photometric), int(key.planarconfig)
+
+
+def _read_planar_rgb_tiff(p: Path) -> list[ImageRecord]:
+    """Every page of a TIFF with separate colour planes as ITU-R 601-2 luminance of its
+    channel dtype (grey pages as they are), read by tifffile: uncalibrated, since only
+    rosettasciio reads the vendors' calibration tags."""
+    import tifffile
+
+    records: list[ImageRecord] = []
+    with tifffile.TiffFile(p) as tf:
+        for index, page in enumerate(tf.pages):
+            data = np.asarray(page.asarray())
+            photometric, planar = _tiff_layout(page)
+            if photometric == tifffile.PHOTOMETRIC.RGB:
+                rgb = (data[:3] if planar == tifffile.PLANARCONFIG.SEPARATE
+                       else np.moveaxis(data[..., :3], -1, 0))
+                luma = (rgb[0].astype(np.float64) * 299 + rgb[1].astype(np.float64) * 587
+                        + rgb[2].astype(np.float64) * 114) / 1000
+                data = (np.rint(luma).astype(rgb.dtype) if np.issubdtype(rgb.dtype, np.integer)
+                        else luma.astype(np.float32))
+            if data.ndim != 2:
+                raise ReaderError(f"{p}: page {index} is a {data.shape} array, not a 2-D image")
+            records.append(ImageRecord(
+                data=np.array(data, dtype=data.dtype.newbyteorder("="), order="C"),
+                pixel_size_nm=None, modality=None, path=p, index=index, source_format="tiff",
+                meta={"planar_rgb": 1},
+                calibration_note=("no calibration read: a TIFF with separate colour planes is "
+                                  "read by tifffile as luminance, without the vendor "
+                                  "calibration tags (give --pixel-size)")))
+    return records
 
 
 def drop_tia_companions(files: Sequence[Path]) -> list[Path]:
