@@ -252,10 +252,7 @@ def _read_planar_rgb_tiff(p: Path) -> list[ImageRecord]:
             if photometric == tifffile.PHOTOMETRIC.RGB:
                 rgb = (data[:3] if planar == tifffile.PLANARCONFIG.SEPARATE
                        else np.moveaxis(data[..., :3], -1, 0))
-                luma = (rgb[0].astype(np.float64) * 299 + rgb[1].astype(np.float64) * 587
-                        + rgb[2].astype(np.float64) * 114) / 1000
-                data = (np.rint(luma).astype(rgb.dtype) if np.issubdtype(rgb.dtype, np.integer)
-                        else luma.astype(np.float32))
+                data = _luma601(rgb[0], rgb[1], rgb[2])
             if data.ndim != 2:
                 raise ReaderError(f"{p}: page {index} is a {data.shape} array, not a 2-D image")
             records.append(ImageRecord(
@@ -433,14 +430,16 @@ def _luminance_structured(data: np.ndarray) -> np.ndarray:
     names = data.dtype.names or ()
     if not {"R", "G", "B"} <= set(names):
         raise ValueError(f"unsupported structured pixel type {data.dtype} (fields {names})")
-    channel = data["R"].dtype
-    luma = (
-        data["R"].astype(np.float64) * 299
-        + data["G"].astype(np.float64) * 587
-        + data["B"].astype(np.float64) * 114
-    ) / 1000
-    if np.issubdtype(channel, np.integer):
-        return np.rint(luma).astype(channel.newbyteorder("="))
+    return _luma601(data["R"], data["G"], data["B"])
+
+
+def _luma601(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luminance of three colour planes, in their (native-order) integer dtype,
+    rounded, or float32 for float planes."""
+    luma = (r.astype(np.float64) * 299 + g.astype(np.float64) * 587
+            + b.astype(np.float64) * 114) / 1000
+    if np.issubdtype(r.dtype, np.integer):
+        return np.rint(luma).astype(r.dtype.newbyteorder("="))
     return luma.astype(np.float32)
 
 
