@@ -178,9 +178,7 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     if not p.is_file():
         raise ReaderError(f"{p}: no such file")
     try:
-        if fmt == "tiff":
-            _check_tiff_size(p)
-        if fmt == "tiff" and _planar_rgb_tiff(p):
+        if fmt == "tiff" and _inspect_tiff(p):
             records = _read_planar_rgb_tiff(p)
         else:
             records = (_read_pillow(p, fmt) if fmt not in _RSCIIO_MODULES
@@ -202,33 +200,23 @@ def _check_pixels(p: Path, shape: Sequence[int]) -> None:
                           f"(16384 x 16384): split it into tiles")
 
 
-def _check_tiff_size(p: Path) -> None:
+def _inspect_tiff(p: Path) -> bool:
     """Refuse a TIFF whose pages declare too many pixels, before any is decoded (its tags
-    say; a damaged directory is left to the reader to report)."""
+    say; a damaged directory is left to the reader to report), and return whether a page
+    stores its colour samples in separate planes (PlanarConfiguration 2), which rosettasciio's
+    TIFF reader cannot turn into an image. One pass over the file's directory."""
     import tifffile
 
     try:
         with tifffile.TiffFile(p) as tf:
-            shapes = [page.shape for page in tf.pages]
-    except Exception:  # the reader says what is wrong with the file
-        return
-    for shape in shapes:
-        # a page's samples (RGB) are read as one grey plane
-        _check_pixels(p, shape[:2] if len(shape) == 3 and shape[-1] in (3, 4) else shape)
-
-
-def _planar_rgb_tiff(p: Path) -> bool:
-    """Whether a page of the TIFF at ``p`` stores its colour samples in separate planes
-    (PlanarConfiguration 2), which rosettasciio's TIFF reader cannot turn into an image."""
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(p) as tf:
-            return any(_tiff_layout(page) == (tifffile.PHOTOMETRIC.RGB,
-                                              tifffile.PLANARCONFIG.SEPARATE)
-                       for page in tf.pages)
+            pages = [(page.shape, _tiff_layout(page)) for page in tf.pages]
     except Exception:  # the reader says what is wrong with the file
         return False
+    for shape, _ in pages:
+        # a page's samples (RGB) are read as one grey plane
+        _check_pixels(p, shape[:2] if len(shape) == 3 and shape[-1] in (3, 4) else shape)
+    return any(layout == (tifffile.PHOTOMETRIC.RGB, tifffile.PLANARCONFIG.SEPARATE)
+               for _, layout in pages)
 
 
 def _tiff_layout(page: Any) -> tuple[int, int]:
