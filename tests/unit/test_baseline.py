@@ -199,3 +199,17 @@ def test_evaluate_set_reports_the_set_without_the_left_out_images_too() -> None:
     assert w["methods"]["model"]["f1"] == 1.0 and w["methods"]["model"]["fp"] == 0
     assert w["methods"]["model"]["calibration"]["n"] == 1
     assert "without" not in evaluate_set({"model": Echo()}, [sample("good", 0)])
+
+
+def test_cli_scores_another_stem_training_material_for_cross_material_experiments(
+        shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t.json"
+    main(["--sets", "stem-tune:Cu", "--max-images", "1", "--out", str(out),
+          "--data-root", str(shared_data), "--stem-model", "none"])
+    res = json.loads(out.read_text())
+    s = res["sets"]["stem-tune:Cu"]
+    assert s["images"][0]["id"] == realdata.stem_material_names("Cu", shared_data)[0]
+    assert "training material Cu" in s["note"] and "box IoU" in s["note"]
+    assert s["methods"]["model"]["tp"] + s["methods"]["model"]["fn"] > 0 and not res["targets"]
+    with pytest.raises(SystemExit, match="unknown set"):
+        main(["--sets", "stem-train:Cu", "--out", str(out), "--data-root", str(shared_data)])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nanoscout.training import realdata
+from nanoscout.wire.errors import ConfigError
 
 
 def test_emps_split_deterministic_disjoint_complete(shared_data: Path) -> None:
@@ -62,3 +63,32 @@ def test_msa_split_holds_out_frames_and_loads_masks(shared_data: Path) -> None:
     s = realdata.load_msa(sorted(held)[0], shared_data)
     assert s.image.dtype == np.uint8 and s.labels is not None and s.labels.max() >= 5
     assert [x.id for x in realdata.iter_samples("msa", shared_data)] == sorted(held)
+
+
+def test_stem_material_names_are_one_training_material_and_refuse_the_held_out(
+        shared_data: Path) -> None:
+    split = realdata.load_split("stem")
+    cu = realdata.stem_material_names("Cu", shared_data)
+    assert cu and all(realdata.stem_material(n) == "Cu" for n in cu)
+    assert set(cu) <= set(split["train"])  # type: ignore[arg-type]
+    assert realdata.stem_material_names("Pt", shared_data) == realdata.stem_tuning_names(shared_data)
+    with pytest.raises(ConfigError, match="not a STEM training material"):
+        realdata.stem_material_names("Pd", shared_data)  # held out: never chosen on
+    ids = [s.id for s in realdata.iter_samples("stem-tune:Cu", shared_data, max_images=2)]
+    assert ids == cu[:2]
+
+
+def test_training_leaves_out_the_named_stem_materials(shared_data: Path) -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.train import real_exclusions
+
+    pt = realdata.stem_tuning_names(shared_data)
+    cu = realdata.stem_material_names("Cu", shared_data)
+    assert real_exclusions(False, False, "", shared_data) == ()
+    assert real_exclusions(False, True, "", shared_data) == tuple(pt)
+    assert real_exclusions(False, True, " Cu ,", shared_data) == tuple(pt + cu)
+    assert real_exclusions(False, False, "Cu", shared_data) == tuple(cu)
+    emps = real_exclusions(True, False, "", shared_data)
+    assert emps and not set(emps) & set(pt + cu)
+    with pytest.raises(ConfigError, match="Pd"):
+        real_exclusions(False, False, "Pd", shared_data)

@@ -28,7 +28,8 @@ watershed) on the held-out synthetic frames and on the validation part of each r
 set. Two *tuning* sets, for choosing post-processing settings and never reported as held-out
 results, run only when named: ``emps-tune`` (EMPS training papers left out of training),
 ``stem-tune`` (the STEM tuning material, :func:`nanoscout.training.realdata.stem_tuning_names`, left out of
-training only in tuning experiments) and ``synthetic-tune`` (:func:`tuning_config`: 60 frames,
+training only in tuning experiments; ``stem-tune:Cu`` another training material, for a recipe
+trained with ``--stem-holdout Cu``) and ``synthetic-tune`` (:func:`tuning_config`: 60 frames,
 particles 4-200 px).
 Without ``--sets`` the command does the synthetic-only evaluation above (what
 ``nanoscout.training.export`` records in the model card).
@@ -653,6 +654,13 @@ def check_targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _set_kind(name: str) -> str:
+    """Return the set a name stands for: ``stem-tune:Cu`` (one STEM training material, for
+    cross-material experiments: :func:`nanoscout.training.realdata.stem_material_names`) is a
+    ``stem-tune`` set."""
+    return "stem-tune" if name.startswith("stem-tune:") else name
+
+
 def _parse_scale(text: str | None, sets: list[str]) -> dict[str, float | str | None]:
     """Return the detector scale per set from "0.5", "auto", "oracle" or
     "emps=0.25,stem=oracle" (None = the model card's choice; "oracle": :class:`OracleScale`)."""
@@ -736,9 +744,10 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
     if "stem" in avail:
         avail.append("stem-tune")
     for s in sets:
-        if s not in ALL_SETS:
-            raise SystemExit(f"unknown set {s!r} (known: {', '.join(ALL_SETS)})")
-        if s not in avail:
+        if _set_kind(s) not in ALL_SETS:
+            raise SystemExit(f"unknown set {s!r} (known: {', '.join(ALL_SETS)}, "
+                             "stem-tune:MATERIAL)")
+        if _set_kind(s) not in avail:
             raise SystemExit(f"set {s!r} is not available under "
                              f"{data_root or realdata.data_root()}")
     scales = _parse_scale(scale, sets)
@@ -779,7 +788,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
 
         estimator = ModalityEstimator.from_onnx(route, threads=threads)
     for s in sets:
-        c, e, b = (stem if s in ("stem", "stem-tune") and estimator is None
+        c, e, b = (stem if _set_kind(s) in ("stem", "stem-tune") and estimator is None
                    else (card, engine, base))
         det: Any = (OracleScale(e, c, tta=tta, rotate45=rotate45) if scales[s] == "oracle"
                     else Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
@@ -794,7 +803,12 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples,
                            leave_out=(EMPS_SPECKS_IMAGE,) if s == "emps" else ())
-        out["note"] = SET_NOTES[s]
+        out["note"] = SET_NOTES[_set_kind(s)]
+        if s != _set_kind(s):
+            out["note"] = (f"STEM training material {s.split(':', 1)[1]} "
+                           "(nanoscout.training.realdata.stem_material_names), left out of "
+                           "training in cross-material experiments only; box IoU as for stem; "
+                           "not a held-out result")
         out["model"] = f"{c.name}:{c.version}"
         if isinstance(det, Routed):
             out["model"] += f" (routed: {det.routed} images to {stem[0].name}:{stem[0].version})"

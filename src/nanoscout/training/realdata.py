@@ -48,8 +48,8 @@ from nanoscout.wire.errors import ConfigError, ReaderError
 __all__ = ["REAL_SETS", "SPLITS_DIR", "EmpsSplit", "MsaSplit", "Sample", "StemSplit", "available_sets",
            "data_root", "emps_index", "emps_split", "emps_tuning_ids", "is_validation_doi",
            "iter_samples", "load_emps", "load_msa", "load_nffa", "load_split", "load_stem",
-           "msa_names", "msa_split", "nffa_names", "stem_material", "stem_names", "stem_split",
-           "stem_tuning_names", "write_splits"]
+           "msa_names", "msa_split", "nffa_names", "stem_material", "stem_material_names",
+           "stem_names", "stem_split", "stem_tuning_names", "write_splits"]
 
 REAL_SETS = ("emps", "stem", "nffa", "msa")
 #: ``models/splits`` of the source checkout (training runs from a checkout)
@@ -249,6 +249,23 @@ def stem_tuning_names(root: Path | None = None) -> list[str]:
     return [n for n in train if stem_material(n) == mats[0] and n in names]
 
 
+def stem_material_names(material: str, root: Path | None = None) -> list[str]:
+    """Return the STEM *training* images of one training material (``Cu``, ``Pt``, ``PtW``).
+
+    Cross-material experiments keep it out of training (``nanoscout.training.train
+    --stem-holdout Cu``) and score on it (``evaluate --sets stem-tune:Cu``); the held-out
+    materials are refused, so they stay unseen while choosing.
+    """
+    split = load_split("stem")
+    train: list[str] = list(split["train"])  # type: ignore[call-overload]
+    known = sorted({stem_material(n) for n in train})
+    if material not in known:
+        raise ConfigError(f"{material!r} is not a STEM training material "
+                          f"(training materials: {', '.join(known)})")
+    names = set(stem_names(root))
+    return [n for n in train if stem_material(n) == material and n in names]
+
+
 def load_stem(name: str, root: Path | None = None) -> Sample:
     """Return one STEM image (uint8 grey) with its true boxes (x0, y0, x1, y1) in px."""
     d = _set_dir("stem", root)
@@ -379,6 +396,9 @@ def iter_samples(name: str, root: Path | None = None, max_images: int | None = N
         gen = (load_stem(n, root) for n in names[:max_images])
     elif name == "stem-tune":
         gen = (load_stem(n, root) for n in stem_tuning_names(root)[:max_images])
+    elif name.startswith("stem-tune:"):
+        material = name.split(":", 1)[1]
+        gen = (load_stem(n, root) for n in stem_material_names(material, root)[:max_images])
     elif name == "nffa":
         gen = (load_nffa(n, root) for n in nffa_names(root)[:max_images])
     elif name == "msa":

@@ -464,6 +464,23 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
                    "data_seconds": t_data, "net_seconds": t_step}
 
 
+def real_exclusions(emps_tuning: bool, stem_tuning: bool, stem_holdout: str = "",
+                    root: Path | None = None) -> tuple[str, ...]:
+    """Return the real training images phase 2 leaves out: the EMPS tuning papers' images
+    (``emps_tuning``), the STEM tuning material's (``stem_tuning``) and those of the STEM
+    training materials named in ``stem_holdout`` (comma list, e.g. "Cu": a recipe scored on a
+    material it never saw, ``evaluate --sets stem-tune:Cu``). Unknown materials raise
+    ConfigError."""
+    from nanoscout.training.realdata import emps_tuning_ids, stem_material_names, stem_tuning_names
+
+    out: tuple[str, ...] = tuple(emps_tuning_ids(root)) if emps_tuning else ()
+    if stem_tuning:
+        out += tuple(stem_tuning_names(root))
+    for material in (m.strip() for m in stem_holdout.split(",") if m.strip()):
+        out += tuple(stem_material_names(material, root))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: train (two phases), export ONNX, evaluate held-out frames, write the card.
 
@@ -503,9 +520,14 @@ def main(argv: list[str] | None = None) -> None:
                          "about 0.19)")
     ap.add_argument("--no-tuning-holdout", action="store_true",
                     help="also train on the EMPS tuning papers (default: keep them out)")
-    ap.add_argument("--stem-tuning-holdout", action="store_true", default=None,
-                    help="keep the STEM tuning material out of training (default: the "
-                         "variant's)")
+    ap.add_argument("--stem-tuning-holdout", action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help="keep the STEM tuning material (Pt) out of training, or train on it "
+                         "too (default: the variant's)")
+    ap.add_argument("--stem-holdout", default="",
+                    help="phase 2: further STEM training materials kept out of training "
+                         "(comma list, e.g. Cu), so a recipe can be scored on one it never saw "
+                         "(evaluate --sets stem-tune:Cu)")
     ap.add_argument("--real-sets", default=None,
                     help="phase 2: real training sets (comma list of emps, stem, msa); "
                          "default: the variant's")
@@ -587,8 +609,6 @@ def main(argv: list[str] | None = None) -> None:
                                **ck.get("training", {}).get("phases", {}).get(
                                    "synthetic", ck.get("training", {}))}
     if args.finetune_steps > 0:
-        from nanoscout.training.realdata import emps_tuning_ids, stem_tuning_names
-
         data = DataOptions(tuple(x for x in args.real_sets.split(",") if x), args.box_ring,
                            args.haadf_cache, args.haadf_share, args.haadf_frames,
                            args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays),
@@ -599,9 +619,8 @@ def main(argv: list[str] | None = None) -> None:
             from nanoscout.training.haadf import write_cache
 
             write_cache(data.haadf_cache, HAADF_SEED_BASE, data.haadf_frames or HAADF_FRAMES)
-        exclude = () if args.no_tuning_holdout else tuple(emps_tuning_ids())
-        if args.stem_tuning_holdout:
-            exclude += tuple(stem_tuning_names())
+        exclude = real_exclusions(not args.no_tuning_holdout, bool(args.stem_tuning_holdout),
+                                  args.stem_holdout)
         model.train()
         model, summary = train(args.finetune_steps, args.batch, args.width, args.pool,
                                args.seed + 1, real_fraction=args.real_fraction,
@@ -615,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
                           "sem_share": data.sem_share, "haadf_min_ecd": data.haadf_min_ecd,
                           "haadf_overlays": data.haadf_overlays, "support_p": data.support_p,
                           "excluded_tuning_images": len(exclude),
+                          "stem_holdout": args.stem_holdout,
                           **{k: round(v, 4) for k, v in summary.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out / variant.file
