@@ -515,16 +515,14 @@ def test_consistent_scale_brings_particles_to_the_trained_size(
             (s, true_px)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("PtC1", marks=pytest.mark.xfail(strict=True, reason=(
-        "STEM detector 1.1 (trained on thick supports) resamples PtC1's 19 px particles by "
-        "0.30 (to 5.7 px), where 1.0 kept them within 10-48 px (models/weights/README.md)"))),
-    "Pt_carbon1"])
+@pytest.mark.parametrize("name", ["PtC1", "Pt_carbon1"])
 def test_consistent_scale_is_not_captured_by_a_support_lump(shared_data: Path, name: str
                                                             ) -> None:
-    """Real HAADF-STEM frames of Pt on carbon (the STEM tuning material, 2048² px, particles
-    19-39 px): the coarse-to-fine passes took the support lumps for the particles (factor
-    ~0.1, the particles shrunk to 2-4 px); the self-consistent estimate keeps them resolved."""
+    """Real HAADF-STEM frames of Pt on carbon (the STEM tuning material, trained on since STEM
+    detector 1.2; 2048² px, particles 19-39 px): the coarse-to-fine passes took the support
+    lumps for the particles (factor ~0.1, the particles shrunk to 2-4 px); the self-consistent
+    estimate keeps them resolved. (Version 1.1, which never saw Pt, shrank PtC1's 19 px
+    particles to 5.7 px.)"""
     stem_onnx = ONNX.with_name("detector_stem.onnx")
     if not stem_onnx.is_file():
         pytest.skip(f"no shipped STEM model at {stem_onnx}")
