@@ -803,12 +803,10 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples,
                            leave_out=(EMPS_SPECKS_IMAGE,) if s == "emps" else ())
-        out["note"] = SET_NOTES[_set_kind(s)]
-        if s != _set_kind(s):
-            out["note"] = (f"STEM training material {s.split(':', 1)[1]} "
-                           "(nanoscout.training.realdata.stem_material_names), left out of "
-                           "training in cross-material experiments only; box IoU as for stem; "
-                           "not a held-out result")
+        out["note"] = (SET_NOTES[s] if s == _set_kind(s) else
+                       f"STEM training material {s.split(':', 1)[1]} (nanoscout.training."
+                       "realdata.stem_material_names), left out of training in cross-material "
+                       "experiments only; box IoU as for stem; not a held-out result")
         out["model"] = f"{c.name}:{c.version}"
         if isinstance(det, Routed):
             out["model"] += f" (routed: {det.routed} images to {stem[0].name}:{stem[0].version})"
@@ -842,7 +840,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="JSON output (default runs/eval.json, with --sets runs/accuracy.json)")
     ap.add_argument("--sets", default=None,
                     help="comma list of synthetic,emps,stem,nffa,msa or 'all' (available ones): "
-                         "score model and classical baseline on each")
+                         "score model and classical baseline on each; tuning sets only when "
+                         "named: synthetic-tune, emps-tune, stem-tune, stem-tune:MATERIAL (one "
+                         "STEM training material, e.g. stem-tune:Cu)")
     ap.add_argument("--max-images", type=int, default=None,
                     help="with --sets: at most this many images per real set")
     ap.add_argument("--data-root", type=Path, default=None, help="default ../shared/data")
