@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from nanoscout.stopping import StopEvent
+
 __all__ = ["stop_event", "stop_signals"]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -61,7 +63,7 @@ def stop_signals() -> Iterator[None]:
 
 
 @contextmanager
-def stop_event() -> Iterator[threading.Event]:
+def stop_event() -> Iterator[StopEvent]:
     """While the block runs, SIGINT or SIGTERM sets the event it yields; a second one raises
     KeyboardInterrupt. The previous handlers come back at the end.
 
@@ -70,7 +72,7 @@ def stop_event() -> Iterator[threading.Event]:
     event is seen where the loop looks for it. Outside the main thread the event is only
     set by the caller.
     """
-    event = threading.Event()
+    event = StopEvent()  # the handler takes no lock (nanoscout.stopping)
     if threading.current_thread() is not threading.main_thread():
         yield event
         return
@@ -78,7 +80,7 @@ def stop_event() -> Iterator[threading.Event]:
     def handler(signum: int, frame: FrameType | None) -> None:
         if event.is_set():
             _interrupt(signum, frame)
-        event.set()
+        event.request(signum)
 
     before = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     for sig in _SIGNALS:

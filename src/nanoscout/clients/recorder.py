@@ -26,6 +26,7 @@ from nanoscout.clients.outputs import write_ellipse_rois
 from nanoscout.clients.provenance import model_entries, software
 from nanoscout.clients.runfile import RunWriter
 from nanoscout.clients.subscriber import Subscriber
+from nanoscout.stopping import StopEvent
 from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
 from nanoscout.wire.transport import ClientKeys
 
@@ -65,9 +66,10 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
                    "duration_s": duration, "batch_frames": batch_frames,
                    "batch_seconds": batch_seconds, "curve": curve is not None}}
     writer = RunWriter(out, prov)
+    signalled = StopEvent()  # what SIGINT / SIGTERM set, without a lock (nanoscout.stopping)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, signalled.request)
     n_det = 0
     models: set[str] = set()
     engines: set[str] = set()
@@ -79,7 +81,7 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
         prov["daemon_policy"] = sub.last_health.policy if sub.last_health else None
         prov["subscribed_utc"] = _now()  # from here on nothing the daemon publishes is missed
         writer.write_provenance(prov)
-        while not stop.is_set():
+        while not (stop.is_set() or signalled.is_set()):
             if frames is not None and n_det >= frames:
                 break
             if duration is not None and time.monotonic() - t_start >= duration:

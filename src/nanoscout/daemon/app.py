@@ -22,6 +22,7 @@ from nanoscout.daemon.daemon import Daemon, Endpoints
 from nanoscout.daemon.engine_setup import make_engine
 from nanoscout.daemon.precision import engine_name, int8_measures_fp32
 from nanoscout.engines import Engine, resolve_backend
+from nanoscout.stopping import StopEvent
 from nanoscout.wire.errors import ModelCardError
 
 log = logging.getLogger("nanoscout")
@@ -181,14 +182,12 @@ def serve(
     daemon = Daemon(config, pipeline, build=lambda model: build_detector(config, model))
     daemon.metrics.set_thresholds(config.metrics.thresholds())
     stop = stop or threading.Event()
-
-    def _signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping (policy %s)", signum, config.input.policy)
-        stop.set()
-
+    # SIGINT / SIGTERM only record the request (nanoscout.stopping: a handler that set an
+    # event the main thread waits on could deadlock); the loop below acts on it
+    signalled = StopEvent()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _signal)
-        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, signalled.request)
+        signal.signal(signal.SIGTERM, signalled.request)
         # the daemon's own process: start-up's objects frozen, full collections rare (see the
         # module); a daemon run in a thread of another program leaves that program's
         # collector as it is
@@ -197,10 +196,12 @@ def serve(
     if on_ready is not None:
         on_ready(endpoints)
     try:
-        while not stop.wait(0.2):
+        while not (signalled.wait(0.2) or stop.is_set()):
             daemon.maybe_raise()
             if not daemon.running():
                 break
+        if signalled.signal is not None:
+            log.info("signal %d: stopping (policy %s)", signalled.signal, config.input.policy)
     finally:
         daemon.close(timeout=120)
         pipeline.close()

@@ -74,6 +74,7 @@ from nanoscout.clients.dashboard.annotate import AnnotationDesk, AnnotationError
 from nanoscout.clients.dashboard.gateway import DashboardState, Gateway
 from nanoscout.clients.dashboard.lens import LensView
 from nanoscout.clients.query import request_control
+from nanoscout.stopping import StopEvent
 from nanoscout.wire.errors import ConfigError, NanoscoutError
 from nanoscout.wire.transport import ClientKeys, is_loopback_host
 
@@ -532,9 +533,10 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
         log.warning("the dashboard has no authentication; %s makes it reachable from other "
                     "machines", host)
     stop = stop or threading.Event()
+    signalled = StopEvent()  # what SIGINT / SIGTERM set, without a lock (nanoscout.stopping)
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, signalled.request)
     state = DashboardState(endpoints=endpoints, stale_s=stale_s, query=query)
     lens = None if query is None else LensView(query, timeout=lens_timeout, curve=curve)
     control = None if query is None else functools.partial(
@@ -554,7 +556,7 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
     try:
         if on_ready is not None:
             on_ready(server.url)
-        while not stop.wait(0.2):
+        while not (signalled.wait(0.2) or stop.is_set()):
             gateway.check()
             if t_end is not None and time.monotonic() >= t_end:
                 break

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import threading
 from pathlib import Path
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, ControlServer
+from nanoscout.stopping import StopEvent
 from nanoscout.wire.transport import DEFAULT_FRAME_ENDPOINT, ClientKeys
 
 
@@ -66,9 +66,9 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     spec, stage, camera = build(cfg, opts)
     if args.truth:
         write_truth(spec, args.truth)
-    stop = threading.Event()
+    stop = StopEvent()  # set by SIGINT / SIGTERM without a lock (nanoscout.stopping)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop.request)
     with FramePublisher(args.connect, mode=args.mode, source=args.source, curve=curve) as pub:
         server = ControlServer(args.control, stage, camera, pub).start()
         lim = stage.limits
