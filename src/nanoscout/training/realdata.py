@@ -245,8 +245,7 @@ def stem_tuning_names(root: Path | None = None) -> list[str]:
                   key=lambda m: hashlib.sha256(m.encode()).hexdigest())
     if not mats:
         raise ConfigError("the STEM split has no training material to tune on")
-    names = set(stem_names(root))
-    return [n for n in train if stem_material(n) == mats[0] and n in names]
+    return stem_material_names(mats[0], root)
 
 
 def stem_material_names(material: str, root: Path | None = None) -> list[str]:
