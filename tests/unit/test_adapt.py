@@ -80,6 +80,26 @@ def test_adapt_command_writes_a_model_the_detector_loads(tmp_path: Path) -> None
     json.loads((out / "detector.json").read_text())  # plain JSON for the daemon
 
 
+def test_a_fixed_step_count_gives_the_same_model_on_a_busy_machine(tmp_path: Path) -> None:
+    """--steps replaces the time budget: two runs with the same inputs and seed write the same
+    network, however long each took (the time budget, by contrast, trains as many steps as the
+    machine manages)."""
+    img, lab = _synthetic_pair(tmp_path)
+    digests, steps = [], []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["models", "adapt", str(img), "--labels", str(lab), "--out", str(out),
+                     "--steps", "24", "--minutes", "0.01", "--fine-tuned-only",
+                     "--no-progress"]) == 0
+        ad = ModelCard.load(out / "detector.json").training.model_extra["adaptation"]  # type: ignore[index]
+        digests.append(sha256_file(out / "detector.onnx"))
+        steps.append((ad["steps"], ad["steps_budget"]))
+    assert digests[0] == digests[1]
+    assert steps == [(24, 24), (24, 24)]  # 0.01 min would not have allowed them
+    assert main(["models", "adapt", str(img), "--labels", str(lab), "--out",
+                 str(tmp_path / "c"), "--steps", "3"]) == 2
+
+
 def test_two_images_leave_one_out_with_labels_listed_after_the_option(tmp_path: Path) -> None:
     (i1, l1), (i2, l2) = _synthetic_pair(tmp_path, 4), _synthetic_pair(tmp_path, 5)
     out = tmp_path / "two"
@@ -117,7 +137,7 @@ def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
     labels[np.isin(labels, np.unique(labels[:, :80]))] = 0  # no particle touches the left half
     assert len(np.unique(labels)) > 5
     tifffile.imwrite(lab, labels)
-    res = adapt_run([img], [lab], tmp_path / "out", minutes=0.4, threads=1)
+    res = adapt_run([img], [lab], tmp_path / "out", threads=1, steps=80)
     grid = ModelCard.load(res.card).evaluation["adaptation_holdout"]["choice"]["f1_by_candidate"]
     best = {net: max(v for k, v in grid.items() if k.startswith(net + ":"))
             for net in ("base", "fine-tuned")}
@@ -185,7 +205,8 @@ def test_choice_prefers_the_base_network_and_its_card_on_a_tie() -> None:
 
 def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: Path) -> None:
     """Adapt the general detector on Pt2 (the STEM tuning material, where it finds almost
-    nothing) for 0.7 min; score the material's other image at the same magnification (Pt4,
+    nothing) for 300 steps (about 0.8 min here; a fixed count, so that a busy machine trains
+    the same network); score the material's other image at the same magnification (Pt4,
     640 px; box IoU >= 0.5). The general detector finds none of them, so it cannot measure
     them for the working scale either: the fine-tuned network measures them itself (or the
     adapted model fails as the base does).
@@ -204,7 +225,7 @@ def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: 
     assert realdata.stem_tuning_names(shared_data)[:2] == ["Pt2", "Pt4"]
     with tempfile.TemporaryDirectory() as tmp:
         res = adapt([d / "images" / "Pt2.jpg"], [d / "labels" / "Pt2.txt"], Path(tmp) / "pt",
-                    minutes=0.7, threads=1)
+                    threads=1, steps=300)
         base = shipped_model_dir() / "detector.onnx"
         methods = {n: load_detector(p, _engine) for n, p in (("base", base), ("adapted", res.onnx))}
         scores = evaluate_set(methods, [realdata.load_stem("Pt4", shared_data)])["methods"]

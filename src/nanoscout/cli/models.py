@@ -153,6 +153,10 @@ def adapt(
     threads: Annotated[int, typer.Option(
         help="torch and ONNX Runtime threads (2 threads on a busy 2-core machine run slower)")] = 1,
     seed: Annotated[int, typer.Option(help="random seed of the fine-tuning")] = 0,
+    steps: Annotated[int | None, typer.Option(
+        min=10, help="a fixed number of optimisation steps instead of the time budget: the same "
+                     "inputs and seed give the same model on any machine (--minutes is then no "
+                     "limit)", show_default="as many as --minutes allows")] = None,
     base_competes: Annotated[bool, typer.Option(
         "--base-competes/--fine-tuned-only",
         help="the base network competes with the fine-tuned one on the held-out part of the "
@@ -191,7 +195,7 @@ def adapt(
 
         res = run_adapt(list(images), list(labels), out, base=base, minutes=minutes,
                         guard=guard, seed=seed, threads=threads, progress=tick, command=command,
-                        base_competes=base_competes)
+                        base_competes=base_competes, steps=steps)
         b, a = res.before, res.after
         also = ("" if res.base_network is None else
                 f" (with its base network {res.base_network}"

@@ -277,8 +277,10 @@ def _set_trainable(model: ParticleUNet, guard: str) -> list[nn.Parameter]:
 
 
 def _finetune(model: ParticleUNet, parts: list[Part], seconds: float, guard: str, seed: int,
-              lr: float, tick: Callable[[float], None] | None = None) -> tuple[int, float]:
-    """Fine-tune ``model`` in place for ``seconds`` of wall time; returns (steps, last loss)."""
+              lr: float, tick: Callable[[float], None] | None = None,
+              steps: int | None = None) -> tuple[int, float]:
+    """Fine-tune ``model`` in place for ``seconds`` of wall time, or for ``steps`` optimisation
+    steps where given (then the time is no limit); returns (steps, last loss)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     sampler = _Sampler(parts, rng, SYNTHETIC_FRACTION if guard == "mix" else 0.0)
@@ -289,26 +291,32 @@ def _finetune(model: ParticleUNet, parts: list[Part], seconds: float, guard: str
         if isinstance(m, nn.BatchNorm2d):
             m.eval()  # keep the folded statistics: batches of 4 crops would not estimate them
     t0 = time.perf_counter()
-    steps, loss_v = 0, math.nan
+    done, loss_v = 0, math.nan
+
+    def progress() -> float:
+        if steps is not None:
+            return done / max(steps, 1)
+        return (time.perf_counter() - t0) / max(seconds, 1e-6)
+
     while True:
-        frac = (time.perf_counter() - t0) / max(seconds, 1e-6)
+        frac = progress()
         if frac >= 1.0:
             break
-        for g in opt.param_groups:  # warm up over 5 % of the time, then cosine to zero
+        for g in opt.param_groups:  # warm up over 5 % of the run, then cosine to zero
             g["lr"] = lr * min(1.0, (frac + 0.01) / 0.05) * 0.5 * (1.0 + math.cos(math.pi * frac))
         x, y = sampler.batch(BATCH)
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        steps += 1
+        done += 1
         loss_v = float(loss.item())
         if tick is not None:
-            tick(min(1.0, (time.perf_counter() - t0) / max(seconds, 1e-6)))
+            tick(min(1.0, progress()))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return steps, loss_v
+    return done, loss_v
 
 
 def _export(model: ParticleUNet, path: Path) -> dict[str, float]:
@@ -503,14 +511,17 @@ def default_base(images: list[Path]) -> Path:
 def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | None = None,
           minutes: float = 4.0, guard: str = DEFAULT_GUARD, seed: int = 0, threads: int = 1,
           progress: Progress | None = None, command: str = "",
-          base_competes: bool = True) -> AdaptResult:
+          base_competes: bool = True, steps: int | None = None) -> AdaptResult:
     """Fine-tune the base detector on annotated ``images`` (``labels`` paired in order) and
     write ``out/detector.onnx`` + ``out/detector.json``; returns what was done.
 
     ``minutes``: wall-time budget of the whole run (reading to card); ``guard``: "mix",
     "freeze", "head" or "none" (module docstring); ``threads``: torch and ONNX Runtime threads;
     ``base_competes``: the base network is a candidate of the held-out choice (module docstring;
-    False: the output is always the fine-tuned network).
+    False: the output is always the fine-tuned network); ``steps``: a fixed number of
+    optimisation steps instead of the time budget (:data:`FOLD_SHARE` of them for the folds,
+    the rest for the final fit), so that the same inputs and seed give the same network on
+    any machine, however busy; ``minutes`` is then no limit.
     Raises ConfigError for unpaired or empty inputs, ReaderError for unreadable or malformed
     files (naming file and line), ModelCardError for a bad base model.
     """
@@ -524,6 +535,8 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
         raise ConfigError(f"guard {guard!r} is not one of {', '.join(GUARDS)}")
     if not minutes > 0:
         raise ConfigError(f"minutes {minutes} must be > 0")
+    if steps is not None and steps < 10:
+        raise ConfigError(f"steps {steps} must be >= 10 (a share of them trains each fold)")
     say = progress or (lambda frac, note: None)
     torch.set_num_threads(threads)
     base_onnx = Path(base) if base is not None else default_base(images)
@@ -537,7 +550,7 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     try:
         return _adapt(images, labels, out, base_onnx, base_card, (root_onnx, root_card), source,
                       t0=t0, minutes=minutes, guard=guard, seed=seed, threads=threads, say=say,
-                      command=command, base_competes=base_competes)
+                      command=command, base_competes=base_competes, steps=steps)
     finally:
         source.close()
 
@@ -545,7 +558,7 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
 def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
            base_card: ModelCard, root: tuple[Path, ModelCard], source: Detector, *,
            t0: float, minutes: float, guard: str, seed: int, threads: int, say: Progress,
-           command: str, base_competes: bool) -> AdaptResult:
+           command: str, base_competes: bool, steps: int | None) -> AdaptResult:
     """:func:`adapt` once its arguments are checked and the base network's detector
     ``source`` (of ``root``: its ONNX file and card) is loaded."""
     deadline = t0 + minutes * 60.0
@@ -582,8 +595,9 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     train_s = max(5.0, deadline - time.perf_counter() - RESERVE_S)
     # the selection costs roughly a detection per candidate and held-out image: keep time for it
     fold_s = FOLD_SHARE * train_s / len(folds)
+    fold_steps = None if steps is None else max(1, round(FOLD_SHARE * steps / len(folds)))
     first: ParticleUNet | None = None
-    steps = 0
+    n_steps = 0
     with tempfile.TemporaryDirectory() as tmpd:
         fold_onnx = Path(tmpd) / "fold.onnx"
         for f, (train_parts, held) in enumerate(folds):
@@ -591,8 +605,8 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
             base_frac = FOLD_SHARE * f / len(folds)
             n, _ = _finetune(m, train_parts, fold_s, guard, seed + f, LR,
                              _fold_tick(say, base_frac, FOLD_SHARE / len(folds),
-                                        f"fold {f + 1}/{len(folds)}"))
-            steps += n
+                                        f"fold {f + 1}/{len(folds)}"), fold_steps)
+            n_steps += n
             say(FOLD_SHARE * (f + 1) / len(folds), f"scoring fold {f + 1}")
             _export(m, fold_onnx)
             for key, rows in _grid_scores(fold_onnx, base_card, held, threads, FINE_TUNED,
@@ -610,10 +624,11 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     last_loss = math.nan
     if network != BASE:
         final_s = max(1.0, deadline - time.perf_counter() - RESERVE_S)
+        final_steps = None if steps is None else max(1, steps - n_steps)
         n, last_loss = _finetune(first, parts, final_s, guard, seed + 100, LR / 2,
                                  lambda x: say(FOLD_SHARE + (1 - FOLD_SHARE) * x,
-                                               "all annotations"))
-        steps += n
+                                               "all annotations"), final_steps)
+        n_steps += n
         say(1.0, "exporting")
         verify: dict[str, float] | None = _export(first, onnx_path)
     else:  # fine-tuning lost on the held-out parts: the base network, its scale and cut chosen
@@ -628,7 +643,8 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
                              "format": a.kind, "n_particles": a.n,
                              "outlines_from_base_model": a.from_model}
                             for i, lab, a in zip(images, labels, anns, strict=True)],
-        "seconds": seconds, "minutes_budget": minutes, "guard": guard, "steps": steps,
+        "seconds": seconds, "minutes_budget": minutes, "guard": guard, "steps": n_steps,
+        "steps_budget": steps,
         "last_loss": round(last_loss, 4), "threads": threads, "seed": seed,
         "base_rebuild_max_abs_diff": diff,
         "onnx_max_abs_diff_vs_torch": None if verify is None else verify["max_abs_diff"],
@@ -695,4 +711,4 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     card_path = card.dump(onnx_path.with_suffix(".json"))
     ModelCard.load(card_path)  # validates the card and its sha256
     return AdaptResult(onnx_path, card_path, seconds, guard, scale, cut, before, best, protocol,
-                       steps, network, base_file, {"adaptation": adaptation})
+                       n_steps, network, base_file, {"adaptation": adaptation})
