@@ -176,7 +176,7 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
             "per_image": res["images"],
             "adaptation": {k: card["training"]["adaptation"].get(k) for k in
                            ("network", "steps", "working_scale", "min_score", "seconds",
-                            "median_annotated_ecd_px")},
+                            "median_annotated_ecd_px", "particle_px_measured", "particle_px")},
             "adaptation_holdout": {k: card["evaluation"]["adaptation_holdout"][k]["f1"]
                                    for k in ("before", "after")},
         }

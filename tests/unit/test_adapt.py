@@ -143,11 +143,46 @@ def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
             for net in ("base", "fine-tuned")}
     assert best["base"] > best["fine-tuned"], grid
     assert res.network == "base" and res.after["f1"] == best["base"]
-    assert res.base_network is None and not (tmp_path / "out" / "base_network.onnx").exists()
-    assert sha256_file(res.onnx) == sha256_file(shipped_model_dir() / "detector.onnx")
+    shipped = sha256_file(shipped_model_dir() / "detector.onnx")
+    assert sha256_file(res.onnx) == shipped
     card = ModelCard.load(res.card)
-    assert card.training.model_extra["adaptation"]["network"] == "base"  # type: ignore[index]
-    assert "base network" in card.training.data
+    ad = card.training.model_extra["adaptation"]  # type: ignore[index]
+    assert ad["network"] == "base" and "base network" in card.training.data
+    # the scale and cut chosen apply around the particle size measured on the annotated frame;
+    # elsewhere the base network analyses with its own card, beside the adapted one
+    assert res.base_network == tmp_path / "out" / "base_network.onnx"
+    assert sha256_file(res.base_network) == shipped
+    assert card.base_network is not None and not card.base_network.merge
+    (d,) = ad["particle_px_measured"]
+    assert card.base_network.particle_px == pytest.approx((d / 2, d * 2), abs=0.01)
+    det, shipped_det = load_detector(res.onnx, _engine), load_detector(
+        shipped_model_dir() / "detector.onnx", _engine)
+    frame = tifffile.imread(img)
+    near = det.detect(frame)
+    assert not near.outside_range  # measured at the annotated size (rounded in the card):
+    assert near.scale == pytest.approx(card.working_scale.auto.factor(d), rel=1e-3)  # type: ignore[union-attr]
+    big = np.kron(frame, np.ones((3, 3), frame.dtype))  # particles 3x larger: outside the band
+    for key in (None, "stream", "stream"):  # a stream's frames remember it with their scale
+        far = det.detect(big, key=key)
+        assert far.outside_range
+        assert np.array_equal(far.labels, shipped_det.detect(big).labels)
+    det.close()
+    shipped_det.close()
+    # the daemon's pipeline says so in each det (v1.7), naming the adapted model still
+    from nanoscout.analysis.frame import Frame
+    from nanoscout.daemon.app import build_pipeline
+    from nanoscout.daemon.config import ServeConfig
+
+    pipe = build_pipeline(ServeConfig.model_validate(
+        {"engine": {"model": str(res.onnx), "backend": "cpu", "threads": 1,
+                    "estimate_modality": False}, "classify": {"enabled": False}}))
+    try:
+        dets = [pipe.process(Frame.from_image(f, pixel_size_nm=None, source="s", seq=k)).det
+                for k, f in enumerate((frame, big))]
+    finally:
+        pipe.close()
+    assert [d.base_network_only for d in dets] == [False, True]
+    assert {d.model for d in dets} == {f"{card.name}:{card.version}"}
     assert main(["models", "adapt", str(img), "--labels", str(lab), "--out", str(tmp_path / "ft"),
                  "--minutes", "0.2", "--no-progress", "--fine-tuned-only"]) == 0
     ft = ModelCard.load(tmp_path / "ft" / "detector.json")
@@ -155,7 +190,7 @@ def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
     assert not any(k.startswith("base:") for k in
                    ft.evaluation["adaptation_holdout"]["choice"]["f1_by_candidate"])
     # the fine-tuned network's working scale is measured by the base network, copied beside it
-    assert card.base_network is None and ft.base_network is not None
+    assert ft.base_network is not None
     assert not ft.base_network.merge  # the merge is the base network's: not with --fine-tuned-only
     est_onnx, est_card = ft.load_base_network(tmp_path / "ft" / "detector.json")  # type: ignore[misc]
     assert est_onnx == tmp_path / "ft" / "base_network.onnx"
@@ -229,9 +264,14 @@ def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: 
         base = shipped_model_dir() / "detector.onnx"
         methods = {n: load_detector(p, _engine) for n, p in (("base", base), ("adapted", res.onnx))}
         scores = evaluate_set(methods, [realdata.load_stem("Pt4", shared_data)])["methods"]
+        card = ModelCard.load(res.card)
     assert scores["base"]["f1"] < 0.3, scores  # the shipped model misses most of them
     assert scores["adapted"]["f1"] > scores["base"]["f1"] + 0.3, scores
-    assert res.network == "fine-tuned-alone" and res.base_network is None
+    assert res.network == "fine-tuned-alone"
+    # it measures its own working scale; the base network beside it only takes the frames
+    # outside the particle sizes of Pt2
+    assert card.base_network is not None and not card.base_network.measures
+    assert card.base_network.particle_px is not None and not card.base_network.merge
 
 
 def test_frames_saved_from_a_stem_stream_adapt_the_stem_detector(tmp_path: Path) -> None:

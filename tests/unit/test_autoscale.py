@@ -90,6 +90,10 @@ def test_memo_reuses_until_shape_content_or_age_says_otherwise() -> None:
     assert memo.lookup("cam", a.shape, sa) == 0.5
     assert memo.lookup("cam", a.shape, sa) is None  # age: the 4th frame since the estimate
     assert memo.reasons == {"new": 1, "shape": 1, "content": 1, "age": 1}
+    # with its factor, whether an adapted card's settings covered the key's frames
+    assert memo.covered("cam") and memo.covered("never seen")
+    memo.store("cam", a.shape, sa, 0.5, covered=False)
+    assert memo.lookup("cam", a.shape, sa) == 0.5 and not memo.covered("cam")
     blind = ScaleMemo(max_age=10, tolerance=None)
     assert blind.signature(a) is None
     blind.store("cam", a.shape, None, 2.0)

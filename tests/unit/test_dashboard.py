@@ -138,6 +138,17 @@ def test_latest_wins_and_only_changed_items_are_resent() -> None:
     assert series["t"][-1] == 0.0 and series["t"][0] == pytest.approx(-0.5)
 
 
+def test_a_frame_an_adapted_model_handed_to_its_base_network_is_marked() -> None:
+    """det.base_network_only (protocol 1.7) reaches the top bar's summary; an older daemon's
+    det (None) reads as not handed over."""
+    st = DashboardState()
+    st.ingest(det(0))
+    assert payload(st, "det:sim")["base_network_only"] is None
+    h = det(1).header.model_copy(update={"base_network_only": True})
+    st.ingest(_wire(h, _table(2)))  # over the wire, as the daemon sends it
+    assert payload(st, "det:sim")["base_network_only"] is True
+
+
 def test_series_is_bounded() -> None:
     st = DashboardState(series_len=4)
     for seq in range(10):

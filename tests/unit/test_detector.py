@@ -555,7 +555,7 @@ def test_auto_scale_is_reused_per_key(shipped: Detector, monkeypatch: pytest.Mon
     calls = []
     orig = det._estimate
 
-    def counting(x: np.ndarray) -> tuple[float, np.ndarray | None]:
+    def counting(x: np.ndarray) -> tuple[float, np.ndarray | None, bool]:
         calls.append(x.shape)
         return orig(x)
 

@@ -146,3 +146,17 @@ def test_a_base_network_is_a_pinned_detection_model_beside_the_card(tmp_path: Pa
     (tmp_path / "base.onnx").unlink()
     with pytest.raises(ModelCardError, match="does not exist"):
         main.load_base_network(tmp_path / "m.json")
+
+
+def test_an_adapted_cards_size_band_covers_the_sizes_between_its_ends() -> None:
+    from nanoscout.analysis.modelcard import BaseNetwork
+
+    sha = "0" * 64
+    assert BaseNetwork(onnx_file="b.onnx", sha256=sha).covers(None)  # no band: every frame
+    band = BaseNetwork(onnx_file="b.onnx", sha256=sha, particle_px=(6.0, 24.0))
+    assert [band.covers(d) for d in (5.9, 6.0, 12.0, 24.0, 24.1, None)] == \
+        [False, True, True, True, False, True]  # None: the base found no particle
+    with pytest.raises(ValueError, match="smallest, largest"):
+        BaseNetwork(onnx_file="b.onnx", sha256=sha, particle_px=(24.0, 6.0))
+    with pytest.raises(ValueError):
+        BaseNetwork(onnx_file="b.onnx", sha256=sha, particle_px=(0.0, 6.0))

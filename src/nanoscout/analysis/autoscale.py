@@ -163,6 +163,8 @@ class _Entry:
     scale: float
     signature: Signature | None
     age: int  # frames served since the estimate, that frame included
+    #: whether the frame's settings were the card's own (BaseNetwork.covers), not the base's
+    covered: bool = True
 
 
 class ScaleMemo:
@@ -185,6 +187,13 @@ class ScaleMemo:
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         #: why each estimate was made so far: "new", "shape", "content", "age"
         self.reasons: dict[str, int] = {"new": 0, "shape": 0, "content": 0, "age": 0}
+
+    def covered(self, key: Hashable) -> bool:
+        """What :meth:`store` remembered of ``key`` beside its factor (True for an unknown
+        key): whether an adapted card's own settings apply to its frames
+        (:meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`)."""
+        e = self._entries.get(key)
+        return True if e is None else e.covered
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -215,9 +224,10 @@ class ScaleMemo:
         return None
 
     def store(self, key: Hashable, shape: tuple[int, ...], sig: Signature | None,
-              scale: float) -> None:
-        """Remember the factor just estimated for ``key`` on a frame of ``shape``."""
-        self._entries[key] = _Entry(tuple(shape), float(scale), sig, 1)
+              scale: float, covered: bool = True) -> None:
+        """Remember the factor just estimated for ``key`` on a frame of ``shape`` (and
+        whether an adapted card's own settings cover it: :meth:`covered`)."""
+        self._entries[key] = _Entry(tuple(shape), float(scale), sig, 1, covered)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_keys:  # many sources or calibrations
             self._entries.popitem(last=False)

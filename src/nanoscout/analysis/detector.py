@@ -68,6 +68,10 @@ class Detection:
     scale: float = 1.0  # working-scale resample factor used (working px per frame px)
     #: True when ``scores`` are calibrated probabilities (the card has a score_calibration)
     calibrated: bool = False
+    #: True when the base network alone analysed the frame, with its own card's scale and cut:
+    #: the particle size it measured lies outside the sizes an adapted card's settings were
+    #: chosen on (``base_network.particle_px``, :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`)
+    outside_range: bool = False
 
     @property
     def n(self) -> int:
@@ -139,8 +143,10 @@ class Detector:
         :func:`load_detector`), on raw scores (no calibration): it measures the particle size
         for the automatic scale (this card's ``auto`` turns its measurement into the factor)
         and, when the card says ``merge``, detects on every frame too, its particles merged
-        with this network's by score. A card that names a base network needs it unless the
-        scale is fixed and nothing is merged (ConfigError).
+        with this network's by score; a frame whose measured size the card's
+        ``base_network.particle_px`` does not cover it analyses alone, with its own card's
+        scale and cut (:attr:`Detection.outside_range`). A card that names a base network needs
+        it unless the scale is fixed and nothing is merged (ConfigError).
         """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
@@ -389,15 +395,23 @@ class Detector:
         they find no particle."""
         return self._search(x)[0]
 
-    def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None]:
-        """Return (factor, logits of the pass at that factor or None) for :meth:`detect`."""
-        if self.base_detector is not None:  # another network measures, this card decides
+    def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None, bool]:
+        """Return (factor, logits of the pass at that factor or None, whether this card's own
+        settings cover the frame: :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`)
+        for :meth:`detect`."""
+        base = self.card.base_network
+        if self.base_detector is not None and (base is None or base.measures):
+            # another network measures, this card decides
             big = self.base_detector.particle_size(x)
-            return (1.0 if big is None else self._factor(big)), None
+            covered = base is None or base.covers(big)
+            return (1.0 if big is None else self._factor(big)), None, covered
         big, s, logits, whole = self._search(x)
         factor = 1.0 if big is None else self._factor(big)
+        covered = True
+        if self.base_detector is not None and base is not None:  # it measures for the band only
+            covered = base.covers(self.base_detector.particle_size(x))
         # only a pass over the whole frame at the chosen factor can double as its inference
-        return factor, (logits if factor == s and whole else None)
+        return factor, (logits if factor == s and whole else None), covered
 
     def _search(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray, bool]:
         """Return (median particle diameter in frame px or None, and the factor, logits and
@@ -473,19 +487,20 @@ class Detector:
                 return f
         return None
 
-    def _scale_for(self, x: np.ndarray, key: object) -> tuple[float, np.ndarray | None]:
-        """Return (factor, reusable logits or None) for frame ``x`` of stream ``key``."""
+    def _scale_for(self, x: np.ndarray, key: object) -> tuple[float, np.ndarray | None, bool]:
+        """Return (factor, reusable logits or None, covered: :meth:`_estimate`) for frame
+        ``x`` of stream ``key``."""
         if not self.auto:
-            return self.scale, None
+            return self.scale, None, True
         if key is None:
             return self._estimate(x)
         sig = self._memo.signature(x)
         scale = self._memo.lookup(key, x.shape, sig)
         if scale is not None:
-            return scale, None
-        scale, logits = self._estimate(x)
-        self._memo.store(key, x.shape, sig, scale)
-        return scale, logits
+            return scale, None, self._memo.covered(key)
+        scale, logits, covered = self._estimate(x)
+        self._memo.store(key, x.shape, sig, scale, covered)
+        return scale, logits, covered
 
     def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None,
                pixel_size_nm: float | None = None, normalized: np.ndarray | None = None
@@ -505,9 +520,20 @@ class Detector:
         x = normalize(arr) if normalized is None else normalized
         ts = time.perf_counter()
         preset = self._preset(pixel_size_nm)
-        scale, logits = (preset, None) if preset is not None else self._scale_for(x, key)
+        scale, logits, covered = ((preset, None, True) if preset is not None
+                                  else self._scale_for(x, key))
         ts = time.perf_counter() - ts
         turn = self.rotate45 if rotate45 is None else rotate45
+        if not covered:  # outside the sizes the card was adapted on: the base network's turn
+            assert self.base_detector is not None
+            other = self.base_detector.detect(image, key=key, rotate45=turn,
+                                              pixel_size_nm=pixel_size_nm, normalized=x)
+            ms = dict(other.timings_ms)
+            ms["scale"] += ts * 1e3
+            ms["preprocess"] = (time.perf_counter() - t0) * 1e3 - sum(
+                v for k, v in ms.items() if k != "preprocess")
+            return Detection(other.labels, other.scores, ms, other.scale, other.calibrated,
+                             outside_range=True)
         labels, scores, engine_s, post_s, reused_s = self._instances(x, h, w, scale, logits, turn)
         if self.multiscale:
             maps = [(labels, scores)]

@@ -182,11 +182,45 @@ class BaseNetwork(_Strict):
     ``multiscale_overlap``): the base keeps what it found where the fine-tuned network forgot
     it. Twice the engine time. ``onnx_file``: a file name in the card's folder, its card beside
     it (same stem, ``.json``), pinned by ``sha256``.
+
+    ``particle_px``: (smallest, largest) median particle diameter, frame px, that the base
+    network may measure on a frame for this card's network, scale and cut to apply: the
+    sizes it measured on the annotated frames, widened by a factor of two each way
+    (``nanoscout models adapt``). A frame measured outside is analysed by the base network
+    alone, with its own card's scale and score cut, on raw scores
+    (:attr:`~nanoscout.analysis.detector.Detection.outside_range`); one where it finds no
+    particle is not (the base network would find none there either). Settings chosen on
+    frames of one magnification did not carry over to others (adapting on one 640 px STEM
+    frame of 8 px particles and scoring 2048 px frames of 25-75 px ones,
+    ``benchmarks/results/adapt_base_network_cases.json``). None: they apply to every frame.
+    ``measures``: False where the adapted network measures particle sizes for its working
+    scale itself (the base network found fewer than half of the annotated particles); the
+    base network then only measures for ``particle_px`` and analyses the frames outside it.
     """
 
     onnx_file: str = Field(pattern=r"^[^/\\]+\.onnx$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     merge: bool = False
+    particle_px: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
+    measures: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BaseNetwork:
+        if self.particle_px is not None and self.particle_px[0] > self.particle_px[1]:
+            raise ValueError(f"particle_px {self.particle_px} must be (smallest, largest)")
+        if not self.measures and (self.merge or self.particle_px is None):
+            raise ValueError("a base network that does not measure is there for the frames "
+                             "outside particle_px only: it needs particle_px and no merge")
+        return self
+
+    def covers(self, diameter_px: float | None) -> bool:
+        """Whether a frame whose particles the base network measured at ``diameter_px``
+        (frame px; None: it found none, and would find none alone) is one this card's own
+        settings apply to."""
+        if self.particle_px is None or diameter_px is None:
+            return True
+        lo, hi = self.particle_px
+        return lo <= diameter_px <= hi
 
 
 class WorkingScale(_Strict):

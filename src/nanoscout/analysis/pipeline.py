@@ -301,7 +301,8 @@ class Pipeline:
             self._apply_requests(h.source, state)
         ref = frame.ref()
         units = frame.units
-        labels, table, stage_ms, model, scale, sha256, calibrated = self._detect(frame, state)
+        labels, table, stage_ms, model, scale, sha256, calibrated, base_only = \
+            self._detect(frame, state)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
             km = state.clusters.get(units)
@@ -323,7 +324,7 @@ class Pipeline:
             t_done_ns=time.time_ns(), pixel_size_nm=h.pixel_size_nm, units=units, n=len(table),
             engine=self.engine_name, model=model, shape=h.shape, modality=h.modality,
             meta=h.meta, working_scale=round(scale, 5), model_sha256=sha256,
-            model_generation=self.model_generation,
+            model_generation=self.model_generation, base_network_only=base_only,
             drift=None if tracks is None else FrameDrift(**tracks.drift),
             tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
@@ -371,7 +372,7 @@ class Pipeline:
 
     def _detect(self, frame: Frame, state: _SourceState
                 ) -> tuple[np.ndarray, np.ndarray, dict[str, float], str, float, str | None,
-                           bool]:
+                           bool, bool]:
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
         modality = self._modality(frame, state)
@@ -387,8 +388,9 @@ class Pipeline:
         stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
         return (detection.labels, table, stage_ms, model, detection.scale,
                 model_sha256(detector),
-                # a stand-in detector without the flag reports raw scores
-                bool(getattr(detection, "calibrated", False)))
+                # a stand-in detector without the flags reports raw scores, by itself
+                bool(getattr(detection, "calibrated", False)),
+                bool(getattr(detection, "outside_range", False)))
 
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:

@@ -501,6 +501,8 @@ class Daemon:
             max(0.0, (dh.t_done_ns - frame.t_recv_ns) / 1e9 - busy_s))
         m.particles.labels(source=h.source).inc(dh.n)
         m.particles_last_frame.labels(source=h.source).set(dh.n)
+        if dh.base_network_only:
+            m.base_network_only.labels(source=h.source).inc()
         stats = result.messages[-1].header
         if isinstance(stats, StatsHeader):
             m.observe_stats(h.source, stats.units, stats.window)

@@ -100,6 +100,11 @@ class Metrics:
         self.particles = Counter(
             "nanoscout_particles_measured", "Particles measured", ["source"], registry=r
         )
+        self.base_network_only = Counter(
+            "nanoscout_frames_base_network_only",
+            "Frames an adapted model handed to its base network: their particle size lies "
+            "outside the sizes it was adapted on (det.base_network_only)", ["source"], registry=r,
+        )
         self.alerts = Counter("nanoscout_alerts", "Alerts published", ["rule", "severity"], registry=r)
         self.alerts_suppressed = Counter(
             "nanoscout_alerts_suppressed", "Alert firings rate-limited or de-duplicated",
@@ -177,13 +182,13 @@ class Metrics:
     def add_source(self, source: str) -> None:
         """Create the per-source counters of a new source at zero."""
         for counter in (self.frames_received, self.frames_processed, self.transport_gaps,
-                        self.particles):
+                        self.particles, self.base_network_only):
             counter.labels(source=source)
 
     def forget_source(self, source: str) -> None:
         """Remove every series of ``source`` (it was evicted from the daemon's state)."""
         for metric in (self.frames_received, self.frames_processed, self.transport_gaps,
-                       self.particles, self.novelty):
+                       self.particles, self.base_network_only, self.novelty):
             with contextlib.suppress(KeyError):
                 metric.remove(source)
         for label in self._labels:

@@ -30,6 +30,16 @@
    particles merged into its own by score (:data:`MERGED`, card ``base_network.merge``; twice
    the engine time; it wins ties): the base keeps what the fine-tuned network forgot
    (``benchmarks/adapt_base_network.py``).
+   The base network measures particle sizes for the base network's own candidates too, with its
+   own card (so that the choice is made as the adapted model will run).
+   The choice holds where it was made: the base network measures the annotated frames'
+   particle sizes, and frames it measures more than a factor :data:`SIZE_BAND` outside them
+   are analysed by the base network alone with its own card's scale and cut (card
+   ``base_network.particle_px``; ``det.base_network_only``).
+   Settings chosen on one 640 px STEM frame of 8 px particles cost the held-out Pd
+   material's 2048 px frames of 25-75 px particles most of their recall. A self-measuring
+   fine-tuned network keeps its base network beside it for that alone
+   (``base_network.measures`` false).
 4. If a fine-tuned candidate won, the first fold's model is fine-tuned further on everything
    until the time is up, exported
    (``DIR/detector.onnx``, checked against torch) with its model card (``DIR/detector.json``)
@@ -38,7 +48,8 @@
    ``evaluation.adaptation_holdout`` holding the base model and its sha256, the annotated files and
    their sha256, the time taken and the held-out before/after scores. If the base network won,
    ``DIR/detector.onnx`` is a copy of the base model's file, and the card names the choice
-   (``training.adaptation.network``: "base").
+   (``training.adaptation.network``: "base"); with a scale or cut other than its card's, the
+   base network lies beside it too, for the frames outside the size band.
 
 Training crops (256 px) are cut at a random working scale (median annotated ECD 6-48 px), with
 random gamma, contrast, blur, noise and a little inversion, flips and 90-degree rotations
@@ -77,7 +88,7 @@ from nanoscout.analysis.modelcard import (
     shipped_model_dir,
 )
 from nanoscout.analysis.multiscale import merge_by_score
-from nanoscout.analysis.preprocess import normalize
+from nanoscout.analysis.preprocess import check_frame, normalize
 from nanoscout.daemon.frame_tiff import read_frame_header
 from nanoscout.engines import create_engine
 from nanoscout.training.annotations import Annotation, read_annotation, read_image
@@ -114,9 +125,13 @@ SCORE_CUTS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 #: 256 found the STEM tuning material's 19-40 px particles on 2048 px frames too coarse:
 #: F1 0.39 there; 512: 0.52; 768 and 1024 blew up on some frames; benchmarks/adapt.py notes;
 #: measured when a fine-tuned network still measured particle sizes itself). Where the base
-#: network measures them for a fine-tuned one, with its own card's passes, this applies to the
-#: base network's "auto" candidates and the self-measuring fine-tuned ones only
+#: network measures them, with its own card's passes (every candidate but the self-measuring
+#: fine-tuned ones), this does not apply
 COARSE_SIDE_PX = 512
+#: an adapted card's own settings apply to frames whose particles the base network measures
+#: within this factor of the sizes it measured on the annotated frames (BaseNetwork.particle_px;
+#: a round factor of two, not tuned: one magnification step either side)
+SIZE_BAND = 2.0
 #: share of the training time spent on the hold-out folds
 FOLD_SHARE = 0.55
 #: seconds kept back at the end for the export and the card
@@ -486,6 +501,20 @@ def _write_base(base_onnx: Path, base_card: ModelCard, out: Path) -> BaseNetwork
     return BaseNetwork(onnx_file=onnx.name, sha256=card.sha256)
 
 
+def _size_band(source: Detector, parts: list[Part]) -> tuple[list[float | None],
+                                                           tuple[float, float] | None]:
+    """Return (the median particle diameter, frame px, that the base network ``source``
+    measures on each annotated image, and the band of sizes the adapted settings apply to:
+    the smallest / :data:`SIZE_BAND` to the largest * :data:`SIZE_BAND`, or None where it
+    measured no particle on one of them)."""
+    sizes = [source.particle_size(normalize(check_frame(p.image))) for p in parts]
+    found = [d for d in sizes if d is not None]
+    sizes = [None if d is None else round(float(d), 2) for d in sizes]
+    if not found or len(found) < len(sizes):
+        return sizes, None
+    return sizes, (round(min(found) / SIZE_BAND, 2), round(max(found) * SIZE_BAND, 2))
+
+
 def _fold_tick(say: Progress, start: float, share: float, note: str) -> Callable[[float], None]:
     """Return a callback that reports a fold's progress ``x`` (0..1) as start + share * x."""
     return lambda x: say(start + share * x, note)
@@ -591,7 +620,7 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     blind = before["recall"] < 0.5
     # the base network competes with the fine-tuned one on the same held-out parts
     grid = (_grid_scores(base_onnx, base_card, [p for _, held in folds for p in held], threads,
-                         BASE, base_source) if base_competes else {})
+                         BASE, source) if base_competes else {})
     train_s = max(5.0, deadline - time.perf_counter() - RESERVE_S)
     # the selection costs roughly a detection per candidate and held-out image: keep time for it
     fold_s = FOLD_SHARE * train_s / len(folds)
@@ -635,6 +664,17 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
         say(1.0, "the base network scored higher on the held-out parts: keeping it")
         shutil.copyfile(base_onnx, onnx_path)
         verify = None
+    # where the choice was made: frames of other particle sizes go to the base network alone
+    # (BaseNetwork.particle_px); a base card kept as it is needs no base network beside it
+    as_shipped = network == BASE and scale == "card" \
+        and cut == base_card.thresholds.min_score
+    with_base = network != SELF_MEASURED and not (as_shipped and base_source is None)
+    measured, band = ([], None) if as_shipped else _size_band(source, parts)
+    if as_shipped and base_card.base_network is not None:
+        band = base_card.base_network.particle_px
+    # a network that measures particle sizes itself keeps the base network beside it for the
+    # frames outside the band only, where there is one
+    with_base = with_base or band is not None
     seconds = round(time.perf_counter() - t0, 1)
     adaptation = {
         "base_model": {"name": base_card.name, "version": base_card.version,
@@ -649,6 +689,7 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
         "base_rebuild_max_abs_diff": diff,
         "onnx_max_abs_diff_vs_torch": None if verify is None else verify["max_abs_diff"],
         "median_annotated_ecd_px": round(d_all, 2), "network": network,
+        "particle_px_measured": measured, "particle_px": band,
         "base_competes": base_competes,
         "working_scale": scale, "min_score": cut,
     }
@@ -666,13 +707,15 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     }
     card = _card_for(base_card, onnx_path, None if scale == "card" else scale, cut)
     base_file: Path | None = out / BASE_FILE
-    if network in (FINE_TUNED, MERGED) or (network == BASE and base_source is not None):
+    if with_base:
         # the base network measures particle sizes for the working scale, as when chosen,
-        # and its particles join where the merge won (or where the base card merged them)
+        # its particles join where the merge won (or where the base card merged them), and
+        # it analyses the frames outside the sizes the choice was made on
         inherited = network == BASE and base_card.base_network is not None \
             and base_card.base_network.merge
         pinned = _write_base(*root, out).model_copy(
-            update={"merge": network == MERGED or inherited})
+            update={"merge": network == MERGED or inherited, "particle_px": band,
+                    "measures": network != SELF_MEASURED})
         card = card.model_copy(update={"base_network": pinned})
     else:  # none: a base network left by an earlier run into the same folder goes
         card = card.model_copy(update={"base_network": None})

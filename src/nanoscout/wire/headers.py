@@ -51,6 +51,11 @@ History (minor versions only add optional fields; receivers ignore fields they d
   ``weighted_counts`` beside each histogram's ``counts`` (which stay the number of
   particles). A v1.5 reader ignores them; with ``weights = "confidence"`` the blocks'
   means and quantiles are confidence-weighted.
+* 1.7 an adapted model's size band: ``det.base_network_only`` (True where an adapted model's
+  base network alone analysed the frame, with its own card's scale and score cut, because
+  the particle size it measured lies outside the sizes the adaptation was chosen on: model
+  card ``base_network.particle_px``; ``model`` / ``model_sha256`` still name the adapted
+  model, which holds that rule). A v1.6 reader ignores it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     field_validator,
     model_validator,
@@ -91,7 +97,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 6)
+PROTOCOL_VERSION: tuple[int, int] = (1, 7)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -376,6 +382,10 @@ class DetHeader(FrameRef):
     model_sha256: str | None = None
     #: v1.5: 0 for the model the daemon started with, +1 for each hot swap or revert since
     model_generation: Annotated[StrictInt, Field(ge=0)] | None = None
+    #: v1.7: True where an adapted model's base network alone analysed the frame (its particle
+    #: size lies outside the adapted band, model card ``base_network.particle_px``); None:
+    #: an older daemon
+    base_network_only: StrictBool | None = None
 
     @property
     def latency_ms(self) -> float:
