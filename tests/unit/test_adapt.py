@@ -128,7 +128,7 @@ def test_adapt_refuses_unpaired_inputs(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
-        tmp_path: Path) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An operator who annotated only the right half of a frame: the fold model learns from the
     (empty) left half that there is nothing to find and loses on the right half, so the output
     is the base network itself, with a scale and cut chosen on the annotations."""
@@ -187,6 +187,10 @@ def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
                  "--minutes", "0.2", "--no-progress", "--fine-tuned-only"]) == 0
     ft = ModelCard.load(tmp_path / "ft" / "detector.json")
     assert ft.training.model_extra["adaptation"]["network"] == "fine-tuned"  # type: ignore[index]
+    assert ft.base_network is not None and ft.base_network.particle_px is not None
+    lo, hi = ft.base_network.particle_px  # the command tells the operator where it applies
+    said = capsys.readouterr()
+    assert f"measures at {lo:g}-{hi:g} px" in said.out + said.err
     assert not any(k.startswith("base:") for k in
                    ft.evaluation["adaptation_holdout"]["choice"]["f1_by_candidate"])
     # the fine-tuned network's working scale is measured by the base network, copied beside it

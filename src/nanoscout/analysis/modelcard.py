@@ -205,7 +205,7 @@ class BaseNetwork(_Strict):
     measures: bool = True
 
     @model_validator(mode="after")
-    def _ordered(self) -> BaseNetwork:
+    def _consistent(self) -> BaseNetwork:
         if self.particle_px is not None and self.particle_px[0] > self.particle_px[1]:
             raise ValueError(f"particle_px {self.particle_px} must be (smallest, largest)")
         if not self.measures and (self.merge or self.particle_px is None):

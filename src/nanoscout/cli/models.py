@@ -206,3 +206,8 @@ def adapt(
         bar.log(f"held-out F1 {b['f1']:.3f} -> {a['f1']:.3f} (P {b['precision']:.3f} -> "
                 f"{a['precision']:.3f}, R {b['recall']:.3f} -> {a['recall']:.3f}); "
                 f"{res.protocol}")
+        band = res.extra["adaptation"].get("particle_px")
+        if band is not None:
+            bar.log(f"these settings apply to frames whose particles the base network measures "
+                    f"at {band[0]:g}-{band[1]:g} px; it analyses the others alone, with its own "
+                    "card (det.base_network_only)")
