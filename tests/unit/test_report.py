@@ -27,7 +27,8 @@ def _header(seq: int, n: int, *, source: str = "cam-1", units: str = "nm",
                      t_done_ns=t + 20_000_000, stage_ms={"engine": 5.0},
                      pixel_size_nm=pixel_size_nm, units=units, n=n, engine="onnx-cpu",
                      model="unet-v2", shape=(512, 768), modality="TEM",
-                     stage=Stage(x_um=1.0, y_um=2.0), working_scale=0.5)
+                     stage=Stage(x_um=1.0, y_um=2.0), working_scale=0.5,
+                     base_network_only=seq % 5 == 0)  # 4 of 20 went to the base network
 
 
 def _table(rng: np.random.Generator, n_inner: int, n_border: int) -> np.ndarray:
@@ -110,6 +111,8 @@ def test_report_of_a_recorded_run(tmp_path: Path, name: str) -> None:
     assert "&lt;script&gt;x&lt;/script&gt;" in text
     assert "unet-v2" in text and "onnx-cpu" in text and "512 × 768" in text
     assert "0.5000 nm/px" in text and "9.500 s" in text  # 20 frames 0.5 s apart
+    assert "frames analysed by an adapted model" in text  # protocol 1.7's base_network_only
+    assert f"4 of {FRAMES} (their particles lie outside" in text
 
 
 def test_empty_run_says_so(tmp_path: Path) -> None:

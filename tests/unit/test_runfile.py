@@ -32,7 +32,9 @@ def _det(seq: int, n: int, px: float | None = 0.5) -> tuple[DetHeader, np.ndarra
                   t_done_ns=T0 + 3_000_000 + seq, stage_ms={}, pixel_size_nm=px,
                   units="nm" if px else "px", n=n, engine="onnxruntime-cpu", model="m:2",
                   shape=(64, 64), stage=Stage(x_um=1.5, y_um=-2.0), working_scale=0.5,
-                  meta={"file": f"img-{seq}.dm4", "index": 0, "voltage_kv": 200.0})
+                  meta={"file": f"img-{seq}.dm4", "index": 0, "voltage_kv": 200.0},
+                  # v1.7: frame 1 went to an adapted model's base network; frame 0 from v1.6
+                  base_network_only=None if seq == 0 else seq == 1)
     return h, t
 
 
@@ -74,6 +76,7 @@ def test_round_trip(tmp_path: Path, name: str) -> None:
     np.testing.assert_allclose(run.particles["ecd_px"][:4], np.linspace(5, 10, 4) / 0.5, rtol=1e-6)
     assert np.isnan(run.frames["pixel_size_nm"][3]) and run.frames["units"][3] == "px"
     assert run.frames["working_scale"][0] == 0.5 and run.frames["model"][0] == "m:2"
+    assert run.to_pandas("frames")["base_network_only"].tolist()[:3] == [None, True, False]
     assert run.alerts["explanation"][0] == "a, \"b\"\nc"
     assert {k: v for k, v in run.provenance.items() if k != "format"} == {"who": "test"}
     assert run.provenance["format"] == "nanoscout-run/2"

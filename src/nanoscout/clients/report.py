@@ -470,6 +470,11 @@ def _provenance_section(run: Run) -> str:
         items.append(("working scale (working px per frame px)",
                       f"{_fmt(float(ws.min()))} – {_fmt(float(ws.max()))}" if ws.size
                       else "not recorded"))
+        handed = sum(1 for v in f["base_network_only"] if v is not None and bool(v))
+        if handed:  # protocol 1.7: an adapted model handed these to its base network
+            items.append(("frames analysed by an adapted model's base network",
+                          f"{handed} of {Run.rows(f)} (their particles lie outside the sizes "
+                          "the model was adapted on)"))
         sizes_hw = sorted({(int(h), int(w)) for h, w in zip(f["height"], f["width"])})
         items.append(("frame sizes (height × width, px)",
                       ", ".join(f"{h} × {w}" for h, w in sizes_hw)))

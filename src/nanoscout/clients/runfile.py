@@ -32,8 +32,10 @@ frames (never pixels under an ``_nm`` name).
   ``id, x, y, bbox_x0..bbox_y1, area_px2, area_nm2, ecd_px, ecd_nm, ...``);
   (``track_id``: the particle's identity across frames, 0 untracked);
 * frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
-  stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale, file, index,
-  meta`` (``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it),
+  stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale,
+  base_network_only, file, index, meta`` (``base_network_only``: an adapted model's base
+  network analysed the frame alone, ``det.base_network_only``, null from older daemons;
+  ``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it),
   then the tracker's ``field, drift_x_px, drift_y_px, drift_x_nm, drift_y_nm, tracks_active``
   and ``events`` (the merge / split events as JSON); NaN / empty without tracking;
 * alerts: ``source, seq, t_acq, rule, kind, severity, value, threshold, explanation, units,
@@ -85,7 +87,8 @@ PARTICLE_COLUMNS: tuple[str, ...] = (
 FRAME_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "t_recv", "t_done", "latency_ms", "n", "units",
     "pixel_size_nm", "stage_x_um", "stage_y_um", "height", "width", "modality", "engine",
-    "model", "working_scale", "file", "index", "meta", "field", "drift_x_px", "drift_y_px",
+    "model", "working_scale", "base_network_only", "file", "index", "meta", "field",
+    "drift_x_px", "drift_y_px",
     "drift_x_nm", "drift_y_nm", "tracks_active", "events")
 ALERT_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "rule", "kind", "severity", "value", "threshold",
@@ -113,7 +116,7 @@ _INT64 = {"seq", "index", "n", "height", "width", "window_n_frames", "window_cou
           "first_seq", "last_seq", "t_first_ns", "t_last_ns", "merged_into"}
 _INT32 = {"bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
 _UINT = {"id": "uint32", "cluster": "uint8"}
-_BOOL = {"border"}
+_BOOL = {"border", "base_network_only"}
 
 
 def _type(column: str) -> pa.DataType:
@@ -168,7 +171,8 @@ def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict
              "pixel_size_nm": _nan(header.pixel_size_nm), "stage_x_um": sx, "stage_y_um": sy,
              "height": header.shape[0], "width": header.shape[1],
              "modality": header.modality or "", "engine": header.engine, "model": header.model,
-             "working_scale": _nan(header.working_scale), "file": file, "index": index,
+             "working_scale": _nan(header.working_scale),
+             "base_network_only": header.base_network_only, "file": file, "index": index,
              "meta": json.dumps(header.meta, sort_keys=True), **_tracking_row(header)}
     n = len(table)
     cols: dict[str, Any] = {
