@@ -12,6 +12,7 @@ arrive. Other threads may still :meth:`~threading.Event.set` it.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from types import FrameType
@@ -34,6 +35,15 @@ class StopEvent(threading.Event):
         """Signal-handler side: ask to stop (no lock taken; usable as a handler itself)."""
         if self.signal is None:
             self.signal = signum
+
+    def on_signals(self) -> bool:
+        """Make SIGINT and SIGTERM :meth:`request` a stop; returns False, installing nothing,
+        outside the main thread (where Python cannot install signal handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.request)
+        return True
 
     def is_set(self) -> bool:
         """Whether a stop was requested (by a signal) or set (by any thread)."""

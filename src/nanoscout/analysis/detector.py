@@ -398,20 +398,26 @@ class Detector:
     def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None, bool]:
         """Return (factor, logits of the pass at that factor or None, whether this card's own
         settings cover the frame: :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`)
-        for :meth:`detect`."""
-        base = self.card.base_network
-        if self.base_detector is not None and (base is None or base.measures):
-            # another network measures, this card decides
-            big = self.base_detector.particle_size(x)
-            covered = base is None or base.covers(big)
-            return (1.0 if big is None else self._factor(big)), None, covered
-        big, s, logits, whole = self._search(x)
+        for :meth:`detect`. A frame they do not cover gets the base network's own factor and
+        pass: the base network analyses it."""
+        base, other = self.card.base_network, self.base_detector
+        theirs = None if other is None else other._search(x)
+        if theirs is not None and base is not None and not base.covers(theirs[0]):
+            assert other is not None
+            return (*other._measured(theirs), False)
+        if theirs is not None and (base is None or base.measures):
+            big = theirs[0]  # another network measures, this card decides
+            return (1.0 if big is None else self._factor(big)), None, True
+        return (*self._measured(self._search(x)), True)
+
+    def _measured(self, found: tuple[float | None, float, np.ndarray, bool]
+                  ) -> tuple[float, np.ndarray | None]:
+        """Return (factor, logits of the pass at that factor or None) of this detector for
+        what its :meth:`_search` found."""
+        big, s, logits, whole = found
         factor = 1.0 if big is None else self._factor(big)
-        covered = True
-        if self.base_detector is not None and base is not None:  # it measures for the band only
-            covered = base.covers(self.base_detector.particle_size(x))
         # only a pass over the whole frame at the chosen factor can double as its inference
-        return factor, (logits if factor == s and whole else None), covered
+        return factor, (logits if factor == s and whole else None)
 
     def _search(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray, bool]:
         """Return (median particle diameter in frame px or None, and the factor, logits and
@@ -516,7 +522,6 @@ class Detector:
         """
         t0 = time.perf_counter()
         arr = check_frame(image)
-        h, w = arr.shape
         x = normalize(arr) if normalized is None else normalized
         ts = time.perf_counter()
         preset = self._preset(pixel_size_nm)
@@ -524,16 +529,20 @@ class Detector:
                                   else self._scale_for(x, key))
         ts = time.perf_counter() - ts
         turn = self.rotate45 if rotate45 is None else rotate45
-        if not covered:  # outside the sizes the card was adapted on: the base network's turn
-            assert self.base_detector is not None
-            other = self.base_detector.detect(image, key=key, rotate45=turn,
-                                              pixel_size_nm=pixel_size_nm, normalized=x)
-            ms = dict(other.timings_ms)
-            ms["scale"] += ts * 1e3
-            ms["preprocess"] = (time.perf_counter() - t0) * 1e3 - sum(
-                v for k, v in ms.items() if k != "preprocess")
-            return Detection(other.labels, other.scores, ms, other.scale, other.calibrated,
-                             outside_range=True)
+        # outside the sizes the card was adapted on the base network analyses, at its factor
+        analyst = self if covered else self.base_detector
+        assert analyst is not None
+        return analyst._analyse(image, x, scale, logits, turn, key, pixel_size_nm, t0, ts,
+                                outside_range=not covered)
+
+    def _analyse(self, image: np.ndarray, x: np.ndarray, scale: float,
+                 logits: np.ndarray | None, turn: bool, key: object,
+                 pixel_size_nm: float | None, t0: float, ts: float,
+                 outside_range: bool = False) -> Detection:
+        """:meth:`detect` once the working scale is known: ``x`` the normalised ``image``,
+        ``logits`` a reusable estimation pass at ``scale`` or None, ``t0`` when the call began
+        and ``ts`` the seconds its scale took."""
+        h, w = x.shape
         labels, scores, engine_s, post_s, reused_s = self._instances(x, h, w, scale, logits, turn)
         if self.multiscale:
             maps = [(labels, scores)]
@@ -569,7 +578,7 @@ class Detector:
                                           "scale": ts * 1e3,
                                           "engine": engine_s * 1e3,
                                           "postprocess": post_s * 1e3}, scale,
-                         self._calibration is not None)
+                         self._calibration is not None, outside_range)
 
     def _multiscale_factors(self, h: int, w: int, scale: float) -> list[float]:
         """The extra working scales of a frame (``multiscale`` multiples of ``scale``, within

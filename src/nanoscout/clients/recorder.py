@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import signal
 import sys
 import threading
 import time
@@ -67,9 +66,7 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
                    "batch_seconds": batch_seconds, "curve": curve is not None}}
     writer = RunWriter(out, prov)
     signalled = StopEvent()  # what SIGINT / SIGTERM set, without a lock (nanoscout.stopping)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signalled.request)
+    signalled.on_signals()
     n_det = 0
     models: set[str] = set()
     engines: set[str] = set()

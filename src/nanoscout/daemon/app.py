@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -185,9 +184,7 @@ def serve(
     # SIGINT / SIGTERM only record the request (nanoscout.stopping: a handler that set an
     # event the main thread waits on could deadlock); the loop below acts on it
     signalled = StopEvent()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signalled.request)
-        signal.signal(signal.SIGTERM, signalled.request)
+    if signalled.on_signals():
         # the daemon's own process: start-up's objects frozen, full collections rare (see the
         # module); a daemon run in a thread of another program leaves that program's
         # collector as it is

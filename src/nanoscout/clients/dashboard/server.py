@@ -58,7 +58,6 @@ import functools
 import hmac
 import json
 import logging
-import signal
 import socket
 import threading
 import time
@@ -534,9 +533,7 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
                     "machines", host)
     stop = stop or threading.Event()
     signalled = StopEvent()  # what SIGINT / SIGTERM set, without a lock (nanoscout.stopping)
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signalled.request)
+    signalled.on_signals()
     state = DashboardState(endpoints=endpoints, stale_s=stale_s, query=query)
     lens = None if query is None else LensView(query, timeout=lens_timeout, curve=curve)
     control = None if query is None else functools.partial(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 from pathlib import Path
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
@@ -67,8 +66,7 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     if args.truth:
         write_truth(spec, args.truth)
     stop = StopEvent()  # set by SIGINT / SIGTERM without a lock (nanoscout.stopping)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, stop.request)
+    stop.on_signals()
     with FramePublisher(args.connect, mode=args.mode, source=args.source, curve=curve) as pub:
         server = ControlServer(args.control, stage, camera, pub).start()
         lim = stage.limits
