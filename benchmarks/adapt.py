@@ -17,6 +17,12 @@ subprocess, timed wall clock, 1 torch / ONNX Runtime thread):
    image of the split, score the other six; target F1 >= 0.75), NFFA (adapt on the first, score
    the other five; target F1 >= 0.75), and every EMPS validation paper with >= 2 images (adapt on
    its first image, score the rest; per-paper before / after and the median gain).
+3. **Every choice of the annotated image** (``--each``): the STEM tuning and held-out
+   materials and NFFA adapted on each of their images in turn (cases ``stem/Pd@Pd3``,
+   ``nffa@<id>``, ``tune/stem-Pt/freeze@Pt4``: adapt on that image, score the others), because
+   which image an operator annotates is not fixed;
+   the summary gives the mean, the worst and the best over the choices
+   (``summary.each_choice``). The first image's case is the one above.
 
 Labels given to the command: the STEM YOLO files as they are, the EMPS uint16 instance maps as
 they are, NFFA as a TIFF instance map of the loader's particles (its PNG masks mark particles 0).
@@ -78,8 +84,18 @@ def _label_file(sample: Any, tmp: Path) -> tuple[Path, Path]:
     return root / "nffa-particles" / "images" / f"{sample.id}.jpg", lab
 
 
-def _cases(tune_papers: int, guards: tuple[str, ...] = GUARDS) -> list[dict[str, Any]]:
-    """Return the cases in run order: {key, kind, set, first (sample), rest (samples)}."""
+def _each_choice(case: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return ``case`` adapted on each of its other images in turn (key ``<key>@<image id>``;
+    the chosen image first, the others in their order)."""
+    ss = case["samples"]
+    return [{**case, "key": f"{case['key']}@{s.id}", "samples": [s, *ss[:i], *ss[i + 1:]]}
+            for i, s in enumerate(ss) if i > 0]
+
+
+def _cases(tune_papers: int, guards: tuple[str, ...] = GUARDS, each: bool = False
+           ) -> list[dict[str, Any]]:
+    """Return the cases in run order: {key, kind, set, samples (the first is adapted on)};
+    ``each``: also the STEM held-out material and NFFA adapted on each other image."""
     from nanoscout.training import realdata as rd
 
     out: list[dict[str, Any]] = []
@@ -89,6 +105,7 @@ def _cases(tune_papers: int, guards: tuple[str, ...] = GUARDS) -> list[dict[str,
         for g in guards:
             out.append({"key": f"tune/stem-{tune[0].group}/{g}", "kind": "tune", "guard": g,
                         "set": "stem-tune", "samples": tune, "base": STEM_BASE})
+            out.extend(_each_choice(out[-1]) if each else [])
     if "emps" in sets:
         dois = dict(rd.emps_index())
         by: dict[str, list[str]] = defaultdict(list)
@@ -106,9 +123,11 @@ def _cases(tune_papers: int, guards: tuple[str, ...] = GUARDS) -> list[dict[str,
             ss = [s for s in held if s.group == mat]
             out.append({"key": f"stem/{mat}", "kind": "scored", "set": "stem", "samples": ss,
                         "target_f1": 0.75, "base": STEM_BASE})
+            out.extend(_each_choice(out[-1]) if each else [])
     if "nffa" in sets:
         out.append({"key": "nffa", "kind": "scored", "set": "nffa",
                     "samples": list(rd.iter_samples("nffa")), "target_f1": 0.75})
+        out.extend(_each_choice(out[-1]) if each else [])
     if "emps" in sets:
         val = list(rd.iter_samples("emps"))
         by2: dict[str, list[Any]] = defaultdict(list)
@@ -146,6 +165,19 @@ def adapt_on(sample: Any, base_onnx: Path, tmp: Path, guard: str, minutes: float
     return out, wall, None
 
 
+def _without_count_check(adapted: Path, dest: Path) -> Path:
+    """Copy the adapted model folder ``adapted`` to ``dest`` with its card's
+    ``base_network.max_count_ratio`` removed; returns the copy's ONNX path."""
+    import shutil
+
+    shutil.copytree(adapted, dest)
+    card_file = dest / "detector.json"
+    card = json.loads(card_file.read_text())
+    card["base_network"]["max_count_ratio"] = None
+    card_file.write_text(json.dumps(card, indent=1))
+    return dest / "detector.onnx"
+
+
 def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
              synthetic_n: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Adapt on the case's first sample (a subprocess), score base and adapted on the rest.
@@ -163,8 +195,11 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
         if error is not None:
             return error
         card = json.loads((out / "detector.json").read_text())
-        res = evaluate_set({"base": _detector(base_onnx), "adapted": _detector(out / "detector.onnx")},
-                           rest)
+        methods = {"base": _detector(base_onnx), "adapted": _detector(out / "detector.onnx")}
+        checked = (card.get("base_network") or {}).get("max_count_ratio") is not None
+        if checked:  # the same adapted model without its count check, scored beside it
+            methods["unchecked"] = _detector(_without_count_check(out, Path(tmpd) / "unchecked"))
+        res = evaluate_set(methods, rest)
         b, a = res["methods"]["base"], res["methods"]["adapted"]
         row: dict[str, Any] = {
             "base": base_onnx.name, "adapt_on": first.id, "image_shape": list(first.image.shape),
@@ -175,11 +210,20 @@ def run_case(case: dict[str, Any], guard: str, minutes: float, base_onnx: Path,
             "gain_f1": round(a["f1"] - b["f1"], 4),
             "per_image": res["images"],
             "adaptation": {k: card["training"]["adaptation"].get(k) for k in
-                           ("network", "steps", "working_scale", "min_score", "seconds",
-                            "median_annotated_ecd_px", "particle_px_measured", "particle_px")},
+                           ("network", "choice", "steps", "working_scale", "min_score", "seconds",
+                            "median_annotated_ecd_px", "particle_px_measured", "particle_px",
+                            "max_count_ratio")},
             "adaptation_holdout": {k: card["evaluation"]["adaptation_holdout"][k]["f1"]
                                    for k in ("before", "after")},
         }
+        if checked:
+            u = res["methods"]["unchecked"]
+            row["after_without_count_check"] = {k: u[k] for k in ("f1", "precision", "recall",
+                                                                  "tp", "fp", "fn")}
+            row["max_count_ratio"] = card["base_network"]["max_count_ratio"]
+            row["frames_to_base_by_count"] = [
+                im["id"] for im in res["images"]
+                if im["adapted"]["n_pred"] != im["unchecked"]["n_pred"]]
         if "target_f1" in case:
             row["target_f1"] = case["target_f1"]
             row["met"] = a["f1"] >= case["target_f1"]
@@ -209,6 +253,21 @@ def _choose_guard(results: dict[str, Any], guards: tuple[str, ...] = GUARDS
     return best, summary
 
 
+def _choice_summary(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Before / after F1 over the choices of the annotated image: mean, worst, best, and the
+    choices that met the target (``rows``: case row by the image adapted on)."""
+    after = {k: r["after"]["f1"] for k, r in rows.items()}
+    before = [r["before"]["f1"] for r in rows.values()]
+    gains = [r["gain_f1"] for r in rows.values()]
+    return {"n_choices": len(rows), "mean_before_f1": round(float(np.mean(before)), 4),
+            "mean_after_f1": round(float(np.mean(list(after.values()))), 4),
+            "worst_after": min(after.items(), key=lambda kv: kv[1]),
+            "best_after": max(after.items(), key=lambda kv: kv[1]),
+            "n_better": int(sum(g > 0 for g in gains)), "n_worse": int(sum(g < 0 for g in gains)),
+            "n_met": int(sum(bool(r.get("met")) for r in rows.values())),
+            "after_by_choice": after}
+
+
 def _summary(results: dict[str, Any]) -> dict[str, Any]:
     emps = {k: r for k, r in results.items() if k.startswith("emps/") and "after" in r}
     out: dict[str, Any] = {}
@@ -227,6 +286,13 @@ def _summary(results: dict[str, Any]) -> dict[str, Any]:
             out[k] = {"before_f1": r["before"]["f1"], "after_f1": r["after"]["f1"],
                       "target_f1": r["target_f1"], "met": r["met"],
                       "adapt_wall_s": r["adapt_wall_s"], "image_shape": r["image_shape"]}
+    choices: dict[str, dict[str, Any]] = defaultdict(dict)
+    for k, r in results.items():
+        if "after" in r and not k.startswith("emps/"):
+            choices[k.split("@", 1)[0]][r["adapt_on"]] = r
+    each = {k: _choice_summary(v) for k, v in choices.items() if len(v) > 1}
+    if each:
+        out["each_choice"] = each
     walls = [r["adapt_wall_s"] for k, r in results.items() if "adapt_wall_s" in r]
     if walls:
         out["adapt_wall_s_max"] = max(walls)
@@ -250,6 +316,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guards", default=",".join(GUARDS),
                     help="guards compared on the tuning cases (comma list)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing result file")
+    ap.add_argument("--each", action="store_true",
+                    help="also adapt the STEM tuning and held-out materials and NFFA on each "
+                         "other image")
+    ap.add_argument("--adapt-args", default="",
+                    help="more options of `nanoscout models adapt`, e.g. '--steps 500 "
+                         "--choice paired'")
     ap.add_argument("--fine-tuned-only", action="store_true",
                     help="adapt with --fine-tuned-only (the base network does not compete)")
     args = ap.parse_args(argv)
@@ -283,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
-    for case in _cases(args.tune_papers, guards):
+    for case in _cases(args.tune_papers, guards, args.each):
         key = case["key"]
         if key in results and "error" not in results[key]:
             continue
@@ -298,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
             minutes = args.emps_minutes if case["set"] == "emps" else args.minutes
         t0 = time.perf_counter()
         row = run_case(case, guard, minutes, base_onnx, args.synthetic_n,
-                       ("--fine-tuned-only",) if args.fine_tuned_only else ())
+                       (("--fine-tuned-only",) if args.fine_tuned_only else ())
+                       + tuple(args.adapt_args.split()))
         row["case_wall_s"] = round(time.perf_counter() - t0, 1)
         results[key] = row
         write()

@@ -125,6 +125,9 @@ def test_adapt_refuses_unpaired_inputs(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["models", "adapt", str(img), "--labels", str(bad), "--out",
                  str(tmp_path / "o"), "--minutes", "0.1"]) == 2
     assert "bad.txt:1: expected 5 fields" in capsys.readouterr().err
+    assert main(["models", "adapt", str(img), "--labels", str(lab), "--out",
+                 str(tmp_path / "o"), "--choice", "cautious"]) == 2
+    assert "choice 'cautious' is not one of best, paired" in capsys.readouterr().err
 
 
 def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
@@ -240,6 +243,66 @@ def test_choice_prefers_the_base_network_and_its_card_on_a_tie() -> None:
     assert _choose(grid, 0.9)[0] == ("fine-tuned", "auto", 0.7)
     grid[("fine-tuned-alone", "auto", 0.7)] = [{**best, "tp": 9, "fn": 1}]
     assert _choose(grid, 0.9)[0] == ("fine-tuned-alone", "auto", 0.7)  # higher F1 wins
+
+
+def test_the_paired_choice_departs_from_the_shipped_card_only_beyond_the_count_noise() -> None:
+    """``--choice paired``: a candidate must beat the base card as it is by more than the
+    noise of the count differences (net gain > sqrt(|dtp| + |dfp|)); among those, the best
+    F1 as with ``--choice best``; the card as it is where none does."""
+    from nanoscout.training.adapt import beats_by_more_than_noise
+
+    def row(tp: int, fp: int, fn: int) -> dict[str, object]:
+        return {"tp": tp, "fp": fp, "fn": fn, "ecd_err_pct": [], "ecd_err_nm": [],
+                "ar_pairs": [], "roundness_pairs": [], "d50_pred_px": 10.0, "d50_true_px": 10.0}
+
+    card = row(50, 5, 10)
+    assert not beats_by_more_than_noise(row(51, 5, 9), card)  # one more found: 1 > 1 fails
+    assert beats_by_more_than_noise(row(52, 5, 8), card)  # 2 > sqrt(2)
+    assert not beats_by_more_than_noise(row(53, 7, 7), card)  # 3 - 2 = 1 < sqrt(5)
+    assert beats_by_more_than_noise(row(50, 0, 10), card)  # 5 false ones gone: 5 > sqrt(5)
+    grid = {("base", "card", 0.9): [card], ("base", "auto-16", 0.5): [row(51, 5, 9)],
+            ("fine-tuned", "auto", 0.7): [row(52, 6, 8)]}
+    assert _choose(grid, 0.9)[0] == ("fine-tuned", "auto", 0.7)  # best: the highest F1
+    assert _choose(grid, 0.9, "paired")[0] == ("base", "card", 0.9)  # no departure is evidence
+    grid[("fine-tuned", "auto-32", 0.95)] = [row(56, 2, 4)]
+    grid[("fine-tuned+base", "auto", 0.9)] = [row(55, 1, 5)]
+    assert _choose(grid, 0.9, "paired")[0] == ("fine-tuned", "auto-32", 0.95)
+    del grid[("base", "card", 0.9)]  # the base did not compete: best as before
+    assert _choose(grid, 0.9, "paired")[0] == _choose(grid, 0.9)[0]
+    with pytest.raises(ConfigError, match="choice rule"):
+        _choose(grid, 0.9, "cautious")
+
+
+def test_a_merged_model_may_find_twice_its_annotated_count_ratio_to_the_base() -> None:
+    """``base_network.max_count_ratio`` of a merged adapted model: twice the largest ratio, on
+    the annotated frames, of the particles its network alone finds (scale measured by the base
+    network, its chosen cut) to the base network's own (at least COUNT_FLOOR)."""
+    from nanoscout.analysis.modelcard import COUNT_FLOOR
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+    from nanoscout.training.adapt import COUNT_MARGIN, Part, _card_for, _count_ratio
+
+    weights = shipped_model_dir()
+    base_card = ModelCard.load(weights / "detector_stem.json")
+    general = ModelCard.load(weights / "detector.json")
+    source = Detector(create_engine(weights / "detector.onnx", "onnxruntime-cpu", threads=1),
+                      general.model_copy(update={"score_calibration": None}))
+    frames = [render(SpecimenConfig(modality="STEM", shape=(320, 320), pixel_size_nm=1.0,
+                                    median_diameter_nm=d, coverage=0.15), 3).image
+              for d in (8.0, 14.0)]
+    parts = [Part(f"f{i}", f, np.zeros(f.shape, np.int32), None) for i, f in enumerate(frames)]
+    ratio = _count_ratio(weights / "detector_stem.onnx", base_card, "auto-16", 0.7, source,
+                         parts, 1)
+    # the same counts, made here: the adapted card as it runs, the base network as it runs
+    card = _card_for(base_card.model_copy(update={"score_calibration": None}),
+                     weights / "detector_stem.onnx", "auto-16", 0.7).model_copy(
+        update={"base_network": None})
+    det = Detector(create_engine(weights / "detector_stem.onnx", "onnxruntime-cpu", threads=1),
+                   card, base_detector=source)
+    counts = [(det.detect(f).n, source.detect(f).n) for f in frames]
+    assert all(n > 0 for n, _ in counts)
+    assert ratio == round(COUNT_MARGIN * max(n / max(b, COUNT_FLOOR) for n, b in counts), 2)
+    det.close()
+    source.close()
 
 
 def test_adapting_on_one_stem_image_beats_the_base_on_the_material(shared_data: Path) -> None:

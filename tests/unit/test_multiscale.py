@@ -143,3 +143,59 @@ def test_a_card_that_merges_its_base_network_keeps_both_networks_particles(tmp_p
     with pytest.raises(ConfigError, match="merged by raw score"):
         Detector(merged.engine, merged.card, base_detector=calibrated)
     merged.close()
+
+
+def test_a_merged_card_hands_the_base_network_a_frame_where_its_network_finds_far_more(
+        tmp_path: Path) -> None:
+    """``base_network.max_count_ratio``: where the adapted network alone finds more than that
+    many times the base network's particles (at least COUNT_FLOOR), the base network's own
+    analysis is the frame's (``outside_range``, det.base_network_only); below it the two merge
+    as before. The card refuses the check without merge (there is no base count to compare)."""
+    import json
+    import shutil
+
+    from nanoscout.analysis.detector import load_detector
+    from nanoscout.analysis.modelcard import COUNT_FLOOR, BaseNetwork
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+
+    weights = shipped_model_dir()
+    shutil.copyfile(weights / "detector_stem.onnx", tmp_path / "base.onnx")
+    base_card = json.loads((weights / "detector_stem.json").read_text())
+    (tmp_path / "base.json").write_text(json.dumps({**base_card, "onnx_file": "base.onnx"}))
+    shutil.copyfile(weights / "detector.onnx", tmp_path / "m.onnx")
+    card = json.loads((weights / "detector.json").read_text())
+    image = render(SpecimenConfig(modality="STEM", shape=(384, 384), pixel_size_nm=1.0,
+                                  median_diameter_nm=12.0, coverage=0.2), 5).image
+
+    def detector(ratio: float) -> Detector:
+        card.update(onnx_file="m.onnx", score_calibration=None,
+                    base_network={"onnx_file": "base.onnx", "sha256": base_card["sha256"],
+                                  "merge": True, "max_count_ratio": ratio})
+        (tmp_path / "m.json").write_text(json.dumps(card))
+        return load_detector(tmp_path / "m.onnx",
+                             lambda p: create_engine(p, "onnxruntime-cpu", threads=1))
+
+    loose = detector(1000.0)
+    alone = Detector(loose.engine, loose.card.model_copy(update={"base_network": None}))
+    assert loose.base_detector is not None
+    own, base = alone.detect(image), loose.base_detector.detect(image)
+    ratio = own.n / max(base.n, COUNT_FLOOR)
+    assert own.n > COUNT_FLOOR and ratio > 0.2
+    merged = loose.detect(image)
+    assert not merged.outside_range and merged.n > min(own.n, base.n)
+    loose.close()
+    strict = detector(0.9 * ratio)
+    t0 = time.perf_counter()
+    handed = strict.detect(image)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert handed.outside_range and not handed.calibrated
+    assert handed.n == base.n and np.array_equal(handed.labels, base.labels)
+    assert sum(handed.timings_ms.values()) == pytest.approx(wall_ms, rel=0.1)
+    strict.close()
+    sha = "0" * 64
+    with pytest.raises(ValueError, match="needs merge"):
+        BaseNetwork(onnx_file="b.onnx", sha256=sha, max_count_ratio=2.0)
+    check = BaseNetwork(onnx_file="b.onnx", sha256=sha, merge=True, max_count_ratio=2.0)
+    assert [check.broke_down(n, b) for n, b in ((20, 0), (21, 0), (40, 20), (41, 20))] == \
+        [False, True, False, True]
+    assert not BaseNetwork(onnx_file="b.onnx", sha256=sha, merge=True).broke_down(10**6, 0)

@@ -70,7 +70,9 @@ class Detection:
     calibrated: bool = False
     #: True when the base network alone analysed the frame, with its own card's scale and cut:
     #: the particle size it measured lies outside the sizes an adapted card's settings were
-    #: chosen on (``base_network.particle_px``, :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`)
+    #: chosen on (``base_network.particle_px``, :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`),
+    #: or the adapted network found far more particles than it (``base_network.max_count_ratio``,
+    #: :meth:`~nanoscout.analysis.modelcard.BaseNetwork.broke_down`)
     outside_range: bool = False
 
     @property
@@ -556,15 +558,24 @@ class Detector:
                 labels, scores = merge_by_score(maps, self.multiscale_overlap)
                 post_s += time.perf_counter() - t1
         if self.merge_base:  # the base network's particles join, by raw score
-            assert self.base_detector is not None
+            assert self.base_detector is not None and self.card.base_network is not None
             other = self.base_detector.detect(image, key=key, rotate45=turn,
                                               pixel_size_nm=pixel_size_nm, normalized=x)
             t1 = time.perf_counter()
-            labels, scores = merge_by_score([(labels, scores), (other.labels, other.scores)],
-                                            self.multiscale_overlap)
             ms = other.timings_ms
             ts += ms["scale"] / 1e3
             engine_s += ms["engine"] / 1e3
+            if self.card.base_network.broke_down(int(scores.size - 1), other.n):
+                # far more particles than the base network finds: this network broke down
+                # here, and the base network's own analysis is the frame's
+                total = time.perf_counter() - t0
+                post_s += ms["postprocess"] / 1e3
+                return Detection(other.labels, other.scores,
+                                 {"preprocess": (total - ts - engine_s - post_s) * 1e3,
+                                  "scale": ts * 1e3, "engine": engine_s * 1e3,
+                                  "postprocess": post_s * 1e3}, other.scale, False, True)
+            labels, scores = merge_by_score([(labels, scores), (other.labels, other.scores)],
+                                            self.multiscale_overlap)
             post_s += time.perf_counter() - t1 + ms["postprocess"] / 1e3
         t1 = time.perf_counter()
         if self._calibration is not None and scores.size > 1:

@@ -164,6 +164,12 @@ class AutoScale(_Strict):
                              self.max_resample))
 
 
+#: the base network's particle count below which :meth:`BaseNetwork.broke_down` counts this
+#: many: a frame where it finds a handful leaves the adapted network room to find what it
+#: was taught to (a round number, not tuned)
+COUNT_FLOOR = 10
+
+
 class BaseNetwork(_Strict):
     """An adapted model's base network (``nanoscout models adapt``), beside its card: it
     measures each frame's particle size for the automatic working scale and, with ``merge``,
@@ -196,6 +202,14 @@ class BaseNetwork(_Strict):
     ``measures``: False where the adapted network measures particle sizes for its working
     scale itself (the base network found fewer than half of the annotated particles); the
     base network then only measures for ``particle_px`` and analyses the frames outside it.
+    ``max_count_ratio`` (with ``merge``, where the base network detects on every frame): a
+    frame where the adapted network alone finds more than this many times the particles the
+    base network finds there (counted as at least :data:`COUNT_FLOOR`) is analysed by the base
+    network alone, as a frame outside ``particle_px``: the adapted network broke down there.
+    ``nanoscout models adapt`` writes twice the largest such ratio on the annotated frames.
+    An adapted model fine-tuned on one STEM frame reported 9843 particles on a frame of another
+    support where the base network found 109 (``benchmarks/results/adapt_base_network_cases.json``,
+    tuning case Pt). None: no such check.
     """
 
     onnx_file: str = Field(pattern=r"^[^/\\]+\.onnx$")
@@ -203,6 +217,7 @@ class BaseNetwork(_Strict):
     merge: bool = False
     particle_px: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
     measures: bool = True
+    max_count_ratio: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BaseNetwork:
@@ -211,7 +226,17 @@ class BaseNetwork(_Strict):
         if not self.measures and (self.merge or self.particle_px is None):
             raise ValueError("a base network that does not measure is there for the frames "
                              "outside particle_px only: it needs particle_px and no merge")
+        if self.max_count_ratio is not None and not self.merge:
+            raise ValueError("max_count_ratio compares with the base network's particles on "
+                             "each frame: it needs merge")
         return self
+
+    def broke_down(self, n_adapted: int, n_base: int) -> bool:
+        """Whether the adapted network's ``n_adapted`` particles on a frame are more than
+        ``max_count_ratio`` times the base network's ``n_base`` there (at least
+        :data:`COUNT_FLOOR`): then the base network analyses the frame alone."""
+        return self.max_count_ratio is not None \
+            and n_adapted > self.max_count_ratio * max(n_base, COUNT_FLOOR)
 
     def covers(self, diameter_px: float | None) -> bool:
         """Whether a frame whose particles the base network measured at ``diameter_px``

@@ -162,6 +162,10 @@ def adapt(
         help="the base network competes with the fine-tuned one on the held-out part of the "
              "annotations, and is kept (with a scale and cut chosen there) when it scores at "
              "least as well")] = True,
+    choice: Annotated[str, typer.Option(
+        help="how the held-out part of the annotations chooses network, scale and cut: best "
+             "(highest F1) or paired (only what beats the base model as shipped by more than "
+             "the count noise of the difference)")] = "best",
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="draw a progress bar",
         show_default="on a terminal")] = None,
@@ -195,7 +199,7 @@ def adapt(
 
         res = run_adapt(list(images), list(labels), out, base=base, minutes=minutes,
                         guard=guard, seed=seed, threads=threads, progress=tick, command=command,
-                        base_competes=base_competes, steps=steps)
+                        base_competes=base_competes, steps=steps, choice=choice)
         b, a = res.before, res.after
         also = ("" if res.base_network is None else
                 f" (with its base network {res.base_network}"

@@ -103,7 +103,8 @@ class Metrics:
         self.base_network_only = Counter(
             "nanoscout_frames_base_network_only",
             "Frames an adapted model handed to its base network: their particle size lies "
-            "outside the sizes it was adapted on (det.base_network_only)", ["source"], registry=r,
+            "outside the sizes it was adapted on, or it found far more particles than the base "
+            "network there (det.base_network_only)", ["source"], registry=r,
         )
         self.alerts = Counter("nanoscout_alerts", "Alerts published", ["rule", "severity"], registry=r)
         self.alerts_suppressed = Counter(

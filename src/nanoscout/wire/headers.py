@@ -55,7 +55,9 @@ History (minor versions only add optional fields; receivers ignore fields they d
   base network alone analysed the frame, with its own card's scale and score cut, because
   the particle size it measured lies outside the sizes the adaptation was chosen on: model
   card ``base_network.particle_px``; ``model`` / ``model_sha256`` still name the adapted
-  model, which holds that rule). A v1.6 reader ignores it.
+  model, which holds that rule), or because the adapted network found far more particles
+  than the base network there (``base_network.max_count_ratio``: it broke down on the frame;
+  the same field, no new version). A v1.6 reader ignores it.
 """
 
 from __future__ import annotations
@@ -383,8 +385,9 @@ class DetHeader(FrameRef):
     #: v1.5: 0 for the model the daemon started with, +1 for each hot swap or revert since
     model_generation: Annotated[StrictInt, Field(ge=0)] | None = None
     #: v1.7: True where an adapted model's base network alone analysed the frame (its particle
-    #: size lies outside the adapted band, model card ``base_network.particle_px``); None:
-    #: an older daemon
+    #: size lies outside the adapted band, model card ``base_network.particle_px``, or the
+    #: adapted network found more than ``base_network.max_count_ratio`` times its particles);
+    #: None: an older daemon
     base_network_only: StrictBool | None = None
 
     @property
