@@ -95,36 +95,49 @@ def test_the_stem_detector_finds_more_particles_at_three_scales(shared_data: Pat
     assert three_ms > 1.5 * one_ms  # the extra scales were really run
 
 
+def _merged_model(folder: Path, **extra: object) -> Path:
+    """Write the general detector as an adapted model whose card merges the shipped STEM
+    detector as its base network (``extra``: more ``base_network`` fields) into ``folder``;
+    returns its ONNX path."""
+    import json
+    import shutil
+
+    weights = shipped_model_dir()
+    shutil.copyfile(weights / "detector_stem.onnx", folder / "base.onnx")
+    base_card = json.loads((weights / "detector_stem.json").read_text())
+    (folder / "base.json").write_text(json.dumps({**base_card, "onnx_file": "base.onnx"}))
+    shutil.copyfile(weights / "detector.onnx", folder / "m.onnx")
+    card = json.loads((weights / "detector.json").read_text())
+    card.update(onnx_file="m.onnx", score_calibration=None,
+                base_network={"onnx_file": "base.onnx", "sha256": base_card["sha256"],
+                              "merge": True, **extra})
+    (folder / "m.json").write_text(json.dumps(card))
+    return folder / "m.onnx"
+
+
+def _stem_frame() -> np.ndarray:
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+
+    return render(SpecimenConfig(modality="STEM", shape=(384, 384), pixel_size_nm=1.0,
+                                 median_diameter_nm=12.0, coverage=0.2), 5).image
+
+
 def test_a_card_that_merges_its_base_network_keeps_both_networks_particles(tmp_path: Path
                                                                             ) -> None:
     """``base_network.merge`` (an adapted model, ``models adapt``): the base network detects
     on the frame too and its particles join by raw score; each particle is kept once, every
     stage's time is counted, and a calibrated base detector is refused (its scores are no raw
     scores)."""
-    import json
-    import shutil
-
     from nanoscout.analysis.detector import load_detector
-    from nanoscout.sim.synthetic import SpecimenConfig, render
     from nanoscout.wire.errors import ConfigError
 
     weights = shipped_model_dir()
-    shutil.copyfile(weights / "detector_stem.onnx", tmp_path / "base.onnx")
-    base_card = json.loads((weights / "detector_stem.json").read_text())
-    (tmp_path / "base.json").write_text(json.dumps({**base_card, "onnx_file": "base.onnx"}))
-    shutil.copyfile(weights / "detector.onnx", tmp_path / "m.onnx")
-    card = json.loads((weights / "detector.json").read_text())
-    card.update(onnx_file="m.onnx", score_calibration=None,
-                base_network={"onnx_file": "base.onnx", "sha256": base_card["sha256"],
-                              "merge": True})
-    (tmp_path / "m.json").write_text(json.dumps(card))
-    image = render(SpecimenConfig(modality="STEM", shape=(384, 384), pixel_size_nm=1.0,
-                                  median_diameter_nm=12.0, coverage=0.2), 5).image
+    image = _stem_frame()
 
     def engine(p: Path) -> Engine:
         return create_engine(p, "onnxruntime-cpu", threads=1)
 
-    merged = load_detector(tmp_path / "m.onnx", engine)
+    merged = load_detector(_merged_model(tmp_path), engine)
     assert merged.merge_base and merged.base_detector is not None
     alone = Detector(merged.engine, ModelCard.load(tmp_path / "m.json").model_copy(
         update={"base_network": None}))
@@ -151,28 +164,13 @@ def test_a_merged_card_hands_the_base_network_a_frame_where_its_network_finds_fa
     many times the base network's particles (at least COUNT_FLOOR), the base network's own
     analysis is the frame's (``outside_range``, det.base_network_only); below it the two merge
     as before. The card refuses the check without merge (there is no base count to compare)."""
-    import json
-    import shutil
-
     from nanoscout.analysis.detector import load_detector
     from nanoscout.analysis.modelcard import COUNT_FLOOR, BaseNetwork
-    from nanoscout.sim.synthetic import SpecimenConfig, render
 
-    weights = shipped_model_dir()
-    shutil.copyfile(weights / "detector_stem.onnx", tmp_path / "base.onnx")
-    base_card = json.loads((weights / "detector_stem.json").read_text())
-    (tmp_path / "base.json").write_text(json.dumps({**base_card, "onnx_file": "base.onnx"}))
-    shutil.copyfile(weights / "detector.onnx", tmp_path / "m.onnx")
-    card = json.loads((weights / "detector.json").read_text())
-    image = render(SpecimenConfig(modality="STEM", shape=(384, 384), pixel_size_nm=1.0,
-                                  median_diameter_nm=12.0, coverage=0.2), 5).image
+    image = _stem_frame()
 
     def detector(ratio: float) -> Detector:
-        card.update(onnx_file="m.onnx", score_calibration=None,
-                    base_network={"onnx_file": "base.onnx", "sha256": base_card["sha256"],
-                                  "merge": True, "max_count_ratio": ratio})
-        (tmp_path / "m.json").write_text(json.dumps(card))
-        return load_detector(tmp_path / "m.onnx",
+        return load_detector(_merged_model(tmp_path, max_count_ratio=ratio),
                              lambda p: create_engine(p, "onnxruntime-cpu", threads=1))
 
     loose = detector(1000.0)
