@@ -95,7 +95,8 @@ def _each_choice(case: dict[str, Any]) -> list[dict[str, Any]]:
 def _cases(tune_papers: int, guards: tuple[str, ...] = GUARDS, each: bool = False
            ) -> list[dict[str, Any]]:
     """Return the cases in run order: {key, kind, set, samples (the first is adapted on)};
-    ``each``: also the STEM held-out material and NFFA adapted on each other image."""
+    ``each``: also the STEM tuning and held-out materials and NFFA adapted on each other
+    image (:func:`_each_choice`)."""
     from nanoscout.training import realdata as rd
 
     out: list[dict[str, Any]] = []
