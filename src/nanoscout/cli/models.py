@@ -179,6 +179,7 @@ def adapt(
             raise NanoscoutError("adapt needs PyTorch: pip install torch==2.13.0 && "
                                  "pip install -e '.[train]'") from exc
         raise
+    from nanoscout.analysis.modelcard import COUNT_FLOOR
     from nanoscout.clients.progress import progress as bar_for
 
     # click gives an option one value: `IMAGES... --labels L1 L2` arrives as images
@@ -215,3 +216,8 @@ def adapt(
             bar.log(f"these settings apply to frames whose particles the base network measures "
                     f"at {band[0]:g}-{band[1]:g} px; it analyses the others alone, with its own "
                     "card (det.base_network_only)")
+        ratio = res.extra["adaptation"].get("max_count_ratio")
+        if ratio is not None:
+            bar.log(f"a frame where the fine-tuned network finds more than {ratio:g} times the "
+                    f"base network's particles (at least {COUNT_FLOOR}) is analysed by the base "
+                    "network alone (det.base_network_only)")
