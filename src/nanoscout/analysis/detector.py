@@ -567,21 +567,20 @@ class Detector:
             engine_s += ms["engine"] / 1e3
             if self.card.base_network.broke_down(int(scores.size - 1), other.n):
                 # far more particles than the base network finds: this network broke down
-                # here, and the base network's own analysis is the frame's
-                total = time.perf_counter() - t0
-                post_s += ms["postprocess"] / 1e3
-                return Detection(other.labels, other.scores,
-                                 {"preprocess": (total - ts - engine_s - post_s) * 1e3,
-                                  "scale": ts * 1e3, "engine": engine_s * 1e3,
-                                  "postprocess": post_s * 1e3}, other.scale, False, True)
-            labels, scores = merge_by_score([(labels, scores), (other.labels, other.scores)],
-                                            self.multiscale_overlap)
+                # here, and the base network's own analysis (raw scores) is the frame's
+                labels, scores, scale = other.labels, other.scores, other.scale
+                outside_range = True
+            else:
+                labels, scores = merge_by_score([(labels, scores), (other.labels, other.scores)],
+                                                self.multiscale_overlap)
             post_s += time.perf_counter() - t1 + ms["postprocess"] / 1e3
         t1 = time.perf_counter()
-        if self._calibration is not None and scores.size > 1:
+        # a frame the base network analysed alone keeps its raw scores
+        calibration = None if outside_range else self._calibration
+        if calibration is not None and scores.size > 1:
             # the cut is on the raw score; what is reported is the probability
             scores = scores.copy()
-            scores[1:] = np.interp(scores[1:], *self._calibration)
+            scores[1:] = np.interp(scores[1:], *calibration)
         post_s += time.perf_counter() - t1
         ts -= reused_s
         total = time.perf_counter() - t0
@@ -589,7 +588,7 @@ class Detector:
                                           "scale": ts * 1e3,
                                           "engine": engine_s * 1e3,
                                           "postprocess": post_s * 1e3}, scale,
-                         self._calibration is not None, outside_range)
+                         calibration is not None, outside_range)
 
     def _multiscale_factors(self, h: int, w: int, scale: float) -> list[float]:
         """The extra working scales of a frame (``multiscale`` multiples of ``scale``, within

@@ -474,7 +474,8 @@ def _provenance_section(run: Run) -> str:
         if handed:  # protocol 1.7: an adapted model handed these to its base network
             items.append(("frames analysed by an adapted model's base network",
                           f"{handed} of {Run.rows(f)} (their particles lie outside the sizes "
-                          "the model was adapted on)"))
+                          "the model was adapted on, or its network found far more particles "
+                          "than the base network there)"))
         sizes_hw = sorted({(int(h), int(w)) for h, w in zip(f["height"], f["width"])})
         items.append(("frame sizes (height × width, px)",
                       ", ".join(f"{h} × {w}" for h, w in sizes_hw)))

@@ -387,6 +387,16 @@ def _card_for(base: ModelCard, onnx: Path, scale: str | None = None,
     return base.model_copy(update=upd)
 
 
+def _candidate_card(base: ModelCard, onnx: Path, label: str, cut: float | None = None
+                    ) -> ModelCard:
+    """Return the card of candidate ``onnx`` with working-scale ``label`` (and score ``cut``)
+    as the held-out parts score it: ``base``'s, on raw scores, with no base network of its
+    own (who measures is given to its Detector, and nothing merges unasked)."""
+    raw = base.model_copy(update={"score_calibration": None})
+    return _card_for(raw, onnx, None if label == "card" else label, cut).model_copy(
+        update={"base_network": None})
+
+
 def _candidates() -> list[str]:
     """Working-scale candidates: the base card's automatic scale, and automatic scales aiming
     at other working diameters (px). A fixed scale is not offered: it won on the held-out half
@@ -420,7 +430,6 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
     instead (:data:`SELF_MEASURED`); measured by ``source`` and with ``merge``, also with the
     base network's particles merged into its own (:data:`MERGED`)."""
     engine = create_engine(onnx, "onnxruntime-cpu", threads=threads)
-    raw = base.model_copy(update={"score_calibration": None})  # cut on the raw score
     labels = _candidates() if network == FINE_TUNED else ["card", *_candidates()]
     th = base.thresholds
     assert th is not None
@@ -437,10 +446,8 @@ def _grid_scores(onnx: Path, base: ModelCard, held: list[Part], threads: int,
     overlap = base.working_scale.multiscale_overlap  # type: ignore[union-attr]
     try:
         for label in labels:
-            # who measures is given here, and nothing merges unasked
-            card = _card_for(raw, onnx, None if label == "card" else label).model_copy(
-                update={"base_network": None})
-            det = Detector(engine, card, min_score=0.0, base_detector=measurer)
+            det = Detector(engine, _candidate_card(base, onnx, label), min_score=0.0,
+                           base_detector=measurer)
             for i, part in enumerate(held):
                 found = det.detect(part.image)
                 for cut in cuts:
@@ -566,11 +573,8 @@ def _count_ratio(onnx: Path, base: ModelCard, scale: str, cut: float, source: De
     cut) to those the base network ``source`` finds with its own card (counted as at least
     :data:`~nanoscout.analysis.modelcard.COUNT_FLOOR`)."""
     engine = create_engine(onnx, "onnxruntime-cpu", threads=threads)
-    card = _card_for(base.model_copy(update={"score_calibration": None}), onnx,
-                     None if scale == "card" else scale, cut).model_copy(
-        update={"base_network": None})
     try:
-        det = Detector(engine, card, base_detector=source)
+        det = Detector(engine, _candidate_card(base, onnx, scale, cut), base_detector=source)
         ratios = [det.detect(p.image).n / max(source.detect(p.image).n, COUNT_FLOOR)
                   for p in parts]
     finally:
@@ -743,6 +747,9 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
     # a network that measures particle sizes itself keeps the base network beside it for the
     # frames outside the band only, where there is one
     with_base = with_base or band is not None
+    # a merged network that breaks down on a frame hands it to the base network
+    ratio = (_count_ratio(onnx_path, base_card, scale, cut, source, parts, threads)
+             if network == MERGED else None)
     seconds = round(time.perf_counter() - t0, 1)
     adaptation = {
         "base_model": {"name": base_card.name, "version": base_card.version,
@@ -757,7 +764,7 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
         "base_rebuild_max_abs_diff": diff,
         "onnx_max_abs_diff_vs_torch": None if verify is None else verify["max_abs_diff"],
         "median_annotated_ecd_px": round(d_all, 2), "network": network,
-        "particle_px_measured": measured, "particle_px": band,
+        "particle_px_measured": measured, "particle_px": band, "max_count_ratio": ratio,
         "base_competes": base_competes, "choice": choice,
         "working_scale": scale, "min_score": cut,
     }
@@ -781,9 +788,6 @@ def _adapt(images: list[Path], labels: list[Path], out: Path, base_onnx: Path,
         # it analyses the frames outside the sizes the choice was made on
         inherited = network == BASE and base_card.base_network is not None \
             and base_card.base_network.merge
-        ratio = (_count_ratio(onnx_path, base_card, scale, cut, source, parts, threads)
-                 if network == MERGED else None)
-        adaptation["max_count_ratio"] = ratio
         pinned = _write_base(*root, out).model_copy(
             update={"merge": network == MERGED or inherited, "particle_px": band,
                     "measures": network != SELF_MEASURED, "max_count_ratio": ratio})

@@ -357,7 +357,7 @@
     $("frame-n").textContent = d ? String(d.n) : "–";
     $("frame-latency").textContent = d ? `${fmt(d.latency_ms, 0)} ms` : "–";
     $("frame-fps").textContent = d ? fmt(d.fps, 1) : "–";
-    // protocol 1.7: an adapted model handed this frame to its base network (size band)
+    // protocol 1.7: an adapted model handed this frame to its base network (size band, count check)
     $("frame-base-only").hidden = !(d && d.base_network_only);
     renderGaps();
   }
