@@ -540,9 +540,49 @@ def test_consistent_scale_is_not_captured_by_a_support_lump(shared_data: Path, n
     assert 10.0 <= true_px * f <= 48.0, (f, true_px)
 
 
+#: a 1024² HAADF frame on a thick support, as the passes of the self-consistent estimate saw
+#: it (X2 on the Cu tuning frame Cu_silica1 under benchmarks.scale_stress's ``thick``): factor
+#: -> (area-weighted median ECD at the pass, confident particles counted). The coarse pass
+#: sees the lumps; the full-size pass, centred on a lump, finds none of the faint particles.
+_THICK_PASSES = {0.25: (21.7, 14), 0.5: (17.1, 12), 1.0: (0.0, 0), 2.0: (0.0, 0)}
+
+
+@pytest.mark.parametrize(("fallback", "passes", "particle_px"), [
+    ("coarse", _THICK_PASSES, 21.7 / 0.25),  # the first pass whose median is >= 16 px
+    ("finest", _THICK_PASSES, 17.1 / 0.5),  # the finest pass that counted >= 10 particles
+    # no pass counts 10: the coarse-to-fine walk decides, as before
+    ("finest", {0.25: (21.7, 9), 0.5: (17.1, 9), 1.0: (0.0, 0), 2.0: (0.0, 0)}, 21.7 / 0.25),
+])
+def test_when_no_two_passes_agree_the_fallback_decides(
+        shipped: Detector, monkeypatch: pytest.MonkeyPatch, fallback: str,
+        passes: dict[float, tuple[float, int]], particle_px: float) -> None:
+    card = _with_auto(shipped.card, **_CONSISTENT, fallback=fallback, coarse_side_px=256,
+                      reliable_diameter_px=16.0)
+    det = Detector(shipped.engine, card, scale="auto")
+    seen: list[float] = []
+
+    def scripted(x: np.ndarray, s: float, centre: object = None
+                 ) -> tuple[np.ndarray, bool, float, int]:
+        seen.append(s)
+        d, n = passes[s]
+        return np.zeros((1, 2, 8, 8), np.float32), False, d, n
+
+    monkeypatch.setattr(det, "_window_pass", scripted)
+    monkeypatch.setattr(det, "_densest", lambda *a: None)
+    size = det.particle_size(np.zeros((1024, 1024), np.float32))
+    assert size == pytest.approx(particle_px)
+    assert sorted(set(seen)) == [0.25, 0.5, 1.0, 2.0] and len(seen) == 4  # each pass runs once
+    a = card.working_scale.auto  # type: ignore[union-attr]
+    assert det.estimate_scale(np.zeros((1024, 1024), np.float32)) == pytest.approx(
+        a.factor(particle_px))
+
+
 def test_auto_scale_card_fields_default_to_the_old_estimate() -> None:
     a = AutoScale()
     assert a.consistency is None and a.min_pass_ecd_px == 0.0  # the coarse-to-fine passes
+    assert a.fallback == "coarse"
+    with pytest.raises(ValueError, match="fallback"):
+        AutoScale(fallback="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="consistent_px"):
         AutoScale(consistency=1.2, consistent_px=(40.0, 8.0))
     with pytest.raises(ValueError, match="consistency"):

@@ -347,7 +347,9 @@ class Detector:
         median particle is D = d / s px. A D within [``keep_min_px``, ``keep_max_px``] keeps
         factor 1 (no resampling: cheapest and sharpest); otherwise the factor is
         ``target_diameter_px`` / D within [``min_resample``, ``max_resample``]. A frame with no
-        particles at any level keeps factor 1.
+        particles at any level keeps factor 1. A card with ``consistency`` looks for two
+        passes that agree first, and its ``fallback`` says which pass decides when none do
+        (:class:`~nanoscout.analysis.modelcard.AutoScale`).
         """
         return self._estimate(x)[0]
 
@@ -448,6 +450,11 @@ class Detector:
             found = self._search_consistent(x, a.consistency, window_pass)
             if found is not None:
                 return found
+            if a.fallback == "finest":  # the finest pass that counted enough particles
+                for s in sorted(passes, reverse=True):
+                    logits, whole, d, n = window_pass(s)
+                    if d > 0 and n >= a.consistent_min_count:
+                        return d / s, s, logits, whole
         s = s0
         while True:
             logits, whole, d, _ = window_pass(s)

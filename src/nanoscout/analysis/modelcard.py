@@ -131,7 +131,11 @@ class AutoScale(_Strict):
     Real particles keep their size in frame px when the scale doubles; support grain, noise and
     texture responses keep their size in working px (so theirs halves), and a whole support
     lump is seen only by a few coarse passes, as a few particles. When no pass agrees with its
-    neighbour, the passes above decide. ``min_pass_ecd_px`` applies to them too.
+    neighbour, the passes above decide (``fallback = "coarse"``), or, with ``fallback =
+    "finest"``, the finest of the consistency search's passes that counts at least
+    ``consistent_min_count`` confident particles sets it (a coarse pass over a thick, lumpy
+    support sees the lumps as particles and would otherwise decide; when no pass counts that
+    many, the passes above decide). ``min_pass_ecd_px`` applies to them too.
     """
 
     target_diameter_px: float = Field(24.0, gt=0)
@@ -146,6 +150,7 @@ class AutoScale(_Strict):
     consistent_px: tuple[float, float] = (8.0, 64.0)
     consistent_min_count: int = Field(1, ge=1)
     min_pass_ecd_px: float = Field(0.0, ge=0)
+    fallback: Literal["coarse", "finest"] = "coarse"
 
     @model_validator(mode="after")
     def _range(self) -> AutoScale:
