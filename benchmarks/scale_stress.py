@@ -121,10 +121,11 @@ def _samples(name: str) -> Iterator[Any]:
 
 
 def run_set(name: str, threads: int, model: Path | None = None,
-            transforms: tuple[str, ...] = TRANSFORMS, windows: tuple[str, ...] = WINDOWS
-            ) -> dict[str, Any]:
+            transforms: tuple[str, ...] = TRANSFORMS, windows: tuple[str, ...] = WINDOWS,
+            seed: int = 0) -> dict[str, Any]:
     """Score the shipped detector of set ``name`` (or ``model``, its card beside it) under
-    each of ``transforms`` and ``windows``."""
+    each of ``transforms`` and ``windows``; image ``i`` of the set gets the support draw
+    ``seed + i``."""
     from nanoscout.analysis import detector as detector_module
     from nanoscout.analysis.detector import Detector
     from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
@@ -145,7 +146,7 @@ def run_set(name: str, threads: int, model: Path | None = None,
             if img.ndim == 3:
                 img = img.mean(axis=-1)
             for how in transforms:
-                im, lab, bx = transform(img, s.labels, s.boxes, how, seed=i)
+                im, lab, bx = transform(img, s.labels, s.boxes, how, seed=seed + i)
                 row: dict[str, Any] = {"id": s.id, "transform": how, "shape": list(im.shape)}
                 for window in windows:
                     if window == "centred":  # the finer passes at the frame's centre
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--transforms", default=",".join(TRANSFORMS),
                     help=f"comma-separated, of {', '.join(TRANSFORMS)}")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="first support draw of the thick transform (image i gets seed + i)")
     ap.add_argument("--windows", default=",".join(WINDOWS),
                     help=f"comma-separated, of {', '.join(WINDOWS)}")
     args = ap.parse_args(argv)
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         "transforms": list(transforms), "windows": list(windows),
         "tuning_sets": [s for s in sets if is_tuning(s)],
         "heldout_sets": [s for s in sets if not is_tuning(s)],
-        "sets": {s: run_set(s, args.threads, args.model, transforms, windows) for s in sets}, "seconds": 0.0}
+        "sets": {s: run_set(s, args.threads, args.model, transforms, windows, args.seed)
+                 for s in sets}, "seconds": 0.0}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")

@@ -577,10 +577,39 @@ def test_when_no_two_passes_agree_the_fallback_decides(
         a.factor(particle_px))
 
 
+@pytest.mark.parametrize("recentre", [False, True])
+def test_a_finer_pass_that_finds_nothing_on_a_lump_looks_at_the_frame_centre(
+        shipped: Detector, monkeypatch: pytest.MonkeyPatch, recentre: bool) -> None:
+    """The thick-support frame of the test above: with ``recentre`` the full-size pass, empty
+    around the densest foreground (a lump), runs again at the frame's centre, finds 10
+    particles of 32 px there, and agrees with the half-size pass (34 px)."""
+    card = _with_auto(shipped.card, **_CONSISTENT, recentre=recentre, coarse_side_px=256,
+                      reliable_diameter_px=16.0)
+    det = Detector(shipped.engine, card, scale="auto")
+    lump = (826.0, 186.0)  # (row, col): where the coarse pass found the most foreground
+    seen: list[tuple[float, object]] = []
+
+    def scripted(x: np.ndarray, s: float, centre: object = None
+                 ) -> tuple[np.ndarray, bool, float, int]:
+        seen.append((s, centre))
+        d, n = (32.3, 10) if s == 1.0 and centre is None else _THICK_PASSES[s]
+        return np.zeros((1, 2, 8, 8), np.float32), False, d, n
+
+    monkeypatch.setattr(det, "_window_pass", scripted)
+    monkeypatch.setattr(det, "_densest", lambda *a: lump)
+    size = det.particle_size(np.zeros((1024, 1024), np.float32))
+    if recentre:
+        assert size == pytest.approx(17.1 / 0.5)
+        assert seen == [(0.25, None), (0.5, lump), (1.0, lump), (1.0, None)]
+    else:
+        assert size == pytest.approx(21.7 / 0.25)
+        assert (1.0, None) not in seen
+
+
 def test_auto_scale_card_fields_default_to_the_old_estimate() -> None:
     a = AutoScale()
     assert a.consistency is None and a.min_pass_ecd_px == 0.0  # the coarse-to-fine passes
-    assert a.fallback == "coarse"
+    assert a.fallback == "coarse" and not a.recentre
     with pytest.raises(ValueError, match="fallback"):
         AutoScale(fallback="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="consistent_px"):

@@ -442,6 +442,14 @@ class Detector:
                 if s == s0:  # the finer passes look where the first found the most
                     centre = self._densest(passes[s][0][0], s, pass_window(
                         (h, w), s, self.estimate_window_px))
+                elif a.recentre and passes[s][0][3] == 0 and pass_window(
+                        (h, w), s, self.estimate_window_px, centre) != pass_window(
+                        (h, w), s, self.estimate_window_px):
+                    # nothing where the most foreground was (a lump of a thick support?):
+                    # the frame's centre instead, if particles are found there
+                    again = (self._window_pass(x, s), self._pass_engine_s)
+                    if again[0][3] > 0:
+                        passes[s] = again
             found, self._pass_engine_s = passes[s]
             return found
 

@@ -135,7 +135,10 @@ class AutoScale(_Strict):
     "finest"``, the finest of the consistency search's passes that counts at least
     ``consistent_min_count`` confident particles sets it (a coarse pass over a thick, lumpy
     support sees the lumps as particles and would otherwise decide; when no pass counts that
-    many, the passes above decide). ``min_pass_ecd_px`` applies to them too.
+    many, the passes above decide). ``min_pass_ecd_px`` applies to them too. With
+    ``recentre``, a finer pass whose window (centred where the coarse pass found the most
+    foreground) holds no confident particle looks again at the frame's centre and counts
+    that pass if it found any: on a thick support the most foreground can be a lump.
     """
 
     target_diameter_px: float = Field(24.0, gt=0)
@@ -151,6 +154,7 @@ class AutoScale(_Strict):
     consistent_min_count: int = Field(1, ge=1)
     min_pass_ecd_px: float = Field(0.0, ge=0)
     fallback: Literal["coarse", "finest"] = "coarse"
+    recentre: bool = False
 
     @model_validator(mode="after")
     def _range(self) -> AutoScale:
