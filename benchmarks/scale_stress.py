@@ -99,7 +99,8 @@ def transform(image: np.ndarray, labels: np.ndarray | None, boxes: np.ndarray | 
             [boxes + np.array([dx, dy, dx, dy], np.float64) for dy in (0, h) for dx in (0, w)])
         return big, lab, bx
     if how == "thick":
-        from nanoscout.training.crops import normalize, thick_support
+        from nanoscout.analysis.preprocess import normalize
+        from nanoscout.training.crops import thick_support
 
         fg = np.zeros(image.shape, np.int32)
         if labels is not None:

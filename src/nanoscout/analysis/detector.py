@@ -348,8 +348,9 @@ class Detector:
         factor 1 (no resampling: cheapest and sharpest); otherwise the factor is
         ``target_diameter_px`` / D within [``min_resample``, ``max_resample``]. A frame with no
         particles at any level keeps factor 1. A card with ``consistency`` looks for two
-        passes that agree first, and its ``fallback`` says which pass decides when none do
-        (:class:`~nanoscout.analysis.modelcard.AutoScale`).
+        passes that agree first, and its ``fallback`` says which pass decides when none do;
+        with ``recentre`` a finer pass that finds nothing in its window looks again at the
+        frame's centre (:class:`~nanoscout.analysis.modelcard.AutoScale`).
         """
         return self._estimate(x)[0]
 
