@@ -63,18 +63,23 @@ TUNING_SETS = ("stem-train", "emps-tune")
 MATERIAL_PREFIX = "stem-tune:"
 
 
+def _stem_tuning(name: str) -> bool:
+    """Whether ``name`` is the STEM tuning material (``stem-tune``) or one training material."""
+    return name == "stem-tune" or (name.startswith(MATERIAL_PREFIX) and name != MATERIAL_PREFIX)
+
+
 def set_entry(name: str) -> tuple[str, str]:
     """(detector file in models/weights, sample set) of set ``name``; SystemExit if unknown."""
     if name in SETS:
         return SETS[name]
-    if name == "stem-tune" or (name.startswith(MATERIAL_PREFIX) and name != MATERIAL_PREFIX):
+    if _stem_tuning(name):
         return "detector_stem.onnx", name
     raise SystemExit(f"unknown set {name!r} (known: {', '.join(SETS)}, {MATERIAL_PREFIX}MATERIAL)")
 
 
 def is_tuning(name: str) -> bool:
     """Whether set ``name`` may be used to choose settings (not a held-out set)."""
-    return name in TUNING_SETS or name == "stem-tune" or name.startswith(MATERIAL_PREFIX)
+    return name in TUNING_SETS or _stem_tuning(name)
 
 
 def transform(image: np.ndarray, labels: np.ndarray | None, boxes: np.ndarray | None,
@@ -100,13 +105,11 @@ def transform(image: np.ndarray, labels: np.ndarray | None, boxes: np.ndarray | 
         return big, lab, bx
     if how == "thick":
         from nanoscout.analysis.preprocess import normalize
-        from nanoscout.training.crops import thick_support
+        from nanoscout.training.crops import ellipse_labels, thick_support
 
-        fg = np.zeros(image.shape, np.int32)
-        if labels is not None:
-            fg[labels > 0] = 1
-        for x0, y0, x1, y1 in ([] if boxes is None else np.asarray(boxes, np.float64).astype(int)):
-            fg[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1
+        # the particles as the STEM recipe trains on them: a box's inscribed ellipse
+        fg = labels if labels is not None else ellipse_labels(
+            image.shape, np.zeros((0, 4)) if boxes is None else np.asarray(boxes, np.float64))
         return thick_support(normalize(image), fg, np.random.default_rng([seed, 7])), labels, boxes
     raise ValueError(f"unknown transform {how!r}")
 
