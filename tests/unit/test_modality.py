@@ -87,12 +87,15 @@ def test_pipeline_routes_frames_without_a_modality(shared_data: Path) -> None:
                       (False, "TEM"): f"{general.name}:{general.version}"}
 
 
-def test_training_writes_a_model_the_estimator_loads(tmp_path: Path) -> None:
+def test_training_writes_a_model_the_estimator_loads(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A few steps on rendered frames: the ONNX file and its card load, and the card holds
-    the routing of the tuning and held-out frames, counted by class."""
+    the routing of the tuning and held-out frames, counted by class; ``--rescore`` counts
+    them again under another cut and leaves the network and its training record alone."""
     pytest.importorskip("torch")
+    from nanoscout.analysis import modality
     from nanoscout.sim.synthetic import SpecimenConfig, render
-    from nanoscout.training import haadf
+    from nanoscout.training import haadf, train_modality
     from nanoscout.training.train_modality import Item, train, write_model
 
     rng = np.random.default_rng(0)
@@ -111,6 +114,18 @@ def test_training_writes_a_model_the_estimator_loads(tmp_path: Path) -> None:
     assert ev["routing_held_out"]["emps"]["n_other"] == 1
     assert set(ev["routing_tuning"]["stem"]["p_haadf"]) == {"h4"}
     est.close()
+
+    before = ModelCard.load(card_path)
+    monkeypatch.setattr(train_modality, "collect", lambda **_: items)
+    for mod in (modality, train_modality):
+        monkeypatch.setattr(mod, "ROUTE_MIN_P", 0.0)  # every frame is "STEM"
+    train_modality.main(["--out", str(tmp_path), "--rescore"])
+    after = ModelCard.load(card_path)
+    assert after.sha256 == before.sha256 and after.training == before.training
+    held = after.evaluation["routing_held_out"]
+    assert (held["stem"]["haadf_routed"], held["emps"]["other_routed"]) == (1, 1)
+    assert held["emps"]["p_haadf"] == before.evaluation["routing_held_out"]["emps"]["p_haadf"]
+    assert "p(haadf) >= 0.0" in held["rule"] and "--rescore" in held["command"]
 
 
 def test_the_rendered_check_is_its_own_stream() -> None:
