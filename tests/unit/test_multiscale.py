@@ -197,3 +197,27 @@ def test_a_merged_card_hands_the_base_network_a_frame_where_its_network_finds_fa
     assert [check.broke_down(n, b) for n, b in ((20, 0), (21, 0), (40, 20), (41, 20))] == \
         [False, True, False, True]
     assert not BaseNetwork(onnx_file="b.onnx", sha256=sha, merge=True).broke_down(10**6, 0)
+
+
+def test_an_extra_finer_scale_stops_at_the_frames_own_pixels() -> None:
+    """``multiscale_max_factor``: a finer extra scale is capped at the frame's own resolution
+    (1.0), and skipped where the cap leaves it no finer than the chosen scale; coarser extra
+    scales stay; without the cap only the resample range bounds them."""
+    model = shipped_model_dir() / "detector.onnx"
+    card = ModelCard.load(model.with_suffix(".json"))
+    assert card.working_scale is not None
+    engine = create_engine(model, "onnxruntime-cpu", threads=1)
+
+    def factors(cap: float | None, scale: float) -> list[float]:
+        ws = card.working_scale.model_copy(update={"multiscale": (0.5, 2.0),  # type: ignore[union-attr]
+                                                   "multiscale_max_factor": cap})
+        det = Detector(engine, card.model_copy(update={"working_scale": ws}))
+        return [round(f, 3) for f in det._multiscale_factors(1024, 1024, scale)]
+
+    assert factors(1.0, 0.3) == [0.15, 0.6]
+    assert factors(1.0, 0.8) == [0.4, 1.0]   # 1.6 capped to the frame's pixels
+    assert factors(1.0, 1.0) == [0.5]        # nothing finer than the frame itself
+    assert factors(1.0, 1.6) == [0.8]        # 3.2 would be finer; capped, it is not
+    assert factors(None, 1.0) == [0.5, 2.0]
+    assert factors(None, 2.0) == [1.0, 3.0]  # 4.0 capped to the resample range (3.0)
+    engine.close()

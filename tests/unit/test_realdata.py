@@ -63,6 +63,8 @@ def test_msa_split_holds_out_frames_and_loads_masks(shared_data: Path) -> None:
     s = realdata.load_msa(sorted(held)[0], shared_data)
     assert s.image.dtype == np.uint8 and s.labels is not None and s.labels.max() >= 5
     assert [x.id for x in realdata.iter_samples("msa", shared_data)] == sorted(held)
+    # the tuning frames are the training split, never a held-out frame
+    assert [x.id for x in realdata.iter_samples("msa-tune", shared_data)] == split["train"]
 
 
 def test_stem_material_names_are_one_training_material_and_refuse_the_held_out(

@@ -247,6 +247,7 @@ class Detector:
         self.multiscale = ws.multiscale if multiscale is not False else ()
         self._resample_range = (ws.auto.min_resample, ws.auto.max_resample)
         self.multiscale_overlap = ws.multiscale_overlap
+        self.multiscale_max_factor = ws.multiscale_max_factor
         self._calibration = (None if cal is None else
                              (np.asarray(cal.scores, np.float32),
                               np.asarray(cal.probabilities, np.float32)))
@@ -608,12 +609,16 @@ class Detector:
 
     def _multiscale_factors(self, h: int, w: int, scale: float) -> list[float]:
         """The extra working scales of a frame (``multiscale`` multiples of ``scale``, within
-        the card's resample range; none whose frame would be under 64 px)."""
+        the card's resample range and at most ``multiscale_max_factor``; none whose frame
+        would be under 64 px)."""
         lo, hi = self._resample_range
+        if self.multiscale_max_factor is not None:
+            hi = min(hi, self.multiscale_max_factor)
         out = []
         for r in self.multiscale:
             f = min(max(scale * r, lo), hi)
-            if f != scale and max(h, w) * f >= 64 and f not in out:
+            # a finer (coarser) extra scale capped to or past the chosen one is no extra scale
+            if (f - scale) * (r - 1.0) > 0 and max(h, w) * f >= 64 and f not in out:
                 out.append(f)
         return out
 

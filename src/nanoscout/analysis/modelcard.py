@@ -273,6 +273,11 @@ class WorkingScale(_Strict):
     #: all scales merged by score (``nanoscout.analysis.multiscale``); () = the chosen scale only.
     #: Engine time grows by the sum of their squares (0.71 and 1.41: x3.5)
     multiscale: tuple[float, ...] = ()
+    #: the largest resample factor of an extra scale (a factor above it is capped to it; a
+    #: finer scale capped to or below the chosen one is skipped). 1.0: an extra pass never upsamples
+    #: beyond the frame's own pixels, so a frame analysed at its full resolution or finer gets
+    #: no extra pass, and a downsampled one gets its detail back. None: the resample range's.
+    multiscale_max_factor: float | None = Field(None, gt=0)
     #: the largest fraction of an instance's pixels that more confident instances (of any
     #: scale) may already hold for it to be kept
     multiscale_overlap: float = Field(0.2, ge=0, lt=1)

@@ -73,7 +73,7 @@ __all__ = ["ALL_SETS", "EMPS_SPECKS_IMAGE", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE",
            "synthetic_samples", "time_detector", "tuning_config", "tuning_samples"]
 
 ALL_SETS = ("synthetic", "emps", "stem", "nffa", "msa", "emps-tune", "stem-tune",
-            "synthetic-tune")
+            "synthetic-tune", "msa-tune")
 
 HELDOUT_SEED_LIMIT = 1_000_000
 #: seeds of the synthetic *tuning* frames (:func:`tuning_config`): below the training seeds and
@@ -620,6 +620,10 @@ SET_NOTES = {
     "msa": ("BF-TEM frames of supported particles sintering in situ, held-out frames of "
             "msa-tem-train (models/splits/msa.json 'validation'); binary masks, true instances "
             "= 8-connected components; uncalibrated (px); mask IoU"),
+    "msa-tune": ("BF-TEM tuning frames: the training split of msa-tem-train (models/splits/"
+                 "msa.json 'train'), which the shipped detectors do not train on (a candidate "
+                 "trained with --real-sets ...,msa does); masks as for msa; mask IoU; for "
+                 "choosing post-processing settings, not a held-out result"),
     "nffa": ("NFFA SEM particles, binary masks: true instances = 8-connected components "
              "(touching particles are one instance); uncalibrated (px); mask IoU"),
 }
@@ -743,6 +747,8 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         avail.append("emps-tune")
     if "stem" in avail:
         avail.append("stem-tune")
+    if "msa" in avail:
+        avail.append("msa-tune")
     for s in sets:
         if _set_kind(s) not in ALL_SETS:
             raise SystemExit(f"unknown set {s!r} (known: {', '.join(ALL_SETS)}, "
@@ -842,7 +848,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma list of synthetic,emps,stem,nffa,msa or 'all' (available ones): "
                          "score model and classical baseline on each; tuning sets only when "
                          "named: synthetic-tune, emps-tune, stem-tune, stem-tune:MATERIAL (one "
-                         "STEM training material, e.g. stem-tune:Cu)")
+                         "STEM training material, e.g. stem-tune:Cu), msa-tune (the BF-TEM "
+                         "training frames)")
     ap.add_argument("--max-images", type=int, default=None,
                     help="with --sets: at most this many images per real set")
     ap.add_argument("--data-root", type=Path, default=None, help="default ../shared/data")

@@ -403,6 +403,9 @@ def iter_samples(name: str, root: Path | None = None, max_images: int | None = N
     elif name == "msa":
         held: list[str] = list(load_split("msa")["validation"])
         gen = (load_msa(n, root) for n in held[:max_images])
+    elif name == "msa-tune":  # the training split, which no shipped detector trains on
+        train: list[str] = list(load_split("msa")["train"])
+        gen = (load_msa(n, root) for n in train[:max_images])
     else:
         raise ConfigError(f"unknown real data set {name!r} (known: {', '.join(REAL_SETS)})")
     yield from gen
