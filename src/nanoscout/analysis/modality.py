@@ -4,7 +4,7 @@ A frame's modality chooses its detector (the STEM detector for STEM frames, the 
 for the rest; ``[engine] modality_models``). Live frames carry it in their header, and
 instrument files in their metadata; a PNG, JPEG or plain TIFF carries nothing, and was
 analysed by the general detector, which misses most particles of HAADF-STEM frames (held-out
-Pd: F1 0.14 against the STEM detector's 0.48). The modality model (``models/weights/
+Pd: F1 0.14 against the STEM detector's 0.58). The modality model (``models/weights/
 modality.onnx``, trained by :mod:`nanoscout.training.train_modality`) looks at the whole frame
 resampled to :data:`INPUT_SIDE` px (:func:`~nanoscout.analysis.preprocess.fixed_input`) and
 gives p(haadf); a frame with p(haadf) >= :data:`ROUTE_MIN_P` is analysed as "STEM".
