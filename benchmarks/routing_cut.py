@@ -41,7 +41,7 @@ SIDE = 512
 
 
 def pooled_f1(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
-    """Pooled P / R / F1 of ``method`` ("general", "stem" or "routed") over ``rows``."""
+    """Pooled counts and F1 of ``method`` ("general", "stem" or "routed") over ``rows``."""
     tp, fp, fn = (sum(int(r[method][k]) for r in rows) for k in ("tp", "fp", "fn"))
     return {"n_frames": len(rows), "tp": tp, "fp": fp, "fn": fn,
             "f1": round(2 * tp / max(1, 2 * tp + fp + fn), 4)}
