@@ -1,8 +1,11 @@
 """``nanoscout models train --init detector.onnx``: training continues from a shipped detector's
 exported weights, with its folded BatchNorms frozen (batch statistics would replace the folded
-identities and change the network before the first step)."""
+identities and change the network before the first step); ``--cycles``: phase 2 in cycles
+that equal continued runs."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,3 +51,28 @@ def test_a_retrained_card_keeps_the_shipped_post_processing(variant: str) -> Non
     card = build_card(path, training={}, metrics=None, timings={}, width=16, variant=variant)
     assert card.working_scale == shipped.working_scale
     assert card.thresholds == shipped.thresholds
+
+
+def test_two_cycles_equal_one_run_continued_on_the_next_seed() -> None:
+    """``--cycles 2`` (``finetune``) is what a run continued by ``--init`` with ``--seed`` one
+    higher gives: the same data, a warm restart, the same weights; and the cycles do train."""
+    import copy
+
+    import torch
+
+    from nanoscout.training.train import build_network, finetune, train
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    start = build_network("unet", 8)
+    kw: dict[str, Any] = {"log_every": 1, "lr": 1e-3}
+    two, summaries = finetune(copy.deepcopy(start), 2, 2, 2, 8, 2, 40, **kw)
+    one, _ = train(2, 2, 8, 2, 41, model=copy.deepcopy(start), **kw)
+    one.train()
+    again, _ = train(2, 2, 8, 2, 42, model=one, **kw)
+    assert len(summaries) == 2
+    for (name, a), b in zip(two.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    moved = [not torch.equal(a, b) for a, b in zip(two.state_dict().values(),
+                                                   start.state_dict().values(), strict=True)]
+    assert any(moved)

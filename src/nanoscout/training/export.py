@@ -53,6 +53,7 @@ class Variant:
     haadf_min_ecd: float = 0.0  # HAADF particles below this ECD (px) left unlabelled
     haadf_overlays: bool = False  # burnt-in annotations on HAADF crops too
     finetune_steps: int = 3500  # phase 2 steps
+    finetune_cycles: int = 1  # phase 2 cycles (nanoscout.training.train.finetune)
     min_score: float = 0.9  # the card's particle score cut (chosen on tuning sets)
     multiscale: tuple[float, ...] = ()  # extra working scales merged (WorkingScale.multiscale)
     auto_scale: tuple[tuple[str, float], ...] = ()  # overrides of AUTO_SCALE

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from queue import Empty
+from typing import Any
 
 import numpy as np
 import torch
@@ -464,6 +465,21 @@ def train(steps: int, batch: int, width: int, pool_size: int, seed: int,
                    "data_seconds": t_data, "net_seconds": t_step}
 
 
+def finetune(model: torch.nn.Module, cycles: int, steps: int, batch: int, width: int,
+             pool_size: int, seed: int, **options: Any
+             ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """Phase 2 as ``cycles`` cycles of :func:`train` from ``model``, each a warm restart (a
+    fresh AdamW and cosine schedule over ``steps`` steps); cycle k (1, 2, ...) draws its data
+    with seed ``seed + k``, so two cycles equal one run continued by ``--init`` with ``--seed``
+    one higher. ``options``: :func:`train`'s. Returns the model and each cycle's summary."""
+    summaries = []
+    for k in range(1, cycles + 1):
+        model.train()
+        model, summary = train(steps, batch, width, pool_size, seed + k, model=model, **options)
+        summaries.append(summary)
+    return model, summaries
+
+
 def real_exclusions(emps_tuning: bool, stem_tuning: bool, stem_holdout: str = "",
                     root: Path | None = None) -> tuple[str, ...]:
     """Return the real training images phase 2 leaves out: the EMPS tuning papers' images
@@ -486,8 +502,9 @@ def main(argv: list[str] | None = None) -> None:
 
     Phase 1 (``--steps``): synthetic specimens only, from a new network. Phase 2
     (``--finetune-steps``): crops of the real training images (share ``--real-fraction``)
-    mixed with synthetic ones, at a lower learning rate. ``--init CHECKPOINT`` skips phase 1
-    and fine-tunes that checkpoint (its phase-1 record is kept in the card).
+    mixed with synthetic ones, at a lower learning rate, in ``--cycles`` warm-restarted cycles
+    (:func:`finetune`). ``--init CHECKPOINT`` skips phase 1 and fine-tunes that checkpoint (its
+    phase-1 record is kept in the card).
     """
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("models/weights"))
@@ -495,6 +512,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--finetune-steps", type=int, default=None,
                     help="phase 2 (real + synthetic) steps; 0 skips phase 2; default: the "
                          "variant's")
+    ap.add_argument("--cycles", dest="finetune_cycles", type=int, default=None,
+                    help="phase 2 as this many cycles, each a warm restart on the next data "
+                         "seed; default: the variant's")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--width", type=int, default=16,
                     help="base channel width (16: same ONNX Runtime time as 12 on this CPU)")
@@ -572,8 +592,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stem_share is None:
         args.stem_share = variant.stem_share
     for name in ("arch", "box_ring", "haadf_share", "haadf_frames", "sem_share",
-                 "finetune_steps", "stem_tuning_holdout", "haadf_min_ecd", "haadf_overlays",
-                 "support_p"):
+                 "finetune_steps", "finetune_cycles", "stem_tuning_holdout", "haadf_min_ecd",
+                 "haadf_overlays", "support_p"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(variant, name))
     if args.real_sets is None:
@@ -621,13 +641,16 @@ def main(argv: list[str] | None = None) -> None:
             write_cache(data.haadf_cache, HAADF_SEED_BASE, data.haadf_frames or HAADF_FRAMES)
         exclude = real_exclusions(not args.no_tuning_holdout, bool(args.stem_tuning_holdout),
                                   args.stem_holdout)
-        model.train()
-        model, summary = train(args.finetune_steps, args.batch, args.width, args.pool,
-                               args.seed + 1, real_fraction=args.real_fraction,
-                               real_exclude=exclude, model=model, lr=args.finetune_lr,
-                               stem_share=args.stem_share, data=data,
-                               frozen_norm=from_onnx)
-        phases["real"] = {"steps": args.finetune_steps, "lr": args.finetune_lr,
+        if args.finetune_cycles < 1:
+            raise SystemExit(f"--cycles {args.finetune_cycles}: at least 1")
+        model, cycles = finetune(model, args.finetune_cycles, args.finetune_steps, args.batch,
+                                 args.width, args.pool, args.seed,
+                                 real_fraction=args.real_fraction, real_exclude=exclude,
+                                 lr=args.finetune_lr, stem_share=args.stem_share, data=data,
+                                 frozen_norm=from_onnx)
+        summary = {**cycles[-1], "train_seconds": sum(c["train_seconds"] for c in cycles)}
+        phases["real"] = {"steps": args.finetune_steps, "cycles": args.finetune_cycles,
+                          "lr": args.finetune_lr,
                           "real_fraction": args.real_fraction, "stem_share": args.stem_share,
                           "real_sets": list(data.real_sets), "box_ring": data.box_ring,
                           "haadf_share": data.haadf_share, "haadf_frames": data.haadf_frames,
