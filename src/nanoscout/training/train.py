@@ -596,6 +596,8 @@ def main(argv: list[str] | None = None) -> None:
                  "haadf_overlays", "support_p"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(variant, name))
+    if args.finetune_cycles < 1:
+        raise SystemExit(f"--cycles {args.finetune_cycles}: at least 1")
     if args.real_sets is None:
         args.real_sets = ",".join(variant.train_sets)
     if args.box_ring == 0:
@@ -641,8 +643,6 @@ def main(argv: list[str] | None = None) -> None:
             write_cache(data.haadf_cache, HAADF_SEED_BASE, data.haadf_frames or HAADF_FRAMES)
         exclude = real_exclusions(not args.no_tuning_holdout, bool(args.stem_tuning_holdout),
                                   args.stem_holdout)
-        if args.finetune_cycles < 1:
-            raise SystemExit(f"--cycles {args.finetune_cycles}: at least 1")
         model, cycles = finetune(model, args.finetune_cycles, args.finetune_steps, args.batch,
                                  args.width, args.pool, args.seed,
                                  real_fraction=args.real_fraction, real_exclude=exclude,
