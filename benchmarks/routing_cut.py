@@ -62,18 +62,17 @@ def summarize(rows: list[dict[str, Any]], cuts: tuple[float, ...] = CUTS) -> dic
 
 def render_rows(n: int, seed: int, threads: int = 1) -> list[dict[str, Any]]:
     """Render ``n`` HAADF frames and score both shipped detectors on each."""
-    from nanoscout.analysis.detector import Detector
+    from nanoscout.analysis.detector import load_detector
     from nanoscout.analysis.modality import ModalityEstimator
-    from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
+    from nanoscout.analysis.modelcard import shipped_model_dir
     from nanoscout.engines import create_engine
     from nanoscout.training import haadf
     from nanoscout.training.evaluate import score_image
 
     weights = shipped_model_dir()
-    dets = {name: Detector(create_engine(weights / f"{file}.onnx", "onnxruntime-cpu",
-                                         threads=threads),
-                           ModelCard.load(weights / f"{file}.json"))
-            for name, file in (("general", "detector"), ("stem", "detector_stem"))}
+    dets = {name: load_detector(weights / file,
+                                lambda p: create_engine(p, "onnxruntime-cpu", threads=threads))
+            for name, file in (("general", "detector.onnx"), ("stem", "detector_stem.onnx"))}
     est = ModalityEstimator.shipped(threads=threads)
     if est is None:
         raise SystemExit(f"no modality model in {weights}")
@@ -94,7 +93,7 @@ def render_rows(n: int, seed: int, threads: int = 1) -> list[dict[str, Any]]:
     finally:
         est.close()
         for det in dets.values():
-            det.engine.close()
+            det.close()
     return rows
 
 

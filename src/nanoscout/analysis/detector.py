@@ -245,9 +245,11 @@ class Detector:
         #: True when the reported scores are probabilities (the card has a score_calibration)
         self.calibrated = cal is not None
         self.multiscale = ws.multiscale if multiscale is not False else ()
-        self._resample_range = (ws.auto.min_resample, ws.auto.max_resample)
+        # the factors an extra scale may take: the resample range, capped by the card
+        self._multiscale_range = (ws.auto.min_resample, ws.auto.max_resample
+                                  if ws.multiscale_max_factor is None
+                                  else min(ws.auto.max_resample, ws.multiscale_max_factor))
         self.multiscale_overlap = ws.multiscale_overlap
-        self.multiscale_max_factor = ws.multiscale_max_factor
         self._calibration = (None if cal is None else
                              (np.asarray(cal.scores, np.float32),
                               np.asarray(cal.probabilities, np.float32)))
@@ -609,11 +611,9 @@ class Detector:
 
     def _multiscale_factors(self, h: int, w: int, scale: float) -> list[float]:
         """The extra working scales of a frame (``multiscale`` multiples of ``scale``, within
-        the card's resample range and at most ``multiscale_max_factor``; none whose frame
+        the card's resample range and at most its ``multiscale_max_factor``; none whose frame
         would be under 64 px)."""
-        lo, hi = self._resample_range
-        if self.multiscale_max_factor is not None:
-            hi = min(hi, self.multiscale_max_factor)
+        lo, hi = self._multiscale_range
         out = []
         for r in self.multiscale:
             f = min(max(scale * r, lo), hi)
