@@ -427,6 +427,52 @@ def _hover_a_particle(page: Any, url: str) -> None:
     raise AssertionError("no hover box over any particle")
 
 
+def test_the_top_bar_says_what_a_frames_size_range_did(
+        publisher: tuple[zmq.Socket, str]) -> None:
+    """det.size_hint (protocol 1.8) in the top bar: "applied" and the two ways a range goes
+    unused are shown with their explanation; "agreed" and a frame without a range show nothing."""
+    from nanoscout.wire.particles import empty_table
+    from nanoscout.wire.protocol import DetHeader
+
+    sync_playwright = _sync_playwright()
+    sock, endpoint = publisher
+    dash, url = start_dashboard(endpoint)
+    sent: list[int] = []  # seq of every det published
+
+    def det(hint: str | None) -> Any:
+        def make() -> list:
+            t = time.time_ns()
+            sent.append(len(sent))
+            h = DetHeader(source="hinted", seq=sent[-1], t_acq_ns=t, t_recv_ns=t, t_done_ns=t,
+                          stage_ms={}, pixel_size_nm=1.0, units="nm", n=0, engine="hand-made",
+                          working_scale=1.0, size_hint=hint)  # type: ignore[arg-type]
+            return encode_message(h, empty_table(0))
+        return make
+
+    shown = ("() => {{ const e = document.getElementById('frame-size-hint'); return !e.hidden"
+             " && e.textContent === {!r} && e.title.includes({!r}); }}")
+    hidden = "() => document.getElementById('frame-size-hint').hidden && " \
+             "document.getElementById('frame-seq').textContent === '#' + {}"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            for hint, text, why, wait in (
+                    ("applied", "scale from the size range", "outside the particle size range",
+                     60),
+                    ("uncalibrated", "size range unused", "no pixel size", 30),
+                    ("unused", "size range unused", "fixed or preset", 30)):
+                _publish_until(page, sock, det(hint), shown.format(text, why), wait)
+            for quiet in ("agreed", None):
+                sock.send_multipart(det(quiet)())
+                page.wait_for_function(hidden.format(sent[-1]), timeout=30_000)
+            browser.close()
+    finally:
+        dash.send_signal(signal.SIGINT)
+        dash.wait(30)
+
+
 def test_event_stream_sends_only_changes_at_a_bounded_rate() -> None:
     """200 stats/s into the gateway state: a browser gets ~10 batches/s, the newest each time."""
     state = DashboardState(endpoints=["tcp://127.0.0.1:1"])

@@ -57,6 +57,8 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
             [b"frame", with_header(dtype="c8"), good.tobytes()],  # unsupported dtype
             [b"frame", with_header(pixel_size_nm=-1.0), good.tobytes()],  # absurd calibration
             [b"frame", with_header(shape=[0, 128]), b""],  # negative/zero handled below too
+            # a particle size range upside down
+            [b"frame", with_header(particle_size_nm=[10.0, 2.0]), good.tobytes()],
         ],
         "oversized": [_frame(np.zeros((1024, 1024), np.uint16), 1)],
         "topic": [[b"frames-of-something", pack_header(header), good.tobytes()]],
@@ -94,7 +96,7 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
     assert rejected.get("topic") == 1
     assert rejected.get("nonfinite") == 1
     # shape [0, 128] is a zero-size frame: rejected either as header or as empty
-    assert rejected.get("header", 0) + rejected.get("empty", 0) == 3
+    assert rejected.get("header", 0) + rejected.get("empty", 0) == 4
     assert health.frames_processed == 1 and health.frames_received == 1
     assert health.last_error
     # the NaN frame (seq 0) was refused before it was accepted: seq 100 is the source's first
@@ -208,3 +210,35 @@ def test_sigterm_in_lossless_mode_answers_every_frame_in_flight(daemon_factory: 
     # every frame taken off the wire after the signal was answered, none left unanswered
     assert last.frames_received == last.frames_processed == 40 == dets
     assert report.sent == 40 and report.confirmed == 40 and report.unconfirmed == []
+
+
+def test_a_frames_particle_size_range_is_used_reported_and_counted(
+        daemon_factory: DaemonFactory) -> None:
+    """Frames that name the range of their median particle diameter (protocol 1.8): 8 px
+    particles at 1 nm/px with a range of 60-120 nm get the range's working scale ("applied"), a
+    range around them keeps the estimate ("agreed"), a frame without a pixel size cannot use
+    one ("uncalibrated"); each ``det`` says which, and Prometheus counts them."""
+    from nanoscout.sim.synthetic import Specimen, SpecimenConfig
+
+    d = daemon_factory("--policy", "lossless")
+    cfg = SpecimenConfig(modality="TEM", shape=(512, 512), median_diameter_nm=8.0,
+                         pixel_size_nm=1.0, sigma_log=0.15)
+    image = Specimen.generate(cfg, 22).acquire(np.random.default_rng(6)).image
+    sends = [(1.0, (60.0, 120.0)), (1.0, (5.0, 12.0)), (None, (60.0, 120.0)), (1.0, None)]
+    dets: dict[int, Any] = {}
+    with Subscriber(d.output, topics=("det.",)) as sub:
+        sub.wait_ready()
+        with FramePublisher(d.input, mode="push", source="hint") as pub:
+            for px, size in sends:
+                pub.send(image, pixel_size_nm=px, particle_size_nm=size)
+            for msg in sub.messages(timeout=120):
+                dets[msg.header.seq] = msg.header
+                if len(dets) == len(sends):
+                    break
+    assert [dets[k].size_hint for k in range(4)] == ["applied", "agreed", "uncalibrated", None]
+    assert dets[0].working_scale < 1.0 < dets[1].working_scale  # 60 px against 8 px
+    assert dets[0].n < dets[1].n
+    text = d.scrape()
+    for outcome, n in (("applied", 1), ("agreed", 1), ("uncalibrated", 1), ("unused", 0)):
+        assert _metric(text, "nanoscout_frames_size_hint_total", outcome=outcome) == n, outcome
+    assert d.stop(signal.SIGTERM) == 0

@@ -214,3 +214,45 @@ def test_images_without_metadata_get_the_detector_of_what_they_look_like(
     assert general.startswith("nanoscout-particle-unet:") and "-stem:" in stem
     assert models == {"haadf": {stem}, "haadf-as-TEM": {general}, "emps": {general},
                       "emps-as-STEM": {stem}}
+
+
+def test_measure_with_a_particle_size_range_takes_its_scale_where_the_estimate_follows_specks(
+        shared_data: Path, tmp_path: Path) -> None:
+    """EMPS image 43be4d0a2c: 23 annotated particles of ~36 px on a support strewn with ~2000
+    bright specks of 3-6 px, which the automatic scale follows (x3). Told that the particles
+    are 18-72 nm at 1 nm/px, `measure` analyses the image for 18 px particles (the range's
+    nearest end), the run says so (frames ``size_hint``, the report) and fewer specks are
+    counted; without a
+    pixel size the range cannot be used, and the image is measured as without one."""
+    import pandas as pd
+
+    from nanoscout.training.evaluate import EMPS_SPECKS_IMAGE
+
+    png = shared_data / "emps-train" / "images" / f"{EMPS_SPECKS_IMAGE}.png"
+    runs: dict[str, pd.DataFrame] = {}
+    for key, flags in (("estimate", ["--pixel-size", "1"]),
+                       ("range", ["--pixel-size", "1", "--particle-size-nm", "18", "72"]),
+                       ("uncalibrated", ["--particle-size-nm", "18", "72"])):
+        out = tmp_path / f"{key}.parquet"
+        proc = nanoscout("measure", str(png), "--out", str(out), "--no-progress", *flags,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        stdout, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout
+        runs[key] = pd.read_parquet(out / "_frames")
+    est, rng, bare = (runs[k].iloc[0] for k in ("estimate", "range", "uncalibrated"))
+    assert (est["size_hint"], rng["size_hint"], bare["size_hint"]) == (
+        "", "applied", "uncalibrated")
+    auto = ModelCard.load(shipped_model_dir() / "detector.json").working_scale.auto  # type: ignore[union-attr]
+    assert auto is not None and auto.factor(18.0) == 1.0  # within the card's keep range
+    assert est["working_scale"] > 2.0 and rng["working_scale"] == 1.0
+    assert rng["n"] < 0.7 * est["n"]
+    assert bare["working_scale"] == est["working_scale"] and bare["n"] == est["n"]
+    prov = json.loads((tmp_path / "range.parquet" / "_run.json").read_text())
+    assert prov["config"]["engine"]["particle_size_nm"] == [18.0, 72.0]
+    proc = nanoscout("report", str(tmp_path / "range.parquet"), "--figures", "png",
+                     "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    html = (tmp_path / "range_report.html").read_text()
+    assert "operator&#x27;s particle size range" in html  # the key, escaped
+    assert "was moved into it on 1" in html

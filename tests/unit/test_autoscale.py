@@ -16,6 +16,7 @@ from nanoscout.analysis.autoscale import (
     DEFAULT_TOLERANCE,
     ScaleMemo,
     content_centre,
+    hinted_diameter,
     pass_window,
     signature,
 )
@@ -23,6 +24,7 @@ from nanoscout.analysis.detector import Detector
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.analysis.preprocess import normalize
 from nanoscout.sim.synthetic import Specimen, SpecimenConfig, render
+from nanoscout.wire.errors import ConfigError
 
 ONNX = shipped_model_dir() / "detector.onnx"
 
@@ -229,3 +231,58 @@ def test_another_network_can_measure_the_particle_size(engine: object) -> None:
     # a frame without particles keeps factor 1 either way
     flat = np.full((512, 512), 0.5, np.float32)
     assert own.particle_size(flat) is None and det.estimate_scale(flat) == 1.0
+
+
+def test_a_size_range_keeps_an_estimate_inside_it_and_replaces_one_outside() -> None:
+    assert hinted_diameter(20.0, (10.0, 40.0)) == (20.0, "agreed")
+    assert hinted_diameter(10.0, (10.0, 40.0)) == (10.0, "agreed")  # the ends belong to it
+    assert hinted_diameter(4.0, (10.0, 40.0)) == (10.0, "applied")  # to the nearest end
+    assert hinted_diameter(400.0, (10.0, 40.0)) == (40.0, "applied")
+    assert hinted_diameter(None, (10.0, 40.0)) == (pytest.approx(20.0), "applied")  # its middle
+    for bad in ((40.0, 10.0), (0.0, 10.0), (-1.0, 1.0), (1.0, float("inf")),
+                (float("nan"), 2.0)):
+        with pytest.raises(ValueError, match="particle size range"):
+            hinted_diameter(5.0, bad)
+
+
+def test_an_operators_size_range_overrules_an_estimate_outside_it(engine: object) -> None:
+    """8 px particles (8 nm at 1 nm/px): a range around them leaves the estimate and the
+    particles found as they were; a range of 60-120 px (an estimate that followed something
+    else, seen from the operator's side) sets the factor for its nearest end, 60 px."""
+    cfg = SpecimenConfig(modality="TEM", shape=(768, 768), median_diameter_nm=8.0,
+                         pixel_size_nm=1.0, sigma_log=0.15)
+    image = Specimen.generate(cfg, 21).acquire(np.random.default_rng(5)).image
+    card = _card()
+    det = Detector(engine, card, scale="auto")  # type: ignore[arg-type]
+    alone = det.detect(image)
+    assert alone.size_hint is None and alone.scale > 2.0 and alone.n > 50
+    inside = det.detect(image, particle_px=(5.0, 12.0))
+    assert inside.size_hint == "agreed" and inside.scale == alone.scale
+    assert np.array_equal(inside.labels, alone.labels)
+    outside = det.detect(image, particle_px=(60.0, 120.0))
+    auto = card.working_scale.auto  # type: ignore[union-attr]
+    assert outside.size_hint == "applied"
+    assert outside.scale == pytest.approx(auto.factor(60.0))
+    assert outside.n < alone.n / 2  # at 0.4x the 8 px particles are mostly lost
+    # a fixed scale estimates nothing, so a range has nothing to act on
+    assert Detector(engine, card, scale=1.0).detect(  # type: ignore[arg-type]
+        image, particle_px=(60.0, 120.0)).size_hint is None
+    with pytest.raises(ConfigError, match="particle size range"):
+        det.detect(image, particle_px=(12.0, 5.0))
+
+
+def test_a_stream_remembers_what_its_size_range_did_and_a_new_range_estimates_again(
+        engine: object) -> None:
+    cfg = SpecimenConfig(modality="TEM", shape=(512, 512), median_diameter_nm=8.0,
+                         pixel_size_nm=1.0, sigma_log=0.15)
+    specimen = Specimen.generate(cfg, 22)
+    rng = np.random.default_rng(6)
+    det = Detector(engine, _card(), scale="auto", auto_every=50)  # type: ignore[arg-type]
+    frames = [specimen.acquire(rng, shift_px=(k, k)).image for k in range(3)]
+    first = det.detect(frames[0], key="cam", particle_px=(40.0, 80.0))
+    again = det.detect(frames[1], key="cam", particle_px=(40.0, 80.0))
+    assert (first.size_hint, again.size_hint) == ("applied", "applied")
+    assert again.scale == first.scale and det._memo.reasons["new"] == 1
+    agreed = det.detect(frames[2], key="cam", particle_px=(5.0, 12.0))
+    assert agreed.size_hint == "agreed" and agreed.scale > first.scale
+    assert det._memo.reasons["new"] == 2

@@ -164,7 +164,8 @@ def test_pipeline_assigns_clusters_and_publishes_summaries() -> None:
 
         def detect(self, pixels: np.ndarray, key: object = None,
                    rotate45: bool | None = None, pixel_size_nm: float | None = None,
-                   normalized: np.ndarray | None = None) -> SimpleNamespace:
+                   normalized: np.ndarray | None = None,
+                   particle_px: tuple[float, float] | None = None) -> SimpleNamespace:
             self.turned.append(rotate45)
             return SimpleNamespace(labels=fr.labels, scores=None, timings_ms={}, scale=1.0)
 

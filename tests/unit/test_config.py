@@ -28,6 +28,9 @@ def test_file_and_overrides(tmp_path: Path) -> None:
     assert cfg.metrics.port == 9108  # None overrides are ignored
     assert cfg.output.hwm == 5
     assert cfg.engine.backend == "cpu"
+    assert cfg.engine.particle_size_nm is None  # the estimate alone
+    f.write_text("[engine]\nparticle_size_nm = [2, 10.5]\n")
+    assert load_config(f).engine.particle_size_nm == (2.0, 10.5)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +41,9 @@ def test_file_and_overrides(tmp_path: Path) -> None:
         ("[nonsense]\nx = 1\n", "nonsense"),
         ("[input\n", "not valid TOML"),
         ("[engine]\nscale = -1\n", "engine.scale"),
+        ("[engine]\nparticle_size_nm = [10, 2]\n", "engine.particle_size_nm"),
+        ("[engine]\nparticle_size_nm = [0, 2]\n", "engine.particle_size_nm"),
+        ("[engine]\nparticle_size_nm = [2]\n", "engine.particle_size_nm"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, match: str) -> None:

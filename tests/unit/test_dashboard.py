@@ -149,6 +149,17 @@ def test_a_frame_an_adapted_model_handed_to_its_base_network_is_marked() -> None
     assert payload(st, "det:sim")["base_network_only"] is True
 
 
+def test_what_a_frames_size_range_did_reaches_the_top_bar() -> None:
+    """det.size_hint (protocol 1.8) reaches the summary the top bar reads; None without a
+    range."""
+    st = DashboardState()
+    st.ingest(det(0))
+    assert payload(st, "det:sim")["size_hint"] is None
+    h = det(1).header.model_copy(update={"size_hint": "applied"})
+    st.ingest(_wire(h, _table(2)))
+    assert payload(st, "det:sim")["size_hint"] == "applied"  # the page: tests/browser
+
+
 def test_series_is_bounded() -> None:
     st = DashboardState(series_len=4)
     for seq in range(10):

@@ -624,9 +624,10 @@ def test_auto_scale_is_reused_per_key(shipped: Detector, monkeypatch: pytest.Mon
     calls = []
     orig = det._estimate
 
-    def counting(x: np.ndarray) -> tuple[float, np.ndarray | None, bool]:
+    def counting(x: np.ndarray, particle_px: tuple[float, float] | None = None
+                 ) -> tuple[float, np.ndarray | None, bool, str | None]:
         calls.append(x.shape)
-        return orig(x)
+        return orig(x, particle_px)
 
     monkeypatch.setattr(det, "_estimate", counting)
     fr = render(SpecimenConfig(shape=(128, 160)), 5)

@@ -8,7 +8,7 @@ import pytest
 
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.engines import create_engine
-from nanoscout.training.evaluate import OracleScale, _parse_scale, evaluate_set
+from nanoscout.training.evaluate import OracleScale, SizeHinted, _parse_scale, evaluate_set
 from nanoscout.training.realdata import Sample
 
 
@@ -52,3 +52,37 @@ def test_harness_runs_the_detector_at_each_images_oracle_factor(oracle: OracleSc
                                                                 None, "g")), abs=1e-4)
     assert row["tp"] == 8 and row["fp"] == 0
     assert _parse_scale("emps=oracle", ["emps", "stem"]) == {"emps": "oracle", "stem": None}
+
+
+def test_size_hinted_tells_each_image_a_range_around_its_true_median() -> None:
+    """``--size-hint K``: the detector gets [d / K, d K] around the true area-weighted median
+    d; images without true particles get no range; replaced estimates are counted."""
+    from types import SimpleNamespace
+
+    class _Recorder:
+        auto, scale = True, 1.0
+
+        def __init__(self) -> None:
+            self.ranges: list[tuple[float, float] | None] = []
+
+        def detect(self, image: np.ndarray, particle_px: tuple[float, float] | None = None
+                   ) -> SimpleNamespace:
+            self.ranges.append(particle_px)
+            return SimpleNamespace(size_hint=None if particle_px is None else
+                                   "applied" if particle_px[0] > 30 else "agreed")
+
+    rec = _Recorder()
+    hinted = SizeHinted(rec, 2.0)
+    image, labels = _discs([80.0] * 5 + [10.0] * 6)
+    hinted.detect_sample(Sample("t", "a", image, labels, None, None, "g"))
+    image, labels = _discs([24.0] * 4)
+    hinted.detect_sample(Sample("t", "b", image, labels, None, None, "g"))
+    hinted.detect_sample(Sample("t", "c", image, np.zeros_like(labels), None, None, "g"))
+    first, second, none = rec.ranges
+    assert first is not None and second is not None and none is None
+    assert first == pytest.approx((40.0, 160.0), rel=0.03)
+    assert first[1] / first[0] == pytest.approx(4.0)
+    assert second == pytest.approx((12.0, 48.0), rel=0.03)
+    assert hinted.applied == 1
+    with pytest.raises(ValueError, match="> 1"):
+        SizeHinted(rec, 1.0)

@@ -30,17 +30,23 @@ class _Detector:
     def __init__(self) -> None:
         self.keys: list[object] = []
         self.normalized: list[np.ndarray | None] = []
+        self.particle_px: list[tuple[float, float] | None] = []
 
     def detect(self, pixels: np.ndarray, key: object = None, rotate45: bool | None = None,
                pixel_size_nm: float | None = None,
-               normalized: np.ndarray | None = None) -> SimpleNamespace:
+               normalized: np.ndarray | None = None,
+               particle_px: tuple[float, float] | None = None) -> SimpleNamespace:
         self.keys.append(key)
         self.normalized.append(normalized)
+        self.particle_px.append(particle_px)
         labels = np.zeros(pixels.shape, np.int32)
         labels[10:20, 10:20] = 1
         labels[30:44, 30:44] = 2
+        # its "estimate" is 10-14 px: a range that holds 12 px agrees with it
+        hint = None if particle_px is None else (
+            "agreed" if particle_px[0] <= 12.0 <= particle_px[1] else "applied")
         return SimpleNamespace(labels=labels, scores=np.array([0, 0.95, 0.97], np.float32),
-                               timings_ms={"engine": 1.0}, scale=1.0)
+                               timings_ms={"engine": 1.0}, scale=1.0, size_hint=hint)
 
 
 RULES = [{"name": "any", "kind": "count", "above": 0, "cooldown_s": 0}]
@@ -198,3 +204,21 @@ def test_confidence_rules_follow_the_calibrated_scores_of_real_detections() -> N
     assert isinstance(messages[-1].header, StatsHeader) and messages[-1].header.weights == "none"
     assert messages[-1].header.window.expected_count == len(inside)
     assert raw.alert_engine.skipped_raw_scores == {"sure": 1, "none-so-sure": 1, "real": 1}
+
+
+def test_a_size_range_in_nm_reaches_the_detector_in_px_where_the_frame_has_a_pixel_size() -> None:
+    """The frame's own ``particle_size_nm`` first, else the pipeline's (``engine.
+    particle_size_nm``); a frame without a pixel size cannot use one, and its ``det`` says so."""
+    pipe, det = _pipeline(particle_size_nm=(4.0, 8.0))
+    first = pipe.process(_frame(px=0.5))
+    assert det.particle_px[-1] == (8.0, 16.0) and first.det.size_hint == "agreed"
+    own = Frame.from_image(np.full((64, 64), 100, np.uint16), pixel_size_nm=0.25, source="cam",
+                           seq=1, t_acq_ns=2, particle_size_nm=(1.0, 2.0))
+    assert pipe.process(own).det.size_hint == "applied"
+    assert det.particle_px[-1] == (4.0, 8.0)
+    bare = pipe.process(_frame(seq=2, px=None))
+    assert det.particle_px[-1] is None and bare.det.size_hint == "uncalibrated"
+    back = decode_message([bytes(p) for p in encode(bare.messages[0])])
+    assert back.header.size_hint == "uncalibrated"  # on the wire too (protocol 1.8)
+    plain, det = _pipeline()
+    assert plain.process(_frame()).det.size_hint is None and det.particle_px == [None]

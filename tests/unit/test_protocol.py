@@ -131,6 +131,12 @@ def test_minor_version_with_unknown_fields_is_accepted() -> None:
         ("pixel_size_nm", 0.0, "absurd"),
         ("pixel_size_nm", float("nan"), "absurd"),
         ("pixel_size_nm", 1e9, "absurd"),
+        ("particle_size_nm", [8.0, 2.0], "low <= high"),
+        ("particle_size_nm", [0.0, 2.0], "low <= high"),
+        ("particle_size_nm", [1.0, 1e12], "low <= high"),
+        ("particle_size_nm", [1.0, float("nan")], "finite"),
+        ("particle_size_nm", [1.0, 2.0, 3.0], "particle_size_nm"),
+        ("particle_size_nm", "2-10", "particle_size_nm"),
         ("source", "has space", "source"),
         ("seq", -1, "seq"),
     ],
@@ -140,6 +146,15 @@ def test_header_fields_are_validated(field: str, value: object, match: str) -> N
     d = _header(arr).model_dump(mode="json") | {field: value}
     with pytest.raises(MalformedMessage, match=match):
         decode_frame([b"frame", msgpack.packb(d), arr.tobytes()])
+
+
+def test_a_particle_size_range_round_trips() -> None:
+    arr = np.zeros((2, 2), np.uint8)
+    sent = frame_header(arr, source="cam", seq=0, t_acq_ns=1, pixel_size_nm=0.5,
+                        particle_size_nm=(2.0, 10.0))
+    header, _ = decode_frame(_bytes(encode_frame(sent, arr)))
+    assert header.particle_size_nm == (2.0, 10.0)
+    assert decode_frame(_bytes(encode_frame(_header(arr), arr)))[0].particle_size_nm is None
 
 
 def test_uncalibrated_frame_round_trips_as_none() -> None:

@@ -325,6 +325,7 @@ def test_replay_override_loop_and_directory_expansion(tmp_path: Path) -> None:
         pixel_size_nm=2.0,
         modality="TEM",
         log=lambda _: None,
+        particle_size_nm=(3.0, 12.0),
     )
     dm_names = sorted(p.name for p in (INSTRUMENT / "dm").iterdir())
     # the .emi reads its .ser, so the .ser alone is not sent a second time
@@ -332,6 +333,7 @@ def test_replay_override_loop_and_directory_expansion(tmp_path: Path) -> None:
     assert [c["meta"]["file"] for c in pub.calls] == one_pass * 2
     assert report.sent == 2 * len(one_pass)
     assert all(c["pixel_size_nm"] == 2.0 and c["modality"] == "TEM" for c in pub.calls)
+    assert all(c["particle_size_nm"] == (3.0, 12.0) for c in pub.calls)
     assert report.uncalibrated == []
     assert report.skipped == [(tmp_path / "absent.tif", "no such file or directory")]
 
@@ -345,6 +347,8 @@ def test_replay_rejects_bad_options() -> None:
         {"pixel_size_nm": -1.0},
         {"pixel_size_nm": math.inf},
         {"modality": "XRAY"},
+        {"particle_size_nm": (12.0, 3.0)},
+        {"particle_size_nm": (0.0, 3.0)},
     ):
         with pytest.raises(ConfigError):
             replay_files([], pub, log=lambda _: None, **kwargs)

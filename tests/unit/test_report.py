@@ -28,7 +28,9 @@ def _header(seq: int, n: int, *, source: str = "cam-1", units: str = "nm",
                      pixel_size_nm=pixel_size_nm, units=units, n=n, engine="onnx-cpu",
                      model="unet-v2", shape=(512, 768), modality="TEM",
                      stage=Stage(x_um=1.0, y_um=2.0), working_scale=0.5,
-                     base_network_only=seq % 5 == 0)  # 4 of 20 went to the base network
+                     base_network_only=seq % 5 == 0,  # 4 of 20 went to the base network
+                     # v1.8: 10 frames named a particle size range; it replaced 3 estimates
+                     size_hint=None if seq >= 10 else "applied" if seq < 3 else "agreed")
 
 
 def _table(rng: np.random.Generator, n_inner: int, n_border: int) -> np.ndarray:
@@ -113,6 +115,8 @@ def test_report_of_a_recorded_run(tmp_path: Path, name: str) -> None:
     assert "0.5000 nm/px" in text and "9.500 s" in text  # 20 frames 0.5 s apart
     assert "frames analysed by an adapted model" in text  # protocol 1.7's base_network_only
     assert f"4 of {FRAMES} (their particles lie outside" in text
+    assert (f"named by 10 of {FRAMES} frames: the estimate lay in it on 7, was moved into it "
+            "on 3; not used on 0") in text
 
 
 def test_empty_run_says_so(tmp_path: Path) -> None:

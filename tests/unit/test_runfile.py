@@ -34,7 +34,9 @@ def _det(seq: int, n: int, px: float | None = 0.5) -> tuple[DetHeader, np.ndarra
                   shape=(64, 64), stage=Stage(x_um=1.5, y_um=-2.0), working_scale=0.5,
                   meta={"file": f"img-{seq}.dm4", "index": 0, "voltage_kv": 200.0},
                   # v1.7: frame 1 went to an adapted model's base network; frame 0 from v1.6
-                  base_network_only=None if seq == 0 else seq == 1)
+                  base_network_only=None if seq == 0 else seq == 1,
+                  # v1.8: frame 2 named a particle size range whose middle set its scale
+                  size_hint="applied" if seq == 2 else None)
     return h, t
 
 
@@ -77,6 +79,7 @@ def test_round_trip(tmp_path: Path, name: str) -> None:
     assert np.isnan(run.frames["pixel_size_nm"][3]) and run.frames["units"][3] == "px"
     assert run.frames["working_scale"][0] == 0.5 and run.frames["model"][0] == "m:2"
     assert run.to_pandas("frames")["base_network_only"].tolist()[:3] == [None, True, False]
+    assert run.to_pandas("frames")["size_hint"].tolist()[:3] == ["", "", "applied"]
     assert run.alerts["explanation"][0] == "a, \"b\"\nc"
     assert {k: v for k, v in run.provenance.items() if k != "format"} == {"who": "test"}
     assert run.provenance["format"] == "nanoscout-run/2"

@@ -27,6 +27,7 @@ from nanoscout.analysis.autoscale import (
     DEFAULT_WINDOW_PX,
     ScaleMemo,
     content_centre,
+    hinted_diameter,
     pass_window,
 )
 from nanoscout.analysis.instances import (
@@ -74,11 +75,28 @@ class Detection:
     #: or the adapted network found far more particles than it (``base_network.max_count_ratio``,
     #: :meth:`~nanoscout.analysis.modelcard.BaseNetwork.broke_down`)
     outside_range: bool = False
+    #: what the operator's particle size range (``detect(particle_px=...)``) did to the
+    #: automatic estimate: "agreed" (the estimate lay in it), "applied" (the range replaced it:
+    #: :func:`~nanoscout.analysis.autoscale.hinted_diameter`); None: no range, or a fixed or
+    #: preset scale (nothing estimated)
+    size_hint: str | None = None
 
     @property
     def n(self) -> int:
         """Return the number of particles."""
         return int(self.scores.size - 1)
+
+
+def _particle_range(value: object) -> tuple[float, float]:
+    """Return an operator's particle size range as two floats (lo, hi), px; ConfigError
+    unless 0 < lo <= hi, both finite."""
+    try:
+        lo, hi = (float(v) for v in value)  # type: ignore[attr-defined]
+        hinted_diameter(None, (lo, hi))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"particle size range {value!r}: needs 0 < lo <= hi px, both "
+                          "finite") from exc
+    return lo, hi
 
 
 def _area_weighted_median(ecd: np.ndarray) -> float:
@@ -403,20 +421,32 @@ class Detector:
         they find no particle."""
         return self._search(x)[0]
 
-    def _estimate(self, x: np.ndarray) -> tuple[float, np.ndarray | None, bool]:
+    def _estimate(self, x: np.ndarray, particle_px: tuple[float, float] | None = None
+                  ) -> tuple[float, np.ndarray | None, bool, str | None]:
         """Return (factor, logits of the pass at that factor or None, whether this card's own
-        settings cover the frame: :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`)
-        for :meth:`detect`. A frame they do not cover gets the base network's own factor and
-        pass: the base network analyses it."""
+        settings cover the frame: :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`,
+        what ``particle_px`` did: :attr:`Detection.size_hint`) for :meth:`detect`. A frame
+        they do not cover gets the base network's own factor and pass: the base network
+        analyses it. ``particle_px``: the operator's range for the median particle diameter
+        (frame px), which overrules a measurement outside it
+        (:func:`~nanoscout.analysis.autoscale.hinted_diameter`)."""
         base, other = self.card.base_network, self.base_detector
         theirs = None if other is None else other._search(x)
+        hint = None
+        if theirs is not None and particle_px is not None:
+            size, hint = hinted_diameter(theirs[0], particle_px)
+            theirs = (size, *theirs[1:])
         if theirs is not None and base is not None and not base.covers(theirs[0]):
             assert other is not None
-            return (*other._measured(theirs), False)
+            return (*other._measured(theirs), False, hint)
         if theirs is not None and (base is None or base.measures):
             big = theirs[0]  # another network measures, this card decides
-            return (1.0 if big is None else self._factor(big)), None, True
-        return (*self._measured(self._search(x)), True)
+            return (1.0 if big is None else self._factor(big)), None, True, hint
+        ours = self._search(x)
+        if particle_px is not None:
+            size, hint = hinted_diameter(ours[0], particle_px)
+            ours = (size, *ours[1:])
+        return (*self._measured(ours), True, hint)
 
     def _measured(self, found: tuple[float | None, float, np.ndarray, bool]
                   ) -> tuple[float, np.ndarray | None]:
@@ -514,24 +544,28 @@ class Detector:
                 return f
         return None
 
-    def _scale_for(self, x: np.ndarray, key: object) -> tuple[float, np.ndarray | None, bool]:
-        """Return (factor, reusable logits or None, covered: :meth:`_estimate`) for frame
-        ``x`` of stream ``key``."""
+    def _scale_for(self, x: np.ndarray, key: object,
+                   particle_px: tuple[float, float] | None = None
+                   ) -> tuple[float, np.ndarray | None, bool, str | None]:
+        """Return (factor, reusable logits or None, covered, size hint outcome:
+        :meth:`_estimate`) for frame ``x`` of stream ``key``."""
         if not self.auto:
-            return self.scale, None, True
+            return self.scale, None, True, None
         if key is None:
-            return self._estimate(x)
+            return self._estimate(x, particle_px)
+        if particle_px is not None:  # another range is another stream's estimate
+            key = (key, particle_px)
         sig = self._memo.signature(x)
         scale = self._memo.lookup(key, x.shape, sig)
         if scale is not None:
-            return scale, None, self._memo.covered(key)
-        scale, logits, covered = self._estimate(x)
-        self._memo.store(key, x.shape, sig, scale, covered)
-        return scale, logits, covered
+            return scale, None, self._memo.covered(key), self._memo.size_hint(key)
+        scale, logits, covered, hint = self._estimate(x, particle_px)
+        self._memo.store(key, x.shape, sig, scale, covered, hint)
+        return scale, logits, covered, hint
 
     def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None,
-               pixel_size_nm: float | None = None, normalized: np.ndarray | None = None
-               ) -> Detection:
+               pixel_size_nm: float | None = None, normalized: np.ndarray | None = None,
+               particle_px: tuple[float, float] | None = None) -> Detection:
         """Return the particle instances of ``image`` (2-D, any real dtype, finite).
 
         ``key`` (e.g. source and pixel size) lets an automatic working scale be reused for
@@ -540,29 +574,38 @@ class Detector:
         promises. ``rotate45``: this frame's choice of the 45° view (None: the detector's).
         ``pixel_size_nm`` selects a scale preset, if one matches. ``normalized``: ``image``
         already through :func:`~nanoscout.analysis.preprocess.normalize` (not modified here).
+        ``particle_px``: the operator's range (lo, hi) for the frame's median particle
+        diameter, frame px: an automatic estimate outside it is moved to its nearest end
+        (:attr:`Detection.size_hint`; a fixed or preset scale is kept). Raises
+        ConfigError unless 0 < lo <= hi, both finite.
         """
         t0 = time.perf_counter()
+        if particle_px is not None:
+            particle_px = _particle_range(particle_px)
         arr = check_frame(image)
         x = normalize(arr) if normalized is None else normalized
         ts = time.perf_counter()
         preset = self._preset(pixel_size_nm)
-        scale, logits, covered = ((preset, None, True) if preset is not None
-                                  else self._scale_for(x, key))
+        scale, logits, covered, hint = ((preset, None, True, None) if preset is not None
+                                        else self._scale_for(x, key, particle_px))
         ts = time.perf_counter() - ts
         turn = self.rotate45 if rotate45 is None else rotate45
         # outside the sizes the card was adapted on the base network analyses, at its factor
         analyst = self if covered else self.base_detector
         assert analyst is not None
-        return analyst._analyse(image, x, scale, logits, turn, key, pixel_size_nm, t0, ts,
-                                outside_range=not covered)
+        found = analyst._analyse(image, x, scale, logits, turn, key, pixel_size_nm, t0, ts,
+                                 outside_range=not covered, particle_px=particle_px)
+        found.size_hint = hint
+        return found
 
     def _analyse(self, image: np.ndarray, x: np.ndarray, scale: float,
                  logits: np.ndarray | None, turn: bool, key: object,
                  pixel_size_nm: float | None, t0: float, ts: float,
-                 outside_range: bool = False) -> Detection:
+                 outside_range: bool = False,
+                 particle_px: tuple[float, float] | None = None) -> Detection:
         """:meth:`detect` once the working scale is known: ``x`` the normalised ``image``,
         ``logits`` a reusable estimation pass at ``scale`` or None, ``t0`` when the call began
-        and ``ts`` the seconds its scale took."""
+        and ``ts`` the seconds its scale took; ``particle_px`` goes to a merged base network."""
         h, w = x.shape
         labels, scores, engine_s, post_s, reused_s = self._instances(x, h, w, scale, logits, turn)
         if self.multiscale:
@@ -579,7 +622,8 @@ class Detector:
         if self.merge_base:  # the base network's particles join, by raw score
             assert self.base_detector is not None and self.card.base_network is not None
             other = self.base_detector.detect(image, key=key, rotate45=turn,
-                                              pixel_size_nm=pixel_size_nm, normalized=x)
+                                              pixel_size_nm=pixel_size_nm, normalized=x,
+                                              particle_px=particle_px)
             t1 = time.perf_counter()
             ms = other.timings_ms
             ts += ms["scale"] / 1e3

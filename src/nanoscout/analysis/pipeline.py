@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -115,6 +115,20 @@ class FrameResult:
 MODALITY_EVERY = 10
 
 
+class _Detected(NamedTuple):
+    """What :meth:`Pipeline._detect` found on one frame (``det`` fields in brackets)."""
+
+    labels: np.ndarray
+    table: np.ndarray
+    stage_ms: dict[str, float]
+    model: str
+    scale: float  # [working_scale]
+    sha256: str | None  # [model_sha256]
+    calibrated: bool
+    base_only: bool  # [base_network_only]
+    size_hint: str | None  # [size_hint]
+
+
 @dataclass
 class _SourceState:
     """What the pipeline remembers of one source."""
@@ -157,6 +171,7 @@ class Pipeline:
         max_sources: int = DEFAULT_MAX_SOURCES,
         stream_scale: bool = True,
         tracking: TrackingConfig | None = None,
+        particle_size_nm: tuple[float, float] | None = None,
     ) -> None:
         """``classifier``: the field-of-view classifier run on every ``classify_every``-th
         frame of each source (None: no ``class`` messages). ``preview``: the ``preview``
@@ -170,7 +185,9 @@ class Pipeline:
         pixel size (a live stream); False estimates it for every frame (independent images,
         ``nanoscout measure``).
         ``tracking``: drift correction and particle tracking per source (None or disabled:
-        no ``track_id``, no ``drift`` / ``tracking`` / ``unique`` / ``insitu`` blocks)."""
+        no ``track_id``, no ``drift`` / ``tracking`` / ``unique`` / ``insitu`` blocks).
+        ``particle_size_nm``: the (low, high) median particle diameter, nm, of frames whose
+        header names none (:meth:`_detect`)."""
         if max_sources < 1:
             raise ValueError(f"max_sources ({max_sources}) must be >= 1")
         self.detector = detector
@@ -188,6 +205,7 @@ class Pipeline:
         self._previews = PreviewLimiter(self.preview.max_rate_hz if self.preview else 1.0)
         self.max_sources = max_sources
         self.stream_scale = stream_scale
+        self.particle_size_nm = particle_size_nm
         self.tracking = tracking if tracking is not None and tracking.enabled else None
         #: 0 for the detector the pipeline was built with, +1 per :meth:`replace_detector`
         self.model_generation = 0
@@ -301,8 +319,9 @@ class Pipeline:
             self._apply_requests(h.source, state)
         ref = frame.ref()
         units = frame.units
-        labels, table, stage_ms, model, scale, sha256, calibrated, base_only = \
-            self._detect(frame, state)
+        found = self._detect(frame, state)
+        labels, table, stage_ms, model, scale = (found.labels, found.table, found.stage_ms,
+                                                 found.model, found.scale)
         if self.cluster_config.enabled:
             t0 = time.perf_counter()
             km = state.clusters.get(units)
@@ -323,13 +342,14 @@ class Pipeline:
             topic_seq=state.next_seq(Kind.DET), t_recv_ns=frame.t_recv_ns,
             t_done_ns=time.time_ns(), pixel_size_nm=h.pixel_size_nm, units=units, n=len(table),
             engine=self.engine_name, model=model, shape=h.shape, modality=h.modality,
-            meta=h.meta, working_scale=round(scale, 5), model_sha256=sha256,
-            model_generation=self.model_generation, base_network_only=base_only,
+            meta=h.meta, working_scale=round(scale, 5), model_sha256=found.sha256,
+            model_generation=self.model_generation, base_network_only=found.base_only,
+            size_hint=found.size_hint,
             drift=None if tracks is None else FrameDrift(**tracks.drift),
             tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
         result = FrameResult(frame, out, labels, table, stage_ms, model, scale, evicted=evicted,
-                             tracks=tracks, calibrated=calibrated)
+                             tracks=tracks, calibrated=found.calibrated)
 
         if self.preview is not None and self._previews.due(h.source):
             try:
@@ -370,27 +390,38 @@ class Pipeline:
             state.modality_frame, state.modality_view = state.frames, view
         return state.modality_guess
 
-    def _detect(self, frame: Frame, state: _SourceState
-                ) -> tuple[np.ndarray, np.ndarray, dict[str, float], str, float, str | None,
-                           bool, bool]:
+    def _detect(self, frame: Frame, state: _SourceState) -> _Detected:
+        """Detect and measure the particles of ``frame``. Its ``particle_size_nm`` (else the
+        pipeline's) becomes the detector's range in frame px where the frame has a pixel
+        size."""
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
         modality = self._modality(frame, state)
         detector, model = self.modality_detectors.get(modality or "",
                                                       (self.detector, self.model_name))
         key = (h.source, h.pixel_size_nm) if self.stream_scale else None
+        hint, particle_px = None, None
+        size_nm = h.particle_size_nm or self.particle_size_nm
+        if size_nm is not None:
+            if h.pixel_size_nm is None:
+                hint = "uncalibrated"  # a size in nm says nothing about px
+            else:
+                particle_px = (size_nm[0] / h.pixel_size_nm, size_nm[1] / h.pixel_size_nm)
         detection = detector.detect(frame.pixels, key=key,
                                     rotate45=turn, pixel_size_nm=h.pixel_size_nm,
-                                    normalized=frame.normalized)
+                                    normalized=frame.normalized, particle_px=particle_px)
+        if particle_px is not None:
+            # a stand-in detector without the field estimated nothing with it
+            hint = getattr(detection, "size_hint", None) or "unused"
         stage_ms = dict(detection.timings_ms)
         t0 = time.perf_counter()
         table = measure(detection.labels, h.pixel_size_nm, detection.scores)
         stage_ms["measure"] = (time.perf_counter() - t0) * 1e3
-        return (detection.labels, table, stage_ms, model, detection.scale,
-                model_sha256(detector),
-                # a stand-in detector without the flags reports raw scores, by itself
-                bool(getattr(detection, "calibrated", False)),
-                bool(getattr(detection, "outside_range", False)))
+        return _Detected(detection.labels, table, stage_ms, model, detection.scale,
+                         model_sha256(detector),
+                         # a stand-in detector without the flags reports raw scores, by itself
+                         bool(getattr(detection, "calibrated", False)),
+                         bool(getattr(detection, "outside_range", False)), hint)
 
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:

@@ -26,6 +26,12 @@ def measure(
              "set) and NAME.overlay.png (outlines + scale bar) per image")] = None,
     pixel_size: Annotated[float | None, typer.Option(
         help="override every file's calibration, nm/px", show_default="from each file")] = None,
+    particle_size_nm: Annotated[tuple[float, float] | None, typer.Option(
+        metavar="LOW HIGH",
+        help="the range the images' median particle diameter lies in, nm: a working-scale "
+             "estimate outside it (specks, support lumps or a grain texture taken for the "
+             "particles) is moved to its nearest end; needs calibrated images",
+        show_default="the estimate alone")] = None,
     modality: Annotated[Literal["TEM", "STEM", "SEM"] | None, typer.Option(
         help="what kind of images these are (STEM: the STEM detector analyses them); it "
              "overrides the files' metadata and the estimate for files that do not say (PNG, "
@@ -89,7 +95,8 @@ def measure(
 
     overrides = {"engine.backend": backend, "engine.triton.url": triton_url,
                  "engine.model": model, "engine.scale": scale_value(scale),
-                 "engine.tta": int(tta) if tta else None}
+                 "engine.tta": int(tta) if tta else None,
+                 "engine.particle_size_nm": particle_size_nm}
     if ray_address is not None and not ray:
         raise NanoscoutError("--ray-address needs --ray")
     if ray:

@@ -476,6 +476,14 @@ def _provenance_section(run: Run) -> str:
                           f"{handed} of {Run.rows(f)} (their particles lie outside the sizes "
                           "the model was adapted on, or its network found far more particles "
                           "than the base network there)"))
+        hints = [str(v) for v in f["size_hint"] if v]
+        if hints:  # protocol 1.8: frames that named a particle size range
+            items.append(("operator's particle size range (working scale)",
+                          f"named by {len(hints)} of {Run.rows(f)} frames: the estimate lay in "
+                          f"it on {hints.count('agreed')}, was moved into it on "
+                          f"{hints.count('applied')}; not used on "
+                          f"{hints.count('uncalibrated')} without a pixel size and "
+                          f"{hints.count('unused')} at a fixed or preset scale"))
         sizes_hw = sorted({(int(h), int(w)) for h, w in zip(f["height"], f["width"])})
         items.append(("frame sizes (height × width, px)",
                       ", ".join(f"{h} × {w}" for h, w in sizes_hw)))

@@ -33,8 +33,10 @@ frames (never pixels under an ``_nm`` name).
   (``track_id``: the particle's identity across frames, 0 untracked);
 * frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
   stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale,
-  base_network_only, file, index, meta`` (``base_network_only``: an adapted model's base
-  network analysed the frame alone, ``det.base_network_only``, null from older daemons;
+  base_network_only, size_hint, file, index, meta`` (``base_network_only``: an adapted model's
+  base network analysed the frame alone, ``det.base_network_only``, null from older daemons;
+  ``size_hint``: what an operator's particle size range did to the working scale,
+  ``det.size_hint``: agreed, applied, uncalibrated, unused, empty without a range;
   ``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it),
   then the tracker's ``field, drift_x_px, drift_y_px, drift_x_nm, drift_y_nm, tracks_active``
   and ``events`` (the merge / split events as JSON); NaN / empty without tracking;
@@ -87,7 +89,8 @@ PARTICLE_COLUMNS: tuple[str, ...] = (
 FRAME_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "t_recv", "t_done", "latency_ms", "n", "units",
     "pixel_size_nm", "stage_x_um", "stage_y_um", "height", "width", "modality", "engine",
-    "model", "working_scale", "base_network_only", "file", "index", "meta", "field",
+    "model", "working_scale", "base_network_only", "size_hint", "file", "index", "meta",
+    "field",
     "drift_x_px", "drift_y_px",
     "drift_x_nm", "drift_y_nm", "tracks_active", "events")
 ALERT_COLUMNS: tuple[str, ...] = (
@@ -109,7 +112,7 @@ _ALL: dict[str, tuple[str, ...]] = {**TABLES, "tracks": TRACK_COLUMNS}
 _WRITE_ORDER = ("particles", "alerts", "stats", "frames")
 _STRING = {"source", "file", "units", "shape_class", "modality", "engine", "model", "meta",
            "rule", "kind", "severity", "explanation", "drift", "clusters", "events", "unique",
-           "insitu", "fate", "parents"}
+           "insitu", "fate", "parents", "size_hint"}
 _TIME = {"t_acq", "t_recv", "t_done", "t"}
 _INT64 = {"seq", "index", "n", "height", "width", "window_n_frames", "window_count",
           "cumulative_n_frames", "cumulative_count", "track_id", "n_frames", "n_sized",
@@ -172,7 +175,8 @@ def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict
              "height": header.shape[0], "width": header.shape[1],
              "modality": header.modality or "", "engine": header.engine, "model": header.model,
              "working_scale": _nan(header.working_scale),
-             "base_network_only": header.base_network_only, "file": file, "index": index,
+             "base_network_only": header.base_network_only,
+             "size_hint": header.size_hint or "", "file": file, "index": index,
              "meta": json.dumps(header.meta, sort_keys=True), **_tracking_row(header)}
     n = len(table)
     cols: dict[str, Any] = {

@@ -163,6 +163,7 @@ def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = 
         modality_estimator=(ModalityEstimator.shipped()
                             if by_modality and config.engine.estimate_modality else None),
         tracking=config.tracking if (track or not offline) else None,
+        particle_size_nm=config.engine.particle_size_nm,
     )
 
 

@@ -61,7 +61,7 @@ from nanoscout.analysis.preview import PreviewConfig
 from nanoscout.analysis.stats import StatsConfig
 from nanoscout.analysis.tracking import TrackingConfig
 from nanoscout.wire.errors import ConfigError
-from nanoscout.wire.protocol import Modality
+from nanoscout.wire.protocol import Modality, check_particle_size_nm
 from nanoscout.wire.transport import (
     DEFAULT_FRAME_ENDPOINT,
     DEFAULT_QUERY_ENDPOINT,
@@ -230,6 +230,12 @@ class EngineConfig(_Section):
     #: known magnifications: [[pixel size nm, working scale], ...]; a frame within 2 % of a
     #: preset's pixel size gets its scale (no estimate), others follow ``scale``
     scale_presets: list[tuple[float, float]] = Field(default_factory=list)
+    #: [low, high] nm: the range the median particle diameter of frames lies in, for frames
+    #: whose header names none (``particle_size_nm``, protocol v1.8): an automatic working-scale
+    #: estimate outside it (specks, support lumps or a grain texture taken for the particles)
+    #: is moved to its nearest end (``det.size_hint``); frames without a pixel size cannot use
+    #: it. None: the estimate alone
+    particle_size_nm: tuple[float, float] | None = None
     #: detectors for the frames of one modality (the frame header's ``modality``), e.g.
     #: ``{STEM = "models/weights/detector_stem.onnx"}``; frames of other modalities (or none)
     #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
@@ -255,6 +261,11 @@ class EngineConfig(_Section):
                              f"engine.min_confidence {data['min_confidence']} (probability) are "
                              "two particle cuts: give one")
         return data
+
+    @field_validator("particle_size_nm")
+    @classmethod
+    def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return None if value is None else check_particle_size_nm(value)
 
     @field_validator("scale")
     @classmethod

@@ -503,6 +503,8 @@ class Daemon:
         m.particles_last_frame.labels(source=h.source).set(dh.n)
         if dh.base_network_only:
             m.base_network_only.labels(source=h.source).inc()
+        if dh.size_hint is not None:
+            m.size_hint.labels(outcome=dh.size_hint).inc()
         stats = result.messages[-1].header
         if isinstance(stats, StatsHeader):
             m.observe_stats(h.source, stats.units, stats.window)

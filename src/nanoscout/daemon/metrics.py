@@ -13,6 +13,10 @@ messages_rejected_total{reason}        counter    malformed, version, header, le
 transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
 sources_evicted_total                  counter    sources forgotten beyond ``input.max_sources``
 particles_measured_total{source}       counter
+frames_size_hint_total{outcome}        counter    frames that named a particle size range
+                                                  (``particle_size_nm``), by what it did
+                                                  (``det.size_hint``): agreed, applied,
+                                                  uncalibrated, unused
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
 latency_seconds                        histogram  acquisition → results published
@@ -57,13 +61,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from nanoscout.daemon.hotswap import FAILURE_STEPS
 from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS
+from nanoscout.wire.headers import SizeHint
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
@@ -105,6 +110,13 @@ class Metrics:
             "Frames an adapted model handed to its base network: their particle size lies "
             "outside the sizes it was adapted on, or it found far more particles than the base "
             "network there (det.base_network_only)", ["source"], registry=r,
+        )
+        self.size_hint = Counter(
+            "nanoscout_frames_size_hint",
+            "Frames that named a particle size range (particle_size_nm), by what it did to the "
+            "working scale: agreed (the estimate lay in it), applied (its middle replaced the "
+            "estimate), uncalibrated (no pixel size), unused (fixed or preset scale)",
+            ["outcome"], registry=r,
         )
         self.alerts = Counter("nanoscout_alerts", "Alerts published", ["rule", "severity"], registry=r)
         self.alerts_suppressed = Counter(
@@ -174,6 +186,8 @@ class Metrics:
                 self.model_swap_failures.labels(action=action, step=step)
         for outcome in ("answered", "refused"):
             self.query_requests.labels(outcome=outcome)
+        for outcome in get_args(SizeHint):
+            self.size_hint.labels(outcome=outcome)
         for why in ("no_frame", "disk_budget", "queue_full", "write_error"):
             self.frame_save_failures.labels(reason=why)
         for rule, severity in rules:

@@ -67,10 +67,11 @@ from nanoscout.clients.progress import track
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig, render
 
 __all__ = ["ALL_SETS", "EMPS_SPECKS_IMAGE", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES",
-           "TARGETS", "TUNING_SEED_BASE", "box_iou", "boxes_of_labels", "calibration_error",
-           "OracleScale", "check_targets", "evaluate", "evaluate_set", "format_table", "heldout_config",
-           "match_boxes", "match_instances", "run_harness", "score_image", "summarize",
-           "synthetic_samples", "time_detector", "tuning_config", "tuning_samples"]
+           "TARGETS", "TUNING_SEED_BASE", "OracleScale", "SizeHinted", "box_iou",
+           "boxes_of_labels", "calibration_error", "check_targets", "evaluate", "evaluate_set",
+           "format_table", "heldout_config", "match_boxes", "match_instances", "run_harness",
+           "score_image", "summarize", "synthetic_samples", "time_detector", "true_median_px",
+           "tuning_config", "tuning_samples"]
 
 ALL_SETS = ("synthetic", "emps", "stem", "nffa", "msa", "emps-tune", "stem-tune",
             "synthetic-tune", "msa-tune")
@@ -520,6 +521,43 @@ class Routed:
         return self.general.detect(image)
 
 
+def true_median_px(sample: Any) -> float:
+    """Return the area-weighted median ECD (px) of ``sample``'s true particles (boxes:
+    sqrt(w h)), the size the automatic scale measures; 0 where it has none."""
+    from nanoscout.analysis.detector import _area_weighted_median
+
+    if sample.labels is not None:
+        ecd = _ecd_px(sample.labels)[1:]
+    else:
+        b = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
+        ecd = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
+    return _area_weighted_median(ecd[ecd > 0])
+
+
+class SizeHinted:
+    """A diagnostic method: the detector told, for each image, the range [d / k, d k] of its
+    median particle diameter, d the true area-weighted median ECD (px), as an operator who
+    knows the particles' size within a factor ``k`` tells it (``particle_size_nm`` of a frame,
+    ``nanoscout measure --particle-size-nm``; ``Detector.detect(particle_px=...)``). It reads
+    the truth, so it measures what such an operator's range is worth, never the model alone.
+    ``applied``: images whose automatic estimate lay outside the range and was replaced."""
+
+    def __init__(self, detector: Any, k: float) -> None:
+        if not k > 1:
+            raise ValueError(f"size hint factor {k} must be > 1")
+        self.detector, self.k = detector, k
+        self.auto, self.scale = detector.auto, detector.scale
+        self.applied = 0
+
+    def detect_sample(self, sample: Any) -> Any:
+        """Detect on ``sample.image`` with the range around its true median size."""
+        d = true_median_px(sample)
+        found = self.detector.detect(sample.image,
+                                     particle_px=(d / self.k, d * self.k) if d > 0 else None)
+        self.applied += found.size_hint == "applied"
+        return found
+
+
 class OracleScale:
     """A diagnostic method: the detector at each image's *true* working scale, the card's
     ``target_diameter_px`` over the image's true area-weighted median ECD (px; boxes:
@@ -535,14 +573,7 @@ class OracleScale:
 
     def factor(self, sample: Any) -> float:
         """Return the oracle factor of ``sample`` (1 where it has no true particle)."""
-        from nanoscout.analysis.detector import _area_weighted_median
-
-        if sample.labels is not None:
-            ecd = _ecd_px(sample.labels)[1:]
-        else:
-            b = np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)
-            ecd = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
-        d = _area_weighted_median(ecd[ecd > 0])
+        d = true_median_px(sample)
         return self.card.working_scale.auto.factor(d) if d > 0 else 1.0
 
     def detect_sample(self, sample: Any) -> Any:
@@ -719,7 +750,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                 threads: int = 2, data_root: Path | None = None,
                 min_score: float | None = None, tta: int = 1,
                 rotate45: bool = False, stem_model: Path | None = None,
-                route: Path | None = None) -> dict[str, Any]:
+                route: Path | None = None, size_hint: float | None = None) -> dict[str, Any]:
     """Return the full harness result (model and baseline on each set) as a JSON-able dict.
 
     ``stem_model``: the detector that scores the STEM sets (``stem``, ``stem-tune``), as the
@@ -732,6 +763,8 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
     :class:`nanoscout.analysis.detector.Detector`).
 
     ``min_score`` overrides the card's score threshold (to see what the cut does).
+    ``size_hint`` (a factor k > 1): each image's detector is told the range of its median
+    particle size within k of the truth (:class:`SizeHinted`, a diagnostic).
     """
     from nanoscout.analysis.detector import Detector, base_detector_for, scale_measurer
     from nanoscout.analysis.modelcard import ModelCard
@@ -788,6 +821,10 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         "route": None if route is None else str(route), "sets": {}}
     if route is not None and (stem_model is None or "oracle" in scales.values()):
         raise SystemExit("--route needs a STEM detector (--stem-model) and no oracle scale")
+    if size_hint is not None and (route is not None or "oracle" in scales.values()
+                                  or not size_hint > 1):
+        raise SystemExit("--size-hint needs a factor > 1, no --route and no oracle scale")
+    res["size_hint"] = size_hint
     estimator = None
     if route is not None:
         from nanoscout.analysis.modality import ModalityEstimator
@@ -799,6 +836,8 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         det: Any = (OracleScale(e, c, tta=tta, rotate45=rotate45) if scales[s] == "oracle"
                     else Detector(e, c, scale=scales[s], tta=tta,  # type: ignore[arg-type]
                                   rotate45=rotate45, base_detector=b))
+        if size_hint is not None:
+            det = SizeHinted(det, size_hint)
         if estimator is not None and s not in ("synthetic", "synthetic-tune"):
             det = Routed(det, Detector(stem[1], stem[0], scale=scales[s],  # type: ignore[arg-type]
                                        tta=tta, rotate45=rotate45, base_detector=stem[2]),
@@ -821,6 +860,10 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         if scales[s] == "oracle":
             out["note"] += ("; DIAGNOSTIC: the detector ran at each image's true working scale "
                             "(OracleScale), which reads the truth")
+        if isinstance(det, SizeHinted):
+            out["note"] += (f"; DIAGNOSTIC: each image's detector was told its median particle "
+                            f"size within a factor {size_hint:g} of the truth (SizeHinted)")
+            out["size_hint_applied"] = det.applied
         out["seconds"] = round(time.perf_counter() - t0, 1)
         if s == "synthetic":
             out["seeds"] = f"{seed}..{seed + n - 1}"
@@ -867,6 +910,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --sets: a modality model (models/weights/modality.onnx): each "
                          "real image goes to the STEM detector or the general one as the model "
                          "says, as `nanoscout measure` treats files without metadata")
+    ap.add_argument("--size-hint", type=float, default=None, metavar="K",
+                    help="with --sets, a diagnostic: tell each image's detector the range "
+                         "[d/K, d*K] of its median particle diameter d, read from the truth, "
+                         "as an operator who knows the size within K would "
+                         "(SizeHinted; Detector.detect(particle_px=...))")
     ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                     help="int8: score the INT8 siblings of --model and the STEM model "
                          "(X.int8.onnx, written by `nanoscout models quantize`)")
@@ -890,7 +938,8 @@ def main(argv: list[str] | None = None) -> None:
         res = run_harness(args.model, args.card, sets, n=args.n, seed=args.seed,
                           scale=args.scale, max_images=args.max_images, threads=args.threads,
                           data_root=args.data_root, min_score=args.min_score, tta=args.tta,
-                          rotate45=args.rotate45, stem_model=stem_model, route=args.route)
+                          rotate45=args.rotate45, stem_model=stem_model, route=args.route,
+                          size_hint=args.size_hint)
         out = args.out or Path("runs/accuracy.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")

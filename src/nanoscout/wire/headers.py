@@ -91,7 +91,8 @@ from nanoscout.wire.buffers import (
 from nanoscout.wire.errors import PayloadError, Reason
 
 __all__ = [
-    "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION",
+    "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PARTICLE_SIZE_RANGE_NM", "PIXEL_SIZE_RANGE_NM",
+    "PROTOCOL_VERSION", "SizeHint", "check_particle_size_nm",
     "AckHeader", "AlertHeader", "ClassHeader", "ControlReply", "ControlRequest", "DetHeader",
     "Distribution", "Drift", "FieldStats", "FrameDrift", "FrameHeader", "FrameRef", "Header",
     "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply", "LensRequest", "LswFit",
@@ -99,7 +100,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 7)
+PROTOCOL_VERSION: tuple[int, int] = (1, 8)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -110,6 +111,10 @@ MAX_SIDE_PX = 65536
 #: plausible pixel sizes, nm: from sub-ångström STEM to millimetre-scale SEM overviews
 PIXEL_SIZE_RANGE_NM: tuple[float, float] = (1e-4, 1e6)
 
+#: plausible particle diameters an operator may name, nm: from sub-nanometre clusters to
+#: centimetre-scale grains
+PARTICLE_SIZE_RANGE_NM: tuple[float, float] = (1e-2, 1e7)
+
 #: largest stage coordinate, µm (a metre: far beyond any holder)
 MAX_STAGE_UM = 1e6
 
@@ -118,9 +123,23 @@ _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 Modality = Literal["TEM", "STEM", "SEM"]
+#: what a frame's ``particle_size_nm`` did (``det.size_hint``): the automatic estimate lay in
+#: the range ("agreed") or the range replaced it ("applied"); not used: the frame has no pixel
+#: size ("uncalibrated") or the scale is not estimated (fixed or preset: "unused")
+SizeHint = Literal["agreed", "applied", "uncalibrated", "unused"]
 #: the kinds of image a frame header can name
 MODALITIES: tuple[str, ...] = get_args(Modality)
 Units = Literal["nm", "px"]
+
+
+def check_particle_size_nm(value: tuple[float, float]) -> tuple[float, float]:
+    """Return an operator's particle size range (low, high), nm, as it is; ValueError unless
+    :data:`PARTICLE_SIZE_RANGE_NM` holds low <= high."""
+    lo, hi = PARTICLE_SIZE_RANGE_NM
+    if not lo <= value[0] <= value[1] <= hi:
+        raise ValueError(f"particle_size_nm {list(value)!r} must be [low, high] with "
+                         f"{lo:g} <= low <= high <= {hi:g} nm")
+    return value
 
 
 class Kind(StrEnum):
@@ -211,6 +230,15 @@ class FrameHeader(Header):
     #: session may be resent after a daemon restart, so the daemon drops a number it already
     #: took (``rejected{reason="duplicate"}``) and counts no gap for a late one
     session: str | None = None
+    #: v1.8: the operator's range (lo, hi) for the frame's median particle diameter, nm. The
+    #: automatic working scale keeps an estimate inside it and moves one outside it to its
+    #: nearest end (``det.size_hint``); it needs ``pixel_size_nm`` to be used
+    particle_size_nm: tuple[Finite, Finite] | None = None
+
+    @field_validator("particle_size_nm")
+    @classmethod
+    def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return None if value is None else check_particle_size_nm(value)
 
     @field_validator("session")
     @classmethod
@@ -389,6 +417,9 @@ class DetHeader(FrameRef):
     #: adapted network found more than ``base_network.max_count_ratio`` times its particles);
     #: None: an older daemon
     base_network_only: StrictBool | None = None
+    #: v1.8: what the frame's ``particle_size_nm`` did to the working scale (:data:`SizeHint`);
+    #: None: the frame named no range (or an older daemon)
+    size_hint: SizeHint | None = None
 
     @property
     def latency_ms(self) -> float:
@@ -778,9 +809,11 @@ def frame_header(
     magnification: float | None = None,
     meta: Mapping[str, Any] | None = None,
     session: str | None = None,
+    particle_size_nm: tuple[float, float] | None = None,
 ) -> FrameHeader:
     """Build the header describing ``array`` (a 2-D image); stage in µm, ``modality`` one of
-    TEM, STEM, SEM (validated)."""
+    TEM, STEM, SEM, ``particle_size_nm`` the operator's (low, high) median particle diameter,
+    nm (validated)."""
     if array.ndim != 2:
         raise PayloadError(f"a frame must be 2-D, got shape {array.shape}", reason=Reason.SHAPE)
     if array.size == 0:
@@ -799,4 +832,5 @@ def frame_header(
         magnification=magnification,
         meta=dict(meta or {}),
         session=session,
+        particle_size_nm=particle_size_nm,
     )

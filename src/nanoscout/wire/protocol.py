@@ -24,6 +24,7 @@ from nanoscout.wire.headers import (
     HEADERS,
     MAX_SIDE_PX,
     MODALITIES,
+    PARTICLE_SIZE_RANGE_NM,
     PIXEL_SIZE_RANGE_NM,
     PROTOCOL_VERSION,
     AckHeader,
@@ -49,6 +50,7 @@ from nanoscout.wire.headers import (
     MetaValue,
     Modality,
     PreviewHeader,
+    SizeHint,
     Stage,
     StatsBlock,
     StatsHeader,
@@ -56,17 +58,19 @@ from nanoscout.wire.headers import (
     Tracking,
     UniqueStats,
     Units,
+    check_particle_size_nm,
     frame_header,
 )
 from nanoscout.wire.particles import PARTICLE_DTYPE
 
 __all__ = [
-    "FRAME_DTYPES", "HEADERS", "MAX_HEADER_BYTES", "MAX_SIDE_PX", "MODALITIES", "PARTICLE_DTYPE",
-    "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "AckHeader", "AlertHeader", "Buffer", "ClassHeader",
-    "ControlReply", "ControlRequest", "DetHeader", "Distribution", "Drift", "FieldStats",
-    "FrameDrift", "FrameHeader", "FrameRef", "Header", "HealthHeader", "Histogram", "InSitu",
-    "Kind", "LensReply", "LensRequest", "LswFit", "Message", "MetaValue", "Modality",
-    "PreviewHeader", "Stage", "StatsBlock", "StatsHeader", "TrackEvent", "Tracking",
-    "UniqueStats", "Units", "check_version", "decode_frame", "decode_message", "encode",
+    "FRAME_DTYPES", "HEADERS", "MAX_HEADER_BYTES", "MAX_SIDE_PX", "MODALITIES",
+    "PARTICLE_DTYPE", "PARTICLE_SIZE_RANGE_NM", "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION",
+    "AckHeader", "AlertHeader", "Buffer", "ClassHeader", "ControlReply", "ControlRequest",
+    "DetHeader", "Distribution", "Drift", "FieldStats", "FrameDrift", "FrameHeader",
+    "FrameRef", "Header", "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply",
+    "LensRequest", "LswFit", "Message", "MetaValue", "Modality", "PreviewHeader", "SizeHint",
+    "Stage", "StatsBlock", "StatsHeader", "TrackEvent", "Tracking", "UniqueStats", "Units",
+    "check_particle_size_nm", "check_version", "decode_frame", "decode_message", "encode",
     "encode_frame", "encode_message", "frame_header", "pack_header", "unpack_header",
 ]

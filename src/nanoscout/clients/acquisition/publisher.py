@@ -298,8 +298,11 @@ class FramePublisher:
         magnification: float | None = None,
         meta: Mapping[str, MetaValue] | None = None,
         t_acq_ns: int | None = None,
+        particle_size_nm: tuple[float, float] | None = None,
     ) -> int:
-        """Send one 2-D image (stage in µm, pixel size in nm); returns the ``seq`` it was given."""
+        """Send one 2-D image (stage in µm, pixel size in nm; ``particle_size_nm``: the
+        operator's (low, high) median particle diameter, nm, that guides the daemon's
+        working scale); returns the ``seq`` it was given."""
         assert self._sock is not None
         seq = self.seq
         header = frame_header(
@@ -313,6 +316,7 @@ class FramePublisher:
             magnification=magnification,
             meta=meta,
             session=self.session,
+            particle_size_nm=particle_size_nm,
         )
         parts = encode_frame(header, image)
         self._sock.send_multipart(parts, copy=False)

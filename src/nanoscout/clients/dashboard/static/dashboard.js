@@ -349,6 +349,19 @@
     box.disabled = S.sources.length < 2;
   }
 
+  // det.size_hint (protocol 1.8) as shown in the top bar: [text, explanation]; "agreed" and
+  // no range show nothing
+  const SIZE_HINTS = {
+    applied: ["scale from the size range",
+              "The working-scale estimate lay outside the particle size range this frame " +
+              "named (specks, support lumps or texture taken for particles?): the range's " +
+              "nearest end set the scale"],
+    uncalibrated: ["size range unused",
+                   "This frame named a particle size range in nm but has no pixel size"],
+    unused: ["size range unused",
+             "The working scale is fixed or preset for this pixel size: nothing to guide"],
+  };
+
   function renderTop() {
     const p = sel();
     const d = p && p.det;
@@ -359,6 +372,13 @@
     $("frame-fps").textContent = d ? fmt(d.fps, 1) : "–";
     // protocol 1.7: an adapted model handed this frame to its base network (size band, count check)
     $("frame-base-only").hidden = !(d && d.base_network_only);
+    // protocol 1.8: what the frame's particle size range did to the working scale
+    const hint = d && SIZE_HINTS[d.size_hint];
+    $("frame-size-hint").hidden = !hint;
+    if (hint) {
+      $("frame-size-hint").textContent = hint[0];
+      $("frame-size-hint").title = hint[1];
+    }
     renderGaps();
   }
 
