@@ -310,6 +310,27 @@ def test_dashboard_in_chromium(
             page.screenshot(path=str(ARTIFACTS / "dashboard-cam.png"), full_page=True)
             assert not page.is_visible("#banner")
 
+            # the operator gives 'sim' a particle size range: the daemon takes it from the next
+            # frame (the simulator's particles are ~8 nm, so 60-120 nm moves the scale), and
+            # the top bar says so; cleared, the estimate alone again
+            page.fill("#size-low", "60")
+            page.fill("#size-high", "120")
+            page.click("#size-set")
+            page.wait_for_function("() => document.getElementById('control-msg').textContent"
+                                   ".includes('60–120 nm')", timeout=15_000)
+            page.wait_for_function(
+                "() => { const e = document.getElementById('frame-size-hint');"
+                " return !e.hidden && e.textContent === 'scale from the size range'; }",
+                timeout=60_000)
+            page.click("#size-clear")
+            page.wait_for_function("() => document.getElementById('control-msg').textContent"
+                                   ".includes('no size range of its own')", timeout=15_000)
+            page.wait_for_function("() => document.getElementById('frame-size-hint').hidden",
+                                   timeout=60_000)
+            page.fill("#size-low", "")
+            page.click("#size-set")  # nothing to send: the page says what it needs
+            assert "give the low" in page.inner_text("#control-msg")
+
             # the daemon goes away: red banner within a few seconds
             assert d.stop() == 0
             page.wait_for_function(
@@ -618,9 +639,12 @@ def test_control_buttons_reach_the_daemons_query_socket_and_track_history_answer
     from tests.unit.test_dashboard import _tracked_det
 
     seen: list[tuple[str, str]] = []
+    sizes: list[tuple[float, float] | None] = []
 
     def control(req: ControlRequest) -> ControlReply:
         seen.append((req.source or "", req.action))
+        if req.action == "set_particle_size":
+            sizes.append(req.particle_size_nm)
         return ControlReply(source=req.source or "", action=req.action, ok=True)
 
     srv = LensServer(zmq.Context.instance(), None, control=control)
@@ -638,6 +662,15 @@ def test_control_buttons_reach_the_daemons_query_socket_and_track_history_answer
         status, _ = _post(server.url, "/api/control?source=sim&action=set_drift_reference", ok)
         assert status == 200 and seen == [("sim", "reset_statistics"),
                                           ("sim", "set_drift_reference")]
+        # a particle size range in nm, then none again; ranges the protocol refuses
+        path = "/api/control?source=sim&action=set_particle_size"
+        assert _post(server.url, path + "&low=2&high=10.5", ok)[0] == 200
+        assert _post(server.url, path, ok)[0] == 200
+        assert sizes == [(2.0, 10.5), None]
+        for bad in ("&low=10&high=2", "&low=2", "&low=x&high=3", "&low=0&high=3"):
+            status, d = _post(server.url, path + bad, ok)
+            assert status == 400 and d["error"], bad
+        del seen[2:]
         # no page header: a form on another site; a bad action; no query endpoint
         assert _post(server.url, "/api/control?source=sim&action=reset_statistics")[0] == 403
         assert _post(server.url, "/api/control?source=sim&action=explode", ok)[0] == 400

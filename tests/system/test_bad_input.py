@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import subprocess
 import time
 from typing import Any
 
@@ -13,9 +15,10 @@ import pytest
 import zmq
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.query import request_control
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.protocol import Buffer, encode_frame, frame_header, pack_header
-from tests.system.conftest import DaemonFactory
+from tests.system.conftest import DaemonFactory, nanoscout
 
 pytestmark = pytest.mark.system
 
@@ -238,7 +241,30 @@ def test_a_frames_particle_size_range_is_used_reported_and_counted(
     assert [dets[k].size_hint for k in range(4)] == ["applied", "agreed", "uncalibrated", None]
     assert dets[0].working_scale < 1.0 < dets[1].working_scale  # 60 px against 8 px
     assert dets[0].n < dets[1].n
+    # the operator gives the source a range over the query socket (the dashboard's form):
+    # its next frame without one uses it; cleared, the estimate alone again
+    assert d.query is not None
+    cli = nanoscout("particle-size", "hint", "60", "120", "--query", d.query,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 0 and json.loads(out)["action"] == "set_particle_size", out
+    cli = nanoscout("particle-size", "hint", "60", "--query", d.query,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = cli.communicate(timeout=60)
+    assert cli.returncode == 2 and "LOW and HIGH" in out, out
+    with pytest.raises(ValueError, match="low <= high"):
+        request_control(d.query, "hint", "set_particle_size", particle_size_nm=(9.0, 3.0))
+    with Subscriber(d.output, topics=("det.",)) as sub:
+        sub.wait_ready()
+        with FramePublisher(d.input, mode="push", source="hint") as pub:
+            pub.seq = 4
+            pub.send(image, pixel_size_nm=1.0)
+            request_control(d.query, "hint", "set_particle_size")  # none again
+            pub.send(image, pixel_size_nm=1.0)
+            got = [msg.header for _, msg in zip(range(2), sub.messages(timeout=120))]
+    assert [h.size_hint for h in got] == ["applied", None]
+    assert got[0].working_scale == dets[0].working_scale
     text = d.scrape()
-    for outcome, n in (("applied", 1), ("agreed", 1), ("uncalibrated", 1), ("unused", 0)):
+    for outcome, n in (("applied", 2), ("agreed", 1), ("uncalibrated", 1), ("unused", 0)):
         assert _metric(text, "nanoscout_frames_size_hint_total", outcome=outcome) == n, outcome
     assert d.stop(signal.SIGTERM) == 0

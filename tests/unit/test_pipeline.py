@@ -222,3 +222,22 @@ def test_a_size_range_in_nm_reaches_the_detector_in_px_where_the_frame_has_a_pix
     assert back.header.size_hint == "uncalibrated"  # on the wire too (protocol 1.8)
     plain, det = _pipeline()
     assert plain.process(_frame()).det.size_hint is None and det.particle_px == [None]
+
+
+def test_a_source_given_its_own_size_range_uses_it_until_cleared() -> None:
+    """``set_particle_size`` (the control request): the source's frames that name no range
+    get its range instead of the pipeline's; a frame's own range still wins; None clears it."""
+    pipe, det = _pipeline(particle_size_nm=(4.0, 8.0))
+    pipe.set_particle_size("cam", (1.0, 2.0))
+    pipe.process(_frame())
+    pipe.process(_frame("other"))
+    assert det.particle_px == [(2.0, 4.0), (8.0, 16.0)]  # 0.5 nm/px
+    own = Frame.from_image(np.full((64, 64), 100, np.uint16), pixel_size_nm=0.5, source="cam",
+                           seq=1, t_acq_ns=2, particle_size_nm=(3.0, 6.0))
+    pipe.process(own)
+    pipe.set_particle_size("cam", None)
+    pipe.process(_frame(seq=2))
+    assert det.particle_px[2:] == [(6.0, 12.0), (8.0, 16.0)]
+    pipe.set_particle_size("gone", (1.0, 2.0))
+    pipe.forget("gone")
+    assert "gone" not in pipe._source_sizes

@@ -274,3 +274,16 @@ def test_lens_request_and_reply_round_trip() -> None:
         encode_message(rep)
     with pytest.raises(PayloadError, match="does not match shape"):
         decode_message([*encode_message(rep, maps)[:2], b"\x00\x00"])
+
+
+def test_a_control_request_sets_or_clears_a_sources_particle_size_range() -> None:
+    from nanoscout.wire.protocol import ControlRequest
+
+    req = ControlRequest(source="cam", action="set_particle_size", particle_size_nm=(2.0, 10.0))
+    back = decode_message(_bytes(encode_message(req)))
+    assert back.header == req and back.header.particle_size_nm == (2.0, 10.0)
+    assert ControlRequest(source="cam", action="set_particle_size").particle_size_nm is None
+    with pytest.raises(ValueError, match="needs a source"):
+        ControlRequest(action="set_particle_size", particle_size_nm=(2.0, 10.0))
+    with pytest.raises(ValueError, match="low <= high"):
+        ControlRequest(source="cam", action="set_particle_size", particle_size_nm=(10.0, 2.0))

@@ -206,6 +206,8 @@ class Pipeline:
         self.max_sources = max_sources
         self.stream_scale = stream_scale
         self.particle_size_nm = particle_size_nm
+        #: sources' own ranges (:meth:`set_particle_size`), set from any thread
+        self._source_sizes: dict[str, tuple[float, float]] = {}
         self.tracking = tracking if tracking is not None and tracking.enabled else None
         #: 0 for the detector the pipeline was built with, +1 per :meth:`replace_detector`
         self.model_generation = 0
@@ -266,6 +268,18 @@ class Pipeline:
             while len(self._requests) > 4 * self.max_sources:  # names never seen: bounded
                 del self._requests[next(iter(self._requests))]
 
+    def set_particle_size(self, source: str, size_nm: tuple[float, float] | None) -> None:
+        """Give (from any thread) ``source`` the (low, high) range of its median particle
+        diameter, nm, for its frames that name none, instead of the pipeline's
+        ``particle_size_nm``; None: the pipeline's again. From the source's next frame on."""
+        with self._requests_lock:
+            if size_nm is None:
+                self._source_sizes.pop(source, None)
+                return
+            self._source_sizes[source] = (float(size_nm[0]), float(size_nm[1]))
+            while len(self._source_sizes) > 4 * self.max_sources:  # names never seen: bounded
+                del self._source_sizes[next(iter(self._source_sizes))]
+
     def _apply_requests(self, source: str, state: _SourceState) -> None:
         with self._requests_lock:
             actions = self._requests.pop(source, set())
@@ -280,6 +294,8 @@ class Pipeline:
     def forget(self, source: str) -> None:
         """Drop everything remembered of ``source`` (its next frame starts afresh)."""
         self._sources.pop(source, None)
+        with self._requests_lock:
+            self._source_sizes.pop(source, None)
         self.alert_engine.forget(source)
         self._previews.forget(source)
 
@@ -391,9 +407,9 @@ class Pipeline:
         return state.modality_guess
 
     def _detect(self, frame: Frame, state: _SourceState) -> _Detected:
-        """Detect and measure the particles of ``frame``. Its ``particle_size_nm`` (else the
-        pipeline's) becomes the detector's range in frame px where the frame has a pixel
-        size."""
+        """Detect and measure the particles of ``frame``. Its ``particle_size_nm`` (else its
+        source's, :meth:`set_particle_size`, else the pipeline's) becomes the detector's range
+        in frame px where the frame has a pixel size."""
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
         modality = self._modality(frame, state)
@@ -401,7 +417,8 @@ class Pipeline:
                                                       (self.detector, self.model_name))
         key = (h.source, h.pixel_size_nm) if self.stream_scale else None
         hint, particle_px = None, None
-        size_nm = h.particle_size_nm or self.particle_size_nm
+        size_nm = (h.particle_size_nm or self._source_sizes.get(h.source)
+                   or self.particle_size_nm)
         if size_nm is not None:
             if h.pixel_size_nm is None:
                 hint = "uncalibrated"  # a size in nm says nothing about px

@@ -1,5 +1,6 @@
-"""``nanoscout models swap`` / ``models revert`` / ``save-frame``: the running daemon's control
-requests from the shell (hot swap of the detection model, raw frames saved for review).
+"""``nanoscout models swap`` / ``models revert`` / ``save-frame`` / ``particle-size``: the
+running daemon's control requests from the shell (hot swap of the detection model, raw frames
+saved for review, a source's particle size range).
 
 Each prints the daemon's reply as one JSON line (the model serving after it, the files
 written) and exits non-zero with the daemon's words when it refused.
@@ -17,7 +18,7 @@ from nanoscout.cli.app import ClientKey, ServerKey, app, curve_keys, models_app
 from nanoscout.wire.protocol import ControlReply
 from nanoscout.wire.transport import DEFAULT_QUERY_ENDPOINT
 
-__all__ = ["revert", "save_frame", "swap"]
+__all__ = ["particle_size", "revert", "save_frame", "swap"]
 
 Query = Annotated[str, typer.Option("--query", help="the daemon's query endpoint (REP)")]
 
@@ -74,3 +75,28 @@ def save_frame(
     from nanoscout.clients.query import save_frame as ask
 
     _print(ask(query, source, frames, curve=curve_keys(server_key, client_key)))
+
+
+@app.command("particle-size", rich_help_panel="Live")
+def particle_size(
+    source: Annotated[str, typer.Argument(help="the source whose frames the range is for")],
+    low: Annotated[float | None, typer.Argument(help="smallest median diameter, nm")] = None,
+    high: Annotated[float | None, typer.Argument(help="largest median diameter, nm")] = None,
+    query: Query = DEFAULT_QUERY_ENDPOINT,
+    server_key: ServerKey = None,
+    client_key: ClientKey = None,
+) -> None:
+    """Tell the running daemon the range LOW HIGH (nm) that SOURCE's median particle diameter
+    lies in, from its next frame on (for its frames that name none): a working-scale estimate
+    outside it moves to its nearest end. Without LOW HIGH: no range of its own again."""
+    from nanoscout.clients.query import request_control
+
+    if (low is None) != (high is None):
+        raise typer.BadParameter("give LOW and HIGH, or neither (to clear the range)")
+    size = None if low is None or high is None else (low, high)
+    try:
+        reply = request_control(query, source, "set_particle_size", particle_size_nm=size,
+                                curve=curve_keys(server_key, client_key))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _print(reply)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from pydantic import ValidationError
 
 from nanoscout.wire.errors import NanoscoutError, ProtocolError
 from nanoscout.wire.protocol import (
@@ -47,7 +48,8 @@ __all__ = ["CONTROL_ACTIONS", "QueryError", "local_sha256", "request_control", "
            "revert_model", "save_frame", "swap_model"]
 
 #: what a control request may ask (:class:`~nanoscout.wire.protocol.ControlRequest`)
-CONTROL_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference")
+CONTROL_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference",
+                                    "set_particle_size")
 
 
 class QueryError(NanoscoutError):
@@ -83,15 +85,21 @@ def _ask(endpoint: str, request: Header, *, timeout: float, curve: ClientKeys | 
 
 
 def request_control(endpoint: str, source: str, action: str, *, timeout: float = 10.0,
-                    curve: ClientKeys | None = None) -> ControlReply:
+                    curve: ClientKeys | None = None,
+                    particle_size_nm: tuple[float, float] | None = None) -> ControlReply:
     """Ask the daemon to ``reset_statistics`` or ``set_drift_reference`` of ``source`` (applied
-    before its next frame); returns the reply, raises QueryError when refused and ValueError
-    naming an unknown action."""
+    before its next frame), or to ``set_particle_size``: give it ``particle_size_nm`` (low,
+    high median particle diameter, nm; None: none again); returns the reply, raises QueryError
+    when refused and ValueError naming an unknown action or an impossible range."""
     if action not in CONTROL_ACTIONS:
         raise ValueError(f"unknown control action {action!r}; known: "
                          f"{', '.join(CONTROL_ACTIONS)}")
-    return _control(endpoint, ControlRequest(source=source, action=action),  # type: ignore[arg-type]
-                    timeout=timeout, curve=curve)
+    try:
+        request = ControlRequest(source=source, action=action,  # type: ignore[arg-type]
+                                 particle_size_nm=particle_size_nm)
+    except ValidationError as exc:
+        raise ValueError(f"{action} for {source!r}: {exc.errors()[0]['msg']}") from None
+    return _control(endpoint, request, timeout=timeout, curve=curve)
 
 
 def _control(endpoint: str, request: ControlRequest, *, timeout: float,

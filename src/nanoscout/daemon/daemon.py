@@ -271,6 +271,9 @@ class Daemon:
         if req.action == "save_frame":
             files = [str(p) for p in self.review.save_latest(source, req.frames)]
             return self._control_reply(req, t0, files=files)
+        if req.action == "set_particle_size":
+            self.pipeline.set_particle_size(source, req.particle_size_nm)
+            return self._control_reply(req, t0)
         if req.action not in ("swap_model", "revert_model"):
             self.pipeline.request(source, req.action)
             return self._control_reply(req, t0)

@@ -725,7 +725,8 @@ class LensReply(Header):
 
 
 #: control actions on one source (they need ``source``)
-SOURCE_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference", "save_frame")
+SOURCE_ACTIONS: tuple[str, ...] = ("reset_statistics", "set_drift_reference", "save_frame",
+                                   "set_particle_size")
 #: control actions on the daemon's detection model (``source`` is ignored)
 MODEL_ACTIONS: tuple[str, ...] = ("swap_model", "revert_model")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -741,18 +742,28 @@ class ControlRequest(Header):
     calibrated TIFF. ``swap_model`` loads ``model`` (an ONNX file with its model card beside it,
     or the card), checks it against ``sha256`` (the ONNX file's, 64 lowercase hex digits) and
     a probe frame, and switches the daemon's detector to it between two frames;
-    ``revert_model`` goes back to the model before the last swap."""
+    ``revert_model`` goes back to the model before the last swap. v1.8:
+    ``set_particle_size`` gives ``source`` the range of its median particle diameter,
+    ``particle_size_nm`` (None: none again), for its frames that name none
+    (:attr:`FrameHeader.particle_size_nm`), from its next frame on."""
 
     topic_kind: ClassVar[Kind] = Kind.CONTROL_REQUEST
     source: Source | None = None
     action: Literal["reset_statistics", "set_drift_reference", "save_frame", "swap_model",
-                    "revert_model"]
+                    "revert_model", "set_particle_size"]
     #: swap_model: path of the ONNX file or its card, as the daemon's host sees it
     model: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     #: swap_model: the expected sha256 of the ONNX file (lowercase hex)
     sha256: str | None = None
     #: save_frame: how many of the newest raw frames of the source to write
     frames: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
+    #: set_particle_size: the source's (low, high) median particle diameter, nm; None clears it
+    particle_size_nm: tuple[Finite, Finite] | None = None
+
+    @field_validator("particle_size_nm")
+    @classmethod
+    def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return None if value is None else check_particle_size_nm(value)
 
     @field_validator("sha256")
     @classmethod

@@ -17,8 +17,9 @@ Routes (GET, and one POST):
                         has no query endpoint; 400 without ``source``
 ``/api/track``          ``?source=S&id=N``: the recent history of tracked particle ``N`` (its
                         ECD, position and shape per frame; the hover box's sparkline)
-``/api/control``        POST ``?source=S&action=reset_statistics|set_drift_reference``: the
-                        page's two buttons, sent to the daemon's query socket (a
+``/api/control``        POST ``?source=S&action=reset_statistics|set_drift_reference``, or
+                        ``action=set_particle_size&low=L&high=H`` (nm; neither: none again):
+                        the page's buttons, sent to the daemon's query socket (a
                         :class:`~nanoscout.wire.protocol.ControlRequest`); only with the page's
                         ``X-Nanoscout: 1`` header (no cross-site request forgery); 503 when
                         the daemon does not answer or refuses, or without a query endpoint
@@ -72,7 +73,7 @@ from urllib.parse import parse_qs
 from nanoscout.clients.dashboard.annotate import AnnotationDesk, AnnotationError
 from nanoscout.clients.dashboard.gateway import DashboardState, Gateway
 from nanoscout.clients.dashboard.lens import LensView
-from nanoscout.clients.query import request_control
+from nanoscout.clients.query import CONTROL_ACTIONS, request_control
 from nanoscout.stopping import StopEvent
 from nanoscout.wire.errors import ConfigError, NanoscoutError
 from nanoscout.wire.transport import ClientKeys, is_loopback_host
@@ -216,12 +217,21 @@ class _Handler(BaseHTTPRequestHandler):
                        HTTPStatus.SERVICE_UNAVAILABLE)
             return
         source, action = args.get("source", ""), args.get("action", "")
-        if not source or action not in ("reset_statistics", "set_drift_reference"):
-            self._json({"error": "need source=NAME and action=reset_statistics or "
-                                 "set_drift_reference"}, HTTPStatus.BAD_REQUEST)
+        if not source or action not in CONTROL_ACTIONS:
+            self._json({"error": "need source=NAME and action=" + ", ".join(CONTROL_ACTIONS)},
+                       HTTPStatus.BAD_REQUEST)
             return
+        size: tuple[float, float] | None = None
+        if action == "set_particle_size" and (args.get("low") or args.get("high")):
+            try:
+                size = (float(args.get("low", "")), float(args.get("high", "")))
+            except ValueError:
+                self._json({"error": "set_particle_size needs low and high, numbers in nm "
+                                     "(or neither, to clear the range)"},
+                           HTTPStatus.BAD_REQUEST)
+                return
         try:
-            control(source, action)
+            control(source, action, particle_size_nm=size)
         except NanoscoutError as exc:
             self._json({"error": str(exc)}, HTTPStatus.SERVICE_UNAVAILABLE)
             return
@@ -399,7 +409,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def __init__(self, addr: tuple[str, int], state: DashboardState, max_rate_hz: float,
                  lens: LensView | None, *, max_clients: int, request_timeout_s: float,
                  names: set[str], token: str | None,
-                 control: Callable[[str, str], Any] | None = None,
+                 control: Callable[..., Any] | None = None,
                  desk: AnnotationDesk | None = None) -> None:
         self.state = state
         self.desk = desk
@@ -467,7 +477,7 @@ class DashboardServer:
                  max_clients: int = 256, request_timeout_s: float = 10.0,
                  allow_hosts: Iterable[str] = (), token: str | None = None,
                  allow_insecure_remote: bool = False,
-                 control: Callable[[str, str], Any] | None = None,
+                 control: Callable[..., Any] | None = None,
                  desk: AnnotationDesk | None = None) -> None:
         if max_rate_hz <= 0:
             raise ConfigError(f"max_rate_hz ({max_rate_hz}) must be > 0")

@@ -233,25 +233,41 @@
     S.trails = e.target.checked;
     mark("frame");
   });
-  async function control(action) {
+  // what each control says once the daemon took it (source, extra query)
+  const DONE = {
+    reset_statistics: (s) => `statistics of ${s} reset: counting from the next frame`,
+    set_drift_reference: (s) => `drift of ${s} is zero from the next frame`,
+    set_particle_size: (s, q) => (q
+      ? `particles of ${s}: median diameter ${q.low}–${q.high} nm from the next frame`
+      : `${s} has no size range of its own from the next frame`),
+  };
+  async function control(action, q) {
     const msg = $("control-msg");
     if (!S.selected) return;
     msg.hidden = false;
     msg.textContent = "asking the daemon…";
+    const extra = q ? `&low=${encodeURIComponent(q.low)}&high=${encodeURIComponent(q.high)}` : "";
     try {
-      const r = await fetch(`/api/control?source=${encodeURIComponent(S.selected)}&action=${action}`,
+      const r = await fetch(`/api/control?source=${encodeURIComponent(S.selected)}&action=${action}${extra}`,
         { method: "POST", headers: { "X-Nanoscout": "1" } });
       const d = await r.json();
-      msg.textContent = d.ok
-        ? (action === "reset_statistics" ? `statistics of ${S.selected} reset: counting from the next frame`
-          : `drift of ${S.selected} is zero from the next frame`)
-        : `not done: ${d.error}`;
+      msg.textContent = d.ok ? DONE[action](S.selected, q) : `not done: ${d.error}`;
     } catch (err) {
       msg.textContent = `not done: ${err}`;
     }
   }
   $("reset-stats").addEventListener("click", () => control("reset_statistics"));
   $("drift-ref").addEventListener("click", () => control("set_drift_reference"));
+  $("size-set").addEventListener("click", () => {
+    const q = { low: $("size-low").value, high: $("size-high").value };
+    if (q.low === "" || q.high === "") {
+      $("control-msg").hidden = false;
+      $("control-msg").textContent = "give the low and the high median diameter, nm";
+      return;
+    }
+    control("set_particle_size", q);
+  });
+  $("size-clear").addEventListener("click", () => control("set_particle_size", null));
   $("show-cam").addEventListener("change", (e) => {
     S.cam = e.target.checked;
     mark("frame");
