@@ -287,3 +287,5 @@ def test_a_control_request_sets_or_clears_a_sources_particle_size_range() -> Non
         ControlRequest(action="set_particle_size", particle_size_nm=(2.0, 10.0))
     with pytest.raises(ValueError, match="low <= high"):
         ControlRequest(source="cam", action="set_particle_size", particle_size_nm=(10.0, 2.0))
+    with pytest.raises(ValueError, match="belongs to set_particle_size"):
+        ControlRequest(source="cam", action="reset_statistics", particle_size_nm=(2.0, 10.0))

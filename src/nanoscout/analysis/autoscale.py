@@ -56,8 +56,8 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
-__all__ = ["DEFAULT_TOLERANCE", "DEFAULT_WINDOW_PX", "SIZE_HINT_OUTCOMES", "ScaleMemo",
-           "Signature", "content_centre", "hinted_diameter", "pass_window", "signature"]
+__all__ = ["DEFAULT_TOLERANCE", "DEFAULT_WINDOW_PX", "ScaleMemo", "Signature", "content_centre",
+           "hinted_diameter", "pass_window", "signature"]
 
 #: a pass at a finer scale looks at a window of at most this many working px per side
 DEFAULT_WINDOW_PX = 384
@@ -67,9 +67,6 @@ DEFAULT_TOLERANCE = 0.15
 SIGNATURE_SIDE_PX = 256
 #: keys (source, pixel size) remembered at most; the oldest is forgotten beyond
 MAX_KEYS = 1024
-#: what became of an operator's size range (:func:`hinted_diameter`): the estimate lay in it,
-#: or the range replaced it
-SIZE_HINT_OUTCOMES: tuple[str, ...] = ("agreed", "applied")
 
 
 def hinted_diameter(measured_px: float | None, range_px: tuple[float, float]
@@ -231,7 +228,7 @@ class ScaleMemo:
 
     def size_hint(self, key: Hashable) -> str | None:
         """What :meth:`store` remembered of ``key``'s operator size range (None for an unknown
-        key or an estimate without one): one of :data:`SIZE_HINT_OUTCOMES`."""
+        key or an estimate without one): "agreed" or "applied" (:func:`hinted_diameter`)."""
         e = self._entries.get(key)
         return None if e is None else e.size_hint
 

@@ -271,7 +271,8 @@ class Pipeline:
     def set_particle_size(self, source: str, size_nm: tuple[float, float] | None) -> None:
         """Give (from any thread) ``source`` the (low, high) range of its median particle
         diameter, nm, for its frames that name none, instead of the pipeline's
-        ``particle_size_nm``; None: the pipeline's again. From the source's next frame on."""
+        ``particle_size_nm``; None: the pipeline's again. From the source's next frame on; an
+        evicted source (beyond ``max_sources``) forgets it with the rest of its state."""
         with self._requests_lock:
             if size_nm is None:
                 self._source_sizes.pop(source, None)

@@ -114,7 +114,7 @@ class Metrics:
         self.size_hint = Counter(
             "nanoscout_frames_size_hint",
             "Frames that named a particle size range (particle_size_nm), by what it did to the "
-            "working scale: agreed (the estimate lay in it), applied (its middle replaced the "
+            "working scale: agreed (the estimate lay in it), applied (the range replaced the "
             "estimate), uncalibrated (no pixel size), unused (fixed or preset scale)",
             ["outcome"], registry=r,
         )

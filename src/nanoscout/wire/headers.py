@@ -778,6 +778,8 @@ class ControlRequest(Header):
             raise ValueError(f"{self.action} needs a source")
         if self.action == "swap_model" and (self.model is None or self.sha256 is None):
             raise ValueError("swap_model needs model (the ONNX file or its card) and sha256")
+        if self.particle_size_nm is not None and self.action != "set_particle_size":
+            raise ValueError(f"particle_size_nm belongs to set_particle_size, not {self.action}")
         return self
 
 
