@@ -220,9 +220,9 @@ def test_measure_with_a_particle_size_range_takes_its_scale_where_the_estimate_f
         shared_data: Path, tmp_path: Path) -> None:
     """EMPS image 43be4d0a2c: 23 annotated particles of ~36 px on a support strewn with ~2000
     bright specks of 3-6 px, which the automatic scale follows (x3). Told that the particles
-    are 18-72 nm at 1 nm/px, `measure` analyses the image for 18 px particles (the range's
-    nearest end), the run says so (frames ``size_hint``, the report) and fewer specks are
-    counted; without a
+    are 18-72 nm at 1 nm/px, or 18-72 px without a calibration, `measure` analyses the image
+    for 18 px particles (the range's nearest end), the run says so (frames ``size_hint``, the
+    report) and fewer specks are counted; without a
     pixel size the range cannot be used, and the image is measured as without one."""
     import pandas as pd
 
@@ -232,7 +232,8 @@ def test_measure_with_a_particle_size_range_takes_its_scale_where_the_estimate_f
     runs: dict[str, pd.DataFrame] = {}
     for key, flags in (("estimate", ["--pixel-size", "1"]),
                        ("range", ["--pixel-size", "1", "--particle-size-nm", "18", "72"]),
-                       ("uncalibrated", ["--particle-size-nm", "18", "72"])):
+                       ("uncalibrated", ["--particle-size-nm", "18", "72"]),
+                       ("px", ["--particle-size-px", "18", "72"])):
         out = tmp_path / f"{key}.parquet"
         proc = nanoscout("measure", str(png), "--out", str(out), "--no-progress", *flags,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -247,6 +248,8 @@ def test_measure_with_a_particle_size_range_takes_its_scale_where_the_estimate_f
     assert est["working_scale"] > 2.0 and rng["working_scale"] == 1.0
     assert rng["n"] < 0.7 * est["n"]
     assert bare["working_scale"] == est["working_scale"] and bare["n"] == est["n"]
+    px = runs["px"].iloc[0]
+    assert px["size_hint"] == "applied" and px["units"] == "px" and px["n"] == rng["n"]
     prov = json.loads((tmp_path / "range.parquet" / "_run.json").read_text())
     assert prov["config"]["engine"]["particle_size_nm"] == [18.0, 72.0]
     proc = nanoscout("report", str(tmp_path / "range.parquet"), "--figures", "png",

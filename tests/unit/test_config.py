@@ -44,6 +44,7 @@ def test_file_and_overrides(tmp_path: Path) -> None:
         ("[engine]\nparticle_size_nm = [10, 2]\n", "engine.particle_size_nm"),
         ("[engine]\nparticle_size_nm = [0, 2]\n", "engine.particle_size_nm"),
         ("[engine]\nparticle_size_nm = [2]\n", "engine.particle_size_nm"),
+        ("[engine]\nparticle_size_px = [40, 4]\n", "engine.particle_size_px"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, match: str) -> None:

@@ -137,6 +137,8 @@ def test_minor_version_with_unknown_fields_is_accepted() -> None:
         ("particle_size_nm", [1.0, float("nan")], "finite"),
         ("particle_size_nm", [1.0, 2.0, 3.0], "particle_size_nm"),
         ("particle_size_nm", "2-10", "particle_size_nm"),
+        ("particle_size_px", [30.0, 3.0], "low <= high"),
+        ("particle_size_px", [0.1, 3.0], "low <= high"),
         ("source", "has space", "source"),
         ("seq", -1, "seq"),
     ],
@@ -151,9 +153,9 @@ def test_header_fields_are_validated(field: str, value: object, match: str) -> N
 def test_a_particle_size_range_round_trips() -> None:
     arr = np.zeros((2, 2), np.uint8)
     sent = frame_header(arr, source="cam", seq=0, t_acq_ns=1, pixel_size_nm=0.5,
-                        particle_size_nm=(2.0, 10.0))
+                        particle_size_nm=(2.0, 10.0), particle_size_px=(4.0, 20.0))
     header, _ = decode_frame(_bytes(encode_frame(sent, arr)))
-    assert header.particle_size_nm == (2.0, 10.0)
+    assert header.particle_size_nm == (2.0, 10.0) and header.particle_size_px == (4.0, 20.0)
     assert decode_frame(_bytes(encode_frame(_header(arr), arr)))[0].particle_size_nm is None
 
 

@@ -326,6 +326,7 @@ def test_replay_override_loop_and_directory_expansion(tmp_path: Path) -> None:
         modality="TEM",
         log=lambda _: None,
         particle_size_nm=(3.0, 12.0),
+        particle_size_px=(6.0, 24.0),
     )
     dm_names = sorted(p.name for p in (INSTRUMENT / "dm").iterdir())
     # the .emi reads its .ser, so the .ser alone is not sent a second time
@@ -333,7 +334,8 @@ def test_replay_override_loop_and_directory_expansion(tmp_path: Path) -> None:
     assert [c["meta"]["file"] for c in pub.calls] == one_pass * 2
     assert report.sent == 2 * len(one_pass)
     assert all(c["pixel_size_nm"] == 2.0 and c["modality"] == "TEM" for c in pub.calls)
-    assert all(c["particle_size_nm"] == (3.0, 12.0) for c in pub.calls)
+    assert all(c["particle_size_nm"] == (3.0, 12.0) and c["particle_size_px"] == (6.0, 24.0)
+               for c in pub.calls)
     assert report.uncalibrated == []
     assert report.skipped == [(tmp_path / "absent.tif", "no such file or directory")]
 
@@ -349,6 +351,7 @@ def test_replay_rejects_bad_options() -> None:
         {"modality": "XRAY"},
         {"particle_size_nm": (12.0, 3.0)},
         {"particle_size_nm": (0.0, 3.0)},
+        {"particle_size_px": (30.0, 3.0)},
     ):
         with pytest.raises(ConfigError):
             replay_files([], pub, log=lambda _: None, **kwargs)

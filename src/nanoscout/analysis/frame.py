@@ -73,15 +73,18 @@ class Frame:
                    source: str = "offline", seq: int = 0, modality: str | None = None,
                    stage: Stage | None = None, meta: Mapping[str, Any] | None = None,
                    t_acq_ns: int | None = None,
-                   particle_size_nm: tuple[float, float] | None = None) -> Frame:
+                   particle_size_nm: tuple[float, float] | None = None,
+                   particle_size_px: tuple[float, float] | None = None) -> Frame:
         """A frame of a 2-D image that did not come over the wire (offline analysis);
-        ``particle_size_nm``: the operator's (low, high) median particle diameter, nm."""
+        ``particle_size_nm`` / ``_px``: the operator's (low, high) median particle diameter,
+        nm / px."""
         arr = np.asarray(image)
         check_pixels(arr)
         t = time.time_ns() if t_acq_ns is None else t_acq_ns
         header = frame_header(arr, source=source, seq=seq, t_acq_ns=t,
                               pixel_size_nm=pixel_size_nm, modality=modality, stage=stage,
-                              meta=meta, particle_size_nm=particle_size_nm)
+                              meta=meta, particle_size_nm=particle_size_nm,
+                              particle_size_px=particle_size_px)
         return cls(header, arr, t)
 
     @property

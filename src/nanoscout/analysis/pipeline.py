@@ -172,6 +172,7 @@ class Pipeline:
         stream_scale: bool = True,
         tracking: TrackingConfig | None = None,
         particle_size_nm: tuple[float, float] | None = None,
+        particle_size_px: tuple[float, float] | None = None,
     ) -> None:
         """``classifier``: the field-of-view classifier run on every ``classify_every``-th
         frame of each source (None: no ``class`` messages). ``preview``: the ``preview``
@@ -186,8 +187,8 @@ class Pipeline:
         ``nanoscout measure``).
         ``tracking``: drift correction and particle tracking per source (None or disabled:
         no ``track_id``, no ``drift`` / ``tracking`` / ``unique`` / ``insitu`` blocks).
-        ``particle_size_nm``: the (low, high) median particle diameter, nm, of frames whose
-        header names none (:meth:`_detect`)."""
+        ``particle_size_nm`` / ``particle_size_px``: the (low, high) median particle
+        diameter, nm / px, of frames whose header names none (:meth:`_detect`)."""
         if max_sources < 1:
             raise ValueError(f"max_sources ({max_sources}) must be >= 1")
         self.detector = detector
@@ -206,6 +207,7 @@ class Pipeline:
         self.max_sources = max_sources
         self.stream_scale = stream_scale
         self.particle_size_nm = particle_size_nm
+        self.particle_size_px = particle_size_px
         #: sources' own ranges (:meth:`set_particle_size`), set from any thread
         self._source_sizes: dict[str, tuple[float, float]] = {}
         self.tracking = tracking if tracking is not None and tracking.enabled else None
@@ -410,7 +412,8 @@ class Pipeline:
     def _detect(self, frame: Frame, state: _SourceState) -> _Detected:
         """Detect and measure the particles of ``frame``. Its ``particle_size_nm`` (else its
         source's, :meth:`set_particle_size`, else the pipeline's) becomes the detector's range
-        in frame px where the frame has a pixel size."""
+        in frame px where the frame has a pixel size; a frame without one uses its
+        ``particle_size_px`` (else the pipeline's)."""
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
         modality = self._modality(frame, state)
@@ -420,11 +423,12 @@ class Pipeline:
         hint, particle_px = None, None
         size_nm = (h.particle_size_nm or self._source_sizes.get(h.source)
                    or self.particle_size_nm)
-        if size_nm is not None:
-            if h.pixel_size_nm is None:
+        if size_nm is not None and h.pixel_size_nm is not None:
+            particle_px = (size_nm[0] / h.pixel_size_nm, size_nm[1] / h.pixel_size_nm)
+        elif h.pixel_size_nm is None:
+            particle_px = h.particle_size_px or self.particle_size_px
+            if particle_px is None and size_nm is not None:
                 hint = "uncalibrated"  # a size in nm says nothing about px
-            else:
-                particle_px = (size_nm[0] / h.pixel_size_nm, size_nm[1] / h.pixel_size_nm)
         detection = detector.detect(frame.pixels, key=key,
                                     rotate45=turn, pixel_size_nm=h.pixel_size_nm,
                                     normalized=frame.normalized, particle_px=particle_px)

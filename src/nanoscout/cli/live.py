@@ -204,6 +204,9 @@ def replay(
         help="the range the median particle diameter lies in, nm, in every frame header: the "
              "daemon keeps a working-scale estimate inside it and moves one outside it to "
              "its nearest end", show_default="none")] = None,
+    particle_size_px: Annotated[tuple[float, float] | None, typer.Option(
+        metavar="LOW HIGH", help="the same in pixels, for files without a calibration",
+        show_default="none")] = None,
     watch: Annotated[Path | None, typer.Option(help="publish each new file written to this folder")] = None,
     pattern: Annotated[list[str] | None, typer.Option(help="glob for --watch (repeatable)",
                                                       show_default="every supported type")] = None,
@@ -223,14 +226,16 @@ def replay(
             try:
                 report = replay_watch(watch, pub, patterns=tuple(pattern or ["*"]),
                                       pixel_size_nm=pixel_size, modality=modality, stop=stop,
-                                      particle_size_nm=particle_size_nm)
+                                      particle_size_nm=particle_size_nm,
+                                      particle_size_px=particle_size_px)
             except KeyboardInterrupt:
                 stop.set()
                 return
         else:
             report = replay_files(files or [], pub, rate_hz=rate or None, loop=loop,
                                   pixel_size_nm=pixel_size, modality=modality,
-                                  particle_size_nm=particle_size_nm)
+                                  particle_size_nm=particle_size_nm,
+                                  particle_size_px=particle_size_px)
     finally:
         sent = pub.close()
     print(f"replay: {sent.describe()}; skipped {len(report.skipped)} files, "

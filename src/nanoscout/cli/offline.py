@@ -30,7 +30,11 @@ def measure(
         metavar="LOW HIGH",
         help="the range the images' median particle diameter lies in, nm: a working-scale "
              "estimate outside it (specks, support lumps or a grain texture taken for the "
-             "particles) is moved to its nearest end; needs calibrated images",
+             "particles) is moved to its nearest end; for calibrated images",
+        show_default="the estimate alone")] = None,
+    particle_size_px: Annotated[tuple[float, float] | None, typer.Option(
+        metavar="LOW HIGH",
+        help="the same in pixels, for images without a calibration (PNG, JPEG, figure crops)",
         show_default="the estimate alone")] = None,
     modality: Annotated[Literal["TEM", "STEM", "SEM"] | None, typer.Option(
         help="what kind of images these are (STEM: the STEM detector analyses them); it "
@@ -96,7 +100,8 @@ def measure(
     overrides = {"engine.backend": backend, "engine.triton.url": triton_url,
                  "engine.model": model, "engine.scale": scale_value(scale),
                  "engine.tta": int(tta) if tta else None,
-                 "engine.particle_size_nm": particle_size_nm}
+                 "engine.particle_size_nm": particle_size_nm,
+                 "engine.particle_size_px": particle_size_px}
     if ray_address is not None and not ray:
         raise NanoscoutError("--ray-address needs --ray")
     if ray:

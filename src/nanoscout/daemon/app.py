@@ -164,6 +164,7 @@ def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = 
                             if by_modality and config.engine.estimate_modality else None),
         tracking=config.tracking if (track or not offline) else None,
         particle_size_nm=config.engine.particle_size_nm,
+        particle_size_px=config.engine.particle_size_px,
     )
 
 

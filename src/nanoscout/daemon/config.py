@@ -61,7 +61,7 @@ from nanoscout.analysis.preview import PreviewConfig
 from nanoscout.analysis.stats import StatsConfig
 from nanoscout.analysis.tracking import TrackingConfig
 from nanoscout.wire.errors import ConfigError
-from nanoscout.wire.protocol import Modality, check_particle_size_nm
+from nanoscout.wire.protocol import Modality, check_particle_size_nm, check_particle_size_px
 from nanoscout.wire.transport import (
     DEFAULT_FRAME_ENDPOINT,
     DEFAULT_QUERY_ENDPOINT,
@@ -236,6 +236,9 @@ class EngineConfig(_Section):
     #: is moved to its nearest end (``det.size_hint``); frames without a pixel size cannot use
     #: it. None: the estimate alone
     particle_size_nm: tuple[float, float] | None = None
+    #: [low, high] frame px: the same for frames without a pixel size (figure crops, PNG or
+    #: JPEG files); frames with one use ``particle_size_nm``. None: the estimate alone
+    particle_size_px: tuple[float, float] | None = None
     #: detectors for the frames of one modality (the frame header's ``modality``), e.g.
     #: ``{STEM = "models/weights/detector_stem.onnx"}``; frames of other modalities (or none)
     #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
@@ -266,6 +269,11 @@ class EngineConfig(_Section):
     @classmethod
     def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         return None if value is None else check_particle_size_nm(value)
+
+    @field_validator("particle_size_px")
+    @classmethod
+    def _particle_size_px(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return None if value is None else check_particle_size_px(value)
 
     @field_validator("scale")
     @classmethod

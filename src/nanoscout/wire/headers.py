@@ -91,8 +91,9 @@ from nanoscout.wire.buffers import (
 from nanoscout.wire.errors import PayloadError, Reason
 
 __all__ = [
-    "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PARTICLE_SIZE_RANGE_NM", "PIXEL_SIZE_RANGE_NM",
-    "PROTOCOL_VERSION", "SizeHint", "check_particle_size_nm",
+    "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PARTICLE_SIZE_RANGE_NM", "PARTICLE_SIZE_RANGE_PX",
+    "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "SizeHint", "check_particle_size_nm",
+    "check_particle_size_px",
     "AckHeader", "AlertHeader", "ClassHeader", "ControlReply", "ControlRequest", "DetHeader",
     "Distribution", "Drift", "FieldStats", "FrameDrift", "FrameHeader", "FrameRef", "Header",
     "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply", "LensRequest", "LswFit",
@@ -114,6 +115,8 @@ PIXEL_SIZE_RANGE_NM: tuple[float, float] = (1e-4, 1e6)
 #: plausible particle diameters an operator may name, nm: from sub-nanometre clusters to
 #: centimetre-scale grains
 PARTICLE_SIZE_RANGE_NM: tuple[float, float] = (1e-2, 1e7)
+#: the same in frame pixels, for frames without a pixel size
+PARTICLE_SIZE_RANGE_PX: tuple[float, float] = (0.5, float(65536))
 
 #: largest stage coordinate, µm (a metre: far beyond any holder)
 MAX_STAGE_UM = 1e6
@@ -125,7 +128,8 @@ _SESSION_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 Modality = Literal["TEM", "STEM", "SEM"]
 #: what a frame's ``particle_size_nm`` did (``det.size_hint``): the automatic estimate lay in
 #: the range ("agreed") or the range replaced it ("applied"); not used: the frame has no pixel
-#: size ("uncalibrated") or the scale is not estimated (fixed or preset: "unused")
+#: size and no ``particle_size_px`` ("uncalibrated") or the scale is not estimated (fixed or
+#: preset: "unused")
 SizeHint = Literal["agreed", "applied", "uncalibrated", "unused"]
 #: the kinds of image a frame header can name
 MODALITIES: tuple[str, ...] = get_args(Modality)
@@ -135,10 +139,21 @@ Units = Literal["nm", "px"]
 def check_particle_size_nm(value: tuple[float, float]) -> tuple[float, float]:
     """Return an operator's particle size range (low, high), nm, as it is; ValueError unless
     :data:`PARTICLE_SIZE_RANGE_NM` holds low <= high."""
-    lo, hi = PARTICLE_SIZE_RANGE_NM
+    return _check_range(value, PARTICLE_SIZE_RANGE_NM, "particle_size_nm", "nm")
+
+
+def check_particle_size_px(value: tuple[float, float]) -> tuple[float, float]:
+    """The same as :func:`check_particle_size_nm` for a range in frame pixels
+    (:data:`PARTICLE_SIZE_RANGE_PX`)."""
+    return _check_range(value, PARTICLE_SIZE_RANGE_PX, "particle_size_px", "px")
+
+
+def _check_range(value: tuple[float, float], bounds: tuple[float, float], name: str,
+                 unit: str) -> tuple[float, float]:
+    lo, hi = bounds
     if not lo <= value[0] <= value[1] <= hi:
-        raise ValueError(f"particle_size_nm {list(value)!r} must be [low, high] with "
-                         f"{lo:g} <= low <= high <= {hi:g} nm")
+        raise ValueError(f"{name} {list(value)!r} must be [low, high] with "
+                         f"{lo:g} <= low <= high <= {hi:g} {unit}")
     return value
 
 
@@ -234,11 +249,19 @@ class FrameHeader(Header):
     #: automatic working scale keeps an estimate inside it and moves one outside it to its
     #: nearest end (``det.size_hint``); it needs ``pixel_size_nm`` to be used
     particle_size_nm: tuple[Finite, Finite] | None = None
+    #: v1.8: the same range in frame px, used where the frame has no pixel size (figure crops,
+    #: PNG / JPEG files); a frame with a pixel size uses ``particle_size_nm`` if it names one
+    particle_size_px: tuple[Finite, Finite] | None = None
 
     @field_validator("particle_size_nm")
     @classmethod
     def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
         return None if value is None else check_particle_size_nm(value)
+
+    @field_validator("particle_size_px")
+    @classmethod
+    def _particle_size_px(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        return None if value is None else check_particle_size_px(value)
 
     @field_validator("session")
     @classmethod
@@ -823,10 +846,11 @@ def frame_header(
     meta: Mapping[str, Any] | None = None,
     session: str | None = None,
     particle_size_nm: tuple[float, float] | None = None,
+    particle_size_px: tuple[float, float] | None = None,
 ) -> FrameHeader:
     """Build the header describing ``array`` (a 2-D image); stage in µm, ``modality`` one of
-    TEM, STEM, SEM, ``particle_size_nm`` the operator's (low, high) median particle diameter,
-    nm (validated)."""
+    TEM, STEM, SEM, ``particle_size_nm`` / ``_px`` the operator's (low, high) median particle
+    diameter, nm / frame px (validated)."""
     if array.ndim != 2:
         raise PayloadError(f"a frame must be 2-D, got shape {array.shape}", reason=Reason.SHAPE)
     if array.size == 0:
@@ -846,4 +870,5 @@ def frame_header(
         meta=dict(meta or {}),
         session=session,
         particle_size_nm=particle_size_nm,
+        particle_size_px=particle_size_px,
     )

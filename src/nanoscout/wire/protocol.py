@@ -25,6 +25,7 @@ from nanoscout.wire.headers import (
     MAX_SIDE_PX,
     MODALITIES,
     PARTICLE_SIZE_RANGE_NM,
+    PARTICLE_SIZE_RANGE_PX,
     PIXEL_SIZE_RANGE_NM,
     PROTOCOL_VERSION,
     AckHeader,
@@ -59,18 +60,20 @@ from nanoscout.wire.headers import (
     UniqueStats,
     Units,
     check_particle_size_nm,
+    check_particle_size_px,
     frame_header,
 )
 from nanoscout.wire.particles import PARTICLE_DTYPE
 
 __all__ = [
     "FRAME_DTYPES", "HEADERS", "MAX_HEADER_BYTES", "MAX_SIDE_PX", "MODALITIES",
-    "PARTICLE_DTYPE", "PARTICLE_SIZE_RANGE_NM", "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION",
-    "AckHeader", "AlertHeader", "Buffer", "ClassHeader", "ControlReply", "ControlRequest",
-    "DetHeader", "Distribution", "Drift", "FieldStats", "FrameDrift", "FrameHeader",
-    "FrameRef", "Header", "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply",
-    "LensRequest", "LswFit", "Message", "MetaValue", "Modality", "PreviewHeader", "SizeHint",
-    "Stage", "StatsBlock", "StatsHeader", "TrackEvent", "Tracking", "UniqueStats", "Units",
-    "check_particle_size_nm", "check_version", "decode_frame", "decode_message", "encode",
-    "encode_frame", "encode_message", "frame_header", "pack_header", "unpack_header",
+    "PARTICLE_DTYPE", "PARTICLE_SIZE_RANGE_NM", "PARTICLE_SIZE_RANGE_PX", "PIXEL_SIZE_RANGE_NM",
+    "PROTOCOL_VERSION", "AckHeader", "AlertHeader", "Buffer", "ClassHeader", "ControlReply",
+    "ControlRequest", "DetHeader", "Distribution", "Drift", "FieldStats", "FrameDrift",
+    "FrameHeader", "FrameRef", "Header", "HealthHeader", "Histogram", "InSitu", "Kind",
+    "LensReply", "LensRequest", "LswFit", "Message", "MetaValue", "Modality", "PreviewHeader",
+    "SizeHint", "Stage", "StatsBlock", "StatsHeader", "TrackEvent", "Tracking", "UniqueStats",
+    "Units", "check_particle_size_nm", "check_particle_size_px", "check_version",
+    "decode_frame", "decode_message", "encode", "encode_frame", "encode_message",
+    "frame_header", "pack_header", "unpack_header",
 ]

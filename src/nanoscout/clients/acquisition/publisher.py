@@ -299,10 +299,12 @@ class FramePublisher:
         meta: Mapping[str, MetaValue] | None = None,
         t_acq_ns: int | None = None,
         particle_size_nm: tuple[float, float] | None = None,
+        particle_size_px: tuple[float, float] | None = None,
     ) -> int:
         """Send one 2-D image (stage in µm, pixel size in nm; ``particle_size_nm``: the
         operator's (low, high) median particle diameter, nm, that guides the daemon's
-        working scale); returns the ``seq`` it was given."""
+        working scale; ``particle_size_px``: the same in px, for a frame without a pixel
+        size); returns the ``seq`` it was given."""
         assert self._sock is not None
         seq = self.seq
         header = frame_header(
@@ -317,6 +319,7 @@ class FramePublisher:
             meta=meta,
             session=self.session,
             particle_size_nm=particle_size_nm,
+            particle_size_px=particle_size_px,
         )
         parts = encode_frame(header, image)
         self._sock.send_multipart(parts, copy=False)

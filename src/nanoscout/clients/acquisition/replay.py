@@ -31,7 +31,7 @@ from nanoscout.clients.acquisition.readers import (
 )
 from nanoscout.clients.acquisition.watch import watch_folder
 from nanoscout.wire.errors import ConfigError, ReaderError
-from nanoscout.wire.protocol import FRAME_DTYPES, check_particle_size_nm
+from nanoscout.wire.protocol import FRAME_DTYPES, check_particle_size_nm, check_particle_size_px
 
 __all__ = ["DEFAULT_PATTERNS", "MODALITIES", "ReplayReport", "replay_files", "replay_watch"]
 
@@ -54,6 +54,7 @@ class Publisher(Protocol):
         meta: dict[str, Any] | None = None,
         t_acq_ns: int | None = None,
         particle_size_nm: tuple[float, float] | None = None,
+        particle_size_px: tuple[float, float] | None = None,
     ) -> int: ...
 
 
@@ -76,6 +77,7 @@ def replay_files(
     modality: str | None = None,
     log: Callable[[str], None] = print,
     particle_size_nm: tuple[float, float] | None = None,
+    particle_size_px: tuple[float, float] | None = None,
 ) -> ReplayReport:
     """Send every image of every file in ``paths``, ``loop`` times; return a ReplayReport.
 
@@ -83,13 +85,14 @@ def replay_files(
     ``.ser`` file is left out when its ``.emi`` companion is listed (the ``.emi`` reads it).
     ``rate_hz`` (frames per second) paces frames on a monotonic schedule without cumulative
     drift; None sends as fast as the publisher takes them. ``pixel_size_nm`` (nm/px) and
-    ``modality`` override what the files say; ``particle_size_nm`` (low, high), nm, goes in
-    every frame header (the range the median particle diameter lies in, which guides the
-    daemon's working scale). Unreadable files are logged, reported in
+    ``modality`` override what the files say; ``particle_size_nm`` (low, high), nm, and
+    ``particle_size_px`` (px, for files without a calibration) go in every frame header (the
+    range the median particle diameter lies in, which guides the daemon's working scale).
+    Unreadable files are logged, reported in
     ``skipped`` once and not retried on later loops. Raises ConfigError on bad options;
     errors from the publisher (a closed socket) propagate.
     """
-    _check_overrides(pixel_size_nm, modality, particle_size_nm)
+    _check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
     if rate_hz is not None and not (math.isfinite(rate_hz) and rate_hz > 0):
         raise ConfigError(f"rate_hz must be a positive frame rate (Hz), got {rate_hz!r}")
     if loop < 1:
@@ -104,7 +107,7 @@ def replay_files(
             if path in bad:
                 continue
             if not _send_file(path, publisher, report, pixel_size_nm, modality, log, pacer,
-                              particle_size_nm):
+                              (particle_size_nm, particle_size_px)):
                 bad.add(path)
     log(
         f"replay done: {report.sent} frames sent, {len(report.skipped)} files skipped, "
@@ -126,16 +129,17 @@ def replay_watch(
     poll_s: float = 0.25,
     settle_polls: int = 2,
     particle_size_nm: tuple[float, float] | None = None,
+    particle_size_px: tuple[float, float] | None = None,
 ) -> ReplayReport:
     """Send each new complete file that appears in ``folder`` until ``stop`` is set.
 
     Completeness, ``patterns``, ``existing``, ``poll_s`` (s) and ``settle_polls`` are those of
     :func:`nanoscout.clients.acquisition.watch.watch_folder`. TIA ``.emi`` files are skipped here: the
     pixels and calibration are in the ``.ser`` files written next to them, which are sent.
-    ``particle_size_nm`` as for :func:`replay_files`. Returns the ReplayReport when ``stop``
-    is set; bad files are logged and skipped.
+    ``particle_size_nm`` and ``particle_size_px`` as for :func:`replay_files`. Returns the
+    ReplayReport when ``stop`` is set; bad files are logged and skipped.
     """
-    _check_overrides(pixel_size_nm, modality, particle_size_nm)
+    _check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
     report = ReplayReport()
     pacer = _Pacer(None)
     log(f"watching {folder} for {', '.join(patterns)}")
@@ -150,12 +154,13 @@ def replay_watch(
         if path.suffix.lower() == ".emi":
             continue
         _send_file(path, publisher, report, pixel_size_nm, modality, log, pacer,
-                   particle_size_nm)
+                   (particle_size_nm, particle_size_px))
     return report
 
 
 def _check_overrides(pixel_size_nm: float | None, modality: str | None,
-                     particle_size_nm: tuple[float, float] | None = None) -> None:
+                     particle_size_nm: tuple[float, float] | None = None,
+                     particle_size_px: tuple[float, float] | None = None) -> None:
     if pixel_size_nm is not None and not (
         math.isfinite(pixel_size_nm) and MIN_PIXEL_NM <= pixel_size_nm <= MAX_PIXEL_NM
     ):
@@ -165,11 +170,13 @@ def _check_overrides(pixel_size_nm: float | None, modality: str | None,
         )
     if modality is not None and modality not in MODALITIES:
         raise ConfigError(f"modality must be one of {sorted(MODALITIES)}, got {modality!r}")
-    if particle_size_nm is not None:
-        try:
+    try:
+        if particle_size_nm is not None:
             check_particle_size_nm(particle_size_nm)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        if particle_size_px is not None:
+            check_particle_size_px(particle_size_px)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _expand(paths: Iterable[Path | str], report: ReplayReport, log: Callable[[str], None]) -> list[Path]:
@@ -198,9 +205,10 @@ def _send_file(
     modality: str | None,
     log: Callable[[str], None],
     pacer: _Pacer,
-    particle_size_nm: tuple[float, float] | None = None,
+    sizes: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None),
 ) -> bool:
-    """Send every image of one file; return False (and report it) when it cannot be read."""
+    """Send every image of one file; return False (and report it) when it cannot be read.
+    ``sizes``: the (nm, px) particle size ranges every frame names."""
     try:
         records = read_images(path)
         frames = [_wire_array(r.data) for r in records]
@@ -216,7 +224,8 @@ def _send_file(
             modality=modality or record.modality,
             magnification=_magnification(record),
             meta={"file": path.name, "index": record.index},
-            particle_size_nm=particle_size_nm,
+            particle_size_nm=sizes[0],
+            particle_size_px=sizes[1],
         )
         report.sent += 1
         if pixel is None and path not in report.uncalibrated:
