@@ -61,7 +61,7 @@ from nanoscout.analysis.preview import PreviewConfig
 from nanoscout.analysis.stats import StatsConfig
 from nanoscout.analysis.tracking import TrackingConfig
 from nanoscout.wire.errors import ConfigError
-from nanoscout.wire.protocol import Modality, check_particle_size_nm, check_particle_size_px
+from nanoscout.wire.protocol import Modality, ParticleSizeNm, ParticleSizePx
 from nanoscout.wire.transport import (
     DEFAULT_FRAME_ENDPOINT,
     DEFAULT_QUERY_ENDPOINT,
@@ -235,10 +235,10 @@ class EngineConfig(_Section):
     #: estimate outside it (specks, support lumps or a grain texture taken for the particles)
     #: is moved to its nearest end (``det.size_hint``); frames without a pixel size cannot use
     #: it. None: the estimate alone
-    particle_size_nm: tuple[float, float] | None = None
+    particle_size_nm: ParticleSizeNm | None = None
     #: [low, high] frame px: the same for frames without a pixel size (figure crops, PNG or
     #: JPEG files); frames with one use ``particle_size_nm``. None: the estimate alone
-    particle_size_px: tuple[float, float] | None = None
+    particle_size_px: ParticleSizePx | None = None
     #: detectors for the frames of one modality (the frame header's ``modality``), e.g.
     #: ``{STEM = "models/weights/detector_stem.onnx"}``; frames of other modalities (or none)
     #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
@@ -264,16 +264,6 @@ class EngineConfig(_Section):
                              f"engine.min_confidence {data['min_confidence']} (probability) are "
                              "two particle cuts: give one")
         return data
-
-    @field_validator("particle_size_nm")
-    @classmethod
-    def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        return None if value is None else check_particle_size_nm(value)
-
-    @field_validator("particle_size_px")
-    @classmethod
-    def _particle_size_px(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        return None if value is None else check_particle_size_px(value)
 
     @field_validator("scale")
     @classmethod

@@ -91,9 +91,9 @@ from nanoscout.wire.buffers import (
 from nanoscout.wire.errors import PayloadError, Reason
 
 __all__ = [
-    "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PARTICLE_SIZE_RANGE_NM", "PARTICLE_SIZE_RANGE_PX",
-    "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "SizeHint", "check_particle_size_nm",
-    "check_particle_size_px",
+    "FRAME_DTYPES", "HEADERS", "MAX_SIDE_PX", "PARTICLE_SIZE_RANGE_NM",
+    "PARTICLE_SIZE_RANGE_PX", "PIXEL_SIZE_RANGE_NM", "PROTOCOL_VERSION", "ParticleSizeNm",
+    "ParticleSizePx", "SizeHint", "check_particle_size_nm", "check_particle_size_px",
     "AckHeader", "AlertHeader", "ClassHeader", "ControlReply", "ControlRequest", "DetHeader",
     "Distribution", "Drift", "FieldStats", "FrameDrift", "FrameHeader", "FrameRef", "Header",
     "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply", "LensRequest", "LswFit",
@@ -194,6 +194,10 @@ Source = Annotated[str, AfterValidator(_source)]
 #: a sequence number or a time in ns: 0 .. 2**63 - 1 (fits every int64 column)
 Count64 = Annotated[StrictInt, Field(ge=0, le=_INT64_MAX)]
 Finite = Annotated[float, AfterValidator(_finite)]
+#: an operator's (low, high) median particle diameter, nm (:func:`check_particle_size_nm`)
+ParticleSizeNm = Annotated[tuple[Finite, Finite], AfterValidator(check_particle_size_nm)]
+#: the same in frame px (:func:`check_particle_size_px`)
+ParticleSizePx = Annotated[tuple[Finite, Finite], AfterValidator(check_particle_size_px)]
 Side = Annotated[StrictInt, Field(ge=1, le=MAX_SIDE_PX)]
 #: values of a frame's free ``meta`` map (at most 64 entries, keys of 1-64 characters): strings
 #: of at most 1024 characters, int64 integers, finite floats, booleans or null
@@ -248,20 +252,10 @@ class FrameHeader(Header):
     #: v1.8: the operator's range (lo, hi) for the frame's median particle diameter, nm. The
     #: automatic working scale keeps an estimate inside it and moves one outside it to its
     #: nearest end (``det.size_hint``); it needs ``pixel_size_nm`` to be used
-    particle_size_nm: tuple[Finite, Finite] | None = None
+    particle_size_nm: ParticleSizeNm | None = None
     #: v1.8: the same range in frame px, used where the frame has no pixel size (figure crops,
     #: PNG / JPEG files); a frame with a pixel size uses ``particle_size_nm`` if it names one
-    particle_size_px: tuple[Finite, Finite] | None = None
-
-    @field_validator("particle_size_nm")
-    @classmethod
-    def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        return None if value is None else check_particle_size_nm(value)
-
-    @field_validator("particle_size_px")
-    @classmethod
-    def _particle_size_px(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        return None if value is None else check_particle_size_px(value)
+    particle_size_px: ParticleSizePx | None = None
 
     @field_validator("session")
     @classmethod
@@ -781,12 +775,7 @@ class ControlRequest(Header):
     #: save_frame: how many of the newest raw frames of the source to write
     frames: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
     #: set_particle_size: the source's (low, high) median particle diameter, nm; None clears it
-    particle_size_nm: tuple[Finite, Finite] | None = None
-
-    @field_validator("particle_size_nm")
-    @classmethod
-    def _particle_size(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        return None if value is None else check_particle_size_nm(value)
+    particle_size_nm: ParticleSizeNm | None = None
 
     @field_validator("sha256")
     @classmethod
