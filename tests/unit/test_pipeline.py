@@ -225,8 +225,8 @@ def test_a_size_range_in_nm_reaches_the_detector_in_px_where_the_frame_has_a_pix
 
 
 def test_a_size_range_in_px_serves_frames_without_a_pixel_size() -> None:
-    """``particle_size_px`` (the frame's, else the pipeline's) is the range of a frame without
-    a pixel size; a calibrated frame uses its range in nm, and never one in px."""
+    """``particle_size_px`` (the frame's, else the pipeline's) is the range where none in nm
+    can be used: a frame without a pixel size, or a calibrated one with no range in nm."""
     pipe, det = _pipeline(particle_size_nm=(4.0, 8.0), particle_size_px=(10.0, 30.0))
     assert pipe.process(_frame(px=None)).det.size_hint == "agreed"
     own = Frame.from_image(np.full((64, 64), 100, np.uint16), pixel_size_nm=None,
@@ -237,8 +237,8 @@ def test_a_size_range_in_px_serves_frames_without_a_pixel_size() -> None:
     pipe.process(calibrated)
     assert det.particle_px == [(10.0, 30.0), (20.0, 40.0), (8.0, 16.0)]
     px_only, det = _pipeline(particle_size_px=(10.0, 30.0))
-    assert px_only.process(_frame()).det.size_hint is None  # calibrated: no range in nm
-    assert det.particle_px == [None]
+    assert px_only.process(_frame()).det.size_hint == "agreed"  # calibrated, no range in nm
+    assert det.particle_px == [(10.0, 30.0)]
 
 
 def test_a_source_given_its_own_size_range_uses_it_until_cleared() -> None:

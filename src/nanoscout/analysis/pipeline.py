@@ -412,8 +412,8 @@ class Pipeline:
     def _detect(self, frame: Frame, state: _SourceState) -> _Detected:
         """Detect and measure the particles of ``frame``. Its ``particle_size_nm`` (else its
         source's, :meth:`set_particle_size`, else the pipeline's) becomes the detector's range
-        in frame px where the frame has a pixel size; a frame without one uses its
-        ``particle_size_px`` (else the pipeline's)."""
+        in frame px where the frame has a pixel size; where no range in nm can be used, its
+        ``particle_size_px`` (else the pipeline's) is."""
         h = frame.header
         turn = True if self.rotate45_on_request and h.meta.get("rotate45") is True else None
         modality = self._modality(frame, state)
@@ -425,7 +425,7 @@ class Pipeline:
                    or self.particle_size_nm)
         if size_nm is not None and h.pixel_size_nm is not None:
             particle_px = (size_nm[0] / h.pixel_size_nm, size_nm[1] / h.pixel_size_nm)
-        elif h.pixel_size_nm is None:
+        else:
             particle_px = h.particle_size_px or self.particle_size_px
             if particle_px is None and size_nm is not None:
                 hint = "uncalibrated"  # a size in nm says nothing about px

@@ -205,7 +205,8 @@ def replay(
              "daemon keeps a working-scale estimate inside it and moves one outside it to "
              "its nearest end", show_default="none")] = None,
     particle_size_px: Annotated[tuple[float, float] | None, typer.Option(
-        metavar="LOW HIGH", help="the same in pixels, for files without a calibration",
+        metavar="LOW HIGH", help="the same in pixels, used where no range in nm can be (files "
+                                 "without a calibration)",
         show_default="none")] = None,
     watch: Annotated[Path | None, typer.Option(help="publish each new file written to this folder")] = None,
     pattern: Annotated[list[str] | None, typer.Option(help="glob for --watch (repeatable)",

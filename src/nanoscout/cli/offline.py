@@ -34,7 +34,8 @@ def measure(
         show_default="the estimate alone")] = None,
     particle_size_px: Annotated[tuple[float, float] | None, typer.Option(
         metavar="LOW HIGH",
-        help="the same in pixels, for images without a calibration (PNG, JPEG, figure crops)",
+        help="the same in pixels, used where no range in nm can be (images without a "
+             "calibration: PNG, JPEG, figure crops)",
         show_default="the estimate alone")] = None,
     modality: Annotated[Literal["TEM", "STEM", "SEM"] | None, typer.Option(
         help="what kind of images these are (STEM: the STEM detector analyses them); it "

@@ -236,8 +236,8 @@ class EngineConfig(_Section):
     #: is moved to its nearest end (``det.size_hint``); frames without a pixel size cannot use
     #: it. None: the estimate alone
     particle_size_nm: ParticleSizeNm | None = None
-    #: [low, high] frame px: the same for frames without a pixel size (figure crops, PNG or
-    #: JPEG files); frames with one use ``particle_size_nm``. None: the estimate alone
+    #: [low, high] frame px: the same where no range in nm can be used (frames without a pixel
+    #: size: figure crops, PNG or JPEG files; or no range in nm). None: the estimate alone
     particle_size_px: ParticleSizePx | None = None
     #: detectors for the frames of one modality (the frame header's ``modality``), e.g.
     #: ``{STEM = "models/weights/detector_stem.onnx"}``; frames of other modalities (or none)

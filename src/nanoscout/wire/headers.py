@@ -115,7 +115,7 @@ PIXEL_SIZE_RANGE_NM: tuple[float, float] = (1e-4, 1e6)
 #: plausible particle diameters an operator may name, nm: from sub-nanometre clusters to
 #: centimetre-scale grains
 PARTICLE_SIZE_RANGE_NM: tuple[float, float] = (1e-2, 1e7)
-#: the same in frame pixels, for frames without a pixel size
+#: the same in frame pixels (for frames without a pixel size, above all)
 PARTICLE_SIZE_RANGE_PX: tuple[float, float] = (0.5, float(65536))
 
 #: largest stage coordinate, µm (a metre: far beyond any holder)
@@ -253,8 +253,8 @@ class FrameHeader(Header):
     #: automatic working scale keeps an estimate inside it and moves one outside it to its
     #: nearest end (``det.size_hint``); it needs ``pixel_size_nm`` to be used
     particle_size_nm: ParticleSizeNm | None = None
-    #: v1.8: the same range in frame px, used where the frame has no pixel size (figure crops,
-    #: PNG / JPEG files); a frame with a pixel size uses ``particle_size_nm`` if it names one
+    #: v1.8: the same range in frame px, used where no range in nm can be: the frame has no
+    #: pixel size (figure crops, PNG / JPEG files), or no range in nm is named
     particle_size_px: ParticleSizePx | None = None
 
     @field_validator("session")
