@@ -99,6 +99,20 @@ def _particle_range(value: object) -> tuple[float, float]:
     return lo, hi
 
 
+_Found = tuple[float | None, float, np.ndarray, bool]
+
+
+def _hinted(found: _Found, particle_px: tuple[float, float] | None) -> tuple[_Found, str | None]:
+    """``found`` (:meth:`Detector._search`: diameter px, factor, logits, wholeness) with its
+    diameter put through the operator's range ``particle_px``
+    (:func:`~nanoscout.analysis.autoscale.hinted_diameter`), and what the range did (None
+    without one)."""
+    if particle_px is None:
+        return found, None
+    size, hint = hinted_diameter(found[0], particle_px)
+    return (size, *found[1:]), hint
+
+
 def _area_weighted_median(ecd: np.ndarray) -> float:
     """Return the ECD (px) of the particle holding the median particle pixel (0 if none).
 
@@ -431,21 +445,14 @@ class Detector:
         (frame px), which overrules a measurement outside it
         (:func:`~nanoscout.analysis.autoscale.hinted_diameter`)."""
         base, other = self.card.base_network, self.base_detector
-        theirs = None if other is None else other._search(x)
-        hint = None
-        if theirs is not None and particle_px is not None:
-            size, hint = hinted_diameter(theirs[0], particle_px)
-            theirs = (size, *theirs[1:])
+        theirs, hint = (None, None) if other is None else _hinted(other._search(x), particle_px)
         if theirs is not None and base is not None and not base.covers(theirs[0]):
             assert other is not None
             return (*other._measured(theirs), False, hint)
         if theirs is not None and (base is None or base.measures):
             big = theirs[0]  # another network measures, this card decides
             return (1.0 if big is None else self._factor(big)), None, True, hint
-        ours = self._search(x)
-        if particle_px is not None:
-            size, hint = hinted_diameter(ours[0], particle_px)
-            ours = (size, *ours[1:])
+        ours, hint = _hinted(self._search(x), particle_px)
         return (*self._measured(ours), True, hint)
 
     def _measured(self, found: tuple[float | None, float, np.ndarray, bool]
