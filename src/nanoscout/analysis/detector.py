@@ -34,6 +34,7 @@ from nanoscout.analysis.instances import (
     block_centres,
     instances_from_half_logits,
     instances_from_logits,
+    rescue_by_population,
 )
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.multiscale import merge_by_score
@@ -267,7 +268,9 @@ class Detector:
         if min_score is not None:
             if not 0.0 <= min_score < 1.0:
                 raise ConfigError(f"min_score {min_score} must be within [0, 1)")
-            self.thresholds = self.thresholds.model_copy(update={"min_score": min_score})
+            # an operator's cut is exactly that cut: no rescue below it
+            self.thresholds = self.thresholds.model_copy(update={"min_score": min_score,
+                                                                 "rescue": None})
         if tile_px % self.stride or tile_px <= 2 * tile_margin_px or tile_margin_px < 0:
             raise ConfigError(f"tile_px {tile_px} must be a multiple of the network stride "
                               f"{self.stride} and more than twice tile_margin_px "
@@ -698,16 +701,32 @@ class Detector:
             logits = self._logits(x, self.tta, turn)
         t2 = time.perf_counter()
         th = self.thresholds
+        rescue = th.rescue
         rules: dict[str, Any] = dict(
             foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
-            min_core_px=th.min_core_px, merge_contact=th.merge_contact, min_score=th.min_score,
+            min_core_px=th.min_core_px, merge_contact=th.merge_contact,
+            min_score=th.min_score if rescue is None else rescue.min_score,
             merge_convex=th.merge_convex)
         r = x.shape[0] // logits.shape[2] if not reuse else 1
         fg, core = logits[0, self._fg], logits[0, self._core]
         if r == 2 and (wh, ww) == (h, w) and th.post_stride == 2 and h % 2 == 0 and w % 2 == 0:
             # the live default: thresholds and centre samples straight from half resolution
             labels, scores = instances_from_half_logits(fg, core, (h, w), **rules)
-            return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
+        else:
+            labels, scores = self._full_instances(fg, core, h, w, wh, ww, r, scale, rules)
+        if rescue is not None:
+            labels, scores = rescue_by_population(labels, scores, th.min_score,
+                                                  rescue.min_score, rescue.ecd_ratio,
+                                                  rescue.min_sure)
+        return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
+
+    def _full_instances(self, fg: np.ndarray, core: np.ndarray, h: int, w: int, wh: int,
+                        ww: int, r: int, scale: float, rules: dict[str, Any]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """The instances of a frame's logits (``fg``, ``core``: the engine's grid, ``r`` px of
+        the working grid ``wh`` x ``ww`` per engine px) brought to the frame's ``h`` x ``w``
+        grid first, where the half-resolution shortcut does not apply."""
+        th = self.thresholds
         stride = th.post_stride
         if r != 1 or (wh, ww) != (h, w):
             # after upsampling small particles cover few frame pixels: keep full resolution
@@ -723,8 +742,7 @@ class Detector:
         else:
             # views, no copies: the post-processing reads the padded output in place
             fg, core = fg[:wh, :ww], core[:wh, :ww]
-        labels, scores = instances_from_logits(fg, core, post_stride=stride, **rules)
-        return labels, scores, t2 - t1 + reused_s, time.perf_counter() - t2, reused_s
+        return instances_from_logits(fg, core, post_stride=stride, **rules)
 
 
 def scale_measurer(engine: Engine, card: ModelCard, **options: Any) -> Detector:

@@ -42,7 +42,8 @@ import numpy as np
 from nanoscout.analysis.half_logits import centre_samples, threshold_2x
 from nanoscout.analysis.preprocess import band_rows
 
-__all__ = ["block_centres", "instances_from_half_logits", "instances_from_logits", "logit"]
+__all__ = ["block_centres", "instances_from_half_logits", "instances_from_logits", "logit",
+           "rescue_by_population"]
 
 #: growth steps during which seeds advance at their own speed; afterwards all advance each step
 _MAX_ITER = 64
@@ -645,3 +646,34 @@ def _instances(fg_full: np.ndarray, sample: _Sampler, s: int, lf: np.float32, lc
             grid.reshape(-1)[pix] = lut[inst]
             scores = scores[sure]
     return _upsample_masked(grid[1:-1, 1:-1], fg_full, s), scores
+
+
+def rescue_by_population(labels: np.ndarray, scores: np.ndarray, cut: float, floor: float,
+                         ecd_ratio: float, min_sure: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (labels, scores) of the particles of ``labels`` (1..n, every one scoring at least
+    ``floor``; ``scores[k]`` particle k's raw score, ``scores[0]`` 0) that are sure, scoring at
+    least ``cut``, or that look like the sure ones: when there are at least ``min_sure`` sure
+    particles, a less sure one whose equivalent circular diameter (px of ``labels``) lies within
+    a factor ``ecd_ratio`` of the sure particles' median ECD is kept too. Kept particles keep
+    their order, relabelled 1..m; the label map is rewritten only when a particle goes.
+    (:class:`nanoscout.analysis.modelcard.Rescue`.)
+    """
+    unsure = (scores < cut) & (scores >= floor)
+    unsure[0] = False
+    if not unsure.any():
+        return labels, scores
+    sure = scores >= cut
+    sure[0] = False
+    keep = sure.copy()
+    keep[0] = True
+    if int(sure.sum()) >= min_sure:
+        # ECD ratios as area ratios: (d / d_med)^2 = a / a_med
+        area = np.bincount(labels.ravel(), minlength=scores.size)[:scores.size].astype(np.float64)
+        a_med = float(np.median(area[sure]))
+        r2 = ecd_ratio * ecd_ratio
+        keep |= unsure & (area >= a_med / r2) & (area <= a_med * r2)
+    if keep.all():
+        return labels, scores
+    lut = np.zeros(scores.size, labels.dtype)
+    lut[keep] = np.arange(int(keep.sum()), dtype=labels.dtype)
+    return lut[labels], scores[keep]

@@ -29,6 +29,7 @@ __all__ = [
     "NoveltyReference",
     "Normalization",
     "OutputSpec",
+    "Rescue",
     "ScoreCalibration",
     "Quantization",
     "Thresholds",
@@ -295,6 +296,27 @@ class WorkingScale(_Strict):
         return self
 
 
+class Rescue(_Strict):
+    """Keep a particle the network is less sure of when it looks like the frame's sure ones
+    (:func:`nanoscout.analysis.instances.rescue_by_population`).
+
+    A specimen is a population: a faint particle of the same size as the many clear ones
+    around it is most likely one more of them, while a blob of another size is not. A particle
+    whose raw score lies in [``min_score``, the card's cut) is kept when the frame (the whole
+    frame, at one working scale) has at least ``min_sure`` particles at or above the cut and
+    its equivalent circular diameter lies within a factor ``ecd_ratio`` of their median ECD.
+    It applies with the card's own cut only: an operator's ``score_cut`` or
+    ``min_confidence`` is exactly that cut.
+    """
+
+    #: the lowest raw score a rescued particle may have (0..1, below the card's cut)
+    min_score: float = Field(gt=0, lt=1)
+    #: how far (a factor, > 1) a rescued particle's ECD may lie from the sure ones' median
+    ecd_ratio: float = Field(gt=1)
+    #: sure particles (at or above the cut) a frame needs for any rescue
+    min_sure: int = Field(5, ge=1)
+
+
 class Thresholds(_Strict):
     """Post-processing parameters (nanoscout.analysis.instances)."""
 
@@ -310,6 +332,15 @@ class Thresholds(_Strict):
     merge_convex: float | None = Field(None, gt=0, le=1)
     #: drop particles whose score (confidence, 0..1) is below this
     min_score: float = Field(0.0, ge=0, lt=1)
+    #: keep some particles below ``min_score`` that look like the frame's sure ones (None: no)
+    rescue: Rescue | None = None
+
+    @model_validator(mode="after")
+    def _rescue_below_cut(self) -> Thresholds:
+        if self.rescue is not None and self.rescue.min_score >= self.min_score:
+            raise ValueError(f"rescue.min_score {self.rescue.min_score} must be below the cut "
+                             f"min_score {self.min_score}")
+        return self
 
 
 class ScoreCalibration(_Strict):

@@ -69,6 +69,11 @@ def _calibrate_lens() -> Main:
     return main
 
 
+def _ensemble() -> Main:
+    from nanoscout.training.ensemble import main
+    return main
+
+
 def _quantize() -> Main:
     from nanoscout.training.quantize import main
     return main
@@ -99,6 +104,8 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
                               "card (--model M --sets emps-tune,synthetic-tune; no torch)"),
     "calibrate-lens": (_calibrate_lens, "rebuild the AI lens's novelty reference on your own "
                                         "frames (FRAMES... --out DIR; no torch)"),
+    "ensemble": (_ensemble, "one detector whose logits are the mean of several detectors' "
+                            "(MEMBER.onnx... --out FILE; onnx, no torch)"),
     "quantize": (_quantize, "INT8 siblings of the shipped models with their accuracy parity "
                             "against FP32 (ONNX Runtime; no torch)"),
     "build-engines": (_build_engines, "build (and INT8-calibrate) the TensorRT engines of the "

@@ -382,8 +382,10 @@ def _card_for(base: ModelCard, onnx: Path, scale: str | None = None,
     assert ws is not None and th is not None
     if scale is not None:
         upd["working_scale"] = _auto_for(ws, scale)
-    if min_score is not None:
-        upd["thresholds"] = th.model_copy(update={"min_score": float(min_score)})
+    # the adapted card's cut was chosen without the base card's rescue
+    # (thresholds.rescue): it keeps none
+    upd["thresholds"] = th.model_copy(update={"rescue": None} if min_score is None else
+                                      {"min_score": float(min_score), "rescue": None})
     return base.model_copy(update=upd)
 
 

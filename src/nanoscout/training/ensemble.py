@@ -1,0 +1,134 @@
+"""One detector from several: an ONNX graph whose logits are the mean of its members' logits.
+
+::
+
+    python -m nanoscout.training.ensemble models/weights/detector.onnx build/seed2/detector.onnx \\
+        --out models/weights/detector_accurate.onnx
+
+Every member takes the same input (``image``, N x 1 x H x W, normalised as the first member's
+card says) and gives logits of the same shape; the graph runs them side by side on that one
+input and averages their logits, so any engine (ONNX Runtime, TensorRT, Triton) runs it as one
+model, at about the members' summed engine time. The card is the first member's post-processing
+(working scale, score cut, thresholds) with the new file's name and sha256, the members' files
+and sha256s in ``training``, and no score calibration: the mean's raw scores are not the first
+member's, so fit one on tuning sets (``nanoscout models calibrate``) before using
+``min_confidence`` with it. Needs ``onnx`` (the ``train`` extra), not torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: the input every shipped detector takes and the output it gives
+INPUT = "image"
+OUTPUT = "logits"
+
+
+def mean_logits_graph(members: list[Path]) -> Any:
+    """Return the ONNX model (``onnx.ModelProto``) whose ``logits`` are the mean of the
+    ``members``' logits on their shared ``image`` input. Raises ValueError when a member's
+    input or output differs from the first's, or fewer than two are given."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+    models = [onnx.load(str(p)) for p in members]
+    first = models[0]
+    for p, m in zip(members, models, strict=True):
+        ins, gives = [i.name for i in m.graph.input], [o.name for o in m.graph.output]
+        if ins != [INPUT] or gives != [OUTPUT]:
+            raise ValueError(f"{p}: inputs {ins} and outputs {gives}; a member takes "
+                             f"'{INPUT}' and gives '{OUTPUT}' only")
+        if m.opset_import != first.opset_import:
+            raise ValueError(f"{p}: opset {m.opset_import} differs from {members[0]}'s "
+                             f"{first.opset_import}")
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    outs: list[str] = []
+    for k, m in enumerate(models):
+        prefix = f"m{k}/"
+
+        def rename(name: str, prefix: str = prefix) -> str:
+            return name if name in ("", INPUT) else prefix + name
+
+        for n in m.graph.node:
+            node = onnx.NodeProto()
+            node.CopyFrom(n)
+            del node.input[:]
+            node.input.extend(rename(x) for x in n.input)
+            del node.output[:]
+            node.output.extend(rename(x) for x in n.output)
+            node.name = prefix + n.name
+            nodes.append(node)
+        for t in m.graph.initializer:
+            init = onnx.TensorProto()
+            init.CopyFrom(t)
+            init.name = prefix + t.name
+            inits.append(init)
+        outs.append(prefix + OUTPUT)
+    weight = numpy_helper.from_array(np.array(1.0 / len(models), np.float32), "mean/weight")
+    nodes += [helper.make_node("Sum", outs, ["mean/sum"], name="mean/sum"),
+              helper.make_node("Mul", ["mean/sum", "mean/weight"], [OUTPUT], name="mean/scale")]
+    graph = helper.make_graph(nodes, "mean_logits", [first.graph.input[0]],
+                              [first.graph.output[0]], [*inits, weight])
+    model = helper.make_model(graph, opset_imports=list(first.opset_import),
+                              producer_name="nanoscout.training.ensemble")
+    model.ir_version = first.ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def ensemble_card(members: list[Path], onnx_path: Path, name: str, version: str) -> dict[str, Any]:
+    """Return the card (a dict, validated by ``ModelCard``) of the ensemble ``onnx_path``: the
+    first member's card with this file, its sha256, ``name`` and ``version``, the members in
+    ``training`` and no score calibration."""
+    from nanoscout.analysis.modelcard import ModelCard, sha256_file
+
+    card = json.loads(members[0].with_suffix(".json").read_text())
+    card.update(name=name, version=version, onnx_file=onnx_path.name,
+                sha256=sha256_file(onnx_path), score_calibration=None)
+    card["training"] = {
+        **card.get("training", {}),
+        "ensemble": {
+            "how": "mean of the members' logits on one input, one ONNX graph "
+                   "(nanoscout.training.ensemble)",
+            "members": [{"file": str(p), "sha256": sha256_file(p)} for p in members],
+        },
+    }
+    card["notes"] = (f"Mean of {len(members)} detectors' logits ({', '.join(p.name for p in members)}),"
+                     f" with the first's post-processing. " + card.get("notes", ""))
+    ModelCard.model_validate(card)
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write the ensemble's ONNX file and its card beside it."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("members", type=Path, nargs="+",
+                    help="member ONNX files (each with its card beside it); the first's card "
+                         "gives the post-processing")
+    ap.add_argument("--out", type=Path, required=True, help="the ensemble's ONNX file")
+    ap.add_argument("--name", default=None, help="card name (default: the first's + '-ensemble')")
+    ap.add_argument("--version", default="1.0", help="card version")
+    args = ap.parse_args(argv)
+    import onnx
+
+    model = mean_logits_graph(args.members)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(args.out))
+    first = json.loads(args.members[0].with_suffix(".json").read_text())
+    card = ensemble_card(args.members, args.out, args.name or first["name"] + "-ensemble",
+                         args.version)
+    args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"wrote {args.out} and its card ({len(args.members)} members)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Mean-logit ensembles (nanoscout.training.ensemble): the graph's logits are the mean of its
+members' on the same input, the card loads and runs in the detector, and members that do not
+fit are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from nanoscout.analysis.detector import load_detector  # noqa: E402
+from nanoscout.analysis.modelcard import ModelCard, sha256_file, shipped_model_dir  # noqa: E402
+from nanoscout.engines import create_engine  # noqa: E402
+from nanoscout.sim.synthetic import Specimen, SpecimenConfig  # noqa: E402
+from nanoscout.training import ensemble  # noqa: E402
+
+WEIGHTS = shipped_model_dir()
+GENERAL, STEM = WEIGHTS / "detector.onnx", WEIGHTS / "detector_stem.onnx"
+
+
+def _engine(path: Path) -> Any:
+    return create_engine(path, "onnxruntime-cpu", threads=1)
+
+
+def _run(path: Path, x: np.ndarray) -> Any:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": x})[0]
+
+
+def test_the_logits_are_the_mean_of_the_members(tmp_path: Path) -> None:
+    out = tmp_path / "two.onnx"
+    assert ensemble.main([str(GENERAL), str(STEM), "--out", str(out)]) == 0
+    x = np.random.default_rng(3).random((1, 1, 192, 160), dtype=np.float32)
+    a, b, mean = _run(GENERAL, x), _run(STEM, x), _run(out, x)
+    assert mean.shape == a.shape
+    assert np.abs(a - b).max() > 1.0  # two different networks, so the test can tell
+    np.testing.assert_allclose(mean, (a + b) / 2, atol=1e-4)
+
+
+def test_the_card_pins_the_file_lists_the_members_and_drops_the_calibration(
+        tmp_path: Path) -> None:
+    out = tmp_path / "detector_accurate.onnx"
+    ensemble.main([str(GENERAL), str(STEM), "--out", str(out), "--name", "accurate",
+                   "--version", "2.5"])
+    card = ModelCard.load(out.with_suffix(".json"))  # sha256 checked
+    first = ModelCard.load(GENERAL.with_suffix(".json"))
+    assert (card.name, card.version, card.onnx_file) == ("accurate", "2.5", out.name)
+    assert card.sha256 == sha256_file(out)
+    assert first.score_calibration is not None and card.score_calibration is None
+    assert card.thresholds == first.thresholds and card.working_scale == first.working_scale
+    members = card.training.model_dump()["ensemble"]["members"]
+    assert [m["sha256"] for m in members] == [sha256_file(GENERAL), sha256_file(STEM)]
+
+
+def test_an_ensemble_of_one_network_twice_detects_what_it_detects(tmp_path: Path) -> None:
+    out = tmp_path / "twice.onnx"
+    ensemble.main([str(GENERAL), str(GENERAL), "--out", str(out)])
+    frame = Specimen.generate(SpecimenConfig(shape=(384, 384), coverage=0.15), 4242
+                              ).acquire(np.random.default_rng(4242)).image
+    one = load_detector(GENERAL, _engine).detect(frame, pixel_size_nm=0.5)
+    two = load_detector(out, _engine).detect(frame, pixel_size_nm=0.5)
+    assert one.labels.max() > 5
+    np.testing.assert_array_equal(two.labels, one.labels)
+    assert two.calibrated is False and one.calibrated is True
+
+
+def test_members_that_do_not_fit_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble.mean_logits_graph([GENERAL])
+    odd = tmp_path / "odd.onnx"
+    node = helper.make_node("Identity", ["image"], ["probabilities"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 1, 8, 8])])
+    onnx.save(helper.make_model(graph), str(odd))
+    with pytest.raises(ValueError, match="'logits' only"):
+        ensemble.mean_logits_graph([GENERAL, odd])
