@@ -4,6 +4,7 @@ fit are refused."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ def test_the_card_pins_the_file_lists_the_members_and_drops_the_calibration(
     assert card.sha256 == sha256_file(out)
     assert first.score_calibration is not None and card.score_calibration is None
     assert card.thresholds == first.thresholds and card.working_scale == first.working_scale
+    assert first.metrics is not None and card.metrics is None  # the first's, not the mean's
+    assert card.timings_ms == {} and card.quantization is None
     members = card.training.model_dump()["ensemble"]["members"]
     assert [m["sha256"] for m in members] == [sha256_file(GENERAL), sha256_file(STEM)]
 
@@ -84,3 +87,19 @@ def test_members_that_do_not_fit_are_refused(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph), str(odd))
     with pytest.raises(ValueError, match="'logits' only"):
         ensemble.mean_logits_graph([GENERAL, odd])
+
+
+def test_an_adapted_card_or_none_cannot_lead_and_the_command_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lead = tmp_path / "adapted.onnx"
+    lead.write_bytes(GENERAL.read_bytes())
+    card = json.loads(GENERAL.with_suffix(".json").read_text())
+    card["base_network"] = {"onnx_file": "detector.onnx", "sha256": card["sha256"]}
+    lead.with_suffix(".json").write_text(json.dumps(card))
+    out = tmp_path / "e.onnx"
+    assert ensemble.main([str(lead), str(GENERAL), "--out", str(out)]) == 2
+    assert "base_network" in capsys.readouterr().err and not out.exists()
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(GENERAL.read_bytes())
+    assert ensemble.main([str(bare), str(GENERAL), "--out", str(out)]) == 2
+    assert "no model card" in capsys.readouterr().err and not out.exists()

@@ -3,22 +3,27 @@
 ::
 
     python -m nanoscout.training.ensemble models/weights/detector.onnx build/seed2/detector.onnx \\
-        --out models/weights/detector_accurate.onnx
+        --out build/ensemble/detector.onnx
 
 Every member takes the same input (``image``, N x 1 x H x W, normalised as the first member's
 card says) and gives logits of the same shape; the graph runs them side by side on that one
 input and averages their logits, so any engine (ONNX Runtime, TensorRT, Triton) runs it as one
 model, at about the members' summed engine time. The card is the first member's post-processing
 (working scale, score cut, thresholds) with the new file's name and sha256, the members' files
-and sha256s in ``training``, and no score calibration: the mean's raw scores are not the first
-member's, so fit one on tuning sets (``nanoscout models calibrate``) before using
-``min_confidence`` with it. Needs ``onnx`` (the ``train`` extra), not torch.
+and sha256s in ``training``, and none of what belongs to the first member alone: no score
+calibration (the mean's raw scores are not the first member's: fit one on tuning sets,
+``nanoscout models calibrate``, before using ``min_confidence`` with it), no held-out metrics
+or timings (measure the ensemble: ``nanoscout models eval``), no quantization. An adapted
+model's card (one with a ``base_network``) cannot lead an ensemble. Needs ``onnx`` (the
+``train`` extra), not torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,10 @@ OUTPUT = "logits"
 
 def mean_logits_graph(members: list[Path]) -> Any:
     """Return the ONNX model (``onnx.ModelProto``) whose ``logits`` are the mean of the
-    ``members``' logits on their shared ``image`` input. Raises ValueError when a member's
-    input or output differs from the first's, or fewer than two are given."""
+    ``members``' logits on their shared ``image`` input. Raises ValueError when fewer than two
+    are given, or a member takes another input than ``image``, gives another output than
+    ``logits``, has another opset than the first or holds subgraphs (If, Loop, Scan: their
+    names would not be renamed)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -45,6 +52,9 @@ def mean_logits_graph(members: list[Path]) -> Any:
         if ins != [INPUT] or gives != [OUTPUT]:
             raise ValueError(f"{p}: inputs {ins} and outputs {gives}; a member takes "
                              f"'{INPUT}' and gives '{OUTPUT}' only")
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for n in m.graph.node for a in n.attribute):
+            raise ValueError(f"{p}: a member with subgraphs (If, Loop, Scan) is not supported")
         if m.opset_import != first.opset_import:
             raise ValueError(f"{p}: opset {m.opset_import} differs from {members[0]}'s "
                              f"{first.opset_import}")
@@ -84,15 +94,32 @@ def mean_logits_graph(members: list[Path]) -> Any:
     return model
 
 
+def lead_card(first: Path) -> dict[str, Any]:
+    """Return the card (a dict) beside the first member ``first``, whose post-processing the
+    ensemble takes. Raises ValueError for a missing card or an adapted model's (one with a
+    ``base_network``, whose settings were chosen for that network alone)."""
+    path = first.with_suffix(".json")
+    if not path.is_file():
+        raise ValueError(f"{first}: no model card beside it ({path.name})")
+    card: dict[str, Any] = json.loads(path.read_text())
+    if card.get("base_network") is not None:
+        raise ValueError(f"{first}: an adapted model's card (base_network) cannot lead an "
+                         "ensemble")
+    return card
+
+
 def ensemble_card(members: list[Path], onnx_path: Path, name: str, version: str) -> dict[str, Any]:
     """Return the card (a dict, validated by ``ModelCard``) of the ensemble ``onnx_path``: the
-    first member's card with this file, its sha256, ``name`` and ``version``, the members in
-    ``training`` and no score calibration."""
+    first member's card (:func:`lead_card`) with this file, its sha256, ``name`` and
+    ``version``, the members in ``training``, and without what belongs to the first member
+    alone (score calibration, held-out metrics, timings, quantization)."""
     from nanoscout.analysis.modelcard import ModelCard, sha256_file
 
-    card = json.loads(members[0].with_suffix(".json").read_text())
+    card = lead_card(members[0])
     card.update(name=name, version=version, onnx_file=onnx_path.name,
-                sha256=sha256_file(onnx_path), score_calibration=None)
+                sha256=sha256_file(onnx_path), score_calibration=None, metrics=None,
+                evaluation={}, timings_ms={}, quantization=None,
+                created=datetime.now(UTC).isoformat(timespec="seconds"))
     card["training"] = {
         **card.get("training", {}),
         "ensemble": {
@@ -111,18 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: write the ensemble's ONNX file and its card beside it."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("members", type=Path, nargs="+",
-                    help="member ONNX files (each with its card beside it); the first's card "
-                         "gives the post-processing")
+                    help="member ONNX files; the card beside the first gives the "
+                         "post-processing")
     ap.add_argument("--out", type=Path, required=True, help="the ensemble's ONNX file")
     ap.add_argument("--name", default=None, help="card name (default: the first's + '-ensemble')")
     ap.add_argument("--version", default="1.0", help="card version")
     args = ap.parse_args(argv)
     import onnx
 
-    model = mean_logits_graph(args.members)
+    try:
+        first = lead_card(args.members[0])
+        model = mean_logits_graph(args.members)
+    except (ValueError, OSError) as exc:
+        print(f"nanoscout models ensemble: {exc}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(args.out))
-    first = json.loads(args.members[0].with_suffix(".json").read_text())
     card = ensemble_card(args.members, args.out, args.name or first["name"] + "-ensemble",
                          args.version)
     args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
