@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -60,7 +62,9 @@ def test_the_detector_rescues_with_the_cards_cut_only() -> None:
                                  min_score=0.9)[0].max() == 6  # the cut alone drops it
 
     class WeakEngine(OracleEngine):
-        def infer(self, inputs):  # type: ignore[no-untyped-def]
+        """The truth's logits, particle 7's foreground at p = 0.8."""
+
+        def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             out = super().infer(inputs)
             h, w = self.labels.shape
             out["logits"][0, 0, :h, :w][self.labels == 7] = weak

@@ -159,7 +159,9 @@ class Detector:
         for offline measurement rather than live streams). ``merge_convex``: overrides the
         card's solidity ratio for merging fragments of one convex particle (None: keep it);
         ``min_score`` overrides the card's particle score cut (None: keep it), on the raw
-        score. ``min_confidence`` (in (0, 1), exclusive with ``min_score``) keeps the
+        score, and leaves out the card's ``thresholds.rescue`` (an operator's cut is exactly
+        that cut; so does ``min_confidence``).
+        ``min_confidence`` (in (0, 1), exclusive with ``min_score``) keeps the
         particles that are real with at least this probability: it needs a card with a
         ``score_calibration`` (ConfigError otherwise: raw scores are not probabilities) and
         becomes the raw cut :meth:`~nanoscout.analysis.modelcard.ScoreCalibration.raw_cut`

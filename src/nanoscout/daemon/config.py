@@ -209,7 +209,8 @@ class EngineConfig(_Section):
     #: lower it where recall matters more than precision (a stage search, whose confirmation
     #: frame supplies the precision), raise it for precision; None = the card's. The cut is on
     #: the network's raw score even where the card has a ``score_calibration`` (whose
-    #: probabilities are what the particle tables then report as ``score``)
+    #: probabilities are what the particle tables then report as ``score``); a card's
+    #: ``thresholds.rescue`` does not apply below it (nor below ``min_confidence``'s cut)
     score_cut: float | None = Field(None, ge=0, lt=1)
     #: keep the particles that are real with at least this probability, instead of a raw
     #: ``score_cut`` (give one of the two): mapped through the inverse of the model card's
