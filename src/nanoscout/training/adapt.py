@@ -384,8 +384,10 @@ def _card_for(base: ModelCard, onnx: Path, scale: str | None = None,
         upd["working_scale"] = _auto_for(ws, scale)
     # the adapted card's cut was chosen without the base card's rescue
     # (thresholds.rescue): it keeps none
-    upd["thresholds"] = th.model_copy(update={"rescue": None} if min_score is None else
-                                      {"min_score": float(min_score), "rescue": None})
+    cut: dict[str, Any] = {"rescue": None}
+    if min_score is not None:
+        cut["min_score"] = float(min_score)
+    upd["thresholds"] = th.model_copy(update=cut)
     return base.model_copy(update=upd)
 
 

@@ -27,8 +27,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 #: the input every shipped detector takes and the output it gives
 INPUT = "image"
 OUTPUT = "logits"
@@ -38,10 +36,11 @@ def mean_logits_graph(members: list[Path]) -> Any:
     """Return the ONNX model (``onnx.ModelProto``) whose ``logits`` are the mean of the
     ``members``' logits on their shared ``image`` input. Raises ValueError when fewer than two
     are given, or a member takes another input than ``image``, gives another output than
-    ``logits``, has another opset than the first or holds subgraphs (If, Loop, Scan: their
-    names would not be renamed)."""
+    ``logits`` or has another opset than the first. Each member's names get a prefix of its
+    own (``onnx.compose.add_prefix``), so members may share any name but their input."""
     import onnx
-    from onnx import helper, numpy_helper
+    import onnx.compose
+    from onnx import helper
 
     if len(members) < 2:
         raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
@@ -52,41 +51,19 @@ def mean_logits_graph(members: list[Path]) -> Any:
         if ins != [INPUT] or gives != [OUTPUT]:
             raise ValueError(f"{p}: inputs {ins} and outputs {gives}; a member takes "
                              f"'{INPUT}' and gives '{OUTPUT}' only")
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for n in m.graph.node for a in n.attribute):
-            raise ValueError(f"{p}: a member with subgraphs (If, Loop, Scan) is not supported")
         if m.opset_import != first.opset_import:
             raise ValueError(f"{p}: opset {m.opset_import} differs from {members[0]}'s "
                              f"{first.opset_import}")
     nodes: list[Any] = []
     inits: list[Any] = []
-    outs: list[str] = []
-    for k, m in enumerate(models):
-        prefix = f"m{k}/"
-
-        def rename(name: str, prefix: str = prefix) -> str:
-            return name if name in ("", INPUT) else prefix + name
-
-        for n in m.graph.node:
-            node = onnx.NodeProto()
-            node.CopyFrom(n)
-            del node.input[:]
-            node.input.extend(rename(x) for x in n.input)
-            del node.output[:]
-            node.output.extend(rename(x) for x in n.output)
-            node.name = prefix + n.name
-            nodes.append(node)
-        for t in m.graph.initializer:
-            init = onnx.TensorProto()
-            init.CopyFrom(t)
-            init.name = prefix + t.name
-            inits.append(init)
-        outs.append(prefix + OUTPUT)
-    weight = numpy_helper.from_array(np.array(1.0 / len(models), np.float32), "mean/weight")
-    nodes += [helper.make_node("Sum", outs, ["mean/sum"], name="mean/sum"),
-              helper.make_node("Mul", ["mean/sum", "mean/weight"], [OUTPUT], name="mean/scale")]
+    for k, m in enumerate(models):  # every name but the shared input gets the member's prefix
+        g = onnx.compose.add_prefix(m, f"m{k}/", rename_inputs=False).graph
+        nodes += g.node
+        inits += g.initializer
+    nodes.append(helper.make_node("Mean", [f"m{k}/{OUTPUT}" for k in range(len(models))],
+                                  [OUTPUT], name="mean"))
     graph = helper.make_graph(nodes, "mean_logits", [first.graph.input[0]],
-                              [first.graph.output[0]], [*inits, weight])
+                              [first.graph.output[0]], inits)
     model = helper.make_model(graph, opset_imports=list(first.opset_import),
                               producer_name="nanoscout.training.ensemble")
     model.ir_version = first.ir_version
@@ -108,14 +85,15 @@ def lead_card(first: Path) -> dict[str, Any]:
     return card
 
 
-def ensemble_card(members: list[Path], onnx_path: Path, name: str, version: str) -> dict[str, Any]:
+def ensemble_card(members: list[Path], lead: dict[str, Any], onnx_path: Path, name: str,
+                  version: str) -> dict[str, Any]:
     """Return the card (a dict, validated by ``ModelCard``) of the ensemble ``onnx_path``: the
-    first member's card (:func:`lead_card`) with this file, its sha256, ``name`` and
+    first member's card ``lead`` (:func:`lead_card`) with this file, its sha256, ``name`` and
     ``version``, the members in ``training``, and without what belongs to the first member
     alone (score calibration, held-out metrics, timings, quantization)."""
     from nanoscout.analysis.modelcard import ModelCard, sha256_file
 
-    card = lead_card(members[0])
+    card = dict(lead)
     card.update(name=name, version=version, onnx_file=onnx_path.name,
                 sha256=sha256_file(onnx_path), score_calibration=None, metrics=None,
                 evaluation={}, timings_ms={}, quantization=None,
@@ -154,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(args.out))
-    card = ensemble_card(args.members, args.out, args.name or first["name"] + "-ensemble",
-                         args.version)
+    card = ensemble_card(args.members, first, args.out,
+                         args.name or first["name"] + "-ensemble", args.version)
     args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {args.out} and its card ({len(args.members)} members)")
     return 0
