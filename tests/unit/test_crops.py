@@ -201,3 +201,23 @@ def test_pool_mixes_sem_and_haadf_crops_and_returns_boxes(tmp_path: Path) -> Non
                  sem_share=1.0)
     x, y, b = synth.batch(4)
     assert len(b) == 0 and np.isfinite(x).all() and y[:, 0].any()
+
+
+def test_pool_lays_the_asked_share_of_sem_specimens_on_a_granular_film() -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.train import Pool
+
+    plain = Pool(30, np.random.default_rng(0))
+    film = Pool(30, np.random.default_rng(0), granular_share=1.0)
+    for a, b in zip(plain.items, film.items, strict=True):
+        if a.cfg.modality == "SEM":
+            assert b.cfg.support_relief > 0
+            assert 0.25 <= b.cfg.support_relief_nm / b.cfg.median_diameter_nm <= 1.0
+        else:  # drawn apart from the specimen: the other specimens stay as they were
+            assert b.cfg == a.cfg and b.cfg.support_relief == 0
+    assert any(a.cfg.modality == "SEM" for a in plain.items)
+    half = Pool(30, np.random.default_rng(0), granular_share=0.5)
+    n = sum(s.cfg.support_relief > 0 for s in half.items)
+    assert 0 < n < sum(s.cfg.modality == "SEM" for s in half.items)
+    with pytest.raises(ValueError, match="granular_share"):
+        Pool(1, np.random.default_rng(0), granular_share=1.5)

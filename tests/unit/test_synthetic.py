@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from nanoscout.sim.synthetic import (
     KINDS,
@@ -165,6 +166,48 @@ def test_support_grains_change_the_image_but_not_the_particles(modality: str) ->
     assert 0.2 < changed < 0.95, changed
     with pytest.raises(ValueError, match="support_grains"):
         SpecimenConfig(support_grains=1.5)
+
+
+def test_granular_film_is_support_not_particles() -> None:
+    base = SpecimenConfig(modality="SEM", shape=(256, 256), pixel_size_nm=1.0,
+                          median_diameter_nm=20.0, coverage=0.1, dose_e_per_px=None)
+    flat = render(base, 5)
+    film = render(SpecimenConfig(**{**base.__dict__, "support_relief": 0.8,
+                                    "support_relief_nm": 8.0}), 5)
+    np.testing.assert_array_equal(flat.labels, film.labels)  # grains are never particles
+    bg = flat.labels == 0
+    diff = np.abs(film.image.astype(np.float64) - flat.image.astype(np.float64))
+    assert (diff[bg] > 0.05 * np.ptp(flat.image)).mean() > 0.5  # the whole film is rough
+    # the particles keep their smooth tops: inside them (away from the rim) little changes
+    core = ndi.binary_erosion(flat.labels > 0, iterations=3)
+    assert np.median(diff[core]) < 0.5 * np.median(diff[bg])
+
+
+def test_granular_film_grains_have_the_asked_size() -> None:
+    from nanoscout.sim.synthetic import _granular_relief
+
+    counts = {}
+    for size in (6.0, 12.0):
+        cfg = SpecimenConfig(modality="SEM", pixel_size_nm=1.0, support_relief=1.0,
+                             support_relief_nm=size)
+        height, dist, grain_yield = _granular_relief(cfg, np.random.default_rng(2), (240, 240))
+        assert height.shape == dist.shape == grain_yield.shape == (240, 240)
+        assert height.min() >= 0 and grain_yield.min() >= 0.7 and grain_yield.max() <= 1.3
+        # grains are the regions between the crevices (distance 0 to a cell boundary)
+        counts[size] = ndi.label(dist > 0)[1]
+    # about frame / size^2 grains: a grain twice as wide covers four times the area
+    assert 240 * 240 / 6.0**2 * 0.5 < counts[6.0] < 240 * 240 / 6.0**2 * 1.5, counts
+    assert 2.5 < counts[6.0] / counts[12.0] < 5.5, counts
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"support_relief": -0.1}, "support_relief"),
+                                           ({"support_relief": 2.5}, "support_relief"),
+                                           ({"support_relief_nm": 0.0}, "support_relief_nm"),
+                                           ({"support_relief": 0.5, "modality": "TEM"},
+                                            "SEM only")])
+def test_granular_film_bad_values_are_named(kw: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SpecimenConfig(**{"modality": "SEM", **kw})  # type: ignore[arg-type]
 
 
 def _sha(*arrays: np.ndarray) -> str:

@@ -12,7 +12,9 @@ Image formation (relative intensity, then electron counts):
   contrast saturates with thickness, each particle has its own diffraction contrast.
 * ``STEM`` HAADF: bright particles (Z-contrast, thickness dependent) on a dim support.
 * ``SEM`` secondary electrons: a height map gives bright edges (tilt effect), one-sided shading
-  (Everhart-Thornley detector) and brighter particle material on a textured substrate.
+  (Everhart-Thornley detector) and brighter particle material on a textured substrate, or
+  (``support_relief``) on a packed granular film: rounded grains with dark crevices and their
+  own tilt contrast, never labelled, under and between the particles.
 
 Ground truth (:class:`SyntheticFrame`): ``labels`` holds one id per particle and every pixel
 belongs to at most one particle (later, upper particles win where projections overlap);
@@ -98,6 +100,11 @@ class SpecimenConfig:
     #: (carbon, silica, alumina; not particles, never labelled), 0 = flat support film
     support_grains: float = 0.0
     support_grain_nm: float = 200.0  # typical size of those grains, nm
+    #: rough polycrystalline or granular support film (SEM only; never labelled): height of its
+    #: packed grains relative to their radius, 0 = smooth film. Its grains, about as large as
+    #: the particles or smaller, show the same tilt contrast as particles, with darker crevices.
+    support_relief: float = 0.0
+    support_relief_nm: float = 10.0  # typical diameter of those grains, nm
     drift_px_per_frame: tuple[float, float] = (0.0, 0.0)  # (rows, cols) per frame (InSituSeries)
     contrast: float = 0.5  # particle contrast, 0..1 (absorbed fraction in TEM)
     fringe: float = 0.0  # Fresnel fringe (defocus halo) strength, 0..1, TEM only
@@ -124,6 +131,12 @@ class SpecimenConfig:
         if not 0 <= self.support_grains < 1 or not self.support_grain_nm > 0:
             raise ValueError(f"support_grains {self.support_grains!r} must be in [0, 1) and "
                              f"support_grain_nm {self.support_grain_nm!r} > 0")
+        if not 0 <= self.support_relief <= 2 or not self.support_relief_nm > 0:
+            raise ValueError(f"support_relief {self.support_relief!r} must be in [0, 2] and "
+                             f"support_relief_nm {self.support_relief_nm!r} > 0")
+        if self.support_relief > 0 and self.modality != "SEM":
+            raise ValueError(f"support_relief {self.support_relief!r}: a granular film is "
+                             f"rendered for SEM only, not {self.modality}")
         if not 0 <= self.coverage < 1:
             raise ValueError(f"coverage {self.coverage!r} must be in [0, 1)")
         if not 0 <= self.axis_aligned <= 1:
@@ -436,6 +449,39 @@ def _support_grains(cfg: SpecimenConfig, rng: np.random.Generator, canvas: tuple
     return np.clip(soft * 1.5, 0.0, 1.0).astype(np.float32)
 
 
+def _granular_relief(cfg: SpecimenConfig, rng: np.random.Generator, canvas: tuple[int, int]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (height px, distance to the nearest grain boundary px, relative yield) of a packed
+    granular film.
+
+    The grains are the Voronoi cells of random seeds (periodic on the canvas, like the rest of
+    the specimen), each a dome of its own height rising from the crevices between cells, and
+    each with its own secondary-electron yield (orientation, composition), within +-30 %.
+    """
+    size_px = max(cfg.support_relief_nm / cfg.pixel_size_nm, 3.0)
+    h, w = canvas
+    n = max(1, int(round(h * w / (0.9 * size_px * size_px))))
+    seeds = np.zeros(canvas, bool)
+    seeds[rng.integers(0, h, n), rng.integers(0, w, n)] = True
+    m = int(min(2.0 * size_px + 2.0, min(h, w) // 2))
+    padded = np.pad(seeds, m, mode="wrap")
+    _, (iy, ix) = ndi.distance_transform_edt(~padded, return_indices=True)
+    cell = ((iy - m) % h) * w + (ix - m) % w  # the nearest seed's index on the canvas
+    edge = (cell != np.roll(cell, 1, 0)) | (cell != np.roll(cell, 1, 1))
+    dist = ndi.distance_transform_edt(~edge)[m:m + h, m:m + w].astype(np.float32)
+    cell = cell[m:m + h, m:m + w]
+    tall = rng.uniform(0.4, 1.0, h * w).astype(np.float32)[cell]
+    # each grain a rounded dome over its own cell: 0 at the crevice, its top over the point
+    # farthest from the crevices, softened so that the cells' corners do not show as facets
+    inradius = np.zeros(h * w, np.float32)
+    np.maximum.at(inradius, cell.ravel(), dist.ravel())
+    t = np.clip(dist / np.maximum(inradius[cell], 1.0), 0.0, 1.0)
+    height = cfg.support_relief * size_px / 2.0 * tall * np.sqrt(1.0 - (1.0 - t) ** 2)
+    height = ndi.gaussian_filter(height, max(size_px / 8.0, 0.5), mode="wrap")
+    grain_yield = rng.uniform(0.7, 1.3, h * w).astype(np.float32)[cell]
+    return height.astype(np.float32), dist, grain_yield
+
+
 def _form_image(cfg: SpecimenConfig, r: _Raster, rng: np.random.Generator) -> np.ndarray:
     """Return the noiseless relative intensity on the canvas (float32, background ~ 1 in TEM)."""
     canvas = r.labels.shape
@@ -463,6 +509,17 @@ def _form_image(cfg: SpecimenConfig, r: _Raster, rng: np.random.Generator) -> np
             img = img + 0.45 * grains
     else:  # SEM: tilt contrast from the height map, shading towards the detector
         h = r.height
+        film = None
+        if cfg.support_relief > 0:
+            # particles rest on the granular film: under them lies its smoothed relief, so
+            # their own top surfaces stay smooth
+            relief, dist, grain_yield = _granular_relief(cfg, rng, canvas)
+            under = ndi.gaussian_filter(np.minimum(r.cover, 1.0), 1.0, mode="wrap")
+            smooth = ndi.gaussian_filter(relief, cfg.support_relief_nm / cfg.pixel_size_nm / 2.0,
+                                         mode="wrap")
+            h = h + (1.0 - under) * relief + under * smooth
+            # fewer secondary electrons escape from the crevices; each grain its own yield
+            film = (1.0 - under) * (grain_yield * (1.0 - 0.7 * np.exp(-dist / 1.5)) - 1.0) + 1.0
         gy = 0.5 * (np.roll(h, -1, 0) - np.roll(h, 1, 0))
         gx = 0.5 * (np.roll(h, -1, 1) - np.roll(h, 1, 1))
         sec = np.minimum(np.sqrt(1.0 + gy * gy + gx * gx), 6.0)
@@ -472,6 +529,8 @@ def _form_image(cfg: SpecimenConfig, r: _Raster, rng: np.random.Generator) -> np
         if grains is not None:
             material = material + 0.15 * grains
         img = material * sec**0.8 + 0.12 * c * shade
+        if film is not None:
+            img = img * film
     img = np.maximum(img, 0.01).astype(np.float32)
     if cfg.blur_px > 0:
         img = ndi.gaussian_filter(img, cfg.blur_px, mode="wrap")

@@ -59,6 +59,7 @@ class Variant:
     auto_scale: tuple[tuple[str, float], ...] = ()  # overrides of AUTO_SCALE
     stem_tuning_holdout: bool = False  # keep the STEM tuning material (Pt) out of training
     support_p: float = 0.0  # real crops laid on a thick support (nanoscout.training.crops)
+    granular_share: float = 0.0  # SEM specimens on a granular film, both phases (train.Pool)
 
 
 #: ``general``: every frame (the daemon's ``engine.model``); ``stem``: frames whose header says

@@ -184,13 +184,18 @@ class Pool:
     def __init__(self, size: int, rng: np.random.Generator, real: list[RealImage] | None = None,
                  real_fraction: float = 0.0, stem_share: float | None = None,
                  haadf: HaadfCache | None = None, haadf_share: float = 0.0,
-                 sem_share: float = 0.0) -> None:
+                 sem_share: float = 0.0, granular_share: float = 0.0) -> None:
         """``stem_share``: share of the real crops cut from STEM images (None: as the
         sqrt(particle count) weights fall, about a fifth). ``haadf``: pre-rendered HAADF-STEM
         specimens (:mod:`nanoscout.training.haadf`); ``haadf_share`` of the synthetic crops come from them,
-        ``sem_share`` from SEM specimens rendered on the fly (:mod:`nanoscout.sim.sem_render`)."""
+        ``sem_share`` from SEM specimens rendered on the fly (:mod:`nanoscout.sim.sem_render`).
+        ``granular_share``: share of the synthetic SEM specimens lying on a granular film
+        (unlabelled grains as large as the particles or smaller, ``SpecimenConfig.support_relief``)."""
+        if not 0.0 <= granular_share <= 1.0:
+            raise ValueError(f"granular_share {granular_share} must be within [0, 1]")
         self.rng = rng
         self.sem_share = sem_share
+        self.granular_share = granular_share
         #: HAADF crops: particles smaller than this (px) are left unlabelled, and burnt-in
         #: annotations are painted as on the other synthetic crops (set by DataOptions)
         self.haadf_min_area = 0.0
@@ -222,6 +227,13 @@ class Pool:
         self.counter += 1
         srng = np.random.default_rng(seed)
         cfg = random_config(srng)
+        if self.granular_share > 0 and cfg.modality == "SEM":
+            # seeded apart from the specimen, so the other specimens stay as without the option
+            frng = np.random.default_rng([seed, 4])
+            if frng.random() < self.granular_share:
+                cfg = replace(cfg, support_relief=float(frng.uniform(0.3, 1.0)),
+                              support_relief_nm=float(cfg.median_diameter_nm
+                                                      * frng.uniform(0.25, 1.0)))
         if self.real:
             # phase 2: a quarter of the specimens are supported catalysts (small particles on
             # large unlabelled support grains); seeded separately, so phase 1 stays as shipped
@@ -367,7 +379,7 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
     cache = HaadfCache(data.haadf_cache, data.haadf_frames) \
         if data.haadf_cache is not None and data.haadf_share > 0 else None
     pool = Pool(pool_size, rng, real, real_fraction, stem_share, cache, data.haadf_share,
-                data.sem_share)
+                data.sem_share, data.granular_share)
     pool.haadf_min_area = math.pi * (data.haadf_min_ecd / 2.0) ** 2
     pool.support_p = data.support_p
     pool.haadf_overlays = data.haadf_overlays
@@ -379,7 +391,8 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Phase-2 data beyond detector 3.0's: which real sets, box supervision, HAADF crops."""
+    """Data beyond detector 3.0's: which real sets, box supervision, HAADF crops (phase 2), and
+    granular SEM films (``granular_share``, the one option phase 1 takes too)."""
 
     real_sets: tuple[str, ...] = ("emps", "stem")
     box_ring: float | None = None  # STEM boxes: inner-ellipse share trusted (None: ellipses)
@@ -390,6 +403,7 @@ class DataOptions:
     haadf_min_ecd: float = 0.0  # HAADF particles below this ECD (px) are left unlabelled
     haadf_overlays: bool = False  # burnt-in annotations on HAADF crops too
     support_p: float = 0.0  # share of the real crops laid on a thick support (crops.thick_support)
+    granular_share: float = 0.0  # share of the synthetic SEM specimens on a granular film (Pool)
 
 
 def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
@@ -577,6 +591,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="phase 2: share of the real crops laid on a thick, uneven support "
                          "first, which leaves their particles faint (nanoscout.training.crops."
                          "thick_support); default: the variant's")
+    ap.add_argument("--granular-share", type=float, default=None,
+                    help="both phases: share of the synthetic SEM specimens lying on a granular "
+                         "film whose unlabelled grains are 0.25-1x the particles' size "
+                         "(nanoscout.sim.synthetic support_relief); default: the variant's")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (2: the shipped runs; 1 when runs share the CPU)")
     ap.add_argument("--init", type=Path, default=None,
@@ -593,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         args.stem_share = variant.stem_share
     for name in ("arch", "box_ring", "haadf_share", "haadf_frames", "sem_share",
                  "finetune_steps", "finetune_cycles", "stem_tuning_holdout", "haadf_min_ecd",
-                 "haadf_overlays", "support_p"):
+                 "haadf_overlays", "support_p", "granular_share"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(variant, name))
     if args.finetune_cycles < 1:
@@ -608,8 +626,10 @@ def main(argv: list[str] | None = None) -> None:
     from_onnx = args.init is not None and args.init.suffix == ".onnx"
     if args.init is None:
         model, summary = train(args.steps, args.batch, args.width, args.pool, args.seed,
-                               lr=args.lr, arch=args.arch)
+                               lr=args.lr, arch=args.arch,
+                               data=DataOptions(granular_share=args.granular_share))
         phases["synthetic"] = {"steps": args.steps, "lr": args.lr,
+                               "granular_share": args.granular_share,
                                **{k: round(v, 4) for k, v in summary.items()}}
     elif from_onnx:
         from nanoscout.analysis.modelcard import sha256_file
@@ -634,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
         data = DataOptions(tuple(x for x in args.real_sets.split(",") if x), args.box_ring,
                            args.haadf_cache, args.haadf_share, args.haadf_frames,
                            args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays),
-                           args.support_p)
+                           args.support_p, args.granular_share)
         if data.haadf_cache is not None and data.haadf_share > 0:
             # one command: render the HAADF specimens first where the cache lacks them
             # (shards already there are kept; seeds HAADF_SEED_BASE + k)
@@ -656,6 +676,7 @@ def main(argv: list[str] | None = None) -> None:
                           "haadf_share": data.haadf_share, "haadf_frames": data.haadf_frames,
                           "sem_share": data.sem_share, "haadf_min_ecd": data.haadf_min_ecd,
                           "haadf_overlays": data.haadf_overlays, "support_p": data.support_p,
+                          "granular_share": data.granular_share,
                           "excluded_tuning_images": len(exclude),
                           "stem_holdout": args.stem_holdout,
                           **{k: round(v, 4) for k, v in summary.items()}}
