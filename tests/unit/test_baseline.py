@@ -150,6 +150,25 @@ def test_synthetic_tuning_frames_span_sizes_and_stay_off_the_heldout_seeds(tmp_p
     assert s["methods"]["model"]["f1"] > 0.8  # frame 0: 42 px particles, STEM
 
 
+def test_cli_scores_the_synthetic_sem_tuning_sets(tmp_path: Path) -> None:
+    from nanoscout.training.evaluate import format_table, granular_samples
+
+    # the film's grains are never particles: the same frames on a flat film have the same labels
+    for a, b in zip(granular_samples(2), granular_samples(2, relief=False), strict=True):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert a.labels.max() > 5 and not np.array_equal(a.image, b.image)
+    out = tmp_path / "s.json"
+    main(["--sets", "granular-tune,agglomerate-tune", "--max-images", "1", "--no-timing",
+          "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["sets"]) == {"granular-tune", "agglomerate-tune"} and not res["targets"]
+    for s in res["sets"].values():
+        assert s["n_images"] == 1 and "not a held-out result" in s["note"]
+        assert s["methods"]["model"]["tp"] + s["methods"]["model"]["fn"] > 5
+    lines = format_table(res).splitlines()
+    assert any(line.split()[:2] == ["agglomerate-tune", "model"] for line in lines), lines
+
+
 def test_calibration_error_of_particle_scores() -> None:
     from nanoscout.training.evaluate import calibration_error
 

@@ -29,8 +29,11 @@ set. Two *tuning* sets, for choosing post-processing settings and never reported
 results, run only when named: ``emps-tune`` (EMPS training papers left out of training),
 ``stem-tune`` (the STEM tuning material, :func:`nanoscout.training.realdata.stem_tuning_names`, left out of
 training only in tuning experiments; ``stem-tune:Cu`` another training material, for a recipe
-trained with ``--stem-holdout Cu``) and ``synthetic-tune`` (:func:`tuning_config`: 60 frames,
-particles 4-200 px).
+trained with ``--stem-holdout Cu``), ``synthetic-tune`` (:func:`tuning_config`: 60 frames,
+particles 4-200 px) and two synthetic SEM sets of failure modes seen on real SEM frames:
+``granular-tune`` (:func:`granular_config`: particles on a packed granular film) and
+``agglomerate-tune`` (:func:`agglomerate_samples`: piles of faceted particles,
+:mod:`nanoscout.sim.sem_render`).
 Without ``--sets`` the command does the synthetic-only evaluation above (what
 ``nanoscout.training.export`` records in the model card).
 
@@ -66,20 +69,27 @@ import numpy as np
 from nanoscout.clients.progress import track
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig, render
 
-__all__ = ["ALL_SETS", "EMPS_SPECKS_IMAGE", "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES",
-           "TARGETS", "TUNING_SEED_BASE", "OracleScale", "SizeHinted", "box_iou",
+__all__ = ["AGGLOMERATE_SEED_BASE", "ALL_SETS", "EMPS_SPECKS_IMAGE", "GRANULAR_SEED_BASE",
+           "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "SYNTHETIC_SETS", "TARGETS",
+           "TUNING_SEED_BASE", "OracleScale", "SizeHinted", "agglomerate_samples", "box_iou",
            "boxes_of_labels", "calibration_error", "check_targets", "evaluate", "evaluate_set",
-           "format_table", "heldout_config", "match_boxes", "match_instances", "run_harness",
+           "format_table", "granular_config", "granular_samples", "heldout_config", "match_boxes",
+           "match_instances", "run_harness",
            "score_image", "summarize", "synthetic_samples", "time_detector", "true_median_px",
            "tuning_config", "tuning_samples"]
 
 ALL_SETS = ("synthetic", "emps", "stem", "nffa", "msa", "emps-tune", "stem-tune",
-            "synthetic-tune", "msa-tune")
+            "synthetic-tune", "msa-tune", "granular-tune", "agglomerate-tune")
+#: the synthetic sets: generated here, always available, never routed by modality
+SYNTHETIC_SETS = ("synthetic", "synthetic-tune", "granular-tune", "agglomerate-tune")
 
 HELDOUT_SEED_LIMIT = 1_000_000
 #: seeds of the synthetic *tuning* frames (:func:`tuning_config`): below the training seeds and
 #: far from the held-out ones (12345 + i)
 TUNING_SEED_BASE = 500_000
+#: seed sequences ([base, i]) of the synthetic SEM tuning sets, apart from every training seed
+GRANULAR_SEED_BASE = 777_000
+AGGLOMERATE_SEED_BASE = 888_000
 MATCH_DTYPE = np.dtype([("pred", "<i4"), ("true", "<i4"), ("iou", "<f4")])
 _MODALITIES = ("TEM", "STEM", "SEM")
 
@@ -487,6 +497,48 @@ def tuning_samples(n: int = 60) -> Iterator[Any]:
                      cfg.pixel_size_nm, cfg.modality)
 
 
+def granular_config(i: int, relief: bool = True) -> SpecimenConfig:
+    """Return frame ``i`` of ``granular-tune``: SEM particles (median 8-40 px, 512 px frames)
+    on a packed granular film whose grains are 0.3-0.9x the particles' median
+    (``SpecimenConfig.support_relief``); ``relief=False`` gives the same specimen on a flat film."""
+    rng = np.random.default_rng([GRANULAR_SEED_BASE, i])
+    med = float(np.exp(rng.uniform(math.log(8.0), math.log(40.0))))
+    return SpecimenConfig(
+        modality="SEM", shape=(512, 512), pixel_size_nm=1.0, median_diameter_nm=med,
+        sigma_log=float(rng.uniform(0.1, 0.35)), min_diameter_nm=3.0, max_diameter_nm=300.0,
+        coverage=float(rng.uniform(0.05, 0.3)), dose_e_per_px=float(rng.uniform(50, 1000)),
+        blur_px=float(rng.uniform(0.5, 1.2)), support_texture=0.05,
+        contrast=float(rng.uniform(0.3, 0.7)),
+        support_relief=float(rng.uniform(0.4, 1.0)) if relief else 0.0,
+        support_relief_nm=med * float(rng.uniform(0.3, 0.9)), dtype="uint16")
+
+
+def granular_samples(n: int = 12, relief: bool = True) -> Iterator[Any]:
+    """Yield the ``granular-tune`` frames (:func:`granular_config`) as samples (1 nm/px)."""
+    from nanoscout.training.realdata import Sample
+
+    for i in range(n):
+        fr = Specimen.generate(granular_config(i, relief),
+                               np.random.default_rng([GRANULAR_SEED_BASE + 1, i])
+                               ).acquire(np.random.default_rng(i))
+        yield Sample("granular-tune", f"granular{i}", fr.image, fr.labels.astype(np.int32),
+                     None, 1.0, "SEM")
+
+
+def agglomerate_samples(n: int = 16) -> Iterator[Any]:
+    """Yield the ``agglomerate-tune`` frames: SEM piles of faceted particles (median 10-40 px,
+    512 px frames; :func:`nanoscout.sim.sem_render.random_config`), as samples (1 nm/px)."""
+    from nanoscout.sim.sem_render import random_config as sem_config
+    from nanoscout.sim.sem_render import render as sem_render
+    from nanoscout.training.realdata import Sample
+
+    for i in range(n):
+        cfg = sem_config(np.random.default_rng([AGGLOMERATE_SEED_BASE, i]), (512, 512),
+                         (10.0, 40.0))
+        img, lab = sem_render(cfg, np.random.default_rng([AGGLOMERATE_SEED_BASE + 1, i]))
+        yield Sample("agglomerate-tune", f"agglomerate{i}", img, lab, None, 1.0, "SEM")
+
+
 def synthetic_samples(n: int = 20, seed: int = 12345) -> Iterator[Any]:
     """Yield held-out synthetic frames as :class:`nanoscout.training.realdata.Sample` (0.5 nm/px)."""
     from nanoscout.training.realdata import Sample
@@ -655,6 +707,12 @@ SET_NOTES = {
                  "msa.json 'train'), which the shipped detectors do not train on (a candidate "
                  "trained with --real-sets ...,msa does); masks as for msa; mask IoU; for "
                  "choosing post-processing settings, not a held-out result"),
+    "granular-tune": ("synthetic SEM tuning frames on a packed granular film "
+                      "(nanoscout.training.evaluate.granular_config, seeds [777000, i]): "
+                      "unlabelled grains 0.3-0.9x the particles; mask IoU; not a held-out result"),
+    "agglomerate-tune": ("synthetic SEM tuning frames of agglomerated faceted particles "
+                         "(nanoscout.sim.sem_render, seeds [888000, i]); visible parts "
+                         "labelled; mask IoU; not a held-out result"),
     "nffa": ("NFFA SEM particles, binary masks: true instances = 8-connected components "
              "(touching particles are one instance); uncalibrated (px); mask IoU"),
 }
@@ -727,7 +785,8 @@ def format_table(res: dict[str, Any]) -> str:
     cols = ("precision", "recall", "f1", "median_abs_ecd_error_pct", "d50_error_pct",
             "aspect_ratio_rmse", "roundness_rmse", "ms_per_image")
     heads = ("P", "R", "F1", "|dECD|%", "dD50%", "AR rmse", "Rnd rmse", "ms/img", "ECE")
-    lines = [f"{'set':15s}{'method':10s}{'imgs':>5s}{'true':>7s}"
+    width = max([15, *(len(k) + 5 for k in res["sets"])])  # room for "-w/o" and a space
+    lines = [f"{'set':{width}s}{'method':10s}{'imgs':>5s}{'true':>7s}"
              + "".join(f"{h:>9s}" for h in heads)]
     rows = [(sname, sres) for sname, sres in res["sets"].items()]
     rows += [(f"{sname}-w/o", {**sres["without"], "methods": {
@@ -736,7 +795,7 @@ def format_table(res: dict[str, Any]) -> str:
     for sname, sres in rows:
         for mname, m in sres["methods"].items():
             ece = (m.get("calibration") or {}).get("ece")
-            lines.append(f"{sname:15s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
+            lines.append(f"{sname:{width}s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
                          + "".join(f"{_fmt(m[c]):>9s}" for c in cols) + f"{_fmt(ece):>9s}")
     models = {sres["model"] for sres in res["sets"].values() if "model" in sres}
     if len(models) > 1:
@@ -775,7 +834,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
     avail = ["synthetic", *realdata.available_sets(data_root)]
     if sets is None:
         sets = list(avail)  # the held-out sets; the tuning sets only when named
-    avail.append("synthetic-tune")
+    avail.extend(SYNTHETIC_SETS[1:])
     if "emps" in avail:
         avail.append("emps-tune")
     if "stem" in avail:
@@ -838,12 +897,14 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                                   rotate45=rotate45, base_detector=b))
         if size_hint is not None:
             det = SizeHinted(det, size_hint)
-        if estimator is not None and s not in ("synthetic", "synthetic-tune"):
+        if estimator is not None and s not in SYNTHETIC_SETS:
             det = Routed(det, Detector(stem[1], stem[0], scale=scales[s],  # type: ignore[arg-type]
                                        tta=tta, rotate45=rotate45, base_detector=stem[2]),
                          estimator)
         samples = (synthetic_samples(n, seed) if s == "synthetic"
                    else tuning_samples(max_images or 60) if s == "synthetic-tune"
+                   else granular_samples(max_images or 12) if s == "granular-tune"
+                   else agglomerate_samples(max_images or 16) if s == "agglomerate-tune"
                    else realdata.iter_samples(s, data_root, max_images))
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples,
@@ -892,7 +953,7 @@ def main(argv: list[str] | None = None) -> None:
                          "score model and classical baseline on each; tuning sets only when "
                          "named: synthetic-tune, emps-tune, stem-tune, stem-tune:MATERIAL (one "
                          "STEM training material, e.g. stem-tune:Cu), msa-tune (the BF-TEM "
-                         "training frames)")
+                         "training frames), granular-tune and agglomerate-tune (synthetic SEM)")
     ap.add_argument("--max-images", type=int, default=None,
                     help="with --sets: at most this many images per real set")
     ap.add_argument("--data-root", type=Path, default=None, help="default ../shared/data")
