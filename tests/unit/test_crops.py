@@ -221,3 +221,12 @@ def test_pool_lays_the_asked_share_of_sem_specimens_on_a_granular_film() -> None
     assert 0 < n < sum(s.cfg.modality == "SEM" for s in half.items)
     with pytest.raises(ValueError, match="granular_share"):
         Pool(1, np.random.default_rng(0), granular_share=1.5)
+
+
+def test_train_refuses_a_granular_share_outside_zero_to_one(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.train import main
+
+    with pytest.raises(SystemExit, match="--granular-share 1.5"):
+        main(["--granular-share", "1.5", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # refused before any training or writing

@@ -616,6 +616,8 @@ def main(argv: list[str] | None = None) -> None:
             setattr(args, name, getattr(variant, name))
     if args.finetune_cycles < 1:
         raise SystemExit(f"--cycles {args.finetune_cycles}: at least 1")
+    if not 0.0 <= args.granular_share <= 1.0:  # before the data process would fail on it
+        raise SystemExit(f"--granular-share {args.granular_share}: a share within [0, 1]")
     if args.real_sets is None:
         args.real_sets = ",".join(variant.train_sets)
     if args.box_ring == 0:
