@@ -518,7 +518,8 @@ def _form_image(cfg: SpecimenConfig, r: _Raster, rng: np.random.Generator) -> np
             smooth = ndi.gaussian_filter(relief, cfg.support_relief_nm / cfg.pixel_size_nm / 2.0,
                                          mode="wrap")
             h = h + (1.0 - under) * relief + under * smooth
-            # fewer secondary electrons escape from the crevices; each grain its own yield
+            # the film's factor on the yield: 1 under the particles; elsewhere each grain's own
+            # yield, lower in the crevices, from which fewer secondary electrons escape
             film = (1.0 - under) * (grain_yield * (1.0 - 0.7 * np.exp(-dist / 1.5)) - 1.0) + 1.0
         gy = 0.5 * (np.roll(h, -1, 0) - np.roll(h, 1, 0))
         gx = 0.5 * (np.roll(h, -1, 1) - np.roll(h, 1, 1))

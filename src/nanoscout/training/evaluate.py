@@ -834,7 +834,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
     avail = ["synthetic", *realdata.available_sets(data_root)]
     if sets is None:
         sets = list(avail)  # the held-out sets; the tuning sets only when named
-    avail.extend(SYNTHETIC_SETS[1:])
+    avail.extend(s for s in SYNTHETIC_SETS if s != "synthetic")  # the synthetic tuning sets
     if "emps" in avail:
         avail.append("emps-tune")
     if "stem" in avail:
