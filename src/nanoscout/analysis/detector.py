@@ -270,9 +270,7 @@ class Detector:
         if min_score is not None:
             if not 0.0 <= min_score < 1.0:
                 raise ConfigError(f"min_score {min_score} must be within [0, 1)")
-            # an operator's cut is exactly that cut: no rescue below it
-            self.thresholds = self.thresholds.model_copy(update={"min_score": min_score,
-                                                                 "rescue": None})
+            self.thresholds = self.thresholds.with_cut(min_score)
         if tile_px % self.stride or tile_px <= 2 * tile_margin_px or tile_margin_px < 0:
             raise ConfigError(f"tile_px {tile_px} must be a multiple of the network stride "
                               f"{self.stride} and more than twice tile_margin_px "

@@ -335,6 +335,14 @@ class Thresholds(_Strict):
     #: keep some particles below ``min_score`` that look like the frame's sure ones (None: no)
     rescue: Rescue | None = None
 
+    def with_cut(self, min_score: float | None = None) -> Thresholds:
+        """Return these thresholds with an operator's cut (None: the card's own): exactly that
+        cut, without ``rescue``, which belongs to the cut it was chosen with."""
+        update: dict[str, Any] = {"rescue": None}
+        if min_score is not None:
+            update["min_score"] = float(min_score)
+        return self.model_copy(update=update)
+
     @model_validator(mode="after")
     def _rescue_below_cut(self) -> Thresholds:
         if self.rescue is not None and self.rescue.min_score >= self.min_score:

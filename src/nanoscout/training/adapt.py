@@ -382,12 +382,8 @@ def _card_for(base: ModelCard, onnx: Path, scale: str | None = None,
     assert ws is not None and th is not None
     if scale is not None:
         upd["working_scale"] = _auto_for(ws, scale)
-    # the adapted card's cut was chosen without the base card's rescue
-    # (thresholds.rescue): it keeps none
-    cut: dict[str, Any] = {"rescue": None}
-    if min_score is not None:
-        cut["min_score"] = float(min_score)
-    upd["thresholds"] = th.model_copy(update=cut)
+    # the adapted card's cut was chosen without the base card's rescue: it keeps none
+    upd["thresholds"] = th.with_cut(min_score)
     return base.model_copy(update=upd)
 
 

@@ -855,8 +855,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         card_file = card_file or path.with_suffix(".json")
         card = ModelCard.load(card_file)
         if min_score is not None and card.thresholds is not None:
-            card = card.model_copy(update={"thresholds": card.thresholds.model_copy(
-                update={"min_score": min_score, "rescue": None})})
+            card = card.model_copy(update={"thresholds": card.thresholds.with_cut(min_score)})
         base = base_detector_for(card, card_file,
                                  lambda p: create_engine(p, "onnxruntime-cpu", threads=threads))
         if base is None and card.quantization is not None and card.fp32_scale:
