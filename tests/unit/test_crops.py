@@ -230,3 +230,38 @@ def test_train_refuses_a_granular_share_outside_zero_to_one(tmp_path: Path) -> N
     with pytest.raises(SystemExit, match="--granular-share 1.5"):
         main(["--granular-share", "1.5", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # refused before any training or writing
+
+
+def test_pool_takes_the_asked_share_of_real_crops_to_a_low_dose_and_cuts_the_same_crops() -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.train import Pool
+
+    yy, xx = np.mgrid[:300, :300]
+    lab = np.zeros((300, 300), np.int32)
+    for k, (r, c) in enumerate([(60, 60), (150, 200), (230, 90), (100, 250)], start=1):
+        lab[(yy - r) ** 2 + (xx - c) ** 2 <= 14**2] = k
+    img = np.where(lab > 0, 0.9, 0.1).astype(np.float32)
+    real = [RealImage("emps", "e", img, lab, 31.6)]
+
+    def batch(p: float) -> tuple[np.ndarray, np.ndarray]:
+        pool = Pool(1, np.random.default_rng(0), real, real_fraction=1.0)
+        pool.low_dose_p = p
+        x, y, _ = pool.batch(12)
+        return x[:, 0], y
+
+    (x0, y0), (x1, y1), (xh, _) = batch(0.0), batch(1.0), batch(0.5)
+    np.testing.assert_array_equal(y0, y1)  # the same crops, the same truth
+    # every crop got its own shot noise over the same picture
+    assert all(float(np.abs(a - b).mean()) > 1e-3 for a, b in zip(x1, x0, strict=True))
+    assert np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(x1, x0, strict=True)
+                    ]) > 0.5
+    half = sum(not np.array_equal(a, b) for a, b in zip(xh, x0, strict=True))
+    assert 0 < half < 12
+
+
+def test_train_refuses_a_low_dose_share_outside_zero_to_one(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.train import main
+
+    with pytest.raises(SystemExit, match="--low-dose-p -0.1"):
+        main(["--low-dose-p", "-0.1", "--out", str(tmp_path), "--steps", "1"])

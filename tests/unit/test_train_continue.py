@@ -42,7 +42,8 @@ def test_continued_training_starts_from_the_shipped_network(frozen: bool) -> Non
 @pytest.mark.parametrize("variant", ["general", "stem"])
 def test_a_retrained_card_keeps_the_shipped_post_processing(variant: str) -> None:
     """``make train`` writes cards whose working scale and thresholds are the shipped ones
-    (the consistency search, the STEM detector's three scales and its cut included)."""
+    (the consistency search, the STEM detector's three scales and its cut included, and its
+    smoothing of low-dose frames)."""
     from nanoscout.analysis.modelcard import ModelCard
     from nanoscout.training.export import VARIANTS, build_card
 
@@ -51,6 +52,8 @@ def test_a_retrained_card_keeps_the_shipped_post_processing(variant: str) -> Non
     card = build_card(path, training={}, metrics=None, timings={}, width=16, variant=variant)
     assert card.working_scale == shipped.working_scale
     assert card.thresholds == shipped.thresholds
+    assert card.normalization == shipped.normalization
+    assert (card.normalization.denoise is not None) == (variant == "stem")
 
 
 def test_two_cycles_equal_one_run_continued_on_the_next_seed() -> None:

@@ -1,6 +1,7 @@
 """The run-time detector: one frame in, particle instance labels out (no torch).
 
-``Detector(engine, card).detect(image)`` normalises the frame (``nanoscout.analysis.preprocess``), picks the
+``Detector(engine, card).detect(image)`` normalises the frame (``nanoscout.analysis.preprocess``),
+smooths it where its noise is high and the card says so (:mod:`nanoscout.analysis.denoise`), picks the
 working scale (fixed, or estimated by coarse-to-fine passes on a thumbnail and a bounded window,
 see :meth:`Detector.estimate_scale`; a stream reuses it until its content changes,
 :mod:`nanoscout.analysis.autoscale`), resamples the frame to it, pads it to the network stride,
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from nanoscout.analysis import denoise
 from nanoscout.analysis.autoscale import (
     DEFAULT_TOLERANCE,
     DEFAULT_WINDOW_PX,
@@ -81,6 +83,13 @@ class Detection:
     #: :func:`~nanoscout.analysis.autoscale.hinted_diameter`); None: no range, or a fixed or
     #: preset scale (nothing estimated)
     size_hint: str | None = None
+    #: the frame's white noise, a fraction of its normalised range
+    #: (:func:`~nanoscout.analysis.denoise.noise_sigma`); None: the card does not smooth
+    #: low-dose frames (``normalization.denoise``), so it is not measured
+    noise: float | None = None
+    #: the Gaussian the frame was smoothed by before the network, standard deviation in frame
+    #: px (0: not smoothed; :func:`~nanoscout.analysis.denoise.smoothing_px`)
+    smoothing_px: float = 0.0
 
     @property
     def n(self) -> int:
@@ -142,7 +151,8 @@ class Detector:
                  scale_presets: tuple[tuple[float, float], ...] = (), tile_batch: int = 1,
                  estimate_window_px: int = DEFAULT_WINDOW_PX,
                  scale_tolerance: float | None = DEFAULT_TOLERANCE,
-                 multiscale: bool | None = None, base_detector: Detector | None = None) -> None:
+                 multiscale: bool | None = None, base_detector: Detector | None = None,
+                 denoise: bool | None = None) -> None:
         """``scale``: working px per frame px, "auto" (estimated per frame), or None for the
         card's choice. ``auto_every``: with "auto" and a ``key`` passed to :meth:`detect`,
         re-estimate at least every n-th frame of that key, and whenever the frame shape or
@@ -184,6 +194,9 @@ class Detector:
         ``base_network.particle_px`` does not cover it analyses alone, with its own card's
         scale and cut (:attr:`Detection.outside_range`). A card that names a base network needs
         it unless the scale is fixed and nothing is merged (ConfigError).
+        ``denoise``: smooth a frame whose noise is high before anything else, as the card's
+        ``normalization.denoise`` says (:mod:`~nanoscout.analysis.denoise`; None: as the card
+        says, False: never).
         """
         if card.task != "detection-segmentation" or card.thresholds is None \
                 or card.working_scale is None:
@@ -280,6 +293,8 @@ class Detector:
         #: True when the reported scores are probabilities (the card has a score_calibration)
         self.calibrated = cal is not None
         self.multiscale = ws.multiscale if multiscale is not False else ()
+        #: how low-dose frames are smoothed (None: never)
+        self.denoise = card.normalization.denoise if denoise is not False else None
         # the factors an extra scale may take: the resample range, capped by the card
         self._multiscale_range = (ws.auto.min_resample, ws.auto.max_resample
                                   if ws.multiscale_max_factor is None
@@ -594,6 +609,8 @@ class Detector:
             particle_px = _particle_range(particle_px)
         arr = check_frame(image)
         x = normalize(arr) if normalized is None else normalized
+        noise, width = self._noise(x)
+        x = denoise.smooth(x, width)
         ts = time.perf_counter()
         preset = self._preset(pixel_size_nm)
         scale, logits, covered, hint = ((preset, None, True, None) if preset is not None
@@ -606,7 +623,17 @@ class Detector:
         found = analyst._analyse(image, x, scale, logits, turn, key, pixel_size_nm, t0, ts,
                                  outside_range=not covered, particle_px=particle_px)
         found.size_hint = hint
+        found.noise, found.smoothing_px = noise, width
         return found
+
+    def _noise(self, x: np.ndarray) -> tuple[float | None, float]:
+        """Return (white noise of the normalised frame ``x`` or None where the card does not
+        smooth, the width of the Gaussian it gets: frame px, 0 for none): see
+        :attr:`Detection.noise`."""
+        if self.denoise is None:
+            return None, 0.0
+        sigma = denoise.noise_sigma(x)
+        return sigma, denoise.smoothing_px(sigma, self.denoise.target, self.denoise.max_px)
 
     def _analyse(self, image: np.ndarray, x: np.ndarray, scale: float,
                  logits: np.ndarray | None, turn: bool, key: object,

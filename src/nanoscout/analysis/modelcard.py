@@ -23,6 +23,7 @@ from nanoscout.wire.errors import ModelCardError
 __all__ = [
     "AutoScale",
     "BaseNetwork",
+    "Denoise",
     "HeldOutMetrics",
     "InputSpec",
     "ModelCard",
@@ -94,14 +95,29 @@ class InputSpec(_Strict):
     size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
 
 
+class Denoise(_Strict):
+    """Smoothing of low-dose frames before the network (:mod:`nanoscout.analysis.denoise`).
+
+    A frame whose white noise (:func:`~nanoscout.analysis.denoise.noise_sigma`, a fraction of
+    the normalised frame's range) exceeds ``target`` is smoothed by the Gaussian that brings
+    it down to about ``target`` (:func:`~nanoscout.analysis.denoise.smoothing_px`), at most
+    ``max_px`` frame px wide; other frames are analysed as they are.
+    """
+
+    target: float = Field(gt=0, lt=1)
+    max_px: float = Field(2.0, gt=0, le=8)
+
+
 class Normalization(_Strict):
-    """Per-frame robust scaling: percentile lo -> 0, hi -> 1, then clipped."""
+    """Per-frame robust scaling: percentile lo -> 0, hi -> 1, then clipped; then, with
+    ``denoise``, smoothing of a frame whose noise is high (None: never)."""
 
     method: Literal["percentile"] = "percentile"
     percentiles: tuple[float, float] = (0.5, 99.5)
     clip: tuple[float, float] = (-0.5, 1.5)
     subsample: int = Field(4, ge=1)
     polarity: str = "as acquired (trained on dark-on-bright and bright-on-dark)"
+    denoise: Denoise | None = None
 
 
 class OutputSpec(_Strict):

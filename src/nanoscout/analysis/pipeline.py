@@ -115,6 +115,15 @@ class FrameResult:
 MODALITY_EVERY = 10
 
 
+def _noise(detection: object) -> tuple[float | None, float | None]:
+    """(noise, smoothing px) of ``det`` for a detection: both None where the noise was not
+    measured (a card without ``normalization.denoise``, or a stand-in detector)."""
+    noise = getattr(detection, "noise", None)
+    if noise is None:
+        return None, None
+    return round(float(noise), 5), round(float(getattr(detection, "smoothing_px", 0.0)), 3)
+
+
 class _Detected(NamedTuple):
     """What :meth:`Pipeline._detect` found on one frame (``det`` fields in brackets)."""
 
@@ -127,6 +136,8 @@ class _Detected(NamedTuple):
     calibrated: bool
     base_only: bool  # [base_network_only]
     size_hint: str | None  # [size_hint]
+    noise: float | None  # [noise]
+    smoothing_px: float | None  # [smoothing_px]
 
 
 @dataclass
@@ -363,7 +374,7 @@ class Pipeline:
             engine=self.engine_name, model=model, shape=h.shape, modality=h.modality,
             meta=h.meta, working_scale=round(scale, 5), model_sha256=found.sha256,
             model_generation=self.model_generation, base_network_only=found.base_only,
-            size_hint=found.size_hint,
+            size_hint=found.size_hint, noise=found.noise, smoothing_px=found.smoothing_px,
             drift=None if tracks is None else FrameDrift(**tracks.drift),
             tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
@@ -443,7 +454,8 @@ class Pipeline:
                          model_sha256(detector),
                          # a stand-in detector without the flags reports raw scores, by itself
                          bool(getattr(detection, "calibrated", False)),
-                         bool(getattr(detection, "outside_range", False)), hint)
+                         bool(getattr(detection, "outside_range", False)), hint,
+                         *_noise(detection))
 
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:

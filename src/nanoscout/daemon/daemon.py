@@ -508,6 +508,10 @@ class Daemon:
             m.base_network_only.labels(source=h.source).inc()
         if dh.size_hint is not None:
             m.size_hint.labels(outcome=dh.size_hint).inc()
+        if dh.noise is not None:
+            m.frame_noise.labels(source=h.source).set(dh.noise)
+        if dh.smoothing_px:
+            m.frames_smoothed.labels(source=h.source).inc()
         stats = result.messages[-1].header
         if isinstance(stats, StatsHeader):
             m.observe_stats(h.source, stats.units, stats.window)

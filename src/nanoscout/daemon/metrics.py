@@ -17,6 +17,12 @@ frames_size_hint_total{outcome}        counter    frames that named a particle s
                                                   (``particle_size_nm``), by what it did
                                                   (``det.size_hint``): agreed, applied,
                                                   uncalibrated, unused
+frames_smoothed_total{source}          counter    low-dose frames smoothed before the network
+                                                  (``det.smoothing_px`` > 0: their noise was
+                                                  above the card's ``normalization.denoise``)
+frame_noise{source}                    gauge      the newest frame's white noise, a fraction of
+                                                  its normalised range (``det.noise``; set only
+                                                  where the card measures it)
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
 latency_seconds                        histogram  acquisition → results published
@@ -118,6 +124,17 @@ class Metrics:
             "estimate), uncalibrated (no pixel size), unused (fixed or preset scale)",
             ["outcome"], registry=r,
         )
+        self.frames_smoothed = Counter(
+            "nanoscout_frames_smoothed",
+            "Low-dose frames smoothed before the network: their white noise was above the "
+            "model card's normalization.denoise target (det.smoothing_px > 0)", ["source"],
+            registry=r,
+        )
+        self.frame_noise = Gauge(
+            "nanoscout_frame_noise",
+            "The newest frame's white noise, a fraction of its normalised range (det.noise)",
+            ["source"], registry=r,
+        )
         self.alerts = Counter("nanoscout_alerts", "Alerts published", ["rule", "severity"], registry=r)
         self.alerts_suppressed = Counter(
             "nanoscout_alerts_suppressed", "Alert firings rate-limited or de-duplicated",
@@ -197,13 +214,14 @@ class Metrics:
     def add_source(self, source: str) -> None:
         """Create the per-source counters of a new source at zero."""
         for counter in (self.frames_received, self.frames_processed, self.transport_gaps,
-                        self.particles, self.base_network_only):
+                        self.particles, self.base_network_only, self.frames_smoothed):
             counter.labels(source=source)
 
     def forget_source(self, source: str) -> None:
         """Remove every series of ``source`` (it was evicted from the daemon's state)."""
         for metric in (self.frames_received, self.frames_processed, self.transport_gaps,
-                       self.particles, self.base_network_only, self.novelty):
+                       self.particles, self.base_network_only, self.novelty,
+                       self.frames_smoothed, self.frame_noise):
             with contextlib.suppress(KeyError):
                 metric.remove(source)
         for label in self._labels:

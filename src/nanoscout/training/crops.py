@@ -32,7 +32,7 @@ from nanoscout.analysis.preprocess import normalize, resample, resize_nearest
 from nanoscout.training.realdata import emps_index, load_emps, load_msa, load_split, load_stem
 from nanoscout.wire.errors import ConfigError
 
-__all__ = ["RealImage", "crop_at_scale", "ellipse_labels", "load_real_training",
+__all__ = ["RealImage", "crop_at_scale", "ellipse_labels", "load_real_training", "low_dose",
            "photometric", "thick_support"]
 
 
@@ -172,6 +172,21 @@ def photometric(x: np.ndarray, rng: np.random.Generator, invert_p: float = 0.25)
     if rng.random() < 0.35:
         y = y + rng.normal(0.0, float(rng.uniform(0.01, 0.1)), y.shape)
     return np.clip(y, -0.5, 1.5).astype(np.float32)
+
+
+def low_dose(image: np.ndarray, dose: float, rng: np.random.Generator) -> np.ndarray:
+    """Return ``image`` (2-D) as a Poisson draw of ``dose * (0.05 + x)`` counts per pixel,
+    float32, where x is the image scaled to [0, 1] by its 0.5 / 99.5 percentiles: the same
+    specimen at a dose of ``dose`` counts in its brightest pixels (shot noise; the 0.05 is a
+    dark level, so the darkest pixels are not noise-free). The image itself (as float32) for a
+    dose of 0. ``benchmarks/noise_stress.py`` scores the detectors on such frames; training
+    lays it on real crops (``low_dose_p``)."""
+    x = np.asarray(image, np.float64)
+    if dose <= 0:
+        return x.astype(np.float32)
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    x = np.clip((x - lo) / max(float(hi - lo), 1e-12), 0.0, 1.0)
+    return rng.poisson(dose * (0.05 + x)).astype(np.float32)
 
 
 def thick_support(x: np.ndarray, labels: np.ndarray, rng: np.random.Generator,

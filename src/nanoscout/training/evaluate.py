@@ -74,7 +74,7 @@ __all__ = ["AGGLOMERATE_SEED_BASE", "ALL_SETS", "EMPS_SPECKS_IMAGE", "GRANULAR_S
            "TUNING_SEED_BASE", "OracleScale", "SizeHinted", "agglomerate_samples", "box_iou",
            "boxes_of_labels", "calibration_error", "check_targets", "evaluate", "evaluate_set",
            "format_table", "granular_config", "granular_samples", "heldout_config", "match_boxes",
-           "match_instances", "run_harness",
+           "match_instances", "run_harness", "set_samples",
            "score_image", "summarize", "synthetic_samples", "time_detector", "true_median_px",
            "tuning_config", "tuning_samples"]
 
@@ -554,6 +554,25 @@ def synthetic_samples(n: int = 20, seed: int = 12345) -> Iterator[Any]:
                      cfg.pixel_size_nm, cfg.modality)
 
 
+def set_samples(name: str, *, n: int = 20, seed: int = 12345, max_images: int | None = None,
+                data_root: Path | None = None) -> Iterator[Any]:
+    """Yield the labelled samples of harness set ``name`` (a synthetic set, or a real set of
+    :func:`nanoscout.training.realdata.iter_samples`): ``n`` held-out synthetic specimens from
+    ``seed``, and at most ``max_images`` of any other set (None: the tuning sets' own sizes,
+    every real image)."""
+    from nanoscout.training import realdata
+
+    if name == "synthetic":
+        return synthetic_samples(n, seed)
+    if name == "synthetic-tune":
+        return tuning_samples(max_images or 60)
+    if name == "granular-tune":
+        return granular_samples(max_images or 12)
+    if name == "agglomerate-tune":
+        return agglomerate_samples(max_images or 16)
+    return realdata.iter_samples(name, data_root, max_images)
+
+
 class Routed:
     """The detectors as ``nanoscout measure`` gives them files that do not name a modality:
     the modality model (:class:`~nanoscout.analysis.modality.ModalityEstimator`) sends an image
@@ -900,11 +919,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
             det = Routed(det, Detector(stem[1], stem[0], scale=scales[s],  # type: ignore[arg-type]
                                        tta=tta, rotate45=rotate45, base_detector=stem[2]),
                          estimator)
-        samples = (synthetic_samples(n, seed) if s == "synthetic"
-                   else tuning_samples(max_images or 60) if s == "synthetic-tune"
-                   else granular_samples(max_images or 12) if s == "granular-tune"
-                   else agglomerate_samples(max_images or 16) if s == "agglomerate-tune"
-                   else realdata.iter_samples(s, data_root, max_images))
+        samples = set_samples(s, n=n, seed=seed, max_images=max_images, data_root=data_root)
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples,
                            leave_out=(EMPS_SPECKS_IMAGE,) if s == "emps" else ())

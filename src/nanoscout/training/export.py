@@ -60,6 +60,8 @@ class Variant:
     stem_tuning_holdout: bool = False  # keep the STEM tuning material (Pt) out of training
     support_p: float = 0.0  # real crops laid on a thick support (nanoscout.training.crops)
     granular_share: float = 0.0  # SEM specimens on a granular film, both phases (train.Pool)
+    low_dose_p: float = 0.0  # real crops taken to a low dose, phase 2 (crops.low_dose)
+    denoise: float | None = None  # the card's normalization.denoise target (None: no smoothing)
 
 
 #: ``general``: every frame (the daemon's ``engine.model``); ``stem``: frames whose header says
@@ -83,8 +85,13 @@ VARIANTS: dict[str, Variant] = {
                     # is the same recipe trained on Pt too: on Cu, a material neither arm saw,
                     # the recipe trained on Pt + PtW beat PtW alone 0.483 -> 0.590
                     # (benchmarks/results/stem_training_materials.json)
+                    # low-dose frames smoothed to a noise of 0.05 of their range, chosen on
+                    # its training materials at Poisson doses of 100 / 30 / 10 counts (mean F1
+                    # 0.567 -> 0.581; as they are 0.769 -> 0.770; benchmarks/results/
+                    # noise_stress.json); the general detector keeps none (held-out NFFA lost)
                     min_score=0.85, multiscale=(0.7071, 1.4142), stem_tuning_holdout=False,
-                    support_p=0.5, auto_scale=(("keep_min_px", 22.0), ("keep_max_px", 26.0))),
+                    support_p=0.5, auto_scale=(("keep_min_px", 22.0), ("keep_max_px", 26.0)),
+                    denoise=0.05),
 }
 
 
@@ -161,6 +168,7 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
     v = VARIANTS[variant]
     from nanoscout.analysis.modelcard import (
         AutoScale,
+        Denoise,
         HeldOutMetrics,
         InputSpec,
         ModelCard,
@@ -204,7 +212,8 @@ def build_card(onnx_path: Path, *, training: dict[str, Any], metrics: dict[str, 
         sha256=sha256_file(onnx_path),
         input=InputSpec(name=INPUT_NAME, channels=1, dtype="float32", stride_multiple=STRIDE),
         normalization=Normalization(percentiles=NORM_PERCENTILES, clip=NORM_CLIP,
-                                    subsample=NORM_SUBSAMPLE),
+                                    subsample=NORM_SUBSAMPLE,
+                                    denoise=None if v.denoise is None else Denoise(target=v.denoise)),
         outputs=(OutputSpec(
             name=OUTPUT_NAME, channels=OUTPUT_CHANNELS, activation="logits", resolution="input",
             meaning=("channel 0: particle foreground; channel 1: particle core (inner distance >= "

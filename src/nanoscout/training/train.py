@@ -43,6 +43,7 @@ from nanoscout.training.crops import (
     RealImage,
     crop_at_scale,
     load_real_training,
+    low_dose,
     photometric,
     thick_support,
 )
@@ -60,6 +61,9 @@ NECK_RADIUS = 4.0
 OVERLAY_P = 0.3
 #: phase 2: probability that a synthetic specimen is rods / wires lying mostly along an axis
 AXIS_RODS_P = 0.2
+#: phase 2, ``low_dose_p``: counts in the brightest pixels of a real crop taken to a low dose,
+#: drawn log-uniform (the Poisson noise of nanoscout.training.crops.low_dose)
+LOW_DOSE_COUNTS = (10.0, 300.0)
 #: seeds of the pre-rendered HAADF training specimens (nanoscout.training.haadf), and their default number
 HAADF_SEED_BASE = 3_000_000
 HAADF_FRAMES = 2400
@@ -202,6 +206,11 @@ class Pool:
         self.haadf_overlays = False
         #: share of the real crops laid on a thick, uneven support first (set by DataOptions)
         self.support_p = 0.0
+        #: share of the real crops taken to a low dose (crops.low_dose; set by DataOptions).
+        #: Its own generator, spawned from ``rng`` without drawing from it: every crop is the
+        #: one a run without the option cuts, some with shot noise on top
+        self.low_dose_p = 0.0
+        self._dose_rng = rng.spawn(1)[0]
         self.haadf = haadf
         self.haadf_share = haadf_share if haadf is not None else 0.0
         self.counter = 0
@@ -278,6 +287,9 @@ class Pool:
         img, lab, valid = crop_at_scale(item, self.rng, CROP)
         if self.support_p > 0 and self.rng.random() < self.support_p:
             img = thick_support(img, lab, self.rng)
+        if self.low_dose_p > 0 and self._dose_rng.random() < self.low_dose_p:
+            dose = float(np.exp(self._dose_rng.uniform(*np.log(LOW_DOSE_COUNTS))))
+            img = normalize(low_dose(img, dose, self._dose_rng))
         x = photometric(img, self.rng)
         fg, core, wt = targets_and_weights(lab)
         # box-only truth: the label map's instances give the boxes (projection loss)
@@ -382,6 +394,7 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
                 data.sem_share, data.granular_share)
     pool.haadf_min_area = math.pi * (data.haadf_min_ecd / 2.0) ** 2
     pool.support_p = data.support_p
+    pool.low_dose_p = data.low_dose_p
     pool.haadf_overlays = data.haadf_overlays
     for step in track(range(steps), "training"):
         if step % refresh_every == 0:
@@ -404,6 +417,7 @@ class DataOptions:
     haadf_overlays: bool = False  # burnt-in annotations on HAADF crops too
     support_p: float = 0.0  # share of the real crops laid on a thick support (crops.thick_support)
     granular_share: float = 0.0  # share of the synthetic SEM specimens on a granular film (Pool)
+    low_dose_p: float = 0.0  # share of the real crops taken to a low dose (crops.low_dose)
 
 
 def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
@@ -595,6 +609,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="both phases: share of the synthetic SEM specimens lying on a granular "
                          "film whose unlabelled grains are 0.25-1x the particles' size "
                          "(nanoscout.sim.synthetic support_relief); default: the variant's")
+    ap.add_argument("--low-dose-p", type=float, default=None,
+                    help="phase 2: share of the real crops taken to a low dose first (Poisson "
+                         f"noise, {LOW_DOSE_COUNTS[0]:g}-{LOW_DOSE_COUNTS[1]:g} counts in the "
+                         "brightest pixels, log-uniform: nanoscout.training.crops.low_dose); "
+                         "default: the variant's")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (2: the shipped runs; 1 when runs share the CPU)")
     ap.add_argument("--init", type=Path, default=None,
@@ -611,13 +630,15 @@ def main(argv: list[str] | None = None) -> None:
         args.stem_share = variant.stem_share
     for name in ("arch", "box_ring", "haadf_share", "haadf_frames", "sem_share",
                  "finetune_steps", "finetune_cycles", "stem_tuning_holdout", "haadf_min_ecd",
-                 "haadf_overlays", "support_p", "granular_share"):
+                 "haadf_overlays", "support_p", "granular_share", "low_dose_p"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(variant, name))
     if args.finetune_cycles < 1:
         raise SystemExit(f"--cycles {args.finetune_cycles}: at least 1")
     if not 0.0 <= args.granular_share <= 1.0:  # before the data process would fail on it
         raise SystemExit(f"--granular-share {args.granular_share}: a share within [0, 1]")
+    if not 0.0 <= args.low_dose_p <= 1.0:
+        raise SystemExit(f"--low-dose-p {args.low_dose_p}: a share within [0, 1]")
     if args.real_sets is None:
         args.real_sets = ",".join(variant.train_sets)
     if args.box_ring == 0:
@@ -656,7 +677,7 @@ def main(argv: list[str] | None = None) -> None:
         data = DataOptions(tuple(x for x in args.real_sets.split(",") if x), args.box_ring,
                            args.haadf_cache, args.haadf_share, args.haadf_frames,
                            args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays),
-                           args.support_p, args.granular_share)
+                           args.support_p, args.granular_share, args.low_dose_p)
         if data.haadf_cache is not None and data.haadf_share > 0:
             # one command: render the HAADF specimens first where the cache lacks them
             # (shards already there are kept; seeds HAADF_SEED_BASE + k)
@@ -679,6 +700,7 @@ def main(argv: list[str] | None = None) -> None:
                           "sem_share": data.sem_share, "haadf_min_ecd": data.haadf_min_ecd,
                           "haadf_overlays": data.haadf_overlays, "support_p": data.support_p,
                           "granular_share": data.granular_share,
+                          "low_dose_p": data.low_dose_p,
                           "excluded_tuning_images": len(exclude),
                           "stem_holdout": args.stem_holdout,
                           **{k: round(v, 4) for k, v in summary.items()}}

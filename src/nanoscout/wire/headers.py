@@ -101,7 +101,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 8)
+PROTOCOL_VERSION: tuple[int, int] = (1, 9)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -437,6 +437,14 @@ class DetHeader(FrameRef):
     #: v1.8: what the frame's ``particle_size_nm`` did to the working scale (:data:`SizeHint`);
     #: None: the frame named no range (or an older daemon)
     size_hint: SizeHint | None = None
+    #: v1.9: the frame's white noise, a fraction of its normalised range (0.5 / 99.5
+    #: percentiles -> 0 / 1; ``nanoscout.analysis.denoise.noise_sigma``); None: the model
+    #: card does not smooth low-dose frames, so it was not measured (or an older daemon)
+    noise: Annotated[float, Field(ge=0)] | None = None
+    #: v1.9: standard deviation (frame px) of the Gaussian the frame was smoothed by before the
+    #: network, because its noise was above the card's ``normalization.denoise.target``; 0: not
+    #: smoothed; None: not measured (or an older daemon)
+    smoothing_px: Annotated[float, Field(ge=0)] | None = None
 
     @property
     def latency_ms(self) -> float:

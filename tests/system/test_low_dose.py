@@ -1,0 +1,70 @@
+"""Low-dose frames through a real daemon: measured, smoothed where the card says so, reported."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nanoscout.clients.acquisition.publisher import FramePublisher
+from nanoscout.clients.subscriber import Subscriber
+from tests.system.conftest import DaemonFactory
+from tests.system.test_bad_input import _metric
+
+pytestmark = pytest.mark.system
+
+
+def test_a_low_dose_stem_frame_is_smoothed_and_its_noise_reported(
+        daemon_factory: DaemonFactory) -> None:
+    """The shipped STEM detector's card smooths low-dose frames (protocol 1.9): a STEM frame
+    as acquired and the same specimen at 10 counts a pixel both get ``det.noise``, only the
+    noisy one ``det.smoothing_px`` > 0; a TEM frame, analysed by the general detector (no
+    smoothing in its card), gets neither. Prometheus counts the smoothed frame and shows the
+    newest noise of each source."""
+    from nanoscout.sim.synthetic import Specimen, SpecimenConfig
+    from nanoscout.training.crops import low_dose
+
+    d = daemon_factory("--policy", "lossless")
+    cfg = SpecimenConfig(modality="STEM", shape=(512, 512), median_diameter_nm=8.0,
+                         pixel_size_nm=0.5, dose_e_per_px=None)
+    clean = Specimen.generate(cfg, 41).acquire(np.random.default_rng(1)).image
+    noisy = low_dose(clean, 10.0, np.random.default_rng(2))
+    sends = [("stem", clean, "STEM"), ("stem", noisy, "STEM"), ("tem", noisy, "TEM")]
+    dets: dict[tuple[str, int], Any] = {}
+    with Subscriber(d.output, topics=("det.",)) as sub:
+        sub.wait_ready()
+        pubs = {s: FramePublisher(d.input, mode="push", source=s).__enter__()
+                for s in ("stem", "tem")}
+        try:
+            for source, image, modality in sends:
+                pubs[source].send(image, pixel_size_nm=0.5, modality=modality)
+            for msg in sub.messages(timeout=120):
+                dets[(msg.header.source, msg.header.seq)] = msg.header
+                if len(dets) == len(sends):
+                    break
+        finally:
+            for p in pubs.values():
+                p.__exit__(None, None, None)
+    quiet, loud, tem = dets[("stem", 0)], dets[("stem", 1)], dets[("tem", 0)]
+    assert quiet.model.startswith("nanoscout-particle-unet-stem")
+    assert quiet.noise is not None and loud.noise is not None and loud.noise > 0.05 > quiet.noise
+    assert quiet.smoothing_px == 0.0 and 0.0 < loud.smoothing_px <= 2.0
+    assert tem.noise is None and tem.smoothing_px is None and tem.n >= 0
+    # a frame is counted just after its results are out: wait until all three are
+    deadline = time.monotonic() + 30
+    while True:
+        text = d.scrape()
+        done = sum(_metric(text, "nanoscout_frames_processed_total", source=s)
+                   for s in ("stem", "tem"))
+        if done == len(sends) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert done == len(sends)
+    assert _metric(text, "nanoscout_frames_smoothed_total", source="stem") == 1
+    assert _metric(text, "nanoscout_frames_smoothed_total", source="tem") == 0
+    assert _metric(text, "nanoscout_frame_noise", source="stem") == pytest.approx(loud.noise,
+                                                                                rel=1e-6)
+    assert d.stop(signal.SIGTERM) == 0
