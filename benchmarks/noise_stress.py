@@ -12,7 +12,8 @@ pixels; ``0``: the image as it is; one seeded draw per image and dose;
 :func:`nanoscout.training.crops.low_dose`). Each noisy image is
 analysed by the shipped detector of its set (STEM sets: ``detector_stem.onnx``, the others
 ``detector.onnx``; the card as it is, automatic scale) with the card's
-``normalization.denoise`` replaced by each ``--targets`` entry (``none``: no smoothing;
+``normalization.denoise`` replaced by each ``--targets`` entry (``--model``: a candidate's ONNX
+file, its card beside it, for every set instead) (``none``: no smoothing;
 a number: :class:`~nanoscout.analysis.modelcard.Denoise` with that target and the default
 ``max_px``), scored as the accuracy harness scores (IoU >= 0.5; box IoU for STEM boxes), and its
 measured noise (:func:`~nanoscout.analysis.denoise.noise_sigma`) is recorded.
@@ -68,9 +69,10 @@ def _target(text: str) -> float | None:
 
 
 def run_set(name: str, doses: tuple[float, ...], targets: tuple[str, ...],
-            threads: int, max_images: int | None = None) -> dict[str, Any]:
-    """Score set ``name``'s shipped detector at each dose and smoothing target (at most
-    ``max_images`` of its images; None: all)."""
+            threads: int, max_images: int | None = None, model: Path | None = None
+            ) -> dict[str, Any]:
+    """Score set ``name``'s shipped detector (or ``model``, its card beside it) at each dose
+    and smoothing target (at most ``max_images`` of its images; None: all)."""
     from nanoscout.analysis.denoise import noise_sigma
     from nanoscout.analysis.detector import Detector
     from nanoscout.analysis.modelcard import Denoise, ModelCard, shipped_model_dir
@@ -79,8 +81,9 @@ def run_set(name: str, doses: tuple[float, ...], targets: tuple[str, ...],
     from nanoscout.training.crops import low_dose
     from nanoscout.training.evaluate import score_image, summarize
 
-    model = shipped_model_dir() / ("detector_stem.onnx" if name.split(":")[0] in STEM_SETS
-                                   else "detector.onnx")
+    if model is None:
+        model = shipped_model_dir() / ("detector_stem.onnx" if name.split(":")[0] in STEM_SETS
+                                       else "detector.onnx")
     card = ModelCard.load(model.with_suffix(".json"))
     engine = create_engine(model, "onnxruntime-cpu", threads=threads)
     detectors = {}
@@ -90,7 +93,8 @@ def run_set(name: str, doses: tuple[float, ...], targets: tuple[str, ...],
             update={"denoise": None if v is None else Denoise(target=v)})
         detectors[t] = Detector(engine, card.model_copy(update={"normalization": norm}))
     samples = list(_samples(name, max_images))
-    out: dict[str, Any] = {"model": f"{card.name}:{card.version}", "n_images": len(samples),
+    out: dict[str, Any] = {"model": f"{card.name}:{card.version}", "file": str(model),
+                           "n_images": len(samples),
                            "doses": {}}
     try:
         for dose in doses:
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help="comma-separated smoothing targets: 'none' or a noise in (0, 1)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="score this ONNX file (its card beside it) instead of the shipped "
+                         "detector of each set")
     ap.add_argument("--max-images", type=int, default=None,
                     help="at most this many images per set (default: all)")
     args = ap.parse_args(argv)
@@ -147,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         _target(t)
     if not targets or not sets:
         raise SystemExit("name at least one set and one target")
+    if args.model is not None and not args.model.with_suffix(".json").is_file():
+        raise SystemExit(f"--model {args.model}: no model card {args.model.with_suffix('.json')}")
     t0 = time.perf_counter()
     given = sys.argv[1:] if argv is None else argv
     res: dict[str, Any] = {
@@ -157,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         "tuning_sets": [s for s in sets if s.split(":")[0] not in HELDOUT_SETS],
         "heldout_sets": [s for s in sets if s.split(":")[0] in HELDOUT_SETS],
         "max_images": args.max_images,
-        "sets": {s: run_set(s, doses, targets, args.threads, args.max_images) for s in sets},
+        "sets": {s: run_set(s, doses, targets, args.threads, args.max_images, args.model)
+                 for s in sets},
         "seconds": 0.0}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

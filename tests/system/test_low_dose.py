@@ -19,7 +19,8 @@ pytestmark = pytest.mark.system
 
 def test_a_low_dose_stem_frame_is_smoothed_and_its_noise_reported(
         daemon_factory: DaemonFactory) -> None:
-    """The shipped STEM detector's card smooths low-dose frames (protocol 1.9): a STEM frame
+    """The shipped STEM detector's FP32 card smooths low-dose frames (protocol 1.9; its INT8
+    sibling, the CPU's default, does not, so the daemon runs FP32 here): a STEM frame
     as acquired and the same specimen at 10 counts a pixel both get ``det.noise``, only the
     noisy one ``det.smoothing_px`` > 0; a TEM frame, analysed by the general detector (no
     smoothing in its card), gets neither. Prometheus counts the smoothed frame and shows the
@@ -27,7 +28,7 @@ def test_a_low_dose_stem_frame_is_smoothed_and_its_noise_reported(
     from nanoscout.sim.synthetic import Specimen, SpecimenConfig
     from nanoscout.training.crops import low_dose
 
-    d = daemon_factory("--policy", "lossless")
+    d = daemon_factory("--policy", "lossless", config='[engine]\nprecision = "fp32"\n')
     cfg = SpecimenConfig(modality="STEM", shape=(512, 512), median_diameter_nm=8.0,
                          pixel_size_nm=0.5, dose_e_per_px=None)
     clean = Specimen.generate(cfg, 41).acquire(np.random.default_rng(1)).image

@@ -211,6 +211,7 @@ def test_the_noise_benchmark_runs_and_records_what_it_smoothed(tmp_path: Path) -
     assert doses["10"]["noise"][0] > 0.05 > doses["0"]["noise"][0]
     assert doses["10"]["0.05"]["smoothed_frames"] == 1 and doses["10"]["none"]["smoothed_frames"] == 0
     assert 0.0 <= doses["10"]["0.05"]["f1"] <= 1.0
-    for bad in (["--targets", "1.5"], ["--doses", "-3"], ["--doses", "x"]):
+    for bad in (["--targets", "1.5"], ["--doses", "-3"], ["--doses", "x"],
+                ["--model", str(tmp_path / "candidate.onnx")]):  # no card beside it
         with pytest.raises(SystemExit):
             main(["--sets", "granular-tune", *bad, "--out", str(out)])
