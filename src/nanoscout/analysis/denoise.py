@@ -20,11 +20,14 @@ noise of 0.05 is 5 % of the frame's range; smoothing widths are frame px.
 * :func:`smooth` applies it and normalises the result again (a new array; the frame is not
   modified).
 
-Measured with the general detector on the EMPS tuning papers and the STEM detector on its
-training materials, with Poisson noise of 100 / 30 / 10 counts at the brightest pixel
-(``benchmarks/noise_stress.py``): the shipped frames read 0.001-0.08 (median 0.002-0.003),
-those at 30 counts 0.06-0.13. The target (the card's ``normalization.denoise``) is chosen
-there; the frames of the tuning sets as they are stay untouched except the noisiest.
+Measured on the real tuning frames (EMPS tuning papers, the BF-TEM ``msa-tune`` frames, the
+STEM training materials) as they are and with Poisson noise of 100 / 30 / 10 counts at the
+brightest pixel (``benchmarks/noise_stress.py``): as they are they read 0.001-0.08 (median
+0.002-0.003 for EMPS and STEM, 0.033 for ``msa-tune``), at 30 counts 0.06-0.13. The card's
+target (``normalization.denoise``; 0.05 for the STEM detector) was chosen there, with the
+synthetic tuning frames. At that target the real frames as they are stay untouched but one
+EMPS and one STEM frame; 25 of the 60 synthetic tuning frames (doses down to 15 e/px) are
+smoothed.
 """
 
 from __future__ import annotations
