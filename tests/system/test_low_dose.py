@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from typing import Any
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.subscriber import Subscriber
+from tests.conftest import wait_until
 from tests.system.conftest import DaemonFactory
 from tests.system.test_bad_input import _metric
 
@@ -55,15 +55,14 @@ def test_a_low_dose_stem_frame_is_smoothed_and_its_noise_reported(
     assert quiet.smoothing_px == 0.0 and 0.0 < loud.smoothing_px <= 2.0
     assert tem.noise is None and tem.smoothing_px is None and tem.n >= 0
     # a frame is counted just after its results are out: wait until all three are
-    deadline = time.monotonic() + 30
-    while True:
+
+    def counted() -> str | None:
         text = d.scrape()
         done = sum(_metric(text, "nanoscout_frames_processed_total", source=s)
                    for s in ("stem", "tem"))
-        if done == len(sends) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert done == len(sends)
+        return text if done == len(sends) else None
+
+    text = wait_until(counted, timeout=30, interval=0.05, what="all three frames counted")
     assert _metric(text, "nanoscout_frames_smoothed_total", source="stem") == 1
     assert _metric(text, "nanoscout_frames_smoothed_total", source="tem") == 0
     assert _metric(text, "nanoscout_frame_noise", source="stem") == pytest.approx(loud.noise,
