@@ -494,6 +494,48 @@ def test_the_top_bar_says_what_a_frames_size_range_did(
         dash.wait(30)
 
 
+def test_the_top_bar_says_when_a_low_dose_frame_was_smoothed(
+        publisher: tuple[zmq.Socket, str]) -> None:
+    """det.smoothing_px (protocol 1.9) in the top bar: a smoothed frame shows its width and,
+    in the explanation, its noise; a frame left as it was (0) or not measured (None) shows
+    nothing."""
+    from nanoscout.wire.particles import empty_table
+    from nanoscout.wire.protocol import DetHeader
+
+    sync_playwright = _sync_playwright()
+    sock, endpoint = publisher
+    dash, url = start_dashboard(endpoint)
+    sent: list[int] = []  # seq of every det published
+
+    def det(noise: float | None, width: float | None) -> Any:
+        def make() -> list:
+            t = time.time_ns()
+            sent.append(len(sent))
+            h = DetHeader(source="dosed", seq=sent[-1], t_acq_ns=t, t_recv_ns=t, t_done_ns=t,
+                          stage_ms={}, pixel_size_nm=1.0, units="nm", n=0, engine="hand-made",
+                          working_scale=1.0, noise=noise, smoothing_px=width)
+            return encode_message(h, empty_table(0))
+        return make
+
+    shown = ("() => { const e = document.getElementById('frame-smoothed'); return !e.hidden"
+             " && e.textContent === 'low dose: smoothed 1.3 px' && e.title.includes('0.110'); }")
+    hidden = "() => document.getElementById('frame-smoothed').hidden && " \
+             "document.getElementById('frame-seq').textContent === '#' + {}"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            _publish_until(page, sock, det(0.11, 1.3), shown, 60)
+            for quiet in ((0.02, 0.0), (None, None)):
+                sock.send_multipart(det(*quiet)())
+                page.wait_for_function(hidden.format(sent[-1]), timeout=30_000)
+            browser.close()
+    finally:
+        dash.send_signal(signal.SIGINT)
+        dash.wait(30)
+
+
 def test_event_stream_sends_only_changes_at_a_bounded_rate() -> None:
     """200 stats/s into the gateway state: a browser gets ~10 batches/s, the newest each time."""
     state = DashboardState(endpoints=["tcp://127.0.0.1:1"])

@@ -160,6 +160,19 @@ def test_what_a_frames_size_range_did_reaches_the_top_bar() -> None:
     assert payload(st, "det:sim")["size_hint"] == "applied"  # the page: tests/browser
 
 
+def test_a_frames_noise_and_smoothing_reach_the_top_bar() -> None:
+    """det.noise and det.smoothing_px (protocol 1.9) reach the summary the top bar reads; None
+    where the model does not measure the noise."""
+    st = DashboardState()
+    st.ingest(det(0))
+    assert payload(st, "det:sim")["noise"] is None
+    assert payload(st, "det:sim")["smoothing_px"] is None
+    h = det(1).header.model_copy(update={"noise": 0.11, "smoothing_px": 1.3})
+    st.ingest(_wire(h, _table(2)))
+    got = payload(st, "det:sim")
+    assert (got["noise"], got["smoothing_px"]) == (0.11, 1.3)  # the page: tests/browser
+
+
 def test_series_is_bounded() -> None:
     st = DashboardState(series_len=4)
     for seq in range(10):

@@ -30,7 +30,10 @@ def _header(seq: int, n: int, *, source: str = "cam-1", units: str = "nm",
                      stage=Stage(x_um=1.0, y_um=2.0), working_scale=0.5,
                      base_network_only=seq % 5 == 0,  # 4 of 20 went to the base network
                      # v1.8: 10 frames named a particle size range; it replaced 3 estimates
-                     size_hint=None if seq >= 10 else "applied" if seq < 3 else "agreed")
+                     size_hint=None if seq >= 10 else "applied" if seq < 3 else "agreed",
+                     # v1.9: noise measured on frames 5..19, the last 4 smoothed
+                     noise=None if seq < 5 else 0.1 if seq >= 16 else 0.02,
+                     smoothing_px=None if seq < 5 else 1.6 if seq >= 16 else 0.0)
 
 
 def _table(rng: np.random.Generator, n_inner: int, n_border: int) -> np.ndarray:
@@ -117,6 +120,8 @@ def test_report_of_a_recorded_run(tmp_path: Path, name: str) -> None:
     assert f"4 of {FRAMES} (their particles lie outside" in text
     assert (f"named by 10 of {FRAMES} frames: the estimate lay in it on 7, was moved into it "
             "on 3; not used on 0") in text
+    assert (f"noise measured on 15 of {FRAMES} frames (white noise 0.0200 – 0.100 of the "
+            "normalised range); 4 smoothed before the network, Gaussian 1.60 – 1.60 px") in text
 
 
 def test_empty_run_says_so(tmp_path: Path) -> None:
@@ -136,6 +141,7 @@ def test_frames_without_particles_say_so(tmp_path: Path) -> None:
     text = build_report(run, tmp_path / "b.html").read_text(encoding="utf-8")
     assert "This run contains no particles" in text and "<img" not in text
     assert "unet-v2" in text  # frames still described
+    assert "low-dose smoothing" not in text  # no frame's noise was measured
 
 
 def test_nm_and_px_are_not_pooled(tmp_path: Path) -> None:

@@ -448,6 +448,28 @@ def _unique_str(values: np.ndarray) -> str:
     return ", ".join(_e(v) if v else "(none)" for v in u) if u else "(none)"
 
 
+def _low_dose_item(f: dict[str, np.ndarray]) -> tuple[str, str] | None:
+    """The provenance row on low-dose smoothing (``noise``, ``smoothing_px`` of the frames
+    table; protocol 1.9), or None where no frame's noise was measured (a model card without
+    ``normalization.denoise``, or an older daemon)."""
+    noise = np.array(f["noise"], dtype=np.float64)
+    width = np.array(f["smoothing_px"], dtype=np.float64)
+    measured = np.isfinite(noise)
+    if not measured.any():
+        return None
+    smoothed = measured & np.isfinite(width) & (width > 0)
+    text = (f"noise measured on {int(measured.sum())} of {noise.size} frames (white noise "
+            f"{_fmt(float(noise[measured].min()), 3)} – {_fmt(float(noise[measured].max()), 3)} "
+            "of the normalised range); ")
+    if smoothed.any():
+        text += (f"{int(smoothed.sum())} smoothed before the network, Gaussian "
+                 f"{_fmt(float(width[smoothed].min()), 3)} – "
+                 f"{_fmt(float(width[smoothed].max()), 3)} px")
+    else:
+        text += "none noisy enough to be smoothed"
+    return "low-dose smoothing", text
+
+
 def _provenance_section(run: Run) -> str:
     f = run.frames
     items: list[tuple[str, str]] = []
@@ -484,6 +506,9 @@ def _provenance_section(run: Run) -> str:
                           f"{hints.count('applied')}; not used on "
                           f"{hints.count('uncalibrated')} without a pixel size and "
                           f"{hints.count('unused')} at a fixed or preset scale"))
+        low_dose = _low_dose_item(f)
+        if low_dose is not None:  # protocol 1.9: a model that smooths low-dose frames
+            items.append(low_dose)
         sizes_hw = sorted({(int(h), int(w)) for h, w in zip(f["height"], f["width"])})
         items.append(("frame sizes (height × width, px)",
                       ", ".join(f"{h} × {w}" for h, w in sizes_hw)))

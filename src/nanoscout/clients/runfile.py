@@ -33,10 +33,14 @@ frames (never pixels under an ``_nm`` name).
   (``track_id``: the particle's identity across frames, 0 untracked);
 * frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
   stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale,
-  base_network_only, size_hint, file, index, meta`` (``base_network_only``: an adapted model's
-  base network analysed the frame alone, ``det.base_network_only``, null from older daemons;
+  base_network_only, size_hint, noise, smoothing_px, file, index, meta``
+  (``base_network_only``: an adapted model's base network analysed the frame alone,
+  ``det.base_network_only``, null from older daemons;
   ``size_hint``: what an operator's particle size range did to the working scale,
   ``det.size_hint``: agreed, applied, uncalibrated, unused, empty without a range;
+  ``noise``: the frame's white noise as a fraction of its normalised range and
+  ``smoothing_px``: the Gaussian (frame px, 0 none) it was smoothed by before the network,
+  ``det.noise`` / ``det.smoothing_px``, NaN where the model does not measure it;
   ``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it),
   then the tracker's ``field, drift_x_px, drift_y_px, drift_x_nm, drift_y_nm, tracks_active``
   and ``events`` (the merge / split events as JSON); NaN / empty without tracking;
@@ -89,8 +93,8 @@ PARTICLE_COLUMNS: tuple[str, ...] = (
 FRAME_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "t_recv", "t_done", "latency_ms", "n", "units",
     "pixel_size_nm", "stage_x_um", "stage_y_um", "height", "width", "modality", "engine",
-    "model", "working_scale", "base_network_only", "size_hint", "file", "index", "meta",
-    "field",
+    "model", "working_scale", "base_network_only", "size_hint", "noise", "smoothing_px", "file",
+    "index", "meta", "field",
     "drift_x_px", "drift_y_px",
     "drift_x_nm", "drift_y_nm", "tracks_active", "events")
 ALERT_COLUMNS: tuple[str, ...] = (
@@ -176,7 +180,8 @@ def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict
              "modality": header.modality or "", "engine": header.engine, "model": header.model,
              "working_scale": _nan(header.working_scale),
              "base_network_only": header.base_network_only,
-             "size_hint": header.size_hint or "", "file": file, "index": index,
+             "size_hint": header.size_hint or "", "noise": _nan(header.noise),
+             "smoothing_px": _nan(header.smoothing_px), "file": file, "index": index,
              "meta": json.dumps(header.meta, sort_keys=True), **_tracking_row(header)}
     n = len(table)
     cols: dict[str, Any] = {

@@ -310,7 +310,7 @@ class DashboardState:
             "model": h.model, "latency_ms": h.latency_ms, "stage_ms": h.stage_ms,
             "t_acq_ns": h.t_acq_ns, "shape": h.shape, "pixel_size_nm": h.pixel_size_nm,
             "working_scale": h.working_scale, "base_network_only": h.base_network_only,
-            "size_hint": h.size_hint,
+            "size_hint": h.size_hint, "noise": h.noise, "smoothing_px": h.smoothing_px,
             "frames": s.frames, "missed": s.missed,
             "lost": s.lost,
             "gap_events": s.gap_events, "last_gap_seq": s.last_gap_seq, "fps": fps,

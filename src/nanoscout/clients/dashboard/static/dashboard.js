@@ -395,6 +395,17 @@
       $("frame-size-hint").textContent = hint[0];
       $("frame-size-hint").title = hint[1];
     }
+    // protocol 1.9: a low-dose frame smoothed before the network (its noise above the card's
+    // target); not shown for frames left as they were, or where the noise is not measured
+    const smoothed = d && isNum(d.smoothing_px) && d.smoothing_px > 0;
+    $("frame-smoothed").hidden = !smoothed;
+    if (smoothed) {
+      $("frame-smoothed").textContent = `low dose: smoothed ${fmt(d.smoothing_px, 1)} px`;
+      $("frame-smoothed").title = "This frame's white noise" +
+        (isNum(d.noise) ? ` (${fmt(d.noise, 3)} of its normalised range)` : "") +
+        " was above the model's target, so it was smoothed by a Gaussian of this width " +
+        "before the network (noise specks are not taken for particles)";
+    }
     renderGaps();
   }
 
