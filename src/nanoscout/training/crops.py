@@ -33,7 +33,7 @@ from nanoscout.training.realdata import emps_index, load_emps, load_msa, load_sp
 from nanoscout.wire.errors import ConfigError
 
 __all__ = ["RealImage", "crop_at_scale", "ellipse_labels", "load_real_training", "low_dose",
-           "photometric", "thick_support"]
+           "photometric", "pseudo_mask_labels", "thick_support"]
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,37 @@ def ellipse_labels(shape: tuple[int, int], boxes: np.ndarray) -> np.ndarray:
     return lab
 
 
+def pseudo_mask_labels(folder: Path, image_id: str, shape: tuple[int, int]) -> np.ndarray | None:
+    """Return the pseudo-mask instance map (int32, px) of STEM image ``image_id`` from
+    ``folder`` (``<id>.npz`` written by :mod:`nanoscout.training.pseudo_masks`), or None where
+    the folder has none. Raises ValueError for a map of another shape (masks written for other
+    images)."""
+    path = Path(folder) / f"{image_id}.npz"
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        labels = z["labels"].astype(np.int32)
+    if labels.shape != tuple(shape):
+        raise ValueError(f"{path}: pseudo-mask shape {labels.shape} is not the image's {shape}")
+    return labels
+
+
 def _median_ecd(labels: np.ndarray) -> float:
     _, areas = np.unique(labels[labels > 0], return_counts=True)
     return float(np.median(2.0 * np.sqrt(areas / np.pi))) if areas.size else 0.0
 
 
 def load_real_training(sets: tuple[str, ...] = ("emps", "stem"), root: Path | None = None,
-                       exclude: set[str] | None = None, box_ring: float | None = None
-                       ) -> list[RealImage]:
+                       exclude: set[str] | None = None, box_ring: float | None = None,
+                       stem_masks: Path | None = None) -> list[RealImage]:
     """Return the training images of ``sets`` (never a validation image; ``exclude``: more ids).
 
     ``box_ring``: for box-only truth (STEM), mark the pixels between each box and its inner
     ellipse (half-axes x ``box_ring``) as unknown (``RealImage.ignore``); None: the inscribed
     ellipses are taken as the masks everywhere (detector 3.0).
+    ``stem_masks``: a folder of pseudo-masks refined by a detector
+    (:mod:`nanoscout.training.pseudo_masks`, :func:`pseudo_mask_labels`), taken instead of the
+    ellipses for the STEM images it holds.
     """
     out: list[RealImage] = []
     exclude = exclude or set()
@@ -106,7 +124,10 @@ def load_real_training(sets: tuple[str, ...] = ("emps", "stem"), root: Path | No
             for i in ids:
                 s = load_stem(i, root)
                 assert s.boxes is not None
-                lab = ellipse_labels(s.image.shape, s.boxes)
+                lab = (None if stem_masks is None
+                       else pseudo_mask_labels(stem_masks, i, s.image.shape))
+                if lab is None:
+                    lab = ellipse_labels(s.image.shape, s.boxes)
                 ign = None
                 if box_ring is not None:
                     from nanoscout.training.boxloss import ring_mask

@@ -386,7 +386,8 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
               stem_share: float | None, data: DataOptions) -> None:
     """Data process: fills ``queue`` with (x, y, boxes) numpy batches in a fixed, seeded order."""
     rng = np.random.default_rng(seed)
-    real = (load_real_training(data.real_sets, exclude=set(real_exclude), box_ring=data.box_ring)
+    real = (load_real_training(data.real_sets, exclude=set(real_exclude), box_ring=data.box_ring,
+                               stem_masks=data.stem_masks)
             if real_fraction > 0 else [])
     cache = HaadfCache(data.haadf_cache, data.haadf_frames) \
         if data.haadf_cache is not None and data.haadf_share > 0 else None
@@ -418,6 +419,7 @@ class DataOptions:
     support_p: float = 0.0  # share of the real crops laid on a thick support (crops.thick_support)
     granular_share: float = 0.0  # share of the synthetic SEM specimens on a granular film (Pool)
     low_dose_p: float = 0.0  # share of the real crops taken to a low dose (crops.low_dose)
+    stem_masks: Path | None = None  # STEM pseudo-masks refined by a detector (pseudo_masks)
 
 
 def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
@@ -614,6 +616,10 @@ def main(argv: list[str] | None = None) -> None:
                          f"noise, {LOW_DOSE_COUNTS[0]:g}-{LOW_DOSE_COUNTS[1]:g} counts in the "
                          "brightest pixels, log-uniform: nanoscout.training.crops.low_dose); "
                          "default: the variant's")
+    ap.add_argument("--stem-masks", type=Path, default=None,
+                    help="phase 2: a folder of STEM pseudo-masks refined by a detector, taken "
+                         "instead of the boxes' inscribed ellipses (python -m nanoscout.training."
+                         "pseudo_masks); default: the ellipses")
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (2: the shipped runs; 1 when runs share the CPU)")
     ap.add_argument("--init", type=Path, default=None,
@@ -639,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--granular-share {args.granular_share}: a share within [0, 1]")
     if not 0.0 <= args.low_dose_p <= 1.0:
         raise SystemExit(f"--low-dose-p {args.low_dose_p}: a share within [0, 1]")
+    if args.stem_masks is not None and not (args.stem_masks / "index.json").is_file():
+        raise SystemExit(f"--stem-masks {args.stem_masks}: no pseudo-masks there (no index.json; "
+                         "python -m nanoscout.training.pseudo_masks writes them)")
     if args.real_sets is None:
         args.real_sets = ",".join(variant.train_sets)
     if args.box_ring == 0:
@@ -677,7 +686,8 @@ def main(argv: list[str] | None = None) -> None:
         data = DataOptions(tuple(x for x in args.real_sets.split(",") if x), args.box_ring,
                            args.haadf_cache, args.haadf_share, args.haadf_frames,
                            args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays),
-                           args.support_p, args.granular_share, args.low_dose_p)
+                           args.support_p, args.granular_share, args.low_dose_p,
+                           args.stem_masks)
         if data.haadf_cache is not None and data.haadf_share > 0:
             # one command: render the HAADF specimens first where the cache lacks them
             # (shards already there are kept; seeds HAADF_SEED_BASE + k)
@@ -701,6 +711,7 @@ def main(argv: list[str] | None = None) -> None:
                           "haadf_overlays": data.haadf_overlays, "support_p": data.support_p,
                           "granular_share": data.granular_share,
                           "low_dose_p": data.low_dose_p,
+                          "stem_masks": None if data.stem_masks is None else str(data.stem_masks),
                           "excluded_tuning_images": len(exclude),
                           "stem_holdout": args.stem_holdout,
                           **{k: round(v, 4) for k, v in summary.items()}}
