@@ -448,50 +448,67 @@ def _hover_a_particle(page: Any, url: str) -> None:
     raise AssertionError("no hover box over any particle")
 
 
-def test_the_top_bar_says_what_a_frames_size_range_did(
-        publisher: tuple[zmq.Socket, str]) -> None:
-    """det.size_hint (protocol 1.8) in the top bar: "applied" and the two ways a range goes
-    unused are shown with their explanation; "agreed" and a frame without a range show nothing."""
+def _hand_made_dets(source: str) -> tuple[list[int], Any]:
+    """(seq of every det made so far, det(**fields)): det returns a function that builds the
+    next empty ``det`` of ``source`` with those header fields, for :func:`_publish_until`."""
     from nanoscout.wire.particles import empty_table
     from nanoscout.wire.protocol import DetHeader
 
-    sync_playwright = _sync_playwright()
-    sock, endpoint = publisher
-    dash, url = start_dashboard(endpoint)
-    sent: list[int] = []  # seq of every det published
+    sent: list[int] = []
 
-    def det(hint: str | None) -> Any:
+    def det(**fields: Any) -> Any:
         def make() -> list:
             t = time.time_ns()
             sent.append(len(sent))
-            h = DetHeader(source="hinted", seq=sent[-1], t_acq_ns=t, t_recv_ns=t, t_done_ns=t,
+            h = DetHeader(source=source, seq=sent[-1], t_acq_ns=t, t_recv_ns=t, t_done_ns=t,
                           stage_ms={}, pixel_size_nm=1.0, units="nm", n=0, engine="hand-made",
-                          working_scale=1.0, size_hint=hint)  # type: ignore[arg-type]
+                          working_scale=1.0, **fields)
             return encode_message(h, empty_table(0))
         return make
 
-    shown = ("() => {{ const e = document.getElementById('frame-size-hint'); return !e.hidden"
-             " && e.textContent === {!r} && e.title.includes({!r}); }}")
-    hidden = "() => document.getElementById('frame-size-hint').hidden && " \
-             "document.getElementById('frame-seq').textContent === '#' + {}"
+    return sent, det
+
+
+def _top_bar_badge(publisher: tuple[zmq.Socket, str], badge: str, source: str,
+                   shown: list[tuple[dict[str, Any], str, str]],
+                   quiet: list[dict[str, Any]]) -> None:
+    """Publish dets of ``source`` into a dashboard and see the top bar's ``badge`` element
+    show (text, words of its explanation) for each of ``shown``'s header fields, then hide
+    for each of ``quiet``'s."""
+    sync_playwright = _sync_playwright()
+    sock, endpoint = publisher
+    dash, url = start_dashboard(endpoint)
+    sent, det = _hand_made_dets(source)
+    visible = ("() => {{ const e = document.getElementById({!r}); return !e.hidden"
+               " && e.textContent === {!r} && e.title.includes({!r}); }}")
+    hidden = ("() => document.getElementById({!r}).hidden && "
+              "document.getElementById('frame-seq').textContent === '#' + {}")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
             page = browser.new_page()
             page.goto(url)
-            for hint, text, why, wait in (
-                    ("applied", "scale from the size range", "outside the particle size range",
-                     60),
-                    ("uncalibrated", "size range unused", "no pixel size", 30),
-                    ("unused", "size range unused", "fixed or preset", 30)):
-                _publish_until(page, sock, det(hint), shown.format(text, why), wait)
-            for quiet in ("agreed", None):
-                sock.send_multipart(det(quiet)())
-                page.wait_for_function(hidden.format(sent[-1]), timeout=30_000)
+            for i, (fields, text, why) in enumerate(shown):
+                _publish_until(page, sock, det(**fields), visible.format(badge, text, why),
+                               60 if i == 0 else 30)
+            for fields in quiet:
+                sock.send_multipart(det(**fields)())
+                page.wait_for_function(hidden.format(badge, sent[-1]), timeout=30_000)
             browser.close()
     finally:
         dash.send_signal(signal.SIGINT)
         dash.wait(30)
+
+
+def test_the_top_bar_says_what_a_frames_size_range_did(
+        publisher: tuple[zmq.Socket, str]) -> None:
+    """det.size_hint (protocol 1.8) in the top bar: "applied" and the two ways a range goes
+    unused are shown with their explanation; "agreed" and a frame without a range show nothing."""
+    _top_bar_badge(publisher, "frame-size-hint", "hinted", [
+        ({"size_hint": "applied"}, "scale from the size range", "outside the particle size range"),
+        ({"size_hint": "uncalibrated"}, "size range unused", "no pixel size"),
+        ({"size_hint": "unused"}, "size range unused", "fixed or preset")],
+        [{"size_hint": "agreed"}, {"size_hint": None}])
 
 
 def test_the_top_bar_says_when_a_low_dose_frame_was_smoothed(
@@ -499,41 +516,9 @@ def test_the_top_bar_says_when_a_low_dose_frame_was_smoothed(
     """det.smoothing_px (protocol 1.9) in the top bar: a smoothed frame shows its width and,
     in the explanation, its noise; a frame left as it was (0) or not measured (None) shows
     nothing."""
-    from nanoscout.wire.particles import empty_table
-    from nanoscout.wire.protocol import DetHeader
-
-    sync_playwright = _sync_playwright()
-    sock, endpoint = publisher
-    dash, url = start_dashboard(endpoint)
-    sent: list[int] = []  # seq of every det published
-
-    def det(noise: float | None, width: float | None) -> Any:
-        def make() -> list:
-            t = time.time_ns()
-            sent.append(len(sent))
-            h = DetHeader(source="dosed", seq=sent[-1], t_acq_ns=t, t_recv_ns=t, t_done_ns=t,
-                          stage_ms={}, pixel_size_nm=1.0, units="nm", n=0, engine="hand-made",
-                          working_scale=1.0, noise=noise, smoothing_px=width)
-            return encode_message(h, empty_table(0))
-        return make
-
-    shown = ("() => { const e = document.getElementById('frame-smoothed'); return !e.hidden"
-             " && e.textContent === 'low dose: smoothed 1.3 px' && e.title.includes('0.110'); }")
-    hidden = "() => document.getElementById('frame-smoothed').hidden && " \
-             "document.getElementById('frame-seq').textContent === '#' + {}"
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-            page = browser.new_page()
-            page.goto(url)
-            _publish_until(page, sock, det(0.11, 1.3), shown, 60)
-            for quiet in ((0.02, 0.0), (None, None)):
-                sock.send_multipart(det(*quiet)())
-                page.wait_for_function(hidden.format(sent[-1]), timeout=30_000)
-            browser.close()
-    finally:
-        dash.send_signal(signal.SIGINT)
-        dash.wait(30)
+    _top_bar_badge(publisher, "frame-smoothed", "dosed", [
+        ({"noise": 0.11, "smoothing_px": 1.3}, "low dose: smoothed 1.3 px", "(0.110 of its")],
+        [{"noise": 0.02, "smoothing_px": 0.0}, {"noise": None, "smoothing_px": None}])
 
 
 def test_event_stream_sends_only_changes_at_a_bounded_rate() -> None:
