@@ -552,6 +552,15 @@ _THICK_PASSES = {0.25: (21.7, 14), 0.5: (17.1, 12), 1.0: (0.0, 0), 2.0: (0.0, 0)
     ("finest", _THICK_PASSES, 17.1 / 0.5),  # the finest pass that counted >= 10 particles
     # no pass counts 10: the coarse-to-fine walk decides, as before
     ("finest", {0.25: (21.7, 9), 0.5: (17.1, 9), 1.0: (0.0, 0), 2.0: (0.0, 0)}, 21.7 / 0.25),
+    # the median in frame px of the passes that counted >= 10 within 8-64 px: of two, their
+    # geometric mean
+    ("median", _THICK_PASSES, float(np.sqrt(21.7 / 0.25 * 17.1 / 0.5))),
+    # a Pt-on-carbon frame as a STEM network that never saw Pt saw it (PtC2, its passes from
+    # 1/4 size): the x2 pass counts noise grains (5.5 px in the frame), one outlier among
+    # three; at x1 they are below 8 px and do not count
+    ("median", {0.25: (16.6, 45), 0.5: (26.3, 11), 1.0: (7.6, 648), 2.0: (11.0, 154)},
+     26.3 / 0.5),
+    ("median", {0.25: (21.7, 9), 0.5: (17.1, 9), 1.0: (0.0, 0), 2.0: (0.0, 0)}, 21.7 / 0.25),
 ])
 def test_when_no_two_passes_agree_the_fallback_decides(
         shipped: Detector, monkeypatch: pytest.MonkeyPatch, fallback: str,

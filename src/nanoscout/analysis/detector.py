@@ -522,6 +522,15 @@ class Detector:
                     logits, whole, d, n = window_pass(s)
                     if d > 0 and n >= a.consistent_min_count:
                         return d / s, s, logits, whole
+            elif a.fallback == "median":  # every qualifying pass is one measurement
+                lo, hi = a.consistent_px
+                sizes = {s: found[2] / s for s, (found, _) in passes.items()
+                         if lo <= found[2] <= hi and found[3] >= a.consistent_min_count}
+                if sizes:
+                    median = float(np.exp(np.median(np.log(list(sizes.values())))))
+                    s = min(sizes, key=lambda k: abs(np.log(sizes[k] / median)))
+                    logits, whole, _, _ = window_pass(s)
+                    return median, s, logits, whole
         s = s0
         while True:
             logits, whole, d, _ = window_pass(s)

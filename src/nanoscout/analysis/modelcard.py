@@ -152,7 +152,12 @@ class AutoScale(_Strict):
     "finest"``, the finest of the consistency search's passes that counts at least
     ``consistent_min_count`` confident particles sets it (a coarse pass over a thick, lumpy
     support sees the lumps as particles and would otherwise decide; when no pass counts that
-    many, the passes above decide). ``min_pass_ecd_px`` applies to them too. With
+    many, the passes above decide), or, with ``fallback = "median"``, the median particle size
+    in frame px (d / s) over all of the consistency search's passes whose d lies within
+    ``consistent_px`` and that count at least ``consistent_min_count`` confident particles
+    (each such pass is one measurement, and a pass that follows lumps, grain or noise is one
+    outlier among them; when no pass qualifies, the passes above decide).
+    ``min_pass_ecd_px`` applies to them too. With
     ``recentre``, a finer pass whose window (centred where the coarse pass found the most
     foreground) holds no confident particle looks again at the frame's centre and counts
     that pass if it found any: on a thick support the most foreground can be a lump.
@@ -170,7 +175,7 @@ class AutoScale(_Strict):
     consistent_px: tuple[float, float] = (8.0, 64.0)
     consistent_min_count: int = Field(1, ge=1)
     min_pass_ecd_px: float = Field(0.0, ge=0)
-    fallback: Literal["coarse", "finest"] = "coarse"
+    fallback: Literal["coarse", "finest", "median"] = "coarse"
     recentre: bool = False
 
     @model_validator(mode="after")
