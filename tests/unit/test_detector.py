@@ -620,7 +620,7 @@ def test_auto_scale_card_fields_default_to_the_old_estimate() -> None:
     assert a.consistency is None and a.min_pass_ecd_px == 0.0  # the coarse-to-fine passes
     assert a.fallback == "coarse" and not a.recentre
     with pytest.raises(ValueError, match="fallback"):
-        AutoScale(fallback="median")  # type: ignore[arg-type]
+        AutoScale(fallback="mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="consistent_px"):
         AutoScale(consistency=1.2, consistent_px=(40.0, 8.0))
     with pytest.raises(ValueError, match="consistency"):
@@ -920,3 +920,68 @@ def test_min_confidence_needs_a_calibrated_card(shipped: Detector) -> None:
     det = Detector(shipped.engine, shipped.card, min_confidence=0.8)
     assert det.thresholds.min_score == pytest.approx(cal.raw_cut(0.8))
     assert cal.probability(det.thresholds.min_score) == pytest.approx(0.8)
+
+
+# ------------------------------------------------------------------ edge context
+
+
+class _PixelEngine(Engine):
+    """A 'network' that calls every bright pixel a particle (its logits depend on the pixel
+    alone, so any padding around the frame must leave the frame's own answer as it is)."""
+
+    name = "pixel"
+    inputs = (TensorSpec("image", (1, 1, None, None), "float32"),)
+    outputs = (TensorSpec("logits", (1, 2, None, None), "float32"),)
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["image"]
+        self.calls.append(x.shape)
+        fg = (12.0 * (x[:, 0] - 0.5)).astype(np.float32)
+        return {"logits": np.stack([fg, fg], axis=1)}
+
+
+def _edge_frame() -> np.ndarray:
+    """Bright discs on a dark 320² frame, two of them cut by its top and left edges."""
+    x = np.zeros((320, 320), np.float32)
+    for cy, cx in ((0, 100), (150, 0), (160, 160), (250, 90), (80, 250)):
+        x[_disc(x.shape, cy, cx, 14)] = 1.0
+    return x
+
+
+def test_edge_context_pads_the_network_input_and_cuts_the_answer_back() -> None:
+    """``input.edge_context_px`` 32: the network sees the frame with 32 px of its mirror image
+    on every side, and the particles come out where they are (those cut by the edge too)."""
+    x = _edge_frame()
+    bare, ctx = _PixelEngine(), _PixelEngine()
+    card = _card(input=InputSpec(name="image", stride_multiple=16, edge_context_px=32))
+    plain = Detector(bare, _card(), scale=1.0).detect(x)
+    found = Detector(ctx, card, scale=1.0).detect(x)
+    assert bare.calls == [(1, 1, 320, 320)] and ctx.calls == [(1, 1, 384, 384)]
+    assert found.n == plain.n == 5
+    assert (found.labels > 0).sum() == (plain.labels > 0).sum()
+    assert ((found.labels > 0) == (plain.labels > 0)).all()
+
+
+def test_the_working_scale_is_estimated_without_edge_context() -> None:
+    """The estimation passes see the frame bare, as a card without the context does; only the
+    frame's own inference gets it (and a pass is then never reused as that inference)."""
+    x = _edge_frame()
+    bare, ctx = _PixelEngine(), _PixelEngine()
+    auto = dict(working_scale=WorkingScale(diameter_px_min=4, diameter_px_max=80,
+                                           mode="auto"))
+    card = _card(input=InputSpec(name="image", stride_multiple=16, edge_context_px=32), **auto)
+    plain = Detector(bare, _card(**auto), scale="auto").detect(x)
+    found = Detector(ctx, card, scale="auto").detect(x)
+    assert found.scale == plain.scale
+    assert ctx.calls[:-1] == bare.calls[:len(ctx.calls) - 1]  # the same passes
+    side = round(320 * found.scale)
+    side += -side % 16
+    assert ctx.calls[-1] == (1, 1, side + 64, side + 64)
+
+
+def test_edge_context_must_be_a_multiple_of_the_stride() -> None:
+    with pytest.raises(ValueError, match="multiple of stride_multiple 16"):
+        InputSpec(name="image", stride_multiple=16, edge_context_px=20)

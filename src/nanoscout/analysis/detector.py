@@ -261,6 +261,8 @@ class Detector:
             raise ModelCardError(f"model card input {self.input_name!r} is not an engine input "
                                  f"({names})")
         self.stride = card.input.stride_multiple
+        #: working px of mirror image around each network input (card input.edge_context_px)
+        self.edge_context_px = card.input.edge_context_px
         self.thresholds = card.thresholds
         if merge_convex is not None:
             self.thresholds = self.thresholds.model_copy(update={"merge_convex": merge_convex})
@@ -329,7 +331,18 @@ class Detector:
         """Return the (1, C, H, W) logits of ``x`` (H, W multiples of the stride), tiled, or
         (1, C, H / 2, W / 2) from a model that leaves its last up-sampling to the host (not with
         ``rotate45``); with ``tta`` > 1 the mean over that many mirror images (none,
-        left-right, up-down, both), each mirrored back."""
+        left-right, up-down, both), each mirrored back. With ``edge_context_px`` m, the network
+        sees ``x`` with m px of its mirror image on every side, and that border is cut off."""
+        m = self.edge_context_px
+        if not m:
+            return self._network_logits(x, tta, rotate45)
+        h, w = x.shape
+        out = self._network_logits(np.pad(x, m, mode="reflect"), tta, rotate45)
+        r = (h + 2 * m) // out.shape[2]  # 2: half-resolution logits (m is a stride multiple)
+        return out[:, :, m // r:(m + h) // r, m // r:(m + w) // r]
+
+    def _network_logits(self, x: np.ndarray, tta: int, rotate45: bool) -> np.ndarray:
+        """:meth:`_logits` without the edge context."""
 
         def run(tiles: np.ndarray) -> np.ndarray:
             # the sum of mirror images accumulates in a copy, never in the engine's output
@@ -414,7 +427,8 @@ class Detector:
         wh, ww = max(self.stride, round(h * s)), max(self.stride, round(w * s))
         xs, _ = pad_to_multiple(resample(x, (wh, ww)) if (wh, ww) != (h, w) else x, self.stride)
         t0 = time.perf_counter()
-        logits = self._full(self._logits(xs), xs.shape)
+        # the estimate sees no edge context: it measures the frame as the network sees it bare
+        logits = self._full(self._network_logits(xs, 1, False), xs.shape)
         self._pass_engine_s = time.perf_counter() - t0
         labels, scores = instances_from_logits(
             logits[0, self._fg, :wh, :ww], logits[0, self._core, :wh, :ww],
@@ -724,6 +738,7 @@ class Detector:
         else:
             wh, ww = h, w
         reuse = (logits is not None and self.tta == 1 and not turn
+                 and not self.edge_context_px  # an estimation pass had no edge context
                  and logits.shape[2] >= wh
                  and logits.shape[3] >= ww)
         # a reused estimation pass is the frame's inference: count its engine time as such

@@ -93,6 +93,19 @@ class InputSpec(_Strict):
     #: fixed (H, W) the frame is resampled to (area average) before inference; None: the
     #: model takes any H, W that are multiples of ``stride_multiple`` (detection)
     size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] | None = None
+    #: working px of the frame's own mirror image added on every side before the network
+    #: analyses the frame, cut from its output (the overlap-tile strategy of the U-Net paper):
+    #: a particle cut by the frame's edge is seen whole, with its mirror image, instead of
+    #: against the network's zero padding; the working-scale estimation passes go without it;
+    #: a multiple of ``stride_multiple``; 0: none (cards before 2026-12-06)
+    edge_context_px: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _edge_context(self) -> InputSpec:
+        if self.edge_context_px % self.stride_multiple:
+            raise ValueError(f"edge_context_px {self.edge_context_px} must be a multiple of "
+                             f"stride_multiple {self.stride_multiple}")
+        return self
 
 
 class Denoise(_Strict):
