@@ -634,7 +634,7 @@ def test_auto_scale_is_reused_per_key(shipped: Detector, monkeypatch: pytest.Mon
     orig = det._estimate
 
     def counting(x: np.ndarray, particle_px: tuple[float, float] | None = None
-                 ) -> tuple[float, np.ndarray | None, bool, str | None]:
+                 ) -> tuple[float, np.ndarray | None, bool, str | None, bool | None]:
         calls.append(x.shape)
         return orig(x, particle_px)
 
@@ -985,3 +985,32 @@ def test_the_working_scale_is_estimated_without_edge_context() -> None:
 def test_edge_context_must_be_a_multiple_of_the_stride() -> None:
     with pytest.raises(ValueError, match="multiple of stride_multiple 16"):
         InputSpec(name="image", stride_multiple=16, edge_context_px=20)
+
+
+@pytest.mark.parametrize(("passes", "agreed"), [
+    ({0.5: (20.0, 14), 1.0: (41.0, 20), 2.0: (80.0, 20)}, True),  # 40 px, then 41 px
+    ({0.5: (20.0, 14), 1.0: (20.0, 14), 2.0: (20.0, 14)}, False),  # 40, 20, 10 px: texture
+    ({0.5: (0.0, 0), 1.0: (0.0, 0), 2.0: (0.0, 0)}, None),  # nothing found at any pass
+])
+def test_the_detection_says_whether_two_passes_agreed_on_its_scale(
+        shipped: Detector, monkeypatch: pytest.MonkeyPatch,
+        passes: dict[float, tuple[float, int]], agreed: bool | None) -> None:
+    """``Detection.scale_agreed`` (protocol 1.10): true where two neighbouring passes agreed,
+    false where the fallback chose the scale, None where nothing was found or estimated; a
+    stream's later frames that reuse the estimate say what it was."""
+    card = _with_auto(shipped.card, **_CONSISTENT, coarse_side_px=256,
+                      reliable_diameter_px=16.0)
+    det = Detector(shipped.engine, card, scale="auto")
+
+    def scripted(x: np.ndarray, s: float, centre: object = None
+                 ) -> tuple[np.ndarray, bool, float, int]:
+        d, n = passes[s]
+        return np.zeros((1, 2, 8, 8), np.float32), False, d, n
+
+    monkeypatch.setattr(det, "_window_pass", scripted)
+    monkeypatch.setattr(det, "_densest", lambda *a: None)
+    x = np.zeros((512, 512), np.float32)
+    assert det.detect(x).scale_agreed is agreed
+    assert [det.detect(x, key="cam").scale_agreed for _ in range(2)] == [agreed, agreed]
+    assert det._memo.agreed("cam") is agreed
+    assert Detector(shipped.engine, card, scale=0.5).detect(x).scale_agreed is None

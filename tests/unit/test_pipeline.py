@@ -4,7 +4,7 @@ bounded and never reset by an uncalibrated frame."""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -258,3 +258,22 @@ def test_a_source_given_its_own_size_range_uses_it_until_cleared() -> None:
     pipe.set_particle_size("gone", (1.0, 2.0))
     pipe.forget("gone")
     assert "gone" not in pipe._source_sizes
+
+
+def test_whether_the_scale_was_agreed_reaches_the_det_and_the_wire() -> None:
+    """``det.scale_agreed`` (protocol 1.10) is the detection's; None from a detector without
+    the field."""
+
+    class Unagreed(_Detector):
+        def detect(self, pixels: np.ndarray, **kw: Any) -> SimpleNamespace:  # type: ignore[override]
+            found = super().detect(pixels, **kw)
+            found.scale_agreed = False
+            return found
+
+    pipe = Pipeline(Unagreed(), rules=RULES)  # type: ignore[arg-type]
+    result = pipe.process(_frame())
+    assert result.det.scale_agreed is False
+    back = decode_message([bytes(p) for p in encode(result.messages[0])])
+    assert back.header.scale_agreed is False
+    plain, _ = _pipeline()
+    assert plain.process(_frame()).det.scale_agreed is None

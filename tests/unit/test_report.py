@@ -33,7 +33,9 @@ def _header(seq: int, n: int, *, source: str = "cam-1", units: str = "nm",
                      size_hint=None if seq >= 10 else "applied" if seq < 3 else "agreed",
                      # v1.9: noise measured on frames 5..19, the last 4 smoothed
                      noise=None if seq < 5 else 0.1 if seq >= 16 else 0.02,
-                     smoothing_px=None if seq < 5 else 1.6 if seq >= 16 else 0.0)
+                     smoothing_px=None if seq < 5 else 1.6 if seq >= 16 else 0.0,
+                     # v1.10: 18 frames estimated, 3 of them without agreeing passes
+                     scale_agreed=None if seq < 2 else seq not in (4, 9, 13))
 
 
 def _table(rng: np.random.Generator, n_inner: int, n_border: int) -> np.ndarray:
@@ -122,6 +124,8 @@ def test_report_of_a_recorded_run(tmp_path: Path, name: str) -> None:
             "on 3; not used on 0") in text
     assert (f"noise measured on 15 of {FRAMES} frames (white noise 0.0200 – 0.100 of the "
             "normalised range); 4 smoothed before the network, Gaussian 1.60 – 1.60 px") in text
+    assert ("two estimation passes agreed on 15 of 18 estimated frames; on 3 none did and the "
+            "model's fallback chose it") in text
 
 
 def test_empty_run_says_so(tmp_path: Path) -> None:
@@ -142,6 +146,8 @@ def test_frames_without_particles_say_so(tmp_path: Path) -> None:
     assert "This run contains no particles" in text and "<img" not in text
     assert "unet-v2" in text  # frames still described
     assert "low-dose smoothing" not in text  # no frame's noise was measured
+    # frames 0 and 1 had nothing estimated, frame 2's passes agreed
+    assert "two estimation passes agreed on 1 of 1 estimated frames; on 0 none did" in text
 
 
 def test_nm_and_px_are_not_pooled(tmp_path: Path) -> None:

@@ -38,7 +38,9 @@ def _det(seq: int, n: int, px: float | None = 0.5) -> tuple[DetHeader, np.ndarra
                   # v1.8: frame 2 named a particle size range whose middle set its scale
                   size_hint="applied" if seq == 2 else None,
                   # v1.9: frame 1 was measured and smoothed, frame 2 measured and not
-                  noise={1: 0.09, 2: 0.02}.get(seq), smoothing_px={1: 1.4, 2: 0.0}.get(seq))
+                  noise={1: 0.09, 2: 0.02}.get(seq), smoothing_px={1: 1.4, 2: 0.0}.get(seq),
+                  # v1.10: frame 1's scale was agreed by two passes, frame 2's was not
+                  scale_agreed={1: True, 2: False}.get(seq))
     return h, t
 
 
@@ -85,6 +87,7 @@ def test_round_trip(tmp_path: Path, name: str) -> None:
     # v1.9: NaN where the noise was not measured (frame 0: a card without denoise)
     np.testing.assert_allclose(run.frames["noise"][:3], [np.nan, 0.09, 0.02])
     np.testing.assert_allclose(run.frames["smoothing_px"][:3], [np.nan, 1.4, 0.0])
+    assert run.to_pandas("frames")["scale_agreed"].tolist()[:3] == [None, True, False]
     assert run.alerts["explanation"][0] == "a, \"b\"\nc"
     assert {k: v for k, v in run.provenance.items() if k != "format"} == {"who": "test"}
     assert run.provenance["format"] == "nanoscout-run/2"

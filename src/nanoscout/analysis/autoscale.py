@@ -196,6 +196,8 @@ class _Entry:
     covered: bool = True
     #: what the operator's size range did to the estimate (:func:`hinted_diameter`; None: none)
     size_hint: str | None = None
+    #: whether two estimation passes agreed on the factor (the detector's ``scale_agreed``)
+    agreed: bool | None = None
 
 
 class ScaleMemo:
@@ -232,6 +234,12 @@ class ScaleMemo:
         e = self._entries.get(key)
         return None if e is None else e.size_hint
 
+    def agreed(self, key: Hashable) -> bool | None:
+        """What :meth:`store` remembered of whether two estimation passes agreed on ``key``'s
+        factor (None for an unknown key or a card without the consistency check)."""
+        e = self._entries.get(key)
+        return None if e is None else e.agreed
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -261,11 +269,14 @@ class ScaleMemo:
         return None
 
     def store(self, key: Hashable, shape: tuple[int, ...], sig: Signature | None,
-              scale: float, covered: bool = True, size_hint: str | None = None) -> None:
+              scale: float, covered: bool = True, size_hint: str | None = None,
+              agreed: bool | None = None) -> None:
         """Remember the factor just estimated for ``key`` on a frame of ``shape`` (and
-        whether an adapted card's own settings cover it, :meth:`covered`, and what an
-        operator's size range did to it, :meth:`size_hint`)."""
-        self._entries[key] = _Entry(tuple(shape), float(scale), sig, 1, covered, size_hint)
+        whether an adapted card's own settings cover it, :meth:`covered`, what an
+        operator's size range did to it, :meth:`size_hint`, and whether two passes agreed on
+        it, :meth:`agreed`)."""
+        self._entries[key] = _Entry(tuple(shape), float(scale), sig, 1, covered, size_hint,
+                                    agreed)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_keys:  # many sources or calibrations
             self._entries.popitem(last=False)

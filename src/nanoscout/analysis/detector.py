@@ -90,6 +90,14 @@ class Detection:
     #: the Gaussian the frame was smoothed by before the network, standard deviation in frame
     #: px (0: not smoothed; :func:`~nanoscout.analysis.denoise.smoothing_px`)
     smoothing_px: float = 0.0
+    #: whether two neighbouring working-scale estimation passes agreed on the particles' size
+    #: in frame px (True), or none did and the card's fallback chose the scale (False); None:
+    #: no particle found, nothing estimated (fixed or preset scale) or a card without the
+    #: consistency check (``working_scale.auto.consistency``). A diagnostic of the estimate,
+    #: not of the result: passes can agree on specks or grains, and on the held-out sets the
+    #: frames whose passes agreed were no more accurate than the others
+    #: (``benchmarks/results/scale_agreement.json``)
+    scale_agreed: bool | None = None
 
     @property
     def n(self) -> int:
@@ -247,6 +255,7 @@ class Detector:
         self.tile_batch = tile_batch
         self.estimate_window_px = estimate_window_px
         self._pass_engine_s = 0.0  # engine time of the last estimation pass, s
+        self._agreed: bool | None = None  # whether the last search's passes agreed
         self.input_name = card.input.name
         out = card.outputs[0]
         self.output_name = out.name
@@ -468,10 +477,11 @@ class Detector:
         return self._search(x)[0]
 
     def _estimate(self, x: np.ndarray, particle_px: tuple[float, float] | None = None
-                  ) -> tuple[float, np.ndarray | None, bool, str | None]:
+                  ) -> tuple[float, np.ndarray | None, bool, str | None, bool | None]:
         """Return (factor, logits of the pass at that factor or None, whether this card's own
         settings cover the frame: :meth:`~nanoscout.analysis.modelcard.BaseNetwork.covers`,
-        what ``particle_px`` did: :attr:`Detection.size_hint`) for :meth:`detect`. A frame
+        what ``particle_px`` did: :attr:`Detection.size_hint`, whether the passes agreed:
+        :attr:`Detection.scale_agreed`) for :meth:`detect`. A frame
         they do not cover gets the base network's own factor and pass: the base network
         analyses it. ``particle_px``: the operator's range for the median particle diameter
         (frame px), which overrules a measurement outside it
@@ -480,12 +490,13 @@ class Detector:
         theirs, hint = (None, None) if other is None else _hinted(other._search(x), particle_px)
         if theirs is not None and base is not None and not base.covers(theirs[0]):
             assert other is not None
-            return (*other._measured(theirs), False, hint)
+            return (*other._measured(theirs), False, hint, other._agreed)
         if theirs is not None and (base is None or base.measures):
+            assert other is not None
             big = theirs[0]  # another network measures, this card decides
-            return (1.0 if big is None else self._factor(big)), None, True, hint
+            return (1.0 if big is None else self._factor(big)), None, True, hint, other._agreed
         ours, hint = _hinted(self._search(x), particle_px)
-        return (*self._measured(ours), True, hint)
+        return (*self._measured(ours), True, hint, self._agreed)
 
     def _measured(self, found: tuple[float | None, float, np.ndarray, bool]
                   ) -> tuple[float, np.ndarray | None]:
@@ -498,8 +509,10 @@ class Detector:
 
     def _search(self, x: np.ndarray) -> tuple[float | None, float, np.ndarray, bool]:
         """Return (median particle diameter in frame px or None, and the factor, logits and
-        wholeness of the pass that measured it) by the passes of :meth:`estimate_scale`."""
+        wholeness of the pass that measured it) by the passes of :meth:`estimate_scale`;
+        whether two passes agreed on it is left in ``_agreed`` (:attr:`Detection.scale_agreed`)."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
+        self._agreed = None
         passes: dict[float, tuple[tuple[np.ndarray, bool, float, int], float]] = {}
         h, w = x.shape
         s0 = min(1.0, a.coarse_side_px / max(h, w))  # the first pass of both searches below
@@ -529,6 +542,7 @@ class Detector:
         window_pass(s0)
         if a.consistency is not None:
             found = self._search_consistent(x, a.consistency, window_pass)
+            self._agreed = found is not None
             if found is not None:
                 return found
             if a.fallback == "finest":  # the finest pass that counted enough particles
@@ -551,6 +565,7 @@ class Detector:
             if d >= a.reliable_diameter_px or (s >= 1.0 and d > 0):
                 return d / s, s, logits, whole
             if s >= 1.0:
+                self._agreed = None  # no particle at any pass: nothing to agree on
                 return None, s, logits, whole
             s = min(1.0, s * (8.0 if d == 0 else float(np.clip(
                 1.5 * a.reliable_diameter_px / d, 2.0, 8.0))))
@@ -594,11 +609,11 @@ class Detector:
 
     def _scale_for(self, x: np.ndarray, key: object,
                    particle_px: tuple[float, float] | None = None
-                   ) -> tuple[float, np.ndarray | None, bool, str | None]:
-        """Return (factor, reusable logits or None, covered, size hint outcome:
-        :meth:`_estimate`) for frame ``x`` of stream ``key``."""
+                   ) -> tuple[float, np.ndarray | None, bool, str | None, bool | None]:
+        """Return (factor, reusable logits or None, covered, size hint outcome, whether the
+        passes agreed: :meth:`_estimate`) for frame ``x`` of stream ``key``."""
         if not self.auto:
-            return self.scale, None, True, None
+            return self.scale, None, True, None, None
         if key is None:
             return self._estimate(x, particle_px)
         if particle_px is not None:  # another range is another stream's estimate
@@ -606,10 +621,11 @@ class Detector:
         sig = self._memo.signature(x)
         scale = self._memo.lookup(key, x.shape, sig)
         if scale is not None:
-            return scale, None, self._memo.covered(key), self._memo.size_hint(key)
-        scale, logits, covered, hint = self._estimate(x, particle_px)
-        self._memo.store(key, x.shape, sig, scale, covered, hint)
-        return scale, logits, covered, hint
+            return (scale, None, self._memo.covered(key), self._memo.size_hint(key),
+                    self._memo.agreed(key))
+        scale, logits, covered, hint, agreed = self._estimate(x, particle_px)
+        self._memo.store(key, x.shape, sig, scale, covered, hint, agreed)
+        return scale, logits, covered, hint, agreed
 
     def detect(self, image: np.ndarray, key: object = None, rotate45: bool | None = None,
                pixel_size_nm: float | None = None, normalized: np.ndarray | None = None,
@@ -636,8 +652,9 @@ class Detector:
         x = denoise.smooth(x, width)
         ts = time.perf_counter()
         preset = self._preset(pixel_size_nm)
-        scale, logits, covered, hint = ((preset, None, True, None) if preset is not None
-                                        else self._scale_for(x, key, particle_px))
+        scale, logits, covered, hint, agreed = ((preset, None, True, None, None)
+                                                if preset is not None
+                                                else self._scale_for(x, key, particle_px))
         ts = time.perf_counter() - ts
         turn = self.rotate45 if rotate45 is None else rotate45
         # outside the sizes the card was adapted on the base network analyses, at its factor
@@ -645,7 +662,7 @@ class Detector:
         assert analyst is not None
         found = analyst._analyse(image, x, scale, logits, turn, key, pixel_size_nm, t0, ts,
                                  outside_range=not covered, particle_px=particle_px)
-        found.size_hint = hint
+        found.size_hint, found.scale_agreed = hint, agreed
         found.noise, found.smoothing_px = noise, width
         return found
 

@@ -138,6 +138,7 @@ class _Detected(NamedTuple):
     size_hint: str | None  # [size_hint]
     noise: float | None  # [noise]
     smoothing_px: float | None  # [smoothing_px]
+    scale_agreed: bool | None  # [scale_agreed]
 
 
 @dataclass
@@ -375,6 +376,7 @@ class Pipeline:
             meta=h.meta, working_scale=round(scale, 5), model_sha256=found.sha256,
             model_generation=self.model_generation, base_network_only=found.base_only,
             size_hint=found.size_hint, noise=found.noise, smoothing_px=found.smoothing_px,
+            scale_agreed=found.scale_agreed,
             drift=None if tracks is None else FrameDrift(**tracks.drift),
             tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
@@ -455,7 +457,7 @@ class Pipeline:
                          # a stand-in detector without the flags reports raw scores, by itself
                          bool(getattr(detection, "calibrated", False)),
                          bool(getattr(detection, "outside_range", False)), hint,
-                         *_noise(detection))
+                         *_noise(detection), getattr(detection, "scale_agreed", None))
 
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:

@@ -506,6 +506,13 @@ def _provenance_section(run: Run) -> str:
                           f"{hints.count('applied')}; not used on "
                           f"{hints.count('uncalibrated')} without a pixel size and "
                           f"{hints.count('unused')} at a fixed or preset scale"))
+        agreed = [v for v in f["scale_agreed"] if v is not None]
+        if agreed:  # protocol 1.10: frames whose working scale was estimated by consistency
+            guessed = sum(1 for v in agreed if not v)
+            items.append(("working scale estimate",
+                          f"two estimation passes agreed on {len(agreed) - guessed} of "
+                          f"{len(agreed)} estimated frames; on {guessed} none did and the model's "
+                          "fallback chose it"))
         low_dose = _low_dose_item(f)
         if low_dose is not None:  # protocol 1.9: a model that smooths low-dose frames
             items.append(low_dose)

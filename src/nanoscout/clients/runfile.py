@@ -33,7 +33,7 @@ frames (never pixels under an ``_nm`` name).
   (``track_id``: the particle's identity across frames, 0 untracked);
 * frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
   stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale,
-  base_network_only, size_hint, noise, smoothing_px, file, index, meta``
+  base_network_only, size_hint, noise, smoothing_px, scale_agreed, file, index, meta``
   (``base_network_only``: an adapted model's base network analysed the frame alone,
   ``det.base_network_only``, null from older daemons;
   ``size_hint``: what an operator's particle size range did to the working scale,
@@ -41,6 +41,8 @@ frames (never pixels under an ``_nm`` name).
   ``noise``: the frame's white noise as a fraction of its normalised range and
   ``smoothing_px``: the Gaussian (frame px, 0 none) it was smoothed by before the network,
   ``det.noise`` / ``det.smoothing_px``, NaN where the model does not measure it;
+  ``scale_agreed``: whether two working-scale estimation passes agreed (``det.scale_agreed``;
+  false: the card's fallback chose the scale; null: nothing estimated, or an older daemon);
   ``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it),
   then the tracker's ``field, drift_x_px, drift_y_px, drift_x_nm, drift_y_nm, tracks_active``
   and ``events`` (the merge / split events as JSON); NaN / empty without tracking;
@@ -93,8 +95,8 @@ PARTICLE_COLUMNS: tuple[str, ...] = (
 FRAME_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "t_recv", "t_done", "latency_ms", "n", "units",
     "pixel_size_nm", "stage_x_um", "stage_y_um", "height", "width", "modality", "engine",
-    "model", "working_scale", "base_network_only", "size_hint", "noise", "smoothing_px", "file",
-    "index", "meta", "field",
+    "model", "working_scale", "base_network_only", "size_hint", "noise", "smoothing_px",
+    "scale_agreed", "file", "index", "meta", "field",
     "drift_x_px", "drift_y_px",
     "drift_x_nm", "drift_y_nm", "tracks_active", "events")
 ALERT_COLUMNS: tuple[str, ...] = (
@@ -123,7 +125,7 @@ _INT64 = {"seq", "index", "n", "height", "width", "window_n_frames", "window_cou
           "first_seq", "last_seq", "t_first_ns", "t_last_ns", "merged_into"}
 _INT32 = {"bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
 _UINT = {"id": "uint32", "cluster": "uint8"}
-_BOOL = {"border", "base_network_only"}
+_BOOL = {"border", "base_network_only", "scale_agreed"}
 
 
 def _type(column: str) -> pa.DataType:
@@ -181,7 +183,8 @@ def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict
              "working_scale": _nan(header.working_scale),
              "base_network_only": header.base_network_only,
              "size_hint": header.size_hint or "", "noise": _nan(header.noise),
-             "smoothing_px": _nan(header.smoothing_px), "file": file, "index": index,
+             "smoothing_px": _nan(header.smoothing_px), "scale_agreed": header.scale_agreed,
+             "file": file, "index": index,
              "meta": json.dumps(header.meta, sort_keys=True), **_tracking_row(header)}
     n = len(table)
     cols: dict[str, Any] = {

@@ -101,7 +101,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 9)
+PROTOCOL_VERSION: tuple[int, int] = (1, 10)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -445,6 +445,12 @@ class DetHeader(FrameRef):
     #: network, because its noise was above the card's ``normalization.denoise.target``; 0: not
     #: smoothed; None: not measured (or an older daemon)
     smoothing_px: Annotated[float, Field(ge=0)] | None = None
+    #: v1.10: whether two of the working-scale estimation passes agreed on the particles' size
+    #: (True), or the card's fallback chose the scale without such agreement (False); None:
+    #: no particle found, nothing estimated (fixed or preset scale, a card without the
+    #: consistency check) or an older daemon. A diagnostic of the estimate (why did this
+    #: frame get that scale?), not a measure of the result's accuracy
+    scale_agreed: StrictBool | None = None
 
     @property
     def latency_ms(self) -> float:
