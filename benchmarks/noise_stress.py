@@ -45,6 +45,23 @@ DEFAULT_DOSES = (0.0, 100.0, 30.0, 10.0)
 DEFAULT_TARGETS = ("none", "0.05")
 
 
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that score the shipped detectors set by set: ``--threads``,
+    ``--model`` and ``--max-images``."""
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="score this ONNX file (its card beside it) instead of the shipped "
+                         "detector of each set")
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="at most this many images per set (default: all)")
+
+
+def check_model(model: Path | None) -> None:
+    """Refuse (SystemExit) a ``--model`` without its model card beside it."""
+    if model is not None and not model.with_suffix(".json").is_file():
+        raise SystemExit(f"--model {model}: no model card {model.with_suffix('.json')}")
+
+
 def _samples(name: str, max_images: int | None = None) -> Iterator[Any]:
     from nanoscout.training import realdata
     from nanoscout.training.evaluate import set_samples
@@ -135,12 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma-separated counts of the brightest pixels (0: as it is)")
     ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                     help="comma-separated smoothing targets: 'none' or a noise in (0, 1)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", type=Path, default=None,
-                    help="score this ONNX file (its card beside it) instead of the shipped "
-                         "detector of each set")
-    ap.add_argument("--max-images", type=int, default=None,
-                    help="at most this many images per set (default: all)")
+    add_model_arguments(ap)
     args = ap.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
     try:
@@ -154,8 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         _target(t)
     if not targets or not sets:
         raise SystemExit("name at least one set and one target")
-    if args.model is not None and not args.model.with_suffix(".json").is_file():
-        raise SystemExit(f"--model {args.model}: no model card {args.model.with_suffix('.json')}")
+    check_model(args.model)
     t0 = time.perf_counter()
     given = sys.argv[1:] if argv is None else argv
     res: dict[str, Any] = {

@@ -30,7 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.noise_stress import HELDOUT_SETS, STEM_SETS, _samples
+from benchmarks.noise_stress import (
+    HELDOUT_SETS,
+    STEM_SETS,
+    _samples,
+    add_model_arguments,
+    check_model,
+)
 
 TUNING_SETS = ("emps-tune", "msa-tune", "synthetic-tune", "stem-train")
 GROUPS = {True: "agreed", False: "fallback", None: "nothing found"}
@@ -75,18 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scale_agreement.json"))
     ap.add_argument("--sets", default=",".join(TUNING_SETS),
                     help="comma-separated sets of nanoscout.training.evaluate, or stem-train")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", type=Path, default=None,
-                    help="score this ONNX file (its card beside it) instead of the shipped "
-                         "detector of each set")
-    ap.add_argument("--max-images", type=int, default=None,
-                    help="at most this many images per set (default: all)")
+    add_model_arguments(ap)
     args = ap.parse_args(argv)
     sets = [s for s in args.sets.split(",") if s]
     if not sets:
         raise SystemExit("name at least one set")
-    if args.model is not None and not args.model.with_suffix(".json").is_file():
-        raise SystemExit(f"--model {args.model}: no model card {args.model.with_suffix('.json')}")
+    check_model(args.model)
     t0 = time.perf_counter()
     given = sys.argv[1:] if argv is None else argv
     res: dict[str, Any] = {

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -147,3 +147,30 @@ def daemon_factory(tmp_path: Path) -> Iterator[DaemonFactory]:
                 d.proc.wait()
         if d.pump is not None:
             d.pump.join(30)
+
+
+def send_and_collect(d: DaemonProc, sends: list[tuple[str, Any, dict[str, Any]]],
+                     timeout: float = 120.0) -> dict[tuple[str, int], Any]:
+    """Publish each (source, image, ``FramePublisher.send`` keywords) of ``sends`` into daemon
+    ``d`` (one pushing publisher per source, in order) and return the ``det`` headers of them
+    all by (source, seq)."""
+    from nanoscout.clients.acquisition.publisher import FramePublisher
+    from nanoscout.clients.subscriber import Subscriber
+
+    dets: dict[tuple[str, int], Any] = {}
+    with Subscriber(d.output, topics=("det.",)) as sub:
+        sub.wait_ready()
+        pubs = {s: FramePublisher(d.input, mode="push", source=s).__enter__()
+                for s in dict.fromkeys(source for source, _, _ in sends)}
+        try:
+            for source, image, kw in sends:
+                pubs[source].send(image, **kw)
+            for msg in sub.messages(timeout=timeout):
+                dets[(msg.header.source, msg.header.seq)] = msg.header
+                if len(dets) == len(sends):
+                    break
+        finally:
+            for p in pubs.values():
+                p.__exit__(None, None, None)
+    return dets
+

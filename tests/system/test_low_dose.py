@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
 
 import numpy as np
 import pytest
 
-from nanoscout.clients.acquisition.publisher import FramePublisher
-from nanoscout.clients.subscriber import Subscriber
 from tests.conftest import wait_until
-from tests.system.conftest import DaemonFactory
+from tests.system.conftest import DaemonFactory, send_and_collect
 from tests.system.test_bad_input import _metric
 
 pytestmark = pytest.mark.system
@@ -33,22 +30,10 @@ def test_a_low_dose_stem_frame_is_smoothed_and_its_noise_reported(
                          pixel_size_nm=0.5, dose_e_per_px=None)
     clean = Specimen.generate(cfg, 41).acquire(np.random.default_rng(1)).image
     noisy = low_dose(clean, 10.0, np.random.default_rng(2))
-    sends = [("stem", clean, "STEM"), ("stem", noisy, "STEM"), ("tem", noisy, "TEM")]
-    dets: dict[tuple[str, int], Any] = {}
-    with Subscriber(d.output, topics=("det.",)) as sub:
-        sub.wait_ready()
-        pubs = {s: FramePublisher(d.input, mode="push", source=s).__enter__()
-                for s in ("stem", "tem")}
-        try:
-            for source, image, modality in sends:
-                pubs[source].send(image, pixel_size_nm=0.5, modality=modality)
-            for msg in sub.messages(timeout=120):
-                dets[(msg.header.source, msg.header.seq)] = msg.header
-                if len(dets) == len(sends):
-                    break
-        finally:
-            for p in pubs.values():
-                p.__exit__(None, None, None)
+    sends = [("stem", clean, {"pixel_size_nm": 0.5, "modality": "STEM"}),
+             ("stem", noisy, {"pixel_size_nm": 0.5, "modality": "STEM"}),
+             ("tem", noisy, {"pixel_size_nm": 0.5, "modality": "TEM"})]
+    dets = send_and_collect(d, sends)
     quiet, loud, tem = dets[("stem", 0)], dets[("stem", 1)], dets[("tem", 0)]
     assert quiet.model.startswith("nanoscout-particle-unet-stem")
     assert quiet.noise is not None and loud.noise is not None and loud.noise > 0.05 > quiet.noise

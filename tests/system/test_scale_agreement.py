@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import signal
-from typing import Any
 
 import numpy as np
 import pytest
 
-from nanoscout.clients.acquisition.publisher import FramePublisher
-from nanoscout.clients.subscriber import Subscriber
-from tests.system.conftest import DaemonFactory
+from tests.system.conftest import DaemonFactory, send_and_collect
 
 pytestmark = pytest.mark.system
 
@@ -27,23 +24,10 @@ def test_each_det_says_whether_two_estimation_passes_agreed_on_its_scale(
     rng = np.random.default_rng(0)
     cfg = SpecimenConfig(modality="TEM", shape=(512, 512), median_diameter_nm=8.0,
                          pixel_size_nm=0.5)
-    sends = [("a", Specimen.generate(cfg, 41).acquire(rng).image),
-             ("a", rng.normal(100.0, 10.0, (512, 512)).astype(np.float32)),
-             ("b", np.full((512, 512), 7, np.uint16))]
-    dets: dict[tuple[str, int], Any] = {}
-    with Subscriber(d.output, topics=("det.",)) as sub:
-        sub.wait_ready()
-        pubs = {s: FramePublisher(d.input, mode="push", source=s).__enter__() for s in "ab"}
-        try:
-            for source, image in sends:
-                pubs[source].send(image, pixel_size_nm=0.5, modality="TEM")
-            for msg in sub.messages(timeout=120):
-                dets[(msg.header.source, msg.header.seq)] = msg.header
-                if len(dets) == len(sends):
-                    break
-        finally:
-            for p in pubs.values():
-                p.__exit__(None, None, None)
+    kw = {"pixel_size_nm": 0.5, "modality": "TEM"}
+    dets = send_and_collect(d, [("a", Specimen.generate(cfg, 41).acquire(rng).image, kw),
+                                ("a", rng.normal(100.0, 10.0, (512, 512)).astype(np.float32), kw),
+                                ("b", np.full((512, 512), 7, np.uint16), kw)])
     particles, noise, blank = dets[("a", 0)], dets[("a", 1)], dets[("b", 0)]
     assert particles.scale_agreed is True and particles.n > 50
     assert noise.scale_agreed is False

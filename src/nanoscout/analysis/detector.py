@@ -552,8 +552,8 @@ class Detector:
                         return d / s, s, logits, whole
             elif a.fallback == "median":  # every qualifying pass is one measurement
                 lo, hi = a.consistent_px
-                sizes = {s: found[2] / s for s, (found, _) in passes.items()
-                         if lo <= found[2] <= hi and found[3] >= a.consistent_min_count}
+                sizes = {s: d / s for s, ((_, _, d, n), _) in passes.items()
+                         if lo <= d <= hi and n >= a.consistent_min_count}
                 if sizes:
                     median = float(np.exp(np.median(np.log(list(sizes.values())))))
                     s = min(sizes, key=lambda k: abs(np.log(sizes[k] / median)))

@@ -47,14 +47,6 @@ MAX_BOX_FILL = 0.9
 MIN_SCORE = 0.5
 
 
-def _box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def refine(pred: np.ndarray, boxes: np.ndarray, min_box_iou: float = MIN_BOX_IOU,
            min_fill: float = MIN_FILL, max_box_fill: float = MAX_BOX_FILL
            ) -> tuple[np.ndarray, int]:
@@ -69,6 +61,7 @@ def refine(pred: np.ndarray, boxes: np.ndarray, min_box_iou: float = MIN_BOX_IOU
     :func:`~nanoscout.training.crops.ellipse_labels`).
     """
     from nanoscout.training.crops import ellipse_labels
+    from nanoscout.training.evaluate import box_iou
 
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     h, w = pred.shape
@@ -94,7 +87,7 @@ def refine(pred: np.ndarray, boxes: np.ndarray, min_box_iou: float = MIN_BOX_IOU
             if counts.max() >= min_fill * ell.sum() and cand.sum() <= max_box_fill * win.size:
                 rr, cc = np.nonzero(cand)
                 cb = (cc.min() + c0, rr.min() + r0, cc.max() + 1 + c0, rr.max() + 1 + r0)
-                if _box_iou(cb, (x0, y0, x1, y1)) >= min_box_iou:
+                if box_iou(np.array(cb), boxes[i])[0, 0] >= min_box_iou:
                     mask, refined = cand, refined + 1
         out[r0:r1, c0:c1][mask] = k
     return out, refined
@@ -108,6 +101,7 @@ def write_masks(model: Path, out: Path, *, root: Path | None = None,
     from nanoscout.analysis.detector import Detector
     from nanoscout.analysis.modelcard import ModelCard
     from nanoscout.engines import create_engine
+    from nanoscout.training.evaluate import true_median_px
     from nanoscout.training.realdata import load_split, load_stem
 
     card = ModelCard.load(model.with_suffix(".json"))
@@ -129,11 +123,7 @@ def write_masks(model: Path, out: Path, *, root: Path | None = None,
         assert s.boxes is not None
         if not len(s.boxes):
             continue
-        side = np.sqrt(np.clip((s.boxes[:, 2] - s.boxes[:, 0]) * (s.boxes[:, 3] - s.boxes[:, 1]),
-                               0.0, None))
-        order = np.argsort(side)
-        cum = np.cumsum(side[order] ** 2)
-        median = float(side[order][np.searchsorted(cum, cum[-1] / 2.0)])  # area-weighted
+        median = true_median_px(s)  # area-weighted, of the boxes' sqrt(w h)
         factor = auto.factor(median) if median > 0 else 1.0
         det = Detector(engine, card, scale=factor)
         labels, n = refine(det.detect(s.image).labels, s.boxes)
