@@ -828,7 +828,8 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                 threads: int = 2, data_root: Path | None = None,
                 min_score: float | None = None, tta: int = 1,
                 rotate45: bool = False, stem_model: Path | None = None,
-                route: Path | None = None, size_hint: float | None = None) -> dict[str, Any]:
+                route: Path | None = None, size_hint: float | None = None,
+                scale_from: Path | None = None) -> dict[str, Any]:
     """Return the full harness result (model and baseline on each set) as a JSON-able dict.
 
     ``stem_model``: the detector that scores the STEM sets (``stem``, ``stem-tune``), as the
@@ -843,6 +844,11 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
     ``min_score`` overrides the card's score threshold (to see what the cut does).
     ``size_hint`` (a factor k > 1): each image's detector is told the range of its median
     particle size within k of the truth (:class:`SizeHinted`, a diagnostic).
+    ``scale_from``: another detector (ONNX, its card beside it) whose network measures each
+    frame's working scale for every scored detector, as an INT8 sibling's FP32 network does
+    (:func:`~nanoscout.analysis.detector.scale_measurer`): two candidates scored with the same
+    ``scale_from`` differ only in what they find at a given scale, not in which frames their
+    own estimates take elsewhere. It reads no truth.
     """
     from nanoscout.analysis.detector import Detector, base_detector_for, scale_measurer
     from nanoscout.analysis.modelcard import ModelCard
@@ -869,12 +875,22 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
                              f"{data_root or realdata.data_root()}")
     scales = _parse_scale(scale, sets)
 
+    measurer = None
+    if scale_from is not None:
+        measurer = scale_measurer(create_engine(scale_from, "onnxruntime-cpu", threads=threads),
+                                  ModelCard.load(scale_from.with_suffix(".json")))
+
     def load(path: Path, card_file: Path | None) -> tuple[Any, Any, Any]:
         """(card, engine, its base network's detector or None: ModelCard.load_base_network)"""
         card_file = card_file or path.with_suffix(".json")
         card = ModelCard.load(card_file)
         if min_score is not None and card.thresholds is not None:
             card = card.model_copy(update={"thresholds": card.thresholds.with_cut(min_score)})
+        if measurer is not None:
+            if card.base_network is not None:
+                raise SystemExit(f"--scale-from: {card_file} is an adapted card with a base "
+                                 "network of its own")
+            return card, create_engine(path, "onnxruntime-cpu", threads=threads), measurer
         base = base_detector_for(card, card_file,
                                  lambda p: create_engine(p, "onnxruntime-cpu", threads=threads))
         if base is None and card.quantization is not None and card.fp32_scale:
@@ -896,6 +912,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         "min_score": card.thresholds.min_score if card.thresholds else None, "tta": tta,
         "rotate45": rotate45, "stem_model": None if stem_model is None else str(stem_model),
         "route": None if route is None else str(route), "sets": {}}
+    if scale_from is not None and (route is not None or "oracle" in scales.values()):
+        raise SystemExit("--scale-from needs the automatic scale and no --route")
+    res["scale_from"] = None if scale_from is None else str(scale_from)
     if route is not None and (stem_model is None or "oracle" in scales.values()):
         raise SystemExit("--route needs a STEM detector (--stem-model) and no oracle scale")
     if size_hint is not None and (route is not None or "oracle" in scales.values()
@@ -935,6 +954,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         if scales[s] == "oracle":
             out["note"] += ("; DIAGNOSTIC: the detector ran at each image's true working scale "
                             "(OracleScale), which reads the truth")
+        if scale_from is not None:
+            out["note"] += (f"; the working scale measured by {scale_from.name}'s network "
+                            "(--scale-from), the scored card's own estimate not used")
         if isinstance(det, SizeHinted):
             out["note"] += (f"; DIAGNOSTIC: each image's detector was told its median particle "
                             f"size within a factor {size_hint:g} of the truth (SizeHinted)")
@@ -990,6 +1012,10 @@ def main(argv: list[str] | None = None) -> None:
                          "[d/K, d*K] of its median particle diameter d, read from the truth, "
                          "as an operator who knows the size within K would "
                          "(SizeHinted; Detector.detect(particle_px=...))")
+    ap.add_argument("--scale-from", type=Path, default=None, metavar="MODEL",
+                    help="with --sets: MODEL's network (ONNX, its card beside it) measures each "
+                         "frame's working scale for the scored detectors, so that candidates "
+                         "compare at the same scales (reads no truth)")
     ap.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                     help="int8: score the INT8 siblings of --model and the STEM model "
                          "(X.int8.onnx, written by `nanoscout models quantize`)")
@@ -1014,7 +1040,7 @@ def main(argv: list[str] | None = None) -> None:
                           scale=args.scale, max_images=args.max_images, threads=args.threads,
                           data_root=args.data_root, min_score=args.min_score, tta=args.tta,
                           rotate45=args.rotate45, stem_model=stem_model, route=args.route,
-                          size_hint=args.size_hint)
+                          size_hint=args.size_hint, scale_from=args.scale_from)
         out = args.out or Path("runs/accuracy.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
