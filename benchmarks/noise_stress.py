@@ -56,6 +56,15 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                     help="at most this many images per set (default: all)")
 
 
+def run_header(module: str, given: list[str], threads: int, sets: list[str]) -> dict[str, Any]:
+    """The first keys of such a benchmark's JSON: the command (``python -m benchmarks.MODULE``
+    and ``given``), the machine, and which of ``sets`` are tuning and which held-out sets."""
+    return {"command": " ".join([f"python -m benchmarks.{module}", *given]),
+            "machine": f"{platform.machine()} CPU, ONNX Runtime {threads} intra-op threads",
+            "tuning_sets": [s for s in sets if s.split(":")[0] not in HELDOUT_SETS],
+            "heldout_sets": [s for s in sets if s.split(":")[0] in HELDOUT_SETS]}
+
+
 def check_model(model: Path | None) -> None:
     """Refuse (SystemExit) a ``--model`` without its model card beside it."""
     if model is not None and not model.with_suffix(".json").is_file():
@@ -170,12 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     given = sys.argv[1:] if argv is None else argv
     res: dict[str, Any] = {
-        "command": " ".join(["python -m benchmarks.noise_stress", *given]),
-        "machine": f"{platform.machine()} CPU, ONNX Runtime {args.threads} intra-op threads",
+        **run_header("noise_stress", given, args.threads, sets),
         "noise_model": "Poisson draw of dose * (0.05 + x) counts per px, x the image scaled to "
                        "[0, 1] by its 0.5 / 99.5 percentiles; dose 0: the image as it is",
-        "tuning_sets": [s for s in sets if s.split(":")[0] not in HELDOUT_SETS],
-        "heldout_sets": [s for s in sets if s.split(":")[0] in HELDOUT_SETS],
         "max_images": args.max_images,
         "sets": {s: run_set(s, doses, targets, args.threads, args.max_images, args.model)
                  for s in sets},

@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.noise_stress import (
-    HELDOUT_SETS,
     STEM_SETS,
     _samples,
     add_model_arguments,
     check_model,
+    run_header,
 )
 
 TUNING_SETS = ("emps-tune", "msa-tune", "synthetic-tune", "stem-train")
@@ -89,12 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     check_model(args.model)
     t0 = time.perf_counter()
     given = sys.argv[1:] if argv is None else argv
-    res: dict[str, Any] = {
-        "command": " ".join(["python -m benchmarks.scale_agreement", *given]),
-        "machine": f"{platform.machine()} CPU, ONNX Runtime {args.threads} intra-op threads",
-        "tuning_sets": [s for s in sets if s.split(":")[0] not in HELDOUT_SETS],
-        "heldout_sets": [s for s in sets if s.split(":")[0] in HELDOUT_SETS],
-        "sets": {}}
+    res: dict[str, Any] = {**run_header("scale_agreement", given, args.threads, sets),
+                           "sets": {}}
     for name in sets:
         res["sets"][name] = out = run_set(name, args.model, args.threads, args.max_images)
         print(f"{name}: all {out['all']['f1']} ({out['all']['frames']} frames); agreed "
