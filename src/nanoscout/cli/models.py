@@ -74,6 +74,11 @@ def _ensemble() -> Main:
     return main
 
 
+def _soup() -> Main:
+    from nanoscout.training.soup import main
+    return main
+
+
 def _quantize() -> Main:
     from nanoscout.training.quantize import main
     return main
@@ -106,6 +111,8 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
                                         "frames (FRAMES... --out DIR; no torch)"),
     "ensemble": (_ensemble, "one detector whose logits are the mean of several detectors' "
                             "(MEMBER.onnx... --out FILE; onnx, no torch)"),
+    "soup": (_soup, "one detector whose weights are the mean of several phase-2 runs of one "
+                    "phase 1: the STEM detector's recipe (--variant stem; torch)"),
     "quantize": (_quantize, "INT8 siblings of the shipped models with their accuracy parity "
                             "against FP32 (ONNX Runtime; no torch)"),
     "build-engines": (_build_engines, "build (and INT8-calibrate) the TensorRT engines of the "

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,12 +107,16 @@ def export_onnx(model: torch.nn.Module, path: Path, opset: int = OPSET) -> dict[
     model = model.eval()
     dummy = torch.zeros(1, 1, 256, 256)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-                      OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
-        opset_version=opset, do_constant_folding=True, dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but still the one that writes this plain
+        # graph (Conv, Relu, Add, Resize; BatchNorm folded); its notice is expected
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
+                          OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}},
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
     engine = create_engine(path, "onnxruntime-cpu", threads=2)
     rng = np.random.default_rng(0)
     worst = 0.0

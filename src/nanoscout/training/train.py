@@ -557,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seed", type=int, default=12345)
     ap.add_argument("--no-real-eval", action="store_true",
                     help="card without the held-out real-data metrics (for tuning runs)")
+    ap.add_argument("--no-timing", action="store_true",
+                    help="card without engine timings (runs that are not shipped as they are)")
     ap.add_argument("--checkpoint", type=Path, default=Path("runs/detector.pt"))
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="general",
                     help="which shipped detector: general (detector.onnx) or the STEM one "
@@ -735,7 +737,8 @@ def main(argv: list[str] | None = None) -> None:
                args.checkpoint)
     card_path = write_card(onnx_path, training=training, width=args.width,
                            eval_n=args.eval_n, eval_seed=args.eval_seed,
-                           real=not args.no_real_eval, variant=args.variant)
+                           real=not args.no_real_eval, timing=not args.no_timing,
+                           variant=args.variant)
     print(json.dumps(json.loads(card_path.read_text())["metrics"], indent=1), flush=True)
 
 
