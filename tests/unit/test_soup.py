@@ -165,3 +165,19 @@ def test_an_exported_start_averages_with_its_fine_tunings_and_nothing_else(
         load_members([start, tmp_path / "other.pt"])
     with pytest.raises(ValueError, match="at most one exported network"):
         load_members([start, start])
+
+
+def test_a_member_that_is_no_checkpoint_is_named(tmp_path: Path) -> None:
+    _member(tmp_path / "a.pt", 1)
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:300])
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    (tmp_path / "text.onnx").write_text("not a graph")
+    for name, why in (("cut.pt", "not a detector checkpoint or exported"),
+                      ("other.pt", "train --checkpoint writes"),
+                      ("text.onnx", "not a detector checkpoint or exported"),
+                      ("gone.pt", "no such file")):
+        with pytest.raises(ValueError, match=why):
+            load_members([tmp_path / "a.pt", tmp_path / name])
+        with pytest.raises(SystemExit, match=f"soup: .*{name}"):
+            main(["--members", str(tmp_path / "a.pt"), str(tmp_path / name), "--out",
+                  str(tmp_path / "out"), "--work", str(tmp_path / "work")])

@@ -79,6 +79,23 @@ def _from_onnx(path: Path) -> dict[str, Any]:
             "training": {"command": f"the exported network {path}", "phases": {}}}
 
 
+def _load(path: Path) -> dict[str, Any]:
+    """One member, checkpoint or exported detector; ValueError names a file that is neither."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        ck = _from_onnx(path) if path.suffix == ".onnx" else \
+            torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated file, another format: torch and onnx raise many kinds
+        raise ValueError(f"{path}: not a detector checkpoint or exported detector "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict) \
+            or "width" not in ck:
+        raise ValueError(f"{path}: not a detector checkpoint (train --checkpoint writes "
+                         "state_dict, width and training)")
+    return ck
+
+
 def load_members(paths: Sequence[Path]) -> list[dict[str, Any]]:
     """Load the members: checkpoints (``train --checkpoint``) and at most one exported
     detector (``.onnx``) that every checkpoint was fine-tuned from (``train --init X.onnx``:
@@ -88,8 +105,7 @@ def load_members(paths: Sequence[Path]) -> list[dict[str, Any]]:
     fine-tuned from): networks of different starts average to neither."""
     if len(paths) < 2:
         raise ValueError(f"a soup needs at least two members, got {len(paths)}")
-    cks = [_from_onnx(p) if p.suffix == ".onnx" else
-           torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    cks = [_load(p) for p in paths]
     exported = [(p, ck) for p, ck in zip(paths, cks, strict=True) if "onnx_sha256" in ck]
     trained = [(p, ck) for p, ck in zip(paths, cks, strict=True) if "onnx_sha256" not in ck]
     if len(exported) > 1 or not trained:
