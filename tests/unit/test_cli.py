@@ -95,6 +95,19 @@ def test_models_pass_argv_through(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == [["--n", "5", "--help-me", "x"]]
 
 
+def test_an_actions_refusal_is_printed_not_swallowed(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A training module refuses with ``SystemExit("why")``: the console script says why."""
+    import nanoscout.training.evaluate_lens as target
+
+    def refuse(argv: list[str]) -> int:
+        raise SystemExit(f"--frames {argv[1]}: no such folder")
+
+    monkeypatch.setattr(target, "main", refuse)
+    assert main(["models", "eval-lens", "--frames", "nowhere"]) == 1
+    assert capsys.readouterr().err.strip() == "--frames nowhere: no such folder"
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "missing.parquet")]) == 2
     err = capsys.readouterr().err

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nanoscout`` console script; returns the exit status.
 
     Bad options exit 2 with typer's message; a :class:`NanoscoutError` prints
-    ``nanoscout CMD: error: ...`` and exits 2 too; Ctrl-C, SIGINT and SIGTERM exit 130
+    ``nanoscout CMD: error: ...`` and exits 2 too; an action that exits with a message (a
+    training module's refusal) prints it and exits 1; Ctrl-C, SIGINT and SIGTERM exit 130
     (:func:`stop_signals`).
     """
     args = sys.argv[1:] if argv is None else list(argv)
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         with stop_signals():
             app(args=args, prog_name="nanoscout")
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        # SystemExit("why"): an action's refusal (the training modules' argument checks), said
+        # as Python says it, not swallowed
+        print(exc.code, file=sys.stderr)
+        return 1
     except NanoscoutError as exc:
         cmd = next((a for a in args if not a.startswith("-")), "")
         print(f"nanoscout {cmd}: error: {exc}", file=sys.stderr)
