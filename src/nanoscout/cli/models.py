@@ -111,8 +111,8 @@ ACTIONS: dict[str, tuple[Callable[[], Main], str]] = {
                                         "frames (FRAMES... --out DIR; no torch)"),
     "ensemble": (_ensemble, "one detector whose logits are the mean of several detectors' "
                             "(MEMBER.onnx... --out FILE; onnx, no torch)"),
-    "soup": (_soup, "one detector whose weights are the mean of several phase-2 runs of one "
-                    "phase 1: the STEM detector's recipe (--variant stem; torch)"),
+    "soup": (_soup, "one detector whose weights are the mean of fine-tuned runs of one start "
+                    "(--members A.pt B.pt ... --out DIR, or a three-member recipe; torch)"),
     "quantize": (_quantize, "INT8 siblings of the shipped models with their accuracy parity "
                             "against FP32 (ONNX Runtime; no torch)"),
     "build-engines": (_build_engines, "build (and INT8-calibrate) the TensorRT engines of the "
