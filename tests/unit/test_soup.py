@@ -43,7 +43,7 @@ def test_the_average_is_the_mean_of_every_float_tensor_and_the_first_members_cou
         tmp_path: Path) -> None:
     nets = [_member(tmp_path / f"{k}.pt", k + 1) for k in range(3)]
     cks = load_members([tmp_path / f"{k}.pt" for k in range(3)])
-    got = average([ck["state_dict"] for ck in cks])
+    got = average([ck["state_dict"] for ck in cks], "unet", 8)
     sds = [n.state_dict() for n in nets]
     for name, v in got.items():
         if v.dtype.is_floating_point:
@@ -87,7 +87,7 @@ def test_the_soup_exports_the_averaged_network_with_the_variants_card(tmp_path: 
     assert card.training.wall_seconds == pytest.approx(30.0)
     # the exported network is the mean of the two, not either of them
     ref = build_network("unet", 8)
-    ref.load_state_dict(average([n.state_dict() for n in nets]))
+    ref.load_state_dict(average([n.state_dict() for n in nets], "unet", 8))
     ref.eval()
     x = np.random.default_rng(0).random((1, 1, 64, 96), dtype=np.float32)
     got = ort.InferenceSession(str(onnx)).run(None, {"image": x})[0]
@@ -156,7 +156,7 @@ def test_an_exported_start_averages_with_its_fine_tunings_and_nothing_else(
                     "training": {"command": "train --init start.onnx", "wall_seconds": 5.0,
                                  "phases": {"synthetic": rec}}}, tmp_path / f"{name}.pt")
     cks = load_members([start, tmp_path / "tuned.pt"])
-    got = average([ck["state_dict"] for ck in cks])
+    got = average([ck["state_dict"] for ck in cks], "unet", 8)
     folded = unet_from_onnx(start).state_dict()
     for k, v in tuned.state_dict().items():
         if v.dtype.is_floating_point:

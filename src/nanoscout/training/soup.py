@@ -16,11 +16,11 @@ weights is a network of its own, often better than each of them and less depende
 luck (Wortsman et al. 2022, "Model soups"; Cha et al. 2021, SWAD, on data unlike the training
 data). It costs one network's engine time, where an ensemble
 (:mod:`nanoscout.training.ensemble`) costs the members' summed time. Every floating-point
-tensor of the state dict is averaged, the BatchNorm running statistics included (chosen against
-re-estimating them on 200 training batches, on the STEM tuning material); integer buffers
-(``num_batches_tracked``) are the first member's. One exported detector may be a member too:
-the network the other members were fine-tuned from with ``train --init X.onnx`` (the start and
-its fine-tunings, "WiSE-FT").
+tensor of the state dict is averaged (``torch.optim.swa_utils.AveragedModel``), the BatchNorm
+running statistics included (chosen against re-estimating them on 200 training batches, on the
+STEM tuning material); integer buffers (``num_batches_tracked``) are the first member's. One
+exported detector may be a member too: the network the other members were fine-tuned from with
+``train --init X.onnx`` (the start and its fine-tunings, "WiSE-FT").
 
 The recipe's members differ in what they see, not in their seed: ``plain`` is the variant's own
 phase 2; ``low-dose`` takes half of its real crops to a low dose first (``train --low-dose-p
@@ -130,14 +130,25 @@ def load_members(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return cks
 
 
-def average(state_dicts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Return the element-wise mean of the floating-point tensors of ``state_dicts`` (names
-    and shapes as the first's) and the first's other tensors."""
-    out: dict[str, torch.Tensor] = {}
+def average(state_dicts: Sequence[dict[str, torch.Tensor]], arch: str, width: int
+            ) -> dict[str, torch.Tensor]:
+    """Return the state dict whose floating-point tensors are the element-wise mean of
+    ``state_dicts``' (networks ``arch`` of base ``width``), the BatchNorm running statistics
+    included (``torch.optim.swa_utils.AveragedModel`` with ``use_buffers``), and whose integer
+    buffers (``num_batches_tracked``) are the first's."""
+    from torch.optim.swa_utils import AveragedModel
+
+    nets = []
+    for sd in state_dicts:
+        net = build_network(arch, width)
+        net.load_state_dict(sd)
+        nets.append(net)
+    averaged = AveragedModel(nets[0], use_buffers=True)
+    for net in nets:  # the first update copies, each later one joins the equal-weight mean
+        averaged.update_parameters(net)
+    out = {k: v.detach().clone() for k, v in averaged.module.state_dict().items()}
     for k, v in state_dicts[0].items():
-        if v.dtype.is_floating_point:
-            out[k] = torch.stack([sd[k].to(torch.float64) for sd in state_dicts]).mean(0).to(v.dtype)
-        else:
+        if not v.dtype.is_floating_point:
             out[k] = v.clone()
     return out
 
@@ -225,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"soup: {exc}") from None
     first = next(ck for ck in cks if "onnx_sha256" not in ck)  # a trained member's record
-    model = build_network(first.get("arch", "unet"), int(first["width"]))
-    model.load_state_dict(average([ck["state_dict"] for ck in cks]))
+    arch, width = first.get("arch", "unet"), int(first["width"])
+    model = build_network(arch, width)
+    model.load_state_dict(average([ck["state_dict"] for ck in cks], arch, width))
     model.eval()
     onnx_path = args.out / VARIANTS[args.variant].file
     verify = export_onnx(model, onnx_path)
