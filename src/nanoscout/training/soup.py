@@ -164,10 +164,14 @@ def member_args(variant: str, arm: str, init: Path, work: Path, threads: int,
         if masks is None:
             raise ValueError("the masks member needs the pseudo-masks folder")
         extra.append(str(masks))
-    out = work / arm
-    return ["--variant", variant, "--init", str(init), *extra, "--no-real-eval", "--eval-n",
-            "0", "--no-timing", "--threads", str(threads), "--out", str(out), "--checkpoint",
-            str(out / "detector.pt")]
+    return ["--variant", variant, "--init", str(init), *extra, *_step_args(work / arm, threads)]
+
+
+def _step_args(out: Path, threads: int) -> list[str]:
+    """The ``train`` options every step of the recipe shares: no evaluation or timing in its
+    card (the soup's card has them), its files in ``out`` (checkpoint ``detector.pt``)."""
+    return ["--no-real-eval", "--eval-n", "0", "--no-timing", "--threads", str(threads),
+            "--out", str(out), "--checkpoint", str(out / "detector.pt")]
 
 
 def _recipe(variant: str, arms: Sequence[str], work: Path, init: Path | None,
@@ -182,9 +186,8 @@ def _recipe(variant: str, arms: Sequence[str], work: Path, init: Path | None,
                          "list plain before masks")
     if init is None:
         init = work / "phase1" / "detector.pt"
-        train.main([*extra, "--variant", variant, "--finetune-steps", "0", "--no-real-eval",
-                    "--eval-n", "0", "--no-timing", "--threads", str(threads), "--out", str(init.parent),
-                    "--checkpoint", str(init)])
+        train.main([*extra, "--variant", variant, "--finetune-steps", "0",
+                    *_step_args(init.parent, threads)])
     file = VARIANTS[variant].file
     paths = []
     for arm in arms:
