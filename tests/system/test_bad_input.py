@@ -77,7 +77,6 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
                 for parts in msgs:
                     pub.send_raw([bytes(p) for p in parts])
             pub.send(nan, pixel_size_nm=0.5)  # NaN pixels
-            pub.seq = 100
             seq_good = pub.send(good, pixel_size_nm=0.5)
             for msg in sub.messages(timeout=60):
                 if msg.kind == "det" and msg.header.seq == seq_good:
@@ -102,7 +101,7 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
     assert rejected.get("header", 0) + rejected.get("empty", 0) == 4
     assert health.frames_processed == 1 and health.frames_received == 1
     assert health.last_error
-    # the NaN frame (seq 0) was refused before it was accepted: seq 100 is the source's first
+    # the NaN frame (seq 0) was refused and its number taken: seq 1 follows it without a gap
     assert health.transport_gaps == 0
 
     text = d.scrape()
@@ -114,6 +113,75 @@ def test_bad_messages_are_counted_and_the_daemon_survives(daemon_factory: Daemon
     assert _metric(text, "nanoscout_transport_gaps_total", source="bad") == 0
     assert _metric(text, "nanoscout_latency_seconds_count") == 1
     assert d.stop(signal.SIGTERM) == 0
+
+
+def test_a_refused_frame_is_answered_and_not_lost_in_transport(
+        daemon_factory: DaemonFactory) -> None:
+    """A frame whose header was read but whose pixels were refused (NaN, a value beyond the
+    pixel range) got no answer, so its adapter waited for it and kept it for a resend, and it
+    was counted as lost in transport too once the next frame came. Now the adapter hears
+    that it was dropped and why, and the numbering has no gap. A frame stamped 0 (an adapter
+    clock that disagrees) held the latency percentiles at decades; its latency is now
+    measured from its arrival and the frame counted."""
+    d = daemon_factory("--policy", "lossless")
+    good = np.random.default_rng(1).integers(900, 1100, (128, 128)).astype(np.float32)
+    nan, huge = good.copy(), good.copy()
+    nan[10, 10], huge[0, 0] = np.nan, 1e38
+    with Subscriber(d.output, topics=("health",)) as sub:
+        sub.wait_ready()
+        with FramePublisher(d.input, mode="push", source="cam", results=d.output,
+                            confirm_timeout_s=60) as pub:
+            for img in (good, nan, huge, good):
+                pub.send(img, pixel_size_nm=0.5)
+            pub.send(good, pixel_size_nm=0.5, t_acq_ns=0)
+            report = pub.close()
+        health = None
+        for msg in sub.messages(timeout=30):
+            if msg.kind == "health" and msg.header.frames_processed >= 3:
+                health = msg.header
+                break
+    assert report.sent == 5 and report.confirmed == 3 and report.unconfirmed == []
+    assert report.dropped == {1: "nonfinite", 2: "pixel_range"}
+    assert health is not None and health.transport_gaps == 0
+    assert health.latency_ms_p99 is not None and health.latency_ms_p99 < 600_000
+    text = d.scrape()
+    assert _metric(text, "nanoscout_transport_gaps_total", source="cam") == 0
+    assert _metric(text, "nanoscout_messages_rejected_total", reason="nonfinite") == 1
+    assert _metric(text, "nanoscout_messages_rejected_total", reason="pixel_range") == 1
+    assert _metric(text, "nanoscout_frames_clock_skew_total") == 1
+    assert _metric(text, "nanoscout_latency_seconds_count") == 3
+    assert _metric(text, "nanoscout_latency_seconds_sum") < 600
+
+
+def test_a_burst_of_new_sources_keeps_the_metric_series_bounded(
+        daemon_factory: DaemonFactory) -> None:
+    """Live policy: frames of sources beyond ``input.max_sources`` are evicted from the queue
+    before analysis, yet every name kept its Prometheus series (a burst of 2000 names made a
+    1.6 MB /metrics page). A source none of whose frames was analysed keeps no series now."""
+    d = daemon_factory("--policy", "live", config="[input]\nmax_sources = 4\n")
+    img = np.random.default_rng(2).integers(0, 4000, (64, 64)).astype(np.uint16)
+    with Subscriber(d.output, topics=("health",)) as sub:
+        sub.wait_ready()
+        with FramePublisher(d.input, mode="pub", source="s0") as pub:
+            for k in range(300):
+                h = frame_header(img, source=f"s{k}", seq=0, t_acq_ns=time.time_ns(),
+                                 pixel_size_nm=0.5)
+                pub.send_raw([bytes(p) for p in encode_frame(h, img)])
+            health, last = None, -1
+            for msg in sub.messages(timeout=60):
+                if msg.kind != "health" or msg.header.frames_received == 0:
+                    continue
+                # settled: nothing queued and nothing new received since the last report
+                if msg.header.queue_depth == 0 and msg.header.frames_received == last:
+                    health = msg.header
+                    break
+                last = msg.header.frames_received
+    assert health is not None, "the burst did not settle"
+    assert health.frames_dropped.get("evicted", 0) > 0
+    text = d.scrape()
+    series = {line.split('"')[1] for line in text.splitlines()
+              if line.startswith("nanoscout_frames_received_total{")}
+    assert 1 <= len(series) <= 4, sorted(series)
 
 
 def test_no_query_message_ends_the_daemon_and_refusals_are_counted(

@@ -114,6 +114,22 @@ def test_normalize_keeps_polarity_and_handles_dtypes() -> None:
         normalize(np.array([[1.0, np.nan], [0.0, 1.0]]))
 
 
+def test_normalize_keeps_frames_of_a_tiny_range_or_a_large_offset() -> None:
+    """The same picture in units that float32 arithmetic would lose (a range below float32's
+    smallest normal number, a float64 range a 1e-13 fraction of its offset, 32- and 64-bit
+    counts far above 2**24) normalises to what the plain frame does, and stays finite."""
+    fr = render(SpecimenConfig(shape=(96, 96), modality="TEM"), 2)
+    base = fr.image.astype(np.float64)
+    ref = normalize(base)
+    for img in ((base * 1e-42).astype(np.float32), base * 1e-300, 1.0 + base * 1e-13,
+                (base + 2 ** 40).astype(np.int64), (base + 3e9).astype(np.uint32)):
+        x = normalize(img)
+        assert x.dtype == np.float32 and np.isfinite(x).all(), img.dtype
+        assert np.abs(x - ref).max() < 0.02, (img.dtype, float(np.abs(x - ref).max()))
+    with pytest.raises(FrameError, match="NaN"):
+        normalize(np.array([[1e-300, np.nan], [0.0, 2e-300]]))
+
+
 def test_histogram_percentiles_equal_numpy() -> None:
     rng = np.random.default_rng(3)
     q = (0.5, 99.5)

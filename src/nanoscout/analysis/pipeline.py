@@ -306,6 +306,11 @@ class Pipeline:
         if "set_drift_reference" in actions and state.tracker is not None:
             state.tracker.set_drift_reference()
 
+    def knows(self, source: str) -> bool:
+        """Whether the pipeline keeps state of ``source`` (a frame of it was analysed and the
+        source not forgotten since)."""
+        return source in self._sources
+
     def forget(self, source: str) -> None:
         """Drop everything remembered of ``source`` (its next frame starts afresh)."""
         self._sources.pop(source, None)

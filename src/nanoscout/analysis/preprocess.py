@@ -93,6 +93,9 @@ def normalize(image: np.ndarray) -> np.ndarray:
         raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)
     out = np.empty(arr.shape, np.float32)  # always new: the caller's buffer is never modified
     span = float(hi) - float(lo)
+    if _needs_float64(arr.dtype, lo, hi, span):
+        _normalize_float64(arr, lo, span, out)
+        return out
     lo32, gain = np.float32(lo), np.float32(1.0 / span if span > 0.0 else 0.0)
     # row bands of ~256 KiB: each pass over a band runs in cache, where whole-frame passes
     # would stream a 4096² frame (64 MiB) through memory three times
@@ -108,6 +111,35 @@ def normalize(image: np.ndarray) -> np.ndarray:
         o *= gain
         np.clip(o, NORM_CLIP[0], NORM_CLIP[1], out=o)
     return out
+
+
+def _needs_float64(dtype: np.dtype, lo: float, hi: float, span: float) -> bool:
+    """Whether float32 arithmetic would lose a frame of ``dtype`` whose percentiles are
+    ``lo``/``hi`` (span ``hi - lo``): 8-byte pixels (float64 values a tiny fraction apart, int64
+    counts above 2**24), 4-byte integers above 2**24 (float32 keeps 24 bits), and float32
+    frames whose range is so small (below ~3e-39) that 1 / span overflows float32. Up to
+    16-bit integers and ordinary float32 frames keep the fast float32 path."""
+    if span <= 0.0:
+        return False
+    if dtype.itemsize > 4:
+        return True
+    if dtype.kind in "iu" and max(abs(lo), abs(hi)) > 2.0 ** 24:
+        return True
+    return dtype.kind == "f" and 1.0 / span > float(np.finfo(np.float32).max)
+
+
+def _normalize_float64(arr: np.ndarray, lo: float, span: float, out: np.ndarray) -> None:
+    """Fill ``out`` (float32) with ``(arr - lo) / span`` clipped, the arithmetic in float64,
+    in row bands; raises FrameError for NaN or infinite pixels."""
+    band = band_rows(arr.shape[1], 8)
+    for r0 in range(0, arr.shape[0], band):
+        t = arr[r0:r0 + band].astype(np.float64)
+        if arr.dtype.kind == "f" and not np.isfinite(t).all():
+            raise FrameError("frame holds NaN or infinite pixels", reason=Reason.NONFINITE)
+        t -= lo
+        t /= span  # a division: 1 / span may overflow where the quotients do not
+        np.clip(t, NORM_CLIP[0], NORM_CLIP[1], out=t)
+        out[r0:r0 + t.shape[0]] = t
 
 
 def band_rows(width: int, itemsize: int, band_bytes: int = 1 << 18) -> int:

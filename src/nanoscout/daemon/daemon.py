@@ -63,10 +63,11 @@ from nanoscout.wire.headers import (
     AckHeader,
     ControlReply,
     ControlRequest,
+    FrameHeader,
     HealthHeader,
     StatsHeader,
 )
-from nanoscout.wire.sequence import SequenceTracker
+from nanoscout.wire.sequence import Gap, SequenceTracker
 from nanoscout.wire.transport import CurveServer, bind, frame_input_socket, result_publisher
 
 log = logging.getLogger("nanoscout.daemon")
@@ -76,6 +77,11 @@ _POLL_MS = 100
 _DRAIN_QUIET_S = 0.3
 #: frames read (and counted) after the drain, at most, before the input socket closes
 _LEFTOVER_MAX = 10_000
+#: a frame stamped more than this long before its arrival, or more than _CLOCK_AHEAD_S after
+#: it, has an acquisition clock that disagrees with the daemon's (or a t_acq_ns of 0): its
+#: latency is measured from its arrival instead, s
+_CLOCK_BEHIND_S = 3600.0
+_CLOCK_AHEAD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -350,16 +356,21 @@ class Daemon:
     def _take(self, frames: list[zmq.Frame], *, stopping: bool, leftover: bool = False) -> None:
         """Validate one message and queue its frame; anything wrong is counted, never raised."""
         t_recv = time.time_ns()
+        header: FrameHeader | None = None
         try:
             header, pixels = decode_frame([f.buffer for f in frames],
                                           max_bytes=self.config.input.max_frame_bytes)
             frame = Frame(header, pixels, t_recv)
         except (ProtocolError, FrameError) as exc:
             self._reject(exc.reason, str(exc))
+            if header is not None:
+                self._refused_frame(header, exc.reason)
             return
         except Exception as exc:  # last resort: a bug in one message never ends the daemon
             self._reject(Reason.INTERNAL, f"internal error while reading a frame: {exc!r}",
                          exc_info=True)
+            if header is not None:
+                self._refused_frame(header, Reason.INTERNAL)
             return
         try:
             self._accept(frame, stopping=stopping, leftover=leftover)
@@ -367,8 +378,18 @@ class Daemon:
             self._reject(Reason.INTERNAL, f"internal error while queueing {frame.source}#"
                          f"{frame.header.seq}: {exc!r}", exc_info=True)
 
-    def _accept(self, frame: Frame, *, stopping: bool, leftover: bool) -> None:
-        h = frame.header
+    def _refused_frame(self, h: FrameHeader, reason: Reason) -> None:
+        """A frame whose header was read but whose pixels were refused (counted already):
+        its number is taken, so that it is not reported as lost in transport, and its
+        adapter is told that it was dropped and why."""
+        gap, duplicate = self._observe_seq(h, count=False)
+        if not duplicate:
+            self._gap(h, gap)
+        self._ack(h, "duplicate" if duplicate else "dropped", None if duplicate else reason)
+
+    def _observe_seq(self, h: FrameHeader, *, count: bool) -> tuple[Gap | None, bool]:
+        """Take ``h``'s sequence number: (the gap before it, or None; whether its session
+        had it already). ``count``: count an accepted frame as received."""
         # an adapter session's frames may come again after a restart of this daemon: a number
         # taken already is a duplicate, a smaller one late; without a session a smaller
         # number means the adapter restarted
@@ -378,17 +399,25 @@ class Daemon:
             duplicate = h.session is not None and self._seqs.seen(key, h.seq)
             if not duplicate:
                 gap = self._seqs.observe(key, h.seq, resumable=h.session is not None)
-                self.received += 1
-        if duplicate:
-            self._reject(Reason.DUPLICATE, f"frame {h.source}#{h.seq} of session {h.session} "
-                         "was taken already (a resend)")
-            self._ack(frame, "duplicate")
-            return
-        self.metrics.add_source(h.source)
+                self.received += count
+        return gap, duplicate
+
+    def _gap(self, h: FrameHeader, gap: Gap | None) -> None:
         if gap is not None:
             self.metrics.transport_gaps.labels(source=h.source).inc(gap.missed)
             log.warning("source %s: %d frame(s) lost in transport before seq %d", h.source,
                         gap.missed, h.seq)
+
+    def _accept(self, frame: Frame, *, stopping: bool, leftover: bool) -> None:
+        h = frame.header
+        gap, duplicate = self._observe_seq(h, count=True)
+        if duplicate:
+            self._reject(Reason.DUPLICATE, f"frame {h.source}#{h.seq} of session {h.session} "
+                         "was taken already (a resend)")
+            self._ack(h, "duplicate")
+            return
+        self.metrics.add_source(h.source)
+        self._gap(h, gap)
         self.metrics.frames_received.labels(source=h.source).inc()
         if leftover or (stopping and self._policy == "live"):
             self._dropped_frame(frame, Reason.SHUTDOWN)
@@ -426,10 +455,10 @@ class Daemon:
         finally:
             self._worker_done.set()
 
-    def _ack(self, frame: Frame, status: Literal["answered", "dropped", "duplicate"],
+    def _ack(self, h: FrameHeader, status: Literal["answered", "dropped", "duplicate"],
              reason: Reason | None = None) -> None:
-        """Tell the frame's adapter what became of it (lossless, frames of a session)."""
-        h = frame.header
+        """Tell the adapter of the frame with header ``h`` what became of it (lossless,
+        frames of a session)."""
         if h.session is None or self._policy != "lossless":
             return
         self._out.put(Message(f"ack.{h.source}", AckHeader(
@@ -438,7 +467,11 @@ class Daemon:
 
     def _dropped_frame(self, frame: Frame, reason: Reason) -> None:
         self._drop(reason)
-        self._ack(frame, "dropped", reason)
+        self._ack(frame.header, "dropped", reason)
+        if reason is Reason.EVICTED and not self.pipeline.knows(frame.source):
+            # a source none of whose frames was analysed keeps no series (a burst of new
+            # names would otherwise grow /metrics without bound)
+            self.metrics.forget_source(frame.source)
 
     def _work(self, frame: Frame) -> None:
         h = frame.header
@@ -464,7 +497,7 @@ class Daemon:
             self.review.keep_labels(frame, result.labels)
         except Exception as exc:  # not worth a frame
             self._warn("internal error keeping a label map for review", repr(exc), exc_info=True)
-        self._ack(frame, "answered")
+        self._ack(frame.header, "answered")
         try:
             self._account(frame, result)
         except Exception as exc:  # metrics are not worth a frame either
@@ -495,8 +528,8 @@ class Daemon:
             if self._query is not None:
                 self._query.forget(source)
             self.review.forget(source)
-        lat_s = (dh.t_done_ns - dh.t_acq_ns) / 1e9
-        m.latency.observe(max(lat_s, 0.0))
+        lat_s = self._latency_s(dh.t_acq_ns, frame.t_recv_ns, dh.t_done_ns)
+        m.latency.observe(lat_s)
         for stage, ms in result.stage_ms.items():
             m.stage.labels(stage=stage).observe(ms / 1e3)
         busy_s = sum(dh.stage_ms.values()) / 1e3
@@ -536,6 +569,19 @@ class Daemon:
             self._lat_ms.append(lat_s * 1e3)
             self._done_t.append(time.monotonic())
             self.processed += 1
+
+    def _latency_s(self, t_acq_ns: int, t_recv_ns: int, t_done_ns: int) -> float:
+        """Return a frame's latency, s: from its acquisition to its results, or from its
+        arrival where its acquisition time is implausible (counted, see _CLOCK_BEHIND_S), so
+        that one frame stamped 0 does not hold the latency percentiles for hundreds of frames."""
+        transport_s = (t_recv_ns - t_acq_ns) / 1e9
+        if -_CLOCK_AHEAD_S <= transport_s <= _CLOCK_BEHIND_S:
+            return max((t_done_ns - t_acq_ns) / 1e9, 0.0)
+        self.metrics.clock_skew.inc()
+        self._warn("acquisition clock", f"a frame stamped {transport_s:+.3g} s before its "
+                   "arrival: the adapter's clock disagrees with this host's (or t_acq_ns is 0); "
+                   "its latency is measured from its arrival")
+        return max((t_done_ns - t_recv_ns) / 1e9, 0.0)
 
     # ------------------------------------------------------------------ publisher
     def _engines(self) -> dict[str, str]:

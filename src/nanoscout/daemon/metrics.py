@@ -141,8 +141,14 @@ class Metrics:
             ["rule"], registry=r,
         )
         self.latency = Histogram(
-            "nanoscout_latency_seconds", "Acquisition to published results",
+            "nanoscout_latency_seconds", "Acquisition to published results (arrival to "
+            "published results for frames counted in nanoscout_frames_clock_skew)",
             buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.clock_skew = Counter(
+            "nanoscout_frames_clock_skew", "Frames whose acquisition time (t_acq_ns) lies more "
+            "than an hour before their arrival or more than a second after it: the adapter's "
+            "clock disagrees with the daemon's (or sent 0)", registry=r,
         )
         self.stage = Histogram(
             "nanoscout_stage_seconds", "Time per pipeline stage", ["stage"],
