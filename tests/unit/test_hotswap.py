@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.modelcard import ModelCard, sha256_file, shipped_model_dir
 from nanoscout.analysis.pipeline import Pipeline
-from nanoscout.daemon.app import build_detector
+from nanoscout.daemon.app import build_detector, serve
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.hotswap import (
     LoadedModel,
@@ -26,6 +26,7 @@ from nanoscout.daemon.hotswap import (
     resolve_model,
     synthetic_probe,
 )
+from nanoscout.wire.errors import EngineError
 from nanoscout.wire.protocol import (
     ControlReply,
     ControlRequest,
@@ -176,7 +177,8 @@ def test_a_broken_model_is_refused_and_the_old_one_serves(tmp_path: Path, case: 
         worker.close()
 
 
-def test_a_model_failing_its_probe_is_refused(tmp_path: Path) -> None:
+def test_a_model_failing_its_probe_is_refused(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     class Broken:
         def detect(self, *a: object, **kw: object) -> object:
             raise RuntimeError("no particles for you")
@@ -191,6 +193,24 @@ def test_a_model_failing_its_probe_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SwapError, match="failed on a probe frame .*no particles for you"):
         swapper.swap(_copy(tmp_path), SHA)
     assert pipeline.model_generation == 0
+    # the daemon's log says so too (the refusal was only counted and answered)
+    assert "swap refused at step probe" in caplog.text and "no particles for you" in caplog.text
+
+
+def test_serve_does_not_start_with_a_model_that_fails_its_probe(tmp_path: Path) -> None:
+    """The field classifier's network under a detection card (its sha256 made to match) was
+    loaded at start, the daemon said READY and dropped every frame as ``engine_failure``;
+    start-up now probes each detection model as a swap does, and refuses."""
+    onnx = _copy(tmp_path, onnx_bytes=(shipped_model_dir() / "classifier.onnx").read_bytes())
+    onnx.with_suffix(".json").write_text(json.dumps(
+        {**json.loads(onnx.with_suffix(".json").read_text(encoding="utf-8")),
+         "sha256": sha256_file(onnx)}), encoding="utf-8")
+    config = ServeConfig.model_validate({"engine": {"threads": 1, "model": str(onnx)},
+                                         "metrics": {"enabled": False}})
+    ready: list[object] = []
+    with pytest.raises(EngineError, match=f"{onnx} failed on a probe frame .*not starting"):
+        serve(config, on_ready=ready.append)
+    assert ready == []
 
 
 def test_without_a_worker_the_swap_times_out_and_is_taken_back(tmp_path: Path) -> None:

@@ -19,10 +19,11 @@ from nanoscout.daemon import collector
 from nanoscout.daemon.config import TILE_PX, ServeConfig
 from nanoscout.daemon.daemon import Daemon, Endpoints
 from nanoscout.daemon.engine_setup import make_engine
+from nanoscout.daemon.hotswap import probe_detector
 from nanoscout.daemon.precision import engine_name, int8_measures_fp32
 from nanoscout.engines import Engine, resolve_backend
 from nanoscout.stopping import StopEvent
-from nanoscout.wire.errors import ModelCardError
+from nanoscout.wire.errors import EngineError, ModelCardError
 
 log = logging.getLogger("nanoscout")
 
@@ -168,6 +169,19 @@ def build_pipeline(config: ServeConfig, *, offline: bool = False, track: bool = 
     )
 
 
+def _probe_detectors(config: ServeConfig, pipeline: Pipeline) -> None:
+    """Raise EngineError unless every detection model of ``pipeline`` detects on a probe frame
+    (as a hot swap checks a new one): a model that is no detector under a detection card
+    would otherwise be READY and drop every frame (``engine_failure``)."""
+    models = [(config.engine.model_path(), pipeline.detector)]
+    paths = config.engine.modality_model_paths()
+    models += [(paths[m], det) for m, (det, _) in pipeline.modality_detectors.items()]
+    for path, detector in models:
+        why = probe_detector(detector)
+        if why is not None:
+            raise EngineError(f"detection model {path} {why}: not starting with it")
+
+
 def serve(
     config: ServeConfig,
     *,
@@ -179,6 +193,11 @@ def serve(
     ``on_ready`` receives the bound endpoints once the daemon accepts frames.
     """
     pipeline = build_pipeline(config)
+    try:
+        _probe_detectors(config, pipeline)
+    except BaseException:
+        pipeline.close()
+        raise
     # the hot swap loads new detection models exactly as the daemon loaded its own
     daemon = Daemon(config, pipeline, build=lambda model: build_detector(config, model))
     daemon.metrics.set_thresholds(config.metrics.thresholds())

@@ -47,8 +47,8 @@ from nanoscout.analysis.modelcard import ModelCard, sha256_file
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.wire.errors import NanoscoutError
 
-__all__ = ["FAILURE_STEPS", "MAX_MODEL_BYTES", "LoadedModel", "ModelSwapper", "SwapError", "resolve_model",
-           "synthetic_probe"]
+__all__ = ["FAILURE_STEPS", "MAX_MODEL_BYTES", "LoadedModel", "ModelSwapper", "SwapError",
+           "probe_detector", "resolve_model", "synthetic_probe"]
 
 log = logging.getLogger("nanoscout.hotswap")
 
@@ -160,6 +160,23 @@ def synthetic_probe(side: int = 256) -> Frame:
                             source="probe")
 
 
+def probe_detector(detector: Detector, frame: Frame | None = None) -> str | None:
+    """Run ``detector`` on ``frame`` (None: :func:`synthetic_probe`) and return why it cannot
+    serve ("failed on a probe frame ...": it raised; "gave a ... label map / non-finite
+    scores ...": its output is not a detection of the frame), or None when it can. A model
+    that is no detection model under a detection card fails here rather than on every frame
+    it is given (a swap refuses it; ``serve`` does not start with it)."""
+    frame = frame if frame is not None else synthetic_probe()
+    try:
+        det = detector.detect(frame.pixels, pixel_size_nm=frame.header.pixel_size_nm)
+    except Exception as exc:
+        return f"failed on a probe frame ({frame.source}#{frame.header.seq}): {exc}"
+    if det.labels.shape != frame.pixels.shape or not np.isfinite(det.scores).all():
+        return (f"gave a {det.labels.shape} label map / non-finite scores on a "
+                f"{frame.pixels.shape} probe frame")
+    return None
+
+
 class ModelSwapper:
     """Swaps, reverts and their bookkeeping; the worker installs what it hands over."""
 
@@ -233,10 +250,12 @@ class ModelSwapper:
             except Exception as exc:
                 if loaded is not None:
                     loaded.close()
-                self._failed("swap", step)
-                if isinstance(exc, SwapError):
+                err = exc if isinstance(exc, SwapError) else SwapError(
+                    f"swap failed at {step}: {exc!r}")
+                self._failed("swap", step, err)
+                if err is exc:
                     raise
-                raise SwapError(f"swap failed at {step}: {exc!r}") from exc
+                raise err from exc
             old = self.current
             self.current = loaded
             self._previous.append(old)
@@ -251,14 +270,15 @@ class ModelSwapper:
         with self._lock:
             t0 = time.perf_counter()
             if not self._previous:
-                self._failed("revert", "history")
-                raise SwapError(f"no earlier model to revert to ({self.current.name} "
+                err = SwapError(f"no earlier model to revert to ({self.current.name} "
                                 f"{self.current.short_sha256} has served since start)")
+                self._failed("revert", "history", err)
+                raise err
             target = self._previous[-1]
             try:
                 self._install(target, timeout)
-            except SwapError:
-                self._failed("revert", "switch")
+            except SwapError as exc:
+                self._failed("revert", "switch", exc)
                 raise
             self._previous.pop()
             dropped, self.current = self.current, target
@@ -268,15 +288,9 @@ class ModelSwapper:
 
     def _probe(self, loaded: LoadedModel) -> None:
         frame = self.probe() if self.probe is not None else None
-        frame = frame if frame is not None else synthetic_probe()
-        try:
-            det = loaded.detector.detect(frame.pixels, pixel_size_nm=frame.header.pixel_size_nm)
-        except Exception as exc:
-            raise SwapError(f"the new model failed on a probe frame ({frame.source}#"
-                            f"{frame.header.seq}): {exc}") from exc
-        if det.labels.shape != frame.pixels.shape or not np.isfinite(det.scores).all():
-            raise SwapError(f"the new model gave a {det.labels.shape} label map / non-finite "
-                            f"scores on a {frame.pixels.shape} probe frame")
+        why = probe_detector(loaded.detector, frame)
+        if why is not None:
+            raise SwapError(f"the new model {why}")
 
     def _install(self, model: LoadedModel, timeout: float) -> None:
         """Hand ``model`` to the worker and wait until it switched (SwapError after
@@ -293,8 +307,9 @@ class ModelSwapper:
                                 "stopped or stuck on a frame?); the model in use is unchanged")
         # the worker switched just as the wait ended
 
-    def _failed(self, action: str, step: str) -> None:
+    def _failed(self, action: str, step: str, why: SwapError) -> None:
         assert step in FAILURE_STEPS[action], (action, step)  # a series that exists at zero
+        log.warning("%s refused at step %s (the model in use is unchanged): %s", action, step, why)
         self.failures += 1
         if self._on_failure is not None:
             self._on_failure(action, step)
