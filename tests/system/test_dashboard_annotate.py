@@ -9,6 +9,7 @@ import functools
 import http.client
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,12 @@ import tifffile
 from nanoscout.analysis.modelcard import shipped_model_dir
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.dashboard import DashboardServer, DashboardState
-from nanoscout.clients.dashboard.annotate import AnnotationDesk, propose_outline
+from nanoscout.clients.dashboard.annotate import (
+    AnnotationDesk,
+    AnnotationError,
+    _Annotation,
+    propose_outline,
+)
 from nanoscout.clients.dashboard.lens import LensView
 from nanoscout.clients.query import request_control
 from nanoscout.clients.subscriber import Subscriber
@@ -78,6 +84,33 @@ def test_a_click_proposes_the_particles_outline() -> None:
     big[(yy - 200) ** 2 + (xx - 210) ** 2 <= 60 ** 2] = 900.0
     area = int(propose_outline(big, 200, 200).sum())
     assert abs(area - np.pi * 3600) < 0.05 * np.pi * 3600
+
+
+
+def test_a_click_in_the_last_half_pixel_of_the_frame_adds_a_particle(tmp_path: Path) -> None:
+    """A click at x = 191.9 of a 192 px frame is in the frame: it once rounded to column 192
+    and the page's add answered 500 (IndexError)."""
+    img = disks(0)
+    desk = AnnotationDesk(f"ipc://{tmp_path}/no-daemon")
+    ann = _Annotation("f", tmp_path / "f.tif", {}, img, np.zeros(img.shape, np.uint16))
+    desk._open[ann.id] = ann
+    for k, (x, y) in enumerate(((SIDE - 0.1, 5.0), (5.0, SIDE - 0.4),
+                                (SIDE - 0.5, SIDE - 0.5)), start=1):
+        assert propose_outline(img, x, y)[int(y), int(x)]
+        assert desk.add("f", x, y)["n"] == k
+        assert ann.labels[int(y), int(x)] == k
+    with pytest.raises(AnnotationError, match="outside"):
+        desk.add("f", SIDE, 5.0)
+
+
+def test_revert_without_an_answering_daemon_ends_within_the_desks_timeout(
+        tmp_path: Path) -> None:
+    """The page's revert once waited 60 s for a daemon that does not answer."""
+    desk = AnnotationDesk(f"ipc://{tmp_path}/no-daemon", timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(AnnotationError, match="no answer"):
+        desk.revert()
+    assert time.monotonic() - t0 < 5.0
 
 
 class Page:

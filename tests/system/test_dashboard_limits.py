@@ -143,3 +143,10 @@ def test_a_non_loopback_page_needs_a_token() -> None:
         DashboardServer(DashboardState(), host="0.0.0.0", port=0)
     with pytest.raises(ConfigError, match="at least 16"):
         DashboardServer(DashboardState(), port=0, token="short")
+
+
+@pytest.mark.parametrize("port", [70000, -1])
+def test_a_port_beyond_0_65535_is_a_config_error(port: int) -> None:
+    """Once an OverflowError traceback (``dashboard --port 70000``): not an OSError."""
+    with pytest.raises(ConfigError, match=f"port \\({port}\\) must be within 0..65535"):
+        DashboardServer(DashboardState(), port=port)

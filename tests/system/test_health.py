@@ -37,6 +37,26 @@ def test_health_follows_the_ready_file_and_the_config(daemon_factory: DaemonFact
     assert code == 1 and "no ready file" in out
 
 
+@pytest.mark.parametrize(("content", "said"), [
+    (b"NANOSCOUT-READY [1, 2]\n", "is a list, not an object"),
+    (b'NANOSCOUT-READY {"metrics": "notaurl"}\n', "notaurl: unknown url type"),
+    (b'NANOSCOUT-READY {"metrics": null, "output": 7}\n', "'output' is 7, not an address"),
+    (b'NANOSCOUT-READY {"metrics": null, "output": "garbage"}\n', "cannot connect to"),
+    (b'NANOSCOUT-READY {"met\xff', "not UTF-8 text"),
+])
+def test_a_ready_file_that_is_not_the_daemons_is_unhealthy_with_a_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, said: str) -> None:
+    """Each once raised (AttributeError, ValueError, TypeError, UnicodeDecodeError) instead of
+    exiting 1 = unhealthy."""
+    from nanoscout.cli.main import main
+
+    ready = tmp_path / "ready"
+    ready.write_bytes(content)
+    assert main(["health", "--ready-file", str(ready), "--timeout", "0.5"]) == 1
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("UNHEALTHY: ") and said in out and "\n" not in out, out
+
+
 def test_health_without_metrics_asks_the_result_socket(daemon_factory: DaemonFactory, tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     daemon_factory("--no-metrics", "--ready-file", str(ready))

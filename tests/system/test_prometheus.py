@@ -140,6 +140,22 @@ def test_every_labelled_counter_exists_at_zero_from_the_start(daemon_factory: Da
         assert f'nanoscout_frame_save_failures_total{{reason="{reason}"}} 0.0' in text
 
 
+def test_a_taken_metrics_port_is_a_config_error_as_a_taken_zeromq_port_is() -> None:
+    """Once a raw OSError traceback from ``serve``; the CLI says ConfigErrors in one line."""
+    from nanoscout.daemon.metrics import Metrics
+    from nanoscout.wire.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        metrics = Metrics()
+        with pytest.raises(ConfigError, match=f"cannot bind the metrics server to 127.0.0.1:{port}"):
+            metrics.serve("127.0.0.1", port)
+    assert metrics.serve("127.0.0.1", 0) > 0  # the same metrics serve on a free port
+    metrics.close()
+
+
 PROMTOOL = shutil.which("promtool")
 
 

@@ -132,3 +132,23 @@ def test_kill_9_leaves_a_readable_run(daemon_factory: DaemonFactory, tmp_path: P
     assert "stopped_utc" not in json.loads(meta.read_text())  # it really was killed
     if out.suffix == ".parquet":
         assert not list(out.rglob("part-*.parquet.tmp"))  # no torn part counted
+
+
+def test_no_daemon_or_bad_options_are_one_line_errors_and_leave_no_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``record`` once waited 30 s whatever ``--duration`` said, ended in a TimeoutError
+    traceback and left an empty RUN.parquet that refused the retry; a garbage endpoint left one
+    too, and ``--batch-frames 0`` was a ValueError traceback."""
+    from nanoscout.cli.main import main
+
+    out = tmp_path / "run.parquet"
+    nobody = f"ipc://{tmp_path}/no-daemon"
+    for args, said in ((["--results", nobody, "--duration", "0.5"], "no health message from"),
+                       (["--results", "garbage", "--duration", "0.5"], "garbage"),
+                       (["--results", nobody, "--batch-frames", "0"], "batch_frames (0)")):
+        t0 = time.monotonic()
+        assert main(["record", "--out", str(out), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("nanoscout record: error: ") and said in err, err
+        assert "\n" not in err and time.monotonic() - t0 < 10
+        assert not out.exists()

@@ -55,3 +55,29 @@ def test_async_subscriber_times_out_cleanly(daemon_factory: DaemonFactory) -> No
             return [m async for m in sub.messages(idle=0.5)]
 
     assert asyncio.run(idle()) == []
+
+
+def test_a_cancelled_wait_ready_does_not_hold_up_leaving_the_async_with(tmp_path: Path) -> None:
+    """Once ``wait_ready`` blocked the worker for its whole timeout, and ``close`` waited behind
+    it: leaving the ``async with`` took 20 s instead of about ``poll_s``."""
+
+    async def cancelled() -> tuple[float, float]:
+        t0 = loop_time()
+        async with AsyncSubscriber(f"ipc://{tmp_path}/nobody", poll_s=0.1) as sub:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(sub.wait_ready(timeout=20), 0.5)
+            t_cancel = loop_time() - t0
+        return t_cancel, loop_time() - t0
+
+    def loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    t_cancel, t_left = asyncio.run(cancelled())
+    assert t_cancel < 2 and t_left - t_cancel < 2, (t_cancel, t_left)
+
+    async def times_out() -> None:
+        async with AsyncSubscriber(f"ipc://{tmp_path}/nobody", poll_s=0.1) as sub:
+            with pytest.raises(TimeoutError, match="nobody within 0.3 s"):
+                await sub.wait_ready(timeout=0.3)
+
+    asyncio.run(times_out())

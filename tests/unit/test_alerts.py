@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -268,6 +269,13 @@ def test_uncalibrated_frames_skip_nm_rules_and_warn_once(caplog: pytest.LogCaptu
         ({"name": "r", "kind": "d50_drift", "pct": -1}, "pct"),
         ({"name": "r", "kind": "count", "above": 1, "severity": "panic"}, "severity"),
         ({"name": "r", "kind": "count", "above": 1, "cooldown_s": -1}, "cooldown_s"),
+        # numbers are finite everywhere, as in ``where``
+        ({"name": "r", "kind": "particle", "where": {"ecd_nm": {"gt": math.inf}}}, "finite"),
+        ({"name": "r", "kind": "count", "above": math.nan}, "above: Input should be a finite"),
+        ({"name": "r", "kind": "count", "below": -math.inf}, "below: Input should be a finite"),
+        ({"name": "r", "kind": "d50_drift", "pct": math.inf}, "pct: Input should be a finite"),
+        ({"name": "r", "kind": "growth_rate", "above": math.nan}, "above: Input should be a"),
+        ({"name": "r", "kind": "novelty", "threshold": math.inf}, "threshold: Input should be"),
     ],
 )
 def test_bad_rules_raise_config_error_naming_the_problem(rule: dict[str, Any], needle: str) -> None:

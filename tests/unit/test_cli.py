@@ -115,6 +115,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["save-frame", "sim", "--frames", "0", "--query", "tcp://127.0.0.1:9"],
+    ["models", "swap", "detector.onnx", "--sha256", "XYZ", "--query", "tcp://127.0.0.1:9"],
+    ["dashboard", "--port", "70000"],
+    ["health", "--timeout=-1"], ["health", "--timeout", "nan"], ["health", "--timeout", "inf"],
+])
+def test_impossible_options_are_usage_errors_not_tracebacks(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Each of these once ended in a traceback (ValidationError, OverflowError, ValueError)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value" in err and "Traceback" not in err, err
+
+
 def test_engine_selection_is_one_line() -> None:
     s = EngineSummary()
     log = logging.getLogger("nanoscout.engines")

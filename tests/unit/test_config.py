@@ -45,6 +45,20 @@ def test_file_and_overrides(tmp_path: Path) -> None:
         ("[engine]\nparticle_size_nm = [0, 2]\n", "engine.particle_size_nm"),
         ("[engine]\nparticle_size_nm = [2]\n", "engine.particle_size_nm"),
         ("[engine]\nparticle_size_px = [40, 4]\n", "engine.particle_size_px"),
+        # inf / nan are TOML floats: a health interval of inf sent one health message only,
+        # a drain of inf crashed the shutdown (OverflowError)
+        ("[health]\ninterval_s = inf\n", "health.interval_s: Input should be a finite"),
+        ("[health]\ninterval_s = nan\n", "health.interval_s: Input should be a finite"),
+        ("[health]\ninterval_s = 1e12\n", "health.interval_s: Input should be less"),
+        ("[input]\ndrain_s = inf\n", "input.drain_s: Input should be a finite"),
+        ("[input]\ndrain_s = 1e10\n", "input.drain_s: Input should be less"),
+        ("[engine.triton]\ntimeout_s = inf\n", "engine.triton.timeout_s"),
+        ("[engine.triton]\nconnect_timeout_s = 1e300\n", "engine.triton.connect_timeout_s"),
+        ("[engine.triton]\nretry_s = inf\n", "engine.triton.retry_s"),
+        ("[engine]\nscale_tolerance = inf\n", "engine.scale_tolerance"),
+        ("[engine]\nscale_presets = [[0.5, nan]]\n", "engine.scale_presets"),
+        ("[metrics]\nalert_latency_p99_s = inf\n", "metrics.alert_latency_p99_s"),
+        ("[[alerts]]\nname = 'n'\nkind = 'count'\nabove = nan\n", "above"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, match: str) -> None:
@@ -57,6 +71,21 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, match: str) -> None:
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.toml"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """Once a UnicodeDecodeError traceback from ``serve --config`` and ``health --config``."""
+    f = tmp_path / "latin1.toml"
+    f.write_bytes(b"[input]\npolicy = '\xff\xfe'\n")
+    with pytest.raises(ConfigError, match="config file .*latin1.toml is not UTF-8 text"):
+        load_config(f)
+
+
+def test_the_health_interval_and_drain_take_finite_times_up_to_a_day() -> None:
+    cfg = load_config(None, {"health.interval_s": 86_400.0, "input.drain_s": 0.0})
+    assert cfg.health.interval_s == 86_400.0 and cfg.input.drain_s == 0.0
+    with pytest.raises(ConfigError, match="health.interval_s"):
+        load_config(None, {"health.interval_s": float("inf")})  # --health-interval inf
 
 
 def test_remote_endpoint_without_curve_is_refused() -> None:

@@ -11,7 +11,13 @@ import zmq
 
 from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.frame import Frame
-from nanoscout.clients.query import QueryError, request_control, request_lens
+from nanoscout.clients.query import (
+    QueryError,
+    request_control,
+    request_lens,
+    save_frame,
+    swap_model,
+)
 from nanoscout.daemon.query import LensServer
 from nanoscout.wire.errors import NanoscoutError
 from nanoscout.wire.protocol import ControlReply, ControlRequest, FrameHeader, decode_message
@@ -68,6 +74,15 @@ def test_refusals_are_answers_not_hangs(server: tuple[LensServer, str]) -> None:
 def test_no_daemon_gives_a_timeout_error() -> None:
     with pytest.raises(QueryError, match="no answer .* within 0.3 s"):
         request_lens("tcp://127.0.0.1:9", "cam", [], timeout=0.3)
+
+
+def test_impossible_control_requests_are_value_errors_before_anything_is_sent() -> None:
+    """Once pydantic ValidationError tracebacks from ``save-frame --frames 0`` and ``models
+    swap --sha256 XYZ`` (no daemon needed: nothing is sent)."""
+    with pytest.raises(ValueError, match="save_frame: frames: Input should be greater"):
+        save_frame("tcp://127.0.0.1:9", "cam", 0, timeout=0.3)
+    with pytest.raises(ValueError, match="swap_model: sha256: .*'XYZ' must be 64"):
+        swap_model("tcp://127.0.0.1:9", "detector.onnx", "XYZ", timeout=0.3)
 
 
 def test_a_classifier_without_lens_or_control_cannot_serve(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from nanoscout.clients.report import build_report, group_stats, main
 from nanoscout.clients.runfile import RunWriter
+from nanoscout.wire.errors import ReaderError
 from nanoscout.wire.particles import empty_table
 from nanoscout.wire.protocol import AlertHeader, DetHeader, Stage
 
@@ -187,6 +188,34 @@ def test_cli_default_out_and_error(tmp_path: Path, capsys: pytest.CaptureFixture
     assert (tmp_path / "run_report.html").is_file()
     assert main([str(tmp_path / "missing.parquet")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_folder_is_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Once an IsADirectoryError traceback that left ``DIR.tmp`` and ``DIR_files/`` behind."""
+    _write_run(tmp_path / "run.csv")
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    before = sorted(tmp_path.iterdir())
+    assert main([str(tmp_path / "run.csv"), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanoscout report: error: --out ") and "is a folder" in err, err
+    assert sorted(tmp_path.iterdir()) == before and not any(folder.iterdir())
+
+
+def test_a_foreign_parquet_among_the_frames_parts_is_named(tmp_path: Path) -> None:
+    """Its rows read as nulls: once ``ValueError: cannot convert float NaN to integer``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "r.parquet"
+    _write_run(run)
+    foreign = run / "_frames" / "part-999999.parquet"
+    pq.write_table(pa.table({"a": [1, 2, 3], "b": ["x", "y", "z"]}), foreign)
+    with pytest.raises(ReaderError, match=f"{foreign}: 3 of {FRAMES + 3} frames rows have no "
+                                          "acquisition time"):
+        build_report(run, tmp_path / "rep.html")
+    assert not (tmp_path / "rep.html").exists()
 
 
 def test_methods_fit_quality_and_vector_figures(tmp_path: Path) -> None:

@@ -157,7 +157,9 @@ class SaveFrames(BaseModel):
 
 
 class _RuleBase(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # every number of a rule is finite, as ``where``'s conditions are (a count threshold of
+    # nan never fired, a pct of inf neither)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1)
     severity: Literal["info", "warning", "critical"] = "warning"

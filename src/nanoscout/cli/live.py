@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import threading
 import time
@@ -38,6 +39,8 @@ _CFG = "the --config file's, else "
 _FRAMES_EP = "the daemon's frame input (ZeroMQ endpoint)"
 _RESULTS_EP = "the daemon's result publisher (ZeroMQ endpoint)"
 Modality = Literal["TEM", "STEM", "SEM"]
+#: the longest ``health --timeout``, s (a day; an infinite one overflowed the socket timeouts)
+_MAX_HEALTH_TIMEOUT_S = 86_400.0
 
 
 @app.command(rich_help_panel="Live")
@@ -298,7 +301,8 @@ def dashboard(
         show_default=DEFAULT_RESULT_ENDPOINT)] = None,
     host: Annotated[str, typer.Option(
         help="address the page is served on; a non-loopback one needs --token-file")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port (0 = any free port)")] = 8080,
+    port: Annotated[int, typer.Option(help="HTTP port (0 = any free port)", min=0,
+                                      max=65535)] = 8080,
     query: Annotated[str | None, typer.Option(
         help="the daemon's query endpoint for the AI-lens view",
         show_default=f"{DEFAULT_QUERY_ENDPOINT} without --results, else none")] = None,
@@ -355,6 +359,9 @@ def health(
     """Exit 0 if the local daemon answers (for container HEALTHCHECKs and monitors), else 1."""
     from nanoscout.clients.healthcheck import check_endpoints, check_ready_file, metrics_url
 
+    if not (math.isfinite(timeout) and 0 < timeout <= _MAX_HEALTH_TIMEOUT_S):
+        raise typer.BadParameter(f"{timeout} is not a number of seconds > 0 and <= "
+                                 f"{_MAX_HEALTH_TIMEOUT_S:g}", param_hint="'--timeout'")
     if ready_file is not None:
         ok, what = check_ready_file(ready_file, timeout)
     else:

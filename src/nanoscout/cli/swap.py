@@ -45,8 +45,12 @@ def swap(
     frames; the daemon keeps its model when anything fails)."""
     from nanoscout.clients.query import swap_model
 
-    _print(swap_model(query, model, sha256, timeout=timeout,
-                      curve=curve_keys(server_key, client_key)))
+    try:
+        reply = swap_model(query, model, sha256, timeout=timeout,
+                           curve=curve_keys(server_key, client_key))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _print(reply)
 
 
 @models_app.command("revert")
@@ -74,7 +78,11 @@ def save_frame(
     (into its ``[review] directory``)."""
     from nanoscout.clients.query import save_frame as ask
 
-    _print(ask(query, source, frames, curve=curve_keys(server_key, client_key)))
+    try:
+        reply = ask(query, source, frames, curve=curve_keys(server_key, client_key))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _print(reply)
 
 
 @app.command("particle-size", rich_help_panel="Live")

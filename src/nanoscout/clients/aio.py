@@ -63,8 +63,18 @@ class AsyncSubscriber:
                 return None
 
     async def wait_ready(self, timeout: float = 10.0) -> HealthHeader:
-        """Wait for the daemon's first ``health`` message; TimeoutError names the endpoint."""
-        return await self._call(self.sync.wait_ready, timeout)  # type: ignore[no-any-return]
+        """Wait for the daemon's first ``health`` message; TimeoutError names the endpoint after
+        ``timeout`` s. Waits ``poll_s`` at a time, as :meth:`recv` does: a cancelled wait
+        leaves the worker free within about that long."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, min(self._poll_s, deadline - time.monotonic()))
+            try:
+                return await self._call(self.sync.wait_ready, wait)  # type: ignore[no-any-return]
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"no health message from the daemon at "
+                                       f"{self.sync.endpoint} within {timeout} s") from None
 
     async def messages(self, timeout: float | None = None,
                        idle: float | None = None) -> AsyncIterator[Message]:

@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from nanoscout.wire.errors import NanoscoutError
+
 __all__ = ["check_endpoints", "check_ready_file", "metrics_url"]
 
 
@@ -29,36 +31,46 @@ def metrics_url(host: str, port: int) -> str:
 def check_endpoints(metrics: str | None, results: str | None, timeout: float = 4.0
                     ) -> tuple[bool, str]:
     """(alive, what was seen): GET ``metrics`` (a URL), else wait for a health message on
-    ``results`` (a ZeroMQ endpoint)."""
+    ``results`` (a ZeroMQ endpoint). Never raises for what the two say: an address that is
+    not one (a URL without a scheme, a malformed endpoint) is not alive either."""
     if metrics:
         try:
             with urllib.request.urlopen(metrics, timeout=timeout) as r:
                 ok = r.status == 200 and b"nanoscout_" in r.read()
             return ok, f"{metrics}: {'ok' if ok else 'answers, but not with nanoscout metrics'}"
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: not a URL
             return False, f"{metrics}: {exc}"
     if results:
         from nanoscout.clients.subscriber import Subscriber
 
-        with Subscriber(results, topics=("health",)) as sub:
-            try:
+        try:
+            with Subscriber(results, topics=("health",)) as sub:
                 h = sub.wait_ready(timeout)
-            except TimeoutError as exc:
-                return False, str(exc)
+        except (TimeoutError, NanoscoutError) as exc:
+            return False, str(exc)
         return True, f"{results}: health ok ({h.frames_processed} frames processed)"
     return False, "neither a metrics URL nor a result endpoint to check"
 
 
 def check_ready_file(path: Path, timeout: float = 4.0) -> tuple[bool, str]:
-    """Check the daemon whose ``--ready-file`` is ``path``."""
+    """Check the daemon whose ``--ready-file`` is ``path``: (alive, what was seen), never an
+    exception for what the file holds (not alive, saying why, when it is not the daemon's
+    ``NANOSCOUT-READY`` line with a JSON object whose ``metrics`` and ``output`` are strings)."""
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         return False, f"no ready file {path} ({exc.strerror}): the daemon is not (yet) serving"
+    except UnicodeDecodeError:
+        return False, f"{path} is not UTF-8 text, so not a NANOSCOUT-READY line"
     if not text.startswith("NANOSCOUT-READY "):
         return False, f"{path} is not a NANOSCOUT-READY line"
     try:
         ep = json.loads(text.split(" ", 1)[1])
     except ValueError as exc:
         return False, f"{path}: bad JSON ({exc})"
+    if not isinstance(ep, dict):
+        return False, f"{path}: the NANOSCOUT-READY JSON is a {type(ep).__name__}, not an object"
+    for key in ("metrics", "output"):
+        if not isinstance(ep.get(key), str | None):
+            return False, f"{path}: {key!r} is {ep[key]!r}, not an address"
     return check_endpoints(ep.get("metrics"), ep.get("output"), timeout)

@@ -102,6 +102,16 @@ def request_control(endpoint: str, source: str, action: str, *, timeout: float =
     return _control(endpoint, request, timeout=timeout, curve=curve)
 
 
+def _request(**fields: Any) -> ControlRequest:
+    """The control request of ``fields``; ValueError naming the action and the bad field."""
+    try:
+        return ControlRequest(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{fields['action']}: {where}: {err['msg']}") from None
+
+
 def _control(endpoint: str, request: ControlRequest, *, timeout: float,
              curve: ClientKeys | None) -> ControlReply:
     """Send ``request``; its reply, or QueryError when the daemon refuses or answers otherwise."""
@@ -138,8 +148,9 @@ def save_frame(endpoint: str, source: str, frames: int = 1, *, timeout: float = 
                curve: ClientKeys | None = None) -> ControlReply:
     """Ask the daemon to write the newest ``frames`` raw frames of ``source`` it keeps for
     review as calibrated TIFF; the reply's ``files`` are their paths on the daemon's host.
-    QueryError when refused (no frame kept, disk budget of ``[review]``)."""
-    return _control(endpoint, ControlRequest(source=source, action="save_frame", frames=frames),
+    QueryError when refused (no frame kept, disk budget of ``[review]``); ValueError naming
+    an impossible ``frames`` (< 1) before anything is sent."""
+    return _control(endpoint, _request(source=source, action="save_frame", frames=frames),
                     timeout=timeout, curve=curve)
 
 
@@ -149,11 +160,11 @@ def swap_model(endpoint: str, model: str | Path, sha256: str | None = None, *,
     beside it, or the card, as the daemon's host sees the path); ``sha256``: the ONNX file's
     expected sha256 (None: the sha256 of the file at that path on this machine, which must
     then exist here). Returns once the daemon serves the new model (the reply names it);
-    QueryError with the daemon's words when it refused and kept its model."""
+    QueryError with the daemon's words when it refused and kept its model; ValueError naming a
+    malformed ``sha256`` before anything is sent."""
     if sha256 is None:
         sha256 = local_sha256(model)
-    return _control(endpoint, ControlRequest(action="swap_model", model=str(model),
-                                             sha256=sha256),
+    return _control(endpoint, _request(action="swap_model", model=str(model), sha256=sha256),
                     timeout=timeout, curve=curve)
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from nanoscout.clients.provenance import model_entries, software
 from nanoscout.clients.runfile import RunWriter
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.stopping import StopEvent
-from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
+from nanoscout.wire.errors import ConfigError, NanoscoutError
+from nanoscout.wire.protocol import AlertHeader, DetHeader, HealthHeader, StatsHeader
 from nanoscout.wire.transport import ClientKeys
 
 __all__ = ["record"]
@@ -34,8 +36,30 @@ __all__ = ["record"]
 log = logging.getLogger("nanoscout.record")
 
 
+#: the longest the wait for the daemon's first health message goes without a look at the
+#: stop requests, s
+_READY_POLL_S = 0.2
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+
+
+def _wait_ready(sub: Subscriber, timeout: float, stopped: Callable[[], bool]) -> HealthHeader:
+    """The daemon's first health message, waited for at most ``timeout`` s in short slices (a
+    stop request ends the wait); NanoscoutError naming the endpoint when none came."""
+    deadline = time.monotonic() + timeout
+    while not stopped():
+        try:
+            return sub.wait_ready(min(_READY_POLL_S, max(0.0, deadline - time.monotonic())))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise NanoscoutError(
+                    f"no health message from the daemon at {sub.endpoint} within {timeout:g} s "
+                    "(is it running, and is this its result endpoint?); nothing recorded"
+                ) from None
+    raise NanoscoutError(f"stopped before the daemon at {sub.endpoint} answered; nothing "
+                         "recorded")
 
 
 def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = None,
@@ -52,9 +76,14 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
     summaries by ``name:version`` (:func:`nanoscout.clients.provenance.load_cards`) for the
     provenance of the models the daemon names. ``rois``: a folder for one ImageJ ROI set per
     frame (``SOURCE-SEQ.rois.zip``, the fitted ellipses in frame px; Fiji's ROI Manager).
+
+    The run is created once the daemon answered (its first health message, awaited at most
+    ``ready_timeout`` s, or ``duration`` s when shorter): a daemon that is not there raises
+    :class:`NanoscoutError` and leaves nothing on disk; bad batch options raise ConfigError.
     """
-    if batch_frames < 1 or batch_seconds <= 0:
-        raise ValueError("batch_frames must be >= 1 and batch_seconds > 0")
+    if batch_frames < 1 or not (math.isfinite(batch_seconds) and batch_seconds > 0):
+        raise ConfigError(f"batch_frames ({batch_frames}) must be >= 1 and batch_seconds "
+                          f"({batch_seconds}) a number > 0")
     stop = stop or threading.Event()
     prov: dict[str, Any] = {
         "endpoint": endpoint, "source_prefix": source,
@@ -64,7 +93,6 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
         "config": {"endpoint": endpoint, "source": source, "frames": frames,
                    "duration_s": duration, "batch_frames": batch_frames,
                    "batch_seconds": batch_seconds, "curve": curve is not None}}
-    writer = RunWriter(out, prov)
     signalled = StopEvent()  # what SIGINT / SIGTERM set, without a lock (nanoscout.stopping)
     signalled.on_signals()
     n_det = 0
@@ -74,10 +102,11 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
     last_flush = t_start
     topics = (f"det.{source}", f"alert.{source}", f"stats.{source}")
     with Subscriber(endpoint, topics=topics, curve=curve) as sub:
-        sub.wait_ready(ready_timeout)
-        prov["daemon_policy"] = sub.last_health.policy if sub.last_health else None
+        wait = ready_timeout if duration is None else min(ready_timeout, max(0.0, duration))
+        health = _wait_ready(sub, wait, lambda: stop.is_set() or signalled.is_set())
+        prov["daemon_policy"] = health.policy
         prov["subscribed_utc"] = _now()  # from here on nothing the daemon publishes is missed
-        writer.write_provenance(prov)
+        writer = RunWriter(out, prov)  # only now: a daemon not there leaves no empty run
         while not (stop.is_set() or signalled.is_set()):
             if frames is not None and n_det >= frames:
                 break

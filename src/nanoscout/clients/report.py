@@ -48,7 +48,7 @@ import numpy as np
 from nanoscout.clients.progress import Bar
 from nanoscout.clients.report_insitu import insitu_section, track_values
 from nanoscout.clients.runfile import Run, read_run
-from nanoscout.wire.errors import NanoscoutError
+from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -231,6 +231,50 @@ def _groups(run: Run) -> list[_Group]:
         fm = ((f["source"] == source) & (f["units"] == units)) if nf else np.zeros(0, bool)
         out.append(_Group(source, units, np.asarray(pm, bool), np.asarray(fm, bool)))
     return out
+
+
+def _table_files(run_path: Path, table: str) -> list[Path]:
+    """The files on disk that hold ``table`` ("particles" or "frames") of the run."""
+    if run_path.suffix == ".csv":
+        return [run_path if table == "particles" else run_path.with_suffix(f".{table}.csv")]
+    folder = run_path / table if (run_path / "particles").is_dir() else (
+        run_path if table == "particles" else run_path / f"_{table}")
+    return sorted(folder.glob("part-*.parquet"))
+
+
+def _untimed_parts(run_path: Path, table: str) -> list[Path]:
+    """The files of ``table`` with rows that have no acquisition time (``t_acq``; all of them
+    when that cannot be told, a CSV table)."""
+    if run_path.suffix == ".csv":
+        return _table_files(run_path, table)
+    import pyarrow.parquet as pq
+
+    out = []
+    for part in _table_files(run_path, table):
+        try:
+            names = pq.read_schema(part).names
+            col = "t_acq" if "t_acq" in names else "t_acq_ns" if "t_acq_ns" in names else None
+            if col is None or pq.read_table(part, columns=[col]).column(0).null_count:
+                out.append(part)
+        except (OSError, ValueError):  # pyarrow's errors are OSError / ValueError subclasses
+            out.append(part)
+    return out
+
+
+def _check_times(run: Run, run_path: Path) -> None:
+    """ReaderError naming the part(s) of a table whose rows have no acquisition time: a foreign
+    Parquet file among a run's parts reads as rows of nulls (the run schema's columns)."""
+    for table in ("frames", "particles"):
+        cols = getattr(run, table)
+        n = Run.rows(cols)
+        t = cols["t_acq_ns"] if n else np.zeros(0)
+        bad = int(np.isnan(t).sum()) if t.dtype.kind == "f" else 0
+        if bad:
+            parts = _untimed_parts(run_path, table) or [run_path]
+            raise ReaderError(
+                f"{', '.join(str(x) for x in parts[:3])}{' ...' if len(parts) > 3 else ''}: "
+                f"{bad} of {n} {table} rows have no acquisition time (t_acq): not a nanoscout "
+                f"{table} table (move the foreign file out of the run)")
 
 
 def _t0_ns(run: Run) -> int | None:
@@ -661,7 +705,11 @@ def build_report(run_path: str | Path, out_html: Path, *,
     """
     run_path, out_html = Path(run_path), Path(out_html)
     formats = tuple(dict.fromkeys(formats))
+    if out_html.is_dir():  # checked first: nothing is written beside it
+        raise ConfigError(f"--out {out_html} is a folder: name the report's HTML file, e.g. "
+                          f"{out_html / (run_path.stem + '_report.html')}")
     run = read_run(run_path)
+    _check_times(run, run_path)
     files_dir = out_html.with_name(out_html.stem + "_files")
     out_html.parent.mkdir(parents=True, exist_ok=True)
     p = run.particles
@@ -748,8 +796,12 @@ def build_report(run_path: str | Path, out_html: Path, *,
         f"<h2>Provenance</h2>{_provenance_section(run)}"
         "</body></html>\n")
     tmp = out_html.with_name(out_html.name + ".tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(out_html)
+    try:
+        tmp.write_text(doc, encoding="utf-8")
+        tmp.replace(out_html)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write the report {out_html}: {exc.strerror or exc}") from exc
     if bar is not None:
         bar.advance(note="written")
     return out_html

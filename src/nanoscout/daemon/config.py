@@ -81,10 +81,15 @@ TILE_PX = 2304
 #: frames at 2.40 GB against 1.80 GB (2026-12-05, benchmarks/latency.py); set tile_px = 2304
 #: where memory is tighter than time
 TILE_PX_INT8 = 4608
+#: the longest a configured time the daemon waits on may be, s (a day: far below
+#: ``threading.TIMEOUT_MAX``, beyond which a wait raises OverflowError)
+MAX_WAIT_S = 86_400.0
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf / nan are valid TOML floats: a health interval of inf sent one health message and
+    # never another, a drain of inf crashed the shutdown
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class InputConfig(_Section):
@@ -97,7 +102,8 @@ class InputConfig(_Section):
     sources whose state (statistics, clusters, sequence numbers, metric labels) is kept; the
     least recently seen one is forgotten beyond it (``sources_evicted_total``).
     ``drain_s``: on SIGINT/SIGTERM, how long the daemon keeps reading frames that are still
-    arriving before it stops (lossless: they are analysed; live: counted as ``shutdown``).
+    arriving before it stops, s (lossless: they are analysed; live: counted as ``shutdown``;
+    at most :data:`MAX_WAIT_S`).
     """
 
     endpoint: str = DEFAULT_FRAME_ENDPOINT
@@ -108,7 +114,7 @@ class InputConfig(_Section):
     buffer_bytes: int = Field(1 << 30, ge=1)
     max_frame_bytes: int = Field(256 * 1024 * 1024, ge=1)
     max_sources: int = Field(64, ge=1, le=100_000)
-    drain_s: float = Field(30.0, ge=0)
+    drain_s: float = Field(30.0, ge=0, le=MAX_WAIT_S)
 
     def receive_hwm(self) -> int:
         """ZeroMQ receive high-water mark (frames) that keeps ``buffer_bytes`` the bound."""
@@ -141,11 +147,11 @@ class TritonConfig(_Section):
     url: str = "127.0.0.1:8001"
     models: dict[str, str] = Field(default_factory=dict)
     version: str = ""
-    timeout_s: float = Field(10.0, gt=0)
-    connect_timeout_s: float = Field(10.0, ge=0)
+    timeout_s: float = Field(10.0, gt=0, le=MAX_WAIT_S)
+    connect_timeout_s: float = Field(10.0, ge=0, le=MAX_WAIT_S)
     shared_memory: Literal["auto", "system", "off"] = "auto"
     fallback: str | None = None
-    retry_s: float = Field(5.0, ge=0)
+    retry_s: float = Field(5.0, ge=0, le=MAX_WAIT_S)
     check_sha256: bool = True
 
     @field_validator("fallback")
@@ -380,9 +386,9 @@ class MetricsConfig(_Section):
 
 
 class HealthConfig(_Section):
-    """``health`` topic period, s."""
+    """``health`` topic period, s (at most :data:`MAX_WAIT_S`)."""
 
-    interval_s: float = Field(1.0, gt=0)
+    interval_s: float = Field(1.0, gt=0, le=MAX_WAIT_S)
 
 
 class SecurityConfig(_Section):
@@ -468,6 +474,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {p} is not UTF-8 text: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
     for key, value in (overrides or {}).items():

@@ -73,7 +73,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from nanoscout.daemon.hotswap import FAILURE_STEPS
-from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS
+from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS, ConfigError
 from nanoscout.wire.headers import SizeHint
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
@@ -262,8 +262,15 @@ class Metrics:
             self.alert_threshold.labels(name=name).set(float(value))
 
     def serve(self, host: str, port: int) -> int:
-        """Start the ``/metrics`` HTTP server on host:port (0 = any free port); returns the port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the ``/metrics`` HTTP server on host:port (0 = any free port); returns the port.
+
+        ConfigError when it cannot bind (the port is taken, the host is not this machine's), as
+        for the ZeroMQ sockets (:func:`nanoscout.wire.transport.bind`)."""
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot bind the metrics server to {host}:{port}: "
+                              f"{exc.strerror or exc}") from exc
         self._server = server
         return int(server.server_address[1])
 

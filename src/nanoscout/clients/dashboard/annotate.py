@@ -103,7 +103,8 @@ def _region(img: np.ndarray, x: float, y: float, side: int
     from skimage.filters import threshold_otsu
 
     rows, cols = img.shape
-    r, c = int(round(y)), int(round(x))
+    # a click in the last half pixel of the frame rounds to just past it
+    r, c = min(max(int(round(y)), 0), rows - 1), min(max(int(round(x)), 0), cols - 1)
     half = side // 2
     r0, r1, c0, c1 = max(0, r - half), min(rows, r + half), max(0, c - half), min(cols, c + half)
     box = (r0, r1, c0, c1)
@@ -380,7 +381,8 @@ class AnnotationDesk:
     def revert(self) -> dict[str, Any]:
         """Put the daemon back on the model before its last swap."""
         try:
-            return revert_model(self.query, curve=self.curve).model_dump(mode="json")
+            return revert_model(self.query, timeout=self.timeout,
+                                curve=self.curve).model_dump(mode="json")
         except QueryError as exc:
             raise AnnotationError(str(exc)) from exc
 

@@ -481,6 +481,8 @@ class DashboardServer:
                  desk: AnnotationDesk | None = None) -> None:
         if max_rate_hz <= 0:
             raise ConfigError(f"max_rate_hz ({max_rate_hz}) must be > 0")
+        if not 0 <= port <= 65535:  # socket's OverflowError is no OSError
+            raise ConfigError(f"port ({port}) must be within 0..65535 (0: any free port)")
         if max_clients < 1 or request_timeout_s <= 0:
             raise ConfigError(f"max_clients ({max_clients}) must be >= 1 and "
                               f"request_timeout_s ({request_timeout_s}) > 0")
