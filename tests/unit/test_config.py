@@ -58,6 +58,8 @@ def test_file_and_overrides(tmp_path: Path) -> None:
         ("[engine]\nscale_tolerance = inf\n", "engine.scale_tolerance"),
         ("[engine]\nscale_presets = [[0.5, nan]]\n", "engine.scale_presets"),
         ("[metrics]\nalert_latency_p99_s = inf\n", "metrics.alert_latency_p99_s"),
+        ("[stats]\nwindow_seconds = inf\n", "stats.window_seconds"),
+        ("[tracking]\nmax_step_px = nan\n", "tracking.max_step_px"),
         ("[[alerts]]\nname = 'n'\nkind = 'count'\nabove = nan\n", "above"),
     ],
 )

@@ -80,7 +80,7 @@ _MIN_SD = 1e-3
 class ClusterConfig(BaseModel):
     """Typed ``[clusters]`` configuration (frozen)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf, nan: valid TOML
 
     enabled: bool = True
     #: number of clusters (1..254)

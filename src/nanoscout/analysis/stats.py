@@ -85,7 +85,7 @@ _NEEDED_FIELDS = ("ecd_nm", "aspect_ratio", "roundness", "border")
 class StatsConfig(BaseModel):
     """Typed configuration of the size statistics (frozen)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf, nan: valid TOML
 
     #: rolling window: the last N frames ...
     window_frames: int = Field(50, ge=1)

@@ -74,7 +74,7 @@ _MAX_EVENTS = 256
 class TrackingConfig(BaseModel):
     """Typed configuration of drift correction and tracking (``[tracking]``; frozen)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf, nan: valid TOML
 
     enabled: bool = True
     #: largest motion of a particle between two frames after drift correction, px; None =
