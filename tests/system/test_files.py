@@ -259,3 +259,90 @@ def test_measure_with_a_particle_size_range_takes_its_scale_where_the_estimate_f
     html = (tmp_path / "range_report.html").read_text()
     assert "operator&#x27;s particle size range" in html  # the key, escaped
     assert "was moved into it on 1" in html
+
+
+def _dots(size: int = 128) -> np.ndarray:
+    """A uint8 image of bright disks of 12 px on a dark background."""
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size), 40, np.uint8)
+    for cy in range(16, size, 32):
+        for cx in range(16, size, 32):
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 200
+    return img
+
+
+def test_measure_takes_any_pixel_type_path_length_and_file_name(tmp_path: Path) -> None:
+    """float16 / int64 / uint64 TIFFs, a path over the 1024 characters a frame header's meta
+    string holds, and a Latin-1 file name each ended the batch with a traceback (the good
+    files lost); an image whose outputs cannot be written lost the run. All are measured
+    now, with every file's full path (as UTF-8 text) in the run."""
+    import os
+
+    import pandas as pd
+    import tifffile
+
+    dots = _dots()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(dots).save(folder / "a.png")
+    tifffile.imwrite(folder / "f16.tif", dots.astype(np.float16))
+    tifffile.imwrite(folder / "i64.tif", dots.astype(np.int64) * 2**40)  # beyond int32
+    tifffile.imwrite(folder / "u64.tif", dots.astype(np.uint64))
+    Image.fromarray(dots).save(os.fsencode(folder) + b"/lat\xe9in1.png")
+    deep = tmp_path.joinpath(*["d" * 200] * 6)  # each name within NAME_MAX, the path not
+    deep.mkdir(parents=True)
+    long_png = deep / "long.png"
+    Image.fromarray(dots).save(long_png)
+    assert len(str(long_png)) > 1024
+    outputs = tmp_path / "outs"
+    (outputs / "a.png.labels.tif").mkdir(parents=True)  # a.png's label TIFF cannot be written
+    out = tmp_path / "run.parquet"
+    proc = nanoscout("measure", str(folder), str(long_png), "--out", str(out), "--outputs",
+                     str(outputs), "--no-progress", stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    assert "Traceback" not in stdout and "measured 6 images" in stdout, stdout
+    assert "a.png[0]: outputs not written" in stdout
+    frames = pd.read_parquet(out / "_frames")
+    assert sorted(frames["file"]) == sorted(
+        [str(folder / n) for n in ("a.png", "f16.tif", "i64.tif", "u64.tif", "lat\\xe9in1.png")]
+        + [str(long_png)])
+    metas = [json.loads(m)["file"] for m in frames["meta"]]
+    assert max(len(m) for m in metas) == 1024 and any(m.endswith("long.png") for m in metas)
+    assert (frames["n"] > 0).all()
+    assert os.path.exists(os.fsencode(outputs) + b"/lat\xe9in1.png.overlay.png")  # its name
+
+
+def test_measure_refuses_bad_options_before_writing_or_replacing_anything(
+        tmp_path: Path) -> None:
+    """--pixel-size 0 / nan / inf / 1e9 and --outputs naming a file gave a traceback after the
+    run had started (a half-written run, a user's file in the way); an existing RUN.json or
+    RUN.classes.csv was silently replaced; --overwrite deleted a user's results.csv."""
+    png = tmp_path / "a.png"
+    Image.fromarray(_dots()).save(png)
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    mine = {"results.json": '{"my": "config"}\n', "results.classes.csv": "my,own\n1,2\n",
+            "run1.classes.csv": "my,own\n1,2\n"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    cases = [(["--pixel-size", v, "--out", str(tmp_path / "ps.parquet")], "pixel_size_nm")
+             for v in ("0", "-1", "nan", "inf", "1e9")]
+    cases += [(["--outputs", str(afile), "--out", str(tmp_path / "o.parquet")], "is a file"),
+              (["--out", str(tmp_path / "results.csv")], "results.json exists"),
+              (["--out", str(tmp_path / "run1.parquet")], "run1.classes.csv exists")]
+    (tmp_path / "user.csv").write_text("sample,notes\nA,precious\n")
+    cases += [(["--out", str(tmp_path / "user.csv"), "--overwrite"], "not a nanoscout run")]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, needle in cases:
+        proc = nanoscout("measure", str(png), *args, "--no-progress", stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+        stdout, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (args, stdout)
+        assert "Traceback" not in stdout and needle in stdout, (args, stdout)
+        assert "nanoscout measure: error:" in stdout.splitlines()[-1], stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    for name, text in mine.items():
+        assert (tmp_path / name).read_text() == text
+    assert (tmp_path / "user.csv").read_text() == "sample,notes\nA,precious\n"

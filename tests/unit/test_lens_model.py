@@ -168,3 +168,17 @@ def test_card_reports_the_test_split(card: ModelCard) -> None:
     results = json.loads((WEIGHTS.parents[1] / summary["results_file"]).read_text())
     assert results.get("split", "test") == "test" and results["sha256"] == card.sha256
     assert summary["auroc"] == results["auroc"]
+
+
+@pytest.mark.parametrize("name", ["maps.unknownext", "maps"])
+def test_lens_refuses_an_out_name_pillow_cannot_write_before_any_work(
+        tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--out x.unknownext`` ended in Pillow's ValueError traceback after the lens had run."""
+    from nanoscout.batch.lens import main
+
+    with pytest.raises(SystemExit) as exc:  # the image is never read: it does not exist
+        main([str(tmp_path / "absent.png"), "--out", str(tmp_path / name)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "nanoscout lens: error: --out" in err and "NAME.png" in err
+    assert "Traceback" not in err and not list(tmp_path.iterdir())

@@ -128,3 +128,27 @@ def test_napari_reader_plugin(tmp_path: Path) -> None:
     (cmd,) = manifest["contributions"]["commands"]
     assert cmd["python_name"] == "nanoscout.clients.napari_reader:get_reader"
     assert manifest["contributions"]["readers"][0]["filename_patterns"] == ["*.labels.tif"]
+
+
+@pytest.mark.parametrize("shape", [(7, 1), (1, 1), (1, 7)])
+@pytest.mark.parametrize("with_image", [True, False])
+def test_label_tiff_of_a_one_pixel_wide_image_reads_back(tmp_path: Path, shape: tuple[int, int],
+                                                          with_image: bool) -> None:
+    """tifffile took the trailing width-1 axis of an N x 1 image for colour samples and wrote a
+    stack that ImageJ, napari and nanoscout's own reader could not open."""
+    from nanoscout.clients.acquisition.readers import read_images
+    from nanoscout.clients.napari_reader import read_labels_tiff
+
+    labels = np.zeros(shape, np.int32)
+    labels.flat[0] = 1
+    image = np.arange(labels.size, dtype=np.float32).reshape(shape) if with_image else None
+    path = write_label_tiff(labels, tmp_path / "n.png.labels.tif", image=image,
+                            pixel_size_nm=0.5)
+    layers = read_labels_tiff(str(path))
+    assert [kind for _, _, kind in layers] == (["image", "labels"] if with_image else ["labels"])
+    for data, _, _ in layers:
+        assert data.shape == shape
+    np.testing.assert_array_equal(layers[-1][0], labels)
+    records = read_images(path)
+    assert [r.data.shape for r in records] == [shape] * len(layers)
+    assert records[0].pixel_size_nm == pytest.approx(0.5)

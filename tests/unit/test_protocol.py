@@ -291,3 +291,18 @@ def test_a_control_request_sets_or_clears_a_sources_particle_size_range() -> Non
         ControlRequest(source="cam", action="set_particle_size", particle_size_nm=(10.0, 2.0))
     with pytest.raises(ValueError, match="belongs to set_particle_size"):
         ControlRequest(source="cam", action="reset_statistics", particle_size_nm=(2.0, 10.0))
+
+
+def test_text_that_is_not_utf8_is_a_protocol_error_and_wire_text_makes_it_printable() -> None:
+    """A file name's undecodable bytes (surrogate escapes) raised UnicodeEncodeError from
+    msgpack; wire_text turns them into backslash escapes."""
+    from nanoscout.wire.codec import pack_header, wire_text
+
+    name = "lat\udce9in.png"
+    header = frame_header(np.zeros((2, 2), np.uint8), source="s", seq=0, t_acq_ns=1,
+                          pixel_size_nm=None, meta={"file": name})
+    with pytest.raises(MalformedMessage, match="not valid UTF-8"):
+        pack_header(header)
+    assert wire_text(name) == "lat\\xe9in.png" and wire_text("a\ud800") == "a\\ud800"
+    assert wire_text("µm ok") == "µm ok"
+    pack_header(header.model_copy(update={"meta": {"file": wire_text(name)}}))

@@ -420,3 +420,50 @@ def test_an_image_too_large_is_refused_before_it_is_decoded(tmp_path: Path,
     assert decoded == []  # the TIFF reader was never called
     monkeypatch.setattr(readers, "MAX_IMAGE_PIXELS", 300 * 200)
     assert read_images(png)[0].data.shape == (300, 200)
+
+
+@pytest.mark.parametrize(("unit", "px_per_unit"), [
+    # ImageJ writes non-ASCII characters escaped: \u00B5m is µm, \u00C5 is Å
+    ("micron", 500.0), ("um", 500.0), ("\\u00B5m", 500.0), ("nm", 0.5), ("nanometer", 0.5),
+    ("A", 0.05), ("\\u00C5", 0.05), ("mm", 5e5), ("cm", 5e6), ("pm", 5e-4)])
+def test_imagej_tiff_is_calibrated_in_any_length_unit(tmp_path: Path, unit: str,
+                                                      px_per_unit: float) -> None:
+    """rosettasciio keeps ImageJ's unit only when it is "micron": Fiji's nm, um, A ... (and
+    nanoscout's own NAME.labels.tif, in nm) read as uncalibrated."""
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, np.zeros((8, 8), np.uint16), imagej=True,
+                     resolution=(px_per_unit, px_per_unit), metadata={"unit": unit})
+    rec = read_image(path)
+    assert rec.pixel_size_nm == pytest.approx(2.0)
+    assert "per px" in rec.calibration_note
+
+
+def test_imagej_tiff_without_a_length_unit_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "ij.tif"
+    tifffile.imwrite(path, np.zeros((8, 8), np.uint16), imagej=True, resolution=(0.5, 0.5),
+                     metadata={"unit": "furlong"})
+    rec = read_image(path)
+    assert rec.pixel_size_nm is None and "unknown length unit 'furlong'" in rec.calibration_note
+    assert calibration_to_nm(2.0, None, "TIFF tags")[1] == (
+        "no calibration (scale 2 per px with no length unit in the TIFF tags)")
+
+
+def test_replay_sends_a_name_that_is_not_utf8_in_printable_form(tmp_path: Path) -> None:
+    """A Latin-1 file name reached the wire as a surrogate escape, which msgpack refused: the
+    watcher died and later files were never sent."""
+    import os
+
+    from nanoscout.wire.codec import pack_header
+    from nanoscout.wire.protocol import frame_header
+
+    Image.fromarray(np.full((16, 16), 9, np.uint8)).save(tmp_path / "a.png")
+    shutil.copy(tmp_path / "a.png", os.fsdecode(os.fsencode(tmp_path) + b"/lat\xe9in.png"))
+    pub, lines = FakePublisher(), list[str]()
+    report = replay_watch(tmp_path, pub, existing=True, settle_polls=1, poll_s=0.01,
+                          stop=_StopAfterPolls(4), log=lines.append)
+    assert report.sent == 2 and not report.skipped
+    assert sorted(c["meta"]["file"] for c in pub.calls) == ["a.png", "lat\\xe9in.png"]
+    for c in pub.calls:
+        pack_header(frame_header(c["image"], source="s", seq=0, t_acq_ns=1,
+                                 pixel_size_nm=None, meta=c["meta"]))
+    "\n".join(lines).encode("utf-8")  # every line printable on a strict UTF-8 terminal

@@ -212,3 +212,64 @@ def test_delete_run_deletes_only_runs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a nanoscout run"):
         delete_run(other)
     assert (other / "keep.jpg").exists()
+
+
+def test_delete_run_refuses_a_csv_and_json_that_are_not_a_run(tmp_path: Path) -> None:
+    """``measure --overwrite --out results.csv`` deleted a user's results.csv and results.json."""
+    from nanoscout.clients.runfile import delete_run
+
+    user_csv, user_json = tmp_path / "results.csv", tmp_path / "results.json"
+    user_csv.write_text("sample,notes\nA,precious lab data\n")
+    user_json.write_text('{"my": "instrument config"}\n')
+    with pytest.raises(ConfigError, match="not a nanoscout run: not deleting it"):
+        delete_run(user_csv)
+    user_csv.unlink()  # a user's JSON alone beside the name is not deleted either
+    with pytest.raises(ConfigError, match="not a nanoscout run"):
+        delete_run(user_csv)
+    assert user_json.read_text() == '{"my": "instrument config"}\n'
+
+
+def test_delete_run_takes_its_classes_table_and_no_one_elses(tmp_path: Path) -> None:
+    from nanoscout.clients.runfile import CLASS_COLUMNS, classes_path, delete_run
+
+    for name in ("r.parquet", "r.csv"):
+        _write(tmp_path / name)
+        classes_path(tmp_path / name).write_text(",".join(CLASS_COLUMNS) + ",p_a\n")
+        assert delete_run(tmp_path / name)
+        assert not list(tmp_path.iterdir())
+    _write(tmp_path / "r.parquet")
+    foreign = classes_path(tmp_path / "r.parquet")
+    foreign.write_text("my,own,classes\n1,2,3\n")
+    with pytest.raises(ConfigError, match="not a nanoscout classification table"):
+        delete_run(tmp_path / "r.parquet")
+    assert (tmp_path / "r.parquet" / "_run.json").exists()  # nothing deleted
+    assert foreign.read_text() == "my,own,classes\n1,2,3\n"
+
+
+@pytest.mark.parametrize(("run", "existing"), [("results.csv", "results.json"),
+                                                ("results.csv", "results.classes.csv"),
+                                                ("run1.parquet", "run1.classes.csv")])
+def test_a_new_run_refuses_any_file_it_would_write(tmp_path: Path, run: str,
+                                                    existing: str) -> None:
+    """measure replaced a user's RUN.json and RUN.classes.csv without --overwrite."""
+    (tmp_path / existing).write_text("mine\n")
+    with pytest.raises(ConfigError, match=f"{existing} exists: choose a new run name"):
+        RunWriter(tmp_path / run, {})
+    assert [p.name for p in tmp_path.iterdir()] == [existing]
+    assert (tmp_path / existing).read_text() == "mine\n"
+
+
+def test_the_run_records_the_file_its_writer_is_given_as_utf8_text(tmp_path: Path) -> None:
+    """A path longer than a meta string holds, and a name that is not UTF-8 (which pyarrow
+    refused, losing the whole batch)."""
+    out = tmp_path / "r.parquet"
+    w = RunWriter(out, {})
+    long_path = "/data/" + "d" * 1500 + "/img.tif"
+    h, t = _det(0, 2)
+    w.add_det(h, t, file=long_path)
+    h, t = _det(1, 1)
+    w.add_det(h.model_copy(update={"meta": {"file": "lat\udce9in.png", "index": 0}}), t)
+    w.close()
+    run = read_run(out)
+    assert list(run.frames["file"]) == [long_path, "lat\\xe9in.png"]
+    assert list(run.particles["file"]) == [long_path] * 2 + ["lat\\xe9in.png"]

@@ -158,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", default="sim", help="with --query: the source (default sim)")
     ap.add_argument("--timeout", type=float, default=10.0, help="with --query: seconds to wait")
     args = ap.parse_args(argv)
+    fmt = Image.registered_extensions().get(args.out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:  # before any work: Pillow names it only on save
+        ap.error(f"--out {args.out}: not an image type Pillow writes "
+                 f"({args.out.suffix or 'no suffix'}); name it NAME.png")
     if args.connect:
         return write_live_mosaic(args)
     if args.image is None:
@@ -173,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     except NanoscoutError as exc:
         print(f"nanoscout lens: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mosaic).save(args.out)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mosaic).save(args.out)
+    except OSError as exc:
+        print(f"nanoscout lens: cannot write {args.out}: {exc}", file=sys.stderr)
+        return 2
     print(f"{args.image}: error {out.error:.6f}, novelty {out.novelty:.2f} "
           f"(1.0 = 99th percentile of usual frames); wrote {args.out} "
           f"({mosaic.shape[1]}x{mosaic.shape[0]} px, {args.layer})")

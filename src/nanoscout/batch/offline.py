@@ -15,6 +15,18 @@ Calibrated and uncalibrated images are two sources (``measure`` and ``measure-px
 in nm and px are never pooled in statistics; each image is analysed alone (its own working
 scale: build the pipeline with ``build_pipeline(config, offline=True)``). Each image's acquisition
 time is its file's modification time. A TIA acquisition (``.emi`` + ``_N.ser``) is measured once.
+Pixels in a dtype the frame protocol does not carry (float16, 64-bit integers) are converted
+without loss of value as ``replay`` converts them
+(:func:`~nanoscout.clients.acquisition.readers.wire_array`).
+
+Bad input loses nothing: an image that cannot be read, converted or analysed is skipped with a
+one-line reason (in the log and the provenance's ``skipped``), and the other images are
+measured and written; options (``--pixel-size``, ``--modality``, ``--outputs``) are checked
+before anything is written (:func:`check_options`). Each image's ``file`` in the run is its
+full path, as text (a name that is not valid UTF-8 in the printable form of
+:func:`nanoscout.wire.codec.wire_text`, ``lat\\xe9in.png``); the frame header's
+``meta["file"]`` holds at most :data:`META_FILE_CHARS` characters of it (a longer path keeps
+its end: ``"…"`` and the last 1023 characters), the protocol's bound on a ``meta`` string.
 
 With ``outputs=DIR``, per image (names keep the file's suffix: ``test-1.dm3.*``,
 ``test-1.dm4.*``): ``NAME.labels.tif`` (ImageJ hyperstack: image + instance labels, nm
@@ -33,6 +45,7 @@ in-situ statistics and, at close, the tracks table (the report's in-situ section
 from __future__ import annotations
 
 import csv
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,7 +59,9 @@ from nanoscout.clients.acquisition.readers import (
     drop_tia_companions,
     frame_modality,
     read_images,
+    wire_array,
 )
+from nanoscout.clients.acquisition.replay import check_overrides
 from nanoscout.clients.outputs import (
     UniqueNames,
     write_label_tiff,
@@ -55,14 +70,18 @@ from nanoscout.clients.outputs import (
 )
 from nanoscout.clients.progress import Bar
 from nanoscout.clients.provenance import model_entries, software
-from nanoscout.clients.runfile import RunWriter
+from nanoscout.clients.runfile import CLASS_COLUMNS, RunWriter, classes_path
+from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 from nanoscout.wire.protocol import StatsHeader
 
-__all__ = ["MeasureReport", "expand", "measure_files"]
+__all__ = ["META_FILE_CHARS", "MeasureReport", "check_options", "expand", "measure_files"]
 
 #: source names of calibrated (nm) and uncalibrated (px) images
 SOURCE_NM, SOURCE_PX = "measure", "measure-px"
+#: the most characters of a file's path a frame header's ``meta["file"]`` holds (the protocol's
+#: bound on a ``meta`` string)
+META_FILE_CHARS = 1024
 
 
 @dataclass
@@ -90,11 +109,50 @@ def expand(paths: Iterable[Path]) -> list[Path]:
     return drop_tia_companions(out)
 
 
-def _meta(path: Path, index: int, meta: dict[str, Any]) -> dict[str, Any]:
+def check_options(out: Path, *, outputs: Path | None = None,
+                  pixel_size_nm: float | None = None, modality: str | None = None) -> None:
+    """Raise ConfigError, naming the value, for options ``measure`` cannot run with: ``out``
+    not ``.csv``/``.parquet``, ``outputs`` an existing file (it must be a folder), a
+    ``pixel_size_nm`` override (nm/px) or ``modality`` ``replay`` would refuse too
+    (:func:`~nanoscout.clients.acquisition.replay.check_overrides`). Checked before anything
+    is written or deleted."""
+    if out.suffix not in (".csv", ".parquet"):  # as RunWriter and delete_run name them
+        raise ConfigError(f"output {out} must end in .csv or .parquet")
+    if outputs is not None and outputs.exists() and not outputs.is_dir():
+        raise ConfigError(f"--outputs {outputs} is a file: give a folder for the per-image "
+                          "outputs")
+    check_overrides(pixel_size_nm, modality)
+
+
+def _label(path: Path) -> str:
+    """``path`` as text the run and the frame header can carry (see the module docstring)."""
+    return wire_text(os.fsdecode(path))
+
+
+def _meta(label: str, index: int, meta: dict[str, Any]) -> dict[str, Any]:
     small = {k: v for k, v in meta.items()
              if isinstance(v, str | int | float) and not isinstance(v, bool)
              and (not isinstance(v, str) or len(v) <= 200)}
-    return {**small, "file": str(path), "index": index}
+    if len(label) > META_FILE_CHARS:  # the end of a path names the file
+        label = "…" + label[-(META_FILE_CHARS - 1):]
+    return {**small, "file": label, "index": index}
+
+
+def _printable(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` for messages that may name a file whose name is not valid UTF-8 (which a
+    strict UTF-8 terminal refuses): such text is logged as :func:`wire_text` escapes."""
+    return lambda message: log(wire_text(message))
+
+
+def _one_line(exc: Exception) -> str:
+    """A failure as one line: a pydantic ValidationError's first error (field: message)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or exc.title
+        return f"frame header field {loc}: {first['msg']}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def measure_files(
@@ -126,14 +184,12 @@ def measure_files(
                           "(build_pipeline(config, offline=True, track=True))")
     if not frame_interval_s > 0:
         raise ConfigError(f"frame interval {frame_interval_s!r} s must be > 0")
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise ConfigError(f"output {out} must end in .csv or .parquet")
+    check_options(out, outputs=outputs, pixel_size_nm=pixel_size_nm, modality=modality)
     files = expand(paths)
     if bar is not None:
         bar.total(len(files))
-        log = bar.log
-    prov: dict[str, Any] = {"command": "nanoscout measure", "files": [str(p) for p in files],
+    log = _printable(bar.log if bar is not None else log)
+    prov: dict[str, Any] = {"command": "nanoscout measure", "files": [_label(p) for p in files],
                             "software": software(), "config": config or {},
                             "pixel_size_override_nm": pixel_size_nm, "track": track,
                             "frame_interval_s": frame_interval_s if track else None,
@@ -146,11 +202,12 @@ def measure_files(
     seq = {SOURCE_NM: 0, SOURCE_PX: 0}
     t0_ns: int | None = None
     for path in files:
+        label = _label(path)
         try:
             records = read_images(path)
         except ReaderError as exc:
-            report.skipped.append((path, str(exc)))
-            log(f"skipped {path}: {exc}")
+            report.skipped.append((path, wire_text(str(exc))))
+            log(f"skipped {label}: {exc}")
             if bar is not None:
                 bar.advance()
             continue
@@ -163,28 +220,34 @@ def measure_files(
             px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
             if px is None:
                 report.uncalibrated.append(path)
-                log(f"{path}: no calibration, lengths in px (use --pixel-size to set one)")
+                log(f"{label}: no calibration, lengths in px (use --pixel-size to set one)")
             source = SOURCE_NM if px else SOURCE_PX
             if track:  # a sequence: frame k at t0 + k intervals
                 t_acq_ns = t0_ns + round(seq[source] * frame_interval_s * 1e9)
             try:
                 frame = Frame.from_image(
-                    rec.data, pixel_size_nm=px, source=source, seq=seq[source],
-                    t_acq_ns=t_acq_ns, meta=_meta(path, rec.index, rec.meta),
+                    wire_array(rec.data), pixel_size_nm=px, source=source, seq=seq[source],
+                    t_acq_ns=t_acq_ns, meta=_meta(label, rec.index, rec.meta),
                     modality=frame_modality(rec, modality))
+            except (NanoscoutError, ValueError) as exc:  # ValueError: pydantic's, a header field
+                why = wire_text(_one_line(exc))
+                report.skipped.append((path, why))
+                log(f"skipped {label}[{rec.index}]: {why}")
+                continue
+            try:
                 result = pipeline.process(frame)
             except NanoscoutError as exc:
-                report.skipped.append((path, str(exc)))
-                log(f"skipped {path}[{rec.index}]: {exc}")
+                report.skipped.append((path, wire_text(str(exc))))
+                log(f"skipped {label}[{rec.index}]: {exc}")
                 continue
             except MemoryError as exc:  # one image too large for this machine: the run goes on
                 why = f"not enough memory to analyse a {rec.data.shape} image ({exc})"
                 report.skipped.append((path, why))
-                log(f"skipped {path}[{rec.index}]: {why}")
+                log(f"skipped {label}[{rec.index}]: {why}")
                 continue
             seq[source] += 1
             det, table, labels = result.det, result.table, result.labels
-            writer.add_det(det, table)
+            writer.add_det(det, table, file=label)
             stats = result.messages[-1].header
             if isinstance(stats, StatsHeader):
                 writer.add_stats(stats)
@@ -194,46 +257,48 @@ def measure_files(
             models.add(det.model)
             name = names(path, rec.index, len(records))
             if outputs is not None:
-                info = {"file": str(path), "index": rec.index, "modality": rec.modality}
-                report.outputs += [
-                    write_label_tiff(labels, outputs / f"{name}.labels.tif", image=rec.data,
-                                     pixel_size_nm=px, properties=info),
-                    write_rois(labels, table, outputs / f"{name}.rois.zip"),
-                    write_overlay_png(rec.data, labels, outputs / f"{name}.overlay.png",
-                                      pixel_size_nm=px,
-                                      border_ids=table["id"][table["border"]].tolist()),
-                ]
+                info = {"file": label, "index": rec.index, "modality": rec.modality}
+                try:
+                    report.outputs += [
+                        write_label_tiff(labels, outputs / f"{name}.labels.tif", image=rec.data,
+                                         pixel_size_nm=px, properties=info),
+                        write_rois(labels, table, outputs / f"{name}.rois.zip"),
+                        write_overlay_png(rec.data, labels, outputs / f"{name}.overlay.png",
+                                          pixel_size_nm=px,
+                                          border_ids=table["id"][table["border"]].tolist()),
+                    ]
+                except (OSError, NanoscoutError) as exc:  # the measurements stand without them
+                    log(f"{label}[{rec.index}]: outputs not written to {outputs}: {exc}")
             report.images += 1
             report.particles += len(table)
             what = ""
             for stage, error in result.failures:  # the measurements stand without these
-                log(f"{path}[{rec.index}]: {stage} failed: {error}")
+                log(f"{label}[{rec.index}]: {stage} failed: {error}")
             c = result.classification
             if c is not None:
-                class_rows.append([str(path), rec.index, c.labels[0],
+                class_rows.append([label, rec.index, c.labels[0],
                                    round(c.probabilities[0], 4),
                                    None if c.novelty is None else round(c.novelty, 4),
                                    *(round(v, 4) for v in c.all.values())])
                 what = f"; {c.labels[0]} ({c.probabilities[0]:.2f})"
                 assert pipeline.classifier is not None
                 models.add(pipeline.classifier.name)
-            log(f"{path}[{rec.index}]: {len(table)} particles ({det.units}){what}")
+            log(f"{label}[{rec.index}]: {len(table)} particles ({det.units}){what}")
         writer.flush()
         if bar is not None:
-            bar.advance(note=path.name)
+            bar.advance(note=wire_text(path.name))
     writer.close()
     prov.update({"stopped_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "rows": dict(writer.counts), "models": sorted(models),
                  "engines": [pipeline.engine_name],
                  "model_provenance": model_entries(sorted(models), model_cards or {}),
-                 "skipped": [[str(p), why] for p, why in report.skipped],
-                 "uncalibrated": sorted({str(p) for p in report.uncalibrated})})
+                 "skipped": [[_label(p), why] for p, why in report.skipped],
+                 "uncalibrated": sorted({_label(p) for p in report.uncalibrated})})
     writer.write_provenance(prov)
     if pipeline.classifier is not None:
-        report.classes = out.with_suffix(".classes.csv")
+        report.classes = classes_path(out)  # RunWriter refused a run where one was
         with report.classes.open("w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["file", "index", "top_class", "probability", "novelty",
-                        *(f"p_{c}" for c in pipeline.classifier.classes)])
+            w.writerow([*CLASS_COLUMNS, *(f"p_{c}" for c in pipeline.classifier.classes)])
             w.writerows(class_rows)
     return report

@@ -91,7 +91,8 @@ def measure(
 ) -> None:
     """Measure particles in image files offline, with the daemon's pipeline."""
     from nanoscout.analysis.modelcard import shipped_model_dir
-    from nanoscout.batch.offline import measure_files
+    from nanoscout.batch.offline import check_options, measure_files
+    from nanoscout.clients.acquisition.replay import check_overrides
     from nanoscout.clients.progress import progress as progress_bar
     from nanoscout.clients.provenance import load_cards
     from nanoscout.clients.runfile import delete_run
@@ -110,6 +111,7 @@ def measure(
 
         if outputs or masks:
             raise NanoscoutError("--outputs is not supported with --ray")
+        check_overrides(pixel_size, modality)  # before a cluster is started
         code = run_on_ray(files, out, load_config(config, overrides), address=ray_address,
                           workers=workers, cpus_per_worker=cpus_per_worker,
                           gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size,
@@ -117,6 +119,8 @@ def measure(
         if code:
             raise typer.Exit(code)
         return
+    # before anything is deleted, loaded or written: a bad option leaves no half-written run
+    check_options(out, outputs=outputs or masks, pixel_size_nm=pixel_size, modality=modality)
     if overwrite:
         delete_run(out)
     cfg = load_config(config, overrides)

@@ -112,7 +112,10 @@ def write_label_tiff(labels: np.ndarray, path: Path, *, image: np.ndarray | None
     props = {"nanoscout": json.dumps({"pixel_size_nm": pixel_size_nm,
                                       "units": "nm" if pixel_size_nm else "px",
                                       "channels": names, **(properties or {})}, default=str)}
-    metadata: dict[str, Any] = {"axes": "CYX", "mode": "composite", "Labels": names,
+    # written as ImageJ's full TZCYXS shape: given CYX, tifffile takes a trailing axis of size
+    # 1 (an N x 1 image) for colour samples and writes a stack ImageJ and napari cannot read
+    data = data[np.newaxis, np.newaxis, ..., np.newaxis]
+    metadata: dict[str, Any] = {"axes": "TZCYXS", "mode": "composite", "Labels": names,
                                 "LUTs": luts, "Properties": props,
                                 "unit": "nm" if pixel_size_nm else "pixel"}
     resolution = None

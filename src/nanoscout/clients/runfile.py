@@ -19,6 +19,11 @@ the output name:
   flushed and fsynced per batch. A crash
   can leave a partial last line, which :func:`read_run` drops. Times are ISO 8601 (UTC).
 
+Beside either layout, ``measure`` writes ``RUN.classes.csv`` (:func:`classes_path`, one row per
+image: :data:`CLASS_COLUMNS` then one probability per class) when its pipeline classifies.
+A new run refuses to start where any file it may write exists already; :func:`delete_run`
+deletes only what is recognisably a nanoscout run (its provenance, its table headers).
+
 A batch writes its particle, alert and stats rows first and its frame rows last; :func:`read_run`
 keeps only particle rows whose frame row exists, so a run cut anywhere is consistent.
 
@@ -43,7 +48,11 @@ frames (never pixels under an ``_nm`` name).
   ``det.noise`` / ``det.smoothing_px``, NaN where the model does not measure it;
   ``scale_agreed``: whether two working-scale estimation passes agreed (``det.scale_agreed``;
   false: the card's fallback chose the scale; null: nothing estimated, or an older daemon);
-  ``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it),
+  ``meta``: the frame header's free map as JSON; ``file``/``index`` taken from it, or ``file``
+  from the writer where its caller gives it (``measure``: the full input path, which the
+  frame header's 1024-character ``meta`` strings cannot always hold); text that is not valid
+  UTF-8, an undecodable file name's bytes, is written as :func:`nanoscout.wire.codec.wire_text`
+  escapes (``lat\\xe9in.png``)),
   then the tracker's ``field, drift_x_px, drift_y_px, drift_x_nm, drift_y_nm, tracks_active``
   and ``events`` (the merge / split events as JSON); NaN / empty without tracking;
 * alerts: ``source, seq, t_acq, rule, kind, severity, value, threshold, explanation, units,
@@ -74,6 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, ReaderError
 from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
 from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, html_table, particle_columns
@@ -83,8 +93,9 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-__all__ = ["ALERT_COLUMNS", "FORMAT", "FRAME_COLUMNS", "PARTICLE_COLUMNS", "STATS_COLUMNS",
-           "TABLES", "TRACK_COLUMNS", "Run", "RunWriter", "delete_run", "read_run"]
+__all__ = ["ALERT_COLUMNS", "CLASS_COLUMNS", "FORMAT", "FRAME_COLUMNS", "PARTICLE_COLUMNS",
+           "STATS_COLUMNS", "TABLES", "TRACK_COLUMNS", "Run", "RunWriter", "classes_path",
+           "delete_run", "read_run"]
 
 #: the run format written here (``run.json`` / ``_run.json`` ``format``)
 FORMAT = "nanoscout-run/2"
@@ -112,6 +123,8 @@ STATS_COLUMNS: tuple[str, ...] = (
 #: the tables written batch by batch
 TABLES: dict[str, tuple[str, ...]] = {"particles": PARTICLE_COLUMNS, "frames": FRAME_COLUMNS,
                                       "alerts": ALERT_COLUMNS, "stats": STATS_COLUMNS}
+#: the first columns of ``RUN.classes.csv`` (then ``p_<class>`` per class)
+CLASS_COLUMNS: tuple[str, ...] = ("file", "index", "top_class", "probability", "novelty")
 #: every table of a run: the batch tables and the tracks table (written at close)
 _ALL: dict[str, tuple[str, ...]] = {**TABLES, "tracks": TRACK_COLUMNS}
 #: write order of a batch: frames last (a frame row commits its particle rows)
@@ -167,13 +180,16 @@ def _nan(v: float | None) -> float:
 
 def _file_index(meta: dict[str, Any]) -> tuple[str, int]:
     index = meta.get("index", -1)
-    return str(meta.get("file", "")), int(index) if isinstance(index, int | float) else -1
+    return wire_text(str(meta.get("file", ""))), int(index) if isinstance(index, int | float) else -1
 
 
-def det_rows(header: DetHeader, table: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return (frame row, particle columns) for one ``det`` message."""
+def det_rows(header: DetHeader, table: np.ndarray,
+             file: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (frame row, particle columns) for one ``det`` message; ``file``: the frame's
+    file as the run records it (default: the header's ``meta["file"]``)."""
     sx, sy = _stage(header.stage)
-    file, index = _file_index(header.meta)
+    file_meta, index = _file_index(header.meta)
+    file = file_meta if file is None else wire_text(file)
     frame = {"source": header.source, "seq": header.seq, "t_acq": header.t_acq_ns,
              "t_recv": header.t_recv_ns, "t_done": header.t_done_ns,
              "latency_ms": round(header.latency_ms, 3), "n": header.n, "units": header.units,
@@ -297,16 +313,14 @@ class RunWriter:
             if out.exists() and any(out.iterdir()):
                 raise ConfigError(f"{out} exists and is not empty: choose a new run name "
                                   "(measure: --overwrite replaces it)")
+            _refuse_existing([classes_path(out)])
             out.mkdir(parents=True, exist_ok=True)
             for t in TABLES:
                 if t != "particles":
                     (out / f"_{t}").mkdir(exist_ok=True)
             self._meta_path = out / "_run.json"
         else:
-            for p in (*self._csv_paths().values(), out.with_suffix(".tracks.csv")):
-                if p.exists():
-                    raise ConfigError(f"{p} exists: choose a new run name (measure: "
-                                      "--overwrite replaces it)")
+            _refuse_existing(_csv_run_files(out) + [classes_path(out)])
             out.parent.mkdir(parents=True, exist_ok=True)
             self._meta_path = out.with_suffix(".json")
             for t, p in self._csv_paths().items():
@@ -340,9 +354,10 @@ class RunWriter:
             cols[c].append(v)
         self._pending[table] += n
 
-    def add_det(self, header: DetHeader, table: np.ndarray) -> None:
-        """Queue one frame's detections."""
-        frame, cols = det_rows(header, table)
+    def add_det(self, header: DetHeader, table: np.ndarray, *, file: str | None = None) -> None:
+        """Queue one frame's detections; ``file``: its file as the run records it (default:
+        the header's ``meta["file"]``)."""
+        frame, cols = det_rows(header, table, file)
         self._add("particles", cols, len(table))
         self._add("frames", frame)
 
@@ -429,31 +444,89 @@ class RunWriter:
         self.counts["tracks"] = data.num_rows
 
 
-def delete_run(path: str | Path) -> bool:
-    """Delete the run at ``path`` (to write it again); returns whether there was one.
+def classes_path(out: str | Path) -> Path:
+    """Where ``measure`` writes a run's per-image classification table: ``RUN.classes.csv``
+    beside ``RUN.parquet`` or ``RUN.csv``."""
+    return Path(out).with_suffix(".classes.csv")
 
-    Refuses (ConfigError) a ``.parquet`` folder that holds no run provenance (``_run.json`` or
-    ``run.json``): nothing that is not a nanoscout run is ever deleted.
+
+def _csv_run_files(out: Path) -> list[Path]:
+    """Every file of a ``RUN.csv`` run: its tables and its provenance ``RUN.json``."""
+    return [out, *(out.with_suffix(f".{t}.csv") for t in ("frames", "alerts", "stats", "tracks")),
+            out.with_suffix(".json")]
+
+
+def _refuse_existing(paths: list[Path]) -> None:
+    for p in paths:
+        if p.exists():
+            raise ConfigError(f"{p} exists: choose a new run name (measure: --overwrite "
+                              "replaces a nanoscout run)")
+
+
+def _first_line(path: Path) -> str:
+    """The first line of a text file ("" when unreadable)."""
+    try:
+        with path.open("rb") as fh:
+            return fh.readline(64 * 1024).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _is_csv_run(out: Path) -> bool:
+    """Whether the ``RUN.csv`` and ``RUN.json`` present are a nanoscout run's: the JSON's
+    ``format`` is ``nanoscout-run/...`` and the CSV has the particle table's header."""
+    meta = out.with_suffix(".json")
+    if meta.exists():
+        try:
+            fmt = json.loads(meta.read_text(encoding="utf-8")).get("format")
+        except (OSError, ValueError, AttributeError):
+            return False
+        if not (isinstance(fmt, str) and fmt.startswith("nanoscout-run/")):
+            return False
+    if out.exists():
+        names = _first_line(out).split(",")
+        known = set(_ALL["particles"]) | set(_V1_TIME) | {w for w, _, _ in _V1_LENGTH}
+        if not ({"source", "seq"} <= set(names) and set(names) <= known):
+            return False
+    return meta.exists() or out.exists()
+
+
+def delete_run(path: str | Path) -> bool:
+    """Delete the run at ``path`` (to write it again) and its ``RUN.classes.csv``; returns
+    whether there was one.
+
+    Refuses (ConfigError), deleting nothing, a ``.parquet`` folder that holds no run provenance
+    (``_run.json`` or ``run.json``), a ``RUN.csv`` / ``RUN.json`` that are not a run's (see
+    :func:`_is_csv_run`) and a ``RUN.classes.csv`` without the classification table's header:
+    nothing that is not a nanoscout run is ever deleted.
     """
     import shutil
 
     p = Path(path)
+    folder: Path | None = None
+    files: list[Path] = []
     if p.suffix == ".parquet":
-        if not p.exists():
-            return False
-        if not p.is_dir() or not ((p / "_run.json").exists() or (p / "run.json").exists()):
+        if p.exists():
+            if not p.is_dir() or not ((p / "_run.json").exists() or (p / "run.json").exists()):
+                raise ConfigError(f"{p} is not a nanoscout run: not deleting it")
+            folder = p
+    elif p.suffix == ".csv":
+        files = [f for f in _csv_run_files(p) if f.exists()]
+        if files and not _is_csv_run(p):
             raise ConfigError(f"{p} is not a nanoscout run: not deleting it")
-        shutil.rmtree(p)
-        return True
-    if p.suffix == ".csv":
-        files = [p, p.with_suffix(".frames.csv"), p.with_suffix(".alerts.csv"),
-                 p.with_suffix(".stats.csv"), p.with_suffix(".tracks.csv"),
-                 p.with_suffix(".json")]
-        found = [f for f in files if f.exists()]
-        for f in found:
-            f.unlink()
-        return bool(found)
-    raise ConfigError(f"{p}: not a run (RUN.parquet or RUN.csv)")
+    else:
+        raise ConfigError(f"{p}: not a run (RUN.parquet or RUN.csv)")
+    classes = classes_path(p)
+    if classes.exists():
+        if not _first_line(classes).startswith(",".join(CLASS_COLUMNS)):
+            raise ConfigError(f"{classes} is not a nanoscout classification table: not "
+                              "deleting it (move it, or choose another run name)")
+        files.append(classes)
+    if folder is not None:
+        shutil.rmtree(folder)
+    for f in files:
+        f.unlink()
+    return folder is not None or bool(files)
 
 
 # ---------------------------------------------------------------------------------------- read

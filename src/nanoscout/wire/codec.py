@@ -48,7 +48,7 @@ from nanoscout.wire.errors import (
 from nanoscout.wire.headers import HEADERS, PROTOCOL_VERSION, FrameHeader, Header, Kind
 
 __all__ = ["MAX_HEADER_BYTES", "Message", "check_version", "decode_frame", "decode_message",
-           "encode", "encode_frame", "encode_message", "pack_header", "unpack_header"]
+           "encode", "encode_frame", "encode_message", "pack_header", "unpack_header", "wire_text"]
 
 #: largest msgpack header accepted, bytes
 MAX_HEADER_BYTES = 256 * 1024
@@ -107,8 +107,39 @@ class Message(Generic[H]):
 
 
 def pack_header(header: Header) -> bytes:
-    """Serialise a header to msgpack bytes."""
-    return msgpack.packb(header.model_dump(mode="json"), use_bin_type=True)
+    """Serialise a header to msgpack bytes; MalformedMessage when a string in it is not
+    valid UTF-8 text (build such strings with :func:`wire_text`)."""
+    try:
+        return msgpack.packb(header.model_dump(mode="json"), use_bin_type=True)
+    except UnicodeEncodeError as exc:
+        bad = exc.object[max(exc.start - 40, 0):exc.end + 40]
+        raise MalformedMessage(f"{header.topic_kind} header holds text that is not valid "
+                               f"UTF-8 ({wire_text(bad)!r}): {exc.reason}",
+                               reason=Reason.HEADER) from exc
+
+
+def wire_text(text: str) -> str:
+    """``text`` as valid UTF-8 text, which every header (and run file) can carry.
+
+    A file name's bytes that are not UTF-8 reach Python as surrogate escapes (``os.fsdecode``:
+    Latin-1 ``lat\\xe9in.png`` is ``'lat\\udce9in.png'``), which no UTF-8 encoder accepts: each
+    becomes the backslash escape of its byte (``lat\\xe9in.png``, printable), any
+    other lone surrogate ``\\udXXX``. Valid text is returned unchanged.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join(_escape_surrogate(c) for c in text)
+    return text
+
+
+def _escape_surrogate(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, escaped by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"
+    return c
 
 
 def check_version(v: object) -> None:

@@ -13,11 +13,16 @@ with, so pixel values match annotations made on the grey image. A TIFF whose col
 in separate planes (which rosettasciio cannot read) is read by tifffile, to luminance of its
 channel dtype, and stays uncalibrated (its ``calibration_note`` says so).
 
-Calibration: the two image axes' ``scale`` and ``units`` are converted to nm; a scale of 1 with
-no unit, an unknown or reciprocal unit, or an absurd value (<= 0, not finite, outside the
-protocol's ``PIXEL_SIZE_RANGE_NM``, 1e-4 .. 1e6 nm/px) gives ``pixel_size_nm=None`` and a
-``calibration_note`` that says why.
+Calibration: the two image axes' ``scale`` and ``units`` are converted to nm; an ImageJ TIFF's
+own unit and X/Y resolution are read with tifffile where rosettasciio gives no unit (it knows
+only ImageJ's "micron": Fiji's ``nm``, ``um``, ``A`` ... and nanoscout's own ``NAME.labels.tif``
+would read as uncalibrated). A scale of 1 with no unit, an unknown or reciprocal unit, or an
+absurd value (<= 0, not finite, outside the protocol's ``PIXEL_SIZE_RANGE_NM``, 1e-4 .. 1e6
+nm/px) gives ``pixel_size_nm=None`` and a ``calibration_note`` that says why.
 Nothing here guesses a pixel size: an uncalibrated frame stays uncalibrated.
+
+:func:`wire_array` turns a record's pixels into a dtype the frame protocol carries (float16 and
+64-bit integers are not), without loss of value: ``replay`` and ``measure`` both use it.
 
 Anything that cannot be read raises :class:`nanoscout.wire.errors.ReaderError` naming the file and the
 cause. rosettasciio submodules are imported inside the functions because they are heavy.
@@ -41,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from nanoscout.wire.errors import ReaderError
-from nanoscout.wire.protocol import MODALITIES, PIXEL_SIZE_RANGE_NM
+from nanoscout.wire.protocol import FRAME_DTYPES, MODALITIES, PIXEL_SIZE_RANGE_NM
 
 __all__ = [
     "SUPPORTED_SUFFIXES",
@@ -51,6 +56,7 @@ __all__ = [
     "frame_modality",
     "read_image",
     "read_images",
+    "wire_array",
 ]
 
 # suffix (lower case, with the dot) -> source_format reported in ImageRecord
@@ -267,6 +273,24 @@ def drop_tia_companions(files: Sequence[Path]) -> list[Path]:
     return [p for p in files if not companion(p)]
 
 
+def wire_array(data: np.ndarray) -> np.ndarray:
+    """Return ``data`` in a dtype the frame protocol carries, converting without loss of value.
+
+    float16 becomes float32; 64-bit integers become int32 when every value fits, else float64.
+    Raises ReaderError for a dtype with no lossless match.
+    """
+    if f"{data.dtype.kind}{data.dtype.itemsize}" in FRAME_DTYPES:
+        return data
+    if data.dtype.kind == "f":
+        return data.astype(np.float32)
+    if data.dtype.kind in "iu":
+        info = np.iinfo(np.int32)
+        if data.size and info.min <= data.min() and data.max() <= info.max:
+            return data.astype(np.int32)
+        return data.astype(np.float64)
+    raise ReaderError(f"pixel dtype {data.dtype} cannot be sent as a frame (no lossless match)")
+
+
 def calibration_to_nm(scale: Any, units: Any, source: str = "metadata") -> tuple[float | None, str]:
     """Convert one axis calibration (``scale`` per pixel in ``units``) to nm per pixel.
 
@@ -282,7 +306,7 @@ def calibration_to_nm(scale: Any, units: Any, source: str = "metadata") -> tuple
     if unit.lower() in _NO_UNIT:
         if value == 1.0:
             return None, "no calibration (scale 1, no unit)"
-        return None, f"no calibration (scale {value:g} without a unit)"
+        return None, f"no calibration (scale {value:g} per px with no length unit in the {source})"
     if _is_reciprocal(unit):
         return None, f"no calibration (reciprocal unit {unit!r}: not a real-space image)"
     factor = _NM_PER_UNIT.get(unit.lower())
@@ -348,15 +372,19 @@ def _read_rsciio(p: Path, fmt: str) -> list[ImageRecord]:
 
     records: list[ImageRecord] = []
     skipped: list[str] = []
+    imagej = _imagej_axes(p) if fmt == "tiff" else None
     for signal in signals:
         modality, signal_meta = _describe(fmt, signal)
         for data, axes_yx in _planes(signal, skipped):
+            source = _CALIBRATION_SOURCE[fmt]
+            if imagej is not None and _unit_text(axes_yx[1].get("units")).lower() in _NO_UNIT:
+                axes_yx, source = imagej, "ImageJ unit and TIFF resolution"
             x_unit = _unit_text(axes_yx[1].get("units"))
             if _is_reciprocal(x_unit):
                 # diffraction patterns / FFTs: no particle can be measured on them
                 skipped.append(f"reciprocal-space plane (unit {x_unit!r})")
                 continue
-            pixel, note, cal_meta = _calibration(axes_yx, _CALIBRATION_SOURCE[fmt])
+            pixel, note, cal_meta = _calibration(axes_yx, source)
             meta = {**signal_meta, **cal_meta}
             records.append(
                 ImageRecord(
@@ -374,6 +402,33 @@ def _read_rsciio(p: Path, fmt: str) -> list[ImageRecord]:
         why = "; ".join(skipped + capture.messages(logging.WARNING)) or "empty file"
         raise ReaderError(f"{p}: no 2-D image in {fmt} file ({why[:300]})")
     return records
+
+
+def _imagej_axes(p: Path) -> list[Mapping[str, Any]] | None:
+    """``[y_axis, x_axis]`` (``scale`` in unit per px, ``units``) of an ImageJ TIFF's own
+    calibration: the ``unit`` of its description and its first page's Y/XResolution (px per
+    unit). None when the file is not an ImageJ TIFF or names no length unit. rosettasciio reads
+    the resolution but keeps the unit only when it is "micron"."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(p) as tf:
+            ij = tf.imagej_metadata or {}
+            tags = tf.pages.first.tags
+            res = [tags.get(name) for name in ("YResolution", "XResolution")]
+    except Exception:  # the reader says what is wrong with the file
+        return None
+    # ImageJ writes non-ASCII characters of the unit as \uXXXX ("\u00B5m")
+    unit = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)),
+                  _unit_text(ij.get("unit")))
+    if unit.lower() in _NO_UNIT or any(r is None for r in res):
+        return None
+    axes: list[Mapping[str, Any]] = []
+    for tag in res:
+        assert tag is not None
+        num, den = tag.value
+        axes.append({"scale": den / num if num else math.inf, "units": unit})
+    return axes
 
 
 def _planes(

@@ -7,6 +7,8 @@ publisher (``nanoscout.clients.acquisition.publisher.FramePublisher`` or anythin
 and never stop on a bad file: it is logged, listed in the report and skipped. Frames whose file
 carries no calibration are sent with ``pixel_size_nm=None`` (the daemon then measures in pixels
 and says so) and listed as uncalibrated, unless a pixel size is given to override the file.
+A file name that is not valid UTF-8 is sent (and logged) in the printable form of
+:func:`nanoscout.wire.codec.wire_text` (``lat\\xe9in.png``).
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from nanoscout.clients.acquisition.readers import (
     ImageRecord,
     drop_tia_companions,
     read_images,
+    wire_array,
 )
 from nanoscout.clients.acquisition.watch import watch_folder
+from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, ReaderError
-from nanoscout.wire.protocol import FRAME_DTYPES, check_particle_size_nm, check_particle_size_px
+from nanoscout.wire.protocol import check_particle_size_nm, check_particle_size_px
 
-__all__ = ["DEFAULT_PATTERNS", "MODALITIES", "ReplayReport", "replay_files", "replay_watch"]
+__all__ = ["DEFAULT_PATTERNS", "MODALITIES", "ReplayReport", "check_overrides", "replay_files",
+           "replay_watch"]
 
 MODALITIES = frozenset({"TEM", "STEM", "SEM"})
 DEFAULT_PATTERNS: tuple[str, ...] = tuple(sorted(f"*{s}" for s in SUPPORTED_SUFFIXES))
@@ -92,7 +97,7 @@ def replay_files(
     ``skipped`` once and not retried on later loops. Raises ConfigError on bad options;
     errors from the publisher (a closed socket) propagate.
     """
-    _check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
+    check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
     if rate_hz is not None and not (math.isfinite(rate_hz) and rate_hz > 0):
         raise ConfigError(f"rate_hz must be a positive frame rate (Hz), got {rate_hz!r}")
     if loop < 1:
@@ -139,7 +144,7 @@ def replay_watch(
     ``particle_size_nm`` and ``particle_size_px`` as for :func:`replay_files`. Returns the
     ReplayReport when ``stop`` is set; bad files are logged and skipped.
     """
-    _check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
+    check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
     report = ReplayReport()
     pacer = _Pacer(None)
     log(f"watching {folder} for {', '.join(patterns)}")
@@ -158,9 +163,12 @@ def replay_watch(
     return report
 
 
-def _check_overrides(pixel_size_nm: float | None, modality: str | None,
-                     particle_size_nm: tuple[float, float] | None = None,
-                     particle_size_px: tuple[float, float] | None = None) -> None:
+def check_overrides(pixel_size_nm: float | None, modality: str | None = None,
+                    particle_size_nm: tuple[float, float] | None = None,
+                    particle_size_px: tuple[float, float] | None = None) -> None:
+    """Raise ConfigError, naming the value, for a ``pixel_size_nm`` override (nm/px) that is
+    not finite or outside the frame protocol's range, an unknown ``modality``, or an impossible
+    particle size range (nm, px); the check ``replay`` and ``measure`` make before any work."""
     if pixel_size_nm is not None and not (
         math.isfinite(pixel_size_nm) and MIN_PIXEL_NM <= pixel_size_nm <= MAX_PIXEL_NM
     ):
@@ -211,7 +219,7 @@ def _send_file(
     ``sizes``: the (nm, px) particle size ranges every frame names."""
     try:
         records = read_images(path)
-        frames = [_wire_array(r.data) for r in records]
+        frames = [wire_array(r.data) for r in records]
     except ReaderError as exc:
         _skip(report, path, str(exc), log)
         return False
@@ -223,7 +231,7 @@ def _send_file(
             pixel_size_nm=pixel,
             modality=modality or record.modality,
             magnification=_magnification(record),
-            meta={"file": path.name, "index": record.index},
+            meta={"file": wire_text(path.name), "index": record.index},
             particle_size_nm=sizes[0],
             particle_size_px=sizes[1],
         )
@@ -238,27 +246,10 @@ def _send_file(
     else:
         calibration = f"{first.pixel_size_nm:.6g} nm/px ({first.calibration_note})"
     log(
-        f"sent {path.name}: {len(records)} image(s) {first.data.shape} {first.data.dtype} "
+        f"sent {wire_text(path.name)}: {len(records)} image(s) {first.data.shape} {first.data.dtype} "
         f"{modality or first.modality or 'modality unknown'}, {calibration}"
     )
     return True
-
-
-def _wire_array(data: np.ndarray) -> np.ndarray:
-    """Return ``data`` in a dtype the frame protocol carries, converting without loss of value.
-
-    float16 becomes float32; 64-bit integers become int32 when every value fits, else float64.
-    """
-    if f"{data.dtype.kind}{data.dtype.itemsize}" in FRAME_DTYPES:
-        return data
-    if data.dtype.kind == "f":
-        return data.astype(np.float32)
-    if data.dtype.kind in "iu":
-        info = np.iinfo(np.int32)
-        if data.size and info.min <= data.min() and data.max() <= info.max:
-            return data.astype(np.int32)
-        return data.astype(np.float64)
-    raise ReaderError(f"pixel dtype {data.dtype} cannot be sent as a frame (no lossless match)")
 
 
 def _magnification(record: ImageRecord) -> float | None:
@@ -268,7 +259,7 @@ def _magnification(record: ImageRecord) -> float | None:
 
 def _skip(report: ReplayReport, path: Path, reason: str, log: Callable[[str], None]) -> None:
     report.skipped.append((path, reason))
-    log(f"skipped {path}: {reason}")
+    log(wire_text(f"skipped {path}: {reason}"))
 
 
 class _Pacer:
