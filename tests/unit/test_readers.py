@@ -467,3 +467,12 @@ def test_replay_sends_a_name_that_is_not_utf8_in_printable_form(tmp_path: Path) 
         pack_header(frame_header(c["image"], source="s", seq=0, t_acq_ns=1,
                                  pixel_size_nm=None, meta=c["meta"]))
     "\n".join(lines).encode("utf-8")  # every line printable on a strict UTF-8 terminal
+
+
+@needs_data
+def test_an_emi_without_its_ser_says_where_the_pixels_are(tmp_path: Path) -> None:
+    """A TIA ``.emi`` copied without its ``_1.ser`` was "no 2-D image (empty file)"."""
+    emi = tmp_path / "128x128-TEM_search.emi"
+    shutil.copyfile(DATA / "instrument-files" / "tia" / emi.name, emi)
+    with pytest.raises(ReaderError, match=r"no 128x128-TEM_search_<n>\.ser beside it"):
+        read_images(emi)

@@ -399,7 +399,10 @@ def _read_rsciio(p: Path, fmt: str) -> list[ImageRecord]:
                 )
             )
     if not records:
-        why = "; ".join(skipped + capture.messages(logging.WARNING)) or "empty file"
+        why = "; ".join(skipped + capture.messages(logging.WARNING)) or (
+            f"no {p.stem}_<n>.ser beside it: a TIA .emi holds only the header, its pixels are "
+            "in the .ser files" if fmt == "emi" and not any(p.parent.glob(f"{p.stem}_*.ser"))
+            else "empty file")
         raise ReaderError(f"{p}: no 2-D image in {fmt} file ({why[:300]})")
     return records
 
