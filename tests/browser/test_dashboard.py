@@ -571,6 +571,48 @@ def test_event_stream_sends_only_changes_at_a_bounded_rate() -> None:
         server.close()
 
 
+def test_an_item_that_cannot_be_built_leaves_the_snapshot_and_event_stream_working() -> None:
+    """An alert with swapped bbox corners and a stats message whose JSON form cannot be built:
+    /api/snapshot still answers 200 and /events keeps sending everything else."""
+    from tests.unit.test_dashboard import (
+        _alert_with_boxes,
+        _unshowable_stats,
+        alert,
+        preview,
+        stats,
+    )
+
+    state = DashboardState(endpoints=["tcp://127.0.0.1:1"])
+    state.ingest(preview(1, source="bad"))
+    state.ingest(_alert_with_boxes(1, [(60, 60, 10, 10)], source="bad"))
+    state.ingest(_unshowable_stats(1))
+    state.ingest(alert(2))
+    state.ingest(stats(2))
+    server = DashboardServer(state, port=0, max_rate_hz=10.0).start()
+    try:
+        status, snap = _get(server.url, "/api/snapshot")
+        assert status == 200
+        assert "stats:bad" not in snap and snap["stats:sim"]["seq"] == 2
+        assert [a["seq"] for a in snap["alerts"]] == [1, 2]
+        assert snap["alerts"][0]["thumb_png"] is not None
+        assert snap["status"]["payload_errors"] == 1
+        host, port = server.url.split("//")[1].rstrip("/").rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/events")
+        resp = conn.getresponse()
+        t_end = time.monotonic() + 1.5
+        text = b""
+        while time.monotonic() < t_end and text.count(b"event: status\n") < 2:
+            text += resp.read1(65536)
+        conn.close()
+        events = [line[7:] for line in text.decode().splitlines() if line.startswith("event: ")]
+        assert events.count("alert") == 2 and events.count("stats") == 1, events
+        assert events.count("status") >= 2, events  # the stream lives on
+        assert {"meta", "sources"} <= set(events), events
+    finally:
+        server.close()
+
+
 # ------------------------------------------------------- the AI-lens HTTP API, no browser
 
 

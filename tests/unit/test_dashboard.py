@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from nanoscout.clients.dashboard import LensView
-from nanoscout.clients.dashboard.gateway import DashboardState, particles_payload
+from nanoscout.clients.dashboard.gateway import DashboardState, Item, particles_payload
 from nanoscout.clients.dashboard.images import thumbnail
 from nanoscout.clients.dashboard.lens import TILE_PX
 from nanoscout.clients.lens import GAP, LensError, mosaic_from_maps
@@ -106,7 +106,14 @@ def health(transport_gaps: int = 0) -> Message:
 def payload(state: DashboardState, key: str) -> dict:
     item = state.item(key)
     assert item is not None, key
-    return json.loads(item.data())
+    return json.loads(built(item))
+
+
+def built(item: Item) -> str:
+    """An item's payload, which must have been built."""
+    text = item.data()
+    assert text is not None, item.key
+    return text
 
 
 def png_size(b64: str) -> tuple[int, int]:
@@ -248,7 +255,7 @@ def test_alerts_are_bounded_and_sent_once() -> None:
     _, alerts = st.updates({}, 0)
     ids = [aid for aid, _ in alerts]
     assert ids == [3, 4, 5]  # the newest three, oldest first
-    assert [json.loads(it.data())["seq"] for _, it in alerts] == [2, 3, 4]
+    assert [json.loads(built(it))["seq"] for _, it in alerts] == [2, 3, 4]
     assert [aid for aid, _ in st.updates({}, 4)[1]] == [5]
     assert st.updates({}, 5)[1] == []
 
@@ -258,7 +265,7 @@ def test_alert_thumbnail_is_a_crop_of_its_frames_preview() -> None:
     st.ingest(preview(3))
     st.ingest(preview(4))
     st.ingest(alert(3))
-    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    a = json.loads(built(st.updates({}, 0)[1][0][1]))
     assert a["rule"] == "big" and a["explanation"].startswith("particle of 12 nm")
     assert a["thumb_note"] == "frame #3"
     assert max(png_size(a["thumb_png"])) == 128
@@ -266,14 +273,14 @@ def test_alert_thumbnail_is_a_crop_of_its_frames_preview() -> None:
     assert a["particles"][0]["shape_class"] == "sphere"
     # an alert of a frame without preview falls back to the newest one, and says so
     st.ingest(alert(9, kind="count", n=0))
-    a = json.loads(st.updates({}, 1)[1][0][1].data())
+    a = json.loads(built(st.updates({}, 1)[1][0][1]))
     assert a["thumb_note"] == "preview #4 (frame #9 had none)" and a["particles"] == []
 
 
 def test_alert_without_any_preview_has_no_picture() -> None:
     st = DashboardState()
     st.ingest(alert(1))
-    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    a = json.loads(built(st.updates({}, 0)[1][0][1]))
     assert a["thumb_png"] is None
 
 
@@ -284,7 +291,7 @@ def test_alert_with_a_heatmap_shows_it() -> None:
                     severity="info", value=0.9, threshold=0.5, explanation="novel field")
     st = DashboardState()
     st.ingest(Message("alert.sim", h, heat))  # a heatmap in place of particle rows
-    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    a = json.loads(built(st.updates({}, 0)[1][0][1]))
     assert a["thumb_note"] == "heatmap" and png_size(a["thumb_png"]) == (128, 128)
 
 
@@ -298,7 +305,7 @@ def test_alert_with_a_v12_heatmap_after_its_rows() -> None:
     st = DashboardState()
     st.ingest(preview(3))
     st.ingest(_wire(h, empty_table(0), heat))
-    a = json.loads(st.updates({}, 0)[1][0][1].data())
+    a = json.loads(built(st.updates({}, 0)[1][0][1]))
     assert a["thumb_note"] == "heatmap over preview #3" and a["heatmap_shape"] == [8, 8]
 
 
@@ -396,7 +403,7 @@ def test_payloads_are_strict_json() -> None:
     st.ingest(health())
     items, _ = st.updates({})
     for it in items:
-        text = it.data()
+        text = built(it)
         assert "NaN" not in text and "Infinity" not in text
         json.loads(text)
     assert math.isfinite(payload(st, "det:sim")["latency_ms"])
@@ -539,3 +546,120 @@ def test_stats_carry_the_unique_and_insitu_blocks() -> None:
     p = payload(state, "stats:sim")
     assert p["unique"]["count"] == 5 and p["unique"]["ecd_d50_ci"] == [8.0, 10.0]
     assert p["insitu"]["coalescences"] == 2
+
+
+# ------------------------------------------------- one bad message never blinds the dashboard
+
+
+def _alert_with_boxes(seq: int, boxes: list[tuple[int, int, int, int]],
+                      source: str = "sim") -> Message:
+    t = _table(len(boxes))
+    t["bbox"] = boxes
+    h = AlertHeader(source=source, seq=seq, t_acq_ns=seq * 10**8, rule="big", kind="particle",
+                    severity="warning", value=12.0, threshold=9.0,
+                    explanation=f"swapped box at frame {seq}", n=len(boxes))
+    return _wire(h, t)
+
+
+def test_thumbnail_puts_swapped_corners_in_order_and_skips_empty_boxes() -> None:
+    img = np.zeros((200, 300), np.uint8)
+    inverted = thumbnail(img, np.array([[110.0, 60.0, 100.0, 50.0]]), side=64)
+    ordered = thumbnail(img, np.array([[100.0, 50.0, 110.0, 60.0]]), side=64)
+    assert np.array_equal(inverted, ordered) and (ordered[..., 0] > 200).any()
+    # zero width, a non-finite corner: drawn nowhere, and the crop is the whole picture
+    for bad in ([[100.0, 50.0, 100.0, 60.0]], [[math.nan, 50.0, 110.0, 60.0]],
+                [[100.0, 50.0, math.inf, 60.0]]):
+        out = thumbnail(img, np.array(bad), side=64)
+        assert out.shape == (43, 64, 3) and not out.any(), bad
+    # an empty focused box does not stop the others being outlined
+    out = thumbnail(img, np.array([[5.0, 5.0, 5.0, 5.0], [100.0, 50.0, 110.0, 60.0]]), side=64)
+    assert out.shape == (43, 64, 3) and (out[..., 0] > 100).any()
+
+
+def test_an_alert_with_swapped_bbox_corners_is_shown_with_its_picture() -> None:
+    st = DashboardState()
+    st.ingest(preview(1))
+    st.ingest(_alert_with_boxes(1, [(160, 260, 110, 190)]))  # x1 < x0 and y1 < y0
+    st.ingest(alert(1))
+    (_, bad), (_, good) = st.updates({}, 0)[1]
+    a = json.loads(bad.data() or "")
+    assert a["thumb_note"] == "frame #1" and max(png_size(a["thumb_png"])) == 128
+    assert good.data() is not None and st.payload_errors == 0
+
+
+def _unshowable_stats(seq: int, source: str = "bad") -> Message:
+    """A stats message whose JSON form cannot be built (binary bytes in an unknown block
+    field: model_dump(mode="json") raises)."""
+    h = stats(seq, source=source).header
+    assert isinstance(h, StatsHeader)
+    bad = h.model_copy(update={"window": h.window.model_copy(update={"junk": b"\xff\xfe"})})
+    with pytest.raises(UnicodeDecodeError):  # the premise: no JSON form of this header
+        bad.model_dump(mode="json")
+    return Message(f"stats.{source}", bad, None)
+
+
+def test_a_message_whose_payload_cannot_be_built_costs_only_its_own_item() -> None:
+    st = DashboardState()
+    st.ingest(det(1))
+    st.ingest(_unshowable_stats(1))
+    for seq in range(3):
+        st.ingest(alert(seq))
+    st.ingest(stats(2))
+    items, alerts = st.updates({}, 0)
+    texts = {it.key: it.data() for it in items}
+    assert texts["stats:bad"] is None  # this item only
+    assert all(t is not None for k, t in texts.items() if k != "stats:bad")
+    assert [json.loads(it.data() or "")["seq"] for _, it in alerts] == [0, 1, 2]
+    assert json.loads(texts["stats:sim"] or "")["seq"] == 2
+    # counted once, however often it is asked for, and said in the status
+    assert st.item("stats:bad").data() is None  # type: ignore[union-attr]
+    s = st.status()
+    assert s["payload_errors"] == 1 and "stats:bad" in s["last_payload_error"]
+    assert "UnicodeDecodeError" in s["last_payload_error"]
+    # a newer message of the same source is shown again
+    st.ingest(stats(3, source="bad"))
+    assert json.loads(payload_text(st, "stats:bad"))["seq"] == 3
+
+
+def payload_text(state: DashboardState, key: str) -> str:
+    item = state.item(key)
+    assert item is not None, key
+    text = item.data()
+    assert text is not None, item.error
+    return text
+
+
+def test_sources_are_bounded_least_recently_seen_forgotten_with_their_items() -> None:
+    st = DashboardState(max_sources=3)
+    for name in ("a", "b", "c"):
+        st.ingest(stats(1, source=name))
+        st.ingest(det(1, source=name))
+    st.ingest(stats(2, source="a"))  # a seen again: b is now the least recently seen
+    st.ingest(stats(1, source="d"))
+    assert st.sources == ["a", "c", "d"]  # kept ones in the order first seen
+    assert st.item("stats:b") is None and st.item("det:b") is None
+    assert st.item("stats:a") is not None and st.item("det:c") is not None
+    assert json.loads(payload_text(st, "sources")) == {"sources": ["a", "c", "d"]}
+    assert st.status()["sources_evicted"] == 1
+    st.ingest(stats(5, source="b"))  # a forgotten source comes back as a new one (c goes)
+    assert st.sources == ["a", "d", "b"] and st.status()["sources_evicted"] == 2
+    with pytest.raises(ValueError, match="max_sources"):
+        DashboardState(max_sources=0)
+
+
+def test_many_new_sources_take_bounded_memory_and_linear_time() -> None:
+    import time
+
+    st = DashboardState(max_sources=64)
+    msgs = [stats(1, source=f"s{i}") for i in range(20_000)]
+    t0 = time.perf_counter()
+    for m in msgs:
+        st.ingest(m)
+    spent = time.perf_counter() - t0
+    items, _ = st.updates({})
+    assert len(st.sources) == 64 and st.sources[-1] == "s19999"
+    assert len(items) <= 64 + 3  # a stats item per kept source, meta, sources (no health)
+    assert st.status()["sources_evicted"] == 20_000 - 64
+    assert json.loads(payload_text(st, "sources"))["sources"] == st.sources
+    # quadratic (a copy of every name per new source) took seconds; linear is ~0.1 s
+    assert spent < 5.0, spent

@@ -8,14 +8,17 @@ it (at least 1.5 µm from its edges). Moves and exposures cost modelled instrume
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import cast
 
 import numpy as np
 import pytest
 
+from nanoscout.clients.microscope.control import ControlError
 from nanoscout.clients.search.geometry import Area, FrameGeometry, tile_centres
 from nanoscout.clients.search.session import Costs, FrameResult, SearchSession
 from nanoscout.clients.search.strategies import (
@@ -85,6 +88,8 @@ class FakeSession:
     survey_nm: float = SURVEY_NM
     limits: Area | None = Area(-50.0, 90.0, -50.0, 90.0)
     fail: set[int] = field(default_factory=set)  # frame indices (1-based) whose results fail
+    #: the microscope stops answering when this frame (1-based) is asked for, and after
+    control_fails_at: int | None = None
     costs: Costs = field(default_factory=Costs)
     t0: float = field(default_factory=time.monotonic)
     shots: list[Shot] = field(default_factory=list)
@@ -96,8 +101,10 @@ class FakeSession:
     def frame(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int],
               purpose: str, meta: dict[str, str | int | float | bool] | None = None
               ) -> FrameResult:
-        self.metas.append(meta)
         c = self.costs
+        if self.control_fails_at is not None and c.frames + 1 >= self.control_fails_at:
+            raise ControlError("no answer from the microscope at tcp://fake within 30 s (move)")
+        self.metas.append(meta)
         c.frames += 1
         c.instrument_s += math.hypot(x_um - self._xy[0], y_um - self._xy[1]) / 100.0 + 0.3 + 0.5
         self._xy = (x_um, y_um)
@@ -129,6 +136,9 @@ class FakeSession:
     def crop(self, res: FrameResult, row: float, col: float, half_px: int) -> np.ndarray | None:
         self.crops += 1
         return np.full((2 * half_px, 2 * half_px), 128, np.uint8)
+
+    def close(self) -> None:
+        pass
 
 
 def as_session(fake: FakeSession) -> SearchSession:
@@ -426,3 +436,122 @@ def test_high_magnification_frames_ask_for_the_45_degree_view() -> None:
     fake = FakeSession(list(TARGETS))
     raster_search(as_session(fake), replace(make_cfg(), rotate45_high_mag=False))
     assert fake.metas and all(m is None for m in fake.metas)
+
+
+# ------------------------------------------------------------ the microscope fails, bad rows
+
+
+@pytest.mark.parametrize(("strategy", "fails_at"), [("raster", 40), ("adaptive", 7)])
+def test_a_failing_microscope_stops_the_search_with_what_it_found(strategy: str,
+                                                                  fails_at: int) -> None:
+    whole = run_search(strategy, as_session(FakeSession(list(TARGETS), DECOYS)),  # type: ignore[arg-type]
+                       make_cfg())
+    fake = FakeSession(list(TARGETS), DECOYS, control_fails_at=fails_at)
+    res = run_search(strategy, as_session(fake), make_cfg())  # type: ignore[arg-type]
+    assert res.stopped == "error" and res.error is not None and "no answer" in res.error
+    assert res.frames == fails_at - 1 == len(fake.shots)  # no frame after the failure
+    assert 0 < len(res.targets) < len(whole.targets)
+    assert [(t.x_um, t.y_um) for t in res.targets] == \
+        [(t.x_um, t.y_um) for t in whole.targets][:len(res.targets)]
+    assert res.summary()["error"] == res.error and res.summary()["stopped"] == "error"
+
+
+def test_a_microscope_failing_in_the_survey_stops_the_adaptive_search() -> None:
+    fake = FakeSession(list(TARGETS), DECOYS, control_fails_at=2)
+    res = adaptive_search(as_session(fake), make_cfg())
+    assert res.stopped == "error" and res.frames == 1 and res.confirm_frames == 0
+    assert res.targets == []
+
+
+def test_a_target_row_without_a_position_is_skipped_and_counted() -> None:
+    fake = FakeSession([])
+    book = TargetBook(make_cfg(), as_session(fake))
+    res = _confirm(fake, (10.0, 10.0), [(9.0, 9.0), (10.0, 10.0), (11.0, 11.0)])
+    table = res.alerts[0].array
+    assert table is not None
+    table["x"][0] = table["y"][0] = np.nan  # the daemon's row without a position
+    table["score"][2] = np.nan
+    new = book.offer(res)
+    assert [(round(t.x_um, 3), round(t.y_um, 3)) for t in new] == [(10.0, 10.0)]
+    assert book.skipped_rows == 2 and fake.crops == 1  # no thumbnail asked for a bad row
+    # a measurement that was not made (non-finite) is left out, not fatal
+    res = _confirm(fake, (20.0, 20.0), [(20.0, 20.0)], feret_nm=np.inf)
+    assert res.alerts[0].array is not None
+    res.alerts[0].array["aspect_ratio"] = np.nan
+    (t,) = book.offer(res)
+    assert t.feret_max_nm is None and t.aspect_ratio is None and book.skipped_rows == 2
+
+
+class NanRows(FakeSession):
+    """Every target alert starts with a row without a position (x = y = NaN)."""
+
+    def frame(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int],
+              purpose: str, meta: dict[str, str | int | float | bool] | None = None
+              ) -> FrameResult:
+        res = super().frame(x_um, y_um, pixel_size_nm, shape, purpose, meta)
+        bad = np.zeros(1, PARTICLE_DTYPE)
+        bad["x"] = bad["y"] = np.nan
+        bad["score"] = 0.9
+        res.alerts = [Message(m.topic, m.header, np.concatenate([bad, m.array]))
+                      for m in res.alerts if m.array is not None]
+        return res
+
+
+def test_a_search_keeps_going_past_a_row_without_a_position() -> None:
+    fake = NanRows(list(TARGETS), DECOYS)
+    res = raster_search(as_session(fake), make_cfg())
+    assert res.stopped == "done" and res.error is None
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS)
+    assert res.skipped_rows == sum(1 for pts in fake.seen if pts) > 0
+    assert res.summary()["skipped_rows"] == res.skipped_rows
+
+
+# ------------------------------------------------------------ nanoscout search (command.run)
+
+
+def _run_command(tmp_path: Path, fake: FakeSession, monkeypatch: pytest.MonkeyPatch
+                 ) -> tuple[int, Path]:
+    import argparse
+
+    from nanoscout.clients.search import command
+
+    monkeypatch.setattr(command, "SearchSession", lambda *a, **kw: fake)
+    out = tmp_path / "found"
+    args = argparse.Namespace(
+        control=f"ipc://{tmp_path}/never-asked", connect=f"ipc://{tmp_path}/nor-this",
+        strategy="raster", area=AREA, target_rule=[TARGET_RULE], candidate_rule=[],
+        pixel_size=HIGH_NM, survey_pixel_size=SURVEY_NM, size=SHAPE[0], overlap=3.0,
+        budget_frames=None, budget_s=None, budget_dose=None, min_separation=1.0,
+        result_timeout=3.0, out=out)
+    return command.run(args, None), out
+
+
+def test_the_command_writes_what_was_found_when_the_microscope_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoscout.clients.search.navigator import read_json, read_nav
+
+    code, out = _run_command(tmp_path, FakeSession(list(TARGETS), control_fails_at=40),
+                             monkeypatch)
+    assert code == 2
+    found = read_json(out / "targets.json")
+    assert 0 < len(found) < len(TARGETS) and len(read_nav(out / "targets.nav")) == len(found)
+    assert len((out / "targets.csv").read_text().splitlines()) == len(found) + 1
+    meta = json.loads((out / "search.json").read_text())["search"]
+    assert meta["stopped"] == "error" and "no answer from the microscope" in meta["error"]
+    assert meta["targets"] == len(found) and meta["frames"] == 39
+    err = capsys.readouterr().err
+    assert "error: no answer from the microscope" in err and str(out) in err
+
+
+def test_the_command_skips_a_row_without_a_position(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoscout.clients.search.navigator import read_json
+
+    fake = NanRows(list(TARGETS))
+    code, out = _run_command(tmp_path, fake, monkeypatch)
+    assert code == 0
+    assert_found_once([(t.x_um, t.y_um) for t in read_json(out / "targets.json")], TARGETS)
+    meta = json.loads((out / "search.json").read_text())["search"]
+    assert meta["stopped"] == "done" and meta["error"] is None
+    assert meta["skipped_rows"] == sum(1 for pts in fake.seen if pts) > 0

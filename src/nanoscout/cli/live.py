@@ -317,6 +317,9 @@ def dashboard(
         help="serve a non-loopback --host without a token (knowingly)")] = False,
     max_clients: Annotated[int, typer.Option(
         help="requests served at once (each open page holds one); more get 503")] = 256,
+    max_sources: Annotated[int, typer.Option(
+        help="sources shown at most; the least recently seen one is forgotten beyond",
+        min=1, max=100_000)] = 64,
     server_key: ServerKey = None, client_key: ClientKey = None,
     connect: Annotated[list[str] | None, typer.Option("--connect", hidden=True)] = None,
 ) -> None:
@@ -341,7 +344,8 @@ def dashboard(
     token = token or os.environ.get("NANOSCOUT_DASHBOARD_TOKEN") or None
     code = run_dashboard(endpoints, host=host, port=port, curve=curve_keys(server_key, client_key),
                          query=q, on_ready=ready, allow_hosts=allow_host or (), token=token,
-                         allow_insecure_remote=allow_insecure_remote, max_clients=max_clients)
+                         allow_insecure_remote=allow_insecure_remote, max_clients=max_clients,
+                         max_sources=max_sources)
     if code:
         raise typer.Exit(code)
 
@@ -481,7 +485,9 @@ def search(
     budget_dose: Annotated[float | None, typer.Option(help="stop at this mean dose, e/nm²")] = None,
     min_separation: Annotated[float, typer.Option(
         help="confirmations closer than this are one target, µm")] = 1.0,
-    result_timeout: Annotated[float, typer.Option(help="wait for a frame's results, s")] = 30.0,
+    result_timeout: Annotated[float, typer.Option(help=(
+        "wait for a frame's results, s (microscope commands wait max(30, this): a stage move "
+        "may take long; clients.search.command.CONTROL_TIMEOUT_S)"))] = 30.0,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
 ) -> None:
     """Automated stage search: find rare targets, write a navigator list."""

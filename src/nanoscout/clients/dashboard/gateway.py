@@ -6,7 +6,7 @@ each replaced whole by a newer one (latest-wins) and stamped with a rising versi
 =================  =========  ==========================================================
 key                event      payload
 =================  =========  ==========================================================
-``sources``        sources    source names in the order first seen
+``sources``        sources    source names in the order first seen (those kept)
 ``frame:<src>``    frame      newest ``preview`` as PNG + the particles of the ``det``
                               with the same seq (ellipse/bbox in preview px; ``track_id``
                               and each track's trail over the recent frames, drift-corrected
@@ -22,7 +22,14 @@ A particle's history (its ECD, position and shape over the recent frames) is ask
 
 Alerts are the exception: a bounded list (newest ``max_alerts``), each with an id, so a client
 gets every alert it has not seen yet rather than only the newest. Payloads (PNG encoding,
-JSON) are built lazily once per item version, however many browsers watch.
+JSON) are built lazily once per item version, however many browsers watch. An item whose
+payload cannot be built (a message the daemon should not have sent) has no payload
+(:meth:`Item.data` returns None): it is logged and counted (``payload_errors`` in the status),
+and every other item is still shown.
+
+At most ``max_sources`` sources are kept (default 64; a dashboard watches a few microscopes):
+beyond that the least recently seen one is forgotten with all its items, and counted
+(``sources_evicted`` in the status).
 
 :class:`Gateway` runs the SUB socket in a thread and feeds the state; a failure of that thread
 is kept and raised by :meth:`Gateway.check` in the owner's thread.
@@ -31,6 +38,7 @@ is kept and raised by :meth:`Gateway.check` in the owner's thread.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -57,7 +65,9 @@ from nanoscout.wire.protocol import (
 from nanoscout.wire.sequence import SequenceTracker
 from nanoscout.wire.transport import ClientKeys
 
-__all__ = ["TOPICS", "DashboardState", "Gateway", "Item"]
+__all__ = ["DEFAULT_MAX_SOURCES", "TOPICS", "DashboardState", "Gateway", "Item"]
+
+log = logging.getLogger("nanoscout.dashboard")
 
 #: topic prefixes the gateway subscribes to
 TOPICS: tuple[str, ...] = ("det.", "stats.", "class.", "alert.", "preview.", "health")
@@ -68,23 +78,48 @@ MAX_DRAWN_PARTICLES = 5000
 MAX_ALERT_ROWS = 10
 #: positions per particle trail drawn on the frame (the newest frames of its track)
 TRAIL_FRAMES = 12
+#: sources kept by default (the daemon's own ``input.max_sources`` default)
+DEFAULT_MAX_SOURCES = 64
+#: the items of one source, by key prefix (forgotten with the source)
+_SOURCE_ITEMS = ("frame:", "det:", "stats:", "class:")
+
+# one failed build is logged and counted once, however many threads asked for it
+_FAIL_LOCK = threading.Lock()
 
 
 @dataclass
 class Item:
-    """One latest-wins entry: the SSE event name, a version and a lazily built JSON payload."""
+    """One latest-wins entry: the SSE event name, a version and a lazily built JSON payload.
+
+    ``on_error(item, why)`` is called once when the payload cannot be built (the state counts
+    it)."""
 
     key: str
     event: str
     version: int
     build: Callable[[], dict[str, Any]]
+    on_error: Callable[[Item, str], None] | None = field(default=None, repr=False)
     _text: str | None = field(default=None, repr=False)
+    #: why the payload could not be built, or None
+    error: str | None = field(default=None, repr=False)
 
-    def data(self) -> str:
-        """The payload as JSON text (built on first use, then cached)."""
-        if self._text is None:  # two threads may both build it once; the result is the same
-            self._text = json.dumps(_finite(self.build()), separators=(",", ":"),
-                                    allow_nan=False)
+    def data(self) -> str | None:
+        """The payload as JSON text (built on first use, then cached), or None when it cannot
+        be built (``error`` says why; logged and reported once): one bad message never takes
+        the snapshot or an event stream down with it."""
+        if self._text is None and self.error is None:
+            # two threads may both build it once; the result is the same
+            try:
+                self._text = json.dumps(_finite(self.build()), separators=(",", ":"),
+                                        allow_nan=False)
+            except Exception as exc:  # whatever a message held: this item only is lost
+                why = f"{self.key} v{self.version}: {type(exc).__name__}: {exc}"[:500]
+                with _FAIL_LOCK:
+                    first, self.error = self.error is None, why
+                if first:
+                    log.warning("cannot show %s", why, exc_info=True)
+                    if self.on_error is not None:
+                        self.on_error(self, why)
         return self._text
 
 
@@ -114,17 +149,21 @@ class DashboardState:
 
     ``stale_s``: no message for longer than this (s) means the daemon is unreachable.
     ``query``: the daemon's query socket the AI-lens view asks (None: no lens view).
+    ``max_sources``: sources kept; beyond, the least recently seen one is forgotten (its
+    items too) and counted in ``sources_evicted``.
     ``clock``: monotonic seconds (tests pass a fake one).
     """
 
     def __init__(self, *, endpoints: Sequence[str] = (), query: str | None = None,
-                 max_alerts: int = 50,
+                 max_alerts: int = 50, max_sources: int = DEFAULT_MAX_SOURCES,
                  stale_s: float = 3.0, recent_dets: int = 64, series_len: int = 600,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if max_alerts < 1 or stale_s <= 0 or recent_dets < 1 or series_len < 2:
+        if (max_alerts < 1 or max_sources < 1 or stale_s <= 0 or recent_dets < 1
+                or series_len < 2):
             raise ValueError(
-                f"max_alerts ({max_alerts}) and recent_dets ({recent_dets}) must be >= 1, "
-                f"series_len ({series_len}) >= 2 and stale_s ({stale_s}) > 0")
+                f"max_alerts ({max_alerts}), max_sources ({max_sources}) and recent_dets "
+                f"({recent_dets}) must be >= 1, series_len ({series_len}) >= 2 and stale_s "
+                f"({stale_s}) > 0")
         self.endpoints = list(endpoints)
         self.stale_s = stale_s
         self.clock = clock
@@ -133,7 +172,12 @@ class DashboardState:
         self.messages = 0
         self.rejected = 0
         self.last_rejection: str | None = None
-        self.sources: list[str] = []
+        #: items whose payload could not be built (each message's one is lost, nothing else)
+        self.payload_errors = 0
+        self.last_payload_error: str | None = None
+        self.max_sources = max_sources
+        self.sources_evicted = 0
+        self._names: dict[str, None] = {}  # the kept sources, in the order first seen
         self._recent_dets = recent_dets
         self._series_len = series_len
         self._cond = threading.Condition()
@@ -141,7 +185,7 @@ class DashboardState:
         self._items: dict[str, Item] = {}
         self._alerts: deque[tuple[int, Item]] = deque(maxlen=max_alerts)
         self._alert_id = 0
-        self._src: dict[str, _Source] = {}
+        self._src: OrderedDict[str, _Source] = OrderedDict()  # least recently seen first
         self._gaps = SequenceTracker(max_keys=4096)  # messages missed, per topic
         self._set("meta", "meta", lambda: {
             "shape_classes": list(SHAPE_CLASSES), "endpoints": self.endpoints,
@@ -191,6 +235,12 @@ class DashboardState:
     # ------------------------------------------------------------------ output
 
     @property
+    def sources(self) -> list[str]:
+        """The kept sources' names, in the order first seen."""
+        with self._cond:
+            return list(self._names)
+
+    @property
     def version(self) -> int:
         """Rises by one with every item change."""
         return self._version
@@ -236,6 +286,9 @@ class DashboardState:
                 "messages": self.messages,
                 "rejected": self.rejected,
                 "last_rejection": self.last_rejection,
+                "payload_errors": self.payload_errors,
+                "last_payload_error": self.last_payload_error,
+                "sources_evicted": self.sources_evicted,
             }
 
     def track_history(self, source: str, track_id: int) -> dict[str, Any]:
@@ -282,15 +335,33 @@ class DashboardState:
 
     def _set(self, key: str, event: str, build: Callable[[], dict[str, Any]]) -> None:
         self._version += 1
-        self._items[key] = Item(key, event, self._version, build)
+        self._items[key] = Item(key, event, self._version, build, self._payload_failed)
+
+    def _payload_failed(self, item: Item, why: str) -> None:
+        with self._cond:
+            self.payload_errors += 1
+            self.last_payload_error = why
 
     def _source(self, name: str) -> _Source:
+        """The state of source ``name``, marked as just seen (O(1)); a new one beyond
+        ``max_sources`` makes the least recently seen one forgotten."""
         s = self._src.get(name)
-        if s is None:
-            s = self._src[name] = _Source(series=deque(maxlen=self._series_len))
-            self.sources.append(name)
-            names = list(self.sources)
-            self._set("sources", "sources", lambda: {"sources": names})
+        if s is not None:
+            self._src.move_to_end(name)
+            return s
+        while len(self._src) >= self.max_sources:
+            old, _ = self._src.popitem(last=False)
+            del self._names[old]
+            for prefix in _SOURCE_ITEMS:
+                self._items.pop(prefix + old, None)
+            if not self.sources_evicted:
+                log.warning("more than %d sources: forgetting the least recently seen (%s)",
+                            self.max_sources, old)
+            self.sources_evicted += 1
+        s = self._src[name] = _Source(series=deque(maxlen=self._series_len))
+        self._names[name] = None
+        # the list is copied when a client asks (at most max_sources names), not per source
+        self._set("sources", "sources", lambda: {"sources": self.sources})
         return s
 
     def _det(self, msg: Message, h: DetHeader, now: float) -> None:
@@ -359,7 +430,8 @@ class DashboardState:
         aid = self._alert_id
         self._version += 1
         self._alerts.append((aid, Item(f"alert:{aid}", "alert", self._version,
-                                       lambda: _alert_payload(aid, h, table, heat, preview))))
+                                       lambda: _alert_payload(aid, h, table, heat, preview),
+                                       self._payload_failed)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,17 +62,30 @@ def thumbnail(preview: np.ndarray, boxes: np.ndarray | None, *, side: int = THUM
     (the focused ones brighter), as uint8 RGB.
 
     ``boxes``: (n, 4) x0, y0, x1, y1 in preview px (x1/y1 exclusive), or None/empty for the
-    whole picture. An alert lists the particle it names first, so the crop centres on it even
+    whole picture. A box given with its corners swapped (x1 < x0 or y1 < y0) is put in order;
+    an empty one (zero width or height) or one with a non-finite corner is neither drawn nor
+    cropped to. An alert lists the particle it names first, so the crop centres on it even
     when dozens fired. The crop is the union of the focused boxes grown by ``pad`` × its size
-    on every side, at least ``min_crop_px`` wide and high, clipped to the picture; its longer
-    side is then scaled to ``side`` px.
+    on every side, at least ``min_crop_px`` wide and high, clipped to the picture (the whole
+    picture when no focused box is drawable); its longer side is then scaled to ``side`` px.
     """
     h, w = preview.shape
     img = Image.fromarray(np.ascontiguousarray(preview)).convert("RGB")
     if boxes is None or len(boxes) == 0:
         return np.asarray(_fit(img, side)[0])
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    f = b[:max(1, focus)]
+    raw = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    # a box comes from a message: order its corners (Pillow refuses x1 < x0), and keep
+    # only boxes with an area (a zero-size or non-finite one draws nothing)
+    b = np.concatenate([np.minimum(raw[:, :2], raw[:, 2:]), np.maximum(raw[:, :2], raw[:, 2:])],
+                       axis=1)
+    drawable = np.isfinite(b).all(axis=1) & (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    n_focus = max(1, focus)
+    f = b[:n_focus][drawable[:n_focus]]
+    b, focused = b[drawable], np.arange(len(b))[drawable] < n_focus
+    if not len(b):
+        return np.asarray(_fit(img, side)[0])
+    if not len(f):  # nothing to centre on: the whole picture, the other boxes outlined
+        f = np.array([[0.0, 0.0, float(w), float(h)]])
     x0, y0 = f[:, 0].min(), f[:, 1].min()
     x1, y1 = f[:, 2].max(), f[:, 3].max()
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -89,9 +102,8 @@ def thumbnail(preview: np.ndarray, boxes: np.ndarray | None, *, side: int = THUM
                 (bx1 - left) * zoom + 1, (by1 - top) * zoom + 1]
         if rect[2] < 0 or rect[3] < 0 or rect[0] > crop.width or rect[1] > crop.height:
             continue
-        focused = i < len(f)
-        draw.ellipse(rect, outline=(255, 60, 60) if focused else (255, 150, 150),
-                     width=3 if focused else 1)
+        draw.ellipse(rect, outline=(255, 60, 60) if focused[i] else (255, 150, 150),
+                     width=3 if focused[i] else 1)
     return np.asarray(crop)
 
 

@@ -44,6 +44,8 @@ token rules; 503 without a query endpoint, 400 with ``{"error": why}`` when refu
 ``/api/adapt/swap``          POST: hot-swap the daemon to the adapted model
 
 A slow browser never slows the gateway: it is simply sent fewer, newer versions of each item.
+An item whose payload cannot be built is left out of the snapshot and the event stream (and
+counted in the status's ``payload_errors``); every other item is still sent.
 
 Hardened like every listening socket of nanoscout: a real listen backlog, a timeout on every
 request's socket (an idle half-sent request does not hold a thread), at most ``max_clients``
@@ -71,7 +73,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from nanoscout.clients.dashboard.annotate import AnnotationDesk, AnnotationError
-from nanoscout.clients.dashboard.gateway import DashboardState, Gateway
+from nanoscout.clients.dashboard.gateway import DEFAULT_MAX_SOURCES, DashboardState, Gateway
 from nanoscout.clients.dashboard.lens import LensView
 from nanoscout.clients.query import CONTROL_ACTIONS, request_control
 from nanoscout.stopping import StopEvent
@@ -333,8 +335,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _snapshot(self) -> str:
         state = self.server.state
         items, alerts = state.updates({}, 0)
-        parts = [f'"{it.key}":{it.data()}' for it in items]
-        parts.append(f'"alerts":[{",".join(it.data() for _, it in alerts)}]')
+        # an item without a payload (Item.data() None: logged and counted) is left out
+        texts = [(it.key, it.data()) for it in items]
+        parts = [f'"{key}":{text}' for key, text in texts if text is not None]
+        shown = (it.data() for _, it in alerts)
+        parts.append(f'"alerts":[{",".join(t for t in shown if t is not None)}]')
         parts.append(f'"status":{json.dumps(state.status())}')
         return "{" + ",".join(parts) + "}"
 
@@ -359,11 +364,16 @@ class _Handler(BaseHTTPRequestHandler):
                 version = state.version
                 items, alerts = state.updates(sent, last_alert)
                 chunks = []
+                # an item without a payload (logged and counted) is skipped, not retried
                 for it in items:
-                    chunks.append(f"event: {it.event}\ndata: {it.data()}\n\n")
+                    text = it.data()
+                    if text is not None:
+                        chunks.append(f"event: {it.event}\ndata: {text}\n\n")
                     sent[it.key] = it.version
                 for aid, it in alerts:
-                    chunks.append(f"event: alert\ndata: {it.data()}\n\n")
+                    text = it.data()
+                    if text is not None:
+                        chunks.append(f"event: alert\ndata: {text}\n\n")
                     last_alert = aid
                 connected = state.connected()
                 if connected != was_connected or t0 - last_status >= 1.0:
@@ -533,20 +543,22 @@ def run_dashboard(endpoints: Sequence[str], *, host: str = "127.0.0.1", port: in
                   on_ready: Callable[[str], None] | None = None,
                   stop: threading.Event | None = None, allow_hosts: Iterable[str] = (),
                   token: str | None = None, allow_insecure_remote: bool = False,
-                  max_clients: int = 256) -> int:
+                  max_clients: int = 256, max_sources: int = DEFAULT_MAX_SOURCES) -> int:
     """Subscribe to ``endpoints`` and serve the dashboard until interrupted (SIGINT/SIGTERM
     from the main thread, ``stop`` set, or ``duration`` s passed); ``on_ready(url)`` is called
     once the page can be loaded. ``query``: the daemon's query socket for the AI-lens view
     (asked on demand, ``lens_timeout`` s at most; None: no lens view). Returns 0; raises if
     the receiving thread fails. ``allow_hosts``, ``token``, ``allow_insecure_remote``,
-    ``max_clients``: see :class:`DashboardServer`."""
+    ``max_clients``: see :class:`DashboardServer`; ``max_sources``: sources kept, the least
+    recently seen forgotten beyond (see :class:`DashboardState`)."""
     if not is_loopback_host(host) and token is None and allow_insecure_remote:
         log.warning("the dashboard has no authentication; %s makes it reachable from other "
                     "machines", host)
     stop = stop or threading.Event()
     signalled = StopEvent()  # what SIGINT / SIGTERM set, without a lock (nanoscout.stopping)
     signalled.on_signals()
-    state = DashboardState(endpoints=endpoints, stale_s=stale_s, query=query)
+    state = DashboardState(endpoints=endpoints, stale_s=stale_s, query=query,
+                           max_sources=max_sources)
     lens = None if query is None else LensView(query, timeout=lens_timeout, curve=curve)
     control = None if query is None else functools.partial(
         request_control, query, timeout=lens_timeout, curve=curve)

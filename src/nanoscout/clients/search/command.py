@@ -1,10 +1,21 @@
 """``nanoscout search``: drive the microscope through its control socket, read the daemon's
-alerts and classifications, and write what was found as a navigator list."""
+alerts and classifications, and write what was found as a navigator list.
+
+Two timeouts: ``--result-timeout`` (s) is how long a frame's results from the daemon are
+waited for; the microscope's own commands (a stage move blocks until settled, an acquisition
+lasts its exposure) are given ``max(CONTROL_TIMEOUT_S, --result-timeout)``, so a short result
+timeout never cuts a slow stage move short.
+
+When the microscope fails mid-search the list of what was found so far is still written,
+``search.json`` records why it stopped (``stopped`` "error", ``error`` the failure), and the
+exit status is 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, ControlClient
@@ -14,6 +25,14 @@ from nanoscout.clients.search.session import FrameResult, SearchSession
 from nanoscout.clients.search.strategies import SearchConfig, run_search
 from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.transport import DEFAULT_RESULT_ENDPOINT, ClientKeys
+
+#: the least time a microscope command (move, acquire, crop) is given to answer, s
+CONTROL_TIMEOUT_S = 30.0
+#: the help of ``--result-timeout``
+RESULT_TIMEOUT_HELP = (f"wait for a frame's results, s (microscope commands wait "
+                       f"max({CONTROL_TIMEOUT_S:g}, this): a stage move may take long)")
+#: exit status of a search the microscope's failure stopped (what it found is written)
+EXIT_STOPPED_BY_ERROR = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,15 +60,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-dose", type=float, help="mean electron dose over the area, e/nm²")
     p.add_argument("--min-separation", type=float, default=1.0,
                    help="confirmations closer than this (µm) are one target")
-    p.add_argument("--result-timeout", type=float, default=30.0,
-                   help="seconds to wait for a frame's results")
+    p.add_argument("--result-timeout", type=float, default=30.0, help=RESULT_TIMEOUT_HELP)
     p.add_argument("--out", type=Path, required=True,
                    help="folder for targets.csv/.json/.nav, thumbnails and search.json")
 
 
 def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
-    """Run one search and write its navigator list; exit status 0 when it ran to its end."""
-    control = ControlClient(args.control, timeout=max(30.0, args.result_timeout))
+    """Run one search and write its navigator list; exit status 0 when it ran to its end,
+    :data:`EXIT_STOPPED_BY_ERROR` (with the list of what it found written) when the microscope
+    failed."""
+    control = ControlClient(args.control, timeout=max(CONTROL_TIMEOUT_S, args.result_timeout))
     session = SearchSession(control, args.connect, result_timeout_s=args.result_timeout,
                             curve=curve)
     area = args.area or session.limits
@@ -88,4 +108,11 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     print(f"search ({args.strategy}): {len(result.targets)} targets in {result.frames} frames "
           f"({result.instrument_s:.0f} s instrument time, {result.wall_s:.0f} s wall); "
           f"stopped: {result.stopped}; navigator: {paths['nav']}", flush=True)
+    if result.skipped_rows:
+        print(f"search: {result.skipped_rows} alert rows were no target (non-finite position "
+              f"or score) and were skipped", file=sys.stderr, flush=True)
+    if result.error is not None:
+        print(f"nanoscout search: error: {result.error} (stopped; the {len(result.targets)} "
+              f"targets found so far are in {args.out})", file=sys.stderr, flush=True)
+        return EXIT_STOPPED_BY_ERROR
     return 0

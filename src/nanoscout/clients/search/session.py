@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nanoscout.clients.microscope.control import ControlClient
+from nanoscout.clients.microscope.control import ControlClient, ControlError
 from nanoscout.clients.search.geometry import Area, FrameGeometry
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.protocol import AlertHeader, ClassHeader, DetHeader, Message
@@ -86,11 +86,16 @@ class SearchSession:
               purpose: str, meta: dict[str, str | int | float | bool] | None = None
               ) -> FrameResult:
         """Image at (x, y) µm and return the daemon's results for that frame (``meta``: extra
-        frame meta, e.g. the analysis hint ``rotate45``)."""
+        frame meta, e.g. the analysis hint ``rotate45``). Raises :class:`ControlError` when
+        the microscope does not answer, refuses, or answers an acquisition without its seq,
+        stage position, shape or pixel size."""
         moved = self.control.move(x_um, y_um)
         acq = self.control.acquire(pixel_size_nm, shape, tag=purpose, meta=meta)
-        assert acq.seq is not None and acq.stage is not None and acq.shape is not None
-        assert acq.pixel_size_nm is not None
+        if acq.seq is None or acq.stage is None or acq.shape is None or acq.pixel_size_nm is None:
+            missing = [k for k in ("seq", "stage", "shape", "pixel_size_nm")
+                       if getattr(acq, k) is None]
+            raise ControlError(f"the microscope at {self.control.endpoint} answered acquire "
+                               f"without {', '.join(missing)}")
         c = self.costs
         c.frames += 1
         c.instrument_s += (moved.move_s or 0.0) + (acq.exposure_s or 0.0)

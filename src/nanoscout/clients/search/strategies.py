@@ -12,7 +12,12 @@
   confirm, gets one second look from another place in the frame.
 
 Both stop at the budget (frames, instrument seconds or mean electron dose, whichever comes
-first). A frame whose results do not come back is taken once more. High-magnification frames
+first), or when the microscope fails (its control socket does not answer, answers garbage or
+refuses): the search then stops at once and returns what it found so far, with ``stopped`` =
+"error" and the failure in ``error``. A frame whose results do not come back is taken once
+more. An alert row that cannot be a target (a non-finite position, score or alert value) is
+skipped, logged and counted (``skipped_rows``); a non-finite optional measurement (ECD, Feret
+length, aspect ratio) is left out (None). High-magnification frames
 ask the daemon for its 45° view too (frame meta ``rotate45``; wires along an image axis). Targets
 are kept in stage coordinates and de-duplicated: two confirmations closer than
 ``min_separation_um``, or than their half Feret lengths added, are one target.
@@ -29,11 +34,13 @@ from typing import Literal
 
 import numpy as np
 
+from nanoscout.clients.microscope.control import ControlError
 from nanoscout.clients.search.geometry import Area, FrameGeometry, tile_centres
 from nanoscout.clients.search.navigator import FoundTarget
 from nanoscout.clients.search.session import FrameResult, SearchSession
 from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.particles import SHAPE_CLASSES
+from nanoscout.wire.protocol import AlertHeader
 
 log = logging.getLogger("nanoscout.search")
 
@@ -97,7 +104,8 @@ class SearchResult:
     wall_s: float
     mean_dose_e_per_nm2: float
     failed_frames: int
-    stopped: str  # why it ended: "done", "candidates exhausted", "budget: frames", ...
+    #: why it ended: "done", "candidates exhausted", "budget: frames", ..., "error"
+    stopped: str
     duplicates_merged: int = 0
     candidates: int = 0  # nominated in the survey (after merging)
     confirm_frames: int = 0
@@ -106,6 +114,10 @@ class SearchResult:
     curve: list[tuple[int, int]] = field(default_factory=list)
     #: the survey's candidates after merging, best first (adaptive)
     nominated: list[Candidate] = field(default_factory=list)
+    #: the microscope's failure that stopped the search (``stopped`` == "error"), or None
+    error: str | None = None
+    #: target-rule alert rows that could not be made targets (non-finite position, ...)
+    skipped_rows: int = 0
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly numbers (no thumbnails)."""
@@ -117,7 +129,7 @@ class SearchResult:
             "wall_s": round(self.wall_s, 2),
             "mean_dose_e_per_nm2": round(self.mean_dose_e_per_nm2, 4),
             "failed_frames": self.failed_frames, "duplicates_merged": self.duplicates_merged,
-            "stopped": self.stopped,
+            "skipped_rows": self.skipped_rows, "stopped": self.stopped, "error": self.error,
             "first_target": None if first is None else {
                 "frames": first.frame_index, "wall_s": round(first.t_s, 2),
                 "instrument_s": round(first.instrument_s, 2)},
@@ -133,6 +145,8 @@ class TargetBook:
         self.session = session
         self.targets: list[FoundTarget] = []
         self.duplicates_merged = 0
+        #: alert rows that could not be made targets (logged)
+        self.skipped_rows = 0
         self.curve: list[tuple[int, int]] = []
 
     def _same(self, dist_um: float, feret_a: float | None, feret_b: float | None) -> bool:
@@ -147,40 +161,62 @@ class TargetBook:
         return any(math.hypot(t.x_um - x_um, t.y_um - y_um) <= radius_um for t in self.targets)
 
     def offer(self, res: FrameResult) -> list[FoundTarget]:
-        """Add the targets that ``res``'s target-rule alerts name; returns the new ones."""
+        """Add the targets that ``res``'s target-rule alerts name; returns the new ones.
+
+        A row that cannot be a target (non-finite position, score or alert value) is skipped,
+        logged and counted in ``skipped_rows``; the other rows are still taken."""
         new: list[FoundTarget] = []
         for msg in res.alerts:
             h = msg.header
-            if h.rule not in self.cfg.target_rules or msg.array is None:  # type: ignore[attr-defined]
+            if (not isinstance(h, AlertHeader) or h.rule not in self.cfg.target_rules
+                    or msg.array is None):
                 continue
-            units = h.units  # type: ignore[attr-defined]
-            for row in msg.array:
-                x, y = res.geometry.to_stage(float(row["y"]), float(row["x"]))
-                feret = float(row["feret_max_nm"]) if units == "nm" else None
-                near = [t for t in self.targets
-                        if self._same(math.hypot(t.x_um - float(x), t.y_um - float(y)), feret,
-                                      t.feret_max_nm)]
-                if near:
-                    self.duplicates_merged += 1
+            for k, row in enumerate(msg.array):
+                try:
+                    target = self._target(res, h, row)
+                except ValueError as exc:
+                    self.skipped_rows += 1
+                    log.warning("frame %s#%d: alert %r row %d is no target: %s", res.source,
+                                res.seq, h.rule, k, exc)
                     continue
-                half = self.cfg.thumbnail_px
-                if feret is not None:
-                    half = int(min(256, max(half, 0.75 * feret / res.geometry.pixel_size_nm)))
-                target = FoundTarget(
-                    id=len(self.targets) + 1, rule=h.rule,  # type: ignore[attr-defined]
-                    label=_label(h.rule, row),  # type: ignore[attr-defined]
-                    x_um=float(x), y_um=float(y), confidence=float(row["score"]),
-                    value=float(h.value), threshold=float(h.threshold),  # type: ignore[attr-defined]
-                    units=units, ecd_nm=_nm(row, "ecd_nm", units),
-                    feret_max_nm=feret, aspect_ratio=float(row["aspect_ratio"]),
-                    source=res.source, seq=res.seq,
-                    pixel_size_nm=res.geometry.pixel_size_nm, frame_index=res.index,
-                    t_s=res.t_s, instrument_s=res.instrument_s,
-                    thumbnail=self.session.crop(res, float(row["y"]), float(row["x"]), half))
-                self.targets.append(target)
-                new.append(target)
-                self.curve.append((res.index, len(self.targets)))
+                if target is not None:
+                    new.append(target)
         return new
+
+    def _target(self, res: FrameResult, h: AlertHeader, row: np.void) -> FoundTarget | None:
+        """The new target ``row`` names, or None when it is one found before; raises
+        ValueError naming the field when the row cannot be a target."""
+        units = h.units
+        x, y = (float(v) for v in res.geometry.to_stage(float(row["y"]), float(row["x"])))
+        if not (math.isfinite(x) and math.isfinite(y)):
+            # checked before the thumbnail is asked of the microscope
+            raise ValueError(f"position must be finite, got x {float(row['x'])!r}, "
+                             f"y {float(row['y'])!r} px")
+        feret = _finite_or_none(float(row["feret_max_nm"])) if units == "nm" else None
+        if any(self._same(math.hypot(t.x_um - x, t.y_um - y), feret, t.feret_max_nm)
+               for t in self.targets):
+            self.duplicates_merged += 1
+            return None
+        score, value, threshold = float(row["score"]), float(h.value), float(h.threshold)
+        for name, v in (("score", score), ("alert value", value),
+                        ("alert threshold", threshold)):
+            if not math.isfinite(v):  # before the thumbnail is asked of the microscope
+                raise ValueError(f"{name} must be finite, got {v!r}")
+        half = self.cfg.thumbnail_px
+        if feret is not None:
+            half = int(min(256, max(half, 0.75 * feret / res.geometry.pixel_size_nm)))
+        target = FoundTarget(
+            id=len(self.targets) + 1, rule=h.rule, label=_label(h.rule, row),
+            x_um=x, y_um=y, confidence=score, value=value, threshold=threshold,
+            units=units, ecd_nm=_nm(row, "ecd_nm", units),
+            feret_max_nm=feret, aspect_ratio=_finite_or_none(float(row["aspect_ratio"])),
+            source=res.source, seq=res.seq,
+            pixel_size_nm=res.geometry.pixel_size_nm, frame_index=res.index,
+            t_s=res.t_s, instrument_s=res.instrument_s,
+            thumbnail=self.session.crop(res, float(row["y"]), float(row["x"]), half))
+        self.targets.append(target)
+        self.curve.append((res.index, len(self.targets)))
+        return target
 
 
 def _label(rule: str, row: np.void) -> str:
@@ -188,13 +224,20 @@ def _label(rule: str, row: np.void) -> str:
     return f"{rule} ({SHAPE_CLASSES[k]})" if 0 <= k < len(SHAPE_CLASSES) else rule
 
 
+def _finite_or_none(v: float) -> float | None:
+    """``v``, or None when it is NaN or infinite (a measurement that was not made)."""
+    return v if math.isfinite(v) else None
+
+
 def _nm(row: np.void, name: str, units: str) -> float | None:
-    return float(row[name]) if units == "nm" else None
+    return _finite_or_none(float(row[name])) if units == "nm" else None
 
 
 class _Budget:
     def __init__(self, cfg: SearchConfig, session: SearchSession) -> None:
         self.cfg, self.session = cfg, session
+        #: the microscope's failure that stopped the search (no frame may be taken), or None
+        self.error: str | None = None
 
     def exhausted(self) -> str | None:
         """Why no further frame may be taken, or None."""
@@ -220,16 +263,23 @@ Progress = Callable[[FrameResult, list[FoundTarget]], None]
 
 
 def _take(session: SearchSession, budget: _Budget, x: float, y: float, pixel_size_nm: float,
-          shape: tuple[int, int], purpose: str) -> FrameResult:
+          shape: tuple[int, int], purpose: str) -> FrameResult | None:
     """One frame; a frame whose results did not come (engine failure, timeout) is taken once
-    more, budget permitting, so a transient failure does not lose what it would have shown."""
+    more, budget permitting, so a transient failure does not lose what it would have shown.
+    None when the microscope failed (no answer, garbage, a refusal): ``budget.error`` says
+    why, and the search stops with what it found."""
     meta: dict[str, str | int | float | bool] | None = None
     if purpose != "survey" and budget.cfg.rotate45_high_mag:
         meta = {"rotate45": True}
-    res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
-    if res.error is not None and budget.exhausted() is None:
-        log.warning("taking frame at (%.2f, %.2f) µm again", x, y)
+    try:
         res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
+        if res.error is not None and budget.exhausted() is None:
+            log.warning("taking frame at (%.2f, %.2f) µm again", x, y)
+            res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
+    except ControlError as exc:
+        budget.error = str(exc)
+        log.error("the search stops: %s", exc)
+        return None
     return res
 
 
@@ -246,18 +296,21 @@ def raster_search(session: SearchSession, cfg: SearchConfig,
         return book.offer(res)
 
     stopped = _sweep(session, cfg, budget, cfg.pixel_size_nm, "raster", found, progress)
-    return _result("raster", session, cfg, book, stopped or "done")
+    return _result("raster", session, cfg, book, budget, stopped or "done")
 
 
 def _sweep(session: SearchSession, cfg: SearchConfig, budget: _Budget, pixel_size_nm: float,
            purpose: str, on_frame: Callable[[FrameResult], list[FoundTarget]],
            progress: Progress | None) -> str:
-    """Tile the area at ``pixel_size_nm``; returns why it stopped early ("" when complete)."""
+    """Tile the area at ``pixel_size_nm``; returns why it stopped early ("" when complete,
+    "error" when the microscope failed)."""
     for x, y in tile_centres(cfg.area, _fov(cfg, pixel_size_nm), cfg.overlap_um):
         why = budget.exhausted()
         if why:
             return why
         res = _take(session, budget, x, y, pixel_size_nm, cfg.shape, purpose)
+        if res is None:
+            return "error"
         new = on_frame(res)
         if progress is not None:
             progress(res, new)
@@ -328,6 +381,9 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
         visited.append(best)
         x, y = _clamp(session, best.x_um, best.y_um)
         res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
+        if res is None:
+            stopped = "error"
+            break
         new = book.offer(res)
         if res.error is None:
             pending = [c for c in pending
@@ -348,12 +404,15 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
             break
         x, y = _clamp(session, c.x_um + fx / 4, c.y_um + fy / 4)
         res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
+        if res is None:
+            stopped = "error"
+            break
         new = book.offer(res)
         if progress is not None:
             progress(res, new)
     if not stopped:
         stopped = "candidates exhausted"
-    out = _result("adaptive", session, cfg, book, stopped)
+    out = _result("adaptive", session, cfg, book, budget, stopped)
     out.candidates, out.survey_frames = n_cands, survey
     out.confirm_frames = session.costs.frames - survey
     out.nominated = ranked
@@ -361,19 +420,24 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
 
 
 def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: TargetBook,
-            stopped: str) -> SearchResult:
+            budget: _Budget, stopped: str) -> SearchResult:
     c = session.costs
     return SearchResult(
         strategy=strategy, targets=book.targets, frames=c.frames, instrument_s=c.instrument_s,
         wall_s=time.monotonic() - session.t0, mean_dose_e_per_nm2=c.mean_dose(cfg.area),
         failed_frames=c.failed_frames, stopped=stopped,
         duplicates_merged=book.duplicates_merged, curve=book.curve,
-        survey_frames=0, confirm_frames=c.frames if strategy == "raster" else 0)
+        survey_frames=0, confirm_frames=c.frames if strategy == "raster" else 0,
+        error=budget.error, skipped_rows=book.skipped_rows)
 
 
 def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
                progress: Progress | None = None) -> SearchResult:
-    """Run the named strategy; a search area beyond the stage limits is refused at once."""
+    """Run the named strategy; a search area beyond the stage limits is refused at once.
+
+    When the microscope fails mid-search (:class:`ControlError`: no answer, garbage, a
+    refusal) the search stops and the result holds what was found so far, ``stopped`` =
+    "error" and the failure in ``error``; nothing found is lost."""
     lim = session.limits
     a = cfg.area
     if lim is not None and not (lim.contains(a.x_min, a.y_min)
