@@ -130,6 +130,81 @@ def test_adapt_refuses_unpaired_inputs(tmp_path: Path, capsys: pytest.CaptureFix
     assert "choice 'cautious' is not one of best, paired" in capsys.readouterr().err
 
 
+def _no_training(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the refusal must come before anything is trained or written")
+
+
+def test_adapt_refuses_an_out_that_would_replace_the_base_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out the base model's folder (``--out models/weights`` with the default base) would
+    replace the base by the adapted model: refused, with or without --overwrite, before any
+    training."""
+    import shutil
+
+    from nanoscout.training import adapt as adapt_module
+
+    monkeypatch.setattr(adapt_module, "_adapt", _no_training)
+    img, lab = _synthetic_pair(tmp_path)
+    shipped = shipped_model_dir()
+    w = tmp_path / "w"
+    w.mkdir()
+    for name in ("detector.onnx", "detector.json"):
+        shutil.copyfile(shipped / name, w / name)
+    before = {p.name: sha256_file(p) for p in w.iterdir()}
+    with pytest.raises(ConfigError, match="holds the base model detector.onnx"):
+        adapt_run([img], [lab], w, base=w / "detector.onnx", overwrite=True)
+    with pytest.raises(ConfigError, match="holds detector.onnx, detector.json already"):
+        adapt_run([img], [lab], w, base=w / "detector.onnx")
+    # the default base: the shipped detector's own folder
+    with pytest.raises(ConfigError, match="holds the base model detector.onnx"):
+        adapt_run([img], [lab], shipped, overwrite=True)
+    # a base of another name: its folder still holds it and its card
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(shipped / "detector.onnx", other / "mine.onnx")
+    card = ModelCard.load(shipped / "detector.json").model_copy(update={"onnx_file": "mine.onnx"})
+    card.dump(other / "mine.json")
+    with pytest.raises(ConfigError, match="holds the base model mine.onnx"):
+        adapt_run([img], [lab], other, base=other / "mine.onnx")
+    assert {p.name: sha256_file(p) for p in w.iterdir()} == before
+    assert sorted(p.name for p in other.iterdir()) == ["mine.json", "mine.onnx"]
+
+
+def test_adapt_refuses_an_out_that_is_a_file_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoscout.training import adapt as adapt_module
+
+    monkeypatch.setattr(adapt_module, "_adapt", _no_training)
+    img, lab = _synthetic_pair(tmp_path)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("precious\n")
+    assert main(["models", "adapt", str(img), "--labels", str(lab), "--out", str(afile),
+                 "--steps", "10", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {afile} is a file" in err and "Traceback" not in err
+    assert afile.read_text() == "precious\n"
+
+
+def test_an_earlier_model_in_out_is_replaced_only_with_overwrite(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    img, lab = _synthetic_pair(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "detector.onnx").write_text("an earlier specimen's model")
+    (out / "detector.json").write_text('{"mine": 1}')
+    args = ["models", "adapt", str(img), "--labels", str(lab), "--out", str(out), "--steps",
+            "10", "--threads", "1", "--no-progress"]
+    assert main(args) == 2
+    assert "holds detector.onnx, detector.json already: choose a new folder (--overwrite " \
+           "replaces them)" in capsys.readouterr().err
+    assert (out / "detector.onnx").read_text() == "an earlier specimen's model"
+    assert (out / "detector.json").read_text() == '{"mine": 1}'
+    assert main([*args, "--overwrite"]) == 0
+    card = ModelCard.load(out / "detector.json")  # the new model, its sha256 checked
+    assert card.name.endswith("-adapted")
+
+
 def test_the_base_network_is_kept_when_fine_tuning_loses_on_the_held_out_half(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An operator who annotated only the right half of a frame: the fold model learns from the

@@ -59,3 +59,37 @@ def test_too_few_frames_are_refused(shared_data: Path, tmp_path: Path,
     few = _emps(shared_data, 0, 3)
     assert main(["models", "calibrate-lens", *few, "--out", str(tmp_path / "o")]) == 2
     assert "3 frames read" in capsys.readouterr().err
+
+
+def test_bad_options_are_refused_before_the_lens_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--min-frames 0, an --out or --json that cannot be written: one line, exit 2, and no lens
+    written; a --json in a folder that does not exist yet gets its folder."""
+    from PIL import Image
+
+    from nanoscout.training.calibrate_lens import main as calibrate
+
+    empty, one = tmp_path / "empty", tmp_path / "one"
+    empty.mkdir()
+    one.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((96, 96)) * 255).astype(np.uint8)).save(one / "f.png")
+    out = tmp_path / "lens-out"
+    assert calibrate([str(empty), "--out", str(out), "--min-frames", "0"]) == 2
+    assert "--min-frames must be >= 1, got 0" in capsys.readouterr().err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert calibrate([str(one), "--out", str(afile), "--min-frames", "1"]) == 2
+    assert f"--out {afile}: {afile} is a file, not a folder" in capsys.readouterr().err
+    assert calibrate([str(one), "--out", str(out), "--min-frames", "1", "--json",
+                      str(afile / "s.json")]) == 2
+    assert f"--json {afile / 's.json'}: {afile} is a file" in capsys.readouterr().err
+    assert calibrate([str(one), "--out", str(out), "--min-frames", "1", "--json",
+                      str(one)]) == 2
+    assert f"--json {one} is a folder" in capsys.readouterr().err
+    assert afile.read_text() == "x" and not out.exists()
+    summary = tmp_path / "new" / "s.json"
+    assert calibrate([str(one), "--out", str(out), "--min-frames", "1", "--json",
+                      str(summary)]) == 0
+    assert json.loads(summary.read_text())["frames"] == 1
+    ModelCard.load(out / "lens.json")

@@ -112,6 +112,40 @@ def test_folder_mode_needs_two_classes(tmp_path: Path) -> None:
         load_folder(tmp_path)
 
 
+def test_folder_mode_needs_an_out_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --out, --data would write ./models/weights: from the repository root, over the
+    shipped classifier. Refused before anything is read or trained."""
+    pytest.importorskip("torch")
+    from nanoscout.training.train_classifier import main
+
+    _write_folder(tmp_path / "data")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as info:
+        main(["--data", str(tmp_path / "data"), "--steps", "2", "--size", "64", "--no-timing",
+              "--threads", "1"])
+    assert info.value.code == 2
+    assert "--data needs --out" in capsys.readouterr().err
+    assert not any(cwd.iterdir())
+
+
+def test_images_smaller_than_a_crop_are_kept_whole() -> None:
+    """An image side under MIN_CROP_PX cannot be cut: its crops keep that side whole (the
+    whole image, for a 4 x 4 one: what the daemon resamples), instead of failing."""
+    from nanoscout.training.train_classifier import crops_of
+
+    rng = np.random.default_rng(0)
+    tiny = np.arange(16, dtype=np.float32).reshape(4, 4)
+    crops = crops_of(tiny, rng, 4, 64)
+    assert len(crops) == 4 and all(c.shape == (64, 64) for c in crops)
+    assert all(np.array_equal(c, crops[0]) for c in crops)
+    strip = rng.random((3, 200)).astype(np.float32)
+    crops = crops_of(strip, rng, 5, 64)
+    assert len(crops) == 5 and all(c.shape == (64, 64) and np.isfinite(c).all() for c in crops)
+
+
 def _label_map(rods: int, spheres: int = 6) -> np.ndarray:
     """Instance map 200x200: ``spheres`` separate discs (r 6) and ``rods`` 4x30 px bars."""
     lab = np.zeros((200, 200), np.int32)

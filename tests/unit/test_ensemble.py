@@ -103,3 +103,43 @@ def test_an_adapted_card_or_none_cannot_lead_and_the_command_says_why(
     bare.write_bytes(GENERAL.read_bytes())
     assert ensemble.main([str(bare), str(GENERAL), "--out", str(out)]) == 2
     assert "no model card" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_out_that_would_replace_a_member_or_its_card_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out a member (or a name whose card is a member's card) would overwrite that member and
+    pin the ensemble's own sha256 as the member's: refused, nothing written."""
+    for name in ("a.onnx", "a.json", "b.onnx", "b.json"):
+        (tmp_path / name).write_bytes((GENERAL if name.startswith("a") else STEM)
+                                      .with_suffix(Path(name).suffix).read_bytes())
+    before = {p.name: sha256_file(p) for p in tmp_path.iterdir()}
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    for out in (a, b, tmp_path / "b.other", tmp_path / "sub" / ".." / "a.onnx"):
+        assert ensemble.main([str(a), str(b), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "(a member or its card): name a new file" in err, err
+    assert {p.name: sha256_file(p) for p in tmp_path.iterdir()} == before
+
+
+def test_bad_members_cards_and_outs_are_refused_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "e.onnx"
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(GENERAL.read_bytes()[:100_000])
+    assert ensemble.main([str(GENERAL), str(trunc), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{trunc}: not a readable ONNX model" in err and "Traceback" not in err
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(GENERAL.read_bytes())
+    bad.with_suffix(".json").write_text('{"name": "x"}')
+    assert ensemble.main([str(bad), str(STEM), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"model card {bad.with_suffix('.json')} is invalid: version: Field required" in err
+    assert len(err.strip().splitlines()) == 1
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    assert ensemble.main([str(GENERAL), str(STEM), "--out", str(folder)]) == 2
+    assert f"--out {folder} is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "bad.json", "bad.onnx",
+                                                          "trunc.onnx"]
+    assert not any(folder.iterdir())

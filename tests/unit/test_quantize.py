@@ -210,6 +210,35 @@ def test_quantize_command_writes_a_summary(tmp_path: Path) -> None:
         main(["--weights", str(tmp_path), "--models", "lens"])
 
 
+def test_a_truncated_model_or_no_calibration_frames_are_refused_before_writing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated ONNX file whose card's sha256 matches it, and --calibration-frames 0, are
+    said in one line (exit 2), and no sibling is written."""
+    import hashlib
+
+    from nanoscout.cli.main import main as cli
+    from nanoscout.wire.errors import ModelCardError
+
+    src = _copy("classifier", tmp_path)
+    src.write_bytes(src.read_bytes()[:30_000])
+    card = json.loads(src.with_suffix(".json").read_text())
+    card["sha256"] = hashlib.sha256(src.read_bytes()).hexdigest()
+    src.with_suffix(".json").write_text(json.dumps(card))
+    args = ["models", "quantize", "--weights", str(tmp_path), "--models", "classifier",
+            "--no-parity", "--threads", "1"]
+    assert cli([*args, "--calibration-frames", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load ONNX model {src}" in err and "Traceback" not in err
+    with pytest.raises(ModelCardError, match="cannot load ONNX model"):
+        quantize_model(src, n_calibration=2, check=False)
+    _copy("classifier", tmp_path)
+    assert cli([*args, "--calibration-frames", "0"]) == 2
+    assert "--calibration-frames 0 must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="n_calibration 0"):
+        quantize_model(src, n_calibration=0, check=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classifier.json", "classifier.onnx"]
+
+
 def test_build_engines_calibrates_the_shipped_detector_on_a_stand_in_gpu(
         fake_gpu: FakeGpu, tmp_path: Path) -> None:  # noqa: F811 (the imported fixture)
     """``nanoscout models build-engines --precision int8`` against the stand-in TensorRT of

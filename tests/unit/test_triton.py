@@ -93,6 +93,72 @@ def test_bad_repository_options(kwargs: dict, needle: str) -> None:
     assert needle in str(info.value)
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("kwargs", [{"instances": 0}, {"max_batch_size": 0}, {"threads": 0},
+                                    {"max_queue_delay_us": -1}])
+def test_a_bad_option_leaves_the_repository_as_it_was(tmp_path: Path, kwargs: dict) -> None:
+    repo = tmp_path / "repo"
+    write_repository([WEIGHTS / "lens.onnx"], repo, tensorrt="never")
+    before = _tree(repo)
+    with pytest.raises(ConfigError, match=r"must be >= 1"):
+        write_repository([WEIGHTS / "lens.onnx"], repo, tensorrt="never", **kwargs)
+    # a missing second model is found before the first is written
+    with pytest.raises(EngineFailure, match="model file not found: .*nosuch.onnx"):
+        write_repository([WEIGHTS / "lens.onnx", tmp_path / "nosuch.onnx"], repo,
+                         tensorrt="never", runtime="python")
+    assert _tree(repo) == before
+
+
+def test_only_model_folders_it_wrote_are_replaced(tmp_path: Path) -> None:
+    """A re-export replaces the model folders export-triton wrote (a Python-backend server's
+    __pycache__ in them included); a folder or file of the model's name that it did not
+    write, or an --out that is a file, is refused and left as it was."""
+    lens = WEIGHTS / "lens.onnx"
+    repo = tmp_path / "repo"
+    write_repository([lens], repo, tensorrt="never", runtime="python")
+    (repo / "lens" / "1" / "__pycache__").mkdir()
+    (repo / "lens" / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")
+    [m] = write_repository([lens], repo, tensorrt="never")
+    assert m.folder == repo / "lens" and _tree(repo) == {
+        "lens/1/model.onnx": lens.read_bytes(),
+        "lens/config.pbtxt": (repo / "lens" / "config.pbtxt").read_bytes()}
+    work = tmp_path / "work"
+    (work / "lens").mkdir(parents=True)
+    (work / "lens" / "notes.txt").write_text("my lens notes")
+    (work / "detector").write_text("x")
+    with pytest.raises(ConfigError, match="lens exists and is not a Triton model folder"):
+        write_repository([lens], work, tensorrt="never")
+    with pytest.raises(ConfigError, match="detector exists and is not a model folder"):
+        write_repository([WEIGHTS / "detector.onnx"], work, tensorrt="never")
+    # a config.pbtxt of someone else's, and a file of the user's beside the model
+    (work / "lens" / "config.pbtxt").write_text('name: "lens"\n')
+    with pytest.raises(ConfigError, match="not a Triton model folder"):
+        write_repository([lens], work, tensorrt="never")
+    (repo / "lens" / "1" / "README").write_text("mine")
+    with pytest.raises(ConfigError, match="not a Triton model folder"):
+        write_repository([lens], repo, tensorrt="never")
+    assert (repo / "lens" / "1" / "README").read_text() == "mine"
+    assert _tree(work) == {"detector": b"x", "lens/config.pbtxt": b'name: "lens"\n',
+                           "lens/notes.txt": b"my lens notes"}
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a repository folder"):
+        write_repository([lens], afile, tensorrt="never")
+    assert afile.read_text() == "x"
+
+
+def test_export_triton_help_says_what_it_replaces() -> None:
+    from nanoscout.cli.export_triton import parser
+
+    text = " ".join(parser().format_help().split())
+    assert "a model folder of the same name that this command wrote there before is " \
+           "replaced" in text
+
+
 def test_triton_config_section() -> None:
     cfg = load_config(None, {"engine.backend": "triton", "engine.triton.url": "gpu1:8001",
                              "engine.triton.fallback": "cpu",

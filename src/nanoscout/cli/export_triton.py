@@ -36,7 +36,10 @@ def parser() -> argparse.ArgumentParser:
         prog="nanoscout models export-triton",
         description="write a Triton Inference Server model repository (ONNX + config.pbtxt, "
                     "and TensorRT plans where TensorRT runs) for the shipped models")
-    p.add_argument("--out", type=Path, required=True, help="the repository folder")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the repository folder; a model folder of the same name that this "
+                        "command wrote there before is replaced, any other file or folder "
+                        "of that name is refused")
     p.add_argument("--models", type=Path, nargs="+",
                    help="ONNX files (default: the shipped detector, STEM detector, classifier "
                         "and lens)")

@@ -183,6 +183,10 @@ def adapt(
     progress: Annotated[bool | None, typer.Option(
         "--progress/--no-progress", help="draw a progress bar",
         show_default="on a terminal")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace an adapted model already at --out (its detector.onnx, "
+                            "detector.json and base network; never the base model's own "
+                            "folder)")] = False,
 ) -> None:
     """Fine-tune the detector on a few annotated frames of a new specimen (torch, CPU)."""
     try:
@@ -214,7 +218,8 @@ def adapt(
 
         res = run_adapt(list(images), list(labels), out, base=base, minutes=minutes,
                         guard=guard, seed=seed, threads=threads, progress=tick, command=command,
-                        base_competes=base_competes, steps=steps, choice=choice)
+                        base_competes=base_competes, steps=steps, choice=choice,
+                        overwrite=overwrite)
         b, a = res.before, res.after
         also = ("" if res.base_network is None else
                 f" (with its base network {res.base_network}"

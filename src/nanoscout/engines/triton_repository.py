@@ -99,6 +99,14 @@ def _batched(specs: Sequence[TensorSpec]) -> bool:
     return all(len(s.shape) >= 1 and s.shape[0] is None for s in specs)
 
 
+def _check_numbers(max_batch_size: int, max_queue_delay_us: int, instances: int,
+                   threads: int) -> None:
+    if max_batch_size < 1 or instances < 1 or max_queue_delay_us < 0 or threads < 1:
+        raise ConfigError(f"max_batch_size ({max_batch_size}), instances ({instances}) and "
+                          f"threads ({threads}) must be >= 1, max_queue_delay_us "
+                          f"({max_queue_delay_us}) >= 0")
+
+
 def model_config(
     name: str,
     inputs: Sequence[TensorSpec],
@@ -119,10 +127,7 @@ def model_config(
     run per GPU (or on the CPU) as ``kind`` says. ``threads``: ONNX Runtime intra-op threads
     per instance (the python variant's ``intra_op_threads`` parameter).
     """
-    if max_batch_size < 1 or instances < 1 or max_queue_delay_us < 0 or threads < 1:
-        raise ConfigError(f"max_batch_size ({max_batch_size}), instances ({instances}) and "
-                          f"threads ({threads}) must be >= 1, max_queue_delay_us "
-                          f"({max_queue_delay_us}) >= 0")
+    _check_numbers(max_batch_size, max_queue_delay_us, instances, threads)
     batched = _batched([*inputs, *outputs])
     lines = [f'name: "{name}"']
     if variant == "onnxruntime":
@@ -225,16 +230,26 @@ def write_repository(
 ) -> list[ExportedModel]:
     """Write a Triton model repository for ``models`` (ONNX files) into ``out``; returns what
     was written. Each model is named after its file's stem; an existing model folder of that
-    name is replaced. ``tensorrt``: "auto" adds a ``<stem>_trt`` plan variant where TensorRT
-    and a GPU are present, "always" fails where they are not, "never" skips it.
+    name is replaced only where this function wrote it (:func:`_is_ours`): any other file or
+    folder there is refused. ``tensorrt``: "auto" adds a ``<stem>_trt`` plan variant where
+    TensorRT and a GPU are present, "always" fails where they are not, "never" skips it.
+    Every option, model file and target folder is checked, and every model's config made,
+    before anything in ``out`` is touched: ConfigError for a bad option or target,
+    EngineFailure for a missing or unreadable model file.
     """
     if runtime not in ("onnxruntime", "python"):
         raise ConfigError(f"runtime {runtime!r} must be 'onnxruntime' or 'python'")
     if tensorrt not in ("auto", "never", "always"):
         raise ConfigError(f"tensorrt {tensorrt!r} must be auto, never or always")
+    _check_numbers(max_batch_size, max_queue_delay_us, instances, threads)
     stems = [Path(m).stem for m in models]
     if len(set(stems)) != len(stems):
         raise ConfigError(f"model file names must differ, got {stems}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a repository folder")
+    missing = [str(m) for m in models if not Path(m).is_file()]
+    if missing:
+        raise EngineFailure(f"model file not found: {', '.join(missing)}")
     trt_reason: str | None = "not asked for"
     if tensorrt != "never":
         from nanoscout.engines.tensorrt import unavailable_reason
@@ -242,13 +257,23 @@ def write_repository(
         trt_reason = unavailable_reason()
         if trt_reason is not None and tensorrt == "always":
             raise EngineUnavailable(f"no TensorRT plans: {trt_reason}")
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[ExportedModel] = []
+    for stem in stems:
+        _check_replaceable(out / stem)
+        if trt_reason is None:
+            _check_replaceable(out / f"{stem}_trt")
+    # each model's tensors and config, read and made before the repository is touched
+    prepared: list[tuple[Path, tuple[TensorSpec, ...], tuple[TensorSpec, ...], str, str]] = []
     for model in map(Path, models):
-        if not model.is_file():
-            raise EngineFailure(f"model file not found: {model}")
         inputs, outputs = _specs(model)
         sha = file_sha256(model)
+        config = model_config(model.stem, inputs, outputs, variant=runtime, sha256=sha,
+                              max_batch_size=max_batch_size,
+                              max_queue_delay_us=max_queue_delay_us, instances=instances,
+                              kind=kind, threads=threads)
+        prepared.append((model, inputs, outputs, sha, config))
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[ExportedModel] = []
+    for model, inputs, outputs, sha, config in prepared:
         batched = _batched([*inputs, *outputs])
         common: dict[str, Any] = dict(sha256=sha, max_batch_size=max_batch_size,
                                       max_queue_delay_us=max_queue_delay_us,
@@ -259,9 +284,7 @@ def write_repository(
         if runtime == "python":
             shutil.copyfile(Path(__file__).with_name("triton_python_model.py"),
                             folder / "1" / "model.py")
-        (folder / "config.pbtxt").write_text(
-            model_config(model.stem, inputs, outputs, variant=runtime, **common),
-            encoding="utf-8")
+        (folder / "config.pbtxt").write_text(config, encoding="utf-8")
         written.append(ExportedModel(model.stem, folder, runtime,
                                      max_batch_size if batched else 0, sha))
         if trt_reason is not None:
@@ -284,9 +307,55 @@ def write_repository(
     return written
 
 
+#: the files :func:`write_repository` puts in a model's version folder
+_VERSION_FILES = frozenset({"model.onnx", "model.py", "model.plan"})
+
+
+def _is_ours(folder: Path) -> bool:
+    """Whether ``folder`` is a model folder :func:`write_repository` wrote: a ``config.pbtxt``
+    that carries the ``nanoscout_sha256`` parameter, and numbered version folders holding
+    nothing but the model files it writes (and the ``__pycache__`` a Python-backend server
+    may leave); nothing else."""
+    config = folder / "config.pbtxt"
+    try:
+        if not config.is_file() or f'key: "{SHA256_PARAMETER}"' not in config.read_text(
+                encoding="utf-8"):
+            return False
+        for entry in folder.iterdir():
+            if entry.name == "config.pbtxt":
+                continue
+            if not (entry.is_dir() and not entry.is_symlink() and entry.name.isdigit()):
+                return False
+            for f in entry.iterdir():
+                model_file = f.name in _VERSION_FILES and f.is_file()
+                cache = f.name == "__pycache__" and f.is_dir()
+                if f.is_symlink() or not (model_file or cache):
+                    return False
+    except (OSError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Raise ConfigError when ``folder`` exists and is not a model folder this module wrote
+    (:func:`_is_ours`): a re-export replaces only its own output, never the user's files."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise ConfigError(f"{folder} exists and is not a model folder: move it away, or choose "
+                          "another --out")
+    if not _is_ours(folder):
+        raise ConfigError(f"{folder} exists and is not a Triton model folder that "
+                          "export-triton wrote (config.pbtxt with nanoscout_sha256 and "
+                          "numbered version folders only): move it away, or choose another "
+                          "--out")
+
+
 def _fresh(folder: Path) -> Path:
-    """``folder``, emptied (a re-export replaces the model, never mixes versions)."""
-    if folder.exists():
+    """``folder``, emptied (a re-export replaces the model, never mixes versions); only a
+    model folder this module wrote is removed (:func:`_check_replaceable`)."""
+    if folder.exists() or folder.is_symlink():
+        _check_replaceable(folder)
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     return folder

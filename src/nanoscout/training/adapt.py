@@ -109,7 +109,8 @@ from nanoscout.training.train import Pool, loss_fn, targets_and_weights
 from nanoscout.training.unet import ParticleUNet
 from nanoscout.wire.errors import ConfigError
 
-__all__ = ["DEFAULT_GUARD", "GUARDS", "AdaptResult", "Part", "adapt"]
+__all__ = ["DEFAULT_GUARD", "GUARDS", "OUTPUT_FILES", "AdaptResult", "Part", "adapt",
+           "check_out"]
 
 Guard = Literal["mix", "freeze", "head", "none"]
 GUARDS: tuple[str, ...] = ("mix", "freeze", "head", "none")
@@ -604,11 +605,39 @@ def default_base(images: list[Path]) -> Path:
     return shipped_model_dir() / "detector.onnx"
 
 
+#: the files an adaptation writes into its output folder (or, for the base network's, removes
+#: where the adapted model stands alone)
+OUTPUT_FILES = ("detector.onnx", "detector.json", BASE_FILE,
+                Path(BASE_FILE).with_suffix(".json").name)
+
+
+def check_out(out: Path, *, overwrite: bool = False) -> None:
+    """Raise ConfigError when ``out`` cannot take an adapted model: it is a file, or (without
+    ``overwrite``) it holds one of the :data:`OUTPUT_FILES` already. Reads only."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: name a folder for detector.onnx + "
+                          "detector.json")
+    taken = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if taken and not overwrite:
+        raise ConfigError(f"--out {out} holds {', '.join(taken)} already: choose a new folder "
+                          "(--overwrite replaces them)")
+
+
+def _check_not_base(out: Path, bases: list[Path]) -> None:
+    """Raise ConfigError when ``out`` is the folder of one of the ``bases`` (ONNX files, their
+    cards beside them): the adapted model and its base network would replace them."""
+    there = out.resolve()
+    for onnx in bases:
+        if onnx.resolve().parent == there:
+            raise ConfigError(f"--out {out} holds the base model {onnx.name} (and its card): "
+                              "choose another folder, the adapted model would replace them")
+
+
 def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | None = None,
           minutes: float = 4.0, guard: str = DEFAULT_GUARD, seed: int = 0, threads: int = 1,
           progress: Progress | None = None, command: str = "",
           base_competes: bool = True, steps: int | None = None,
-          choice: str = "best") -> AdaptResult:
+          choice: str = "best", overwrite: bool = False) -> AdaptResult:
     """Fine-tune the base detector on annotated ``images`` (``labels`` paired in order) and
     write ``out/detector.onnx`` + ``out/detector.json``; returns what was done.
 
@@ -620,8 +649,12 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     the rest for the final fit), so that the same inputs and seed give the same network on
     any machine, however busy; ``minutes`` is then no limit. ``choice``: how the held-out
     parts choose among the candidates (:data:`CHOICE_RULES`, :func:`_choose`).
-    Raises ConfigError for unpaired or empty inputs, ReaderError for unreadable or malformed
-    files (naming file and line), ModelCardError for a bad base model.
+    ``overwrite``: replace an adapted model already in ``out`` (:data:`OUTPUT_FILES`); never
+    the base model's own folder.
+    Raises ConfigError for unpaired or empty inputs, an ``out`` that is a file, holds the base
+    model (or its base network) or, without ``overwrite``, an adapted model (all before
+    anything is trained or written), ReaderError for unreadable or malformed files (naming
+    file and line), ModelCardError for a bad base model.
     """
     t0 = time.perf_counter()
     if len(images) != len(labels):
@@ -637,6 +670,8 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
         raise ConfigError(f"choice {choice!r} is not one of {', '.join(CHOICE_RULES)}")
     if steps is not None and steps < 10:
         raise ConfigError(f"steps {steps} must be >= 10 (a share of them trains each fold)")
+    out = Path(out)
+    check_out(out, overwrite=overwrite)
     say = progress or (lambda frac, note: None)
     torch.set_num_threads(threads)
     base_onnx = Path(base) if base is not None else default_base(images)
@@ -645,6 +680,8 @@ def adapt(images: list[Path], labels: list[Path], out: Path, *, base: Path | Non
     # (and may detect too); the base itself, or the base network its card names
     root = base_card.load_base_network(base_onnx.with_suffix(".json"))
     root_onnx, root_card = root if root is not None else (base_onnx, base_card)
+    # the adapted model and the copy of its base network would replace the base's own files
+    _check_not_base(out, [base_onnx, root_onnx])
     source = Detector(create_engine(root_onnx, "onnxruntime-cpu", threads=threads),
                       root_card.model_copy(update={"score_calibration": None}))
     try:

@@ -54,6 +54,17 @@ def _files(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _check_folder(path: Path, option: str) -> None:
+    """Raise ConfigError when the folder ``path`` (made where missing) cannot be one: it, or
+    the nearest of its parents that exists, is a file. ``option``: what the message names
+    (the option and its value)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{option}: {p} is a file, not a folder")
+            return
+
+
 def frame_errors(card_path: Path, frames: list[Path], *, threads: int = 2,
                  log: Any = print, enabled: bool | None = None) -> tuple[np.ndarray, list[str]]:
     """The lens's per-frame error of every image in ``frames`` (files are read whole: every
@@ -93,9 +104,13 @@ def calibrate_lens(frames: list[Path], out: Path, *, card_path: Path | None = No
                    enabled: bool | None = None) -> dict[str, Any]:
     """Rebuild the novelty reference on ``frames`` and write ``out/lens.onnx`` +
     ``out/lens.json``; returns a summary (frame count, old and new reference, share of the
-    frames above novelty 1 before and after)."""
+    frames above novelty 1 before and after). Raises ConfigError, before any frame is read,
+    for a ``quantile`` outside [0.5, 1), ``min_frames`` < 1 or an ``out`` that is a file."""
     if not 0.5 <= quantile < 1.0:
         raise ConfigError(f"--quantile must be in [0.5, 1), got {quantile}")
+    if min_frames < 1:
+        raise ConfigError(f"--min-frames must be >= 1, got {min_frames}")
+    _check_folder(out, f"--out {out}")
     card_path = Path(card_path or shipped_model_dir() / "lens.json")
     errors, names = frame_errors(card_path, frames, enabled=enabled)
     if errors.size < min_frames:
@@ -147,15 +162,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="quantile of the frames' errors that becomes novelty 1.0")
     ap.add_argument("--min-frames", type=int, default=MIN_FRAMES,
                     help="refuse with fewer frames than this")
-    ap.add_argument("--json", type=Path, help="also write the summary as JSON here")
+    ap.add_argument("--json", type=Path,
+                    help="also write the summary as JSON here (its folder made where missing)")
     args = ap.parse_args(argv)
     try:
+        if args.json is not None:  # before the lens is written, not after
+            if args.json.is_dir():
+                raise ConfigError(f"--json {args.json} is a folder: name the summary's file")
+            _check_folder(args.json.parent, f"--json {args.json}")
         s = calibrate_lens(args.frames, args.out, card_path=args.card, quantile=args.quantile,
                            min_frames=args.min_frames)
     except NanoscoutError as exc:
         print(f"nanoscout models calibrate-lens: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(s, indent=1) + "\n", encoding="utf-8")
     print(f"{s['frames']} frames: reference error {s['reference_error_old']:.6g} -> "
           f"{s['reference_error_new']:.6g} ({s['quantile']:g} quantile); frames above novelty 1: "

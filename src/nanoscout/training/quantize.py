@@ -67,9 +67,10 @@ from nanoscout.analysis.modelcard import (
 )
 from nanoscout.training import upsample_rewrite
 from nanoscout.training.int8_calibration import calibration_inputs, describe_calibration
+from nanoscout.wire.errors import ConfigError, ModelCardError
 
-__all__ = ["DEFAULT_MODELS", "MAX_LOSS", "MODELS", "detector_parity", "engine_speed", "main",
-           "parity", "quantize_model", "quantize_onnx"]
+__all__ = ["DEFAULT_MODELS", "MAX_LOSS", "MODELS", "check_onnx", "detector_parity",
+           "engine_speed", "main", "parity", "quantize_model", "quantize_onnx"]
 
 #: the shipped models, by the stem of their ONNX file
 MODELS = ("detector", "detector_stem", "classifier", "lens")
@@ -312,6 +313,18 @@ def engine_speed(fp32: Path, int8: Path, card: ModelCard, threads: int, runs: in
 
 # ------------------------------------------------------------------------------ one model
 
+def check_onnx(model: Path) -> None:
+    """Raise ModelCardError when ``model`` is not a readable ONNX model (truncated, not ONNX):
+    its card's sha256 may match a broken file."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        onnx.load(str(model), load_external_data=False)
+    except (DecodeError, OSError) as exc:
+        raise ModelCardError(f"cannot load ONNX model {model}: {exc}") from exc
+
+
 def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "percentile",
                    check: bool = True, sets: list[str] | None = None, n_synthetic: int = 20,
                    max_images: int | None = None, data_root: Path | None = None,
@@ -320,9 +333,14 @@ def quantize_model(model: Path, *, n_calibration: int = 32, method: str = "perce
     """Quantize one FP32 model (``X.onnx`` with its card ``X.json``) into ``X.int8.onnx`` +
     ``X.int8.json``; with ``check`` measure the parity and record it. ``fp32_scale`` (a
     detector): the FP32 model measures the working scale for the sibling (recorded in its
-    card, and so measured in the parity). Returns a summary."""
+    card, and so measured in the parity). Returns a summary. Raises ConfigError for
+    ``n_calibration`` < 1 and ModelCardError for a bad card or an unreadable ONNX file, before
+    anything is written."""
+    if n_calibration < 1:
+        raise ConfigError(f"n_calibration {n_calibration} (--calibration-frames) must be >= 1")
     card_path = model.with_suffix(".json")
     card = ModelCard.load(card_path)
+    check_onnx(model)
     dst = quantized_sibling(model)
     t0 = time.perf_counter()
     ops = None if card.task == "detection-segmentation" else _FIXED_INPUT_OPS
@@ -395,9 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     weights = args.weights or shipped_model_dir()
     names = [m for m in args.models.split(",") if m]
+    if args.calibration_frames < 1:
+        ap.error(f"--calibration-frames {args.calibration_frames} must be >= 1")
     unknown = [m for m in names if not (weights / f"{m}.onnx").is_file()]
     if unknown:
         raise SystemExit(f"no {unknown[0]}.onnx in {weights}")
+    for name in names:  # every model and card read before a sibling is written
+        ModelCard.load(weights / f"{name}.json")
+        check_onnx(weights / f"{name}.onnx")
     command = "nanoscout models quantize " + " ".join(sys.argv[1:] if argv is None else argv)
     report: dict[str, Any] = {"command": command.strip(), "weights": str(weights), "models": {}}
     failed = []

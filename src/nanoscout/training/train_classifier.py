@@ -57,6 +57,9 @@ from nanoscout.wire.errors import ConfigError
 __all__ = ["TRAIN_SEED_BASE", "load_folder", "main", "real_training_images",
            "synthetic_inputs"]
 
+#: where the synthetic mode writes without --out: the shipped classifier's folder (relative
+#: to the repository root, where it is built)
+SYNTHETIC_OUT = Path("models/weights")
 #: synthetic training fields use seeds TRAIN_SEED_BASE + k (evaluation uses other bases)
 TRAIN_SEED_BASE = 2_000_000
 #: ... and the 1024 x 1024 training fields TRAIN_SEED_BASE_1024 + k
@@ -207,14 +210,22 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.array(sorted(tr), np.int64), np.array(sorted(va), np.int64)
 
 
+#: the smallest side of a random crop, px (an image side shorter than this is never cut)
+MIN_CROP_PX = 8
+
+
 def crops_of(image: np.ndarray, rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
     """Return ``n`` model inputs (float16 S x S) of ``image``: the whole image, then random
-    crops of 60-100 % of its sides."""
+    crops of 60-100 % of its sides, each at least :data:`MIN_CROP_PX` px. A side shorter than
+    that (a tiny image) is kept whole rather than padded or skipped: its crops are what the
+    daemon would see of such a frame (:func:`~nanoscout.analysis.preprocess.fixed_input`
+    resamples it whole), with no invented pixels and no image dropped from the split."""
     out = [fixed_input(image, (size, size))[0, 0].astype(np.float16)]
     h, w = image.shape
     for _ in range(n - 1):
         f = rng.uniform(0.6, 1.0)
-        ch, cw = max(8, int(h * f)), max(8, int(w * f))
+        ch = min(h, max(MIN_CROP_PX, int(h * f)))
+        cw = min(w, max(MIN_CROP_PX, int(w * f)))
         r0, c0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
         out.append(fixed_input(image[r0:r0 + ch, c0:c0 + cw], (size, size))[0, 0]
                    .astype(np.float16))
@@ -548,7 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m nanoscout.training.train_classifier",
                                  description="train the field-of-view classifier")
-    ap.add_argument("--out", type=Path, default=Path("models/weights"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for classifier.onnx + classifier.json (default: "
+                         f"{SYNTHETIC_OUT} in the synthetic mode, which builds the shipped "
+                         "model; required with --data)")
     ap.add_argument("--data", type=Path, default=None,
                     help="folder with one sub-folder of images per class (facility mode)")
     ap.add_argument("--size", type=int, default=SIZE, help="model input side S (px)")
@@ -593,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=None,
                     help="also write the evaluation JSON here (benchmarks/results/...)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        if args.data is not None:  # the default is the shipped classifier's folder
+            ap.error(f"--data needs --out (a folder for classifier.onnx + classifier.json; "
+                     f"the default {SYNTHETIC_OUT} holds the shipped classifier)")
+        args.out = SYNTHETIC_OUT
     if args.size % 16 or args.size < 64:
         raise ConfigError(f"--size {args.size} must be a multiple of 16 and >= 64")
     import torch
