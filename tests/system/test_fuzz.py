@@ -208,3 +208,126 @@ def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path:
             stop_process(p)
         pub.close(linger=0)
         ctx.term()
+
+
+def _hostile_results() -> list[Parts]:
+    """Result messages that passed the header schema once and then broke a client (the
+    second client audit): ``record`` died of the first seven, ``tail`` of the class."""
+    import msgpack
+
+    from nanoscout.wire.particles import empty_table
+
+    table = empty_table(3)
+    table["id"] = [1, 2, 3]
+
+    def det(**kw: object) -> Parts:
+        h = {"v": [1, 10], "source": "bad", "seq": 1, "t_acq_ns": 1, "t_recv_ns": 2,
+             "t_done_ns": 3, "pixel_size_nm": 1.0, "units": "nm", "n": 3, "engine": "x",
+             "shape": [128, 128]} | kw
+        return [b"det.bad", msgpack.packb(h, use_bin_type=True), table.tobytes()]
+
+    def stats(**kw: object) -> Parts:
+        h = {"v": [1, 10], "source": "bad", "seq": 1, "t_ns": 5, "units": "nm",
+             "window": {"n_frames": 1, "count": 3}, "cumulative": {"n_frames": 1, "count": 3}}
+        return [b"stats.bad", msgpack.packb(h | kw, use_bin_type=True)]
+
+    return [det(pixel_size_nm=None), det(pixel_size_nm=-2.0),
+            det(meta={"file": "x.tif", "blob": b"\xff\x00"}), det(shape=[2**64 - 1, 5]),
+            stats(t_ns=2**64 - 1), stats(window={"n_frames": 2**64 - 1, "count": 1}),
+            stats(window={"n_frames": 1, "count": 1, "junk": b"\xff\xfe"}),
+            [b"class.bad", msgpack.packb({"v": [1, 10], "source": "bad", "seq": 1,
+                                          "labels": ["film"], "probabilities": []})]]
+
+
+def test_recorder_and_tail_survive_results_that_once_passed_the_schema(tmp_path: Path) -> None:
+    """Real ``record`` and ``tail`` processes against a hostile publisher: each such message is
+    refused at decode and counted, and the good results after them are recorded and shown."""
+    from nanoscout.wire.particles import empty_table
+    from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only the first of a topic
+    procs: list[subprocess.Popen[str]] = []
+    tail_out = tmp_path / "tail.txt"
+    try:
+        port = pub.bind_to_random_port("tcp://127.0.0.1")
+        endpoint = f"tcp://127.0.0.1:{port}"
+        seq = iter(range(10**6))
+
+        def health() -> None:
+            pub.send_multipart(encode_message(HealthHeader(
+                t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={},
+                frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
+                transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None,
+                latency_ms_p99=None, topic_seq=next(seq))))
+
+        out = tmp_path / "run.parquet"
+        procs.append(nanoscout("record", "--results", endpoint, "--out", str(out),
+                               "--batch-seconds", "0.2", stdout=subprocess.PIPE))
+        with tail_out.open("w") as fh:
+            procs.append(nanoscout("tail", "--results", endpoint, stdout=fh))
+        healths = 0
+        while healths < 2:  # both subscribed to health, their last subscription
+            health()
+            if pub.poll(200) and pub.recv() == b"\x01health":
+                healths += 1
+
+        def recorder_subscribed() -> bool:
+            health()
+            run = out / "_run.json"
+            return run.exists() and "subscribed_utc" in run.read_text()
+
+        wait_until(recorder_subscribed, timeout=60, what="recorder subscribed")
+        bad = _hostile_results()
+        for parts in bad:
+            pub.send_multipart(parts)
+        table = empty_table(2)
+        table["id"] = [1, 2]
+        for s in range(1000, 1005):  # the good results after them
+            pub.send_multipart(encode_message(DetHeader(
+                source="good", seq=s, t_acq_ns=1, t_recv_ns=2, t_done_ns=3, pixel_size_nm=0.5,
+                units="nm", n=2, engine="x"), table))
+            pub.send_multipart(encode_message(StatsHeader(
+                source="good", seq=s, t_ns=5, units="nm", window={"ecd": {"d50": 7.25}},
+                cumulative={})))
+            pub.send_multipart(encode_message(AlertHeader(
+                source="good", seq=s, rule="r", kind="particle", severity="info", value=1.0,
+                threshold=0.0, explanation=f"good alert {s}"), empty_table(0)))
+
+        def recorded() -> bool:
+            health()
+            return _frames_recorded(out) == 5
+
+        wait_until(recorded, timeout=60, what="the good frames recorded")
+
+        def shown() -> bool:
+            health()
+            text = tail_out.read_text()
+            return "good alert 1004" in text and "refused: 8 undecodable" in text
+
+        wait_until(shown, timeout=60, what="tail showed the good results")
+        assert all(p.poll() is None for p in procs), "a subscriber died"
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+            assert p.wait(60) == 0
+        prov = json.loads((out / "_run.json").read_text())
+        assert prov["rejected_messages"] == 7  # the recorder does not subscribe to class
+        good = next(ln for ln in reversed(tail_out.read_text().splitlines())
+                    if ln.startswith("good "))
+        assert "7.2" in good and "bad" not in tail_out.read_text().split("alerts:")[-1]
+    finally:
+        for p in procs:
+            stop_process(p)
+        pub.close(linger=0)
+        ctx.term()
+
+
+def _frames_recorded(out: Path) -> int:
+    """Frames recorded so far in the run at ``out``."""
+    from nanoscout.clients.runfile import read_run
+
+    run = read_run(out)
+    return run.rows(run.frames)

@@ -62,3 +62,39 @@ def test_health_without_metrics_asks_the_result_socket(daemon_factory: DaemonFac
     daemon_factory("--no-metrics", "--ready-file", str(ready))
     code, out = _health("--ready-file", str(ready))
     assert code == 0 and "health ok" in out, out
+
+
+def test_a_metrics_endpoint_that_trickles_is_unhealthy_within_the_timeout() -> None:
+    """``health --timeout 2`` once waited forever on a /metrics that sends a byte a second
+    (urllib's timeout bounds each read, not the answer)."""
+    import socket
+    import threading
+    import time
+
+    from nanoscout.clients.healthcheck import check_endpoints
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def drip() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 100000000\r\n\r\nnanoscout_up 1\n")
+            while not done.wait(0.2):  # a byte every 0.2 s: each read well within the timeout
+                conn.sendall(b"#")
+
+    server = threading.Thread(target=drip, daemon=True)
+    server.start()
+    try:
+        t0 = time.monotonic()
+        ok, what = check_endpoints(f"http://127.0.0.1:{srv.getsockname()[1]}/metrics", None,
+                                   timeout=1.0)
+        elapsed = time.monotonic() - t0
+    finally:
+        done.set()
+        server.join(10)
+        srv.close()
+    assert not ok and "no complete answer within 1 s" in what, what
+    assert elapsed < 2.0, elapsed

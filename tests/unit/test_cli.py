@@ -170,6 +170,8 @@ def test_tail_uses_the_terminal_width(width: int) -> None:
     class Sub:
         endpoint = "tcp://x:1"
         missed: dict[str, int] = {}
+        rejected = 0
+        last_rejection = None
 
         def connected(self) -> bool:
             return True
@@ -215,3 +217,53 @@ def test_stop_event_is_set_by_the_first_signal_and_the_second_interrupts() -> No
             time.sleep(5)  # allowed: only bounds a failure; the handler raises as os.kill returns
     assert signal.getsignal(signal.SIGINT) == before_int
     assert signal.getsignal(signal.SIGTERM) == before_term
+
+
+class _TailSub:
+    endpoint = "tcp://x:1"
+    missed: dict[str, int] = {}
+    rejected = 2
+    last_rejection = "class header field probabilities: ..."
+
+    def connected(self) -> bool:
+        return True
+
+
+def test_tail_leaves_out_and_counts_a_message_it_cannot_show() -> None:
+    """A class message with labels but no probabilities (decode refuses it now) once ended
+    ``nanoscout tail`` with an IndexError at its next redraw: a message the table cannot show
+    changes nothing and is counted."""
+    from nanoscout.clients.tail import TailState, render
+    from nanoscout.wire.protocol import ClassHeader, DetHeader
+
+    st = TailState()
+    st.update(DetHeader(source="cam", seq=1, t_acq_ns=1, t_recv_ns=2, t_done_ns=3_000_000,
+                        pixel_size_nm=0.5, units="nm", n=4, engine="e"), 1.0)
+    st.update(ClassHeader(source="cam", seq=1, labels=["film"], probabilities=[0.75]), 1.0)
+    # what decode refuses never gets here; what the table still cannot show is left out
+    for probabilities in ([], ["high"]):
+        st.update(ClassHeader.model_construct(  # no validation: what no decode lets through
+            source="cam", seq=2, labels=["rods"], novelty=None,
+            probabilities=probabilities), 1.0)  # type: ignore[arg-type]
+    assert st.unshown == 1 and "ValueError" in (st.last_unshown or "")
+    lines = render(st, _TailSub(), 1.0)  # type: ignore[arg-type]
+    row = next(ln for ln in lines if ln.startswith("cam "))
+    assert row.endswith(" -")  # labels without probabilities: no class to show
+    assert any("refused: 2 undecodable, 1 not shown" in ln for ln in lines), lines
+
+
+def test_tail_keeps_the_most_recently_seen_sources() -> None:
+    from nanoscout.clients import tail
+    from nanoscout.wire.protocol import DetHeader
+
+    st = tail.TailState()
+    n = tail.MAX_SOURCES + 10
+    for i in range(n):
+        st.update(DetHeader(source=f"s{i:04d}", seq=1, t_acq_ns=1, t_recv_ns=2, t_done_ns=3,
+                            pixel_size_nm=None, units="px", n=1, engine="e"), 1.0)
+        st.update(DetHeader(source="s0000", seq=i, t_acq_ns=1, t_recv_ns=2, t_done_ns=3,
+                            pixel_size_nm=None, units="px", n=1, engine="e"), 1.0)
+    assert len(st.sources) == tail.MAX_SOURCES and st.sources_forgotten == 10
+    assert "s0000" in st.sources and f"s{n - 1:04d}" in st.sources and "s0001" not in st.sources
+    lines = tail.render(st, _TailSub(), 1.0)  # type: ignore[arg-type]
+    assert sum(ln.startswith("s0") for ln in lines) == tail.MAX_SOURCES

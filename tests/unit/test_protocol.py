@@ -306,3 +306,80 @@ def test_text_that_is_not_utf8_is_a_protocol_error_and_wire_text_makes_it_printa
     assert wire_text(name) == "lat\\xe9in.png" and wire_text("a\ud800") == "a\\ud800"
     assert wire_text("µm ok") == "µm ok"
     pack_header(header.model_copy(update={"meta": {"file": wire_text(name)}}))
+
+
+def _det_raw(**kw: Any) -> dict[str, Any]:
+    return {"v": [1, 10], "source": "bad", "seq": 1, "t_acq_ns": 1, "t_recv_ns": 2,
+            "t_done_ns": 3, "pixel_size_nm": 1.0, "units": "nm", "n": 0, "engine": "e",
+            "shape": [128, 128]} | kw
+
+
+def _stats_raw(**kw: Any) -> dict[str, Any]:
+    return {"v": [1, 10], "source": "bad", "seq": 1, "t_ns": 5, "units": "nm",
+            "window": {"n_frames": 1, "count": 3}, "cumulative": {"n_frames": 1, "count": 3}} | kw
+
+
+_HUGE = 2**64 - 1
+
+
+@pytest.mark.parametrize(("topic", "header", "match"), [
+    # a det in nm that no client can convert to px (and the run file cannot store)
+    ("det", _det_raw(pixel_size_nm=None), "units nm needs a pixel_size_nm"),
+    ("det", _det_raw(pixel_size_nm=-2.0), "absurd"),
+    ("det", _det_raw(pixel_size_nm=0.0), "absurd"),
+    ("det", _det_raw(pixel_size_nm=float("nan")), "absurd"),
+    ("det", _det_raw(units="px", pixel_size_nm=-2.0), "absurd"),
+    # integers beyond int64: no int64 column (run file, pandas) holds them
+    ("det", _det_raw(shape=[_HUGE, 5]), "shape"),
+    ("det", _det_raw(shape=[-1, 5]), "shape"),
+    ("det", _det_raw(n=_HUGE), "n"),
+    ("stats", _stats_raw(t_ns=_HUGE), "t_ns"),
+    ("stats", _stats_raw(t_ns=-(2**63)), "t_ns"),
+    ("stats", _stats_raw(window={"n_frames": _HUGE, "count": 1}), "window.n_frames"),
+    ("stats", _stats_raw(cumulative={"n_frames": 1, "count": _HUGE}), "cumulative.count"),
+    ("stats", _stats_raw(window={"histograms": {"ecd": {"counts": [1, _HUGE]}}}), "counts"),
+    ("preview", {"v": [1, 10], "source": "bad", "seq": 1, "shape": [_HUGE, 2],
+                 "size": [2, 2], "scale": 0.5}, "shape"),
+    # bytes where a client writes JSON
+    ("det", _det_raw(meta={"file": "x.tif", "blob": b"\xff\x00"}), "meta"),
+    ("stats", _stats_raw(window={"n_frames": 1, "count": 1, "junk": b"\xff\xfe"}), "junk"),
+    ("stats", _stats_raw(window={"ecd": {"d50": 7.0, "more": [1, {"x": b"\x00"}]}}), "more"),
+    ("stats", _stats_raw(clusters={"k": 2, "items": [{"id": 0, "name": b"\x01"}]}),
+     "clusters"),
+    ("stats", _stats_raw(clusters={"k": _HUGE}), "clusters"),
+    # a class whose labels have no probabilities (tail showed labels[0] with probabilities[0])
+    ("class", {"v": [1, 10], "source": "bad", "seq": 1, "labels": ["film"],
+               "probabilities": []}, "1 labels but 0 probabilities"),
+    ("class", {"v": [1, 10], "source": "bad", "seq": 1, "labels": [],
+               "probabilities": [0.5]}, "0 labels but 1 probabilities"),
+])
+def test_result_headers_clients_cannot_handle_are_refused_at_decode(
+        topic: str, header: dict[str, Any], match: str) -> None:
+    """Each passed the schema once and then broke a client: ``record`` (an nm table without a
+    pixel size, int64 overflow at flush, bytes in JSON columns), ``tail`` (IndexError on a
+    class without probabilities), the SDK's ``to_pandas``. They are header errors now."""
+    parts = [f"{topic}.bad".encode(), msgpack.packb(header, use_bin_type=True)]
+    if topic == "det":
+        parts.append(b"")
+    elif topic == "preview":
+        parts.append(b"\x00" * 4)
+    with pytest.raises(MalformedMessage, match=match) as info:
+        decode_message(parts)
+    assert info.value.reason == "header"
+
+
+def test_valid_result_headers_still_decode_and_the_daemon_cannot_build_a_bad_det() -> None:
+    for header in (_det_raw(), _det_raw(units="px", pixel_size_nm=None),
+                   _det_raw(shape=[0, 0], meta={"file": "a.tif", "index": 3, "ok": None}),
+                   _det_raw(units="px", pixel_size_nm=0.5)):
+        msg = decode_message([b"det.bad", msgpack.packb(header, use_bin_type=True), b""])
+        assert isinstance(msg.header, DetHeader)
+    stats = _stats_raw(t_ns=2**63 - 1, window={"n_frames": 2, "count": 3, "newer": [1.5, "a"]},
+                       clusters={"k": 2, "items": [{"id": 0, "centre": {"ecd": None}}]})
+    msg = decode_message([b"stats.bad", msgpack.packb(stats, use_bin_type=True)])
+    assert isinstance(msg.header, StatsHeader) and msg.header.window["newer"] == [1.5, "a"]
+    with pytest.raises(ValueError, match="units nm needs a pixel_size_nm"):
+        DetHeader(source="a", seq=0, t_recv_ns=0, t_done_ns=0, pixel_size_nm=None,
+                  units="nm", n=0, engine="x")
+    with pytest.raises(ValueError, match="labels but"):
+        ClassHeader(source="a", seq=0, labels=["a", "b"], probabilities=[1.0])

@@ -273,3 +273,70 @@ def test_the_run_records_the_file_its_writer_is_given_as_utf8_text(tmp_path: Pat
     run = read_run(out)
     assert list(run.frames["file"]) == [long_path, "lat\\xe9in.png"]
     assert list(run.particles["file"]) == [long_path] * 2 + ["lat\\xe9in.png"]
+
+
+@pytest.mark.parametrize("name", ["r.parquet", "r.csv"])
+def test_a_message_the_run_cannot_store_is_refused_alone_and_the_batch_is_kept(
+        tmp_path: Path, name: str) -> None:
+    """Headers that once reached the writer (``model_construct``: what decode refuses now) raised
+    at flush: an int64 overflow lost the whole batch and left its alerts written without their
+    frames; an nm table without a pixel size or bytes in ``meta`` ended the recording. The
+    writer refuses each at add, queueing nothing of it, and writes everything else."""
+    from nanoscout.wire.errors import ProtocolError
+
+    out = tmp_path / name
+    w = RunWriter(out, {})
+    w.add_det(*_det(0, 3))
+    w.add_alert(_alert(0))
+    good_stats = _stats(0)
+    hostile: list[tuple[str, object, str]] = [
+        ("add_stats", good_stats.model_copy(update={"t_ns": 2**64 - 1}), "stats cam#0"),
+    ]
+    h, t = _det(1, 3)
+    hostile += [
+        ("add_det", (h.model_copy(update={"pixel_size_nm": None}), t), "det cam#1"),
+        ("add_det", (h.model_copy(update={"pixel_size_nm": -2.0}), t), "det cam#1"),
+        ("add_det", (h.model_copy(update={"meta": {"blob": b"\xff\x00"}}), t), "det cam#1"),
+        ("add_det", (h.model_copy(update={"shape": (2**64 - 1, 5)}), t), "det cam#1"),
+        ("add_alert", _alert(1).model_copy(update={"t_acq_ns": 2**64 - 1}), "alert cam#1"),
+    ]
+    for method, arg, what in hostile:
+        pending = w.pending
+        with pytest.raises(ProtocolError, match=f"{what} cannot be stored"):
+            getattr(w, method)(*(arg if isinstance(arg, tuple) else (arg,)))
+        assert w.pending == pending  # nothing of it queued
+    w.add_stats(good_stats)
+    w.add_det(*_det(2, 2))
+    w.flush()
+    run = read_run(out)
+    assert run.frames["seq"].tolist() == [0, 2] and run.rows(run.particles) == 5
+    assert run.rows(run.alerts) == 1 and run.rows(run.stats) == 1
+
+
+def test_a_batch_is_written_whole_or_not_at_all(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a table of a batch fail to build, nothing of the batch is written (no alerts
+    whose frames are missing) and it stays queued for the next flush."""
+    import nanoscout.clients.runfile as runfile
+
+    out = tmp_path / "r.parquet"
+    w = RunWriter(out, {})
+    w.add_det(*_det(0, 3))
+    w.add_alert(_alert(0))
+    w.add_stats(_stats(0))
+    build = runfile._arrow_table
+
+    def failing(name: str, cols: dict) -> pa.Table:
+        if name == "stats":
+            raise OverflowError("Python int too large to convert to C long")
+        return build(name, cols)
+
+    monkeypatch.setattr(runfile, "_arrow_table", failing)
+    with pytest.raises(OverflowError):
+        w.flush()
+    assert not list(out.rglob("part-*.parquet")) and w.pending_frames == 1
+    monkeypatch.setattr(runfile, "_arrow_table", build)
+    w.flush()
+    run = read_run(out)
+    assert run.rows(run.frames) == 1 and run.rows(run.alerts) == 1 and run.rows(run.stats) == 1
+    assert run.rows(run.particles) == 3

@@ -4,19 +4,28 @@ The daemon's address comes from where the daemon itself wrote it, never from a h
 port: its ``--ready-file`` (``NANOSCOUT_READY_FILE`` in the container; the ``NANOSCOUT-READY``
 JSON line with the bound endpoints, port 0 included) or, without one, its TOML configuration.
 Alive means: ``/metrics`` answers, or (metrics off) a ``health`` message arrives on the result
-socket.
+socket, within the check's timeout: the whole answer, not each read of it (an endpoint that
+trickles bytes is not alive), of which at most :data:`MAX_METRICS_BYTES` are read.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from nanoscout.wire.errors import NanoscoutError
 
-__all__ = ["check_endpoints", "check_ready_file", "metrics_url"]
+__all__ = ["MAX_METRICS_BYTES", "check_endpoints", "check_ready_file", "metrics_url"]
+
+#: the most of a ``/metrics`` answer read, bytes (a daemon's is tens of kB): the rest is not
+#: waited for
+MAX_METRICS_BYTES = 4 * 1024 * 1024
+_CHUNK_BYTES = 64 * 1024
 
 
 def metrics_url(host: str, port: int) -> str:
@@ -28,18 +37,57 @@ def metrics_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/metrics"
 
 
+def _get(url: str, timeout: float) -> tuple[int, bytes]:
+    """GET ``url``: (HTTP status, the body's first :data:`MAX_METRICS_BYTES` bytes), all of it
+    (connection, headers, body) within ``timeout`` s. TimeoutError when it takes longer;
+    otherwise what urllib raises.
+
+    urllib's own timeout bounds each read, not the answer; so the request runs in a daemon
+    thread that is waited for at most ``timeout`` s, and that stops reading at the deadline
+    (it ends at most one read, ``timeout`` s, after it)."""
+    deadline = time.monotonic() + timeout
+    result: list[tuple[int, bytes] | Exception] = []
+
+    def fetch() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                body = bytearray()
+                while len(body) < MAX_METRICS_BYTES:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"no complete answer within {timeout:g} s")
+                    chunk = r.read1(min(_CHUNK_BYTES, MAX_METRICS_BYTES - len(body)))
+                    if not chunk:
+                        break
+                    body += chunk
+                result.append((r.status, bytes(body)))
+        except Exception as exc:  # handed to the caller below
+            result.append(exc)
+
+    worker = threading.Thread(target=fetch, name="nanoscout-health-get", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if not result:
+        raise TimeoutError(f"no complete answer within {timeout:g} s")
+    got = result[0]
+    if isinstance(got, Exception):
+        raise got
+    return got
+
+
 def check_endpoints(metrics: str | None, results: str | None, timeout: float = 4.0
                     ) -> tuple[bool, str]:
     """(alive, what was seen): GET ``metrics`` (a URL), else wait for a health message on
-    ``results`` (a ZeroMQ endpoint). Never raises for what the two say: an address that is
-    not one (a URL without a scheme, a malformed endpoint) is not alive either."""
+    ``results`` (a ZeroMQ endpoint), at most ``timeout`` s either way. Never raises for what
+    the two say: an address that is not one (a URL without a scheme, a malformed endpoint) is
+    not alive either."""
     if metrics:
         try:
-            with urllib.request.urlopen(metrics, timeout=timeout) as r:
-                ok = r.status == 200 and b"nanoscout_" in r.read()
-            return ok, f"{metrics}: {'ok' if ok else 'answers, but not with nanoscout metrics'}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: not a URL
+            status, body = _get(metrics, timeout)
+        except (urllib.error.URLError, OSError, ValueError,  # ValueError: not a URL
+                http.client.HTTPException) as exc:  # e.g. not HTTP at all
             return False, f"{metrics}: {exc}"
+        ok = status == 200 and b"nanoscout_" in body
+        return ok, f"{metrics}: {'ok' if ok else 'answers, but not with nanoscout metrics'}"
     if results:
         from nanoscout.clients.subscriber import Subscriber
 

@@ -5,7 +5,9 @@ as one crash-safe batch (:mod:`nanoscout.clients.runfile`) every ``batch_frames`
 ``batch_seconds`` s, whichever comes first, and on stop (SIGINT / SIGTERM, ``frames`` or
 ``duration`` reached). After ``kill -9`` the run is readable and lacks at most the rows queued
 since the last flush. Results the subscriber missed (sequence gaps, e.g. when the recorder
-could not keep up) are counted in the provenance, never silently. The provenance also names
+could not keep up) are counted in the provenance, never silently; so are messages it could not
+decode or store (``rejected_messages``, each logged up to :data:`LOGGED_REJECTIONS`): one such
+message costs itself, never the recording or its batch. The provenance also names
 the software, the recorder's options and every model seen in the results with its card's hash
 and sizing error (:mod:`nanoscout.clients.provenance`; cards from ``model_cards``).
 """
@@ -27,8 +29,8 @@ from nanoscout.clients.provenance import model_entries, software
 from nanoscout.clients.runfile import RunWriter
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.stopping import StopEvent
-from nanoscout.wire.errors import ConfigError, NanoscoutError
-from nanoscout.wire.protocol import AlertHeader, DetHeader, HealthHeader, StatsHeader
+from nanoscout.wire.errors import ConfigError, NanoscoutError, ProtocolError
+from nanoscout.wire.protocol import AlertHeader, DetHeader, HealthHeader, Message, StatsHeader
 from nanoscout.wire.transport import ClientKeys
 
 __all__ = ["record"]
@@ -39,6 +41,9 @@ log = logging.getLogger("nanoscout.record")
 #: the longest the wait for the daemon's first health message goes without a look at the
 #: stop requests, s
 _READY_POLL_S = 0.2
+#: messages the run cannot store are logged with their reason up to this many times (a broken
+#: publisher must not flood the log); all are counted in ``rejected_messages``
+LOGGED_REJECTIONS = 20
 
 
 def _now() -> str:
@@ -60,6 +65,28 @@ def _wait_ready(sub: Subscriber, timeout: float, stopped: Callable[[], bool]) ->
                 ) from None
     raise NanoscoutError(f"stopped before the daemon at {sub.endpoint} answered; nothing "
                          "recorded")
+
+
+def _add(writer: RunWriter, msg: Message[Any], rois: Path | None) -> DetHeader | None:
+    """Queue one message's rows in ``writer`` (and its ROI set into ``rois``); returns the
+    header of a ``det`` (None for the other kinds). ProtocolError when the run cannot store
+    it: then nothing of it is queued."""
+    if msg.kind == "det" and msg.array is not None:
+        header = msg.header
+        assert isinstance(header, DetHeader)
+        writer.add_det(header, msg.array)
+        if rois is not None:
+            name = f"{header.source}-{header.seq:06d}.rois.zip"
+            write_ellipse_rois(msg.array, rois / name, units=header.units,
+                               pixel_size_nm=header.pixel_size_nm)
+        return header
+    if msg.kind == "alert":
+        assert isinstance(msg.header, AlertHeader)
+        writer.add_alert(msg.header)
+    elif msg.kind == "stats":
+        assert isinstance(msg.header, StatsHeader)
+        writer.add_stats(msg.header)
+    return None
 
 
 def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = None,
@@ -96,6 +123,7 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
     signalled = StopEvent()  # what SIGINT / SIGTERM set, without a lock (nanoscout.stopping)
     signalled.on_signals()
     n_det = 0
+    unstorable = 0  # messages decoded but refused by the run writer
     models: set[str] = set()
     engines: set[str] = set()
     t_start = time.monotonic()
@@ -113,30 +141,29 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
             if duration is not None and time.monotonic() - t_start >= duration:
                 break
             msg = sub.recv(timeout=0.2)
-            if msg is not None and msg.kind == "det" and msg.array is not None:
-                header = msg.header
-                assert isinstance(header, DetHeader)
-                writer.add_det(header, msg.array)
-                if rois is not None:
-                    name = f"{header.source}-{header.seq:06d}.rois.zip"
-                    write_ellipse_rois(msg.array, rois / name, units=header.units,
-                                       pixel_size_nm=header.pixel_size_nm)
-                models.add(header.model)
-                engines.add(header.engine)
-                n_det += 1
-            elif msg is not None and msg.kind == "alert":
-                assert isinstance(msg.header, AlertHeader)
-                writer.add_alert(msg.header)
-            elif msg is not None and msg.kind == "stats":
-                assert isinstance(msg.header, StatsHeader)
-                writer.add_stats(msg.header)
+            if msg is not None:
+                try:
+                    det = _add(writer, msg, rois)
+                except ProtocolError as exc:
+                    unstorable += 1
+                    if unstorable <= LOGGED_REJECTIONS:
+                        log.warning("not recorded (rejected message %d%s): %s", unstorable,
+                                    ", the last one logged" if unstorable == LOGGED_REJECTIONS
+                                    else "", exc)
+                    det = None
+                if det is not None:
+                    models.add(det.model)
+                    engines.add(det.engine)
+                    n_det += 1
             if writer.pending_frames >= batch_frames or (
                     writer.pending and time.monotonic() - last_flush >= batch_seconds):
                 writer.flush()
                 last_flush = time.monotonic()
         writer.flush()
         prov.update({"stopped_utc": _now(), "rows": dict(writer.counts),
-                     "missed_results": dict(sub.missed), "rejected_messages": sub.rejected,
+                     "missed_results": dict(sub.missed),
+                     "missed_results_total": sub.missed_total,
+                     "rejected_messages": sub.rejected + unstorable,
                      "models": sorted(models), "engines": sorted(engines),
                      "model_provenance": model_entries(sorted(models), model_cards or {})})
         writer.write_provenance(prov)

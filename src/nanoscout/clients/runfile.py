@@ -84,7 +84,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nanoscout.wire.codec import wire_text
-from nanoscout.wire.errors import ConfigError, ReaderError
+from nanoscout.wire.errors import ConfigError, ProtocolError, ReaderError
 from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
 from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, html_table, particle_columns
 from nanoscout.wire.tracks import TRACK_COLUMNS, track_table
@@ -354,20 +354,50 @@ class RunWriter:
             cols[c].append(v)
         self._pending[table] += n
 
+    def _queue(self, what: str, rows: dict[str, tuple[dict[str, Any], int]]) -> None:
+        """Queue one message's rows (``table: (row, number of rows)``): all of them, once each
+        converts to its table's types, or none (ProtocolError naming ``what``). So a row that
+        no table can store never reaches :meth:`flush`, where it would cost the whole batch."""
+        import pyarrow as pa
+
+        for table, (row, _) in rows.items():
+            try:
+                _arrow_table(table, {c: [v] for c, v in row.items()})
+            except (pa.ArrowException, OverflowError, ValueError, TypeError) as exc:
+                raise ProtocolError(f"{what} cannot be stored: its {table} row: "
+                                    f"{exc!s:.200}") from exc
+        for table, (row, n) in rows.items():
+            self._add(table, row, n)
+
     def add_det(self, header: DetHeader, table: np.ndarray, *, file: str | None = None) -> None:
         """Queue one frame's detections; ``file``: its file as the run records it (default:
-        the header's ``meta["file"]``)."""
-        frame, cols = det_rows(header, table, file)
-        self._add("particles", cols, len(table))
-        self._add("frames", frame)
+        the header's ``meta["file"]``). Raises ProtocolError, queueing nothing, when its rows
+        cannot be stored (the run goes on without them)."""
+        what = f"det {header.source}#{header.seq}"
+        try:
+            frame, cols = det_rows(header, table, file)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
+        self._queue(what, {"particles": (cols, len(table)), "frames": (frame, 1)})
 
     def add_alert(self, header: AlertHeader) -> None:
-        """Queue one alert."""
-        self._add("alerts", alert_row(header))
+        """Queue one alert; ProtocolError, queueing nothing, when it cannot be stored."""
+        what = f"alert {header.source}#{header.seq}"
+        try:
+            row = alert_row(header)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
+        self._queue(what, {"alerts": (row, 1)})
 
     def add_stats(self, header: StatsHeader) -> None:
-        """Queue one statistics snapshot."""
-        self._add("stats", stats_row(header))
+        """Queue one statistics snapshot; ProtocolError, queueing nothing, when it cannot be
+        stored."""
+        what = f"stats {header.source}#{header.seq}"
+        try:
+            row = stats_row(header)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
+        self._queue(what, {"stats": (row, 1)})
 
     @property
     def pending_frames(self) -> int:
@@ -383,12 +413,12 @@ class RunWriter:
         """Write every queued row as one complete batch per table; durable on return."""
         if self.pending == 0:
             return
+        # every table of the batch is built before any is written: should one fail, nothing
+        # is written (no alerts without their frames) and the batch stays queued
+        tables = {t: _arrow_table(t, self._rows[t]) for t in _WRITE_ORDER if self._pending[t]}
         self._parts += 1
-        for t in _WRITE_ORDER:
+        for t, table in tables.items():
             n = self._pending[t]
-            if n == 0:
-                continue
-            table = _arrow_table(t, self._rows[t])
             if self.fmt == "parquet":
                 self._write_part(t, table)
             else:

@@ -15,15 +15,17 @@ Every ``det``/``stats``/``class``/``alert`` message is a :class:`nanoscout.wire.
 array). ZeroMQ reconnects by itself when the daemon restarts. Every result header carries a
 per-topic message counter (``topic_seq``, protocol 1.3), so any lost message shows, whatever
 the topics subscribed: gaps are counted per topic in :attr:`Subscriber.gaps`, per source in
-:attr:`Subscriber.missed`, and noted on :attr:`Subscriber.last_gap`. (Frames the daemon skips
-in live mode are not lost messages: their ``det`` is never sent. From a daemon older than 1.3,
-gaps in ``det`` frame numbers are counted instead.) Malformed messages are counted in
-:attr:`Subscriber.rejected` and skipped, never raised.
+:attr:`Subscriber.missed` (the :data:`MAX_MISSED_SOURCES` sources with the most recent gaps;
+every gap also in :attr:`Subscriber.missed_total`), and noted on :attr:`Subscriber.last_gap`.
+(Frames the daemon skips in live mode are not lost messages: their ``det`` is never sent. From
+a daemon older than 1.3, gaps in ``det`` frame numbers are counted instead.) Malformed messages
+are counted in :attr:`Subscriber.rejected` and skipped, never raised.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,7 +36,12 @@ from nanoscout.wire.protocol import DetHeader, HealthHeader, Message, decode_mes
 from nanoscout.wire.sequence import Gap, SequenceTracker
 from nanoscout.wire.transport import ClientKeys, connect, result_subscriber
 
-__all__ = ["Gap", "Subscriber", "track_gap"]
+__all__ = ["MAX_MISSED_SOURCES", "Gap", "Subscriber", "track_gap"]
+
+#: sources :attr:`Subscriber.missed` remembers: those with the most recent gaps (a publisher
+#: that names ever new sources must not grow it without bound); the topics remembered for gaps
+#: (:attr:`Subscriber.gaps`) are bounded alike
+MAX_MISSED_SOURCES = 4096
 
 
 def track_gap(tracker: SequenceTracker, msg: Message[Any]) -> Gap | None:
@@ -79,8 +86,11 @@ class Subscriber:
         self.endpoint = ", ".join(endpoints)
         #: messages missed per topic (``det.sim``, ``alert.sim``, ...)
         self.gaps = SequenceTracker(max_keys=4096)
-        #: messages missed per source, all its topics together
-        self.missed: dict[str, int] = {}
+        #: messages missed per source, all its topics together, for the
+        #: :data:`MAX_MISSED_SOURCES` sources with the most recent gaps (the others forgotten)
+        self.missed: OrderedDict[str, int] = OrderedDict()
+        #: messages missed in total, of every source (forgotten ones too)
+        self.missed_total = 0
         self.rejected = 0
         self.last_rejection: str | None = None
         self.last_gap: Gap | None = None
@@ -121,6 +131,10 @@ class Subscriber:
         if gap is not None:
             source = msg.topic.split(".", 1)[1] if "." in msg.topic else msg.topic
             self.missed[source] = self.missed.get(source, 0) + gap.missed
+            self.missed.move_to_end(source)
+            if len(self.missed) > MAX_MISSED_SOURCES:
+                self.missed.popitem(last=False)
+            self.missed_total += gap.missed
             self.last_gap = gap
         return msg
 

@@ -7,13 +7,19 @@ On a terminal the table is drawn by ``rich`` (:func:`view`) as wide as the termi
 in place once per second (columns shrink or fold on a narrow one, the field-of-view and alert
 texts use whatever width is left); into a pipe or file it prints plain lines (:func:`render`),
 one per source per second.
+
+The table keeps the :data:`MAX_SOURCES` most recently seen sources (a publisher that names
+ever new sources must not grow it without bound; the others are counted as forgotten). A
+message the table cannot show is left out and counted, as are the messages that could not be
+decoded: one bad message never ends the tail.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -22,6 +28,13 @@ import numpy as np
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.protocol import AlertHeader, ClassHeader, DetHeader, HealthHeader, StatsHeader
 from nanoscout.wire.transport import ClientKeys
+
+__all__ = ["MAX_SOURCES", "SourceView", "TailState", "render", "run_tail", "view"]
+
+log = logging.getLogger("nanoscout.tail")
+
+#: sources the table shows: the most recently seen ones
+MAX_SOURCES = 64
 
 
 @dataclass
@@ -49,15 +62,46 @@ class SourceView:
 class TailState:
     """Everything the table shows, updated message by message."""
 
-    sources: dict[str, SourceView] = field(default_factory=dict)
+    #: the :data:`MAX_SOURCES` most recently seen sources, least recent first
+    sources: OrderedDict[str, SourceView] = field(default_factory=OrderedDict)
     alerts: deque[AlertHeader] = field(default_factory=lambda: deque(maxlen=5))
     n_alerts: int = 0
     health: HealthHeader | None = None
+    #: sources forgotten to keep :data:`MAX_SOURCES`
+    sources_forgotten: int = 0
+    #: messages left out because the table could not show them, and the last one's reason
+    unshown: int = 0
+    last_unshown: str | None = None
 
     def update(self, msg_header: object, now: float) -> None:
-        """Fold one message header into the view (``now``: monotonic s)."""
+        """Fold one message header into the view (``now``: monotonic s). A message the table
+        cannot show changes nothing and is counted in :attr:`unshown` (never raised)."""
+        try:
+            self._fold(msg_header, now)
+        except Exception as exc:  # one message must never end the tail
+            self.unshown += 1
+            self.last_unshown = f"{type(msg_header).__name__}: {exc!r:.200}"
+            if self.unshown <= 20:
+                log.warning("a message the table cannot show was left out: %s",
+                            self.last_unshown)
+
+    def _source(self, name: str) -> SourceView:
+        v = self.sources.get(name)
+        if v is None:
+            v = self.sources[name] = SourceView()
+            if len(self.sources) > MAX_SOURCES:
+                self.sources.popitem(last=False)
+                self.sources_forgotten += 1
+        self.sources.move_to_end(name)
+        return v
+
+    def _fold(self, msg_header: object, now: float) -> None:
+        # each message is formatted as the table will show it before it changes the state:
+        # what cannot be shown is refused here, never at every redraw
         if isinstance(msg_header, DetHeader):
-            v = self.sources.setdefault(msg_header.source, SourceView())
+            _fmt(msg_header.latency_ms)
+            _fmt(float(msg_header.n))
+            v = self._source(msg_header.source)
             v.t_done.append(now)
             v.latency_ms.append(msg_header.latency_ms)
             v.counts.append(msg_header.n)
@@ -65,13 +109,17 @@ class TailState:
             v.units = msg_header.units
             v.last_seq = msg_header.seq
         elif isinstance(msg_header, StatsHeader):
-            self.sources.setdefault(msg_header.source, SourceView()).stats = msg_header
+            _stats_cells(msg_header)
+            self._source(msg_header.source).stats = msg_header
         elif isinstance(msg_header, ClassHeader):
-            self.sources.setdefault(msg_header.source, SourceView()).klass = msg_header
+            _field_of_view(msg_header)
+            self._source(msg_header.source).klass = msg_header
         elif isinstance(msg_header, AlertHeader):
+            _alert_text(msg_header)
             self.alerts.appendleft(msg_header)
             self.n_alerts += 1
         elif isinstance(msg_header, HealthHeader):
+            _status(msg_header)
             self.health = msg_header
 
 
@@ -80,10 +128,41 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 
 def _field_of_view(c: ClassHeader | None) -> str:
-    if c is None or not c.labels:
+    if c is None or not c.labels or not c.probabilities:
         return "-"
     novelty = "" if c.novelty is None else f", novelty {c.novelty:.2f}"
     return f"{c.labels[0]} ({c.probabilities[0]:.2f}{novelty})"
+
+
+def _stats_cells(stats: StatsHeader | None) -> tuple[str, str, str, str]:
+    """D10, D50, D90 of the window's ECD and its number density (per µm²), formatted."""
+    win: Any = stats.window if stats else {}
+    ecd = win.get("ecd") or {}
+    return (_fmt(ecd.get("d10")), _fmt(ecd.get("d50")), _fmt(ecd.get("d90")),
+            _fmt(win.get("number_density_per_um2"), ".0f"))
+
+
+def _alert_text(a: AlertHeader) -> str:
+    stage = f" @ ({a.stage.x_um:.1f}, {a.stage.y_um:.1f}) µm" if a.stage else ""
+    return f"  [{a.severity}] {a.source}#{a.seq}{stage}: {a.explanation}"
+
+
+def _status(h: HealthHeader) -> str:
+    dropped = ", ".join(f"{k} {v}" for k, v in h.frames_dropped.items()) or "none"
+    rejected = sum(h.rejected.values())
+    return (f"daemon: {h.policy}, engine {h.engines.get('detector', '?')}, up {h.uptime_s:.0f} s, "
+            f"{h.frames_processed}/{h.frames_received} frames, dropped: {dropped}, "
+            f"rejected {rejected}")
+
+
+def _refused(state: TailState, sub: Subscriber) -> str | None:
+    """The line on messages this tail could not decode or show (None: there were none)."""
+    if not (sub.rejected or state.unshown or state.sources_forgotten):
+        return None
+    last = sub.last_rejection if state.last_unshown is None else state.last_unshown
+    return (f"messages this tail refused: {sub.rejected} undecodable, {state.unshown} not "
+            f"shown; sources forgotten: {state.sources_forgotten} (at most {MAX_SOURCES} shown)"
+            + ("" if last is None else f"; last: {last:.160}"))
 
 
 def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
@@ -93,12 +172,7 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     if not sub.connected():
         lines.append(f"daemon at {sub.endpoint}: UNREACHABLE (no message for > 3 s)")
     elif h is not None:
-        dropped = ", ".join(f"{k} {v}" for k, v in h.frames_dropped.items()) or "none"
-        rejected = sum(h.rejected.values())
-        lines.append(
-            f"daemon: {h.policy}, engine {h.engines.get('detector', '?')}, up {h.uptime_s:.0f} s, "
-            f"{h.frames_processed}/{h.frames_received} frames, dropped: {dropped}, rejected {rejected}"
-        )
+        lines.append(_status(h))
     lines.append(
         f"{'source':<10} {'fps':>5} {'lat p50':>8} {'p99':>7} {'part/fr':>8} "
         f"{'D10':>7} {'D50':>7} {'D90':>7} {'unit':>4} {'dens/µm²':>9} {'missed':>6}  "
@@ -106,20 +180,20 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     )
     for name, v in sorted(state.sources.items()):
         lat = np.asarray(v.latency_ms)
-        win: Any = v.stats.window if v.stats else {}
-        ecd = win.get("ecd") or {}
+        d10, d50, d90, density = _stats_cells(v.stats)
         lines.append(
             f"{name:<10} {v.fps(now):>5.1f} {_fmt(np.percentile(lat, 50) if lat.size else None):>8} "
             f"{_fmt(np.percentile(lat, 99) if lat.size else None):>7} "
             f"{_fmt(float(np.mean(v.counts)) if v.counts else None):>8} "
-            f"{_fmt(ecd.get('d10')):>7} {_fmt(ecd.get('d50')):>7} {_fmt(ecd.get('d90')):>7} "
-            f"{v.units:>4} {_fmt(win.get('number_density_per_um2'), '.0f'):>9} "
+            f"{d10:>7} {d50:>7} {d90:>7} "
+            f"{v.units:>4} {density:>9} "
             f"{sub.missed.get(name, 0):>6}  {_field_of_view(v.klass)}"
         )
+    refused = _refused(state, sub)
+    if refused is not None:
+        lines.append(refused)
     lines.append(f"alerts: {state.n_alerts}")
-    for a in state.alerts:
-        stage = f" @ ({a.stage.x_um:.1f}, {a.stage.y_um:.1f}) µm" if a.stage else ""
-        lines.append(f"  [{a.severity}] {a.source}#{a.seq}{stage}: {a.explanation}")
+    lines.extend(_alert_text(a) for a in state.alerts)
     return lines
 
 
@@ -141,21 +215,18 @@ def view(state: TailState, sub: Subscriber, now: float) -> Any:
     t.add_column("field of view (p, novelty)", ratio=1, overflow="fold")
     for name, v in sorted(state.sources.items()):
         lat = np.asarray(v.latency_ms)
-        win: Any = v.stats.window if v.stats else {}
-        ecd = win.get("ecd") or {}
+        d10, d50, d90, density = _stats_cells(v.stats)
         t.add_row(
             name, f"{v.fps(now):.1f}", _fmt(np.percentile(lat, 50) if lat.size else None),
             _fmt(np.percentile(lat, 99) if lat.size else None),
-            _fmt(float(np.mean(v.counts)) if v.counts else None), _fmt(ecd.get("d10")),
-            _fmt(ecd.get("d50")), _fmt(ecd.get("d90")), v.units,
-            _fmt(win.get("number_density_per_um2"), ".0f"), str(sub.missed.get(name, 0)),
-            _field_of_view(v.klass))
-    alerts = [Text(f"alerts: {state.n_alerts}", style="bold")]
+            _fmt(float(np.mean(v.counts)) if v.counts else None), d10, d50, d90, v.units,
+            density, str(sub.missed.get(name, 0)), _field_of_view(v.klass))
+    refused = _refused(state, sub)
+    alerts = [] if refused is None else [Text(refused, style="yellow", overflow="fold")]
+    alerts.append(Text(f"alerts: {state.n_alerts}", style="bold"))
     for a in state.alerts:
-        stage = f" @ ({a.stage.x_um:.1f}, {a.stage.y_um:.1f}) µm" if a.stage else ""
         colour = {"critical": "red", "warning": "yellow"}.get(a.severity, "")
-        alerts.append(Text(f"  [{a.severity}] {a.source}#{a.seq}{stage}: {a.explanation}",
-                           style=colour, overflow="fold"))
+        alerts.append(Text(_alert_text(a), style=colour, overflow="fold"))
     return Group(Text(status, style=style), t, *alerts)
 
 

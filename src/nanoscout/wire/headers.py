@@ -6,6 +6,14 @@ A header cannot describe an impossible frame: every integer is bounded (sides 1.
 sequence numbers and times within int64), the source name is matched in full, pixel types come
 from an allow-list and every float is finite.
 
+Result headers are decoded to the same standard, so that no client meets a value it cannot
+store or show: their counts, times and sides fit int64 (``det.shape`` 0..65536 px), a ``det``
+in nm has a plausible pixel size (:data:`PIXEL_SIZE_RANGE_NM`) and a pixel size is never
+absurd, a ``class`` has one probability per label, ``det.meta`` follows the rules of
+``frame.meta`` (:data:`MetaValue`) and free maps (``stats.clusters``, block fields a newer
+minor version adds) hold only what JSON can write (no bytes). These refuse only
+values no valid sender produces, so they are no protocol change (no new minor version).
+
 Every result of one frame shares :class:`FrameRef` (source, seq, acquisition time, stage
 position, per-stage times) and carries ``topic_seq``: a per-topic, per-source message counter
 (protocol v1.3) with which any subscriber sees any lost message, whatever it subscribes to.
@@ -199,10 +207,79 @@ ParticleSizeNm = Annotated[tuple[Finite, Finite], AfterValidator(check_particle_
 #: the same in frame px (:func:`check_particle_size_px`)
 ParticleSizePx = Annotated[tuple[Finite, Finite], AfterValidator(check_particle_size_px)]
 Side = Annotated[StrictInt, Field(ge=1, le=MAX_SIDE_PX)]
+#: a count, an index or a time in a result header: 0 .. 2**63 - 1 (fits every int64 column);
+#: unlike :data:`Count64` also an integral float or a numpy integer, as these fields took before
+Int64Count = Annotated[int, Field(ge=0, le=_INT64_MAX)]
+#: a frame side that may be unknown (0, a ``det`` of an older daemon): 0 .. 65536 px
+SideOrZero = Annotated[StrictInt, Field(ge=0, le=MAX_SIDE_PX)]
 #: values of a frame's free ``meta`` map (at most 64 entries, keys of 1-64 characters): strings
 #: of at most 1024 characters, int64 integers, finite floats, booleans or null
 MetaValue = str | bool | int | float | None
 _META_MAX = 64
+#: how deep a free map in a result header may nest (:func:`_check_json`)
+_JSON_MAX_DEPTH = 16
+
+
+def _check_pixel_size(value: float | None) -> float | None:
+    """``value`` (nm per px) unless it is absurd: ValueError outside
+    :data:`PIXEL_SIZE_RANGE_NM` (None, uncalibrated, passes)."""
+    lo, hi = PIXEL_SIZE_RANGE_NM
+    if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+        raise ValueError(f"pixel_size_nm {value!r} is absurd (expected {lo:g}..{hi:g} nm, "
+                         "or null for an uncalibrated frame)")
+    return value
+
+
+def _check_meta(value: object) -> object:
+    """A frame's free ``meta`` map as it is (:data:`MetaValue`); ValueError naming the first
+    entry that breaks the rules."""
+    if not isinstance(value, dict):
+        raise ValueError(f"meta must be a map, got {type(value).__name__}")
+    if len(value) > _META_MAX:
+        raise ValueError(f"meta has {len(value)} entries; at most {_META_MAX} are allowed")
+    for key, v in value.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= 64:
+            raise ValueError(f"meta key {key!r:.40} must be a string of 1-64 characters")
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if not -(2**63) <= v <= _INT64_MAX:
+                raise ValueError(f"meta[{key!r}] = {v} does not fit an int64")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                raise ValueError(f"meta[{key!r}] = {v} is not a finite number")
+        elif isinstance(v, str):
+            if len(v) > 1024:
+                raise ValueError(f"meta[{key!r}] has {len(v)} characters; at most 1024")
+        else:
+            raise ValueError(f"meta[{key!r}] is a {type(v).__name__}; only strings, "
+                             "numbers, booleans and null are allowed")
+    return value
+
+
+def _check_json(value: object, where: str, depth: int = 0) -> None:
+    """ValueError naming ``where`` unless ``value`` is what JSON can write: null, booleans,
+    int64 integers, floats, strings, lists and maps with string keys, at most
+    :data:`_JSON_MAX_DEPTH` deep (a free map of a result header: ``stats.clusters``, the
+    fields a newer minor version adds to a statistics block; never bytes)."""
+    if depth > _JSON_MAX_DEPTH:
+        raise ValueError(f"{where} is nested deeper than {_JSON_MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool | float | str):
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value <= _INT64_MAX:
+            raise ValueError(f"{where} = {value} does not fit an int64")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_json(v, f"{where}[{i}]", depth + 1)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where} has a key {k!r:.40} that is not a string")
+            _check_json(v, f"{where}[{k!r:.40}]", depth + 1)
+    else:
+        raise ValueError(f"{where} is a {type(value).__name__}; only null, booleans, numbers, "
+                         "strings, lists and maps are allowed")
 
 
 class Header(BaseModel):
@@ -285,37 +362,12 @@ class FrameHeader(Header):
     @field_validator("pixel_size_nm")
     @classmethod
     def _pixel_size(cls, value: float | None) -> float | None:
-        lo, hi = PIXEL_SIZE_RANGE_NM
-        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
-            raise ValueError(f"pixel_size_nm {value!r} is absurd (expected {lo:g}..{hi:g} nm, "
-                             "or null for an uncalibrated frame)")
-        return value
+        return _check_pixel_size(value)
 
     @field_validator("meta", mode="before")
     @classmethod
     def _meta(cls, value: object) -> object:
-        if not isinstance(value, dict):
-            raise ValueError(f"meta must be a map, got {type(value).__name__}")
-        if len(value) > _META_MAX:
-            raise ValueError(f"meta has {len(value)} entries; at most {_META_MAX} are allowed")
-        for key, v in value.items():
-            if not isinstance(key, str) or not 1 <= len(key) <= 64:
-                raise ValueError(f"meta key {key!r:.40} must be a string of 1-64 characters")
-            if v is None or isinstance(v, bool):
-                continue
-            if isinstance(v, int):
-                if not -(2**63) <= v <= _INT64_MAX:
-                    raise ValueError(f"meta[{key!r}] = {v} does not fit an int64")
-            elif isinstance(v, float):
-                if not math.isfinite(v):
-                    raise ValueError(f"meta[{key!r}] = {v} is not a finite number")
-            elif isinstance(v, str):
-                if len(v) > 1024:
-                    raise ValueError(f"meta[{key!r}] has {len(v)} characters; at most 1024")
-            else:
-                raise ValueError(f"meta[{key!r}] is a {type(v).__name__}; only strings, "
-                                 "numbers, booleans and null are allowed")
-        return value
+        return _check_meta(value)
 
     @property
     def nbytes(self) -> int:
@@ -410,14 +462,18 @@ class DetHeader(FrameRef):
     buffers: ClassVar[tuple[BufferSpec, ...]] = (Table("n"),)
     t_recv_ns: Count64
     t_done_ns: Count64
+    #: the frame's nm per px (:data:`PIXEL_SIZE_RANGE_NM`); None: uncalibrated, units px
     pixel_size_nm: float | None
+    #: the unit of the table's lengths: nm needs ``pixel_size_nm``
     units: Units
-    n: Annotated[StrictInt, Field(ge=0)]
+    n: Count64
     engine: str
     model: str = ""
-    shape: tuple[int, int] = (0, 0)
+    #: the frame's rows, cols (px); (0, 0) from a daemon older than 1.1
+    shape: tuple[SideOrZero, SideOrZero] = (0, 0)
     modality: Modality | None = None
-    meta: dict[str, Any] = Field(default_factory=dict)  # the frame's meta, passed through
+    #: the frame's meta, passed through (the rules of :attr:`FrameHeader.meta`)
+    meta: dict[str, MetaValue] = Field(default_factory=dict)
     #: working px per frame px the detector resampled the frame by (v1.1; None from v1.0)
     working_scale: float | None = None
     #: v1.4: the frame's registration and field of view (None: tracking off)
@@ -452,6 +508,25 @@ class DetHeader(FrameRef):
     #: frame get that scale?), not a measure of the result's accuracy
     scale_agreed: StrictBool | None = None
 
+    @field_validator("pixel_size_nm")
+    @classmethod
+    def _pixel_size(cls, value: float | None) -> float | None:
+        return _check_pixel_size(value)
+
+    @field_validator("meta", mode="before")
+    @classmethod
+    def _meta(cls, value: object) -> object:
+        return _check_meta(value)
+
+    @model_validator(mode="after")
+    def _calibrated(self) -> DetHeader:
+        # the daemon says nm exactly when the frame had a pixel size (FrameHeader.units): a
+        # table in nm without one cannot be converted to px (runfile, to_pandas)
+        if self.units == "nm" and self.pixel_size_nm is None:
+            raise ValueError("units nm needs a pixel_size_nm (an uncalibrated frame's lengths "
+                             "are px)")
+        return self
+
     @property
     def latency_ms(self) -> float:
         """Acquisition-to-result latency, ms (clocks of adapter and daemon host)."""
@@ -462,6 +537,13 @@ class _Block(BaseModel):
     """A statistics block: typed attributes, also readable as ``block["name"]``."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
+
+    @model_validator(mode="after")
+    def _extras_are_json(self) -> _Block:
+        # fields of a newer minor version are kept untyped: they must be what JSON can write
+        for name, value in (self.model_extra or {}).items():
+            _check_json(value, name)
+        return self
 
     def __getitem__(self, name: str) -> Any:
         try:
@@ -491,9 +573,9 @@ class Histogram(_Block):
     """Counts per bin (``edges`` has one more entry), and the values below / above them."""
 
     edges: list[float] = Field(default_factory=list)
-    counts: list[int] = Field(default_factory=list)
-    under: int = 0
-    over: int = 0
+    counts: list[Int64Count] = Field(default_factory=list)
+    under: Int64Count = 0
+    over: Int64Count = 0
     #: v1.6: the sum of the particles' weights per bin (``stats.weights``), None unweighted
     weighted_counts: list[float] | None = None
 
@@ -501,8 +583,8 @@ class Histogram(_Block):
 class StatsBlock(_Block):
     """The ``window`` or ``cumulative`` block of a ``stats`` message (see analysis.stats)."""
 
-    n_frames: int = 0
-    count: int = 0
+    n_frames: Int64Count = 0
+    count: Int64Count = 0
     ecd: Distribution = Distribution()
     aspect_ratio: Distribution = Distribution()
     roundness: Distribution = Distribution()
@@ -522,7 +604,7 @@ class Drift(_Block):
     reference_d50: float | None = None
     window_d50: float | None = None
     change_pct: float | None = None
-    reference_frames: int = 0
+    reference_frames: Int64Count = 0
     reference_complete: bool = False
 
 
@@ -531,9 +613,9 @@ class FieldStats(_Block):
     size is known, their ECD D50 with its 95 % interval, the stage position (µm) when the
     frames carried one, and the frames imaged there."""
 
-    field: int = 0
-    n_frames: int = 0
-    count: int = 0
+    field: Int64Count = 0
+    n_frames: Int64Count = 0
+    count: Int64Count = 0
     d50: float | None = None
     d50_ci: tuple[float, float] | None = None
     stage: Stage | None = None
@@ -548,11 +630,11 @@ class UniqueStats(_Block):
     median, Student t for the mean); ``number_density_per_um2``: tracks per imaged area
     (None uncalibrated); ``by_field``: the newest fields (at most 64)."""
 
-    n_frames: int = 0
-    count: int = 0
-    tracks_total: int = 0
-    fields: int = 0
-    min_track_frames: int = 1
+    n_frames: Int64Count = 0
+    count: Int64Count = 0
+    tracks_total: Int64Count = 0
+    fields: Int64Count = 0
+    min_track_frames: Int64Count = 1
     ecd: Distribution = Distribution()
     ecd_d50_ci: tuple[float, float] | None = None
     ecd_mean_ci: tuple[float, float] | None = None
@@ -569,7 +651,7 @@ class LswFit(_Block):
     k_se: float | None = None
     r0_cubed: float | None = None
     r2: float | None = None
-    n: int = 0
+    n: Int64Count = 0
     span_s: float = 0.0
 
 
@@ -584,19 +666,19 @@ class InSitu(_Block):
     median dECD/dt of the field's tracks with enough observations (length unit per s) and its
     95 % interval over tracks; ``lsw``: the ripening fit."""
 
-    field: int = 0
+    field: Int64Count = 0
     t_s: float = 0.0
     d50: float | None = None
     d50_ci: tuple[float, float] | None = None
     density_per_um2: float | None = None
     density_ci: tuple[float, float] | None = None
     mean_radius: float | None = None
-    coalescences: int = 0
+    coalescences: Int64Count = 0
     coalescence_rate_per_s: float | None = None
     coalescence_rate_per_um2_s: float | None = None
     growth_rate_d50: float | None = None
     growth_rate_ci: tuple[float, float] | None = None
-    growth_tracks: int = 0
+    growth_tracks: Int64Count = 0
     lsw: LswFit | None = None
 
 
@@ -607,7 +689,8 @@ class StatsHeader(FrameRef):
     them all; its ``stage_ms`` holds every stage of the frame."""
 
     topic_kind: ClassVar[Kind] = Kind.STATS
-    t_ns: int
+    #: when the statistics were made, ns since the epoch
+    t_ns: Count64
     units: Units
     window: StatsBlock
     cumulative: StatsBlock
@@ -624,17 +707,32 @@ class StatsHeader(FrameRef):
     #: not weighted, or the frame's detector has no score calibration)
     weights: Literal["confidence", "none"] = "none"
 
+    @field_validator("clusters")
+    @classmethod
+    def _clusters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _check_json(value, "clusters")
+        return value
+
 
 class ClassHeader(FrameRef):
     """Field-of-view classification of one frame; an optional uint8 CAM heatmap follows."""
 
     topic_kind: ClassVar[Kind] = Kind.CLASS
     buffers: ClassVar[tuple[BufferSpec, ...]] = (Heatmap("heatmap_shape", slot="array"),)
+    #: the top-k labels, most probable first, each with its probability (same length)
     labels: list[str]
     probabilities: list[float]
     novelty: float | None = None
     engine: str = ""
     heatmap_shape: tuple[Side, Side] | None = None
+
+    @model_validator(mode="after")
+    def _one_probability_per_label(self) -> ClassHeader:
+        if len(self.labels) != len(self.probabilities):
+            raise ValueError(f"{len(self.labels)} labels but {len(self.probabilities)} "
+                             "probabilities: each label needs its probability")
+        return self
 
 
 class PreviewHeader(FrameRef):
@@ -647,10 +745,15 @@ class PreviewHeader(FrameRef):
 
     topic_kind: ClassVar[Kind] = Kind.PREVIEW
     buffers: ClassVar[tuple[BufferSpec, ...]] = (Picture("size"),)
-    shape: tuple[int, int]  # the frame's rows, cols
+    shape: tuple[SideOrZero, SideOrZero]  # the frame's rows, cols
     size: tuple[Side, Side]
     scale: Annotated[float, Field(gt=0)]
     pixel_size_nm: float | None = None
+
+    @field_validator("pixel_size_nm")
+    @classmethod
+    def _pixel_size(cls, value: float | None) -> float | None:
+        return _check_pixel_size(value)
 
 
 class AlertHeader(FrameRef):
@@ -669,7 +772,7 @@ class AlertHeader(FrameRef):
     threshold: float
     explanation: str
     units: Units = "nm"
-    n: Annotated[StrictInt, Field(ge=0)] = 0
+    n: Count64 = 0
     heatmap_shape: tuple[Side, Side] | None = None
     #: v1.6: the probability that the particle described is real (a calibrated detector's
     #: score) or, for a count rule counting expected particles, their mean; None otherwise
