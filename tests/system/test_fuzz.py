@@ -22,7 +22,7 @@ from nanoscout.daemon.app import build_pipeline
 from nanoscout.daemon.config import load_config
 from nanoscout.sim.synthetic import SpecimenConfig, render
 from nanoscout.wire.headers import HealthHeader
-from nanoscout.wire.protocol import encode_message
+from nanoscout.wire.protocol import Buffer, encode_message
 from tests.conftest import wait_until
 from tests.system.conftest import DaemonFactory, DaemonProc, nanoscout, stop_process, wait_ready
 from tests.system.malformed import GENERATORS, Parts, malformed, malformed_results, valid_oddities
@@ -142,25 +142,40 @@ def _in_process(image: np.ndarray) -> np.ndarray:
         pipeline.close()
 
 
+def _result_publisher(ctx: zmq.Context, *, verbose: bool = False) -> tuple[zmq.Socket, str]:
+    """A fake daemon's result socket (XPUB, no high-water mark, no linger; ``verbose``: it
+    reports every subscription) bound on a free loopback port: (socket, endpoint)."""
+    pub = ctx.socket(zmq.XPUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.setsockopt(zmq.LINGER, 0)
+    if verbose:
+        pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+    try:
+        return pub, f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
+    except BaseException:
+        pub.close()
+        raise
+
+
+def _health_message(topic_seq: int) -> list[Buffer]:
+    """A daemon's health message, as a fake publisher's heartbeat."""
+    return encode_message(HealthHeader(
+        t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={}, frames_received=0,
+        frames_processed=0, frames_dropped={}, rejected={}, transport_gaps=0, queue_depth=0,
+        fps=0.0, latency_ms_p50=None, latency_ms_p99=None, topic_seq=topic_seq))
+
+
 def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path: Path) -> None:
     """A broken (or hostile) publisher on the result side: the recorder and the dashboard,
     real processes, count every message they cannot decode and go on recording / serving."""
     ctx = zmq.Context()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.setsockopt(zmq.LINGER, 0)
+    pub, endpoint = _result_publisher(ctx)
     procs: list[subprocess.Popen[str]] = []
     try:
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
-        endpoint = f"tcp://127.0.0.1:{port}"
         seq = iter(range(10**6))
 
         def health() -> None:
-            pub.send_multipart(encode_message(HealthHeader(
-                t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={},
-                frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
-                transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None,
-                latency_ms_p99=None, topic_seq=next(seq))))
+            pub.send_multipart(_health_message(next(seq)))
 
         out = tmp_path / "run.parquet"
         rec = nanoscout("record", "--connect", endpoint, "--out", str(out), "--duration", "600",
@@ -246,23 +261,15 @@ def test_recorder_and_tail_survive_results_that_once_passed_the_schema(tmp_path:
     from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
 
     ctx = zmq.Context()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.setsockopt(zmq.LINGER, 0)
-    pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only the first of a topic
+    # every subscription is seen, not only the first of a topic
+    pub, endpoint = _result_publisher(ctx, verbose=True)
     procs: list[subprocess.Popen[str]] = []
     tail_out = tmp_path / "tail.txt"
     try:
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
-        endpoint = f"tcp://127.0.0.1:{port}"
         seq = iter(range(10**6))
 
         def health() -> None:
-            pub.send_multipart(encode_message(HealthHeader(
-                t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={},
-                frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
-                transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None,
-                latency_ms_p99=None, topic_seq=next(seq))))
+            pub.send_multipart(_health_message(next(seq)))
 
         out = tmp_path / "run.parquet"
         procs.append(nanoscout("record", "--results", endpoint, "--out", str(out),

@@ -77,9 +77,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -293,6 +294,18 @@ def _arrow_table(name: str, cols: dict[str, list[Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema(name))
 
 
+_R = TypeVar("_R")
+
+
+def _stored(what: str, rows: Callable[[], _R]) -> _R:
+    """``rows()``, the rows of the message ``what`` names; ProtocolError when its values
+    cannot become rows."""
+    try:
+        return rows()
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
+
+
 class RunWriter:
     """Buffers rows and writes them as one batch per table at :meth:`flush` (crash-safe)."""
 
@@ -374,30 +387,19 @@ class RunWriter:
         the header's ``meta["file"]``). Raises ProtocolError, queueing nothing, when its rows
         cannot be stored (the run goes on without them)."""
         what = f"det {header.source}#{header.seq}"
-        try:
-            frame, cols = det_rows(header, table, file)
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
+        frame, cols = _stored(what, lambda: det_rows(header, table, file))
         self._queue(what, {"particles": (cols, len(table)), "frames": (frame, 1)})
 
     def add_alert(self, header: AlertHeader) -> None:
         """Queue one alert; ProtocolError, queueing nothing, when it cannot be stored."""
         what = f"alert {header.source}#{header.seq}"
-        try:
-            row = alert_row(header)
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
-        self._queue(what, {"alerts": (row, 1)})
+        self._queue(what, {"alerts": (_stored(what, lambda: alert_row(header)), 1)})
 
     def add_stats(self, header: StatsHeader) -> None:
         """Queue one statistics snapshot; ProtocolError, queueing nothing, when it cannot be
         stored."""
         what = f"stats {header.source}#{header.seq}"
-        try:
-            row = stats_row(header)
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
-        self._queue(what, {"stats": (row, 1)})
+        self._queue(what, {"stats": (_stored(what, lambda: stats_row(header)), 1)})
 
     @property
     def pending_frames(self) -> int:

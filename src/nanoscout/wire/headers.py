@@ -80,6 +80,7 @@ import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -257,6 +258,12 @@ def _check_meta(value: object) -> object:
     return value
 
 
+#: nm per px, or None for an uncalibrated frame (:func:`_check_pixel_size`)
+PixelSizeNm = Annotated[float | None, AfterValidator(_check_pixel_size)]
+#: a frame's free map (:func:`_check_meta`)
+Meta = Annotated[dict[str, MetaValue], BeforeValidator(_check_meta)]
+
+
 def _check_json(value: object, where: str, depth: int = 0) -> None:
     """ValueError naming ``where`` unless ``value`` is what JSON can write: null, booleans,
     int64 integers, floats, strings, lists and maps with string keys, at most
@@ -317,11 +324,11 @@ class FrameHeader(Header):
     t_acq_ns: Count64
     shape: tuple[Side, Side]
     dtype: str
-    pixel_size_nm: float | None = None
+    pixel_size_nm: PixelSizeNm = None
     modality: Modality | None = None
     stage: Stage | None = None
     magnification: Annotated[Finite, Field(gt=0, le=1e9)] | None = None
-    meta: dict[str, MetaValue] = Field(default_factory=dict)
+    meta: Meta = Field(default_factory=dict)
     #: v1.3: the adapter run that numbered this frame (1-32 of A-Z a-z 0-9 _ -); frames of one
     #: session may be resent after a daemon restart, so the daemon drops a number it already
     #: took (``rejected{reason="duplicate"}``) and counts no gap for a late one
@@ -359,15 +366,6 @@ class FrameHeader(Header):
         """Frames all share the topic ``frame`` (the daemon's SUB input subscribes to it)."""
         return b"frame"
 
-    @field_validator("pixel_size_nm")
-    @classmethod
-    def _pixel_size(cls, value: float | None) -> float | None:
-        return _check_pixel_size(value)
-
-    @field_validator("meta", mode="before")
-    @classmethod
-    def _meta(cls, value: object) -> object:
-        return _check_meta(value)
 
     @property
     def nbytes(self) -> int:
@@ -463,7 +461,7 @@ class DetHeader(FrameRef):
     t_recv_ns: Count64
     t_done_ns: Count64
     #: the frame's nm per px (:data:`PIXEL_SIZE_RANGE_NM`); None: uncalibrated, units px
-    pixel_size_nm: float | None
+    pixel_size_nm: PixelSizeNm
     #: the unit of the table's lengths: nm needs ``pixel_size_nm``
     units: Units
     n: Count64
@@ -473,7 +471,7 @@ class DetHeader(FrameRef):
     shape: tuple[SideOrZero, SideOrZero] = (0, 0)
     modality: Modality | None = None
     #: the frame's meta, passed through (the rules of :attr:`FrameHeader.meta`)
-    meta: dict[str, MetaValue] = Field(default_factory=dict)
+    meta: Meta = Field(default_factory=dict)
     #: working px per frame px the detector resampled the frame by (v1.1; None from v1.0)
     working_scale: float | None = None
     #: v1.4: the frame's registration and field of view (None: tracking off)
@@ -508,15 +506,6 @@ class DetHeader(FrameRef):
     #: frame get that scale?), not a measure of the result's accuracy
     scale_agreed: StrictBool | None = None
 
-    @field_validator("pixel_size_nm")
-    @classmethod
-    def _pixel_size(cls, value: float | None) -> float | None:
-        return _check_pixel_size(value)
-
-    @field_validator("meta", mode="before")
-    @classmethod
-    def _meta(cls, value: object) -> object:
-        return _check_meta(value)
 
     @model_validator(mode="after")
     def _calibrated(self) -> DetHeader:
@@ -748,12 +737,8 @@ class PreviewHeader(FrameRef):
     shape: tuple[SideOrZero, SideOrZero]  # the frame's rows, cols
     size: tuple[Side, Side]
     scale: Annotated[float, Field(gt=0)]
-    pixel_size_nm: float | None = None
+    pixel_size_nm: PixelSizeNm = None
 
-    @field_validator("pixel_size_nm")
-    @classmethod
-    def _pixel_size(cls, value: float | None) -> float | None:
-        return _check_pixel_size(value)
 
 
 class AlertHeader(FrameRef):
