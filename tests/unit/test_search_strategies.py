@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -555,3 +557,34 @@ def test_the_command_skips_a_row_without_a_position(
     meta = json.loads((out / "search.json").read_text())["search"]
     assert meta["stopped"] == "done" and meta["error"] is None
     assert meta["skipped_rows"] == sum(1 for pts in fake.seen if pts) > 0
+
+
+@dataclass
+class SignalledAt(FakeSession):
+    """The operator presses Ctrl-C while frame ``at`` (1-based) is taken."""
+
+    at: int = 5
+
+    def frame(self, *a: Any, **kw: Any) -> FrameResult:
+        res = super().frame(*a, **kw)
+        if self.costs.frames == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return res
+
+
+def test_ctrl_c_ends_the_command_between_frames_with_what_was_found_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A signal ended a search with a KeyboardInterrupt and nothing written; now it ends the
+    search before the next frame, the targets found so far are written, exit status 130, and
+    the handlers before the command are back."""
+    from nanoscout.clients.search.navigator import read_json
+
+    before = signal.getsignal(signal.SIGINT)
+    fake = SignalledAt(list(TARGETS), at=25)
+    code, out = _run_command(tmp_path, fake, monkeypatch)
+    assert code == 130 and signal.getsignal(signal.SIGINT) is before
+    meta = json.loads((out / "search.json").read_text())["search"]
+    assert meta["stopped"] == "interrupted" and meta["frames"] == 25 == len(fake.shots)
+    assert len(read_json(out / "targets.json")) == meta["targets"] > 0
+    assert "interrupted" in capsys.readouterr().err

@@ -8,13 +8,15 @@ timeout never cuts a slow stage move short.
 
 When the microscope fails mid-search the list of what was found so far is still written,
 ``search.json`` records why it stopped (``stopped`` "error", ``error`` the failure), and the
-exit status is 2.
+exit status is 2. SIGINT (Ctrl-C) or SIGTERM ends the search before its next frame: what it
+found is written (``stopped`` "interrupted"), exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from nanoscout.clients.search.geometry import Area
 from nanoscout.clients.search.navigator import FoundTarget, write_navigator
 from nanoscout.clients.search.session import FrameResult, SearchSession
 from nanoscout.clients.search.strategies import SearchConfig, run_search
+from nanoscout.stopping import StopEvent
 from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.transport import DEFAULT_RESULT_ENDPOINT, ClientKeys
 
@@ -33,6 +36,8 @@ RESULT_TIMEOUT_HELP = (f"wait for a frame's results, s (microscope commands wait
                        f"max({CONTROL_TIMEOUT_S:g}, this): a stage move may take long)")
 #: exit status of a search the microscope's failure stopped (what it found is written)
 EXIT_STOPPED_BY_ERROR = 2
+#: exit status of a search a signal stopped (what it found is written), as for Ctrl-C
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,11 +95,17 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
             print(f"  target {t.id}: {t.label} at ({t.x_um:.2f}, {t.y_um:.2f}) µm, "
                   f"confidence {t.confidence:.2f}", flush=True)
 
+    stop = StopEvent()  # a signal ends the search between two frames; the list is written
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    installed = stop.on_signals()
     try:
-        result = run_search(args.strategy, session, cfg, progress)
+        result = run_search(args.strategy, session, cfg, progress, stop)
     finally:
         session.close()
         control.close()
+        for sig, handler in before.items():
+            if installed and handler is not None:  # None: set outside Python
+                signal.signal(sig, handler)
     summary = result.summary()
     meta = {"search": summary, "area_um": [area.x_min, area.x_max, area.y_min, area.y_max],
             "config": {"target_rules": list(cfg.target_rules),
@@ -115,4 +126,8 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
         print(f"nanoscout search: error: {result.error} (stopped; the {len(result.targets)} "
               f"targets found so far are in {args.out})", file=sys.stderr, flush=True)
         return EXIT_STOPPED_BY_ERROR
+    if result.stopped == "interrupted":
+        print(f"nanoscout search: interrupted (the {len(result.targets)} targets found so far "
+              f"are in {args.out})", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0

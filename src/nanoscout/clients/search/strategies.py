@@ -14,8 +14,9 @@
 Both stop at the budget (frames, instrument seconds or mean electron dose, whichever comes
 first), or when the microscope fails (its control socket does not answer, answers garbage or
 refuses): the search then stops at once and returns what it found so far, with ``stopped`` =
-"error" and the failure in ``error``. A frame whose results do not come back is taken once
-more. An alert row that cannot be a target (a non-finite position, score or alert value) is
+"error" and the failure in ``error``; or, between two frames, when ``stop`` is set (the
+operator's Ctrl-C or SIGTERM): ``stopped`` = "interrupted". A frame whose results do not come
+back is taken once more. An alert row that cannot be a target (a non-finite position, score or alert value) is
 skipped, logged and counted (``skipped_rows``); a non-finite optional measurement (ECD, Feret
 length, aspect ratio) is left out (None). High-magnification frames
 ask the daemon for its 45° view too (frame meta ``rotate45``; wires along an image axis). Targets
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -234,13 +236,16 @@ def _nm(row: np.void, name: str, units: str) -> float | None:
 
 
 class _Budget:
-    def __init__(self, cfg: SearchConfig, session: SearchSession) -> None:
-        self.cfg, self.session = cfg, session
+    def __init__(self, cfg: SearchConfig, session: SearchSession,
+                 stop: threading.Event | None = None) -> None:
+        self.cfg, self.session, self.stop = cfg, session, stop
         #: the microscope's failure that stopped the search (no frame may be taken), or None
         self.error: str | None = None
 
     def exhausted(self) -> str | None:
         """Why no further frame may be taken, or None."""
+        if self.stop is not None and self.stop.is_set():
+            return "interrupted"
         c, cfg = self.session.costs, self.cfg
         if cfg.budget_frames is not None and c.frames >= cfg.budget_frames:
             return "budget: frames"
@@ -288,9 +293,11 @@ def _fov(cfg: SearchConfig, pixel_size_nm: float) -> tuple[float, float]:
 
 
 def raster_search(session: SearchSession, cfg: SearchConfig,
-                  progress: Progress | None = None) -> SearchResult:
-    """Image the whole area at the high magnification; every target rule hit is a target."""
-    book, budget = TargetBook(cfg, session), _Budget(cfg, session)
+                  progress: Progress | None = None, stop: threading.Event | None = None
+                  ) -> SearchResult:
+    """Image the whole area at the high magnification; every target rule hit is a target.
+    ``stop``: set, the search ends before its next frame."""
+    book, budget = TargetBook(cfg, session), _Budget(cfg, session, stop)
 
     def found(res: FrameResult) -> list[FoundTarget]:
         return book.offer(res)
@@ -356,9 +363,11 @@ def _merge(cands: list[Candidate], sep_um: float) -> list[Candidate]:
 
 
 def adaptive_search(session: SearchSession, cfg: SearchConfig,
-                    progress: Progress | None = None) -> SearchResult:
-    """Survey at low magnification, then confirm the best candidates at high magnification."""
-    book, budget = TargetBook(cfg, session), _Budget(cfg, session)
+                    progress: Progress | None = None, stop: threading.Event | None = None
+                    ) -> SearchResult:
+    """Survey at low magnification, then confirm the best candidates at high magnification.
+    ``stop``: set, the search ends before its next frame."""
+    book, budget = TargetBook(cfg, session), _Budget(cfg, session, stop)
     cands: list[Candidate] = []
 
     def nominate(res: FrameResult) -> list[FoundTarget]:
@@ -432,12 +441,14 @@ def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: Targ
 
 
 def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
-               progress: Progress | None = None) -> SearchResult:
+               progress: Progress | None = None, stop: threading.Event | None = None
+               ) -> SearchResult:
     """Run the named strategy; a search area beyond the stage limits is refused at once.
 
     When the microscope fails mid-search (:class:`ControlError`: no answer, garbage, a
     refusal) the search stops and the result holds what was found so far, ``stopped`` =
-    "error" and the failure in ``error``; nothing found is lost."""
+    "error" and the failure in ``error``; nothing found is lost. ``stop`` set ends it before
+    its next frame (``stopped`` "interrupted")."""
     lim = session.limits
     a = cfg.area
     if lim is not None and not (lim.contains(a.x_min, a.y_min)
@@ -446,7 +457,7 @@ def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
                           f"{a.y_max:g}] µm exceeds the stage limits x [{lim.x_min:g}, "
                           f"{lim.x_max:g}] y [{lim.y_min:g}, {lim.y_max:g}] µm")
     if strategy == "raster":
-        return raster_search(session, cfg, progress)
+        return raster_search(session, cfg, progress, stop)
     if strategy == "adaptive":
-        return adaptive_search(session, cfg, progress)
+        return adaptive_search(session, cfg, progress, stop)
     raise ValueError(f"unknown strategy {strategy!r}; known: raster, adaptive")
