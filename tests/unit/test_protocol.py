@@ -368,6 +368,21 @@ def test_result_headers_clients_cannot_handle_are_refused_at_decode(
     assert info.value.reason == "header"
 
 
+def test_a_result_whose_topic_names_another_source_is_refused() -> None:
+    """``det.camA`` carrying a header of ``camB`` was accepted: ``tail`` filed it under camB,
+    the dashboard's loss counters under camA. The topic is the header's own, or a topic
+    error."""
+    good = [b"det.bad", msgpack.packb(_det_raw(), use_bin_type=True), b""]
+    assert isinstance(decode_message(good).header, DetHeader)
+    for topic in (b"det.other", b"det", b"det.bad.x"):
+        with pytest.raises(MalformedMessage, match="does not name the header's source") as info:
+            decode_message([topic, *good[1:]])
+        assert info.value.reason == "topic"
+    stats = msgpack.packb(_stats_raw(), use_bin_type=True)
+    with pytest.raises(MalformedMessage, match="does not name"):
+        decode_message([b"stats.elsewhere", stats])
+
+
 def test_valid_result_headers_still_decode_and_the_daemon_cannot_build_a_bad_det() -> None:
     for header in (_det_raw(), _det_raw(units="px", pixel_size_nm=None),
                    _det_raw(shape=[0, 0], meta={"file": "a.tif", "index": 3, "ok": None}),

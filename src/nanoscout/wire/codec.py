@@ -219,6 +219,11 @@ def encode(msg: Message[Any]) -> list[Buffer]:
     return encode_message(header, *arrays)
 
 
+#: kinds a daemon publishes, whose topic is exactly their header's (``det.<source>``, ``health``)
+_PUBLISHED = frozenset({Kind.DET, Kind.STATS, Kind.CLASS, Kind.PREVIEW, Kind.ALERT, Kind.HEALTH,
+                        Kind.ACK})
+
+
 def decode_message(parts: Sequence[Buffer], *, max_frame_bytes: int | None = None
                    ) -> Message[Any]:
     """Decode any message by its topic; raises a ProtocolError naming what is wrong.
@@ -238,6 +243,10 @@ def decode_message(parts: Sequence[Buffer], *, max_frame_bytes: int | None = Non
     header = unpack_header(parts[1], HEADERS[kind])
     if isinstance(header, FrameHeader):
         _check_frame_size(header, max_frame_bytes)
+    elif kind in _PUBLISHED and topic != header.topic().decode():
+        # a subscriber files a result under its topic's source, the SDK under its header's
+        raise MalformedMessage(f"topic {topic[:60]!r} does not name the header's source "
+                               f"({header.topic().decode()[:60]!r})", reason=Reason.TOPIC)
     specs = [(spec, i) for spec in type(header).buffers for i in range(spec.count(header))]
     _parts(kind, parts, 2 + len(specs))
     slots: dict[str, Any] = {"array": None, "heatmap": None, "extra": []}
