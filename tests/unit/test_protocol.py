@@ -368,6 +368,22 @@ def test_result_headers_clients_cannot_handle_are_refused_at_decode(
     assert info.value.reason == "header"
 
 
+def test_a_heartbeat_with_impossible_counts_or_rates_is_refused() -> None:
+    """A hostile ``health`` (2**64-1 frames, a NaN rate, a negative latency) decoded and was
+    shown as it came; counts are int64 and not negative, rates and times finite now."""
+    base = HealthHeader(t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=3,
+                        frames_processed=2, frames_dropped={"superseded": 1}, rejected={},
+                        transport_gaps=0, queue_depth=0, fps=2.5, latency_ms_p50=10.0,
+                        latency_ms_p99=None).model_dump(mode="json")
+    assert isinstance(decode_message([b"health", msgpack.packb(base)]).header, HealthHeader)
+    for bad in ({"frames_received": 2**64 - 1}, {"fps": float("nan")}, {"uptime_s": -1.0},
+                {"latency_ms_p99": float("inf")}, {"rejected": {"header": -2}},
+                {"latency_ms_p50": -0.5}):
+        with pytest.raises(MalformedMessage, match="health header field") as info:
+            decode_message([b"health", msgpack.packb({**base, **bad})])
+        assert info.value.reason == "header", bad
+
+
 def test_a_result_whose_topic_names_another_source_is_refused() -> None:
     """``det.camA`` carrying a header of ``camB`` was accepted: ``tail`` filed it under camB,
     the dashboard's loss counters under camA. The topic is the header's own, or a topic

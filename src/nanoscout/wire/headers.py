@@ -213,6 +213,8 @@ Side = Annotated[StrictInt, Field(ge=1, le=MAX_SIDE_PX)]
 Int64Count = Annotated[int, Field(ge=0, le=_INT64_MAX)]
 #: a frame side that may be unknown (0, a ``det`` of an older daemon): 0 .. 65536 px
 SideOrZero = Annotated[StrictInt, Field(ge=0, le=MAX_SIDE_PX)]
+#: a finite, non-negative float (seconds, rates, milliseconds)
+_NonNegative = Annotated[float, AfterValidator(_finite), Field(ge=0)]
 #: values of a frame's free ``meta`` map (at most 64 entries, keys of 1-64 characters): strings
 #: of at most 1024 characters, int64 integers, finite floats, booleans or null
 MetaValue = str | bool | int | float | None
@@ -778,41 +780,43 @@ class AckHeader(Header):
 
 
 class HealthHeader(Header):
-    """Daemon heartbeat, published every ``health.interval_s``."""
+    """Daemon heartbeat, published every ``health.interval_s``. Counts are 64-bit and not
+    negative, times and rates finite and not negative (a hostile heartbeat with 2**64-1
+    frames or a NaN rate is a header error)."""
 
     topic_kind: ClassVar[Kind] = Kind.HEALTH
-    t_ns: int
-    uptime_s: float
+    t_ns: Int64Count
+    uptime_s: _NonNegative
     policy: Literal["live", "lossless"]
     engines: dict[str, str]
-    frames_received: int
-    frames_processed: int
-    frames_dropped: dict[str, int]
-    rejected: dict[str, int]
-    transport_gaps: int
-    queue_depth: int
-    fps: float
-    latency_ms_p50: float | None
-    latency_ms_p99: float | None
+    frames_received: Int64Count
+    frames_processed: Int64Count
+    frames_dropped: dict[str, Int64Count]
+    rejected: dict[str, Int64Count]
+    transport_gaps: Int64Count
+    queue_depth: Int64Count
+    fps: _NonNegative
+    latency_ms_p50: _NonNegative | None
+    latency_ms_p99: _NonNegative | None
     last_error: str | None = None
     #: v1.3: transport gaps per source, sources now tracked, sources evicted so far
-    transport_gaps_by_source: dict[str, int] = Field(default_factory=dict)
-    sources: int = 0
-    sources_evicted: int = 0
+    transport_gaps_by_source: dict[str, Int64Count] = Field(default_factory=dict)
+    sources: Int64Count = 0
+    sources_evicted: Int64Count = 0
     topic_seq: Count64 | None = None
     #: when this daemon started, ns since the epoch (a restart shows as a new value)
-    started_ns: int | None = None
+    started_ns: Int64Count | None = None
     #: v1.5: the detection model in use (card name:version), the first 12 hex digits of its
     #: ONNX file's sha256 and its generation (0 at start, +1 per swap or revert)
     model: str | None = None
     model_sha256: str | None = None
-    model_generation: int | None = None
+    model_generation: Int64Count | None = None
     #: v1.5: hot swaps and reverts done / refused or rolled back since start
-    model_swaps: int = 0
-    model_swap_failures: int = 0
+    model_swaps: Int64Count = 0
+    model_swap_failures: Int64Count = 0
     #: v1.5: raw frames written for review (TIFF) / saves that failed
-    frames_saved: int = 0
-    frame_save_failures: int = 0
+    frames_saved: Int64Count = 0
+    frame_save_failures: Int64Count = 0
 
 
 class LensRequest(Header):
