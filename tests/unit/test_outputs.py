@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -128,6 +129,55 @@ def test_napari_reader_plugin(tmp_path: Path) -> None:
     (cmd,) = manifest["contributions"]["commands"]
     assert cmd["python_name"] == "nanoscout.clients.napari_reader:get_reader"
     assert manifest["contributions"]["readers"][0]["filename_patterns"] == ["*.labels.tif"]
+
+
+def _foreign_or_damaged_label_tiffs(d: Path) -> dict[str, tuple[Path, bool]]:
+    """name -> (path, whether it carries nanoscout's properties, so get_reader claims it)."""
+    import json
+
+    img = (np.arange(64 * 64).reshape(64, 64) % 200).astype(np.uint8)
+    good = write_label_tiff(np.zeros((64, 64), np.int32), d / "good.labels.tif", image=img,
+                            pixel_size_nm=0.5)
+
+    def ij(name: str, props: str) -> Path:
+        tifffile.imwrite(d / name, img, imagej=True, metadata={"Properties": {"nanoscout": props}})
+        return d / name
+
+    (d / "truncated.labels.tif").write_bytes(good.read_bytes()[:300])
+    (d / "garbage.labels.tif").write_bytes(b"hello, not a tiff" * 4)
+    (d / "empty.labels.tif").write_bytes(b"")
+    tifffile.imwrite(d / "stack5.labels.tif", np.zeros((5, 32, 32), np.uint8))
+    tifffile.imwrite(d / "rgb.labels.tif", np.zeros((32, 32, 3), np.uint8), photometric="rgb")
+    return {
+        "truncated": (d / "truncated.labels.tif", False),
+        "garbage": (d / "garbage.labels.tif", False),
+        "empty": (d / "empty.labels.tif", False),
+        "missing": (d / "missing.labels.tif", False),
+        "stack5": (d / "stack5.labels.tif", False),
+        "rgb": (d / "rgb.labels.tif", False),
+        "bad json": (ij("badjson.labels.tif", "{not json"), True),
+        "bad pixel size": (ij("badpx.labels.tif", json.dumps({"pixel_size_nm": "abc"})), True),
+        "properties a list": (ij("list.labels.tif", "[1, 2]"), True),
+        "channels wrong": (ij("chan.labels.tif", json.dumps({"channels": ["image", "labels"]})),
+                           True),
+    }
+
+
+def test_napari_reader_leaves_foreign_files_and_names_the_damaged_one(tmp_path: Path) -> None:
+    """get_reader claimed every ``*.labels.tif`` by its name, and the reader then raised raw
+    ValueError, JSONDecodeError, AttributeError ... on a foreign or damaged one."""
+    from nanoscout.clients.napari_reader import read_labels_tiff
+    from nanoscout.wire.errors import ReaderError
+
+    cases = _foreign_or_damaged_label_tiffs(tmp_path)
+    for name, (path, ours) in cases.items():
+        assert (get_reader(str(path)) is not None) == ours, name
+        with pytest.raises(ReaderError, match=re.escape(str(path))):
+            read_labels_tiff(str(path))
+    # one file napari cannot read among good ones: the whole list is not ours
+    good = str(tmp_path / "good.labels.tif")
+    assert get_reader([good, good]) is not None
+    assert get_reader([good, str(cases["stack5"][0])]) is None
 
 
 @pytest.mark.parametrize("shape", [(7, 1), (1, 1), (1, 7)])

@@ -400,6 +400,32 @@ def test_replay_watch_sends_new_files_and_skips_bad_ones(tmp_path: Path) -> None
     assert [p.name for p, _ in report.skipped] == ["b.dm4"]
 
 
+def test_replay_watch_reads_a_truncated_file_again_when_it_is_completed(tmp_path: Path) -> None:
+    """A writer that paused longer than the settle time: the truncated file was skipped and its
+    rest, written later, never sent."""
+    import io
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    data = buf.getvalue()
+    target = tmp_path / "slow.tif"
+
+    class WriteAtPolls(_StopAfterPolls):
+        def wait(self, timeout: float | None = None) -> bool:
+            if self.polls == 1:
+                target.write_bytes(data[:100])  # the header, then a long pause
+            elif self.polls == 4:
+                target.write_bytes(data)
+            return super().wait(timeout)
+
+    pub, lines = FakePublisher(), list[str]()
+    report = replay_watch(tmp_path, pub, settle_polls=1, poll_s=0.01, stop=WriteAtPolls(8),
+                          log=lines.append)
+    assert report.sent == 1 and report.skipped == []
+    assert pub.calls[0]["meta"] == {"file": "slow.tif", "index": 0}
+    assert any("will try slow.tif again if it changes" in line for line in lines)
+
+
 def test_an_image_too_large_is_refused_before_it_is_decoded(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:

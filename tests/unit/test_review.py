@@ -4,6 +4,7 @@ safe file names, the writer's disk budget and the alert saves around a firing.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,59 @@ def test_the_disk_budget_refuses_saves_and_deletes_nothing(tmp_path: Path) -> No
         with pytest.raises(SaveRefused, match="max_disk_bytes"):
             review.save_latest("cam")
         assert first[0].is_file() and failures == ["disk_budget"] and review.saved == 1
+    finally:
+        review.close()
+
+
+def test_deleting_saved_files_frees_the_disk_budget(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory was measured once and then only added to: after an operator deleted the
+    saved frames, every save was still refused until the daemon restarted."""
+    from nanoscout.daemon import review as review_module
+
+    review, failures = _review(tmp_path, frames=4, max_disk_bytes=30_000)
+    try:
+        review.offer(_frame("cam", 0, side=64))
+        first = review.save_latest("cam")
+        review.offer(_frame("cam", 1, side=64))
+        with pytest.raises(SaveRefused, match="max_disk_bytes"):
+            review.save_latest("cam")
+        for path in first[0].parent.glob("*.tif"):
+            path.unlink()
+        # the next save must see it at once, not after a minute; and even when the deletion
+        # left the directory's mtime as it was (a coarse clock), after _RECHECK_S
+        second = review.save_latest("cam")
+        assert second[0].is_file() and review.saved == 2
+        review.offer(_frame("cam", 2, side=64))
+        with pytest.raises(SaveRefused, match="max_disk_bytes"):
+            review.save_latest("cam")
+        st = second[0].parent.stat()
+        second[0].unlink()
+        os.utime(second[0].parent, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with pytest.raises(SaveRefused, match="max_disk_bytes"):  # measured < _RECHECK_S ago
+            review.save_latest("cam")
+        monkeypatch.setattr(review_module, "_RECHECK_S", 0.0)
+        assert review.save_latest("cam")[0].is_file()
+        assert failures == ["disk_budget"] * 3 and review.saved == 3
+    finally:
+        review.close()
+
+
+def test_files_another_program_adds_count_within_a_minute(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoscout.daemon import review as review_module
+
+    review, _ = _review(tmp_path, frames=4, max_disk_bytes=60_000)
+    try:
+        review.offer(_frame("cam", 0, side=64))
+        directory = review.save_latest("cam")[0].parent
+        (directory / "annotation.labels.tif").write_bytes(b"\0" * 40_000)
+        review.offer(_frame("cam", 1, side=64))
+        assert review.save_latest("cam")  # counted as written: the annotation not seen yet
+        monkeypatch.setattr(review_module, "_RESCAN_S", 0.0)
+        review.offer(_frame("cam", 2, side=64))
+        with pytest.raises(SaveRefused, match=r"holds \d+ bytes"):
+            review.save_latest("cam")
     finally:
         review.close()
 

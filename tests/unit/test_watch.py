@@ -172,7 +172,8 @@ def test_stop_already_set_yields_nothing(tmp_path: Path) -> None:
     assert list(watch_folder(tmp_path, existing=True, stop=stop)) == []
 
 
-@pytest.mark.parametrize("kwargs", [{"poll_s": 0.0}, {"settle_polls": 0}, {"patterns": ()}])
+@pytest.mark.parametrize("kwargs", [{"poll_s": 0.0}, {"settle_polls": 0}, {"patterns": ()},
+                                    {"settle_s": -1.0}, {"settle_s": float("nan")}])
 def test_bad_options_raise_config_error(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         watch_folder(tmp_path, **kwargs)  # type: ignore[arg-type]
@@ -181,3 +182,127 @@ def test_bad_options_raise_config_error(tmp_path: Path, kwargs: dict[str, object
 def test_missing_folder_raises_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="absent"):
         watch_folder(tmp_path / "absent")
+
+
+def test_a_folder_that_drops_out_for_a_moment_sends_nothing_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A failed listing read as an empty folder: the watcher forgot what it had sent and what was
+    there at the start, and handed over every file of the folder when it came back."""
+    folder = tmp_path / "share"
+    folder.mkdir()
+    (folder / "old.tif").write_bytes(b"present at start")
+    new = folder / "new.tif"
+
+    def write_new() -> None:
+        new.write_bytes(b"new image")
+
+    def away() -> None:
+        folder.rename(tmp_path / "away")
+
+    def back() -> None:
+        (tmp_path / "away").rename(folder)
+
+    idle = [lambda: None] * 3
+    stop = LockstepStop()
+    errors = run_writer(stop, [write_new, *idle, away, *idle, back, *idle])
+    with caplog.at_level("INFO", logger="nanoscout.clients.acquisition.watch"):
+        got = list(watch_folder(folder, patterns=("*.tif",), poll_s=0.01, settle_polls=1, stop=stop))
+    assert errors == []
+    assert got == [new]
+    # four failed polls: one warning when listing fails, one line when it works again
+    failing = [r for r in caplog.records if "cannot list" in r.getMessage()]
+    assert len(failing) == 1 and failing[0].levelname == "WARNING"
+    assert len([r for r in caplog.records if "listed again" in r.getMessage()]) == 1
+
+
+def test_a_file_that_could_not_be_read_is_tried_again_when_it_changes(tmp_path: Path) -> None:
+    """A writer that paused longer than the settle time: the truncated file was handed over,
+    could not be read, and was never looked at again."""
+    target = tmp_path / "slow.tif"
+
+    def append(chunk: bytes) -> Callable[[], None]:
+        def step() -> None:
+            with open(target, "ab") as fh:
+                fh.write(chunk)
+
+        return step
+
+    def touch_same_size() -> None:  # a preallocated file filled in: only the mtime changes
+        st = target.stat()
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+    idle = [lambda: None] * 3
+    stop = LockstepStop()
+    errors = run_writer(stop, [append(b"H" * 10), *idle, append(b"D" * 20), *idle,
+                               touch_same_size, *idle])
+    watch = watch_folder(tmp_path, poll_s=0.01, settle_polls=1, stop=stop)
+    sizes = []
+    for path in watch:
+        sizes.append(path.stat().st_size)
+        watch.retry_when_changed(path)  # the consumer could not read it
+    assert errors == []
+    assert sizes == [10, 30, 30]
+
+
+def test_a_file_sent_is_sent_again_when_its_size_changes_not_when_only_touched(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    target = tmp_path / "frame.dm4"
+
+    def write(data: bytes) -> Callable[[], None]:
+        def step() -> None:
+            target.write_bytes(data)
+
+        return step
+
+    def touch() -> None:
+        st = target.stat()
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+    idle = [lambda: None] * 3
+    stop = LockstepStop()
+    errors = run_writer(stop, [write(b"first"), *idle, touch, *idle, write(b"second acquisition"),
+                               *idle])
+    with caplog.at_level("INFO", logger="nanoscout.clients.acquisition.watch"):
+        sizes = [p.stat().st_size for p in watch_folder(tmp_path, poll_s=0.01, settle_polls=1,
+                                                        stop=stop)]
+    assert errors == []
+    assert sizes == [5, 18]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("same size (5 bytes): not handed over again" in m for m in messages) == 1
+    assert sum("changed size after it was handed over (5 -> 18 bytes)" in m for m in messages) == 1
+
+
+def test_settle_s_waits_for_seconds_as_well_as_polls(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoscout.clients.acquisition import watch
+
+    clock = {"s": 100.0}
+    monkeypatch.setattr(watch, "_monotonic", lambda: clock["s"])
+    target = tmp_path / "a.mrc"
+
+    def create() -> None:
+        target.write_bytes(b"M" * 64)
+
+    def tick() -> None:
+        clock["s"] += 0.5
+
+    stop = LockstepStop()
+    errors = run_writer(stop, [create, *[tick] * 8])
+    got = [(p, stop.polls + 1, clock["s"]) for p in
+           watch_folder(tmp_path, poll_s=0.01, settle_polls=1, settle_s=1.5, stop=stop)]
+    assert errors == []
+    # seen first at poll 2 (t = 100 s); unchanged for 1.5 s at poll 5
+    assert got == [(target, 5, 101.5)]
+
+
+def test_files_present_at_start_stay_ignored_when_they_change(tmp_path: Path) -> None:
+    old = tmp_path / "old.tif"
+    old.write_bytes(b"old")
+
+    def grow() -> None:
+        old.write_bytes(b"old, rewritten")
+
+    stop = LockstepStop()
+    errors = run_writer(stop, [grow, *[lambda: None] * 3])
+    assert list(watch_folder(tmp_path, settle_polls=1, poll_s=0.01, stop=stop)) == []
+    assert errors == []

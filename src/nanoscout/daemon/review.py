@@ -18,7 +18,11 @@ background, 1..n the detector's particles): the dashboard starts an operator's a
 from it.
 
 Disk use is bounded: the ``.tif`` files already in the directory count, and a save that would
-take it beyond ``max_disk_bytes`` is refused (nothing is deleted: they may be annotated). Every
+take it beyond ``max_disk_bytes`` is refused (nothing is deleted: they may be annotated). What
+the directory holds is measured (one listing) at the first save, again before a save is refused
+when the directory changed since (an operator deleted files: the budget frees up) and at most
+every :data:`_RESCAN_S` seconds otherwise (files another program added count); in between,
+the files written here are added up, so a busy stream lists the directory rarely. Every
 file written is counted (``saved``), every failure by reason (``failed``: ``no_frame``,
 ``disk_budget``, ``queue_full``, ``write_error``); a failure never reaches the frame path.
 """
@@ -26,8 +30,10 @@ file written is counted (``saved``), every failure by reason (``failed``: ``no_f
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +55,11 @@ log = logging.getLogger("nanoscout.review")
 _MAX_PENDING = 64
 #: TIFF overhead counted per file on top of the pixels, bytes
 _TIFF_OVERHEAD = 16 * 1024
+#: what the review directory holds is listed again at least this often, s
+_RESCAN_S = 60.0
+#: a save that would exceed the budget lists the directory again when the last listing is
+#: this old, s, even if the directory's mtime did not change (coarse mtimes of network shares)
+_RECHECK_S = 5.0
 
 
 class SaveRefused(ValueError):
@@ -95,6 +106,8 @@ class FrameReview:
         self._pending: list[_Pending] = []
         self._lock = threading.Lock()
         self._disk_used: int | None = None  # bytes of .tif files in the directory (lazy)
+        self._scanned_s = 0.0  # monotonic time of the last listing, s
+        self._scanned_mtime_ns: int | None = None  # the directory's mtime at that listing
         self._thread: threading.Thread | None = None
         self.saved = 0
         self.failed: dict[str, int] = {}
@@ -209,10 +222,51 @@ class FrameReview:
             job.done.set()
 
     def _used(self) -> int:
-        if self._disk_used is None:
-            d = self.directory
-            self._disk_used = sum(p.stat().st_size for p in d.glob("*.tif")) if d.is_dir() else 0
+        """Bytes of ``.tif`` files in the directory: counted as written, listed again at the
+        first call and every :data:`_RESCAN_S` s (writer thread only)."""
+        if self._disk_used is None or time.monotonic() - self._scanned_s > _RESCAN_S:
+            return self._rescan()
         return self._disk_used
+
+    def _rescan(self) -> int:
+        """Measure what the directory holds now (files deleted or added by others)."""
+        d = self.directory
+        total, mtime_ns = 0, None
+        try:
+            mtime_ns = d.stat().st_mtime_ns
+            with os.scandir(d) as entries:
+                for entry in entries:
+                    if not entry.name.lower().endswith(".tif"):
+                        continue
+                    try:
+                        if entry.is_file():
+                            total += entry.stat().st_size
+                    except OSError:  # deleted between the listing and the stat
+                        continue
+        except FileNotFoundError:  # not created yet: it holds nothing
+            pass
+        except OSError as exc:  # keep the count so far rather than refuse every save
+            log.warning("review: cannot measure %s: %s", d, exc)
+            if self._disk_used is not None:
+                total = self._disk_used
+        self._disk_used, self._scanned_mtime_ns = total, mtime_ns
+        self._scanned_s = time.monotonic()
+        return total
+
+    def _fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes stay within ``max_disk_bytes``; before saying no, the
+        directory is measured again if it changed (or was last measured long ago)."""
+        limit = self.config.max_disk_bytes
+        if self._used() + size <= limit:
+            return True
+        try:
+            mtime_ns: int | None = self.directory.stat().st_mtime_ns
+        except OSError:
+            mtime_ns = None
+        if (mtime_ns != self._scanned_mtime_ns
+                or time.monotonic() - self._scanned_s > _RECHECK_S):
+            self._rescan()
+        return self._used() + size <= limit
 
     def _write_loop(self) -> None:
         while True:
@@ -232,7 +286,7 @@ class FrameReview:
         errors: list[str] = []
         for frame in job.frames:
             size = frame.pixels.nbytes + _TIFF_OVERHEAD
-            if self._used() + size > self.config.max_disk_bytes:
+            if not self._fits(size):
                 errors.append(f"{frame.source}#{frame.header.seq}: the review directory "
                               f"{self.directory} holds {self._used()} bytes; another "
                               f"{size} would exceed [review] max_disk_bytes = "

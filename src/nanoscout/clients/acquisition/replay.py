@@ -133,33 +133,43 @@ def replay_watch(
     existing: bool = False,
     poll_s: float = 0.25,
     settle_polls: int = 2,
+    settle_s: float = 0.0,
     particle_size_nm: tuple[float, float] | None = None,
     particle_size_px: tuple[float, float] | None = None,
 ) -> ReplayReport:
     """Send each new complete file that appears in ``folder`` until ``stop`` is set.
 
-    Completeness, ``patterns``, ``existing``, ``poll_s`` (s) and ``settle_polls`` are those of
-    :func:`nanoscout.clients.acquisition.watch.watch_folder`. TIA ``.emi`` files are skipped here: the
-    pixels and calibration are in the ``.ser`` files written next to them, which are sent.
-    ``particle_size_nm`` and ``particle_size_px`` as for :func:`replay_files`. Returns the
-    ReplayReport when ``stop`` is set; bad files are logged and skipped.
+    Completeness, ``patterns``, ``existing``, ``poll_s`` (s), ``settle_polls`` and ``settle_s``
+    (s) are those of :func:`nanoscout.clients.acquisition.watch.watch_folder`, and so is what
+    happens when a file changes after it was sent (a change of size sends it again). TIA
+    ``.emi`` files are skipped here: the pixels and calibration are in the ``.ser`` files
+    written next to them, which are sent. ``particle_size_nm`` and ``particle_size_px`` as for
+    :func:`replay_files`. A file that cannot be read is logged and skipped, and tried again
+    when it changes (a writer that paused longer than the settle time leaves it truncated);
+    once it is sent it leaves ``skipped``. Returns the ReplayReport when ``stop`` is set.
     """
     check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
     report = ReplayReport()
     pacer = _Pacer(None)
     log(f"watching {folder} for {', '.join(patterns)}")
-    for path in watch_folder(
+    watch = watch_folder(
         Path(folder),
         patterns=patterns,
         poll_s=poll_s,
         settle_polls=settle_polls,
+        settle_s=settle_s,
         existing=existing,
         stop=stop,
-    ):
+    )
+    for path in watch:
         if path.suffix.lower() == ".emi":
             continue
-        _send_file(path, publisher, report, pixel_size_nm, modality, log, pacer,
-                   (particle_size_nm, particle_size_px))
+        if _send_file(path, publisher, report, pixel_size_nm, modality, log, pacer,
+                      (particle_size_nm, particle_size_px)):
+            report.skipped = [s for s in report.skipped if s[0] != path]
+        else:
+            watch.retry_when_changed(path)
+            log(wire_text(f"  will try {path.name} again if it changes"))
     return report
 
 
