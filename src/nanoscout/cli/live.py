@@ -7,7 +7,7 @@ import argparse
 import json
 import math
 import os
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -28,6 +28,7 @@ from nanoscout.cli.app import (
 )
 from nanoscout.cli.signals import stop_event
 from nanoscout.wire.errors import NanoscoutError
+from nanoscout.wire.headers import MAX_SIDE_PX, PIXEL_SIZE_RANGE_NM
 from nanoscout.wire.transport import (
     DEFAULT_FRAME_ENDPOINT,
     DEFAULT_QUERY_ENDPOINT,
@@ -124,6 +125,18 @@ def serve(
     run_serve(cfg, on_ready=ready)
 
 
+def _check_number(value: float, flag: str, *, low: float | None = None,
+                  high: float | None = None, low_open: bool = False) -> None:
+    """Raise typer.BadParameter naming ``flag`` unless ``value`` is finite and within
+    ``low``..``high`` (``low`` excluded when ``low_open``)."""
+    ok = math.isfinite(value) and (high is None or value <= high) and (
+        low is None or (value > low if low_open else value >= low))
+    if not ok:
+        rng = (f" {'>' if low_open else '>='} {low:g}" if low is not None else "") + (
+            f"{' and' if low is not None else ''} <= {high:g}" if high is not None else "")
+        raise typer.BadParameter(f"{value!r} is not a finite number{rng}", param_hint=f"'{flag}'")
+
+
 @app.command(rich_help_panel="Live")
 def simulate(
     frames_endpoint: Annotated[str, typer.Option(
@@ -133,10 +146,11 @@ def simulate(
     confirm_timeout: ConfirmTimeout = 30.0,
     source: Annotated[str, typer.Option(help="source name in every frame header")] = "sim",
     rate: Annotated[float, typer.Option(help="frames per second, Hz (0 = as fast as accepted)")] = 5.0,
-    frames: Annotated[int | None, typer.Option(help="stop after N frames",
+    frames: Annotated[int | None, typer.Option(help="stop after N frames", min=0,
                                                show_default="run until interrupted")] = None,
-    size: Annotated[int, typer.Option(help="frame rows, px")] = 1024,
-    width: Annotated[int | None, typer.Option(help="frame columns, px", show_default="--size")] = None,
+    size: Annotated[int, typer.Option(help="frame rows, px", min=8, max=MAX_SIDE_PX)] = 1024,
+    width: Annotated[int | None, typer.Option(help="frame columns, px", min=8, max=MAX_SIDE_PX,
+                                              show_default="--size")] = None,
     dtype: Annotated[Literal["uint8", "uint16", "float32"], typer.Option(
         help="pixel type")] = "uint16",
     pixel_size: Annotated[float, typer.Option(help="pixel size, nm/px")] = 0.5,
@@ -145,9 +159,9 @@ def simulate(
     dose: Annotated[float, typer.Option(help="electrons per px (0 = noiseless)")] = 200.0,
     support_grains: Annotated[float, typer.Option(
         help="supported catalyst: area fraction (0-0.9) of large support grains")] = 0.0,
-    seed: Annotated[int, typer.Option(help="random seed of the specimen")] = 0,
-    fields: Annotated[int, typer.Option(help="fields of view on the virtual stage")] = 4,
-    dwell: Annotated[int, typer.Option(help="frames per field of view")] = 5,
+    seed: Annotated[int, typer.Option(help="random seed of the specimen", min=0)] = 0,
+    fields: Annotated[int, typer.Option(help="fields of view on the virtual stage", min=1)] = 4,
+    dwell: Annotated[int, typer.Option(help="frames per field of view", min=1)] = 5,
     drift: Annotated[tuple[float, float], typer.Option(
         help="specimen drift while dwelling (--insitu: all along), px/frame (x y)")
     ] = (0.0, 0.0),
@@ -168,11 +182,23 @@ def simulate(
     """Virtual microscope: stream synthetic frames to the daemon."""
     from nanoscout.clients.acquisition.simulator import SimulatorOptions, run_simulator
 
+    # before a socket is opened or a frame drawn (SimulatorOptions checks the rest)
+    _check_number(rate, "--rate", low=0.0)
+    _check_number(pixel_size, "--pixel-size", low=PIXEL_SIZE_RANGE_NM[0],
+                  high=PIXEL_SIZE_RANGE_NM[1])
+    _check_number(diameter, "--diameter", low=0.0, low_open=True)
+    _check_number(dose, "--dose", low=0.0)
+    _check_number(support_grains, "--support-grains", low=0.0, high=0.9)
+    for value in drift:
+        _check_number(value, "--drift")
+    _check_number(growth_rate, "--growth-rate")
+    _check_number(appear, "--appear", low=0.0)
+    _check_number(confirm_timeout, "--confirm-timeout", low=0.0)
     opts = SimulatorOptions(
         endpoint=connect or frames_endpoint, mode=mode, results=results,
         confirm_timeout_s=confirm_timeout, source=source,
-        rate_hz=rate or None,
-        frames=frames, shape=(size, width or size), dtype=dtype, pixel_size_nm=pixel_size,
+        rate_hz=rate or None, frames=frames, shape=(size, size if width is None else width),
+        dtype=dtype, pixel_size_nm=pixel_size,
         modality=modality, median_diameter_nm=diameter, dose_e_per_px=dose or None,
         support_grains=support_grains, seed=seed, fields=fields, dwell=dwell,
         drift_px_per_frame=(drift[1], drift[0]), insitu=insitu, growth=growth,
@@ -216,25 +242,37 @@ def replay(
                                                       show_default="every supported type")] = None,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
 ) -> None:
-    """Publish image files (or each new file of a watched folder) to the daemon."""
-    from nanoscout.clients.acquisition.publisher import FramePublisher
-    from nanoscout.clients.acquisition.replay import replay_files, replay_watch
+    """Publish image files (or each new file of a watched folder) to the daemon.
 
+    A file that cannot be read is skipped and named; the command exits 1 when nothing at all
+    was sent (every file skipped) or a frame was not confirmed, and 130 when --watch is
+    stopped by Ctrl-C / SIGINT / SIGTERM (after its summary line)."""
+    from nanoscout.clients.acquisition.publisher import FramePublisher
+    from nanoscout.clients.acquisition.replay import ReplayReport, replay_files, replay_watch
+
+    # before a socket is opened
+    if watch is not None and files:
+        raise NanoscoutError(f"give FILES or --watch, not both (--watch {watch} would ignore "
+                             f"{len(files)} file{'s' if len(files) > 1 else ''})")
+    if watch is None and not files:
+        raise NanoscoutError("nothing to send: give FILES or --watch FOLDER")
+    if watch is not None and not watch.is_dir():
+        raise NanoscoutError(f"--watch {watch} is not a folder")
     endpoint = connect or frames_endpoint
     pub = FramePublisher(endpoint, mode=mode, source=source, results=results,
                          confirm_timeout_s=confirm_timeout,
                          curve=curve_keys(server_key, client_key), log_line=print)
+    report = ReplayReport()
+    interrupted = False
     try:
         if watch:
-            stop = threading.Event()
-            try:
+            # the first signal ends the watch between two files, so the summary is printed
+            with stop_event() as stop:
                 report = replay_watch(watch, pub, patterns=tuple(pattern or ["*"]),
                                       pixel_size_nm=pixel_size, modality=modality, stop=stop,
                                       particle_size_nm=particle_size_nm,
                                       particle_size_px=particle_size_px)
-            except KeyboardInterrupt:
-                stop.set()
-                return
+            interrupted = stop.is_set()
         else:
             report = replay_files(files or [], pub, rate_hz=rate or None, loop=loop,
                                   pixel_size_nm=pixel_size, modality=modality,
@@ -244,6 +282,13 @@ def replay(
         sent = pub.close()
     print(f"replay: {sent.describe()}; skipped {len(report.skipped)} files, "
           f"{len(report.uncalibrated)} uncalibrated")
+    if interrupted:
+        raise typer.Exit(130)  # stopped by SIGINT / SIGTERM, as Ctrl-C exits
+    if not watch and report.sent == 0:
+        why = (f"{len(report.skipped)} files skipped, none sent" if report.skipped
+               else "no supported image file in FILES")
+        print(f"replay: error: nothing sent: {why}", file=sys.stderr)
+        raise typer.Exit(1)
     if not sent.complete:
         raise typer.Exit(1)
 
@@ -383,9 +428,12 @@ def health(
 def keys(
     folder: Annotated[Path, typer.Argument(help="where to write NAME.key and NAME.key_secret")],
     name: Annotated[str, typer.Option(help="file name of the pair")] = "nanoscout",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace a pair already at FOLDER/NAME (the identity deployed "
+                            "with it is lost)")] = False,
 ) -> None:
-    """Create a CURVE key pair for remote use."""
-    public, secret = create_keys(folder, name)
+    """Create a CURVE key pair for remote use (the secret key readable by its owner only)."""
+    public, secret = create_keys(folder, name, overwrite=overwrite)
     print(f"public key: {public} (give it to the other side)\nsecret key: {secret} (keep it here)")
 
 
@@ -423,9 +471,10 @@ def microscope(
     specimen_um: Annotated[tuple[float, float], typer.Option(
         help="virtual specimen size W H, µm")] = (200.0, 200.0),
     seed: Annotated[int, typer.Option(help="draws the specimen")] = 0,
-    large: Annotated[int, typer.Option(help="rare large particles (targets)")] = 12,
-    wires: Annotated[int, typer.Option(help="rare long wires (targets)")] = 12,
-    agglomerates: Annotated[int, typer.Option(help="agglomerates (look like targets from afar)")] = 30,
+    large: Annotated[int, typer.Option(help="rare large particles (targets)", min=0)] = 12,
+    wires: Annotated[int, typer.Option(help="rare long wires (targets)", min=0)] = 12,
+    agglomerates: Annotated[int, typer.Option(
+        help="agglomerates (look like targets from afar)", min=0)] = 30,
     diameter: Annotated[float, typer.Option(help="median diameter of ordinary particles, nm")] = 200.0,
     coverage: Annotated[float, typer.Option(help="area fraction of ordinary particles")] = 0.03,
     modality: Annotated[Modality, typer.Option(help="imaging mode")] = "TEM",
@@ -435,6 +484,8 @@ def microscope(
     settle: Annotated[float, typer.Option(help="modelled settle time per move, s")] = 0.3,
     real_time: Annotated[bool, typer.Option(help="really wait the modelled times")] = False,
     truth: Annotated[Path | None, typer.Option(help="write the specimen's truth (JSON) here")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace a --truth file that exists")] = False,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
 ) -> None:
     """Simulated microscope for stage search: virtual specimen, stage and camera behind a
@@ -445,7 +496,7 @@ def microscope(
         connect=connect or frames_endpoint, mode=mode, source=source, control=control,
         specimen_um=specimen_um, seed=seed, large=large, wires=wires, agglomerates=agglomerates,
         diameter=diameter, coverage=coverage, modality=modality, dose=dose, exposure=exposure,
-        speed=speed, settle=settle, real_time=real_time, truth=truth)
+        speed=speed, settle=settle, real_time=real_time, truth=truth, overwrite=overwrite)
     code = run(args, curve_keys(server_key, client_key))
     if code:
         raise typer.Exit(code)

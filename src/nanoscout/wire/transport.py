@@ -7,6 +7,9 @@ created with ``linger=0`` so that closing never blocks on a peer that vanished.
 from __future__ import annotations
 
 import ipaddress
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -175,11 +178,53 @@ class CurveServer:
         self._auth.stop()
 
 
-def create_keys(folder: Path, name: str) -> tuple[Path, Path]:
-    """Write a new CURVE key pair ``name.key`` (public) and ``name.key_secret``; returns both paths."""
+def create_keys(folder: Path, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a new CURVE key pair ``name.key`` (public, mode 0644 less the umask) and
+    ``name.key_secret`` (mode 0600) into ``folder`` (created if missing); returns both paths.
+
+    Raises ConfigError, naming the path, when ``folder`` cannot be created or written, when
+    ``name`` is not a plain file name, or when either file exists already and ``overwrite`` is
+    False (replacing a deployed pair loses that identity).
+    """
     import zmq.auth
 
-    folder.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(folder), name)
-    Path(secret).chmod(0o600)
-    return Path(public), Path(secret)
+    if not name or name in (".", "..") or Path(name).name != name or "\0" in name:
+        raise ConfigError(f"key name {name!r} must be a plain file name (no folder)")
+    public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"key folder {folder} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, a missing or read-only parent, /proc ...
+        raise ConfigError(f"cannot create the key folder {folder}: {exc.strerror or exc}"
+                          ) from exc
+    if not overwrite:
+        there = [str(p) for p in (public, secret) if p.exists() or p.is_symlink()]
+        if there:
+            raise ConfigError(f"{' and '.join(there)} exist{'s' if len(there) == 1 else ''}: "
+                              "a key pair is there already (--overwrite replaces it; the "
+                              "identity deployed with it is then lost)")
+    # pyzmq opens the files with the umask's mode (0644 under umask 022) and chmods nothing.
+    # The pair is written into a fresh folder that only we can enter (mkdtemp: mode 0700) under
+    # umask 077, so the secret key is 0600 from its first byte and never visible elsewhere;
+    # it is then renamed into place (same file system: atomic). The umask is process-wide:
+    # `keys` runs no other thread that creates files meanwhile.
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-keys-", dir=folder))
+    except OSError as exc:
+        raise ConfigError(f"cannot write keys into {folder}: {exc.strerror or exc}") from exc
+    try:
+        umask = os.umask(0o077)
+        try:
+            tmp_public, tmp_secret = map(Path, zmq.auth.create_certificates(str(tmp), name))
+        finally:
+            os.umask(umask)
+        tmp_secret.chmod(0o600)
+        tmp_public.chmod(0o644 & ~umask)  # what any other file of the user gets
+        os.replace(tmp_secret, secret)
+        os.replace(tmp_public, public)
+    except OSError as exc:
+        raise ConfigError(f"cannot write keys into {folder}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return public, secret

@@ -19,6 +19,7 @@ accuracy and tracking checks.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,15 @@ import numpy as np
 from nanoscout.clients.acquisition.publisher import FramePublisher, Mode, SendReport
 from nanoscout.sim.insitu import InSituSeries
 from nanoscout.sim.synthetic import Specimen, SpecimenConfig, SyntheticFrame
+from nanoscout.wire.errors import ConfigError
+from nanoscout.wire.headers import MAX_SIDE_PX
 from nanoscout.wire.transport import ClientKeys
+
+#: the largest frame the simulator renders, bytes: the daemon's default
+#: ``input.max_frame_bytes`` (a larger one would be refused there, and the generator holds
+#: several float64 copies of it)
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+_ITEMSIZE = {"uint8": 1, "uint16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,40 @@ class SimulatorOptions:
     truth_dir: Path | None = None
     calibrated: bool = True  # False sends frames without pixel size (tests uncalibrated handling)
     curve: ClientKeys | None = None  # CURVE identity for a remote daemon
+
+    def __post_init__(self) -> None:
+        """Raise ConfigError, naming the value, for options the simulator cannot stream."""
+        rows, cols = self.shape
+        if not (8 <= rows <= MAX_SIDE_PX and 8 <= cols <= MAX_SIDE_PX):
+            raise ConfigError(f"shape {self.shape!r} must be 8..{MAX_SIDE_PX} px on each side")
+        nbytes = rows * cols * _ITEMSIZE.get(self.dtype, 4)
+        if nbytes > MAX_FRAME_BYTES:
+            raise ConfigError(f"a {rows}x{cols} {self.dtype} frame is {nbytes} bytes, more than "
+                              f"{MAX_FRAME_BYTES} (the daemon's default max_frame_bytes)")
+        if self.rate_hz is not None and not (math.isfinite(self.rate_hz) and self.rate_hz > 0):
+            raise ConfigError(f"rate_hz {self.rate_hz!r} must be a finite rate > 0 Hz or None")
+        if self.frames is not None and self.frames < 0:
+            raise ConfigError(f"frames {self.frames!r} must be >= 0 or None")
+        if self.fields < 1 or self.dwell < 1:
+            raise ConfigError(f"fields {self.fields!r} and dwell {self.dwell!r} must be >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"seed {self.seed!r} must be >= 0")
+        numbers = [("pixel_size_nm", self.pixel_size_nm), ("field_um", self.field_um),
+                   ("median_diameter_nm", self.median_diameter_nm),
+                   ("dose_e_per_px", 0.0 if self.dose_e_per_px is None else self.dose_e_per_px),
+                   ("support_grains", self.support_grains),
+                   ("growth_nm_per_frame", self.growth_nm_per_frame),
+                   ("appear_per_frame", self.appear_per_frame),
+                   *(("drift_px_per_frame", v) for v in self.drift_px_per_frame)]
+        for name, value in numbers:
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} {value!r} must be finite")
+        if self.appear_per_frame < 0:
+            raise ConfigError(f"appear_per_frame {self.appear_per_frame!r} must be >= 0")
+        try:
+            specimen_config(self)  # pixel size, diameter, dose, support grains ...
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def specimen_config(opts: SimulatorOptions) -> SpecimenConfig:

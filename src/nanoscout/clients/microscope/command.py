@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, ControlServer
 from nanoscout.stopping import StopEvent
+from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.transport import DEFAULT_FRAME_ENDPOINT, ClientKeys
+
+#: the widest virtual specimen side, µm (1 cm: more than any TEM grid or SEM stub)
+MAX_SPECIMEN_UM = 10_000.0
+#: the most ordinary particles a specimen may hold (about 1 mm x 1 mm at the defaults: some
+#: seconds to draw and ~100 MB; 10x more takes minutes)
+MAX_PARTICLES = 1_000_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,10 +50,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-time", action="store_true",
                    help="really wait the modelled move and exposure times")
     p.add_argument("--truth", type=Path, help="write the specimen's ground truth (JSON) here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --truth file")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Raise ConfigError, naming the option and its value, for options the simulated
+    microscope cannot serve (checked before the specimen is drawn or a socket opened)."""
+    w, h = args.specimen_um
+    if not all(math.isfinite(v) and 6.0 < v <= MAX_SPECIMEN_UM for v in (w, h)):
+        raise ConfigError(f"--specimen-um {w:g} {h:g} must be finite, > 6 µm (targets keep 3 µm "
+                          f"from the edge) and <= {MAX_SPECIMEN_UM:g} µm")
+    checks = [("--diameter", args.diameter, 0.0, False), ("--speed", args.speed, 0.0, False),
+              ("--settle", args.settle, 0.0, True), ("--exposure", args.exposure, 0.0, True),
+              ("--dose", args.dose, 0.0, True), ("--coverage", args.coverage, 0.0, True)]
+    for flag, value, low, closed in checks:
+        if not (math.isfinite(value) and (value >= low if closed else value > low)):
+            raise ConfigError(f"{flag} {value!r} must be a finite number "
+                              f"{'>=' if closed else '>'} {low:g}")
+    if not args.coverage < 0.5:
+        raise ConfigError(f"--coverage {args.coverage!r} must be an area fraction below 0.5")
+    for flag, count in (("--large", args.large), ("--wires", args.wires),
+                        ("--agglomerates", args.agglomerates), ("--seed", args.seed)):
+        if count < 0:
+            raise ConfigError(f"{flag} {count!r} must be >= 0")
+    # the ordinary particles drawn (lognormal, sigma_log 0.25: mean area = median's * e^0.125)
+    n = args.coverage * w * h * 1e6 / (math.pi / 4 * args.diameter**2 * math.exp(0.125))
+    if n > MAX_PARTICLES:
+        raise ConfigError(f"--specimen-um {w:g} {h:g} at --coverage {args.coverage:g} and "
+                          f"--diameter {args.diameter:g} nm makes ~{n:.3g} particles, more than "
+                          f"{MAX_PARTICLES}: use a smaller specimen, a lower coverage or a "
+                          f"larger diameter")
+    truth: Path | None = args.truth
+    if truth is not None:
+        if truth.is_dir():
+            raise ConfigError(f"--truth {truth} is a folder, not a file")
+        if not truth.parent.is_dir():
+            raise ConfigError(f"--truth {truth}: folder {truth.parent} does not exist")
+        if (truth.exists() or truth.is_symlink()) and not getattr(args, "overwrite", False):
+            raise ConfigError(f"--truth {truth} exists (--overwrite replaces it)")
 
 
 def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
-    """Serve until interrupted (SIGINT / SIGTERM)."""
+    """Serve until interrupted (SIGINT / SIGTERM); returns the exit status (0).
+
+    Raises ConfigError for bad options (:func:`check_options`), a specimen whose targets do not
+    fit, or a --truth file that cannot be written."""
     from dataclasses import replace
 
     from nanoscout.clients.microscope.simulated import (
@@ -55,16 +104,25 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     )
     from nanoscout.sim.virtual_specimen import VirtualSpecimenConfig
 
-    cfg = replace(VirtualSpecimenConfig(), size_um=tuple(args.specimen_um), seed=args.seed,
-                  large_targets=args.large, wire_targets=args.wires,
-                  agglomerates=args.agglomerates, median_diameter_nm=args.diameter,
-                  coverage=args.coverage, modality=args.modality)
+    check_options(args)
     opts = SimulatedMicroscopeOptions(
         speed_um_s=args.speed, settle_s=args.settle, exposure_s=args.exposure,
         dose_e_per_px=args.dose or None, real_time=args.real_time, seed=args.seed)
-    spec, stage, camera = build(cfg, opts)
+    try:
+        cfg = replace(VirtualSpecimenConfig(), size_um=tuple(args.specimen_um), seed=args.seed,
+                      large_targets=args.large, wire_targets=args.wires,
+                      agglomerates=args.agglomerates, median_diameter_nm=args.diameter,
+                      coverage=args.coverage, modality=args.modality)
+        spec, stage, camera = build(cfg, opts)
+    except ValueError as exc:  # the targets do not fit ("cannot place 24 targets ...")
+        raise ConfigError(f"{exc}: use a larger --specimen-um or fewer --large / --wires / "
+                          f"--agglomerates") from exc
     if args.truth:
-        write_truth(spec, args.truth)
+        try:
+            write_truth(spec, args.truth)
+        except OSError as exc:
+            raise ConfigError(f"cannot write --truth {args.truth}: {exc.strerror or exc}"
+                              ) from exc
     stop = StopEvent()  # set by SIGINT / SIGTERM without a lock (nanoscout.stopping)
     stop.on_signals()
     with FramePublisher(args.connect, mode=args.mode, source=args.source, curve=curve) as pub:
