@@ -4,6 +4,7 @@ says so and exits non-zero when it sent nothing, and a stopped --watch prints it
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -92,6 +93,25 @@ def test_microscope_keeps_an_existing_truth_file(tmp_path: Path,
     err = _usage_error([*_MICROSCOPE, "--truth", str(truth)], capsys)
     assert "--overwrite" in err
     assert truth.read_text() == "mine"
+
+
+def test_microscope_replaces_an_earlier_runs_truth_without_being_asked(tmp_path: Path) -> None:
+    """Re-running the README's ``microscope --truth truth.json`` replaces its own earlier
+    truth; only a file it did not write needs ``--overwrite``."""
+    import argparse
+
+    from nanoscout.clients.microscope.command import add_arguments, check_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({"config": {}, "n_particles": 3, "targets": [],
+                                 "agglomerates_um": []}))
+    check_options(parser.parse_args(["--truth", str(truth)]))  # an earlier run's: no error
+    truth.write_text(json.dumps({"notes": "mine"}))
+    with pytest.raises(ConfigError, match="not a truth file this command wrote"):
+        check_options(parser.parse_args(["--truth", str(truth)]))
+    check_options(parser.parse_args(["--truth", str(truth), "--overwrite"]))
 
 
 # --------------------------------------------------------------------------------- replay

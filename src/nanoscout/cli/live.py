@@ -485,7 +485,8 @@ def microscope(
     real_time: Annotated[bool, typer.Option(help="really wait the modelled times")] = False,
     truth: Annotated[Path | None, typer.Option(help="write the specimen's truth (JSON) here")] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="replace a --truth file that exists")] = False,
+        "--overwrite", help="replace a --truth file that exists and is not an earlier run's "
+        "truth (which is replaced anyway)")] = False,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
 ) -> None:
     """Simulated microscope for stage search: virtual specimen, stage and camera behind a

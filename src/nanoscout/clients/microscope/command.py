@@ -50,7 +50,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-time", action="store_true",
                    help="really wait the modelled move and exposure times")
     p.add_argument("--truth", type=Path, help="write the specimen's ground truth (JSON) here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --truth file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --truth file that is not an earlier run's truth")
+
+
+def _is_truth_file(path: Path) -> bool:
+    """Whether ``path`` holds a specimen's ground truth as :func:`write_truth` writes it (an
+    earlier run's, which a new run replaces as a matter of course)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"config", "n_particles", "targets",
+                                       "agglomerates_um"} <= data.keys()
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -86,8 +98,10 @@ def check_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"--truth {truth} is a folder, not a file")
         if not truth.parent.is_dir():
             raise ConfigError(f"--truth {truth}: folder {truth.parent} does not exist")
-        if (truth.exists() or truth.is_symlink()) and not getattr(args, "overwrite", False):
-            raise ConfigError(f"--truth {truth} exists (--overwrite replaces it)")
+        if (truth.exists() or truth.is_symlink()) and not getattr(args, "overwrite", False) \
+                and not _is_truth_file(truth):
+            raise ConfigError(f"--truth {truth} exists and is not a truth file this command "
+                              "wrote (--overwrite replaces it)")
 
 
 def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
