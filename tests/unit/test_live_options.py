@@ -186,3 +186,25 @@ def test_replay_watch_stopped_prints_its_summary_and_exits_130(
         t.join()
     assert code == 130
     assert "replay: sent 0 frames; skipped 0 files" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- demo and stage search
+
+@pytest.mark.parametrize("bad", [
+    ["demo", "--size", "0"], ["demo", "--rate", "nan"], ["demo", "--rate", "-1"],
+    ["demo", "--duration", "-5"], ["demo", "--duration", "inf"],
+    ["search", "--size", "0"], ["search", "--pixel-size", "nan"],
+    ["search", "--survey-pixel-size", "0"], ["search", "--overlap", "-1"],
+    ["search", "--result-timeout", "-1"], ["search", "--budget-frames", "0"],
+    ["search", "--budget-s", "nan"], ["search", "--min-separation", "inf"],
+])
+def test_demo_and_search_refuse_bad_options_before_starting(
+        bad: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo ran 0 frames for a --size 0 or --rate nan and said nothing; the search asked
+    the microscope first (30 s without one) and checked its options afterwards."""
+    extra = ["--out", str(tmp_path / "found"), "--target-rule", "large",
+             "--control", "tcp://127.0.0.1:9"] if bad[0] == "search" else []
+    t0 = time.monotonic()
+    err = _usage_error([*bad, *extra], capsys)
+    assert bad[1] in err and time.monotonic() - t0 < 10
+    assert not (tmp_path / "found").exists()

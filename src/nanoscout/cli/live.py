@@ -441,8 +441,8 @@ def keys(
 def demo(
     duration: Annotated[float, typer.Option(help="seconds to run")] = 30.0,
     forever: Annotated[bool, typer.Option(help="run until Ctrl-C")] = False,
-    size: Annotated[int, typer.Option(help="frame side, px")] = 1024,
-    rate: Annotated[float, typer.Option(help="frames per second, Hz")] = 5.0,
+    size: Annotated[int, typer.Option(help="frame side, px", min=8, max=8192)] = 1024,
+    rate: Annotated[float, typer.Option(help="frames per second, Hz (0: as fast as taken)")] = 5.0,
     policy: Annotated[Literal["live", "lossless"], typer.Option(
         help="the daemon's delivery policy")] = "live",
     config: Annotated[Path | None, typer.Option(help="daemon configuration",
@@ -450,6 +450,9 @@ def demo(
 ) -> None:
     """Simulator -> daemon -> live table, on the CPU."""
     from nanoscout.cli.demo import run_demo
+
+    _check_number(duration, "--duration", low=0.0, low_open=True)
+    _check_number(rate, "--rate", low=0.0)
 
     code = run_demo(duration=None if forever else duration, size=size, rate_hz=rate,
                     policy=policy, config=config)
@@ -530,7 +533,7 @@ def search(
     pixel_size: Annotated[float, typer.Option(
         help="high magnification (raster, confirmation), nm/px")] = 20.0,
     survey_pixel_size: Annotated[float, typer.Option(help="survey magnification, nm/px")] = 80.0,
-    size: Annotated[int, typer.Option(help="frame side, px")] = 512,
+    size: Annotated[int, typer.Option(help="frame side, px", min=8, max=MAX_SIDE_PX)] = 512,
     overlap: Annotated[float, typer.Option(help="tile overlap, µm (at least the largest target)")] = 3.0,
     budget_frames: Annotated[int | None, typer.Option(help="stop after N frames")] = None,
     budget_s: Annotated[float | None, typer.Option(help="stop after S s of instrument time")] = None,
@@ -544,6 +547,18 @@ def search(
 ) -> None:
     """Automated stage search: find rare targets, write a navigator list."""
     from nanoscout.clients.search.command import run
+
+    # before the microscope is asked anything (its first answer may take 30 s)
+    for value, flag in ((pixel_size, "--pixel-size"), (survey_pixel_size, "--survey-pixel-size")):
+        _check_number(value, flag, low=PIXEL_SIZE_RANGE_NM[0], high=PIXEL_SIZE_RANGE_NM[1])
+    _check_number(overlap, "--overlap", low=0.0)
+    _check_number(min_separation, "--min-separation", low=0.0)
+    _check_number(result_timeout, "--result-timeout", low=0.0, low_open=True, high=86_400.0)
+    for budget, flag in ((budget_s, "--budget-s"), (budget_dose, "--budget-dose")):
+        if budget is not None:
+            _check_number(budget, flag, low=0.0, low_open=True)
+    if budget_frames is not None and budget_frames < 1:
+        raise typer.BadParameter(f"{budget_frames} must be >= 1", param_hint="'--budget-frames'")
 
     args = argparse.Namespace(
         control=control, connect=connect or results, strategy=strategy, area=_area(area),
