@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,17 @@ def _result_publisher(ctx: zmq.Context, *, verbose: bool = False) -> tuple[zmq.S
         raise
 
 
+def _wait_recorder_subscribed(out: Path, health: Callable[[], None]) -> None:
+    """Send heartbeats (``health``) until the recorder writing ``out`` has subscribed."""
+
+    def subscribed() -> bool:
+        health()
+        run = out / "_run.json"
+        return run.exists() and "subscribed_utc" in run.read_text()
+
+    wait_until(subscribed, timeout=60, what="recorder subscribed")
+
+
 def _health_message(topic_seq: int) -> list[Buffer]:
     """A daemon's health message, as a fake publisher's heartbeat."""
     return encode_message(HealthHeader(
@@ -191,12 +203,7 @@ def test_recorder_and_dashboard_survive_ten_thousand_malformed_results(tmp_path:
             if pub.poll(200) and pub.recv()[:1] == b"\x01":
                 subscribers += 1
 
-        def recorder_subscribed() -> bool:
-            health()
-            run = out / "_run.json"
-            return run.exists() and "subscribed_utc" in run.read_text()
-
-        wait_until(recorder_subscribed, timeout=60, what="recorder subscribed")
+        _wait_recorder_subscribed(out, health)
         bad = malformed_results(N_RESULTS, seed=5)
         for parts in bad:
             pub.send_multipart(parts)
@@ -282,12 +289,7 @@ def test_recorder_and_tail_survive_results_that_once_passed_the_schema(tmp_path:
             if pub.poll(200) and pub.recv() == b"\x01health":
                 healths += 1
 
-        def recorder_subscribed() -> bool:
-            health()
-            run = out / "_run.json"
-            return run.exists() and "subscribed_utc" in run.read_text()
-
-        wait_until(recorder_subscribed, timeout=60, what="recorder subscribed")
+        _wait_recorder_subscribed(out, health)
         bad = _hostile_results()
         for parts in bad:
             pub.send_multipart(parts)

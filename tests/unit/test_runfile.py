@@ -324,18 +324,18 @@ def test_a_batch_is_written_whole_or_not_at_all(tmp_path: Path,
     w.add_det(*_det(0, 3))
     w.add_alert(_alert(0))
     w.add_stats(_stats(0))
-    build = runfile._arrow_table
+    join = runfile._joined
 
-    def failing(name: str, cols: dict) -> pa.Table:
-        if name == "stats":
+    def failing(tables: list[pa.Table]) -> pa.Table:
+        if tables[0].schema == runfile.schema("stats"):
             raise OverflowError("Python int too large to convert to C long")
-        return build(name, cols)
+        return join(tables)
 
-    monkeypatch.setattr(runfile, "_arrow_table", failing)
+    monkeypatch.setattr(runfile, "_joined", failing)
     with pytest.raises(OverflowError):
         w.flush()
     assert not list(out.rglob("part-*.parquet")) and w.pending_frames == 1
-    monkeypatch.setattr(runfile, "_arrow_table", build)
+    monkeypatch.setattr(runfile, "_joined", join)
     w.flush()
     run = read_run(out)
     assert run.rows(run.frames) == 1 and run.rows(run.alerts) == 1 and run.rows(run.stats) == 1

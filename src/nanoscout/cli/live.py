@@ -40,8 +40,10 @@ _CFG = "the --config file's, else "
 _FRAMES_EP = "the daemon's frame input (ZeroMQ endpoint)"
 _RESULTS_EP = "the daemon's result publisher (ZeroMQ endpoint)"
 Modality = Literal["TEM", "STEM", "SEM"]
-#: the longest ``health --timeout``, s (a day; an infinite one overflowed the socket timeouts)
-_MAX_HEALTH_TIMEOUT_S = 86_400.0
+#: the longest wait an option may ask for, s: a day, as the daemon's ``config.MAX_WAIT_S`` (not
+#: imported: the command line starts without the daemon's modules; an infinite
+#: ``health --timeout`` overflowed the socket timeouts)
+_MAX_WAIT_S = 86_400.0
 
 
 @app.command(rich_help_panel="Live")
@@ -408,9 +410,7 @@ def health(
     """Exit 0 if the local daemon answers (for container HEALTHCHECKs and monitors), else 1."""
     from nanoscout.clients.healthcheck import check_endpoints, check_ready_file, metrics_url
 
-    if not (math.isfinite(timeout) and 0 < timeout <= _MAX_HEALTH_TIMEOUT_S):
-        raise typer.BadParameter(f"{timeout} is not a number of seconds > 0 and <= "
-                                 f"{_MAX_HEALTH_TIMEOUT_S:g}", param_hint="'--timeout'")
+    _check_number(timeout, "--timeout", low=0.0, low_open=True, high=_MAX_WAIT_S)
     if ready_file is not None:
         ok, what = check_ready_file(ready_file, timeout)
     else:
@@ -553,7 +553,7 @@ def search(
         _check_number(value, flag, low=PIXEL_SIZE_RANGE_NM[0], high=PIXEL_SIZE_RANGE_NM[1])
     _check_number(overlap, "--overlap", low=0.0)
     _check_number(min_separation, "--min-separation", low=0.0)
-    _check_number(result_timeout, "--result-timeout", low=0.0, low_open=True, high=86_400.0)
+    _check_number(result_timeout, "--result-timeout", low=0.0, low_open=True, high=_MAX_WAIT_S)
     for budget, flag in ((budget_s, "--budget-s"), (budget_dose, "--budget-dose")):
         if budget is not None:
             _check_number(budget, flag, low=0.0, low_open=True)

@@ -306,6 +306,13 @@ def _stored(what: str, rows: Callable[[], _R]) -> _R:
         raise ProtocolError(f"{what} cannot be stored: {exc!s:.200}") from exc
 
 
+def _joined(tables: list[pa.Table]) -> pa.Table:
+    """One table of the messages' tables of one kind (typed as they were queued)."""
+    import pyarrow as pa
+
+    return pa.concat_tables(tables).combine_chunks()
+
+
 class RunWriter:
     """Buffers rows and writes them as one batch per table at :meth:`flush` (crash-safe)."""
 
@@ -318,7 +325,8 @@ class RunWriter:
         else:
             raise ConfigError(f"--out {out}: name it RUN.parquet or RUN.csv")
         self.out = out
-        self._rows: dict[str, dict[str, list[Any]]] = self._empty()
+        #: each queued message's rows, already typed (one table per message), by table
+        self._tables: dict[str, list[pa.Table]] = {t: [] for t in TABLES}
         self._pending = dict.fromkeys(TABLES, 0)
         self._parts = 0
         self.counts = dict.fromkeys(TABLES, 0)
@@ -340,10 +348,6 @@ class RunWriter:
                 p.write_text(",".join(TABLES[t]) + "\n", encoding="utf-8")
         self.write_provenance({"format": FORMAT, **provenance})
 
-    @staticmethod
-    def _empty() -> dict[str, dict[str, list[Any]]]:
-        return {t: {c: [] for c in cols} for t, cols in TABLES.items()}
-
     def _csv_paths(self) -> dict[str, Path]:
         return {"particles": self.out, "frames": self.out.with_suffix(".frames.csv"),
                 "alerts": self.out.with_suffix(".alerts.csv"),
@@ -361,26 +365,23 @@ class RunWriter:
         tmp.write_text(json.dumps(provenance, indent=1, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, self._meta_path)
 
-    def _add(self, table: str, row: dict[str, Any], n: int = 1) -> None:
-        cols = self._rows[table]
-        for c, v in row.items():
-            cols[c].append(v)
-        self._pending[table] += n
-
     def _queue(self, what: str, rows: dict[str, tuple[dict[str, Any], int]]) -> None:
-        """Queue one message's rows (``table: (row, number of rows)``): all of them, once each
-        converts to its table's types, or none (ProtocolError naming ``what``). So a row that
-        no table can store never reaches :meth:`flush`, where it would cost the whole batch."""
+        """Queue one message's rows (``table: (row, number of rows)``), converted to their
+        tables' types here, once: all of them, or none (ProtocolError naming ``what``). So a row
+        that no table can store never reaches :meth:`flush`, where it would cost the whole
+        batch."""
         import pyarrow as pa
 
+        typed = {}
         for table, (row, _) in rows.items():
             try:
-                _arrow_table(table, {c: [v] for c, v in row.items()})
+                typed[table] = _arrow_table(table, {c: [v] for c, v in row.items()})
             except (pa.ArrowException, OverflowError, ValueError, TypeError) as exc:
                 raise ProtocolError(f"{what} cannot be stored: its {table} row: "
                                     f"{exc!s:.200}") from exc
-        for table, (row, n) in rows.items():
-            self._add(table, row, n)
+        for table, (_, n) in rows.items():
+            self._tables[table].append(typed[table])
+            self._pending[table] += n
 
     def add_det(self, header: DetHeader, table: np.ndarray, *, file: str | None = None) -> None:
         """Queue one frame's detections; ``file``: its file as the run records it (default:
@@ -415,9 +416,9 @@ class RunWriter:
         """Write every queued row as one complete batch per table; durable on return."""
         if self.pending == 0:
             return
-        # every table of the batch is built before any is written: should one fail, nothing
+        # every table of the batch is joined before any is written: should one fail, nothing
         # is written (no alerts without their frames) and the batch stays queued
-        tables = {t: _arrow_table(t, self._rows[t]) for t in _WRITE_ORDER if self._pending[t]}
+        tables = {t: _joined(self._tables[t]) for t in _WRITE_ORDER if self._pending[t]}
         self._parts += 1
         for t, table in tables.items():
             n = self._pending[t]
@@ -426,7 +427,7 @@ class RunWriter:
             else:
                 self._append_csv(t, table)
             self.counts[t] += n
-            self._rows[t] = {c: [] for c in TABLES[t]}
+            self._tables[t] = []
             self._pending[t] = 0
 
     def _write_part(self, table: str, data: pa.Table) -> None:

@@ -40,7 +40,6 @@ from nanoscout.wire.transport import ClientKeys
 #: ``input.max_frame_bytes`` (a larger one would be refused there, and the generator holds
 #: several float64 copies of it)
 MAX_FRAME_BYTES = 256 * 1024 * 1024
-_ITEMSIZE = {"uint8": 1, "uint16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class SimulatorOptions:
         rows, cols = self.shape
         if not (8 <= rows <= MAX_SIDE_PX and 8 <= cols <= MAX_SIDE_PX):
             raise ConfigError(f"shape {self.shape!r} must be 8..{MAX_SIDE_PX} px on each side")
-        nbytes = rows * cols * _ITEMSIZE.get(self.dtype, 4)
+        nbytes = rows * cols * np.dtype(self.dtype).itemsize
         if nbytes > MAX_FRAME_BYTES:
             raise ConfigError(f"a {rows}x{cols} {self.dtype} frame is {nbytes} bytes, more than "
                               f"{MAX_FRAME_BYTES} (the daemon's default max_frame_bytes)")
