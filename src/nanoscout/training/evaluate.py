@@ -51,6 +51,11 @@ Confidence: ``calibration`` per set and method (:func:`calibration_error`) is th
 calibration error of the reported particle scores taken as probabilities of being a true
 particle (10 equal-width and 10 equal-count score bins). The ``emps`` set is also summarised
 without :data:`EMPS_SPECKS_IMAGE` (``without``); neither number is tuned to.
+
+Uncertainty: each method's ``f1_ci95`` (and ``precision_ci95``, ``recall_ci95``) is the 95 %
+bootstrap interval of the pooled number over the set's resampling unit ``ci_unit`` (images, or
+EMPS papers), :mod:`nanoscout.training.intervals`; ``python -m nanoscout.training.compare A.json
+B.json`` gives the paired difference of two results on the same images.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ import numpy as np
 
 from nanoscout.clients.progress import track
 from nanoscout.sim.synthetic import KINDS, Specimen, SpecimenConfig, render
+from nanoscout.training.intervals import CI_METHOD, LEVEL, N_RESAMPLES, SEED, add_intervals
 
 __all__ = ["AGGLOMERATE_SEED_BASE", "ALL_SETS", "EMPS_SPECKS_IMAGE", "GRANULAR_SEED_BASE",
            "HELDOUT_SEED_LIMIT", "MATCH_DTYPE", "SET_NOTES", "SYNTHETIC_SETS", "TARGETS",
@@ -804,9 +810,10 @@ def format_table(res: dict[str, Any]) -> str:
     cols = ("precision", "recall", "f1", "median_abs_ecd_error_pct", "d50_error_pct",
             "aspect_ratio_rmse", "roundness_rmse", "ms_per_image")
     heads = ("P", "R", "F1", "|dECD|%", "dD50%", "AR rmse", "Rnd rmse", "ms/img", "ECE")
+    ci_head = "F1 95% CI"  # nanoscout.training.intervals; '-' where the result has none
     width = max([15, *(len(k) + 5 for k in res["sets"])])  # room for "-w/o" and a space
     lines = [f"{'set':{width}s}{'method':10s}{'imgs':>5s}{'true':>7s}"
-             + "".join(f"{h:>9s}" for h in heads)]
+             + "".join(f"{h:>9s}" for h in heads) + f"{ci_head:>14s}"]
     rows = [(sname, sres) for sname, sres in res["sets"].items()]
     rows += [(f"{sname}-w/o", {**sres["without"], "methods": {
         k: {**v, "ms_per_image": None} for k, v in sres["without"]["methods"].items()}})
@@ -814,8 +821,10 @@ def format_table(res: dict[str, Any]) -> str:
     for sname, sres in rows:
         for mname, m in sres["methods"].items():
             ece = (m.get("calibration") or {}).get("ece")
+            ci = m.get("f1_ci95")
             lines.append(f"{sname:{width}s}{mname:10s}{sres['n_images']:5d}{m['tp'] + m['fn']:7d}"
-                         + "".join(f"{_fmt(m[c]):>9s}" for c in cols) + f"{_fmt(ece):>9s}")
+                         + "".join(f"{_fmt(m[c]):>9s}" for c in cols) + f"{_fmt(ece):>9s}"
+                         + f"{'-' if ci is None else f'{ci[0]:.3f}-{ci[1]:.3f}':>14s}")
     models = {sres["model"] for sres in res["sets"].values() if "model" in sres}
     if len(models) > 1:
         lines.append("model: " + ", ".join(f"{k} {v['model']}" for k, v in res["sets"].items()
@@ -942,6 +951,7 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
         t0 = time.perf_counter()
         out = evaluate_set({"model": det, "baseline": baseline}, samples,
                            leave_out=(EMPS_SPECKS_IMAGE,) if s == "emps" else ())
+        add_intervals(out, s)
         out["note"] = (SET_NOTES[s] if s == _set_kind(s) else
                        f"STEM training material {s.split(':', 1)[1]} (nanoscout.training."
                        "realdata.stem_material_names), left out of training in cross-material "
@@ -966,6 +976,9 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
             out["seeds"] = f"{seed}..{seed + n - 1}"
         res["sets"][s] = out
     res["targets"] = check_targets(res)
+    res["ci"] = {"level": LEVEL, "method": CI_METHOD, "n_resamples": N_RESAMPLES, "seed": SEED,
+                 "how": "scipy.stats.bootstrap over each set's ci_unit (nanoscout.training."
+                        "intervals): pooled F1 of resampled images, or of papers for EMPS"}
     return res
 
 
