@@ -7,7 +7,8 @@ after measurement, and writes every particle's ``track_id`` into the table. Per 
 1. **fields of view**: a stage move larger than ``stage_jump_fraction`` of the field, another
    frame shape or pixel size, or a registration that finds fewer than ``new_field_matched`` of
    the previous frame's particles again starts a new field (its tracks start afresh; a field
-   is what the statistics count per stage position);
+   is what the statistics count per stage position); so does a frame acquired before the
+   field's first one (a clock set back: rates are fitted against the field's time);
 2. **drift**: the frame is registered against the previous one
    (:class:`~nanoscout.analysis.drift.DriftEstimator`), and the shifts add up to the field's
    drift; particle positions minus the drift are positions on the specimen;
@@ -350,7 +351,7 @@ class SourceTracker:
         return np.nonzero(ok)[0]
 
     def _check_field(self, frame_shape: tuple[int, int], pixel_size_nm: float | None,
-                     stage: Stage | None) -> None:
+                     stage: Stage | None, t_ns: int) -> None:
         f = self._field
         reason = None
         if f.n_frames == 0:
@@ -368,6 +369,11 @@ class SourceTracker:
             width_um = max(frame_shape) * pixel_size_nm / 1000.0
             if moved > self.config.stage_jump_fraction * width_um:
                 reason = f"stage moved {moved:.3g} µm"
+        if reason is None and f.dynamics.t0_ns is not None and t_ns < f.dynamics.t0_ns:
+            # rates are fitted against time since the field's first frame: a clock set back
+            # (a restarted source) would fold two time axes into one fit
+            reason = (f"acquisition time {t_ns} ns before the field's first frame "
+                      f"({f.dynamics.t0_ns} ns)")
         if reason is not None:
             self._start_field(frame_shape, pixel_size_nm, stage, reason=reason)
             self._field.shape = frame_shape
@@ -382,9 +388,17 @@ class SourceTracker:
         drift and tracking blocks. ``image``: the frame (the detector's normalised one);
         ``table``: its particle table (lengths in nm when ``pixel_size_nm`` is given, else
         px); ``t_ns`` acquisition time; ``stage`` its stage position (µm) or None."""
+        fin = np.isfinite(table["x"]) & np.isfinite(table["y"]) & np.isfinite(table["ecd_nm"])
+        if not fin.all():  # a row without a position or size: no track (track_id 0)
+            sub = table[fin]
+            out = self.update(sub, image=image, t_ns=t_ns, seq=seq, pixel_size_nm=pixel_size_nm,
+                              stage=stage)
+            table["track_id"] = 0
+            table["track_id"][fin] = sub["track_id"]
+            return out
         cfg = self.config
         shape = (int(image.shape[0]), int(image.shape[1]))
-        self._check_field(shape, pixel_size_nm, stage)
+        self._check_field(shape, pixel_size_nm, stage, t_ns)
         if stage is not None:
             self._last_stage = stage
         f = self._field
@@ -423,7 +437,8 @@ class SourceTracker:
         t_s = 0.0 if f.dynamics.t0_ns is None else (t_ns - f.dynamics.t0_ns) / 1e9
         reg = self._reg
         reg.ensure(self._next_id - 1)
-        for lid in [k for k in self._pending if k in set(ids.tolist())]:
+        here = set(ids.tolist())
+        for lid in [k for k in self._pending if k in here]:
             del self._pending[lid]  # it came back: hidden, not merged
         events = back + self._events(ids, spec, ecd, border, started, seq)
         reg.observe(ids.astype(np.int64), f.n_frames, t_s, spec, ecd, ~border)
@@ -467,9 +482,11 @@ class SourceTracker:
         tracks new on this frame, split events of merged tracks taken back)."""
         cfg = self.config
         reach = cfg.max_step_px or max(3.0, 0.75 * (diameter or 4.0))
-        if len(spec) == 0:  # an empty frame links nothing (the tracks' gaps grow)
-            return np.zeros(0, np.uint32), 0, []
+        # an empty frame links nothing, but it is a frame: the tracks' gaps grow in the
+        # linker's memory as in the registry, else a track given up there comes back here
         handles = self._linker.link(spec, float(reach))
+        if len(spec) == 0:
+            return np.zeros(0, np.uint32), 0, []
         if self._linker.tracks > self._nid.size:
             self._nid = np.concatenate(
                 [self._nid, np.zeros(max(self._linker.tracks - self._nid.size, 256), np.int64)])
