@@ -17,10 +17,14 @@ Rate limiting and de-duplication (per rule and per source):
   particle is a duplicate when it lies within the de-duplication radius of a remembered one
   seen at the same stage position (both None, or equal within ``stage_tolerance_um``). The
   radius is ``dedup_radius_nm`` when set and the frame is calibrated, else the larger of the two
-  particles' ECDs. A frame whose matching particles are all duplicates is a suppressed firing
+  particles' ECDs. With tracking on, a particle that carries the ``track_id`` of a remembered
+  one (seen at the same stage position) is a duplicate however far it went: the specimen
+  drifting under a fixed stage moves it farther than its ECD within a few frames.
+  A frame whose matching particles are all duplicates is a suppressed firing
   (counted); otherwise the rule fires, listing the new particles first, and remembers them all.
-  So a particle sitting in a live view is reported once per cooldown, while a new particle (or
-  the stage moving on) is reported at once. Distances need the pixel size: pass
+  So a particle sitting (or drifting, when tracked) in a live view is reported once per
+  cooldown, while a new particle (or the stage moving on) is reported at once. A cooldown of
+  1e10 s or more never ends. Distances need the pixel size: pass
   ``pixel_size_nm`` to :meth:`AlertEngine.evaluate`; without it a calibrated frame falls back
   to "centroid inside the other particle's bounding box".
 * Uncalibrated frames (``units == "px"``): a rule with conditions on ``*_nm``/``*_nm2`` fields
@@ -37,6 +41,9 @@ and ``threshold``; for a novelty rule the novelty score and ``threshold``; for a
 rule the merge events on the frame and ``min_count``; for a growth-rate rule the tracks'
 median dECD/dt and the crossed bound; for a count-drop rule the count's change in percent
 (negative) and ``-pct``.
+
+Confidences (``count = "expected"``, ``Alert.confidence``) read a calibrated ``score`` as the
+statistics weigh it: NaN as 0, clipped to 0..1.
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ log = logging.getLogger(__name__)
 MAX_ALERT_PARTICLES = 20
 # reported particles remembered per rule and source (oldest forgotten first)
 _MAX_REMEMBERED = 4096
+# a cooldown at least this long (s) never ends: longer than the int64 ns clock spans (292
+# years), and short enough to be counted in ns (1e300 s overflowed)
+_FOREVER_S = 1e10
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,7 @@ class _Memory:
     xy: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))  # px
     radius: np.ndarray = field(default_factory=lambda: np.empty(0))  # px, NaN = unknown
     bbox: np.ndarray = field(default_factory=lambda: np.empty((0, 4)))  # px
+    track: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # 0 = untracked
 
 
 class AlertEngine:
@@ -268,7 +279,7 @@ class AlertEngine:
 
     def _count_drop(self, rule: CountDropRule, ctx: _Context) -> Alert | None:
         inside = ctx.table[~ctx.table["border"]]
-        n: float = (float(inside["score"].astype(np.float64).sum())
+        n: float = (float(_confidences(inside["score"]).sum())
                     if rule.count == "expected" else len(inside))
         key = (rule.name, ctx.source)
         seen = self._counts.get(key)
@@ -301,7 +312,7 @@ class AlertEngine:
         key = (rule.name, source)
         last = self._last_fired.get(key)
         # a clock that went backwards (a restarted source) starts a new cooldown
-        if last is not None and last <= t_ns < last + round(rule.cooldown_s * 1e9):
+        if last is not None and last <= t_ns < last + _cooldown_ns(rule):
             self.suppressed[rule.name] += 1
             return None
         self._last_fired[key] = t_ns
@@ -341,13 +352,14 @@ class AlertEngine:
         else:
             radius = hits["ecd_nm"].astype(np.float64) / scale
         bbox = hits["bbox"].astype(np.float64)
+        track = hits["track_id"].astype(np.int64)
         stage = np.array((np.nan, np.nan) if ctx.stage is None
                          else (ctx.stage.x_um, ctx.stage.y_um), np.float64)
-        new = ~_duplicates(mem, rule.stage_tolerance_um, stage, xy, radius, bbox)
+        new = ~_duplicates(mem, rule.stage_tolerance_um, stage, xy, radius, bbox, track)
         if not new.any():
             self.suppressed[rule.name] += 1
             return None
-        self._remember(rule, ctx.source, ctx.t_ns, stage, xy, radius, bbox)
+        self._remember(rule, ctx.source, ctx.t_ns, stage, xy, radius, bbox, track)
 
         primary = next(((f, op, v) for f, op, v in rule.conditions if f != "shape_class"), None)
         if primary is None:
@@ -360,7 +372,7 @@ class AlertEngine:
             order = np.lexsort((-vals if op in ("gt", "ge") else vals, ~new))
             value, threshold = float(vals[order[0]]), float(thr)
         rows = hits[order[:MAX_ALERT_PARTICLES]]
-        confidence = float(rows["score"][0]) if ctx.calibrated else None
+        confidence = float(_confidences(rows["score"][:1])[0]) if ctx.calibrated else None
         return Alert(
             rule=rule.name,
             kind=rule.kind,
@@ -382,10 +394,10 @@ class AlertEngine:
         if mem is None:
             mem = self._memory[key] = _Memory()
         age = ctx.t_ns - mem.t_ns
-        live = (age >= 0) & (age < round(rule.cooldown_s * 1e9))
+        live = (age >= 0) & (age < _cooldown_ns(rule))
         if not live.all():
             mem.t_ns, mem.stage, mem.xy = mem.t_ns[live], mem.stage[live], mem.xy[live]
-            mem.radius, mem.bbox = mem.radius[live], mem.bbox[live]
+            mem.radius, mem.bbox, mem.track = mem.radius[live], mem.bbox[live], mem.track[live]
         return mem
 
     def _remember(
@@ -397,6 +409,7 @@ class AlertEngine:
         xy: np.ndarray,
         radius: np.ndarray,
         bbox: np.ndarray,
+        track: np.ndarray,
     ) -> None:
         mem = self._memory[(rule.name, source)]
         n = len(xy)
@@ -405,6 +418,7 @@ class AlertEngine:
         mem.xy = np.concatenate([mem.xy, xy])[-_MAX_REMEMBERED:]
         mem.radius = np.concatenate([mem.radius, radius])[-_MAX_REMEMBERED:]
         mem.bbox = np.concatenate([mem.bbox, bbox])[-_MAX_REMEMBERED:]
+        mem.track = np.concatenate([mem.track, track])[-_MAX_REMEMBERED:]
 
 
 @dataclass(frozen=True)
@@ -438,8 +452,10 @@ def _duplicates(
     xy: np.ndarray,
     radius: np.ndarray,
     bbox: np.ndarray,
+    track: np.ndarray,
 ) -> np.ndarray:
-    """Which particles lie near a remembered one seen at the same stage position."""
+    """Which particles lie near a remembered one seen at the same stage position, or carry
+    its track id (``track``: 0 = untracked)."""
     if mem.t_ns.size == 0:
         return np.zeros(len(xy), dtype=bool)
     if np.isnan(stage).any():
@@ -448,7 +464,7 @@ def _duplicates(
         same = (np.abs(mem.stage - stage) <= tolerance_um).all(axis=1)
     if not same.any():
         return np.zeros(len(xy), dtype=bool)
-    m_xy, m_r, m_bb = mem.xy[same], mem.radius[same], mem.bbox[same]
+    m_xy, m_r, m_bb, m_track = mem.xy[same], mem.radius[same], mem.bbox[same], mem.track[same]
     d = np.hypot(xy[:, None, 0] - m_xy[None, :, 0], xy[:, None, 1] - m_xy[None, :, 1])
     r = np.fmax(radius[:, None], m_r[None, :])
     near = d <= r
@@ -458,7 +474,20 @@ def _duplicates(
         inside = _inside(xy[:, None, :], m_bb[None, :, :])
         inside |= _inside(m_xy[None, :, :], bbox[:, None, :])
         near = np.where(unknown, inside, near)
+    # the tracker followed it there (a drifting field): the same particle, however far it went
+    near |= (track[:, None] == m_track[None, :]) & (track[:, None] != 0)
     return near.any(axis=1)
+
+
+def _cooldown_ns(rule: AnyRule) -> int:
+    """The rule's cooldown in ns (:data:`_FOREVER_S` and longer: beyond any frame time)."""
+    return round(min(rule.cooldown_s, _FOREVER_S) * 1e9)
+
+
+def _confidences(scores: np.ndarray) -> np.ndarray:
+    """Calibrated scores as probabilities, read as the statistics weigh them: NaN as 0,
+    everything clipped to 0..1 (float64)."""
+    return np.clip(np.nan_to_num(scores.astype(np.float64)), 0.0, 1.0)
 
 
 def _inside(p: np.ndarray, bb: np.ndarray) -> np.ndarray:
@@ -473,7 +502,7 @@ def _inside(p: np.ndarray, bb: np.ndarray) -> np.ndarray:
 def _count(rule: CountRule, ctx: _Context) -> Alert | None:
     table = ctx.table if rule.include_border else ctx.table[~ctx.table["border"]]
     expected = rule.count == "expected"
-    n: float = float(table["score"].astype(np.float64).sum()) if expected else len(table)
+    n: float = float(_confidences(table["score"]).sum()) if expected else len(table)
     if rule.above is not None and n > rule.above:
         threshold, rel = rule.above, ">"
     elif rule.below is not None and n < rule.below:

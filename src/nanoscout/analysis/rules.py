@@ -75,7 +75,9 @@ checked against the classifier's classes once the model is loaded:
 :func:`check_class_labels` (called at start-up) raises a :class:`ConfigError` for an unknown
 one.
 
-Several operators on one field, and several fields, must all hold. ``where = {}`` matches every
+Several operators on one field, and several fields, must all hold; operators on one field that
+no value meets (``{ gt = 50, lt = 10 }``) are a configuration error, as are ``below > above``
+on a count or growth-rate rule (it would fire on every frame). ``where = {}`` matches every
 particle. The clock is the frame time ``t_ns``, so behaviour is deterministic.
 
 Rate limiting, de-duplication, uncalibrated frames and what ``Alert.value`` /
@@ -144,6 +146,31 @@ OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
 NUMERIC_FIELDS: tuple[str, ...] = tuple(
     name for name in PARTICLE_DTYPE.names or () if name not in ("bbox", "border", "shape_class")
 )
+
+
+def _empty_range(ops: dict[str, float]) -> bool:
+    """True when no number meets every condition of ``ops`` (e.g. ``{gt = 50, lt = 10}``)."""
+    if "eq" in ops:
+        return not all(OPERATORS[op](ops["eq"], bound) for op, bound in ops.items())
+    lo, lo_strict = -math.inf, False
+    hi, hi_strict = math.inf, False
+    for op, bound in ops.items():
+        if op in ("gt", "ge") and (bound > lo or (bound == lo and op == "gt")):
+            lo, lo_strict = bound, op == "gt"
+        elif op in ("lt", "le") and (bound < hi or (bound == hi and op == "lt")):
+            hi, hi_strict = bound, op == "lt"
+    return lo > hi or (lo == hi and (lo_strict or hi_strict))
+
+
+def _check_above_below(above: float | None, below: float | None, what: str) -> None:
+    """Refuse ``below > above``: a rule that fires on ``> above`` or ``< below`` would then
+    fire on every frame."""
+    if above is None and below is None:
+        raise ValueError(f"a {what} rule needs 'above' and/or 'below'")
+    if above is not None and below is not None and below > above:
+        raise ValueError(f"below ({below}) > above ({above}): the rule fires when the value is "
+                         "> above or < below, so it would fire on every frame")
+
 
 class SaveFrames(BaseModel):
     """``save_frames = { before = 2, after = 2 }`` on a rule: when it fires, the daemon writes
@@ -217,6 +244,8 @@ class ParticleRule(_RuleBase):
                     or not math.isfinite(value)
                 ):
                     raise ValueError(f"{fname}.{op}: expected a finite number, got {value!r}")
+            if fname != "shape_class" and _empty_range(ops):
+                raise ValueError(f"{fname}: no value meets {ops!r}: the rule could never fire")
         return where
 
     def model_post_init(self, context: Any, /) -> None:
@@ -251,8 +280,7 @@ class CountRule(_RuleBase):
 
     @model_validator(mode="after")
     def _check_bounds(self) -> CountRule:
-        if self.above is None and self.below is None:
-            raise ValueError("a count rule needs 'above' and/or 'below'")
+        _check_above_below(self.above, self.below, "count")
         return self
 
 
@@ -282,8 +310,7 @@ class GrowthRateRule(_RuleBase):
 
     @model_validator(mode="after")
     def _check_bounds(self) -> GrowthRateRule:
-        if self.above is None and self.below is None:
-            raise ValueError("a growth_rate rule needs 'above' and/or 'below'")
+        _check_above_below(self.above, self.below, "growth_rate")
         return self
 
 
