@@ -31,7 +31,7 @@ import numpy as np
 from nanoscout.clients.runfile import Run
 from nanoscout.wire.tracks import qualifying
 
-__all__ = ["insitu_section", "track_values"]
+__all__ = ["field_start_s", "insitu_section", "track_values"]
 
 #: growth curves drawn (the longest tracks)
 MAX_CURVES = 40
@@ -79,6 +79,24 @@ def _stats_insitu(run: Run, source: str, units: str) -> list[tuple[float, dict[s
             out.append((float(t), json.loads(str(text))))
     out.sort(key=lambda x: x[0])
     return out
+
+
+def field_start_s(run: Run, source: str, t_frame_ns: float, t0_ns: int) -> float | None:
+    """Time (s since ``t0_ns``) of the first frame of the field of view that the frame of
+    ``source`` acquired at ``t_frame_ns`` belongs to: the origin of the daemon's in-situ fits
+    in that frame's stats (their time counts from the field's first frame). None where the run
+    has no such frame or no field for it (untracked)."""
+    f = run.frames
+    if not Run.rows(f):
+        return None
+    src = f["source"].astype(str) == source
+    t_acq = f["t_acq_ns"].astype(np.float64)
+    fld = f["field"].astype(np.float64)
+    here = src & (t_acq == float(t_frame_ns))
+    if not here.any() or not np.isfinite(fld[here][0]):
+        return None
+    same = src & (fld == fld[here][0])
+    return float((t_acq[same].min() - t0_ns) / 1e9)
 
 
 def _boot_median_ci(x: np.ndarray, seed: int) -> tuple[float, float]:
@@ -198,15 +216,20 @@ def insitu_section(run: Run, source: str, units: str, t0_ns: int, files_dir: Pat
     ax.plot(r3_t, r3, "o", ms=3, label="mean radius³ of the frame")
     fit_text = "no fit (too few frames)"
     if fit and fit.get("k") is not None:
-        # the daemon's time axis starts at the field's first frame; so does the run's here
-        tline = np.array([min(r3_t), max(r3_t)])
-        t_field = tline - min(r3_t)
+        # the daemon's time axis starts at the first frame of the field its last stats
+        # speak of (the run's first frame only where the run has one field)
+        start = field_start_s(run, source, series[-1][0], t0_ns)
+        start = min(r3_t) if start is None else start
+        tline = np.array([start, max(start, max(r3_t))])
+        t_field = tline - start
         ax.plot(tline, fit["r0_cubed"] + fit["k"] * t_field, "-", lw=1.2,
                 label="LSW fit <r>³ = r0³ + k t")
         fit_text = (f"k = <span class=\"lsw-k\">{fmt(fit['k'])}</span> ± "
                     f"{fmt(fit.get('k_se', math.nan))} {u}³/s, R² = "
                     f"<span class=\"lsw-r2\">{fmt(fit.get('r2') or math.nan)}</span> over "
-                    f"{fit.get('n', 0)} frames ({fmt(fit.get('span_s', 0.0))} s)")
+                    f"{fit.get('n', 0)} frames ({fmt(fit.get('span_s', 0.0))} s) from t = "
+                    f"<span class=\"lsw-t0\">{fmt(start)}</span> s, the first frame of its "
+                    "field of view")
     ax.set_xlabel("time (s)")
     ax.set_ylabel(f"<r>³ ({units}³)")
     ax.legend(loc="best", fontsize=7)
