@@ -15,6 +15,7 @@ from nanoscout.analysis.alerts import (
     CountRule,
     ParticleRule,
     check_class_labels,
+    check_rule_inputs,
     parse_rules,
 )
 from nanoscout.wire.errors import ConfigError, FrameError
@@ -460,3 +461,24 @@ def test_count_rules_can_count_expected_particles() -> None:
         parse_rules([{"name": "c", "kind": "count", "above": 1, "count": "probable"}])
     with pytest.raises(ConfigError, match="min_confidence"):
         parse_rules([{"name": "p", "kind": "particle", "where": {}, "min_confidence": 1.5}])
+
+
+def test_a_class_or_novelty_rule_without_its_input_is_refused_at_start() -> None:
+    """With the classifier (or the AI lens) switched off such a rule could never fire; the
+    daemon started and stayed silent."""
+    from nanoscout.daemon.app import build_classifier
+    from nanoscout.daemon.config import ServeConfig
+
+    rules = parse_rules([WIRES, NEW, BIG])
+    check_rule_inputs(rules, classifier=True, lens=True)
+    with pytest.raises(ConfigError, match="'wires' \\(class\\) needs the classifier.*'new'"):
+        check_rule_inputs(rules, classifier=False, lens=False)
+    with pytest.raises(ConfigError, match="'new' \\(novelty\\) needs the AI lens") as exc:
+        check_rule_inputs(rules, classifier=True, lens=False)
+    assert "wires" not in str(exc.value)
+    check_rule_inputs(parse_rules([BIG]), classifier=False, lens=False)
+    cfg = ServeConfig.model_validate({"classify": {"enabled": False}, "alerts": [WIRES]})
+    with pytest.raises(ConfigError, match="could never fire"):
+        build_classifier(cfg)
+    assert build_classifier(ServeConfig.model_validate({"classify": {"enabled": False},
+                                                        "alerts": [BIG]})) is None

@@ -69,6 +69,7 @@ from nanoscout.analysis.rules import (
     NoveltyRule,
     ParticleRule,
     check_class_labels,
+    check_rule_inputs,
     check_unique_names,
     needs_confidence,
     parse_rules,
@@ -77,7 +78,8 @@ from nanoscout.wire.errors import FrameError
 from nanoscout.wire.headers import Stage, Units
 from nanoscout.wire.particles import PARTICLE_DTYPE
 
-__all__ = ["MAX_ALERT_PARTICLES", "Alert", "AlertEngine", "check_class_labels", "parse_rules"]
+__all__ = ["MAX_ALERT_PARTICLES", "Alert", "AlertEngine", "check_class_labels",
+           "check_rule_inputs", "parse_rules"]
 
 log = logging.getLogger(__name__)
 

@@ -73,7 +73,8 @@ rules are evaluated per frame by
 class activation map that explains them (``Alert.heatmap``). A class rule's label can only be
 checked against the classifier's classes once the model is loaded:
 :func:`check_class_labels` (called at start-up) raises a :class:`ConfigError` for an unknown
-one.
+one, and :func:`check_rule_inputs` for a class or novelty rule while the classifier or the AI
+lens is switched off (it could never fire).
 
 Several operators on one field, and several fields, must all hold; operators on one field that
 no value meets (``{ gt = 50, lt = 10 }``) are a configuration error, as are ``below > above``
@@ -130,6 +131,7 @@ __all__ = [
     "Rule",
     "SaveFrames",
     "check_class_labels",
+    "check_rule_inputs",
     "check_unique_names",
     "needs_confidence",
     "parse_rules",
@@ -365,6 +367,19 @@ def check_class_labels(rules: Sequence[AnyRule], classes: Sequence[str]) -> None
     if bad:
         which = "; ".join(f"alert rule {r.name!r}: unknown class label {r.label!r}" for r in bad)
         raise ConfigError(f"{which}; the classifier knows: {', '.join(known) or '(none)'}")
+
+
+def check_rule_inputs(rules: Sequence[AnyRule], *, classifier: bool, lens: bool) -> None:
+    """Raise :class:`ConfigError` naming every rule that could never fire because what it
+    reads is switched off: a class rule without the field-of-view classifier (``classifier``
+    False), a novelty rule without the AI lens's novelty score (``lens`` False)."""
+    bad = [f"alert rule {r.name!r} ({r.kind}) needs the classifier" for r in rules
+           if isinstance(r, ClassRule | NoveltyRule) and not classifier]
+    bad += [f"alert rule {r.name!r} (novelty) needs the AI lens's novelty score" for r in rules
+            if isinstance(r, NoveltyRule) and classifier and not lens]
+    if bad:
+        raise ConfigError("; ".join(bad) + ": it could never fire ([classify] enabled = false "
+                          "or lens_enabled = false)")
 
 
 def parse_rules(data: list[dict[str, Any]]) -> list[AnyRule]:

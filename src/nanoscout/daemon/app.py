@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from nanoscout.analysis.alerts import check_class_labels, parse_rules
+from nanoscout.analysis.alerts import check_class_labels, check_rule_inputs, parse_rules
 from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.detector import Detector, base_detector_for, scale_measurer
 from nanoscout.analysis.modality import ModalityEstimator
@@ -44,6 +44,8 @@ def load_card(model: Path) -> ModelCard:
 def build_classifier(config: ServeConfig) -> FieldClassifier | None:
     """Load the field-of-view classifier (and the lens) as ``[classify]`` says, or None."""
     cc = config.classify
+    check_rule_inputs(parse_rules(config.alerts), classifier=cc.enabled,
+                      lens=cc.enabled and cc.lens_enabled)
     if not cc.enabled:
         return None
     eng = config.engine
