@@ -87,7 +87,8 @@ class FitQuality:
 
 def fit_quality(d: np.ndarray, *, seed: int = BOOTSTRAP_SEED) -> FitQuality | None:
     """Kolmogorov-Smirnov and Anderson-Darling tests of the lognormal fit of diameters ``d``
-    (positive, any unit); None for fewer than 8 values.
+    (positive, any unit); None for fewer than 8 values or when all are equal (σ = 0: no
+    distribution to test).
 
     Both test ln d against a normal whose mean and sd are estimated from the same data
     (:func:`scipy.stats.goodness_of_fit`, which accounts for the estimation: Lilliefors-type
@@ -97,7 +98,8 @@ def fit_quality(d: np.ndarray, *, seed: int = BOOTSTRAP_SEED) -> FitQuality | No
     from scipy import stats
 
     x = np.log(_positive(d))
-    if x.size < 8 or float(np.std(x)) == 0.0:
+    # equal values, not np.std(x) == 0: the std of equal logs is often ~1e-16 (rounding)
+    if x.size < 8 or float(np.ptp(x)) == 0.0:
         return None
     rng = np.random.default_rng(seed)
     if x.size > FIT_TEST_SAMPLES:
@@ -187,7 +189,8 @@ def group_stats(source: str, units: str, ecd: np.ndarray, *, n_border: int = 0,
     """Statistics of the non-border ECDs ``ecd`` (in ``units``) of one group.
 
     Non-finite and non-positive diameters are ignored. D10/D50/D90 are number-weighted
-    quantiles; the lognormal fit is the maximum-likelihood one (mu = mean ln d,
+    quantiles (linear interpolation, Hyndman-Fan type 7: ``np.quantile``'s default, as the live
+    statistics' window); the lognormal fit is the maximum-likelihood one (mu = mean ln d,
     sigma = std ln d).
     """
     d = _positive(ecd)
@@ -198,13 +201,16 @@ def group_stats(source: str, units: str, ecd: np.ndarray, *, n_border: int = 0,
                           ci=bootstrap_ci(d))
     d10, d50, d90 = (float(q) for q in np.quantile(d, [0.1, 0.5, 0.9]))
     logd = np.log(d)
+    # one size: exactly σ = 0 and median d (the mean and std of equal logs round off)
+    sigma = 0.0 if float(np.ptp(logd)) == 0.0 else float(logd.std())
     return GroupStats(
         source, units, n, n_border, n_frames,
         mean=float(d.mean()), sd=float(d.std(ddof=1)) if n > 1 else nan,
         d10=d10, d50=d50, d90=d90, ci=bootstrap_ci(d),
         aspect_ratio=_nanmean(aspect_ratio) if aspect_ratio is not None else nan,
         roundness=_nanmean(roundness) if roundness is not None else nan,
-        lognormal_median=float(math.exp(logd.mean())), lognormal_sigma=float(logd.std()))
+        lognormal_median=float(d[0]) if sigma == 0.0 else float(math.exp(logd.mean())),
+        lognormal_sigma=sigma)
 
 
 # ------------------------------------------------------------------------------------ groups
@@ -668,7 +674,8 @@ def methods_paragraph(run: Run, stats: Sequence[GroupStats]) -> str:
         f"projected area A. {calib}.",
         f"{n_border} particles touching the frame edge were excluded from every size and shape "
         "statistic.",
-        "D10, D50 and D90 are number-weighted ECD quantiles with percentile-bootstrap 95 % "
+        "D10, D50 and D90 are number-weighted ECD quantiles (linear interpolation between "
+        "order statistics: Hyndman-Fan type 7, NumPy's default) with percentile-bootstrap 95 % "
         f"confidence intervals ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}).",
         "A lognormal distribution was fitted by maximum likelihood (μ = mean ln d, "
         "σ = sd ln d); its goodness of fit was tested with the Kolmogorov-Smirnov and "
@@ -681,7 +688,7 @@ def methods_paragraph(run: Run, stats: Sequence[GroupStats]) -> str:
 
 def _fit_text(fq: FitQuality | None) -> str:
     if fq is None:
-        return "<p>Too few particles to test the fit.</p>"
+        return "<p>Too few particles (or all of one size) to test the fit.</p>"
     verdict = ("consistent with a lognormal distribution at the 5 % level"
                if min(fq.ks_pvalue, fq.ad_pvalue) >= 0.05 else
                "the lognormal fit is rejected at the 5 % level by at least one test")
