@@ -10,14 +10,17 @@ and reports a plain, msgpack-able dict (:meth:`~SizeStatistics.snapshot`) with t
 ``cumulative``
     Everything since the start (or the last :meth:`~SizeStatistics.reset`) in bounded memory:
     exact running count, mean and standard deviation (Chan/Welford merge per frame), exact
-    min/max, and quantiles read from a fine histogram. The ECD histogram has ``quantile_bins``
-    log-spaced bins over ``ecd_range_nm``, each spanning a factor r = (hi/lo)^(1/bins)
-    (1.0038 for the defaults). A quantile is interpolated between the geometric centres of the
-    bins holding the two order statistics that the exact (linearly interpolated, numpy
-    default) quantile lies between, so **its relative error is at most sqrt(r) - 1** (0.19 %
-    with the defaults) for quantiles inside ``ecd_range_nm``; the block reports this bound as
-    ``ecd_quantile_rel_error``. Values outside the range are counted in ``under``/``over`` and
-    stand in as the exact min/max when a quantile falls among them (no bound there).
+    min/max, and quantiles read from a fine histogram. That ECD histogram has ``quantile_bins``
+    log-spaced bins over ``quantile_range_nm`` (0.01 nm to 1 cm by default: atoms to
+    millimetre grains, any SEM field; it was the published histogram's 0.5-1000 nm, and
+    every cumulative quantile of a run of 1.5 µm particles read as the largest one), each
+    spanning a factor r = (hi/lo)^(1/bins) (1.0035 for the defaults). A quantile is
+    interpolated between the geometric centres of the bins holding the two order statistics
+    that the exact (linearly interpolated, numpy default) quantile lies between, so **its
+    relative error is at most sqrt(r) - 1** (0.17 % with the defaults) for quantiles inside
+    ``quantile_range_nm``; the block reports this bound as ``ecd_quantile_rel_error``, and
+    None once a particle fell outside the range (such values stand in as the exact min/max
+    when a quantile falls among them: no bound there).
     Aspect-ratio and roundness medians come from linear fine histograms (1..21 in steps of
     0.01, 0..1 in steps of 0.0005): absolute error at most half a step.
 ``drift``
@@ -67,7 +70,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from nanoscout.wire.errors import FrameError
 
@@ -97,18 +100,21 @@ class StatsConfig(BaseModel):
     ecd_range_nm: tuple[float, float] = (0.5, 1000.0)
     #: the first N frames form the drift reference
     reference_frames: int = Field(20, ge=1)
-    #: fine log bins over ecd_range_nm for the cumulative quantiles (sets the error bound)
-    quantile_bins: int = Field(2000, ge=10, le=1_000_000)
+    #: fine log bins over quantile_range_nm for the cumulative quantiles (sets the error
+    #: bound: 0.17 % with the defaults)
+    quantile_bins: int = Field(6000, ge=10, le=1_000_000)
+    #: the sizes (nm, or px on uncalibrated frames) the cumulative quantiles hold to the bound
+    quantile_range_nm: tuple[float, float] = (0.01, 1e7)
     #: "confidence": each particle of a frame with calibrated scores counts with its
     #: probability of being real (see the module docstring); "none": each counts once
     weights: Literal["confidence", "none"] = "none"
 
-    @field_validator("ecd_range_nm")
+    @field_validator("ecd_range_nm", "quantile_range_nm")
     @classmethod
-    def _check_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _check_range(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
         lo, hi = v
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-            raise ValueError(f"ecd_range_nm must satisfy 0 < lo < hi (finite), got {v}")
+            raise ValueError(f"{info.field_name} must satisfy 0 < lo < hi (finite), got {v}")
         return v
 
 
@@ -228,10 +234,11 @@ class SizeStatistics:
         self.config = config
         lo, hi = config.ecd_range_nm
         self._ecd_edges = np.geomspace(lo, hi, config.ecd_bins + 1)
-        fine = np.geomspace(lo, hi, config.quantile_bins + 1)
+        qlo, qhi = config.quantile_range_nm
+        fine = np.geomspace(qlo, qhi, config.quantile_bins + 1)
         self._fine_edges = fine
         self._fine_centres = np.sqrt(fine[:-1] * fine[1:])
-        self.quantile_rel_error = math.sqrt((hi / lo) ** (1.0 / config.quantile_bins)) - 1.0
+        self.quantile_rel_error = math.sqrt((qhi / qlo) ** (1.0 / config.quantile_bins)) - 1.0
         self.reset()
 
     def reset(self) -> None:
@@ -483,7 +490,10 @@ class SizeStatistics:
                                             self._h_rnd_w if wh else None),
             },
             "number_density_per_um2": density,
-            "ecd_quantile_rel_error": self.quantile_rel_error,
+            # the bound holds for quantiles inside the fine range only
+            "ecd_quantile_rel_error": (self.quantile_rel_error
+                                       if not (self._f_ecd.counts[0] or self._f_ecd.counts[-1])
+                                       else None),
         }
 
 
