@@ -290,3 +290,19 @@ def test_cumulative_quantiles_of_micrometre_particles_hold_their_bound() -> None
     assert narrow.snapshot()["cumulative"]["ecd_quantile_rel_error"] is None
     with pytest.raises(pydantic.ValidationError, match="quantile_range_nm must satisfy"):
         StatsConfig(quantile_range_nm=(10.0, 1.0))
+
+
+def test_a_clock_set_back_restarts_the_time_window() -> None:
+    """A restarted source's clock starts again at 0: its old frames stayed in a 5 s window
+    beside the new ones (10 frames, D50 still the old frames')."""
+    S = 10**9
+    stats = SizeStatistics(StatsConfig(window_seconds=5.0))
+    for k in range(10):
+        stats.update(table(np.full(20, 80.0)), t_ns=(100 + k) * S, frame_area_um2=1.0)
+    for k in range(3):
+        stats.update(table(np.full(20, 20.0)), t_ns=k * S, frame_area_um2=1.0)
+    w = stats.snapshot()["window"]
+    assert w["n_frames"] == 3 and w["ecd"]["d50"] == 20.0
+    # a frame late by less than the window is no reset
+    stats.update(table(np.full(20, 20.0)), t_ns=int(0.5 * S), frame_area_um2=1.0)
+    assert stats.snapshot()["window"]["n_frames"] == 4

@@ -5,8 +5,9 @@ and reports a plain, msgpack-able dict (:meth:`~SizeStatistics.snapshot`) with t
 
 ``window``
     Exact statistics over the last ``window_frames`` frames and, if ``window_seconds`` is set,
-    only frames at most that old (age measured from the newest frame's ``t_ns``). The per-frame
-    values are kept in a deque and trimmed on every update.
+    only frames at most that old (age measured from the newest frame's ``t_ns``; a frame older
+    than the whole time window, a clock set back, restarts it). The per-frame values are kept
+    in a deque and trimmed on every update.
 ``cumulative``
     Everything since the start (or the last :meth:`~SizeStatistics.reset`) in bounded memory:
     exact running count, mean and standard deviation (Chan/Welford merge per frame), exact
@@ -328,12 +329,22 @@ class SizeStatistics:
         )
         frame = _Frame(int(t_ns), ecd, ar, rnd, density_count, frame_area_um2, slots, w,
                        wslots)
+        span = (None if self.config.window_seconds is None
+                else round(self.config.window_seconds * 1e9))
+        if span is not None and self._last_t_ns is not None and t_ns < self._last_t_ns - span:
+            # older than the whole time window: a clock set back (a restarted source); its
+            # old frames would stay beside the new ones until as much time passed again
+            log.warning("size statistics: a frame at %d ns, %.3g s before the newest: the "
+                        "clock was set back; the time window restarts", t_ns,
+                        (self._last_t_ns - t_ns) / 1e9)
+            self._window.clear()
+            self._last_t_ns = None
         self._window.append(frame)
         self._last_t_ns = int(t_ns if self._last_t_ns is None else max(self._last_t_ns, t_ns))
         while len(self._window) > self.config.window_frames:
             self._window.popleft()
-        if self.config.window_seconds is not None:
-            oldest = self._last_t_ns - round(self.config.window_seconds * 1e9)
+        if span is not None:
+            oldest = self._last_t_ns - span
             while self._window and self._window[0].t_ns < oldest:
                 self._window.popleft()
 
