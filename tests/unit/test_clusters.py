@@ -194,3 +194,13 @@ def test_pipeline_assigns_clusters_and_publishes_summaries() -> None:
         pipe.process(Frame(hint, image, 2))
         pipe.process(Frame(header, image, 2))
         assert fake.turned == want
+
+
+def test_init_n_is_bounded() -> None:
+    """init_n = 1e12 was accepted: the buffer grew with every particle until then."""
+    with pytest.raises(ConfigError, match="init_n"):
+        load_config(overrides={"clusters.init_n": 10**12})
+    with pytest.raises(ConfigError, match="k x init_n"):
+        load_config(overrides={"clusters.k": 254, "clusters.init_n": 50_000})
+    assert load_config(overrides={"clusters.k": 10, "clusters.init_n": 100_000}
+                       ).clusters.init_n == 100_000

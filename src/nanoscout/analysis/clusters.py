@@ -85,8 +85,9 @@ class ClusterConfig(BaseModel):
     enabled: bool = True
     #: number of clusters (1..254)
     k: int = Field(3, ge=1, le=254)
-    #: particles buffered before k-means++ initialisation
-    init_n: int = Field(200, ge=1)
+    #: particles buffered before k-means++ initialisation (at most 100,000, and k x init_n at
+    #: most 1,000,000: the initialisation holds init_n x k x 5 float64 temporaries, 40 MB)
+    init_n: int = Field(200, ge=1, le=100_000)
     #: forgetting factor per particle (0 = plain running means; 0.01 ≈ memory of 100 particles)
     forget: float = Field(0.01, ge=0.0, lt=1.0)
 
@@ -94,6 +95,9 @@ class ClusterConfig(BaseModel):
     def _enough(self) -> ClusterConfig:
         if self.init_n < self.k:
             raise ValueError(f"init_n ({self.init_n}) must be at least k ({self.k})")
+        if self.init_n * self.k > 1_000_000:
+            raise ValueError(f"k x init_n ({self.k} x {self.init_n}) must be at most 1,000,000 "
+                             "(the initialisation's temporaries grow with it)")
         return self
 
 
