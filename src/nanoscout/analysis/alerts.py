@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from nanoscout.analysis.explain import explain_particles, number
 from nanoscout.analysis.rules import (
@@ -467,6 +468,20 @@ def _duplicates(
     if not same.any():
         return np.zeros(len(xy), dtype=bool)
     m_xy, m_r, m_bb, m_track = mem.xy[same], mem.radius[same], mem.bbox[same], mem.track[same]
+    # the tracker followed it there (a drifting field): the same particle, however far it went
+    out = (track != 0) & np.isin(track, m_track)
+    if np.isfinite(radius).all() and np.isfinite(m_r).all() and np.isfinite(xy).all():
+        # the pairs within the largest radius from a k-d tree, then each pair's own radius:
+        # the dense n x m distances cost 0.25 s for 2000 particles against 4096 remembered
+        if len(xy) and len(m_xy):
+            reach = float(max(radius.max(initial=0.0), m_r.max(initial=0.0)))
+            pairs = cKDTree(xy).query_ball_tree(cKDTree(m_xy), reach)
+            i = np.repeat(np.arange(len(xy)), [len(p) for p in pairs])
+            j = np.fromiter((k for p in pairs for k in p), np.int64, count=i.size)
+            d = np.hypot(xy[i, 0] - m_xy[j, 0], xy[i, 1] - m_xy[j, 1])
+            hit = d <= np.maximum(radius[i], m_r[j])
+            out[i[hit]] = True
+        return out
     d = np.hypot(xy[:, None, 0] - m_xy[None, :, 0], xy[:, None, 1] - m_xy[None, :, 1])
     r = np.fmax(radius[:, None], m_r[None, :])
     near = d <= r
@@ -476,9 +491,7 @@ def _duplicates(
         inside = _inside(xy[:, None, :], m_bb[None, :, :])
         inside |= _inside(m_xy[None, :, :], bbox[:, None, :])
         near = np.where(unknown, inside, near)
-    # the tracker followed it there (a drifting field): the same particle, however far it went
-    near |= (track[:, None] == m_track[None, :]) & (track[:, None] != 0)
-    return near.any(axis=1)
+    return out | near.any(axis=1)
 
 
 def _cooldown_ns(rule: AnyRule) -> int:
