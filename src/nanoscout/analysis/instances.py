@@ -379,6 +379,20 @@ def _convex_unions(pix: np.ndarray, pix_lab: np.ndarray, w2: int, lo: np.ndarray
     return out
 
 
+def _block_counts(fg: np.ndarray, pix: np.ndarray, prow: np.ndarray, s: int, w2: int
+                  ) -> np.ndarray:
+    """Return int64 (len(pix),): the set pixels of ``fg`` (H, W) in the s x s block of each
+    coarse pixel ``pix`` (flat indices into the zero-bordered coarse grid, ``w2`` wide;
+    ``prow`` their rows there); partial blocks at the bottom / right count their pixels."""
+    h, w = fg.shape
+    d = np.arange(s)
+    rows = ((prow - 1) * s)[:, None, None] + d[None, :, None]
+    cols = ((pix - prow * w2 - 1) * s)[:, None, None] + d[None, None, :]
+    inside = (rows < h) & (cols < w)
+    hit = fg[np.minimum(rows, h - 1), np.minimum(cols, w - 1)] & inside
+    return hit.reshape(pix.size, -1).sum(axis=1, dtype=np.int64)
+
+
 def _upsample_masked(coarse: np.ndarray, fg: np.ndarray, s: int) -> np.ndarray:
     """Return int32 (H, W): each pixel of ``fg`` takes its s x s block's coarse label, others 0."""
     h, w = fg.shape
@@ -621,6 +635,17 @@ def _instances(fg_full: np.ndarray, sample: _Sampler, s: int, lf: np.float32, lc
         area_c = np.bincount(merged, weights=area_c, minlength=n_max).astype(np.int64)
     keep = area_c * (s * s) >= max(min_area_px, 1)
     keep[0] = False
+    if s > 1:
+        # a foreground block counts as s² px above, though only one of its pixels may be
+        # foreground: an instance of fewer than min_area_px blocks may be smaller than
+        # min_area_px at full resolution. Count those few instances' own pixels.
+        doubt = keep & (area_c < min_area_px)
+        if doubt.any():
+            ids = inst if merged is None else merged[inst]
+            sel = np.flatnonzero(doubt[ids])
+            full = np.bincount(ids[sel], weights=_block_counts(fg_full, pix[sel], prow[sel],
+                                                               s, w2), minlength=n_max)
+            keep &= ~doubt | (full >= min_area_px)
     n = int(np.count_nonzero(keep))
     relabel = np.zeros(n_max, np.int32)
     relabel[keep] = np.arange(1, n + 1, dtype=np.int32)
