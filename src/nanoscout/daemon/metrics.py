@@ -13,6 +13,10 @@ messages_rejected_total{reason}        counter    malformed, version, header, le
 transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
 sources_evicted_total                  counter    sources forgotten beyond ``input.max_sources``
 particles_measured_total{source}       counter
+frames_base_network_only_total{source} counter    frames an adapted model handed to its base
+                                                  network (``det.base_network_only``)
+frames_clock_skew_total                counter    frames whose latency is measured from their
+                                                  arrival: their t_acq_ns is implausible
 frames_size_hint_total{outcome}        counter    frames that named a particle size range
                                                   (``particle_size_nm``), by what it did
                                                   (``det.size_hint``): agreed, applied,
@@ -26,8 +30,9 @@ frame_noise{source}                    gauge      the newest frame's white noise
 alerts_total{rule,severity}            counter
 alerts_suppressed_total{rule}          counter    rate-limited / de-duplicated firings
 latency_seconds                        histogram  acquisition → results published
-stage_seconds{stage}                   histogram  queue_wait, preprocess, engine, postprocess,
-                                                  measure, stats, alerts, classify, lens
+stage_seconds{stage}                   histogram  queue_wait, preprocess, scale, engine,
+                                                  postprocess, measure, clusters, drift, track,
+                                                  stats, unique, alerts, classify, lens
 queue_depth                            gauge      frames accepted and waiting
 class_probability{source,label}        gauge      the latest classification's probability per class
 novelty{source}                        gauge      the latest AI-lens novelty score (1 = reference)
@@ -77,7 +82,10 @@ from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS, ConfigError
 from nanoscout.wire.headers import SizeHint
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
-_STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+# up to the latency's 10 s: queue_wait (a lossless backlog) and engine (a large frame on the
+# CPU) are parts of the latency and take seconds; beyond the last finite bucket
+# histogram_quantile answers that bucket's bound
+_STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 
 class Metrics:
@@ -141,7 +149,7 @@ class Metrics:
             ["rule"], registry=r,
         )
         self.latency = Histogram(
-            "nanoscout_latency_seconds", "Acquisition to published results (arrival to "
+            "nanoscout_latency_seconds", "Seconds from acquisition to published results (arrival to "
             "published results for frames counted in nanoscout_frames_clock_skew)",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
@@ -151,7 +159,7 @@ class Metrics:
             "clock disagrees with the daemon's (or sent 0)", registry=r,
         )
         self.stage = Histogram(
-            "nanoscout_stage_seconds", "Time per pipeline stage", ["stage"],
+            "nanoscout_stage_seconds", "Seconds per pipeline stage", ["stage"],
             buckets=_STAGE_BUCKETS, registry=r,
         )
         self.queue_depth = Gauge("nanoscout_queue_depth", "Frames waiting", registry=r)
