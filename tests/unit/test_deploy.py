@@ -2,7 +2,7 @@
 
 * the annotated TOML example loads with the daemon's own loader and documents every key;
 * Prometheus config, rules and the Grafana dashboard use only metric names that
-  service/metrics.py registers (recording-rule names must be recorded somewhere);
+  src/nanoscout/daemon/metrics.py registers (recording-rule names must be recorded somewhere);
 * systemd units and container files start the CLI with options its parser accepts;
 * ``promtool`` (Debian package ``prometheus``) checks config, rules and the dashboard's PromQL
   where it is installed, and is skipped with a reason elsewhere.
@@ -153,7 +153,7 @@ def test_example_config_documents_every_key() -> None:
             # set, or shown commented out as an example
             elif not re.search(rf"^#?\s*{key}\s*=", text, re.MULTILINE):
                 missing.append(f"{section}.{key}")
-    assert not missing, f"keys of service/config.py not documented in the example: {missing}"
+    assert not missing, f"keys of src/nanoscout/daemon/config.py not documented in the example: {missing}"
 
 
 def test_readme_config_snippets_load(tmp_path: Path) -> None:
