@@ -20,21 +20,19 @@ formats DM3/DM4, SER/EMI, MRC, EMD; colour is read as luminance). No torch, no t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from nanoscout.analysis.modelcard import shipped_model_dir
+from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.analysis.preprocess import fixed_input
 from nanoscout.clients.acquisition.readers import read_images
 from nanoscout.clients.lens import COLUMNS, TILE, LensError, grid, to_tile, write_live_mosaic
 from nanoscout.engines import Engine, create_engine
-from nanoscout.wire.errors import NanoscoutError
+from nanoscout.wire.errors import ModelCardError, NanoscoutError
 
 __all__ = ["DEFAULT_CARD", "LensOutput", "main", "render_activations", "run_lens"]
 
@@ -59,25 +57,19 @@ class LensOutput:
     activations: dict[str, np.ndarray]
 
 
-def _read_card(card_path: Path) -> dict[str, Any]:
+def _read_card(card_path: Path) -> ModelCard:
+    """Return the lens card at ``card_path``, validated as the daemon validates it
+    (:meth:`ModelCard.load`: ``novelty.reference_error`` > 0, the ONNX file's sha256), or raise
+    LensError naming the problem: a card the daemon refuses gives no novelty here either."""
+    if not Path(card_path).is_file():
+        raise LensError(f"lens card not found: {card_path}")
     try:
-        card = json.loads(Path(card_path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise LensError(f"lens card not found: {card_path}") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LensError(f"lens card {card_path} is not readable JSON: {exc}") from exc
-    if not isinstance(card, dict) or card.get("task") != "autoencoder":
-        raise LensError(f"{card_path} is not an autoencoder model card "
-                        f"(task {card.get('task') if isinstance(card, dict) else None!r})")
-    try:
-        size = card["input"]["size"]
-        float(card["novelty"]["reference_error"])
-        str(card["onnx_file"]) + str(card["input"]["name"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LensError(f"lens card {card_path} lacks {exc} (input.size, input.name, "
-                        "onnx_file, novelty.reference_error)") from exc
-    if not (isinstance(size, list) and len(size) == 2):
-        raise LensError(f"lens card {card_path}: input.size {size!r} is not [H, W]")
+        card = ModelCard.load(card_path)
+    except ModelCardError as exc:
+        raise LensError(str(exc)) from exc
+    if card.task != "autoencoder" or card.novelty is None or card.input.size is None:
+        raise LensError(f"{card_path} is not an autoencoder model card with input.size and "
+                        f"novelty (task {card.task!r})")
     return card
 
 
@@ -97,16 +89,19 @@ def run_lens(card_path: str | Path, image: np.ndarray) -> LensOutput:
     """Return the lens's view of one raw frame (any real dtype, 2-D); see :class:`LensOutput`."""
     card_path = Path(card_path)
     card = _read_card(card_path)
-    engine = _engine(card_path.parent / card["onnx_file"])
-    h, w = (int(v) for v in card["input"]["size"])
-    x = fixed_input(image, (h, w))
-    got = engine.infer({card["input"]["name"]: x})
-    err_name = card["novelty"].get("error_output", "error")
-    error = float(np.asarray(got[err_name]).reshape(-1)[0])
+    assert card.novelty is not None and card.input.size is not None  # _read_card checked
+    engine = _engine(card.onnx_path(card_path))
+    x = fixed_input(image, (int(card.input.size[0]), int(card.input.size[1])))
+    got = engine.infer({card.input.name: x})
+    err = np.asarray(got.get(card.novelty.error_output), dtype=np.float64).reshape(-1)
+    if err.size != 1 or not np.isfinite(err[0]) or err[0] < 0:
+        raise LensError(f"lens output {card.novelty.error_output!r} must be one finite error "
+                        f">= 0, got {err[:4]}")
+    error = float(err[0])
     acts = {k: np.asarray(v[0], np.float32) for k, v in got.items()
             if k.startswith("act_") and np.ndim(v) == 4}
     return LensOutput(image=x[0, 0], reconstruction=np.asarray(got["reconstruction"])[0, 0],
-                      error=error, novelty=error / float(card["novelty"]["reference_error"]),
+                      error=error, novelty=error / card.novelty.reference_error,
                       activations=acts)
 
 
