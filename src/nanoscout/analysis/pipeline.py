@@ -467,7 +467,7 @@ class Pipeline:
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:
         assert self.classifier is not None
-        c = self.classifier.classify(frame.float32)
+        c = self.classifier.classify(frame.pixels)  # any dtype: float64 kept to normalisation
         result.classification = c
         result.stage_ms.update(c.timings_ms)
         heat_shape = None if c.cam is None else (int(c.cam.shape[0]), int(c.cam.shape[1]))
