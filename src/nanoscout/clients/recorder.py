@@ -89,6 +89,35 @@ def _add(writer: RunWriter, msg: Message[Any], rois: Path | None) -> DetHeader |
     return None
 
 
+def _commit(writer: RunWriter, out: Path,
+            provenance: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Write the queued batch, then the provenance ``provenance()`` makes after it; returns
+    that provenance. A write that fails (a full disk, a folder taken away) becomes one
+    NanoscoutError that says what is lost and what the run holds."""
+    try:
+        writer.flush()
+        prov = provenance()
+        writer.write_provenance(prov)
+    except OSError as exc:
+        raise NanoscoutError(
+            f"cannot write the run {out}: {exc.strerror or exc}; the last "
+            f"{writer.pending_frames} frames were not recorded, the run holds "
+            f"{writer.counts['frames']} frames in whole batches") from exc
+    return prov
+
+
+def _progress(prov: dict[str, Any], writer: RunWriter, sub: Subscriber, unstorable: int,
+              models: set[str], engines: set[str],
+              model_cards: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """``prov`` with the rows written so far, the results missed and rejected, and the models
+    and engines seen (with their cards' provenance)."""
+    return {**prov, "rows": dict(writer.counts), "missed_results": dict(sub.missed),
+            "missed_results_total": sub.missed_total,
+            "rejected_messages": sub.rejected + unstorable,
+            "models": sorted(models), "engines": sorted(engines),
+            "model_provenance": model_entries(sorted(models), model_cards or {})}
+
+
 def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = None,
            duration: float | None = None, batch_frames: int = 20, batch_seconds: float = 2.0,
            curve: ClientKeys | None = None, stop: threading.Event | None = None,
@@ -135,6 +164,10 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
         prov["daemon_policy"] = health.policy
         prov["subscribed_utc"] = _now()  # from here on nothing the daemon publishes is missed
         writer = RunWriter(out, prov)  # only now: a daemon not there leaves no empty run
+
+        def progress() -> dict[str, Any]:
+            return _progress(prov, writer, sub, unstorable, models, engines, model_cards)
+
         while not (stop.is_set() or signalled.is_set()):
             if frames is not None and n_det >= frames:
                 break
@@ -157,16 +190,11 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
                     n_det += 1
             if writer.pending_frames >= batch_frames or (
                     writer.pending and time.monotonic() - last_flush >= batch_seconds):
-                writer.flush()
+                # with the provenance as of this batch: a run cut later (kill -9) still names
+                # its models with their hashes, its rows and what was missed
+                _commit(writer, out, progress)
                 last_flush = time.monotonic()
-        writer.flush()
-        prov.update({"stopped_utc": _now(), "rows": dict(writer.counts),
-                     "missed_results": dict(sub.missed),
-                     "missed_results_total": sub.missed_total,
-                     "rejected_messages": sub.rejected + unstorable,
-                     "models": sorted(models), "engines": sorted(engines),
-                     "model_provenance": model_entries(sorted(models), model_cards or {})})
-        writer.write_provenance(prov)
+        prov = _commit(writer, out, lambda: {**progress(), "stopped_utc": _now()})
     log.info("recorded %d frames, %d particles, %d alerts to %s (missed %s)",
              writer.counts["frames"], writer.counts["particles"], writer.counts["alerts"], out,
              prov["missed_results"] or "none")

@@ -73,6 +73,7 @@ frames (never pixels under an ``_nm`` name).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -336,16 +337,17 @@ class RunWriter:
                                   "(measure: --overwrite replaces it)")
             _refuse_existing([classes_path(out)])
             out.mkdir(parents=True, exist_ok=True)
+            self._meta_path = out / "_run.json"
+            _claim(self._meta_path, b"{}\n")  # two writers started at once: one gets the name
             for t in TABLES:
                 if t != "particles":
                     (out / f"_{t}").mkdir(exist_ok=True)
-            self._meta_path = out / "_run.json"
         else:
             _refuse_existing(_csv_run_files(out) + [classes_path(out)])
             out.parent.mkdir(parents=True, exist_ok=True)
             self._meta_path = out.with_suffix(".json")
             for t, p in self._csv_paths().items():
-                p.write_text(",".join(TABLES[t]) + "\n", encoding="utf-8")
+                _claim(p, (",".join(TABLES[t]) + "\n").encode())
         self.write_provenance({"format": FORMAT, **provenance})
 
     def _csv_paths(self) -> dict[str, Path]:
@@ -362,8 +364,13 @@ class RunWriter:
         """(Re)write the run's provenance JSON atomically."""
         provenance = {"format": FORMAT, **provenance}
         tmp = self._meta_path.with_name("." + self._meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(provenance, indent=1, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, self._meta_path)
+        try:
+            tmp.write_text(json.dumps(provenance, indent=1, default=str) + "\n",
+                           encoding="utf-8")
+            os.replace(tmp, self._meta_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: the last whole provenance stays
+            raise
 
     def _queue(self, what: str, rows: dict[str, tuple[dict[str, Any], int]]) -> None:
         """Queue one message's rows (``table: (row, number of rows)``), converted to their
@@ -420,37 +427,70 @@ class RunWriter:
         # is written (no alerts without their frames) and the batch stays queued
         tables = {t: _joined(self._tables[t]) for t in _WRITE_ORDER if self._pending[t]}
         self._parts += 1
-        for t, table in tables.items():
-            n = self._pending[t]
-            if self.fmt == "parquet":
-                self._write_part(t, table)
-            else:
-                self._append_csv(t, table)
-            self.counts[t] += n
+        # a write that fails (a full disk) takes back the batch's tables written before it, so
+        # that any reader, not only read_run, sees the batch whole or not at all
+        undo: list[Callable[[], None]] = []
+        try:
+            for t, table in tables.items():
+                undo.append(self._write_part(t, table) if self.fmt == "parquet"
+                            else self._append_csv(t, table))
+        except BaseException:
+            for take_back in reversed(undo):
+                with contextlib.suppress(OSError):
+                    take_back()
+            raise
+        for t in tables:
+            self.counts[t] += self._pending[t]
             self._tables[t] = []
             self._pending[t] = 0
 
-    def _write_part(self, table: str, data: pa.Table) -> None:
+    def _write_part(self, table: str, data: pa.Table) -> Callable[[], None]:
+        """Write one part (durable on return); returns what removes it again."""
         import pyarrow.parquet as pq
 
         folder = self.out if table == "particles" else self.out / f"_{table}"
         final = folder / f"part-{self._parts:06d}.parquet"
         tmp = folder / f".part-{self._parts:06d}.parquet.tmp"
-        pq.write_table(data, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        try:
+            pq.write_table(data, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a torn part would hold the space a full disk lacks
+            raise
         _fsync_dir(folder)
 
-    def _append_csv(self, table: str, data: pa.Table) -> None:
+        def remove() -> None:
+            final.unlink(missing_ok=True)
+            _fsync_dir(folder)
+        return remove
+
+    def _append_csv(self, table: str, data: pa.Table) -> Callable[[], None]:
+        """Append rows to one table's CSV (durable on return); returns what cuts them off
+        again. A failed append is cut off before the error goes on."""
         import pyarrow.csv as pacsv
 
         buf = io.BytesIO()
         pacsv.write_csv(data, buf, pacsv.WriteOptions(include_header=False))
-        with open(self._csv_paths()[table], "ab") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
+        path = self._csv_paths()[table]
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # unbuffered: nothing left to write later
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(buf.getbuffer())
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+        def cut() -> None:
+            os.truncate(path, size)
+        return cut
 
     def close(self) -> None:
         """Flush what is queued, then write the tracks table (one row per tracked particle,
@@ -494,6 +534,17 @@ def _refuse_existing(paths: list[Path]) -> None:
         if p.exists():
             raise ConfigError(f"{p} exists: choose a new run name (measure: --overwrite "
                               "replaces a nanoscout run)")
+
+
+def _claim(path: Path, text: bytes) -> None:
+    """Create ``path`` holding ``text``, only if no file is there (an atomic check: of two
+    writers of one run name started at once, the second is refused, ConfigError)."""
+    try:
+        with open(path, "xb") as fh:
+            fh.write(text)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists (another writer of this run started at the same "
+                          "time?): choose a new run name") from None
 
 
 def _first_line(path: Path) -> str:
