@@ -92,6 +92,9 @@ def test_recorded_run_holds_every_particle_the_subscriber_saw(daemon_factory: Da
     stats = pd.read_parquet(out / "_stats")
     assert len(stats) >= n - 1 and (stats["window_ecd_d50"] > 0).all()
     assert stats["clusters"].str.contains('"k"').any()
+    # a clean stop writes the tracks table, as read_run computes it
+    tracks = pd.read_parquet(out / "_tracks")
+    assert len(tracks) == run.rows(run.tracks) > 0 and prov["rows"]["tracks"] == len(tracks)
     rois = sorted((tmp_path / "rois").glob("*.rois.zip"))
     assert len(rois) == n
     first = int(run.frames["n"][np.argmin(run.frames["seq"])])

@@ -89,13 +89,17 @@ def _add(writer: RunWriter, msg: Message[Any], rois: Path | None) -> DetHeader |
     return None
 
 
-def _commit(writer: RunWriter, out: Path,
-            provenance: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Write the queued batch, then the provenance ``provenance()`` makes after it; returns
+def _commit(writer: RunWriter, out: Path, provenance: Callable[[], dict[str, Any]],
+            close: bool = False) -> dict[str, Any]:
+    """Write the queued batch (``close``: and then the tracks table,
+    :meth:`RunWriter.close`), then the provenance ``provenance()`` makes after it; returns
     that provenance. A write that fails (a full disk, a folder taken away) becomes one
     NanoscoutError that says what is lost and what the run holds."""
     try:
-        writer.flush()
+        if close:
+            writer.close()
+        else:
+            writer.flush()
         prov = provenance()
         writer.write_provenance(prov)
     except OSError as exc:
@@ -194,7 +198,8 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
                 # its models with their hashes, its rows and what was missed
                 _commit(writer, out, progress)
                 last_flush = time.monotonic()
-        prov = _commit(writer, out, lambda: {**progress(), "stopped_utc": _now()})
+        # a clean stop writes the tracks table too (read_run computes it for a cut run)
+        prov = _commit(writer, out, lambda: {**progress(), "stopped_utc": _now()}, close=True)
     log.info("recorded %d frames, %d particles, %d alerts to %s (missed %s)",
              writer.counts["frames"], writer.counts["particles"], writer.counts["alerts"], out,
              prov["missed_results"] or "none")
