@@ -198,6 +198,27 @@ def test_notebook_display_and_provenance_helpers(tmp_path: Path) -> None:
     assert sw["nanoscout"] and "numpy" in sw["libraries"] and "pyarrow" in sw["libraries"]
 
 
+def test_provenance_names_the_file_that_ran_not_its_namesake() -> None:
+    """The INT8 sibling shares its FP32 card's name and version: the provenance named the FP32
+    file's hash and sizing error for frames the INT8 file analysed (det.model_sha256 e295f6...)."""
+    import json
+
+    from nanoscout.clients.provenance import load_cards, model_entries, model_name
+    from tests.conftest import REPO
+
+    weights = REPO / "models" / "weights"
+    cards = load_cards(weights)
+    for file in ("detector.json", "detector.int8.json"):
+        card = json.loads((weights / file).read_text())
+        name = model_name(f"{card['name']}:{card['version']}", card["sha256"][:12])
+        (entry,) = model_entries([name], cards)
+        assert entry["card"] == file and entry["sha256"] == card["sha256"]
+    (entry,) = model_entries([model_name("nanoscout-particle-unet:3.0.0", "0123456789ab")], cards)
+    assert entry == {"model": "nanoscout-particle-unet:3.0.0", "sha256_prefix": "0123456789ab",
+                     "card": None}
+    assert model_name("m:1", None) == "m:1"
+
+
 def test_delete_run_deletes_only_runs(tmp_path: Path) -> None:
     from nanoscout.clients.runfile import delete_run
 

@@ -69,7 +69,7 @@ from nanoscout.clients.outputs import (
     write_rois,
 )
 from nanoscout.clients.progress import Bar
-from nanoscout.clients.provenance import model_entries, software
+from nanoscout.clients.provenance import model_entries, model_name, software
 from nanoscout.clients.runfile import CLASS_COLUMNS, RunWriter, classes_path
 from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
@@ -254,7 +254,7 @@ def measure_files(
             for ah in result.alerts:
                 writer.add_alert(ah)
             report.alerts += len(result.alerts)
-            models.add(det.model)
+            models.add(model_name(det.model, det.model_sha256))
             name = names(path, rec.index, len(records))
             if outputs is not None:
                 info = {"file": label, "index": rec.index, "modality": rec.modality}

@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["card_summary", "load_cards", "model_entries", "software"]
+__all__ = ["card_summary", "load_cards", "model_entries", "model_name", "software"]
 
 _LIBRARIES = ("numpy", "scipy", "scikit-image", "pyarrow", "onnxruntime", "onnxruntime-gpu",
               "tensorrt-cu12", "pyzmq", "rosettasciio", "tifffile")
@@ -67,7 +67,9 @@ def card_summary(card: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_cards(folder: str | Path | None) -> dict[str, dict[str, Any]]:
     """Every model card (``*.json`` with name, version and sha256) in ``folder``, summarised
-    by :func:`card_summary` and keyed ``name:version``; empty when there is no folder."""
+    by :func:`card_summary` and keyed ``name:version`` and ``name:version@SHA12`` (the first
+    12 hex digits of its ONNX file's sha256, as results name the file that made them: an
+    INT8 sibling shares its FP32 card's name and version); empty when there is no folder."""
     out: dict[str, dict[str, Any]] = {}
     if folder is None or not Path(folder).is_dir():
         return out
@@ -80,13 +82,17 @@ def load_cards(folder: str | Path | None) -> dict[str, dict[str, Any]]:
             s = card_summary(card)
             s["card"] = path.name
             out[s["model"]] = s
+            out[f"{s['model']}@{str(s['sha256'])[:12]}"] = s
     return out
 
 
-def model_entries(names: Iterable[str], cards: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One provenance entry per model name (``name:version``; a classifier's
-    ``a:1+b:2`` is split), with its card's summary where a card is known, else the name and
-    ``"card": null``."""
+def model_entries(names: Iterable[str], cards: Mapping[str, Mapping[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """One provenance entry per model name (``name:version``, or ``name:version@SHA12`` where
+    the results named the ONNX file's hash: ``det.model_sha256``; a classifier's ``a:1+b:2``
+    is split), with its card's summary where a card is known, else the name and ``"card":
+    null``. A name with a hash takes only the card of that file (an INT8 sibling's, not its
+    FP32 card of the same name and version)."""
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for full in names:
@@ -95,5 +101,17 @@ def model_entries(names: Iterable[str], cards: Mapping[str, Mapping[str, Any]]) 
             if not name or name in seen:
                 continue
             seen.add(name)
-            out.append(dict(cards[name]) if name in cards else {"model": name, "card": None})
+            model, _, sha12 = name.partition("@")
+            if name in cards:
+                out.append(dict(cards[name]))
+            elif sha12:
+                out.append({"model": model, "sha256_prefix": sha12, "card": None})
+            else:
+                out.append({"model": name, "card": None})
     return out
+
+
+def model_name(model: str, sha256_prefix: str | None) -> str:
+    """The name :func:`model_entries` looks up for a result's ``model`` (``name:version``)
+    and ``model_sha256`` (None: an older daemon's result)."""
+    return f"{model}@{sha256_prefix}" if sha256_prefix else model

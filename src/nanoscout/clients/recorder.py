@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoscout.clients.outputs import write_ellipse_rois
-from nanoscout.clients.provenance import model_entries, software
+from nanoscout.clients.provenance import model_entries, model_name, software
 from nanoscout.clients.runfile import RunWriter
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.stopping import StopEvent
@@ -189,7 +189,7 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
                                     else "", exc)
                     det = None
                 if det is not None:
-                    models.add(det.model)
+                    models.add(model_name(det.model, det.model_sha256))
                     engines.add(det.engine)
                     n_det += 1
             if writer.pending_frames >= batch_frames or (
