@@ -268,3 +268,24 @@ def test_methods_fit_quality_and_vector_figures(tmp_path: Path) -> None:
         assert ElementTree.parse(files / f"{stem}.svg").getroot().tag.endswith("svg")
         assert (files / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
         assert f'href="rep_files/{stem}.svg"' in text and f'href="rep_files/{stem}.pdf"' in text
+
+
+def test_a_recording_cut_short_says_so(tmp_path: Path) -> None:
+    """A recorder killed mid-run leaves no stopped_utc: the report showed nothing of it."""
+    for name, extra, want in (
+            ("cut.parquet", {}, "not stopped cleanly"),
+            ("clean.parquet", {"stopped_utc": "2026-12-07T08:00:00Z"},
+             "stopped cleanly at 2026-12-07T08:00:00Z")):
+        w = RunWriter(tmp_path / name, {"subscribed_utc": "2026-12-07T07:59:00Z",
+                                        "missed_results": {"cam-1": 2},
+                                        "missed_results_total": 2, "rejected_messages": 1,
+                                        **extra})
+        w.add_det(_header(0, 0), empty_table(0))
+        w.flush()
+        text = build_report(tmp_path / name, tmp_path / f"{name}.html").read_text()
+        assert want in text and "2 missed" in text and "1 refused" in text
+        assert ("not stopped cleanly" in text) == (name == "cut.parquet")
+    # a run that is no recording (measure) has no such rows
+    _write_run(tmp_path / "m.parquet")
+    assert "stopped cleanly" not in build_report(tmp_path / "m.parquet",
+                                                  tmp_path / "m.html").read_text()

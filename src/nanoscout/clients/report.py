@@ -520,6 +520,25 @@ def _low_dose_item(f: dict[str, np.ndarray]) -> tuple[str, str] | None:
     return "low-dose smoothing", text
 
 
+def _recording_items(prov: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a live recording (``nanoscout record``: its provenance has ``subscribed_utc``)
+    says of itself: whether it stopped cleanly (``stopped_utc``, written only then) and the
+    results it missed or refused."""
+    if "subscribed_utc" not in prov:
+        return []
+    out = [("recording", f"stopped cleanly at {_e(str(prov['stopped_utc']))}"
+            if prov.get("stopped_utc") else
+            "<strong>not stopped cleanly</strong> (killed, crashed or cut off): the run holds "
+            "the rows of its last whole batch and may lack the frames after it")]
+    missed, rejected = prov.get("missed_results_total"), prov.get("rejected_messages")
+    if missed or rejected:
+        out.append(("results not recorded",
+                    f"{_e(str(missed or 0))} missed (the daemon's sequence numbers skipped "
+                    f"them: {_e(json.dumps(prov.get('missed_results') or {}))}), "
+                    f"{_e(str(rejected or 0))} refused as unreadable"))
+    return out
+
+
 def _provenance_section(run: Run) -> str:
     f = run.frames
     items: list[tuple[str, str]] = []
@@ -575,6 +594,7 @@ def _provenance_section(run: Run) -> str:
                                    f"({_fmt((t_hi - t_lo) / 1e9)} s, {Run.rows(f)} frames)"))
     else:
         items.append(("frames", "none recorded"))
+    items.extend(_recording_items(run.provenance))
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in items)
     prov = json.dumps(run.provenance, indent=2, sort_keys=True, default=str)
     return (f"<table>{rows}</table><h3>run provenance</h3>"
