@@ -105,7 +105,8 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
             except BaseException:
                 fp32.close()
                 raise
-        detector = Detector(engine, card, scale=eng.scale, auto_every=eng.auto_scale_every,
+        detector = Detector(engine, _analysis_card(engine, model, card), scale=eng.scale,
+                            auto_every=eng.auto_scale_every,
                             tile_px=tile, tile_margin_px=eng.tile_margin_px,
                             tta=eng.tta, merge_convex=eng.merge_convex, min_score=eng.score_cut,
                             min_confidence=confidence,
@@ -119,6 +120,24 @@ def build_detector(config: ServeConfig, model: Path) -> tuple[Detector, str, str
             base.close()
         raise
     return detector, engine_name(engine), f"{card.name}:{card.version}"
+
+
+#: the card fields that say how a network's output is analysed (not which file it is)
+_ANALYSIS_FIELDS = ("normalization", "working_scale", "thresholds", "score_calibration")
+
+
+def _analysis_card(engine: Engine, model: Path, card: ModelCard) -> ModelCard:
+    """``card`` (the served model's: its name, version and sha256 name the frames and
+    identify the model to hot swaps) with the analysis settings of its INT8 sibling's own
+    card where ONNX Runtime runs the sibling (``engine.model_path``): the sibling's parity and
+    held-out numbers were measured with those (the STEM sibling's card leaves out the FP32
+    card's low-dose smoothing). TensorRT builds its INT8 engine from ``model`` itself, and an
+    FP32 engine runs ``model``: ``card`` as it is."""
+    ran = getattr(engine, "model_path", None)
+    if ran is None or Path(ran) == model:
+        return card
+    sibling = load_card(Path(ran))
+    return card.model_copy(update={k: getattr(sibling, k) for k in _ANALYSIS_FIELDS})
 
 
 def _base_detector(config: ServeConfig, card: ModelCard, model: Path, tile_px: int,

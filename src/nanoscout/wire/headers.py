@@ -481,7 +481,9 @@ class DetHeader(FrameRef):
     #: v1.4: tracks started / ended and merge / split events on this frame (None: tracking off)
     tracking: Tracking | None = None
     #: v1.5: first 12 hex digits of the sha256 of the ONNX file that analysed this frame
-    #: (None: an older daemon); with ``model`` (card name:version) it names the model
+    #: (None: an older daemon); with ``model`` (card name:version) it names the model. Where
+    #: the engine runs the model's INT8 sibling in its place (``engine`` ends in ``/int8``),
+    #: the served model's file: the identity hot swaps use
     model_sha256: str | None = None
     #: v1.5: 0 for the model the daemon started with, +1 for each hot swap or revert since
     model_generation: Annotated[StrictInt, Field(ge=0)] | None = None
