@@ -7,7 +7,9 @@
 classification. The daemon publishes a frame's messages in order ``det``, ``preview``,
 ``class`` (+ its alerts), particle alerts, ``stats``; ``stats`` ends the frame. A frame whose
 results do not come within ``result_timeout_s`` (an engine failure, a daemon that is gone) is
-returned with its ``error`` set and counted, never waited on forever.
+returned with its ``error`` set and counted, never waited on forever. Only messages of the
+microscope's own source count (a topic subscription is a prefix: ``det.stage`` also receives
+``det.stage2``).
 
 Costs are added up as the search goes: frames, instrument time (modelled or real stage moves
 plus exposures, s) and electron dose (e/nm² summed over the frames' areas, divided by the search
@@ -123,6 +125,10 @@ class SearchSession:
                 return
             msg = self._sub.recv(left)
             if msg is None:
+                continue
+            if getattr(msg.header, "source", None) != self.source:
+                # topics are prefixes: "det.stage" also brings "det.stage2", whose frames
+                # are numbered from 0 too
                 continue
             seq = getattr(msg.header, "seq", None)
             if seq != res.seq:

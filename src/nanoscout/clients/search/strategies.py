@@ -443,7 +443,8 @@ def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: Targ
 def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
                progress: Progress | None = None, stop: threading.Event | None = None
                ) -> SearchResult:
-    """Run the named strategy; a search area beyond the stage limits is refused at once.
+    """Run the named strategy; a search area beyond the stage limits, or an overlap the
+    sweep's frames cannot tile with, is refused at once (:class:`ConfigError`).
 
     When the microscope fails mid-search (:class:`ControlError`: no answer, garbage, a
     refusal) the search stops and the result holds what was found so far, ``stopped`` =
@@ -456,6 +457,14 @@ def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
         raise ConfigError(f"search area x [{a.x_min:g}, {a.x_max:g}] y [{a.y_min:g}, "
                           f"{a.y_max:g}] µm exceeds the stage limits x [{lim.x_min:g}, "
                           f"{lim.x_max:g}] y [{lim.y_min:g}, {lim.y_max:g}] µm")
+    # the sweep's tiling, before any frame: an overlap as wide as its field of view cannot tile
+    sweep_nm = cfg.survey_pixel_size_nm if strategy == "adaptive" else cfg.pixel_size_nm
+    try:
+        tile_centres(a, _fov(cfg, sweep_nm), cfg.overlap_um)
+    except ValueError as exc:
+        raise ConfigError(f"--overlap {cfg.overlap_um:g} µm does not tile frames of "
+                          f"{cfg.shape[1]} x {cfg.shape[0]} px at {sweep_nm:g} nm/px: {exc}"
+                          ) from exc
     if strategy == "raster":
         return raster_search(session, cfg, progress, stop)
     if strategy == "adaptive":
