@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanoscout.wire.codec import wire_text
 from nanoscout.wire.particles import empty_table
 from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, particle_columns
 
@@ -60,6 +61,9 @@ IMAGE_COLUMNS: tuple[str, ...] = (
     "novelty", "error",
 )
 _TMP_PREFIX = ".tmp-"
+#: the most UTF-8 bytes of a file's stem a part's name keeps: with the key, the temporary
+#: prefix and a uuid the name stays within a file system's 255-byte bound on a name
+_STEM_BYTES = 160
 
 
 @dataclass
@@ -91,14 +95,20 @@ class FileResult:
 
 
 def _key(path: str | Path) -> str:
-    return hashlib.sha1(str(Path(path).absolute()).encode()).hexdigest()[:16]
+    # fsencode: the bytes of a name that is not valid UTF-8 (surrogate escapes) too
+    return hashlib.sha1(os.fsencode(str(Path(path).absolute()))).hexdigest()[:16]
 
 
 def part_paths(out: Path, path: str | Path) -> tuple[Path, Path]:
-    """(particles part, images part) of the input file ``path`` under ``out``."""
+    """(particles part, images part) of the input file ``path`` under ``out``.
+
+    Names that are not valid UTF-8 are written as :func:`wire_text` escapes and a long stem
+    is cut to :data:`_STEM_BYTES` bytes (the key still tells files apart).
+    """
     p = Path(path).absolute()
-    folder = "folder=" + urllib.parse.quote(str(p.parent), safe="")
-    name = f"{p.stem}-{_key(p)}.parquet"
+    folder = "folder=" + urllib.parse.quote(wire_text(str(p.parent)), safe="")
+    stem = wire_text(p.stem).encode()[:_STEM_BYTES].decode("utf-8", "ignore")
+    name = f"{stem}-{_key(p)}.parquet"
     return out / "particles" / folder / name, out / "images" / folder / name
 
 
@@ -125,7 +135,7 @@ def _columns(file: str, index: int, units: str, pixel_size_nm: float | None,
 
     n = len(table)
     cols: dict[str, object] = {
-        "file": pa.array([file] * n, pa.string()),
+        "file": pa.array([wire_text(file)] * n, pa.string()),
         "index": pa.array(np.full(n, index, np.int64)),
         "units": pa.array([units] * n, pa.string()),
         "pixel_size_nm": pa.array([pixel_size_nm] * n, pa.float64()),
@@ -151,7 +161,7 @@ def _image_table(result: FileResult) -> object:
 
     rows = result.images or [ImageRow(-1, "", None, None, error=result.error)]
     return pa.table({
-        "file": pa.array([result.file] * len(rows), pa.string()),
+        "file": pa.array([wire_text(result.file)] * len(rows), pa.string()),
         "index": pa.array([r.index for r in rows], pa.int64()),
         "units": pa.array([r.units for r in rows], pa.string()),
         "pixel_size_nm": pa.array([r.pixel_size_nm for r in rows], pa.float64()),

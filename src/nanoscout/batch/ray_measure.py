@@ -44,7 +44,12 @@ from nanoscout.batch.parts import (
     done_files,
     write_file_result,
 )
-from nanoscout.clients.acquisition.readers import ImageRecord, frame_modality, read_images
+from nanoscout.clients.acquisition.readers import (
+    ImageRecord,
+    frame_modality,
+    read_images,
+    wire_array,
+)
 from nanoscout.clients.progress import Bar
 from nanoscout.clients.progress import progress as progress_bar
 from nanoscout.daemon.config import ServeConfig
@@ -66,7 +71,8 @@ def analyse_image(pipeline: Pipeline, rec: ImageRecord, pixel_size_nm: float | N
 
     Kept alone so that a change of the pipeline's entry point changes one place here.
     """
-    frame = Frame.from_image(rec.data, pixel_size_nm=pixel_size_nm, source="ray",
+    # float16 and 64-bit integer pixels converted without loss, as `measure` converts them
+    frame = Frame.from_image(wire_array(rec.data), pixel_size_nm=pixel_size_nm, source="ray",
                              modality=frame_modality(rec, modality))
     result = pipeline.process(frame)
     return result.table, result.det.units, result.classification
@@ -92,8 +98,11 @@ def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = N
         units = "nm" if px else "px"
         try:
             table, units, c = analyse_image(pipeline, rec, px, modality)
-        except NanoscoutError as exc:
-            result.images.append(ImageRow(rec.index, units, px, None, error=str(exc)))
+        # ValueError: pydantic's, a frame header field; MemoryError: one image too large for
+        # this worker. Both skip the image, as `measure` skips it, not the whole file
+        except (NanoscoutError, ValueError, MemoryError) as exc:
+            why = " ".join(str(exc).split()) or type(exc).__name__
+            result.images.append(ImageRow(rec.index, units, px, None, error=why))
             continue
         row = ImageRow(rec.index, units, px, table)
         if c is not None:
@@ -134,14 +143,22 @@ class _Worker:
         result = measure_file(self.pipeline, Path(path), self.pixel_size_nm, file=path,
                               modality=self.modality)
         write_file_result(self.out, result)
-        return {"file": path, "images": len(result.images), "particles": result.particles,
-                "error": result.error, "pid": os.getpid(),
-                "seconds": time.perf_counter() - t0}
+        # "images": those measured; "errors": the file's, else each image's it could not
+        # measure (counted as `measure` counts its skipped)
+        errors = [result.error] if result.error else [
+            f"[{im.index}] {im.error}" for im in result.images if im.error]
+        return {"file": path, "images": sum(im.table is not None for im in result.images),
+                "particles": result.particles, "error": result.error, "errors": errors,
+                "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
 
 @dataclass
 class RayReport:
-    """What :func:`measure_on_ray` did: files measured now, skipped as done, failed."""
+    """What :func:`measure_on_ray` did: files measured now, skipped as done, failed.
+
+    ``images``: images measured; ``unreadable``: (file, why) for each file that could not be
+    read and each image that could not be measured (what ``measure`` counts as skipped).
+    """
 
     measured: list[str] = field(default_factory=list)
     skipped_done: list[str] = field(default_factory=list)
@@ -268,14 +285,16 @@ def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,
         try:
             summary = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the actor died more often than retried
-            report.failed.append((path, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+            # a task's own error is its cause (the error's text starts with ray's coloured
+            # banner, not the cause)
+            cause = getattr(exc, "cause", None) or exc
+            report.failed.append((path, f"{type(cause).__name__}: {cause}".splitlines()[0]))
             log.error("%s failed on Ray (left for the next run): %s", path, exc)
         else:
             report.measured.append(path)
             report.images += summary["images"]
             report.particles += summary["particles"]
-            if summary["error"]:
-                report.unreadable.append((path, summary["error"]))
+            report.unreadable += [(path, why) for why in summary["errors"]]
             if on_file is not None:
                 on_file(summary)
         bar.advance(note=Path(path).name)
