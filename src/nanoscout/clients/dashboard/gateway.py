@@ -78,6 +78,8 @@ MAX_DRAWN_PARTICLES = 5000
 MAX_ALERT_ROWS = 10
 #: positions per particle trail drawn on the frame (the newest frames of its track)
 TRAIL_FRAMES = 12
+#: the particle table's fields a particle rule may test with a number (its value's field)
+_VALUE_FIELDS = tuple(n for n in PARTICLE_DTYPE.names or () if n not in ("bbox", "border", "shape_class"))
 #: sources kept by default (the daemon's own ``input.max_sources`` default)
 DEFAULT_MAX_SOURCES = 64
 #: the items of one source, by key prefix (forgotten with the source)
@@ -273,7 +275,8 @@ class DashboardState:
     def status(self, now: float | None = None) -> dict[str, Any]:
         """Connection status: ``connected``, ``unreachable`` (no message for > ``stale_s`` s,
         counted from start-up when none ever came), ``age_s`` of the last message (None before
-        the first), message and rejection counts."""
+        the first), message and rejection counts, ``source_age_s``: s since each source's
+        newest ``det``."""
         now = self.clock() if now is None else now
         with self._cond:
             connected = self.connected(now)
@@ -289,6 +292,10 @@ class DashboardState:
                 "payload_errors": self.payload_errors,
                 "last_payload_error": self.last_payload_error,
                 "sources_evicted": self.sources_evicted,
+                # s since each source's newest det: a source whose frames stopped while the
+                # daemon (and other sources) go on is stale too
+                "source_age_s": {name: round(now - s.det_times[-1], 1)
+                                 for name, s in self._src.items() if s.det_times},
             }
 
     def track_history(self, source: str, track_id: int) -> dict[str, Any]:
@@ -567,14 +574,37 @@ def _class_payload(h: ClassHeader, heat: np.ndarray | None) -> dict[str, Any]:
     return out
 
 
+def _alert_value_unit(h: AlertHeader, rows: np.ndarray | None) -> str:
+    """The unit of an alert's ``value`` and ``threshold`` as the page appends it (" nm",
+    " px²", "°", " %", " nm/s", or "" for counts, ratios and probabilities). A particle rule's
+    value is its first condition's field of the particle it describes (the first row), so the
+    field is the one of that row holding the value; a rule of shape alone counts particles."""
+    if h.kind in ("d50_drift", "count_drop"):
+        return " %"
+    if h.kind == "growth_rate":
+        return f" {h.units}/s"
+    if h.kind != "particle" or rows is None or not len(rows):
+        return ""
+    first = rows[0]
+    for name in _VALUE_FIELDS:
+        if float(first[name]) == h.value:
+            if name.endswith("_nm2"):
+                return f" {h.units}²"
+            if name.endswith("_nm"):
+                return f" {h.units}"
+            return "°" if name.endswith("_deg") else ""
+    return ""
+
+
 def _alert_payload(aid: int, h: AlertHeader, array: np.ndarray | None,
                    heat: np.ndarray | None, preview: Message | None) -> dict[str, Any]:
     out = h.model_dump(mode="json")
     out["id"] = aid
+    rows = array if array is not None and array.dtype == PARTICLE_DTYPE else None
+    out["value_unit"] = _alert_value_unit(h, rows)
     out["particles"] = []
     out["thumb_png"] = None
     out["thumb_note"] = ""
-    rows = array if array is not None and array.dtype == PARTICLE_DTYPE else None
     if rows is not None:
         out["particles"] = [
             {"id": int(r["id"]), "x": float(r["x"]), "y": float(r["y"]),

@@ -490,7 +490,25 @@
     banner.hidden = text === null;
     document.body.classList.toggle("stale", text !== null);
     if (text !== null) banner.textContent = text;
+    renderSourceStale(text === null && st && st.connected);
     renderGaps();
+  }
+
+  // The selected source's frames stopped while the daemon goes on (other sources, heartbeats):
+  // what is shown is old. Stale after the gateway's stale_s, or 3 of the source's own frame
+  // intervals (a slow scan is not stale between its frames).
+  function renderSourceStale(daemonLive) {
+    const el = $("source-stale");
+    const age = daemonLive && S.status.source_age_s && S.selected ? S.status.source_age_s[S.selected] : null;
+    const d = sel() && sel().det;
+    const limit = Math.max(S.meta.stale_s || 3, d && isNum(d.fps) && d.fps > 0 ? 3 / d.fps : 0);
+    const stale = isNum(age) && age > limit;
+    el.hidden = !stale;
+    $("frame-panel").classList.toggle("stale-source", stale);
+    if (stale) {
+      el.textContent = `No frames from ${S.selected} for ${fmtDuration(age)} — the daemon is ` +
+        "connected; its last frame and numbers are shown";
+    }
   }
 
   // ------------------------------------------------------------------ the frame
@@ -1287,7 +1305,9 @@
     const li = document.createElement("li");
     if (a._fresh) li.className = "fresh";
     const when = isNum(a.t_acq_ns) ? new Date(a.t_acq_ns / 1e6).toLocaleTimeString() : "";
-    const unit = a.kind === "particle" ? ` ${a.units}` : "";
+    // the gateway names the value's unit (a particle rule's field: nm, nm², ° or none; % of
+    // a drift); an older gateway's particle alerts are lengths
+    const unit = typeof a.value_unit === "string" ? a.value_unit : a.kind === "particle" ? ` ${a.units}` : "";
     const stage = a.stage ? ` · stage (${fmt(a.stage.x_um, 1)}, ${fmt(a.stage.y_um, 1)}) µm` : "";
     const pic = a.thumb_png
       ? `<img alt="alert ${esc(a.rule)} #${a.seq}" src="data:image/png;base64,${a.thumb_png}">`
