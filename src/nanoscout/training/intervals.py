@@ -53,7 +53,7 @@ CI_METHOD = "percentile"
 STRATA_SETS = ("synthetic", "synthetic-tune", "granular-tune", "agglomerate-tune")
 #: what a group is, per set (the name before ``:`` or ``-w/o``); others: "group"
 UNIT_NOUNS = {"emps": "paper", "emps-tune": "paper", "stem": "material",
-              "stem-tune": "material", "stem-train": "material"}
+              "stem-tune": "material"}
 
 Rows = Sequence[dict[str, Any]]
 
