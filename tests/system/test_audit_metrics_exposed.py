@@ -232,7 +232,7 @@ def test_every_dashboard_query_returns_data_for_a_running_daemon(daemon: DaemonP
             return not pending
 
         try:  # rate() over [1m] needs two scrapes; the recording rules one evaluation
-            wait_until(answered, timeout=15, interval=0.5, what="every query answered")
+            wait_until(answered, timeout=90, interval=0.5, what="every query answered")
         except TimeoutError:
             pytest.fail("no data for:\n" + "\n".join(f"{w}: {e}" for w, e in pending.items()))
     finally:
