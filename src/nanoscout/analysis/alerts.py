@@ -75,6 +75,7 @@ from nanoscout.analysis.rules import (
     needs_confidence,
     parse_rules,
 )
+from nanoscout.analysis.stats import confidences
 from nanoscout.wire.errors import FrameError
 from nanoscout.wire.headers import Stage, Units
 from nanoscout.wire.particles import PARTICLE_DTYPE
@@ -282,7 +283,7 @@ class AlertEngine:
 
     def _count_drop(self, rule: CountDropRule, ctx: _Context) -> Alert | None:
         inside = ctx.table[~ctx.table["border"]]
-        n: float = (float(_confidences(inside["score"]).sum())
+        n: float = (float(confidences(inside["score"]).sum())
                     if rule.count == "expected" else len(inside))
         key = (rule.name, ctx.source)
         seen = self._counts.get(key)
@@ -375,7 +376,7 @@ class AlertEngine:
             order = np.lexsort((-vals if op in ("gt", "ge") else vals, ~new))
             value, threshold = float(vals[order[0]]), float(thr)
         rows = hits[order[:MAX_ALERT_PARTICLES]]
-        confidence = float(_confidences(rows["score"][:1])[0]) if ctx.calibrated else None
+        confidence = float(confidences(rows["score"][:1])[0]) if ctx.calibrated else None
         return Alert(
             rule=rule.name,
             kind=rule.kind,
@@ -499,12 +500,6 @@ def _cooldown_ns(rule: AnyRule) -> int:
     return round(min(rule.cooldown_s, _FOREVER_S) * 1e9)
 
 
-def _confidences(scores: np.ndarray) -> np.ndarray:
-    """Calibrated scores as probabilities, read as the statistics weigh them: NaN as 0,
-    everything clipped to 0..1 (float64)."""
-    return np.clip(np.nan_to_num(scores.astype(np.float64)), 0.0, 1.0)
-
-
 def _inside(p: np.ndarray, bb: np.ndarray) -> np.ndarray:
     return (
         (p[..., 0] >= bb[..., 0] - 0.5)
@@ -517,7 +512,7 @@ def _inside(p: np.ndarray, bb: np.ndarray) -> np.ndarray:
 def _count(rule: CountRule, ctx: _Context) -> Alert | None:
     table = ctx.table if rule.include_border else ctx.table[~ctx.table["border"]]
     expected = rule.count == "expected"
-    n: float = float(_confidences(table["score"]).sum()) if expected else len(table)
+    n: float = float(confidences(table["score"]).sum()) if expected else len(table)
     if rule.above is not None and n > rule.above:
         threshold, rel = rule.above, ">"
     elif rule.below is not None and n < rule.below:

@@ -278,11 +278,12 @@ def fixed_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     scale per axis), then normalised by :func:`normalize`. Training code calls this too.
     """
     arr = check_frame(image)
-    lo, hi = float(arr.min()), float(arr.max())
-    if _needs_float64(arr.dtype, lo, hi, hi - lo):
-        # float32 would lose it before normalisation (a 10-count signal on a 1e8 offset, a
-        # range of 1e-300): shifted and scaled to 0..1 in float64 first, which the
-        # normalisation below, affine-invariant, does not see otherwise
-        arr = ((arr.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
+    if arr.dtype.itemsize > 2:  # up to 16 bits float32 holds every value: no pass over it
+        lo, hi = float(arr.min()), float(arr.max())
+        if _needs_float64(arr.dtype, lo, hi, hi - lo):
+            # float32 would lose it before normalisation (a 10-count signal on a 1e8 offset, a
+            # range of 1e-300): shifted and scaled to 0..1 in float64 first, which the
+            # normalisation below, affine-invariant, does not see otherwise
+            arr = ((arr.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
     small = resample(arr.astype(np.float32, copy=False), (int(size[0]), int(size[1])))
     return normalize(small)[None, None]

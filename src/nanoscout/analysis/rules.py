@@ -113,7 +113,7 @@ from pydantic import (
 )
 
 from nanoscout.wire.errors import ConfigError
-from nanoscout.wire.particles import PARTICLE_DTYPE, SHAPE_CLASSES
+from nanoscout.wire.particles import NUMERIC_FIELDS, SHAPE_CLASSES
 
 __all__ = [
     "NUMERIC_FIELDS",
@@ -144,10 +144,6 @@ OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
     "le": operator.le,
     "eq": operator.eq,
 }
-#: fields a particle rule may test numerically (bbox is a vector, border has include_border)
-NUMERIC_FIELDS: tuple[str, ...] = tuple(
-    name for name in PARTICLE_DTYPE.names or () if name not in ("bbox", "border", "shape_class")
-)
 
 
 def _empty_range(ops: dict[str, float]) -> bool:

@@ -75,7 +75,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from nanoscout.wire.errors import FrameError
 
-__all__ = ["SizeStatistics", "StatsConfig"]
+__all__ = ["SizeStatistics", "StatsConfig", "confidences"]
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ class SizeStatistics:
         rnd = keep["roundness"].astype(np.float64)
         w = None
         if weighted:
-            score = np.clip(np.nan_to_num(table["score"].astype(np.float64)), 0.0, 1.0)
+            score = confidences(table["score"])
             w = score if self.config.include_border else score[~border]
             density_count = float(score[~border].sum()) + 0.5 * float(score[border].sum())
         else:
@@ -506,6 +506,12 @@ class SizeStatistics:
                                        if not (self._f_ecd.counts[0] or self._f_ecd.counts[-1])
                                        else None),
         }
+
+
+def confidences(scores: np.ndarray) -> np.ndarray:
+    """Calibrated particle scores as probabilities of being real (float64): NaN counts as 0,
+    everything is clipped to 0..1 (the weights here, the alerts' confidences and counts)."""
+    return np.clip(np.nan_to_num(scores.astype(np.float64)), 0.0, 1.0)
 
 
 def _slot_counts(x: np.ndarray, edges: np.ndarray, w: np.ndarray | None = None

@@ -61,6 +61,12 @@ PARTICLE_DTYPE = np.dtype(
     ]
 )
 
+#: the fields holding one number a particle rule may test (bbox is a vector, border is
+#: include_border's, shape_class is matched by name)
+NUMERIC_FIELDS: tuple[str, ...] = tuple(
+    name for name in PARTICLE_DTYPE.names or () if name not in ("bbox", "border", "shape_class")
+)
+
 #: per-particle shape classes; index stored in ``shape_class``. 0 means not classified.
 SHAPE_CLASSES: tuple[str, ...] = (
     "unclassified",

@@ -52,7 +52,7 @@ import numpy as np
 from nanoscout.clients.dashboard.images import heatmap_rgba, heatmap_thumbnail, png_b64, thumbnail
 from nanoscout.clients.subscriber import Subscriber, track_gap
 from nanoscout.wire.errors import NanoscoutError, Reason
-from nanoscout.wire.particles import NO_CLUSTER, PARTICLE_DTYPE, SHAPE_CLASSES
+from nanoscout.wire.particles import NO_CLUSTER, NUMERIC_FIELDS, PARTICLE_DTYPE, SHAPE_CLASSES
 from nanoscout.wire.protocol import (
     AlertHeader,
     ClassHeader,
@@ -78,8 +78,6 @@ MAX_DRAWN_PARTICLES = 5000
 MAX_ALERT_ROWS = 10
 #: positions per particle trail drawn on the frame (the newest frames of its track)
 TRAIL_FRAMES = 12
-#: the particle table's fields a particle rule may test with a number (its value's field)
-_VALUE_FIELDS = tuple(n for n in PARTICLE_DTYPE.names or () if n not in ("bbox", "border", "shape_class"))
 #: sources kept by default (the daemon's own ``input.max_sources`` default)
 DEFAULT_MAX_SOURCES = 64
 #: the items of one source, by key prefix (forgotten with the source)
@@ -586,7 +584,7 @@ def _alert_value_unit(h: AlertHeader, rows: np.ndarray | None) -> str:
     if h.kind != "particle" or rows is None or not len(rows):
         return ""
     first = rows[0]
-    for name in _VALUE_FIELDS:
+    for name in NUMERIC_FIELDS:
         if float(first[name]) == h.value:
             if name.endswith("_nm2"):
                 return f" {h.units}²"
