@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from nanoscout.analysis.detector import Detection, Detector
+from nanoscout.analysis.detector import Detection, Detector, _area_weighted_median
 from nanoscout.analysis.instances import (
     _grow,
     _label_runs,
@@ -631,10 +631,82 @@ def test_a_finer_pass_that_finds_nothing_on_a_lump_looks_at_the_frame_centre(
         assert (1.0, None) not in seen
 
 
+def test_a_few_outsized_objects_cannot_hold_the_median_pixel_with_a_weight_cap() -> None:
+    """30 particles of 10 px beside one support grain of 200 px (it holds 98 % of the
+    pixels): by area the grain is the frame's particle size; with each weight capped at the
+    10th largest it is one particle among 31."""
+    grain = np.array([10.0] * 30 + [200.0])
+    assert _area_weighted_median(grain) == 200.0
+    assert _area_weighted_median(grain, 10) == 10.0
+    # nine grains are still fewer than ten: the particles keep the median
+    assert _area_weighted_median(np.array([10.0] * 30 + [200.0] * 9), 10) == 10.0
+    # a swarm of specks beside ten or more real particles: the cap leaves the particles'
+    # weight as it was, so they still hold the median pixel (400 specks of 4 px hold
+    # 6400 px², 20 particles of 20 px 8000 px²)
+    swarm = np.array([4.0] * 400 + [20.0] * 20)
+    assert _area_weighted_median(swarm) == _area_weighted_median(swarm, 10) == 20.0
+    # with a ratio only what is wider than ratio x the 10th largest is capped: a lognormal
+    # population keeps its weights (its median pixel as before), the grain is capped to 20 px
+    rng = np.random.default_rng(3)
+    population = np.exp(rng.normal(np.log(12.0), 0.3, 200))
+    assert _area_weighted_median(population, 10, 2.0) == _area_weighted_median(population)
+    assert _area_weighted_median(population, 10) < _area_weighted_median(population)
+    assert _area_weighted_median(grain, 10, 2.0) == 10.0
+    assert _area_weighted_median(np.array([10.0] * 30 + [200.0] * 3), 10, 2.0) == 10.0
+    # fewer detections than the rank: nothing to cap
+    assert _area_weighted_median(np.array([5.0, 80.0]), 10) == 80.0
+    assert _area_weighted_median(np.array([]), 10) == 0.0
+
+
+def _grain_frame(s: float) -> np.ndarray:
+    """A pass at factor ``s`` over a frame of 40 particles 20 px across beside one support
+    grain 200 px across (frame px): the ECDs it measures, px at the pass."""
+    return np.array([20.0 * s] * 40 + [200.0 * s])
+
+
+def _texture_frame(s: float) -> np.ndarray:
+    """Six particles 80 px across (frame px) beside 60 texture responses that are 5 px at
+    every pass (they keep their size in working px, not in frame px)."""
+    return np.array([80.0 * s] * 6 + [5.0] * 60)
+
+
+@pytest.mark.parametrize(("frame", "cap", "particle_px"), [
+    (_grain_frame, None, 200.0),  # the grain holds the median pixel and keeps its size
+    (_grain_frame, "always", 20.0),
+    (_grain_frame, "consistent", 20.0),  # the capped medians agree on the particles
+    (_texture_frame, None, 80.0),
+    # every median capped: the texture holds the median of every pass, no two passes agree,
+    # and the coarse-to-fine walk takes the full-size pass's 5 px (S46-1's EMPS frames)
+    (_texture_frame, "always", 5.0),
+    # the capped medians (texture) do not agree from pass to pass: the uncapped ones decide
+    (_texture_frame, "consistent", 80.0),
+])
+def test_a_capped_median_is_asked_first_where_its_passes_agree(
+        shipped: Detector, monkeypatch: pytest.MonkeyPatch, frame: Any, cap: str | None,
+        particle_px: float) -> None:
+    update: dict[str, object] = dict(_CONSISTENT, coarse_side_px=256, reliable_diameter_px=16.0)
+    if cap is not None:
+        update.update(weight_cap_rank=10, weight_cap_ratio=2.0, weight_cap_mode=cap)
+    det = Detector(shipped.engine, _with_auto(shipped.card, **update), scale="auto")
+
+    def scripted(x: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ecd = frame(s)
+        return np.zeros((1, 2, 8, 8), np.float32), ecd, np.ones_like(ecd)
+
+    monkeypatch.setattr(det, "_pass", scripted)
+    monkeypatch.setattr(det, "_densest", lambda *a: None)
+    assert det.particle_size(np.zeros((1024, 1024), np.float32)) == pytest.approx(particle_px)
+
+
 def test_auto_scale_card_fields_default_to_the_old_estimate() -> None:
     a = AutoScale()
     assert a.consistency is None and a.min_pass_ecd_px == 0.0  # the coarse-to-fine passes
-    assert a.fallback == "coarse" and not a.recentre
+    assert a.fallback == "coarse" and not a.recentre and a.weight_cap_rank is None
+    assert a.weight_cap_mode == "always"
+    with pytest.raises(ValueError, match="weight_cap_rank"):
+        AutoScale(weight_cap_rank=0)
+    with pytest.raises(ValueError, match="weight_cap_ratio"):
+        AutoScale(weight_cap_rank=10, weight_cap_ratio=0.5)
     with pytest.raises(ValueError, match="fallback"):
         AutoScale(fallback="mean")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="consistent_px"):

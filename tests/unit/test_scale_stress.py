@@ -52,8 +52,37 @@ def test_sets_and_which_may_tune() -> None:
     assert set_entry("stem-tune:Cu") == ("detector_stem.onnx", "stem-tune:Cu")
     assert set_entry("emps") == ("detector.onnx", "emps")
     assert set_entry("stem-tune") == ("detector_stem.onnx", "stem-tune")
-    assert all(is_tuning(s) for s in ("stem-tune:Cu", "stem-tune", "emps-tune", "stem-train"))
+    assert set_entry("msa-tune") == ("detector.onnx", "msa-tune")
+    assert all(is_tuning(s) for s in ("stem-tune:Cu", "stem-tune", "emps-tune", "stem-train",
+                                      "msa-tune"))
     assert not any(is_tuning(s) for s in ("stem", "emps", "nffa", "msa"))
     for bad in ("stem-tune:", "pd", "stem-tuning"):
         with pytest.raises(SystemExit, match="unknown set"):
             set_entry(bad)
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_grains_are_large_flat_objects_of_the_particles_polarity(dark: bool) -> None:
+    """The ``grains`` frame: one to three flat-topped objects 15-35 % of the side across,
+    added where the particles are brighter (subtracted in bright field), the same draw for the
+    same seed; the particles keep their truth."""
+    from scipy import ndimage as ndi
+
+    image, labels, boxes = _frame()
+    image = np.pad(image, 64, mode="reflect")  # 256²: room for grains beside the particles
+    labels = np.pad(labels, 64)
+    if dark:
+        image = 1.0 - image
+    out, out_lab, out_boxes = transform(image, labels, None, "grains", seed=2)
+    assert out.shape == image.shape and out.dtype == np.float32 and out_lab is labels
+    base = (image - np.percentile(image, 0.5)) / np.ptp(np.percentile(image, [0.5, 99.5]))
+    diff = out - base * (np.ptp(np.percentile(out, [0.5, 99.5])) or 1.0)
+    grain = np.abs(diff - np.median(diff)) > 0.2
+    lab, n = ndi.label(grain)
+    assert 1 <= n <= 3
+    widths = [2.0 * np.sqrt(np.sum(lab == k) / np.pi) for k in range(1, n + 1)]
+    assert all(0.1 * 256 <= w <= 0.4 * 256 for w in widths), widths
+    assert (np.median(diff[grain]) < 0) == dark  # the particles' polarity
+    again, _, _ = transform(image, labels, None, "grains", seed=2)
+    other, _, _ = transform(image, labels, None, "grains", seed=3)
+    assert np.array_equal(out, again) and not np.array_equal(out, other)

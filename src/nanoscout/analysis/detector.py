@@ -131,16 +131,24 @@ def _hinted(found: _Found, particle_px: tuple[float, float] | None) -> tuple[_Fo
     return (size, *found[1:]), hint
 
 
-def _area_weighted_median(ecd: np.ndarray) -> float:
+def _area_weighted_median(ecd: np.ndarray, cap_rank: int | None = None,
+                          cap_ratio: float = 1.0) -> float:
     """Return the ECD (px) of the particle holding the median particle pixel (0 if none).
 
     Weighting by area makes the estimate follow the particles that fill the frame, not a swarm
-    of tiny detections on a textured support or on the particles' own surface.
+    of tiny detections on a textured support or on the particles' own surface. ``cap_rank``
+    = k: a detection wider than ``cap_ratio`` x the k-th largest weighs as one of that width
+    (nothing is capped when there are fewer than k), so fewer than k outsized objects (a
+    support grain, a thick region, a large agglomerate taken for one particle) cannot hold the
+    median pixel; None: no cap.
     """
     if ecd.size == 0:
         return 0.0
     d = np.sort(ecd)
-    c = np.cumsum(d * d)
+    w = d * d
+    if cap_rank is not None and d.size >= cap_rank:
+        w = np.minimum(w, w[d.size - cap_rank] * cap_ratio * cap_ratio)
+    c = np.cumsum(w)
     return float(d[np.searchsorted(c, 0.5 * c[-1])])
 
 
@@ -255,6 +263,8 @@ class Detector:
         self.tile_batch = tile_batch
         self.estimate_window_px = estimate_window_px
         self._pass_engine_s = 0.0  # engine time of the last estimation pass, s
+        #: the confident ECDs (px at the pass) of the last estimation pass
+        self._pass_ecd: np.ndarray = np.zeros(0)
         self._agreed: bool | None = None  # whether the last search's passes agreed
         self.input_name = card.input.name
         out = card.outputs[0]
@@ -458,7 +468,9 @@ class Detector:
         whole = rows.stop - rows.start == h and cols.stop - cols.start == w
         logits, ecd, scores = self._pass(x if whole else x[rows, cols], s)
         keep = ecd[(scores >= a.min_score) & (ecd >= a.min_pass_ecd_px)]
-        return logits, whole, _area_weighted_median(keep), int(keep.size)
+        self._pass_ecd = keep  # for a search that tries the capped median first
+        rank = a.weight_cap_rank if a.weight_cap_mode == "always" else None
+        return logits, whole, _area_weighted_median(keep, rank, a.weight_cap_ratio), int(keep.size)
 
     def _densest(self, logits: np.ndarray, s: float, window: tuple[slice, slice]
                  ) -> tuple[float, float] | None:
@@ -514,6 +526,7 @@ class Detector:
         a = self.card.working_scale.auto  # type: ignore[union-attr]
         self._agreed = None
         passes: dict[float, tuple[tuple[np.ndarray, bool, float, int], float]] = {}
+        kept: dict[float, np.ndarray] = {}  # each pass's confident ECDs (weight_cap_mode)
         h, w = x.shape
         s0 = min(1.0, a.coarse_side_px / max(h, w))  # the first pass of both searches below
         centre: tuple[float, float] | None = None  # where the finer passes look
@@ -525,6 +538,7 @@ class Detector:
             nonlocal centre
             if s not in passes:
                 passes[s] = (self._window_pass(x, s, centre), self._pass_engine_s)
+                kept[s] = self._pass_ecd
                 if s == s0:  # the finer passes look where the first found the most
                     centre = self._densest(passes[s][0][0], s, pass_window(
                         (h, w), s, self.estimate_window_px))
@@ -535,13 +549,24 @@ class Detector:
                     # the frame's centre instead, if particles are found there
                     again = (self._window_pass(x, s), self._pass_engine_s)
                     if again[0][3] > 0:
-                        passes[s] = again
+                        passes[s], kept[s] = again, self._pass_ecd
             found, self._pass_engine_s = passes[s]
             return found
 
+        def capped_pass(s: float) -> tuple[np.ndarray, bool, float, int]:
+            logits, whole, _, n = window_pass(s)
+            return logits, whole, _area_weighted_median(kept[s], a.weight_cap_rank,
+                                                        a.weight_cap_ratio), n
+
         window_pass(s0)
         if a.consistency is not None:
-            found = self._search_consistent(x, a.consistency, window_pass)
+            found = None
+            if a.weight_cap_rank is not None and a.weight_cap_mode == "consistent":
+                # a grain beside the particles is a real object too, and keeps its size from
+                # pass to pass: the capped medians (the particles) are asked first
+                found = self._search_consistent(x, a.consistency, capped_pass)
+            if found is None:
+                found = self._search_consistent(x, a.consistency, window_pass)
             self._agreed = found is not None
             if found is not None:
                 return found

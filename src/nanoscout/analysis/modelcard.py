@@ -174,6 +174,18 @@ class AutoScale(_Strict):
     ``recentre``, a finer pass whose window (centred where the coarse pass found the most
     foreground) holds no confident particle looks again at the frame's centre and counts
     that pass if it found any: on a thick support the most foreground can be a lump.
+    ``weight_cap_rank`` = k: in a pass's area-weighted median, a confident detection wider
+    than ``weight_cap_ratio`` x the pass's k-th largest weighs as one of that width, so that
+    fewer than k outsized objects (a support grain, a thick region, a large agglomerate taken
+    for one particle) cannot hold the median pixel; None: no cap (the shipped cards). With
+    ``weight_cap_mode = "consistent"`` the consistency search asks the capped medians first and
+    the uncapped ones only when no two capped passes agree (a grain is a real object and keeps
+    its size from pass to pass too; texture and noise responses do not); ``"always"``: every
+    median is capped. Measured
+    and not shipped (``benchmarks/results/scale_grains.json``): a cap cannot tell a grain from
+    a frame's few real particles beside many small detections (EMPS figure crops of 4-8 large
+    particles lost their scale to it), and on the STEM detector's training frames the caps
+    that mended frames with support grains also moved frames without them.
     """
 
     target_diameter_px: float = Field(24.0, gt=0)
@@ -190,6 +202,9 @@ class AutoScale(_Strict):
     min_pass_ecd_px: float = Field(0.0, ge=0)
     fallback: Literal["coarse", "finest", "median"] = "coarse"
     recentre: bool = False
+    weight_cap_rank: int | None = Field(None, ge=1)
+    weight_cap_ratio: float = Field(1.0, ge=1.0)
+    weight_cap_mode: Literal["always", "consistent"] = "always"
 
     @model_validator(mode="after")
     def _range(self) -> AutoScale:
