@@ -65,3 +65,32 @@ def test_scale_from_needs_the_automatic_scale(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--scale-from needs the automatic scale"):
         main(["--model", str(GENERAL), "--sets", "synthetic", "--n", "1", "--scale", "oracle",
               "--scale-from", str(GENERAL), "--out", str(tmp_path / "r.json")])
+
+
+def test_int8_scores_the_siblings_of_both_detectors(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--precision int8`` scores the INT8 siblings of --model and of an explicit
+    --stem-model (the STEM detector stayed FP32 when named, while 'auto' took its sibling); a
+    sibling named itself is kept, and a missing one is a clear error."""
+    from nanoscout.training import evaluate
+
+    seen: dict[str, object] = {}
+
+    def harness(model: Path, card: object, sets: object, **kw: object) -> dict:
+        seen.update(model=model, stem_model=kw["stem_model"])
+        return {"sets": {}, "targets": {}}
+
+    monkeypatch.setattr(evaluate, "run_harness", harness)
+    monkeypatch.setattr(evaluate, "format_table", lambda res: "")
+    out = str(tmp_path / "r.json")
+    for stem in (str(STEM), str(STEM.with_name("detector_stem.int8.onnx")), "auto"):
+        seen.clear()
+        main(["--model", str(GENERAL), "--sets", "stem", "--stem-model", stem,
+              "--precision", "int8", "--out", out])
+        assert seen == {"model": GENERAL.with_name("detector.int8.onnx"),
+                        "stem_model": STEM.with_name("detector_stem.int8.onnx")}, stem
+    lone = tmp_path / "detector_stem.onnx"
+    lone.write_bytes(STEM.read_bytes())
+    with pytest.raises(SystemExit, match="no INT8 sibling .*detector_stem.int8.onnx"):
+        main(["--model", str(GENERAL), "--sets", "stem", "--stem-model", str(lone),
+              "--precision", "int8", "--out", out])

@@ -80,7 +80,7 @@ __all__ = ["AGGLOMERATE_SEED_BASE", "ALL_SETS", "EMPS_SPECKS_IMAGE", "GRANULAR_S
            "TUNING_SEED_BASE", "OracleScale", "SizeHinted", "agglomerate_samples", "box_iou",
            "boxes_of_labels", "calibration_error", "check_targets", "evaluate", "evaluate_set",
            "format_table", "granular_config", "granular_samples", "heldout_config", "match_boxes",
-           "match_instances", "run_harness", "set_samples",
+           "int8_model", "match_instances", "run_harness", "set_samples",
            "score_image", "summarize", "synthetic_samples", "time_detector", "true_median_px",
            "tuning_config", "tuning_samples"]
 
@@ -982,6 +982,19 @@ def run_harness(model: Path, card_path: Path | None, sets: list[str] | None, *, 
     return res
 
 
+def int8_model(model: Path) -> Path:
+    """The INT8 sibling of ONNX file ``model`` (``X.onnx`` -> ``X.int8.onnx``; a sibling is
+    itself); SystemExit naming the file when it is not there (``nanoscout models quantize``
+    writes it)."""
+    from nanoscout.analysis.modelcard import quantized_sibling
+
+    sibling = model if model.name.endswith(".int8.onnx") else quantized_sibling(model)
+    if not sibling.is_file():
+        raise SystemExit(f"--precision int8: no INT8 sibling {sibling} of {model} "
+                         "(nanoscout models quantize writes it)")
+    return sibling
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: evaluate an ONNX detector on held-out frames and print/write JSON."""
     ap = argparse.ArgumentParser(description="held-out evaluation of the particle detector")
@@ -1036,7 +1049,7 @@ def main(argv: list[str] | None = None) -> None:
     from nanoscout.analysis.modelcard import quantized_sibling
 
     if args.precision == "int8":
-        args.model = quantized_sibling(args.model)
+        args.model = int8_model(args.model)
     if args.sets is not None:
         sets = None if args.sets == "all" else [x for x in args.sets.split(",") if x]
         stem_model: Path | None = None
@@ -1049,6 +1062,8 @@ def main(argv: list[str] | None = None) -> None:
             stem_model = sibling if sibling.is_file() and sibling != args.model else None
         elif args.stem_model != "none":
             stem_model = Path(args.stem_model)
+            if args.precision == "int8":  # the STEM model's sibling too, as with "auto"
+                stem_model = int8_model(stem_model)
         res = run_harness(args.model, args.card, sets, n=args.n, seed=args.seed,
                           scale=args.scale, max_images=args.max_images, threads=args.threads,
                           data_root=args.data_root, min_score=args.min_score, tta=args.tta,
