@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +18,27 @@ pytestmark = pytest.mark.system
 
 
 def test_a_low_dose_stem_frame_is_smoothed_and_its_noise_reported(
-        daemon_factory: DaemonFactory) -> None:
-    """The shipped STEM detector's FP32 card smooths low-dose frames (protocol 1.9; its INT8
-    sibling, the CPU's default, does not, so the daemon runs FP32 here): a STEM frame
-    as acquired and the same specimen at 10 counts a pixel both get ``det.noise``, only the
-    noisy one ``det.smoothing_px`` > 0; a TEM frame, analysed by the general detector (no
-    smoothing in its card), gets neither. Prometheus counts the smoothed frame and shows the
-    newest noise of each source."""
+        daemon_factory: DaemonFactory, tmp_path: Path) -> None:
+    """A STEM detector whose FP32 card smooths low-dose frames (protocol 1.9; the shipped STEM
+    network with the smoothing of its card 1.2, which card 1.2.1 left out; the daemon runs
+    FP32 here): a STEM frame as acquired and the same specimen at 10 counts a pixel both get
+    ``det.noise``, only the noisy one ``det.smoothing_px`` > 0; a TEM frame, analysed by the
+    general detector (no smoothing in its card), gets neither. Prometheus counts the smoothed
+    frame and shows the newest noise of each source."""
+    from nanoscout.analysis.modelcard import shipped_model_dir
     from nanoscout.sim.synthetic import Specimen, SpecimenConfig
     from nanoscout.training.crops import low_dose
 
-    d = daemon_factory("--policy", "lossless", config='[engine]\nprecision = "fp32"\n')
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("detector_stem.onnx", "detector_stem.json"):
+        shutil.copy(shipped_model_dir() / name, models / name)
+    card = json.loads((models / "detector_stem.json").read_text())
+    card["normalization"]["denoise"] = {"target": 0.05, "max_px": 2.0}
+    (models / "detector_stem.json").write_text(json.dumps(card))
+    d = daemon_factory("--policy", "lossless", config=(
+        '[engine]\nprecision = "fp32"\n'
+        f'modality_models = {{STEM = "{models / "detector_stem.onnx"}"}}\n'))
     cfg = SpecimenConfig(modality="STEM", shape=(512, 512), median_diameter_nm=8.0,
                          pixel_size_nm=0.5, dose_e_per_px=None)
     clean = Specimen.generate(cfg, 41).acquire(np.random.default_rng(1)).image

@@ -577,6 +577,14 @@ _THICK_PASSES = {0.25: (21.7, 14), 0.5: (17.1, 12), 1.0: (0.0, 0), 2.0: (0.0, 0)
     ("median", {0.25: (16.6, 45), 0.5: (26.3, 11), 1.0: (7.6, 648), 2.0: (11.0, 154)},
      26.3 / 0.5),
     ("median", {0.25: (21.7, 9), 0.5: (17.1, 9), 1.0: (0.0, 0), 2.0: (0.0, 0)}, 21.7 / 0.25),
+    # the closest neighbouring pair within 1.5 (34.5 and 27.3 px, 1.26 apart; 44 and 34.5 are
+    # 1.28 apart): a Pt-on-carbon frame as 2 x 2 tiles, whose 1/16 pass saw support lumps
+    # (198 px) and which the coarse walk would take
+    ("nearest", {0.25: (49.5, 12), 0.5: (22.0, 118), 1.0: (34.5, 201), 2.0: (54.6, 78)}, 34.5),
+    ("coarse", {0.25: (49.5, 12), 0.5: (22.0, 118), 1.0: (34.5, 201), 2.0: (54.6, 78)},
+     49.5 / 0.25),
+    # no pair within 1.5: the coarse walk, as before
+    ("nearest", _THICK_PASSES, 21.7 / 0.25),
 ])
 def test_when_no_two_passes_agree_the_fallback_decides(
         shipped: Detector, monkeypatch: pytest.MonkeyPatch, fallback: str,

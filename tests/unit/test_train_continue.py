@@ -42,8 +42,8 @@ def test_continued_training_starts_from_the_shipped_network(frozen: bool) -> Non
 @pytest.mark.parametrize("variant", ["general", "stem"])
 def test_a_retrained_card_keeps_the_shipped_post_processing(variant: str) -> None:
     """``make train`` writes cards whose working scale and thresholds are the shipped ones
-    (the consistency search, the STEM detector's three scales and its cut included, and its
-    smoothing of low-dose frames)."""
+    (the consistency search, the STEM detector's three scales, its cut and its working-scale
+    fallback included; neither card smooths low-dose frames since STEM card 1.2.1)."""
     from nanoscout.analysis.modelcard import ModelCard
     from nanoscout.training.export import VARIANTS, build_card
 
@@ -53,7 +53,9 @@ def test_a_retrained_card_keeps_the_shipped_post_processing(variant: str) -> Non
     assert card.working_scale == shipped.working_scale
     assert card.thresholds == shipped.thresholds
     assert card.normalization == shipped.normalization
-    assert (card.normalization.denoise is not None) == (variant == "stem")
+    assert card.normalization.denoise is None
+    assert card.working_scale is not None
+    assert card.working_scale.auto.fallback == ("nearest" if variant == "stem" else "coarse")
 
 
 def test_two_cycles_equal_one_run_continued_on_the_next_seed() -> None:

@@ -24,10 +24,10 @@ Measured on the real tuning frames (EMPS tuning papers, the BF-TEM ``msa-tune`` 
 STEM training materials) as they are and with Poisson noise of 100 / 30 / 10 counts at the
 brightest pixel (``benchmarks/noise_stress.py``): as they are they read 0.001-0.08 (median
 0.002-0.003 for EMPS and STEM, 0.033 for ``msa-tune``), at 30 counts 0.06-0.13. The card's
-target (``normalization.denoise``; 0.05 for the STEM detector) was chosen there, with the
-synthetic tuning frames. At that target the real frames as they are stay untouched but one
-EMPS and one STEM frame; 25 of the 60 synthetic tuning frames (doses down to 15 e/px) are
-smoothed.
+target (``normalization.denoise``; 0.05 in the STEM detector's card 1.2, none since 1.2.1)
+was chosen there, with the synthetic tuning frames. At that target the real frames as they
+are stay untouched but one EMPS and one STEM frame; 25 of the 60 synthetic tuning frames
+(doses down to 15 e/px) are smoothed.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ block centres the post-processing reads.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -575,6 +575,10 @@ class Detector:
                     logits, whole, d, n = window_pass(s)
                     if d > 0 and n >= a.consistent_min_count:
                         return d / s, s, logits, whole
+            elif a.fallback == "nearest":  # the two neighbouring passes that agree best
+                near = self._nearest_pair(passes, window_pass)
+                if near is not None:
+                    return near
             elif a.fallback == "median":  # every qualifying pass is one measurement
                 lo, hi = a.consistent_px
                 sizes = {s: d / s for s, ((_, _, d, n), _) in passes.items()
@@ -618,6 +622,29 @@ class Detector:
             prev = (s, logits, whole, d) if lo <= d <= hi and n >= a.consistent_min_count else None
             s *= 2.0
         return None
+
+    def _nearest_pair(
+        self, passes: Mapping[float, object],
+        window_pass: Callable[[float], tuple[np.ndarray, bool, float, int]],
+    ) -> tuple[float, float, np.ndarray, bool] | None:
+        """``fallback = "nearest"``: of the neighbouring ``passes`` (factors in increasing
+        order) whose coarser one qualifies as in :meth:`_search_consistent`, the pair whose
+        particle sizes in frame px are closest, if within ``nearest_ratio``: (diameter in frame
+        px, and the factor, logits and wholeness of the coarser pass), else None."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        lo, hi = a.consistent_px
+        best: tuple[float, float, np.ndarray, bool] | None = None
+        best_gap = float(np.log(a.nearest_ratio))
+        factors = sorted(passes)
+        for ps, s in zip(factors, factors[1:]):
+            plog, pwhole, pd, pn = window_pass(ps)
+            d = window_pass(s)[2]
+            if not (lo <= pd <= hi and pn >= a.consistent_min_count and d > 0):
+                continue
+            gap = abs(float(np.log((d / s) / (pd / ps))))
+            if gap <= best_gap:
+                best, best_gap = (pd / ps, ps, plog, pwhole), gap
+        return best
 
     def _factor(self, big: float) -> float:
         """Return the resample factor for a frame whose median particle is ``big`` px."""

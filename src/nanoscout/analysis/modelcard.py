@@ -169,7 +169,10 @@ class AutoScale(_Strict):
     in frame px (d / s) over all of the consistency search's passes whose d lies within
     ``consistent_px`` and that count at least ``consistent_min_count`` confident particles
     (each such pass is one measurement, and a pass that follows lumps, grain or noise is one
-    outlier among them; when no pass qualifies, the passes above decide).
+    outlier among them; when no pass qualifies, the passes above decide), or, with ``fallback
+    = "nearest"``, the neighbouring pair of the consistency search's passes (the coarser one
+    qualifying as there) whose sizes in frame px are closest, if within ``nearest_ratio``
+    (the coarser pass sets it; otherwise the passes above decide).
     ``min_pass_ecd_px`` applies to them too. With
     ``recentre``, a finer pass whose window (centred where the coarse pass found the most
     foreground) holds no confident particle looks again at the frame's centre and counts
@@ -181,11 +184,11 @@ class AutoScale(_Strict):
     ``weight_cap_mode = "consistent"`` the consistency search asks the capped medians first and
     the uncapped ones only when no two capped passes agree (a grain is a real object and keeps
     its size from pass to pass too; texture and noise responses do not); ``"always"``: every
-    median is capped. Measured
-    and not shipped (``benchmarks/results/scale_grains.json``): a cap cannot tell a grain from
-    a frame's few real particles beside many small detections (EMPS figure crops of 4-8 large
-    particles lost their scale to it), and on the STEM detector's training frames the caps
-    that mended frames with support grains also moved frames without them.
+    median is capped. Measured and not shipped (``benchmarks/results/scale_grains.json``): a
+    cap cannot tell a grain from a frame's few real particles beside many small detections
+    (EMPS figure crops of 4-8 large particles lost their scale to it), and on the STEM
+    detector's training frames the caps that mended frames with support grains also moved
+    frames without them.
     """
 
     target_diameter_px: float = Field(24.0, gt=0)
@@ -200,7 +203,8 @@ class AutoScale(_Strict):
     consistent_px: tuple[float, float] = (8.0, 64.0)
     consistent_min_count: int = Field(1, ge=1)
     min_pass_ecd_px: float = Field(0.0, ge=0)
-    fallback: Literal["coarse", "finest", "median"] = "coarse"
+    fallback: Literal["coarse", "finest", "median", "nearest"] = "coarse"
+    nearest_ratio: float = Field(1.5, gt=1)
     recentre: bool = False
     weight_cap_rank: int | None = Field(None, ge=1)
     weight_cap_ratio: float = Field(1.0, ge=1.0)
