@@ -98,9 +98,9 @@ VARIANTS: dict[str, Variant] = {
                     # (0.741 -> 0.754); the general detector keeps "coarse" (BF-TEM tuning
                     # frames lost 0.866 -> 0.586): benchmarks/results/scale_nearest.json.
                     # With it, the low-dose smoothing above lost on the same training materials
-                    # (mean over 100 / 30 / 10 counts 0.600 -> 0.590), which by the rule that
-                    # had adopted it leaves it out (held-out Pd 0.596 -> 0.587, within the
-                    # rule's 0.01)
+                    # (mean F1 over 100 / 30 / 10 counts: 0.600 without, 0.590 with), which by
+                    # the rule that had adopted it leaves it out (held-out Pd 0.596 -> 0.587,
+                    # within the gate's 0.01)
                     min_score=0.85, multiscale=(0.7071, 1.4142), stem_tuning_holdout=False,
                     support_p=0.5, auto_scale=(("keep_min_px", 22.0), ("keep_max_px", 26.0),
                                                ("fallback", "nearest"))),
