@@ -111,21 +111,18 @@ def transform(image: np.ndarray, labels: np.ndarray | None, boxes: np.ndarray | 
         bx = None if boxes is None else np.concatenate(
             [boxes + np.array([dx, dy, dx, dy], np.float64) for dy in (0, h) for dx in (0, w)])
         return big, lab, bx
-    if how == "thick":
+    if how in ("thick", "grains"):
         from nanoscout.analysis.preprocess import normalize
         from nanoscout.training.crops import ellipse_labels, thick_support
 
         # the particles as the STEM recipe trains on them: a box's inscribed ellipse
         fg = labels if labels is not None else ellipse_labels(
             image.shape, np.zeros((0, 4)) if boxes is None else np.asarray(boxes, np.float64))
-        return thick_support(normalize(image), fg, np.random.default_rng([seed, 7])), labels, boxes
-    if how == "grains":
-        from nanoscout.analysis.preprocess import normalize
-        from nanoscout.training.crops import ellipse_labels
-
-        fg = labels if labels is not None else ellipse_labels(
-            image.shape, np.zeros((0, 4)) if boxes is None else np.asarray(boxes, np.float64))
-        return add_grains(normalize(image), fg, np.random.default_rng([seed, 11])), labels, boxes
+        if how == "thick":
+            out = thick_support(normalize(image), fg, np.random.default_rng([seed, 7]))
+        else:
+            out = add_grains(normalize(image), fg, np.random.default_rng([seed, 11]))
+        return out, labels, boxes
     raise ValueError(f"unknown transform {how!r}")
 
 
@@ -135,6 +132,7 @@ def add_grains(x: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> n
     from skimage.draw import polygon
 
     from nanoscout.analysis.preprocess import normalize
+    from nanoscout.training.crops import signed_span
 
     h, w = x.shape
     side = float(min(h, w))
@@ -147,11 +145,7 @@ def add_grains(x: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> n
         rad = r * rng.uniform(0.8, 1.2, n)
         rr, cc = polygon(cy + rad * np.sin(ang), cx + rad * np.cos(ang), (h, w))
         field[rr, cc] = np.maximum(field[rr, cc], float(rng.uniform(0.6, 1.2)))
-    field = ndi.gaussian_filter(field, 1.0)
-    span = float(np.percentile(x, 99.5) - np.percentile(x, 0.5)) or 1.0
-    fg = labels > 0
-    sign = -1.0 if fg.any() and not fg.all() and x[fg].mean() < x[~fg].mean() else 1.0
-    return normalize(x + sign * field * span)
+    return normalize(x + ndi.gaussian_filter(field, 1.0) * signed_span(x, labels))
 
 
 def _samples(name: str) -> Iterator[Any]:

@@ -16,7 +16,7 @@ block centres the post-processing reads.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -576,13 +576,12 @@ class Detector:
                     if d > 0 and n >= a.consistent_min_count:
                         return d / s, s, logits, whole
             elif a.fallback == "nearest":  # the two neighbouring passes that agree best
-                near = self._nearest_pair(passes, window_pass)
+                near = self._nearest_pair(sorted(passes), window_pass)
                 if near is not None:
                     return near
             elif a.fallback == "median":  # every qualifying pass is one measurement
-                lo, hi = a.consistent_px
                 sizes = {s: d / s for s, ((_, _, d, n), _) in passes.items()
-                         if lo <= d <= hi and n >= a.consistent_min_count}
+                         if a.measures(d, n)}
                 if sizes:
                     median = float(np.exp(np.median(np.log(list(sizes.values())))))
                     s = min(sizes, key=lambda k: abs(np.log(sizes[k] / median)))
@@ -610,7 +609,6 @@ class Detector:
         it), or None when no two neighbouring passes agree.
         ``window_pass(s)``: :meth:`_window_pass` of ``x`` at factor ``s``."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
-        lo, hi = a.consistent_px
         s = min(1.0, a.coarse_side_px / max(x.shape))
         prev: tuple[float, np.ndarray, bool, float] | None = None  # s, logits, whole, d
         while s <= a.max_resample * (1.0 + 1e-6):
@@ -619,27 +617,27 @@ class Detector:
                 ps, plog, pwhole, pd = prev
                 if abs(np.log((d / s) / (pd / ps))) <= np.log(ratio):
                     return pd / ps, ps, plog, pwhole
-            prev = (s, logits, whole, d) if lo <= d <= hi and n >= a.consistent_min_count else None
+            prev = (s, logits, whole, d) if a.measures(d, n) else None
             s *= 2.0
         return None
 
     def _nearest_pair(
-        self, passes: Mapping[float, object],
+        self, factors: list[float],
         window_pass: Callable[[float], tuple[np.ndarray, bool, float, int]],
     ) -> tuple[float, float, np.ndarray, bool] | None:
-        """``fallback = "nearest"``: of the neighbouring ``passes`` (factors in increasing
-        order) whose coarser one qualifies as in :meth:`_search_consistent`, the pair whose
-        particle sizes in frame px are closest, if within ``nearest_ratio``: (diameter in frame
-        px, and the factor, logits and wholeness of the coarser pass), else None."""
+        """``fallback = "nearest"``: of the neighbouring passes at ``factors`` (increasing,
+        all run) whose coarser one counts as a measurement
+        (:meth:`~nanoscout.analysis.modelcard.AutoScale.measures`), the
+        pair whose particle sizes in frame px are closest, if within ``nearest_ratio``:
+        (diameter in frame px, and the factor, logits and wholeness of the coarser pass), else
+        None."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
-        lo, hi = a.consistent_px
         best: tuple[float, float, np.ndarray, bool] | None = None
         best_gap = float(np.log(a.nearest_ratio))
-        factors = sorted(passes)
         for ps, s in zip(factors, factors[1:]):
             plog, pwhole, pd, pn = window_pass(ps)
             d = window_pass(s)[2]
-            if not (lo <= pd <= hi and pn >= a.consistent_min_count and d > 0):
+            if not (a.measures(pd, pn) and d > 0):
                 continue
             gap = abs(float(np.log((d / s) / (pd / ps))))
             if gap <= best_gap:

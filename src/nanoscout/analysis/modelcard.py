@@ -217,6 +217,13 @@ class AutoScale(_Strict):
             raise ValueError(f"consistent_px {self.consistent_px} must be 0 < low < high")
         return self
 
+    def measures(self, d: float, n: int) -> bool:
+        """Whether an estimation pass whose median ECD is ``d`` (px at the pass) over ``n``
+        confident detections counts as a measurement of the particle size: ``d`` within
+        ``consistent_px`` and ``n`` at least ``consistent_min_count``."""
+        lo, hi = self.consistent_px
+        return lo <= d <= hi and n >= self.consistent_min_count
+
     def factor(self, diameter_px: float) -> float:
         """Return the resample factor for a frame whose median particle is ``diameter_px``
         across (frame px): 1 within the keep range, else the factor that makes it

@@ -33,7 +33,7 @@ from nanoscout.training.realdata import emps_index, load_emps, load_msa, load_sp
 from nanoscout.wire.errors import ConfigError
 
 __all__ = ["RealImage", "crop_at_scale", "ellipse_labels", "load_real_training", "low_dose",
-           "photometric", "pseudo_mask_labels", "thick_support"]
+           "photometric", "pseudo_mask_labels", "signed_span", "thick_support"]
 
 
 @dataclass(frozen=True)
@@ -240,8 +240,14 @@ def thick_support(x: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
     lo, hi = float(field.min()), float(field.max())
     if hi - lo < 1e-6:
         return x.astype(np.float32)
+    y = x + (field - lo) / (hi - lo) * signed_span(x, labels) * float(rng.uniform(*amplitude))
+    return normalize(y)
+
+
+def signed_span(x: np.ndarray, labels: np.ndarray) -> float:
+    """The range of ``x`` (its 0.5 / 99.5 percentiles; 1 where flat), negative where the
+    particles (``labels`` > 0) are darker than the rest: what a thick object beside them adds
+    in HAADF (their polarity) and takes away in bright field."""
     span = float(np.percentile(x, 99.5) - np.percentile(x, 0.5)) or 1.0
     fg = labels > 0
-    sign = -1.0 if fg.any() and not fg.all() and x[fg].mean() < x[~fg].mean() else 1.0
-    y = x + sign * (field - lo) / (hi - lo) * span * float(rng.uniform(*amplitude))
-    return normalize(y)
+    return -span if fg.any() and not fg.all() and x[fg].mean() < x[~fg].mean() else span
