@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -151,3 +152,44 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory: DaemonF
     assert cli.returncode == 0 and f"cam1#{reply.seq}" in out
     with Image.open(png) as im:
         assert im.mode == "L" and min(im.size) >= 64
+
+
+def test_a_blank_frame_gets_its_detections_but_no_class_message(daemon_factory: DaemonFactory
+                                                                 ) -> None:
+    """Beam blanked: the daemon answers flat frames with ``det`` (0 particles) and ``stats``,
+    sends no ``class`` message and no class / novelty alert for them (the shipped models gave
+    isolated_particles 0.95 and novelty 88), and counts them; a frame with contrast after them
+    is classified."""
+    from nanoscout.clients.acquisition.publisher import FramePublisher
+    from tests.conftest import wait_until
+
+    rules = "".join(f"[[alerts]]\nname = \"{n}\"\nkind = \"{k}\"\n{extra}cooldown_s = 0\n\n"
+                    for n, k, extra in (("novel", "novelty", "threshold = 10.0\n"),
+                                        ("particles", "class", 'label = "isolated_particles"\n'
+                                                               "threshold = 0.9\n")))
+    d = daemon_factory("--policy", "lossless", config=f"[classify]\nevery = 1\n\n{rules}")
+    noise = np.random.default_rng(6).normal(1000, 20, (256, 256)).astype(np.uint16)
+    frames: list[np.ndarray] = [np.zeros((256, 256), np.uint16),
+                                np.full((256, 256), 7.0, np.float32), noise]
+    got: dict[str, list[Any]] = {"det": [], "class": [], "alert": [], "stats": []}
+    with Subscriber(d.output, topics=("det.", "class.", "alert.", "stats.")) as sub, \
+            FramePublisher(d.input, mode="push", source="blanked") as pub:
+        sub.wait_ready()
+        for img in frames:
+            pub.send(img, pixel_size_nm=0.5)
+        for msg in sub.messages(timeout=120):
+            got[msg.kind.value].append(msg.header)
+            if len(got["stats"]) == len(frames):
+                break
+    blank_seqs = {h.seq for h in got["det"][:2]}
+    assert [h.n for h in got["det"][:2]] == [0, 0]
+    assert [h.seq for h in got["class"]] == [got["det"][2].seq]
+    assert not [h for h in got["alert"] if h.seq in blank_seqs]
+
+    def counted() -> str | None:  # the worker counts a frame after its messages are out
+        text = d.scrape()
+        return text if 'nanoscout_frames_processed_total{source="blanked"} 3.0' in text else None
+
+    metrics = wait_until(counted, timeout=30, what="three frames counted")
+    assert 'nanoscout_classify_skipped_total{reason="blank"} 2.0' in metrics
+    assert "nanoscout_classify_failures_total 0.0" in metrics

@@ -1,10 +1,14 @@
 """``measure --ray`` on a local Ray cluster (``ray.init(num_cpus=2)``): a few hundred real and
-synthetic frames give the same particle table as the single-process ``measure``; a worker
-killed mid-run neither loses nor duplicates a file; a second run skips the files done."""
+synthetic frames give the same particle table as the single-process ``measure``, and the same
+provenance (models with their sha256, configuration) in ``OUT/_run.json``; a worker killed
+mid-run neither loses nor duplicates a file; a second run skips the files done and keeps the
+first run's provenance."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -15,9 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from nanoscout.analysis.modelcard import shipped_model_dir
 from nanoscout.batch.offline import expand, measure_files
 from nanoscout.batch.parts import part_paths
 from nanoscout.batch.ray_measure import measure_on_ray
+from nanoscout.clients.provenance import load_cards
 from nanoscout.clients.runfile import read_run
 from nanoscout.daemon.app import build_pipeline
 from nanoscout.daemon.config import load_config
@@ -74,15 +80,25 @@ def archive(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> list
 
 
 @pytest.fixture(scope="module")
-def reference(archive: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The particle table of the single-process ``measure`` (nanoscout.batch.offline) of the
-    archive, as a run holds it."""
+def single(archive: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run of the single-process ``measure`` (nanoscout.batch.offline) of the archive."""
     out = tmp_path_factory.mktemp("single") / "run.parquet"
     pipeline = build_pipeline(load_config(None, {}), offline=True)
-    report = measure_files(archive, pipeline, out, log=lambda _: None)
+    report = measure_files(archive, pipeline, out, log=lambda _: None,
+                           model_cards=load_cards(shipped_model_dir()))
     pipeline.close()
     assert report.images > 250
-    return read_run(out).to_arrow("particles")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(single: Path) -> Any:
+    """The particle table of the single-process ``measure`` of the archive."""
+    return read_run(single).to_arrow("particles")
+
+
+def _provenance(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / "_run.json").read_text(encoding="utf-8")))
 
 
 #: compared with the run: every particle column but ``cluster`` (an online k-means over the
@@ -123,12 +139,23 @@ def test_measure_command_with_local_ray(archive: list[Path], tmp_path: Path) -> 
     assert proc.returncode == 0, stdout
     assert "measured 6 files" in stdout and "on 1 Ray workers" in stdout
     assert _images(out).num_rows == 6
+    # the driver's provenance: measure's record, the models with the sha256 of their cards
+    prov = _provenance(out)
+    assert prov["format"] == "nanoscout-parts/1" and prov["command"] == "nanoscout measure --ray"
+    assert prov["files"] == files and prov["stopped_utc"] >= prov["started_utc"]
+    assert prov["ray"]["workers"] == 1 and prov["ray"]["partitions"] == 1
+    assert prov["config"]["engine"]["threads"] == 1 and prov["software"]["nanoscout"]
+    assert prov["rows"] == {"particles": _particles(out).num_rows, "images": 6}
+    assert prov["models"] and prov["failed"] == [] and prov["earlier_runs"] == []
+    for entry in prov["model_provenance"]:
+        assert re.fullmatch("[0-9a-f]{64}", entry["sha256"]), entry
 
 
 def test_same_particles_as_single_process_partitioned_by_folder(
-        cluster: None, archive: list[Path], reference: Any, tmp_path: Path) -> None:
+        cluster: None, archive: list[Path], single: Path, reference: Any, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    report = measure_on_ray(archive, load_config(None, {}), out)
+    report = measure_on_ray(archive, load_config(None, {}), out,
+                            model_cards=load_cards(shipped_model_dir()))
     assert report.workers == 2 and not report.failed
     assert sorted(report.measured) == sorted(map(str, archive))
     _assert_same(out, reference)
@@ -139,6 +166,15 @@ def test_same_particles_as_single_process_partitioned_by_folder(
     # the unreadable and uncalibrated are recorded, not lost: one row per file at least
     assert set(images.column("file").to_pylist()) == set(map(str, archive))
     assert images.filter(pa.compute.is_valid(images.column("top_class"))).num_rows > 250
+    # the same provenance as measure's: every key, the models and their cards, what was
+    # skipped and uncalibrated; plus the Ray facts
+    prov, want = _provenance(out), _provenance(single)
+    assert set(want) - {"format"} <= set(prov)
+    for key in ("files", "models", "model_provenance", "engines", "uncalibrated"):
+        assert prov[key] == want[key], key
+    assert {f for f, _ in prov["skipped"]} == {f for f, _ in want["skipped"]}
+    assert prov["rows"]["particles"] == want["rows"]["particles"] == report.particles
+    assert prov["ray"]["workers"] == 2 and prov["ray"]["partitions"] == len(folders)
 
 
 def test_killed_worker_loses_and_duplicates_nothing(cluster: None, archive: list[Path],
@@ -188,8 +224,13 @@ def test_second_run_skips_files_done(cluster: None, archive: list[Path], referen
     particles_part.parent.mkdir(parents=True, exist_ok=True)
     particles_part.write_bytes(b"half a part")
     (particles_part.parent / ".tmp-123-x.parquet").write_bytes(b"")
+    first_prov = _provenance(out)
     second = measure_on_ray(files, load_config(None, {}), out)
     assert sorted(second.skipped_done) == sorted(map(str, files[:20]))
+    prov = _provenance(out)  # this run's record; the first run's (its models) kept
+    assert prov["earlier_runs"] == [{k: v for k, v in first_prov.items() if k != "earlier_runs"}]
+    assert prov["done_before"] == first_prov["files"] == [str(f) for f in files[:20]]
+    assert prov["files"] == [str(f) for f in files] and prov["models"]
     assert sorted(second.measured) == sorted(map(str, files[20:]))
     assert images_part.is_file() and not list(out.rglob(".tmp-*"))
     want = reference.filter(pa.compute.is_in(reference.column("file"),
@@ -197,3 +238,4 @@ def test_second_run_skips_files_done(cluster: None, archive: list[Path], referen
     _assert_same(out, want)
     third = measure_on_ray(files, load_config(None, {}), out)
     assert third.measured == [] and len(third.skipped_done) == len(files)
+    assert _provenance(out) == prov and third.provenance is None  # nothing done: left as it was

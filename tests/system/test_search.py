@@ -92,3 +92,33 @@ def test_search_refuses_an_area_beyond_the_stage_and_a_budget_stops_it(
     assert done.returncode == 0, done.stderr
     meta = json.loads((tmp_path / "budget" / "search.json").read_text())["search"]
     assert meta["frames"] == 3 and meta["stopped"] == "budget: frames"
+
+
+def test_time_and_dose_budgets_are_never_overshot(microscope: tuple, tmp_path: Path) -> None:
+    """The search took the frame that crossed a budget (checked before it, spent after): 3
+    frames for 2.5 s (2.73 s) and 4 for 0.1 e/nm² (0.131). Now no frame passes a budget, and
+    search.json says spent vs budget and by how much the refused frame would have passed it.
+
+    Raster tiles of 10.24 µm (512 px at 20 nm/px), 5.95 µm apart over 40 × 40 µm: from the
+    stage centre 1.01 s (21 µm at 100 µm/s, settle 0.3 s, exposure 0.5 s), then 0.86 s each;
+    0.5 e/nm² over 104.9 µm² each, 0.0328 e/nm² of the area's mean."""
+    daemon, control, _ = microscope
+    timed = _search(daemon, control, tmp_path / "time", "--strategy", "raster",
+                    "--budget-s", "2.5")
+    assert timed.returncode == 0, timed.stderr
+    meta = json.loads((tmp_path / "time" / "search.json").read_text())["search"]
+    assert meta["instrument_s"] <= 2.5, meta
+    assert meta["frames"] == 2 and meta["stopped"] == "budget: instrument time", meta
+    assert meta["budgets"]["instrument_s"] == {"spent": meta["instrument_s"], "budget": 2.5}
+    assert "over the budget" in meta["stop_detail"] and meta["stop_detail"] in timed.stdout
+
+    dosed = _search(daemon, control, tmp_path / "dose", "--strategy", "raster",
+                    "--budget-dose", "0.1")
+    assert dosed.returncode == 0, dosed.stderr
+    meta = json.loads((tmp_path / "dose" / "search.json").read_text())["search"]
+    assert meta["mean_dose_e_per_nm2"] <= 0.1, meta
+    assert meta["frames"] == 3 and meta["stopped"] == "budget: dose", meta
+    assert meta["budgets"]["mean_dose_e_per_nm2"] == {"spent": 0.0983, "budget": 0.1}
+    assert meta["stop_detail"] == ("dose: 0.0983 of 0.1 e/nm² spent; the next frame "
+                                   "(~0.03277 e/nm²) would have made 0.1311 e/nm², 0.03107 "
+                                   "e/nm² over the budget"), meta

@@ -183,8 +183,8 @@ def test_a_model_with_the_wrong_class_count_fails_per_frame(tmp_path: Path) -> N
     onnx_path, card_path = classifier_model(tmp_path, n_classes=2)
     engine, card = _load(onnx_path, card_path)  # card says 3 classes, model gives 2
     clf = FieldClassifier(engine, card)
-    with pytest.raises(EngineFailure, match="has 2 values"):
-        clf.classify(np.ones((64, 64), np.float32))
+    with pytest.raises(EngineFailure, match="has 2 values"):  # a frame with contrast: a flat
+        clf.classify(_frame(np.random.default_rng(3), 0.5))  # one is not run (BlankFrame)
 
 
 def test_bad_frames_raise_frame_errors(toy: FieldClassifier) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.preprocess import fixed_input
 from nanoscout.sim.fields import FIELD_CLASSES, render_field
@@ -268,3 +269,89 @@ def test_training_can_continue_from_saved_weights(tmp_path: Path) -> None:
     w0 = start.head.weight.detach()
     assert torch.allclose(cont.head.weight.detach(), w0, atol=1e-6)
     assert not torch.allclose(fresh.head.weight.detach(), w0, atol=1e-3)
+
+
+# -- frames without contrast (beam blanked, shutter closed, a detector sending zeros) ---------
+
+LENS = WEIGHTS / "lens.json"
+
+
+@pytest.fixture(scope="module")
+def field_classifier(card: ModelCard) -> FieldClassifier:
+    """The shipped classifier and lens as the daemon runs them."""
+    from nanoscout.engines import create_engine
+
+    lens_card = ModelCard.load(LENS)
+    return FieldClassifier(create_engine(card.onnx_path(CARD), "cpu", threads=1), card,
+                           lens=create_engine(lens_card.onnx_path(LENS), "cpu", threads=1),
+                           lens_card=lens_card)
+
+
+def _flat(value: float, dtype: type, shape: tuple[int, int] = (512, 512)) -> np.ndarray:
+    return np.full(shape, value, dtype)
+
+
+def test_only_frames_without_contrast_are_blank(field_classifier: FieldClassifier) -> None:
+    """A flat frame is not classified (the shipped network answers a constant input with
+    isolated_particles 0.95 and the lens with novelty 88); noisy and low-contrast frames are."""
+    from nanoscout.wire.errors import BlankFrame, Reason
+
+    clf = field_classifier
+    hot = _flat(1000, np.uint16)
+    hot[100, 100] = 60000  # one hot pixel on a blanked detector
+    blank: dict[str, np.ndarray] = {"every pixel 0": _flat(0, np.uint16),
+                                    "every pixel 3.5": _flat(3.5, np.float32, (300, 200)),
+                                    "pixels 1000 to 60000": hot}
+    for named, img in blank.items():
+        with pytest.raises(BlankFrame, match=named) as info:
+            clf.classify(img)
+        assert info.value.reason is Reason.BLANK and "256x256" in str(info.value)
+    rng = np.random.default_rng(4)
+    contrast: dict[str, np.ndarray] = {
+        "pure noise": rng.normal(1000, 20, (512, 512)).astype(np.uint16),
+        "one count of noise": (1000 + rng.integers(0, 2, (512, 512))).astype(np.uint16),
+        "1e-6 relative noise": (1 + 1e-6 * rng.standard_normal((512, 512))).astype(np.float32),
+        "0.001 counts per px": rng.poisson(0.001, (1024, 1024)).astype(np.uint16),
+    }
+    for what, img in contrast.items():
+        c = clf.classify(img)
+        assert sum(c.all.values()) == pytest.approx(1.0, abs=1e-5), what
+        assert c.novelty is not None and np.isfinite(c.novelty), what
+
+
+def test_the_pipeline_skips_a_blank_frames_classification(
+        field_classifier: FieldClassifier, caplog: pytest.LogCaptureFixture) -> None:
+    """A blanked beam: detections (0 particles) and statistics go out, no class message and no
+    class / novelty alert (both fired on every blank frame before); the skip is listed with its
+    reason and logged once per blank run, at INFO."""
+    import logging
+
+    from nanoscout.analysis.detector import load_detector
+    from nanoscout.analysis.frame import Frame
+    from nanoscout.analysis.pipeline import Pipeline
+    from nanoscout.engines import create_engine
+    from nanoscout.wire.errors import BlankFrame, Reason
+    from nanoscout.wire.headers import Kind
+
+    det = load_detector(WEIGHTS / "detector.onnx", lambda p: create_engine(p, "cpu", threads=1))
+    rules = [{"name": "novel", "kind": "novelty", "threshold": 10.0, "cooldown_s": 0},
+             {"name": "particles", "kind": "class", "label": "isolated_particles",
+              "threshold": 0.9, "cooldown_s": 0}]
+    pipe = Pipeline(det, classifier=field_classifier, rules=rules)
+    noise = np.random.default_rng(5).normal(1000, 20, (512, 512)).astype(np.uint16)
+    frames: list[np.ndarray] = [_flat(0, np.uint16)] * 3 + [noise]
+    with caplog.at_level(logging.INFO, logger="nanoscout.analysis.pipeline"):
+        results = [pipe.process(Frame.from_image(img, pixel_size_nm=1.0, source="cam", seq=i))
+                   for i, img in enumerate(frames)]
+    for r in results[:3]:
+        assert [m.kind for m in r.messages] == [Kind.DET, Kind.STATS]
+        assert r.det.n == 0 and r.classification is None and r.alerts == [] and r.failures == []
+        [(stage, exc)] = r.skipped
+        assert stage == "classify" and isinstance(exc, BlankFrame) and exc.reason is Reason.BLANK
+    last = results[3]
+    assert last.skipped == [] and last.classification is not None
+    assert Kind.CLASS in [m.kind for m in last.messages]
+    logged = [(rec.levelno, rec.getMessage()) for rec in caplog.records]
+    assert [lvl for lvl, _ in logged] == [logging.INFO, logging.INFO], logged
+    assert "cam#0: blank frame" in logged[0][1] and "until a frame with contrast" in logged[0][1]
+    assert "cam#3: contrast again" in logged[1][1] and "(3 blank frame(s)" in logged[1][1]

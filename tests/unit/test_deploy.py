@@ -246,6 +246,64 @@ def test_dashboard_layout_is_valid() -> None:
             assert used in variables, f"panel {title!r} uses undefined variable ${used}"
 
 
+#: a PromQL aggregation operator and the ``by (...)`` / ``without (...)`` clause before its
+#: operand, if any (``max_over_time`` or ``..._sum`` are not matched: no word boundary)
+_AGGREGATION_RE = re.compile(
+    r"\b(sum|avg|min|max|count|group|stddev|stdvar|topk|bottomk|quantile|count_values)\s*"
+    r"(?:(by|without)\s*\(([^()]*)\)\s*)?\(")
+
+
+def aggregations(expr: str) -> list[tuple[str, str | None, set[str]]]:
+    """(operator, ``by`` / ``without`` / None, labels) of every aggregation in ``expr``; a
+    clause written after the operand (``sum(x) by (instance)``) is found too."""
+    out = []
+    for m in _AGGREGATION_RE.finditer(expr):
+        mode, labels = m.group(2), m.group(3)
+        if mode is None:  # the clause may follow the operand's closing parenthesis
+            depth, i = 1, m.end()
+            while depth and i < len(expr):
+                depth += {"(": 1, ")": -1}.get(expr[i], 0)
+                i += 1
+            after = re.match(r"\s*(by|without)\s*\(([^()]*)\)", expr[i:])
+            if after:
+                mode, labels = after.group(1), after.group(2)
+        out.append((m.group(1), mode,
+                    {s.strip() for s in (labels or "").split(",") if s.strip()}))
+    return out
+
+
+def test_aggregations_finds_every_form() -> None:
+    assert aggregations('histogram_quantile(0.5, sum by (stage, le) (rate(x_bucket[5m])))') == [
+        ("sum", "by", {"stage", "le"})]
+    assert aggregations("sum(rate(x[1m])) by (instance) + max without (source) (y)") == [
+        ("sum", "by", {"instance"}), ("max", "without", {"source"})]
+    assert aggregations("avg(x)") == [("avg", None, set())]
+    assert aggregations("max_over_time(x_sum[5m])") == []
+
+
+def test_dashboard_aggregates_per_daemon() -> None:
+    """A facility's Prometheus scrapes many daemons: a panel that sums (or averages, takes the
+    maximum or a quantile) over ``instance`` shows one meaningless total. Every aggregation
+    keeps ``instance`` and the legend names it, as the other panels do."""
+    dash = dashboard()
+    checked = 0
+    for panel in dash["panels"]:
+        for sub in [panel, *panel.get("panels", [])]:
+            for target in sub.get("targets", []):
+                expr, where = target["expr"], f"panel {sub['title']!r}"
+                found = aggregations(expr)
+                for op, mode, labels in found:
+                    keeps = "instance" in labels if mode == "by" else (
+                        mode == "without" and "instance" not in labels)
+                    clause = f"{op} {mode or ''} ({', '.join(sorted(labels))})"
+                    assert keeps, f"{where}: {clause} adds up every daemon: group by instance in {expr}"
+                if found:
+                    checked += 1
+                    legend = target.get("legendFormat", "")
+                    assert "{{instance}}" in legend, (
+                        f"{where}: legend {legend!r} of {expr} does not name the daemon")
+    assert checked >= 15
+
 # ---------------------------------------------------------------------------------------------
 # promtool (only where installed)
 

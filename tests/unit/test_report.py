@@ -289,3 +289,42 @@ def test_a_recording_cut_short_says_so(tmp_path: Path) -> None:
     _write_run(tmp_path / "m.parquet")
     assert "stopped cleanly" not in build_report(tmp_path / "m.parquet",
                                                   tmp_path / "m.html").read_text()
+
+
+@pytest.mark.parametrize("name", ["r.parquet", "r.csv"])
+def test_tracks_of_two_daemon_runs_are_never_joined(tmp_path: Path, name: str) -> None:
+    """A recording across a daemon restart: both daemon processes numbered their tracks from 1
+    and the adapter its frames from 0. The tracks table and the report once took the two runs'
+    track 1 for one particle (10 observations, a growth rate mixing both); each
+    ``(daemon_run, track_id)`` is now its own track, and the report says how many runs."""
+    from nanoscout.clients.runfile import read_run
+
+    runs = (T0_NS, T0_NS + 60 * 10**9)  # the daemons' start times: a minute apart
+    growth = {runs[0]: 0.2, runs[1]: -0.1}  # nm/s: the first run's particles grow, the others shrink
+    w = RunWriter(tmp_path / name, {"subscribed_utc": "x"})
+    for run in runs:
+        for seq in range(5):
+            t_ns = run + 10**9 + seq * FRAME_NS
+            table = empty_table(3)
+            table["id"] = table["track_id"] = [1, 2, 3]
+            table["x"], table["y"] = [50.0, 150.0, 250.0], [60.0, 60.0, 60.0]
+            table["ecd_nm"] = 10.0 + np.array([0.0, 2.0, 4.0]) + growth[run] * seq * FRAME_NS / 1e9
+            table["area_nm2"] = np.pi * (table["ecd_nm"] / 2) ** 2
+            w.add_det(DetHeader(source="cam-1", seq=seq, t_acq_ns=t_ns, t_recv_ns=t_ns + 1,
+                                t_done_ns=t_ns + 2, pixel_size_nm=0.5, units="nm", n=3,
+                                engine="onnx-cpu", model="unet-v2", daemon_run=run), table)
+    w.close()
+    tr = read_run(tmp_path / name).tracks
+    assert tr["n_frames"].tolist() == [5] * 6  # joined: three tracks of 10 observations
+    assert sorted(zip(tr["daemon_run"].tolist(), tr["track_id"].tolist(), strict=True)) == [
+        (r, i) for r in runs for i in (1, 2, 3)]
+    for run, rate in growth.items():
+        mine = tr["daemon_run"] == run
+        assert np.allclose(tr["growth_per_s"][mine], rate)
+        assert (tr["t_first_ns"][mine] > run).all() and (tr["t_last_ns"][mine] < run + 10**10).all()
+
+    text = build_report(tmp_path / name, tmp_path / "rep.html", formats=("png",)).read_text()
+    assert '<span class="n-daemon-runs">2</span> daemon runs' in text
+    assert '<span class="n-tracks">6</span> tracks from <span class="n-track-runs">2</span>' in text
+    # six particles, each counted once; 30 detections
+    assert re.findall(r'class="n">(\d+)<', text) == ["6", "30"]

@@ -92,7 +92,7 @@ class FakeSession:
     fail: set[int] = field(default_factory=set)  # frame indices (1-based) whose results fail
     #: the microscope stops answering when this frame (1-based) is asked for, and after
     control_fails_at: int | None = None
-    costs: Costs = field(default_factory=Costs)
+    costs: Costs = field(default_factory=lambda: Costs(at_um=(0.0, 0.0)))
     t0: float = field(default_factory=time.monotonic)
     shots: list[Shot] = field(default_factory=list)
     seen: list[list[tuple[float, float]]] = field(default_factory=list)  # targets per frame
@@ -107,12 +107,11 @@ class FakeSession:
         if self.control_fails_at is not None and c.frames + 1 >= self.control_fails_at:
             raise ControlError("no answer from the microscope at tcp://fake within 30 s (move)")
         self.metas.append(meta)
-        c.frames += 1
-        c.instrument_s += math.hypot(x_um - self._xy[0], y_um - self._xy[1]) / 100.0 + 0.3 + 0.5
+        move_s = math.hypot(x_um - self._xy[0], y_um - self._xy[1]) / 100.0 + 0.3
         self._xy = (x_um, y_um)
         geom = FrameGeometry((x_um, y_um), pixel_size_nm, shape)
-        fx, fy = geom.fov_um
-        c.dose_e_nm2_area += 10.0 * fx * fy
+        # exposure 0.5 s, 10 e/nm² whatever the magnification (a TEM's fixed illumination)
+        c.add(pixel_size_nm, shape, (x_um, y_um), move_s, 0.5, 10.0, geom.fov_um)
         self.shots.append(Shot(x_um, y_um, pixel_size_nm, purpose, c.instrument_s))
         seq = 100 + c.frames
         res = FrameResult(purpose, c.frames, geom, SOURCE, seq, time.monotonic() - self.t0,
@@ -258,23 +257,119 @@ def test_frame_budget_stops_the_search(strategy: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["raster", "adaptive"])
-def test_instrument_time_budget_stops_the_search(strategy: str) -> None:
+def test_instrument_time_budget_is_never_overshot(strategy: str) -> None:
+    """The search took the frame that crossed the budget (checked before, spent after); now
+    it does not start a frame it cannot finish: the frame it refused would have crossed it."""
     fake = FakeSession(list(TARGETS), DECOYS)
     res = run_search(strategy, as_session(fake), make_cfg(budget_s=5.0))  # type: ignore[arg-type]
+    assert res.instrument_s == fake.shots[-1].instrument_s <= 5.0
     assert res.stopped == "budget: instrument time"
-    # the frame that crossed the budget was the last one
-    assert res.instrument_s == fake.shots[-1].instrument_s >= 5.0
-    assert fake.shots[-2].instrument_s < 5.0
     assert res.frames == len(fake.shots) < 10
+    stop = res.budget_stop
+    assert stop is not None and (stop.budget, stop.unit, stop.limit) == ("instrument time", "s", 5.0)
+    assert stop.spent == res.instrument_s and stop.next_frame is not None
+    assert stop.over == pytest.approx(stop.spent + stop.next_frame - 5.0) and stop.over > 0
+    budgets = cast(dict[str, object], res.summary()["budgets"])
+    assert budgets["instrument_s"] == {"spent": round(res.instrument_s, 2), "budget": 5.0}
 
 
-def test_dose_budget_stops_the_search() -> None:
+def test_the_refused_frame_would_have_cost_what_was_estimated() -> None:
+    """Raster tiles 3.36 µm apart, 0.8336 s each (move 0.0336 + settle 0.3 + exposure 0.5):
+    the 6th would have ended at 5.013 s, past a 5 s budget; the estimate is that frame's cost."""
+    fake = FakeSession(list(TARGETS))
+    res = raster_search(as_session(fake), make_cfg(budget_s=5.0))
+    assert res.frames == 5 and res.instrument_s == pytest.approx(4.1797, abs=1e-4)
+    stop = res.budget_stop
+    assert stop is not None and stop.next_frame is not None
+    tile = tile_centres(AREA, (6.4, 6.4), 3.0)[res.frames]
+    fake.frame(*tile, HIGH_NM, SHAPE, "raster")  # the frame the search refused
+    assert stop.next_frame == pytest.approx(fake.costs.instrument_s - res.instrument_s)
+    assert stop.over == pytest.approx(fake.costs.instrument_s - 5.0)
+
+
+def test_dose_budget_is_never_overshot() -> None:
+    """A dose budget is a hard limit (a beam-sensitive specimen): the search took a 4th frame
+    that brought the mean dose to 1.024 of 1 e/nm²; now it stops after the 3rd (0.768) and
+    says that the 4th would have gone 0.024 e/nm² over."""
     fake = FakeSession(list(TARGETS), DECOYS)
     # each high-mag frame adds 10 e/nm² × 40.96 µm² / 1600 µm² = 0.256 e/nm² to the mean
     res = raster_search(as_session(fake), make_cfg(budget_dose_e_per_nm2=1.0))
+    assert res.mean_dose_e_per_nm2 <= 1.0
     assert res.stopped == "budget: dose"
-    assert res.frames == 4
-    assert res.mean_dose_e_per_nm2 >= 1.0
+    assert res.frames == 3 and res.mean_dose_e_per_nm2 == pytest.approx(0.768)
+    stop = res.budget_stop
+    assert stop is not None and (stop.budget, stop.unit, stop.limit) == ("dose", "e/nm²", 1.0)
+    assert stop.next_frame == pytest.approx(0.256) and stop.over == pytest.approx(0.024)
+    assert str(stop) == ("dose: 0.768 of 1 e/nm² spent; the next frame (~0.256 e/nm²) would "
+                         "have made 1.024 e/nm², 0.024 e/nm² over the budget")
+    s = res.summary()
+    assert s["stopped"] == "budget: dose" and s["stop_detail"] == str(stop)
+    assert s["budgets"] == {"frames": {"spent": 3, "budget": None},
+                            "instrument_s": {"spent": round(res.instrument_s, 2), "budget": None},
+                            "mean_dose_e_per_nm2": {"spent": 0.768, "budget": 1.0}}
+
+
+@pytest.mark.parametrize(("budget", "frames", "stopped"), [
+    (16.0, 3, "budget: dose"),  # 3 survey frames: 12.288; a 4th would make 16.384
+    (20.0, 4, "budget: dose"),  # the survey (16.384); the 1st confirmation is estimated 4.096
+    (20.5, 4 + 7, "candidates exhausted")])  # room for that estimate: every candidate
+def test_adaptive_dose_budget_counts_the_survey_and_the_confirmations(
+        budget: float, frames: int, stopped: str) -> None:
+    """A survey frame adds 4.096 e/nm² to the mean, a confirmation frame 0.256 (10 e/nm² over
+    25.6² or 6.4² µm²). The first confirmation, at a magnification not seen yet, is estimated
+    as the larger of "the same e/nm²" and "the same electrons per frame" (4.096): the dose
+    budget is a hard limit whatever the instrument."""
+    fake = FakeSession(list(TARGETS), DECOYS)
+    res = adaptive_search(as_session(fake), make_cfg(budget_dose_e_per_nm2=budget))
+    assert res.mean_dose_e_per_nm2 <= budget
+    assert (res.frames, res.stopped) == (frames, stopped)
+    if stopped != "candidates exhausted":
+        assert res.budget_stop is not None and res.budget_stop.over > 0
+        assert res.budget_stop.next_frame == pytest.approx(4.096)
+
+
+def test_the_first_frame_is_taken_unknown_a_spent_budget_takes_none() -> None:
+    """Before the first frame nothing says what a frame costs (the microscope reports its
+    dose and exposure with the frame): it is taken, and a budget smaller than one frame stops
+    the search after it, saying so. A budget of 0 takes no frame."""
+    fake = FakeSession(list(TARGETS))
+    res = raster_search(as_session(fake), make_cfg(budget_dose_e_per_nm2=0.1))
+    assert res.frames == 1 and res.stopped == "budget: dose"
+    assert res.budget_stop is not None and res.budget_stop.spent == pytest.approx(0.256)
+    fake = FakeSession(list(TARGETS))
+    res = raster_search(as_session(fake), make_cfg(budget_s=0.0))
+    assert res.frames == 0 and res.stopped == "budget: instrument time"
+    stop = res.budget_stop
+    assert stop is not None and stop.next_frame is None and stop.over == 0.0
+    assert str(stop) == "instrument time: 0 of 0 s spent, nothing left for a frame"
+
+
+def test_costs_estimate_a_move_from_the_measured_ones() -> None:
+    """A move's time grows with its length (settle + length / speed): the estimate is the
+    least upper bound the measured moves give, exposure and dose of the magnification."""
+    c = Costs(at_um=(0.0, 0.0))
+    assert c.estimate(1.0, 0.0, HIGH_NM, SHAPE) is None  # nothing known yet
+    c.add(HIGH_NM, SHAPE, (10.0, 0.0), 0.4, 0.5, 2.0, (6.4, 6.4))  # 10 µm in 0.4 s
+    c.add(HIGH_NM, SHAPE, (10.0, 2.0), 0.32, 0.5, 2.0, (6.4, 6.4))  # 2 µm in 0.32 s
+    assert c.moves == [(10.0, 0.4), (2.0, 0.32)] and c.frames == 2
+    assert c.instrument_s == pytest.approx(1.72)
+    assert c.dose_e_nm2_area == pytest.approx(2 * 2.0 * 6.4**2)
+    est = c.estimate(10.0, 2.0, HIGH_NM, SHAPE)  # no move: within the shortest measured
+    assert est is not None and est.instrument_s == pytest.approx(0.32 + 0.5)
+    assert est.dose_e_nm2_area == pytest.approx(2.0 * 6.4**2)
+    est = c.estimate(10.0, 7.0, HIGH_NM, SHAPE)  # 5 µm: within the 10 µm move's 0.4 s
+    assert est is not None and est.instrument_s == pytest.approx(0.4 + 0.5)
+    est = c.estimate(10.0, 22.0, HIGH_NM, SHAPE)  # 20 µm: twice the 10 µm move at most
+    assert est is not None and est.instrument_s == pytest.approx(0.8 + 0.5)
+    # another magnification: 4 times the side, 16 times the area: the same e/nm² over it
+    est = c.estimate(10.0, 2.0, 4 * HIGH_NM, SHAPE)
+    assert est is not None and est.dose_e_nm2_area == pytest.approx(2.0 * 25.6**2)
+    c.add(4 * HIGH_NM, SHAPE, (10.0, 2.0), 0.3, 1.0, 0.125, (25.6, 25.6))
+    # back at the high magnification it is known; at a third one, the same electrons per
+    # frame as the low magnification's (0.125 × 25.6² > 2 × 3.2²) and its longer exposure
+    est = c.estimate(10.0, 2.0, HIGH_NM / 2, SHAPE)
+    assert est is not None and est.dose_e_nm2_area == pytest.approx(0.125 * 25.6**2)
+    assert est.instrument_s == pytest.approx(0.3 + 1.0)
 
 
 def test_run_search_refuses_an_unknown_strategy() -> None:
@@ -511,8 +606,8 @@ def test_a_search_keeps_going_past_a_row_without_a_position() -> None:
 # ------------------------------------------------------------ nanoscout search (command.run)
 
 
-def _run_command(tmp_path: Path, fake: FakeSession, monkeypatch: pytest.MonkeyPatch
-                 ) -> tuple[int, Path]:
+def _run_command(tmp_path: Path, fake: FakeSession, monkeypatch: pytest.MonkeyPatch,
+                 **budgets: float | None) -> tuple[int, Path]:
     import argparse
 
     from nanoscout.clients.search import command
@@ -525,6 +620,8 @@ def _run_command(tmp_path: Path, fake: FakeSession, monkeypatch: pytest.MonkeyPa
         pixel_size=HIGH_NM, survey_pixel_size=SURVEY_NM, size=SHAPE[0], overlap=3.0,
         budget_frames=None, budget_s=None, budget_dose=None, min_separation=1.0,
         result_timeout=3.0, out=out)
+    for k, v in budgets.items():
+        setattr(args, k, v)
     return command.run(args, None), out
 
 
@@ -557,6 +654,23 @@ def test_the_command_skips_a_row_without_a_position(
     meta = json.loads((out / "search.json").read_text())["search"]
     assert meta["stopped"] == "done" and meta["error"] is None
     assert meta["skipped_rows"] == sum(1 for pts in fake.seen if pts) > 0
+
+
+def test_the_command_states_spent_vs_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    fake = FakeSession(list(TARGETS))
+    code, out = _run_command(tmp_path, fake, monkeypatch, budget_dose=1.0, budget_s=100.0)
+    assert code == 0
+    meta = json.loads((out / "search.json").read_text())["search"]
+    assert meta["stopped"] == "budget: dose" and meta["frames"] == 3 == len(fake.shots)
+    assert meta["budgets"]["mean_dose_e_per_nm2"] == {"spent": 0.768, "budget": 1.0}
+    assert meta["budgets"]["instrument_s"]["budget"] == 100.0
+    assert meta["budgets"]["frames"] == {"spent": 3, "budget": None}
+    detail = ("dose: 0.768 of 1 e/nm² spent; the next frame (~0.256 e/nm²) would have made "
+              "1.024 e/nm², 0.024 e/nm² over the budget")
+    assert meta["stop_detail"] == detail
+    assert f"search: budget {detail}" in capsys.readouterr().out
 
 
 @dataclass

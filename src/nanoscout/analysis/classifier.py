@@ -18,6 +18,18 @@ Two fixed-input models, each an ONNX file plus a model card (``nanoscout.analysi
 Both see the frame through :func:`nanoscout.analysis.preprocess.fixed_input`: the whole frame resampled to
 the card's ``input.size`` and percentile-normalised, exactly as in training. The CAM covers the
 whole frame (row r of an h-row heatmap spans frame rows r·H/h to (r+1)·H/h).
+
+A frame without contrast (beam blanked, shutter closed, a detector sending zeros) carries
+nothing to classify: :meth:`FieldClassifier.classify` raises
+:class:`~nanoscout.wire.errors.BlankFrame`, before either model runs, when the classifier's
+input holds one value. ``fixed_input`` maps the 0.5th / 99.5th percentiles of the resampled
+frame to 0 / 1 and a zero span between them to all zeros, so this is exactly the case where
+the models would see the same all-zero input whatever the frame (the shipped ones answer it
+with ``isolated_particles`` at 0.95 and a novelty of 88): a frame whose pixels are all equal,
+or all equal but for outliers too few to move those percentiles (a hot pixel, a few stray
+counts: under ~0.5 % of the resampled pixels). A frame with noise or texture over more than
+that (a camera's read noise, a pure-noise frame, ±1 count, a 1e-6 relative contrast) has a
+span above 0 and is classified.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import numpy as np
 from nanoscout.analysis.modelcard import ModelCard
 from nanoscout.analysis.preprocess import fixed_input
 from nanoscout.engines.base import Engine
-from nanoscout.wire.errors import EngineFailure, ModelCardError
+from nanoscout.wire.errors import BlankFrame, EngineFailure, ModelCardError
 
 #: output names the classifier card must declare
 PROBABILITIES = "probabilities"
@@ -77,6 +89,16 @@ def _check_engine(engine: Engine, card: ModelCard, outputs: tuple[str, ...]) -> 
                              f"(it has {outs})")
 
 
+def _blank_message(pixels: np.ndarray, size: tuple[int, int]) -> str:
+    """Why ``pixels`` (a checked frame) is blank, naming its values."""
+    arr = np.asarray(pixels)
+    lo, hi = arr.min(), arr.max()
+    values = f"every pixel {lo}" if lo == hi else f"pixels {lo} to {hi}"
+    return (f"blank frame ({arr.shape[0]}x{arr.shape[1]} {arr.dtype}, {values}): its "
+            f"0.5-99.5 percentile span at the classifier's {size[0]}x{size[1]} input is 0, "
+            "no contrast to classify")
+
+
 class FieldClassifier:
     """Runs the classifier (and, when given, the lens) on whole frames."""
 
@@ -109,9 +131,12 @@ class FieldClassifier:
         return text
 
     def classify(self, pixels: np.ndarray) -> Classification:
-        """Classify one frame (2-D, any real dtype); raises FrameError / EngineFailure."""
+        """Classify one frame (2-D, any real dtype); raises BlankFrame for a frame without
+        contrast (module docstring), FrameError / EngineFailure."""
         t0 = time.perf_counter()
         x = fixed_input(pixels, self.size)
+        if float(x.max()) == float(x.min()):
+            raise BlankFrame(_blank_message(pixels, self.size))
         out = self.engine.infer({self.card.input.name: x})
         probs = np.asarray(out.get(PROBABILITIES), dtype=np.float64).reshape(-1)
         if probs.size != len(self.classes) or not np.isfinite(probs).all():

@@ -6,6 +6,10 @@ morphology clusters, the source's drift and particle tracks (``track_id`` on eve
 :mod:`nanoscout.analysis.tracking`), a rate-limited ``preview``, the field-of-view classification with its
 class / novelty alerts (→ ``class``, ``alert``), the source's rolling statistics and the
 particle / count / drift rules (→ ``alert``, then ``stats``, always the frame's last message).
+A frame without contrast (:class:`~nanoscout.wire.errors.BlankFrame`: beam blanked, shutter
+closed) gets no ``class`` message and no class / novelty alert: its classification is listed in
+:attr:`FrameResult.skipped`, not as a failure, and logged at INFO once when a source's frames
+turn blank and once when they show contrast again (a blanked beam can last minutes).
 Each message is handed to ``emit`` as soon as it is ready, so ``det`` reaches subscribers
 before the summaries are computed; the returned :class:`FrameResult` lists them all with what a
 caller counts (particles, stage times, failures that cost only part of the frame).
@@ -44,6 +48,7 @@ from nanoscout.analysis.preview import PreviewConfig, PreviewLimiter, make_previ
 from nanoscout.analysis.stats import SizeStatistics, StatsConfig
 from nanoscout.analysis.tracking import SourceTracker, TrackingConfig, TrackUpdate
 from nanoscout.wire.codec import Message
+from nanoscout.wire.errors import BlankFrame, NanoscoutError
 from nanoscout.wire.headers import (
     AlertHeader,
     ClassHeader,
@@ -83,8 +88,10 @@ class FrameResult:
     ``messages``: every message, in publishing order (``det`` first, ``stats`` last unless
     the summary failed). ``labels``: the instance map on the frame's grid (0 = background);
     ``table``: the particle table (lengths in ``units``). ``failures``: (stage, error) of parts
-    that failed after the detections were out (``classify``, ``summary``); ``evicted``:
-    sources forgotten to make room for this one.
+    that failed after the detections were out (``classify``, ``summary``); ``skipped``:
+    (stage, error) of parts skipped on purpose, each error's ``reason`` says why (``classify``
+    with :class:`~nanoscout.wire.errors.BlankFrame`, reason ``blank``: a frame without
+    contrast, no ``class`` message); ``evicted``: sources forgotten to make room for this one.
     """
 
     frame: Frame
@@ -97,6 +104,7 @@ class FrameResult:
     classification: Classification | None = None
     alerts: list[AlertHeader] = field(default_factory=list)
     failures: list[tuple[str, Exception]] = field(default_factory=list)
+    skipped: list[tuple[str, NanoscoutError]] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
     #: the tracker's findings on this frame (None: tracking off)
     tracks: TrackUpdate | None = None
@@ -155,6 +163,8 @@ class _SourceState:
     modality_guess: str | None = None
     modality_frame: int | None = None
     modality_view: tuple[float | None, tuple[int, ...]] | None = None
+    #: classifications skipped in a row because the source's frames were blank
+    blank_run: int = 0
 
     def next_seq(self, kind: Kind) -> int:
         n = self.topic_seq.get(kind, 0)
@@ -164,6 +174,10 @@ class _SourceState:
 
 class Pipeline:
     """Detection, measurement, classification, per-source statistics and alert rules."""
+
+    #: the daemon run every result header names (``daemon_run``, protocol 1.11: the daemon's
+    #: start time, ns since the epoch), set by the daemon that owns the pipeline; None offline
+    daemon_run: int | None = None
 
     def __init__(
         self,
@@ -340,7 +354,8 @@ class Pipeline:
         Raises what detection raises (:class:`~nanoscout.wire.errors.EngineError`,
         :class:`~nanoscout.wire.errors.FrameError`): then nothing was emitted. Failures of the
         classification or the summary after ``det`` are caught and listed in
-        :attr:`FrameResult.failures` (the summary's: no ``stats`` message).
+        :attr:`FrameResult.failures` (the summary's: no ``stats`` message); a blank frame's
+        classification is skipped (:attr:`FrameResult.skipped`, no ``class`` message).
         """
         out: list[Message[Any]] = []
 
@@ -354,6 +369,8 @@ class Pipeline:
         if self._requests:
             self._apply_requests(h.source, state)
         ref = frame.ref()
+        if self.daemon_run is not None:
+            ref["daemon_run"] = self.daemon_run
         units = frame.units
         found = self._detect(frame, state)
         labels, table, stage_ms, model, scale = (found.labels, found.table, found.stage_ms,
@@ -467,7 +484,20 @@ class Pipeline:
     def _classify(self, frame: Frame, state: _SourceState, ref: dict[str, Any],
                   result: FrameResult, send: Callable[[Message[Any]], None]) -> None:
         assert self.classifier is not None
-        c = self.classifier.classify(frame.pixels)  # any dtype: float64 kept to normalisation
+        h = frame.header
+        try:
+            c = self.classifier.classify(frame.pixels)  # any dtype: float64 kept to normalisation
+        except BlankFrame as exc:  # nothing to classify: skipped and counted, not a failure
+            result.skipped.append(("classify", exc))
+            if state.blank_run == 0:
+                log.info("frame %s#%d: %s; not classified until a frame with contrast",
+                         h.source, h.seq, exc)
+            state.blank_run += 1
+            return
+        if state.blank_run:
+            log.info("frame %s#%d: contrast again, classified (%d blank frame(s) not classified)",
+                     h.source, h.seq, state.blank_run)
+            state.blank_run = 0
         result.classification = c
         result.stage_ms.update(c.timings_ms)
         heat_shape = None if c.cam is None else (int(c.cam.shape[0]), int(c.cam.shape[1]))

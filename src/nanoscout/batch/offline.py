@@ -9,7 +9,9 @@ Writes a run in the format of ``nanoscout record`` (:mod:`nanoscout.clients.runf
   NaN for uncalibrated images), one frame row per image, the rolling statistics after each
   image (with the morphology clusters) and every alert the configured rules fire;
 * provenance (``_run.json`` / ``OUT.json``): software versions, the whole analysis
-  configuration, the models with their hashes and the sizing error their cards report.
+  configuration and the overrides, the models with their hashes and the sizing error their
+  cards report (:func:`measure_provenance`, :func:`measure_outcome`: ``measure --ray`` writes
+  the same record).
 
 Calibrated and uncalibrated images are two sources (``measure`` and ``measure-px``), so sizes
 in nm and px are never pooled in statistics; each image is analysed alone (its own working
@@ -32,7 +34,9 @@ With ``outputs=DIR``, per image (names keep the file's suffix: ``test-1.dm3.*``,
 ``test-1.dm4.*``): ``NAME.labels.tif`` (ImageJ hyperstack: image + instance labels, nm
 resolution; napari opens it with nanoscout's reader plugin), ``NAME.rois.zip`` (ImageJ ROI set)
 and ``NAME.overlay.png`` (outlines + scale bar); see :mod:`nanoscout.clients.outputs`.
-When the pipeline has a field-of-view classifier, ``OUT.classes.csv`` gets one row per image.
+When the pipeline has a field-of-view classifier, ``OUT.classes.csv`` gets one row per image
+it classified: a blank image (no contrast, :class:`~nanoscout.wire.errors.BlankFrame`) gets
+none, and the log says so.
 
 With ``track=True`` (``measure --track``) the files are one ordered image sequence (or
 multi-frame files: a TIFF stack, a DM4/EMD series, each plane a frame, in order): the pipeline
@@ -47,7 +51,7 @@ from __future__ import annotations
 import csv
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +79,8 @@ from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 from nanoscout.wire.protocol import StatsHeader
 
-__all__ = ["META_FILE_CHARS", "MeasureReport", "check_options", "expand", "measure_files"]
+__all__ = ["META_FILE_CHARS", "MeasureReport", "check_options", "expand", "measure_files",
+           "measure_outcome", "measure_provenance"]
 
 #: source names of calibrated (nm) and uncalibrated (px) images
 SOURCE_NM, SOURCE_PX = "measure", "measure-px"
@@ -122,6 +127,40 @@ def check_options(out: Path, *, outputs: Path | None = None,
         raise ConfigError(f"--outputs {outputs} is a file: give a folder for the per-image "
                           "outputs")
     check_overrides(pixel_size_nm, modality)
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def measure_provenance(command: str, files: Iterable[str], *, config: Mapping[str, Any] | None,
+                       pixel_size_nm: float | None, modality: str | None, track: bool = False,
+                       frame_interval_s: float = 1.0) -> dict[str, Any]:
+    """The provenance record of a measurement as it starts: ``command``, ``files`` (as the
+    run names them), software versions, the analysis ``config``, the overrides
+    (``pixel_size_override_nm`` in nm/px, ``modality_override``), ``track`` and
+    ``frame_interval_s`` (s; None unless tracking) and ``started_utc`` (ISO 8601)."""
+    return {"command": command, "files": list(files), "software": software(),
+            "config": dict(config or {}), "pixel_size_override_nm": pixel_size_nm,
+            "modality_override": modality, "track": track,
+            "frame_interval_s": frame_interval_s if track else None, "started_utc": _utc_now()}
+
+
+def measure_outcome(*, rows: Mapping[str, int], models: Iterable[str], engines: Iterable[str],
+                    model_cards: Mapping[str, Mapping[str, Any]] | None,
+                    skipped: Iterable[tuple[str, str]], uncalibrated: Iterable[str]
+                    ) -> dict[str, Any]:
+    """What a measurement adds to its provenance record when it ends: ``stopped_utc``, the
+    ``rows`` written per table, the ``models`` that measured (provenance names:
+    :func:`~nanoscout.clients.provenance.model_name`) with their cards' provenance
+    (``model_provenance``: sha256, sizing error; :func:`~nanoscout.clients.provenance.model_entries`),
+    the ``engines``, the ``skipped`` files or images as ``[file, why]`` and the
+    ``uncalibrated`` files (lengths in px)."""
+    names = sorted(set(models))
+    return {"stopped_utc": _utc_now(), "rows": dict(rows), "models": names,
+            "engines": list(engines), "model_provenance": model_entries(names, model_cards or {}),
+            "skipped": [[file, why] for file, why in skipped],
+            "uncalibrated": sorted(set(uncalibrated))}
 
 
 def _label(path: Path) -> str:
@@ -189,11 +228,9 @@ def measure_files(
     if bar is not None:
         bar.total(len(files))
     log = _printable(bar.log if bar is not None else log)
-    prov: dict[str, Any] = {"command": "nanoscout measure", "files": [_label(p) for p in files],
-                            "software": software(), "config": config or {},
-                            "pixel_size_override_nm": pixel_size_nm, "track": track,
-                            "frame_interval_s": frame_interval_s if track else None,
-                            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    prov = measure_provenance("nanoscout measure", [_label(p) for p in files], config=config,
+                              pixel_size_nm=pixel_size_nm, modality=modality, track=track,
+                              frame_interval_s=frame_interval_s)
     writer = RunWriter(out, prov)
     report = MeasureReport()
     names = UniqueNames()
@@ -274,6 +311,8 @@ def measure_files(
             what = ""
             for stage, error in result.failures:  # the measurements stand without these
                 log(f"{label}[{rec.index}]: {stage} failed: {error}")
+            for stage, error in result.skipped:  # on purpose: a blank image is not classified
+                log(f"{label}[{rec.index}]: {stage} skipped: {error}")
             c = result.classification
             if c is not None:
                 class_rows.append([label, rec.index, c.labels[0],
@@ -288,12 +327,10 @@ def measure_files(
         if bar is not None:
             bar.advance(note=wire_text(path.name))
     writer.close()
-    prov.update({"stopped_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "rows": dict(writer.counts), "models": sorted(models),
-                 "engines": [pipeline.engine_name],
-                 "model_provenance": model_entries(sorted(models), model_cards or {}),
-                 "skipped": [[_label(p), why] for p, why in report.skipped],
-                 "uncalibrated": sorted({_label(p) for p in report.uncalibrated})})
+    prov.update(measure_outcome(
+        rows=writer.counts, models=models, engines=[pipeline.engine_name],
+        model_cards=model_cards, skipped=[(_label(p), why) for p, why in report.skipped],
+        uncalibrated=[_label(p) for p in report.uncalibrated]))
     writer.write_provenance(prov)
     if pipeline.classifier is not None:
         report.classes = classes_path(out)  # RunWriter refused a run where one was

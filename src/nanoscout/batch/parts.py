@@ -5,6 +5,7 @@ partitioning="hive")`` reads it back with a ``folder`` column)::
 
     OUT/particles/folder=<input folder, URI-escaped>/<file stem>-<key>.parquet   one row per particle
     OUT/images/folder=<input folder, URI-escaped>/<file stem>-<key>.parquet      one row per image
+    OUT/_run.json                                                              provenance
 
 ``key`` is derived from the input file's absolute path, so a file always maps to the same two
 parts. Each part is written to a hidden temporary file and renamed into place (atomic on one
@@ -12,6 +13,15 @@ file system), particles first, images last: a file is *done* when its images par
 worker killed halfway leaves at most a temporary file (removed at the next start) or a particles
 part that the retry overwrites, so files are neither lost nor counted twice, and a restarted
 run skips every file that is done (:func:`done_files`).
+
+A partition folder's name is bounded (:func:`partition_folder`): an input folder whose escaped
+path would make it longer than a file system allows (255 bytes) keeps its path's start and end
+around ``…`` and ends in ``~`` and a hash of the whole path; the ``folder`` column then holds
+that shortened name (the ``file`` column always holds the full path). The provenance
+``_run.json`` (:func:`write_provenance`, written by the driver of
+:mod:`nanoscout.batch.ray_measure`) is ``measure``'s record plus the Ray facts (workers,
+partitions) and the records of the earlier runs into ``OUT`` (:func:`earlier_runs`); pyarrow's
+datasets skip it (a name starting with ``_``).
 
 Columns of ``particles``: ``file``, ``index`` (image within the file), ``units``,
 ``pixel_size_nm`` and the particle table as unit-honest columns
@@ -30,28 +40,37 @@ writer (a run is one stream appended in order; these are independent parts, one 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from nanoscout.clients.provenance import write_json
 from nanoscout.wire.codec import wire_text
+from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.particles import empty_table
 from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, particle_columns
 
 __all__ = [
+    "FORMAT",
     "IMAGE_COLUMNS",
     "PARTICLE_COLUMNS",
+    "PROVENANCE",
     "FileResult",
     "ImageRow",
     "clean_temporary",
     "done_files",
+    "earlier_runs",
     "part_paths",
+    "partition_folder",
     "write_file_result",
+    "write_provenance",
 ]
 
 PARTICLE_COLUMNS: tuple[str, ...] = ("file", "index", "units", "pixel_size_nm",
@@ -60,10 +79,19 @@ IMAGE_COLUMNS: tuple[str, ...] = (
     "file", "index", "units", "pixel_size_nm", "particles", "top_class", "probability",
     "novelty", "error",
 )
+#: the provenance file of an output folder, and its ``format``
+PROVENANCE, FORMAT = "_run.json", "nanoscout-parts/1"
 _TMP_PREFIX = ".tmp-"
 #: the most UTF-8 bytes of a file's stem a part's name keeps: with the key, the temporary
 #: prefix and a uuid the name stays within a file system's 255-byte bound on a name
 _STEM_BYTES = 160
+#: the most bytes of a partition folder's name: a file system's bound on a name
+_FOLDER_BYTES = 255
+#: of a shortened partition folder's name, the most bytes of the escaped start of the input
+#: folder's path (the rest of the bound, less the ellipsis and the hash, keeps its end: the
+#: folders nearest the files tell partitions apart best)
+_FOLDER_HEAD_BYTES = 60
+_ELLIPSIS = urllib.parse.quote("…")
 
 
 @dataclass
@@ -82,11 +110,14 @@ class ImageRow:
 
 @dataclass
 class FileResult:
-    """Everything measured in one input file (``error``: the file could not be read)."""
+    """Everything measured in one input file (``error``: the file could not be read;
+    ``models``: the models that measured its images, as the provenance names them, not
+    written into the parts)."""
 
     file: str
     images: list[ImageRow] = field(default_factory=list)
     error: str | None = None
+    models: set[str] = field(default_factory=set)
 
     @property
     def particles(self) -> int:
@@ -99,14 +130,51 @@ def _key(path: str | Path) -> str:
     return hashlib.sha1(os.fsencode(str(Path(path).absolute()))).hexdigest()[:16]
 
 
+def _escaped_end(text: str, limit: int, *, end: bool) -> str:
+    """The longest start (``end`` False) or end of ``text`` whose URI escape takes at most
+    ``limit`` bytes, escaped (cut between characters, never inside an escape)."""
+    chars = [urllib.parse.quote(c, safe="") for c in (reversed(text) if end else text)]
+    kept: list[str] = []
+    used = 0
+    for c in chars:
+        if used + len(c) > limit:
+            break
+        kept.append(c)
+        used += len(c)
+    return "".join(reversed(kept) if end else kept)
+
+
+def partition_folder(folder: str | Path) -> str:
+    """The name of the partition folder of the input folder ``folder`` (absolute):
+    ``folder=`` and its path, URI-escaped (pyarrow's hive partitioning reads it back as the
+    ``folder`` column), when that takes at most :data:`_FOLDER_BYTES` (255) bytes.
+
+    A longer one (a deep archive: each ``/`` takes 3 bytes) keeps the escaped start of the
+    path (at most :data:`_FOLDER_HEAD_BYTES` bytes) and its end around ``…``, and ends in
+    ``~`` and the first 16 hex digits of the sha1 of the whole path: at most 255 bytes, the
+    same for the same folder on every run and worker, and different for different folders
+    (they differ in the hash even where start and end agree). Names that fit are those of
+    earlier versions, so a run started again on an earlier output still finds its parts.
+    """
+    text = wire_text(str(folder))
+    name = "folder=" + urllib.parse.quote(text, safe="")
+    if len(name) <= _FOLDER_BYTES:
+        return name
+    suffix = "~" + _key(folder)
+    head = _escaped_end(text, _FOLDER_HEAD_BYTES, end=False)
+    rest = _FOLDER_BYTES - len("folder=") - len(head) - len(_ELLIPSIS) - len(suffix)
+    return f"folder={head}{_ELLIPSIS}{_escaped_end(text, rest, end=True)}{suffix}"
+
+
 def part_paths(out: Path, path: str | Path) -> tuple[Path, Path]:
     """(particles part, images part) of the input file ``path`` under ``out``.
 
-    Names that are not valid UTF-8 are written as :func:`wire_text` escapes and a long stem
-    is cut to :data:`_STEM_BYTES` bytes (the key still tells files apart).
+    Names that are not valid UTF-8 are written as :func:`wire_text` escapes, a long stem
+    is cut to :data:`_STEM_BYTES` bytes (the key still tells files apart) and a long folder
+    is shortened (:func:`partition_folder`).
     """
     p = Path(path).absolute()
-    folder = "folder=" + urllib.parse.quote(wire_text(str(p.parent)), safe="")
+    folder = partition_folder(p.parent)
     stem = wire_text(p.stem).encode()[:_STEM_BYTES].decode("utf-8", "ignore")
     name = f"{stem}-{_key(p)}.parquet"
     return out / "particles" / folder / name, out / "images" / folder / name
@@ -194,3 +262,32 @@ def write_file_result(out: Path, result: FileResult) -> tuple[Path, Path]:
     _write_atomic(_particle_table(result.file, result.images), particles_part)
     _write_atomic(_image_table(result), images_part)
     return particles_part, images_part
+
+
+def earlier_runs(out: Path) -> list[dict[str, Any]]:
+    """The provenance records of the runs that wrote into ``out`` before, oldest first (empty
+    when it holds no :data:`PROVENANCE`). Raises ConfigError, naming the file, when
+    ``out/_run.json`` is not the provenance of such a folder (a ``measure`` run's, or no
+    JSON): it is not replaced."""
+    path = out / PROVENANCE
+    if not path.exists():
+        return []
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read as a provenance record ({exc}): move it "
+                          "away or choose another output folder") from exc
+    fmt = record.get("format") if isinstance(record, dict) else None
+    if fmt != FORMAT:
+        raise ConfigError(f"{path} is not the provenance of a measure --ray output (format "
+                          f"{fmt!r}, not {FORMAT!r}): choose another output folder")
+    earlier = record.pop("earlier_runs", None)
+    return [*(earlier if isinstance(earlier, list) else []), record]
+
+
+def write_provenance(out: Path, record: Mapping[str, Any]) -> Path:
+    """(Re)write ``out/_run.json`` (:data:`PROVENANCE`) atomically: ``record`` with its
+    :data:`FORMAT`; returns its path."""
+    path = out / PROVENANCE
+    write_json(path, {"format": FORMAT, **record})
+    return path

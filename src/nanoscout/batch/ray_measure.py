@@ -13,6 +13,16 @@ is retried (``max_task_retries`` times, then reported as failed and left for the
 parts are written atomically, so a killed worker neither loses nor duplicates a file. A run
 started again on the same ``out`` skips every file that is done.
 
+Provenance: the driver writes ``OUT/_run.json`` (:func:`nanoscout.batch.parts.write_provenance`),
+the record ``nanoscout measure`` writes (:func:`nanoscout.batch.offline.measure_provenance` and
+:func:`~nanoscout.batch.offline.measure_outcome`: software, the configuration the workers run,
+the overrides, the models with their sha256 and sizing error, skipped and uncalibrated files),
+plus ``ray`` (address, workers, CPUs and GPUs per worker, retries, the cluster's resources,
+the number of partitions), ``failed`` and ``done_before`` (files an earlier run measured); a
+run started again on ``out`` keeps the earlier runs' records under ``earlier_runs``, so which
+models made which parts stays known. It is written once the workers are up and again at the
+end; a run with nothing to do leaves it as it was.
+
 Why actors and not Ray Data: the unit of work, of output and of resumption is one input file,
 read by path; Ray Data's readers yield bytes or rows and ``write_parquet`` names its files per
 block, so neither exactness after a crash nor skipping done files would come for free.
@@ -27,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +47,16 @@ import numpy as np
 from nanoscout.analysis.classifier import Classification
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import Pipeline
+from nanoscout.batch.offline import measure_outcome, measure_provenance
 from nanoscout.batch.parts import (
     FileResult,
     ImageRow,
     clean_temporary,
     done_files,
+    earlier_runs,
+    partition_folder,
     write_file_result,
+    write_provenance,
 )
 from nanoscout.clients.acquisition.readers import (
     ImageRecord,
@@ -52,7 +66,9 @@ from nanoscout.clients.acquisition.readers import (
 )
 from nanoscout.clients.progress import Bar
 from nanoscout.clients.progress import progress as progress_bar
+from nanoscout.clients.provenance import model_name
 from nanoscout.daemon.config import ServeConfig
+from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 
 __all__ = ["RayReport", "analyse_image", "measure_file", "measure_on_ray", "worker_config"]
@@ -64,10 +80,13 @@ RAY_MISSING = "Ray is not installed: pip install 'nanoscout[ray]'"
 
 def analyse_image(pipeline: Pipeline, rec: ImageRecord, pixel_size_nm: float | None,
                   modality: str | None = None
-                  ) -> tuple[np.ndarray, str, Classification | None]:
+                  ) -> tuple[np.ndarray, str, Classification | None, list[str]]:
     """The one call into the pipeline: (particle table, units "nm" or "px", classification or
-    None) of one image, as ``nanoscout measure`` analyses it (an offline frame; the modality
-    from ``modality``, else from the file when it names one the frame header knows).
+    None, the models that analysed it) of one image, as ``nanoscout measure`` analyses it (an
+    offline frame; the modality from ``modality``, else from the file when it names one the
+    frame header knows). Models are named as the provenance names them
+    (:func:`~nanoscout.clients.provenance.model_name`: the detector's ``name:version@SHA12``,
+    then the classifier's, when it classified the image).
 
     Kept alone so that a change of the pipeline's entry point changes one place here.
     """
@@ -75,7 +94,10 @@ def analyse_image(pipeline: Pipeline, rec: ImageRecord, pixel_size_nm: float | N
     frame = Frame.from_image(wire_array(rec.data), pixel_size_nm=pixel_size_nm, source="ray",
                              modality=frame_modality(rec, modality))
     result = pipeline.process(frame)
-    return result.table, result.det.units, result.classification
+    models = [model_name(result.det.model, result.det.model_sha256)]
+    if result.classification is not None and pipeline.classifier is not None:
+        models.append(pipeline.classifier.name)
+    return result.table, result.det.units, result.classification, models
 
 
 def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = None,
@@ -85,7 +107,8 @@ def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = N
     ``pixel_size_nm`` overrides the file's calibration, ``modality`` its kind of image;
     ``file`` is the name written in the
     output (default ``str(path)``). An unreadable file or image is recorded with its error,
-    never raised: one bad file must not stop an archive.
+    never raised: one bad file must not stop an archive. The result's ``models`` name the
+    models that measured its images.
     """
     result = FileResult(file if file is not None else str(path))
     try:
@@ -97,13 +120,14 @@ def measure_file(pipeline: Pipeline, path: Path, pixel_size_nm: float | None = N
         px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
         units = "nm" if px else "px"
         try:
-            table, units, c = analyse_image(pipeline, rec, px, modality)
+            table, units, c, models = analyse_image(pipeline, rec, px, modality)
         # ValueError: pydantic's, a frame header field; MemoryError: one image too large for
         # this worker. Both skip the image, as `measure` skips it, not the whole file
         except (NanoscoutError, ValueError, MemoryError) as exc:
             why = " ".join(str(exc).split()) or type(exc).__name__
             result.images.append(ImageRow(rec.index, units, px, None, error=why))
             continue
+        result.models.update(models)
         row = ImageRow(rec.index, units, px, table)
         if c is not None:
             row.top_class, row.probability = c.labels[0], float(c.probabilities[0])
@@ -138,7 +162,9 @@ class _Worker:
         return os.getpid()
 
     def measure(self, path: str) -> dict[str, Any]:
-        """Measure one file and write its parts; returns a short summary."""
+        """Measure one file and write its parts; returns a short summary (with what the
+        provenance needs: the models and engine that measured it, the rows written, whether
+        an image had no calibration)."""
         t0 = time.perf_counter()
         result = measure_file(self.pipeline, Path(path), self.pixel_size_nm, file=path,
                               modality=self.modality)
@@ -149,6 +175,9 @@ class _Worker:
             f"[{im.index}] {im.error}" for im in result.images if im.error]
         return {"file": path, "images": sum(im.table is not None for im in result.images),
                 "particles": result.particles, "error": result.error, "errors": errors,
+                "image_rows": max(1, len(result.images)),  # a file not read: one row
+                "models": sorted(result.models), "engine": self.pipeline.engine_name,
+                "uncalibrated": any(im.units == "px" for im in result.images),
                 "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
 
@@ -157,7 +186,10 @@ class RayReport:
     """What :func:`measure_on_ray` did: files measured now, skipped as done, failed.
 
     ``images``: images measured; ``unreadable``: (file, why) for each file that could not be
-    read and each image that could not be measured (what ``measure`` counts as skipped).
+    read and each image that could not be measured (what ``measure`` counts as skipped);
+    ``uncalibrated``: files with an image in px; ``models`` and ``engines``: those that
+    measured; ``image_rows``: rows written to the images table; ``provenance``: the
+    ``_run.json`` written (None: nothing was measured, it was left as it was).
     """
 
     measured: list[str] = field(default_factory=list)
@@ -169,6 +201,11 @@ class RayReport:
     workers: int = 0
     seconds: float = 0.0
     worker_pids: list[int] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)
+    models: set[str] = field(default_factory=set)
+    engines: set[str] = field(default_factory=set)
+    image_rows: int = 0
+    provenance: Path | None = None
 
 
 def _import_ray() -> Any:
@@ -195,6 +232,7 @@ def measure_on_ray(
     on_started: Callable[[RayReport], None] | None = None,
     on_file: Callable[[dict[str, Any]], None] | None = None,
     progress: bool | None = False,
+    model_cards: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RayReport:
     """Measure ``paths`` (files, in order) on Ray into ``out`` (see :mod:`nanoscout.batch.parts`).
 
@@ -203,9 +241,10 @@ def measure_on_ray(
     ``cpus_per_worker``, or its GPUs // ``gpus_per_worker``); each runs ONNX Runtime with
     ``cpus_per_worker`` threads. ``on_started`` gets the report once the actors are up (their
     pids in ``worker_pids``); ``on_file`` gets each finished file's summary. ``progress``: a
-    progress bar on stderr (None: when stderr is a terminal).
+    progress bar on stderr (None: when stderr is a terminal). ``model_cards``: card summaries
+    (:func:`nanoscout.clients.provenance.load_cards`) for the provenance's models (their
+    sha256 and sizing error), written to ``out/_run.json`` (see the module docstring).
     """
-    ray = _import_ray()
     if cpus_per_worker < 1 or gpus_per_worker < 0 or max_task_retries < 0:
         raise ConfigError(f"cpus_per_worker ({cpus_per_worker}) must be >= 1, gpus_per_worker "
                           f"({gpus_per_worker}) and max_task_retries ({max_task_retries}) >= 0")
@@ -214,6 +253,8 @@ def measure_on_ray(
     files = [str(p) for p in paths]
     if len(set(files)) != len(files):
         raise ConfigError("the same file is listed twice")
+    earlier = earlier_runs(out)  # before anything starts: a file not ours is refused
+    ray = _import_ray()
     out.mkdir(parents=True, exist_ok=True)
     removed = clean_temporary(out)
     if removed:
@@ -243,16 +284,37 @@ def measure_on_ray(
         workers = max(1, min(workers, len(todo)))
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                            max_restarts=-1, max_task_retries=max_task_retries)(_Worker)
-        actors = [actor.remote(worker_config(config, cpus_per_worker), str(out.absolute()),
-                               pixel_size_nm, modality)
+        run_config = worker_config(config, cpus_per_worker)
+        actors = [actor.remote(run_config, str(out.absolute()), pixel_size_nm, modality)
                   for _ in range(workers)]
         report.workers = workers
         report.worker_pids = ray.get([a.pid.remote() for a in actors])
+        # paths as the parts' `file` column names them (a name not UTF-8: escapes)
+        record = measure_provenance("nanoscout measure --ray", map(wire_text, files),
+                                    config=run_config.model_dump(mode="json"),
+                                    pixel_size_nm=pixel_size_nm, modality=modality)
+        record["ray"] = {
+            "address": address or "local", "workers": workers,
+            "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
+            "max_task_retries": max_task_retries,
+            "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources},
+            # one partition folder per input folder (folder=... under particles/ and images/)
+            "partitions": len({partition_folder(Path(f).absolute().parent) for f in files})}
+        record["done_before"] = [wire_text(f) for f in report.skipped_done]
+        record["earlier_runs"] = earlier
+        report.provenance = write_provenance(out, record)
         if on_started is not None:
             on_started(report)
         with progress_bar("measuring on Ray", total=len(files), enabled=progress) as bar:
             bar.advance(len(done))
             _run(ray, actors, todo, report, on_file, bar)
+        record.update(measure_outcome(
+            rows={"particles": report.particles, "images": report.image_rows},
+            models=report.models, engines=sorted(report.engines), model_cards=model_cards,
+            skipped=[(wire_text(f), why) for f, why in report.unreadable],
+            uncalibrated=map(wire_text, report.uncalibrated)))
+        record["failed"] = [[wire_text(f), why] for f, why in report.failed]
+        write_provenance(out, record)
         # every task has returned: a temporary part left now is a killed worker's, whose file
         # was measured again by the retry (or is listed as failed)
         removed = clean_temporary(out)
@@ -295,6 +357,11 @@ def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,
             report.images += summary["images"]
             report.particles += summary["particles"]
             report.unreadable += [(path, why) for why in summary["errors"]]
+            report.image_rows += summary["image_rows"]
+            report.models.update(summary["models"])
+            report.engines.add(summary["engine"])
+            if summary["uncalibrated"]:
+                report.uncalibrated.append(path)
             if on_file is not None:
                 on_file(summary)
         bar.advance(note=Path(path).name)

@@ -316,7 +316,9 @@ def record(
     results: Annotated[str, typer.Option("--results", help=_RESULTS_EP)] = DEFAULT_RESULT_ENDPOINT,
     source: Annotated[str, typer.Option(help="only sources starting with this",
                                         show_default="all")] = "",
-    frames: Annotated[int | None, typer.Option(help="stop after N frames")] = None,
+    frames: Annotated[int | None, typer.Option(  # 10 s: recorder.FRAME_END_TIMEOUT_S
+        help="stop after N frames, each with its alerts and statistics (the last one's "
+             "awaited at most 10 s)")] = None,
     duration: Annotated[float | None, typer.Option(help="stop after S seconds")] = None,
     batch_frames: Annotated[int, typer.Option(help="flush every N frames")] = 20,
     batch_seconds: Annotated[float, typer.Option(help="... or every S seconds")] = 2.0,
@@ -535,9 +537,11 @@ def search(
     survey_pixel_size: Annotated[float, typer.Option(help="survey magnification, nm/px")] = 80.0,
     size: Annotated[int, typer.Option(help="frame side, px", min=8, max=MAX_SIDE_PX)] = 512,
     overlap: Annotated[float, typer.Option(help="tile overlap, µm (at least the largest target)")] = 3.0,
-    budget_frames: Annotated[int | None, typer.Option(help="stop after N frames")] = None,
-    budget_s: Annotated[float | None, typer.Option(help="stop after S s of instrument time")] = None,
-    budget_dose: Annotated[float | None, typer.Option(help="stop at this mean dose, e/nm²")] = None,
+    budget_frames: Annotated[int | None, typer.Option(help="take at most N frames")] = None,
+    budget_s: Annotated[float | None, typer.Option(
+        help="at most S s of instrument time: no frame is started that would end past it")] = None,
+    budget_dose: Annotated[float | None, typer.Option(
+        help="at most this mean dose, e/nm²: no frame is taken that would pass it")] = None,
     min_separation: Annotated[float, typer.Option(
         help="confirmations closer than this are one target, µm")] = 1.0,
     result_timeout: Annotated[float, typer.Option(help=(

@@ -6,8 +6,9 @@ The command's body; the work is in :mod:`nanoscout.batch.ray_measure`, the outpu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from nanoscout.daemon.config import ServeConfig
 from nanoscout.wire.errors import NanoscoutError
@@ -18,9 +19,11 @@ __all__ = ["run_on_ray"]
 def run_on_ray(files: Sequence[Path], out: Path, config: ServeConfig, *, address: str | None,
                workers: int | None, cpus_per_worker: int, gpus_per_worker: float,
                pixel_size_nm: float | None, progress: bool | None,
-               modality: str | None = None) -> int:
+               modality: str | None = None,
+               model_cards: Mapping[str, Mapping[str, Any]] | None = None) -> int:
     """Run ``measure --ray``; returns the exit code: 0 when every file was measured (or was
-    done already), 1 otherwise. ``address`` None starts a local Ray."""
+    done already), 1 otherwise. ``address`` None starts a local Ray. ``model_cards``: for the
+    provenance (``OUT/_run.json``), as ``measure`` takes them."""
     from nanoscout.batch.offline import expand
     from nanoscout.batch.ray_measure import measure_on_ray
 
@@ -29,7 +32,7 @@ def run_on_ray(files: Sequence[Path], out: Path, config: ServeConfig, *, address
     report = measure_on_ray(expand(files), config, out, address=address,
                             workers=workers, cpus_per_worker=cpus_per_worker,
                             gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size_nm,
-                            modality=modality, progress=progress)
+                            modality=modality, progress=progress, model_cards=model_cards)
     print(f"measured {len(report.measured)} files ({report.images} images, {report.particles} "
           f"particles) on {report.workers} Ray workers in {report.seconds:.1f} s -> {out}; "
           f"skipped {len(report.skipped_done)} done, {len(report.unreadable)} unreadable, "

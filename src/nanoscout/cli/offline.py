@@ -106,6 +106,9 @@ def measure(
                  "engine.particle_size_px": particle_size_px}
     if ray_address is not None and not ray:
         raise NanoscoutError("--ray-address needs --ray")
+    cards = load_cards(shipped_model_dir())  # the provenance's models: sha256, sizing error
+    if model is not None:
+        cards.update(load_cards(Path(model).parent))
     if ray:
         from nanoscout.cli.measure_ray import run_on_ray
 
@@ -115,7 +118,7 @@ def measure(
         code = run_on_ray(files, out, load_config(config, overrides), address=ray_address,
                           workers=workers, cpus_per_worker=cpus_per_worker,
                           gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size,
-                          progress=progress, modality=modality)
+                          progress=progress, modality=modality, model_cards=cards)
         if code:
             raise typer.Exit(code)
         return
@@ -126,9 +129,6 @@ def measure(
     cfg = load_config(config, overrides)
     pipeline = build_pipeline(cfg, offline=True, track=track)
     EngineLine.print()
-    cards = load_cards(shipped_model_dir())
-    if model is not None:
-        cards.update(load_cards(Path(model).parent))
     try:
         with progress_bar("measuring", enabled=progress) as bar:
             report = measure_files(files, pipeline, out, outputs=outputs or masks,

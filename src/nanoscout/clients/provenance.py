@@ -9,11 +9,15 @@ A run's ``_run.json`` (``RUN.json`` for CSV runs) says what made its numbers:
   headers' ``model`` field, ``name:version``), with the model card's ONNX sha256 and the
   sizing error its card reports (:func:`model_entries`). Cards are plain JSON files, read here
   without importing the daemon: the command line passes the folder of shipped cards.
+
+A ``measure --ray`` output folder holds the same record as ``_run.json``
+(:mod:`nanoscout.batch.parts`); both are written by :func:`write_json`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from collections.abc import Iterable, Mapping
@@ -21,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-__all__ = ["card_summary", "load_cards", "model_entries", "model_name", "software"]
+__all__ = ["card_summary", "load_cards", "model_entries", "model_name", "software", "write_json"]
 
 _LIBRARIES = ("numpy", "scipy", "scikit-image", "pyarrow", "onnxruntime", "onnxruntime-gpu",
               "tensorrt-cu12", "pyzmq", "rosettasciio", "tifffile")
@@ -115,3 +119,16 @@ def model_name(model: str, sha256_prefix: str | None) -> str:
     """The name :func:`model_entries` looks up for a result's ``model`` (``name:version``)
     and ``model_sha256`` (None: an older daemon's result)."""
     return f"{model}@{sha256_prefix}" if sha256_prefix else model
+
+
+def write_json(path: Path, record: Mapping[str, Any]) -> None:
+    """(Re)write the provenance ``record`` as JSON at ``path`` atomically: written to a hidden
+    temporary file beside it and renamed over it, so a failed write (a full disk) leaves the
+    last whole record and no temporary file. Values JSON does not know are written as text."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

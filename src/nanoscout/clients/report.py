@@ -27,7 +27,9 @@ detections of one particle on many frames are not independent; the same statisti
 detection of every frame stay beside them in the table, named "per detection". Such groups
 get an in-situ section: the size distribution over time, growth curves and rates,
 coalescences, D50(t) and density(t) with intervals, the LSW ripening fit. Untracked runs
-treat every detection as a particle (independent images).
+treat every detection as a particle (independent images). A recording that went on across a
+daemon restart spans several daemon runs (``daemon_run``), each numbering its tracks from 1:
+the provenance says how many and when each started, and a track is never joined across two.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from nanoscout.clients.progress import Bar
 from nanoscout.clients.report_insitu import insitu_section, track_values
 from nanoscout.clients.runfile import Run, read_run
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
+from nanoscout.wire.tracks import daemon_runs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -520,6 +523,22 @@ def _low_dose_item(f: dict[str, np.ndarray]) -> tuple[str, str] | None:
     return "low-dose smoothing", text
 
 
+def _daemon_runs_item(f: dict[str, np.ndarray]) -> tuple[str, str] | None:
+    """The provenance row on the daemon runs the frames came from (``daemon_run``, protocol
+    1.11: a daemon restarted during a recording shows as a second run), or None where no
+    frame names one (``measure``, an older daemon or run)."""
+    runs = sorted({r for r in daemon_runs(f, Run.rows(f)).tolist() if r})
+    if not runs:
+        return None
+    text = (f'<span class="n-daemon-runs">{len(runs)}</span> daemon '
+            f"run{'s' if len(runs) > 1 else ''}, started {', '.join(_e(_utc(r)) for r in runs)}")
+    if len(runs) > 1:
+        text += (": the daemon restarted during the recording; each run numbers its tracks and "
+                 "fields of view from 1 and starts its statistics again, so tracks are never "
+                 "joined across runs")
+    return "daemon runs", text
+
+
 def _recording_items(prov: dict[str, Any]) -> list[tuple[str, str]]:
     """What a live recording (``nanoscout record``: its provenance has ``subscribed_utc``)
     says of itself: whether it stopped cleanly (``stopped_utc``, written only then) and the
@@ -585,6 +604,9 @@ def _provenance_section(run: Run) -> str:
         low_dose = _low_dose_item(f)
         if low_dose is not None:  # protocol 1.9: a model that smooths low-dose frames
             items.append(low_dose)
+        runs = _daemon_runs_item(f)
+        if runs is not None:  # protocol 1.11: the daemon processes the results came from
+            items.append(runs)
         sizes_hw = sorted({(int(h), int(w)) for h, w in zip(f["height"], f["width"])})
         items.append(("frame sizes (height × width, px)",
                       ", ".join(f"{h} × {w}" for h, w in sizes_hw)))

@@ -14,6 +14,10 @@ For a run whose particles carry a ``track_id`` (a live recording with tracking, 
   the LSW ripening fit (mean radius cubed against time; the daemon's fit, drawn over the
   frames' values).
 
+A recording that went on across a daemon restart holds several daemon runs, each numbering its
+tracks and fields of view from 1: a track is its ``(daemon_run, track_id)``, never joined
+across runs, and the section says how many runs the tracks come from.
+
 Lengths are in the group's units; times in s since the run's first frame.
 """
 
@@ -29,23 +33,12 @@ from typing import Any
 import numpy as np
 
 from nanoscout.clients.runfile import Run
-from nanoscout.wire.tracks import qualifying
+from nanoscout.wire.tracks import daemon_runs, frames_per_field, qualifying
 
 __all__ = ["field_start_s", "insitu_section", "track_values"]
 
 #: growth curves drawn (the longest tracks)
 MAX_CURVES = 40
-
-
-def _frames_per_field(run: Run) -> dict[tuple[str, int], int]:
-    f = run.frames
-    out: dict[tuple[str, int], int] = {}
-    if not Run.rows(f):
-        return out
-    for s, fld in zip(f["source"].astype(str), f["field"], strict=True):
-        key = (s, int(fld) if np.isfinite(fld) else 0)
-        out[key] = out.get(key, 0) + 1
-    return out
 
 
 def track_values(run: Run, source: str, units: str) -> tuple[np.ndarray, int] | None:
@@ -58,7 +51,7 @@ def track_values(run: Run, source: str, units: str) -> tuple[np.ndarray, int] | 
     if not mine.any():
         return None
     sub = {k: v[mine] for k, v in t.items()}
-    ok = qualifying(sub, _frames_per_field(run))
+    ok = qualifying(sub, frames_per_field(run.frames))
     v = sub["ecd_median"][ok].astype(np.float64)
     return v[np.isfinite(v) & (v > 0)], int(mine.sum())
 
@@ -70,11 +63,12 @@ def _stats_insitu(run: Run, source: str, units: str) -> list[tuple[float, dict[s
     out: list[tuple[float, dict[str, Any]]] = []
     if not Run.rows(st) or not Run.rows(f):
         return out
-    t_acq = {(str(s), int(q)): int(t) for s, q, t in zip(f["source"], f["seq"], f["t_acq_ns"],
-                                                         strict=True)}
-    for s, u, q, text in zip(st["source"].astype(str), st["units"].astype(str), st["seq"],
-                             st["insitu"], strict=True):
-        t = t_acq.get((s, int(q)))
+    t_acq = {(str(s), r, int(q)): int(t) for s, r, q, t in zip(
+        f["source"], daemon_runs(f, Run.rows(f)).tolist(), f["seq"], f["t_acq_ns"], strict=True)}
+    for s, u, r, q, text in zip(st["source"].astype(str), st["units"].astype(str),
+                                daemon_runs(st, Run.rows(st)).tolist(), st["seq"],
+                                st["insitu"], strict=True):
+        t = t_acq.get((s, r, int(q)))
         if s == source and u == units and text and t is not None:
             out.append((float(t), json.loads(str(text))))
     out.sort(key=lambda x: x[0])
@@ -85,17 +79,19 @@ def field_start_s(run: Run, source: str, t_frame_ns: float, t0_ns: int) -> float
     """Time (s since ``t0_ns``) of the first frame of the field of view that the frame of
     ``source`` acquired at ``t_frame_ns`` belongs to: the origin of the daemon's in-situ fits
     in that frame's stats (their time counts from the field's first frame). None where the run
-    has no such frame or no field for it (untracked)."""
+    has no such frame or no field for it (untracked). A field is one daemon run's: a restarted
+    daemon numbers its fields from the start again."""
     f = run.frames
     if not Run.rows(f):
         return None
     src = f["source"].astype(str) == source
     t_acq = f["t_acq_ns"].astype(np.float64)
     fld = f["field"].astype(np.float64)
+    runs = daemon_runs(f, Run.rows(f))
     here = src & (t_acq == float(t_frame_ns))
     if not here.any() or not np.isfinite(fld[here][0]):
         return None
-    same = src & (fld == fld[here][0])
+    same = src & (fld == fld[here][0]) & (runs == runs[here][0])
     return float((t_acq[same].min() - t0_ns) / 1e9)
 
 
@@ -129,8 +125,9 @@ def insitu_section(run: Run, source: str, units: str, t0_ns: int, files_dir: Pat
     t_s = (p["t_acq_ns"][sel] - t0_ns) / 1e9
     ecd = p[ecd_col][sel].astype(np.float64)
     tid = p["track_id"][sel].astype(np.int64)
+    prun = daemon_runs(p, Run.rows(p))[sel]  # a track is its (daemon run, track id)
     ok = np.isfinite(ecd) & (ecd > 0)
-    t_s, ecd, tid = t_s[ok], ecd[ok], tid[ok]
+    t_s, ecd, tid, prun = t_s[ok], ecd[ok], tid[ok], prun[ok]
     if ecd.size == 0:
         return ""
     files_dir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +161,9 @@ def insitu_section(run: Run, source: str, units: str, t0_ns: int, files_dir: Pat
     med = float(np.median(rates[good])) if good.any() else math.nan
     lo, hi = _boot_median_ci(rates[good], seed)
     fig, ax = figure(6.4, 3.6)
+    tr_run = daemon_runs(tr, int(mine.sum()))
     for k in order.tolist():
-        m = tid == int(tr["track_id"][k])
+        m = (tid == int(tr["track_id"][k])) & (prun == int(tr_run[k]))
         if m.sum() >= 2:
             ax.plot(t_s[m], ecd[m], lw=0.7, alpha=0.6)
     ax.set_xlabel("time (s)")
@@ -241,10 +239,13 @@ def insitu_section(run: Run, source: str, units: str, t0_ns: int, files_dir: Pat
     rate = last.get("coalescence_rate_per_s")
     vals = track_values(run, source, units)
     n_count = 0 if vals is None else int(vals[0].size)
+    n_runs = len(set(tr_run.tolist()))
+    runs_text = (f' from <span class="n-track-runs">{n_runs}</span> daemon runs (each '
+                 "numbers its tracks from 1: a track never spans two)" if n_runs > 1 else "")
     return (
         f"<h4>In situ: {html.escape(source)}</h4>"
-        f'<p><span class="n-tracks">{int(mine.sum())}</span> tracks ({n_count} count as '
-        f"particles: seen on enough frames, off the frame edge); <span class=\"n-merged\">"
+        f'<p><span class="n-tracks">{int(mine.sum())}</span> tracks{runs_text} ({n_count} '
+        'count as particles: seen on enough frames, off the frame edge); <span class="n-merged">'
         f"{merged}</span> ended in a coalescence, {split} in a fragmentation"
         + (f"; coalescence rate {fmt(rate)} per s in the last field" if rate is not None
            else "")

@@ -30,12 +30,17 @@ keeps only particle rows whose frame row exists, so a run cut anywhere is consis
 Columns. Times are ``timestamp[ns, UTC]`` (pandas ``datetime64[ns, UTC]``); stage in µm, NaN
 without a stage position; ``pixel_size_nm`` NaN when uncalibrated. Lengths are unit-honest:
 ``*_px`` columns always hold pixels, ``*_nm`` columns nanometres and are NaN for uncalibrated
-frames (never pixels under an ``_nm`` name).
+frames (never pixels under an ``_nm`` name). Every batch table ends with ``daemon_run``: the
+daemon process that made the row (protocol 1.11: its start time, ns since the epoch), so a
+recording that went on across a daemon restart keeps the two runs apart (their track ids,
+fields and statistics start again); 0 where not known (``measure``, a daemon before 1.11),
+null in runs written before it.
 
 * particles: ``source, seq, t_acq, file, index, units, pixel_size_nm, stage_x_um, stage_y_um``
   then the particle table's columns (:data:`nanoscout.wire.tables.PARTICLE_TABLE_COLUMNS`:
   ``id, x, y, bbox_x0..bbox_y1, area_px2, area_nm2, ecd_px, ecd_nm, ...``);
-  (``track_id``: the particle's identity across frames, 0 untracked);
+  (``track_id``: the particle's identity across frames within one ``daemon_run``, 0
+  untracked);
 * frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
   stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale,
   base_network_only, size_hint, noise, smoothing_px, scale_agreed, file, index, meta``
@@ -62,10 +67,11 @@ frames (never pixels under an ``_nm`` name).
   ``units``), then ``drift`` and ``clusters`` (JSON), then the statistics that count each
   tracked particle once: ``unique_count, unique_ecd_d50, unique_ecd_d50_lo, unique_ecd_d50_hi``
   and ``unique`` / ``insitu`` (the v1.4 blocks as JSON);
-* tracks: one row per tracked particle (:data:`nanoscout.wire.tracks.TRACK_COLUMNS`: its
-  field, frames, positions, ECD, growth rate with its standard error, fate), computed from the
-  particle and frame rows when the run is closed (:func:`nanoscout.wire.tracks.track_table`);
-  a run cut before that gets it computed when read.
+* tracks: one row per tracked particle, ``(source, daemon_run, track_id)``
+  (:data:`nanoscout.wire.tracks.TRACK_COLUMNS`: its field, frames, positions, ECD, growth
+  rate with its standard error, fate), computed from the particle and frame rows when the run
+  is closed (:func:`nanoscout.wire.tracks.track_table`); a run cut before that gets it
+  computed when read.
 
 :func:`read_run` reads both layouts (and the first format, ``nanoscout-run/1``) with pyarrow;
 :class:`Run` hands the tables out as pyarrow Tables, pandas DataFrames or numpy columns.
@@ -85,6 +91,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from nanoscout.clients.provenance import write_json
 from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, ProtocolError, ReaderError
 from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
@@ -104,24 +111,24 @@ FORMAT = "nanoscout-run/2"
 
 PARTICLE_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "file", "index", "units", "pixel_size_nm", "stage_x_um",
-    "stage_y_um", *PARTICLE_TABLE_COLUMNS)
+    "stage_y_um", *PARTICLE_TABLE_COLUMNS, "daemon_run")
 FRAME_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "t_recv", "t_done", "latency_ms", "n", "units",
     "pixel_size_nm", "stage_x_um", "stage_y_um", "height", "width", "modality", "engine",
     "model", "working_scale", "base_network_only", "size_hint", "noise", "smoothing_px",
     "scale_agreed", "file", "index", "meta", "field",
     "drift_x_px", "drift_y_px",
-    "drift_x_nm", "drift_y_nm", "tracks_active", "events")
+    "drift_x_nm", "drift_y_nm", "tracks_active", "events", "daemon_run")
 ALERT_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t_acq", "rule", "kind", "severity", "value", "threshold",
-    "explanation", "units", "stage_x_um", "stage_y_um", "n")
+    "explanation", "units", "stage_x_um", "stage_y_um", "n", "daemon_run")
 _STATS_BLOCK = ("n_frames", "count", "ecd_mean", "ecd_sd", "ecd_d10", "ecd_d50", "ecd_d90",
                 "density_per_um2")
 STATS_COLUMNS: tuple[str, ...] = (
     "source", "seq", "t", "units", *(f"{w}_{c}" for w in ("window", "cumulative")
                                      for c in _STATS_BLOCK), "drift", "clusters",
     "unique_count", "unique_ecd_d50", "unique_ecd_d50_lo", "unique_ecd_d50_hi", "unique",
-    "insitu")
+    "insitu", "daemon_run")
 #: the tables written batch by batch
 TABLES: dict[str, tuple[str, ...]] = {"particles": PARTICLE_COLUMNS, "frames": FRAME_COLUMNS,
                                       "alerts": ALERT_COLUMNS, "stats": STATS_COLUMNS}
@@ -137,7 +144,7 @@ _STRING = {"source", "file", "units", "shape_class", "modality", "engine", "mode
 _TIME = {"t_acq", "t_recv", "t_done", "t"}
 _INT64 = {"seq", "index", "n", "height", "width", "window_n_frames", "window_count",
           "cumulative_n_frames", "cumulative_count", "track_id", "n_frames", "n_sized",
-          "first_seq", "last_seq", "t_first_ns", "t_last_ns", "merged_into"}
+          "first_seq", "last_seq", "t_first_ns", "t_last_ns", "merged_into", "daemon_run"}
 _INT32 = {"bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"}
 _UINT = {"id": "uint32", "cluster": "uint8"}
 _BOOL = {"border", "base_network_only", "scale_agreed"}
@@ -203,7 +210,8 @@ def det_rows(header: DetHeader, table: np.ndarray,
              "size_hint": header.size_hint or "", "noise": _nan(header.noise),
              "smoothing_px": _nan(header.smoothing_px), "scale_agreed": header.scale_agreed,
              "file": file, "index": index,
-             "meta": json.dumps(header.meta, sort_keys=True), **_tracking_row(header)}
+             "meta": json.dumps(header.meta, sort_keys=True), **_tracking_row(header),
+             "daemon_run": header.daemon_run or 0}
     n = len(table)
     cols: dict[str, Any] = {
         "source": [header.source] * n, "seq": np.full(n, header.seq, np.int64),
@@ -212,6 +220,7 @@ def det_rows(header: DetHeader, table: np.ndarray,
         "pixel_size_nm": np.full(n, _nan(header.pixel_size_nm)),
         "stage_x_um": np.full(n, sx), "stage_y_um": np.full(n, sy)}
     cols.update(particle_columns(table, header.units, header.pixel_size_nm))
+    cols["daemon_run"] = np.full(n, header.daemon_run or 0, np.int64)
     return frame, cols
 
 
@@ -235,7 +244,7 @@ def alert_row(header: AlertHeader) -> dict[str, Any]:
             "rule": header.rule, "kind": header.kind, "severity": header.severity,
             "value": header.value, "threshold": header.threshold,
             "explanation": header.explanation, "units": header.units, "stage_x_um": sx,
-            "stage_y_um": sy, "n": header.n}
+            "stage_y_um": sy, "n": header.n, "daemon_run": header.daemon_run or 0}
 
 
 def _block(block: Any, prefix: str) -> dict[str, Any]:
@@ -262,7 +271,8 @@ def stats_row(header: StatsHeader) -> dict[str, Any]:
             "unique_ecd_d50_hi": math.nan if ci is None else ci[1],
             "unique": "" if u is None else json.dumps(u.model_dump(mode="json")),
             "insitu": "" if header.insitu is None else json.dumps(
-                header.insitu.model_dump(mode="json"))}
+                header.insitu.model_dump(mode="json")),
+            "daemon_run": header.daemon_run or 0}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -361,16 +371,9 @@ class RunWriter:
         return self._meta_path
 
     def write_provenance(self, provenance: dict[str, Any]) -> None:
-        """(Re)write the run's provenance JSON atomically."""
-        provenance = {"format": FORMAT, **provenance}
-        tmp = self._meta_path.with_name("." + self._meta_path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(provenance, indent=1, default=str) + "\n",
-                           encoding="utf-8")
-            os.replace(tmp, self._meta_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk: the last whole provenance stays
-            raise
+        """(Re)write the run's provenance JSON atomically (a full disk: the last whole
+        provenance stays)."""
+        write_json(self._meta_path, {"format": FORMAT, **provenance})
 
     def _queue(self, what: str, rows: dict[str, tuple[dict[str, Any], int]]) -> None:
         """Queue one message's rows (``table: (row, number of rows)``), converted to their
@@ -805,15 +808,17 @@ def _upgrade_v1(name: str, t: pa.Table) -> pa.Table:
 
 
 def _committed(particles: pa.Table, frames: pa.Table) -> pa.Table:
-    """Particle rows whose frame row exists (a crash can write a batch's particles only)."""
+    """Particle rows whose frame row exists (a crash can write a batch's particles only); a
+    frame is its (source, seq, daemon_run): a restarted daemon may analyse a frame again."""
     import pyarrow.compute as pc
 
     if particles.num_rows == 0:
         return particles
 
     def key(t: pa.Table) -> Any:
+        run = pc.cast(pc.fill_null(t.column("daemon_run"), 0), "string")
         return pc.binary_join_element_wise(t.column("source"),
-                                           pc.cast(t.column("seq"), "string"), "\x00")
+                                           pc.cast(t.column("seq"), "string"), run, "\x00")
 
     keep = pc.is_in(key(particles), value_set=key(frames))
     return particles if pc.all(keep).as_py() else particles.filter(keep)

@@ -13,7 +13,9 @@ Three threads, each owning its resources:
   ``dropped{reason="superseded"}``.
 * **worker** runs :meth:`Pipeline.process <nanoscout.analysis.pipeline.Pipeline.process>` on one
   frame at a time; its messages go to the publisher as they are made. A frame that cannot be
-  analysed is counted (``engine_failure``, or ``internal`` for a bug) and skipped.
+  analysed is counted (``engine_failure``, or ``internal`` for a bug) and skipped. A blank
+  frame (no contrast) is answered without a ``class`` message, counted in
+  ``classify_skipped_total{reason="blank"}``, not logged as a failure.
 * **publisher** owns the result PUB socket: it encodes and sends the worker's messages in the
   order the pipeline made them (``det``, ``preview``, ``class`` + its alerts, particle /
   count / drift alerts, ``stats`` last) and a ``health`` message every ``health.interval_s``.
@@ -141,6 +143,7 @@ class Daemon:
         # receiver: frame numbers per source (and adapter session), for gaps and duplicates
         self._seqs = SequenceTracker(max_keys=4 * inp.max_sources, window=4096)
         self._started_ns = time.time_ns()
+        pipeline.daemon_run = self._started_ns  # every result names this run (protocol 1.11)
         self._health_seq = 0
         self._lat_ms: deque[float] = deque(maxlen=500)
         self._done_t: deque[float] = deque(maxlen=1000)
@@ -564,6 +567,9 @@ class Daemon:
                 m.classify_failures.inc()
             else:
                 self._drop(Reason.SUMMARY_FAILURE)
+        for stage, exc in result.skipped:  # on purpose (the pipeline logs it): no warning
+            if stage == "classify":
+                m.classify_skipped.labels(reason=exc.reason.value).inc()
         m.frames_processed.labels(source=h.source).inc()
         with self._count_lock:
             self._lat_ms.append(lat_s * 1e3)

@@ -37,6 +37,10 @@ queue_depth                            gauge      frames accepted and waiting
 class_probability{source,label}        gauge      the latest classification's probability per class
 novelty{source}                        gauge      the latest AI-lens novelty score (1 = reference)
 classify_failures_total                counter    frames whose classification failed
+classify_skipped_total{reason}         counter    frames not classified on purpose: blank (no
+                                                  contrast: beam blanked, shutter closed; no
+                                                  ``class`` message, the two gauges above keep
+                                                  the last classified frame's values)
 ecd_d10/ecd_d50/ecd_d90{source,units}  gauge      window D10/D50/D90 of ECD (nm, or px for
                                                   uncalibrated frames: ``units`` says which)
 window_particles{source}               gauge      non-border particles in the statistics window
@@ -78,7 +82,12 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from nanoscout.daemon.hotswap import FAILURE_STEPS
-from nanoscout.wire.errors import DROP_REASONS, REJECTION_REASONS, ConfigError
+from nanoscout.wire.errors import (
+    CLASSIFY_SKIP_REASONS,
+    DROP_REASONS,
+    REJECTION_REASONS,
+    ConfigError,
+)
 from nanoscout.wire.headers import SizeHint
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
@@ -172,6 +181,9 @@ class Metrics:
         self.classify_failures = Counter(
             "nanoscout_classify_failures", "Frames whose classification failed", registry=r
         )
+        self.classify_skipped = Counter(
+            "nanoscout_classify_skipped", "Frames not classified on purpose, by reason (blank: "
+            "no contrast, e.g. beam blanked)", ["reason"], registry=r)
         self.ecd = {q: Gauge(f"nanoscout_ecd_{q}", f"Window {q.upper()} of the equivalent circular "
                              "diameter (nm, or px when units=px)", ["source", "units"], registry=r)
                     for q in ("d10", "d50", "d90")}
@@ -211,6 +223,8 @@ class Metrics:
             self.frames_dropped.labels(reason=reason.value)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason=reason.value)
+        for reason in CLASSIFY_SKIP_REASONS:
+            self.classify_skipped.labels(reason=reason.value)
         for action, steps in FAILURE_STEPS.items():
             self.model_swaps.labels(action=action)
             for step in steps:

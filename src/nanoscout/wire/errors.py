@@ -9,6 +9,7 @@
     │   ├── MalformedMessage   garbage bytes, wrong number of parts, header that fails validation
     │   └── PayloadError       header/payload mismatch, unsupported dtype, zero-size/oversized frame
     ├── FrameError             a valid message whose pixels cannot be analysed (NaN/inf, absurd values)
+    │   └── BlankFrame         a frame without contrast: nothing to classify (detection still runs)
     ├── EngineError
     │   ├── EngineUnavailable  the runtime (extra) is not installed or no device is present
     │   └── EngineFailure      the runtime failed while loading or running a model
@@ -52,6 +53,8 @@ class Reason(StrEnum):
     SUMMARY_FAILURE = "summary_failure"  #: detections published, statistics/alerts failed
     SHUTDOWN = "shutdown"  #: the daemon stopped before analysing it (live policy)
     EVICTED = "evicted"  #: its source was evicted (``input.max_sources``) while it waited
+    # an answered frame whose classification was skipped on purpose (``classify_skipped_total``)
+    BLANK = "blank"  #: no contrast (:class:`BlankFrame`): beam blanked, shutter closed, ...
     # other errors (not counted on the wire)
     ERROR = "error"
     CONFIG = "config"
@@ -80,6 +83,9 @@ DROP_REASONS: tuple[Reason, ...] = (
     Reason.SUPERSEDED, Reason.ENGINE_FAILURE, Reason.SUMMARY_FAILURE, Reason.SHUTDOWN,
     Reason.EVICTED, Reason.INTERNAL,
 )
+#: reasons a frame's classification is skipped for (every one a ``classify_skipped_total``
+#: label at 0)
+CLASSIFY_SKIP_REASONS: tuple[Reason, ...] = (Reason.BLANK,)
 
 
 class NanoscoutError(Exception):
@@ -127,6 +133,15 @@ class FrameError(NanoscoutError):
     """A valid message whose pixels cannot be analysed (NaN/inf, absurd values)."""
 
     reason = Reason.FRAME
+
+
+class BlankFrame(FrameError):
+    """A frame without contrast, e.g. beam blanked, shutter closed, a detector sending zeros:
+    the classifier's input is one constant value, so no class and no novelty can be told
+    (:meth:`nanoscout.analysis.classifier.FieldClassifier.classify`). The frame is still
+    analysed otherwise; its classification is skipped and counted, not failed."""
+
+    reason = Reason.BLANK
 
 
 class EngineError(NanoscoutError):

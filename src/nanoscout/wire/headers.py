@@ -66,6 +66,12 @@ History (minor versions only add optional fields; receivers ignore fields they d
   model, which holds that rule), or because the adapted network found far more particles
   than the base network there (``base_network.max_count_ratio``: it broke down on the frame;
   the same field, no new version). A v1.6 reader ignores it.
+* 1.11 ``daemon_run`` on every result header (:class:`FrameRef`): the daemon process that made
+  the result, named by its start time in ns since the epoch (the value its ``health.started_ns``
+  carries). A restarted daemon numbers its tracks, fields of view and ``topic_seq`` from the
+  start again: a client that keeps results across a restart (``nanoscout record``) tells them
+  apart by ``daemon_run``. Optional: None from ``nanoscout measure`` (no daemon) and from a
+  daemon before 1.11; a v1.10 reader ignores it.
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 10)
+PROTOCOL_VERSION: tuple[int, int] = (1, 11)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -391,6 +397,10 @@ class FrameRef(Header):
     stage_ms: dict[str, float] = Field(default_factory=dict)
     #: per topic and source: 0, 1, 2, ... as the daemon publishes them (v1.3; None before)
     topic_seq: Count64 | None = None
+    #: v1.11: the daemon run that made the result: its start time, ns since the epoch (its
+    #: ``health.started_ns``); track ids, fields and ``topic_seq`` start again with each run.
+    #: None without a daemon (``nanoscout measure``) or from a daemon before 1.11
+    daemon_run: Int64Count | None = None
 
 
 class FrameDrift(BaseModel):

@@ -10,6 +10,12 @@ When the microscope fails mid-search the list of what was found so far is still 
 ``search.json`` records why it stopped (``stopped`` "error", ``error`` the failure), and the
 exit status is 2. SIGINT (Ctrl-C) or SIGTERM ends the search before its next frame: what it
 found is written (``stopped`` "interrupted"), exit status 130.
+
+``--budget-frames``, ``--budget-s`` and ``--budget-dose`` are limits the search's totals never
+pass: a frame is taken only when its estimated cost fits what is left (see
+:mod:`nanoscout.clients.search.strategies`). ``search.json`` gives each budget's spent vs
+budget (``budgets``) and, when one stopped the search, by how much the frame it refused would
+have passed it (``stop_detail``); the last line printed says the same.
 """
 
 from __future__ import annotations
@@ -60,9 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=512, help="frame side, px")
     p.add_argument("--overlap", type=float, default=3.0,
                    help="tile overlap, µm (at least the largest target)")
-    p.add_argument("--budget-frames", type=int)
-    p.add_argument("--budget-s", type=float, help="instrument time (moves + exposures), s")
-    p.add_argument("--budget-dose", type=float, help="mean electron dose over the area, e/nm²")
+    p.add_argument("--budget-frames", type=int, help="the most frames the search takes")
+    p.add_argument("--budget-s", type=float,
+                   help="the most instrument time (moves + exposures), s: no frame is started "
+                        "that would end past it")
+    p.add_argument("--budget-dose", type=float,
+                   help="the most mean electron dose over the area, e/nm²: no frame is taken "
+                        "that would pass it")
     p.add_argument("--min-separation", type=float, default=1.0,
                    help="confirmations closer than this (µm) are one target")
     p.add_argument("--result-timeout", type=float, default=30.0, help=RESULT_TIMEOUT_HELP)
@@ -119,6 +129,8 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     print(f"search ({args.strategy}): {len(result.targets)} targets in {result.frames} frames "
           f"({result.instrument_s:.0f} s instrument time, {result.wall_s:.0f} s wall); "
           f"stopped: {result.stopped}; navigator: {paths['nav']}", flush=True)
+    if result.budget_stop is not None:
+        print(f"search: budget {result.budget_stop}", flush=True)
     if result.skipped_rows:
         print(f"search: {result.skipped_rows} alert rows were no target (non-finite position "
               f"or score) and were skipped", file=sys.stderr, flush=True)

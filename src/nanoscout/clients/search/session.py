@@ -13,12 +13,26 @@ microscope's own source count (a topic subscription is a prefix: ``det.stage`` a
 
 Costs are added up as the search goes: frames, instrument time (modelled or real stage moves
 plus exposures, s) and electron dose (e/nm² summed over the frames' areas, divided by the search
-area: the mean dose the specimen received).
+area: the mean dose the specimen received). :meth:`Costs.estimate` says what the next frame will
+cost before it is taken, from what the frames so far cost (the microscope reports a frame's
+move time, exposure and dose only with the frame), so that a budget is checked before it is
+spent:
+
+* exposure (s) and dose (e/nm²) of the latest frame at the same magnification (pixel size
+  asked for and shape); at a magnification not seen yet the longest exposure seen, and the
+  larger of "the same e/nm²" (a TEM's fixed illumination) and "the same electrons per frame"
+  (a fixed dose per pixel, as a STEM's dwell or the simulated camera) of every magnification
+  seen: an upper bound for either kind of instrument;
+* the stage move from the measured moves, as an upper bound for a move time that grows
+  linearly with the distance (settle s plus distance / speed): a move of ``d`` µm takes at
+  most ``t_j · max(1, d / d_j)`` for every measured move ``j`` (``d_j`` µm in ``t_j`` s), the
+  least of these.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -50,18 +64,88 @@ class FrameResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class FrameCost:
+    """What one frame costs: instrument time (stage move + exposure, s) and electron dose times
+    its area (e/nm² × µm²; divided by the search area, its share of the mean dose)."""
+
+    instrument_s: float
+    dose_e_nm2_area: float
+
+
+@dataclass(frozen=True)
+class _Magnification:
+    """The latest frame at one magnification: exposure s, dose e/nm² (None: not reported) and
+    field of view µm²."""
+
+    exposure_s: float
+    dose_e_per_nm2: float | None
+    area_um2: float
+
+
 @dataclass
 class Costs:
-    """What the search has spent so far."""
+    """What the search has spent so far, and what it learnt of a frame's cost."""
 
     frames: int = 0
     instrument_s: float = 0.0
     dose_e_nm2_area: float = 0.0  # Σ dose (e/nm²) × frame area (µm²)
     failed_frames: int = 0
+    #: the stage position after the latest frame (µm); None before it when not known
+    at_um: tuple[float, float] | None = None
+    #: (distance µm, time s) of each stage move whose start was known
+    moves: list[tuple[float, float]] = field(default_factory=list)
+    #: the latest frame of each magnification: (pixel size asked for nm, shape px) → its costs
+    seen: dict[tuple[float, tuple[int, int]], _Magnification] = field(default_factory=dict)
 
     def mean_dose(self, area: Area) -> float:
         """Electron dose per nm² averaged over the search area."""
         return self.dose_e_nm2_area / (area.width * area.height)
+
+    def add(self, pixel_size_nm: float, shape: tuple[int, int], stage_um: tuple[float, float],
+            move_s: float, exposure_s: float, dose_e_per_nm2: float | None,
+            fov_um: tuple[float, float]) -> None:
+        """Count one frame asked for at ``pixel_size_nm`` and ``shape`` (px), taken at
+        ``stage_um`` (µm) after a move of ``move_s`` s, exposed ``exposure_s`` s with
+        ``dose_e_per_nm2`` (None: not reported) over ``fov_um`` (x, y µm)."""
+        self.frames += 1
+        self.instrument_s += move_s + exposure_s
+        area = fov_um[0] * fov_um[1]
+        if dose_e_per_nm2 is not None:
+            self.dose_e_nm2_area += dose_e_per_nm2 * area
+        if self.at_um is not None:
+            self.moves.append((math.dist(self.at_um, stage_um), move_s))
+        self.at_um = stage_um
+        self.seen[(pixel_size_nm, shape)] = _Magnification(exposure_s, dose_e_per_nm2, area)
+
+    def estimate(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int]
+                 ) -> FrameCost | None:
+        """What a frame at (``x_um``, ``y_um``) µm, ``pixel_size_nm`` and ``shape`` (rows, cols
+        px) will cost at most, from the frames so far (the rules in the module docstring);
+        None before the first frame (nothing is known)."""
+        if not self.seen:
+            return None
+        mag = self.seen.get((pixel_size_nm, shape))
+        if mag is not None:
+            exposure_s = mag.exposure_s
+            dose = 0.0 if mag.dose_e_per_nm2 is None else mag.dose_e_per_nm2 * mag.area_um2
+        else:
+            area = shape[0] * shape[1] * (pixel_size_nm / 1e3) ** 2
+            exposure_s = max(m.exposure_s for m in self.seen.values())
+            dose = max((m.dose_e_per_nm2 * max(m.area_um2, area) for m in self.seen.values()
+                        if m.dose_e_per_nm2 is not None), default=0.0)
+        return FrameCost(self._move_s(x_um, y_um) + exposure_s, dose)
+
+    def _move_s(self, x_um: float, y_um: float) -> float:
+        """The longest a move to (x, y) µm is expected to take, s: the bound of the module
+        docstring; with no measured move of a distance > 0 the longest measured, or 0."""
+        if self.at_um is None:
+            return max((t for _, t in self.moves), default=0.0)
+        d = math.dist(self.at_um, (x_um, y_um))
+        bounds = [t if dj >= d else t * d / dj for dj, t in self.moves if dj >= d or dj > 0]
+        if bounds:
+            return min(bounds)
+        return max((t for _, t in self.moves), default=0.0)
 
 
 class SearchSession:
@@ -81,7 +165,8 @@ class SearchSession:
         topics = tuple(f"{k}.{self.source}" for k in ("det", "class", "alert", "stats"))
         self._sub = Subscriber(results_endpoint, topics, curve=curve)
         self._sub.wait_ready(ready_timeout_s)  # connected before the first frame goes out
-        self.costs = Costs()
+        #: where the stage is: the first move's length is measured from there
+        self.costs = Costs(at_um=status.stage)
         self.t0 = time.monotonic()
 
     def frame(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int],
@@ -99,13 +184,10 @@ class SearchSession:
             raise ControlError(f"the microscope at {self.control.endpoint} answered acquire "
                                f"without {', '.join(missing)}")
         c = self.costs
-        c.frames += 1
-        c.instrument_s += (moved.move_s or 0.0) + (acq.exposure_s or 0.0)
         geom = FrameGeometry(acq.stage, acq.pixel_size_nm, acq.shape,
                              acq.image_to_stage or ((1.0, 0.0), (0.0, 1.0)))
-        if acq.dose_e_per_nm2 is not None:
-            fx, fy = geom.fov_um
-            c.dose_e_nm2_area += acq.dose_e_per_nm2 * fx * fy
+        c.add(pixel_size_nm, shape, acq.stage, moved.move_s or 0.0, acq.exposure_s or 0.0,
+              acq.dose_e_per_nm2, geom.fov_um)
         res = FrameResult(purpose, c.frames, geom, self.source, acq.seq, 0.0, c.instrument_s)
         self._collect(res)
         res.t_s = time.monotonic() - self.t0

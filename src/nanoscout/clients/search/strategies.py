@@ -12,9 +12,18 @@
   confirm, gets one second look from another place in the frame.
 
 Both stop at the budget (frames, instrument seconds or mean electron dose, whichever comes
-first), or when the microscope fails (its control socket does not answer, answers garbage or
-refuses): the search then stops at once and returns what it found so far, with ``stopped`` =
-"error" and the failure in ``error``; or, between two frames, when ``stop`` is set (the
+first). A budget is a limit the totals never pass: a frame is taken only when what was spent
+plus what that frame will cost stays within every budget — one frame for the frame budget, and
+for time and dose the estimate of :meth:`~nanoscout.clients.search.session.Costs.estimate`
+(from the frames so far: the move to the frame's place, the exposure and dose of the latest
+frame at its magnification). Before the first frame nothing says what a frame costs (the
+microscope reports a frame's exposure and dose with the frame): it is taken unless a budget is
+0, and a budget smaller than one frame stops the search after it. ``stopped`` names the
+budget ("budget: frames", "budget: instrument time", "budget: dose"); ``budget_stop`` says what
+was spent, what the refused frame would have cost and by how much it would have passed the
+budget. The search also stops when the microscope fails (its control socket does not answer,
+answers garbage or refuses): the search then stops at once and returns what it found so far,
+with ``stopped`` = "error" and the failure in ``error``; or, between two frames, when ``stop`` is set (the
 operator's Ctrl-C or SIGTERM): ``stopped`` = "interrupted". A frame whose results do not come
 back is taken once more. An alert row that cannot be a target (a non-finite position, score or alert value) is
 skipped, logged and counted (``skipped_rows``); a non-finite optional measurement (ECD, Feret
@@ -62,9 +71,12 @@ class SearchConfig:
     survey_pixel_size_nm: float = 80.0
     shape: tuple[int, int] = (512, 512)  # rows, cols px, every frame
     overlap_um: float = 3.0  # tile overlap, >= the largest target
+    #: the most frames, instrument time (stage moves + exposures, s) and mean electron dose
+    #: over the search area (e/nm²) the search may spend: the totals never pass them (a frame
+    #: is taken only when its estimated cost fits what is left; see the module docstring)
     budget_frames: int | None = None
-    budget_s: float | None = None  # instrument time (stage moves + exposures)
-    budget_dose_e_per_nm2: float | None = None  # mean dose over the search area
+    budget_s: float | None = None
+    budget_dose_e_per_nm2: float | None = None
     min_separation_um: float = 1.0
     #: a candidate this far inside a confirmation frame counts as checked (>= half the
     #: largest target, so it was seen whole)
@@ -95,6 +107,32 @@ class Candidate:
     seq: int
 
 
+@dataclass(frozen=True)
+class BudgetStop:
+    """The budget that stopped a search, in ``unit``: what was spent, what the frame it
+    refused would have cost (None: not known, before the first frame) and the budget."""
+
+    budget: str  # "frames", "instrument time" or "dose"
+    unit: str  # "frames", "s" or "e/nm²" (mean over the search area)
+    spent: float
+    next_frame: float | None
+    limit: float
+
+    @property
+    def over(self) -> float:
+        """By how much the refused frame would have passed the budget, in ``unit``."""
+        return self.spent + (self.next_frame or 0.0) - self.limit
+
+    def __str__(self) -> str:
+        u = "" if self.unit == "frames" else f" {self.unit}"
+        if self.next_frame is None:
+            return (f"{self.budget}: {self.spent:.4g} of {self.limit:.4g}{u} spent, "
+                    f"nothing left for a frame")
+        return (f"{self.budget}: {self.spent:.4g} of {self.limit:.4g}{u} spent; the next "
+                f"frame (~{self.next_frame:.4g}{u}) would have made {self.spent + self.next_frame:.4g}"
+                f"{u}, {self.over:.4g}{u} over the budget")
+
+
 @dataclass
 class SearchResult:
     """What a search found and spent."""
@@ -120,6 +158,12 @@ class SearchResult:
     error: str | None = None
     #: target-rule alert rows that could not be made targets (non-finite position, ...)
     skipped_rows: int = 0
+    #: the budget that stopped the search (``stopped`` "budget: ..."), or None
+    budget_stop: BudgetStop | None = None
+    #: the budgets asked for (None: no limit): frames, instrument s, mean dose e/nm²
+    budget_frames: int | None = None
+    budget_s: float | None = None
+    budget_dose_e_per_nm2: float | None = None
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly numbers (no thumbnails)."""
@@ -131,7 +175,15 @@ class SearchResult:
             "wall_s": round(self.wall_s, 2),
             "mean_dose_e_per_nm2": round(self.mean_dose_e_per_nm2, 4),
             "failed_frames": self.failed_frames, "duplicates_merged": self.duplicates_merged,
-            "skipped_rows": self.skipped_rows, "stopped": self.stopped, "error": self.error,
+            "skipped_rows": self.skipped_rows, "stopped": self.stopped,
+            "stop_detail": None if self.budget_stop is None else str(self.budget_stop),
+            "budgets": {  # spent vs budget (None: no limit)
+                "frames": {"spent": self.frames, "budget": self.budget_frames},
+                "instrument_s": {"spent": round(self.instrument_s, 2),
+                                 "budget": self.budget_s},
+                "mean_dose_e_per_nm2": {"spent": round(self.mean_dose_e_per_nm2, 4),
+                                        "budget": self.budget_dose_e_per_nm2}},
+            "error": self.error,
             "first_target": None if first is None else {
                 "frames": first.frame_index, "wall_s": round(first.t_s, 2),
                 "instrument_s": round(first.instrument_s, 2)},
@@ -235,25 +287,44 @@ def _nm(row: np.void, name: str, units: str) -> float | None:
     return _finite_or_none(float(row[name])) if units == "nm" else None
 
 
+#: relative slack of a budget check: sums of frame costs round differently from the budget
+_ROUNDING = 1e-9
+
+
 class _Budget:
     def __init__(self, cfg: SearchConfig, session: SearchSession,
                  stop: threading.Event | None = None) -> None:
         self.cfg, self.session, self.stop = cfg, session, stop
         #: the microscope's failure that stopped the search (no frame may be taken), or None
         self.error: str | None = None
+        #: the budget that refused the latest frame asked for, or None
+        self.refused: BudgetStop | None = None
 
-    def exhausted(self) -> str | None:
-        """Why no further frame may be taken, or None."""
+    def refuse(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int]
+               ) -> str | None:
+        """Why a frame at (x, y) µm, ``pixel_size_nm`` and ``shape`` px may not be taken
+        ("interrupted", "budget: ..." with :attr:`refused` saying by how much), or None."""
+        self.refused = None
         if self.stop is not None and self.stop.is_set():
             return "interrupted"
         c, cfg = self.session.costs, self.cfg
-        if cfg.budget_frames is not None and c.frames >= cfg.budget_frames:
+        if cfg.budget_frames is not None and c.frames + 1 > cfg.budget_frames:
+            self.refused = BudgetStop("frames", "frames", c.frames, 1, cfg.budget_frames)
             return "budget: frames"
-        if cfg.budget_s is not None and c.instrument_s >= cfg.budget_s:
-            return "budget: instrument time"
-        if cfg.budget_dose_e_per_nm2 is not None \
-                and c.mean_dose(cfg.area) >= cfg.budget_dose_e_per_nm2:
-            return "budget: dose"
+        est = c.estimate(x_um, y_um, pixel_size_nm, shape)
+        a = cfg.area.width * cfg.area.height  # µm²: a frame's dose × area over it is its mean
+        for name, unit, spent, cost, limit in (
+                ("instrument time", "s", c.instrument_s,
+                 None if est is None else est.instrument_s, cfg.budget_s),
+                ("dose", "e/nm²", c.mean_dose(cfg.area),
+                 None if est is None else est.dose_e_nm2_area / a, cfg.budget_dose_e_per_nm2)):
+            if limit is None:
+                continue
+            # an unknown cost (the first frame) is taken while something is left
+            over = spent >= limit if cost is None else spent + cost > limit * (1 + _ROUNDING)
+            if over:
+                self.refused = BudgetStop(name, unit, spent, cost, limit)
+                return f"budget: {name}"
         return None
 
 
@@ -278,7 +349,7 @@ def _take(session: SearchSession, budget: _Budget, x: float, y: float, pixel_siz
         meta = {"rotate45": True}
     try:
         res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
-        if res.error is not None and budget.exhausted() is None:
+        if res.error is not None and budget.refuse(x, y, pixel_size_nm, shape) is None:
             log.warning("taking frame at (%.2f, %.2f) µm again", x, y)
             res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
     except ControlError as exc:
@@ -312,7 +383,7 @@ def _sweep(session: SearchSession, cfg: SearchConfig, budget: _Budget, pixel_siz
     """Tile the area at ``pixel_size_nm``; returns why it stopped early ("" when complete,
     "error" when the microscope failed)."""
     for x, y in tile_centres(cfg.area, _fov(cfg, pixel_size_nm), cfg.overlap_um):
-        why = budget.exhausted()
+        why = budget.refuse(x, y, pixel_size_nm, cfg.shape)
         if why:
             return why
         res = _take(session, budget, x, y, pixel_size_nm, cfg.shape, purpose)
@@ -382,13 +453,13 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
     n_cands = len(pending)
     visited: list[Candidate] = []
     while pending and not stopped:
-        why = budget.exhausted()
+        x, y = _clamp(session, pending[0].x_um, pending[0].y_um)
+        why = budget.refuse(x, y, cfg.pixel_size_nm, cfg.shape)
         if why:
             stopped = why
             break
         best = pending.pop(0)
         visited.append(best)
-        x, y = _clamp(session, best.x_um, best.y_um)
         res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
         if res is None:
             stopped = "error"
@@ -407,11 +478,11 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
             break
         if c.priority < _TARGET_WEIGHT or book.near(c.x_um, c.y_um, cfg.confirm_margin_um):
             continue
-        why = budget.exhausted()
+        x, y = _clamp(session, c.x_um + fx / 4, c.y_um + fy / 4)
+        why = budget.refuse(x, y, cfg.pixel_size_nm, cfg.shape)
         if why:
             stopped = why
             break
-        x, y = _clamp(session, c.x_um + fx / 4, c.y_um + fy / 4)
         res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
         if res is None:
             stopped = "error"
@@ -437,7 +508,10 @@ def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: Targ
         failed_frames=c.failed_frames, stopped=stopped,
         duplicates_merged=book.duplicates_merged, curve=book.curve,
         survey_frames=0, confirm_frames=c.frames if strategy == "raster" else 0,
-        error=budget.error, skipped_rows=book.skipped_rows)
+        error=budget.error, skipped_rows=book.skipped_rows,
+        budget_stop=budget.refused if stopped.startswith("budget:") else None,
+        budget_frames=cfg.budget_frames, budget_s=cfg.budget_s,
+        budget_dose_e_per_nm2=cfg.budget_dose_e_per_nm2)
 
 
 def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
