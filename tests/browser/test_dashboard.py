@@ -749,6 +749,12 @@ def test_control_buttons_reach_the_daemons_query_socket_and_track_history_answer
         status, h = _get(server.url, "/api/track?source=sim&id=5")
         assert status == 200 and h["seq"] == [0, 1, 2] and h["track_id"] == 5
         assert _get(server.url, "/api/track?source=sim")[0] == 400
+        # a restarted daemon (another daemon_run) numbers its tracks from 1 again: its
+        # track 5 is another particle, the earlier frames are not its history
+        state.ingest(_tracked_det(3, 0.0, [5], run=1_765_000_000_000_000_000))
+        status, h = _get(server.url, "/api/track?source=sim&id=5")
+        assert status == 200 and h["seq"] == [3]
+        assert h["daemon_run"] == 1_765_000_000_000_000_000
     finally:
         server.close()
         none.close()

@@ -178,3 +178,27 @@ def test_missed_counts_keep_the_sources_with_the_latest_gaps(
         got = [msg for _, msg in zip(range(10), sub.messages(timeout=30), strict=False)]
         assert len(got) == 10
     assert dict(sub.missed) == {"s2": 1, "s3": 1, "s4": 1} and sub.missed_total == 5
+
+
+def test_results_a_restarted_daemon_sent_before_the_subscriber_saw_it_are_missed(
+        publisher: zmq.Socket) -> None:
+    """A restarted daemon numbers its results from 0 again (``topic_seq``), and names its run
+    (``daemon_run``). Its results published while the subscriber reconnected (here 0-2, the
+    first one seen is 3, below the old run's newest 5) were read as a restart with nothing
+    missing; they are counted now, per source and in total."""
+    from nanoscout.clients.subscriber import Gap
+
+    endpoint = publisher.getsockopt_string(zmq.LAST_ENDPOINT)
+    run1, run2 = time.time_ns(), time.time_ns() + 60 * 10**9
+    sent = [(run1, k) for k in range(6)] + [(run2, 3), (run2, 4)]
+    with Subscriber(endpoint, topics=("stats.",)) as sub:
+        _subscribed(publisher, sub)
+        for run, topic_seq in sent:
+            publisher.send_multipart(encode_message(StatsHeader(
+                source="s", seq=topic_seq, t_ns=1, units="px", window={}, cumulative={},
+                topic_seq=topic_seq, daemon_run=run)))
+        got = [(m.header.daemon_run, m.header.topic_seq)
+               for _, m in zip(range(len(sent)), sub.messages(timeout=30), strict=False)]
+        assert got == sent
+    assert dict(sub.missed) == {"s": 3} and sub.missed_total == 3
+    assert sub.last_gap == Gap("stats.s", 3, 3)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.search import score
+from nanoscout.clients.microscope.control import ControlClient
 from nanoscout.clients.search.navigator import read_json, read_nav
 from tests.conftest import REPO
 from tests.system.conftest import nanoscout, wait_ready
@@ -122,3 +123,34 @@ def test_time_and_dose_budgets_are_never_overshot(microscope: tuple, tmp_path: P
     assert meta["stop_detail"] == ("dose: 0.0983 of 0.1 e/nm² spent; the next frame "
                                    "(~0.03277 e/nm²) would have made 0.1311 e/nm², 0.03107 "
                                    "e/nm² over the budget"), meta
+
+
+def test_a_dose_budget_below_one_frame_takes_no_frame(microscope: tuple, tmp_path: Path) -> None:
+    """The microscope's status says what a frame costs (0.5 s, 200 e/px), so the search prices
+    its first frame before taking it: a dose budget below one frame's dose (0.5 e/nm² over
+    104.9 µm², 0.03277 e/nm² of the 40 × 40 µm mean) takes no frame. Before, nothing said what
+    a frame cost until the first one came back: it was taken (0.0328 of 0.02 e/nm²)."""
+    daemon, control, _ = microscope
+    client = ControlClient(control, timeout=30.0)
+    try:
+        status = client.status()
+        dosed = _search(daemon, control, tmp_path / "dose", "--strategy", "raster",
+                        "--budget-dose", "0.02")
+        assert dosed.returncode == 0, dosed.stderr
+        meta = json.loads((tmp_path / "dose" / "search.json").read_text())["search"]
+        assert (meta["frames"], meta["stopped"]) == (0, "budget: dose"), meta
+        assert meta["budgets"]["mean_dose_e_per_nm2"] == {"spent": 0.0, "budget": 0.02}
+        assert meta["stop_detail"] == ("dose: 0 of 0.02 e/nm² spent; the next frame "
+                                       "(~0.03277 e/nm²) would have made 0.03277 e/nm², "
+                                       "0.01277 e/nm² over the budget"), meta
+        assert meta["stop_detail"] in dosed.stdout
+        assert client.status().frames == status.frames  # the microscope took no frame
+        assert (status.exposure_s, status.dose_e_per_px, status.dose_e_per_nm2) == (0.5, 200.0,
+                                                                                   None)
+        # the frame the search refused (512 px at 20 nm/px) costs what the status said
+        acq = client.acquire(20.0, (512, 512), tag="raster")
+        assert acq.exposure_s == status.exposure_s
+        assert status.dose_e_per_px is not None
+        assert acq.dose_e_per_nm2 == status.dose_e_per_px / 20.0**2 == 0.5
+    finally:
+        client.close()

@@ -357,3 +357,21 @@ def test_the_pipeline_skips_a_blank_frames_classification(
     assert [lvl for lvl, _ in logged] == [logging.INFO, logging.INFO], logged
     assert "cam#0: blank frame" in logged[0][1] and "until a frame with contrast" in logged[0][1]
     assert "cam#3: contrast again" in logged[1][1] and "(3 blank frame(s)" in logged[1][1]
+
+
+def test_the_lens_sees_no_blank_frame(field_classifier: FieldClassifier) -> None:
+    """``lens_outputs`` (the daemon's lens query socket runs it) applies classify's criterion:
+    the shipped lens answered a flat frame with a novelty of 88, an "unusual specimen" signal
+    for a frame that holds nothing. A frame with noise still gets its outputs and novelty."""
+    from nanoscout.wire.errors import BlankFrame, Reason
+
+    clf = field_classifier
+    hot = _flat(1000, np.uint16)
+    hot[100, 100] = 60000
+    for named, img in {"every pixel 0": _flat(0, np.uint16), "pixels 1000 to 60000": hot}.items():
+        with pytest.raises(BlankFrame, match=f"{named}.*the lens's 256x256 input is 0") as info:
+            clf.lens_outputs(img)
+        assert info.value.reason is Reason.BLANK
+    noise = np.random.default_rng(6).normal(1000, 20, (512, 512)).astype(np.uint16)
+    _, novelty = clf.novelty_of(clf.lens_outputs(noise))
+    assert np.isfinite(novelty) and novelty == pytest.approx(clf.classify(noise).novelty)

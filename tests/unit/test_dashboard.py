@@ -70,10 +70,11 @@ def det(seq: int, n: int = 2, source: str = "sim") -> Message:
     return _wire(h, _table(n))
 
 
-def preview(seq: int, source: str = "sim", scale: float = 0.5) -> Message:
+def preview(seq: int, source: str = "sim", scale: float = 0.5, run: int | None = None
+            ) -> Message:
     img = np.tile(np.arange(512, dtype=np.uint8)[None, :], (512, 1))
     h = PreviewHeader(source=source, seq=seq, t_acq_ns=seq * 10**8, shape=(1024, 1024),
-                      size=(512, 512), scale=scale, pixel_size_nm=PX_NM)
+                      size=(512, 512), scale=scale, pixel_size_nm=PX_NM, daemon_run=run)
     return _wire(h, img)
 
 
@@ -496,7 +497,8 @@ def test_lens_view_picks_the_first_activation_and_remembers_the_layers() -> None
         view.view("sim", "error")
 
 
-def _tracked_det(seq: int, drift_x: float, ids: list[int], field: int = 0) -> Message:
+def _tracked_det(seq: int, drift_x: float, ids: list[int], field: int = 0,
+                 run: int | None = None, topic_seq: int | None = None) -> Message:
     from nanoscout.wire.headers import FrameDrift, Tracking
 
     t = _table(len(ids))
@@ -506,7 +508,8 @@ def _tracked_det(seq: int, drift_x: float, ids: list[int], field: int = 0) -> Me
                   t_done_ns=seq * 10**9 + 5, pixel_size_nm=PX_NM, units="nm", n=len(ids),
                   engine="e", shape=(1024, 1024),
                   drift=FrameDrift(field=field, x_px=drift_x, y_px=0.0, method="particles"),
-                  tracking=Tracking(active=len(ids), total=len(ids)))
+                  tracking=Tracking(active=len(ids), total=len(ids)), daemon_run=run,
+                  topic_seq=topic_seq)
     return _wire(h, t)
 
 
@@ -532,6 +535,30 @@ def test_trails_follow_each_track_on_the_specimen_and_history_is_per_track() -> 
     state.ingest(_tracked_det(4, 0.0, [7, 9], field=1))
     state.ingest(preview(4, scale=0.5))
     assert payload(state, "frame:sim")["det"]["trails"] == [[], []]
+
+
+def test_a_restarted_daemons_tracks_start_fresh_on_the_page() -> None:
+    """A restarted daemon numbers its tracks and fields from 1 again: its track 9 is another
+    particle. Keyed by track id alone, the hover box listed the old run's frames of track 9
+    with the new run's, and the trail joined the old run's positions (same field 0) to it."""
+    run1, run2 = 1_765_000_000_000_000_000, 1_765_000_060_000_000_000
+    state = DashboardState()
+    for k in range(4):  # the first run: topic_seq 0-3
+        state.ingest(_tracked_det(k, 5.0 * k, [7, 9], run=run1, topic_seq=k))
+    assert state.track_history("sim", 9)["seq"] == [0, 1, 2, 3]
+    # the daemon restarts; its det topic_seq 0 and 1 (frames 4, 5) are lost while the
+    # dashboard reconnects; the new run's track 9 lies 300 px right of the old run's
+    for k, topic_seq in ((6, 2), (7, 3)):
+        state.ingest(_tracked_det(k, 300.0 + (k - 6), [7, 9], run=run2, topic_seq=topic_seq))
+    h = state.track_history("sim", 9)
+    assert h["seq"] == [6, 7] and h["daemon_run"] == run2
+    assert h["x"] == [450.0, 451.0] and h["t_s"] == [-1.0, 0.0]
+    state.ingest(preview(7, scale=0.5, run=run2))
+    det = payload(state, "frame:sim")["det"]
+    assert [len(trail) for trail in det["trails"]] == [4, 4]  # frames 6 and 7 only
+    assert det["trails"][1][0::2] == pytest.approx([det["x"][1]] * 2, abs=0.06)
+    # the new run's messages before the first one seen are counted as lost
+    assert payload(state, "det:sim")["lost"] == 2
 
 
 def test_stats_carry_the_unique_and_insitu_blocks() -> None:

@@ -284,25 +284,38 @@ def test_aggregations_finds_every_form() -> None:
 def test_dashboard_aggregates_per_daemon() -> None:
     """A facility's Prometheus scrapes many daemons: a panel that sums (or averages, takes the
     maximum or a quantile) over ``instance`` shows one meaningless total. Every aggregation
-    keeps ``instance`` and the legend names it, as the other panels do."""
+    keeps ``instance``. And every query selects the daemons of ``$instance`` (several at once),
+    so each of its series may come from any daemon: its legend names it, as the other panels
+    do (the class probability panel and the alert thresholds table once read ``{{label}}
+    {{source}}`` and ``{{name}}``: one entry per daemon, all alike). A table that sets no
+    legend names the daemon in its ``instance`` column, which it must not hide."""
     dash = dashboard()
-    checked = 0
+    (var,) = [v for v in dash["templating"]["list"] if v["name"] == "instance"]
+    assert var["multi"] and var["includeAll"], var
+    checked = legends = 0
     for panel in dash["panels"]:
         for sub in [panel, *panel.get("panels", [])]:
+            hidden = {name for t in sub.get("transformations", []) if t["id"] == "organize"
+                      for name, off in t["options"].get("excludeByName", {}).items() if off}
             for target in sub.get("targets", []):
                 expr, where = target["expr"], f"panel {sub['title']!r}"
+                assert 'instance=~"$instance"' in expr, f"{where}: {expr} ignores $instance"
                 found = aggregations(expr)
                 for op, mode, labels in found:
                     keeps = "instance" in labels if mode == "by" else (
                         mode == "without" and "instance" not in labels)
                     clause = f"{op} {mode or ''} ({', '.join(sorted(labels))})"
                     assert keeps, f"{where}: {clause} adds up every daemon: group by instance in {expr}"
-                if found:
-                    checked += 1
-                    legend = target.get("legendFormat", "")
-                    assert "{{instance}}" in legend, (
-                        f"{where}: legend {legend!r} of {expr} does not name the daemon")
-    assert checked >= 15
+                checked += bool(found)
+                legend = target.get("legendFormat", "")
+                if target.get("format") == "table":
+                    assert "instance" not in hidden, f"{where}: its table hides the daemon column"
+                    if not legend:
+                        continue
+                legends += 1
+                assert "{{instance}}" in legend, (
+                    f"{where}: legend {legend!r} of {expr} does not name the daemon")
+    assert checked >= 15 and legends >= 30
 
 # ---------------------------------------------------------------------------------------------
 # promtool (only where installed)

@@ -112,6 +112,29 @@ def test_clients_lens_writes_the_mosaic(card: ModelCard, tmp_path: Path) -> None
     assert main([str(png), "--layer", "nope", "--out", str(out), "--card", str(CARD)]) == 2
 
 
+def test_the_offline_lens_names_a_blank_image_and_writes_nothing(
+        card: ModelCard, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``nanoscout lens`` on a frame without contrast (a blanked beam's PNG) printed a novelty
+    of 88 and wrote the mosaic; it now answers it as it answers a frame with NaN pixels: the
+    image named on stderr, no PNG, exit status 2 (the daemon's criterion: no class, no
+    novelty)."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from nanoscout.batch.lens import main, run_lens
+    from nanoscout.wire.errors import BlankFrame
+
+    png, out = tmp_path / "blanked.png", tmp_path / "maps.png"
+    Image.fromarray(np.full((300, 400), 17, np.uint8)).save(png)
+    assert main([str(png), "--out", str(out), "--card", str(CARD)]) == 2
+    err = capsys.readouterr().err
+    assert f"nanoscout lens: {png} (image 0): blank frame (300x400 uint8, every pixel 17)" in err
+    assert "the lens's 256x256 input is 0" in err
+    assert not out.exists()
+    with pytest.raises(BlankFrame, match="every pixel 0"):
+        run_lens(CARD, np.zeros((64, 64), np.float32))
+
+
 def test_training_a_few_steps_exports_a_loadable_card(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")

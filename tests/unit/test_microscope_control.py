@@ -16,7 +16,13 @@ import zmq
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.microscope.control import ControlClient, ControlError, ControlServer
-from nanoscout.clients.microscope.interfaces import Exposure, StageError, StageLimits
+from nanoscout.clients.microscope.interfaces import (
+    AcquisitionSettings,
+    Exposure,
+    ReportsSettings,
+    StageError,
+    StageLimits,
+)
 from nanoscout.clients.microscope.messages import (
     CONTROL_VERSION,
     ControlReply,
@@ -26,7 +32,12 @@ from nanoscout.clients.microscope.messages import (
     encode_reply,
     encode_request,
 )
-from nanoscout.clients.microscope.simulated import SimulatedStage
+from nanoscout.clients.microscope.simulated import (
+    SimulatedMicroscopeOptions,
+    SimulatedStage,
+    build,
+)
+from nanoscout.sim.virtual_specimen import VirtualSpecimenConfig
 from nanoscout.wire.errors import MalformedMessage, PayloadError, VersionError
 from nanoscout.wire.protocol import decode_frame
 
@@ -277,6 +288,59 @@ def test_status(rig: Rig) -> None:
     assert reply.source == "cam0" and reply.modality == "TEM"
     assert reply.frames == 10
     assert reply.max_shape == (64, 64) and reply.pixel_size_range_nm == (0.1, 1000.0)
+
+
+def test_status_says_what_a_frame_costs_when_the_camera_knows(rig: Rig) -> None:
+    """A camera that reports its settings (exposure, dose) has them in ``status``, over the
+    wire; one that does not (FakeCamera, an older adapter) sends none of the fields."""
+    assert not isinstance(rig.camera, ReportsSettings)
+    parts = encode_reply(rig.handle(ControlRequest(op="status"))[0])
+    assert not {"exposure_s", "dose_e_per_px", "dose_e_per_nm2"} & msgpack.unpackb(parts[0]).keys()
+    reply, _ = decode_reply(parts)
+    assert (reply.exposure_s, reply.dose_e_per_px, reply.dose_e_per_nm2) == (None, None, None)
+
+    class SettingsCamera(FakeCamera):
+        def settings(self) -> AcquisitionSettings:
+            return AcquisitionSettings(exposure_s=0.4, dose_e_per_nm2=2.5)  # as it acquires
+
+    server = ControlServer(f"inproc://control-{uuid.uuid4().hex}", rig.stage, SettingsCamera(),
+                           rig.publisher, ctx=rig.ctx)
+    try:
+        reply, _ = decode_reply(encode_reply(server.handle(
+            encode_request(ControlRequest(op="status")))[0]))
+        assert reply.ok and reply.v == CONTROL_VERSION == (1, 1)
+        assert (reply.exposure_s, reply.dose_e_per_px, reply.dose_e_per_nm2) == (0.4, None, 2.5)
+        acq, _ = server.handle(encode_request(ControlRequest(op="acquire", pixel_size_nm=20.0,
+                                                             shape=(32, 32))))
+        assert (acq.exposure_s, acq.dose_e_per_nm2) == (reply.exposure_s, reply.dose_e_per_nm2)
+    finally:
+        server.close()
+
+
+def test_the_simulated_camera_reports_the_cost_its_frames_then_have() -> None:
+    """The simulated camera's dose is electrons per pixel: its settings say 200 e/px and
+    0.5 s, and a frame at p nm/px then reports 200 / p² e/nm² and 0.5 s."""
+    cfg = VirtualSpecimenConfig(size_um=(20.0, 20.0), agglomerates=0, large_targets=1,
+                                wire_targets=0, coverage=0.01)
+    _, _, camera = build(cfg, SimulatedMicroscopeOptions())
+    assert isinstance(camera, ReportsSettings)
+    s = camera.settings()
+    assert (s.exposure_s, s.dose_e_per_px, s.dose_e_per_nm2) == (0.5, 200.0, None)
+    for p in (5.0, 20.0):
+        exp = camera.acquire(p, (32, 32))
+        assert exp.exposure_s == s.exposure_s and exp.dose_e_per_nm2 == s.dose_at(p) == 200 / p**2
+    _, _, noiseless = build(cfg, SimulatedMicroscopeOptions(dose_e_per_px=None, exposure_s=0.1))
+    assert noiseless.settings() == AcquisitionSettings(exposure_s=0.1)
+    assert noiseless.settings().dose_at(5.0) is None
+
+
+def test_acquisition_settings_name_a_value_that_cannot_be() -> None:
+    both = AcquisitionSettings(exposure_s=0.0, dose_e_per_px=100.0, dose_e_per_nm2=2.0)
+    assert both.dose_at(5.0) == 4.0 and both.dose_at(10.0) == 2.0  # the larger model
+    for name, v in [("exposure_s", -0.1), ("dose_e_per_px", math.nan),
+                    ("dose_e_per_nm2", math.inf)]:
+        with pytest.raises(ValueError, match=rf"^{name} = {v!r} must be a finite number >= 0"):
+            AcquisitionSettings(**{name: v})
 
 
 def test_acquire_publishes_a_frame(rig: Rig) -> None:

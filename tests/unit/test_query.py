@@ -71,6 +71,42 @@ def test_refusals_are_answers_not_hangs(server: tuple[LensServer, str]) -> None:
     assert srv.refused == 3
 
 
+def test_a_blank_frame_is_refused_naming_it(tmp_path: Path) -> None:
+    """The shipped lens, over real REQ/REP: the newest frame of a blanked beam (every pixel 0)
+    was answered with a novelty of 88; it is now refused with an error naming the frame and
+    counted as refused, by the criterion under which the pipeline does not classify it. The
+    next frame with contrast is answered."""
+    pytest.importorskip("onnxruntime")
+    from nanoscout.analysis.modelcard import ModelCard
+    from nanoscout.engines import create_engine
+
+    weights = Path(__file__).resolve().parents[2] / "models" / "weights"
+    cards = {name: weights / f"{name}.json" for name in ("classifier", "lens")}
+    if not all(path.is_file() for path in cards.values()):
+        pytest.skip(f"no shipped classifier and lens in {weights}")
+    loaded = {name: ModelCard.load(path) for name, path in cards.items()}
+    engines = {name: create_engine(card.onnx_path(cards[name]), "cpu", threads=1)
+               for name, card in loaded.items()}
+    clf = FieldClassifier(engines["classifier"], loaded["classifier"], lens=engines["lens"],
+                          lens_card=loaded["lens"])
+    outcomes: list[str] = []
+    srv = LensServer(zmq.Context.instance(), clf, count=outcomes.append)
+    endpoint = srv.start("tcp://127.0.0.1:0", _guard)
+    try:
+        srv.offer(Frame(_header(7), np.zeros((64, 64), np.uint16)))
+        with pytest.raises(QueryError, match=r"frame cam#7: blank frame \(64x64 float32, every "
+                                             r"pixel 0.0\).*the lens's 256x256 input is 0"):
+            request_lens(endpoint, "cam", ["act_enc1"])
+        assert outcomes == ["refused"] and srv.answered == 0
+        noise = np.random.default_rng(8).normal(1000, 20, (64, 64)).astype(np.uint16)
+        srv.offer(Frame(_header(8), noise))
+        reply, maps = request_lens(endpoint, "cam", ["act_enc1"])
+        assert reply.seq == 8 and reply.novelty is not None and np.isfinite(reply.novelty)
+        assert maps["act_enc1"].ndim == 4 and outcomes == ["refused", "answered"]
+    finally:
+        srv.stop()
+
+
 def test_no_daemon_gives_a_timeout_error() -> None:
     with pytest.raises(QueryError, match="no answer .* within 0.3 s"):
         request_lens("tcp://127.0.0.1:9", "cam", [], timeout=0.3)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from nanoscout.clients.microscope.control import ControlError
+from nanoscout.clients.microscope.interfaces import AcquisitionSettings
 from nanoscout.clients.search.geometry import Area, FrameGeometry, tile_centres
 from nanoscout.clients.search.session import Costs, FrameResult, SearchSession
 from nanoscout.clients.search.strategies import (
@@ -342,6 +343,77 @@ def test_the_first_frame_is_taken_unknown_a_spent_budget_takes_none() -> None:
     stop = res.budget_stop
     assert stop is not None and stop.next_frame is None and stop.over == 0.0
     assert str(stop) == "instrument time: 0 of 0 s spent, nothing left for a frame"
+
+
+#: what the fake microscope's status says of a frame (its frame(): 0.5 s, 10 e/nm² at any size)
+FAKE_SETTINGS = AcquisitionSettings(exposure_s=0.5, dose_e_per_nm2=10.0)
+
+
+def priced(settings: AcquisitionSettings = FAKE_SETTINGS) -> FakeSession:
+    """A fake session whose microscope reported ``settings`` in its status."""
+    return FakeSession(list(TARGETS), DECOYS, costs=Costs(at_um=(0.0, 0.0), settings=settings))
+
+
+@pytest.mark.parametrize(("strategy", "first_frame"), [
+    ("raster", 0.256),  # 10 e/nm² × 6.4² µm² / 1600 µm²
+    ("adaptive", 4.096)])  # a survey frame: 10 e/nm² × 25.6² µm² / 1600 µm²
+def test_a_dose_budget_below_one_frame_takes_no_frame(strategy: str, first_frame: float) -> None:
+    """The microscope's status says what a frame costs (exposure, dose), so the first frame is
+    priced before it is taken: a dose budget below it takes no frame (the search took it and
+    stopped after it, 0.256 of 0.1 e/nm² for the raster), saying so."""
+    budget = first_frame / 2
+    fake = priced()
+    cfg = make_cfg(budget_dose_e_per_nm2=budget)
+    res = run_search(strategy, as_session(fake), cfg)  # type: ignore[arg-type]
+    assert (res.frames, fake.shots, res.mean_dose_e_per_nm2) == (0, [], 0.0)
+    assert res.stopped == "budget: dose"
+    stop = res.budget_stop
+    assert stop is not None and (stop.spent, stop.limit) == (0.0, budget)
+    assert stop.next_frame == pytest.approx(first_frame) and stop.over == pytest.approx(budget)
+    assert str(stop) == (f"dose: 0 of {budget:.4g} e/nm² spent; the next frame "
+                         f"(~{first_frame:.4g} e/nm²) would have made {first_frame:.4g} e/nm², "
+                         f"{budget:.4g} e/nm² over the budget")
+    assert res.summary()["stop_detail"] == str(stop)
+
+
+def test_the_first_frame_is_priced_by_the_status_settings() -> None:
+    """One frame's dose takes that frame (the estimate is what it cost); an instrument-time
+    budget below one exposure takes none (the first move is not known, the exposure is)."""
+    fake = priced()
+    res = raster_search(as_session(fake), make_cfg(budget_dose_e_per_nm2=0.256))
+    assert res.frames == 1 and res.mean_dose_e_per_nm2 == pytest.approx(0.256)
+    assert res.stopped == "budget: dose"
+    assert res.budget_stop is not None and res.budget_stop.next_frame == pytest.approx(0.256)
+    fake = priced()
+    res = raster_search(as_session(fake), make_cfg(budget_s=0.4))
+    assert (res.frames, res.stopped) == (0, "budget: instrument time")
+    assert res.budget_stop is not None and res.budget_stop.next_frame == 0.5
+    # an exposure's worth of time: the first frame's move is not known before it is made
+    fake = priced()
+    res = raster_search(as_session(fake), make_cfg(budget_s=0.5))
+    assert res.frames == 1 and res.instrument_s > 0.5
+
+
+def test_costs_estimate_the_first_frame_from_the_settings() -> None:
+    """Before the first frame the settings price it (exposure s; dose e/px at the pixel size
+    asked for, or e/nm²), partly where they say only part; once a frame is measured its cost
+    wins over what they said."""
+    per_px = AcquisitionSettings(exposure_s=0.5, dose_e_per_px=200.0)
+    c = Costs(at_um=(0.0, 0.0), settings=per_px)
+    est = c.estimate(3.0, 4.0, HIGH_NM, SHAPE)  # 200 e/px at 100 nm/px: 0.02 e/nm²
+    assert est is not None and est.instrument_s == 0.5  # the first move is not known
+    assert est.dose_e_nm2_area == pytest.approx(0.02 * 6.4**2)
+    est = c.estimate(3.0, 4.0, HIGH_NM / 2, SHAPE)  # 4 times the e/nm², a quarter of the area
+    assert est is not None and est.dose_e_nm2_area == pytest.approx(0.08 * 3.2**2)
+    for settings, cost in [(AcquisitionSettings(exposure_s=2.0), (2.0, None)),
+                           (AcquisitionSettings(dose_e_per_nm2=1.0), (None, 6.4**2))]:
+        est = Costs(settings=settings).estimate(0.0, 0.0, HIGH_NM, SHAPE)
+        assert est is not None and (est.instrument_s, est.dose_e_nm2_area) == pytest.approx(cost)
+    assert Costs(settings=AcquisitionSettings()).estimate(0.0, 0.0, HIGH_NM, SHAPE) is None
+    c.add(HIGH_NM, SHAPE, (5.0, 0.0), 0.35, 0.7, 0.03, (6.4, 6.4))  # not as the settings said
+    est = c.estimate(5.0, 0.0, HIGH_NM, SHAPE)
+    assert est is not None and est.instrument_s == pytest.approx(0.35 + 0.7)
+    assert est.dose_e_nm2_area == pytest.approx(0.03 * 6.4**2)
 
 
 def test_costs_estimate_a_move_from_the_measured_ones() -> None:

@@ -20,16 +20,18 @@ the card's ``input.size`` and percentile-normalised, exactly as in training. The
 whole frame (row r of an h-row heatmap spans frame rows r·H/h to (r+1)·H/h).
 
 A frame without contrast (beam blanked, shutter closed, a detector sending zeros) carries
-nothing to classify: :meth:`FieldClassifier.classify` raises
-:class:`~nanoscout.wire.errors.BlankFrame`, before either model runs, when the classifier's
-input holds one value. ``fixed_input`` maps the 0.5th / 99.5th percentiles of the resampled
-frame to 0 / 1 and a zero span between them to all zeros, so this is exactly the case where
-the models would see the same all-zero input whatever the frame (the shipped ones answer it
-with ``isolated_particles`` at 0.95 and a novelty of 88): a frame whose pixels are all equal,
-or all equal but for outliers too few to move those percentiles (a hot pixel, a few stray
-counts: under ~0.5 % of the resampled pixels). A frame with noise or texture over more than
-that (a camera's read noise, a pure-noise frame, ±1 count, a 1e-6 relative contrast) has a
-span above 0 and is classified.
+nothing to classify and nothing for the lens. :func:`model_input`, the one check on every path
+to either model (:meth:`FieldClassifier.classify`; :meth:`FieldClassifier.lens_outputs`, so the
+daemon's lens query socket; the offline ``nanoscout lens``), raises
+:class:`~nanoscout.wire.errors.BlankFrame` before a model runs when the model's input holds one
+value (``classify`` checks the lens's input as well as its own, so neither model runs).
+``fixed_input`` maps the 0.5th / 99.5th percentiles of the resampled frame to 0 / 1 and a zero
+span between them to all zeros, so this is exactly the case where the models would see the same
+all-zero input whatever the frame (the shipped ones answer it with ``isolated_particles`` at
+0.95 and a novelty of 88): a frame whose pixels are all equal, or all equal but for outliers
+too few to move those percentiles (a hot pixel, a few stray counts: under ~0.5 % of the
+resampled pixels). A frame with noise or texture over more than that (a camera's read noise, a
+pure-noise frame, ±1 count, a 1e-6 relative contrast) has a span above 0 and is classified.
 """
 
 from __future__ import annotations
@@ -89,14 +91,23 @@ def _check_engine(engine: Engine, card: ModelCard, outputs: tuple[str, ...]) -> 
                              f"(it has {outs})")
 
 
-def _blank_message(pixels: np.ndarray, size: tuple[int, int]) -> str:
-    """Why ``pixels`` (a checked frame) is blank, naming its values."""
-    arr = np.asarray(pixels)
-    lo, hi = arr.min(), arr.max()
-    values = f"every pixel {lo}" if lo == hi else f"pixels {lo} to {hi}"
-    return (f"blank frame ({arr.shape[0]}x{arr.shape[1]} {arr.dtype}, {values}): its "
-            f"0.5-99.5 percentile span at the classifier's {size[0]}x{size[1]} input is 0, "
-            "no contrast to classify")
+def model_input(pixels: np.ndarray, size: tuple[int, int], model: str = "classifier"
+                ) -> np.ndarray:
+    """Return the (1, 1, rows, cols) float32 input of a fixed-size model (the classifier, the
+    lens) for one frame (2-D, any real dtype): :func:`~nanoscout.analysis.preprocess.fixed_input`,
+    normalised intensity, 0..1. ``size``: the model's input (rows, cols), px; ``model``: its
+    name in the error. Raises BlankFrame, naming the frame's shape, dtype and pixel values,
+    when that input holds one value (a frame without contrast: module docstring), and
+    FrameError for a frame ``fixed_input`` refuses."""
+    x = fixed_input(pixels, size)
+    if float(x.max()) == float(x.min()):
+        arr = np.asarray(pixels)
+        lo, hi = arr.min(), arr.max()
+        values = f"every pixel {lo}" if lo == hi else f"pixels {lo} to {hi}"
+        raise BlankFrame(f"blank frame ({arr.shape[0]}x{arr.shape[1]} {arr.dtype}, {values}): "
+                         f"its 0.5-99.5 percentile span at the {model}'s {size[0]}x{size[1]} "
+                         f"input is 0, no contrast for the {model}")
+    return x
 
 
 class FieldClassifier:
@@ -132,11 +143,15 @@ class FieldClassifier:
 
     def classify(self, pixels: np.ndarray) -> Classification:
         """Classify one frame (2-D, any real dtype); raises BlankFrame for a frame without
-        contrast (module docstring), FrameError / EngineFailure."""
+        contrast at the classifier's or the lens's input, before either model runs (module
+        docstring), FrameError / EngineFailure."""
         t0 = time.perf_counter()
-        x = fixed_input(pixels, self.size)
-        if float(x.max()) == float(x.min()):
-            raise BlankFrame(_blank_message(pixels, self.size))
+        x = model_input(pixels, self.size)
+        lens_x = None
+        if self.lens_size is not None:
+            # both models usually take the same input size: prepare the frame once
+            lens_x = x if self.lens_size == self.size else model_input(pixels, self.lens_size,
+                                                                         "lens")
         out = self.engine.infer({self.card.input.name: x})
         probs = np.asarray(out.get(PROBABILITIES), dtype=np.float64).reshape(-1)
         if probs.size != len(self.classes) or not np.isfinite(probs).all():
@@ -156,8 +171,7 @@ class FieldClassifier:
         timings = {"classify": (t1 - t0) * 1e3}
         novelty = error = None
         if self.lens is not None:
-            # both models usually take the same input size: prepare the frame once
-            out = self.lens_outputs(pixels, x if self.lens_size == self.size else None)
+            out = self.lens_outputs(pixels, lens_x)
             error, novelty = self.novelty_of(out)
             timings["lens"] = (time.perf_counter() - t1) * 1e3
         return Classification(
@@ -185,9 +199,11 @@ class FieldClassifier:
     def lens_outputs(self, pixels: np.ndarray, x: np.ndarray | None = None
                      ) -> dict[str, np.ndarray]:
         """Every output of the lens for one frame (error, reconstruction, ``act_*`` maps);
-        ``x``: the frame already prepared by ``fixed_input`` at the lens's input size."""
+        raises BlankFrame for a frame without contrast at the lens's input (:func:`model_input`:
+        the lens would answer any such frame alike, with a novelty of ~88). ``x``: the frame
+        already prepared (and checked) by :func:`model_input` at the lens's input size."""
         if self.lens is None or self.lens_size is None or self.lens_card is None:
             raise ModelCardError("no lens model is loaded ([classify] lens)")
         if x is None:
-            x = fixed_input(pixels, self.lens_size)
+            x = model_input(pixels, self.lens_size, "lens")
         return self.lens.infer({self.lens_card.input.name: x})

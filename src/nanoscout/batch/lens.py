@@ -13,6 +13,12 @@ its own min..max and enlarged (nearest neighbour) to the tile size. It prints th
 error (the card's ``novelty.error_output``: a k-NN distance of texture statistics, not the pixel
 error) and novelty (error / the card's reference error; 1.0 = the 99th percentile of usual frames).
 
+An image the lens cannot analyse is named on stderr, no PNG is written and the exit status is 2:
+a frame with NaN / infinite pixels, or a frame without contrast (beam blanked, shutter closed:
+:class:`~nanoscout.wire.errors.BlankFrame`, the daemon's criterion,
+:func:`nanoscout.analysis.classifier.model_input`), which the lens would answer like any other
+such frame, with a novelty of ~88.
+
 Image files are read by :mod:`nanoscout.clients.acquisition.readers` (PNG/TIFF/JPEG and the vendor
 formats DM3/DM4, SER/EMI, MRC, EMD; colour is read as luminance). No torch, no training code.
 """
@@ -27,12 +33,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nanoscout.analysis.classifier import model_input
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
-from nanoscout.analysis.preprocess import fixed_input
 from nanoscout.clients.acquisition.readers import read_images
 from nanoscout.clients.lens import COLUMNS, TILE, LensError, grid, to_tile, write_live_mosaic
 from nanoscout.engines import Engine, create_engine
-from nanoscout.wire.errors import ModelCardError, NanoscoutError
+from nanoscout.wire.errors import FrameError, ModelCardError, NanoscoutError
 
 __all__ = ["DEFAULT_CARD", "LensOutput", "main", "render_activations", "run_lens"]
 
@@ -86,12 +92,14 @@ def _engine(onnx_path: Path) -> Engine:
 
 
 def run_lens(card_path: str | Path, image: np.ndarray) -> LensOutput:
-    """Return the lens's view of one raw frame (any real dtype, 2-D); see :class:`LensOutput`."""
+    """Return the lens's view of one raw frame (any real dtype, 2-D); see :class:`LensOutput`.
+    Raises BlankFrame for a frame without contrast (:func:`model_input`), FrameError for
+    pixels that cannot be analysed, LensError for an unusable card or model."""
     card_path = Path(card_path)
     card = _read_card(card_path)
     assert card.novelty is not None and card.input.size is not None  # _read_card checked
     engine = _engine(card.onnx_path(card_path))
-    x = fixed_input(image, (int(card.input.size[0]), int(card.input.size[1])))
+    x = model_input(image, (int(card.input.size[0]), int(card.input.size[1])), "lens")
     got = engine.infer({card.input.name: x})
     err = np.asarray(got.get(card.novelty.error_output), dtype=np.float64).reshape(-1)
     if err.size != 1 or not np.isfinite(err[0]) or err[0] < 0:
@@ -167,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             raise LensError(f"{args.image} holds {len(records)} image(s); --index {args.index} "
                             "is out of range")
         frame = records[args.index].data
-        out = run_lens(args.card, frame)
+        try:
+            out = run_lens(args.card, frame)
+        except FrameError as exc:  # NaN pixels, a blank frame: name the image, no mosaic
+            raise LensError(f"{args.image} (image {args.index}): {exc}") from exc
         mosaic = _mosaic(out, args.layer, args.max_maps, TILE)
     except NanoscoutError as exc:
         print(f"nanoscout lens: {exc}", file=sys.stderr)

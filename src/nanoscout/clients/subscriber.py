@@ -17,9 +17,13 @@ per-topic message counter (``topic_seq``, protocol 1.3), so any lost message sho
 the topics subscribed: gaps are counted per topic in :attr:`Subscriber.gaps`, per source in
 :attr:`Subscriber.missed` (the :data:`MAX_MISSED_SOURCES` sources with the most recent gaps;
 every gap also in :attr:`Subscriber.missed_total`), and noted on :attr:`Subscriber.last_gap`.
+A restarted daemon numbers its messages from 0 again; each result names its daemon run
+(``daemon_run``, protocol 1.11; a heartbeat its ``started_ns``), so the messages of a new run
+published before this subscriber saw its first one (while it reconnected) are counted too.
 (Frames the daemon skips in live mode are not lost messages: their ``det`` is never sent. From
-a daemon older than 1.3, gaps in ``det`` frame numbers are counted instead.) Malformed messages
-are counted in :attr:`Subscriber.rejected` and skipped, never raised.
+a daemon older than 1.3, gaps in ``det`` frame numbers are counted instead; from one older
+than 1.11, a falling ``topic_seq`` is taken for a restart with nothing missing.) Malformed
+messages are counted in :attr:`Subscriber.rejected` and skipped, never raised.
 """
 
 from __future__ import annotations
@@ -46,10 +50,14 @@ MAX_MISSED_SOURCES = 4096
 
 def track_gap(tracker: SequenceTracker, msg: Message[Any]) -> Gap | None:
     """Record ``msg`` in ``tracker`` (keyed by topic): its ``topic_seq``, or for a ``det`` of
-    a daemon older than protocol 1.3 its frame ``seq``. Returns the gap before it, if any."""
+    a daemon older than protocol 1.3 its frame ``seq``. The numbers are the daemon run's
+    (``daemon_run``, v1.11; ``health.started_ns``): a new run's first message seen with
+    ``topic_seq`` n after another run's means n messages of the new run were missed. Returns
+    the gap before it, if any."""
     seq = getattr(msg.header, "topic_seq", None)
     if seq is not None:
-        return tracker.observe(msg.topic, seq)
+        run = getattr(msg.header, "daemon_run", getattr(msg.header, "started_ns", None))
+        return tracker.observe(msg.topic, seq, run=run)
     if isinstance(msg.header, DetHeader):  # its own key: never mixed with topic_seq numbers
         return tracker.observe(f"{msg.topic}#frame", msg.header.seq)
     return None

@@ -2,10 +2,14 @@
 
 Three threads, each owning its resources:
 
-* **receiver** owns the frame input socket. It decodes every message and checks its pixels
-  once (:class:`~nanoscout.analysis.frame.Frame`): a bad one is counted in
-  ``messages_rejected_total{reason}`` and logged at a limited rate, never fatal — whatever it
-  is, even a bug met while handling it (``reason="internal"``). It checks ``seq`` for transport
+* **receiver** owns the frame input socket and its monitor socket. It decodes every message
+  and checks its pixels once (:class:`~nanoscout.analysis.frame.Frame`): a bad one is counted
+  in ``messages_rejected_total{reason}`` and logged at a limited rate, never fatal — whatever
+  it is, even a bug met while handling it (``reason="internal"``). A message part over the
+  transport cap (:func:`~nanoscout.daemon.connections.transport_cap_bytes`), which libzmq
+  drops unread with its connection, and a connection refused at the handshake are counted
+  from the monitor's events in ``input_connections_total{event}`` and logged at most once a
+  minute (:mod:`nanoscout.daemon.connections`). It checks ``seq`` for transport
   gaps per source and hands frames to the queue. ``lossless``: a queue bounded in frames and
   bytes; when it is full the receiver stops reading, ZeroMQ's high-water mark fills and the
   adapter's ``send`` blocks (back-pressure, nothing dropped). ``live``: one slot per source
@@ -53,6 +57,7 @@ import zmq
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import FrameResult, Pipeline, model_sha256
 from nanoscout.daemon.config import ServeConfig
+from nanoscout.daemon.connections import InputConnections, transport_cap_bytes
 from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.hotswap import Build, LoadedModel, ModelSwapper
 from nanoscout.daemon.metrics import Metrics
@@ -151,6 +156,7 @@ class Daemon:
         self.endpoints: Endpoints | None = None
         self._curve: CurveServer | None = None
         self._query: LensServer | None = None
+        self._conns: InputConnections | None = None  # the receiver's, from start()
         m = self.metrics
         self.review = FrameReview(config.review, max_sources=inp.max_sources,
                                   on_saved=m.frames_saved.inc,
@@ -176,8 +182,13 @@ class Daemon:
         cfg = self.config
         self._in = frame_input_socket(self._ctx, self._policy, hwm=cfg.input.receive_hwm())
         # a transport-level cap far above the configured limit: the real check is in
-        # decode_frame, which counts and reports the rejection instead of silently disconnecting
-        self._in.setsockopt(zmq.MAXMSGSIZE, 2 * cfg.input.max_frame_bytes + (1 << 20))
+        # decode_frame, which counts and reports the rejection; above the cap libzmq drops the
+        # connection unread, which only its monitor tells (counted as "disconnected")
+        cap = transport_cap_bytes(cfg.input.max_frame_bytes)
+        self._in.setsockopt(zmq.MAXMSGSIZE, cap)
+        connections = self.metrics.input_connections
+        self._conns = InputConnections(self._in, cap_bytes=cap,
+                                       on_event=lambda e: connections.labels(event=e).inc())
         self._pub = result_publisher(self._ctx, hwm=cfg.output.hwm)
         sec = cfg.security
         if sec.curve:
@@ -327,7 +338,11 @@ class Daemon:
 
     # ------------------------------------------------------------------ receiver
     def _receive_loop(self) -> None:
-        sock = self._in
+        sock, conns = self._in, self._conns
+        assert conns is not None  # start() made it
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(conns.socket, zmq.POLLIN)
         drain_s = self.config.input.drain_s
         stop_t: float | None = None
         last_t = time.monotonic()
@@ -336,7 +351,10 @@ class Daemon:
                 if self._stop_recv.is_set() and stop_t is None:
                     stop_t = time.monotonic()
                     log.info("stopping: reading frames still arriving (up to %.0f s)", drain_s)
-                if not sock.poll(_POLL_MS if stop_t is None else 50):
+                ready = dict(poller.poll(_POLL_MS if stop_t is None else 50))
+                if conns.socket in ready:
+                    conns.read()
+                if sock not in ready:
                     now = time.monotonic()
                     if stop_t is not None and (now - last_t >= _DRAIN_QUIET_S
                                                or now - stop_t >= drain_s):
@@ -353,8 +371,11 @@ class Daemon:
                     break
                 self._take(sock.recv_multipart(copy=False), stopping=True, leftover=True)
         finally:
-            sock.close(linger=0)
-            self._receiver_done.set()
+            try:
+                conns.close()  # before the socket it monitors
+            finally:
+                sock.close(linger=0)
+                self._receiver_done.set()
 
     def _take(self, frames: list[zmq.Frame], *, stopping: bool, leftover: bool = False) -> None:
         """Validate one message and queue its frame; anything wrong is counted, never raised."""
@@ -428,6 +449,8 @@ class Daemon:
             self._live.put(frame)
         else:
             while not self._lossless.put(frame, timeout=_POLL_MS / 1000):
+                if self._conns is not None:  # connections go on while back-pressure holds
+                    self._conns.read()
                 if self._fatal is not None:
                     self._dropped_frame(frame, Reason.SHUTDOWN)
                     return
@@ -641,6 +664,7 @@ class Daemon:
             model_swap_failures=self.swapper.failures,
             frames_saved=self.review.saved,
             frame_save_failures=sum(self.review.failed.values()),
+            input_connections=self._conns.counts() if self._conns is not None else {},
         )
 
     def _publish_loop(self) -> None:

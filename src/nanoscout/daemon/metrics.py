@@ -10,6 +10,13 @@ frames_dropped_total{reason}           counter    accepted frames not answered: 
                                                   evicted, internal
 messages_rejected_total{reason}        counter    malformed, version, header, length, oversized,
                                                   nonfinite, pixel_range, internal, ...
+input_connections_total{event}         counter    connections to the frame input: accepted,
+                                                  disconnected (after the handshake: an adapter
+                                                  that went away, or a message part over the
+                                                  transport cap, which ZeroMQ drops with the
+                                                  connection), handshake_failed_auth (CURVE key
+                                                  refused), handshake_failed (another socket
+                                                  type, not ZeroMQ, no CURVE)
 transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
 sources_evicted_total                  counter    sources forgotten beyond ``input.max_sources``
 particles_measured_total{source}       counter
@@ -81,6 +88,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from nanoscout.daemon.connections import CONNECTION_EVENTS
 from nanoscout.daemon.hotswap import FAILURE_STEPS
 from nanoscout.wire.errors import (
     CLASSIFY_SKIP_REASONS,
@@ -117,6 +125,13 @@ class Metrics:
         )
         self.rejected = Counter(
             "nanoscout_messages_rejected", "Input messages rejected, by reason", ["reason"], registry=r
+        )
+        self.input_connections = Counter(
+            "nanoscout_input_connections", "Connections to the frame input, by event: accepted, "
+            "disconnected (after the handshake: an adapter that went away, or a message part "
+            "over the transport cap, which ZeroMQ drops with the connection), "
+            "handshake_failed_auth (CURVE key refused), handshake_failed (any other refusal)",
+            ["event"], registry=r,
         )
         self.transport_gaps = Counter(
             "nanoscout_transport_gaps", "Frames missing from the adapter's seq numbering",
@@ -223,6 +238,8 @@ class Metrics:
             self.frames_dropped.labels(reason=reason.value)
         for reason in REJECTION_REASONS:
             self.rejected.labels(reason=reason.value)
+        for event in CONNECTION_EVENTS:
+            self.input_connections.labels(event=event)
         for reason in CLASSIFY_SKIP_REASONS:
             self.classify_skipped.labels(reason=reason.value)
         for action, steps in FAILURE_STEPS.items():

@@ -5,10 +5,15 @@ A client (``nanoscout lens --connect``, the dashboard) sends a :class:`~nanoscou
 naming a source and lens outputs (``act_enc1``, ``act_code``, ``reconstruction``, ...); the
 server runs the lens on the newest frame of that source the worker has analysed and answers with
 a :class:`~nanoscout.wire.protocol.LensReply` and one float16 buffer per output. Every request gets a
-reply — an unknown source or output, a malformed request or a lens failure comes back as
-``error`` — so a REQ client never hangs, and nothing a client sends can stop the daemon. (A
-request over 64 KiB is answered with an error unread; one with a part over 1 MiB is dropped by
-the transport, which disconnects its sender.) Each request is counted, answered or refused.
+reply — an unknown source or output, a malformed request, a frame without contrast or a lens
+failure comes back as ``error`` — so a REQ client never hangs, and nothing a client sends can
+stop the daemon. (A request over 64 KiB is answered with an error unread; one with a part over
+1 MiB is dropped by the transport, which disconnects its sender.) A frame without contrast
+(beam blanked, shutter closed: :class:`~nanoscout.wire.errors.BlankFrame`, the criterion under
+which the pipeline does not classify it, :func:`nanoscout.analysis.classifier.model_input`) is
+refused before the lens runs, with an error naming the frame (``frame cam#12: blank frame
+(...)``): the lens would answer any such frame alike, with a novelty of ~88. Each request is
+counted, answered or refused.
 
 A :class:`~nanoscout.wire.protocol.ControlRequest` (the dashboard's "reset statistics" and
 "set drift reference now", v1.5 "save frame", "swap model", "revert model") is handed to the
@@ -36,7 +41,7 @@ import zmq
 
 from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.frame import Frame
-from nanoscout.wire.errors import NanoscoutError, ProtocolError, Reason
+from nanoscout.wire.errors import BlankFrame, NanoscoutError, ProtocolError, Reason
 from nanoscout.wire.protocol import (
     ControlReply,
     ControlRequest,
@@ -194,6 +199,10 @@ class LensServer:
         try:
             out = clf.lens_outputs(latest.float32)
             _, novelty = clf.novelty_of(out)
+        except BlankFrame as exc:  # nothing for the lens to see: refused, not a lens failure
+            self._note(False)
+            return encode_message(reply.model_copy(update={
+                "error": f"frame {header.source}#{header.seq}: {exc}"}))
         except Exception as exc:  # a lens failure is the client's answer, not the daemon's end
             self._note(False)
             log.warning("lens request for %s#%d failed: %r", header.source, header.seq, exc)

@@ -72,6 +72,12 @@ History (minor versions only add optional fields; receivers ignore fields they d
   start again: a client that keeps results across a restart (``nanoscout record``) tells them
   apart by ``daemon_run``. Optional: None from ``nanoscout measure`` (no daemon) and from a
   daemon before 1.11; a v1.10 reader ignores it.
+* 1.12 ``health.input_connections``: connections to the daemon's frame input since start, by
+  event (``accepted``, ``disconnected``, ``handshake_failed``, ``handshake_failed_auth``;
+  ``nanoscout.daemon.connections``). A message part over the input's transport cap (2 x
+  ``input.max_frame_bytes`` + 1 MiB) is dropped by ZeroMQ with its connection before it can
+  be rejected; it shows only here, as ``disconnected``, as an adapter that went away does.
+  Empty from a daemon before 1.12; a v1.11 reader ignores it.
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 11)
+PROTOCOL_VERSION: tuple[int, int] = (1, 12)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -829,6 +835,11 @@ class HealthHeader(Header):
     #: v1.5: raw frames written for review (TIFF) / saves that failed
     frames_saved: Int64Count = 0
     frame_save_failures: Int64Count = 0
+    #: v1.12: connections to the frame input since start, by event: accepted, disconnected
+    #: (after the handshake: an adapter that went away, or a message part over the transport
+    #: cap, which ZeroMQ drops with the connection), handshake_failed_auth (CURVE key
+    #: refused), handshake_failed (another socket type, not ZeroMQ, no CURVE); empty before
+    input_connections: dict[str, Int64Count] = Field(default_factory=dict)
 
 
 class LensRequest(Header):

@@ -6,6 +6,13 @@ that goes back means the sender restarted (counting starts again, nothing is mis
 the stream is *resumable* (an adapter session that resends frames after a daemon restart): then
 a number at or below the newest is a late or resent one, and one already seen is a duplicate
 (:meth:`SequenceTracker.seen`, over the last ``window`` numbers of the key).
+
+Where the numbers name the sender's run (a result's ``daemon_run``, a heartbeat's
+``started_ns``), a number of another run than the key's last one starts a new sequence whose
+first number is 0: a restart is told from the run, not guessed from a falling number, and the
+numbers of the new run before the first one seen are counted as missed (however high it is).
+The first number ever seen of a key starts its sequence, whatever its run: a receiver that
+joins a running sender misses nothing.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ class SequenceTracker:
         self.max_keys = max_keys
         self.window = window
         self._recent: dict[str, _Recent] = {}
-        self._last: OrderedDict[str, int] = OrderedDict()
+        self._last: OrderedDict[str, tuple[int, int | None]] = OrderedDict()  # newest, its run
         #: numbers missed per key (keys that were forgotten are dropped from here)
         self.missed: dict[str, int] = {}
         #: numbers missed in total
@@ -57,10 +64,17 @@ class SequenceTracker:
         recent = self._recent.get(key)
         return recent is not None and seq in recent.members
 
-    def observe(self, key: str, seq: int, *, resumable: bool = False) -> Gap | None:
+    def observe(self, key: str, seq: int, *, resumable: bool = False,
+                run: int | None = None) -> Gap | None:
         """Record ``seq`` of ``key``; returns the gap before it, if any. ``resumable``: a
-        number at or below the newest is late (or resent), not a restart of the sender."""
-        last = self._last.get(key)
+        number at or below the newest is late (or resent), not a restart of the sender.
+        ``run``: the sender's run that numbered ``seq`` (e.g. ``daemon_run``, ns since the
+        epoch; None: not known, a restart is read from a falling number); another run than
+        the key's last one numbers from 0, so ``seq`` numbers of it were missed before."""
+        last, last_run = self._last.get(key, (None, None))
+        if last is not None and run is not None and run != last_run:
+            last = -1  # a new run of the sender: its first number is 0
+            self._recent.pop(key, None)
         gap = None
         if last is not None and seq > last + 1:
             gap = Gap(key, seq, seq - last - 1)
@@ -68,7 +82,7 @@ class SequenceTracker:
             self.total += gap.missed
             self.last_gap = gap
         if last is None or seq > last or not resumable:
-            self._last[key] = seq
+            self._last[key] = (seq, run)
         self._last.move_to_end(key)
         if self.window:
             recent = self._recent.setdefault(key, _Recent())

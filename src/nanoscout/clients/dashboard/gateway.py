@@ -18,7 +18,10 @@ key                event      payload
 =================  =========  ==========================================================
 
 A particle's history (its ECD, position and shape over the recent frames) is asked on demand
-(:meth:`DashboardState.track_history`, the page's hover box), not pushed.
+(:meth:`DashboardState.track_history`, the page's hover box), not pushed. Track ids, fields of
+view and drift are a daemon run's (``daemon_run``, protocol 1.11): when a source's results
+name another run (the daemon restarted), the frames kept of the earlier run are forgotten, so
+the new run's track 3 is never drawn or listed with the old run's track 3.
 
 Alerts are the exception: a bounded list (newest ``max_alerts``), each with an id, so a client
 gets every alert it has not seen yet rather than only the newest. Payloads (PNG encoding,
@@ -57,6 +60,7 @@ from nanoscout.wire.protocol import (
     AlertHeader,
     ClassHeader,
     DetHeader,
+    FrameRef,
     HealthHeader,
     Message,
     PreviewHeader,
@@ -130,6 +134,8 @@ class _Source:
     dets: OrderedDict[int, Message] = field(default_factory=OrderedDict)  # recent, by seq
     previews: deque[Message] = field(default_factory=lambda: deque(maxlen=8))
     pending: Message | None = None  # newest preview still waiting for its det
+    #: the daemon run the kept dets and previews are of (None: not named, before v1.11)
+    daemon_run: int | None = None
     frames: int = 0
     #: frames without a det (gaps in det frame numbers: live, superseded frames among them)
     missed: int = 0
@@ -208,6 +214,8 @@ class DashboardState:
                 if gap is not None:
                     s.gap_events += 1
                     s.last_gap_seq = getattr(h, "seq", None)
+            if isinstance(h, FrameRef):
+                self._follow_run(h)
             if isinstance(h, DetHeader):
                 self._det(msg, h, self.last_seen)
             elif isinstance(h, PreviewHeader):
@@ -298,12 +306,16 @@ class DashboardState:
 
     def track_history(self, source: str, track_id: int) -> dict[str, Any]:
         """The recent history of one tracked particle of ``source`` (the ``det`` messages kept
-        here, newest ``recent_dets`` frames): per frame ``seq``, ``t_s`` (s before the newest
-        frame), ``ecd`` (``units``), ``x``/``y`` (frame px), ``shape_class`` and ``border``."""
+        here, newest ``recent_dets`` frames, all of the source's current daemon run): per
+        frame ``seq``, ``t_s`` (s before the newest frame), ``ecd`` (``units``), ``x``/``y``
+        (frame px), ``shape_class`` and ``border``; ``daemon_run``: that run (its start, ns
+        since the epoch; None where the daemon does not name it)."""
         with self._cond:
             s = self._src.get(source)
             dets = [] if s is None else list(s.dets.values())
+            run = None if s is None else s.daemon_run
         out: dict[str, Any] = {"source": source, "track_id": int(track_id), "units": None,
+                               "daemon_run": run,
                                "seq": [], "t_s": [], "ecd": [], "x": [], "y": [],
                                "shape_class": [], "border": []}
         if not dets:
@@ -368,6 +380,18 @@ class DashboardState:
         # the list is copied when a client asks (at most max_sources names), not per source
         self._set("sources", "sources", lambda: {"sources": self.sources})
         return s
+
+    def _follow_run(self, h: FrameRef) -> None:
+        """A result of another daemon run than the source's kept frames: a restarted daemon
+        numbers its tracks and fields from 1 again, so the earlier run's frames (track
+        history, trails, previews waiting for their det) are forgotten. A result that names
+        no run (a daemon before v1.11) is taken for the kept frames' run, as before."""
+        s = self._source(h.source)
+        if h.daemon_run is not None and h.daemon_run != s.daemon_run:
+            s.daemon_run = h.daemon_run
+            s.dets.clear()
+            s.previews.clear()
+            s.pending = None
 
     def _det(self, msg: Message, h: DetHeader, now: float) -> None:
         s = self._source(h.source)

@@ -16,7 +16,9 @@ Routes (GET, and one POST):
                         within the lens timeout (<= 3 s by default), refuses, or the dashboard
                         has no query endpoint; 400 without ``source``
 ``/api/track``          ``?source=S&id=N``: the recent history of tracked particle ``N`` (its
-                        ECD, position and shape per frame; the hover box's sparkline)
+                        ECD, position and shape per frame; the hover box's sparkline) in the
+                        source's current daemon run (``daemon_run``; a restarted daemon's
+                        track ``N`` is another particle, and the earlier run's is forgotten)
 ``/api/control``        POST ``?source=S&action=reset_statistics|set_drift_reference``, or
                         ``action=set_particle_size&low=L&high=H`` (nm; neither: none again):
                         the page's buttons, sent to the daemon's query socket (a

@@ -9,6 +9,8 @@ the stage position, pixel size and magnification in its header, then answers wit
 position outside the limits, a malformed request or a driver failure comes back as
 ``ok = False`` with the reason — so a REQ client never hangs and nothing a client sends can
 stop the server. The last ``keep_frames`` frames are kept for ``crop`` (target thumbnails).
+``status`` also says what a frame will cost (exposure, dose) when the camera reports its
+settings (:class:`~nanoscout.clients.microscope.interfaces.ReportsSettings`).
 
 :class:`ControlClient` is the caller's side, with a timeout per command.
 """
@@ -25,7 +27,14 @@ import numpy as np
 import zmq
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
-from nanoscout.clients.microscope.interfaces import Camera, CameraError, Stage, StageError
+from nanoscout.clients.microscope.interfaces import (
+    AcquisitionSettings,
+    Camera,
+    CameraError,
+    ReportsSettings,
+    Stage,
+    StageError,
+)
 from nanoscout.clients.microscope.messages import (
     ControlReply,
     ControlRequest,
@@ -153,12 +162,17 @@ class ControlServer:
 
     def _status(self, req: ControlRequest) -> tuple[ControlReply, None]:
         lim = self.stage.limits
+        # a camera that cannot say what a frame costs leaves these out (the search learns it
+        # from the first frame)
+        cost = (self.camera.settings() if isinstance(self.camera, ReportsSettings)
+                else AcquisitionSettings())
         return ControlReply(
             op="status", stage=self.stage.position(),
             limits=(lim.x_min_um, lim.x_max_um, lim.y_min_um, lim.y_max_um),
             source=self.publisher.source, modality=self.camera.modality,
             frames=self.publisher.seq, pixel_size_range_nm=self.pixel_size_range_nm,
-            max_shape=self.max_shape), None
+            max_shape=self.max_shape, exposure_s=cost.exposure_s,
+            dose_e_per_px=cost.dose_e_per_px, dose_e_per_nm2=cost.dose_e_per_nm2), None
 
     def _move(self, req: ControlRequest) -> tuple[ControlReply, None]:
         assert req.x_um is not None and req.y_um is not None
@@ -241,7 +255,9 @@ class ControlClient:
         return reply, crop
 
     def status(self) -> ControlReply:
-        """Stage position and limits, source name, camera range."""
+        """Stage position and limits, source name, camera range and, where the microscope
+        says, what one frame costs at the current settings (``exposure_s`` s,
+        ``dose_e_per_px`` e/px or ``dose_e_per_nm2`` e/nm²)."""
         return self.request(ControlRequest(op="status"))[0]
 
     def move(self, x_um: float, y_um: float) -> ControlReply:

@@ -13,6 +13,12 @@ on a real microscope": SerialEM's Python module, a vendor scripting API or pycro
         modality: str
         def acquire(self, pixel_size_nm: float, shape: tuple[int, int]) -> Exposure: ...
 
+A camera may also say what a frame will cost before it is taken (optional,
+:class:`ReportsSettings`: ``settings() -> AcquisitionSettings``, its exposure and dose at the
+current settings); the control socket's ``status`` reports it, so a stage search knows the
+first frame's cost before it spends it. A camera without it works as before: the search learns
+a frame's cost from the first frame.
+
 Image ↔ stage convention: a frame is centred on the stage position, image columns run along
 +x and rows along +y (pixel ``(row, col)`` lies at ``x = cx + (col - (W-1)/2)·p``,
 ``y = cy + (row - (H-1)/2)·p``, p the pixel size). An instrument whose camera is rotated or
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -82,6 +88,41 @@ class Exposure:
     meta: dict[str, str | int | float | bool | None] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AcquisitionSettings:
+    """What one frame will cost at the camera's current settings, known before it is taken
+    (None: the camera does not know). The dose follows one of two models, as the
+    :class:`Exposure` of a frame then reports it:
+
+    * ``dose_e_per_px``: electrons per pixel per frame, whatever the pixel size (a STEM's probe
+      current × dwell, the simulated camera): a frame at ``p`` nm/px receives
+      ``dose_e_per_px / p²`` e/nm²;
+    * ``dose_e_per_nm2``: e/nm² per frame, whatever the pixel size (a TEM's fixed
+      illumination × exposure).
+
+    ``exposure_s`` is the time the beam is on for one frame, s (a camera's exposure; a scanned
+    frame's dwell × pixels at the frame size a search asks for). Each value must be finite and
+    >= 0 (:class:`ValueError` names the field and value).
+    """
+
+    exposure_s: float | None = None
+    dose_e_per_px: float | None = None
+    dose_e_per_nm2: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("exposure_s", "dose_e_per_px", "dose_e_per_nm2"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} = {v!r} must be a finite number >= 0")
+
+    def dose_at(self, pixel_size_nm: float) -> float | None:
+        """The dose of one frame at ``pixel_size_nm``, e/nm²: the larger of the two models
+        given; None when neither is."""
+        doses = [d for d in (self.dose_e_per_nm2, None if self.dose_e_per_px is None
+                             else self.dose_e_per_px / pixel_size_nm**2) if d is not None]
+        return max(doses, default=None)
+
+
 class Stage(Protocol):
     """A specimen stage: absolute moves in µm."""
 
@@ -110,4 +151,14 @@ class Camera(Protocol):
         A real microscope has discrete magnifications: it picks the nearest one and reports
         the actual pixel size in the returned :class:`Exposure`.
         """
+        ...
+
+
+@runtime_checkable
+class ReportsSettings(Protocol):
+    """A :class:`Camera` that can say what a frame will cost before it is taken (optional:
+    the control server reports it in ``status`` when the camera has this method)."""
+
+    def settings(self) -> AcquisitionSettings:
+        """Exposure (s) and dose (e/px or e/nm²) of one frame at the current settings."""
         ...

@@ -8,7 +8,9 @@ A request is one msgpack map (:class:`ControlRequest`); a reply is one msgpack m
 ``op``      request fields                              reply fields (besides ok / error)
 ==========  ==========================================  ====================================
 status      —                                           stage, limits, source, modality,
-                                                        frames, pixel_size_range_nm, max_shape
+                                                        frames, pixel_size_range_nm, max_shape,
+                                                        (exposure_s, dose_e_per_px,
+                                                        dose_e_per_nm2)
 move        x_um, y_um                                  stage, move_s
 acquire     pixel_size_nm, shape, (tag, meta)           source, seq, stage, pixel_size_nm,
                                                         shape, t_acq_ns, dose_e_per_nm2,
@@ -17,6 +19,14 @@ crop        seq, row, col, half_px                      crop_shape (+ uint8 buff
 ==========  ==========================================  ====================================
 
 Positions in µm, pixel sizes in nm, shapes (rows, cols) px.
+
+``status``'s ``exposure_s`` (s), ``dose_e_per_px`` (electrons per pixel) and ``dose_e_per_nm2``
+(e/nm² whatever the pixel size) say what one frame will cost at the camera's current settings
+(:class:`~nanoscout.clients.microscope.interfaces.AcquisitionSettings`), the same quantities
+``acquire`` reports of the frame it took; each is absent where the camera does not say (an
+older microscope side: a search then learns a frame's cost from its first frame).
+
+Versions: 1.0 the four commands; 1.1 ``status`` reports the acquisition settings above.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from nanoscout.wire.errors import MalformedMessage, PayloadError, Reason, VersionError
 
-CONTROL_VERSION: tuple[int, int] = (1, 0)
+CONTROL_VERSION: tuple[int, int] = (1, 1)
 MAX_CONTROL_BYTES = 64 * 1024  # requests are small maps
 MAX_CROP_HALF_PX = 256
 
@@ -91,8 +101,11 @@ class ControlReply(_Model):
     pixel_size_nm: float | None = None
     shape: tuple[int, int] | None = None
     t_acq_ns: int | None = None
+    #: acquire: this frame's dose; status: one frame's at any pixel size (fixed illumination)
     dose_e_per_nm2: float | None = None
+    #: acquire: this frame's exposure; status: one frame's at the current settings, s
     exposure_s: float | None = None
+    dose_e_per_px: float | None = None  # status: electrons per pixel of one frame
     image_to_stage: tuple[tuple[float, float], tuple[float, float]] | None = None
     crop_shape: tuple[int, int] | None = None
 

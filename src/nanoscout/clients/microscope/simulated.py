@@ -7,7 +7,10 @@ frame shape asked for, with fresh shot noise each time.
 
 Times are modelled, not slept (unless ``real_time``): a move takes its travel at
 ``speed_um_s`` plus ``settle_s``; an exposure takes ``exposure_s``. The search loop adds them up
-as instrument time, which is what a real microscope would spend.
+as instrument time, which is what a real microscope would spend. A frame's dose is
+``dose_e_per_px`` electrons per pixel, ``dose_e_per_px / p²`` e/nm² at ``p`` nm/px; the camera
+reports both inputs before a frame is taken (:meth:`VirtualCamera.settings`, the control
+socket's ``status``) and the frame's exposure and dose with it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nanoscout.clients.microscope.interfaces import CameraError, Exposure, StageLimits
+from nanoscout.clients.microscope.interfaces import (
+    AcquisitionSettings,
+    CameraError,
+    Exposure,
+    StageLimits,
+)
 from nanoscout.sim.virtual_specimen import VirtualSpecimen, VirtualSpecimenConfig
 
 
@@ -97,6 +105,12 @@ class VirtualCamera:
         return Exposure(image=frame.image, pixel_size_nm=pixel_size_nm,
                         modality=self.modality, dose_e_per_nm2=dose, exposure_s=o.exposure_s,
                         meta={"simulated": True})
+
+    def settings(self) -> AcquisitionSettings:
+        """What :meth:`acquire` will cost: ``exposure_s`` (s) and ``dose_e_per_px`` (electrons
+        per pixel, so ``dose_e_per_px / p²`` e/nm² at ``p`` nm/px; None when noiseless)."""
+        o = self.options
+        return AcquisitionSettings(exposure_s=o.exposure_s, dose_e_per_px=o.dose_e_per_px)
 
 
 def specimen_limits(specimen: VirtualSpecimen, margin_um: float = 10.0) -> StageLimits:

@@ -15,14 +15,20 @@ Costs are added up as the search goes: frames, instrument time (modelled or real
 plus exposures, s) and electron dose (e/nm² summed over the frames' areas, divided by the search
 area: the mean dose the specimen received). :meth:`Costs.estimate` says what the next frame will
 cost before it is taken, from what the frames so far cost (the microscope reports a frame's
-move time, exposure and dose only with the frame), so that a budget is checked before it is
-spent:
+move time, exposure and dose with the frame), so that a budget is checked before it is spent:
 
-* exposure (s) and dose (e/nm²) of the latest frame at the same magnification (pixel size
-  asked for and shape); at a magnification not seen yet the longest exposure seen, and the
-  larger of "the same e/nm²" (a TEM's fixed illumination) and "the same electrons per frame"
-  (a fixed dose per pixel, as a STEM's dwell or the simulated camera) of every magnification
-  seen: an upper bound for either kind of instrument;
+* before the first frame, from the acquisition settings the microscope's ``status`` reported
+  (:class:`~nanoscout.clients.microscope.interfaces.AcquisitionSettings`: exposure s, dose
+  e/px or e/nm² of one frame): that exposure, and that dose at the pixel size asked for over
+  the frame's area. The first move's time is not known yet (no move measured): the time
+  estimate is the exposure alone, a lower bound. A microscope that reports no settings (an
+  older one) gives no estimate: nothing is known before the first frame;
+* once frames exist their measured costs, whatever the settings said: exposure (s) and dose
+  (e/nm²) of the latest frame at the same magnification (pixel size asked for and shape); at
+  a magnification not seen yet the longest exposure seen, and the larger of "the same e/nm²"
+  (a TEM's fixed illumination) and "the same electrons per frame" (a fixed dose per pixel, as
+  a STEM's dwell or the simulated camera) of every magnification seen: an upper bound for
+  either kind of instrument;
 * the stage move from the measured moves, as an upper bound for a move time that grows
   linearly with the distance (settle s plus distance / speed): a move of ``d`` µm takes at
   most ``t_j · max(1, d / d_j)`` for every measured move ``j`` (``d_j`` µm in ``t_j`` s), the
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nanoscout.clients.microscope.control import ControlClient, ControlError
+from nanoscout.clients.microscope.interfaces import AcquisitionSettings
 from nanoscout.clients.search.geometry import Area, FrameGeometry
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.protocol import AlertHeader, ClassHeader, DetHeader, Message
@@ -67,10 +74,11 @@ class FrameResult:
 @dataclass(frozen=True)
 class FrameCost:
     """What one frame costs: instrument time (stage move + exposure, s) and electron dose times
-    its area (e/nm² × µm²; divided by the search area, its share of the mean dose)."""
+    its area (e/nm² × µm²; divided by the search area, its share of the mean dose); None where
+    it is not known (before the first frame, a setting the microscope did not report)."""
 
-    instrument_s: float
-    dose_e_nm2_area: float
+    instrument_s: float | None
+    dose_e_nm2_area: float | None
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class Costs:
     moves: list[tuple[float, float]] = field(default_factory=list)
     #: the latest frame of each magnification: (pixel size asked for nm, shape px) → its costs
     seen: dict[tuple[float, tuple[int, int]], _Magnification] = field(default_factory=dict)
+    #: what a frame costs at the microscope's settings, as its ``status`` said (None: not said)
+    settings: AcquisitionSettings | None = None
 
     def mean_dose(self, area: Area) -> float:
         """Electron dose per nm² averaged over the search area."""
@@ -122,9 +132,10 @@ class Costs:
                  ) -> FrameCost | None:
         """What a frame at (``x_um``, ``y_um``) µm, ``pixel_size_nm`` and ``shape`` (rows, cols
         px) will cost at most, from the frames so far (the rules in the module docstring);
-        None before the first frame (nothing is known)."""
+        before the first frame from :attr:`settings` (its time the exposure alone, the first
+        move not being known), None where they say nothing (nothing is known)."""
         if not self.seen:
-            return None
+            return self._from_settings(pixel_size_nm, shape)
         mag = self.seen.get((pixel_size_nm, shape))
         if mag is not None:
             exposure_s = mag.exposure_s
@@ -135,6 +146,16 @@ class Costs:
             dose = max((m.dose_e_per_nm2 * max(m.area_um2, area) for m in self.seen.values()
                         if m.dose_e_per_nm2 is not None), default=0.0)
         return FrameCost(self._move_s(x_um, y_um) + exposure_s, dose)
+
+    def _from_settings(self, pixel_size_nm: float, shape: tuple[int, int]) -> FrameCost | None:
+        """The first frame's cost as :attr:`settings` say: exposure s (no move measured yet)
+        and dose (e/nm² at ``pixel_size_nm``) × area (µm²); None when they say neither."""
+        s = self.settings
+        dose = None if s is None else s.dose_at(pixel_size_nm)
+        if s is None or (s.exposure_s is None and dose is None):
+            return None
+        area = shape[0] * shape[1] * (pixel_size_nm / 1e3) ** 2
+        return FrameCost(s.exposure_s, None if dose is None else dose * area)
 
     def _move_s(self, x_um: float, y_um: float) -> float:
         """The longest a move to (x, y) µm is expected to take, s: the bound of the module
@@ -165,8 +186,15 @@ class SearchSession:
         topics = tuple(f"{k}.{self.source}" for k in ("det", "class", "alert", "stats"))
         self._sub = Subscriber(results_endpoint, topics, curve=curve)
         self._sub.wait_ready(ready_timeout_s)  # connected before the first frame goes out
-        #: where the stage is: the first move's length is measured from there
-        self.costs = Costs(at_um=status.stage)
+        try:
+            settings = AcquisitionSettings(status.exposure_s, status.dose_e_per_px,
+                                           status.dose_e_per_nm2)
+        except ValueError as exc:
+            raise ControlError(f"the microscope at {control.endpoint} reported acquisition "
+                               f"settings that cannot be: {exc}") from exc
+        #: where the stage is: the first move's length is measured from there; what a frame
+        #: costs before the first one (absent from an older microscope: not known)
+        self.costs = Costs(at_um=status.stage, settings=settings)
         self.t0 = time.monotonic()
 
     def frame(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int],

@@ -16,9 +16,12 @@ first). A budget is a limit the totals never pass: a frame is taken only when wh
 plus what that frame will cost stays within every budget — one frame for the frame budget, and
 for time and dose the estimate of :meth:`~nanoscout.clients.search.session.Costs.estimate`
 (from the frames so far: the move to the frame's place, the exposure and dose of the latest
-frame at its magnification). Before the first frame nothing says what a frame costs (the
-microscope reports a frame's exposure and dose with the frame): it is taken unless a budget is
-0, and a budget smaller than one frame stops the search after it. ``stopped`` names the
+frame at its magnification). Before the first frame the microscope's ``status`` says what a
+frame costs (its exposure and dose at the current settings): a dose budget smaller than one
+frame takes no frame, nor a time budget shorter than one exposure (the first move is not known
+before it is made). A microscope that does not say (an older one) reports a frame's exposure
+and dose only with the frame: the first frame is then taken unless a budget is 0, and a budget
+smaller than one frame stops the search after it. ``stopped`` names the
 budget ("budget: frames", "budget: instrument time", "budget: dose"); ``budget_stop`` says what
 was spent, what the refused frame would have cost and by how much it would have passed the
 budget. The search also stops when the microscope fails (its control socket does not answer,
@@ -110,7 +113,8 @@ class Candidate:
 @dataclass(frozen=True)
 class BudgetStop:
     """The budget that stopped a search, in ``unit``: what was spent, what the frame it
-    refused would have cost (None: not known, before the first frame) and the budget."""
+    refused would have cost (None: not known, before the first frame of a microscope that does
+    not report its settings) and the budget."""
 
     budget: str  # "frames", "instrument time" or "dose"
     unit: str  # "frames", "s" or "e/nm²" (mean over the search area)
@@ -313,14 +317,16 @@ class _Budget:
             return "budget: frames"
         est = c.estimate(x_um, y_um, pixel_size_nm, shape)
         a = cfg.area.width * cfg.area.height  # µm²: a frame's dose × area over it is its mean
+        dose_area = None if est is None else est.dose_e_nm2_area
         for name, unit, spent, cost, limit in (
                 ("instrument time", "s", c.instrument_s,
                  None if est is None else est.instrument_s, cfg.budget_s),
                 ("dose", "e/nm²", c.mean_dose(cfg.area),
-                 None if est is None else est.dose_e_nm2_area / a, cfg.budget_dose_e_per_nm2)):
+                 None if dose_area is None else dose_area / a, cfg.budget_dose_e_per_nm2)):
             if limit is None:
                 continue
-            # an unknown cost (the first frame) is taken while something is left
+            # an unknown cost (the first frame of a microscope that does not report its
+            # settings) is taken while something is left
             over = spent >= limit if cost is None else spent + cost > limit * (1 + _ROUNDING)
             if over:
                 self.refused = BudgetStop(name, unit, spent, cost, limit)

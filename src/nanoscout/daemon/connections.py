@@ -1,0 +1,178 @@
+"""The frame input's connections, counted from libzmq's socket monitor.
+
+libzmq refuses a message part larger than the input socket's ``MAXMSGSIZE`` (the daemon's
+transport cap, :func:`transport_cap_bytes`) by closing the adapter's connection: the message is
+never read, so :func:`~nanoscout.wire.codec.decode_frame` cannot count it as ``oversized``, and
+the adapter's socket reconnects by itself. A peer refused at the handshake (a CURVE key not
+authorised, another socket type, a peer that is not ZeroMQ) is just as silent. Both show only
+as socket monitor events, which :class:`InputConnections` reads and sorts, connection by
+connection (by file descriptor; libzmq names none in handshake events, which go to the oldest
+connection still in its handshake), into :data:`CONNECTION_EVENTS`:
+
+* ``accepted``: a connection accepted (TCP or IPC; ``inproc://`` has no connections to watch);
+* ``disconnected``: one closed after its handshake: the adapter went away (closed, crashed,
+  unplugged) or sent a message part over the transport cap; libzmq cannot tell which, so the
+  warning names both;
+* ``handshake_failed_auth``: one refused for its CURVE key (not in the authorized folder);
+* ``handshake_failed``: one closed before its handshake completed for any other reason:
+  another socket type (an adapter in ``--mode auto`` tries PUSH before PUB on a live daemon,
+  so this is routine there), a peer that is not ZeroMQ, a client without CURVE.
+
+``accepted`` = ``disconnected`` + ``handshake_failed`` + ``handshake_failed_auth`` + the
+connections open now. A closed connection is logged at most once per ``log_every_s`` for each
+event (WARNING, ``handshake_failed`` at INFO), with the count since the last line: a flapping
+adapter cannot flood the log.
+
+Threads: the daemon's receiver thread owns this as it owns the input socket: it calls
+:meth:`InputConnections.read` whenever :attr:`InputConnections.socket` is readable (and while
+it waits for room in the lossless queue) and :meth:`InputConnections.close` before it closes
+the input socket. The monitor's pipe is unbounded: libzmq's I/O thread blocks on a full one,
+and with it every socket of the context (libzmq issue 3575).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+__all__ = ["CONNECTION_EVENTS", "InputConnections", "transport_cap_bytes"]
+
+log = logging.getLogger("nanoscout.daemon")
+
+#: what became of connections to the frame input (the ``event`` label of
+#: ``nanoscout_input_connections_total`` and the keys of ``health.input_connections``)
+CONNECTION_EVENTS: Final = ("accepted", "disconnected", "handshake_failed",
+                            "handshake_failed_auth")
+
+_MASK: Final = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_FAILED: Final[dict[int, str]] = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+                  zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+                  zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed_auth"}
+_HANDSHAKING = "handshaking"
+_READY = "ready"
+
+
+def transport_cap_bytes(max_frame_bytes: int) -> int:
+    """The frame input's ZeroMQ ``MAXMSGSIZE``, bytes: twice ``input.max_frame_bytes`` plus
+    1 MiB, far enough above the limit that ``decode_frame`` sees (and counts) every frame that
+    breaks it; a message part above it is dropped by libzmq with its connection."""
+    return 2 * max_frame_bytes + (1 << 20)
+
+
+class InputConnections:
+    """Counts (and logs) what becomes of the connections to ``sock``, the daemon's frame input.
+
+    Create it before ``sock`` binds. ``cap_bytes``: the socket's transport cap, bytes (named
+    in the warning); ``on_event``: called with each counted event (the Prometheus counter);
+    ``log_every_s``: at most one log line per event kind in this many seconds. ``socket``:
+    the monitor's PAIR socket, for the owner's poller (readable: call :meth:`read`).
+    """
+
+    def __init__(self, sock: zmq.Socket, *, cap_bytes: int,
+                 on_event: Callable[[str], None] = lambda event: None,
+                 log_every_s: float = 60.0) -> None:
+        self._sock = sock
+        self._cap = cap_bytes
+        self._on_event = on_event
+        self._log_every_s = log_every_s
+        addr = f"inproc://nanoscout-input-monitor-{id(self):x}"
+        sock.monitor(addr, _MASK)
+        try:
+            self.socket: zmq.Socket = sock.context.socket(zmq.PAIR)
+            self.socket.setsockopt(zmq.RCVHWM, 0)  # unbounded: see the module docstring
+            self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.connect(addr)
+        except BaseException:
+            sock.monitor(None, 0)
+            raise
+        # file descriptor -> "handshaking", "ready" or the failure event, oldest first
+        self._state: dict[int, str] = {}
+        self._counts = dict.fromkeys(CONNECTION_EVENTS, 0)
+        self._lock = threading.Lock()
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+        self._closed = False
+
+    def counts(self) -> dict[str, int]:
+        """Connections by event (:data:`CONNECTION_EVENTS`) since start; any thread."""
+        with self._lock:
+            return dict(self._counts)
+
+    def read(self) -> int:
+        """Handle every monitor event waiting (never blocks); returns how many."""
+        n = 0
+        while not self._closed and self.socket.poll(0):
+            msg = recv_monitor_message(self.socket)
+            self._handle(int(msg["event"]), int(msg["value"]))
+            n += 1
+        return n
+
+    def close(self) -> None:
+        """Count the events still waiting, stop the monitor and close its socket (before
+        the input socket closes)."""
+        if self._closed:
+            return
+        try:
+            self.read()
+        finally:
+            self._closed = True
+            self._sock.monitor(None, 0)
+            self.socket.close(linger=0)
+
+    def _handle(self, event: int, value: int) -> None:
+        if event == zmq.EVENT_ACCEPTED:
+            self._state.pop(value, None)  # a number the OS gave again: that one is gone
+            self._state[value] = _HANDSHAKING
+            self._count("accepted")
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED or event in _FAILED:
+            fd = next((fd for fd, s in self._state.items() if s == _HANDSHAKING), None)
+            if fd is not None:
+                self._state[fd] = _READY if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else _FAILED[event]
+        elif event == zmq.EVENT_DISCONNECTED:
+            state = self._state.pop(value, _READY)
+            what = ("disconnected" if state == _READY
+                    else "handshake_failed" if state == _HANDSHAKING else state)
+            self._count(what)
+            self._log(what)
+
+    def _count(self, event: str) -> None:
+        with self._lock:
+            self._counts[event] += 1
+        self._on_event(event)
+
+    def _log(self, event: str) -> None:
+        now = time.monotonic()
+        last = self._logged_at.get(event)
+        if last is not None and now - last < self._log_every_s:
+            self._unlogged[event] = self._unlogged.get(event, 0) + 1
+            return
+        self._logged_at[event] = now
+        since = self._unlogged.pop(event, 0)
+        with self._lock:
+            total = self._counts[event]
+        if event == "disconnected":
+            level, what = logging.WARNING, (
+                "a connection closed after its handshake: an adapter that went away, or a "
+                f"message part over the transport cap of {self._cap} bytes (ZeroMQ's "
+                "MAXMSGSIZE, set by input.max_frame_bytes), which ZeroMQ drops unread with its "
+                "connection; ZeroMQ cannot tell the two apart")
+        elif event == "handshake_failed_auth":
+            level, what = logging.WARNING, (
+                "a connection was refused for its CURVE key: its public key is not in the "
+                "daemon's authorized_keys folder")
+        else:
+            level, what = logging.INFO, (
+                "a connection closed before its handshake completed: another socket type (an "
+                "adapter in --mode auto tries PUSH before PUB on a live daemon), a peer that "
+                "is not ZeroMQ, or a client without CURVE")
+        log.log(level, "frame input: %s (%s: %d in all, %d more not logged since the last "
+                "such line; at most one line every %g s)", what, event, total, since,
+                self._log_every_s)

@@ -1,0 +1,156 @@
+"""Connections to the frame input: drops and refusals that libzmq makes silently are counted.
+
+A message part over the input's transport cap (ZeroMQ ``MAXMSGSIZE``: 2 x
+``input.max_frame_bytes`` + 1 MiB) never reaches ``decode_frame``: libzmq closes the adapter's
+connection unread. A CURVE key the daemon does not know, or an adapter trying the wrong socket
+type, is refused at the handshake. Before protocol 1.12 none of these showed anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from nanoscout.clients.acquisition.publisher import FramePublisher, PublishError
+from nanoscout.clients.subscriber import Subscriber
+from nanoscout.wire.protocol import frame_header, pack_header
+from nanoscout.wire.transport import ClientKeys, create_keys
+from tests.system.conftest import DaemonProc, nanoscout, stop_process, wait_ready
+
+pytestmark = pytest.mark.system
+
+MAX_FRAME_BYTES = 65536
+CAP_BYTES = 2 * MAX_FRAME_BYTES + (1 << 20)
+
+LoggedDaemon = Callable[..., tuple[DaemonProc, Path]]
+
+
+@pytest.fixture
+def logged_daemon(tmp_path: Path) -> Iterator[LoggedDaemon]:
+    """``logged_daemon(*serve_args, config="toml")`` → (DaemonProc, its stderr log file), as
+    ``daemon_factory`` starts it; stopped at teardown."""
+    started: list[DaemonProc] = []
+
+    def make(*args: str, config: str = "") -> tuple[DaemonProc, Path]:
+        n = len(started)
+        cfg, log = tmp_path / f"daemon{n}.toml", tmp_path / f"daemon{n}.log"
+        cfg.write_text(config, encoding="utf-8")
+        with log.open("w", encoding="utf-8") as err:
+            proc = nanoscout(
+                "serve", "--config", str(cfg), "--frames-endpoint", "tcp://127.0.0.1:0",
+                "--results", "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0",
+                "--metrics-port", "0", "--health-interval", "0.2", "--threads", "2", *args,
+                stdout=subprocess.PIPE, stderr=err)
+        ep, lines, pump = wait_ready(proc, "daemon", 120.0)
+        d = DaemonProc(proc, ep["input"], ep["output"], ep["metrics"], lines, pump,
+                       ep.get("query"))
+        started.append(d)
+        return d, log
+
+    yield make
+    for d in started:
+        stop_process(d.proc)
+        if d.pump is not None:
+            d.pump.join(30)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Value of one sample in Prometheus exposition text (NaN when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:]+)\{([^}]*)\} (\S+)$", line)
+        if m and m.group(1) == name and ",".join(sorted(m.group(2).split(","))) == want:
+            return float(m.group(3))
+    return float("nan")
+
+
+def _health_where(sub: Subscriber, ok: Callable[[Any], bool], what: str) -> Any:
+    """The first ``health`` header for which ``ok`` holds (60 s at most)."""
+    for msg in sub.messages(timeout=60):
+        if msg.kind == "health" and ok(msg.header):
+            return msg.header
+    raise AssertionError(f"no health message with {what} within 60 s")
+
+
+def test_a_message_over_the_transport_cap_is_counted_and_the_adapter_carries_on(
+        logged_daemon: LoggedDaemon) -> None:
+    """The adapter's over-cap message closes its connection; it reconnects by itself and its
+    next frame is analysed. The drop is counted in health and /metrics and logged once with the
+    cap (a second closed connection within the minute is counted, not logged again)."""
+    d, log = logged_daemon("--policy", "lossless", "--max-frame-bytes", str(MAX_FRAME_BYTES))
+    image = np.random.default_rng(3).integers(900, 1100, (128, 128)).astype(np.uint16)
+    header = pack_header(frame_header(image, source="cap", seq=0, t_acq_ns=1, pixel_size_nm=0.5))
+    with Subscriber(d.output, topics=("det.", "health")) as sub:
+        first = sub.wait_ready()
+        assert first.input_connections == {"accepted": 0, "disconnected": 0,
+                                           "handshake_failed": 0, "handshake_failed_auth": 0}
+        with FramePublisher(d.input, mode="push", source="cap") as pub:
+            pub.send_raw([b"frame", header, b"\0" * (CAP_BYTES + 1)])
+            _health_where(sub, lambda h: h.input_connections["disconnected"] >= 1,
+                          "the dropped connection")
+            seq = pub.send(image, pixel_size_nm=0.5)  # over the connection made again
+            assert any(m.kind == "det" and m.header.seq == seq
+                       for m in sub.messages(timeout=60)), "the frame after the drop was lost"
+            health = _health_where(sub, lambda h: h.frames_processed >= 1, "the frame analysed")
+        closed = _health_where(sub, lambda h: h.input_connections["disconnected"] >= 2,
+                               "the adapter's closed connection")
+    assert d.proc.poll() is None
+    # the dropped message never reached decode_frame: nothing rejected, one frame, no gap
+    assert health.rejected == {} and health.frames_received == 1 and health.transport_gaps == 0
+    assert health.input_connections == {"accepted": 2, "disconnected": 1,
+                                        "handshake_failed": 0, "handshake_failed_auth": 0}
+    assert closed.input_connections["accepted"] == 2
+    text = d.scrape()
+    for event, n in (("accepted", 2), ("disconnected", 2), ("handshake_failed", 0),
+                     ("handshake_failed_auth", 0)):
+        assert _metric(text, "nanoscout_input_connections_total", event=event) == n, event
+    assert d.stop(signal.SIGTERM) == 0  # the monitor socket does not hold up the shutdown
+    warnings = [line for line in log.read_text(encoding="utf-8").splitlines()
+                if f"over the transport cap of {CAP_BYTES} bytes" in line]
+    assert len(warnings) == 1, warnings
+    assert "WARNING" in warnings[0] and "disconnected: 1 in all" in warnings[0]
+
+
+def test_refused_handshakes_are_counted_and_curve_adapters_still_work(
+        logged_daemon: LoggedDaemon, tmp_path: Path) -> None:
+    """CURVE on a live daemon: a stranger's key is refused (``handshake_failed_auth``, logged),
+    an authorised adapter in ``--mode auto`` is refused as PUSH (``handshake_failed``) and
+    taken as PUB, and its frame is analysed."""
+    server_pub, server_secret = create_keys(tmp_path / "server", "daemon")
+    authorised = tmp_path / "authorised"
+    create_keys(authorised, "operator")
+    _, stranger_secret = create_keys(tmp_path / "elsewhere", "stranger")
+    d, log = logged_daemon("--policy", "live", config=(
+        "[security]\ncurve = true\n"
+        f'server_secret_key = "{server_secret}"\nauthorized_keys = "{authorised}"\n'))
+    friend = ClientKeys(server_pub, authorised / "operator.key_secret")
+    image = np.random.default_rng(4).integers(900, 1100, (128, 128)).astype(np.uint16)
+    with Subscriber(d.output, topics=("det.", "health"), curve=friend) as sub:
+        sub.wait_ready()
+        with pytest.raises(PublishError, match="refused this client's CURVE key"):
+            FramePublisher(d.input, source="intruder", connect_timeout_s=10,
+                           curve=ClientKeys(server_pub, stranger_secret))
+        with FramePublisher(d.input, source="friend", curve=friend) as pub:
+            assert pub.mode == "pub"
+            seq = pub.send(image, pixel_size_nm=0.5)
+            assert any(m.kind == "det" and m.header.seq == seq
+                       for m in sub.messages(timeout=60)), "the authorised frame was lost"
+        health = _health_where(sub, lambda h: h.input_connections["disconnected"] >= 1,
+                               "the authorised adapter's closed connection")
+    counts = health.input_connections
+    assert counts["handshake_failed_auth"] >= 1 and counts["handshake_failed"] >= 1, counts
+    assert counts["disconnected"] == 1, counts
+    assert counts["accepted"] == sum(n for event, n in counts.items() if event != "accepted")
+    assert health.frames_received == 1 and health.rejected == {}
+    text = d.scrape()
+    assert _metric(text, "nanoscout_input_connections_total",
+                   event="handshake_failed_auth") == counts["handshake_failed_auth"]
+    assert d.stop(signal.SIGTERM) == 0
+    assert "refused for its CURVE key" in log.read_text(encoding="utf-8")

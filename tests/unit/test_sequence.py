@@ -1,0 +1,100 @@
+"""The one gap tracker (:mod:`nanoscout.wire.sequence`) as the subscriber SDK feeds it
+(:func:`~nanoscout.clients.subscriber.track_gap`), on encoded and decoded messages: a daemon
+restart is told from the results' ``daemon_run`` (a heartbeat's ``started_ns``), and what the new
+run published before the first message seen is counted. A real socket:
+tests/system/test_sdk.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanoscout.clients.subscriber import track_gap
+from nanoscout.wire.protocol import (
+    HealthHeader,
+    Message,
+    StatsHeader,
+    decode_message,
+    encode_message,
+)
+from nanoscout.wire.sequence import Gap, SequenceTracker
+
+#: three daemon runs, named by their start (ns since the epoch)
+RUN1, RUN2, RUN3 = 1_765_000_000_000_000_000, 1_765_000_060_000_000_000, 1_765_000_120_000_000_000
+
+
+def _wire(header: object) -> Message:
+    """Encode and decode, as a subscriber receives it."""
+    return decode_message([bytes(p) for p in encode_message(header)])  # type: ignore[arg-type]
+
+
+def stats(topic_seq: int, run: int | None, source: str = "sim") -> Message:
+    return _wire(StatsHeader(source=source, seq=topic_seq, t_ns=1, units="px", window={},
+                             cumulative={}, topic_seq=topic_seq, daemon_run=run))
+
+
+def health(topic_seq: int, started_ns: int | None) -> Message:
+    return _wire(HealthHeader(
+        t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=0,
+        frames_processed=0, frames_dropped={}, rejected={}, transport_gaps=0, queue_depth=0,
+        fps=0.0, latency_ms_p50=None, latency_ms_p99=None, topic_seq=topic_seq,
+        started_ns=started_ns))
+
+
+def test_a_new_daemon_runs_results_before_the_first_one_seen_are_missed() -> None:
+    """The old run's topic_seq reached 6; the daemon restarted and the subscriber's first
+    message of the new run has topic_seq 5 (0-4 were published while it reconnected). The
+    falling number was read as a restart with nothing missing; the new run counts from 0."""
+    t = SequenceTracker(max_keys=16)
+    assert [track_gap(t, stats(k, RUN1)) for k in range(7)] == [None] * 7
+    assert track_gap(t, stats(5, RUN2)) == Gap("stats.sim", 5, 5)
+    assert t.missed == {"stats.sim": 5} and t.total == 5
+    assert track_gap(t, stats(6, RUN2)) is None
+    assert track_gap(t, stats(8, RUN2)) == Gap("stats.sim", 8, 1)  # within the run as before
+    # a numbering above the old run's newest is the new run's too: 9 missed, not 2
+    assert track_gap(t, stats(9, RUN3)) == Gap("stats.sim", 9, 9)
+    assert t.total == 15 and t.last_gap == Gap("stats.sim", 9, 9)
+    # another restart whose topic_seq 0 arrives: nothing missing
+    assert track_gap(t, stats(0, RUN1 + 1)) is None and t.total == 15
+
+
+def test_a_subscriber_joining_a_running_daemon_misses_nothing() -> None:
+    """The first run seen numbers from wherever it is: its earlier messages were sent before
+    the subscriber was there."""
+    t = SequenceTracker()
+    assert track_gap(t, stats(1000, RUN2)) is None
+    assert track_gap(t, stats(1000, RUN2, source="other")) is None
+    assert t.total == 0 and t.missed == {}
+
+
+def test_without_daemon_run_a_falling_number_is_still_a_restart_with_nothing_missed() -> None:
+    """Results of a daemon before protocol 1.11 do not name their run: as before."""
+    t = SequenceTracker()
+    for k in (0, 1, 2, 3, 4):
+        assert track_gap(t, stats(k, None)) is None
+    assert track_gap(t, stats(2, None)) is None and t.total == 0
+    assert track_gap(t, stats(5, None)) == Gap("stats.sim", 5, 2)
+    # a 1.11 daemon after it: a new run, from 0
+    assert track_gap(t, stats(3, RUN1)) == Gap("stats.sim", 3, 3) and t.total == 5
+
+
+@pytest.mark.parametrize("first_new", [0, 2])
+def test_heartbeats_follow_the_daemon_start(first_new: int) -> None:
+    """``health`` names its run by ``started_ns`` (the value results carry as daemon_run)."""
+    t = SequenceTracker()
+    for k in range(4):
+        assert track_gap(t, health(k, RUN1)) is None
+    gap = track_gap(t, health(first_new, RUN2))
+    assert gap == (None if first_new == 0 else Gap("health", first_new, first_new))
+
+
+def test_restarts_keep_the_memory_bounded_by_the_key_limit() -> None:
+    """The sequence state is one entry per topic, whatever the number of runs seen; the least
+    recently seen topic is still forgotten beyond ``max_keys``."""
+    t = SequenceTracker(max_keys=3)
+    for run in range(1, 201):
+        for source in ("a", "b", "c"):
+            track_gap(t, stats(1, RUN1 + run, source))
+    # every run after the first seen missed its topic_seq 0
+    assert len(t._last) == 3 and t.total == 3 * 199
+    track_gap(t, stats(0, RUN2, "d"))
+    assert "stats.a" not in t and "stats.d" in t and len(t._last) == 3
