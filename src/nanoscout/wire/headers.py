@@ -66,6 +66,15 @@ History (minor versions only add optional fields; receivers ignore fields they d
   model, which holds that rule), or because the adapted network found far more particles
   than the base network there (``base_network.max_count_ratio``: it broke down on the frame;
   the same field, no new version). A v1.6 reader ignores it.
+* 1.8 the operator's particle size: ``frame.particle_size_nm`` / ``frame.particle_size_px``
+  (the range of the frame's median particle diameter, which the automatic working scale keeps
+  its estimate inside), ``det.size_hint`` (what that range did) and the control request
+  ``set_particle_size`` (a source's range for its frames that name none).
+* 1.9 low-dose frames: ``det.noise`` (the frame's white noise, a fraction of its normalised
+  range) and ``det.smoothing_px`` (the Gaussian it was smoothed by before the network, where
+  the model card says so).
+* 1.10 ``det.scale_agreed``: whether two working-scale estimation passes agreed on the
+  particles' size or the card's fallback chose the scale.
 * 1.11 ``daemon_run`` on every result header (:class:`FrameRef`): the daemon process that made
   the result, named by its start time in ns since the epoch (the value its ``health.started_ns``
   carries). A restarted daemon numbers its tracks, fields of view and ``topic_seq`` from the
