@@ -706,11 +706,30 @@ def test_a_capped_median_is_asked_first_where_its_passes_agree(
     assert det.particle_size(np.zeros((1024, 1024), np.float32)) == pytest.approx(particle_px)
 
 
+@pytest.mark.parametrize(("centre", "near"), [("foreground", (64, 64)), ("particles", (192, 192))])
+def test_the_finer_passes_centre_on_the_most_foreground_or_the_most_particles(
+        shipped: Detector, centre: str, near: tuple[int, int]) -> None:
+    """A pass over 256 x 256 working px: one support grain 64 px across in the top-left
+    quarter (4096 px of foreground), 16 particles 6 px across in the bottom-right one (576 px).
+    ``window_centre = "foreground"`` (every shipped card) centres the finer passes on the
+    grain; ``"particles"`` (each confident detection one unit) on the particles."""
+    det = Detector(shipped.engine, _with_auto(shipped.card, window_centre=centre), scale="auto")
+    logits = np.full((1, 2, 256, 256), -8.0, np.float32)
+    logits[0, :, 32:96, 32:96] = 8.0  # the grain
+    for r in range(4):
+        for c in range(4):
+            y, x = 168 + 14 * r, 168 + 14 * c
+            logits[0, :, y:y + 6, x:x + 6] = 8.0
+    got = det._densest(logits, 1.0, (slice(0, 256), slice(0, 256)))
+    assert got is not None
+    assert np.hypot(got[0] - near[0], got[1] - near[1]) < 32.0, got
+
+
 def test_auto_scale_card_fields_default_to_the_old_estimate() -> None:
     a = AutoScale()
     assert a.consistency is None and a.min_pass_ecd_px == 0.0  # the coarse-to-fine passes
     assert a.fallback == "coarse" and not a.recentre and a.weight_cap_rank is None
-    assert a.weight_cap_mode == "always"
+    assert a.weight_cap_mode == "always" and a.window_centre == "foreground"
     with pytest.raises(ValueError, match="weight_cap_rank"):
         AutoScale(weight_cap_rank=0)
     with pytest.raises(ValueError, match="weight_cap_ratio"):

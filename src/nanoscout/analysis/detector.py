@@ -478,9 +478,30 @@ class Detector:
         ((row, col) frame px, or None: :func:`content_centre`)."""
         rows, cols = window
         wh, ww = (max(self.stride, round((sl.stop - sl.start) * s)) for sl in (rows, cols))
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        if a.window_centre == "particles":
+            return content_centre(self._particle_density(logits, wh, ww), s,
+                                  (rows.start, cols.start))
         fg = logits[0, self._fg, :wh, :ww].astype(np.float32)
         # the logistic function as tanh: no overflow for logits of any size
         return content_centre(0.5 + 0.5 * np.tanh(0.5 * fg), s, (rows.start, cols.start))
+
+    def _particle_density(self, logits: np.ndarray, wh: int, ww: int) -> np.ndarray:
+        """Each confident detection of a pass (score >= ``min_score``, ECD >=
+        ``min_pass_ecd_px``) as a unit mass spread over its pixels (``window_centre =
+        "particles"``): a support grain weighs as one particle, not as its area."""
+        a = self.card.working_scale.auto  # type: ignore[union-attr]
+        th = self.thresholds
+        labels, scores = instances_from_logits(
+            logits[0, self._fg, :wh, :ww], logits[0, self._core, :wh, :ww],
+            foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
+            min_core_px=th.min_core_px, post_stride=1, merge_contact=th.merge_contact)
+        area = np.bincount(labels.ravel(), minlength=scores.size).astype(np.float64)
+        ecd = 2.0 * np.sqrt(area / np.pi)
+        mass = np.where((scores >= a.min_score) & (ecd >= a.min_pass_ecd_px) & (area > 0),
+                        1.0 / np.maximum(area, 1.0), 0.0)
+        mass[0] = 0.0  # background
+        return mass[labels].astype(np.float32)
 
     def particle_size(self, x: np.ndarray) -> float | None:
         """Return the median particle diameter (frame px, area-weighted) that the estimation

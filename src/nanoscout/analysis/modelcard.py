@@ -188,7 +188,13 @@ class AutoScale(_Strict):
     cap cannot tell a grain from a frame's few real particles beside many small detections
     (EMPS figure crops of 4-8 large particles lost their scale to it), and on the STEM
     detector's training frames the caps that mended frames with support grains also moved
-    frames without them.
+    frames without them. ``window_centre``: where the finer passes' windows centre,
+    ``"foreground"`` (where the first pass found the most foreground: every shipped card) or
+    ``"particles"`` (where it found the most confident detections, each one unit whatever its
+    area, so that a support grain weighs as one particle). Measured and not shipped
+    (``benchmarks/results/scale_window_centre.json``): on the STEM detector's training frames
+    it mended frames with support grains and thick supports but moved 4096 px frames, pooled
+    +0.005 against the +0.01 asked; on the EMPS tuning papers it lost 0.02.
     """
 
     target_diameter_px: float = Field(24.0, gt=0)
@@ -209,6 +215,7 @@ class AutoScale(_Strict):
     weight_cap_rank: int | None = Field(None, ge=1)
     weight_cap_ratio: float = Field(1.0, ge=1.0)
     weight_cap_mode: Literal["always", "consistent"] = "always"
+    window_centre: Literal["foreground", "particles"] = "foreground"
 
     @model_validator(mode="after")
     def _range(self) -> AutoScale:
