@@ -1,10 +1,11 @@
 """``nanoscout record``: write every particle, frame and alert the daemon publishes to disk.
 
-Subscribes to ``det.``, ``alert.`` and ``stats.`` (one source prefix or all), queues rows and flushes them
-as one crash-safe batch (:mod:`nanoscout.clients.runfile`) every ``batch_frames`` frames or
-``batch_seconds`` s, whichever comes first, and on stop (SIGINT / SIGTERM, ``frames`` or
-``duration`` reached). ``frames`` counts ``det`` messages; after the last one the recorder
-reads on until that frame's ``stats`` (the frame's last message: its alerts come before it)
+Subscribes to ``det.``, ``alert.`` and ``stats.`` (one source prefix or all), queues rows and
+flushes them as one crash-safe batch (:mod:`nanoscout.clients.runfile`) every ``batch_frames``
+frames or ``batch_seconds`` s, whichever comes first, and on stop (SIGINT / SIGTERM, ``frames``
+or ``duration`` reached; on a signal or ``stop`` the messages already received are read first,
+for at most :data:`STOP_DRAIN_S` s). ``frames`` counts ``det`` messages; after the last one the
+recorder reads on until that frame's ``stats`` (the frame's last message: its alerts come before it)
 has arrived, at most :data:`FRAME_END_TIMEOUT_S` s, so the run holds every frame's statistics
 and a daemon that died cannot hold it up. After ``kill -9`` the run is readable and lacks at
 most the rows queued since the last flush. Results the subscriber missed (sequence gaps, e.g.
@@ -56,6 +57,9 @@ LOGGED_REJECTIONS = 20
 #: after the last frame ``frames`` asks for, the longest wait for the rest of that frame's
 #: messages (its ``stats`` last), s
 FRAME_END_TIMEOUT_S = 10.0
+#: on a stop (signal, ``stop`` event), the longest the recorder goes on reading the messages its
+#: socket had already received, s
+STOP_DRAIN_S = 2.0
 #: daemon runs the provenance lists (``daemon_runs``) and the log names, at most: a publisher
 #: that names ever new runs must not grow them without bound (the rows keep every run)
 MAX_DAEMON_RUNS = 100
@@ -216,12 +220,20 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
         def progress() -> dict[str, Any]:
             return _progress(prov, writer, sub, unstorable, models, engines, runs, model_cards)
 
-        while not (stop.is_set() or signalled.is_set()):
+        drain_until: float | None = None  # after a stop: read what had come, until then
+        while True:
+            stopping = stop.is_set() or signalled.is_set()
+            if stopping:
+                # what the socket had received before the stop is recorded (or counted as
+                # rejected), for at most STOP_DRAIN_S s: a flood cannot hold the stop up
+                drain_until = drain_until or time.monotonic() + STOP_DRAIN_S
+                if time.monotonic() >= drain_until or not sub.waiting():
+                    break
             if frames is not None and n_det >= frames and last_frame is None:
                 break  # frames=0
             if duration is not None and time.monotonic() - t_start >= duration:
                 break
-            wait = 0.2
+            wait = 0.0 if stopping else 0.2
             if last_frame is not None:
                 wait = min(wait, last_frame_deadline - time.monotonic())
                 if wait <= 0:

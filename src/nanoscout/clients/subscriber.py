@@ -146,6 +146,10 @@ class Subscriber:
             self.last_gap = gap
         return msg
 
+    def waiting(self) -> bool:
+        """Whether a message has been received and not read yet (a malformed one too)."""
+        return bool(self._sock.poll(0))
+
     def recv(self, timeout: float | None = None) -> Message[Any] | None:
         """The next message of the subscribed topics, or None after ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
