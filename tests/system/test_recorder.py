@@ -237,21 +237,10 @@ def test_a_message_the_run_cannot_store_costs_itself_not_the_recording(
     """A message the writer refused (an unstorable row) once ended ``record`` and lost the
     queued batch: it is counted in ``rejected_messages`` with a logged reason, and everything
     before and after it is recorded."""
-    import threading
-
-    import zmq
-
-    from nanoscout.clients.recorder import record
     from nanoscout.clients.runfile import RunWriter
     from nanoscout.wire.errors import ProtocolError
     from nanoscout.wire.particles import empty_table
-    from nanoscout.wire.protocol import (
-        AlertHeader,
-        DetHeader,
-        HealthHeader,
-        StatsHeader,
-        encode_message,
-    )
+    from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader, encode_message
 
     add_stats = RunWriter.add_stats
 
@@ -261,16 +250,6 @@ def test_a_message_the_run_cannot_store_costs_itself_not_the_recording(
         add_stats(self, header)
 
     monkeypatch.setattr(RunWriter, "add_stats", refuse_bad)
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.LINGER, 0)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    out = tmp_path / "run.parquet"
-    result: list[dict] = []
-    stop = threading.Event()
-    worker = threading.Thread(target=lambda: result.append(record(
-        f"tcp://127.0.0.1:{port}", out, frames=3, batch_frames=100, stop=stop,
-        ready_timeout=60)))
     table = empty_table(2)
     table["id"] = [1, 2]
 
@@ -283,33 +262,13 @@ def test_a_message_the_run_cannot_store_costs_itself_not_the_recording(
         return encode_message(StatsHeader(source=source, seq=seq, t_ns=5, units="nm",
                                           window={"count": 2}, cumulative={"count": 2}))
 
-    health = encode_message(HealthHeader(
-        t_ns=1, uptime_s=1.0, policy="live", engines={}, frames_received=0,
-        frames_processed=0, frames_dropped={}, rejected={}, transport_gaps=0, queue_depth=0,
-        fps=0.0, latency_ms_p50=None, latency_ms_p99=None))
-    try:
-        worker.start()
-
-        def subscribed() -> bool:
-            pub.send_multipart(health)
-            meta = out / "_run.json"
-            return meta.exists() and "subscribed_utc" in meta.read_text()
-
-        wait_until(subscribed, timeout=60, what="recorder subscribed")
-        alert = encode_message(AlertHeader(source="cam", seq=1, rule="r", kind="particle",
-                                           severity="info", value=1.0, threshold=0.0,
-                                           explanation="x"), empty_table(0))
-        for parts in (det(0), stats("cam", 0), stats("bad", 0), alert, det(1), stats("cam", 1),
-                      stats("bad", 1), det(2), stats("cam", 2)):
-            pub.send_multipart(parts)
-        worker.join(60)
-    finally:
-        stop.set()
-        worker.join(10)
-        pub.close(linger=0)
-        ctx.term()
-    assert result, "record() did not return"
-    prov = result[0]
+    alert = encode_message(AlertHeader(source="cam", seq=1, rule="r", kind="particle",
+                                       severity="info", value=1.0, threshold=0.0,
+                                       explanation="x"), empty_table(0))
+    prov, _ = _record_from(tmp_path, [det(0), stats("cam", 0), stats("bad", 0), alert, det(1),
+                                      stats("cam", 1), stats("bad", 1), det(2), stats("cam", 2)],
+                           frames=3, batch_frames=100)
+    out = tmp_path / "run.parquet"
     assert prov["rejected_messages"] == 2 and prov["rows"]["frames"] == 3
     run = read_run(out)
     assert run.frames["seq"].tolist() == [0, 1, 2] and run.rows(run.particles) == 6
