@@ -115,7 +115,7 @@ def test_a_message_over_the_transport_cap_is_counted_and_the_adapter_carries_on(
     warnings = [line for line in log.read_text(encoding="utf-8").splitlines()
                 if f"over the transport cap of {CAP_BYTES} bytes" in line]
     assert len(warnings) == 1, warnings
-    assert "WARNING" in warnings[0] and "disconnected: 1 in all" in warnings[0]
+    assert "INFO" in warnings[0] and "disconnected: 1 in all" in warnings[0]
 
 
 def test_refused_handshakes_are_counted_and_curve_adapters_still_work(

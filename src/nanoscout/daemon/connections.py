@@ -12,7 +12,7 @@ connection still in its handshake), into :data:`CONNECTION_EVENTS`:
 * ``accepted``: a connection accepted (TCP or IPC; ``inproc://`` has no connections to watch);
 * ``disconnected``: one closed after its handshake: the adapter went away (closed, crashed,
   unplugged) or sent a message part over the transport cap; libzmq cannot tell which, so the
-  warning names both;
+  log line names both;
 * ``handshake_failed_auth``: one refused for its CURVE key (not in the authorized folder);
 * ``handshake_failed``: one closed before its handshake completed for any other reason:
   another socket type (an adapter in ``--mode auto`` tries PUSH before PUB on a live daemon,
@@ -20,7 +20,7 @@ connection still in its handshake), into :data:`CONNECTION_EVENTS`:
 
 ``accepted`` = ``disconnected`` + ``handshake_failed`` + ``handshake_failed_auth`` + the
 connections open now. A closed connection is logged at most once per ``log_every_s`` for each
-event (WARNING, ``handshake_failed`` at INFO), with the count since the last line: a flapping
+event (INFO; a refused CURVE key at WARNING), with the count since the last line: a flapping
 adapter cannot flood the log.
 
 Threads: the daemon's receiver thread owns this as it owns the input socket: it calls
@@ -71,7 +71,7 @@ class InputConnections:
     """Counts (and logs) what becomes of the connections to ``sock``, the daemon's frame input.
 
     Create it before ``sock`` binds. ``cap_bytes``: the socket's transport cap, bytes (named
-    in the warning); ``on_event``: called with each counted event (the Prometheus counter);
+    in the log line); ``on_event``: called with each counted event (the Prometheus counter);
     ``log_every_s``: at most one log line per event kind in this many seconds. ``socket``:
     the monitor's PAIR socket, for the owner's poller (readable: call :meth:`read`).
     """
@@ -159,7 +159,9 @@ class InputConnections:
         with self._lock:
             total = self._counts[event]
         if event == "disconnected":
-            level, what = logging.WARNING, (
+            # INFO: every adapter that ends its run closes its connection this way too (the
+            # demo's simulator, each acquisition); the counter tells an operator the rest
+            level, what = logging.INFO, (
                 "a connection closed after its handshake: an adapter that went away, or a "
                 f"message part over the transport cap of {self._cap} bytes (ZeroMQ's "
                 "MAXMSGSIZE, set by input.max_frame_bytes), which ZeroMQ drops unread with its "
