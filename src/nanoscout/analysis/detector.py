@@ -441,7 +441,6 @@ class Detector:
 
     def _pass(self, x: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Run the network on ``x`` resampled by ``s``; return (logits, ECD px, scores)."""
-        th = self.thresholds
         h, w = x.shape
         wh, ww = max(self.stride, round(h * s)), max(self.stride, round(w * s))
         xs, _ = pad_to_multiple(resample(x, (wh, ww)) if (wh, ww) != (h, w) else x, self.stride)
@@ -449,12 +448,19 @@ class Detector:
         # the estimate sees no edge context: it measures the frame as the network sees it bare
         logits = self._full(self._network_logits(xs, 1, False), xs.shape)
         self._pass_engine_s = time.perf_counter() - t0
+        _, area, scores = self._pass_instances(logits, wh, ww)
+        return logits, 2.0 * np.sqrt(area[1:] / np.pi), scores[1:]
+
+    def _pass_instances(self, logits: np.ndarray, wh: int, ww: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The instances of an estimation pass's logits over its ``wh`` x ``ww`` working px:
+        (label map, area px per label, score per label; index 0 the background)."""
+        th = self.thresholds
         labels, scores = instances_from_logits(
             logits[0, self._fg, :wh, :ww], logits[0, self._core, :wh, :ww],
             foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
             min_core_px=th.min_core_px, post_stride=1, merge_contact=th.merge_contact)
-        area = np.bincount(labels.ravel(), minlength=scores.size)[1:].astype(np.float64)
-        return logits, 2.0 * np.sqrt(area / np.pi), scores[1:]
+        return labels, np.bincount(labels.ravel(), minlength=scores.size).astype(np.float64), scores
 
     def _window_pass(self, x: np.ndarray, s: float, centre: tuple[float, float] | None = None
                      ) -> tuple[np.ndarray, bool, float, int]:
@@ -491,12 +497,7 @@ class Detector:
         ``min_pass_ecd_px``) as a unit mass spread over its pixels (``window_centre =
         "particles"``): a support grain weighs as one particle, not as its area."""
         a = self.card.working_scale.auto  # type: ignore[union-attr]
-        th = self.thresholds
-        labels, scores = instances_from_logits(
-            logits[0, self._fg, :wh, :ww], logits[0, self._core, :wh, :ww],
-            foreground=th.foreground, core=th.core, min_area_px=th.min_area_px,
-            min_core_px=th.min_core_px, post_stride=1, merge_contact=th.merge_contact)
-        area = np.bincount(labels.ravel(), minlength=scores.size).astype(np.float64)
+        labels, area, scores = self._pass_instances(logits, wh, ww)
         ecd = 2.0 * np.sqrt(area / np.pi)
         mass = np.where((scores >= a.min_score) & (ecd >= a.min_pass_ecd_px) & (area > 0),
                         1.0 / np.maximum(area, 1.0), 0.0)
