@@ -10,7 +10,7 @@ from typing import cast
 import numpy as np
 import pytest
 
-from nanoscout.engines import available_backends, create_engine
+from nanoscout.engines import CalibrationSet, available_backends, create_engine
 from nanoscout.engines.tensorrt import TensorRTEngine
 from nanoscout.wire.errors import EngineFailure
 
@@ -106,7 +106,9 @@ def test_a_corrupt_cached_plan_is_rebuilt(
 def test_shapes_outside_the_profile_are_refused(tiny_model: Path, tmp_path: Path) -> None:
     with create_engine(tiny_model, "tensorrt", cache_dir=tmp_path, max_shape=(256, 128)) as engine:
         engine.infer({"image": np.zeros((1, 1, 256, 128), np.float32)})
-        for shape in [(1, 1, 257, 128), (1, 1, 16, 64), (2, 1, 64, 64)]:
+        # 16 px: the detectors' stride, the smallest side they send
+        engine.infer({"image": np.zeros((1, 1, 16, 64), np.float32)})
+        for shape in [(1, 1, 257, 128), (1, 1, 8, 64), (2, 1, 64, 64)]:
             with pytest.raises(EngineFailure, match=r"'image' shape .* outside"):
                 engine.infer({"image": np.zeros(shape, np.float32)})
 
@@ -155,7 +157,39 @@ def test_threads_take_turns(
             t.start()
         for t in threads:
             t.join(timeout=120)
+        # a thread still running after its time would pass the test below unseen
+        assert not [t for t in threads if t.is_alive()], "an inference thread did not finish"
     assert not errors, errors[0]
+
+
+def _calibration(batches: list[dict[str, np.ndarray]]) -> CalibrationSet:
+    return CalibrationSet(f"{len(batches)} batches", lambda: iter(batches))
+
+
+def test_int8_calibrates_and_a_broken_set_fails_the_build(
+    tiny_model: Path,
+    cpu_reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    """The implicit-INT8 calls warn on TensorRT >= 10.1 and this suite turns warnings into
+    errors; an exception in the calibrator is swallowed by TensorRT's binding, so the backend
+    must raise it itself and leave no calibration cache behind."""
+    rng = np.random.default_rng(11)
+    good = [{"image": rng.normal(size=(1, 1, 96, 128)).astype(np.float32)} for _ in range(4)]
+    with cast(TensorRTEngine, create_engine(tiny_model, "tensorrt", cache_dir=tmp_path / "ok",
+                                            precision="int8",
+                                            calibration=_calibration(good))) as engine:
+        assert engine.built and engine.calibrated_batches == 4
+        assert engine.calibration_path is not None and engine.calibration_path.stat().st_size
+        image = good[0]["image"]
+        # INT8 activations: agreement on average (the calibration may clip rare outliers)
+        error = np.abs(engine.infer({"image": image})["prob"] - cpu_reference(image)["prob"])
+        assert float(error.mean()) < 0.01, float(error.mean())
+    broken = [{"x": good[0]["image"]}]
+    with pytest.raises(EngineFailure, match="INT8 calibration of .* has no input 'image'"):
+        create_engine(tiny_model, "tensorrt", cache_dir=tmp_path / "broken", precision="int8",
+                      calibration=_calibration(broken))
+    assert not list((tmp_path / "broken").glob("*.calib")), "a calibration cache stayed"
 
 
 def test_auto_prefers_tensorrt(tiny_model: Path, tmp_path: Path) -> None:

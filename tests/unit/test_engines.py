@@ -8,7 +8,10 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
+import traceback
 import types
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -304,6 +307,25 @@ def test_importing_engines_does_not_import_runtimes() -> None:
 # No GPU here, so these tests swap in fake ``tensorrt`` and ``cuda.bindings.runtime`` modules:
 # "device memory" is host memory and the fake engine runs the ONNX file with ONNX Runtime. They
 # check the backend's plan cache, profile, buffer and error logic; tests/gpu checks the real API.
+# The fakes behave as the real ones do where the backend depends on it (TensorRT 10's Python
+# binding, NVIDIA/TensorRT python/src): the implicit-INT8 calls warn (DeprecationWarning since
+# 10.1), an exception in a calibrator callback is printed and taken for the end of the data,
+# set_tensor_address and add_optimization_profile report failure by their result; and the
+# CUDA runtime's current device is per thread (device 0 until cudaSetDevice).
+
+#: what TensorRT >= 10.1 warns when the implicit-quantization API is used (utils.cpp:
+#: "Use " + reason + " instead.")
+_INT8_DEPRECATED = "Use Deprecated in TensorRT 10.1. Superseded by explicit quantization. instead."
+
+
+def _trampoline(what: str, call: Any, *args: Any) -> Any:
+    """A Python callback as TensorRT's binding calls it (pyInt8.cpp): an exception is printed
+    to stderr and the callback counts as having returned nothing."""
+    try:
+        return call(*args)
+    except Exception:
+        print(f"[ERROR] Exception caught in {what}(): {traceback.format_exc()}", file=sys.stderr)
+        return None
 
 
 class _FakeTrt(types.ModuleType):
@@ -386,11 +408,23 @@ class _FakeTrt(types.ModuleType):
                 self.flags: set[str] = set()
                 self.profiles: list[dict] = []
                 self.pools: dict[str, int] = {}
-                self.int8_calibrator: Any = None
+                self._calibrator: Any = None
                 self.calibration_profile: dict | None = None
 
-            def set_calibration_profile(self, profile: dict) -> None:
+            @property
+            def int8_calibrator(self) -> Any:
+                warnings.warn(_INT8_DEPRECATED, DeprecationWarning, stacklevel=2)
+                return self._calibrator
+
+            @int8_calibrator.setter
+            def int8_calibrator(self, calibrator: Any) -> None:
+                warnings.warn(_INT8_DEPRECATED, DeprecationWarning, stacklevel=2)
+                self._calibrator = calibrator
+
+            def set_calibration_profile(self, profile: dict) -> bool:
+                warnings.warn(_INT8_DEPRECATED, DeprecationWarning, stacklevel=2)
                 self.calibration_profile = profile
+                return True
 
             def set_memory_pool_limit(self, pool: str, size: int) -> None:
                 self.pools[pool] = size
@@ -402,8 +436,12 @@ class _FakeTrt(types.ModuleType):
                 self.flags.discard(flag)
 
             def add_optimization_profile(self, profile: dict) -> int:
+                # -1 for an invalid profile: min <= opt <= max on every axis, none negative
+                for lo, opt, hi in profile.values():
+                    if not all(0 <= a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)):
+                        return -1
                 self.profiles.append(profile)
-                return 0
+                return len(self.profiles) - 1
 
         class Profile(dict):
             def set_shape(self, name: str, lo: tuple, opt: tuple, hi: tuple) -> None:
@@ -431,19 +469,20 @@ class _FakeTrt(types.ModuleType):
                     "workspace": config.pools.get("WORKSPACE"),
                     "calibrated": None,
                 }
-                calib = config.int8_calibrator
+                calib = config._calibrator
                 if "INT8" in config.flags:
                     # TensorRT's calibration: the cache if the calibrator has one, else batches
                     # at the calibration profile's shape until get_batch says none are left
                     assert calib is not None and calib.get_batch_size() == 1
                     build["calibration_profile"] = config.calibration_profile
-                    if calib.read_calibration_cache() is None:
+                    if _trampoline("read_calibration_cache", calib.read_calibration_cache) is None:
                         names = [t.name for t in network.inputs]
                         n = 0
-                        while (ptrs := calib.get_batch(names)) is not None:
+                        while ptrs := _trampoline("get_batch", calib.get_batch, names):
                             assert len(ptrs) == len(names) and all(isinstance(p, int) for p in ptrs)
                             n += 1
-                        calib.write_calibration_cache(b"FAKECALIB %d" % n)
+                        _trampoline("write_calibration_cache", calib.write_calibration_cache,
+                                    memoryview(b"FAKECALIB %d" % n))
                         build["calibrated"] = n
                     else:
                         build["calibrated"] = 0
@@ -472,8 +511,12 @@ class _FakeTrt(types.ModuleType):
                     self.engine.out_shapes[key] = {n: o.shape for n, o in zip(names, outs, strict=True)}
                 return tuple(self.engine.out_shapes[key][name])
 
-            def set_tensor_address(self, name: str, ptr: int) -> None:
+            def set_tensor_address(self, name: str, ptr: int) -> bool:
+                # False for a name that is no I/O tensor or an address not 256-byte aligned
+                if ptr % 256 or name not in {n.name for n, _ in self.engine.io}:
+                    return False
                 self.addresses[name] = ptr
+                return True
 
             def execute_async_v3(self, stream: int) -> bool:
                 assert isinstance(stream, int)
@@ -538,7 +581,12 @@ class _FakeTrt(types.ModuleType):
 
 
 class _FakeCudart(types.ModuleType):
-    """cuda-python's runtime API over host memory: (err, value) tuples, err 0 = success."""
+    """cuda-python's runtime API over host memory: (err, value) tuples, err 0 = success.
+
+    As in the CUDA runtime, the current device is per thread (0 until ``cudaSetDevice``), and
+    memory and streams belong to the device current when they were made; a call that touches
+    them from another device is recorded in ``wrong_device`` (the real runtime would make that
+    device's CUDA context to run it)."""
 
     def __init__(self, gpu_name: str = "Fake GPU", count: int = 1) -> None:
         super().__init__("cuda.bindings.runtime")
@@ -546,7 +594,20 @@ class _FakeCudart(types.ModuleType):
         self.count = count
         self.devices_set: list[int] = []
         self.blocks: dict[int, np.ndarray] = {}
+        self.wrong_device: list[str] = []
+        self._owner: dict[tuple[str, int], int] = {}  # (kind, handle) -> device
+        self._current = threading.local()
+        self._streams = iter(range(1234, 1 << 30))
         self.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def _device(self) -> int:
+        return getattr(self._current, "device", 0)
+
+    def _check(self, call: str, kind: str, handle: int) -> None:
+        owner = self._owner[(kind, handle)]
+        if owner != self._device():
+            self.wrong_device.append(f"{call} on device {self._device()} of a {kind} of "
+                                     f"device {owner}")
 
     def cudaGetDeviceCount(self) -> tuple[int, int]:
         return 0, self.count
@@ -557,27 +618,37 @@ class _FakeCudart(types.ModuleType):
 
     def cudaSetDevice(self, device: int) -> tuple[int]:
         self.devices_set.append(device)
+        self._current.device = device
         return (0,)
 
     def cudaMalloc(self, nbytes: int) -> tuple[int, int]:
-        block = np.zeros(nbytes, np.uint8)
-        self.blocks[block.ctypes.data] = block
-        return 0, block.ctypes.data
+        # cudaMalloc's addresses are aligned to at least 256 bytes
+        block = np.zeros(nbytes + 256, np.uint8)
+        ptr = block.ctypes.data + (-block.ctypes.data) % 256
+        self.blocks[ptr] = block
+        self._owner[("memory", ptr)] = self._device()
+        return 0, ptr
 
     def cudaFree(self, ptr: int) -> tuple[int]:
+        self._check("cudaFree", "memory", ptr)
         del self.blocks[ptr]
         return (0,)
 
     def cudaStreamCreate(self) -> tuple[int, int]:
-        return 0, 1234
+        stream = next(self._streams)
+        self._owner[("stream", stream)] = self._device()
+        return 0, stream
 
     def cudaStreamDestroy(self, stream: int) -> tuple[int]:
+        self._check("cudaStreamDestroy", "stream", stream)
         return (0,)
 
     def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
+        self._check("cudaStreamSynchronize", "stream", stream)
         return (0,)
 
     def cudaMemcpyAsync(self, dst: int, src: int, n: int, kind: int, stream: int) -> tuple[int]:
+        self._check("cudaMemcpyAsync", "stream", stream)
         ctypes.memmove(dst, src, n)
         return (0,)
 
@@ -627,14 +698,14 @@ def test_fake_tensorrt_engine_runs_and_caches(
         assert engine.name == "tensorrt" and engine.built and engine.selection_notes == ()
         assert engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
         assert builds[-1]["flags"] == ["FP16"]
-        assert builds[-1]["profile"] == {"image": [[1, 1, 32, 32], [1, 1, 512, 256], [1, 1, 512, 256]]}
+        assert builds[-1]["profile"] == {"image": [[1, 1, 16, 16], [1, 1, 512, 256], [1, 1, 512, 256]]}
         for shape in [(1, 1, 64, 48), (1, 1, 512, 256), (1, 1, 33, 40)]:
             image = np.random.default_rng(5).normal(size=shape).astype(np.float32)
             out = engine.infer({"image": image})
             np.testing.assert_allclose(out["prob"], reference(image)[1], atol=1e-6)
         # the 512x256 frame grew the input buffer; the smaller one after it reused it
         assert engine._buffers["image"].nbytes == 512 * 256 * 4
-        for shape in [(1, 1, 513, 256), (1, 1, 31, 64), (2, 1, 64, 64)]:
+        for shape in [(1, 1, 513, 256), (1, 1, 15, 64), (2, 1, 64, 64)]:
             with pytest.raises(EngineFailure, match=r"'image' shape .* outside"):
                 engine.infer({"image": np.zeros(shape, np.float32)})
         plan = engine.plan_path
@@ -794,7 +865,7 @@ def test_fake_tensorrt_batches_tiles_up_to_max_batch(fake_gpu: FakeGpu, model_pa
     builds, _ = fake_gpu
     with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
                                             max_shape=(256, 256), max_batch=4)) as engine:
-        assert builds[-1]["profile"] == {"image": [[1, 1, 32, 32], [4, 1, 256, 256], [4, 1, 256, 256]]}
+        assert builds[-1]["profile"] == {"image": [[1, 1, 16, 16], [4, 1, 256, 256], [4, 1, 256, 256]]}
         tiles = np.random.default_rng(4).normal(size=(3, 1, 96, 128)).astype(np.float32)
         np.testing.assert_allclose(engine.infer({"image": tiles})["prob"], reference(tiles)[1], atol=1e-6)
         with pytest.raises(EngineFailure, match="outside"):
@@ -813,6 +884,114 @@ def test_fake_tensorrt_runs_on_the_configured_gpu(fake_gpu: FakeGpu, model_path:
     assert cudart.devices_set and set(cudart.devices_set) == {1}
     with pytest.raises(EngineUnavailable, match="CUDA device 2 does not exist"):
         create_engine(model_path, "tensorrt", cache_dir=tmp_path, device=2)
+
+
+def _in_thread(call: Any) -> None:
+    """Run ``call`` in a new thread and wait for it; its exception is raised here."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def test_fake_tensorrt_frees_on_its_gpu_whichever_thread_closes(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path) -> None:
+    """The daemon builds an engine on one thread and runs it on its worker; a hot swap or the
+    garbage collector may close it from a third. The CUDA runtime's current device is per
+    thread (device 0 until set), so every call must select the engine's GPU first."""
+    _, cudart = fake_gpu
+    cudart.count = 2
+    engine = create_engine(model_path, "tensorrt", cache_dir=tmp_path, device=1)
+    image = np.random.default_rng(6).normal(size=(1, 1, 48, 64)).astype(np.float32)
+    _in_thread(lambda: np.testing.assert_allclose(engine.infer({"image": image})["prob"],
+                                                  reference(image)[1], atol=1e-6))
+    _in_thread(engine.close)
+    assert not cudart.wrong_device, cudart.wrong_device
+    assert not cudart.blocks, "close() left device buffers allocated"
+
+
+def test_fake_tensorrt_takes_the_detectors_smallest_side(fake_gpu: FakeGpu, model_path: Path,
+                                                         tmp_path: Path) -> None:
+    """The detectors pad a frame to their stride, 16 px (``pad_to_multiple``), and a
+    working-scale pass may shrink a side to it (``Detector._pass``: at least the stride): the
+    optimisation profile must take a 16 px side, not only 32."""
+    from nanoscout.analysis.preprocess import pad_to_multiple
+
+    with create_engine(model_path, "tensorrt", cache_dir=tmp_path, max_shape=(256, 256)) as engine:
+        rng = np.random.default_rng(8)
+        strip, _ = pad_to_multiple(rng.normal(size=(5, 200)).astype(np.float32), 16)
+        assert strip.shape == (16, 208)
+        for image in (strip[None, None], rng.normal(size=(1, 1, 16, 16)).astype(np.float32)):
+            np.testing.assert_allclose(engine.infer({"image": image})["prob"],
+                                       reference(image)[1], atol=1e-6)
+        with pytest.raises(EngineFailure, match=r"'image' shape \(1, 1, 8, 64\) is outside"):
+            engine.infer({"image": np.zeros((1, 1, 8, 64), np.float32)})
+
+
+def test_fake_tensorrt_refused_tensor_address_is_an_error(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """set_tensor_address reports a name that is no tensor of the engine, or an address
+    without 256-byte alignment, by returning False; the engine would then run on whatever
+    address the tensor had before."""
+    with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path)) as engine:
+        monkeypatch.setattr(engine._context, "set_tensor_address", lambda name, ptr: False)
+        with pytest.raises(EngineFailure, match=r"refused device address 0x[0-9a-f]+ for tensor "
+                                                r"'image' of conv_sigmoid.onnx"):
+            engine.infer({"image": np.zeros((1, 1, 32, 32), np.float32)})
+
+
+def test_fake_tensorrt_int8_builds_under_warnings_as_errors(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path) -> None:
+    """TensorRT >= 10.1 warns (DeprecationWarning) when a calibrator or a calibration profile
+    is set; with warnings as errors (this project's pytest settings) the warning aborts the
+    INT8 build. The backend silences those two warnings, and only while it calls them."""
+    builds, _ = fake_gpu
+    calib, _ = _calibration(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8",
+                           calibration=calib) as engine:
+            assert engine.precision == "int8" and builds[-1]["calibrated"] == 2
+            assert builds[-1]["calibration_profile"] == {"image": [[1, 1, 64, 48]] * 3}
+    with pytest.warns(DeprecationWarning, match="Superseded by explicit quantization"):
+        warnings.warn(_INT8_DEPRECATED, DeprecationWarning, stacklevel=1)
+
+
+@pytest.mark.parametrize(
+    ("batches", "needle"),
+    [
+        ([{"x": np.zeros((1, 1, 64, 48), np.float32)}], "has no input 'image'"),
+        ([{"image": np.zeros((1, 1, 64, 48), np.float32)},
+          {"image": np.zeros((1, 1, 32, 32), np.float32)}],
+         r"'image' of calibration batch 1 .* shape \(1, 1, 32, 32\), but the calibration runs "
+         r"at \(1, 1, 64, 48\)"),
+        ([], "set 'broken set' yielded none"),
+    ],
+    ids=["missing input", "another shape", "no input"],
+)
+def test_fake_tensorrt_int8_calibration_failure_fails_the_build(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path,
+        batches: list[dict[str, np.ndarray]], needle: str) -> None:
+    """TensorRT's binding prints an exception raised in ``get_batch`` and takes it for the end
+    of the data: the calibration would stop early and the build carry on, leaving an INT8 plan
+    and a calibration cache made from the batches before (here none) for every later build."""
+    _, cudart = fake_gpu
+    broken = CalibrationSet("broken set", lambda: iter(batches))
+    with pytest.raises(EngineFailure, match=f"INT8 calibration of .*conv_sigmoid.onnx .*{needle}"):
+        create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="int8",
+                      calibration=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a plan or calibration cache stayed"
+    assert not cudart.blocks, "the calibrator left device buffers allocated"
 
 
 def test_cuda_provider_gets_the_configured_device(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

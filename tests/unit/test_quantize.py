@@ -256,13 +256,43 @@ def test_build_engines_calibrates_the_shipped_detector_on_a_stand_in_gpu(
     det, clf = report["models"]["detector"], report["models"]["classifier"]
     assert det["precision"] == "int8" and det["calibrated_batches"] == 3
     assert det["max_shape"] == [2304, 2304] and det["max_batch"] == 4
-    assert builds[0]["profile"]["image"] == [[1, 1, 32, 32], [4, 1, 1024, 1024], [4, 1, 2304, 2304]]
+    assert builds[0]["profile"]["image"] == [[1, 1, 16, 16], [4, 1, 1024, 1024], [4, 1, 2304, 2304]]
     assert builds[0]["calibration_profile"] == {"image": [[1, 1, 384, 384]] * 3}
     assert Path(det["calibration_cache"]).parent == tmp_path / "trt"
     # the stand-in runs the FP32 model: the check sees no difference
     assert set(det["check_vs_onnxruntime_cpu_fp32"]["max_abs_diff"].values()) == {0.0}
     assert det["check_vs_onnxruntime_cpu_fp32"]["foreground_disagreement"] == 0.0
     assert clf["max_shape"] == [256, 256] and clf["max_batch"] == 1
+
+
+@pytest.mark.parametrize(("name", "precision", "measured_by"),
+                         [("detector", "int8", "cpu_fp32"), ("detector", "fp16", "tensorrt"),
+                          ("detector_stem", "int8", "tensorrt")])
+def test_build_engines_parity_measures_the_scale_as_the_daemon_does(
+        fake_gpu: FakeGpu, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        name: str, precision: str, measured_by: str) -> None:
+    """The daemon's INT8 detector has the FP32 model measure its working scale where its
+    sibling's card says so (``quantization.fp32_scale``: the general detector, not the STEM
+    one), whatever the backend; ``build-engines --parity`` must measure that configuration,
+    not the INT8 engine measuring its own."""
+    from nanoscout.training import build_engines
+
+    seen: list[object] = []
+
+    def fake_parity(card: ModelCard, engines: Mapping[str, object], sets: list[str], *,
+                    measured_by: object = None, **kw: object) -> dict[str, dict[str, object]]:
+        seen.append(measured_by)
+        assert list(engines) == ["cpu_fp32", "tensorrt"]
+        return {"synthetic": {"cpu_fp32": 0.9, "tensorrt": 0.9}}
+
+    monkeypatch.setattr(build_engines, "detector_parity", fake_parity)
+    res = build_engines.build_model(
+        WEIGHTS / f"{name}.onnx", precision=precision, device=0, cache_dir=tmp_path,
+        tile_px=256, tile_batch=1, n_calibration=1, check=False, parity=True,
+        sets=["synthetic"], max_images=1, data_root=None)
+    assert res["scale_measured_by"] == measured_by and res["passed"]
+    assert (seen[0] is None) == (measured_by == "tensorrt")
+    assert seen[0] is None or getattr(seen[0], "name", None) == "onnxruntime-cpu"
 
 
 def test_the_daemon_batches_tiles_only_on_a_local_gpu(fake_gpu: FakeGpu,  # noqa: F811

@@ -27,17 +27,37 @@ synthetic inputs of :mod:`nanoscout.training.int8_calibration`, fed by
 **calibration cache** beside the plans: ``<model stem>.<digest>.calib`` (+ ``.calib.json``
 naming the set), keyed by the ONNX file and the TensorRT version. A later build, for another
 GPU, shape limit or batch, reads the cache and needs no calibration data, so the daemon can
-build INT8 plans without ever rendering a frame. (TensorRT 10 deprecates implicit quantization
-in favour of Q/DQ models; the QDQ siblings ``nanoscout models quantize`` writes for ONNX
-Runtime are such models, should the calibrator go.)
+build INT8 plans without ever rendering a frame.
+
+TensorRT 10.1 deprecated implicit quantization (the builder's ``int8_calibrator`` and
+``set_calibration_profile`` warn with a DeprecationWarning, silenced here: the project's tests
+turn warnings into errors) in favour of explicit quantization, Q/DQ nodes in the ONNX file.
+The INT8 siblings ``nanoscout models quantize`` writes for ONNX Runtime are not such files for
+TensorRT: their activations are unsigned 8-bit with non-zero zero points, and TensorRT's
+quantization is symmetric and signed (its ONNX parser refuses a non-zero zero point). This
+backend therefore always builds from the FP32 ONNX file and never reads ``*.int8.onnx``.
+
+TensorRT's Python binding catches an exception raised in a calibrator callback, prints it and
+takes it for the end of the data. The calibrator keeps it instead, and the build raises
+:class:`~nanoscout.wire.errors.EngineFailure` naming it (and removes a calibration cache the
+cut-short calibration wrote), as it does when no calibration input came at all.
 
 Shapes
 ------
 Dynamic axes of the model's inputs get one optimisation profile: the last two (height, width)
-range from 32 px to ``max_shape`` (optimum 1024 px, or less when ``max_shape`` is smaller); a
-dynamic batch axis ranges from 1 to ``max_batch`` (optimum ``max_batch``: the detector sends
-the tiles of large frames in batches of that many). INT8 calibration runs at the calibration
-inputs' own shape (a second, fixed profile).
+range from 16 px (the detectors' stride: the smallest side the detector sends, e.g. a
+working-scale pass over a long narrow frame) to ``max_shape`` (optimum 1024 px, or less when
+``max_shape`` is smaller); a dynamic batch axis ranges from 1 to ``max_batch`` (optimum
+``max_batch``: the detector sends the tiles of large frames in batches of that many). INT8
+calibration runs at the calibration inputs' own shape (a second, fixed profile); every
+calibration input must have the first one's shape.
+
+Devices and threads
+-------------------
+The CUDA runtime's current device is per thread. The engine is built on ``device`` in the
+constructing thread; :meth:`TensorRTEngine.infer` and :meth:`TensorRTEngine.close` select it
+again, whichever thread calls them (the daemon's worker, a hot swap, the garbage collector),
+and take turns on one lock: an execution context and its buffers serve one call at a time.
 """
 
 from __future__ import annotations
@@ -52,7 +72,8 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -65,11 +86,14 @@ from nanoscout.wire.errors import ConfigError, EngineFailure, EngineUnavailable,
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'nanoscout[tensorrt]' (needs an NVIDIA GPU with CUDA 12)"
-MIN_SIDE_PX = 32
+#: smallest height / width of a dynamic input (px): the detectors' stride (``stride_multiple``
+#: 16), the smallest side the detector sends
+MIN_SIDE_PX = 16
 OPT_SIDE_PX = 1024
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 #: bump when the plan build recipe changes, so old cached plans are not reused
-_RECIPE_VERSION = 2
+#: (3: the profile's smallest side 32 -> 16 px)
+_RECIPE_VERSION = 3
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -226,31 +250,47 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
 
 
 _LOGGER: Any = None
+_LOGGER_LOCK = threading.Lock()
 
 
 def _trt_logger(trt: Any) -> Any:
     """Returns the process-wide TensorRT logger, which forwards to Python logging."""
     global _LOGGER
-    if _LOGGER is None or not isinstance(_LOGGER, trt.ILogger):
-        levels = {
-            trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
-            trt.ILogger.Severity.ERROR: logging.ERROR,
-            trt.ILogger.Severity.WARNING: logging.WARNING,
-            trt.ILogger.Severity.INFO: logging.DEBUG,
-            trt.ILogger.Severity.VERBOSE: logging.DEBUG,
-        }
+    # two engines built at once (a hot swap beside the start-up) must not make two loggers
+    with _LOGGER_LOCK:
+        if _LOGGER is None or not isinstance(_LOGGER, trt.ILogger):
+            levels = {
+                trt.ILogger.Severity.INTERNAL_ERROR: logging.CRITICAL,
+                trt.ILogger.Severity.ERROR: logging.ERROR,
+                trt.ILogger.Severity.WARNING: logging.WARNING,
+                trt.ILogger.Severity.INFO: logging.DEBUG,
+                trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+            }
 
-        class _Logger(trt.ILogger):  # type: ignore[misc]
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
+            class _Logger(trt.ILogger):  # type: ignore[misc]
+                def __init__(self) -> None:
+                    trt.ILogger.__init__(self)
 
-            def log(self, severity: Any, msg: str) -> None:
-                log.log(levels.get(severity, logging.WARNING), "TensorRT: %s", msg)
+                def log(self, severity: Any, msg: str) -> None:
+                    log.log(levels.get(severity, logging.WARNING), "TensorRT: %s", msg)
 
-        # TensorRT treats the logger as a singleton that must outlive every builder, runtime
-        # and engine, so it is created once and kept for the life of the process
-        _LOGGER = _Logger()
-    return _LOGGER
+            # TensorRT treats the logger as a singleton that must outlive every builder,
+            # runtime and engine, so it is created once and kept for the life of the process
+            _LOGGER = _Logger()
+        return _LOGGER
+
+
+@contextlib.contextmanager
+def _implicit_int8_api() -> Iterator[None]:
+    """Silences the DeprecationWarning of TensorRT's implicit-quantization calls (deprecated in
+    TensorRT 10.1, "Superseded by explicit quantization"; still the INT8 path of TensorRT 10:
+    see the module docs). The binding warns with ``PyErr_WarnEx`` and ignores its result, so
+    under warnings-as-errors the call returns with the exception set and Python raises it."""
+    with warnings.catch_warnings():
+        # catch_warnings swaps the process's filters: an engine build is rare enough
+        warnings.filterwarnings("ignore", message=".*Superseded by explicit quantization",
+                                category=DeprecationWarning)
+        yield
 
 
 class _DeviceBuffer:
@@ -276,15 +316,24 @@ class _DeviceBuffer:
         self.nbytes = 0
 
 
-def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: CalibrationSet | None
-                        ) -> Any:
-    """An ``IInt8EntropyCalibrator2`` over ``calibration``'s inputs (one batch each) that reads
-    and writes the calibration cache ``cache`` (+ ``.json`` naming the set)."""
+def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: CalibrationSet | None,
+                        shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """An ``IInt8EntropyCalibrator2`` over ``calibration``'s inputs (one batch each, every input
+    of the shape ``shapes`` names) that reads and writes the calibration cache ``cache`` (+
+    ``.json`` naming the set).
+
+    TensorRT's binding catches an exception raised in a callback, prints it and takes it for
+    the end of the data: the calibration would stop early, in silence, and its cache would keep
+    what the batches before taught it. The calibrator keeps the exception (``error``) instead;
+    :meth:`check` raises it after the build."""
 
     class _Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.batches = 0
+            self.error: BaseException | None = None
+            self.cache_read = False
+            self.cache_written = False
             self._buffers: dict[str, _DeviceBuffer] = {}
             self._inputs: Any = None
             self._batch_size = 1
@@ -293,6 +342,15 @@ def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: Calibra
             return self._batch_size
 
         def get_batch(self, names: list[str]) -> list[int] | None:
+            if self.error is not None:
+                return None
+            try:
+                return self._next_batch(names)
+            except BaseException as exc:  # raised by check(): TensorRT would only print it
+                self.error = exc
+                return None
+
+        def _next_batch(self, names: list[str]) -> list[int] | None:
             if calibration is None:
                 return None
             if self._inputs is None:
@@ -306,6 +364,13 @@ def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: Calibra
                     raise EngineFailure(f"calibration set {calibration.name!r} has no input "
                                         f"{name!r} (it has {sorted(batch)})")
                 arr = np.ascontiguousarray(batch[name], dtype=np.float32)
+                want = shapes.get(name)
+                if want is not None and arr.shape != want:
+                    # TensorRT reads the calibration shape's bytes from the pointer
+                    raise EngineFailure(
+                        f"input {name!r} of calibration batch {self.batches} of set "
+                        f"{calibration.name!r} has shape {arr.shape}, but the calibration runs "
+                        f"at {want} (the first batch's shape)")
                 ptr = self._buffers.setdefault(name, _DeviceBuffer()).ensure(cudart, arr.nbytes)
                 _cuda_check(cudart.cudaMemcpy(ptr, arr.ctypes.data, arr.nbytes,
                                               cudart.cudaMemcpyKind.cudaMemcpyHostToDevice),
@@ -316,18 +381,37 @@ def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: Calibra
 
         def read_calibration_cache(self) -> bytes | None:
             try:
-                return cache.read_bytes()
+                data = cache.read_bytes()
             except OSError:
                 return None
+            self.cache_read = True
+            return data
 
         def write_calibration_cache(self, data: Any) -> None:
             try:
                 _write_atomic(cache, bytes(data))
+                self.cache_written = True
                 name = calibration.name if calibration is not None else None
                 _write_atomic(cache.with_suffix(".calib.json"),
                               json.dumps({"calibration": name}, indent=1).encode())
             except OSError as exc:
                 log.warning("cannot write the INT8 calibration cache %s: %s", cache, exc)
+
+        def check(self, model: Path, built: bool) -> None:
+            """Raise EngineFailure when the calibration failed, or (``built``: TensorRT made a
+            plan) calibrated on nothing; a calibration cache it wrote is removed first."""
+            if self.error is not None:
+                problem = f"failed at calibration batch {self.batches}: {self.error}"
+            elif built and not self.cache_read and self.batches == 0:
+                problem = ("had no input: calibration set "
+                           f"{calibration.name!r} yielded none" if calibration is not None
+                           else f"had no calibration set and no calibration cache {cache}")
+            else:
+                return
+            if self.cache_written:
+                cache.unlink(missing_ok=True)
+                cache.with_suffix(".calib.json").unlink(missing_ok=True)
+            raise EngineFailure(f"INT8 calibration of {model} {problem}") from self.error
 
         def free(self) -> None:
             for buffer in self._buffers.values():
@@ -497,39 +581,36 @@ class TensorRTEngine(Engine):
             )
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self._workspace_bytes)
-        calibrator = None
         if self.precision in ("fp16", "int8"):
             # INT8: FP16 kernels for the layers without an INT8 one
             config.set_flag(trt.BuilderFlag.FP16)
-        if self.precision == "int8":
-            assert self.calibration_path is not None
-            config.set_flag(trt.BuilderFlag.INT8)
-            calibrator = _entropy_calibrator(trt, self._cudart, self.calibration_path,
-                                             self._calibration)
-            config.int8_calibrator = calibrator
         elif self.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
             # TF32 is on by default on Ampere and newer; "fp32" should mean full fp32
             config.clear_flag(trt.BuilderFlag.TF32)
         profile = builder.create_optimization_profile()
-        dynamic = False
+        ranges: dict[str, tuple[tuple[int, ...], ...]] = {}
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
             shape = tuple(int(d) for d in tensor.shape)
             if all(d >= 0 for d in shape):
                 continue
-            dynamic = True
-            lo, opt, hi = self._profile_shapes(tensor.name, shape)
-            profile.set_shape(tensor.name, lo, opt, hi)
-        if dynamic:
-            config.add_optimization_profile(profile)
-            if calibrator is not None:
-                config.set_calibration_profile(self._calibration_profile(builder, network))
+            ranges[tensor.name] = self._profile_shapes(tensor.name, shape)
+            profile.set_shape(tensor.name, *ranges[tensor.name])
+        # -1: TensorRT found the profile invalid (the build would fail later, less clearly)
+        if ranges and config.add_optimization_profile(profile) < 0:
+            raise EngineFailure(f"TensorRT refused the optimisation profile of {self.model_path} "
+                                f"(min, opt, max per input: {ranges})")
+        calibrator = None
+        if self.precision == "int8":
+            calibrator = self._attach_calibrator(builder, network, config)
         try:
             plan = builder.build_serialized_network(network, config)
         finally:
             if calibrator is not None:
                 self.calibrated_batches = calibrator.batches
                 calibrator.free()
+        if calibrator is not None:
+            calibrator.check(self.model_path, built=plan is not None)
         if plan is None:
             raise EngineFailure(
                 f"TensorRT failed to build an engine for {self.model_path} "
@@ -549,25 +630,53 @@ class TensorRTEngine(Engine):
             log.warning("cannot cache TensorRT plan in %s: %s", self.cache_dir, exc)
         return data
 
-    def _calibration_profile(self, builder: Any, network: Any) -> Any:
-        """A fixed profile at the calibration inputs' shapes (TensorRT calibrates at the
-        profile's optimum); from the first calibration input, or the optimum of the main
-        profile when the cache is read and no input is at hand."""
+    def _attach_calibrator(self, builder: Any, network: Any, config: Any) -> Any:
+        """Set the INT8 flag, the entropy calibrator and, for dynamic inputs, the fixed
+        calibration profile (TensorRT calibrates at a profile's optimum) on ``config``; returns
+        the calibrator."""
+        trt = self._trt
+        assert self.calibration_path is not None
+        config.set_flag(trt.BuilderFlag.INT8)
+        shapes, dynamic = self._calibration_shapes(network)
+        calibrator = _entropy_calibrator(trt, self._cudart, self.calibration_path,
+                                         self._calibration, shapes)
+        with _implicit_int8_api():
+            config.int8_calibrator = calibrator
+            if dynamic:
+                profile = builder.create_optimization_profile()
+                for name in dynamic:
+                    profile.set_shape(name, shapes[name], shapes[name], shapes[name])
+                if not config.set_calibration_profile(profile):
+                    raise EngineFailure(
+                        f"TensorRT refused the INT8 calibration profile of {self.model_path}: "
+                        + ", ".join(f"{name} {shapes[name]}" for name in dynamic))
+        return calibrator
+
+    def _calibration_shapes(self, network: Any) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+        """Each network input's shape in the INT8 calibration, and the names of the dynamic
+        inputs: a fixed input's own shape; a dynamic one's from the first calibration input, or
+        the main profile's optimum when the cache is read and no input is at hand."""
+        inputs = [network.get_input(i) for i in range(network.num_inputs)]
+        declared = {t.name: tuple(int(d) for d in t.shape) for t in inputs}
+        dynamic = [name for name, shape in declared.items() if any(d < 0 for d in shape)]
         first: Mapping[str, np.ndarray] = {}
-        if self._calibration is not None:
+        if dynamic and self._calibration is not None:
             first = next(iter(self._calibration.inputs()), {})
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            shape = tuple(int(d) for d in tensor.shape)
-            if all(d >= 0 for d in shape):
-                continue
-            if tensor.name in first:
-                fixed = tuple(int(d) for d in first[tensor.name].shape)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, shape in declared.items():
+            if name not in dynamic:
+                shapes[name] = shape
+            elif name in first:
+                fixed = tuple(int(d) for d in first[name].shape)
+                if len(fixed) != len(shape) or any(0 <= d != f for d, f in zip(shape, fixed)):
+                    assert self._calibration is not None
+                    raise EngineFailure(
+                        f"calibration set {self._calibration.name!r}: input {name!r} has shape "
+                        f"{fixed}, but {self.model_path.name} takes {shape} (-1: any size)")
+                shapes[name] = fixed
             else:
-                fixed = self._profile_shapes(tensor.name, shape)[1]
-            profile.set_shape(tensor.name, fixed, fixed, fixed)
-        return profile
+                shapes[name] = self._profile_shapes(name, shape)[1]
+        return shapes, dynamic
 
     def _profile_shapes(
         self, name: str, shape: tuple[int, ...]
@@ -651,7 +760,7 @@ class TensorRTEngine(Engine):
                         reason=Reason.BAD_INPUT,
                     )
                 ptr = self._buffer(name).ensure(cudart, array.nbytes)
-                context.set_tensor_address(name, ptr)
+                self._bind(context, name, ptr)
                 _cuda_check(
                     cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, h2d, stream),
                     f"copy of input {name!r} to the GPU",
@@ -666,7 +775,7 @@ class TensorRTEngine(Engine):
                     )
                 out = np.empty(shape, dtype=self._np_dtypes[spec.name])
                 ptr = self._buffer(spec.name).ensure(cudart, out.nbytes)
-                context.set_tensor_address(spec.name, ptr)
+                self._bind(context, spec.name, ptr)
                 results[spec.name] = out
             if not context.execute_async_v3(int(stream)):
                 raise EngineFailure(
@@ -687,12 +796,23 @@ class TensorRTEngine(Engine):
             self._buffers[name] = _DeviceBuffer()
         return self._buffers[name]
 
+    def _bind(self, context: Any, name: str, ptr: int) -> None:
+        # False: not a tensor of this engine, or an address without 256-byte alignment;
+        # execution would then read or write wherever the tensor's old address points
+        if not context.set_tensor_address(name, ptr):
+            raise EngineFailure(f"TensorRT refused device address {ptr:#x} for tensor {name!r} "
+                                f"of {self.model_path.name}")
+
     def close(self) -> None:
-        """Free device buffers, the stream, the context and the engine. Idempotent."""
+        """Free device buffers, the stream, the context and the engine, on the engine's GPU
+        whichever thread calls. Idempotent."""
         with self._lock:
             if self._context is None and self._engine is None:
                 return
             cudart = self._cudart
+            # the current device is per thread: from another thread (a hot swap, the garbage
+            # collector) these calls would run on device 0 and create a CUDA context there
+            _cuda_check(cudart.cudaSetDevice(self._device), f"cudaSetDevice({self._device})")
             if self._stream is not None:
                 _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
             for buffer in self._buffers.values():

@@ -25,7 +25,8 @@ inside the server: for Triton builds without the onnxruntime backend, such as th
 TensorRT plans are only valid for the GPU and TensorRT version that built them: build them on
 the server's GPU model with the TensorRT version of the Triton release that will load them
 (e.g. run this command inside the ``tritonserver`` container image's Python). The plan's
-optimisation profile spans batch 1..``max_batch_size`` and 32 px..``max_shape`` per side.
+optimisation profile spans batch 1..``max_batch_size`` and 16 px..``max_shape`` per side
+(the TensorRT backend's :data:`~nanoscout.engines.tensorrt.MIN_SIDE_PX`).
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def build_plan(onnx: Path, *, max_batch_size: int, max_shape: tuple[int, int] = 
     """A serialised TensorRT engine (plan) of ``onnx`` for this GPU.
 
     Its optimisation profile spans batch 1..``max_batch_size`` on a dynamic first axis and
-    32 px..``max_shape`` (height, width) on dynamic last two axes (optimum 1024 px, batch 1).
+    16 px..``max_shape`` (height, width) on dynamic last two axes (optimum 1024 px, batch 1).
     Raises EngineUnavailable without TensorRT or a GPU, EngineFailure when the build fails.
     """
     from nanoscout.engines import tensorrt as nt
@@ -206,8 +207,9 @@ def build_plan(onnx: Path, *, max_batch_size: int, max_shape: tuple[int, int] = 
                 raise EngineFailure(f"input {tensor.name!r} of {onnx} has a dynamic axis "
                                     f"{axis} (shape {shape}); only batch and height/width may be")
         profile.set_shape(tensor.name, tuple(lo), tuple(opt), tuple(hi))
-    if dynamic:
-        config.add_optimization_profile(profile)
+    # -1: TensorRT found the profile invalid (the build would fail later, less clearly)
+    if dynamic and config.add_optimization_profile(profile) < 0:
+        raise EngineFailure(f"TensorRT refused the optimisation profile of {onnx}")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise EngineFailure(f"TensorRT failed to build a plan for {onnx}; see the TensorRT log")

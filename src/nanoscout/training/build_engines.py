@@ -15,13 +15,17 @@ Plans land in the engine cache (``--cache-dir``, default ``~/.cache/nanoscout/tr
 the daemon finds them. With ``--precision int8`` the entropy calibrator runs on the synthetic
 calibration inputs of :mod:`nanoscout.training.int8_calibration` (the same ONNX Runtime's INT8
 siblings were calibrated on) and TensorRT writes its calibration cache beside the plans; the
-daemon then builds INT8 plans for other shapes from that cache without calibration data.
+daemon then builds INT8 plans for other shapes from that cache without calibration data. A
+calibration that fails (an input missing, of another shape, a CUDA copy) fails that model's
+build, with no calibration cache left, instead of ending the calibration early in silence.
 
 ``--check``: the largest output difference against ONNX Runtime CPU (FP32) on calibration-like
 inputs, and for the detectors the share of pixels whose foreground decision differs.
 ``--parity``: the detectors' F1 on the held-out sets (as ``nanoscout models quantize``
-measures the CPU's INT8), TensorRT against ONNX Runtime CPU FP32. Needs an NVIDIA GPU with
-TensorRT 10 (``pip install 'nanoscout[tensorrt]'``).
+measures the CPU's INT8), TensorRT against ONNX Runtime CPU FP32. As in the daemon, an INT8
+detector whose sibling's card has ``quantization.fp32_scale`` (the general detector) has its
+working scale measured by the FP32 model (``scale_measured_by`` in the result). Needs an
+NVIDIA GPU with TensorRT 10 (``pip install 'nanoscout[tensorrt]'``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
+from nanoscout.daemon.precision import int8_measures_fp32
 from nanoscout.training.int8_calibration import calibration_inputs, describe_calibration
 from nanoscout.training.quantize import MAX_LOSS, MODELS, detector_parity
 
@@ -101,8 +106,14 @@ def build_model(model: Path, *, precision: str, device: int, cache_dir: Path | N
             if check:
                 res["check_vs_onnxruntime_cpu_fp32"] = _check(card, engine, reference)
             if parity and card.task == "detection-segmentation":
+                # the daemon's INT8 detector (any backend) has the FP32 model measure its
+                # working scale where the sibling's card says so (daemon.app.build_detector)
+                measurer = reference if precision == "int8" and int8_measures_fp32(model) \
+                    else None
                 par = detector_parity(card, {"cpu_fp32": reference, "tensorrt": engine}, sets,
-                                      max_images=max_images, data_root=data_root)
+                                      max_images=max_images, data_root=data_root,
+                                      measured_by=measurer)
+                res["scale_measured_by"] = "tensorrt" if measurer is None else "cpu_fp32"
                 for row in par.values():
                     row["loss"] = round(float(row["cpu_fp32"]) - float(row["tensorrt"]), 4)
                 res["parity"] = par

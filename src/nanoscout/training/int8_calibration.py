@@ -20,6 +20,9 @@ training specimens (1000000 + k).
 * **classifier and lens** (fixed input): fields of every class of
   :func:`nanoscout.sim.fields.render_field` in turn (512² and 1024²), through
   :func:`~nanoscout.analysis.preprocess.fixed_input`: ``(1, 1, S, S)`` float32.
+
+Every input of one model has the same shape: TensorRT calibrates at one fixed shape, the first
+input's, and its backend refuses a calibration batch of another.
 """
 
 from __future__ import annotations
