@@ -521,6 +521,46 @@ def test_the_top_bar_says_when_a_low_dose_frame_was_smoothed(
         [{"noise": 0.02, "smoothing_px": 0.0}, {"noise": None, "smoothing_px": None}])
 
 
+def test_a_restarted_daemons_old_frame_is_not_shown_as_the_new_runs(
+        publisher: tuple[zmq.Socket, str]) -> None:
+    """A daemon restarts (another ``daemon_run``): from the new run's first result the page
+    shows the placeholder saying so, not the earlier run's picture, until the new run's first
+    preview (the earlier run's frame stood under the new run's numbers until then)."""
+    from nanoscout.wire.protocol import PreviewHeader
+
+    sync_playwright = _sync_playwright()
+    sock, endpoint = publisher
+    run1, run2 = 1_765_000_000_000_000_000, 1_765_000_060_000_000_000
+    _sent, det = _hand_made_dets("restarted")
+    picture = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+
+    def preview(seq: int, run: int) -> Any:
+        h = PreviewHeader(source="restarted", seq=seq, t_acq_ns=time.time_ns(), shape=(64, 64),
+                          size=(64, 64), scale=1.0, pixel_size_nm=1.0, daemon_run=run)
+        return lambda: encode_message(h, picture)
+
+    empty = ("() => {{ const e = document.getElementById('frame-empty');"
+             " return !e.hidden && e.textContent.includes({!r}); }}")
+    shown = ("() => document.getElementById('frame-empty').hidden && document.getElementById("
+             "'frame-caption').textContent.startsWith({!r})")
+    dash, url = start_dashboard(endpoint)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            _publish_until(page, sock, preview(3, run1), shown.format("restarted #3 "), 60)
+            assert page.evaluate(CANVAS_SPREAD, "frame") > 10  # the picture is drawn
+            _publish_until(page, sock, det(daemon_run=run2),
+                           empty.format("the daemon restarted"), 30)
+            assert page.inner_text("#frame-caption") == ""
+            _publish_until(page, sock, preview(0, run2), shown.format("restarted #0 "), 30)
+            browser.close()
+    finally:
+        dash.send_signal(signal.SIGINT)
+        dash.wait(30)
+
+
 def test_event_stream_sends_only_changes_at_a_bounded_rate() -> None:
     """200 stats/s into the gateway state: a browser gets ~10 batches/s, the newest each time."""
     state = DashboardState(endpoints=["tcp://127.0.0.1:1"])

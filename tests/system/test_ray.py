@@ -144,6 +144,9 @@ def test_measure_command_with_local_ray(archive: list[Path], tmp_path: Path) -> 
     assert prov["format"] == "nanoscout-parts/1" and prov["command"] == "nanoscout measure --ray"
     assert prov["files"] == files and prov["stopped_utc"] >= prov["started_utc"]
     assert prov["ray"]["workers"] == 1 and prov["ray"]["partitions"] == 1
+    # the local Ray the command started, by the address Ray gave it
+    assert prov["ray"]["started_here"] is True and prov["ray"]["address_requested"] is None
+    assert re.fullmatch(r"[^:]+:\d+", prov["ray"]["address"]), prov["ray"]
     assert prov["config"]["engine"]["threads"] == 1 and prov["software"]["nanoscout"]
     assert prov["rows"] == {"particles": _particles(out).num_rows, "images": 6}
     assert prov["models"] and prov["failed"] == [] and prov["earlier_runs"] == []
@@ -239,3 +242,22 @@ def test_second_run_skips_files_done(cluster: None, archive: list[Path], referen
     third = measure_on_ray(files, load_config(None, {}), out)
     assert third.measured == [] and len(third.skipped_done) == len(files)
     assert _provenance(out) == prov and third.provenance is None  # nothing done: left as it was
+
+
+def test_provenance_names_the_cluster_the_work_ran_on(cluster: None, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Ray initialised by the caller (the module's local cluster): the work runs there, whatever
+    address is asked for, and ``_run.json`` says so (it said "local", or the address asked)."""
+    files = _synthetic(tmp_path / "frames", 2, 3)
+    gcs = ray.get_runtime_context().gcs_address
+    assert re.fullmatch(r"[^:]+:\d+", gcs), gcs
+    report = measure_on_ray(files, load_config(None, {}), tmp_path / "out", workers=1,
+                            address="ray://10.255.255.1:10001")
+    assert sorted(report.measured) == sorted(map(str, files)) and not report.failed
+    assert ray.is_initialized()  # not stopped: the caller's
+    prov = _provenance(tmp_path / "out")["ray"]
+    assert prov["address"] == gcs
+    assert prov["address_requested"] == "ray://10.255.255.1:10001"
+    assert prov["started_here"] is False
+    assert (f"measuring on the cluster it joined (GCS {gcs}); the address "
+            "ray://10.255.255.1:10001 is not used" in caplog.text)

@@ -345,6 +345,35 @@ def test_class_rule_fires_above_threshold_with_heatmap_and_explanation() -> None
     assert run(eng, particles({})) == []
 
 
+def test_a_class_alert_is_explained_by_its_own_labels_cam() -> None:
+    """A class rule fires on p(label) > threshold whether or not the label is the top class:
+    its alert carries that label's CAM (asked of ``cam_of`` only for a rule that fires past its
+    cooldown), never the top class's, which explains another class; a novelty alert keeps the
+    top class's."""
+    needle = {**WIRES, "name": "needle", "threshold": 0.3}
+    eng = AlertEngine(parse_rules([needle, NEW]))
+    top, own = np.zeros((3, 4), np.uint8), np.full((3, 4), 7, np.uint8)
+    asked: list[str] = []
+
+    def cam_of(label: str) -> np.ndarray:
+        asked.append(label)
+        return own
+
+    def run_class(t_ns: int) -> list[Alert]:
+        return eng.evaluate_class(source="cam", t_ns=t_ns, labels=CLASSES,
+                                  probabilities=[0.6, 0.35, 0.05], novelty=4.0, heatmap=top,
+                                  cam_of=cam_of)
+
+    assert asked == []
+    al, nov = run_class(0)  # rods_wires 0.35 > 0.3, the top class is spheres (0.6)
+    assert al.rule == "needle" and al.heatmap is own and asked == ["rods_wires"]
+    assert nov.rule == "new" and nov.heatmap is top
+    assert run_class(S) == [] and asked == ["rods_wires"]  # suppressed: no CAM made
+    # no cam_of (a classifier without class maps): no heatmap rather than the top class's
+    (al,) = classify(AlertEngine(parse_rules([needle])), [0.6, 0.35, 0.05], heat=top)
+    assert al.heatmap is None
+
+
 def test_class_and_novelty_rules_have_cooldowns_per_source() -> None:
     eng = AlertEngine(parse_rules([WIRES, NEW]))
     p = [0.0, 0.99, 0.01]

@@ -55,8 +55,9 @@ def _card(path: Path, **fields: object) -> Path:
 
 
 def classifier_model(tmp: Path, *, cam_shape: tuple[int, int] = (S // 4, S // 4),
-                     n_classes: int = 3) -> tuple[Path, Path]:
-    """image (1,1,S,S) -> probabilities softmax(mean*W+B) (1,3), cam = uint8(255*clip(pool4))."""
+                     n_classes: int = 3, class_maps: int = 0) -> tuple[Path, Path]:
+    """image (1,1,S,S) -> probabilities softmax(mean*W+B) (1,3), cam = uint8(255*clip(pool4));
+    with ``class_maps`` k > 0 also ``class_maps`` (1, k, h, w): the pooled image k times."""
     nodes = [
         helper.make_node("GlobalAveragePool", ["image"], ["gap"]),
         helper.make_node("Flatten", ["gap"], ["feat"]),
@@ -70,11 +71,16 @@ def classifier_model(tmp: Path, *, cam_shape: tuple[int, int] = (S // 4, S // 4)
         helper.make_node("Mul", ["clip", "k255"], ["scaled"]),
         helper.make_node("Cast", ["scaled"], ["cam"], to=TensorProto.UINT8),
     ]
+    outs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, n_classes]),
+            helper.make_tensor_value_info("cam", TensorProto.UINT8, [1, *cam_shape])]
+    if class_maps:
+        nodes.append(helper.make_node("Concat", ["pool"] * class_maps, ["class_maps"], axis=1))
+        outs.append(helper.make_tensor_value_info("class_maps", TensorProto.FLOAT,
+                                                  [1, class_maps, *cam_shape]))
     graph = helper.make_graph(
         nodes, "toy_classifier",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, S, S])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, n_classes]),
-         helper.make_tensor_value_info("cam", TensorProto.UINT8, [1, *cam_shape])],
+        outs,
         initializer=[
             numpy_helper.from_array(W[:, :n_classes], "w"),
             numpy_helper.from_array(B[:n_classes], "b"),
@@ -151,6 +157,31 @@ def test_probabilities_cam_and_novelty_match_the_models(toy: FieldClassifier) ->
     assert set(c.timings_ms) == {"classify", "lens"}
     acts = toy.lens_outputs(frame)
     assert acts["act_enc1"].shape == (1, 1, S // 2, S // 2)
+
+
+def test_the_cam_of_another_class_needs_the_class_maps(tmp_path: Path) -> None:
+    """Without a ``class_maps`` output only the top class has a CAM (another class's is None,
+    never the top class's); with it every class's is made from its map as the graph makes
+    ``cam``; a ``class_maps`` of the wrong shape is an engine failure naming it."""
+    from nanoscout.analysis.classifier import cam_of_map
+
+    frame = _frame(np.random.default_rng(1), 0.75)
+    engine, card = _load(*classifier_model(tmp_path))
+    c = FieldClassifier(engine, card).classify(frame)
+    assert c.labels[0] == "bright" and c.class_maps is None
+    assert c.cam_of("bright") is c.cam and c.cam_of("dark") is None
+    engine, card = _load(*classifier_model(tmp_path, class_maps=3))
+    c = FieldClassifier(engine, card).classify(frame)
+    assert c.class_maps is not None and c.class_maps.shape == (3, S // 4, S // 4)
+    dark = c.cam_of("dark")
+    assert dark is not None and np.array_equal(dark, cam_of_map(c.class_maps[0]))
+    assert dark.dtype == np.uint8 and dark.max() == 255  # scaled to its maximum
+    assert c.cam_of("bright") is c.cam and c.cam_of("nobody") is None
+    assert np.array_equal(cam_of_map(np.full((2, 2), -1.0)), np.zeros((2, 2), np.uint8))
+    engine, card = _load(*classifier_model(tmp_path, class_maps=2))
+    with pytest.raises(EngineFailure, match=r"'class_maps' has shape \(1, 2, 8, 8\), "
+                                            r"expected \(1, 3, 8, 8\)"):
+        FieldClassifier(engine, card).classify(frame)
 
 
 def test_dark_frame_is_dark_and_without_lens_novelty_is_none(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def test_card_validates(card: ModelCard) -> None:
     assert card.task == "classification"
     assert card.classes == FIELD_CLASSES
     assert card.input.size is not None and card.input.size[0] == card.input.size[1]
-    assert [o.name for o in card.outputs] == ["probabilities", "cam"]
+    assert [o.name for o in card.outputs] == ["probabilities", "cam", "class_maps"]
     assert card.evaluation["synthetic"]["accuracy"] > 0.5
     assert "1024x1024" in card.timings_ms
 
@@ -100,8 +100,10 @@ def test_folder_mode_trains_and_exports(tmp_path: Path) -> None:
     assert card.input.size == (64, 64)
     assert card.evaluation["validation"]["n"] == 3
     sess = ort.InferenceSession(str(out / "classifier.onnx"), providers=["CPUExecutionProvider"])
-    p, cam = sess.run(None, {"image": np.zeros((1, 1, 64, 64), np.float32)})
+    p, cam, maps = sess.run(None, {"image": np.zeros((1, 1, 64, 64), np.float32)})
     assert p.shape == (1, 3) and cam.shape == (1, 4, 4) and cam.dtype == np.uint8  # 64 / 16
+    assert maps.shape == (1, 3, 4, 4) and maps.dtype == np.float32  # every class's map
+    assert [o.name for o in card.outputs] == ["probabilities", "cam", "class_maps"]
 
 
 def test_folder_mode_needs_two_classes(tmp_path: Path) -> None:
@@ -375,3 +377,98 @@ def test_the_lens_sees_no_blank_frame(field_classifier: FieldClassifier) -> None
     noise = np.random.default_rng(6).normal(1000, 20, (512, 512)).astype(np.uint16)
     _, novelty = clf.novelty_of(clf.lens_outputs(noise))
     assert np.isfinite(novelty) and novelty == pytest.approx(clf.classify(noise).novelty)
+
+
+# -- the CAM of the class an alert names ------------------------------------------------------
+
+
+def _cams_from_features(card: ModelCard, x: np.ndarray) -> np.ndarray:
+    """Every class's CAM (C, h, w) uint8 of one model input, made here from the shipped
+    graph's last feature maps and its head's weights (not from its ``cam`` or ``class_maps``):
+    ReLU(sum_c w[k, c] f[c]), / its maximum, x 255, rounded half up."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(card.onnx_path(CARD)))
+    head = next(n for n in model.graph.node if n.op_type == "Einsum")
+    w_name, f_name = head.input  # "kc,nchw->nkhw": the head's weights, the feature maps
+    weights = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == w_name)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(f_name, onnx.TensorProto.FLOAT,
+                                                                 None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (f,) = sess.run([f_name], {"image": x})
+    maps = np.maximum(np.einsum("kc,chw->khw", weights.astype(np.float64), f[0]), 0)
+    peak = np.maximum(maps.max(axis=(1, 2), keepdims=True), 1e-12)
+    return np.clip(np.floor(maps / peak * 255 + 0.5), 0, 255).astype(np.uint8)
+
+
+def test_the_class_maps_give_the_cam_of_any_class(field_classifier: FieldClassifier,
+                                                  card: ModelCard) -> None:
+    """``class_maps`` (3.1.1): for the top class, its CAM is exactly the graph's ``cam``; for
+    every class, the CAM made from the features and the head's weights."""
+    from nanoscout.analysis.classifier import cam_of_map
+    from nanoscout.sim.fields import render_rod_among_spheres
+
+    assert card.input.size is not None
+    for seed in (21, 22, 26):
+        img = render_rod_among_spheres(np.random.default_rng(seed)).image
+        c = field_classifier.classify(img)
+        assert c.cam is not None and c.class_maps is not None
+        assert c.class_maps.shape == (len(FIELD_CLASSES), *c.cam.shape)
+        top = FIELD_CLASSES.index(c.labels[0])
+        assert np.array_equal(cam_of_map(c.class_maps[top]), c.cam)
+        want = _cams_from_features(card, fixed_input(img, card.input.size))
+        for k, label in enumerate(FIELD_CLASSES):
+            got = c.cam_of(label)
+            assert got is not None and got.dtype == np.uint8 and got.shape == c.cam.shape
+            # float32 sums in another order: a level at most, where a value lies on a half
+            assert np.abs(got.astype(int) - want[k].astype(int)).max() <= 1, label
+    assert c.cam_of("no such class") is None
+
+
+def test_a_class_alert_carries_the_cam_of_its_own_label(field_classifier: FieldClassifier,
+                                                        card: ModelCard) -> None:
+    """A rare-target rule (``rods_wires > 0.3``) fires on a frame whose top class is
+    isolated_particles (one rod among spheres: 0.39 against 0.30). Its alert carried the top
+    class's CAM, which peaks off the rod; it now carries the CAM of rods_wires, which peaks on
+    the rod. A rule on the top class and a novelty rule keep the top class's CAM."""
+    from nanoscout.analysis.detector import load_detector
+    from nanoscout.analysis.frame import Frame
+    from nanoscout.analysis.pipeline import Pipeline
+    from nanoscout.engines import create_engine
+    from nanoscout.sim.fields import render_rod_among_spheres
+    from nanoscout.training.evaluate_classifier import cam_peak_px
+    from nanoscout.wire.headers import Kind
+
+    field = render_rod_among_spheres(np.random.default_rng(21))
+    det = load_detector(WEIGHTS / "detector.onnx", lambda p: create_engine(p, "cpu", threads=1))
+    rules = [{"name": "needle", "kind": "class", "label": "rods_wires", "threshold": 0.3},
+             {"name": "particles", "kind": "class", "label": "isolated_particles",
+              "threshold": 0.3},
+             {"name": "novel", "kind": "novelty", "threshold": 1e-6}]
+    result = Pipeline(det, classifier=field_classifier, rules=rules).process(
+        Frame.from_image(field.image, pixel_size_nm=1.0, source="cam", seq=0))
+    c = result.classification
+    assert c is not None and c.cam is not None and card.input.size is not None
+    assert c.labels[0] == "isolated_particles" and c.all["rods_wires"] > 0.3
+    (cls,) = [m for m in result.messages if m.kind is Kind.CLASS]
+    assert cls.array is not None and np.array_equal(cls.array, c.cam)  # the top class's CAM
+    heat = {m.header.rule: m.heatmap for m in result.messages if m.kind is Kind.ALERT}
+    assert set(heat) == {"needle", "particles", "novel"}
+    want = _cams_from_features(card, fixed_input(field.image, card.input.size))
+    needle = heat["needle"]
+    assert needle is not None and needle.shape == c.cam.shape
+    assert np.abs(needle.astype(int) - want[FIELD_CLASSES.index("rods_wires")]).max() <= 1
+    assert np.abs(needle.astype(int) - c.cam.astype(int)).max() > 100  # not the top class's
+    # what each explains: the rod's box (grown by half a CAM cell, as the CAM test counts)
+    x0, y0, x1, y1 = field.rod_boxes[0]
+    gx, gy = 0.5 * 512 / c.cam.shape[1], 0.5 * 512 / c.cam.shape[0]
+
+    def on_the_rod(cam: np.ndarray) -> bool:
+        x, y = cam_peak_px(cam, field.image.shape)
+        return bool(x0 - gx <= x <= x1 + gx and y0 - gy <= y <= y1 + gy)
+
+    assert on_the_rod(needle) and not on_the_rod(c.cam)
+    for rule in ("particles", "novel"):  # the top class's CAM
+        got = heat[rule]
+        assert got is not None and np.array_equal(got, c.cam), rule

@@ -561,6 +561,35 @@ def test_a_restarted_daemons_tracks_start_fresh_on_the_page() -> None:
     assert payload(state, "det:sim")["lost"] == 2
 
 
+def test_a_restarted_daemons_frame_is_not_shown_as_the_new_runs() -> None:
+    """The page draws the last ``frame`` item it got until another comes: after a restart the
+    earlier run's picture and particles stood as the new run's frame (beside its det's seq and
+    count) until the new run's first preview. Now the frame item has no picture till then."""
+    run1, run2 = 1_765_000_000_000_000_000, 1_765_000_060_000_000_000
+    state = DashboardState()
+    state.ingest(_tracked_det(0, 0.0, [7, 9], run=run1))
+    assert state.item("frame:sim") is None  # a first run: no frame shown, nothing to replace
+    state.ingest(_tracked_det(3, 0.0, [7, 9], run=run1))
+    state.ingest(preview(3, run=run1))
+    old = payload(state, "frame:sim")
+    assert old["png"] and old["seq"] == 3 and old["det"]["track_id"] == [7, 9]
+    item = state.item("frame:sim")
+    assert item is not None
+    # the daemon restarts; the new run's first det comes before its preview
+    state.ingest(_tracked_det(0, 0.0, [1], run=run2))
+    now = state.item("frame:sim")
+    assert now is not None and now.version > item.version  # sent to the page again
+    frame = payload(state, "frame:sim")
+    assert frame["png"] is None and frame["det"] is None and frame["daemon_run"] == run2
+    assert frame["note"] == "the daemon restarted: waiting for its first preview"
+    # the new run's results of the same run leave it as it is; its preview is shown
+    state.ingest(stats(0))
+    assert payload(state, "frame:sim")["png"] is None
+    state.ingest(preview(0, run=run2))
+    frame = payload(state, "frame:sim")
+    assert frame["png"] and frame["seq"] == 0 and frame["det"]["track_id"] == [1]
+
+
 def test_stats_carry_the_unique_and_insitu_blocks() -> None:
     from nanoscout.wire.headers import InSitu, UniqueStats
 

@@ -189,9 +189,9 @@ def test_notebook_display_and_provenance_helpers(tmp_path: Path) -> None:
     assert "14 particles" in html and "4 frames" in html and "<table>" in html
     cards = load_cards(REPO / "models" / "weights")
     assert {"nanoscout-particle-unet:3.0.0", "nanoscout-ai-lens:2.0.0"} <= set(cards)
-    entries = model_entries(["nanoscout-field-classifier:3.1.0+nanoscout-ai-lens:2.0.0",
+    entries = model_entries(["nanoscout-field-classifier:3.1.1+nanoscout-ai-lens:2.0.0",
                              "unknown:1"], cards)
-    assert [e["model"] for e in entries] == ["nanoscout-field-classifier:3.1.0",
+    assert [e["model"] for e in entries] == ["nanoscout-field-classifier:3.1.1",
                                             "nanoscout-ai-lens:2.0.0", "unknown:1"]
     assert len(entries[0]["sha256"]) == 64 and entries[2]["card"] is None
     sw = software()

@@ -5,7 +5,9 @@ with per-rule, per-source rate limiting and de-duplication.
 ``count_drop`` rules are evaluated per frame by
 :meth:`AlertEngine.evaluate`; ``class`` and ``novelty`` rules by
 :meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
-class activation map that explains them (``Alert.heatmap``). The clock is the frame time
+class activation map that explains them (``Alert.heatmap``): a class rule's the CAM of its
+own label (which need not be the top class: ``needle > 0.3`` fires on a frame whose top class
+is ``isolated_particles``), a novelty rule's the top class's. The clock is the frame time
 ``t_ns``, so behaviour is deterministic.
 
 Rate limiting and de-duplication (per rule and per source):
@@ -50,8 +52,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -108,7 +110,8 @@ class Alert:
     explanation: str
     #: PARTICLE_DTYPE rows that fired (at most 20; new ones first); empty for frame-level rules
     particles: np.ndarray = field(compare=False, repr=False)
-    #: uint8 class activation map explaining a class / novelty alert (whole frame), else None
+    #: uint8 class activation map explaining a class alert (its label's) or a novelty alert
+    #: (the top class's), over the whole frame; else None
     heatmap: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: particle rule on a frame calibrated in confidence: the probability (0..1) that the
     #: particle described (the first row) is real; count rule with ``count = "expected"``:
@@ -224,20 +227,28 @@ class AlertEngine:
         probabilities: Sequence[float],
         novelty: float | None,
         heatmap: np.ndarray | None,
+        cam_of: Callable[[str], np.ndarray | None] | None = None,
     ) -> list[Alert]:
         """Evaluate the class and novelty rules on one classified frame; returns those that fired.
 
         ``labels`` / ``probabilities``: the classifier's classes and their probabilities (0..1),
         in the same order (any subset; a rule whose label is absent does not fire).
         ``novelty``: the frame's novelty score, None without the lens (novelty rules skip).
-        ``heatmap``: the uint8 CAM that explains the frame, attached to every alert (or None).
-        Cooldowns as for count rules, on the frame time ``t_ns``.
+        ``heatmap``: the uint8 CAM of the top class (the most probable of ``labels``; None
+        without CAMs): a novelty alert carries it, and so does a class alert whose label is
+        the top class. ``cam_of``: label -> the uint8 CAM of that class, or None
+        (:meth:`nanoscout.analysis.classifier.Classification.cam_of`), called only for a class
+        rule that fires (past its cooldown) on another label than the top class; such an
+        alert carries that CAM, or none without ``cam_of`` (never the top class's map, which
+        explains another class). Cooldowns as for count rules, on the frame time ``t_ns``.
         """
         if len(labels) != len(probabilities):
             raise FrameError(f"{len(labels)} class labels but {len(probabilities)} probabilities")
         prob = {str(k): float(p) for k, p in zip(labels, probabilities, strict=True)}
+        top = max(prob, key=prob.__getitem__) if prob else None
         fired: list[Alert] = []
         for rule in self.rules:
+            heat = heatmap
             if isinstance(rule, ClassRule):
                 p = prob.get(rule.label)
                 if p is None or not p > rule.threshold:
@@ -245,11 +256,12 @@ class AlertEngine:
                 value = p
                 text = (f"class {rule.label} has probability {p:.3f} > {number(rule.threshold)} "
                         f"(rule {rule.name})")
+                if rule.label != top:
+                    heat = None  # made below, once the cooldown lets the alert out
             elif isinstance(rule, NoveltyRule):
                 if novelty is None or not novelty > rule.threshold:
                     continue
                 value = float(novelty)
-                top = max(prob, key=prob.__getitem__) if prob else None
                 text = (f"frame novelty {value:.3g} > {number(rule.threshold)}"
                         + (f" (top class {top} {prob[top]:.2f})" if top is not None else "")
                         + f" (rule {rule.name})")
@@ -263,11 +275,14 @@ class AlertEngine:
                 threshold=float(rule.threshold),
                 explanation=text,
                 particles=np.empty(0, PARTICLE_DTYPE),
-                heatmap=heatmap,
+                heatmap=heat,
             )
             limited = self._rate_limited(rule, source, int(t_ns), alert)
-            if limited is not None:
-                fired.append(limited)
+            if limited is None:
+                continue
+            if isinstance(rule, ClassRule) and rule.label != top and cam_of is not None:
+                limited = replace(limited, heatmap=cam_of(rule.label))
+            fired.append(limited)
         return fired
 
     # ------------------------------------------------------------------ rule kinds

@@ -1,11 +1,16 @@
 """Field-of-view classification with its explanations: class probabilities, the class
-activation map (CAM) of the top class, and the "AI lens" novelty score.
+activation map (CAM) of the top class (and of any other class, on request), and the "AI lens"
+novelty score.
 
 Two fixed-input models, each an ONNX file plus a model card (``nanoscout.analysis.modelcard``):
 
 * the **classifier** (card task ``classification``): outputs ``probabilities`` (1, C), softmax
   over the card's ``classes``, and ``cam`` (1, h, w) uint8, the CAM of the top class computed
-  inside the graph (ReLU, scaled to its maximum = 255) at feature resolution;
+  inside the graph (ReLU, scaled to its maximum = 255) at feature resolution; optionally
+  ``class_maps`` (1, C, h, w) float32, every class's map before the ReLU (the shipped
+  classifier since 3.1.1), from which :meth:`Classification.cam_of` makes the CAM of any
+  class the same way (:func:`cam_of_map`), only for the classes asked (an alert on a class
+  that is not the top one is explained by its own map, not the top class's);
 * the **lens** (optional, card task ``autoencoder``): a convolutional autoencoder whose
   per-frame novelty error (the card's ``novelty.error_output``; for the shipped lens not the
   pixel reconstruction error but the k-NN distance of the frame's texture statistics to those
@@ -49,6 +54,18 @@ from nanoscout.wire.errors import BlankFrame, EngineFailure, ModelCardError
 #: output names the classifier card must declare
 PROBABILITIES = "probabilities"
 CAM = "cam"
+#: the classifier's optional output of every class's map, (1, C, h, w) float32
+CLASS_MAPS = "class_maps"
+
+
+def cam_of_map(class_map: np.ndarray) -> np.ndarray:
+    """Return the uint8 (h, w) CAM of one class's map (h, w; float, before the ReLU), as the
+    classifier's graph makes its ``cam``: ReLU, divided by the map's maximum, x 255, rounded
+    half up; all 0 when nothing is positive. Unitless levels 0..255."""
+    m = np.maximum(np.asarray(class_map, dtype=np.float32), np.float32(0))
+    peak = max(float(m.max(initial=0.0)), 1e-12)
+    return np.clip(np.floor(m / np.float32(peak) * np.float32(255) + np.float32(0.5)),
+                   0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -59,7 +76,9 @@ class Classification:
     class's probability (alert rules may name any class). ``cam``: uint8 (h, w) heatmap of the
     top class over the whole frame, or None. ``novelty``: the lens's error / its reference
     error (None without a lens); ``error``: the raw error (as the lens card's output defines).
-    ``timings_ms``: ``classify`` and ``lens`` stage times, ms.
+    ``timings_ms``: ``classify`` and ``lens`` stage times, ms. ``class_maps``: every class's
+    map before the ReLU, (C, h, w) float32 in the card's class order (the order of ``all``),
+    or None (a model without the output, or CAMs off): :meth:`cam_of` reads it.
     """
 
     labels: list[str]
@@ -69,6 +88,19 @@ class Classification:
     novelty: float | None
     error: float | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    class_maps: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def cam_of(self, label: str) -> np.ndarray | None:
+        """Return the uint8 (h, w) CAM of class ``label`` over the whole frame: ``cam`` for the
+        top class, else made from its map (:func:`cam_of_map`, computed on each call: ask only
+        for the classes needed); None without CAMs, for a class not in ``all``, or for a class
+        other than the top one when the model has no ``class_maps`` output (the top class's
+        map does not explain another class)."""
+        if self.cam is not None and self.labels and label == self.labels[0]:
+            return self.cam
+        if self.class_maps is None or label not in self.all:
+            return None
+        return cam_of_map(self.class_maps[list(self.all).index(label)])
 
 
 def _size(card: ModelCard, task: str) -> tuple[int, int]:
@@ -159,7 +191,7 @@ class FieldClassifier:
                                 f"(finite: {bool(np.isfinite(probs).all())}), expected "
                                 f"{len(self.classes)} finite probabilities")
         order = np.argsort(-probs, kind="stable")[: self.top_k]
-        heat = None
+        heat = maps = None
         if self.cam:
             raw = out.get(CAM)
             if raw is None or raw.ndim != 3 or raw.shape[0] != 1:
@@ -167,6 +199,14 @@ class FieldClassifier:
                 raise EngineFailure(f"classifier output {CAM!r} has shape {got}, expected "
                                     "(1, h, w)")
             heat = np.ascontiguousarray(raw[0], dtype=np.uint8)
+            raw_maps = out.get(CLASS_MAPS)  # optional: a model before it has none
+            if raw_maps is not None:
+                want = (1, len(self.classes), *heat.shape)
+                if raw_maps.shape != want:
+                    raise EngineFailure(f"classifier output {CLASS_MAPS!r} has shape "
+                                        f"{raw_maps.shape}, expected {want} (one map per "
+                                        f"class, the size of {CAM!r})")
+                maps = np.asarray(raw_maps[0], dtype=np.float32)
         t1 = time.perf_counter()
         timings = {"classify": (t1 - t0) * 1e3}
         novelty = error = None
@@ -182,6 +222,7 @@ class FieldClassifier:
             novelty=novelty,
             error=error,
             timings_ms=timings,
+            class_maps=maps,
         )
 
     def novelty_of(self, outputs: dict[str, np.ndarray]) -> tuple[float, float]:

@@ -508,9 +508,12 @@ class Pipeline:
             novelty=None if c.novelty is None else round(c.novelty, 5),
             engine=f"{self.engine_name} {self.classifier.name}", heatmap_shape=heat_shape)
         send(Message(ch.topic().decode(), ch, c.cam))
+        # a class rule's alert is explained by its own label's CAM (made only for the rules
+        # that fire), a novelty alert by the top class's
         fired = self.alert_engine.evaluate_class(
             source=frame.source, t_ns=frame.header.t_acq_ns, labels=list(c.all),
-            probabilities=list(c.all.values()), novelty=c.novelty, heatmap=c.cam)
+            probabilities=list(c.all.values()), novelty=c.novelty, heatmap=c.cam,
+            cam_of=c.cam_of)
         for al in fired:
             send(self._alert(al, frame, state, ref, result))
 
@@ -553,7 +556,8 @@ class Pipeline:
     def _alert(self, al: Alert, frame: Frame, state: _SourceState, ref: dict[str, Any],
                result: FrameResult) -> Message[AlertHeader]:
         """The ``alert`` message of one fired rule: the particles that fired and, for rules
-        that fire on a classification, the CAM that explains it."""
+        that fire on a classification, the CAM that explains it (a class rule's: its label's;
+        a novelty rule's: the top class's)."""
         heat = al.heatmap
         ah = AlertHeader(
             **ref, topic_seq=state.next_seq(Kind.ALERT), rule=al.rule, kind=al.kind,

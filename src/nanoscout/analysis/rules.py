@@ -70,7 +70,8 @@ frozen pydantic models (a discriminated union on ``kind``)::
 rules are evaluated per frame by
 :meth:`AlertEngine.evaluate`; ``class`` and ``novelty`` rules by
 :meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
-class activation map that explains them (``Alert.heatmap``). A class rule's label can only be
+class activation map that explains them (``Alert.heatmap``: a class rule's label's, a novelty
+rule's the top class's). A class rule's label can only be
 checked against the classifier's classes once the model is loaded:
 :func:`check_class_labels` (called at start-up) raises a :class:`ConfigError` for an unknown
 one, and :func:`check_rule_inputs` for a class or novelty rule while the classifier or the AI

@@ -17,8 +17,12 @@ Provenance: the driver writes ``OUT/_run.json`` (:func:`nanoscout.batch.parts.wr
 the record ``nanoscout measure`` writes (:func:`nanoscout.batch.offline.measure_provenance` and
 :func:`~nanoscout.batch.offline.measure_outcome`: software, the configuration the workers run,
 the overrides, the models with their sha256 and sizing error, skipped and uncalibrated files),
-plus ``ray`` (address, workers, CPUs and GPUs per worker, retries, the cluster's resources,
-the number of partitions), ``failed`` and ``done_before`` (files an earlier run measured); a
+plus ``ray`` (``address``: the GCS address, ``host:port``, of the cluster the work ran on, as
+Ray reports it; ``address_requested``: the caller's ``address``, None for a local Ray;
+``started_here``: whether this call started Ray, False where the caller had already joined a
+cluster, whose address is then the one recorded whatever was asked; workers, CPUs and GPUs per
+worker, retries, the cluster's resources, the number of partitions), ``failed`` and
+``done_before`` (files an earlier run measured); a
 run started again on ``out`` keeps the earlier runs' records under ``earlier_runs``, so which
 models made which parts stays known. It is written once the workers are up and again at the
 end; a run with nothing to do leaves it as it was.
@@ -216,6 +220,18 @@ def _import_ray() -> Any:
     return ray
 
 
+def _cluster_address(ray: Any) -> str | None:
+    """The GCS address (``host:port``) of the Ray cluster this process is connected to, as Ray
+    reports it (:meth:`ray.runtime_context.RuntimeContext.gcs_address`; through a Ray client
+    too), or None when Ray cannot say (logged)."""
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except (AttributeError, ConnectionError, RuntimeError) as exc:
+        log.warning("Ray does not report the address of its cluster (%s): _run.json records "
+                    "none", exc)
+        return None
+
+
 def measure_on_ray(
     paths: Sequence[Path],
     config: ServeConfig,
@@ -236,8 +252,10 @@ def measure_on_ray(
 ) -> RayReport:
     """Measure ``paths`` (files, in order) on Ray into ``out`` (see :mod:`nanoscout.batch.parts`).
 
-    ``address``: a running cluster (None: start a local Ray with ``num_cpus`` slots, or use the
-    one this process already started). ``workers``: actors (default: the cluster's CPUs //
+    ``address``: a running cluster (None: start a local Ray with ``num_cpus`` slots). Where this
+    process has already initialised Ray, the work runs on that cluster whatever ``address``
+    says (a warning names both when one was given), and the provenance records that cluster's
+    address. ``workers``: actors (default: the cluster's CPUs //
     ``cpus_per_worker``, or its GPUs // ``gpus_per_worker``); each runs ONNX Runtime with
     ``cpus_per_worker`` threads. ``on_started`` gets the report once the actors are up (their
     pids in ``worker_pids``); ``on_file`` gets each finished file's summary. ``progress``: a
@@ -277,6 +295,11 @@ def measure_on_ray(
             where = f"the Ray cluster at {address}" if address else "a local Ray"
             raise ConfigError(f"cannot start or reach {where}: {exc}") from exc
     try:
+        cluster = _cluster_address(ray)
+        if address is not None and not started_here:
+            log.warning("Ray was already initialised in this process: measuring on the "
+                        "cluster it joined (GCS %s); the address %s is not used", cluster,
+                        address)
         resources = ray.cluster_resources()
         if workers is None:
             workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
@@ -294,7 +317,10 @@ def measure_on_ray(
                                     config=run_config.model_dump(mode="json"),
                                     pixel_size_nm=pixel_size_nm, modality=modality)
         record["ray"] = {
-            "address": address or "local", "workers": workers,
+            # the cluster the work ran on: the address asked for is not it where the caller
+            # had joined one already (it is ignored then), nor is "local" an address
+            "address": cluster, "address_requested": address, "started_here": started_here,
+            "workers": workers,
             "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
             "max_task_retries": max_task_retries,
             "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources},

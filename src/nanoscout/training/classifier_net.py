@@ -22,6 +22,14 @@ The class score pools that map:
 * ``cam``: (1, h, w) uint8 (h, w = S / cam_stride): the CAM of the top class (its weights
   gathered by the argmax inside the graph), ReLU, divided by its maximum, x 255, rounded. All zero when the
   map has no positive value.
+* ``class_maps`` (with ``class_maps=True``, the field-of-view classifier since card 3.1.1):
+  (1, C, h, w) float32, every class's map ``m_k`` before the ReLU, from which the host makes
+  the CAM of any class as ``cam`` is made (:func:`nanoscout.analysis.classifier.cam_of_map`):
+  an alert on a class that is not the top one is explained by its own map.
+
+:func:`expose_class_maps` gives a file exported before ``class_maps`` existed that output: its
+graph computes the maps already (the log-mean-exp pooling reads them), so only the output is
+added; the shipped classifier 3.1.1 is 3.1.0 so changed.
 """
 
 from __future__ import annotations
@@ -39,13 +47,18 @@ from torch import nn
 from nanoscout.engines import create_engine
 from nanoscout.training.unet import _cbr  # the detector's conv + BatchNorm + ReLU block
 
-__all__ = ["CAM_STRIDE", "OPSET", "ExportWrapper", "FieldClassifier", "export_onnx"]
+__all__ = ["CAM_STRIDE", "CLASS_MAPS", "OPSET", "ExportWrapper", "FieldClassifier",
+           "expose_class_maps", "export_onnx"]
 
 #: the CAM's default cell size in model-input pixels (S / cam_stride cells per side)
 CAM_STRIDE = 16
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUTS = ("probabilities", "cam")
+#: the optional third output: every class's map, (1, C, h, w) float32
+CLASS_MAPS = "class_maps"
+#: the head's weights (C, C_feat) in an exported graph
+HEAD_WEIGHT = "net.head.weight"
 
 
 Pooling = Literal["lse", "mean"]
@@ -104,14 +117,17 @@ class FieldClassifier(nn.Module):
 
 
 class ExportWrapper(nn.Module):
-    """``image`` -> (``probabilities`` (1, C) float32, ``cam`` (1, h, w) uint8 of the top class)."""
+    """``image`` -> (``probabilities`` (1, C) float32, ``cam`` (1, h, w) uint8 of the top class
+    [, ``class_maps`` (1, C, h, w) float32 with ``class_maps``])."""
 
-    def __init__(self, net: FieldClassifier) -> None:
+    def __init__(self, net: FieldClassifier, class_maps: bool = False) -> None:
         super().__init__()
         self.net = net
+        self.class_maps = class_maps
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (probabilities (N, C) float32, class activation map (N, h, w) uint8)."""
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Return (probabilities (N, C) float32, class activation map (N, h, w) uint8 [, every
+        class's map before the ReLU (N, C, h, w) float32])."""
         f = self.net.features(image)
         logits = self.net.logits(f)
         prob = torch.softmax(logits, dim=1)
@@ -120,17 +136,23 @@ class ExportWrapper(nn.Module):
         cam = torch.relu((w[:, :, None, None] * f).sum(dim=1))  # (N, h, w)
         peak = torch.clamp(cam.amax(dim=(1, 2), keepdim=True), min=1e-12)
         cam8 = torch.clamp(torch.floor(cam / peak * 255.0 + 0.5), 0.0, 255.0).to(torch.uint8)
+        if self.class_maps:
+            return prob, cam8, torch.einsum("kc,nchw->nkhw", self.net.head.weight, f)
         return prob, cam8
 
 
-def export_onnx(net: FieldClassifier, path: Path, size: int) -> dict[str, float]:
-    """Write the export wrapper of ``net`` as ONNX for a fixed (1, 1, size, size) input.
+def export_onnx(net: FieldClassifier, path: Path, size: int, *, class_maps: bool = False
+                ) -> dict[str, float]:
+    """Write the export wrapper of ``net`` as ONNX for a fixed (1, 1, size, size) input, with
+    the ``class_maps`` output when ``class_maps``.
 
-    Returns {"max_abs_diff": probabilities ORT vs torch, "cam_max_abs_diff": uint8 levels};
-    raises RuntimeError when the probabilities differ by more than 1e-4 or the top class differs.
+    Returns {"max_abs_diff": probabilities ORT vs torch, "cam_max_abs_diff": uint8 levels
+    [, "class_maps_max_abs_diff"]}; raises RuntimeError when the probabilities differ by more
+    than 1e-4, the class maps by more than 1e-3, or the top class differs.
     """
 
-    wrapper = ExportWrapper(net.eval()).eval()
+    wrapper = ExportWrapper(net.eval(), class_maps).eval()
+    names = [*OUTPUTS, CLASS_MAPS] if class_maps else list(OUTPUTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 1, size, size)
     with warnings.catch_warnings():
@@ -140,17 +162,22 @@ def export_onnx(net: FieldClassifier, path: Path, size: int) -> dict[str, float]
         # the fixed input size makes the log-mean-exp's cell count a constant, as it should be
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(wrapper, (dummy,), str(path), input_names=[INPUT_NAME],
-                          output_names=list(OUTPUTS), opset_version=OPSET,
+                          output_names=names, opset_version=OPSET,
                           do_constant_folding=True, dynamo=False)
     engine = create_engine(path, "onnxruntime-cpu", threads=2)
     rng = np.random.default_rng(0)
-    worst, worst_cam = 0.0, 0.0
+    worst, worst_cam, worst_maps = 0.0, 0.0, 0.0
     for _ in range(3):
         x = rng.random((1, 1, size, size), dtype=np.float32)
         x = F.avg_pool2d(torch.from_numpy(x), 9, 1, 4).numpy()  # some structure, not white noise
         with torch.no_grad():
-            p_ref, c_ref = (t.numpy() for t in wrapper(torch.from_numpy(x)))
+            p_ref, c_ref, *m_ref = (t.numpy() for t in wrapper(torch.from_numpy(x)))
         out = engine.infer({INPUT_NAME: x})
+        if class_maps:
+            m = out[CLASS_MAPS]
+            if m.shape != m_ref[0].shape:
+                raise RuntimeError(f"ONNX {CLASS_MAPS} {m.shape} != torch {m_ref[0].shape}")
+            worst_maps = max(worst_maps, float(np.max(np.abs(m - m_ref[0]))))
         p, c = out[OUTPUTS[0]], out[OUTPUTS[1]]
         if p.shape != p_ref.shape or c.shape != c_ref.shape or c.dtype != np.uint8:
             raise RuntimeError(f"ONNX outputs {p.shape} {c.shape} {c.dtype} != torch "
@@ -161,4 +188,45 @@ def export_onnx(net: FieldClassifier, path: Path, size: int) -> dict[str, float]
         worst_cam = max(worst_cam, float(np.max(np.abs(c.astype(int) - c_ref.astype(int)))))
     if worst > 1e-4:
         raise RuntimeError(f"ONNX Runtime differs from torch by {worst:.3g} (> 1e-4)")
-    return {"max_abs_diff": worst, "cam_max_abs_diff": worst_cam}
+    if worst_maps > 1e-3:
+        raise RuntimeError(f"ONNX Runtime's {CLASS_MAPS} differ from torch's by "
+                           f"{worst_maps:.3g} (> 1e-3)")
+    check = {"max_abs_diff": worst, "cam_max_abs_diff": worst_cam}
+    if class_maps:
+        check["class_maps_max_abs_diff"] = worst_maps
+    return check
+
+
+def expose_class_maps(src: Path, dst: Path) -> None:
+    """Write the classifier ONNX file ``src``, exported without ``class_maps``, to ``dst`` with
+    that output: the head's Einsum over the last feature maps (the maps the log-mean-exp
+    pooling reads) renamed ``class_maps`` and listed as a graph output, (1, C, h, w) float32
+    (h, w those of ``cam``). Every node, weight and other output is left as it was, so
+    ``probabilities`` and ``cam`` are bit-identical. Works on an INT8 sibling too (its head
+    stays float). Raises ValueError naming the file when its graph has not exactly one Einsum
+    of ``net.head.weight`` (a ``pooling="mean"`` export: export it again with
+    ``class_maps=True``) or already has the output."""
+    import onnx
+
+    model = onnx.load(str(src))
+    g = model.graph
+    if any(o.name == CLASS_MAPS for o in g.output):
+        raise ValueError(f"{src} has a {CLASS_MAPS!r} output already")
+    heads = [n for n in g.node if n.op_type == "Einsum" and HEAD_WEIGHT in n.input]
+    weights = [t for t in g.initializer if t.name == HEAD_WEIGHT]
+    cams = [o for o in g.output if o.name == OUTPUTS[1]]
+    if len(heads) != 1 or len(weights) != 1 or len(cams) != 1:
+        raise ValueError(f"{src}: {len(heads)} Einsum node(s) of {HEAD_WEIGHT!r}, "
+                         f"{len(weights)} such weight(s), {len(cams)} {OUTPUTS[1]!r} output(s); "
+                         "expected one of each")
+    old = heads[0].output[0]
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = CLASS_MAPS
+    heads[0].output[0] = CLASS_MAPS
+    _, h, w = (d.dim_value for d in cams[0].type.tensor_type.shape.dim)
+    g.output.append(onnx.helper.make_tensor_value_info(
+        CLASS_MAPS, onnx.TensorProto.FLOAT, [1, int(weights[0].dims[0]), h, w]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))

@@ -351,6 +351,13 @@ def build_card(onnx_path: Path, *, classes: tuple[str, ...], size: int, training
                                 "(all 0 when nothing is positive). Cell (i, j) covers frame "
                                 f"rows [i, i+1) x H/{h} and cols [j, j+1) x W/{h}; the frame "
                                 "was resampled whole (aspect not kept)")),
+            OutputSpec(name="class_maps", channels=classes, activation="none",
+                       resolution=f"(1, C, {h}, {h}) = input / {cam_stride}",
+                       meaning=("float32 map of every class before the ReLU, in the card's "
+                                "class order: the head's weights of the class times the last "
+                                "feature maps, summed over the features. The CAM of any class "
+                                "is its map made as `cam` is (nanoscout.analysis.classifier."
+                                "cam_of_map); cells as `cam`'s")),
         ),
         classes=classes,
         training=TrainingInfo(**training),
@@ -376,7 +383,7 @@ def export_and_card(net: Any, out: Path, *, classes: tuple[str, ...], size: int,
     from nanoscout.training.evaluate_classifier import OnnxClassifier, time_engine
 
     onnx_path = out / "classifier.onnx"
-    check = export_onnx(net, onnx_path, size)
+    check = export_onnx(net, onnx_path, size, class_maps=True)
     training = {**training, "onnx_max_abs_diff_vs_torch": check["max_abs_diff"]}
     timings: dict[str, Any] = {}
     if timing:

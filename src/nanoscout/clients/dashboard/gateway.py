@@ -21,7 +21,9 @@ A particle's history (its ECD, position and shape over the recent frames) is ask
 (:meth:`DashboardState.track_history`, the page's hover box), not pushed. Track ids, fields of
 view and drift are a daemon run's (``daemon_run``, protocol 1.11): when a source's results
 name another run (the daemon restarted), the frames kept of the earlier run are forgotten, so
-the new run's track 3 is never drawn or listed with the old run's track 3.
+the new run's track 3 is never drawn or listed with the old run's track 3, and ``frame:<src>``
+becomes a frame without a picture (``png`` None, a ``note`` the page shows in its placeholder)
+until the new run's first preview: the earlier run's picture is not shown as the new run's.
 
 Alerts are the exception: a bounded list (newest ``max_alerts``), each with an id, so a client
 gets every alert it has not seen yet rather than only the newest. Payloads (PNG encoding,
@@ -384,14 +386,22 @@ class DashboardState:
     def _follow_run(self, h: FrameRef) -> None:
         """A result of another daemon run than the source's kept frames: a restarted daemon
         numbers its tracks and fields from 1 again, so the earlier run's frames (track
-        history, trails, previews waiting for their det) are forgotten. A result that names
-        no run (a daemon before v1.11) is taken for the kept frames' run, as before."""
+        history, trails, previews waiting for their det) are forgotten, and the frame shown
+        (the earlier run's preview) is replaced by none until this run's first preview. A
+        result that names no run (a daemon before v1.11) is taken for the kept frames' run, as
+        before."""
         s = self._source(h.source)
         if h.daemon_run is not None and h.daemon_run != s.daemon_run:
             s.daemon_run = h.daemon_run
             s.dets.clear()
             s.previews.clear()
             s.pending = None
+            key = f"frame:{h.source}"
+            if key in self._items:
+                # the page draws the last frame item it got until another comes: the earlier
+                # run's picture (and particles) would pass for this run's until its preview
+                source, run = h.source, h.daemon_run
+                self._set(key, "frame", lambda: _no_frame_payload(source, run))
 
     def _det(self, msg: Message, h: DetHeader, now: float) -> None:
         s = self._source(h.source)
@@ -577,6 +587,13 @@ def _frame_payload(preview: Message, det: Message | None, recent: Sequence[Messa
         out["det"] = particles_payload(det.header, det.array, h.scale)
         out["det"]["trails"] = trails_payload(det, recent, h.scale)
     return out
+
+
+def _no_frame_payload(source: str, daemon_run: int) -> dict[str, Any]:
+    """The ``frame`` item of a source whose daemon run changed before the new run's first
+    preview: no picture (``png`` None; the page shows its placeholder with ``note``)."""
+    return {"source": source, "daemon_run": daemon_run, "png": None, "det": None,
+            "note": "the daemon restarted: waiting for its first preview"}
 
 
 def _stats_payload(h: StatsHeader, series: list[tuple[float, float | None, int | None]]

@@ -159,6 +159,13 @@
   on("frame", (d) => {
     const p = per(d.source);
     p.frame = d;
+    if (!d.png) {
+      // no picture (the daemon restarted, its first preview not here yet): the placeholder,
+      // not the earlier run's frame
+      p.shown = null;
+      if (d.source === S.selected) mark("frame");
+      return;
+    }
     loadImage(d.png, (img) => {
       if (p.frame !== d) return; // a newer one is on its way: latest wins
       p.shown = { frame: d, img };
@@ -542,6 +549,8 @@
     const camBox = $("show-cam");
     camBox.disabled = !(p && p.clsShown);
     if (!shown) {
+      // the gateway's reason for no picture (a restarted daemon), else the page's own
+      $("frame-empty").textContent = (p && p.frame && p.frame.note) || "waiting for a preview…";
       $("frame-caption").textContent = "";
       $("scalebar").hidden = true;
       renderLegend(null, null);
