@@ -1,9 +1,10 @@
-"""Connections to the frame input: drops and refusals that libzmq makes silently are counted.
+"""Connections to the daemon's sockets: drops and refusals that libzmq makes silently are counted.
 
 A message part over the input's transport cap (ZeroMQ ``MAXMSGSIZE``: 2 x
 ``input.max_frame_bytes`` + 1 MiB) never reaches ``decode_frame``: libzmq closes the adapter's
 connection unread. A CURVE key the daemon does not know, or an adapter trying the wrong socket
-type, is refused at the handshake. Before protocol 1.12 none of these showed anywhere.
+type, is refused at the handshake. Before protocol 1.12 none of these showed anywhere; before
+1.13 a subscriber or query client refused for its key showed nowhere on the daemon's side.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
 from nanoscout.clients.acquisition.publisher import FramePublisher, PublishError
+from nanoscout.clients.query import request_control
 from nanoscout.clients.subscriber import Subscriber
-from nanoscout.wire.protocol import frame_header, pack_header
+from nanoscout.wire.protocol import ControlRequest, encode_message, frame_header, pack_header
 from nanoscout.wire.transport import ClientKeys, create_keys
 from tests.system.conftest import DaemonProc, nanoscout, stop_process, wait_ready
 
@@ -154,3 +157,70 @@ def test_refused_handshakes_are_counted_and_curve_adapters_still_work(
                    event="handshake_failed_auth") == counts["handshake_failed_auth"]
     assert d.stop(signal.SIGTERM) == 0
     assert "refused for its CURVE key" in log.read_text(encoding="utf-8")
+
+
+def _refused(health: Any, socket: str) -> int:
+    """Connections to ``socket`` refused for their CURVE key, as ``health`` counts them."""
+    return int(health.connections.get(socket, {}).get("handshake_failed_auth", 0))
+
+
+def test_refused_subscribers_and_query_clients_are_counted_on_their_socket(
+        logged_daemon: LoggedDaemon, tmp_path: Path) -> None:
+    """CURVE on: a subscriber and a query client whose keys the daemon does not hold are
+    refused, as before, and now counted on their own socket (``health.connections``,
+    ``nanoscout_connections_total{socket}``) and warned about naming it, while authorised
+    clients are served; the input's counts keep their place (``input_connections``,
+    ``nanoscout_input_connections_total``)."""
+    server_pub, server_secret = create_keys(tmp_path / "server", "daemon")
+    authorised = tmp_path / "authorised"
+    create_keys(authorised, "operator")
+    _, stranger_secret = create_keys(tmp_path / "elsewhere", "stranger")
+    d, log = logged_daemon("--policy", "live", config=(
+        "[security]\ncurve = true\n"
+        f'server_secret_key = "{server_secret}"\nauthorized_keys = "{authorised}"\n'))
+    assert d.query is not None
+    friend = ClientKeys(server_pub, authorised / "operator.key_secret")
+    stranger = ClientKeys(server_pub, stranger_secret)
+    with Subscriber(d.output, topics=("health",), curve=friend) as sub:
+        sub.wait_ready()
+        with Subscriber(d.output, topics=("health",), curve=stranger) as spy:
+            _health_where(sub, lambda h: _refused(h, "results") >= 1,
+                          "the stranger's subscription refused on the results socket")
+            assert spy.recv(timeout=0) is None  # refused, as before: it reads nothing
+        ctx: zmq.Context = zmq.Context.instance()
+        req = ctx.socket(zmq.REQ)
+        try:
+            stranger.apply(req)
+            req.connect(d.query)
+            req.send_multipart(encode_message(ControlRequest(source="cam",
+                                                             action="reset_statistics")))
+            _health_where(sub, lambda h: _refused(h, "query") >= 1,
+                          "the stranger's query client refused on the query socket")
+            assert not req.poll(0), "a refused query client got an answer"
+        finally:
+            req.close(linger=0)
+        assert request_control(d.query, "cam", "reset_statistics", curve=friend).ok
+        health = _health_where(sub, lambda h: h.connections["query"]["disconnected"] >= 1,
+                               "the authorised query client's closed connection")
+    results, query = health.connections["results"], health.connections["query"]
+    assert results["handshake_failed_auth"] >= 1 and results["handshake_failed"] == 0, results
+    # the authorised subscriber is still connected: accepted counts it beside every closed one
+    assert results["accepted"] >= 1 + sum(n for e, n in results.items() if e != "accepted")
+    assert query["handshake_failed_auth"] >= 1 and query["handshake_failed"] == 0, query
+    assert query["accepted"] >= sum(n for e, n in query.items() if e != "accepted")
+    # no adapter came: the input's counts are where protocol 1.12 put them, all 0
+    assert health.connections["input"] == health.input_connections == dict.fromkeys(
+        ("accepted", "disconnected", "handshake_failed", "handshake_failed_auth"), 0)
+    text = d.scrape()
+    for socket, counts in (("results", results), ("query", query)):
+        assert _metric(text, "nanoscout_connections_total", socket=socket,
+                       event="handshake_failed_auth") >= counts["handshake_failed_auth"]
+    for event in ("accepted", "handshake_failed_auth"):
+        assert _metric(text, "nanoscout_connections_total", socket="input", event=event) == 0
+        assert _metric(text, "nanoscout_input_connections_total", event=event) == 0
+    assert d.stop(signal.SIGTERM) == 0  # neither new monitor holds up the shutdown
+    lines = log.read_text(encoding="utf-8").splitlines()
+    for title in ("result socket", "query socket"):
+        warned = [line for line in lines
+                  if f"{title}: a connection was refused for its CURVE key" in line]
+        assert len(warned) == 1 and "WARNING" in warned[0], (title, warned)

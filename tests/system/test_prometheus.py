@@ -88,7 +88,8 @@ def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: 
         assert float(result[0]["value"][1]) == n
         rules = wait_until(lambda: _get(base + "/api/v1/rules"), timeout=30, what="rules API")
         names = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]}
-        assert "NanoscoutDown" in names  # deploy/nanoscout-rules.yml loaded by a real server
+        # deploy/nanoscout-rules.yml loaded by a real server
+        assert {"NanoscoutDown", "NanoscoutConnectionsRefused"} <= names, names
         up = wait_until(lambda: (_get(base + "/api/v1/query?query=up") or {}).get("data", {}).get("result"),
                         timeout=30, what="up metric")
         assert up[0]["value"][1] == "1"
@@ -108,6 +109,10 @@ def test_prometheus_scrapes_the_daemon(daemon_factory: DaemonFactory, tmp_path: 
         assert wait_until(lambda: value("instance:nanoscout_alert_threshold:latency_p99_seconds"),
                           timeout=30, what="the recorded threshold") == 1.5
         assert value("instance:nanoscout_alert_threshold:queue_depth") == 8
+        # what NanoscoutConnectionsRefused reads, scraped from the daemon at 0 for each socket
+        for socket in ("input", "results", "query"):
+            assert value(f'nanoscout_connections_total{{socket="{socket}", '
+                         'event="handshake_failed_auth"}') == 0, socket
     finally:
         prom.terminate()
         prom.wait(30)
@@ -242,6 +247,68 @@ tests:
             exp_annotations:
               summary: "nanoscout d:9108 now analyses with another detection model"
               description: "{changed}"
+""", encoding="utf-8")
+    out = subprocess.run([PROMTOOL, "test", "rules", str(test)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _refused_description(n: int, socket: str) -> str:
+    """NanoscoutConnectionsRefused's description of ``n`` refusals on ``socket``."""
+    return (f"{n} connection(s) to the {socket} socket refused at the handshake in 10 minutes. "
+            "handshake_failed_auth: the client's public key (.key) is not in the daemon's "
+            "authorized_keys folder ([security] authorized_keys, read at start: restart the "
+            "daemon after adding a key). handshake_failed: the client holds another server "
+            "public key than this daemon's (a rotated server key), has no CURVE keys, or is "
+            "not a client of this socket's type. The daemon log names the socket.")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (apt-get install prometheus)")
+def test_refused_connections_raise_their_alert_per_socket(tmp_path: Path) -> None:
+    """deploy/'s NanoscoutConnectionsRefused fires on the first CURVE key refused after a
+    start (the counters exist at 0), naming the socket and the event: a subscriber's key on
+    the results socket, a query client with another server key (handshake_failed) on the
+    query socket; the input's handshake_failed (routine: an adapter in --mode auto is refused
+    once as PUSH by a live daemon) does not."""
+    assert PROMTOOL is not None
+    rules = Path(__file__).resolve().parents[2] / "deploy" / "nanoscout-rules.yml"
+    test = tmp_path / "connections_test.yml"
+
+    def series(socket: str, event: str) -> str:
+        return (f'nanoscout_connections_total{{instance="d:9108",job="nanoscout",'
+                f'socket="{socket}",event="{event}"}}')
+
+    def alert(socket: str, event: str, n: int) -> str:
+        return (f'\n          - exp_labels: {{instance: "d:9108", socket: {socket}, event: {event}, '
+                'severity: warning}\n            exp_annotations:\n'
+                f'              summary: "nanoscout d:9108: connections refused on the {socket} '
+                f'socket ({event})"\n'
+                f'              description: "{_refused_description(n, socket)}"')
+
+    test.write_text(f"""rule_files:
+  - {rules}
+evaluation_interval: 15s
+tests:
+  - interval: 1m
+    input_series:
+      - series: '{series("results", "handshake_failed_auth")}'
+        values: '0 0 0 1 1 1 1 1'
+      - series: '{series("input", "handshake_failed")}'
+        values: '0 0 0 5 5 5 5 5'
+      - series: '{series("query", "handshake_failed")}'
+        values: '0 0 0 0 0 2 2 2'
+      - series: '{series("input", "handshake_failed_auth")}'
+        values: '0 0 0 0 0 0 0 0'
+    alert_rule_test:
+      - eval_time: 2m
+        alertname: NanoscoutConnectionsRefused
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: NanoscoutConnectionsRefused
+        exp_alerts:{alert("results", "handshake_failed_auth", 1)}
+      - eval_time: 6m
+        alertname: NanoscoutConnectionsRefused
+        exp_alerts:{alert("results", "handshake_failed_auth", 1)}{alert("query", "handshake_failed", 2)}
 """, encoding="utf-8")
     out = subprocess.run([PROMTOOL, "test", "rules", str(test)], capture_output=True, text=True,
                          timeout=60)

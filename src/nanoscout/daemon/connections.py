@@ -1,33 +1,39 @@
-"""The frame input's connections, counted from libzmq's socket monitor.
+"""Connections to the daemon's listening sockets, counted from libzmq's socket monitor.
 
-libzmq refuses a message part larger than the input socket's ``MAXMSGSIZE`` (the daemon's
-transport cap, :func:`transport_cap_bytes`) by closing the adapter's connection: the message is
-never read, so :func:`~nanoscout.wire.codec.decode_frame` cannot count it as ``oversized``, and
-the adapter's socket reconnects by itself. A peer refused at the handshake (a CURVE key not
-authorised, another socket type, a peer that is not ZeroMQ) is just as silent. Both show only
-as socket monitor events, which :class:`InputConnections` reads and sorts, connection by
+Three sockets are watched (:data:`SOCKETS`, the ``socket`` label): ``input`` (the frame
+input; adapters connect), ``results`` (the result PUB; subscribers connect) and ``query``
+(the lens / control REP; query clients connect). libzmq refuses a message part larger than a
+socket's ``MAXMSGSIZE`` (the frame input's transport cap, :func:`transport_cap_bytes`; 1 MiB
+on the query socket) by closing the peer's connection: the message is never read, so
+:func:`~nanoscout.wire.codec.decode_frame` cannot count it as ``oversized``, and the peer's
+socket reconnects by itself. A peer refused at the handshake (a CURVE key not authorised,
+another socket type, a peer that is not ZeroMQ) is just as silent, on every socket. Both show
+only as socket monitor events, which :class:`Connections` reads and sorts, connection by
 connection (by file descriptor; libzmq names none in handshake events, which go to the oldest
 connection still in its handshake), into :data:`CONNECTION_EVENTS`:
 
 * ``accepted``: a connection accepted (TCP or IPC; ``inproc://`` has no connections to watch);
-* ``disconnected``: one closed after its handshake: the adapter went away (closed, crashed,
-  unplugged) or sent a message part over the transport cap; libzmq cannot tell which, so the
-  log line names both;
+* ``disconnected``: one closed after its handshake: the peer went away (closed, crashed,
+  unplugged) or sent a message part over the socket's transport cap; libzmq cannot tell
+  which, so the log line names both;
 * ``handshake_failed_auth``: one refused for its CURVE key (not in the authorized folder);
 * ``handshake_failed``: one closed before its handshake completed for any other reason:
   another socket type (an adapter in ``--mode auto`` tries PUSH before PUB on a live daemon,
-  so this is routine there), a peer that is not ZeroMQ, a client without CURVE.
+  so this is routine on the input there), a peer that is not ZeroMQ, a client without CURVE.
 
 ``accepted`` = ``disconnected`` + ``handshake_failed`` + ``handshake_failed_auth`` + the
-connections open now. A closed connection is logged at most once per ``log_every_s`` for each
-event (INFO; a refused CURVE key at WARNING), with the count since the last line: a flapping
-adapter cannot flood the log.
+connections open now, per socket. A closed connection is logged at most once per
+``log_every_s`` for each event (INFO; a refused CURVE key at WARNING), naming the socket, with
+the count since the last line: a flapping client cannot flood the log.
 
-Threads: the daemon's receiver thread owns this as it owns the input socket: it calls
-:meth:`InputConnections.read` whenever :attr:`InputConnections.socket` is readable (and while
-it waits for room in the lossless queue) and :meth:`InputConnections.close` before it closes
-the input socket. The monitor's pipe is unbounded: libzmq's I/O thread blocks on a full one,
-and with it every socket of the context (libzmq issue 3575).
+Threads: ZeroMQ sockets are not thread-safe, so a monitor's PAIR socket is read by the thread
+that owns the socket it watches, which calls :meth:`Connections.read` whenever
+:attr:`Connections.socket` is readable (or at least every 100 ms) and :meth:`Connections.close`
+before it closes its socket: the daemon's receiver thread for the input (in its poll, and
+while it waits for room in the lossless queue), its publisher thread for the results (between
+two messages), the query thread for the query socket (in its poll). :meth:`Connections.counts`
+may be called from any thread. A monitor's pipe is unbounded: libzmq's I/O thread blocks on a
+full one, and with it every socket of the context (libzmq issue 3575).
 """
 
 from __future__ import annotations
@@ -36,19 +42,51 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-__all__ = ["CONNECTION_EVENTS", "InputConnections", "transport_cap_bytes"]
+__all__ = ["CONNECTION_EVENTS", "SOCKETS", "Connections", "SocketName", "transport_cap_bytes"]
 
 log = logging.getLogger("nanoscout.daemon")
 
-#: what became of connections to the frame input (the ``event`` label of
-#: ``nanoscout_input_connections_total`` and the keys of ``health.input_connections``)
+#: what became of connections to a socket (the ``event`` label of
+#: ``nanoscout_connections_total`` and ``nanoscout_input_connections_total``, the keys of
+#: ``health.input_connections`` and of each socket in ``health.connections``)
 CONNECTION_EVENTS: Final = ("accepted", "disconnected", "handshake_failed",
                             "handshake_failed_auth")
+
+#: a watched socket's name (the ``socket`` label of ``nanoscout_connections_total``, the keys
+#: of ``health.connections``)
+SocketName = Literal["input", "results", "query"]
+SOCKETS: Final[tuple[SocketName, ...]] = get_args(SocketName)
+
+
+@dataclass(frozen=True)
+class _Words:
+    """How a socket's log lines name it, its peers and what else refuses their handshake."""
+
+    title: str
+    peer: str
+    other: str
+    cap_setting: str = ""
+
+
+_WORDS: Final[dict[str, _Words]] = {
+    "input": _Words("frame input", "an adapter",
+                    "another socket type (an adapter in --mode auto tries PUSH before PUB on a "
+                    "live daemon), a peer that is not ZeroMQ, or a client without CURVE",
+                    ", set by input.max_frame_bytes"),
+    "results": _Words("result socket", "a subscriber",
+                      "another socket type (only SUB clients may connect: an adapter pointed "
+                      "at the results endpoint?), a peer that is not ZeroMQ, or a client "
+                      "without CURVE"),
+    "query": _Words("query socket", "a query client",
+                    "another socket type (only REQ clients may connect), a peer that is not "
+                    "ZeroMQ, or a client without CURVE"),
+}
 
 _MASK: Final = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -67,23 +105,30 @@ def transport_cap_bytes(max_frame_bytes: int) -> int:
     return 2 * max_frame_bytes + (1 << 20)
 
 
-class InputConnections:
-    """Counts (and logs) what becomes of the connections to ``sock``, the daemon's frame input.
+class Connections:
+    """Counts (and logs) what becomes of the connections to ``sock``, the daemon's socket
+    ``name`` (one of :data:`SOCKETS`).
 
-    Create it before ``sock`` binds. ``cap_bytes``: the socket's transport cap, bytes (named
-    in the log line); ``on_event``: called with each counted event (the Prometheus counter);
-    ``log_every_s``: at most one log line per event kind in this many seconds. ``socket``:
-    the monitor's PAIR socket, for the owner's poller (readable: call :meth:`read`).
+    Create it before ``sock`` binds. ``cap_bytes``: the socket's transport cap
+    (``MAXMSGSIZE``), bytes, named in the log line (None: the socket has none); ``on_event``:
+    called with each counted event (the Prometheus counter); ``log_every_s``: at most one log
+    line per event kind in this many seconds. ``socket``: the monitor's PAIR socket, for the
+    owner's poller (readable: call :meth:`read`). ValueError for a name not in :data:`SOCKETS`.
     """
 
-    def __init__(self, sock: zmq.Socket, *, cap_bytes: int,
+    def __init__(self, sock: zmq.Socket, name: SocketName, *, cap_bytes: int | None = None,
                  on_event: Callable[[str], None] = lambda event: None,
                  log_every_s: float = 60.0) -> None:
+        if name not in _WORDS:
+            raise ValueError(f"no such daemon socket to watch: {name!r} (known: "
+                             f"{', '.join(SOCKETS)})")
+        self.name: SocketName = name
+        self._words = _WORDS[name]
         self._sock = sock
         self._cap = cap_bytes
         self._on_event = on_event
         self._log_every_s = log_every_s
-        addr = f"inproc://nanoscout-input-monitor-{id(self):x}"
+        addr = f"inproc://nanoscout-{name}-monitor-{id(self):x}"
         sock.monitor(addr, _MASK)
         try:
             self.socket: zmq.Socket = sock.context.socket(zmq.PAIR)
@@ -117,7 +162,7 @@ class InputConnections:
 
     def close(self) -> None:
         """Count the events still waiting, stop the monitor and close its socket (before
-        the input socket closes)."""
+        the watched socket closes)."""
         if self._closed:
             return
         try:
@@ -158,23 +203,23 @@ class InputConnections:
         since = self._unlogged.pop(event, 0)
         with self._lock:
             total = self._counts[event]
+        words = self._words
         if event == "disconnected":
-            # INFO: every adapter that ends its run closes its connection this way too (the
-            # demo's simulator, each acquisition); the counter tells an operator the rest
-            level, what = logging.INFO, (
-                "a connection closed after its handshake: an adapter that went away, or a "
-                f"message part over the transport cap of {self._cap} bytes (ZeroMQ's "
-                "MAXMSGSIZE, set by input.max_frame_bytes), which ZeroMQ drops unread with its "
-                "connection; ZeroMQ cannot tell the two apart")
+            # INFO: every peer that ends its run closes its connection this way too (the
+            # demo's simulator, each acquisition, a subscriber); the counter tells the rest
+            level = logging.INFO
+            what = f"a connection closed after its handshake: {words.peer} that went away"
+            if self._cap is not None:
+                what += (f", or a message part over the transport cap of {self._cap} bytes "
+                         f"(ZeroMQ's MAXMSGSIZE{words.cap_setting}), which ZeroMQ drops unread "
+                         "with its connection; ZeroMQ cannot tell the two apart")
         elif event == "handshake_failed_auth":
             level, what = logging.WARNING, (
                 "a connection was refused for its CURVE key: its public key is not in the "
                 "daemon's authorized_keys folder")
         else:
             level, what = logging.INFO, (
-                "a connection closed before its handshake completed: another socket type (an "
-                "adapter in --mode auto tries PUSH before PUB on a live daemon), a peer that "
-                "is not ZeroMQ, or a client without CURVE")
-        log.log(level, "frame input: %s (%s: %d in all, %d more not logged since the last "
-                "such line; at most one line every %g s)", what, event, total, since,
+                f"a connection closed before its handshake completed: {words.other}")
+        log.log(level, "%s: %s (%s: %d in all, %d more not logged since the last such line; "
+                "at most one line every %g s)", words.title, what, event, total, since,
                 self._log_every_s)

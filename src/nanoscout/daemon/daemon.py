@@ -8,8 +8,9 @@ Three threads, each owning its resources:
   it is, even a bug met while handling it (``reason="internal"``). A message part over the
   transport cap (:func:`~nanoscout.daemon.connections.transport_cap_bytes`), which libzmq
   drops unread with its connection, and a connection refused at the handshake are counted
-  from the monitor's events in ``input_connections_total{event}`` and logged at most once a
-  minute (:mod:`nanoscout.daemon.connections`). It checks ``seq`` for transport
+  from the monitor's events in ``connections_total{socket="input",event}`` (and
+  ``input_connections_total{event}``) and logged at most once a minute
+  (:mod:`nanoscout.daemon.connections`). It checks ``seq`` for transport
   gaps per source and hands frames to the queue. ``lossless``: a queue bounded in frames and
   bytes; when it is full the receiver stops reading, ZeroMQ's high-water mark fills and the
   adapter's ``send`` blocks (back-pressure, nothing dropped). ``live``: one slot per source
@@ -20,9 +21,12 @@ Three threads, each owning its resources:
   analysed is counted (``engine_failure``, or ``internal`` for a bug) and skipped. A blank
   frame (no contrast) is answered without a ``class`` message, counted in
   ``classify_skipped_total{reason="blank"}``, not logged as a failure.
-* **publisher** owns the result PUB socket: it encodes and sends the worker's messages in the
-  order the pipeline made them (``det``, ``preview``, ``class`` + its alerts, particle /
-  count / drift alerts, ``stats`` last) and a ``health`` message every ``health.interval_s``.
+* **publisher** owns the result PUB socket and its monitor socket: it encodes and sends the
+  worker's messages in the order the pipeline made them (``det``, ``preview``, ``class`` + its
+  alerts, particle / count / drift alerts, ``stats`` last) and a ``health`` message every
+  ``health.interval_s``. Between two messages, at most every 100 ms, it counts what became of
+  the subscribers' connections (``connections_total{socket="results",event}``: a CURVE key
+  refused is ``handshake_failed_auth``), as the query thread does for its socket.
 
 The worker also keeps the newest raw frames of each source for review (``[review]``,
 :mod:`nanoscout.daemon.review`: written as TIFF on a ``save_frame`` control request or when a
@@ -57,7 +61,7 @@ import zmq
 from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import FrameResult, Pipeline, model_sha256
 from nanoscout.daemon.config import ServeConfig
-from nanoscout.daemon.connections import InputConnections, transport_cap_bytes
+from nanoscout.daemon.connections import Connections, transport_cap_bytes
 from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.hotswap import Build, LoadedModel, ModelSwapper
 from nanoscout.daemon.metrics import Metrics
@@ -156,7 +160,8 @@ class Daemon:
         self.endpoints: Endpoints | None = None
         self._curve: CurveServer | None = None
         self._query: LensServer | None = None
-        self._conns: InputConnections | None = None  # the receiver's, from start()
+        self._conns: Connections | None = None  # the receiver's, from start()
+        self._pub_conns: Connections | None = None  # the publisher's, from start()
         m = self.metrics
         self.review = FrameReview(config.review, max_sources=inp.max_sources,
                                   on_saved=m.frames_saved.inc,
@@ -186,10 +191,11 @@ class Daemon:
         # connection unread, which only its monitor tells (counted as "disconnected")
         cap = transport_cap_bytes(cfg.input.max_frame_bytes)
         self._in.setsockopt(zmq.MAXMSGSIZE, cap)
-        connections = self.metrics.input_connections
-        self._conns = InputConnections(self._in, cap_bytes=cap,
-                                       on_event=lambda e: connections.labels(event=e).inc())
+        self._conns = Connections(self._in, "input", cap_bytes=cap,
+                                  on_event=self.metrics.count_connections("input"))
         self._pub = result_publisher(self._ctx, hwm=cfg.output.hwm)
+        self._pub_conns = Connections(self._pub, "results",
+                                      on_event=self.metrics.count_connections("results"))
         sec = cfg.security
         if sec.curve:
             assert sec.server_secret_key is not None and sec.authorized_keys is not None
@@ -227,7 +233,8 @@ class Daemon:
         requests = self.metrics.query_requests
         self._query = LensServer(self._ctx, clf, secure=self._curve.apply if self._curve else None,
                                  control=self.control,
-                                 count=lambda outcome: requests.labels(outcome=outcome).inc())
+                                 count=lambda outcome: requests.labels(outcome=outcome).inc(),
+                                 on_connection=self.metrics.count_connections("query"))
         return self._query.start(qc.endpoint, self._guard)
 
     def stop(self) -> None:
@@ -665,16 +672,23 @@ class Daemon:
             frames_saved=self.review.saved,
             frame_save_failures=sum(self.review.failed.values()),
             input_connections=self._conns.counts() if self._conns is not None else {},
+            connections={c.name: c.counts() for c in (
+                self._conns, self._pub_conns,
+                self._query.connections if self._query is not None else None) if c is not None},
         )
 
     def _publish_loop(self) -> None:
-        sock = self._pub
+        sock, conns = self._pub, self._pub_conns
+        assert conns is not None  # start() made it
         interval = self.config.health.interval_s
-        next_health = time.monotonic()
+        next_health = next_conns = time.monotonic()
         suppressed_seen: dict[str, int] = {}
         try:
             while True:
                 now = time.monotonic()
+                if now >= next_conns:  # not per message: a poll of the monitor each time
+                    conns.read()
+                    next_conns = now + _POLL_MS / 1000
                 if now >= next_health:
                     sock.send_multipart(encode_message(self._health()), copy=False)
                     for rule, n in self.pipeline.suppressed_alerts.items():
@@ -697,6 +711,10 @@ class Daemon:
                                  exc_info=True)
                     continue
                 sock.send_multipart(parts, copy=False)
+            conns.read()  # the last health counts every connection event so far
             sock.send_multipart(encode_message(self._health()), copy=False)
         finally:
-            sock.close(linger=1000)
+            try:
+                conns.close()  # before the socket it monitors
+            finally:
+                sock.close(linger=1000)

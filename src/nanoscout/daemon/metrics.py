@@ -17,6 +17,11 @@ input_connections_total{event}         counter    connections to the frame input
                                                   connection), handshake_failed_auth (CURVE key
                                                   refused), handshake_failed (another socket
                                                   type, not ZeroMQ, no CURVE)
+connections_total{socket,event}        counter    the same events on each listening socket:
+                                                  input (its counts also above), results
+                                                  (subscribers), query (lens / control
+                                                  clients, where served); a CURVE key refused
+                                                  on any is handshake_failed_auth
 transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
 sources_evicted_total                  counter    sources forgotten beyond ``input.max_sources``
 particles_measured_total{source}       counter
@@ -82,13 +87,13 @@ come and go.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, get_args
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
-from nanoscout.daemon.connections import CONNECTION_EVENTS
+from nanoscout.daemon.connections import CONNECTION_EVENTS, SocketName
 from nanoscout.daemon.hotswap import FAILURE_STEPS
 from nanoscout.wire.errors import (
     CLASSIFY_SKIP_REASONS,
@@ -132,6 +137,12 @@ class Metrics:
             "over the transport cap, which ZeroMQ drops with the connection), "
             "handshake_failed_auth (CURVE key refused), handshake_failed (any other refusal)",
             ["event"], registry=r,
+        )
+        self.connections = Counter(
+            "nanoscout_connections", "Connections to the daemon's listening sockets, by socket "
+            "(input: adapters, results: subscribers, query: lens and control clients) and "
+            "event: accepted, disconnected (after the handshake), handshake_failed_auth (CURVE "
+            "key refused), handshake_failed (any other refusal)", ["socket", "event"], registry=r,
         )
         self.transport_gaps = Counter(
             "nanoscout_transport_gaps", "Frames missing from the adapter's seq numbering",
@@ -255,6 +266,21 @@ class Metrics:
         for rule, severity in rules:
             self.alerts.labels(rule=rule, severity=severity)
             self.alerts_suppressed.labels(rule=rule)
+
+    def count_connections(self, socket: SocketName) -> Callable[[str], None]:
+        """Create the ``connections_total`` series of ``socket`` at zero (every event); returns
+        the function that counts one of its events (for ``input`` also in
+        ``input_connections_total``, kept for the dashboards and rules that read it)."""
+        for event in CONNECTION_EVENTS:
+            self.connections.labels(socket=socket, event=event)
+        if socket != "input":
+            return lambda event: self.connections.labels(socket=socket, event=event).inc()
+
+        def count_input(event: str) -> None:
+            self.connections.labels(socket=socket, event=event).inc()
+            self.input_connections.labels(event=event).inc()
+
+        return count_input
 
     def add_source(self, source: str) -> None:
         """Create the per-source counters of a new source at zero."""

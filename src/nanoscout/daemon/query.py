@@ -25,9 +25,13 @@ was done, or why not (a swap's reply waits for the switch: up to a model load an
 socket is served with or without the lens (lens requests then answer that none is loaded),
 under the same access rules as the other sockets (loopback, or CURVE).
 
-The server owns its socket and thread. The worker hands it frames with :meth:`LensServer.offer`
-(a reference, no copy; one frame per source is kept). ONNX Runtime sessions may be run from
-several threads, so the lens runs here without stopping the worker.
+The server owns its socket, the socket's monitor and its thread. The monitor counts what
+becomes of the clients' connections (:class:`~nanoscout.daemon.connections.Connections`,
+``socket="query"``: a client refused for its CURVE key is ``handshake_failed_auth`` and a
+warning in the log; :attr:`LensServer.connections`), read by this thread in the same poll as
+the requests. The worker hands it frames with :meth:`LensServer.offer` (a reference, no copy;
+one frame per source is kept). ONNX Runtime sessions may be run from several threads, so the
+lens runs here without stopping the worker.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import zmq
 
 from nanoscout.analysis.classifier import FieldClassifier
 from nanoscout.analysis.frame import Frame
+from nanoscout.daemon.connections import Connections
 from nanoscout.wire.errors import BlankFrame, NanoscoutError, ProtocolError, Reason
 from nanoscout.wire.protocol import (
     ControlReply,
@@ -68,12 +73,14 @@ class LensServer:
     def __init__(self, ctx: zmq.Context, classifier: FieldClassifier | None, *,
                  secure: Callable[[zmq.Socket], None] | None = None,
                  control: Callable[[ControlRequest], ControlReply] | None = None,
-                 count: Callable[[str], None] | None = None) -> None:
+                 count: Callable[[str], None] | None = None,
+                 on_connection: Callable[[str], None] = lambda event: None) -> None:
         """``classifier``: the one whose lens answers lens requests (None or without a lens:
         they are refused); ``control``: answers a control request (None: refused; a
         ValueError it raises is the reply's error). ``secure``: applied to the socket before
         binding (CURVE server keys). ``count``: called with "answered" or "refused" once per
-        request (the daemon's Prometheus counter)."""
+        request (the daemon's Prometheus counter). ``on_connection``: called with each event
+        of a client's connection (:data:`~nanoscout.daemon.connections.CONNECTION_EVENTS`)."""
         if (classifier is None or classifier.lens is None) and control is None:
             raise NanoscoutError("the query socket needs the lens ([classify] lens_enabled) "
                                  "or a control handler")
@@ -84,6 +91,9 @@ class LensServer:
         self._sock.setsockopt(zmq.MAXMSGSIZE, _TRANSPORT_MAX_BYTES)
         if secure is not None:
             secure(self._sock)
+        #: what became of the clients' connections (counts: any thread)
+        self.connections = Connections(self._sock, "query", cap_bytes=_TRANSPORT_MAX_BYTES,
+                                       on_event=on_connection)
         self._latest: dict[str, Frame] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -113,7 +123,12 @@ class LensServer:
     def start(self, endpoint: str, guard: Callable[[Callable[[], None]], Callable[[], None]]
               ) -> str:
         """Bind and start serving; returns the bound endpoint. ``guard`` wraps the loop."""
-        bound = bind(self._sock, endpoint)
+        try:
+            bound = bind(self._sock, endpoint)
+        except BaseException:  # no thread will close them
+            self.connections.close()
+            self._sock.close(linger=0)
+            raise
         self._thread = threading.Thread(target=guard(self._loop), name="nanoscout-query",
                                         daemon=True)
         self._thread.start()
@@ -126,10 +141,16 @@ class LensServer:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        sock = self._sock
+        sock, conns = self._sock, self.connections
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(conns.socket, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if not sock.poll(_POLL_MS):
+                ready = dict(poller.poll(_POLL_MS))
+                if conns.socket in ready:
+                    conns.read()
+                if sock not in ready:
                     continue
                 try:
                     parts = sock.recv_multipart(copy=False)
@@ -144,7 +165,10 @@ class LensServer:
                     reply = encode_message(LensReply(source="", error=f"internal error: {exc!r}"))
                 sock.send_multipart(reply, copy=False)
         finally:
-            sock.close(linger=0)
+            try:
+                conns.close()  # before the socket it monitors
+            finally:
+                sock.close(linger=0)
 
     def _note(self, ok: bool) -> None:
         """Count one request as answered (``ok``) or refused."""

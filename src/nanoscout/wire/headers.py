@@ -87,6 +87,11 @@ History (minor versions only add optional fields; receivers ignore fields they d
   ``input.max_frame_bytes`` + 1 MiB) is dropped by ZeroMQ with its connection before it can
   be rejected; it shows only here, as ``disconnected``, as an adapter that went away does.
   Empty from a daemon before 1.12; a v1.11 reader ignores it.
+* 1.13 ``health.connections``: the same counts for each of the daemon's listening sockets, by
+  socket (``input``, as ``input_connections``; ``results``, where subscribers connect;
+  ``query``, where the query socket is served) and event: a subscriber or query client
+  refused for its CURVE key shows here as ``handshake_failed_auth`` of its socket. Empty from
+  a daemon before 1.13; a v1.12 reader ignores it.
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ __all__ = [
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
 ]
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 12)
+PROTOCOL_VERSION: tuple[int, int] = (1, 13)
 
 #: pixel dtypes a frame may carry (numpy kind+size, either byte order)
 FRAME_DTYPES: frozenset[str] = frozenset({"u1", "u2", "u4", "i1", "i2", "i4", "f4", "f8"})
@@ -849,6 +854,9 @@ class HealthHeader(Header):
     #: cap, which ZeroMQ drops with the connection), handshake_failed_auth (CURVE key
     #: refused), handshake_failed (another socket type, not ZeroMQ, no CURVE); empty before
     input_connections: dict[str, Int64Count] = Field(default_factory=dict)
+    #: v1.13: connections to each listening socket since start, by socket (input, results,
+    #: query where served) and event (as ``input_connections``); empty before
+    connections: dict[str, dict[str, Int64Count]] = Field(default_factory=dict)
 
 
 class LensRequest(Header):
