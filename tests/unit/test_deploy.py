@@ -167,6 +167,30 @@ def test_readme_config_snippets_load(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sed") is None,
+                    reason="the recipe is a bash loop over sed")
+def test_readme_multi_gpu_recipe_gives_each_daemon_its_own_ports(tmp_path: Path) -> None:
+    """The "Several GPUs on one node" loop of deploy/README.md, run as written (into tmp_path
+    instead of /etc/nanoscout), gives each daemon its own four ports: a port two daemons
+    share stops the second at start ("cannot bind ...: Address already in use")."""
+    text = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"for n in 0 1; do\n\s*(sed .*?/etc/nanoscout/nanoscout\$n\.toml)\n", text,
+                      re.DOTALL)
+    assert found, "deploy/README.md has no multi-GPU sed loop"
+    sed = found.group(1).replace("/etc/nanoscout/", '"$OUT"/')
+    subprocess.run(["bash", "-c", f"set -e; for n in 0 1; do {sed}; done"], cwd=REPO, check=True,
+                   env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    ports: dict[str, str] = {}
+    for n in (0, 1):
+        cfg = load_config(tmp_path / f"nanoscout{n}.toml")
+        for what, where in (("input", cfg.input.endpoint), ("output", cfg.output.endpoint),
+                            ("query", cfg.query.endpoint), ("metrics", f":{cfg.metrics.port}")):
+            port = where.rsplit(":", 1)[1]
+            assert port not in ports, f"daemon {n}'s {what} port {port} is {ports[port]}'s too"
+            ports[port] = f"daemon {n}'s {what}"
+    assert len(ports) == 8
+
+
 # ---------------------------------------------------------------------------------------------
 # Prometheus
 
@@ -472,6 +496,38 @@ def test_dashboard_and_rules_follow_the_model_and_the_review_frames() -> None:
         for step in steps:
             assert (f'nanoscout_model_swap_failures_total{{action="{action}",step="{step}"}} 0.0'
                     in text)
+
+
+def test_dashboard_and_rules_show_refused_connections() -> None:
+    """Connections refused at the handshake on any of the daemon's sockets (a CURVE key not
+    authorised; on results and query also another server key) page, naming the socket and
+    the keys folder, and show per daemon, socket and event. The series the rule reads exist
+    at 0 from a socket's start (increase() sees the first refusal); the input's events are
+    counted in its metric of protocol 1.12 too."""
+    panels = [(title, expr) for title, expr in dashboard_exprs(dashboard())
+              if "nanoscout_connections_total" in expr]
+    assert panels, "no Grafana panel shows nanoscout_connections_total"
+    for title, expr in panels:
+        assert "by (instance, socket, event)" in expr, f"panel {title!r}: {expr}"
+    alerts = {r["alert"]: r for g in load_rules()["groups"] for r in g["rules"] if "alert" in r}
+    rule = alerts["NanoscoutConnectionsRefused"]
+    assert 'nanoscout_connections_total{event="handshake_failed_auth"}' in rule["expr"]
+    assert "by (instance, socket, event)" in rule["expr"]
+    assert "{{ $labels.socket }}" in rule["annotations"]["summary"]
+    assert "authorized_keys" in rule["annotations"]["description"]
+    m = Metrics()
+    count_results, count_input = m.count_connections("results"), m.count_connections("input")
+    count_results("handshake_failed_auth")
+    count_input("accepted")
+    value = m.registry.get_sample_value
+    assert value("nanoscout_connections_total",
+                 {"socket": "results", "event": "handshake_failed_auth"}) == 1
+    assert value("nanoscout_connections_total", {"socket": "results", "event": "accepted"}) == 0
+    assert value("nanoscout_connections_total", {"socket": "input", "event": "accepted"}) == 1
+    assert value("nanoscout_input_connections_total", {"event": "accepted"}) == 1
+    assert value("nanoscout_input_connections_total", {"event": "handshake_failed_auth"}) == 0
+    assert value("nanoscout_connections_total",
+                 {"socket": "query", "event": "accepted"}) is None  # not served here
 
 
 def test_alert_thresholds_come_from_the_deployment() -> None:

@@ -7,24 +7,56 @@ carries ``v = [major, minor]``; a receiver rejects an unknown major version with
 :class:`~nanoscout.wire.errors.VersionError` (minor versions only add optional fields, so
 unknown fields are ignored).
 
-===================  =======================  ============================================
-topic                header                   buffers
-===================  =======================  ============================================
-``frame``            :class:`FrameHeader`     frame pixels, C order, dtype and shape from
-                                              the header
-``det.<source>``     :class:`DetHeader`       particle table
-                                              (:data:`~nanoscout.wire.particles.PARTICLE_DTYPE`)
-``stats.<source>``   :class:`StatsHeader`     —
-``class.<source>``   :class:`ClassHeader`     optional uint8 heatmap
-``preview.<src>``    :class:`PreviewHeader`   uint8 picture
-``alert.<source>``   :class:`AlertHeader`     particle rows that fired [, uint8 heatmap]
-``ack.<source>``     :class:`AckHeader`       — (lossless: what became of a session's frame)
-``health``           :class:`HealthHeader`    —
-``lens_request``     :class:`LensRequest`     — (query socket)
-``lens``             :class:`LensReply`       one float16 array per output (query socket)
-``control_request``  :class:`ControlRequest`  — (query socket, v1.4)
-``control``          :class:`ControlReply`    — (query socket, v1.4)
-===================  =======================  ============================================
+===========================  =======================  ======================================
+topic                        header                   buffers
+===========================  =======================  ======================================
+``frame``                    :class:`FrameHeader`     frame pixels, C order, ``shape`` and
+                                                      ``dtype`` (either byte order) from the
+                                                      header
+``det.<source>``             :class:`DetHeader`       ``n`` rows of the particle table
+                                                      (:data:`~nanoscout.wire.particles.PARTICLE_DTYPE`)
+``stats.<source>``           :class:`StatsHeader`     —
+``class.<source>``           :class:`ClassHeader`     uint8 heatmap of ``heatmap_shape``, only
+                                                      where that is not null
+``preview.<source>``         :class:`PreviewHeader`   uint8 picture of ``size`` (rows, cols)
+``alert.<source>``           :class:`AlertHeader`     ``n`` particle rows that fired (always
+                                                      sent, maybe empty) [, uint8 heatmap of
+                                                      ``heatmap_shape`` where not null]
+``ack.<source>``             :class:`AckHeader`       — (lossless, frames with a ``session``)
+``health``                   :class:`HealthHeader`    —
+``lens_request[.<source>]``  :class:`LensRequest`     — (query socket)
+``lens.<source>``            :class:`LensReply`       one little-endian float16 array per
+                                                      name in ``outputs``, of ``shapes``
+``control_request[.<src>]``  :class:`ControlRequest`  — (query socket, v1.4)
+``control.<source>``         :class:`ControlReply`    — (query socket, v1.4)
+===========================  =======================  ======================================
+
+What a client without nanoscout sends (pyzmq + msgpack + numpy are enough; unknown keys are
+ignored, so a misspelt optional key does nothing):
+
+* a frame, ``[b"frame", header, pixels]`` to the daemon's input (PUSH to a ``lossless``
+  daemon, PUB to a ``live`` one, which subscribes to ``frame``). Header keys: ``v``
+  (``[1, minor]``, required), ``source`` (1-64 of ``A-Z a-z 0-9 _ . : -``, starting with a
+  letter or digit), ``seq`` and ``t_acq_ns`` (integers, floats are refused; ns since the
+  epoch), ``shape`` (``[rows, cols]``, 1..65536 each), ``dtype`` (a numpy dtype string:
+  ``"uint16"``, ``"<u2"``, ``">u2"``; uint8/16/32, int8/16/32, float32/64); optional:
+  ``pixel_size_nm`` (nm per px; null: uncalibrated, lengths in px), ``modality`` (``"TEM"``,
+  ``"STEM"`` or ``"SEM"``), ``stage`` (``{"x_um": x, "y_um": y}``, µm), ``magnification``,
+  ``meta`` (a flat map, at most 64 entries), ``session`` (1-32 of ``A-Z a-z 0-9 _ -``: a
+  lossless daemon answers each such frame with an ``ack.<source>``), ``particle_size_nm`` /
+  ``particle_size_px`` (``[low, high]`` median diameter). A frame the daemon refuses is
+  counted by reason in ``health.rejected``; only its ``ack`` (``dropped``, the reason), where
+  it has one, tells its adapter.
+* on the query socket (REQ to the daemon's REP, default ``tcp://127.0.0.1:5557``; the request
+  topic's first word picks the kind): ``lens_request`` with ``source`` and ``outputs`` (lens
+  output names, e.g. ``["act_code"]``; empty asks only for ``available``), or
+  ``control_request`` with ``action`` (``reset_statistics``, ``set_drift_reference``,
+  ``save_frame`` + ``frames``, ``set_particle_size`` + ``particle_size_nm``: these need
+  ``source``; ``swap_model`` + ``model`` + ``sha256``, ``revert_model``). Every request gets
+  one reply, topic ``lens.<source>`` / ``control.<source>`` (the request's source; empty when
+  it could not be read). A refusal is the reply's ``error`` (a ``control`` reply's ``ok`` is
+  true only when done); an unreadable request is answered ``"bad request: ..."`` in a
+  ``control`` reply when its topic starts with ``control_request``, else in a ``lens`` reply.
 """
 
 from __future__ import annotations

@@ -5,31 +5,35 @@ protocol v1 (little-endian, packed; v1.2 appended ``cluster``, so a row is one b
 appended ``track_id``, four bytes more: 83 bytes a row). Lengths are nanometres when the frame is
 calibrated and pixels when it is not; the ``det`` header says which (``units``).
 
-Fields
-------
-id            particle id, unique within the frame (1..n; equals the instance-label value)
-x, y          centroid, px, frame coordinates (x = column, y = row)
-bbox          x0, y0, x1, y1 in px, x1/y1 exclusive
-area_nm2      projected area (nm², or px² when uncalibrated)
-ecd_nm        equivalent circular diameter 2·sqrt(area/π)
-feret_max_nm  largest caliper diameter
-feret_min_nm  smallest caliper diameter
-major_nm      major axis of the ellipse with the same second moments
-minor_nm      minor axis of that ellipse
-orientation_deg  major-axis angle, degrees counter-clockwise from the +x axis, (-90, 90]
-aspect_ratio  major / minor (≥ 1)
-roundness     4·area / (π·major²)           (ImageJ convention, ≤ 1)
-circularity   4π·area / perimeter²          (ImageJ convention, ≤ 1 for a disk up to rasterisation)
-solidity      area / convex-hull area
-score         detection confidence 0..1 (mean foreground probability inside the particle)
-shape_class   index into SHAPE_CLASSES (nanoscout.analysis.measure.classify_shapes)
-border        True when the particle touches the frame edge (excluded from size statistics)
-cluster       morphology cluster id of the source's online k-means (nanoscout.analysis.clusters), 0..k-1;
-              255 = not assigned (clustering off, or still buffering its first particles)
-track_id      the physical particle this detection belongs to across the frames of its source
-              (nanoscout.analysis.tracking), 1, 2, ... unique per source; 0 = not tracked
-              (tracking off). A coalescence or a fragmentation ends the tracks it joins or
-              splits and starts new ones (the det header's ``tracking.events`` names them)
+Fields, in this order, with their numpy types (``<`` little-endian; no padding)
+-------------------------------------------------------------------------------
+id               <u4      particle id, unique within the frame (1..n; equals the instance label)
+x, y             <f4      centroid, px, frame coordinates (x = column, y = row)
+bbox             <i4 x 4  x0, y0, x1, y1 in px, x1/y1 exclusive
+area_nm2         <f4      projected area (nm², or px² when uncalibrated)
+ecd_nm           <f4      equivalent circular diameter 2·sqrt(area/π)
+feret_max_nm     <f4      largest caliper diameter
+feret_min_nm     <f4      smallest caliper diameter
+major_nm         <f4      major axis of the ellipse with the same second moments
+minor_nm         <f4      minor axis of that ellipse
+orientation_deg  <f4      major-axis angle, degrees counter-clockwise from the +x axis, (-90, 90]
+aspect_ratio     <f4      major / minor (≥ 1)
+roundness        <f4      4·area / (π·major²)        (ImageJ convention, ≤ 1)
+circularity      <f4      4π·area / perimeter²       (ImageJ convention, ≤ 1 for a disk up to
+                          rasterisation)
+solidity         <f4      area / convex-hull area
+score            <f4      detection confidence 0..1 (mean foreground probability inside the particle)
+shape_class      u1       index into SHAPE_CLASSES: 0 unclassified, 1 sphere, 2 rod, 3 faceted,
+                          4 plate, 5 irregular, 6 agglomerate (nanoscout.analysis.measure.classify_shapes)
+border           ? (u1)   True when the particle touches the frame edge (excluded from size statistics)
+cluster          u1       morphology cluster id of the source's online k-means
+                          (nanoscout.analysis.clusters), 0..k-1; 255 = not assigned (clustering
+                          off, or still buffering its first particles)
+track_id         <u4      the physical particle this detection belongs to across the frames of its
+                          source (nanoscout.analysis.tracking), 1, 2, ... unique per source; 0 =
+                          not tracked (tracking off). A coalescence or a fragmentation ends the
+                          tracks it joins or splits and starts new ones (the det header's
+                          ``tracking.events`` names them)
 """
 
 from __future__ import annotations
