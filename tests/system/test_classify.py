@@ -154,6 +154,47 @@ def test_lens_feature_maps_on_request_from_a_live_daemon(daemon_factory: DaemonF
         assert im.mode == "L" and min(im.size) >= 64
 
 
+def test_the_lens_sees_a_frame_float32_cannot_hold_as_its_class_message_did(
+        daemon_factory: DaemonFactory) -> None:
+    """The query socket ran the lens on a float32 copy of the newest frame, the pipeline on its
+    own pixels: a uint32 frame of 200 counts on a 2**32 - 300 offset (float32 keeps 256-count
+    steps there) got novelty 2.31 from the lens against 0.43 in its ``class`` message, and a
+    float64 frame of a 1e-300 range (0 in float32) was refused as "blank frame (256x256
+    float32, every pixel 0.0)". Both are answered now, with the class message's novelty."""
+    from nanoscout.clients.acquisition.publisher import FramePublisher
+    from nanoscout.clients.query import request_lens
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+
+    image = render(SpecimenConfig(shape=(256, 256), dose_e_per_px=None, dtype="float32"),
+                   3).image.astype(np.float64)
+    unit = (image - image.min()) / (image.max() - image.min())
+    frames = {"counts32": (np.round(unit * 200) + 2**32 - 300).astype(np.uint32),
+              "tiny64": unit * 1e-300}
+    d = daemon_factory("--policy", "lossless")
+    assert d.query is not None
+    novelty: dict[str, Any] = {}
+    with Subscriber(d.output, topics=("class.",)) as sub:
+        sub.wait_ready()
+        for source, pixels in frames.items():
+            with FramePublisher(d.input, mode="push", source=source, results=d.output) as pub:
+                pub.send(pixels, pixel_size_nm=0.5)
+        for msg in sub.messages(timeout=120):
+            novelty[msg.header.source] = (msg.header.seq, msg.header.novelty)
+            if len(novelty) == len(frames):
+                break
+    assert set(novelty) == set(frames)
+    for source, (seq, want) in novelty.items():
+        # the worker hands the query server its frame once the frame's messages are out
+        deadline = time.monotonic() + 30
+        reply, _ = request_lens(d.query, source, [])
+        while reply.seq != seq and time.monotonic() < deadline:
+            reply, _ = request_lens(d.query, source, [])
+        reply, maps = request_lens(d.query, source, ["reconstruction"])
+        assert reply.seq == seq and want is not None
+        assert reply.novelty == pytest.approx(want, rel=1e-3), source
+        assert np.isfinite(maps["reconstruction"]).all()
+
+
 def test_a_blank_frame_gets_its_detections_but_no_class_message(daemon_factory: DaemonFactory
                                                                  ) -> None:
     """Beam blanked: the daemon answers flat frames with ``det`` (0 particles) and ``stats``,

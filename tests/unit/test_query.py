@@ -94,8 +94,9 @@ def test_a_blank_frame_is_refused_naming_it(tmp_path: Path) -> None:
     endpoint = srv.start("tcp://127.0.0.1:0", _guard)
     try:
         srv.offer(Frame(_header(7), np.zeros((64, 64), np.uint16)))
-        with pytest.raises(QueryError, match=r"frame cam#7: blank frame \(64x64 float32, every "
-                                             r"pixel 0.0\).*the lens's 256x256 input is 0"):
+        # the frame named as it came (uint16), not as a float32 copy of it
+        with pytest.raises(QueryError, match=r"frame cam#7: blank frame \(64x64 uint16, every "
+                                             r"pixel 0\).*the lens's 256x256 input is 0"):
             request_lens(endpoint, "cam", ["act_enc1"])
         assert outcomes == ["refused"] and srv.answered == 0
         noise = np.random.default_rng(8).normal(1000, 20, (64, 64)).astype(np.uint16)

@@ -89,6 +89,51 @@ def test_a_frame_tiff_is_calibrated_and_carries_its_header(tmp_path: Path, dtype
     assert json.loads(ij["Properties"]["nanoscout_frame"])["seq"] == 42
 
 
+def test_a_frame_float32_cannot_hold_is_saved_as_the_frame_the_daemon_analysed(
+        tmp_path: Path) -> None:
+    """uint32 / int32 counts on an offset beyond 2**24 and float64 frames of a tiny range or
+    on a large offset were written as plain float32: 2-3 grey levels or one (a flat file, 0
+    particles where the daemon had found 38). They are stored as (pixel - offset) / scale now:
+    the shipped pipeline finds the same particles in the file, read as ``measure`` reads it,
+    as in the frame, and read_frame_tiff gives the frame's own values back."""
+    from nanoscout.daemon.app import build_pipeline
+    from nanoscout.daemon.config import ServeConfig
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+
+    image = render(SpecimenConfig(shape=(256, 256), dose_e_per_px=None, dtype="float32"),
+                   3).image.astype(np.float64)
+    unit = (image - image.min()) / (image.max() - image.min())
+    frames = {"uint32": (np.round(unit * 200) + 2**32 - 300).astype(np.uint32),
+              "int32": (np.round(unit * 200) - 2**31 + 5).astype(">i4"),
+              "tiny": unit * 1e-300,
+              "offset": unit * 10.0 + 1e9}
+    pipe = build_pipeline(ServeConfig.model_validate({"classify": {"enabled": False}}),
+                          offline=True)
+    try:
+        for name, pixels in frames.items():
+            frame = Frame.from_image(pixels, pixel_size_nm=0.5, source=name)
+            live = pipe.process(frame).table
+            path = write_frame_tiff(frame, tmp_path / f"{name}.tif")
+            record = read_image(path)
+            assert record.pixel_size_nm == pytest.approx(0.5)
+            saved = pipe.process(Frame.from_image(record.data, pixel_size_nm=0.5,
+                                                  source=name)).table
+            # the file's pixels differ from the frame's by float32 rounding, which can move
+            # the INT8 detector's quantised input by a step: the same particles within that
+            assert len(live) > 20 and abs(len(saved) - len(live)) <= 1, (name, len(saved))
+            assert np.median(saved["ecd_nm"]) == pytest.approx(np.median(live["ecd_nm"]),
+                                                               rel=0.02), name
+            back, header, _ = read_frame_tiff(path)
+            assert back.dtype == pixels.dtype and header == frame.header
+            if pixels.dtype.kind in "iu":
+                np.testing.assert_array_equal(back, pixels)
+            else:
+                span = float(pixels.max() - pixels.min())
+                np.testing.assert_allclose(back, pixels, rtol=0, atol=span * 2.0**-23)
+    finally:
+        pipe.close()
+
+
 @pytest.mark.parametrize("pixel_size_nm", [0.37, 0.0123, 85.0, 2500.0])
 def test_the_project_reader_reads_a_frame_tiff_calibrated(tmp_path: Path,
                                                          pixel_size_nm: float) -> None:

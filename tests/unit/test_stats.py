@@ -11,6 +11,7 @@ import pytest
 
 from nanoscout.analysis.stats import SizeStatistics, StatsConfig
 from nanoscout.wire.errors import FrameError
+from nanoscout.wire.headers import MAX_SIDE_PX, PIXEL_SIZE_RANGE_NM
 from nanoscout.wire.particles import empty_table
 
 S = 1_000_000_000  # ns per s
@@ -306,3 +307,38 @@ def test_a_clock_set_back_restarts_the_time_window() -> None:
     # a frame late by less than the window is no reset
     stats.update(table(np.full(20, 20.0)), t_ns=int(0.5 * S), frame_area_um2=1.0)
     assert stats.snapshot()["window"]["n_frames"] == 4
+
+
+@pytest.mark.parametrize("pixel_size_nm", [PIXEL_SIZE_RANGE_NM[0], PIXEL_SIZE_RANGE_NM[1]])
+def test_cumulative_quantiles_hold_their_bound_at_every_accepted_pixel_size(
+        pixel_size_nm: float) -> None:
+    """A frame at the smallest (1e-4 nm) or largest (1e6 nm) pixel size the protocol accepts:
+    with the old default range (0.01 nm - 1 cm) the cumulative D10 = D50 = D90 read as the
+    smallest particle at 1e-4 nm/px (0.00064 nm against 0.00091 / 0.0015 / 0.0024) and D50 =
+    D90 as the largest at 1e6 nm/px (+93 % on the D50), with no bound claimed."""
+    from nanoscout.analysis.measure import measure
+    from nanoscout.sim.synthetic import SpecimenConfig, render
+
+    truth = render(SpecimenConfig(shape=(512, 512), dose_e_per_px=None), 3)
+    parts = measure(truth.labels, pixel_size_nm)
+    ecd = parts["ecd_nm"][~parts["border"]].astype(np.float64)
+    assert ecd.size > 100
+    stats = SizeStatistics(StatsConfig())
+    for k in range(3):
+        stats.update(parts, t_ns=k * S, frame_area_um2=512 * 512 * (pixel_size_nm / 1e3) ** 2)
+    c = stats.snapshot()["cumulative"]
+    bound = c["ecd_quantile_rel_error"]
+    assert bound is not None and 0 < bound < 0.002
+    allv = np.concatenate([ecd] * 3)
+    for q, name in ((0.1, "d10"), (0.5, "d50"), (0.9, "d90")):
+        assert abs(c["ecd"][name] / np.quantile(allv, q) - 1) <= bound + 1e-12, name
+
+
+def test_the_default_quantile_range_holds_every_ecd_a_frame_can_give() -> None:
+    """From one pixel (ECD 2/sqrt(π) px) at the smallest pixel size to a particle filling the
+    largest frame at the largest one; uncalibrated frames' ECDs in px lie between."""
+    lo, hi = StatsConfig().quantile_range_nm
+    one_px, whole_frame_px = 2.0 / math.sqrt(math.pi), 2.0 * MAX_SIDE_PX / math.sqrt(math.pi)
+    assert lo <= one_px * PIXEL_SIZE_RANGE_NM[0]
+    assert whole_frame_px * PIXEL_SIZE_RANGE_NM[1] <= hi
+    assert lo <= one_px and whole_frame_px <= hi

@@ -3,9 +3,10 @@
 A :class:`Frame` is made where pixels enter nanoscout (the daemon's receiver, the offline
 ``measure`` command) and handed to :meth:`~nanoscout.analysis.pipeline.Pipeline.process`.
 Its pixels are checked once, at construction (2-D, non-empty, finite, within ±1e30), and
-prepared at most once for each consumer: :attr:`Frame.normalized` (the detector's input and the
-preview) and :attr:`Frame.float32` (the classifier's and the lens's input, resampled by
-``fixed_input``).
+normalised at most once: :attr:`Frame.normalized` (the detector's input and the preview). The
+classifier, the lens (in the pipeline and on the query socket) and the modality model take the
+frame's own pixels (:func:`~nanoscout.analysis.preprocess.fixed_input`, in float64 where
+float32 would lose them: 32-bit counts above 2**24, float64 frames of a tiny range).
 """
 
 from __future__ import annotations
@@ -116,11 +117,6 @@ class Frame:
         """float32, percentiles 0.5 / 99.5 mapped to 0 / 1 (clipped): the detector's input and
         the preview's picture (:func:`~nanoscout.analysis.preprocess.normalize`)."""
         return normalize(self.pixels)
-
-    @cached_property
-    def float32(self) -> np.ndarray:
-        """The pixels as float32 (a view when they are float32 already)."""
-        return self.pixels.astype(np.float32, copy=False)
 
     def ref(self) -> dict[str, Any]:
         """The fields every result header of this frame shares (``FrameRef``)."""

@@ -12,10 +12,12 @@ and reports a plain, msgpack-able dict (:meth:`~SizeStatistics.snapshot`) with t
     Everything since the start (or the last :meth:`~SizeStatistics.reset`) in bounded memory:
     exact running count, mean and standard deviation (Chan/Welford merge per frame), exact
     min/max, and quantiles read from a fine histogram. That ECD histogram has ``quantile_bins``
-    log-spaced bins over ``quantile_range_nm`` (0.01 nm to 1 cm by default: atoms to
-    millimetre grains, any SEM field; it was the published histogram's 0.5-1000 nm, and
-    every cumulative quantile of a run of 1.5 µm particles read as the largest one), each
-    spanning a factor r = (hi/lo)^(1/bins) (1.0035 for the defaults). A quantile is
+    log-spaced bins over ``quantile_range_nm`` (1e-4 nm to 1e11 nm by default,
+    :data:`DEFAULT_QUANTILE_RANGE_NM`: every ECD a frame the protocol accepts can give, from
+    one pixel at 1e-4 nm/px to a whole 65536² px frame at 1e6 nm/px, and every ECD in px of an
+    uncalibrated frame; it was 0.01 nm to 1 cm, and at 1e-4 or 1e6 nm/px every cumulative
+    D10 / D50 / D90 read as the smallest or largest particle), each spanning a factor
+    r = (hi/lo)^(1/bins) (1.0035 for the defaults). A quantile is
     interpolated between the geometric centres of the bins holding the two order statistics
     that the exact (linearly interpolated, numpy default) quantile lies between, so **its
     relative error is at most sqrt(r) - 1** (0.17 % with the defaults) for quantiles inside
@@ -75,7 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from nanoscout.wire.errors import FrameError
 
-__all__ = ["SizeStatistics", "StatsConfig", "confidences"]
+__all__ = ["DEFAULT_QUANTILE_RANGE_NM", "SizeStatistics", "StatsConfig", "confidences"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,11 @@ _ROUND_EDGES = np.linspace(0.0, 1.0, 21)
 _AR_FINE = (1.0, 21.0, 2000)
 _ROUND_FINE = (0.0, 1.0, 2000)
 _NEEDED_FIELDS = ("ecd_nm", "aspect_ratio", "roundness", "border")
+
+#: the ECDs the cumulative quantiles hold to their bound by default, nm (px on uncalibrated
+#: frames): one pixel (ECD 2/sqrt(π) px) at the smallest pixel size the protocol accepts
+#: (1e-4 nm) up to a particle filling a 65536² px frame (ECD 73,949 px) at the largest (1e6 nm)
+DEFAULT_QUANTILE_RANGE_NM: tuple[float, float] = (1e-4, 1e11)
 
 
 class StatsConfig(BaseModel):
@@ -102,10 +109,10 @@ class StatsConfig(BaseModel):
     #: the first N frames form the drift reference
     reference_frames: int = Field(20, ge=1)
     #: fine log bins over quantile_range_nm for the cumulative quantiles (sets the error
-    #: bound: 0.17 % with the defaults)
-    quantile_bins: int = Field(6000, ge=10, le=1_000_000)
+    #: bound: 0.17 % with the defaults, 15 decades in 10,000 bins)
+    quantile_bins: int = Field(10_000, ge=10, le=1_000_000)
     #: the sizes (nm, or px on uncalibrated frames) the cumulative quantiles hold to the bound
-    quantile_range_nm: tuple[float, float] = (0.01, 1e7)
+    quantile_range_nm: tuple[float, float] = DEFAULT_QUANTILE_RANGE_NM
     #: "confidence": each particle of a frame with calibrated scores counts with its
     #: probability of being real (see the module docstring); "none": each counts once
     weights: Literal["confidence", "none"] = "none"

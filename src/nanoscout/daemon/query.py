@@ -13,7 +13,9 @@ stop the daemon. (A request over 64 KiB is answered with an error unread; one wi
 which the pipeline does not classify it, :func:`nanoscout.analysis.classifier.model_input`) is
 refused before the lens runs, with an error naming the frame (``frame cam#12: blank frame
 (...)``): the lens would answer any such frame alike, with a novelty of ~88. Each request is
-counted, answered or refused.
+counted, answered or refused. The lens sees the frame's own pixels, prepared as the pipeline
+prepares them for its ``class`` message (``model_input``: in float64 where float32 would lose
+them), so a reply's novelty is that message's novelty.
 
 A :class:`~nanoscout.wire.protocol.ControlRequest` (the dashboard's "reset statistics" and
 "set drift reference now", v1.5 "save frame", "swap model", "revert model") is handed to the
@@ -221,7 +223,9 @@ class LensServer:
             return encode_message(reply)
         clf = self.classifier
         try:
-            out = clf.lens_outputs(latest.float32)
+            # the frame's own pixels, as the pipeline's classification: a float32 copy lost a
+            # 32-bit count's low bits or a float64 frame's tiny range (refused as blank)
+            out = clf.lens_outputs(latest.pixels)
             _, novelty = clf.novelty_of(out)
         except BlankFrame as exc:  # nothing for the lens to see: refused, not a lens failure
             self._note(False)
