@@ -24,7 +24,13 @@ without loss of value as ``replay`` converts them
 Bad input loses nothing: an image that cannot be read, converted or analysed is skipped with a
 one-line reason (in the log and the provenance's ``skipped``), and the other images are
 measured and written; options (``--pixel-size``, ``--modality``, ``--outputs``) are checked
-before anything is written (:func:`check_options`). Each image's ``file`` in the run is its
+before anything is written (:func:`check_options`). Each file is measured once, whatever paths
+reach it (a folder and a link to it, a file given beside its folder: :func:`expand`, which
+also logs a folder's sub-folders, whose files are not measured). A write of the run that
+fails (a full disk, an output folder made read-only) ends the measurement in one
+NanoscoutError that says where it stopped and what the run holds (whole files); such a run's
+provenance, like that of one killed, has no ``stopped_utc``, and ``nanoscout report`` says it
+did not finish. Each image's ``file`` in the run is its
 full path, as text (a name that is not valid UTF-8 in the printable form of
 :func:`nanoscout.wire.codec.wire_text`, ``lat\\xe9in.png``); the frame header's
 ``meta["file"]`` holds at most :data:`META_FILE_CHARS` characters of it (a longer path keeps
@@ -102,15 +108,40 @@ class MeasureReport:
     uncalibrated: list[Path] = field(default_factory=list)
 
 
-def expand(paths: Iterable[Path]) -> list[Path]:
-    """Files as given, folders expanded to their supported image files (sorted); a TIA
-    ``name_N.ser`` is dropped when its ``name.emi`` is listed (one acquisition, one entry)."""
+def expand(paths: Iterable[Path], log: Callable[[str], None] | None = None) -> list[Path]:
+    """Files as given, folders expanded to their supported image files (sorted, not those of
+    their sub-folders), each file once; a TIA ``name_N.ser`` is dropped when its ``name.emi``
+    is listed (one acquisition, one entry).
+
+    A file met again under another path (a folder given twice, a file inside a folder given,
+    a symbolic or hard link to a file listed before: the same device and inode) is dropped, so
+    that no image is measured, and counted in the statistics, twice; ``log`` gets one line per
+    file dropped and one per folder whose sub-folders hold files not measured (how many
+    sub-folders)."""
     out: list[Path] = []
+    seen: dict[tuple[int, int], Path] = {}
     for p in paths:
-        if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in SUPPORTED_SUFFIXES))
+        if not p.is_dir():
+            listed = [p]
         else:
-            out.append(p)
+            entries = sorted(p.iterdir())
+            listed = [f for f in entries if f.suffix.lower() in SUPPORTED_SUFFIXES]
+            subs = sum(1 for f in entries if f.suffix.lower() not in SUPPORTED_SUFFIXES
+                       and f.is_dir())
+            if subs and log is not None:
+                log(f"{p}: its {subs} sub-folder(s) are not measured (measure takes the files of "
+                    f"each folder given, not of its sub-folders: give them too, e.g. {p}/*/)")
+        for f in listed:
+            try:
+                st = f.stat()
+            except OSError:  # missing or unreadable: kept, to be skipped with its reason
+                out.append(f)
+                continue
+            first = seen.setdefault((st.st_dev, st.st_ino), f)
+            if first is f:
+                out.append(f)
+            elif log is not None:
+                log(f"{f} is the same file as {first}, listed before: measured once")
     return drop_tia_companions(out)
 
 
@@ -183,6 +214,12 @@ def _printable(log: Callable[[str], None]) -> Callable[[str], None]:
     return lambda message: log(wire_text(message))
 
 
+def _unwritable(out: Path, exc: OSError, holds: str) -> NanoscoutError:
+    """A write of the run ``out`` that failed (a full disk, an output folder made read-only)
+    as one error that says why and what the run holds (``holds``)."""
+    return NanoscoutError(f"cannot write the run {out}: {exc.strerror or exc}; {holds}")
+
+
 def _one_line(exc: Exception) -> str:
     """A failure as one line: a pydantic ValidationError's first error (field: message)."""
     from pydantic import ValidationError
@@ -224,21 +261,24 @@ def measure_files(
     if not frame_interval_s > 0:
         raise ConfigError(f"frame interval {frame_interval_s!r} s must be > 0")
     check_options(out, outputs=outputs, pixel_size_nm=pixel_size_nm, modality=modality)
-    files = expand(paths)
+    log = _printable(bar.log if bar is not None else log)
+    files = expand(paths, log)
     if bar is not None:
         bar.total(len(files))
-    log = _printable(bar.log if bar is not None else log)
     prov = measure_provenance("nanoscout measure", [_label(p) for p in files], config=config,
                               pixel_size_nm=pixel_size_nm, modality=modality, track=track,
                               frame_interval_s=frame_interval_s)
-    writer = RunWriter(out, prov)
+    try:
+        writer = RunWriter(out, prov)
+    except OSError as exc:
+        raise _unwritable(out, exc, "nothing was measured") from exc
     report = MeasureReport()
     names = UniqueNames()
     models: set[str] = set()
     class_rows: list[list[object]] = []
     seq = {SOURCE_NM: 0, SOURCE_PX: 0}
     t0_ns: int | None = None
-    for path in files:
+    for i, path in enumerate(files):
         label = _label(path)
         try:
             records = read_images(path)
@@ -323,19 +363,36 @@ def measure_files(
                 assert pipeline.classifier is not None
                 models.add(pipeline.classifier.name)
             log(f"{label}[{rec.index}]: {len(table)} particles ({det.units}){what}")
-        writer.flush()
+        try:
+            writer.flush()
+        except OSError as exc:
+            raise _unwritable(out, exc, (
+                f"measuring stopped at {label} (file {i + 1} of {len(files)}): the run holds "
+                f"the {writer.counts['frames']} images measured before it, in whole files, "
+                "and its provenance does not say it finished (nanoscout report marks it "
+                "unfinished)")) from exc
         if bar is not None:
             bar.advance(note=wire_text(path.name))
-    writer.close()
-    prov.update(measure_outcome(
-        rows=writer.counts, models=models, engines=[pipeline.engine_name],
-        model_cards=model_cards, skipped=[(_label(p), why) for p, why in report.skipped],
-        uncalibrated=[_label(p) for p in report.uncalibrated]))
-    writer.write_provenance(prov)
+    try:
+        writer.close()
+        prov.update(measure_outcome(
+            rows=writer.counts, models=models, engines=[pipeline.engine_name],
+            model_cards=model_cards, skipped=[(_label(p), why) for p, why in report.skipped],
+            uncalibrated=[_label(p) for p in report.uncalibrated]))
+        writer.write_provenance(prov)
+    except OSError as exc:
+        raise _unwritable(out, exc, (
+            f"every file was measured and the run holds their {writer.counts['frames']} "
+            "images, but not its tracks table or the end of its provenance (nanoscout report "
+            "marks it unfinished)")) from exc
     if pipeline.classifier is not None:
         report.classes = classes_path(out)  # RunWriter refused a run where one was
-        with report.classes.open("w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow([*CLASS_COLUMNS, *(f"p_{c}" for c in pipeline.classifier.classes)])
-            w.writerows(class_rows)
+        try:
+            with report.classes.open("w", newline="", encoding="utf-8") as fh:
+                w = csv.writer(fh)
+                w.writerow([*CLASS_COLUMNS, *(f"p_{c}" for c in pipeline.classifier.classes)])
+                w.writerows(class_rows)
+        except OSError as exc:
+            raise _unwritable(out, exc, f"the run is whole, its classification table "
+                                        f"{report.classes} is not") from exc
     return report

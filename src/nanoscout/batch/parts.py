@@ -6,13 +6,15 @@ partitioning="hive")`` reads it back with a ``folder`` column)::
     OUT/particles/folder=<input folder, URI-escaped>/<file stem>-<key>.parquet   one row per particle
     OUT/images/folder=<input folder, URI-escaped>/<file stem>-<key>.parquet      one row per image
     OUT/_run.json                                                              provenance
+    OUT/.lock                                                                  held by the run writing OUT
 
 ``key`` is derived from the input file's absolute path, so a file always maps to the same two
 parts. Each part is written to a hidden temporary file and renamed into place (atomic on one
 file system), particles first, images last: a file is *done* when its images part exists. A
 worker killed halfway leaves at most a temporary file (removed at the next start) or a particles
 part that the retry overwrites, so files are neither lost nor counted twice, and a restarted
-run skips every file that is done (:func:`done_files`).
+run skips every file that is done (:func:`done_files`). One run writes into ``OUT`` at a time
+(:func:`output_lock`): a second one started while it runs is refused, naming the first.
 
 A partition folder's name is bounded (:func:`partition_folder`): an input folder whose escaped
 path would make it longer than a file system allows (255 bytes) keeps its path's start and end
@@ -39,12 +41,14 @@ writer (a run is one stream appended in order; these are independent parts, one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,7 @@ from nanoscout.wire.tables import PARTICLE_TABLE_COLUMNS, particle_columns
 __all__ = [
     "FORMAT",
     "IMAGE_COLUMNS",
+    "LOCK",
     "PARTICLE_COLUMNS",
     "PROVENANCE",
     "FileResult",
@@ -67,6 +72,7 @@ __all__ = [
     "clean_temporary",
     "done_files",
     "earlier_runs",
+    "output_lock",
     "part_paths",
     "partition_folder",
     "write_file_result",
@@ -81,6 +87,8 @@ IMAGE_COLUMNS: tuple[str, ...] = (
 )
 #: the provenance file of an output folder, and its ``format``
 PROVENANCE, FORMAT = "_run.json", "nanoscout-parts/1"
+#: the lock file a run holds on its output folder (:func:`output_lock`)
+LOCK = ".lock"
 _TMP_PREFIX = ".tmp-"
 #: the most UTF-8 bytes of a file's stem a part's name keeps: with the key, the temporary
 #: prefix and a uuid the name stays within a file system's 255-byte bound on a name
@@ -262,6 +270,41 @@ def write_file_result(out: Path, result: FileResult) -> tuple[Path, Path]:
     _write_atomic(_particle_table(result.file, result.images), particles_part)
     _write_atomic(_image_table(result), images_part)
     return particles_part, images_part
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the output folder ``out`` (an existing folder) for one run: an exclusive lock on
+    ``out/.lock`` (:data:`LOCK`; ``flock``, which NFS clients share), which holds the host and
+    process id of its holder. Raises ConfigError, naming the folder and the holder, when another
+    run holds it: two runs into one folder at once measured every file twice and the
+    provenance kept only one run's record. The lock is the operating system's: it is released
+    when the run ends or its process dies (``kill -9``), so a run started again after a crash
+    is never refused. Where the platform has no ``flock`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock to take
+        yield
+        return
+    path = out / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot lock the output folder {out} ({path}: "
+                          f"{exc.strerror or exc})") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise ConfigError(f"{out} is being written by another measure --ray run ({holder}): "
+                              "wait for it to end, or choose another output folder") from None
+        with contextlib.suppress(OSError):  # who holds it is for the message only
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def earlier_runs(out: Path) -> list[dict[str, Any]]:

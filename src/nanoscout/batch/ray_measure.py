@@ -11,7 +11,10 @@ hands out paths, at most one in flight per actor, and draws a progress bar.
 Crash safety: actors restart after their process dies (``max_restarts``) and the file they held
 is retried (``max_task_retries`` times, then reported as failed and left for the next run);
 parts are written atomically, so a killed worker neither loses nor duplicates a file. A run
-started again on the same ``out`` skips every file that is done.
+started again on the same ``out`` skips every file that is done; one started while another
+writes into ``out`` is refused (:func:`nanoscout.batch.parts.output_lock`). A worker's write
+that fails (a full disk) fails its file (``failed``); one of the driver's (``_run.json``) ends
+the run in one NanoscoutError that says what it measured.
 
 Provenance: the driver writes ``OUT/_run.json`` (:func:`nanoscout.batch.parts.write_provenance`),
 the record ``nanoscout measure`` writes (:func:`nanoscout.batch.offline.measure_provenance` and
@@ -38,10 +41,12 @@ whose workers need nanoscout installed and the input and output paths mounted al
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +58,13 @@ from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import Pipeline
 from nanoscout.batch.offline import measure_outcome, measure_provenance
 from nanoscout.batch.parts import (
+    PROVENANCE,
     FileResult,
     ImageRow,
     clean_temporary,
     done_files,
     earlier_runs,
+    output_lock,
     partition_folder,
     write_file_result,
     write_provenance,
@@ -262,6 +269,10 @@ def measure_on_ray(
     progress bar on stderr (None: when stderr is a terminal). ``model_cards``: card summaries
     (:func:`nanoscout.clients.provenance.load_cards`) for the provenance's models (their
     sha256 and sizing error), written to ``out/_run.json`` (see the module docstring).
+
+    Raises ConfigError, before anything is measured, when a file is listed twice or another run
+    is writing into ``out`` (its host and pid named), and NanoscoutError, saying what this run
+    measured, when the driver cannot write into ``out`` (a full disk, a read-only folder).
     """
     if cpus_per_worker < 1 or gpus_per_worker < 0 or max_task_retries < 0:
         raise ConfigError(f"cpus_per_worker ({cpus_per_worker}) must be >= 1, gpus_per_worker "
@@ -269,88 +280,113 @@ def measure_on_ray(
     t0 = time.perf_counter()
     report = RayReport()
     files = [str(p) for p in paths]
-    if len(set(files)) != len(files):
-        raise ConfigError("the same file is listed twice")
-    earlier = earlier_runs(out)  # before anything starts: a file not ours is refused
+    twice = [f for f, n in Counter(files).items() if n > 1]
+    if twice:
+        raise ConfigError(f"{twice[0]} is listed twice"
+                          + (f" ({len(twice) - 1} more files too)" if len(twice) > 1 else ""))
+    earlier_runs(out)  # before anything starts: a folder not ours is refused
     ray = _import_ray()
-    out.mkdir(parents=True, exist_ok=True)
-    removed = clean_temporary(out)
-    if removed:
-        log.info("removed %d temporary part(s) a killed worker left in %s", removed, out)
-    done = done_files(out, files)
-    report.skipped_done = [f for f in files if f in done]
-    todo = [f for f in files if f not in done]
-    if not todo:
-        report.seconds = time.perf_counter() - t0
-        return report
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        try:
-            # "local" always starts a new Ray here: None would join whatever cluster
-            # `ray start` last left on this machine (/tmp/ray/ray_current_cluster)
-            ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"the Ray cluster at {address}" if address else "a local Ray"
-            raise ConfigError(f"cannot start or reach {where}: {exc}") from exc
-    try:
-        cluster = _cluster_address(ray)
-        if address is not None and not started_here:
-            log.warning("Ray was already initialised in this process: measuring on the "
-                        "cluster it joined (GCS %s); the address %s is not used", cluster,
-                        address)
-        resources = ray.cluster_resources()
-        if workers is None:
-            workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
-                       else int(resources.get("CPU", 1) // cpus_per_worker))
-        workers = max(1, min(workers, len(todo)))
-        actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
-                           max_restarts=-1, max_task_retries=max_task_retries)(_Worker)
-        run_config = worker_config(config, cpus_per_worker)
-        actors = [actor.remote(run_config, str(out.absolute()), pixel_size_nm, modality)
-                  for _ in range(workers)]
-        report.workers = workers
-        report.worker_pids = ray.get([a.pid.remote() for a in actors])
-        # paths as the parts' `file` column names them (a name not UTF-8: escapes)
-        record = measure_provenance("nanoscout measure --ray", map(wire_text, files),
-                                    config=run_config.model_dump(mode="json"),
-                                    pixel_size_nm=pixel_size_nm, modality=modality)
-        record["ray"] = {
-            # the cluster the work ran on: the address asked for is not it where the caller
-            # had joined one already (it is ignored then), nor is "local" an address
-            "address": cluster, "address_requested": address, "started_here": started_here,
-            "workers": workers,
-            "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
-            "max_task_retries": max_task_retries,
-            "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources},
-            # one partition folder per input folder (folder=... under particles/ and images/)
-            "partitions": len({partition_folder(Path(f).absolute().parent) for f in files})}
-        record["done_before"] = [wire_text(f) for f in report.skipped_done]
-        record["earlier_runs"] = earlier
-        report.provenance = write_provenance(out, record)
-        if on_started is not None:
-            on_started(report)
-        with progress_bar("measuring on Ray", total=len(files), enabled=progress) as bar:
-            bar.advance(len(done))
-            _run(ray, actors, todo, report, on_file, bar)
-        record.update(measure_outcome(
-            rows={"particles": report.particles, "images": report.image_rows},
-            models=report.models, engines=sorted(report.engines), model_cards=model_cards,
-            skipped=[(wire_text(f), why) for f, why in report.unreadable],
-            uncalibrated=map(wire_text, report.uncalibrated)))
-        record["failed"] = [[wire_text(f), why] for f, why in report.failed]
-        write_provenance(out, record)
-        # every task has returned: a temporary part left now is a killed worker's, whose file
-        # was measured again by the retry (or is listed as failed)
-        removed = clean_temporary(out)
+    with _driver_write(out, report):
+        out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):  # one run into `out` at a time: another one is refused
+        earlier = earlier_runs(out)  # read under the lock: a run that ended meanwhile is in it
+        with _driver_write(out, report):
+            removed = clean_temporary(out)
         if removed:
-            log.info("removed %d temporary part(s) of killed workers in %s", removed, out)
-    finally:
+            log.info("removed %d temporary part(s) a killed worker left in %s", removed, out)
+        done = done_files(out, files)
+        report.skipped_done = [f for f in files if f in done]
+        todo = [f for f in files if f not in done]
+        if not todo:
+            report.seconds = time.perf_counter() - t0
+            return report
+
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
+            try:
+                # "local" always starts a new Ray here: None would join whatever cluster
+                # `ray start` last left on this machine (/tmp/ray/ray_current_cluster)
+                ray.init(address=address or "local",
+                         num_cpus=num_cpus if address is None else None,
+                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"the Ray cluster at {address}" if address else "a local Ray"
+                raise ConfigError(f"cannot start or reach {where}: {exc}") from exc
+        try:
+            cluster = _cluster_address(ray)
+            if address is not None and not started_here:
+                log.warning("Ray was already initialised in this process: measuring on the "
+                            "cluster it joined (GCS %s); the address %s is not used", cluster,
+                            address)
+            resources = ray.cluster_resources()
+            if workers is None:
+                workers = (int(resources.get("GPU", 0) // gpus_per_worker) if gpus_per_worker
+                           else int(resources.get("CPU", 1) // cpus_per_worker))
+            workers = max(1, min(workers, len(todo)))
+            actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
+                               max_restarts=-1, max_task_retries=max_task_retries)(_Worker)
+            run_config = worker_config(config, cpus_per_worker)
+            actors = [actor.remote(run_config, str(out.absolute()), pixel_size_nm, modality)
+                      for _ in range(workers)]
+            report.workers = workers
+            report.worker_pids = ray.get([a.pid.remote() for a in actors])
+            # paths as the parts' `file` column names them (a name not UTF-8: escapes)
+            record = measure_provenance("nanoscout measure --ray", map(wire_text, files),
+                                        config=run_config.model_dump(mode="json"),
+                                        pixel_size_nm=pixel_size_nm, modality=modality)
+            record["ray"] = {
+                # the cluster the work ran on: the address asked for is not it where the
+                # caller had joined one already (it is ignored then), nor is "local" an address
+                "address": cluster, "address_requested": address, "started_here": started_here,
+                "workers": workers,
+                "cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker,
+                "max_task_retries": max_task_retries,
+                "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources},
+                # one partition folder per input folder (folder=... under particles/, images/)
+                "partitions": len({partition_folder(Path(f).absolute().parent) for f in files})}
+            record["done_before"] = [wire_text(f) for f in report.skipped_done]
+            record["earlier_runs"] = earlier
+            with _driver_write(out, report):
+                report.provenance = write_provenance(out, record)
+            if on_started is not None:
+                on_started(report)
+            with progress_bar("measuring on Ray", total=len(files), enabled=progress) as bar:
+                bar.advance(len(done))
+                _run(ray, actors, todo, report, on_file, bar)
+            record.update(measure_outcome(
+                rows={"particles": report.particles, "images": report.image_rows},
+                models=report.models, engines=sorted(report.engines), model_cards=model_cards,
+                skipped=[(wire_text(f), why) for f, why in report.unreadable],
+                uncalibrated=map(wire_text, report.uncalibrated)))
+            record["failed"] = [[wire_text(f), why] for f, why in report.failed]
+            with _driver_write(out, report):
+                write_provenance(out, record)
+                # every task has returned: a temporary part left now is a killed worker's,
+                # whose file was measured again by the retry (or is listed as failed)
+                removed = clean_temporary(out)
+            if removed:
+                log.info("removed %d temporary part(s) of killed workers in %s", removed, out)
+        finally:
+            if started_here:
+                ray.shutdown()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@contextlib.contextmanager
+def _driver_write(out: Path, report: RayReport) -> Iterator[None]:
+    """The driver's own writes into ``out`` (its folder, ``_run.json``, temporary parts
+    removed): one that fails (a full disk, a folder made read-only) becomes one
+    NanoscoutError that says what the run did and what ``out`` holds. A worker's write that
+    fails fails its file only (``failed``)."""
+    try:
+        yield
+    except OSError as exc:
+        raise NanoscoutError(
+            f"cannot write {out}: {exc.strerror or exc}; this run measured {len(report.measured)} "
+            f"files (their parts are written: a run started again skips them) and "
+            f"{len(report.failed)} failed; {out / PROVENANCE} does not record this run's "
+            "outcome") from exc
 
 
 def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,

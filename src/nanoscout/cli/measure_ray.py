@@ -26,10 +26,13 @@ def run_on_ray(files: Sequence[Path], out: Path, config: ServeConfig, *, address
     provenance (``OUT/_run.json``), as ``measure`` takes them."""
     from nanoscout.batch.offline import expand
     from nanoscout.batch.ray_measure import measure_on_ray
+    from nanoscout.wire.codec import wire_text
 
     if out.suffix.lower() in (".csv", ".parquet"):
         raise NanoscoutError(f"with --ray, --out is a folder of Parquet parts, not {out}")
-    report = measure_on_ray(expand(files), config, out, address=address,
+    # each file once (a folder and a link to it, a file inside a folder given: one file)
+    listed = expand(files, lambda message: print(wire_text(message)))
+    report = measure_on_ray(listed, config, out, address=address,
                             workers=workers, cpus_per_worker=cpus_per_worker,
                             gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size_nm,
                             modality=modality, progress=progress, model_cards=model_cards)

@@ -17,7 +17,9 @@ _PASS_THROUGH = {**CONTEXT, "allow_extra_args": True, "ignore_unknown_options": 
 @app.command(rich_help_panel="Offline")
 def measure(
     files: Annotated[list[Path], typer.Argument(help="image files or folders (TIFF, DM3/4, "
-                                                     "EMI/SER, MRC, EMD, PNG, JPEG)")],
+                                                     "EMI/SER, MRC, EMD, PNG, JPEG; a folder's "
+                                                     "own files, not its sub-folders'); a "
+                                                     "file two paths reach is measured once")],
     out: Annotated[Path, typer.Option(help="RUN.parquet (a folder pandas reads as the "
                                            "particle table) or RUN.csv: the run format of "
                                            "`record`, so `report` takes it")],

@@ -1,0 +1,114 @@
+"""Audit of ``nanoscout measure`` re-analysing an archive: a file reached by two paths (a
+``latest`` link to a session folder, a file given beside its folder) is measured once, and a
+run cut short by a write that fails (a file size limit, as a full disk or a quota gives it)
+ends in one line saying what the run holds, and ``nanoscout report`` marks it unfinished.
+Real ``nanoscout measure`` and ``report`` processes on real PNG files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nanoscout.clients.runfile import read_run
+from tests.system.conftest import nanoscout
+
+pytestmark = pytest.mark.system
+
+
+def _dots(seed: int, size: int = 128) -> np.ndarray:
+    """A uint8 image of bright disks of 10-14 px on a dark background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size), 40, np.uint8)
+    for cy in range(16, size, 32):
+        for cx in range(16, size, 32):
+            r = 5 + int(rng.integers(0, 3))
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 200
+    return img
+
+
+def _session(folder: Path, first: int, n: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = [folder / f"img_{k:03d}.png" for k in range(first, first + n)]
+    for k, path in enumerate(paths, first):
+        Image.fromarray(_dots(k)).save(path)
+    return paths
+
+
+def test_a_file_reached_by_two_paths_is_measured_once(tmp_path: Path) -> None:
+    """``measure archive/*`` with ``archive/latest -> 2019-05-02`` measured that session's
+    files twice (15 frames of 10 files: the statistics counted 5 images twice); a file given
+    beside its folder was measured twice too. A folder whose images lie in sub-folders gave
+    "measured 0 images" without saying why."""
+    archive = tmp_path / "archive"
+    one = _session(archive / "2019-05-01", 0, 3)
+    two = _session(archive / "2019-05-02", 3, 2)
+    (archive / "latest").symlink_to("2019-05-02")
+    listed = sorted(archive.iterdir())  # the shell's archive/*: 2019-05-01, 2019-05-02, latest
+    out = tmp_path / "run.parquet"
+    proc = nanoscout("measure", *map(str, listed), str(one[0]), str(tmp_path), "--out",
+                     str(out), "--no-progress", stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    frames = read_run(out).frames
+    assert sorted(frames["file"]) == sorted(str(p) for p in one + two)  # each file once
+    assert "measured 5 images" in stdout
+    for again, first in [(archive / "latest" / p.name, p) for p in two] + [(one[0], one[0])]:
+        assert f"{again} is the same file as {first}, listed before: measured once" in stdout
+    assert f"{tmp_path}: its 1 sub-folder(s) are not measured" in stdout, stdout
+    prov = json.loads((out / "_run.json").read_text())
+    assert sorted(prov["files"]) == sorted(str(p) for p in one + two)
+
+
+def test_a_write_that_fails_ends_measure_in_one_line_and_the_report_marks_the_run(
+        tmp_path: Path) -> None:
+    """A full disk, or an output folder made read-only, ended ``measure`` in a 40-line
+    traceback (exit 1) that said neither what the run held nor that it was cut short, and
+    ``nanoscout report`` then reported the images measured so far as the whole run."""
+    files = _session(tmp_path / "in", 0, 12)
+    out = tmp_path / "run.csv"
+    limit = 20_000  # bytes: the provenance fits, the particle table outgrows it after a few images
+
+    def file_size_limit() -> None:  # EFBIG on the write that crosses it (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = nanoscout("measure", str(tmp_path / "in"), "--out", str(out), "--no-progress",
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     preexec_fn=file_size_limit)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stdout
+    assert "Traceback" not in stdout
+    line = stdout.strip().splitlines()[-1]
+    m = re.fullmatch(rf"nanoscout measure: error: cannot write the run {re.escape(str(out))}: "
+                     r"File too large; measuring stopped at (\S+) \(file (\d+) of 12\): the run "
+                     r"holds the (\d+) images measured before it, in whole files, and its "
+                     r"provenance does not say it finished \(nanoscout report marks it "
+                     r"unfinished\)", line)
+    assert m is not None, line
+    stopped_at, k, held = m.group(1), int(m.group(2)), int(m.group(3))
+    assert 1 < k < 12 and held == k - 1 and stopped_at == str(files[k - 1])
+    run = read_run(out)
+    assert sorted(run.frames["file"]) == [str(p) for p in files[:held]]  # whole files only
+    assert os.path.getsize(out) <= limit
+
+    report = tmp_path / "report.html"
+    proc = nanoscout("report", str(out), "--out", str(report), "--figures", "png",
+                     "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    html = report.read_text(encoding="utf-8")
+    said = (f'<strong>not finished</strong> (killed, crashed or stopped by a write that failed, '
+            f'such as a full disk): the run holds the images of <span class="n-files-held">'
+            f"{held}</span> files of the 12 it was to measure")
+    assert f'<p class="note unfinished">This measurement was {said}' in html  # before the numbers
+    assert html.index("not finished") < html.index("particles recorded")
+    assert html.count(said) == 2  # and in the provenance
