@@ -7,15 +7,25 @@ with per-rule, per-source rate limiting and de-duplication.
 :meth:`AlertEngine.evaluate_class` on each classified frame, and their alerts carry the
 class activation map that explains them (``Alert.heatmap``): a class rule's the CAM of its
 own label (which need not be the top class: ``needle > 0.3`` fires on a frame whose top class
-is ``isolated_particles``), a novelty rule's the top class's. The clock is the frame time
-``t_ns``, so behaviour is deterministic.
+is ``isolated_particles``), a novelty rule's the top class's.
+
+Two clocks time the cooldowns: the frame's acquisition time ``t_ns`` and its arrival at the
+daemon, ``t_recv_ns`` (the daemon's wall clock), both ns. A cooldown ends when either has
+advanced ``cooldown_s`` since the firing, or when the acquisition clock went back (a
+restarted source). So a source whose clock does not advance (``t_acq_ns`` 0 on every frame,
+a camera clock that stopped) is still limited to one firing per ``cooldown_s`` of the
+daemon's time: on the acquisition clock alone a rule fired once on it and never again.
+Without ``t_recv_ns`` the arrival clock is the acquisition clock; an offline frame arrives
+when it was acquired (:meth:`nanoscout.analysis.frame.Frame.from_image`), so ``nanoscout
+measure`` runs on the frame times alone and stays deterministic.
 
 Rate limiting and de-duplication (per rule and per source):
 
 * ``count``, ``d50_drift``, the in-situ, ``class`` and ``novelty`` rules fire at most once per
   ``cooldown_s``; a firing inside the
   cooldown is suppressed and counted in :attr:`AlertEngine.suppressed`.
-* A ``particle`` rule remembers the particles it reported for ``cooldown_s``. A matching
+* A ``particle`` rule remembers the particles it reported for ``cooldown_s`` (forgotten when
+  either clock has advanced that much, or the acquisition clock went back). A matching
   particle is a duplicate when it lies within the de-duplication radius of a remembered one
   seen at the same stage position (both None, or equal within ``stage_tolerance_um``). The
   radius is ``dedup_radius_nm`` when set and the frame is calibrated, else the larger of the two
@@ -124,6 +134,7 @@ class _Memory:
     """Particles a particle rule reported for one source, for de-duplication."""
 
     t_ns: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    t_recv: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # arrival, ns
     stage: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))  # NaN = no stage
     xy: np.ndarray = field(default_factory=lambda: np.empty((0, 2)))  # px
     radius: np.ndarray = field(default_factory=lambda: np.empty(0))  # px, NaN = unknown
@@ -144,7 +155,8 @@ class AlertEngine:
         #: rule name -> frames on which a rule that reads confidences was not evaluated (the
         #: frame's scores are raw: its detector has no score calibration)
         self.skipped_raw_scores: dict[str, int] = {r.name: 0 for r in self.rules}
-        self._last_fired: dict[tuple[str, str], int] = {}
+        #: (rule, source) -> (acquisition time, arrival time) of the last firing, ns
+        self._last_fired: dict[tuple[str, str], tuple[int, int]] = {}
         self._memory: dict[tuple[str, str], _Memory] = {}
         self._warned: set[tuple[str, str]] = set()
         self._warned_raw: set[tuple[str, str]] = set()
@@ -172,11 +184,13 @@ class AlertEngine:
         events: Sequence[Mapping[str, Any]] = (),
         insitu: Mapping[str, Any] | None = None,
         calibrated: bool = False,
+        t_recv_ns: int | None = None,
     ) -> list[Alert]:
         """Evaluate every rule on one frame; returns the alerts that fired, in rule order.
 
-        ``t_ns``: frame time (ns), the clock for cooldowns. ``stage``: the frame's stage
-        position (µm), or None.
+        ``t_ns``: frame (acquisition) time and ``t_recv_ns``: its arrival at the daemon (ns;
+        None: ``t_ns``), the two clocks of the cooldowns (module docstring). ``stage``: the
+        frame's stage position (µm), or None.
         ``table``: the frame's PARTICLE_DTYPE table, lengths in ``units`` ("nm" or "px").
         ``stats``: the source's :meth:`SizeStatistics.snapshot` (needed by d50_drift rules).
         ``pixel_size_nm``: nm per pixel of a calibrated frame, for de-duplication distances.
@@ -191,7 +205,7 @@ class AlertEngine:
         if units not in ("nm", "px"):
             raise FrameError(f"units must be 'nm' or 'px', got {units!r}")
         ctx = _Context(source, int(t_ns), stage, table, stats, units, pixel_size_nm,
-                       calibrated)
+                       calibrated, int(t_ns if t_recv_ns is None else t_recv_ns))
         fired: list[Alert] = []
         for rule in self.rules:
             alert: Alert | None
@@ -201,17 +215,18 @@ class AlertEngine:
             if isinstance(rule, ParticleRule):
                 alert = self._particle(rule, ctx)
             elif isinstance(rule, CountRule):
-                alert = self._rate_limited(rule, ctx.source, ctx.t_ns, _count(rule, ctx))
+                alert = self._rate_limited(rule, ctx.source, ctx.clock, _count(rule, ctx))
             elif isinstance(rule, D50DriftRule):
-                alert = self._rate_limited(rule, ctx.source, ctx.t_ns, _drift(rule, ctx))
+                alert = self._rate_limited(rule, ctx.source, ctx.clock, _drift(rule, ctx))
             elif isinstance(rule, CoalescenceRule):
-                alert = self._rate_limited(rule, ctx.source, ctx.t_ns,
+                alert = self._rate_limited(rule, ctx.source, ctx.clock,
                                            _coalescence(rule, events))
             elif isinstance(rule, GrowthRateRule):
-                alert = self._rate_limited(rule, ctx.source, ctx.t_ns,
+                alert = self._rate_limited(rule, ctx.source, ctx.clock,
                                            _growth(rule, insitu, units))
             elif isinstance(rule, CountDropRule):
-                alert = self._rate_limited(rule, ctx.source, ctx.t_ns, self._count_drop(rule, ctx))
+                alert = self._rate_limited(rule, ctx.source, ctx.clock,
+                                           self._count_drop(rule, ctx))
             else:
                 continue  # class / novelty rules: evaluate_class
             if alert is not None:
@@ -228,6 +243,7 @@ class AlertEngine:
         novelty: float | None,
         heatmap: np.ndarray | None,
         cam_of: Callable[[str], np.ndarray | None] | None = None,
+        t_recv_ns: int | None = None,
     ) -> list[Alert]:
         """Evaluate the class and novelty rules on one classified frame; returns those that fired.
 
@@ -240,7 +256,8 @@ class AlertEngine:
         (:meth:`nanoscout.analysis.classifier.Classification.cam_of`), called only for a class
         rule that fires (past its cooldown) on another label than the top class; such an
         alert carries that CAM, or none without ``cam_of`` (never the top class's map, which
-        explains another class). Cooldowns as for count rules, on the frame time ``t_ns``.
+        explains another class). Cooldowns as for count rules, on the frame time ``t_ns`` and
+        its arrival ``t_recv_ns`` (ns; None: ``t_ns``).
         """
         if len(labels) != len(probabilities):
             raise FrameError(f"{len(labels)} class labels but {len(probabilities)} probabilities")
@@ -277,7 +294,8 @@ class AlertEngine:
                 particles=np.empty(0, PARTICLE_DTYPE),
                 heatmap=heat,
             )
-            limited = self._rate_limited(rule, source, int(t_ns), alert)
+            clock = (int(t_ns), int(t_ns if t_recv_ns is None else t_recv_ns))
+            limited = self._rate_limited(rule, source, clock, alert)
             if limited is None:
                 continue
             if isinstance(rule, ClassRule) and rule.label != top and cam_of is not None:
@@ -323,18 +341,19 @@ class AlertEngine:
         rule: CountRule | D50DriftRule | CoalescenceRule | GrowthRateRule | CountDropRule
         | ClassRule | NoveltyRule,
         source: str,
-        t_ns: int,
+        clock: tuple[int, int],
         alert: Alert | None,
     ) -> Alert | None:
+        """``alert`` unless the rule fired on ``source`` within its cooldown; ``clock``: the
+        frame's (acquisition, arrival) times, ns."""
         if alert is None:
             return None
         key = (rule.name, source)
         last = self._last_fired.get(key)
-        # a clock that went backwards (a restarted source) starts a new cooldown
-        if last is not None and last <= t_ns < last + _cooldown_ns(rule):
+        if last is not None and _cooling(last, clock, _cooldown_ns(rule)):
             self.suppressed[rule.name] += 1
             return None
-        self._last_fired[key] = t_ns
+        self._last_fired[key] = clock
         return alert
 
     def _particle(self, rule: ParticleRule, ctx: _Context) -> Alert | None:
@@ -378,7 +397,7 @@ class AlertEngine:
         if not new.any():
             self.suppressed[rule.name] += 1
             return None
-        self._remember(rule, ctx.source, ctx.t_ns, stage, xy, radius, bbox, track)
+        self._remember(rule, ctx.source, ctx.clock, stage, xy, radius, bbox, track)
 
         primary = next(((f, op, v) for f, op, v in rule.conditions if f != "shape_class"), None)
         if primary is None:
@@ -412,10 +431,12 @@ class AlertEngine:
         mem = self._memory.get(key)
         if mem is None:
             mem = self._memory[key] = _Memory()
+        cooldown = _cooldown_ns(rule)
         age = ctx.t_ns - mem.t_ns
-        live = (age >= 0) & (age < _cooldown_ns(rule))
+        live = (age >= 0) & (age < cooldown) & (ctx.t_recv_ns - mem.t_recv < cooldown)
         if not live.all():
-            mem.t_ns, mem.stage, mem.xy = mem.t_ns[live], mem.stage[live], mem.xy[live]
+            mem.t_ns, mem.t_recv = mem.t_ns[live], mem.t_recv[live]
+            mem.stage, mem.xy = mem.stage[live], mem.xy[live]
             mem.radius, mem.bbox, mem.track = mem.radius[live], mem.bbox[live], mem.track[live]
         return mem
 
@@ -423,7 +444,7 @@ class AlertEngine:
         self,
         rule: ParticleRule,
         source: str,
-        t_ns: int,
+        clock: tuple[int, int],
         stage: np.ndarray,
         xy: np.ndarray,
         radius: np.ndarray,
@@ -432,7 +453,9 @@ class AlertEngine:
     ) -> None:
         mem = self._memory[(rule.name, source)]
         n = len(xy)
-        mem.t_ns = np.concatenate([mem.t_ns, np.full(n, t_ns, np.int64)])[-_MAX_REMEMBERED:]
+        mem.t_ns = np.concatenate([mem.t_ns, np.full(n, clock[0], np.int64)])[-_MAX_REMEMBERED:]
+        mem.t_recv = np.concatenate([mem.t_recv, np.full(n, clock[1], np.int64)]
+                                    )[-_MAX_REMEMBERED:]
         mem.stage = np.concatenate([mem.stage, np.tile(stage, (n, 1))])[-_MAX_REMEMBERED:]
         mem.xy = np.concatenate([mem.xy, xy])[-_MAX_REMEMBERED:]
         mem.radius = np.concatenate([mem.radius, radius])[-_MAX_REMEMBERED:]
@@ -453,6 +476,13 @@ class _Context:
     pixel_size_nm: float | None
     #: the table's ``score`` column holds probabilities
     calibrated: bool = False
+    #: the frame's arrival at the daemon, ns (the acquisition time where not known)
+    t_recv_ns: int = 0
+
+    @property
+    def clock(self) -> tuple[int, int]:
+        """The frame's (acquisition, arrival) times, ns: the cooldowns' two clocks."""
+        return self.t_ns, self.t_recv_ns
 
 
 def _scale(ctx: _Context) -> float | None:
@@ -508,6 +538,15 @@ def _duplicates(
         inside |= _inside(m_xy[None, :, :], bbox[:, None, :])
         near = np.where(unknown, inside, near)
     return out | near.any(axis=1)
+
+
+def _cooling(last: tuple[int, int], now: tuple[int, int], cooldown_ns: int) -> bool:
+    """Whether a firing at ``last`` still holds off one at ``now`` ((acquisition, arrival)
+    times, ns): less than ``cooldown_ns`` passed on both clocks, and the acquisition clock did
+    not go back (a restarted source starts a new cooldown). A daemon clock set back counts as
+    no time passed on it."""
+    (t0, r0), (t, r) = last, now
+    return t0 <= t < t0 + cooldown_ns and r - r0 < cooldown_ns
 
 
 def _cooldown_ns(rule: AnyRule) -> int:

@@ -8,7 +8,13 @@ after measurement, and writes every particle's ``track_id`` into the table. Per 
    frame shape or pixel size, or a registration that finds fewer than ``new_field_matched`` of
    the previous frame's particles again starts a new field (its tracks start afresh; a field
    is what the statistics count per stage position); so does a frame acquired before the
-   field's first one (a clock set back: rates are fitted against the field's time);
+   field's first one or the previous one (a clock set back: rates are fitted against the
+   field's time, and a 3 s step back bent them by 30-45 %), and one whose acquisition time ran
+   more than 60 s (:data:`CLOCK_STEP_S`) ahead of its arrival time since the source's
+   previous frame (a clock stepped forward, or one frame stamped years ahead: a day's step
+   folded into the fits made every growth rate ~0). A pause of hours advances both clocks
+   alike and keeps the field; an offline frame arrives when it was acquired, so there only a
+   clock set back is seen;
 2. **drift**: the frame is registered against the previous one
    (:class:`~nanoscout.analysis.drift.DriftEstimator`), and the shifts add up to the field's
    drift; particle positions minus the drift are positions on the specimen;
@@ -59,7 +65,7 @@ from nanoscout.analysis.insitu import FieldDynamics, mean_ci, median_ci
 from nanoscout.analysis.linking import FrameLinker
 from nanoscout.wire.headers import Stage, Units
 
-__all__ = ["SourceTracker", "TrackUpdate", "TrackingConfig"]
+__all__ = ["CLOCK_STEP_S", "SourceTracker", "TrackUpdate", "TrackingConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,12 @@ _MAX_FOLDED = 2_000_000
 _MAX_FIELDS_LISTED = 64
 #: merge / split events listed per frame
 _MAX_EVENTS = 256
+#: a frame whose acquisition time ran this much further ahead than its arrival time since the
+#: source's previous frame starts a new field (s): the source's clock stepped forward (a 200 s
+#: step read 0.004 nm/s for 0.1). Frames held up in transport and then delivered in a burst
+#: run ahead by at most their frame interval: a series of more than a minute a frame
+#: delivered so after an outage starts a new field too
+CLOCK_STEP_S = 60.0
 
 
 class TrackingConfig(BaseModel):
@@ -241,6 +253,8 @@ class SourceTracker:
         self._frames = 0
         self._n_fields = 0
         self._last_stage: Stage | None = None
+        #: the previous frame's (acquisition, arrival) times, ns (arrival None: not known)
+        self._last_times: tuple[int, int | None] | None = None
         #: calibrated area (µm²) and track count of the fields folded so far (density)
         self._folded_area_um2 = 0.0
         self._folded_count = 0
@@ -351,9 +365,10 @@ class SourceTracker:
         return np.nonzero(ok)[0]
 
     def _check_field(self, frame_shape: tuple[int, int], pixel_size_nm: float | None,
-                     stage: Stage | None, t_ns: int) -> None:
+                     stage: Stage | None, t_ns: int, t_recv_ns: int | None) -> None:
         f = self._field
         reason = None
+        last, self._last_times = self._last_times, (int(t_ns), t_recv_ns)
         if f.n_frames == 0:
             f.shape, f.pixel_size_nm, f.stage = frame_shape, pixel_size_nm, stage
             return
@@ -374,6 +389,17 @@ class SourceTracker:
             # (a restarted source) would fold two time axes into one fit
             reason = (f"acquisition time {t_ns} ns before the field's first frame "
                       f"({f.dynamics.t0_ns} ns)")
+        if reason is None and last is not None and t_ns < last[0]:
+            # one source's frames come in the order they were acquired: a clock set back by
+            # seconds bent the growth fits (a 3 s step: 0.13-0.15 nm/s read for 0.10)
+            reason = (f"acquisition time {t_ns} ns before the previous frame's ({last[0]} ns): "
+                      "the source's clock was set back")
+        if reason is None and last is not None and last[1] is not None and t_recv_ns is not None:
+            # the fits would take the step for time that passed (a day: every rate ~0)
+            ahead_s = ((t_ns - last[0]) - (t_recv_ns - last[1])) / 1e9
+            if ahead_s > CLOCK_STEP_S:
+                reason = (f"acquisition time {t_ns} ns ran {ahead_s:.6g} s ahead of its arrival "
+                          "since the previous frame: the source's clock stepped forward")
         if reason is not None:
             self._start_field(frame_shape, pixel_size_nm, stage, reason=reason)
             self._field.shape = frame_shape
@@ -383,22 +409,24 @@ class SourceTracker:
     # ------------------------------------------------------------------ one frame
 
     def update(self, table: np.ndarray, *, image: np.ndarray, t_ns: int, seq: int,
-               pixel_size_nm: float | None, stage: Stage | None) -> TrackUpdate:
+               pixel_size_nm: float | None, stage: Stage | None,
+               t_recv_ns: int | None = None) -> TrackUpdate:
         """Track one frame's particles: writes ``table["track_id"]`` and returns the frame's
         drift and tracking blocks. ``image``: the frame (the detector's normalised one);
         ``table``: its particle table (lengths in nm when ``pixel_size_nm`` is given, else
-        px); ``t_ns`` acquisition time; ``stage`` its stage position (µm) or None."""
+        px); ``t_ns`` acquisition time, ``t_recv_ns`` its arrival at the daemon (ns; None:
+        not known, no clock-step check); ``stage`` its stage position (µm) or None."""
         fin = np.isfinite(table["x"]) & np.isfinite(table["y"]) & np.isfinite(table["ecd_nm"])
         if not fin.all():  # a row without a position or size: no track (track_id 0)
             sub = table[fin]
             out = self.update(sub, image=image, t_ns=t_ns, seq=seq, pixel_size_nm=pixel_size_nm,
-                              stage=stage)
+                              stage=stage, t_recv_ns=t_recv_ns)
             table["track_id"] = 0
             table["track_id"][fin] = sub["track_id"]
             return out
         cfg = self.config
         shape = (int(image.shape[0]), int(image.shape[1]))
-        self._check_field(shape, pixel_size_nm, stage, t_ns)
+        self._check_field(shape, pixel_size_nm, stage, t_ns, t_recv_ns)
         if stage is not None:
             self._last_stage = stage
         f = self._field

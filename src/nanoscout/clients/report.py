@@ -30,6 +30,9 @@ coalescences, D50(t) and density(t) with intervals, the LSW ripening fit. Untrac
 treat every detection as a particle (independent images). A recording that went on across a
 daemon restart spans several daemon runs (``daemon_run``), each numbering its tracks from 1:
 the provenance says how many and when each started, and a track is never joined across two.
+A ``nanoscout measure`` run that did not finish (killed, or stopped by a write that failed: its
+provenance has no ``stopped_utc``) is said to be unfinished, with how many of its files it
+holds, before its numbers and in the provenance.
 """
 
 from __future__ import annotations
@@ -312,26 +315,33 @@ def _series(run: Run, g: _Group, t0_ns: int) -> _Series:
     seq = f["seq"][g.frames] if Run.rows(f) else np.zeros(0, np.int64)
     t_ns = f["t_acq_ns"][g.frames] if Run.rows(f) else np.zeros(0, np.int64)
     n_all = f["n"][g.frames].astype(np.float64) if Run.rows(f) else np.zeros(0)
+    runs = daemon_runs(f, Run.rows(f))[g.frames] if Run.rows(f) else np.zeros(0, np.int64)
+    # a frame is its (daemon run, seq, acquisition time): an adapter restarted during a
+    # recording numbers its frames from 0 again (seq alone pooled two frames' particles)
     if Run.rows(p):
         inner = g.particles & ~p["border"]
-        pseq, pecd = p["seq"][inner], p[_ecd_column(g.units)][inner].astype(np.float64)
+        pkey = np.stack([daemon_runs(p, Run.rows(p))[inner], p["seq"][inner],
+                         p["t_acq_ns"][inner]], axis=1).astype(np.int64)
+        pecd = p[_ecd_column(g.units)][inner].astype(np.float64)
         ok = np.isfinite(pecd) & (pecd > 0)
-        pseq, pecd = pseq[ok], pecd[ok]
+        pkey, pecd = pkey[ok], pecd[ok]
     else:
-        pseq, pecd = np.zeros(0, np.int64), np.zeros(0)
-    order = np.argsort(pseq, kind="stable")
-    pseq, pecd = pseq[order], pecd[order]
-    useq, start = np.unique(pseq, return_index=True)
-    medians = {int(s): float(np.median(v)) for s, v in zip(useq, np.split(pecd, start[1:]))
-               if v.size}
-    counts = dict(zip(useq.tolist(), np.diff(np.append(start, pseq.size)).tolist()))
+        pkey, pecd = np.zeros((0, 3), np.int64), np.zeros(0)
+    order = np.lexsort(pkey.T[::-1])
+    pkey, pecd = pkey[order], pecd[order]
+    start = np.flatnonzero(np.concatenate([[True], (pkey[1:] != pkey[:-1]).any(axis=1)])
+                           if len(pkey) else np.zeros(0, bool))
+    keys = [tuple(k) for k in pkey[start].tolist()]
+    medians = {k: float(np.median(v)) for k, v in zip(keys, np.split(pecd, start[1:]))}
+    counts = dict(zip(keys, np.diff(np.append(start, len(pkey))).tolist()))
     by_time = np.argsort(t_ns, kind="stable")
-    seq, t_ns, n_all = seq[by_time], t_ns[by_time], n_all[by_time]
+    seq, t_ns, n_all, runs = seq[by_time], t_ns[by_time], n_all[by_time], runs[by_time]
+    fkeys = [(int(r), int(q), int(t)) for r, q, t in zip(runs, seq, t_ns)]
     return _Series(
         t_s=(t_ns - t0_ns).astype(np.float64) / 1e9,
-        d50=np.array([medians.get(int(s), math.nan) for s in seq], dtype=np.float64),
+        d50=np.array([medians.get(k, math.nan) for k in fkeys], dtype=np.float64),
         n_all=n_all,
-        n_inner=np.array([counts.get(int(s), 0) for s in seq], dtype=np.float64))
+        n_inner=np.array([counts.get(k, 0) for k in fkeys], dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------------- figures
@@ -558,6 +568,23 @@ def _recording_items(prov: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def _unfinished_measure(run: Run) -> str | None:
+    """What a ``nanoscout measure`` run that did not finish holds (HTML), or None for any
+    other run. Its provenance is written when it starts and again when it ends
+    (``stopped_utc``, written only then): a measurement killed, crashed or stopped by a write
+    that failed (a full disk) holds the images of only some of the files it lists."""
+    prov = run.provenance
+    if prov.get("command") != "nanoscout measure" or prov.get("stopped_utc"):
+        return None
+    f = run.frames
+    held = len({str(v) for v in f["file"]}) if Run.rows(f) else 0
+    listed = prov.get("files")
+    of = f" of the {len(listed)} it was to measure" if isinstance(listed, list) else ""
+    return ('<strong>not finished</strong> (killed, crashed or stopped by a write that failed, '
+            f'such as a full disk): the run holds the images of <span class="n-files-held">'
+            f"{held}</span> files{of}, and its statistics are of those alone")
+
+
 def _provenance_section(run: Run) -> str:
     f = run.frames
     items: list[tuple[str, str]] = []
@@ -617,6 +644,9 @@ def _provenance_section(run: Run) -> str:
     else:
         items.append(("frames", "none recorded"))
     items.extend(_recording_items(run.provenance))
+    unfinished = _unfinished_measure(run)
+    if unfinished is not None:
+        items.append(("measurement", unfinished))
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in items)
     prov = json.dumps(run.provenance, indent=2, sort_keys=True, default=str)
     return (f"<table>{rows}</table><h3>run provenance</h3>"
@@ -832,6 +862,9 @@ def build_report(run_path: str | Path, out_html: Path, *,
             "statistics: a particle seen on 50 frames is in it 50 times, so its intervals are "
             "too narrow for the specimen).</p>" + _summary_table(stats)
             + "<h2>Distributions</h2>" + "".join(figures))
+    unfinished = _unfinished_measure(run)
+    if unfinished is not None:  # said before its numbers, not only in the provenance
+        sizes = f'<p class="note unfinished">This measurement was {unfinished}.</p>' + sizes
     methods = f'<p class="methods">{_e(methods_paragraph(run, stats))}</p>'
     title = f"nanoscout report: {run_path.name}"
     doc = (

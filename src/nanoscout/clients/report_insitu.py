@@ -23,6 +23,7 @@ Lengths are in the group's units; times in s since the run's first frame.
 
 from __future__ import annotations
 
+import bisect
 import html
 import json
 import math
@@ -39,6 +40,7 @@ __all__ = ["field_start_s", "insitu_section", "track_values"]
 
 #: growth curves drawn (the longest tracks)
 MAX_CURVES = 40
+_INT64_MAX = 2**63 - 1
 
 
 def track_values(run: Run, source: str, units: str) -> tuple[np.ndarray, int] | None:
@@ -58,19 +60,29 @@ def track_values(run: Run, source: str, units: str) -> tuple[np.ndarray, int] | 
 
 def _stats_insitu(run: Run, source: str, units: str) -> list[tuple[float, dict[str, Any]]]:
     """(acquisition time of its frame, ns; insitu block) of the source's stats rows, in time
-    order (the stats row's own ``t`` is when the daemon made it)."""
+    order (the stats row's own ``t`` is when the daemon made it). A stats row's frame is the
+    frame row of its (source, daemon run, seq) that the daemon finished last before it made
+    the statistics: an adapter restarted during a recording numbers its frames from 0 again,
+    and seq alone put the first session's statistics at the second session's times."""
     st, f = run.stats, run.frames
     out: list[tuple[float, dict[str, Any]]] = []
     if not Run.rows(st) or not Run.rows(f):
         return out
-    t_acq = {(str(s), r, int(q)): int(t) for s, r, q, t in zip(
-        f["source"], daemon_runs(f, Run.rows(f)).tolist(), f["seq"], f["t_acq_ns"], strict=True)}
-    for s, u, r, q, text in zip(st["source"].astype(str), st["units"].astype(str),
-                                daemon_runs(st, Run.rows(st)).tolist(), st["seq"],
-                                st["insitu"], strict=True):
-        t = t_acq.get((s, r, int(q)))
-        if s == source and u == units and text and t is not None:
-            out.append((float(t), json.loads(str(text))))
+    # (source, daemon run, seq) -> [(t_done_ns, t_acq_ns)] of its frame rows, by t_done
+    frames: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+    for s, r, q, done, t in zip(f["source"], daemon_runs(f, Run.rows(f)).tolist(), f["seq"],
+                                f["t_done_ns"], f["t_acq_ns"], strict=True):
+        frames.setdefault((str(s), r, int(q)), []).append((int(done), int(t)))
+    for rows in frames.values():
+        rows.sort()
+    for s, u, r, q, made, text in zip(st["source"].astype(str), st["units"].astype(str),
+                                      daemon_runs(st, Run.rows(st)).tolist(), st["seq"],
+                                      st["t_ns"], st["insitu"], strict=True):
+        mine = frames.get((s, r, int(q)))
+        if s != source or u != units or not text or not mine:
+            continue
+        i = bisect.bisect_right(mine, (int(made), _INT64_MAX)) - 1
+        out.append((float(mine[max(i, 0)][1]), json.loads(str(text))))
     out.sort(key=lambda x: x[0])
     return out
 

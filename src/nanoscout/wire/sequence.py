@@ -13,6 +13,10 @@ first number is 0: a restart is told from the run, not guessed from a falling nu
 numbers of the new run before the first one seen are counted as missed (however high it is).
 The first number ever seen of a key starts its sequence, whatever its run: a receiver that
 joins a running sender misses nothing.
+
+The counts of missed numbers stop at :data:`MAX_COUNT` (2**63 - 1, the int64 counts of the
+wire): a number is any int64, so two jumps from 0 to 2**63 - 1 (a sender's garbage or a
+camera's 64-bit frame id) would pass it, and a ``health`` message cannot carry more.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-__all__ = ["Gap", "SequenceTracker"]
+__all__ = ["MAX_COUNT", "Gap", "SequenceTracker", "saturated_sum"]
+
+#: the largest count of missed numbers kept (the int64 counts of the wire protocol)
+MAX_COUNT = 2**63 - 1
+
+
+def saturated_sum(*counts: int) -> int:
+    """The sum of ``counts``, at most :data:`MAX_COUNT`."""
+    return min(sum(counts), MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -53,9 +65,10 @@ class SequenceTracker:
         self.window = window
         self._recent: dict[str, _Recent] = {}
         self._last: OrderedDict[str, tuple[int, int | None]] = OrderedDict()  # newest, its run
-        #: numbers missed per key (keys that were forgotten are dropped from here)
+        #: numbers missed per key, at most :data:`MAX_COUNT` (keys that were forgotten are
+        #: dropped from here)
         self.missed: dict[str, int] = {}
-        #: numbers missed in total
+        #: numbers missed in total, at most :data:`MAX_COUNT`
         self.total = 0
         self.last_gap: Gap | None = None
 
@@ -78,8 +91,8 @@ class SequenceTracker:
         gap = None
         if last is not None and seq > last + 1:
             gap = Gap(key, seq, seq - last - 1)
-            self.missed[key] = self.missed.get(key, 0) + gap.missed
-            self.total += gap.missed
+            self.missed[key] = saturated_sum(self.missed.get(key, 0), gap.missed)
+            self.total = saturated_sum(self.total, gap.missed)
             self.last_gap = gap
         if last is None or seq > last or not resumable:
             self._last[key] = (seq, run)

@@ -115,7 +115,9 @@ def track_table(particles: Mapping[str, np.ndarray], frames: Mapping[str, np.nda
     (numpy arrays, as :class:`nanoscout.clients.runfile.Run` hands them out): one row per
     ``(source, daemon_run, track_id)``, so tracks of two daemon runs are never joined. Rows
     without a track (``track_id`` 0) are left out; lengths in nm where the particle rows have
-    them, else px."""
+    them, else px. A particle row's drift and field are those of the frame row of its source,
+    daemon run, ``seq`` and acquisition time (an adapter restarted under one daemon numbers
+    its frames from 0 again)."""
     out: dict[str, list[Any]] = {c: [] for c in TRACK_COLUMNS}
     if "track_id" not in particles or len(particles["track_id"]) == 0:
         return out
@@ -135,18 +137,21 @@ def track_table(particles: Mapping[str, np.ndarray], frames: Mapping[str, np.nda
     ecd_nm = np.asarray(particles["ecd_nm"], np.float64)[keep]
     ecd_px = np.asarray(particles["ecd_px"], np.float64)[keep]
     shape = np.asarray(particles["shape_class"]).astype(str)[keep]
-    # the frame's drift and field, by (source, daemon_run, seq)
-    fkey: dict[tuple[str, int, int], tuple[int, float, float]] = {}
+    # the frame's drift and field, by (source, daemon_run, seq, acquisition time): an adapter
+    # restarted under one daemon numbers its frames from 0 again (its frames took the drift
+    # and field of the other session's frame of the same number)
+    fkey: dict[tuple[str, int, int, int], tuple[int, float, float]] = {}
     if "field" in frames and len(frames["seq"]):
-        for s, r, q, fld, dx, dy in zip(np.asarray(frames["source"]).astype(str),
-                                        daemon_runs(frames, len(frames["seq"])).tolist(),
-                                        frames["seq"], frames["field"], frames["drift_x_px"],
-                                        frames["drift_y_px"], strict=True):
-            fkey[(s, r, int(q))] = (int(fld) if np.isfinite(fld) else 0,
-                                    float(dx) if np.isfinite(dx) else 0.0,
-                                    float(dy) if np.isfinite(dy) else 0.0)
-    where = [fkey.get((s, int(r), int(q)), (0, 0.0, 0.0))
-             for s, r, q in zip(src, run, seq, strict=True)]
+        for s, r, q, ta, fld, dx, dy in zip(np.asarray(frames["source"]).astype(str),
+                                            daemon_runs(frames, len(frames["seq"])).tolist(),
+                                            frames["seq"], frames["t_acq_ns"], frames["field"],
+                                            frames["drift_x_px"], frames["drift_y_px"],
+                                            strict=True):
+            fkey[(s, r, int(q), int(ta))] = (int(fld) if np.isfinite(fld) else 0,
+                                             float(dx) if np.isfinite(dx) else 0.0,
+                                             float(dy) if np.isfinite(dy) else 0.0)
+    where = [fkey.get((s, int(r), int(q), int(ta)), (0, 0.0, 0.0))
+             for s, r, q, ta in zip(src, run, seq, t_ns, strict=True)]
     fld = np.array([w[0] for w in where], np.int64)
     dxy = np.array([w[1:] for w in where], np.float64).reshape(-1, 2)
     into, fate, parents = _events(frames)
