@@ -6,6 +6,7 @@ first ``health`` message. Nothing here sleeps for a fixed time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -78,16 +79,20 @@ class DaemonProc:
         return self.proc.wait(timeout)
 
 
-def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 120.0) -> DaemonProc:
-    """Start a daemon on free loopback ports with an optional TOML ``config`` text."""
+def start_daemon(tmp_path: Path, *args: str, config: str = "", timeout: float = 120.0,
+                 log: Path | None = None) -> DaemonProc:
+    """Start a daemon on free loopback ports with an optional TOML ``config`` text; ``log``:
+    a file for its stderr (its log lines; None: this process's stderr)."""
     cfg = tmp_path / "daemon.toml"
     cfg.write_text(config, encoding="utf-8")
-    proc = nanoscout(
-        "serve", "--config", str(cfg), "--frames-endpoint", "tcp://127.0.0.1:0", "--results",
-        "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0", "--metrics-port", "0",
-        "--health-interval", "0.2", "--threads", "2",
-        *args, stdout=subprocess.PIPE,
-    )
+    with contextlib.ExitStack() as files:
+        err = None if log is None else files.enter_context(log.open("w", encoding="utf-8"))
+        proc = nanoscout(
+            "serve", "--config", str(cfg), "--frames-endpoint", "tcp://127.0.0.1:0", "--results",
+            "tcp://127.0.0.1:0", "--query", "tcp://127.0.0.1:0", "--metrics-port", "0",
+            "--health-interval", "0.2", "--threads", "2",
+            *args, stdout=subprocess.PIPE, stderr=err,
+        )
     ep, lines, reader = wait_ready(proc, "daemon", timeout)
     return DaemonProc(proc, ep["input"], ep["output"], ep["metrics"], lines, reader,
                       ep.get("query"))

@@ -28,11 +28,12 @@ from nanoscout.analysis.frame import Frame
 from nanoscout.analysis.pipeline import FrameResult, Pipeline
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.acquisition.readers import ImageRecord, read_images
+from nanoscout.clients.query import QueryError, request_lens
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.daemon.app import build_pipeline
 from nanoscout.daemon.config import load_config
-from nanoscout.wire.protocol import DetHeader, HealthHeader
-from tests.system.conftest import DaemonProc, nanoscout
+from nanoscout.wire.protocol import DetHeader, HealthHeader, encode_frame, frame_header
+from tests.system.conftest import DaemonProc, nanoscout, start_daemon
 from tests.triton_server import TritonDist, TritonServer, find_dist, start_triton
 
 pytestmark = pytest.mark.system
@@ -301,6 +302,54 @@ def test_server_down_drops_counted_or_falls_back(repository: Path, frames: Frame
     finally:
         _stop(*(d for d in (plain, fallback) if d is not None))
         srv.kill()
+
+
+def test_an_outage_forgets_the_sources_its_frames_evict(repository: Path, frames: Frames,
+                                                       tmp_path: Path) -> None:
+    """More sources than ``input.max_sources`` during a server outage: the failing frame of
+    each new source evicts the least recently seen one from the pipeline. The eviction was
+    lost with the frame: evicted sources kept their Prometheus series and their newest frame
+    on the query socket for good (300 names of 512² float32 frames: 203 → 799 MB RSS and 302
+    series at ``max_sources = 2``; ``nanoscout_sources_evicted_total`` 0 where health said
+    300), and every dropped frame was an ERROR line. Now they are forgotten as after an
+    analysed frame, and the failures make one line a minute."""
+    srv = _start(repository, tmp_path / "server")
+    log = tmp_path / "daemon.log"
+    folder = tmp_path / "daemon"
+    folder.mkdir()
+    config = _triton_config(srv.url, timeout_s=5.0) + "[input]\nmax_sources = 2\n"
+    d = start_daemon(folder, "--policy", "lossless", config=config, log=log)
+    assert d.query is not None
+    names = [f"scan{k:02d}" for k in range(20)]
+    try:
+        one = [f for f in frames if f[1] is None][:1]
+        rec = one[0][0]
+        assert len(_results(d, one, "camA")) == len(_results(d, one, "camB")) == 1
+        reply, _ = request_lens(d.query, "camA", [])  # its newest frame is kept for the lens
+        assert reply.seq == 0
+        srv.kill()  # gone at once, as in a crash
+        with FramePublisher(d.input, mode="push", source="x") as pub:
+            for name in names:  # 20 new sources, one frame each: every frame fails
+                fh = frame_header(rec.data, source=name, seq=0, t_acq_ns=time.time_ns(),
+                                  pixel_size_nm=rec.pixel_size_nm)
+                pub.send_raw([bytes(p) for p in encode_frame(fh, rec.data)])
+        h = _health(d, lambda h: h.frames_dropped.get("engine_failure", 0) == len(names))
+        assert h.frames_processed == 2 and h.sources == 2 and h.sources_evicted == len(names)
+        text = d.scrape()
+        received = {line.split('"')[1] for line in text.splitlines()
+                    if line.startswith('nanoscout_frames_received_total{source="')}
+        assert received == set(names[-2:])  # the pipeline's two sources, no others
+        assert f"nanoscout_sources_evicted_total {float(len(names))}" in text.splitlines()
+        with pytest.raises(QueryError, match=r"no frame of source 'camA'") as err:
+            request_lens(d.query, "camA", [])
+        assert str(names[-2:]) in str(err.value)  # the lens keeps the pipeline's sources only
+        assert d.stop() == 0
+    finally:
+        _stop(d)
+        srv.kill()
+    failures = [line for line in log.read_text(encoding="utf-8").splitlines()
+                if " dropped: " in line]
+    assert len(failures) == 1 and "at most one line every 60 s" in failures[0], failures[:3]
 
 
 def test_daemon_without_a_server_says_so(tmp_path: Path) -> None:

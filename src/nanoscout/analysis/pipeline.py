@@ -17,7 +17,8 @@ caller counts (particles, stage times, failures that cost only part of the frame
 No sockets and no threads here: the daemon's worker thread and the offline ``nanoscout measure``
 command call the same method, so both give identical numbers. Per-source state (statistics per
 length unit, clusters, tracks, classification turn, message counters) is bounded: beyond
-``max_sources`` the least recently seen source is forgotten (:attr:`FrameResult.evicted`).
+``max_sources`` the least recently seen source is forgotten (:attr:`FrameResult.evicted`; a
+frame whose analysis raised leaves its evictions to :meth:`Pipeline.take_evicted`).
 :meth:`Pipeline.request` (any thread) asks for a source's statistics to be reset or its drift
 reference set; the request is applied before that source's next frame.
 :meth:`Pipeline.replace_detector` switches the default detection model between two frames (the
@@ -91,7 +92,8 @@ class FrameResult:
     that failed after the detections were out (``classify``, ``summary``); ``skipped``:
     (stage, error) of parts skipped on purpose, each error's ``reason`` says why (``classify``
     with :class:`~nanoscout.wire.errors.BlankFrame`, reason ``blank``: a frame without
-    contrast, no ``class`` message); ``evicted``: sources forgotten to make room for this one.
+    contrast, no ``class`` message); ``evicted``: sources forgotten to make room for this one
+    (and for earlier frames whose analysis raised, unless taken by :meth:`Pipeline.take_evicted`).
     """
 
     frame: Frame
@@ -244,6 +246,8 @@ class Pipeline:
         self._sources: OrderedDict[str, _SourceState] = OrderedDict()
         #: sources forgotten so far to stay within ``max_sources``
         self.evicted_total = 0
+        #: sources forgotten whose eviction no FrameResult reported yet (:meth:`take_evicted`)
+        self._evicted: list[str] = []
 
     @property
     def model_names(self) -> dict[str, str]:
@@ -333,18 +337,27 @@ class Pipeline:
         self.alert_engine.forget(source)
         self._previews.forget(source)
 
-    def _state(self, source: str) -> tuple[_SourceState, list[str]]:
+    def take_evicted(self) -> list[str]:
+        """The sources forgotten to stay within ``max_sources`` that no :class:`FrameResult`
+        reported yet, and not seen again since; they are reported once. A frame whose analysis
+        raised (an engine failure) may have evicted a source before it failed: a caller that
+        keeps per-source state beside the pipeline's (the daemon's metric series, the lens's
+        newest frames) takes them here, or gets them with the next frame's result."""
+        evicted = [s for s in dict.fromkeys(self._evicted) if s not in self._sources]
+        self._evicted = []
+        return evicted
+
+    def _state(self, source: str) -> _SourceState:
         state = self._sources.get(source)
-        evicted: list[str] = []
         if state is None:
             while len(self._sources) >= self.max_sources:
                 old = next(iter(self._sources))
                 self.forget(old)
-                evicted.append(old)
+                self._evicted.append(old)  # reported with the result, or by take_evicted
                 self.evicted_total += 1
             state = self._sources[source] = _SourceState()
         self._sources.move_to_end(source)
-        return state, evicted
+        return state
 
     # ------------------------------------------------------------------ one frame
 
@@ -365,7 +378,7 @@ class Pipeline:
                 emit(msg)
 
         h = frame.header
-        state, evicted = self._state(h.source)
+        state = self._state(h.source)
         if self._requests:
             self._apply_requests(h.source, state)
         ref = frame.ref()
@@ -388,7 +401,7 @@ class Pipeline:
                 state.tracker = SourceTracker(self.tracking)
             tracks = state.tracker.update(table, image=frame.normalized, t_ns=h.t_acq_ns,
                                           seq=h.seq, pixel_size_nm=h.pixel_size_nm,
-                                          stage=h.stage)
+                                          stage=h.stage, t_recv_ns=frame.t_recv_ns)
             stage_ms.update(tracks.timings_ms)
         det = DetHeader(
             **ref, stage_ms={k: round(v, 3) for k, v in stage_ms.items()},
@@ -402,7 +415,8 @@ class Pipeline:
             drift=None if tracks is None else FrameDrift(**tracks.drift),
             tracking=None if tracks is None else Tracking(**tracks.tracking))
         send(Message(det.topic().decode(), det, table))
-        result = FrameResult(frame, out, labels, table, stage_ms, model, scale, evicted=evicted,
+        result = FrameResult(frame, out, labels, table, stage_ms, model, scale,
+                             evicted=self.take_evicted(),
                              tracks=tracks, calibrated=found.calibrated)
 
         if self.preview is not None and self._previews.due(h.source):
@@ -513,7 +527,7 @@ class Pipeline:
         fired = self.alert_engine.evaluate_class(
             source=frame.source, t_ns=frame.header.t_acq_ns, labels=list(c.all),
             probabilities=list(c.all.values()), novelty=c.novelty, heatmap=c.cam,
-            cam_of=c.cam_of)
+            cam_of=c.cam_of, t_recv_ns=frame.t_recv_ns)
         for al in fired:
             send(self._alert(al, frame, state, ref, result))
 
@@ -539,7 +553,7 @@ class Pipeline:
             source=frame.source, t_ns=frame.header.t_acq_ns, stage=frame.header.stage,
             table=result.table, stats=snap, units=units, pixel_size_nm=frame.pixel_size_nm,
             events=() if result.tracks is None else result.tracks.tracking["events"],
-            insitu=insitu, calibrated=result.calibrated)
+            insitu=insitu, calibrated=result.calibrated, t_recv_ns=frame.t_recv_ns)
         result.stage_ms["alerts"] = (time.perf_counter() - t0) * 1e3
         alerts = [self._alert(al, frame, state, ref, result) for al in fired]
         km = state.clusters.get(units)

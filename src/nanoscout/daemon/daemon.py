@@ -10,17 +10,20 @@ Three threads, each owning its resources:
   drops unread with its connection, and a connection refused at the handshake are counted
   from the monitor's events in ``connections_total{socket="input",event}`` (and
   ``input_connections_total{event}``) and logged at most once a minute
-  (:mod:`nanoscout.daemon.connections`). It checks ``seq`` for transport
-  gaps per source and hands frames to the queue. ``lossless``: a queue bounded in frames and
-  bytes; when it is full the receiver stops reading, ZeroMQ's high-water mark fills and the
-  adapter's ``send`` blocks (back-pressure, nothing dropped). ``live``: one slot per source
-  holding the newest frame; a frame that replaces an unanalysed one is counted as
-  ``dropped{reason="superseded"}``.
+  (:mod:`nanoscout.daemon.connections`). It checks ``seq`` for transport gaps per source
+  (counted, logged at most once a minute) and hands frames to the queue. ``lossless``: a
+  queue bounded in frames and bytes; when it is full the receiver stops reading, ZeroMQ's
+  high-water mark fills and the adapter's ``send`` blocks (back-pressure, nothing dropped).
+  ``live``: one slot per source holding the newest frame; a frame that replaces an
+  unanalysed one is counted as ``dropped{reason="superseded"}``.
 * **worker** runs :meth:`Pipeline.process <nanoscout.analysis.pipeline.Pipeline.process>` on one
   frame at a time; its messages go to the publisher as they are made. A frame that cannot be
-  analysed is counted (``engine_failure``, or ``internal`` for a bug) and skipped. A blank
-  frame (no contrast) is answered without a ``class`` message, counted in
-  ``classify_skipped_total{reason="blank"}``, not logged as a failure.
+  analysed is counted (``engine_failure``, logged at most once a minute, or ``internal`` for a
+  bug) and skipped; a source it evicted from the pipeline's state (beyond
+  ``input.max_sources``) is forgotten here too (its series, its frames for the lens and for
+  review), as after an analysed frame. A blank frame (no contrast) is answered without a
+  ``class`` message, counted in ``classify_skipped_total{reason="blank"}``, not logged as a
+  failure.
 * **publisher** owns the result PUB socket and its monitor socket: it encodes and sends the
   worker's messages in the order the pipeline made them (``det``, ``preview``, ``class`` + its
   alerts, particle / count / drift alerts, ``stats`` last) and a ``health`` message every
@@ -78,7 +81,7 @@ from nanoscout.wire.headers import (
     HealthHeader,
     StatsHeader,
 )
-from nanoscout.wire.sequence import Gap, SequenceTracker
+from nanoscout.wire.sequence import Gap, SequenceTracker, saturated_sum
 from nanoscout.wire.transport import CurveServer, bind, frame_input_socket, result_publisher
 
 log = logging.getLogger("nanoscout.daemon")
@@ -118,6 +121,32 @@ class _RateLimitedLog:
             log.warning("%s (#%d): %s", reason, n, message, exc_info=exc_info)
 
 
+class _LogEvery:
+    """At most one log line every ``every_s`` seconds for each kind of event (a fixed set of
+    kinds, never a source name), saying how many were not logged since the previous line:
+    events that may come with every frame for hours (frames lost in transport on a live link
+    that drops them, each frame of an engine outage) cannot flood the log. They are counted
+    in full in health and Prometheus. Any thread."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, level: int, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._logged_at.get(kind)
+            if last is not None and now - last < self.every_s:
+                self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+                return
+            self._logged_at[kind] = now
+            since = self._unlogged.pop(kind, 0)
+        log.log(level, "%s (%d more such events not logged since the last such line; at most "
+                "one line every %g s)", message, since, self.every_s)
+
+
 class Daemon:
     """One inference daemon. ``start()`` binds and launches the threads; ``wait()`` joins them."""
 
@@ -143,6 +172,7 @@ class Daemon:
         self._threads: list[threading.Thread] = []
         self._t_start = time.monotonic()
         self._warn = _RateLimitedLog()
+        self._log_every = _LogEvery()
         # counters mirrored for the health message (each written under _count_lock)
         self.received = 0
         self.processed = 0
@@ -415,7 +445,9 @@ class Daemon:
         adapter is told that it was dropped and why."""
         gap, duplicate = self._observe_seq(h, count=False)
         if not duplicate:
-            self._gap(h, gap)
+            # a source none of whose frames was taken gets no series: a stream of names whose
+            # frames are all refused would otherwise grow /metrics without bound
+            self._gap(h, gap, series=self.metrics.has_source(h.source))
         self._ack(h, "duplicate" if duplicate else "dropped", None if duplicate else reason)
 
     def _observe_seq(self, h: FrameHeader, *, count: bool) -> tuple[Gap | None, bool]:
@@ -433,11 +465,16 @@ class Daemon:
                 self.received += count
         return gap, duplicate
 
-    def _gap(self, h: FrameHeader, gap: Gap | None) -> None:
+    def _gap(self, h: FrameHeader, gap: Gap | None, *, series: bool = True) -> None:
+        """Count (in the source's series, where ``series``) and log frames lost before ``h``;
+        the log has at most one such line a minute (a live link that drops frames has a gap
+        before nearly every frame it delivers)."""
         if gap is not None:
-            self.metrics.transport_gaps.labels(source=h.source).inc(gap.missed)
-            log.warning("source %s: %d frame(s) lost in transport before seq %d", h.source,
-                        gap.missed, h.seq)
+            if series:
+                self.metrics.transport_gaps.labels(source=h.source).inc(gap.missed)
+            self._log_every("transport gap", logging.WARNING,
+                            f"source {h.source}: {gap.missed} frame(s) lost in transport "
+                            f"before seq {h.seq}")
 
     def _accept(self, frame: Frame, *, stopping: bool, leftover: bool) -> None:
         h = frame.header
@@ -517,11 +554,17 @@ class Daemon:
         try:
             result = self.pipeline.process(frame, emit=self._out.put)
         except EngineError as exc:
+            # the frame may have evicted a source before its engine failed (an outage with
+            # more sources than max_sources): what the daemon keeps of it goes too
+            self._forget_evicted(self.pipeline.take_evicted())
             self._dropped_frame(frame, Reason.ENGINE_FAILURE)
             self.last_error = f"frame {h.source}#{h.seq}: {exc!r}"
-            log.error("frame %s#%d dropped: %s", h.source, h.seq, exc)
+            # one line a minute: an outage fails every frame (each counted as engine_failure)
+            self._log_every("engine failure", logging.ERROR,
+                            f"frame {h.source}#{h.seq} dropped: {exc}")
             return
         except Exception as exc:  # last resort: a bug met on one frame never ends the daemon
+            self._forget_evicted(self.pipeline.take_evicted())
             self._dropped_frame(frame, Reason.INTERNAL)
             self.last_error = f"frame {h.source}#{h.seq}: internal error {exc!r}"
             self._warn("internal error analysing a frame", self.last_error, exc_info=True)
@@ -552,15 +595,20 @@ class Daemon:
             if save is not None:
                 self.review.on_alert(frame, ah.rule, save)
 
-    def _account(self, frame: Frame, result: FrameResult) -> None:
-        """Metrics and health figures of one analysed frame."""
-        m, h, dh = self.metrics, frame.header, result.det
-        for source in result.evicted:
-            m.forget_source(source)
-            m.sources_evicted.inc()
+    def _forget_evicted(self, sources: list[str]) -> None:
+        """The pipeline forgot ``sources`` (beyond ``input.max_sources``): their metric series,
+        newest frame for the lens and frames for review go too, and each is counted."""
+        for source in sources:
+            self.metrics.forget_source(source)
+            self.metrics.sources_evicted.inc()
             if self._query is not None:
                 self._query.forget(source)
             self.review.forget(source)
+
+    def _account(self, frame: Frame, result: FrameResult) -> None:
+        """Metrics and health figures of one analysed frame."""
+        m, h, dh = self.metrics, frame.header, result.det
+        self._forget_evicted(result.evicted)
         lat_s = self._latency_s(dh.t_acq_ns, frame.t_recv_ns, dh.t_done_ns)
         m.latency.observe(lat_s)
         for stage, ms in result.stage_ms.items():
@@ -640,7 +688,7 @@ class Daemon:
         by_source: dict[str, int] = {}
         for key, n in by_key.items():  # keys are "source" or "source/session"
             source = key.split("/", 1)[0]
-            by_source[source] = by_source.get(source, 0) + n
+            by_source[source] = saturated_sum(by_source.get(source, 0), n)  # int64 counts
         span = min(5.0, now - self._t_start)
         fps = len(recent) / span if span > 0 else 0.0
         seq, self._health_seq = self._health_seq, self._health_seq + 1

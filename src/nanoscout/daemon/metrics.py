@@ -23,6 +23,9 @@ connections_total{socket,event}        counter    the same events on each listen
                                                   clients, where served); a CURVE key refused
                                                   on any is handshake_failed_auth
 transport_gaps_total{source}           counter    frames missing from the adapter's seq numbering
+                                                  (of sources with series: a source all of whose
+                                                  frames were refused has none, its gaps count
+                                                  in ``health.transport_gaps``)
 sources_evicted_total                  counter    sources forgotten beyond ``input.max_sources``
 particles_measured_total{source}       counter
 frames_base_network_only_total{source} counter    frames an adapted model handed to its base
@@ -78,10 +81,11 @@ frame_save_failures_total{reason}      counter    no_frame, disk_budget, queue_f
 =====================================  =========  ==========================================
 
 Every labelled counter whose label values are known at start (reasons, alert rules) exists at
-zero from the start, and a source's counters exist at zero from its first frame, so that
+zero from the start, and a source's counters exist at zero from its first frame taken, so that
 Prometheus' ``increase()`` sees the first step. A source evicted from the daemon's state loses
-its series (:meth:`Metrics.forget_source`), so /metrics stays bounded however many sources
-come and go.
+its series (:meth:`Metrics.forget_source`; also when the frame that evicted it failed, e.g. in
+an engine outage), and a source whose frames were all refused gets none, so /metrics stays
+bounded by ``input.max_sources`` however many sources come and go.
 """
 
 from __future__ import annotations
@@ -244,6 +248,8 @@ class Metrics:
             "(answered or refused)", ["outcome"], registry=r)
         self._server: WSGIServer | None = None
         self._labels = tuple(labels)
+        #: sources with series (:meth:`add_source` .. :meth:`forget_source`)
+        self._sources: set[str] = set()
         # every series whose labels are known now exists at zero from the start
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason=reason.value)
@@ -284,12 +290,14 @@ class Metrics:
 
     def add_source(self, source: str) -> None:
         """Create the per-source counters of a new source at zero."""
+        self._sources.add(source)
         for counter in (self.frames_received, self.frames_processed, self.transport_gaps,
                         self.particles, self.base_network_only, self.frames_smoothed):
             counter.labels(source=source)
 
     def forget_source(self, source: str) -> None:
         """Remove every series of ``source`` (it was evicted from the daemon's state)."""
+        self._sources.discard(source)
         for metric in (self.frames_received, self.frames_processed, self.transport_gaps,
                        self.particles, self.base_network_only, self.novelty,
                        self.frames_smoothed, self.frame_noise):
@@ -305,6 +313,11 @@ class Metrics:
             for units in ("nm", "px"):
                 with contextlib.suppress(KeyError):
                     gauge.remove(source, units)
+
+    def has_source(self, source: str) -> bool:
+        """Whether ``source`` has series now (a frame of it was taken and it was not
+        forgotten since)."""
+        return source in self._sources
 
     def observe_stats(self, source: str, units: str, window: Any) -> None:
         """Set the size gauges of ``source`` from a ``stats`` message's ``window`` block
