@@ -112,3 +112,24 @@ def test_a_write_that_fails_ends_measure_in_one_line_and_the_report_marks_the_ru
     assert f'<p class="note unfinished">This measurement was {said}' in html  # before the numbers
     assert html.index("not finished") < html.index("particles recorded")
     assert html.count(said) == 2  # and in the provenance
+
+
+def test_a_calibration_the_reader_refused_is_named_not_called_missing(tmp_path: Path) -> None:
+    """A TIFF whose ImageJ calibration reads 1e-6 nm/px (outside the 1e-4..1e6 nm/px a reader
+    accepts) was reported as "no calibration", as if the file had none; the line now gives the
+    reader's reason, and a PNG (no pixel size in the format) still reads as missing."""
+    import tifffile
+
+    tiny = tmp_path / "cal_tiny.tif"
+    tifffile.imwrite(tiny, _dots(1), imagej=True, resolution=(1e6, 1e6),
+                     metadata={"unit": "nm"})
+    plain = tmp_path / "plain.png"
+    Image.fromarray(_dots(2)).save(plain)
+    proc = nanoscout("measure", str(tiny), str(plain), "--out", str(tmp_path / "r.csv"),
+                     "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text
+    line = next(x for x in text.splitlines() if x.startswith(str(tiny)))
+    assert "absurd calibration ignored" in line and "outside 0.0001..1e+06 nm/px" in line, line
+    line = next(x for x in text.splitlines() if x.startswith(str(plain)))
+    assert "no calibration (png files carry no pixel size)" in line, line

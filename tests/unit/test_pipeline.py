@@ -277,3 +277,27 @@ def test_whether_the_scale_was_agreed_reaches_the_det_and_the_wire() -> None:
     assert back.header.scale_agreed is False
     plain, _ = _pipeline()
     assert plain.process(_frame()).det.scale_agreed is None
+
+
+def test_an_analysed_frame_holds_only_its_pixels() -> None:
+    """The daemon keeps frames after their analysis (for review, bounded by ``[review]
+    max_bytes`` counted in pixel bytes; the lens's newest frame per source): each also held
+    its normalised float32 copy, twice a uint16 frame's own bytes (long-run audit: 64 MiB of
+    kept 1024² uint16 frames took 158 MB). Released after the analysis, raised or not."""
+    pipe, det = _pipeline(preview=PreviewConfig())
+    frame = _frame()
+    pipe.process(frame)
+    assert det.normalized[-1] is not None  # the detector was given the normalised copy
+    assert "normalized" not in vars(frame)
+    assert frame.normalized.dtype == np.float32  # prepared again when asked
+
+    class _Failing(_Detector):
+        def detect(self, pixels: np.ndarray, **kw: Any) -> SimpleNamespace:
+            super().detect(pixels, **kw)
+            raise FrameError("engine gone", reason=Reason.ENGINE_FAILURE)
+
+    failing = Pipeline(_Failing(), rules=RULES, preview=PreviewConfig())
+    frame = _frame()
+    with pytest.raises(FrameError):
+        failing.process(frame)
+    assert "normalized" not in vars(frame)

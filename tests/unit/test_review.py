@@ -199,6 +199,27 @@ def test_the_disk_budget_refuses_saves_and_deletes_nothing(tmp_path: Path) -> No
         review.close()
 
 
+def test_refused_saves_are_counted_each_and_logged_once_a_minute(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """While the review folder is full, every alert's save is refused: each one was its own
+    WARNING line (long-run audit: 252 lines for 256 refusals). Each is still counted and
+    answered; the log says it once, with how many it left out."""
+    review, failures = _review(tmp_path, frames=4, max_disk_bytes=30_000)
+    try:
+        review.offer(_frame("cam", 0, side=64))
+        review.save_latest("cam")
+        caplog.set_level("WARNING", logger="nanoscout.review")
+        for seq in range(1, 21):
+            review.offer(_frame("cam", seq, side=64))
+            with pytest.raises(SaveRefused, match="max_disk_bytes"):
+                review.save_latest("cam")
+        assert failures == ["disk_budget"] * 20 and review.saved == 1
+        lines = [r.getMessage() for r in caplog.records if r.name == "nanoscout.review"]
+        assert len(lines) == 1 and "max_disk_bytes" in lines[0], lines
+    finally:
+        review.close()
+
+
 def test_deleting_saved_files_frees_the_disk_budget(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The directory was measured once and then only added to: after an operator deleted the

@@ -118,6 +118,13 @@ class Frame:
         the preview's picture (:func:`~nanoscout.analysis.preprocess.normalize`)."""
         return normalize(self.pixels)
 
+    def release(self) -> None:
+        """Drop what was prepared from the pixels (:attr:`normalized`: 4 bytes a pixel, twice a
+        uint16 frame's own) once the frame is analysed, so that a frame kept afterwards (the
+        frames kept for review, the lens's newest frame per source) holds only its pixels, as
+        ``[review] max_bytes`` counts them. Asked for again, it is prepared again."""
+        self.__dict__.pop("normalized", None)
+
     def ref(self) -> dict[str, Any]:
         """The fields every result header of this frame shares (``FrameRef``)."""
         h = self.header

@@ -369,7 +369,16 @@ class Pipeline:
         classification or the summary after ``det`` are caught and listed in
         :attr:`FrameResult.failures` (the summary's: no ``stats`` message); a blank frame's
         classification is skipped (:attr:`FrameResult.skipped`, no ``class`` message).
+        Afterwards, whether it raised or not, the frame holds only its pixels
+        (:meth:`Frame.release`): the daemon keeps frames for review and for the lens.
         """
+        try:
+            return self._process(frame, emit)
+        finally:
+            frame.release()
+
+    def _process(self, frame: Frame, emit: Emit | None) -> FrameResult:
+        """:meth:`process` without the release of the frame's prepared pixels."""
         out: list[Message[Any]] = []
 
         def send(msg: Message[Any]) -> None:

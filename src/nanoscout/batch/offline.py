@@ -297,7 +297,11 @@ def measure_files(
             px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
             if px is None:
                 report.uncalibrated.append(path)
-                log(f"{label}: no calibration, lengths in px (use --pixel-size to set one)")
+                # the reader's note says why: none in the file, or one it refused as absurd
+                why = rec.calibration_note or "no calibration"
+                if not why.startswith("no calibration"):
+                    why = f"no calibration ({why})"
+                log(f"{label}: {why}, lengths in px (use --pixel-size to set one)")
             source = SOURCE_NM if px else SOURCE_PX
             if track:  # a sequence: frame k at t0 + k intervals
                 t_acq_ns = t0_ns + round(seq[source] * frame_interval_s * 1e9)

@@ -67,6 +67,7 @@ from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.connections import Connections, transport_cap_bytes
 from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.hotswap import Build, LoadedModel, ModelSwapper
+from nanoscout.daemon.lograte import LogEvery, RateLimitedLog
 from nanoscout.daemon.metrics import Metrics
 from nanoscout.daemon.query import LensServer
 from nanoscout.daemon.queues import FrameQueue, LiveSlots
@@ -108,45 +109,6 @@ class Endpoints:
     query: str | None = None  # the query socket: lens and control requests (None: not served)
 
 
-class _RateLimitedLog:
-    """Logs the first few occurrences of each reason, then every 100th (a flood of garbage
-    must not flood the log)."""
-
-    def __init__(self) -> None:
-        self._n: dict[str, int] = {}
-
-    def __call__(self, reason: str, message: str, *, exc_info: bool = False) -> None:
-        n = self._n[reason] = self._n.get(reason, 0) + 1
-        if n <= 5 or n % 100 == 0:
-            log.warning("%s (#%d): %s", reason, n, message, exc_info=exc_info)
-
-
-class _LogEvery:
-    """At most one log line every ``every_s`` seconds for each kind of event (a fixed set of
-    kinds, never a source name), saying how many were not logged since the previous line:
-    events that may come with every frame for hours (frames lost in transport on a live link
-    that drops them, each frame of an engine outage) cannot flood the log. They are counted
-    in full in health and Prometheus. Any thread."""
-
-    def __init__(self, every_s: float = 60.0) -> None:
-        self.every_s = every_s
-        self._logged_at: dict[str, float] = {}
-        self._unlogged: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, kind: str, level: int, message: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last = self._logged_at.get(kind)
-            if last is not None and now - last < self.every_s:
-                self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
-                return
-            self._logged_at[kind] = now
-            since = self._unlogged.pop(kind, 0)
-        log.log(level, "%s (%d more such events not logged since the last such line; at most "
-                "one line every %g s)", message, since, self.every_s)
-
-
 class Daemon:
     """One inference daemon. ``start()`` binds and launches the threads; ``wait()`` joins them."""
 
@@ -171,8 +133,8 @@ class Daemon:
         self._live = LiveSlots(self._dropped_frame, inp.max_sources)
         self._threads: list[threading.Thread] = []
         self._t_start = time.monotonic()
-        self._warn = _RateLimitedLog()
-        self._log_every = _LogEvery()
+        self._warn = RateLimitedLog(log)
+        self._log_every = LogEvery(log)
         # counters mirrored for the health message (each written under _count_lock)
         self.received = 0
         self.processed = 0

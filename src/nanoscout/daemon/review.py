@@ -46,6 +46,7 @@ from nanoscout.analysis.rules import SaveFrames
 from nanoscout.daemon.config import ReviewConfig
 from nanoscout.daemon.frame_ring import FrameRing
 from nanoscout.daemon.frame_tiff import frame_file_name, write_frame_tiff, write_label_map
+from nanoscout.daemon.lograte import LogEvery
 
 __all__ = ["FrameReview", "SaveRefused"]
 
@@ -111,6 +112,8 @@ class FrameReview:
         self._thread: threading.Thread | None = None
         self.saved = 0
         self.failed: dict[str, int] = {}
+        # refusals may come with every alert while the folder is full: one line a minute each
+        self._log_every = LogEvery(log)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, guard: Callable[[Callable[[], None]], Callable[[], None]] | None = None
@@ -177,8 +180,9 @@ class FrameReview:
         with self._lock:
             if len(self._pending) >= _MAX_PENDING:
                 early = self._pending.pop(0)
-                log.warning("review: too many alert saves waiting; writing %s#%d early",
-                            early.source, early.job.why.get("seq", -1))
+                self._log_every("early", logging.WARNING,
+                                f"review: too many alert saves waiting; writing "
+                                f"{early.source}#{early.job.why.get('seq', -1)} early")
                 self._submit(early.job)
             self._pending.append(_Pending(h.source, save.after, job))
 
@@ -218,7 +222,7 @@ class FrameReview:
             job.error = (f"{len(job.frames)} frame(s) not saved: {self.config.queue} saves are "
                          "waiting to be written already ([review] queue)")
             self._failed("queue_full", len(job.frames))
-            log.warning("review: %s", job.error)
+            self._log_every("queue_full", logging.WARNING, f"review: {job.error}")
             job.done.set()
 
     def _used(self) -> int:
@@ -316,7 +320,7 @@ class FrameReview:
         if errors:
             job.error = "; ".join(errors[:3]) + (f" (and {len(errors) - 3} more)"
                                                  if len(errors) > 3 else "")
-            log.warning("review: %s", job.error)
+            self._log_every("not_saved", logging.WARNING, f"review: {job.error}")
 
     def _free_name(self, frame: Frame, suffix: str) -> Path:
         """A path in the directory for ``frame`` that holds no file yet."""
