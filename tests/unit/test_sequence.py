@@ -98,3 +98,29 @@ def test_restarts_keep_the_memory_bounded_by_the_key_limit() -> None:
     assert len(t._last) == 3 and t.total == 3 * 199
     track_gap(t, stats(0, RUN2, "d"))
     assert "stats.a" not in t and "stats.d" in t and len(t._last) == 3
+
+
+def test_the_duplicate_window_holds_the_last_numbers_in_bounded_memory() -> None:
+    """A lossless daemon remembers the last 4096 frame numbers of up to 4 x max_sources keys
+    (256 at the default 64) to recognise resent frames: as a deque and a set of Python ints
+    that took about 73 MB (long-run audit); as an int64 ring, 8 bytes a number."""
+    import tracemalloc
+
+    small = SequenceTracker(window=8)
+    for seq in [*range(20), 7]:  # 7 again at the end: the newest eight are 13..19 and 7
+        small.observe("a", seq, resumable=True)
+    assert [s for s in range(21) if small.seen("a", s)] == [7, 13, 14, 15, 16, 17, 18, 19]
+    assert not small.seen("b", 0)
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracker = SequenceTracker(max_keys=256, window=4096)
+        for key in range(256):
+            for seq in range(4096):
+                tracker.observe(f"cam{key}", seq, resumable=True)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert tracker.seen("cam255", 0) and tracker.seen("cam0", 4095)
+    assert used < 16 * 2**20, f"{used / 2**20:.1f} MiB for 256 keys x 4096 numbers"
