@@ -1,7 +1,8 @@
 """Audit of ``nanoscout measure`` re-analysing an archive: a file reached by two paths (a
 ``latest`` link to a session folder, a file given beside its folder) is measured once, and a
 run cut short by a write that fails (a file size limit, as a full disk or a quota gives it)
-ends in one line saying what the run holds, and ``nanoscout report`` marks it unfinished.
+ends in one line saying what the run holds, and ``nanoscout report`` marks it unfinished; a
+run commits batches of files, and one killed holds whole files.
 Real ``nanoscout measure`` and ``report`` processes on real PNG files."""
 
 from __future__ import annotations
@@ -112,6 +113,38 @@ def test_a_write_that_fails_ends_measure_in_one_line_and_the_report_marks_the_ru
     assert f'<p class="note unfinished">This measurement was {said}' in html  # before the numbers
     assert html.index("not finished") < html.index("particles recorded")
     assert html.count(said) == 2  # and in the provenance
+
+
+def test_a_run_of_many_files_commits_whole_batches_and_a_kill_keeps_whole_files(
+        tmp_path: Path) -> None:
+    """``measure`` committed every file as one Parquet part per table: a 1000-file run was
+    3000 parts, which ``read_run`` (the run's close, ``nanoscout report``) opened one by one.
+    It commits batches of files (1, 2, 4 ... 64 files): killed (``kill -9``) after its 41st
+    file, the run holds the 31 files of its first five batches (or 63, should the kill come
+    late), each file whole and once, in 5 (or 6) parts per table, not 41."""
+    files = _session(tmp_path / "in", 0, 100)
+    out = tmp_path / "run.parquet"
+    proc = nanoscout("measure", str(tmp_path / "in"), "--out", str(out), "--no-progress",
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # one line per image analysed, as it is analysed
+        seen.append(line)
+        if line.startswith(f"{files[40]}[0]: "):
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert proc.returncode == -9, "".join(seen)
+    run = read_run(out)
+    held = sorted(run.frames["file"])
+    assert held in ([str(p) for p in files[:31]], [str(p) for p in files[:63]]), held
+    assert set(run.particles["file"]) == set(held)  # every particle's file is held, whole
+    batches = {31: 5, 63: 6}[len(held)]
+    for table in (out, out / "_frames", out / "_stats"):
+        assert len(list(table.glob("part-*.parquet"))) == batches, table
+    prov = json.loads((out / "_run.json").read_text())
+    assert "stopped_utc" not in prov and (prov["batch_files"], prov["batch_s"]) == (64, 30.0)
 
 
 def test_a_calibration_the_reader_refused_is_named_not_called_missing(tmp_path: Path) -> None:

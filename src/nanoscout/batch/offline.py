@@ -30,9 +30,18 @@ also logs a folder's sub-folders, whose files are not measured). A write of the 
 fails (a full disk, an output folder made read-only) ends the measurement in one
 NanoscoutError that says where it stopped and what the run holds (whole files); such a run's
 provenance, like that of one killed, has no ``stopped_utc``, and ``nanoscout report`` says it
-did not finish. Each image's ``file`` in the run is its
-full path, as text (a name that is not valid UTF-8 in the printable form of
-:func:`nanoscout.wire.codec.wire_text`, ``lat\\xe9in.png``); the frame header's
+did not finish.
+
+The run is committed in batches of whole files (:class:`~nanoscout.clients.runfile.RunWriter`
+writes one part per table and batch): the first file alone, then twice as many files each time
+up to :data:`BATCH_FILES`, and sooner when a batch has taken :data:`BATCH_S` s of analysis, and
+at the end. A 1000-file run is 21 batches (64 Parquet parts with the tracks table, not
+3001), and a write that fails or a ``kill -9`` loses at most the files of the batch being
+gathered: the run holds the files before it, whole, and the error names the first file it does
+not hold.
+
+Each image's ``file`` in the run is its full path, as text (a name that is not valid UTF-8 in
+the printable form of :func:`nanoscout.wire.codec.wire_text`, ``lat\\xe9in.png``); the frame header's
 ``meta["file"]`` holds at most :data:`META_FILE_CHARS` characters of it (a longer path keeps
 its end: ``"…"`` and the last 1023 characters), the protocol's bound on a ``meta`` string.
 
@@ -85,14 +94,23 @@ from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 from nanoscout.wire.protocol import StatsHeader
 
-__all__ = ["META_FILE_CHARS", "MeasureReport", "check_options", "expand", "measure_files",
-           "measure_outcome", "measure_provenance"]
+__all__ = ["BATCH_FILES", "BATCH_S", "META_FILE_CHARS", "MeasureReport", "check_options",
+           "expand", "measure_files", "measure_outcome", "measure_provenance"]
 
 #: source names of calibrated (nm) and uncalibrated (px) images
 SOURCE_NM, SOURCE_PX = "measure", "measure-px"
 #: the most characters of a file's path a frame header's ``meta["file"]`` holds (the protocol's
 #: bound on a ``meta`` string)
 META_FILE_CHARS = 1024
+#: the most files one commit of the run holds. Each commit is one Parquet part per table, and
+#: reading a run back (its close, ``report``) costs per part: 64 make a 1000-file run 63 parts
+#: (``read_run`` 0.05 s, benchmarks/run_parts.py) instead of 3000 (2.5 s), while a crash or a
+#: full disk costs at most 64 files' analysis (their rows wait in memory until the commit)
+BATCH_FILES = 64
+#: the most analysis time (s) one commit holds, so that large or slow images (a few seconds
+#: each) are committed at least this often whatever :data:`BATCH_FILES` says: a crash costs at
+#: most this much analysis
+BATCH_S = 30.0
 
 
 @dataclass
@@ -245,6 +263,8 @@ def measure_files(
     model_cards: dict[str, dict[str, Any]] | None = None,
     track: bool = False,
     frame_interval_s: float = 1.0,
+    batch_files: int = BATCH_FILES,
+    batch_s: float = BATCH_S,
 ) -> MeasureReport:
     """Measure every image of ``paths`` and write a run to ``out`` (``.parquet``/``.csv``).
 
@@ -253,13 +273,19 @@ def measure_files(
     "SEM") every file's kind of image (which detector analyses it). ``bar``: a progress bar
     advanced once per file. ``config`` and ``model_cards`` go into the provenance. ``track``:
     the images are one ordered sequence, ``frame_interval_s`` apart (s); the pipeline tracks
-    (raises ConfigError when it was built without tracking).
+    (raises ConfigError when it was built without tracking). ``batch_files`` (files) and
+    ``batch_s`` (s): the most files, and analysis time, one commit of the run holds (the first
+    commit holds the first file alone, each next one twice as many up to ``batch_files``; 1:
+    one commit per file, as before 0.2.0); both are recorded in the provenance.
     """
     if track and pipeline.tracking is None:
         raise ConfigError("measure --track needs a pipeline with tracking "
                           "(build_pipeline(config, offline=True, track=True))")
     if not frame_interval_s > 0:
         raise ConfigError(f"frame interval {frame_interval_s!r} s must be > 0")
+    if batch_files < 1 or not batch_s > 0:
+        raise ConfigError(f"batch of {batch_files!r} files / {batch_s!r} s: a batch must hold "
+                          ">= 1 file and last > 0 s")
     check_options(out, outputs=outputs, pixel_size_nm=pixel_size_nm, modality=modality)
     log = _printable(bar.log if bar is not None else log)
     files = expand(paths, log)
@@ -268,6 +294,7 @@ def measure_files(
     prov = measure_provenance("nanoscout measure", [_label(p) for p in files], config=config,
                               pixel_size_nm=pixel_size_nm, modality=modality, track=track,
                               frame_interval_s=frame_interval_s)
+    prov.update(batch_files=batch_files, batch_s=batch_s)
     try:
         writer = RunWriter(out, prov)
     except OSError as exc:
@@ -278,21 +305,25 @@ def measure_files(
     class_rows: list[list[object]] = []
     seq = {SOURCE_NM: 0, SOURCE_PX: 0}
     t0_ns: int | None = None
+    # the batch being gathered: files[first:i + 1], begun at `since` (monotonic s), committed
+    # when it holds `batch` files (1, 2, 4 ... batch_files: an output that cannot be written
+    # fails on the first file, not after a whole batch) or has taken batch_s s
+    first, batch, since = 0, 1, time.monotonic()
     for i, path in enumerate(files):
         label = _label(path)
+        t_acq_ns = 0
         try:
             records = read_images(path)
         except ReaderError as exc:
+            records = []
             report.skipped.append((path, wire_text(str(exc))))
             log(f"skipped {label}: {exc}")
-            if bar is not None:
-                bar.advance()
-            continue
-        try:
-            t_acq_ns = path.stat().st_mtime_ns
-        except OSError:
-            t_acq_ns = time.time_ns()
-        t0_ns = t_acq_ns if t0_ns is None else t0_ns
+        else:
+            try:
+                t_acq_ns = path.stat().st_mtime_ns
+            except OSError:
+                t_acq_ns = time.time_ns()
+            t0_ns = t_acq_ns if t0_ns is None else t0_ns
         for rec in records:
             px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
             if px is None:
@@ -304,6 +335,7 @@ def measure_files(
                 log(f"{label}: {why}, lengths in px (use --pixel-size to set one)")
             source = SOURCE_NM if px else SOURCE_PX
             if track:  # a sequence: frame k at t0 + k intervals
+                assert t0_ns is not None
                 t_acq_ns = t0_ns + round(seq[source] * frame_interval_s * 1e9)
             try:
                 frame = Frame.from_image(
@@ -367,16 +399,18 @@ def measure_files(
                 assert pipeline.classifier is not None
                 models.add(pipeline.classifier.name)
             log(f"{label}[{rec.index}]: {len(table)} particles ({det.units}){what}")
-        try:
-            writer.flush()
-        except OSError as exc:
-            raise _unwritable(out, exc, (
-                f"measuring stopped at {label} (file {i + 1} of {len(files)}): the run holds "
-                f"the {writer.counts['frames']} images measured before it, in whole files, "
-                "and its provenance does not say it finished (nanoscout report marks it "
-                "unfinished)")) from exc
+        if i + 1 == len(files) or i + 1 - first >= batch or time.monotonic() - since >= batch_s:
+            try:
+                writer.flush()
+            except OSError as exc:  # the batch is lost whole: the run stops before its first file
+                raise _unwritable(out, exc, (
+                    f"measuring stopped at {_label(files[first])} (file {first + 1} of "
+                    f"{len(files)}): the run holds the {writer.counts['frames']} images measured "
+                    "before it, in whole files, and its provenance does not say it finished "
+                    "(nanoscout report marks it unfinished)")) from exc
+            first, batch, since = i + 1, min(2 * batch, batch_files), time.monotonic()
         if bar is not None:
-            bar.advance(note=wire_text(path.name))
+            bar.advance(note=wire_text(path.name) if records else None)
     try:
         writer.close()
         prov.update(measure_outcome(

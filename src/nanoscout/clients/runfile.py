@@ -73,7 +73,8 @@ null in runs written before it.
   is closed (:func:`nanoscout.wire.tracks.track_table`); a run cut before that gets it
   computed when read.
 
-:func:`read_run` reads both layouts (and the first format, ``nanoscout-run/1``) with pyarrow;
+:func:`read_run` reads both layouts (and the first format, ``nanoscout-run/1``) with pyarrow
+(each table's Parquet parts in one dataset scan, when they share one schema, as one writer's do);
 :class:`Run` hands the tables out as pyarrow Tables, pandas DataFrames or numpy columns.
 """
 
@@ -719,7 +720,12 @@ def _conform(name: str, t: pa.Table) -> pa.Table:
 
 
 def _read_parts(folder: Path, name: str) -> pa.Table:
+    """One table's parts as one table, in part order: one pyarrow dataset scan when every
+    part has the first one's schema (as one writer writes them; about half the time of one
+    ``pq.read_table`` per part), else part by part with the columns promoted; ReaderError
+    naming the part when one cannot be read."""
     import pyarrow as pa
+    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
     if not folder.is_dir():
@@ -727,6 +733,11 @@ def _read_parts(folder: Path, name: str) -> pa.Table:
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         return _empty_table(name)
+    with contextlib.suppress(OSError, pa.ArrowException):  # read part by part below: say which
+        scan = ds.dataset([str(p) for p in parts], format="parquet")
+        fragments = list(scan.get_fragments())
+        if all(f.physical_schema.equals(scan.schema) for f in fragments):
+            return scan.to_table()
     tables = []
     for part in parts:
         try:
