@@ -331,7 +331,7 @@ def _trampoline(what: str, call: Any, *args: Any) -> Any:
 class _FakeTrt(types.ModuleType):
     """The slice of the TensorRT 10 Python API that nanoscout.engines.tensorrt uses."""
 
-    def __init__(self, gpu_builds: list[dict]) -> None:
+    def __init__(self, gpu_builds: list[dict], cudart: _FakeCudart) -> None:
         super().__init__("tensorrt")
         self.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
         self.__version__ = "10.9.0"
@@ -405,7 +405,8 @@ class _FakeTrt(types.ModuleType):
 
         class Config:
             def __init__(self) -> None:
-                self.flags: set[str] = set()
+                # TF32 is on in a new builder config (IBuilderConfig's default flags)
+                self.flags: set[str] = {"TF32"}
                 self.profiles: list[dict] = []
                 self.pools: dict[str, int] = {}
                 self._calibrator: Any = None
@@ -468,6 +469,8 @@ class _FakeTrt(types.ModuleType):
                     "profile": config.profiles[0] if config.profiles else {},
                     "workspace": config.pools.get("WORKSPACE"),
                     "calibrated": None,
+                    # TensorRT builds for the building thread's current CUDA device
+                    "device": cudart._device(),
                 }
                 calib = config._calibrator
                 if "INT8" in config.flags:
@@ -594,6 +597,10 @@ class _FakeCudart(types.ModuleType):
         self.count = count
         self.devices_set: list[int] = []
         self.blocks: dict[int, np.ndarray] = {}
+        #: the streams made and not destroyed
+        self.streams: set[int] = set()
+        #: CUDA call name -> errors its next calls return (first first), without doing anything
+        self.failures: dict[str, list[Any]] = {}
         self.wrong_device: list[str] = []
         self._owner: dict[tuple[str, int], int] = {}  # (kind, handle) -> device
         self._current = threading.local()
@@ -602,6 +609,11 @@ class _FakeCudart(types.ModuleType):
 
     def _device(self) -> int:
         return getattr(self._current, "device", 0)
+
+    def _failure(self, call: str) -> Any:
+        """The error injected for this call of ``call`` (``failures``), or None."""
+        queue = self.failures.get(call)
+        return queue.pop(0) if queue else None
 
     def _check(self, call: str, kind: str, handle: int) -> None:
         owner = self._owner[(kind, handle)]
@@ -616,7 +628,9 @@ class _FakeCudart(types.ModuleType):
         props = types.SimpleNamespace(name=self.gpu_name.encode() + b"\x00\x00", major=8, minor=9)
         return 0, props
 
-    def cudaSetDevice(self, device: int) -> tuple[int]:
+    def cudaSetDevice(self, device: int) -> tuple[Any]:
+        if (err := self._failure("cudaSetDevice")) is not None:
+            return (err,)
         self.devices_set.append(device)
         self._current.device = device
         return (0,)
@@ -629,7 +643,9 @@ class _FakeCudart(types.ModuleType):
         self._owner[("memory", ptr)] = self._device()
         return 0, ptr
 
-    def cudaFree(self, ptr: int) -> tuple[int]:
+    def cudaFree(self, ptr: int) -> tuple[Any]:
+        if (err := self._failure("cudaFree")) is not None:
+            return (err,)
         self._check("cudaFree", "memory", ptr)
         del self.blocks[ptr]
         return (0,)
@@ -637,13 +653,19 @@ class _FakeCudart(types.ModuleType):
     def cudaStreamCreate(self) -> tuple[int, int]:
         stream = next(self._streams)
         self._owner[("stream", stream)] = self._device()
+        self.streams.add(stream)
         return 0, stream
 
-    def cudaStreamDestroy(self, stream: int) -> tuple[int]:
+    def cudaStreamDestroy(self, stream: int) -> tuple[Any]:
+        if (err := self._failure("cudaStreamDestroy")) is not None:
+            return (err,)
         self._check("cudaStreamDestroy", "stream", stream)
+        self.streams.remove(stream)
         return (0,)
 
-    def cudaStreamSynchronize(self, stream: int) -> tuple[int]:
+    def cudaStreamSynchronize(self, stream: int) -> tuple[Any]:
+        if (err := self._failure("cudaStreamSynchronize")) is not None:
+            return (err,)
         self._check("cudaStreamSynchronize", "stream", stream)
         return (0,)
 
@@ -675,7 +697,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> FakeGpu:
     vars(bindings)["runtime"] = cudart  # the submodule as an attribute of its package
     cudart.__spec__ = importlib.machinery.ModuleSpec("cuda.bindings.runtime", None)
     for name, module in [
-        ("tensorrt", _FakeTrt(builds)),
+        ("tensorrt", _FakeTrt(builds, cudart)),
         ("cuda", cuda),
         ("cuda.bindings", bindings),
         ("cuda.bindings.runtime", cudart),
@@ -697,7 +719,7 @@ def test_fake_tensorrt_engine_runs_and_caches(
               create_engine(model_path, cache_dir=tmp_path, max_shape=(512, 256))) as engine:
         assert engine.name == "tensorrt" and engine.built and engine.selection_notes == ()
         assert engine.inputs == (TensorSpec("image", (None, 1, None, None), "float32"),)
-        assert builds[-1]["flags"] == ["FP16"]
+        assert builds[-1]["flags"] == ["FP16", "TF32"]
         assert builds[-1]["profile"] == {"image": [[1, 1, 16, 16], [1, 1, 512, 256], [1, 1, 512, 256]]}
         for shape in [(1, 1, 64, 48), (1, 1, 512, 256), (1, 1, 33, 40)]:
             image = np.random.default_rng(5).normal(size=shape).astype(np.float32)
@@ -725,8 +747,8 @@ def test_fake_tensorrt_engine_runs_and_caches(
     ("change", "expect_flags"),
     [
         ({"precision": "fp32"}, []),
-        ({"max_shape": (1024, 1024)}, ["FP16"]),
-        ({"gpu": "Other GPU"}, ["FP16"]),
+        ({"max_shape": (1024, 1024)}, ["FP16", "TF32"]),
+        ({"gpu": "Other GPU"}, ["FP16", "TF32"]),
     ],
 )
 def test_fake_tensorrt_rebuilds_when_the_key_changes(
@@ -814,7 +836,7 @@ def test_fake_tensorrt_int8_calibrates_once_and_keeps_the_cache_beside_the_plans
     with cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path,
                                             precision="int8", calibration=calib)) as engine:
         assert engine.precision == "int8" and engine.built and engine.calibrated_batches == 5
-        assert builds[-1]["flags"] == ["FP16", "INT8"] and builds[-1]["calibrated"] == 5
+        assert builds[-1]["flags"] == ["FP16", "INT8", "TF32"] and builds[-1]["calibrated"] == 5
         # calibration runs at the calibration inputs' shape, inference at any shape
         assert builds[-1]["calibration_profile"] == {"image": [[1, 1, 64, 48]] * 3}
         cache = engine.calibration_path
@@ -857,7 +879,7 @@ def test_fake_tensorrt_auto_precision_is_fp16(fake_gpu: FakeGpu, model_path: Pat
                                               tmp_path: Path) -> None:
     builds, _ = fake_gpu
     with create_engine(model_path, "tensorrt", cache_dir=tmp_path, precision="auto") as engine:
-        assert engine.precision == "fp16" and builds[-1]["flags"] == ["FP16"]
+        assert engine.precision == "fp16" and builds[-1]["flags"] == ["FP16", "TF32"]
 
 
 def test_fake_tensorrt_batches_tiles_up_to_max_batch(fake_gpu: FakeGpu, model_path: Path,
@@ -917,6 +939,65 @@ def test_fake_tensorrt_frees_on_its_gpu_whichever_thread_closes(
     _in_thread(engine.close)
     assert not cudart.wrong_device, cudart.wrong_device
     assert not cudart.blocks, "close() left device buffers allocated"
+
+#: cuda-python's error value after a kernel's illegal memory access; sticky: every later call
+#: of the process's CUDA context returns it
+_ILLEGAL_ADDRESS = types.SimpleNamespace(value=700, name="cudaErrorIllegalAddress")
+
+
+def test_fake_tensorrt_close_after_a_cuda_error_frees_the_rest(
+        fake_gpu: FakeGpu, model_path: Path, tmp_path: Path) -> None:
+    """After a GPU fault (an illegal address) CUDA calls fail with the sticky error. close()
+    stopped at the first failure and left the other buffers, the stream, the context and the
+    engine allocated: a hot swap after a fault leaked GPU memory every time. Each release is
+    now attempted, and one EngineFailure names every failure."""
+    _, cudart = fake_gpu
+    engine = cast(TensorRTEngine, create_engine(model_path, "tensorrt", cache_dir=tmp_path))
+    engine.infer({"image": np.zeros((1, 1, 32, 32), np.float32)})
+    assert sorted(engine._buffers) == ["image", "logits", "prob"] and len(cudart.blocks) == 3
+    assert len(cudart.streams) == 1
+    image_ptr = engine._buffers["image"].ptr
+    cudart.failures = {"cudaStreamSynchronize": [_ILLEGAL_ADDRESS], "cudaFree": [_ILLEGAL_ADDRESS]}
+    with pytest.raises(EngineFailure) as info:
+        engine.close()
+    message = str(info.value)
+    assert message.startswith("closing the tensorrt engine for conv_sigmoid.onnx on GPU 0: "
+                              "2 release(s) failed")
+    assert "CUDA cudaStreamSynchronize failed: cudaErrorIllegalAddress" in message
+    assert "CUDA cudaFree of 'image' (4096 bytes) failed: cudaErrorIllegalAddress" in message
+    # the failed free is the only block left; the stream is gone; nothing is held any more
+    assert list(cudart.blocks) == [image_ptr]
+    assert not cudart.streams
+    assert engine._context is None and engine._engine is None and engine._runtime is None
+    assert not engine._buffers and engine._stream is None
+    calls = list(cudart.devices_set)
+    engine.close()  # idempotent, also after a failed close: no second error, no CUDA call
+    assert cudart.devices_set == calls
+    with pytest.raises(EngineFailure, match="closed"):
+        engine.infer({"image": np.zeros((1, 1, 32, 32), np.float32)})
+
+
+@pytest.mark.parametrize(("precision", "device", "flags"),
+                         [("fp32", 1, []), ("fp16", 0, ["FP16", "TF32"])])
+def test_fake_triton_plan_has_the_engines_precision_rules_and_device(
+        fake_gpu: FakeGpu, model_path: Path, precision: str, device: int,
+        flags: list[str]) -> None:
+    """export-triton's plan builder kept TF32 on for an "fp32" plan (the daemon's own engine
+    turns it off) and built on whatever GPU the thread had; it now uses the backend's builder
+    config and selects its ``device``."""
+    from nanoscout.engines.triton_repository import build_plan
+
+    builds, cudart = fake_gpu
+    cudart.count = 2
+    plan = build_plan(model_path, max_batch_size=4, max_shape=(256, 256),
+                      precision=cast(Any, precision), device=device)
+    assert plan.startswith(b"FAKEPLAN")
+    assert builds[-1]["flags"] == flags and builds[-1]["device"] == device
+    assert builds[-1]["profile"] == {"image": [[1, 1, 16, 16], [1, 1, 256, 256], [4, 1, 256, 256]]}
+    with pytest.raises(EngineUnavailable, match="CUDA device 2 does not exist"):
+        build_plan(model_path, max_batch_size=4, device=2)
+    with pytest.raises(ConfigError, match="fp32 or fp16, got 'int8'"):
+        build_plan(model_path, max_batch_size=4, precision=cast(Any, "int8"))
 
 
 def test_fake_tensorrt_takes_the_detectors_smallest_side(fake_gpu: FakeGpu, model_path: Path,

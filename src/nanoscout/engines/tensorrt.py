@@ -58,11 +58,14 @@ The CUDA runtime's current device is per thread. The engine is built on ``device
 constructing thread; :meth:`TensorRTEngine.infer` and :meth:`TensorRTEngine.close` select it
 again, whichever thread calls them (the daemon's worker, a hot swap, the garbage collector),
 and take turns on one lock: an execution context and its buffers serve one call at a time.
+After a GPU fault every CUDA call fails with the sticky error: close() still attempts each
+release and then raises one EngineFailure naming every failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -73,7 +76,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -293,6 +296,24 @@ def _implicit_int8_api() -> Iterator[None]:
         yield
 
 
+def builder_config(trt: Any, builder: Any, precision: str, workspace_bytes: int) -> Any:
+    """Returns a TensorRT builder config for ``precision`` (one of :data:`PRECISIONS`) with a
+    workspace of ``workspace_bytes`` bytes: "fp16" and "int8" allow FP16 kernels (INT8: for
+    the layers without an INT8 one; the INT8 flag and calibrator are the caller's), "fp32"
+    turns TF32 off where TensorRT has the flag (on by default on Ampere and newer: "fp32"
+    means full fp32). The daemon's engines and the Triton export's plans both build with it,
+    on the GPU the caller selected (cudaSetDevice) before."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    return config
+
+
 class _DeviceBuffer:
     """One device allocation, grown (never shrunk) as tensor shapes grow."""
 
@@ -309,11 +330,33 @@ class _DeviceBuffer:
             self.nbytes = nbytes
         return self.ptr
 
-    def free(self, cudart: Any) -> None:
-        if self.ptr:
-            _cuda_check(cudart.cudaFree(self.ptr), "cudaFree")
-        self.ptr = 0
-        self.nbytes = 0
+    def free(self, cudart: Any, what: str = "cudaFree") -> None:
+        """Free the allocation; EngineFailure naming ``what`` on a CUDA error. The buffer is
+        empty afterwards either way: a failed cudaFree (a sticky error) is not retried."""
+        ptr, self.ptr, self.nbytes = self.ptr, 0, 0
+        if ptr:
+            _cuda_check(cudart.cudaFree(ptr), what)
+
+
+def _attempt(errors: list[str], what: str, call: Callable[[], object]) -> None:
+    """Run one release step; its failure is added to ``errors`` instead of raised, so the
+    steps after it still run (after a sticky CUDA error, e.g. an illegal address, every CUDA
+    call fails, and stopping at the first would leak the rest)."""
+    try:
+        call()
+    except EngineFailure as exc:
+        errors.append(str(exc))
+    except Exception as exc:  # a broken binding: still release the rest, and say so
+        errors.append(f"{what} raised {exc!r}")
+
+
+def _free_buffers(cudart: Any, buffers: dict[str, _DeviceBuffer], errors: list[str]) -> None:
+    """Free every buffer of ``buffers`` (by tensor name), whatever fails, and empty it; each
+    failure is added to ``errors``."""
+    for name, buffer in buffers.items():
+        what = f"cudaFree of {name!r} ({buffer.nbytes} bytes)"
+        _attempt(errors, what, functools.partial(buffer.free, cudart, what))
+    buffers.clear()
 
 
 def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: CalibrationSet | None,
@@ -414,9 +457,12 @@ def _entropy_calibrator(trt: Any, cudart: Any, cache: Path, calibration: Calibra
             raise EngineFailure(f"INT8 calibration of {model} {problem}") from self.error
 
         def free(self) -> None:
-            for buffer in self._buffers.values():
-                buffer.free(cudart)
-            self._buffers.clear()
+            """Free every calibration buffer; one EngineFailure names each that failed."""
+            errors: list[str] = []
+            _free_buffers(cudart, self._buffers, errors)
+            if errors:
+                raise EngineFailure("freeing the INT8 calibration buffers failed: "
+                                    + "; ".join(errors))
 
     return _Calibrator()
 
@@ -579,14 +625,7 @@ class TensorRTEngine(Engine):
             raise EngineFailure(
                 f"TensorRT cannot parse ONNX model {self.model_path}: {errors or 'unknown error'}"
             )
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self._workspace_bytes)
-        if self.precision in ("fp16", "int8"):
-            # INT8: FP16 kernels for the layers without an INT8 one
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif self.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-            # TF32 is on by default on Ampere and newer; "fp32" should mean full fp32
-            config.clear_flag(trt.BuilderFlag.TF32)
+        config = builder_config(trt, builder, self.precision, self._workspace_bytes)
         profile = builder.create_optimization_profile()
         ranges: dict[str, tuple[tuple[int, ...], ...]] = {}
         for i in range(network.num_inputs):
@@ -804,26 +843,40 @@ class TensorRTEngine(Engine):
                                 f"of {self.model_path.name}")
 
     def close(self) -> None:
-        """Free device buffers, the stream, the context and the engine, on the engine's GPU
-        whichever thread calls. Idempotent."""
+        """Free device buffers and the stream and drop the execution context, engine and
+        runtime, on the engine's GPU whichever thread calls. Every release is attempted even
+        when one fails (after a GPU fault, e.g. an illegal address, each CUDA call returns the
+        sticky error; stopping at the first leaked the rest at every hot swap); then one
+        EngineFailure names every failure. Idempotent: a second call, also after a failed one,
+        does nothing."""
         with self._lock:
-            if self._context is None and self._engine is None:
+            if (self._context is None and self._engine is None and self._stream is None
+                    and not self._buffers):
                 return
             cudart = self._cudart
+            errors: list[str] = []
             # the current device is per thread: from another thread (a hot swap, the garbage
             # collector) these calls would run on device 0 and create a CUDA context there
-            _cuda_check(cudart.cudaSetDevice(self._device), f"cudaSetDevice({self._device})")
-            if self._stream is not None:
-                _cuda_check(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-            for buffer in self._buffers.values():
-                buffer.free(cudart)
-            self._buffers.clear()
-            if self._stream is not None:
-                _cuda_check(cudart.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
-                self._stream = None
-            # the context must go before the engine it was created from
+            _attempt(errors, "cudaSetDevice", lambda: _cuda_check(
+                cudart.cudaSetDevice(self._device), f"cudaSetDevice({self._device})"))
+            stream, self._stream = self._stream, None
+            if stream is not None:
+                _attempt(errors, "cudaStreamSynchronize", lambda: _cuda_check(
+                    cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize"))
+            _free_buffers(cudart, self._buffers, errors)
+            if stream is not None:
+                _attempt(errors, "cudaStreamDestroy", lambda: _cuda_check(
+                    cudart.cudaStreamDestroy(stream), "cudaStreamDestroy"))
+            # the context must go before the engine it was created from, the engine before
+            # the runtime that deserialised it
             self._context = None
             self._engine = None
+            self._runtime = None
+            if errors:
+                raise EngineFailure(
+                    f"closing the tensorrt engine for {self.model_path.name} on GPU "
+                    f"{self._device}: {len(errors)} release(s) failed (the rest were done): "
+                    + "; ".join(errors))
 
     def __del__(self) -> None:
         # a safety net for engines that were never closed; at interpreter exit cuda-python may

@@ -26,7 +26,10 @@ TensorRT plans are only valid for the GPU and TensorRT version that built them: 
 the server's GPU model with the TensorRT version of the Triton release that will load them
 (e.g. run this command inside the ``tritonserver`` container image's Python). The plan's
 optimisation profile spans batch 1..``max_batch_size`` and 16 px..``max_shape`` per side
-(the TensorRT backend's :data:`~nanoscout.engines.tensorrt.MIN_SIDE_PX`).
+(the TensorRT backend's :data:`~nanoscout.engines.tensorrt.MIN_SIDE_PX`). Plans are built
+with the TensorRT backend's builder settings (:func:`~nanoscout.engines.tensorrt.builder_config`:
+``precision="fp32"`` turns TF32 off, as the daemon's own engines do) on GPU ``device``
+(default 0).
 """
 
 from __future__ import annotations
@@ -162,18 +165,28 @@ def _specs(onnx: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
 
 def build_plan(onnx: Path, *, max_batch_size: int, max_shape: tuple[int, int] = (4096, 4096),
                precision: Literal["fp32", "fp16"] = "fp16",
-               workspace_bytes: int = 2 << 30) -> bytes:
-    """A serialised TensorRT engine (plan) of ``onnx`` for this GPU.
+               workspace_bytes: int = 2 << 30, device: int = 0) -> bytes:
+    """A serialised TensorRT engine (plan) of ``onnx`` for GPU ``device`` (CUDA index; the
+    calling thread's current device is set to it).
 
-    Its optimisation profile spans batch 1..``max_batch_size`` on a dynamic first axis and
-    16 px..``max_shape`` (height, width) on dynamic last two axes (optimum 1024 px, batch 1).
-    Raises EngineUnavailable without TensorRT or a GPU, EngineFailure when the build fails.
+    Built with the daemon's TensorRT backend's precision rules
+    (:func:`nanoscout.engines.tensorrt.builder_config`: "fp32" with TF32 off, "fp16" with FP16
+    kernels allowed) and a workspace of ``workspace_bytes`` bytes. Its optimisation profile
+    spans batch 1..``max_batch_size`` on a dynamic first axis and 16 px..``max_shape``
+    (height, width) on dynamic last two axes (optimum 1024 px, batch 1). Raises ConfigError
+    for a precision other than fp32 / fp16, EngineUnavailable without TensorRT or GPU
+    ``device``, EngineFailure when the build fails.
     """
     from nanoscout.engines import tensorrt as nt
 
-    reason = nt.unavailable_reason()
+    if precision not in ("fp32", "fp16"):
+        raise ConfigError(f"a Triton TensorRT plan's precision must be fp32 or fp16, got "
+                          f"{precision!r}")
+    reason = nt.unavailable_reason(device)
     if reason is not None:
         raise EngineUnavailable(reason)
+    # TensorRT builds for the calling thread's current CUDA device
+    nt._cuda_check(nt._import_cudart().cudaSetDevice(device), f"cudaSetDevice({device})")
     trt = nt._import_trt()
     logger = nt._trt_logger(trt)
     builder = trt.Builder(logger)
@@ -182,10 +195,7 @@ def build_plan(onnx: Path, *, max_batch_size: int, max_shape: tuple[int, int] = 
     if not parser.parse_from_file(str(onnx)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineFailure(f"TensorRT cannot parse {onnx}: {errors or 'unknown error'}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    config = nt.builder_config(trt, builder, precision, workspace_bytes)
     profile = builder.create_optimization_profile()
     dynamic = False
     for i in range(network.num_inputs):
@@ -229,12 +239,14 @@ def write_repository(
     threads: int = 1,
     max_shape: tuple[int, int] = (4096, 4096),
     precision: Literal["fp32", "fp16"] = "fp16",
+    device: int = 0,
 ) -> list[ExportedModel]:
     """Write a Triton model repository for ``models`` (ONNX files) into ``out``; returns what
     was written. Each model is named after its file's stem; an existing model folder of that
     name is replaced only where this function wrote it (:func:`_is_ours`): any other file or
     folder there is refused. ``tensorrt``: "auto" adds a ``<stem>_trt`` plan variant where
-    TensorRT and a GPU are present, "always" fails where they are not, "never" skips it.
+    TensorRT and GPU ``device`` (CUDA index) are present, "always" fails where they are not,
+    "never" skips it; plans are built on that GPU (:func:`build_plan`).
     Every option, model file and target folder is checked, and every model's config made,
     before anything in ``out`` is touched: ConfigError for a bad option or target,
     EngineFailure for a missing or unreadable model file.
@@ -256,7 +268,7 @@ def write_repository(
     if tensorrt != "never":
         from nanoscout.engines.tensorrt import unavailable_reason
 
-        trt_reason = unavailable_reason()
+        trt_reason = unavailable_reason(device)
         if trt_reason is not None and tensorrt == "always":
             raise EngineUnavailable(f"no TensorRT plans: {trt_reason}")
     for stem in stems:
@@ -294,7 +306,7 @@ def write_repository(
             continue
         t0 = time.perf_counter()
         plan = build_plan(model, max_batch_size=max_batch_size if batched else 1,
-                          max_shape=max_shape, precision=precision)
+                          max_shape=max_shape, precision=precision, device=device)
         name = f"{model.stem}_trt"
         trt_folder = _fresh(out / name)
         (trt_folder / "1").mkdir(parents=True)
