@@ -9,11 +9,13 @@ type, is refused at the handshake. Before protocol 1.12 none of these showed any
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from socket import create_connection
 from typing import Any
 
 import numpy as np
@@ -93,7 +95,8 @@ def test_a_message_over_the_transport_cap_is_counted_and_the_adapter_carries_on(
     with Subscriber(d.output, topics=("det.", "health")) as sub:
         first = sub.wait_ready()
         assert first.input_connections == {"accepted": 0, "disconnected": 0,
-                                           "handshake_failed": 0, "handshake_failed_auth": 0}
+                                           "handshake_aborted": 0, "handshake_failed": 0,
+                                           "handshake_failed_auth": 0}
         with FramePublisher(d.input, mode="push", source="cap") as pub:
             pub.send_raw([b"frame", header, b"\0" * (CAP_BYTES + 1)])
             _health_where(sub, lambda h: h.input_connections["disconnected"] >= 1,
@@ -108,11 +111,12 @@ def test_a_message_over_the_transport_cap_is_counted_and_the_adapter_carries_on(
     # the dropped message never reached decode_frame: nothing rejected, one frame, no gap
     assert health.rejected == {} and health.frames_received == 1 and health.transport_gaps == 0
     assert health.input_connections == {"accepted": 2, "disconnected": 1,
-                                        "handshake_failed": 0, "handshake_failed_auth": 0}
+                                        "handshake_aborted": 0, "handshake_failed": 0,
+                                        "handshake_failed_auth": 0}
     assert closed.input_connections["accepted"] == 2
     text = d.scrape()
-    for event, n in (("accepted", 2), ("disconnected", 2), ("handshake_failed", 0),
-                     ("handshake_failed_auth", 0)):
+    for event, n in (("accepted", 2), ("disconnected", 2), ("handshake_aborted", 0),
+                     ("handshake_failed", 0), ("handshake_failed_auth", 0)):
         assert _metric(text, "nanoscout_input_connections_total", event=event) == n, event
     assert d.stop(signal.SIGTERM) == 0  # the monitor socket does not hold up the shutdown
     warnings = [line for line in log.read_text(encoding="utf-8").splitlines()
@@ -210,7 +214,8 @@ def test_refused_subscribers_and_query_clients_are_counted_on_their_socket(
     assert query["accepted"] >= sum(n for e, n in query.items() if e != "accepted")
     # no adapter came: the input's counts are where protocol 1.12 put them, all 0
     assert health.connections["input"] == health.input_connections == dict.fromkeys(
-        ("accepted", "disconnected", "handshake_failed", "handshake_failed_auth"), 0)
+        ("accepted", "disconnected", "handshake_aborted", "handshake_failed",
+         "handshake_failed_auth"), 0)
     text = d.scrape()
     for socket, counts in (("results", results), ("query", query)):
         assert _metric(text, "nanoscout_connections_total", socket=socket,
@@ -224,3 +229,107 @@ def test_refused_subscribers_and_query_clients_are_counted_on_their_socket(
         warned = [line for line in lines
                   if f"{title}: a connection was refused for its CURVE key" in line]
         assert len(warned) == 1 and "WARNING" in warned[0], (title, warned)
+
+
+def _address(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a ``tcp://host:port`` endpoint."""
+    host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _probe(endpoint: str) -> None:
+    """Open a plain TCP connection to ``endpoint`` and close it before any ZeroMQ greeting, as
+    a TCP health probe or a port scanner does."""
+    with create_connection(_address(endpoint), timeout=10):
+        pass
+
+
+def _ask_for_curve(endpoint: str) -> None:
+    """Send a ZMTP 3.0 greeting asking for the CURVE mechanism (RFC 23: signature, version 3.0,
+    mechanism, as-server, filler; 64 bytes) to a daemon without CURVE, over plain TCP, and
+    read until the daemon closes the connection. A ZeroMQ client with CURVE keys does the same,
+    but it also sees the daemon's NULL greeting and may close first."""
+    greeting = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\0") + b"\0"
+                + bytes(31))
+    with create_connection(_address(endpoint), timeout=10) as conn:
+        conn.sendall(greeting)
+        with contextlib.suppress(ConnectionResetError):
+            while conn.recv(4096):
+                pass
+
+
+def _closed(counts: dict[str, int]) -> int:
+    """Connections closed, whatever became of them, in one socket's ``counts``."""
+    return sum(n for event, n in counts.items() if event != "accepted")
+
+
+def test_clients_that_close_in_their_handshake_are_not_refused(
+        logged_daemon: LoggedDaemon) -> None:
+    """Probes that connect and close before their ZeroMQ handshake, on each of the daemon's
+    sockets, are ``handshake_aborted`` (libzmq's HANDSHAKE_FAILED_NO_DETAIL), logged at INFO,
+    not ``handshake_failed``, which NanoscoutConnectionsRefused pages on for results and
+    query; a peer the daemon refuses (it asks for CURVE) is still ``handshake_failed``.
+    Before, each probe counted as ``handshake_failed``."""
+    n = 5
+    d, log = logged_daemon("--policy", "live")
+    assert d.query is not None
+    endpoints = {"input": d.input, "results": d.output, "query": d.query}
+    with Subscriber(d.output, topics=("health",)) as sub:
+        sub.wait_ready()
+        for endpoint in endpoints.values():
+            for _ in range(n):
+                _probe(endpoint)
+            _ask_for_curve(endpoint)
+        health = _health_where(sub, lambda h: all(_closed(h.connections[s]) >= n + 1
+                                                  for s in endpoints),
+                               f"{n + 1} closed connections on every socket")
+    counts = {"accepted": n + 1, "disconnected": 0, "handshake_aborted": n,
+              "handshake_failed": 1, "handshake_failed_auth": 0}
+    assert health.connections["input"] == health.input_connections == counts
+    assert health.connections["query"] == counts
+    # the subscriber reading health is still connected
+    assert health.connections["results"] == {**counts, "accepted": n + 2}
+    text = d.scrape()
+    for socket in endpoints:
+        for event in ("handshake_aborted", "handshake_failed"):
+            assert _metric(text, "nanoscout_connections_total", socket=socket,
+                           event=event) == counts[event], (socket, event)
+    assert _metric(text, "nanoscout_input_connections_total", event="handshake_aborted") == n
+    assert d.stop(signal.SIGTERM) == 0
+    lines = log.read_text(encoding="utf-8").splitlines()
+    for title in ("frame input", "result socket", "query socket"):
+        for what, event in (("closed during its handshake", "handshake_aborted"),
+                            ("was refused at its handshake", "handshake_failed")):
+            logged = [line for line in lines if f"{title}: a connection {what}" in line]
+            assert len(logged) == 1 and "INFO" in logged[0], (title, logged)
+            assert f"({event}: 1 in all, 0 more" in logged[0], logged[0]
+    assert not [line for line in lines if "WARNING" in line and "handshake" in line]
+
+
+def test_a_probe_held_open_leaves_a_subscribers_handshake_its_own(
+        logged_daemon: LoggedDaemon) -> None:
+    """libzmq names no connection in a handshake's success, so the daemon gives it to the
+    oldest connection still in its handshake: here a TCP probe held open while a subscriber
+    connects. When the probe closes, libzmq's HANDSHAKE_FAILED_NO_DETAIL right before its
+    DISCONNECTED shows it never finished: it is ``handshake_aborted`` and the success goes back
+    to the subscriber, whose leaving is ``disconnected``. Before, the probe counted as
+    ``disconnected`` and the subscriber that left as ``handshake_failed``, which pages."""
+    d, _ = logged_daemon("--policy", "live")
+    with Subscriber(d.output, topics=("health",)) as reader:
+        reader.wait_ready()
+        # accepted in the order they connect: the probe first, then the subscriber
+        probe = create_connection(_address(d.output), timeout=10)
+        try:
+            with Subscriber(d.output, topics=("health",)) as sub:
+                sub.wait_ready()  # its handshake is done, the probe's is not
+                probe.close()
+                probed = _health_where(reader, lambda h: _closed(h.connections["results"]) >= 1,
+                                       "the probe's closed connection")
+        finally:
+            probe.close()
+        health = _health_where(reader, lambda h: _closed(h.connections["results"]) >= 2,
+                               "the subscriber's closed connection")
+    counts = {"accepted": 3, "disconnected": 0, "handshake_aborted": 1, "handshake_failed": 0,
+              "handshake_failed_auth": 0}
+    assert probed.connections["results"] == counts  # the probe, not the subscriber, is gone
+    assert health.connections["results"] == {**counts, "disconnected": 1}

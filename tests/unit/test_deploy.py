@@ -23,6 +23,7 @@ from prometheus_client import generate_latest
 from pydantic import BaseModel
 
 from nanoscout.daemon.config import ServeConfig, load_config
+from nanoscout.daemon.connections import CONNECTION_EVENTS
 from nanoscout.daemon.hotswap import FAILURE_STEPS
 from nanoscout.daemon.metrics import Metrics
 from tests.conftest import REPO
@@ -522,12 +523,36 @@ def test_dashboard_and_rules_show_refused_connections() -> None:
     value = m.registry.get_sample_value
     assert value("nanoscout_connections_total",
                  {"socket": "results", "event": "handshake_failed_auth"}) == 1
+    for event in ("handshake_aborted", "handshake_failed"):  # at 0: increase() sees the first
+        assert value("nanoscout_connections_total", {"socket": "results", "event": event}) == 0
+        assert value("nanoscout_input_connections_total", {"event": event}) == 0
     assert value("nanoscout_connections_total", {"socket": "results", "event": "accepted"}) == 0
     assert value("nanoscout_connections_total", {"socket": "input", "event": "accepted"}) == 1
     assert value("nanoscout_input_connections_total", {"event": "accepted"}) == 1
     assert value("nanoscout_input_connections_total", {"event": "handshake_failed_auth"}) == 0
     assert value("nanoscout_connections_total",
                  {"socket": "query", "event": "accepted"}) is None  # not served here
+
+
+def test_clients_closing_in_their_handshake_do_not_page() -> None:
+    """A connection closed or timed out during its handshake (``handshake_aborted``: short-lived
+    subscribers and query clients, TCP probes) is no refusal: the refusal alert selects its
+    events by name, never that one nor by a pattern that would match it, and its description
+    and the Grafana panel's say so; the panel explains every event the daemon counts."""
+    assert "handshake_aborted" in CONNECTION_EVENTS
+    alerts = {r["alert"]: r for g in load_rules()["groups"] for r in g["rules"] if "alert" in r}
+    rule = alerts["NanoscoutConnectionsRefused"]
+    events = set(re.findall(r'event\s*(=~|!=|!~|=)\s*"([^"]*)"', rule["expr"]))
+    assert events == {("=", "handshake_failed_auth"), ("=", "handshake_failed")}, events
+    assert "handshake_aborted" in rule["annotations"]["description"]
+    panels = [sub for panel in dashboard()["panels"] for sub in [panel, *panel.get("panels", [])]
+              if any("nanoscout_connections_total" in t["expr"] for t in sub.get("targets", []))]
+    assert panels, "no Grafana panel shows nanoscout_connections_total"
+    for panel in panels:
+        described = set(re.findall(r"\b(?:accepted|disconnected|handshake_\w+)",
+                                   panel["description"]))
+        assert described >= set(CONNECTION_EVENTS), (panel["title"], described)
+        assert "handshake_aborted does not" in panel["description"], panel["title"]
 
 
 def test_alert_thresholds_come_from_the_deployment() -> None:

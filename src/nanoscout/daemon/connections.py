@@ -7,24 +7,52 @@ socket's ``MAXMSGSIZE`` (the frame input's transport cap, :func:`transport_cap_b
 on the query socket) by closing the peer's connection: the message is never read, so
 :func:`~nanoscout.wire.codec.decode_frame` cannot count it as ``oversized``, and the peer's
 socket reconnects by itself. A peer refused at the handshake (a CURVE key not authorised,
-another socket type, a peer that is not ZeroMQ) is just as silent, on every socket. Both show
-only as socket monitor events, which :class:`Connections` reads and sorts, connection by
-connection (by file descriptor; libzmq names none in handshake events, which go to the oldest
-connection still in its handshake), into :data:`CONNECTION_EVENTS`:
+another socket type, a peer that is not ZeroMQ) is just as silent, on every socket, and so is
+one that closes before its handshake is done. All show only as socket monitor events, which
+:class:`Connections` reads and sorts, connection by connection (by file descriptor), into
+:data:`CONNECTION_EVENTS`:
 
 * ``accepted``: a connection accepted (TCP or IPC; ``inproc://`` has no connections to watch);
 * ``disconnected``: one closed after its handshake: the peer went away (closed, crashed,
   unplugged) or sent a message part over the socket's transport cap; libzmq cannot tell
   which, so the log line names both;
+* ``handshake_aborted``: one closed by the peer, or timed out (ZeroMQ's handshake interval,
+  30 s), before its handshake completed: a client that closes at once (a subscriber or a
+  query client that ends before its handshake is done), a TCP health probe, a port scanner.
+  Routine, not a refusal: the peer went away while the daemon was still willing;
 * ``handshake_failed_auth``: one refused for its CURVE key (not in the authorized folder);
-* ``handshake_failed``: one closed before its handshake completed for any other reason:
-  another socket type (an adapter in ``--mode auto`` tries PUSH before PUB on a live daemon,
-  so this is routine on the input there), a peer that is not ZeroMQ, a client without CURVE.
+* ``handshake_failed``: one refused at its handshake for what the peer is: another socket
+  type (an adapter in ``--mode auto`` tries PUSH before PUB on a live daemon, so this is
+  routine on the input there), a client without CURVE or holding another server key, a peer
+  that is not ZeroMQ. Only when the daemon finds that out before the peer closes: a client
+  refuses the daemon as well, and the one that reads the other's socket type (or mechanism)
+  first closes. Under CURVE the daemon reads a client's type first, always; without CURVE
+  both send theirs at once, and a client of another socket type in another process mostly
+  closes first (85 to 99 times in 100 on loopback, libzmq 4.3.5), which the daemon counts as
+  ``handshake_aborted``. A CURVE daemon finds out a client without CURVE keys first about 6
+  times in 10, and one holding another server key always.
 
-``accepted`` = ``disconnected`` + ``handshake_failed`` + ``handshake_failed_auth`` + the
-connections open now, per socket. A closed connection is logged at most once per
-``log_every_s`` for each event (INFO; a refused CURVE key at WARNING), naming the socket, with
-the count since the last line: a flapping client cannot flood the log.
+libzmq (4.3) reports these as: ``HANDSHAKE_FAILED_NO_DETAIL`` (a connection error or the
+handshake timeout while the handshake runs: ``handshake_aborted``),
+``HANDSHAKE_FAILED_PROTOCOL`` (another mechanism, no CURVE, a HELLO made for another server
+key; also a CURVE message that fails to decrypt after the handshake: ``handshake_failed``),
+``HANDSHAKE_FAILED_AUTH`` (the ZAP handler's refusal: ``handshake_failed_auth``), and no event
+at all before the ``DISCONNECTED`` of a peer of another socket type or of a non-ZeroMQ peer
+refused on a CURVE socket (``handshake_failed``). It names no connection in its handshake
+events: ``NO_DETAIL`` and ``PROTOCOL`` come right before the ``DISCONNECTED`` of their own
+connection (libzmq reports both in one call, on the context's one I/O thread, ZeroMQ's
+default), so they are taken as that connection's end; a handshake's success and a ZAP
+refusal come earlier and go to the oldest connection still in its handshake. When such a
+mark proves wrong (a ``NO_DETAIL`` or ``PROTOCOL`` shows that the connection holding it was
+still in its handshake), it moves to the oldest connection still in its handshake: a probe
+held open while a subscriber connects does not turn the subscriber's later leaving into a
+failure. What stays wrong: a client whose success or ZAP refusal went to an older connection
+still in its handshake, and that closes before that one does, counts as ``handshake_failed``.
+
+``accepted`` = ``disconnected`` + ``handshake_aborted`` + ``handshake_failed`` +
+``handshake_failed_auth`` + the connections open now, per socket. A closed connection is
+logged at most once per ``log_every_s`` for each event (INFO; a refused CURVE key at WARNING),
+naming the socket, with the count since the last line: a flapping client cannot flood the log.
 
 Threads: ZeroMQ sockets are not thread-safe, so a monitor's PAIR socket is read by the thread
 that owns the socket it watches, which calls :meth:`Connections.read` whenever
@@ -55,7 +83,7 @@ log = logging.getLogger("nanoscout.daemon")
 #: what became of connections to a socket (the ``event`` label of
 #: ``nanoscout_connections_total`` and ``nanoscout_input_connections_total``, the keys of
 #: ``health.input_connections`` and of each socket in ``health.connections``)
-CONNECTION_EVENTS: Final = ("accepted", "disconnected", "handshake_failed",
+CONNECTION_EVENTS: Final = ("accepted", "disconnected", "handshake_aborted", "handshake_failed",
                             "handshake_failed_auth")
 
 #: a watched socket's name (the ``socket`` label of ``nanoscout_connections_total``, the keys
@@ -77,25 +105,29 @@ class _Words:
 _WORDS: Final[dict[str, _Words]] = {
     "input": _Words("frame input", "an adapter",
                     "another socket type (an adapter in --mode auto tries PUSH before PUB on a "
-                    "live daemon), a peer that is not ZeroMQ, or a client without CURVE",
+                    "live daemon), a client without CURVE or holding another server key, or a "
+                    "peer that is not ZeroMQ",
                     ", set by input.max_frame_bytes"),
     "results": _Words("result socket", "a subscriber",
                       "another socket type (only SUB clients may connect: an adapter pointed "
-                      "at the results endpoint?), a peer that is not ZeroMQ, or a client "
-                      "without CURVE"),
+                      "at the results endpoint?), a client without CURVE or holding another "
+                      "server key, or a peer that is not ZeroMQ"),
     "query": _Words("query socket", "a query client",
-                    "another socket type (only REQ clients may connect), a peer that is not "
-                    "ZeroMQ, or a client without CURVE"),
+                    "another socket type (only REQ clients may connect), a client without "
+                    "CURVE or holding another server key, or a peer that is not ZeroMQ"),
 }
 
 _MASK: Final = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                 | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-_FAILED: Final[dict[int, str]] = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
-                  zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
-                  zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed_auth"}
 _HANDSHAKING = "handshaking"
 _READY = "ready"
+#: events that come right before the DISCONNECTED of their own connection: what it counts as
+_ENDS: Final[dict[int, str]] = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_aborted",
+                                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed"}
+#: events that name no connection and come earlier: the mark they leave on one in its handshake
+_MARKS: Final[dict[int, str]] = {zmq.EVENT_HANDSHAKE_SUCCEEDED: _READY,
+                                 zmq.EVENT_HANDSHAKE_FAILED_AUTH: "handshake_failed_auth"}
 
 
 def transport_cap_bytes(max_frame_bytes: int) -> int:
@@ -138,8 +170,10 @@ class Connections:
         except BaseException:
             sock.monitor(None, 0)
             raise
-        # file descriptor -> "handshaking", "ready" or the failure event, oldest first
+        # file descriptor -> "handshaking", "ready" or "handshake_failed_auth", oldest first
         self._state: dict[int, str] = {}
+        # what the next DISCONNECTED counts as (a NO_DETAIL or PROTOCOL just read), or None
+        self._ending: str | None = None
         self._counts = dict.fromkeys(CONNECTION_EVENTS, 0)
         self._lock = threading.Lock()
         self._logged_at: dict[str, float] = {}
@@ -177,16 +211,28 @@ class Connections:
             self._state.pop(value, None)  # a number the OS gave again: that one is gone
             self._state[value] = _HANDSHAKING
             self._count("accepted")
-        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED or event in _FAILED:
-            fd = next((fd for fd, s in self._state.items() if s == _HANDSHAKING), None)
-            if fd is not None:
-                self._state[fd] = _READY if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else _FAILED[event]
+        elif event in _ENDS:
+            self._ending = _ENDS[event]
+        elif event in _MARKS:
+            self._mark(_MARKS[event])
         elif event == zmq.EVENT_DISCONNECTED:
-            state = self._state.pop(value, _READY)
-            what = ("disconnected" if state == _READY
-                    else "handshake_failed" if state == _HANDSHAKING else state)
+            state = self._state.pop(value, None)
+            what, self._ending = self._ending, None
+            if what is not None:
+                if state not in (None, _HANDSHAKING):
+                    self._mark(state)  # it was still in its handshake: the mark was another's
+            elif state == _HANDSHAKING:
+                what = "handshake_failed"  # refused with no event: another socket type, ...
+            else:
+                what = "disconnected" if state in (None, _READY) else state
             self._count(what)
             self._log(what)
+
+    def _mark(self, state: str) -> None:
+        """Give ``state`` to the oldest connection still in its handshake (if any)."""
+        fd = next((fd for fd, s in self._state.items() if s == _HANDSHAKING), None)
+        if fd is not None:
+            self._state[fd] = state
 
     def _count(self, event: str) -> None:
         with self._lock:
@@ -213,13 +259,20 @@ class Connections:
                 what += (f", or a message part over the transport cap of {self._cap} bytes "
                          f"(ZeroMQ's MAXMSGSIZE{words.cap_setting}), which ZeroMQ drops unread "
                          "with its connection; ZeroMQ cannot tell the two apart")
+        elif event == "handshake_aborted":
+            # INFO: short-lived clients, probes and scanners close so; nothing was refused
+            level, what = logging.INFO, (
+                "a connection closed during its handshake, the daemon refusing nothing: "
+                f"{words.peer} or a TCP probe that closed before the handshake completed (so "
+                "does a client of another socket type that found out first), or one silent "
+                "for ZeroMQ's handshake interval (30 s)")
         elif event == "handshake_failed_auth":
             level, what = logging.WARNING, (
                 "a connection was refused for its CURVE key: its public key is not in the "
                 "daemon's authorized_keys folder")
         else:
             level, what = logging.INFO, (
-                f"a connection closed before its handshake completed: {words.other}")
+                f"a connection was refused at its handshake: {words.other}")
         log.log(level, "%s: %s (%s: %d in all, %d more not logged since the last such line; "
                 "at most one line every %g s)", words.title, what, event, total, since,
                 self._log_every_s)

@@ -14,9 +14,12 @@ input_connections_total{event}         counter    connections to the frame input
                                                   disconnected (after the handshake: an adapter
                                                   that went away, or a message part over the
                                                   transport cap, which ZeroMQ drops with the
-                                                  connection), handshake_failed_auth (CURVE key
-                                                  refused), handshake_failed (another socket
-                                                  type, not ZeroMQ, no CURVE)
+                                                  connection), handshake_aborted (closed or
+                                                  timed out in the handshake: a client that
+                                                  closed at once, a TCP probe; not a refusal),
+                                                  handshake_failed_auth (CURVE key refused),
+                                                  handshake_failed (another socket type, not
+                                                  ZeroMQ, no CURVE or another server key)
 connections_total{socket,event}        counter    the same events on each listening socket:
                                                   input (its counts also above), results
                                                   (subscribers), query (lens / control
@@ -139,14 +142,16 @@ class Metrics:
             "nanoscout_input_connections", "Connections to the frame input, by event: accepted, "
             "disconnected (after the handshake: an adapter that went away, or a message part "
             "over the transport cap, which ZeroMQ drops with the connection), "
+            "handshake_aborted (closed or timed out in the handshake: not a refusal), "
             "handshake_failed_auth (CURVE key refused), handshake_failed (any other refusal)",
             ["event"], registry=r,
         )
         self.connections = Counter(
             "nanoscout_connections", "Connections to the daemon's listening sockets, by socket "
             "(input: adapters, results: subscribers, query: lens and control clients) and "
-            "event: accepted, disconnected (after the handshake), handshake_failed_auth (CURVE "
-            "key refused), handshake_failed (any other refusal)", ["socket", "event"], registry=r,
+            "event: accepted, disconnected (after the handshake), handshake_aborted (closed or "
+            "timed out in the handshake: not a refusal), handshake_failed_auth (CURVE key "
+            "refused), handshake_failed (any other refusal)", ["socket", "event"], registry=r,
         )
         self.transport_gaps = Counter(
             "nanoscout_transport_gaps", "Frames missing from the adapter's seq numbering",
@@ -274,8 +279,10 @@ class Metrics:
             self.alerts_suppressed.labels(rule=rule)
 
     def count_connections(self, socket: SocketName) -> Callable[[str], None]:
-        """Create the ``connections_total`` series of ``socket`` at zero (every event); returns
-        the function that counts one of its events (for ``input`` also in
+        """Create the ``connections_total`` series of ``socket`` at zero (every event of
+        :data:`~nanoscout.daemon.connections.CONNECTION_EVENTS`, ``handshake_aborted``
+        included, so ``increase()`` sees the first of each); returns the function that counts
+        one of its events (for ``input`` also in
         ``input_connections_total``, kept for the dashboards and rules that read it)."""
         for event in CONNECTION_EVENTS:
             self.connections.labels(socket=socket, event=event)

@@ -91,7 +91,11 @@ History (minor versions only add optional fields; receivers ignore fields they d
   socket (``input``, as ``input_connections``; ``results``, where subscribers connect;
   ``query``, where the query socket is served) and event: a subscriber or query client
   refused for its CURVE key shows here as ``handshake_failed_auth`` of its socket. Empty from
-  a daemon before 1.13; a v1.12 reader ignores it.
+  a daemon before 1.13; a v1.12 reader ignores it. Also a new key in both maps (in
+  ``input_connections`` too, from a 1.13 daemon): ``handshake_aborted``, a connection the
+  peer closed (or that timed out) before its handshake completed, as a short-lived client or
+  a TCP probe does, which a daemon before 1.13 counted as ``handshake_failed``; a reader
+  that sums the events of a socket finds the same total.
 """
 
 from __future__ import annotations
@@ -851,8 +855,10 @@ class HealthHeader(Header):
     frame_save_failures: Int64Count = 0
     #: v1.12: connections to the frame input since start, by event: accepted, disconnected
     #: (after the handshake: an adapter that went away, or a message part over the transport
-    #: cap, which ZeroMQ drops with the connection), handshake_failed_auth (CURVE key
-    #: refused), handshake_failed (another socket type, not ZeroMQ, no CURVE); empty before
+    #: cap, which ZeroMQ drops with the connection), handshake_aborted (v1.13: closed by the
+    #: peer or timed out before the handshake completed, not a refusal; handshake_failed
+    #: before), handshake_failed_auth (CURVE key refused), handshake_failed (another socket
+    #: type, not ZeroMQ, no CURVE or another server key); empty before
     input_connections: dict[str, Int64Count] = Field(default_factory=dict)
     #: v1.13: connections to each listening socket since start, by socket (input, results,
     #: query where served) and event (as ``input_connections``); empty before
