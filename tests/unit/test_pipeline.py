@@ -292,11 +292,11 @@ def test_an_analysed_frame_holds_only_its_pixels() -> None:
     assert frame.normalized.dtype == np.float32  # prepared again when asked
 
     class _Failing(_Detector):
-        def detect(self, pixels: np.ndarray, **kw: Any) -> SimpleNamespace:
+        def detect(self, pixels: np.ndarray, **kw: Any) -> SimpleNamespace:  # type: ignore[override]
             super().detect(pixels, **kw)
             raise FrameError("engine gone", reason=Reason.ENGINE_FAILURE)
 
-    failing = Pipeline(_Failing(), rules=RULES, preview=PreviewConfig())
+    failing = Pipeline(_Failing(), rules=RULES, preview=PreviewConfig())  # type: ignore[arg-type]
     frame = _frame()
     with pytest.raises(FrameError):
         failing.process(frame)
