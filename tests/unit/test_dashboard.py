@@ -498,14 +498,17 @@ def test_lens_view_picks_the_first_activation_and_remembers_the_layers() -> None
 
 
 def _tracked_det(seq: int, drift_x: float, ids: list[int], field: int = 0,
-                 run: int | None = None, topic_seq: int | None = None) -> Message:
+                 run: int | None = None, topic_seq: int | None = None,
+                 t_acq_s: int | None = None) -> Message:
+    """A tracked det acquired at ``t_acq_s`` (s; default ``seq``)."""
     from nanoscout.wire.headers import FrameDrift, Tracking
 
     t = _table(len(ids))
     t["track_id"] = ids
     t["x"] += drift_x  # the content drifts right by drift_x px per frame
-    h = DetHeader(source="sim", seq=seq, t_acq_ns=seq * 10**9, t_recv_ns=seq * 10**9 + 1,
-                  t_done_ns=seq * 10**9 + 5, pixel_size_nm=PX_NM, units="nm", n=len(ids),
+    t_ns = (seq if t_acq_s is None else t_acq_s) * 10**9
+    h = DetHeader(source="sim", seq=seq, t_acq_ns=t_ns, t_recv_ns=t_ns + 1,
+                  t_done_ns=t_ns + 5, pixel_size_nm=PX_NM, units="nm", n=len(ids),
                   engine="e", shape=(1024, 1024),
                   drift=FrameDrift(field=field, x_px=drift_x, y_px=0.0, method="particles"),
                   tracking=Tracking(active=len(ids), total=len(ids)), daemon_run=run,
@@ -559,6 +562,30 @@ def test_a_restarted_daemons_tracks_start_fresh_on_the_page() -> None:
     assert det["trails"][1][0::2] == pytest.approx([det["x"][1]] * 2, abs=0.06)
     # the new run's messages before the first one seen are counted as lost
     assert payload(state, "det:sim")["lost"] == 2
+
+
+def test_a_restarted_adapters_session_is_not_mixed_with_its_earlier_one() -> None:
+    """An adapter restarted under the same daemon run numbers its frames from 0 again. Kept by
+    seq in insertion order, the new session's frames took the places of the old one's of the
+    same numbers: the hover box listed seq 0, 1, 2 (new), 3, 4, 5 (old) and measured its times
+    from the old session's last frame (the new session's newest frame 97 s in its future)."""
+    run = 1_765_000_000_000_000_000
+    state = DashboardState()
+    for k in range(6):  # the first session: frames 0-5 acquired at 0-5 s
+        state.ingest(_tracked_det(k, 0.0, [7, 9], run=run, topic_seq=k))
+    # the adapter restarts 100 s later; the same daemon run goes on (topic_seq too)
+    for k in range(3):
+        state.ingest(_tracked_det(k, 40.0 + k, [9], run=run, topic_seq=6 + k, t_acq_s=100 + k))
+    h = state.track_history("sim", 9)
+    assert h["seq"] == [0, 1, 2] and h["t_s"] == [-2.0, -1.0, 0.0]
+    assert h["x"] == [140.0, 141.0, 142.0] and h["daemon_run"] == run
+    assert state.track_history("sim", 7)["seq"] == []  # the earlier session's track only
+    state.ingest(preview(2, scale=0.5, run=run))
+    det = payload(state, "frame:sim")["det"]
+    assert det["track_id"] == [9] and len(det["trails"][0]) == 6  # frames 0-2 of this session
+    # a restart is no loss: 6 frames, then 3, none missing
+    summary = payload(state, "det:sim")
+    assert summary["missed"] == 0 and summary["frames"] == 9 and summary["lost"] == 0
 
 
 def test_a_restarted_daemons_frame_is_not_shown_as_the_new_runs() -> None:

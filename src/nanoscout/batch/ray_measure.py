@@ -13,8 +13,12 @@ is retried (``max_task_retries`` times, then reported as failed and left for the
 parts are written atomically, so a killed worker neither loses nor duplicates a file. A run
 started again on the same ``out`` skips every file that is done; one started while another
 writes into ``out`` is refused (:func:`nanoscout.batch.parts.output_lock`). A worker's write
-that fails (a full disk) fails its file (``failed``); one of the driver's (``_run.json``) ends
-the run in one NanoscoutError that says what it measured.
+that fails fails its file (``failed``); where it failed for a reason every later write shares
+(:data:`OUTPUT_FULL`: no space left, a quota reached, a read-only file system) the driver hands
+out no more files, lets those in flight end, and ends the run in one NanoscoutError that says
+how many files it measured, failed and did not start (``not_started``, measured by the next
+run), as a failed write of the driver's own (``_run.json``) ends it. A file that fails for its
+own reason (unreadable, corrupt, its part's name taken) fails alone and the run goes on.
 
 Provenance: the driver writes ``OUT/_run.json`` (:func:`nanoscout.batch.parts.write_provenance`),
 the record ``nanoscout measure`` writes (:func:`nanoscout.batch.offline.measure_provenance` and
@@ -42,6 +46,7 @@ whose workers need nanoscout installed and the input and output paths mounted al
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -82,11 +87,17 @@ from nanoscout.daemon.config import ServeConfig
 from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 
-__all__ = ["RayReport", "analyse_image", "measure_file", "measure_on_ray", "worker_config"]
+__all__ = ["OUTPUT_FULL", "RayReport", "analyse_image", "measure_file", "measure_on_ray",
+           "worker_config"]
 
 log = logging.getLogger("nanoscout.batch")
 
 RAY_MISSING = "Ray is not installed: pip install 'nanoscout[ray]'"
+
+#: errnos of a worker's failed write that every later write into the output would meet too
+#: (no space left, a disk quota reached, a read-only file system): the run stops handing out
+#: files (in the audit a full disk had 76 of 100 files analysed in vain before the run ended)
+OUTPUT_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def analyse_image(pipeline: Pipeline, rec: ImageRecord, pixel_size_nm: float | None,
@@ -194,7 +205,8 @@ class _Worker:
 
 @dataclass
 class RayReport:
-    """What :func:`measure_on_ray` did: files measured now, skipped as done, failed.
+    """What :func:`measure_on_ray` did: files measured now, skipped as done, failed, and not
+    started (``not_started``: the output could take no more, :data:`OUTPUT_FULL`).
 
     ``images``: images measured; ``unreadable``: (file, why) for each file that could not be
     read and each image that could not be measured (what ``measure`` counts as skipped);
@@ -206,6 +218,7 @@ class RayReport:
     measured: list[str] = field(default_factory=list)
     skipped_done: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
+    not_started: list[str] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     images: int = 0
     particles: int = 0
@@ -271,8 +284,10 @@ def measure_on_ray(
     sha256 and sizing error), written to ``out/_run.json`` (see the module docstring).
 
     Raises ConfigError, before anything is measured, when a file is listed twice or another run
-    is writing into ``out`` (its host and pid named), and NanoscoutError, saying what this run
-    measured, when the driver cannot write into ``out`` (a full disk, a read-only folder).
+    is writing into ``out`` (its host and pid named), and NanoscoutError, saying how many files
+    this run measured, failed and did not start, when the driver cannot write into ``out`` (a
+    full disk, a read-only folder) or a worker's write failed for a reason every later write
+    would meet (:data:`OUTPUT_FULL`; the files in flight end first, no new one is started).
     """
     if cpus_per_worker < 1 or gpus_per_worker < 0 or max_task_retries < 0:
         raise ConfigError(f"cpus_per_worker ({cpus_per_worker}) must be >= 1, gpus_per_worker "
@@ -312,6 +327,7 @@ def measure_on_ray(
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray"
                 raise ConfigError(f"cannot start or reach {where}: {exc}") from exc
+        actors: list[Any] = []
         try:
             cluster = _cluster_address(ray)
             if address is not None and not started_here:
@@ -326,8 +342,8 @@ def measure_on_ray(
             actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                max_restarts=-1, max_task_retries=max_task_retries)(_Worker)
             run_config = worker_config(config, cpus_per_worker)
-            actors = [actor.remote(run_config, str(out.absolute()), pixel_size_nm, modality)
-                      for _ in range(workers)]
+            actors += [actor.remote(run_config, str(out.absolute()), pixel_size_nm, modality)
+                       for _ in range(workers)]
             report.workers = workers
             report.worker_pids = ray.get([a.pid.remote() for a in actors])
             # paths as the parts' `file` column names them (a name not UTF-8: escapes)
@@ -344,6 +360,9 @@ def measure_on_ray(
                 "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources},
                 # one partition folder per input folder (folder=... under particles/, images/)
                 "partitions": len({partition_folder(Path(f).absolute().parent) for f in files})}
+            # what one commit of the run holds, as measure's record says it: here one file's
+            # parts each (they mark the file done for a resumed run); no time bound
+            record.update(batch_files=1, batch_s=None)
             record["done_before"] = [wire_text(f) for f in report.skipped_done]
             record["earlier_runs"] = earlier
             with _driver_write(out, report):
@@ -352,7 +371,13 @@ def measure_on_ray(
                 on_started(report)
             with progress_bar("measuring on Ray", total=len(files), enabled=progress) as bar:
                 bar.advance(len(done))
-                _run(ray, actors, todo, report, on_file, bar)
+                full = _run(ray, actors, todo, report, on_file, bar)
+            if full is not None:
+                # `_run.json` keeps the record written at the start (a write now would most
+                # likely fail too); temporary parts are removed where the folder lets us
+                with contextlib.suppress(OSError):
+                    clean_temporary(out)
+                raise NanoscoutError(_stopped(out, report, full)) from full
             record.update(measure_outcome(
                 rows={"particles": report.particles, "images": report.image_rows},
                 models=report.models, engines=sorted(report.engines), model_cards=model_cards,
@@ -367,6 +392,11 @@ def measure_on_ray(
             if removed:
                 log.info("removed %d temporary part(s) of killed workers in %s", removed, out)
         finally:
+            # an error's traceback holds `actors`: their slots would stay taken on a cluster
+            # this call joined (a notebook keeps the last traceback) until it is dropped
+            for a in actors:
+                with contextlib.suppress(ray.exceptions.RayError, ConnectionError, ValueError):
+                    ray.kill(a)  # never hides the error that ends the run
             if started_here:
                 ray.shutdown()
     report.seconds = time.perf_counter() - t0
@@ -382,21 +412,32 @@ def _driver_write(out: Path, report: RayReport) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise NanoscoutError(
-            f"cannot write {out}: {exc.strerror or exc}; this run measured {len(report.measured)} "
+        raise NanoscoutError(_stopped(out, report, exc)) from exc
+
+
+def _stopped(out: Path, report: RayReport, exc: OSError) -> str:
+    """The one line a run that cannot write into ``out`` ends with: why, and how many files it
+    measured, failed and did not start (the last two are measured by a run started again)."""
+    not_started = (f", {len(report.not_started)} not started (a run started again measures "
+                   "these and the failed)" if report.not_started else "")
+    why = os.strerror(exc.errno) if exc.errno else exc.strerror or exc  # pyarrow's is long
+    return (f"cannot write {out}: {why}; this run measured {len(report.measured)} "
             f"files (their parts are written: a run started again skips them) and "
-            f"{len(report.failed)} failed; {out / PROVENANCE} does not record this run's "
-            "outcome") from exc
+            f"{len(report.failed)} failed{not_started}; {out / PROVENANCE} does not record this "
+            "run's outcome")
 
 
 def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,
-         on_file: Callable[[dict[str, Any]], None] | None, bar: Bar) -> None:
-    """Hand out files, one in flight per actor, until all are done or failed."""
+         on_file: Callable[[dict[str, Any]], None] | None, bar: Bar) -> OSError | None:
+    """Hand out files, one in flight per actor, until all are done or failed; returns None, or
+    the first worker's write error of :data:`OUTPUT_FULL`, after which no file was handed out
+    (the files in flight ended; those never started are in ``report.not_started``)."""
     pending = list(reversed(todo))
     running: dict[Any, tuple[Any, str]] = {}
+    full: OSError | None = None
 
     def submit(a: Any) -> None:
-        if pending:
+        if pending and full is None:
             path = pending.pop()
             running[a.measure.remote(path)] = (a, path)
 
@@ -414,6 +455,10 @@ def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,
             cause = getattr(exc, "cause", None) or exc
             report.failed.append((path, f"{type(cause).__name__}: {cause}".splitlines()[0]))
             log.error("%s failed on Ray (left for the next run): %s", path, exc)
+            if full is None and isinstance(cause, OSError) and cause.errno in OUTPUT_FULL:
+                full = cause
+                log.error("the output takes no more (%s): no more files handed out, %d not "
+                          "started", os.strerror(cause.errno), len(pending))
         else:
             report.measured.append(path)
             report.images += summary["images"]
@@ -428,3 +473,5 @@ def _run(ray: Any, actors: list[Any], todo: list[str], report: RayReport,
                 on_file(summary)
         bar.advance(note=Path(path).name)
         submit(a)
+    report.not_started = list(reversed(pending)) if full is not None else []
+    return full

@@ -24,6 +24,9 @@ name another run (the daemon restarted), the frames kept of the earlier run are 
 the new run's track 3 is never drawn or listed with the old run's track 3, and ``frame:<src>``
 becomes a frame without a picture (``png`` None, a ``note`` the page shows in its placeholder)
 until the new run's first preview: the earlier run's picture is not shown as the new run's.
+Frame numbers are an adapter session's: a ``det`` whose ``seq`` is not above the source's last
+one (the adapter restarted under the same daemon run) forgets the kept frames too, so a track's
+history and trails never mix two sessions' frames of the same numbers.
 
 Alerts are the exception: a bounded list (newest ``max_alerts``), each with an id, so a client
 gets every alert it has not seen yet rather than only the newest. Payloads (PNG encoding,
@@ -133,7 +136,8 @@ class Item:
 class _Source:
     """What the state remembers of one source."""
 
-    dets: OrderedDict[int, Message] = field(default_factory=OrderedDict)  # recent, by seq
+    #: recent, by seq, of one adapter session: a seq not above the last forgets them
+    dets: OrderedDict[int, Message] = field(default_factory=OrderedDict)
     previews: deque[Message] = field(default_factory=lambda: deque(maxlen=8))
     pending: Message | None = None  # newest preview still waiting for its det
     #: the daemon run the kept dets and previews are of (None: not named, before v1.11)
@@ -308,10 +312,11 @@ class DashboardState:
 
     def track_history(self, source: str, track_id: int) -> dict[str, Any]:
         """The recent history of one tracked particle of ``source`` (the ``det`` messages kept
-        here, newest ``recent_dets`` frames, all of the source's current daemon run): per
-        frame ``seq``, ``t_s`` (s before the newest frame), ``ecd`` (``units``), ``x``/``y``
-        (frame px), ``shape_class`` and ``border``; ``daemon_run``: that run (its start, ns
-        since the epoch; None where the daemon does not name it)."""
+        here, newest ``recent_dets`` frames, all of the source's current daemon run and adapter
+        session): per frame ``seq``, ``t_s`` (s before the newest frame, by acquisition time),
+        ``ecd`` (``units``), ``x``/``y`` (frame px), ``shape_class`` and ``border``;
+        ``daemon_run``: that run (its start, ns since the epoch; None where the daemon does not
+        name it)."""
         with self._cond:
             s = self._src.get(source)
             dets = [] if s is None else list(s.dets.values())
@@ -407,6 +412,14 @@ class DashboardState:
         s = self._source(h.source)
         if s.last_seq is not None and h.seq > s.last_seq + 1:
             s.missed += h.seq - s.last_seq - 1
+        elif s.last_seq is not None and h.seq <= s.last_seq:
+            # the adapter restarted under this daemon run (its frames numbered from 0 again):
+            # the kept frames are its earlier session's, whose numbers the new one reuses, so
+            # they are forgotten, as those of an earlier daemon run are (a track's history
+            # and trails of one session, its times from that session's newest frame)
+            s.dets.clear()
+            s.previews.clear()
+            s.pending = None
         s.last_seq = h.seq
         s.frames += 1
         s.det_times.append(now)
