@@ -156,6 +156,25 @@ def test_a_clock_step_starts_a_new_field_and_growth_rates_stay_true(case: str) -
         assert [o["drift"]["field"] for o in _growth_run(ahead, t_recv[:8])] == [0] * 8
 
 
+def test_a_slow_series_streamed_fast_keeps_its_field() -> None:
+    """An archived series of one frame every 2 minutes, streamed to the daemon a frame a
+    tenth of a second (re-analysis): each frame's acquisition time runs 120 s ahead of its
+    arrival, which is the series' cadence, not a clock step. With the 60 s rule alone every
+    frame started a new field (no track lasted, no growth rate); the step must also exceed ten
+    of the source's previous frame intervals (the second frame, with no interval to judge
+    by, still starts one). A day's step in that series is still a step."""
+    n = 12
+    t_acq = [T0 + k * 120 * S for k in range(n)]
+    t_recv = [T0 + k * S // 10 for k in range(n)]
+    out = _growth_run(t_acq, t_recv)
+    assert [o["drift"]["field"] for o in out[2:]] == [out[1]["drift"]["field"]] * (n - 2)
+    assert out[-1]["growth_rate_d50"] == pytest.approx(0.1 / 120, rel=0.1)
+    stepped = t_acq[:8] + [t + 86400 * S for t in t_acq[8:]]
+    out = _growth_run(stepped, t_recv)
+    assert out[8]["drift"]["new_field"] and "ahead of its arrival" in out[8]["drift"]["reason"]
+    assert not any(o["drift"]["new_field"] for o in out[9:])
+
+
 def test_an_adapter_restarted_during_a_recording_keeps_its_frames_apart(tmp_path: Path) -> None:
     """One daemon run; the adapter restarts and numbers its frames from 0 again, on another
     field drifting the other way. The tracks table took each frame's drift and field by

@@ -11,10 +11,12 @@ after measurement, and writes every particle's ``track_id`` into the table. Per 
    field's first one or the previous one (a clock set back: rates are fitted against the
    field's time, and a 3 s step back bent them by 30-45 %), and one whose acquisition time ran
    more than 60 s (:data:`CLOCK_STEP_S`) ahead of its arrival time since the source's
-   previous frame (a clock stepped forward, or one frame stamped years ahead: a day's step
-   folded into the fits made every growth rate ~0). A pause of hours advances both clocks
-   alike and keeps the field; an offline frame arrives when it was acquired, so there only a
-   clock set back is seen;
+   previous frame, and more than 10 of the source's previous frame intervals
+   (:data:`CLOCK_STEP_INTERVALS`; a clock stepped forward, or one frame stamped years ahead: a
+   day's step folded into the fits made every growth rate ~0). A pause of hours advances both
+   clocks alike and keeps the field, and so does a series of one frame in minutes streamed
+   from an archive in seconds (each frame runs ahead by its own interval); an offline frame
+   arrives when it was acquired, so there only a clock set back is seen;
 2. **drift**: the frame is registered against the previous one
    (:class:`~nanoscout.analysis.drift.DriftEstimator`), and the shifts add up to the field's
    drift; particle positions minus the drift are positions on the specimen;
@@ -65,7 +67,7 @@ from nanoscout.analysis.insitu import FieldDynamics, mean_ci, median_ci
 from nanoscout.analysis.linking import FrameLinker
 from nanoscout.wire.headers import Stage, Units
 
-__all__ = ["CLOCK_STEP_S", "SourceTracker", "TrackUpdate", "TrackingConfig"]
+__all__ = ["CLOCK_STEP_INTERVALS", "CLOCK_STEP_S", "SourceTracker", "TrackUpdate", "TrackingConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +80,13 @@ _MAX_FIELDS_LISTED = 64
 _MAX_EVENTS = 256
 #: a frame whose acquisition time ran this much further ahead than its arrival time since the
 #: source's previous frame starts a new field (s): the source's clock stepped forward (a 200 s
-#: step read 0.004 nm/s for 0.1). Frames held up in transport and then delivered in a burst
-#: run ahead by at most their frame interval: a series of more than a minute a frame
-#: delivered so after an outage starts a new field too
+#: step read 0.004 nm/s for 0.1), if the step is also more than :data:`CLOCK_STEP_INTERVALS`
+#: times the source's previous frame interval. Frames held up in transport and delivered in a
+#: burst, or an archived series streamed faster than it was acquired, run ahead by about
+#: their own frame interval each, which is their cadence, not a step
 CLOCK_STEP_S = 60.0
+#: how many of the source's previous acquisition intervals a forward step must exceed too
+CLOCK_STEP_INTERVALS = 10.0
 
 
 class TrackingConfig(BaseModel):
@@ -255,6 +260,8 @@ class SourceTracker:
         self._last_stage: Stage | None = None
         #: the previous frame's (acquisition, arrival) times, ns (arrival None: not known)
         self._last_times: tuple[int, int | None] | None = None
+        #: the acquisition interval before the previous frame, ns (None: not known yet)
+        self._last_interval_ns: int | None = None
         #: calibrated area (µm²) and track count of the fields folded so far (density)
         self._folded_area_um2 = 0.0
         self._folded_count = 0
@@ -369,6 +376,8 @@ class SourceTracker:
         f = self._field
         reason = None
         last, self._last_times = self._last_times, (int(t_ns), t_recv_ns)
+        interval, self._last_interval_ns = self._last_interval_ns, (
+            None if last is None else int(t_ns) - last[0])
         if f.n_frames == 0:
             f.shape, f.pixel_size_nm, f.stage = frame_shape, pixel_size_nm, stage
             return
@@ -396,8 +405,11 @@ class SourceTracker:
                       "the source's clock was set back")
         if reason is None and last is not None and last[1] is not None and t_recv_ns is not None:
             # the fits would take the step for time that passed (a day: every rate ~0)
+            # ... unless the source's cadence is that slow (a slow series streamed fast)
             ahead_s = ((t_ns - last[0]) - (t_recv_ns - last[1])) / 1e9
-            if ahead_s > CLOCK_STEP_S:
+            cadence_s = None if interval is None or interval <= 0 else interval / 1e9
+            if ahead_s > CLOCK_STEP_S and (cadence_s is None
+                                           or ahead_s > CLOCK_STEP_INTERVALS * cadence_s):
                 reason = (f"acquisition time {t_ns} ns ran {ahead_s:.6g} s ahead of its arrival "
                           "since the previous frame: the source's clock stepped forward")
         if reason is not None:
