@@ -147,6 +147,38 @@ def test_a_run_of_many_files_commits_whole_batches_and_a_kill_keeps_whole_files(
     assert "stopped_utc" not in prov and (prov["batch_files"], prov["batch_s"]) == (64, 30.0)
 
 
+def test_a_stopped_run_keeps_every_whole_file_it_measured(tmp_path: Path) -> None:
+    """Ctrl-C or SIGTERM (a systemd stop) ends ``measure`` as a kill does, but it is a request:
+    with commits of up to 64 files, a stop lost the files of the batch being gathered (after
+    the 41st file: the run held 31). It now commits them, drops the interrupted file's rows,
+    and exits 130; the run holds every file before the interrupted one, whole, and stays
+    unfinished (no ``stopped_utc``: ``nanoscout report`` says so)."""
+    import signal
+
+    files = _session(tmp_path / "in", 0, 100)
+    out = tmp_path / "run.parquet"
+    proc = nanoscout("measure", str(tmp_path / "in"), "--out", str(out), "--no-progress",
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # one line per image analysed, as it is analysed
+        seen.append(line)
+        if line.startswith(f"{files[40]}[0]: "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    seen += proc.stdout.readlines()
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert proc.returncode == 130, "".join(seen)
+    run = read_run(out)
+    held = sorted(run.frames["file"])
+    assert 40 <= len(held) < 100 and held == [str(p) for p in files[:len(held)]], held
+    assert set(run.particles["file"]) == set(held)  # every particle's file is held, whole
+    prov = json.loads((out / "_run.json").read_text())
+    assert "stopped_utc" not in prov
+    assert any(f"holds the {len(held)} images" in x for x in seen), "".join(seen[-5:])
+
+
 def test_a_calibration_the_reader_refused_is_named_not_called_missing(tmp_path: Path) -> None:
     """A TIFF whose ImageJ calibration reads 1e-6 nm/px (outside the 1e-4..1e6 nm/px a reader
     accepts) was reported as "no calibration", as if the file had none; the line now gives the

@@ -38,7 +38,9 @@ up to :data:`BATCH_FILES`, and sooner when a batch has taken :data:`BATCH_S` s o
 at the end. A 1000-file run is 21 batches (64 Parquet parts with the tracks table, not
 3001), and a write that fails or a ``kill -9`` loses at most the files of the batch being
 gathered: the run holds the files before it, whole, and the error names the first file it does
-not hold.
+not hold. Ctrl-C or SIGTERM commits the batch's whole files first (the interrupted file's rows
+are dropped, :meth:`~nanoscout.clients.runfile.RunWriter.take_back`) and exits 130; either
+way the run's provenance has no ``stopped_utc``.
 
 Each image's ``file`` in the run is its full path, as text (a name that is not valid UTF-8 in
 the printable form of :func:`nanoscout.wire.codec.wire_text`, ``lat\\xe9in.png``); the frame header's
@@ -63,6 +65,7 @@ in-situ statistics and, at close, the tracks table (the report's in-situ section
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import time
@@ -309,108 +312,120 @@ def measure_files(
     # when it holds `batch` files (1, 2, 4 ... batch_files: an output that cannot be written
     # fails on the first file, not after a whole batch) or has taken batch_s s
     first, batch, since = 0, 1, time.monotonic()
-    for i, path in enumerate(files):
-        label = _label(path)
-        t_acq_ns = 0
-        try:
-            records = read_images(path)
-        except ReaderError as exc:
-            records = []
-            report.skipped.append((path, wire_text(str(exc))))
-            log(f"skipped {label}: {exc}")
-        else:
+    mark = writer.mark()
+    try:
+        for i, path in enumerate(files):
+            mark = writer.mark()  # the rows of the files before this one
+            label = _label(path)
+            t_acq_ns = 0
             try:
-                t_acq_ns = path.stat().st_mtime_ns
-            except OSError:
-                t_acq_ns = time.time_ns()
-            t0_ns = t_acq_ns if t0_ns is None else t0_ns
-        for rec in records:
-            px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
-            if px is None:
-                report.uncalibrated.append(path)
-                # the reader's note says why: none in the file, or one it refused as absurd
-                why = rec.calibration_note or "no calibration"
-                if not why.startswith("no calibration"):
-                    why = f"no calibration ({why})"
-                log(f"{label}: {why}, lengths in px (use --pixel-size to set one)")
-            source = SOURCE_NM if px else SOURCE_PX
-            if track:  # a sequence: frame k at t0 + k intervals
-                assert t0_ns is not None
-                t_acq_ns = t0_ns + round(seq[source] * frame_interval_s * 1e9)
-            try:
-                frame = Frame.from_image(
-                    wire_array(rec.data), pixel_size_nm=px, source=source, seq=seq[source],
-                    t_acq_ns=t_acq_ns, meta=_meta(label, rec.index, rec.meta),
-                    modality=frame_modality(rec, modality))
-            except (NanoscoutError, ValueError) as exc:  # ValueError: pydantic's, a header field
-                why = wire_text(_one_line(exc))
-                report.skipped.append((path, why))
-                log(f"skipped {label}[{rec.index}]: {why}")
-                continue
-            try:
-                result = pipeline.process(frame)
-            except NanoscoutError as exc:
+                records = read_images(path)
+            except ReaderError as exc:
+                records = []
                 report.skipped.append((path, wire_text(str(exc))))
-                log(f"skipped {label}[{rec.index}]: {exc}")
-                continue
-            except MemoryError as exc:  # one image too large for this machine: the run goes on
-                why = f"not enough memory to analyse a {rec.data.shape} image ({exc})"
-                report.skipped.append((path, why))
-                log(f"skipped {label}[{rec.index}]: {why}")
-                continue
-            seq[source] += 1
-            det, table, labels = result.det, result.table, result.labels
-            writer.add_det(det, table, file=label)
-            stats = result.messages[-1].header
-            if isinstance(stats, StatsHeader):
-                writer.add_stats(stats)
-            for ah in result.alerts:
-                writer.add_alert(ah)
-            report.alerts += len(result.alerts)
-            models.add(model_name(det.model, det.model_sha256))
-            name = names(path, rec.index, len(records))
-            if outputs is not None:
-                info = {"file": label, "index": rec.index, "modality": rec.modality}
+                log(f"skipped {label}: {exc}")
+            else:
                 try:
-                    report.outputs += [
-                        write_label_tiff(labels, outputs / f"{name}.labels.tif", image=rec.data,
-                                         pixel_size_nm=px, properties=info),
-                        write_rois(labels, table, outputs / f"{name}.rois.zip"),
-                        write_overlay_png(rec.data, labels, outputs / f"{name}.overlay.png",
-                                          pixel_size_nm=px,
-                                          border_ids=table["id"][table["border"]].tolist()),
-                    ]
-                except (OSError, NanoscoutError) as exc:  # the measurements stand without them
-                    log(f"{label}[{rec.index}]: outputs not written to {outputs}: {exc}")
-            report.images += 1
-            report.particles += len(table)
-            what = ""
-            for stage, error in result.failures:  # the measurements stand without these
-                log(f"{label}[{rec.index}]: {stage} failed: {error}")
-            for stage, error in result.skipped:  # on purpose: a blank image is not classified
-                log(f"{label}[{rec.index}]: {stage} skipped: {error}")
-            c = result.classification
-            if c is not None:
-                class_rows.append([label, rec.index, c.labels[0],
-                                   round(c.probabilities[0], 4),
-                                   None if c.novelty is None else round(c.novelty, 4),
-                                   *(round(v, 4) for v in c.all.values())])
-                what = f"; {c.labels[0]} ({c.probabilities[0]:.2f})"
-                assert pipeline.classifier is not None
-                models.add(pipeline.classifier.name)
-            log(f"{label}[{rec.index}]: {len(table)} particles ({det.units}){what}")
-        if i + 1 == len(files) or i + 1 - first >= batch or time.monotonic() - since >= batch_s:
-            try:
-                writer.flush()
-            except OSError as exc:  # the batch is lost whole: the run stops before its first file
-                raise _unwritable(out, exc, (
-                    f"measuring stopped at {_label(files[first])} (file {first + 1} of "
-                    f"{len(files)}): the run holds the {writer.counts['frames']} images measured "
-                    "before it, in whole files, and its provenance does not say it finished "
-                    "(nanoscout report marks it unfinished)")) from exc
-            first, batch, since = i + 1, min(2 * batch, batch_files), time.monotonic()
-        if bar is not None:
-            bar.advance(note=wire_text(path.name) if records else None)
+                    t_acq_ns = path.stat().st_mtime_ns
+                except OSError:
+                    t_acq_ns = time.time_ns()
+                t0_ns = t_acq_ns if t0_ns is None else t0_ns
+            for rec in records:
+                px = pixel_size_nm if pixel_size_nm is not None else rec.pixel_size_nm
+                if px is None:
+                    report.uncalibrated.append(path)
+                    # the reader's note says why: none in the file, or one it refused as absurd
+                    why = rec.calibration_note or "no calibration"
+                    if not why.startswith("no calibration"):
+                        why = f"no calibration ({why})"
+                    log(f"{label}: {why}, lengths in px (use --pixel-size to set one)")
+                source = SOURCE_NM if px else SOURCE_PX
+                if track:  # a sequence: frame k at t0 + k intervals
+                    assert t0_ns is not None
+                    t_acq_ns = t0_ns + round(seq[source] * frame_interval_s * 1e9)
+                try:
+                    frame = Frame.from_image(
+                        wire_array(rec.data), pixel_size_nm=px, source=source, seq=seq[source],
+                        t_acq_ns=t_acq_ns, meta=_meta(label, rec.index, rec.meta),
+                        modality=frame_modality(rec, modality))
+                except (NanoscoutError, ValueError) as exc:  # ValueError: pydantic's, a header field
+                    why = wire_text(_one_line(exc))
+                    report.skipped.append((path, why))
+                    log(f"skipped {label}[{rec.index}]: {why}")
+                    continue
+                try:
+                    result = pipeline.process(frame)
+                except NanoscoutError as exc:
+                    report.skipped.append((path, wire_text(str(exc))))
+                    log(f"skipped {label}[{rec.index}]: {exc}")
+                    continue
+                except MemoryError as exc:  # one image too large for this machine: the run goes on
+                    why = f"not enough memory to analyse a {rec.data.shape} image ({exc})"
+                    report.skipped.append((path, why))
+                    log(f"skipped {label}[{rec.index}]: {why}")
+                    continue
+                seq[source] += 1
+                det, table, labels = result.det, result.table, result.labels
+                writer.add_det(det, table, file=label)
+                stats = result.messages[-1].header
+                if isinstance(stats, StatsHeader):
+                    writer.add_stats(stats)
+                for ah in result.alerts:
+                    writer.add_alert(ah)
+                report.alerts += len(result.alerts)
+                models.add(model_name(det.model, det.model_sha256))
+                name = names(path, rec.index, len(records))
+                if outputs is not None:
+                    info = {"file": label, "index": rec.index, "modality": rec.modality}
+                    try:
+                        report.outputs += [
+                            write_label_tiff(labels, outputs / f"{name}.labels.tif", image=rec.data,
+                                             pixel_size_nm=px, properties=info),
+                            write_rois(labels, table, outputs / f"{name}.rois.zip"),
+                            write_overlay_png(rec.data, labels, outputs / f"{name}.overlay.png",
+                                              pixel_size_nm=px,
+                                              border_ids=table["id"][table["border"]].tolist()),
+                        ]
+                    except (OSError, NanoscoutError) as exc:  # the measurements stand without them
+                        log(f"{label}[{rec.index}]: outputs not written to {outputs}: {exc}")
+                report.images += 1
+                report.particles += len(table)
+                what = ""
+                for stage, error in result.failures:  # the measurements stand without these
+                    log(f"{label}[{rec.index}]: {stage} failed: {error}")
+                for stage, error in result.skipped:  # on purpose: a blank image is not classified
+                    log(f"{label}[{rec.index}]: {stage} skipped: {error}")
+                c = result.classification
+                if c is not None:
+                    class_rows.append([label, rec.index, c.labels[0],
+                                       round(c.probabilities[0], 4),
+                                       None if c.novelty is None else round(c.novelty, 4),
+                                       *(round(v, 4) for v in c.all.values())])
+                    what = f"; {c.labels[0]} ({c.probabilities[0]:.2f})"
+                    assert pipeline.classifier is not None
+                    models.add(pipeline.classifier.name)
+                log(f"{label}[{rec.index}]: {len(table)} particles ({det.units}){what}")
+            if i + 1 == len(files) or i + 1 - first >= batch or time.monotonic() - since >= batch_s:
+                try:
+                    writer.flush()
+                except OSError as exc:  # the batch is lost whole: the run stops before its first file
+                    raise _unwritable(out, exc, (
+                        f"measuring stopped at {_label(files[first])} (file {first + 1} of "
+                        f"{len(files)}): the run holds the {writer.counts['frames']} images measured "
+                        "before it, in whole files, and its provenance does not say it finished "
+                        "(nanoscout report marks it unfinished)")) from exc
+                first, batch, since = i + 1, min(2 * batch, batch_files), time.monotonic()
+            if bar is not None:
+                bar.advance(note=wire_text(path.name) if records else None)
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM (nanoscout.cli.signals): the batch's whole files are committed,
+        # the interrupted file's rows dropped; the run stays unfinished (no stopped_utc)
+        writer.take_back(mark)
+        with contextlib.suppress(OSError):
+            writer.flush()
+        log(f"interrupted: the run {out} holds the {writer.counts['frames']} images of the "
+            "files measured before the interrupted one, whole; it is not finished")
+        raise
     try:
         writer.close()
         prov.update(measure_outcome(

@@ -394,6 +394,17 @@ class RunWriter:
             self._tables[table].append(typed[table])
             self._pending[table] += n
 
+    def mark(self) -> dict[str, tuple[int, int]]:
+        """Where the queued rows of each table end now, for :meth:`take_back`."""
+        return {t: (len(self._tables[t]), self._pending[t]) for t in self._tables}
+
+    def take_back(self, mark: dict[str, tuple[int, int]]) -> None:
+        """Drop the rows queued since ``mark`` (:meth:`mark`, taken after the last flush or
+        later): an interrupted file's, so that the next flush commits whole files only."""
+        for t, (n_parts, n_rows) in mark.items():
+            del self._tables[t][n_parts:]
+            self._pending[t] = n_rows
+
     def add_det(self, header: DetHeader, table: np.ndarray, *, file: str | None = None) -> None:
         """Queue one frame's detections; ``file``: its file as the run records it (default:
         the header's ``meta["file"]``). Raises ProtocolError, queueing nothing, when its rows
