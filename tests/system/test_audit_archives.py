@@ -11,6 +11,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 from pathlib import Path
 
@@ -115,13 +116,10 @@ def test_a_write_that_fails_ends_measure_in_one_line_and_the_report_marks_the_ru
     assert html.count(said) == 2  # and in the provenance
 
 
-def test_a_run_of_many_files_commits_whole_batches_and_a_kill_keeps_whole_files(
-        tmp_path: Path) -> None:
-    """``measure`` committed every file as one Parquet part per table: a 1000-file run was
-    3000 parts, which ``read_run`` (the run's close, ``nanoscout report``) opened one by one.
-    It commits batches of files (1, 2, 4 ... 64 files): killed (``kill -9``) after its 41st
-    file, the run holds the 31 files of its first five batches (or 63, should the kill come
-    late), each file whole and once, in 5 (or 6) parts per table, not 41."""
+def _measure_stopped(tmp_path: Path, sig: signal.Signals
+                     ) -> tuple[list[Path], Path, subprocess.Popen[str], list[str]]:
+    """A real ``nanoscout measure`` of 100 PNGs sent ``sig`` once its 41st file's line is out;
+    returns the files, the run, the ended process and every line it printed."""
     files = _session(tmp_path / "in", 0, 100)
     out = tmp_path / "run.parquet"
     proc = nanoscout("measure", str(tmp_path / "in"), "--out", str(out), "--no-progress",
@@ -131,10 +129,22 @@ def test_a_run_of_many_files_commits_whole_batches_and_a_kill_keeps_whole_files(
     for line in proc.stdout:  # one line per image analysed, as it is analysed
         seen.append(line)
         if line.startswith(f"{files[40]}[0]: "):
-            proc.kill()
+            proc.send_signal(sig)
             break
+    seen += proc.stdout.readlines()
     proc.wait(timeout=60)
     proc.stdout.close()
+    return files, out, proc, seen
+
+
+def test_a_run_of_many_files_commits_whole_batches_and_a_kill_keeps_whole_files(
+        tmp_path: Path) -> None:
+    """``measure`` committed every file as one Parquet part per table: a 1000-file run was
+    3000 parts, which ``read_run`` (the run's close, ``nanoscout report``) opened one by one.
+    It commits batches of files (1, 2, 4 ... 64 files): killed (``kill -9``) after its 41st
+    file, the run holds the 31 files of its first five batches (or 63, should the kill come
+    late), each file whole and once, in 5 (or 6) parts per table, not 41."""
+    files, out, proc, seen = _measure_stopped(tmp_path, signal.SIGKILL)
     assert proc.returncode == -9, "".join(seen)
     run = read_run(out)
     held = sorted(run.frames["file"])
@@ -153,22 +163,7 @@ def test_a_stopped_run_keeps_every_whole_file_it_measured(tmp_path: Path) -> Non
     the 41st file: the run held 31). It now commits them, drops the interrupted file's rows,
     and exits 130; the run holds every file before the interrupted one, whole, and stays
     unfinished (no ``stopped_utc``: ``nanoscout report`` says so)."""
-    import signal
-
-    files = _session(tmp_path / "in", 0, 100)
-    out = tmp_path / "run.parquet"
-    proc = nanoscout("measure", str(tmp_path / "in"), "--out", str(out), "--no-progress",
-                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:  # one line per image analysed, as it is analysed
-        seen.append(line)
-        if line.startswith(f"{files[40]}[0]: "):
-            proc.send_signal(signal.SIGTERM)
-            break
-    seen += proc.stdout.readlines()
-    proc.wait(timeout=60)
-    proc.stdout.close()
+    files, out, proc, seen = _measure_stopped(tmp_path, signal.SIGTERM)
     assert proc.returncode == 130, "".join(seen)
     run = read_run(out)
     held = sorted(run.frames["file"])

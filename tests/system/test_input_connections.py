@@ -125,11 +125,10 @@ def test_a_message_over_the_transport_cap_is_counted_and_the_adapter_carries_on(
     assert "INFO" in warnings[0] and "disconnected: 1 in all" in warnings[0]
 
 
-def test_refused_handshakes_are_counted_and_curve_adapters_still_work(
-        logged_daemon: LoggedDaemon, tmp_path: Path) -> None:
-    """CURVE on a live daemon: a stranger's key is refused (``handshake_failed_auth``, logged),
-    an authorised adapter in ``--mode auto`` is refused as PUSH (``handshake_failed``) and
-    taken as PUB, and its frame is analysed."""
+def _curve_daemon(logged_daemon: LoggedDaemon, tmp_path: Path
+                  ) -> tuple[DaemonProc, Path, ClientKeys, ClientKeys]:
+    """A live daemon with CURVE on that authorises one client key: (daemon, its log, the
+    authorised client's keys, a stranger's keys the daemon does not hold)."""
     server_pub, server_secret = create_keys(tmp_path / "server", "daemon")
     authorised = tmp_path / "authorised"
     create_keys(authorised, "operator")
@@ -137,13 +136,21 @@ def test_refused_handshakes_are_counted_and_curve_adapters_still_work(
     d, log = logged_daemon("--policy", "live", config=(
         "[security]\ncurve = true\n"
         f'server_secret_key = "{server_secret}"\nauthorized_keys = "{authorised}"\n'))
-    friend = ClientKeys(server_pub, authorised / "operator.key_secret")
+    return (d, log, ClientKeys(server_pub, authorised / "operator.key_secret"),
+            ClientKeys(server_pub, stranger_secret))
+
+
+def test_refused_handshakes_are_counted_and_curve_adapters_still_work(
+        logged_daemon: LoggedDaemon, tmp_path: Path) -> None:
+    """CURVE on a live daemon: a stranger's key is refused (``handshake_failed_auth``, logged),
+    an authorised adapter in ``--mode auto`` is refused as PUSH (``handshake_failed``) and
+    taken as PUB, and its frame is analysed."""
+    d, log, friend, stranger = _curve_daemon(logged_daemon, tmp_path)
     image = np.random.default_rng(4).integers(900, 1100, (128, 128)).astype(np.uint16)
     with Subscriber(d.output, topics=("det.", "health"), curve=friend) as sub:
         sub.wait_ready()
         with pytest.raises(PublishError, match="refused this client's CURVE key"):
-            FramePublisher(d.input, source="intruder", connect_timeout_s=10,
-                           curve=ClientKeys(server_pub, stranger_secret))
+            FramePublisher(d.input, source="intruder", connect_timeout_s=10, curve=stranger)
         with FramePublisher(d.input, source="friend", curve=friend) as pub:
             assert pub.mode == "pub"
             seq = pub.send(image, pixel_size_nm=0.5)
@@ -175,16 +182,8 @@ def test_refused_subscribers_and_query_clients_are_counted_on_their_socket(
     ``nanoscout_connections_total{socket}``) and warned about naming it, while authorised
     clients are served; the input's counts keep their place (``input_connections``,
     ``nanoscout_input_connections_total``)."""
-    server_pub, server_secret = create_keys(tmp_path / "server", "daemon")
-    authorised = tmp_path / "authorised"
-    create_keys(authorised, "operator")
-    _, stranger_secret = create_keys(tmp_path / "elsewhere", "stranger")
-    d, log = logged_daemon("--policy", "live", config=(
-        "[security]\ncurve = true\n"
-        f'server_secret_key = "{server_secret}"\nauthorized_keys = "{authorised}"\n'))
+    d, log, friend, stranger = _curve_daemon(logged_daemon, tmp_path)
     assert d.query is not None
-    friend = ClientKeys(server_pub, authorised / "operator.key_secret")
-    stranger = ClientKeys(server_pub, stranger_secret)
     with Subscriber(d.output, topics=("health",), curve=friend) as sub:
         sub.wait_ready()
         with Subscriber(d.output, topics=("health",), curve=stranger) as spy:
