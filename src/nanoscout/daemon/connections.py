@@ -68,13 +68,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
+
+from nanoscout.daemon.lograte import LogEvery
 
 __all__ = ["CONNECTION_EVENTS", "SOCKETS", "Connections", "SocketName", "transport_cap_bytes"]
 
@@ -159,7 +160,6 @@ class Connections:
         self._sock = sock
         self._cap = cap_bytes
         self._on_event = on_event
-        self._log_every_s = log_every_s
         addr = f"inproc://nanoscout-{name}-monitor-{id(self):x}"
         sock.monitor(addr, _MASK)
         try:
@@ -176,8 +176,7 @@ class Connections:
         self._ending: str | None = None
         self._counts = dict.fromkeys(CONNECTION_EVENTS, 0)
         self._lock = threading.Lock()
-        self._logged_at: dict[str, float] = {}
-        self._unlogged: dict[str, int] = {}
+        self._log_limit = LogEvery(log, log_every_s)
         self._closed = False
 
     def counts(self) -> dict[str, int]:
@@ -240,13 +239,9 @@ class Connections:
         self._on_event(event)
 
     def _log(self, event: str) -> None:
-        now = time.monotonic()
-        last = self._logged_at.get(event)
-        if last is not None and now - last < self._log_every_s:
-            self._unlogged[event] = self._unlogged.get(event, 0) + 1
+        since = self._log_limit.due(event)
+        if since is None:
             return
-        self._logged_at[event] = now
-        since = self._unlogged.pop(event, 0)
         with self._lock:
             total = self._counts[event]
         words = self._words
@@ -275,4 +270,4 @@ class Connections:
                 f"a connection was refused at its handshake: {words.other}")
         log.log(level, "%s: %s (%s: %d in all, %d more not logged since the last such line; "
                 "at most one line every %g s)", words.title, what, event, total, since,
-                self._log_every_s)
+                self._log_limit.every_s)

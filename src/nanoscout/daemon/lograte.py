@@ -39,16 +39,23 @@ class LogEvery:
         self._unlogged: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, kind: str, level: int, message: str) -> None:
-        """Log ``message`` at ``level`` unless a ``kind`` line went out in the last
-        ``every_s`` seconds (then count it for the next line)."""
+    def due(self, kind: str) -> int | None:
+        """Whether a ``kind`` line may go out now: the number of ``kind`` events not logged
+        since the last such line, or None (one went out in the last ``every_s`` seconds: this
+        event is counted for the next line), for callers that word their own line."""
         now = time.monotonic()
         with self._lock:
             last = self._logged_at.get(kind)
             if last is not None and now - last < self.every_s:
                 self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
-                return
+                return None
             self._logged_at[kind] = now
-            since = self._unlogged.pop(kind, 0)
-        self._log.log(level, "%s (%d more such events not logged since the last such line; "
-                      "at most one line every %g s)", message, since, self.every_s)
+            return self._unlogged.pop(kind, 0)
+
+    def __call__(self, kind: str, level: int, message: str) -> None:
+        """Log ``message`` at ``level`` unless a ``kind`` line went out in the last
+        ``every_s`` seconds (then count it for the next line)."""
+        since = self.due(kind)
+        if since is not None:
+            self._log.log(level, "%s (%d more such events not logged since the last such "
+                          "line; at most one line every %g s)", message, since, self.every_s)

@@ -155,6 +155,13 @@ class _Source:
         default_factory=lambda: deque(maxlen=600))
     alerts: int = 0
 
+    def forget_frames(self) -> None:
+        """Forget the kept frames (dets, previews, a preview waiting for its det): they are
+        of an earlier daemon run or adapter session, whose numbers the next ones reuse."""
+        self.dets.clear()
+        self.previews.clear()
+        self.pending = None
+
 
 class DashboardState:
     """Latest-wins state of everything the dashboard shows (thread-safe).
@@ -398,9 +405,7 @@ class DashboardState:
         s = self._source(h.source)
         if h.daemon_run is not None and h.daemon_run != s.daemon_run:
             s.daemon_run = h.daemon_run
-            s.dets.clear()
-            s.previews.clear()
-            s.pending = None
+            s.forget_frames()
             key = f"frame:{h.source}"
             if key in self._items:
                 # the page draws the last frame item it got until another comes: the earlier
@@ -417,9 +422,7 @@ class DashboardState:
             # the kept frames are its earlier session's, whose numbers the new one reuses, so
             # they are forgotten, as those of an earlier daemon run are (a track's history
             # and trails of one session, its times from that session's newest frame)
-            s.dets.clear()
-            s.previews.clear()
-            s.pending = None
+            s.forget_frames()
         s.last_seq = h.seq
         s.frames += 1
         s.det_times.append(now)
