@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -424,6 +425,28 @@ def test_replay_watch_reads_a_truncated_file_again_when_it_is_completed(tmp_path
     assert report.sent == 1 and report.skipped == []
     assert pub.calls[0]["meta"] == {"file": "slow.tif", "index": 0}
     assert any("will try slow.tif again if it changes" in line for line in lines)
+
+
+def test_replay_watch_sends_nothing_for_a_touched_file(tmp_path: Path) -> None:
+    """The watch hands over a file whose time alone changed (a new image under the same name
+    has the same size): a touch, same pixels, sends nothing and is counted."""
+    target = tmp_path / "frame.tif"
+
+    class TouchAtPolls(_StopAfterPolls):
+        def wait(self, timeout: float | None = None) -> bool:
+            if self.polls == 1:
+                tifffile.imwrite(target, np.arange(64, dtype=np.uint16).reshape(8, 8))
+            elif self.polls == 4:
+                st = target.stat()
+                os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+            return super().wait(timeout)
+
+    pub, lines = FakePublisher(), list[str]()
+    report = replay_watch(tmp_path, pub, settle_polls=1, poll_s=0.01, stop=TouchAtPolls(8),
+                          log=lines.append)
+    assert (report.sent, report.unchanged, report.skipped) == (1, 1, [])
+    assert any("frame.tif changed, but its 1 image(s) were sent before: none sent again" in line
+               for line in lines), lines
 
 
 def test_an_image_too_large_is_refused_before_it_is_decoded(tmp_path: Path,

@@ -46,6 +46,8 @@ Each image's ``file`` in the run is its full path, as text (a name that is not v
 the printable form of :func:`nanoscout.wire.codec.wire_text`, ``lat\\xe9in.png``); the frame header's
 ``meta["file"]`` holds at most :data:`META_FILE_CHARS` characters of it (a longer path keeps
 its end: ``"…"`` and the last 1023 characters), the protocol's bound on a ``meta`` string.
+The lines printed name files as :func:`nanoscout.wire.codec.printable` text (a newline,
+carriage return or terminal escape in a name as ``\\n``, ``\\r``, ``\\x1b``: no forged line).
 
 With ``outputs=DIR``, per image (names keep the file's suffix: ``test-1.dm3.*``,
 ``test-1.dm4.*``): ``NAME.labels.tif`` (ImageJ hyperstack: image + instance labels, nm
@@ -93,7 +95,7 @@ from nanoscout.clients.outputs import (
 from nanoscout.clients.progress import Bar
 from nanoscout.clients.provenance import model_entries, model_name, software
 from nanoscout.clients.runfile import CLASS_COLUMNS, RunWriter, classes_path
-from nanoscout.wire.codec import wire_text
+from nanoscout.wire.codec import printable, wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 from nanoscout.wire.protocol import StatsHeader
 
@@ -230,9 +232,11 @@ def _meta(label: str, index: int, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _printable(log: Callable[[str], None]) -> Callable[[str], None]:
-    """``log`` for messages that may name a file whose name is not valid UTF-8 (which a
-    strict UTF-8 terminal refuses): such text is logged as :func:`wire_text` escapes."""
-    return lambda message: log(wire_text(message))
+    """``log`` for messages that name files: a name is anyone's text, so each message is
+    logged as :func:`~nanoscout.wire.codec.printable` escapes (bytes that are not UTF-8, which
+    a strict UTF-8 terminal refuses, as ``\\xe9``; a newline, carriage return or terminal
+    escape as ``\\n``, ``\\r``, ``\\x1b``: a file name cannot forge or overwrite a line)."""
+    return lambda message: log(printable(message))
 
 
 def _unwritable(out: Path, exc: OSError, holds: str) -> NanoscoutError:

@@ -10,6 +10,12 @@ are held back by :class:`EngineSummary` and :meth:`EngineSummary.line` sums them
         not available: tensorrt, onnxruntime-cuda (-v says why)
 
 Warnings and errors always pass.
+
+Every record is one line: its text is written as :func:`~nanoscout.wire.codec.printable`
+escapes, since log messages name files, paths and request fields that are anyone's text (a
+file named ``x.tif\\n2026-... ERROR ...`` in a watched folder would otherwise forge a second
+record, a ``\\r`` or a terminal escape overwrite or restyle one). A traceback that follows a
+record keeps its lines.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["EngineSummary", "setup_logging"]
+from nanoscout.wire.codec import printable
+
+__all__ = ["EngineSummary", "PrintableFormatter", "setup_logging"]
 
 _USING = re.compile(r"using (\S+)(?: \((\w+)\))? for (\S+)")
 _SKIPPED = re.compile(r"auto engine selection: (\S+) skipped")
@@ -70,11 +78,20 @@ class EngineSummary(logging.Filter):
         return f"engine: {used}{tail}"
 
 
+class PrintableFormatter(logging.Formatter):
+    """A formatter whose record lines hold no control character (:func:`printable`); the
+    traceback after a record is left as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line (time, level, logger, message) as :func:`printable` text."""
+        return printable(super().formatMessage(record))
+
+
 def setup_logging(verbose: bool) -> EngineSummary:
     """Log INFO (DEBUG with ``verbose``) to stderr; without ``verbose`` the engines' start-up
     records go to the returned :class:`EngineSummary` instead."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     summary = EngineSummary()
     if not verbose:
         handler.addFilter(summary)

@@ -26,12 +26,12 @@ def run_on_ray(files: Sequence[Path], out: Path, config: ServeConfig, *, address
     provenance (``OUT/_run.json``), as ``measure`` takes them."""
     from nanoscout.batch.offline import expand
     from nanoscout.batch.ray_measure import measure_on_ray
-    from nanoscout.wire.codec import wire_text
+    from nanoscout.wire.codec import printable
 
     if out.suffix.lower() in (".csv", ".parquet"):
         raise NanoscoutError(f"with --ray, --out is a folder of Parquet parts, not {out}")
     # each file once (a folder and a link to it, a file inside a folder given: one file)
-    listed = expand(files, lambda message: print(wire_text(message)))
+    listed = expand(files, lambda message: print(printable(message)))
     report = measure_on_ray(listed, config, out, address=address,
                             workers=workers, cpus_per_worker=cpus_per_worker,
                             gpus_per_worker=gpus_per_worker, pixel_size_nm=pixel_size_nm,
@@ -41,5 +41,5 @@ def run_on_ray(files: Sequence[Path], out: Path, config: ServeConfig, *, address
           f"skipped {len(report.skipped_done)} done, {len(report.unreadable)} unreadable, "
           f"{len(report.failed)} failed")
     for path, why in report.failed:
-        print(f"failed: {path}: {why}")
+        print(printable(f"failed: {path}: {why}"))
     return 1 if report.failed or not (report.measured or report.skipped_done) else 0

@@ -12,6 +12,11 @@ b.tif: 12 particles
 The bar goes to stderr and only when stderr is a terminal (or ``enabled=True``); in a pipe, a
 log file or a test it draws nothing and :meth:`Bar.log` prints plain lines, so output stays
 greppable.
+
+Lines and notes often name files (anyone's text): both are shown as
+:func:`~nanoscout.wire.codec.printable` escapes (a newline, carriage return or terminal escape
+in a name cannot forge, overwrite or restyle a line) and never as rich markup (a name such as
+``[link=URL]x.tif`` is shown as it is).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO, TypeVar
+
+from nanoscout.wire.codec import printable
 
 __all__ = ["Bar", "progress", "track"]
 
@@ -35,11 +42,12 @@ class Bar:
         self._out = out
 
     def advance(self, steps: float = 1, note: str | None = None) -> None:
-        """Move the bar ``steps`` forward; ``note`` replaces its description's detail."""
+        """Move the bar ``steps`` forward; ``note`` replaces its description's detail (shown
+        as :func:`~nanoscout.wire.codec.printable` text, never as markup)."""
         if self._progress is not None:
             kw: dict[str, Any] = {"advance": steps}
             if note is not None:
-                kw["detail"] = note
+                kw["detail"] = printable(note)
             self._progress.update(self._task, **kw)
 
     def total(self, total: float | None) -> None:
@@ -48,7 +56,9 @@ class Bar:
             self._progress.update(self._task, total=total)
 
     def log(self, message: str) -> None:
-        """Print ``message`` as its own line (above the bar while one is drawn)."""
+        """Print ``message`` as its own line (above the bar while one is drawn), as
+        :func:`~nanoscout.wire.codec.printable` text."""
+        message = printable(message)
         if self._progress is not None:
             self._progress.console.print(message, markup=False, highlight=False)
         else:
@@ -83,7 +93,7 @@ def progress(description: str, total: float | None = None, *, enabled: bool | No
     console = Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
-               TimeRemainingColumn(), TextColumn("{task.fields[detail]}", style="dim"))
+               TimeRemainingColumn(), TextColumn("{task.fields[detail]}", style="dim", markup=False))
     with Progress(*columns, console=console, transient=False) as p:
         task = p.add_task(description, total=total, detail="")
         yield Bar(p, task, out)

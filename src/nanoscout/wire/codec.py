@@ -80,7 +80,8 @@ from nanoscout.wire.errors import (
 from nanoscout.wire.headers import HEADERS, PROTOCOL_VERSION, FrameHeader, Header, Kind
 
 __all__ = ["MAX_HEADER_BYTES", "Message", "check_version", "decode_frame", "decode_message",
-           "encode", "encode_frame", "encode_message", "pack_header", "unpack_header", "wire_text"]
+           "encode", "encode_frame", "encode_message", "pack_header", "printable", "unpack_header",
+           "wire_text"]
 
 #: largest msgpack header accepted, bytes
 MAX_HEADER_BYTES = 256 * 1024
@@ -163,6 +164,24 @@ def wire_text(text: str) -> str:
     except UnicodeEncodeError:
         return "".join(_escape_surrogate(c) for c in text)
     return text
+
+
+def printable(text: str) -> str:
+    """``text`` as one line that a terminal or a log file shows as it is, for text from
+    outside (file names, vendor metadata, request fields) that is printed or logged.
+
+    :func:`wire_text`, then every character that Python does not call printable
+    (``str.isprintable``: control characters such as newline, carriage return, ESC and BEL,
+    the line and paragraph separators, invisible format characters such as the bidirectional
+    overrides) becomes its backslash escape (``\\n``, ``\\r``, ``\\x1b``, ``\\u202e``); the
+    space stays. So a file named ``a.png\\n<date> ERROR ...`` cannot forge a second log line,
+    ``\\r`` cannot overwrite the line on a terminal, and ``\\x1b]8;;URL`` cannot open a
+    terminal hyperlink. Printable text is returned unchanged (backslashes included).
+    """
+    text = wire_text(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _escape_surrogate(c: str) -> str:

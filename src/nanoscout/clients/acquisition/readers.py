@@ -98,10 +98,17 @@ _CALIBRATION_SOURCE: dict[str, str] = {
 }
 
 #: the most pixels one image may have (16384 x 16384): more is refused before it is decoded
-#: where the format says its size first (TIFF, Pillow formats), and after reading otherwise,
-#: so that a small compressed file declaring a huge image cannot take the machine's memory
-#: (the analysis needs ~40 bytes per pixel at working scale 1)
+#: where the format can be compressed and says its size first (TIFF, HDF5-based EMD, Pillow
+#: formats), and after reading otherwise (DM, MRC, TIA hold their pixels uncompressed, so the
+#: file's own size bounds them), so that a small compressed file declaring a huge image cannot
+#: take the machine's memory (the analysis needs ~40 bytes per pixel at working scale 1)
 MAX_IMAGE_PIXELS = 1 << 28
+#: the most pixels one file may hold in all its images together (four of the largest images,
+#: 1 to 8 GiB as uint8 to float64), checked as :data:`MAX_IMAGE_PIXELS` is: a file's images
+#: are all read before the first is analysed, so the bound on one image alone let a 2.8 MB
+#: TIFF of 12 zlib pages of 15360 x 15360 px take 5.4 GB of memory (and a 40-page one 9 GiB
+#: for its stack before a copy)
+MAX_FILE_PIXELS = 1 << 30
 
 # the daemon rejects frames outside this range, so a file outside it counts as uncalibrated
 MIN_PIXEL_NM, MAX_PIXEL_NM = PIXEL_SIZE_RANGE_NM
@@ -173,7 +180,8 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     """Return every 2-D image in the file at ``path``, in file order, calibrated in nm per px.
 
     Raises ReaderError when the file is missing, has an unsupported suffix, is corrupt or
-    truncated, holds no 2-D real-space image, or holds one over :data:`MAX_IMAGE_PIXELS`.
+    truncated, holds no 2-D real-space image, holds one over :data:`MAX_IMAGE_PIXELS`, or
+    images over :data:`MAX_FILE_PIXELS` together.
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -184,6 +192,8 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     if not p.is_file():
         raise ReaderError(f"{p}: no such file")
     try:
+        if fmt == "emd":
+            _inspect_hdf5(p)
         if fmt == "tiff" and _inspect_tiff(p):
             records = _read_planar_rgb_tiff(p)
         else:
@@ -195,6 +205,7 @@ def read_images(path: str | Path) -> list[ImageRecord]:
         raise ReaderError(f"{p}: cannot read {fmt} file ({type(exc).__name__}: {exc})") from exc
     for rec in records:
         _check_pixels(p, rec.data.shape)
+    _check_file_pixels(p, [rec.data.shape for rec in records])
     return records
 
 
@@ -206,11 +217,43 @@ def _check_pixels(p: Path, shape: Sequence[int]) -> None:
                           f"(16384 x 16384): split it into tiles")
 
 
+def _check_file_pixels(p: Path, shapes: Sequence[Sequence[int]], what: str = "images") -> None:
+    """ReaderError when the ``what`` (images, datasets) of ``shapes`` hold more than
+    :data:`MAX_FILE_PIXELS` pixels together."""
+    total = sum(math.prod(int(n) for n in shape) for shape in shapes)
+    if total > MAX_FILE_PIXELS:
+        raise ReaderError(f"{p}: its {len(shapes)} {what} hold {total} px in all, more than the "
+                          f"{MAX_FILE_PIXELS} px nanoscout reads from one file (four images of "
+                          f"16384 x 16384): split it into several files")
+
+
+def _inspect_hdf5(p: Path) -> None:
+    """Refuse an HDF5-based file (EMD) whose datasets declare too many pixels, before any is
+    decoded (HDF5 compresses chunks: an 18 kB EMD of 40000 x 40000 zeros took 35 s and 3.1 GB
+    to be refused after reading). Each dataset of two or more dimensions counts whole towards
+    :data:`MAX_FILE_PIXELS`, and its two largest dimensions towards :data:`MAX_IMAGE_PIXELS`
+    (the largest image it can hold, whichever axes the EMD flavour puts the image on). A file
+    h5py cannot open is left to the reader to report."""
+    import h5py
+
+    shapes: list[tuple[int, ...]] = []
+    try:
+        with h5py.File(p, "r") as f:
+            f.visititems(lambda _name, obj: shapes.append(tuple(obj.shape))
+                         if isinstance(obj, h5py.Dataset) and obj.shape and len(obj.shape) >= 2
+                         else None)
+    except Exception:  # the reader says what is wrong with the file
+        return
+    for shape in shapes:
+        _check_pixels(p, sorted(shape)[-2:])
+    _check_file_pixels(p, shapes, "datasets")
+
+
 def _inspect_tiff(p: Path) -> bool:
-    """Refuse a TIFF whose pages declare too many pixels, before any is decoded (its tags
-    say; a damaged directory is left to the reader to report), and return whether a page
-    stores its colour samples in separate planes (PlanarConfiguration 2), which rosettasciio's
-    TIFF reader cannot turn into an image. One pass over the file's directory."""
+    """Refuse a TIFF whose pages declare too many pixels, each or together, before any is
+    decoded (its tags say; a damaged directory is left to the reader to report), and return
+    whether a page stores its colour samples in separate planes (PlanarConfiguration 2), which
+    rosettasciio's TIFF reader cannot turn into an image. One pass over the file's directory."""
     import tifffile
 
     try:
@@ -218,9 +261,11 @@ def _inspect_tiff(p: Path) -> bool:
             pages = [(page.shape, _tiff_layout(page)) for page in tf.pages]
     except Exception:  # the reader says what is wrong with the file
         return False
-    for shape, _ in pages:
-        # a page's samples (RGB) are read as one grey plane
-        _check_pixels(p, shape[:2] if len(shape) == 3 and shape[-1] in (3, 4) else shape)
+    planes = [shape[:2] if len(shape) == 3 and shape[-1] in (3, 4) else shape
+              for shape, _ in pages]  # a page's samples (RGB) are read as one grey plane
+    for plane in planes:
+        _check_pixels(p, plane)
+    _check_file_pixels(p, planes)
     return any(layout == (tifffile.PHOTOMETRIC.RGB, tifffile.PLANARCONFIG.SEPARATE)
                for _, layout in pages)
 
@@ -694,7 +739,10 @@ def _read_pillow(p: Path, fmt: str) -> list[ImageRecord]:
 
     records: list[ImageRecord] = []
     with Image.open(p) as image:
-        for frame in range(getattr(image, "n_frames", 1)):
+        frames = getattr(image, "n_frames", 1)  # an animated PNG or GIF: every frame one size
+        _check_pixels(p, image.size[::-1])
+        _check_file_pixels(p, [image.size[::-1]] * frames)
+        for frame in range(frames):
             image.seek(frame)
             _check_pixels(p, image.size[::-1])
             image.load()  # decode now so a truncated file fails here, not later

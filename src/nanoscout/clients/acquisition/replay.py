@@ -7,12 +7,15 @@ publisher (``nanoscout.clients.acquisition.publisher.FramePublisher`` or anythin
 and never stop on a bad file: it is logged, listed in the report and skipped. Frames whose file
 carries no calibration are sent with ``pixel_size_nm=None`` (the daemon then measures in pixels
 and says so) and listed as uncalibrated, unless a pixel size is given to override the file.
-A file name that is not valid UTF-8 is sent (and logged) in the printable form of
-:func:`nanoscout.wire.codec.wire_text` (``lat\\xe9in.png``).
+A file name that is not valid UTF-8 is sent in the printable form of
+:func:`nanoscout.wire.codec.wire_text` (``lat\\xe9in.png``); what is logged is
+:func:`nanoscout.wire.codec.printable` text (that, and a newline, carriage return or terminal
+escape in a name or its metadata as ``\\n``, ``\\r``, ``\\x1b``: never a forged line).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -33,7 +36,7 @@ from nanoscout.clients.acquisition.readers import (
     wire_array,
 )
 from nanoscout.clients.acquisition.watch import watch_folder
-from nanoscout.wire.codec import wire_text
+from nanoscout.wire.codec import printable, wire_text
 from nanoscout.wire.errors import ConfigError, ReaderError
 from nanoscout.wire.protocol import check_particle_size_nm, check_particle_size_px
 
@@ -43,6 +46,9 @@ __all__ = ["DEFAULT_PATTERNS", "MODALITIES", "ReplayReport", "check_overrides", 
 MODALITIES = frozenset({"TEM", "STEM", "SEM"})
 DEFAULT_PATTERNS: tuple[str, ...] = tuple(sorted(f"*{s}" for s in SUPPORTED_SUFFIXES))
 """Watch patterns matching every file type the readers support."""
+#: the files ``replay_watch`` remembers the images of (16 bytes an image), the most recently
+#: read: a file that changes after it was sent sends only images it did not send before
+WATCH_DIGEST_FILES = 4096
 
 
 class Publisher(Protocol):
@@ -65,11 +71,13 @@ class Publisher(Protocol):
 
 @dataclass
 class ReplayReport:
-    """What a replay did: frames sent, files skipped with the reason, uncalibrated files."""
+    """What a replay did: frames sent, files skipped with the reason, uncalibrated files, and
+    (``replay_watch``) images of a changed file not sent again because they were sent before."""
 
     sent: int = 0
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     uncalibrated: list[Path] = field(default_factory=list)
+    unchanged: int = 0
 
 
 def replay_files(
@@ -103,6 +111,7 @@ def replay_files(
     if loop < 1:
         raise ConfigError(f"loop must be >= 1, got {loop!r}")
 
+    log = _printable(log)
     report = ReplayReport()
     files = _expand(paths, report, log)
     pacer = _Pacer(rate_hz)
@@ -140,8 +149,11 @@ def replay_watch(
     """Send each new complete file that appears in ``folder`` until ``stop`` is set.
 
     Completeness, ``patterns``, ``existing``, ``poll_s`` (s), ``settle_polls`` and ``settle_s``
-    (s) are those of :func:`nanoscout.clients.acquisition.watch.watch_folder`, and so is what
-    happens when a file changes after it was sent (a change of size sends it again). TIA
+    (s) are those of :func:`nanoscout.clients.acquisition.watch.watch_folder`. A file that
+    changes after it was sent (its size or its modification time) is read again once it
+    settles, and of its images only those that differ from the image of the same index sent
+    from it before are sent (counted in ``unchanged`` otherwise): a stack that grew sends its
+    new frames, a new image saved under the same name is sent, a touched file sends nothing. TIA
     ``.emi`` files are skipped here: the pixels and calibration are in the ``.ser`` files
     written next to them, which are sent. ``particle_size_nm`` and ``particle_size_px`` as for
     :func:`replay_files`. A file that cannot be read is logged and skipped, and tried again
@@ -149,8 +161,11 @@ def replay_watch(
     once it is sent it leaves ``skipped``. Returns the ReplayReport when ``stop`` is set.
     """
     check_overrides(pixel_size_nm, modality, particle_size_nm, particle_size_px)
+    log = _printable(log)
     report = ReplayReport()
     pacer = _Pacer(None)
+    # per file, the digest of each image sent, by index; the most recently read last
+    sent: dict[Path, list[bytes]] = {}
     log(f"watching {folder} for {', '.join(patterns)}")
     watch = watch_folder(
         Path(folder),
@@ -164,12 +179,15 @@ def replay_watch(
     for path in watch:
         if path.suffix.lower() == ".emi":
             continue
+        sent[path] = sent.pop(path, [])
+        if len(sent) > WATCH_DIGEST_FILES:
+            del sent[next(iter(sent))]
         if _send_file(path, publisher, report, pixel_size_nm, modality, log, pacer,
-                      (particle_size_nm, particle_size_px)):
+                      (particle_size_nm, particle_size_px), sent[path]):
             report.skipped = [s for s in report.skipped if s[0] != path]
         else:
             watch.retry_when_changed(path)
-            log(wire_text(f"  will try {path.name} again if it changes"))
+            log(f"  will try {path.name} again if it changes")
     return report
 
 
@@ -224,16 +242,25 @@ def _send_file(
     log: Callable[[str], None],
     pacer: _Pacer,
     sizes: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None),
+    sent_before: list[bytes] | None = None,
 ) -> bool:
     """Send every image of one file; return False (and report it) when it cannot be read.
-    ``sizes``: the (nm, px) particle size ranges every frame names."""
+    ``sizes``: the (nm, px) particle size ranges every frame names. ``sent_before``: the
+    digests of the images sent from this file before, by index (the watch's): an image equal
+    to the one sent at its index is not sent again (counted in ``report.unchanged``), and the
+    list becomes this read's digests."""
     try:
         records = read_images(path)
         frames = [wire_array(r.data) for r in records]
     except ReaderError as exc:
         _skip(report, path, str(exc), log)
         return False
-    for record, frame in zip(records, frames, strict=True):
+    digests = [_digest(frame) for frame in frames] if sent_before is not None else []
+    repeated = 0
+    for k, (record, frame) in enumerate(zip(records, frames, strict=True)):
+        if sent_before is not None and k < len(sent_before) and sent_before[k] == digests[k]:
+            repeated += 1
+            continue
         pixel = pixel_size_nm if pixel_size_nm is not None else record.pixel_size_nm
         pacer.wait()
         publisher.send(
@@ -248,6 +275,9 @@ def _send_file(
         report.sent += 1
         if pixel is None and path not in report.uncalibrated:
             report.uncalibrated.append(path)
+    if sent_before is not None:
+        sent_before[:] = digests
+    report.unchanged += repeated
     first = records[0]
     if pixel_size_nm is not None:
         calibration = f"{pixel_size_nm:g} nm/px (override; file: {first.calibration_note})"
@@ -255,11 +285,24 @@ def _send_file(
         calibration = f"UNCALIBRATED, sizes will be in px: {first.calibration_note}"
     else:
         calibration = f"{first.pixel_size_nm:.6g} nm/px ({first.calibration_note})"
+    if repeated == len(records):
+        log(f"{path.name} changed, but its {repeated} image(s) were sent before: none sent again")
+        return True
+    again = f" ({repeated} sent before, not again)" if repeated else ""
     log(
-        f"sent {wire_text(path.name)}: {len(records)} image(s) {first.data.shape} {first.data.dtype} "
-        f"{modality or first.modality or 'modality unknown'}, {calibration}"
+        f"sent {path.name}: {len(records) - repeated} image(s){again} {first.data.shape} "
+        f"{first.data.dtype} {modality or first.modality or 'modality unknown'}, {calibration}"
     )
     return True
+
+
+def _digest(frame: np.ndarray) -> bytes:
+    """A digest of an image's pixels, shape and dtype (16 bytes): what tells a file's image
+    already sent from a new one written under the same name."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{frame.shape}{frame.dtype.str}".encode())
+    h.update(np.ascontiguousarray(frame).data)
+    return h.digest()
 
 
 def _magnification(record: ImageRecord) -> float | None:
@@ -267,9 +310,16 @@ def _magnification(record: ImageRecord) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _printable(log: Callable[[str], None]) -> Callable[[str], None]:
+    """``log`` for messages that name files and carry their metadata (anyone's text): each is
+    logged as :func:`~nanoscout.wire.codec.printable` escapes, so a file name cannot forge,
+    overwrite or restyle a line of the output."""
+    return lambda message: log(printable(message))
+
+
 def _skip(report: ReplayReport, path: Path, reason: str, log: Callable[[str], None]) -> None:
     report.skipped.append((path, reason))
-    log(wire_text(f"skipped {path}: {reason}"))
+    log(f"skipped {path}: {reason}")
 
 
 class _Pacer:

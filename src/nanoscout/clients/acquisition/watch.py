@@ -8,11 +8,13 @@ polling (``os.scandir``/``stat``), no inotify: it works on network shares and on
 PCs that drive microscopes.
 
 What happens to a file after it was handed over (:class:`FolderWatch` says it in full): a file
-the consumer could not read (:meth:`FolderWatch.retry_when_changed`) is handed over again once
-it changes; a file that changes size after it was handed over is a new acquisition written
-under the same name and is handed over again; a change of modification time alone is logged
-and nothing more. A listing that fails (a network share dropping out for a moment) changes
-nothing the watcher remembers: it is logged once, and once more when listing works again.
+that changes after it was handed over (its size or its modification time) is handed over again
+once it settles: the consumer could not read it (:meth:`FolderWatch.retry_when_changed`), or it
+is a new acquisition written under the same name (the same size when the image has the same
+shape and type), or the rest of a file written in place or a stack that grew. The consumer
+tells these apart by content (``replay_watch`` sends only the images it has not sent). A
+listing that fails (a network share dropping out for a moment) changes nothing the watcher
+remembers: it is logged once, and once more when listing works again.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def watch_folder(
     the polls), it is not empty, and it opens for reading: raise ``settle_s`` for a writer that
     pauses longer than ``settle_polls * poll_s`` between chunks. Files present when iteration
     starts are ignored, even when they change later, unless ``existing`` is True. A path is
-    yielded once, except as :class:`FolderWatch` says (a failed read, a change of size); if the
-    file is deleted and a file of that name appears again, the new one is yielded again.
+    yielded again each time it changes and settles again (:class:`FolderWatch`); if the file
+    is deleted and a file of that name appears again, the new one is yielded again.
 
     Between polls the iterator blocks in ``stop.wait(poll_s)`` (``poll_s`` in seconds), so
     setting ``stop`` ends the iteration within one poll; without ``stop`` it runs forever.
@@ -109,10 +111,14 @@ class FolderWatch(Iterator[Path]):
     - The consumer could not read a yielded file (truncated: a writer that paused longer than
       the settle time): it calls :meth:`retry_when_changed`, and the file is yielded again once
       its size or mtime changes and it settles again. Until then it is not yielded again.
-    - A yielded file that changes size is a new acquisition written under the same name: it is
-      logged and yielded again once it settles.
-    - A yielded file whose mtime changes but not its size (touched by a backup or virus scanner,
-      a header rewritten in place) is logged once per change and not yielded again.
+    - A yielded file that changes size (a new acquisition under the same name, a stack that
+      grew by a frame) is logged as a warning and yielded again once it settles.
+    - A yielded file whose mtime changes but not its size is logged and yielded again once it
+      settles: microscope software that saves each new image under one name writes the same
+      number of bytes each time, and a writer that preallocates a file fills it in place. It
+      may also be a touch (a backup or virus scanner, a header rewritten in place): the
+      consumer compares content (before, such a change was never yielded: a second image
+      saved under the same name was never sent, nor the rest of a file filled in place).
     - A failed listing of the folder leaves everything the watcher remembers (what was yielded,
       what was present at the start, what is settling) unchanged, so that the files are not new
       when the folder comes back; the first failure is logged as a warning and the recovery
@@ -208,13 +214,11 @@ class FolderWatch(Iterator[Path]):
             _log.info("%s changed after it could not be read; trying again once it settles", path)
         elif before[0] != signature[0]:
             _log.warning("%s changed size after it was handed over (%d -> %d bytes): handing it "
-                         "over again, as a new acquisition, once it settles",
+                         "over again once it settles",
                          path, before[0], signature[0])
         else:
-            _log.info("%s was modified after it was handed over, same size (%d bytes): "
-                      "not handed over again", path, signature[0])
-            self._done[path] = signature  # log the next touch, not this one again
-            return False
+            _log.info("%s was modified after it was handed over, same size (%d bytes): handing "
+                      "it over again once it settles", path, signature[0])
         del self._done[path]
         self._retry.discard(path)
         return True
