@@ -339,8 +339,10 @@ def record(
                       curve=curve_keys(server_key, client_key),
                       model_cards=load_cards(shipped_model_dir()), rois=rois)
     rows = prov["rows"]
+    refused = prov["rejected_messages"]
     print(f"recorded {rows['frames']} frames, {rows['particles']} particles, {rows['alerts']} "
-          f"alerts to {out}; missed results: {prov['missed_results'] or 'none'}")
+          f"alerts to {out}; missed results: {prov['missed_results'] or 'none'}"
+          + (f"; refused messages: {refused}" if refused else ""))
 
 
 @app.command(rich_help_panel="Live")

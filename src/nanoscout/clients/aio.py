@@ -73,8 +73,11 @@ class AsyncSubscriber:
                 return await self._call(self.sync.wait_ready, wait)  # type: ignore[no-any-return]
             except TimeoutError:
                 if time.monotonic() >= deadline:
+                    refused = self.sync.refused()  # a daemon of another version is there
                     raise TimeoutError(f"no health message from the daemon at "
-                                       f"{self.sync.endpoint} within {timeout} s") from None
+                                       f"{self.sync.endpoint} within {timeout} s"
+                                       + ("" if refused is None else f": {refused}")
+                                       ) from None
 
     async def messages(self, timeout: float | None = None,
                        idle: float | None = None) -> AsyncIterator[Message]:

@@ -178,9 +178,12 @@ def revert_model(endpoint: str, *, timeout: float = 60.0, curve: ClientKeys | No
 
 def request_lens(endpoint: str, source: str, outputs: list[str], *, timeout: float = 10.0,
                  curve: ClientKeys | None = None) -> tuple[LensReply, dict[str, np.ndarray]]:
-    """Ask for the lens ``outputs`` of ``source``'s newest frame; returns (reply, name → array).
+    """Ask for the lens ``outputs`` of ``source``'s newest frame; returns (reply, name → array)
+    with every name asked for.
 
-    An empty ``outputs`` asks only which outputs exist (``reply.available``).
+    An empty ``outputs`` asks only which outputs exist (``reply.available``). QueryError when
+    the daemon does not answer, refuses, or answers for another source or without an output
+    asked for (a reply that does not match the request is never handed on).
     """
     msg = _ask(endpoint, LensRequest(source=source, outputs=outputs), timeout=timeout,
                curve=curve)
@@ -189,4 +192,10 @@ def request_lens(endpoint: str, source: str, outputs: list[str], *, timeout: flo
         raise QueryError(f"expected a lens reply from {endpoint}, got {msg.kind}")
     if reply.error:
         raise QueryError(f"the daemon says: {reply.error} (available: {reply.available})")
-    return reply, dict(zip(reply.outputs, msg.extra, strict=True))
+    maps = dict(zip(reply.outputs, msg.extra, strict=True))  # as many: LensReply checks it
+    missing = [o for o in outputs if o not in maps]
+    if reply.source != source or missing:
+        raise QueryError(f"the reply from {endpoint} does not answer the request for "
+                         f"{outputs} of {source!r}: it is of {reply.source!r} with "
+                         f"{reply.outputs}")
+    return reply, maps

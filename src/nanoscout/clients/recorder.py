@@ -10,8 +10,13 @@ has arrived, at most :data:`FRAME_END_TIMEOUT_S` s, so the run holds every frame
 and a daemon that died cannot hold it up. After ``kill -9`` the run is readable and lacks at
 most the rows queued since the last flush. Results the subscriber missed (sequence gaps, e.g.
 when the recorder could not keep up) are counted in the provenance, never silently; so are
-messages it could not decode or store (``rejected_messages``, each logged up to
-:data:`LOGGED_REJECTIONS`): one such message costs itself, never the recording or its batch.
+messages it could not decode or store (``rejected_messages``, by reason in
+``rejected_by_reason``; the undecodable ones logged by the subscriber, at most one line per
+reason a minute, those it could not store up to :data:`LOGGED_REJECTIONS`, and their number
+said in the last line): one such message costs itself, never the recording or its batch; a
+message that came twice is recorded once (``duplicate_messages``, :class:`Subscriber`). A
+daemon of another major protocol version, all of whose messages are refused, is named as
+such (before, its recording ended "missed results: none" and, at the start, "is it running?").
 The provenance also names the software, the recorder's options and every model seen in the
 results with its card's hash and sizing error (:mod:`nanoscout.clients.provenance`; cards from
 ``model_cards``).
@@ -76,17 +81,21 @@ def _utc(ns: int) -> str:
 
 def _wait_ready(sub: Subscriber, timeout: float, stopped: Callable[[], bool]) -> HealthHeader:
     """The daemon's first health message, waited for at most ``timeout`` s in short slices (a
-    stop request ends the wait); NanoscoutError naming the endpoint when none came."""
+    stop request ends the wait); NanoscoutError naming the endpoint when none came, and the
+    messages that came but were refused (a daemon of another major protocol version is
+    there: it is not said to be missing)."""
     deadline = time.monotonic() + timeout
     while not stopped():
         try:
             return sub.wait_ready(min(_READY_POLL_S, max(0.0, deadline - time.monotonic())))
         except TimeoutError:
             if time.monotonic() >= deadline:
+                refused = sub.refused()
+                why = ("(is it running, and is this its result endpoint?)" if refused is None
+                       else f"({refused})")
                 raise NanoscoutError(
                     f"no health message from the daemon at {sub.endpoint} within {timeout:g} s "
-                    "(is it running, and is this its result endpoint?); nothing recorded"
-                ) from None
+                    f"{why}; nothing recorded") from None
     raise NanoscoutError(f"stopped before the daemon at {sub.endpoint} answered; nothing "
                          "recorded")
 
@@ -143,6 +152,9 @@ def _progress(prov: dict[str, Any], writer: RunWriter, sub: Subscriber, unstorab
     return {**prov, "rows": dict(writer.counts), "missed_results": dict(sub.missed),
             "missed_results_total": sub.missed_total,
             "rejected_messages": sub.rejected + unstorable,
+            "rejected_by_reason": {**sub.rejected_by_reason,
+                                   **({"unstorable": unstorable} if unstorable else {})},
+            "duplicate_messages": sub.duplicates,
             "models": sorted(models), "engines": sorted(engines),
             "model_provenance": model_entries(sorted(models), model_cards or {}),
             "daemon_runs": list(runs)}
@@ -289,4 +301,10 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
     log.info("recorded %d frames, %d particles, %d alerts to %s (missed %s)",
              writer.counts["frames"], writer.counts["particles"], writer.counts["alerts"], out,
              prov["missed_results"] or "none")
+    if prov["rejected_messages"]:
+        log.warning("%d messages were not recorded (%s): %s", prov["rejected_messages"],
+                    ", ".join(f"{r} {n}" for r, n in prov["rejected_by_reason"].items()),
+                    sub.last_rejection or "see the lines above")
+    if sub.duplicates:
+        log.warning("%d messages came again and were recorded once", sub.duplicates)
     return prov

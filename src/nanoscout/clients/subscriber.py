@@ -23,11 +23,23 @@ published before this subscriber saw its first one (while it reconnected) are co
 (Frames the daemon skips in live mode are not lost messages: their ``det`` is never sent. From
 a daemon older than 1.3, gaps in ``det`` frame numbers are counted instead; from one older
 than 1.11, a falling ``topic_seq`` is taken for a restart with nothing missing.) Malformed
-messages are counted in :attr:`Subscriber.rejected` and skipped, never raised.
+messages are counted in :attr:`Subscriber.rejected` (by reason in
+:attr:`Subscriber.rejected_by_reason`) and skipped, never raised; they are logged too, at most
+one line per reason every :data:`REFUSAL_LOG_S` s (the first at once), so that a daemon of
+another major protocol version, all of whose messages are refused, is named in the log rather
+than taken for an idle one, and :meth:`Subscriber.wait_ready` names them when no health
+message could be read. A message that comes twice (the same topic and header bytes as one of
+the last :data:`DUPLICATE_WINDOW`: a publisher's bug, or two endpoints that relay one daemon)
+is handed on once (health messages excepted: a repeated one only says the same again); the
+repeats are counted in :attr:`Subscriber.duplicates` and logged as the
+refusals are (a recorder stored them twice, and took a late repeat for a restarted daemon and
+the next message for a loss).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -35,17 +47,28 @@ from typing import Any
 
 import zmq
 
+from nanoscout.lograte import LogEvery
 from nanoscout.wire.errors import ProtocolError
 from nanoscout.wire.protocol import DetHeader, HealthHeader, Message, decode_message
 from nanoscout.wire.sequence import Gap, SequenceTracker
 from nanoscout.wire.transport import ClientKeys, connect, result_subscriber
 
-__all__ = ["MAX_MISSED_SOURCES", "Gap", "Subscriber", "track_gap"]
+__all__ = ["DUPLICATE_WINDOW", "MAX_MISSED_SOURCES", "REFUSAL_LOG_S", "Gap", "Subscriber",
+           "track_gap"]
+
+log = logging.getLogger("nanoscout.subscriber")
 
 #: sources :attr:`Subscriber.missed` remembers: those with the most recent gaps (a publisher
 #: that names ever new sources must not grow it without bound); the topics remembered for gaps
 #: (:attr:`Subscriber.gaps`) are bounded alike
 MAX_MISSED_SOURCES = 4096
+#: refused messages are logged at most once every this many seconds per reason (the first at
+#: once; each line says how many were refused since the one before), s
+REFUSAL_LOG_S = 60.0
+#: messages remembered (a 16-byte digest of each one's topic and header) to recognise one that
+#: comes again: every header names its message (``topic_seq``, times in ns), so two equal
+#: headers are one message
+DUPLICATE_WINDOW = 4096
 
 
 def track_gap(tracker: SequenceTracker, msg: Message[Any]) -> Gap | None:
@@ -100,7 +123,14 @@ class Subscriber:
         #: messages missed in total, of every source (forgotten ones too)
         self.missed_total = 0
         self.rejected = 0
+        #: messages refused, by reason (:class:`~nanoscout.wire.errors.Reason` values)
+        self.rejected_by_reason: dict[str, int] = {}
         self.last_rejection: str | None = None
+        #: messages that came again (the same topic and header as a recent one), not handed on
+        self.duplicates = 0
+        self._recent: OrderedDict[bytes, None] = OrderedDict()  # DUPLICATE_WINDOW digests
+        # one log line per reason (and "duplicate") a minute
+        self._log_every = LogEvery(log, REFUSAL_LOG_S)
         self.last_gap: Gap | None = None
         self.last_health: HealthHeader | None = None
         self.last_seen = 0.0  # monotonic time of the last message of any kind
@@ -108,14 +138,52 @@ class Subscriber:
     def wait_ready(self, timeout: float = 10.0) -> HealthHeader:
         """Block until the daemon's first ``health`` message arrives (proof of a live connection).
 
-        Raises TimeoutError naming the endpoint if none arrives within ``timeout`` s.
+        Raises TimeoutError naming the endpoint if none arrives within ``timeout`` s, and the
+        messages refused so far (:meth:`refused`) when some came: a daemon of another major
+        protocol version is there, but none of its messages can be read.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             msg = self._recv(max(0.0, deadline - time.monotonic()))
             if msg is not None and isinstance(msg.header, HealthHeader):
                 return msg.header
-        raise TimeoutError(f"no health message from the daemon at {self.endpoint} within {timeout} s")
+        refused = self.refused()
+        raise TimeoutError(f"no health message from the daemon at {self.endpoint} within "
+                           f"{timeout} s" + ("" if refused is None else f": {refused}"))
+
+    def refused(self) -> str | None:
+        """The messages refused so far in words (how many, by reason, and the last one's
+        error), or None when none was."""
+        if not self.rejected:
+            return None
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.rejected_by_reason.items()))
+        return (f"{self.rejected} messages came but were refused ({reasons}; last: "
+                f"{self.last_rejection})")
+
+    def _log_dropped(self, kind: str, what: str, total: int, detail: object) -> None:
+        """Log one message not handed on (``kind``: a refusal's reason, or ``duplicate``;
+        ``what``: "refused" or "dropped"; ``total``: so far), at most one line per kind every
+        :data:`REFUSAL_LOG_S` s (the others counted for the next line)."""
+        since = self._log_every.due(kind)
+        if since is not None:
+            log.warning("%s a message from %s (%s, %d %s in all%s): %s", what, self.endpoint,
+                        kind, total, what,
+                        f", {since} more since the last such line" if since else "", detail)
+
+    def _repeated(self, parts: list[Any]) -> bool:
+        """Whether this message (its topic and header) came already, among the last
+        :data:`DUPLICATE_WINDOW`; remembers it when not."""
+        digest = hashlib.blake2b(digest_size=16)
+        for part in parts[:2]:
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+        key = digest.digest()
+        if key in self._recent:
+            return True
+        self._recent[key] = None
+        if len(self._recent) > DUPLICATE_WINDOW:
+            self._recent.popitem(last=False)
+        return False
 
     def connected(self, stale_s: float = 3.0) -> bool:
         """True when any message (health comes every second) arrived in the last ``stale_s`` s."""
@@ -131,7 +199,17 @@ class Subscriber:
             msg = decode_message([p.buffer for p in parts])
         except ProtocolError as exc:
             self.rejected += 1
+            reason = str(exc.reason)
+            self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
             self.last_rejection = str(exc)
+            self._log_dropped(reason, "refused", self.rejected, exc)
+            return None
+        if not isinstance(msg.header, HealthHeader) and self._repeated([p.buffer for p in parts]):
+            self.duplicates += 1
+            self._log_dropped("duplicate", "dropped", self.duplicates,
+                              f"{msg.topic} (topic_seq "
+                              f"{getattr(msg.header, 'topic_seq', None)}, frame "
+                              f"{getattr(msg.header, 'seq', None)}) came again")
             return None
         if isinstance(msg.header, HealthHeader):
             self.last_health = msg.header

@@ -8,6 +8,12 @@ in place once per second (columns shrink or fold on a narrow one, the field-of-v
 texts use whatever width is left); into a pipe or file it prints plain lines (:func:`render`),
 one per source per second.
 
+Text from the wire (class labels, alert explanations, engine names, reasons) is shown as it
+is, never read as ``rich`` markup (a label ``Pt [/dense]`` ended the tail on a terminal, and
+``Au [dense] film`` lost its word), and with control characters as their escapes
+(:func:`~nanoscout.wire.codec.printable`: an ESC sequence in a label cannot clear or retitle
+the operator's terminal).
+
 The table keeps the :data:`MAX_SOURCES` most recently seen sources (a publisher that names
 ever new sources must not grow it without bound; the others are counted as forgotten). A
 message the table cannot show is left out and counted, as are the messages that could not be
@@ -26,6 +32,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from nanoscout.clients.subscriber import Subscriber
+from nanoscout.wire.codec import printable
 from nanoscout.wire.protocol import AlertHeader, ClassHeader, DetHeader, HealthHeader, StatsHeader
 from nanoscout.wire.transport import ClientKeys
 
@@ -131,7 +138,7 @@ def _field_of_view(c: ClassHeader | None) -> str:
     if c is None or not c.labels or not c.probabilities:
         return "-"
     novelty = "" if c.novelty is None else f", novelty {c.novelty:.2f}"
-    return f"{c.labels[0]} ({c.probabilities[0]:.2f}{novelty})"
+    return f"{printable(c.labels[0])} ({c.probabilities[0]:.2f}{novelty})"
 
 
 def _stats_cells(stats: StatsHeader | None) -> tuple[str, str, str, str]:
@@ -144,13 +151,14 @@ def _stats_cells(stats: StatsHeader | None) -> tuple[str, str, str, str]:
 
 def _alert_text(a: AlertHeader) -> str:
     stage = f" @ ({a.stage.x_um:.1f}, {a.stage.y_um:.1f}) µm" if a.stage else ""
-    return f"  [{a.severity}] {a.source}#{a.seq}{stage}: {a.explanation}"
+    return f"  [{a.severity}] {a.source}#{a.seq}{stage}: {printable(a.explanation)}"
 
 
 def _status(h: HealthHeader) -> str:
-    dropped = ", ".join(f"{k} {v}" for k, v in h.frames_dropped.items()) or "none"
+    dropped = ", ".join(f"{printable(k)} {v}" for k, v in h.frames_dropped.items()) or "none"
     rejected = sum(h.rejected.values())
-    return (f"daemon: {h.policy}, engine {h.engines.get('detector', '?')}, up {h.uptime_s:.0f} s, "
+    engine = printable(h.engines.get("detector", "?"))
+    return (f"daemon: {h.policy}, engine {engine}, up {h.uptime_s:.0f} s, "
             f"{h.frames_processed}/{h.frames_received} frames, dropped: {dropped}, "
             f"rejected {rejected}")
 
@@ -162,7 +170,7 @@ def _refused(state: TailState, sub: Subscriber) -> str | None:
     last = sub.last_rejection if state.last_unshown is None else state.last_unshown
     return (f"messages this tail refused: {sub.rejected} undecodable, {state.unshown} not "
             f"shown; sources forgotten: {state.sources_forgotten} (at most {MAX_SOURCES} shown)"
-            + ("" if last is None else f"; last: {last:.160}"))
+            + ("" if last is None else f"; last: {printable(last):.160}"))
 
 
 def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
@@ -216,11 +224,13 @@ def view(state: TailState, sub: Subscriber, now: float) -> Any:
     for name, v in sorted(state.sources.items()):
         lat = np.asarray(v.latency_ms)
         d10, d50, d90, density = _stats_cells(v.stats)
-        t.add_row(
+        cells = (
             name, f"{v.fps(now):.1f}", _fmt(np.percentile(lat, 50) if lat.size else None),
             _fmt(np.percentile(lat, 99) if lat.size else None),
             _fmt(float(np.mean(v.counts)) if v.counts else None), d10, d50, d90, v.units,
             density, str(sub.missed.get(name, 0)), _field_of_view(v.klass))
+        # Text, not str: a str cell is rich markup, and a class label is the daemon's text
+        t.add_row(*(Text(c) for c in cells))
     refused = _refused(state, sub)
     alerts = [] if refused is None else [Text(refused, style="yellow", overflow="fold")]
     alerts.append(Text(f"alerts: {state.n_alerts}", style="bold"))

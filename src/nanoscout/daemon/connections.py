@@ -75,7 +75,7 @@ from typing import Final, Literal, get_args
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from nanoscout.daemon.lograte import LogEvery
+from nanoscout.lograte import LogEvery
 
 __all__ = ["CONNECTION_EVENTS", "SOCKETS", "Connections", "SocketName", "transport_cap_bytes"]
 

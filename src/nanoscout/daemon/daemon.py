@@ -67,11 +67,11 @@ from nanoscout.daemon.config import ServeConfig
 from nanoscout.daemon.connections import Connections, transport_cap_bytes
 from nanoscout.daemon.engine_setup import engine_states
 from nanoscout.daemon.hotswap import Build, LoadedModel, ModelSwapper
-from nanoscout.daemon.lograte import LogEvery, RateLimitedLog
 from nanoscout.daemon.metrics import Metrics
 from nanoscout.daemon.query import LensServer
 from nanoscout.daemon.queues import FrameQueue, LiveSlots
 from nanoscout.daemon.review import FrameReview
+from nanoscout.lograte import LogEvery, RateLimitedLog
 from nanoscout.wire.codec import Message, decode_frame, encode, encode_message
 from nanoscout.wire.errors import EngineError, FrameError, ProtocolError, Reason
 from nanoscout.wire.headers import (

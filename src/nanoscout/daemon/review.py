@@ -46,7 +46,7 @@ from nanoscout.analysis.rules import SaveFrames
 from nanoscout.daemon.config import ReviewConfig
 from nanoscout.daemon.frame_ring import FrameRing
 from nanoscout.daemon.frame_tiff import frame_file_name, write_frame_tiff, write_label_map
-from nanoscout.daemon.lograte import LogEvery
+from nanoscout.lograte import LogEvery
 
 __all__ = ["FrameReview", "SaveRefused"]
 

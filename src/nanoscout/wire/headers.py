@@ -878,8 +878,9 @@ class LensRequest(Header):
 
 class LensReply(Header):
     """The answer to a :class:`LensRequest`: one float16 buffer per name in ``outputs``, of the
-    matching ``shapes`` (the lens's own layout, e.g. (1, channels, rows, cols)); ``error`` says
-    why nothing came back (unknown source or output, no lens loaded)."""
+    matching ``shapes`` (the lens's own layout, e.g. (1, channels, rows, cols); one shape per
+    name, else the reply is malformed); ``error`` says why nothing came back (unknown source or
+    output, no lens loaded)."""
 
     topic_kind: ClassVar[Kind] = Kind.LENS
     buffers: ClassVar[tuple[BufferSpec, ...]] = (Float16Maps("shapes"),)
@@ -891,6 +892,15 @@ class LensReply(Header):
     available: list[str] = Field(default_factory=list)
     novelty: float | None = None
     error: str | None = None
+
+    @model_validator(mode="after")
+    def _one_shape_per_output(self) -> LensReply:
+        # each name in outputs is one buffer of its shape: with fewer shapes the names and
+        # the arrays cannot be paired (a client's zip failed with a ValueError)
+        if len(self.outputs) != len(self.shapes):
+            raise ValueError(f"{len(self.outputs)} outputs but {len(self.shapes)} shapes: each "
+                             "output needs its shape")
+        return self
 
 
 #: control actions on one source (they need ``source``)
