@@ -9,8 +9,9 @@ partitioning="hive")`` reads it back with a ``folder`` column)::
     OUT/.lock                                                                  held by the run writing OUT
 
 ``key`` is derived from the input file's absolute path, so a file always maps to the same two
-parts. Each part is written to a hidden temporary file and renamed into place (atomic on one
-file system), particles first, images last: a file is *done* when its images part exists. A
+parts. Each part is written to a hidden temporary file, synced to the disk and renamed into
+place (atomic on one file system, and durable: a power cut leaves no empty part), particles
+first, images last: a file is *done* when its images part exists. A
 worker killed halfway leaves at most a temporary file (removed at the next start) or a particles
 part that the retry overwrites, so files are neither lost nor counted twice, and a restarted
 run skips every file that is done (:func:`done_files`). One run writes into ``OUT`` at a time
@@ -55,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from nanoscout.clients.durable import replace_durably
 from nanoscout.clients.provenance import write_json
 from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError
@@ -251,13 +253,17 @@ def _image_table(result: FileResult) -> object:
 
 
 def _write_atomic(table: object, path: Path) -> None:
+    """Write ``table`` to ``path`` through a temporary file whose data reaches the disk before
+    the rename (:func:`~nanoscout.clients.durable.replace_durably`): an images part marks its
+    file done, so one renamed before its data (0 bytes after a power cut) made a resumed run
+    skip the file and pyarrow refuse the whole output."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
     try:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -17,13 +17,14 @@ A ``measure --ray`` output folder holds the same record as ``_run.json``
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from nanoscout.clients.durable import replace_durably
 
 __all__ = ["card_summary", "load_cards", "model_entries", "model_name", "software", "write_json"]
 
@@ -122,13 +123,16 @@ def model_name(model: str, sha256_prefix: str | None) -> str:
 
 
 def write_json(path: Path, record: Mapping[str, Any]) -> None:
-    """(Re)write the provenance ``record`` as JSON at ``path`` atomically: written to a hidden
-    temporary file beside it and renamed over it, so a failed write (a full disk) leaves the
-    last whole record and no temporary file. Values JSON does not know are written as text."""
+    """(Re)write the provenance ``record`` as JSON at ``path`` atomically and durably: written
+    to a hidden temporary file beside it, synced to the disk and renamed over it
+    (:func:`nanoscout.clients.durable.replace_durably`), so a failed write (a full disk) leaves
+    the last whole record and no temporary file, and a power cut leaves the last whole record
+    or the new one, never an empty file (which made the whole run unreadable). Values JSON
+    does not know are written as text."""
     tmp = path.with_name("." + path.name + ".tmp")
     try:
         tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

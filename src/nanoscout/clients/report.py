@@ -363,13 +363,23 @@ _VECTOR_META = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
 
 
 def _save(fig: Figure, path: Path, formats: Sequence[str] = ("png",)) -> None:
-    """Save ``fig`` as ``path`` (PNG, ``FIGURE_DPI``) and beside it in the other ``formats``."""
+    """Save ``fig`` as ``path`` (PNG, ``FIGURE_DPI``) and beside it in the other ``formats``,
+    each through a temporary file renamed into place, so no figure is ever left cut short.
+    ConfigError naming the figure when one cannot be written (a full disk: it was a
+    traceback, and a torn SVG stayed in the report's folder)."""
     for fmt in formats:
         target = path.with_suffix(f".{fmt}")
-        if fmt == "png":
-            fig.savefig(target, format="png", dpi=FIGURE_DPI)
-        else:
-            fig.savefig(target, format=fmt, metadata=_VECTOR_META.get(fmt))
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            if fmt == "png":
+                fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
+            else:
+                fig.savefig(tmp, format=fmt, metadata=_VECTOR_META.get(fmt))
+            tmp.replace(target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"cannot write the report figure {target}: "
+                              f"{exc.strerror or exc}") from exc
 
 
 def _ecd_figure(d: np.ndarray, st: GroupStats, path: Path, formats: Sequence[str]) -> None:

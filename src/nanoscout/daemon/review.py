@@ -22,7 +22,9 @@ take it beyond ``max_disk_bytes`` is refused (nothing is deleted: they may be an
 the directory holds is measured (one listing) at the first save, again before a save is refused
 when the directory changed since (an operator deleted files: the budget frees up) and at most
 every :data:`_RESCAN_S` seconds otherwise (files another program added count); in between,
-the files written here are added up, so a busy stream lists the directory rarely. Every
+the files written here are added up, so a busy stream lists the directory rarely. A listing
+also removes the temporary files (``.NAME.tif.part``) older than :data:`STALE_PART_S` that a
+writer killed mid-write left behind (``leftovers_removed``). Every
 file written is counted (``saved``), every failure by reason (``failed``: ``no_frame``,
 ``disk_budget``, ``queue_full``, ``write_error``); a failure never reaches the frame path.
 """
@@ -58,6 +60,9 @@ _MAX_PENDING = 64
 _TIFF_OVERHEAD = 16 * 1024
 #: what the review directory holds is listed again at least this often, s
 _RESCAN_S = 60.0
+#: a temporary ``.NAME.tif.part`` this old, s, is a writer's that was killed mid-write (kill
+#: -9, a crash, a power cut: no writer of one frame takes this long); the next listing removes it
+STALE_PART_S = 600.0
 #: a save that would exceed the budget lists the directory again when the last listing is
 #: this old, s, even if the directory's mtime did not change (coarse mtimes of network shares)
 _RECHECK_S = 5.0
@@ -112,6 +117,8 @@ class FrameReview:
         self._thread: threading.Thread | None = None
         self.saved = 0
         self.failed: dict[str, int] = {}
+        #: temporary files of killed writers removed from the directory (STALE_PART_S)
+        self.leftovers_removed = 0
         # refusals may come with every alert while the folder is full: one line a minute each
         self._log_every = LogEvery(log)
 
@@ -240,6 +247,9 @@ class FrameReview:
             mtime_ns = d.stat().st_mtime_ns
             with os.scandir(d) as entries:
                 for entry in entries:
+                    if entry.name.startswith(".") and entry.name.endswith(".tif.part"):
+                        self._remove_stale(entry)
+                        continue
                     if not entry.name.lower().endswith(".tif"):
                         continue
                     try:
@@ -256,6 +266,21 @@ class FrameReview:
         self._disk_used, self._scanned_mtime_ns = total, mtime_ns
         self._scanned_s = time.monotonic()
         return total
+
+    def _remove_stale(self, entry: os.DirEntry[str]) -> None:
+        """Remove ``entry``, a temporary TIFF (:func:`write_frame_tiff`'s ``.NAME.tif.part``),
+        when it is older than :data:`STALE_PART_S`: its writer was killed mid-write and it
+        would hold its bytes, outside the budget, for ever (30 kills of a writer of 4 MP
+        frames left 21, 106 MiB). A younger one may be being written (this daemon's writer,
+        another's, the dashboard's annotations): it is left."""
+        try:
+            if time.time() - entry.stat().st_mtime < STALE_PART_S:
+                return
+            os.unlink(entry.path)
+        except OSError:  # gone already, or not ours to remove: the next listing sees it
+            return
+        self.leftovers_removed += 1
+        log.info("review: removed %s, left by a writer killed mid-write", entry.path)
 
     def _fits(self, size: int) -> bool:
         """Whether ``size`` more bytes stay within ``max_disk_bytes``; before saying no, the
