@@ -597,6 +597,41 @@ def test_adaptive_retries_a_candidate_whose_confirmation_frame_failed() -> None:
     assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS)
 
 
+@dataclass
+class FailsAt(FakeSession):
+    """Every frame centred on ``bad`` (µm) brings no results."""
+
+    bad: tuple[float, float] = (0.0, 0.0)
+
+    def frame(self, x_um: float, y_um: float, *a: Any, **kw: Any) -> FrameResult:
+        res = super().frame(x_um, y_um, *a, **kw)
+        if math.hypot(x_um - self.bad[0], y_um - self.bad[1]) < 0.01:
+            res.error, res.alerts, res.n_particles = "no complete results", [], None
+            self.costs.failed_frames += 1
+        return res
+
+
+def test_a_candidate_whose_confirmation_frames_failed_is_looked_at_again_later() -> None:
+    """Its confirmation frame and the retake failed (frames 5 and 6: the daemon restarting):
+    the candidate was dropped and the search said "candidates exhausted" with 3 of 4 targets.
+    Now it is visited once more after the others; never imaged with results, it is left
+    unchecked and the search says "incomplete"."""
+    fake = FakeSession(list(TARGETS), DECOYS, fail={5, 6})
+    res = adaptive_search(as_session(fake), make_cfg())
+    assert res.failed_frames == 2
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS)
+    assert res.stopped == "candidates exhausted" and res.unchecked == []
+
+    fake = FailsAt(list(TARGETS), DECOYS, bad=TARGETS[0])
+    res = adaptive_search(as_session(fake), make_cfg())
+    assert sum(math.hypot(s.x - TARGETS[0][0], s.y - TARGETS[0][1]) < 0.01
+               for s in fake.shots) == 4  # two tries of a frame and its retake
+    assert_found_once([(t.x_um, t.y_um) for t in res.targets], TARGETS[1:])
+    assert res.stopped == "incomplete"
+    assert [(c.x_um, c.y_um) for c in res.unchecked] == [pytest.approx(TARGETS[0])]
+    assert res.summary()["unchecked_candidates"] == [list(TARGETS[0])]  # µm to 1 nm
+
+
 def test_high_magnification_frames_ask_for_the_45_degree_view() -> None:
     fake = FakeSession(list(TARGETS), DECOYS)
     res = adaptive_search(as_session(fake), make_cfg())
@@ -774,3 +809,32 @@ def test_ctrl_c_ends_the_command_between_frames_with_what_was_found_written(
     assert meta["stopped"] == "interrupted" and meta["frames"] == 25 == len(fake.shots)
     assert len(read_json(out / "targets.json")) == meta["targets"] > 0
     assert "interrupted" in capsys.readouterr().err
+
+
+@dataclass
+class StopsAt(FakeSession):
+    """A stage that never gets past x = ``stop_um`` (and says where it is)."""
+
+    stop_um: float = 20.0
+
+    def frame(self, x_um: float, *a: Any, **kw: Any) -> FrameResult:
+        return super().frame(min(x_um, self.stop_um), *a, **kw)
+
+
+def test_the_command_says_when_tiles_were_never_imaged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The raster said "done" with the area beyond x = 23.2 µm (42 %) never imaged."""
+    fake = StopsAt(list(TARGETS))
+    code, out = _run_command(tmp_path, fake, monkeypatch)
+    assert code == 0
+    meta = json.loads((out / "search.json").read_text())["search"]
+    assert meta["stopped"] == "incomplete"
+    cov = meta["coverage"]
+    # the share imaged, never more than was (x up to 20 + 3.2 µm of 40)
+    assert 23.2 / 40 - 0.01 <= cov["area_fraction"] <= 23.2 / 40
+    assert cov["missed_tiles"] and all(x > 20.0 for x, _ in cov["missed_tiles"])
+    assert meta["off_target_frames"] == 2 * len(cov["missed_tiles"])  # each taken twice
+    err = capsys.readouterr().err
+    assert (f"incomplete: {len(cov['missed_tiles'])} of {cov['tiles']} tiles were never "
+            f"imaged and analysed ({100 * cov['area_fraction']:.1f} % of the area was)") in err

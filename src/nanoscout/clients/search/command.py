@@ -9,7 +9,10 @@ timeout never cuts a slow stage move short.
 When the microscope fails mid-search the list of what was found so far is still written,
 ``search.json`` records why it stopped (``stopped`` "error", ``error`` the failure), and the
 exit status is 2. SIGINT (Ctrl-C) or SIGTERM ends the search before its next frame: what it
-found is written (``stopped`` "interrupted"), exit status 130.
+found is written (``stopped`` "interrupted"), exit status 130. A search whose sweep left tiles
+unimaged (the stage never got there, their results never came) ends ``stopped`` "incomplete"
+(exit status 0): ``search.json``'s ``coverage`` gives the share of the area imaged and the
+missed tiles' centres, and a line on stderr says so.
 
 ``--budget-frames``, ``--budget-s`` and ``--budget-dose`` are limits the search's totals never
 pass: a frame is taken only when its estimated cost fits what is left (see
@@ -131,6 +134,10 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
           f"stopped: {result.stopped}; navigator: {paths['nav']}", flush=True)
     if result.budget_stop is not None:
         print(f"search: budget {result.budget_stop}", flush=True)
+    if result.stopped == "incomplete":
+        print(f"nanoscout search: incomplete: {len(result.missed_tiles)} of {result.tiles} "
+              f"tiles were never imaged and analysed ({100 * result.coverage:.1f} % of the area "
+              f"was); search.json lists them", file=sys.stderr, flush=True)
     if result.skipped_rows:
         print(f"search: {result.skipped_rows} alert rows were no target (non-finite position "
               f"or score) and were skipped", file=sys.stderr, flush=True)

@@ -96,6 +96,25 @@ class FrameGeometry:
         m = margin_um * 1e3 / self.pixel_size_nm
         return bool(m - 0.5 <= row <= h - 0.5 - m and m - 0.5 <= col <= w - 0.5 - m)
 
+    def holds(self, rect: Area) -> bool:
+        """True when the rectangle ``rect`` lies wholly inside the frame (its four corners do,
+        to within 1 nm: a frame is convex, whatever its rotation on the stage)."""
+        return all(self.covers(x, y, margin_um=-1e-3) for x in (rect.x_min, rect.x_max)
+                   for y in (rect.y_min, rect.y_max))
+
+    def inside(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Which stage positions (x, y) µm lie inside the frame (edges included): a bool
+        array."""
+        h, w = self.shape
+        p = self.pixel_size_nm / 1e3
+        (a, b), (c, d) = self.image_to_stage
+        dx, dy = x_um - self.center_um[0], y_um - self.center_um[1]
+        det = a * d - b * c
+        col = (d * dx - b * dy) / det / p + (w - 1) / 2.0
+        row = (-c * dx + a * dy) / det / p + (h - 1) / 2.0
+        e = 1e-6  # px: a position on the frame's edge is inside, whatever the rounding
+        return (row >= -0.5 - e) & (row <= h - 0.5 + e) & (col >= -0.5 - e) & (col <= w - 0.5 + e)
+
 
 def tile_centres(area: Area, fov_um: tuple[float, float], overlap_um: float
                  ) -> list[tuple[float, float]]:
@@ -125,3 +144,65 @@ def tile_centres(area: Area, fov_um: tuple[float, float], overlap_um: float
         row = xs if j % 2 == 0 else xs[::-1]
         out.extend((x, y) for x in row)
     return out
+
+
+def tile_duty(area: Area, centre_um: tuple[float, float], fov_um: tuple[float, float],
+              slack_um: float) -> Area:
+    """The part of ``area`` that the tile planned at ``centre_um`` with frames of ``fov_um``
+    must image: its footprint clipped to the area, less ``slack_um`` on each side that lies
+    inside the area (a neighbouring tile overlaps there), none on the area's own edges.
+
+    A frame that holds its tile's duty landed well enough: with ``slack_um`` a quarter of the
+    tiling's overlap, two neighbours that both landed still overlap by half of it.
+    """
+    def axis(c: float, f: float, lo: float, hi: float) -> tuple[float, float]:
+        a, b = c - f / 2, c + f / 2
+        a = lo if a <= lo + 1e-9 else min(a + slack_um, c)
+        b = hi if b >= hi - 1e-9 else max(b - slack_um, c)
+        return a, max(b, a + 1e-9)
+
+    x0, x1 = axis(centre_um[0], fov_um[0], area.x_min, area.x_max)
+    y0, y1 = axis(centre_um[1], fov_um[1], area.y_min, area.y_max)
+    return Area(x0, x1, y0, y1)
+
+
+class Coverage:
+    """What part of a search area analysed frames imaged (frames whose results came back).
+
+    :meth:`holds` is exact (a rectangle inside one frame); :attr:`fraction` is the share of
+    the area's cells (at most :data:`COVERAGE_CELLS` a side, at least 20 across a frame)
+    that lie wholly inside one frame, the number a search reports: it never counts what was
+    not imaged, and it may leave out up to a cell's width along the imaged area's edges.
+    """
+
+    def __init__(self, area: Area, fov_um: tuple[float, float]) -> None:
+        self.area = area
+        cell = min(fov_um) / 20.0
+        nx = max(1, min(COVERAGE_CELLS, math.ceil(area.width / cell)))
+        ny = max(1, min(COVERAGE_CELLS, math.ceil(area.height / cell)))
+        # the cells' corners: a cell counts when all four lie inside one frame
+        xs = area.x_min + np.arange(nx + 1) * area.width / nx
+        ys = area.y_min + np.arange(ny + 1) * area.height / ny
+        self._x, self._y = np.meshgrid(xs, ys)
+        self._hit = np.zeros((ny, nx), bool)
+        #: the analysed frames, in the order taken
+        self.frames: list[FrameGeometry] = []
+
+    def add(self, geom: FrameGeometry) -> None:
+        """Count the area ``geom`` imaged (a frame whose results came back)."""
+        self.frames.append(geom)
+        c = geom.inside(self._x, self._y)
+        self._hit |= c[:-1, :-1] & c[:-1, 1:] & c[1:, :-1] & c[1:, 1:]
+
+    def holds(self, rect: Area) -> bool:
+        """True when one analysed frame holds the whole of ``rect``."""
+        return any(g.holds(rect) for g in self.frames)
+
+    @property
+    def fraction(self) -> float:
+        """Share of the area that analysed frames imaged, 0..1."""
+        return float(self._hit.mean())
+
+
+#: the most cells a side of :class:`Coverage`'s grid
+COVERAGE_CELLS = 1000

@@ -24,7 +24,24 @@ and dose only with the frame: the first frame is then taken unless a budget is 0
 smaller than one frame stops the search after it. ``stopped`` names the
 budget ("budget: frames", "budget: instrument time", "budget: dose"); ``budget_stop`` says what
 was spent, what the refused frame would have cost and by how much it would have passed the
-budget. The search also stops when the microscope fails (its control socket does not answer,
+budget.
+
+The area a sweep (the raster, the adaptive survey) claims is the area its *analysed* frames
+imaged, where the microscope says they were (the acquisition's stage position and actual pixel
+size), never where they were asked for. A tile whose frame landed off its place (backlash,
+drift, a move reported done that did not happen) by more than a quarter of the overlap on a side
+it shares with a neighbour, or at all on the area's edge, is taken once more; a microscope that
+gives a smaller field of view than asked (the nearest of its discrete magnifications) has the
+rest of the area tiled with the field it gives. A tile still not imaged (and analysed) at the
+end is *missed*: ``stopped`` is then "incomplete", ``coverage`` the share of the area imaged and
+``missed_tiles`` their centres. A confirmation frame that did not land with its candidate inside
+is taken once more too; a candidate whose frame and retake both failed (no results, or not on
+it) is visited once more after the others, and one still not imaged with results ends the
+search "incomplete" too (``unchecked``). When ``max_failed_in_a_row`` frames in a row bring no results (the
+daemon is gone), the search stops with ``stopped`` = "error": it does not go on dosing the
+specimen with frames nobody analyses.
+
+The search also stops when the microscope fails (its control socket does not answer,
 answers garbage or refuses): the search then stops at once and returns what it found so far,
 with ``stopped`` = "error" and the failure in ``error``; or, between two frames, when ``stop`` is set (the
 operator's Ctrl-C or SIGTERM): ``stopped`` = "interrupted". A frame whose results do not come
@@ -49,7 +66,13 @@ from typing import Literal
 import numpy as np
 
 from nanoscout.clients.microscope.control import ControlError
-from nanoscout.clients.search.geometry import Area, FrameGeometry, tile_centres
+from nanoscout.clients.search.geometry import (
+    Area,
+    Coverage,
+    FrameGeometry,
+    tile_centres,
+    tile_duty,
+)
 from nanoscout.clients.search.navigator import FoundTarget
 from nanoscout.clients.search.session import FrameResult, SearchSession
 from nanoscout.wire.errors import ConfigError
@@ -89,10 +112,15 @@ class SearchConfig:
     #: ``rotate45``, honoured with ``[engine] rotate45 = "on-request"``): wires along an image
     #: axis are otherwise missed
     rotate45_high_mag: bool = True
+    #: frames in a row without results (each tile's retake included) that stop the search
+    #: with an error: the daemon is gone, and frames nobody analyses only dose the specimen
+    max_failed_in_a_row: int = 4
 
     def __post_init__(self) -> None:
         if not self.target_rules:
             raise ValueError("a search needs at least one target rule (--target-rule)")
+        if self.max_failed_in_a_row < 1:
+            raise ValueError(f"max_failed_in_a_row {self.max_failed_in_a_row!r} must be >= 1")
         for name, v in (("pixel_size_nm", self.pixel_size_nm),
                         ("survey_pixel_size_nm", self.survey_pixel_size_nm)):
             if not v > 0:
@@ -148,7 +176,8 @@ class SearchResult:
     wall_s: float
     mean_dose_e_per_nm2: float
     failed_frames: int
-    #: why it ended: "done", "candidates exhausted", "budget: frames", ..., "error"
+    #: why it ended: "done", "candidates exhausted", "budget: frames", ..., "error",
+    #: "incomplete" (the sweep missed tiles)
     stopped: str
     duplicates_merged: int = 0
     candidates: int = 0  # nominated in the survey (after merging)
@@ -168,6 +197,17 @@ class SearchResult:
     budget_frames: int | None = None
     budget_s: float | None = None
     budget_dose_e_per_nm2: float | None = None
+    #: share of the area the sweep's analysed frames imaged (raster, or the adaptive survey),
+    #: 0..1; "done" / "candidates exhausted" only when no tile was missed
+    coverage: float = 0.0
+    #: tiles of the sweep (its final plan), and the centres (µm) of those never imaged and
+    #: analysed (empty when the sweep was stopped before its end: ``coverage`` says how far)
+    tiles: int = 0
+    missed_tiles: list[tuple[float, float]] = field(default_factory=list)
+    #: frames that did not land where they were asked for (each taken once more)
+    off_target_frames: int = 0
+    #: candidates (adaptive) that no confirmation frame imaged with results, after two tries
+    unchecked: list[Candidate] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly numbers (no thumbnails)."""
@@ -188,6 +228,12 @@ class SearchResult:
                 "mean_dose_e_per_nm2": {"spent": round(self.mean_dose_e_per_nm2, 4),
                                         "budget": self.budget_dose_e_per_nm2}},
             "error": self.error,
+            "coverage": {"area_fraction": round(self.coverage, 4), "tiles": self.tiles,
+                         "missed_tiles": [[round(x, 3), round(y, 3)]
+                                          for x, y in self.missed_tiles]},
+            "off_target_frames": self.off_target_frames,
+            "unchecked_candidates": [[round(c.x_um, 3), round(c.y_um, 3)]
+                                     for c in self.unchecked],
             "first_target": None if first is None else {
                 "frames": first.frame_index, "wall_s": round(first.t_s, 2),
                 "instrument_s": round(first.instrument_s, 2)},
@@ -303,6 +349,10 @@ class _Budget:
         self.error: str | None = None
         #: the budget that refused the latest frame asked for, or None
         self.refused: BudgetStop | None = None
+        #: frames in a row whose results did not come back
+        self.failed_in_a_row = 0
+        #: frames that did not land where they were asked for
+        self.off_target = 0
 
     def refuse(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int]
                ) -> str | None:
@@ -345,23 +395,49 @@ Progress = Callable[[FrameResult, list[FoundTarget]], None]
 
 
 def _take(session: SearchSession, budget: _Budget, x: float, y: float, pixel_size_nm: float,
-          shape: tuple[int, int], purpose: str) -> FrameResult | None:
-    """One frame; a frame whose results did not come (engine failure, timeout) is taken once
-    more, budget permitting, so a transient failure does not lose what it would have shown.
-    None when the microscope failed (no answer, garbage, a refusal): ``budget.error`` says
-    why, and the search stops with what it found."""
+          shape: tuple[int, int], purpose: str,
+          landed: Callable[[FrameGeometry], bool] | None = None) -> list[FrameResult] | None:
+    """One frame, and the frames taken: a frame whose results did not come (engine failure,
+    timeout), or that did not land where it should (``landed`` says False of where the
+    microscope says it was), is taken once more, budget permitting, so a transient failure
+    does not lose what it would have shown (an off-target frame's results count too: it imaged
+    somewhere). None when the microscope failed (no answer, garbage, a refusal) or
+    ``max_failed_in_a_row`` frames in a row brought no results: ``budget.error`` says why, and
+    the search stops with what it found."""
     meta: dict[str, str | int | float | bool] | None = None
     if purpose != "survey" and budget.cfg.rotate45_high_mag:
         meta = {"rotate45": True}
+    shots: list[FrameResult] = []
     try:
-        res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
-        if res.error is not None and budget.refuse(x, y, pixel_size_nm, shape) is None:
+        res = _counted(budget, session.frame(x, y, pixel_size_nm, shape, purpose, meta))
+        shots.append(res)
+        off = res.error is None and landed is not None and not landed(res.geometry)
+        if off:
+            budget.off_target += 1
+            cx, cy = res.geometry.center_um
+            log.warning("frame at (%.2f, %.2f) µm landed at (%.2f, %.2f) µm", x, y, cx, cy)
+        if (res.error is not None and budget.failed_in_a_row < budget.cfg.max_failed_in_a_row
+                or off) and budget.refuse(x, y, pixel_size_nm, shape) is None:
             log.warning("taking frame at (%.2f, %.2f) µm again", x, y)
-            res = session.frame(x, y, pixel_size_nm, shape, purpose, meta)
+            res = _counted(budget, session.frame(x, y, pixel_size_nm, shape, purpose, meta))
+            shots.append(res)
+            if res.error is None and landed is not None and not landed(res.geometry):
+                budget.off_target += 1
     except ControlError as exc:
         budget.error = str(exc)
         log.error("the search stops: %s", exc)
         return None
+    if budget.failed_in_a_row >= budget.cfg.max_failed_in_a_row:
+        budget.error = (f"no results from the daemon for {budget.failed_in_a_row} frames in a "
+                        f"row (the last: {res.error}); is it running?")
+        log.error("the search stops: %s", budget.error)
+        return None
+    return shots
+
+
+def _counted(budget: _Budget, res: FrameResult) -> FrameResult:
+    """``res``, its failure counted in ``budget.failed_in_a_row`` (reset by a success)."""
+    budget.failed_in_a_row = budget.failed_in_a_row + 1 if res.error is not None else 0
     return res
 
 
@@ -379,25 +455,77 @@ def raster_search(session: SearchSession, cfg: SearchConfig,
     def found(res: FrameResult) -> list[FoundTarget]:
         return book.offer(res)
 
-    stopped = _sweep(session, cfg, budget, cfg.pixel_size_nm, "raster", found, progress)
-    return _result("raster", session, cfg, book, budget, stopped or "done")
+    sweep = _Sweep(cfg, cfg.pixel_size_nm)
+    stopped = _sweep(session, cfg, budget, sweep, "raster", found, progress)
+    return _result("raster", session, cfg, book, budget,
+                   stopped or ("incomplete" if sweep.missed else "done"), sweep)
 
 
-def _sweep(session: SearchSession, cfg: SearchConfig, budget: _Budget, pixel_size_nm: float,
+class _Sweep:
+    """The tiles of a sweep at one pixel size and what its analysed frames imaged."""
+
+    def __init__(self, cfg: SearchConfig, pixel_size_nm: float) -> None:
+        self.pixel_size_nm = pixel_size_nm
+        self.fov = _fov(cfg, pixel_size_nm)
+        self.tiles = tile_centres(cfg.area, self.fov, cfg.overlap_um)
+        self.coverage = Coverage(cfg.area, self.fov)
+        #: tiles of the final plan that no analysed frame imaged (once the sweep ended)
+        self.missed: list[tuple[float, float]] = []
+
+    def duty(self, cfg: SearchConfig, x: float, y: float) -> Area:
+        """What the frame of the tile at (x, y) µm must image (:func:`tile_duty`)."""
+        return tile_duty(cfg.area, (x, y), self.fov, cfg.overlap_um / 4)
+
+
+def _sweep(session: SearchSession, cfg: SearchConfig, budget: _Budget, sweep: _Sweep,
            purpose: str, on_frame: Callable[[FrameResult], list[FoundTarget]],
            progress: Progress | None) -> str:
-    """Tile the area at ``pixel_size_nm``; returns why it stopped early ("" when complete,
-    "error" when the microscope failed)."""
-    for x, y in tile_centres(cfg.area, _fov(cfg, pixel_size_nm), cfg.overlap_um):
-        why = budget.refuse(x, y, pixel_size_nm, cfg.shape)
+    """Tile the area at ``sweep.pixel_size_nm``; returns why it stopped early ("" when it ran
+    to its end, "error" when the microscope failed or the daemon is gone). Tiles no analysed
+    frame imaged are left in ``sweep.missed``."""
+    i = 0
+    while i < len(sweep.tiles):
+        x, y = sweep.tiles[i]
+        i += 1
+        duty = sweep.duty(cfg, x, y)
+        if sweep.coverage.holds(duty):
+            continue  # imaged already (the rest of the area tiled anew)
+        why = budget.refuse(x, y, sweep.pixel_size_nm, cfg.shape)
         if why:
             return why
-        res = _take(session, budget, x, y, pixel_size_nm, cfg.shape, purpose)
-        if res is None:
+        shots = _take(session, budget, x, y, sweep.pixel_size_nm, cfg.shape, purpose,
+                      _holds(duty))
+        if shots is None:
             return "error"
-        new = on_frame(res)
-        if progress is not None:
-            progress(res, new)
+        for res in shots:
+            if res.error is None:
+                sweep.coverage.add(res.geometry)
+            new = on_frame(res)
+            if progress is not None:
+                progress(res, new)
+        res = shots[-1]
+        fx, fy = res.geometry.fov_um
+        if res.error is None and (fx < sweep.fov[0] * (1 - 1e-6)
+                                  or fy < sweep.fov[1] * (1 - 1e-6)):
+            # the microscope gave a smaller field than asked (its nearest magnification): the
+            # planned tiles would leave gaps; tile the area anew with the field it gives and
+            # skip what is imaged already
+            log.warning("frames at %g nm/px are %.3g x %.3g µm, not %.3g x %.3g µm: tiling the "
+                        "rest of the area with them", sweep.pixel_size_nm, fx, fy, *sweep.fov)
+            sweep.fov = (fx, fy)
+            try:
+                sweep.tiles = tile_centres(cfg.area, sweep.fov, cfg.overlap_um)
+            except ValueError as exc:
+                budget.error = (f"the microscope gives frames of {fx:.3g} x {fy:.3g} µm at "
+                                f"{sweep.pixel_size_nm:g} nm/px: {exc}")
+                log.error("the search stops: %s", budget.error)
+                return "error"
+            i = 0
+    sweep.missed = [(x, y) for x, y in sweep.tiles
+                    if not sweep.coverage.holds(sweep.duty(cfg, x, y))]
+    if sweep.missed:
+        log.warning("%d of %d tiles were not imaged (%.1f %% of the area was)",
+                    len(sweep.missed), len(sweep.tiles), 100 * sweep.coverage.fraction)
     return ""
 
 
@@ -451,13 +579,17 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
         cands.extend(c for c in survey_candidates(res, cfg) if cfg.area.contains(c.x_um, c.y_um))
         return []
 
-    stopped = _sweep(session, cfg, budget, cfg.survey_pixel_size_nm, "survey", nominate,
-                     progress)
+    sweep = _Sweep(cfg, cfg.survey_pixel_size_nm)
+    stopped = _sweep(session, cfg, budget, sweep, "survey", nominate, progress)
     ranked = _merge(cands, cfg.min_separation_um)
     survey = session.costs.frames  # retakes included
     pending = list(ranked)
     n_cands = len(pending)
     visited: list[Candidate] = []
+    #: candidates whose confirmation frame (and its retake) brought no results or did not
+    #: land on them: looked at once more after the others, then left unchecked
+    later: list[Candidate] = []
+    unchecked: list[Candidate] = []
     while pending and not stopped:
         x, y = _clamp(session, pending[0].x_um, pending[0].y_um)
         why = budget.refuse(x, y, cfg.pixel_size_nm, cfg.shape)
@@ -465,17 +597,27 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
             stopped = why
             break
         best = pending.pop(0)
-        visited.append(best)
-        res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
-        if res is None:
+        if best not in visited:
+            visited.append(best)
+        sees = _sees(cfg, best, x, y)
+        shots = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm", sees)
+        if shots is None:
             stopped = "error"
             break
-        new = book.offer(res)
-        if res.error is None:
-            pending = [c for c in pending
-                       if not res.geometry.covers(c.x_um, c.y_um, cfg.confirm_margin_um)]
-        if progress is not None:
-            progress(res, new)
+        for res in shots:
+            new = book.offer(res)
+            if res.error is None:
+                pending = [c for c in pending
+                           if not res.geometry.covers(c.x_um, c.y_um, cfg.confirm_margin_um)]
+            if progress is not None:
+                progress(res, new)
+        if not any(r.error is None and sees(r.geometry) for r in shots) and not book.near(
+                best.x_um, best.y_um, cfg.confirm_margin_um):
+            if best in later:
+                unchecked.append(best)
+            else:  # a later look, once: the daemon may be back, the stage may get there
+                later.append(best)
+                pending.append(best)
     # a second look, from another place in the frame (other context, new noise), at the
     # candidates a *target* rule already fired on in the survey but no confirmation found
     fx, fy = _fov(cfg, cfg.pixel_size_nm)
@@ -489,24 +631,46 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
         if why:
             stopped = why
             break
-        res = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm")
-        if res is None:
+        shots = _take(session, budget, x, y, cfg.pixel_size_nm, cfg.shape, "confirm",
+                      _sees(cfg, c, x, y))
+        if shots is None:
             stopped = "error"
             break
-        new = book.offer(res)
-        if progress is not None:
-            progress(res, new)
+        for res in shots:
+            new = book.offer(res)
+            if progress is not None:
+                progress(res, new)
     if not stopped:
-        stopped = "candidates exhausted"
-    out = _result("adaptive", session, cfg, book, budget, stopped)
+        # a survey that missed tiles found no candidates there; a candidate never imaged
+        # with results was not checked
+        stopped = "incomplete" if sweep.missed or unchecked else "candidates exhausted"
+    out = _result("adaptive", session, cfg, book, budget, stopped, sweep)
     out.candidates, out.survey_frames = n_cands, survey
+    out.unchecked = unchecked
     out.confirm_frames = session.costs.frames - survey
     out.nominated = ranked
     return out
 
 
+def _holds(duty: Area) -> Callable[[FrameGeometry], bool]:
+    """Whether a frame landed well enough for its tile: it holds the tile's ``duty``."""
+    return lambda g: g.holds(duty)
+
+
+def _sees(cfg: SearchConfig, c: Candidate, x: float, y: float
+          ) -> Callable[[FrameGeometry], bool]:
+    """Whether a frame asked for at (x, y) µm landed well enough for candidate ``c``: ``c``
+    lies inside it as far from its edges as it would have with the frame centred on (x, y), up
+    to ``confirm_margin_um``."""
+    def sees(g: FrameGeometry) -> bool:
+        fx, fy = g.fov_um
+        want = min(cfg.confirm_margin_um, fx / 2 - abs(c.x_um - x), fy / 2 - abs(c.y_um - y))
+        return g.covers(c.x_um, c.y_um, max(want - 1e-3, 0.0))
+    return sees
+
+
 def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: TargetBook,
-            budget: _Budget, stopped: str) -> SearchResult:
+            budget: _Budget, stopped: str, sweep: _Sweep) -> SearchResult:
     c = session.costs
     return SearchResult(
         strategy=strategy, targets=book.targets, frames=c.frames, instrument_s=c.instrument_s,
@@ -517,7 +681,9 @@ def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: Targ
         error=budget.error, skipped_rows=book.skipped_rows,
         budget_stop=budget.refused if stopped.startswith("budget:") else None,
         budget_frames=cfg.budget_frames, budget_s=cfg.budget_s,
-        budget_dose_e_per_nm2=cfg.budget_dose_e_per_nm2)
+        budget_dose_e_per_nm2=cfg.budget_dose_e_per_nm2,
+        coverage=sweep.coverage.fraction, tiles=len(sweep.tiles), missed_tiles=sweep.missed,
+        off_target_frames=budget.off_target)
 
 
 def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
