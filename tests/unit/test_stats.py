@@ -221,8 +221,9 @@ def test_confidence_weights_count_each_particle_by_its_probability() -> None:
         assert b["expected_count"] == pytest.approx(w.sum(), rel=1e-9)
         mean = (w * x).sum() / w.sum()
         assert b["ecd"]["mean"] == pytest.approx(mean, rel=1e-9)
-        assert b["ecd"]["sd"] == pytest.approx(
-            math.sqrt((w * (x - mean) ** 2).sum() / (w.sum() - 1)), rel=1e-9)
+        assert b["ecd"]["sd"] == pytest.approx(  # reliability weights
+            math.sqrt((w * (x - mean) ** 2).sum() / (w.sum() - (w * w).sum() / w.sum())),
+            rel=1e-9)
         assert b["number_density_per_um2"] == pytest.approx(w.sum() / 6.0, rel=1e-9)
         h = b["histograms"]["ecd"]
         assert sum(h["counts"]) + h["under"] + h["over"] == x.size
@@ -247,6 +248,27 @@ def test_confidence_weights_tilt_the_d50_towards_probable_particles() -> None:
     plain = SizeStatistics(StatsConfig())
     plain.update(t, t_ns=0, frame_area_um2=None, confidence=True)
     assert plain.snapshot()["window"]["ecd"]["d50"] == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5, 0.34, 0.3, 0.05])
+def test_weighted_sd_does_not_depend_on_the_confidence_scale(p: float) -> None:
+    """Three particles of 9, 10 and 11 nm, all at the same confidence p: the spread is 1 nm
+    whatever p. The frequency-weight sd (sum w - 1 in the denominator) gave 1.41 nm at 0.5,
+    5.8 nm at 0.34 and none at 0.3 (the weights summing to <= 1)."""
+    stats = SizeStatistics(StatsConfig(weights="confidence"))
+    ecd = np.array([9.0, 10.0, 11.0], np.float32)
+    stats.update(scored(ecd, np.full(3, p, np.float32)), t_ns=0, frame_area_um2=1.0,
+                 confidence=True)
+    snap = stats.snapshot()
+    for block in ("window", "cumulative"):
+        assert snap[block]["ecd"]["mean"] == pytest.approx(10.0, rel=1e-6)
+        assert snap[block]["ecd"]["sd"] == pytest.approx(1.0, rel=1e-6)
+    # one particle with weight, however many without: no spread to report
+    lone = SizeStatistics(StatsConfig(weights="confidence"))
+    lone.update(scored(ecd, np.array([p, 0.0, 0.0], np.float32)), t_ns=0, frame_area_um2=1.0,
+                confidence=True)
+    for block in ("window", "cumulative"):
+        assert lone.snapshot()[block]["ecd"]["sd"] is None
 
 
 def test_raw_scores_and_unit_confidences_weigh_like_no_weights() -> None:

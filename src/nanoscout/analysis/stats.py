@@ -47,7 +47,11 @@ Confidence weights (``weights = "confidence"``): a frame whose particle scores a
 probabilities (``update(..., confidence=True)``: its detector's card has a score calibration)
 enters with each particle weighted by its probability of being real: ``expected_count`` is the
 sum of the weights (the expected number of real particles), means and standard deviations are
-weighted (frequency weights: sd = sqrt(sum w (x - mean)² / (sum w - 1)), None while sum w <= 1),
+weighted (reliability weights, as GSL's ``gsl_stats_wsd``: sd = sqrt(sum w (x - mean)² /
+(V1 - V2/V1)) with V1 = sum w, V2 = sum w², so scaling every weight leaves it unchanged and
+unit weights give ddof = 1; None below two particles of positive weight; it was the
+frequency-weight sqrt(... / (sum w - 1)): three particles of 9, 10, 11 nm at confidence 0.34
+had sd 5.8 nm instead of 1.0 and at 0.3 none),
 the exact window quantiles interpolate linearly between the sorted values placed at their
 exclusive cumulative weight over (sum w - the last weight) (numpy's default when every weight
 is 1), the cumulative quantiles are the centre of the fine bin where the cumulative weight
@@ -148,10 +152,12 @@ class _Frame:
 
 class _Moments:
     """Exact running count, (weighted) mean and sum of squared deviations (Chan et al. merge;
-    ``n`` is the sum of the weights, ``k`` the number of values)."""
+    ``n`` is the sum of the weights, ``n2`` the sum of their squares, ``k`` the number of
+    values)."""
 
     def __init__(self) -> None:
         self.n = 0.0
+        self.n2 = 0.0
         self.k = 0
         self.mean = 0.0
         self.m2 = 0.0
@@ -167,6 +173,7 @@ class _Moments:
         k = float(x.size) if w is None else float(w.sum())
         if k <= 0.0:
             return
+        self.n2 += float(x.size) if w is None else float((w * w).sum())
         mean_b = float(x.mean()) if w is None else float((w * x).sum() / k)
         d2 = (x - mean_b) ** 2
         m2_b = float(d2.sum() if w is None else (w * d2).sum())
@@ -177,7 +184,7 @@ class _Moments:
         self.n = n
 
     def sd(self) -> float | None:
-        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else None
+        return _reliability_sd(self.m2, self.n, self.n2)
 
 
 class _FineHistogram:
@@ -542,14 +549,26 @@ def _slots_to_hist(slots: np.ndarray, edges: np.ndarray, wslots: np.ndarray | No
     }
 
 
+def _reliability_sd(m2: float, v1: float, v2: float) -> float | None:
+    """Standard deviation from m2 = sum w (x - mean)², V1 = sum w and V2 = sum w² (reliability
+    weights: unbiased for any weight scale, ddof = 1 when every weight is 1); None while fewer
+    than two values carry weight (V1 - V2/V1 is then 0 up to rounding)."""
+    if not v1 > 0.0:
+        return None
+    denom = v1 - v2 / v1
+    if not denom > 1e-12 * v1:
+        return None
+    return math.sqrt(max(m2, 0.0) / denom)
+
+
 def _weighted_exact(x: np.ndarray, w: np.ndarray) -> dict[str, float | None]:
-    """Weighted mean and frequency-weighted sd (None while the weights sum to <= 1)."""
+    """Weighted mean and reliability-weighted sd (see :func:`_reliability_sd`)."""
     n = float(w.sum())
     if not n > 0.0:
         return {"mean": None, "sd": None}
     mean = float((w * x).sum() / n)
-    sd = math.sqrt(float((w * (x - mean) ** 2).sum()) / (n - 1.0)) if n > 1.0 else None
-    return {"mean": mean, "sd": sd}
+    m2 = float((w * (x - mean) ** 2).sum())
+    return {"mean": mean, "sd": _reliability_sd(m2, n, float((w * w).sum()))}
 
 
 def _weighted_quantiles(x: np.ndarray, w: np.ndarray, qs: tuple[float, ...]

@@ -19,8 +19,10 @@ minor_nm         <f4      minor axis of that ellipse
 orientation_deg  <f4      major-axis angle, degrees counter-clockwise from the +x axis, (-90, 90]
 aspect_ratio     <f4      major / minor (≥ 1)
 roundness        <f4      4·area / (π·major²)        (ImageJ convention, ≤ 1)
-circularity      <f4      4π·area / perimeter²       (ImageJ convention, ≤ 1 for a disk up to
-                          rasterisation)
+circularity      <f4      4π·area / perimeter², clipped to ≤ 1; perimeter: the 4-direction
+                          Crofton estimate (scikit-image's perimeter_crofton): 0.99-1 for a
+                          digital disk of 10-500 px, unbiased over orientations for shapes of
+                          ~100 px and more, high below ~40 px (nanoscout.analysis.measure)
 solidity         <f4      area / convex-hull area
 score            <f4      detection confidence 0..1 (mean foreground probability inside the particle)
 shape_class      u1       index into SHAPE_CLASSES: 0 unclassified, 1 sphere, 2 rod, 3 faceted,
