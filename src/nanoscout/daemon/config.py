@@ -13,7 +13,7 @@ This is the only module that reads configuration files; everything else receives
 
     [engine]
     backend = "auto"           # tensorrt | onnxruntime-cuda | onnxruntime-cpu | triton
-    model = "models/weights/detector.onnx"
+    model = "detector-v2.onnx" # relative paths of files read: beside this file
 
     [engine.triton]            # only with backend = "triton"
     url = "127.0.0.1:8001"
@@ -67,6 +67,7 @@ from nanoscout.wire.transport import (
     DEFAULT_QUERY_ENDPOINT,
     DEFAULT_RESULT_ENDPOINT,
     Policy,
+    check_endpoint,
     is_loopback,
     is_loopback_host,
 )
@@ -90,6 +91,15 @@ class _Section(BaseModel):
     # inf / nan are valid TOML floats: a health interval of inf sent one health message and
     # never another, a drain of inf crashed the shutdown
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+def _endpoint(value: str) -> str:
+    """A field validator's check of a ZeroMQ endpoint (:func:`check_endpoint`): ZeroMQ keeps a
+    TCP port's low 16 bits, so ``tcp://127.0.0.1:70000`` bound port 4464."""
+    try:
+        return check_endpoint(value)
+    except ConfigError as exc:  # pydantic reports ValueErrors with the key's location
+        raise ValueError(str(exc)) from exc
 
 
 class InputConfig(_Section):
@@ -116,6 +126,8 @@ class InputConfig(_Section):
     max_sources: int = Field(64, ge=1, le=100_000)
     drain_s: float = Field(30.0, ge=0, le=MAX_WAIT_S)
 
+    _endpoint = field_validator("endpoint")(_endpoint)
+
     def receive_hwm(self) -> int:
         """ZeroMQ receive high-water mark (frames) that keeps ``buffer_bytes`` the bound."""
         return max(1, min(self.hwm, self.buffer_bytes // self.max_frame_bytes))
@@ -126,6 +138,8 @@ class OutputConfig(_Section):
 
     endpoint: str = DEFAULT_RESULT_ENDPOINT
     hwm: int = Field(2000, ge=1)
+
+    _endpoint = field_validator("endpoint")(_endpoint)
 
 
 class TritonConfig(_Section):
@@ -340,6 +354,8 @@ class QueryConfig(_Section):
     endpoint: str = DEFAULT_QUERY_ENDPOINT
     model_dirs: list[Path] = Field(default_factory=list)
 
+    _endpoint = field_validator("endpoint")(_endpoint)
+
 
 class ReviewConfig(_Section):
     """``[review]``: the newest raw frames of each source, kept in memory for review and
@@ -451,6 +467,16 @@ class ServeConfig(_Section):
         return value
 
 
+#: keys naming files or folders the daemon reads: a relative path written in the config file
+#: is relative to the file's folder, as an engineer reading the file takes it (they were read
+#: against the daemon's working directory: a config beside its own detector.onnx, started
+#: from a folder holding another one, loaded the other). ``[review] directory`` and
+#: ``[engine] cache_dir``, which the daemon writes, stay relative to its working directory
+#: (systemd's WorkingDirectory=/var/lib/nanoscout)
+_READ_PATHS = ("engine.model", "engine.modality_models", "classify.model", "classify.lens",
+               "query.model_dirs", "security.server_secret_key", "security.authorized_keys")
+
+
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
@@ -461,11 +487,51 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _beside(folder: Path, value: Any) -> Any:
+    """``value`` (a path string, or a list / table of them) with each relative path made
+    relative to ``folder``; anything else (a wrong type) is left for validation to name."""
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str(folder / value)
+    if isinstance(value, list):
+        return [_beside(folder, v) for v in value]
+    if isinstance(value, dict):
+        return {k: _beside(folder, v) for k, v in value.items()}
+    return value
+
+
+def _resolve_read_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative paths of :data:`_READ_PATHS` in the file's ``data`` relative to
+    ``folder`` (the config file's), in place."""
+    for dotted in _READ_PATHS:
+        *parents, leaf = dotted.split(".")
+        node: Any = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = _beside(folder, node[leaf])
+
+
+def _problem(error: Any, from_flags: set[str]) -> str:
+    """One pydantic error as ``key: message``, the key marked when a command-line flag set
+    it (an option's mistake is not the file's)."""
+    key = ".".join(str(p) for p in error["loc"])
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    if not key:
+        return msg
+    flag = next((k for k in from_flags if key == k or key.startswith(k + ".")), None)
+    return f"{key} (from the command line): {msg}" if flag else f"{key}: {msg}"
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
     """Read the TOML file (if any), apply ``{"input.policy": "lossless", ...}`` overrides
     (``None`` values are ignored), validate, and return the config.
 
-    Raises :class:`ConfigError` naming the file, the key and the problem.
+    Relative paths the file gives for files the daemon reads (:data:`_READ_PATHS`: models,
+    keys, model folders) are relative to the file's folder; those of overrides (command-line
+    flags) to the working directory.
+
+    Raises :class:`ConfigError` naming the file, the key and the problem (a key set by an
+    override is named as coming from the command line).
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -478,14 +544,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"config file {p} is not UTF-8 text: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        _resolve_read_paths(data, p.absolute().parent)
+    from_flags: set[str] = set()
     for key, value in (overrides or {}).items():
         if value is not None:
             _set(data, key, value)
+            from_flags.add(key)
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
-        )
+        problems = "; ".join(_problem(e, from_flags) for e in exc.errors()[:5])
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}: {problems}") from exc

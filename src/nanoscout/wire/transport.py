@@ -26,8 +26,45 @@ DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:5556"
 DEFAULT_QUERY_ENDPOINT = "tcp://127.0.0.1:5557"  # REP: AI-lens feature maps on request
 
 
+def _endpoint_problem(endpoint: str) -> str | None:
+    """Why ZeroMQ would not read ``endpoint`` as written, or None (see :func:`check_endpoint`)."""
+    scheme, sep, address = endpoint.partition("://")
+    if not sep or not scheme or not address:
+        return "not TRANSPORT://ADDRESS, e.g. tcp://127.0.0.1:5555"
+    if scheme != "tcp":
+        return None
+    host, colon, port = address.rpartition(":")
+    if ";" in host:  # "tcp://source-interface;host:port"
+        host = host.rsplit(";", 1)[1]
+    if not colon or not host:
+        return "needs tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555"
+    if port != "*" and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        return f"port {port!r} must be a number within 0..65535 (0 or * = any free port when binding)"
+    return None
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Return ``endpoint`` if ZeroMQ would read it as written, else raise :class:`ConfigError`
+    saying why.
+
+    A ``tcp://`` endpoint needs a host and a port within 0..65535 (or ``*``): ZeroMQ itself
+    takes any number and keeps its low 16 bits, so ``tcp://127.0.0.1:70000`` bound or
+    connected port 4464 without a word. Other transports (``ipc://``, ``inproc://``, ``ws://``
+    ...) need ``scheme://`` and an address; ZeroMQ checks the rest when binding.
+    """
+    problem = _endpoint_problem(endpoint)
+    if problem:
+        raise ConfigError(f"endpoint {endpoint!r}: {problem}")
+    return endpoint
+
+
 def bind(sock: zmq.Socket, endpoint: str) -> str:
-    """Bind ``sock``; port ``0`` or ``*`` picks a free port. Returns the endpoint actually bound."""
+    """Bind ``sock``; port ``0`` or ``*`` picks a free port. Returns the endpoint actually bound.
+
+    A malformed endpoint (:func:`check_endpoint`) is a :class:`ConfigError`."""
+    problem = _endpoint_problem(endpoint)
+    if problem:
+        raise ConfigError(f"cannot bind {endpoint!r}: {problem}")
     if endpoint.startswith("tcp://") and endpoint.rsplit(":", 1)[-1] == "0":
         endpoint = endpoint.rsplit(":", 1)[0] + ":*"
     try:
@@ -39,7 +76,12 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:
 
 
 def connect(sock: zmq.Socket, endpoint: str) -> None:
-    """Connect ``sock`` to ``endpoint`` (ZeroMQ reconnects by itself if the peer restarts)."""
+    """Connect ``sock`` to ``endpoint`` (ZeroMQ reconnects by itself if the peer restarts).
+
+    A malformed endpoint (:func:`check_endpoint`) is a :class:`ConfigError`."""
+    problem = _endpoint_problem(endpoint)
+    if problem:
+        raise ConfigError(f"cannot connect to {endpoint!r}: {problem}")
     try:
         sock.connect(endpoint)
     except zmq.ZMQError as exc:
