@@ -276,7 +276,33 @@ def fixed_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     The whole frame is resampled to ``size`` (rows, cols; anti-aliased :func:`resample`, the
     aspect ratio is not kept: a heatmap at model resolution maps back onto the frame by one
     scale per axis), then normalised by :func:`normalize`. Training code calls this too.
+    :func:`fixed_views` cuts a frame far from square into several such inputs.
     """
+    return normalize(_fixed_resample(image, (int(size[0]), int(size[1]))))[None, None]
+
+
+def fixed_views(image: np.ndarray, size: tuple[int, int], n: int) -> np.ndarray:
+    """Return the (n, 1, H, W) float32 inputs of a fixed-size model for ``n`` views of a frame.
+
+    The frame is cut along its longer side (columns when it is wider than tall, else rows)
+    into ``n`` equal, adjacent views, each resampled to ``size`` and normalised on its own,
+    as :func:`fixed_input` makes a whole frame's input (the frame is resampled once, to ``n``
+    inputs side by side, then cut; view ``i`` covers frame columns (rows) ``i * W / n`` to
+    ``(i + 1) * W / n``). ``n`` = 1 is :func:`fixed_input`.
+    """
+    rows, cols = int(size[0]), int(size[1])
+    if n <= 1:
+        return fixed_input(image, (rows, cols))
+    arr = check_frame(image)
+    wide = arr.shape[1] >= arr.shape[0]
+    small = _fixed_resample(arr, (rows, cols * n) if wide else (rows * n, cols))
+    return np.stack([normalize(small[:, i * cols:(i + 1) * cols] if wide
+                               else small[i * rows:(i + 1) * rows])[None] for i in range(n)])
+
+
+def _fixed_resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Return the frame resampled to ``shape`` (float32, before normalisation), in float64
+    first where float32 would lose it."""
     arr = check_frame(image)
     if arr.dtype.itemsize > 2:  # up to 16 bits float32 holds every value: no pass over it
         lo, hi = float(arr.min()), float(arr.max())
@@ -285,5 +311,4 @@ def fixed_input(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             # range of 1e-300): shifted and scaled to 0..1 in float64 first, which the
             # normalisation below, affine-invariant, does not see otherwise
             arr = ((arr.astype(np.float64) - lo) / (hi - lo)).astype(np.float32)
-    small = resample(arr.astype(np.float32, copy=False), (int(size[0]), int(size[1])))
-    return normalize(small)[None, None]
+    return resample(arr.astype(np.float32, copy=False), shape)

@@ -7,7 +7,9 @@
 runs the shipped autoencoder (``models/weights/lens.onnx``, its card next to it) through the
 engine factory (ONNX Runtime on the CPU) and writes a mosaic (:func:`render_activations`): the first
 row holds the network input (the whole frame resampled to S x S and normalised exactly as the daemon
-does, ``nanoscout.analysis.preprocess.fixed_input``), its reconstruction and the per-pixel squared
+does, ``nanoscout.analysis.preprocess.fixed_input``; a frame wider or taller than 4:3 in views
+side by side, :func:`nanoscout.analysis.classifier.model_views`, error the views' mean, as the
+daemon's classifier sees it), its reconstruction and the per-pixel squared
 error; the rows below hold the first ``max_maps`` channels of the chosen activation, each scaled to
 its own min..max and enlarged (nearest neighbour) to the tile size. It prints the frame's novelty
 error (the card's ``novelty.error_output``: a k-NN distance of texture statistics, not the pixel
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nanoscout.analysis.classifier import model_input
+from nanoscout.analysis.classifier import merge_views, model_views
 from nanoscout.analysis.modelcard import ModelCard, shipped_model_dir
 from nanoscout.clients.acquisition.readers import read_images
 from nanoscout.clients.lens import COLUMNS, TILE, LensError, grid, to_tile, write_live_mosaic
@@ -93,14 +95,18 @@ def _engine(onnx_path: Path) -> Engine:
 
 def run_lens(card_path: str | Path, image: np.ndarray) -> LensOutput:
     """Return the lens's view of one raw frame (any real dtype, 2-D); see :class:`LensOutput`.
-    Raises BlankFrame for a frame without contrast (:func:`model_input`), FrameError for
+    Raises BlankFrame for a frame without contrast (:func:`model_views`), FrameError for
     pixels that cannot be analysed, LensError for an unusable card or model."""
     card_path = Path(card_path)
     card = _read_card(card_path)
     assert card.novelty is not None and card.input.size is not None  # _read_card checked
     engine = _engine(card.onnx_path(card_path))
-    x = model_input(image, (int(card.input.size[0]), int(card.input.size[1])), "lens")
-    got = engine.infer({card.input.name: x})
+    size = (int(card.input.size[0]), int(card.input.size[1]))
+    # a frame far from square in views, as the daemon's classifier sees it
+    xs, wide = model_views(image, size, "lens")
+    got = merge_views([None if v is None else engine.infer({card.input.name: v}) for v in xs],
+                      wide)
+    x = merge_views([None if v is None else {"x": v} for v in xs], wide)["x"]
     err = np.asarray(got.get(card.novelty.error_output), dtype=np.float64).reshape(-1)
     if err.size != 1 or not np.isfinite(err[0]) or err[0] < 0:
         raise LensError(f"lens output {card.novelty.error_output!r} must be one finite error "

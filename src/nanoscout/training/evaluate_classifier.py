@@ -12,7 +12,9 @@ never these.
 
 * ``synthetic``: accuracy and confusion matrix (rows = true class, columns = predicted) on
   fresh fields of :func:`nanoscout.sim.fields.render_field`, 512x512, seeds ``synthetic base + k``;
-  ``synthetic_1024`` the same at 1024x1024.
+  ``synthetic_1024`` the same at 1024x1024; with ``--n-wide``, ``synthetic_3to2`` (512x768)
+  and ``synthetic_8to1`` (512x4096) the same on frames far from square, seen as the daemon
+  sees them (:func:`nanoscout.analysis.classifier.view_count` views, probabilities averaged).
 * ``cam``: on :func:`nanoscout.sim.fields.render_rod_among_spheres` fields (seeds ``cam base + k``)
   the peak of the ``cam`` output (the top class's map, whatever the top class is), mapped back
   to frame pixels, must fall inside the rod's box grown by half a CAM cell on every side.
@@ -34,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from nanoscout.analysis.preprocess import fixed_input
+from nanoscout.analysis.classifier import view_count
+from nanoscout.analysis.preprocess import fixed_input, fixed_views
 from nanoscout.engines import create_engine
 from nanoscout.sim.fields import FIELD_CLASSES, render_field, render_rod_among_spheres
 
@@ -74,9 +77,23 @@ class OnnxClassifier:
         out = self.engine.infer({"image": x})
         return out["probabilities"][0], out["cam"][0]
 
+    def run_views(self, xs: np.ndarray, wide: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Return (probabilities (C,): the mean of the views', cam uint8: the views' side by
+        side along the frame's long side (columns when ``wide``), each its own top class's)
+        of a frame's (n, 1, S, S) view inputs (:func:`~nanoscout.analysis.preprocess.fixed_views`;
+        n = 1: :meth:`run`)."""
+        runs = [self.run(x[None]) for x in xs]
+        return (np.mean([r[0] for r in runs], axis=0),
+                np.concatenate([r[1] for r in runs], axis=-1 if wide else -2))
+
     def predict(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (probabilities, cam) of a raw frame (made into the input by fixed_input)."""
-        return self.run(fixed_input(frame, (self.size, self.size)))
+        """Return (probabilities, cam) of a raw frame, seen as the daemon sees it: whole
+        (fixed_input) up to 4:3, else in views (:func:`run_views`)."""
+        n = view_count(np.shape(frame))
+        if n == 1:
+            return self.run(fixed_input(frame, (self.size, self.size)))
+        return self.run_views(fixed_views(frame, (self.size, self.size), n),
+                              frame.shape[1] >= frame.shape[0])
 
 
 # ------------------------------------------------------------------------------- synthetic
@@ -92,7 +109,7 @@ def _field_job(job: tuple[str, int, int, tuple[int, int]]
     else:
         cls = int(kind)
         f = render_field(FIELD_CLASSES[cls], rng, shape=shape)
-    return cls, fixed_input(f.image, (size, size)), f.rod_boxes, f.image.shape
+    return cls, fixed_views(f.image, (size, size), view_count(shape)), f.rod_boxes, f.image.shape
 
 
 def _render(jobs: list[tuple[str, int, int, tuple[int, int]]], workers: int
@@ -124,7 +141,7 @@ def evaluate_synthetic(clf: OnnxClassifier, n_per_class: int,
     t0 = time.perf_counter()
     out = _render(jobs, workers)
     y = np.array([o[0] for o in out], np.int64)
-    pred = np.array([int(np.argmax(clf.run(o[1])[0])) for o in out], np.int64)
+    pred = np.array([int(np.argmax(clf.run_views(o[1])[0])) for o in out], np.int64)
     return {"data": (f"{len(jobs)} fresh render_field fields, {shape[0]}x{shape[1]}, "
                      f"{n_per_class} per class, seeds {seed_base}..{seed_base + len(jobs) - 1}"),
             "classes": list(FIELD_CLASSES), **_confusion_report(FIELD_CLASSES, y, pred),
@@ -146,7 +163,7 @@ def evaluate_cam(clf: OnnxClassifier, n: int, seed_base: int = SEED_BASES["test"
     hits, top_rod, hits_rod = 0, 0, 0
     tops: dict[str, int] = {}
     for _, x, boxes, fshape in out:
-        p, cam = clf.run(x)
+        p, cam = clf.run_views(x, fshape[1] >= fshape[0])
         top = clf.classes[int(np.argmax(p))]
         tops[top] = tops.get(top, 0) + 1
         cx, cy = cam_peak_px(cam, fshape)
@@ -258,7 +275,7 @@ def time_engine(clf: OnnxClassifier, n: int = 30, side: int = 1024) -> dict[str,
 
 def evaluate_all(clf: OnnxClassifier, *, n_per_class: int = 100, cam_n: int = 200,
                  n_1024: int = 10, real: bool = True, workers: int = 2,
-                 split: str = "test") -> dict[str, Any]:
+                 split: str = "test", n_wide: int = 0) -> dict[str, Any]:
     """Return every evaluation of this module (synthetic, synthetic_1024, cam, real, engine) on
     the synthetic seeds of ``split`` ("test" or "validation", :data:`SEED_BASES`)."""
     if split not in SEED_BASES:
@@ -273,6 +290,11 @@ def evaluate_all(clf: OnnxClassifier, *, n_per_class: int = 100, cam_n: int = 20
         res["synthetic_1024"] = {"command": cmd, **evaluate_synthetic(
             clf, n_1024, bases["synthetic_1024"], (1024, 1024), workers=workers)}
         print(f"synthetic 1024 accuracy {res['synthetic_1024']['accuracy']}", flush=True)
+    for name, shape in (("synthetic_3to2", (512, 768)), ("synthetic_8to1", (512, 4096))):
+        if n_wide:  # the square sets' seeds: the same specimens, wider frames
+            res[name] = {"command": f"{cmd} --n-wide {n_wide}", **evaluate_synthetic(
+                clf, n_wide, bases["synthetic"], shape, workers=workers)}
+            print(f"{name} accuracy {res[name]['accuracy']}", flush=True)
     res["cam"] = {"command": cmd, **evaluate_cam(clf, cam_n, bases["cam"], workers=workers)}
     print(f"CAM hit rate {res['cam']['hit_rate']}", flush=True)
     if real:
@@ -290,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which evaluation seeds (validation: for choosing between models)")
     ap.add_argument("--n-per-class", type=int, default=100)
     ap.add_argument("--n-1024", type=int, default=10)
+    ap.add_argument("--n-wide", type=int, default=0,
+                    help="fields per class at 512x768 and 512x4096 (0: none)")
     ap.add_argument("--cam-n", type=int, default=200)
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
@@ -299,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     clf = OnnxClassifier.from_card(args.model.with_suffix(".json"))
     res = evaluate_all(clf, n_per_class=args.n_per_class, cam_n=args.cam_n, n_1024=args.n_1024,
-                       real=not args.no_real, workers=args.workers, split=args.split)
+                       real=not args.no_real, workers=args.workers, split=args.split,
+                       n_wide=args.n_wide)
     res["model"] = str(args.model)
     if args.write_card:
         from nanoscout.analysis.modelcard import ModelCard
