@@ -10,6 +10,9 @@ stage or camera that does what real ones do.
 * A camera with discrete magnifications gives 16 nm/px when 20 nm/px is asked for: the tiles,
   planned for the larger field, left 12.6 % of the area unimaged ("done"). Now the rest of the
   area is tiled with the field the camera gives.
+* A stage with a soft limit at x = 2 µm refuses the moves beyond it: the first refusal ended
+  the whole search ("error", 14 % coverage of a -6..6 µm area). Now the tiles it refuses are
+  skipped, the rest is imaged and the search ends "incomplete" with them listed.
 * The daemon crashes after the 3rd frame: the search went on taking every tile twice with
   nothing to analyse it and said "done" (44 frames without results over 8 x 8 µm). Now it stops
   ("error") after ``max_failed_in_a_row`` (4) frames without results.
@@ -30,7 +33,7 @@ import pytest
 
 from nanoscout.clients.acquisition.publisher import FramePublisher
 from nanoscout.clients.microscope.control import ControlClient, ControlServer
-from nanoscout.clients.microscope.interfaces import Exposure
+from nanoscout.clients.microscope.interfaces import Exposure, StageError
 from nanoscout.clients.microscope.simulated import (
     SimulatedMicroscopeOptions,
     SimulatedStage,
@@ -115,6 +118,18 @@ class Stop(SimulatedStage):
         return super().move_to(min(x_um, self.stop_um), y_um)
 
 
+class SoftLimit(SimulatedStage):
+    """A controller's soft limit at x = ``limit_um``, inside the stated limits: a move beyond
+    it is refused (``StageError``, as the ``Stage`` interface says), without moving."""
+
+    limit_um = 2.0
+
+    def move_to(self, x_um: float, y_um: float) -> float:
+        if x_um > self.limit_um:
+            raise StageError(f"x = {x_um:.5g} um is beyond the soft limit {self.limit_um:g} um")
+        return super().move_to(x_um, y_um)
+
+
 class Truthful(VirtualCamera):
     """Records where each frame really was; with ``pixel_sizes_nm`` set, gives the nearest of
     those discrete pixel sizes (magnifications) instead of the one asked for."""
@@ -186,7 +201,7 @@ def test_a_frame_off_its_tile_is_taken_again(daemon: DaemonProc, tmp_path: Path)
     assert res.stopped == "done" and res.coverage == 1.0 and res.missed_tiles == []
     assert res.off_target_frames == res.frames - res.tiles > 0
     assert res.summary()["coverage"] == {"area_fraction": 1.0, "tiles": res.tiles,
-                                         "missed_tiles": []}
+                                         "missed_tiles": [], "unreachable_tiles": []}
 
 
 def test_a_stage_that_cannot_get_there_makes_the_search_incomplete(
@@ -204,6 +219,26 @@ def test_a_stage_that_cannot_get_there_makes_the_search_incomplete(
     assert res.missed_tiles and all(x > Stop.stop_um for x, _ in res.missed_tiles)
     assert res.summary()["coverage"]["missed_tiles"] == [  # type: ignore[index]
         [round(x, 3), round(y, 3)] for x, y in res.missed_tiles]
+
+
+def test_tiles_beyond_a_soft_limit_are_skipped_and_listed(
+        daemon: DaemonProc, tmp_path: Path) -> None:
+    rig = _rig(tmp_path, daemon, SoftLimit)
+    try:
+        res = _raster(rig, daemon)
+    finally:
+        rig.close()
+    assert res.error is None and res.stopped == "incomplete", res.summary()
+    # every frame was taken in reach, and all the area in reach was imaged
+    assert rig.truth.frames and all(x <= SoftLimit.limit_um for x, _, _ in rig.truth.frames)
+    imaged = rig.truth.imaged(AREA, SHAPE)
+    assert 0.75 < imaged < 0.9  # x up to 1.36 + 1.28 µm of -4..4
+    assert res.coverage == pytest.approx(imaged, abs=0.02)
+    assert res.missed_tiles and res.missed_tiles == res.unreachable
+    assert all(x > SoftLimit.limit_um for x, _ in res.missed_tiles)
+    assert rig.server.refused == len(res.missed_tiles)  # each asked for once
+    cov = res.summary()["coverage"]
+    assert cov["unreachable_tiles"] == cov["missed_tiles"]  # type: ignore[index]
 
 
 def test_a_smaller_field_than_asked_is_tiled_with(daemon: DaemonProc, tmp_path: Path) -> None:

@@ -308,7 +308,7 @@ def test_status_says_what_a_frame_costs_when_the_camera_knows(rig: Rig) -> None:
     try:
         reply, _ = decode_reply(encode_reply(server.handle(
             encode_request(ControlRequest(op="status")))[0]))
-        assert reply.ok and reply.v == CONTROL_VERSION == (1, 1)
+        assert reply.ok and reply.v == CONTROL_VERSION == (1, 2)
         assert (reply.exposure_s, reply.dose_e_per_px, reply.dose_e_per_nm2) == (0.4, None, 2.5)
         acq, _ = server.handle(encode_request(ControlRequest(op="acquire", pixel_size_nm=20.0,
                                                              shape=(32, 32))))
@@ -383,6 +383,7 @@ def test_move_outside_the_limits_is_refused(rig: Rig) -> None:
         assert not reply.ok and reply.op == "move"
         assert reply.error is not None and reply.error.startswith(f"{name} = ")
         assert "outside the stage limits" in reply.error
+        assert reply.unreachable  # that place is out of reach, the stage works
     assert rig.stage.moves == [(5.0, 6.0)]
     assert rig.stage.position() == (5.0, 6.0)
     assert rig.server.refused == 2 and rig.server.answered == 1

@@ -59,6 +59,12 @@ class ControlError(NanoscoutError):
     reason = Reason.CONTROL
 
 
+class MoveRefused(ControlError):
+    """The microscope refused one move because its stage cannot reach that place (outside its
+    limits or a soft limit: a :class:`StageError` on the microscope side, reply
+    ``unreachable``); the microscope itself works, and other places may be reached."""
+
+
 def display_crop(image: np.ndarray, row: float, col: float, half: int) -> np.ndarray:
     """A uint8 crop of ``image`` centred on (row, col), 1st-99th percentile of the frame → 0-255.
 
@@ -150,7 +156,10 @@ class ControlServer:
             req = decode_request(parts)
             op = req.op
             reply, crop = getattr(self, f"_{req.op}")(req)
-        except (ProtocolError, StageError, CameraError, ValueError) as exc:
+        except StageError as exc:  # that place is out of the stage's reach; it still works
+            self.refused += 1
+            return ControlReply(op=op, ok=False, error=str(exc), unreachable=True), None
+        except (ProtocolError, CameraError, ValueError) as exc:
             self.refused += 1
             return ControlReply(op=op, ok=False, error=str(exc)), None
         except Exception as exc:  # a driver failure must not stop the server
@@ -236,7 +245,8 @@ class ControlClient:
 
     def request(self, req: ControlRequest, timeout: float | None = None
                 ) -> tuple[ControlReply, np.ndarray | None]:
-        """Send ``req`` and return (reply, crop); raises :class:`ControlError` when refused."""
+        """Send ``req`` and return (reply, crop); raises :class:`ControlError` when refused,
+        :class:`MoveRefused` when a move was refused as out of the stage's reach."""
         sock = self._socket()
         ms = int(1000 * (self.timeout if timeout is None else timeout))
         sock.send_multipart(encode_request(req))
@@ -251,6 +261,8 @@ class ControlClient:
         except ProtocolError as exc:
             raise ControlError(f"malformed answer from {self.endpoint}: {exc}") from exc
         if not reply.ok:
+            if req.op == "move" and reply.unreachable:
+                raise MoveRefused(f"the microscope refused move: {reply.error}")
             raise ControlError(f"the microscope refused {req.op}: {reply.error}")
         return reply, crop
 
@@ -261,7 +273,8 @@ class ControlClient:
         return self.request(ControlRequest(op="status"))[0]
 
     def move(self, x_um: float, y_um: float) -> ControlReply:
-        """Move the stage (blocks until settled)."""
+        """Move the stage (blocks until settled); raises :class:`MoveRefused` when the stage
+        cannot reach (x, y) µm, :class:`ControlError` on any other failure."""
         return self.request(ControlRequest(op="move", x_um=x_um, y_um=y_um))[0]
 
     def acquire(self, pixel_size_nm: float, shape: tuple[int, int], tag: str | None = None,

@@ -26,7 +26,10 @@ Positions in µm, pixel sizes in nm, shapes (rows, cols) px.
 ``acquire`` reports of the frame it took; each is absent where the camera does not say (an
 older microscope side: a search then learns a frame's cost from its first frame).
 
-Versions: 1.0 the four commands; 1.1 ``status`` reports the acquisition settings above.
+Versions: 1.0 the four commands; 1.1 ``status`` reports the acquisition settings above; 1.2
+a refused ``move`` says ``unreachable = true`` when the stage refused that place (its limits, a
+soft limit, a forbidden region: :class:`~nanoscout.clients.microscope.interfaces.StageError`),
+not a failure of the microscope (an older side leaves it out: every refusal is a failure).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from nanoscout.wire.errors import MalformedMessage, PayloadError, Reason, VersionError
 
-CONTROL_VERSION: tuple[int, int] = (1, 1)
+CONTROL_VERSION: tuple[int, int] = (1, 2)
 MAX_CONTROL_BYTES = 64 * 1024  # requests are small maps
 MAX_CROP_HALF_PX = 256
 
@@ -89,6 +92,8 @@ class ControlReply(_Model):
     op: str
     ok: bool = True
     error: str | None = None
+    #: a refused move: the stage cannot reach that place (it works; the place is out of reach)
+    unreachable: bool | None = None
     stage: tuple[float, float] | None = None  # (x, y) µm after the command
     limits: tuple[float, float, float, float] | None = None  # x_min, x_max, y_min, y_max µm
     source: str | None = None

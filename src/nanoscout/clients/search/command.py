@@ -12,7 +12,8 @@ exit status is 2. SIGINT (Ctrl-C) or SIGTERM ends the search before its next fra
 found is written (``stopped`` "interrupted"), exit status 130. A search whose sweep left tiles
 unimaged (the stage never got there, their results never came) ends ``stopped`` "incomplete"
 (exit status 0): ``search.json``'s ``coverage`` gives the share of the area imaged and the
-missed tiles' centres, and a line on stderr says so.
+missed tiles' centres (``unreachable_tiles``: those the stage refused to move to, e.g. beyond a
+soft limit), and a line on stderr says so.
 
 ``--budget-frames``, ``--budget-s`` and ``--budget-dose`` are limits the search's totals never
 pass: a frame is taken only when its estimated cost fits what is left (see
@@ -33,7 +34,7 @@ from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, Contr
 from nanoscout.clients.search.geometry import Area
 from nanoscout.clients.search.navigator import FoundTarget, write_navigator
 from nanoscout.clients.search.session import FrameResult, SearchSession
-from nanoscout.clients.search.strategies import SearchConfig, run_search
+from nanoscout.clients.search.strategies import SearchConfig, SearchResult, run_search
 from nanoscout.stopping import StopEvent
 from nanoscout.wire.errors import ConfigError
 from nanoscout.wire.transport import DEFAULT_RESULT_ENDPOINT, ClientKeys
@@ -137,7 +138,8 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     if result.stopped == "incomplete":
         print(f"nanoscout search: incomplete: {len(result.missed_tiles)} of {result.tiles} "
               f"tiles were never imaged and analysed ({100 * result.coverage:.1f} % of the area "
-              f"was); search.json lists them", file=sys.stderr, flush=True)
+              f"was){_refused(result)}; search.json lists them", file=sys.stderr,
+              flush=True)
     if result.skipped_rows:
         print(f"search: {result.skipped_rows} alert rows were no target (non-finite position "
               f"or score) and were skipped", file=sys.stderr, flush=True)
@@ -150,3 +152,9 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
               f"are in {args.out})", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     return 0
+
+
+def _refused(result: SearchResult) -> str:
+    """``"; the stage refused to move to N of them"``, or "" when it refused none."""
+    n = len(set(result.missed_tiles) & set(result.unreachable))
+    return f"; the stage refused to move to {n} of them" if n else ""

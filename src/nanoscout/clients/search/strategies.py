@@ -41,8 +41,18 @@ search "incomplete" too (``unchecked``). When ``max_failed_in_a_row`` frames in 
 daemon is gone), the search stops with ``stopped`` = "error": it does not go on dosing the
 specimen with frames nobody analyses.
 
-The search also stops when the microscope fails (its control socket does not answer,
-answers garbage or refuses): the search then stops at once and returns what it found so far,
+A move the stage refuses because it cannot reach that place (outside its limits, a soft limit,
+a forbidden region: the microscope answers ``unreachable``, :class:`MoveRefused`) skips that tile
+or candidate and the search goes on: no frame was taken, nothing was spent. The tile is then
+missed (the search ends "incomplete") and its centre listed in ``unreachable_tiles`` too; a
+candidate the stage cannot reach is left unchecked at once. A refusal is the microscope's
+failure, not a place's, when ``max_refused_in_a_row`` moves in a row are refused (a stage that
+refuses every place is broken: a sweep meets at most twice a row's tiles beyond a limit in a
+row, at a turn of its serpentine).
+
+The search also stops when the microscope fails (its control socket does not answer, answers
+garbage, refuses anything but a move out of reach, or refuses ``max_refused_in_a_row`` moves in
+a row): the search then stops at once and returns what it found so far,
 with ``stopped`` = "error" and the failure in ``error``; or, between two frames, when ``stop`` is set (the
 operator's Ctrl-C or SIGTERM): ``stopped`` = "interrupted". A frame whose results do not come
 back is taken once more. An alert row that cannot be a target (a non-finite position, score or alert value) is
@@ -65,7 +75,7 @@ from typing import Literal
 
 import numpy as np
 
-from nanoscout.clients.microscope.control import ControlError
+from nanoscout.clients.microscope.control import ControlError, MoveRefused
 from nanoscout.clients.search.geometry import (
     Area,
     Coverage,
@@ -115,10 +125,15 @@ class SearchConfig:
     #: frames in a row without results (each tile's retake included) that stop the search
     #: with an error: the daemon is gone, and frames nobody analyses only dose the specimen
     max_failed_in_a_row: int = 4
+    #: moves in a row the stage refuses as out of its reach that stop the search with an
+    #: error (a broken stage, not a place out of reach; a refused move skips its place)
+    max_refused_in_a_row: int = 16
 
     def __post_init__(self) -> None:
         if not self.target_rules:
             raise ValueError("a search needs at least one target rule (--target-rule)")
+        if self.max_refused_in_a_row < 1:
+            raise ValueError(f"max_refused_in_a_row {self.max_refused_in_a_row!r} must be >= 1")
         if self.max_failed_in_a_row < 1:
             raise ValueError(f"max_failed_in_a_row {self.max_failed_in_a_row!r} must be >= 1")
         for name, v in (("pixel_size_nm", self.pixel_size_nm),
@@ -207,7 +222,10 @@ class SearchResult:
     #: frames that did not land where they were asked for (each taken once more)
     off_target_frames: int = 0
     #: candidates (adaptive) that no confirmation frame imaged with results, after two tries
+    #: (or that the stage refused to reach)
     unchecked: list[Candidate] = field(default_factory=list)
+    #: places (µm) the stage refused to move to (a tile's or a candidate's centre), each once
+    unreachable: list[tuple[float, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly numbers (no thumbnails)."""
@@ -230,7 +248,12 @@ class SearchResult:
             "error": self.error,
             "coverage": {"area_fraction": round(self.coverage, 4), "tiles": self.tiles,
                          "missed_tiles": [[round(x, 3), round(y, 3)]
-                                          for x, y in self.missed_tiles]},
+                                          for x, y in self.missed_tiles],
+                         # the missed tiles the stage refused to reach
+                         "unreachable_tiles": [[round(x, 3), round(y, 3)]
+                                               for x, y in self.missed_tiles
+                                               if (x, y) in self.unreachable]},
+            "unreachable": [[round(x, 3), round(y, 3)] for x, y in self.unreachable],
             "off_target_frames": self.off_target_frames,
             "unchecked_candidates": [[round(c.x_um, 3), round(c.y_um, 3)]
                                      for c in self.unchecked],
@@ -353,6 +376,9 @@ class _Budget:
         self.failed_in_a_row = 0
         #: frames that did not land where they were asked for
         self.off_target = 0
+        #: places (µm) the stage refused to move to, and the refusals since its last move
+        self.unreachable: list[tuple[float, float]] = []
+        self.refused_in_a_row = 0
 
     def refuse(self, x_um: float, y_um: float, pixel_size_nm: float, shape: tuple[int, int]
                ) -> str | None:
@@ -401,15 +427,18 @@ def _take(session: SearchSession, budget: _Budget, x: float, y: float, pixel_siz
     timeout), or that did not land where it should (``landed`` says False of where the
     microscope says it was), is taken once more, budget permitting, so a transient failure
     does not lose what it would have shown (an off-target frame's results count too: it imaged
-    somewhere). None when the microscope failed (no answer, garbage, a refusal) or
-    ``max_failed_in_a_row`` frames in a row brought no results: ``budget.error`` says why, and
-    the search stops with what it found."""
+    somewhere). A move the stage refuses as out of its reach (:class:`MoveRefused`) takes no
+    frame: the place is added to ``budget.unreachable`` and the frames taken returned (none
+    when it was the first). None when the microscope failed (no answer, garbage, another
+    refusal, ``max_refused_in_a_row`` moves refused in a row) or ``max_failed_in_a_row`` frames
+    in a row brought no results: ``budget.error`` says why, and the search stops with what it
+    found."""
     meta: dict[str, str | int | float | bool] | None = None
     if purpose != "survey" and budget.cfg.rotate45_high_mag:
         meta = {"rotate45": True}
     shots: list[FrameResult] = []
     try:
-        res = _counted(budget, session.frame(x, y, pixel_size_nm, shape, purpose, meta))
+        res = _moved(budget, session.frame(x, y, pixel_size_nm, shape, purpose, meta))
         shots.append(res)
         off = res.error is None and landed is not None and not landed(res.geometry)
         if off:
@@ -419,10 +448,21 @@ def _take(session: SearchSession, budget: _Budget, x: float, y: float, pixel_siz
         if (res.error is not None and budget.failed_in_a_row < budget.cfg.max_failed_in_a_row
                 or off) and budget.refuse(x, y, pixel_size_nm, shape) is None:
             log.warning("taking frame at (%.2f, %.2f) µm again", x, y)
-            res = _counted(budget, session.frame(x, y, pixel_size_nm, shape, purpose, meta))
+            res = _moved(budget, session.frame(x, y, pixel_size_nm, shape, purpose, meta))
             shots.append(res)
             if res.error is None and landed is not None and not landed(res.geometry):
                 budget.off_target += 1
+    except MoveRefused as exc:
+        budget.refused_in_a_row += 1
+        if (x, y) not in budget.unreachable:
+            budget.unreachable.append((x, y))
+        if budget.refused_in_a_row >= budget.cfg.max_refused_in_a_row:
+            budget.error = (f"the stage refused {budget.refused_in_a_row} moves in a row (the "
+                            f"last: {exc}); is it working?")
+            log.error("the search stops: %s", budget.error)
+            return None
+        log.warning("skipping (%.2f, %.2f) µm: %s", x, y, exc)
+        return shots
     except ControlError as exc:
         budget.error = str(exc)
         log.error("the search stops: %s", exc)
@@ -435,8 +475,10 @@ def _take(session: SearchSession, budget: _Budget, x: float, y: float, pixel_siz
     return shots
 
 
-def _counted(budget: _Budget, res: FrameResult) -> FrameResult:
-    """``res``, its failure counted in ``budget.failed_in_a_row`` (reset by a success)."""
+def _moved(budget: _Budget, res: FrameResult) -> FrameResult:
+    """``res``, a frame the stage moved for (``budget.refused_in_a_row`` reset), its failure
+    counted in ``budget.failed_in_a_row`` (reset by a success)."""
+    budget.refused_in_a_row = 0
     budget.failed_in_a_row = budget.failed_in_a_row + 1 if res.error is not None else 0
     return res
 
@@ -488,8 +530,8 @@ def _sweep(session: SearchSession, cfg: SearchConfig, budget: _Budget, sweep: _S
         x, y = sweep.tiles[i]
         i += 1
         duty = sweep.duty(cfg, x, y)
-        if sweep.coverage.holds(duty):
-            continue  # imaged already (the rest of the area tiled anew)
+        if sweep.coverage.holds(duty) or (x, y) in budget.unreachable:
+            continue  # imaged already (the rest of the area tiled anew), or out of reach
         why = budget.refuse(x, y, sweep.pixel_size_nm, cfg.shape)
         if why:
             return why
@@ -497,6 +539,8 @@ def _sweep(session: SearchSession, cfg: SearchConfig, budget: _Budget, sweep: _S
                       _holds(duty))
         if shots is None:
             return "error"
+        if not shots:
+            continue  # the stage cannot get there: the tile is missed
         for res in shots:
             if res.error is None:
                 sweep.coverage.add(res.geometry)
@@ -604,6 +648,9 @@ def adaptive_search(session: SearchSession, cfg: SearchConfig,
         if shots is None:
             stopped = "error"
             break
+        if not shots:  # the stage cannot get there: no later look either
+            unchecked.append(best)
+            continue
         for res in shots:
             new = book.offer(res)
             if res.error is None:
@@ -683,7 +730,7 @@ def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: Targ
         budget_frames=cfg.budget_frames, budget_s=cfg.budget_s,
         budget_dose_e_per_nm2=cfg.budget_dose_e_per_nm2,
         coverage=sweep.coverage.fraction, tiles=len(sweep.tiles), missed_tiles=sweep.missed,
-        off_target_frames=budget.off_target)
+        off_target_frames=budget.off_target, unreachable=budget.unreachable)
 
 
 def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
@@ -692,9 +739,11 @@ def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
     """Run the named strategy; a search area beyond the stage limits, or an overlap the
     sweep's frames cannot tile with, is refused at once (:class:`ConfigError`).
 
-    When the microscope fails mid-search (:class:`ControlError`: no answer, garbage, a
-    refusal) the search stops and the result holds what was found so far, ``stopped`` =
-    "error" and the failure in ``error``; nothing found is lost. ``stop`` set ends it before
+    A move the stage refuses as out of its reach (:class:`MoveRefused`) skips that place (the
+    search ends "incomplete"); when the microscope fails mid-search (:class:`ControlError`: no
+    answer, garbage, another refusal, ``max_refused_in_a_row`` refused moves) the search
+    stops and the result holds what was found so far, ``stopped`` = "error" and the failure in
+    ``error``; nothing found is lost. ``stop`` set ends it before
     its next frame (``stopped`` "interrupted")."""
     lim = session.limits
     a = cfg.area
