@@ -124,3 +124,48 @@ def test_the_duplicate_window_holds_the_last_numbers_in_bounded_memory() -> None
         tracemalloc.stop()
     assert tracker.seen("cam255", 0) and tracker.seen("cam0", 4095)
     assert used < 16 * 2**20, f"{used / 2**20:.1f} MiB for 256 keys x 4096 numbers"
+
+
+def test_a_late_number_of_the_same_run_takes_its_loss_back() -> None:
+    """``topic_seq`` 1, 3, 2, 4 of one daemon run: 2 was counted missed before 3, then taken
+    for a restart, so 3 was counted missed again before 4 (2 missed for none). A number at or
+    below the newest of a named run is late: it takes back its loss where one was counted
+    (a Gap of -1), changes nothing otherwise, and never moves the newest back."""
+    t = SequenceTracker(holes=4)
+    got = [track_gap(t, stats(k, RUN1)) for k in (1, 3, 2, 4)]
+    assert got == [None, Gap("stats.sim", 3, 1), Gap("stats.sim", 2, -1), None]
+    assert t.total == 0 and t.missed == {"stats.sim": 0}
+    assert track_gap(t, stats(2, RUN1)) is None and t.total == 0  # again: nothing to take back
+    # a range is split around its late numbers: 5..9 missed, 7 and 5 come late
+    assert track_gap(t, stats(10, RUN1)) == Gap("stats.sim", 10, 5)
+    assert track_gap(t, stats(7, RUN1)) == Gap("stats.sim", 7, -1)
+    assert track_gap(t, stats(5, RUN1)) == Gap("stats.sim", 5, -1)
+    assert track_gap(t, stats(11, RUN1)) is None and t.total == 3
+    assert t.last_gap == Gap("stats.sim", 10, 5)
+    # another run still numbers from 0, its late numbers as well
+    assert track_gap(t, stats(2, RUN2)) == Gap("stats.sim", 2, 2) and t.total == 5
+    assert track_gap(t, stats(0, RUN2)) == Gap("stats.sim", 0, -1) and t.total == 4
+
+
+def test_late_numbers_are_remembered_for_the_newest_ranges_only() -> None:
+    """Memory is bounded by ``holes`` ranges per key: a number of an older range stays
+    counted missed; without ``holes`` (the daemon's frames) nothing is taken back."""
+    t = SequenceTracker(holes=2)
+    for k in range(0, 20, 2):  # 10 ranges of one missed number: 1, 3, ..., 17
+        track_gap(t, stats(k, RUN1))
+    assert t.total == 9 and len(t._holes["stats.sim"]) == 2
+    assert track_gap(t, stats(1, RUN1)) is None and t.total == 9  # forgotten: stays missed
+    assert track_gap(t, stats(17, RUN1)) == Gap("stats.sim", 17, -1) and t.total == 8
+    plain = SequenceTracker()
+    for k in (1, 3, 2, 4):
+        plain.observe("a", k, run=RUN1)
+    assert plain.total == 1 and not plain._holes  # 2 stays counted; 3 is not counted twice
+
+
+def test_without_daemon_run_a_late_number_is_still_a_restart() -> None:
+    """Results of a daemon before protocol 1.11 name no run: 1, 3, 2, 4 is read as a restart
+    after 3 (documented), whether or not ranges are kept."""
+    t = SequenceTracker(holes=4)
+    assert [track_gap(t, stats(k, None)) for k in (1, 3, 2, 4)] == [
+        None, Gap("stats.sim", 3, 1), None, Gap("stats.sim", 4, 1)]
+    assert t.total == 2

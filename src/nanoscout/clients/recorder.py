@@ -298,6 +298,7 @@ def record(endpoint: str, out: Path, *, source: str = "", frames: int | None = N
                 last_flush = time.monotonic()
         # a clean stop writes the tracks table too (read_run computes it for a cut run)
         prov = _commit(writer, out, lambda: {**progress(), "stopped_utc": _now()}, close=True)
+        writer.release()  # written whole: its temporary files may be cleaned from now on
     log.info("recorded %d frames, %d particles, %d alerts to %s (missed %s)",
              writer.counts["frames"], writer.counts["particles"], writer.counts["alerts"], out,
              prov["missed_results"] or "none")

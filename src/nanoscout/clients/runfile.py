@@ -24,6 +24,16 @@ image: :data:`CLASS_COLUMNS` then one probability per class) when its pipeline c
 A new run refuses to start where any file it may write exists already; :func:`delete_run`
 deletes only what is recognisably a nanoscout run (its provenance, its table headers).
 
+Temporary files. A writer killed while it writes (``kill -9``, a power cut) leaves the file it
+was writing under its temporary ``.``-name: a Parquet part (``.part-000007.parquet.tmp``, 4 B to
+tens of KiB), the provenance (``._run.json.tmp``, ``.RUN.json.tmp``) or the tracks table. No
+reader uses them; :func:`clean_leftovers` removes them, and :func:`read_run` (``nanoscout
+report``) and :func:`delete_run` call it, so they do not accumulate. A live writer holds an
+exclusive ``flock`` on its run (the ``RUN.parquet`` folder, or ``RUN.csv``) from its start to
+:meth:`RunWriter.close`; the lock is the operating system's, released when its process dies,
+so a run some writer still holds is never cleaned (nor, where the platform has no ``flock``,
+any run).
+
 A batch writes its particle, alert and stats rows first and its frame rows last; :func:`read_run`
 keeps only particle rows whose frame row exists, so a run cut anywhere is consistent.
 
@@ -44,7 +54,9 @@ null in runs written before it.
 * frames: ``source, seq, t_acq, t_recv, t_done, latency_ms, n, units, pixel_size_nm,
   stage_x_um, stage_y_um, height, width, modality, engine, model, working_scale,
   base_network_only, size_hint, noise, smoothing_px, scale_agreed, file, index, meta``
-  (``base_network_only``: an adapted model's base network analysed the frame alone,
+  (``latency_ms``: :attr:`~nanoscout.wire.protocol.DetHeader.latency_ms`, NaN where the
+  daemon's times give none, a result done before its frame arrived;
+  ``base_network_only``: an adapted model's base network analysed the frame alone,
   ``det.base_network_only``, null from older daemons;
   ``size_hint``: what an operator's particle size range did to the working scale,
   ``det.size_hint``: agreed, applied, uncalibrated, unused, empty without a range;
@@ -83,8 +95,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
+import weakref
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -105,7 +119,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ALERT_COLUMNS", "CLASS_COLUMNS", "FORMAT", "FRAME_COLUMNS", "PARTICLE_COLUMNS",
            "STATS_COLUMNS", "TABLES", "TRACK_COLUMNS", "Run", "RunWriter", "classes_path",
-           "delete_run", "read_run"]
+           "clean_leftovers", "delete_run", "read_run"]
+
+log = logging.getLogger("nanoscout.runfile")
 
 #: the run format written here (``run.json`` / ``_run.json`` ``format``)
 FORMAT = "nanoscout-run/2"
@@ -202,7 +218,8 @@ def det_rows(header: DetHeader, table: np.ndarray,
     file = file_meta if file is None else wire_text(file)
     frame = {"source": header.source, "seq": header.seq, "t_acq": header.t_acq_ns,
              "t_recv": header.t_recv_ns, "t_done": header.t_done_ns,
-             "latency_ms": round(header.latency_ms, 3), "n": header.n, "units": header.units,
+             "latency_ms": _nan(None if (lat := header.latency_ms) is None else round(lat, 3)),
+             "n": header.n, "units": header.units,
              "pixel_size_nm": _nan(header.pixel_size_nm), "stage_x_um": sx, "stage_y_um": sy,
              "height": header.shape[0], "width": header.shape[1],
              "modality": header.modality or "", "engine": header.engine, "model": header.model,
@@ -350,6 +367,9 @@ class RunWriter:
             out.mkdir(parents=True, exist_ok=True)
             self._meta_path = out / "_run.json"
             _claim(self._meta_path, b"{}\n")  # two writers started at once: one gets the name
+            # held by the one that got it, before any temporary file is written:
+            # clean_leftovers never touches them
+            self._unlock = _hold(self, out)
             for t in TABLES:
                 if t != "particles":
                     (out / f"_{t}").mkdir(exist_ok=True)
@@ -359,6 +379,8 @@ class RunWriter:
             self._meta_path = out.with_suffix(".json")
             for t, p in self._csv_paths().items():
                 _claim(p, (",".join(TABLES[t]) + "\n").encode())
+                if t == "particles":  # RUN.csv, claimed first: held before any temporary file
+                    self._unlock = _hold(self, p)
         self.write_provenance({"format": FORMAT, **provenance})
 
     def _csv_paths(self) -> dict[str, Path]:
@@ -507,9 +529,15 @@ class RunWriter:
             os.truncate(path, size)
         return cut
 
+    def release(self) -> None:
+        """Stop holding the run (its lock, see the module docstring): the writer writes no
+        more. Also done when the writer is collected or its process ends."""
+        self._unlock()
+
     def close(self) -> None:
         """Flush what is queued, then write the tracks table (one row per tracked particle,
-        from everything written: :func:`nanoscout.wire.tracks.track_table`)."""
+        from everything written: :func:`nanoscout.wire.tracks.track_table`). The run stays
+        held for a last provenance: :meth:`release`."""
         import pyarrow as pa
 
         self.flush()
@@ -530,6 +558,83 @@ class RunWriter:
             tmp.write_bytes((",".join(TRACK_COLUMNS) + "\n").encode() + buf.getvalue())
             os.replace(tmp, path)
         self.counts["tracks"] = data.num_rows
+
+
+#: runs held by a writer of this process (a second ``flock`` of the same process is refused on
+#: a local disk, but not where the file system emulates it with per-process locks: NFS)
+_HELD: set[Path] = set()
+
+
+def _hold(writer: object, anchor: Path) -> Callable[[], None]:
+    """Hold ``anchor`` (a run's folder or ``RUN.csv``) for ``writer``: an exclusive ``flock``,
+    released by the returned function, when ``writer`` is collected, or when the process
+    dies. Where the platform has no ``flock`` (Windows) nothing is locked."""
+    key = anchor.resolve()
+    _HELD.add(key)
+    fd: int | None = None
+    try:
+        import fcntl
+
+        fd = os.open(anchor, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:  # a new run no one else can hold: a file system without locks
+        if fd is not None:
+            os.close(fd)
+        fd = None
+
+    def release(fd: int | None = fd) -> None:
+        _HELD.discard(key)
+        if fd is not None:
+            os.close(fd)  # releases the lock
+    return weakref.finalize(writer, release)
+
+
+def _leftovers(p: Path) -> list[Path]:
+    """The temporary files a killed writer of the run at ``p`` may have left."""
+    if p.suffix == ".parquet":
+        if not p.is_dir():
+            return []
+        return [f for d in (p, *(s for s in p.iterdir() if s.is_dir())) for f in d.glob(".*.tmp")]
+    return [t for f in _csv_run_files(p) if (t := f.with_name(f".{f.name}.tmp")).exists()]
+
+
+def clean_leftovers(path: str | Path) -> list[Path]:
+    """Remove the temporary files that killed writers left in (``RUN.parquet``) or beside
+    (``RUN.csv``) the run at ``path`` (see the module docstring); returns those removed.
+
+    Removes nothing while a writer holds the run (its ``flock``, taken here without waiting
+    and given back at once), nor where the platform has no ``flock`` (Windows: a live writer
+    cannot be told from a dead one); a file that cannot be removed (a read-only run) is left,
+    without an error."""
+    p = Path(path)
+    anchor = p if p.suffix in (".parquet", ".csv") else None
+    if anchor is None or not anchor.exists() or anchor.resolve() in _HELD:
+        return []
+    try:
+        import fcntl
+    except ImportError:
+        return []
+    try:
+        fd = os.open(anchor, os.O_RDONLY)
+    except OSError:
+        return []
+    removed: list[Path] = []
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer holds it (or the file system cannot lock): not ours
+            return []
+        for f in _leftovers(p):
+            with contextlib.suppress(OSError):
+                f.unlink()
+                removed.append(f)
+    finally:
+        os.close(fd)
+    if removed:
+        log.info("%s: removed %d temporary files a killed writer left", p, len(removed))
+    return removed
 
 
 def classes_path(out: str | Path) -> Path:
@@ -621,6 +726,9 @@ def delete_run(path: str | Path) -> bool:
             raise ConfigError(f"{classes} is not a nanoscout classification table: not "
                               "deleting it (move it, or choose another run name)")
         files.append(classes)
+    if p.suffix == ".csv" and files:
+        # before the run's files: without RUN.csv no live writer could be told from a dead one
+        clean_leftovers(p)
     if folder is not None:
         shutil.rmtree(folder)
     for f in files:
@@ -849,9 +957,12 @@ def _committed(particles: pa.Table, frames: pa.Table) -> pa.Table:
 def read_run(path: str | Path) -> Run:
     """Read a run written by :class:`RunWriter` (``RUN.parquet`` folder or ``RUN.csv``).
 
-    Raises ReaderError naming the file when a table is missing or unreadable.
+    Raises ReaderError naming the file when a table is missing or unreadable. The temporary
+    files of killed writers are removed first (:func:`clean_leftovers`: never while a writer
+    holds the run).
     """
     p = Path(path)
+    clean_leftovers(p)
     raw: dict[str, pa.Table] = {}
     if p.suffix == ".parquet":
         if not p.is_dir():

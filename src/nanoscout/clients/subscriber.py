@@ -22,7 +22,11 @@ A restarted daemon numbers its messages from 0 again; each result names its daem
 published before this subscriber saw its first one (while it reconnected) are counted too.
 (Frames the daemon skips in live mode are not lost messages: their ``det`` is never sent. From
 a daemon older than 1.3, gaps in ``det`` frame numbers are counted instead; from one older
-than 1.11, a falling ``topic_seq`` is taken for a restart with nothing missing.) Malformed
+than 1.11, a falling ``topic_seq`` is taken for a restart with nothing missing.) A message
+that comes late, after a newer one of its topic and run (a relay or two endpoints can reorder
+them), is handed on, and where it was counted missed (among the last :data:`LATE_RANGES`
+ranges of a topic's gaps) the loss is taken back from the counts (``topic_seq`` 1, 3, 2, 4
+counted 2 missed for none). Malformed
 messages are counted in :attr:`Subscriber.rejected` (by reason in
 :attr:`Subscriber.rejected_by_reason`) and skipped, never raised; they are logged too, at most
 one line per reason every :data:`REFUSAL_LOG_S` s (the first at once), so that a daemon of
@@ -53,8 +57,8 @@ from nanoscout.wire.protocol import DetHeader, HealthHeader, Message, decode_mes
 from nanoscout.wire.sequence import Gap, SequenceTracker
 from nanoscout.wire.transport import ClientKeys, connect, result_subscriber
 
-__all__ = ["DUPLICATE_WINDOW", "MAX_MISSED_SOURCES", "REFUSAL_LOG_S", "Gap", "Subscriber",
-           "track_gap"]
+__all__ = ["DUPLICATE_WINDOW", "LATE_RANGES", "MAX_MISSED_SOURCES", "REFUSAL_LOG_S", "Gap",
+           "Subscriber", "track_gap"]
 
 log = logging.getLogger("nanoscout.subscriber")
 
@@ -69,6 +73,9 @@ REFUSAL_LOG_S = 60.0
 #: comes again: every header names its message (``topic_seq``, times in ns), so two equal
 #: headers are one message
 DUPLICATE_WINDOW = 4096
+#: ranges of missed numbers remembered per topic (the newest gaps): a late message in one is
+#: counted missed no more (a later one stays counted; memory stays bounded)
+LATE_RANGES = 16
 
 
 def track_gap(tracker: SequenceTracker, msg: Message[Any]) -> Gap | None:
@@ -76,7 +83,7 @@ def track_gap(tracker: SequenceTracker, msg: Message[Any]) -> Gap | None:
     a daemon older than protocol 1.3 its frame ``seq``. The numbers are the daemon run's
     (``daemon_run``, v1.11; ``health.started_ns``): a new run's first message seen with
     ``topic_seq`` n after another run's means n messages of the new run were missed. Returns
-    the gap before it, if any."""
+    the gap before it, if any (``missed`` -1: ``msg`` came late and was counted missed)."""
     seq = getattr(msg.header, "topic_seq", None)
     if seq is not None:
         run = getattr(msg.header, "daemon_run", getattr(msg.header, "started_ns", None))
@@ -116,7 +123,7 @@ class Subscriber:
             raise
         self.endpoint = ", ".join(endpoints)
         #: messages missed per topic (``det.sim``, ``alert.sim``, ...)
-        self.gaps = SequenceTracker(max_keys=4096)
+        self.gaps = SequenceTracker(max_keys=4096, holes=LATE_RANGES)
         #: messages missed per source, all its topics together, for the
         #: :data:`MAX_MISSED_SOURCES` sources with the most recent gaps (the others forgotten)
         self.missed: OrderedDict[str, int] = OrderedDict()
@@ -216,12 +223,13 @@ class Subscriber:
         gap = track_gap(self.gaps, msg)
         if gap is not None:
             source = msg.topic.split(".", 1)[1] if "." in msg.topic else msg.topic
-            self.missed[source] = self.missed.get(source, 0) + gap.missed
+            self.missed[source] = max(self.missed.get(source, 0) + gap.missed, 0)
             self.missed.move_to_end(source)
             if len(self.missed) > MAX_MISSED_SOURCES:
                 self.missed.popitem(last=False)
-            self.missed_total += gap.missed
-            self.last_gap = gap
+            self.missed_total = max(self.missed_total + gap.missed, 0)
+            if gap.missed > 0:  # a late message (-1) is no gap
+                self.last_gap = gap
         return msg
 
     def waiting(self) -> bool:

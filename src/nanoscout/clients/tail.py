@@ -17,7 +17,9 @@ the operator's terminal).
 The table keeps the :data:`MAX_SOURCES` most recently seen sources (a publisher that names
 ever new sources must not grow it without bound; the others are counted as forgotten). A
 message the table cannot show is left out and counted, as are the messages that could not be
-decoded: one bad message never ends the tail.
+decoded: one bad message never ends the tail. A ``det`` whose times give no latency (done
+before its frame arrived: :attr:`~nanoscout.wire.protocol.DetHeader.latency_ms` None) is left
+out of the latency percentiles and counted on a line of its own (its -10^12 ms was shown).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class SourceView:
 
     t_done: deque[float] = field(default_factory=lambda: deque(maxlen=200))
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=200))
+    #: frames whose det gave no latency (the daemon's times disagree), left out of latency_ms
+    latency_unknown: int = 0
     counts: deque[int] = field(default_factory=lambda: deque(maxlen=50))
     frames: int = 0
     units: str = "nm"
@@ -106,11 +110,15 @@ class TailState:
         # each message is formatted as the table will show it before it changes the state:
         # what cannot be shown is refused here, never at every redraw
         if isinstance(msg_header, DetHeader):
-            _fmt(msg_header.latency_ms)
+            latency = msg_header.latency_ms
+            _fmt(latency)
             _fmt(float(msg_header.n))
             v = self._source(msg_header.source)
             v.t_done.append(now)
-            v.latency_ms.append(msg_header.latency_ms)
+            if latency is None:
+                v.latency_unknown += 1
+            else:
+                v.latency_ms.append(latency)
             v.counts.append(msg_header.n)
             v.frames += 1
             v.units = msg_header.units
@@ -173,6 +181,16 @@ def _refused(state: TailState, sub: Subscriber) -> str | None:
             + ("" if last is None else f"; last: {printable(last):.160}"))
 
 
+def _unknown_latency(state: TailState) -> str | None:
+    """The line naming the sources with frames of unknown latency (None: there were none)."""
+    counts = [f"{name} {v.latency_unknown}" for name, v in sorted(state.sources.items())
+              if v.latency_unknown]
+    if not counts:
+        return None
+    return ("latency unknown (result stamped before its frame arrived), frames: "
+            + ", ".join(counts))
+
+
 def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     """The table as lines of text."""
     lines = []
@@ -200,6 +218,9 @@ def render(state: TailState, sub: Subscriber, now: float) -> list[str]:
     refused = _refused(state, sub)
     if refused is not None:
         lines.append(refused)
+    unknown = _unknown_latency(state)
+    if unknown is not None:
+        lines.append(unknown)
     lines.append(f"alerts: {state.n_alerts}")
     lines.extend(_alert_text(a) for a in state.alerts)
     return lines
@@ -232,7 +253,8 @@ def view(state: TailState, sub: Subscriber, now: float) -> Any:
         # Text, not str: a str cell is rich markup, and a class label is the daemon's text
         t.add_row(*(Text(c) for c in cells))
     refused = _refused(state, sub)
-    alerts = [] if refused is None else [Text(refused, style="yellow", overflow="fold")]
+    alerts = [Text(line, style="yellow", overflow="fold")
+              for line in (refused, _unknown_latency(state)) if line is not None]
     alerts.append(Text(f"alerts: {state.n_alerts}", style="bold"))
     for a in state.alerts:
         colour = {"critical": "red", "warning": "yellow"}.get(a.severity, "")

@@ -75,6 +75,8 @@ from nanoscout.lograte import LogEvery, RateLimitedLog
 from nanoscout.wire.codec import Message, decode_frame, encode, encode_message
 from nanoscout.wire.errors import EngineError, FrameError, ProtocolError, Reason
 from nanoscout.wire.headers import (
+    CLOCK_AHEAD_S,
+    CLOCK_BEHIND_S,
     AckHeader,
     ControlReply,
     ControlRequest,
@@ -94,9 +96,10 @@ _DRAIN_QUIET_S = 0.3
 _LEFTOVER_MAX = 10_000
 #: a frame stamped more than this long before its arrival, or more than _CLOCK_AHEAD_S after
 #: it, has an acquisition clock that disagrees with the daemon's (or a t_acq_ns of 0): its
-#: latency is measured from its arrival instead, s
-_CLOCK_BEHIND_S = 3600.0
-_CLOCK_AHEAD_S = 1.0
+#: latency is measured from its arrival instead, s (the wire's rule, which subscribers apply
+#: to a det's times too: DetHeader.latency_ms)
+_CLOCK_BEHIND_S = CLOCK_BEHIND_S
+_CLOCK_AHEAD_S = CLOCK_AHEAD_S
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,7 @@ __all__ = [
     "HealthHeader", "Histogram", "InSitu", "Kind", "LensReply", "LensRequest", "LswFit",
     "MODEL_ACTIONS", "MetaValue", "Modality", "PreviewHeader", "SOURCE_ACTIONS", "StatsBlock",
     "StatsHeader", "Stage", "TrackEvent", "Tracking", "UniqueStats", "Units", "frame_header",
+    "CLOCK_AHEAD_S", "CLOCK_BEHIND_S",
 ]
 
 PROTOCOL_VERSION: tuple[int, int] = (1, 13)
@@ -159,6 +160,12 @@ PARTICLE_SIZE_RANGE_PX: tuple[float, float] = (0.5, float(65536))
 
 #: largest stage coordinate, µm (a metre: far beyond any holder)
 MAX_STAGE_UM = 1e6
+
+#: a frame stamped more than this long before its arrival (``t_recv_ns - t_acq_ns``), or more
+#: than :data:`CLOCK_AHEAD_S` after it, has an acquisition clock that disagrees with the
+#: daemon's (or a ``t_acq_ns`` of 0): its latency is measured from its arrival, s
+CLOCK_BEHIND_S = 3600.0
+CLOCK_AHEAD_S = 1.0
 
 _INT64_MAX = 2**63 - 1
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
@@ -555,9 +562,18 @@ class DetHeader(FrameRef):
         return self
 
     @property
-    def latency_ms(self) -> float:
-        """Acquisition-to-result latency, ms (clocks of adapter and daemon host)."""
-        return (self.t_done_ns - self.t_acq_ns) / 1e6
+    def latency_ms(self) -> float | None:
+        """Acquisition-to-result latency, ms (clocks of adapter and daemon host), as the
+        daemon measures it for its ``health`` percentiles: from the frame's arrival where its
+        acquisition time is implausible (:data:`CLOCK_BEHIND_S`, :data:`CLOCK_AHEAD_S`), at
+        least 0 (an adapter clock up to 1 s ahead). None (unknown) where the daemon's own
+        times disagree: a result done before its frame arrived (``t_done_ns`` 0 or below
+        ``t_recv_ns``) has no latency, not one of -10^12 ms."""
+        if self.t_done_ns < self.t_recv_ns:
+            return None
+        transport_s = (self.t_recv_ns - self.t_acq_ns) / 1e9
+        since = self.t_acq_ns if -CLOCK_AHEAD_S <= transport_s <= CLOCK_BEHIND_S else self.t_recv_ns
+        return max((self.t_done_ns - since) / 1e6, 0.0)
 
 
 class _Block(BaseModel):

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from nanoscout.clients.dashboard.images import heatmap_rgba, heatmap_thumbnail, png_b64, thumbnail
-from nanoscout.clients.subscriber import Subscriber, track_gap
+from nanoscout.clients.subscriber import LATE_RANGES, Subscriber, track_gap
 from nanoscout.wire.errors import NanoscoutError, Reason
 from nanoscout.wire.particles import NO_CLUSTER, NUMERIC_FIELDS, PARTICLE_DTYPE, SHAPE_CLASSES
 from nanoscout.wire.protocol import (
@@ -191,6 +191,9 @@ class DashboardState:
         self.messages = 0
         self.rejected = 0
         self.last_rejection: str | None = None
+        #: monotonic s of the last message decoded (ingested) and of the last refused (0: none)
+        self.last_accepted = 0.0
+        self.last_refused = 0.0
         #: items whose payload could not be built (each message's one is lost, nothing else)
         self.payload_errors = 0
         self.last_payload_error: str | None = None
@@ -205,7 +208,8 @@ class DashboardState:
         self._alerts: deque[tuple[int, Item]] = deque(maxlen=max_alerts)
         self._alert_id = 0
         self._src: OrderedDict[str, _Source] = OrderedDict()  # least recently seen first
-        self._gaps = SequenceTracker(max_keys=4096)  # messages missed, per topic
+        # messages missed, per topic (a late one taken back)
+        self._gaps = SequenceTracker(max_keys=4096, holes=LATE_RANGES)
         self._set("meta", "meta", lambda: {
             "shape_classes": list(SHAPE_CLASSES), "endpoints": self.endpoints,
             "stale_s": self.stale_s, "query": query, "no_cluster": NO_CLUSTER})
@@ -215,7 +219,7 @@ class DashboardState:
     def ingest(self, msg: Message, now: float | None = None) -> None:
         """Fold one decoded message into the state (``now``: monotonic s of its arrival)."""
         with self._cond:
-            self.last_seen = self.clock() if now is None else now
+            self.last_seen = self.last_accepted = self.clock() if now is None else now
             self.messages += 1
             h = msg.header
             gap = track_gap(self._gaps, msg)
@@ -223,8 +227,8 @@ class DashboardState:
                 s = self._source(msg.topic.split(".", 1)[1].split("#", 1)[0])
                 if getattr(h, "topic_seq", None) is not None:
                     # messages the daemon sent that never came
-                    s.lost = (s.lost or 0) + (0 if gap is None else gap.missed)
-                if gap is not None:
+                    s.lost = max((s.lost or 0) + (0 if gap is None else gap.missed), 0)
+                if gap is not None and gap.missed > 0:  # -1: a late message, no gap
                     s.gap_events += 1
                     s.last_gap_seq = getattr(h, "seq", None)
             if isinstance(h, FrameRef):
@@ -247,7 +251,7 @@ class DashboardState:
         """Count ``n`` messages that could not be decoded (they still prove the daemon is
         there); ``why``: the last one's reason."""
         with self._cond:
-            self.last_seen = self.clock() if now is None else now
+            self.last_seen = self.last_refused = self.clock() if now is None else now
             self.messages += n
             self.rejected += n
             self.last_rejection = why
@@ -294,12 +298,18 @@ class DashboardState:
     def status(self, now: float | None = None) -> dict[str, Any]:
         """Connection status: ``connected``, ``unreachable`` (no message for > ``stale_s`` s,
         counted from start-up when none ever came), ``age_s`` of the last message (None before
-        the first), message and rejection counts, ``source_age_s``: s since each source's
-        newest ``det``."""
+        the first), message and rejection counts, ``refusing``: connected only by messages
+        that are refused (one refused in the last ``stale_s`` s and none decoded: a daemon of
+        another major protocol version, whose results are never shown), ``refused_age_s``: s
+        since the last refused message (None before the first), ``source_age_s``: s since
+        each source's newest ``det``."""
         now = self.clock() if now is None else now
         with self._cond:
             connected = self.connected(now)
             since = max(self.last_seen, self.started)
+            refused_recently = self.last_refused > 0 and now - self.last_refused <= self.stale_s
+            accepted_recently = (self.last_accepted > 0
+                                 and now - self.last_accepted <= self.stale_s)
             return {
                 "connected": connected,
                 "unreachable": not connected and now - since > self.stale_s,
@@ -308,6 +318,9 @@ class DashboardState:
                 "messages": self.messages,
                 "rejected": self.rejected,
                 "last_rejection": self.last_rejection,
+                "refusing": connected and refused_recently and not accepted_recently,
+                "refused_age_s": (None if self.last_refused == 0
+                                  else round(now - self.last_refused, 2)),
                 "payload_errors": self.payload_errors,
                 "last_payload_error": self.last_payload_error,
                 "sources_evicted": self.sources_evicted,

@@ -391,7 +391,8 @@
     $("frame-seq").textContent = d ? `#${d.seq}` : "–";
     $("frame-count").textContent = d ? String(d.frames) : "0";
     $("frame-n").textContent = d ? String(d.n) : "–";
-    $("frame-latency").textContent = d ? `${fmt(d.latency_ms, 0)} ms` : "–";
+    // null: the daemon's times give no latency (a result stamped before its frame arrived)
+    $("frame-latency").textContent = !d ? "–" : isNum(d.latency_ms) ? `${fmt(d.latency_ms, 0)} ms` : "unknown";
     $("frame-fps").textContent = d ? fmt(d.fps, 1) : "–";
     // protocol 1.7: an adapted model handed this frame to its base network (size band, count check)
     $("frame-base-only").hidden = !(d && d.base_network_only);
@@ -487,9 +488,19 @@
       text = `Daemon unreachable — no message from ${endpoint} ${age}`;
       pill.className = "pill pill-bad";
       pill.textContent = "daemon unreachable";
+    } else if (st && st.refusing) {
+      // messages come, but none can be read (e.g. a daemon of another major protocol
+      // version): nothing shown is current, and the operator must know why
+      text = `Results refused — the messages from ${endpoint} cannot be read ` +
+        `(${st.rejected} of ${st.messages} refused): ${st.last_rejection || "malformed message"}`;
+      pill.className = "pill pill-bad";
+      pill.textContent = "results refused";
     } else if (st && st.connected) {
-      pill.className = "pill pill-ok";
-      pill.textContent = "daemon connected";
+      // some messages refused lately among ones that were read
+      const some = isNum(st.refused_age_s) && st.refused_age_s <= (S.meta.stale_s || 3);
+      pill.className = some ? "pill pill-wait" : "pill pill-ok";
+      pill.textContent = some ? "daemon connected, some messages refused" : "daemon connected";
+      pill.title = some ? `${st.rejected} of ${st.messages} messages refused; last: ${st.last_rejection}` : "";
     } else {
       pill.className = "pill pill-wait";
       pill.textContent = "connecting…";
