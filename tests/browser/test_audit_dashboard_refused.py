@@ -11,8 +11,8 @@ real pyzmq socket on loopback) whose messages cannot all be used.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +21,7 @@ import pytest
 import zmq
 
 from nanoscout.wire.particles import empty_table
-from nanoscout.wire.protocol import DetHeader, HealthHeader, encode_message
-from nanoscout.wire.transport import bind, result_publisher
+from nanoscout.wire.protocol import DetHeader, encode_message
 from tests.browser.test_dashboard import (
     CHROMIUM,
     LAUNCH_ARGS,
@@ -30,19 +29,9 @@ from tests.browser.test_dashboard import (
     _sync_playwright,
     start_dashboard,
 )
+from tests.fake_daemon import RUN, health
 
 pytestmark = [pytest.mark.system, pytest.mark.browser]
-
-RUN = 1_765_000_000_000_000_000
-
-
-def _health(topic_seq: int) -> list:
-    return encode_message(HealthHeader(
-        t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={"detector": "onnx/cpu"},
-        frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
-        transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None, latency_ms_p99=None,
-        topic_seq=topic_seq, started_ns=RUN))
-
 
 def _det(topic_seq: int, t_done_ns: int) -> list:
     t = 10**18 + topic_seq * 10**8
@@ -57,16 +46,21 @@ def _v2(parts: list) -> list:
     header = msgpack.unpackb(bytes(parts[1]))
     return [parts[0], msgpack.packb(header | {"v": [2, 0]}), *parts[2:]]
 
-
-@pytest.fixture
-def fake_daemon() -> Iterator[tuple[zmq.Socket, str]]:
-    """A fake daemon's result socket (PUB) on a free loopback port: (socket, endpoint)."""
-    ctx = zmq.Context()
-    sock = result_publisher(ctx, hwm=1000)
-    endpoint = bind(sock, "tcp://127.0.0.1:0")
-    yield sock, endpoint
-    sock.close(linger=0)
-    ctx.term()
+@contextlib.contextmanager
+def _page(endpoint: str) -> Iterator[Any]:
+    """The dashboard of the results at ``endpoint``, open in headless Chromium."""
+    sync_playwright = _sync_playwright()
+    dash, url = start_dashboard(endpoint)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+            browser.close()
+    finally:
+        dash.send_signal(signal.SIGINT)
+        dash.wait(30)
 
 
 def _shown(page: Any, sock: zmq.Socket, make: Any, js: str, timeout: float) -> None:
@@ -80,56 +74,35 @@ def _shown(page: Any, sock: zmq.Socket, make: Any, js: str, timeout: float) -> N
 
 
 def test_the_page_says_when_every_message_is_refused_and_why(
-        fake_daemon: tuple[zmq.Socket, str]) -> None:
+        publisher: tuple[zmq.Socket, str]) -> None:
     """All of a protocol-2 daemon's messages are refused: the page says so in red, with the
     reason, instead of a green "daemon connected"; once readable results come again the
     pill is "daemon connected" again, without the red banner."""
-    sync_playwright = _sync_playwright()
-    sock, endpoint = fake_daemon
+    sock, endpoint = publisher
     k = iter(range(1, 10**6))
     refused = ("() => { const p = document.getElementById('conn'), b = document.getElementById("
                "'banner'); return p.textContent === 'results refused' && p.classList.contains("
                "'pill-bad') && !b.hidden && b.textContent.includes('protocol major version 2'); }")
     again = ("() => document.getElementById('conn').textContent.startsWith('daemon connected') "
              "&& document.getElementById('banner').hidden")
-    dash, url = start_dashboard(endpoint)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-            page = browser.new_page()
-            page.goto(url)
+    with _page(endpoint) as page:
+        def v2() -> list:
+            n = next(k)
+            sock.send_multipart(_v2(health(n, RUN)))
+            return _v2(_det(n, 10**18 + n * 10**8 + 5 * 10**6))
 
-            def v2() -> list:
-                n = next(k)
-                sock.send_multipart(_v2(_health(n)))
-                return _v2(_det(n, 10**18 + n * 10**8 + 5 * 10**6))
-
-            _shown(page, sock, v2, refused, 60)
-            assert "cannot be read" in page.inner_text("#banner")
-            _shown(page, sock, lambda: _health(next(k)), again, 30)
-            browser.close()
-    finally:
-        dash.send_signal(signal.SIGINT)
-        dash.wait(30)
+        _shown(page, sock, v2, refused, 60)
+        assert "cannot be read" in page.inner_text("#banner")
+        _shown(page, sock, lambda: health(next(k), RUN), again, 30)
 
 
 def test_the_page_says_a_latency_is_unknown_rather_than_negative(
-        fake_daemon: tuple[zmq.Socket, str]) -> None:
+        publisher: tuple[zmq.Socket, str]) -> None:
     """A det stamped done at 0, before its frame arrived: the top bar showed a latency of
     -1000000000100 ms; it says "unknown"."""
-    sync_playwright = _sync_playwright()
-    sock, endpoint = fake_daemon
+    sock, endpoint = publisher
     k = iter(range(1, 10**6))
     unknown = "() => document.getElementById('frame-latency').textContent === 'unknown'"
-    dash, url = start_dashboard(endpoint)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-            page = browser.new_page()
-            page.goto(url)
-            _shown(page, sock, lambda: _det(next(k), 0), unknown, 60)
-            assert "-1000000000" not in page.inner_text("body")
-            browser.close()
-    finally:
-        dash.send_signal(signal.SIGINT)
-        dash.wait(30)
+    with _page(endpoint) as page:
+        _shown(page, sock, lambda: _det(next(k), 0), unknown, 60)
+        assert "-1000000000" not in page.inner_text("body")

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from nanoscout.wire.protocol import (
     decode_message,
     encode_message,
 )
-from nanoscout.wire.transport import bind, result_publisher
 from tests.conftest import REPO
 from tests.system.conftest import DaemonFactory, nanoscout, wait_ready
 from tests.unit.test_dashboard import FakeDaemon, payload
@@ -90,17 +88,6 @@ def _sync_playwright() -> Any:
     except ImportError:
         pytest.skip("Python playwright is not installed (pip install -e '.[dev]')")
     return sync_playwright
-
-
-@pytest.fixture
-def publisher() -> Iterator[tuple[zmq.Socket, str]]:
-    """A PUB socket standing in for a second publisher (a class engine of another source)."""
-    ctx = zmq.Context()
-    sock = result_publisher(ctx, hwm=1000)
-    endpoint = bind(sock, "tcp://127.0.0.1:0")
-    yield sock, endpoint
-    sock.close(linger=0)
-    ctx.term()
 
 
 def start_dashboard(*endpoints: str, query: str | None = None, timeout: float = 60.0

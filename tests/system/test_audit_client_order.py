@@ -12,53 +12,21 @@ A fake daemon (a real pyzmq socket on loopback speaking the wire format) sends:
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from nanoscout.clients.runfile import read_run
 from nanoscout.clients.subscriber import Subscriber
 from nanoscout.wire.particles import empty_table
-from nanoscout.wire.protocol import DetHeader, HealthHeader, encode_message
+from nanoscout.wire.protocol import DetHeader, encode_message
+from tests.fake_daemon import RUN, health, publisher, wait_subscribed
 from tests.system.conftest import nanoscout, stop_process
 
 pytestmark = pytest.mark.system
-
-#: the fake daemon's run (its start, ns since the epoch)
-RUN = 1_765_000_000_000_000_000
-
-
-@contextlib.contextmanager
-def _publisher() -> Iterator[tuple[zmq.Socket, str]]:
-    """A fake daemon's result socket (XPUB, verbose: every subscription is seen)."""
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.setsockopt(zmq.LINGER, 0)
-    pub.setsockopt(zmq.XPUB_VERBOSE, 1)
-    try:
-        yield pub, f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
-    finally:
-        pub.close(linger=0)
-        ctx.term()
-
-
-def _wait_subscribed(pub: zmq.Socket, topics: set[bytes], timeout: float = 60.0) -> None:
-    """Wait until subscriptions to all of ``topics`` arrived."""
-    deadline = time.monotonic() + timeout
-    missing = set(topics)
-    while missing and time.monotonic() < deadline:
-        if pub.poll(200):
-            missing.discard(pub.recv()[1:])
-    if missing:
-        raise TimeoutError(f"no subscription to {missing} within {timeout} s")
 
 
 def _det(topic_seq: int, *, t_done_ns: int | None = None, source: str = "cam") -> list:
@@ -70,19 +38,11 @@ def _det(topic_seq: int, *, t_done_ns: int | None = None, source: str = "cam") -
         units="nm", n=1, engine="x", topic_seq=topic_seq, daemon_run=RUN), table)
 
 
-def _health(topic_seq: int) -> list:
-    return encode_message(HealthHeader(
-        t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={"detector": "onnx/cpu"},
-        frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
-        transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None, latency_ms_p99=None,
-        topic_seq=topic_seq, started_ns=RUN))
-
-
 def test_a_message_that_comes_late_is_not_counted_lost() -> None:
     """``topic_seq`` 1, 3, 2, 4 of one daemon run: four handed on and none missed (it counted
     2); a real loss after it (6 never sent) is still counted, once."""
-    with _publisher() as (pub, endpoint), Subscriber(endpoint, topics=("det.",)) as sub:
-        _wait_subscribed(pub, {b"det.", b"health"})
+    with publisher() as (pub, endpoint), Subscriber(endpoint, topics=("det.",)) as sub:
+        wait_subscribed(pub, {b"det.", b"health"})
         for k in (1, 3, 2, 4, 5, 7):
             pub.send_multipart(_det(k))
         got = [m.header.topic_seq for m in sub.messages(timeout=30, idle=3)]
@@ -99,12 +59,12 @@ def test_tail_and_record_show_a_det_done_before_its_arrival_as_unknown_latency(
     the good frames' latency is still shown), record stores NaN."""
     out = tmp_path / "run.parquet"
     stop = threading.Event()
-    with _publisher() as (pub, endpoint):
+    with publisher() as (pub, endpoint):
         def send() -> None:
             k = 0
             while not stop.wait(0.05):
                 k += 1
-                pub.send_multipart(_health(k))
+                pub.send_multipart(health(k, RUN))
                 pub.send_multipart(_det(k, t_done_ns=0 if k % 2 else None))
 
         sender = threading.Thread(target=send, daemon=True)

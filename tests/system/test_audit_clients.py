@@ -18,7 +18,6 @@ import struct
 import subprocess
 import termios
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,47 +31,35 @@ from nanoscout.wire.protocol import (
     AlertHeader,
     ClassHeader,
     DetHeader,
-    HealthHeader,
     StatsHeader,
     encode_message,
 )
 from tests.conftest import wait_until
+from tests.fake_daemon import health, publisher, wait_subscribed
 from tests.system.conftest import nanoscout, stop_process
 
 pytestmark = pytest.mark.system
 
-
-@contextlib.contextmanager
-def _publisher() -> Iterator[tuple[zmq.Socket, str]]:
-    """A fake daemon's result socket (XPUB, verbose: every subscription is seen; no
-    high-water mark) on a free loopback port: (socket, endpoint)."""
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.XPUB)
-    pub.setsockopt(zmq.SNDHWM, 0)
-    pub.setsockopt(zmq.LINGER, 0)
-    pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+def _recording(pub: zmq.Socket, endpoint: str, out: Path) -> subprocess.Popen[str]:
+    """``nanoscout record`` of the fake daemon's results into ``out`` (batches of 0.2 s),
+    once it has subscribed (its provenance says so)."""
+    proc = nanoscout("record", "--results", endpoint, "--out", str(out), "--batch-seconds",
+                     "0.2", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        yield pub, f"tcp://127.0.0.1:{pub.bind_to_random_port('tcp://127.0.0.1')}"
-    finally:
-        pub.close(linger=0)
-        ctx.term()
+        wait_subscribed(pub, {b"health"})
+        seq = iter(range(1, 10**6))
 
+        def subscribed() -> bool:
+            pub.send_multipart(health(next(seq)))
+            run = out / "_run.json"
+            return run.exists() and "subscribed_utc" in run.read_text()
 
-def _health(topic_seq: int) -> list:
-    return encode_message(HealthHeader(
-        t_ns=time.time_ns(), uptime_s=1.0, policy="live", engines={"detector": "onnx/cpu"},
-        frames_received=0, frames_processed=0, frames_dropped={}, rejected={},
-        transport_gaps=0, queue_depth=0, fps=0.0, latency_ms_p50=None, latency_ms_p99=None,
-        topic_seq=topic_seq))
+        wait_until(subscribed, timeout=60, what="the recorder subscribed")
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
 
-
-def _wait_subscribed(pub: zmq.Socket, topic: bytes, timeout: float = 60.0) -> None:
-    """Wait until a subscription to ``topic`` arrived (the client's last one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pub.poll(200) and pub.recv() == b"\x01" + topic:
-            return
-    raise TimeoutError(f"no subscription to {topic!r} within {timeout} s")
 
 
 class _Terminal:
@@ -113,11 +100,11 @@ def test_tail_on_a_terminal_shows_a_label_with_markup_and_escapes_as_text(tmp_pa
     label = "Pt [/dense] \x1b]0;PWNED\x07film"
     term = _Terminal()
     err = tmp_path / "tail.err"
-    with _publisher() as (pub, endpoint), err.open("w") as err_fh:
+    with publisher() as (pub, endpoint), err.open("w") as err_fh:
         proc = nanoscout("tail", "--results", endpoint, stdin=subprocess.DEVNULL,
                          stdout=term.slave, stderr=err_fh)
         try:
-            _wait_subscribed(pub, b"health")
+            wait_subscribed(pub, {b"health"})
             table = empty_table(2)
             table["id"] = [1, 2]
             seq = 0
@@ -125,7 +112,7 @@ def test_tail_on_a_terminal_shows_a_label_with_markup_and_escapes_as_text(tmp_pa
             def publish() -> None:
                 nonlocal seq
                 seq += 1
-                pub.send_multipart(_health(seq))
+                pub.send_multipart(health(seq))
                 pub.send_multipart(encode_message(DetHeader(
                     source="cam", seq=seq, t_acq_ns=1, t_recv_ns=2, t_done_ns=3,
                     pixel_size_nm=0.5, units="nm", n=2, engine="x"), table))
@@ -180,12 +167,12 @@ def test_record_names_a_daemon_of_another_major_version_instead_of_a_missing_one
     why they were refused."""
     out = tmp_path / "run.parquet"
     stop = threading.Event()
-    with _publisher() as (pub, endpoint):
+    with publisher() as (pub, endpoint):
         def send() -> None:
             seq = 0
             while not stop.wait(0.05):
                 seq += 1
-                for parts in (_health(seq), *_frame(seq)):
+                for parts in (health(seq), *_frame(seq)):
                     pub.send_multipart(_v2(parts))
 
         sender = threading.Thread(target=send, daemon=True)
@@ -212,27 +199,16 @@ def test_record_says_when_the_daemon_turns_into_another_major_version(tmp_path: 
     logged at once (at most a line a minute per reason), counted by reason in the provenance,
     and the last lines say how many messages were not recorded."""
     out = tmp_path / "run.parquet"
-    with _publisher() as (pub, endpoint):
-        proc = nanoscout("record", "--results", endpoint, "--out", str(out),
-                         "--batch-seconds", "0.2", stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    with publisher() as (pub, endpoint):
+        proc = _recording(pub, endpoint, out)
         try:
-            _wait_subscribed(pub, b"health")
-            seq = iter(range(1, 10**6))
-
-            def subscribed() -> bool:
-                pub.send_multipart(_health(next(seq)))
-                run = out / "_run.json"
-                return run.exists() and "subscribed_utc" in run.read_text()
-
-            wait_until(subscribed, timeout=60, what="the recorder subscribed")
             for s in range(1, 4):  # three frames of protocol 1
                 for parts in _frame(s):
                     pub.send_multipart(parts)
             for s in range(4, 54):  # the daemon restarted as 2.0
-                for parts in (_health(s), *_frame(s)):
+                for parts in (health(s), *_frame(s)):
                     pub.send_multipart(_v2(parts))
-            pub.send_multipart(_v2(_health(54)))
+            pub.send_multipart(_v2(health(54)))
             for parts in _frame(55):  # protocol 1 again: its batch's provenance counts all
                 pub.send_multipart(parts)
 
@@ -330,20 +306,9 @@ def test_record_stores_a_message_that_came_twice_once(tmp_path: Path) -> None:
     from nanoscout.clients.runfile import read_run
 
     out = tmp_path / "run.parquet"
-    with _publisher() as (pub, endpoint):
-        proc = nanoscout("record", "--results", endpoint, "--out", str(out),
-                         "--batch-seconds", "0.2", stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+    with publisher() as (pub, endpoint):
+        proc = _recording(pub, endpoint, out)
         try:
-            _wait_subscribed(pub, b"health")
-            seq = iter(range(1, 10**6))
-
-            def subscribed() -> bool:
-                pub.send_multipart(_health(next(seq)))
-                run = out / "_run.json"
-                return run.exists() and "subscribed_utc" in run.read_text()
-
-            wait_until(subscribed, timeout=60, what="the recorder subscribed")
             frames = {s: _frame(s) for s in range(1, 5)}
             for s in (1, 1, 2, 3, 2, 4):
                 for parts in frames[s]:
