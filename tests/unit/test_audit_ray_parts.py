@@ -16,6 +16,7 @@ from nanoscout.batch.parts import (
     PROVENANCE,
     FileResult,
     ImageRow,
+    clean_temporary,
     done_files,
     earlier_runs,
     part_paths,
@@ -106,3 +107,19 @@ def test_provenance_keeps_earlier_runs_and_refuses_a_file_not_its_own(tmp_path: 
         with pytest.raises(ConfigError, match="_run.json"):
             measure_on_ray([tmp_path / "x.tif"], ServeConfig(), out)
         assert (out / PROVENANCE).read_text(encoding="utf-8") == text
+
+
+def test_a_killed_drivers_provenance_temporary_is_cleaned(tmp_path: Path) -> None:
+    """A driver killed while it rewrote ``_run.json`` leaves ``._run.json.tmp`` beside it:
+    the next run's cleaning left it there for ever (it removed only the parts' temporaries)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    write_provenance(out, {"runs": []})
+    leftover = out / f".{PROVENANCE}.tmp"
+    leftover.write_text('{"format": "nanoscout-par')  # cut short by the kill
+    part_tmp = out / "images" / "folder=x" / ".tmp-0123-a.png.parquet"
+    part_tmp.parent.mkdir(parents=True)
+    part_tmp.write_bytes(b"PAR1")
+    assert clean_temporary(out) == 2
+    assert not leftover.exists() and not part_tmp.exists()
+    assert (out / PROVENANCE).is_file()  # the provenance itself stays

@@ -196,8 +196,14 @@ def done_files(out: Path, paths: Iterable[str | Path]) -> set[str]:
 
 
 def clean_temporary(out: Path) -> int:
-    """Remove the temporary files a killed worker left under ``out``; returns how many."""
+    """Remove the temporary files a killed worker or driver left under ``out`` (parts, and the
+    provenance's, :func:`~nanoscout.clients.provenance.write_json`); returns how many. Called
+    by the run that holds ``out`` (:func:`output_lock`)."""
     n = 0
+    provenance_tmp = out / f".{PROVENANCE}.tmp"
+    if provenance_tmp.is_file():
+        provenance_tmp.unlink(missing_ok=True)
+        n += 1
     for sub in ("particles", "images"):
         root = out / sub
         if root.is_dir():

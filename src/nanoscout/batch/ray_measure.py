@@ -308,7 +308,8 @@ def measure_on_ray(
         with _driver_write(out, report):
             removed = clean_temporary(out)
         if removed:
-            log.info("removed %d temporary part(s) a killed worker left in %s", removed, out)
+            log.info("removed %d temporary file(s) a killed worker or driver left in %s", removed,
+                     out)
         done = done_files(out, files)
         report.skipped_done = [f for f in files if f in done]
         todo = [f for f in files if f not in done]
