@@ -262,6 +262,16 @@ def test_garbage_raises_reader_error(tmp_path: Path, suffix: str) -> None:
     assert info.value.__cause__ is not None or "no 2-D image" in str(info.value)
 
 
+def test_a_header_giving_a_side_of_0_is_a_reader_error(tmp_path: Path) -> None:
+    """A bit flip that zeroes an MRC's ``nx`` was read as a 16 x 0 image and sent on."""
+    raw = bytearray((INSTRUMENT / "mrc/HAADFscan.mrc").read_bytes())
+    raw[0:4] = (0).to_bytes(4, "little")  # nx
+    bad = tmp_path / "nx0.mrc"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ReaderError, match=r"nx0\.mrc: an image of 16 x 0 px holds no pixel"):
+        read_images(bad)
+
+
 def test_unknown_and_missing_files_raise(tmp_path: Path) -> None:
     (tmp_path / "notes.xyz").write_text("hello")
     with pytest.raises(ReaderError, match=r"unsupported file type '\.xyz'"):

@@ -204,6 +204,9 @@ def read_images(path: str | Path) -> list[ImageRecord]:
     except Exception as exc:  # any parser failure means the file is bad; keep the cause chained
         raise ReaderError(f"{p}: cannot read {fmt} file ({type(exc).__name__}: {exc})") from exc
     for rec in records:
+        if 0 in rec.data.shape:  # a header giving a side of 0 (an MRC with nx = 0: 16 x 0)
+            raise ReaderError(f"{p}: an image of {' x '.join(map(str, rec.data.shape))} px "
+                              "holds no pixel (its header gives a side of 0: a damaged file?)")
         _check_pixels(p, rec.data.shape)
     _check_file_pixels(p, [rec.data.shape for rec in records])
     return records
