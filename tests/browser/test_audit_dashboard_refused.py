@@ -46,6 +46,7 @@ def _v2(parts: list) -> list:
     header = msgpack.unpackb(bytes(parts[1]))
     return [parts[0], msgpack.packb(header | {"v": [2, 0]}), *parts[2:]]
 
+
 @contextlib.contextmanager
 def _page(endpoint: str) -> Iterator[Any]:
     """The dashboard of the results at ``endpoint``, open in headless Chromium."""
