@@ -8,8 +8,9 @@ data to the disk (``fsync``) before the rename and the rename itself after (``fs
 folder), so the name holds either the old file or the whole new one, whatever happens when.
 
 Used by the run provenance (:func:`nanoscout.clients.provenance.write_json`: rewritten after
-every batch of a recording) and the parts of a ``measure --ray`` output
-(:mod:`nanoscout.batch.parts`: a part that exists marks its file done for a resumed run).
+every batch of a recording), a run's Parquet parts (:class:`nanoscout.clients.runfile.RunWriter`)
+and the parts of a ``measure --ray`` output (:mod:`nanoscout.batch.parts`: a part that exists
+marks its file done for a resumed run).
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from nanoscout.clients.durable import fsync_dir, replace_durably
 from nanoscout.clients.provenance import write_json
 from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, ProtocolError, ReaderError
@@ -291,14 +292,6 @@ def stats_row(header: StatsHeader) -> dict[str, Any]:
             "insitu": "" if header.insitu is None else json.dumps(
                 header.insitu.model_dump(mode="json")),
             "daemon_run": header.daemon_run or 0}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _arrow_table(name: str, cols: dict[str, list[Any]]) -> pa.Table:
@@ -490,17 +483,14 @@ class RunWriter:
         tmp = folder / f".part-{self._parts:06d}.parquet.tmp"
         try:
             pq.write_table(data, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            replace_durably(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a torn part would hold the space a full disk lacks
             raise
-        _fsync_dir(folder)
 
         def remove() -> None:
             final.unlink(missing_ok=True)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         return remove
 
     def _append_csv(self, table: str, data: pa.Table) -> Callable[[], None]:
