@@ -35,7 +35,7 @@ def test_a_tcp_port_beyond_65535_is_refused_at_start_naming_file_and_key(tmp_pat
     cfg.write_text('[input]\nendpoint = "tcp://127.0.0.1:70000"\n' + _FREE_PORTS, encoding="utf-8")
     rc, out, err = _refusal("serve", "--config", str(cfg))
     assert "NANOSCOUT-READY" not in out
-    assert rc == 2, err
+    assert rc == 78, err  # EX_CONFIG: serve's configuration refused at start-up
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert str(cfg) in line and "input.endpoint" in line and "0..65535" in line, line
@@ -45,7 +45,7 @@ def test_a_malformed_endpoint_flag_is_refused_before_the_models_load(tmp_path: P
     cfg = tmp_path / "nanoscout.toml"
     cfg.write_text('[input]\nendpoint = "tcp://127.0.0.1:0"\n' + _FREE_PORTS, encoding="utf-8")
     rc, _out, err = _refusal("serve", "--config", str(cfg), "--results", "tcp://127.0.0.1:notaport")
-    assert rc == 2 and "Traceback" not in err
+    assert rc == 78 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert "output.endpoint (from the command line)" in line and "0..65535" in line, line
     assert "INFO" not in err  # refused before any model was loaded (those log at INFO)

@@ -80,6 +80,25 @@ def test_csv_round_trip(tmp_path: Path, targets: list[FoundTarget]) -> None:
     assert float(rows[0]["ecd_nm"]) == 61.25
 
 
+def test_csv_text_cells_that_look_like_formulas_are_written_as_text(tmp_path: Path) -> None:
+    """A label, rule or source that begins with =, +, -, @, a tab or a carriage return was
+    written as it is: a spreadsheet opening targets.csv ran it as a formula (OWASP CSV
+    injection). Such a text cell gets a ' in front; numbers, negative ones too, stay numbers."""
+    t = make_target(1, label='=HYPERLINK("http://evil.example","open")', rule="@SUM(1+1)",
+                    source="+cmd|' /C calc'!A0", x_um=-12.5, value=-3.25)
+    tab = make_target(2, label="\t=1+1", rule="-2+3", source="'=quoted")
+    path = write_csv([t, tab], tmp_path / "t.csv")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["label"] == "'" + t.label
+    assert rows[0]["rule"] == "'@SUM(1+1)"
+    assert rows[0]["source"] == "'+cmd|' /C calc'!A0"
+    assert rows[1]["label"] == "'\t=1+1" and rows[1]["rule"] == "'-2+3"
+    assert rows[1]["source"] == "''=quoted"  # one quote more: read back, the text is exact
+    assert rows[0]["x_um"] == "-12.5" and rows[0]["value"] == "-3.25"  # numbers, not text
+    assert rows[0]["units"] == "nm" and rows[0]["thumbnail"] == "thumbnails/target-0001.png"
+
+
 # ------------------------------------------------------------------------------------ JSON
 def test_json_round_trip(tmp_path: Path, targets: list[FoundTarget]) -> None:
     meta = {"strategy": "spiral", "step_um": 2.5, "rules": ["big_particle"]}

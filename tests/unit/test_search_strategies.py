@@ -824,10 +824,11 @@ class StopsAt(FakeSession):
 def test_the_command_says_when_tiles_were_never_imaged(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """The raster said "done" with the area beyond x = 23.2 µm (42 %) never imaged."""
+    """The raster said "done" with the area beyond x = 23.2 µm (42 %) never imaged. It ends
+    "incomplete", exit status 3 (it was 0, as for a search that covered its area)."""
     fake = StopsAt(list(TARGETS))
     code, out = _run_command(tmp_path, fake, monkeypatch)
-    assert code == 0
+    assert code == 3
     meta = json.loads((out / "search.json").read_text())["search"]
     assert meta["stopped"] == "incomplete"
     cov = meta["coverage"]

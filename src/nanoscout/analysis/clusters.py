@@ -80,7 +80,9 @@ _MIN_SD = 1e-3
 class ClusterConfig(BaseModel):
     """Typed ``[clusters]`` configuration (frozen)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf, nan: valid TOML
+    # inf, nan: valid TOML; strict: a TOML value of another type is named, not converted
+    # ("50" for an int, "no" or 0 for a bool: nanoscout.daemon.config.SECTION_CONFIG)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
 
     enabled: bool = True
     #: number of clusters (1..254)

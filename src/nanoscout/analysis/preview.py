@@ -15,7 +15,9 @@ __all__ = ["PreviewConfig", "PreviewLimiter", "make_preview"]
 class PreviewConfig(BaseModel):
     """``preview.<source>`` topic: small uint8 pictures of frames for dashboards."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf, nan: valid TOML
+    # inf, nan: valid TOML; strict: a TOML value of another type is named, not converted
+    # ("50" for an int, "no" or 0 for a bool: nanoscout.daemon.config.SECTION_CONFIG)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
     enabled: bool = True
     max_rate_hz: float = Field(2.0, gt=0, le=100)  # per source
     max_side_px: int = Field(512, ge=16, le=4096)

@@ -100,7 +100,9 @@ DEFAULT_QUANTILE_RANGE_NM: tuple[float, float] = (1e-4, 1e11)
 class StatsConfig(BaseModel):
     """Typed configuration of the size statistics (frozen)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf, nan: valid TOML
+    # inf, nan: valid TOML; strict: a TOML value of another type is named, not converted
+    # ("50" for an int, "no" or 0 for a bool: nanoscout.daemon.config.SECTION_CONFIG)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
 
     #: rolling window: the last N frames ...
     window_frames: int = Field(50, ge=1)
@@ -120,6 +122,11 @@ class StatsConfig(BaseModel):
     #: "confidence": each particle of a frame with calibrated scores counts with its
     #: probability of being real (see the module docstring); "none": each counts once
     weights: Literal["confidence", "none"] = "none"
+
+    @field_validator("ecd_range_nm", "quantile_range_nm", mode="before")
+    @classmethod
+    def _array(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v  # a TOML array (strict: items too)
 
     @field_validator("ecd_range_nm", "quantile_range_nm")
     @classmethod

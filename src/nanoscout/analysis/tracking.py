@@ -92,7 +92,9 @@ CLOCK_STEP_INTERVALS = 10.0
 class TrackingConfig(BaseModel):
     """Typed configuration of drift correction and tracking (``[tracking]``; frozen)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # inf, nan: valid TOML
+    # inf, nan: valid TOML; strict: a TOML value of another type is named, not converted
+    # ("50" for an int, "no" or 0 for a bool: nanoscout.daemon.config.SECTION_CONFIG)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
 
     enabled: bool = True
     #: largest motion of a particle between two frames after drift correction, px; None =

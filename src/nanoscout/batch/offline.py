@@ -54,8 +54,9 @@ With ``outputs=DIR``, per image (names keep the file's suffix: ``test-1.dm3.*``,
 resolution; napari opens it with nanoscout's reader plugin), ``NAME.rois.zip`` (ImageJ ROI set)
 and ``NAME.overlay.png`` (outlines + scale bar); see :mod:`nanoscout.clients.outputs`.
 When the pipeline has a field-of-view classifier, ``OUT.classes.csv`` gets one row per image
-it classified: a blank image (no contrast, :class:`~nanoscout.wire.errors.BlankFrame`) gets
-none, and the log says so.
+it classified (a text cell that a spreadsheet would run as a formula, a file named ``=...``,
+with a ``'`` in front: :func:`nanoscout.clients.spreadsheet.text_cell`): a blank image (no
+contrast, :class:`~nanoscout.wire.errors.BlankFrame`) gets none, and the log says so.
 
 With ``track=True`` (``measure --track``) the files are one ordered image sequence (or
 multi-frame files: a TIFF stack, a DM4/EMD series, each plane a frame, in order): the pipeline
@@ -95,6 +96,7 @@ from nanoscout.clients.outputs import (
 from nanoscout.clients.progress import Bar
 from nanoscout.clients.provenance import model_entries, model_name, software
 from nanoscout.clients.runfile import CLASS_COLUMNS, RunWriter, classes_path
+from nanoscout.clients.spreadsheet import text_cells
 from nanoscout.wire.codec import printable, wire_text
 from nanoscout.wire.errors import ConfigError, NanoscoutError, ReaderError
 from nanoscout.wire.protocol import StatsHeader
@@ -448,7 +450,7 @@ def measure_files(
             with report.classes.open("w", newline="", encoding="utf-8") as fh:
                 w = csv.writer(fh)
                 w.writerow([*CLASS_COLUMNS, *(f"p_{c}" for c in pipeline.classifier.classes)])
-                w.writerows(class_rows)
+                w.writerows(text_cells(row) for row in class_rows)
         except OSError as exc:
             raise _unwritable(out, exc, f"the run is whole, its classification table "
                                         f"{report.classes} is not") from exc

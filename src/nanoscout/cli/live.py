@@ -27,7 +27,7 @@ from nanoscout.cli.app import (
     scale_value,
 )
 from nanoscout.cli.signals import stop_event
-from nanoscout.wire.errors import NanoscoutError
+from nanoscout.wire.errors import ConfigError, NanoscoutError, StartupError
 from nanoscout.wire.headers import MAX_SIDE_PX, PIXEL_SIZE_RANGE_NM
 from nanoscout.wire.transport import (
     DEFAULT_FRAME_ENDPOINT,
@@ -96,10 +96,15 @@ def serve(
     input_: Annotated[str | None, typer.Option("--input", hidden=True)] = None,
     output: Annotated[str | None, typer.Option("--output", hidden=True)] = None,
 ) -> None:
-    """Run the inference daemon (prints NANOSCOUT-READY {json} once it accepts frames)."""
+    """Run the inference daemon (prints NANOSCOUT-READY {json} once it accepts frames).
+
+    A configuration that cannot work (a wrong value, a port in use, a model file missing, a
+    folder it cannot write: nanoscout.daemon.preflight) is refused before any model loads, in
+    one line naming the setting and the file, exit status 78 (EX_CONFIG)."""
     from nanoscout.daemon.app import ready_line
     from nanoscout.daemon.app import serve as run_serve
     from nanoscout.daemon.config import load_config
+    from nanoscout.daemon.preflight import check_startup
 
     overrides = {
         "input.endpoint": frames_endpoint or input_, "input.policy": policy,
@@ -112,7 +117,13 @@ def serve(
     }
     if no_metrics:
         overrides["metrics.enabled"] = False
-    cfg = load_config(config, overrides)
+    # before any model loads (seconds): one line naming the setting and the file, exit 78
+    # (EX_CONFIG: the systemd unit does not restart it)
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from exc
+    check_startup(cfg, config_file=config, ready_file=ready_file)
 
     def ready(endpoints: object) -> None:
         EngineLine.print()
@@ -549,9 +560,19 @@ def search(
     result_timeout: Annotated[float, typer.Option(help=(
         "wait for a frame's results, s (microscope commands wait max(30, this): a stage move "
         "may take long; clients.search.command.CONTROL_TIMEOUT_S)"))] = 30.0,
+    resume: Annotated[Path | None, typer.Option(
+        help="the search.json of an earlier run of this same raster search (interrupted, "
+             "stopped, incomplete): image only the tiles it did not, write one result for both "
+             "runs")] = None,
     server_key: ServerKey = None, client_key: ClientKey = None, connect: Connect = None,
 ) -> None:
-    """Automated stage search: find rare targets, write a navigator list."""
+    """Automated stage search: find rare targets, write a navigator list.
+
+    Exit status: 0 the search ran to its end (or its budget); 2 the microscope failed (what was
+    found is written) or a bad option; 3 incomplete: tiles or candidates never imaged and
+    analysed (search.json lists them; --resume takes a raster search up again); 130
+    interrupted (SIGINT/SIGTERM; what was found is written).
+    """
     from nanoscout.clients.search.command import run
 
     # before the microscope is asked anything (its first answer may take 30 s)
@@ -571,7 +592,7 @@ def search(
         target_rule=target_rule, candidate_rule=candidate_rule or [], pixel_size=pixel_size,
         survey_pixel_size=survey_pixel_size, size=size, overlap=overlap,
         budget_frames=budget_frames, budget_s=budget_s, budget_dose=budget_dose,
-        min_separation=min_separation, result_timeout=result_timeout, out=out)
+        min_separation=min_separation, result_timeout=result_timeout, out=out, resume=resume)
     code = run(args, curve_keys(server_key, client_key))
     if code:
         raise typer.Exit(code)

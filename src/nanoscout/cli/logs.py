@@ -15,7 +15,11 @@ Every record is one line: its text is written as :func:`~nanoscout.wire.codec.pr
 escapes, since log messages name files, paths and request fields that are anyone's text (a
 file named ``x.tif\\n2026-... ERROR ...`` in a watched folder would otherwise forge a second
 record, a ``\\r`` or a terminal escape overwrite or restyle one). A traceback that follows a
-record keeps its lines.
+record keeps its lines (frames, the chain), but the text of each exception in it, its message
+and notes (a reader's error names the file), is one :func:`printable` line, and its other
+lines hold no control character either: ``bad.tif\\n<date> ERROR ...`` in an exception starts
+no line at column 0. An exception group's members are written indented (``| ``), a line at a
+time.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 from pathlib import Path
+from types import TracebackType
 
 from nanoscout.wire.codec import printable
 
@@ -78,13 +84,73 @@ class EngineSummary(logging.Filter):
         return f"engine: {used}{tail}"
 
 
+#: what :meth:`logging.Formatter.formatException` is given (``sys.exc_info()``)
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | \
+    tuple[None, None, None]
+
+
 class PrintableFormatter(logging.Formatter):
-    """A formatter whose record lines hold no control character (:func:`printable`); the
-    traceback after a record is left as it is."""
+    """A formatter whose record lines hold no control character (:func:`printable`), nor do
+    the traceback and stack lines after a record."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The record's line (time, level, logger, message) as :func:`printable` text."""
         return printable(super().formatMessage(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as :meth:`logging.Formatter.format` writes it, its traceback made here:
+        a traceback another handler formatted first (``record.exc_text``, raw) is not reused."""
+        cached = record.exc_text
+        if record.exc_info:
+            record.exc_text = None
+        elif cached:  # a record from elsewhere (a socket, a queue): its text only
+            record.exc_text = _printable_lines(cached)
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
+    def formatException(self, ei: _ExcInfo) -> str:
+        """The traceback of ``ei`` with its lines kept, but each exception's text (message and
+        notes, the part from outside: a file name) as one :func:`printable` line, and no
+        control character in the frame lines."""
+        exc = ei[1]
+        if exc is None:
+            return super().formatException(ei)
+        te = traceback.TracebackException(type(exc), exc, ei[2], compact=True)
+        own = _exception_texts(te)
+        text = "".join(printable(chunk.removesuffix("\n")) + "\n" if chunk in own
+                       else _printable_lines(chunk) for chunk in te.format())
+        return text.removesuffix("\n")
+
+    def formatStack(self, stack_info: str) -> str:
+        """``stack_info`` (``stack_info=True``) with no control character in its lines."""
+        return _printable_lines(super().formatStack(stack_info))
+
+
+def _printable_lines(text: str) -> str:
+    """``text`` with its newlines kept and every line between them as :func:`printable` text
+    (a carriage return, an escape, any other line break escaped)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def _exception_texts(te: traceback.TracebackException) -> set[str]:
+    """What :meth:`~traceback.TracebackException.format` writes for the exceptions' own text
+    (``Type: message``, each note) of ``te`` and every exception chained to it. Their notes
+    are made :func:`printable` here, in ``te``: the traceback module splits a note into lines
+    before anything else sees it."""
+    out: set[str] = set()
+    todo, seen = [te], set()
+    while todo:
+        t = todo.pop()
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        if isinstance(t.__notes__, list | tuple):
+            t.__notes__ = [printable(n) if isinstance(n, str) else n for n in t.__notes__]
+        out.update(t.format_exception_only())
+        todo += [c for c in (t.__cause__, t.__context__, *(t.exceptions or ())) if c is not None]
+    return out
 
 
 def setup_logging(verbose: bool) -> EngineSummary:

@@ -21,6 +21,7 @@ import typer
 from nanoscout.cli import live, models, offline, swap  # noqa: F401  (they register the commands)
 from nanoscout.cli.app import app
 from nanoscout.cli.signals import stop_signals
+from nanoscout.wire.codec import printable
 from nanoscout.wire.errors import NanoscoutError
 
 __all__ = ["app", "check_args", "main"]
@@ -54,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``nanoscout`` console script; returns the exit status.
 
     Bad options exit 2 with typer's message; a :class:`NanoscoutError` prints
-    ``nanoscout CMD: error: ...`` and exits 2 too; an action that exits with a message (a
-    training module's refusal) prints it and exits 1; Ctrl-C, SIGINT and SIGTERM exit 130
-    (:func:`stop_signals`).
+    ``nanoscout CMD: error: ...`` and exits 2 too (78, ``EX_CONFIG``, for ``serve``'s
+    configuration refused at start-up: ``StartupError``); an action that exits with a message
+    (a training module's refusal) prints it and exits 1; Ctrl-C, SIGINT and SIGTERM exit 130
+    (:func:`stop_signals`). The message is one :func:`printable` line: it names files and paths
+    (a run's part, a file found in a folder) whose names are anyone's text.
     """
     args = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -67,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code or 0
         # SystemExit("why"): an action's refusal (the training modules' argument checks), said
         # as Python says it, not swallowed
-        print(exc.code, file=sys.stderr)
+        print(printable(str(exc.code)), file=sys.stderr)
         return 1
     except NanoscoutError as exc:
         cmd = next((a for a in args if not a.startswith("-")), "")
-        print(f"nanoscout {cmd}: error: {exc}", file=sys.stderr)
-        return 2
+        print(printable(f"nanoscout {cmd}: error: {exc}"), file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
     return 0

@@ -18,6 +18,10 @@ the output name:
   ``RUN.stats.csv``, ``RUN.tracks.csv`` (at close) and ``RUN.json``; rows are appended,
   flushed and fsynced per batch. A crash
   can leave a partial last line, which :func:`read_run` drops. Times are ISO 8601 (UTC).
+  A text cell that a spreadsheet would evaluate as a formula (``=``, ``+``, ``-``, ``@``, a tab
+  or a carriage return first: a file named ``=HYPERLINK(...).tif``) is written with a ``'`` in
+  front (:mod:`nanoscout.clients.spreadsheet`); :func:`read_run` takes it away again, so both
+  layouts read back the same text.
 
 Beside either layout, ``measure`` writes ``RUN.classes.csv`` (:func:`classes_path`, one row per
 image: :data:`CLASS_COLUMNS` then one probability per class) when its pipeline classifies.
@@ -108,6 +112,7 @@ import numpy as np
 
 from nanoscout.clients.durable import fsync_dir, replace_durably
 from nanoscout.clients.provenance import write_json
+from nanoscout.clients.spreadsheet import plain_text_columns, text_columns
 from nanoscout.wire.codec import wire_text
 from nanoscout.wire.errors import ConfigError, ProtocolError, ReaderError
 from nanoscout.wire.protocol import AlertHeader, DetHeader, StatsHeader
@@ -499,7 +504,7 @@ class RunWriter:
         import pyarrow.csv as pacsv
 
         buf = io.BytesIO()
-        pacsv.write_csv(data, buf, pacsv.WriteOptions(include_header=False))
+        pacsv.write_csv(text_columns(data), buf, pacsv.WriteOptions(include_header=False))
         path = self._csv_paths()[table]
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # unbuffered: nothing left to write later
         try:
@@ -544,7 +549,7 @@ class RunWriter:
             path = self.out.with_suffix(".tracks.csv")
             tmp = path.with_name("." + path.name + ".tmp")
             buf = io.BytesIO()
-            pacsv.write_csv(data, buf, pacsv.WriteOptions(include_header=False))
+            pacsv.write_csv(text_columns(data), buf, pacsv.WriteOptions(include_header=False))
             tmp.write_bytes((",".join(TRACK_COLUMNS) + "\n").encode() + buf.getvalue())
             os.replace(tmp, path)
         self.counts["tracks"] = data.num_rows
@@ -887,7 +892,7 @@ def _read_csv(path: Path, name: str) -> pa.Table:
                                                  false_values=["False", "false", "0"]))
     except pa.ArrowInvalid as exc:
         raise ReaderError(f"{path}: not a readable CSV run table: {exc}") from exc
-    return t
+    return plain_text_columns(t)  # the text as written, without the spreadsheet's quote
 
 
 # ------------------------------------------------------------------ the first format (v1)

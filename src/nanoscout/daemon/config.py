@@ -50,9 +50,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nanoscout.analysis.alerts import parse_rules
 from nanoscout.analysis.clusters import ClusterConfig
@@ -87,10 +95,32 @@ TILE_PX_INT8 = 4608
 MAX_WAIT_S = 86_400.0
 
 
+#: the sections' pydantic settings. ``strict``: TOML has real types, so a value of another
+#: type is a mistake to name, not to convert: ``drain_s = "5"``, ``enabled = "no"`` (read as
+#: false), ``cam = 0``, ``queue_size = 2.5`` (read as 2: "2.0" was taken too) were accepted.
+#: An integer stays a valid float. TOML arrays (lists) become tuples by :data:`TomlTuple`, and
+#: path strings paths by :data:`TomlPath`: strict pydantic takes neither. inf / nan are valid
+#: TOML floats: a health interval of inf sent one health message and never another, a drain of
+#: inf crashed the shutdown
+SECTION_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, strict=True)
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _as_path(value: Any) -> Any:
+    return Path(value) if isinstance(value, str) else value
+
+
+#: a tuple field given as a TOML array (its items stay strict)
+TomlTuple = BeforeValidator(_as_tuple)
+#: a file or folder given as a TOML string (a number, a boolean ... stays an error)
+TomlPath = Annotated[Path, BeforeValidator(_as_path)]
+
+
 class _Section(BaseModel):
-    # inf / nan are valid TOML floats: a health interval of inf sent one health message and
-    # never another, a drain of inf crashed the shutdown
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = SECTION_CONFIG
 
 
 def _endpoint(value: str) -> str:
@@ -194,7 +224,7 @@ class EngineConfig(_Section):
     backend: str = "auto"
     #: the Triton server, for ``backend = "triton"``
     triton: TritonConfig = TritonConfig()
-    model: Path | None = None
+    model: TomlPath | None = None
     threads: int | None = Field(None, ge=1)
     #: "auto": the fastest precision measured to keep accuracy (CPU: a model's INT8 sibling
     #: when its parity passed, else FP32; TensorRT: FP16; ONNX Runtime CUDA: FP32), or
@@ -203,7 +233,7 @@ class EngineConfig(_Section):
     #: GPU index of the CUDA provider and TensorRT (several GPUs: deploy/README.md)
     device: int = Field(0, ge=0)
     #: TensorRT plans and INT8 calibration caches (None: ~/.cache/nanoscout/trt)
-    cache_dir: Path | None = None
+    cache_dir: TomlPath | None = None
     #: working px per frame px; "auto" estimates it (coarse pass), None = the model card's
     scale: float | Literal["auto"] | None = Field(None)
     #: with "auto": re-estimate a stream's scale at least every n-th frame (and on a new frame
@@ -250,21 +280,21 @@ class EngineConfig(_Section):
     rotate45: Literal["never", "always", "on-request"] = "never"
     #: known magnifications: [[pixel size nm, working scale], ...]; a frame within 2 % of a
     #: preset's pixel size gets its scale (no estimate), others follow ``scale``
-    scale_presets: list[tuple[float, float]] = Field(default_factory=list)
+    scale_presets: list[Annotated[tuple[float, float], TomlTuple]] = Field(default_factory=list)
     #: [low, high] nm: the range the median particle diameter of frames lies in, for frames
     #: whose header names none (``particle_size_nm``, protocol v1.8): an automatic working-scale
     #: estimate outside it (specks, support lumps or a grain texture taken for the particles)
     #: is moved to its nearest end (``det.size_hint``); frames without a pixel size cannot use
     #: it. None: the estimate alone
-    particle_size_nm: ParticleSizeNm | None = None
+    particle_size_nm: Annotated[ParticleSizeNm | None, TomlTuple] = None
     #: [low, high] frame px: the same where no range in nm can be used (frames without a pixel
     #: size: figure crops, PNG or JPEG files; or no range in nm). None: the estimate alone
-    particle_size_px: ParticleSizePx | None = None
+    particle_size_px: Annotated[ParticleSizePx | None, TomlTuple] = None
     #: detectors for the frames of one modality (the frame header's ``modality``), e.g.
     #: ``{STEM = "models/weights/detector_stem.onnx"}``; frames of other modalities (or none)
     #: use ``model``. None = the shipped STEM detector for STEM frames when ``model`` is the
     #: shipped one too; {} = one detector for every frame
-    modality_models: dict[Modality, Path] | None = None
+    modality_models: dict[Modality, TomlPath] | None = None
     #: frames that carry no modality (PNG, JPEG, plain TIFF; a stream whose adapter does not
     #: say) are given one by the shipped modality model (``modality.onnx``, on the CPU, about
     #: as much time as the field classifier): "STEM" when it finds them HAADF-STEM, so that the
@@ -285,6 +315,36 @@ class EngineConfig(_Section):
                              f"engine.min_confidence {data['min_confidence']} (probability) are "
                              "two particle cuts: give one")
         return data
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from nanoscout.engines import resolve_backend
+
+        try:  # before any model loads: a misspelt backend was found after the cards were read
+            resolve_backend(v)
+        except ConfigError as exc:  # pydantic reports ValueErrors with the key's location
+            raise ValueError(str(exc)) from exc
+        return v
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_integer(cls, v: Any) -> Any:
+        # a Literal compares by equality: true and 2.0 were taken as 1 and 2
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"expected 1, 2 or 4 (an integer), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tiles_have_interiors(self) -> EngineConfig:
+        # each tile keeps only its interior, tile_margin_px from a cut edge: the detector
+        # refused a tile of at most twice the margin after its engine had loaded
+        tile = self.tile_px if self.tile_px is not None else TILE_PX
+        if tile <= 2 * self.tile_margin_px:
+            raise ValueError(f"engine.tile_px {tile}{'' if self.tile_px else ' (the default)'} "
+                             f"must be more than twice engine.tile_margin_px "
+                             f"{self.tile_margin_px}")
+        return self
 
     @field_validator("scale")
     @classmethod
@@ -325,9 +385,9 @@ class ClassifyConfig(_Section):
 
     enabled: bool = True
     every: int = Field(1, ge=1)
-    model: Path | None = None
+    model: TomlPath | None = None
     lens_enabled: bool = True
-    lens: Path | None = None
+    lens: TomlPath | None = None
     top_k: int = Field(3, ge=1, le=64)
     cam: bool = True
     #: GPU index of the classifier and lens (None: ``[engine] device``)
@@ -352,7 +412,7 @@ class QueryConfig(_Section):
 
     enabled: bool = True
     endpoint: str = DEFAULT_QUERY_ENDPOINT
-    model_dirs: list[Path] = Field(default_factory=list)
+    model_dirs: list[TomlPath] = Field(default_factory=list)
 
     _endpoint = field_validator("endpoint")(_endpoint)
 
@@ -370,7 +430,7 @@ class ReviewConfig(_Section):
     enabled: bool = True
     frames: int = Field(8, ge=0, le=1024)
     max_bytes: int = Field(256 * 2**20, ge=0)
-    directory: Path = Path("review")
+    directory: TomlPath = Path("review")
     max_disk_bytes: int = Field(4 * 2**30, ge=0)
     queue: int = Field(64, ge=1, le=4096)
 
@@ -412,8 +472,8 @@ class SecurityConfig(_Section):
     other address needs ``curve = true`` (or, knowingly, ``allow_insecure_remote = true``)."""
 
     curve: bool = False
-    server_secret_key: Path | None = None  # the daemon's ``.key_secret`` (nanoscout keys)
-    authorized_keys: Path | None = None  # folder of the clients' public ``.key`` files
+    server_secret_key: TomlPath | None = None  # the daemon's ``.key_secret`` (nanoscout keys)
+    authorized_keys: TomlPath | None = None  # folder of the clients' public ``.key`` files
     allow_insecure_remote: bool = False
 
     @model_validator(mode="after")
@@ -511,15 +571,58 @@ def _resolve_read_paths(data: dict[str, Any], folder: Path) -> None:
             node[leaf] = _beside(folder, node[leaf])
 
 
-def _problem(error: Any, from_flags: set[str]) -> str:
-    """One pydantic error as ``key: message``, the key marked when a command-line flag set
-    it (an option's mistake is not the file's)."""
-    key = ".".join(str(p) for p in error["loc"])
-    msg = str(error["msg"]).removeprefix("Value error, ")
-    if not key:
-        return msg
-    flag = next((k for k in from_flags if key == k or key.startswith(k + ".")), None)
-    return f"{key} (from the command line): {msg}" if flag else f"{key}: {msg}"
+#: what a TOML reader calls the Python types a TOML file gives
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+               list: "an array", dict: "a table"}
+
+
+def _given(value: Any) -> str:
+    """``value`` as a refusal names it: its repr and its TOML type."""
+    kind = _TOML_TYPES.get(type(value), f"a {type(value).__name__}")
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return f"{shown} ({kind})"
+
+
+def _expected(error: Any) -> str:
+    """What a type error of pydantic's says the value should have been."""
+    if error["type"] in ("path_type", "is_instance_of"):
+        return "a path (a string)"
+    return str(error["msg"]).removeprefix("Input should be ")
+
+
+def _union_member(part: Any) -> bool:
+    """True for the part of an error's location that names a member of a union type
+    (``float``, ``literal['auto']``, ``function-before[...]``), not a key."""
+    return isinstance(part, str) and (part in ("float", "int", "str", "bool", "none")
+                                      or "[" in part)
+
+
+def _problems(errors: list[Any], from_flags: set[str]) -> list[str]:
+    """pydantic's errors as ``key: message`` (one per key: a union's members' errors joined),
+    the key marked when a command-line flag set it (an option's mistake is not the file's). A
+    value of the wrong type is named with its type and the type expected."""
+    by_key: dict[str, list[Any]] = {}
+    for e in errors:
+        key = ".".join(str(p) for p in e["loc"] if not _union_member(p))
+        by_key.setdefault(key, []).append(e)
+    out = []
+    for key, errs in by_key.items():
+        typed = [e for e in errs if e["type"].endswith("_type") or e["type"] in (
+            "is_instance_of", "literal_error")]
+        if typed and len(typed) == len(errs):
+            msg = (f"expected {' or '.join(dict.fromkeys(_expected(e) for e in typed))}, "
+                   f"got {_given(errs[0]['input'])}")
+        else:
+            msg = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in errs)
+            inp = errs[0].get("input")
+            if errs[0]["type"] != "value_error" and isinstance(inp, int | float | str):
+                msg += f" (got {_given(inp)})"  # a range: the value given
+        if not key:
+            out.append(msg)
+            continue
+        flag = next((k for k in from_flags if key == k or key.startswith(k + ".")), None)
+        out.append(f"{key} (from the command line): {msg}" if flag else f"{key}: {msg}")
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServeConfig:
@@ -553,6 +656,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(_problem(e, from_flags) for e in exc.errors()[:5])
+        problems = "; ".join(_problems(exc.errors(), from_flags)[:5])
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}: {problems}") from exc

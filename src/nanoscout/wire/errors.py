@@ -4,6 +4,7 @@
 
     NanoscoutError
     ├── ConfigError            bad configuration file, option or alert rule
+    │   └── StartupError       ``serve``'s configuration refused before any model loads (exit 78)
     ├── ProtocolError          a message that cannot be accepted (counted as a rejection)
     │   ├── VersionError       unknown major protocol version
     │   ├── MalformedMessage   garbage bytes, wrong number of parts, header that fails validation
@@ -88,10 +89,18 @@ DROP_REASONS: tuple[Reason, ...] = (
 CLASSIFY_SKIP_REASONS: tuple[Reason, ...] = (Reason.BLANK,)
 
 
+#: exit status of ``nanoscout serve`` refusing its configuration at start-up (sysexits.h
+#: ``EX_CONFIG``): systemd's ``RestartPreventExitStatus=78`` keeps it from retrying a
+#: configuration that cannot work
+EXIT_CONFIG = 78
+
+
 class NanoscoutError(Exception):
     """Base class of every error nanoscout raises on purpose."""
 
     reason: Reason = Reason.ERROR
+    #: the command line's exit status for this error (2: as for a bad option)
+    exit_status: int = 2
 
     def __init__(self, message: str, *, reason: Reason | None = None) -> None:
         super().__init__(message)
@@ -103,6 +112,14 @@ class ConfigError(NanoscoutError):
     """A bad configuration file, option or alert rule."""
 
     reason = Reason.CONFIG
+
+
+class StartupError(ConfigError):
+    """``nanoscout serve``'s configuration cannot work, found before any model loads: a value
+    the file or a flag gives wrongly, a port in use, a model file missing, a folder that cannot
+    be written (:mod:`nanoscout.daemon.preflight`). Exit status :data:`EXIT_CONFIG`."""
+
+    exit_status = EXIT_CONFIG
 
 
 class ProtocolError(NanoscoutError):

@@ -10,10 +10,24 @@ When the microscope fails mid-search the list of what was found so far is still 
 ``search.json`` records why it stopped (``stopped`` "error", ``error`` the failure), and the
 exit status is 2. SIGINT (Ctrl-C) or SIGTERM ends the search before its next frame: what it
 found is written (``stopped`` "interrupted"), exit status 130. A search whose sweep left tiles
-unimaged (the stage never got there, their results never came) ends ``stopped`` "incomplete"
-(exit status 0): ``search.json``'s ``coverage`` gives the share of the area imaged and the
-missed tiles' centres (``unreachable_tiles``: those the stage refused to move to, e.g. beyond a
-soft limit), and a line on stderr says so.
+unimaged (the stage never got there, their results never came), or an adaptive search with
+candidates never imaged, ends ``stopped`` "incomplete", exit status 3
+(:data:`EXIT_INCOMPLETE`): ``search.json``'s ``coverage`` gives the share of the area imaged and
+the missed tiles' centres (``unreachable_tiles``: those the stage refused to move to, e.g.
+beyond a soft limit), and a line on stderr says so. Exit status 0 is a search that ran to its
+end, or to the budget it was given (``stopped`` "budget: ...": the end asked for). So an
+automated loop knows from the exit status alone whether the area was covered: 0 and a
+``stopped`` "done" / "candidates exhausted", or the budget it set; 2, 3 and 130 not.
+
+``--resume OUT/search.json`` takes such a raster search up again
+(:mod:`nanoscout.clients.search.resume`): it refuses a search that is not the same one (area,
+pixel size, frame shape, overlap, strategy, target rules, minimum separation), images only the
+tiles the earlier run did not, and writes one result: the earlier targets and the new ones
+without duplicates, ``coverage`` over both runs, ``resumed_from`` the earlier run,
+``total`` every run's frames, time and dose (``search``'s numbers and budgets are the resumed
+run's own). An earlier ``search.json`` the new one is written over is kept as
+``search.run<N>.json``; ``search.json`` is replaced durably
+(:func:`~nanoscout.clients.durable.replace_durably`): a crash leaves the old one or the new.
 
 ``--budget-frames``, ``--budget-s`` and ``--budget-dose`` are limits the search's totals never
 pass: a frame is taken only when its estimated cost fits what is left (see
@@ -30,9 +44,11 @@ import signal
 import sys
 from pathlib import Path
 
+from nanoscout.clients.durable import replace_durably
 from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, ControlClient
 from nanoscout.clients.search.geometry import Area
 from nanoscout.clients.search.navigator import FoundTarget, write_navigator
+from nanoscout.clients.search.resume import Earlier, check_same, load_earlier
 from nanoscout.clients.search.session import FrameResult, SearchSession
 from nanoscout.clients.search.strategies import SearchConfig, SearchResult, run_search
 from nanoscout.stopping import StopEvent
@@ -44,10 +60,17 @@ CONTROL_TIMEOUT_S = 30.0
 #: the help of ``--result-timeout``
 RESULT_TIMEOUT_HELP = (f"wait for a frame's results, s (microscope commands wait "
                        f"max({CONTROL_TIMEOUT_S:g}, this): a stage move may take long)")
+#: the help of ``--resume``
+RESUME_HELP = ("the search.json of an earlier run of this same raster search (interrupted, "
+               "stopped, incomplete): image only the tiles it did not, and write one result "
+               "for both runs")
 #: exit status of a search the microscope's failure stopped (what it found is written)
 EXIT_STOPPED_BY_ERROR = 2
 #: exit status of a search a signal stopped (what it found is written), as for Ctrl-C
 EXIT_INTERRUPTED = 130
+#: exit status of a search that ended "incomplete": tiles (or candidates) never imaged and
+#: analysed (what it found is written; ``--resume`` takes a raster search up again)
+EXIT_INCOMPLETE = 3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,12 +105,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-timeout", type=float, default=30.0, help=RESULT_TIMEOUT_HELP)
     p.add_argument("--out", type=Path, required=True,
                    help="folder for targets.csv/.json/.nav, thumbnails and search.json")
+    p.add_argument("--resume", type=Path, default=None, help=RESUME_HELP)
 
 
 def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
-    """Run one search and write its navigator list; exit status 0 when it ran to its end,
+    """Run one search (``args.resume``: take up the earlier run whose search.json it names)
+    and write its navigator list; exit status 0 when it ran to its end or its budget,
     :data:`EXIT_STOPPED_BY_ERROR` (with the list of what it found written) when the microscope
-    failed."""
+    failed, :data:`EXIT_INTERRUPTED` when a signal stopped it, :data:`EXIT_INCOMPLETE` when
+    tiles or candidates were never imaged and analysed."""
+    resume: Path | None = getattr(args, "resume", None)
+    # before the microscope is asked anything: an earlier run that cannot be resumed
+    earlier = None if resume is None else load_earlier(resume)
     control = ControlClient(args.control, timeout=max(CONTROL_TIMEOUT_S, args.result_timeout))
     session = SearchSession(control, args.connect, result_timeout_s=args.result_timeout,
                             curve=curve)
@@ -113,7 +142,10 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     installed = stop.on_signals()
     try:
-        result = run_search(args.strategy, session, cfg, progress, stop)
+        if earlier is not None:
+            check_same(earlier, args.strategy, cfg)
+        result = run_search(args.strategy, session, cfg, progress, stop,
+                            None if earlier is None else earlier.prior)
     finally:
         session.close()
         control.close()
@@ -126,10 +158,14 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
                        "candidate_rules": list(cfg.candidate_rules),
                        "pixel_size_nm": cfg.pixel_size_nm,
                        "survey_pixel_size_nm": cfg.survey_pixel_size_nm,
-                       "shape": list(cfg.shape), "overlap_um": cfg.overlap_um}}
+                       "shape": list(cfg.shape), "overlap_um": cfg.overlap_um,
+                       "min_separation_um": cfg.min_separation_um},
+            "sweep": result.sweep_record(), "runs": 1, "resumed_from": None}
     args.out.mkdir(parents=True, exist_ok=True)
+    if earlier is not None:
+        _resumed(meta, result, earlier, args.out)
     paths = write_navigator(result.targets, args.out, meta=meta)
-    (args.out / "search.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    _write_json(args.out / "search.json", meta)
     print(f"search ({args.strategy}): {len(result.targets)} targets in {result.frames} frames "
           f"({result.instrument_s:.0f} s instrument time, {result.wall_s:.0f} s wall); "
           f"stopped: {result.stopped}; navigator: {paths['nav']}", flush=True)
@@ -151,7 +187,45 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
         print(f"nanoscout search: interrupted (the {len(result.targets)} targets found so far "
               f"are in {args.out})", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    if result.stopped == "incomplete":
+        return EXIT_INCOMPLETE
     return 0
+
+
+def _resumed(meta: dict[str, object], result: SearchResult, earlier: Earlier, out: Path
+             ) -> None:
+    """Add to ``meta`` what the resumed run took up (``resumed_from``, ``runs``) and every
+    run's costs (``total``); keep the earlier search.json when the new one goes over it."""
+    kept = None
+    if (out / "search.json").resolve() == earlier.path.resolve():
+        kept = out / f"search.run{earlier.runs}.json"
+        _write_json(kept, earlier.meta)
+    before = earlier.total()
+    n_before = len(earlier.prior.frames)
+    meta["runs"] = earlier.runs + 1
+    meta["resumed_from"] = {
+        "path": str(earlier.path.resolve()), "kept_as": None if kept is None else kept.name,
+        "stopped": earlier.meta["search"]["stopped"], "targets": len(earlier.prior.targets),
+        "imaged_frames": n_before,
+        "area_fraction": earlier.meta["search"]["coverage"]["area_fraction"]}
+    meta["total"] = {
+        "frames": int(before["frames"]) + result.frames,
+        "instrument_s": round(before["instrument_s"] + result.instrument_s, 2),
+        "mean_dose_e_per_nm2": round(before["mean_dose_e_per_nm2"]
+                                     + result.mean_dose_e_per_nm2, 4)}
+    print(f"search: resumed {earlier.path} ({earlier.meta['search']['stopped']}; "
+          f"{n_before} frames imaged, {len(earlier.prior.targets)} targets): "
+          f"{len(result.imaged) - n_before} frames imaged now", flush=True)
+
+
+def _write_json(path: Path, doc: object) -> None:
+    """Write ``doc`` to ``path`` through a temporary file replaced durably."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        replace_durably(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _refused(result: SearchResult) -> str:

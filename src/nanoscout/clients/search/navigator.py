@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from nanoscout.clients.spreadsheet import text_cell
+
 __all__ = [
     "NAV_COLOR",
     "NAV_MAP_ID_BASE",
@@ -229,7 +231,9 @@ def write_csv(targets: Iterable[FoundTarget], path: Path, *,
     threshold, units``, ``ecd_nm, feret_max_nm, aspect_ratio`` (empty when not measured),
     ``source, seq, pixel_size_nm, frame_index, t_s, instrument_s`` and ``thumbnail``: the PNG's path relative
     to the CSV (``thumbnails`` maps id -> name; by default :func:`thumbnail_name` for targets
-    with a thumbnail), empty when none. Floats are written with full precision.
+    with a thumbnail), empty when none. Floats are written with full precision; a text cell
+    that a spreadsheet would evaluate as a formula (a label ``=...``) gets a ``'`` in front
+    (:func:`nanoscout.clients.spreadsheet.text_cell`).
     """
     ts = _checked(targets)
     refs = _thumb_refs(ts, thumbnails)
@@ -238,8 +242,10 @@ def write_csv(targets: Iterable[FoundTarget], path: Path, *,
     w.writerow(_COLUMNS)
     for t in ts:
         row = _row(t, refs[t.id])
+        # floats become their repr here: numbers, never text cells
         w.writerow(["" if row[c] is None else repr(row[c]) if isinstance(row[c], float)
-                    else row[c] for c in _COLUMNS])
+                    else text_cell(row[c]) if isinstance(row[c], str) else row[c]
+                    for c in _COLUMNS])
     return _atomic_write(path, buf.getvalue().encode("utf-8"))
 
 

@@ -41,6 +41,15 @@ search "incomplete" too (``unchecked``). When ``max_failed_in_a_row`` frames in 
 daemon is gone), the search stops with ``stopped`` = "error": it does not go on dosing the
 specimen with frames nobody analyses.
 
+A raster search can be resumed (:class:`Prior`, what an earlier run of the same search imaged
+and found): its sweep starts from the earlier run's analysed frames and the tiling it ended
+with, so it images only the tiles whose duty no earlier frame holds (a tile whose earlier frame
+brought no results is taken: it was dosed but never searched), and its targets are de-duplicated
+against the earlier run's, whose ids they continue. An adaptive search cannot be resumed
+(:func:`run_search` refuses): its confirmations are chosen from the whole survey's candidates,
+best first, and a run stopped part-way leaves no record of which candidates were looked at, or
+what a confirmation frame that did not land on its candidate still owes it.
+
 A move the stage refuses because it cannot reach that place (outside its limits, a soft limit,
 a forbidden region: the microscope answers ``unreachable``, :class:`MoveRefused`) skips that tile
 or candidate and the search goes on: no frame was taken, nothing was spent. The tile is then
@@ -143,6 +152,17 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class Prior:
+    """What an earlier run of the same raster search imaged and found, to resume it: its
+    analysed frames (where the microscope said they were), the field of view its tiling ended
+    with (x, y µm; a camera may give a smaller one than asked) and its targets (ids from 1)."""
+
+    frames: tuple[FrameGeometry, ...]
+    fov_um: tuple[float, float]
+    targets: tuple[FoundTarget, ...] = ()
+
+
+@dataclass(frozen=True)
 class Candidate:
     """A place worth a closer look, µm; larger ``priority`` first."""
 
@@ -226,6 +246,19 @@ class SearchResult:
     unchecked: list[Candidate] = field(default_factory=list)
     #: places (µm) the stage refused to move to (a tile's or a candidate's centre), each once
     unreachable: list[tuple[float, float]] = field(default_factory=list)
+    #: the sweep's analysed frames (an earlier run's first when resumed), and the field of
+    #: view (x, y µm) its tiling ended with: what a resumed search starts from (:class:`Prior`)
+    imaged: list[FrameGeometry] = field(default_factory=list)
+    sweep_fov_um: tuple[float, float] | None = None
+
+    def sweep_record(self) -> dict[str, object]:
+        """The sweep as ``search.json`` keeps it for a resumed run: ``fov_um`` and one row of
+        :data:`SWEEP_FRAME_COLUMNS` per analysed frame (full precision: a resumed run must
+        find exactly the frames that were)."""
+        return {"fov_um": None if self.sweep_fov_um is None else list(self.sweep_fov_um),
+                "frame_columns": list(SWEEP_FRAME_COLUMNS),
+                "frames": [[*g.center_um, g.pixel_size_nm, *g.shape,
+                            *g.image_to_stage[0], *g.image_to_stage[1]] for g in self.imaged]}
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly numbers (no thumbnails)."""
@@ -264,13 +297,20 @@ class SearchResult:
         }
 
 
-class TargetBook:
-    """Confirmed targets in stage coordinates, de-duplicated across overlapping frames."""
+#: the columns of a frame of :meth:`SearchResult.sweep_record`: centre µm, pixel size nm,
+#: shape px, the image-to-stage matrix by rows
+SWEEP_FRAME_COLUMNS = ("x_um", "y_um", "pixel_size_nm", "rows", "cols", "a", "b", "c", "d")
 
-    def __init__(self, cfg: SearchConfig, session: SearchSession) -> None:
+
+class TargetBook:
+    """Confirmed targets in stage coordinates, de-duplicated across overlapping frames (and
+    against ``earlier``: an earlier run's targets, when the search is resumed)."""
+
+    def __init__(self, cfg: SearchConfig, session: SearchSession,
+                 earlier: tuple[FoundTarget, ...] = ()) -> None:
         self.cfg = cfg
         self.session = session
-        self.targets: list[FoundTarget] = []
+        self.targets: list[FoundTarget] = list(earlier)
         self.duplicates_merged = 0
         #: alert rows that could not be made targets (logged)
         self.skipped_rows = 0
@@ -333,7 +373,7 @@ class TargetBook:
         if feret is not None:
             half = int(min(256, max(half, 0.75 * feret / res.geometry.pixel_size_nm)))
         target = FoundTarget(
-            id=len(self.targets) + 1, rule=h.rule, label=_label(h.rule, row),
+            id=max((t.id for t in self.targets), default=0) + 1, rule=h.rule, label=_label(h.rule, row),
             x_um=x, y_um=y, confidence=score, value=value, threshold=threshold,
             units=units, ecd_nm=_nm(row, "ecd_nm", units),
             feret_max_nm=feret, aspect_ratio=_finite_or_none(float(row["aspect_ratio"])),
@@ -488,16 +528,18 @@ def _fov(cfg: SearchConfig, pixel_size_nm: float) -> tuple[float, float]:
 
 
 def raster_search(session: SearchSession, cfg: SearchConfig,
-                  progress: Progress | None = None, stop: threading.Event | None = None
-                  ) -> SearchResult:
+                  progress: Progress | None = None, stop: threading.Event | None = None,
+                  prior: Prior | None = None) -> SearchResult:
     """Image the whole area at the high magnification; every target rule hit is a target.
-    ``stop``: set, the search ends before its next frame."""
-    book, budget = TargetBook(cfg, session), _Budget(cfg, session, stop)
+    ``stop``: set, the search ends before its next frame. ``prior``: resume an earlier run of
+    the same search (only the tiles it did not image are taken; its targets are kept)."""
+    book = TargetBook(cfg, session, () if prior is None else prior.targets)
+    budget = _Budget(cfg, session, stop)
 
     def found(res: FrameResult) -> list[FoundTarget]:
         return book.offer(res)
 
-    sweep = _Sweep(cfg, cfg.pixel_size_nm)
+    sweep = _Sweep(cfg, cfg.pixel_size_nm, prior)
     stopped = _sweep(session, cfg, budget, sweep, "raster", found, progress)
     return _result("raster", session, cfg, book, budget,
                    stopped or ("incomplete" if sweep.missed else "done"), sweep)
@@ -506,11 +548,16 @@ def raster_search(session: SearchSession, cfg: SearchConfig,
 class _Sweep:
     """The tiles of a sweep at one pixel size and what its analysed frames imaged."""
 
-    def __init__(self, cfg: SearchConfig, pixel_size_nm: float) -> None:
+    def __init__(self, cfg: SearchConfig, pixel_size_nm: float, prior: Prior | None = None
+                 ) -> None:
         self.pixel_size_nm = pixel_size_nm
         self.fov = _fov(cfg, pixel_size_nm)
-        self.tiles = tile_centres(cfg.area, self.fov, cfg.overlap_um)
         self.coverage = Coverage(cfg.area, self.fov)
+        if prior is not None:  # resumed: the earlier run's tiling and what its frames imaged
+            self.fov = prior.fov_um
+            for g in prior.frames:
+                self.coverage.add(g)
+        self.tiles = tile_centres(cfg.area, self.fov, cfg.overlap_um)
         #: tiles of the final plan that no analysed frame imaged (once the sweep ended)
         self.missed: list[tuple[float, float]] = []
 
@@ -730,14 +777,16 @@ def _result(strategy: str, session: SearchSession, cfg: SearchConfig, book: Targ
         budget_frames=cfg.budget_frames, budget_s=cfg.budget_s,
         budget_dose_e_per_nm2=cfg.budget_dose_e_per_nm2,
         coverage=sweep.coverage.fraction, tiles=len(sweep.tiles), missed_tiles=sweep.missed,
-        off_target_frames=budget.off_target, unreachable=budget.unreachable)
+        off_target_frames=budget.off_target, unreachable=budget.unreachable,
+        imaged=list(sweep.coverage.frames), sweep_fov_um=sweep.fov)
 
 
 def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
-               progress: Progress | None = None, stop: threading.Event | None = None
-               ) -> SearchResult:
+               progress: Progress | None = None, stop: threading.Event | None = None,
+               prior: Prior | None = None) -> SearchResult:
     """Run the named strategy; a search area beyond the stage limits, or an overlap the
-    sweep's frames cannot tile with, is refused at once (:class:`ConfigError`).
+    sweep's frames cannot tile with, is refused at once (:class:`ConfigError`), as is
+    ``prior`` (resume an earlier run) for any strategy but the raster (module docstring).
 
     A move the stage refuses as out of its reach (:class:`MoveRefused`) skips that place (the
     search ends "incomplete"); when the microscope fails mid-search (:class:`ControlError`: no
@@ -745,6 +794,11 @@ def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
     stops and the result holds what was found so far, ``stopped`` = "error" and the failure in
     ``error``; nothing found is lost. ``stop`` set ends it before
     its next frame (``stopped`` "interrupted")."""
+    if prior is not None and strategy != "raster":
+        raise ConfigError(f"a {strategy} search cannot be resumed: its confirmations are "
+                          "chosen from the whole survey's candidates, and a run stopped "
+                          "part-way does not record which it looked at; only a raster search "
+                          "resumes (run the search again, or search with --strategy raster)")
     lim = session.limits
     a = cfg.area
     if lim is not None and not (lim.contains(a.x_min, a.y_min)
@@ -761,7 +815,7 @@ def run_search(strategy: Strategy, session: SearchSession, cfg: SearchConfig,
                           f"{cfg.shape[1]} x {cfg.shape[0]} px at {sweep_nm:g} nm/px: {exc}"
                           ) from exc
     if strategy == "raster":
-        return raster_search(session, cfg, progress, stop)
+        return raster_search(session, cfg, progress, stop, prior)
     if strategy == "adaptive":
         return adaptive_search(session, cfg, progress, stop)
     raise ValueError(f"unknown strategy {strategy!r}; known: raster, adaptive")
