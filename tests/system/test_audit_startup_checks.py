@@ -69,6 +69,40 @@ def test_a_port_in_use_is_refused_before_the_models_load(
     assert "in use" in line, line
 
 
+def test_an_ipc_path_another_daemon_listens_on_is_refused_before_the_models_load(
+        tmp_path: Path) -> None:
+    # ZeroMQ's second bind of one ipc:// path succeeds and takes the first one's frames
+    import zmq
+
+    path = tmp_path / "frames.ipc"
+    ctx = zmq.Context()
+    first = ctx.socket(zmq.PULL)  # the frame input of a daemon already running
+    first.bind(f"ipc://{path}")
+    try:
+        cfg = _config(tmp_path, {"input": f'endpoint = "ipc://{path}"'})
+        rc, line = _refused("--config", str(cfg))
+        assert rc == 78, line
+        assert "input.endpoint" in line and str(path) in line and "listens" in line, line
+    finally:
+        first.close(0)
+        ctx.term()
+
+
+def test_a_stale_ipc_file_is_not_taken_for_a_daemon(tmp_path: Path) -> None:
+    from nanoscout.daemon.preflight import _ipc_in_use
+
+    path = tmp_path / "stale.ipc"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # a killed daemon's file
+        s.bind(str(path))
+    assert path.exists()
+    assert _ipc_in_use(f"ipc://{path}") is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(tmp_path / "live.ipc"))
+        s.listen()
+        assert _ipc_in_use(f"ipc://{tmp_path / 'live.ipc'}") is not None
+    assert _ipc_in_use("tcp://127.0.0.1:5555") is None
+
+
 def test_one_port_given_to_two_settings_is_refused_before_the_models_load(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,6 +10,9 @@ is refused at once, in one line naming the setting and the file.
   given to two settings, or a host that is not this machine's. Each is bound for a moment with
   ``SO_REUSEADDR``, as ZeroMQ and the metrics server bind, and released; port 0 (any free
   port) and other transports are left to the real bind;
+- an ``ipc://`` endpoint whose socket file another program listens on: ZeroMQ's bind takes
+  the path over without a word (the file is replaced), and the other daemon's clients' frames
+  then reach this one; a file nobody listens on (left by a killed daemon) is fine;
 - a model file or its model card missing or unreadable (``[engine] model``,
   ``modality_models``, ``[classify] model`` / ``lens`` when used): the cards are read without
   hashing the ONNX file;
@@ -73,6 +76,21 @@ def _probe(host: str, port: int) -> tuple[socket.socket | None, str | None]:
     return sock, None
 
 
+def _ipc_in_use(endpoint: str) -> str | None:
+    """Why the ``ipc://`` endpoint's socket file is taken (a listener answers a connection on
+    it), or None: another transport, no file, or a file nobody listens on."""
+    scheme, _, path = endpoint.partition("://")
+    if scheme != "ipc" or not path or path.startswith("@") or not Path(path).exists():
+        return None  # "@name": Linux's abstract namespace, which ZeroMQ's bind refuses itself
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return None  # refused (stale), or not a socket: left to the real bind
+    return "another program listens on it (another nanoscout daemon on this machine?)"
+
+
 def _overlap(a: str, b: str) -> bool:
     """True when listeners on hosts ``a`` and ``b`` would take the same port."""
     return a == b or {a, b} & {"0.0.0.0", "::", ""} != set()
@@ -90,7 +108,8 @@ def _ports(config: ServeConfig) -> list[str]:
     m = config.metrics
     if m.enabled and m.port:
         wanted.append(("metrics.port", f"{m.host}:{m.port}", (m.host, m.port)))
-    problems: list[str] = []
+    problems = [f"{key} {value}: {why}" for key, value, _ in wanted
+                if (why := _ipc_in_use(value)) is not None]
     held: list[tuple[str, int, str]] = []  # (host, port, key): sockets bound for a moment
     with contextlib.ExitStack() as stack:
         for key, value, address in wanted:
