@@ -265,3 +265,57 @@ def test_train_refuses_a_low_dose_share_outside_zero_to_one(tmp_path: Path) -> N
 
     with pytest.raises(SystemExit, match="--low-dose-p -0.1"):
         main(["--low-dose-p", "-0.1", "--out", str(tmp_path), "--steps", "1"])
+
+
+def _four_discs(value: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:300, :300]
+    lab = np.zeros((300, 300), np.int32)
+    for k, (r, c) in enumerate([(60, 60), (150, 200), (230, 90), (100, 250)], start=1):
+        lab[(yy - r) ** 2 + (xx - c) ** 2 <= 14**2] = k
+    return np.where(lab > 0, value, 0.1).astype(np.float32), lab
+
+
+def test_support_crystals_add_large_objects_of_the_particles_polarity() -> None:
+    from nanoscout.training.crops import support_crystals
+
+    for value in (0.9, 0.0):  # bright particles (HAADF) and dark ones (bright field)
+        img, lab = _four_discs(value)
+        out = support_crystals(img, lab, np.random.default_rng(3))
+        assert out.shape == img.shape and out.dtype == np.float32 and np.isfinite(out).all()
+        # the flat background (no particle there) is now of two levels: bare and crystal
+        bare = float(np.median(out[lab == 0]))
+        crystal = (np.abs(out - bare) > 0.05) & (lab == 0)
+        # objects 3-10 particle diameters (28 px) across: at least a 42 px one's area
+        assert crystal.sum() > np.pi * 21**2 * 0.5
+        # added as the particles' contrast: brighter on a HAADF frame, darker in bright field
+        delta = float(np.mean(out[crystal])) - bare
+        assert (delta > 0) == (value > 0.1)
+
+
+def test_pool_gives_the_asked_share_of_real_crops_support_crystals_and_cuts_the_same_crops() -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.train import Pool
+
+    img, lab = _four_discs()
+    real = [RealImage("stem", "s", img, lab, 31.6)]
+
+    def batch(p: float) -> tuple[np.ndarray, np.ndarray]:
+        pool = Pool(1, np.random.default_rng(0), real, real_fraction=1.0)
+        pool.grains_p = p
+        x, y, _ = pool.batch(12)
+        return x[:, 0], y
+
+    (x0, y0), (x1, y1), (xh, _) = batch(0.0), batch(1.0), batch(0.5)
+    np.testing.assert_array_equal(y0, y1)  # the same crops, the same truth: crystals unlabelled
+    assert all(not np.array_equal(a, b) for a, b in zip(x1, x0, strict=True))
+    half = sum(not np.array_equal(a, b) for a, b in zip(xh, x0, strict=True))
+    assert 0 < half < 12
+
+
+def test_train_refuses_a_grains_share_outside_zero_to_one(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from nanoscout.training.train import main
+
+    with pytest.raises(SystemExit, match="--grains-p 2"):
+        main(["--grains-p", "2", "--out", str(tmp_path), "--steps", "1"])
+    assert not any(tmp_path.iterdir())

@@ -62,6 +62,7 @@ class Variant:
     support_p: float = 0.0  # real crops laid on a thick support (nanoscout.training.crops)
     granular_share: float = 0.0  # SEM specimens on a granular film, both phases (train.Pool)
     low_dose_p: float = 0.0  # real crops taken to a low dose, phase 2 (crops.low_dose)
+    grains_p: float = 0.0  # real crops given support crystals, phase 2 (crops.support_crystals)
     denoise: float | None = None  # the card's normalization.denoise target (None: no smoothing)
 
 

@@ -45,6 +45,7 @@ from nanoscout.training.crops import (
     load_real_training,
     low_dose,
     photometric,
+    support_crystals,
     thick_support,
 )
 from nanoscout.training.export import VARIANTS, export_onnx, write_card
@@ -211,6 +212,10 @@ class Pool:
         #: one a run without the option cuts, some with shot noise on top
         self.low_dose_p = 0.0
         self._dose_rng = rng.spawn(1)[0]
+        #: share of the real crops given unlabelled support crystals (crops.support_crystals;
+        #: set by DataOptions), with its own generator as the low dose has
+        self.grains_p = 0.0
+        self._grains_rng = rng.spawn(1)[0]
         self.haadf = haadf
         self.haadf_share = haadf_share if haadf is not None else 0.0
         self.counter = 0
@@ -287,6 +292,8 @@ class Pool:
         img, lab, valid = crop_at_scale(item, self.rng, CROP)
         if self.support_p > 0 and self.rng.random() < self.support_p:
             img = thick_support(img, lab, self.rng)
+        if self.grains_p > 0 and self._grains_rng.random() < self.grains_p:
+            img = support_crystals(img, lab, self._grains_rng)
         if self.low_dose_p > 0 and self._dose_rng.random() < self.low_dose_p:
             dose = float(np.exp(self._dose_rng.uniform(*np.log(LOW_DOSE_COUNTS))))
             img = normalize(low_dose(img, dose, self._dose_rng))
@@ -396,6 +403,7 @@ def _producer(queue: mp.Queue, pool_size: int, seed: int, steps: int, batch: int
     pool.haadf_min_area = math.pi * (data.haadf_min_ecd / 2.0) ** 2
     pool.support_p = data.support_p
     pool.low_dose_p = data.low_dose_p
+    pool.grains_p = data.grains_p
     pool.haadf_overlays = data.haadf_overlays
     for step in track(range(steps), "training"):
         if step % refresh_every == 0:
@@ -420,6 +428,7 @@ class DataOptions:
     granular_share: float = 0.0  # share of the synthetic SEM specimens on a granular film (Pool)
     low_dose_p: float = 0.0  # share of the real crops taken to a low dose (crops.low_dose)
     stem_masks: Path | None = None  # STEM pseudo-masks refined by a detector (pseudo_masks)
+    grains_p: float = 0.0  # share of the real crops given support crystals (crops.support_crystals)
 
 
 def _next_batch(queue: mp.Queue, producer: mp.process.BaseProcess
@@ -618,6 +627,10 @@ def main(argv: list[str] | None = None) -> None:
                          f"noise, {LOW_DOSE_COUNTS[0]:g}-{LOW_DOSE_COUNTS[1]:g} counts in the "
                          "brightest pixels, log-uniform: nanoscout.training.crops.low_dose); "
                          "default: the variant's")
+    ap.add_argument("--grains-p", type=float, default=None,
+                    help="phase 2: share of the real crops given one to three unlabelled support "
+                         "crystals 2-8x their particles' size (nanoscout.training.crops."
+                         "support_crystals); default: the variant's")
     ap.add_argument("--stem-masks", type=Path, default=None,
                     help="phase 2: a folder of STEM pseudo-masks refined by a detector, taken "
                          "instead of the boxes' inscribed ellipses (python -m nanoscout.training."
@@ -638,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
         args.stem_share = variant.stem_share
     for name in ("arch", "box_ring", "haadf_share", "haadf_frames", "sem_share",
                  "finetune_steps", "finetune_cycles", "stem_tuning_holdout", "haadf_min_ecd",
-                 "haadf_overlays", "support_p", "granular_share", "low_dose_p"):
+                 "haadf_overlays", "support_p", "granular_share", "low_dose_p", "grains_p"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(variant, name))
     if args.finetune_cycles < 1:
@@ -647,6 +660,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--granular-share {args.granular_share}: a share within [0, 1]")
     if not 0.0 <= args.low_dose_p <= 1.0:
         raise SystemExit(f"--low-dose-p {args.low_dose_p}: a share within [0, 1]")
+    if not 0.0 <= args.grains_p <= 1.0:
+        raise SystemExit(f"--grains-p {args.grains_p}: a share within [0, 1]")
     if args.stem_masks is not None and not (args.stem_masks / "index.json").is_file():
         raise SystemExit(f"--stem-masks {args.stem_masks}: no pseudo-masks there (no index.json; "
                          "python -m nanoscout.training.pseudo_masks writes them)")
@@ -689,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
                            args.haadf_cache, args.haadf_share, args.haadf_frames,
                            args.sem_share, args.haadf_min_ecd, bool(args.haadf_overlays),
                            args.support_p, args.granular_share, args.low_dose_p,
-                           args.stem_masks)
+                           args.stem_masks, args.grains_p)
         if data.haadf_cache is not None and data.haadf_share > 0:
             # one command: render the HAADF specimens first where the cache lacks them
             # (shards already there are kept; seeds HAADF_SEED_BASE + k)
@@ -712,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
                           "sem_share": data.sem_share, "haadf_min_ecd": data.haadf_min_ecd,
                           "haadf_overlays": data.haadf_overlays, "support_p": data.support_p,
                           "granular_share": data.granular_share,
-                          "low_dose_p": data.low_dose_p,
+                          "low_dose_p": data.low_dose_p, "grains_p": data.grains_p,
                           "stem_masks": None if data.stem_masks is None else str(data.stem_masks),
                           "excluded_tuning_images": len(exclude),
                           "stem_holdout": args.stem_holdout,
