@@ -232,24 +232,31 @@ def test_train_refuses_a_granular_share_outside_zero_to_one(tmp_path: Path) -> N
     assert not any(tmp_path.iterdir())  # refused before any training or writing
 
 
-def test_pool_takes_the_asked_share_of_real_crops_to_a_low_dose_and_cuts_the_same_crops() -> None:
-    pytest.importorskip("torch")
-    from nanoscout.training.train import Pool
-
+def _four_discs(value: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """A 300 px image of four discs (value ``value``, 28 px across) on 0.1, and its labels."""
     yy, xx = np.mgrid[:300, :300]
     lab = np.zeros((300, 300), np.int32)
     for k, (r, c) in enumerate([(60, 60), (150, 200), (230, 90), (100, 250)], start=1):
         lab[(yy - r) ** 2 + (xx - c) ** 2 <= 14**2] = k
-    img = np.where(lab > 0, 0.9, 0.1).astype(np.float32)
-    real = [RealImage("emps", "e", img, lab, 31.6)]
+    return np.where(lab > 0, value, 0.1).astype(np.float32), lab
 
-    def batch(p: float) -> tuple[np.ndarray, np.ndarray]:
-        pool = Pool(1, np.random.default_rng(0), real, real_fraction=1.0)
-        pool.low_dose_p = p
-        x, y, _ = pool.batch(12)
-        return x[:, 0], y
 
-    (x0, y0), (x1, y1), (xh, _) = batch(0.0), batch(1.0), batch(0.5)
+def _real_batch(item: RealImage, option: str, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """12 real crops of ``item`` from a seeded pool with its ``option`` (a share) at ``p``:
+    (images, truth)."""
+    pytest.importorskip("torch")
+    from nanoscout.training.train import Pool
+
+    pool = Pool(1, np.random.default_rng(0), [item], real_fraction=1.0)
+    setattr(pool, option, p)
+    x, y, _ = pool.batch(12)
+    return x[:, 0], y
+
+
+def test_pool_takes_the_asked_share_of_real_crops_to_a_low_dose_and_cuts_the_same_crops() -> None:
+    img, lab = _four_discs()
+    (x0, y0), (x1, y1), (xh, _) = (_real_batch(RealImage("emps", "e", img, lab, 31.6),
+                                               "low_dose_p", p) for p in (0.0, 1.0, 0.5))
     np.testing.assert_array_equal(y0, y1)  # the same crops, the same truth
     # every crop got its own shot noise over the same picture
     assert all(float(np.abs(a - b).mean()) > 1e-3 for a, b in zip(x1, x0, strict=True))
@@ -265,14 +272,6 @@ def test_train_refuses_a_low_dose_share_outside_zero_to_one(tmp_path: Path) -> N
 
     with pytest.raises(SystemExit, match="--low-dose-p -0.1"):
         main(["--low-dose-p", "-0.1", "--out", str(tmp_path), "--steps", "1"])
-
-
-def _four_discs(value: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[:300, :300]
-    lab = np.zeros((300, 300), np.int32)
-    for k, (r, c) in enumerate([(60, 60), (150, 200), (230, 90), (100, 250)], start=1):
-        lab[(yy - r) ** 2 + (xx - c) ** 2 <= 14**2] = k
-    return np.where(lab > 0, value, 0.1).astype(np.float32), lab
 
 
 def test_support_crystals_add_large_objects_of_the_particles_polarity() -> None:
@@ -293,19 +292,9 @@ def test_support_crystals_add_large_objects_of_the_particles_polarity() -> None:
 
 
 def test_pool_gives_the_asked_share_of_real_crops_support_crystals_and_cuts_the_same_crops() -> None:
-    pytest.importorskip("torch")
-    from nanoscout.training.train import Pool
-
     img, lab = _four_discs()
-    real = [RealImage("stem", "s", img, lab, 31.6)]
-
-    def batch(p: float) -> tuple[np.ndarray, np.ndarray]:
-        pool = Pool(1, np.random.default_rng(0), real, real_fraction=1.0)
-        pool.grains_p = p
-        x, y, _ = pool.batch(12)
-        return x[:, 0], y
-
-    (x0, y0), (x1, y1), (xh, _) = batch(0.0), batch(1.0), batch(0.5)
+    (x0, y0), (x1, y1), (xh, _) = (_real_batch(RealImage("stem", "s", img, lab, 31.6),
+                                               "grains_p", p) for p in (0.0, 1.0, 0.5))
     np.testing.assert_array_equal(y0, y1)  # the same crops, the same truth: crystals unlabelled
     assert all(not np.array_equal(a, b) for a, b in zip(x1, x0, strict=True))
     half = sum(not np.array_equal(a, b) for a, b in zip(xh, x0, strict=True))

@@ -27,7 +27,7 @@ without duplicates, ``coverage`` over both runs, ``resumed_from`` the earlier ru
 ``total`` every run's frames, time and dose (``search``'s numbers and budgets are the resumed
 run's own). An earlier ``search.json`` the new one is written over is kept as
 ``search.run<N>.json``; ``search.json`` is replaced durably
-(:func:`~nanoscout.clients.durable.replace_durably`): a crash leaves the old one or the new.
+(:func:`~nanoscout.clients.provenance.write_json`): a crash leaves the old one or the new.
 
 ``--budget-frames``, ``--budget-s`` and ``--budget-dose`` are limits the search's totals never
 pass: a frame is taken only when its estimated cost fits what is left (see
@@ -39,13 +39,12 @@ have passed it (``stop_detail``); the last line printed says the same.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
 
-from nanoscout.clients.durable import replace_durably
 from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, ControlClient
+from nanoscout.clients.provenance import write_json
 from nanoscout.clients.search.geometry import Area
 from nanoscout.clients.search.navigator import FoundTarget, write_navigator
 from nanoscout.clients.search.resume import Earlier, check_same, load_earlier
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
     if earlier is not None:
         _resumed(meta, result, earlier, args.out)
     paths = write_navigator(result.targets, args.out, meta=meta)
-    _write_json(args.out / "search.json", meta)
+    write_json(args.out / "search.json", meta)
     print(f"search ({args.strategy}): {len(result.targets)} targets in {result.frames} frames "
           f"({result.instrument_s:.0f} s instrument time, {result.wall_s:.0f} s wall); "
           f"stopped: {result.stopped}; navigator: {paths['nav']}", flush=True)
@@ -199,7 +198,7 @@ def _resumed(meta: dict[str, object], result: SearchResult, earlier: Earlier, ou
     kept = None
     if (out / "search.json").resolve() == earlier.path.resolve():
         kept = out / f"search.run{earlier.runs}.json"
-        _write_json(kept, earlier.meta)
+        write_json(kept, earlier.meta)
     before = earlier.total()
     n_before = len(earlier.prior.frames)
     meta["runs"] = earlier.runs + 1
@@ -216,16 +215,6 @@ def _resumed(meta: dict[str, object], result: SearchResult, earlier: Earlier, ou
     print(f"search: resumed {earlier.path} ({earlier.meta['search']['stopped']}; "
           f"{n_before} frames imaged, {len(earlier.prior.targets)} targets): "
           f"{len(result.imaged) - n_before} frames imaged now", flush=True)
-
-
-def _write_json(path: Path, doc: object) -> None:
-    """Write ``doc`` to ``path`` through a temporary file replaced durably."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-        replace_durably(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _refused(result: SearchResult) -> str:
