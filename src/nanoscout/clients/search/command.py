@@ -43,26 +43,18 @@ import signal
 import sys
 from pathlib import Path
 
-from nanoscout.clients.microscope.control import DEFAULT_CONTROL_ENDPOINT, ControlClient
+from nanoscout.clients.microscope.control import ControlClient
 from nanoscout.clients.provenance import write_json
-from nanoscout.clients.search.geometry import Area
 from nanoscout.clients.search.navigator import FoundTarget, write_navigator
 from nanoscout.clients.search.resume import Earlier, check_same, load_earlier
 from nanoscout.clients.search.session import FrameResult, SearchSession
 from nanoscout.clients.search.strategies import SearchConfig, SearchResult, run_search
 from nanoscout.stopping import StopEvent
 from nanoscout.wire.errors import ConfigError
-from nanoscout.wire.transport import DEFAULT_RESULT_ENDPOINT, ClientKeys
+from nanoscout.wire.transport import ClientKeys
 
 #: the least time a microscope command (move, acquire, crop) is given to answer, s
 CONTROL_TIMEOUT_S = 30.0
-#: the help of ``--result-timeout``
-RESULT_TIMEOUT_HELP = (f"wait for a frame's results, s (microscope commands wait "
-                       f"max({CONTROL_TIMEOUT_S:g}, this): a stage move may take long)")
-#: the help of ``--resume``
-RESUME_HELP = ("the search.json of an earlier run of this same raster search (interrupted, "
-               "stopped, incomplete): image only the tiles it did not, and write one result "
-               "for both runs")
 #: exit status of a search the microscope's failure stopped (what it found is written)
 EXIT_STOPPED_BY_ERROR = 2
 #: exit status of a search a signal stopped (what it found is written), as for Ctrl-C
@@ -70,41 +62,6 @@ EXIT_INTERRUPTED = 130
 #: exit status of a search that ended "incomplete": tiles (or candidates) never imaged and
 #: analysed (what it found is written; ``--resume`` takes a raster search up again)
 EXIT_INCOMPLETE = 3
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``nanoscout search``."""
-    p.add_argument("--control", default=DEFAULT_CONTROL_ENDPOINT,
-                   help="the microscope's control socket")
-    p.add_argument("--connect", default=DEFAULT_RESULT_ENDPOINT, help="the daemon's results")
-    p.add_argument("--strategy", choices=["raster", "adaptive"], default="adaptive")
-    p.add_argument("--area", type=Area.parse,
-                   help="x_min,x_max,y_min,y_max in µm (default: the stage limits); "
-                        "write --area=-50,50,-50,50 when it starts with a minus")
-    p.add_argument("--target-rule", action="append", required=True,
-                   help="daemon alert rule that confirms a target (repeatable)")
-    p.add_argument("--candidate-rule", action="append", default=[],
-                   help="alert rule that only nominates candidates in the survey (repeatable)")
-    p.add_argument("--pixel-size", type=float, default=20.0,
-                   help="high magnification (raster, confirmation), nm/px")
-    p.add_argument("--survey-pixel-size", type=float, default=80.0,
-                   help="survey magnification, nm/px")
-    p.add_argument("--size", type=int, default=512, help="frame side, px")
-    p.add_argument("--overlap", type=float, default=3.0,
-                   help="tile overlap, µm (at least the largest target)")
-    p.add_argument("--budget-frames", type=int, help="the most frames the search takes")
-    p.add_argument("--budget-s", type=float,
-                   help="the most instrument time (moves + exposures), s: no frame is started "
-                        "that would end past it")
-    p.add_argument("--budget-dose", type=float,
-                   help="the most mean electron dose over the area, e/nm²: no frame is taken "
-                        "that would pass it")
-    p.add_argument("--min-separation", type=float, default=1.0,
-                   help="confirmations closer than this (µm) are one target")
-    p.add_argument("--result-timeout", type=float, default=30.0, help=RESULT_TIMEOUT_HELP)
-    p.add_argument("--out", type=Path, required=True,
-                   help="folder for targets.csv/.json/.nav, thumbnails and search.json")
-    p.add_argument("--resume", type=Path, default=None, help=RESUME_HELP)
 
 
 def run(args: argparse.Namespace, curve: ClientKeys | None) -> int:
